@@ -1,0 +1,177 @@
+"""`mondrian`: the command line. Each sub-command is a thin layer over one module."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import MODES, PROJECT_ROOT, ConfigError, load_config
+
+EX_CONFIG = 78
+log = logging.getLogger("mondrian")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        stream=sys.stderr)
+    for noisy in ("watchdog", "peewee", "PIL", "httpx", "huggingface_hub", "datasets", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _config(args: argparse.Namespace):
+    return load_config(getattr(args, "home", None), model=getattr(args, "model", None))
+
+
+# -- commands ---------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from .supervisor import run_daemon
+
+    return run_daemon(_config(args), once=args.once)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """The offline demo: the sample photos through the real daemon with the smoke model."""
+    from .supervisor import run_daemon
+
+    cfg = load_config(getattr(args, "home", None), model=args.model or "smoke")
+    cfg.ensure_dirs()
+    samples = sorted((PROJECT_ROOT / "samples").glob("*.jpg"))
+    for i, photo in enumerate(samples):
+        dest = cfg.inbox / photo.name
+        shutil.copyfile(photo, dest)
+        if i == 0:  # show the fallback chain: lora -> rag -> baseline, with reasons in the report
+            dest.with_suffix(".mode").write_text("lora\n")
+    print(f"Copied {len(samples)} sample photos into {cfg.inbox}; analysing them with model {cfg.model!r}…",
+          file=sys.stderr)
+    rc = run_daemon(cfg, once=True)
+    if rc == 0:
+        print(f"\nDone. Open {cfg.outbox / 'index.html'} in a browser to see the reports.")
+        if cfg.model == "smoke":
+            print("(These reports come from the random smoke model: the scores are not meaningful.)")
+    return rc
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    from .analyze import analyze_one
+
+    cfg = _config(args)
+    if args.mode and args.mode.lower() not in MODES:
+        print(f"unknown mode {args.mode!r}; use one of {', '.join(MODES)}", file=sys.stderr)
+        return 2
+    result = analyze_one(cfg, Path(args.photo), mode=args.mode.lower() if args.mode else None,
+                         advisor=args.advisor)
+    if args.json:
+        print(json.dumps(result, indent=2, default=str))
+    elif result["state"] == "done":
+        print(result["report_html"])
+    else:
+        print(f"failed: {result['error']}", file=sys.stderr)
+    return 0 if result["state"] == "done" else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import collect, render
+
+    info = collect(_config(args))
+    print(json.dumps(info, indent=2, default=str) if args.json else render(info))
+    return 0
+
+
+def cmd_model_smoke(args: argparse.Namespace) -> int:
+    from .model.smoke import build_smoke_model, ensure_smoke_model
+
+    cfg = _config(args)
+    path = build_smoke_model(Path(args.dest), shapes=args.shapes) if args.dest else \
+        ensure_smoke_model(cfg.var_dir, shapes=args.shapes)
+    print(path)
+    return 0
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from .retry import retry_failed
+
+    cfg = _config(args)
+    moved = retry_failed(cfg, ids=args.ids or None)
+    for line in moved:
+        print(line)
+    print(f"{len(moved)} photo(s) queued again", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mondrian", description="A local photo-critique daemon.")
+    p.add_argument("--home", help="Mondrian home folder (default: $MONDRIAN_HOME or this checkout)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run the daemon in the foreground (what launchd runs)")
+    run.add_argument("--once", action="store_true", help="process what the inbox holds now, then exit")
+    run.add_argument("--model", help="model: 'smoke', a local folder or a hub id")
+    run.set_defaults(func=cmd_run)
+
+    demo = sub.add_parser("demo", help="analyse the bundled sample photos offline and show where the reports are")
+    demo.add_argument("--model", help="model (default: the offline smoke model)")
+    demo.set_defaults(func=cmd_demo)
+
+    an = sub.add_parser("analyze", help="analyse one photo now, without the daemon")
+    an.add_argument("photo")
+    an.add_argument("--mode", help=f"one of {', '.join(MODES)}")
+    an.add_argument("--advisor", help="advisor id, e.g. ansel")
+    an.add_argument("--model", help="model: 'smoke', a local folder or a hub id")
+    an.add_argument("--json", action="store_true")
+    an.set_defaults(func=cmd_analyze)
+
+    st = sub.add_parser("status", help="what the daemon is doing")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    model = sub.add_parser("model", help="model utilities")
+    msub = model.add_subparsers(dest="model_command", required=True)
+    smoke = msub.add_parser("smoke", help="build the tiny offline smoke model (random weights)")
+    smoke.add_argument("--shapes", choices=["smoke", "real"], default="smoke",
+                       help="'real' builds random weights with the real Qwen2-VL-2B shapes (benchmarks)")
+    smoke.add_argument("--dest", help="folder to build into (default: <home>/var/models/)")
+    smoke.set_defaults(func=cmd_model_smoke)
+
+    retry = sub.add_parser("retry", help="queue failed photos again")
+    retry.add_argument("--failed", action="store_true", required=True, help="requeue failed photos")
+    retry.add_argument("ids", nargs="*", type=int, help="only these job ids")
+    retry.set_defaults(func=cmd_retry)
+
+    try:
+        from .service import add_service_parser
+
+        add_service_parser(sub)
+    except ImportError:  # pragma: no cover - service support is optional at import time
+        pass
+    for extra in ("daemon.references_cli", "jobs.cli"):
+        try:
+            module = __import__(extra, fromlist=["register"])
+        except ImportError:
+            continue
+        module.register(sub)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as exc:
+        log.error("configuration problem: %s", exc)
+        return EX_CONFIG
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""One place that decides where things live and how the daemon behaves.
+
+Defaults work with no file at all; `<home>/mondrian.toml` overrides them, and a few environment
+variables (MONDRIAN_HOME, MONDRIAN_MODEL, ANALYSIS_MODE, MONDRIAN_ADVISOR) override the file, so that
+launchd plists and tests can steer the daemon without editing files.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+MODES = ("baseline", "rag", "lora")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_NAME = "mondrian.toml"
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which setting and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Config:
+    home: Path
+    inbox: Path
+    outbox: Path
+    db_path: Path
+    var_dir: Path
+    adapters_dir: Path
+    advisors_dir: Path
+    model: str = "mlx-community/Qwen2-VL-2B-Instruct-4bit"
+    default_advisor: str = "ansel"
+    default_mode: str = "rag"
+    max_pixels: int = 448 * 448
+    quiet_seconds: float = 2.0
+    rescan_seconds: float = 60.0
+    max_tokens: int = 1400
+    comment_max_chars: int = 160
+    job_timeout_seconds: float = 600.0
+    max_attempts: int = 4
+    retry_base_seconds: float = 5.0
+    embeddings_enabled: bool = True
+    rag_k: int = 3
+    train_time: str = "02:30"
+    expose_paths: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def failed_dir(self) -> Path:
+        return self.outbox / "failed"
+
+    @property
+    def staging_dir(self) -> Path:
+        return self.outbox / ".staging"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.var_dir / "logs"
+
+    def ensure_dirs(self) -> None:
+        for d in (self.inbox, self.outbox, self.failed_dir, self.staging_dir, self.var_dir,
+                  self.adapters_dir, self.advisors_dir):
+            d.mkdir(parents=True, exist_ok=True)
+
+
+_SCALARS = {f.name: f.type for f in fields(Config)}
+
+
+def _coerce(name: str, value: Any, default: Any) -> Any:
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                return value.strip().lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {name!r} has value {value!r}, which is not a {type(default).__name__}") from exc
+
+
+def default_home(env: Mapping[str, str] = os.environ) -> Path:
+    """MONDRIAN_HOME, else this checkout (the design card keeps inbox/ and outbox/ at its top level)."""
+    return Path(env.get("MONDRIAN_HOME") or PROJECT_ROOT).expanduser().resolve()
+
+
+def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.environ,
+                **overrides: Any) -> Config:
+    home = Path(home).expanduser().resolve() if home else default_home(env)
+    data: dict[str, Any] = {}
+    cfg_file = home / CONFIG_NAME
+    if cfg_file.exists():
+        try:
+            data = tomllib.loads(cfg_file.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{cfg_file} is not valid TOML ({exc}); fix or delete it") from exc
+
+    env_map = {"MONDRIAN_MODEL": "model", "ANALYSIS_MODE": "default_mode",
+               "MONDRIAN_ADVISOR": "default_advisor", "EMBEDDINGS_ENABLED": "embeddings_enabled",
+               "MONDRIAN_QUIET_SECONDS": "quiet_seconds", "MONDRIAN_MAX_PIXELS": "max_pixels",
+               "MONDRIAN_COMMENT_MAX_CHARS": "comment_max_chars",
+               "MONDRIAN_JOB_TIMEOUT": "job_timeout_seconds",
+               "MONDRIAN_RESCAN_SECONDS": "rescan_seconds"}
+    for var, key in env_map.items():
+        if env.get(var):
+            data[key] = env[var]
+    data.update({k: v for k, v in overrides.items() if v is not None})
+
+    def path_setting(key: str, default: Path) -> Path:
+        p = Path(str(data.pop(key, default))).expanduser()
+        return (p if p.is_absolute() else home / p).resolve()
+
+    var_dir = path_setting("var_dir", home / "var")
+    paths = dict(
+        inbox=path_setting("inbox", home / "inbox"),
+        outbox=path_setting("outbox", home / "outbox"),
+        db_path=path_setting("db_path", var_dir / "ledger.db"),
+        adapters_dir=path_setting("adapters_dir", home / "adapters"),
+        advisors_dir=path_setting("advisors_dir", home / "advisors"),
+    )
+    cfg = Config(home=home, var_dir=var_dir, **paths)
+    known = {f.name for f in fields(Config)} - set(paths) - {"home", "var_dir", "extra"}
+    values: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    for key, value in data.items():
+        if key in known:
+            values[key] = _coerce(key, value, getattr(cfg, key))
+        else:
+            extra[key] = value
+    cfg = replace(cfg, extra=extra, **values)
+    if cfg.default_mode.strip().lower() not in MODES:
+        raise ConfigError(f"default mode {cfg.default_mode!r} is unknown; use one of {', '.join(MODES)}")
+    cfg = replace(cfg, default_mode=cfg.default_mode.strip().lower())
+    if cfg.max_pixels < 28 * 28:
+        raise ConfigError(f"max_pixels={cfg.max_pixels} is too small; use at least {28 * 28}")
+    return cfg

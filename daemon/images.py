@@ -1,0 +1,139 @@
+"""Turn a file from the inbox into a safe, upright, model-sized RGB image, or say in plain words why not.
+
+Everything here treats the file as hostile: pixel-count bombs, compressed-text bombs, truncated data,
+odd modes (CMYK, 16-bit, palette with alpha), animations and non-images named `.jpg`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+try:  # iPhone photos: HEIC/HEIF are analysed, not failed.
+    import pillow_heif
+
+    pillow_heif.register_heif_opener()
+except ImportError:  # pragma: no cover - pillow-heif is a declared dependency
+    pillow_heif = None
+
+# Large enough for medium-format backs (150 MP), small enough that a 40000x40000 bomb is refused.
+MAX_PIXELS_ON_DISK = 200_000_000
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS_ON_DISK
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+PATCH = 28  # Qwen2-VL: 14 px patches merged 2x2
+
+
+class ImageRejected(ValueError):
+    """The file cannot be analysed; `str()` is a sentence a photographer understands."""
+
+
+@dataclass
+class LoadedImage:
+    image: Image.Image  # RGB, upright, resized to fit max_pixels
+    width: int  # upright size of the original
+    height: int
+    format: str | None
+    sha256: str
+    frames: int
+
+
+def fit_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """Largest size with both sides multiples of 28 and area <= max_pixels, keeping the aspect ratio."""
+    scale = min(1.0, math.sqrt(max_pixels / float(width * height)))
+    w = max(PATCH, int(width * scale) // PATCH * PATCH)
+    h = max(PATCH, int(height * scale) // PATCH * PATCH)
+    while w * h > max_pixels and (w > PATCH or h > PATCH):
+        if w >= h:
+            w -= PATCH
+        else:
+            h -= PATCH
+    return w, h
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        # 16-bit and float greyscale: scale the real range to 8 bits instead of clipping to white.
+        import numpy as np
+
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else arr * 0
+        return Image.fromarray(arr.astype("uint8"), "L").convert("RGB")
+    return img.convert("RGB")
+
+
+def load_photo(path: Path, max_pixels: int) -> LoadedImage:
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError as exc:
+        raise ImageRejected("this is a folder, not a photo") from exc
+    except OSError as exc:
+        raise ImageRejected(f"the file could not be read ({exc.strerror or exc})") from exc
+    return decode_photo(data, max_pixels)
+
+
+def decode_photo(data: bytes, max_pixels: int) -> LoadedImage:
+    if not data:
+        raise ImageRejected("the file is empty (0 bytes); copy the photo again")
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            fmt = img.format
+            frames = int(getattr(img, "n_frames", 1) or 1)
+            if frames > 1:
+                img.seek(0)  # animations and MPO pairs: the first frame is the photo
+            w0, h0 = img.size
+            if w0 * h0 > MAX_PIXELS_ON_DISK:
+                raise Image.DecompressionBombError("too many pixels")
+            if fmt == "JPEG":
+                # Decode at reduced scale: a 50 MP JPEG never needs full size for a 448px analysis.
+                img.draft("RGB", fit_size(w0, h0, max_pixels * 4))
+            try:
+                orientation = int(img.getexif().get(0x0112, 1))
+            except Exception:  # a malformed EXIF block must not sink an otherwise good photo
+                orientation = 1
+            img.load()
+            img = ImageOps.exif_transpose(img) or img
+            width, height = (h0, w0) if orientation in (5, 6, 7, 8) else (w0, h0)
+            rgb = _to_rgb(img)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageRejected(
+            f"the image is too large to open safely (more than {MAX_PIXELS_ON_DISK // 1_000_000} megapixels "
+            "or a compressed bomb); export it at a smaller size") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageRejected("this file is not a photo Mondrian can read (JPEG, PNG, TIFF, HEIC, WebP, GIF)") from exc
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct_error()) as exc:
+        msg = str(exc).lower()
+        if "truncated" in msg or "premature" in msg or isinstance(exc, EOFError):
+            raise ImageRejected("the photo is truncated (the file ends early); copy it again") from exc
+        if "too large" in msg or "decompressed data" in msg:
+            raise ImageRejected("the file hides an oversized compressed chunk (a decompression bomb); "
+                                "it was not opened") from exc
+        raise ImageRejected(f"the photo is damaged and cannot be decoded ({exc})") from exc
+    except MemoryError as exc:
+        raise ImageRejected("the photo needs more memory than is available; export it at a smaller size") from exc
+    except Exception as exc:  # decoders of odd formats raise anything; one file must never stop the queue
+        raise ImageRejected(f"the photo could not be decoded ({type(exc).__name__}: {exc})") from exc
+    fw, fh = fit_size(rgb.width, rgb.height, max_pixels)
+    if (fw, fh) != rgb.size:
+        rgb = rgb.resize((fw, fh), Image.Resampling.LANCZOS)
+    return LoadedImage(image=rgb, width=width, height=height, format=fmt, sha256=digest, frames=frames)
+
+
+def struct_error() -> type[Exception]:
+    import struct
+
+    return struct.error

@@ -1,0 +1,302 @@
+"""The job ledger: the only module that writes the database.
+
+One row per photo dropped into the inbox. SQLite in WAL mode (readers such as `mondrian status` never
+block the worker); every state change is one short transaction, so a SIGKILL at any moment leaves each
+job in a state the next start-up can reason about. Claiming uses a single `UPDATE ... RETURNING`
+statement, which SQLite (>= 3.35) and PostgreSQL both execute atomically, so several workers could share
+one ledger later without a redesign.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from peewee import (SQL, AutoField, CharField, DatabaseProxy, FloatField, IntegerField, Model,
+                    SqliteDatabase, TextField, fn)
+
+QUEUED, RUNNING, DONE, FAILED, GONE = "queued", "running", "done", "failed", "gone"
+STATES = (QUEUED, RUNNING, DONE, FAILED, GONE)
+ACTIVE = (QUEUED, RUNNING)
+
+database = DatabaseProxy()
+
+
+class _Base(Model):
+    class Meta:
+        database = database
+        legacy_table_names = False
+
+
+class SchemaVersion(_Base):
+    version = IntegerField()
+    applied_at = FloatField()
+
+
+class Job(_Base):
+    id = AutoField()
+    source_path = TextField()  # absolute path in the inbox when it was queued
+    rel_path = TextField()  # path relative to the inbox, what a person recognises
+    advisor = CharField()
+    advisor_source = CharField(default="default")  # folder | default | command
+    requested_mode = CharField(null=True)  # decided when the job starts (a late sidecar still counts)
+    mode_source = CharField(null=True)  # sidecar | default | command
+    effective_mode = CharField(null=True)
+    fallbacks = TextField(null=True)  # JSON list of {from, to, reason}
+    state = CharField(default=QUEUED, index=True)
+    attempts = IntegerField(default=0)
+    not_before = FloatField(default=0.0)  # exponential backoff for transient faults
+    size = IntegerField(null=True)
+    mtime = FloatField(null=True)
+    sha256 = CharField(null=True, index=True)
+    duplicate_of = IntegerField(null=True)
+    error = TextField(null=True)
+    error_kind = CharField(null=True)  # permanent | transient
+    output_dir = TextField(null=True)  # reserved report folder (or failure file) before anything is moved
+    report_json = TextField(null=True)
+    report_html = TextField(null=True)
+    grade = IntegerField(null=True)
+    adapter = CharField(null=True)
+    worker = CharField(null=True)  # host:pid that holds the job while running
+    enqueued_at = FloatField()
+    started_at = FloatField(null=True)
+    finished_at = FloatField(null=True)
+    analysis_s = FloatField(null=True)
+
+
+class Event(_Base):
+    """Daemon heartbeats a person can read in `mondrian status` (last event, last rescan, model, ...)."""
+
+    key = CharField(primary_key=True)
+    value = TextField()
+    at = FloatField()
+
+
+MODELS: list[type[Model]] = [SchemaVersion, Job, Event]
+
+# Each migration moves the schema from version i to i+1. Append, never edit: a user's ledger may be at any step.
+MIGRATIONS: list[Callable[[SqliteDatabase], None]] = [
+    lambda db: db.create_tables([Job, Event]),
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def _pid_alive(worker: str | None) -> bool:
+    if not worker:
+        return False
+    host, _, pid = worker.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another host's worker: it has its own recovery
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class Counts:
+    by_state: dict[str, int]
+    duplicates: int
+
+
+class Ledger:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = SqliteDatabase(
+            str(self.path),
+            pragmas={"journal_mode": "wal", "synchronous": "full", "busy_timeout": 30000,
+                     "foreign_keys": 1},
+            timeout=30,
+            check_same_thread=False,
+        )
+        database.initialize(self.db)
+        self.db.connect(reuse_if_open=True)
+        self._migrate()
+
+    # -- schema -------------------------------------------------------------------------------
+    def _migrate(self) -> None:
+        with self.db.atomic("IMMEDIATE"):
+            self.db.create_tables([SchemaVersion])
+            current = SchemaVersion.select(fn.MAX(SchemaVersion.version)).scalar() or 0
+            if current > SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"the ledger {self.path} was written by a newer Mondrian (schema {current}, this one knows "
+                    f"{SCHEMA_VERSION}); upgrade Mondrian")
+            for version in range(current, SCHEMA_VERSION):
+                MIGRATIONS[version](self.db)
+                SchemaVersion.create(version=version + 1, applied_at=time.time())
+
+    def schema_version(self) -> int:
+        return SchemaVersion.select(fn.MAX(SchemaVersion.version)).scalar() or 0
+
+    def close(self) -> None:
+        if not self.db.is_closed():
+            self.db.close()
+
+    # -- intake -------------------------------------------------------------------------------
+    def enqueue(self, source_path: Path, rel_path: str, advisor: str, advisor_source: str,
+                size: int | None, mtime: float | None) -> Job | None:
+        """Queue a photo unless the same path already has a job waiting or running."""
+        with self.db.atomic("IMMEDIATE"):
+            active = Job.select().where((Job.source_path == str(source_path)) & (Job.state.in_(ACTIVE)))
+            if active.exists():
+                return None
+            return Job.create(source_path=str(source_path), rel_path=rel_path, advisor=advisor,
+                              advisor_source=advisor_source, size=size, mtime=mtime, enqueued_at=time.time())
+
+    def is_active(self, source_path: Path) -> bool:
+        return Job.select().where((Job.source_path == str(source_path)) & (Job.state.in_(ACTIVE))).exists()
+
+    def start_direct(self, source_path: Path, rel_path: str, advisor: str, advisor_source: str) -> Job:
+        """A job run in-process by `mondrian analyze`: created already running so no daemon claims it."""
+        now = time.time()
+        return Job.create(source_path=str(source_path), rel_path=rel_path, advisor=advisor,
+                          advisor_source=advisor_source, state=RUNNING, attempts=1, worker=worker_id(),
+                          enqueued_at=now, started_at=now)
+
+    # -- claiming -----------------------------------------------------------------------------
+    def claim(self, worker: str | None = None, now: float | None = None) -> Job | None:
+        """Atomically move the oldest due queued job to running and return it."""
+        now = time.time() if now is None else now
+        worker = worker or worker_id()
+        due = (Job.select(Job.id).where((Job.state == QUEUED) & (Job.not_before <= now))
+               .order_by(Job.not_before, Job.id).limit(1))
+        query = (Job.update(state=RUNNING, worker=worker, started_at=now, attempts=Job.attempts + 1)
+                 .where((Job.id.in_(due)) & (Job.state == QUEUED))
+                 .returning(Job))
+        rows = list(query.execute())
+        return rows[0] if rows else None
+
+    def next_due_in(self, now: float | None = None) -> float | None:
+        now = time.time() if now is None else now
+        t = Job.select(fn.MIN(Job.not_before)).where(Job.state == QUEUED).scalar()
+        return None if t is None else max(0.0, t - now)
+
+    def orphaned_running(self) -> list[Job]:
+        """Jobs left running by a worker that no longer exists (crash, SIGKILL, power loss)."""
+        return [j for j in Job.select().where(Job.state == RUNNING).order_by(Job.id) if not _pid_alive(j.worker)]
+
+    # -- progress inside a job ----------------------------------------------------------------
+    def set_mode(self, job_id: int, requested: str, source: str) -> None:
+        Job.update(requested_mode=requested, mode_source=source).where(Job.id == job_id).execute()
+
+    def set_hash(self, job_id: int, sha256: str) -> None:
+        Job.update(sha256=sha256).where(Job.id == job_id).execute()
+
+    def reserve_output(self, job_id: int, output_dir: Path) -> None:
+        Job.update(output_dir=str(output_dir)).where(Job.id == job_id).execute()
+
+    def reserved_outputs(self) -> set[str]:
+        q = Job.select(Job.output_dir).where(Job.output_dir.is_null(False) & Job.state.in_(ACTIVE))
+        return {j.output_dir for j in q}
+
+    def find_done(self, sha256: str, advisor: str, requested_mode: str, exclude: int) -> Job | None:
+        return (Job.select().where((Job.sha256 == sha256) & (Job.advisor == advisor) &
+                                   (Job.requested_mode == requested_mode) & (Job.state == DONE) &
+                                   Job.duplicate_of.is_null() & (Job.id != exclude))
+                .order_by(Job.id).first())
+
+    # -- terminal states ----------------------------------------------------------------------
+    def finish(self, job_id: int, *, effective_mode: str, fallbacks: list[dict[str, str]],
+               report_json: Path, report_html: Path, grade: int, adapter: str | None,
+               analysis_s: float, output_dir: Path) -> None:
+        Job.update(state=DONE, effective_mode=effective_mode, fallbacks=json.dumps(fallbacks),
+                   report_json=str(report_json), report_html=str(report_html), grade=grade, adapter=adapter,
+                   analysis_s=analysis_s, output_dir=str(output_dir), finished_at=time.time(),
+                   error=None, error_kind=None).where(Job.id == job_id).execute()
+
+    def finish_duplicate(self, job_id: int, first: Job, output_dir: Path) -> None:
+        Job.update(state=DONE, duplicate_of=first.id, effective_mode=first.effective_mode,
+                   fallbacks=first.fallbacks, report_json=first.report_json, report_html=first.report_html,
+                   grade=first.grade, adapter=first.adapter, output_dir=str(output_dir),
+                   finished_at=time.time()).where(Job.id == job_id).execute()
+
+    def fail(self, job_id: int, reason: str, output_dir: Path | None, kind: str = "permanent") -> None:
+        Job.update(state=FAILED, error=reason, error_kind=kind, finished_at=time.time(),
+                   output_dir=str(output_dir) if output_dir else None).where(Job.id == job_id).execute()
+
+    def retry_later(self, job_id: int, reason: str, delay_s: float) -> None:
+        Job.update(state=QUEUED, error=reason, error_kind="transient", worker=None,
+                   not_before=time.time() + delay_s).where(Job.id == job_id).execute()
+
+    def requeue(self, job_id: int, reason: str | None = None, delay_s: float = 0.0,
+                undo_attempt: bool = False) -> None:
+        """Back to the queue without blame (graceful stop, crash recovery, a file still being written)."""
+        upd: dict[Any, Any] = {Job.state: QUEUED, Job.worker: None, Job.not_before: time.time() + delay_s}
+        if reason:
+            upd[Job.error] = reason
+        if undo_attempt:
+            upd[Job.attempts] = fn.MAX(Job.attempts - 1, 0)
+        Job.update(upd).where((Job.id == job_id) & (Job.state == RUNNING)).execute()
+
+    def mark_gone(self, job_id: int, reason: str) -> None:
+        Job.update(state=GONE, error=reason, finished_at=time.time()).where(Job.id == job_id).execute()
+
+    def retry_failed(self, ids: Iterable[int] | None = None) -> list[Job]:
+        q = Job.select().where(Job.state == FAILED)
+        if ids is not None:
+            q = q.where(Job.id.in_(list(ids)))
+        return list(q.order_by(Job.id))
+
+    def requeue_failed(self, job_id: int, source_path: Path) -> None:
+        Job.update(state=QUEUED, source_path=str(source_path), attempts=0, not_before=0.0, worker=None,
+                   output_dir=None, error=None, error_kind=None, finished_at=None).where(
+            (Job.id == job_id) & (Job.state == FAILED)).execute()
+
+    # -- reading ------------------------------------------------------------------------------
+    def get(self, job_id: int) -> Job:
+        return Job.get_by_id(job_id)
+
+    def counts(self) -> Counts:
+        by_state = {s: 0 for s in STATES}
+        for row in Job.select(Job.state, fn.COUNT(Job.id).alias("n")).group_by(Job.state).dicts():
+            by_state[row["state"]] = row["n"]
+        dups = Job.select().where(Job.duplicate_of.is_null(False)).count()
+        return Counts(by_state=by_state, duplicates=dups)
+
+    def running(self) -> list[Job]:
+        return list(Job.select().where(Job.state == RUNNING).order_by(Job.started_at))
+
+    def recent_failures(self, limit: int = 5) -> list[Job]:
+        return list(Job.select().where(Job.state == FAILED).order_by(Job.finished_at.desc()).limit(limit))
+
+    def reports(self) -> list[Job]:
+        """Analysed photos with their own report (duplicates point at another job's)."""
+        return list(Job.select().where((Job.state == DONE) & Job.duplicate_of.is_null())
+                    .order_by(Job.finished_at.desc()))
+
+    def jobs(self) -> list[Job]:
+        return list(Job.select().order_by(Job.id))
+
+    # -- daemon facts for status --------------------------------------------------------------
+    def set_event(self, key: str, value: Any) -> None:
+        Event.insert(key=key, value=json.dumps(value), at=time.time()).on_conflict_replace().execute()
+
+    def events(self) -> dict[str, tuple[Any, float]]:
+        return {e.key: (json.loads(e.value), e.at) for e in Event.select()}
+
+    def integrity_check(self) -> str:
+        return self.db.execute_sql("PRAGMA integrity_check").fetchone()[0]
+
+
+def job_dict(job: Job) -> dict[str, Any]:
+    d = {f: getattr(job, f) for f in job._meta.sorted_field_names}
+    d["fallbacks"] = json.loads(job.fallbacks) if job.fallbacks else []
+    return d
+
+
+__all__ = ["Ledger", "Job", "STATES", "QUEUED", "RUNNING", "DONE", "FAILED", "GONE", "job_dict", "worker_id",
+           "SCHEMA_VERSION", "SQL"]

@@ -1,0 +1,93 @@
+"""JSON-schema constrained decoding with llguidance, portable to CPU.
+
+mlx-vlm's own `structured.py` applies the token mask with a Metal kernel, which raises
+"No Metal back-end" on Linux. Here the mask is unpacked with numpy and applied with `mx.where`,
+which runs on every MLX backend; the cost is a vocab-sized boolean per token (~0.1 ms).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import llguidance
+import llguidance.hf
+import llguidance.numpy
+import mlx.core as mx
+import numpy as np
+
+# One fixed layout: a real model sees the same spacing it was trained on (", " / ": "), and a
+# random one cannot burn its token budget on free-form whitespace.
+JSON_OPTIONS: dict[str, Any] = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+class SchemaConstraint:
+    """The llguidance view of one tokenizer (slow to build: ~1.5 s for 150k tokens), built once per model."""
+
+    def __init__(self, hf_tokenizer: Any, model_vocab_size: int) -> None:
+        self.tokenizer_size = len(hf_tokenizer)
+        self.vocab_size = max(model_vocab_size, self.tokenizer_size)
+        self.eos_token_id = hf_tokenizer.eos_token_id
+        self.ll_tokenizer = llguidance.hf.from_tokenizer(hf_tokenizer, n_vocab=self.vocab_size)
+        self._grammars: dict[str, str] = {}
+
+    def grammar(self, schema: dict[str, Any]) -> str:
+        key = json.dumps(schema, sort_keys=True)
+        grammar = self._grammars.get(key)
+        if grammar is None:
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(schema, overrides=JSON_OPTIONS)
+            is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(grammar, self.ll_tokenizer)
+            if is_error:
+                raise ValueError(f"llguidance cannot compile the schema: {'; '.join(messages)}")
+            self._grammars[key] = grammar
+        return grammar
+
+    def logits_processor(self, schema: dict[str, Any]) -> "SchemaLogitsProcessor":
+        """A fresh processor (own matcher state) for one generation."""
+        return SchemaLogitsProcessor(self, self.grammar(schema))
+
+
+class SchemaLogitsProcessor:
+    """`processor(tokens, logits) -> logits` in the form mlx-vlm's `generate_step` calls it.
+
+    The first call sees the prompt; each later call sees the previously sampled token last in
+    `tokens`. generate_step computes one step ahead, so after EOS has been sampled the processor is
+    called once more with EOS; that step's output is discarded, so a stopped matcher just forces EOS.
+    """
+
+    def __init__(self, constraint: SchemaConstraint, grammar: str) -> None:
+        self._c = constraint
+        self.matcher = llguidance.LLMatcher(constraint.ll_tokenizer, grammar)
+        if self.matcher.is_error():
+            raise ValueError(f"llguidance grammar error: {self.matcher.get_error()}")
+        self._bitmask = llguidance.numpy.allocate_token_bitmask(1, constraint.vocab_size)
+        self._started = False
+
+    @property
+    def done(self) -> bool:
+        """True once the JSON value is complete (only EOS may follow)."""
+        return self.matcher.is_accepting()
+
+    def _allowed(self, n_logits: int) -> np.ndarray:
+        if self.matcher.is_stopped():
+            allowed = np.zeros(n_logits, dtype=bool)
+            allowed[self._c.eos_token_id] = True
+            return allowed
+        llguidance.numpy.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
+        bits = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")
+        allowed = np.zeros(n_logits, dtype=bool)
+        n = min(n_logits, self._c.tokenizer_size)  # ids past the tokenizer cannot be decoded
+        allowed[:n] = bits[:n].astype(bool)
+        return allowed
+
+    def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
+        if self._started:
+            token = int(tokens[-1].item())
+            if not self.matcher.is_stopped() and not self.matcher.consume_token(token):
+                raise RuntimeError(f"constrained decoding went off the grammar at token {token}: "
+                                   f"{self.matcher.get_error()}")
+        self._started = True
+        allowed = self._allowed(logits.shape[-1])
+        if not allowed.any():
+            raise RuntimeError(f"constrained decoding reached a dead end: {self.matcher.get_error()}")
+        return mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))

@@ -1,0 +1,216 @@
+"""The one place that runs the vision-language model: load it, and turn (photo, prompt, schema) into JSON.
+
+Everything MLX lives behind `ModelRuntime`, so the rest of the daemon never imports mlx. MLX is not
+thread-safe: create the runtime and call it from one thread (the worker's).
+"""
+
+from __future__ import annotations
+
+from . import blas
+
+blas.preload_openblas()  # must precede the first `import mlx` in the process
+
+import json
+import logging
+import os
+import re
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jsonschema
+
+from .smoke import SMOKE_ALIAS, ensure_smoke_model, read_marker
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+log = logging.getLogger(__name__)
+
+DEFAULT_HUB_MODEL = "mlx-community/Qwen2-VL-2B-Instruct-4bit"
+SMOKE_MODEL_ID = "mondrian-smoke-qwen2-vl (random weights)"
+MIN_PIXELS = 56 * 56  # Qwen2-VL's own floor (4 image tokens)
+# The files mlx_vlm.load needs from a hub snapshot (same patterns mlx-vlm downloads).
+_HUB_PATTERNS = ["*.json", "*.jsonl", "*.safetensors", "*.py", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelNotFoundError(RuntimeError):
+    """The configured model is not on this machine and cannot be fetched; the message says how to get it."""
+
+
+class GenerationError(RuntimeError):
+    """The model produced no valid JSON (e.g. ran out of tokens); `text` holds what it did produce."""
+
+    def __init__(self, message: str, text: str = "") -> None:
+        super().__init__(message)
+        self.text = text
+
+
+@dataclass
+class Generation:
+    data: dict
+    text: str
+    prompt_tokens: int
+    generated_tokens: int
+    seconds: float
+
+
+def _how_to_get(spec: str) -> str:
+    hub_id = spec if _REPO_ID.match(spec) else DEFAULT_HUB_MODEL
+    return (f"To get a model: `huggingface-cli download {hub_id}` (needs network once), "
+            f"or set MONDRIAN_MODEL (or `model` in mondrian.toml) to a local folder holding an MLX "
+            f"checkpoint, or use `--model {SMOKE_ALIAS}` for the offline smoke model (random weights).")
+
+
+def _offline() -> bool:
+    # Read the environment at call time: huggingface_hub snapshots HF_HUB_OFFLINE when it is imported.
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _looks_like_path(spec: str) -> bool:
+    return (spec.startswith(("/", ".", "~")) or spec.endswith("/") or spec.count("/") > 1
+            or "\\" in spec or not _REPO_ID.match(spec))
+
+
+def resolve_model_path(spec: str, var_dir: Path) -> Path:
+    """Map a model spec to a local checkpoint folder; raises ModelNotFoundError (never hangs offline)."""
+    spec = spec.strip()
+    if spec == SMOKE_ALIAS:
+        return ensure_smoke_model(var_dir)
+    local = Path(spec).expanduser()
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ModelNotFoundError(f"{local} is not a model folder (no config.json). {_how_to_get(spec)}")
+        return local.resolve()
+    if _looks_like_path(spec):
+        raise ModelNotFoundError(f"model folder {spec!r} does not exist. {_how_to_get(spec)}")
+
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(spec, allow_patterns=_HUB_PATTERNS, local_files_only=True))
+    except Exception as exc:  # not cached (LocalEntryNotFoundError and friends)
+        cached_error = exc
+    if _offline():
+        raise ModelNotFoundError(f"model {spec!r} is not in the local Hugging Face cache and "
+                                 f"HF_HUB_OFFLINE is set. {_how_to_get(spec)}") from cached_error
+    log.info("downloading %s from the Hugging Face hub", spec)
+    try:
+        return Path(snapshot_download(spec, allow_patterns=_HUB_PATTERNS))
+    except Exception as exc:
+        raise ModelNotFoundError(f"could not download model {spec!r} ({type(exc).__name__}: {exc}). "
+                                 f"{_how_to_get(spec)}") from exc
+
+
+def _cap_pixels(processor: Any, max_pixels: int) -> None:
+    """Make the processor resize to at most `max_pixels`, for inference and training alike."""
+    min_pixels = min(MIN_PIXELS, max_pixels)
+    for proc in (getattr(processor, "image_processor", None), getattr(processor, "video_processor", None)):
+        if proc is None:
+            continue
+        if hasattr(proc, "max_pixels"):
+            proc.max_pixels = max_pixels
+            proc.min_pixels = min(getattr(proc, "min_pixels", min_pixels) or min_pixels, max_pixels)
+        size = getattr(proc, "size", None)
+        if isinstance(size, dict) and "longest_edge" in size:  # transformers' Qwen2-VL processors
+            size["longest_edge"] = max_pixels
+            size["shortest_edge"] = min(size.get("shortest_edge") or min_pixels, max_pixels)
+
+
+class ModelRuntime:
+    """A loaded model + processor + the llguidance tokenizer built for them.
+
+    `model` and `processor` are public on purpose: LoRA training must use this exact processor
+    (same pixel cap, same chat template) and can swap adapters on this `model` in place.
+    """
+
+    def __init__(self, *, model: Any, processor: Any, model_id: str, path: str, is_smoke: bool,
+                 max_pixels: int) -> None:
+        from .constrained import SchemaConstraint
+
+        self.model = model
+        self.processor = processor
+        self.model_id = model_id
+        self.path = path
+        self.is_smoke = is_smoke
+        self.max_pixels = max_pixels
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        vocab = getattr(getattr(model.config, "text_config", None), "vocab_size", None) \
+            or getattr(model.config, "vocab_size")
+        started = time.perf_counter()
+        self.constraint = SchemaConstraint(self.tokenizer, int(vocab))
+        log.debug("llguidance tokenizer built in %.2f s", time.perf_counter() - started)
+        self._lock = threading.Lock()  # a second caller waits instead of corrupting MLX state
+
+    @classmethod
+    def load(cls, spec: str, *, var_dir: Path, max_pixels: int) -> "ModelRuntime":
+        path = resolve_model_path(spec, Path(var_dir))
+        marker = read_marker(path)
+        is_smoke = marker is not None
+        started = time.perf_counter()
+        import mlx_vlm
+
+        try:
+            model, processor = mlx_vlm.load(str(path))
+        except (FileNotFoundError, OSError) as exc:
+            raise ModelNotFoundError(f"could not load model from {path} ({exc}). {_how_to_get(spec)}") from exc
+        _cap_pixels(processor, max_pixels)
+        if spec.strip() == SMOKE_ALIAS:
+            model_id = SMOKE_MODEL_ID
+        elif is_smoke:
+            model_id = f"{spec} (smoke model, {marker.get('shapes', 'smoke')} shapes, random weights)"
+        else:
+            model_id = spec
+        runtime = cls(model=model, processor=processor, model_id=model_id, path=str(path),
+                      is_smoke=is_smoke, max_pixels=max_pixels)
+        log.info("model %s loaded from %s in %.1f s (max_pixels=%d)", model_id, path,
+                 time.perf_counter() - started, max_pixels)
+        return runtime
+
+    def format_prompt(self, prompt: str, *, system: str | None = None) -> str:
+        """The chat-templated text for one image + one user prompt (image first, as Qwen2-VL expects)."""
+        messages: list[dict[str, Any]] = []
+        if system:
+            messages.append({"role": "system", "content": system})
+        messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    def generate_json(self, image: "Image.Image", prompt: str, schema: dict, *, max_tokens: int,
+                      system: str | None = None) -> Generation:
+        """Greedy, schema-constrained generation: same inputs give the same text; the result always validates."""
+        from mlx_vlm.generate import stream_generate
+
+        if image.mode != "RGB":
+            image = image.convert("RGB")
+        text_prompt = self.format_prompt(prompt, system=system)
+        with self._lock:
+            constraint = self.constraint.logits_processor(schema)
+            started = time.perf_counter()
+            final = None
+            for final in stream_generate(self.model, self.processor, text_prompt, image=[image],
+                                         max_tokens=max_tokens, temperature=0.0,
+                                         logits_processors=[constraint]):
+                pass
+            seconds = time.perf_counter() - started
+        if final is None:
+            raise GenerationError("the model produced nothing")
+        ids = [int(t) for t in (final.token_ids or [])]
+        stop_ids = set(getattr(getattr(self.tokenizer, "stopping_criteria", None), "eos_token_ids", None)
+                       or [self.tokenizer.eos_token_id])
+        while ids and ids[-1] in stop_ids:
+            ids.pop()
+        text = self.tokenizer.decode(ids, skip_special_tokens=False)
+        if final.finish_reason != "stop" or not constraint.done:
+            raise GenerationError(
+                f"the model used all {max_tokens} tokens before the JSON closed; raise max_tokens or "
+                f"shorten the schema's maxLength (got {len(text)} chars)", text)
+        try:
+            data = json.loads(text)
+            jsonschema.validate(data, schema)
+        except (ValueError, jsonschema.ValidationError) as exc:
+            raise GenerationError(f"constrained output does not match the schema: {exc}", text) from exc
+        return Generation(data=data, text=text, prompt_tokens=int(final.prompt_tokens),
+                          generated_tokens=len(ids), seconds=seconds)

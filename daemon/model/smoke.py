@@ -1,0 +1,301 @@
+"""A tiny, randomly initialised Qwen2-VL checkpoint, built offline and deterministically.
+
+It lets tests, CI and the offline demo exercise the whole pipeline (processor, vision tower, chat
+template, constrained decoding, LoRA) without downloading 2 B parameters. Its critiques are word
+soup, but they are schema-valid word soup. `shapes="real"` keeps the tiny tokenizer but uses the real
+Qwen2-VL-2B-Instruct tensor shapes, so benchmarks measure realistic speed (speed does not depend on
+weight values).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from . import blas
+
+blas.preload_openblas()  # before the first mlx import (weights are made with mlx)
+
+log = logging.getLogger(__name__)
+
+SMOKE_ALIAS = "smoke"
+MARKER_NAME = "mondrian_smoke.json"
+# Bump when the recipe changes so existing smoke models are rebuilt instead of silently reused.
+RECIPE_VERSION = 1
+SHAPES = ("smoke", "real")
+DIR_NAMES = {"smoke": "smoke-qwen2-vl", "real": "smoke-qwen2-vl-real-shapes"}
+
+# Qwen2-VL's special tokens, in Qwen's id order (appended after the BPE vocabulary).
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)
+
+# Qwen2's pre-tokenizer split (from its tokenizer.json), so the tiny tokenizer segments text like the real one.
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+
+# Qwen2-VL-Instruct's chat template, verbatim.
+CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}"
+    "{{ message['content'] }}<|im_end|>\n{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture "
+    "{{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video "
+    "{{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+# Small enough to train in milliseconds; photographic enough that random output reads word-ish.
+CORPUS = """\
+The composition leads the eye from the foreground rocks to the lighthouse on the horizon.
+Placing the subject on a third line gives the frame room to breathe and creates tension.
+Soft window light wraps around the face and keeps the shadows open and gentle.
+Hard midday sun flattens the landscape; return at golden hour when the light is warm and low.
+The focus is sharp on the near eye, and the shallow depth of field isolates the portrait.
+Motion blur in the water contrasts with the crisp stone of the bridge.
+A faster shutter speed would freeze the bird; a slower one would show the sweep of its wings.
+The colour palette is harmonious: muted blues and warm ochres support each other.
+Complementary colours make the red coat stand out against the green hedge.
+The highlights in the sky are clipped, so the clouds lose their texture and detail.
+Lift the shadows slightly to recover detail in the dark doorway without losing contrast.
+Leading lines of the road pull the viewer deep into the scene and add depth and perspective.
+A low camera angle makes the child look confident and gives the street a sense of scale.
+The horizon is tilted; level it so the sea does not appear to drain out of the frame.
+Negative space on the left balances the weight of the tree on the right.
+The background is busy, and the branches compete with the subject for attention.
+Try a wider aperture or step closer so the subject separates from the clutter behind it.
+The mood is quiet and melancholic, and the fog gives the street an emotional stillness.
+Symmetry in the reflection creates calm, while the single boat breaks it with a gentle surprise.
+Texture in the weathered wood rewards a close look; side light makes the grain visible.
+The exposure is balanced, the white balance feels natural, and the skin tones are true.
+Noise in the shadows suggests a high ISO; a tripod and a lower ISO would clean it up.
+Framing the dancer inside the doorway adds layers and tells a richer story.
+The crop is tight; a little more space in the direction of the gaze would help.
+Backlight creates a rim of light around the hair and separates her from the dark wall.
+The vanishing point sits in the centre, which feels static; shift it for more energy.
+Strong diagonals give the photograph movement, and the repetition of arches adds rhythm.
+The image has impact: the expression is honest and the moment feels decisive.
+Overall a strong photograph with clear intent, good light and a careful composition.
+Consider the edges of the frame, remove distractions, and simplify the scene.
+Black and white would emphasise shape, tone and texture over colour.
+Golden light, deep shadows, sharp detail, soft bokeh, bold contrast, subtle gradation.
+Score the composition, lighting, focus, colour harmony, subject isolation, depth, balance and emotion.
+{"dimensions": {"composition": {"comment": "Strong diagonals and a clear subject.", "score": 7}, \
+"lighting": {"comment": "Soft light, open shadows.", "score": 8}, "focus_sharpness": {"comment": \
+"Sharp on the eye.", "score": 9}, "color_harmony": {"comment": "Muted and calm.", "score": 6}, \
+"subject_isolation": {"comment": "Busy background.", "score": 4}, "depth_perspective": {"comment": \
+"Layers add depth.", "score": 7}, "visual_balance": {"comment": "Heavy on the right.", "score": 5}, \
+"emotional_impact": {"comment": "Quiet and honest.", "score": 8}}, "summary": "A careful, \
+honest portrait.", "overall_grade": 7}
+{"composition": 7, "lighting": 8, "focus_sharpness": 9, "color_harmony": 6, "subject_isolation": 4, \
+"depth_perspective": 7, "visual_balance": 5, "emotional_impact": 8}
+"""
+
+
+def _text_config(shapes: str, vocab_size: int) -> dict[str, Any]:
+    if shapes == "real":  # Qwen2-VL-2B-Instruct
+        return dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
+                    num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
+                    max_window_layers=28, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+    # head_dim 32 -> mrope sections must sum to 16.
+    return dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=512, vocab_size=vocab_size, max_window_layers=4,
+                rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]})
+
+
+def _vision_config(shapes: str, hidden_size: int) -> dict[str, Any]:
+    common = dict(in_chans=3, patch_size=14, spatial_patch_size=14, spatial_merge_size=2,
+                  temporal_patch_size=2, mlp_ratio=4,  # int: transformers 5 rejects 4.0
+                  hidden_size=hidden_size)
+    if shapes == "real":
+        return dict(common, depth=32, embed_dim=1280, num_heads=16)
+    return dict(common, depth=4, embed_dim=128, num_heads=4)
+
+
+def _train_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    trainer = trainers.BpeTrainer(vocab_size=1024, min_frequency=1, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=[])
+    tok.train_from_iterator(CORPUS.splitlines(), trainer=trainer)
+    tok.add_special_tokens(list(SPECIAL_TOKENS))
+    return tok
+
+
+def _tokenizer_config(tok) -> dict[str, Any]:
+    added = {str(tok.token_to_id(t)): {"content": t, "lstrip": False, "normalized": False,
+                                         "rstrip": False, "single_word": False, "special": True}
+             for t in SPECIAL_TOKENS}
+    return {
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": list(SPECIAL_TOKENS[1:]),
+        "bos_token": None,
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 32768,
+        "pad_token": "<|endoftext|>",
+        "padding_side": "left",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+
+
+def _model_config(shapes: str, tok) -> dict[str, Any]:
+    ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
+    text = _text_config(shapes, tok.get_vocab_size(with_added_tokens=True))
+    return dict(
+        text,
+        architectures=["Qwen2VLForConditionalGeneration"],
+        model_type="qwen2_vl",
+        hidden_act="silu",
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        max_position_embeddings=32768,
+        sliding_window=32768,
+        use_sliding_window=False,
+        tie_word_embeddings=True,
+        use_cache=True,
+        torch_dtype="float32",
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+        vision_token_id=ids["<|vision_pad|>"],
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_config=_vision_config(shapes, text["hidden_size"]),
+    )
+
+
+def _preprocessor_config() -> dict[str, Any]:
+    # Qwen2-VL's values; the runtime narrows max_pixels to the configured cap at load time.
+    return {
+        "min_pixels": 56 * 56,
+        "max_pixels": 28 * 28 * 1280,
+        "patch_size": 14,
+        "temporal_patch_size": 2,
+        "merge_size": 2,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "image_processor_type": "Qwen2VLImageProcessor",
+        "processor_class": "Qwen2VLProcessor",
+    }
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def _write_weights(path: Path, config: dict[str, Any], seed: int) -> int:
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_vlm.models import qwen2_vl
+    from mlx_vlm.utils import update_module_configs
+
+    cfg = json.loads(json.dumps(config))  # from_dict mutates its argument
+    model_config = qwen2_vl.ModelConfig.from_dict(cfg)
+    model_config = update_module_configs(model_config, qwen2_vl, cfg, ["text", "vision"])
+    mx.random.seed(seed)
+    model = qwen2_vl.Model(model_config)
+    # Save through sanitize's inverse: mlx-vlm's own module names load back unchanged.
+    weights = dict(tree_flatten(model.parameters()))
+    mx.eval(list(weights.values()))
+    mx.save_safetensors(str(path), weights, metadata={"format": "mlx"})
+    return sum(v.size for v in weights.values())
+
+
+def build_smoke_model(dest: Path, *, seed: int = 0, shapes: str = "smoke") -> Path:
+    """Build the checkpoint into `dest` (atomically; a concurrent builder's result is kept)."""
+    if shapes not in SHAPES:
+        raise ValueError(f"shapes must be one of {SHAPES}, not {shapes!r}")
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.building-", dir=dest.parent))
+    try:
+        tok = _train_tokenizer()
+        tok.save(str(tmp / "tokenizer.json"), pretty=False)
+        config = _model_config(shapes, tok)
+        _write_json(tmp / "config.json", config)
+        _write_json(tmp / "tokenizer_config.json", _tokenizer_config(tok))
+        _write_json(tmp / "special_tokens_map.json", {
+            "additional_special_tokens": list(SPECIAL_TOKENS[1:]),
+            "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
+        _write_json(tmp / "chat_template.json", {"chat_template": CHAT_TEMPLATE})
+        _write_json(tmp / "preprocessor_config.json", _preprocessor_config())
+        _write_json(tmp / "video_preprocessor_config.json", _preprocessor_config())
+        _write_json(tmp / "processor_config.json", {"processor_class": "Qwen2VLProcessor"})
+        _write_json(tmp / "generation_config.json", {
+            "bos_token_id": config["bos_token_id"], "pad_token_id": config["bos_token_id"],
+            "eos_token_id": [config["eos_token_id"], config["bos_token_id"]], "do_sample": False})
+        n_params = _write_weights(tmp / "model.safetensors", config, seed)
+        _write_json(tmp / MARKER_NAME, {"recipe": RECIPE_VERSION, "seed": seed, "shapes": shapes,
+                                        "params": n_params, "weights": "random"})
+        os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
+        try:
+            os.rename(tmp, dest)
+        except OSError:
+            if not is_smoke_model(dest):
+                raise
+            log.info("another process finished %s first; keeping its copy", dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    log.info("smoke model (%s shapes, seed %d) ready at %s in %.1f s", shapes, seed, dest,
+             time.perf_counter() - started)
+    return dest
+
+
+def read_marker(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((Path(path) / MARKER_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def is_smoke_model(path: Path) -> bool:
+    return read_marker(path) is not None
+
+
+def ensure_smoke_model(var_dir: Path, *, shapes: str = "smoke") -> Path:
+    """Return var_dir/models/<smoke dir>, building it first if it is missing or from an older recipe."""
+    if shapes not in SHAPES:
+        raise ValueError(f"shapes must be one of {SHAPES}, not {shapes!r}")
+    dest = Path(var_dir) / "models" / DIR_NAMES[shapes]
+    marker = read_marker(dest)
+    if marker is not None and marker.get("recipe") == RECIPE_VERSION and marker.get("shapes") == shapes:
+        return dest
+    if dest.exists():
+        # Outdated or foreign: move it aside atomically so readers never see a half-deleted model.
+        stale = Path(tempfile.mkdtemp(prefix=f".{dest.name}.stale-", dir=dest.parent))
+        try:
+            os.rename(dest, stale / dest.name)
+        except OSError:
+            pass  # someone else moved or replaced it
+        shutil.rmtree(stale, ignore_errors=True)
+    return build_smoke_model(dest, shapes=shapes)

@@ -1,0 +1,419 @@
+"""Write a finished critique to disk: report.json (the contract), report.html, preview/thumb, and the outbox index.
+
+Everything shown in HTML comes from a model or a file name, so it is untrusted: Jinja autoescapes it, URLs
+built from file names are percent-encoded, and each page carries a CSP that forbids scripts and any load
+from outside its own folder. Pages must open offline straight from disk (no JS, no CDN, no web fonts).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path, PurePosixPath
+from typing import Any
+from urllib.parse import quote
+
+import jsonschema
+from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from PIL import Image
+
+from .critique import DIMENSION_LABELS, DIMENSIONS, SCORE_MAX
+
+SCHEMA_PATH: Path = Path(__file__).resolve().parent / "report_schema.json"
+TEMPLATES_DIR: Path = Path(__file__).resolve().parent.parent / "templates"
+
+THUMB_MAX_PX = 320
+JPEG_QUALITY = 85
+
+MODE_LABELS = {
+    "baseline": "Baseline",
+    "rag": "RAG — with portfolio references",
+    "lora": "LoRA — advisor-tuned adapter",
+}
+
+
+SOURCE_LABELS = {"sidecar": "set in the photo's sidecar", "default": "the default", "command": "set on the command line"}
+
+
+class ReportInvalid(ValueError):
+    """The report does not satisfy report_schema.json; the message names the field and the problem."""
+
+
+# --------------------------------------------------------------------------------------------- validation
+
+
+def _is_rfc3339(value: object) -> bool:
+    # jsonschema only checks "date-time" when rfc3339-validator is installed; checking it ourselves keeps
+    # validation identical on every machine. RFC 3339 needs the 'T' separator and an explicit offset.
+    if not isinstance(value, str):
+        return True  # type errors are reported by "type", not twice
+    if len(value) < 11 or value[10] not in "Tt":
+        return False
+    try:
+        dt = datetime.fromisoformat(value)
+    except ValueError:
+        return False
+    return dt.tzinfo is not None
+
+
+@lru_cache(maxsize=1)
+def _validator() -> jsonschema.Draft202012Validator:
+    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator.check_schema(schema)
+    checker = jsonschema.FormatChecker(formats=())
+    checker.checks("date-time")(_is_rfc3339)
+    return jsonschema.Draft202012Validator(schema, format_checker=checker)
+
+
+def _where(path: Any) -> str:
+    parts = [f"[{p}]" if isinstance(p, int) else f".{p}" for p in path]
+    return "report" + "".join(parts)
+
+
+def validate_report(report: dict) -> None:
+    """Raise ReportInvalid unless `report` satisfies the committed schema and is strict JSON."""
+    errors = sorted(_validator().iter_errors(report), key=lambda e: (list(map(str, e.absolute_path)), e.message))
+    if errors:
+        lines = [f"{_where(e.absolute_path)}: {e.message}" for e in errors[:8]]
+        more = f" (and {len(errors) - 8} more)" if len(errors) > 8 else ""
+        raise ReportInvalid("report does not match report_schema.json: " + "; ".join(lines) + more)
+    try:
+        # NaN/inf pass the schema ("number") but would make report.json unreadable by strict parsers.
+        json.dumps(report, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise ReportInvalid(f"report is not plain JSON: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------ atomic writes
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Readers see the old file or the new one, never a torn one, even after a crash."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    # os.open with 0o666 lets the kernel apply the umask, as a plain open() would; mkstemp would force 0600
+    # and reading the umask via os.umask() is racy across threads.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not every filesystem allows opening a directory, which is harmless.
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+@lru_cache(maxsize=1)
+def _env() -> Environment:
+    return Environment(
+        loader=FileSystemLoader(str(TEMPLATES_DIR)),
+        autoescape=True,
+        undefined=StrictUndefined,  # a template typo should fail the test suite, not print an empty cell
+        trim_blocks=True,
+        lstrip_blocks=True,
+    )
+
+
+def _bare_name(name: object) -> str:
+    # Reports must never reveal where files live; accept only the last component whatever the separator.
+    return str(name or "").replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+
+
+def _relative_href(name: object) -> str | None:
+    """A percent-encoded relative URL for a file inside the report folder, or None if it points elsewhere."""
+    if not isinstance(name, str) or not name:
+        return None
+    if PurePosixPath(name).is_absolute() or any(part in ("..", "") for part in name.split("/")):
+        return None
+    # quote() also encodes ':', so "http://x" or "C:/x" can only ever become a relative path.
+    return quote(name, safe="/")
+
+
+def _local_time(iso: str) -> tuple[str, datetime | None]:
+    try:
+        dt = datetime.fromisoformat(iso)
+    except (TypeError, ValueError):
+        return str(iso), None
+    # Pages are rendered on the photographer's own machine, so its local time zone is the one they live in.
+    dt = dt.astimezone() if dt.tzinfo else dt
+    return dt.strftime("%-d %b %Y, %H:%M"), dt
+
+
+def _num(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _signed(value: float | int | None, digits: int = 0) -> str:
+    if value is None:
+        return "–"
+    if digits == 0:
+        value = int(round(value))
+        return f"+{value}" if value > 0 else ("±0" if value == 0 else f"−{-value}")
+    text = f"{abs(value):.{digits}f}"
+    return "±" + text if round(value, digits) == 0 else ("+" if value > 0 else "−") + text
+
+
+def _timing_label(key: str) -> str:
+    base = key[:-2] if key.endswith("_s") else key
+    return base.replace("_", " ").strip().capitalize() or key
+
+
+def _fmt_seconds(value: float) -> str:
+    if value < 10:
+        return f"{value:.2f} s"
+    if value < 120:
+        return f"{value:.1f} s"
+    return f"{int(value // 60)} min {int(round(value % 60))} s"
+
+
+# --------------------------------------------------------------------------------------------- the chart
+
+# Geometry of the SVG score chart, in viewBox units; the SVG scales to its container width.
+_CHART = {"width": 720, "label_w": 190, "bar_x": 200, "bar_w": 440, "row_h": 38, "top": 34, "bar_h": 18}
+
+
+def _chart(dims: dict[str, Any], portfolio: dict[str, Any] | None) -> dict[str, Any]:
+    c = _CHART
+    unit = c["bar_w"] / SCORE_MAX
+    rows = []
+    for i, name in enumerate(DIMENSIONS):
+        score = int(dims[name]["score"])
+        y = c["top"] + i * c["row_h"]
+        row = {
+            "name": name,
+            "label": DIMENSION_LABELS.get(name, name),
+            "score": score,
+            "y": y,
+            "cy": y + c["bar_h"] / 2,
+            "bar_w": round(score * unit, 2),
+            "pf": None,
+        }
+        stats = (portfolio or {}).get(name) if isinstance(portfolio, dict) else None
+        mean = _num(stats.get("mean")) if isinstance(stats, dict) else None
+        if mean is not None:
+            std = _num(stats.get("std")) or 0.0
+            clamp = lambda v: min(max(v, 0.0), float(SCORE_MAX))  # noqa: E731
+            lo, hi, m = clamp(mean - abs(std)), clamp(mean + abs(std)), clamp(mean)
+            row["pf"] = {
+                "mean": mean,
+                "std": abs(std),
+                "x_mean": round(c["bar_x"] + m * unit, 2),
+                "x_lo": round(c["bar_x"] + lo * unit, 2),
+                "x_hi": round(c["bar_x"] + hi * unit, 2),
+                "delta": _signed(score - mean, 1),
+            }
+        rows.append(row)
+    ticks = [{"v": v, "x": round(c["bar_x"] + v * unit, 2)} for v in range(0, SCORE_MAX + 1, 2)]
+    height = c["top"] + len(DIMENSIONS) * c["row_h"] + 4
+    return {**c, "rows": rows, "ticks": ticks, "height": height, "bottom": height - 8}
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def _references(report: dict) -> list[dict[str, Any]]:
+    refs = report.get("references")
+    if not isinstance(refs, list):
+        return []
+    out = []
+    for ref in refs:
+        if not isinstance(ref, dict):
+            continue
+        scores = ref.get("scores") if isinstance(ref.get("scores"), dict) else {}
+        delta = ref.get("delta") if isinstance(ref.get("delta"), dict) else {}
+        sim = _num(ref.get("similarity"))
+        dims = []
+        for name in DIMENSIONS:
+            d = _num(delta.get(name))
+            if d is None and _num(scores.get(name)) is not None:
+                d = report["dimensions"][name]["score"] - scores[name]  # same convention: this photo − reference
+            dims.append({
+                "name": name,
+                "label": DIMENSION_LABELS.get(name, name),
+                "score": scores.get(name) if _num(scores.get(name)) is not None else "–",
+                "delta": _signed(d),
+                "sign": "pos" if d and d > 0 else ("neg" if d and d < 0 else "zero"),
+            })
+        out.append({
+            "href": _relative_href(ref.get("thumb")),
+            "name": _bare_name(ref.get("file") or ref.get("name") or ref.get("thumb") or "reference"),
+            "similarity": f"{sim * 100:.0f}%" if sim is not None else "–",
+            "comment": str(ref.get("comment") or ""),
+            "dims": dims,
+        })
+    return out
+
+
+def render_report_html(report: dict, *, photo_href: str = "preview.jpg") -> str:
+    """HTML for one report. `photo_href` is used as a URL as given (relative to report.html)."""
+    dims = report["dimensions"]
+    portfolio = report.get("portfolio") if isinstance(report.get("portfolio"), dict) else None
+    pf_dims = portfolio.get("dimensions") if portfolio and isinstance(portfolio.get("dimensions"), dict) else None
+    pf_count = portfolio.get("count") if portfolio else None
+    model = report["model"]
+    mode = report["mode"]
+    photo = report["photo"]
+    created_text, _ = _local_time(report.get("created_at", ""))
+    chart = _chart(dims, pf_dims)
+    ctx = {
+        "title_file": _bare_name(photo.get("file")),
+        "photo_href": photo_href,
+        "photo": {
+            "file": _bare_name(photo.get("file")),
+            "size": f"{photo.get('width')} × {photo.get('height')} px",
+            "analysed": (f"{photo['analysed_width']} × {photo['analysed_height']} px"
+                         if photo.get("analysed_width") and photo.get("analysed_height") else None),
+            "format": photo.get("format"),
+            "sha256": str(photo.get("sha256", ""))[:12],
+        },
+        "advisor": report["advisor"],
+        "grade": int(report["overall_grade"]),
+        "grade_max": SCORE_MAX,
+        "summary": report.get("summary", ""),
+        "mode": {
+            "requested": mode["requested"],
+            "effective": mode["effective"],
+            "requested_label": MODE_LABELS.get(mode["requested"], mode["requested"]),
+            "effective_label": MODE_LABELS.get(mode["effective"], mode["effective"]),
+            "source_label": SOURCE_LABELS.get(mode.get("source"), mode.get("source")),
+            "fallbacks": [f for f in mode.get("fallbacks", []) if isinstance(f, dict)],
+        },
+        "smoke": bool(model.get("smoke")),
+        "notice": model.get("notice") or ("These scores come from a random smoke-test model and are not a "
+                                          "real critique."),
+        "model": {"id": model.get("id", ""), "adapter": model.get("adapter")},
+        "chart": chart,
+        "portfolio": {"count": pf_count if isinstance(pf_count, int) else None} if pf_dims else None,
+        "dimensions": [
+            {**row, "comment": dims[row["name"]].get("comment", "")} for row in chart["rows"]
+        ],
+        "references": _references(report),
+        "timings": [
+            {"label": _timing_label(k), "value": _fmt_seconds(v)}
+            for k, v in report.get("timings", {}).items() if _num(v) is not None
+        ],
+        "job_id": report.get("job_id"),
+        "created_text": created_text,
+        "created_iso": report.get("created_at", ""),
+    }
+    return _env().get_template("report.html").render(**ctx)
+
+
+def _jpeg_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=JPEG_QUALITY, optimize=True)
+    return buf.getvalue()
+
+
+def write_report_folder(folder: Path, report: dict, preview: Image.Image) -> dict[str, Path]:
+    """Validate, then write preview.jpg, thumb.jpg, report.html and finally report.json, each atomically.
+
+    report.json goes last so that its presence means the folder is complete.
+    """
+    validate_report(report)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rgb = preview if preview.mode == "RGB" else preview.convert("RGB")
+    thumb = rgb.copy()
+    thumb.thumbnail((THUMB_MAX_PX, THUMB_MAX_PX), Image.Resampling.LANCZOS)
+    paths = {
+        "preview": folder / "preview.jpg",
+        "thumb": folder / "thumb.jpg",
+        "html": folder / "report.html",
+        "json": folder / "report.json",
+    }
+    html = render_report_html(report)  # render before writing anything, so a template bug leaves no half folder
+    atomic_write_bytes(paths["preview"], _jpeg_bytes(rgb))
+    atomic_write_bytes(paths["thumb"], _jpeg_bytes(thumb))
+    atomic_write_text(paths["html"], html)
+    atomic_write_text(paths["json"], json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    return paths
+
+
+# ------------------------------------------------------------------------------------------------ index
+
+
+@dataclass
+class IndexEntry:
+    folder: str  # report folder name relative to outbox, e.g. "IMG_1" or "IMG_1-2"
+    file: str  # original photo file name
+    advisor_id: str
+    advisor_name: str
+    mode_requested: str
+    mode_effective: str
+    grade: int
+    created_at: str  # ISO 8601
+    smoke: bool
+
+
+def _sort_key(entry: IndexEntry) -> float:
+    _, dt = _local_time(entry.created_at)
+    if dt is None:
+        return float("-inf")  # unparseable dates sink to the bottom instead of breaking the page
+    return (dt if dt.tzinfo else dt.astimezone()).timestamp()
+
+
+def render_index_html(entries: list[IndexEntry]) -> str:
+    items = []
+    for e in sorted(entries, key=_sort_key, reverse=True):
+        base = _relative_href(e.folder)
+        if base is None:
+            continue  # a folder outside the outbox cannot be linked safely
+        created_text, _ = _local_time(e.created_at)
+        items.append({
+            "folder": e.folder,
+            "report_href": f"{base}/report.html",
+            "thumb_href": f"{base}/thumb.jpg",
+            "file": _bare_name(e.file),
+            "advisor": e.advisor_name or e.advisor_id,
+            "mode_effective": e.mode_effective,
+            "mode_requested": e.mode_requested,
+            "grade": int(e.grade),
+            "created_text": created_text,
+            "created_iso": e.created_at,
+            "smoke": bool(e.smoke),
+        })
+    return _env().get_template("index.html").render(entries=items, grade_max=SCORE_MAX,
+                                                    any_smoke=any(i["smoke"] for i in items))
+
+
+def write_index(outbox: Path, entries: list[IndexEntry]) -> Path:
+    """outbox/index.html listing every report, newest first."""
+    path = Path(outbox) / "index.html"
+    atomic_write_text(path, render_index_html(entries))
+    return path

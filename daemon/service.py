@@ -1,0 +1,634 @@
+"""`mondrian service ...`: run the daemon as a login service.
+
+macOS: a launchd agent (~/Library/LaunchAgents/<label>.plist) driven with the modern launchctl verbs
+(bootstrap / bootout / kickstart / kill / print). Linux: a systemd user unit
+(~/.config/systemd/user/mondrian.service) driven with `systemctl --user`. Both run the daemon in the
+foreground as `<venv python> -m daemon run`, restart it after a crash but not after a clean stop, and
+give it ExitTimeOut seconds after SIGTERM to finish or requeue the current photo.
+
+Files are rendered from the templates in launchd/; `--dry-run` prints them and the commands instead
+of writing or running anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import plistlib
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence, TextIO
+
+import jinja2
+
+from daemon.config import PROJECT_ROOT, ConfigError, load_config
+
+DEFAULT_LABEL = "com.mondrian.daemon"
+ACTIONS = ("install", "uninstall", "start", "stop", "restart", "status")
+PLATFORMS = ("macos", "linux")
+PROCESS_TYPES = ("Interactive", "Standard")
+TEMPLATE_DIR = PROJECT_ROOT / "launchd"
+PLIST_TEMPLATE = "com.mondrian.daemon.plist.j2"
+UNIT_TEMPLATE = "mondrian.service.j2"
+
+THROTTLE_INTERVAL = 30  # s between (re)starts: launchd ThrottleInterval, systemd RestartSec
+EXIT_TIMEOUT = 60  # s from SIGTERM to SIGKILL; the CPU prefill of a real model can take ~20 s
+LOG_MAX_BYTES = 10 * 1024 * 1024
+LOG_BACKUPS = 3
+
+EX_UNAVAILABLE = 69  # the service manager cannot be used here
+EX_CONFIG = 78  # the configuration would make the service fail at start
+NOT_RUNNING = 3  # status: installed but not running, or not installed (LSB convention)
+
+_LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*(\.[A-Za-z0-9][A-Za-z0-9-]*)+$")
+
+
+class ServiceError(Exception):
+    """Something the user must fix; the message says what."""
+
+
+# ---------------------------------------------------------------------------------------------
+# What the service runs
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """Everything the plist and the unit say, resolved to absolute paths."""
+
+    platform: str
+    label: str
+    python: Path
+    home: Path
+    model: str
+    user_home: Path
+    environment: dict[str, str] = field(default_factory=dict)
+    process_type: str = "Interactive"
+    throttle_interval: int = THROTTLE_INTERVAL
+    exit_timeout: int = EXIT_TIMEOUT
+
+    @property
+    def program_arguments(self) -> list[str]:
+        return [str(self.python), "-m", "daemon", "run"]
+
+    @property
+    def log_dir(self) -> Path:
+        return self.user_home / "Library" / "Logs" / "Mondrian"
+
+    @property
+    def _log_stem(self) -> str:
+        # A second agent (tests, a second home) must not share the default agent's files.
+        return "mondrian" if self.label == DEFAULT_LABEL else self.label
+
+    @property
+    def stdout_path(self) -> Path:
+        return self.log_dir / f"{self._log_stem}.out.log"
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.log_dir / f"{self._log_stem}.err.log"
+
+    @property
+    def plist_path(self) -> Path:
+        return self.user_home / "Library" / "LaunchAgents" / f"{self.label}.plist"
+
+    @property
+    def unit_name(self) -> str:
+        return ("mondrian" if self.label == DEFAULT_LABEL else self.label) + ".service"
+
+    @property
+    def unit_path(self) -> Path:
+        config_home = os.environ.get("XDG_CONFIG_HOME") or str(self.user_home / ".config")
+        return Path(config_home) / "systemd" / "user" / self.unit_name
+
+    def plist_dict(self) -> dict[str, Any]:
+        """The agent as launchd will read it; the rendered template must parse back to exactly this."""
+        return {
+            "Label": self.label,
+            "ProgramArguments": self.program_arguments,
+            "WorkingDirectory": str(self.home),
+            "RunAtLoad": True,
+            "KeepAlive": {"SuccessfulExit": False},
+            "ThrottleInterval": self.throttle_interval,
+            "ProcessType": self.process_type,
+            "ExitTimeOut": self.exit_timeout,
+            "EnvironmentVariables": dict(self.environment),
+            "StandardOutPath": str(self.stdout_path),
+            "StandardErrorPath": str(self.stderr_path),
+        }
+
+
+def detect_platform() -> str:
+    if sys.platform == "darwin":
+        return "macos"
+    if sys.platform.startswith("linux"):
+        return "linux"
+    raise ServiceError(f"no service manager support for {sys.platform}; "
+                       "Mondrian runs as a launchd agent on macOS or a systemd user unit on Linux")
+
+
+def _is_local_model(model: str) -> bool:
+    return model == "smoke" or Path(model).expanduser().is_dir()
+
+
+def build_spec(platform: str | None = None, label: str = DEFAULT_LABEL, home: str | Path | None = None,
+               model: str | None = None, python: str | Path | None = None,
+               user_home: str | Path | None = None, process_type: str = "Interactive",
+               env: Mapping[str, str] = os.environ) -> ServiceSpec:
+    """Resolve the service from the Mondrian config, failing (ConfigError/ServiceError) on anything
+    that would make the installed service crash-loop."""
+    platform = platform or detect_platform()
+    if platform not in PLATFORMS:
+        raise ServiceError(f"unknown platform {platform!r}; use one of {', '.join(PLATFORMS)}")
+    if not _LABEL_RE.match(label):
+        raise ServiceError(f"label {label!r} is not reverse-DNS (like {DEFAULT_LABEL})")
+    if process_type not in PROCESS_TYPES:
+        raise ServiceError(f"ProcessType {process_type!r}: use one of {', '.join(PROCESS_TYPES)}")
+    # The venv's python itself, NOT its resolved target: resolving the symlink would lose the venv.
+    py = Path(python or sys.executable).expanduser().absolute()
+    if not (py.is_file() and os.access(py, os.X_OK)):
+        raise ServiceError(f"python {py} is not an executable file")
+
+    model = model or env.get("MONDRIAN_MODEL") or None
+    if model and model != "smoke" and Path(model).expanduser().exists():
+        model = str(Path(model).expanduser().resolve())  # the service runs in another directory
+    # Check the config with the environment the service will have, not this shell's.
+    cfg = load_config(home or env.get("MONDRIAN_HOME") or None, env={}, model=model)
+    model = cfg.model
+    if not cfg.home.is_dir():
+        raise ServiceError(f"Mondrian home {cfg.home} does not exist; create it or pass --home")
+
+    bin_dirs = [str(py.parent)]
+    bin_dirs += ["/opt/homebrew/bin", "/usr/local/bin"] if platform == "macos" else ["/usr/local/bin"]
+    environment = {
+        "MONDRIAN_HOME": str(cfg.home),
+        "MONDRIAN_MODEL": model,
+        # Launchers start with a bare PATH; the venv first so helper tools resolve to this install.
+        "PATH": ":".join(bin_dirs + ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]),
+        # `-m daemon` must find this checkout even when it is not pip-installed into the venv:
+        # the working directory is the Mondrian home, not the checkout.
+        "PYTHONPATH": str(PROJECT_ROOT),
+        # stdout to a file is block-buffered; logs should appear as they happen.
+        "PYTHONUNBUFFERED": "1",
+    }
+    if _is_local_model(model):
+        # A local model needs no network: make sure a login-time start never waits on the hub.
+        # A hub id may still need its first download, so it is left online.
+        environment["HF_HUB_OFFLINE"] = "1"
+    if platform == "macos":
+        # launchd never rotates StandardOutPath/StandardErrorPath: the daemon does (daemon/logrotate.py).
+        environment.update({"MONDRIAN_LOG_ROTATE": "1", "MONDRIAN_LOG_MAX_BYTES": str(LOG_MAX_BYTES),
+                            "MONDRIAN_LOG_BACKUPS": str(LOG_BACKUPS)})
+    uh = Path(user_home).expanduser().absolute() if user_home else Path.home()
+    return ServiceSpec(platform=platform, label=label, python=py, home=cfg.home, model=model,
+                       user_home=uh, environment=environment, process_type=process_type)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+def _reject_control_chars(spec: ServiceSpec) -> None:
+    # Neither XML 1.0 nor a unit file line can carry control characters; fail with a clear message.
+    for value in [*spec.program_arguments, str(spec.home), *spec.environment.values(), str(spec.user_home)]:
+        if any(ord(c) < 32 for c in value):
+            raise ServiceError(f"path or value {value!r} contains a control character; rename it")
+
+
+def render_plist(spec: ServiceSpec) -> str:
+    """Render launchd/com.mondrian.daemon.plist.j2 and prove it parses back to `spec.plist_dict()`."""
+    _reject_control_chars(spec)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    text = env.get_template(PLIST_TEMPLATE).render(
+        label=spec.label, program_arguments=spec.program_arguments, working_directory=str(spec.home),
+        throttle_interval=spec.throttle_interval, process_type=spec.process_type,
+        exit_timeout=spec.exit_timeout, environment=spec.environment,
+        stdout_path=str(spec.stdout_path), stderr_path=str(spec.stderr_path))
+    try:
+        parsed = plistlib.loads(text.encode("utf-8"))
+    except Exception as exc:  # expat errors, bad values: never write such a file
+        raise ServiceError(f"rendered plist does not parse: {exc}") from exc
+    expected = spec.plist_dict()
+    if parsed != expected:
+        diff = sorted(k for k in expected.keys() | parsed.keys() if parsed.get(k) != expected.get(k))
+        raise ServiceError(f"rendered plist differs from the intended one in {', '.join(diff)}")
+    return text
+
+
+def systemd_quote(value: str, exec_line: bool = False) -> str:
+    """One double-quoted word for a unit file: C escapes and `%` specifiers everywhere; `$` only
+    in ExecStart=, the one place systemd expands $VARIABLES."""
+    quoted = value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
+    return '"' + (quoted.replace("$", "$$") if exec_line else quoted) + '"'
+
+
+def render_unit(spec: ServiceSpec) -> str:
+    """Render launchd/mondrian.service.j2 (a systemd user unit)."""
+    _reject_control_chars(spec)
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=False,
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    env.filters["systemd_quote"] = systemd_quote
+    return env.get_template(UNIT_TEMPLATE).render(
+        label=spec.label, unit_name=spec.unit_name,
+        exec_start=" ".join(systemd_quote(a, exec_line=True) for a in spec.program_arguments),
+        # WorkingDirectory= takes the raw rest of the line: only specifiers need escaping.
+        working_directory=str(spec.home).replace("%", "%%"),
+        environment=spec.environment, throttle_interval=spec.throttle_interval,
+        exit_timeout=spec.exit_timeout)
+
+
+def render(spec: ServiceSpec) -> tuple[Path, str]:
+    """(where the service file goes, its text) for the spec's platform."""
+    if spec.platform == "macos":
+        return spec.plist_path, render_plist(spec)
+    return spec.unit_path, render_unit(spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Doing things (or, with --dry-run, saying what would be done)
+
+
+class Shell:
+    """Runs commands and writes files, echoing each; in dry-run mode only prints them."""
+
+    def __init__(self, dry_run: bool, out: TextIO | None = None, err: TextIO | None = None) -> None:
+        self.dry_run = dry_run
+        self.out = out or sys.stdout
+        self.err = err or sys.stderr
+
+    def say(self, msg: str) -> None:
+        print(msg, file=self.out, flush=True)
+
+    def warn(self, msg: str) -> None:
+        print(msg, file=self.err, flush=True)
+
+    def run(self, argv: Sequence[str], note: str = "", quiet_fail: bool = False,
+            timeout: float = 120) -> int:
+        line = shlex.join(argv) + (f"    # {note}" if note else "")
+        if self.dry_run:
+            self.say(line)
+            return 0
+        self.say(f"$ {line}")
+        try:
+            proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+        except FileNotFoundError:
+            self.warn(f"{argv[0]}: command not found")
+            return 127
+        except subprocess.TimeoutExpired:
+            self.warn(f"{argv[0]} did not answer within {timeout:.0f} s")
+            return 124
+        if proc.stdout.strip():
+            self.say(proc.stdout.rstrip())
+        if proc.stderr.strip() and not (quiet_fail and proc.returncode):
+            self.warn(proc.stderr.rstrip())
+        return proc.returncode
+
+    def mkdir(self, path: Path) -> None:
+        if self.dry_run:
+            if not path.is_dir():
+                self.say(f"mkdir -p {shlex.quote(str(path))}")
+            return
+        path.mkdir(parents=True, exist_ok=True)
+
+    def write(self, path: Path, text: str) -> None:
+        if self.dry_run:
+            self.say(f"# would write {path}:")
+            self.say(text.rstrip("\n"))
+            self.say(f"# end of {path.name}")
+            return
+        # Write-then-rename: the service manager never reads half a file.
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            os.chmod(tmp, 0o644)  # launchd refuses agents writable by group/others
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        self.say(f"wrote {path}")
+
+    def remove(self, path: Path) -> None:
+        if self.dry_run:
+            self.say(f"rm -f {shlex.quote(str(path))}")
+            return
+        if path.exists():
+            path.unlink()
+            self.say(f"removed {path}")
+
+
+def _query(argv: Sequence[str], timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run a read-only command quietly (state checks; also fine during --dry-run)."""
+    try:
+        return subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    except (FileNotFoundError, subprocess.TimeoutExpired) as exc:
+        return subprocess.CompletedProcess(list(argv), 127, "", str(exc))
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, step: float = 0.5) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(step)
+    return predicate()
+
+
+def mondrian_status(spec: ServiceSpec, sh: Shell) -> None:
+    """Mondrian's own view (queue, photo in progress, failures) for the service's home."""
+    env = {**os.environ, **spec.environment}
+    try:
+        proc = subprocess.run([str(spec.python), "-m", "daemon", "status"], capture_output=True,
+                              text=True, timeout=60, env=env, cwd=str(spec.home))
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        sh.say(f"(mondrian status unavailable: {exc})")
+        return
+    if proc.returncode == 0:
+        sh.say(proc.stdout.rstrip())
+    else:
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        sh.say(f"(mondrian status unavailable: {last})")
+
+
+# --- macOS: launchd -----------------------------------------------------------------------------
+
+
+class Launchd:
+    def __init__(self, spec: ServiceSpec, sh: Shell) -> None:
+        self.spec, self.sh = spec, sh
+        self.domain = f"gui/{os.getuid()}"
+        self.target = f"{self.domain}/{spec.label}"
+
+    def usable(self) -> str | None:
+        """None when launchctl can be used, else why not."""
+        if not shutil.which("launchctl"):
+            return "launchctl is not available (launchd agents exist only on macOS; try --platform linux)"
+        if os.getuid() == 0:
+            return "a launchd agent belongs to your login session: run this without sudo"
+        return None
+
+    def info(self) -> dict[str, str] | None:
+        """Parsed `launchctl print` of the agent, or None when it is not loaded."""
+        proc = _query(["launchctl", "print", self.target])
+        if proc.returncode != 0:
+            return None
+        info: dict[str, str] = {}
+        for key in ("state", "pid", "last exit code"):
+            m = re.search(rf"^\s*{key} = (.+)$", proc.stdout, re.MULTILINE)
+            if m:
+                info[key] = m.group(1).strip()
+        return info
+
+    def running(self) -> bool:
+        info = self.info()
+        return bool(info and info.get("state") == "running")
+
+    def _bootout(self) -> None:
+        if self.sh.dry_run:
+            self.sh.run(["launchctl", "bootout", self.target], note="only if an agent is loaded")
+            return
+        if self.info() is None:
+            return
+        self.sh.run(["launchctl", "bootout", self.target], timeout=self.spec.exit_timeout + 30)
+        # bootout returns before launchd forgets the job; bootstrapping too early fails with EIO.
+        if not _wait(lambda: self.info() is None, self.spec.exit_timeout + 10):
+            raise ServiceError(f"{self.spec.label} is still loaded after bootout; try again in a minute")
+
+    def _bootstrap(self) -> int:
+        # A previously `launchctl disable`d label refuses to bootstrap: clear that first.
+        self.sh.run(["launchctl", "enable", self.target])
+        rc = 0
+        for attempt in range(3):
+            rc = self.sh.run(["launchctl", "bootstrap", self.domain, str(self.spec.plist_path)])
+            if rc == 0 or self.sh.dry_run:
+                return 0
+            time.sleep(2 * (attempt + 1))  # launchd may still be tearing the old job down
+        self.sh.warn(f"launchctl bootstrap failed ({rc}); see `launchctl print {self.target}` and "
+                     f"{self.spec.stderr_path}")
+        return rc or 1
+
+    def install(self, text: str) -> int:
+        sh, spec = self.sh, self.spec
+        sh.mkdir(spec.plist_path.parent)
+        sh.mkdir(spec.log_dir)
+        sh.write(spec.plist_path, text)  # written first: if this fails the old agent keeps running
+        self._bootout()  # installing again, or upgrading, replaces the loaded agent
+        rc = self._bootstrap()
+        if rc == 0 and not sh.dry_run:
+            sh.say(f"Mondrian is installed as {spec.label}; it starts now and at every login.")
+            sh.say(f"Logs: {spec.stdout_path} and {spec.stderr_path}")
+        return rc
+
+    def uninstall(self) -> int:
+        self._bootout()
+        self.sh.remove(self.spec.plist_path)
+        if not self.sh.dry_run:
+            self.sh.say(f"Mondrian's agent is removed; logs stay in {self.spec.log_dir}")
+        return 0
+
+    def start(self) -> int:
+        if not self.sh.dry_run and not self.spec.plist_path.exists():
+            self.sh.warn(f"{self.spec.label} is not installed; run `mondrian service install` first")
+            return 1
+        if self.sh.dry_run or self.info() is None:
+            if self.sh.dry_run:
+                self.sh.say("# if the agent is not loaded:")
+            rc = self._bootstrap()  # RunAtLoad starts it
+            if self.sh.dry_run:
+                self.sh.say("# if it is loaded:")
+            else:
+                return rc
+        return self.sh.run(["launchctl", "kickstart", self.target])
+
+    def stop(self) -> int:
+        if not self.sh.dry_run and not self.running():
+            self.sh.say(f"{self.spec.label} is not running")
+            return 0
+        # SIGTERM -> the daemon requeues its photo and exits 0 -> KeepAlive leaves it stopped
+        # (until the next login or `mondrian service start`). Same as `launchctl stop <label>`.
+        rc = self.sh.run(["launchctl", "kill", "SIGTERM", self.target])
+        if rc == 0 and not self.sh.dry_run:
+            if not _wait(lambda: not self.running(), self.spec.exit_timeout + 5):
+                self.sh.warn(f"{self.spec.label} is still running after {self.spec.exit_timeout} s")
+                return 1
+            self.sh.say(f"{self.spec.label} stopped")
+        return rc
+
+    def restart(self) -> int:
+        if not self.sh.dry_run and self.info() is None:
+            return self.start()
+        return self.sh.run(["launchctl", "kickstart", "-k", self.target], timeout=self.spec.exit_timeout + 30)
+
+    def status(self) -> int:
+        if self.sh.dry_run:
+            self.sh.run(["launchctl", "print", self.target])
+            return 0
+        info = self.info()
+        installed = self.spec.plist_path.exists()
+        if info is None:
+            self.sh.say(f"{self.spec.label}: {'installed but not loaded' if installed else 'not installed'}")
+        else:
+            state = info.get("state", "unknown")
+            pid = f" (pid {info['pid']})" if "pid" in info else ""
+            self.sh.say(f"{self.spec.label}: loaded, {state}{pid}; "
+                        f"last exit code {info.get('last exit code', 'unknown')}")
+        self.sh.say(f"agent: {self.spec.plist_path}")
+        self.sh.say(f"logs:  {self.spec.stdout_path}\n       {self.spec.stderr_path}")
+        mondrian_status(self.spec, self.sh)
+        return 0 if info and info.get("state") == "running" else NOT_RUNNING
+
+
+# --- Linux: systemd --user ------------------------------------------------------------------------
+
+
+class Systemd:
+    def __init__(self, spec: ServiceSpec, sh: Shell) -> None:
+        self.spec, self.sh = spec, sh
+        self.unit = spec.unit_name
+
+    def usable(self) -> str | None:
+        if not shutil.which("systemctl"):
+            return "systemctl is not available (no systemd on this machine)"
+        proc = _query(["systemctl", "--user", "show-environment"], timeout=15)
+        if proc.returncode != 0:
+            why = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+            return (f"systemctl --user cannot reach your user service manager ({why}). It needs a "
+                    "systemd user session: log in normally (desktop or SSH); on a server run "
+                    "`loginctl enable-linger $USER` once, then log in again")
+        return None
+
+    def _sc(self, *args: str, **kw: Any) -> int:
+        return self.sh.run(["systemctl", "--user", *args], **kw)
+
+    def install(self, text: str) -> int:
+        sh, spec = self.sh, self.spec
+        sh.mkdir(spec.unit_path.parent)
+        sh.write(spec.unit_path, text)
+        rc = self._sc("daemon-reload") or self._sc("enable", self.unit)
+        # restart, not `enable --now`: --now leaves an already running (older) daemon untouched.
+        rc = rc or self._sc("restart", self.unit, timeout=spec.exit_timeout + 30)
+        if rc == 0 and not sh.dry_run:
+            sh.say(f"Mondrian is installed as {self.unit}; it starts now and at every login.")
+            sh.say(f"Logs: journalctl --user -u {self.unit} -f")
+            sh.say("To keep it running while you are logged out (a server): loginctl enable-linger $USER")
+        return rc
+
+    def uninstall(self) -> int:
+        self._sc("disable", "--now", self.unit, quiet_fail=True, timeout=self.spec.exit_timeout + 30)
+        self.sh.remove(self.spec.unit_path)
+        self._sc("daemon-reload")
+        self._sc("reset-failed", self.unit, quiet_fail=True)
+        return 0
+
+    def _need_unit(self) -> bool:
+        if self.sh.dry_run or self.spec.unit_path.exists():
+            return True
+        self.sh.warn(f"{self.unit} is not installed; run `mondrian service install` first")
+        return False
+
+    def start(self) -> int:
+        return self._sc("start", self.unit) if self._need_unit() else 1
+
+    def stop(self) -> int:
+        return self._sc("stop", self.unit, timeout=self.spec.exit_timeout + 30)
+
+    def restart(self) -> int:
+        return self._sc("restart", self.unit, timeout=self.spec.exit_timeout + 30) if self._need_unit() else 1
+
+    def status(self) -> int:
+        self._sc("status", self.unit, "--no-pager", "--lines=10", quiet_fail=True)
+        if self.sh.dry_run:
+            return 0
+        mondrian_status(self.spec, self.sh)
+        active = _query(["systemctl", "--user", "is-active", "--quiet", self.unit]).returncode == 0
+        return 0 if active else NOT_RUNNING
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry points
+
+
+def service_action(action: str, *, platform: str | None = None, label: str = DEFAULT_LABEL,
+                   dry_run: bool = False, home: str | Path | None = None, model: str | None = None,
+                   process_type: str = "Interactive", user_home: str | Path | None = None,
+                   out: TextIO | None = None, err: TextIO | None = None) -> int:
+    """Do `action` for the service; returns a process exit code. Used by the CLI and by tests."""
+    sh = Shell(dry_run, out, err)
+    if action not in ACTIONS:
+        sh.warn(f"unknown action {action!r}; use one of {', '.join(ACTIONS)}")
+        return 2
+    try:
+        spec = build_spec(platform=platform, label=label, home=home, model=model,
+                          user_home=user_home, process_type=process_type)
+        manager = Launchd(spec, sh) if spec.platform == "macos" else Systemd(spec, sh)
+        if dry_run:
+            where = "launchd agent" if spec.platform == "macos" else "systemd user unit"
+            sh.say(f"# mondrian service {action} ({where} {spec.label}), dry run: nothing is written or run")
+        else:
+            why = manager.usable()
+            if why:
+                sh.warn(f"mondrian service {action}: {why}. Nothing was changed. "
+                        f"`mondrian service {action} --dry-run` shows the file and commands.")
+                return EX_UNAVAILABLE
+        if action == "install":
+            _path, text = render(spec)
+            return manager.install(text)
+        return getattr(manager, action)()
+    except ConfigError as exc:
+        sh.warn(f"mondrian service {action}: configuration problem: {exc}")
+        return EX_CONFIG
+    except ServiceError as exc:
+        sh.warn(f"mondrian service {action}: {exc}")
+        return 1
+
+
+def handle(args: argparse.Namespace) -> int:
+    """argparse handler for `mondrian service ...`."""
+    return service_action(args.service_action, platform=args.service_platform, label=args.service_label,
+                          dry_run=args.service_dry_run, home=args.service_home,
+                          model=args.service_model, process_type=args.service_process_type)
+
+
+def add_service_parser(subparsers: Any) -> None:
+    """Register `service {install,uninstall,start,stop,restart,status}` on a CLI's subparsers.
+
+    Destinations are prefixed `service_` so they cannot clobber the main parser's options
+    (argparse copies every subparser default over the parent namespace)."""
+    p = subparsers.add_parser(
+        "service", help="run Mondrian at login (launchd agent on macOS, systemd user unit on Linux)",
+        description="Install, control and inspect Mondrian as a login service: a launchd agent on macOS, "
+                    "a systemd user unit on Linux.")
+    p.add_argument("service_action", metavar="action", choices=ACTIONS, help=" | ".join(ACTIONS))
+    p.add_argument("--dry-run", dest="service_dry_run", action="store_true",
+                   help="print the service file and the commands instead of writing or running anything")
+    p.add_argument("--label", dest="service_label", default=DEFAULT_LABEL,
+                   help=f"reverse-DNS service label (default {DEFAULT_LABEL})")
+    p.add_argument("--platform", dest="service_platform", choices=PLATFORMS, default=None,
+                   help="render for this platform instead of the one detected (for --dry-run)")
+    p.add_argument("--home", dest="service_home", default=None,
+                   help="Mondrian home the service uses (default: MONDRIAN_HOME, else this checkout)")
+    p.add_argument("--model", dest="service_model", default=None,
+                   help="model the service loads (default: MONDRIAN_MODEL, else mondrian.toml); "
+                        "pinned in the service file, so reinstall to change it")
+    p.add_argument("--process-type", dest="service_process_type", choices=PROCESS_TYPES,
+                   default="Interactive", help="launchd ProcessType (default Interactive)")
+    p.set_defaults(func=handle)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`python -m daemon.service ...`: the same commands without the main CLI."""
+    parser = argparse.ArgumentParser(prog="mondrian")
+    add_service_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

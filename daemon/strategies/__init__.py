@@ -1,0 +1,76 @@
+"""Analysis strategies behind one interface, and the fallback chain lora -> rag -> baseline.
+
+The worker asks `resolve()` for the strategy that can serve a request; each unavailable step adds a
+fallback with the reason, which the report shows. New strategies plug in here without touching the worker.
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..advisors import Advisor
+from ..config import Config
+from ..images import LoadedImage
+
+
+@dataclass
+class AnalysisContext:
+    runtime: Any  # daemon.model.runtime.ModelRuntime; typed loosely so importing strategies never imports MLX
+    cfg: Config
+    advisor: Advisor
+    photo: LoadedImage
+    cancel: threading.Event | None = None
+
+
+@dataclass
+class AnalysisResult:
+    critique: dict[str, Any]  # {"dimensions": {...}, "summary": str, "overall_grade": int}
+    adapter: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)  # report sections: profile, references, portfolio
+    files: dict[str, Path] = field(default_factory=dict)  # extra files for the report folder: name -> source
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Availability:
+    ok: bool
+    reason: str = ""
+
+
+class Strategy(ABC):
+    name: str
+    fallback: str | None = None
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    @abstractmethod
+    def is_available(self, advisor: Advisor) -> Availability: ...
+
+    @abstractmethod
+    def analyse(self, ctx: AnalysisContext) -> AnalysisResult: ...
+
+
+def build_strategies(cfg: Config) -> dict[str, Strategy]:
+    from .baseline import BaselineStrategy
+    from .lora import LoraStrategy
+    from .rag import RagStrategy
+
+    return {s.name: s for s in (BaselineStrategy(cfg), RagStrategy(cfg), LoraStrategy(cfg))}
+
+
+def resolve(requested: str, advisor: Advisor,
+            strategies: dict[str, Strategy]) -> tuple[Strategy, list[dict[str, str]]]:
+    """Walk the fallback chain from the requested mode; return the first available strategy."""
+    fallbacks: list[dict[str, str]] = []
+    current = strategies[requested]
+    while True:
+        avail = current.is_available(advisor)
+        if avail.ok or current.fallback is None:
+            return current, fallbacks
+        fallbacks.append({"from": current.name, "to": current.fallback, "reason": avail.reason})
+        current = strategies[current.fallback]

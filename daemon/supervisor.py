@@ -1,0 +1,193 @@
+"""The daemon: the watcher and periodic rescans on the main thread, the worker (and MLX) on one thread.
+
+Never daemonizes (launchd and systemd supervise it). SIGTERM/SIGINT finish or requeue the photo in hand
+and exit 0; a fatal start-up problem (model missing, another daemon on the same home) exits 78
+(EX_CONFIG) with a line saying what to fix, so KeepAlive/Restart=on-failure only restart real crashes.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from .advisors import load_advisors
+from .config import Config
+from .inbox import classify
+from .ledger import Ledger
+from .worker import Worker
+
+log = logging.getLogger("mondrian.daemon")
+
+EX_CONFIG = 78
+STOP_GRACE_SECONDS = 20.0
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+def _lock_home(cfg: Config) -> int:
+    cfg.var_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(cfg.var_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        other = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise StartupError(f"another Mondrian daemon (pid {other or '?'}) is already serving {cfg.home}; stop it "
+                           f"first (`mondrian service stop`) or set MONDRIAN_HOME to another folder")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def default_runtime_factory(cfg: Config) -> Callable[[], Any]:
+    def load() -> Any:
+        from .model.runtime import ModelRuntime
+
+        return ModelRuntime.load(cfg.model, var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
+
+    return load
+
+
+class Daemon:
+    def __init__(self, cfg: Config, *, once: bool = False, runtime_factory: Callable[[], Any] | None = None):
+        self.cfg = cfg
+        self.once = once
+        self.stop = threading.Event()
+        self.wake = threading.Event()
+        self.ready = threading.Event()
+        self.fatal: str | None = None
+        self.ledger = Ledger(cfg.db_path)
+        self.worker = Worker(cfg, self.ledger, runtime_factory or default_runtime_factory(cfg), self.stop)
+        self._advisors = set(load_advisors(cfg))
+        from .watcher import InboxWatcher
+
+        self.watcher = InboxWatcher(cfg.inbox, self._enqueue, cfg.quiet_seconds, is_known=self.ledger.is_active)
+        self._thread = threading.Thread(target=self._work, name="mlx-worker", daemon=True)
+
+    # -- watcher -> ledger --------------------------------------------------------------------
+    def _enqueue(self, path: Path) -> None:
+        intake = classify(path, self.cfg.inbox, self._advisors, self.cfg.default_advisor)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            return
+        job = self.ledger.enqueue(path, intake.rel_path, intake.advisor, intake.advisor_source,
+                                  st.st_size, st.st_mtime)
+        if job is not None:
+            log.info("queued %s for %s (job %d)", intake.rel_path, intake.advisor, job.id)
+            self.wake.set()
+
+    # -- the MLX thread -----------------------------------------------------------------------
+    def _work(self) -> None:
+        try:
+            recovered = self.worker.recover()
+            if recovered:
+                log.info("recovered %d photo(s) interrupted by the last stop", recovered)
+            t0 = time.perf_counter()
+            rt = self.worker.load_runtime()
+            log.info("model ready: %s (%.1f s)%s", rt.model_id, time.perf_counter() - t0,
+                     " — smoke model: scores are NOT meaningful" if rt.is_smoke else "")
+            self.ledger.set_event("model", {"id": rt.model_id, "smoke": bool(rt.is_smoke)})
+        except Exception as exc:
+            self.fatal = f"{exc}"
+            self.stop.set()
+            return
+        finally:
+            self.ready.set()
+        while not self.stop.is_set():
+            if not self.worker.run_once():
+                due = self.ledger.next_due_in()
+                self.wake.wait(timeout=min(0.5, due) if due is not None else 0.5)
+                self.wake.clear()
+
+    # -- main thread --------------------------------------------------------------------------
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        log.info("received %s: finishing up", signal.Signals(signum).name)
+        self.stop.set()
+        self.wake.set()
+
+    def _idle(self) -> bool:
+        counts = self.ledger.counts().by_state
+        return self.watcher.pending() == 0 and counts["queued"] == 0 and counts["running"] == 0 \
+            and not self.worker.busy.is_set()
+
+    def run(self) -> int:
+        self.cfg.ensure_dirs()
+        try:
+            lock_fd = _lock_home(self.cfg)
+        except StartupError as exc:
+            log.error("cannot start: %s", exc)
+            return EX_CONFIG
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        self.ledger.set_event("daemon", {"pid": os.getpid(), "started_at": time.time(), "once": self.once})
+        log.info("watching %s; reports go to %s", self.cfg.inbox, self.cfg.outbox)
+        self.watcher.start()
+        self.watcher.rescan()
+        self.ledger.set_event("last_rescan", self.watcher.last_rescan_at)
+        self._thread.start()
+        from .logrotate import StdStreamRotator
+
+        rotator = StdStreamRotator.from_env()
+        next_rescan = time.monotonic() + self.cfg.rescan_seconds
+        next_beat = 0.0
+        try:
+            while not self.stop.is_set():
+                self.watcher.poll()
+                now = time.monotonic()
+                if now >= next_rescan:
+                    self.watcher.ensure_alive()
+                    self.watcher.rescan()
+                    next_rescan = now + self.cfg.rescan_seconds
+                if now >= next_beat:
+                    self._beat()
+                    if rotator is not None:
+                        rotator.maybe_rotate()
+                    next_beat = now + 5.0
+                if self.once and self.ready.is_set() and self._idle():
+                    log.info("inbox is empty and every photo is finished")
+                    break
+                self.stop.wait(0.2)
+        finally:
+            self.stop.set()
+            self.wake.set()
+            self.watcher.stop()
+            self._finish_worker()
+            self.ledger.set_event("daemon", {"pid": None, "stopped_at": time.time()})
+            os.close(lock_fd)
+        if self.fatal:
+            log.error("cannot start: %s", self.fatal)
+            return EX_CONFIG
+        return 0
+
+    def _beat(self) -> None:
+        self.ledger.set_event("heartbeat", {"pid": os.getpid(), "pending": self.watcher.pending(),
+                                            "observer_alive": self.watcher.observer_alive(),
+                                            "observer_restarts": self.watcher.restarts})
+        if self.watcher.last_event_at:
+            self.ledger.set_event("last_event", self.watcher.last_event_at)
+        if self.watcher.last_rescan_at:
+            self.ledger.set_event("last_rescan", self.watcher.last_rescan_at)
+
+    def _finish_worker(self) -> None:
+        self._thread.join(timeout=STOP_GRACE_SECONDS)
+        if self._thread.is_alive():
+            job = self.worker.current
+            if job is not None:
+                self.ledger.requeue(job.id, "Mondrian was stopped while analysing it; queued again",
+                                    undo_attempt=True)
+                log.info("stopping: %s goes back to the queue", job.rel_path)
+            logging.shutdown()
+            os._exit(0)  # MLX is mid-computation on the worker thread; the job is safely queued again
+
+
+def run_daemon(cfg: Config, *, once: bool = False) -> int:
+    return Daemon(cfg, once=once).run()

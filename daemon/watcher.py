@@ -1,0 +1,162 @@
+"""Notice photos in the inbox once they are completely written.
+
+Filesystem events are only hints (FSEvents coalesces them, copies fire many, moves may arrive as creates,
+some never arrive): every hinted path becomes a *candidate*, and a candidate is handed on only after its
+size and mtime have stayed the same for the quiet time. A full rescan at start-up and every
+`rescan_seconds` catches anything the events missed, and keeps working if the observer thread dies.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.observers import Observer
+
+from .inbox import is_ignored
+
+log = logging.getLogger("mondrian.watcher")
+
+
+@dataclass
+class _Candidate:
+    size: int
+    mtime: float
+    since: float  # when size/mtime last changed
+
+
+class _Hints(FileSystemEventHandler):
+    def __init__(self, watcher: "InboxWatcher"):
+        self.watcher = watcher
+
+    def on_any_event(self, event: FileSystemEvent) -> None:
+        # An exception here would silently kill watchdog's dispatch thread: never let one out.
+        try:
+            self.watcher.last_event_at = time.time()
+            for attr in ("src_path", "dest_path"):
+                raw = getattr(event, attr, None)
+                if not raw:
+                    continue
+                path = Path(os.fsdecode(raw))
+                if event.is_directory and event.event_type in ("created", "moved"):
+                    self.watcher.note_tree(path)  # a folder moved in whole brings files without their own events
+                elif not event.is_directory:
+                    self.watcher.note(path)
+        except Exception:  # pragma: no cover - defensive
+            log.exception("ignored an error while handling %r", event)
+
+
+class InboxWatcher:
+    def __init__(self, inbox: Path, on_stable: Callable[[Path], None], quiet_seconds: float,
+                 is_known: Callable[[Path], bool] = lambda p: False):
+        self.inbox = inbox
+        self.on_stable = on_stable
+        self.quiet = quiet_seconds
+        self.is_known = is_known  # already queued/running: no need to watch it settle
+        self._lock = threading.Lock()
+        self._pending: dict[Path, _Candidate] = {}
+        self._observer: Observer | None = None
+        self.last_event_at: float | None = None
+        self.last_rescan_at: float | None = None
+        self.restarts = 0
+
+    # -- observer -----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._observer = Observer()
+        self._observer.schedule(_Hints(self), str(self.inbox), recursive=True)
+        self._observer.daemon = True
+        self._observer.start()
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            self._observer.stop()
+            self._observer.join(timeout=5)
+            self._observer = None
+
+    def observer_alive(self) -> bool:
+        return self._observer is not None and self._observer.is_alive()
+
+    def ensure_alive(self) -> bool:
+        """Restart a dead observer. Returns True if it had to."""
+        if self.observer_alive():
+            return False
+        log.warning("the inbox observer stopped; restarting it (rescans kept the inbox covered meanwhile)")
+        try:
+            self.stop()
+        except Exception:  # pragma: no cover - a dead observer may fail to stop
+            pass
+        self.start()
+        self.restarts += 1
+        self.rescan()
+        return True
+
+    # -- candidates ---------------------------------------------------------------------------
+    def note(self, path: Path) -> None:
+        if is_ignored(path, self.inbox):
+            return
+        try:
+            st = os.lstat(path)
+        except OSError:
+            with self._lock:
+                self._pending.pop(path, None)  # deleted right after creation: nothing to do
+            return
+        if not (os.path.isfile(path) or os.path.islink(path)):
+            return
+        with self._lock:
+            cand = self._pending.get(path)
+            if cand is None or (cand.size, cand.mtime) != (st.st_size, st.st_mtime):
+                self._pending[path] = _Candidate(st.st_size, st.st_mtime, time.monotonic())
+
+    def note_tree(self, root: Path) -> None:
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            dirnames[:] = [d for d in dirnames if not is_ignored(Path(dirpath) / d, self.inbox)]
+            for name in filenames:
+                self.note(Path(dirpath) / name)
+
+    def rescan(self) -> None:
+        self.note_tree(self.inbox)
+        self.last_rescan_at = time.time()
+
+    def pending(self) -> int:
+        with self._lock:
+            return len(self._pending)
+
+    def poll(self) -> int:
+        """Hand on every candidate that has been still for the quiet time. Returns how many."""
+        now = time.monotonic()
+        ready: list[Path] = []
+        with self._lock:
+            items = list(self._pending.items())
+        for path, cand in items:
+            try:
+                st = os.lstat(path)
+            except OSError:
+                with self._lock:
+                    self._pending.pop(path, None)
+                continue
+            if (st.st_size, st.st_mtime) != (cand.size, cand.mtime):
+                with self._lock:
+                    self._pending[path] = _Candidate(st.st_size, st.st_mtime, now)
+                continue
+            if st.st_size == 0 and not os.path.islink(path):
+                # A zero-byte file is usually a copy that has not started; keep waiting a while longer.
+                if now - cand.since < max(self.quiet * 5, 10.0):
+                    continue
+            if now - cand.since >= self.quiet:
+                ready.append(path)
+        for path in ready:
+            with self._lock:
+                self._pending.pop(path, None)
+            if self.is_known(path):
+                continue
+            try:
+                self.on_stable(path)
+            except Exception:
+                log.exception("could not queue %s", path)
+        return len(ready)

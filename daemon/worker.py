@@ -1,0 +1,363 @@
+"""The worker: claims one job at a time from the ledger, analyses it, publishes the result.
+
+It runs on the single thread that owns the model runtime (MLX is not thread-safe). Publishing is ordered
+so that a SIGKILL at any point is recoverable: reports are written into a staging folder, the final
+folder name is recorded in the ledger, the staging folder is renamed into place, the original is moved in,
+and only then is the job marked done. A job whose folder already holds its own report is finished rather
+than analysed again, so nothing is ever processed twice.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import shutil
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from .advisors import Advisor, UnknownAdvisor, get_advisor, load_advisors
+from .config import Config
+from .images import ImageRejected, LoadedImage, load_photo
+from .inbox import SidecarError, read_sidecar, safe_stem, sidecar_for, unique_path
+from .ledger import DONE, FAILED, Job, Ledger
+from .report import IndexEntry, atomic_write_text, write_index, write_report_folder
+from .strategies import AnalysisContext, build_strategies, resolve
+
+log = logging.getLogger("mondrian.worker")
+
+SMOKE_NOTICE = ("These scores come from Mondrian's smoke model: a tiny, randomly initialised network used for "
+                "tests and the offline demo. They are not meaningful. Set MONDRIAN_MODEL to a real Qwen2-VL "
+                "model for real critiques.")
+
+
+class PermanentFailure(Exception):
+    """The photo itself is the problem: retrying cannot help."""
+
+
+class Cancelled(Exception):
+    """The daemon is stopping; the job goes back to the queue."""
+
+
+def _now_iso(ts: float | None = None) -> str:
+    return datetime.fromtimestamp(ts or time.time(), tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def _move(src: Path, dst: Path) -> None:
+    """Rename when possible (atomic); across filesystems copy to a temporary name, rename, then unlink."""
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        tmp = dst.with_name(f".{dst.name}.moving")
+        shutil.copy2(src, tmp, follow_symlinks=False)
+        os.replace(tmp, dst)
+        os.unlink(src)
+
+
+class Worker:
+    def __init__(self, cfg: Config, ledger: Ledger, runtime_factory: Callable[[], Any],
+                 stop: threading.Event | None = None):
+        self.cfg = cfg
+        self.ledger = ledger
+        self._runtime_factory = runtime_factory
+        self.runtime: Any = None
+        self.stop = stop or threading.Event()
+        self.strategies = build_strategies(cfg)
+        self.current: Job | None = None
+        self.busy = threading.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def load_runtime(self) -> Any:
+        if self.runtime is None:
+            self.runtime = self._runtime_factory()
+        return self.runtime
+
+    def recover(self) -> int:
+        """Requeue jobs a dead worker left running; give up on a photo that keeps killing the daemon."""
+        n = 0
+        for job in self.ledger.orphaned_running():
+            if job.attempts >= self.cfg.max_attempts:
+                self._fail(job, f"Mondrian stopped {job.attempts} times while analysing this photo; it was set "
+                                f"aside so the rest of the inbox can go on", kind="permanent")
+            else:
+                self.ledger.requeue(job.id, "interrupted (Mondrian stopped while analysing it); queued again")
+            n += 1
+        return n
+
+    def run_once(self) -> bool:
+        """Claim and process one job. Returns False when nothing was due."""
+        job = self.ledger.claim()
+        if job is None:
+            return False
+        self.current = job
+        self.busy.set()
+        try:
+            self.process(job)
+        except Cancelled:
+            log.info("stopping: photo %s goes back to the queue", job.rel_path)
+            self._clean_staging(job)
+            self.ledger.requeue(job.id, "Mondrian was stopped while analysing it; queued again",
+                                undo_attempt=True)
+        except Exception as exc:  # one photo must never take the worker down
+            log.exception("unexpected error on %s", job.rel_path)
+            self._transient(job, f"unexpected error: {type(exc).__name__}: {exc}")
+        finally:
+            self.current = None
+            self.busy.clear()
+        return True
+
+    # -- one job ------------------------------------------------------------------------------
+    def process(self, job: Job, *, keep_original: bool = False, mode_override: str | None = None) -> None:
+        if job.output_dir and self._resume(job, keep_original):
+            return
+        src = Path(job.source_path)
+        if not os.path.lexists(src):
+            self.ledger.mark_gone(job.id, "the file was removed from the inbox before it was analysed")
+            log.info("gone before analysis: %s", job.rel_path)
+            return
+        if not keep_original and not self._settled(job, src):
+            return
+        try:
+            if not keep_original:
+                self._check_symlink(src)
+            requested, source = self._requested_mode(src, mode_override)
+            self.ledger.set_mode(job.id, requested, source)
+            advisor = self._advisor(job.advisor)
+            t0 = time.perf_counter()
+            photo = load_photo(src, self.cfg.max_pixels)
+            decode_s = time.perf_counter() - t0
+        except (PermanentFailure, SidecarError, ImageRejected) as exc:
+            self._fail(job, str(exc), keep_original=keep_original)
+            return
+        self.ledger.set_hash(job.id, photo.sha256)
+        first = self.ledger.find_done(photo.sha256, advisor.id, requested, exclude=job.id)
+        if first is not None and not keep_original:
+            self._duplicate(job, first, src)
+            return
+        if self.stop.is_set():
+            raise Cancelled()
+        runtime = self.load_runtime()
+        strategy, fallbacks = resolve(requested, advisor, self.strategies)
+        log.info("analysing %s as %s (%s%s)", job.rel_path, advisor.name, strategy.name,
+                 f", asked for {requested}" if strategy.name != requested else "")
+        t1 = time.perf_counter()
+        result = strategy.analyse(AnalysisContext(runtime=runtime, cfg=self.cfg, advisor=advisor, photo=photo,
+                                                  cancel=self.stop))
+        analysis_s = time.perf_counter() - t1
+        report = self._assemble(job, src, photo, advisor, requested, source, strategy.name, fallbacks, result,
+                                {"decode_s": decode_s, "analysis_s": analysis_s, **result.timings})
+        self._publish(job, src, photo, report, result.files, keep_original)
+
+    def _settled(self, job: Job, src: Path) -> bool:
+        """A file touched within the quiet time is still being written: look again later."""
+        try:
+            st = src.stat()
+        except OSError:
+            return True  # dangling symlink or vanished: the checks that follow say so properly
+        age = time.time() - st.st_mtime
+        if age < self.cfg.quiet_seconds or (job.size is not None and st.st_size != job.size and age < 1):
+            self.ledger.requeue(job.id, None, delay_s=self.cfg.quiet_seconds, undo_attempt=True)
+            return False
+        return True
+
+    def _check_symlink(self, src: Path) -> None:
+        if not src.is_symlink():
+            return
+        target = Path(os.path.realpath(src))
+        if not target.is_relative_to(self.cfg.inbox.resolve()):
+            raise PermanentFailure("this is a link to a file outside the inbox; Mondrian does not follow such "
+                                   "links. Copy the photo itself into the inbox")
+        if not target.exists():
+            raise PermanentFailure("this is a link whose target no longer exists; copy the photo itself into "
+                                   "the inbox")
+
+    def _requested_mode(self, src: Path, override: str | None) -> tuple[str, str]:
+        if override:
+            return override, "command"
+        sidecar = sidecar_for(src)
+        if sidecar is not None:
+            return read_sidecar(sidecar), "sidecar"
+        return self.cfg.default_mode, "default"
+
+    def _advisor(self, advisor_id: str) -> Advisor:
+        try:
+            return get_advisor(self.cfg, advisor_id)
+        except UnknownAdvisor as exc:
+            raise PermanentFailure(str(exc).strip("'\"")) from exc
+
+    # -- reports ------------------------------------------------------------------------------
+    def _assemble(self, job: Job, src: Path, photo: LoadedImage, advisor: Advisor, requested: str,
+                  source: str, effective: str, fallbacks: list[dict[str, str]], result: Any,
+                  timings: dict[str, float]) -> dict[str, Any]:
+        rt = self.runtime
+        model = {"id": rt.model_id, "adapter": result.adapter, "smoke": bool(rt.is_smoke)}
+        if rt.is_smoke:
+            model["notice"] = SMOKE_NOTICE
+        critique = result.critique
+        report: dict[str, Any] = {
+            "schema_version": 1,
+            "job_id": job.id,
+            "photo": {"file": src.name, "sha256": photo.sha256, "width": photo.width, "height": photo.height,
+                      "analysed_width": photo.image.width, "analysed_height": photo.image.height,
+                      "format": photo.format},
+            "advisor": {"id": advisor.id, "name": advisor.name},
+            "mode": {"requested": requested, "effective": effective, "source": source, "fallbacks": fallbacks},
+            "model": model,
+            "dimensions": critique["dimensions"],
+            "overall_grade": critique["overall_grade"],
+            "summary": critique["summary"],
+            "timings": {k: round(float(v), 4) for k, v in timings.items()},
+            "created_at": _now_iso(),
+        }
+        report.update(result.extras)
+        return report
+
+    def _publish(self, job: Job, src: Path, photo: LoadedImage, report: dict[str, Any],
+                 files: dict[str, Path], keep_original: bool) -> None:
+        staging = self.cfg.staging_dir / f"job-{job.id}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            staging.mkdir(parents=True)
+            for name, source in files.items():
+                shutil.copyfile(source, staging / name)
+            write_report_folder(staging, report, photo.image)
+            final = unique_path(self.cfg.outbox, safe_stem(src.name), taken=self.ledger.reserved_outputs())
+            self.ledger.reserve_output(job.id, final)
+            os.rename(staging, final)
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            self._transient(job, f"could not write the report to {self.cfg.outbox.name}/ ({exc.strerror or exc})")
+            return
+        job = self.ledger.get(job.id)
+        self._complete(job, final, report, keep_original)
+
+    def _complete(self, job: Job, final: Path, report: dict[str, Any], keep_original: bool) -> None:
+        src = Path(job.source_path)
+        if keep_original:
+            if src.exists() and not (final / src.name).exists():
+                shutil.copy2(src, final / src.name)
+        else:
+            self._move_with_sidecar(src, final)
+        self.ledger.finish(job.id, effective_mode=report["mode"]["effective"], fallbacks=report["mode"]["fallbacks"],
+                           report_json=final / "report.json", report_html=final / "report.html",
+                           grade=report["overall_grade"], adapter=report["model"]["adapter"],
+                           analysis_s=report["timings"].get("analysis_s", 0.0), output_dir=final)
+        log.info("done: %s -> %s (grade %s)", job.rel_path, self._shown(final / "report.html"),
+                 report["overall_grade"])
+        self.refresh_index()
+
+    def _move_with_sidecar(self, src: Path, dest_dir: Path) -> None:
+        sidecar = sidecar_for(src) if os.path.lexists(src) else None
+        if os.path.lexists(src):
+            _move(src, unique_path(dest_dir, Path(src.name).stem, Path(src.name).suffix))
+        if sidecar is not None and os.path.lexists(sidecar):
+            _move(sidecar, unique_path(dest_dir, sidecar.stem, sidecar.suffix))
+
+    def _resume(self, job: Job, keep_original: bool) -> bool:
+        """Finish a job whose outcome was published before a crash instead of analysing it again."""
+        out = Path(job.output_dir)
+        report_file = out / "report.json"
+        error_file = Path(f"{out}.error.json")
+        try:
+            if report_file.exists():
+                report = json.loads(report_file.read_text(encoding="utf-8"))
+                if report.get("job_id") == job.id:
+                    self._complete(job, out, report, keep_original)
+                    return True
+            if error_file.exists():
+                record = json.loads(error_file.read_text(encoding="utf-8"))
+                if record.get("job_id") == job.id:
+                    if not keep_original:
+                        self._move_with_sidecar(Path(job.source_path), out.parent)
+                    self.ledger.fail(job.id, record["reason"], out, kind=record.get("kind", "permanent"))
+                    return True
+        except (OSError, ValueError):
+            pass
+        return False
+
+    def _duplicate(self, job: Job, first: Job, src: Path) -> None:
+        dup_dir = self.cfg.outbox / "duplicates"
+        dup_dir.mkdir(parents=True, exist_ok=True)
+        dest = unique_path(dup_dir, safe_stem(src.name), Path(src.name).suffix, self.ledger.reserved_outputs())
+        self.ledger.reserve_output(job.id, dest)
+        record = {"job_id": job.id, "file": src.name, "duplicate_of_job": first.id,
+                  "report": os.path.relpath(first.report_html, dup_dir) if first.report_html else None,
+                  "reason": "the same photo was already analysed for this advisor and mode"}
+        atomic_write_text(Path(f"{dest}.duplicate.json"), json.dumps(record, indent=2, ensure_ascii=False))
+        sidecar = sidecar_for(src)
+        _move(src, dest)
+        if sidecar is not None:
+            _move(sidecar, unique_path(dup_dir, sidecar.stem, sidecar.suffix))
+        self.ledger.finish_duplicate(job.id, first, dest)
+        log.info("duplicate: %s is the same photo as job %s; see %s", job.rel_path, first.id,
+                 self._shown(Path(first.report_html or "")))
+
+    # -- failures -----------------------------------------------------------------------------
+    def _transient(self, job: Job, reason: str) -> None:
+        job = self.ledger.get(job.id)
+        if job.attempts >= self.cfg.max_attempts:
+            self._fail(job, f"{reason}; gave up after {job.attempts} attempts. Fix the cause, then run "
+                            f"`mondrian retry --failed`", kind="transient")
+            return
+        delay = self.cfg.retry_base_seconds * (2 ** (job.attempts - 1))
+        log.warning("will retry %s in %.0f s: %s", job.rel_path, delay, reason)
+        self.ledger.retry_later(job.id, reason, delay)
+
+    def _fail(self, job: Job, reason: str, kind: str = "permanent", keep_original: bool = False) -> None:
+        src = Path(job.source_path)
+        failed = self.cfg.failed_dir
+        dest: Path | None = None
+        try:
+            failed.mkdir(parents=True, exist_ok=True)
+            dest = unique_path(failed, safe_stem(src.name), Path(src.name).suffix, self.ledger.reserved_outputs())
+            self.ledger.reserve_output(job.id, dest)
+            record = {"job_id": job.id, "file": src.name, "reason": reason, "kind": kind,
+                      "advisor": job.advisor, "failed_at": _now_iso(),
+                      "what_to_do": "Fix the photo (or the sidecar) and drop it into the inbox again."}
+            atomic_write_text(Path(f"{dest}.error.json"), json.dumps(record, indent=2, ensure_ascii=False))
+            if not keep_original:
+                if os.path.lexists(src):
+                    _move(src, dest)
+                sidecar = sidecar_for(src)
+                if sidecar is not None:
+                    _move(sidecar, unique_path(failed, sidecar.stem, sidecar.suffix))
+        except OSError as exc:
+            log.error("could not move %s to %s: %s", job.rel_path, failed, exc)
+        self.ledger.fail(job.id, reason, dest, kind=kind)
+        log.warning("failed: %s: %s", job.rel_path, reason)
+
+    def _clean_staging(self, job: Job) -> None:
+        shutil.rmtree(self.cfg.staging_dir / f"job-{job.id}", ignore_errors=True)
+
+    # -- outbox index -------------------------------------------------------------------------
+    def refresh_index(self) -> None:
+        names = {a.id: a.name for a in load_advisors(self.cfg).values()}
+        entries = []
+        for j in self.ledger.reports():
+            if not j.output_dir or not Path(j.output_dir).is_relative_to(self.cfg.outbox):
+                continue
+            entries.append(IndexEntry(folder=Path(j.output_dir).name, file=Path(j.rel_path).name,
+                                      advisor_id=j.advisor, advisor_name=names.get(j.advisor, j.advisor),
+                                      mode_requested=j.requested_mode or "", mode_effective=j.effective_mode or "",
+                                      grade=j.grade if j.grade is not None else 0,
+                                      created_at=_now_iso(j.finished_at), smoke=bool(self.runtime and
+                                                                                     self.runtime.is_smoke)))
+        try:
+            write_index(self.cfg.outbox, entries)
+        except OSError as exc:
+            log.warning("could not update %s: %s", self.cfg.outbox / "index.html", exc)
+
+    def _shown(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.cfg.home))
+        except ValueError:
+            return str(path)
+
+
+__all__ = ["Worker", "PermanentFailure", "Cancelled", "SMOKE_NOTICE", "DONE", "FAILED"]
