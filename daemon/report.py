@@ -36,8 +36,6 @@ MODE_LABELS = {
     "rag": "RAG — with portfolio references",
     "lora": "LoRA — advisor-tuned adapter",
 }
-
-
 SOURCE_LABELS = {"sidecar": "set in the photo's sidecar", "default": "the default", "command": "set on the command line"}
 
 
@@ -203,44 +201,54 @@ def _fmt_seconds(value: float) -> str:
 
 # --------------------------------------------------------------------------------------------- the chart
 
-# Geometry of the SVG score chart, in viewBox units; the SVG scales to its container width.
-_CHART = {"width": 720, "label_w": 190, "bar_x": 200, "bar_w": 440, "row_h": 38, "top": 34, "bar_h": 18}
+# Geometry of the SVG score chart in viewBox units. An SVG scales as a whole, so one layout cannot suit both a
+# laptop and a phone: "wide" puts labels left of the bars, "compact" (shown by CSS on narrow screens) above them.
+_LAYOUTS = {
+    "wide": {"width": 720, "bar_x": 200, "bar_w": 440, "top": 34, "row_h": 38, "bar_dy": 0, "bar_h": 18},
+    "compact": {"width": 340, "bar_x": 6, "bar_w": 296, "top": 30, "row_h": 50, "bar_dy": 20, "bar_h": 14},
+}
 
 
-def _chart(dims: dict[str, Any], portfolio: dict[str, Any] | None) -> dict[str, Any]:
-    c = _CHART
+def _chart(dims: dict[str, Any], portfolio: dict[str, Any] | None, layout: str) -> dict[str, Any]:
+    c = _LAYOUTS[layout]
+    wide = layout == "wide"
     unit = c["bar_w"] / SCORE_MAX
+    x_of = lambda v: round(c["bar_x"] + min(max(v, 0.0), float(SCORE_MAX)) * unit, 2)  # noqa: E731
     rows = []
     for i, name in enumerate(DIMENSIONS):
         score = int(dims[name]["score"])
-        y = c["top"] + i * c["row_h"]
+        top = c["top"] + i * c["row_h"]
+        bar_y = top + c["bar_dy"]
+        cy = bar_y + c["bar_h"] / 2
         row = {
             "name": name,
             "label": DIMENSION_LABELS.get(name, name),
             "score": score,
-            "y": y,
-            "cy": y + c["bar_h"] / 2,
+            "bar_y": bar_y,
+            "cy": cy,
             "bar_w": round(score * unit, 2),
+            # wide: label right-aligned in the left column, centred on the bar; compact: on the line above
+            "label_x": c["bar_x"] - 10 if wide else c["bar_x"],
+            "label_y": cy if wide else top + 12,
             "pf": None,
         }
-        stats = (portfolio or {}).get(name) if isinstance(portfolio, dict) else None
+        stats = portfolio.get(name) if isinstance(portfolio, dict) else None
         mean = _num(stats.get("mean")) if isinstance(stats, dict) else None
         if mean is not None:
-            std = _num(stats.get("std")) or 0.0
-            clamp = lambda v: min(max(v, 0.0), float(SCORE_MAX))  # noqa: E731
-            lo, hi, m = clamp(mean - abs(std)), clamp(mean + abs(std)), clamp(mean)
+            std = abs(_num(stats.get("std")) or 0.0)
             row["pf"] = {
                 "mean": mean,
-                "std": abs(std),
-                "x_mean": round(c["bar_x"] + m * unit, 2),
-                "x_lo": round(c["bar_x"] + lo * unit, 2),
-                "x_hi": round(c["bar_x"] + hi * unit, 2),
+                "std": std,
+                "x_mean": x_of(mean),
+                "x_lo": x_of(mean - std),
+                "x_hi": x_of(mean + std),
                 "delta": _signed(score - mean, 1),
             }
         rows.append(row)
-    ticks = [{"v": v, "x": round(c["bar_x"] + v * unit, 2)} for v in range(0, SCORE_MAX + 1, 2)]
-    height = c["top"] + len(DIMENSIONS) * c["row_h"] + 4
-    return {**c, "rows": rows, "ticks": ticks, "height": height, "bottom": height - 8}
+    ticks = [{"v": v, "x": x_of(v)} for v in range(0, SCORE_MAX + 1, 2)]
+    grid_bottom = rows[-1]["bar_y"] + c["bar_h"] + 6
+    return {**c, "layout": layout, "wide": wide, "rows": rows, "ticks": ticks, "height": grid_bottom + 4,
+            "grid_bottom": grid_bottom, "value_x": c["bar_x"] + c["bar_w"] + (18 if wide else 10)}
 
 
 # ----------------------------------------------------------------------------------------------- report
@@ -271,7 +279,7 @@ def _references(report: dict) -> list[dict[str, Any]]:
             })
         out.append({
             "href": _relative_href(ref.get("thumb")),
-            "name": _bare_name(ref.get("file") or ref.get("name") or ref.get("thumb") or "reference"),
+            "name": _bare_name(ref.get("file") or ref.get("name") or ""),
             "similarity": f"{sim * 100:.0f}%" if sim is not None else "–",
             "comment": str(ref.get("comment") or ""),
             "dims": dims,
@@ -289,7 +297,7 @@ def render_report_html(report: dict, *, photo_href: str = "preview.jpg") -> str:
     mode = report["mode"]
     photo = report["photo"]
     created_text, _ = _local_time(report.get("created_at", ""))
-    chart = _chart(dims, pf_dims)
+    chart = _chart(dims, pf_dims, "wide")
     ctx = {
         "title_file": _bare_name(photo.get("file")),
         "photo_href": photo_href,
@@ -318,6 +326,7 @@ def render_report_html(report: dict, *, photo_href: str = "preview.jpg") -> str:
                                           "real critique."),
         "model": {"id": model.get("id", ""), "adapter": model.get("adapter")},
         "chart": chart,
+        "chart_compact": _chart(dims, pf_dims, "compact"),
         "portfolio": {"count": pf_count if isinstance(pf_count, int) else None} if pf_dims else None,
         "dimensions": [
             {**row, "comment": dims[row["name"]].get("comment", "")} for row in chart["rows"]

@@ -224,9 +224,18 @@ def render_plist(spec: ServiceSpec) -> str:
 
 def systemd_quote(value: str, exec_line: bool = False) -> str:
     """One double-quoted word for a unit file: C escapes and `%` specifiers everywhere; `$` only
-    in ExecStart=, the one place systemd expands $VARIABLES."""
+    in ExecStart= arguments, the one place systemd expands $VARIABLES."""
     quoted = value.replace("\\", "\\\\").replace('"', '\\"').replace("%", "%%")
     return '"' + (quoted.replace("$", "$$") if exec_line else quoted) + '"'
+
+
+def _exec_start(argv: Sequence[str]) -> str:
+    # systemd takes the executable path literally ($ is not expanded there) and refuses one that
+    # contains quotes or backslashes ("Executable name contains special characters").
+    if any(c in argv[0] for c in "\"'\\"):
+        raise ServiceError(f"systemd cannot run {argv[0]!r}: its path contains a quote or backslash; "
+                           "recreate the virtualenv in a folder without them")
+    return " ".join([systemd_quote(argv[0])] + [systemd_quote(a, exec_line=True) for a in argv[1:]])
 
 
 def render_unit(spec: ServiceSpec) -> str:
@@ -237,7 +246,7 @@ def render_unit(spec: ServiceSpec) -> str:
     env.filters["systemd_quote"] = systemd_quote
     return env.get_template(UNIT_TEMPLATE).render(
         label=spec.label, unit_name=spec.unit_name,
-        exec_start=" ".join(systemd_quote(a, exec_line=True) for a in spec.program_arguments),
+        exec_start=_exec_start(spec.program_arguments),
         # WorkingDirectory= takes the raw rest of the line: only specifiers need escaping.
         working_directory=str(spec.home).replace("%", "%%"),
         environment=spec.environment, throttle_interval=spec.throttle_interval,
@@ -370,7 +379,8 @@ class Launchd:
         """None when launchctl can be used, else why not."""
         if not shutil.which("launchctl"):
             return "launchctl is not available (launchd agents exist only on macOS; try --platform linux)"
-        if os.getuid() == 0:
+        if sys.platform == "darwin" and os.getuid() == 0:
+            # sudo would target root's gui domain, which has no login session to run in.
             return "a launchd agent belongs to your login session: run this without sudo"
         return None
 
@@ -576,6 +586,8 @@ def service_action(action: str, *, platform: str | None = None, label: str = DEF
             if why:
                 sh.warn(f"mondrian service {action}: {why}. Nothing was changed. "
                         f"`mondrian service {action} --dry-run` shows the file and commands.")
+                if action == "status":
+                    mondrian_status(spec, sh)  # the daemon may still run by hand: show what it does
                 return EX_UNAVAILABLE
         if action == "install":
             _path, text = render(spec)
@@ -592,7 +604,8 @@ def service_action(action: str, *, platform: str | None = None, label: str = DEF
 def handle(args: argparse.Namespace) -> int:
     """argparse handler for `mondrian service ...`."""
     return service_action(args.service_action, platform=args.service_platform, label=args.service_label,
-                          dry_run=args.service_dry_run, home=args.service_home,
+                          dry_run=args.service_dry_run,
+                          home=args.service_home or getattr(args, "home", None),  # `mondrian --home X service ...`
                           model=args.service_model, process_type=args.service_process_type)
 
 

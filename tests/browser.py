@@ -129,25 +129,31 @@ def _render_playwright(exe: str, url: str, evaluate: str | None, timeout_s: floa
 def _render_dump_dom(exe: str, url: str, timeout_s: float) -> Rendered:
     with tempfile.TemporaryDirectory(prefix="mondrian-chromium-") as tmp:
         netlog = Path(tmp) / "netlog.json"
+        # A dead proxy keeps the browser's own chatter (update checks, network time) off the real network.
         cmd = [exe, "--headless", *CHROMIUM_ARGS, f"--user-data-dir={tmp}/profile", f"--log-net-log={netlog}",
-               "--virtual-time-budget=5000", "--dump-dom", url]
+               "--proxy-server=http://127.0.0.1:9", "--virtual-time-budget=5000", "--dump-dom", url]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
         if proc.returncode != 0 or not proc.stdout.strip():
             raise RuntimeError(f"chromium --dump-dom failed ({proc.returncode}): {proc.stderr[-2000:]}")
         # file:// loads never reach the network stack, so the NetLog holds exactly the network requests.
-        requests = [url, *_netlog_urls(netlog)]
+        requests = [url, *_netlog_page_urls(netlog)]
     return Rendered(url=url, dom=proc.stdout, requests=requests, engine="dump-dom")
 
 
-def _netlog_urls(path: Path) -> list[str]:
+def _netlog_page_urls(path: Path) -> list[str]:
+    """URLs of network requests a page started; the browser's own (initiator 'not an origin') are left out."""
     try:
         text = path.read_text(encoding="utf-8", errors="replace").rstrip().rstrip(",")
         data = json.loads(text if text.endswith("}") else text + "]}")  # an unfinished log lacks its closing
-    except (OSError, ValueError):
-        return []
-    urls = []
+        start_job = data["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise RuntimeError(f"unreadable Chromium NetLog {path}: {exc}") from exc
+    urls: list[str] = []
     for event in data.get("events", []):
-        u = (event.get("params") or {}).get("url")
+        params = event.get("params") or {}
+        if event.get("type") != start_job or params.get("initiator") == "not an origin":
+            continue
+        u = params.get("url")
         if isinstance(u, str) and u not in urls:
             urls.append(u)
     return urls

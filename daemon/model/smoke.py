@@ -111,10 +111,11 @@ def _text_config(shapes: str, vocab_size: int) -> dict[str, Any]:
         return dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
                     num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
                     max_window_layers=28, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
-    # head_dim 32 -> mrope sections must sum to 16.
-    return dict(hidden_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+    # head_dim 64 -> mrope sections must sum to 32. Hidden 256 (not 128) so the bigram head below
+    # can tell ~1000 tokens apart; still ~6 M parameters.
+    return dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
                 intermediate_size=512, vocab_size=vocab_size, max_window_layers=4,
-                rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]})
+                rope_scaling={"type": "mrope", "mrope_section": [8, 12, 12]})
 
 
 def _vision_config(shapes: str, hidden_size: int) -> dict[str, Any]:
@@ -179,7 +180,7 @@ def _model_config(shapes: str, tok) -> dict[str, Any]:
         max_position_embeddings=32768,
         sliding_window=32768,
         use_sliding_window=False,
-        tie_word_embeddings=True,
+        tie_word_embeddings=shapes == "real",  # the smoke model needs its own head (bigram weights)
         use_cache=True,
         torch_dtype="float32",
         bos_token_id=ids["<|endoftext|>"],
@@ -212,8 +213,40 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _write_weights(path: Path, config: dict[str, Any], seed: int) -> int:
+def _bigram_head(embed: "np.ndarray", tok) -> "np.ndarray":
+    """An lm_head that makes the model a (rank-limited) bigram model of CORPUS.
+
+    A randomly initialised model decodes greedily into degenerate text (every comment " ").
+    With the decoder layers damped, the final hidden state is ~RMSNorm(embedding of the current
+    token), so a head solving  RMSNorm(E) @ W.T ~= log P(next | current)  yields word-ish output
+    such as "the light, the eye from the eye from..." while staying a real Qwen2-VL checkpoint.
+    """
+    import numpy as np
+
+    vocab = embed.shape[0]
+    counts = np.zeros((vocab, vocab))
+    for line in CORPUS.splitlines():
+        ids = tok.encode(line).ids
+        np.add.at(counts, (ids[:-1], ids[1:]), 1.0)
+    unigram = counts.sum(0) + 1e-3
+    rows = counts.sum(1, keepdims=True)
+    probs = np.where(rows > 0, counts / np.maximum(rows, 1.0), unigram / unigram.sum())
+    target = np.log(probs + 1e-3)
+    target -= target.mean(1, keepdims=True)
+    # Greedy bigram chains loop forever ("the eye from the eye from ..."), filling every comment to
+    # maxLength; nudging string-closing tokens after longer words ends comments after a few words.
+    vocab_map = tok.get_vocab()
+    closers = [i for t, i in vocab_map.items() if t.startswith('"')]
+    words = [i for t, i in vocab_map.items() if t.startswith("\u0120") and t[1:].isalpha() and len(t) >= 6]
+    target[np.ix_(sorted(words), sorted(closers))] += 2.0
+    x = embed / np.sqrt((embed**2).mean(1, keepdims=True) + 1e-6)
+    w_t, *_ = np.linalg.lstsq(x, target, rcond=None)
+    return w_t.T
+
+
+def _write_weights(path: Path, config: dict[str, Any], seed: int, shapes: str, tok) -> int:
     import mlx.core as mx
+    import numpy as np
     from mlx.utils import tree_flatten
     from mlx_vlm.models import qwen2_vl
     from mlx_vlm.utils import update_module_configs
@@ -223,7 +256,14 @@ def _write_weights(path: Path, config: dict[str, Any], seed: int) -> int:
     model_config = update_module_configs(model_config, qwen2_vl, cfg, ["text", "vision"])
     mx.random.seed(seed)
     model = qwen2_vl.Model(model_config)
-    # Save through sanitize's inverse: mlx-vlm's own module names load back unchanged.
+    if shapes == "smoke":
+        lm = model.language_model
+        for layer in lm.model.layers:  # damp the residual branches; the image still nudges the logits
+            layer.self_attn.o_proj.weight = layer.self_attn.o_proj.weight * 0.05
+            layer.mlp.down_proj.weight = layer.mlp.down_proj.weight * 0.05
+        embed = np.array(lm.model.embed_tokens.weight, dtype=np.float64)
+        lm.lm_head.weight = mx.array(_bigram_head(embed, tok).astype(np.float32))
+    # mlx-vlm's own parameter names: load() sanitizes them to themselves.
     weights = dict(tree_flatten(model.parameters()))
     mx.eval(list(weights.values()))
     mx.save_safetensors(str(path), weights, metadata={"format": "mlx"})
@@ -254,7 +294,7 @@ def build_smoke_model(dest: Path, *, seed: int = 0, shapes: str = "smoke") -> Pa
         _write_json(tmp / "generation_config.json", {
             "bos_token_id": config["bos_token_id"], "pad_token_id": config["bos_token_id"],
             "eos_token_id": [config["eos_token_id"], config["bos_token_id"]], "do_sample": False})
-        n_params = _write_weights(tmp / "model.safetensors", config, seed)
+        n_params = _write_weights(tmp / "model.safetensors", config, seed, shapes, tok)
         _write_json(tmp / MARKER_NAME, {"recipe": RECIPE_VERSION, "seed": seed, "shapes": shapes,
                                         "params": n_params, "weights": "random"})
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700

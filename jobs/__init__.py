@@ -1,0 +1,1 @@
+"""Scheduled jobs: nightly dataset rebuild, LoRA training, evaluation and promotion."""

@@ -1,0 +1,601 @@
+"""`mondrian service`: the launchd plist, the systemd unit, --dry-run, log rotation, and the daemon
+started exactly as the service manager starts it (SIGTERM -> exit 0, bad config -> exit 78)."""
+
+from __future__ import annotations
+
+import io
+import os
+import plistlib
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon import service
+from daemon.config import PROJECT_ROOT
+from daemon.logrotate import StdStreamRotator, rotate_if_needed
+
+PY = Path(sys.executable).absolute()
+HAS_DAEMON = (PROJECT_ROOT / "daemon" / "cli.py").exists() and \
+    "run" in (PROJECT_ROOT / "daemon" / "cli.py").read_text(encoding="utf-8")
+needs_daemon = pytest.mark.skipif(not HAS_DAEMON, reason="daemon/cli.py with `run` not written yet")
+WEIRD = "Mondrian & co <studio> 50% $HOME"  # every character the plist or the unit must escape
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> dict[str, Path]:
+    user_home = tmp_path / "user"
+    home = tmp_path / WEIRD / "home"
+    user_home.mkdir()
+    home.mkdir(parents=True)
+    return {"user": user_home, "home": home, "tmp": tmp_path}
+
+
+def spec_for(dirs: dict[str, Path], platform: str = "macos", **kw) -> service.ServiceSpec:
+    kw.setdefault("model", "smoke")
+    return service.build_spec(platform=platform, home=dirs["home"], user_home=dirs["user"], env={}, **kw)
+
+
+def tree(root: Path) -> dict[str, tuple[int, float]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime)
+            for p in root.rglob("*") if not p.is_symlink()}
+
+
+# -- the plist ------------------------------------------------------------------------------------
+
+
+def test_plist_keys_types_and_paths(dirs):
+    spec = spec_for(dirs)
+    text = service.render_plist(spec)
+    pl = plistlib.loads(text.encode())
+
+    assert isinstance(pl["Label"], str) and pl["Label"] == "com.mondrian.daemon"
+    assert service._LABEL_RE.match(pl["Label"])  # reverse DNS
+
+    args = pl["ProgramArguments"]
+    assert isinstance(args, list) and all(isinstance(a, str) for a in args)
+    python = Path(args[0])
+    assert python.is_absolute() and python.is_file() and os.access(python, os.X_OK)
+    assert python == PY  # this venv's python, not the interpreter it links to
+    assert args[1:] == ["-m", "daemon", "run"]  # foreground, never daemonizes
+
+    assert pl["RunAtLoad"] is True
+    assert pl["KeepAlive"] == {"SuccessfulExit": False}
+    assert pl["KeepAlive"]["SuccessfulExit"] is False
+    assert type(pl["ThrottleInterval"]) is int and pl["ThrottleInterval"] >= 10
+    assert pl["ProcessType"] in ("Interactive", "Standard")
+    assert type(pl["ExitTimeOut"]) is int and pl["ExitTimeOut"] >= 30
+
+    work = Path(pl["WorkingDirectory"])
+    assert work.is_absolute() and work.is_dir() and work == dirs["home"].resolve()
+    assert WEIRD in str(work)  # & < > % $ and spaces survive the XML round trip
+
+    env = pl["EnvironmentVariables"]
+    assert isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
+    assert env["MONDRIAN_HOME"] == str(dirs["home"].resolve())
+    assert env["MONDRIAN_MODEL"] == "smoke"
+    assert env["HF_HUB_OFFLINE"] == "1"  # the smoke model is local
+    assert str(PY.parent) == env["PATH"].split(":")[0]
+    assert all(Path(p).is_absolute() for p in env["PATH"].split(":"))
+    assert env["PYTHONPATH"] == str(PROJECT_ROOT)
+    assert env["MONDRIAN_LOG_ROTATE"] == "1" and int(env["MONDRIAN_LOG_MAX_BYTES"]) > 0
+    assert StdStreamRotator.from_env(env) is not None  # the daemon understands what the plist says
+
+    for key in ("StandardOutPath", "StandardErrorPath"):
+        path = Path(pl[key])
+        assert path.is_absolute()
+        assert path.parent == dirs["user"] / "Library" / "Logs" / "Mondrian"
+    assert pl["StandardOutPath"] != pl["StandardErrorPath"]
+    assert pl == spec.plist_dict()
+
+
+def test_plist_hub_model_stays_online_and_local_path_is_absolute(dirs, monkeypatch):
+    hub = spec_for(dirs, model="mlx-community/Qwen2-VL-2B-Instruct-4bit")
+    assert "HF_HUB_OFFLINE" not in hub.environment  # its first start may need the download
+    model_dir = dirs["tmp"] / "my model"
+    model_dir.mkdir()
+    monkeypatch.chdir(dirs["tmp"])
+    local = spec_for(dirs, model="my model")
+    assert local.environment["MONDRIAN_MODEL"] == str(model_dir.resolve())
+    assert local.environment["HF_HUB_OFFLINE"] == "1"
+
+
+def test_plist_process_type_and_label_are_checked(dirs):
+    assert plistlib.loads(service.render_plist(spec_for(dirs, process_type="Standard")).encode())[
+        "ProcessType"] == "Standard"
+    with pytest.raises(service.ServiceError):
+        spec_for(dirs, process_type="Background")
+    with pytest.raises(service.ServiceError):
+        spec_for(dirs, label="mondrian")  # not reverse DNS
+    test_label = spec_for(dirs, label="com.mondrian.test")
+    assert test_label.stdout_path.name == "com.mondrian.test.out.log"  # never shares the real agent's log
+
+
+def test_control_characters_are_refused_not_written(dirs):
+    bad = dirs["tmp"] / "bad\x01home"
+    bad.mkdir()
+    spec = service.build_spec(platform="macos", home=bad, user_home=dirs["user"], model="smoke", env={})
+    with pytest.raises(service.ServiceError, match="control character"):
+        service.render_plist(spec)
+    with pytest.raises(service.ServiceError, match="control character"):
+        service.render_unit(spec)
+
+
+def test_bad_config_fails_install_with_ex_config(dirs):
+    (dirs["home"] / "mondrian.toml").write_text("model = = nope\n")
+    err = io.StringIO()
+    rc = service.service_action("install", platform="macos", dry_run=True, home=dirs["home"],
+                                user_home=dirs["user"], out=io.StringIO(), err=err)
+    assert rc == service.EX_CONFIG
+    assert "mondrian.toml" in err.getvalue()
+
+
+# -- the systemd unit ------------------------------------------------------------------------------
+
+
+def _verify_unit(unit_dir: Path, text: str, name: str, tmp: Path) -> subprocess.CompletedProcess[str]:
+    unit = unit_dir / name
+    unit.write_text(text)
+    runtime = tmp / "xdg-runtime"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    # --user needs a runtime dir, not a running user manager; verify loads the unit in a test manager.
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    return subprocess.run(["systemd-analyze", "--user", "verify", str(unit)], capture_output=True,
+                          text=True, env=env, timeout=60)
+
+
+def test_unit_renders_with_same_semantics(dirs):
+    spec = spec_for(dirs, platform="linux")
+    text = service.render_unit(spec)
+    lines = text.splitlines()
+    assert 'ExecStart="%s" "-m" "daemon" "run"' % PY in lines
+    assert "Restart=on-failure" in lines and "KillSignal=SIGTERM" in lines
+    assert f"TimeoutStopSec={spec.exit_timeout}" in lines and spec.exit_timeout >= 30
+    assert f"RestartSec={spec.throttle_interval}" in lines
+    assert "WantedBy=default.target" in lines
+    # WorkingDirectory/Environment: `%` doubled (specifiers), `$` kept (no expansion there).
+    weird_home = str(dirs["home"].resolve())
+    assert "WorkingDirectory=" + weird_home.replace("%", "%%") in lines
+    assert 'Environment="MONDRIAN_HOME=%s"' % weird_home.replace("%", "%%") in lines
+    assert 'Environment="MONDRIAN_MODEL=smoke"' in lines
+    assert not any(l.startswith("Environment=\"MONDRIAN_LOG_ROTATE") for l in lines)  # journald rotates
+
+
+@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
+def test_unit_passes_systemd_analyze_verify(dirs):
+    # A python path full of characters systemd would otherwise interpret: verify checks that the
+    # ExecStart binary exists, so it passes only if the quoting hands systemd exactly this path.
+    weird_bin = dirs["tmp"] / "bin 50% $HOME & co"
+    weird_bin.mkdir()
+    (weird_bin / "python").symlink_to(PY)
+    spec = spec_for(dirs, platform="linux", python=weird_bin / "python")
+    unit_dir = dirs["tmp"] / "units"
+    unit_dir.mkdir()
+    proc = _verify_unit(unit_dir, service.render_unit(spec), spec.unit_name, dirs["tmp"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.strip() == "", proc.stderr  # warnings like "Unknown key ... ignoring" count too
+
+    # ...and the check is not vacuous: an unquoted path with a space fails it.
+    broken = service.render_unit(spec).replace(service.systemd_quote(str(weird_bin / "python")),
+                                               str(weird_bin / "python"))
+    proc = _verify_unit(unit_dir, broken, spec.unit_name, dirs["tmp"])
+    assert proc.returncode != 0 or proc.stderr.strip()
+
+
+def test_unit_refuses_python_path_systemd_cannot_run(dirs):
+    quoted_bin = dirs["tmp"] / 'venv "new"'
+    quoted_bin.mkdir()
+    (quoted_bin / "python").symlink_to(PY)
+    spec = spec_for(dirs, platform="linux", python=quoted_bin / "python")
+    with pytest.raises(service.ServiceError, match="quote or backslash"):
+        service.render_unit(spec)
+    service.render_plist(spec_for(dirs, platform="macos", python=quoted_bin / "python"))  # fine for launchd
+
+
+# -- the CLI: --dry-run, and failing cleanly where the service manager is missing -------------------
+
+
+def _entry_points() -> list[list[str]]:
+    points = [[str(PY), "-m", "daemon.service"]]
+    if (PROJECT_ROOT / "daemon" / "__main__.py").exists():
+        probe = subprocess.run([str(PY), "-m", "daemon", "service", "--help"], cwd=PROJECT_ROOT,
+                               capture_output=True, text=True, timeout=120)
+        if probe.returncode == 0:
+            points.append([str(PY), "-m", "daemon"])  # `mondrian service ...` as the lead wired it
+    return points
+
+
+@pytest.mark.parametrize("platform", ["macos", "linux"])
+def test_dry_run_install_prints_everything_and_writes_nothing(dirs, platform):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONDRIAN_", "XDG_"))}
+    env.update(HOME=str(dirs["user"]), MONDRIAN_HOME=str(dirs["home"]), MONDRIAN_MODEL="smoke")
+    real_home = Path.home()
+    real_paths = [real_home / "Library" / "LaunchAgents" / "com.mondrian.daemon.plist",
+                  real_home / ".config" / "systemd" / "user" / "mondrian.service"]
+    before_real = [p.exists() for p in real_paths]
+    before = tree(dirs["tmp"])
+    for entry in _entry_points():
+        proc = subprocess.run([*entry, "service", "install", "--dry-run", "--platform", platform],
+                              cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        out = proc.stdout
+        body = out.split(":\n", 1)[1].split("\n# end of ", 1)[0]  # the file between the markers
+        if platform == "macos":
+            target = dirs["user"] / "Library" / "LaunchAgents" / "com.mondrian.daemon.plist"
+            assert f"# would write {target}:" in out
+            pl = plistlib.loads(body.encode())
+            assert pl["EnvironmentVariables"]["MONDRIAN_HOME"] == str(dirs["home"].resolve())
+            uid = os.getuid()
+            assert f"launchctl bootout gui/{uid}/com.mondrian.daemon" in out
+            assert f"launchctl bootstrap gui/{uid} " in out
+        else:
+            target = dirs["user"] / ".config" / "systemd" / "user" / "mondrian.service"
+            assert f"# would write {target}:" in out
+            assert "[Service]" in body and "ExecStart=" in body
+            for cmd in ("systemctl --user daemon-reload", "systemctl --user enable mondrian.service",
+                        "systemctl --user restart mondrian.service"):
+                assert cmd in out
+    assert tree(dirs["tmp"]) == before, "dry run wrote files"
+    assert [p.exists() for p in real_paths] == before_real
+
+
+@pytest.mark.parametrize("action", ["uninstall", "start", "stop", "restart", "status"])
+def test_dry_run_other_actions(dirs, action):
+    for platform, needle in (("macos", "launchctl "), ("linux", "systemctl --user ")):
+        out = io.StringIO()
+        rc = service.service_action(action, platform=platform, dry_run=True, home=dirs["home"],
+                                    user_home=dirs["user"], out=out, err=io.StringIO())
+        assert rc == 0 and needle in out.getvalue()
+    out = io.StringIO()
+    service.service_action("restart", platform="macos", dry_run=True, home=dirs["home"],
+                           user_home=dirs["user"], out=out, err=io.StringIO())
+    assert "kickstart -k gui/" in out.getvalue()
+
+
+def _systemd_user_usable() -> bool:
+    return bool(shutil.which("systemctl")) and subprocess.run(
+        ["systemctl", "--user", "show-environment"], capture_output=True, timeout=15).returncode == 0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="Linux only")
+def test_install_without_user_bus_fails_clearly(dirs):
+    if _systemd_user_usable():
+        pytest.skip("this machine has a systemd user session; a real install would change it")
+    out, err = io.StringIO(), io.StringIO()
+    before = tree(dirs["tmp"])
+    rc = service.service_action("install", platform="linux", home=dirs["home"], user_home=dirs["user"],
+                                out=out, err=err)
+    assert rc == service.EX_UNAVAILABLE
+    assert "systemctl --user" in err.getvalue() and "--dry-run" in err.getvalue()
+    assert "Traceback" not in err.getvalue()
+    assert tree(dirs["tmp"]) == before
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="launchctl exists on macOS")
+def test_macos_install_without_launchctl_fails_clearly(dirs):
+    err = io.StringIO()
+    rc = service.service_action("install", platform="macos", home=dirs["home"], user_home=dirs["user"],
+                                out=io.StringIO(), err=err)
+    assert rc == service.EX_UNAVAILABLE and "launchctl" in err.getvalue()
+    assert not (dirs["user"] / "Library").exists()
+
+
+FAKE_LAUNCHCTL = r"""#!/bin/sh
+# Records its arguments; keeps "loaded" state in a file, like launchd keeps the job.
+echo "$*" >> "$FAKE_LAUNCHD/calls"
+case "$1" in
+  print) [ -f "$FAKE_LAUNCHD/loaded" ] && { printf '\tstate = running\n\tpid = 42\n'; exit 0; }
+         echo "Could not find service" >&2; exit 113 ;;
+  bootstrap) touch "$FAKE_LAUNCHD/loaded" ;;
+  bootout) rm -f "$FAKE_LAUNCHD/loaded" ;;
+esac
+exit 0
+"""
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="the real launchctl test below runs on macOS")
+def test_macos_install_sequence_with_recording_launchctl(dirs, monkeypatch):
+    """Files and the order of launchctl verbs, against a recorder standing in for launchctl."""
+    fake = dirs["tmp"] / "fakebin"
+    fake.mkdir()
+    (fake / "launchctl").write_text(FAKE_LAUNCHCTL)
+    (fake / "launchctl").chmod(0o755)
+    state = dirs["tmp"] / "launchd"
+    state.mkdir()
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_LAUNCHD", str(state))
+    kw = dict(platform="macos", home=dirs["home"], user_home=dirs["user"], model="smoke",
+              out=io.StringIO(), err=io.StringIO())
+
+    assert service.service_action("install", **kw) == 0
+    spec = spec_for(dirs)
+    assert spec.log_dir.is_dir()
+    assert stat.S_IMODE(spec.plist_path.stat().st_mode) == 0o644  # launchd refuses group/world-writable
+    assert plistlib.loads(spec.plist_path.read_bytes()) == spec.plist_dict()
+    uid = os.getuid()
+    target = f"gui/{uid}/com.mondrian.daemon"
+    calls = (state / "calls").read_text().splitlines()
+    assert calls[-2:] == [f"enable {target}", f"bootstrap gui/{uid} {spec.plist_path}"]
+    assert f"bootout {target}" not in calls  # nothing was loaded
+
+    (state / "calls").unlink()
+    assert service.service_action("install", **kw) == 0  # twice: the old agent is booted out first
+    calls = (state / "calls").read_text().splitlines()
+    verbs = [c.split()[0] for c in calls if not c.startswith("print")]
+    assert verbs == ["bootout", "enable", "bootstrap"]
+
+    assert service.service_action("restart", **kw) == 0
+    assert service.service_action("stop", **kw) in (0, 1)  # the recorder never "stops"; only the verb matters
+    calls = (state / "calls").read_text().splitlines()
+    assert f"kickstart -k {target}" in calls and f"kill SIGTERM {target}" in calls
+
+    assert service.service_action("uninstall", **kw) == 0
+    assert not spec.plist_path.exists() and not (state / "loaded").exists()
+
+
+# -- log rotation --------------------------------------------------------------------------------
+
+WRITER = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, {root!r})
+    from daemon.logrotate import rotate_if_needed
+    n, max_bytes, backups = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    rotations = 0
+    for i in range(n):
+        print(f"out {{i:05d}} " + "x" * 80)
+        if i % 10 == 9:
+            print(f"err {{i:05d}}", file=sys.stderr)
+        rotations += rotate_if_needed(max_bytes, backups)
+    print(f"rotations {{rotations}}", file=sys.stderr)
+    print("last line")
+""").format(root=str(PROJECT_ROOT))
+LINE = len("out 00000 " + "x" * 80 + "\n")
+
+
+def _run_writer(tmp: Path, out_path: Path, err_path: Path | None, n: int, max_bytes: int, backups: int,
+                buffered: bool = False) -> subprocess.CompletedProcess:
+    script = tmp / "writer.py"
+    script.write_text(WRITER)
+    env = {**os.environ}
+    env.pop("PYTHONUNBUFFERED", None)
+    if not buffered:
+        env["PYTHONUNBUFFERED"] = "1"  # what the plist sets
+    # Open the files the way launchd opens StandardOutPath/StandardErrorPath: append mode.
+    with open(out_path, "ab") as out:
+        err = open(err_path, "ab") if err_path else subprocess.STDOUT
+        try:
+            return subprocess.run([str(PY), str(script), str(n), str(max_bytes), str(backups)],
+                                  stdout=out, stderr=err, env=env, timeout=120)
+        finally:
+            if err_path:
+                err.close()
+
+
+def _lines(paths: list[Path]) -> list[str]:
+    return [l for p in paths if p.exists() for l in p.read_text().splitlines()]
+
+
+def test_rotation_of_a_real_file_backed_stdout(tmp_path):
+    out, err = tmp_path / "mondrian.out.log", tmp_path / "mondrian.err.log"
+    out.write_text("")
+    out.chmod(0o640)
+    n, max_bytes, backups = 300, 2000, 2
+    proc = _run_writer(tmp_path, out, err, n, max_bytes, backups)
+    assert proc.returncode == 0
+
+    assert out.with_name("mondrian.out.log.1").exists() and out.with_name("mondrian.out.log.2").exists()
+    assert not out.with_name("mondrian.out.log.3").exists()  # only `backups` kept
+    for b in (1, 2):
+        size = out.with_name(f"mondrian.out.log.{b}").stat().st_size
+        assert max_bytes < size <= max_bytes + LINE  # rotated at the threshold
+    assert stat.S_IMODE(out.stat().st_mode) == 0o640  # the fresh file keeps the old mode
+
+    # Oldest backup -> newest file: one unbroken run of lines ending with the last line written.
+    lines = _lines([out.with_name("mondrian.out.log.2"), out.with_name("mondrian.out.log.1"), out])
+    assert lines[-1] == "last line"
+    numbers = [int(l.split()[1]) for l in lines[:-1]]
+    assert numbers == list(range(numbers[0], n)), "lines lost or reordered across rotations"
+    assert numbers[0] > 0  # older files really were dropped
+
+    # stderr is its own (small) file: not rotated, nothing lost, and still the same fd.
+    err_lines = err.read_text().splitlines()
+    assert err_lines[:-1] == [f"err {i:05d}" for i in range(9, n, 10)]
+    lines_per_file = max_bytes // LINE + 1  # checked after every line: rotate once size > max_bytes
+    assert int(err_lines[-1].split()[1]) == n // lines_per_file
+    assert not err.with_name("mondrian.err.log.1").exists()
+
+
+def test_rotation_when_stdout_and_stderr_share_one_file(tmp_path):
+    log = tmp_path / "both.log"
+    proc = _run_writer(tmp_path, log, None, 200, 3000, 1)
+    assert proc.returncode == 0
+    assert log.with_name("both.log.1").exists() and not log.with_name("both.log.2").exists()
+    current = log.read_text().splitlines()
+    # Both fds moved to the fresh file: the final stderr line and the final stdout line are both here.
+    assert current[-1] == "last line" and current[-2].startswith("rotations ")
+
+
+def test_rotation_loses_nothing_with_block_buffered_stdout(tmp_path):
+    out, err = tmp_path / "o.log", tmp_path / "e.log"
+    proc = _run_writer(tmp_path, out, err, 400, 4000, 50, buffered=True)
+    assert proc.returncode == 0
+    backups = sorted(tmp_path.glob("o.log.*"), key=lambda p: -int(p.suffix[1:]))
+    assert backups
+    lines = _lines([*backups, out])
+    assert lines[-1] == "last line"
+    assert [int(l.split()[1]) for l in lines[:-1]] == list(range(400))
+
+
+def test_rotation_ignores_pipes_and_small_files(tmp_path):
+    code = ("import sys; sys.path.insert(0, %r); from daemon.logrotate import rotate_if_needed;"
+            "print('x' * 100, flush=True); print(rotate_if_needed(10, 2), file=sys.stderr)") % str(PROJECT_ROOT)
+    proc = subprocess.run([str(PY), "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stderr.strip() == "False"  # a pipe (systemd journal, a terminal) is never rotated
+    small = tmp_path / "small.log"
+    small.write_text("tiny\n")
+    with open(small, "a") as fh:
+        assert rotate_if_needed(1000, 2, fds=(fh.fileno(),)) is False
+    assert rotate_if_needed(0, 2) is False
+
+
+def test_rotator_from_env_and_interval():
+    assert StdStreamRotator.from_env({}) is None
+    assert StdStreamRotator.from_env({"MONDRIAN_LOG_ROTATE": "0"}) is None
+    r = StdStreamRotator.from_env({"MONDRIAN_LOG_ROTATE": "1", "MONDRIAN_LOG_MAX_BYTES": "123",
+                                   "MONDRIAN_LOG_BACKUPS": "5"}, interval=60)
+    assert (r.max_bytes, r.backups) == (123, 5)
+    r.fds = ()  # nothing to rotate; we only test the pacing
+    r.maybe_rotate(now=1000.0)
+    assert r._next == 1060.0
+    r.maybe_rotate(now=1030.0)
+    assert r._next == 1060.0  # not checked again before the interval
+
+
+# -- the real daemon, started exactly as the plist starts it ----------------------------------------
+
+
+def _launchd_env(spec: service.ServiceSpec, **extra: str) -> dict[str, str]:
+    """launchd's bare environment plus the plist's EnvironmentVariables: nothing from this shell."""
+    env = {"HOME": str(spec.user_home), "USER": os.environ.get("USER", "mondrian"),
+           "LOGNAME": os.environ.get("USER", "mondrian"), "SHELL": "/bin/sh",
+           "TMPDIR": os.environ.get("TMPDIR", "/tmp")}
+    env.update(spec.environment)
+    env.update(extra)
+    return env
+
+
+class Agent:
+    """The daemon as launchd runs it: ProgramArguments, WorkingDirectory, EnvironmentVariables,
+    stdout/stderr appended to StandardOutPath/StandardErrorPath."""
+
+    def __init__(self, spec: service.ServiceSpec, args: list[str] | None = None, **extra_env: str):
+        pl = spec.plist_dict()
+        spec.log_dir.mkdir(parents=True, exist_ok=True)
+        self.out_path, self.err_path = Path(pl["StandardOutPath"]), Path(pl["StandardErrorPath"])
+        with open(self.out_path, "ab") as out, open(self.err_path, "ab") as err:
+            self.proc = subprocess.Popen(pl["ProgramArguments"] + (args or []), cwd=pl["WorkingDirectory"],
+                                         env=_launchd_env(spec, **extra_env), stdout=out, stderr=err,
+                                         stdin=subprocess.DEVNULL)
+
+    def logs(self) -> str:
+        return self.out_path.read_text(errors="replace") + self.err_path.read_text(errors="replace")
+
+    def wait_for_log(self, needle: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if needle in self.logs():
+                return True
+            if self.proc.poll() is not None:
+                return needle in self.logs()
+            time.sleep(0.1)
+        return False
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _photo(path: Path) -> None:
+    from PIL import Image
+
+    img = Image.new("RGB", (900, 600))
+    img.putdata([((x * 7) % 256, (y * 5) % 256, ((x + y) * 3) % 256) for y in range(600) for x in range(900)])
+    img.save(path, quality=90)
+
+
+@needs_daemon
+def test_daemon_exits_0_on_sigterm_within_exit_timeout_and_loses_no_photo(dirs):
+    spec = spec_for(dirs)
+    inbox = dirs["home"] / "inbox"
+    inbox.mkdir()
+    _photo(inbox / "IMG_1.jpg")
+    agent = Agent(spec)
+    try:
+        # SIGTERM once the photo is in the ledger and the model is loading/analysing: mid-job is
+        # the interesting case; any moment must end in exit 0 and the photo finished once later.
+        assert agent.wait_for_log("IMG_1", 120), agent.logs()
+        agent.wait_for_log("analysing IMG_1", 60)  # the worker's log line; if it changes we only lose aim
+        t0 = time.monotonic()
+        agent.proc.send_signal(signal.SIGTERM)
+        rc = agent.proc.wait(timeout=spec.exit_timeout)
+        took = time.monotonic() - t0
+    finally:
+        agent.kill()
+    assert rc == 0, agent.logs()
+    assert took < spec.exit_timeout
+
+    # No photo lost: the same home, run to completion, holds exactly one report for it.
+    again = Agent(spec, ["--once"])
+    try:
+        assert again.proc.wait(timeout=300) == 0, again.logs()
+    finally:
+        again.kill()
+    reports = list((dirs["home"] / "outbox").glob("IMG_1*/report.json"))
+    assert len(reports) == 1, agent.logs() + again.logs()
+    assert not list((dirs["home"] / "outbox" / "failed").glob("IMG_1*"))
+    assert not (inbox / "IMG_1.jpg").exists()
+
+
+@needs_daemon
+@pytest.mark.parametrize("case", ["bad_toml", "bad_mode", "missing_model"])
+def test_daemon_fatal_startup_error_exits_78_and_says_what_to_fix(dirs, case):
+    spec = spec_for(dirs)
+    extra: dict[str, str] = {}
+    if case == "bad_toml":
+        (dirs["home"] / "mondrian.toml").write_text("model = = nope\n")
+        needles = ["mondrian.toml", "fix"]
+    elif case == "bad_mode":
+        extra["ANALYSIS_MODE"] = "bogus"
+        needles = ["bogus", "baseline"]
+    else:
+        missing = dirs["tmp"] / "no such model"
+        extra.update(MONDRIAN_MODEL=str(missing), HF_HUB_OFFLINE="1")
+        needles = [str(missing)]
+    agent = Agent(spec, **extra)
+    try:
+        rc = agent.proc.wait(timeout=120)
+    finally:
+        agent.kill()
+    assert rc == 78, agent.logs()  # non-zero: KeepAlive{SuccessfulExit=false} / Restart=on-failure retry
+    logs = agent.logs()
+    for needle in needles:
+        assert needle in logs, logs
+    assert "Traceback" not in logs
+
+
+# -- macOS: the real launchd ------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(sys.platform != "darwin", reason="launchd exists only on macOS")
+@needs_daemon
+def test_launchd_bootstrap_run_stop_bootout(dirs):
+    label = f"com.mondrian.test.p{os.getpid()}"
+    kw = dict(platform="macos", label=label, home=dirs["home"], user_home=dirs["user"], model="smoke",
+              out=io.StringIO(), err=io.StringIO())
+    spec = service.build_spec(platform="macos", label=label, home=dirs["home"], user_home=dirs["user"],
+                              model="smoke", env={})
+    agent = service.Launchd(spec, service.Shell(False, io.StringIO(), io.StringIO()))
+    try:
+        assert service.service_action("install", **kw) == 0, kw["err"].getvalue()
+        assert service._wait(agent.running, 60), agent.info()
+        pid = int(agent.info()["pid"])
+        assert service.service_action("status", **kw) == 0
+        assert service.service_action("stop", **kw) == 0, kw["err"].getvalue()
+        assert not agent.running()
+        time.sleep(spec.throttle_interval / 10)
+        assert not agent.running(), "KeepAlive restarted a clean stop"
+        info = agent.info()
+        assert info is not None and info.get("last exit code", "").startswith("0")
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+        assert service.service_action("uninstall", **kw) == 0
+        assert agent.info() is None and not spec.plist_path.exists()
+    finally:
+        subprocess.run(["launchctl", "bootout", f"gui/{os.getuid()}/{label}"], capture_output=True)
