@@ -133,8 +133,9 @@ def detect_platform() -> str:
                        "Mondrian runs as a launchd agent on macOS or a systemd user unit on Linux")
 
 
-def _is_local_model(model: str) -> bool:
-    return model == "smoke" or Path(model).expanduser().is_dir()
+def _is_local_model(model: str, home: Path) -> bool:
+    path = Path(model).expanduser()
+    return model == "smoke" or (path if path.is_absolute() else home / path).is_dir()
 
 
 def build_spec(platform: str | None = None, label: str = DEFAULT_LABEL, home: str | Path | None = None,
@@ -161,8 +162,6 @@ def build_spec(platform: str | None = None, label: str = DEFAULT_LABEL, home: st
     # Check the config with the environment the service will have, not this shell's.
     cfg = load_config(home or env.get("MONDRIAN_HOME") or None, env={}, model=model)
     model = cfg.model
-    if not cfg.home.is_dir():
-        raise ServiceError(f"Mondrian home {cfg.home} does not exist; create it or pass --home")
 
     bin_dirs = [str(py.parent)]
     bin_dirs += ["/opt/homebrew/bin", "/usr/local/bin"] if platform == "macos" else ["/usr/local/bin"]
@@ -177,7 +176,7 @@ def build_spec(platform: str | None = None, label: str = DEFAULT_LABEL, home: st
         # stdout to a file is block-buffered; logs should appear as they happen.
         "PYTHONUNBUFFERED": "1",
     }
-    if _is_local_model(model):
+    if _is_local_model(model, cfg.home):
         # A local model needs no network: make sure a login-time start never waits on the hub.
         # A hub id may still need its first download, so it is left online.
         environment["HF_HUB_OFFLINE"] = "1"
@@ -426,6 +425,7 @@ class Launchd:
 
     def install(self, text: str) -> int:
         sh, spec = self.sh, self.spec
+        sh.mkdir(spec.home)  # launchd cannot spawn into a missing WorkingDirectory
         sh.mkdir(spec.plist_path.parent)
         sh.mkdir(spec.log_dir)
         sh.write(spec.plist_path, text)  # written first: if this fails the old agent keeps running
@@ -519,6 +519,7 @@ class Systemd:
 
     def install(self, text: str) -> int:
         sh, spec = self.sh, self.spec
+        sh.mkdir(spec.home)  # systemd fails the start (status 200/CHDIR) without it
         sh.mkdir(spec.unit_path.parent)
         sh.write(spec.unit_path, text)
         rc = self._sc("daemon-reload") or self._sc("enable", self.unit)

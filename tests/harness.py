@@ -16,22 +16,23 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 
-FAST_CONFIG = """\
-quiet_seconds = {quiet}
-rescan_seconds = 2
-max_pixels = {max_pixels}
-comment_max_chars = 24
-max_tokens = 700
-retry_base_seconds = 0.5
-default_mode = "{mode}"
-"""
+FAST_SETTINGS: dict[str, Any] = {
+    "quiet_seconds": 0.4,
+    "rescan_seconds": 2,
+    "max_pixels": 112 * 112,
+    "comment_max_chars": 24,
+    "max_tokens": 700,
+    "retry_base_seconds": 0.5,
+    "default_mode": "baseline",
+}
 
 
-def make_home(root: Path, model_path: Path, *, quiet: float = 0.4, max_pixels: int = 112 * 112,
-              mode: str = "baseline", extra: str = "") -> Path:
+def make_home(root: Path, model_path: Path | None = None, **settings: Any) -> Path:
+    """A Mondrian home with a fast config (small images, short comments); `settings` override it."""
     root.mkdir(parents=True, exist_ok=True)
-    (root / "mondrian.toml").write_text(FAST_CONFIG.format(quiet=quiet, max_pixels=max_pixels, mode=mode)
-                                        + extra)
+    merged = {**FAST_SETTINGS, **settings}
+    lines = [f"{k} = {json.dumps(v)}" for k, v in merged.items()]
+    (root / "mondrian.toml").write_text("\n".join(lines) + "\n")
     for d in ("inbox", "outbox"):
         (root / d).mkdir(exist_ok=True)
     return root

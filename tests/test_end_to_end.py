@@ -51,7 +51,7 @@ def test_inbox_to_outbox(tmp_path, smoke_model_path):
         # the same content again, under another name, once the first is done
         wait_for(lambda: (outbox / "IMG_1" / "report.json").exists(), 120, what="IMG_1 report")
         shutil.copyfile(tmp_path / "copy.jpg", inbox / "IMG_1 copy.jpg")
-        info = wait_for(lambda: (lambda s: s if terminal_count(s) >= 11 and not s["counts"]["queued"]
+        info = wait_for(lambda: (lambda s: s if terminal_count(s) >= 10 and not s["counts"]["queued"]
                                  and not s["counts"]["running"] else None)(status(home, smoke_model_path)),
                         180, what="all photos finished")
         assert d.proc.poll() is None, d.output()
@@ -86,17 +86,17 @@ def test_inbox_to_outbox(tmp_path, smoke_model_path):
     # the duplicate points at the first report instead of being analysed again
     dup = json.loads((outbox / "duplicates" / "IMG_1 copy.jpg.duplicate.json").read_text())
     assert dup["duplicate_of_job"] == r1["job_id"]
-    assert len(reports(outbox)) == 6
+    assert len(reports(outbox)) == 5
 
     # hidden and temporary names are left alone; everything else has left the inbox
     left = sorted(p.name for p in inbox.rglob("*") if p.is_file())
     assert left == [".DS_Store", "download.jpg.crdownload"]
 
     # status agrees with the folders
-    assert info["counts"]["done"] == 7 and info["duplicates"] == 1 and info["counts"]["failed"] == 4
+    assert info["counts"]["done"] == 6 and info["duplicates"] == 1 and info["counts"]["failed"] == 4
     assert {f["file"] for f in info["recent_failures"]} >= {"truncated.jpg", "notes.jpg"}
     text = mondrian(home, smoke_model_path, "status").stdout
-    assert "7 done" in text and "4 failed" in text and "NOT meaningful" in text
+    assert "6 done" in text and "4 failed" in text and "NOT meaningful" in text
     index = (outbox / "index.html").read_text()
     for name in ("IMG_1", "street", "beach", "asked_lora", "late"):
         assert f'href="{name}/report.html"' in index
@@ -117,8 +117,8 @@ def test_run_once_and_name_collisions(tmp_path, smoke_model_path):
 
 def test_killed_mid_job_is_finished_once_after_restart(tmp_path, smoke_model_path):
     # Bigger images and longer comments make each analysis take long enough to be caught in the act.
-    home = make_home(tmp_path / "home", smoke_model_path, max_pixels=448 * 448,
-                     extra="comment_max_chars = 160\nmax_tokens = 2000\n")
+    home = make_home(tmp_path / "home", smoke_model_path, max_pixels=448 * 448, comment_max_chars=160,
+                     max_tokens=2000)
     for i in range(3):
         photo(home / "inbox" / f"slow_{i}.jpg", seed=10 + i, size=(640, 480))
     with Daemon(home, smoke_model_path) as d:

@@ -290,10 +290,12 @@ FAKE_LAUNCHCTL = r"""#!/bin/sh
 # Records its arguments; keeps "loaded" state in a file, like launchd keeps the job.
 echo "$*" >> "$FAKE_LAUNCHD/calls"
 case "$1" in
-  print) [ -f "$FAKE_LAUNCHD/loaded" ] && { printf '\tstate = running\n\tpid = 42\n'; exit 0; }
-         echo "Could not find service" >&2; exit 113 ;;
-  bootstrap) touch "$FAKE_LAUNCHD/loaded" ;;
-  bootout) rm -f "$FAKE_LAUNCHD/loaded" ;;
+  print) [ -f "$FAKE_LAUNCHD/loaded" ] || { echo "Could not find service" >&2; exit 113; }
+         if [ -f "$FAKE_LAUNCHD/stopped" ]; then printf '\tstate = not running\n\tlast exit code = 0\n'
+         else printf '\tstate = running\n\tpid = 42\n'; fi ;;
+  bootstrap|kickstart) touch "$FAKE_LAUNCHD/loaded"; rm -f "$FAKE_LAUNCHD/stopped" ;;
+  kill) touch "$FAKE_LAUNCHD/stopped" ;;
+  bootout) rm -f "$FAKE_LAUNCHD/loaded" "$FAKE_LAUNCHD/stopped" ;;
 esac
 exit 0
 """
@@ -331,9 +333,13 @@ def test_macos_install_sequence_with_recording_launchctl(dirs, monkeypatch):
     assert verbs == ["bootout", "enable", "bootstrap"]
 
     assert service.service_action("restart", **kw) == 0
-    assert service.service_action("stop", **kw) in (0, 1)  # the recorder never "stops"; only the verb matters
+    assert service.service_action("stop", **kw) == 0
     calls = (state / "calls").read_text().splitlines()
     assert f"kickstart -k {target}" in calls and f"kill SIGTERM {target}" in calls
+    assert service.service_action("stop", **kw) == 0  # stopping a stopped agent is fine...
+    assert (state / "calls").read_text().count("kill ") == 1  # ...and sends no second signal
+    assert service.service_action("start", **kw) == 0
+    assert (state / "calls").read_text().splitlines()[-1] == f"kickstart {target}"
 
     assert service.service_action("uninstall", **kw) == 0
     assert not spec.plist_path.exists() and not (state / "loaded").exists()

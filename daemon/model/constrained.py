@@ -57,7 +57,8 @@ class SchemaLogitsProcessor:
 
     def __init__(self, constraint: SchemaConstraint, grammar: str) -> None:
         self._c = constraint
-        self.matcher = llguidance.LLMatcher(constraint.ll_tokenizer, grammar)
+        # log_level=0: errors surface as exceptions below instead of stderr noise.
+        self.matcher = llguidance.LLMatcher(constraint.ll_tokenizer, grammar, log_level=0)
         if self.matcher.is_error():
             raise ValueError(f"llguidance grammar error: {self.matcher.get_error()}")
         self._bitmask = llguidance.numpy.allocate_token_bitmask(1, constraint.vocab_size)

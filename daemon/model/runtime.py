@@ -60,7 +60,8 @@ class Generation:
 
 def _how_to_get(spec: str) -> str:
     hub_id = spec if _REPO_ID.match(spec) else DEFAULT_HUB_MODEL
-    return (f"To get a model: `huggingface-cli download {hub_id}` (needs network once), "
+    return (f"To get a model: `hf download {hub_id}` (older huggingface_hub: "
+            f"`huggingface-cli download {hub_id}`; needs network once), "
             f"or set MONDRIAN_MODEL (or `model` in mondrian.toml) to a local folder holding an MLX "
             f"checkpoint, or use `--model {SMOKE_ALIAS}` for the offline smoke model (random weights).")
 

@@ -27,7 +27,8 @@ log = logging.getLogger(__name__)
 SMOKE_ALIAS = "smoke"
 MARKER_NAME = "mondrian_smoke.json"
 # Bump when the recipe changes so existing smoke models are rebuilt instead of silently reused.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
+CLOSE_BONUS = 4.0  # see _bigram_weights
 SHAPES = ("smoke", "real")
 DIR_NAMES = {"smoke": "smoke-qwen2-vl", "real": "smoke-qwen2-vl-real-shapes"}
 
@@ -213,17 +214,29 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
-def _bigram_head(embed: "np.ndarray", tok) -> "np.ndarray":
-    """An lm_head that makes the model a (rank-limited) bigram model of CORPUS.
+def _bigram_weights(embed: "np.ndarray", tok, seed: int) -> tuple["np.ndarray", "np.ndarray"]:
+    """Embeddings and an lm_head that make the model a (rank-limited) bigram model of CORPUS.
 
     A randomly initialised model decodes greedily into degenerate text (every comment " ").
     With the decoder layers damped, the final hidden state is ~RMSNorm(embedding of the current
     token), so a head solving  RMSNorm(E) @ W.T ~= log P(next | current)  yields word-ish output
-    such as "the light, the eye from the eye from..." while staying a real Qwen2-VL checkpoint.
+    while staying a real Qwen2-VL checkpoint that LoRA can train.
+    Greedy bigram chains loop ("the frame roo the frame roo ..."), which would fill every comment
+    to maxLength and make smoke runs slow; so "longer word" embeddings share one direction `u` that
+    the string-closing tokens' head rows reward: comments end after a few words.
     """
     import numpy as np
 
-    vocab = embed.shape[0]
+    vocab, hidden = embed.shape
+    vocab_map = tok.get_vocab()
+    closers = sorted(i for t, i in vocab_map.items() if t.startswith('"'))
+    words = sorted(i for t, i in vocab_map.items()
+                   if t.startswith("\u0120") and t[1:].isalpha() and len(t) >= 6)
+    u = np.random.default_rng(seed).standard_normal(hidden)
+    u /= np.linalg.norm(u)
+    embed = embed.copy()
+    embed[words] += np.sqrt((embed**2).sum(1)).mean() * u
+
     counts = np.zeros((vocab, vocab))
     for line in CORPUS.splitlines():
         ids = tok.encode(line).ids
@@ -233,15 +246,11 @@ def _bigram_head(embed: "np.ndarray", tok) -> "np.ndarray":
     probs = np.where(rows > 0, counts / np.maximum(rows, 1.0), unigram / unigram.sum())
     target = np.log(probs + 1e-3)
     target -= target.mean(1, keepdims=True)
-    # Greedy bigram chains loop forever ("the eye from the eye from ..."), filling every comment to
-    # maxLength; nudging string-closing tokens after longer words ends comments after a few words.
-    vocab_map = tok.get_vocab()
-    closers = [i for t, i in vocab_map.items() if t.startswith('"')]
-    words = [i for t, i in vocab_map.items() if t.startswith("\u0120") and t[1:].isalpha() and len(t) >= 6]
-    target[np.ix_(sorted(words), sorted(closers))] += 2.0
     x = embed / np.sqrt((embed**2).mean(1, keepdims=True) + 1e-6)
     w_t, *_ = np.linalg.lstsq(x, target, rcond=None)
-    return w_t.T
+    head = w_t.T
+    head[closers] += CLOSE_BONUS / np.sqrt(hidden / 2) * u  # x @ u ~ sqrt(hidden/2) for the words
+    return embed, head
 
 
 def _write_weights(path: Path, config: dict[str, Any], seed: int, shapes: str, tok) -> int:
@@ -261,8 +270,9 @@ def _write_weights(path: Path, config: dict[str, Any], seed: int, shapes: str, t
         for layer in lm.model.layers:  # damp the residual branches; the image still nudges the logits
             layer.self_attn.o_proj.weight = layer.self_attn.o_proj.weight * 0.05
             layer.mlp.down_proj.weight = layer.mlp.down_proj.weight * 0.05
-        embed = np.array(lm.model.embed_tokens.weight, dtype=np.float64)
-        lm.lm_head.weight = mx.array(_bigram_head(embed, tok).astype(np.float32))
+        embed, head = _bigram_weights(np.array(lm.model.embed_tokens.weight, dtype=np.float64), tok, seed)
+        lm.model.embed_tokens.weight = mx.array(embed.astype(np.float32))
+        lm.lm_head.weight = mx.array(head.astype(np.float32))
     # mlx-vlm's own parameter names: load() sanitizes them to themselves.
     weights = dict(tree_flatten(model.parameters()))
     mx.eval(list(weights.values()))

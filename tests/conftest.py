@@ -1,0 +1,23 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# No test may reach a model hub; this must be set before huggingface_hub is imported.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def smoke_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The offline smoke Qwen2-VL checkpoint, built once per session (~2 s).
+
+    It lives at <var_dir>/models/smoke-qwen2-vl, so `ModelRuntime.load("smoke", var_dir=path.parents[1])`
+    and `ModelRuntime.load(str(path), ...)` both find it without rebuilding.
+    """
+    from daemon.model.smoke import ensure_smoke_model
+
+    return ensure_smoke_model(tmp_path_factory.mktemp("smoke_var"))

@@ -1,0 +1,122 @@
+"""The model runtime against the real smoke checkpoint: real MLX, real mlx-vlm, real llguidance."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import jsonschema
+import numpy as np
+import pytest
+from PIL import Image
+
+from daemon.critique import critique_schema, profile_schema
+from daemon.model.runtime import GenerationError, ModelNotFoundError, ModelRuntime
+from daemon.model.smoke import MARKER_NAME, build_smoke_model
+
+MAX_PIXELS = 448 * 448
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
+
+
+def _photo(size: tuple[int, int] = (448, 448)) -> Image.Image:
+    try:
+        from skimage import data
+
+        return Image.fromarray(data.astronaut()).resize(size)
+    except ImportError:  # scikit-image is a test extra; a gradient is still a real image
+        x = np.linspace(0, 255, size[0], dtype=np.uint8)
+        return Image.fromarray(np.stack([np.tile(x, (size[1], 1))] * 3, axis=-1))
+
+
+@pytest.fixture(scope="module")
+def runtime(smoke_model_path: Path) -> ModelRuntime:
+    return ModelRuntime.load("smoke", var_dir=smoke_model_path.parents[1], max_pixels=MAX_PIXELS)
+
+
+def test_smoke_build_is_byte_identical_per_seed(tmp_path: Path) -> None:
+    a = build_smoke_model(tmp_path / "a", seed=0)
+    b = build_smoke_model(tmp_path / "b", seed=0)
+    names = sorted(p.name for p in a.iterdir())
+    assert names == sorted(p.name for p in b.iterdir())
+    for needed in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
+                   "chat_template.json", "preprocessor_config.json", "processor_config.json",
+                   "video_preprocessor_config.json", "generation_config.json", MARKER_NAME):
+        assert needed in names
+    for name in names:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "temp build dirs left behind"
+    c = build_smoke_model(tmp_path / "c", seed=1)
+    assert (c / "model.safetensors").read_bytes() != (a / "model.safetensors").read_bytes()
+
+
+def test_mlx_vlm_loads_smoke_model_offline(smoke_model_path: Path) -> None:
+    import mlx_vlm
+
+    assert os.environ.get("HF_HUB_OFFLINE") == "1"
+    model, processor = mlx_vlm.load(str(smoke_model_path))
+    assert model.config.model_type == "qwen2_vl"
+    assert model.config.text_config.vocab_size == len(processor.tokenizer)
+
+
+def test_runtime_identity(runtime: ModelRuntime, smoke_model_path: Path) -> None:
+    assert runtime.is_smoke and "random weights" in runtime.model_id
+    assert Path(runtime.path) == smoke_model_path
+    assert runtime.max_pixels == MAX_PIXELS
+    assert runtime.processor.image_processor.max_pixels == MAX_PIXELS
+
+
+def test_critique_is_schema_valid_and_deterministic(runtime: ModelRuntime) -> None:
+    schema = critique_schema(40)
+    photo = _photo()
+    first = runtime.generate_json(photo, "Critique this photograph.", schema, max_tokens=1400,
+                                  system="You are a photography advisor.")
+    jsonschema.validate(first.data, schema)
+    assert first.prompt_tokens > 256  # 448x448 -> 256 image tokens, plus the text
+    assert 0 < first.generated_tokens <= 1400 and first.seconds > 0
+    second = runtime.generate_json(photo, "Critique this photograph.", schema, max_tokens=1400,
+                                   system="You are a photography advisor.")
+    assert second.text == first.text
+
+
+def test_profile_is_schema_valid(runtime: ModelRuntime) -> None:
+    out = runtime.generate_json(_photo(), "Score this photograph.", profile_schema(), max_tokens=200)
+    jsonschema.validate(out.data, profile_schema())
+    assert sorted(out.data) == sorted(profile_schema()["properties"])
+
+
+def test_large_images_are_capped_at_max_pixels(runtime: ModelRuntime) -> None:
+    small = runtime.generate_json(_photo((448, 448)), "Score.", profile_schema(), max_tokens=200)
+    big = runtime.generate_json(_photo((1200, 1200)), "Score.", profile_schema(), max_tokens=200)
+    assert big.prompt_tokens <= small.prompt_tokens
+
+
+def test_running_out_of_tokens_is_a_clear_error(runtime: ModelRuntime) -> None:
+    with pytest.raises(GenerationError, match="max_tokens") as info:
+        runtime.generate_json(_photo(), "Critique.", critique_schema(40), max_tokens=5)
+    assert isinstance(info.value, RuntimeError) and info.value.text.startswith("{")
+
+
+@pytest.mark.parametrize("spec", ["/nonexistent/mondrian/model", "mondrian-test/no-such-model-xyz"])
+def test_missing_model_fails_fast_with_instructions(spec: str, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(ModelNotFoundError) as info:
+        ModelRuntime.load(spec, var_dir=tmp_path, max_pixels=MAX_PIXELS)
+    assert time.perf_counter() - started < 10
+    message = str(info.value)
+    assert "huggingface-cli download" in message and "MONDRIAN_MODEL" in message and "smoke" in message
+
+
+def test_folder_without_config_is_not_a_model(tmp_path: Path) -> None:
+    with pytest.raises(ModelNotFoundError, match="config.json"):
+        ModelRuntime.load(str(tmp_path), var_dir=tmp_path, max_pixels=MAX_PIXELS)
+
+
+@pytest.mark.skipif(not os.path.exists(OPENBLAS), reason="OpenBLAS is not installed")
+def test_openblas_is_loaded_with_the_runtime() -> None:
+    import daemon.model.runtime  # noqa: F401  (the import is what preloads it)
+
+    maps = Path("/proc/self/maps").read_text()
+    assert "libopenblas" in maps
