@@ -171,3 +171,27 @@ def test_missing_model_is_a_clear_fatal_error(tmp_path, smoke_model_path):
     assert out.returncode == 78
     assert "MONDRIAN_MODEL" in out.stderr or "smoke" in out.stderr
     assert (home / "inbox" / "a.jpg").exists(), "nothing is lost when the model is missing"
+
+
+def test_daemon_pages_render_offline_in_chromium(tmp_path, smoke_model_path):
+    from tests.browser import render, require_browser, urls_outside
+
+    require_browser()
+    home = make_home(tmp_path / "home", smoke_model_path)
+    photo(home / "inbox" / "IMG_1.jpg", seed=4)
+    photo(home / "inbox" / "leibovitz" / "portrait.jpg", seed=5)
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    outbox = home / "outbox"
+    rep = _report(outbox / "IMG_1")
+    page = render((outbox / "IMG_1" / "report.html").as_uri(),
+                  evaluate="() => [...document.querySelectorAll('[data-score]')]"
+                           ".map(e => [e.dataset.dimension, Number(e.dataset.score)])")
+    assert dict(page.value) == {d: v["score"] for d, v in rep["dimensions"].items()}
+    assert "not meaningful" in page.dom and "Ansel Adams" in page.dom
+    assert urls_outside(page.requests, outbox / "IMG_1") == []
+    assert any(u.endswith("preview.jpg") for u in page.requests), "the photo itself is shown"
+    index = render((outbox / "index.html").as_uri(),
+                   evaluate="() => [...document.querySelectorAll('li[data-folder]')].map(e => e.dataset.folder)")
+    assert sorted(index.value) == ["IMG_1", "portrait"]
+    assert urls_outside(index.requests, outbox) == []
+    assert str(home) not in (outbox / "IMG_1" / "report.html").read_text(), "no absolute paths in shared HTML"
