@@ -23,6 +23,8 @@ def _setup_logging(verbose: bool = False) -> None:
                         stream=sys.stderr)
     for noisy in ("watchdog", "peewee", "PIL", "httpx", "huggingface_hub", "datasets", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # watchdog logs a spurious error when its inotify thread is stopped mid-read (harmless, at shutdown only)
+    logging.getLogger("watchdog.observers.inotify").setLevel(logging.CRITICAL)
 
 
 def _config(args: argparse.Namespace):

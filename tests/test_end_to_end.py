@@ -195,3 +195,14 @@ def test_daemon_pages_render_offline_in_chromium(tmp_path, smoke_model_path):
     assert sorted(index.value) == ["IMG_1", "portrait"]
     assert urls_outside(index.requests, outbox) == []
     assert str(home) not in (outbox / "IMG_1" / "report.html").read_text(), "no absolute paths in shared HTML"
+
+
+def test_model_smoke_command_builds_a_loadable_checkpoint(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home")
+    out = mondrian(home, smoke_model_path, "model", "smoke")
+    assert out.returncode == 0, out.stderr
+    built = Path(out.stdout.strip())
+    assert built == home / "var" / "models" / "smoke-qwen2-vl"
+    assert (built / "config.json").exists() and (built / "model.safetensors").exists()
+    # same recipe, same seed: the same bytes as the session's model
+    assert (built / "model.safetensors").read_bytes() == (smoke_model_path / "model.safetensors").read_bytes()
