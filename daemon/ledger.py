@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from peewee import (SQL, AutoField, CharField, DatabaseProxy, FloatField, IntegerField, Model,
+from peewee import (SQL, AutoField, BlobField, CharField, DatabaseProxy, FloatField, IntegerField, Model,
                     SqliteDatabase, TextField, fn)
 
 QUEUED, RUNNING, DONE, FAILED, GONE = "queued", "running", "done", "failed", "gone"
@@ -77,11 +77,54 @@ class Event(_Base):
     at = FloatField()
 
 
-MODELS: list[type[Model]] = [SchemaVersion, Job, Event]
+class _JSONField(TextField):
+    """A JSON document stored as text; Python code sees dicts/lists."""
+
+    def db_value(self, value: Any) -> str | None:
+        return None if value is None else json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+    def python_value(self, value: Any) -> Any:
+        return None if value is None else json.loads(value)
+
+
+class Reference(_Base):
+    """One photo of an advisor's reference portfolio and its profile (rag mode, LoRA training data)."""
+
+    id = AutoField()
+    advisor = CharField()
+    path = TextField()  # absolute path of the reference photo
+    sha256 = CharField(index=True)  # content hash: re-indexing an unchanged file is a no-op
+    scores = _JSONField()  # {dimension: int 0-10}
+    comments = _JSONField(null=True)  # {dimension: str} from a curator's sidecar, or None
+    source = CharField()  # human (sidecar) | model (pass 1 of rag)
+    model_id = CharField(null=True)  # model that derived the scores and/or the embedding
+    indexed_at = FloatField()
+    embedding = BlobField(null=True)  # float32 L2-normalised pooled vision features of model_id
+
+    class Meta:
+        table_name = "reference"
+        indexes = ((("advisor", "path"), True),)
+
+
+def _create_reference_table(db: SqliteDatabase) -> None:
+    # Frozen SQL rather than create_tables(): later edits of the Reference class must come as new migrations.
+    for statement in (
+        'CREATE TABLE IF NOT EXISTS "reference" ("id" INTEGER NOT NULL PRIMARY KEY, '
+        '"advisor" VARCHAR(255) NOT NULL, "path" TEXT NOT NULL, "sha256" VARCHAR(255) NOT NULL, '
+        '"scores" TEXT NOT NULL, "comments" TEXT, "source" VARCHAR(255) NOT NULL, "model_id" VARCHAR(255), '
+        '"indexed_at" REAL NOT NULL, "embedding" BLOB)',
+        'CREATE UNIQUE INDEX IF NOT EXISTS "reference_advisor_path" ON "reference" ("advisor", "path")',
+        'CREATE INDEX IF NOT EXISTS "reference_sha256" ON "reference" ("sha256")',
+    ):
+        db.execute_sql(statement)
+
+
+MODELS: list[type[Model]] = [SchemaVersion, Job, Event, Reference]
 
 # Each migration moves the schema from version i to i+1. Append, never edit: a user's ledger may be at any step.
 MIGRATIONS: list[Callable[[SqliteDatabase], None]] = [
     lambda db: db.create_tables([Job, Event]),
+    _create_reference_table,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -281,6 +324,39 @@ class Ledger:
     def jobs(self) -> list[Job]:
         return list(Job.select().order_by(Job.id))
 
+    # -- reference portfolios (rag) -------------------------------------------------------------
+    def references(self, advisor_id: str) -> list[Reference]:
+        """The advisor's indexed references, by path. Rows: see `Reference`; `reference_profile(row)` reads one."""
+        return list(Reference.select().where(Reference.advisor == advisor_id).order_by(Reference.path))
+
+    def reference_counts(self) -> dict[str, int]:
+        q = Reference.select(Reference.advisor, fn.COUNT(Reference.id).alias("n")).group_by(Reference.advisor)
+        return {row["advisor"]: row["n"] for row in q.dicts()}
+
+    def reference_at(self, advisor_id: str, path: Path | str) -> Reference | None:
+        return Reference.get_or_none((Reference.advisor == advisor_id) & (Reference.path == str(path)))
+
+    def reference_with_hash(self, advisor_id: str, sha256: str) -> Reference | None:
+        """Another row of this advisor with the same content (a renamed or copied reference)."""
+        return (Reference.select().where((Reference.advisor == advisor_id) & (Reference.sha256 == sha256))
+                .order_by(Reference.indexed_at.desc()).first())
+
+    def upsert_reference(self, *, advisor: str, path: Path | str, sha256: str, scores: dict[str, int],
+                         comments: dict[str, str] | None, source: str, model_id: str | None,
+                         embedding: bytes | None) -> Reference:
+        values = dict(sha256=sha256, scores=scores, comments=comments, source=source, model_id=model_id,
+                      embedding=embedding, indexed_at=time.time())
+        with self.db.atomic("IMMEDIATE"):
+            row = self.reference_at(advisor, path)
+            if row is None:
+                return Reference.create(advisor=advisor, path=str(path), **values)
+            Reference.update(**values).where(Reference.id == row.id).execute()
+        return Reference.get_by_id(row.id)
+
+    def remove_reference(self, advisor_id: str, path: Path | str) -> bool:
+        return Reference.delete().where((Reference.advisor == advisor_id) &
+                                        (Reference.path == str(path))).execute() > 0
+
     # -- daemon facts for status --------------------------------------------------------------
     def set_event(self, key: str, value: Any) -> None:
         Event.insert(key=key, value=json.dumps(value), at=time.time()).on_conflict_replace().execute()
@@ -298,5 +374,5 @@ def job_dict(job: Job) -> dict[str, Any]:
     return d
 
 
-__all__ = ["Ledger", "Job", "STATES", "QUEUED", "RUNNING", "DONE", "FAILED", "GONE", "job_dict", "worker_id",
+__all__ = ["Ledger", "Job", "Reference", "STATES", "QUEUED", "RUNNING", "DONE", "FAILED", "GONE", "job_dict", "worker_id",
            "SCHEMA_VERSION", "SQL"]

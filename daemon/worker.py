@@ -105,8 +105,11 @@ class Worker:
             self.ledger.requeue(job.id, "Mondrian was stopped while analysing it; queued again",
                                 undo_attempt=True)
         except Exception as exc:  # one photo must never take the worker down
-            log.exception("unexpected error on %s", job.rel_path)
-            self._transient(job, f"unexpected error: {type(exc).__name__}: {exc}")
+            if getattr(exc, "permanent", False):
+                self._fail(self.ledger.get(job.id), f"the model could not produce a critique: {exc}")
+            else:
+                log.exception("unexpected error on %s", job.rel_path)
+                self._transient(job, f"unexpected error: {type(exc).__name__}: {exc}")
         finally:
             self.current = None
             self.busy.clear()

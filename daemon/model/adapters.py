@@ -71,8 +71,8 @@ class AdapterSpec:
 
     @property
     def signature(self) -> tuple[Any, ...]:
-        """Dropout only matters while training; everything else decides the installed layers."""
-        return (self.fine_tune_type, self.rank, round(self.scale, 9), self.keys)
+        """What decides the installed layers (dropout only matters while training)."""
+        return (self.fine_tune_type, self.rank, self.keys)
 
     def to_config(self) -> dict[str, Any]:
         return {"fine_tune_type": self.fine_tune_type, "num_layers": -1,
@@ -149,12 +149,15 @@ class AdapterManager:
             self._zero()
             return None
         entry = self.load(adapter)
-        if self.active == entry.key and self.installed is not None \
-                and self.installed.signature == entry.spec.signature:
-            self._cache.move_to_end(entry.key)
+        if self.active == entry.key and self.installed == entry.spec:
             return entry.key
         if self.installed is None or self.installed.signature != entry.spec.signature:
             self._install(entry.spec)
+        elif self.installed.scale != entry.spec.scale:
+            # Same layers, another scale: the scale lives in each module, not in the weights file.
+            for _, module in self._lora_modules():
+                module.scale = entry.spec.scale
+            self.installed = entry.spec
         self.model.load_weights(entry.weights, strict=False)
         self.active = entry.key
         self.swaps += 1

@@ -10,6 +10,7 @@ from . import blas
 
 blas.preload_openblas()  # must precede the first `import mlx` in the process
 
+import contextlib
 import json
 import logging
 import os
@@ -26,6 +27,8 @@ from .smoke import SMOKE_ALIAS, ensure_smoke_model, read_marker
 
 if TYPE_CHECKING:
     from PIL import Image
+
+    from .reuse import EncodedPhoto
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +47,9 @@ class ModelNotFoundError(RuntimeError):
 class GenerationError(RuntimeError):
     """The model produced no valid JSON (e.g. ran out of tokens); `text` holds what it did produce."""
 
+    # Decoding is greedy: the same photo fails the same way again, so the worker must not retry it.
+    permanent = True
+
     def __init__(self, message: str, text: str = "") -> None:
         super().__init__(message)
         self.text = text
@@ -56,6 +62,8 @@ class Generation:
     prompt_tokens: int
     generated_tokens: int
     seconds: float
+    reused_tokens: int = 0  # prompt tokens served from an encoded photo's KV cache (see `encode`)
+    forward_passes: int | None = None  # decode steps, when schema-forced tokens were fast-forwarded
 
 
 def _how_to_get(spec: str) -> str:
@@ -179,15 +187,53 @@ class ModelRuntime:
         messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    # -- LoRA adapters (issue 5): one base model, adapter weights swapped per photo ----------------
+    @property
+    def adapters(self) -> Any:
+        """The `AdapterManager` of this model, created on first use (base-only runs never install LoRA)."""
+        if getattr(self, "_adapters", None) is None:
+            from .adapters import AdapterManager
+
+            self._adapters = AdapterManager(self.model)
+        return self._adapters
+
+    @contextlib.contextmanager
+    def use_adapter(self, adapter: str | Path | None):
+        """Run the block with `adapter`'s weights in the model (None: the base model), then go back to the base.
+
+        Outside such a block the model is always the plain base model, so code that calls the model
+        directly can never see an advisor's adapter. Anything cached from model activations (prompt KV
+        caches) must include the yielded key. Call it from the thread that owns the model.
+        """
+        if adapter is None and getattr(self, "_adapters", None) is None:
+            yield None
+            return
+        key = self.adapters.activate(adapter)
+        try:
+            yield key
+        finally:
+            self.adapters.deactivate()
+
     def generate_json(self, image: "Image.Image", prompt: str, schema: dict, *, max_tokens: int,
-                      system: str | None = None) -> Generation:
-        """Greedy, schema-constrained generation: same inputs give the same text; the result always validates."""
+                      system: str | None = None, adapter: str | Path | None = None,
+                      encoded: "EncodedPhoto | None" = None) -> Generation:
+        """Greedy, schema-constrained generation: same inputs give the same text; the result always validates.
+
+        `adapter` is a LoRA adapter folder (e.g. `adapters/<advisor>/<version>`); None is the base model.
+        `encoded` (from `encode(image)`) reuses that photo's vision features and the KV cache of the prompt
+        prefix shared with its previous call; `image` is then ignored.
+        """
         from mlx_vlm.generate import stream_generate
 
+        if encoded is not None and encoded.features is not None:
+            return self._generate_encoded(encoded, prompt, schema, max_tokens=max_tokens, system=system,
+                                          adapter=adapter)
+        if encoded is not None:
+            image = encoded.image
         if image.mode != "RGB":
             image = image.convert("RGB")
         text_prompt = self.format_prompt(prompt, system=system)
-        with self._lock:
+        with self._lock, self.use_adapter(adapter):
             constraint = self.constraint.logits_processor(schema)
             started = time.perf_counter()
             final = None
@@ -215,3 +261,38 @@ class ModelRuntime:
             raise GenerationError(f"constrained output does not match the schema: {exc}", text) from exc
         return Generation(data=data, text=text, prompt_tokens=int(final.prompt_tokens),
                           generated_tokens=len(ids), seconds=seconds)
+
+    # -- one photo, several prompts (rag, issue 4) --------------------------------------------------
+    def encode(self, image: "Image.Image") -> "EncodedPhoto":
+        """Run the vision tower once; pass the result to `generate_json(encoded=...)` for every prompt.
+
+        Its `embedding` (pooled vision features, L2-normalised) is what rag compares photos by.
+        """
+        from .reuse import encode_photo
+
+        with self._lock:
+            return encode_photo(self.model, self.processor, image, self.format_prompt(""))
+
+    def _generate_encoded(self, encoded: "EncodedPhoto", prompt: str, schema: dict, *, max_tokens: int,
+                          system: str | None, adapter: str | Path | None) -> Generation:
+        from . import reuse
+
+        text_prompt = self.format_prompt(prompt, system=system)
+        with self._lock, self.use_adapter(adapter) as key:
+            if encoded.kv_key != key:  # a KV cache computed under another adapter cannot be reused
+                encoded.kv, encoded.kv_ids = None, None
+            started = time.perf_counter()
+            out = reuse.generate(self.model, self.processor, self.constraint, encoded, text_prompt, schema,
+                                 max_tokens=max_tokens)
+            encoded.kv_key = key
+            seconds = time.perf_counter() - started
+        if not out.finished:
+            raise GenerationError(
+                f"the model used all {max_tokens} tokens before the JSON closed; raise max_tokens or "
+                f"shorten the schema's maxLength (got {len(out.text)} chars)", out.text)
+        try:
+            data = reuse.parse(out.text, schema)
+        except (ValueError, jsonschema.ValidationError) as exc:
+            raise GenerationError(f"constrained output does not match the schema: {exc}", out.text) from exc
+        return Generation(data=data, text=out.text, prompt_tokens=out.prompt_tokens, generated_tokens=len(out.ids),
+                          seconds=seconds, reused_tokens=out.reused_tokens, forward_passes=out.forward_passes)

@@ -1,10 +1,11 @@
-"""A tiny, randomly initialised Qwen2-VL checkpoint, built offline and deterministically.
+"""A tiny Qwen2-VL checkpoint with random weights, built offline and deterministically.
 
 It lets tests, CI and the offline demo exercise the whole pipeline (processor, vision tower, chat
-template, constrained decoding, LoRA) without downloading 2 B parameters. Its critiques are word
-soup, but they are schema-valid word soup. `shapes="real"` keeps the tiny tokenizer but uses the real
-Qwen2-VL-2B-Instruct tensor shapes, so benchmarks measure realistic speed (speed does not depend on
-weight values).
+template, constrained decoding, LoRA) without downloading 2 B parameters. Its language head is fitted
+to a small photography corpus (see `_bigram_weights`), so critiques are schema-valid word soup
+("and the frame") rather than empty strings; they mean nothing. `shapes="real"` keeps the tiny
+tokenizer but uses the real Qwen2-VL-2B-Instruct tensor shapes with plain random weights, so
+benchmarks measure realistic speed (speed does not depend on weight values).
 """
 
 from __future__ import annotations

@@ -1,0 +1,227 @@
+"""Encode a photo once; run several schema-constrained prompts on it.
+
+RAG asks two questions of each photo (pass 1: its profile; pass 2: the critique grounded in the portfolio).
+Run naively, that is two `mlx_vlm.generate` calls, and each runs the vision tower (most of the prefill at
+real Qwen2-VL-2B shapes on a CPU) and prefills the same system prompt, image and advisor prompt again.
+
+Here, as mlx-vlm's own machinery does it:
+- the vision features are computed once (`encode_photo`) and handed to the model through mlx-vlm's
+  `cached_image_features` hook of `get_input_embeddings` (what its `VisionFeatureCache` feeds);
+- the KV cache of the previous prompt is kept with the photo, and the next prompt prefills only the tokens
+  after the prefix the two share (`PromptCacheState.find_prefix_length` + `KVCache.trim`, the same way
+  mlx-vlm's `stream_generate(prompt_cache_state=...)` reuses a previous turn). The image sits inside that
+  prefix, so the second pass never sees the vision tower;
+- the mean of the vision features is the photo's embedding for visual similarity, so no second model is
+  needed.
+
+The decode loop is our own rather than mlx-vlm's `generate_step`, for one reason: a JSON report is mostly
+forced by its schema (keys, quotes, braces). llguidance reports those forced tokens (`compute_ff_tokens`);
+they are appended in the same forward pass as the sampled token instead of one decode step each. Greedy
+results are those of the one-token-at-a-time loop (a forced token is the only one the mask allows; the
+forced text is tokenized canonically). Prefill and decode also compute the vocabulary projection for the
+last position only, where mlx-vlm projects every prompt position.
+
+Only Qwen2-VL checkpoints take this path (`supports(model)`); callers fall back to plain generation.
+MLX is not thread-safe: call everything here from the runtime's thread, under its lock.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import jsonschema
+import llguidance
+import llguidance.numpy
+import mlx.core as mx
+import numpy as np
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+SUPPORTED_MODEL_TYPES = ("qwen2_vl",)
+
+
+def supports(model: Any) -> bool:
+    config = getattr(model, "config", None)
+    lm = getattr(model, "language_model", None)
+    return (getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES and hasattr(model, "vision_tower")
+            and hasattr(lm, "model") and hasattr(lm, "get_rope_index"))
+
+
+@dataclass
+class EncodedPhoto:
+    """A photo after the vision tower: pass it to `ModelRuntime.generate_json(encoded=...)` for each prompt.
+
+    `embedding` is the L2-normalised mean of the projected vision features (float32), or None when the model
+    does not take the reuse path. Keep one only for the photo in hand: it holds the KV cache of its last prompt.
+    """
+
+    image: "Image.Image"
+    embedding: np.ndarray | None
+    seconds: float  # time spent in the vision tower
+    image_tokens: int = 0
+    features: Any = field(default=None, repr=False)  # mx.array [image_tokens, hidden]
+    kv: Any = field(default=None, repr=False)  # KV cache of the last prompt run with this photo
+    kv_ids: list[int] | None = field(default=None, repr=False)  # the token ids that cache holds
+    kv_key: Any = field(default=None, repr=False)  # the LoRA adapter the cache was computed under
+
+    def embedding_bytes(self) -> bytes | None:
+        return None if self.embedding is None else self.embedding.astype(np.float32).tobytes()
+
+
+@dataclass
+class ReuseOutput:
+    ids: list[int]
+    text: str
+    prompt_tokens: int
+    reused_tokens: int  # prompt tokens served from the previous prompt's KV cache
+    forward_passes: int  # decode steps (a step may append several schema-forced tokens)
+    finished: bool  # the JSON value closed before max_tokens
+
+
+def _inputs(processor: Any, model: Any, image: "Image.Image", text_prompt: str) -> dict[str, Any]:
+    from mlx_vlm.utils import prepare_inputs
+
+    return prepare_inputs(processor, images=[image], prompts=text_prompt,
+                          image_token_index=getattr(model.config, "image_token_index", None))
+
+
+def encode_photo(model: Any, processor: Any, image: "Image.Image", text_prompt: str) -> EncodedPhoto:
+    """Run the vision tower once. `text_prompt` is any chat-templated prompt holding the image."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if not supports(model):
+        return EncodedPhoto(image=image, embedding=None, seconds=0.0)
+    started = time.perf_counter()
+    inputs = _inputs(processor, model, image, text_prompt)
+    dtype = model.vision_tower.patch_embed.proj.weight.dtype
+    features = model.vision_tower(inputs["pixel_values"].astype(dtype), inputs["image_grid_thw"],
+                                  output_hidden_states=False)
+    pooled = mx.mean(features.astype(mx.float32), axis=0)
+    mx.eval(features, pooled)
+    vec = np.array(pooled, dtype=np.float32)
+    norm = float(np.linalg.norm(vec))
+    embedding = vec / norm if norm > 0 else vec
+    return EncodedPhoto(image=image, embedding=embedding, seconds=time.perf_counter() - started,
+                        image_tokens=int(features.shape[0]), features=features)
+
+
+def _project_last(lm: Any, hidden: mx.array) -> mx.array:
+    """Logits of the last position only (the prompt's other positions are never sampled from)."""
+    last = hidden[:, -1:, :]
+    if lm.args.tie_word_embeddings:
+        return lm.model.embed_tokens.as_linear(last)[0, -1]
+    return lm.lm_head(last)[0, -1]
+
+
+def _positions(offset: int, rope_deltas: mx.array, n: int) -> mx.array:
+    # Text after the prompt: all three mRoPE axes advance together from the prompt's end.
+    p = mx.arange(n).reshape(1, -1) + offset + rope_deltas.reshape(-1)[:1].reshape(1, 1)
+    return mx.broadcast_to(p[None], (3, 1, n))
+
+
+class _Mask:
+    def __init__(self, constraint: Any, n_logits: int) -> None:
+        self.c = constraint
+        self.n = n_logits
+        self.bitmask = llguidance.numpy.allocate_token_bitmask(1, constraint.vocab_size)
+
+    def allowed(self, matcher: llguidance.LLMatcher) -> np.ndarray:
+        llguidance.numpy.fill_next_token_bitmask(matcher, self.bitmask, 0)
+        bits = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")
+        allowed = np.zeros(self.n, dtype=bool)
+        n = min(self.n, self.c.tokenizer_size)  # ids past the tokenizer cannot be decoded
+        allowed[:n] = bits[:n].astype(bool)
+        return allowed
+
+
+def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, text_prompt: str,
+             schema: dict, *, max_tokens: int) -> ReuseOutput:
+    """Greedy, schema-constrained generation on an encoded photo, reusing its previous prompt's KV cache."""
+    from mlx_vlm.models import cache as mlx_cache
+
+    lm = model.language_model
+    inputs = _inputs(processor, model, photo.image, text_prompt)
+    input_ids = inputs["input_ids"]
+    ids = [int(t) for t in input_ids[0].tolist()]
+
+    # The longest prefix shared with the previous prompt (system prompt, image, advisor prompt, ...).
+    reused = 0
+    kv = photo.kv
+    if kv is not None and photo.kv_ids:
+        limit = min(len(ids) - 1, len(photo.kv_ids), int(kv[0].offset))  # keep >= 1 token to prefill
+        while reused < limit and ids[reused] == photo.kv_ids[reused]:
+            reused += 1
+        if reused and all(c.is_trimmable() for c in kv):
+            for c in kv:
+                c.trim(int(c.offset) - reused)
+        else:
+            reused = 0
+    if reused == 0:
+        kv = mlx_cache.make_prompt_cache(lm)
+    photo.kv, photo.kv_ids = None, None  # until this prompt is in the cache, the old state is gone
+
+    emb = model.get_input_embeddings(input_ids, inputs["pixel_values"], mask=inputs.get("attention_mask"),
+                                     image_grid_thw=inputs.get("image_grid_thw"),
+                                     cached_image_features=photo.features)
+    position_ids, rope_deltas = emb.position_ids, emb.rope_deltas
+    hidden = lm.model(input_ids[:, reused:], inputs_embeds=emb.inputs_embeds[:, reused:], cache=kv,
+                      position_ids=position_ids[..., reused:])
+    logits = _project_last(lm, hidden)
+
+    matcher = llguidance.LLMatcher(constraint.ll_tokenizer, constraint.grammar(schema), log_level=0)
+    if matcher.is_error():
+        raise ValueError(f"llguidance grammar error: {matcher.get_error()}")
+    mask = _Mask(constraint, int(logits.shape[-1]))
+    eos = constraint.eos_token_id
+    out: list[int] = []
+    passes = 0
+    finished = False
+    allowed = mask.allowed(matcher)
+    while True:
+        if matcher.is_stopped() or (matcher.is_accepting() and allowed.sum() == 1 and allowed[eos]):
+            finished = True
+            break
+        if len(out) >= max_tokens:
+            break
+        if not allowed.any():
+            raise RuntimeError(f"constrained decoding reached a dead end: {matcher.get_error()}")
+        token = int(mx.argmax(mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))).item())
+        if token == eos:
+            finished = matcher.is_accepting()
+            break
+        if not matcher.consume_token(token):
+            raise RuntimeError(f"constrained decoding went off the grammar at token {token}: "
+                               f"{matcher.get_error()}")
+        new = [token]
+        forced = list(matcher.compute_ff_tokens())
+        if forced:
+            if not matcher.consume_tokens(forced):
+                raise RuntimeError(f"llguidance rejected its own forced tokens: {matcher.get_error()}")
+            new += forced
+        out += new
+        allowed = mask.allowed(matcher)
+        if matcher.is_stopped() or (matcher.is_accepting() and allowed.sum() == 1 and allowed[eos]):
+            finished = True
+            break  # nothing left to sample: no need to run the model on the last tokens
+        if len(out) >= max_tokens:
+            break
+        offset = int(kv[0].offset)
+        hidden = lm.model(mx.array([new]), cache=kv, position_ids=_positions(offset, rope_deltas, len(new)))
+        logits = _project_last(lm, hidden)
+        passes += 1
+    mx.eval([c.state for c in kv])
+    photo.kv, photo.kv_ids = kv, ids
+    text = processor.tokenizer.decode(out, skip_special_tokens=False) if hasattr(processor, "tokenizer") \
+        else processor.decode(out, skip_special_tokens=False)
+    return ReuseOutput(ids=out, text=text, prompt_tokens=len(ids), reused_tokens=reused,
+                       forward_passes=passes + 1, finished=finished)
+
+
+def parse(text: str, schema: dict) -> dict:
+    data = json.loads(text)
+    jsonschema.validate(data, schema)
+    return data

@@ -1,0 +1,570 @@
+"""An advisor's reference portfolio: the photos in `advisors/<id>/references/`, indexed into the ledger.
+
+Each reference gets a profile, the 8 dimension scores:
+- from a sidecar `<stem>.json` next to the photo when a curator wrote one (`source: human`), in any of
+  these shapes (comments are optional, any subset of the dimensions):
+      {"scores": {"composition": 8, ...}, "comments": {"composition": "...", ...}}
+      {"dimensions": {"composition": {"score": 8, "comment": "..."}, ...}}     (a report's shape)
+      {"composition": 8, "lighting": 7, ...}                                    (scores only)
+- otherwise from the model, with the same pass 1 that rag runs on every photo (`source: model`).
+With `embeddings_enabled`, the pooled vision features of the photo are stored too (visual similarity).
+
+Indexing is idempotent by content hash: an unchanged file (same hash, same sidecar, same model) is left
+alone, a renamed or copied one reuses its twin's profile, a changed one is indexed again, a removed one
+loses its row. Files still being written wait, as in the inbox: a file is taken once its mtime is at least
+`quiet_seconds` old and its size and mtime have not changed while the daemon watched.
+
+The daemon indexes between photo jobs on its MLX thread (`ReferenceWatcher.step`); `mondrian references
+index` does it on demand (`ReferenceIndexer.sync`). Only the ledger writes the database.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from .advisors import Advisor, load_advisors, references_dir
+from .config import Config
+from .critique import DIMENSIONS, SCORE_MAX, SCORE_MIN, profile_schema
+from .ledger import Ledger, Reference
+
+log = logging.getLogger("mondrian.references")
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".heic", ".heif", ".gif", ".bmp")
+SIDECAR_SUFFIX = ".json"
+SIDECAR_MAX_BYTES = 256 * 1024
+COMMENT_MAX_CHARS = 2000
+PROFILE_MAX_TOKENS = 256  # pass 1 is 8 integers; the schema forces everything else
+THUMB_PX = 240
+_HIDDEN_PREFIXES = (".", "~$", "._")
+_TEMP_SUFFIXES = (".part", ".crdownload", ".download", ".tmp", ".partial", ".opdownload")
+
+
+class SidecarInvalid(ValueError):
+    """A reference's sidecar cannot be used; the message says what to fix."""
+
+
+# --------------------------------------------------------------------------------------- profiles
+
+
+def reference_profile(row: Reference) -> dict[str, Any]:
+    """{"scores": {dim: int}, "comments": {dim: str} | None, "source": "human" | "model"} of a ledger row."""
+    scores = row.scores if isinstance(row.scores, dict) else json.loads(row.scores)
+    comments = row.comments
+    if isinstance(comments, str):
+        comments = json.loads(comments)
+    return {"scores": {d: int(scores[d]) for d in DIMENSIONS},
+            "comments": {d: str(comments[d]) for d in DIMENSIONS if d in comments} if comments else None,
+            "source": row.source}
+
+
+def reference_comment(comments: dict[str, str] | None, limit: int = 280) -> str:
+    """One line from a curator's per-dimension comments, for prompts and reports."""
+    if not comments:
+        return ""
+    text = "; ".join(f"{d.replace('_', ' ')}: {comments[d]}" for d in DIMENSIONS if comments.get(d))
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _score(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
+            or not SCORE_MIN <= value <= SCORE_MAX:
+        raise SidecarInvalid(f"{where} is {value!r}; scores are whole numbers from {SCORE_MIN} to {SCORE_MAX}")
+    return int(value)
+
+
+def parse_sidecar(data: Any, name: str = "the sidecar") -> tuple[dict[str, int], dict[str, str] | None]:
+    """(scores, comments) from a sidecar document; raises SidecarInvalid naming the problem."""
+    if not isinstance(data, dict):
+        raise SidecarInvalid(f"{name} must hold a JSON object with the 8 scores")
+    raw_comments: Any = None
+    if isinstance(data.get("dimensions"), dict):
+        dims = data["dimensions"]
+        raw_scores, raw_comments = {}, {}
+        for d, v in dims.items():
+            if not isinstance(v, dict):
+                raise SidecarInvalid(f"{name}: dimensions.{d} must be an object with a score")
+            if "score" in v:
+                raw_scores[d] = v["score"]
+            if v.get("comment") is not None:
+                raw_comments[d] = v["comment"]
+    elif isinstance(data.get("scores"), dict):
+        raw_scores, raw_comments = data["scores"], data.get("comments")
+    else:
+        raw_scores = data
+    unknown = sorted(set(raw_scores) - set(DIMENSIONS))
+    if unknown:
+        raise SidecarInvalid(f"{name} names unknown dimensions {', '.join(unknown)}; use {', '.join(DIMENSIONS)}")
+    missing = [d for d in DIMENSIONS if d not in raw_scores]
+    if missing:
+        raise SidecarInvalid(f"{name} lacks scores for {', '.join(missing)}; give all 8 dimensions")
+    scores = {d: _score(raw_scores[d], f"{name}: the {d} score") for d in DIMENSIONS}
+    comments: dict[str, str] | None = None
+    if raw_comments:
+        if not isinstance(raw_comments, dict):
+            raise SidecarInvalid(f"{name}: comments must be an object of dimension -> text")
+        unknown = sorted(set(raw_comments) - set(DIMENSIONS))
+        if unknown:
+            raise SidecarInvalid(f"{name}: comments name unknown dimensions {', '.join(unknown)}")
+        comments = {}
+        for d in DIMENSIONS:
+            text = raw_comments.get(d)
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise SidecarInvalid(f"{name}: the {d} comment must be text")
+            text = " ".join(text.split())[:COMMENT_MAX_CHARS]
+            if text:
+                comments[d] = text
+        comments = comments or None
+    return scores, comments
+
+
+def read_sidecar(path: Path) -> tuple[dict[str, int], dict[str, str] | None]:
+    try:
+        size = path.stat().st_size
+        if size > SIDECAR_MAX_BYTES:
+            raise SidecarInvalid(f"{path.name} is {size} bytes; a reference sidecar holds only scores and comments")
+        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+    except SidecarInvalid:
+        raise
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SidecarInvalid(f"{path.name} is not readable JSON ({exc})") from exc
+    return parse_sidecar(data, path.name)
+
+
+def extract_profile(runtime: Any, cfg: Config, advisor: Advisor, encoded: Any,
+                    adapter: Any = None) -> tuple[dict[str, int], Any]:
+    """Pass 1: the photo's 8 scores in the advisor's eyes (schema-constrained, no comments)."""
+    from .prompts import profile_prompt
+
+    gen = runtime.generate_json(encoded.image, profile_prompt(advisor), profile_schema(),
+                                max_tokens=PROFILE_MAX_TOKENS, encoded=encoded, adapter=adapter)
+    return {d: int(gen.data[d]) for d in DIMENSIONS}, gen
+
+
+# ------------------------------------------------------------------------------------ thumbnails
+
+
+def thumbnail(cfg: Config, sha256: str, source: Path | str) -> Path | None:
+    """A small JPEG of a reference (cached under var/cache by content hash), or None if it cannot be read."""
+    from PIL import Image, ImageOps
+
+    from .report import atomic_write_bytes
+
+    dest = cfg.var_dir / "cache" / "reference-thumbs" / f"{sha256}.jpg"
+    if dest.exists():
+        return dest
+    try:
+        with Image.open(source) as img:
+            img.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))
+            img = ImageOps.exif_transpose(img) or img
+            img = img.convert("RGB")
+            img.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS)
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=85, optimize=True)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(dest, buf.getvalue())
+        return dest
+    except Exception as exc:  # a reference that vanished or cannot be decoded simply has no thumbnail
+        log.debug("no thumbnail for %s: %s", source, exc)
+        return None
+
+
+# ------------------------------------------------------------------------------------- scanning
+
+
+def _ignored(name: str) -> bool:
+    low = name.lower()
+    return name.startswith(_HIDDEN_PREFIXES) or low.endswith(_TEMP_SUFFIXES)
+
+
+def reference_files(folder: Path) -> list[Path]:
+    """Photos under `folder` (recursively), skipping hidden and temporary names."""
+    found: list[Path] = []
+    if not folder.is_dir():
+        return found
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not _ignored(d))
+        for name in sorted(filenames):
+            if not _ignored(name) and name.lower().endswith(IMAGE_SUFFIXES):
+                found.append(Path(dirpath) / name)
+    return found
+
+
+def sidecar_path(photo: Path) -> Path | None:
+    want = photo.with_suffix(SIDECAR_SUFFIX)
+    if want.exists():
+        return want
+    try:
+        for entry in os.scandir(photo.parent):
+            if entry.name.lower() == want.name.lower() and entry.is_file():
+                return photo.parent / entry.name
+    except OSError:
+        pass
+    return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+@dataclass
+class Work:
+    advisor: str
+    path: Path
+    sha256: str
+    reason: str  # new | changed | sidecar | model | embedding
+    sidecar: tuple[dict[str, int], dict[str, str] | None] | None  # parsed curator profile, or None
+    key: tuple = ()
+
+    @property
+    def source(self) -> str:
+        return "human" if self.sidecar is not None else "model"
+
+
+@dataclass
+class Plan:
+    index: list[Work] = field(default_factory=list)
+    remove: list[tuple[str, str]] = field(default_factory=list)  # (advisor, path) rows to delete
+    waiting: list[Path] = field(default_factory=list)  # still being written
+    errors: list[tuple[str, Path, str]] = field(default_factory=list)  # (advisor, path, reason)
+    unchanged: int = 0
+    model_rows: int = 0  # rows holding model-derived data (scores or embeddings)
+
+    @property
+    def needs_model(self) -> bool:
+        return bool(self.index) and any(w.source == "model" for w in self.index)
+
+
+@dataclass
+class Outcome:
+    advisor: str
+    path: Path
+    action: str  # indexed | reused | removed | error
+    source: str = ""
+    reason: str = ""
+    seconds: float = 0.0
+
+
+@dataclass
+class _Seen:
+    key: tuple
+    since: float  # monotonic time the key was first seen
+
+
+class ReferenceIndexer:
+    """Plans and performs indexing. `runtime_provider()` returns the loaded ModelRuntime (called lazily)."""
+
+    def __init__(self, cfg: Config, ledger: Ledger, runtime_provider: Callable[[], Any] | None = None):
+        self.cfg = cfg
+        self.ledger = ledger
+        self.runtime_provider = runtime_provider
+        self._runtime: Any = None
+        self._seen: dict[Path, _Seen] = {}
+        self._hashes: dict[Path, tuple[tuple, str]] = {}
+        self._failed: dict[Path, tuple[tuple, str]] = {}
+
+    # -- model ------------------------------------------------------------------------------------
+    def runtime(self) -> Any:
+        if self._runtime is None:
+            if self.runtime_provider is None:
+                raise RuntimeError("indexing these references needs the model, and none was given")
+            self._runtime = self.runtime_provider()
+        return self._runtime
+
+    @property
+    def model_id(self) -> str | None:
+        return self._runtime.model_id if self._runtime is not None else None
+
+    def advisors(self, only: Iterable[str] | None = None) -> dict[str, Advisor]:
+        known = load_advisors(self.cfg)
+        if only is None:
+            return known
+        return {a: known[a] for a in only if a in known}
+
+    # -- planning (no model) ----------------------------------------------------------------------
+    def _key(self, photo: Path, sidecar: Path | None) -> tuple | None:
+        try:
+            st = photo.stat()
+            sst = sidecar.stat() if sidecar is not None else None
+        except OSError:
+            return None
+        return (st.st_size, st.st_mtime_ns, sst.st_size if sst else None, sst.st_mtime_ns if sst else None)
+
+    def _settled(self, photo: Path, key: tuple, now: float) -> bool:
+        newest = max(key[1], key[3] or 0) / 1e9
+        seen = self._seen.get(photo)
+        mono = time.monotonic()
+        if seen is None:
+            self._seen[photo] = _Seen(key, mono)
+            watched_long_enough = True  # first sight: the mtime alone says whether it is still being written
+        elif seen.key != key:
+            self._seen[photo] = _Seen(key, mono)
+            watched_long_enough = False  # it changed while we watched: wait for it to be still
+        else:
+            watched_long_enough = mono - seen.since >= self.cfg.quiet_seconds
+        return watched_long_enough and now - newest >= self.cfg.quiet_seconds
+
+    def plan(self, advisors: Iterable[str] | None = None, *, model_id: str | None = None) -> Plan:
+        """What indexing would do now. With `model_id`, rows derived by another model count as stale."""
+        plan = Plan()
+        now = time.time()
+        embeddings = self.cfg.embeddings_enabled
+        for advisor_id in sorted(self.advisors(advisors)):
+            folder = references_dir(self.cfg, advisor_id)
+            rows = {r.path: r for r in self.ledger.references(advisor_id)}
+            keep: set[str] = set()
+            for photo in reference_files(folder):
+                sidecar = sidecar_path(photo)
+                key = self._key(photo, sidecar)
+                if key is None:
+                    continue  # vanished while we looked
+                spath = str(photo)
+                row = rows.get(spath)
+                if not self._settled(photo, key, now):
+                    plan.waiting.append(photo)
+                    keep.add(spath)  # its old profile stays until the new file is complete
+                    continue
+                failed = self._failed.get(photo)
+                if failed and failed[0] == key:
+                    plan.errors.append((advisor_id, photo, failed[1]))
+                    continue
+                try:
+                    cached = self._hashes.get(photo)
+                    sha = cached[1] if cached and cached[0][:2] == key[:2] else _sha256(photo)
+                    self._hashes[photo] = (key, sha)
+                    parsed = read_sidecar(sidecar) if sidecar is not None else None
+                except SidecarInvalid as exc:
+                    self._failed[photo] = (key, str(exc))
+                    plan.errors.append((advisor_id, photo, str(exc)))
+                    continue
+                except OSError as exc:
+                    plan.errors.append((advisor_id, photo, f"could not be read ({exc.strerror or exc})"))
+                    continue
+                reason = self._stale(row, sha, parsed, model_id, embeddings)
+                if reason:
+                    plan.index.append(Work(advisor_id, photo, sha, reason, parsed, key))
+                else:
+                    plan.unchanged += 1
+                keep.add(spath)
+                if row is not None and (row.source == "model" or row.embedding is not None):
+                    plan.model_rows += 1
+            plan.remove += [(advisor_id, p) for p in rows if p not in keep]
+        return plan
+
+    @staticmethod
+    def _stale(row: Reference | None, sha: str, parsed: tuple | None, model_id: str | None,
+               embeddings: bool) -> str:
+        if row is None:
+            return "new"
+        if row.sha256 != sha:
+            return "changed"
+        if parsed is not None:
+            if row.source != "human" or row.scores != parsed[0] or (row.comments or None) != parsed[1]:
+                return "sidecar"
+        elif row.source != "model":
+            return "sidecar"  # the curator's sidecar was removed: the model derives the profile now
+        if model_id is not None:
+            if row.source == "model" and row.model_id != model_id:
+                return "model"
+            if embeddings and (row.embedding is None or row.model_id != model_id):
+                return "embedding"
+        elif embeddings and row.embedding is None:
+            return "embedding"
+        return ""
+
+    # -- doing -------------------------------------------------------------------------------------
+    def remove(self, plan: Plan) -> list[Outcome]:
+        out = []
+        for advisor_id, path in plan.remove:
+            if self.ledger.remove_reference(advisor_id, path):
+                log.info("reference removed from %s's portfolio: %s", advisor_id, Path(path).name)
+                out.append(Outcome(advisor_id, Path(path), "removed"))
+        plan.remove = []
+        return out
+
+    def index_one(self, work: Work, advisors: dict[str, Advisor] | None = None) -> Outcome:
+        """Index one reference (runs the model when its profile or embedding must be computed)."""
+        from .images import ImageRejected, load_photo
+
+        started = time.perf_counter()
+        advisors = advisors or self.advisors([work.advisor])
+        advisor = advisors[work.advisor]
+        try:
+            scores: dict[str, int] | None = None
+            comments = None
+            embedding: bytes | None = None
+            model_id: str | None = None
+            reused = False
+            if work.sidecar is not None:
+                scores, comments = work.sidecar
+            twin = self.ledger.reference_with_hash(work.advisor, work.sha256)
+            need_embedding = self.cfg.embeddings_enabled
+            if twin is not None and twin.path == str(work.path):
+                twin = None  # its own stale row is not a twin
+            if twin is not None and (scores is not None or twin.source == "model"):
+                current = self.model_id
+                if twin.source == "model" and scores is None and (current is None or twin.model_id == current) \
+                        and (not need_embedding or twin.embedding is not None):
+                    scores, embedding, model_id, reused = dict(twin.scores), twin.embedding, twin.model_id, True
+                elif scores is not None and need_embedding and twin.embedding is not None \
+                        and (current is None or twin.model_id == current):
+                    embedding, model_id, reused = twin.embedding, twin.model_id, True
+            if scores is None or (need_embedding and embedding is None):
+                photo = load_photo(work.path, self.cfg.max_pixels)
+                rt = self.runtime()
+                encoded = rt.encode(photo.image)
+                if scores is None:
+                    scores, _ = extract_profile(rt, self.cfg, advisor, encoded)
+                if need_embedding:
+                    embedding = encoded.embedding_bytes()
+                model_id = rt.model_id if (work.sidecar is None or embedding is not None) else None
+                work.sha256 = photo.sha256
+                reused = False
+            self.ledger.upsert_reference(advisor=work.advisor, path=work.path, sha256=work.sha256, scores=scores,
+                                         comments=comments, source=work.source, model_id=model_id,
+                                         embedding=embedding)
+            thumbnail(self.cfg, work.sha256, work.path)
+        except (ImageRejected, OSError) as exc:
+            reason = str(exc) if isinstance(exc, ImageRejected) else f"could not be read ({exc})"
+            self._failed[work.path] = (work.key, reason)
+            self.ledger.remove_reference(work.advisor, work.path)
+            log.warning("reference %s for %s skipped: %s", work.path.name, work.advisor, reason)
+            return Outcome(work.advisor, work.path, "error", work.source, reason,
+                           time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        log.info("reference %s for %s indexed (%s profile, %s, %.1f s)", work.path.name, work.advisor,
+                 work.source, work.reason, seconds)
+        return Outcome(work.advisor, work.path, "reused" if reused else "indexed", work.source, work.reason,
+                       seconds)
+
+    def sync(self, advisors: Iterable[str] | None = None,
+             progress: Callable[[Outcome, int, int], None] | None = None,
+             on_plan: Callable[[Plan], None] | None = None) -> tuple[Plan, list[Outcome]]:
+        """Bring the index up to date now (for `mondrian references index`)."""
+        advisors = list(advisors) if advisors is not None else None
+        plan = self.plan(advisors, model_id=self.model_id)
+        if self._runtime is None and self.runtime_provider is not None and \
+                (plan.needs_model or plan.model_rows or (self.cfg.embeddings_enabled and plan.index)):
+            self.runtime()  # rows depend on the model: compare them with the one configured now
+            plan = self.plan(advisors, model_id=self.model_id)
+        if on_plan is not None:
+            on_plan(plan)
+        outcomes = self.remove(plan)
+        known = self.advisors(advisors)
+        for i, work in enumerate(plan.index):
+            outcome = self.index_one(work, known)
+            outcomes.append(outcome)
+            if progress is not None:
+                progress(outcome, i + 1, len(plan.index))
+        return plan, outcomes
+
+
+# ------------------------------------------------------------------------------------ the daemon
+
+
+class _Hints:
+    """watchdog handler: any event under advisors/ makes the next step look again. Never raises."""
+
+    def __init__(self, watcher: "ReferenceWatcher"):
+        self.watcher = watcher
+
+    def dispatch(self, event: Any) -> None:
+        try:
+            self.watcher.mark_dirty()
+        except Exception:  # pragma: no cover - an exception here would kill watchdog's thread
+            pass
+
+
+class ReferenceWatcher:
+    """Keeps the index current while the daemon runs.
+
+    Filesystem events (and the periodic rescan) only mark the index dirty; `step()` does the work, on the
+    worker thread between photo jobs, one reference at a time, so indexing never runs alongside MLX work
+    and a large new portfolio never holds the inbox up for long.
+    """
+
+    def __init__(self, cfg: Config, ledger: Ledger):
+        self.cfg = cfg
+        self.indexer = ReferenceIndexer(cfg, ledger)
+        self._dirty = threading.Event()
+        self._dirty.set()  # start-up: check everything once
+        self._next_look = 0.0
+        self._observer: Any = None
+        self.busy = threading.Event()
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        from watchdog.observers import Observer
+
+        try:
+            self.cfg.advisors_dir.mkdir(parents=True, exist_ok=True)
+            observer = Observer()
+            observer.schedule(_Hints(self), str(self.cfg.advisors_dir), recursive=True)
+            observer.daemon = True
+            observer.start()
+            self._observer = observer
+        except Exception as exc:  # periodic rescans still find new references
+            log.warning("cannot watch %s (%s); references are checked at each rescan", self.cfg.advisors_dir, exc)
+
+    def stop(self) -> None:
+        if self._observer is not None:
+            try:
+                self._observer.stop()
+                self._observer.join(timeout=5)
+            except Exception:  # pragma: no cover
+                pass
+            self._observer = None
+
+    def ensure_alive(self) -> None:
+        if self._observer is not None and not self._observer.is_alive():
+            log.warning("the references observer stopped; restarting it")
+            self.stop()
+            self.start()
+
+    def mark_dirty(self) -> None:
+        self._dirty.set()
+
+    def step(self, runtime: Any) -> bool:
+        """Apply removals and index at most one reference. True while more work is waiting."""
+        if not self._dirty.is_set() and time.monotonic() < self._next_look:
+            return False
+        self.busy.set()
+        try:
+            self._dirty.clear()  # before looking, so an event arriving meanwhile is not lost
+            ix = self.indexer
+            ix._runtime = runtime
+            plan = ix.plan(model_id=runtime.model_id)
+            ix.remove(plan)
+            if plan.index:
+                ix.index_one(plan.index[0])
+                self._dirty.set()
+                return len(plan.index) > 1
+            self._next_look = time.monotonic() + (max(0.2, self.cfg.quiet_seconds / 2) if plan.waiting
+                                                  else float("inf"))
+            return False
+        except Exception as exc:  # a bad reference must never take the worker down
+            log.exception("indexing references failed")
+            self.last_error = f"{type(exc).__name__}: {exc}"
+            self._next_look = time.monotonic() + max(5.0, self.cfg.quiet_seconds)
+            return False
+        finally:
+            self.busy.clear()
+
+
+__all__ = ["ReferenceIndexer", "ReferenceWatcher", "SidecarInvalid", "reference_profile", "reference_comment",
+           "parse_sidecar", "read_sidecar", "extract_profile", "thumbnail", "reference_files", "Plan", "Work",
+           "Outcome"]

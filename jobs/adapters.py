@@ -1,0 +1,322 @@
+"""Adapter versions on disk, the `current` pointer, promotion, rollback and pruning.
+
+Layout, per advisor::
+
+    adapters/<advisor>/v0001/  adapter_config.json  adapters.safetensors  metrics.json  manifest.json
+    adapters/<advisor>/v0002/  ...
+    adapters/<advisor>/current -> v0002        (a relative symlink; mlx-vlm's --adapter-path accepts it)
+    adapters/<advisor>/history.jsonl            (promotions, refusals, rollbacks; for people)
+
+A candidate is written into a hidden staging folder, completely and fsynced; committing it is one
+`rename` of that folder to its version name, and promoting it is one `os.replace` of a new symlink over
+`current`. Each step is atomic, so a crash (or SIGKILL) at any moment leaves either the old or the new
+adapter current and never a half-written one; leftovers of an interrupted commit are hidden folders
+that `recover()` removes. Versions are immutable once committed, except for the rollback note in
+metrics.json (written atomically).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from daemon.model.adapters import CONFIG_NAME, WEIGHTS_NAME
+
+METRICS_NAME = "metrics.json"
+MANIFEST_NAME = "manifest.json"
+CURRENT = "current"
+HISTORY = "history.jsonl"
+REQUIRED_FILES = (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME, MANIFEST_NAME)
+VERSION_RE = re.compile(r"^v(\d{4,})$")
+STAGING_PREFIX = ".staging-"
+DEFAULT_KEEP = 5
+
+
+class AdapterStoreError(RuntimeError):
+    pass
+
+
+class Busy(AdapterStoreError):
+    """Another process is training or promoting this advisor's adapter."""
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: Path, data: Any) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, ensure_ascii=False, default=str)
+            fh.write("\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+@dataclass
+class Version:
+    advisor: str
+    name: str
+    path: Path
+    manifest: dict[str, Any]
+    metrics: dict[str, Any]
+
+    @property
+    def number(self) -> int:
+        return int(VERSION_RE.match(self.name).group(1))  # type: ignore[union-attr]
+
+    @property
+    def decision(self) -> dict[str, Any]:
+        return self.metrics.get("decision") or {}
+
+    @property
+    def promoted(self) -> bool:
+        return bool(self.decision.get("promoted"))
+
+    @property
+    def rolled_back(self) -> bool:
+        return bool(self.decision.get("rolled_back_at"))
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.manifest.get("fingerprint")
+
+    @property
+    def label(self) -> str:
+        return f"{self.advisor}/{self.name}"
+
+    def complete(self) -> bool:
+        return all((self.path / f).is_file() for f in REQUIRED_FILES)
+
+
+class AdapterStore:
+    def __init__(self, adapters_dir: Path, keep: int = DEFAULT_KEEP) -> None:
+        self.root = Path(adapters_dir)
+        self.keep = max(1, int(keep))
+
+    def advisor_dir(self, advisor: str) -> Path:
+        return self.root / advisor
+
+    def advisors(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    # -- reading ---------------------------------------------------------------------------------
+    def versions(self, advisor: str) -> list[Version]:
+        d = self.advisor_dir(advisor)
+        if not d.is_dir():
+            return []
+        out = []
+        for p in d.iterdir():
+            if VERSION_RE.match(p.name) and p.is_dir() and not p.is_symlink():
+                out.append(Version(advisor, p.name, p, _read_json(p / MANIFEST_NAME), _read_json(p / METRICS_NAME)))
+        return sorted(out, key=lambda v: v.number)
+
+    def version(self, advisor: str, name: str) -> Version:
+        for v in self.versions(advisor):
+            if v.name == name:
+                return v
+        raise AdapterStoreError(f"{advisor} has no adapter version {name!r}")
+
+    def current_name(self, advisor: str) -> str | None:
+        try:
+            target = os.readlink(self.advisor_dir(advisor) / CURRENT)
+        except OSError:
+            return None
+        name = Path(target).name
+        return name if VERSION_RE.match(name) else None
+
+    def current(self, advisor: str) -> Version | None:
+        """The current version if it is complete; None if there is none (or the pointer is dangling)."""
+        name = self.current_name(advisor)
+        if name is None:
+            return None
+        path = self.advisor_dir(advisor) / name
+        if not path.is_dir():
+            return None
+        v = Version(advisor, name, path, _read_json(path / MANIFEST_NAME), _read_json(path / METRICS_NAME))
+        return v if v.complete() else None
+
+    def latest(self, advisor: str) -> Version | None:
+        versions = self.versions(advisor)
+        return versions[-1] if versions else None
+
+    def history(self, advisor: str) -> list[dict[str, Any]]:
+        try:
+            lines = (self.advisor_dir(advisor) / HISTORY).read_text(encoding="utf-8").splitlines()
+        except OSError:
+            return []
+        out = []
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                out.append(json.loads(line))
+        return out
+
+    # -- writing ---------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def lock(self, advisor: str, *, wait: bool = False) -> Iterator[None]:
+        """One trainer/promoter per advisor across processes (the daemon's nightly job and the CLI)."""
+        d = self.advisor_dir(advisor)
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                raise Busy(f"{advisor}'s adapter is being trained or promoted by another process") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            os.close(fd)
+
+    def new_staging(self, advisor: str) -> Path:
+        d = self.advisor_dir(advisor)
+        d.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}-", dir=d))
+
+    def recover(self, advisor: str) -> list[str]:
+        """Remove what an interrupted commit left behind (hold the lock)."""
+        d = self.advisor_dir(advisor)
+        removed = []
+        if not d.is_dir():
+            return removed
+        for p in d.iterdir():
+            if p.name.startswith(STAGING_PREFIX) or p.name.startswith(f".{CURRENT}.") or \
+                    (p.name.startswith(".") and p.name.endswith(".tmp")):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p, ignore_errors=True)
+                else:
+                    with contextlib.suppress(OSError):
+                        p.unlink()
+                removed.append(p.name)
+        return removed
+
+    def _next_name(self, advisor: str) -> str:
+        numbers = [v.number for v in self.versions(advisor)]
+        return f"v{(max(numbers) + 1) if numbers else 1:04d}"
+
+    def commit(self, advisor: str, staging: Path, decision: dict[str, Any]) -> Version:
+        """Turn a complete staging folder into the next version; make it current if `decision` promotes it."""
+        staging = Path(staging)
+        missing = [f for f in (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME, MANIFEST_NAME) if not (staging / f).is_file()]
+        if missing:
+            raise AdapterStoreError(f"candidate {staging.name} is incomplete (missing {', '.join(missing)})")
+        name = self._next_name(advisor)
+        manifest = _read_json(staging / MANIFEST_NAME)
+        manifest["version"] = name
+        atomic_write_json(staging / MANIFEST_NAME, manifest)
+        metrics = _read_json(staging / METRICS_NAME)
+        metrics["decision"] = {**decision, "decided_at": time.time()}
+        atomic_write_json(staging / METRICS_NAME, metrics)
+        fsync_dir(staging)
+        final = self.advisor_dir(advisor) / name
+        os.rename(staging, final)  # atomic: the version appears complete or not at all
+        fsync_dir(final.parent)
+        self._log(advisor, {"event": "promoted" if decision.get("promoted") else "refused", "version": name,
+                            "reason": decision.get("reason")})
+        if decision.get("promoted"):
+            self.switch(advisor, name)
+        self.prune(advisor)
+        return self.version(advisor, name)
+
+    def switch(self, advisor: str, name: str) -> None:
+        """Point `current` at version `name` with one atomic rename of a fresh symlink."""
+        d = self.advisor_dir(advisor)
+        target = d / name
+        if not target.is_dir() or not all((target / f).is_file() for f in REQUIRED_FILES):
+            raise AdapterStoreError(f"{advisor}/{name} is not a complete adapter version")
+        tmp = d / f".{CURRENT}.{os.getpid()}.tmp"
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        os.symlink(name, tmp)
+        os.replace(tmp, d / CURRENT)
+        fsync_dir(d)
+
+    def rollback(self, advisor: str) -> tuple[str | None, str]:
+        """Make the previous promoted version current again; returns (from, to)."""
+        current = self.current(advisor)
+        if current is None:
+            raise AdapterStoreError(f"{advisor} has no current adapter to roll back")
+        earlier = [v for v in self.versions(advisor) if v.number < current.number and v.promoted
+                   and not v.rolled_back and v.complete()]
+        if not earlier:
+            raise AdapterStoreError(f"{advisor} has no earlier promoted adapter than {current.name} to roll back "
+                                    f"to (kept versions: {', '.join(v.name for v in self.versions(advisor))})")
+        target = earlier[-1]
+        metrics = dict(current.metrics)
+        metrics["decision"] = {**current.decision, "rolled_back_at": time.time()}
+        atomic_write_json(current.path / METRICS_NAME, metrics)
+        self.switch(advisor, target.name)
+        self._log(advisor, {"event": "rollback", "from": current.name, "to": target.name})
+        return current.name, target.name
+
+    def prune(self, advisor: str) -> list[str]:
+        """Keep the newest `keep` versions, the current one, and the one a rollback would go to."""
+        versions = self.versions(advisor)
+        current = self.current_name(advisor)
+        keep = {v.name for v in versions[-self.keep:]}
+        if current:
+            keep.add(current)
+            cur_num = int(VERSION_RE.match(current).group(1))  # type: ignore[union-attr]
+            earlier = [v for v in versions if v.number < cur_num and v.promoted and not v.rolled_back]
+            if earlier:
+                keep.add(earlier[-1].name)
+        removed = []
+        for v in versions:
+            if v.name in keep:
+                continue
+            trash = v.path.with_name(f"{STAGING_PREFIX}pruned-{v.name}")
+            try:
+                os.rename(v.path, trash)  # disappears atomically, then is deleted at leisure
+            except OSError as exc:
+                if exc.errno != errno.ENOENT:
+                    raise
+                continue
+            shutil.rmtree(trash, ignore_errors=True)
+            removed.append(v.name)
+        return removed
+
+    def _log(self, advisor: str, record: dict[str, Any]) -> None:
+        record = {"at": time.time(), **record}
+        try:
+            with open(self.advisor_dir(advisor) / HISTORY, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        except OSError:
+            pass

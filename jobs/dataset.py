@@ -1,0 +1,394 @@
+"""An advisor's training set: their indexed references as chat rows (photo + the report they would write).
+
+Source: the reference profiles the RAG index keeps in the ledger (`Ledger.references(advisor)`). A
+curator's sidecar next to the photo (`<stem>.json`, the advisor's own scores and comments) wins over a
+model-derived profile. Each reference becomes a row whose user turn is exactly what the lora strategy
+sends at inference (same prompt, same pixel cap) and whose assistant turn is the report JSON in the
+layout the schema-constrained decoder produces, so the model learns the very tokens it will emit.
+
+Small portfolios are augmented (crop 90-100%, horizontal flip unless the advisor disables it,
++-0.2 EV exposure, +-5 degree rotation; several variants per reference, seeded by the photo's hash so
+a rebuild is identical). The held-out split is fixed by content hash: a photo is held out when its hash
+falls in the lowest `holdout_fraction` of the hash space, so the same references are held out every
+night and a photo added later never moves an old one across the split (at least 2 are held out when
+the portfolio has 4 or more). Held-out rows are never augmented.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+from PIL import Image
+
+from daemon.advisors import Advisor, references_dir
+from daemon.config import Config
+from daemon.critique import DIMENSION_LABELS, DIMENSIONS, SCORE_MAX, SCORE_MIN
+from daemon.images import ImageRejected, fit_size, load_photo
+from daemon.prompts import critique_prompt
+
+MIN_REFERENCES = 3  # fewer cannot give both a training set and a held-out photo
+HOLDOUT_MIN = 2
+JSON_LAYOUT = {"separators": (", ", ": "), "ensure_ascii": False}  # = daemon.model.constrained.JSON_OPTIONS
+BANDS = ((2, "Weak"), (4, "Fair"), (6, "Good"), (8, "Strong"), (10, "Superb"))
+
+
+class DatasetError(RuntimeError):
+    """The references cannot make a training set; the message says what to add or fix."""
+
+
+@dataclass
+class Reference:
+    path: str
+    sha256: str
+    scores: dict[str, int]
+    source: str  # human | model
+    comments: dict[str, str] = field(default_factory=dict)
+    summary: str | None = None
+    overall_grade: int | None = None
+    model_id: str | None = None
+
+    def key(self) -> str:
+        return "|".join([self.sha256, json.dumps(self.scores, sort_keys=True),
+                         json.dumps(self.comments, sort_keys=True), self.summary or "",
+                         str(self.overall_grade), self.source])
+
+
+# -- reading references ---------------------------------------------------------------------------
+def _int_score(value: Any) -> int | None:
+    try:
+        v = int(round(float(value)))
+    except (TypeError, ValueError):
+        return None
+    return v if SCORE_MIN <= v <= SCORE_MAX else None
+
+
+def parse_profile(data: Any) -> tuple[dict[str, int], dict[str, str], str | None, int | None] | None:
+    """Scores, comments, summary and grade from a sidecar or stored profile, in any of the shapes used.
+
+    Accepted: `{"scores": {dim: n}, "comments": {dim: str}, "summary": .., "overall_grade": ..}`, a report
+    (`{"dimensions": {dim: {"score": n, "comment": str}}, ...}`) or a flat `{dim: n}`. None if a score is
+    missing.
+    """
+    if not isinstance(data, Mapping):
+        return None
+    scores: dict[str, int] = {}
+    comments: dict[str, str] = {}
+    if isinstance(data.get("dimensions"), Mapping):
+        for d in DIMENSIONS:
+            entry = data["dimensions"].get(d)
+            if isinstance(entry, Mapping):
+                s = _int_score(entry.get("score"))
+                if s is not None:
+                    scores[d] = s
+                if isinstance(entry.get("comment"), str) and entry["comment"].strip():
+                    comments[d] = entry["comment"].strip()
+            elif entry is not None and _int_score(entry) is not None:
+                scores[d] = _int_score(entry)  # type: ignore[assignment]
+    else:
+        source = data.get("scores") if isinstance(data.get("scores"), Mapping) else data
+        for d in DIMENSIONS:
+            s = _int_score(source.get(d))
+            if s is not None:
+                scores[d] = s
+        raw_comments = data.get("comments")
+        if isinstance(raw_comments, str):
+            try:
+                raw_comments = json.loads(raw_comments)
+            except ValueError:
+                raw_comments = None
+        if isinstance(raw_comments, Mapping):
+            comments = {d: str(c).strip() for d, c in raw_comments.items() if d in DIMENSIONS and
+                        isinstance(c, str) and c.strip()}
+    if len(scores) != len(DIMENSIONS):
+        return None
+    summary = data.get("summary") if isinstance(data.get("summary"), str) and data["summary"].strip() else None
+    if summary is None and isinstance(data.get("comments"), Mapping):
+        s = data["comments"].get("summary")
+        summary = s.strip() if isinstance(s, str) and s.strip() else None
+    grade = _int_score(data.get("overall_grade", data.get("grade")))
+    return scores, comments, summary, grade
+
+
+def read_sidecar(photo: Path) -> tuple[dict[str, int], dict[str, str], str | None, int | None] | None:
+    """The curator's `<stem>.json` next to a reference photo, if it holds all eight scores."""
+    sidecar = Path(photo).with_suffix(".json")
+    try:
+        return parse_profile(json.loads(sidecar.read_text(encoding="utf-8")))
+    except (OSError, ValueError):
+        return None
+
+
+def _row_value(row: Any, name: str) -> Any:
+    return row.get(name) if isinstance(row, Mapping) else getattr(row, name, None)
+
+
+def reference_from_row(row: Any) -> Reference | None:
+    """One `Ledger.references()` row (or an equivalent mapping); a human sidecar on disk wins."""
+    path = str(_row_value(row, "path") or "")
+    sha = str(_row_value(row, "sha256") or "")
+    if not path or not sha:
+        return None
+    human = read_sidecar(Path(path))
+    if human is not None:
+        scores, comments, summary, grade = human
+        return Reference(path=path, sha256=sha, scores=scores, source="human", comments=comments,
+                         summary=summary, overall_grade=grade, model_id=None)
+    raw_scores = _row_value(row, "scores")
+    raw_comments = _row_value(row, "comments")
+    try:
+        scores_obj = json.loads(raw_scores) if isinstance(raw_scores, str) else raw_scores
+        comments_obj = json.loads(raw_comments) if isinstance(raw_comments, str) else raw_comments
+    except ValueError:
+        return None
+    parsed = parse_profile({"scores": scores_obj or {}, "comments": comments_obj or {}})
+    if parsed is None:
+        return None
+    scores, comments, summary, grade = parsed
+    if isinstance(comments_obj, Mapping):
+        summary = summary or (comments_obj.get("summary") if isinstance(comments_obj.get("summary"), str) else None)
+    return Reference(path=path, sha256=sha, scores=scores, source=str(_row_value(row, "source") or "model"),
+                     comments=comments, summary=summary, overall_grade=grade,
+                     model_id=_row_value(row, "model_id"))
+
+
+def collect_references(cfg: Config, advisor_id: str, ledger: Any | None = None) -> list[Reference]:
+    """The advisor's indexed references that still exist on disk, sorted by content hash."""
+    if ledger is None:
+        from daemon.ledger import Ledger
+
+        ledger = Ledger(cfg.db_path)
+    if not hasattr(ledger, "references"):
+        raise DatasetError("this Mondrian has no reference index yet (the RAG index provides it)")
+    refs: dict[str, Reference] = {}
+    for row in ledger.references(advisor_id):
+        ref = reference_from_row(row)
+        if ref is not None and Path(ref.path).is_file():
+            refs.setdefault(ref.sha256, ref)  # the same photo twice counts once
+    return [refs[k] for k in sorted(refs)]
+
+
+def fingerprint(refs: Iterable[Reference]) -> str:
+    """Identifies a reference set: photos and their profiles (a changed sidecar score changes it)."""
+    h = hashlib.sha256()
+    for key in sorted(r.key() for r in refs):
+        h.update(key.encode("utf-8"))
+        h.update(b"\n")
+    return h.hexdigest()
+
+
+# -- split ----------------------------------------------------------------------------------------
+def hash_position(sha256: str) -> float:
+    """Where a photo's content hash falls in [0, 1): independent of every other photo."""
+    return int(sha256[:16], 16) / float(1 << 64)
+
+
+def split(refs: list[Reference], holdout_fraction: float = 0.2) -> tuple[list[Reference], list[Reference]]:
+    """(train, held_out), fixed by content hash."""
+    n = len(refs)
+    if n < MIN_REFERENCES:
+        raise DatasetError(f"{n} usable reference photo(s); training needs at least {MIN_REFERENCES} "
+                           f"(some to learn from, some held out to check the result)")
+    ordered = sorted(refs, key=lambda r: (hash_position(r.sha256), r.sha256))
+    held = [r for r in ordered if hash_position(r.sha256) < holdout_fraction]
+    want = min(HOLDOUT_MIN, n - 2) if n >= 4 else 1
+    held = ordered[:max(len(held), want)]
+    held = held[:n - 1]  # always keep something to learn from
+    held_ids = {r.sha256 for r in held}
+    return [r for r in refs if r.sha256 not in held_ids], held
+
+
+# -- the assistant turn ---------------------------------------------------------------------------
+def _band(score: int) -> str:
+    return next(name for top, name in BANDS if score <= top)
+
+
+def _fit(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    if len(text) <= limit:
+        return text
+    cut = text[:max(1, limit - 1)].rsplit(" ", 1)[0] if " " in text[:limit] else text[:limit - 1]
+    return (cut.rstrip(" ,;:") + "…")[:limit]
+
+
+def template_comment(dim: str, score: int, limit: int) -> str:
+    text = f"{_band(score)} {DIMENSION_LABELS[dim].lower()}."
+    return text if len(text) <= limit else _fit(f"{_band(score)}.", limit)
+
+
+def target_report(ref: Reference, comment_max_chars: int) -> dict[str, Any]:
+    """The report this advisor would write for the photo: their scores, their words where they gave any."""
+    dims = {}
+    for d in DIMENSIONS:
+        comment = ref.comments.get(d)
+        dims[d] = {"comment": _fit(comment, comment_max_chars) if comment else
+                   template_comment(d, ref.scores[d], comment_max_chars),
+                   "score": int(ref.scores[d])}
+    grade = ref.overall_grade if ref.overall_grade is not None else \
+        int(round(sum(ref.scores.values()) / len(DIMENSIONS)))
+    summary = _fit(ref.summary, comment_max_chars) if ref.summary else \
+        _fit(f"{_band(grade)} work overall.", comment_max_chars)
+    return {"dimensions": dims, "summary": summary, "overall_grade": int(grade)}
+
+
+def report_text(report: Mapping[str, Any]) -> str:
+    """The exact text the constrained decoder emits for this report (key order and separators)."""
+    return json.dumps(report, **JSON_LAYOUT)
+
+
+# -- augmentation ---------------------------------------------------------------------------------
+@dataclass
+class Augment:
+    crop: float = 1.0  # side fraction kept
+    crop_x: float = 0.5  # where the crop sits, 0..1
+    crop_y: float = 0.5
+    flip: bool = False
+    ev: float = 0.0
+    rotate: float = 0.0  # degrees
+
+    def describe(self) -> dict[str, Any]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
+
+
+def draw_augment(seed: int, allow_flip: bool, *, exposure: bool = True) -> Augment:
+    rng = np.random.default_rng(seed)
+    return Augment(crop=float(rng.uniform(0.90, 1.0)), crop_x=float(rng.uniform()), crop_y=float(rng.uniform()),
+                   flip=bool(allow_flip and rng.uniform() < 0.5),
+                   ev=float(rng.uniform(-0.2, 0.2)) if exposure else 0.0,
+                   rotate=float(rng.uniform(-5.0, 5.0)))
+
+
+def _inscribed(w: int, h: int, degrees: float) -> tuple[int, int]:
+    """Largest axis-aligned rectangle inside a w x h image rotated by `degrees` (no black corners)."""
+    a = math.radians(abs(degrees))
+    if a < 1e-9:
+        return w, h
+    sin, cos = math.sin(a), math.cos(a)
+    long, short = max(w, h), min(w, h)
+    if short <= 2 * sin * cos * long or abs(sin - cos) < 1e-10:
+        x = 0.5 * short
+        wr, hr = (x / sin, x / cos) if w >= h else (x / cos, x / sin)
+    else:
+        cos2 = cos * cos - sin * sin
+        wr, hr = (w * cos - h * sin) / cos2, (h * cos - w * sin) / cos2
+    return max(1, int(wr)), max(1, int(hr))
+
+
+def apply_augment(image: Image.Image, aug: Augment, max_pixels: int) -> Image.Image:
+    img = image.convert("RGB")
+    if aug.rotate:
+        w, h = img.size
+        img = img.rotate(aug.rotate, resample=Image.Resampling.BICUBIC, expand=False)
+        iw, ih = _inscribed(w, h, aug.rotate)
+        left, top = (w - iw) // 2, (h - ih) // 2
+        img = img.crop((left, top, left + iw, top + ih))
+    if aug.crop < 1.0:
+        w, h = img.size
+        cw, ch = max(1, round(w * aug.crop)), max(1, round(h * aug.crop))
+        left, top = round((w - cw) * aug.crop_x), round((h - ch) * aug.crop_y)
+        img = img.crop((left, top, left + cw, top + ch))
+    if aug.flip:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    if aug.ev:
+        arr = np.asarray(img, dtype=np.float32) / 255.0
+        linear = np.power(arr, 2.2) * (2.0 ** aug.ev)
+        img = Image.fromarray((np.power(np.clip(linear, 0, 1), 1 / 2.2) * 255 + 0.5).astype(np.uint8))
+    fw, fh = fit_size(img.width, img.height, max_pixels)
+    return img.resize((fw, fh), Image.Resampling.LANCZOS) if (fw, fh) != img.size else img
+
+
+# -- building -------------------------------------------------------------------------------------
+@dataclass
+class DatasetSettings:
+    variants: int = 4  # augmented copies per training reference (plus the original)
+    holdout_fraction: float = 0.2
+    augment: bool = True
+    exposure: bool = True
+
+
+@dataclass
+class BuiltDataset:
+    path: Path
+    train: list[Reference]
+    held_out: list[Reference]
+    train_rows: int
+    held_out_rows: int
+    fingerprint: str
+
+
+def chat_row(image: Image.Image, prompt: str, answer: str) -> dict[str, Any]:
+    """One mlx-vlm training row; `messages` is JSON text (mlx-vlm's VisionDataset parses it)."""
+    return {"images": [image],
+            "messages": json.dumps([
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]},
+                {"role": "assistant", "content": answer}], ensure_ascii=False)}
+
+
+def build_rows(refs: list[Reference], advisor: Advisor, cfg: Config, *, variants: int, augment: bool,
+               exposure: bool = True) -> dict[str, list[Any]]:
+    prompt = critique_prompt(advisor)
+    cols: dict[str, list[Any]] = {"images": [], "messages": [], "sha256": [], "variant": [], "augment": []}
+    for ref in refs:
+        try:
+            photo = load_photo(Path(ref.path), cfg.max_pixels)
+        except ImageRejected as exc:
+            raise DatasetError(f"reference {ref.path} cannot be read: {exc}") from exc
+        answer = report_text(target_report(ref, cfg.comment_max_chars))
+        seed0 = int(ref.sha256[:15], 16)
+        for v in range(1 + (variants if augment else 0)):
+            aug = Augment() if v == 0 else draw_augment(seed0 + v, advisor.flip_augmentation, exposure=exposure)
+            img = photo.image if v == 0 else apply_augment(photo.image, aug, cfg.max_pixels)
+            row = chat_row(img, prompt, answer)
+            cols["images"].append(row["images"])
+            cols["messages"].append(row["messages"])
+            cols["sha256"].append(ref.sha256)
+            cols["variant"].append(v)
+            cols["augment"].append(json.dumps(aug.describe()))
+    return cols
+
+
+def build_dataset(cfg: Config, advisor: Advisor, refs: list[Reference], dest: Path,
+                  settings: DatasetSettings | None = None) -> BuiltDataset:
+    """Write a `datasets.DatasetDict` (train, validation) with `save_to_disk` into `dest`."""
+    import datasets
+
+    settings = settings or DatasetSettings()
+    train, held = split(refs, settings.holdout_fraction)
+    features = datasets.Features({"images": datasets.List(datasets.Image()), "messages": datasets.Value("string"),
+                                  "sha256": datasets.Value("string"), "variant": datasets.Value("int32"),
+                                  "augment": datasets.Value("string")})
+    train_cols = build_rows(train, advisor, cfg, variants=settings.variants, augment=settings.augment,
+                            exposure=settings.exposure)
+    held_cols = build_rows(held, advisor, cfg, variants=0, augment=False)
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict(train_cols, features=features),
+        "validation": datasets.Dataset.from_dict(held_cols, features=features),
+    })
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.writing")
+    shutil.rmtree(tmp, ignore_errors=True)
+    dd.save_to_disk(str(tmp))
+    (tmp / "mondrian_split.json").write_text(json.dumps({
+        "advisor": advisor.id, "fingerprint": fingerprint(refs),
+        "train": [r.sha256 for r in train], "held_out": [r.sha256 for r in held],
+        "settings": asdict(settings)}, indent=2))
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return BuiltDataset(path=dest, train=train, held_out=held, train_rows=len(train_cols["messages"]),
+                        held_out_rows=len(held_cols["messages"]), fingerprint=fingerprint(refs))
+
+
+def load_built(path: Path):
+    import datasets
+
+    return datasets.load_from_disk(str(path))
+
+
+def references_folder(cfg: Config, advisor_id: str) -> Path:
+    return references_dir(cfg, advisor_id)
