@@ -119,7 +119,7 @@ def decode_photo(data: bytes, max_pixels: int) -> LoadedImage:
         msg = str(exc).lower()
         if "truncated" in msg or "premature" in msg or isinstance(exc, EOFError):
             raise ImageRejected("the photo is truncated (the file ends early); copy it again") from exc
-        if "too large" in msg or "decompressed data" in msg:
+        if "too large" in msg or "decompressed data" in msg or "text chunk" in msg:
             raise ImageRejected("the file hides an oversized compressed chunk (a decompression bomb); "
                                 "it was not opened") from exc
         raise ImageRejected(f"the photo is damaged and cannot be decoded ({exc})") from exc

@@ -197,6 +197,12 @@ class Ledger:
             active = Job.select().where((Job.source_path == str(source_path)) & (Job.state.in_(ACTIVE)))
             if active.exists():
                 return None
+            # A failed photo whose original could not be moved out (outbox not writable) is still the same
+            # file: queueing it again on every rescan would fail it again and again. A changed file is new.
+            stuck = Job.select().where((Job.source_path == str(source_path)) & (Job.state == FAILED) &
+                                       (Job.size == size) & (Job.mtime == mtime))
+            if size is not None and stuck.exists():
+                return None
             return Job.create(source_path=str(source_path), rel_path=rel_path, advisor=advisor,
                               advisor_source=advisor_source, size=size, mtime=mtime, enqueued_at=time.time())
 
@@ -276,9 +282,14 @@ class Ledger:
                    not_before=time.time() + delay_s).where(Job.id == job_id).execute()
 
     def requeue(self, job_id: int, reason: str | None = None, delay_s: float = 0.0,
-                undo_attempt: bool = False) -> None:
-        """Back to the queue without blame (graceful stop, crash recovery, a file still being written)."""
-        upd: dict[Any, Any] = {Job.state: QUEUED, Job.worker: None, Job.not_before: time.time() + delay_s}
+                undo_attempt: bool = False, keep_place: bool = False) -> None:
+        """Back to the queue without blame (graceful stop, crash recovery, a file still being written).
+
+        `keep_place`: keep its place in the queue (claimed again first), so a job interrupted after its report
+        was published is finished before a copy of the same photo could be analysed a second time."""
+        upd: dict[Any, Any] = {Job.state: QUEUED, Job.worker: None}
+        if not keep_place:
+            upd[Job.not_before] = time.time() + delay_s
         if reason:
             upd[Job.error] = reason
         if undo_attempt:
@@ -336,10 +347,10 @@ class Ledger:
     def reference_at(self, advisor_id: str, path: Path | str) -> Reference | None:
         return Reference.get_or_none((Reference.advisor == advisor_id) & (Reference.path == str(path)))
 
-    def reference_with_hash(self, advisor_id: str, sha256: str) -> Reference | None:
-        """Another row of this advisor with the same content (a renamed or copied reference)."""
-        return (Reference.select().where((Reference.advisor == advisor_id) & (Reference.sha256 == sha256))
-                .order_by(Reference.indexed_at.desc()).first())
+    def references_with_hash(self, advisor_id: str, sha256: str) -> list[Reference]:
+        """This advisor's rows with this content (the file itself, or a renamed or copied twin), newest first."""
+        return list(Reference.select().where((Reference.advisor == advisor_id) & (Reference.sha256 == sha256))
+                    .order_by(Reference.indexed_at.desc()))
 
     def upsert_reference(self, *, advisor: str, path: Path | str, sha256: str, scores: dict[str, int],
                          comments: dict[str, str] | None, source: str, model_id: str | None,

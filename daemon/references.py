@@ -44,6 +44,7 @@ SIDECAR_MAX_BYTES = 256 * 1024
 COMMENT_MAX_CHARS = 2000
 PROFILE_MAX_TOKENS = 256  # pass 1 is 8 integers; the schema forces everything else
 THUMB_PX = 240
+STEP_BUDGET_S = 30.0  # indexing between two photo jobs, at most (one reference always goes)
 _HIDDEN_PREFIXES = (".", "~$", "._")
 _TEMP_SUFFIXES = (".part", ".crdownload", ".download", ".tmp", ".partial", ".opdownload")
 
@@ -305,18 +306,15 @@ class ReferenceIndexer:
         return (st.st_size, st.st_mtime_ns, sst.st_size if sst else None, sst.st_mtime_ns if sst else None)
 
     def _settled(self, photo: Path, key: tuple, now: float) -> bool:
-        newest = max(key[1], key[3] or 0) / 1e9
-        seen = self._seen.get(photo)
+        """Still for `quiet_seconds`: by its mtime, and by what we saw of it (a copy keeping its mtime)."""
+        age = now - max(key[1], key[3] or 0) / 1e9
         mono = time.monotonic()
-        if seen is None:
-            self._seen[photo] = _Seen(key, mono)
-            watched_long_enough = True  # first sight: the mtime alone says whether it is still being written
-        elif seen.key != key:
-            self._seen[photo] = _Seen(key, mono)
-            watched_long_enough = False  # it changed while we watched: wait for it to be still
-        else:
-            watched_long_enough = mono - seen.since >= self.cfg.quiet_seconds
-        return watched_long_enough and now - newest >= self.cfg.quiet_seconds
+        seen = self._seen.get(photo)
+        if seen is None:  # first sight: its mtime says how long it has been still
+            seen = self._seen[photo] = _Seen(key, mono - max(0.0, age))
+        elif seen.key != key:  # it changed while we watched: wait for it to be still
+            seen = self._seen[photo] = _Seen(key, mono)
+        return age >= self.cfg.quiet_seconds and mono - seen.since >= self.cfg.quiet_seconds
 
     def plan(self, advisors: Iterable[str] | None = None, *, model_id: str | None = None) -> Plan:
         """What indexing would do now. With `model_id`, rows derived by another model count as stale."""
@@ -363,6 +361,10 @@ class ReferenceIndexer:
                 if row is not None and (row.source == "model" or row.embedding is not None):
                     plan.model_rows += 1
             plan.remove += [(advisor_id, p) for p in rows if p not in keep]
+            for gone in [p for p in self._seen if p.is_relative_to(folder) and str(p) not in keep
+                         and p not in self._failed]:
+                self._seen.pop(gone, None)
+                self._hashes.pop(gone, None)
         return plan
 
     @staticmethod
@@ -397,58 +399,54 @@ class ReferenceIndexer:
         return out
 
     def index_one(self, work: Work, advisors: dict[str, Advisor] | None = None) -> Outcome:
-        """Index one reference (runs the model when its profile or embedding must be computed)."""
-        from .images import ImageRejected, load_photo
+        """Index one reference. Runs the model only for what no row with the same content already has."""
+        from .images import load_photo
 
         started = time.perf_counter()
-        advisors = advisors or self.advisors([work.advisor])
-        advisor = advisors[work.advisor]
         try:
-            scores: dict[str, int] | None = None
-            comments = None
+            advisors = advisors or self.advisors([work.advisor])
+            advisor = advisors[work.advisor]
+            scores, comments = work.sidecar if work.sidecar is not None else (None, None)
+            need_embedding = self.cfg.embeddings_enabled
             embedding: bytes | None = None
             model_id: str | None = None
-            reused = False
-            if work.sidecar is not None:
-                scores, comments = work.sidecar
-            twin = self.ledger.reference_with_hash(work.advisor, work.sha256)
-            need_embedding = self.cfg.embeddings_enabled
-            if twin is not None and twin.path == str(work.path):
-                twin = None  # its own stale row is not a twin
-            if twin is not None and (scores is not None or twin.source == "model"):
-                current = self.model_id
-                if twin.source == "model" and scores is None and (current is None or twin.model_id == current) \
-                        and (not need_embedding or twin.embedding is not None):
-                    scores, embedding, model_id, reused = dict(twin.scores), twin.embedding, twin.model_id, True
-                elif scores is not None and need_embedding and twin.embedding is not None \
-                        and (current is None or twin.model_id == current):
-                    embedding, model_id, reused = twin.embedding, twin.model_id, True
-            if scores is None or (need_embedding and embedding is None):
+            current = self.model_id
+            donors = [d for d in self.ledger.references_with_hash(work.advisor, work.sha256)
+                      if current is not None and d.model_id == current]
+            if scores is None:
+                donor = next((d for d in donors if d.source == "model"), None)
+                if donor is not None:
+                    scores, model_id = dict(donor.scores), current
+            if need_embedding:
+                donor = next((d for d in donors if d.embedding is not None), None)
+                if donor is not None:
+                    embedding, model_id = donor.embedding, current
+            computed = scores is None or (need_embedding and embedding is None)
+            if computed:
                 photo = load_photo(work.path, self.cfg.max_pixels)
                 rt = self.runtime()
                 encoded = rt.encode(photo.image)
                 if scores is None:
                     scores, _ = extract_profile(rt, self.cfg, advisor, encoded)
+                    model_id = rt.model_id
                 if need_embedding:
                     embedding = encoded.embedding_bytes()
-                model_id = rt.model_id if (work.sidecar is None or embedding is not None) else None
+                    model_id = rt.model_id if embedding is not None else model_id
                 work.sha256 = photo.sha256
-                reused = False
             self.ledger.upsert_reference(advisor=work.advisor, path=work.path, sha256=work.sha256, scores=scores,
                                          comments=comments, source=work.source, model_id=model_id,
                                          embedding=embedding)
             thumbnail(self.cfg, work.sha256, work.path)
-        except (ImageRejected, OSError) as exc:
-            reason = str(exc) if isinstance(exc, ImageRejected) else f"could not be read ({exc})"
+        except Exception as exc:  # one bad reference must never stop the others (or the daemon)
+            reason = str(exc) or type(exc).__name__
             self._failed[work.path] = (work.key, reason)
-            self.ledger.remove_reference(work.advisor, work.path)
+            self.ledger.remove_reference(work.advisor, work.path)  # its old profile no longer describes it
             log.warning("reference %s for %s skipped: %s", work.path.name, work.advisor, reason)
-            return Outcome(work.advisor, work.path, "error", work.source, reason,
-                           time.perf_counter() - started)
+            return Outcome(work.advisor, work.path, "error", work.source, reason, time.perf_counter() - started)
         seconds = time.perf_counter() - started
         log.info("reference %s for %s indexed (%s profile, %s, %.1f s)", work.path.name, work.advisor,
                  work.source, work.reason, seconds)
-        return Outcome(work.advisor, work.path, "reused" if reused else "indexed", work.source, work.reason,
+        return Outcome(work.advisor, work.path, "indexed" if computed else "reused", work.source, work.reason,
                        seconds)
 
     def sync(self, advisors: Iterable[str] | None = None,
@@ -538,21 +536,28 @@ class ReferenceWatcher:
     def mark_dirty(self) -> None:
         self._dirty.set()
 
-    def step(self, runtime: Any) -> bool:
-        """Apply removals and index at most one reference. True while more work is waiting."""
+    def step(self, runtime: Any, *, budget_s: float = STEP_BUDGET_S, stop: threading.Event | None = None) -> bool:
+        """Apply removals, then index references for up to `budget_s` (at least one). True if more are waiting.
+
+        Called by the worker thread between photo jobs: a small portfolio is indexed before the next photo,
+        a large one alternates with the inbox.
+        """
         if not self._dirty.is_set() and time.monotonic() < self._next_look:
             return False
         self.busy.set()
+        started = time.monotonic()
         try:
             self._dirty.clear()  # before looking, so an event arriving meanwhile is not lost
             ix = self.indexer
             ix._runtime = runtime
             plan = ix.plan(model_id=runtime.model_id)
             ix.remove(plan)
-            if plan.index:
-                ix.index_one(plan.index[0])
-                self._dirty.set()
-                return len(plan.index) > 1
+            known = ix.advisors()
+            for n, work in enumerate(plan.index):
+                if n and (time.monotonic() - started >= budget_s or (stop is not None and stop.is_set())):
+                    self._dirty.set()
+                    return True
+                ix.index_one(work, known)
             self._next_look = time.monotonic() + (max(0.2, self.cfg.quiet_seconds / 2) if plan.waiting
                                                   else float("inf"))
             return False

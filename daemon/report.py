@@ -333,7 +333,7 @@ def render_report_html(report: dict, *, photo_href: str = "preview.jpg") -> str:
         ],
         "references": _references(report),
         "timings": [
-            {"label": _timing_label(k), "value": _fmt_seconds(v)}
+            {"label": _timing_label(k), "value": _fmt_seconds(v) if k.endswith("_s") else f"{v:g}"}
             for k, v in report.get("timings", {}).items() if _num(v) is not None
         ],
         "job_id": report.get("job_id"),

@@ -19,8 +19,10 @@ def retry_failed(cfg: Config, ids: list[int] | None = None) -> list[str]:
             back = cfg.inbox / job.rel_path
             back.parent.mkdir(parents=True, exist_ok=True)
             back = unique_path(back.parent, back.stem, back.suffix)
-            ledger.requeue_failed(job.id, back)
+            # Move first, then queue: killed in between, the photo sits in the inbox (the watcher or the next
+            # retry picks it up) instead of being queued at a path where nothing is yet.
             os.rename(kept, back)
+            ledger.requeue_failed(job.id, back)
             Path(f"{kept}.error.json").unlink(missing_ok=True)
         elif os.path.lexists(job.source_path):
             ledger.requeue_failed(job.id, Path(job.source_path))

@@ -70,6 +70,9 @@ class Daemon:
         from .watcher import InboxWatcher
 
         self.watcher = InboxWatcher(cfg.inbox, self._enqueue, cfg.quiet_seconds, is_known=self.ledger.is_active)
+        from .references import ReferenceWatcher
+
+        self.references = ReferenceWatcher(cfg, self.ledger)  # advisors/*/references, indexed between jobs
         self._thread = threading.Thread(target=self._work, name="mlx-worker", daemon=True)
 
     # -- watcher -> ledger --------------------------------------------------------------------
@@ -87,26 +90,45 @@ class Daemon:
 
     # -- the MLX thread -----------------------------------------------------------------------
     def _work(self) -> None:
+        loading = False
         try:
             recovered = self.worker.recover()
             if recovered:
                 log.info("recovered %d photo(s) interrupted by the last stop", recovered)
             t0 = time.perf_counter()
+            loading = True
             rt = self.worker.load_runtime()
+            loading = False
             log.info("model ready: %s (%.1f s)%s", rt.model_id, time.perf_counter() - t0,
                      " — smoke model: scores are NOT meaningful" if rt.is_smoke else "")
             self.ledger.set_event("model", {"id": rt.model_id, "smoke": bool(rt.is_smoke)})
         except Exception as exc:
-            self.fatal = f"{exc}"
-            self.stop.set()
-            return
+            from .model.runtime import ModelNotFoundError
+
+            if isinstance(exc, ModelNotFoundError) or not loading:
+                self.fatal = f"{exc}"  # a setting to fix: exit 78 and say what to do
+                self.stop.set()
+                return
+            # Anything else (out of memory, a damaged or busy file) may pass: stay up, and let each job try to
+            # load the model again, retried with backoff and failed after max_attempts with this reason.
+            log.error("could not load the model (%s: %s); photos will be retried with backoff",
+                      type(exc).__name__, exc)
+            self.ledger.set_event("model", {"id": self.cfg.model, "loaded": False,
+                                            "error": f"{type(exc).__name__}: {exc}"})
         finally:
             self.ready.set()
         while not self.stop.is_set():
-            if not self.worker.run_once():
-                due = self.ledger.next_due_in()
-                self.wake.wait(timeout=min(0.5, due) if due is not None else 0.5)
-                self.wake.clear()
+            try:
+                more = False
+                if self.worker.runtime is not None:  # references need the model; never index without it
+                    more = self.references.step(self.worker.runtime, stop=self.stop)  # between jobs, this thread
+                if not self.worker.run_once() and not more:
+                    due = self.ledger.next_due_in()
+                    self.wake.wait(timeout=min(0.5, due) if due is not None else 0.5)
+                    self.wake.clear()
+            except Exception:  # e.g. the ledger briefly unavailable: the one worker thread must not die silently
+                log.exception("error in the worker loop; continuing in 1 s")
+                self.stop.wait(1.0)
 
     # -- main thread --------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -117,7 +139,7 @@ class Daemon:
     def _idle(self) -> bool:
         counts = self.ledger.counts().by_state
         return self.watcher.pending() == 0 and counts["queued"] == 0 and counts["running"] == 0 \
-            and not self.worker.busy.is_set()
+            and not self.worker.busy.is_set() and not self.references.busy.is_set()
 
     def run(self) -> int:
         self.cfg.ensure_dirs()
@@ -131,6 +153,7 @@ class Daemon:
         self.ledger.set_event("daemon", {"pid": os.getpid(), "started_at": time.time(), "once": self.once})
         log.info("watching %s; reports go to %s", self.cfg.inbox, self.cfg.outbox)
         self.watcher.start()
+        self.references.start()
         self.watcher.rescan()
         self.ledger.set_event("last_rescan", self.watcher.last_rescan_at)
         self._thread.start()
@@ -146,6 +169,8 @@ class Daemon:
                 if now >= next_rescan:
                     self.watcher.ensure_alive()
                     self.watcher.rescan()
+                    self.references.ensure_alive()
+                    self.references.mark_dirty()
                     next_rescan = now + self.cfg.rescan_seconds
                 if now >= next_beat:
                     self._beat()
@@ -160,6 +185,7 @@ class Daemon:
             self.stop.set()
             self.wake.set()
             self.watcher.stop()
+            self.references.stop()
             self._finish_worker()
             self.ledger.set_event("daemon", {"pid": None, "stopped_at": time.time()})
             os.close(lock_fd)
@@ -183,7 +209,7 @@ class Daemon:
             job = self.worker.current
             if job is not None:
                 self.ledger.requeue(job.id, "Mondrian was stopped while analysing it; queued again",
-                                    undo_attempt=True)
+                                    undo_attempt=True, keep_place=True)
                 log.info("stopping: %s goes back to the queue", job.rel_path)
             logging.shutdown()
             os._exit(0)  # MLX is mid-computation on the worker thread; the job is safely queued again

@@ -23,6 +23,26 @@ from .inbox import is_ignored
 
 log = logging.getLogger("mondrian.watcher")
 
+# A hidden file created and removed at once on every liveness check: its events prove that the observer still
+# delivers. An observer thread that is alive but delivers nothing (stalled) is restarted like a dead one.
+CANARY_NAME = ".mondrian-watch"
+# Test-only fault injection (issue 3, liveness): with MONDRIAN_TEST_OBSERVER_FAULT=die|stall, the first event for a
+# file named FAULT_TRIGGER makes the event handler raise (a real death of watchdog's dispatch thread, as any handler
+# bug would cause) or block forever (a stalled thread). Unset outside tests.
+FAULT_TRIGGER = ".mondrian-test-observer-fault"
+_FAULT = os.environ.get("MONDRIAN_TEST_OBSERVER_FAULT", "")
+_fault_fired = threading.Event()
+
+
+def _inject_fault(event: FileSystemEvent) -> None:
+    if _fault_fired.is_set() or os.path.basename(os.fsdecode(event.src_path)) != FAULT_TRIGGER:
+        return
+    _fault_fired.set()
+    if _FAULT == "die":
+        raise RuntimeError("MONDRIAN_TEST_OBSERVER_FAULT=die: the observer's dispatch thread dies here")
+    if _FAULT == "stall":
+        threading.Event().wait()  # never returns: the thread stays alive and delivers nothing more
+
 
 @dataclass
 class _Candidate:
@@ -36,8 +56,13 @@ class _Hints(FileSystemEventHandler):
         self.watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
+        if _FAULT:
+            _inject_fault(event)
         # An exception here would silently kill watchdog's dispatch thread: never let one out.
         try:
+            if os.path.basename(os.fsdecode(event.src_path)) == CANARY_NAME:
+                self.watcher.canary_seen_at = time.monotonic()
+                return
             self.watcher.last_event_at = time.time()
             for attr in ("src_path", "dest_path"):
                 raw = getattr(event, attr, None)
@@ -65,6 +90,8 @@ class InboxWatcher:
         self.last_event_at: float | None = None
         self.last_rescan_at: float | None = None
         self.restarts = 0
+        self.canary_seen_at = 0.0
+        self._canary_sent_at: float | None = None
 
     # -- observer -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -74,26 +101,59 @@ class InboxWatcher:
         self._observer.start()
 
     def stop(self) -> None:
-        if self._observer is not None:
-            self._observer.stop()
-            self._observer.join(timeout=5)
-            self._observer = None
+        obs, self._observer = self._observer, None
+        if obs is not None:
+            # In a helper thread: a stalled dispatch thread holds the lock that stop() needs, and shutting down
+            # must not hang on it (both are daemon threads, so a stuck one does not keep the process alive).
+            stopper = threading.Thread(target=obs.stop, name="observer-stop", daemon=True)
+            stopper.start()
+            stopper.join(timeout=2)
+            obs.join(timeout=3)
 
     def observer_alive(self) -> bool:
         return self._observer is not None and self._observer.is_alive()
 
-    def ensure_alive(self) -> bool:
-        """Restart a dead observer. Returns True if it had to."""
-        if self.observer_alive():
-            return False
-        log.warning("the inbox observer stopped; restarting it (rescans kept the inbox covered meanwhile)")
+    def stalled(self) -> bool:
+        """The last canary (sent at least a second ago) brought no event back."""
+        sent = self._canary_sent_at
+        return sent is not None and self.canary_seen_at < sent and time.monotonic() - sent >= 1.0
+
+    def _send_canary(self) -> None:
+        canary = self.inbox / CANARY_NAME
         try:
-            self.stop()
+            self._canary_sent_at = time.monotonic()
+            fd = os.open(canary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            os.close(fd)
+            os.unlink(canary)
+        except OSError:  # a read-only inbox: liveness then rests on is_alive() and the rescans
+            self._canary_sent_at = None
+
+    def ensure_alive(self) -> bool:
+        """Restart a dead or stalled observer, then send a new canary. Returns True if it had to restart."""
+        alive = self.observer_alive()
+        if alive and not self.stalled():
+            self._send_canary()
+            return False
+        log.warning("the inbox observer %s; restarting it (rescans kept the inbox covered meanwhile)",
+                    "stopped delivering events" if alive else "stopped")
+        obs, self._observer = self._observer, None
+        try:
+            if obs is not None and alive:
+                # Stalled: its dispatch thread may hold the observer's lock forever, so stop() could hang. Stop
+                # its emitters (no more events queued for it) and leave the stuck daemon thread behind.
+                obs.stopped_event.set()
+                for emitter in list(obs.emitters):
+                    emitter.stop()
+            elif obs is not None:
+                obs.stop()
+                obs.join(timeout=0.5)
         except Exception:  # pragma: no cover - a dead observer may fail to stop
-            pass
+            log.debug("ignored an error while stopping the old observer", exc_info=True)
         self.start()
         self.restarts += 1
+        self._canary_sent_at = None
         self.rescan()
+        self._send_canary()
         return True
 
     # -- candidates ---------------------------------------------------------------------------

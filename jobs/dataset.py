@@ -10,8 +10,8 @@ Small portfolios are augmented (crop 90-100%, horizontal flip unless the advisor
 +-0.2 EV exposure, +-5 degree rotation; several variants per reference, seeded by the photo's hash so
 a rebuild is identical). The held-out split is fixed by content hash: a photo is held out when its hash
 falls in the lowest `holdout_fraction` of the hash space, so the same references are held out every
-night and a photo added later never moves an old one across the split (at least 2 are held out when
-the portfolio has 4 or more). Held-out rows are never augmented.
+night whatever else is added (when fewer than 2 fall there, the lowest hashes make up 2, for
+portfolios of 4 or more). Held-out rows are never augmented.
 """
 
 from __future__ import annotations
@@ -116,13 +116,25 @@ def parse_profile(data: Any) -> tuple[dict[str, int], dict[str, str], str | None
     return scores, comments, summary, grade
 
 
-def read_sidecar(photo: Path) -> tuple[dict[str, int], dict[str, str], str | None, int | None] | None:
-    """The curator's `<stem>.json` next to a reference photo, if it holds all eight scores."""
-    sidecar = Path(photo).with_suffix(".json")
-    try:
-        return parse_profile(json.loads(sidecar.read_text(encoding="utf-8")))
-    except (OSError, ValueError):
+def read_human_profile(photo: Path) -> tuple[dict[str, int], dict[str, str], str | None, int | None] | None:
+    """The curator's sidecar next to a reference photo (the RAG index's reader), if it is valid."""
+    from daemon.references import SidecarInvalid, read_sidecar, sidecar_path
+
+    sidecar = sidecar_path(Path(photo))
+    if sidecar is None:
         return None
+    try:
+        scores, comments = read_sidecar(sidecar)
+    except SidecarInvalid:
+        return None
+    extra: dict[str, Any] = {}
+    try:
+        extra = json.loads(sidecar.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError):
+        pass
+    parsed = parse_profile(extra) if isinstance(extra, Mapping) else None
+    summary, grade = (parsed[2], parsed[3]) if parsed else (None, None)
+    return dict(scores), dict(comments or {}), summary, grade
 
 
 def _row_value(row: Any, name: str) -> Any:
@@ -135,7 +147,7 @@ def reference_from_row(row: Any) -> Reference | None:
     sha = str(_row_value(row, "sha256") or "")
     if not path or not sha:
         return None
-    human = read_sidecar(Path(path))
+    human = read_human_profile(Path(path))
     if human is not None:
         scores, comments, summary, grade = human
         return Reference(path=path, sha256=sha, scores=scores, source="human", comments=comments,

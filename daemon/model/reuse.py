@@ -139,8 +139,11 @@ class _Mask:
 
 
 def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, text_prompt: str,
-             schema: dict, *, max_tokens: int) -> ReuseOutput:
-    """Greedy, schema-constrained generation on an encoded photo, reusing its previous prompt's KV cache."""
+             schema: dict, *, max_tokens: int, check: Any = None) -> ReuseOutput:
+    """Greedy, schema-constrained generation on an encoded photo, reusing its previous prompt's KV cache.
+
+    `check()`, if given, runs before every forward pass and may raise to end the generation (stop, time limit).
+    """
     from mlx_vlm.models import cache as mlx_cache
 
     lm = model.language_model
@@ -209,6 +212,8 @@ def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, t
             break  # nothing left to sample: no need to run the model on the last tokens
         if len(out) >= max_tokens:
             break
+        if check is not None:
+            check()
         offset = int(kv[0].offset)
         hidden = lm.model(mx.array([new]), cache=kv, position_ids=_positions(offset, rope_deltas, len(new)))
         logits = _project_last(lm, hidden)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import jsonschema
 
+from ..limits import check as check_limits
 from .smoke import SMOKE_ALIAS, ensure_smoke_model, read_marker
 
 if TYPE_CHECKING:
@@ -216,8 +217,12 @@ class ModelRuntime:
 
     def generate_json(self, image: "Image.Image", prompt: str, schema: dict, *, max_tokens: int,
                       system: str | None = None, adapter: str | Path | None = None,
-                      encoded: "EncodedPhoto | None" = None) -> Generation:
+                      encoded: "EncodedPhoto | None" = None, cancel: threading.Event | None = None,
+                      deadline: float | None = None) -> Generation:
         """Greedy, schema-constrained generation: same inputs give the same text; the result always validates.
+
+        `cancel` (set: stop) and `deadline` (a `time.monotonic()` value) are checked before every decoded
+        token; they raise `daemon.limits.AnalysisCancelled` / `AnalysisTimedOut` (issue 3).
 
         `adapter` is a LoRA adapter folder (e.g. `adapters/<advisor>/<version>`); None is the base model.
         `encoded` (from `encode(image)`) reuses that photo's vision features and the KV cache of the prompt
@@ -225,9 +230,10 @@ class ModelRuntime:
         """
         from mlx_vlm.generate import stream_generate
 
+        check_limits(cancel, deadline)
         if encoded is not None and encoded.features is not None:
             return self._generate_encoded(encoded, prompt, schema, max_tokens=max_tokens, system=system,
-                                          adapter=adapter)
+                                          adapter=adapter, cancel=cancel, deadline=deadline)
         if encoded is not None:
             image = encoded.image
         if image.mode != "RGB":
@@ -235,11 +241,16 @@ class ModelRuntime:
         text_prompt = self.format_prompt(prompt, system=system)
         with self._lock, self.use_adapter(adapter):
             constraint = self.constraint.logits_processor(schema)
+
+            def limited(tokens: Any, logits: Any) -> Any:  # one check per decoded token
+                check_limits(cancel, deadline)
+                return constraint(tokens, logits)
+
             started = time.perf_counter()
             final = None
             for final in stream_generate(self.model, self.processor, text_prompt, image=[image],
                                          max_tokens=max_tokens, temperature=0.0,
-                                         logits_processors=[constraint]):
+                                         logits_processors=[limited]):
                 pass
             seconds = time.perf_counter() - started
         if final is None:
@@ -274,7 +285,8 @@ class ModelRuntime:
             return encode_photo(self.model, self.processor, image, self.format_prompt(""))
 
     def _generate_encoded(self, encoded: "EncodedPhoto", prompt: str, schema: dict, *, max_tokens: int,
-                          system: str | None, adapter: str | Path | None) -> Generation:
+                          system: str | None, adapter: str | Path | None,
+                          cancel: threading.Event | None = None, deadline: float | None = None) -> Generation:
         from . import reuse
 
         text_prompt = self.format_prompt(prompt, system=system)
@@ -283,7 +295,7 @@ class ModelRuntime:
                 encoded.kv, encoded.kv_ids = None, None
             started = time.perf_counter()
             out = reuse.generate(self.model, self.processor, self.constraint, encoded, text_prompt, schema,
-                                 max_tokens=max_tokens)
+                                 max_tokens=max_tokens, check=lambda: check_limits(cancel, deadline))
             encoded.kv_key = key
             seconds = time.perf_counter() - started
         if not out.finished:

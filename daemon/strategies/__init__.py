@@ -23,7 +23,12 @@ class AnalysisContext:
     cfg: Config
     advisor: Advisor
     photo: LoadedImage
-    cancel: threading.Event | None = None
+    cancel: threading.Event | None = None  # set when the daemon stops: the photo goes back to the queue
+    deadline: float | None = None  # time.monotonic() value: past it the photo fails (job_timeout_seconds)
+
+    def limits(self) -> dict[str, Any]:
+        """Keyword arguments for every `runtime.generate_json` call, so a stop or a stuck photo ends it."""
+        return {"cancel": self.cancel, "deadline": self.deadline}
 
 
 @dataclass
@@ -55,12 +60,13 @@ class Strategy(ABC):
     def analyse(self, ctx: AnalysisContext) -> AnalysisResult: ...
 
 
-def build_strategies(cfg: Config) -> dict[str, Strategy]:
+def build_strategies(cfg: Config, ledger: Any = None) -> dict[str, Strategy]:
+    """`ledger` (daemon.ledger.Ledger) lets rag read the reference index; without it rag is unavailable."""
     from .baseline import BaselineStrategy
     from .lora import LoraStrategy
     from .rag import RagStrategy
 
-    return {s.name: s for s in (BaselineStrategy(cfg), RagStrategy(cfg), LoraStrategy(cfg))}
+    return {s.name: s for s in (BaselineStrategy(cfg), RagStrategy(cfg, ledger), LoraStrategy(cfg))}
 
 
 def resolve(requested: str, advisor: Advisor,

@@ -19,6 +19,6 @@ class BaselineStrategy(Strategy):
         t0 = time.perf_counter()
         gen = ctx.runtime.generate_json(ctx.photo.image, critique_prompt(ctx.advisor),
                                         critique_schema(ctx.cfg.comment_max_chars),
-                                        max_tokens=ctx.cfg.max_tokens)
+                                        max_tokens=ctx.cfg.max_tokens, **ctx.limits())
         return AnalysisResult(critique=gen.data, timings={"generate_s": time.perf_counter() - t0,
                                                           "generated_tokens": gen.generated_tokens})

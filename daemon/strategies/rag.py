@@ -1,8 +1,24 @@
-"""RAG: ground the critique in the advisor's reference portfolio (pass 1 profile, retrieval, pass 2)."""
+"""RAG: ground the critique in the advisor's reference portfolio (pass 1 profile, retrieval, pass 2).
+
+1. The photo goes through the vision tower once (`runtime.encode`); its pooled features are its embedding.
+2. Pass 1: the 8-dimension profile, schema-constrained and short.
+3. Retrieval: the k nearest references by profile distance, combined with visual similarity when
+   embeddings are enabled; the portfolio's distribution (mean and spread per dimension).
+4. Pass 2: the advisor prompt + portfolio context; the normal critique schema. It reuses pass 1's vision
+   features and the KV cache of the prefix both prompts share (system prompt, image, advisor prompt).
+"""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
+from typing import Any
+
 from ..advisors import references_dir
+from ..critique import DIMENSIONS, critique_schema
+from ..prompts import critique_prompt, portfolio_context
+from ..references import extract_profile, reference_comment, reference_profile, thumbnail
+from ..retrieval import distribution, nearest
 from . import AnalysisContext, AnalysisResult, Availability, Strategy
 
 
@@ -10,11 +26,83 @@ class RagStrategy(Strategy):
     name = "rag"
     fallback = "baseline"
 
-    def is_available(self, advisor) -> Availability:
-        folder = references_dir(self.cfg, advisor.id)
-        return Availability(False, f"no indexed reference photos for {advisor.name} yet (add photos to "
-                                   f"{folder.relative_to(self.cfg.home) if folder.is_relative_to(self.cfg.home) else folder}"
-                                   f" and run `mondrian references index --advisor {advisor.id}`)")
+    def __init__(self, cfg, ledger: Any = None):
+        super().__init__(cfg)
+        self.ledger = ledger
 
-    def analyse(self, ctx: AnalysisContext) -> AnalysisResult:  # pragma: no cover - never available yet
-        raise NotImplementedError("rag analysis arrives with the reference index")
+    def _count(self, advisor_id: str) -> int:
+        if self.ledger is None:
+            return 0
+        return int(self.ledger.reference_counts().get(advisor_id, 0))
+
+    def is_available(self, advisor) -> Availability:
+        if self._count(advisor.id) > 0:
+            return Availability(True)
+        folder = references_dir(self.cfg, advisor.id)
+        shown = folder.relative_to(self.cfg.home) if folder.is_relative_to(self.cfg.home) else folder
+        return Availability(False, f"no indexed reference photos for {advisor.name} yet (add photos to "
+                                   f"{shown} and run `mondrian references index --advisor {advisor.id}`)")
+
+    def analyse(self, ctx: AnalysisContext) -> AnalysisResult:
+        cfg, rt, advisor = ctx.cfg, ctx.runtime, ctx.advisor
+        rows = self.ledger.references(advisor.id)
+        timings: dict[str, float] = {}
+
+        t = time.perf_counter()
+        encoded = rt.encode(ctx.photo.image)
+        timings["encode_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        profile, first = extract_profile(rt, cfg, advisor, encoded)
+        timings["profile_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        candidates = [r for r in rows if r.sha256 != ctx.photo.sha256] or rows  # not itself, if it is one
+        found = nearest(profile, candidates, k=cfg.rag_k,
+                        embedding=encoded.embedding if cfg.embeddings_enabled else None, model_id=rt.model_id)
+        portfolio = distribution([r.scores for r in rows])
+        neighbours = []
+        for n in found:
+            prof = reference_profile(n.row)
+            neighbours.append({"name": n.name, "scores": prof["scores"],
+                               "comment": reference_comment(prof["comments"])})
+        context = portfolio_context(portfolio["dimensions"], portfolio["count"], neighbours, profile)
+        timings["retrieval_s"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        second = rt.generate_json(encoded.image, critique_prompt(advisor, context),
+                                  critique_schema(cfg.comment_max_chars), max_tokens=cfg.max_tokens,
+                                  encoded=encoded)
+        timings["critique_s"] = time.perf_counter() - t
+        critique = second.data
+        encoded.kv = None  # free the KV cache now rather than with the photo
+
+        references: list[dict[str, Any]] = []
+        files: dict[str, Path] = {}
+        for i, (n, info) in enumerate(zip(found, neighbours), start=1):
+            entry: dict[str, Any] = {
+                "name": info["name"],
+                "similarity": round(n.similarity, 4),
+                "profile_similarity": round(n.profile_similarity, 4),
+                "source": n.row.source,
+                "scores": info["scores"],
+                "delta": {d: int(critique["dimensions"][d]["score"]) - info["scores"][d] for d in DIMENSIONS},
+            }
+            if n.visual_similarity is not None:
+                entry["visual_similarity"] = round(n.visual_similarity, 4)
+            if info["comment"]:
+                entry["comment"] = info["comment"]
+            thumb = thumbnail(cfg, n.row.sha256, n.row.path)
+            if thumb is not None:
+                name = f"ref-{i}.jpg"
+                files[name] = thumb
+                entry["thumb"] = name
+            references.append(entry)
+
+        timings["generated_tokens"] = first.generated_tokens + second.generated_tokens
+        timings["reused_prompt_tokens"] = second.reused_tokens
+        if first.forward_passes is not None and second.forward_passes is not None:
+            timings["forward_passes"] = first.forward_passes + second.forward_passes
+        return AnalysisResult(critique=critique,
+                              extras={"profile": profile, "references": references, "portfolio": portfolio},
+                              files=files, timings=timings)

@@ -1,0 +1,194 @@
+"""`mondrian references index|list`: an advisor's reference portfolio, indexed on demand and shown."""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+EX_CONFIG = 78
+
+
+def _config(args: argparse.Namespace):
+    from .config import load_config
+
+    return load_config(getattr(args, "home", None), model=getattr(args, "model", None))
+
+
+def _daemon_pid(cfg) -> str | None:
+    """The pid of a daemon serving this home, if one holds its lock (probed without keeping it)."""
+    lock = cfg.var_dir / "daemon.lock"
+    if not lock.exists():
+        return None
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def _advisor_ids(cfg, wanted: str | None) -> list[str] | None:
+    from .advisors import get_advisor
+
+    if wanted is None:
+        return None
+    return [get_advisor(cfg, wanted).id]  # raises UnknownAdvisor with the known ids
+
+
+class _Bar:
+    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, total: int, stream=sys.stderr):
+        self.total, self.stream, self.started = total, stream, time.monotonic()
+        self.tty = stream.isatty()
+
+    def update(self, done: int, label: str) -> None:
+        width = 30
+        filled = int(width * done / max(1, self.total))
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / done * (self.total - done) if done else 0.0
+        line = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
+                f"{elapsed:5.1f}s (eta {eta:4.0f}s) {label}")
+        if self.tty:
+            self.stream.write("\r" + line[:160].ljust(160))
+            if done == self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    from .advisors import UnknownAdvisor
+    from .ledger import Ledger
+    from .references import ReferenceIndexer
+
+    cfg = _config(args)
+    cfg.ensure_dirs()
+    try:
+        advisors = _advisor_ids(cfg, args.advisor)
+    except UnknownAdvisor as exc:
+        print(str(exc).strip("'\""), file=sys.stderr)
+        return 2
+    pid = _daemon_pid(cfg)
+    if pid is not None and not args.force:
+        print(f"The Mondrian daemon (pid {pid}) is running on {cfg.home}: it indexes new, changed and removed "
+              f"references itself, between photos. `mondrian references list` shows what is indexed "
+              f"(or pass --force to index here as well).", file=sys.stderr)
+        return 0
+
+    def load_runtime():
+        from .model.runtime import ModelRuntime
+
+        print(f"loading model {cfg.model!r}…", file=sys.stderr)
+        return ModelRuntime.load(cfg.model, var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
+
+    ledger = Ledger(cfg.db_path)
+    indexer = ReferenceIndexer(cfg, ledger, load_runtime)
+    bar: dict[str, _Bar] = {}
+
+    def on_plan(plan) -> None:
+        for path in plan.waiting:
+            print(f"waiting: {path} is still being written; index again in a moment", file=sys.stderr)
+        for advisor, path, reason in plan.errors:
+            print(f"skipped: {advisor}: {path.name}: {reason}", file=sys.stderr)
+        if plan.index:
+            bar["bar"] = _Bar(len(plan.index))
+            bar["bar"].update(0, "")
+
+    def progress(outcome, done: int, total: int) -> None:
+        bar["bar"].update(done, f"{outcome.advisor}/{outcome.path.name}")
+        if outcome.action == "error":
+            print(f"\nskipped: {outcome.advisor}: {outcome.path.name}: {outcome.reason}", file=sys.stderr)
+
+    try:
+        plan, outcomes = indexer.sync(advisors, progress=progress, on_plan=on_plan)
+    except Exception as exc:
+        from .model.runtime import ModelNotFoundError
+
+        if isinstance(exc, ModelNotFoundError):
+            print(f"cannot index: {exc}", file=sys.stderr)
+            return EX_CONFIG
+        raise
+    counts = {k: sum(1 for o in outcomes if o.action == k) for k in ("indexed", "reused", "removed", "error")}
+    errors = counts["error"] + len(plan.errors)
+    print(f"{counts['indexed'] + counts['reused']} indexed, {plan.unchanged} unchanged, {counts['removed']} "
+          f"removed, {errors} skipped, {len(plan.waiting)} still being written", file=sys.stderr)
+    return 1 if errors else 0
+
+
+def _row(row, cfg) -> dict[str, Any]:
+    from .references import reference_profile
+
+    prof = reference_profile(row)
+    try:
+        shown = str(Path(row.path).relative_to(cfg.home))
+    except ValueError:
+        shown = row.path
+    return {"advisor": row.advisor, "path": shown, "file": Path(row.path).name, "sha256": row.sha256,
+            "source": prof["source"], "scores": prof["scores"], "comments": prof["comments"],
+            "model_id": row.model_id, "embedding": row.embedding is not None,
+            "indexed_at": row.indexed_at}
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .advisors import UnknownAdvisor, load_advisors
+    from .critique import DIMENSIONS
+    from .ledger import Ledger
+    from .retrieval import distribution
+
+    cfg = _config(args)
+    try:
+        advisors = _advisor_ids(cfg, args.advisor) or sorted(load_advisors(cfg))
+    except UnknownAdvisor as exc:
+        print(str(exc).strip("'\""), file=sys.stderr)
+        return 2
+    ledger = Ledger(cfg.db_path)
+    result = {}
+    for advisor in advisors:
+        rows = ledger.references(advisor)
+        result[advisor] = {"count": len(rows), "references": [_row(r, cfg) for r in rows],
+                           "portfolio": distribution([r.scores for r in rows]) if rows else None}
+    if args.json:
+        print(json.dumps(result if args.advisor is None else result[advisors[0]], indent=2, ensure_ascii=False))
+        return 0
+    abbrev = " ".join(d[:4] for d in DIMENSIONS)
+    for advisor, info in result.items():
+        print(f"{advisor}: {info['count']} reference(s)")
+        if not info["count"]:
+            continue
+        print(f"  {'file':<32} {'source':<6} {abbrev}")
+        for r in info["references"]:
+            scores = " ".join(f"{r['scores'][d]:>4}" for d in DIMENSIONS)
+            print(f"  {r['file'][:32]:<32} {r['source']:<6} {scores}")
+        pf = info["portfolio"]["dimensions"]
+        print(f"  {'mean':<32} {'':<6} " + " ".join(f"{pf[d]['mean']:>4.1f}" for d in DIMENSIONS))
+        print(f"  {'spread':<32} {'':<6} " + " ".join(f"{pf[d]['std']:>4.1f}" for d in DIMENSIONS))
+    return 0
+
+
+def register(subparsers: Any) -> None:
+    refs = subparsers.add_parser("references", help="an advisor's reference photos (rag mode): index, list")
+    rsub = refs.add_subparsers(dest="references_command", required=True)
+    idx = rsub.add_parser("index", help="index new, changed and removed reference photos now")
+    idx.add_argument("--advisor", help="only this advisor (default: all)")
+    idx.add_argument("--model", help="model: 'smoke', a local folder or a hub id")
+    idx.add_argument("--force", action="store_true", help="index even while a daemon runs on this home")
+    idx.set_defaults(func=cmd_index)
+    ls = rsub.add_parser("list", help="show the indexed references and the portfolio's distribution")
+    ls.add_argument("--advisor", help="only this advisor (default: all)")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_list)

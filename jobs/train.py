@@ -1,0 +1,450 @@
+"""Train one advisor's LoRA adapter in a child process, evaluate it, and promote it if it earns it.
+
+`run_training()` (called by the nightly job in the daemon and by `mondrian train`) starts
+`python -m jobs.train` as a child process, so a crash or an out-of-memory kill in MLX cannot take the
+daemon down; the daemon keeps serving the inbox meanwhile. The child reports progress as JSON lines on
+a pipe of its own (the trainer prints plenty on stdout, which goes to a log file instead); the parent
+hands each line to its `on_progress` callback (the daemon and the CLI record it with
+`ledger.set_event("training", ...)` for `mondrian status`).
+
+The child: builds the dataset (jobs.dataset), loads the base model exactly as the daemon does (same
+pixel cap, same chat template), attaches LoRA to the language model (rank 8, alpha 16 by default),
+trains with mlx-vlm's Trainer on completion tokens only, evaluates held-out loss every few steps and
+stops early when it stops improving (keeping the best weights), then evaluates the candidate and the
+current adapter (or the base model) on the held-out references (jobs.evaluate) and writes the
+candidate's folder: adapter_config.json, adapters.safetensors, metrics.json, manifest.json. The parent
+then decides and commits atomically (jobs.adapters).
+
+Settings come from the `[lora]` table of mondrian.toml (see `TrainSettings`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from daemon.config import Config, load_config
+
+log = logging.getLogger("mondrian.train")
+
+PROGRESS_FD_ENV = "MONDRIAN_TRAIN_PROGRESS_FD"
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    learning_rate: float = 1e-4
+    iters: int = 0  # 0: epochs x training rows, clamped to [min_iters, max_iters]
+    epochs: float = 6.0
+    min_iters: int = 60
+    max_iters: int = 1500
+    batch_size: int = 1
+    eval_every: int = 0  # 0: about ten held-out evaluations per run
+    patience: int = 3  # evaluations without improvement before stopping early
+    variants: int = 4  # augmented copies per training reference
+    augment: bool = True
+    exposure: bool = True
+    holdout_fraction: float = 0.2
+    keep_versions: int = 5
+    promote_tolerance: float = 0.0  # a candidate may be this much worse (mean MAE) and still be promoted
+    max_seq_length: int = 8192
+    seed: int = 0
+    nightly: bool = True
+
+    @classmethod
+    def from_config(cls, cfg: Config, **overrides: Any) -> "TrainSettings":
+        table = dict(cfg.extra.get("lora", {}) or {})
+        table.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in table.items():
+            if key not in known:
+                continue
+            default = getattr(cls, key)
+            if isinstance(default, bool):
+                values[key] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+            else:
+                values[key] = type(default)(value)
+        return cls(**values)
+
+    def iterations(self, train_rows: int) -> int:
+        if self.iters > 0:
+            return self.iters
+        n = int(round(self.epochs * train_rows / max(1, self.batch_size)))
+        return max(self.min_iters, min(self.max_iters, n))
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+@dataclass
+class TrainOutcome:
+    advisor: str
+    ok: bool
+    version: str | None = None
+    promoted: bool = False
+    reason: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+    log_path: str | None = None
+
+
+def base_model_fingerprint(model_path: str | Path) -> str:
+    """Identifies the base weights an adapter was trained on (config + smoke marker + weight sizes)."""
+    p = Path(model_path)
+    h = hashlib.sha256()
+    for name in ("config.json", "mondrian_smoke.json"):
+        try:
+            h.update((p / name).read_bytes())
+        except OSError:
+            pass
+    for w in sorted(p.glob("*.safetensors")):
+        h.update(f"{w.name}:{w.stat().st_size}".encode())
+    return h.hexdigest()[:16]
+
+
+# ================================================================================================
+# The child process
+# ================================================================================================
+class _Reporter:
+    def __init__(self, fd: int | None) -> None:
+        self.fh = os.fdopen(fd, "w", buffering=1, encoding="utf-8") if fd is not None else None
+
+    def send(self, **event: Any) -> None:
+        if self.fh is None:
+            return
+        try:
+            self.fh.write(json.dumps(event, default=str) + "\n")
+            self.fh.flush()
+        except (BrokenPipeError, OSError):
+            os._exit(3)  # the parent is gone: nobody will use this adapter
+
+
+class EarlyStop(Exception):
+    pass
+
+
+def _watch_parent(parent: int) -> None:
+    """Exit when the parent dies (a SIGKILLed daemon must not leave a trainer running)."""
+    def loop() -> None:
+        while True:
+            time.sleep(1.0)
+            if os.getppid() != parent:
+                os._exit(4)
+
+    threading.Thread(target=loop, daemon=True, name="parent-watch").start()
+
+
+def child_main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m jobs.train")
+    ap.add_argument("--home", required=True)
+    ap.add_argument("--advisor", required=True)
+    ap.add_argument("--staging", required=True)
+    ap.add_argument("--model")
+    ap.add_argument("--settings", default="{}", help="JSON overrides of the [lora] settings")
+    ap.add_argument("--parent", type=int, default=0)
+    args = ap.parse_args(argv)
+    fd = os.environ.get(PROGRESS_FD_ENV)
+    rep = _Reporter(int(fd) if fd else None)
+    if args.parent:
+        _watch_parent(args.parent)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    try:
+        cfg = load_config(args.home, model=args.model)
+        settings = TrainSettings.from_config(cfg, **json.loads(args.settings))
+        metrics = train_candidate(cfg, args.advisor, Path(args.staging), settings, rep.send)
+    except Exception as exc:  # report it in words, then fail
+        log.exception("training failed")
+        rep.send(event="error", message=f"{type(exc).__name__}: {exc}")
+        return 1
+    rep.send(event="done", staging=args.staging, metrics=metrics)
+    return 0
+
+
+def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: TrainSettings,
+                    send: Callable[..., None]) -> dict[str, Any]:
+    """Everything the child does; writes the candidate folder and returns its metrics."""
+    from daemon.advisors import get_advisor
+    from daemon.prompts import critique_prompt
+
+    from . import dataset as ds
+    from .adapters import AdapterStore, MANIFEST_NAME, METRICS_NAME, atomic_write_json
+
+    started = time.time()
+    advisor = get_advisor(cfg, advisor_id)
+    store = AdapterStore(cfg.adapters_dir, keep=settings.keep_versions)
+    send(event="phase", phase="dataset")
+    refs = ds.collect_references(cfg, advisor_id)
+    data_dir = cfg.var_dir / "datasets" / advisor_id / staging.name.lstrip(".")
+    built = ds.build_dataset(cfg, advisor, refs, data_dir,
+                             ds.DatasetSettings(variants=settings.variants, holdout_fraction=settings.holdout_fraction,
+                                                augment=settings.augment, exposure=settings.exposure))
+    _prune_datasets(data_dir.parent, keep=2)
+    send(event="phase", phase="loading", train_rows=built.train_rows, held_out=len(built.held_out))
+
+    from daemon.model.runtime import ModelRuntime
+
+    runtime = ModelRuntime.load(cfg.model, var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
+    steps = settings.iterations(built.train_rows)
+    fit = _fit(runtime, built, settings, steps, send)
+
+    # -- the candidate folder -----------------------------------------------------------------
+    from daemon.model.adapters import save_adapter
+
+    adapter_config = json.loads(json.dumps(runtime.model._vlm_adapter_config))
+    save_adapter(staging, adapter_config, fit.pop("best_weights"))
+
+    send(event="phase", phase="evaluating", held_out=len(built.held_out))
+    from .evaluate import evaluate
+
+    prompt = critique_prompt(advisor)
+    kw = dict(comment_max_chars=cfg.comment_max_chars, max_tokens=cfg.max_tokens, max_pixels=cfg.max_pixels)
+    candidate = evaluate(runtime, built.held_out, prompt, adapter=staging, label="candidate", **kw)
+    current = store.current(advisor_id)
+    base_fp = base_model_fingerprint(runtime.path)
+    baseline_adapter, baseline_label = None, "base"
+    if current is not None and current.manifest.get("base_model", {}).get("fingerprint") == base_fp:
+        baseline_adapter, baseline_label = current.path, current.name
+    try:
+        baseline = evaluate(runtime, built.held_out, prompt, adapter=baseline_adapter, label=baseline_label, **kw)
+    except Exception as exc:  # an unusable current adapter: compare with the base model instead
+        log.warning("current adapter %s cannot be evaluated (%s); comparing with the base model", baseline_label, exc)
+        baseline = evaluate(runtime, built.held_out, prompt, adapter=None, label="base", **kw)
+
+    metrics = {"advisor": advisor_id, "training": fit, "evaluation": {
+        "candidate": candidate.to_dict(), "baseline": baseline.to_dict(), "held_out": len(built.held_out)},
+        "seconds": round(time.time() - started, 2)}
+    manifest = {
+        "advisor": advisor_id, "created_at": time.time(), "fingerprint": built.fingerprint,
+        "references": [{"sha256": r.sha256, "path": r.path, "source": r.source, "scores": r.scores,
+                        "held_out": r in built.held_out} for r in refs],
+        "held_out": [r.sha256 for r in built.held_out],
+        "base_model": {"id": runtime.model_id, "spec": cfg.model, "path": runtime.path, "fingerprint": base_fp},
+        "max_pixels": cfg.max_pixels, "comment_max_chars": cfg.comment_max_chars,
+        "settings": asdict(settings), "dataset": str(built.path), "train_rows": built.train_rows,
+    }
+    atomic_write_json(staging / MANIFEST_NAME, manifest)
+    atomic_write_json(staging / METRICS_NAME, metrics)
+    return metrics
+
+
+def _prune_datasets(folder: Path, keep: int) -> None:
+    try:
+        dirs = sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
+                      key=lambda p: p.stat().st_mtime)
+    except OSError:
+        return
+    for old in dirs[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _fit(runtime: Any, built: Any, settings: TrainSettings, steps: int, send: Callable[..., None]) -> dict[str, Any]:
+    import mlx.core as mx
+    import mlx.optimizers as optim
+    from mlx.utils import tree_flatten
+    from mlx_vlm.trainer import Trainer, TrainingCallback, VLMTrainingArgs, prepare_model_for_training
+
+    from .dataset import load_built
+
+    model = runtime.model
+    mx.random.seed(settings.seed)
+    prepare_model_for_training(model, train_type="lora", lora_rank=settings.rank, lora_alpha=settings.alpha,
+                               lora_dropout=settings.dropout, verbose=False)
+    data = load_built(built.path)
+    eval_every = settings.eval_every or max(5, steps // 10)
+    report_every = max(1, min(10, eval_every))
+    scratch = Path(built.path) / "trainer-scratch.safetensors"
+    args = VLMTrainingArgs(
+        batch_size=settings.batch_size, iters=steps, val_batches=-1, steps_per_report=report_every,
+        steps_per_eval=eval_every, steps_per_save=steps + 1, adapter_file=str(scratch),
+        max_seq_length=settings.max_seq_length, train_on_completions=True,
+        cache_size=min(len(data["train"]) + len(data["validation"]), 256))
+
+    state: dict[str, Any] = {"best": None, "best_step": 0, "best_weights": None, "bad": 0, "history": [],
+                             "last_loss": None, "started": time.time()}
+
+    def snapshot() -> dict[str, Any]:
+        return dict(tree_flatten(model.trainable_parameters()))
+
+    class Callback(TrainingCallback):
+        def on_train_loss_report(self, info: dict) -> None:
+            state["last_loss"] = float(info.get("train_loss", float("nan")))
+            step = int(info.get("iteration", 0))
+            elapsed = time.time() - state["started"]
+            send(event="progress", phase="training", step=step, steps=steps, loss=round(state["last_loss"], 4),
+                 val_loss=state["best"], elapsed_s=round(elapsed, 1),
+                 eta_s=round(elapsed / max(step, 1) * (steps - step), 1))
+
+        def on_val_loss_report(self, info: dict) -> None:
+            val = float(info.get("val_loss", float("nan")))
+            step = int(info.get("iteration", 0))
+            state["history"].append({"step": step, "val_loss": round(val, 5), "train_loss": state["last_loss"]})
+            if state["best"] is None or val < state["best"] - 1e-4:
+                state.update(best=val, best_step=step, best_weights=snapshot(), bad=0)
+            else:
+                state["bad"] += 1
+            send(event="progress", phase="training", step=step, steps=steps, loss=state["last_loss"],
+                 val_loss=round(val, 4), best_val_loss=round(state["best"], 4))
+            if state["bad"] >= settings.patience:
+                raise EarlyStop()
+
+    trainer = Trainer(model, args, train_dataset=data["train"], eval_dataset=data["validation"],
+                      processing_class=runtime.processor, optimizer=optim.Adam(learning_rate=settings.learning_rate),
+                      training_callback=Callback(), seed=settings.seed)
+    initial = trainer.evaluate()["val_loss"]
+    state["history"].append({"step": 0, "val_loss": round(float(initial), 5), "train_loss": None})
+    send(event="phase", phase="training", steps=steps, val_loss=round(float(initial), 4))
+    stopped_early = False
+    out = sys.stdout
+    sys.stdout = sys.stderr  # the trainer prints progress; keep stdout clean for whoever reads it
+    try:
+        trainer.train()
+    except EarlyStop:
+        stopped_early = True
+    finally:
+        sys.stdout = out
+    if state["best_weights"] is None:
+        state.update(best=float(initial), best_weights=snapshot(), best_step=0)
+    model.load_weights(list(state["best_weights"].items()), strict=False)
+    model.eval()
+    scratch.unlink(missing_ok=True)
+    return {"steps_planned": steps, "steps_run": state["history"][-1]["step"], "best_step": state["best_step"],
+            "best_val_loss": round(float(state["best"]), 5), "initial_val_loss": round(float(initial), 5),
+            "last_train_loss": state["last_loss"], "stopped_early": stopped_early, "history": state["history"],
+            "train_rows": len(data["train"]), "held_out_rows": len(data["validation"]),
+            "learning_rate": settings.learning_rate, "rank": settings.rank, "alpha": settings.alpha,
+            "train_seconds": round(time.time() - state["started"], 2), "best_weights": state["best_weights"]}
+
+
+# ================================================================================================
+# The parent side
+# ================================================================================================
+def run_training(cfg: Config, advisor_id: str, *, on_progress: Callable[[dict[str, Any]], None] | None = None,
+                 settings: dict[str, Any] | None = None, promote: bool = True,
+                 stop: threading.Event | None = None, wait_for_lock: bool = False) -> TrainOutcome:
+    """Train `advisor_id` in a child process, then commit the candidate (promoted or refused)."""
+    from .adapters import AdapterStore, Busy
+    from .evaluate import decide
+
+    started = time.time()
+    resolved = TrainSettings.from_config(cfg, **(settings or {}))
+    store = AdapterStore(cfg.adapters_dir, keep=resolved.keep_versions)
+    emit = on_progress or (lambda _e: None)
+    cfg.logs_dir.mkdir(parents=True, exist_ok=True)
+    log_path = cfg.logs_dir / f"train-{advisor_id}.log"
+    try:
+        with store.lock(advisor_id, wait=wait_for_lock):
+            store.recover(advisor_id)
+            staging = store.new_staging(advisor_id)
+            try:
+                ok, result = _run_child(cfg, advisor_id, staging, settings or {}, log_path, emit, stop)
+                if not ok:
+                    shutil.rmtree(staging, ignore_errors=True)
+                    return TrainOutcome(advisor_id, False, reason=result.get("message", "training failed"),
+                                        seconds=time.time() - started, log_path=str(log_path))
+                metrics = result.get("metrics") or {}
+                ev = metrics.get("evaluation", {})
+                decision = decide(ev.get("candidate", {}), ev.get("baseline", {}), resolved.promote_tolerance)
+                if decision["promoted"] and not promote:
+                    decision = {"promoted": False, "reason": f"not promoted (--no-promote); would have been: "
+                                                             f"{decision['reason']}"}
+                emit({"event": "phase", "phase": "promoting" if decision["promoted"] else "refusing",
+                      "reason": decision["reason"]})
+                version = store.commit(advisor_id, staging, decision)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+    except Busy as exc:
+        return TrainOutcome(advisor_id, False, reason=str(exc), seconds=time.time() - started)
+    return TrainOutcome(advisor_id, True, version=version.name, promoted=version.promoted,
+                        reason=decision["reason"], metrics=version.metrics, seconds=time.time() - started,
+                        log_path=str(log_path))
+
+
+def _run_child(cfg: Config, advisor_id: str, staging: Path, settings: dict[str, Any], log_path: Path,
+               emit: Callable[[dict[str, Any]], None], stop: threading.Event | None) -> tuple[bool, dict[str, Any]]:
+    read_fd, write_fd = os.pipe()
+    env = dict(os.environ)
+    env[PROGRESS_FD_ENV] = str(write_fd)
+    env.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", ""))
+    cmd = [sys.executable, "-m", "jobs.train", "--home", str(cfg.home), "--advisor", advisor_id,
+           "--staging", str(staging), "--model", cfg.model, "--settings", json.dumps(settings),
+           "--parent", str(os.getpid())]
+    project_root = Path(__file__).resolve().parent.parent
+    with open(log_path, "ab") as logf:
+        logf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} training {advisor_id} ===\n".encode())
+        logf.flush()
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                pass_fds=(write_fd,), env=env, cwd=project_root, start_new_session=True)
+    os.close(write_fd)
+    result: dict[str, Any] = {}
+    stopper = None
+    if stop is not None:
+        def watch() -> None:
+            while proc.poll() is None:
+                if stop.wait(0.5):
+                    _terminate(proc)
+                    return
+
+        stopper = threading.Thread(target=watch, daemon=True, name="train-stop")
+        stopper.start()
+    with os.fdopen(read_fd, "r", encoding="utf-8") as pipe:
+        for line in pipe:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") in ("done", "error"):
+                result = event
+            else:
+                try:
+                    emit(event)
+                except Exception:  # a display problem must not abort training
+                    log.exception("progress callback failed")
+    rc = proc.wait()
+    if stop is not None and stop.is_set():
+        return False, {"message": "training was stopped (Mondrian is shutting down)"}
+    if rc != 0 or result.get("event") != "done":
+        why = result.get("message") or _exit_reason(rc)
+        return False, {"message": f"training failed: {why} (log: {log_path})"}
+    return True, result
+
+
+def _exit_reason(rc: int) -> str:
+    if rc < 0:
+        name = signal.Signals(-rc).name if -rc in signal.Signals._value2member_map_ else str(-rc)
+        return f"the training process was killed by {name}" + (" (out of memory?)" if -rc == signal.SIGKILL else "")
+    return f"the training process exited with status {rc}"
+
+
+def _terminate(proc: subprocess.Popen) -> None:
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+if __name__ == "__main__":
+    from daemon.model import blas
+
+    blas.preload_openblas()
+    sys.exit(child_main())

@@ -1,0 +1,127 @@
+"""Issue 3, promise 3: hostile and odd images. The real daemon (subprocess, real watchdog observer, smoke
+Qwen2-VL through mlx_vlm) over a generated corpus of more than 300 files. It never crashes; every file ends
+in exactly one terminal state with a reason; HEIC is analysed; upright sizes follow EXIF; duplicates point at
+one report; hidden and temporary names are left alone. Prints how many files ended in each state."""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import jsonschema
+
+from daemon.ledger import Ledger
+from daemon.report import SCHEMA_PATH
+from tests.corpus import build
+from tests.harness import Daemon, make_home, status, wait_for
+
+SCHEMA = json.loads(SCHEMA_PATH.read_text())
+# Tiny images and two-word comments: each analysis is about a second on 2 CPU cores.
+FAST = dict(max_pixels=56 * 56, comment_max_chars=8, max_tokens=400, quiet_seconds=0.3, rescan_seconds=2)
+
+
+def test_hostile_corpus_every_file_ends_once_with_a_reason(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    inbox, outbox = home / "inbox", home / "outbox"
+    items = build(inbox)
+    by_name = {it.name: it for it in items}
+    expected_jobs = [it for it in items if it.expect != "ignored"]
+    assert len(items) >= 300, len(items)
+
+    started = time.monotonic()
+    with Daemon(home, smoke_model_path) as d:
+        def finished():
+            s = status(home, smoke_model_path)
+            c = s["counts"]
+            settled = c["done"] + c["failed"] + c["gone"] >= len(expected_jobs)
+            return s if settled and not c["queued"] and not c["running"] else None
+
+        info = wait_for(finished, 420, interval=1.0, what="every corpus file in a terminal state")
+        assert d.proc.poll() is None, "the daemon crashed:\n" + d.output()[-4000:]
+        assert d.stop() == 0
+    elapsed = time.monotonic() - started
+    log = d.output()
+    assert "Traceback" not in log and "unexpected error" not in log, log[-6000:]
+
+    ledger = Ledger(home / "var" / "ledger.db")
+    rows = collections.defaultdict(list)
+    for job in ledger.jobs():
+        rows[job.rel_path].append(job)
+    assert ledger.integrity_check() == "ok"
+
+    outcome: dict[str, str] = {}
+    reasons = collections.Counter()
+    for it in items:
+        jobs = rows.get(it.name, [])
+        if it.expect == "ignored":
+            assert not jobs, f"{it.name!r} should have been ignored"
+            assert (inbox / it.name).read_bytes() == it.data, f"{it.name!r} was touched"
+            outcome[it.name] = "ignored"
+            continue
+        assert len(jobs) == 1, f"{it.name!r} has {len(jobs)} jobs"
+        job = jobs[0]
+        assert not (inbox / it.name).exists(), f"{it.name!r} is still in the inbox"
+        if job.state == "failed":
+            assert job.error, it.name
+            record = json.loads(Path(f"{job.output_dir}.error.json").read_text())
+            assert record["reason"] == job.error and record["file"] == Path(it.name).name
+            assert Path(job.output_dir).read_bytes() == it.data, f"original of {it.name!r} not kept in failed/"
+            reasons[job.error.split(";")[0].split("(")[0].strip()[:70]] += 1
+            outcome[it.name] = "failed"
+        elif job.state == "done" and job.duplicate_of:
+            record = json.loads(Path(f"{job.output_dir}.duplicate.json").read_text())
+            assert record["duplicate_of_job"] == job.duplicate_of
+            assert Path(job.output_dir).read_bytes() == it.data
+            outcome[it.name] = "duplicate"
+        elif job.state == "done":
+            folder = Path(job.output_dir)
+            report = json.loads((folder / "report.json").read_text())
+            jsonschema.validate(report, SCHEMA)
+            assert report["photo"]["file"] == Path(it.name).name
+            assert report["photo"]["sha256"] == hashlib.sha256(it.data).hexdigest()
+            assert (folder / Path(it.name).name).read_bytes() == it.data, "original moved next to its report"
+            for key in ("width", "height", "format"):
+                if key in it.checks:
+                    assert report["photo"][key] == it.checks[key], (it.name, key, report["photo"])
+            outcome[it.name] = "done"
+        else:
+            raise AssertionError(f"{it.name!r} ended {job.state}: {job.error}")
+
+    # what each kind of file was expected to do
+    wrong = []
+    for name, got in outcome.items():
+        want = by_name[name].expect
+        if want == "terminal":
+            continue
+        if want in ("done", "duplicate"):
+            ok = got in ("done", "duplicate")  # whichever copy is claimed first is analysed, the other points at it
+        else:
+            ok = got == want
+        if not ok:
+            wrong.append((name, want, got, rows[name][0].error if rows.get(name) else None))
+    assert not wrong, wrong
+
+    # one report per distinct content: never analysed twice
+    analysed = collections.Counter(hashlib.sha256(by_name[n].data).hexdigest()
+                                   for n, got in outcome.items() if got == "done")
+    assert all(v == 1 for v in analysed.values()), [k for k, v in analysed.items() if v > 1]
+    good = {hashlib.sha256(it.data).hexdigest() for it in items if it.expect in ("done", "duplicate")}
+    good |= {hashlib.sha256(by_name[n].data).hexdigest() for n, got in outcome.items()
+             if by_name[n].expect == "terminal" and got == "done"}  # damaged JPEGs a decoder still reads
+    assert set(analysed) == good  # every good photo analysed, exactly once
+    heic = [n for n in outcome if by_name[n].kind == "heic"]
+    assert heic and all(outcome[n] in ("done", "duplicate") for n in heic)
+
+    states = collections.Counter(outcome.values())
+    kinds = collections.Counter((by_name[n].kind, got) for n, got in outcome.items())
+    print(f"\nhostile corpus: files={len(items)} " + " ".join(f"{k}={states[k]}" for k in
+                                                          ("done", "duplicate", "failed", "ignored"))
+          + f" crashed=0 elapsed={elapsed:.0f}s status_counts={info['counts']}")
+    for (kind, got), n in sorted(kinds.items()):
+        print(f"  {kind:28} {got:9} {n}")
+    print("  failure reasons:")
+    for reason, n in reasons.most_common():
+        print(f"    {n:3}  {reason}")

@@ -1,0 +1,312 @@
+"""RAG mode with real parts: the smoke Qwen2-VL through mlx-vlm, real SQLite, the real daemon on real folders."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import jsonschema
+import numpy as np
+import pytest
+
+from daemon.critique import DIMENSIONS, critique_schema, profile_schema
+from daemon.references import SidecarInvalid, parse_sidecar, reference_profile
+from daemon.report import SCHEMA_PATH
+from daemon.retrieval import distribution, nearest
+from tests.harness import Daemon, make_home, mondrian, photo, wait_for
+
+SCHEMA = json.loads(SCHEMA_PATH.read_text())
+MAX_PIXELS = 112 * 112
+
+
+def _scores(base: int, **over: int) -> dict[str, int]:
+    return {d: over.get(d, base) for d in DIMENSIONS}
+
+
+def _sidecar(path: Path, scores: dict[str, int], comments: dict[str, str] | None = None) -> None:
+    doc: dict = {"scores": scores}
+    if comments:
+        doc["comments"] = comments
+    path.write_text(json.dumps(doc))
+
+
+def _age(*paths: Path, seconds: float = 30.0) -> None:
+    """Make files look settled (written a while ago), as a curator's existing portfolio would be."""
+    t = time.time() - seconds
+    for p in paths:
+        os.utime(p, (t, t))
+
+
+def _report(folder: Path) -> dict:
+    data = json.loads((folder / "report.json").read_text())
+    jsonschema.validate(data, SCHEMA)
+    return data
+
+
+# ------------------------------------------------------------------------------------- pure parts
+
+
+def test_sidecar_shapes_and_errors() -> None:
+    flat = parse_sidecar(_scores(6))
+    assert flat == (_scores(6), None)
+    nested = parse_sidecar({"scores": _scores(7), "comments": {"lighting": "  Zone V\n on the rock. "}})
+    assert nested == (_scores(7), {"lighting": "Zone V on the rock."})
+    report_like = parse_sidecar({"dimensions": {d: {"score": 5, "comment": f"on {d}"} for d in DIMENSIONS}})
+    assert report_like[0] == _scores(5) and report_like[1]["emotional_impact"] == "on emotional_impact"
+    with pytest.raises(SidecarInvalid, match="lacks scores for lighting"):
+        parse_sidecar({d: 5 for d in DIMENSIONS if d != "lighting"})
+    with pytest.raises(SidecarInvalid, match="unknown dimensions colour"):
+        parse_sidecar({**_scores(5), "colour": 3})
+    with pytest.raises(SidecarInvalid, match="whole numbers from 0 to 10"):
+        parse_sidecar(_scores(5, composition=11))
+    with pytest.raises(SidecarInvalid, match="whole numbers"):
+        parse_sidecar(_scores(5, composition=True))
+
+
+def _row(name: str, scores: dict[str, int], embedding=None, model_id: str | None = "m") -> SimpleNamespace:
+    blob = None if embedding is None else np.asarray(embedding, dtype=np.float32).tobytes()
+    return SimpleNamespace(path=f"/refs/{name}", scores=scores, embedding=blob, model_id=model_id, source="human",
+                           comments=None, sha256=name)
+
+
+def test_retrieval_returns_the_nearest_profiles() -> None:
+    rows = [_row("dark.jpg", _scores(2)), _row("mid.jpg", _scores(5)), _row("bright.jpg", _scores(9)),
+            _row("mixed.jpg", _scores(5, composition=10, lighting=0))]
+    got = nearest(_scores(8), rows, k=2)
+    assert [n.name for n in got] == ["bright.jpg", "mid.jpg"]
+    assert got[0].distance == pytest.approx(np.sqrt(8))
+    assert 1 >= got[0].similarity > got[1].similarity >= 0 and got[0].visual_similarity is None
+    assert [n.name for n in nearest(_scores(5), rows, k=3)] == ["mid.jpg", "mixed.jpg", "dark.jpg"]
+    assert len(nearest(_scores(5), rows, k=10)) == 4
+
+    # Visual similarity breaks a tie in profiles, and outweighs a small profile difference.
+    rows = [_row("a.jpg", _scores(5), [1, 0, 0]), _row("b.jpg", _scores(5), [0, 1, 0]),
+            _row("c.jpg", _scores(5, lighting=6), [0, 0.1, 1])]
+    assert [n.name for n in nearest(_scores(5), rows, k=3)] == ["a.jpg", "b.jpg", "c.jpg"]  # by path on ties
+    got = nearest(_scores(5), rows, k=3, embedding=np.array([0, 0.2, 2], np.float32), model_id="m")
+    assert [n.name for n in got] == ["c.jpg", "b.jpg", "a.jpg"]
+    assert got[0].visual_similarity == pytest.approx(1.0, abs=1e-3)
+    # embeddings from another model (or another size) are not comparable: the profile decides
+    other = [_row("a.jpg", _scores(5), [1, 0, 0], model_id="other"), _row("b.jpg", _scores(6), [0, 0, 1])]
+    got = nearest(_scores(5), other, k=2, embedding=np.array([0, 0, 1], np.float32), model_id="m")
+    assert got[0].visual_similarity is None and got[1].visual_similarity == pytest.approx(1.0)
+
+    pf = distribution([_scores(2), _scores(4), _scores(9, lighting=0)])
+    assert pf["count"] == 3
+    assert pf["dimensions"]["composition"]["mean"] == pytest.approx(5.0)
+    assert pf["dimensions"]["composition"]["std"] == pytest.approx(np.std([2, 4, 9]), abs=1e-3)
+    assert pf["dimensions"]["lighting"]["mean"] == pytest.approx(2.0)
+
+
+# ------------------------------------------------------------------------------ with the smoke model
+
+
+@pytest.fixture(scope="module")
+def runtime(smoke_model_path: Path):
+    from daemon.model.runtime import ModelRuntime
+
+    return ModelRuntime.load(str(smoke_model_path), var_dir=smoke_model_path.parents[1], max_pixels=448 * 448)
+
+
+def test_photo_is_encoded_once_for_both_passes(runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import Image
+
+    img = Image.open(Path(__file__).resolve().parent.parent / "samples" / "astronaut.jpg").convert("RGB")
+    img = img.resize((448, 448))
+    p1, p2 = "You judge prints.\n\nScore the photograph.", "You judge prints.\n\nCritique it, one line each."
+    plain1 = runtime.generate_json(img, p1, profile_schema(), max_tokens=256)
+    plain2 = runtime.generate_json(img, p2, critique_schema(40), max_tokens=1400)
+
+    vision = type(runtime.model.vision_tower)
+    real_call = vision.__call__
+    calls = []
+    monkeypatch.setattr(vision, "__call__", lambda self, *a, **k: calls.append(1) or real_call(self, *a, **k))
+    enc = runtime.encode(img)
+    one = runtime.generate_json(img, p1, profile_schema(), max_tokens=256, encoded=enc)
+    two = runtime.generate_json(img, p2, critique_schema(40), max_tokens=1400, encoded=enc)
+    assert len(calls) == 1, "the vision tower ran more than once"
+    assert one.data == plain1.data and two.text == plain2.text  # same greedy report, computed once
+    assert one.reused_tokens == 0 and two.reused_tokens > enc.image_tokens == 256  # image + shared prefix
+    assert two.forward_passes < two.generated_tokens  # schema-forced tokens were fast-forwarded
+    assert enc.embedding.shape == (runtime.model.config.text_config.hidden_size,)
+    assert float(np.linalg.norm(enc.embedding)) == pytest.approx(1.0, abs=1e-4)
+    with pytest.raises(Exception, match="max_tokens"):
+        runtime.generate_json(img, p2, critique_schema(40), max_tokens=5, encoded=enc)
+
+
+def test_indexing_human_model_idempotent_removal(tmp_path: Path, runtime) -> None:
+    from daemon.config import load_config
+    from daemon.ledger import Ledger
+    from daemon.references import ReferenceIndexer
+
+    home = make_home(tmp_path / "home", max_pixels=MAX_PIXELS)
+    cfg = load_config(home, env={})
+    refs = cfg.advisors_dir / "ansel" / "references"
+    photo(refs / "moonrise.jpg", seed=1)
+    _sidecar(refs / "moonrise.json", _scores(9, lighting=10), {"lighting": "Zone IX on the moon."})
+    photo(refs / "dunes.png", seed=2, fmt="PNG")
+    photo(refs / "sub" / "valley.jpg", seed=3)
+    (refs / "notes.txt").write_text("not a reference")
+    (refs / ".DS_Store").write_bytes(b"\0")
+    (refs / "broken.jpg").write_text("not a photo")
+    photo(refs / "typo.jpg", seed=4)
+    (refs / "typo.json").write_text(json.dumps({"scores": {**_scores(5), "colour": 2}}))
+    _age(*[p for p in refs.rglob("*") if p.is_file()])
+    ledger = Ledger(cfg.db_path)
+    loads = []
+
+    def provider():
+        loads.append(1)
+        return runtime
+
+    ix = ReferenceIndexer(cfg, ledger, provider)
+    plan, outcomes = ix.sync(["ansel"])
+    rows = {Path(r.path).name: r for r in ledger.references("ansel")}
+    assert sorted(rows) == ["dunes.png", "moonrise.jpg", "valley.jpg"]
+    assert {(o.path.name, o.action) for o in outcomes} >= {("broken.jpg", "error"), ("moonrise.jpg", "indexed")}
+    assert [(a, p.name) for a, p, _ in plan.errors] == [("ansel", "typo.jpg")]
+    assert "colour" in plan.errors[0][2]
+    human = reference_profile(rows["moonrise.jpg"])
+    assert human == {"scores": _scores(9, lighting=10), "comments": {"lighting": "Zone IX on the moon."},
+                     "source": "human"}
+    for name in ("dunes.png", "valley.jpg"):
+        prof = reference_profile(rows[name])
+        assert prof["source"] == "model" and prof["comments"] is None and rows[name].model_id == runtime.model_id
+        assert set(prof["scores"]) == set(DIMENSIONS) and all(0 <= v <= 10 for v in prof["scores"].values())
+    hidden = runtime.model.config.text_config.hidden_size
+    assert all(len(r.embedding) == 4 * hidden for r in rows.values())  # pooled vision features, float32
+    assert rows["moonrise.jpg"].model_id == runtime.model_id  # whose embedding it is
+    assert (cfg.var_dir / "cache" / "reference-thumbs" / f"{rows['dunes.png'].sha256}.jpg").exists()
+
+    # idempotent: nothing to do, nothing rewritten
+    before = {r.path: r.indexed_at for r in ledger.references("ansel")}
+    plan, outcomes = ReferenceIndexer(cfg, ledger, provider).sync(["ansel"])
+    assert plan.index == [] and plan.unchanged == 3 and [o.action for o in outcomes] == []
+    assert {r.path: r.indexed_at for r in ledger.references("ansel")} == before
+
+    # a rename reuses its twin's profile; a new curator sidecar wins over the model; removals drop rows
+    shutil.move(refs / "sub" / "valley.jpg", refs / "valley-renamed.jpg")
+    _sidecar(refs / "dunes.json", _scores(3))
+    (refs / "moonrise.json").unlink()
+    _age(refs / "dunes.json", refs / "valley-renamed.jpg")
+    ix = ReferenceIndexer(cfg, ledger, provider)
+    plan, outcomes = ix.sync(["ansel"])
+    actions = {(o.path.name, o.action) for o in outcomes}
+    assert ("valley-renamed.jpg", "reused") in actions and ("valley.jpg", "removed") in actions
+    rows = {Path(r.path).name: r for r in ledger.references("ansel")}
+    assert sorted(rows) == ["dunes.png", "moonrise.jpg", "valley-renamed.jpg"]
+    assert reference_profile(rows["dunes.png"])["source"] == "human" and rows["dunes.png"].scores == _scores(3)
+    assert reference_profile(rows["moonrise.jpg"])["source"] == "model"
+
+    # a file still being written waits; once settled it is indexed
+    photo(refs / "fresh.jpg", seed=5)
+    plan = ix.plan(["ansel"], model_id=runtime.model_id)
+    assert [p.name for p in plan.waiting] == ["fresh.jpg"] and not plan.index
+    _age(refs / "fresh.jpg")
+    ix._seen.clear()
+    assert [w.path.name for w in ix.plan(["ansel"], model_id=runtime.model_id).index] == ["fresh.jpg"]
+
+    # another model makes model-derived rows stale
+    stale = ix.plan(["ansel"], model_id="another model")
+    assert {w.path.name for w in stale.index} >= {"moonrise.jpg", "valley-renamed.jpg", "dunes.png"}
+
+
+def test_references_cli_index_and_list(tmp_path: Path, smoke_model_path: Path) -> None:
+    home = make_home(tmp_path / "home", smoke_model_path)
+    refs = home / "advisors" / "cartier" / "references"
+    photo(refs / "rue.jpg", seed=11)
+    _sidecar(refs / "rue.json", _scores(8), {"composition": "The decisive moment."})
+    photo(refs / "quai.jpg", seed=12)
+    _age(*refs.iterdir())
+    out = mondrian(home, smoke_model_path, "references", "index", "--advisor", "cartier")
+    assert out.returncode == 0, out.stderr
+    assert "2/2" in out.stderr and "2 indexed, 0 unchanged" in out.stderr
+    out = mondrian(home, smoke_model_path, "references", "list", "--advisor", "cartier", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["count"] == 2 and info["portfolio"]["count"] == 2
+    by_file = {r["file"]: r for r in info["references"]}
+    assert by_file["rue.jpg"]["source"] == "human" and by_file["rue.jpg"]["scores"] == _scores(8)
+    assert by_file["quai.jpg"]["source"] == "model" and by_file["quai.jpg"]["embedding"] is True
+    assert not by_file["rue.jpg"]["path"].startswith("/")  # shown relative to the home
+    text = mondrian(home, smoke_model_path, "references", "list").stdout
+    assert "cartier: 2 reference(s)" in text and "ansel: 0 reference(s)" in text
+    again = mondrian(home, smoke_model_path, "references", "index")
+    assert again.returncode == 0 and "0 indexed, 2 unchanged" in again.stderr
+    bad = mondrian(home, smoke_model_path, "references", "list", "--advisor", "nobody")
+    assert bad.returncode == 2 and "unknown advisor" in bad.stderr
+
+
+def test_rag_through_the_daemon(tmp_path: Path, smoke_model_path: Path) -> None:
+    from daemon.ledger import Ledger
+
+    home = make_home(tmp_path / "home", smoke_model_path, default_mode="rag")
+    inbox, outbox = home / "inbox", home / "outbox"
+    refs = home / "advisors" / "ansel" / "references"
+    photo(refs / "moonrise.jpg", seed=21)
+    _sidecar(refs / "moonrise.json", _scores(9), {"lighting": "Zone IX on the moon."})
+    photo(refs / "dunes.jpg", seed=22)
+    photo(refs / "aspens.jpg", seed=23)
+    _sidecar(refs / "aspens.json", _scores(4))
+    photo(refs / "oak.jpg", seed=24)
+    _age(*refs.iterdir())
+    photo(inbox / "lake.jpg", seed=25)  # ansel (default advisor), rag (default mode); references indexed at start
+    photo(inbox / "cartier" / "street.jpg", seed=26)  # cartier has no references yet: baseline, and why
+
+    with Daemon(home, smoke_model_path) as d:
+        wait_for(lambda: (outbox / "lake" / "report.json").exists() and (outbox / "street" / "report.json").exists(),
+                 120, what="first reports")
+        lake = _report(outbox / "lake")
+        assert lake["mode"] == {"requested": "rag", "effective": "rag", "source": "default", "fallbacks": []}
+        assert set(lake["profile"]) == set(DIMENSIONS)
+        assert lake["portfolio"]["count"] == 4 and set(lake["portfolio"]["dimensions"]) == set(DIMENSIONS)
+        assert len(lake["references"]) == 3  # rag_k
+        names = {r["name"] for r in lake["references"]}
+        assert names <= {"moonrise.jpg", "dunes.jpg", "aspens.jpg", "oak.jpg"}
+        sims = [r["similarity"] for r in lake["references"]]
+        assert sims == sorted(sims, reverse=True)
+        for ref in lake["references"]:
+            assert (outbox / "lake" / ref["thumb"]).is_file()
+            assert ref["delta"] == {k: lake["dimensions"][k]["score"] - ref["scores"][k] for k in DIMENSIONS}
+            assert "visual_similarity" in ref  # embeddings are on by default
+        html = (outbox / "lake" / "report.html").read_text()
+        assert "Compared with the portfolio" in html and 'src="ref-1.jpg"' in html
+        assert lake["timings"]["reused_prompt_tokens"] > 0
+        street = _report(outbox / "street")
+        assert street["mode"]["effective"] == "baseline" and "references" not in street
+        [fb] = street["mode"]["fallbacks"]
+        assert fb["from"] == "rag" and "no indexed reference photos for Henri Cartier-Bresson" in fb["reason"]
+
+        # a reference dropped while the daemon runs is indexed between jobs, then used
+        ledger = Ledger(home / "var" / "ledger.db")
+        new = home / "advisors" / "cartier" / "references" / "gare.jpg"
+        photo(tmp_path / "gare.jpg", seed=27)
+        _sidecar(tmp_path / "gare.json", _scores(7), {"composition": "A leap over the puddle."})
+        new.parent.mkdir(parents=True)
+        shutil.copyfile(tmp_path / "gare.json", new.with_suffix(".json"))
+        shutil.copyfile(tmp_path / "gare.jpg", new)
+        wait_for(lambda: ledger.references("cartier"), 60, what="the new reference indexed")
+        photo(inbox / "cartier" / "station.jpg", seed=28)
+        wait_for(lambda: (outbox / "station" / "report.json").exists(), 60, what="station report")
+        station = _report(outbox / "station")
+        assert station["mode"]["effective"] == "rag" and station["portfolio"]["count"] == 1
+        [ref] = station["references"]
+        assert ref["name"] == "gare.jpg" and ref["source"] == "human" and ref["scores"] == _scores(7)
+        assert ref["comment"] == "composition: A leap over the puddle."
+
+        # a removed reference leaves the portfolio
+        (refs / "oak.jpg").unlink()
+        wait_for(lambda: len(ledger.references("ansel")) == 3, 30, what="the removed reference dropped")
+        assert d.proc.poll() is None, d.output()
+        assert d.stop() == 0
+    assert "reference gare.jpg for cartier indexed" in d.output()
+
+
+def test_bench_registers_rag() -> None:
+    from bench.__main__ import available
+
+    assert "rag" in available()
