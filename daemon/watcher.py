@@ -91,6 +91,7 @@ class InboxWatcher:
         self.last_rescan_at: float | None = None
         self.restarts = 0
         self.canary_seen_at = 0.0
+        self._bad_names: set[Path] = set()
         self._canary_sent_at: float | None = None
 
     # -- observer -----------------------------------------------------------------------------
@@ -158,7 +159,7 @@ class InboxWatcher:
 
     # -- candidates ---------------------------------------------------------------------------
     def note(self, path: Path) -> None:
-        if is_ignored(path, self.inbox):
+        if is_ignored(path, self.inbox) or not self._name_ok(path):
             return
         try:
             st = os.lstat(path)
@@ -173,11 +174,27 @@ class InboxWatcher:
             if cand is None or (cand.size, cand.mtime) != (st.st_size, st.st_mtime):
                 self._pending[path] = _Candidate(st.st_size, st.st_mtime, time.monotonic())
 
+    def _name_ok(self, path: Path) -> bool:
+        """Linux lets a file name hold bytes that are not UTF-8 (macOS does not); such a path cannot be recorded,
+        so it is left where it is, with one warning saying why."""
+        try:
+            str(path).encode("utf-8")
+            return True
+        except UnicodeEncodeError:
+            if path not in self._bad_names:
+                self._bad_names.add(path)
+                log.warning("left alone: %s — its name is not valid UTF-8; rename it to analyse it",
+                            ascii(path.name))
+            return False
+
     def note_tree(self, root: Path) -> None:
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
             dirnames[:] = [d for d in dirnames if not is_ignored(Path(dirpath) / d, self.inbox)]
             for name in filenames:
                 self.note(Path(dirpath) / name)
+            for name in dirnames:  # a link to a folder is never followed; it is refused with a reason instead
+                if os.path.islink(os.path.join(dirpath, name)):
+                    self.note(Path(dirpath) / name)
 
     def rescan(self) -> None:
         self.note_tree(self.inbox)
@@ -213,10 +230,10 @@ class InboxWatcher:
         for path in ready:
             with self._lock:
                 self._pending.pop(path, None)
-            if self.is_known(path):
-                continue
             try:
+                if self.is_known(path):
+                    continue
                 self.on_stable(path)
-            except Exception:
+            except Exception:  # one odd file must never stop the watcher (or the daemon's main loop)
                 log.exception("could not queue %s", path)
         return len(ready)

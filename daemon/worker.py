@@ -14,6 +14,7 @@ import filecmp
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -94,6 +95,21 @@ def _move(src: Path, dst: Path) -> None:
         os.unlink(src)
 
 
+_ATOMIC_TMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
 def _identity(path: Path) -> tuple[int, int, int] | None:
     try:
         st = os.stat(path)
@@ -166,10 +182,23 @@ class Worker:
         try:
             entries = list(os.scandir(self.cfg.staging_dir))
         except OSError:
-            return
+            entries = []
         for entry in entries:
             if entry.name not in live:
                 shutil.rmtree(entry.path, ignore_errors=True)
+        # Temporary files of atomic writes (`.NAME.PID.HEX.tmp`) whose writer was killed before its rename.
+        for folder in (self.cfg.outbox, self.cfg.failed_dir, self.cfg.outbox / "duplicates"):
+            try:
+                names = os.listdir(folder)
+            except OSError:
+                continue
+            for name in names:
+                m = _ATOMIC_TMP.match(name)
+                if m and not _pid_alive(int(m.group(1))):
+                    try:
+                        os.unlink(folder / name)
+                    except OSError:
+                        pass
 
     def run_once(self) -> bool:
         """Claim and process one job. Returns False when nothing was due."""
@@ -429,7 +458,7 @@ class Worker:
                             f"`mondrian retry --failed`", kind="transient")
             return
         delay = self.cfg.retry_base_seconds * (2 ** (job.attempts - 1))
-        log.warning("will retry %s in %.0f s: %s", job.rel_path, delay, reason)
+        log.warning("will retry %s in %g s: %s", job.rel_path, delay, reason)
         self.ledger.retry_later(job.id, reason, delay)
 
     def _fail(self, job: Job, reason: str, kind: str = "permanent", keep_original: bool = False) -> None:

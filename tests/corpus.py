@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import random
 import struct
+import sys
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -333,6 +334,8 @@ def build(folder: Path) -> list[Item]:
                  "IMG_4.jpg.download/IMG_4.jpg", ".secret folder/IMG_5.jpg", "IMG_6.jpg.tmp",
                  "IMG_7.jpg.partial", "IMG_8.jpg.opdownload", "orphan.mode", ".DS_Store"):
         add(name, hidden, "ignored", "hidden/temporary")
+    if sys.platform.startswith("linux"):  # bytes that are not UTF-8 in a name (APFS forbids them): left alone
+        add("not utf8 \udcff\udcfe.jpg", jpeg(5001), "ignored", "non-UTF-8 name")
 
     for it in items:
         path = folder / it.name

@@ -28,8 +28,10 @@ from daemon.report import SCHEMA_PATH
 from tests.harness import Daemon, make_home, photo, wait_for
 
 SCHEMA = json.loads(SCHEMA_PATH.read_text())
+# max_attempts is raised because a job interrupted by a kill is claimed first after the restart, so a run of
+# random kills tends to land on the same photo, and 4 in a row would (rightly) set it aside as a poison photo.
 FAST = dict(max_pixels=56 * 56, comment_max_chars=8, max_tokens=400, quiet_seconds=0.2, rescan_seconds=2,
-            retry_base_seconds=0.2)
+            retry_base_seconds=0.2, max_attempts=12)
 CRASH_POINTS = ["claimed", "staged", "reserved", "renamed", "moved", "fail_recorded", "fail_moved",
                 "dup_recorded", "dup_moved"]
 N_UNIQUE, N_DUPLICATE, N_BAD = 40, 30, 30
@@ -78,8 +80,9 @@ def test_sigkill_soak_loses_nothing_and_does_nothing_twice(tmp_path, smoke_model
     kills: collections.Counter[str] = collections.Counter()
     started = time.monotonic()
 
-    points = CRASH_POINTS * 2
+    points = list(CRASH_POINTS)
     rng.shuffle(points)
+    retried: set[str] = set()
     round_no = 0
     while sum(kills.values()) < MIN_KILLS and not _all_terminal(db, len(photos)):
         round_no += 1
@@ -94,6 +97,9 @@ def test_sigkill_soak_loses_nothing_and_does_nothing_twice(tmp_path, smoke_model
                 except Exception:  # the point was not reached in time (e.g. no failure left to record)
                     d.kill()
                     kills["outside:late"] += 1
+                    if point not in retried:  # try it once more later
+                        retried.add(point)
+                        points.insert(0, point)
         else:
             with Daemon(home, smoke_model_path) as d:
                 if rng.random() < 0.25:  # during start-up and recovery
@@ -108,6 +114,8 @@ def test_sigkill_soak_loses_nothing_and_does_nothing_twice(tmp_path, smoke_model
                 kills["outside:random"] += 1
     n_kills = sum(kills.values())
     assert n_kills >= MIN_KILLS, f"the inbox emptied after only {n_kills} kills: make the soak bigger"
+    hit = {k.split(":", 1)[1] for k in kills if k.startswith("self:")}
+    assert len(hit) >= len(CRASH_POINTS) - 2, f"only these publishing windows were hit: {sorted(hit)}"
 
     # Then let it finish in peace.
     with Daemon(home, smoke_model_path, "--once") as d:
@@ -170,7 +178,8 @@ def test_sigkill_soak_loses_nothing_and_does_nothing_twice(tmp_path, smoke_model
     staging = list((outbox / ".staging").iterdir())
     strays = [p.name for p in outbox.iterdir()
               if p.name not in {"failed", "duplicates", ".staging", "index.html"} and not (p / "report.json").exists()]
-    assert not left and not staging and not strays, (left, staging, strays)
+    temp_files = [str(p) for p in outbox.rglob("*") if p.name.endswith((".tmp", ".moving"))]
+    assert not left and not staging and not strays and not temp_files, (left, staging, strays, temp_files)
     assert {len(v) for v in rows.values()} == {1}
 
     print(f"\ncrash soak: photos={len(photos)} kills={n_kills} lost={len(lost)} duplicates={len(twice)} "

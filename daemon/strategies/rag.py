@@ -72,7 +72,7 @@ class RagStrategy(Strategy):
         t = time.perf_counter()
         second = rt.generate_json(encoded.image, critique_prompt(advisor, context),
                                   critique_schema(cfg.comment_max_chars), max_tokens=cfg.max_tokens,
-                                  encoded=encoded)
+                                  encoded=encoded, **ctx.limits())  # stop / per-photo time limit
         timings["critique_s"] = time.perf_counter() - t
         critique = second.data
         encoded.kv = None  # free the KV cache now rather than with the photo

@@ -1,0 +1,180 @@
+"""Issue 3, promise 2: half-written files. The real daemon with a real watchdog observer on real folders, while
+this test writes into the inbox the way copies, downloads and sync tools do. Each photo is analysed once from
+its final bytes, or ignored where it should be; a symlink out of the inbox is refused with a reason and not
+followed."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+from pathlib import Path
+
+from daemon.ledger import Ledger
+from tests.harness import Daemon, make_home, photo, status, wait_for
+
+FAST = dict(max_pixels=56 * 56, comment_max_chars=8, max_tokens=400, quiet_seconds=1.0, rescan_seconds=1)
+
+
+def _bytes(tmp: Path, seed: int, size=(64, 48)) -> bytes:
+    return photo(tmp / f"src-{seed}.jpg", seed=seed, size=size).read_bytes()
+
+
+def _slow_write(path: Path, data: bytes, chunks: int = 12, pause: float = 0.25) -> None:
+    """A slow copy: chunk by chunk, each pause shorter than the quiet time."""
+    step = max(1, len(data) // chunks)
+    with open(path, "wb") as fh:
+        for i in range(0, len(data), step):
+            fh.write(data[i:i + step])
+            fh.flush()
+            time.sleep(pause)
+
+
+def test_half_written_files_are_analysed_once_from_their_final_bytes(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    inbox, outbox = home / "inbox", home / "outbox"
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    final: dict[str, bytes] = {}  # rel path in the inbox -> the bytes its report must describe
+
+    # Before the daemon starts: symlinks of every kind.
+    photo(inbox / "sub" / "real inside.jpg", seed=30, size=(64, 48))
+    final["sub/real inside.jpg"] = (inbox / "sub" / "real inside.jpg").read_bytes()
+    os.symlink("sub/real inside.jpg", inbox / "link inside.jpg")  # same photo: analysed once in all
+    secret = outside / "secret.jpg"
+    secret.write_bytes(_bytes(tmp_path, 31))
+    os.symlink(secret, inbox / "link outside.jpg")
+    os.symlink("../../outside/secret.jpg", inbox / "sub" / "escape.jpg")  # relative, climbs out
+    os.symlink("nowhere.jpg", inbox / "dangling.jpg")
+    (outside / "album").mkdir()
+    photo(outside / "album" / "not yours.jpg", seed=32, size=(64, 48))
+    os.symlink(outside / "album", inbox / "linked folder")  # its photos must not be read
+
+    with Daemon(home, smoke_model_path) as d:
+        wait_for(lambda: "model ready" in d.output(), 60, what="model ready")
+        threads: list[threading.Thread] = []
+
+        def later(fn, *args):
+            t = threading.Thread(target=fn, args=args)
+            t.start()
+            threads.append(t)
+
+        # 1. a slow chunked copy
+        slow = _bytes(tmp_path, 1, (300, 200))
+        final["slow copy.jpg"] = slow
+        later(_slow_write, inbox / "slow copy.jpg", slow)
+
+        # 2. copy, then overwritten by another copy before it settled
+        first, second = _bytes(tmp_path, 2), _bytes(tmp_path, 3)
+        (inbox / "overwritten.jpg").write_bytes(first)
+        time.sleep(0.3)
+        (inbox / "overwritten.jpg").write_bytes(second)
+        final["overwritten.jpg"] = second
+
+        # 3. atomic renames from temporary names: hidden temp, browser downloads, rsync-style
+        for name, temp in [("renamed.jpg", ".renamed.jpg.x7Gq2"), ("chrome.jpg", "chrome.jpg.crdownload"),
+                           ("firefox.jpg", "firefox.jpg.part"), ("rsync.jpg", ".rsync.jpg.Ab12Cd")]:
+            data = _bytes(tmp_path, 10 + len(final))
+            _slow_write(inbox / temp, data, chunks=4, pause=0.3)
+            os.rename(inbox / temp, inbox / name)
+            final[name] = data
+
+        # 4. Safari: a NAME.download folder holding the partial file, moved out when complete
+        safari = _bytes(tmp_path, 40)
+        (inbox / "safari.jpg.download").mkdir()
+        _slow_write(inbox / "safari.jpg.download" / "safari.jpg", safari, chunks=4, pause=0.4)
+        os.rename(inbox / "safari.jpg.download" / "safari.jpg", inbox / "safari.jpg")
+        os.rmdir(inbox / "safari.jpg.download")
+        final["safari.jpg"] = safari
+
+        # 5. a zero-byte file that fills later (the copy had not started yet)
+        (inbox / "filled later.jpg").touch()
+        later_bytes = _bytes(tmp_path, 41)
+        time.sleep(2.5)  # longer than the quiet time
+        (inbox / "filled later.jpg").write_bytes(later_bytes)
+        final["filled later.jpg"] = later_bytes
+
+        # 6. folders moved in whole (no per-file events), one of them into an advisor's folder
+        album = tmp_path / "Album 2026"
+        for i in range(3):
+            photo(album / f"frame {i}.jpg", seed=50 + i, size=(64, 48))
+            final[f"Album 2026/frame {i}.jpg"] = (album / f"frame {i}.jpg").read_bytes()
+        (album / "frame 0.mode").write_text("baseline")
+        os.rename(album, inbox / "Album 2026")
+        batch = tmp_path / "batch"
+        photo(batch / "street.jpg", seed=60, size=(64, 48))
+        final["cartier/batch/street.jpg"] = (batch / "street.jpg").read_bytes()
+        (inbox / "cartier").mkdir()
+        os.rename(batch, inbox / "cartier" / "batch")
+
+        # 7. created and deleted at once; and created, left for a moment, then deleted
+        (inbox / "ghost.jpg").write_bytes(_bytes(tmp_path, 70))
+        os.unlink(inbox / "ghost.jpg")
+        (inbox / "brief.jpg").write_bytes(_bytes(tmp_path, 71))
+        time.sleep(0.5)
+        os.unlink(inbox / "brief.jpg")
+
+        # 8. a download that never completes stays untouched
+        (inbox / "stalled.jpg.crdownload").write_bytes(_bytes(tmp_path, 72)[:500])
+
+        for t in threads:
+            t.join()
+        expected_terminal = len(final) + 1 + 4  # + the link inside; + 4 refused links
+        wait_for(lambda: (lambda s: s["counts"]["done"] + s["counts"]["failed"] + s["counts"]["gone"]
+                          >= expected_terminal and not s["counts"]["queued"] and not s["counts"]["running"])(
+            status(home, smoke_model_path)), 120, interval=0.5, what="everything settled")
+        time.sleep(1.5)  # one more rescan: nothing new may be queued
+        assert d.proc.poll() is None, d.output()
+        assert d.stop() == 0
+
+    ledger = Ledger(home / "var" / "ledger.db")
+    jobs = {}
+    for j in ledger.jobs():
+        assert j.rel_path not in jobs, f"{j.rel_path} was queued twice"
+        jobs[j.rel_path] = j
+
+    # every photo analysed once, from its final bytes
+    analysed: dict[str, int] = {}
+    for rel, data in final.items():
+        job = jobs[rel]
+        sha = hashlib.sha256(data).hexdigest()
+        assert job.state == "done", (rel, job.state, job.error)
+        assert job.sha256 == sha, f"{rel} was analysed from bytes that are not its final bytes"
+        if not job.duplicate_of:
+            report = json.loads((Path(job.output_dir) / "report.json").read_text())
+            assert report["photo"]["sha256"] == sha
+            analysed[sha] = analysed.get(sha, 0) + 1
+    link = jobs["link inside.jpg"]  # read through the link if it came first; dangling if its target left first
+    if link.state == "done":
+        assert link.sha256 == hashlib.sha256(final["sub/real inside.jpg"]).hexdigest()
+        analysed[link.sha256] = analysed.get(link.sha256, 0) + (0 if link.duplicate_of else 1)
+    else:
+        assert link.state == "failed" and "no longer exists" in link.error, (link.state, link.error)
+    assert all(n == 1 for n in analysed.values()), analysed
+    assert jobs["cartier/batch/street.jpg"].advisor == "cartier"
+    assert jobs["Album 2026/frame 0.jpg"].mode_source == "sidecar"
+
+    # links out of the inbox are refused with a reason and never read; dangling ones too
+    for rel, needle in [("link outside.jpg", "outside the inbox"), ("sub/escape.jpg", "outside the inbox"),
+                        ("linked folder", "outside the inbox"), ("dangling.jpg", "no longer exists")]:
+        job = jobs[rel]
+        assert job.state == "failed" and needle in job.error, (rel, job.state, job.error)
+        assert job.sha256 is None, f"{rel}: the target was read"
+        assert os.path.islink(job.output_dir), f"{rel}: the link itself is kept in failed/, not a copy"
+    assert secret.exists() and (outside / "album" / "not yours.jpg").exists()
+    assert not any(r.startswith("linked folder/") for r in jobs), "a linked folder was followed"
+
+    # temporary names, deleted files and the stalled download: no job, nothing touched
+    for rel in ("ghost.jpg", ".renamed.jpg.x7Gq2", "chrome.jpg.crdownload", "firefox.jpg.part",
+                "safari.jpg.download/safari.jpg", "stalled.jpg.crdownload", ".rsync.jpg.Ab12Cd"):
+        assert rel not in jobs, rel
+    assert jobs.get("brief.jpg") is None or jobs["brief.jpg"].state == "gone"
+    assert (inbox / "stalled.jpg.crdownload").exists()
+    assert [p.name for p in inbox.rglob("*") if p.is_file() or p.is_symlink()] == ["stalled.jpg.crdownload"]
+    states = {}
+    for j in jobs.values():
+        states[j.state] = states.get(j.state, 0) + 1
+    print(f"\nhalf-written: jobs={len(jobs)} {states} analysed_once={len(analysed)} refused_links=4 "
+          f"ignored_temp_names=7")
