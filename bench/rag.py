@@ -19,6 +19,7 @@ shapes in float32 (about 9 GB of RAM, a few minutes; waits for /tmp/mondrian-rea
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from dataclasses import replace
@@ -30,7 +31,7 @@ from . import emit, note, real_shapes_lock, var_dir
 # Per model: photos analysed, image cap, comment bound. Real shapes stay short so the run takes minutes.
 SETTINGS: dict[str, dict[str, Any]] = {
     "smoke": {"photos": 5, "max_pixels": 448 * 448, "comment_max_chars": 40, "max_tokens": 1400},
-    "real": {"photos": 2, "max_pixels": 448 * 448, "comment_max_chars": 24, "max_tokens": 1400},
+    "real": {"photos": 2, "max_pixels": 448 * 448, "comment_max_chars": 8, "max_tokens": 1400},
 }
 REFERENCES = 4
 
@@ -163,6 +164,7 @@ def measure(shapes: str, settings: dict[str, Any] | None = None) -> dict[str, An
                     naive_s += time.perf_counter() - t
             match += out["ours"] == out["naive"]
             note(f"{shapes} photo {i + 1}/{len(photos)}: ours {ours_s:.1f} s, naive {naive_s:.1f} s so far")
+        put("loadavg_1m", round(os.getloadavg()[0], 2))  # the machine is shared: say how busy it was
         put("photos", len(photos))
         put("max_pixels", cfg.max_pixels)
         put("comment_max_chars", cfg.comment_max_chars)

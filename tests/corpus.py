@@ -250,7 +250,7 @@ def build(folder: Path) -> list[Item]:
     add("animated.webp", animated(s + 9, "WEBP"), "done", "animated webp", frames=3)
     add("animated.png", animated(s + 10, "PNG"), "done", "apng", frames=3)
     add("stereo.mpo", animated(s + 11, "MPO"), "done", "mpo", frames=3, format="MPO")
-    for o in range(2, 9):
+    for o in (2, 3, 5, 6, 8):  # mirrored, upside down, transposed, and the two quarter turns
         upright = (80, 120) if o in (5, 6, 7, 8) else (120, 80)
         add(f"exif orientation {o}.jpg", exif_rotated(s + 20 + o, o), "done", "exif rotated",
             width=upright[0], height=upright[1])
@@ -281,9 +281,9 @@ def build(folder: Path) -> list[Item]:
     add("jp2 image.jp2", encode(picture(s + 46), "JPEG2000"), "done", "jpeg 2000")
     good = [it for it in items if it.expect == "done"]
     for i, name in enumerate(ODD_NAMES):
-        if i % 2 == 0:  # half with their own bytes (a report folder named after them) ...
+        if i % 3 == 0:  # a third with their own bytes (a report folder named after them) ...
             add(name, jpeg(s + 100 + i), "done", "odd name")
-        else:  # ... half the same bytes as another photo (a record in duplicates/ named after them)
+        else:  # ... the rest the same bytes as another photo (a record in duplicates/ named after them)
             add(name, good[i % len(good)].data, "duplicate", "odd name")
 
     # -- the same bytes again under other names: pointed at the first report ---------------------------------

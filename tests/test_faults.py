@@ -271,3 +271,38 @@ def test_dead_or_stalled_observer_is_noticed_and_restarted(tmp_path, smoke_model
     assert "last event" in text and "last rescan" in text and "never" not in text.split("Watcher:")[1].split("\n")[0]
     print(f"\nobserver {fault}: noticed and restarted in {t_restart - t_fault:.1f}s, "
           f"restarts={info['heartbeat']['observer_restarts']}, photos found during/after=2/2")
+
+
+# -- the runtime's cooperative limits, in-process ----------------------------------------------------------
+
+def test_runtime_limits_end_a_generation_and_leave_the_model_usable(smoke_model_path):
+    import threading
+
+    from PIL import Image
+
+    from daemon.critique import critique_schema
+    from daemon.limits import AnalysisCancelled, AnalysisTimedOut
+    from daemon.model.runtime import ModelRuntime
+
+    rt = ModelRuntime.load(str(smoke_model_path), var_dir=smoke_model_path.parents[1], max_pixels=56 * 56)
+    image = Image.open(photo(smoke_model_path.parents[1] / "limits.jpg", seed=3, size=(64, 48)))
+    args = (image, "Critique this photo.", critique_schema(8))
+    before = rt.generate_json(*args, max_tokens=400)
+    started = time.monotonic()
+    with pytest.raises(AnalysisTimedOut):
+        rt.generate_json(*args, max_tokens=400, deadline=time.monotonic() + 0.05)
+    stopped_after = time.monotonic() - started
+    stop = threading.Event()
+    threading.Timer(0.05, stop.set).start()
+    with pytest.raises(AnalysisCancelled):
+        rt.generate_json(*args, max_tokens=400, cancel=stop)
+    after = rt.generate_json(*args, max_tokens=400)
+    assert after.text == before.text  # nothing left behind by the interrupted generations
+    if hasattr(rt, "encode"):  # the vision-feature reuse path honours the same limits
+        encoded = rt.encode(image)
+        with pytest.raises(AnalysisTimedOut):
+            rt.generate_json(*args, max_tokens=400, encoded=encoded, deadline=time.monotonic() + 0.02)
+        assert rt.generate_json(*args, max_tokens=400, encoded=rt.encode(image)).text == before.text
+    assert stopped_after < before.seconds, (stopped_after, before.seconds)
+    print(f"\nruntime limits: full generation {before.seconds:.2f}s, deadline 0.05s stopped it after "
+          f"{stopped_after:.2f}s; the next generation is identical")

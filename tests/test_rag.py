@@ -185,7 +185,8 @@ def test_indexing_human_model_idempotent_removal(tmp_path: Path, runtime) -> Non
     # idempotent: nothing to do, nothing rewritten
     before = {r.path: r.indexed_at for r in ledger.references("ansel")}
     plan, outcomes = ReferenceIndexer(cfg, ledger, provider).sync(["ansel"])
-    assert plan.index == [] and plan.unchanged == 3 and [o.action for o in outcomes] == []
+    assert plan.unchanged == 3 and [w.path.name for w in plan.index] == ["broken.jpg"]  # still broken: said again
+    assert [(o.path.name, o.action) for o in outcomes] == [("broken.jpg", "error")]
     assert {r.path: r.indexed_at for r in ledger.references("ansel")} == before
 
     # a rename reuses its twin's profile; a new curator sidecar wins over the model; removals drop rows
