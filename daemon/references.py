@@ -325,7 +325,8 @@ class ReferenceIndexer:
             folder = references_dir(self.cfg, advisor_id)
             rows = {r.path: r for r in self.ledger.references(advisor_id)}
             keep: set[str] = set()
-            for photo in reference_files(folder):
+            listed = reference_files(folder)
+            for photo in listed:
                 sidecar = sidecar_path(photo)
                 key = self._key(photo, sidecar)
                 if key is None:
@@ -361,10 +362,10 @@ class ReferenceIndexer:
                 if row is not None and (row.source == "model" or row.embedding is not None):
                     plan.model_rows += 1
             plan.remove += [(advisor_id, p) for p in rows if p not in keep]
-            for gone in [p for p in self._seen if p.is_relative_to(folder) and str(p) not in keep
-                         and p not in self._failed]:
-                self._seen.pop(gone, None)
-                self._hashes.pop(gone, None)
+            present = set(listed)
+            for memo in (self._seen, self._hashes, self._failed):  # forget files that are gone
+                for gone in [p for p in memo if p.is_relative_to(folder) and p not in present]:
+                    memo.pop(gone, None)
         return plan
 
     @staticmethod
@@ -389,13 +390,21 @@ class ReferenceIndexer:
         return ""
 
     # -- doing -------------------------------------------------------------------------------------
-    def remove(self, plan: Plan) -> list[Outcome]:
+    def remove(self, plan: Plan, *, keep_twins: bool = False) -> list[Outcome]:
+        """Delete the rows of removed files. `keep_twins` keeps, for now, those whose content a pending
+        file has (a rename: the new name reuses the old row's profile instead of running the model again)."""
         out = []
+        pending = {(w.advisor, w.sha256) for w in plan.index} if keep_twins else set()
+        left = []
         for advisor_id, path in plan.remove:
+            row = self.ledger.reference_at(advisor_id, path) if pending else None
+            if row is not None and (advisor_id, row.sha256) in pending:
+                left.append((advisor_id, path))
+                continue
             if self.ledger.remove_reference(advisor_id, path):
                 log.info("reference removed from %s's portfolio: %s", advisor_id, Path(path).name)
                 out.append(Outcome(advisor_id, Path(path), "removed"))
-        plan.remove = []
+        plan.remove = left
         return out
 
     def index_one(self, work: Work, advisors: dict[str, Advisor] | None = None) -> Outcome:
@@ -461,13 +470,14 @@ class ReferenceIndexer:
             plan = self.plan(advisors, model_id=self.model_id)
         if on_plan is not None:
             on_plan(plan)
-        outcomes = self.remove(plan)
+        outcomes = self.remove(plan, keep_twins=True)
         known = self.advisors(advisors)
         for i, work in enumerate(plan.index):
             outcome = self.index_one(work, known)
             outcomes.append(outcome)
             if progress is not None:
                 progress(outcome, i + 1, len(plan.index))
+        outcomes += self.remove(plan)
         return plan, outcomes
 
 
@@ -551,13 +561,14 @@ class ReferenceWatcher:
             ix = self.indexer
             ix._runtime = runtime
             plan = ix.plan(model_id=runtime.model_id)
-            ix.remove(plan)
+            ix.remove(plan, keep_twins=True)
             known = ix.advisors()
             for n, work in enumerate(plan.index):
                 if n and (time.monotonic() - started >= budget_s or (stop is not None and stop.is_set())):
                     self._dirty.set()
                     return True
                 ix.index_one(work, known)
+            ix.remove(plan)
             self._next_look = time.monotonic() + (max(0.2, self.cfg.quiet_seconds / 2) if plan.waiting
                                                   else float("inf"))
             return False
