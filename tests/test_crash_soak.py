@@ -16,7 +16,6 @@ import collections
 import hashlib
 import json
 import random
-import shutil
 import signal
 import time
 from pathlib import Path
@@ -88,10 +87,10 @@ def test_sigkill_soak_loses_nothing_and_does_nothing_twice(tmp_path, smoke_model
         round_no += 1
         if round_no % 2 == 0 and points:
             point = points.pop()
-            nth = rng.randint(1, 2)
+            nth = rng.randint(1, 2) if point in ("claimed", "staged") else 1  # rarer points: the first time
             with Daemon(home, smoke_model_path, MONDRIAN_TEST_CRASH_AT=f"{point}:{nth}") as d:
                 try:
-                    d.proc.wait(timeout=15)  # it kills itself when the worker reaches the point
+                    d.proc.wait(timeout=20)  # it kills itself when the worker reaches the point
                     assert d.proc.returncode == -signal.SIGKILL, d.output()[-3000:]
                     kills[f"self:{point}"] += 1
                 except Exception:  # the point was not reached in time (e.g. no failure left to record)
@@ -189,4 +188,3 @@ def test_sigkill_soak_loses_nothing_and_does_nothing_twice(tmp_path, smoke_model
     print("  kills by moment: " + ", ".join(f"{k}={v}" for k, v in sorted(kills.items())))
     assert not lost, lost
     assert not twice, twice
-    shutil.rmtree(tmp_path / "home" / "outbox", ignore_errors=True)

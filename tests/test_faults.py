@@ -10,7 +10,6 @@ CAP_SYS_ADMIN); where it is not allowed those two tests skip and say so.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -71,7 +70,9 @@ def _retry_delays(log: str, name: str) -> list[float]:
 # -- the per-photo time limit ------------------------------------------------------------------------------
 
 def test_time_limit_fails_a_slow_photo_and_the_queue_goes_on_then_retry_failed(tmp_path, smoke_model_path):
-    home = make_home(tmp_path / "home", smoke_model_path, **FAST, job_timeout_seconds=0.3)
+    # Long comments: a full analysis would take several seconds; the limit stops each within a fraction of that.
+    home = make_home(tmp_path / "home", smoke_model_path, **{**FAST, "comment_max_chars": 160, "max_tokens": 2000},
+                     job_timeout_seconds=0.3)
     names = [f"slow {i}.jpg" for i in range(3)]
     for i, name in enumerate(names):
         photo(home / "inbox" / name, seed=40 + i, size=(64, 48))
@@ -82,8 +83,8 @@ def test_time_limit_fails_a_slow_photo_and_the_queue_goes_on_then_retry_failed(t
         job = jobs[name]
         assert job.state == "failed" and job.attempts == 1, (name, job.state, job.error)
         assert "took longer than 0.3 s" in job.error
-        # stopped within a token or two of the limit: an analysis alone takes over a second here
-        assert job.finished_at - job.started_at < 1.5, job.finished_at - job.started_at
+        # stopped a token or so after the limit (plus loading and writing the record), not run to the end
+        assert job.finished_at - job.started_at < 3.0, job.finished_at - job.started_at
         assert (home / "outbox" / "failed" / name).exists()
     spans = sorted((j.started_at, j.finished_at) for j in jobs.values())
     print(f"\ntime limit: photos={len(names)} failed_at_limit={len(names)} "
@@ -93,7 +94,7 @@ def test_time_limit_fails_a_slow_photo_and_the_queue_goes_on_then_retry_failed(t
     out = mondrian(home, smoke_model_path, "retry", "--failed")
     assert out.returncode == 0 and "3 photo(s) queued again" in out.stderr, out.stderr
     assert not list((home / "outbox" / "failed").iterdir())
-    with Daemon(home, smoke_model_path, "--once", MONDRIAN_JOB_TIMEOUT="600") as d:
+    with Daemon(home, smoke_model_path, "--once", MONDRIAN_JOB_TIMEOUT="600", MONDRIAN_COMMENT_MAX_CHARS="8") as d:
         assert d.wait(120) == 0, d.output()
     assert sorted(p.parent.name + ".jpg" for p in reports(home / "outbox")) == names
     assert {j.state for j in _jobs(home).values()} == {"done"} and len(_jobs(home)) == 3
