@@ -148,6 +148,7 @@ def measure(shapes: str, settings: dict[str, Any] | None = None) -> dict[str, An
             _naive(rt, cfg, advisor, photos[0].image, rows)
         ours_s = naive_s = 0.0
         match = reused = generated = passes = 0
+        parts = {"encode_s": 0.0, "profile_s": 0.0, "critique_s": 0.0}
         for i, photo in enumerate(photos):
             order = ("ours", "naive") if i % 2 == 0 else ("naive", "ours")  # alternate: no side always goes first
             out: dict[str, Any] = {}
@@ -159,6 +160,8 @@ def measure(shapes: str, settings: dict[str, Any] | None = None) -> dict[str, An
                     reused += int(res.timings.get("reused_prompt_tokens", 0))
                     generated += int(res.timings.get("generated_tokens", 0))
                     passes += int(res.timings.get("forward_passes", 0))
+                    for k in parts:
+                        parts[k] += float(res.timings.get(k, 0.0))
                 else:
                     out["naive"] = _naive(rt, cfg, advisor, photo.image, rows)
                     naive_s += time.perf_counter() - t
@@ -169,6 +172,8 @@ def measure(shapes: str, settings: dict[str, Any] | None = None) -> dict[str, An
         put("max_pixels", cfg.max_pixels)
         put("comment_max_chars", cfg.comment_max_chars)
         put("ours_s", round(ours_s, 3))
+        for k, v in parts.items():  # where ours spends it: vision tower once, pass 1, pass 2
+            put(f"ours_{k}", round(v, 3))
         put("naive_s", round(naive_s, 3))
         put("rag_time_ratio", round(ours_s / naive_s, 3))
         put("outputs_match", f"{match}/{len(photos)}")

@@ -70,6 +70,23 @@ def _extra_sections(cfg: Config, ledger: Ledger) -> dict[str, Any]:
     return out
 
 
+def _training_line(t: dict[str, Any]) -> str:
+    """LoRA training (jobs/nightly.py writes the event): progress while it runs, the outcome after."""
+    state = t.get("state", "running")
+    if state != "running":
+        version = f" {t.get('version')}" if t.get("version") else ""
+        return (f"Training: {t.get('advisor')}{version} {state} at {_clock(t.get('finished_at'))}"
+                + (f" ({t.get('reason')})" if t.get("reason") else ""))
+    line = f"Training: {t.get('advisor')} ({t.get('phase', 'running')})"
+    if t.get("step") is not None and t.get("steps"):
+        line += f" step {t.get('step')}/{t.get('steps')}"
+    if isinstance(t.get("loss"), (int, float)):
+        line += f" loss {t['loss']:.3f}"
+    if isinstance(t.get("eta_s"), (int, float)):
+        line += f", about {int(t['eta_s'] // 60)} min {int(t['eta_s'] % 60)} s left"
+    return line
+
+
 def _clock(ts: float | None) -> str:
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "never"
 
@@ -89,7 +106,7 @@ def render(info: dict[str, Any]) -> str:
         lines.append(f"Now:     {r['file']} for {r['advisor']} ({r['mode'] or '…'}), {r['elapsed_s']:.0f} s so far")
     if info.get("training"):
         t = info["training"]
-        lines.append(f"Training: {t.get('advisor')} step {t.get('step')}/{t.get('steps')} loss {t.get('loss')}")
+        lines.append(_training_line(t))
     lines.append(f"Watcher: last event {_clock(info['last_event_at'])} · last rescan {_clock(info['last_rescan_at'])}")
     if info["recent_failures"]:
         lines.append("Recent failures:")

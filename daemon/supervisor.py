@@ -157,6 +157,7 @@ class Daemon:
         self.watcher.rescan()
         self.ledger.set_event("last_rescan", self.watcher.last_rescan_at)
         self._thread.start()
+        nightly = self._start_nightly()
         from .logrotate import StdStreamRotator
 
         rotator = StdStreamRotator.from_env()
@@ -186,6 +187,8 @@ class Daemon:
             self.wake.set()
             self.watcher.stop()
             self.references.stop()
+            if nightly is not None:
+                nightly.stop()  # also stops a training child process, which never holds a photo
             self._finish_worker()
             self.ledger.set_event("daemon", {"pid": None, "stopped_at": time.time()})
             os.close(lock_fd)
@@ -193,6 +196,23 @@ class Daemon:
             log.error("cannot start: %s", self.fatal)
             return EX_CONFIG
         return 0
+
+    def _start_nightly(self) -> Any:
+        """LoRA retraining at cfg.train_time (jobs/nightly.py), in a child process; never in --once runs."""
+        if self.once:
+            return None
+        try:
+            from jobs.nightly import NightlyTrainer
+            from jobs.train import TrainSettings
+
+            if not TrainSettings.from_config(self.cfg).nightly:
+                return None
+            nightly = NightlyTrainer(self.cfg, self.ledger)
+            nightly.start()
+            return nightly
+        except Exception as exc:  # a bad train_time must not stop the inbox from being served
+            log.error("nightly adapter training is off: %s", exc)
+            return None
 
     def _beat(self) -> None:
         self.ledger.set_event("heartbeat", {"pid": os.getpid(), "pending": self.watcher.pending(),

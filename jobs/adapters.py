@@ -30,8 +30,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from daemon.model.adapters import CONFIG_NAME, WEIGHTS_NAME
-
+# The same names as daemon.model.adapters (kept literal here so listing adapters never imports MLX).
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapters.safetensors"
 METRICS_NAME = "metrics.json"
 MANIFEST_NAME = "manifest.json"
 CURRENT = "current"

@@ -1,17 +1,87 @@
-"""LoRA: one pass through the advisor's own adapter, trained on their references."""
+"""LoRA: one pass through the advisor's own adapter, trained on their references (jobs/train.py).
+
+The adapter is the advisor's `current` version (adapters/<advisor>/current -> vNNNN). It is resolved to
+its version folder once per photo, and that folder's weights are what the runtime swaps into the one
+shared base model for this generation only; the report names that version. Without a usable adapter
+(none trained yet, a dangling pointer, trained for another base model, or one that failed to load) the
+chain falls back to rag, and the reason says which.
+"""
 
 from __future__ import annotations
 
+import logging
+import time
+from pathlib import Path
+
+from ..critique import critique_schema
+from ..prompts import critique_prompt
 from . import AnalysisContext, AnalysisResult, Availability, Strategy
+
+log = logging.getLogger("mondrian.lora")
 
 
 class LoraStrategy(Strategy):
     name = "lora"
     fallback = "rag"
 
-    def is_available(self, advisor) -> Availability:
-        return Availability(False, f"no trained adapter for {advisor.name} yet (run `mondrian train --advisor "
-                                   f"{advisor.id}`)")
+    def __init__(self, cfg) -> None:
+        super().__init__(cfg)
+        from jobs.adapters import AdapterStore
 
-    def analyse(self, ctx: AnalysisContext) -> AnalysisResult:  # pragma: no cover - never available yet
-        raise NotImplementedError("lora analysis arrives with adapter training")
+        self.store = AdapterStore(cfg.adapters_dir)
+        self._base_fingerprint: str | None = None
+        self._broken: dict[str, str] = {}  # version folder -> why it could not be loaded
+
+    def _base(self) -> str | None:
+        """Fingerprint of the configured base model (computed once; None if it cannot be resolved here)."""
+        if self._base_fingerprint is None:
+            try:
+                from jobs.train import base_model_fingerprint
+
+                from ..model.runtime import resolve_model_path
+
+                self._base_fingerprint = base_model_fingerprint(resolve_model_path(self.cfg.model, self.cfg.var_dir))
+            except Exception:  # the worker reports a missing model on its own
+                return None
+        return self._base_fingerprint
+
+    def is_available(self, advisor) -> Availability:
+        train = f"`mondrian train --advisor {advisor.id}`"
+        version = self.store.current(advisor.id)
+        if version is None:
+            name = self.store.current_name(advisor.id)
+            if name:
+                return Availability(False, f"{advisor.name}'s current adapter {name} is missing or incomplete (run "
+                                           f"`mondrian adapters rollback --advisor {advisor.id}` or {train})")
+            return Availability(False, f"no trained adapter for {advisor.name} yet (run {train})")
+        broken = self._broken.get(str(version.path))
+        if broken:
+            return Availability(False, f"{advisor.name}'s adapter {version.name} could not be loaded ({broken}); "
+                                       f"run {train}")
+        trained_on = (version.manifest.get("base_model") or {}).get("fingerprint")
+        base = self._base()
+        if trained_on and base and trained_on != base:
+            spec = (version.manifest.get("base_model") or {}).get("spec", "another model")
+            return Availability(False, f"{advisor.name}'s adapter {version.name} was trained for base model {spec}, "
+                                       f"not the configured {self.cfg.model} (run {train})")
+        return Availability(True)
+
+    def analyse(self, ctx: AnalysisContext) -> AnalysisResult:
+        from ..model.adapters import AdapterError
+
+        version = self.store.current(ctx.advisor.id)
+        if version is None:  # the pointer changed since is_available: never guess another adapter
+            raise RuntimeError(f"{ctx.advisor.name}'s adapter disappeared while the photo was queued")
+        folder = Path(version.path).resolve()  # this version's own folder, whatever `current` says later
+        t0 = time.perf_counter()
+        try:
+            gen = ctx.runtime.generate_json(ctx.photo.image, critique_prompt(ctx.advisor),
+                                            critique_schema(ctx.cfg.comment_max_chars),
+                                            max_tokens=ctx.cfg.max_tokens, adapter=folder)
+        except AdapterError as exc:
+            self._broken[str(folder)] = str(exc)
+            log.error("adapter %s cannot be used: %s", version.label, exc)
+            raise
+        return AnalysisResult(critique=gen.data, adapter=version.label,
+                              timings={"generate_s": time.perf_counter() - t0,
+                                       "generated_tokens": gen.generated_tokens})

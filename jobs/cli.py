@@ -1,0 +1,258 @@
+"""`mondrian train`, `mondrian adapters [rollback]`, `mondrian evaluate` (registered by daemon/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+EX_REFUSED = 3  # trained, evaluated, but not promoted
+
+
+def _config(args: argparse.Namespace):
+    from daemon.config import load_config
+
+    return load_config(getattr(args, "home", None), model=getattr(args, "model", None))
+
+
+def _advisor(cfg, advisor_id: str):
+    from daemon.advisors import UnknownAdvisor, get_advisor
+
+    try:
+        return get_advisor(cfg, advisor_id)
+    except UnknownAdvisor as exc:
+        print(str(exc).strip("'\""), file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class ProgressBar:
+    """steps, loss, time left; redrawn in place on a terminal, one line per update otherwise."""
+
+    WIDTH = 28
+
+    def __init__(self, stream=sys.stderr) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.last_line = ""
+        self._last_print = 0.0
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("event") == "phase":
+            self._newline()
+            extra = ""
+            if event.get("phase") == "loading":
+                extra = f" ({event.get('train_rows')} training rows, {event.get('held_out')} held-out photos)"
+            elif event.get("reason"):
+                extra = f": {event['reason']}"
+            print(f"· {event.get('phase')}{extra}", file=self.stream, flush=True)
+            return
+        step, steps = event.get("step"), event.get("steps")
+        if not step or not steps:
+            return
+        done = int(self.WIDTH * step / steps)
+        bar = "█" * done + "░" * (self.WIDTH - done)
+        loss = event.get("loss")
+        val = event.get("val_loss")
+        line = (f"  [{bar}] step {step}/{steps}  loss {loss:.3f}" if isinstance(loss, (int, float)) else
+                f"  [{bar}] step {step}/{steps}")
+        if isinstance(val, (int, float)):
+            line += f"  held-out {val:.3f}"
+        if event.get("eta_s") is not None:
+            line += f"  {_duration(event['eta_s'])} left"
+        if self.tty:
+            self.stream.write("\r" + line.ljust(len(self.last_line)))
+            self.stream.flush()
+        elif time.monotonic() - self._last_print >= 2.0 or step == steps:
+            print(line, file=self.stream, flush=True)
+            self._last_print = time.monotonic()
+        self.last_line = line
+
+    def _newline(self) -> None:
+        if self.tty and self.last_line:
+            self.stream.write("\n")
+            self.last_line = ""
+
+
+# -- train ----------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from daemon.ledger import Ledger
+
+    from .evaluate import table
+    from .nightly import ProgressRecorder
+    from .train import run_training
+
+    cfg = _config(args)
+    cfg.ensure_dirs()
+    advisor = _advisor(cfg, args.advisor)
+    ledger = Ledger(cfg.db_path)
+    bar = ProgressBar()
+    recorder = ProgressRecorder(ledger, advisor.id)
+
+    def progress(event: dict[str, Any]) -> None:
+        bar(event)
+        recorder(event)
+
+    overrides: dict[str, Any] = {}
+    if args.iters:
+        overrides["iters"] = args.iters
+    print(f"Training {advisor.name}'s adapter on model {cfg.model}…", file=sys.stderr)
+    outcome = run_training(cfg, advisor.id, on_progress=progress, settings=overrides, promote=not args.no_promote,
+                           wait_for_lock=False)
+    bar._newline()
+    recorder.finish(outcome)
+    if not outcome.ok:
+        print(f"Training failed: {outcome.reason}", file=sys.stderr)
+        return 1
+    ev = outcome.metrics.get("evaluation", {})
+    if ev.get("candidate") and ev.get("baseline"):
+        print(table(ev["candidate"], ev["baseline"]))
+    verdict = "promoted: now current" if outcome.promoted else "not promoted"
+    print(f"{advisor.id}/{outcome.version} {verdict} — {outcome.reason} ({_duration(outcome.seconds)})")
+    return 0 if outcome.promoted else EX_REFUSED
+
+
+# -- adapters -------------------------------------------------------------------------------------
+def _version_row(v: Any, current: str | None) -> dict[str, Any]:
+    ev = v.metrics.get("evaluation", {})
+    cand, base = ev.get("candidate", {}), ev.get("baseline", {})
+    return {"advisor": v.advisor, "version": v.name, "current": v.name == current,
+            "created_at": v.manifest.get("created_at"), "references": len(v.manifest.get("references", [])),
+            "held_out": len(v.manifest.get("held_out", [])), "mae": cand.get("mae_mean"),
+            "baseline": base.get("label"), "baseline_mae": base.get("mae_mean"),
+            "valid": f"{cand.get('valid', '?')}/{cand.get('n', '?')}", "promoted": v.promoted,
+            "rolled_back": v.rolled_back, "reason": v.decision.get("reason"), "path": str(v.path)}
+
+
+def cmd_adapters(args: argparse.Namespace) -> int:
+    from .adapters import AdapterStore
+
+    cfg = _config(args)
+    store = AdapterStore(cfg.adapters_dir)
+    advisors = [args.advisor] if args.advisor else store.advisors()
+    rows = []
+    for a in advisors:
+        current = store.current_name(a)
+        rows += [_version_row(v, current) for v in reversed(store.versions(a))]
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    if not rows:
+        who = f"{args.advisor}" if args.advisor else "any advisor"
+        print(f"No adapters for {who} yet. Train one with `mondrian train --advisor ID`.")
+        return 0
+    print(f"{'':2}{'advisor':<12} {'version':<8} {'created':<16} {'refs':>5} {'MAE':>6} {'vs':>14} "
+          f"{'valid':>6}  status")
+    for r in rows:
+        created = datetime.fromtimestamp(r["created_at"]).strftime("%Y-%m-%d %H:%M") if r["created_at"] else "?"
+        mae = f"{r['mae']:.2f}" if isinstance(r["mae"], (int, float)) else "–"
+        vs = (f"{r['baseline']} {r['baseline_mae']:.2f}" if isinstance(r["baseline_mae"], (int, float))
+              else (r["baseline"] or "–"))
+        status = ("rolled back" if r["rolled_back"] else "promoted" if r["promoted"] else
+                  f"refused: {r['reason']}")
+        print(f"{'*' if r['current'] else ' '} {r['advisor']:<12} {r['version']:<8} {created:<16} "
+              f"{r['references']:>5} {mae:>6} {vs:>14} {r['valid']:>6}  {status}")
+    print("(* = current; MAE = mean absolute error of the expected scores on held-out references)")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from .adapters import AdapterStore, AdapterStoreError, Busy
+
+    cfg = _config(args)
+    store = AdapterStore(cfg.adapters_dir)
+    try:
+        with store.lock(args.advisor, wait=False):
+            old, new = store.rollback(args.advisor)
+    except Busy as exc:
+        print(f"{exc}; try again when it has finished", file=sys.stderr)
+        return 1
+    except AdapterStoreError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(f"{args.advisor}: current adapter is now {new} (was {old})")
+    return 0
+
+
+# -- evaluate -------------------------------------------------------------------------------------
+def _resolve(store: Any, advisor: str, which: str | None):
+    if which in (None, "current"):
+        v = store.current(advisor)
+        if v is None:
+            raise SystemExit(f"{advisor} has no current adapter; train one with `mondrian train --advisor {advisor}`")
+        return v.path, v.name
+    if which == "base":
+        return None, "base"
+    v = store.version(advisor, which)
+    return v.path, v.name
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from daemon.ledger import Ledger
+    from daemon.model.runtime import ModelRuntime
+    from daemon.prompts import critique_prompt
+
+    from .adapters import AdapterStore, AdapterStoreError
+    from .dataset import DatasetError, collect_references, split
+    from .evaluate import evaluate, table
+
+    cfg = _config(args)
+    advisor = _advisor(cfg, args.advisor)
+    store = AdapterStore(cfg.adapters_dir)
+    try:
+        cand_path, cand_label = _resolve(store, advisor.id, args.version)
+        base_path, base_label = _resolve(store, advisor.id, args.against)
+        refs = collect_references(cfg, advisor.id, Ledger(cfg.db_path))
+        _, held = split(refs)
+    except (AdapterStoreError, DatasetError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(f"Evaluating {advisor.id}: {cand_label} against {base_label} on {len(held)} held-out reference(s)…",
+          file=sys.stderr)
+    rt = ModelRuntime.load(cfg.model, var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
+    kw = dict(comment_max_chars=cfg.comment_max_chars, max_tokens=cfg.max_tokens, max_pixels=cfg.max_pixels)
+    prompt = critique_prompt(advisor)
+    a = evaluate(rt, held, prompt, adapter=cand_path, label=cand_label, **kw).to_dict()
+    b = evaluate(rt, held, prompt, adapter=base_path, label=base_label, **kw).to_dict()
+    if args.json:
+        print(json.dumps({"candidate": a, "baseline": b}, indent=2, default=str))
+    else:
+        print(table(a, b))
+    return 0
+
+
+# -- registration ---------------------------------------------------------------------------------
+def register(sub: Any) -> None:
+    tr = sub.add_parser("train", help="train an advisor's LoRA adapter now (progress bar), evaluate and promote it")
+    tr.add_argument("--advisor", required=True)
+    tr.add_argument("--model", help="base model: 'smoke', a local folder or a hub id")
+    tr.add_argument("--iters", type=int, help="training steps (default: from the portfolio size)")
+    tr.add_argument("--no-promote", action="store_true", help="evaluate and keep the candidate, but do not promote it")
+    tr.set_defaults(func=cmd_train)
+
+    ad = sub.add_parser("adapters", help="list adapter versions with their metrics; `adapters rollback` goes back one")
+    ad.add_argument("--advisor")
+    ad.add_argument("--json", action="store_true")
+    ad.set_defaults(func=cmd_adapters)
+    adsub = ad.add_subparsers(dest="adapters_command")
+    rb = adsub.add_parser("rollback", help="make the previous promoted version current again")
+    rb.add_argument("--advisor", required=True)
+    rb.set_defaults(func=cmd_rollback)
+
+    ev = sub.add_parser("evaluate", help="per-dimension MAE and Spearman of an adapter vs another (or the base)")
+    ev.add_argument("--advisor", required=True)
+    ev.add_argument("--version", help="adapter version to evaluate (default: current)")
+    ev.add_argument("--against", default="base", help="'base' (default), 'current' or a version such as v0002")
+    ev.add_argument("--model", help="base model: 'smoke', a local folder or a hub id")
+    ev.add_argument("--json", action="store_true")
+    ev.set_defaults(func=cmd_evaluate)

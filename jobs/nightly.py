@@ -1,0 +1,243 @@
+"""The nightly job: retrain an advisor's adapter when their reference set has changed.
+
+APScheduler's BackgroundScheduler fires a CronTrigger at `train_time` (default 02:30, local time) with
+`coalesce=True` and no misfire grace limit: if the fire time passes while the process is suspended (a
+Mac asleep), the job runs once when it wakes instead of being skipped. Because a sleeping Mac stops the
+monotonic clock the scheduler waits on, a small thread pokes `scheduler.wakeup()` every minute so the
+wall-clock time is looked at again soon after waking. A run missed while the daemon was not running
+at all (recorded in the ledger's `nightly` event) is caught up at start-up.
+
+A check trains an advisor only when their reference set (photos and profiles: `jobs.dataset.fingerprint`)
+differs from the set their current adapter was trained on, and from the set of the latest attempt (so a
+refused or rolled-back candidate is not retrained every night on unchanged references). Training runs
+in a child process (jobs.train), one advisor at a time, while the daemon keeps serving the inbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, Callable
+
+from daemon.config import Config
+
+log = logging.getLogger("mondrian.nightly")
+
+JOB_ID = "nightly-lora"
+EVENT = "nightly"
+TRAINING_EVENT = "training"
+WAKE_SECONDS = 60.0
+_TIME = re.compile(r"^\s*(\d{1,2}):(\d{2})(?::(\d{2}))?\s*$")
+
+
+class ScheduleError(ValueError):
+    pass
+
+
+def parse_train_time(text: str) -> tuple[int, int, int]:
+    m = _TIME.match(str(text))
+    if not m:
+        raise ScheduleError(f"train_time {text!r} is not a time of day; write it as HH:MM (e.g. \"02:30\")")
+    h, mi, s = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+    if h > 23 or mi > 59 or s > 59:
+        raise ScheduleError(f"train_time {text!r} is not a time of day; write it as HH:MM (e.g. \"02:30\")")
+    return h, mi, s
+
+
+def previous_fire(train_time: str, now: datetime | None = None) -> datetime:
+    """The latest scheduled time at or before `now` (local time)."""
+    now = now or datetime.now().astimezone()
+    h, m, s = parse_train_time(train_time)
+    t = now.replace(hour=h, minute=m, second=s, microsecond=0)
+    return t if t <= now else t - timedelta(days=1)
+
+
+@dataclass
+class Due:
+    advisor: str
+    reason: str
+    references: int
+
+
+def due_advisors(cfg: Config, ledger: Any, store: Any | None = None) -> list[Due]:
+    """Advisors whose reference set changed since their current adapter (and latest attempt) was trained."""
+    from daemon.advisors import load_advisors
+
+    from .adapters import AdapterStore
+    from .dataset import MIN_REFERENCES, DatasetError, collect_references, fingerprint
+
+    store = store or AdapterStore(cfg.adapters_dir)
+    out = []
+    for advisor_id in sorted(load_advisors(cfg)):
+        try:
+            refs = collect_references(cfg, advisor_id, ledger)
+        except DatasetError as exc:
+            log.info("nightly: %s skipped (%s)", advisor_id, exc)
+            continue
+        if len(refs) < MIN_REFERENCES:
+            continue
+        fp = fingerprint(refs)
+        current, latest = store.current(advisor_id), store.latest(advisor_id)
+        if current is not None and current.fingerprint == fp:
+            continue
+        if latest is not None and latest.fingerprint == fp:
+            continue  # already tried on exactly these references (refused, or rolled back since)
+        if current is None and latest is None:
+            reason = f"first adapter ({len(refs)} references)"
+        elif current is None:
+            reason = f"references changed since the last attempt {latest.name}"
+        else:
+            reason = f"references changed since {current.name} was trained"
+        out.append(Due(advisor_id, reason, len(refs)))
+    return out
+
+
+class ProgressRecorder:
+    """Turns the trainer's progress events into the ledger's `training` event (throttled)."""
+
+    def __init__(self, ledger: Any, advisor: str, every_s: float = 1.0) -> None:
+        self.ledger, self.advisor, self.every_s = ledger, advisor, every_s
+        self.state: dict[str, Any] = {"advisor": advisor, "state": "running", "phase": "starting",
+                                      "started_at": time.time()}
+        self._last = 0.0
+        self.ledger.set_event(TRAINING_EVENT, self.state)
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        for key in ("phase", "step", "steps", "loss", "val_loss", "best_val_loss", "eta_s", "elapsed_s",
+                    "train_rows", "held_out", "reason"):
+            if key in event and event[key] is not None:
+                self.state[key] = event[key]
+        now = time.monotonic()
+        if event.get("event") == "phase" or now - self._last >= self.every_s:
+            self._last = now
+            self.ledger.set_event(TRAINING_EVENT, self.state)
+
+    def finish(self, outcome: Any) -> None:
+        self.state.update(state=("promoted" if outcome.promoted else "refused") if outcome.ok else "failed",
+                          version=outcome.version, reason=outcome.reason, finished_at=time.time(),
+                          seconds=round(outcome.seconds, 1))
+        self.state.pop("eta_s", None)
+        self.ledger.set_event(TRAINING_EVENT, self.state)
+
+
+def train_and_record(cfg: Config, ledger: Any, advisor: str, stop: threading.Event | None = None,
+                     **kwargs: Any) -> Any:
+    from .train import run_training
+
+    recorder = ProgressRecorder(ledger, advisor)
+    outcome = run_training(cfg, advisor, on_progress=recorder, stop=stop, **kwargs)
+    recorder.finish(outcome)
+    log.info("training %s: %s%s", advisor, ("promoted " if outcome.promoted else "not promoted ")
+             if outcome.ok else "failed: ", (outcome.version or "") + f" ({outcome.reason})")
+    return outcome
+
+
+class NightlyTrainer:
+    """Owns the BackgroundScheduler. `train_fn(advisor)` defaults to training in a child process."""
+
+    def __init__(self, cfg: Config, ledger: Any, *, train_fn: Callable[[str], Any] | None = None,
+                 wake_seconds: float = WAKE_SECONDS) -> None:
+        self.cfg, self.ledger = cfg, ledger
+        self.stop_event = threading.Event()
+        self.train_fn = train_fn or (lambda advisor: train_and_record(cfg, ledger, advisor, stop=self.stop_event))
+        self.wake_seconds = wake_seconds
+        self.scheduler: Any = None
+        self.runs = 0
+        self._lock = threading.Lock()
+        self._waker: threading.Thread | None = None
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        from apscheduler.schedulers.background import BackgroundScheduler
+        from apscheduler.triggers.cron import CronTrigger
+
+        h, m, s = parse_train_time(self.cfg.train_time)
+        self.scheduler = BackgroundScheduler(daemon=True, job_defaults={
+            "coalesce": True, "misfire_grace_time": None, "max_instances": 1})
+        self.scheduler.add_job(self.run_check, CronTrigger(hour=h, minute=m, second=s), id=JOB_ID,
+                               name="retrain LoRA adapters whose references changed",
+                               coalesce=True, misfire_grace_time=None, max_instances=1)
+        catch_up = self._missed_run()
+        if catch_up:
+            self.scheduler.add_job(self.run_check, "date", run_date=datetime.now().astimezone(),
+                                   id=f"{JOB_ID}-catch-up", misfire_grace_time=None, coalesce=True)
+        self.scheduler.start()
+        self._record(armed=True)
+        self._waker = threading.Thread(target=self._wake_loop, daemon=True, name="nightly-wake")
+        self._waker.start()
+        log.info("nightly training check at %s local time%s", self.cfg.train_time,
+                 f"; catching up the run missed at {catch_up:%Y-%m-%d %H:%M}" if catch_up else "")
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        if self.scheduler is not None:
+            try:
+                self.scheduler.shutdown(wait=False)
+            except Exception:  # already stopped
+                pass
+
+    def next_run(self) -> datetime | None:
+        job = self.scheduler.get_job(JOB_ID) if self.scheduler is not None else None
+        return job.next_run_time if job is not None else None
+
+    def _wake_loop(self) -> None:
+        while not self.stop_event.wait(self.wake_seconds):
+            try:
+                self.scheduler.wakeup()
+            except Exception:
+                return
+
+    # -- the ledger record -----------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        try:
+            value = self.ledger.events().get(EVENT, (None, None))[0]
+        except Exception:
+            value = None
+        return value if isinstance(value, dict) else {}
+
+    def _record(self, **changes: Any) -> None:
+        state = self._state()
+        if changes.pop("armed", False):
+            state.setdefault("armed_at", time.time())
+        state.update(changes)
+        state["train_time"] = self.cfg.train_time
+        nxt = self.next_run()
+        state["next_run_at"] = nxt.timestamp() if nxt else None
+        self.ledger.set_event(EVENT, state)
+
+    def _missed_run(self) -> datetime | None:
+        """The scheduled time that passed while no daemon was running, if any."""
+        state = self._state()
+        armed = state.get("armed_at")
+        if not armed:
+            return None  # first start: nothing was promised yet
+        prev = previous_fire(self.cfg.train_time)
+        last = max(float(state.get("last_run_at") or 0), float(armed))
+        return prev if prev.timestamp() > last else None
+
+    # -- the job ---------------------------------------------------------------------------------
+    def run_check(self) -> list[Any]:
+        if not self._lock.acquire(blocking=False):
+            return []
+        try:
+            self.runs += 1
+            self._record(last_run_at=time.time())
+            due = due_advisors(self.cfg, self.ledger)
+            log.info("nightly check: %s", ", ".join(f"{d.advisor} ({d.reason})" for d in due) or
+                     "no advisor's references changed")
+            outcomes = []
+            for d in due:
+                if self.stop_event.is_set():
+                    break
+                try:
+                    outcomes.append(self.train_fn(d.advisor))
+                except Exception:
+                    log.exception("nightly training of %s failed", d.advisor)
+            self._record(last_finished_at=time.time(), last_trained=[d.advisor for d in due])
+            return outcomes
+        finally:
+            self._lock.release()
