@@ -230,7 +230,12 @@ class AdapterStore:
         return removed
 
     def _next_name(self, advisor: str) -> str:
+        """Never reuses a number, even of a version pruned or deleted by hand (reports name versions)."""
         numbers = [v.number for v in self.versions(advisor)]
+        for record in self.history(advisor):
+            m = VERSION_RE.match(str(record.get("version", "")))
+            if m:
+                numbers.append(int(m.group(1)))
         return f"v{(max(numbers) + 1) if numbers else 1:04d}"
 
     def commit(self, advisor: str, staging: Path, decision: dict[str, Any]) -> Version:

@@ -63,11 +63,11 @@ class ProgressBar:
         done = int(self.WIDTH * step / steps)
         bar = "█" * done + "░" * (self.WIDTH - done)
         loss = event.get("loss")
-        val = event.get("val_loss")
+        val = event.get("best_val_loss", event.get("val_loss"))
         line = (f"  [{bar}] step {step}/{steps}  loss {loss:.3f}" if isinstance(loss, (int, float)) else
                 f"  [{bar}] step {step}/{steps}")
         if isinstance(val, (int, float)):
-            line += f"  held-out {val:.3f}"
+            line += f"  held-out best {val:.3f}"
         if event.get("eta_s") is not None:
             line += f"  {_duration(event['eta_s'])} left"
         if self.tty:

@@ -108,7 +108,7 @@ class ProgressRecorder:
 
     def __call__(self, event: dict[str, Any]) -> None:
         for key in ("phase", "step", "steps", "loss", "val_loss", "best_val_loss", "eta_s", "elapsed_s",
-                    "train_rows", "held_out", "reason"):
+                    "train_rows", "held_out", "reason", "pid"):
             if key in event and event[key] is not None:
                 self.state[key] = event[key]
         now = time.monotonic()
@@ -121,6 +121,7 @@ class ProgressRecorder:
                           version=outcome.version, reason=outcome.reason, finished_at=time.time(),
                           seconds=round(outcome.seconds, 1))
         self.state.pop("eta_s", None)
+        self.state.pop("pid", None)
         self.ledger.set_event(TRAINING_EVENT, self.state)
 
 

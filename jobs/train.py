@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -189,7 +189,7 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
     started = time.time()
     advisor = get_advisor(cfg, advisor_id)
     store = AdapterStore(cfg.adapters_dir, keep=settings.keep_versions)
-    send(event="phase", phase="dataset")
+    send(event="phase", phase="dataset", pid=os.getpid())
     refs = ds.collect_references(cfg, advisor_id)
     data_dir = cfg.var_dir / "datasets" / advisor_id / staging.name.lstrip(".")
     built = ds.build_dataset(cfg, advisor, refs, data_dir,
@@ -288,8 +288,8 @@ def _fit(runtime: Any, built: Any, settings: TrainSettings, steps: int, send: Ca
             step = int(info.get("iteration", 0))
             elapsed = time.time() - state["started"]
             send(event="progress", phase="training", step=step, steps=steps, loss=round(state["last_loss"], 4),
-                 val_loss=state["best"], elapsed_s=round(elapsed, 1),
-                 eta_s=round(elapsed / max(step, 1) * (steps - step), 1))
+                 best_val_loss=None if state["best"] is None else round(state["best"], 4),
+                 elapsed_s=round(elapsed, 1), eta_s=round(elapsed / max(step, 1) * (steps - step), 1))
 
         def on_val_loss_report(self, info: dict) -> None:
             val = float(info.get("val_loss", float("nan")))
@@ -310,6 +310,7 @@ def _fit(runtime: Any, built: Any, settings: TrainSettings, steps: int, send: Ca
     initial = trainer.evaluate()["val_loss"]
     state["history"].append({"step": 0, "val_loss": round(float(initial), 5), "train_loss": None})
     send(event="phase", phase="training", steps=steps, val_loss=round(float(initial), 4))
+    state["started"] = time.time()
     stopped_early = False
     out = sys.stdout
     sys.stdout = sys.stderr  # the trainer prints progress; keep stdout clean for whoever reads it
@@ -404,19 +405,23 @@ def _run_child(cfg: Config, advisor_id: str, staging: Path, settings: dict[str, 
 
         stopper = threading.Thread(target=watch, daemon=True, name="train-stop")
         stopper.start()
-    with os.fdopen(read_fd, "r", encoding="utf-8") as pipe:
-        for line in pipe:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") in ("done", "error"):
-                result = event
-            else:
+    try:
+        with os.fdopen(read_fd, "r", encoding="utf-8") as pipe:
+            for line in pipe:
                 try:
-                    emit(event)
-                except Exception:  # a display problem must not abort training
-                    log.exception("progress callback failed")
+                    event = json.loads(line)
+                except ValueError:
+                    continue
+                if event.get("event") in ("done", "error"):
+                    result = event
+                else:
+                    try:
+                        emit(event)
+                    except Exception:  # a display problem must not abort training
+                        log.exception("progress callback failed")
+    finally:
+        if proc.poll() is None and result.get("event") != "done":
+            _terminate(proc)  # Ctrl-C or an error here: the child must not outlive its purpose
     rc = proc.wait()
     if stop is not None and stop.is_set():
         return False, {"message": "training was stopped (Mondrian is shutting down)"}

@@ -1,0 +1,645 @@
+"""Issue 5: per-advisor LoRA adapters. Real MLX, real mlx-vlm trainer, real child processes and APScheduler."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from dataclasses import replace
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from daemon.config import load_config
+from daemon.critique import DIMENSIONS, critique_schema
+from tests.harness import REPO, make_home, mondrian, photo, wait_for
+from tests.lora_helpers import (index_references, install_version, lora_keys, plain_random_model, random_adapter,
+                                simple_advisor, synthetic_advisor)
+
+MAX_PIXELS = 112 * 112
+
+
+@pytest.fixture(scope="module")
+def base(smoke_model_path: Path):
+    """One loaded smoke model (base weights) and its processor, shared by the swap tests."""
+    import mlx_vlm
+
+    model, processor = mlx_vlm.load(str(smoke_model_path))
+    return model, processor
+
+
+@pytest.fixture(scope="module")
+def adapters(tmp_path_factory, base) -> dict[str, Path]:
+    model, _ = base
+    root = tmp_path_factory.mktemp("adapters")
+    keys = lora_keys(model)
+    return {
+        "a": random_adapter(root / "a", model, rank=8, scale=2.0, seed=1),
+        "b": random_adapter(root / "b", model, rank=4, scale=2.0, seed=2),  # another rank: layers reinstalled
+        "c": random_adapter(root / "c", model, rank=8, scale=2.0, seed=3),  # same shape as a
+        "d": random_adapter(root / "d", model, rank=8, scale=0.5, seed=3),  # c's weights, another scale
+        "e": random_adapter(root / "e", model, rank=8, scale=2.0, seed=4,  # fewer target modules
+                            keys=[k for k in keys if k.endswith(("q_proj", "v_proj"))]),
+    }
+
+
+def _inputs(processor, seed: int = 0):
+    from mlx_vlm.utils import prepare_inputs
+
+    img = Image.fromarray((np.random.default_rng(seed).random((112, 112, 3)) * 255).astype("uint8"))
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Critique this."}]}],
+        tokenize=False, add_generation_prompt=True)
+    return prepare_inputs(processor, images=[img], prompts=[prompt])
+
+
+def _logits(model, inp) -> np.ndarray:
+    import mlx.core as mx
+
+    out = model(inp["input_ids"], inp["pixel_values"], inp["attention_mask"], image_grid_thw=inp["image_grid_thw"])
+    lg = getattr(out, "logits", out)
+    mx.eval(lg)
+    return np.array(lg)
+
+
+# ------------------------------------------------------------------------------------------- swapping
+def test_adapter_swap_reproduces_mlx_vlm_loads_on_one_base(smoke_model_path, base, adapters) -> None:
+    """Every swap (same shape, other rank, other scale, fewer targets, none) equals a fresh mlx-vlm load."""
+    import mlx_vlm
+
+    from daemon.model.adapters import AdapterManager
+
+    _, processor = base
+    inp = _inputs(processor)
+    fresh, _ = mlx_vlm.load(str(smoke_model_path))
+    expected = {None: _logits(fresh, inp)}
+    for name, folder in adapters.items():
+        m, _ = mlx_vlm.load(str(smoke_model_path), adapter_path=str(folder))  # mlx-vlm's own --adapter-path
+        expected[name] = _logits(m, inp)
+    for a in adapters:
+        assert not np.allclose(expected[a], expected[None], atol=1e-3), f"adapter {a} changes nothing"
+    assert not np.allclose(expected["c"], expected["d"], atol=1e-3), "scale must matter"
+
+    manager = AdapterManager(fresh)
+    order = ["a", "b", None, "c", "a", "d", "e", None, "b", "c", "e", "a", None]
+    for name in order:
+        t = time.perf_counter()
+        manager.activate(adapters[name] if name else None)
+        ms = (time.perf_counter() - t) * 1e3
+        got = _logits(fresh, inp)
+        assert np.array_equal(got, expected[name]), f"after swapping to {name}: max diff " \
+                                                    f"{np.abs(got - expected[name]).max()}"
+        print(f"swap to {name}: {ms:.2f} ms, {manager.state()['installed']}")
+    assert manager.reinstalls >= 3  # a->b (rank), ->c (rank), ->e (targets), ...
+    assert len(manager.cached()) == len(adapters)
+
+
+def test_adapter_cache_is_lru_and_reloads_changed_files(tmp_path, base, adapters) -> None:
+    import mlx_vlm  # noqa: F401
+
+    from daemon.model.adapters import AdapterManager
+
+    model, _ = base
+    manager = AdapterManager(model, cache_size=2)
+    for name in ("a", "c", "a", "b"):  # b evicts c (a was used more recently)
+        manager.activate(adapters[name])
+    cached = {Path(k.split("@")[0]).name for k in manager.cached()}
+    assert cached == {"a", "b"}
+    # A retrained adapter in the same folder (new file) is read again, not served from the cache.
+    folder = tmp_path / "retrained"
+    random_adapter(folder, model, seed=11)
+    first = manager.load(folder).key
+    time.sleep(0.01)
+    random_adapter(folder, model, seed=12)
+    assert manager.load(folder).key != first
+    manager.activate(None)
+
+
+def test_incompatible_adapters_are_refused_not_mixed(tmp_path, smoke_model_path, base, adapters) -> None:
+    """strict=False would accept these silently; the manager checks shapes and targets first."""
+    import mlx.core as mx
+
+    from daemon.model.adapters import AdapterError, AdapterManager, AdapterSpec, save_adapter
+
+    model, processor = base
+    manager = AdapterManager(model)
+    inp = _inputs(processor)
+    manager.activate(None)
+    base_logits = _logits(model, inp)
+    good = mx.load(str(adapters["a"] / "adapters.safetensors"))
+    keys = sorted({k.rsplit(".", 1)[0] for k in good})
+    bad = {}
+    # weights of rank 4 under a config that says rank 8
+    bad["rank"] = save_adapter(tmp_path / "rank", AdapterSpec("lora", 8, 2.0, tuple(keys)).to_config(),
+                               mx.load(str(adapters["b"] / "adapters.safetensors")))
+    # a module this model does not have (trained for another base)
+    bad["module"] = save_adapter(tmp_path / "module", AdapterSpec("lora", 8, 2.0, tuple(keys + ["language_model.model.layers.99.mlp.up_proj"])).to_config(),
+                                 {**good, "language_model.model.layers.99.mlp.up_proj.lora_a": mx.zeros((4, 8)),
+                                  "language_model.model.layers.99.mlp.up_proj.lora_b": mx.zeros((8, 4))})
+    # a missing weight
+    bad["missing"] = save_adapter(tmp_path / "missing", AdapterSpec("lora", 8, 2.0, tuple(keys)).to_config(),
+                                  {k: v for k, v in good.items() if not k.startswith(keys[0])})
+    # another hidden size
+    bad["shape"] = save_adapter(tmp_path / "shape", AdapterSpec("lora", 8, 2.0, tuple(keys)).to_config(),
+                                {k: mx.zeros((v.shape[0] * 2, v.shape[1])) if k.endswith("lora_a") else v
+                                 for k, v in good.items()})
+    (tmp_path / "dora").mkdir()
+    (tmp_path / "dora" / "adapter_config.json").write_text(json.dumps({"fine_tune_type": "dora",
+                                                                       "lora_parameters": {"rank": 8}}))
+    (tmp_path / "dora" / "adapters.safetensors").write_bytes(b"")
+    bad["dora"] = tmp_path / "dora"
+    for what, folder in bad.items():
+        with pytest.raises(AdapterError):
+            manager.activate(folder)
+        assert np.array_equal(_logits(model, inp), base_logits), f"{what}: the model changed after a refusal"
+
+
+def test_runtime_applies_adapter_only_inside_the_call(smoke_model_path, adapters) -> None:
+    """generate_json(adapter=X) uses X for that photo only; afterwards the model is the plain base again."""
+    from daemon.model.runtime import ModelRuntime
+
+    rt = ModelRuntime.load(str(smoke_model_path), var_dir=smoke_model_path.parents[1], max_pixels=MAX_PIXELS)
+    img = Image.fromarray((np.random.default_rng(5).random((112, 112, 3)) * 255).astype("uint8"))
+    schema = critique_schema(24)
+    plain = rt.generate_json(img, "Critique.", schema, max_tokens=700).text
+    with_a = rt.generate_json(img, "Critique.", schema, max_tokens=700, adapter=adapters["a"]).text
+    with_b = rt.generate_json(img, "Critique.", schema, max_tokens=700, adapter=adapters["b"]).text
+    assert len({plain, with_a, with_b}) == 3, "each adapter should write its own report"
+    assert rt.adapters.active is None  # back to the base between photos
+    assert rt.generate_json(img, "Critique.", schema, max_tokens=700).text == plain
+    assert rt.generate_json(img, "Critique.", schema, max_tokens=700, adapter=adapters["a"]).text == with_a
+
+
+# -------------------------------------------------------------------------------- versions on disk
+def _home(tmp_path: Path, model: Path | str = "smoke", **settings) -> object:
+    home = make_home(tmp_path / "home", **{"embeddings_enabled": False, "max_pixels": MAX_PIXELS, **settings})
+    return load_config(home, env={}, model=str(model))
+
+
+def test_promotion_refusal_and_rollback(tmp_path) -> None:
+    from jobs.adapters import AdapterStore, AdapterStoreError
+    from jobs.evaluate import decide
+
+    cfg = _home(tmp_path)
+    store = AdapterStore(cfg.adapters_dir, keep=3)
+    assert store.current("ansel") is None
+    v1 = install_version(cfg, "ansel", promoted=True, fingerprint="f1")
+    assert store.current_name("ansel") == "v0001" and v1.promoted
+    v2 = install_version(cfg, "ansel", promoted=True, fingerprint="f2")
+    assert store.current_name("ansel") == "v0002"
+    # Refused: kept for the record, never current.
+    v3 = install_version(cfg, "ansel", promoted=False, fingerprint="f3")
+    assert store.current_name("ansel") == "v0002" and not v3.promoted
+    assert os.readlink(cfg.adapters_dir / "ansel" / "current") == "v0002"  # relative: the folder can move
+
+    # The gate: smoke check first, then "not worse than the current one".
+    ok = {"label": "candidate", "smoke_ok": True, "valid": 3, "n": 3, "mae_mean": 1.0}
+    assert decide(ok, {"label": "v0002", "mae_mean": 1.2})["promoted"]
+    assert decide(ok, {"label": "v0002", "mae_mean": 1.0})["promoted"]  # equal is not worse
+    worse = decide(ok, {"label": "v0002", "mae_mean": 0.8})
+    assert not worse["promoted"] and "worse than v0002" in worse["reason"]
+    invalid = decide({**ok, "smoke_ok": False, "valid": 2}, {"label": "base", "mae_mean": 5.0})
+    assert not invalid["promoted"] and "smoke check failed: 2/3" in invalid["reason"]
+
+    # Rollback: back to the previous promoted version, skipping refused ones; once more is refused.
+    assert store.rollback("ansel") == ("v0002", "v0001")
+    assert store.current_name("ansel") == "v0001"
+    assert store.version("ansel", "v0002").rolled_back
+    with pytest.raises(AdapterStoreError, match="no earlier promoted adapter"):
+        store.rollback("ansel")
+    # A new promotion after a rollback, then rollback again skips the rolled-back v0002.
+    install_version(cfg, "ansel", promoted=True, fingerprint="f4")
+    assert store.current_name("ansel") == "v0004"
+    assert store.rollback("ansel") == ("v0004", "v0001")
+    # Pruning keeps the newest `keep`, the current one and its rollback target.
+    for i in range(4):
+        install_version(cfg, "ansel", promoted=False, fingerprint=f"g{i}")
+    assert store.prune("ansel") == ["v0004", "v0005"]  # this store keeps 3
+    names = [v.name for v in store.versions("ansel")]
+    assert "v0001" in names and names[-3:] == ["v0006", "v0007", "v0008"] and len(names) == 4
+    events = [h["event"] for h in store.history("ansel")]
+    assert events.count("rollback") == 2 and "refused" in events
+
+
+def test_adapters_cli_lists_and_rolls_back(tmp_path, smoke_model_path) -> None:
+    cfg = _home(tmp_path)
+    install_version(cfg, "ansel", promoted=True, fingerprint="f1", mae=1.5)
+    install_version(cfg, "ansel", promoted=True, fingerprint="f2", mae=1.2)
+    install_version(cfg, "ansel", promoted=False, fingerprint="f3", mae=1.9)
+    out = mondrian(cfg.home, smoke_model_path, "adapters", "--advisor", "ansel")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert any(l.startswith("*") and "v0002" in l and "promoted" in l for l in lines), out.stdout
+    assert any("v0003" in l and "refused" in l for l in lines), out.stdout
+    rows = json.loads(mondrian(cfg.home, smoke_model_path, "adapters", "--json").stdout)
+    assert [r["version"] for r in rows] == ["v0003", "v0002", "v0001"] and rows[1]["current"]
+    out = mondrian(cfg.home, smoke_model_path, "adapters", "rollback", "--advisor", "ansel")
+    assert out.returncode == 0 and "now v0001 (was v0002)" in out.stdout, out.stdout + out.stderr
+    out = mondrian(cfg.home, smoke_model_path, "adapters", "rollback", "--advisor", "ansel")
+    assert out.returncode == 1 and "no earlier promoted adapter" in out.stderr
+
+
+KILL_LOOP = textwrap.dedent("""
+    import json, os, sys, time
+    sys.path.insert(0, {repo!r})
+    from jobs.adapters import AdapterStore, atomic_write_json
+    store = AdapterStore({root!r}, keep=4)
+    payload = os.urandom(3 << 20)  # big enough that a copy takes a while
+    while True:
+        with store.lock("ansel", wait=True):
+            store.recover("ansel")
+            staging = store.new_staging("ansel")
+            n = len(store.versions("ansel")) + 1
+            tag = str(time.time_ns())
+            (staging / "adapters.safetensors").write_bytes(tag.encode() + payload)
+            (staging / "adapter_config.json").write_text(json.dumps({{"tag": tag}}))
+            atomic_write_json(staging / "manifest.json", {{"tag": tag}})
+            atomic_write_json(staging / "metrics.json", {{"tag": tag}})
+            store.commit("ansel", staging, {{"promoted": True, "reason": "loop"}})
+            print("committed", flush=True)
+""")
+
+
+def test_switch_is_atomic_under_sigkill(tmp_path) -> None:
+    """A promoter SIGKILLed at random moments leaves `current` on a complete version, old or new."""
+    from jobs.adapters import REQUIRED_FILES, AdapterStore
+
+    root = tmp_path / "adapters"
+    script = tmp_path / "loop.py"
+    script.write_text(KILL_LOOP.format(repo=str(REPO), root=str(root)))
+    store = AdapterStore(root, keep=4)
+    rng = random.Random(5)
+    seen = set()
+    kills = 0
+    for _ in range(12):
+        proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+        assert proc.stdout.readline().strip() == "committed"  # at least one version exists
+        time.sleep(rng.uniform(0.0, 0.25))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        kills += 1
+        current = store.current("ansel")
+        assert current is not None, "current must always point at a version"
+        files = {f: (current.path / f).read_bytes() for f in REQUIRED_FILES}
+        tags = {json.loads(files["adapter_config.json"])["tag"], json.loads(files["manifest.json"])["tag"],
+                json.loads(files["metrics.json"])["tag"], files["adapters.safetensors"][:19].decode()}
+        assert len(tags) == 1, f"{current.name} mixes files of different candidates: {tags}"
+        assert len(files["adapters.safetensors"]) == 19 + (3 << 20)
+        seen.add(current.name)
+        store.recover("ansel")
+        assert not [p for p in (root / "ansel").iterdir() if p.name.startswith(".staging")]
+    assert kills == 12 and len(seen) > 3, seen
+
+
+# -------------------------------------------------------------------------------- serving advisors
+@pytest.fixture(scope="module")
+def smoke_runtime(smoke_model_path):
+    from daemon.model.runtime import ModelRuntime
+
+    return ModelRuntime.load(str(smoke_model_path), var_dir=smoke_model_path.parents[1], max_pixels=MAX_PIXELS)
+
+
+def _analyse(cfg, runtime, photo_path: Path, advisor: str, mode: str) -> dict:
+    """One photo through the worker, as `mondrian analyze` runs it; returns its report."""
+    from daemon.ledger import Ledger
+    from daemon.worker import Worker
+
+    ledger = Ledger(cfg.db_path)
+    worker = Worker(cfg, ledger, lambda: runtime)
+    job = ledger.start_direct(photo_path, photo_path.name, advisor, "command")
+    worker.process(job, keep_original=True, mode_override=mode)
+    job = ledger.get(job.id)
+    assert job.state == "done", job.error
+    report = json.loads(Path(job.report_json).read_text())
+    assert report["model"]["adapter"] == job.adapter
+    return report
+
+
+def _fresh_runtime(model_path: Path, adapter: Path | None):
+    """A model that never saw any other adapter: mlx-vlm's own load, with adapter_path when given."""
+    import mlx_vlm
+
+    from daemon.model.runtime import ModelRuntime, _cap_pixels
+
+    model, processor = mlx_vlm.load(str(model_path), adapter_path=str(adapter) if adapter else None)
+    _cap_pixels(processor, MAX_PIXELS)
+    return ModelRuntime(model=model, processor=processor, model_id="fresh", path=str(model_path), is_smoke=True,
+                        max_pixels=MAX_PIXELS)
+
+
+def test_no_photo_is_analysed_with_another_advisors_adapter(tmp_path, smoke_model_path, smoke_runtime, base) -> None:
+    """Interleaved advisors and modes on one runtime: each report equals what that advisor's adapter alone
+    (or the bare base model) writes, and names the adapter version it used."""
+    from daemon.advisors import get_advisor
+    from daemon.images import load_photo
+    from daemon.prompts import critique_prompt
+
+    cfg = _home(tmp_path, smoke_model_path)
+    model, _ = base
+    versions = {}
+    for i, advisor in enumerate(("ansel", "cartier")):
+        src = random_adapter(tmp_path / f"src-{advisor}", model, rank=8 if i == 0 else 4, seed=20 + i)
+        versions[advisor] = install_version(cfg, advisor, src, model_path=smoke_model_path)
+    photos = [photo(tmp_path / "photos" / f"p{i}.png", seed=i) for i in range(3)]
+    plan = [("ansel", "lora", 0), ("cartier", "lora", 0), ("ansel", "baseline", 0), ("cartier", "lora", 1),
+            ("ansel", "lora", 1), ("ansel", "lora", 2), ("cartier", "baseline", 2), ("cartier", "lora", 2)]
+    got = [(a, m, p, _analyse(cfg, smoke_runtime, photos[p], a, m)) for a, m, p in plan]
+
+    schema = critique_schema(cfg.comment_max_chars)
+    fresh = {adv: _fresh_runtime(smoke_model_path, v.path) for adv, v in versions.items()}
+    fresh[None] = _fresh_runtime(smoke_model_path, None)
+    texts = set()
+    for advisor, mode, p, report in got:
+        adv = get_advisor(cfg, advisor)
+        key = advisor if mode == "lora" else None
+        assert report["mode"]["effective"] == mode and report["mode"]["fallbacks"] == []
+        assert report["model"]["adapter"] == (versions[advisor].label if mode == "lora" else None)
+        image = load_photo(photos[p], cfg.max_pixels).image
+        expected = fresh[key].generate_json(image, critique_prompt(adv), schema, max_tokens=cfg.max_tokens).data
+        assert {k: report[k] for k in ("dimensions", "summary", "overall_grade")} == expected, \
+            f"{advisor}/{mode} on photo {p} does not match {key or 'the base model'} alone"
+        texts.add(json.dumps(expected, sort_keys=True))
+    assert len(texts) >= 6, "the adapters should write visibly different reports"
+    assert smoke_runtime.adapters.active is None
+
+
+def test_fallback_chain_lora_rag_baseline_with_reasons(tmp_path, smoke_model_path, smoke_runtime, base) -> None:
+    from daemon.advisors import get_advisor
+    from daemon.strategies import build_strategies, resolve
+    from jobs.adapters import AdapterStore
+
+    cfg = _home(tmp_path, smoke_model_path)
+    pic = photo(tmp_path / "p.png", seed=3)
+    # No adapter and no references: lora -> rag -> baseline, each step with its reason, in the report.
+    report = _analyse(cfg, smoke_runtime, pic, "ansel", "lora")
+    steps = report["mode"]["fallbacks"]
+    assert report["mode"]["effective"] == "baseline" and [(s["from"], s["to"]) for s in steps] == \
+        [("lora", "rag"), ("rag", "baseline")]
+    assert "no trained adapter for Ansel" in steps[0]["reason"] and "mondrian train --advisor ansel" in steps[0]["reason"]
+    assert "no indexed reference photos" in steps[1]["reason"]
+    assert report["model"]["adapter"] is None
+
+    # With indexed references but no adapter: lora -> rag.
+    synthetic_advisor(cfg.home, "ansel", n=3)
+    ledger = index_references(cfg, ["ansel"])
+    assert len(ledger.references("ansel")) == 3
+    report = _analyse(cfg, smoke_runtime, pic, "ansel", "lora")
+    assert report["mode"]["effective"] == "rag" and [s["from"] for s in report["mode"]["fallbacks"]] == ["lora"]
+
+    ansel = get_advisor(cfg, "ansel")
+    store = AdapterStore(cfg.adapters_dir)
+    # An adapter trained for another base model is not used.
+    src = random_adapter(tmp_path / "src", base[0], seed=30)
+    install_version(cfg, "ansel", src, base_fingerprint="another-model")
+    strategy, steps = resolve("lora", ansel, build_strategies(cfg, ledger))
+    assert strategy.name == "rag" and "was trained for base model test" in steps[0]["reason"]
+    # A dangling pointer (its version deleted by hand) is reported as such.
+    install_version(cfg, "ansel", src, model_path=smoke_model_path)
+    strategy, steps = resolve("lora", ansel, build_strategies(cfg, ledger))
+    assert strategy.name == "lora" and steps == []
+    import shutil
+
+    shutil.rmtree(store.current("ansel").path)
+    strategy, steps = resolve("lora", ansel, build_strategies(cfg, ledger))
+    assert strategy.name == "rag" and "current adapter v0002 is missing" in steps[0]["reason"]
+    # An adapter whose weights do not fit the model fails once, then falls back with the reason.
+    install_version(cfg, "ansel", random_adapter(tmp_path / "b", base[0], seed=31), model_path=smoke_model_path)
+    bad = store.current("ansel").path / "adapters.safetensors"
+    import mlx.core as mx
+
+    w = mx.load(str(bad))
+    mx.save_safetensors(str(bad), {k: mx.zeros((v.shape[0] + 1, v.shape[1])) for k, v in w.items()})
+    strategies = build_strategies(cfg, ledger)
+    from daemon.images import load_photo
+    from daemon.model.adapters import AdapterError
+    from daemon.strategies import AnalysisContext
+
+    with pytest.raises(AdapterError):
+        strategies["lora"].analyse(AnalysisContext(runtime=smoke_runtime, cfg=cfg, advisor=ansel,
+                                                   photo=load_photo(pic, cfg.max_pixels)))
+    strategy, steps = resolve("lora", ansel, strategies)
+    assert strategy.name == "rag" and "v0003 could not be loaded" in steps[0]["reason"]
+
+
+# ------------------------------------------------------------------------------------------- nightly
+def _nightly_home(tmp_path: Path, train_time: str):
+    """Advisors in every state the nightly check distinguishes, with indexed curator references."""
+    from jobs.dataset import collect_references, fingerprint
+
+    cfg = _home(tmp_path, train_time=train_time)
+    for i, name in enumerate(("alpha", "bravo", "charlie", "delta", "echo")):
+        synthetic_advisor(cfg.home, name, n=2 if name == "echo" else 3, seed=10 + i)
+    cfg = load_config(cfg.home, env={}, model="smoke")
+    ledger = index_references(cfg)
+    fp = {a: fingerprint(collect_references(cfg, a, ledger)) for a in ("alpha", "charlie", "delta")}
+    install_version(cfg, "alpha", fingerprint=fp["alpha"])  # trained on exactly these: unchanged
+    install_version(cfg, "charlie", fingerprint="an older reference set")  # changed since
+    install_version(cfg, "delta", fingerprint="older")  # current on an older set, but the latest attempt ...
+    install_version(cfg, "delta", fingerprint=fp["delta"], promoted=False)  # ... already tried these (refused)
+    return cfg, ledger
+
+
+def test_nightly_trains_only_advisors_whose_references_changed(tmp_path) -> None:
+    from jobs.nightly import NightlyTrainer, due_advisors
+
+    cfg, ledger = _nightly_home(tmp_path, "02:30")
+    fire = (datetime.now() + timedelta(seconds=3)).replace(microsecond=0)
+    cfg = replace(cfg, train_time=fire.strftime("%H:%M:%S"))
+    due = {d.advisor: d.reason for d in due_advisors(cfg, ledger)}
+    assert set(due) == {"bravo", "charlie"}, due
+    assert "first adapter" in due["bravo"] and "changed since v0001" in due["charlie"]
+
+    calls: list[tuple[str, float]] = []
+    nightly = NightlyTrainer(cfg, ledger, train_fn=lambda advisor: calls.append((advisor, time.time())))
+    nightly.start()
+    try:
+        assert nightly.next_run().replace(tzinfo=None) <= fire + timedelta(seconds=1)
+        assert calls == []  # nothing before the scheduled time (and no catch-up on a first start)
+        wait_for(lambda: len(calls) == 2, timeout=30, what="the scheduled check")
+    finally:
+        nightly.stop()
+    assert sorted(a for a, _ in calls) == ["bravo", "charlie"]
+    assert calls[0][1] >= fire.timestamp() - 0.5
+    state = ledger.events()["nightly"][0]
+    assert state["last_run_at"] >= fire.timestamp() - 0.5 and state["last_trained"] == ["bravo", "charlie"]
+    assert nightly.runs == 1
+
+
+def test_nightly_catches_up_a_run_missed_while_the_daemon_was_not_running(tmp_path) -> None:
+    from jobs.nightly import NightlyTrainer
+
+    an_hour_ago = datetime.now() - timedelta(hours=1)
+    cfg, ledger = _nightly_home(tmp_path, an_hour_ago.strftime("%H:%M:%S"))
+    calls: list[str] = []
+    # First start ever: the 02:30-style time that already passed today was never promised.
+    first = NightlyTrainer(cfg, ledger, train_fn=calls.append)
+    first.start()
+    time.sleep(1.5)
+    first.stop()
+    assert calls == []
+    # The daemon was down over the scheduled time (armed two days ago, last ran two days ago).
+    state = ledger.events()["nightly"][0]
+    state.update(armed_at=time.time() - 2 * 86400, last_run_at=time.time() - 2 * 86400)
+    ledger.set_event("nightly", state)
+    again = NightlyTrainer(cfg, ledger, train_fn=calls.append)
+    again.start()
+    try:
+        wait_for(lambda: len(calls) == 2, timeout=20, what="the catch-up run")
+    finally:
+        again.stop()
+    assert sorted(calls) == ["bravo", "charlie"]
+
+
+SUSPEND_SCRIPT = textwrap.dedent("""
+    import sys, time, json
+    sys.path.insert(0, {repo!r})
+    from daemon.config import load_config
+    from daemon.ledger import Ledger
+    from jobs.nightly import NightlyTrainer
+    cfg = load_config({home!r}, env={{}}, train_time={train_time!r})
+    out = open({out!r}, "a")
+    def train(advisor):
+        out.write(json.dumps({{"advisor": advisor, "at": time.time()}}) + "\\n"); out.flush()
+    n = NightlyTrainer(cfg, Ledger(cfg.db_path), train_fn=train)
+    n.start()
+    print("armed", flush=True)
+    time.sleep(60)
+""")
+
+
+def test_nightly_run_missed_while_suspended_runs_at_wake(tmp_path) -> None:
+    """The process is frozen (as a sleeping Mac freezes it) across the fire time: the job runs on waking,
+    late, instead of being dropped as a misfire."""
+    cfg, _ = _nightly_home(tmp_path, "02:30")
+    fire = (datetime.now() + timedelta(seconds=6)).replace(microsecond=0)
+    cfg = replace(cfg, train_time=fire.strftime("%H:%M:%S"))
+    out = tmp_path / "calls.jsonl"
+    script = tmp_path / "suspend.py"
+    script.write_text(SUSPEND_SCRIPT.format(repo=str(REPO), home=str(cfg.home), train_time=cfg.train_time,
+                                            out=str(out)))
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "armed"
+        proc.send_signal(signal.SIGSTOP)
+        wait_for(lambda: time.time() > fire.timestamp() + 4, timeout=30, interval=0.2)
+        assert out.read_text() == ""  # frozen: nothing ran
+        woke = time.time()
+        proc.send_signal(signal.SIGCONT)
+        wait_for(lambda: out.exists() and len(out.read_text().splitlines()) == 2, timeout=20,
+                 what="the run missed while suspended")
+    finally:
+        proc.kill()
+        proc.wait()
+    calls = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(c["advisor"] for c in calls) == ["bravo", "charlie"]
+    assert all(c["at"] >= woke and c["at"] - fire.timestamp() > 3.5 for c in calls)  # late, but run
+
+
+def _lora_table(home: Path, **settings) -> None:
+    lines = ["", "[lora]"] + [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+    with open(home / "mondrian.toml", "a") as fh:
+        fh.write("\n".join(lines) + "\n")
+
+
+# ------------------------------------------------------------------------ training inside the daemon
+def test_daemon_trains_in_a_child_that_can_die_while_the_inbox_is_served(tmp_path, smoke_model_path) -> None:
+    """The nightly job trains in a child process: the inbox keeps being served, `mondrian status` shows the
+    progress, and killing the trainer (as an out-of-memory kill would) leaves the daemon running."""
+    from tests.harness import Daemon, status
+
+    an_hour_ago = datetime.now() - timedelta(hours=1)
+    cfg = _home(tmp_path, smoke_model_path, train_time=an_hour_ago.strftime("%H:%M:%S"))
+    synthetic_advisor(cfg.home, "synth", n=4)
+    ledger = index_references(load_config(cfg.home, env={}), ["synth"])
+    _lora_table(cfg.home, iters=5000, eval_every=2500, learning_rate=1e-4)
+    # The daemon was last running two days ago: the run scheduled an hour ago was missed, so it runs at start.
+    ledger.set_event("nightly", {"armed_at": time.time() - 2 * 86400, "last_run_at": time.time() - 2 * 86400})
+    with Daemon(cfg.home, smoke_model_path) as d:
+        training = wait_for(lambda: (t := status(cfg.home, smoke_model_path).get("training")) and
+                            t.get("phase") == "training" and t.get("step") and t, timeout=90,
+                            what="training progress in status")
+        assert training["advisor"] == "synth" and training["state"] == "running" and training["steps"] == 5000
+        out = mondrian(cfg.home, smoke_model_path, "status")
+        assert "Training: synth (training) step" in out.stdout, out.stdout
+        # The inbox is served while the child trains.
+        photo(cfg.inbox / "during.png", seed=1)
+        wait_for(lambda: status(cfg.home, smoke_model_path)["counts"]["done"] == 1, timeout=60,
+                 what="a photo analysed during training")
+        # The trainer dies (SIGKILL, as the kernel's OOM killer does); the daemon does not.
+        os.kill(training["pid"], signal.SIGKILL)
+        final = wait_for(lambda: (t := status(cfg.home, smoke_model_path)["training"]).get("state") == "failed" and t,
+                         timeout=30, what="the failed training in status")
+        assert "killed by SIGKILL" in final["reason"], final
+        assert d.proc.poll() is None, d.output()
+        photo(cfg.inbox / "after.png", seed=2)
+        wait_for(lambda: status(cfg.home, smoke_model_path)["counts"]["done"] == 2, timeout=60,
+                 what="a photo analysed after the trainer died")
+        assert not list((cfg.adapters_dir / "synth").glob("v*")), "a killed training must not leave a version"
+        assert not list((cfg.adapters_dir / "synth").glob(".staging*"))
+        assert d.stop() == 0
+    assert "Training: synth failed" in mondrian(cfg.home, smoke_model_path, "status").stdout
+
+
+def test_evaluate_cli_prints_the_table(tmp_path, smoke_model_path, base) -> None:
+    cfg = _home(tmp_path, smoke_model_path)
+    synthetic_advisor(cfg.home, "synth", n=5)
+    index_references(load_config(cfg.home, env={}), ["synth"])
+    out = mondrian(cfg.home, smoke_model_path, "evaluate", "--advisor", "synth")
+    assert out.returncode == 1 and "no current adapter" in (out.stderr + out.stdout)
+    install_version(cfg, "synth", random_adapter(tmp_path / "a", base[0], seed=40), model_path=smoke_model_path)
+    out = mondrian(cfg.home, smoke_model_path, "evaluate", "--advisor", "synth", timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "MAE v0001" in lines[0] and "MAE base" in lines[0] and "ρ v0001" in lines[0], out.stdout
+    rows = {l[:20].strip(): l[20:].split() for l in lines[2:10]}
+    assert set(rows) == {"Composition", "Lighting", "Focus & sharpness", "Color harmony", "Subject isolation",
+                         "Depth & perspective", "Visual balance", "Emotional impact"}
+    assert all(0 <= float(v[0]) <= 10 and 0 <= float(v[1]) <= 10 for v in rows.values())
+    assert "schema-valid reports: v0001 2/2, base 2/2" in out.stdout
+
+
+def test_expected_score_is_the_probability_weighted_mean_over_score_tokens(smoke_runtime) -> None:
+    """Q-Align style reading, including the two-token "10": P(1)=.5 of which P("0" after "1")=.25."""
+    import mlx.core as mx
+
+    from daemon.critique import DIMENSIONS
+    from jobs.evaluate import ScoreReader
+
+    rt = smoke_runtime
+    tok = rt.tokenizer
+    one, zero, seven = (tok.encode(d, add_special_tokens=False)[0] for d in ("1", "0", "7"))
+    close = tok.encode("}", add_special_tokens=False)[0]
+    vocab = rt.model.config.text_config.vocab_size
+
+    class Designed:
+        """Logits that depend only on the current token: after "1", P("0")=.25 and P("}")=.75;
+        elsewhere P("7")=P("1")=.5 (among the score tokens)."""
+
+        def __call__(self, ids, pixel_values=None, mask=None, **kw):
+            ids = np.array(ids)[0]
+            out = np.full((1, len(ids), vocab), -30.0, dtype=np.float32)
+            for i, t in enumerate(ids):
+                if t == one:
+                    out[0, i, zero], out[0, i, close] = np.log(0.25), np.log(0.75)
+                else:
+                    out[0, i, seven], out[0, i, one] = np.log(0.5), np.log(0.5)
+            return mx.array(out)
+
+    class FakeRuntime:
+        model, processor, tokenizer, format_prompt = Designed(), rt.processor, rt.tokenizer, rt.format_prompt
+
+    report = {"dimensions": {d: {"comment": "Ok.", "score": 3} for d in DIMENSIONS}, "summary": "Ok.",
+              "overall_grade": 3}
+    text = json.dumps(report, separators=(", ", ": "))
+    img = Image.new("RGB", (56, 56), (120, 90, 60))
+    expected = ScoreReader(FakeRuntime()).expected(img, "Critique.", text)
+    assert expected == {d: pytest.approx(0.5 * 7 + 0.5 * (1 * 0.75 + 10 * 0.25), abs=1e-3) for d in DIMENSIONS}
