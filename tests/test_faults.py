@@ -232,7 +232,6 @@ def test_signal_requeues_the_photo_in_hand_and_exits_0_quickly(tmp_path, smoke_m
         log = d.output()
     assert rc == 0, log
     # well inside launchd's ExitTimeOut (60 s) and the daemon's own 20 s grace, even on a loaded CI box;
-    # the photo was mid-analysis, so a stop this fast proves it was requeued rather than waited for
     assert took < 15, f"took {took:.1f}s to stop"
     job = _jobs(home)["slow.jpg"]
     assert job.state == "queued" and job.attempts == 0, (job.state, job.attempts)  # requeued without blame
