@@ -35,6 +35,7 @@ from .advisors import Advisor, load_advisors, references_dir
 from .config import Config
 from .critique import DIMENSIONS, SCORE_MAX, SCORE_MIN, profile_schema
 from .ledger import Ledger, Reference
+from .limits import AnalysisInterrupted
 
 log = logging.getLogger("mondrian.references")
 
@@ -142,13 +143,15 @@ def read_sidecar(path: Path) -> tuple[dict[str, int], dict[str, str] | None]:
     return parse_sidecar(data, path.name)
 
 
-def extract_profile(runtime: Any, cfg: Config, advisor: Advisor, encoded: Any,
-                    adapter: Any = None) -> tuple[dict[str, int], Any]:
-    """Pass 1: the photo's 8 scores in the advisor's eyes (schema-constrained, no comments)."""
+def extract_profile(runtime: Any, cfg: Config, advisor: Advisor, encoded: Any, adapter: Any = None,
+                    **limits: Any) -> tuple[dict[str, int], Any]:
+    """Pass 1: the photo's 8 scores in the advisor's eyes (schema-constrained, no comments).
+
+    `limits` (cancel=, deadline=) go to generate_json, as `AnalysisContext.limits()` gives them."""
     from .prompts import profile_prompt
 
     gen = runtime.generate_json(encoded.image, profile_prompt(advisor), profile_schema(),
-                                max_tokens=PROFILE_MAX_TOKENS, encoded=encoded, adapter=adapter)
+                                max_tokens=PROFILE_MAX_TOKENS, encoded=encoded, adapter=adapter, **limits)
     return {d: int(gen.data[d]) for d in DIMENSIONS}, gen
 
 
@@ -277,6 +280,7 @@ class ReferenceIndexer:
         self._seen: dict[Path, _Seen] = {}
         self._hashes: dict[Path, tuple[tuple, str]] = {}
         self._failed: dict[Path, tuple[tuple, str]] = {}
+        self.cancel: threading.Event | None = None  # set: the model pass of the reference in hand stops
 
     # -- model ------------------------------------------------------------------------------------
     def runtime(self) -> Any:
@@ -436,7 +440,7 @@ class ReferenceIndexer:
                 rt = self.runtime()
                 encoded = rt.encode(photo.image)
                 if scores is None:
-                    scores, _ = extract_profile(rt, self.cfg, advisor, encoded)
+                    scores, _ = extract_profile(rt, self.cfg, advisor, encoded, cancel=self.cancel)
                     model_id = rt.model_id
                 if need_embedding:
                     embedding = encoded.embedding_bytes()
@@ -446,6 +450,8 @@ class ReferenceIndexer:
                                          comments=comments, source=work.source, model_id=model_id,
                                          embedding=embedding)
             thumbnail(self.cfg, work.sha256, work.path)
+        except AnalysisInterrupted:
+            raise  # the daemon is stopping: not the reference's fault, it is indexed next time
         except Exception as exc:  # one bad reference must never stop the others (or the daemon)
             reason = str(exc) or type(exc).__name__
             self._failed[work.path] = (work.key, reason)
@@ -560,6 +566,7 @@ class ReferenceWatcher:
             self._dirty.clear()  # before looking, so an event arriving meanwhile is not lost
             ix = self.indexer
             ix._runtime = runtime
+            ix.cancel = stop
             plan = ix.plan(model_id=runtime.model_id)
             ix.remove(plan, keep_twins=True)
             known = ix.advisors()
@@ -571,6 +578,9 @@ class ReferenceWatcher:
             ix.remove(plan)
             self._next_look = time.monotonic() + (max(0.2, self.cfg.quiet_seconds / 2) if plan.waiting
                                                   else float("inf"))
+            return False
+        except AnalysisInterrupted:
+            self._dirty.set()
             return False
         except Exception as exc:  # a bad reference must never take the worker down
             log.exception("indexing references failed")

@@ -53,7 +53,7 @@ class RagStrategy(Strategy):
         timings["encode_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
-        profile, first = extract_profile(rt, cfg, advisor, encoded)
+        profile, first = extract_profile(rt, cfg, advisor, encoded, **ctx.limits())
         timings["profile_s"] = time.perf_counter() - t
 
         t = time.perf_counter()
