@@ -90,6 +90,15 @@ class Daemon:
 
     # -- the MLX thread -----------------------------------------------------------------------
     def _work(self) -> None:
+        try:
+            self._serve()
+        finally:
+            if self.worker.runtime is not None:
+                from .model.runtime import release_thread
+
+                release_thread()
+
+    def _serve(self) -> None:
         loading = False
         try:
             recovered = self.worker.recover()

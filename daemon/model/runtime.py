@@ -130,6 +130,31 @@ def _cap_pixels(processor: Any, max_pixels: int) -> None:
             size["shortest_edge"] = min(size.get("shortest_edge") or min_pixels, max_pixels)
 
 
+def release_thread() -> None:
+    """Drain this thread's queued MLX work and free its streams; call it last on the thread that ran the model.
+
+    Generation is asynchronous (mlx-vlm queues the next token on a thread-local stream). A stop that interrupts
+    it leaves work in flight, and a thread that exits like that can make the C++ runtime abort the whole
+    process ("terminate called without an active exception") instead of exiting 0.
+    """
+    import sys
+
+    if "mlx.core" not in sys.modules:  # nothing ever ran here
+        return
+    import mlx.core as mx
+
+    try:
+        from mlx_vlm.generate import generation_stream
+
+        mx.synchronize(generation_stream)
+    except Exception:  # noqa: BLE001 - an older mlx-vlm without the thread-local stream
+        pass
+    mx.synchronize()
+    clear_streams = getattr(mx, "clear_streams", None)
+    if clear_streams is not None:
+        clear_streams()
+
+
 class ModelRuntime:
     """A loaded model + processor + the llguidance tokenizer built for them.
 
