@@ -30,12 +30,15 @@ def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
 
 
 def synthetic_photo(path: Path, value: float, saturation: float, seed: int, size: int = 112) -> Path:
-    """A photo of one random hue whose brightness (HSV value) and saturation are what we say, plus grain."""
+    """A two-band photo: the top half a neutral grey of brightness `value` (HSV value), the bottom half an
+    orange of `saturation` at a fixed brightness, plus grain. The bands keep the two
+    quantities independent and visible: in one dark frame, saturation would vanish from the RGB values."""
     rng = np.random.default_rng(seed)
-    shape = (size, size)
-    hsv = np.stack([np.full(shape, rng.uniform()),
-                    np.full(shape, saturation) + rng.normal(0, 0.01, shape),
-                    np.full(shape, value) + rng.normal(0, 0.01, shape)], -1).clip(0, 1)
+    half = (size // 2, size)
+    top = np.stack([np.zeros(half), np.zeros(half), np.full(half, value) + rng.normal(0, 0.01, half)], -1)
+    bottom = np.stack([np.full(half, 0.05), np.full(half, saturation) + rng.normal(0, 0.01, half),
+                       np.full(half, 0.8) + rng.normal(0, 0.01, half)], -1)
+    hsv = np.concatenate([top, bottom], 0).clip(0, 1)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((hsv_to_rgb(hsv) * 255 + 0.5).astype("uint8")).save(path)
     return path
@@ -86,13 +89,15 @@ def index_references(cfg: Any, advisors: list[str] | None = None) -> Any:
 
 
 # -- a base model LoRA can actually train ------------------------------------------------------------
-def plain_random_model(smoke: Path, dest: Path, seed: int = 1) -> Path:
+def plain_random_model(smoke: Path, dest: Path, seed: int = 1, logit_scale: float = 3.0) -> Path:
     """The smoke checkpoint's architecture, tokenizer and processor with plain random weights.
 
     The smoke checkpoint's lm_head is a hand-built bigram model of a small English corpus: every token
     absent from that corpus (all ten digits among them) gets the same output row, so no adapter on the
-    language model's layers can make it prefer one score over another. A plain random initialisation,
-    as any fresh model has, gives every token its own row.
+    language model's layers can make it prefer one score over another. A plain random initialisation
+    gives every token its own row; its output head is scaled by `logit_scale` so that logits have the spread
+    of a trained model's (std ~2 rather than a fresh init's ~0.6): LoRA, which cannot touch the head,
+    otherwise needs several times more steps to become confident about anything.
     """
     import mlx.core as mx
     from mlx.utils import tree_flatten
@@ -109,11 +114,12 @@ def plain_random_model(smoke: Path, dest: Path, seed: int = 1) -> Path:
     model_config = update_module_configs(qwen2_vl.ModelConfig.from_dict(cfg), qwen2_vl, cfg, ["text", "vision"])
     mx.random.seed(seed)
     model = qwen2_vl.Model(model_config)
+    model.language_model.lm_head.weight = model.language_model.lm_head.weight * logit_scale
     weights = dict(tree_flatten(model.parameters()))
     mx.eval(list(weights.values()))
     mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
     marker = json.loads((tmp / "mondrian_smoke.json").read_text())
-    marker.update(weights="plain random", seed=seed)
+    marker.update(weights="plain random", seed=seed, logit_scale=logit_scale)
     (tmp / "mondrian_smoke.json").write_text(json.dumps(marker))
     tmp.rename(dest)
     return dest

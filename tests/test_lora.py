@@ -349,9 +349,9 @@ def test_no_photo_is_analysed_with_another_advisors_adapter(tmp_path, smoke_mode
     for i, advisor in enumerate(("ansel", "cartier")):
         src = random_adapter(tmp_path / f"src-{advisor}", model, rank=8 if i == 0 else 4, seed=20 + i)
         versions[advisor] = install_version(cfg, advisor, src, model_path=smoke_model_path)
-    photos = [photo(tmp_path / "photos" / f"p{i}.png", seed=i) for i in range(3)]
+    photos = [photo(tmp_path / "photos" / f"p{i}.png", seed=i) for i in range(2)]
     plan = [("ansel", "lora", 0), ("cartier", "lora", 0), ("ansel", "baseline", 0), ("cartier", "lora", 1),
-            ("ansel", "lora", 1), ("ansel", "lora", 2), ("cartier", "baseline", 2), ("cartier", "lora", 2)]
+            ("ansel", "lora", 1), ("cartier", "baseline", 1)]
     got = [(a, m, p, _analyse(cfg, smoke_runtime, photos[p], a, m)) for a, m, p in plan]
 
     schema = critique_schema(cfg.comment_max_chars)
@@ -368,7 +368,7 @@ def test_no_photo_is_analysed_with_another_advisors_adapter(tmp_path, smoke_mode
         assert {k: report[k] for k in ("dimensions", "summary", "overall_grade")} == expected, \
             f"{advisor}/{mode} on photo {p} does not match {key or 'the base model'} alone"
         texts.add(json.dumps(expected, sort_keys=True))
-    assert len(texts) >= 6, "the adapters should write visibly different reports"
+    assert len(texts) == 6, "the adapters should write visibly different reports"
     assert smoke_runtime.adapters.active is None
 
 
@@ -643,3 +643,77 @@ def test_expected_score_is_the_probability_weighted_mean_over_score_tokens(smoke
     img = Image.new("RGB", (56, 56), (120, 90, 60))
     expected = ScoreReader(FakeRuntime()).expected(img, "Critique.", text)
     assert expected == {d: pytest.approx(0.5 * 7 + 0.5 * (1 * 0.75 + 10 * 0.25), abs=1e-3) for d in DIMENSIONS}
+
+
+# ------------------------------------------------------------------------------------------ learning
+@pytest.fixture(scope="session")
+def trainable_model_path(smoke_model_path, tmp_path_factory) -> Path:
+    return plain_random_model(smoke_model_path, tmp_path_factory.mktemp("trainable") / "smoke-plain")
+
+
+LEARN_REFERENCES = 60
+LEARN_STEPS = 160
+LEARN_SETTINGS = dict(learning_rate=1e-3, batch_size=4, rank=8, alpha=16.0, iters=LEARN_STEPS, eval_every=40, patience=3,
+                      variants=0, holdout_fraction=0.25)
+
+
+def test_lora_learns_an_advisors_visible_taste(tmp_path, trainable_model_path) -> None:
+    """A synthetic advisor scores lighting by brightness decile and colour harmony by saturation decile.
+    After `mondrian train`, the adapter's held-out MAE on those dimensions must be clearly lower than the
+    base model's, and lower than always answering the portfolio's mean (so it read the photos)."""
+    import mlx_vlm
+
+    from jobs.adapters import AdapterStore
+
+    cfg = _home(tmp_path, trainable_model_path, comment_max_chars=24, max_tokens=700)
+    scores = synthetic_advisor(cfg.home, "synth", n=LEARN_REFERENCES, comment="Ok.")
+    index_references(load_config(cfg.home, env={}), ["synth"])
+    _lora_table(cfg.home, **LEARN_SETTINGS)
+    started = time.time()
+    out = mondrian(cfg.home, trainable_model_path, "train", "--advisor", "synth", timeout=900)
+    seconds = time.time() - started
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "· training" in out.stderr and "step " in out.stderr and " left" in out.stderr, out.stderr
+    assert "synth/v0001 promoted" in out.stdout, out.stdout
+
+    version = AdapterStore(cfg.adapters_dir).current("synth")
+    assert version.name == "v0001"
+    ev = version.metrics["evaluation"]
+    cand, base = ev["candidate"], ev["baseline"]
+    assert base["label"] == "base" and cand["smoke_ok"] and cand["n"] >= 10
+    refs = version.manifest["references"]
+    assert len(refs) == len(scores) == LEARN_REFERENCES
+    held = set(version.manifest["held_out"])
+    lines = [f"learning test: {seconds:.0f} s for `mondrian train` ({version.metrics['training']['steps_run']} steps, "
+             f"{len(refs) - len(held)} references, {len(held)} held out)"]
+    checks = []
+    for dim in ("lighting", "color_harmony"):
+        mean = float(np.mean([r["scores"][dim] for r in refs if r["sha256"] not in held]))
+        mean_mae = float(np.mean([abs(p["target"][dim] - mean) for p in cand["photos"]]))
+        c, b = cand["per_dim"][dim], base["per_dim"][dim]
+        lines.append(f"  {dim:<14} held-out MAE: adapter {c['mae']:.2f}, base model {b['mae']:.2f}, always the "
+                     f"portfolio mean {mean_mae:.2f};  Spearman: adapter {c['spearman'] or 0:.2f}, "
+                     f"base {b['spearman'] or 0:.2f}")
+        checks.append((dim, c, b, mean_mae))
+    print("\n".join(lines))
+    for dim, c, b, mean_mae in checks:
+        assert c["mae"] < 0.7 * b["mae"], f"{dim}: not clearly better than the base model"
+        assert c["mae"] < 0.8 * mean_mae, f"{dim}: no better than answering the mean (did not read the photos)"
+        assert c["spearman"] is not None and c["spearman"] > 0.5, f"{dim}: scores do not follow the photos"
+
+    # mlx-vlm's own loader takes the promoted folder (through the `current` link) as --adapter-path.
+    model, processor = mlx_vlm.load(str(trainable_model_path), adapter_path=str(cfg.adapters_dir / "synth" / "current"))
+    assert any(k.endswith("lora_a") for k, _ in __import__("mlx.utils", fromlist=["x"]).tree_flatten(model.parameters()))
+    # And a photo in lora mode is analysed with it; the report names the version.
+    pic = tmp_path / "new.png"
+    from tests.lora_helpers import synthetic_photo
+
+    synthetic_photo(pic, 0.85, 0.2, seed=999)
+    out = mondrian(cfg.home, trainable_model_path, "analyze", str(pic), "--mode", "lora", "--advisor", "synth",
+                   "--json")
+    job = json.loads(out.stdout)
+    assert job["state"] == "done" and job["adapter"] == "synth/v0001" and job["effective_mode"] == "lora", out.stderr
+    rep = json.loads(Path(job["report_json"]).read_text())
+    assert rep["model"]["adapter"] == "synth/v0001" and rep["mode"]["fallbacks"] == []
+    info = json.loads(mondrian(cfg.home, trainable_model_path, "status", "--json").stdout)
+    assert info["training"]["state"] == "promoted" and info["training"]["version"] == "v0001"
