@@ -146,6 +146,15 @@ def measure(shapes: str, settings: dict[str, Any] | None = None) -> dict[str, An
         if shapes == "smoke":  # first-call overheads (allocator, lazy imports) belong to neither side
             ours(photos[0])
             _naive(rt, cfg, advisor, photos[0].image, rows)
+        else:  # page the 9 GB of weights in before timing: one tiny photo, one token, through both towers
+            import mlx_vlm
+            from PIL import Image
+
+            from daemon.critique import profile_schema
+
+            mlx_vlm.generate(rt.model, rt.processor, rt.format_prompt("Warm up."), image=[Image.new("RGB", (56, 56))],
+                             max_tokens=1, temperature=0.0, verbose=False,
+                             logits_processors=[rt.constraint.logits_processor(profile_schema())])
         ours_s = naive_s = 0.0
         match = reused = generated = passes = 0
         parts = {"encode_s": 0.0, "profile_s": 0.0, "critique_s": 0.0}

@@ -152,6 +152,7 @@ class Worker:
         self.strategies = build_strategies(cfg, ledger)
         self.current: Job | None = None
         self.busy = threading.Event()
+        self._smoke_cache: dict[tuple[str, int, int], bool] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
     def load_runtime(self) -> Any:
@@ -486,6 +487,19 @@ class Worker:
         shutil.rmtree(self.cfg.staging_dir / f"job-{job.id}", ignore_errors=True)
 
     # -- outbox index -------------------------------------------------------------------------
+    def _report_is_smoke(self, report_json: Path) -> bool:
+        """Whether that report came from the smoke model: its own record, not the model loaded now (a studio
+        that moves from the demo to the real model keeps the demo's reports marked)."""
+        try:
+            st = report_json.stat()
+            key = (str(report_json), st.st_mtime_ns, st.st_size)
+            if key not in self._smoke_cache:
+                model = json.loads(report_json.read_text()).get("model") or {}
+                self._smoke_cache[key] = bool(model.get("smoke"))
+            return self._smoke_cache[key]
+        except (OSError, ValueError, AttributeError):
+            return bool(self.runtime and self.runtime.is_smoke)  # unreadable: assume the present model
+
     def refresh_index(self) -> None:
         names = {a.id: a.name for a in load_advisors(self.cfg).values()}
         entries = []
@@ -496,8 +510,8 @@ class Worker:
                                       advisor_id=j.advisor, advisor_name=names.get(j.advisor, j.advisor),
                                       mode_requested=j.requested_mode or "", mode_effective=j.effective_mode or "",
                                       grade=j.grade if j.grade is not None else 0,
-                                      created_at=_now_iso(j.finished_at), smoke=bool(self.runtime and
-                                                                                     self.runtime.is_smoke)))
+                                      created_at=_now_iso(j.finished_at),
+                                      smoke=self._report_is_smoke(Path(j.report_json or ""))))
         try:
             write_index(self.cfg.outbox, entries)
         except OSError as exc:

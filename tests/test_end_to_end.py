@@ -4,6 +4,7 @@ the smoke Qwen2-VL model through mlx_vlm.load, real SQLite, reports checked agai
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import signal
 import time
@@ -107,12 +108,21 @@ def test_run_once_and_name_collisions(tmp_path, smoke_model_path):
     photo(home / "inbox" / "IMG_1.jpg", seed=1)
     out = mondrian(home, smoke_model_path, "run", "--once", timeout=180)
     assert out.returncode == 0, out.stderr
+    # As if the first report had come from the real model: the index marks each entry by its own report.
+    first_json = home / "outbox" / "IMG_1" / "report.json"
+    data = json.loads(first_json.read_text())
+    data["model"]["smoke"] = False
+    first_json.write_text(json.dumps(data))
     photo(home / "inbox" / "IMG_1.jpg", seed=2)  # another photo with a name already taken in the outbox
     out = mondrian(home, smoke_model_path, "run", "--once", timeout=180)
     assert out.returncode == 0, out.stderr
     first, second = _report(home / "outbox" / "IMG_1"), _report(home / "outbox" / "IMG_1-2")
     assert first["photo"]["sha256"] != second["photo"]["sha256"]
     assert (home / "outbox" / "IMG_1-2" / "IMG_1.jpg").exists()
+    cards = {m.group(1): m.group(0) for m in re.finditer(r'<li class="card" data-folder="([^"]+)"[^>]*>',
+                                                         (home / "outbox" / "index.html").read_text())}
+    assert set(cards) == {"IMG_1", "IMG_1-2"}
+    assert 'data-smoke="true"' in cards["IMG_1-2"] and "data-smoke" not in cards["IMG_1"]
 
 
 def test_killed_mid_job_is_finished_once_after_restart(tmp_path, smoke_model_path):
