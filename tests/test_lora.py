@@ -433,6 +433,33 @@ def test_fallback_chain_lora_rag_baseline_with_reasons(tmp_path, smoke_model_pat
     assert strategy.name == "rag" and "v0003 could not be loaded" in steps[0]["reason"]
 
 
+def test_every_mode_honours_stop_and_the_per_photo_time_limit(tmp_path, smoke_model_path, smoke_runtime,
+                                                            base) -> None:
+    """A stop request or a passed deadline ends baseline, rag and lora analyses alike (issue 3's promises hold
+    for every mode), and the runtime is left on the base model."""
+    from daemon.advisors import get_advisor
+    from daemon.images import load_photo
+    from daemon.limits import AnalysisCancelled, AnalysisTimedOut
+    from daemon.strategies import AnalysisContext, build_strategies
+
+    cfg = _home(tmp_path, smoke_model_path)
+    synthetic_advisor(cfg.home, "ansel", n=3)
+    ledger = index_references(cfg, ["ansel"])
+    install_version(cfg, "ansel", random_adapter(tmp_path / "src", base[0], seed=40), model_path=smoke_model_path)
+    strategies = build_strategies(cfg, ledger)
+    ansel = get_advisor(cfg, "ansel")
+    pic = load_photo(photo(tmp_path / "p.png", seed=5), cfg.max_pixels)
+    stop = threading.Event()
+    stop.set()
+    for mode in ("baseline", "rag", "lora"):
+        assert strategies[mode].is_available(ansel).ok, mode
+        for limits, error in (({"cancel": stop}, AnalysisCancelled), ({"deadline": time.monotonic()}, AnalysisTimedOut)):
+            with pytest.raises(error):
+                strategies[mode].analyse(AnalysisContext(runtime=smoke_runtime, cfg=cfg, advisor=ansel, photo=pic,
+                                                         **limits))
+            assert smoke_runtime.adapters.active is None, mode
+
+
 # ------------------------------------------------------------------------------------------- nightly
 def _nightly_home(tmp_path: Path, train_time: str):
     """Advisors in every state the nightly check distinguishes, with indexed curator references."""

@@ -77,7 +77,7 @@ class LoraStrategy(Strategy):
         try:
             gen = ctx.runtime.generate_json(ctx.photo.image, critique_prompt(ctx.advisor),
                                             critique_schema(ctx.cfg.comment_max_chars),
-                                            max_tokens=ctx.cfg.max_tokens, adapter=folder)
+                                            max_tokens=ctx.cfg.max_tokens, adapter=folder, **ctx.limits())
         except AdapterError as exc:
             self._broken[str(folder)] = str(exc)
             log.error("adapter %s cannot be used: %s", version.label, exc)
