@@ -79,6 +79,25 @@ def test_critique_is_schema_valid_and_deterministic(runtime: ModelRuntime) -> No
     assert second.text == first.text
 
 
+def test_generation_is_exactly_mlx_vlms_own_constrained_generate(runtime: ModelRuntime) -> None:
+    """generate_json encodes the photo once and fast-forwards schema-forced tokens (daemon/model/reuse.py);
+    the text must still be, token for token, what mlx-vlm's `generate` writes under the same constraint."""
+    import mlx_vlm
+
+    schema = critique_schema(40)
+    for photo, system in ((_photo(), "You are a photography advisor."), (_photo((320, 200)), None)):
+        ours = runtime.generate_json(photo, "Critique this photograph.", schema, max_tokens=1400, system=system)
+        theirs = mlx_vlm.generate(runtime.model, runtime.processor,
+                                  runtime.format_prompt("Critique this photograph.", system=system),
+                                  image=[photo.convert("RGB")], max_tokens=1400, temperature=0.0, verbose=False,
+                                  logits_processors=[runtime.constraint.logits_processor(schema)])
+        ids = [int(t) for t in theirs.token_ids]
+        while ids and ids[-1] == runtime.tokenizer.eos_token_id:
+            ids.pop()
+        assert ours.text == runtime.tokenizer.decode(ids, skip_special_tokens=False)
+        assert ours.generated_tokens == len(ids)
+
+
 def test_profile_is_schema_valid(runtime: ModelRuntime) -> None:
     out = runtime.generate_json(_photo(), "Score this photograph.", profile_schema(), max_tokens=200)
     jsonschema.validate(out.data, profile_schema())

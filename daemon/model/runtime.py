@@ -251,16 +251,20 @@ class ModelRuntime:
 
         `adapter` is a LoRA adapter folder (e.g. `adapters/<advisor>/<version>`); None is the base model.
         `encoded` (from `encode(image)`) reuses that photo's vision features and the KV cache of the prompt
-        prefix shared with its previous call; `image` is then ignored.
+        prefix shared with its previous call; `image` is then ignored. Without it the photo is encoded here.
         """
         from mlx_vlm.generate import stream_generate
 
         check_limits(cancel, deadline)
-        if encoded is not None and encoded.features is not None:
+        if encoded is None:
+            # Every call takes the encode-once path where the model supports it (reuse.py): the same greedy
+            # text, but schema-forced tokens cost no decode step of their own and the vocabulary projection
+            # covers only the last position, so a single-pass critique is also several times faster.
+            encoded = self.encode(image)
+        if encoded.features is not None:
             return self._generate_encoded(encoded, prompt, schema, max_tokens=max_tokens, system=system,
                                           adapter=adapter, cancel=cancel, deadline=deadline)
-        if encoded is not None:
-            image = encoded.image
+        image = encoded.image
         if image.mode != "RGB":
             image = image.convert("RGB")
         text_prompt = self.format_prompt(prompt, system=system)
