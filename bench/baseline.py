@@ -1,0 +1,88 @@
+"""`baseline`: one single-pass critique through Mondrian's runtime against mlx-vlm's own `generate`.
+
+- ours:  `ModelRuntime.generate_json`: the photo is encoded once, prefill and decode project only the last
+         position onto the vocabulary, and tokens forced by the JSON schema are fast-forwarded
+         (daemon/model/reuse.py). This is what the baseline and lora modes run.
+- naive: `mlx_vlm.generate` with the same schema constraint, one token per forward pass.
+Both decode greedily, so they must write the same text (`outputs_match`).
+
+Figures (`smoke.` / `real.` prefixes, then `baseline_time_ratio` for the size asked): photos, ours_s,
+naive_s, baseline_time_ratio = ours_s / naive_s, outputs_match, generated_tokens.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from . import emit, note, real_shapes_lock, var_dir
+from .rag import SETTINGS, _photos
+
+PROMPT = "Critique this photograph as Ansel Adams would."
+
+
+def _naive(rt: Any, image: Any, schema: dict, max_tokens: int) -> str:
+    import mlx_vlm
+
+    res = mlx_vlm.generate(rt.model, rt.processor, rt.format_prompt(PROMPT), image=[image], max_tokens=max_tokens,
+                           temperature=0.0, verbose=False, logits_processors=[rt.constraint.logits_processor(schema)])
+    ids = [int(t) for t in (res.token_ids or [])]
+    while ids and ids[-1] == rt.tokenizer.eos_token_id:
+        ids.pop()
+    return rt.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def measure(shapes: str) -> dict[str, Any]:
+    from daemon.critique import critique_schema
+    from daemon.model.runtime import ModelRuntime
+    from daemon.model.smoke import ensure_smoke_model
+
+    settings = SETTINGS[shapes]
+    prefix = f"{shapes}."
+    figures: dict[str, Any] = {}
+
+    def put(key: str, value: Any) -> None:
+        figures[prefix + key] = emit(prefix + key, value)
+
+    model_path = ensure_smoke_model(var_dir(), shapes=shapes)
+    rt = ModelRuntime.load(str(model_path), var_dir=var_dir(), max_pixels=settings["max_pixels"])
+    schema = critique_schema(settings["comment_max_chars"])
+    photos = _photos(settings["photos"], (640, 480))
+    warm = photos[0].resize((56, 56))  # first-call overheads (allocator, lazy imports) belong to neither side
+    rt.generate_json(warm, PROMPT, schema, max_tokens=settings["max_tokens"])
+    _naive(rt, warm, schema, settings["max_tokens"])
+    ours_s = naive_s = 0.0
+    match = generated = 0
+    for i, image in enumerate(photos):
+        order = ("ours", "naive") if i % 2 == 0 else ("naive", "ours")  # no side always goes first
+        texts: dict[str, str] = {}
+        for side in order:
+            t = time.perf_counter()
+            if side == "ours":
+                gen = rt.generate_json(image, PROMPT, schema, max_tokens=settings["max_tokens"])
+                texts[side] = gen.text
+                generated += gen.generated_tokens
+                ours_s += time.perf_counter() - t
+            else:
+                texts[side] = _naive(rt, image, schema, settings["max_tokens"])
+                naive_s += time.perf_counter() - t
+        match += texts["ours"] == texts["naive"]
+        note(f"{shapes} photo {i + 1}/{len(photos)}: ours {ours_s:.1f} s, naive {naive_s:.1f} s so far")
+    put("loadavg_1m", round(os.getloadavg()[0], 2))
+    put("photos", len(photos))
+    put("ours_s", round(ours_s, 3))
+    put("naive_s", round(naive_s, 3))
+    put("baseline_time_ratio", round(ours_s / naive_s, 3))
+    put("outputs_match", f"{match}/{len(photos)}")
+    put("generated_tokens", generated)
+    return figures
+
+
+def run(size: str) -> dict[str, Any]:
+    figures = measure("smoke")
+    if size == "real":
+        with real_shapes_lock():
+            figures.update(measure("real"))
+    figures["baseline_time_ratio"] = emit("baseline_time_ratio", figures[f"{size}.baseline_time_ratio"])
+    return figures
