@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 SIZES = ("smoke", "real")
 REAL_SHAPES_LOCK = Path(os.environ.get("MONDRIAN_REAL_SHAPES_LOCK", "/tmp/mondrian-real-shapes.lock"))
@@ -76,3 +76,15 @@ def var_dir() -> Path:
     from daemon.config import PROJECT_ROOT
 
     return Path(os.environ.get("MONDRIAN_BENCH_VAR") or PROJECT_ROOT / "var").resolve()
+
+
+def by_size(size: str, measure: Callable[[str], dict[str, Any]], *headlines: str) -> dict[str, Any]:
+    """Measure the smoke model, and for `size` "real" the real shapes too (holding the lock); then repeat the
+    `headlines` figures of the size asked without prefix, as the issues name them."""
+    figures = measure("smoke")
+    if size == "real":
+        with real_shapes_lock():
+            figures.update(measure("real"))
+    for key in headlines:
+        figures[key] = emit(key, figures[f"{size}.{key}"])
+    return figures

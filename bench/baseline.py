@@ -16,7 +16,7 @@ import os
 import time
 from typing import Any
 
-from . import emit, note, real_shapes_lock, var_dir
+from . import by_size, emit, note, var_dir
 from .rag import SETTINGS, _photos
 
 PROMPT = "Critique this photograph as Ansel Adams would."
@@ -80,9 +80,4 @@ def measure(shapes: str) -> dict[str, Any]:
 
 
 def run(size: str) -> dict[str, Any]:
-    figures = measure("smoke")
-    if size == "real":
-        with real_shapes_lock():
-            figures.update(measure("real"))
-    figures["baseline_time_ratio"] = emit("baseline_time_ratio", figures[f"{size}.baseline_time_ratio"])
-    return figures
+    return by_size(size, measure, "baseline_time_ratio")

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import emit, note, real_shapes_lock, var_dir
+from . import by_size, emit, note, var_dir
 
 ADVISORS = 4
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -175,10 +175,4 @@ def _lora_params(model: Any) -> list[tuple[str, Any]]:
 
 
 def run(size: str) -> dict[str, Any]:
-    figures = measure("smoke")
-    if size == "real":
-        with real_shapes_lock():
-            figures.update(measure("real"))
-    for key in ("adapter_swap_ms", "mem_per_advisor_mb", "naive_mem_per_advisor_mb"):
-        figures[key] = emit(key, figures[f"{size}.{key}"])
-    return figures
+    return by_size(size, measure, "adapter_swap_ms", "mem_per_advisor_mb", "naive_mem_per_advisor_mb")

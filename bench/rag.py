@@ -26,7 +26,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import emit, note, real_shapes_lock, var_dir
+from . import by_size, emit, note, var_dir
 
 # Per model: photos analysed, image cap, comment bound. Real shapes stay short so the run takes minutes.
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -195,9 +195,4 @@ def measure(shapes: str, settings: dict[str, Any] | None = None) -> dict[str, An
 
 
 def run(size: str) -> dict[str, Any]:
-    figures = measure("smoke")
-    if size == "real":
-        with real_shapes_lock():
-            figures.update(measure("real"))
-    figures["rag_time_ratio"] = emit("rag_time_ratio", figures[f"{size}.rag_time_ratio"])
-    return figures
+    return by_size(size, measure, "rag_time_ratio")
