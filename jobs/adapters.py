@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from daemon.report import _fsync_dir, atomic_write_text
+from daemon.report import atomic_write_text, fsync_dir
 
 # The same names as daemon.model.adapters (kept literal here so listing adapters never imports MLX).
 CONFIG_NAME = "adapter_config.json"
@@ -51,10 +51,6 @@ class AdapterStoreError(RuntimeError):
 
 class Busy(AdapterStoreError):
     """Another process is training or promoting this advisor's adapter."""
-
-
-def fsync_dir(path: Path) -> None:
-    _fsync_dir(Path(path))
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

@@ -259,7 +259,7 @@ class ModelRuntime:
         if encoded is None:
             # Every call takes the encode-once path where the model supports it (reuse.py): the same greedy
             # text, but schema-forced tokens cost no decode step of their own and the vocabulary projection
-            # covers only the last position, so a single-pass critique is also several times faster.
+            # covers only the last position (about half the time at real shapes: `python -m bench baseline`).
             encoded = self.encode(image)
         if encoded.features is not None:
             return self._generate_encoded(encoded, prompt, schema, max_tokens=max_tokens, system=system,
