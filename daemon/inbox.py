@@ -5,21 +5,32 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 from .config import MODES
+from .files import read_regular_file
 
 SIDECAR_SUFFIX = ".mode"
 SIDECAR_MAX_BYTES = 64
+SIDECAR_READ_SECONDS = 30.0
 # Names that mean "still being written" or "not a photo at all" (Finder, Office, browsers, rsync).
 _TEMP_SUFFIXES = (".part", ".crdownload", ".download", ".tmp", ".partial", ".opdownload", SIDECAR_SUFFIX)
 _TEMP_PREFIXES = (".", "~$", "._")
 
 
+def _is_folder(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def is_ignored(path: Path, inbox: Path) -> bool:
-    """True for hidden/temporary names anywhere under the inbox, and for sidecars (they ride along)."""
+    """True for hidden/temporary names anywhere under the inbox, and for sidecars (they ride along). A folder
+    named like a sidecar (`x.mode/`) is not one: its photos are ordinary photos."""
     try:
         parts = path.relative_to(inbox).parts
     except ValueError:
@@ -30,7 +41,7 @@ def is_ignored(path: Path, inbox: Path) -> bool:
         low = part.lower()
         if part.startswith(_TEMP_PREFIXES) or low.endswith(_TEMP_SUFFIXES[:-1]):
             return True  # a hidden or in-progress folder hides everything inside it (Safari's .download)
-    return parts[-1].lower().endswith(SIDECAR_SUFFIX)
+    return parts[-1].lower().endswith(SIDECAR_SUFFIX) and not _is_folder(path)
 
 
 @dataclass(frozen=True)
@@ -53,14 +64,15 @@ class SidecarError(ValueError):
 
 
 def sidecar_for(photo: Path) -> Path | None:
-    """`IMG_1.jpg` -> `IMG_1.mode` (any case of the suffix), if present."""
+    """`IMG_1.jpg` -> `IMG_1.mode` (any case of the suffix), if present. Never a folder: `IMG_1.mode/` holds
+    photos of its own, and must not ride along with IMG_1.jpg (read_sidecar refuses any other non-file)."""
     want = photo.stem + SIDECAR_SUFFIX
     exact = photo.with_name(want)
-    if os.path.lexists(exact):
+    if os.path.lexists(exact) and not _is_folder(exact):
         return exact
     try:
         for entry in os.scandir(photo.parent):
-            if entry.name.lower() == want.lower():
+            if entry.name.lower() == want.lower() and not entry.is_dir(follow_symlinks=False):
                 return photo.parent / entry.name
     except OSError:
         pass
@@ -77,7 +89,11 @@ def read_sidecar(sidecar: Path) -> str:
     if size > SIDECAR_MAX_BYTES:
         raise SidecarError(f"the sidecar {name} is {size} bytes, too large for a mode; it must hold only one "
                            f"of: {allowed}")
-    raw = sidecar.read_bytes()
+    try:
+        raw = read_regular_file(sidecar, max_bytes=SIDECAR_MAX_BYTES, timeout_s=SIDECAR_READ_SECONDS)
+    except OSError as exc:  # swapped for a pipe or a huge file since the checks above, or unreadable
+        raise SidecarError(f"the sidecar {name} could not be read ({exc}); it must be a small text file holding "
+                           f"one of: {allowed}") from exc
     try:
         text = raw.decode("utf-8-sig").strip().lower()
     except UnicodeDecodeError as exc:
@@ -91,21 +107,47 @@ def read_sidecar(sidecar: Path) -> str:
 
 
 _UNSAFE = re.compile(r"[\x00-\x1f\x7f/\\:]+")
+NAME_MAX_BYTES = 255  # one path component (ext4, APFS, most others)
+STEM_MAX_BYTES = 120
+# Records written beside a name reserved in failed/ or duplicates/ (`x.jpg.error.json`): that name is free only
+# if its records are too (else a photo named `x.jpg.error.json` and x.jpg's own record would overwrite each
+# other), and it must leave room for them within NAME_MAX_BYTES.
+RECORD_SUFFIXES = (".error.json", ".duplicate.json")
+# The outbox's own entries, which no report folder may take (compared without case, as on macOS).
+OUTBOX_RESERVED = frozenset({"duplicates", "failed", "index.html", ".staging"})
+
+
+def truncate_utf8(text: str, max_bytes: int) -> str:
+    """The longest start of `text` that fits in `max_bytes` of UTF-8, never cutting a character in half."""
+    return text.encode("utf-8", "surrogateescape")[:max(0, max_bytes)].decode("utf-8", "ignore")
 
 
 def safe_stem(name: str) -> str:
     """A folder name that is safe everywhere (no control characters, no leading dots), still recognisable."""
     stem = unicodedata.normalize("NFC", Path(name).stem)
     stem = _UNSAFE.sub("_", stem).strip(" .") or "photo"
-    return stem[:120]
+    return truncate_utf8(stem, STEM_MAX_BYTES).rstrip(" .") or "photo"
 
 
-def unique_path(parent: Path, stem: str, suffix: str = "", taken: set[str] = frozenset()) -> Path:
-    """parent/stem+suffix, or stem-2, stem-3, ... : never an existing or reserved name."""
+def _fitted(stem: str, tail: str, room: int) -> str:
+    """stem + tail in at most `room` bytes: the stem is shortened first; an absurdly long suffix loses its end."""
+    stem_room = room - len(tail.encode("utf-8", "surrogateescape"))
+    if stem_room < min(len(stem.encode("utf-8", "surrogateescape")), 16):
+        stem_room = min(len(stem.encode("utf-8", "surrogateescape")), room // 2)
+        tail = truncate_utf8(tail, room - stem_room)
+    return truncate_utf8(stem, stem_room) + tail
+
+
+def unique_path(parent: Path, stem: str, suffix: str = "", taken: set[str] = frozenset(), *,
+                reserved: frozenset[str] = frozenset(), companions: tuple[str, ...] = ()) -> Path:
+    """parent/stem+suffix, or stem-2, stem-3, ... : never an existing, taken or `reserved` name, nor one whose
+    `companions` (records written beside it, `name` + each) exist; short enough that those records fit too."""
+    room = NAME_MAX_BYTES - max((len(c.encode()) for c in companions), default=0)
     n = 1
     while True:
-        name = f"{stem}{suffix}" if n == 1 else f"{stem}-{n}{suffix}"
+        name = _fitted(stem, suffix if n == 1 else f"-{n}{suffix}", room)
         candidate = parent / name
-        if not os.path.lexists(candidate) and str(candidate) not in taken:
+        if (name.lower() not in reserved and str(candidate) not in taken
+                and not any(os.path.lexists(f"{candidate}{c}") for c in ("", *companions))):
             return candidate
         n += 1

@@ -191,20 +191,46 @@ class Ledger:
 
     # -- intake -------------------------------------------------------------------------------
     def enqueue(self, source_path: Path, rel_path: str, advisor: str, advisor_source: str,
-                size: int | None, mtime: float | None) -> Job | None:
-        """Queue a photo unless the same path already has a job waiting or running."""
+                size: int | None, mtime: float | None, ctime: float | None = None) -> Job | None:
+        """Queue a photo unless the same path already has a job waiting or running, or it is a failed photo
+        that never left the inbox (`failed_in_place`)."""
         with self.db.atomic("IMMEDIATE"):
             active = Job.select().where((Job.source_path == str(source_path)) & (Job.state.in_(ACTIVE)))
             if active.exists():
                 return None
-            # A failed photo whose original could not be moved out (outbox not writable) is still the same
-            # file: queueing it again on every rescan would fail it again and again. A changed file is new.
-            stuck = Job.select().where((Job.source_path == str(source_path)) & (Job.state == FAILED) &
-                                       (Job.size == size) & (Job.mtime == mtime))
-            if size is not None and stuck.exists():
+            if self.failed_in_place(source_path, size, mtime, ctime) is not None:
                 return None
             return Job.create(source_path=str(source_path), rel_path=rel_path, advisor=advisor,
                               advisor_source=advisor_source, size=size, mtime=mtime, enqueued_at=time.time())
+
+    def failed_in_place(self, source_path: Path, size: int | None, mtime: float | None,
+                        ctime: float | None) -> Job | None:
+        """The failed job of this very file if it never left the inbox (its original could not be moved out,
+        e.g. an outbox that is not writable): queueing it on every rescan would fail it again and again.
+
+        A file the user puts back after its failure (`mv` or `cp -p` from failed/, as the error record tells
+        them, keeping size and mtime) is new work: putting it there changed its ctime after the failure (the
+        kernel sets ctime; no copy tool can keep it), while a file that never left keeps its older ctime even
+        where a copy of it did reach failed/. A changed file is new work too."""
+        if size is None:
+            return None
+        q = (Job.select().where((Job.source_path == str(source_path)) & (Job.state == FAILED) &
+                                (Job.size == size) & (Job.mtime == mtime)).order_by(Job.id.desc()))
+        for job in q:
+            if ctime is None or job.finished_at is None or ctime <= job.finished_at:
+                return job
+        return None
+
+    def record_unreachable(self, source_path: Path, rel_path: str, advisor: str, reason: str) -> Job:
+        """A failure for a path Mondrian cannot even look at (longer than the system allows): it stays where it
+        is, and `status` lists it with the reason. Recorded once per path: returns the earlier job if any."""
+        with self.db.atomic("IMMEDIATE"):
+            earlier = Job.select().where(Job.source_path == str(source_path)).order_by(Job.id.desc()).first()
+            if earlier is not None:
+                return earlier
+            now = time.time()
+            return Job.create(source_path=str(source_path), rel_path=rel_path, advisor=advisor, state=FAILED,
+                              error=reason, error_kind="permanent", enqueued_at=now, finished_at=now)
 
     def is_active(self, source_path: Path) -> bool:
         return Job.select().where((Job.source_path == str(source_path)) & (Job.state.in_(ACTIVE))).exists()
@@ -295,6 +321,12 @@ class Ledger:
         if undo_attempt:
             upd[Job.attempts] = fn.MAX(Job.attempts - 1, 0)
         Job.update(upd).where((Job.id == job_id) & (Job.state == RUNNING)).execute()
+
+    def requeue_changed(self, job_id: int, size: int, mtime: float, delay_s: float) -> None:
+        """The file changed after it was queued: remember how it is now and look again after `delay_s`,
+        without blame (the attempt is given back)."""
+        Job.update(state=QUEUED, worker=None, size=size, mtime=mtime, not_before=time.time() + delay_s,
+                   attempts=fn.MAX(Job.attempts - 1, 0)).where((Job.id == job_id) & (Job.state == RUNNING)).execute()
 
     def mark_gone(self, job_id: int, reason: str) -> None:
         Job.update(state=GONE, error=reason, finished_at=time.time()).where(Job.id == job_id).execute()

@@ -25,6 +25,7 @@ import io
 import json
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ from typing import Any, Callable, Iterable
 from .advisors import Advisor, load_advisors, references_dir
 from .config import Config
 from .critique import DIMENSIONS, SCORE_MAX, SCORE_MIN, profile_schema
+from .files import kind_of, read_regular_file
 from .ledger import Ledger, Reference
 from .limits import AnalysisInterrupted
 
@@ -42,6 +44,8 @@ log = logging.getLogger("mondrian.references")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".heic", ".heif", ".gif", ".bmp")
 SIDECAR_SUFFIX = ".json"
 SIDECAR_MAX_BYTES = 256 * 1024
+SIDECAR_READ_SECONDS = 30.0
+SETTLE_ROUNDS = 3  # `references index`: how many quiet times to wait for files still being written
 COMMENT_MAX_CHARS = 2000
 PROFILE_MAX_TOKENS = 256  # pass 1 is 8 integers; the schema forces everything else
 THUMB_PX = 240
@@ -135,7 +139,8 @@ def read_sidecar(path: Path) -> tuple[dict[str, int], dict[str, str] | None]:
         size = path.stat().st_size
         if size > SIDECAR_MAX_BYTES:
             raise SidecarInvalid(f"{path.name} is {size} bytes; a reference sidecar holds only scores and comments")
-        data = json.loads(path.read_bytes().decode("utf-8-sig"))
+        data = json.loads(read_regular_file(path, max_bytes=SIDECAR_MAX_BYTES,
+                                            timeout_s=SIDECAR_READ_SECONDS).decode("utf-8-sig"))
     except SidecarInvalid:
         raise
     except (OSError, UnicodeDecodeError, ValueError) as exc:
@@ -217,12 +222,17 @@ def sidecar_path(photo: Path) -> Path | None:
     return None
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def _sha256(path: Path, timeout_s: float | None = None) -> str:
+    return hashlib.sha256(read_regular_file(path, timeout_s=timeout_s)).hexdigest()
+
+
+def _not_a_regular_file(path: Path) -> str | None:
+    """Why `path` (links followed) cannot be a reference, or None if it is a regular file (or has vanished)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # vanished, or a dangling link: _key says so
+    return None if stat.S_ISREG(mode) else f"this is {kind_of(mode)}, not a photo file; put the photo itself there"
 
 
 @dataclass
@@ -307,18 +317,24 @@ class ReferenceIndexer:
             sst = sidecar.stat() if sidecar is not None else None
         except OSError:
             return None
-        return (st.st_size, st.st_mtime_ns, sst.st_size if sst else None, sst.st_mtime_ns if sst else None)
+        # (size, mtime) of the photo and of its sidecar first (the hash cache compares key[:2]), then the ctimes,
+        # which any change moves, even a copy that sets the mtime back.
+        return (st.st_size, st.st_mtime_ns, sst.st_size if sst else None, sst.st_mtime_ns if sst else None,
+                st.st_ctime_ns, sst.st_ctime_ns if sst else None)
 
     def _settled(self, photo: Path, key: tuple, now: float) -> bool:
-        """Still for `quiet_seconds`: by its mtime, and by what we saw of it (a copy keeping its mtime)."""
+        """Unchanged for `quiet_seconds`, by what we saw of it. At first sight an mtime well in the past counts
+        as that long still (a curator's existing portfolio is indexed at once); an mtime in the future (a camera
+        with a wrong clock, `cp -p`, unzip) says nothing, so the file must then stay the same between two looks.
+        It must never keep a file waiting forever."""
         age = now - max(key[1], key[3] or 0) / 1e9
         mono = time.monotonic()
         seen = self._seen.get(photo)
-        if seen is None:  # first sight: its mtime says how long it has been still
+        if seen is None:
             seen = self._seen[photo] = _Seen(key, mono - max(0.0, age))
         elif seen.key != key:  # it changed while we watched: wait for it to be still
             seen = self._seen[photo] = _Seen(key, mono)
-        return age >= self.cfg.quiet_seconds and mono - seen.since >= self.cfg.quiet_seconds
+        return mono - seen.since >= self.cfg.quiet_seconds
 
     def plan(self, advisors: Iterable[str] | None = None, *, model_id: str | None = None) -> Plan:
         """What indexing would do now. With `model_id`, rows derived by another model count as stale."""
@@ -331,6 +347,10 @@ class ReferenceIndexer:
             keep: set[str] = set()
             listed = reference_files(folder)
             for photo in listed:
+                problem = _not_a_regular_file(photo)
+                if problem:
+                    plan.errors.append((advisor_id, photo, problem))  # a pipe would block the reading thread
+                    continue
                 sidecar = sidecar_path(photo)
                 key = self._key(photo, sidecar)
                 if key is None:
@@ -347,7 +367,8 @@ class ReferenceIndexer:
                     continue
                 try:
                     cached = self._hashes.get(photo)
-                    sha = cached[1] if cached and cached[0][:2] == key[:2] else _sha256(photo)
+                    sha = cached[1] if cached and cached[0][:2] == key[:2] else _sha256(
+                        photo, self.cfg.job_timeout_seconds)
                     self._hashes[photo] = (key, sha)
                     parsed = read_sidecar(sidecar) if sidecar is not None else None
                 except SidecarInvalid as exc:
@@ -436,7 +457,7 @@ class ReferenceIndexer:
                     embedding, model_id = donor.embedding, current
             computed = scores is None or (need_embedding and embedding is None)
             if computed:
-                photo = load_photo(work.path, self.cfg.max_pixels)
+                photo = load_photo(work.path, self.cfg.max_pixels, timeout_s=self.cfg.job_timeout_seconds)
                 rt = self.runtime()
                 encoded = rt.encode(photo.image)
                 if scores is None:
@@ -470,6 +491,11 @@ class ReferenceIndexer:
         """Bring the index up to date now (for `mondrian references index`)."""
         advisors = list(advisors) if advisors is not None else None
         plan = self.plan(advisors, model_id=self.model_id)
+        for _ in range(SETTLE_ROUNDS):  # one command, one result: look again rather than say "try later"
+            if not plan.waiting:
+                break
+            time.sleep(self.cfg.quiet_seconds)
+            plan = self.plan(advisors, model_id=self.model_id)
         if self._runtime is None and self.runtime_provider is not None and \
                 (plan.needs_model or plan.model_rows or (self.cfg.embeddings_enabled and plan.index)):
             self.runtime()  # rows depend on the model: compare them with the one configured now

@@ -91,10 +91,20 @@ def validate_report(report: dict) -> None:
 # ------------------------------------------------------------------------------------------ atomic writes
 
 
+TEMP_NAME_HINT_BYTES = 48
+
+
+def temp_name(name: str, ending: str) -> str:
+    """`.<start of name>.<ending>`: a hidden temporary name that fits in a path component whatever the length of
+    `name` (a 250-byte final name must still get a record), and still shows what it is for."""
+    hint = name.encode("utf-8", "surrogateescape")[:TEMP_NAME_HINT_BYTES].decode("utf-8", "ignore") or "x"
+    return f".{hint}.{ending}"
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Readers see the old file or the new one, never a torn one, even after a crash."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    tmp = path.with_name(temp_name(path.name, f"{os.getpid()}.{secrets.token_hex(4)}.tmp"))
     # os.open with 0o666 lets the kernel apply the umask, as a plain open() would; mkstemp would force 0600
     # and reading the umask via os.umask() is racy across threads.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)

@@ -69,7 +69,9 @@ class Daemon:
         self._advisors = set(load_advisors(cfg))
         from .watcher import InboxWatcher
 
-        self.watcher = InboxWatcher(cfg.inbox, self._enqueue, cfg.quiet_seconds, is_known=self.ledger.is_active)
+        self.watcher = InboxWatcher(cfg.inbox, self._enqueue, cfg.quiet_seconds, is_known=self.ledger.is_active,
+                                    on_unreachable=self._unreachable)
+        self._skipped: dict[Path, tuple[int, float, float]] = {}  # said once in the log, per path and version
         from .references import ReferenceWatcher
 
         self.references = ReferenceWatcher(cfg, self.ledger)  # advisors/*/references, indexed between jobs
@@ -83,10 +85,24 @@ class Daemon:
         except OSError:
             return
         job = self.ledger.enqueue(path, intake.rel_path, intake.advisor, intake.advisor_source,
-                                  st.st_size, st.st_mtime)
+                                  st.st_size, st.st_mtime, st.st_ctime)
         if job is not None:
+            self._skipped.pop(path, None)
             log.info("queued %s for %s (job %d)", intake.rel_path, intake.advisor, job.id)
             self.wake.set()
+            return
+        failed = self.ledger.failed_in_place(path, st.st_size, st.st_mtime, st.st_ctime)
+        version = (st.st_size, st.st_mtime, st.st_ctime)
+        if failed is not None and self._skipped.get(path) != version:
+            self._skipped[path] = version  # every rescan finds it again: say it once, not every few seconds
+            log.warning("left in the inbox: %s failed (job %d: %s) and has not changed since; it is not queued "
+                        "again. Fix it and drop it in again, or run `mondrian retry --failed`",
+                        intake.rel_path, failed.id, failed.error)
+
+    def _unreachable(self, path: Path, reason: str) -> None:
+        intake = classify(path, self.cfg.inbox, self._advisors, self.cfg.default_advisor)
+        job = self.ledger.record_unreachable(path, intake.rel_path, intake.advisor, reason)
+        log.warning("failed: %s: %s (job %d; left where it is)", intake.rel_path, reason, job.id)
 
     # -- the MLX thread -----------------------------------------------------------------------
     def _work(self) -> None:

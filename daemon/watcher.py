@@ -8,8 +8,10 @@ size and mtime have stayed the same for the quiet time. A full rescan at start-u
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -46,9 +48,19 @@ def _inject_fault(event: FileSystemEvent) -> None:
 
 @dataclass
 class _Candidate:
-    size: int
-    mtime: float
-    since: float  # when size/mtime last changed
+    key: tuple[int, int, int]  # size, mtime, ctime: any change to the file changes one of them
+    since: float  # monotonic time the key last changed; never compared with mtime, which may be far off
+
+
+def _key(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _path_max(folder: Path) -> int:
+    try:
+        return os.pathconf(folder, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return 4096
 
 
 class _Hints(FileSystemEventHandler):
@@ -79,9 +91,13 @@ class _Hints(FileSystemEventHandler):
 
 class InboxWatcher:
     def __init__(self, inbox: Path, on_stable: Callable[[Path], None], quiet_seconds: float,
-                 is_known: Callable[[Path], bool] = lambda p: False):
+                 is_known: Callable[[Path], bool] = lambda p: False,
+                 on_unreachable: Callable[[Path, str], None] = lambda p, why: None):
         self.inbox = inbox
         self.on_stable = on_stable
+        self.on_unreachable = on_unreachable  # called from poll(), with a reason a person can act on
+        self._unreachable: dict[Path, str] = {}  # found by any thread, handed on by poll()
+        self._told: set[Path] = set()  # unreachable or unreadable paths already handed on or logged
         self.quiet = quiet_seconds
         self.is_known = is_known  # already queued/running: no need to watch it settle
         self._lock = threading.Lock()
@@ -163,16 +179,40 @@ class InboxWatcher:
             return
         try:
             st = os.lstat(path)
-        except OSError:
+        except OSError as exc:
+            if exc.errno == errno.ENAMETOOLONG:
+                self._too_long(path, folder=False)
             with self._lock:
                 self._pending.pop(path, None)  # deleted right after creation: nothing to do
             return
-        if not (os.path.isfile(path) or os.path.islink(path)):
-            return
+        if stat.S_ISDIR(st.st_mode):
+            return  # folders are walked; pipes, devices and sockets are queued and fail with a reason
+        key = _key(st)
         with self._lock:
             cand = self._pending.get(path)
-            if cand is None or (cand.size, cand.mtime) != (st.st_size, st.st_mtime):
-                self._pending[path] = _Candidate(st.st_size, st.st_mtime, time.monotonic())
+            if cand is None or cand.key != key:
+                self._pending[path] = _Candidate(key, time.monotonic())
+
+    def _too_long(self, path: Path, folder: bool) -> None:
+        """A path longer than the system allows cannot be opened, moved or even looked at: it stays where it is,
+        and gets a failure (status lists it) instead of being skipped in silence."""
+        length, limit = len(os.fsencode(path)), _path_max(self.inbox)
+        what = "folder is nested so deeply" if folder else "file is nested so deeply"
+        where = "look inside it" if folder else "read or move it"
+        reason = (f"this {what} that its path is {length} bytes long, more than the {limit} this system allows, "
+                  f"so Mondrian cannot {where}; move it nearer the top of the inbox")
+        with self._lock:
+            if path not in self._told:
+                self._unreachable[path] = reason
+
+    def _walk_error(self, exc: OSError) -> None:
+        path = Path(exc.filename) if exc.filename else self.inbox
+        if exc.errno == errno.ENAMETOOLONG:
+            self._too_long(path, folder=True)
+        elif path not in self._told:  # e.g. a folder without read permission: its photos cannot be seen
+            self._told.add(path)
+            log.warning("cannot look inside %s (%s); its photos are not seen until it can be read",
+                        path, exc.strerror or exc)
 
     def _name_ok(self, path: Path) -> bool:
         """Linux lets a file name hold bytes that are not UTF-8 (macOS does not); such a path cannot be recorded,
@@ -188,7 +228,7 @@ class InboxWatcher:
             return False
 
     def note_tree(self, root: Path) -> None:
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=self._walk_error):
             dirnames[:] = [d for d in dirnames if not is_ignored(Path(dirpath) / d, self.inbox)]
             for name in filenames:
                 self.note(Path(dirpath) / name)
@@ -217,16 +257,24 @@ class InboxWatcher:
                 with self._lock:
                     self._pending.pop(path, None)
                 continue
-            if (st.st_size, st.st_mtime) != (cand.size, cand.mtime):
+            if _key(st) != cand.key:
                 with self._lock:
-                    self._pending[path] = _Candidate(st.st_size, st.st_mtime, now)
+                    self._pending[path] = _Candidate(_key(st), now)
                 continue
-            if st.st_size == 0 and not os.path.islink(path):
+            if st.st_size == 0 and stat.S_ISREG(st.st_mode):
                 # A zero-byte file is usually a copy that has not started; keep waiting a while longer.
                 if now - cand.since < max(self.quiet * 5, 10.0):
                     continue
             if now - cand.since >= self.quiet:
                 ready.append(path)
+        with self._lock:
+            unreachable, self._unreachable = self._unreachable, {}
+            self._told.update(unreachable)
+        for path, reason in unreachable.items():
+            try:
+                self.on_unreachable(path, reason)
+            except Exception:  # one odd file must never stop the watcher (or the daemon's main loop)
+                log.exception("could not record %s", path)
         for path in ready:
             with self._lock:
                 self._pending.pop(path, None)

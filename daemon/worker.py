@@ -26,10 +26,11 @@ from typing import Any, Callable
 from .advisors import Advisor, UnknownAdvisor, get_advisor, load_advisors
 from .config import Config
 from .images import ImageRejected, LoadedImage, load_photo
-from .inbox import SidecarError, read_sidecar, safe_stem, sidecar_for, unique_path
+from .inbox import (OUTBOX_RESERVED, RECORD_SUFFIXES, SidecarError, read_sidecar, safe_stem, sidecar_for,
+                    unique_path)
 from .ledger import DONE, FAILED, Job, Ledger
 from .limits import AnalysisCancelled, AnalysisTimedOut
-from .report import IndexEntry, atomic_write_text, write_index, write_report_folder
+from .report import IndexEntry, atomic_write_text, temp_name, write_index, write_report_folder
 from .strategies import AnalysisContext, build_strategies, resolve
 
 log = logging.getLogger("mondrian.worker")
@@ -81,7 +82,7 @@ def _move(src: Path, dst: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.EXDEV:
             raise
-        tmp = dst.with_name(f".{dst.name}.moving")
+        tmp = dst.with_name(temp_name(dst.name, "moving"))
         try:
             shutil.copy2(src, tmp, follow_symlinks=False)
             os.replace(tmp, dst)
@@ -95,7 +96,7 @@ def _move(src: Path, dst: Path) -> None:
         os.unlink(src)
 
 
-_ATOMIC_TMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+_ATOMIC_TMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$", re.S)  # report.temp_name(name, "PID.HEX.tmp")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -187,7 +188,7 @@ class Worker:
         for entry in entries:
             if entry.name not in live:
                 shutil.rmtree(entry.path, ignore_errors=True)
-        # Temporary files of atomic writes (`.NAME.PID.HEX.tmp`) whose writer was killed before its rename.
+        # Temporary files of atomic writes (`.<start of NAME>.PID.HEX.tmp`) whose writer was killed before its rename.
         for folder in (self.cfg.outbox, self.cfg.failed_dir, self.cfg.outbox / "duplicates"):
             try:
                 names = os.listdir(folder)
@@ -249,7 +250,7 @@ class Worker:
             advisor = self._advisor(job.advisor)
             t0 = time.perf_counter()
             before = _identity(src)
-            photo = load_photo(src, self.cfg.max_pixels)
+            photo = load_photo(src, self.cfg.max_pixels, timeout_s=self.cfg.job_timeout_seconds)
             decode_s = time.perf_counter() - t0
         except (PermanentFailure, SidecarError, ImageRejected) as exc:
             self._fail(job, str(exc), keep_original=keep_original)
@@ -291,16 +292,18 @@ class Worker:
         self._publish(job, src, photo, report, result.files, keep_original)
 
     def _settled(self, job: Job, src: Path) -> bool:
-        """A file touched within the quiet time is still being written: look again later."""
+        """Unchanged since it was queued (the watcher had already seen it still for the quiet time): go on.
+        Changed since: remember what it is now and look again after the quiet time, so it is analysed once it
+        stays still between two looks. Never compares the mtime with the clock: a camera with a wrong clock,
+        `cp -p` and unzip give mtimes far in the future or the past."""
         try:
-            st = src.stat()
+            st = os.lstat(src)  # as the watcher saw it when it queued the job
         except OSError:
-            return True  # dangling symlink or vanished: the checks that follow say so properly
-        age = time.time() - st.st_mtime
-        if age < self.cfg.quiet_seconds or (job.size is not None and st.st_size != job.size and age < 1):
-            self.ledger.requeue(job.id, None, delay_s=self.cfg.quiet_seconds, undo_attempt=True)
-            return False
-        return True
+            return True  # vanished: the checks that follow say so properly
+        if job.size is None or (st.st_size, st.st_mtime) == (job.size, job.mtime):
+            return True
+        self.ledger.requeue_changed(job.id, st.st_size, st.st_mtime, delay_s=self.cfg.quiet_seconds)
+        return False
 
     def _check_symlink(self, src: Path) -> None:
         if not src.is_symlink():
@@ -365,7 +368,8 @@ class Worker:
             write_report_folder(staging, report, photo.image)
             _crashpoint("staged")
             # A reservation of this very job (killed before its rename) is reused, not skipped as taken.
-            final = unique_path(self.cfg.outbox, safe_stem(src.name), taken=self._taken(job))
+            final = unique_path(self.cfg.outbox, safe_stem(src.name), taken=self._taken(job),
+                                reserved=OUTBOX_RESERVED)
             self.ledger.reserve_output(job.id, final)
             _crashpoint("reserved")
             os.rename(staging, final)
@@ -438,7 +442,8 @@ class Worker:
     def _duplicate(self, job: Job, first: Job, src: Path) -> None:
         dup_dir = self.cfg.outbox / "duplicates"
         dup_dir.mkdir(parents=True, exist_ok=True)
-        dest = unique_path(dup_dir, safe_stem(src.name), Path(src.name).suffix, self._taken(job))
+        dest = unique_path(dup_dir, safe_stem(src.name), Path(src.name).suffix, self._taken(job),
+                           companions=RECORD_SUFFIXES)
         self.ledger.reserve_output(job.id, dest)
         record = {"job_id": job.id, "file": src.name, "duplicate_of_job": first.id,
                   "report": os.path.relpath(first.report_html, dup_dir) if first.report_html else None,
@@ -468,7 +473,8 @@ class Worker:
         dest: Path | None = None
         try:
             failed.mkdir(parents=True, exist_ok=True)
-            dest = unique_path(failed, safe_stem(src.name), Path(src.name).suffix, self._taken(job))
+            dest = unique_path(failed, safe_stem(src.name), Path(src.name).suffix, self._taken(job),
+                               companions=RECORD_SUFFIXES)
             self.ledger.reserve_output(job.id, dest)
             record = {"job_id": job.id, "file": src.name, "reason": reason, "kind": kind,
                       "advisor": job.advisor, "failed_at": _now_iso(),

@@ -84,11 +84,22 @@ class ReuseOutput:
     finished: bool  # the JSON value closed before max_tokens
 
 
+class PhotoRefused(ValueError):
+    """The model's image preprocessing refuses this photo (its shape or size): the same photo is refused again,
+    so the worker fails it at once instead of retrying."""
+
+    permanent = True
+
+
 def _inputs(processor: Any, model: Any, image: "Image.Image", text_prompt: str) -> dict[str, Any]:
     from mlx_vlm.utils import prepare_inputs
 
-    return prepare_inputs(processor, images=[image], prompts=text_prompt,
-                          image_token_index=getattr(model.config, "image_token_index", None))
+    try:
+        return prepare_inputs(processor, images=[image], prompts=text_prompt,
+                              image_token_index=getattr(model.config, "image_token_index", None))
+    except ValueError as exc:  # mlx-vlm wraps the processor's own refusals (aspect ratio, size) in ValueError
+        raise PhotoRefused(f"the model's image preprocessing refused the photo ({exc}); export it at a more "
+                           f"ordinary size and shape") from exc
 
 
 def encode_photo(model: Any, processor: Any, image: "Image.Image", text_prompt: str) -> EncodedPhoto:
