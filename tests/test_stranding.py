@@ -1,0 +1,339 @@
+"""Issue 9, promise 2: every file dropped into the inbox reaches a terminal state, with a reason.
+
+The real daemon (`mondrian run --once`, which exits only when every photo is finished) on real folders, fed the
+things a hostile tester drops in: wrong clocks, photos the user puts back after a failure, named pipes and
+sockets, a folder named like a sidecar, long multibyte names, paths longer than the system allows, photos named
+like the outbox's own folders, and absurd aspect ratios. Each test bounds the run with a timeout (a stranded file
+keeps `run --once` from exiting) and then checks that every file sits in exactly one terminal place with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from PIL import Image
+
+from daemon.ledger import Ledger
+from tests.harness import make_home, mondrian, photo, reports, status
+from tests.test_faults import read_only
+
+RUN_TIMEOUT = 180  # generous: a stranded file never lets `run --once` exit, however long this is
+
+
+def _run_once(home: Path, model: Path, timeout: float = RUN_TIMEOUT, **env: str) -> str:
+    try:
+        out = mondrian(home, model, "run", "--once", timeout=timeout, **env)
+    except subprocess.TimeoutExpired as exc:
+        tail = (exc.stderr or b"")[-3000:]
+        raise AssertionError(f"`mondrian run --once` did not exit within {timeout} s: a file is stranded.\n"
+                             f"{tail.decode(errors='replace') if isinstance(tail, bytes) else tail}") from None
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stderr
+
+
+def _jobs(home: Path) -> dict[str, object]:
+    ledger = Ledger(home / "var" / "ledger.db")
+    try:
+        return {j.rel_path: j for j in ledger.jobs()}
+    finally:
+        ledger.close()
+
+
+def _left_in(folder: Path) -> list[str]:
+    """Everything but folders under `folder` (links, pipes and sockets included), relative."""
+    left = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        left += [os.path.relpath(os.path.join(dirpath, n), folder) for n in filenames]
+        left += [os.path.relpath(os.path.join(dirpath, n), folder) for n in dirnames
+                 if os.path.islink(os.path.join(dirpath, n))]
+    return sorted(left)
+
+
+def _assert_terminal(home: Path) -> dict[str, object]:
+    """Every job finished: done with its report, or failed with a reason and (when moved) its error record."""
+    jobs = _jobs(home)
+    for rel, job in jobs.items():
+        assert job.state in ("done", "failed", "gone"), (rel, job.state)
+        if job.state == "failed":
+            assert job.error, rel
+            if job.output_dir:
+                record = json.loads(Path(f"{job.output_dir}.error.json").read_text())
+                assert record["reason"] == job.error and record["file"] == Path(rel).name
+                assert os.path.lexists(job.output_dir), f"{rel}: the original is not beside its record"
+        if job.state == "done" and job.duplicate_of is None:
+            assert (Path(job.output_dir) / "report.json").is_file(), rel
+    return jobs
+
+
+# -- 1. clocks ------------------------------------------------------------------------------------------------
+
+def test_photos_with_mtimes_in_the_future_or_far_past_are_analysed(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox = home / "inbox"
+    now = time.time()
+    stamps = {"tomorrow.jpg": now + 86400, "camera clock 2045.jpg": now + 20 * 365 * 86400,
+              "from 1971.jpg": 365 * 86400.0}
+    for i, (name, t) in enumerate(stamps.items()):
+        photo(inbox / name, seed=i)
+        os.utime(inbox / name, (t, t))  # a camera with a wrong clock, `cp -p`, unzip
+    _run_once(home, smoke_model_path, timeout=120)
+    jobs = _assert_terminal(home)
+    assert {rel: j.state for rel, j in jobs.items()} == {name: "done" for name in stamps}
+    assert _left_in(inbox) == []
+    assert sorted(p.parent.name for p in reports(home / "outbox")) == sorted(Path(n).stem for n in stamps)
+
+
+def test_a_reference_with_an_mtime_in_the_future_is_indexed(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path)
+    refs = home / "advisors" / "ansel" / "references"
+    photo(refs / "future.jpg", seed=1)
+    t = time.time() + 86400
+    os.utime(refs / "future.jpg", (t, t))
+    out = mondrian(home, smoke_model_path, "references", "index", "--advisor", "ansel", timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "1 indexed" in out.stderr and "0 still being written" in out.stderr, out.stderr
+
+
+# -- 2. a failed photo put back by the user -------------------------------------------------------------------
+
+def test_a_failed_photo_put_back_by_the_user_is_analysed(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox, failed = home / "inbox", home / "outbox" / "failed"
+    for i, name in enumerate(("moved back", "copied back")):
+        photo(inbox / f"{name}.jpg", seed=i)
+        (inbox / f"{name}.mode").write_text("fancy\n")  # an unknown mode: a permanent failure
+    _run_once(home, smoke_model_path)
+    jobs = _assert_terminal(home)
+    assert {j.state for j in jobs.values()} == {"failed"} and len(jobs) == 2
+    record = json.loads((failed / "moved back.jpg.error.json").read_text())
+    assert "fancy" in record["reason"] and "drop it into the inbox again" in record["what_to_do"]
+
+    # As the record says: fix the sidecar and put the photo back, keeping its mtime (mv; cp -p).
+    time.sleep(0.05)
+    os.rename(failed / "moved back.jpg", inbox / "moved back.jpg")
+    shutil.copy2(failed / "copied back.jpg", inbox / "copied back.jpg")
+    for name in ("moved back", "copied back"):
+        (failed / f"{name}.mode").unlink()
+        (inbox / f"{name}.mode").write_text("baseline\n")
+    _run_once(home, smoke_model_path)
+    _assert_terminal(home)
+    assert sorted(p.parent.name for p in reports(home / "outbox")) == ["copied back", "moved back"]
+    assert _left_in(inbox) == []
+
+
+def test_a_failed_photo_that_cannot_leave_the_inbox_is_skipped_with_a_log_line(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, rescan_seconds=1)
+    inbox = home / "inbox"
+    (inbox / "notes.jpg").write_text("not a photo")
+    for sub in ("failed", ".staging", "duplicates"):
+        (home / "outbox" / sub).mkdir(parents=True)
+    with read_only(home / "outbox"):  # its failure cannot be moved out: it stays, failed, in the inbox
+        _run_once(home, smoke_model_path)
+        log = _run_once(home, smoke_model_path)  # the next run finds it again, and must say why it is skipped
+    assert [j.state for j in _jobs(home).values()] == ["failed"]
+    assert _left_in(inbox) == ["notes.jpg"]
+    assert "left in the inbox: notes.jpg failed" in log and "mondrian retry --failed" in log, log[-2000:]
+
+
+# -- 3. pipes, sockets and links to them ----------------------------------------------------------------------
+
+def test_pipes_sockets_and_links_to_them_fail_with_a_reason_and_never_block(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox = home / "inbox"
+    photo(inbox / "good.jpg", seed=1)
+    os.mkfifo(inbox / "pipe.jpg")
+    (inbox / "sub").mkdir()
+    os.mkfifo(inbox / "sub" / "hidden pipe.jpg")
+    os.symlink("sub/hidden pipe.jpg", inbox / "link to a pipe.jpg")
+    sock_path = inbox / "s.jpg"
+    server = None
+    if len(os.fsencode(sock_path)) < 100:  # AF_UNIX paths are short
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(sock_path))
+    try:
+        _run_once(home, smoke_model_path, timeout=120)
+    finally:
+        if server is not None:
+            server.close()
+    jobs = _assert_terminal(home)
+    assert jobs["good.jpg"].state == "done"
+    for rel in ("pipe.jpg", "sub/hidden pipe.jpg", "link to a pipe.jpg"):
+        assert jobs[rel].state == "failed" and "named pipe" in jobs[rel].error, (rel, jobs[rel].error)
+        assert jobs[rel].attempts == 1
+    if server is not None:
+        assert jobs["s.jpg"].state == "failed" and "socket" in jobs["s.jpg"].error
+    assert _left_in(inbox) == []
+
+
+def test_references_index_skips_pipes_with_a_reason_and_indexes_the_rest(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path)
+    refs = home / "advisors" / "ansel" / "references"
+    photo(refs / "good.jpg", seed=1)
+    os.mkfifo(refs / "pipe.jpg")
+    os.symlink("pipe.jpg", refs / "link to a pipe.jpg")
+    photo(refs / "odd.jpg", seed=2)
+    os.mkfifo(refs / "odd.json")  # its sidecar
+    try:
+        out = mondrian(home, smoke_model_path, "references", "index", "--advisor", "ansel", timeout=90)
+    except subprocess.TimeoutExpired:
+        raise AssertionError("`mondrian references index` hangs on a named pipe") from None
+    assert out.returncode == 1, out.stderr  # some were skipped
+    assert "skipped: ansel: pipe.jpg: this is a named pipe" in out.stderr, out.stderr
+    assert "skipped: ansel: link to a pipe.jpg: this is a named pipe" in out.stderr, out.stderr
+    assert "skipped: ansel: odd.jpg:" in out.stderr and "named pipe" in out.stderr
+    assert "1 indexed" in out.stderr, out.stderr
+
+
+# -- 4. a folder named like a sidecar -------------------------------------------------------------------------
+
+def test_a_folder_named_like_a_sidecar_holds_ordinary_photos(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox, failed = home / "inbox", home / "outbox" / "failed"
+    photo(inbox / "x.jpg", seed=1)
+    photo(inbox / "x.mode" / "a.jpg", seed=2)
+    photo(inbox / "X.MODE" / "b.jpg", seed=3)
+    (inbox / "y.jpg").write_text("not a photo")  # fails: its folder y.mode/ must not go with it
+    photo(inbox / "y.mode" / "c.jpg", seed=4)
+    _run_once(home, smoke_model_path)
+    jobs = _assert_terminal(home)
+    assert {rel: j.state for rel, j in jobs.items()} == {
+        "x.jpg": "done", "x.mode/a.jpg": "done", "X.MODE/b.jpg": "done", "y.jpg": "failed", "y.mode/c.jpg": "done"}
+    assert jobs["x.jpg"].mode_source == "default"
+    assert sorted(os.listdir(failed)) == ["y.jpg", "y.jpg.error.json"]
+    assert _left_in(inbox) == [] and sorted(os.listdir(inbox)) == ["X.MODE", "x.mode", "y.mode"]
+
+
+# -- 5. long multibyte names ----------------------------------------------------------------------------------
+
+def test_long_multibyte_names_get_a_record_and_temporary_names_stay_short(tmp_path, smoke_model_path):
+    from daemon.report import temp_name
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox, outbox = home / "inbox", home / "outbox"
+    not_photo = "写" * 78 + ".jpg"  # 238 bytes: fits, but not with `.tmp`/`.error.json` endings added to it
+    real = "真" * 80 + ".jpg"
+    long_suffix = "a." + "é" * 120  # the suffix alone is 241 bytes
+    assert max(len(n.encode()) for n in (not_photo, real, long_suffix)) <= 255
+    (inbox / not_photo).write_text("not a photo")
+    (inbox / long_suffix).write_text("not a photo either")
+    photo(inbox / real, seed=1, fmt="JPEG")
+    # A temporary file of an atomic write whose writer died, with the new short name: swept at start-up.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = outbox / temp_name("é" * 120 + ".error.json", f"{dead.pid}.0123abcd.tmp")
+    leftover.write_text("torn")
+    _run_once(home, smoke_model_path)
+    jobs = _assert_terminal(home)
+    assert jobs[real].state == "done"
+    assert jobs[not_photo].state == "failed" and jobs[long_suffix].state == "failed"
+    assert _left_in(inbox) == []
+    for path in outbox.rglob("*"):
+        assert len(os.fsencode(path.name)) <= 255
+    assert not os.path.lexists(leftover), "a dead writer's temporary file was not swept"
+    assert len(os.fsencode(leftover.name)) < 100
+
+
+# -- 6. paths longer than the system allows -------------------------------------------------------------------
+
+def _deep_tree(inbox: Path, data: bytes) -> tuple[str, str]:
+    """A folder whose path is just short enough, holding a file whose path is too long, and a folder below it
+    whose own path is too long (with a photo inside). Built with directory descriptors, as `mkdir -p` in a loop
+    with `cd` would. Returns the two relative paths that cannot be reached."""
+    limit = os.pathconf(inbox, "PC_PATH_MAX")
+    fd = os.open(inbox, os.O_RDONLY)
+    rel: list[str] = []
+    try:
+        while len(os.fsencode(inbox)) + sum(len(p) + 1 for p in rel) + 201 < limit:
+            name = "d" * 200
+            os.mkdir(name, dir_fd=fd)
+            fd, old = os.open(name, os.O_RDONLY, dir_fd=fd), fd
+            os.close(old)
+            rel.append(name)
+        here = len(os.fsencode(inbox)) + sum(len(p) + 1 for p in rel)
+        long_name = "f" * (limit - here + 10 - 4) + ".jpg"  # its full path passes the limit by 10 bytes
+        w = os.open(long_name, os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=fd)
+        os.write(w, data)
+        os.close(w)
+        os.mkdir("deeper", dir_fd=fd)
+        deeper = os.open("deeper", os.O_RDONLY, dir_fd=fd)
+        w = os.open("deep.jpg", os.O_WRONLY | os.O_CREAT, 0o644, dir_fd=deeper)
+        os.write(w, data)
+        os.close(w)
+        os.close(deeper)
+    finally:
+        os.close(fd)
+    return "/".join(rel + [long_name]), "/".join(rel + ["deeper"])
+
+
+def test_paths_longer_than_the_system_allows_are_failed_with_a_reason(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox = home / "inbox"
+    photo(inbox / "shallow.jpg", seed=1)
+    long_file, deep_folder = _deep_tree(inbox, photo(tmp_path / "p.jpg", seed=2).read_bytes())
+    log = _run_once(home, smoke_model_path)
+    jobs = _assert_terminal(home)
+    assert jobs["shallow.jpg"].state == "done"
+    for rel in (long_file, deep_folder):
+        assert rel in jobs, f"no record for a path of {len(rel)} bytes"
+        assert jobs[rel].state == "failed" and "nested so deeply" in jobs[rel].error, jobs[rel].error
+        assert "move it nearer the top of the inbox" in jobs[rel].error
+    assert log.count("nested so deeply") == 2, log[-3000:]
+    info = status(home, smoke_model_path)
+    assert info["counts"]["failed"] == 2
+    assert sum("nested so deeply" in f["reason"] for f in info["recent_failures"]) == 2
+    # A second run records them no second time.
+    _run_once(home, smoke_model_path)
+    assert status(home, smoke_model_path)["counts"]["failed"] == 2
+
+
+# -- 7. names the outbox uses itself ----------------------------------------------------------------------------
+
+def test_photos_named_like_the_outboxs_own_folders_do_not_take_them_over(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox, outbox = home / "inbox", home / "outbox"
+    names = ["duplicates.jpg", "Failed.jpg", "index.html.jpg", "staging.png"]
+    for i, name in enumerate(names):
+        photo(inbox / name, seed=10 + i)
+    _run_once(home, smoke_model_path)
+    # Then a duplicate and a failure, which need outbox/duplicates/ and outbox/failed/ for themselves.
+    first = Path(_jobs(home)["duplicates.jpg"].output_dir)
+    shutil.copyfile(first / "duplicates.jpg", inbox / "again.jpg")
+    (inbox / "junk.jpg").write_text("not a photo")
+    _run_once(home, smoke_model_path)
+    jobs = _assert_terminal(home)
+    assert jobs["again.jpg"].duplicate_of == jobs["duplicates.jpg"].id
+    assert jobs["junk.jpg"].state == "failed"
+    for name in names:
+        folder = Path(jobs[name].output_dir)
+        assert folder.parent == outbox and folder.name.lower() not in {"duplicates", "failed", "index.html",
+                                                                       ".staging"}, folder
+    assert (outbox / "index.html").is_file()
+    assert sorted(os.listdir(outbox / "duplicates")) == ["again.jpg", "again.jpg.duplicate.json"]
+    assert sorted(os.listdir(outbox / "failed")) == ["junk.jpg", "junk.jpg.error.json"]
+    assert _left_in(inbox) == []
+
+
+# -- 8. absurd aspect ratios ----------------------------------------------------------------------------------
+
+def test_extreme_aspect_ratios_fail_at_once_as_permanent(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, max_pixels=448 * 448, retry_base_seconds=0.2)
+    inbox = home / "inbox"
+    Image.new("RGB", (60000, 1), (10, 200, 30)).save(inbox / "wide.png")
+    Image.new("RGB", (1, 60000), (200, 10, 30)).save(inbox / "tall.png")
+    # 200:1 exactly is what the model accepts; fitting it to whole 28 px patches must not stretch it past that.
+    Image.new("RGB", (11000, 55), (30, 10, 200)).save(inbox / "panorama.png")
+    _run_once(home, smoke_model_path)
+    jobs = _assert_terminal(home)
+    for rel in ("wide.png", "tall.png"):
+        job = jobs[rel]
+        assert job.state == "failed" and job.error_kind == "permanent" and job.attempts == 1, (rel, job.error)
+        assert "too long and thin" in job.error, job.error
+    assert jobs["panorama.png"].state == "done", jobs["panorama.png"].error
+    assert _left_in(inbox) == []
