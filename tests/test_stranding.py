@@ -123,9 +123,9 @@ def test_a_failed_photo_put_back_by_the_user_is_analysed(tmp_path, smoke_model_p
         (failed / f"{name}.mode").unlink()
         (inbox / f"{name}.mode").write_text("baseline\n")
     _run_once(home, smoke_model_path)
-    _assert_terminal(home)
+    assert _left_in(inbox) == [], "a photo put back into the inbox was ignored"
     assert sorted(p.parent.name for p in reports(home / "outbox")) == ["copied back", "moved back"]
-    assert _left_in(inbox) == []
+    _assert_terminal(home)
 
 
 def test_a_failed_photo_that_cannot_leave_the_inbox_is_skipped_with_a_log_line(tmp_path, smoke_model_path):
@@ -213,8 +213,6 @@ def test_a_folder_named_like_a_sidecar_holds_ordinary_photos(tmp_path, smoke_mod
 # -- 5. long multibyte names ----------------------------------------------------------------------------------
 
 def test_long_multibyte_names_get_a_record_and_temporary_names_stay_short(tmp_path, smoke_model_path):
-    from daemon.report import temp_name
-
     home = make_home(tmp_path / "home", smoke_model_path)
     inbox, outbox = home / "inbox", home / "outbox"
     not_photo = "写" * 78 + ".jpg"  # 238 bytes: fits, but not with `.tmp`/`.error.json` endings added to it
@@ -224,20 +222,24 @@ def test_long_multibyte_names_get_a_record_and_temporary_names_stay_short(tmp_pa
     (inbox / not_photo).write_text("not a photo")
     (inbox / long_suffix).write_text("not a photo either")
     photo(inbox / real, seed=1, fmt="JPEG")
-    # A temporary file of an atomic write whose writer died, with the new short name: swept at start-up.
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()
-    leftover = outbox / temp_name("é" * 120 + ".error.json", f"{dead.pid}.0123abcd.tmp")
-    leftover.write_text("torn")
     _run_once(home, smoke_model_path)
+    assert _left_in(inbox) == [], "a file was left in the inbox without a record"
     jobs = _assert_terminal(home)
     assert jobs[real].state == "done"
     assert jobs[not_photo].state == "failed" and jobs[long_suffix].state == "failed"
-    assert _left_in(inbox) == []
     for path in outbox.rglob("*"):
         assert len(os.fsencode(path.name)) <= 255
-    assert not os.path.lexists(leftover), "a dead writer's temporary file was not swept"
+
+    # A temporary file of an atomic write whose writer died, under the new short name, is swept at start-up.
+    from daemon.report import temp_name
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = outbox / "failed" / temp_name(not_photo + ".error.json", f"{dead.pid}.0123abcd.tmp")
     assert len(os.fsencode(leftover.name)) < 100
+    leftover.write_text("torn")
+    _run_once(home, smoke_model_path)
+    assert not os.path.lexists(leftover), "a dead writer's temporary file was not swept"
 
 
 # -- 6. paths longer than the system allows -------------------------------------------------------------------
