@@ -30,7 +30,8 @@ Image.MAX_IMAGE_PIXELS = MAX_PIXELS_ON_DISK
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 PATCH = 28  # Qwen2-VL: 14 px patches merged 2x2
 # Qwen2-VL's processor refuses images whose long side is more than 200 times the short one (a ValueError deep in
-# the model's preprocessing, which no retry can cure): refuse such photos up front, with a reason.
+# the model's preprocessing, which no retry can cure). Photos are analysed at a size within that limit; a long
+# panorama is already squeezed to whole patches, and the report states the size that was analysed.
 MAX_ASPECT_RATIO = 200
 
 
@@ -58,20 +59,14 @@ def fit_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
             w -= PATCH
         else:
             h -= PATCH
-    # Rounding the short side up to one patch can stretch a long thin photo past what the model accepts.
+    # Rounding the short side up to one patch can stretch a long thin photo (60000 x 1) past what the model
+    # accepts: shorten the long side until it fits.
     while max(w, h) > MAX_ASPECT_RATIO * min(w, h):
         if w > h:
             w -= PATCH
         else:
             h -= PATCH
     return w, h
-
-
-def _check_aspect(width: int, height: int) -> None:
-    long_side, short_side = max(width, height), min(width, height)
-    if short_side <= 0 or long_side > MAX_ASPECT_RATIO * short_side:
-        raise ImageRejected(f"the photo is {width} × {height} px, too long and thin to analyse (the model accepts "
-                            f"at most {MAX_ASPECT_RATIO}:1); crop it or export it with a less extreme shape")
 
 
 def _to_rgb(img: Image.Image) -> Image.Image:
@@ -117,7 +112,6 @@ def decode_photo(data: bytes, max_pixels: int) -> LoadedImage:
             w0, h0 = img.size
             if w0 * h0 > MAX_PIXELS_ON_DISK:
                 raise Image.DecompressionBombError("too many pixels")
-            _check_aspect(w0, h0)
             if fmt == "JPEG":
                 # Decode at reduced scale: a 50 MP JPEG never needs full size for a 448px analysis.
                 img.draft("RGB", fit_size(w0, h0, max_pixels * 4))
@@ -129,8 +123,6 @@ def decode_photo(data: bytes, max_pixels: int) -> LoadedImage:
             img = ImageOps.exif_transpose(img) or img
             width, height = (h0, w0) if orientation in (5, 6, 7, 8) else (w0, h0)
             rgb = _to_rgb(img)
-    except ImageRejected:
-        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageRejected(
             f"the image is too large to open safely (more than {MAX_PIXELS_ON_DISK // 1_000_000} megapixels "
