@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -152,6 +153,11 @@ def test_pipes_sockets_and_links_to_them_fail_with_a_reason_and_never_block(tmp_
     (inbox / "sub").mkdir()
     os.mkfifo(inbox / "sub" / "hidden pipe.jpg")
     os.symlink("sub/hidden pipe.jpg", inbox / "link to a pipe.jpg")
+    try:  # like /dev/zero: reading it would never end
+        os.mknod(inbox / "zero.jpg", stat.S_IFCHR | 0o600, os.makedev(1, 5))
+        device = True
+    except OSError:  # not allowed here (not root, or a container without mknod)
+        device = False
     sock_path = inbox / "s.jpg"
     server = None
     if len(os.fsencode(sock_path)) < 100:  # AF_UNIX paths are short
@@ -169,6 +175,8 @@ def test_pipes_sockets_and_links_to_them_fail_with_a_reason_and_never_block(tmp_
         assert jobs[rel].attempts == 1
     if server is not None:
         assert jobs["s.jpg"].state == "failed" and "socket" in jobs["s.jpg"].error
+    if device:
+        assert jobs["zero.jpg"].state == "failed" and "device file" in jobs["zero.jpg"].error
     assert _left_in(inbox) == []
 
 
