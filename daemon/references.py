@@ -173,7 +173,8 @@ def thumbnail(cfg: Config, sha256: str, source: Path | str) -> Path | None:
     if dest.exists():
         return dest
     try:
-        with Image.open(source) as img:
+        data = read_regular_file(Path(source), timeout_s=cfg.job_timeout_seconds)  # never blocks on a pipe
+        with Image.open(io.BytesIO(data)) as img:
             img.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))
             img = ImageOps.exif_transpose(img) or img
             img = img.convert("RGB")
