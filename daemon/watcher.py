@@ -2,8 +2,9 @@
 
 Filesystem events are only hints (FSEvents coalesces them, copies fire many, moves may arrive as creates,
 some never arrive): every hinted path becomes a *candidate*, and a candidate is handed on only after its
-size and mtime have stayed the same for the quiet time. A full rescan at start-up and every
-`rescan_seconds` catches anything the events missed, and keeps working if the observer thread dies.
+size, mtime and ctime have stayed the same for the quiet time (measured on the monotonic clock: an mtime may be
+years off). A full rescan at start-up and every `rescan_seconds` catches anything the events missed, and keeps
+working if the observer thread dies.
 """
 
 from __future__ import annotations
@@ -206,13 +207,17 @@ class InboxWatcher:
                 self._unreachable[path] = reason
 
     def _walk_error(self, exc: OSError) -> None:
-        path = Path(exc.filename) if exc.filename else self.inbox
+        path = Path(os.fsdecode(exc.filename)) if exc.filename else self.inbox
         if exc.errno == errno.ENAMETOOLONG:
             self._too_long(path, folder=True)
-        elif path not in self._told:  # e.g. a folder without read permission: its photos cannot be seen
+            return
+        with self._lock:  # e.g. a folder without read permission: its photos cannot be seen
+            first = path not in self._told
             self._told.add(path)
-            log.warning("cannot look inside %s (%s); its photos are not seen until it can be read",
-                        path, exc.strerror or exc)
+        if first:
+            shown = path.relative_to(self.inbox) if path.is_relative_to(self.inbox) else path
+            log.warning("cannot look inside the folder %s (%s); its photos are not seen until it can be read",
+                        shown, exc.strerror or exc)
 
     def _name_ok(self, path: Path) -> bool:
         """Linux lets a file name hold bytes that are not UTF-8 (macOS does not); such a path cannot be recorded,
