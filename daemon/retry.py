@@ -1,4 +1,6 @@
-"""`mondrian retry --failed`: put failed photos back in the inbox, queued, with a fresh attempt count."""
+"""`mondrian retry --failed`: put failed photos back in the inbox, queued, with a fresh attempt count.
+
+Only photos that came through the inbox: a `mondrian analyze` job's photo is never Mondrian's to move."""
 
 from __future__ import annotations
 
@@ -10,10 +12,17 @@ from .inbox import unique_path
 from .ledger import Ledger
 
 
-def retry_failed(cfg: Config, ids: list[int] | None = None) -> list[str]:
+def retry_failed(cfg: Config, ids: list[int] | None = None) -> tuple[list[str], list[str]]:
+    """Queue failed inbox photos again. Returns (lines for the queued jobs, what to do for those left alone)."""
     ledger = Ledger(cfg.db_path)
     done: list[str] = []
+    left: list[str] = []
     for job in ledger.retry_failed(ids):
+        if not job.owns_file:
+            # Its photo is the user's, wherever it lies: queueing it would make the daemon move it into the outbox.
+            left.append(f"job {job.id}: {job.rel_path} was analysed with `mondrian analyze` and stays where it is; "
+                        f"run `mondrian analyze` on it again (or copy it into the inbox)")
+            continue
         kept = Path(job.output_dir) if job.output_dir else None
         if kept is not None and os.path.lexists(kept):
             back = cfg.inbox / job.rel_path
@@ -29,4 +38,4 @@ def retry_failed(cfg: Config, ids: list[int] | None = None) -> list[str]:
         else:
             continue  # nothing left to analyse
         done.append(f"job {job.id}: {job.rel_path}")
-    return done
+    return done, left
