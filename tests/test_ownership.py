@@ -79,12 +79,12 @@ def test_analyze_failure_then_retry_failed_never_moves_the_original(tmp_path, sm
     assert _tree(elsewhere) == before
     assert not (home / "outbox" / "failed" / "notes.jpg").exists()
 
-    out = mondrian(home, smoke_model_path, "retry", "--failed")
-    assert out.returncode == 0, out.stderr
-    assert "mondrian analyze" in out.stderr and "0 photo(s) queued again" in out.stderr, out.stderr
+    retry = mondrian(home, smoke_model_path, "retry", "--failed")
+    assert retry.returncode == 0, retry.stderr
     out = mondrian(home, smoke_model_path, "run", "--once", timeout=120)
     assert out.returncode == 0, out.stderr
     assert _tree(elsewhere) == before, "retry --failed handed an analyze job's photo to the daemon, which moved it"
+    assert "mondrian analyze" in retry.stderr and "0 photo(s) queued again" in retry.stderr, retry.stderr
     assert not list((home / "outbox" / "failed").glob("notes*.jpg")), "a file from outside landed in failed/"
     jobs = _jobs(home)
     assert [j["state"] for j in jobs] == ["failed"], jobs
@@ -257,8 +257,33 @@ def test_an_unknown_or_invalid_advisor_is_one_line_and_nothing_is_created(tmp_pa
     before = _tree(tmp_path)
 
     out = mondrian(home, smoke_model_path, *command)
+    assert _tree(tmp_path) == before, "a command with a bad --advisor created or changed files"
     assert out.returncode == 2, (out.returncode, out.stderr)
     line = _one_line(out.stderr)
     assert "known advisors: " in line and "ansel" in line, line
-    assert _tree(tmp_path) == before, "a command with a bad --advisor created or changed files"
     print(f"\n{' '.join(command[:2])}: {line}")
+
+
+def test_a_ledger_from_before_ownership_marks_analyze_jobs_as_not_owning_their_file(tmp_path):
+    """The migration: rows that `mondrian analyze` made (queued and started at the same instant) own nothing."""
+    from daemon.ledger import SCHEMA_VERSION, Ledger
+
+    db = tmp_path / "ledger.db"
+    ledger = Ledger(db)
+    inbox_job = ledger.enqueue(tmp_path / "inbox" / "a.jpg", "a.jpg", "ansel", "default", 1, 1.0)
+    ledger.claim()
+    direct = ledger.start_direct(tmp_path / "elsewhere" / "b.jpg", "b.jpg", "ansel", "default")
+    ledger.close()
+    con = sqlite3.connect(db)  # back to the schema before the column, as an older Mondrian left it
+    con.execute('ALTER TABLE "job" DROP COLUMN "owns_file"')
+    con.execute("DELETE FROM schema_version WHERE version = ?", (SCHEMA_VERSION,))
+    con.commit()
+    con.close()
+
+    ledger = Ledger(db)
+    try:
+        assert ledger.schema_version() == SCHEMA_VERSION
+        assert ledger.get(inbox_job.id).owns_file is True
+        assert ledger.get(direct.id).owns_file is False
+    finally:
+        ledger.close()
