@@ -416,11 +416,14 @@ class Worker:
             try:
                 self._move_with_sidecar(src, final)
             except OutsideInbox as exc:
-                # Its folder turned into a link out of the inbox after the claim: a report of a file Mondrian
-                # cannot take in is withdrawn, and the job fails with the reason instead.
-                shutil.rmtree(final, ignore_errors=True)
-                self._fail(job, str(exc))
-                return
+                # Its folder turned into a link out of the inbox after the claim. If the original is not in the
+                # report folder yet (a move only picks another name when this one is taken), the report of a file
+                # Mondrian cannot take in is withdrawn and the job fails with the reason; else it was moved in
+                # before the link appeared and the job is finished.
+                if not os.path.lexists(final / src.name):
+                    shutil.rmtree(final, ignore_errors=True)
+                    self._fail(job, str(exc))
+                    return
             _crashpoint("moved")
         self.ledger.finish(job.id, effective_mode=report["mode"]["effective"], fallbacks=report["mode"]["fallbacks"],
                            report_json=final / "report.json", report_html=final / "report.html",
@@ -495,9 +498,10 @@ class Worker:
         try:
             self._move_with_sidecar(Path(job.source_path), dest.parent, dest)
         except OutsideInbox as exc:
-            Path(f"{dest}.duplicate.json").unlink(missing_ok=True)
-            self._fail(job, str(exc))
-            return False
+            if not os.path.lexists(dest):  # else it was moved in before its folder became a link out
+                Path(f"{dest}.duplicate.json").unlink(missing_ok=True)
+                self._fail(job, str(exc))
+                return False
         _crashpoint("dup_moved")
         record = json.loads(Path(f"{dest}.duplicate.json").read_text(encoding="utf-8"))
         self.ledger.finish_duplicate(job.id, self.ledger.get(record["duplicate_of_job"]), dest)
