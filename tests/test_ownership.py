@@ -216,15 +216,18 @@ def test_inbox_folder_replaced_by_a_link_outside_before_processing(tmp_path, smo
     print("\nfolder swapped for a link out of the inbox while queued: 3 failed with a reason, outside untouched")
 
 
-def test_inbox_folder_replaced_by_a_link_after_the_report_was_published(tmp_path, smoke_model_path):
-    """Killed between publishing the report and moving the original; the folder becomes a link out meanwhile."""
+@pytest.mark.parametrize("point", ["renamed", "moved"])
+def test_inbox_folder_replaced_by_a_link_after_the_report_was_published(tmp_path, smoke_model_path, point):
+    """Killed after publishing the report (before or after moving the original in); the folder becomes a link out
+    meanwhile. Recovery touches nothing outside, and never deletes an original already moved in."""
     home = make_home(tmp_path / "home", smoke_model_path)
     album = home / "inbox" / "album"
     photo(album / "a.jpg", seed=40)
     outside = tmp_path / "outside"
     photo(outside / "a.jpg", seed=41)
 
-    out = mondrian(home, smoke_model_path, "run", "--once", timeout=120, MONDRIAN_TEST_CRASH_AT="renamed")
+    original = (album / "a.jpg").read_bytes()
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=120, MONDRIAN_TEST_CRASH_AT=point)
     assert out.returncode == -9, (out.returncode, out.stderr)
     _swap_for_link(album, outside)
     before = _tree(outside)
@@ -233,9 +236,16 @@ def test_inbox_folder_replaced_by_a_link_after_the_report_was_published(tmp_path
     assert out.returncode == 0, out.stderr
     assert _tree(outside) == before, "recovery moved a file outside the home through a link in the inbox"
     (job,) = [j for j in _jobs(home) if j["rel_path"] == "album/a.jpg"]
-    assert job["state"] == "failed" and "inside the inbox" in job["error"], job
-    assert reports(home / "outbox") == [], "the report of a file Mondrian could not take in is withdrawn"
-    print("\nfolder swapped for a link out between publish and move: failed with a reason, outside untouched")
+    if point == "renamed":
+        assert job["state"] == "failed" and "inside the inbox" in job["error"], job
+        assert reports(home / "outbox") == [], "the report of a file Mondrian could not take in is withdrawn"
+    else:  # the original was moved in before the link appeared: the job is finished with it
+        assert job["state"] == "done", job
+        (report,) = reports(home / "outbox")
+        assert (report.parent / "a.jpg").read_bytes() == original
+        assert sorted(p.name for p in report.parent.iterdir() if p.suffix == ".jpg") == \
+            ["a.jpg", "preview.jpg", "thumb.jpg"]
+    print(f"\nfolder swapped for a link out after {point}: job {job['state']}, outside untouched")
 
 
 # -- advisor ids: checked once, before any path is made of them ---------------------------------------------
