@@ -40,7 +40,9 @@ def check_photo(cfg: Config, given: str) -> Path:
     many = f"To analyse many photos or a folder, drop them into the inbox ({cfg.inbox})"
     if not os.path.lexists(photo):
         if glob.has_magic(given):
-            raise AnalyzeRefused(f"no file matches {given!r}; `mondrian analyze` takes one photo. {many}")
+            matches = len(glob.glob(os.path.expanduser(given)))
+            found = f"{matches} files match it" if matches else "no file matches it"
+            raise AnalyzeRefused(f"{given!r} is a pattern ({found}); `mondrian analyze` takes one photo. {many}")
         raise AnalyzeRefused(f"{given!r} does not exist; give the path of one photo")
     try:
         mode = os.stat(photo).st_mode
