@@ -298,3 +298,21 @@ def test_a_ledger_from_before_ownership_marks_analyze_jobs_as_not_owning_their_f
         assert ledger.get(direct.id).owns_file is False
     finally:
         ledger.close()
+
+
+def test_retry_failed_never_moves_a_photo_back_through_a_link_out_of_the_inbox(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path)
+    album = home / "inbox" / "album"
+    album.mkdir(parents=True)
+    (album / "notes.jpg").write_text("not a photo\n")
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=120)
+    assert out.returncode == 0 and (home / "outbox" / "failed" / "notes.jpg").exists(), out.stderr
+    outside = tmp_path / "outside"
+    photo(outside / "kept.jpg", seed=50)
+    _swap_for_link(album, outside)
+    before = _tree(outside)
+
+    out = mondrian(home, smoke_model_path, "retry", "--failed")
+    assert _tree(outside) == before, "retry --failed put a file outside the home through a link in the inbox"
+    assert out.returncode == 0 and "yourself" in out.stderr, out.stderr
+    assert (home / "outbox" / "failed" / "notes.jpg").exists()
