@@ -10,6 +10,7 @@ from pathlib import Path
 from .config import Config
 from .inbox import unique_path
 from .ledger import Ledger
+from .worker import folder_inside
 
 
 def retry_failed(cfg: Config, ids: list[int] | None = None) -> tuple[list[str], list[str]]:
@@ -26,6 +27,10 @@ def retry_failed(cfg: Config, ids: list[int] | None = None) -> tuple[list[str], 
         kept = Path(job.output_dir) if job.output_dir else None
         if kept is not None and os.path.lexists(kept):
             back = cfg.inbox / job.rel_path
+            if not (folder_inside(kept, cfg.failed_dir) and folder_inside(back, cfg.inbox)):
+                left.append(f"job {job.id}: {job.rel_path}: a folder on its way back into the inbox is a link to "
+                            f"somewhere else; move it from {cfg.failed_dir.name}/ into the inbox yourself")
+                continue
             back.parent.mkdir(parents=True, exist_ok=True)
             back = unique_path(back.parent, back.stem, back.suffix)
             # Move first, then queue: killed in between, the photo sits in the inbox (the watcher or the next

@@ -139,6 +139,12 @@ def _same_content(a: Path, b: Path) -> bool:
         return False
 
 
+def folder_inside(path: Path, root: Path) -> bool:
+    """Whether `path` lies in a folder that, with every link on its path resolved, is inside the real `root`.
+    The file itself may be a link: moving a link moves the link, never its target."""
+    return Path(os.path.realpath(path.parent)).is_relative_to(os.path.realpath(root))
+
+
 def _move_once(src: Path, dest: Path) -> None:
     """Move `src` to `dest` (or a free `dest`-2, -3 ... name); nothing to do if it is gone or already there."""
     if not os.path.lexists(src):
@@ -327,10 +333,7 @@ class Worker:
         return True
 
     def _inside_inbox(self, src: Path) -> bool:
-        """Whether `src` lies in a folder that, with every link on its path resolved, is inside the real inbox.
-        The file itself may be a link: moving a link moves the link, never its target."""
-        folder = Path(os.path.realpath(src.parent))
-        return folder.is_relative_to(os.path.realpath(self.cfg.inbox))
+        return folder_inside(src, self.cfg.inbox)
 
     def _check_symlink(self, src: Path) -> None:
         if not src.is_symlink():
