@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import PROJECT_ROOT, Config
 
-ADVISOR_ID = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+ADVISOR_ID = re.compile(r"^[a-z][a-z0-9_-]{0,39}\Z")  # \Z: "$" would let a trailing newline in
 BUILTIN_DIR = PROJECT_ROOT / "advisors"
 
 

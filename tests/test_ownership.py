@@ -254,13 +254,14 @@ def test_inbox_folder_replaced_by_a_link_after_the_report_was_published(tmp_path
 @pytest.mark.parametrize("command", [
     ["adapters", "rollback", "--advisor", "../../x"],
     ["adapters", "rollback", "--advisor", "nobody"],
+    ["adapters", "rollback", "--advisor", "ansel\n"],
     ["adapters", "--advisor", "../../x"],
     ["train", "--advisor", "../../x"],
     ["evaluate", "--advisor", "../x"],
     ["references", "index", "--advisor", "../x"],
     ["references", "list", "--advisor", "../x"],
     ["analyze", "PHOTO", "--advisor", "../x"],
-], ids=lambda c: " ".join(c[:2]) + " " + c[-1])
+], ids=lambda c: " ".join(c[:2]) + " " + ascii(c[-1]))
 def test_an_unknown_or_invalid_advisor_is_one_line_and_nothing_is_created(tmp_path, smoke_model_path, command):
     home = make_home(tmp_path / "a" / "b" / "home", smoke_model_path)
     src = photo(tmp_path / "elsewhere" / "p.jpg", seed=7)
