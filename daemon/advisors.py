@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .config import PROJECT_ROOT, Config
 
-ADVISOR_ID = re.compile(r"^[a-z][a-z0-9_-]{0,39}$")
+ADVISOR_ID = re.compile(r"^[a-z][a-z0-9_-]{0,39}\Z")  # \Z: "$" would let a trailing newline in
 BUILTIN_DIR = PROJECT_ROOT / "advisors"
 
 
@@ -61,9 +61,15 @@ def references_dir(cfg: Config, advisor_id: str) -> Path:
 
 
 def get_advisor(cfg: Config, advisor_id: str) -> Advisor:
+    """The one check of an advisor id, for every command and the daemon: a known advisor, or UnknownAdvisor with a
+    message naming the known ones. An id is never used in a path before it has passed here."""
     advisors = load_advisors(cfg)
     if advisor_id in advisors:
         return advisors[advisor_id]
+    if not ADVISOR_ID.match(advisor_id):
+        raise UnknownAdvisor(
+            f"{advisor_id!r} is not an advisor id (lowercase letters, digits, '-' and '_', starting with a letter); "
+            f"known advisors: {', '.join(sorted(advisors)) or 'none'}")
     raise UnknownAdvisor(
         f"unknown advisor {advisor_id!r}; known advisors: {', '.join(sorted(advisors)) or 'none'}. "
         f"Add one as advisors/{advisor_id}/advisor.toml or use a known id")

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .advisors import UnknownAdvisor
 from .config import MODES, PROJECT_ROOT, ConfigError, load_config
 
 EX_CONFIG = 78
@@ -61,14 +62,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analyze import analyze_one
+    from .analyze import AnalyzeRefused, analyze_one
 
     cfg = _config(args)
     if args.mode and args.mode.lower() not in MODES:
         print(f"unknown mode {args.mode!r}; use one of {', '.join(MODES)}", file=sys.stderr)
         return 2
-    result = analyze_one(cfg, Path(args.photo), mode=args.mode.lower() if args.mode else None,
-                         advisor=args.advisor)
+    if len(args.photo) > 1:  # a shell pattern that matched several files
+        print(f"`mondrian analyze` takes one photo (got {len(args.photo)}); to analyse many, drop them into the "
+              f"inbox ({cfg.inbox})", file=sys.stderr)
+        return 2
+    try:
+        result = analyze_one(cfg, args.photo[0], mode=args.mode.lower() if args.mode else None,
+                             advisor=args.advisor)
+    except AnalyzeRefused as exc:
+        print(f"cannot analyze: {exc}", file=sys.stderr)
+        return exc.exit_code
     if args.json:
         print(json.dumps(result, indent=2, default=str))
     elif result["state"] == "done":
@@ -100,9 +109,11 @@ def cmd_retry(args: argparse.Namespace) -> int:
     from .retry import retry_failed
 
     cfg = _config(args)
-    moved = retry_failed(cfg, ids=args.ids or None)
+    moved, left = retry_failed(cfg, ids=args.ids or None)
     for line in moved:
         print(line)
+    for line in left:
+        print(line, file=sys.stderr)
     print(f"{len(moved)} photo(s) queued again", file=sys.stderr)
     return 0
 
@@ -123,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     an = sub.add_parser("analyze", help="analyse one photo now, without the daemon")
-    an.add_argument("photo")
+    an.add_argument("photo", nargs="+", help="one photo (it stays where it is)")
     an.add_argument("--mode", help=f"one of {', '.join(MODES)}")
     an.add_argument("--advisor", help="advisor id, e.g. ansel")
     an.add_argument("--model", help="model: 'smoke', a local folder or a hub id")
@@ -171,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         log.error("configuration problem: %s", exc)
         return EX_CONFIG
+    except UnknownAdvisor as exc:  # every --advisor of every command is checked by get_advisor
+        print(exc.args[0] if exc.args else exc, file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from peewee import (SQL, AutoField, BlobField, CharField, DatabaseProxy, FloatField, IntegerField, Model,
-                    SqliteDatabase, TextField, fn)
+from peewee import (SQL, AutoField, BlobField, BooleanField, CharField, DatabaseProxy, FloatField, IntegerField,
+                    Model, SqliteDatabase, TextField, fn)
 
 QUEUED, RUNNING, DONE, FAILED, GONE = "queued", "running", "done", "failed", "gone"
 STATES = (QUEUED, RUNNING, DONE, FAILED, GONE)
@@ -67,6 +67,9 @@ class Job(_Base):
     started_at = FloatField(null=True)
     finished_at = FloatField(null=True)
     analysis_s = FloatField(null=True)
+    # Whether Mondrian may move, rename or delete the file: only photos dropped into the inbox are its own.
+    # `mondrian analyze` jobs point at the user's file wherever it lies, and it must stay there whatever happens.
+    owns_file = BooleanField(default=True)
 
 
 class Event(_Base):
@@ -119,12 +122,23 @@ def _create_reference_table(db: SqliteDatabase) -> None:
         db.execute_sql(statement)
 
 
+def _add_job_owns_file(db: SqliteDatabase) -> None:
+    # A fresh ledger already has the column (the first migration creates today's Job table): add it only when
+    # missing. Existing rows made by `start_direct` (enqueued and started at the very same instant; an inbox job
+    # is claimed later than it was queued) are `mondrian analyze` jobs, whose files Mondrian does not own.
+    columns = {row[1] for row in db.execute_sql('PRAGMA table_info("job")').fetchall()}
+    if "owns_file" not in columns:
+        db.execute_sql('ALTER TABLE "job" ADD COLUMN "owns_file" INTEGER NOT NULL DEFAULT 1')
+        db.execute_sql('UPDATE "job" SET "owns_file" = 0 WHERE "enqueued_at" = "started_at"')
+
+
 MODELS: list[type[Model]] = [SchemaVersion, Job, Event, Reference]
 
 # Each migration moves the schema from version i to i+1. Append, never edit: a user's ledger may be at any step.
 MIGRATIONS: list[Callable[[SqliteDatabase], None]] = [
     lambda db: db.create_tables([Job, Event]),
     _create_reference_table,
+    _add_job_owns_file,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -240,7 +254,7 @@ class Ledger:
         now = time.time()
         return Job.create(source_path=str(source_path), rel_path=rel_path, advisor=advisor,
                           advisor_source=advisor_source, state=RUNNING, attempts=1, worker=worker_id(),
-                          enqueued_at=now, started_at=now)
+                          enqueued_at=now, started_at=now, owns_file=False)
 
     # -- claiming -----------------------------------------------------------------------------
     def claim(self, worker: str | None = None, now: float | None = None) -> Job | None:
@@ -340,7 +354,7 @@ class Ledger:
     def requeue_failed(self, job_id: int, source_path: Path) -> None:
         Job.update(state=QUEUED, source_path=str(source_path), attempts=0, not_before=0.0, worker=None,
                    output_dir=None, error=None, error_kind=None, finished_at=None).where(
-            (Job.id == job_id) & (Job.state == FAILED)).execute()
+            (Job.id == job_id) & (Job.state == FAILED) & (Job.owns_file == True)).execute()  # noqa: E712
 
     # -- reading ------------------------------------------------------------------------------
     def get(self, job_id: int) -> Job:

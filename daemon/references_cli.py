@@ -77,12 +77,12 @@ def cmd_index(args: argparse.Namespace) -> int:
     from .references import ReferenceIndexer
 
     cfg = _config(args)
-    cfg.ensure_dirs()
     try:
         advisors = _advisor_ids(cfg, args.advisor)
     except UnknownAdvisor as exc:
         print(str(exc).strip("'\""), file=sys.stderr)
         return 2
+    cfg.ensure_dirs()
     pid = _daemon_pid(cfg)
     if pid is not None and not args.force:
         print(f"The Mondrian daemon (pid {pid}) is running on {cfg.home}: it indexes new, changed and removed "

@@ -9,6 +9,7 @@ than analysed again, so nothing is ever processed twice.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import filecmp
 import json
@@ -50,6 +51,15 @@ class Cancelled(Exception):
 
 class TransientFailure(Exception):
     """Something outside the photo failed (model load, disk): retry later with backoff."""
+
+
+class OutsideInbox(PermanentFailure):
+    """The photo's folder, every link resolved, is not inside the inbox: nothing there may be moved or deleted."""
+
+
+OUTSIDE_INBOX = ("its folder is no longer inside the inbox (a folder on its path was replaced by a link to "
+                 "somewhere else); Mondrian never moves, renames or deletes anything outside its inbox, so the "
+                 "file was left where it is. Copy the photos themselves into the inbox")
 
 
 # Test-only fault injection (issue 3's crash soak): `MONDRIAN_TEST_CRASH_AT=<point>[:<n>]` makes the process
@@ -130,6 +140,12 @@ def _same_content(a: Path, b: Path) -> bool:
         return False
 
 
+def folder_inside(path: Path, root: Path) -> bool:
+    """Whether `path` lies in a folder that, with every link on its path resolved, is inside the real `root`.
+    The file itself may be a link: moving a link moves the link, never its target."""
+    return Path(os.path.realpath(path.parent)).is_relative_to(os.path.realpath(root))
+
+
 def _move_once(src: Path, dest: Path) -> None:
     """Move `src` to `dest` (or a free `dest`-2, -3 ... name); nothing to do if it is gone or already there."""
     if not os.path.lexists(src):
@@ -165,7 +181,9 @@ class Worker:
         """Requeue jobs a dead worker left running; give up on a photo that keeps killing the daemon."""
         n = 0
         for job in self.ledger.orphaned_running():
-            if job.attempts >= self.cfg.max_attempts:
+            if not job.owns_file:
+                self._recover_direct(job)
+            elif job.attempts >= self.cfg.max_attempts:
                 if job.output_dir and self._resume(job, False):
                     pass  # its outcome was already published: finish it, never record it twice
                 else:
@@ -177,6 +195,14 @@ class Worker:
             n += 1
         self._sweep_staging()
         return n
+
+    def _recover_direct(self, job: Job) -> None:
+        """A killed `mondrian analyze`: finish it from its published report, else fail it. Never take it over as
+        an inbox job: its photo is the user's and stays where it is."""
+        if job.output_dir and self._resume(job, True):
+            return
+        self._fail(job, "`mondrian analyze` was stopped before it finished; the photo was left where it is. Run "
+                        "`mondrian analyze` on it again", kind="transient")
 
     def _sweep_staging(self) -> None:
         """Remove staging folders left by killed runs (a live `mondrian analyze` keeps its own)."""
@@ -233,12 +259,16 @@ class Worker:
 
     # -- one job ------------------------------------------------------------------------------
     def process(self, job: Job, *, keep_original: bool = False, mode_override: str | None = None) -> None:
+        keep_original = keep_original or not job.owns_file
         if job.output_dir and self._resume(job, keep_original):
             return
         src = Path(job.source_path)
         if not os.path.lexists(src):
             self.ledger.mark_gone(job.id, "the file was removed from the inbox before it was analysed")
             log.info("gone before analysis: %s", job.rel_path)
+            return
+        if not keep_original and not self._inside_inbox(src):
+            self._fail(job, OUTSIDE_INBOX)
             return
         if not keep_original and not self._settled(job, src):
             return
@@ -304,6 +334,9 @@ class Worker:
             return True
         self.ledger.requeue_changed(job.id, st.st_size, st.st_mtime, delay_s=self.cfg.quiet_seconds)
         return False
+
+    def _inside_inbox(self, src: Path) -> bool:
+        return folder_inside(src, self.cfg.inbox)
 
     def _check_symlink(self, src: Path) -> None:
         if not src.is_symlink():
@@ -387,7 +420,17 @@ class Worker:
             if src.exists() and not (final / src.name).exists():
                 shutil.copy2(src, final / src.name)
         else:
-            self._move_with_sidecar(src, final)
+            try:
+                self._move_with_sidecar(src, final)
+            except OutsideInbox as exc:
+                # Its folder turned into a link out of the inbox after the claim. If the original is not in the
+                # report folder yet (a move only picks another name when this one is taken), the report of a file
+                # Mondrian cannot take in is withdrawn and the job fails with the reason; else it was moved in
+                # before the link appeared and the job is finished.
+                if not os.path.lexists(final / src.name):
+                    shutil.rmtree(final, ignore_errors=True)
+                    self._fail(job, str(exc))
+                    return
             _crashpoint("moved")
         self.ledger.finish(job.id, effective_mode=report["mode"]["effective"], fallbacks=report["mode"]["fallbacks"],
                            report_json=final / "report.json", report_html=final / "report.html",
@@ -400,7 +443,10 @@ class Worker:
     def _move_with_sidecar(self, src: Path, dest_dir: Path, dest: Path | None = None) -> None:
         """Move the original (to `dest`, else its own name in `dest_dir`) and its sidecar. Safe to repeat after a
         kill: a sidecar left behind by a kill between the two moves is still found, and a copy completed by a
-        killed cross-filesystem move is recognised instead of being copied a second time."""
+        killed cross-filesystem move is recognised instead of being copied a second time. Refuses (OutsideInbox)
+        when the file's folder is not inside the real inbox, whatever links lie on its path."""
+        if not self._inside_inbox(src):
+            raise OutsideInbox(OUTSIDE_INBOX)
         sidecar = sidecar_for(src)
         _move_once(src, dest or dest_dir / src.name)
         if sidecar is not None and os.path.lexists(sidecar):
@@ -412,6 +458,7 @@ class Worker:
 
     def _resume(self, job: Job, keep_original: bool) -> bool:
         """Finish a job whose outcome was published before a crash instead of analysing it again."""
+        keep_original = keep_original or not job.owns_file
         out = Path(job.output_dir)
         report_file = out / "report.json"
         error_file = Path(f"{out}.error.json")
@@ -425,15 +472,15 @@ class Worker:
                 record = json.loads(error_file.read_text(encoding="utf-8"))
                 if record.get("job_id") == job.id:
                     if not keep_original:
-                        self._move_with_sidecar(Path(job.source_path), out.parent, out)
+                        with contextlib.suppress(OutsideInbox):  # recorded as failed; the file stays put
+                            self._move_with_sidecar(Path(job.source_path), out.parent, out)
                     self.ledger.fail(job.id, record["reason"], out, kind=record.get("kind", "permanent"))
                     return True
             dup_file = Path(f"{out}.duplicate.json")
             if dup_file.exists() and not keep_original:
                 record = json.loads(dup_file.read_text(encoding="utf-8"))
                 if record.get("job_id") == job.id:
-                    self._move_with_sidecar(Path(job.source_path), out.parent, out)
-                    self.ledger.finish_duplicate(job.id, self.ledger.get(record["duplicate_of_job"]), out)
+                    self._move_duplicate(job, out)
                     return True
         except (OSError, ValueError, LookupError):
             pass
@@ -450,11 +497,23 @@ class Worker:
                   "reason": "the same photo was already analysed for this advisor and mode"}
         atomic_write_text(Path(f"{dest}.duplicate.json"), json.dumps(record, indent=2, ensure_ascii=False))
         _crashpoint("dup_recorded")
-        self._move_with_sidecar(src, dup_dir, dest)
+        if self._move_duplicate(job, dest):
+            log.info("duplicate: %s is the same photo as job %s; see %s", job.rel_path, first.id,
+                     self._shown(Path(first.report_html or "")))
+
+    def _move_duplicate(self, job: Job, dest: Path) -> bool:
+        """Move a recorded duplicate into duplicates/ and finish it; fail it instead if it left the inbox."""
+        try:
+            self._move_with_sidecar(Path(job.source_path), dest.parent, dest)
+        except OutsideInbox as exc:
+            if not os.path.lexists(dest):  # else it was moved in before its folder became a link out
+                Path(f"{dest}.duplicate.json").unlink(missing_ok=True)
+                self._fail(job, str(exc))
+                return False
         _crashpoint("dup_moved")
-        self.ledger.finish_duplicate(job.id, first, dest)
-        log.info("duplicate: %s is the same photo as job %s; see %s", job.rel_path, first.id,
-                 self._shown(Path(first.report_html or "")))
+        record = json.loads(Path(f"{dest}.duplicate.json").read_text(encoding="utf-8"))
+        self.ledger.finish_duplicate(job.id, self.ledger.get(record["duplicate_of_job"]), dest)
+        return True
 
     # -- failures -----------------------------------------------------------------------------
     def _transient(self, job: Job, reason: str) -> None:
@@ -468,6 +527,7 @@ class Worker:
         self.ledger.retry_later(job.id, reason, delay)
 
     def _fail(self, job: Job, reason: str, kind: str = "permanent", keep_original: bool = False) -> None:
+        keep_original = keep_original or not job.owns_file
         src = Path(job.source_path)
         failed = self.cfg.failed_dir
         dest: Path | None = None
@@ -478,12 +538,15 @@ class Worker:
             self.ledger.reserve_output(job.id, dest)
             record = {"job_id": job.id, "file": src.name, "reason": reason, "kind": kind,
                       "advisor": job.advisor, "failed_at": _now_iso(),
-                      "what_to_do": "Fix the photo (or the sidecar) and drop it into the inbox again."}
+                      "what_to_do": "Fix the photo (or the sidecar) and drop it into the inbox again." if job.owns_file
+                      else "The photo was left where it is: fix it, then run `mondrian analyze` on it again."}
             atomic_write_text(Path(f"{dest}.error.json"), json.dumps(record, indent=2, ensure_ascii=False))
             _crashpoint("fail_recorded")
             if not keep_original:
                 self._move_with_sidecar(src, failed, dest)
                 _crashpoint("fail_moved")
+        except OutsideInbox:
+            log.warning("left %s where it is: its folder is no longer inside the inbox", job.rel_path)
         except OSError as exc:
             log.error("could not move %s to %s: %s", job.rel_path, failed, exc)
         self.ledger.fail(job.id, reason, dest, kind=kind)

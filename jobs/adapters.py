@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from daemon.advisors import ADVISOR_ID
 from daemon.report import atomic_write_text, fsync_dir
 
 # The same names as daemon.model.adapters (kept literal here so listing adapters never imports MLX).
@@ -108,12 +109,14 @@ class AdapterStore:
         self.keep = max(1, int(keep))
 
     def advisor_dir(self, advisor: str) -> Path:
+        if not ADVISOR_ID.match(advisor):  # never a path out of the adapters folder, whoever the caller is
+            raise AdapterStoreError(f"{advisor!r} is not an advisor id")
         return self.root / advisor
 
     def advisors(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        return sorted(p.name for p in self.root.iterdir() if p.is_dir() and ADVISOR_ID.match(p.name))
 
     # -- reading ---------------------------------------------------------------------------------
     def versions(self, advisor: str) -> list[Version]:

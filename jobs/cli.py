@@ -20,13 +20,9 @@ def _config(args: argparse.Namespace):
 
 
 def _advisor(cfg, advisor_id: str):
-    from daemon.advisors import UnknownAdvisor, get_advisor
+    from daemon.advisors import get_advisor
 
-    try:
-        return get_advisor(cfg, advisor_id)
-    except UnknownAdvisor as exc:
-        print(str(exc).strip("'\""), file=sys.stderr)
-        raise SystemExit(2)
+    return get_advisor(cfg, advisor_id)  # UnknownAdvisor: one line and exit 2 (daemon/cli.py main)
 
 
 def _duration(seconds: float | None) -> str:
@@ -93,8 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .train import run_training
 
     cfg = _config(args)
-    cfg.ensure_dirs()
     advisor = _advisor(cfg, args.advisor)
+    cfg.ensure_dirs()
     ledger = Ledger(cfg.db_path)
     bar = ProgressBar()
     recorder = ProgressRecorder(ledger, advisor.id)
@@ -139,7 +135,7 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     store = AdapterStore(cfg.adapters_dir)
-    advisors = [args.advisor] if args.advisor else store.advisors()
+    advisors = [_advisor(cfg, args.advisor).id] if args.advisor else store.advisors()
     rows = []
     for a in advisors:
         current = store.current_name(a)
@@ -170,6 +166,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from .adapters import AdapterStore, AdapterStoreError, Busy
 
     cfg = _config(args)
+    _advisor(cfg, args.advisor)
     store = AdapterStore(cfg.adapters_dir)
     try:
         with store.lock(args.advisor, wait=False):
