@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
 import threading
@@ -30,7 +31,7 @@ from .inbox import SidecarError, read_sidecar, safe_stem, sidecar_for, unique_pa
 from .ledger import DONE, FAILED, Job, Ledger
 from .limits import AnalysisCancelled, AnalysisTimedOut
 from .report import IndexEntry, atomic_write_text, write_index, write_report_folder
-from .strategies import AnalysisContext, build_strategies, resolve
+from .strategies import AnalysisContext, AnalysisResult, Strategy, build_strategies, resolve
 
 log = logging.getLogger("mondrian.worker")
 
@@ -53,21 +54,41 @@ class TransientFailure(Exception):
 
 # Test-only fault injection (issue 3's crash soak): `MONDRIAN_TEST_CRASH_AT=<point>[:<n>]` makes the process
 # SIGKILL itself the n-th time (default 1st) it reaches <point>, to hit the narrow windows of publishing that
-# random external kills rarely land in. Unset (always, outside tests) it costs one dict lookup.
+# random external kills rarely land in. `MONDRIAN_TEST_STOP_AT=<point>[:<n>]` makes it SIGSTOP itself there
+# (the n-th time only), so a test can act while a photo is in hand (kill it from outside, overwrite the photo)
+# whatever the machine's speed, then SIGCONT or SIGKILL it. The analysis points ("analysing", "analysed") are
+# reached by the isolation check's child process too. Unset (always, outside tests) they cost one dict lookup.
 _CRASH_AT = os.environ.get("MONDRIAN_TEST_CRASH_AT", "")
+_STOP_AT = os.environ.get("MONDRIAN_TEST_STOP_AT", "")
 _crash_hits: dict[str, int] = {}
 
 
 def _crashpoint(name: str) -> None:
-    if not _CRASH_AT:
-        return
-    point, _, nth = _CRASH_AT.partition(":")
-    if point != name:
+    if not (_CRASH_AT or _STOP_AT):
         return
     _crash_hits[name] = _crash_hits.get(name, 0) + 1
-    if _crash_hits[name] >= int(nth or 1):
+    point, _, nth = _CRASH_AT.partition(":")
+    if point == name and _crash_hits[name] >= int(nth or 1):
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
+    point, _, nth = _STOP_AT.partition(":")
+    if point == name and _crash_hits[name] == int(nth or 1):
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+# Test-only: `MONDRIAN_TEST_POISON=<file name>` makes the analysis of a photo of that name abort the process
+# (SIGABRT, as a native crash in a decoder or in the model would), in the daemon and in the isolation check's
+# child alike: a truly poisonous photo, which must be set aside while the others are served.
+_POISON = os.environ.get("MONDRIAN_TEST_POISON", "")
+
+
+def _poison_point(src: Path) -> None:
+    if _POISON and src.name == _POISON:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file from a deliberate crash
+        logging.shutdown()
+        os.abort()
 
 
 def _now_iso(ts: float | None = None) -> str:
@@ -261,25 +282,16 @@ class Worker:
             return
         if self.stop.is_set():
             raise Cancelled()
-        try:
-            runtime = self.load_runtime()
-        except Exception as exc:  # a model that fails to load may load next time (memory, disk, a mount)
-            log.error("could not load the model: %s: %s", type(exc).__name__, exc)
-            raise TransientFailure(f"the model could not be loaded ({type(exc).__name__}: {exc})") from exc
-        strategy, fallbacks = resolve(requested, advisor, self.strategies)
-        log.info("analysing %s as %s (%s%s)", job.rel_path, advisor.name, strategy.name,
-                 f", asked for {requested}" if strategy.name != requested else "")
         t1 = time.perf_counter()
-        limit = self.cfg.job_timeout_seconds
         try:
-            result = strategy.analyse(AnalysisContext(runtime=runtime, cfg=self.cfg, advisor=advisor, photo=photo,
-                                                      cancel=self.stop, deadline=time.monotonic() + limit))
+            strategy, fallbacks, result = self._analyse(job, src, photo, advisor, requested)
         except AnalysisTimedOut:
             self._clean_staging(job)
-            self._fail(job, f"analysis took longer than {limit:g} s (job_timeout_seconds) and was stopped so "
-                            f"the rest of the inbox can go on", keep_original=keep_original)
+            self._fail(job, f"analysis took longer than {self.cfg.job_timeout_seconds:g} s (job_timeout_seconds) "
+                            f"and was stopped so the rest of the inbox can go on", keep_original=keep_original)
             return
         analysis_s = time.perf_counter() - t1
+        _crashpoint("analysed")
         if not keep_original and _identity(src) != before:
             # Overwritten while it was analysed: the report must describe the final bytes, so start over.
             self.ledger.requeue(job.id, "the file changed while it was analysed; it will be analysed again",
@@ -289,6 +301,25 @@ class Worker:
         report = self._assemble(job, src, photo, advisor, requested, source, strategy.name, fallbacks, result,
                                 {"decode_s": decode_s, "analysis_s": analysis_s, **result.timings})
         self._publish(job, src, photo, report, result.files, keep_original)
+
+    def _analyse(self, job: Job, src: Path, photo: LoadedImage, advisor: Advisor,
+                 requested: str) -> tuple[Strategy, list[dict[str, str]], AnalysisResult]:
+        """The model's part of a job, where a native crash would happen: shared by `process` and the isolation
+        check (daemon/isolation.py), so that the check runs exactly what crashed the daemon."""
+        try:
+            runtime = self.load_runtime()
+        except Exception as exc:  # a model that fails to load may load next time (memory, disk, a mount)
+            log.error("could not load the model: %s: %s", type(exc).__name__, exc)
+            raise TransientFailure(f"the model could not be loaded ({type(exc).__name__}: {exc})") from exc
+        strategy, fallbacks = resolve(requested, advisor, self.strategies)
+        log.info("analysing %s as %s (%s%s)", job.rel_path, advisor.name, strategy.name,
+                 f", asked for {requested}" if strategy.name != requested else "")
+        _crashpoint("analysing")
+        _poison_point(src)
+        result = strategy.analyse(AnalysisContext(runtime=runtime, cfg=self.cfg, advisor=advisor, photo=photo,
+                                                  cancel=self.stop,
+                                                  deadline=time.monotonic() + self.cfg.job_timeout_seconds))
+        return strategy, fallbacks, result
 
     def _settled(self, job: Job, src: Path) -> bool:
         """A file touched within the quiet time is still being written: look again later."""
