@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import filecmp
+import hashlib
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import re
 import resource
 import shutil
 import signal
+import stat
 import threading
 import time
 from datetime import datetime, timezone
@@ -27,6 +29,7 @@ from typing import Any, Callable
 from .advisors import Advisor, UnknownAdvisor, get_advisor, load_advisors
 from .config import Config
 from .images import ImageRejected, LoadedImage, load_photo
+from .isolation import check_alone
 from .inbox import SidecarError, read_sidecar, safe_stem, sidecar_for, unique_path
 from .ledger import DONE, FAILED, Job, Ledger
 from .limits import AnalysisCancelled, AnalysisTimedOut
@@ -131,12 +134,34 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _identity(path: Path) -> tuple[int, int, int] | None:
+def _identity(path: Path) -> tuple[int, int, int, int, int] | None:
+    """What changes when a file's bytes do: ctime too, because a rewrite can keep inode and size and put the old
+    mtime back (`os.utime`, `touch -r`, `cp -p` onto the same file), but nothing can set ctime back."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _holds(path: Path, before: tuple[int, int, int, int, int] | None, sha256: str) -> bool:
+    """Whether `path` still holds the bytes that were analysed (`before` was its identity before they were read,
+    `sha256` their hash). Only ctime moved: metadata (permissions, extended attributes, a hard link) or a rewrite
+    that put the old mtime back, which only the content tells apart."""
+    now = _identity(path)
+    if now == before:
+        return True
+    if now is None or before is None or now[:4] != before[:4]:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # never wait on a FIFO swapped in meanwhile
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != now[:2]:
+            return False
+        return hashlib.file_digest(f, "sha256").hexdigest() == sha256
 
 
 def _same_content(a: Path, b: Path) -> bool:
@@ -182,21 +207,58 @@ class Worker:
         return self.runtime
 
     def recover(self) -> int:
-        """Requeue jobs a dead worker left running; give up on a photo that keeps killing the daemon."""
+        """Requeue jobs a dead process left running; set aside a photo shown to crash the analysis by itself."""
         n = 0
         for job in self.ledger.orphaned_running():
             if job.attempts >= self.cfg.max_attempts:
                 if job.output_dir and self._resume(job, False):
                     pass  # its outcome was already published: finish it, never record it twice
                 else:
-                    self._fail(job, f"Mondrian stopped {job.attempts} times while analysing this photo; it was "
-                                    f"set aside so the rest of the inbox can go on", kind="permanent")
+                    self._judge(job)
             else:
                 self.ledger.requeue(job.id, "interrupted (Mondrian stopped while analysing it); queued again",
                                     keep_place=True)
             n += 1
+        self.ledger.sweep_run_locks()
         self._sweep_staging()
         return n
+
+    def _judge(self, job: Job) -> None:
+        """Mondrian died `max_attempts` times with this photo in hand: it may be the photo, or the machine (a
+        restarted service, the OOM killer, a forced shutdown). Only an analysis of it alone can tell."""
+        log.warning("Mondrian stopped %d times while analysing %s; checking whether the photo itself is the cause",
+                    job.attempts, job.rel_path)
+        verdict = check_alone(self.cfg, job.id, self.stop)
+        if verdict.crashed:
+            self._fail(job, f"Mondrian stopped {job.attempts} times while analysing this photo, and analysing it alone "
+                            f"crashed too ({verdict.detail}); it was set aside so the rest of the inbox can go on. "
+                            f"Export it again (another format or size) and drop the new file into the inbox",
+                       kind="permanent")
+        elif verdict.crashed is False:
+            log.info("%s is not the cause of the crashes: %s; queued again", job.rel_path, verdict.detail)
+            self.ledger.requeue(job.id, f"Mondrian stopped {job.attempts} times while analysing it, but the photo is "
+                                        f"not the cause: {verdict.detail}; queued again", reset_attempts=True)
+        elif not self.stop.is_set():
+            log.warning("could not tell whether %s crashes the analysis: %s; queued again", job.rel_path,
+                        verdict.detail)
+            self.ledger.requeue(job.id, f"interrupted; whether the photo itself crashes the analysis is not known "
+                                        f"yet ({verdict.detail}); queued again")
+        # Stopping: the job stays as the crash left it, and the next start checks it again.
+
+    def analyse_alone(self, job: Job) -> str:
+        """Decode and analyse `job`'s photo as `process` would, publishing nothing and writing nothing to the
+        ledger (the isolation check's child); returns how it went, in words. A crash here is the verdict."""
+        src = Path(job.source_path)
+        override = job.requested_mode if job.mode_source == "command" else None
+        try:
+            self._check_symlink(src)  # what `process` refuses to read, the check does not read either
+            requested, _ = self._requested_mode(src, override)
+            advisor = self._advisor(job.advisor)
+            photo = load_photo(src, self.cfg.max_pixels)
+            self._analyse(job, src, photo, advisor, requested)
+        except Exception as exc:  # not a crash: `process` will meet it again and deal with it
+            return f"{type(exc).__name__}: {exc}"
+        return "analysed"
 
     def _sweep_staging(self) -> None:
         """Remove staging folders left by killed runs (a live `mondrian analyze` keeps its own)."""
@@ -292,7 +354,7 @@ class Worker:
             return
         analysis_s = time.perf_counter() - t1
         _crashpoint("analysed")
-        if not keep_original and _identity(src) != before:
+        if not keep_original and not _holds(src, before, photo.sha256):
             # Overwritten while it was analysed: the report must describe the final bytes, so start over.
             self.ledger.requeue(job.id, "the file changed while it was analysed; it will be analysed again",
                                 delay_s=self.cfg.quiet_seconds, undo_attempt=True)
