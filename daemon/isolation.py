@@ -40,7 +40,9 @@ log = logging.getLogger("mondrian.isolation")
 CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE,
                            signal.SIGSYS, signal.SIGTRAP, signal.SIGKILL})
 LOAD_LIMIT_S = 600.0  # the child's model load; past it the check is abandoned, without a verdict
-HANG_GRACE_S = 60.0  # past job_timeout_seconds the analysis is no longer stopping between tokens: it hangs
+# The analysis stops itself at job_timeout_seconds, checked between tokens; twice that and 10 s more and it is not
+# stopping at all (a decoder or a prefill stuck in native code): in the daemon it would hang the worker for good.
+HANG_GRACE_S = 10.0
 DEATH_GRACE_S = 1.0  # a daemon being killed with its child (a shutdown) dies within this, before any verdict
 
 
@@ -74,8 +76,8 @@ def check_alone(cfg: Config, job_id: int, stop: threading.Event) -> Verdict:
                 return Verdict(None, "Mondrian was stopped during the check")
             if time.monotonic() > deadline:
                 if touched_photo:
-                    return Verdict(True, f"analysing it alone did not finish within "
-                                         f"{cfg.job_timeout_seconds + HANG_GRACE_S:g} s")
+                    return Verdict(True, f"it hung: the separate process had not finished after "
+                                         f"{2 * cfg.job_timeout_seconds + HANG_GRACE_S:g} s")
                 return Verdict(None, f"the separate process did not load the model within {LOAD_LIMIT_S:g} s")
             try:
                 event = lines.get(timeout=0.2)
@@ -85,7 +87,7 @@ def check_alone(cfg: Config, job_id: int, stop: threading.Event) -> Verdict:
                 break
             if event.get("event") == "photo":
                 touched_photo = True
-                deadline = time.monotonic() + cfg.job_timeout_seconds + HANG_GRACE_S
+                deadline = time.monotonic() + 2 * cfg.job_timeout_seconds + HANG_GRACE_S
             elif event.get("event") == "done":
                 finished = True
                 outcome = str(event.get("outcome", ""))

@@ -230,10 +230,10 @@ class Worker:
                     job.attempts, job.rel_path)
         verdict = check_alone(self.cfg, job.id, self.stop)
         if verdict.crashed:
-            self._fail(job, f"Mondrian stopped {job.attempts} times while analysing this photo, and analysing it alone "
-                            f"crashed too ({verdict.detail}); it was set aside so the rest of the inbox can go on. "
-                            f"Export it again (another format or size) and drop the new file into the inbox",
-                       kind="permanent")
+            self._fail(job, f"Mondrian stopped {job.attempts} times while analysing this photo, and an analysis of it "
+                            f"alone in a separate process broke too ({verdict.detail}); it was set aside so the rest "
+                            f"of the inbox can go on. Export it again (another format or size) and drop the new file "
+                            f"into the inbox", kind="permanent")
         elif verdict.crashed is False:
             log.info("%s is not the cause of the crashes: %s; queued again", job.rel_path, verdict.detail)
             self.ledger.requeue(job.id, f"Mondrian stopped {job.attempts} times while analysing it, but the photo is "

@@ -105,14 +105,27 @@ def test_an_ordinary_photo_in_hand_at_more_than_max_attempts_kills_still_gets_it
     job = _jobs(home)["ordinary.jpg"]
     assert (job.state, job.attempts) == ("running", 3), (job.state, job.attempts, job.error)
 
+    # A graceful stop (SIGTERM) during the check: no verdict either, the child is ended, the daemon exits 0 at once.
+    with Daemon(home, smoke_model_path, MONDRIAN_TEST_STOP_AT="analysing") as d:
+        m = wait_for(lambda: re.search(r"separate process \(pid (\d+)\)", d.output()), 90, interval=0.05,
+                     what="the isolation check to start")
+        child = int(m.group(1))
+        wait_for(lambda: _state(child) == "T", 90, interval=0.05, what="the isolation child mid-analysis")
+        d.signal(signal.SIGTERM)
+        assert d.wait(30) == 0, d.output()
+    wait_for(lambda: not _alive(child), 30, what=f"the isolation child {child} to be ended by the stop")
+    job = _jobs(home)["ordinary.jpg"]
+    assert (job.state, job.attempts) == ("running", 3), (job.state, job.attempts, job.error)
+
     # Then it runs in peace: the check clears the photo and it gets its report.
     with Daemon(home, smoke_model_path, "--once") as d:
         assert d.wait(180) == 0, d.output()
         log = d.output()
     assert "not the cause" in log, log
+    assert _jobs(home)["ordinary.jpg"].attempts == 1  # cleared: the crashes no longer count against it
     assert _report_of(home, "ordinary.jpg")["photo"]["sha256"] == _sha(data)
     assert not list((home / "outbox" / "failed").iterdir())
-    print(f"kills=4 (3 in the daemon, 1 during the isolation check) -> report; job {_jobs(home)['ordinary.jpg'].id}")
+    print("kills=4 (3 while analysing, 1 during the isolation check) + 1 SIGTERM during the check -> report")
 
 
 def test_a_photo_that_crashes_its_analysis_alone_is_set_aside_and_the_others_are_served(tmp_path,
@@ -142,6 +155,26 @@ def test_a_photo_that_crashes_its_analysis_alone_is_set_aside_and_the_others_are
     assert _report_of(home, "fine.jpg")["photo"]["sha256"] == _sha(fine)
     assert _report_of(home, "later.jpg")["photo"]["sha256"] == _sha(later)
     print(f"poison.jpg set aside after {len(exits) - 1} crashes and a crash alone: {job.error}")
+
+
+def test_a_photo_whose_analysis_hangs_even_alone_is_set_aside(tmp_path, smoke_model_path):
+    # In the daemon a hang in native code (a decoder, a prefill) is not stopped by job_timeout_seconds, which is
+    # checked between tokens; a user restarting the hung service again and again is what counts the crashes here.
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST, max_attempts=1, job_timeout_seconds=1)
+    photo(home / "inbox" / "stuck.jpg", seed=4, size=(64, 48))
+    with Daemon(home, smoke_model_path, MONDRIAN_TEST_STOP_AT="analysing") as d:
+        _wait_stopped(d.proc.pid, "the daemon", d.proc, d.output())
+        d.proc.send_signal(signal.SIGKILL)
+        d.wait()
+    # The check's child holds itself mid-analysis too: from outside, exactly a hang.
+    with Daemon(home, smoke_model_path, "--once", MONDRIAN_TEST_STOP_AT="analysing") as d:
+        assert d.wait(120) == 0, d.output()
+        log = d.output()
+    child = int(re.search(r"separate process \(pid (\d+)\)", log).group(1))
+    assert not _alive(child)
+    job = _jobs(home)["stuck.jpg"]
+    assert job.state == "failed" and "hung" in job.error, (job.state, job.error)
+    assert (home / "outbox" / "failed" / "stuck.jpg").exists()
 
 
 # -- a job whose pid was reused is still recovered ------------------------------------------------------------
