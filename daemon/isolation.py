@@ -62,9 +62,11 @@ def _signal_name(rc: int) -> str:
 def check_alone(cfg: Config, job_id: int, stop: threading.Event) -> Verdict:
     """Analyse job `job_id`'s photo in a child process and judge whether the photo crashes the analysis."""
     cmd = [sys.executable, "-m", "daemon.isolation", "--home", str(cfg.home), "--model", cfg.model, str(job_id)]
+    # The daemon's own working directory (a relative model path means the same folder) and this very package.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),
+                                                                     os.environ.get("PYTHONPATH")]))}
     # A new session: a Ctrl-C meant for the daemon must not look like a crash of the check.
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=PROJECT_ROOT,
-                            start_new_session=True)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True)
     log.warning("analysing it alone in a separate process (pid %d)", proc.pid)
     lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
     threading.Thread(target=_read_events, args=(proc, lines), daemon=True, name="isolation-events").start()

@@ -234,7 +234,7 @@ class Ledger:
             pass
         os.close(fd)
 
-    def _runs(self, worker: str | None) -> bool:
+    def _signer_runs(self, worker: str | None) -> bool:
         """Whether the process that signed `worker` still runs. Unsigned (an older Mondrian's `host:pid`, a
         failed lock) or not locked: it is gone, whatever process has its pid now."""
         if self._run is not None and worker == self._run[2]:
@@ -330,7 +330,7 @@ class Ledger:
     def orphaned_running(self) -> list[Job]:
         """Jobs left running by a process that no longer runs (crash, SIGKILL, power loss), even if its pid has
         been given to another process since (a reboot, or the new daemon itself)."""
-        return [j for j in Job.select().where(Job.state == RUNNING).order_by(Job.id) if not self._runs(j.worker)]
+        return [j for j in Job.select().where(Job.state == RUNNING).order_by(Job.id) if not self._signer_runs(j.worker)]
 
     # -- progress inside a job ----------------------------------------------------------------
     def set_mode(self, job_id: int, requested: str, source: str) -> None:

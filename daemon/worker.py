@@ -29,8 +29,8 @@ from typing import Any, Callable
 from .advisors import Advisor, UnknownAdvisor, get_advisor, load_advisors
 from .config import Config
 from .images import ImageRejected, LoadedImage, load_photo
-from .isolation import check_alone
 from .inbox import SidecarError, read_sidecar, safe_stem, sidecar_for, unique_path
+from .isolation import check_alone
 from .ledger import DONE, FAILED, Job, Ledger
 from .limits import AnalysisCancelled, AnalysisTimedOut
 from .report import IndexEntry, atomic_write_text, write_index, write_report_folder
@@ -59,8 +59,9 @@ class TransientFailure(Exception):
 # SIGKILL itself the n-th time (default 1st) it reaches <point>, to hit the narrow windows of publishing that
 # random external kills rarely land in. `MONDRIAN_TEST_STOP_AT=<point>[:<n>]` makes it SIGSTOP itself there
 # (the n-th time only), so a test can act while a photo is in hand (kill it from outside, overwrite the photo)
-# whatever the machine's speed, then SIGCONT or SIGKILL it. The analysis points ("analysing", "analysed") are
-# reached by the isolation check's child process too. Unset (always, outside tests) they cost one dict lookup.
+# whatever the machine's speed, then SIGCONT or SIGKILL it. The point "analysing" (the photo decoded, the model
+# about to run) is reached by the isolation check's child process too. Unset (always, outside tests) they cost one
+# dict lookup.
 _CRASH_AT = os.environ.get("MONDRIAN_TEST_CRASH_AT", "")
 _STOP_AT = os.environ.get("MONDRIAN_TEST_STOP_AT", "")
 _crash_hits: dict[str, int] = {}
@@ -353,7 +354,6 @@ class Worker:
                             f"and was stopped so the rest of the inbox can go on", keep_original=keep_original)
             return
         analysis_s = time.perf_counter() - t1
-        _crashpoint("analysed")
         if not keep_original and not _holds(src, before, photo.sha256):
             # Overwritten while it was analysed: the report must describe the final bytes, so start over.
             self.ledger.requeue(job.id, "the file changed while it was analysed; it will be analysed again",

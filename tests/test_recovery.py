@@ -189,6 +189,33 @@ os.execv(sys.executable, [sys.executable, "-m", "daemon", "run", "--once"])  # t
 """
 
 
+_HOLDER = """
+import sys, time
+from daemon.ledger import Ledger
+ledger = Ledger(sys.argv[1])
+print(ledger.claim().worker, flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_job_is_live_exactly_while_the_process_that_signed_it_runs(tmp_path):
+    db = tmp_path / "ledger.db"
+    ledger = Ledger(db)
+    job = ledger.enqueue(tmp_path / "a.jpg", "a.jpg", "ansel", "default", 1, 1.0)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(db)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    try:
+        signed = holder.stdout.readline().strip()
+        host, pid, token = signed.split(":")
+        assert (host, int(pid)) == (socket.gethostname(), holder.pid) and re.fullmatch(r"[0-9a-f]{16}", token)
+        assert ledger.orphaned_running() == [] and ledger.sweep_run_locks() == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert [j.id for j in ledger.orphaned_running()] == [job.id]
+    assert ledger.sweep_run_locks() == 1 and not list(ledger.runs_dir.iterdir())
+    assert [j.id for j in ledger.orphaned_running()] == [job.id]  # its lock file gone: still not live
+
+
 def test_a_job_left_running_under_a_pid_that_is_alive_again_is_recovered(tmp_path, smoke_model_path):
     home = make_home(tmp_path / "home", smoke_model_path, **FAST)
     db = home / "var" / "ledger.db"
