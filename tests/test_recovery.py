@@ -170,10 +170,9 @@ def test_a_photo_whose_analysis_hangs_even_alone_is_set_aside(tmp_path, smoke_mo
     with Daemon(home, smoke_model_path, "--once", MONDRIAN_TEST_STOP_AT="analysing") as d:
         assert d.wait(120) == 0, d.output()
         log = d.output()
-    child = int(re.search(r"separate process \(pid (\d+)\)", log).group(1))
-    assert not _alive(child)
     job = _jobs(home)["stuck.jpg"]
     assert job.state == "failed" and "hung" in job.error, (job.state, job.error)
+    assert not _alive(int(re.search(r"separate process \(pid (\d+)\)", log).group(1)))
     assert (home / "outbox" / "failed" / "stuck.jpg").exists()
 
 
