@@ -35,8 +35,9 @@ from .config import PROJECT_ROOT, Config
 log = logging.getLogger("mondrian.isolation")
 
 # Deaths that mean the process crashed. SIGKILL is there because it is how the OOM killer (and macOS's jetsam)
-# ends a process that needed too much memory for this photo; the daemon sends it only when it stops the check
-# itself, which it knows. SIGTERM, SIGINT and SIGHUP are someone stopping things (a shutdown): no verdict.
+# ends a process that needed too much memory for this photo; but a person (or memory pressure from elsewhere) may
+# send it too, so it convicts only when two checks in a row end with it. The daemon sends it only when it ends the
+# check itself, which it knows. SIGTERM, SIGINT and SIGHUP are someone stopping things (a shutdown): no verdict.
 CRASH_SIGNALS = frozenset({signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE,
                            signal.SIGSYS, signal.SIGTRAP, signal.SIGKILL})
 LOAD_LIMIT_S = 600.0  # the child's model load; past it the check is abandoned, without a verdict
@@ -50,6 +51,7 @@ DEATH_GRACE_S = 1.0  # a daemon being killed with its child (a shutdown) dies wi
 class Verdict:
     crashed: bool | None  # True: set the photo aside; False: the photo is not the cause; None: no verdict
     detail: str
+    killed: bool = False  # the crash was a SIGKILL
 
 
 def _signal_name(rc: int) -> str:
@@ -61,6 +63,17 @@ def _signal_name(rc: int) -> str:
 
 def check_alone(cfg: Config, job_id: int, stop: threading.Event) -> Verdict:
     """Analyse job `job_id`'s photo in a child process and judge whether the photo crashes the analysis."""
+    verdict = _check_once(cfg, job_id, stop)
+    if verdict.crashed and verdict.killed:
+        log.warning("%s; checking once more, as a SIGKILL may have come from outside", verdict.detail)
+        verdict = _check_once(cfg, job_id, stop)
+        if verdict.crashed and verdict.killed:
+            return Verdict(True, "the separate process was killed (SIGKILL) twice in a row, perhaps out of memory",
+                           killed=True)
+    return verdict
+
+
+def _check_once(cfg: Config, job_id: int, stop: threading.Event) -> Verdict:
     cmd = [sys.executable, "-m", "daemon.isolation", "--home", str(cfg.home), "--model", cfg.model, str(job_id)]
     # The daemon's own working directory (a relative model path means the same folder) and this very package.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),
@@ -104,8 +117,7 @@ def check_alone(cfg: Config, job_id: int, stop: threading.Event) -> Verdict:
     if rc < 0 and -rc in CRASH_SIGNALS and touched_photo:
         if stop.wait(DEATH_GRACE_S):
             return Verdict(None, "Mondrian was stopped during the check")
-        return Verdict(True, f"the separate process died of {_signal_name(rc)}"
-                             + (", perhaps out of memory" if -rc == signal.SIGKILL else ""))
+        return Verdict(True, f"the separate process died of {_signal_name(rc)}", killed=-rc == signal.SIGKILL)
     why = f"killed by {_signal_name(rc)}" if rc < 0 else f"exit status {rc}"
     where = "while analysing it" if touched_photo else "before it opened the photo"
     return Verdict(None, f"the separate process ended {where} ({why}); see the log")

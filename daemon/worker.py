@@ -82,17 +82,19 @@ def _crashpoint(name: str) -> None:
         os.kill(os.getpid(), signal.SIGSTOP)
 
 
-# Test-only: `MONDRIAN_TEST_POISON=<file name>` makes the analysis of a photo of that name abort the process
-# (SIGABRT, as a native crash in a decoder or in the model would), in the daemon and in the isolation check's
-# child alike: a truly poisonous photo, which must be set aside while the others are served.
+# Test-only: `MONDRIAN_TEST_POISON=<file name>` makes the analysis of a photo of that name kill the process with
+# SIGABRT (as a native crash in a decoder or in the model would), or with `MONDRIAN_TEST_POISON_SIGNAL` (KILL: as
+# the OOM killer would), in the daemon and in the isolation check's child alike: a truly poisonous photo, which
+# must be set aside while the others are served.
 _POISON = os.environ.get("MONDRIAN_TEST_POISON", "")
+_POISON_SIGNAL = os.environ.get("MONDRIAN_TEST_POISON_SIGNAL", "ABRT")
 
 
 def _poison_point(src: Path) -> None:
     if _POISON and src.name == _POISON:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file from a deliberate crash
         logging.shutdown()
-        os.abort()
+        os.kill(os.getpid(), signal.Signals[f"SIG{_POISON_SIGNAL}"])
 
 
 def _now_iso(ts: float | None = None) -> str:
