@@ -5,8 +5,8 @@ daemon, so after `max_attempts` crashes with a photo in hand the photo used to b
 dies for reasons that have nothing to do with that photo: a user restarting the service, the OOM killer, a forced
 shutdown. So the photo is convicted only by evidence: it is decoded and analysed once more in a child process of
 its own (`python -m daemon.isolation`), which publishes nothing and writes nothing to the ledger. Only a child
-that dies of a crash signal while it analyses the photo sets the photo aside. A child that finishes (whatever it
-concluded) clears the photo. Anything else (the daemon stopping, the child dying before it touched the photo or of
+that dies of a crash signal while it analyses the photo (SIGKILL: in two checks in a row), or hangs there, sets the
+photo aside. A child that finishes (whatever it concluded) clears the photo, and its crash count starts again. Anything else (the daemon stopping, the child dying before it touched the photo or of
 a signal someone sent on purpose) is no verdict. If the daemon itself dies during the check, the child notices
 (its stdin reaches EOF) and exits, and the job stays as the crash left it: the next start checks it again.
 
@@ -27,7 +27,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from .config import PROJECT_ROOT, Config
