@@ -9,8 +9,13 @@ one ledger later without a redesign.
 
 from __future__ import annotations
 
+import atexit
+import fcntl
 import json
+import logging
 import os
+import re
+import secrets
 import socket
 import time
 from dataclasses import dataclass
@@ -25,6 +30,7 @@ STATES = (QUEUED, RUNNING, DONE, FAILED, GONE)
 ACTIVE = (QUEUED, RUNNING)
 
 database = DatabaseProxy()
+log = logging.getLogger("mondrian.ledger")
 
 
 class _Base(Model):
@@ -62,7 +68,7 @@ class Job(_Base):
     report_html = TextField(null=True)
     grade = IntegerField(null=True)
     adapter = CharField(null=True)
-    worker = CharField(null=True)  # host:pid that holds the job while running
+    worker = CharField(null=True)  # host:pid:token of the process running it (Ledger.worker_id)
     enqueued_at = FloatField()
     started_at = FloatField(null=True)
     finished_at = FloatField(null=True)
@@ -143,23 +149,8 @@ MIGRATIONS: list[Callable[[SqliteDatabase], None]] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
-def worker_id() -> str:
-    return f"{socket.gethostname()}:{os.getpid()}"
-
-
-def _pid_alive(worker: str | None) -> bool:
-    if not worker:
-        return False
-    host, _, pid = worker.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False  # another host's worker: it has its own recovery
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+_RUN_TOKEN = re.compile(r"^[0-9a-f]{16}$")
+_NEW_LOCK_GRACE_S = 60.0  # a lock file is created under a hidden name and renamed once it is locked
 
 
 @dataclass
@@ -182,6 +173,7 @@ class Ledger:
         database.initialize(self.db)
         self.db.connect(reuse_if_open=True)
         self._migrate()
+        self._run: tuple[int, Path, str] | None = None  # (fd, file, worker id) of the run lock this process holds
 
     # -- schema -------------------------------------------------------------------------------
     def _migrate(self) -> None:
@@ -200,8 +192,109 @@ class Ledger:
         return SchemaVersion.select(fn.MAX(SchemaVersion.version)).scalar() or 0
 
     def close(self) -> None:
+        self._release_run_lock()
         if not self.db.is_closed():
             self.db.close()
+
+    # -- who runs a job -----------------------------------------------------------------------
+    # A pid cannot tell whether the process that started a job still runs: pids are reused (after a reboot the
+    # new daemon may get the dead one's pid, or any process may hold it). So each process that runs jobs (the
+    # daemon, `mondrian analyze`) signs them `host:pid:token` and holds an flock on `<ledger>.runs/<token>.lock`
+    # for as long as it lives. The kernel drops the lock when the process dies, however it dies, so a job is live
+    # exactly while its token's file is locked.
+    @property
+    def runs_dir(self) -> Path:
+        return self.path.with_name(self.path.name + ".runs")
+
+    def worker_id(self) -> str:
+        """This process's signature on the jobs it runs (see above); takes its run lock on first use."""
+        if self._run is None:
+            try:
+                self._run = self._take_run_lock()
+                atexit.register(self._release_run_lock)
+            except OSError as exc:  # e.g. a full disk: the job still runs, but a crash of ours cannot be told apart
+                log.warning("could not create a run lock in %s (%s); jobs are signed without one", self.runs_dir,
+                            exc.strerror or exc)
+                return f"{socket.gethostname()}:{os.getpid()}:-"
+        return self._run[2]
+
+    def _take_run_lock(self) -> tuple[int, Path, str]:
+        self.runs_dir.mkdir(exist_ok=True)
+        token = secrets.token_hex(8)
+        new, final = self.runs_dir / f".{token}.new", self.runs_dir / f"{token}.lock"
+        fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for a person looking; nothing reads it
+            os.rename(new, final)  # only ever seen under its real name while locked
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(new)
+            except OSError:
+                pass
+            raise
+        return fd, final, f"{socket.gethostname()}:{os.getpid()}:{token}"
+
+    def _release_run_lock(self) -> None:
+        if self._run is None:
+            return
+        fd, path, _ = self._run
+        self._run = None
+        atexit.unregister(self._release_run_lock)
+        try:
+            os.unlink(path)  # before the unlock: a file seen unlocked always belonged to a dead process
+        except OSError:
+            pass
+        os.close(fd)
+
+    def _signer_runs(self, worker: str | None) -> bool:
+        """Whether the process that signed `worker` still runs. Unsigned (an older Mondrian's `host:pid`, a
+        failed lock) or not locked: it is gone, whatever process has its pid now."""
+        if self._run is not None and worker == self._run[2]:
+            return True
+        token = (worker or "").rpartition(":")[2]
+        if not _RUN_TOKEN.match(token):
+            return False
+        try:
+            fd = os.open(self.runs_dir / f"{token}.lock", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True  # cannot look (permissions): never take over a job that may be live
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+
+    def sweep_run_locks(self) -> int:
+        """Remove the run locks of processes that are gone; returns how many."""
+        try:
+            entries = list(os.scandir(self.runs_dir))
+        except OSError:
+            return 0
+        removed = 0
+        for entry in entries:
+            if self._run is not None and entry.path == str(self._run[1]):
+                continue
+            try:
+                if entry.name.startswith(".") and time.time() - entry.stat().st_mtime < _NEW_LOCK_GRACE_S:
+                    continue  # being created: it is locked before its rename, not necessarily before this look
+                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                os.unlink(entry.path)
+                removed += 1
+            except OSError:
+                pass  # held: its process runs
+            finally:
+                os.close(fd)
+        return removed
 
     # -- intake -------------------------------------------------------------------------------
     def enqueue(self, source_path: Path, rel_path: str, advisor: str, advisor_source: str,
@@ -253,14 +346,14 @@ class Ledger:
         """A job run in-process by `mondrian analyze`: created already running so no daemon claims it."""
         now = time.time()
         return Job.create(source_path=str(source_path), rel_path=rel_path, advisor=advisor,
-                          advisor_source=advisor_source, state=RUNNING, attempts=1, worker=worker_id(),
+                          advisor_source=advisor_source, state=RUNNING, attempts=1, worker=self.worker_id(),
                           enqueued_at=now, started_at=now, owns_file=False)
 
     # -- claiming -----------------------------------------------------------------------------
     def claim(self, worker: str | None = None, now: float | None = None) -> Job | None:
         """Atomically move the oldest due queued job to running and return it."""
         now = time.time() if now is None else now
-        worker = worker or worker_id()
+        worker = worker or self.worker_id()
         due = (Job.select(Job.id).where((Job.state == QUEUED) & (Job.not_before <= now))
                .order_by(Job.not_before, Job.id).limit(1))
         query = (Job.update(state=RUNNING, worker=worker, started_at=now, attempts=Job.attempts + 1)
@@ -275,8 +368,9 @@ class Ledger:
         return None if t is None else max(0.0, t - now)
 
     def orphaned_running(self) -> list[Job]:
-        """Jobs left running by a worker that no longer exists (crash, SIGKILL, power loss)."""
-        return [j for j in Job.select().where(Job.state == RUNNING).order_by(Job.id) if not _pid_alive(j.worker)]
+        """Jobs left running by a process that no longer runs (crash, SIGKILL, power loss), even if its pid has
+        been given to another process since (a reboot, or the new daemon itself)."""
+        return [j for j in Job.select().where(Job.state == RUNNING).order_by(Job.id) if not self._signer_runs(j.worker)]
 
     # -- progress inside a job ----------------------------------------------------------------
     def set_mode(self, job_id: int, requested: str, source: str) -> None:
@@ -322,11 +416,12 @@ class Ledger:
                    not_before=time.time() + delay_s).where(Job.id == job_id).execute()
 
     def requeue(self, job_id: int, reason: str | None = None, delay_s: float = 0.0,
-                undo_attempt: bool = False, keep_place: bool = False) -> None:
+                undo_attempt: bool = False, keep_place: bool = False, reset_attempts: bool = False) -> None:
         """Back to the queue without blame (graceful stop, crash recovery, a file still being written).
 
         `keep_place`: keep its place in the queue (claimed again first), so a job interrupted after its report
-        was published is finished before a copy of the same photo could be analysed a second time."""
+        was published is finished before a copy of the same photo could be analysed a second time.
+        `reset_attempts`: the photo was cleared of the crashes counted against it (daemon/isolation.py)."""
         upd: dict[Any, Any] = {Job.state: QUEUED, Job.worker: None}
         if not keep_place:
             upd[Job.not_before] = time.time() + delay_s
@@ -334,6 +429,8 @@ class Ledger:
             upd[Job.error] = reason
         if undo_attempt:
             upd[Job.attempts] = fn.MAX(Job.attempts - 1, 0)
+        if reset_attempts:
+            upd[Job.attempts] = 0
         Job.update(upd).where((Job.id == job_id) & (Job.state == RUNNING)).execute()
 
     def requeue_changed(self, job_id: int, size: int, mtime: float, delay_s: float) -> None:
@@ -431,5 +528,5 @@ def job_dict(job: Job) -> dict[str, Any]:
     return d
 
 
-__all__ = ["Ledger", "Job", "Reference", "STATES", "QUEUED", "RUNNING", "DONE", "FAILED", "GONE", "job_dict", "worker_id",
+__all__ = ["Ledger", "Job", "Reference", "STATES", "QUEUED", "RUNNING", "DONE", "FAILED", "GONE", "job_dict",
            "SCHEMA_VERSION", "SQL"]

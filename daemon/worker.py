@@ -12,12 +12,15 @@ from __future__ import annotations
 import contextlib
 import errno
 import filecmp
+import hashlib
 import json
 import logging
 import os
 import re
+import resource
 import shutil
 import signal
+import stat
 import threading
 import time
 from datetime import datetime, timezone
@@ -29,10 +32,11 @@ from .config import Config
 from .images import ImageRejected, LoadedImage, load_photo
 from .inbox import (OUTBOX_RESERVED, RECORD_SUFFIXES, SidecarError, read_sidecar, safe_stem, sidecar_for,
                     unique_path)
+from .isolation import check_alone
 from .ledger import DONE, FAILED, Job, Ledger
 from .limits import AnalysisCancelled, AnalysisTimedOut
 from .report import IndexEntry, atomic_write_text, temp_name, write_index, write_report_folder
-from .strategies import AnalysisContext, build_strategies, resolve
+from .strategies import AnalysisContext, AnalysisResult, Strategy, build_strategies, resolve
 
 log = logging.getLogger("mondrian.worker")
 
@@ -64,21 +68,44 @@ OUTSIDE_INBOX = ("its folder is no longer inside the inbox (a folder on its path
 
 # Test-only fault injection (issue 3's crash soak): `MONDRIAN_TEST_CRASH_AT=<point>[:<n>]` makes the process
 # SIGKILL itself the n-th time (default 1st) it reaches <point>, to hit the narrow windows of publishing that
-# random external kills rarely land in. Unset (always, outside tests) it costs one dict lookup.
+# random external kills rarely land in. `MONDRIAN_TEST_STOP_AT=<point>[:<n>]` makes it SIGSTOP itself there
+# (the n-th time only), so a test can act while a photo is in hand (kill it from outside, overwrite the photo)
+# whatever the machine's speed, then SIGCONT or SIGKILL it. The point "analysing" (the photo decoded, the model
+# about to run) is reached by the isolation check's child process too. Unset (always, outside tests) they cost one
+# dict lookup.
 _CRASH_AT = os.environ.get("MONDRIAN_TEST_CRASH_AT", "")
+_STOP_AT = os.environ.get("MONDRIAN_TEST_STOP_AT", "")
 _crash_hits: dict[str, int] = {}
 
 
 def _crashpoint(name: str) -> None:
-    if not _CRASH_AT:
-        return
-    point, _, nth = _CRASH_AT.partition(":")
-    if point != name:
+    if not (_CRASH_AT or _STOP_AT):
         return
     _crash_hits[name] = _crash_hits.get(name, 0) + 1
-    if _crash_hits[name] >= int(nth or 1):
+    point, _, nth = _CRASH_AT.partition(":")
+    if point == name and _crash_hits[name] >= int(nth or 1):
         logging.shutdown()
         os.kill(os.getpid(), signal.SIGKILL)
+    point, _, nth = _STOP_AT.partition(":")
+    if point == name and _crash_hits[name] == int(nth or 1):
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)
+
+
+# Test-only: `MONDRIAN_TEST_POISON=<file name>` makes the analysis of a photo of that name kill the process with
+# SIGABRT (as a native crash in a decoder or in the model would), or with `MONDRIAN_TEST_POISON_SIGNAL` (KILL: as
+# the OOM killer would), in the daemon and in the isolation check's child alike: a truly poisonous photo, which
+# must be set aside while the others are served.
+_POISON = os.environ.get("MONDRIAN_TEST_POISON", "")
+_POISON_SIGNAL = os.environ.get("MONDRIAN_TEST_POISON_SIGNAL", "ABRT")
+
+
+def _poison_point(src: Path) -> None:
+    if _POISON and src.name == _POISON:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file from a deliberate crash
+        logging.shutdown()
+        os.kill(os.getpid(), signal.Signals[f"SIG{_POISON_SIGNAL}"])
 
 
 def _now_iso(ts: float | None = None) -> str:
@@ -121,12 +148,34 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _identity(path: Path) -> tuple[int, int, int] | None:
+def _identity(path: Path) -> tuple[int, int, int, int, int] | None:
+    """What changes when a file's bytes do: ctime too, because a rewrite can keep inode and size and put the old
+    mtime back (`os.utime`, `touch -r`, `cp -p` onto the same file), but nothing can set ctime back."""
     try:
         st = os.stat(path)
     except OSError:
         return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def _holds(path: Path, before: tuple[int, int, int, int, int] | None, sha256: str) -> bool:
+    """Whether `path` still holds the bytes that were analysed (`before` was its identity before they were read,
+    `sha256` their hash). Only ctime moved: metadata (permissions, extended attributes, a hard link) or a rewrite
+    that put the old mtime back, which only the content tells apart."""
+    now = _identity(path)
+    if now == before:
+        return True
+    if now is None or before is None or now[:4] != before[:4]:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # never wait on a FIFO swapped in meanwhile
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != now[:2]:
+            return False
+        return hashlib.file_digest(f, "sha256").hexdigest() == sha256
 
 
 def _same_content(a: Path, b: Path) -> bool:
@@ -178,7 +227,7 @@ class Worker:
         return self.runtime
 
     def recover(self) -> int:
-        """Requeue jobs a dead worker left running; give up on a photo that keeps killing the daemon."""
+        """Requeue jobs a dead process left running; set aside a photo shown to crash the analysis by itself."""
         n = 0
         for job in self.ledger.orphaned_running():
             if not job.owns_file:
@@ -187,12 +236,12 @@ class Worker:
                 if job.output_dir and self._resume(job, False):
                     pass  # its outcome was already published: finish it, never record it twice
                 else:
-                    self._fail(job, f"Mondrian stopped {job.attempts} times while analysing this photo; it was "
-                                    f"set aside so the rest of the inbox can go on", kind="permanent")
+                    self._judge(job)
             else:
                 self.ledger.requeue(job.id, "interrupted (Mondrian stopped while analysing it); queued again",
                                     keep_place=True)
             n += 1
+        self.ledger.sweep_run_locks()
         self._sweep_staging()
         return n
 
@@ -203,6 +252,43 @@ class Worker:
             return
         self._fail(job, "`mondrian analyze` was stopped before it finished; the photo was left where it is. Run "
                         "`mondrian analyze` on it again", kind="transient")
+
+    def _judge(self, job: Job) -> None:
+        """Mondrian died `max_attempts` times with this photo in hand: it may be the photo, or the machine (a
+        restarted service, the OOM killer, a forced shutdown). Only an analysis of it alone can tell."""
+        log.warning("Mondrian stopped %d times while analysing %s; checking whether the photo itself is the cause",
+                    job.attempts, job.rel_path)
+        verdict = check_alone(self.cfg, job.id, self.stop)
+        if verdict.crashed:
+            self._fail(job, f"Mondrian stopped {job.attempts} times while analysing this photo, and an analysis of it "
+                            f"alone in a separate process broke too ({verdict.detail}); it was set aside so the rest "
+                            f"of the inbox can go on. Export it again (another format or size) and drop the new file "
+                            f"into the inbox", kind="permanent")
+        elif verdict.crashed is False:
+            log.info("%s is not the cause of the crashes: %s; queued again", job.rel_path, verdict.detail)
+            self.ledger.requeue(job.id, f"Mondrian stopped {job.attempts} times while analysing it, but the photo is "
+                                        f"not the cause: {verdict.detail}; queued again", reset_attempts=True)
+        elif not self.stop.is_set():
+            log.warning("could not tell whether %s crashes the analysis: %s; queued again", job.rel_path,
+                        verdict.detail)
+            self.ledger.requeue(job.id, f"interrupted; whether the photo itself crashes the analysis is not known "
+                                        f"yet ({verdict.detail}); queued again")
+        # Stopping: the job stays as the crash left it, and the next start checks it again.
+
+    def analyse_alone(self, job: Job) -> str:
+        """Decode and analyse `job`'s photo as `process` would, publishing nothing and writing nothing to the
+        ledger (the isolation check's child); returns how it went, in words. A crash here is the verdict."""
+        src = Path(job.source_path)
+        override = job.requested_mode if job.mode_source == "command" else None
+        try:
+            self._check_symlink(src)  # what `process` refuses to read, the check does not read either
+            requested, _ = self._requested_mode(src, override)
+            advisor = self._advisor(job.advisor)
+            photo = load_photo(src, self.cfg.max_pixels, timeout_s=self.cfg.job_timeout_seconds)
+            self._analyse(job, src, photo, advisor, requested)
+        except Exception as exc:  # not a crash: `process` will meet it again and deal with it
+            return f"{type(exc).__name__}: {exc}"
+        return "analysed"
 
     def _sweep_staging(self) -> None:
         """Remove staging folders left by killed runs (a live `mondrian analyze` keeps its own)."""
@@ -292,26 +378,16 @@ class Worker:
             return
         if self.stop.is_set():
             raise Cancelled()
-        try:
-            runtime = self.load_runtime()
-        except Exception as exc:  # a model that fails to load may load next time (memory, disk, a mount)
-            log.error("could not load the model: %s: %s", type(exc).__name__, exc)
-            raise TransientFailure(f"the model could not be loaded ({type(exc).__name__}: {exc})") from exc
-        strategy, fallbacks = resolve(requested, advisor, self.strategies)
-        log.info("analysing %s as %s (%s%s)", job.rel_path, advisor.name, strategy.name,
-                 f", asked for {requested}" if strategy.name != requested else "")
         t1 = time.perf_counter()
-        limit = self.cfg.job_timeout_seconds
         try:
-            result = strategy.analyse(AnalysisContext(runtime=runtime, cfg=self.cfg, advisor=advisor, photo=photo,
-                                                      cancel=self.stop, deadline=time.monotonic() + limit))
+            strategy, fallbacks, result = self._analyse(job, src, photo, advisor, requested)
         except AnalysisTimedOut:
             self._clean_staging(job)
-            self._fail(job, f"analysis took longer than {limit:g} s (job_timeout_seconds) and was stopped so "
-                            f"the rest of the inbox can go on", keep_original=keep_original)
+            self._fail(job, f"analysis took longer than {self.cfg.job_timeout_seconds:g} s (job_timeout_seconds) "
+                            f"and was stopped so the rest of the inbox can go on", keep_original=keep_original)
             return
         analysis_s = time.perf_counter() - t1
-        if not keep_original and _identity(src) != before:
+        if not keep_original and not _holds(src, before, photo.sha256):
             # Overwritten while it was analysed: the report must describe the final bytes, so start over.
             self.ledger.requeue(job.id, "the file changed while it was analysed; it will be analysed again",
                                 delay_s=self.cfg.quiet_seconds, undo_attempt=True)
@@ -320,6 +396,25 @@ class Worker:
         report = self._assemble(job, src, photo, advisor, requested, source, strategy.name, fallbacks, result,
                                 {"decode_s": decode_s, "analysis_s": analysis_s, **result.timings})
         self._publish(job, src, photo, report, result.files, keep_original)
+
+    def _analyse(self, job: Job, src: Path, photo: LoadedImage, advisor: Advisor,
+                 requested: str) -> tuple[Strategy, list[dict[str, str]], AnalysisResult]:
+        """The model's part of a job, where a native crash would happen: shared by `process` and the isolation
+        check (daemon/isolation.py), so that the check runs exactly what crashed the daemon."""
+        try:
+            runtime = self.load_runtime()
+        except Exception as exc:  # a model that fails to load may load next time (memory, disk, a mount)
+            log.error("could not load the model: %s: %s", type(exc).__name__, exc)
+            raise TransientFailure(f"the model could not be loaded ({type(exc).__name__}: {exc})") from exc
+        strategy, fallbacks = resolve(requested, advisor, self.strategies)
+        log.info("analysing %s as %s (%s%s)", job.rel_path, advisor.name, strategy.name,
+                 f", asked for {requested}" if strategy.name != requested else "")
+        _crashpoint("analysing")
+        _poison_point(src)
+        result = strategy.analyse(AnalysisContext(runtime=runtime, cfg=self.cfg, advisor=advisor, photo=photo,
+                                                  cancel=self.stop,
+                                                  deadline=time.monotonic() + self.cfg.job_timeout_seconds))
+        return strategy, fallbacks, result
 
     def _settled(self, job: Job, src: Path) -> bool:
         """Unchanged since it was queued (the watcher had already seen it still for the quiet time): go on.
