@@ -22,7 +22,7 @@ from PIL import Image
 from daemon.config import load_config
 from daemon.critique import DIMENSIONS, critique_schema
 from tests.harness import REPO, make_home, mondrian, photo, wait_for
-from tests.lora_helpers import (index_references, install_version, lora_keys, plain_random_model, random_adapter,
+from tests.lora_helpers import (index_references, install_version, lora_keys, random_adapter,
                                 simple_advisor, synthetic_advisor)
 
 MAX_PIXELS = 112 * 112
@@ -677,8 +677,8 @@ def test_expected_score_is_the_probability_weighted_mean_over_score_tokens(smoke
 
 # ------------------------------------------------------------------------------------------ learning
 @pytest.fixture(scope="session")
-def trainable_model_path(smoke_model_path, tmp_path_factory) -> Path:
-    return plain_random_model(smoke_model_path, tmp_path_factory.mktemp("trainable") / "smoke-plain")
+def trainable_model_path(plain_model_path) -> Path:
+    return plain_model_path
 
 
 LEARN_REFERENCES = 60
