@@ -41,10 +41,10 @@ FAST = dict(max_pixels=56 * 56, comment_max_chars=8, max_tokens=400, quiet_secon
 CRASH_POINTS = {"claimed": "any", "staged": "analysed", "reserved": "analysed", "renamed": "analysed",
                 "moved": "analysed", "fail_recorded": "refused", "fail_moved": "refused",
                 "dup_recorded": "duplicate", "dup_moved": "duplicate"}
-FIRST_INBOX = dict(unique=40, duplicate=30, bad=30)
+FIRST_INBOX = dict(unique=35, duplicate=40, bad=30)
 # Dropped in whenever the inbox runs out before the soak is over; doubled each time a random kill finds the
 # daemon idle (a machine fast enough to finish the inbox between two kills).
-REFILL = dict(unique=4, duplicate=3, bad=3)
+REFILL = dict(unique=4, duplicate=4, bad=3)
 MIN_KILLS = 20
 # Only against a soak that can never end (a window that is never reached): it needs ~2 * MIN_KILLS rounds.
 MAX_ROUNDS = 20 * MIN_KILLS
@@ -70,13 +70,20 @@ class _Inbox:
         tag = "" if self.batches == 0 else f"more{self.batches} "
         self.batches += 1
         batch: dict[str, bytes] = {}
+        new: list[bytes] = []
         for i in range(unique):
             seed = 100 + len(self.uniques)
             data = photo(self.tmp / f"u{seed}.jpg", seed=seed, size=(64, 48)).read_bytes()
             self.uniques.append(data)
+            new.append(data)
             batch[f"{tag}photo {i:03d}.jpg"] = data
-        for i in range(duplicate):  # the same bytes under another name: one report, one duplicate record
-            batch[f"{tag}copy {i:03d}.jpg"] = self.uniques[self.rng.randrange(len(self.uniques))]
+        # The same bytes under another name: one report, one duplicate record. Each new photo gets a copy, so
+        # whichever of the two is analysed first, its twin is still waiting: a report published but not yet
+        # recorded as done when the daemon is killed ("renamed", "moved") must be finished first after the
+        # restart, or the twin is analysed a second time.
+        for i in range(duplicate):
+            batch[f"{tag}copy {i:03d}.jpg"] = new[i] if i < len(new) else \
+                self.uniques[self.rng.randrange(len(self.uniques))]
         for i in range(bad):  # refused at once: one failure record each
             seed = 5000 + len(self.bad)
             good = photo(self.tmp / f"b{seed}.jpg", seed=seed, size=(64, 48)).read_bytes()
