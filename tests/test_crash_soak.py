@@ -210,7 +210,8 @@ def test_sigkill_soak_loses_nothing_and_does_nothing_twice(tmp_path, smoke_model
         analysed[report["photo"]["sha256"]] += 1
         job = rows[name][0]
         assert job.state == "done" and job.duplicate_of is None, (name, job.state, job.duplicate_of)
-        assert Path(job.output_dir) == folder, f"{name}: a second report, {folder.name}/ (its own: {Path(job.output_dir).name}/)"
+        own = Path(job.output_dir)
+        assert own == folder, f"{name}: a second report, {folder.name}/ (its own is {own.name}/)"
         assert report["job_id"] == job.id
         assert set(p.name for p in folder.iterdir()) == REPORT_FILES | {name}, sorted(folder.iterdir())
         assert (folder / name).read_bytes() == photos[name]
