@@ -21,3 +21,17 @@ def smoke_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from daemon.model.smoke import ensure_smoke_model
 
     return ensure_smoke_model(tmp_path_factory.mktemp("smoke_var"))
+
+
+@pytest.fixture(scope="session")
+def plain_model_path(smoke_model_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The smoke architecture and tokenizer with plain random weights (~1 s to build).
+
+    Compare two generation paths on this one, not on the smoke model: the smoke model damps every layer (its
+    next token depends mostly on the current one, so wrong positions or a stale KV cache go unseen) and gives
+    all ten digits one output row (their logits tie exactly, so a last-bit rounding difference between two
+    BLAS kernels flips a score). Here every token has its own row and the output depends on the context.
+    """
+    from tests.lora_helpers import plain_random_model
+
+    return plain_random_model(smoke_model_path, tmp_path_factory.mktemp("plain") / "smoke-plain")

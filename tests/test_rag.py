@@ -18,6 +18,7 @@ from daemon.references import SidecarInvalid, parse_sidecar, reference_profile
 from daemon.report import SCHEMA_PATH
 from daemon.retrieval import distribution, nearest
 from tests.harness import Daemon, make_home, mondrian, photo, wait_for
+from tests.mlx_reference import mlx_vlm_text
 
 SCHEMA = json.loads(SCHEMA_PATH.read_text())
 MAX_PIXELS = 112 * 112
@@ -112,14 +113,27 @@ def runtime(smoke_model_path: Path):
     return ModelRuntime.load(str(smoke_model_path), var_dir=smoke_model_path.parents[1], max_pixels=448 * 448)
 
 
-def test_photo_is_encoded_once_for_both_passes(runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture(scope="module")
+def plain_runtime(plain_model_path: Path):
+    from daemon.model.runtime import ModelRuntime
+
+    return ModelRuntime.load(str(plain_model_path), var_dir=plain_model_path.parent, max_pixels=448 * 448)
+
+
+def test_photo_is_encoded_once_for_both_passes(plain_runtime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second pass reuses the photo and the shared prompt prefix from the first, and writes exactly what
+    two independent generations write: on a model whose output depends on the context (`plain_model_path`),
+    so a KV cache not cut back to the shared prefix, or decode positions off by any amount, change the text."""
     from PIL import Image
+
+    runtime = plain_runtime
 
     img = Image.open(Path(__file__).resolve().parent.parent / "samples" / "astronaut.jpg").convert("RGB")
     img = img.resize((448, 448))
     p1, p2 = "You judge prints.\n\nScore the photograph.", "You judge prints.\n\nCritique it, one line each."
-    plain1 = runtime.generate_json(img, p1, profile_schema(), max_tokens=256)
-    plain2 = runtime.generate_json(img, p2, critique_schema(40), max_tokens=1400)
+    # What mlx-vlm's own generate writes for each prompt alone (a model call of its own, whole prompt each time).
+    text1 = mlx_vlm_text(runtime, img, p1, profile_schema(), max_tokens=256)
+    text2 = mlx_vlm_text(runtime, img, p2, critique_schema(40), max_tokens=1400)
 
     vision = type(runtime.model.vision_tower)
     real_call = vision.__call__
@@ -129,7 +143,8 @@ def test_photo_is_encoded_once_for_both_passes(runtime, monkeypatch: pytest.Monk
     one = runtime.generate_json(img, p1, profile_schema(), max_tokens=256, encoded=enc)
     two = runtime.generate_json(img, p2, critique_schema(40), max_tokens=1400, encoded=enc)
     assert len(calls) == 1, "the vision tower ran more than once"
-    assert one.data == plain1.data and two.text == plain2.text  # same greedy report, computed once
+    assert one.text == text1, "the first pass differs from mlx-vlm's generate"
+    assert two.text == text2, "the second pass (on the first one's KV cache) differs from mlx-vlm's generate"
     assert one.reused_tokens == 0 and two.reused_tokens > enc.image_tokens == 256  # image + shared prefix
     assert two.forward_passes < two.generated_tokens  # schema-forced tokens were fast-forwarded
     assert enc.embedding.shape == (runtime.model.config.text_config.hidden_size,)
