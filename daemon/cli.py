@@ -12,15 +12,18 @@ from pathlib import Path
 from typing import Any
 
 from .config import MODES, PROJECT_ROOT, ConfigError, load_config
+from .ledger import LedgerUnavailable
+from .terminal import SafeFormatter
 
 EX_CONFIG = 78
 log = logging.getLogger("mondrian")
 
 
 def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    # File names reach the log: escaped, so a name cannot forge a line or send escapes to a terminal.
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("watchdog", "peewee", "PIL", "httpx", "huggingface_hub", "datasets", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # watchdog logs a spurious error when its inotify thread is stopped mid-read (harmless, at shutdown only)
@@ -170,6 +173,9 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ConfigError as exc:
         log.error("configuration problem: %s", exc)
+        return EX_CONFIG
+    except LedgerUnavailable as exc:
+        log.error("%s", exc)  # one line that says what to fix, not a traceback
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130

@@ -34,7 +34,7 @@ from typing import Any, Callable, Iterable
 from .advisors import Advisor, load_advisors, references_dir
 from .config import Config
 from .critique import DIMENSIONS, SCORE_MAX, SCORE_MIN, profile_schema
-from .ledger import Ledger, Reference
+from .ledger import Ledger, LedgerUnavailable, Reference
 from .limits import AnalysisInterrupted
 
 log = logging.getLogger("mondrian.references")
@@ -450,7 +450,7 @@ class ReferenceIndexer:
                                          comments=comments, source=work.source, model_id=model_id,
                                          embedding=embedding)
             thumbnail(self.cfg, work.sha256, work.path)
-        except AnalysisInterrupted:
+        except (AnalysisInterrupted, LedgerUnavailable):
             raise  # the daemon is stopping: not the reference's fault, it is indexed next time
         except Exception as exc:  # one bad reference must never stop the others (or the daemon)
             reason = str(exc) or type(exc).__name__
@@ -579,7 +579,7 @@ class ReferenceWatcher:
             self._next_look = time.monotonic() + (max(0.2, self.cfg.quiet_seconds / 2) if plan.waiting
                                                   else float("inf"))
             return False
-        except AnalysisInterrupted:
+        except (AnalysisInterrupted, LedgerUnavailable):
             self._dirty.set()
             return False
         except Exception as exc:  # a bad reference must never take the worker down
