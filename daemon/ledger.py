@@ -255,11 +255,26 @@ class Ledger:
             self._note = FaultNote(note) if note is not None else None
             self.db.connect(reuse_if_open=True)
             self._migrate()
+            if stop is not None:
+                self._probe()
             st = os.stat(self.path)
         except (OperationalError, OSError) as exc:
             reason = str(getattr(exc, "orig", None) or exc)
             raise LedgerUnavailable(f"cannot open the ledger {self.path} ({reason}). {_advice(reason)}") from None
         self._identity = (st.st_dev, st.st_ino)
+
+    def _probe(self) -> None:
+        """A real write at start-up: a read-only or immutable ledger opens without complaint and would only
+        fail at the first write. A lock held by another process is waited out like any write."""
+        record = lambda: Event.insert(key="opened_by", value=json.dumps(worker_id()),  # noqa: E731
+                                      at=time.time()).on_conflict_replace().execute()
+        try:
+            record()
+        except OperationalError as exc:
+            name = getattr(getattr(exc, "orig", None), "sqlite_errorname", "")
+            if not name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+                raise
+            self._write("start-up", record)
 
     # -- faults outside the data ----------------------------------------------------------------
     @property

@@ -77,8 +77,9 @@ def reference_comment(comments: dict[str, str] | None, limit: int = 280) -> str:
 
 
 def _score(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
-            or not SCORE_MIN <= value <= SCORE_MAX:
+    # The range check comes first: NaN and infinity (JSON allows both) fail it instead of reaching int().
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not SCORE_MIN <= value <= SCORE_MAX \
+            or value != int(value):
         raise SidecarInvalid(f"{where} is {value!r}; scores are whole numbers from {SCORE_MIN} to {SCORE_MAX}")
     return int(value)
 
@@ -138,6 +139,9 @@ def read_sidecar(path: Path) -> tuple[dict[str, int], dict[str, str] | None]:
         data = json.loads(path.read_bytes().decode("utf-8-sig"))
     except SidecarInvalid:
         raise
+    except RecursionError:
+        raise SidecarInvalid(f"{path.name} nests too deeply to be a reference sidecar; it holds only scores "
+                             f"and comments") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise SidecarInvalid(f"{path.name} is not readable JSON ({exc})") from exc
     return parse_sidecar(data, path.name)
@@ -202,6 +206,28 @@ def reference_files(folder: Path) -> list[Path]:
             if not _ignored(name) and name.lower().endswith(IMAGE_SUFFIXES):
                 found.append(Path(dirpath) / name)
     return found
+
+
+def sidecar_problems(cfg: Config, advisor_id: str) -> list[dict[str, str]]:
+    """The advisor's references whose sidecar cannot be used, with the reason (no model, no ledger needed)."""
+    folder = references_dir(cfg, advisor_id)
+    out = []
+    for photo in reference_files(folder):
+        sidecar = sidecar_path(photo)
+        if sidecar is None:
+            continue
+        try:
+            read_sidecar(sidecar)
+        except SidecarInvalid as exc:
+            out.append(problem(cfg, advisor_id, photo, str(exc)))
+    return out
+
+
+def problem(cfg: Config, advisor_id: str, photo: Path, reason: str) -> dict[str, str]:
+    """A skipped reference as `mondrian status` and `references list` show it."""
+    folder = references_dir(cfg, advisor_id)
+    return {"advisor": advisor_id, "file": str(photo.relative_to(folder)) if photo.is_relative_to(folder)
+            else photo.name, "reason": reason}
 
 
 def sidecar_path(photo: Path) -> Path | None:
@@ -356,6 +382,11 @@ class ReferenceIndexer:
                     continue
                 except OSError as exc:
                     plan.errors.append((advisor_id, photo, f"could not be read ({exc.strerror or exc})"))
+                    continue
+                except Exception as exc:  # this reference's own failure: the others are still indexed
+                    reason = f"{type(exc).__name__}: {exc}"
+                    self._failed[photo] = (key, reason)
+                    plan.errors.append((advisor_id, photo, reason))
                     continue
                 reason = self._stale(row, sha, parsed, model_id, embeddings)
                 if reason:
@@ -520,6 +551,7 @@ class ReferenceWatcher:
         self._observer: Any = None
         self.busy = threading.Event()
         self.last_error: str | None = None
+        self._recorded: list[dict[str, str]] | None = None  # the skipped references status shows
 
     def start(self) -> None:
         from watchdog.observers import Observer
@@ -570,11 +602,17 @@ class ReferenceWatcher:
             plan = ix.plan(model_id=runtime.model_id)
             ix.remove(plan, keep_twins=True)
             known = ix.advisors()
-            for n, work in enumerate(plan.index):
-                if n and (time.monotonic() - started >= budget_s or (stop is not None and stop.is_set())):
-                    self._dirty.set()
-                    return True
-                ix.index_one(work, known)
+            errors = [problem(self.cfg, a, p, r) for a, p, r in plan.errors]
+            try:
+                for n, work in enumerate(plan.index):
+                    if n and (time.monotonic() - started >= budget_s or (stop is not None and stop.is_set())):
+                        self._dirty.set()
+                        return True
+                    outcome = ix.index_one(work, known)
+                    if outcome.action == "error":
+                        errors.append(problem(self.cfg, outcome.advisor, outcome.path, outcome.reason))
+            finally:
+                self._record(errors)
             ix.remove(plan)
             self._next_look = time.monotonic() + (max(0.2, self.cfg.quiet_seconds / 2) if plan.waiting
                                                   else float("inf"))
@@ -590,7 +628,13 @@ class ReferenceWatcher:
         finally:
             self.busy.clear()
 
+    def _record(self, errors: list[dict[str, str]]) -> None:
+        errors = sorted(errors, key=lambda e: (e["advisor"], e["file"]))
+        if errors != self._recorded:
+            self.indexer.ledger.set_event("reference_errors", errors)
+            self._recorded = errors
+
 
 __all__ = ["ReferenceIndexer", "ReferenceWatcher", "SidecarInvalid", "reference_profile", "reference_comment",
-           "parse_sidecar", "read_sidecar", "extract_profile", "thumbnail", "reference_files", "Plan", "Work",
+           "parse_sidecar", "read_sidecar", "sidecar_problems", "extract_profile", "thumbnail", "reference_files", "Plan", "Work",
            "Outcome"]
