@@ -174,10 +174,17 @@ class LedgerUnavailable(RuntimeError):
 
 
 def outside_fault(exc: BaseException) -> str | None:
-    """The reason, if `exc` is a fault outside the data that waiting can clear; None for anything else."""
-    orig = getattr(exc, "orig", None) or exc
-    name = getattr(orig, "sqlite_errorname", "") or ""
-    return str(orig) if name.startswith(_OUTSIDE_FAULTS) else None
+    """The reason, if `exc` is a fault outside the data that waiting can clear; None for anything else.
+
+    The chain is followed: a COMMIT that fails on a full disk ends the transaction, so the ROLLBACK that
+    follows raises "no transaction is active" with the real cause as its context."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        orig = getattr(seen, "orig", None) or seen
+        if (getattr(orig, "sqlite_errorname", "") or "").startswith(_OUTSIDE_FAULTS):
+            return str(orig)
+        seen = seen.__context__
+    return None
 
 
 def _advice(reason: str) -> str:
@@ -284,6 +291,7 @@ class Ledger:
 
     def _write(self, what: str, do: Callable[[], Any]) -> Any:
         delay = 0.25
+        failed = False
         while True:
             try:
                 result = do()
@@ -293,12 +301,13 @@ class Ledger:
                 if reason is None or self.db.in_transaction():
                     raise
                 self._set_fault(reason, what)
+                failed = True
                 if self._stop is None or self._stop.is_set():
                     raise LedgerUnavailable(f"the ledger {self.path} cannot be written ({reason})") from exc
                 self._stop.wait(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
                 continue
-            if self._fault is not None:
+            if failed:  # only a write that failed proves it by succeeding (a no-op UPDATE writes nothing)
                 self._clear_fault()
             return result
 
