@@ -13,7 +13,7 @@ from typing import Any
 
 from .config import MODES, PROJECT_ROOT, ConfigError, load_config
 from .ledger import LedgerUnavailable
-from .terminal import SafeFormatter
+from .terminal import SafeFormatter, shown
 
 EX_CONFIG = 78
 log = logging.getLogger("mondrian")
@@ -105,7 +105,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
     cfg = _config(args)
     moved = retry_failed(cfg, ids=args.ids or None)
     for line in moved:
-        print(line)
+        print(shown(line))
     print(f"{len(moved)} photo(s) queued again", file=sys.stderr)
     return 0
 

@@ -120,11 +120,14 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
     home = Path(home).expanduser().resolve() if home else default_home(env)
     data: dict[str, Any] = {}
     cfg_file = home / CONFIG_NAME
-    if cfg_file.exists():
-        try:
+    try:
+        if cfg_file.exists():
             data = tomllib.loads(cfg_file.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{cfg_file} is not valid TOML ({exc}); fix or delete it") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{cfg_file} is not valid TOML ({exc}); fix or delete it") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {cfg_file} ({getattr(exc, 'strerror', None) or exc}): make the home "
+                          f"{home} and that file readable for the user that runs Mondrian") from None
 
     env_map = {"MONDRIAN_MODEL": "model", "ANALYSIS_MODE": "default_mode",
                "MONDRIAN_ADVISOR": "default_advisor", "EMBEDDINGS_ENABLED": "embeddings_enabled",

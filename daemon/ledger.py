@@ -611,5 +611,5 @@ def job_dict(job: Job) -> dict[str, Any]:
     return d
 
 
-__all__ = ["Ledger", "LedgerUnavailable", "FaultNote", "FAULT_NOTE", "Job", "Reference", "STATES", "QUEUED", "RUNNING", "DONE", "FAILED", "GONE", "job_dict", "worker_id",
+__all__ = ["Ledger", "Job", "Reference", "STATES", "QUEUED", "RUNNING", "DONE", "FAILED", "GONE", "job_dict", "worker_id",
            "SCHEMA_VERSION", "SQL"]

@@ -636,5 +636,5 @@ class ReferenceWatcher:
 
 
 __all__ = ["ReferenceIndexer", "ReferenceWatcher", "SidecarInvalid", "reference_profile", "reference_comment",
-           "parse_sidecar", "read_sidecar", "sidecar_problems", "extract_profile", "thumbnail", "reference_files", "Plan", "Work",
+           "parse_sidecar", "read_sidecar", "extract_profile", "thumbnail", "reference_files", "Plan", "Work",
            "Outcome"]

@@ -221,6 +221,7 @@ class Daemon:
 
     def _last_words(self) -> None:
         """The stop record, and a deleted ledger written back whole (no thread writes any more)."""
+        self.ledger_lost = self.ledger_lost or self.ledger.replaced()  # a --once run may end between beats
         try:
             self.ledger.set_event("daemon", {"pid": None, "stopped_at": time.time()})
         except LedgerUnavailable as exc:

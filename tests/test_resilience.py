@@ -57,12 +57,12 @@ def test_ledger_disk_full_is_waited_out_and_nothing_is_lost(tmp_path, smoke_mode
             wait_for(lambda: _state(home, "before.jpg") == "done", 90, what="first photo done")
             filler = _fill(var)  # the ledger's disk is full now: its WAL cannot grow
             photo(home / "inbox" / "during.jpg", seed=2, size=(64, 48))
+            time.sleep(11)  # two heartbeats and several backoffs: the daemon stays up, and logs it once
+            assert d.proc.poll() is None, "a full disk must not stop the daemon:\n" + d.output()
             info = wait_for(lambda: status(home, smoke_model_path)["ledger_fault"], 30, what="status shows it")
             assert "full" in info["reason"] or "I/O" in info["reason"], info
             text = mondrian(home, smoke_model_path, "status").stdout
             assert "Ledger:  cannot be written since" in text, text
-            time.sleep(11)  # two heartbeats and several backoffs: the daemon stays up, and logs it once
-            assert d.proc.poll() is None, "a full disk must not stop the daemon:\n" + d.output()
             assert _state(home, "during.jpg") in (None, "queued", "running")
             filler.unlink()  # space again: everything goes on by itself
             wait_for(lambda: _state(home, "during.jpg") == "done", 90, what="the photo dropped meanwhile done")
@@ -85,10 +85,33 @@ def test_ledger_disk_full_is_waited_out_and_nothing_is_lost(tmp_path, smoke_mode
           f"3/3 photos reported once each (jobs now: {len(jobs)})")
 
 
+def test_ledger_made_immutable_while_running_is_waited_out(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    wal = home / "var" / "ledger.db-wal"
+    photo(home / "inbox" / "before.jpg", seed=8, size=(64, 48))
+    with Daemon(home, smoke_model_path) as d:
+        wait_for(lambda: _state(home, "before.jpg") == "done", 90, what="first photo done")
+        if subprocess.run(["chattr", "+i", str(wal)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not allowed here")
+        try:
+            photo(home / "inbox" / "during.jpg", seed=9, size=(64, 48))
+            info = wait_for(lambda: status(home, smoke_model_path)["ledger_fault"], 30, what="status shows it")
+            time.sleep(6)  # a heartbeat or two
+            assert d.proc.poll() is None, "an unwritable ledger must not stop the daemon:\n" + d.output()
+        finally:
+            subprocess.run(["chattr", "-i", str(wal)], capture_output=True)
+        wait_for(lambda: _state(home, "during.jpg") == "done", 90, what="the photo dropped meanwhile done")
+        assert d.stop() == 0, d.output()
+    assert "Traceback" not in d.output(), d.output()
+    assert sorted(p.parent.name for p in (home / "outbox").glob("*/report.json")) == ["before", "during"]
+    print(f"\nledger's log made immutable while running: daemon stayed up, status said {info['reason']!r}, "
+          f"then went on")
+
+
 def test_ledger_locked_longer_than_sqlites_busy_timeout(tmp_path, smoke_model_path):
     home = make_home(tmp_path / "home", smoke_model_path, **FAST)
     db = home / "var" / "ledger.db"
-    hold_s = 35  # longer than the 30 s busy timeout that used to end the daemon
+    hold_s = 40  # longer than the 30 s busy timeout that used to end the daemon
     with Daemon(home, smoke_model_path) as d:
         wait_for(lambda: "model ready" in d.output(), 60, what="model ready")
         holder = subprocess.Popen([sys.executable, "-c", (
@@ -100,10 +123,12 @@ def test_ledger_locked_longer_than_sqlites_busy_timeout(tmp_path, smoke_model_pa
             assert holder.stdout.readline().strip() == "locked"
             t0 = time.monotonic()
             photo(home / "inbox" / "locked out.jpg", seed=4, size=(64, 48))
-            info = wait_for(lambda: status(home, smoke_model_path)["ledger_fault"], 30, what="status shows the lock")
-            assert "locked" in info["reason"], info
-            holder.wait(hold_s + 30)
+            time.sleep(33)  # past SQLite's 30 s busy timeout
             assert d.proc.poll() is None, "a lock held by another program must not stop the daemon:\n" + d.output()
+            info = status(home, smoke_model_path)["ledger_fault"]  # read while the lock is still held
+            assert info and "locked" in info["reason"], info
+            holder.wait(hold_s + 30)
+            assert d.proc.poll() is None, d.output()
         finally:
             if holder.poll() is None:
                 holder.kill()
