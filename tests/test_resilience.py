@@ -95,9 +95,9 @@ def test_ledger_made_immutable_while_running_is_waited_out(tmp_path, smoke_model
             pytest.skip("chattr +i is not allowed here")
         try:
             photo(home / "inbox" / "during.jpg", seed=9, size=(64, 48))
-            info = wait_for(lambda: status(home, smoke_model_path)["ledger_fault"], 30, what="status shows it")
             time.sleep(6)  # a heartbeat or two
             assert d.proc.poll() is None, "an unwritable ledger must not stop the daemon:\n" + d.output()
+            info = wait_for(lambda: status(home, smoke_model_path)["ledger_fault"], 30, what="status shows it")
         finally:
             subprocess.run(["chattr", "-i", str(wal)], capture_output=True)
         wait_for(lambda: _state(home, "during.jpg") == "done", 90, what="the photo dropped meanwhile done")
