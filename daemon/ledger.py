@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -190,7 +191,7 @@ def outside_fault(exc: BaseException) -> str | None:
 def _advice(reason: str) -> str:
     low = reason.lower()
     if "full" in low:
-        return "Free some space on the disk that holds it; Mondrian carries on by itself."
+        return "Free some space on the disk that holds it."
     if "locked" in low or "busy" in low:
         return "Another program holds it locked (an open `sqlite3` shell, a backup tool?): close it."
     return ("Make it and its folder writable for the user that runs Mondrian (check `ls -l`, `lsattr`, "
@@ -284,11 +285,6 @@ class Ledger:
             self._write("start-up", record)
 
     # -- faults outside the data ----------------------------------------------------------------
-    @property
-    def fault(self) -> dict[str, Any] | None:
-        """{"reason", "since", "pid"} while writes fail for a reason outside the data, else None."""
-        return self._fault
-
     def _write(self, what: str, do: Callable[[], Any]) -> Any:
         delay = 0.25
         failed = False
@@ -318,8 +314,9 @@ class Ledger:
             self._fault = {"reason": reason, "since": (self._fault or {}).get("since", time.time()),
                            "pid": os.getpid()}
             note = self._fault
-        log.error("the ledger %s cannot be written (%s, while recording %s); waiting and retrying with backoff. "
-                  "%s", self.path, reason, what, _advice(reason))
+        log.error("the ledger %s cannot be written (%s, while recording %s). %s Mondrian waits and carries on "
+                  "by itself once it can write again; nothing is lost meanwhile.", self.path, reason, what,
+                  _advice(reason))
         if self._note is not None:
             self._note.write(note)
 
@@ -347,15 +344,15 @@ class Ledger:
         return None
 
     def rescue(self) -> Path:
-        """Write what the open (deleted or replaced) database holds back to `path`; returns where a file found
-        at `path` was moved aside, if any. Call it when no other thread writes any more."""
+        """Write what the open (deleted or replaced) database holds back to `path`, through SQLite's backup API.
+        A database found at `path` meanwhile is moved aside whole; returns where it went (else `path`). Call it
+        when no other thread writes any more."""
         stamp = time.strftime("%Y%m%d-%H%M%S")
         aside = self.path.with_name(f"{self.path.name}.replaced-{stamp}")
         tmp = self.path.with_name(f".{self.path.name}.rescue-{os.getpid()}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # its whole folder may have been deleted
         for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm"), Path(f"{tmp}-journal")):
             leftover.unlink(missing_ok=True)
-        import sqlite3
-
         target = sqlite3.connect(str(tmp))
         try:
             self.db.connection().backup(target)
