@@ -103,7 +103,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     def on_plan(plan) -> None:
         for path in plan.waiting:
-            print(f"waiting: {path} is still being written; index again in a moment", file=sys.stderr)
+            print(shown(f"waiting: {path} is still being written; index again in a moment"), file=sys.stderr)
         for advisor, path, reason in plan.errors:
             print(shown(f"skipped: {advisor}: {path.name}: {reason}"), file=sys.stderr)
         if plan.index:
@@ -111,7 +111,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             bar["bar"].update(0, "")
 
     def progress(outcome, done: int, total: int) -> None:
-        bar["bar"].update(done, f"{outcome.advisor}/{outcome.path.name}")
+        bar["bar"].update(done, shown(f"{outcome.advisor}/{outcome.path.name}"))
         if outcome.action == "error":
             print("\n" + shown(f"skipped: {outcome.advisor}: {outcome.path.name}: {outcome.reason}"),
                   file=sys.stderr)
