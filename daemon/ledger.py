@@ -249,7 +249,7 @@ class Ledger:
         self._note: FaultNote | None = None
         # The daemon waits locks out itself, a few seconds at a time, so a stop request is never held up by
         # a lock another process keeps.
-        busy_ms = 3000 if stop is not None else 30000
+        busy_ms = 2000 if stop is not None else 30000
         self.db = SqliteDatabase(
             str(self.path),
             pragmas={"journal_mode": "wal", "synchronous": "full", "busy_timeout": busy_ms,

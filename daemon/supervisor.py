@@ -87,8 +87,11 @@ class Daemon:
             st = os.lstat(path)
         except OSError:
             return
-        job = self.ledger.enqueue(path, intake.rel_path, intake.advisor, intake.advisor_source,
-                                  st.st_size, st.st_mtime)
+        try:
+            job = self.ledger.enqueue(path, intake.rel_path, intake.advisor, intake.advisor_source,
+                                      st.st_size, st.st_mtime)
+        except LedgerUnavailable:
+            return  # stopping: the photo stays in the inbox and the next start's rescan queues it
         if job is not None:
             log.info("queued %s for %s (job %d)", intake.rel_path, intake.advisor, job.id)
             self.wake.set()

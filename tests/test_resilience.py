@@ -114,13 +114,8 @@ def test_ledger_locked_longer_than_sqlites_busy_timeout(tmp_path, smoke_model_pa
     hold_s = 40  # longer than the 30 s busy timeout that used to end the daemon
     with Daemon(home, smoke_model_path) as d:
         wait_for(lambda: "model ready" in d.output(), 60, what="model ready")
-        holder = subprocess.Popen([sys.executable, "-c", (
-            "import sqlite3, sys, time\n"
-            f"c = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
-            "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True)\n"
-            f"time.sleep({hold_s}); c.execute('ROLLBACK')\n")], stdout=subprocess.PIPE, text=True)
+        holder = _hold_lock(db, hold_s)
         try:
-            assert holder.stdout.readline().strip() == "locked"
             t0 = time.monotonic()
             photo(home / "inbox" / "locked out.jpg", seed=4, size=(64, 48))
             time.sleep(33)  # past SQLite's 30 s busy timeout
@@ -141,6 +136,43 @@ def test_ledger_locked_longer_than_sqlites_busy_timeout(tmp_path, smoke_model_pa
     assert log.count("cannot be written (database is locked") == 1, log
     print(f"\nledger locked {hold_s}s by another process: daemon stayed up, status said so, the photo dropped "
           f"meanwhile was done {waited:.0f}s later")
+
+
+def _hold_lock(db: Path, seconds: float) -> subprocess.Popen:
+    """Another process holding a write transaction on the ledger (as an open `sqlite3` shell would)."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time\n"
+        f"c = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+        "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True)\n"
+        f"time.sleep({seconds}); c.execute('ROLLBACK')\n")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_stop_while_the_ledger_is_locked_is_quick_and_loses_nothing(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    with Daemon(home, smoke_model_path) as d:
+        wait_for(lambda: "model ready" in d.output(), 60, what="model ready")
+        holder = _hold_lock(home / "var" / "ledger.db", 60)
+        try:
+            photo(home / "inbox" / "waiting.jpg", seed=10, size=(64, 48))
+            wait_for(lambda: "database is locked" in d.output(), 30, what="the lock noticed")
+            t0 = time.monotonic()
+            d.signal(signal.SIGTERM)
+            rc = d.wait(30)
+            took = time.monotonic() - t0
+        finally:
+            holder.kill()
+            holder.wait()
+    log = d.output()
+    # well inside the daemon's own 20 s grace and launchd's 60 s ExitTimeOut, even on a loaded machine
+    assert rc == 0 and took < 15, (rc, took, log)
+    assert "Traceback" not in log, log
+    with Daemon(home, smoke_model_path, "--once") as d:
+        assert d.wait(120) == 0, d.output()
+    assert _state(home, "waiting.jpg") == "done"
+    print(f"\nSIGTERM while another process holds the ledger locked: exit 0 in {took:.1f}s; the photo was done "
+          f"after the restart")
 
 
 @pytest.mark.parametrize("which", ["db", "db+wal+shm"])
