@@ -13,15 +13,18 @@ from typing import Any
 
 from .advisors import UnknownAdvisor
 from .config import MODES, PROJECT_ROOT, ConfigError, load_config
+from .ledger import LedgerUnavailable
+from .terminal import SafeFormatter, shown
 
 EX_CONFIG = 78
 log = logging.getLogger("mondrian")
 
 
 def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    # File names reach the log: escaped, so a name cannot forge a line or send escapes to a terminal.
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("watchdog", "peewee", "PIL", "httpx", "huggingface_hub", "datasets", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     # watchdog logs a spurious error when its inotify thread is stopped mid-read (harmless, at shutdown only)
@@ -111,9 +114,9 @@ def cmd_retry(args: argparse.Namespace) -> int:
     cfg = _config(args)
     moved, left = retry_failed(cfg, ids=args.ids or None)
     for line in moved:
-        print(line)
+        print(shown(line))
     for line in left:
-        print(line, file=sys.stderr)
+        print(shown(line), file=sys.stderr)
     print(f"{len(moved)} photo(s) queued again", file=sys.stderr)
     return 0
 
@@ -183,8 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("configuration problem: %s", exc)
         return EX_CONFIG
     except UnknownAdvisor as exc:  # every --advisor of every command is checked by get_advisor
-        print(exc.args[0] if exc.args else exc, file=sys.stderr)
+        print(shown(exc.args[0] if exc.args else str(exc)), file=sys.stderr)
         return 2
+    except LedgerUnavailable as exc:
+        log.error("%s", exc)  # one line that says what to fix, not a traceback
+        return EX_CONFIG
     except KeyboardInterrupt:
         return 130
 

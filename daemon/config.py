@@ -61,9 +61,23 @@ class Config:
         return self.var_dir / "logs"
 
     def ensure_dirs(self) -> None:
+        """Create the folders Mondrian writes; a ConfigError says which one is in the way and how to fix it."""
         for d in (self.inbox, self.outbox, self.failed_dir, self.staging_dir, self.var_dir,
                   self.adapters_dir, self.advisors_dir):
-            d.mkdir(parents=True, exist_ok=True)
+            try:
+                d.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                raise ConfigError(f"{d} should be a folder, but a file is in the way: move that file elsewhere "
+                                  f"(Mondrian needs the name for its own folder)") from None
+            except OSError as exc:
+                raise ConfigError(f"cannot create the folder {d} ({exc.strerror or exc}): make its parent "
+                                  f"writable for the user that runs Mondrian, or point the setting elsewhere "
+                                  f"in {self.home / CONFIG_NAME}") from None
+        for d in (self.outbox, self.failed_dir, self.staging_dir, self.var_dir):
+            if not os.access(d, os.W_OK | os.X_OK):
+                raise ConfigError(f"the folder {d} cannot be written (read-only, immutable or not yours): make "
+                                  f"it writable for the user that runs Mondrian (`ls -ld`, `lsattr -d`, "
+                                  f"`chattr -i`, a read-only mount?)")
 
 
 _SCALARS = {f.name: f.type for f in fields(Config)}
@@ -89,16 +103,31 @@ def default_home(env: Mapping[str, str] = os.environ) -> Path:
     return Path(env.get("MONDRIAN_HOME") or PROJECT_ROOT).expanduser().resolve()
 
 
+def _check_apart(inbox: Path, others: dict[str, Path], cfg_file: Path) -> None:
+    """Everything in the inbox is taken as work (and moved out): Mondrian's own files must live elsewhere."""
+    for name, path in others.items():
+        if path == inbox or path.is_relative_to(inbox):
+            raise ConfigError(f"{name} ({path}) is inside the inbox ({inbox}): Mondrian would analyse and move "
+                              f"its own files. Set {name} (or inbox) in {cfg_file} to a folder outside the other")
+    outbox = others["outbox"]
+    if inbox.is_relative_to(outbox):
+        raise ConfigError(f"the inbox ({inbox}) is inside the outbox ({outbox}): Mondrian would analyse its own "
+                          f"reports. Set inbox (or outbox) in {cfg_file} to a folder outside the other")
+
+
 def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.environ,
                 **overrides: Any) -> Config:
     home = Path(home).expanduser().resolve() if home else default_home(env)
     data: dict[str, Any] = {}
     cfg_file = home / CONFIG_NAME
-    if cfg_file.exists():
-        try:
+    try:
+        if cfg_file.exists():
             data = tomllib.loads(cfg_file.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"{cfg_file} is not valid TOML ({exc}); fix or delete it") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{cfg_file} is not valid TOML ({exc}); fix or delete it") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read {cfg_file} ({getattr(exc, 'strerror', None) or exc}): make the home "
+                          f"{home} and that file readable for the user that runs Mondrian") from None
 
     env_map = {"MONDRIAN_MODEL": "model", "ANALYSIS_MODE": "default_mode",
                "MONDRIAN_ADVISOR": "default_advisor", "EMBEDDINGS_ENABLED": "embeddings_enabled",
@@ -123,6 +152,9 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
         adapters_dir=path_setting("adapters_dir", home / "adapters"),
         advisors_dir=path_setting("advisors_dir", home / "advisors"),
     )
+    _check_apart(paths["inbox"], {"outbox": paths["outbox"], "var_dir": var_dir, "db_path": paths["db_path"],
+                                  "adapters_dir": paths["adapters_dir"], "advisors_dir": paths["advisors_dir"]},
+                 cfg_file)
     cfg = Config(home=home, var_dir=var_dir, **paths)
     known = {f.name for f in fields(Config)} - set(paths) - {"home", "var_dir", "extra"}
     values: dict[str, Any] = {}

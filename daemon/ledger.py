@@ -11,19 +11,22 @@ from __future__ import annotations
 
 import atexit
 import fcntl
+import functools
 import json
 import logging
 import os
 import re
 import secrets
 import socket
+import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 from peewee import (SQL, AutoField, BlobField, BooleanField, CharField, DatabaseProxy, FloatField, IntegerField,
-                    Model, SqliteDatabase, TextField, fn)
+                    Model, OperationalError, SqliteDatabase, TextField, fn)
 
 QUEUED, RUNNING, DONE, FAILED, GONE = "queued", "running", "done", "failed", "gone"
 STATES = (QUEUED, RUNNING, DONE, FAILED, GONE)
@@ -159,24 +162,222 @@ class Counts:
     duplicates: int
 
 
-class Ledger:
+# SQLite result codes that come from outside the data (the disk, the file, another process): a write that fails
+# with one of them will succeed once the fault clears, so it is waited out, never blamed on a photo.
+_OUTSIDE_FAULTS = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_READONLY", "SQLITE_IOERR",
+                   "SQLITE_CANTOPEN", "SQLITE_PROTOCOL", "SQLITE_PERM")
+RETRY_MAX_SECONDS = 30.0
+FAULT_NOTE = "ledger-fault.json"  # in var/: see FaultNote
+NOTE_BYTES = 4096
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+class LedgerUnavailable(RuntimeError):
+    """A write could not be made (disk full, locked, read-only, deleted) and the daemon is stopping."""
+
+
+def outside_fault(exc: BaseException) -> str | None:
+    """The reason, if `exc` is a fault outside the data that waiting can clear; None for anything else.
+
+    The chain is followed: a COMMIT that fails on a full disk ends the transaction, so the ROLLBACK that
+    follows raises "no transaction is active" with the real cause as its context."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        orig = getattr(seen, "orig", None) or seen
+        if (getattr(orig, "sqlite_errorname", "") or "").startswith(_OUTSIDE_FAULTS):
+            return str(orig)
+        seen = seen.__context__
+    return None
+
+
+def _advice(reason: str) -> str:
+    low = reason.lower()
+    if "full" in low:
+        return "Free some space on the disk that holds it."
+    if "locked" in low or "busy" in low:
+        return "Another program holds it locked (an open `sqlite3` shell, a backup tool?): close it."
+    return ("Make it and its folder writable for the user that runs Mondrian (check `ls -l`, `lsattr`, "
+            "`chattr -i`, and that its disk is mounted read-write).")
+
+
+def writes(method: _F) -> _F:
+    """Marks a Ledger method that writes: it goes through `Ledger._write`, the one place faults are handled."""
+
+    @functools.wraps(method)
+    def wrapper(self: "Ledger", *args: Any, **kwargs: Any) -> Any:
+        return self._write(method.__name__, lambda: method(self, *args, **kwargs))
+
+    return wrapper  # type: ignore[return-value]
+
+
+class FaultNote:
+    """A small file that tells `mondrian status` (another process) the ledger cannot be written.
+
+    It is allocated once at start-up and then only overwritten in place, so it can still be written when the
+    disk is full or the ledger itself is the thing that cannot be written."""
+
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        os.pwrite(self._fd, b" " * NOTE_BYTES, 0)
+        os.fsync(self._fd)
+
+    def write(self, note: dict[str, Any] | None) -> None:
+        data = json.dumps(note, ensure_ascii=True).encode() if note else b""
+        try:
+            os.pwrite(self._fd, data[:NOTE_BYTES].ljust(NOTE_BYTES), 0)
+        except OSError as exc:  # even the note cannot be written: the log still says it
+            log.debug("could not write %s: %s", self.path, exc)
+
+    @staticmethod
+    def read(path: Path) -> dict[str, Any] | None:
+        try:
+            text = Path(path).read_text(encoding="ascii", errors="replace").strip()
+            return json.loads(text) if text else None
+        except (OSError, ValueError):
+            return None
+
+
+class Ledger:
+    def __init__(self, path: Path, *, stop: threading.Event | None = None, note: Path | None = None):
+        """`stop` (the daemon's): a write that fails for a reason outside the data (disk full, locked by another
+        process, read-only or unreadable file) is retried with backoff until it succeeds or `stop` is set, so
+        nothing is lost and no job is blamed. Without it (the CLI) such a write fails at once. `note`: a
+        FaultNote file kept up to date for `mondrian status`."""
+        self.path = Path(path)
+        self._stop = stop
+        self._fault: dict[str, Any] | None = None
+        self._fault_lock = threading.Lock()
+        self._note: FaultNote | None = None
+        # The daemon waits locks out itself, a few seconds at a time, so a stop request is never held up by
+        # a lock another process keeps.
+        busy_ms = 2000 if stop is not None else 30000
         self.db = SqliteDatabase(
             str(self.path),
-            pragmas={"journal_mode": "wal", "synchronous": "full", "busy_timeout": 30000,
+            pragmas={"journal_mode": "wal", "synchronous": "full", "busy_timeout": busy_ms,
                      "foreign_keys": 1},
-            timeout=30,
+            timeout=busy_ms / 1000,
             check_same_thread=False,
         )
         database.initialize(self.db)
-        self.db.connect(reuse_if_open=True)
-        self._migrate()
         self._run: tuple[int, Path, str] | None = None  # (fd, file, worker id) of the run lock this process holds
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._note = FaultNote(note) if note is not None else None
+            self.db.connect(reuse_if_open=True)
+            self._migrate()
+            if stop is not None:
+                self._probe()
+            st = os.stat(self.path)
+        except (OperationalError, OSError) as exc:
+            reason = str(getattr(exc, "orig", None) or exc)
+            raise LedgerUnavailable(f"cannot open the ledger {self.path} ({reason}). {_advice(reason)}") from None
+        self._identity = (st.st_dev, st.st_ino)
+
+    def _probe(self) -> None:
+        """A real write at start-up: a read-only or immutable ledger opens without complaint and would only
+        fail at the first write. A lock held by another process is waited out like any write."""
+        record = lambda: Event.insert(key="opened_by", value=json.dumps(f"{socket.gethostname()}:{os.getpid()}"),  # noqa: E731
+                                      at=time.time()).on_conflict_replace().execute()
+        try:
+            record()
+        except OperationalError as exc:
+            name = getattr(getattr(exc, "orig", None), "sqlite_errorname", "")
+            if not name.startswith(("SQLITE_BUSY", "SQLITE_LOCKED")):
+                raise
+            self._write("start-up", record)
+
+    # -- faults outside the data ----------------------------------------------------------------
+    def _write(self, what: str, do: Callable[[], Any]) -> Any:
+        delay = 0.25
+        failed = False
+        while True:
+            try:
+                result = do()
+            except OperationalError as exc:
+                reason = outside_fault(exc)
+                # Inside a caller's transaction the caller's own write retries the whole transaction.
+                if reason is None or self.db.in_transaction():
+                    raise
+                self._set_fault(reason, what)
+                failed = True
+                if self._stop is None or self._stop.is_set():
+                    raise LedgerUnavailable(f"the ledger {self.path} cannot be written ({reason})") from exc
+                self._stop.wait(delay)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+                continue
+            if failed:  # only a write that failed proves it by succeeding (a no-op UPDATE writes nothing)
+                self._clear_fault()
+            return result
+
+    def _set_fault(self, reason: str, what: str) -> None:
+        with self._fault_lock:
+            if self._fault is not None and self._fault["reason"] == reason:
+                return
+            self._fault = {"reason": reason, "since": (self._fault or {}).get("since", time.time()),
+                           "pid": os.getpid()}
+            note = self._fault
+        log.error("the ledger %s cannot be written (%s, while recording %s). %s Mondrian waits and carries on "
+                  "by itself once it can write again; nothing is lost meanwhile.", self.path, reason, what,
+                  _advice(reason))
+        if self._note is not None:
+            self._note.write(note)
+
+    def _clear_fault(self) -> None:
+        with self._fault_lock:
+            if self._fault is None:
+                return
+            since, self._fault = self._fault["since"], None
+        log.warning("the ledger can be written again (after %.0f s); carrying on", time.time() - since)
+        if self._note is not None:
+            self._note.write(None)
+
+    def replaced(self) -> str | None:
+        """Why the file at `path` is no longer the database this Ledger writes (deleted, or replaced), else None.
+
+        SQLite in WAL mode keeps writing to a deleted file without an error; what it holds would be lost at stop."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return f"{self.path} was deleted while Mondrian was using it"
+        except OSError as exc:
+            return f"{self.path} cannot be looked at ({exc.strerror or exc})"
+        if (st.st_dev, st.st_ino) != self._identity:
+            return f"{self.path} was replaced by another file while Mondrian was using it"
+        return None
+
+    def rescue(self) -> Path:
+        """Write what the open (deleted or replaced) database holds back to `path`, through SQLite's backup API.
+        A database found at `path` meanwhile is moved aside whole; returns where it went (else `path`). Call it
+        when no other thread writes any more."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        aside = self.path.with_name(f"{self.path.name}.replaced-{stamp}")
+        tmp = self.path.with_name(f".{self.path.name}.rescue-{os.getpid()}")
+        self.path.parent.mkdir(parents=True, exist_ok=True)  # its whole folder may have been deleted
+        for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm"), Path(f"{tmp}-journal")):
+            leftover.unlink(missing_ok=True)
+        target = sqlite3.connect(str(tmp))
+        try:
+            self.db.connection().backup(target)
+        finally:
+            target.close()
+        found = os.path.lexists(self.path)
+        for suffix in ("", "-wal", "-shm"):
+            here = Path(f"{self.path}{suffix}")
+            if found and os.path.lexists(here):
+                os.replace(here, Path(f"{aside}{suffix}"))  # someone else's database: kept whole, not deleted
+            else:
+                here.unlink(missing_ok=True)  # the deleted database's own log: its content is in the copy
+        os.replace(tmp, self.path)
+        from .report import fsync_dir
+
+        fsync_dir(self.path.parent)
+        return aside if found else self.path
 
     # -- schema -------------------------------------------------------------------------------
     def _migrate(self) -> None:
+        if self._schema_is_current():
+            return  # nothing to write: a reader (`mondrian status`) opens a ledger another process holds locked
         with self.db.atomic("IMMEDIATE"):
             self.db.create_tables([SchemaVersion])
             current = SchemaVersion.select(fn.MAX(SchemaVersion.version)).scalar() or 0
@@ -187,6 +388,9 @@ class Ledger:
             for version in range(current, SCHEMA_VERSION):
                 MIGRATIONS[version](self.db)
                 SchemaVersion.create(version=version + 1, applied_at=time.time())
+
+    def _schema_is_current(self) -> bool:
+        return SchemaVersion.table_exists() and self.schema_version() == SCHEMA_VERSION
 
     def schema_version(self) -> int:
         return SchemaVersion.select(fn.MAX(SchemaVersion.version)).scalar() or 0
@@ -297,6 +501,7 @@ class Ledger:
         return removed
 
     # -- intake -------------------------------------------------------------------------------
+    @writes
     def enqueue(self, source_path: Path, rel_path: str, advisor: str, advisor_source: str,
                 size: int | None, mtime: float | None, ctime: float | None = None) -> Job | None:
         """Queue a photo unless the same path already has a job waiting or running, or it is a failed photo
@@ -328,6 +533,7 @@ class Ledger:
                 return job
         return None
 
+    @writes
     def record_unreachable(self, source_path: Path, rel_path: str, advisor: str, reason: str) -> Job:
         """A failure for a path Mondrian cannot even look at (longer than the system allows): it stays where it
         is, and `status` lists it with the reason. Recorded once per path: returns the earlier job if any."""
@@ -342,6 +548,7 @@ class Ledger:
     def is_active(self, source_path: Path) -> bool:
         return Job.select().where((Job.source_path == str(source_path)) & (Job.state.in_(ACTIVE))).exists()
 
+    @writes
     def start_direct(self, source_path: Path, rel_path: str, advisor: str, advisor_source: str) -> Job:
         """A job run in-process by `mondrian analyze`: created already running so no daemon claims it."""
         now = time.time()
@@ -350,6 +557,7 @@ class Ledger:
                           enqueued_at=now, started_at=now, owns_file=False)
 
     # -- claiming -----------------------------------------------------------------------------
+    @writes
     def claim(self, worker: str | None = None, now: float | None = None) -> Job | None:
         """Atomically move the oldest due queued job to running and return it."""
         now = time.time() if now is None else now
@@ -373,12 +581,15 @@ class Ledger:
         return [j for j in Job.select().where(Job.state == RUNNING).order_by(Job.id) if not self._signer_runs(j.worker)]
 
     # -- progress inside a job ----------------------------------------------------------------
+    @writes
     def set_mode(self, job_id: int, requested: str, source: str) -> None:
         Job.update(requested_mode=requested, mode_source=source).where(Job.id == job_id).execute()
 
+    @writes
     def set_hash(self, job_id: int, sha256: str) -> None:
         Job.update(sha256=sha256).where(Job.id == job_id).execute()
 
+    @writes
     def reserve_output(self, job_id: int, output_dir: Path) -> None:
         Job.update(output_dir=str(output_dir)).where(Job.id == job_id).execute()
 
@@ -393,6 +604,7 @@ class Ledger:
                 .order_by(Job.id).first())
 
     # -- terminal states ----------------------------------------------------------------------
+    @writes
     def finish(self, job_id: int, *, effective_mode: str, fallbacks: list[dict[str, str]],
                report_json: Path, report_html: Path, grade: int, adapter: str | None,
                analysis_s: float, output_dir: Path) -> None:
@@ -401,20 +613,24 @@ class Ledger:
                    analysis_s=analysis_s, output_dir=str(output_dir), finished_at=time.time(),
                    error=None, error_kind=None).where(Job.id == job_id).execute()
 
+    @writes
     def finish_duplicate(self, job_id: int, first: Job, output_dir: Path) -> None:
         Job.update(state=DONE, duplicate_of=first.id, effective_mode=first.effective_mode,
                    fallbacks=first.fallbacks, report_json=first.report_json, report_html=first.report_html,
                    grade=first.grade, adapter=first.adapter, output_dir=str(output_dir),
                    finished_at=time.time()).where(Job.id == job_id).execute()
 
+    @writes
     def fail(self, job_id: int, reason: str, output_dir: Path | None, kind: str = "permanent") -> None:
         Job.update(state=FAILED, error=reason, error_kind=kind, finished_at=time.time(),
                    output_dir=str(output_dir) if output_dir else None).where(Job.id == job_id).execute()
 
+    @writes
     def retry_later(self, job_id: int, reason: str, delay_s: float) -> None:
         Job.update(state=QUEUED, error=reason, error_kind="transient", worker=None,
                    not_before=time.time() + delay_s).where(Job.id == job_id).execute()
 
+    @writes
     def requeue(self, job_id: int, reason: str | None = None, delay_s: float = 0.0,
                 undo_attempt: bool = False, keep_place: bool = False, reset_attempts: bool = False) -> None:
         """Back to the queue without blame (graceful stop, crash recovery, a file still being written).
@@ -433,12 +649,14 @@ class Ledger:
             upd[Job.attempts] = 0
         Job.update(upd).where((Job.id == job_id) & (Job.state == RUNNING)).execute()
 
+    @writes
     def requeue_changed(self, job_id: int, size: int, mtime: float, delay_s: float) -> None:
         """The file changed after it was queued: remember how it is now and look again after `delay_s`,
         without blame (the attempt is given back)."""
         Job.update(state=QUEUED, worker=None, size=size, mtime=mtime, not_before=time.time() + delay_s,
                    attempts=fn.MAX(Job.attempts - 1, 0)).where((Job.id == job_id) & (Job.state == RUNNING)).execute()
 
+    @writes
     def mark_gone(self, job_id: int, reason: str) -> None:
         Job.update(state=GONE, error=reason, finished_at=time.time()).where(Job.id == job_id).execute()
 
@@ -448,6 +666,7 @@ class Ledger:
             q = q.where(Job.id.in_(list(ids)))
         return list(q.order_by(Job.id))
 
+    @writes
     def requeue_failed(self, job_id: int, source_path: Path) -> None:
         Job.update(state=QUEUED, source_path=str(source_path), attempts=0, not_before=0.0, worker=None,
                    output_dir=None, error=None, error_kind=None, finished_at=None).where(
@@ -495,6 +714,7 @@ class Ledger:
         return list(Reference.select().where((Reference.advisor == advisor_id) & (Reference.sha256 == sha256))
                     .order_by(Reference.indexed_at.desc()))
 
+    @writes
     def upsert_reference(self, *, advisor: str, path: Path | str, sha256: str, scores: dict[str, int],
                          comments: dict[str, str] | None, source: str, model_id: str | None,
                          embedding: bytes | None) -> Reference:
@@ -507,11 +727,13 @@ class Ledger:
             Reference.update(**values).where(Reference.id == row.id).execute()
         return Reference.get_by_id(row.id)
 
+    @writes
     def remove_reference(self, advisor_id: str, path: Path | str) -> bool:
         return Reference.delete().where((Reference.advisor == advisor_id) &
                                         (Reference.path == str(path))).execute() > 0
 
     # -- daemon facts for status --------------------------------------------------------------
+    @writes
     def set_event(self, key: str, value: Any) -> None:
         Event.insert(key=key, value=json.dumps(value), at=time.time()).on_conflict_replace().execute()
 

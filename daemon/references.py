@@ -36,7 +36,7 @@ from .advisors import Advisor, load_advisors, references_dir
 from .config import Config
 from .critique import DIMENSIONS, SCORE_MAX, SCORE_MIN, profile_schema
 from .files import kind_of, read_regular_file
-from .ledger import Ledger, Reference
+from .ledger import Ledger, LedgerUnavailable, Reference
 from .limits import AnalysisInterrupted
 
 log = logging.getLogger("mondrian.references")
@@ -81,8 +81,9 @@ def reference_comment(comments: dict[str, str] | None, limit: int = 280) -> str:
 
 
 def _score(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) \
-            or not SCORE_MIN <= value <= SCORE_MAX:
+    # The range check comes first: NaN and infinity (JSON allows both) fail it instead of reaching int().
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not SCORE_MIN <= value <= SCORE_MAX \
+            or value != int(value):
         raise SidecarInvalid(f"{where} is {value!r}; scores are whole numbers from {SCORE_MIN} to {SCORE_MAX}")
     return int(value)
 
@@ -143,6 +144,9 @@ def read_sidecar(path: Path) -> tuple[dict[str, int], dict[str, str] | None]:
                                             timeout_s=SIDECAR_READ_SECONDS).decode("utf-8-sig"))
     except SidecarInvalid:
         raise
+    except RecursionError:
+        raise SidecarInvalid(f"{path.name} nests too deeply to be a reference sidecar; it holds only scores "
+                             f"and comments") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise SidecarInvalid(f"{path.name} is not readable JSON ({exc})") from exc
     return parse_sidecar(data, path.name)
@@ -208,6 +212,28 @@ def reference_files(folder: Path) -> list[Path]:
             if not _ignored(name) and name.lower().endswith(IMAGE_SUFFIXES):
                 found.append(Path(dirpath) / name)
     return found
+
+
+def sidecar_problems(cfg: Config, advisor_id: str) -> list[dict[str, str]]:
+    """The advisor's references whose sidecar cannot be used, with the reason (no model, no ledger needed)."""
+    folder = references_dir(cfg, advisor_id)
+    out = []
+    for photo in reference_files(folder):
+        sidecar = sidecar_path(photo)
+        if sidecar is None:
+            continue
+        try:
+            read_sidecar(sidecar)
+        except SidecarInvalid as exc:
+            out.append(problem(cfg, advisor_id, photo, str(exc)))
+    return out
+
+
+def problem(cfg: Config, advisor_id: str, photo: Path, reason: str) -> dict[str, str]:
+    """A skipped reference as `mondrian status` and `references list` show it."""
+    folder = references_dir(cfg, advisor_id)
+    return {"advisor": advisor_id, "file": str(photo.relative_to(folder)) if photo.is_relative_to(folder)
+            else photo.name, "reason": reason}
 
 
 def sidecar_path(photo: Path) -> Path | None:
@@ -379,6 +405,11 @@ class ReferenceIndexer:
                 except OSError as exc:
                     plan.errors.append((advisor_id, photo, f"could not be read ({exc.strerror or exc})"))
                     continue
+                except Exception as exc:  # this reference's own failure: the others are still indexed
+                    reason = f"{type(exc).__name__}: {exc}"
+                    self._failed[photo] = (key, reason)
+                    plan.errors.append((advisor_id, photo, reason))
+                    continue
                 reason = self._stale(row, sha, parsed, model_id, embeddings)
                 if reason:
                     plan.index.append(Work(advisor_id, photo, sha, reason, parsed, key))
@@ -472,7 +503,7 @@ class ReferenceIndexer:
                                          comments=comments, source=work.source, model_id=model_id,
                                          embedding=embedding)
             thumbnail(self.cfg, work.sha256, work.path)
-        except AnalysisInterrupted:
+        except (AnalysisInterrupted, LedgerUnavailable):
             raise  # the daemon is stopping: not the reference's fault, it is indexed next time
         except Exception as exc:  # one bad reference must never stop the others (or the daemon)
             reason = str(exc) or type(exc).__name__
@@ -547,6 +578,7 @@ class ReferenceWatcher:
         self._observer: Any = None
         self.busy = threading.Event()
         self.last_error: str | None = None
+        self._recorded: list[dict[str, str]] | None = None  # the skipped references status shows
 
     def start(self) -> None:
         from watchdog.observers import Observer
@@ -597,16 +629,22 @@ class ReferenceWatcher:
             plan = ix.plan(model_id=runtime.model_id)
             ix.remove(plan, keep_twins=True)
             known = ix.advisors()
-            for n, work in enumerate(plan.index):
-                if n and (time.monotonic() - started >= budget_s or (stop is not None and stop.is_set())):
-                    self._dirty.set()
-                    return True
-                ix.index_one(work, known)
+            errors = [problem(self.cfg, a, p, r) for a, p, r in plan.errors]
+            try:
+                for n, work in enumerate(plan.index):
+                    if n and (time.monotonic() - started >= budget_s or (stop is not None and stop.is_set())):
+                        self._dirty.set()
+                        return True
+                    outcome = ix.index_one(work, known)
+                    if outcome.action == "error":
+                        errors.append(problem(self.cfg, outcome.advisor, outcome.path, outcome.reason))
+            finally:
+                self._record(errors)
             ix.remove(plan)
             self._next_look = time.monotonic() + (max(0.2, self.cfg.quiet_seconds / 2) if plan.waiting
                                                   else float("inf"))
             return False
-        except AnalysisInterrupted:
+        except (AnalysisInterrupted, LedgerUnavailable):
             self._dirty.set()
             return False
         except Exception as exc:  # a bad reference must never take the worker down
@@ -616,6 +654,12 @@ class ReferenceWatcher:
             return False
         finally:
             self.busy.clear()
+
+    def _record(self, errors: list[dict[str, str]]) -> None:
+        errors = sorted(errors, key=lambda e: (e["advisor"], e["file"]))
+        if errors != self._recorded:
+            self.indexer.ledger.set_event("reference_errors", errors)
+            self._recorded = errors
 
 
 __all__ = ["ReferenceIndexer", "ReferenceWatcher", "SidecarInvalid", "reference_profile", "reference_comment",

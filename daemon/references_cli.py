@@ -75,6 +75,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from .advisors import UnknownAdvisor
     from .ledger import Ledger
     from .references import ReferenceIndexer
+    from .terminal import shown
 
     cfg = _config(args)
     try:
@@ -102,17 +103,18 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     def on_plan(plan) -> None:
         for path in plan.waiting:
-            print(f"waiting: {path} is still being written; index again in a moment", file=sys.stderr)
+            print(shown(f"waiting: {path} is still being written; index again in a moment"), file=sys.stderr)
         for advisor, path, reason in plan.errors:
-            print(f"skipped: {advisor}: {path.name}: {reason}", file=sys.stderr)
+            print(shown(f"skipped: {advisor}: {path.name}: {reason}"), file=sys.stderr)
         if plan.index:
             bar["bar"] = _Bar(len(plan.index))
             bar["bar"].update(0, "")
 
     def progress(outcome, done: int, total: int) -> None:
-        bar["bar"].update(done, f"{outcome.advisor}/{outcome.path.name}")
+        bar["bar"].update(done, shown(f"{outcome.advisor}/{outcome.path.name}"))
         if outcome.action == "error":
-            print(f"\nskipped: {outcome.advisor}: {outcome.path.name}: {outcome.reason}", file=sys.stderr)
+            print("\n" + shown(f"skipped: {outcome.advisor}: {outcome.path.name}: {outcome.reason}"),
+                  file=sys.stderr)
 
     try:
         plan, outcomes = indexer.sync(advisors, progress=progress, on_plan=on_plan)
@@ -148,7 +150,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     from .advisors import UnknownAdvisor, load_advisors
     from .critique import DIMENSIONS
     from .ledger import Ledger
+    from .references import sidecar_problems
     from .retrieval import distribution
+    from .terminal import shown
 
     cfg = _config(args)
     try:
@@ -157,23 +161,29 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(str(exc).strip("'\""), file=sys.stderr)
         return 2
     ledger = Ledger(cfg.db_path)
+    recorded = ledger.events().get("reference_errors", ([], None))[0]  # what the daemon could not index
     result = {}
     for advisor in advisors:
         rows = ledger.references(advisor)
+        skipped = {e["file"]: e for e in recorded if e.get("advisor") == advisor}
+        skipped.update({e["file"]: e for e in sidecar_problems(cfg, advisor)})  # checked now: the newest word
         result[advisor] = {"count": len(rows), "references": [_row(r, cfg) for r in rows],
-                           "portfolio": distribution([r.scores for r in rows]) if rows else None}
+                           "portfolio": distribution([r.scores for r in rows]) if rows else None,
+                           "skipped": [{"file": f, "reason": e["reason"]} for f, e in sorted(skipped.items())]}
     if args.json:
         print(json.dumps(result if args.advisor is None else result[advisors[0]], indent=2, ensure_ascii=False))
         return 0
     abbrev = " ".join(d[:4] for d in DIMENSIONS)
     for advisor, info in result.items():
         print(f"{advisor}: {info['count']} reference(s)")
+        for e in info["skipped"]:
+            print(shown(f"  skipped: {e['file']}: {e['reason']}"))
         if not info["count"]:
             continue
         print(f"  {'file':<32} {'source':<6} {abbrev}")
         for r in info["references"]:
             scores = " ".join(f"{r['scores'][d]:>4}" for d in DIMENSIONS)
-            print(f"  {r['file'][:32]:<32} {r['source']:<6} {scores}")
+            print(f"  {shown(r['file'])[:32]:<32} {r['source']:<6} {scores}")
         pf = info["portfolio"]["dimensions"]
         print(f"  {'mean':<32} {'':<6} " + " ".join(f"{pf[d]['mean']:>4.1f}" for d in DIMENSIONS))
         print(f"  {'spread':<32} {'':<6} " + " ".join(f"{pf[d]['std']:>4.1f}" for d in DIMENSIONS))

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .ledger import Ledger
+from .ledger import FAULT_NOTE, FaultNote, Ledger
+from .terminal import shown
 
 
 def daemon_pid(cfg: Config) -> int | None:
@@ -42,6 +43,9 @@ def collect(cfg: Config) -> dict[str, Any]:
                 for j in ledger.recent_failures()]
     model = events.get("model", (None, None))[0]
     pid = daemon_pid(cfg)
+    fault = FaultNote.read(cfg.var_dir / FAULT_NOTE)
+    if fault is not None and (pid is None or fault.get("pid") != pid):
+        fault = None  # left by a daemon that has stopped since
     return {
         "home": str(cfg.home),
         "inbox": str(cfg.inbox),
@@ -57,6 +61,8 @@ def collect(cfg: Config) -> dict[str, Any]:
         "last_event_at": events.get("last_event", (None, None))[0],
         "last_rescan_at": events.get("last_rescan", (None, None))[0],
         "heartbeat": events.get("heartbeat", ({}, None))[0],
+        "ledger_fault": fault,
+        "reference_errors": events.get("reference_errors", ([], None))[0],
         "schema_version": ledger.schema_version(),
     } | _extra_sections(cfg, ledger)
 
@@ -108,10 +114,18 @@ def render(info: dict[str, Any]) -> str:
         t = info["training"]
         lines.append(_training_line(t))
     lines.append(f"Watcher: last event {_clock(info['last_event_at'])} · last rescan {_clock(info['last_rescan_at'])}")
+    fault = info.get("ledger_fault")
+    if fault:
+        lines.append(f"Ledger:  cannot be written since {_clock(fault.get('since'))}: {fault.get('reason')} — "
+                     f"the daemon waits and carries on by itself once it can write again (see its log)")
+    if info.get("reference_errors"):
+        lines.append("References skipped:")
+        for e in info["reference_errors"]:
+            lines.append(f"  {e.get('advisor')}: {e.get('file')}: {e.get('reason')}")
     if info["recent_failures"]:
         lines.append("Recent failures:")
         for f in info["recent_failures"]:
             rec = f" → {Path(f['record']).relative_to(info['outbox']) if f['record'] and Path(f['record']).is_relative_to(info['outbox']) else f['record']}"
             lines.append(f"  {f['file']}: {f['reason']}{rec if f['record'] else ''}")
     lines.append(f"Reports: {Path(info['outbox']) / 'index.html'}")
-    return "\n".join(lines)
+    return "\n".join(shown(line) for line in lines)  # one line each: a name cannot forge a line or send escapes

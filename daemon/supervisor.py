@@ -3,6 +3,9 @@
 Never daemonizes (launchd and systemd supervise it). SIGTERM/SIGINT finish or requeue the photo in hand
 and exit 0; a fatal start-up problem (model missing, another daemon on the same home) exits 78
 (EX_CONFIG) with a line saying what to fix, so KeepAlive/Restart=on-failure only restart real crashes.
+SIGHUP stops the daemon like SIGTERM (it reloads nothing: a restart reads the configuration again).
+A ledger deleted or replaced while the daemon runs is written back whole, then the daemon exits 75
+(EX_TEMPFAIL) so its supervisor starts it again on the restored file.
 """
 
 from __future__ import annotations
@@ -19,12 +22,13 @@ from typing import Any, Callable
 from .advisors import load_advisors
 from .config import Config
 from .inbox import classify
-from .ledger import Ledger
+from .ledger import FAULT_NOTE, Ledger, LedgerUnavailable
 from .worker import Worker
 
 log = logging.getLogger("mondrian.daemon")
 
 EX_CONFIG = 78
+EX_TEMPFAIL = 75
 STOP_GRACE_SECONDS = 20.0
 
 
@@ -64,7 +68,8 @@ class Daemon:
         self.wake = threading.Event()
         self.ready = threading.Event()
         self.fatal: str | None = None
-        self.ledger = Ledger(cfg.db_path)
+        self.ledger_lost: str | None = None
+        self.ledger = Ledger(cfg.db_path, stop=self.stop, note=cfg.var_dir / FAULT_NOTE)
         self.worker = Worker(cfg, self.ledger, runtime_factory or default_runtime_factory(cfg), self.stop)
         self._advisors = set(load_advisors(cfg))
         from .watcher import InboxWatcher
@@ -84,8 +89,11 @@ class Daemon:
             st = os.lstat(path)
         except OSError:
             return
-        job = self.ledger.enqueue(path, intake.rel_path, intake.advisor, intake.advisor_source,
-                                  st.st_size, st.st_mtime, st.st_ctime)
+        try:
+            job = self.ledger.enqueue(path, intake.rel_path, intake.advisor, intake.advisor_source,
+                                      st.st_size, st.st_mtime, st.st_ctime)
+        except LedgerUnavailable:
+            return  # stopping: the photo stays in the inbox and the next start's rescan queues it
         if job is not None:
             self._skipped.pop(path, None)
             log.info("queued %s for %s (job %d)", intake.rel_path, intake.advisor, job.id)
@@ -127,6 +135,8 @@ class Daemon:
             log.info("model ready: %s (%.1f s)%s", rt.model_id, time.perf_counter() - t0,
                      " — smoke model: scores are NOT meaningful" if rt.is_smoke else "")
             self.ledger.set_event("model", {"id": rt.model_id, "smoke": bool(rt.is_smoke)})
+        except LedgerUnavailable:
+            return  # stopping while the ledger cannot be written: nothing was lost, the next start goes on
         except Exception as exc:
             from .model.runtime import ModelNotFoundError
 
@@ -151,7 +161,9 @@ class Daemon:
                     due = self.ledger.next_due_in()
                     self.wake.wait(timeout=min(0.5, due) if due is not None else 0.5)
                     self.wake.clear()
-            except Exception:  # e.g. the ledger briefly unavailable: the one worker thread must not die silently
+            except LedgerUnavailable:
+                return  # stopping; the ledger keeps its last good state (see Ledger._write)
+            except Exception:  # the one worker thread must not die silently
                 log.exception("error in the worker loop; continuing in 1 s")
                 self.stop.wait(1.0)
 
@@ -173,8 +185,8 @@ class Daemon:
         except StartupError as exc:
             log.error("cannot start: %s", exc)
             return EX_CONFIG
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, self._on_signal)
         self.ledger.set_event("daemon", {"pid": os.getpid(), "started_at": time.time(), "once": self.once})
         log.info("watching %s; reports go to %s", self.cfg.inbox, self.cfg.outbox)
         self.watcher.start()
@@ -207,6 +219,8 @@ class Daemon:
                     log.info("inbox is empty and every photo is finished")
                     break
                 self.stop.wait(0.2)
+        except LedgerUnavailable:
+            pass  # only raised once stopping: the ledger keeps its last good state, recovered at the next start
         finally:
             self.stop.set()
             self.wake.set()
@@ -215,12 +229,31 @@ class Daemon:
             if nightly is not None:
                 nightly.stop()  # also stops a training child process, which never holds a photo
             self._finish_worker()
-            self.ledger.set_event("daemon", {"pid": None, "stopped_at": time.time()})
+            self._last_words()
             os.close(lock_fd)
         if self.fatal:
             log.error("cannot start: %s", self.fatal)
             return EX_CONFIG
+        if self.ledger_lost:
+            return EX_TEMPFAIL
         return 0
+
+    def _last_words(self) -> None:
+        """The stop record, and a deleted ledger written back whole (no thread writes any more)."""
+        self.ledger_lost = self.ledger_lost or self.ledger.replaced()  # a --once run may end between beats
+        try:
+            self.ledger.set_event("daemon", {"pid": None, "stopped_at": time.time()})
+        except LedgerUnavailable as exc:
+            log.warning("%s; the next start recovers the photo that was in progress", exc)
+        if self.ledger_lost:
+            try:
+                kept = self.ledger.rescue()
+            except Exception as exc:
+                log.error("could not write the ledger back to %s (%s: %s)", self.cfg.db_path, type(exc).__name__, exc)
+                return
+            aside = f"; the file found there was kept as {kept.name}" if kept != self.cfg.db_path else ""
+            log.error("%s: everything it held was written back to it%s. Mondrian stops so that it restarts on "
+                      "that file (launchd and systemd restart it; otherwise run it again)", self.ledger_lost, aside)
 
     def _start_nightly(self) -> Any:
         """LoRA retraining at cfg.train_time (jobs/nightly.py), in a child process; never in --once runs."""
@@ -240,6 +273,13 @@ class Daemon:
             return None
 
     def _beat(self) -> None:
+        lost = self.ledger.replaced()
+        if lost and not self.ledger_lost:
+            self.ledger_lost = lost
+            log.error("%s; finishing up, then writing it back", lost)
+            self.stop.set()
+            self.wake.set()
+            return
         self.ledger.set_event("heartbeat", {"pid": os.getpid(), "pending": self.watcher.pending(),
                                             "observer_alive": self.watcher.observer_alive(),
                                             "observer_restarts": self.watcher.restarts})
@@ -253,12 +293,17 @@ class Daemon:
         if self._thread.is_alive():
             job = self.worker.current
             if job is not None:
-                self.ledger.requeue(job.id, "Mondrian was stopped while analysing it; queued again",
-                                    undo_attempt=True, keep_place=True)
-                log.info("stopping: %s goes back to the queue", job.rel_path)
+                try:
+                    self.ledger.requeue(job.id, "Mondrian was stopped while analysing it; queued again",
+                                        undo_attempt=True, keep_place=True)
+                    log.info("stopping: %s goes back to the queue", job.rel_path)
+                except LedgerUnavailable as exc:
+                    log.warning("%s; %s stays in progress and is queued again at the next start", exc, job.rel_path)
+            self._last_words()
             logging.shutdown()
-            os._exit(0)  # MLX is mid-computation on the worker thread; the job is safely queued again
+            os._exit(EX_TEMPFAIL if self.ledger_lost else 0)  # MLX is mid-computation on the worker thread
 
 
 def run_daemon(cfg: Config, *, once: bool = False) -> int:
+    cfg.ensure_dirs()  # a ConfigError names the folder in the way: exit 78 with that line (daemon.cli)
     return Daemon(cfg, once=once).run()

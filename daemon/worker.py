@@ -33,7 +33,7 @@ from .images import ImageRejected, LoadedImage, load_photo
 from .inbox import (OUTBOX_RESERVED, RECORD_SUFFIXES, SidecarError, read_sidecar, safe_stem, sidecar_for,
                     unique_path)
 from .isolation import check_alone
-from .ledger import DONE, FAILED, Job, Ledger
+from .ledger import DONE, FAILED, Job, Ledger, LedgerUnavailable
 from .limits import AnalysisCancelled, AnalysisTimedOut
 from .report import IndexEntry, atomic_write_text, temp_name, write_index, write_report_folder
 from .strategies import AnalysisContext, AnalysisResult, Strategy, build_strategies, resolve
@@ -332,6 +332,11 @@ class Worker:
             self._clean_staging(job)
             self.ledger.requeue(job.id, "Mondrian was stopped while analysing it; queued again",
                                 undo_attempt=True, keep_place=True)
+        except LedgerUnavailable:
+            # Stopping while the ledger cannot be written: the job stays running there, and the next start
+            # finishes it from what was published, or analyses it again. Nothing is recorded twice.
+            log.warning("stopping: %s stays in progress and is taken up again at the next start", job.rel_path)
+            raise
         except Exception as exc:  # one photo must never take the worker down
             if getattr(exc, "permanent", False):
                 self._fail(self.ledger.get(job.id), f"the model could not produce a critique: {exc}")

@@ -107,15 +107,17 @@ def test_outbox_not_writable_retries_with_backoff_then_fails_and_retry_failed_re
     outbox = home / "outbox"
     for sub in ("failed", ".staging", "duplicates"):
         (outbox / sub).mkdir(parents=True)
-    photo(home / "inbox" / "keep me.jpg", seed=7, size=(64, 48))
-    (home / "inbox" / "corrupt.jpg").write_bytes(photo(tmp_path / "c.jpg", seed=8).read_bytes()[:300])
-    with read_only(outbox):
-        with Daemon(home, smoke_model_path) as d:
+    # The outbox turns read-only while the daemon runs (at start-up it is refused with exit 78: test_resilience).
+    with Daemon(home, smoke_model_path) as d:
+        wait_for(lambda: "model ready" in d.output(), 60, what="model ready")
+        with read_only(outbox):
+            photo(home / "inbox" / "keep me.jpg", seed=7, size=(64, 48))
+            (home / "inbox" / "corrupt.jpg").write_bytes(photo(tmp_path / "c.jpg", seed=8).read_bytes()[:300])
             wait_for(lambda: {j.state for j in _jobs(home).values()} == {"failed"} and len(_jobs(home)) == 2,
                      90, what="both photos failed")
             time.sleep(2.5)  # two more rescans: a failed photo still in the inbox must not be queued again
             assert d.stop() == 0
-        log = d.output()
+    log = d.output()
     jobs = _jobs(home)
     assert len(jobs) == 2, list(jobs)
     keep = jobs["keep me.jpg"]
