@@ -127,5 +127,16 @@ def terminal_count(info: dict[str, Any]) -> int:
     return c["done"] + c["failed"] + c.get("gone", 0)
 
 
+def ledger_jobs(home: Path) -> dict[str, Any]:
+    """Every job in the home's ledger, by its path relative to the inbox (read straight from the SQLite file)."""
+    from daemon.ledger import Ledger
+
+    ledger = Ledger(home / "var" / "ledger.db")
+    try:
+        return {j.rel_path: j for j in ledger.jobs()}
+    finally:
+        ledger.close()
+
+
 def reports(outbox: Path) -> list[Path]:
     return sorted(p for p in outbox.glob("*/report.json") if not p.parent.name.startswith("."))

@@ -21,18 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from daemon.ledger import Ledger
-from tests.harness import Daemon, make_home, mondrian, photo, reports, status, wait_for
+from tests.harness import Daemon, ledger_jobs, make_home, mondrian, photo, reports, status, wait_for
 
 FAST = dict(max_pixels=56 * 56, comment_max_chars=8, max_tokens=400, quiet_seconds=0.2, rescan_seconds=1)
-
-
-def _jobs(home: Path) -> dict[str, object]:
-    ledger = Ledger(home / "var" / "ledger.db")
-    try:
-        return {j.rel_path: j for j in ledger.jobs()}
-    finally:
-        ledger.close()
 
 
 def _mount(*args: str) -> subprocess.CompletedProcess:
@@ -80,7 +71,7 @@ def test_time_limit_fails_a_slow_photo_and_the_queue_goes_on_then_retry_failed(t
         photo(home / "inbox" / name, seed=40 + i, size=(64, 48))
     with Daemon(home, smoke_model_path, "--once", MONDRIAN_TEST_TOKEN_SECONDS="0.05") as d:
         assert d.wait(120) == 0, d.output()
-    jobs = _jobs(home)
+    jobs = ledger_jobs(home)
     for name in names:
         job = jobs[name]
         assert job.state == "failed" and job.attempts == 1, (name, job.state, job.error)
@@ -97,7 +88,7 @@ def test_time_limit_fails_a_slow_photo_and_the_queue_goes_on_then_retry_failed(t
     with Daemon(home, smoke_model_path, "--once", MONDRIAN_JOB_TIMEOUT="600", MONDRIAN_COMMENT_MAX_CHARS="8") as d:
         assert d.wait(120) == 0, d.output()
     assert sorted(p.parent.name + ".jpg" for p in reports(home / "outbox")) == names
-    assert {j.state for j in _jobs(home).values()} == {"done"} and len(_jobs(home)) == 3
+    assert {j.state for j in ledger_jobs(home).values()} == {"done"} and len(ledger_jobs(home)) == 3
 
 
 # -- transient faults -----------------------------------------------------------------------------------
@@ -113,12 +104,12 @@ def test_outbox_not_writable_retries_with_backoff_then_fails_and_retry_failed_re
         with read_only(outbox):
             photo(home / "inbox" / "keep me.jpg", seed=7, size=(64, 48))
             (home / "inbox" / "corrupt.jpg").write_bytes(photo(tmp_path / "c.jpg", seed=8).read_bytes()[:300])
-            wait_for(lambda: {j.state for j in _jobs(home).values()} == {"failed"} and len(_jobs(home)) == 2,
+            wait_for(lambda: {j.state for j in ledger_jobs(home).values()} == {"failed"} and len(ledger_jobs(home)) == 2,
                      90, what="both photos failed")
             time.sleep(2.5)  # two more rescans: a failed photo still in the inbox must not be queued again
             assert d.stop() == 0
     log = d.output()
-    jobs = _jobs(home)
+    jobs = ledger_jobs(home)
     assert len(jobs) == 2, list(jobs)
     keep = jobs["keep me.jpg"]
     assert keep.attempts == 3 and keep.error_kind == "transient", (keep.attempts, keep.error)
@@ -135,7 +126,7 @@ def test_outbox_not_writable_retries_with_backoff_then_fails_and_retry_failed_re
     assert out.returncode == 0, out.stderr
     with Daemon(home, smoke_model_path, "--once") as d:
         assert d.wait(120) == 0, d.output()
-    jobs = _jobs(home)
+    jobs = ledger_jobs(home)
     assert jobs["keep me.jpg"].state == "done" and len(jobs) == 2
     assert [p.parent.name for p in reports(outbox)] == ["keep me"]
     assert jobs["corrupt.jpg"].state == "failed"  # still damaged: failed again, at once
@@ -165,7 +156,7 @@ def test_disk_full_is_retried_and_a_kill_mid_cross_device_move_leaves_one_origin
         # The daemon kills itself between copying the original across devices and unlinking it.
         with Daemon(home, smoke_model_path, MONDRIAN_TEST_CRASH_AT="move_copied") as d:
             wait_for(lambda: _retry_delays(d.output(), "full.jpg")[1:], 60, what="two retries on a full disk")
-            job = _jobs(home)["full.jpg"]
+            job = ledger_jobs(home)["full.jpg"]
             assert job.state in ("queued", "running") and "No space left on device" in job.error, job.error
             filler.unlink()  # space again: the next retry publishes, then dies mid-move
             assert d.wait(60) == -signal.SIGKILL, d.output()
@@ -174,7 +165,7 @@ def test_disk_full_is_retried_and_a_kill_mid_cross_device_move_leaves_one_origin
         assert (folder / "full.jpg").read_bytes() == data and (home / "inbox" / "full.jpg").exists()
         with Daemon(home, smoke_model_path, "--once") as d:
             assert d.wait(120) == 0, d.output()
-        job = _jobs(home)["full.jpg"]
+        job = ledger_jobs(home)["full.jpg"]
         assert job.state == "done"
         assert not (home / "inbox" / "full.jpg").exists()
         originals = [p.name for p in folder.iterdir() if p.name not in
@@ -197,10 +188,10 @@ def test_model_load_failure_is_retried_then_failed_and_recovers(tmp_path, smoke_
     home = make_home(tmp_path / "home", smoke_model_path, **FAST, max_attempts=3, retry_base_seconds=0.3)
     photo(home / "inbox" / "waiting.jpg", seed=11, size=(64, 48))
     with Daemon(home, model) as d:
-        wait_for(lambda: getattr(_jobs(home).get("waiting.jpg"), "state", None) == "failed", 90,
+        wait_for(lambda: getattr(ledger_jobs(home).get("waiting.jpg"), "state", None) == "failed", 90,
                  what="failed after retries")
         assert d.proc.poll() is None, "a model that fails to load must not stop the daemon:\n" + d.output()
-        job = _jobs(home)["waiting.jpg"]
+        job = ledger_jobs(home)["waiting.jpg"]
         assert job.attempts == 3 and job.error_kind == "transient"
         assert "model could not be loaded" in job.error and "gave up after 3 attempts" in job.error
         delays = _retry_delays(d.output(), "waiting.jpg")
@@ -208,7 +199,7 @@ def test_model_load_failure_is_retried_then_failed_and_recovers(tmp_path, smoke_
         weights.write_bytes(good)  # repaired
         out = mondrian(home, model, "retry", "--failed")
         assert out.returncode == 0, out.stderr
-        wait_for(lambda: getattr(_jobs(home).get("waiting.jpg"), "state", None) == "done", 90,
+        wait_for(lambda: getattr(ledger_jobs(home).get("waiting.jpg"), "state", None) == "done", 90,
                  what="analysed once the model loads")
         assert d.stop() == 0
     assert [p.parent.name for p in reports(home / "outbox")] == ["waiting"]
@@ -235,7 +226,7 @@ def test_signal_requeues_the_photo_in_hand_and_exits_0_quickly(tmp_path, smoke_m
     assert rc == 0, log
     # well inside launchd's ExitTimeOut (60 s) and the daemon's own 20 s grace, even on a loaded CI box;
     assert took < 15, f"took {took:.1f}s to stop"
-    job = _jobs(home)["slow.jpg"]
+    job = ledger_jobs(home)["slow.jpg"]
     assert job.state == "queued" and job.attempts == 0, (job.state, job.attempts)  # requeued without blame
     assert "goes back to the queue" in log
     assert not list((home / "outbox" / ".staging").iterdir())

@@ -29,18 +29,10 @@ from pathlib import Path
 import pytest
 
 from daemon.ledger import Ledger
-from tests.harness import REPO, Daemon, env_for, make_home, photo, reports, wait_for
+from tests.harness import REPO, Daemon, env_for, ledger_jobs, make_home, photo, reports, wait_for
 
 FAST = dict(max_pixels=56 * 56, comment_max_chars=8, max_tokens=400, quiet_seconds=0.2, rescan_seconds=1,
             retry_base_seconds=0.2)
-
-
-def _jobs(home: Path) -> dict[str, object]:
-    ledger = Ledger(home / "var" / "ledger.db")
-    try:
-        return {j.rel_path: j for j in ledger.jobs()}
-    finally:
-        ledger.close()
 
 
 def _state(pid: int) -> str | None:
@@ -70,7 +62,7 @@ def _sha(data: bytes) -> str:
 
 
 def _report_of(home: Path, name: str) -> dict:
-    job = _jobs(home)[name]
+    job = ledger_jobs(home)[name]
     assert job.state == "done", f"{name}: {job.state} ({job.error})"
     return json.loads(Path(job.report_json).read_text())
 
@@ -87,14 +79,14 @@ def test_an_ordinary_photo_in_hand_at_more_than_max_attempts_kills_still_gets_it
             _wait_stopped(d.proc.pid, "the daemon", d.proc, d.output())
             d.proc.send_signal(signal.SIGKILL)
             d.wait()
-        job = _jobs(home)["ordinary.jpg"]
+        job = ledger_jobs(home)["ordinary.jpg"]
         assert (job.state, job.attempts) == ("running", attempt), (job.state, job.attempts, job.error)
 
     # One more kill, during the check that analyses the photo alone in a child process: another crash of the
     # daemon, not a verdict on the photo; and the child does not outlive the daemon.
     with Daemon(home, smoke_model_path, MONDRIAN_TEST_STOP_AT="analysing") as d:
         def child_holding() -> int | None:
-            job = _jobs(home)["ordinary.jpg"]
+            job = ledger_jobs(home)["ordinary.jpg"]
             assert job.state != "failed", f"the photo was set aside: {job.error}"
             m = re.search(r"separate process \(pid (\d+)\)", d.output())
             return int(m.group(1)) if m and _state(int(m.group(1))) == "T" else None
@@ -104,7 +96,7 @@ def test_an_ordinary_photo_in_hand_at_more_than_max_attempts_kills_still_gets_it
         d.wait()
     os.kill(child, signal.SIGCONT)
     wait_for(lambda: not _alive(child), 30, what=f"the isolation child {child} to exit after the daemon died")
-    job = _jobs(home)["ordinary.jpg"]
+    job = ledger_jobs(home)["ordinary.jpg"]
     assert (job.state, job.attempts) == ("running", 3), (job.state, job.attempts, job.error)
 
     # A graceful stop (SIGTERM) during the check: no verdict either, the child is ended, the daemon exits 0 at once.
@@ -116,7 +108,7 @@ def test_an_ordinary_photo_in_hand_at_more_than_max_attempts_kills_still_gets_it
         d.signal(signal.SIGTERM)
         assert d.wait(30) == 0, d.output()
     wait_for(lambda: not _alive(child), 30, what=f"the isolation child {child} to be ended by the stop")
-    job = _jobs(home)["ordinary.jpg"]
+    job = ledger_jobs(home)["ordinary.jpg"]
     assert (job.state, job.attempts) == ("running", 3), (job.state, job.attempts, job.error)
 
     # Then the check's child itself is SIGKILLed (a person, or memory pressure from elsewhere): one SIGKILL is not
@@ -136,7 +128,7 @@ def test_an_ordinary_photo_in_hand_at_more_than_max_attempts_kills_still_gets_it
         assert d.wait(180) == 0, d.output()
         log = d.output()
     assert "not the cause" in log, log
-    assert _jobs(home)["ordinary.jpg"].attempts == 1  # cleared: the crashes no longer count against it
+    assert ledger_jobs(home)["ordinary.jpg"].attempts == 1  # cleared: the crashes no longer count against it
     assert _report_of(home, "ordinary.jpg")["photo"]["sha256"] == _sha(data)
     assert not list((home / "outbox" / "failed").iterdir())
     print("kills=4 (3 while analysing, 1 during the isolation check), 1 SIGTERM during the check, 1 SIGKILL of the "
@@ -164,7 +156,7 @@ def test_a_photo_that_crashes_its_analysis_alone_is_set_aside_and_the_others_are
             later = photo(home / "inbox" / "later.jpg", seed=3, size=(64, 48)).read_bytes()
     assert exits == [-sig, -sig, 0], (exits, log[-4000:])
 
-    job = _jobs(home)["poison.jpg"]
+    job = ledger_jobs(home)["poison.jpg"]
     assert job.state == "failed" and job.error_kind == "permanent", (job.state, job.error)
     assert "alone" in job.error, job.error
     # One SIGKILL may come from outside the photo (a person, memory pressure from elsewhere): two checks must agree.
@@ -191,7 +183,7 @@ def test_a_photo_whose_analysis_hangs_even_alone_is_set_aside(tmp_path, smoke_mo
     with Daemon(home, smoke_model_path, "--once", MONDRIAN_TEST_STOP_AT="analysing") as d:
         assert d.wait(120) == 0, d.output()
         log = d.output()
-    job = _jobs(home)["stuck.jpg"]
+    job = ledger_jobs(home)["stuck.jpg"]
     assert job.state == "failed" and "hung" in job.error, (job.state, job.error)
     assert not _alive(int(re.search(r"separate process \(pid (\d+)\)", log).group(1)))
     assert (home / "outbox" / "failed" / "stuck.jpg").exists()
@@ -260,7 +252,7 @@ def test_a_job_left_running_under_a_pid_that_is_alive_again_is_recovered(tmp_pat
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-            states = {n: (j.state, j.worker) for n, j in _jobs(home).items()}
+            states = {n: (j.state, j.worker) for n, j in ledger_jobs(home).items()}
             raise AssertionError(f"the daemon never finished: jobs {states}\n{log.read_text()[-3000:]}")
     assert rc == 0, log.read_text()
     assert "recovered 3 photo(s)" in log.read_text(), log.read_text()
@@ -276,11 +268,11 @@ def test_a_live_analyze_is_not_taken_over_by_a_daemon_starting_meanwhile(tmp_pat
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         _wait_stopped(an.pid, "mondrian analyze", an)
-        (job,) = _jobs(home).values()
+        (job,) = ledger_jobs(home).values()
         assert job.state == "running"
         with Daemon(home, smoke_model_path, "--once") as d:
             wait_for(lambda: "model ready" in d.output(), 90, what="the daemon past its start-up recovery")
-            again = _jobs(home)["mine.jpg"]
+            again = ledger_jobs(home)["mine.jpg"]
             assert (again.state, again.worker, again.attempts) == ("running", job.worker, 1), again.error
             an.send_signal(signal.SIGCONT)
             out, err = an.communicate(timeout=120)
@@ -291,7 +283,7 @@ def test_a_live_analyze_is_not_taken_over_by_a_daemon_starting_meanwhile(tmp_pat
         if an.poll() is None:
             an.kill()
             an.communicate()
-    done = _jobs(home)["mine.jpg"]
+    done = ledger_jobs(home)["mine.jpg"]
     assert done.state == "done" and done.attempts == 1
     assert json.loads(out)["state"] == "done"
     assert outside.exists()
@@ -319,7 +311,7 @@ def test_a_photo_rewritten_in_place_during_analysis_is_reported_from_its_final_b
         log = d.output()
     report = _report_of(home, "same.tif")
     assert report["photo"]["sha256"] == _sha(new), "the report describes bytes that are no longer there"
-    kept = Path(_jobs(home)["same.tif"].output_dir) / "same.tif"
+    kept = Path(ledger_jobs(home)["same.tif"].output_dir) / "same.tif"
     assert kept.read_bytes() == new
     assert log.count("analysing same.tif") == 2, log
 

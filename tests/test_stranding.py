@@ -21,8 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from daemon.ledger import Ledger
-from tests.harness import make_home, mondrian, photo, reports, status
+from tests.harness import ledger_jobs, make_home, mondrian, photo, reports, status
 from tests.test_faults import read_only
 
 RUN_TIMEOUT = 180  # generous: a stranded file never lets `run --once` exit, however long this is
@@ -39,14 +38,6 @@ def _run_once(home: Path, model: Path, timeout: float = RUN_TIMEOUT, **env: str)
     return out.stderr
 
 
-def _jobs(home: Path) -> dict[str, object]:
-    ledger = Ledger(home / "var" / "ledger.db")
-    try:
-        return {j.rel_path: j for j in ledger.jobs()}
-    finally:
-        ledger.close()
-
-
 def _left_in(folder: Path) -> list[str]:
     """Everything but folders under `folder` (links, pipes and sockets included), relative."""
     left = []
@@ -59,7 +50,7 @@ def _left_in(folder: Path) -> list[str]:
 
 def _assert_terminal(home: Path) -> dict[str, object]:
     """Every job finished: done with its report, or failed with a reason and (when moved) its error record."""
-    jobs = _jobs(home)
+    jobs = ledger_jobs(home)
     for rel, job in jobs.items():
         assert job.state in ("done", "failed", "gone"), (rel, job.state)
         if job.state == "failed":
@@ -138,7 +129,7 @@ def test_a_failed_photo_that_cannot_leave_the_inbox_is_skipped_with_a_log_line(t
     with read_only(home / "outbox"):  # its failure cannot be moved out: it stays, failed, in the inbox
         _run_once(home, smoke_model_path)
         log = _run_once(home, smoke_model_path)  # the next run finds it again, and must say why it is skipped
-    assert [j.state for j in _jobs(home).values()] == ["failed"]
+    assert [j.state for j in ledger_jobs(home).values()] == ["failed"]
     assert _left_in(inbox) == ["notes.jpg"]
     assert "left in the inbox: notes.jpg failed" in log and "mondrian retry --failed" in log, log[-2000:]
 
@@ -313,7 +304,7 @@ def test_photos_named_like_the_outboxs_own_folders_do_not_take_them_over(tmp_pat
         photo(inbox / name, seed=10 + i)
     _run_once(home, smoke_model_path)
     # Then a duplicate and a failure, which need outbox/duplicates/ and outbox/failed/ for themselves.
-    first = Path(_jobs(home)["duplicates.jpg"].output_dir)
+    first = Path(ledger_jobs(home)["duplicates.jpg"].output_dir)
     shutil.copyfile(first / "duplicates.jpg", inbox / "again.jpg")
     (inbox / "junk.jpg").write_text("not a photo")
     _run_once(home, smoke_model_path)
