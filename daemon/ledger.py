@@ -25,20 +25,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
-from peewee import (SQL, AutoField, BlobField, BooleanField, CharField, DatabaseProxy, FloatField, IntegerField,
-                    Model, OperationalError, SqliteDatabase, TextField, fn)
+from peewee import (SQL, AutoField, BlobField, BooleanField, CharField, FloatField, IntegerField, Model,
+                    OperationalError, SqliteDatabase, TextField, fn)
 
 QUEUED, RUNNING, DONE, FAILED, GONE = "queued", "running", "done", "failed", "gone"
 STATES = (QUEUED, RUNNING, DONE, FAILED, GONE)
 ACTIVE = (QUEUED, RUNNING)
 
-database = DatabaseProxy()
 log = logging.getLogger("mondrian.ledger")
 
 
 class _Base(Model):
+    # No database here: each Ledger queries through subclasses bound to its own (see `_bind`), so two ledgers
+    # open in one process never share one, whichever thread uses them.
     class Meta:
-        database = database
+        database = None
         legacy_table_names = False
 
 
@@ -142,10 +143,20 @@ def _add_job_owns_file(db: SqliteDatabase) -> None:
 
 
 MODELS: list[type[Model]] = [SchemaVersion, Job, Event, Reference]
+_M = TypeVar("_M", bound=Model)
+
+
+def _bind(model: type[_M], db: SqliteDatabase) -> type[_M]:
+    """A subclass of `model` on `db` only: rows it returns are still instances of `model`.
+
+    peewee's `Model.bind` and `bind_ctx` re-point the class itself, which every Ledger in the process shares."""
+    meta = type("Meta", (), {"database": db, "table_name": model._meta.table_name})
+    return type(model.__name__, (model,), {"Meta": meta, "__module__": model.__module__})  # type: ignore[return-value]
+
 
 # Each migration moves the schema from version i to i+1. Append, never edit: a user's ledger may be at any step.
 MIGRATIONS: list[Callable[[SqliteDatabase], None]] = [
-    lambda db: db.create_tables([Job, Event]),
+    lambda db: db.create_tables([_bind(Job, db), _bind(Event, db)]),
     _create_reference_table,
     _add_job_owns_file,
 ]
@@ -259,7 +270,10 @@ class Ledger:
             timeout=busy_ms / 1000,
             check_same_thread=False,
         )
-        database.initialize(self.db)
+        self.SchemaVersion = _bind(SchemaVersion, self.db)
+        self.Job = _bind(Job, self.db)
+        self.Event = _bind(Event, self.db)
+        self.Reference = _bind(Reference, self.db)
         self._run: tuple[int, Path, str] | None = None  # (fd, file, worker id) of the run lock this process holds
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -277,8 +291,9 @@ class Ledger:
     def _probe(self) -> None:
         """A real write at start-up: a read-only or immutable ledger opens without complaint and would only
         fail at the first write. A lock held by another process is waited out like any write."""
-        record = lambda: Event.insert(key="opened_by", value=json.dumps(f"{socket.gethostname()}:{os.getpid()}"),  # noqa: E731
-                                      at=time.time()).on_conflict_replace().execute()
+        opened_by = json.dumps(f"{socket.gethostname()}:{os.getpid()}")
+        record = lambda: self.Event.insert(key="opened_by", value=opened_by,  # noqa: E731
+                                           at=time.time()).on_conflict_replace().execute()
         try:
             record()
         except OperationalError as exc:
@@ -379,21 +394,21 @@ class Ledger:
         if self._schema_is_current():
             return  # nothing to write: a reader (`mondrian status`) opens a ledger another process holds locked
         with self.db.atomic("IMMEDIATE"):
-            self.db.create_tables([SchemaVersion])
-            current = SchemaVersion.select(fn.MAX(SchemaVersion.version)).scalar() or 0
+            self.db.create_tables([self.SchemaVersion])
+            current = self.SchemaVersion.select(fn.MAX(self.SchemaVersion.version)).scalar() or 0
             if current > SCHEMA_VERSION:
                 raise RuntimeError(
                     f"the ledger {self.path} was written by a newer Mondrian (schema {current}, this one knows "
                     f"{SCHEMA_VERSION}); upgrade Mondrian")
             for version in range(current, SCHEMA_VERSION):
                 MIGRATIONS[version](self.db)
-                SchemaVersion.create(version=version + 1, applied_at=time.time())
+                self.SchemaVersion.create(version=version + 1, applied_at=time.time())
 
     def _schema_is_current(self) -> bool:
-        return SchemaVersion.table_exists() and self.schema_version() == SCHEMA_VERSION
+        return self.SchemaVersion.table_exists() and self.schema_version() == SCHEMA_VERSION
 
     def schema_version(self) -> int:
-        return SchemaVersion.select(fn.MAX(SchemaVersion.version)).scalar() or 0
+        return self.SchemaVersion.select(fn.MAX(self.SchemaVersion.version)).scalar() or 0
 
     def close(self) -> None:
         self._release_run_lock()
@@ -507,13 +522,12 @@ class Ledger:
         """Queue a photo unless the same path already has a job waiting or running, or it is a failed photo
         that never left the inbox (`failed_in_place`)."""
         with self.db.atomic("IMMEDIATE"):
-            active = Job.select().where((Job.source_path == str(source_path)) & (Job.state.in_(ACTIVE)))
-            if active.exists():
+            if self.is_active(source_path):
                 return None
             if self.failed_in_place(source_path, size, mtime, ctime) is not None:
                 return None
-            return Job.create(source_path=str(source_path), rel_path=rel_path, advisor=advisor,
-                              advisor_source=advisor_source, size=size, mtime=mtime, enqueued_at=time.time())
+            return self.Job.create(source_path=str(source_path), rel_path=rel_path, advisor=advisor,
+                                   advisor_source=advisor_source, size=size, mtime=mtime, enqueued_at=time.time())
 
     def failed_in_place(self, source_path: Path, size: int | None, mtime: float | None,
                         ctime: float | None) -> Job | None:
@@ -526,8 +540,8 @@ class Ledger:
         where a copy of it did reach failed/. A changed file is new work too."""
         if size is None:
             return None
-        q = (Job.select().where((Job.source_path == str(source_path)) & (Job.state == FAILED) &
-                                (Job.size == size) & (Job.mtime == mtime)).order_by(Job.id.desc()))
+        q = (self.Job.select().where((self.Job.source_path == str(source_path)) & (self.Job.state == FAILED) &
+                                     (self.Job.size == size) & (self.Job.mtime == mtime)).order_by(self.Job.id.desc()))
         for job in q:
             if ctime is None or job.finished_at is None or ctime <= job.finished_at:
                 return job
@@ -538,23 +552,25 @@ class Ledger:
         """A failure for a path Mondrian cannot even look at (longer than the system allows): it stays where it
         is, and `status` lists it with the reason. Recorded once per path: returns the earlier job if any."""
         with self.db.atomic("IMMEDIATE"):
-            earlier = Job.select().where(Job.source_path == str(source_path)).order_by(Job.id.desc()).first()
+            earlier = (self.Job.select().where(self.Job.source_path == str(source_path))
+                       .order_by(self.Job.id.desc()).first())
             if earlier is not None:
                 return earlier
             now = time.time()
-            return Job.create(source_path=str(source_path), rel_path=rel_path, advisor=advisor, state=FAILED,
-                              error=reason, error_kind="permanent", enqueued_at=now, finished_at=now)
+            return self.Job.create(source_path=str(source_path), rel_path=rel_path, advisor=advisor, state=FAILED,
+                                   error=reason, error_kind="permanent", enqueued_at=now, finished_at=now)
 
     def is_active(self, source_path: Path) -> bool:
-        return Job.select().where((Job.source_path == str(source_path)) & (Job.state.in_(ACTIVE))).exists()
+        return self.Job.select().where((self.Job.source_path == str(source_path)) &
+                                       (self.Job.state.in_(ACTIVE))).exists()
 
     @writes
     def start_direct(self, source_path: Path, rel_path: str, advisor: str, advisor_source: str) -> Job:
         """A job run in-process by `mondrian analyze`: created already running so no daemon claims it."""
         now = time.time()
-        return Job.create(source_path=str(source_path), rel_path=rel_path, advisor=advisor,
-                          advisor_source=advisor_source, state=RUNNING, attempts=1, worker=self.worker_id(),
-                          enqueued_at=now, started_at=now, owns_file=False)
+        return self.Job.create(source_path=str(source_path), rel_path=rel_path, advisor=advisor,
+                               advisor_source=advisor_source, state=RUNNING, attempts=1, worker=self.worker_id(),
+                               enqueued_at=now, started_at=now, owns_file=False)
 
     # -- claiming -----------------------------------------------------------------------------
     @writes
@@ -562,73 +578,74 @@ class Ledger:
         """Atomically move the oldest due queued job to running and return it."""
         now = time.time() if now is None else now
         worker = worker or self.worker_id()
-        due = (Job.select(Job.id).where((Job.state == QUEUED) & (Job.not_before <= now))
-               .order_by(Job.not_before, Job.id).limit(1))
-        query = (Job.update(state=RUNNING, worker=worker, started_at=now, attempts=Job.attempts + 1)
-                 .where((Job.id.in_(due)) & (Job.state == QUEUED))
-                 .returning(Job))
+        due = (self.Job.select(self.Job.id).where((self.Job.state == QUEUED) & (self.Job.not_before <= now))
+               .order_by(self.Job.not_before, self.Job.id).limit(1))
+        query = (self.Job.update(state=RUNNING, worker=worker, started_at=now, attempts=self.Job.attempts + 1)
+                 .where((self.Job.id.in_(due)) & (self.Job.state == QUEUED))
+                 .returning(self.Job))
         rows = list(query.execute())
         return rows[0] if rows else None
 
     def next_due_in(self, now: float | None = None) -> float | None:
         now = time.time() if now is None else now
-        t = Job.select(fn.MIN(Job.not_before)).where(Job.state == QUEUED).scalar()
+        t = self.Job.select(fn.MIN(self.Job.not_before)).where(self.Job.state == QUEUED).scalar()
         return None if t is None else max(0.0, t - now)
 
     def orphaned_running(self) -> list[Job]:
         """Jobs left running by a process that no longer runs (crash, SIGKILL, power loss), even if its pid has
         been given to another process since (a reboot, or the new daemon itself)."""
-        return [j for j in Job.select().where(Job.state == RUNNING).order_by(Job.id) if not self._signer_runs(j.worker)]
+        running = self.Job.select().where(self.Job.state == RUNNING).order_by(self.Job.id)
+        return [j for j in running if not self._signer_runs(j.worker)]
 
     # -- progress inside a job ----------------------------------------------------------------
     @writes
     def set_mode(self, job_id: int, requested: str, source: str) -> None:
-        Job.update(requested_mode=requested, mode_source=source).where(Job.id == job_id).execute()
+        self.Job.update(requested_mode=requested, mode_source=source).where(self.Job.id == job_id).execute()
 
     @writes
     def set_hash(self, job_id: int, sha256: str) -> None:
-        Job.update(sha256=sha256).where(Job.id == job_id).execute()
+        self.Job.update(sha256=sha256).where(self.Job.id == job_id).execute()
 
     @writes
     def reserve_output(self, job_id: int, output_dir: Path) -> None:
-        Job.update(output_dir=str(output_dir)).where(Job.id == job_id).execute()
+        self.Job.update(output_dir=str(output_dir)).where(self.Job.id == job_id).execute()
 
     def reserved_outputs(self) -> set[str]:
-        q = Job.select(Job.output_dir).where(Job.output_dir.is_null(False) & Job.state.in_(ACTIVE))
+        q = self.Job.select(self.Job.output_dir).where(self.Job.output_dir.is_null(False) & self.Job.state.in_(ACTIVE))
         return {j.output_dir for j in q}
 
     def find_done(self, sha256: str, advisor: str, requested_mode: str, exclude: int) -> Job | None:
-        return (Job.select().where((Job.sha256 == sha256) & (Job.advisor == advisor) &
-                                   (Job.requested_mode == requested_mode) & (Job.state == DONE) &
-                                   Job.duplicate_of.is_null() & (Job.id != exclude))
-                .order_by(Job.id).first())
+        return (self.Job.select().where((self.Job.sha256 == sha256) & (self.Job.advisor == advisor) &
+                                        (self.Job.requested_mode == requested_mode) & (self.Job.state == DONE) &
+                                        self.Job.duplicate_of.is_null() & (self.Job.id != exclude))
+                .order_by(self.Job.id).first())
 
     # -- terminal states ----------------------------------------------------------------------
     @writes
     def finish(self, job_id: int, *, effective_mode: str, fallbacks: list[dict[str, str]],
                report_json: Path, report_html: Path, grade: int, adapter: str | None,
                analysis_s: float, output_dir: Path) -> None:
-        Job.update(state=DONE, effective_mode=effective_mode, fallbacks=json.dumps(fallbacks),
-                   report_json=str(report_json), report_html=str(report_html), grade=grade, adapter=adapter,
-                   analysis_s=analysis_s, output_dir=str(output_dir), finished_at=time.time(),
-                   error=None, error_kind=None).where(Job.id == job_id).execute()
+        self.Job.update(state=DONE, effective_mode=effective_mode, fallbacks=json.dumps(fallbacks),
+                        report_json=str(report_json), report_html=str(report_html), grade=grade, adapter=adapter,
+                        analysis_s=analysis_s, output_dir=str(output_dir), finished_at=time.time(),
+                        error=None, error_kind=None).where(self.Job.id == job_id).execute()
 
     @writes
     def finish_duplicate(self, job_id: int, first: Job, output_dir: Path) -> None:
-        Job.update(state=DONE, duplicate_of=first.id, effective_mode=first.effective_mode,
-                   fallbacks=first.fallbacks, report_json=first.report_json, report_html=first.report_html,
-                   grade=first.grade, adapter=first.adapter, output_dir=str(output_dir),
-                   finished_at=time.time()).where(Job.id == job_id).execute()
+        self.Job.update(state=DONE, duplicate_of=first.id, effective_mode=first.effective_mode,
+                        fallbacks=first.fallbacks, report_json=first.report_json, report_html=first.report_html,
+                        grade=first.grade, adapter=first.adapter, output_dir=str(output_dir),
+                        finished_at=time.time()).where(self.Job.id == job_id).execute()
 
     @writes
     def fail(self, job_id: int, reason: str, output_dir: Path | None, kind: str = "permanent") -> None:
-        Job.update(state=FAILED, error=reason, error_kind=kind, finished_at=time.time(),
-                   output_dir=str(output_dir) if output_dir else None).where(Job.id == job_id).execute()
+        self.Job.update(state=FAILED, error=reason, error_kind=kind, finished_at=time.time(),
+                        output_dir=str(output_dir) if output_dir else None).where(self.Job.id == job_id).execute()
 
     @writes
     def retry_later(self, job_id: int, reason: str, delay_s: float) -> None:
-        Job.update(state=QUEUED, error=reason, error_kind="transient", worker=None,
-                   not_before=time.time() + delay_s).where(Job.id == job_id).execute()
+        self.Job.update(state=QUEUED, error=reason, error_kind="transient", worker=None,
+                        not_before=time.time() + delay_s).where(self.Job.id == job_id).execute()
 
     @writes
     def requeue(self, job_id: int, reason: str | None = None, delay_s: float = 0.0,
@@ -638,81 +655,87 @@ class Ledger:
         `keep_place`: keep its place in the queue (claimed again first), so a job interrupted after its report
         was published is finished before a copy of the same photo could be analysed a second time.
         `reset_attempts`: the photo was cleared of the crashes counted against it (daemon/isolation.py)."""
-        upd: dict[Any, Any] = {Job.state: QUEUED, Job.worker: None}
+        upd: dict[Any, Any] = {self.Job.state: QUEUED, self.Job.worker: None}
         if not keep_place:
-            upd[Job.not_before] = time.time() + delay_s
+            upd[self.Job.not_before] = time.time() + delay_s
         if reason:
-            upd[Job.error] = reason
+            upd[self.Job.error] = reason
         if undo_attempt:
-            upd[Job.attempts] = fn.MAX(Job.attempts - 1, 0)
+            upd[self.Job.attempts] = fn.MAX(self.Job.attempts - 1, 0)
         if reset_attempts:
-            upd[Job.attempts] = 0
-        Job.update(upd).where((Job.id == job_id) & (Job.state == RUNNING)).execute()
+            upd[self.Job.attempts] = 0
+        self.Job.update(upd).where((self.Job.id == job_id) & (self.Job.state == RUNNING)).execute()
 
     @writes
     def requeue_changed(self, job_id: int, size: int, mtime: float, delay_s: float) -> None:
         """The file changed after it was queued: remember how it is now and look again after `delay_s`,
         without blame (the attempt is given back)."""
-        Job.update(state=QUEUED, worker=None, size=size, mtime=mtime, not_before=time.time() + delay_s,
-                   attempts=fn.MAX(Job.attempts - 1, 0)).where((Job.id == job_id) & (Job.state == RUNNING)).execute()
+        self.Job.update(state=QUEUED, worker=None, size=size, mtime=mtime, not_before=time.time() + delay_s,
+                        attempts=fn.MAX(self.Job.attempts - 1, 0)).where(
+            (self.Job.id == job_id) & (self.Job.state == RUNNING)).execute()
 
     @writes
     def mark_gone(self, job_id: int, reason: str) -> None:
-        Job.update(state=GONE, error=reason, finished_at=time.time()).where(Job.id == job_id).execute()
+        self.Job.update(state=GONE, error=reason, finished_at=time.time()).where(self.Job.id == job_id).execute()
 
     def retry_failed(self, ids: Iterable[int] | None = None) -> list[Job]:
-        q = Job.select().where(Job.state == FAILED)
+        q = self.Job.select().where(self.Job.state == FAILED)
         if ids is not None:
-            q = q.where(Job.id.in_(list(ids)))
-        return list(q.order_by(Job.id))
+            q = q.where(self.Job.id.in_(list(ids)))
+        return list(q.order_by(self.Job.id))
 
     @writes
     def requeue_failed(self, job_id: int, source_path: Path) -> None:
-        Job.update(state=QUEUED, source_path=str(source_path), attempts=0, not_before=0.0, worker=None,
-                   output_dir=None, error=None, error_kind=None, finished_at=None).where(
-            (Job.id == job_id) & (Job.state == FAILED) & (Job.owns_file == True)).execute()  # noqa: E712
+        self.Job.update(state=QUEUED, source_path=str(source_path), attempts=0, not_before=0.0, worker=None,
+                        output_dir=None, error=None, error_kind=None, finished_at=None).where(
+            (self.Job.id == job_id) & (self.Job.state == FAILED) & (self.Job.owns_file == True)).execute()  # noqa: E712
 
     # -- reading ------------------------------------------------------------------------------
     def get(self, job_id: int) -> Job:
-        return Job.get_by_id(job_id)
+        return self.Job.get_by_id(job_id)
 
     def counts(self) -> Counts:
         by_state = {s: 0 for s in STATES}
-        for row in Job.select(Job.state, fn.COUNT(Job.id).alias("n")).group_by(Job.state).dicts():
+        job = self.Job
+        for row in job.select(job.state, fn.COUNT(job.id).alias("n")).group_by(job.state).dicts():
             by_state[row["state"]] = row["n"]
-        dups = Job.select().where(Job.duplicate_of.is_null(False)).count()
+        dups = self.Job.select().where(self.Job.duplicate_of.is_null(False)).count()
         return Counts(by_state=by_state, duplicates=dups)
 
     def running(self) -> list[Job]:
-        return list(Job.select().where(Job.state == RUNNING).order_by(Job.started_at))
+        return list(self.Job.select().where(self.Job.state == RUNNING).order_by(self.Job.started_at))
 
     def recent_failures(self, limit: int = 5) -> list[Job]:
-        return list(Job.select().where(Job.state == FAILED).order_by(Job.finished_at.desc()).limit(limit))
+        return list(self.Job.select().where(self.Job.state == FAILED)
+                    .order_by(self.Job.finished_at.desc()).limit(limit))
 
     def reports(self) -> list[Job]:
         """Analysed photos with their own report (duplicates point at another job's)."""
-        return list(Job.select().where((Job.state == DONE) & Job.duplicate_of.is_null())
-                    .order_by(Job.finished_at.desc()))
+        return list(self.Job.select().where((self.Job.state == DONE) & self.Job.duplicate_of.is_null())
+                    .order_by(self.Job.finished_at.desc()))
 
     def jobs(self) -> list[Job]:
-        return list(Job.select().order_by(Job.id))
+        return list(self.Job.select().order_by(self.Job.id))
 
     # -- reference portfolios (rag) -------------------------------------------------------------
     def references(self, advisor_id: str) -> list[Reference]:
         """The advisor's indexed references, by path. Rows: see `Reference`; `reference_profile(row)` reads one."""
-        return list(Reference.select().where(Reference.advisor == advisor_id).order_by(Reference.path))
+        ref = self.Reference
+        return list(ref.select().where(ref.advisor == advisor_id).order_by(ref.path))
 
     def reference_counts(self) -> dict[str, int]:
-        q = Reference.select(Reference.advisor, fn.COUNT(Reference.id).alias("n")).group_by(Reference.advisor)
+        ref = self.Reference
+        q = ref.select(ref.advisor, fn.COUNT(ref.id).alias("n")).group_by(ref.advisor)
         return {row["advisor"]: row["n"] for row in q.dicts()}
 
     def reference_at(self, advisor_id: str, path: Path | str) -> Reference | None:
-        return Reference.get_or_none((Reference.advisor == advisor_id) & (Reference.path == str(path)))
+        return self.Reference.get_or_none((self.Reference.advisor == advisor_id) & (self.Reference.path == str(path)))
 
     def references_with_hash(self, advisor_id: str, sha256: str) -> list[Reference]:
         """This advisor's rows with this content (the file itself, or a renamed or copied twin), newest first."""
-        return list(Reference.select().where((Reference.advisor == advisor_id) & (Reference.sha256 == sha256))
-                    .order_by(Reference.indexed_at.desc()))
+        ref = self.Reference
+        return list(ref.select().where((ref.advisor == advisor_id) & (ref.sha256 == sha256))
+                    .order_by(ref.indexed_at.desc()))
 
     @writes
     def upsert_reference(self, *, advisor: str, path: Path | str, sha256: str, scores: dict[str, int],
@@ -723,22 +746,22 @@ class Ledger:
         with self.db.atomic("IMMEDIATE"):
             row = self.reference_at(advisor, path)
             if row is None:
-                return Reference.create(advisor=advisor, path=str(path), **values)
-            Reference.update(**values).where(Reference.id == row.id).execute()
-        return Reference.get_by_id(row.id)
+                return self.Reference.create(advisor=advisor, path=str(path), **values)
+            self.Reference.update(**values).where(self.Reference.id == row.id).execute()
+        return self.Reference.get_by_id(row.id)
 
     @writes
     def remove_reference(self, advisor_id: str, path: Path | str) -> bool:
-        return Reference.delete().where((Reference.advisor == advisor_id) &
-                                        (Reference.path == str(path))).execute() > 0
+        return self.Reference.delete().where((self.Reference.advisor == advisor_id) &
+                                             (self.Reference.path == str(path))).execute() > 0
 
     # -- daemon facts for status --------------------------------------------------------------
     @writes
     def set_event(self, key: str, value: Any) -> None:
-        Event.insert(key=key, value=json.dumps(value), at=time.time()).on_conflict_replace().execute()
+        self.Event.insert(key=key, value=json.dumps(value), at=time.time()).on_conflict_replace().execute()
 
     def events(self) -> dict[str, tuple[Any, float]]:
-        return {e.key: (json.loads(e.value), e.at) for e in Event.select()}
+        return {e.key: (json.loads(e.value), e.at) for e in self.Event.select()}
 
     def integrity_check(self) -> str:
         return self.db.execute_sql("PRAGMA integrity_check").fetchone()[0]

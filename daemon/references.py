@@ -30,7 +30,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 from .advisors import Advisor, load_advisors, references_dir
 from .config import Config
@@ -38,6 +38,10 @@ from .critique import DIMENSIONS, SCORE_MAX, SCORE_MIN, profile_schema
 from .files import kind_of, read_regular_file
 from .ledger import Ledger, LedgerUnavailable, Reference
 from .limits import AnalysisInterrupted
+
+if TYPE_CHECKING:
+    from .model.protocol import Runtime
+    from .model.reuse import EncodedPhoto
 
 log = logging.getLogger("mondrian.references")
 
@@ -152,7 +156,7 @@ def read_sidecar(path: Path) -> tuple[dict[str, int], dict[str, str] | None]:
     return parse_sidecar(data, path.name)
 
 
-def extract_profile(runtime: Any, cfg: Config, advisor: Advisor, encoded: Any, adapter: Any = None,
+def extract_profile(runtime: Runtime, cfg: Config, advisor: Advisor, encoded: EncodedPhoto, adapter: Any = None,
                     **limits: Any) -> tuple[dict[str, int], Any]:
     """Pass 1: the photo's 8 scores in the advisor's eyes (schema-constrained, no comments).
 
@@ -309,18 +313,18 @@ class _Seen:
 class ReferenceIndexer:
     """Plans and performs indexing. `runtime_provider()` returns the loaded ModelRuntime (called lazily)."""
 
-    def __init__(self, cfg: Config, ledger: Ledger, runtime_provider: Callable[[], Any] | None = None):
+    def __init__(self, cfg: Config, ledger: Ledger, runtime_provider: Callable[[], Runtime] | None = None):
         self.cfg = cfg
         self.ledger = ledger
         self.runtime_provider = runtime_provider
-        self._runtime: Any = None
+        self._runtime: Runtime | None = None
         self._seen: dict[Path, _Seen] = {}
         self._hashes: dict[Path, tuple[tuple, str]] = {}
         self._failed: dict[Path, tuple[tuple, str]] = {}
         self.cancel: threading.Event | None = None  # set: the model pass of the reference in hand stops
 
     # -- model ------------------------------------------------------------------------------------
-    def runtime(self) -> Any:
+    def runtime(self) -> Runtime:
         if self._runtime is None:
             if self.runtime_provider is None:
                 raise RuntimeError("indexing these references needs the model, and none was given")
@@ -611,7 +615,7 @@ class ReferenceWatcher:
     def mark_dirty(self) -> None:
         self._dirty.set()
 
-    def step(self, runtime: Any, *, budget_s: float = STEP_BUDGET_S, stop: threading.Event | None = None) -> bool:
+    def step(self, runtime: Runtime, *, budget_s: float = STEP_BUDGET_S, stop: threading.Event | None = None) -> bool:
         """Apply removals, then index references for up to `budget_s` (at least one). True if more are waiting.
 
         Called by the worker thread between photo jobs: a small portfolio is indexed before the next photo,

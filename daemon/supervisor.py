@@ -17,13 +17,16 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .advisors import load_advisors
 from .config import Config
 from .inbox import classify
 from .ledger import FAULT_NOTE, Ledger, LedgerUnavailable
 from .worker import Worker
+
+if TYPE_CHECKING:
+    from .model.protocol import Runtime
 
 log = logging.getLogger("mondrian.daemon")
 
@@ -51,7 +54,7 @@ def _lock_home(cfg: Config) -> int:
     return fd
 
 
-def default_runtime_factory(cfg: Config) -> Callable[[], Any]:
+def default_runtime_factory(cfg: Config) -> Callable[[], Runtime]:
     def load() -> Any:
         from .model.runtime import ModelRuntime
 
@@ -61,7 +64,7 @@ def default_runtime_factory(cfg: Config) -> Callable[[], Any]:
 
 
 class Daemon:
-    def __init__(self, cfg: Config, *, once: bool = False, runtime_factory: Callable[[], Any] | None = None):
+    def __init__(self, cfg: Config, *, once: bool = False, runtime_factory: Callable[[], Runtime] | None = None):
         self.cfg = cfg
         self.once = once
         self.stop = threading.Event()

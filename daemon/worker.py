@@ -25,7 +25,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from .advisors import Advisor, UnknownAdvisor, get_advisor, load_advisors
 from .config import Config
@@ -37,6 +37,9 @@ from .ledger import DONE, FAILED, Job, Ledger, LedgerUnavailable
 from .limits import AnalysisCancelled, AnalysisTimedOut
 from .report import IndexEntry, atomic_write_text, temp_name, write_index, write_report_folder
 from .strategies import AnalysisContext, AnalysisResult, Strategy, build_strategies, resolve
+
+if TYPE_CHECKING:
+    from .model.protocol import Runtime
 
 log = logging.getLogger("mondrian.worker")
 
@@ -208,12 +211,12 @@ def _move_once(src: Path, dest: Path) -> None:
 
 
 class Worker:
-    def __init__(self, cfg: Config, ledger: Ledger, runtime_factory: Callable[[], Any],
+    def __init__(self, cfg: Config, ledger: Ledger, runtime_factory: Callable[[], Runtime],
                  stop: threading.Event | None = None):
         self.cfg = cfg
         self.ledger = ledger
         self._runtime_factory = runtime_factory
-        self.runtime: Any = None
+        self.runtime: Runtime | None = None
         self.stop = stop or threading.Event()
         self.strategies = build_strategies(cfg, ledger)
         self.current: Job | None = None
@@ -221,7 +224,7 @@ class Worker:
         self._smoke_cache: dict[tuple[str, int, int], bool] = {}
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def load_runtime(self) -> Any:
+    def load_runtime(self) -> Runtime:
         if self.runtime is None:
             self.runtime = self._runtime_factory()
         return self.runtime

@@ -131,7 +131,7 @@ def _version_row(v: Any, current: str | None) -> dict[str, Any]:
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
-    from .adapters import AdapterStore
+    from daemon.model.adapter_store import AdapterStore
 
     cfg = _config(args)
     store = AdapterStore(cfg.adapters_dir)
@@ -163,7 +163,7 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from .adapters import AdapterStore, AdapterStoreError, Busy
+    from daemon.model.adapter_store import AdapterStore, AdapterStoreError, Busy
 
     cfg = _config(args)
     _advisor(cfg, args.advisor)
@@ -196,10 +196,10 @@ def _resolve(store: Any, advisor: str, which: str | None):
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from daemon.ledger import Ledger
+    from daemon.model.adapter_store import AdapterStore, AdapterStoreError
     from daemon.model.runtime import ModelRuntime
     from daemon.prompts import critique_prompt
 
-    from .adapters import AdapterStore, AdapterStoreError
     from .dataset import DatasetError, collect_references, split
     from .evaluate import evaluate, table
 

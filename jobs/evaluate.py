@@ -3,10 +3,7 @@
 For each held-out reference the model writes its report with schema-constrained greedy decoding (that is
 also the smoke check: every report must validate). Each dimension's score is then read, as Q-Align
 does, as the probability-weighted expectation over the score tokens the schema allows at that point,
-rather than as the single sampled integer: this is smooth, and it rewards a model that is nearly right.
-The report is fed back (teacher forcing) to read the distribution of the score's first digit at each
-score position; since "10" is written "1" then "0", a second pass with every score written "1" reads
-P("0" | "1"), which splits the "1" mass between 1 and 10.
+rather than as the single sampled integer (`ModelRuntime.expected_scores`, daemon/model/scoring.py).
 
 Per dimension: mean absolute error and Spearman rank correlation against the advisor's scores. A
 candidate is promoted only if all its reports are schema-valid and its mean MAE is not worse than the
@@ -16,16 +13,16 @@ current adapter's (or the base model's, for the first one) on the same photos.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
 from daemon.critique import DIMENSION_LABELS, DIMENSIONS, critique_schema
 
-SCORE_VALUE = re.compile(r'"score": (\d+)')
+if TYPE_CHECKING:
+    from daemon.model.protocol import Runtime
 
 
 @dataclass
@@ -106,88 +103,13 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-# -- reading scores from the model ------------------------------------------------------------------
-class ScoreReader:
-    """Expected scores from one runtime (the adapter is chosen per call)."""
-
-    def __init__(self, runtime: Any) -> None:
-        self.rt = runtime
-        tok = runtime.tokenizer
-        self.digits: list[int] = []
-        for d in range(10):
-            ids = tok.encode(str(d), add_special_tokens=False)
-            if len(ids) != 1:
-                raise RuntimeError(f"the tokenizer splits the digit {d} into {len(ids)} tokens")
-            self.digits.append(ids[0])
-        vocab = tok.get_vocab() if hasattr(tok, "get_vocab") else {}
-        # tokens that can follow a finished score: the closing brace, alone or merged with what follows
-        self.closers = sorted({i for t, i in vocab.items() if tok.convert_tokens_to_string([t]).startswith("}")})
-
-    def _logits(self, image: Any, prompt_text: str, completion: str) -> tuple[np.ndarray, int, Any]:
-        import mlx.core as mx
-        from mlx_vlm.utils import prepare_inputs
-
-        inputs = prepare_inputs(self.rt.processor, images=[image], prompts=[prompt_text])
-        enc = self.rt.tokenizer(completion, add_special_tokens=False, return_offsets_mapping=True)
-        comp_ids = mx.array([enc["input_ids"]], dtype=inputs["input_ids"].dtype)
-        ids = mx.concatenate([inputs["input_ids"], comp_ids], axis=1)
-        mask = mx.ones(ids.shape, dtype=mx.int32)
-        extra = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask", "pixel_values")}
-        out = self.rt.model(ids, inputs.get("pixel_values"), mask, **extra)
-        logits = getattr(out, "logits", out)[0].astype(mx.float32)
-        mx.eval(logits)
-        return np.array(logits), int(inputs["input_ids"].shape[1]), enc["offset_mapping"]
-
-    @staticmethod
-    def _token_at(offsets: Sequence[tuple[int, int]], char: int) -> int:
-        for i, (start, end) in enumerate(offsets):
-            if start == char and end > start:
-                return i
-        raise RuntimeError(f"no token starts at character {char} of the report")
-
-    @staticmethod
-    def _softmax(row: np.ndarray, ids: Sequence[int]) -> np.ndarray:
-        x = row[list(ids)].astype(np.float64)
-        x = np.exp(x - x.max())
-        return x / x.sum()
-
-    def expected(self, image: Any, prompt: str, text: str) -> dict[str, float]:
-        """E[score] per dimension for the report `text` the model wrote for (image, prompt)."""
-        prompt_text = self.rt.format_prompt(prompt)
-        matches = list(SCORE_VALUE.finditer(text))
-        if len(matches) < len(DIMENSIONS):
-            raise RuntimeError(f"the report has {len(matches)} scores, expected {len(DIMENSIONS)}")
-        matches = matches[:len(DIMENSIONS)]  # schema order: the eight dimensions come first
-        logits, p_len, offsets = self._logits(image, prompt_text, text)
-        first = []
-        for m in matches:
-            t = self._token_at(offsets, m.start(1))
-            first.append(self._softmax(logits[p_len + t - 1], self.digits))  # row before the digit predicts it
-        # P("0" | "1"): rewrite every score as "1" and read what the model expects after that "1".
-        ones = SCORE_VALUE.sub('"score": 1', text)
-        q = [0.0] * len(matches)
-        if any(p[1] > 1e-4 for p in first):
-            logits1, p_len1, offsets1 = self._logits(image, prompt_text, ones)
-            for k, m in enumerate(list(SCORE_VALUE.finditer(ones))[:len(DIMENSIONS)]):
-                t = self._token_at(offsets1, m.start(1))
-                row = logits1[p_len1 + t]
-                dist = self._softmax(row, [self.digits[0], *self.closers])
-                q[k] = float(dist[0])
-        out = {}
-        for dim, p, qk in zip(DIMENSIONS, first, q):
-            e = sum(d * float(p[d]) for d in range(10) if d != 1) + float(p[1]) * (1.0 * (1 - qk) + 10.0 * qk)
-            out[dim] = round(e, 4)
-        return out
-
-
-def evaluate(runtime: Any, references: Iterable[Any], prompt: str, *, adapter: str | Path | None,
+def evaluate(runtime: Runtime, references: Iterable[Any], prompt: str, *, adapter: str | Path | None,
              label: str, comment_max_chars: int, max_tokens: int, max_pixels: int) -> Evaluation:
     """Run the held-out references through the model with `adapter` (None: the base model)."""
     from daemon.images import load_photo
     from daemon.model.runtime import GenerationError
 
     schema = critique_schema(comment_max_chars)
-    reader = ScoreReader(runtime)
     result = Evaluation(label=label)
     for ref in references:
         photo = load_photo(Path(ref.path), max_pixels)
@@ -197,8 +119,7 @@ def evaluate(runtime: Any, references: Iterable[Any], prompt: str, *, adapter: s
             result.photos.append(PhotoScores(ref.sha256, None, None, dict(ref.scores), error=str(exc)))
             continue
         generated = {d: int(gen.data["dimensions"][d]["score"]) for d in DIMENSIONS}
-        with runtime.use_adapter(adapter):
-            expected = reader.expected(photo.image, prompt, gen.text)
+        expected = runtime.expected_scores(photo.image, prompt, gen.text, adapter=adapter)
         result.photos.append(PhotoScores(ref.sha256, expected, generated, dict(ref.scores)))
     return result
 

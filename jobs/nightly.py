@@ -66,8 +66,8 @@ class Due:
 def due_advisors(cfg: Config, ledger: Any, store: Any | None = None) -> list[Due]:
     """Advisors whose reference set changed since their current adapter (and latest attempt) was trained."""
     from daemon.advisors import load_advisors
+    from daemon.model.adapter_store import AdapterStore
 
-    from .adapters import AdapterStore
     from .dataset import MIN_REFERENCES, DatasetError, collect_references, fingerprint
 
     store = store or AdapterStore(cfg.adapters_dir)

@@ -8,12 +8,11 @@ hands each line to its `on_progress` callback (the daemon and the CLI record it 
 `ledger.set_event("training", ...)` for `mondrian status`).
 
 The child: builds the dataset (jobs.dataset), loads the base model exactly as the daemon does (same
-pixel cap, same chat template), attaches LoRA to the language model (rank 8, alpha 16 by default),
-trains with mlx-vlm's Trainer on completion tokens only, evaluates held-out loss every few steps and
-stops early when it stops improving (keeping the best weights), then evaluates the candidate and the
-current adapter (or the base model) on the held-out references (jobs.evaluate) and writes the
-candidate's folder: adapter_config.json, adapters.safetensors, metrics.json, manifest.json. The parent
-then decides and commits atomically (jobs.adapters).
+pixel cap, same chat template), fits LoRA on it (daemon.model.fitting: rank 8, alpha 16 by default,
+completion tokens only, early-stopped on held-out loss, keeping the best weights), then evaluates the
+candidate and the current adapter (or the base model) on the held-out references (jobs.evaluate) and
+writes the candidate's folder: adapter_config.json, adapters.safetensors, metrics.json, manifest.json.
+The parent then decides and commits atomically (daemon.model.adapter_store).
 
 Settings come from the `[lora]` table of mondrian.toml (see `TrainSettings`).
 """
@@ -21,7 +20,6 @@ Settings come from the `[lora]` table of mondrian.toml (see `TrainSettings`).
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -33,9 +31,12 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from daemon.config import Config, load_config
+
+if TYPE_CHECKING:
+    from daemon.model.fitting import FitSettings
 
 log = logging.getLogger("mondrian.train")
 
@@ -87,6 +88,14 @@ class TrainSettings:
         n = int(round(self.epochs * train_rows / max(1, self.batch_size)))
         return max(self.min_iters, min(self.max_iters, n))
 
+    def fit_settings(self, train_rows: int) -> "FitSettings":
+        """The settings of the LoRA fit itself, for `train_rows` training rows."""
+        from daemon.model.fitting import FitSettings
+
+        return FitSettings(steps=self.iterations(train_rows), rank=self.rank, alpha=self.alpha, dropout=self.dropout,
+                           learning_rate=self.learning_rate, batch_size=self.batch_size, eval_every=self.eval_every,
+                           patience=self.patience, max_seq_length=self.max_seq_length, seed=self.seed)
+
 
 class TrainingError(RuntimeError):
     pass
@@ -104,20 +113,6 @@ class TrainOutcome:
     log_path: str | None = None
 
 
-def base_model_fingerprint(model_path: str | Path) -> str:
-    """Identifies the base weights an adapter was trained on (config + smoke marker + weight sizes)."""
-    p = Path(model_path)
-    h = hashlib.sha256()
-    for name in ("config.json", "mondrian_smoke.json"):
-        try:
-            h.update((p / name).read_bytes())
-        except OSError:
-            pass
-    for w in sorted(p.glob("*.safetensors")):
-        h.update(f"{w.name}:{w.stat().st_size}".encode())
-    return h.hexdigest()[:16]
-
-
 # ================================================================================================
 # The child process
 # ================================================================================================
@@ -133,10 +128,6 @@ class _Reporter:
             self.fh.flush()
         except (BrokenPipeError, OSError):
             os._exit(3)  # the parent is gone: nobody will use this adapter
-
-
-class EarlyStop(Exception):
-    pass
 
 
 def _watch_parent(parent: int) -> None:
@@ -181,10 +172,11 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
                     send: Callable[..., None]) -> dict[str, Any]:
     """Everything the child does; writes the candidate folder and returns its metrics."""
     from daemon.advisors import get_advisor
+    from daemon.model.adapter_store import (MANIFEST_NAME, METRICS_NAME, AdapterStore, atomic_write_json,
+                                            base_model_fingerprint)
     from daemon.prompts import critique_prompt
 
     from . import dataset as ds
-    from .adapters import AdapterStore, MANIFEST_NAME, METRICS_NAME, atomic_write_json
 
     started = time.time()
     advisor = get_advisor(cfg, advisor_id)
@@ -198,17 +190,17 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
     _prune_datasets(data_dir.parent, keep=2)
     send(event="phase", phase="loading", train_rows=built.train_rows, held_out=len(built.held_out))
 
+    from daemon.model.fitting import fit_lora
     from daemon.model.runtime import ModelRuntime
 
     runtime = ModelRuntime.load(cfg.model, var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
-    steps = settings.iterations(built.train_rows)
-    fit = _fit(runtime, built, settings, steps, send)
+    data = ds.load_built(built.path)
+    fitted = fit_lora(runtime, data["train"], data["validation"], settings.fit_settings(built.train_rows),
+                      scratch=Path(built.path) / "trainer-scratch.safetensors", on_progress=lambda e: send(**e))
+    fit = fitted.metrics
 
     # -- the candidate folder -----------------------------------------------------------------
-    from daemon.model.adapters import save_adapter
-
-    adapter_config = json.loads(json.dumps(runtime.model._vlm_adapter_config))
-    save_adapter(staging, adapter_config, fit.pop("best_weights"))
+    fitted.save(staging)
 
     send(event="phase", phase="evaluating", held_out=len(built.held_out))
     from .evaluate import evaluate
@@ -254,85 +246,6 @@ def _prune_datasets(folder: Path, keep: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _fit(runtime: Any, built: Any, settings: TrainSettings, steps: int, send: Callable[..., None]) -> dict[str, Any]:
-    import mlx.core as mx
-    import mlx.optimizers as optim
-    from mlx.utils import tree_flatten
-    from mlx_vlm.trainer import Trainer, TrainingCallback, VLMTrainingArgs, prepare_model_for_training
-
-    from .dataset import load_built
-
-    model = runtime.model
-    mx.random.seed(settings.seed)
-    prepare_model_for_training(model, train_type="lora", lora_rank=settings.rank, lora_alpha=settings.alpha,
-                               lora_dropout=settings.dropout, verbose=False)
-    data = load_built(built.path)
-    eval_every = settings.eval_every or max(5, steps // 10)
-    report_every = max(1, min(10, eval_every))
-    scratch = Path(built.path) / "trainer-scratch.safetensors"
-    args = VLMTrainingArgs(
-        batch_size=settings.batch_size, iters=steps, val_batches=-1, steps_per_report=report_every,
-        steps_per_eval=eval_every, steps_per_save=steps + 1, adapter_file=str(scratch),
-        max_seq_length=settings.max_seq_length, train_on_completions=True,
-        cache_size=min(len(data["train"]) + len(data["validation"]), 256))
-
-    state: dict[str, Any] = {"best": None, "best_step": 0, "best_weights": None, "bad": 0, "history": [],
-                             "last_loss": None, "started": time.time()}
-
-    def snapshot() -> dict[str, Any]:
-        return dict(tree_flatten(model.trainable_parameters()))
-
-    class Callback(TrainingCallback):
-        def on_train_loss_report(self, info: dict) -> None:
-            state["last_loss"] = float(info.get("train_loss", float("nan")))
-            step = int(info.get("iteration", 0))
-            elapsed = time.time() - state["started"]
-            send(event="progress", phase="training", step=step, steps=steps, loss=round(state["last_loss"], 4),
-                 best_val_loss=None if state["best"] is None else round(state["best"], 4),
-                 elapsed_s=round(elapsed, 1), eta_s=round(elapsed / max(step, 1) * (steps - step), 1))
-
-        def on_val_loss_report(self, info: dict) -> None:
-            val = float(info.get("val_loss", float("nan")))
-            step = int(info.get("iteration", 0))
-            state["history"].append({"step": step, "val_loss": round(val, 5), "train_loss": state["last_loss"]})
-            if state["best"] is None or val < state["best"] - 1e-4:
-                state.update(best=val, best_step=step, best_weights=snapshot(), bad=0)
-            else:
-                state["bad"] += 1
-            send(event="progress", phase="training", step=step, steps=steps, loss=state["last_loss"],
-                 val_loss=round(val, 4), best_val_loss=round(state["best"], 4))
-            if state["bad"] >= settings.patience:
-                raise EarlyStop()
-
-    trainer = Trainer(model, args, train_dataset=data["train"], eval_dataset=data["validation"],
-                      processing_class=runtime.processor, optimizer=optim.Adam(learning_rate=settings.learning_rate),
-                      training_callback=Callback(), seed=settings.seed)
-    initial = trainer.evaluate()["val_loss"]
-    state["history"].append({"step": 0, "val_loss": round(float(initial), 5), "train_loss": None})
-    send(event="phase", phase="training", steps=steps, val_loss=round(float(initial), 4))
-    state["started"] = time.time()
-    stopped_early = False
-    out = sys.stdout
-    sys.stdout = sys.stderr  # the trainer prints progress; keep stdout clean for whoever reads it
-    try:
-        trainer.train()
-    except EarlyStop:
-        stopped_early = True
-    finally:
-        sys.stdout = out
-    if state["best_weights"] is None:
-        state.update(best=float(initial), best_weights=snapshot(), best_step=0)
-    model.load_weights(list(state["best_weights"].items()), strict=False)
-    model.eval()
-    scratch.unlink(missing_ok=True)
-    return {"steps_planned": steps, "steps_run": state["history"][-1]["step"], "best_step": state["best_step"],
-            "best_val_loss": round(float(state["best"]), 5), "initial_val_loss": round(float(initial), 5),
-            "last_train_loss": state["last_loss"], "stopped_early": stopped_early, "history": state["history"],
-            "train_rows": len(data["train"]), "held_out_rows": len(data["validation"]),
-            "learning_rate": settings.learning_rate, "rank": settings.rank, "alpha": settings.alpha,
-            "train_seconds": round(time.time() - state["started"], 2), "best_weights": state["best_weights"]}
-
-
 # ================================================================================================
 # The parent side
 # ================================================================================================
@@ -340,7 +253,8 @@ def run_training(cfg: Config, advisor_id: str, *, on_progress: Callable[[dict[st
                  settings: dict[str, Any] | None = None, promote: bool = True,
                  stop: threading.Event | None = None, wait_for_lock: bool = False) -> TrainOutcome:
     """Train `advisor_id` in a child process, then commit the candidate (promoted or refused)."""
-    from .adapters import AdapterStore, Busy
+    from daemon.model.adapter_store import AdapterStore, Busy
+
     from .evaluate import decide
 
     started = time.time()

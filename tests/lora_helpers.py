@@ -157,8 +157,7 @@ def install_version(cfg: Any, advisor: str, adapter_src: Path | None = None, *, 
                     promoted: bool = True, base_fingerprint: str | None = None, model_path: Path | None = None,
                     mae: float = 1.0) -> Any:
     """Commit a version folder the way training does (copying an adapter, or placeholder weights)."""
-    from jobs.adapters import AdapterStore, atomic_write_json
-    from jobs.train import base_model_fingerprint
+    from daemon.model.adapter_store import AdapterStore, atomic_write_json, base_model_fingerprint
 
     store = AdapterStore(cfg.adapters_dir)
     staging = store.new_staging(advisor)

@@ -85,3 +85,17 @@ def test_schema_is_versioned_and_refuses_a_newer_ledger(tmp_path):
     con.close()
     with pytest.raises(RuntimeError, match="newer Mondrian"):
         Ledger(db)
+
+
+def test_two_ledgers_keep_their_own_databases(tmp_path):
+    a = Ledger(tmp_path / "a.db")
+    a.enqueue(tmp_path / "one.jpg", "one.jpg", "ansel", "default", 1, 1.0)
+    b = Ledger(tmp_path / "b.db")
+    assert a.counts().by_state[QUEUED] == 1, "opening a second ledger must not move the first onto its file"
+    assert b.counts().by_state[QUEUED] == 0
+    b.enqueue(tmp_path / "two.jpg", "two.jpg", "ansel", "default", 1, 1.0)
+    b.enqueue(tmp_path / "three.jpg", "three.jpg", "ansel", "default", 1, 1.0)
+    assert [j.rel_path for j in a.jobs()] == ["one.jpg"]
+    assert [j.rel_path for j in b.jobs()] == ["two.jpg", "three.jpg"]
+    assert a.claim().rel_path == "one.jpg" and a.claim() is None
+    assert b.counts().by_state[QUEUED] == 2

@@ -186,7 +186,7 @@ def _home(tmp_path: Path, model: Path | str = "smoke", **settings) -> object:
 
 
 def test_promotion_refusal_and_rollback(tmp_path) -> None:
-    from jobs.adapters import AdapterStore, AdapterStoreError
+    from daemon.model.adapter_store import AdapterStore, AdapterStoreError
     from jobs.evaluate import decide
 
     cfg = _home(tmp_path)
@@ -251,7 +251,7 @@ def test_adapters_cli_lists_and_rolls_back(tmp_path, smoke_model_path) -> None:
 KILL_LOOP = textwrap.dedent("""
     import json, os, sys, time
     sys.path.insert(0, {repo!r})
-    from jobs.adapters import AdapterStore, atomic_write_json
+    from daemon.model.adapter_store import AdapterStore, atomic_write_json
     store = AdapterStore({root!r}, keep=4)
     payload = os.urandom(3 << 20)  # big enough that a copy takes a while
     while True:
@@ -271,7 +271,7 @@ KILL_LOOP = textwrap.dedent("""
 
 def test_switch_is_atomic_under_sigkill(tmp_path) -> None:
     """A promoter SIGKILLed at random moments leaves `current` on a complete version, old or new."""
-    from jobs.adapters import REQUIRED_FILES, AdapterStore
+    from daemon.model.adapter_store import REQUIRED_FILES, AdapterStore
 
     root = tmp_path / "adapters"
     script = tmp_path / "loop.py"
@@ -378,7 +378,7 @@ def test_no_photo_is_analysed_with_another_advisors_adapter(tmp_path, smoke_mode
 def test_fallback_chain_lora_rag_baseline_with_reasons(tmp_path, smoke_model_path, smoke_runtime, base) -> None:
     from daemon.advisors import get_advisor
     from daemon.strategies import build_strategies, resolve
-    from jobs.adapters import AdapterStore
+    from daemon.model.adapter_store import AdapterStore
 
     cfg = _home(tmp_path, smoke_model_path)
     pic = photo(tmp_path / "p.png", seed=3)
@@ -709,7 +709,7 @@ def test_expected_score_is_the_probability_weighted_mean_over_score_tokens(smoke
     import mlx.core as mx
 
     from daemon.critique import DIMENSIONS
-    from jobs.evaluate import ScoreReader
+    from daemon.model.scoring import ScoreReader
 
     rt = smoke_runtime
     tok = rt.tokenizer
@@ -760,7 +760,7 @@ def test_lora_learns_an_advisors_visible_taste(tmp_path, trainable_model_path) -
     base model's, and lower than always answering the portfolio's mean (so it read the photos)."""
     import mlx_vlm
 
-    from jobs.adapters import AdapterStore
+    from daemon.model.adapter_store import AdapterStore
 
     cfg = _home(tmp_path, trainable_model_path, comment_max_chars=24, max_tokens=700)
     scores = synthetic_advisor(cfg.home, "synth", n=LEARN_REFERENCES, comment="Ok.")

@@ -31,10 +31,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .adapter_store import CONFIG_NAME, WEIGHTS_NAME
+
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapters.safetensors"
 DEFAULT_CACHE_SIZE = 8
 
 

@@ -47,6 +47,23 @@ class SchemaConstraint:
         return SchemaLogitsProcessor(self, self.grammar(schema))
 
 
+class TokenMask:
+    """The tokens a matcher allows next, as a boolean vector over the model's `n_logits` logits."""
+
+    def __init__(self, constraint: SchemaConstraint, n_logits: int) -> None:
+        self.c = constraint
+        self.n = n_logits
+        self.bitmask = llguidance.numpy.allocate_token_bitmask(1, constraint.vocab_size)
+
+    def allowed(self, matcher: llguidance.LLMatcher) -> np.ndarray:
+        llguidance.numpy.fill_next_token_bitmask(matcher, self.bitmask, 0)
+        bits = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")
+        allowed = np.zeros(self.n, dtype=bool)
+        n = min(self.n, self.c.tokenizer_size)  # ids past the tokenizer cannot be decoded
+        allowed[:n] = bits[:n].astype(bool)
+        return allowed
+
+
 class SchemaLogitsProcessor:
     """`processor(tokens, logits) -> logits` in the form mlx-vlm's `generate_step` calls it.
 
@@ -61,7 +78,7 @@ class SchemaLogitsProcessor:
         self.matcher = llguidance.LLMatcher(constraint.ll_tokenizer, grammar, log_level=0)
         if self.matcher.is_error():
             raise ValueError(f"llguidance grammar error: {self.matcher.get_error()}")
-        self._bitmask = llguidance.numpy.allocate_token_bitmask(1, constraint.vocab_size)
+        self._mask: TokenMask | None = None
         self._started = False
 
     @property
@@ -74,12 +91,9 @@ class SchemaLogitsProcessor:
             allowed = np.zeros(n_logits, dtype=bool)
             allowed[self._c.eos_token_id] = True
             return allowed
-        llguidance.numpy.fill_next_token_bitmask(self.matcher, self._bitmask, 0)
-        bits = np.unpackbits(self._bitmask.view(np.uint8), bitorder="little")
-        allowed = np.zeros(n_logits, dtype=bool)
-        n = min(n_logits, self._c.tokenizer_size)  # ids past the tokenizer cannot be decoded
-        allowed[:n] = bits[:n].astype(bool)
-        return allowed
+        if self._mask is None or self._mask.n != n_logits:
+            self._mask = TokenMask(self._c, n_logits)
+        return self._mask.allowed(self.matcher)
 
     def __call__(self, tokens: mx.array, logits: mx.array) -> mx.array:
         if self._started:

@@ -36,9 +36,10 @@ from typing import TYPE_CHECKING, Any
 
 import jsonschema
 import llguidance
-import llguidance.numpy
 import mlx.core as mx
 import numpy as np
+
+from .constrained import TokenMask
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -165,21 +166,6 @@ def _positions(offset: int, rope_deltas: mx.array, n: int) -> mx.array:
     return mx.broadcast_to(p[None], (3, 1, n))
 
 
-class _Mask:
-    def __init__(self, constraint: Any, n_logits: int) -> None:
-        self.c = constraint
-        self.n = n_logits
-        self.bitmask = llguidance.numpy.allocate_token_bitmask(1, constraint.vocab_size)
-
-    def allowed(self, matcher: llguidance.LLMatcher) -> np.ndarray:
-        llguidance.numpy.fill_next_token_bitmask(matcher, self.bitmask, 0)
-        bits = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")
-        allowed = np.zeros(self.n, dtype=bool)
-        n = min(self.n, self.c.tokenizer_size)  # ids past the tokenizer cannot be decoded
-        allowed[:n] = bits[:n].astype(bool)
-        return allowed
-
-
 def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, text_prompt: str,
              schema: dict, *, max_tokens: int, check: Any = None) -> ReuseOutput:
     """Greedy, schema-constrained generation on an encoded photo, reusing its previous prompt's KV cache.
@@ -220,7 +206,7 @@ def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, t
     matcher = llguidance.LLMatcher(constraint.ll_tokenizer, constraint.grammar(schema), log_level=0)
     if matcher.is_error():
         raise ValueError(f"llguidance grammar error: {matcher.get_error()}")
-    mask = _Mask(constraint, int(lm.args.vocab_size))
+    mask = TokenMask(constraint, int(lm.args.vocab_size))
     eos = constraint.eos_token_id
     out: list[int] = []
     passes = 0

@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from PIL import Image
 
     from .reuse import EncodedPhoto
+    from .scoring import ScoreReader
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +180,7 @@ class ModelRuntime:
         self.constraint = SchemaConstraint(self.tokenizer, int(vocab))
         log.debug("llguidance tokenizer built in %.2f s", time.perf_counter() - started)
         self._lock = threading.Lock()  # a second caller waits instead of corrupting MLX state
+        self._scores: "ScoreReader | None" = None  # built on first use: evaluation only
 
     @classmethod
     def load(cls, spec: str, *, var_dir: Path, max_pixels: int) -> "ModelRuntime":
@@ -301,6 +303,18 @@ class ModelRuntime:
             raise GenerationError(f"constrained output does not match the schema: {exc}", text) from exc
         return Generation(data=data, text=text, prompt_tokens=int(final.prompt_tokens),
                           generated_tokens=len(ids), seconds=seconds)
+
+    # -- reading scores (adapter evaluation) ------------------------------------------------------------
+    def expected_scores(self, image: "Image.Image", prompt: str, text: str, *,
+                        adapter: str | Path | None = None) -> dict[str, float]:
+        """E[score] per dimension of the report `text` written for (image, prompt), read from the model's
+        score-token probabilities with `adapter` in place (see `scoring.ScoreReader`)."""
+        from .scoring import ScoreReader
+
+        with self._lock, self.use_adapter(adapter):
+            if self._scores is None:
+                self._scores = ScoreReader(self)
+            return self._scores.expected(image, prompt, text)
 
     # -- one photo, several prompts (rag, issue 4) --------------------------------------------------
     def encode(self, image: "Image.Image") -> "EncodedPhoto":

@@ -10,16 +10,19 @@ import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..advisors import Advisor
 from ..config import Config
 from ..images import LoadedImage
 
+if TYPE_CHECKING:
+    from ..model.protocol import Runtime
+
 
 @dataclass
 class AnalysisContext:
-    runtime: Any  # daemon.model.runtime.ModelRuntime; typed loosely so importing strategies never imports MLX
+    runtime: Runtime  # daemon.model.runtime.ModelRuntime; a Protocol, so importing strategies never imports MLX
     cfg: Config
     advisor: Advisor
     photo: LoadedImage

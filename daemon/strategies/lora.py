@@ -26,7 +26,7 @@ class LoraStrategy(Strategy):
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        from jobs.adapters import AdapterStore
+        from ..model.adapter_store import AdapterStore
 
         self.store = AdapterStore(cfg.adapters_dir)
         self._base_fingerprint: str | None = None
@@ -36,8 +36,7 @@ class LoraStrategy(Strategy):
         """Fingerprint of the configured base model (computed once; None if it cannot be resolved here)."""
         if self._base_fingerprint is None:
             try:
-                from jobs.train import base_model_fingerprint
-
+                from ..model.adapter_store import base_model_fingerprint
                 from ..model.runtime import resolve_model_path
 
                 self._base_fingerprint = base_model_fingerprint(resolve_model_path(self.cfg.model, self.cfg.var_dir))

@@ -1,4 +1,7 @@
-"""Adapter versions on disk, the `current` pointer, promotion, rollback and pruning.
+"""Adapter versions on disk, the `current` pointer, promotion, rollback and pruning; the base-model fingerprint.
+
+Inference reads this store (the lora strategy serves `current`); training (jobs/) writes it. It imports no
+MLX, so listing or rolling back adapters never loads the model runtime.
 
 Layout, per advisor::
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -30,10 +34,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from daemon.advisors import ADVISOR_ID
-from daemon.report import atomic_write_text, fsync_dir
+from ..advisors import ADVISOR_ID
+from ..report import atomic_write_text, fsync_dir
+from .smoke import MARKER_NAME
 
-# The same names as daemon.model.adapters (kept literal here so listing adapters never imports MLX).
+# The files of an adapter folder as mlx-vlm writes and reads them (daemon.model.adapters uses these too).
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapters.safetensors"
 METRICS_NAME = "metrics.json"
@@ -52,6 +57,20 @@ class AdapterStoreError(RuntimeError):
 
 class Busy(AdapterStoreError):
     """Another process is training or promoting this advisor's adapter."""
+
+
+def base_model_fingerprint(model_path: str | Path) -> str:
+    """Identifies the base weights an adapter was trained on (config + smoke marker + weight sizes)."""
+    p = Path(model_path)
+    h = hashlib.sha256()
+    for name in ("config.json", MARKER_NAME):
+        try:
+            h.update((p / name).read_bytes())
+        except OSError:
+            pass
+    for w in sorted(p.glob("*.safetensors")):
+        h.update(f"{w.name}:{w.stat().st_size}".encode())
+    return h.hexdigest()[:16]
 
 
 def atomic_write_json(path: Path, data: Any) -> None:

@@ -1,0 +1,35 @@
+"""What the rest of Mondrian may ask of a loaded model: the `Runtime` protocol.
+
+`daemon.model.runtime.ModelRuntime` is the implementation. Strategies, the reference indexer, the worker and
+the training jobs are typed against this protocol, so importing them never imports MLX (this module
+imports nothing heavy; the types it names are only imported for type checkers).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from .reuse import EncodedPhoto
+    from .runtime import Generation
+
+
+class Runtime(Protocol):
+    model_id: str  # what reports and the reference index name the model by
+    path: str  # the checkpoint folder
+    is_smoke: bool  # the offline smoke model (random weights): its scores mean nothing
+    max_pixels: int
+
+    def generate_json(self, image: "Image.Image", prompt: str, schema: dict, *, max_tokens: int,
+                      system: str | None = None, adapter: str | Path | None = None,
+                      encoded: "EncodedPhoto | None" = None, cancel: threading.Event | None = None,
+                      deadline: float | None = None) -> "Generation": ...
+
+    def encode(self, image: "Image.Image") -> "EncodedPhoto": ...
+
+    def expected_scores(self, image: "Image.Image", prompt: str, text: str, *,
+                        adapter: str | Path | None = None) -> dict[str, float]: ...
