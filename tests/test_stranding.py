@@ -21,7 +21,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tests.harness import ledger_jobs, make_home, mondrian, photo, reports, status
+from tests.harness import Daemon, ledger_jobs, make_home, mondrian, photo, reports, status, wait_for
 from tests.test_faults import read_only
 
 RUN_TIMEOUT = 180  # generous: a stranded file never lets `run --once` exit, however long this is
@@ -123,15 +123,23 @@ def test_a_failed_photo_put_back_by_the_user_is_analysed(tmp_path, smoke_model_p
 def test_a_failed_photo_that_cannot_leave_the_inbox_is_skipped_with_a_log_line(tmp_path, smoke_model_path):
     home = make_home(tmp_path / "home", smoke_model_path, rescan_seconds=1)
     inbox = home / "inbox"
-    (inbox / "notes.jpg").write_text("not a photo")
     for sub in ("failed", ".staging", "duplicates"):
         (home / "outbox" / sub).mkdir(parents=True)
-    with read_only(home / "outbox"):  # its failure cannot be moved out: it stays, failed, in the inbox
-        _run_once(home, smoke_model_path)
-        log = _run_once(home, smoke_model_path)  # the next run finds it again, and must say why it is skipped
+    # The outbox turns read-only while the daemon runs (at start-up that is refused with exit 78): the failure of
+    # notes.jpg cannot be moved out, so it stays, failed, in the inbox, where every rescan finds it again.
+    with Daemon(home, smoke_model_path) as d:
+        wait_for(lambda: "model ready" in d.output(), 60, what="model ready")
+        with read_only(home / "outbox"):
+            (inbox / "notes.jpg").write_text("not a photo")
+            wait_for(lambda: [j.state for j in ledger_jobs(home).values()] == ["failed"], 60, what="notes.jpg failed")
+            wait_for(lambda: "left in the inbox: notes.jpg failed" in d.output(), 30,
+                     what="a log line saying why notes.jpg is not queued again")
+            time.sleep(3)  # several more rescans: still one job, and the line is not repeated on every rescan
+            log = d.output()
+        assert d.stop() == 0, d.output()
     assert [j.state for j in ledger_jobs(home).values()] == ["failed"]
     assert _left_in(inbox) == ["notes.jpg"]
-    assert "left in the inbox: notes.jpg failed" in log and "mondrian retry --failed" in log, log[-2000:]
+    assert "mondrian retry --failed" in log and log.count("left in the inbox: notes.jpg failed") == 1, log[-2000:]
 
 
 # -- 3. pipes, sockets and links to them ----------------------------------------------------------------------
