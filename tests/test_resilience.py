@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 
 from daemon.critique import DIMENSIONS
-from tests.harness import Daemon, make_home, mondrian, photo, status, wait_for
-from tests.test_faults import FAST, _jobs, _mount, _umount, read_only
+from tests.harness import Daemon, ledger_jobs, make_home, mondrian, photo, status, wait_for
+from tests.test_faults import FAST, _mount, _umount, read_only
 from tests.test_faults import test_signal_requeues_the_photo_in_hand_and_exits_0_quickly as _graceful_stop
 
 
 def _state(home: Path, name: str) -> str | None:
-    return getattr(_jobs(home).get(name), "state", None)
+    return getattr(ledger_jobs(home).get(name), "state", None)
 
 
 def _fill(folder: Path) -> Path:
@@ -190,11 +190,11 @@ def test_deleted_ledger_is_noticed_written_back_and_the_daemon_restarts_on_it(tm
     assert rc == 75, log  # EX_TEMPFAIL: launchd/systemd start it again
     assert "was deleted while Mondrian was using it" in log and "written back" in log, log
     assert "Traceback" not in log, log
-    jobs = _jobs(home)
+    jobs = ledger_jobs(home)
     assert jobs["first.jpg"].state == "done", {k: j.state for k, j in jobs.items()}
     with Daemon(home, smoke_model_path, "--once") as d:
         assert d.wait(120) == 0, d.output()
-    jobs = _jobs(home)
+    jobs = ledger_jobs(home)
     assert sorted(jobs) == ["first.jpg", "second.jpg"] and {j.state for j in jobs.values()} == {"done"}
     reports = sorted(p.parent.name for p in (home / "outbox").glob("*/report.json"))
     assert reports == ["first", "second"], reports
