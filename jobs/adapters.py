@@ -30,8 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from daemon.advisors import ADVISOR_ID
-from daemon.report import atomic_write_text, fsync_dir
+from daemon.analysis.advisors import ADVISOR_ID
+from daemon.pipeline.report import atomic_write_text, fsync_dir
 
 # The same names as daemon.model.adapters (kept literal here so listing adapters never imports MLX).
 CONFIG_NAME = "adapter_config.json"

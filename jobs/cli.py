@@ -20,7 +20,7 @@ def _config(args: argparse.Namespace):
 
 
 def _advisor(cfg, advisor_id: str):
-    from daemon.advisors import get_advisor
+    from daemon.analysis.advisors import get_advisor
 
     return get_advisor(cfg, advisor_id)  # UnknownAdvisor: one line and exit 2 (daemon/cli.py main)
 
@@ -197,7 +197,7 @@ def _resolve(store: Any, advisor: str, which: str | None):
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from daemon.ledger import Ledger
     from daemon.model.runtime import ModelRuntime
-    from daemon.prompts import critique_prompt
+    from daemon.analysis.prompts import critique_prompt
 
     from .adapters import AdapterStore, AdapterStoreError
     from .dataset import DatasetError, collect_references, split

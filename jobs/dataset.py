@@ -27,11 +27,11 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from PIL import Image
 
-from daemon.advisors import Advisor, references_dir
+from daemon.analysis.advisors import Advisor, references_dir
 from daemon.config import Config
-from daemon.critique import DIMENSION_LABELS, DIMENSIONS, SCORE_MAX, SCORE_MIN
-from daemon.images import ImageRejected, fit_size, load_photo
-from daemon.prompts import critique_prompt
+from daemon.analysis.critique import DIMENSION_LABELS, DIMENSIONS, SCORE_MAX, SCORE_MIN
+from daemon.intake.images import ImageRejected, fit_size, load_photo
+from daemon.analysis.prompts import critique_prompt
 
 MIN_REFERENCES = 3  # fewer cannot give both a training set and a held-out photo
 HOLDOUT_MIN = 2
@@ -118,7 +118,7 @@ def parse_profile(data: Any) -> tuple[dict[str, int], dict[str, str], str | None
 
 def read_human_profile(photo: Path) -> tuple[dict[str, int], dict[str, str], str | None, int | None] | None:
     """The curator's sidecar next to a reference photo (the RAG index's reader), if it is valid."""
-    from daemon.references import SidecarInvalid, read_sidecar, sidecar_path
+    from daemon.references.indexer import SidecarInvalid, read_sidecar, sidecar_path
 
     sidecar = sidecar_path(Path(photo))
     if sidecar is None:

@@ -23,7 +23,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from daemon.critique import DIMENSION_LABELS, DIMENSIONS, critique_schema
+from daemon.analysis.critique import DIMENSION_LABELS, DIMENSIONS, critique_schema
 
 SCORE_VALUE = re.compile(r'"score": (\d+)')
 
@@ -183,7 +183,7 @@ class ScoreReader:
 def evaluate(runtime: Any, references: Iterable[Any], prompt: str, *, adapter: str | Path | None,
              label: str, comment_max_chars: int, max_tokens: int, max_pixels: int) -> Evaluation:
     """Run the held-out references through the model with `adapter` (None: the base model)."""
-    from daemon.images import load_photo
+    from daemon.intake.images import load_photo
     from daemon.model.runtime import GenerationError
 
     schema = critique_schema(comment_max_chars)

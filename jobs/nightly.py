@@ -65,7 +65,7 @@ class Due:
 
 def due_advisors(cfg: Config, ledger: Any, store: Any | None = None) -> list[Due]:
     """Advisors whose reference set changed since their current adapter (and latest attempt) was trained."""
-    from daemon.advisors import load_advisors
+    from daemon.analysis.advisors import load_advisors
 
     from .adapters import AdapterStore
     from .dataset import MIN_REFERENCES, DatasetError, collect_references, fingerprint

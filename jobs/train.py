@@ -180,8 +180,8 @@ def child_main(argv: list[str] | None = None) -> int:
 def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: TrainSettings,
                     send: Callable[..., None]) -> dict[str, Any]:
     """Everything the child does; writes the candidate folder and returns its metrics."""
-    from daemon.advisors import get_advisor
-    from daemon.prompts import critique_prompt
+    from daemon.analysis.advisors import get_advisor
+    from daemon.analysis.prompts import critique_prompt
 
     from . import dataset as ds
     from .adapters import AdapterStore, MANIFEST_NAME, METRICS_NAME, atomic_write_json

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from daemon.critique import DIMENSIONS
-from daemon.report import (
+from daemon.analysis.critique import DIMENSIONS
+from daemon.pipeline.report import (
     IndexEntry,
     ReportInvalid,
     atomic_write_bytes,

@@ -19,7 +19,7 @@ import pytest
 
 from daemon import service
 from daemon.config import PROJECT_ROOT
-from daemon.logrotate import StdStreamRotator, rotate_if_needed
+from daemon.service.logrotate import StdStreamRotator, rotate_if_needed
 
 PY = Path(sys.executable).absolute()
 HAS_DAEMON = (PROJECT_ROOT / "daemon" / "cli.py").exists() and \

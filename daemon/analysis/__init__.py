@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..advisors import Advisor
+from .advisors import Advisor
 from ..config import Config
-from ..images import LoadedImage
+from ..intake.images import LoadedImage
 
 
 @dataclass

@@ -11,9 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .advisors import UnknownAdvisor
-from .config import MODES, PROJECT_ROOT, ConfigError, load_config
-from .ledger import LedgerUnavailable
+from ..analysis.advisors import UnknownAdvisor
+from ..config import MODES, PROJECT_ROOT, ConfigError, load_config
+from ..ledger import LedgerUnavailable
 from .terminal import SafeFormatter, shown
 
 EX_CONFIG = 78
@@ -37,14 +37,14 @@ def _config(args: argparse.Namespace):
 
 # -- commands ---------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from .supervisor import run_daemon
+    from ..pipeline.supervisor import run_daemon
 
     return run_daemon(_config(args), once=args.once)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The offline demo: the sample photos through the real daemon with the smoke model."""
-    from .supervisor import run_daemon
+    from ..pipeline.supervisor import run_daemon
 
     cfg = load_config(getattr(args, "home", None), model=args.model or "smoke")
     cfg.ensure_dirs()
@@ -99,7 +99,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_model_smoke(args: argparse.Namespace) -> int:
-    from .model.smoke import build_smoke_model, ensure_smoke_model
+    from ..model.smoke import build_smoke_model, ensure_smoke_model
 
     cfg = _config(args)
     path = build_smoke_model(Path(args.dest), shapes=args.shapes) if args.dest else \
@@ -162,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     retry.set_defaults(func=cmd_retry)
 
     try:
-        from .service import add_service_parser
+        from ..service.install import add_service_parser
 
         add_service_parser(sub)
     except ImportError:  # pragma: no cover - service support is optional at import time

@@ -15,7 +15,7 @@ EX_CONFIG = 78
 
 
 def _config(args: argparse.Namespace):
-    from .config import load_config
+    from ..config import load_config
 
     return load_config(getattr(args, "home", None), model=getattr(args, "model", None))
 
@@ -41,7 +41,7 @@ def _daemon_pid(cfg) -> str | None:
 
 
 def _advisor_ids(cfg, wanted: str | None) -> list[str] | None:
-    from .advisors import get_advisor
+    from ..analysis.advisors import get_advisor
 
     if wanted is None:
         return None
@@ -72,9 +72,9 @@ class _Bar:
 
 
 def cmd_index(args: argparse.Namespace) -> int:
-    from .advisors import UnknownAdvisor
-    from .ledger import Ledger
-    from .references import ReferenceIndexer
+    from ..analysis.advisors import UnknownAdvisor
+    from ..ledger import Ledger
+    from ..references.indexer import ReferenceIndexer
     from .terminal import shown
 
     cfg = _config(args)
@@ -92,7 +92,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         return 0
 
     def load_runtime():
-        from .model.runtime import ModelRuntime
+        from ..model.runtime import ModelRuntime
 
         print(f"loading model {cfg.model!r}…", file=sys.stderr)
         return ModelRuntime.load(cfg.model, var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
@@ -119,7 +119,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     try:
         plan, outcomes = indexer.sync(advisors, progress=progress, on_plan=on_plan)
     except Exception as exc:
-        from .model.runtime import ModelNotFoundError
+        from ..model.runtime import ModelNotFoundError
 
         if isinstance(exc, ModelNotFoundError):
             print(f"cannot index: {exc}", file=sys.stderr)
@@ -133,7 +133,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def _row(row, cfg) -> dict[str, Any]:
-    from .references import reference_profile
+    from ..references.indexer import reference_profile
 
     prof = reference_profile(row)
     try:
@@ -147,11 +147,11 @@ def _row(row, cfg) -> dict[str, Any]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .advisors import UnknownAdvisor, load_advisors
-    from .critique import DIMENSIONS
-    from .ledger import Ledger
-    from .references import sidecar_problems
-    from .retrieval import distribution
+    from ..analysis.advisors import UnknownAdvisor, load_advisors
+    from ..analysis.critique import DIMENSIONS
+    from ..ledger import Ledger
+    from ..references.indexer import sidecar_problems
+    from ..analysis.retrieval import distribution
     from .terminal import shown
 
     cfg = _config(args)

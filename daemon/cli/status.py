@@ -9,8 +9,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .config import Config
-from .ledger import FAULT_NOTE, FaultNote, Ledger
+from ..config import Config
+from ..ledger import FAULT_NOTE, FaultNote, Ledger
 from .terminal import shown
 
 

@@ -10,8 +10,8 @@ import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import MODES
-from .files import read_regular_file
+from ..config import MODES
+from ..fsutil import read_regular_file
 
 SIDECAR_SUFFIX = ".mode"
 SIDECAR_MAX_BYTES = 64

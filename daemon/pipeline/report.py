@@ -23,10 +23,10 @@ import jsonschema
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from PIL import Image
 
-from .critique import DIMENSION_LABELS, DIMENSIONS, SCORE_MAX
+from ..analysis.critique import DIMENSION_LABELS, DIMENSIONS, SCORE_MAX
 
 SCHEMA_PATH: Path = Path(__file__).resolve().parent / "report_schema.json"
-TEMPLATES_DIR: Path = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES_DIR: Path = Path(__file__).resolve().parents[2] / "templates"
 
 THUMB_MAX_PX = 320
 JPEG_QUALITY = 85

@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from .advisors import load_advisors
-from .config import Config
-from .inbox import classify
-from .ledger import FAULT_NOTE, Ledger, LedgerUnavailable
+from ..analysis.advisors import load_advisors
+from ..config import Config
+from ..intake.inbox import classify
+from ..ledger import FAULT_NOTE, Ledger, LedgerUnavailable
 from .worker import Worker
 
 log = logging.getLogger("mondrian.daemon")
@@ -53,7 +53,7 @@ def _lock_home(cfg: Config) -> int:
 
 def default_runtime_factory(cfg: Config) -> Callable[[], Any]:
     def load() -> Any:
-        from .model.runtime import ModelRuntime
+        from ..model.runtime import ModelRuntime
 
         return ModelRuntime.load(cfg.model, var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
 
@@ -72,12 +72,12 @@ class Daemon:
         self.ledger = Ledger(cfg.db_path, stop=self.stop, note=cfg.var_dir / FAULT_NOTE)
         self.worker = Worker(cfg, self.ledger, runtime_factory or default_runtime_factory(cfg), self.stop)
         self._advisors = set(load_advisors(cfg))
-        from .watcher import InboxWatcher
+        from ..intake.watcher import InboxWatcher
 
         self.watcher = InboxWatcher(cfg.inbox, self._enqueue, cfg.quiet_seconds, is_known=self.ledger.is_active,
                                     on_unreachable=self._unreachable)
         self._skipped: dict[Path, tuple[int, float, float]] = {}  # said once in the log, per path and version
-        from .references import ReferenceWatcher
+        from ..references.indexer import ReferenceWatcher
 
         self.references = ReferenceWatcher(cfg, self.ledger)  # advisors/*/references, indexed between jobs
         self._thread = threading.Thread(target=self._work, name="mlx-worker", daemon=True)
@@ -118,7 +118,7 @@ class Daemon:
             self._serve()
         finally:
             if self.worker.runtime is not None:
-                from .model.runtime import release_thread
+                from ..model.runtime import release_thread
 
                 release_thread()
 
@@ -138,7 +138,7 @@ class Daemon:
         except LedgerUnavailable:
             return  # stopping while the ledger cannot be written: nothing was lost, the next start goes on
         except Exception as exc:
-            from .model.runtime import ModelNotFoundError
+            from ..model.runtime import ModelNotFoundError
 
             if isinstance(exc, ModelNotFoundError) or not loading:
                 self.fatal = f"{exc}"  # a setting to fix: exit 78 and say what to do
@@ -195,7 +195,7 @@ class Daemon:
         self.ledger.set_event("last_rescan", self.watcher.last_rescan_at)
         self._thread.start()
         nightly = self._start_nightly()
-        from .logrotate import StdStreamRotator
+        from ..service.logrotate import StdStreamRotator
 
         rotator = StdStreamRotator.from_env()
         next_rescan = time.monotonic() + self.cfg.rescan_seconds

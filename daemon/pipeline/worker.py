@@ -27,16 +27,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from .advisors import Advisor, UnknownAdvisor, get_advisor, load_advisors
-from .config import Config
-from .images import ImageRejected, LoadedImage, load_photo
-from .inbox import (OUTBOX_RESERVED, RECORD_SUFFIXES, SidecarError, read_sidecar, safe_stem, sidecar_for,
+from ..analysis.advisors import Advisor, UnknownAdvisor, get_advisor, load_advisors
+from ..config import Config
+from ..intake.images import ImageRejected, LoadedImage, load_photo
+from ..intake.inbox import (OUTBOX_RESERVED, RECORD_SUFFIXES, SidecarError, read_sidecar, safe_stem, sidecar_for,
                     unique_path)
 from .isolation import check_alone
-from .ledger import DONE, FAILED, Job, Ledger, LedgerUnavailable
-from .limits import AnalysisCancelled, AnalysisTimedOut
+from ..ledger import DONE, FAILED, Job, Ledger, LedgerUnavailable
+from ..limits import AnalysisCancelled, AnalysisTimedOut
 from .report import IndexEntry, atomic_write_text, temp_name, write_index, write_report_folder
-from .strategies import AnalysisContext, AnalysisResult, Strategy, build_strategies, resolve
+from ..analysis import AnalysisContext, AnalysisResult, Strategy, build_strategies, resolve
 
 log = logging.getLogger("mondrian.worker")
 

@@ -32,12 +32,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .advisors import Advisor, load_advisors, references_dir
-from .config import Config
-from .critique import DIMENSIONS, SCORE_MAX, SCORE_MIN, profile_schema
-from .files import kind_of, read_regular_file
-from .ledger import Ledger, LedgerUnavailable, Reference
-from .limits import AnalysisInterrupted
+from ..analysis.advisors import Advisor, load_advisors, references_dir
+from ..config import Config
+from ..analysis.critique import DIMENSIONS, SCORE_MAX, SCORE_MIN, profile_schema
+from ..fsutil import kind_of, read_regular_file
+from ..ledger import Ledger, LedgerUnavailable, Reference
+from ..limits import AnalysisInterrupted
 
 log = logging.getLogger("mondrian.references")
 
@@ -157,7 +157,7 @@ def extract_profile(runtime: Any, cfg: Config, advisor: Advisor, encoded: Any, a
     """Pass 1: the photo's 8 scores in the advisor's eyes (schema-constrained, no comments).
 
     `limits` (cancel=, deadline=) go to generate_json, as `AnalysisContext.limits()` gives them."""
-    from .prompts import profile_prompt
+    from ..analysis.prompts import profile_prompt
 
     gen = runtime.generate_json(encoded.image, profile_prompt(advisor), profile_schema(),
                                 max_tokens=PROFILE_MAX_TOKENS, encoded=encoded, adapter=adapter, **limits)
@@ -171,7 +171,7 @@ def thumbnail(cfg: Config, sha256: str, source: Path | str) -> Path | None:
     """A small JPEG of a reference (cached under var/cache by content hash), or None if it cannot be read."""
     from PIL import Image, ImageOps
 
-    from .report import atomic_write_bytes
+    from ..pipeline.report import atomic_write_bytes
 
     dest = cfg.var_dir / "cache" / "reference-thumbs" / f"{sha256}.jpg"
     if dest.exists():
@@ -466,7 +466,7 @@ class ReferenceIndexer:
 
     def index_one(self, work: Work, advisors: dict[str, Advisor] | None = None) -> Outcome:
         """Index one reference. Runs the model only for what no row with the same content already has."""
-        from .images import load_photo
+        from ..intake.images import load_photo
 
         started = time.perf_counter()
         try:

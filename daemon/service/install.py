@@ -637,7 +637,7 @@ def add_service_parser(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m daemon.service ...`: the same commands without the main CLI."""
+    """`python -m daemon.service ...` (daemon/service/__main__.py): the same commands without the main CLI."""
     parser = argparse.ArgumentParser(prog="mondrian")
     add_service_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
