@@ -1,4 +1,6 @@
-"""Reading a file someone else put in a watched folder, without ever hanging on it.
+"""File-system primitives shared by every room: safe reads, atomic writes, fsync, moves, locks, pid checks.
+
+Reading a file someone else put in a watched folder, without ever hanging on it.
 
 A named pipe, a device or a socket named like a photo would block `open()` or `read()` forever on the one
 thread that serves the queue; a file on a stalled network or cloud mount can block a read the same way. So
@@ -8,10 +10,18 @@ runs in a helper thread that the caller stops waiting for after `timeout_s`.
 
 from __future__ import annotations
 
+import errno
+import fcntl
+import filecmp
+import hashlib
 import os
+import re
+import secrets
+import shutil
 import stat
 import threading
 from pathlib import Path
+from typing import Callable
 
 CHUNK = 1 << 20
 
@@ -90,4 +100,163 @@ def read_regular_file(path: Path, *, max_bytes: int | None = None, timeout_s: fl
     return result["data"]  # type: ignore[return-value]
 
 
-__all__ = ["NotReadable", "read_regular_file", "kind_of"]
+# ---------------------------------------------------------------------------------------- atomic writes
+TEMP_NAME_HINT_BYTES = 48
+
+
+def temp_name(name: str, ending: str) -> str:
+    """`.<start of name>.<ending>`: a hidden temporary name that fits in a path component whatever the length of
+    `name` (a 250-byte final name must still get a record), and still shows what it is for."""
+    hint = name.encode("utf-8", "surrogateescape")[:TEMP_NAME_HINT_BYTES].decode("utf-8", "ignore") or "x"
+    return f".{hint}.{ending}"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Readers see the old file or the new one, never a torn one, even after a crash."""
+    path = Path(path)
+    tmp = path.with_name(temp_name(path.name, f"{os.getpid()}.{secrets.token_hex(4)}.tmp"))
+    # os.open with 0o666 lets the kernel apply the umask, as a plain open() would; mkstemp would force 0600
+    # and reading the umask via os.umask() is racy across threads.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not every filesystem allows opening a directory, which is harmless.
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+
+# Temporary files of `atomic_write_bytes`: `temp_name(name, "PID.HEX.tmp")`; the pid tells whether the writer lives.
+ATOMIC_TMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$", re.S)
+
+
+# ------------------------------------------------------------------------------------------------ moves
+def move(src: Path, dst: Path, on_copied: Callable[[], None] = lambda: None) -> None:
+    """Rename when possible (atomic); across filesystems copy to a temporary name, rename, then unlink."""
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        tmp = dst.with_name(temp_name(dst.name, "moving"))
+        try:
+            shutil.copy2(src, tmp, follow_symlinks=False)
+            os.replace(tmp, dst)
+        except BaseException:
+            try:
+                os.unlink(tmp)  # a full disk must not leave half a copy behind
+            except OSError:
+                pass
+            raise
+        on_copied()  # the copy is complete, the source not yet removed (a test hook)
+        os.unlink(src)
+
+
+def identity(path: Path) -> tuple[int, int, int, int, int] | None:
+    """What changes when a file's bytes do: ctime too, because a rewrite can keep inode and size and put the old
+    mtime back (`os.utime`, `touch -r`, `cp -p` onto the same file), but nothing can set ctime back."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def holds(path: Path, before: tuple[int, int, int, int, int] | None, sha256: str) -> bool:
+    """Whether `path` still holds the bytes that were analysed (`before` was its identity before they were read,
+    `sha256` their hash). Only ctime moved: metadata (permissions, extended attributes, a hard link) or a rewrite
+    that put the old mtime back, which only the content tells apart."""
+    now = identity(path)
+    if now == before:
+        return True
+    if now is None or before is None or now[:4] != before[:4]:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # never wait on a FIFO swapped in meanwhile
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != now[:2]:
+            return False
+        return hashlib.file_digest(f, "sha256").hexdigest() == sha256
+
+
+def same_content(a: Path, b: Path) -> bool:
+    """True if `b` is already a complete copy of `a` (a cross-filesystem move killed before its unlink)."""
+    try:
+        sa, sb = os.lstat(a), os.lstat(b)
+        if os.path.islink(a) or os.path.islink(b):
+            return os.path.islink(a) and os.path.islink(b) and os.readlink(a) == os.readlink(b)
+        return sa.st_size == sb.st_size and filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
+
+
+def folder_inside(path: Path, root: Path) -> bool:
+    """Whether `path` lies in a folder that, with every link on its path resolved, is inside the real `root`.
+    The file itself may be a link: moving a link moves the link, never its target."""
+    return Path(os.path.realpath(path.parent)).is_relative_to(os.path.realpath(root))
+
+
+
+# ------------------------------------------------------------------------------------------ pids, locks
+def pid_alive(pid: int) -> bool:
+    """Whether a process with that pid exists (ours always does; one we may not signal does too)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def lock_holder(lock: Path) -> int | None:
+    """The pid written in `lock` by the process that holds its flock (-1 if it wrote none), or None when nobody
+    holds it; probed with a shared lock that is released at once, so asking never disturbs the holder."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raw = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        return int(raw) if raw.isdigit() else -1
+    finally:
+        os.close(fd)
+    return None
+
+
+__all__ = ["NotReadable", "read_regular_file", "kind_of", "temp_name", "atomic_write_bytes", "atomic_write_text",
+           "fsync_dir", "ATOMIC_TMP", "move", "identity", "holds", "same_content", "folder_inside", "pid_alive",
+           "lock_holder"]

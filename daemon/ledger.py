@@ -369,7 +369,7 @@ class Ledger:
             else:
                 here.unlink(missing_ok=True)  # the deleted database's own log: its content is in the copy
         os.replace(tmp, self.path)
-        from .pipeline.report import fsync_dir
+        from .fsutil import fsync_dir
 
         fsync_dir(self.path.parent)
         return aside if found else self.path

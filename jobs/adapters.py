@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from daemon.analysis.advisors import ADVISOR_ID
-from daemon.pipeline.report import atomic_write_text, fsync_dir
+from daemon.fsutil import atomic_write_text, fsync_dir
 
 # The same names as daemon.model.adapters (kept literal here so listing adapters never imports MLX).
 CONFIG_NAME = "adapter_config.json"

@@ -171,7 +171,7 @@ def thumbnail(cfg: Config, sha256: str, source: Path | str) -> Path | None:
     """A small JPEG of a reference (cached under var/cache by content hash), or None if it cannot be read."""
     from PIL import Image, ImageOps
 
-    from ..pipeline.report import atomic_write_bytes
+    from ..fsutil import atomic_write_bytes
 
     dest = cfg.var_dir / "cache" / "reference-thumbs" / f"{sha256}.jpg"
     if dest.exists():
