@@ -12,6 +12,13 @@ Kept free of MLX and of every other module of the project, so anything may impor
 
 from __future__ import annotations
 
+# Exit codes (sysexits.h), so that launchd's KeepAlive and systemd's Restart=on-failure tell a setup problem that a
+# restart cannot fix (EX_CONFIG) from a crash, and a "start me again" (EX_TEMPFAIL) from both.
+EX_USAGE = 2  # the command line is wrong (argparse's own code)
+EX_UNAVAILABLE = 69  # the service manager cannot be used here
+EX_TEMPFAIL = 75  # stopped on purpose; starting again fixes it (the ledger was restored)
+EX_CONFIG = 78  # the configuration (a path, the model, the ledger's place) must be fixed first
+
 
 class Permanent(Exception):
     """The photo itself is the problem: retrying cannot help."""
@@ -40,4 +47,4 @@ def is_permanent(exc: BaseException) -> bool:
     return isinstance(exc, Permanent) or bool(getattr(exc, "permanent", False))
 
 
-__all__ = ["Permanent", "Transient", "Interrupted", "Cancelled", "TimedOut", "is_permanent"]
+__all__ = ["EX_USAGE", "EX_UNAVAILABLE", "EX_TEMPFAIL", "EX_CONFIG", "Permanent", "Transient", "Interrupted", "Cancelled", "TimedOut", "is_permanent"]

@@ -226,6 +226,30 @@ def folder_inside(path: Path, root: Path) -> bool:
 
 
 
+def is_folder(path: Path) -> bool:
+    """A real folder (a link to one is not)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def companion(photo: Path, suffix: str) -> Path | None:
+    """The file that rides along with `photo` (`IMG_1.jpg` -> `IMG_1<suffix>`, any case of the suffix), if
+    present. Never a folder: `IMG_1.mode/` holds photos of its own; the reader refuses any other non-file."""
+    want = photo.stem + suffix
+    exact = photo.with_name(want)
+    if os.path.lexists(exact) and not is_folder(exact):
+        return exact
+    try:
+        for entry in os.scandir(photo.parent):
+            if entry.name.lower() == want.lower() and not entry.is_dir(follow_symlinks=False):
+                return photo.parent / entry.name
+    except OSError:
+        pass
+    return None
+
+
 # ------------------------------------------------------------------------------------------ pids, locks
 def pid_alive(pid: int) -> bool:
     """Whether a process with that pid exists (ours always does; one we may not signal does too)."""
@@ -259,4 +283,4 @@ def lock_holder(lock: Path) -> int | None:
 
 __all__ = ["NotReadable", "read_regular_file", "kind_of", "temp_name", "atomic_write_bytes", "atomic_write_text",
            "fsync_dir", "ATOMIC_TMP", "move", "identity", "holds", "same_content", "folder_inside", "pid_alive",
-           "lock_holder"]
+           "lock_holder", "is_folder", "companion"]

@@ -63,6 +63,13 @@ class Due:
     references: int
 
 
+def nightly_enabled(cfg: Config) -> bool:
+    """Whether this home trains adapters at night (`[train] nightly`); the daemon asks here, not jobs.train."""
+    from .train import TrainSettings
+
+    return TrainSettings.from_config(cfg).nightly
+
+
 def due_advisors(cfg: Config, ledger: Any, store: Any | None = None) -> list[Due]:
     """Advisors whose reference set changed since their current adapter (and latest attempt) was trained."""
     from daemon.analysis.advisors import load_advisors

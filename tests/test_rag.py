@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from daemon.analysis.critique import DIMENSIONS, critique_schema, profile_schema
-from daemon.references.indexer import SidecarInvalid, parse_sidecar, reference_profile
+from daemon.references.indexer import reference_profile
+from daemon.references.sidecar import SidecarInvalid, parse_sidecar
 from daemon.pipeline.report import SCHEMA_PATH
 from daemon.analysis.retrieval import distribution, nearest
 from tests.harness import Daemon, make_home, mondrian, photo, wait_for

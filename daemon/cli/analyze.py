@@ -17,13 +17,13 @@ from typing import Any
 
 from ..analysis.advisors import get_advisor
 from ..config import Config
+from ..errors import EX_CONFIG, EX_USAGE
 from ..ledger import RUNNING, Ledger, job_dict
 from ..pipeline.supervisor import default_runtime_factory
 from ..pipeline.worker import Worker
 
 log = logging.getLogger("mondrian.analyze")
 
-EX_USAGE, EX_CONFIG = 2, 78
 
 
 class AnalyzeRefused(Exception):

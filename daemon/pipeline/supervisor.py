@@ -21,14 +21,13 @@ from typing import Any, Callable
 
 from ..analysis.advisors import load_advisors
 from ..config import Config
+from ..errors import EX_CONFIG, EX_TEMPFAIL
 from ..intake.inbox import classify
 from ..ledger import FAULT_NOTE, Ledger, LedgerUnavailable
 from .worker import Worker
 
 log = logging.getLogger("mondrian.daemon")
 
-EX_CONFIG = 78
-EX_TEMPFAIL = 75
 STOP_GRACE_SECONDS = 20.0
 
 
@@ -77,7 +76,7 @@ class Daemon:
         self.watcher = InboxWatcher(cfg.inbox, self._enqueue, cfg.quiet_seconds, is_known=self.ledger.is_active,
                                     on_unreachable=self._unreachable)
         self._skipped: dict[Path, tuple[int, float, float]] = {}  # said once in the log, per path and version
-        from ..references.indexer import ReferenceWatcher
+        from ..references.watcher import ReferenceWatcher
 
         self.references = ReferenceWatcher(cfg, self.ledger)  # advisors/*/references, indexed between jobs
         self._thread = threading.Thread(target=self._work, name="mlx-worker", daemon=True)
@@ -260,10 +259,9 @@ class Daemon:
         if self.once:
             return None
         try:
-            from jobs.nightly import NightlyTrainer
-            from jobs.train import TrainSettings
+            from jobs.nightly import NightlyTrainer, nightly_enabled  # the one way in from training
 
-            if not TrainSettings.from_config(self.cfg).nightly:
+            if not nightly_enabled(self.cfg):
                 return None
             nightly = NightlyTrainer(self.cfg, self.ledger)
             nightly.start()

@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, Sequence, TextIO
 import jinja2
 
 from daemon.config import PROJECT_ROOT, ConfigError, load_config
+from daemon.errors import EX_CONFIG, EX_UNAVAILABLE
 
 DEFAULT_LABEL = "com.mondrian.daemon"
 ACTIONS = ("install", "uninstall", "start", "stop", "restart", "status")
@@ -43,8 +44,6 @@ EXIT_TIMEOUT = 60  # s from SIGTERM to SIGKILL; the CPU prefill of a real model 
 LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_BACKUPS = 3
 
-EX_UNAVAILABLE = 69  # the service manager cannot be used here
-EX_CONFIG = 78  # the configuration would make the service fail at start
 NOT_RUNNING = 3  # status: installed but not running, or not installed (LSB convention)
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*(\.[A-Za-z0-9][A-Za-z0-9-]*)+$")
