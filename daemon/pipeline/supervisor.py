@@ -303,5 +303,5 @@ class Daemon:
 
 
 def run_daemon(cfg: Config, *, once: bool = False) -> int:
-    cfg.ensure_dirs()  # a ConfigError names the folder in the way: exit 78 with that line (daemon.cli)
+    cfg.ensure_dirs()  # a ConfigError names the folder in the way: exit 78 with that line (daemon/cli/main.py)
     return Daemon(cfg, once=once).run()

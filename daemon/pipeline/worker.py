@@ -207,7 +207,7 @@ class Worker:
     def _analyse(self, job: Job, src: Path, photo: LoadedImage, advisor: Advisor,
                  requested: str) -> tuple[Strategy, list[dict[str, str]], AnalysisResult]:
         """The model's part of a job, where a native crash would happen: shared by `process` and the isolation
-        check (daemon/isolation.py), so that the check runs exactly what crashed the daemon."""
+        check (daemon/pipeline/isolation.py), so that the check runs exactly what crashed the daemon."""
         try:
             runtime = self.load_runtime()
         except Exception as exc:  # a model that fails to load may load next time (memory, disk, a mount)

@@ -180,7 +180,7 @@ def build_spec(platform: str | None = None, label: str = DEFAULT_LABEL, home: st
         # A hub id may still need its first download, so it is left online.
         environment["HF_HUB_OFFLINE"] = "1"
     if platform == "macos":
-        # launchd never rotates StandardOutPath/StandardErrorPath: the daemon does (daemon/logrotate.py).
+        # launchd never rotates StandardOutPath/StandardErrorPath: the daemon does (daemon/service/logrotate.py).
         environment.update({"MONDRIAN_LOG_ROTATE": "1", "MONDRIAN_LOG_MAX_BYTES": str(LOG_MAX_BYTES),
                             "MONDRIAN_LOG_BACKUPS": str(LOG_BACKUPS)})
     uh = Path(user_home).expanduser().absolute() if user_home else Path.home()
