@@ -47,4 +47,5 @@ def is_permanent(exc: BaseException) -> bool:
     return isinstance(exc, Permanent) or bool(getattr(exc, "permanent", False))
 
 
-__all__ = ["EX_USAGE", "EX_UNAVAILABLE", "EX_TEMPFAIL", "EX_CONFIG", "Permanent", "Transient", "Interrupted", "Cancelled", "TimedOut", "is_permanent"]
+__all__ = ["EX_USAGE", "EX_UNAVAILABLE", "EX_TEMPFAIL", "EX_CONFIG", "Permanent", "Transient", "Interrupted",
+           "Cancelled", "TimedOut", "is_permanent"]

@@ -36,7 +36,8 @@ def cmd_index(args: argparse.Namespace) -> int:
     cfg.ensure_dirs()
     pid = lock_holder(cfg.var_dir / "daemon.lock")
     if pid is not None and not args.force:
-        print(f"The Mondrian daemon (pid {pid if pid > 0 else '?'}) is running on {cfg.home}: it indexes new, changed and removed "
+        shown_pid = pid if pid > 0 else "?"
+        print(f"The Mondrian daemon (pid {shown_pid}) is running on {cfg.home}: it indexes new, changed and removed "
               f"references itself, between photos. `mondrian references list` shows what is indexed "
               f"(or pass --force to index here as well).", file=sys.stderr)
         return 0

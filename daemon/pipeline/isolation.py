@@ -73,7 +73,8 @@ def check_alone(cfg: Config, job_id: int, stop: threading.Event) -> Verdict:
 
 
 def _check_once(cfg: Config, job_id: int, stop: threading.Event) -> Verdict:
-    cmd = [sys.executable, "-m", "daemon.pipeline.isolation", "--home", str(cfg.home), "--model", cfg.model, str(job_id)]
+    cmd = [sys.executable, "-m", "daemon.pipeline.isolation", "--home", str(cfg.home), "--model", cfg.model,
+           str(job_id)]
     # The daemon's own working directory (a relative model path means the same folder) and this very package.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),
                                                                      os.environ.get("PYTHONPATH")]))}

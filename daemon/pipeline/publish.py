@@ -49,7 +49,6 @@ def move_once(src: Path, dest: Path) -> None:
     move(src, dest, on_copied=lambda: testhooks.crashpoint("move_copied"))
 
 
-
 class Publisher:
     """Where a job's outcome goes: outbox/, failed/ or duplicates/, recorded in the ledger."""
 
@@ -211,7 +210,7 @@ class Publisher:
         job = self.ledger.get(job.id)
         if job.attempts >= self.cfg.max_attempts:
             self.fail(job, f"{reason}; gave up after {job.attempts} attempts. Fix the cause, then run "
-                            f"`mondrian retry --failed`", kind="transient")
+                           f"`mondrian retry --failed`", kind="transient")
             return
         delay = self.cfg.retry_base_seconds * (2 ** (job.attempts - 1))
         log.warning("will retry %s in %g s: %s", job.rel_path, delay, reason)

@@ -76,8 +76,8 @@ class Worker:
         an inbox job: its photo is the user's and stays where it is."""
         if job.output_dir and self.out.resume(job, True):
             return
-        self.out.fail(job, "`mondrian analyze` was stopped before it finished; the photo was left where it is. Run "
-                        "`mondrian analyze` on it again", kind="transient")
+        self.out.fail(job, "`mondrian analyze` was stopped before it finished; the photo was left where it is. "
+                           "Run `mondrian analyze` on it again", kind="transient")
 
     def _judge(self, job: Job) -> None:
         """Mondrian died `max_attempts` times with this photo in hand: it may be the photo, or the machine (a
@@ -86,10 +86,10 @@ class Worker:
                     job.attempts, job.rel_path)
         verdict = check_alone(self.cfg, job.id, self.stop)
         if verdict.crashed:
-            self.out.fail(job, f"Mondrian stopped {job.attempts} times while analysing this photo, and an analysis of it "
-                            f"alone in a separate process broke too ({verdict.detail}); it was set aside so the rest "
-                            f"of the inbox can go on. Export it again (another format or size) and drop the new file "
-                            f"into the inbox", kind="permanent")
+            self.out.fail(job, f"Mondrian stopped {job.attempts} times while analysing this photo, and an analysis "
+                               f"of it alone in a separate process broke too ({verdict.detail}); it was set aside so "
+                               f"the rest of the inbox can go on. Export it again (another format or size) and drop "
+                               f"the new file into the inbox", kind="permanent")
         elif verdict.crashed is False:
             log.info("%s is not the cause of the crashes: %s; queued again", job.rel_path, verdict.detail)
             self.ledger.requeue(job.id, f"Mondrian stopped {job.attempts} times while analysing it, but the photo is "
@@ -190,8 +190,9 @@ class Worker:
             strategy, fallbacks, result = self._analyse(job, src, photo, advisor, requested)
         except TimedOut:
             self.out.clean_staging(job)
-            self.out.fail(job, f"analysis took longer than {self.cfg.job_timeout_seconds:g} s (job_timeout_seconds) "
-                            f"and was stopped so the rest of the inbox can go on", keep_original=keep_original)
+            self.out.fail(job, f"analysis took longer than {self.cfg.job_timeout_seconds:g} s "
+                               f"(job_timeout_seconds) and was stopped so the rest of the inbox can go on",
+                          keep_original=keep_original)
             return
         analysis_s = time.perf_counter() - t1
         if not keep_original and not holds(src, before, photo.sha256):
