@@ -264,6 +264,34 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+class LockHeld(OSError):
+    """Another process holds the lock; `pid` is what it wrote in it (-1 if nothing)."""
+
+    def __init__(self, lock: Path, pid: int):
+        super().__init__(f"{lock} is held by pid {pid if pid > 0 else '?'}")
+        self.pid = pid
+
+
+def _written_pid(fd: int) -> int:
+    raw = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(raw) if raw.isdigit() else -1
+
+
+def hold_lock(lock: Path) -> int:
+    """Take `lock` (flock, exclusive, without waiting) and write this process's pid in it, for `lock_holder`.
+    Returns the descriptor, to keep open for as long as the lock is held; raises LockHeld if another has it."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _written_pid(fd)
+        os.close(fd)
+        raise LockHeld(lock, pid) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
 def lock_holder(lock: Path) -> int | None:
     """The pid written in `lock` by the process that holds its flock (-1 if it wrote none), or None when nobody
     holds it; probed with a shared lock that is released at once, so asking never disturbs the holder."""
@@ -274,8 +302,7 @@ def lock_holder(lock: Path) -> int | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        raw = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        return int(raw) if raw.isdigit() else -1
+        return _written_pid(fd)
     finally:
         os.close(fd)
     return None
@@ -283,4 +310,5 @@ def lock_holder(lock: Path) -> int | None:
 
 __all__ = ["NotReadable", "read_regular_file", "kind_of", "temp_name", "atomic_write_bytes", "atomic_write_text",
            "fsync_dir", "ATOMIC_TMP", "move", "identity", "holds", "same_content", "folder_inside", "pid_alive",
-           "lock_holder", "is_folder", "companion"]
+           "lock_holder", "hold_lock", "LockHeld", "is_folder",
+           "companion"]

@@ -10,7 +10,6 @@ A ledger deleted or replaced while the daemon runs is written back whole, then t
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
@@ -22,6 +21,7 @@ from typing import Any, Callable
 from ..analysis.advisors import load_advisors
 from ..config import Config
 from ..errors import EX_CONFIG, EX_TEMPFAIL
+from ..fsutil import LockHeld, hold_lock
 from ..intake.inbox import classify
 from ..ledger import FAULT_NOTE, Ledger, LedgerUnavailable
 from .worker import Worker
@@ -37,17 +37,12 @@ class StartupError(RuntimeError):
 
 def _lock_home(cfg: Config) -> int:
     cfg.var_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(cfg.var_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        other = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise StartupError(f"another Mondrian daemon (pid {other or '?'}) is already serving {cfg.home}; stop it "
-                           f"first (`mondrian service stop`) or set MONDRIAN_HOME to another folder")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return fd
+        return hold_lock(cfg.var_dir / "daemon.lock")
+    except LockHeld as exc:
+        raise StartupError(f"another Mondrian daemon (pid {exc.pid if exc.pid > 0 else '?'}) is already serving "
+                           f"{cfg.home}; stop it first (`mondrian service stop`) or set MONDRIAN_HOME to another "
+                           f"folder") from None
 
 
 def default_runtime_factory(cfg: Config) -> Callable[[], Any]:
