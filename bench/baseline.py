@@ -34,7 +34,7 @@ def _naive(rt: Any, image: Any, schema: dict, max_tokens: int) -> str:
 
 
 def measure(shapes: str) -> dict[str, Any]:
-    from daemon.critique import critique_schema
+    from daemon.analysis.critique import critique_schema
     from daemon.model.runtime import ModelRuntime
     from daemon.model.smoke import ensure_smoke_model
 

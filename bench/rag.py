@@ -55,11 +55,11 @@ def _photos(n: int, size: tuple[int, int]) -> list[Any]:
 
 def _setup_home(root: Path, settings: dict[str, Any]):
     """A home whose advisor has REFERENCES indexed references with curator sidecars (no model needed)."""
-    from daemon.advisors import get_advisor
+    from daemon.analysis.advisors import get_advisor
     from daemon.config import load_config
-    from daemon.critique import DIMENSIONS
+    from daemon.analysis.critique import DIMENSIONS
     from daemon.ledger import Ledger
-    from daemon.references import ReferenceIndexer
+    from daemon.references.indexer import ReferenceIndexer
 
     cfg = load_config(root, env={}, max_pixels=settings["max_pixels"],
                       comment_max_chars=settings["comment_max_chars"], max_tokens=settings["max_tokens"],
@@ -82,10 +82,10 @@ def _naive(rt: Any, cfg: Any, advisor: Any, image: Any, rows: list[Any]) -> dict
     """Two independent mlx_vlm.generate calls, as the original design did."""
     import mlx_vlm
 
-    from daemon.critique import DIMENSIONS, critique_schema, profile_schema
-    from daemon.prompts import critique_prompt, portfolio_context, profile_prompt
-    from daemon.references import PROFILE_MAX_TOKENS, reference_comment, reference_profile
-    from daemon.retrieval import distribution, nearest
+    from daemon.analysis.critique import DIMENSIONS, critique_schema, profile_schema
+    from daemon.analysis.prompts import critique_prompt, portfolio_context, profile_prompt
+    from daemon.references.indexer import PROFILE_MAX_TOKENS, reference_comment, reference_profile
+    from daemon.analysis.retrieval import distribution, nearest
 
     eos = rt.tokenizer.eos_token_id
 
@@ -110,11 +110,11 @@ def _naive(rt: Any, cfg: Any, advisor: Any, image: Any, rows: list[Any]) -> dict
 
 
 def measure(shapes: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
-    from daemon.images import decode_photo
+    from daemon.intake.images import decode_photo
     from daemon.model.runtime import ModelRuntime
     from daemon.model.smoke import ensure_smoke_model
-    from daemon.strategies import AnalysisContext
-    from daemon.strategies.rag import RagStrategy
+    from daemon.analysis import AnalysisContext
+    from daemon.analysis.rag import RagStrategy
 
     settings = {**SETTINGS[shapes], **(settings or {})}
     prefix = f"{shapes}."
@@ -150,7 +150,7 @@ def measure(shapes: str, settings: dict[str, Any] | None = None) -> dict[str, An
             import mlx_vlm
             from PIL import Image
 
-            from daemon.critique import profile_schema
+            from daemon.analysis.critique import profile_schema
 
             mlx_vlm.generate(rt.model, rt.processor, rt.format_prompt("Warm up."), image=[Image.new("RGB", (56, 56))],
                              max_tokens=1, temperature=0.0, verbose=False,

@@ -81,13 +81,19 @@ class Config:
 
 
 _SCALARS = {f.name: f.type for f in fields(Config)}
+TRUE_WORDS = ("1", "true", "yes", "on")
+
+
+def is_true(text: str) -> bool:
+    """How an environment variable or a TOML string says yes: 1, true, yes or on, in any case."""
+    return text.strip().lower() in TRUE_WORDS
 
 
 def _coerce(name: str, value: Any, default: Any) -> Any:
     try:
         if isinstance(default, bool):
             if isinstance(value, str):
-                return value.strip().lower() in ("1", "true", "yes", "on")
+                return is_true(value)
             return bool(value)
         if isinstance(default, int):
             return int(value)

@@ -384,7 +384,7 @@ class Ledger:
             else:
                 here.unlink(missing_ok=True)  # the deleted database's own log: its content is in the copy
         os.replace(tmp, self.path)
-        from .report import fsync_dir
+        from .fsutil import fsync_dir
 
         fsync_dir(self.path.parent)
         return aside if found else self.path
@@ -654,7 +654,7 @@ class Ledger:
 
         `keep_place`: keep its place in the queue (claimed again first), so a job interrupted after its report
         was published is finished before a copy of the same photo could be analysed a second time.
-        `reset_attempts`: the photo was cleared of the crashes counted against it (daemon/isolation.py)."""
+        `reset_attempts`: the photo was cleared of the crashes counted against it (daemon/pipeline/isolation.py)."""
         upd: dict[Any, Any] = {self.Job.state: QUEUED, self.Job.worker: None}
         if not keep_place:
             upd[self.Job.not_before] = time.time() + delay_s

@@ -1,28 +1,22 @@
-"""`mondrian train`, `mondrian adapters [rollback]`, `mondrian evaluate` (registered by daemon/cli.py)."""
+"""`mondrian train`, `mondrian adapters [rollback]`, `mondrian evaluate` (listed in daemon/cli/main.py)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import time
 from datetime import datetime
-from pathlib import Path
 from typing import Any
+
+from daemon.cli.common import config_from, logging_redirect_tqdm, new_bar, say
 
 EX_REFUSED = 3  # trained, evaluated, but not promoted
 
 
-def _config(args: argparse.Namespace):
-    from daemon.config import load_config
-
-    return load_config(getattr(args, "home", None), model=getattr(args, "model", None))
-
-
 def _advisor(cfg, advisor_id: str):
-    from daemon.advisors import get_advisor
+    from daemon.analysis.advisors import get_advisor
 
-    return get_advisor(cfg, advisor_id)  # UnknownAdvisor: one line and exit 2 (daemon/cli.py main)
+    return get_advisor(cfg, advisor_id)  # UnknownAdvisor: one line and exit 2 (daemon/cli/main.py)
 
 
 def _duration(seconds: float | None) -> str:
@@ -32,52 +26,50 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
-class ProgressBar:
-    """steps, loss, time left; redrawn in place on a terminal, one line per update otherwise."""
+class TrainingProgress:
+    """Training events on the command line's one progress bar: phases as lines, steps as the bar (with the loss
+    and the best held-out loss), log records above it."""
 
-    WIDTH = 28
+    def __init__(self) -> None:
+        self._logs = logging_redirect_tqdm()
+        self.bar: Any = None
 
-    def __init__(self, stream=sys.stderr) -> None:
-        self.stream = stream
-        self.tty = stream.isatty()
-        self.last_line = ""
-        self._last_print = 0.0
+    def __enter__(self) -> "TrainingProgress":
+        self._logs.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+        self._logs.__exit__(*exc)
 
     def __call__(self, event: dict[str, Any]) -> None:
         if event.get("event") == "phase":
-            self._newline()
+            self.close()
             extra = ""
             if event.get("phase") == "loading":
                 extra = f" ({event.get('train_rows')} training rows, {event.get('held_out')} held-out photos)"
             elif event.get("reason"):
                 extra = f": {event['reason']}"
-            print(f"· {event.get('phase')}{extra}", file=self.stream, flush=True)
+            say(f"· {event.get('phase')}{extra}")
             return
         step, steps = event.get("step"), event.get("steps")
         if not step or not steps:
             return
-        done = int(self.WIDTH * step / steps)
-        bar = "█" * done + "░" * (self.WIDTH - done)
+        if self.bar is None or self.bar.total != steps:
+            self.close()
+            self.bar = new_bar(steps, desc="  step ", unit="step")
         loss = event.get("loss")
         val = event.get("best_val_loss", event.get("val_loss"))
-        line = (f"  [{bar}] step {step}/{steps}  loss {loss:.3f}" if isinstance(loss, (int, float)) else
-                f"  [{bar}] step {step}/{steps}")
+        parts = [f"loss {loss:.3f}"] if isinstance(loss, (int, float)) else []
         if isinstance(val, (int, float)):
-            line += f"  held-out best {val:.3f}"
-        if event.get("eta_s") is not None:
-            line += f"  {_duration(event['eta_s'])} left"
-        if self.tty:
-            self.stream.write("\r" + line.ljust(len(self.last_line)))
-            self.stream.flush()
-        elif time.monotonic() - self._last_print >= 2.0 or step == steps:
-            print(line, file=self.stream, flush=True)
-            self._last_print = time.monotonic()
-        self.last_line = line
+            parts.append(f"held-out best {val:.3f}")
+        self.bar.set_postfix_str(", ".join(parts), refresh=False)
+        self.bar.update(step - self.bar.n)
 
-    def _newline(self) -> None:
-        if self.tty and self.last_line:
-            self.stream.write("\n")
-            self.last_line = ""
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 # -- train ----------------------------------------------------------------------------------------
@@ -88,24 +80,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .nightly import ProgressRecorder
     from .train import run_training
 
-    cfg = _config(args)
+    cfg = config_from(args)
     advisor = _advisor(cfg, args.advisor)
     cfg.ensure_dirs()
     ledger = Ledger(cfg.db_path)
-    bar = ProgressBar()
     recorder = ProgressRecorder(ledger, advisor.id)
-
-    def progress(event: dict[str, Any]) -> None:
-        bar(event)
-        recorder(event)
-
     overrides: dict[str, Any] = {}
     if args.iters:
         overrides["iters"] = args.iters
     print(f"Training {advisor.name}'s adapter on model {cfg.model}…", file=sys.stderr)
-    outcome = run_training(cfg, advisor.id, on_progress=progress, settings=overrides, promote=not args.no_promote,
-                           wait_for_lock=False)
-    bar._newline()
+    with TrainingProgress() as bar:
+        def progress(event: dict[str, Any]) -> None:
+            bar(event)
+            recorder(event)
+
+        outcome = run_training(cfg, advisor.id, on_progress=progress, settings=overrides,
+                               promote=not args.no_promote, wait_for_lock=False)
     recorder.finish(outcome)
     if not outcome.ok:
         print(f"Training failed: {outcome.reason}", file=sys.stderr)
@@ -133,7 +123,7 @@ def _version_row(v: Any, current: str | None) -> dict[str, Any]:
 def cmd_adapters(args: argparse.Namespace) -> int:
     from daemon.model.adapter_store import AdapterStore
 
-    cfg = _config(args)
+    cfg = config_from(args)
     store = AdapterStore(cfg.adapters_dir)
     advisors = [_advisor(cfg, args.advisor).id] if args.advisor else store.advisors()
     rows = []
@@ -165,7 +155,7 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 def cmd_rollback(args: argparse.Namespace) -> int:
     from daemon.model.adapter_store import AdapterStore, AdapterStoreError, Busy
 
-    cfg = _config(args)
+    cfg = config_from(args)
     _advisor(cfg, args.advisor)
     store = AdapterStore(cfg.adapters_dir)
     try:
@@ -198,12 +188,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from daemon.ledger import Ledger
     from daemon.model.adapter_store import AdapterStore, AdapterStoreError
     from daemon.model.runtime import ModelRuntime
-    from daemon.prompts import critique_prompt
+    from daemon.analysis.prompts import critique_prompt
 
     from .dataset import DatasetError, collect_references, split
     from .evaluate import evaluate, table
 
-    cfg = _config(args)
+    cfg = config_from(args)
     advisor = _advisor(cfg, args.advisor)
     store = AdapterStore(cfg.adapters_dir)
     try:

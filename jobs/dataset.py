@@ -27,11 +27,12 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 from PIL import Image
 
-from daemon.advisors import Advisor, references_dir
+from daemon.analysis.advisors import Advisor, references_dir
+from daemon.analysis.critique import DIMENSION_LABELS, DIMENSIONS
+from daemon.analysis.prompts import critique_prompt
 from daemon.config import Config
-from daemon.critique import DIMENSION_LABELS, DIMENSIONS, SCORE_MAX, SCORE_MIN
-from daemon.images import ImageRejected, fit_size, load_photo
-from daemon.prompts import critique_prompt
+from daemon.intake.images import ImageRejected, fit_size, load_photo
+from daemon.references.sidecar import SidecarInvalid, parse_sidecar
 
 MIN_REFERENCES = 3  # fewer cannot give both a training set and a held-out photo
 HOLDOUT_MIN = 2
@@ -61,80 +62,18 @@ class Reference:
 
 
 # -- reading references ---------------------------------------------------------------------------
-def _int_score(value: Any) -> int | None:
-    try:
-        v = int(round(float(value)))
-    except (TypeError, ValueError):
-        return None
-    return v if SCORE_MIN <= v <= SCORE_MAX else None
-
-
-def parse_profile(data: Any) -> tuple[dict[str, int], dict[str, str], str | None, int | None] | None:
-    """Scores, comments, summary and grade from a sidecar or stored profile, in any of the shapes used.
-
-    Accepted: `{"scores": {dim: n}, "comments": {dim: str}, "summary": .., "overall_grade": ..}`, a report
-    (`{"dimensions": {dim: {"score": n, "comment": str}}, ...}`) or a flat `{dim: n}`. None if a score is
-    missing.
-    """
-    if not isinstance(data, Mapping):
-        return None
-    scores: dict[str, int] = {}
-    comments: dict[str, str] = {}
-    if isinstance(data.get("dimensions"), Mapping):
-        for d in DIMENSIONS:
-            entry = data["dimensions"].get(d)
-            if isinstance(entry, Mapping):
-                s = _int_score(entry.get("score"))
-                if s is not None:
-                    scores[d] = s
-                if isinstance(entry.get("comment"), str) and entry["comment"].strip():
-                    comments[d] = entry["comment"].strip()
-            elif entry is not None and _int_score(entry) is not None:
-                scores[d] = _int_score(entry)  # type: ignore[assignment]
-    else:
-        source = data.get("scores") if isinstance(data.get("scores"), Mapping) else data
-        for d in DIMENSIONS:
-            s = _int_score(source.get(d))
-            if s is not None:
-                scores[d] = s
-        raw_comments = data.get("comments")
-        if isinstance(raw_comments, str):
-            try:
-                raw_comments = json.loads(raw_comments)
-            except ValueError:
-                raw_comments = None
-        if isinstance(raw_comments, Mapping):
-            comments = {d: str(c).strip() for d, c in raw_comments.items() if d in DIMENSIONS and
-                        isinstance(c, str) and c.strip()}
-    if len(scores) != len(DIMENSIONS):
-        return None
-    summary = data.get("summary") if isinstance(data.get("summary"), str) and data["summary"].strip() else None
-    if summary is None and isinstance(data.get("comments"), Mapping):
-        s = data["comments"].get("summary")
-        summary = s.strip() if isinstance(s, str) and s.strip() else None
-    grade = _int_score(data.get("overall_grade", data.get("grade")))
-    return scores, comments, summary, grade
-
-
 def read_human_profile(photo: Path) -> tuple[dict[str, int], dict[str, str], str | None, int | None] | None:
-    """The curator's sidecar next to a reference photo (the RAG index's reader), if it is valid."""
-    from daemon.references import SidecarInvalid, read_sidecar, sidecar_path
+    """The curator's sidecar next to a reference photo (the RAG index's reader, the same rules), if it is valid."""
+    from daemon.references.sidecar import SidecarInvalid, read_profile, sidecar_path
 
     sidecar = sidecar_path(Path(photo))
     if sidecar is None:
         return None
     try:
-        scores, comments = read_sidecar(sidecar)
+        profile = read_profile(sidecar)
     except SidecarInvalid:
         return None
-    extra: dict[str, Any] = {}
-    try:
-        extra = json.loads(sidecar.read_text(encoding="utf-8-sig"))
-    except (OSError, ValueError):
-        pass
-    parsed = parse_profile(extra) if isinstance(extra, Mapping) else None
-    summary, grade = (parsed[2], parsed[3]) if parsed else (None, None)
-    return dict(scores), dict(comments or {}), summary, grade
+    return dict(profile.scores), dict(profile.comments or {}), profile.summary, profile.overall_grade
 
 
 def _row_value(row: Any, name: str) -> Any:
@@ -159,14 +98,12 @@ def reference_from_row(row: Any) -> Reference | None:
         comments_obj = json.loads(raw_comments) if isinstance(raw_comments, str) else raw_comments
     except ValueError:
         return None
-    parsed = parse_profile({"scores": scores_obj or {}, "comments": comments_obj or {}})
-    if parsed is None:
+    try:  # the indexer stored what the sidecar parser (or the model's schema) produced: the same rules hold
+        scores, comments = parse_sidecar({"scores": scores_obj or {}, "comments": comments_obj or None})
+    except SidecarInvalid:
         return None
-    scores, comments, summary, grade = parsed
-    if isinstance(comments_obj, Mapping):
-        summary = summary or (comments_obj.get("summary") if isinstance(comments_obj.get("summary"), str) else None)
     return Reference(path=path, sha256=sha, scores=scores, source=str(_row_value(row, "source") or "model"),
-                     comments=comments, summary=summary, overall_grade=grade,
+                     comments=comments or {}, summary=None, overall_grade=None,
                      model_id=_row_value(row, "model_id"))
 
 

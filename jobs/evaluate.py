@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 import numpy as np
 
-from daemon.critique import DIMENSION_LABELS, DIMENSIONS, critique_schema
+from daemon.analysis.critique import DIMENSION_LABELS, DIMENSIONS, critique_schema
 
 if TYPE_CHECKING:
     from daemon.model.protocol import Runtime
@@ -106,7 +106,7 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
 def evaluate(runtime: Runtime, references: Iterable[Any], prompt: str, *, adapter: str | Path | None,
              label: str, comment_max_chars: int, max_tokens: int, max_pixels: int) -> Evaluation:
     """Run the held-out references through the model with `adapter` (None: the base model)."""
-    from daemon.images import load_photo
+    from daemon.intake.images import load_photo
     from daemon.model.runtime import GenerationError
 
     schema = critique_schema(comment_max_chars)

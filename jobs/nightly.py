@@ -63,9 +63,16 @@ class Due:
     references: int
 
 
+def nightly_enabled(cfg: Config) -> bool:
+    """Whether this home trains adapters at night (`[train] nightly`); the daemon asks here, not jobs.train."""
+    from .train import TrainSettings
+
+    return TrainSettings.from_config(cfg).nightly
+
+
 def due_advisors(cfg: Config, ledger: Any, store: Any | None = None) -> list[Due]:
     """Advisors whose reference set changed since their current adapter (and latest attempt) was trained."""
-    from daemon.advisors import load_advisors
+    from daemon.analysis.advisors import load_advisors
     from daemon.model.adapter_store import AdapterStore
 
     from .dataset import MIN_REFERENCES, DatasetError, collect_references, fingerprint

@@ -171,10 +171,10 @@ def child_main(argv: list[str] | None = None) -> int:
 def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: TrainSettings,
                     send: Callable[..., None]) -> dict[str, Any]:
     """Everything the child does; writes the candidate folder and returns its metrics."""
-    from daemon.advisors import get_advisor
+    from daemon.analysis.advisors import get_advisor
+    from daemon.analysis.prompts import critique_prompt
     from daemon.model.adapter_store import (MANIFEST_NAME, METRICS_NAME, AdapterStore, atomic_write_json,
                                             base_model_fingerprint)
-    from daemon.prompts import critique_prompt
 
     from . import dataset as ds
 

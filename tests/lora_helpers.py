@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from daemon.critique import DIMENSIONS
+from daemon.analysis.critique import DIMENSIONS
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -81,7 +81,7 @@ def simple_advisor(home: Path, advisor: str, prompt: str = "You are exacting.") 
 
 def index_references(cfg: Any, advisors: list[str] | None = None) -> Any:
     from daemon.ledger import Ledger
-    from daemon.references import ReferenceIndexer
+    from daemon.references.indexer import ReferenceIndexer
 
     ledger = Ledger(cfg.db_path)
     ReferenceIndexer(cfg, ledger).sync(advisors)

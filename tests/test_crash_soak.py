@@ -29,7 +29,7 @@ from pathlib import Path
 import jsonschema
 
 from daemon.ledger import Ledger
-from daemon.report import SCHEMA_PATH
+from daemon.pipeline.report import SCHEMA_PATH
 from tests.harness import Daemon, make_home, photo, wait_for
 
 SCHEMA = json.loads(SCHEMA_PATH.read_text())

@@ -13,7 +13,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from daemon.report import SCHEMA_PATH
+from daemon.pipeline.report import SCHEMA_PATH
 from tests.harness import Daemon, make_home, mondrian, photo, reports, status, terminal_count, wait_for
 
 SCHEMA = json.loads(SCHEMA_PATH.read_text())

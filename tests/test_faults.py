@@ -275,7 +275,7 @@ def test_runtime_limits_end_a_generation_and_leave_the_model_usable(smoke_model_
 
     from PIL import Image
 
-    from daemon.critique import critique_schema
+    from daemon.analysis.critique import critique_schema
     from daemon.limits import AnalysisCancelled, AnalysisTimedOut
     from daemon.model.runtime import ModelRuntime
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import jsonschema
 
 from daemon.ledger import Ledger
-from daemon.report import SCHEMA_PATH
+from daemon.pipeline.report import SCHEMA_PATH
 from tests.corpus import build
 from tests.harness import Daemon, make_home, status, wait_for
 

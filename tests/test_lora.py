@@ -20,7 +20,7 @@ import pytest
 from PIL import Image
 
 from daemon.config import load_config
-from daemon.critique import DIMENSIONS, critique_schema
+from daemon.analysis.critique import DIMENSIONS, critique_schema
 from tests.harness import REPO, make_home, mondrian, photo, wait_for
 from tests.lora_helpers import (index_references, install_version, lora_keys, random_adapter,
                                 simple_advisor, synthetic_advisor)
@@ -311,7 +311,7 @@ def smoke_runtime(smoke_model_path):
 def _analyse(cfg, runtime, photo_path: Path, advisor: str, mode: str) -> dict:
     """One photo through the worker, as `mondrian analyze` runs it; returns its report."""
     from daemon.ledger import Ledger
-    from daemon.worker import Worker
+    from daemon.pipeline.worker import Worker
 
     ledger = Ledger(cfg.db_path)
     worker = Worker(cfg, ledger, lambda: runtime)
@@ -339,9 +339,9 @@ def _fresh_runtime(model_path: Path, adapter: Path | None):
 def test_no_photo_is_analysed_with_another_advisors_adapter(tmp_path, smoke_model_path, smoke_runtime, base) -> None:
     """Interleaved advisors and modes on one runtime: each report equals what that advisor's adapter alone
     (or the bare base model) writes, and names the adapter version it used."""
-    from daemon.advisors import get_advisor
-    from daemon.images import load_photo
-    from daemon.prompts import critique_prompt
+    from daemon.analysis.advisors import get_advisor
+    from daemon.intake.images import load_photo
+    from daemon.analysis.prompts import critique_prompt
 
     cfg = _home(tmp_path, smoke_model_path)
     model, _ = base
@@ -376,8 +376,8 @@ def test_no_photo_is_analysed_with_another_advisors_adapter(tmp_path, smoke_mode
 
 
 def test_fallback_chain_lora_rag_baseline_with_reasons(tmp_path, smoke_model_path, smoke_runtime, base) -> None:
-    from daemon.advisors import get_advisor
-    from daemon.strategies import build_strategies, resolve
+    from daemon.analysis import build_strategies, resolve
+    from daemon.analysis.advisors import get_advisor
     from daemon.model.adapter_store import AdapterStore
 
     cfg = _home(tmp_path, smoke_model_path)
@@ -422,9 +422,9 @@ def test_fallback_chain_lora_rag_baseline_with_reasons(tmp_path, smoke_model_pat
     w = mx.load(str(bad))
     mx.save_safetensors(str(bad), {k: mx.zeros((v.shape[0] + 1, v.shape[1])) for k, v in w.items()})
     strategies = build_strategies(cfg, ledger)
-    from daemon.images import load_photo
+    from daemon.intake.images import load_photo
     from daemon.model.adapters import AdapterError
-    from daemon.strategies import AnalysisContext
+    from daemon.analysis import AnalysisContext
 
     with pytest.raises(AdapterError):
         strategies["lora"].analyse(AnalysisContext(runtime=smoke_runtime, cfg=cfg, advisor=ansel,
@@ -439,10 +439,10 @@ def test_every_mode_honours_stop_and_the_per_photo_time_limit(mode, tmp_path, sm
     """A stop request or a passed deadline ends baseline, rag and lora analyses alike (issue 3's promises hold
     for every mode), also when it arrives while the model is already generating: no further forward pass of
     the language model runs after it. The runtime is left on the base model."""
-    from daemon.advisors import get_advisor
-    from daemon.images import load_photo
+    from daemon.analysis.advisors import get_advisor
+    from daemon.intake.images import load_photo
     from daemon.limits import AnalysisCancelled, AnalysisTimedOut
-    from daemon.strategies import AnalysisContext, build_strategies
+    from daemon.analysis import AnalysisContext, build_strategies
 
     cfg = _home(tmp_path, smoke_model_path)
     synthetic_advisor(cfg.home, "ansel", n=3)
@@ -708,7 +708,7 @@ def test_expected_score_is_the_probability_weighted_mean_over_score_tokens(smoke
     """Q-Align style reading, including the two-token "10": P(1)=.5 of which P("0" after "1")=.25."""
     import mlx.core as mx
 
-    from daemon.critique import DIMENSIONS
+    from daemon.analysis.critique import DIMENSIONS
     from daemon.model.scoring import ScoreReader
 
     rt = smoke_runtime

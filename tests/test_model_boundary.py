@@ -14,8 +14,9 @@ from tests.harness import REPO
 
 # Modules that take or describe a runtime without running it: importing them must not import MLX.
 LIGHT = ["jobs.train", "jobs.evaluate", "jobs.nightly", "jobs.cli", "jobs.dataset", "daemon.model.protocol",
-         "daemon.model.adapter_store", "daemon.model.fitting", "daemon.model.scoring", "daemon.strategies",
-         "daemon.strategies.lora", "daemon.strategies.rag", "daemon.worker", "daemon.supervisor"]
+         "daemon.model.adapter_store", "daemon.model.fitting", "daemon.model.scoring", "daemon.analysis",
+         "daemon.analysis.lora", "daemon.analysis.rag", "daemon.pipeline.worker", "daemon.pipeline.supervisor",
+         "daemon.cli"]
 
 
 def test_training_and_the_protocol_import_no_mlx() -> None:

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from daemon.critique import critique_schema, profile_schema
+from daemon.analysis.critique import critique_schema, profile_schema
 from daemon.model.runtime import GenerationError, ModelNotFoundError, ModelRuntime
 from daemon.model.smoke import MARKER_NAME, build_smoke_model
 from tests.mlx_reference import mlx_vlm_ids

@@ -13,10 +13,11 @@ import jsonschema
 import numpy as np
 import pytest
 
-from daemon.critique import DIMENSIONS, critique_schema, profile_schema
-from daemon.references import SidecarInvalid, parse_sidecar, reference_profile
-from daemon.report import SCHEMA_PATH
-from daemon.retrieval import distribution, nearest
+from daemon.analysis.critique import DIMENSIONS, critique_schema, profile_schema
+from daemon.references.indexer import reference_profile
+from daemon.references.sidecar import SidecarInvalid, parse_sidecar
+from daemon.pipeline.report import SCHEMA_PATH
+from daemon.analysis.retrieval import distribution, nearest
 from tests.harness import Daemon, make_home, mondrian, photo, wait_for
 from tests.mlx_reference import mlx_vlm_text
 
@@ -156,7 +157,7 @@ def test_photo_is_encoded_once_for_both_passes(plain_runtime, monkeypatch: pytes
 def test_indexing_human_model_idempotent_removal(tmp_path: Path, runtime) -> None:
     from daemon.config import load_config
     from daemon.ledger import Ledger
-    from daemon.references import ReferenceIndexer
+    from daemon.references.indexer import ReferenceIndexer
 
     home = make_home(tmp_path / "home", max_pixels=MAX_PIXELS)
     cfg = load_config(home, env={})

@@ -10,7 +10,7 @@
 - A photo rewritten in place while it is analysed, keeping inode, size and mtime, gets a report of its final bytes.
 
 The daemon holds itself at a named point of the analysis with the test-only `MONDRIAN_TEST_STOP_AT=analysing`
-(SIGSTOP, see daemon/worker.py), so every kill and every overwrite lands while the photo is in hand, however fast the
+(SIGSTOP, see daemon/testhooks.py), so every kill and every overwrite lands while the photo is in hand, however fast the
 machine is.
 """
 

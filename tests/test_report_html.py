@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from daemon.critique import DIMENSIONS
-from daemon.report import (
+from daemon.analysis.critique import DIMENSIONS
+from daemon.fsutil import atomic_write_bytes
+from daemon.pipeline.report import (
     IndexEntry,
     ReportInvalid,
-    atomic_write_bytes,
     render_report_html,
     validate_report,
     write_index,

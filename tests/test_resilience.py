@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.critique import DIMENSIONS
+from daemon.analysis.critique import DIMENSIONS
 from tests.harness import Daemon, ledger_jobs, make_home, mondrian, photo, status, wait_for
 from tests.test_faults import FAST, _mount, _umount, read_only
 from tests.test_faults import test_signal_requeues_the_photo_in_hand_and_exits_0_quickly as _graceful_stop

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from daemon.advisors import UnknownAdvisor, load_advisors, references_dir
+from daemon.analysis.advisors import UnknownAdvisor, load_advisors, references_dir
 from daemon.config import load_config
-from daemon.critique import DIMENSIONS
+from daemon.analysis.critique import DIMENSIONS
 from daemon.ledger import Ledger
-from daemon.worker import Worker
+from daemon.pipeline.worker import Worker
 from tests.harness import REPO, Daemon, env_for, make_home, photo, status, wait_for
 
 FAST = dict(max_pixels=56 * 56, comment_max_chars=8, max_tokens=400, quiet_seconds=0.2, rescan_seconds=1)

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import pytest
 
-from daemon import service
+from daemon.service import install as service
 from daemon.config import PROJECT_ROOT
-from daemon.logrotate import StdStreamRotator, rotate_if_needed
+from daemon.service.logrotate import StdStreamRotator, rotate_if_needed
 
 PY = Path(sys.executable).absolute()
-HAS_DAEMON = (PROJECT_ROOT / "daemon" / "cli.py").exists() and \
-    "run" in (PROJECT_ROOT / "daemon" / "cli.py").read_text(encoding="utf-8")
+HAS_DAEMON = (PROJECT_ROOT / "daemon" / "cli" / "main.py").exists() and \
+    "run" in (PROJECT_ROOT / "daemon" / "cli" / "main.py").read_text(encoding="utf-8")
 needs_daemon = pytest.mark.skipif(not HAS_DAEMON, reason="daemon/cli.py with `run` not written yet")
 WEIRD = "Mondrian & co <studio> 50% $HOME"  # every character the plist or the unit must escape
 
@@ -350,7 +350,7 @@ def test_macos_install_sequence_with_recording_launchctl(dirs, monkeypatch):
 WRITER = textwrap.dedent("""
     import sys
     sys.path.insert(0, {root!r})
-    from daemon.logrotate import rotate_if_needed
+    from daemon.service.logrotate import rotate_if_needed
     n, max_bytes, backups = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
     rotations = 0
     for i in range(n):
@@ -439,7 +439,7 @@ def test_rotation_loses_nothing_with_block_buffered_stdout(tmp_path):
 
 
 def test_rotation_ignores_pipes_and_small_files(tmp_path):
-    code = ("import sys; sys.path.insert(0, %r); from daemon.logrotate import rotate_if_needed;"
+    code = ("import sys; sys.path.insert(0, %r); from daemon.service.logrotate import rotate_if_needed;"
             "print('x' * 100, flush=True); print(rotate_if_needed(10, 2), file=sys.stderr)") % str(PROJECT_ROOT)
     proc = subprocess.run([str(PY), "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stderr.strip() == "False"  # a pipe (systemd journal, a terminal) is never rotated

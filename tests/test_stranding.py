@@ -238,7 +238,7 @@ def test_long_multibyte_names_get_a_record_and_temporary_names_stay_short(tmp_pa
         assert len(os.fsencode(path.name)) <= 255
 
     # A temporary file of an atomic write whose writer died, under the new short name, is swept at start-up.
-    from daemon.report import temp_name
+    from daemon.fsutil import temp_name
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()

@@ -34,8 +34,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..advisors import ADVISOR_ID
-from ..report import atomic_write_text, fsync_dir
+from ..analysis.advisors import ADVISOR_ID
+from ..fsutil import atomic_write_text, fsync_dir
 from .smoke import MARKER_NAME
 
 # The files of an adapter folder as mlx-vlm writes and reads them (daemon.model.adapters uses these too).

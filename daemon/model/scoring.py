@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..critique import DIMENSIONS
+from ..analysis.critique import DIMENSIONS
 
 SCORE_VALUE = re.compile(r'"score": (\d+)')
 

@@ -1,22 +1,24 @@
-"""`mondrian`: the command line. Each sub-command is a thin layer over one module."""
+"""`mondrian`: the command line, one argparse tree. Each sub-command is a thin layer over one module.
+
+The command groups are listed in `COMMAND_GROUPS` and imported explicitly: a group that fails to import stops
+`mondrian` with its traceback, instead of its commands silently disappearing."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import os
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from .advisors import UnknownAdvisor
-from .config import MODES, PROJECT_ROOT, ConfigError, load_config
-from .ledger import LedgerUnavailable
+from ..analysis.advisors import UnknownAdvisor
+from ..config import MODES, PROJECT_ROOT, ConfigError
+from ..ledger import LedgerUnavailable
+from .common import EX_CONFIG, EX_USAGE, config_from
 from .terminal import SafeFormatter, shown
 
-EX_CONFIG = 78
 log = logging.getLogger("mondrian")
 
 
@@ -31,22 +33,18 @@ def _setup_logging(verbose: bool = False) -> None:
     logging.getLogger("watchdog.observers.inotify").setLevel(logging.CRITICAL)
 
 
-def _config(args: argparse.Namespace):
-    return load_config(getattr(args, "home", None), model=getattr(args, "model", None))
-
-
 # -- commands ---------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from .supervisor import run_daemon
+    from ..pipeline.supervisor import run_daemon
 
-    return run_daemon(_config(args), once=args.once)
+    return run_daemon(config_from(args), once=args.once)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """The offline demo: the sample photos through the real daemon with the smoke model."""
-    from .supervisor import run_daemon
+    from ..pipeline.supervisor import run_daemon
 
-    cfg = load_config(getattr(args, "home", None), model=args.model or "smoke")
+    cfg = config_from(args, model=args.model or "smoke")
     cfg.ensure_dirs()
     samples = sorted((PROJECT_ROOT / "samples").glob("*.jpg"))
     for i, photo in enumerate(samples):
@@ -67,7 +65,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_analyze(args: argparse.Namespace) -> int:
     from .analyze import AnalyzeRefused, analyze_one
 
-    cfg = _config(args)
+    cfg = config_from(args)
     if args.mode and args.mode.lower() not in MODES:
         print(f"unknown mode {args.mode!r}; use one of {', '.join(MODES)}", file=sys.stderr)
         return 2
@@ -93,15 +91,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from .status import collect, render
 
-    info = collect(_config(args))
+    info = collect(config_from(args))
     print(json.dumps(info, indent=2, default=str) if args.json else render(info))
     return 0
 
 
 def cmd_model_smoke(args: argparse.Namespace) -> int:
-    from .model.smoke import build_smoke_model, ensure_smoke_model
+    from ..model.smoke import build_smoke_model, ensure_smoke_model
 
-    cfg = _config(args)
+    cfg = config_from(args)
     path = build_smoke_model(Path(args.dest), shapes=args.shapes) if args.dest else \
         ensure_smoke_model(cfg.var_dir, shapes=args.shapes)
     print(path)
@@ -111,7 +109,7 @@ def cmd_model_smoke(args: argparse.Namespace) -> int:
 def cmd_retry(args: argparse.Namespace) -> int:
     from .retry import retry_failed
 
-    cfg = _config(args)
+    cfg = config_from(args)
     moved, left = retry_failed(cfg, ids=args.ids or None)
     for line in moved:
         print(shown(line))
@@ -121,12 +119,8 @@ def cmd_retry(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mondrian", description="A local photo-critique daemon.")
-    p.add_argument("--home", help="Mondrian home folder (default: $MONDRIAN_HOME or this checkout)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
-
+def add_core_commands(sub: Any) -> None:
+    """`run`, `demo`, `analyze`, `status`, `model smoke`, `retry`."""
     run = sub.add_parser("run", help="run the daemon in the foreground (what launchd runs)")
     run.add_argument("--once", action="store_true", help="process what the inbox holds now, then exit")
     run.add_argument("--model", help="model: 'smoke', a local folder or a hub id")
@@ -161,18 +155,26 @@ def build_parser() -> argparse.ArgumentParser:
     retry.add_argument("ids", nargs="*", type=int, help="only these job ids")
     retry.set_defaults(func=cmd_retry)
 
-    try:
-        from .service import add_service_parser
 
-        add_service_parser(sub)
-    except ImportError:  # pragma: no cover - service support is optional at import time
-        pass
-    for extra in ("daemon.references_cli", "jobs.cli"):
-        try:
-            module = __import__(extra, fromlist=["register"])
-        except ImportError:
-            continue
-        module.register(sub)
+
+def command_groups() -> list[Callable[[Any], None]]:
+    """Every command group of `mondrian`, in the order `--help` lists them. A new command goes into one of these
+    (or a new group here): each registers its sub-commands and sets `func`, the handler `main` calls."""
+    from jobs.cli import register as training_commands  # `train`, `adapters`, `evaluate`: the training side
+
+    from ..service.install import add_service_parser
+    from .references import register as references_commands
+
+    return [add_core_commands, add_service_parser, references_commands, training_commands]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mondrian", description="A local photo-critique daemon.")
+    p.add_argument("--home", help="Mondrian home folder (default: $MONDRIAN_HOME or this checkout)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+    for register in command_groups():
+        register(sub)
     return p
 
 
@@ -187,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         return EX_CONFIG
     except UnknownAdvisor as exc:  # every --advisor of every command is checked by get_advisor
         print(shown(exc.args[0] if exc.args else str(exc)), file=sys.stderr)
-        return 2
+        return EX_USAGE
     except LedgerUnavailable as exc:
         log.error("%s", exc)  # one line that says what to fix, not a traceback
         return EX_CONFIG

@@ -4,7 +4,7 @@ A photo whose analysis crashes the process (a decoder or the model dying on it) 
 daemon, so after `max_attempts` crashes with a photo in hand the photo used to be set aside. But the daemon also
 dies for reasons that have nothing to do with that photo: a user restarting the service, the OOM killer, a forced
 shutdown. So the photo is convicted only by evidence: it is decoded and analysed once more in a child process of
-its own (`python -m daemon.isolation`), which publishes nothing and writes nothing to the ledger. Only a child
+its own (`python -m daemon.pipeline.isolation`), which publishes nothing and writes nothing to the ledger. Only a child
 that dies of a crash signal while it analyses the photo (SIGKILL: in two checks in a row), or hangs there, sets the
 photo aside. A child that finishes (whatever it concluded) clears the photo, and its crash count starts again. Anything else (the daemon stopping, the child dying before it touched the photo or of
 a signal someone sent on purpose) is no verdict. If the daemon itself dies during the check, the child notices
@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from .config import PROJECT_ROOT, Config
+from ..config import PROJECT_ROOT, Config
 
 log = logging.getLogger("mondrian.isolation")
 
@@ -73,7 +73,8 @@ def check_alone(cfg: Config, job_id: int, stop: threading.Event) -> Verdict:
 
 
 def _check_once(cfg: Config, job_id: int, stop: threading.Event) -> Verdict:
-    cmd = [sys.executable, "-m", "daemon.isolation", "--home", str(cfg.home), "--model", cfg.model, str(job_id)]
+    cmd = [sys.executable, "-m", "daemon.pipeline.isolation", "--home", str(cfg.home), "--model", cfg.model,
+           str(job_id)]
     # The daemon's own working directory (a relative model path means the same folder) and this very package.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),
                                                                      os.environ.get("PYTHONPATH")]))}
@@ -150,7 +151,7 @@ def _exit_with_parent() -> None:
 
 
 def child_main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m daemon.isolation", description="internal: used by the daemon")
+    p = argparse.ArgumentParser(prog="python -m daemon.pipeline.isolation", description="internal: used by the daemon")
     p.add_argument("--home", required=True)
     p.add_argument("--model", required=True)
     p.add_argument("job_id", type=int)
@@ -161,8 +162,8 @@ def child_main(argv: list[str] | None = None) -> int:
     for noisy in ("peewee", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
-    from .config import load_config
-    from .ledger import Ledger
+    from ..config import load_config
+    from ..ledger import Ledger
     from .supervisor import default_runtime_factory
     from .worker import Worker
 

@@ -14,14 +14,14 @@ alone, a renamed or copied one reuses its twin's profile, a changed one is index
 loses its row. Files still being written wait, as in the inbox: a file is taken once its mtime is at least
 `quiet_seconds` old and its size and mtime have not changed while the daemon watched.
 
-The daemon indexes between photo jobs on its MLX thread (`ReferenceWatcher.step`); `mondrian references
-index` does it on demand (`ReferenceIndexer.sync`). Only the ledger writes the database.
+The daemon indexes between photo jobs on its MLX thread (`ReferenceWatcher.step`, watcher.py); `mondrian
+references index` does it on demand (`ReferenceIndexer.sync`). Only the ledger writes the database. The sidecar
+is read by sidecar.py (the one parser, training's dataset uses it too), thumbnails by thumbnails.py.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -32,34 +32,26 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
 
-from .advisors import Advisor, load_advisors, references_dir
-from .config import Config
-from .critique import DIMENSIONS, SCORE_MAX, SCORE_MIN, profile_schema
-from .files import kind_of, read_regular_file
-from .ledger import Ledger, LedgerUnavailable, Reference
-from .limits import AnalysisInterrupted
+from ..analysis.advisors import Advisor, load_advisors, references_dir
+from ..analysis.critique import DIMENSIONS, profile_schema
+from ..config import Config
+from ..errors import Interrupted
+from ..fsutil import kind_of, read_regular_file
+from ..intake.inbox import is_temporary_name
+from ..ledger import Ledger, LedgerUnavailable, Reference
+from .sidecar import SidecarInvalid, read_sidecar, sidecar_path
+from .thumbnails import thumbnail
 
 if TYPE_CHECKING:
-    from .model.protocol import Runtime
-    from .model.reuse import EncodedPhoto
+    from ..model.protocol import Runtime
+    from ..model.reuse import EncodedPhoto
 
 log = logging.getLogger("mondrian.references")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".heic", ".heif", ".gif", ".bmp")
-SIDECAR_SUFFIX = ".json"
-SIDECAR_MAX_BYTES = 256 * 1024
-SIDECAR_READ_SECONDS = 30.0
 SETTLE_ROUNDS = 3  # `references index`: how many quiet times to wait for files still being written
-COMMENT_MAX_CHARS = 2000
 PROFILE_MAX_TOKENS = 256  # pass 1 is 8 integers; the schema forces everything else
-THUMB_PX = 240
-STEP_BUDGET_S = 30.0  # indexing between two photo jobs, at most (one reference always goes)
-_HIDDEN_PREFIXES = (".", "~$", "._")
-_TEMP_SUFFIXES = (".part", ".crdownload", ".download", ".tmp", ".partial", ".opdownload")
 
-
-class SidecarInvalid(ValueError):
-    """A reference's sidecar cannot be used; the message says what to fix."""
 
 
 # --------------------------------------------------------------------------------------- profiles
@@ -84,125 +76,19 @@ def reference_comment(comments: dict[str, str] | None, limit: int = 280) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
-def _score(value: Any, where: str) -> int:
-    # The range check comes first: NaN and infinity (JSON allows both) fail it instead of reaching int().
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not SCORE_MIN <= value <= SCORE_MAX \
-            or value != int(value):
-        raise SidecarInvalid(f"{where} is {value!r}; scores are whole numbers from {SCORE_MIN} to {SCORE_MAX}")
-    return int(value)
-
-
-def parse_sidecar(data: Any, name: str = "the sidecar") -> tuple[dict[str, int], dict[str, str] | None]:
-    """(scores, comments) from a sidecar document; raises SidecarInvalid naming the problem."""
-    if not isinstance(data, dict):
-        raise SidecarInvalid(f"{name} must hold a JSON object with the 8 scores")
-    raw_comments: Any = None
-    if isinstance(data.get("dimensions"), dict):
-        dims = data["dimensions"]
-        raw_scores, raw_comments = {}, {}
-        for d, v in dims.items():
-            if not isinstance(v, dict):
-                raise SidecarInvalid(f"{name}: dimensions.{d} must be an object with a score")
-            if "score" in v:
-                raw_scores[d] = v["score"]
-            if v.get("comment") is not None:
-                raw_comments[d] = v["comment"]
-    elif isinstance(data.get("scores"), dict):
-        raw_scores, raw_comments = data["scores"], data.get("comments")
-    else:
-        raw_scores = data
-    unknown = sorted(set(raw_scores) - set(DIMENSIONS))
-    if unknown:
-        raise SidecarInvalid(f"{name} names unknown dimensions {', '.join(unknown)}; use {', '.join(DIMENSIONS)}")
-    missing = [d for d in DIMENSIONS if d not in raw_scores]
-    if missing:
-        raise SidecarInvalid(f"{name} lacks scores for {', '.join(missing)}; give all 8 dimensions")
-    scores = {d: _score(raw_scores[d], f"{name}: the {d} score") for d in DIMENSIONS}
-    comments: dict[str, str] | None = None
-    if raw_comments:
-        if not isinstance(raw_comments, dict):
-            raise SidecarInvalid(f"{name}: comments must be an object of dimension -> text")
-        unknown = sorted(set(raw_comments) - set(DIMENSIONS))
-        if unknown:
-            raise SidecarInvalid(f"{name}: comments name unknown dimensions {', '.join(unknown)}")
-        comments = {}
-        for d in DIMENSIONS:
-            text = raw_comments.get(d)
-            if text is None:
-                continue
-            if not isinstance(text, str):
-                raise SidecarInvalid(f"{name}: the {d} comment must be text")
-            text = " ".join(text.split())[:COMMENT_MAX_CHARS]
-            if text:
-                comments[d] = text
-        comments = comments or None
-    return scores, comments
-
-
-def read_sidecar(path: Path) -> tuple[dict[str, int], dict[str, str] | None]:
-    try:
-        size = path.stat().st_size
-        if size > SIDECAR_MAX_BYTES:
-            raise SidecarInvalid(f"{path.name} is {size} bytes; a reference sidecar holds only scores and comments")
-        data = json.loads(read_regular_file(path, max_bytes=SIDECAR_MAX_BYTES,
-                                            timeout_s=SIDECAR_READ_SECONDS).decode("utf-8-sig"))
-    except SidecarInvalid:
-        raise
-    except RecursionError:
-        raise SidecarInvalid(f"{path.name} nests too deeply to be a reference sidecar; it holds only scores "
-                             f"and comments") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise SidecarInvalid(f"{path.name} is not readable JSON ({exc})") from exc
-    return parse_sidecar(data, path.name)
-
-
 def extract_profile(runtime: Runtime, cfg: Config, advisor: Advisor, encoded: EncodedPhoto, adapter: Any = None,
                     **limits: Any) -> tuple[dict[str, int], Any]:
     """Pass 1: the photo's 8 scores in the advisor's eyes (schema-constrained, no comments).
 
     `limits` (cancel=, deadline=) go to generate_json, as `AnalysisContext.limits()` gives them."""
-    from .prompts import profile_prompt
+    from ..analysis.prompts import profile_prompt
 
     gen = runtime.generate_json(encoded.image, profile_prompt(advisor), profile_schema(),
                                 max_tokens=PROFILE_MAX_TOKENS, encoded=encoded, adapter=adapter, **limits)
     return {d: int(gen.data[d]) for d in DIMENSIONS}, gen
 
 
-# ------------------------------------------------------------------------------------ thumbnails
-
-
-def thumbnail(cfg: Config, sha256: str, source: Path | str) -> Path | None:
-    """A small JPEG of a reference (cached under var/cache by content hash), or None if it cannot be read."""
-    from PIL import Image, ImageOps
-
-    from .report import atomic_write_bytes
-
-    dest = cfg.var_dir / "cache" / "reference-thumbs" / f"{sha256}.jpg"
-    if dest.exists():
-        return dest
-    try:
-        data = read_regular_file(Path(source), timeout_s=cfg.job_timeout_seconds)  # never blocks on a pipe
-        with Image.open(io.BytesIO(data)) as img:
-            img.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))
-            img = ImageOps.exif_transpose(img) or img
-            img = img.convert("RGB")
-            img.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS)
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=85, optimize=True)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(dest, buf.getvalue())
-        return dest
-    except Exception as exc:  # a reference that vanished or cannot be decoded simply has no thumbnail
-        log.debug("no thumbnail for %s: %s", source, exc)
-        return None
-
-
 # ------------------------------------------------------------------------------------- scanning
-
-
-def _ignored(name: str) -> bool:
-    low = name.lower()
-    return name.startswith(_HIDDEN_PREFIXES) or low.endswith(_TEMP_SUFFIXES)
 
 
 def reference_files(folder: Path) -> list[Path]:
@@ -211,9 +97,9 @@ def reference_files(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return found
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not _ignored(d))
+        dirnames[:] = sorted(d for d in dirnames if not is_temporary_name(d))
         for name in sorted(filenames):
-            if not _ignored(name) and name.lower().endswith(IMAGE_SUFFIXES):
+            if not is_temporary_name(name) and name.lower().endswith(IMAGE_SUFFIXES):
                 found.append(Path(dirpath) / name)
     return found
 
@@ -238,19 +124,6 @@ def problem(cfg: Config, advisor_id: str, photo: Path, reason: str) -> dict[str,
     folder = references_dir(cfg, advisor_id)
     return {"advisor": advisor_id, "file": str(photo.relative_to(folder)) if photo.is_relative_to(folder)
             else photo.name, "reason": reason}
-
-
-def sidecar_path(photo: Path) -> Path | None:
-    want = photo.with_suffix(SIDECAR_SUFFIX)
-    if want.exists():
-        return want
-    try:
-        for entry in os.scandir(photo.parent):
-            if entry.name.lower() == want.name.lower() and entry.is_file():
-                return photo.parent / entry.name
-    except OSError:
-        pass
-    return None
 
 
 def _sha256(path: Path, timeout_s: float | None = None) -> str:
@@ -470,7 +343,7 @@ class ReferenceIndexer:
 
     def index_one(self, work: Work, advisors: dict[str, Advisor] | None = None) -> Outcome:
         """Index one reference. Runs the model only for what no row with the same content already has."""
-        from .images import load_photo
+        from ..intake.images import load_photo
 
         started = time.perf_counter()
         try:
@@ -507,7 +380,7 @@ class ReferenceIndexer:
                                          comments=comments, source=work.source, model_id=model_id,
                                          embedding=embedding)
             thumbnail(self.cfg, work.sha256, work.path)
-        except (AnalysisInterrupted, LedgerUnavailable):
+        except (Interrupted, LedgerUnavailable):
             raise  # the daemon is stopping: not the reference's fault, it is indexed next time
         except Exception as exc:  # one bad reference must never stop the others (or the daemon)
             reason = str(exc) or type(exc).__name__
@@ -549,123 +422,5 @@ class ReferenceIndexer:
         return plan, outcomes
 
 
-# ------------------------------------------------------------------------------------ the daemon
-
-
-class _Hints:
-    """watchdog handler: any event under advisors/ makes the next step look again. Never raises."""
-
-    def __init__(self, watcher: "ReferenceWatcher"):
-        self.watcher = watcher
-
-    def dispatch(self, event: Any) -> None:
-        try:
-            self.watcher.mark_dirty()
-        except Exception:  # pragma: no cover - an exception here would kill watchdog's thread
-            pass
-
-
-class ReferenceWatcher:
-    """Keeps the index current while the daemon runs.
-
-    Filesystem events (and the periodic rescan) only mark the index dirty; `step()` does the work, on the
-    worker thread between photo jobs, one reference at a time, so indexing never runs alongside MLX work
-    and a large new portfolio never holds the inbox up for long.
-    """
-
-    def __init__(self, cfg: Config, ledger: Ledger):
-        self.cfg = cfg
-        self.indexer = ReferenceIndexer(cfg, ledger)
-        self._dirty = threading.Event()
-        self._dirty.set()  # start-up: check everything once
-        self._next_look = 0.0
-        self._observer: Any = None
-        self.busy = threading.Event()
-        self.last_error: str | None = None
-        self._recorded: list[dict[str, str]] | None = None  # the skipped references status shows
-
-    def start(self) -> None:
-        from watchdog.observers import Observer
-
-        try:
-            self.cfg.advisors_dir.mkdir(parents=True, exist_ok=True)
-            observer = Observer()
-            observer.schedule(_Hints(self), str(self.cfg.advisors_dir), recursive=True)
-            observer.daemon = True
-            observer.start()
-            self._observer = observer
-        except Exception as exc:  # periodic rescans still find new references
-            log.warning("cannot watch %s (%s); references are checked at each rescan", self.cfg.advisors_dir, exc)
-
-    def stop(self) -> None:
-        if self._observer is not None:
-            try:
-                self._observer.stop()
-                self._observer.join(timeout=5)
-            except Exception:  # pragma: no cover
-                pass
-            self._observer = None
-
-    def ensure_alive(self) -> None:
-        if self._observer is not None and not self._observer.is_alive():
-            log.warning("the references observer stopped; restarting it")
-            self.stop()
-            self.start()
-
-    def mark_dirty(self) -> None:
-        self._dirty.set()
-
-    def step(self, runtime: Runtime, *, budget_s: float = STEP_BUDGET_S, stop: threading.Event | None = None) -> bool:
-        """Apply removals, then index references for up to `budget_s` (at least one). True if more are waiting.
-
-        Called by the worker thread between photo jobs: a small portfolio is indexed before the next photo,
-        a large one alternates with the inbox.
-        """
-        if not self._dirty.is_set() and time.monotonic() < self._next_look:
-            return False
-        self.busy.set()
-        started = time.monotonic()
-        try:
-            self._dirty.clear()  # before looking, so an event arriving meanwhile is not lost
-            ix = self.indexer
-            ix._runtime = runtime
-            ix.cancel = stop
-            plan = ix.plan(model_id=runtime.model_id)
-            ix.remove(plan, keep_twins=True)
-            known = ix.advisors()
-            errors = [problem(self.cfg, a, p, r) for a, p, r in plan.errors]
-            try:
-                for n, work in enumerate(plan.index):
-                    if n and (time.monotonic() - started >= budget_s or (stop is not None and stop.is_set())):
-                        self._dirty.set()
-                        return True
-                    outcome = ix.index_one(work, known)
-                    if outcome.action == "error":
-                        errors.append(problem(self.cfg, outcome.advisor, outcome.path, outcome.reason))
-            finally:
-                self._record(errors)
-            ix.remove(plan)
-            self._next_look = time.monotonic() + (max(0.2, self.cfg.quiet_seconds / 2) if plan.waiting
-                                                  else float("inf"))
-            return False
-        except (AnalysisInterrupted, LedgerUnavailable):
-            self._dirty.set()
-            return False
-        except Exception as exc:  # a bad reference must never take the worker down
-            log.exception("indexing references failed")
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            self._next_look = time.monotonic() + max(5.0, self.cfg.quiet_seconds)
-            return False
-        finally:
-            self.busy.clear()
-
-    def _record(self, errors: list[dict[str, str]]) -> None:
-        errors = sorted(errors, key=lambda e: (e["advisor"], e["file"]))
-        if errors != self._recorded:
-            self.indexer.ledger.set_event("reference_errors", errors)
-            self._recorded = errors
-
-
-__all__ = ["ReferenceIndexer", "ReferenceWatcher", "SidecarInvalid", "reference_profile", "reference_comment",
-           "parse_sidecar", "read_sidecar", "extract_profile", "thumbnail", "reference_files", "Plan", "Work",
-           "Outcome"]
+__all__ = ["ReferenceIndexer", "reference_profile", "reference_comment", "extract_profile", "reference_files",
+           "sidecar_problems", "problem", "Plan", "Work", "Outcome"]

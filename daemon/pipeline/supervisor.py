@@ -10,7 +10,6 @@ A ledger deleted or replaced while the daemon runs is written back whole, then t
 
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import signal
@@ -19,10 +18,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from .advisors import load_advisors
-from .config import Config
-from .inbox import classify
-from .ledger import FAULT_NOTE, Ledger, LedgerUnavailable
+from ..analysis.advisors import load_advisors
+from ..config import Config
+from ..errors import EX_CONFIG, EX_TEMPFAIL
+from ..fsutil import LockHeld, hold_lock
+from ..intake.inbox import classify
+from ..ledger import FAULT_NOTE, Ledger, LedgerUnavailable
 from .worker import Worker
 
 if TYPE_CHECKING:
@@ -30,8 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mondrian.daemon")
 
-EX_CONFIG = 78
-EX_TEMPFAIL = 75
 STOP_GRACE_SECONDS = 20.0
 
 
@@ -41,22 +40,17 @@ class StartupError(RuntimeError):
 
 def _lock_home(cfg: Config) -> int:
     cfg.var_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(cfg.var_dir / "daemon.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        other = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        os.close(fd)
-        raise StartupError(f"another Mondrian daemon (pid {other or '?'}) is already serving {cfg.home}; stop it "
-                           f"first (`mondrian service stop`) or set MONDRIAN_HOME to another folder")
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
-    return fd
+        return hold_lock(cfg.var_dir / "daemon.lock")
+    except LockHeld as exc:
+        raise StartupError(f"another Mondrian daemon (pid {exc.pid if exc.pid > 0 else '?'}) is already serving "
+                           f"{cfg.home}; stop it first (`mondrian service stop`) or set MONDRIAN_HOME to another "
+                           f"folder") from None
 
 
 def default_runtime_factory(cfg: Config) -> Callable[[], Runtime]:
     def load() -> Any:
-        from .model.runtime import ModelRuntime
+        from ..model.runtime import ModelRuntime
 
         return ModelRuntime.load(cfg.model, var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
 
@@ -75,12 +69,12 @@ class Daemon:
         self.ledger = Ledger(cfg.db_path, stop=self.stop, note=cfg.var_dir / FAULT_NOTE)
         self.worker = Worker(cfg, self.ledger, runtime_factory or default_runtime_factory(cfg), self.stop)
         self._advisors = set(load_advisors(cfg))
-        from .watcher import InboxWatcher
+        from ..intake.watcher import InboxWatcher
 
         self.watcher = InboxWatcher(cfg.inbox, self._enqueue, cfg.quiet_seconds, is_known=self.ledger.is_active,
                                     on_unreachable=self._unreachable)
         self._skipped: dict[Path, tuple[int, float, float]] = {}  # said once in the log, per path and version
-        from .references import ReferenceWatcher
+        from ..references.watcher import ReferenceWatcher
 
         self.references = ReferenceWatcher(cfg, self.ledger)  # advisors/*/references, indexed between jobs
         self._thread = threading.Thread(target=self._work, name="mlx-worker", daemon=True)
@@ -121,7 +115,7 @@ class Daemon:
             self._serve()
         finally:
             if self.worker.runtime is not None:
-                from .model.runtime import release_thread
+                from ..model.runtime import release_thread
 
                 release_thread()
 
@@ -141,7 +135,7 @@ class Daemon:
         except LedgerUnavailable:
             return  # stopping while the ledger cannot be written: nothing was lost, the next start goes on
         except Exception as exc:
-            from .model.runtime import ModelNotFoundError
+            from ..model.runtime import ModelNotFoundError
 
             if isinstance(exc, ModelNotFoundError) or not loading:
                 self.fatal = f"{exc}"  # a setting to fix: exit 78 and say what to do
@@ -198,7 +192,7 @@ class Daemon:
         self.ledger.set_event("last_rescan", self.watcher.last_rescan_at)
         self._thread.start()
         nightly = self._start_nightly()
-        from .logrotate import StdStreamRotator
+        from ..service.logrotate import StdStreamRotator
 
         rotator = StdStreamRotator.from_env()
         next_rescan = time.monotonic() + self.cfg.rescan_seconds
@@ -263,10 +257,9 @@ class Daemon:
         if self.once:
             return None
         try:
-            from jobs.nightly import NightlyTrainer
-            from jobs.train import TrainSettings
+            from jobs.nightly import NightlyTrainer, nightly_enabled  # the one way in from training
 
-            if not TrainSettings.from_config(self.cfg).nightly:
+            if not nightly_enabled(self.cfg):
                 return None
             nightly = NightlyTrainer(self.cfg, self.ledger)
             nightly.start()
@@ -308,5 +301,5 @@ class Daemon:
 
 
 def run_daemon(cfg: Config, *, once: bool = False) -> int:
-    cfg.ensure_dirs()  # a ConfigError names the folder in the way: exit 78 with that line (daemon.cli)
+    cfg.ensure_dirs()  # a ConfigError names the folder in the way: exit 78 with that line (daemon/cli/main.py)
     return Daemon(cfg, once=once).run()

@@ -3,123 +3,75 @@
 from __future__ import annotations
 
 import argparse
-import fcntl
+import contextlib
 import json
-import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-EX_CONFIG = 78
-
-
-def _config(args: argparse.Namespace):
-    from .config import load_config
-
-    return load_config(getattr(args, "home", None), model=getattr(args, "model", None))
-
-
-def _daemon_pid(cfg) -> str | None:
-    """The pid of a daemon serving this home, if one holds its lock (probed without keeping it)."""
-    lock = cfg.var_dir / "daemon.lock"
-    if not lock.exists():
-        return None
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+from ..fsutil import lock_holder
+from .common import EX_CONFIG, config_from, progress_bar, say
 
 
 def _advisor_ids(cfg, wanted: str | None) -> list[str] | None:
-    from .advisors import get_advisor
+    from ..analysis.advisors import get_advisor
 
     if wanted is None:
         return None
     return [get_advisor(cfg, wanted).id]  # raises UnknownAdvisor with the known ids
 
 
-class _Bar:
-    """A one-line progress bar on stderr (plain lines when stderr is not a terminal)."""
-
-    def __init__(self, total: int, stream=sys.stderr):
-        self.total, self.stream, self.started = total, stream, time.monotonic()
-        self.tty = stream.isatty()
-
-    def update(self, done: int, label: str) -> None:
-        width = 30
-        filled = int(width * done / max(1, self.total))
-        elapsed = time.monotonic() - self.started
-        eta = elapsed / done * (self.total - done) if done else 0.0
-        line = (f"[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} "
-                f"{elapsed:5.1f}s (eta {eta:4.0f}s) {label}")
-        if self.tty:
-            self.stream.write("\r" + line[:160].ljust(160))
-            if done == self.total:
-                self.stream.write("\n")
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-
 def cmd_index(args: argparse.Namespace) -> int:
-    from .advisors import UnknownAdvisor
-    from .ledger import Ledger
-    from .references import ReferenceIndexer
+    from ..analysis.advisors import UnknownAdvisor
+    from ..ledger import Ledger
+    from ..references.indexer import ReferenceIndexer
     from .terminal import shown
 
-    cfg = _config(args)
+    cfg = config_from(args)
     try:
         advisors = _advisor_ids(cfg, args.advisor)
     except UnknownAdvisor as exc:
         print(str(exc).strip("'\""), file=sys.stderr)
         return 2
     cfg.ensure_dirs()
-    pid = _daemon_pid(cfg)
+    pid = lock_holder(cfg.var_dir / "daemon.lock")
     if pid is not None and not args.force:
-        print(f"The Mondrian daemon (pid {pid}) is running on {cfg.home}: it indexes new, changed and removed "
+        shown_pid = pid if pid > 0 else "?"
+        print(f"The Mondrian daemon (pid {shown_pid}) is running on {cfg.home}: it indexes new, changed and removed "
               f"references itself, between photos. `mondrian references list` shows what is indexed "
               f"(or pass --force to index here as well).", file=sys.stderr)
         return 0
 
     def load_runtime():
-        from .model.runtime import ModelRuntime
+        from ..model.runtime import ModelRuntime
 
-        print(f"loading model {cfg.model!r}…", file=sys.stderr)
+        say(f"loading model {cfg.model!r}…")
         return ModelRuntime.load(cfg.model, var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
 
     ledger = Ledger(cfg.db_path)
     indexer = ReferenceIndexer(cfg, ledger, load_runtime)
-    bar: dict[str, _Bar] = {}
+    bars = contextlib.ExitStack()
+    bar: list[Any] = []
 
     def on_plan(plan) -> None:
         for path in plan.waiting:
-            print(shown(f"waiting: {path} is still being written; index again in a moment"), file=sys.stderr)
+            say(shown(f"waiting: {path} is still being written; index again in a moment"))
         for advisor, path, reason in plan.errors:
-            print(shown(f"skipped: {advisor}: {path.name}: {reason}"), file=sys.stderr)
+            say(shown(f"skipped: {advisor}: {path.name}: {reason}"))
         if plan.index:
-            bar["bar"] = _Bar(len(plan.index))
-            bar["bar"].update(0, "")
+            bar.append(bars.enter_context(progress_bar(len(plan.index), unit="photo")))
 
     def progress(outcome, done: int, total: int) -> None:
-        bar["bar"].update(done, shown(f"{outcome.advisor}/{outcome.path.name}"))
+        bar[0].set_postfix_str(shown(f"{outcome.advisor}/{outcome.path.name}"), refresh=False)
+        bar[0].update(done - bar[0].n)
         if outcome.action == "error":
-            print("\n" + shown(f"skipped: {outcome.advisor}: {outcome.path.name}: {outcome.reason}"),
-                  file=sys.stderr)
+            say(shown(f"skipped: {outcome.advisor}: {outcome.path.name}: {outcome.reason}"))
 
     try:
-        plan, outcomes = indexer.sync(advisors, progress=progress, on_plan=on_plan)
+        with bars:
+            plan, outcomes = indexer.sync(advisors, progress=progress, on_plan=on_plan)
     except Exception as exc:
-        from .model.runtime import ModelNotFoundError
+        from ..model.runtime import ModelNotFoundError
 
         if isinstance(exc, ModelNotFoundError):
             print(f"cannot index: {exc}", file=sys.stderr)
@@ -133,7 +85,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def _row(row, cfg) -> dict[str, Any]:
-    from .references import reference_profile
+    from ..references.indexer import reference_profile
 
     prof = reference_profile(row)
     try:
@@ -147,14 +99,14 @@ def _row(row, cfg) -> dict[str, Any]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .advisors import UnknownAdvisor, load_advisors
-    from .critique import DIMENSIONS
-    from .ledger import Ledger
-    from .references import sidecar_problems
-    from .retrieval import distribution
+    from ..analysis.advisors import UnknownAdvisor, load_advisors
+    from ..analysis.critique import DIMENSIONS
+    from ..ledger import Ledger
+    from ..references.indexer import sidecar_problems
+    from ..analysis.retrieval import distribution
     from .terminal import shown
 
-    cfg = _config(args)
+    cfg = config_from(args)
     try:
         advisors = _advisor_ids(cfg, args.advisor) or sorted(load_advisors(cfg))
     except UnknownAdvisor as exc:

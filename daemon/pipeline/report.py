@@ -9,25 +9,38 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import math
-import os
-import secrets
+import time
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 from urllib.parse import quote
 
 import jsonschema
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
 from PIL import Image
 
-from .critique import DIMENSION_LABELS, DIMENSIONS, SCORE_MAX
+from ..analysis.advisors import Advisor, load_advisors
+from ..analysis.critique import DIMENSION_LABELS, DIMENSIONS, SCORE_MAX
+from ..fsutil import atomic_write_bytes, atomic_write_text
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..intake.images import LoadedImage
+    from ..ledger import Job, Ledger
+    from ..model.protocol import Runtime
+
+log = logging.getLogger("mondrian.worker")
 
 SCHEMA_PATH: Path = Path(__file__).resolve().parent / "report_schema.json"
-TEMPLATES_DIR: Path = Path(__file__).resolve().parent.parent / "templates"
+TEMPLATES_DIR: Path = Path(__file__).resolve().parents[2] / "templates"
 
+SMOKE_NOTICE = ("These scores come from Mondrian's smoke model: a tiny, randomly initialised network used for "
+                "tests and the offline demo. They are not meaningful. Set MONDRIAN_MODEL to a real Qwen2-VL "
+                "model for real critiques.")
 THUMB_MAX_PX = 320
 JPEG_QUALITY = 85
 
@@ -86,59 +99,6 @@ def validate_report(report: dict) -> None:
         json.dumps(report, allow_nan=False)
     except (TypeError, ValueError) as exc:
         raise ReportInvalid(f"report is not plain JSON: {exc}") from exc
-
-
-# ------------------------------------------------------------------------------------------ atomic writes
-
-
-TEMP_NAME_HINT_BYTES = 48
-
-
-def temp_name(name: str, ending: str) -> str:
-    """`.<start of name>.<ending>`: a hidden temporary name that fits in a path component whatever the length of
-    `name` (a 250-byte final name must still get a record), and still shows what it is for."""
-    hint = name.encode("utf-8", "surrogateescape")[:TEMP_NAME_HINT_BYTES].decode("utf-8", "ignore") or "x"
-    return f".{hint}.{ending}"
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never a torn one, even after a crash."""
-    path = Path(path)
-    tmp = path.with_name(temp_name(path.name, f"{os.getpid()}.{secrets.token_hex(4)}.tmp"))
-    # os.open with 0o666 lets the kernel apply the umask, as a plain open() would; mkstemp would force 0600
-    # and reading the umask via os.umask() is racy across threads.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    fsync_dir(path.parent)
-
-
-def fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not every filesystem allows opening a directory, which is harmless.
-    try:
-        dfd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -436,3 +396,81 @@ def write_index(outbox: Path, entries: list[IndexEntry]) -> Path:
     path = Path(outbox) / "index.html"
     atomic_write_text(path, render_index_html(entries))
     return path
+
+
+# ------------------------------------------------------------------------------------------- assembling
+
+
+def now_iso(ts: float | None = None) -> str:
+    return datetime.fromtimestamp(ts or time.time(), tz=timezone.utc).isoformat(timespec="seconds")
+
+
+def assemble(runtime: Runtime, job: Job, src: Path, photo: LoadedImage, advisor: Advisor, requested: str,
+              source: str, effective: str, fallbacks: list[dict[str, str]], result: Any,
+              timings: dict[str, float]) -> dict[str, Any]:
+    rt = runtime
+    model = {"id": rt.model_id, "adapter": result.adapter, "smoke": bool(rt.is_smoke)}
+    if rt.is_smoke:
+        model["notice"] = SMOKE_NOTICE
+    critique = result.critique
+    report: dict[str, Any] = {
+        "schema_version": 1,
+        "job_id": job.id,
+        "photo": {"file": src.name, "sha256": photo.sha256, "width": photo.width, "height": photo.height,
+                  "analysed_width": photo.image.width, "analysed_height": photo.image.height,
+                  "format": photo.format},
+        "advisor": {"id": advisor.id, "name": advisor.name},
+        "mode": {"requested": requested, "effective": effective, "source": source, "fallbacks": fallbacks},
+        "model": model,
+        "dimensions": critique["dimensions"],
+        "overall_grade": critique["overall_grade"],
+        "summary": critique["summary"],
+        "timings": {k: round(float(v), 4) for k, v in timings.items()},
+        "created_at": now_iso(),
+    }
+    report.update(result.extras)
+    return report
+
+
+# ---------------------------------------------------------------------------------------- outbox index
+
+
+class OutboxIndex:
+    """outbox/index.html, rebuilt from the ledger after every report; remembers which reports are the smoke
+    model's (read from each report, cached by file identity)."""
+
+    def __init__(self, cfg: "Config", ledger: "Ledger", present_is_smoke: Callable[[], bool]):
+        self.cfg = cfg
+        self.ledger = ledger
+        self.present_is_smoke = present_is_smoke
+        self._smoke_cache: dict[tuple[str, int, int], bool] = {}
+
+    def _is_smoke(self, report_json: Path) -> bool:
+        """Whether that report came from the smoke model: its own record, not the model loaded now (a studio
+        that moves from the demo to the real model keeps the demo's reports marked)."""
+        try:
+            st = report_json.stat()
+            key = (str(report_json), st.st_mtime_ns, st.st_size)
+            if key not in self._smoke_cache:
+                model = json.loads(report_json.read_text()).get("model") or {}
+                self._smoke_cache[key] = bool(model.get("smoke"))
+            return self._smoke_cache[key]
+        except (OSError, ValueError, AttributeError):
+            return self.present_is_smoke()  # unreadable: assume the present model
+
+    def refresh(self) -> None:
+        names = {a.id: a.name for a in load_advisors(self.cfg).values()}
+        entries = []
+        for j in self.ledger.reports():
+            if not j.output_dir or not Path(j.output_dir).is_relative_to(self.cfg.outbox):
+                continue
+            entries.append(IndexEntry(folder=Path(j.output_dir).name, file=Path(j.rel_path).name,
+                                      advisor_id=j.advisor, advisor_name=names.get(j.advisor, j.advisor),
+                                      mode_requested=j.requested_mode or "", mode_effective=j.effective_mode or "",
+                                      grade=j.grade if j.grade is not None else 0,
+                                      created_at=now_iso(j.finished_at),
+                                      smoke=self._is_smoke(Path(j.report_json or ""))))
+        try:
+            write_index(self.cfg.outbox, entries)
+        except OSError as exc:
+            log.warning("could not update %s: %s", self.cfg.outbox / "index.html", exc)

@@ -22,6 +22,7 @@ from typing import Callable
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from .. import testhooks
 from .inbox import is_ignored
 
 log = logging.getLogger("mondrian.watcher")
@@ -29,22 +30,6 @@ log = logging.getLogger("mondrian.watcher")
 # A hidden file created and removed at once on every liveness check: its events prove that the observer still
 # delivers. An observer thread that is alive but delivers nothing (stalled) is restarted like a dead one.
 CANARY_NAME = ".mondrian-watch"
-# Test-only fault injection (issue 3, liveness): with MONDRIAN_TEST_OBSERVER_FAULT=die|stall, the first event for a
-# file named FAULT_TRIGGER makes the event handler raise (a real death of watchdog's dispatch thread, as any handler
-# bug would cause) or block forever (a stalled thread). Unset outside tests.
-FAULT_TRIGGER = ".mondrian-test-observer-fault"
-_FAULT = os.environ.get("MONDRIAN_TEST_OBSERVER_FAULT", "")
-_fault_fired = threading.Event()
-
-
-def _inject_fault(event: FileSystemEvent) -> None:
-    if _fault_fired.is_set() or os.path.basename(os.fsdecode(event.src_path)) != FAULT_TRIGGER:
-        return
-    _fault_fired.set()
-    if _FAULT == "die":
-        raise RuntimeError("MONDRIAN_TEST_OBSERVER_FAULT=die: the observer's dispatch thread dies here")
-    if _FAULT == "stall":
-        threading.Event().wait()  # never returns: the thread stays alive and delivers nothing more
 
 
 @dataclass
@@ -69,8 +54,7 @@ class _Hints(FileSystemEventHandler):
         self.watcher = watcher
 
     def on_any_event(self, event: FileSystemEvent) -> None:
-        if _FAULT:
-            _inject_fault(event)
+        testhooks.observer_fault(os.path.basename(os.fsdecode(event.src_path)))
         # An exception here would silently kill watchdog's dispatch thread: never let one out.
         try:
             if os.path.basename(os.fsdecode(event.src_path)) == CANARY_NAME:

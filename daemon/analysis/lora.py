@@ -13,8 +13,8 @@ import logging
 import time
 from pathlib import Path
 
-from ..critique import critique_schema
-from ..prompts import critique_prompt
+from .critique import critique_schema
+from .prompts import critique_prompt
 from . import AnalysisContext, AnalysisResult, Availability, Strategy
 
 log = logging.getLogger("mondrian.lora")

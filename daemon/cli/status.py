@@ -2,32 +2,20 @@
 
 from __future__ import annotations
 
-import fcntl
-import os
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .config import Config
-from .ledger import FAULT_NOTE, FaultNote, Ledger
+from ..config import Config
+from ..fsutil import lock_holder
+from ..ledger import FAULT_NOTE, FaultNote, Ledger
 from .terminal import shown
 
 
 def daemon_pid(cfg: Config) -> int | None:
-    """The pid holding the home's lock, i.e. a live daemon; None if nobody holds it."""
-    lock = cfg.var_dir / "daemon.lock"
-    if not lock.exists():
-        return None
-    fd = os.open(lock, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        raw = os.pread(fd, 32, 0).decode(errors="replace").strip()
-        return int(raw) if raw.isdigit() else -1
-    finally:
-        os.close(fd)
-    return None
+    """The pid holding the home's lock, i.e. a live daemon (-1 if it wrote none); None if nobody holds it."""
+    return lock_holder(cfg.var_dir / "daemon.lock")
 
 
 def collect(cfg: Config) -> dict[str, Any]:

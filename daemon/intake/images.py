@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from .files import NotReadable, read_regular_file
+from ..fsutil import NotReadable, read_regular_file
 
 try:  # iPhone photos: HEIC/HEIF are analysed, not failed.
     import pillow_heif

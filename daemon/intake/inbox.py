@@ -5,27 +5,25 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import MODES
-from .files import read_regular_file
+from ..config import MODES
+from ..fsutil import companion, is_folder, read_regular_file
 
 SIDECAR_SUFFIX = ".mode"
 SIDECAR_MAX_BYTES = 64
 SIDECAR_READ_SECONDS = 30.0
-# Names that mean "still being written" or "not a photo at all" (Finder, Office, browsers, rsync).
-_TEMP_SUFFIXES = (".part", ".crdownload", ".download", ".tmp", ".partial", ".opdownload", SIDECAR_SUFFIX)
-_TEMP_PREFIXES = (".", "~$", "._")
+# Names that mean "still being written" or "not a photo at all" (Finder, Office, browsers, rsync), in the inbox
+# and in reference folders alike.
+TEMP_SUFFIXES = (".part", ".crdownload", ".download", ".tmp", ".partial", ".opdownload")
+HIDDEN_PREFIXES = (".", "~$", "._")
 
 
-def _is_folder(path: Path) -> bool:
-    try:
-        return stat.S_ISDIR(os.lstat(path).st_mode)
-    except OSError:
-        return False
+def is_temporary_name(name: str) -> bool:
+    """A hidden or in-progress name: a file still being written, or one no person put there as a photo."""
+    return name.startswith(HIDDEN_PREFIXES) or name.lower().endswith(TEMP_SUFFIXES)
 
 
 def is_ignored(path: Path, inbox: Path) -> bool:
@@ -37,11 +35,9 @@ def is_ignored(path: Path, inbox: Path) -> bool:
         return True
     if not parts:
         return True
-    for part in parts:
-        low = part.lower()
-        if part.startswith(_TEMP_PREFIXES) or low.endswith(_TEMP_SUFFIXES[:-1]):
-            return True  # a hidden or in-progress folder hides everything inside it (Safari's .download)
-    return parts[-1].lower().endswith(SIDECAR_SUFFIX) and not _is_folder(path)
+    if any(is_temporary_name(part) for part in parts):
+        return True  # a hidden or in-progress folder hides everything inside it (Safari's .download)
+    return parts[-1].lower().endswith(SIDECAR_SUFFIX) and not is_folder(path)
 
 
 @dataclass(frozen=True)
@@ -64,19 +60,8 @@ class SidecarError(ValueError):
 
 
 def sidecar_for(photo: Path) -> Path | None:
-    """`IMG_1.jpg` -> `IMG_1.mode` (any case of the suffix), if present. Never a folder: `IMG_1.mode/` holds
-    photos of its own, and must not ride along with IMG_1.jpg (read_sidecar refuses any other non-file)."""
-    want = photo.stem + SIDECAR_SUFFIX
-    exact = photo.with_name(want)
-    if os.path.lexists(exact) and not _is_folder(exact):
-        return exact
-    try:
-        for entry in os.scandir(photo.parent):
-            if entry.name.lower() == want.lower() and not entry.is_dir(follow_symlinks=False):
-                return photo.parent / entry.name
-    except OSError:
-        pass
-    return None
+    """`IMG_1.jpg` -> `IMG_1.mode` (any case of the suffix), if present; never a folder."""
+    return companion(photo, SIDECAR_SUFFIX)
 
 
 def read_sidecar(sidecar: Path) -> str:

@@ -15,15 +15,15 @@ import stat
 from pathlib import Path
 from typing import Any
 
-from .advisors import get_advisor
-from .config import Config
-from .ledger import RUNNING, Ledger, job_dict
-from .supervisor import default_runtime_factory
-from .worker import Worker
+from ..analysis.advisors import get_advisor
+from ..config import Config
+from ..errors import EX_CONFIG, EX_USAGE
+from ..ledger import RUNNING, Ledger, job_dict
+from ..pipeline.supervisor import default_runtime_factory
+from ..pipeline.worker import Worker
 
 log = logging.getLogger("mondrian.analyze")
 
-EX_USAGE, EX_CONFIG = 2, 78
 
 
 class AnalyzeRefused(Exception):
@@ -56,7 +56,7 @@ def check_photo(cfg: Config, given: str) -> Path:
 
 
 def _load_model(worker: Worker, cfg: Config) -> None:
-    from .model.runtime import ModelNotFoundError
+    from ..model.runtime import ModelNotFoundError
 
     try:
         worker.load_runtime()

@@ -7,10 +7,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import Config
-from .inbox import unique_path
-from .ledger import Ledger
-from .worker import folder_inside
+from ..config import Config
+from ..intake.inbox import unique_path
+from ..ledger import Ledger
+from ..fsutil import folder_inside
 
 
 def retry_failed(cfg: Config, ids: list[int] | None = None) -> tuple[list[str], list[str]]:

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from ..config import is_true
+
 DEFAULT_MAX_BYTES = 10 * 1024 * 1024
 DEFAULT_BACKUPS = 3
 ENV_ROTATE = "MONDRIAN_LOG_ROTATE"
@@ -131,7 +133,7 @@ class StdStreamRotator:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ, interval: float = 60.0) -> "StdStreamRotator | None":
         """A rotator configured by the service's environment, or None when rotation is off."""
-        if env.get(ENV_ROTATE, "").strip().lower() not in ("1", "true", "yes", "on"):
+        if not is_true(env.get(ENV_ROTATE, "")):
             return None
         try:
             max_bytes = int(env.get(ENV_MAX_BYTES) or DEFAULT_MAX_BYTES)

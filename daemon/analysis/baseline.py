@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 
-from ..critique import critique_schema
-from ..prompts import critique_prompt
+from .critique import critique_schema
+from .prompts import critique_prompt
 from . import AnalysisContext, AnalysisResult, Availability, Strategy
 
 

@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..advisors import Advisor
+from .advisors import Advisor
 from ..config import Config
-from ..images import LoadedImage
+from ..intake.images import LoadedImage
 
 if TYPE_CHECKING:
     from ..model.protocol import Runtime

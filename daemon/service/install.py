@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping, Sequence, TextIO
 import jinja2
 
 from daemon.config import PROJECT_ROOT, ConfigError, load_config
+from daemon.errors import EX_CONFIG, EX_UNAVAILABLE
 
 DEFAULT_LABEL = "com.mondrian.daemon"
 ACTIONS = ("install", "uninstall", "start", "stop", "restart", "status")
@@ -43,8 +44,6 @@ EXIT_TIMEOUT = 60  # s from SIGTERM to SIGKILL; the CPU prefill of a real model 
 LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_BACKUPS = 3
 
-EX_UNAVAILABLE = 69  # the service manager cannot be used here
-EX_CONFIG = 78  # the configuration would make the service fail at start
 NOT_RUNNING = 3  # status: installed but not running, or not installed (LSB convention)
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*(\.[A-Za-z0-9][A-Za-z0-9-]*)+$")
@@ -181,7 +180,7 @@ def build_spec(platform: str | None = None, label: str = DEFAULT_LABEL, home: st
         # A hub id may still need its first download, so it is left online.
         environment["HF_HUB_OFFLINE"] = "1"
     if platform == "macos":
-        # launchd never rotates StandardOutPath/StandardErrorPath: the daemon does (daemon/logrotate.py).
+        # launchd never rotates StandardOutPath/StandardErrorPath: the daemon does (daemon/service/logrotate.py).
         environment.update({"MONDRIAN_LOG_ROTATE": "1", "MONDRIAN_LOG_MAX_BYTES": str(LOG_MAX_BYTES),
                             "MONDRIAN_LOG_BACKUPS": str(LOG_BACKUPS)})
     uh = Path(user_home).expanduser().absolute() if user_home else Path.home()
@@ -637,7 +636,7 @@ def add_service_parser(subparsers: Any) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m daemon.service ...`: the same commands without the main CLI."""
+    """`python -m daemon.service ...` (daemon/service/__main__.py): the same commands without the main CLI."""
     parser = argparse.ArgumentParser(prog="mondrian")
     add_service_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

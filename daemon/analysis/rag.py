@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..advisors import references_dir
-from ..critique import DIMENSIONS, critique_schema
-from ..prompts import critique_prompt, portfolio_context
-from ..references import extract_profile, reference_comment, reference_profile, thumbnail
-from ..retrieval import distribution, nearest
+from .advisors import references_dir
+from .critique import DIMENSIONS, critique_schema
+from .prompts import critique_prompt, portfolio_context
+from ..references.indexer import extract_profile, reference_comment, reference_profile
+from ..references.thumbnails import thumbnail
+from .retrieval import distribution, nearest
 from . import AnalysisContext, AnalysisResult, Availability, Strategy
 
 

@@ -1,0 +1,44 @@
+"""What every command shares: the configuration from the command line, exit codes, the one progress bar."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from typing import Iterator
+
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+from ..config import Config, load_config
+from ..errors import EX_CONFIG, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
+
+# One look for every bar: count, bar, time so far and left, then what the command adds (loss, the file).
+BAR_FORMAT = "{desc}{n_fmt}/{total_fmt} |{bar:28}| {elapsed}, {remaining} left{postfix}"
+
+
+def config_from(args: argparse.Namespace, *, model: str | None = None) -> Config:
+    """The configuration of the home and model a command was given (--home, --model), else the defaults."""
+    return load_config(getattr(args, "home", None), model=model or getattr(args, "model", None))
+
+
+def new_bar(total: int, *, desc: str = "", unit: str = "it") -> tqdm:
+    """A progress bar on stderr: redrawn in place on a terminal, a line every few seconds otherwise (logs, CI)."""
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, bar_format=BAR_FORMAT, dynamic_ncols=True,
+                mininterval=0.2 if sys.stderr.isatty() else 2.0)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, *, desc: str = "", unit: str = "it") -> Iterator[tqdm]:
+    """`new_bar` for the length of a `with`, with log records written above the bar instead of through it."""
+    with logging_redirect_tqdm(), new_bar(total, desc=desc, unit=unit) as bar:
+        yield bar
+
+
+def say(line: str) -> None:
+    """A line on stderr that does not break a progress bar being drawn."""
+    tqdm.write(line, file=sys.stderr)
+
+
+__all__ = ["config_from", "new_bar", "progress_bar", "say", "logging_redirect_tqdm", "BAR_FORMAT", "EX_CONFIG",
+           "EX_TEMPFAIL", "EX_UNAVAILABLE", "EX_USAGE"]

@@ -1,0 +1,314 @@
+"""File-system primitives shared by every room: safe reads, atomic writes, fsync, moves, locks, pid checks.
+
+Reading a file someone else put in a watched folder, without ever hanging on it.
+
+A named pipe, a device or a socket named like a photo would block `open()` or `read()` forever on the one
+thread that serves the queue; a file on a stalled network or cloud mount can block a read the same way. So
+only regular files are read (checked again on the open descriptor, which no rename can swap), and the read
+runs in a helper thread that the caller stops waiting for after `timeout_s`.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import filecmp
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import stat
+import threading
+from pathlib import Path
+from typing import Callable
+
+CHUNK = 1 << 20
+
+
+class NotReadable(OSError):
+    """The file is not one Mondrian will read; `str()` says why and what to do, in words for a person."""
+
+
+def kind_of(mode: int) -> str:
+    """What a non-regular file is, in words a person knows."""
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device file"
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    return "not a regular file"
+
+
+def _not_regular(mode: int) -> NotReadable:
+    return NotReadable(f"this is {kind_of(mode)}, not a file with a photo in it; Mondrian reads only regular "
+                       f"files. Put the photo itself there")
+
+
+def read_regular_file(path: Path, *, max_bytes: int | None = None, timeout_s: float | None = None) -> bytes:
+    """All bytes of `path` (symlinks followed), if it is a regular file read within `timeout_s`.
+
+    Raises NotReadable for anything else, OSError when reading fails."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise _not_regular(st.st_mode)  # checked before open(): opening a device can have side effects
+    if max_bytes is not None and st.st_size > max_bytes:
+        raise NotReadable(f"the file is {st.st_size} bytes, more than the {max_bytes} allowed here")
+    # O_NONBLOCK: if a FIFO was swapped in after the check, open() returns at once instead of waiting for a writer.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise _not_regular(st.st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    result: dict[str, object] = {}
+
+    def read() -> None:
+        try:
+            parts, total = [], 0
+            while True:
+                chunk = os.read(fd, CHUNK)
+                if not chunk:
+                    break
+                parts.append(chunk)
+                total += len(chunk)
+                if max_bytes is not None and total > max_bytes:
+                    raise NotReadable(f"the file grew past the {max_bytes} bytes allowed here while it was read")
+            result["data"] = b"".join(parts)
+        except BaseException as exc:  # handed to the caller's thread
+            result["error"] = exc
+        finally:
+            os.close(fd)
+
+    reader = threading.Thread(target=read, name=f"read {path.name}", daemon=True)
+    reader.start()
+    reader.join(timeout_s)
+    if reader.is_alive():
+        # The reader is left blocked (a thread cannot be killed); it closes its descriptor if the read ever ends.
+        raise NotReadable(f"reading the file took longer than {timeout_s:g} s (job_timeout_seconds), so it was "
+                          f"given up; if it lives on a network or cloud drive, make it available offline and drop "
+                          f"it in again")
+    if "error" in result:
+        raise result["error"]  # type: ignore[misc]
+    return result["data"]  # type: ignore[return-value]
+
+
+# ---------------------------------------------------------------------------------------- atomic writes
+TEMP_NAME_HINT_BYTES = 48
+
+
+def temp_name(name: str, ending: str) -> str:
+    """`.<start of name>.<ending>`: a hidden temporary name that fits in a path component whatever the length of
+    `name` (a 250-byte final name must still get a record), and still shows what it is for."""
+    hint = name.encode("utf-8", "surrogateescape")[:TEMP_NAME_HINT_BYTES].decode("utf-8", "ignore") or "x"
+    return f".{hint}.{ending}"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Readers see the old file or the new one, never a torn one, even after a crash."""
+    path = Path(path)
+    tmp = path.with_name(temp_name(path.name, f"{os.getpid()}.{secrets.token_hex(4)}.tmp"))
+    # os.open with 0o666 lets the kernel apply the umask, as a plain open() would; mkstemp would force 0600
+    # and reading the umask via os.umask() is racy across threads.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    # Makes the rename itself durable; not every filesystem allows opening a directory, which is harmless.
+    try:
+        dfd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+
+# Temporary files of `atomic_write_bytes`: `temp_name(name, "PID.HEX.tmp")`; the pid tells whether the writer lives.
+ATOMIC_TMP = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$", re.S)
+
+
+# ------------------------------------------------------------------------------------------------ moves
+def move(src: Path, dst: Path, on_copied: Callable[[], None] = lambda: None) -> None:
+    """Rename when possible (atomic); across filesystems copy to a temporary name, rename, then unlink."""
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        tmp = dst.with_name(temp_name(dst.name, "moving"))
+        try:
+            shutil.copy2(src, tmp, follow_symlinks=False)
+            os.replace(tmp, dst)
+        except BaseException:
+            try:
+                os.unlink(tmp)  # a full disk must not leave half a copy behind
+            except OSError:
+                pass
+            raise
+        on_copied()  # the copy is complete, the source not yet removed (a test hook)
+        os.unlink(src)
+
+
+def identity(path: Path) -> tuple[int, int, int, int, int] | None:
+    """What changes when a file's bytes do: ctime too, because a rewrite can keep inode and size and put the old
+    mtime back (`os.utime`, `touch -r`, `cp -p` onto the same file), but nothing can set ctime back."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+def holds(path: Path, before: tuple[int, int, int, int, int] | None, sha256: str) -> bool:
+    """Whether `path` still holds the bytes that were analysed (`before` was its identity before they were read,
+    `sha256` their hash). Only ctime moved: metadata (permissions, extended attributes, a hard link) or a rewrite
+    that put the old mtime back, which only the content tells apart."""
+    now = identity(path)
+    if now == before:
+        return True
+    if now is None or before is None or now[:4] != before[:4]:
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # never wait on a FIFO swapped in meanwhile
+    except OSError:
+        return False
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != now[:2]:
+            return False
+        return hashlib.file_digest(f, "sha256").hexdigest() == sha256
+
+
+def same_content(a: Path, b: Path) -> bool:
+    """True if `b` is already a complete copy of `a` (a cross-filesystem move killed before its unlink)."""
+    try:
+        sa, sb = os.lstat(a), os.lstat(b)
+        if os.path.islink(a) or os.path.islink(b):
+            return os.path.islink(a) and os.path.islink(b) and os.readlink(a) == os.readlink(b)
+        return sa.st_size == sb.st_size and filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
+
+
+def folder_inside(path: Path, root: Path) -> bool:
+    """Whether `path` lies in a folder that, with every link on its path resolved, is inside the real `root`.
+    The file itself may be a link: moving a link moves the link, never its target."""
+    return Path(os.path.realpath(path.parent)).is_relative_to(os.path.realpath(root))
+
+
+
+def is_folder(path: Path) -> bool:
+    """A real folder (a link to one is not)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
+def companion(photo: Path, suffix: str) -> Path | None:
+    """The file that rides along with `photo` (`IMG_1.jpg` -> `IMG_1<suffix>`, any case of the suffix), if
+    present. Never a folder: `IMG_1.mode/` holds photos of its own; the reader refuses any other non-file."""
+    want = photo.stem + suffix
+    exact = photo.with_name(want)
+    if os.path.lexists(exact) and not is_folder(exact):
+        return exact
+    try:
+        for entry in os.scandir(photo.parent):
+            if entry.name.lower() == want.lower() and not entry.is_dir(follow_symlinks=False):
+                return photo.parent / entry.name
+    except OSError:
+        pass
+    return None
+
+
+# ------------------------------------------------------------------------------------------ pids, locks
+def pid_alive(pid: int) -> bool:
+    """Whether a process with that pid exists (ours always does; one we may not signal does too)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+class LockHeld(OSError):
+    """Another process holds the lock; `pid` is what it wrote in it (-1 if nothing)."""
+
+    def __init__(self, lock: Path, pid: int):
+        super().__init__(f"{lock} is held by pid {pid if pid > 0 else '?'}")
+        self.pid = pid
+
+
+def _written_pid(fd: int) -> int:
+    raw = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(raw) if raw.isdigit() else -1
+
+
+def hold_lock(lock: Path) -> int:
+    """Take `lock` (flock, exclusive, without waiting) and write this process's pid in it, for `lock_holder`.
+    Returns the descriptor, to keep open for as long as the lock is held; raises LockHeld if another has it."""
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _written_pid(fd)
+        os.close(fd)
+        raise LockHeld(lock, pid) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd
+
+
+def lock_holder(lock: Path) -> int | None:
+    """The pid written in `lock` by the process that holds its flock (-1 if it wrote none), or None when nobody
+    holds it; probed with a shared lock that is released at once, so asking never disturbs the holder."""
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return _written_pid(fd)
+    finally:
+        os.close(fd)
+    return None
+
+
+__all__ = ["NotReadable", "read_regular_file", "kind_of", "temp_name", "atomic_write_bytes", "atomic_write_text",
+           "fsync_dir", "ATOMIC_TMP", "move", "identity", "holds", "same_content", "folder_inside", "pid_alive",
+           "lock_holder", "hold_lock", "LockHeld", "is_folder",
+           "companion"]

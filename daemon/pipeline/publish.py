@@ -1,0 +1,255 @@
+"""Publishing a job's outcome, crash-safely: the report folder (staged, reserved in the ledger, renamed into the
+outbox), the original moved next to it, failed/ with an `.error.json` record, duplicates/ with a
+`.duplicate.json` record, and the recovery of an outcome published just before a crash (`resume`).
+
+Every step is safe to repeat after a kill: the ledger reservation, the records and `move_once` let the next start
+finish what was published instead of doing it twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .. import testhooks
+from ..config import Config
+from ..errors import Permanent
+from ..fsutil import ATOMIC_TMP, atomic_write_text, folder_inside, move, pid_alive, same_content
+from ..intake.images import LoadedImage
+from ..intake.inbox import OUTBOX_RESERVED, RECORD_SUFFIXES, safe_stem, sidecar_for, unique_path
+from ..ledger import Job, Ledger
+from .report import OutboxIndex, now_iso, write_report_folder
+
+log = logging.getLogger("mondrian.worker")
+
+
+class OutsideInbox(Permanent):
+    """The photo's folder, every link resolved, is not inside the inbox: nothing there may be moved or deleted."""
+
+
+OUTSIDE_INBOX = ("its folder is no longer inside the inbox (a folder on its path was replaced by a link to "
+                 "somewhere else); Mondrian never moves, renames or deletes anything outside its inbox, so the "
+                 "file was left where it is. Copy the photos themselves into the inbox")
+
+
+def move_once(src: Path, dest: Path) -> None:
+    """Move `src` to `dest` (or a free `dest`-2, -3 ... name); nothing to do if it is gone or already there."""
+    if not os.path.lexists(src):
+        return
+    if os.path.lexists(dest):
+        if same_content(src, dest):
+            os.unlink(src)  # a cross-filesystem move was killed between its copy and its unlink
+            return
+        dest = unique_path(dest.parent, Path(dest.name).stem, Path(dest.name).suffix)
+    move(src, dest, on_copied=lambda: testhooks.crashpoint("move_copied"))
+
+
+class Publisher:
+    """Where a job's outcome goes: outbox/, failed/ or duplicates/, recorded in the ledger."""
+
+    def __init__(self, cfg: Config, ledger: Ledger, index: OutboxIndex):
+        self.cfg = cfg
+        self.ledger = ledger
+        self.index = index
+
+    def sweep_staging(self) -> None:
+        """Remove staging folders left by killed runs (a live `mondrian analyze` keeps its own)."""
+        live = {f"job-{j.id}" for j in self.ledger.running()}
+        try:
+            entries = list(os.scandir(self.cfg.staging_dir))
+        except OSError:
+            entries = []
+        for entry in entries:
+            if entry.name not in live:
+                shutil.rmtree(entry.path, ignore_errors=True)
+        # Temporary files of atomic writes (`.<start of NAME>.PID.HEX.tmp`) whose writer was killed before its rename.
+        for folder in (self.cfg.outbox, self.cfg.failed_dir, self.cfg.outbox / "duplicates"):
+            try:
+                names = os.listdir(folder)
+            except OSError:
+                continue
+            for name in names:
+                m = ATOMIC_TMP.match(name)
+                if m and not pid_alive(int(m.group(1))):
+                    try:
+                        os.unlink(folder / name)
+                    except OSError:
+                        pass
+
+    def publish(self, job: Job, src: Path, photo: LoadedImage, report: dict[str, Any],
+                 files: dict[str, Path], keep_original: bool) -> None:
+        staging = self.cfg.staging_dir / f"job-{job.id}"
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            staging.mkdir(parents=True)
+            for name, source in files.items():
+                shutil.copyfile(source, staging / name)
+            write_report_folder(staging, report, photo.image)
+            testhooks.crashpoint("staged")
+            # A reservation of this very job (killed before its rename) is reused, not skipped as taken.
+            final = unique_path(self.cfg.outbox, safe_stem(src.name), taken=self.taken(job),
+                                reserved=OUTBOX_RESERVED)
+            self.ledger.reserve_output(job.id, final)
+            testhooks.crashpoint("reserved")
+            os.rename(staging, final)
+            testhooks.crashpoint("renamed")
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            self.transient(job, f"could not write the report to {self.cfg.outbox.name}/ ({exc.strerror or exc})")
+            return
+        job = self.ledger.get(job.id)
+        self.complete(job, final, report, keep_original)
+
+    def complete(self, job: Job, final: Path, report: dict[str, Any], keep_original: bool) -> None:
+        src = Path(job.source_path)
+        if keep_original:
+            if src.exists() and not (final / src.name).exists():
+                shutil.copy2(src, final / src.name)
+        else:
+            try:
+                self.move_with_sidecar(src, final)
+            except OutsideInbox as exc:
+                # Its folder turned into a link out of the inbox after the claim. If the original is not in the
+                # report folder yet (a move only picks another name when this one is taken), the report of a file
+                # Mondrian cannot take in is withdrawn and the job fails with the reason; else it was moved in
+                # before the link appeared and the job is finished.
+                if not os.path.lexists(final / src.name):
+                    shutil.rmtree(final, ignore_errors=True)
+                    self.fail(job, str(exc))
+                    return
+            testhooks.crashpoint("moved")
+        self.ledger.finish(job.id, effective_mode=report["mode"]["effective"], fallbacks=report["mode"]["fallbacks"],
+                           report_json=final / "report.json", report_html=final / "report.html",
+                           grade=report["overall_grade"], adapter=report["model"]["adapter"],
+                           analysis_s=report["timings"].get("analysis_s", 0.0), output_dir=final)
+        log.info("done: %s -> %s (grade %s)", job.rel_path, self.shown(final / "report.html"),
+                 report["overall_grade"])
+        self.index.refresh()
+
+    def move_with_sidecar(self, src: Path, dest_dir: Path, dest: Path | None = None) -> None:
+        """Move the original (to `dest`, else its own name in `dest_dir`) and its sidecar. Safe to repeat after a
+        kill: a sidecar left behind by a kill between the two moves is still found, and a copy completed by a
+        killed cross-filesystem move is recognised instead of being copied a second time. Refuses (OutsideInbox)
+        when the file's folder is not inside the real inbox, whatever links lie on its path."""
+        if not self.inside_inbox(src):
+            raise OutsideInbox(OUTSIDE_INBOX)
+        sidecar = sidecar_for(src)
+        move_once(src, dest or dest_dir / src.name)
+        if sidecar is not None and os.path.lexists(sidecar):
+            move_once(sidecar, dest_dir / sidecar.name)
+
+    def taken(self, job: Job) -> set[str]:
+        """Output names reserved by other active jobs (this job's own earlier reservation may be reused)."""
+        return self.ledger.reserved_outputs() - {job.output_dir}
+
+    def resume(self, job: Job, keep_original: bool) -> bool:
+        """Finish a job whose outcome was published before a crash instead of analysing it again."""
+        keep_original = keep_original or not job.owns_file
+        out = Path(job.output_dir)
+        report_file = out / "report.json"
+        error_file = Path(f"{out}.error.json")
+        try:
+            if report_file.exists():
+                report = json.loads(report_file.read_text(encoding="utf-8"))
+                if report.get("job_id") == job.id:
+                    self.complete(job, out, report, keep_original)
+                    return True
+            if error_file.exists():
+                record = json.loads(error_file.read_text(encoding="utf-8"))
+                if record.get("job_id") == job.id:
+                    if not keep_original:
+                        with contextlib.suppress(OutsideInbox):  # recorded as failed; the file stays put
+                            self.move_with_sidecar(Path(job.source_path), out.parent, out)
+                    self.ledger.fail(job.id, record["reason"], out, kind=record.get("kind", "permanent"))
+                    return True
+            dup_file = Path(f"{out}.duplicate.json")
+            if dup_file.exists() and not keep_original:
+                record = json.loads(dup_file.read_text(encoding="utf-8"))
+                if record.get("job_id") == job.id:
+                    self.move_duplicate(job, out)
+                    return True
+        except (OSError, ValueError, LookupError):
+            pass
+        return False
+
+    def duplicate(self, job: Job, first: Job, src: Path) -> None:
+        dup_dir = self.cfg.outbox / "duplicates"
+        dup_dir.mkdir(parents=True, exist_ok=True)
+        dest = unique_path(dup_dir, safe_stem(src.name), Path(src.name).suffix, self.taken(job),
+                           companions=RECORD_SUFFIXES)
+        self.ledger.reserve_output(job.id, dest)
+        record = {"job_id": job.id, "file": src.name, "duplicate_of_job": first.id,
+                  "report": os.path.relpath(first.report_html, dup_dir) if first.report_html else None,
+                  "reason": "the same photo was already analysed for this advisor and mode"}
+        atomic_write_text(Path(f"{dest}.duplicate.json"), json.dumps(record, indent=2, ensure_ascii=False))
+        testhooks.crashpoint("dup_recorded")
+        if self.move_duplicate(job, dest):
+            log.info("duplicate: %s is the same photo as job %s; see %s", job.rel_path, first.id,
+                     self.shown(Path(first.report_html or "")))
+
+    def move_duplicate(self, job: Job, dest: Path) -> bool:
+        """Move a recorded duplicate into duplicates/ and finish it; fail it instead if it left the inbox."""
+        try:
+            self.move_with_sidecar(Path(job.source_path), dest.parent, dest)
+        except OutsideInbox as exc:
+            if not os.path.lexists(dest):  # else it was moved in before its folder became a link out
+                Path(f"{dest}.duplicate.json").unlink(missing_ok=True)
+                self.fail(job, str(exc))
+                return False
+        testhooks.crashpoint("dup_moved")
+        record = json.loads(Path(f"{dest}.duplicate.json").read_text(encoding="utf-8"))
+        self.ledger.finish_duplicate(job.id, self.ledger.get(record["duplicate_of_job"]), dest)
+        return True
+
+    def transient(self, job: Job, reason: str) -> None:
+        job = self.ledger.get(job.id)
+        if job.attempts >= self.cfg.max_attempts:
+            self.fail(job, f"{reason}; gave up after {job.attempts} attempts. Fix the cause, then run "
+                           f"`mondrian retry --failed`", kind="transient")
+            return
+        delay = self.cfg.retry_base_seconds * (2 ** (job.attempts - 1))
+        log.warning("will retry %s in %g s: %s", job.rel_path, delay, reason)
+        self.ledger.retry_later(job.id, reason, delay)
+
+    def fail(self, job: Job, reason: str, kind: str = "permanent", keep_original: bool = False) -> None:
+        keep_original = keep_original or not job.owns_file
+        src = Path(job.source_path)
+        failed = self.cfg.failed_dir
+        dest: Path | None = None
+        try:
+            failed.mkdir(parents=True, exist_ok=True)
+            dest = unique_path(failed, safe_stem(src.name), Path(src.name).suffix, self.taken(job),
+                               companions=RECORD_SUFFIXES)
+            self.ledger.reserve_output(job.id, dest)
+            record = {"job_id": job.id, "file": src.name, "reason": reason, "kind": kind,
+                      "advisor": job.advisor, "failed_at": now_iso(),
+                      "what_to_do": "Fix the photo (or the sidecar) and drop it into the inbox again." if job.owns_file
+                      else "The photo was left where it is: fix it, then run `mondrian analyze` on it again."}
+            atomic_write_text(Path(f"{dest}.error.json"), json.dumps(record, indent=2, ensure_ascii=False))
+            testhooks.crashpoint("fail_recorded")
+            if not keep_original:
+                self.move_with_sidecar(src, failed, dest)
+                testhooks.crashpoint("fail_moved")
+        except OutsideInbox:
+            log.warning("left %s where it is: its folder is no longer inside the inbox", job.rel_path)
+        except OSError as exc:
+            log.error("could not move %s to %s: %s", job.rel_path, failed, exc)
+        self.ledger.fail(job.id, reason, dest, kind=kind)
+        log.warning("failed: %s: %s", job.rel_path, reason)
+
+    def clean_staging(self, job: Job) -> None:
+        shutil.rmtree(self.cfg.staging_dir / f"job-{job.id}", ignore_errors=True)
+
+    def shown(self, path: Path) -> str:
+        try:
+            return str(path.relative_to(self.cfg.home))
+        except ValueError:
+            return str(path)
+
+    def inside_inbox(self, src: Path) -> bool:
+        return folder_inside(src, self.cfg.inbox)

@@ -1,0 +1,270 @@
+"""The worker: claims one job at a time from the ledger, analyses it, hands the outcome to the publisher.
+
+It runs on the single thread that owns the model runtime (MLX is not thread-safe). This module is the job's
+state machine only: claim, recover, decode, analyse, and what each way of ending means (done, duplicate, failed,
+retry later, back to the queue). Where the outcome goes, crash-safely, is publish.py; what a report holds is
+report.py. Publishing is ordered so that a SIGKILL at any point is recoverable, and a job whose folder already
+holds its own report is finished rather than analysed again, so nothing is ever processed twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from .. import testhooks
+from ..analysis import AnalysisContext, AnalysisResult, Strategy, build_strategies, resolve
+from ..analysis.advisors import Advisor, UnknownAdvisor, get_advisor
+from ..config import Config
+from ..errors import Cancelled, Permanent, TimedOut, Transient, is_permanent
+from ..fsutil import holds, identity
+from ..intake.images import ImageRejected, LoadedImage, load_photo
+from ..intake.inbox import SidecarError, read_sidecar, sidecar_for
+from ..ledger import DONE, FAILED, Job, Ledger, LedgerUnavailable
+from .isolation import check_alone
+from .publish import OUTSIDE_INBOX, Publisher
+from .report import SMOKE_NOTICE, OutboxIndex, assemble
+
+if TYPE_CHECKING:
+    from ..model.protocol import Runtime
+
+log = logging.getLogger("mondrian.worker")
+
+
+class Worker:
+    def __init__(self, cfg: Config, ledger: Ledger, runtime_factory: Callable[[], Runtime],
+                 stop: threading.Event | None = None):
+        self.cfg = cfg
+        self.ledger = ledger
+        self._runtime_factory = runtime_factory
+        self.runtime: Runtime | None = None
+        self.stop = stop or threading.Event()
+        self.strategies = build_strategies(cfg, ledger)
+        self.current: Job | None = None
+        self.busy = threading.Event()
+        index = OutboxIndex(cfg, ledger, present_is_smoke=lambda: bool(self.runtime and self.runtime.is_smoke))
+        self.out = Publisher(cfg, ledger, index)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def load_runtime(self) -> Runtime:
+        if self.runtime is None:
+            self.runtime = self._runtime_factory()
+        return self.runtime
+
+    def recover(self) -> int:
+        """Requeue jobs a dead process left running; set aside a photo shown to crash the analysis by itself."""
+        n = 0
+        for job in self.ledger.orphaned_running():
+            if not job.owns_file:
+                self._recover_direct(job)
+            elif job.attempts >= self.cfg.max_attempts:
+                if job.output_dir and self.out.resume(job, False):
+                    pass  # its outcome was already published: finish it, never record it twice
+                else:
+                    self._judge(job)
+            else:
+                self.ledger.requeue(job.id, "interrupted (Mondrian stopped while analysing it); queued again",
+                                    keep_place=True)
+            n += 1
+        self.ledger.sweep_run_locks()
+        self.out.sweep_staging()
+        return n
+
+    def _recover_direct(self, job: Job) -> None:
+        """A killed `mondrian analyze`: finish it from its published report, else fail it. Never take it over as
+        an inbox job: its photo is the user's and stays where it is."""
+        if job.output_dir and self.out.resume(job, True):
+            return
+        self.out.fail(job, "`mondrian analyze` was stopped before it finished; the photo was left where it is. "
+                           "Run `mondrian analyze` on it again", kind="transient")
+
+    def _judge(self, job: Job) -> None:
+        """Mondrian died `max_attempts` times with this photo in hand: it may be the photo, or the machine (a
+        restarted service, the OOM killer, a forced shutdown). Only an analysis of it alone can tell."""
+        log.warning("Mondrian stopped %d times while analysing %s; checking whether the photo itself is the cause",
+                    job.attempts, job.rel_path)
+        verdict = check_alone(self.cfg, job.id, self.stop)
+        if verdict.crashed:
+            self.out.fail(job, f"Mondrian stopped {job.attempts} times while analysing this photo, and an analysis "
+                               f"of it alone in a separate process broke too ({verdict.detail}); it was set aside so "
+                               f"the rest of the inbox can go on. Export it again (another format or size) and drop "
+                               f"the new file into the inbox", kind="permanent")
+        elif verdict.crashed is False:
+            log.info("%s is not the cause of the crashes: %s; queued again", job.rel_path, verdict.detail)
+            self.ledger.requeue(job.id, f"Mondrian stopped {job.attempts} times while analysing it, but the photo is "
+                                        f"not the cause: {verdict.detail}; queued again", reset_attempts=True)
+        elif not self.stop.is_set():
+            log.warning("could not tell whether %s crashes the analysis: %s; queued again", job.rel_path,
+                        verdict.detail)
+            self.ledger.requeue(job.id, f"interrupted; whether the photo itself crashes the analysis is not known "
+                                        f"yet ({verdict.detail}); queued again")
+        # Stopping: the job stays as the crash left it, and the next start checks it again.
+
+    def analyse_alone(self, job: Job) -> str:
+        """Decode and analyse `job`'s photo as `process` would, publishing nothing and writing nothing to the
+        ledger (the isolation check's child); returns how it went, in words. A crash here is the verdict."""
+        src = Path(job.source_path)
+        override = job.requested_mode if job.mode_source == "command" else None
+        try:
+            self._check_symlink(src)  # what `process` refuses to read, the check does not read either
+            requested, _ = self._requested_mode(src, override)
+            advisor = self._advisor(job.advisor)
+            photo = load_photo(src, self.cfg.max_pixels, timeout_s=self.cfg.job_timeout_seconds)
+            self._analyse(job, src, photo, advisor, requested)
+        except Exception as exc:  # not a crash: `process` will meet it again and deal with it
+            return f"{type(exc).__name__}: {exc}"
+        return "analysed"
+
+    def run_once(self) -> bool:
+        """Claim and process one job. Returns False when nothing was due."""
+        job = self.ledger.claim()
+        if job is None:
+            return False
+        self.current = job
+        self.busy.set()
+        try:
+            testhooks.crashpoint("claimed")
+            self.process(job)
+        except Transient as exc:
+            self.out.clean_staging(job)
+            self.out.transient(job, str(exc))
+        except Cancelled:
+            log.info("stopping: photo %s goes back to the queue", job.rel_path)
+            self.out.clean_staging(job)
+            self.ledger.requeue(job.id, "Mondrian was stopped while analysing it; queued again",
+                                undo_attempt=True, keep_place=True)
+        except LedgerUnavailable:
+            # Stopping while the ledger cannot be written: the job stays running there, and the next start
+            # finishes it from what was published, or analyses it again. Nothing is recorded twice.
+            log.warning("stopping: %s stays in progress and is taken up again at the next start", job.rel_path)
+            raise
+        except Exception as exc:  # one photo must never take the worker down
+            if is_permanent(exc):
+                self.out.fail(self.ledger.get(job.id), f"the model could not produce a critique: {exc}")
+            else:
+                log.exception("unexpected error on %s", job.rel_path)
+                self.out.transient(job, f"unexpected error: {type(exc).__name__}: {exc}")
+        finally:
+            self.current = None
+            self.busy.clear()
+        return True
+
+    # -- one job ------------------------------------------------------------------------------
+    def process(self, job: Job, *, keep_original: bool = False, mode_override: str | None = None) -> None:
+        keep_original = keep_original or not job.owns_file
+        if job.output_dir and self.out.resume(job, keep_original):
+            return
+        src = Path(job.source_path)
+        if not os.path.lexists(src):
+            self.ledger.mark_gone(job.id, "the file was removed from the inbox before it was analysed")
+            log.info("gone before analysis: %s", job.rel_path)
+            return
+        if not keep_original and not self.out.inside_inbox(src):
+            self.out.fail(job, OUTSIDE_INBOX)
+            return
+        if not keep_original and not self._settled(job, src):
+            return
+        try:
+            if not keep_original:
+                self._check_symlink(src)
+            requested, source = self._requested_mode(src, mode_override)
+            self.ledger.set_mode(job.id, requested, source)
+            advisor = self._advisor(job.advisor)
+            t0 = time.perf_counter()
+            before = identity(src)
+            photo = load_photo(src, self.cfg.max_pixels, timeout_s=self.cfg.job_timeout_seconds)
+            decode_s = time.perf_counter() - t0
+        except (Permanent, SidecarError, ImageRejected) as exc:
+            self.out.fail(job, str(exc), keep_original=keep_original)
+            return
+        self.ledger.set_hash(job.id, photo.sha256)
+        first = self.ledger.find_done(photo.sha256, advisor.id, requested, exclude=job.id)
+        if first is not None and not keep_original:
+            self.out.duplicate(job, first, src)
+            return
+        if self.stop.is_set():
+            raise Cancelled()
+        t1 = time.perf_counter()
+        try:
+            strategy, fallbacks, result = self._analyse(job, src, photo, advisor, requested)
+        except TimedOut:
+            self.out.clean_staging(job)
+            self.out.fail(job, f"analysis took longer than {self.cfg.job_timeout_seconds:g} s "
+                               f"(job_timeout_seconds) and was stopped so the rest of the inbox can go on",
+                          keep_original=keep_original)
+            return
+        analysis_s = time.perf_counter() - t1
+        if not keep_original and not holds(src, before, photo.sha256):
+            # Overwritten while it was analysed: the report must describe the final bytes, so start over.
+            self.ledger.requeue(job.id, "the file changed while it was analysed; it will be analysed again",
+                                delay_s=self.cfg.quiet_seconds, undo_attempt=True)
+            log.info("changed during analysis, queued again: %s", job.rel_path)
+            return
+        report = assemble(self.runtime, job, src, photo, advisor, requested, source, strategy.name, fallbacks, result,
+                                {"decode_s": decode_s, "analysis_s": analysis_s, **result.timings})
+        self.out.publish(job, src, photo, report, result.files, keep_original)
+
+    def _analyse(self, job: Job, src: Path, photo: LoadedImage, advisor: Advisor,
+                 requested: str) -> tuple[Strategy, list[dict[str, str]], AnalysisResult]:
+        """The model's part of a job, where a native crash would happen: shared by `process` and the isolation
+        check (daemon/pipeline/isolation.py), so that the check runs exactly what crashed the daemon."""
+        try:
+            runtime = self.load_runtime()
+        except Exception as exc:  # a model that fails to load may load next time (memory, disk, a mount)
+            log.error("could not load the model: %s: %s", type(exc).__name__, exc)
+            raise Transient(f"the model could not be loaded ({type(exc).__name__}: {exc})") from exc
+        strategy, fallbacks = resolve(requested, advisor, self.strategies)
+        log.info("analysing %s as %s (%s%s)", job.rel_path, advisor.name, strategy.name,
+                 f", asked for {requested}" if strategy.name != requested else "")
+        testhooks.crashpoint("analysing")
+        testhooks.poison_point(src.name)
+        result = strategy.analyse(AnalysisContext(runtime=runtime, cfg=self.cfg, advisor=advisor, photo=photo,
+                                                  cancel=self.stop,
+                                                  deadline=time.monotonic() + self.cfg.job_timeout_seconds))
+        return strategy, fallbacks, result
+
+    def _settled(self, job: Job, src: Path) -> bool:
+        """Unchanged since it was queued (the watcher had already seen it still for the quiet time): go on.
+        Changed since: remember what it is now and look again after the quiet time, so it is analysed once it
+        stays still between two looks. Never compares the mtime with the clock: a camera with a wrong clock,
+        `cp -p` and unzip give mtimes far in the future or the past."""
+        try:
+            st = os.lstat(src)  # as the watcher saw it when it queued the job
+        except OSError:
+            return True  # vanished: the checks that follow say so properly
+        if job.size is None or (st.st_size, st.st_mtime) == (job.size, job.mtime):
+            return True
+        self.ledger.requeue_changed(job.id, st.st_size, st.st_mtime, delay_s=self.cfg.quiet_seconds)
+        return False
+
+    def _check_symlink(self, src: Path) -> None:
+        if not src.is_symlink():
+            return
+        target = Path(os.path.realpath(src))
+        if not target.is_relative_to(self.cfg.inbox.resolve()):
+            raise Permanent("this is a link to a file outside the inbox; Mondrian does not follow such "
+                                   "links. Copy the photo itself into the inbox")
+        if not target.exists():
+            raise Permanent("this is a link whose target no longer exists; copy the photo itself into "
+                                   "the inbox")
+
+    def _requested_mode(self, src: Path, override: str | None) -> tuple[str, str]:
+        if override:
+            return override, "command"
+        sidecar = sidecar_for(src)
+        if sidecar is not None:
+            return read_sidecar(sidecar), "sidecar"
+        return self.cfg.default_mode, "default"
+
+    def _advisor(self, advisor_id: str) -> Advisor:
+        try:
+            return get_advisor(self.cfg, advisor_id)
+        except UnknownAdvisor as exc:
+            raise Permanent(str(exc).strip("'\"")) from exc
+
+
+__all__ = ["Worker", "SMOKE_NOTICE", "DONE", "FAILED"]

@@ -1,0 +1,141 @@
+"""The curator's sidecar: `<stem>.json` next to a reference photo, with the 8 scores a person gave it.
+
+The one parser of that file, for the RAG index and for training's dataset alike. Accepted shapes (comments are
+optional, any subset of the dimensions; `summary` and `overall_grade` are optional at the top level):
+    {"scores": {"composition": 8, ...}, "comments": {"composition": "...", ...}}
+    {"dimensions": {"composition": {"score": 8, "comment": "..."}, ...}}     (a report's shape)
+    {"composition": 8, "lighting": 7, ...}                                    (scores only)
+Scores are whole numbers from SCORE_MIN to SCORE_MAX: anything else (7.5, "8", true, NaN) makes the sidecar
+invalid, with a message saying what to fix, rather than being rounded into a score the curator did not give.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..analysis.critique import DIMENSIONS, SCORE_MAX, SCORE_MIN
+from ..fsutil import companion, read_regular_file
+
+SIDECAR_SUFFIX = ".json"
+SIDECAR_MAX_BYTES = 256 * 1024
+SIDECAR_READ_SECONDS = 30.0
+COMMENT_MAX_CHARS = 2000
+
+
+class SidecarInvalid(ValueError):
+    """A reference's sidecar cannot be used; the message says what to fix."""
+
+
+def _score(value: Any, where: str) -> int:
+    # The range check comes first: NaN and infinity (JSON allows both) fail it instead of reaching int().
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not SCORE_MIN <= value <= SCORE_MAX \
+            or value != int(value):
+        raise SidecarInvalid(f"{where} is {value!r}; scores are whole numbers from {SCORE_MIN} to {SCORE_MAX}")
+    return int(value)
+
+
+def parse_sidecar(data: Any, name: str = "the sidecar") -> tuple[dict[str, int], dict[str, str] | None]:
+    """(scores, comments) from a sidecar document; raises SidecarInvalid naming the problem."""
+    if not isinstance(data, dict):
+        raise SidecarInvalid(f"{name} must hold a JSON object with the 8 scores")
+    raw_comments: Any = None
+    if isinstance(data.get("dimensions"), dict):
+        dims = data["dimensions"]
+        raw_scores, raw_comments = {}, {}
+        for d, v in dims.items():
+            if not isinstance(v, dict):
+                raise SidecarInvalid(f"{name}: dimensions.{d} must be an object with a score")
+            if "score" in v:
+                raw_scores[d] = v["score"]
+            if v.get("comment") is not None:
+                raw_comments[d] = v["comment"]
+    elif isinstance(data.get("scores"), dict):
+        raw_scores, raw_comments = data["scores"], data.get("comments")
+    else:
+        raw_scores = data
+    unknown = sorted(set(raw_scores) - set(DIMENSIONS))
+    if unknown:
+        raise SidecarInvalid(f"{name} names unknown dimensions {', '.join(unknown)}; use {', '.join(DIMENSIONS)}")
+    missing = [d for d in DIMENSIONS if d not in raw_scores]
+    if missing:
+        raise SidecarInvalid(f"{name} lacks scores for {', '.join(missing)}; give all 8 dimensions")
+    scores = {d: _score(raw_scores[d], f"{name}: the {d} score") for d in DIMENSIONS}
+    comments: dict[str, str] | None = None
+    if raw_comments:
+        if not isinstance(raw_comments, dict):
+            raise SidecarInvalid(f"{name}: comments must be an object of dimension -> text")
+        unknown = sorted(set(raw_comments) - set(DIMENSIONS))
+        if unknown:
+            raise SidecarInvalid(f"{name}: comments name unknown dimensions {', '.join(unknown)}")
+        comments = {}
+        for d in DIMENSIONS:
+            text = raw_comments.get(d)
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise SidecarInvalid(f"{name}: the {d} comment must be text")
+            text = " ".join(text.split())[:COMMENT_MAX_CHARS]
+            if text:
+                comments[d] = text
+        comments = comments or None
+    return scores, comments
+
+
+@dataclass(frozen=True)
+class CuratorProfile:
+    """Everything a sidecar says about its photo."""
+
+    scores: dict[str, int]
+    comments: dict[str, str] | None
+    summary: str | None = None
+    overall_grade: int | None = None
+
+
+def parse_profile(data: Any, name: str = "the sidecar") -> CuratorProfile:
+    """The scores and comments (strict: see `parse_sidecar`), and the optional summary and grade, which are left
+    out when they are not text / not a whole number in range (they never make the sidecar invalid)."""
+    scores, comments = parse_sidecar(data, name)
+    summary = data.get("summary")
+    summary = (summary.strip() or None) if isinstance(summary, str) else None
+    grade = data.get("overall_grade", data.get("grade"))
+    try:
+        grade = _score(grade, "")
+    except SidecarInvalid:
+        grade = None
+    return CuratorProfile(scores, comments, summary, grade)
+
+
+def read_profile(path: Path) -> CuratorProfile:
+    """`parse_profile` of the file at `path` (read without ever blocking); raises SidecarInvalid."""
+    try:
+        size = path.stat().st_size
+        if size > SIDECAR_MAX_BYTES:
+            raise SidecarInvalid(f"{path.name} is {size} bytes; a reference sidecar holds only scores and comments")
+        data = json.loads(read_regular_file(path, max_bytes=SIDECAR_MAX_BYTES,
+                                            timeout_s=SIDECAR_READ_SECONDS).decode("utf-8-sig"))
+    except SidecarInvalid:
+        raise
+    except RecursionError:
+        raise SidecarInvalid(f"{path.name} nests too deeply to be a reference sidecar; it holds only scores "
+                             f"and comments") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise SidecarInvalid(f"{path.name} is not readable JSON ({exc})") from exc
+    return parse_profile(data, path.name)
+
+
+def read_sidecar(path: Path) -> tuple[dict[str, int], dict[str, str] | None]:
+    """(scores, comments) of the sidecar at `path`; raises SidecarInvalid naming the problem."""
+    profile = read_profile(path)
+    return profile.scores, profile.comments
+
+
+def sidecar_path(photo: Path) -> Path | None:
+    """The photo's sidecar (`IMG_1.jpg` -> `IMG_1.json`, any case of the suffix), if there is one."""
+    return companion(photo, SIDECAR_SUFFIX)
+
+
+__all__ = ["SidecarInvalid", "CuratorProfile", "parse_sidecar", "parse_profile", "read_profile", "read_sidecar",
+           "sidecar_path", "SIDECAR_SUFFIX"]
