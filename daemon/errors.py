@@ -41,10 +41,9 @@ class TimedOut(Interrupted):
 
 
 def is_permanent(exc: BaseException) -> bool:
-    """Whether `exc` says the input is at fault. The model runtime's own errors still mark that with a
-    `permanent = True` class attribute (daemon/model/runtime.py, reuse.py); they become `Permanent` subclasses
-    when that room is re-laid, and this attribute check goes."""
-    return isinstance(exc, Permanent) or bool(getattr(exc, "permanent", False))
+    """Whether `exc` says the input is at fault (the model runtime's GenerationError and PhotoRefused are
+    `Permanent` too)."""
+    return isinstance(exc, Permanent)
 
 
 __all__ = ["EX_USAGE", "EX_UNAVAILABLE", "EX_TEMPFAIL", "EX_CONFIG", "Permanent", "Transient", "Interrupted",

@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from daemon.config import Config, load_config
+from daemon.config import Config, is_true, load_config
 
 if TYPE_CHECKING:
     from daemon.model.fitting import FitSettings
@@ -77,7 +77,7 @@ class TrainSettings:
                 continue
             default = getattr(cls, key)
             if isinstance(default, bool):
-                values[key] = value if isinstance(value, bool) else str(value).lower() in ("1", "true", "yes", "on")
+                values[key] = value if isinstance(value, bool) else is_true(str(value))
             else:
                 values[key] = type(default)(value)
         return cls(**values)

@@ -353,14 +353,15 @@ def test_extreme_aspect_ratios_are_never_transient_failures(tmp_path, smoke_mode
 
 def test_a_photo_the_models_preprocessing_refuses_is_a_permanent_failure(tmp_path, smoke_model_path):
     """The safety net behind fit_size: whatever the processor refuses (here 10000 x 28, past its 200:1 limit) is
-    the photo's own problem, so the worker fails it at once (`permanent`) instead of retrying it as transient."""
+    the photo's own problem, so the worker fails it at once (`Permanent`) instead of retrying it as transient."""
+    from daemon.errors import is_permanent
     from daemon.model.runtime import ModelRuntime
 
     runtime = ModelRuntime.load(str(smoke_model_path), var_dir=tmp_path / "var", max_pixels=448 * 448)
     try:
         runtime.encode(Image.new("RGB", (10000, 28), (10, 200, 30)))
     except Exception as exc:  # noqa: BLE001 - what matters is how the worker will classify it
-        assert getattr(exc, "permanent", False) is True, f"{type(exc).__name__}: {exc}"
+        assert is_permanent(exc), f"{type(exc).__name__}: {exc}"
         assert "aspect ratio" in str(exc)
     else:
         raise AssertionError("the processor accepted a 10000 x 28 image; this test no longer tests anything")

@@ -39,6 +39,7 @@ import llguidance
 import mlx.core as mx
 import numpy as np
 
+from ..errors import Permanent
 from .constrained import TokenMask
 
 if TYPE_CHECKING:
@@ -85,11 +86,9 @@ class ReuseOutput:
     finished: bool  # the JSON value closed before max_tokens
 
 
-class PhotoRefused(ValueError):
+class PhotoRefused(Permanent, ValueError):
     """The model's image preprocessing refuses this photo (its shape or size): the same photo is refused again,
     so the worker fails it at once instead of retrying."""
-
-    permanent = True
 
 
 def _inputs(processor: Any, model: Any, image: "Image.Image", text_prompt: str) -> dict[str, Any]:

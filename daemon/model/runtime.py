@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import jsonschema
 
+from ..config import is_true
+from ..errors import Permanent
 from ..limits import check as check_limits
 from .smoke import SMOKE_ALIAS, ensure_smoke_model, read_marker
 
@@ -46,11 +48,9 @@ class ModelNotFoundError(RuntimeError):
     """The configured model is not on this machine and cannot be fetched; the message says how to get it."""
 
 
-class GenerationError(RuntimeError):
-    """The model produced no valid JSON (e.g. ran out of tokens); `text` holds what it did produce."""
-
-    # Decoding is greedy: the same photo fails the same way again, so the worker must not retry it.
-    permanent = True
+class GenerationError(Permanent, RuntimeError):
+    """The model produced no valid JSON (e.g. ran out of tokens); `text` holds what it did produce. Permanent:
+    decoding is greedy, so the same photo fails the same way again and the worker must not retry it."""
 
     def __init__(self, message: str, text: str = "") -> None:
         super().__init__(message)
@@ -78,7 +78,7 @@ def _how_to_get(spec: str) -> str:
 
 def _offline() -> bool:
     # Read the environment at call time: huggingface_hub snapshots HF_HUB_OFFLINE when it is imported.
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return is_true(os.environ.get("HF_HUB_OFFLINE", ""))
 
 
 def _looks_like_path(spec: str) -> bool:
