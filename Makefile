@@ -17,6 +17,7 @@ demo: $(STAMP)
 	$(VENV)/bin/mondrian demo
 
 test: $(STAMP)
+	@bash tests/system_deps.sh
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest
 
 bench: $(STAMP)

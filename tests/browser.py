@@ -75,12 +75,16 @@ def _have_playwright() -> bool:
 
 
 def require_browser() -> str:
-    """Return the Chromium binary, or skip the calling test with a reason."""
+    """Return the Chromium binary, or skip the calling test with a reason. Under CI (`CI` set, as `.ci/run` does)
+    a missing browser fails instead: a skipped browser test there would hide that nothing was checked."""
     import pytest
 
     exe = find_chromium()
     if not exe:
-        pytest.skip("no Chromium found (install chromium or set MONDRIAN_CHROMIUM)")
+        reason = "no Chromium found (install chromium or set MONDRIAN_CHROMIUM)"
+        if os.environ.get("CI"):
+            pytest.fail(reason + "; under CI the browser tests must run")
+        pytest.skip(reason)
     return exe
 
 

@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# What the tests need from the system beyond pip, set up by `make test` itself: Chromium (the HTML report tests
+# open every page in it) and, on Linux, OpenBLAS (MLX's CPU path is ~30x faster with it; the LoRA learning test
+# needs it to finish in time). On Debian/Ubuntu they are installed (as root, or through sudo); elsewhere this
+# says what to install and the tests that need them say so too.
+set -uo pipefail
+
+have_chromium() {
+  [ -n "${MONDRIAN_CHROMIUM:-}" ] && return 0
+  for name in chromium chromium-browser google-chrome google-chrome-stable; do
+    command -v "$name" >/dev/null 2>&1 && return 0
+  done
+  [ -d "/Applications/Google Chrome.app" ] || [ -d "/Applications/Chromium.app" ]
+}
+
+have_openblas() {
+  [ "$(uname -s)" != Linux ] && return 0  # macOS: MLX uses Metal and Accelerate
+  compgen -G "/usr/lib/*/libopenblas*.so*" >/dev/null || compgen -G "/usr/lib64/libopenblas*.so*" >/dev/null \
+    || compgen -G "/usr/lib/libopenblas*.so*" >/dev/null || compgen -G "/usr/local/lib/libopenblas*.so*" >/dev/null
+}
+
+missing=()
+have_chromium || missing+=(chromium)
+have_openblas || missing+=(libopenblas0-pthread)
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if command -v apt-get >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then SUDO="sudo -n"; else SUDO="none"; fi
+  fi
+  if [ "$SUDO" != none ]; then
+    echo "installing what the tests need: ${missing[*]} (apt-get)" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    if $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null; then
+      exit 0
+    fi
+  fi
+  echo "make test: could not install ${missing[*]}; run: sudo apt-get install ${missing[*]}" >&2
+else
+  echo "make test: please install ${missing[*]/libopenblas0-pthread/OpenBLAS} with your package manager" \
+       "(or set MONDRIAN_CHROMIUM to a Chromium or Chrome binary); tests that need them will say so" >&2
+fi
+exit 0
