@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
-from peewee import (SQL, AutoField, BlobField, BooleanField, CharField, FloatField, IntegerField, Model,
-                    OperationalError, SqliteDatabase, TextField, fn)
+from peewee import (SQL, AutoField, BlobField, BooleanField, CharField, DatabaseError, FloatField, IntegerField,
+                    Model, OperationalError, SqliteDatabase, TextField, fn)
 
 QUEUED, RUNNING, DONE, FAILED, GONE = "queued", "running", "done", "failed", "gone"
 STATES = (QUEUED, RUNNING, DONE, FAILED, GONE)
@@ -169,8 +169,9 @@ _NEW_LOCK_GRACE_S = 60.0  # a lock file is created under a hidden name and renam
 
 @dataclass
 class Counts:
-    by_state: dict[str, int]
+    by_state: dict[str, int]  # a failure superseded by a later job of the same file is not in "failed"
     duplicates: int
+    resolved: int = 0  # failures whose file was put back (or retried) and then analysed
 
 
 # SQLite result codes that come from outside the data (the disk, the file, another process): a write that fails
@@ -209,6 +210,31 @@ def _advice(reason: str) -> str:
         return "Another program holds it locked (an open `sqlite3` shell, a backup tool?): close it."
     return ("Make it and its folder writable for the user that runs Mondrian (check `ls -l`, `lsattr`, "
             "`chattr -i`, and that its disk is mounted read-write).")
+
+
+def _set_aside(path: Path) -> str:
+    """The shell commands that move a damaged ledger out of the way, with its -wal and -shm (an old log left beside
+    a new ledger would be replayed into it)."""
+    moves = [f"mv '{path}{s}' '{path}.broken{s}'" for s in ("", "-wal", "-shm") if os.path.lexists(f"{path}{s}")]
+    return " && ".join(moves) or f"mv '{path}' '{path}.broken'"
+
+
+def ledger_problem(path: Path, exc: BaseException) -> str:
+    """Why the ledger at `path` cannot be opened, and what to do: one line for the person reading the log."""
+    orig = getattr(exc, "orig", None) or exc
+    name = getattr(orig, "sqlite_errorname", "") or ""
+    fresh = ("and start Mondrian again: it begins a new, empty ledger. The reports and failure records already in "
+             "the outbox stay where they are (outbox/index.html lists only those made from then on)")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        kind = "a folder" if os.path.isdir(path) else "not a regular file"
+        return (f"the ledger {path} is {kind}, not a SQLite database file: move it out of the way "
+                f"({_set_aside(path)}) {fresh}")
+    if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")) or (isinstance(exc, DatabaseError) and
+                                                                not isinstance(exc, OperationalError)):
+        return (f"the ledger {path} is not a SQLite database, or is damaged ({orig}): move it aside "
+                f"({_set_aside(path)}) {fresh}")
+    reason = str(orig)
+    return f"cannot open the ledger {path} ({reason}). {_advice(reason)}"
 
 
 def writes(method: _F) -> _F:
@@ -277,15 +303,17 @@ class Ledger:
         self._run: tuple[int, Path, str] | None = None  # (fd, file, worker id) of the run lock this process holds
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if os.path.lexists(self.path) and not os.path.isfile(self.path):
+                raise IsADirectoryError(self.path)  # a folder or a pipe: SQLite's own error would mislead
             self._note = FaultNote(note) if note is not None else None
             self.db.connect(reuse_if_open=True)
             self._migrate()
             if stop is not None:
                 self._probe()
             st = os.stat(self.path)
-        except (OperationalError, OSError) as exc:
-            reason = str(getattr(exc, "orig", None) or exc)
-            raise LedgerUnavailable(f"cannot open the ledger {self.path} ({reason}). {_advice(reason)}") from None
+        except (DatabaseError, OSError) as exc:  # DatabaseError: OperationalError, and a damaged or foreign file
+            self.db.close()
+            raise LedgerUnavailable(ledger_problem(self.path, exc)) from None
         self._identity = (st.st_dev, st.st_ino)
 
     def _probe(self) -> None:
@@ -488,6 +516,10 @@ class Ledger:
             return True
         finally:
             os.close(fd)
+
+    def job_is_live(self, job: Job) -> bool:
+        """Whether the process running `job` still runs (its run lock is held); False for a job not running."""
+        return job.state == RUNNING and self._signer_runs(job.worker)
 
     def sweep_run_locks(self) -> int:
         """Remove the run locks of processes that are gone; returns how many."""
@@ -694,19 +726,32 @@ class Ledger:
     def get(self, job_id: int) -> Job:
         return self.Job.get_by_id(job_id)
 
+    def _later_job(self, state: str | None = None) -> Any:
+        """An SQL condition on a job: the same file has a later job (in `state`, if given)."""
+        later = self.Job.alias("later")
+        cond = (later.source_path == self.Job.source_path) & (later.id > self.Job.id)
+        if state is not None:
+            cond &= later.state == state
+        return fn.EXISTS(later.select(SQL("1")).where(cond))
+
     def counts(self) -> Counts:
         by_state = {s: 0 for s in STATES}
         job = self.Job
         for row in job.select(job.state, fn.COUNT(job.id).alias("n")).group_by(job.state).dicts():
             by_state[row["state"]] = row["n"]
+        # A failed photo the user fixed and put back is a new job: its old failure is history, not a failure now.
+        superseded = job.select().where((job.state == FAILED) & self._later_job()).count()
+        by_state[FAILED] -= superseded
+        resolved = job.select().where((job.state == FAILED) & self._later_job(DONE)).count()
         dups = self.Job.select().where(self.Job.duplicate_of.is_null(False)).count()
-        return Counts(by_state=by_state, duplicates=dups)
+        return Counts(by_state=by_state, duplicates=dups, resolved=resolved)
 
     def running(self) -> list[Job]:
         return list(self.Job.select().where(self.Job.state == RUNNING).order_by(self.Job.started_at))
 
     def recent_failures(self, limit: int = 5) -> list[Job]:
-        return list(self.Job.select().where(self.Job.state == FAILED)
+        """The latest failures that still stand: not those of a file put back and queued again since."""
+        return list(self.Job.select().where((self.Job.state == FAILED) & ~self._later_job())
                     .order_by(self.Job.finished_at.desc()).limit(limit))
 
     def reports(self) -> list[Job]:

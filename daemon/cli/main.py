@@ -91,7 +91,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from .status import collect, render
 
-    info = collect(config_from(args))
+    info = collect(config_from(args))  # refuses (exit 78) where no home is: a mistyped MONDRIAN_HOME creates none
     print(json.dumps(info, indent=2, default=str) if args.json else render(info))
     return 0
 
