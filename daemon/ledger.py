@@ -623,11 +623,23 @@ class Ledger:
         t = self.Job.select(fn.MIN(self.Job.not_before)).where(self.Job.state == QUEUED).scalar()
         return None if t is None else max(0.0, t - now)
 
-    def orphaned_running(self) -> list[Job]:
+    def orphaned_running(self, *, proven: bool = False) -> list[Job]:
         """Jobs left running by a process that no longer runs (crash, SIGKILL, power loss), even if its pid has
-        been given to another process since (a reboot, or the new daemon itself)."""
+        been given to another process since (a reboot, or the new daemon itself).
+
+        `proven`: only those whose process is known to be gone even to a daemon that is not just starting (a
+        `mondrian analyze` killed meanwhile): its run lock is free, or, unsigned, no process has its pid here."""
         running = self.Job.select().where(self.Job.state == RUNNING).order_by(self.Job.id)
-        return [j for j in running if not self._signer_runs(j.worker)]
+        return [j for j in running if not self._signer_runs(j.worker) and (not proven or self._signer_gone(j.worker))]
+
+    def _signer_gone(self, worker: str | None) -> bool:
+        host, _, rest = (worker or "").partition(":")
+        pid, _, token = rest.partition(":")
+        if _RUN_TOKEN.match(token):
+            return True  # its run lock is free (checked by the caller)
+        from .fsutil import pid_alive
+
+        return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
 
     # -- progress inside a job ----------------------------------------------------------------
     @writes
