@@ -92,7 +92,7 @@ TABLES = ("lora",)  # sections of mondrian.toml read elsewhere: [lora] by jobs/t
 # infinite) is refused at start: accepted, it would fail every photo later with a reason that names no setting,
 # or hang (a NaN quiet time never lets a file settle).
 LIMITS: dict[str, tuple[float, float, bool]] = {
-    "quiet_seconds": (0, 3600, True),
+    "quiet_seconds": (0, 86400, True),
     "rescan_seconds": (0, 86400, False),
     "job_timeout_seconds": (0, 7 * 86400, False),
     "retry_base_seconds": (0, 86400, True),

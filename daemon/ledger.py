@@ -12,11 +12,13 @@ from __future__ import annotations
 import atexit
 import fcntl
 import functools
+import itertools
 import json
 import logging
 import os
 import re
 import secrets
+import shlex
 import socket
 import sqlite3
 import threading
@@ -215,8 +217,9 @@ def _advice(reason: str) -> str:
 def _set_aside(path: Path) -> str:
     """The shell commands that move a damaged ledger out of the way, with its -wal and -shm (an old log left beside
     a new ledger would be replayed into it)."""
-    moves = [f"mv '{path}{s}' '{path}.broken{s}'" for s in ("", "-wal", "-shm") if os.path.lexists(f"{path}{s}")]
-    return " && ".join(moves) or f"mv '{path}' '{path}.broken'"
+    moves = [f"mv {shlex.quote(f'{path}{s}')} {shlex.quote(f'{path}.broken{s}')}" for s in ("", "-wal", "-shm")
+             if os.path.lexists(f"{path}{s}")]
+    return " && ".join(moves) or f"mv {shlex.quote(str(path))} {shlex.quote(f'{path}.broken')}"
 
 
 def ledger_problem(path: Path, exc: BaseException) -> str:
@@ -738,13 +741,26 @@ class Ledger:
     def get(self, job_id: int) -> Job:
         return self.Job.get_by_id(job_id)
 
-    def _later_job(self, state: str | None = None) -> Any:
-        """An SQL condition on a job: the same file has a later job (in `state`, if given)."""
-        later = self.Job.alias("later")
-        cond = (later.source_path == self.Job.source_path) & (later.id > self.Job.id)
-        if state is not None:
-            cond &= later.state == state
-        return fn.EXISTS(later.select(SQL("1")).where(cond))
+    def _superseded_failures(self) -> tuple[set[int], set[int]]:
+        """Failed jobs whose file has a later job (put back, or dropped in again), and those of them whose file was
+        analysed since. One pass over the jobs of files that failed once (source_path has no index)."""
+        job = self.Job
+        failed_paths = job.select(job.source_path).where(job.state == FAILED)
+        by_path: dict[str, list[tuple[int, str]]] = {}
+        for path, job_id, state in job.select(job.source_path, job.id, job.state).where(
+                job.source_path.in_(failed_paths)).tuples():
+            by_path.setdefault(path, []).append((job_id, state))
+        superseded, resolved = set(), set()
+        for rows in by_path.values():
+            for job_id, state in rows:
+                if state != FAILED:
+                    continue
+                later = [later_state for i, later_state in rows if i > job_id]
+                if later:
+                    superseded.add(job_id)
+                if DONE in later:
+                    resolved.add(job_id)
+        return superseded, resolved
 
     def counts(self) -> Counts:
         by_state = {s: 0 for s in STATES}
@@ -752,19 +768,20 @@ class Ledger:
         for row in job.select(job.state, fn.COUNT(job.id).alias("n")).group_by(job.state).dicts():
             by_state[row["state"]] = row["n"]
         # A failed photo the user fixed and put back is a new job: its old failure is history, not a failure now.
-        superseded = job.select().where((job.state == FAILED) & self._later_job()).count()
-        by_state[FAILED] -= superseded
-        resolved = job.select().where((job.state == FAILED) & self._later_job(DONE)).count()
+        superseded, resolved = self._superseded_failures()
+        by_state[FAILED] -= len(superseded)
         dups = self.Job.select().where(self.Job.duplicate_of.is_null(False)).count()
-        return Counts(by_state=by_state, duplicates=dups, resolved=resolved)
+        return Counts(by_state=by_state, duplicates=dups, resolved=len(resolved))
 
     def running(self) -> list[Job]:
         return list(self.Job.select().where(self.Job.state == RUNNING).order_by(self.Job.started_at))
 
     def recent_failures(self, limit: int = 5) -> list[Job]:
         """The latest failures that still stand: not those of a file put back and queued again since."""
-        return list(self.Job.select().where((self.Job.state == FAILED) & ~self._later_job())
-                    .order_by(self.Job.finished_at.desc()).limit(limit))
+        superseded, _ = self._superseded_failures()
+        standing = (j for j in self.Job.select().where(self.Job.state == FAILED).order_by(self.Job.finished_at.desc())
+                    if j.id not in superseded)
+        return list(itertools.islice(standing, limit))
 
     def reports(self) -> list[Job]:
         """Analysed photos with their own report (duplicates point at another job's)."""
