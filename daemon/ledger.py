@@ -522,7 +522,8 @@ class Ledger:
 
     def job_is_live(self, job: Job) -> bool:
         """Whether the process running `job` still runs (its run lock is held); False for a job not running."""
-        return job.state == RUNNING and self._signer_runs(job.worker)
+        # Unsigned (no run lock could be taken): its pid still running here is the best sign there is.
+        return job.state == RUNNING and (self._signer_runs(job.worker) or not self._signer_gone(job.worker))
 
     def sweep_run_locks(self) -> int:
         """Remove the run locks of processes that are gone; returns how many."""
