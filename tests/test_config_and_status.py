@@ -314,3 +314,12 @@ def test_status_with_a_mistyped_home_creates_nothing(tmp_path, smoke_model_path)
     assert not (tmp_path / "missing").exists() and list((tmp_path / "empty").iterdir()) == []
     assert (tmp_path / "a-file").read_text() == "x"
     print(f"\n{line.split('configuration problem: ', 1)[-1]}")
+
+
+def test_a_typo_in_the_lora_section_is_refused_with_a_suggestion(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    with open(home / "mondrian.toml", "a") as f:
+        f.write("[lora]\nrnak = 4\n")
+    out = mondrian(home, smoke_model_path, "train", "--advisor", "ansel", timeout=120)
+    assert out.returncode == 78 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "unknown setting `rnak` in the [lora] section" in out.stderr and "did you mean `rank`?" in out.stderr
