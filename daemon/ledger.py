@@ -727,10 +727,13 @@ class Ledger:
         self.Job.update(state=GONE, error=reason, finished_at=time.time()).where(self.Job.id == job_id).execute()
 
     def retry_failed(self, ids: Iterable[int] | None = None) -> list[Job]:
+        """Failed jobs to queue again; not those whose file has a later job (put back since): that one is its job
+        now, and queueing the old one too would give one file two jobs."""
         q = self.Job.select().where(self.Job.state == FAILED)
         if ids is not None:
             q = q.where(self.Job.id.in_(list(ids)))
-        return list(q.order_by(self.Job.id))
+        superseded, _ = self._superseded_failures()
+        return [j for j in q.order_by(self.Job.id) if j.id not in superseded]
 
     @writes
     def requeue_failed(self, job_id: int, source_path: Path) -> None:

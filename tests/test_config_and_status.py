@@ -261,6 +261,37 @@ def test_a_failure_whose_photo_was_fixed_and_put_back_no_longer_counts(tmp_path,
     assert "1 failed (1 earlier failure(s) since put back and analysed)" in text and "  p.jpg:" not in text, text
 
 
+def test_retry_leaves_a_failure_whose_photo_was_put_back_and_queued_again(tmp_path, smoke_model_path):
+    from daemon.ledger import Ledger
+
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    back = photo(home / "inbox" / "p.jpg", seed=1, size=(64, 48))
+    st = back.stat()
+    ledger = Ledger(home / "var" / "ledger.db")
+    try:
+        old = ledger.enqueue(back, "p.jpg", "ansel", "default", st.st_size, st.st_mtime - 60)
+        ledger.claim()
+        ledger.fail(old.id, "the sidecar p.mode asks for mode 'bogus'", None)
+        new = ledger.enqueue(back, "p.jpg", "ansel", "default", st.st_size, st.st_mtime)  # put back, fixed
+        assert new is not None
+    finally:
+        ledger.close()
+    out = mondrian(home, smoke_model_path, "retry", "--failed", timeout=60)
+    assert out.returncode == 0 and "0 photo(s) queued again" in out.stderr, out.stderr
+    jobs = sorted(ledger_jobs_all(home), key=lambda j: j.id)
+    assert [(j.id, j.state) for j in jobs] == [(old.id, "failed"), (new.id, "queued")], [(j.id, j.state) for j in jobs]
+
+
+def ledger_jobs_all(home: Path) -> list:
+    from daemon.ledger import Ledger
+
+    ledger = Ledger(home / "var" / "ledger.db")
+    try:
+        return ledger.jobs()
+    finally:
+        ledger.close()
+
+
 # -- advisor folders whatever their case (attack 43) ----------------------------------------------------------------
 
 def test_advisor_folders_are_matched_whatever_their_case(tmp_path, smoke_model_path):
