@@ -7,7 +7,10 @@ launchd plists and tests can steer the daemon without editing files.
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -82,6 +85,24 @@ class Config:
 
 _SCALARS = {f.name: f.type for f in fields(Config)}
 TRUE_WORDS = ("1", "true", "yes", "on")
+FALSE_WORDS = ("0", "false", "no", "off")
+PATH_SETTINGS = ("inbox", "outbox", "var_dir", "db_path", "adapters_dir", "advisors_dir")
+TABLES = ("lora",)  # sections of mondrian.toml read elsewhere: [lora] by jobs/train.py
+# What each number may be: (lowest, highest, whether the lowest itself is allowed). A value outside (or NaN, or
+# infinite) is refused at start: accepted, it would fail every photo later with a reason that names no setting,
+# or hang (a NaN quiet time never lets a file settle).
+LIMITS: dict[str, tuple[float, float, bool]] = {
+    "quiet_seconds": (0, 86400, True),
+    "rescan_seconds": (0, 86400, False),
+    "job_timeout_seconds": (0, 7 * 86400, False),
+    "retry_base_seconds": (0, 86400, True),
+    "max_pixels": (28 * 28, 16384 * 28 * 28, True),  # Qwen2-VL's own upper limit
+    "max_tokens": (1, 32768, True),
+    "comment_max_chars": (1, 4000, True),
+    "max_attempts": (1, 100, True),
+    "rag_k": (1, 100, True),
+}
+_TIME_OF_DAY = re.compile(r"^\s*(\d{1,2}):(\d{2})(?::(\d{2}))?\s*$")
 
 
 def is_true(text: str) -> bool:
@@ -89,19 +110,56 @@ def is_true(text: str) -> bool:
     return text.strip().lower() in TRUE_WORDS
 
 
-def _coerce(name: str, value: Any, default: Any) -> Any:
+def time_of_day(text: str) -> tuple[int, int, int]:
+    """`train_time` ("HH:MM" or "HH:MM:SS", local time) as hours, minutes, seconds."""
+    m = _TIME_OF_DAY.match(str(text))
+    if not m or int(m.group(1)) > 23 or int(m.group(2)) > 59 or int(m.group(3) or 0) > 59:
+        raise ConfigError(f"train_time {text!r} is not a time of day; write it as HH:MM (e.g. \"02:30\")")
+    return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
+
+
+def _coerce(name: str, value: Any, default: Any, origin: str) -> Any:
+    """`value` as the type of `default`, strictly: a typo must not turn into a different setting silently."""
+    kind = {bool: "true or false", int: "a whole number", float: "a number", str: "a text in quotes"}[type(default)]
+    wrong = ConfigError(f"{origin}: {name} must be {kind}")
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+            return is_true(value)
+        raise wrong
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise wrong
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise wrong
     try:
-        if isinstance(default, bool):
-            if isinstance(value, str):
-                return is_true(value)
-            return bool(value)
-        if isinstance(default, int):
-            return int(value)
-        if isinstance(default, float):
-            return float(value)
-        return str(value)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError(f"setting {name!r} has value {value!r}, which is not a {type(default).__name__}") from exc
+        number = float(value)
+    except ValueError:
+        raise wrong from None
+    if isinstance(default, int):
+        if not number.is_integer():  # also NaN and infinities
+            raise wrong
+        return int(number)
+    return number
+
+
+def _check_range(name: str, value: float, default: float, origin: str) -> None:
+    lo, hi, lo_ok = LIMITS[name]
+    if math.isfinite(value) and (value >= lo if lo_ok else value > lo) and value <= hi:
+        return
+    unit = " (seconds)" if name.endswith("_seconds") else ""
+    shown = lambda x: f"{x:,.0f}" if float(x).is_integer() else f"{x:g}"  # noqa: E731
+    raise ConfigError(f"{origin}: {name}{unit} must be {'at least' if lo_ok else 'more than'} {shown(lo)} and at "
+                      f"most {shown(hi)} (the default is {shown(default)})")
+
+
+def _unknown(key: str, cfg_file: Path) -> ConfigError:
+    names = sorted({f.name for f in fields(Config)} - {"home", "extra"} | set(TABLES))
+    close = difflib.get_close_matches(key, names, n=1)
+    hint = f"did you mean `{close[0]}`?" if close else f"the settings are: {', '.join(names)}"
+    return ConfigError(f"unknown setting `{key}` in {cfg_file}; {hint}")
 
 
 def default_home(env: Mapping[str, str] = os.environ) -> Path:
@@ -141,13 +199,28 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
                "MONDRIAN_COMMENT_MAX_CHARS": "comment_max_chars",
                "MONDRIAN_JOB_TIMEOUT": "job_timeout_seconds",
                "MONDRIAN_RESCAN_SECONDS": "rescan_seconds"}
+    origins = {key: f"{key} = {value!r} in {cfg_file}" for key, value in data.items()}
     for var, key in env_map.items():
         if env.get(var):
             data[key] = env[var]
-    data.update({k: v for k, v in overrides.items() if v is not None})
+            origins[key] = f"{var}={env[var]!r} (environment)"
+    for key, value in overrides.items():
+        if value is not None:
+            data[key] = value
+            origins[key] = f"{key}={value!r}"
+    for key in data:
+        if key not in _SCALARS or key in ("home", "extra"):
+            if key not in TABLES:
+                raise _unknown(key, cfg_file)
+            if not isinstance(data[key], dict):
+                raise ConfigError(f"{origins[key]}: `{key}` is a section: write it as [{key}] followed by its "
+                                  f"settings, one a line")
 
     def path_setting(key: str, default: Path) -> Path:
-        p = Path(str(data.pop(key, default))).expanduser()
+        raw = data.pop(key, default)
+        if not isinstance(raw, (str, Path)) or not str(raw).strip():
+            raise ConfigError(f"{origins[key]}: {key} must be a folder (a path in quotes)")
+        p = Path(str(raw)).expanduser()
         return (p if p.is_absolute() else home / p).resolve()
 
     var_dir = path_setting("var_dir", home / "var")
@@ -167,13 +240,19 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
     extra: dict[str, Any] = {}
     for key, value in data.items():
         if key in known:
-            values[key] = _coerce(key, value, getattr(cfg, key))
+            values[key] = _coerce(key, value, getattr(cfg, key), origins[key])
+            if key in LIMITS:
+                _check_range(key, values[key], getattr(cfg, key), origins[key])
         else:
-            extra[key] = value
+            extra[key] = value  # a section (TABLES), read by the part of Mondrian it belongs to
     cfg = replace(cfg, extra=extra, **values)
     if cfg.default_mode.strip().lower() not in MODES:
-        raise ConfigError(f"default mode {cfg.default_mode!r} is unknown; use one of {', '.join(MODES)}")
+        raise ConfigError(f"{origins.get('default_mode', 'default_mode')}: the mode is unknown; use one of "
+                          f"{', '.join(MODES)}")
     cfg = replace(cfg, default_mode=cfg.default_mode.strip().lower())
-    if cfg.max_pixels < 28 * 28:
-        raise ConfigError(f"max_pixels={cfg.max_pixels} is too small; use at least {28 * 28}")
+    if "train_time" in origins:
+        try:
+            time_of_day(cfg.train_time)
+        except ConfigError as exc:
+            raise ConfigError(f"{origins['train_time']}: {exc}") from None
     return cfg

@@ -12,11 +12,13 @@ from __future__ import annotations
 import atexit
 import fcntl
 import functools
+import itertools
 import json
 import logging
 import os
 import re
 import secrets
+import shlex
 import socket
 import sqlite3
 import threading
@@ -25,8 +27,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, TypeVar
 
-from peewee import (SQL, AutoField, BlobField, BooleanField, CharField, FloatField, IntegerField, Model,
-                    OperationalError, SqliteDatabase, TextField, fn)
+from peewee import (SQL, AutoField, BlobField, BooleanField, CharField, DatabaseError, FloatField, IntegerField,
+                    Model, OperationalError, SqliteDatabase, TextField, fn)
 
 QUEUED, RUNNING, DONE, FAILED, GONE = "queued", "running", "done", "failed", "gone"
 STATES = (QUEUED, RUNNING, DONE, FAILED, GONE)
@@ -169,8 +171,9 @@ _NEW_LOCK_GRACE_S = 60.0  # a lock file is created under a hidden name and renam
 
 @dataclass
 class Counts:
-    by_state: dict[str, int]
+    by_state: dict[str, int]  # a failure superseded by a later job of the same file is not in "failed"
     duplicates: int
+    resolved: int = 0  # failures whose file was put back (or retried) and then analysed
 
 
 # SQLite result codes that come from outside the data (the disk, the file, another process): a write that fails
@@ -209,6 +212,32 @@ def _advice(reason: str) -> str:
         return "Another program holds it locked (an open `sqlite3` shell, a backup tool?): close it."
     return ("Make it and its folder writable for the user that runs Mondrian (check `ls -l`, `lsattr`, "
             "`chattr -i`, and that its disk is mounted read-write).")
+
+
+def _set_aside(path: Path) -> str:
+    """The shell commands that move a damaged ledger out of the way, with its -wal and -shm (an old log left beside
+    a new ledger would be replayed into it)."""
+    moves = [f"mv {shlex.quote(f'{path}{s}')} {shlex.quote(f'{path}.broken{s}')}" for s in ("", "-wal", "-shm")
+             if os.path.lexists(f"{path}{s}")]
+    return " && ".join(moves) or f"mv {shlex.quote(str(path))} {shlex.quote(f'{path}.broken')}"
+
+
+def ledger_problem(path: Path, exc: BaseException) -> str:
+    """Why the ledger at `path` cannot be opened, and what to do: one line for the person reading the log."""
+    orig = getattr(exc, "orig", None) or exc
+    name = getattr(orig, "sqlite_errorname", "") or ""
+    fresh = ("and start Mondrian again: it begins a new, empty ledger. The reports and failure records already in "
+             "the outbox stay where they are (outbox/index.html lists only those made from then on)")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        kind = "a folder" if os.path.isdir(path) else "not a regular file"
+        return (f"the ledger {path} is {kind}, not a SQLite database file: move it out of the way "
+                f"({_set_aside(path)}) {fresh}")
+    if name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")) or (isinstance(exc, DatabaseError) and
+                                                                not isinstance(exc, OperationalError)):
+        return (f"the ledger {path} is not a SQLite database, or is damaged ({orig}): move it aside "
+                f"({_set_aside(path)}) {fresh}")
+    reason = str(orig)
+    return f"cannot open the ledger {path} ({reason}). {_advice(reason)}"
 
 
 def writes(method: _F) -> _F:
@@ -277,15 +306,17 @@ class Ledger:
         self._run: tuple[int, Path, str] | None = None  # (fd, file, worker id) of the run lock this process holds
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if os.path.lexists(self.path) and not os.path.isfile(self.path):
+                raise IsADirectoryError(self.path)  # a folder or a pipe: SQLite's own error would mislead
             self._note = FaultNote(note) if note is not None else None
             self.db.connect(reuse_if_open=True)
             self._migrate()
             if stop is not None:
                 self._probe()
             st = os.stat(self.path)
-        except (OperationalError, OSError) as exc:
-            reason = str(getattr(exc, "orig", None) or exc)
-            raise LedgerUnavailable(f"cannot open the ledger {self.path} ({reason}). {_advice(reason)}") from None
+        except (DatabaseError, OSError) as exc:  # DatabaseError: OperationalError, and a damaged or foreign file
+            self.db.close()
+            raise LedgerUnavailable(ledger_problem(self.path, exc)) from None
         self._identity = (st.st_dev, st.st_ino)
 
     def _probe(self) -> None:
@@ -489,6 +520,11 @@ class Ledger:
         finally:
             os.close(fd)
 
+    def job_is_live(self, job: Job) -> bool:
+        """Whether the process running `job` still runs (its run lock is held); False for a job not running."""
+        # Unsigned (no run lock could be taken): its pid still running here is the best sign there is.
+        return job.state == RUNNING and (self._signer_runs(job.worker) or not self._signer_gone(job.worker))
+
     def sweep_run_locks(self) -> int:
         """Remove the run locks of processes that are gone; returns how many."""
         try:
@@ -591,11 +627,23 @@ class Ledger:
         t = self.Job.select(fn.MIN(self.Job.not_before)).where(self.Job.state == QUEUED).scalar()
         return None if t is None else max(0.0, t - now)
 
-    def orphaned_running(self) -> list[Job]:
+    def orphaned_running(self, *, proven: bool = False) -> list[Job]:
         """Jobs left running by a process that no longer runs (crash, SIGKILL, power loss), even if its pid has
-        been given to another process since (a reboot, or the new daemon itself)."""
+        been given to another process since (a reboot, or the new daemon itself).
+
+        `proven`: only those whose process is known to be gone even to a daemon that is not just starting (a
+        `mondrian analyze` killed meanwhile): its run lock is free, or, unsigned, no process has its pid here."""
         running = self.Job.select().where(self.Job.state == RUNNING).order_by(self.Job.id)
-        return [j for j in running if not self._signer_runs(j.worker)]
+        return [j for j in running if not self._signer_runs(j.worker) and (not proven or self._signer_gone(j.worker))]
+
+    def _signer_gone(self, worker: str | None) -> bool:
+        host, _, rest = (worker or "").partition(":")
+        pid, _, token = rest.partition(":")
+        if _RUN_TOKEN.match(token):
+            return True  # its run lock is free (checked by the caller)
+        from .fsutil import pid_alive
+
+        return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
 
     # -- progress inside a job ----------------------------------------------------------------
     @writes
@@ -679,10 +727,13 @@ class Ledger:
         self.Job.update(state=GONE, error=reason, finished_at=time.time()).where(self.Job.id == job_id).execute()
 
     def retry_failed(self, ids: Iterable[int] | None = None) -> list[Job]:
+        """Failed jobs to queue again; not those whose file has a later job (put back since): that one is its job
+        now, and queueing the old one too would give one file two jobs."""
         q = self.Job.select().where(self.Job.state == FAILED)
         if ids is not None:
             q = q.where(self.Job.id.in_(list(ids)))
-        return list(q.order_by(self.Job.id))
+        superseded, _ = self._superseded_failures()
+        return [j for j in q.order_by(self.Job.id) if j.id not in superseded]
 
     @writes
     def requeue_failed(self, job_id: int, source_path: Path) -> None:
@@ -694,20 +745,47 @@ class Ledger:
     def get(self, job_id: int) -> Job:
         return self.Job.get_by_id(job_id)
 
+    def _superseded_failures(self) -> tuple[set[int], set[int]]:
+        """Failed jobs whose file has a later job (put back, or dropped in again), and those of them whose file was
+        analysed since. One pass over the jobs of files that failed once (source_path has no index)."""
+        job = self.Job
+        failed_paths = job.select(job.source_path).where(job.state == FAILED)
+        by_path: dict[str, list[tuple[int, str]]] = {}
+        for path, job_id, state in job.select(job.source_path, job.id, job.state).where(
+                job.source_path.in_(failed_paths)).tuples():
+            by_path.setdefault(path, []).append((job_id, state))
+        superseded, resolved = set(), set()
+        for rows in by_path.values():
+            for job_id, state in rows:
+                if state != FAILED:
+                    continue
+                later = [later_state for i, later_state in rows if i > job_id]
+                if later:
+                    superseded.add(job_id)
+                if DONE in later:
+                    resolved.add(job_id)
+        return superseded, resolved
+
     def counts(self) -> Counts:
         by_state = {s: 0 for s in STATES}
         job = self.Job
         for row in job.select(job.state, fn.COUNT(job.id).alias("n")).group_by(job.state).dicts():
             by_state[row["state"]] = row["n"]
+        # A failed photo the user fixed and put back is a new job: its old failure is history, not a failure now.
+        superseded, resolved = self._superseded_failures()
+        by_state[FAILED] -= len(superseded)
         dups = self.Job.select().where(self.Job.duplicate_of.is_null(False)).count()
-        return Counts(by_state=by_state, duplicates=dups)
+        return Counts(by_state=by_state, duplicates=dups, resolved=len(resolved))
 
     def running(self) -> list[Job]:
         return list(self.Job.select().where(self.Job.state == RUNNING).order_by(self.Job.started_at))
 
     def recent_failures(self, limit: int = 5) -> list[Job]:
-        return list(self.Job.select().where(self.Job.state == FAILED)
-                    .order_by(self.Job.finished_at.desc()).limit(limit))
+        """The latest failures that still stand: not those of a file put back and queued again since."""
+        superseded, _ = self._superseded_failures()
+        standing = (j for j in self.Job.select().where(self.Job.state == FAILED).order_by(self.Job.finished_at.desc())
+                    if j.id not in superseded)
+        return list(itertools.islice(standing, limit))
 
     def reports(self) -> list[Job]:
         """Analysed photos with their own report (duplicates point at another job's)."""

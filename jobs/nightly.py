@@ -16,14 +16,13 @@ in a child process (jobs.train), one advisor at a time, while the daemon keeps s
 from __future__ import annotations
 
 import logging
-import re
 import threading
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Callable
 
-from daemon.config import Config
+from daemon.config import Config, ConfigError, time_of_day
 
 log = logging.getLogger("mondrian.nightly")
 
@@ -31,7 +30,6 @@ JOB_ID = "nightly-lora"
 EVENT = "nightly"
 TRAINING_EVENT = "training"
 WAKE_SECONDS = 60.0
-_TIME = re.compile(r"^\s*(\d{1,2}):(\d{2})(?::(\d{2}))?\s*$")
 
 
 class ScheduleError(ValueError):
@@ -39,13 +37,10 @@ class ScheduleError(ValueError):
 
 
 def parse_train_time(text: str) -> tuple[int, int, int]:
-    m = _TIME.match(str(text))
-    if not m:
-        raise ScheduleError(f"train_time {text!r} is not a time of day; write it as HH:MM (e.g. \"02:30\")")
-    h, mi, s = int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
-    if h > 23 or mi > 59 or s > 59:
-        raise ScheduleError(f"train_time {text!r} is not a time of day; write it as HH:MM (e.g. \"02:30\")")
-    return h, mi, s
+    try:
+        return time_of_day(text)  # the one parser: load_config checks train_time with it at start
+    except ConfigError as exc:
+        raise ScheduleError(str(exc)) from None
 
 
 def previous_fire(train_time: str, now: datetime | None = None) -> datetime:

@@ -20,6 +20,7 @@ Settings come from the `[lora]` table of mondrian.toml (see `TrainSettings`).
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from daemon.config import Config, is_true, load_config
+from daemon.config import CONFIG_NAME, Config, ConfigError, is_true, load_config
 
 if TYPE_CHECKING:
     from daemon.model.fitting import FitSettings
@@ -73,13 +74,19 @@ class TrainSettings:
         known = {f.name: f for f in fields(cls)}
         values: dict[str, Any] = {}
         for key, value in table.items():
-            if key not in known:
-                continue
+            if key not in known:  # a typo must not silently train with the default instead
+                close = difflib.get_close_matches(key, list(known), n=1)
+                hint = f"did you mean `{close[0]}`?" if close else f"the settings are: {', '.join(sorted(known))}"
+                raise ConfigError(f"unknown setting `{key}` in the [lora] section of {cfg.home / CONFIG_NAME}; {hint}")
             default = getattr(cls, key)
             if isinstance(default, bool):
                 values[key] = value if isinstance(value, bool) else is_true(str(value))
-            else:
+                continue
+            try:
                 values[key] = type(default)(value)
+            except (TypeError, ValueError, OverflowError):
+                raise ConfigError(f"[lora] {key} = {value!r} in {cfg.home / CONFIG_NAME}: it must be "
+                                  f"{'a whole number' if isinstance(default, int) else 'a number'}") from None
         return cls(**values)
 
     def iterations(self, train_rows: int) -> int:

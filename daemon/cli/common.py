@@ -10,7 +10,8 @@ from typing import Iterator
 from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from ..config import Config, load_config
+from ..analysis.advisors import UnknownAdvisor, get_advisor
+from ..config import CONFIG_NAME, Config, ConfigError, load_config
 from ..errors import EX_CONFIG, EX_TEMPFAIL, EX_UNAVAILABLE, EX_USAGE
 
 # One look for every bar: count, bar, time so far and left, then what the command adds (loss, the file).
@@ -18,8 +19,15 @@ BAR_FORMAT = "{desc}{n_fmt}/{total_fmt} |{bar:28}| {elapsed}, {remaining} left{p
 
 
 def config_from(args: argparse.Namespace, *, model: str | None = None) -> Config:
-    """The configuration of the home and model a command was given (--home, --model), else the defaults."""
-    return load_config(getattr(args, "home", None), model=model or getattr(args, "model", None))
+    """The configuration of the home and model a command was given (--home, --model), else the defaults; a
+    default advisor that does not exist is refused here, before any photo would fail on it."""
+    cfg = load_config(getattr(args, "home", None), model=model or getattr(args, "model", None))
+    try:
+        get_advisor(cfg, cfg.default_advisor)
+    except UnknownAdvisor as exc:
+        raise ConfigError(f"default_advisor (in {cfg.home / CONFIG_NAME} or MONDRIAN_ADVISOR): "
+                          f"{exc.args[0] if exc.args else exc}") from None
+    return cfg
 
 
 def new_bar(total: int, *, desc: str = "", unit: str = "it") -> tqdm:

@@ -13,9 +13,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from peewee import DatabaseError
+
 from ..analysis.advisors import UnknownAdvisor
 from ..config import MODES, PROJECT_ROOT, ConfigError
-from ..ledger import LedgerUnavailable
+from ..ledger import LedgerUnavailable, ledger_problem
 from .common import EX_CONFIG, EX_USAGE, config_from
 from .terminal import SafeFormatter, shown
 
@@ -91,7 +93,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     from .status import collect, render
 
-    info = collect(config_from(args))
+    info = collect(config_from(args))  # refuses (exit 78) where no home is: a mistyped MONDRIAN_HOME creates none
     print(json.dumps(info, indent=2, default=str) if args.json else render(info))
     return 0
 
@@ -108,8 +110,10 @@ def cmd_model_smoke(args: argparse.Namespace) -> int:
 
 def cmd_retry(args: argparse.Namespace) -> int:
     from .retry import retry_failed
+    from .status import require_home
 
     cfg = config_from(args)
+    require_home(cfg)  # a mistyped MONDRIAN_HOME must not become a new, empty home
     moved, left = retry_failed(cfg, ids=args.ids or None)
     for line in moved:
         print(shown(line))
@@ -192,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         return EX_USAGE
     except LedgerUnavailable as exc:
         log.error("%s", exc)  # one line that says what to fix, not a traceback
+        return EX_CONFIG
+    except DatabaseError as exc:  # damage found after the ledger opened: the same line as at opening
+        log.error("%s", ledger_problem(config_from(args).db_path, exc))
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130

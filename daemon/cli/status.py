@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from ..config import Config
+from ..config import CONFIG_NAME, Config, ConfigError
 from ..fsutil import lock_holder
-from ..ledger import FAULT_NOTE, FaultNote, Ledger
+from ..ledger import FAULT_NOTE, FaultNote, Job, Ledger
 from .terminal import shown
+
+BEAT_SECONDS = 5.0  # the daemon's heartbeat (daemon/pipeline/supervisor.py)
+STALE_AFTER_SECONDS = 30.0  # six missed beats: stopped (SIGSTOP, a debugger, a frozen laptop) or hung
 
 
 def daemon_pid(cfg: Config) -> int | None:
@@ -18,33 +22,90 @@ def daemon_pid(cfg: Config) -> int | None:
     return lock_holder(cfg.var_dir / "daemon.lock")
 
 
+def require_home(cfg: Config) -> None:
+    """A command that only looks (status) must not create a home where a mistyped MONDRIAN_HOME points."""
+    home = cfg.home
+    if home.is_dir() and any(p.exists() for p in (home / CONFIG_NAME, cfg.db_path, cfg.inbox)):
+        return
+    what = "is not a folder" if home.exists() and not home.is_dir() else \
+        "has no mondrian.toml, ledger or inbox" if home.exists() else "does not exist"
+    raise ConfigError(f"no Mondrian home at {home} (it {what}): set MONDRIAN_HOME (or --home) to your home, or run "
+                      f"`mondrian run` once to create it there")
+
+
+def _failure(cfg: Config, j: Job) -> dict[str, Any]:
+    """A failure as status shows it, pointing at its record only if that record was really written."""
+    record = Path(f"{j.output_dir}.error.json") if j.output_dir else None
+    out: dict[str, Any] = {"job_id": j.id, "file": j.rel_path, "reason": j.error, "kind": j.error_kind,
+                           "failed_at": j.finished_at, "record": None, "note": None}
+    if record is not None and record.exists():
+        out["record"] = str(record)
+    elif j.owns_file and os.path.lexists(j.source_path):
+        out["note"] = (f"no failure record could be written to {cfg.failed_dir} ({_unwritable(cfg.failed_dir)}); "
+                       f"the photo is still in the inbox: once that is fixed, run `mondrian retry --failed`")
+    elif record is not None:
+        out["note"] = f"its failure record could not be written to {cfg.failed_dir} ({_unwritable(cfg.failed_dir)})"
+    return out
+
+
+def _unwritable(folder: Path) -> str:
+    """Why a record may not have been written there, as far as can be seen now."""
+    try:
+        st = os.statvfs(folder)
+        if st.f_bavail == 0 or (st.f_files and st.f_favail == 0):
+            return "its disk is full"
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return "the folder cannot be written"
+    return "the daemon's log says why"
+
+
+def _liveness(pid: int | None, events: dict[str, tuple[Any, float]], now: float) -> dict[str, Any]:
+    """Whether the daemon holding the home lock still beats: a stopped or hung process keeps its lock."""
+    if pid is None:
+        return {"running": False, "pid": None}
+    beats = [at for key in ("heartbeat", "daemon") for value, at in [events.get(key, ({}, 0.0))]
+             if isinstance(value, dict) and value.get("pid") == pid]
+    age = round(now - max(beats), 1) if beats else None  # None: it has only just started
+    return {"running": True, "pid": pid, "last_heartbeat_s": age,
+            "responding": age is None or age <= STALE_AFTER_SECONDS}
+
+
 def collect(cfg: Config) -> dict[str, Any]:
+    require_home(cfg)
     ledger = Ledger(cfg.db_path)
     counts = ledger.counts()
     events = ledger.events()
     now = time.time()
-    running = [{"job_id": j.id, "file": j.rel_path, "advisor": j.advisor, "mode": j.requested_mode,
-                "started_at": j.started_at, "elapsed_s": round(now - (j.started_at or now), 1)}
-               for j in ledger.running()]
-    failures = [{"job_id": j.id, "file": j.rel_path, "reason": j.error, "kind": j.error_kind,
-                 "failed_at": j.finished_at, "record": f"{j.output_dir}.error.json" if j.output_dir else None}
-                for j in ledger.recent_failures()]
+    running, interrupted = [], []
+    for j in ledger.running():
+        entry = {"job_id": j.id, "file": j.rel_path, "advisor": j.advisor, "mode": j.requested_mode,
+                 "owns_file": j.owns_file, "started_at": j.started_at, "elapsed_s": round(now - (j.started_at or now), 1)}
+        # A job whose process is gone (a killed `mondrian analyze`) is not in progress, whatever the ledger says.
+        (running if ledger.job_is_live(j) else interrupted).append(entry)
+    failures = [_failure(cfg, j) for j in ledger.recent_failures()]
     model = events.get("model", (None, None))[0]
     pid = daemon_pid(cfg)
     fault = FaultNote.read(cfg.var_dir / FAULT_NOTE)
     if fault is not None and (pid is None or fault.get("pid") != pid):
         fault = None  # left by a daemon that has stopped since
+    daemon = _liveness(pid, events, now)
+    if fault is not None:
+        daemon["responding"] = True  # it cannot write its heartbeat: the fault line says why
     return {
         "home": str(cfg.home),
         "inbox": str(cfg.inbox),
         "outbox": str(cfg.outbox),
-        "daemon": {"running": pid is not None, "pid": pid},
+        "daemon": daemon,
         "model": model or {"id": cfg.model, "smoke": cfg.model == "smoke", "loaded": False},
         "default_advisor": cfg.default_advisor,
         "default_mode": cfg.default_mode,
         "counts": counts.by_state,
         "duplicates": counts.duplicates,
+        "resolved_failures": counts.resolved,
         "running": running,
+        "interrupted": interrupted,
         "recent_failures": failures,
         "last_event_at": events.get("last_event", (None, None))[0],
         "last_rescan_at": events.get("last_rescan", (None, None))[0],
@@ -85,19 +146,45 @@ def _clock(ts: float | None) -> str:
     return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "never"
 
 
+def _interrupted_next(job: dict[str, Any], daemon_runs: bool) -> str:
+    if job.get("owns_file", True):
+        return "the daemon's next start queues it again"
+    when = "at its next rescan" if daemon_runs else "when it next starts (`mondrian run`)"
+    return (f"the daemon records it {when} (from its report if one was written, else as failed); the photo stays "
+            f"where it is: run `mondrian analyze` on it again if it is not done")
+
+
+def _daemon_line(d: dict[str, Any]) -> str:
+    if not d["running"]:
+        return "not running  — start it with `mondrian run` or `mondrian service start`"
+    if not d.get("responding", True):
+        return (f"not responding (pid {d['pid']}; last heartbeat {d['last_heartbeat_s']:.0f} s ago, it beats every "
+                f"{BEAT_SECONDS:.0f} s): stopped (`kill -STOP`, a debugger) or hung. `kill -CONT {d['pid']}` if it "
+                f"was stopped, else restart it (`mondrian service restart`)")
+    return f"running (pid {d['pid']})"
+
+
 def render(info: dict[str, Any]) -> str:
     d = info["daemon"]
     c = info["counts"]
     m = info["model"]
+    interrupted = info.get("interrupted", [])
+    resolved = info.get("resolved_failures", 0)
     lines = [f"Mondrian home: {info['home']}",
-             f"Daemon:  {'running (pid %s)' % d['pid'] if d['running'] else 'not running'}"
-             + ("" if d["running"] else "  — start it with `mondrian run` or `mondrian service start`"),
+             f"Daemon:  {_daemon_line(d)}",
              f"Model:   {m.get('id')}" + ("  (smoke model: scores are NOT meaningful)" if m.get("smoke") else ""),
-             f"Photos:  {c['queued']} queued · {c['running']} in progress · {c['done']} done"
-             f" ({info['duplicates']} duplicates) · {c['failed']} failed"
+             f"Photos:  {c['queued']} queued · {c['running'] - len(interrupted)} in progress"
+             + (f" · {len(interrupted)} interrupted" if interrupted else "")
+             + f" · {c['done']} done ({info['duplicates']} duplicates) · {c['failed']} failed"
+             + (f" ({resolved} earlier failure(s) since put back and analysed)" if resolved else "")
              + (f" · {c['gone']} removed before analysis" if c.get("gone") else "")]
+    paused = "" if d.get("responding", True) else " (the daemon is not responding)"
     for r in info["running"]:
-        lines.append(f"Now:     {r['file']} for {r['advisor']} ({r['mode'] or '…'}), {r['elapsed_s']:.0f} s so far")
+        lines.append(f"Now:     {r['file']} for {r['advisor']} ({r['mode'] or '…'}), {r['elapsed_s']:.0f} s "
+                     f"so far{paused}")
+    for r in interrupted:
+        lines.append(f"Interrupted: {r['file']} (job {r['job_id']}): the process analysing it stopped before it "
+                     f"finished; " + _interrupted_next(r, d["running"]))
     if info.get("training"):
         t = info["training"]
         lines.append(_training_line(t))
@@ -114,6 +201,7 @@ def render(info: dict[str, Any]) -> str:
         lines.append("Recent failures:")
         for f in info["recent_failures"]:
             rec = f" → {Path(f['record']).relative_to(info['outbox']) if f['record'] and Path(f['record']).is_relative_to(info['outbox']) else f['record']}"
-            lines.append(f"  {f['file']}: {f['reason']}{rec if f['record'] else ''}")
+            lines.append(f"  {f['file']}: {f['reason']}{rec if f['record'] else ''}"
+                         + (f" ({f['note']})" if f.get("note") else ""))
     lines.append(f"Reports: {Path(info['outbox']) / 'index.html'}")
     return "\n".join(shown(line) for line in lines)  # one line each: a name cannot forge a line or send escapes

@@ -48,10 +48,14 @@ class Intake:
 
 
 def classify(path: Path, inbox: Path, known_advisors: set[str], default_advisor: str) -> Intake:
-    """`inbox/<advisor_id>/...` selects that advisor; anything else (top level, albums) the default."""
+    """`inbox/<advisor_id>/...` selects that advisor, whatever the case of the folder's name (`Cartier/`, as
+    people type it; ids are lowercase); anything else (top level, albums) the default."""
     rel = path.relative_to(inbox)
-    if len(rel.parts) > 1 and rel.parts[0] in known_advisors:
-        return Intake(rel.parts[0], "folder", str(rel))
+    if len(rel.parts) > 1:
+        by_name = {a.casefold(): a for a in known_advisors}
+        folder = unicodedata.normalize("NFC", rel.parts[0]).casefold()
+        if folder in by_name:
+            return Intake(by_name[folder], "folder", str(rel))
     return Intake(default_advisor, "default", str(rel))
 
 

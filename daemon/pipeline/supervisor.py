@@ -63,6 +63,7 @@ class Daemon:
         self.once = once
         self.stop = threading.Event()
         self.wake = threading.Event()
+        self.recheck = threading.Event()  # asks the worker thread to look for jobs of processes killed meanwhile
         self.ready = threading.Event()
         self.fatal: str | None = None
         self.ledger_lost: str | None = None
@@ -151,6 +152,9 @@ class Daemon:
             self.ready.set()
         while not self.stop.is_set():
             try:
+                if self.recheck.is_set():  # on this thread: recovery publishes, as the worker does
+                    self.recheck.clear()
+                    self.worker.recover_interrupted_analyses()
                 more = False
                 if self.worker.runtime is not None:  # references need the model; never index without it
                     more = self.references.step(self.worker.runtime, stop=self.stop)  # between jobs, this thread
@@ -172,8 +176,15 @@ class Daemon:
 
     def _idle(self) -> bool:
         counts = self.ledger.counts().by_state
+        if counts["running"] and not all(self.ledger.job_is_live(j) for j in self.ledger.running()):
+            self._ask_recheck()  # a killed `mondrian analyze` would keep a --once run waiting forever
+            return False
         return self.watcher.pending() == 0 and counts["queued"] == 0 and counts["running"] == 0 \
             and not self.worker.busy.is_set() and not self.references.busy.is_set()
+
+    def _ask_recheck(self) -> None:
+        self.recheck.set()
+        self.wake.set()
 
     def run(self) -> int:
         self.cfg.ensure_dirs()
@@ -206,6 +217,7 @@ class Daemon:
                     self.watcher.rescan()
                     self.references.ensure_alive()
                     self.references.mark_dirty()
+                    self._ask_recheck()
                     next_rescan = now + self.cfg.rescan_seconds
                 if now >= next_beat:
                     self._beat()

@@ -74,6 +74,16 @@ class Worker:
         self.out.sweep_staging()
         return n
 
+    def recover_interrupted_analyses(self) -> int:
+        """While the daemon runs: finish or fail the jobs of `mondrian analyze` processes killed meanwhile (start-up
+        recovery does it for those killed before). They need no analysis and their photos are never moved; inbox
+        jobs are only ever run by this daemon, so none of them can be left by a process that died since."""
+        jobs = [j for j in self.ledger.orphaned_running(proven=True) if not j.owns_file]
+        for job in jobs:
+            log.info("`mondrian analyze` of %s (job %d) was stopped before it finished", job.rel_path, job.id)
+            self._recover_direct(job)
+        return len(jobs)
+
     def _recover_direct(self, job: Job) -> None:
         """A killed `mondrian analyze`: finish it from its published report, else fail it. Never take it over as
         an inbox job: its photo is the user's and stays where it is."""

@@ -1,0 +1,356 @@
+"""Settings, the ledger file and `mondrian status` under hostile use: real daemon and CLI processes on real homes.
+
+- Every setting of mondrian.toml (and its environment overrides) is checked at start: NaN, infinities, values out of
+  range, wrong types, unknown keys (with a suggestion) and an unknown default advisor exit 78 with one line.
+- A ledger that is garbage, truncated or a folder: one line that says how to set it aside; following it works.
+- A `mondrian analyze` killed while a daemon runs is noticed: `status` says interrupted, and the daemon (also a
+  `run --once` that was waiting for it) records it, never moving the photo.
+- `status` names only failure records that exist; a failure whose photo was fixed and put back no longer counts;
+  a stopped daemon is "not responding"; a mistyped MONDRIAN_HOME creates nothing.
+- Advisor folders are matched whatever their case (`inbox/Cartier/`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import (REPO, Daemon, env_for, ledger_jobs, make_home, mondrian, photo, reports, status,
+                           wait_for)
+from tests.test_faults import read_only
+from tests.test_recovery import _wait_stopped
+
+FAST = dict(max_pixels=56 * 56, comment_max_chars=8, max_tokens=400, quiet_seconds=0.2, rescan_seconds=1,
+            retry_base_seconds=0.2)
+
+
+def _one_line(out: subprocess.CompletedProcess) -> str:
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    return lines[0]
+
+
+# -- every setting is checked at start (attack 26) ---------------------------------------------------------------
+
+BAD_SETTINGS = {  # a line of mondrian.toml (or NAME=value in the environment): what the one line must say
+    "quiet_seconds = nan": "quiet_seconds (seconds) must be at least 0",
+    "quiet_seconds = inf": "quiet_seconds (seconds) must be at least 0",
+    "quiet_seconds = -1": "quiet_seconds (seconds) must be at least 0",
+    "rescan_seconds = nan": "rescan_seconds (seconds) must be more than 0",
+    "rescan_seconds = 0": "rescan_seconds (seconds) must be more than 0",
+    "job_timeout_seconds = 0": "job_timeout_seconds (seconds) must be more than 0",
+    "job_timeout_seconds = nan": "job_timeout_seconds (seconds) must be more than 0",
+    "retry_base_seconds = -1": "retry_base_seconds (seconds) must be at least 0",
+    "max_tokens = 0": "max_tokens must be at least 1",
+    "max_tokens = inf": "max_tokens must be a whole number",
+    "comment_max_chars = -1": "comment_max_chars must be at least 1",
+    "max_attempts = -3": "max_attempts must be at least 1",
+    "rag_k = -1": "rag_k must be at least 1",
+    "max_pixels = 1e12": "max_pixels must be at least 784 and at most",
+    "max_pixels = 5.5": "max_pixels must be a whole number",
+    'expose_paths = "nope"': "expose_paths must be true or false",
+    'train_time = "25:99"': "is not a time of day",
+    'default_mode = "fast"': "the mode is unknown",
+    'default_advisor = "nobody"': "unknown advisor 'nobody'",
+    'default_advisor = "../../etc"': "is not an advisor id",
+    'default_mod = "rag"': "unknown setting `default_mod`",
+    "quiet_secnds = 5": "did you mean `quiet_seconds`?",
+    "lora = 5": "`lora` is a section",
+    "MONDRIAN_QUIET_SECONDS=nan": "MONDRIAN_QUIET_SECONDS='nan' (environment): quiet_seconds (seconds) must be",
+    "MONDRIAN_JOB_TIMEOUT=-5": "MONDRIAN_JOB_TIMEOUT='-5' (environment): job_timeout_seconds (seconds) must be",
+    "MONDRIAN_ADVISOR=nobody": "unknown advisor 'nobody'",
+}
+
+
+@pytest.mark.parametrize("setting", list(BAD_SETTINGS))
+def test_a_bad_setting_exits_78_with_one_line_and_touches_nothing(tmp_path, smoke_model_path, setting):
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    env: dict[str, str] = {}
+    if " = " in setting:
+        key = setting.split(" = ")[0]
+        kept = [line for line in (home / "mondrian.toml").read_text().splitlines() if not line.startswith(key + " ")]
+        (home / "mondrian.toml").write_text("\n".join(kept + [setting]) + "\n")
+    else:
+        name, value = setting.split("=", 1)
+        env[name] = value
+    waiting = photo(home / "inbox" / "waiting.jpg", seed=7, size=(64, 48))
+    try:
+        out = mondrian(home, smoke_model_path, "run", "--once", timeout=60, **env)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{setting}: `run --once` did not exit within 60 s (the setting was taken as it is)")
+    assert out.returncode == 78, f"{setting}: rc {out.returncode}\n{out.stderr[-2000:]}"
+    line = _one_line(out)
+    assert BAD_SETTINGS[setting] in line, line
+    assert waiting.exists() and not (home / "outbox" / "failed" / "waiting.jpg").exists()
+    print(f"\n{setting}: exit 78, {line.split('configuration problem: ', 1)[-1][:140]}")
+
+
+def test_valid_settings_and_sections_still_load(tmp_path, smoke_model_path):
+    from daemon.config import load_config
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "mondrian.toml").write_text('quiet_seconds = 0\nexpose_paths = "no"\ndefault_mode = "RAG "\n'
+                                        'train_time = "2:30"\nmax_pixels = 1e4\n[lora]\nrank = 4\nnightly = false\n')
+    cfg = load_config(home, env={"MONDRIAN_QUIET_SECONDS": "0.5", "EMBEDDINGS_ENABLED": "off"})
+    assert (cfg.quiet_seconds, cfg.expose_paths, cfg.default_mode, cfg.max_pixels, cfg.embeddings_enabled) == \
+        (0.5, False, "rag", 10000, False)
+    assert cfg.extra["lora"] == {"rank": 4, "nightly": False}
+
+
+# -- a damaged ledger: one line, and its advice works (attack 17) --------------------------------------------------
+
+def _damage(db: Path, kind: str) -> None:
+    for suffix in ("-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+    if kind == "garbage":
+        db.write_bytes(os.urandom(20000))
+    elif kind == "truncated":
+        with open(db, "r+b") as f:
+            f.truncate(3000)
+    else:
+        db.unlink()
+        db.mkdir()
+
+
+@pytest.mark.parametrize("kind", ["garbage", "truncated", "folder"])
+def test_a_damaged_ledger_is_one_line_and_its_advice_works(tmp_path, smoke_model_path, kind):
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    photo(home / "inbox" / "first.jpg", seed=1, size=(64, 48))
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    (first_report,) = reports(home / "outbox")
+    db = home / "var" / "ledger.db"
+    _damage(db, kind)
+    photo(home / "inbox" / "second.jpg", seed=2, size=(64, 48))
+
+    lines = {}
+    for cmd in (["status"], ["retry", "--failed"], ["run", "--once"]):
+        out = mondrian(home, smoke_model_path, *cmd, timeout=60)
+        assert out.returncode == 78, f"{cmd}: rc {out.returncode}\n{out.stderr[-2000:]}"
+        lines[cmd[0]] = _one_line(out)
+    line = lines["run"]
+    assert ("is a folder" if kind == "folder" else "is not a SQLite database, or is damaged") in line, line
+    assert "writable" not in line, line
+
+    # Follow the advice literally: the commands it gives, then start again.
+    commands = re.search(r"\((mv .*?)\) ", line).group(1)
+    subprocess.run(commands, shell=True, check=True)
+    assert not os.path.lexists(db)
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert ledger_jobs(home)["second.jpg"].state == "done"
+    assert first_report.exists() and len(reports(home / "outbox")) == 2
+    print(f"\n{kind}: {line.split(': ', 1)[1][:160]}… then `{commands}` and a fresh start")
+
+
+# -- a `mondrian analyze` killed while a daemon runs (attack 24) -----------------------------------------------------
+
+def _analyze_held(home: Path, model: Path, target: Path) -> subprocess.Popen:
+    """`mondrian analyze` holding itself mid-analysis (SIGSTOP at the test point), its job running in the ledger."""
+    an = subprocess.Popen([sys.executable, "-m", "daemon", "analyze", str(target)],
+                          env=env_for(home, model, MONDRIAN_TEST_STOP_AT="analysing"), cwd=REPO,
+                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _wait_stopped(an.pid, "mondrian analyze", an)
+    return an
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.communicate()
+
+
+def _state(home: Path, name: str) -> str | None:
+    job = ledger_jobs(home).get(name)
+    return job.state if job is not None else None
+
+
+def _gave_up(home: Path, name: str) -> bool:
+    job = ledger_jobs(home).get(name)
+    return job is not None and job.state == "failed" and "`mondrian analyze` was stopped" in (job.error or "")
+
+
+def test_a_killed_analyze_is_interrupted_in_status_and_recorded_by_the_running_daemon(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, **{**FAST, "rescan_seconds": 2})
+    outside = tmp_path / "elsewhere"
+    one, two, three = (photo(outside / f"{n}.jpg", seed=i, size=(64, 48)) for i, n in enumerate(["one", "two", "three"]))
+    before = {p: p.read_bytes() for p in (one, two, three)}
+
+    # Killed with no daemon: status says interrupted, not in progress.
+    _kill(_analyze_held(home, smoke_model_path, one))
+    text = mondrian(home, smoke_model_path, "status").stdout
+    assert "0 in progress · 1 interrupted" in text and "Interrupted: one.jpg" in text and "Now:" not in text, text
+    info = status(home, smoke_model_path)
+    assert [r["file"] for r in info["interrupted"]] == ["one.jpg"] and info["running"] == [], info
+
+    # A `run --once` waiting for a live analyze: when that analyze is killed, the run records it and exits.
+    an = _analyze_held(home, smoke_model_path, two)
+    try:
+        with Daemon(home, smoke_model_path, "--once") as d:
+            wait_for(lambda: "model ready" in d.output(), 120, what="the daemon past its start-up recovery")
+            assert ledger_jobs(home)["two.jpg"].state == "running"
+            _kill(an)
+            try:
+                rc = d.wait(60)
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"`run --once` never exited after the analyze it waited for was killed:\n{d.output()[-2000:]}")
+            assert rc == 0, d.output()
+    finally:
+        if an.poll() is None:
+            _kill(an)
+    assert _gave_up(home, "one.jpg") and _gave_up(home, "two.jpg")
+
+    # A daemon that keeps running notices it at its next rescan.
+    with Daemon(home, smoke_model_path) as d:
+        wait_for(lambda: "model ready" in d.output(), 120, what="the daemon to start")
+        an = _analyze_held(home, smoke_model_path, three)
+        _kill(an)
+        wait_for(lambda: _gave_up(home, "three.jpg"), 30, what="the running daemon to record the killed analyze")
+        assert status(home, smoke_model_path)["interrupted"] == []
+        assert d.stop() == 0, d.output()
+    assert {p: p.read_bytes() for p in (one, two, three)} == before  # never moved, never changed
+    assert not any(p.suffix == ".jpg" for p in (home / "outbox" / "failed").iterdir())
+
+
+# -- status names only records that exist (attack 16) ----------------------------------------------------------------
+
+def test_status_names_a_failure_record_only_if_it_was_written(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    with Daemon(home, smoke_model_path) as d:
+        wait_for(lambda: "model ready" in d.output(), 120, what="the daemon to start")
+        with read_only(home / "outbox" / "failed"):
+            (home / "inbox" / "notaphoto.jpg").write_text("not a photo at all")
+            wait_for(lambda: _state(home, "notaphoto.jpg") == "failed", 60, what="the non-photo to fail")
+            info = status(home, smoke_model_path)
+            text = mondrian(home, smoke_model_path, "status").stdout
+        d.stop()
+    (failure,) = info["recent_failures"]
+    assert failure["record"] is None, failure
+    assert "no failure record could be written" in failure["note"] and "retry --failed" in failure["note"], failure
+    assert "notaphoto.jpg.error.json" not in text and "no failure record could be written" in text, text
+    assert (home / "inbox" / "notaphoto.jpg").exists()
+
+
+# -- a failure fixed and put back no longer counts (attack 02) -------------------------------------------------------
+
+def test_a_failure_whose_photo_was_fixed_and_put_back_no_longer_counts(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    photo(home / "inbox" / "p.jpg", seed=1, size=(64, 48))
+    (home / "inbox" / "p.mode").write_text("bogus\n")
+    photo(home / "inbox" / "q.jpg", seed=2, size=(64, 48))
+    (home / "inbox" / "q.MODE").write_text("bogus\n")
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    assert status(home, smoke_model_path)["counts"]["failed"] == 2
+
+    failed = home / "outbox" / "failed"
+    os.replace(failed / "p.jpg", home / "inbox" / "p.jpg")  # as the record says: fixed (no sidecar) and put back
+    (failed / "p.mode").unlink()
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    info = status(home, smoke_model_path)
+    assert info["counts"]["failed"] == 1 and info["resolved_failures"] == 1 and info["counts"]["done"] == 1, info
+    assert [f["file"] for f in info["recent_failures"]] == ["q.jpg"], info["recent_failures"]
+    text = mondrian(home, smoke_model_path, "status").stdout
+    assert "1 failed (1 earlier failure(s) since put back and analysed)" in text and "  p.jpg:" not in text, text
+
+
+def test_retry_leaves_a_failure_whose_photo_was_put_back_and_queued_again(tmp_path, smoke_model_path):
+    from daemon.ledger import Ledger
+
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    back = photo(home / "inbox" / "p.jpg", seed=1, size=(64, 48))
+    st = back.stat()
+    ledger = Ledger(home / "var" / "ledger.db")
+    try:
+        old = ledger.enqueue(back, "p.jpg", "ansel", "default", st.st_size, st.st_mtime - 60)
+        ledger.claim()
+        ledger.fail(old.id, "the sidecar p.mode asks for mode 'bogus'", None)
+        new = ledger.enqueue(back, "p.jpg", "ansel", "default", st.st_size, st.st_mtime)  # put back, fixed
+        assert new is not None
+    finally:
+        ledger.close()
+    out = mondrian(home, smoke_model_path, "retry", "--failed", timeout=60)
+    assert out.returncode == 0 and "0 photo(s) queued again" in out.stderr, out.stderr
+    jobs = sorted(ledger_jobs_all(home), key=lambda j: j.id)
+    assert [(j.id, j.state) for j in jobs] == [(old.id, "failed"), (new.id, "queued")], [(j.id, j.state) for j in jobs]
+
+
+def ledger_jobs_all(home: Path) -> list:
+    from daemon.ledger import Ledger
+
+    ledger = Ledger(home / "var" / "ledger.db")
+    try:
+        return ledger.jobs()
+    finally:
+        ledger.close()
+
+
+# -- advisor folders whatever their case (attack 43) ----------------------------------------------------------------
+
+def test_advisor_folders_are_matched_whatever_their_case(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    photo(home / "inbox" / "Cartier" / "c.jpg", seed=1, size=(64, 48))
+    photo(home / "inbox" / "LEIBOVITZ" / "l.jpg", seed=2, size=(64, 48))
+    photo(home / "inbox" / "аnsel" / "cyrillic.jpg", seed=3, size=(64, 48))  # a Cyrillic "а": not an advisor
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    jobs = ledger_jobs(home)
+    got = {name: (job.advisor, job.advisor_source, job.state) for name, job in jobs.items()}
+    assert got == {"Cartier/c.jpg": ("cartier", "folder", "done"), "LEIBOVITZ/l.jpg": ("leibovitz", "folder", "done"),
+                   "аnsel/cyrillic.jpg": ("ansel", "default", "done")}, got
+    for job in jobs.values():
+        assert json.loads(Path(job.report_json).read_text())["advisor"]["id"] == job.advisor
+
+
+# -- a stopped daemon is not responding (attack 34) ------------------------------------------------------------------
+
+def test_a_stopped_daemon_is_shown_as_not_responding(tmp_path, smoke_model_path):
+    from daemon.cli.status import STALE_AFTER_SECONDS
+
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    photo(home / "inbox" / "a.jpg", seed=1, size=(64, 48))
+    with Daemon(home, smoke_model_path, MONDRIAN_TEST_STOP_AT="analysing") as d:
+        _wait_stopped(d.proc.pid, "the daemon", d.proc, d.output())
+        stopped_at = time.monotonic()
+        info = status(home, smoke_model_path)
+        assert info["daemon"]["responding"], info["daemon"]  # just stopped: not stale yet
+        time.sleep(max(0.0, STALE_AFTER_SECONDS + 3 - (time.monotonic() - stopped_at)))
+        info = status(home, smoke_model_path)
+        text = mondrian(home, smoke_model_path, "status").stdout
+        d.signal(signal.SIGCONT)
+        wait_for(lambda: status(home, smoke_model_path)["daemon"]["responding"], 30, what="a fresh heartbeat")
+        assert d.stop() == 0, d.output()
+    assert info["daemon"]["running"] and not info["daemon"]["responding"], info["daemon"]
+    assert info["daemon"]["last_heartbeat_s"] > STALE_AFTER_SECONDS
+    assert "Daemon:  not responding (pid" in text and f"kill -CONT {d.proc.pid}" in text, text
+
+
+# -- status does not create a home (attack 27) -----------------------------------------------------------------------
+
+def test_status_with_a_mistyped_home_creates_nothing(tmp_path, smoke_model_path):
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "empty").mkdir()
+    for typo in (tmp_path / "missing" / "deep", tmp_path / "a-file", tmp_path / "empty"):
+        for cmd in (["status"], ["status", "--json"], ["retry", "--failed"]):
+            out = mondrian(typo, smoke_model_path, *cmd, timeout=60)
+            assert out.returncode == 78, f"{typo} {cmd}: rc {out.returncode}\n{out.stderr}"
+            line = _one_line(out)
+            assert f"no Mondrian home at {typo}" in line and "MONDRIAN_HOME" in line, line
+    assert not (tmp_path / "missing").exists() and list((tmp_path / "empty").iterdir()) == []
+    assert (tmp_path / "a-file").read_text() == "x"
+    print(f"\n{line.split('configuration problem: ', 1)[-1]}")
+
+
+def test_a_typo_in_the_lora_section_is_refused_with_a_suggestion(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    with open(home / "mondrian.toml", "a") as f:
+        f.write("[lora]\nrnak = 4\n")
+    out = mondrian(home, smoke_model_path, "train", "--advisor", "ansel", timeout=120)
+    assert out.returncode == 78 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "unknown setting `rnak` in the [lora] section" in out.stderr and "did you mean `rank`?" in out.stderr
