@@ -40,6 +40,8 @@ class Config:
     max_tokens: int = 1400
     comment_max_chars: int = 160
     job_timeout_seconds: float = 600.0
+    # No photo is this large; a bigger file (a sparse 10 GB `.jpg`, a disk image) is refused before it is read.
+    max_file_mb: int = 512
     max_attempts: int = 4
     retry_base_seconds: float = 5.0
     embeddings_enabled: bool = True
@@ -47,6 +49,10 @@ class Config:
     train_time: str = "02:30"
     expose_paths: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_file_bytes(self) -> int:
+        return self.max_file_mb * 1024 * 1024
 
     @property
     def failed_dir(self) -> Path:
@@ -174,6 +180,8 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
     if cfg.default_mode.strip().lower() not in MODES:
         raise ConfigError(f"default mode {cfg.default_mode!r} is unknown; use one of {', '.join(MODES)}")
     cfg = replace(cfg, default_mode=cfg.default_mode.strip().lower())
+    if cfg.max_file_mb < 1:
+        raise ConfigError(f"max_file_mb={cfg.max_file_mb} is too small; use at least 1 (the default is 512)")
     if cfg.max_pixels < 28 * 28:
         raise ConfigError(f"max_pixels={cfg.max_pixels} is too small; use at least {28 * 28}")
     return cfg

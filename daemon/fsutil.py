@@ -100,6 +100,26 @@ def read_regular_file(path: Path, *, max_bytes: int | None = None, timeout_s: fl
     return result["data"]  # type: ignore[return-value]
 
 
+def too_large(path: Path, max_bytes: int | None) -> str | None:
+    """Why `path` is refused before a byte of it is read (larger than any photo), or None. The whole file is held
+    in memory while it is hashed and decoded, so a sparse 10 GB `.jpg` would take the machine's memory."""
+    if max_bytes is None:
+        return None
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        return None  # the read says what is wrong
+    if size <= max_bytes:
+        return None
+    return (f"the file is {_size_words(size)}, larger than the {_size_words(max_bytes)} Mondrian reads (max_file_mb); "
+            f"no photo is that large. Export the photo again, or raise max_file_mb in mondrian.toml")
+
+
+def _size_words(n: int) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+
 # ---------------------------------------------------------------------------------------- atomic writes
 TEMP_NAME_HINT_BYTES = 48
 

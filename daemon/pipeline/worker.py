@@ -113,7 +113,8 @@ class Worker:
             self._check_symlink(src)  # what `process` refuses to read, the check does not read either
             requested, _ = self._requested_mode(src, override)
             advisor = self._advisor(job.advisor)
-            photo = load_photo(src, self.cfg.max_pixels, timeout_s=self.cfg.job_timeout_seconds)
+            photo = load_photo(src, self.cfg.max_pixels, timeout_s=self.cfg.job_timeout_seconds,
+                               max_bytes=self.cfg.max_file_bytes)
             self._analyse(job, src, photo, advisor, requested)
         except Exception as exc:  # not a crash: `process` will meet it again and deal with it
             return f"{type(exc).__name__}: {exc}"
@@ -176,7 +177,8 @@ class Worker:
             advisor = self._advisor(job.advisor)
             t0 = time.perf_counter()
             before = identity(src)
-            photo = load_photo(src, self.cfg.max_pixels, timeout_s=self.cfg.job_timeout_seconds)
+            photo = load_photo(src, self.cfg.max_pixels, timeout_s=self.cfg.job_timeout_seconds,
+                               max_bytes=self.cfg.max_file_bytes)
             decode_s = time.perf_counter() - t0
         except (Permanent, SidecarError, ImageRejected) as exc:
             self.out.fail(job, str(exc), keep_original=keep_original)
