@@ -262,11 +262,19 @@ def companion(photo: Path, suffix: str) -> Path | None:
     if os.path.lexists(exact) and not is_folder(exact):
         return exact
     try:
-        for entry in os.scandir(photo.parent):
-            if entry.name.lower() == want.lower() and not entry.is_dir(follow_symlinks=False):
-                return photo.parent / entry.name
+        entries = [e for e in os.scandir(photo.parent) if not e.is_dir(follow_symlinks=False)]
     except OSError:
-        pass
+        return None
+    # The stem's case counts first: on a case-sensitive disk `X.MODE` belongs to `X.jpg`, never to `x.jpg`. Only the
+    # suffix's case is relaxed (`IMG_1.MODE`), and then the whole name, unless another file has exactly that stem.
+    found = [e.name for e in entries if e.name.lower() == want.lower()]
+    for name in found:
+        if Path(name).stem == photo.stem:
+            return photo.parent / name
+    stems = {Path(e.name).stem for e in entries if e.name != photo.name and not e.name.lower().endswith(suffix.lower())}
+    for name in found:
+        if Path(name).stem not in stems:
+            return photo.parent / name
     return None
 
 
