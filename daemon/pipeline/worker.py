@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -260,6 +261,11 @@ class Worker:
         target = Path(os.path.realpath(src))
         if not target.is_relative_to(inbox) or target == inbox:
             return False  # a link out of the inbox is refused with its reason (_check_symlink)
+        try:
+            if not stat.S_ISREG(os.stat(target).st_mode):
+                return False  # a link to a pipe or a device fails with what it points to, as the target does
+        except OSError:
+            pass  # dangling: its target was moved out (analysed) or removed; either way not a photo of its own
         shown = Path(self.cfg.inbox.name, target.relative_to(inbox)).as_posix()
         try:
             os.unlink(src)
