@@ -60,6 +60,17 @@ def _assert_reports_hold_their_originals(outbox: Path) -> dict[str, dict]:
     return found
 
 
+def _stopped(pid: int) -> bool:
+    """Every thread of `pid` is stopped (SIGSTOP), not only the one that read the signal first."""
+    states = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            states.append((task / "stat").read_text().rsplit(") ", 1)[1][0])
+        except OSError:
+            pass
+    return bool(states) and all(s in "Tt" for s in states)
+
+
 def _chmod_back(*paths: Path) -> None:
     for p in paths:
         if os.path.lexists(p):
@@ -125,14 +136,14 @@ def test_an_original_that_cannot_be_moved_after_its_report_is_written_withdraws_
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: (home / "outbox" / "r" / "report.json").exists(), timeout=120, what="the report in place")
-        wait_for(lambda: open(f"/proc/{proc.pid}/stat").read().split(") ")[1][0] == "T", timeout=30,
-                 what="the daemon stopped after the rename")
+        wait_for(lambda: _stopped(proc.pid), timeout=30, what="the daemon stopped after the rename")
         ro.chmod(0o555)
         proc.send_signal(signal.SIGCONT)
         _, err = proc.communicate(timeout=RUN_TIMEOUT)
         assert proc.returncode == 0, err[-3000:]
         job = ledger_jobs(home)["rofolder/r.jpg"]
-        assert job.state == "failed" and "chmod u+w" in job.error and job.attempts == 1, (job.state, job.error)
+        assert job.state == "failed" and "chmod u+w" in job.error and job.attempts == 1, (job.state, job.error,
+                                                                                            job.attempts, err[-3000:])
         assert (ro / "r.jpg").exists()
         assert _assert_reports_hold_their_originals(home / "outbox") == {}, "the report was withdrawn"
         assert [p.name for p in (home / "outbox").iterdir() if p.is_dir() and p.name not in

@@ -265,7 +265,8 @@ class Worker:
             if not stat.S_ISREG(os.stat(target).st_mode):
                 return False  # a link to a pipe or a device fails with what it points to, as the target does
         except OSError:
-            pass  # dangling: its target was moved out (analysed) or removed; either way not a photo of its own
+            if not self.ledger.has_job(target):
+                return False  # it points at nothing that was ever here: refused as a dangling link
         shown = Path(self.cfg.inbox.name, target.relative_to(inbox)).as_posix()
         try:
             os.unlink(src)
