@@ -195,6 +195,8 @@ class InboxWatcher:
         if exc.errno == errno.ENAMETOOLONG:
             self._too_long(path, folder=True)
             return
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return  # removed or replaced while the walk went by: nothing there to see
         if path != self.inbox and path.is_relative_to(self.inbox):
             # e.g. a folder without read permission: its photos cannot be seen. A failure (status lists it), not
             # only a log line; `mondrian retry --failed` clears it once the folder can be read.
