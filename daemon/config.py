@@ -43,6 +43,8 @@ class Config:
     max_tokens: int = 1400
     comment_max_chars: int = 160
     job_timeout_seconds: float = 600.0
+    # No photo is this large; a bigger file (a sparse 10 GB `.jpg`, a disk image) is refused before it is read.
+    max_file_mb: int = 512
     max_attempts: int = 4
     retry_base_seconds: float = 5.0
     embeddings_enabled: bool = True
@@ -50,6 +52,10 @@ class Config:
     train_time: str = "02:30"
     expose_paths: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def max_file_bytes(self) -> int:
+        return self.max_file_mb * 1024 * 1024
 
     @property
     def failed_dir(self) -> Path:
@@ -101,6 +107,7 @@ LIMITS: dict[str, tuple[float, float, bool]] = {
     "comment_max_chars": (1, 4000, True),
     "max_attempts": (1, 100, True),
     "rag_k": (1, 100, True),
+    "max_file_mb": (1, 1024 * 1024, True),
 }
 _TIME_OF_DAY = re.compile(r"^\s*(\d{1,2}):(\d{2})(?::(\d{2}))?\s*$")
 

@@ -100,6 +100,26 @@ def read_regular_file(path: Path, *, max_bytes: int | None = None, timeout_s: fl
     return result["data"]  # type: ignore[return-value]
 
 
+def too_large(path: Path, max_bytes: int | None) -> str | None:
+    """Why `path` is refused before a byte of it is read (larger than any photo), or None. The whole file is held
+    in memory while it is hashed and decoded, so a sparse 10 GB `.jpg` would take the machine's memory."""
+    if max_bytes is None:
+        return None
+    try:
+        size = os.stat(path).st_size
+    except OSError:
+        return None  # the read says what is wrong
+    if size <= max_bytes:
+        return None
+    return (f"the file is {_size_words(size)}, larger than the {_size_words(max_bytes)} Mondrian reads (max_file_mb); "
+            f"no photo is that large. Export the photo again, or raise max_file_mb in mondrian.toml")
+
+
+def _size_words(n: int) -> str:
+    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
+
+
+
 # ---------------------------------------------------------------------------------------- atomic writes
 TEMP_NAME_HINT_BYTES = 48
 
@@ -242,11 +262,19 @@ def companion(photo: Path, suffix: str) -> Path | None:
     if os.path.lexists(exact) and not is_folder(exact):
         return exact
     try:
-        for entry in os.scandir(photo.parent):
-            if entry.name.lower() == want.lower() and not entry.is_dir(follow_symlinks=False):
-                return photo.parent / entry.name
+        entries = [e for e in os.scandir(photo.parent) if not e.is_dir(follow_symlinks=False)]
     except OSError:
-        pass
+        return None
+    # The stem's case counts first: on a case-sensitive disk `X.MODE` belongs to `X.jpg`, never to `x.jpg`. Only the
+    # suffix's case is relaxed (`IMG_1.MODE`), and then the whole name, unless another file has exactly that stem.
+    found = [e.name for e in entries if e.name.lower() == want.lower()]
+    for name in found:
+        if Path(name).stem == photo.stem:
+            return photo.parent / name
+    stems = {Path(e.name).stem for e in entries if e.name != photo.name and not e.name.lower().endswith(suffix.lower())}
+    for name in found:
+        if Path(name).stem not in stems:
+            return photo.parent / name
     return None
 
 

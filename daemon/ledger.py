@@ -600,6 +600,10 @@ class Ledger:
         return self.Job.select().where((self.Job.source_path == str(source_path)) &
                                        (self.Job.state.in_(ACTIVE))).exists()
 
+    def has_job(self, source_path: Path) -> bool:
+        """Whether a photo at this path was ever queued (an inbox link's target that has been taken in since)."""
+        return self.Job.select().where(self.Job.source_path == str(source_path)).exists()
+
     @writes
     def start_direct(self, source_path: Path, rel_path: str, advisor: str, advisor_source: str) -> Job:
         """A job run in-process by `mondrian analyze`: created already running so no daemon claims it."""

@@ -285,7 +285,7 @@ def build_rows(refs: list[Reference], advisor: Advisor, cfg: Config, *, variants
     cols: dict[str, list[Any]] = {"images": [], "messages": [], "sha256": [], "variant": [], "augment": []}
     for ref in refs:
         try:
-            photo = load_photo(Path(ref.path), cfg.max_pixels)
+            photo = load_photo(Path(ref.path), cfg.max_pixels, max_bytes=cfg.max_file_bytes)
         except ImageRejected as exc:
             raise DatasetError(f"reference {ref.path} cannot be read: {exc}") from exc
         answer = report_text(target_report(ref, cfg.comment_max_chars))

@@ -8,39 +8,75 @@ import os
 from pathlib import Path
 
 from ..config import Config
-from ..intake.inbox import unique_path
-from ..ledger import Ledger
-from ..fsutil import folder_inside
+from ..fsutil import folder_inside, is_folder
+from ..intake.inbox import sidecar_for, unique_path
+from ..ledger import Job, Ledger
 
 
 def retry_failed(cfg: Config, ids: list[int] | None = None) -> tuple[list[str], list[str]]:
-    """Queue failed inbox photos again. Returns (lines for the queued jobs, what to do for those left alone)."""
+    """Queue failed inbox photos again. Returns (lines for the queued jobs, what to do for those left alone).
+    One photo that cannot be put back is said so, and the rest go on."""
     ledger = Ledger(cfg.db_path)
     done: list[str] = []
     left: list[str] = []
     for job in ledger.retry_failed(ids):
-        if not job.owns_file:
-            # Its photo is the user's, wherever it lies: queueing it would make the daemon move it into the outbox.
-            left.append(f"job {job.id}: {job.rel_path} was analysed with `mondrian analyze` and stays where it is; "
-                        f"run `mondrian analyze` on it again (or copy it into the inbox)")
-            continue
-        kept = Path(job.output_dir) if job.output_dir else None
-        if kept is not None and os.path.lexists(kept):
-            back = cfg.inbox / job.rel_path
-            if not (folder_inside(kept, cfg.failed_dir) and folder_inside(back, cfg.inbox)):
-                left.append(f"job {job.id}: {job.rel_path}: a folder on its way back into the inbox is a link to "
-                            f"somewhere else; move it from {cfg.failed_dir.name}/ into the inbox yourself")
-                continue
-            back.parent.mkdir(parents=True, exist_ok=True)
-            back = unique_path(back.parent, back.stem, back.suffix)
-            # Move first, then queue: killed in between, the photo sits in the inbox (the watcher or the next
-            # retry picks it up) instead of being queued at a path where nothing is yet.
-            os.rename(kept, back)
-            ledger.requeue_failed(job.id, back)
-            Path(f"{kept}.error.json").unlink(missing_ok=True)
-        elif os.path.lexists(job.source_path):
-            ledger.requeue_failed(job.id, Path(job.source_path))
-        else:
-            continue  # nothing left to analyse
-        done.append(f"job {job.id}: {job.rel_path}")
+        try:
+            line = _retry_one(cfg, ledger, job, left)
+        except OSError as exc:
+            line = None
+            left.append(f"job {job.id}: {job.rel_path} could not be put back into the inbox "
+                        f"({exc.strerror or exc}{': ' + exc.filename if isinstance(exc.filename, str) else ''}); "
+                        f"clear the way (a file where its folder was?) and run `mondrian retry --failed` again, or "
+                        f"move it from {cfg.failed_dir.name}/ into the inbox yourself")
+        if line:
+            done.append(line)
     return done, left
+
+
+def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | None:
+    if not job.owns_file:
+        # Its photo is the user's, wherever it lies: queueing it would make the daemon move it into the outbox.
+        left.append(f"job {job.id}: {job.rel_path} was analysed with `mondrian analyze` and stays where it is; "
+                    f"run `mondrian analyze` on it again (or copy it into the inbox)")
+        return None
+    src = Path(job.source_path)
+    if is_folder(src):
+        # An inbox folder that could not be read (the watcher's failure): its photos are queued on their own
+        # once it can be; a folder itself is never queued, so it is never moved.
+        if not os.access(src, os.R_OK | os.X_OK):
+            left.append(f"job {job.id}: the folder {job.rel_path} still cannot be read; make it readable "
+                        f"(chmod u+rx) and run `mondrian retry --failed` again")
+            return None
+        ledger.mark_gone(job.id, "the folder can be read now; its photos are queued on their own")
+        return f"job {job.id}: {job.rel_path}/ can be read now; its photos are queued by the daemon"
+    kept = Path(job.output_dir) if job.output_dir else None
+    if kept is not None and os.path.lexists(kept):
+        back = cfg.inbox / job.rel_path
+        if not (folder_inside(kept, cfg.failed_dir) and folder_inside(back, cfg.inbox)):
+            left.append(f"job {job.id}: {job.rel_path}: a folder on its way back into the inbox is a link to "
+                        f"somewhere else; move it from {cfg.failed_dir.name}/ into the inbox yourself")
+            return None
+        back.parent.mkdir(parents=True, exist_ok=True)
+        back = unique_path(back.parent, back.stem, back.suffix)
+        # The sidecar the error record told the user to fix comes back with its photo, before it, so the
+        # watcher never sees the photo without it.
+        sidecar = sidecar_for(kept)
+        if sidecar is not None:
+            target = back.with_name(back.stem + sidecar.suffix)
+            if os.path.lexists(target):
+                left.append(f"job {job.id}: its sidecar {sidecar.name} stays in {cfg.failed_dir.name}/, because "
+                            f"{target.name} is already in the inbox; the photo is queued without it")
+            else:
+                os.rename(sidecar, target)
+        # Move first, then queue: killed in between, the photo sits in the inbox (the watcher or the next
+        # retry picks it up) instead of being queued at a path where nothing is yet.
+        os.rename(kept, back)
+        ledger.requeue_failed(job.id, back)
+        Path(f"{kept}.error.json").unlink(missing_ok=True)
+    elif os.path.lexists(src):
+        ledger.requeue_failed(job.id, src)
+        if kept is not None:  # failed where it lay (e.g. a read-only folder): only its record is in failed/
+            Path(f"{kept}.error.json").unlink(missing_ok=True)
+    else:
+        return None  # nothing left to analyse
+    return f"job {job.id}: {job.rel_path}"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
-from ..fsutil import NotReadable, read_regular_file
+from ..fsutil import NotReadable, read_regular_file, too_large
 
 try:  # iPhone photos: HEIC/HEIF are analysed, not failed.
     import pillow_heif
@@ -86,14 +86,21 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_photo(path: Path, max_pixels: int, timeout_s: float | None = None) -> LoadedImage:
-    """Read (only a regular file, within `timeout_s`) and decode one photo."""
+def load_photo(path: Path, max_pixels: int, timeout_s: float | None = None,
+               max_bytes: int | None = None) -> LoadedImage:
+    """Read (only a regular file, of at most `max_bytes`, within `timeout_s`) and decode one photo."""
+    why = too_large(path, max_bytes)
+    if why:
+        raise ImageRejected(why)
     try:
-        data = read_regular_file(path, timeout_s=timeout_s)
+        data = read_regular_file(path, max_bytes=max_bytes, timeout_s=timeout_s)
     except NotReadable as exc:
         raise ImageRejected(str(exc)) from exc
     except OSError as exc:
         raise ImageRejected(f"the file could not be read ({exc.strerror or exc})") from exc
+    except MemoryError as exc:  # no retry finds more memory for the same file
+        raise ImageRejected("the file needs more memory to read than is available; export it at a smaller "
+                            "size, or lower max_file_mb so such files are refused before they are read") from exc
     return decode_photo(data, max_pixels)
 
 

@@ -195,13 +195,25 @@ class InboxWatcher:
         if exc.errno == errno.ENAMETOOLONG:
             self._too_long(path, folder=True)
             return
-        with self._lock:  # e.g. a folder without read permission: its photos cannot be seen
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            return  # removed or replaced while the walk went by: nothing there to see
+        if path != self.inbox and path.is_relative_to(self.inbox):
+            # e.g. a folder without read permission: its photos cannot be seen. A failure (status lists it), not
+            # only a log line; `mondrian retry --failed` clears it once the folder can be read.
+            shown = Path(self.inbox.name, path.relative_to(self.inbox)).as_posix()
+            reason = (f"Mondrian cannot look inside the folder {shown}/ ({exc.strerror or exc}), so its photos are "
+                      f"not seen: make it readable (chmod u+rx); its photos are then queued, and `mondrian retry "
+                      f"--failed` clears this entry")
+            with self._lock:
+                if path not in self._told:
+                    self._unreachable[path] = reason
+            return
+        with self._lock:
             first = path not in self._told
             self._told.add(path)
         if first:
-            shown = path.relative_to(self.inbox) if path.is_relative_to(self.inbox) else path
-            log.warning("cannot look inside the folder %s (%s); its photos are not seen until it can be read",
-                        shown, exc.strerror or exc)
+            log.warning("cannot look inside the inbox %s (%s); no photo is seen until it can be read",
+                        path, exc.strerror or exc)
 
     def _name_ok(self, path: Path) -> bool:
         """Linux lets a file name hold bytes that are not UTF-8 (macOS does not); such a path cannot be recorded,

@@ -9,6 +9,7 @@ finish what was published instead of doing it twice.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -107,21 +108,31 @@ class Publisher:
 
     def complete(self, job: Job, final: Path, report: dict[str, Any], keep_original: bool) -> None:
         src = Path(job.source_path)
+        original = final / report["photo"]["file"]  # never one of the report's own files (report.original_name)
         if keep_original:
-            if src.exists() and not (final / src.name).exists():
-                shutil.copy2(src, final / src.name)
+            if src.exists() and not original.exists():
+                shutil.copy2(src, original)
         else:
             try:
-                self.move_with_sidecar(src, final)
+                self.move_with_sidecar(src, final, original)
             except OutsideInbox as exc:
                 # Its folder turned into a link out of the inbox after the claim. If the original is not in the
                 # report folder yet (a move only picks another name when this one is taken), the report of a file
                 # Mondrian cannot take in is withdrawn and the job fails with the reason; else it was moved in
                 # before the link appeared and the job is finished.
-                if not os.path.lexists(final / src.name):
+                if not os.path.lexists(original):
                     shutil.rmtree(final, ignore_errors=True)
                     self.fail(job, str(exc))
                     return
+            except OSError as exc:
+                if not os.path.lexists(original):
+                    # The original cannot be moved out (its folder turned read-only after the checks): a report
+                    # without its original, unrecorded, would be made again at every attempt. Withdraw it.
+                    shutil.rmtree(final, ignore_errors=True)
+                    self._not_moved(job, src, exc)
+                    return
+                log.warning("%s: its sidecar could not be moved into %s (%s)", job.rel_path, self.shown(final),
+                            exc.strerror or exc)  # the photo is in: the job is done
             testhooks.crashpoint("moved")
         self.ledger.finish(job.id, effective_mode=report["mode"]["effective"], fallbacks=report["mode"]["fallbacks"],
                            report_json=final / "report.json", report_html=final / "report.html",
@@ -131,6 +142,17 @@ class Publisher:
                  report["overall_grade"])
         self.index.refresh()
 
+    def _not_moved(self, job: Job, src: Path, exc: OSError) -> None:
+        """The original could not be moved out of the inbox after its report was written (and withdrawn)."""
+        if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            folder = Path(self.cfg.inbox.name, os.path.relpath(src.parent, self.cfg.inbox)).as_posix()
+            self.fail(job, f"Mondrian cannot move this photo out of {folder}/ ({exc.strerror}), so its report was "
+                           f"withdrawn and the photo left where it is: make the folder writable (chmod u+w) and run "
+                           f"`mondrian retry --failed`", keep_original=True)
+        else:
+            self.transient(job, f"the photo could not be moved out of the inbox ({exc.strerror or exc}); its report "
+                                f"was withdrawn")
+
     def move_with_sidecar(self, src: Path, dest_dir: Path, dest: Path | None = None) -> None:
         """Move the original (to `dest`, else its own name in `dest_dir`) and its sidecar. Safe to repeat after a
         kill: a sidecar left behind by a kill between the two moves is still found, and a copy completed by a
@@ -139,9 +161,12 @@ class Publisher:
         if not self.inside_inbox(src):
             raise OutsideInbox(OUTSIDE_INBOX)
         sidecar = sidecar_for(src)
-        move_once(src, dest or dest_dir / src.name)
+        dest = dest or dest_dir / src.name
+        move_once(src, dest)
         if sidecar is not None and os.path.lexists(sidecar):
-            move_once(sidecar, dest_dir / sidecar.name)
+            # Named after where the photo went (failed/x-2.jpg -> failed/x-2.mode), so that the pair is found
+            # again together: `mondrian retry --failed` brings back the sidecar the user fixed there.
+            move_once(sidecar, dest_dir / (dest.stem + Path(sidecar.name).suffix))
 
     def taken(self, job: Job) -> set[str]:
         """Output names reserved by other active jobs (this job's own earlier reservation may be reused)."""
@@ -228,8 +253,7 @@ class Publisher:
             self.ledger.reserve_output(job.id, dest)
             record = {"job_id": job.id, "file": src.name, "reason": reason, "kind": kind,
                       "advisor": job.advisor, "failed_at": now_iso(),
-                      "what_to_do": "Fix the photo (or the sidecar) and drop it into the inbox again." if job.owns_file
-                      else "The photo was left where it is: fix it, then run `mondrian analyze` on it again."}
+                      "what_to_do": self._what_to_do(job, keep_original)}
             atomic_write_text(Path(f"{dest}.error.json"), json.dumps(record, indent=2, ensure_ascii=False))
             testhooks.crashpoint("fail_recorded")
             if not keep_original:
@@ -241,6 +265,16 @@ class Publisher:
             log.error("could not move %s to %s: %s", job.rel_path, failed, exc)
         self.ledger.fail(job.id, reason, dest, kind=kind)
         log.warning("failed: %s: %s", job.rel_path, reason)
+
+    @staticmethod
+    def _what_to_do(job: Job, kept: bool) -> str:
+        if not job.owns_file:
+            return "The photo was left where it is: fix it, then run `mondrian analyze` on it again."
+        if kept:
+            return "The photo was left where it is in the inbox: do what the reason says, then run " \
+                   "`mondrian retry --failed`."
+        return ("Fix the photo (or the sidecar) and drop it into the inbox again, or fix them here and run "
+                "`mondrian retry --failed`.")
 
     def clean_staging(self, job: Job) -> None:
         shutil.rmtree(self.cfg.staging_dir / f"job-{job.id}", ignore_errors=True)

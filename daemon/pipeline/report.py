@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import math
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -319,6 +320,20 @@ def _jpeg_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+# The files a report folder is made of (rag adds ref-1.jpg, ...). The original goes in beside them under a name
+# that is never one of these, whatever the case (macOS folders ignore it).
+OWN_FILES = re.compile(r"(preview\.jpg|thumb\.jpg|report\.html|report\.json|ref-\d+\.jpg)", re.IGNORECASE)
+
+
+def original_name(name: str) -> str:
+    """The original's name in its report folder: its own, unless the report's files use it (`thumb.jpg` goes
+    in as `thumb-original.jpg`); the report's `photo.file` names it."""
+    if not OWN_FILES.fullmatch(name) and not name.startswith("."):
+        return name
+    p = Path(name)
+    return f"{p.stem.lstrip('.') or 'photo'}-original{p.suffix}"
+
+
 def write_report_folder(folder: Path, report: dict, preview: Image.Image) -> dict[str, Path]:
     """Validate, then write preview.jpg, thumb.jpg, report.html and finally report.json, each atomically.
 
@@ -416,7 +431,7 @@ def assemble(runtime: Runtime, job: Job, src: Path, photo: LoadedImage, advisor:
     report: dict[str, Any] = {
         "schema_version": 1,
         "job_id": job.id,
-        "photo": {"file": src.name, "sha256": photo.sha256, "width": photo.width, "height": photo.height,
+        "photo": {"file": original_name(src.name), "sha256": photo.sha256, "width": photo.width, "height": photo.height,
                   "analysed_width": photo.image.width, "analysed_height": photo.image.height,
                   "format": photo.format},
         "advisor": {"id": advisor.id, "name": advisor.name},

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 from pathlib import Path
@@ -123,7 +124,8 @@ class Worker:
             self._check_symlink(src)  # what `process` refuses to read, the check does not read either
             requested, _ = self._requested_mode(src, override)
             advisor = self._advisor(job.advisor)
-            photo = load_photo(src, self.cfg.max_pixels, timeout_s=self.cfg.job_timeout_seconds)
+            photo = load_photo(src, self.cfg.max_pixels, timeout_s=self.cfg.job_timeout_seconds,
+                               max_bytes=self.cfg.max_file_bytes)
             self._analyse(job, src, photo, advisor, requested)
         except Exception as exc:  # not a crash: `process` will meet it again and deal with it
             return f"{type(exc).__name__}: {exc}"
@@ -178,6 +180,13 @@ class Worker:
             return
         if not keep_original and not self._settled(job, src):
             return
+        if not keep_original and self._link_within_inbox(job, src):
+            return
+        why = None if keep_original else self._cannot_take(src)
+        if why:
+            # Analysed now, it could never be moved out of the inbox, so it would be analysed again and again.
+            self.out.fail(job, why, keep_original=True)
+            return
         try:
             if not keep_original:
                 self._check_symlink(src)
@@ -186,7 +195,8 @@ class Worker:
             advisor = self._advisor(job.advisor)
             t0 = time.perf_counter()
             before = identity(src)
-            photo = load_photo(src, self.cfg.max_pixels, timeout_s=self.cfg.job_timeout_seconds)
+            photo = load_photo(src, self.cfg.max_pixels, timeout_s=self.cfg.job_timeout_seconds,
+                               max_bytes=self.cfg.max_file_bytes)
             decode_s = time.perf_counter() - t0
         except (Permanent, SidecarError, ImageRejected) as exc:
             self.out.fail(job, str(exc), keep_original=keep_original)
@@ -250,6 +260,50 @@ class Worker:
             return True
         self.ledger.requeue_changed(job.id, st.st_size, st.st_mtime, delay_s=self.cfg.quiet_seconds)
         return False
+
+    def _link_within_inbox(self, job: Job, src: Path) -> bool:
+        """A link in the inbox to something else in the inbox is not a photo of its own: what it points to is
+        analysed as itself, by its own job. The link is removed (moved, a relative link would point at nothing
+        or at something else) and recorded with what it pointed to; returns True if `src` was such a link."""
+        if not src.is_symlink():
+            return False
+        inbox = Path(os.path.realpath(self.cfg.inbox))
+        target = Path(os.path.realpath(src))
+        if not target.is_relative_to(inbox) or target == inbox:
+            return False  # a link out of the inbox is refused with its reason (_check_symlink)
+        try:
+            if not stat.S_ISREG(os.stat(target).st_mode):
+                return False  # a link to a pipe or a device fails with what it points to, as the target does
+        except OSError:
+            if not self.ledger.has_job(target):
+                return False  # it points at nothing that was ever here: refused as a dangling link
+        shown = Path(self.cfg.inbox.name, target.relative_to(inbox)).as_posix()
+        try:
+            os.unlink(src)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            self.out.fail(job, f"this is a link to {shown}, which is analysed as itself; the link could not be "
+                               f"removed ({exc.strerror or exc}): remove it yourself", keep_original=True)
+            return True
+        self.ledger.mark_gone(job.id, f"this was a link to {shown} in the inbox, not a photo of its own: "
+                                      f"{shown} is analysed as itself, and the link was removed")
+        log.info("%s is a link to %s: not analysed itself; the link was removed", job.rel_path, shown)
+        return True
+
+    def _cannot_take(self, src: Path) -> str | None:
+        """Why the original could not be read, or moved out of its folder once its report is written (folder
+        permissions), in words that say what to do; None if it can."""
+        folder = src.parent
+        shown = Path(self.cfg.inbox.name, os.path.relpath(folder, self.cfg.inbox)).as_posix().removesuffix("/.")
+        if not os.access(folder, os.W_OK | os.X_OK):
+            return (f"Mondrian cannot move this photo out of {shown}/ (no write permission on that folder), so it "
+                    f"was left where it is and not analysed: make the folder writable (chmod u+w) and run "
+                    f"`mondrian retry --failed`")
+        if not src.is_symlink() and not os.access(src, os.R_OK):
+            return ("Mondrian cannot read this photo (no read permission), so it was left where it is: make it "
+                    "readable (chmod u+r); it is picked up again then, or run `mondrian retry --failed`")
+        return None
 
     def _check_symlink(self, src: Path) -> None:
         if not src.is_symlink():

@@ -36,7 +36,7 @@ from ..analysis.advisors import Advisor, load_advisors, references_dir
 from ..analysis.critique import DIMENSIONS, profile_schema
 from ..config import Config
 from ..errors import Interrupted
-from ..fsutil import kind_of, read_regular_file
+from ..fsutil import kind_of, read_regular_file, too_large
 from ..intake.inbox import is_temporary_name
 from ..ledger import Ledger, LedgerUnavailable, Reference
 from .sidecar import SidecarInvalid, read_sidecar, sidecar_path
@@ -251,7 +251,7 @@ class ReferenceIndexer:
             keep: set[str] = set()
             listed = reference_files(folder)
             for photo in listed:
-                problem = _not_a_regular_file(photo)
+                problem = _not_a_regular_file(photo) or too_large(photo, self.cfg.max_file_bytes)
                 if problem:
                     plan.errors.append((advisor_id, photo, problem))  # a pipe would block the reading thread
                     continue
@@ -366,7 +366,8 @@ class ReferenceIndexer:
                     embedding, model_id = donor.embedding, current
             computed = scores is None or (need_embedding and embedding is None)
             if computed:
-                photo = load_photo(work.path, self.cfg.max_pixels, timeout_s=self.cfg.job_timeout_seconds)
+                photo = load_photo(work.path, self.cfg.max_pixels, timeout_s=self.cfg.job_timeout_seconds,
+                                   max_bytes=self.cfg.max_file_bytes)
                 rt = self.runtime()
                 encoded = rt.encode(photo.image)
                 if scores is None:

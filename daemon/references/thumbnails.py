@@ -24,7 +24,7 @@ def thumbnail(cfg: Config, sha256: str, source: Path | str) -> Path | None:
     if dest.exists():
         return dest
     try:
-        data = read_regular_file(Path(source), timeout_s=cfg.job_timeout_seconds)  # never blocks on a pipe
+        data = read_regular_file(Path(source), max_bytes=cfg.max_file_bytes, timeout_s=cfg.job_timeout_seconds)  # never blocks on a pipe
         with Image.open(io.BytesIO(data)) as img:
             img.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))
             img = ImageOps.exif_transpose(img) or img

@@ -1,0 +1,305 @@
+"""Where a photo ends up, and under what name: fixes from the red-team pass (attacks 05, 06, 09, 13, 15, 46, 47).
+
+The real daemon and CLI on real folders. Permission attacks drop the root capabilities that ignore file modes
+(`setpriv`), so a read-only folder is read-only for the daemon as it would be for any user.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.harness import REPO, Daemon, env_for, ledger_jobs, make_home, mondrian, photo, reports, status, wait_for
+
+RUN_TIMEOUT = 180  # generous: a stranded photo never lets `run --once` exit, however long this is
+NO_DAC = ["setpriv", "--inh-caps=-dac_override,-dac_read_search,-fowner",
+          "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+
+
+def _as_user() -> list[str]:
+    """A command prefix under which file modes apply to this process (root ignores them)."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None or subprocess.run([*NO_DAC, "true"], capture_output=True).returncode != 0:
+        pytest.skip("cannot drop root's file-permission override here (setpriv)")
+    return NO_DAC
+
+
+def _run_once(home: Path, model: Path, *, prefix: list[str] | None = None, **env: str) -> str:
+    try:
+        out = subprocess.run([*(prefix or []), sys.executable, "-m", "daemon", "run", "--once"],
+                             env=env_for(home, model, **env), cwd=REPO, capture_output=True, text=True,
+                             timeout=RUN_TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"`mondrian run --once` did not exit within {RUN_TIMEOUT} s: a photo is stranded") \
+            from exc
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stderr
+
+
+def _assert_reports_hold_their_originals(outbox: Path) -> dict[str, dict]:
+    """Every report folder holds the original its report names, byte for byte; returns the reports by folder."""
+    import hashlib
+
+    found = {}
+    for rj in reports(outbox):
+        report = json.loads(rj.read_text())
+        original = rj.parent / report["photo"]["file"]
+        assert original.is_file() and not original.is_symlink(), f"{rj.parent.name}/ has no original {original.name}"
+        assert hashlib.sha256(original.read_bytes()).hexdigest() == report["photo"]["sha256"], \
+            f"{rj.parent.name}/{original.name} is not the original (a generated file took its name?)"
+        found[rj.parent.name] = report
+    return found
+
+
+def _chmod_back(*paths: Path) -> None:
+    for p in paths:
+        if os.path.lexists(p):
+            os.chmod(p, 0o755 if p.is_dir() else 0o644)
+
+
+# ------------------------------------------------------------------------------------------------ 15
+def test_a_photo_that_cannot_be_moved_out_or_read_fails_once_in_place_and_retry_finishes_it(tmp_path,
+                                                                                              smoke_model_path):
+    """Attack 15: a photo in a read-only folder was analysed 4 times, leaving 4 report folders without originals
+    and an "unexpected error: PermissionError"; an unreadable folder got only a log line."""
+    prefix = _as_user()
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox, outbox = home / "inbox", home / "outbox"
+    photo(inbox / "ok.jpg", 1)
+    locked = photo(inbox / "locked.jpg", 2)
+    secret, ro = inbox / "secret", inbox / "rofolder"
+    photo(secret / "s.jpg", 3)
+    photo(ro / "r.jpg", 4)
+    locked.chmod(0o000)
+    secret.chmod(0o000)
+    ro.chmod(0o555)
+    try:
+        _run_once(home, smoke_model_path, prefix=prefix)
+        jobs = ledger_jobs(home)
+        r = jobs["rofolder/r.jpg"]
+        assert r.state == "failed" and r.error_kind == "permanent" and r.attempts == 1, (r.state, r.error)
+        assert "rofolder" in r.error and "chmod u+w" in r.error and "mondrian retry --failed" in r.error
+        assert "PermissionError" not in r.error
+        assert jobs["locked.jpg"].state == "failed" and "chmod u+r" in jobs["locked.jpg"].error
+        assert (ro / "r.jpg").exists() and locked.exists(), "left where they are"
+        assert sorted(_assert_reports_hold_their_originals(outbox)) == ["ok"], "no report without its original"
+        failures = {f["file"]: f["reason"] for f in status(home, smoke_model_path)["recent_failures"]}
+        assert "secret" in failures and "chmod u+rx" in failures["secret"], failures
+
+        # Not requeued by the next runs: nothing is analysed again while nothing changed.
+        _run_once(home, smoke_model_path, prefix=prefix)
+        assert sorted(_assert_reports_hold_their_originals(outbox)) == ["ok"]
+        assert ledger_jobs(home)["rofolder/r.jpg"].attempts == 1
+
+        # Follow the messages: make them readable / writable, `mondrian retry --failed`.
+        _chmod_back(locked, secret, ro)
+        out = mondrian(home, smoke_model_path, "retry", "--failed")
+        assert out.returncode == 0, out.stderr
+        _run_once(home, smoke_model_path, prefix=prefix)
+    finally:
+        _chmod_back(locked, secret, ro)
+    done = _assert_reports_hold_their_originals(outbox)
+    assert sorted(done) == ["locked", "ok", "r", "s"], sorted(done)  # each analysed once: no r-2
+    assert not list((outbox / "failed").iterdir()), "records of fixed failures are gone"
+    assert status(home, smoke_model_path)["counts"]["failed"] == 0
+
+
+def test_an_original_that_cannot_be_moved_after_its_report_is_written_withdraws_the_report(tmp_path,
+                                                                                           smoke_model_path):
+    """Attack 15, the race: the folder turns read-only after the checks, while the photo is being analysed."""
+    prefix = _as_user()
+    home = make_home(tmp_path / "home", smoke_model_path)
+    ro = home / "inbox" / "rofolder"
+    photo(ro / "r.jpg", 4)
+    log = tmp_path / "daemon.log"
+    # Every forward pass takes 0.2 s, so the analysis lasts seconds: the folder turns read-only well within it.
+    with open(log, "wb") as fh:
+        proc = subprocess.Popen([*prefix, sys.executable, "-m", "daemon", "run", "--once"],
+                                env=env_for(home, smoke_model_path, MONDRIAN_TEST_TOKEN_SECONDS="0.2"), cwd=REPO,
+                                stdout=fh, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: "analysing rofolder/r.jpg" in log.read_text(), timeout=120, what="the analysis to start")
+        ro.chmod(0o555)
+        assert proc.wait(timeout=RUN_TIMEOUT) == 0, log.read_text()[-3000:]
+        assert "analysing rofolder/r.jpg" in log.read_text() and not (home / "outbox" / "r" / "r.jpg").exists()
+        job = ledger_jobs(home)["rofolder/r.jpg"]
+        assert job.state == "failed" and "chmod u+w" in job.error and job.attempts == 1, (job.state, job.error)
+        assert "withdrawn" in job.error
+        assert (ro / "r.jpg").exists()
+        assert [p.name for p in (home / "outbox").iterdir() if p.is_dir() and p.name not in
+                ("failed", ".staging")] == [], "no report folder left behind"
+        ro.chmod(0o755)
+        assert mondrian(home, smoke_model_path, "retry", "--failed").returncode == 0
+        _run_once(home, smoke_model_path, prefix=prefix)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        ro.chmod(0o755)
+    assert sorted(_assert_reports_hold_their_originals(home / "outbox")) == ["r"]
+
+
+# ------------------------------------------------------------------------------------------------ 13
+def test_a_file_larger_than_max_file_mb_is_refused_before_it_is_read(tmp_path, smoke_model_path):
+    """Attack 13: a sparse 10 GB `.jpg` was read whole into memory; MemoryError was retried as transient."""
+    home = make_home(tmp_path / "home", smoke_model_path, max_file_mb=2)
+    photo(home / "inbox" / "ok.jpg", 1)
+    with open(home / "inbox" / "huge.jpg", "wb") as f:
+        f.truncate(3 * 1024 * 1024)  # sparse: the size is what counts, not the bytes on disk
+    refs = home / "advisors" / "ansel" / "references"
+    photo(refs / "fine.jpg", 5)
+    with open(refs / "vast.jpg", "wb") as f:
+        f.truncate(3 * 1024 * 1024)
+    t = time.time() - 30
+    for p in refs.iterdir():
+        os.utime(p, (t, t))
+    out = mondrian(home, smoke_model_path, "references", "index", "--advisor", "ansel")
+    assert "vast.jpg" in out.stderr and "max_file_mb" in out.stderr, out.stderr
+    assert "1 indexed" in out.stderr, out.stderr
+    _run_once(home, smoke_model_path)
+    huge = ledger_jobs(home)["huge.jpg"]
+    assert huge.state == "failed" and huge.error_kind == "permanent" and huge.attempts == 1, (huge.state, huge.error)
+    assert "3 MB" in huge.error and "max_file_mb" in huge.error, huge.error
+    assert (home / "outbox" / "failed" / "huge.jpg").exists()
+    assert sorted(_assert_reports_hold_their_originals(home / "outbox")) == ["ok"]
+
+
+# ------------------------------------------------------------------------------------------------ 47
+def test_photos_named_like_the_report_files_keep_their_originals(tmp_path, smoke_model_path):
+    """Attack 47: `analyze thumb.jpg` left no copy of the original; `preview.jpg` was stored as `preview-2.jpg`
+    while the report's `file` named the generated preview."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    for i, name in enumerate(("preview.jpg", "thumb.jpg", "Preview.JPG", "ref-1.jpg", "THUMB.jpg")):
+        photo(home / "inbox" / name, 10 + i)
+    _run_once(home, smoke_model_path)
+    outside = photo(tmp_path / "elsewhere" / "thumb.jpg", 30)
+    out = mondrian(home, smoke_model_path, "analyze", str(outside))
+    assert out.returncode == 0, out.stderr
+    assert outside.exists()
+    found = _assert_reports_hold_their_originals(home / "outbox")
+    assert len(found) == 6, sorted(found)
+    for folder, report in found.items():
+        names = sorted(p.name for p in (home / "outbox" / folder).iterdir())
+        assert {"preview.jpg", "thumb.jpg", "report.json", "report.html", report["photo"]["file"]} <= set(names)
+
+
+# ------------------------------------------------------------------------------------------------ 09
+def test_a_link_to_another_inbox_photo_is_not_analysed_and_its_target_is_analysed_as_itself(tmp_path,
+                                                                                            smoke_model_path):
+    """Attack 09: `alias.jpg -> album/real.jpg` was moved into the outbox dangling, and the real photo was filed
+    as a duplicate of it."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox, outbox = home / "inbox", home / "outbox"
+    photo(inbox / "album" / "real.jpg", 1)
+    os.symlink("album/real.jpg", inbox / "alias.jpg")  # claimed before its target
+    os.symlink("album/real.jpg", inbox / "zlink.jpg")  # claimed after it: dangles by then
+    _run_once(home, smoke_model_path)
+    found = _assert_reports_hold_their_originals(outbox)
+    assert sorted(found) == ["real"], sorted(found)
+    assert not (outbox / "duplicates").exists() or not list((outbox / "duplicates").iterdir())
+    dangling = [p for p in outbox.rglob("*") if p.is_symlink()]
+    assert dangling == [], dangling
+    jobs = ledger_jobs(home)
+    assert jobs["album/real.jpg"].state == "done" and jobs["album/real.jpg"].duplicate_of is None
+    for link in ("alias.jpg", "zlink.jpg"):
+        assert jobs[link].state == "gone" and "inbox/album/real.jpg" in jobs[link].error, jobs[link].error
+        assert not os.path.lexists(inbox / link)
+
+
+# ------------------------------------------------------------------------------------------------ 05
+def test_retry_brings_back_the_sidecar_the_user_fixed_in_failed(tmp_path, smoke_model_path):
+    """Attack 05: the record says "fix the sidecar"; the fixed `failed/r.mode` was left behind by `retry`."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    photo(home / "inbox" / "r.jpg", 1)
+    (home / "inbox" / "r.mode").write_text("bogus\n")
+    _run_once(home, smoke_model_path)
+    failed = home / "outbox" / "failed"
+    record = json.loads((failed / "r.jpg.error.json").read_text())
+    assert "sidecar" in record["reason"]
+    (failed / "r.mode").write_text("rag\n")
+    out = mondrian(home, smoke_model_path, "retry", "--failed")
+    assert out.returncode == 0, out.stderr
+    _run_once(home, smoke_model_path)
+    report = _assert_reports_hold_their_originals(home / "outbox")["r"]
+    assert report["mode"]["requested"] == "rag" and report["mode"]["source"] == "sidecar", report["mode"]
+    assert sorted(p.name for p in failed.iterdir()) == []
+
+
+def test_a_failed_photo_in_a_name_taken_in_failed_keeps_its_own_sidecar(tmp_path, smoke_model_path):
+    """The sidecar is named after where its photo went in failed/ (r-2.jpg, r-2.mode): retry pairs them again."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    failed = home / "outbox" / "failed"
+    photo(home / "inbox" / "a" / "r.jpg", 1)
+    (home / "inbox" / "a" / "r.mode").write_text("bogus\n")
+    photo(home / "inbox" / "b" / "r.jpg", 2)
+    (home / "inbox" / "b" / "r.mode").write_text("nonsense\n")
+    _run_once(home, smoke_model_path)
+    names = sorted(p.name for p in failed.iterdir())
+    assert names == ["r-2.jpg", "r-2.jpg.error.json", "r-2.mode", "r.jpg", "r.jpg.error.json", "r.mode"], names
+    for stem in ("r", "r-2"):
+        (failed / f"{stem}.mode").write_text("baseline\n")
+    assert mondrian(home, smoke_model_path, "retry", "--failed").returncode == 0
+    _run_once(home, smoke_model_path)
+    found = _assert_reports_hold_their_originals(home / "outbox")
+    assert len(found) == 2 and all(r["mode"]["source"] == "sidecar" for r in found.values())
+
+
+# ------------------------------------------------------------------------------------------------ 06
+def test_a_sidecar_goes_with_the_photo_whose_stem_it_matches_exactly(tmp_path, smoke_model_path):
+    """Attack 06: with `x.jpg`, `X.jpg` and `X.MODE`, `x.jpg` (analysed first) took `X.MODE`."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox = home / "inbox"
+    photo(inbox / "x.jpg", 3)
+    (inbox / "X.MODE").write_text("rag\n")
+    (inbox / "X.jpg").write_bytes(b"")  # still being copied: waited for while x.jpg is analysed
+    with Daemon(home, smoke_model_path) as d:
+        wait_for(lambda: (home / "outbox" / "x" / "report.json").exists(), timeout=120, what="x.jpg's report")
+        photo(tmp_path / "X.jpg", 4).replace(inbox / "X.jpg")
+        wait_for(lambda: (home / "outbox" / "X" / "report.json").exists(), timeout=120, what="X.jpg's report")
+        assert d.stop() == 0
+    found = _assert_reports_hold_their_originals(home / "outbox")
+    assert (found["x"]["mode"]["requested"], found["x"]["mode"]["source"]) == ("baseline", "default")
+    assert (found["X"]["mode"]["requested"], found["X"]["mode"]["source"]) == ("rag", "sidecar")
+    assert (home / "outbox" / "X" / "X.MODE").exists()
+
+
+def test_a_sidecar_suffix_in_another_case_still_goes_with_its_photo(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path)
+    photo(home / "inbox" / "IMG_1.jpg", 3)
+    (home / "inbox" / "IMG_1.MODE").write_text("rag\n")
+    photo(home / "inbox" / "b.jpg", 4)
+    (home / "inbox" / "B.mode").write_text("rag\n")  # no photo is named exactly B: it is b.jpg's
+    _run_once(home, smoke_model_path)
+    found = _assert_reports_hold_their_originals(home / "outbox")
+    assert found["IMG_1"]["mode"]["source"] == "sidecar" and found["b"]["mode"]["source"] == "sidecar"
+
+
+# ------------------------------------------------------------------------------------------------ 46
+def test_retry_says_which_photo_it_cannot_put_back_and_goes_on_with_the_rest(tmp_path, smoke_model_path):
+    """Attack 46: a file now sits where the photo's inbox folder was; `retry --failed` died with FileExistsError."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox, failed = home / "inbox", home / "outbox" / "failed"
+    photo(inbox / "album" / "x.jpg", 1)
+    (inbox / "album" / "x.mode").write_text("bogus\n")
+    photo(inbox / "y.jpg", 2)
+    (inbox / "y.mode").write_text("bogus\n")
+    _run_once(home, smoke_model_path)
+    for p in failed.glob("*.mode"):
+        p.unlink()
+    (inbox / "album").rmdir()
+    (inbox / "album").write_text("a note\n")
+    out = mondrian(home, smoke_model_path, "retry", "--failed")
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr
+    assert "album/x.jpg could not be put back" in out.stderr and "1 photo(s) queued again" in out.stderr, out.stderr
+    assert (inbox / "y.jpg").exists() and (failed / "x.jpg").exists()
+    jobs = ledger_jobs(home)
+    assert jobs["y.jpg"].state == "queued" and jobs["album/x.jpg"].state == "failed"
