@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..analysis.advisors import load_advisors
 from ..config import Config
 from ..errors import EX_CONFIG, EX_TEMPFAIL
-from ..fsutil import LockHeld, hold_lock
+from ..fsutil import LockHeld, NotOwn, hold_lock
 from ..intake.inbox import classify
 from ..ledger import FAULT_NOTE, Ledger, LedgerUnavailable
 from .worker import Worker
@@ -38,14 +38,45 @@ class StartupError(RuntimeError):
     pass
 
 
-def _lock_home(cfg: Config) -> int:
+INBOX_NOTE = ".mondrian-daemon"  # in the inbox, hidden: which daemon serves it, for a second one's message
+
+
+def _lock_home(cfg: Config) -> list[int]:
+    """Exclusive locks on the home (its var/ folder) and on the inbox, which another home may name too: two
+    daemons serving one inbox would both analyse and move the same photos. Returns the descriptors to keep."""
     cfg.var_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return hold_lock(cfg.var_dir / "daemon.lock")
+        home_fd = hold_lock(cfg.var_dir / "daemon.lock", str(cfg.home))
     except LockHeld as exc:
         raise StartupError(f"another Mondrian daemon (pid {exc.pid if exc.pid > 0 else '?'}) is already serving "
                            f"{cfg.home}; stop it first (`mondrian service stop`) or set MONDRIAN_HOME to another "
                            f"folder") from None
+    except NotOwn as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        inbox_fd = hold_lock(cfg.inbox / INBOX_NOTE, str(cfg.home), strict=False)
+    except LockHeld as exc:
+        os.close(home_fd)
+        other = exc.note.split(maxsplit=1)
+        who = f"pid {other[0]}, home {other[1]}" if len(other) == 2 else "pid ?"
+        raise StartupError(f"another Mondrian daemon ({who}) is already serving the inbox {cfg.inbox}; two "
+                           f"daemons would analyse and move the same photos. Stop that one, or set `inbox` in "
+                           f"{cfg.home / 'mondrian.toml'} to a folder of this home's own") from None
+    except OSError as exc:  # a filesystem without locks (some network mounts): the home lock still holds
+        log.warning("could not lock the inbox %s (%s); make sure no other Mondrian home uses it", cfg.inbox,
+                    exc.strerror or exc)
+        return [home_fd]
+    return [home_fd, inbox_fd]
+
+
+def _unlock_home(cfg: Config, fds: list[int]) -> None:
+    if len(fds) > 1:
+        try:
+            os.unlink(cfg.inbox / INBOX_NOTE)  # unlinking a link removes the link only
+        except OSError:
+            pass
+    for fd in fds:
+        os.close(fd)
 
 
 def default_runtime_factory(cfg: Config) -> Callable[[], Runtime]:
@@ -178,7 +209,7 @@ class Daemon:
     def run(self) -> int:
         self.cfg.ensure_dirs()
         try:
-            lock_fd = _lock_home(self.cfg)
+            lock_fds = _lock_home(self.cfg)
         except StartupError as exc:
             log.error("cannot start: %s", exc)
             return EX_CONFIG
@@ -227,7 +258,7 @@ class Daemon:
                 nightly.stop()  # also stops a training child process, which never holds a photo
             self._finish_worker()
             self._last_words()
-            os.close(lock_fd)
+            _unlock_home(self.cfg, lock_fds)
         if self.fatal:
             log.error("cannot start: %s", self.fatal)
             return EX_CONFIG
