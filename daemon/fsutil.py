@@ -348,11 +348,10 @@ def _open_folder(folder: Path) -> int:
     return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
-def hold_lock(lock: Path, note: str = "", *, strict: bool = True) -> int:
+def hold_lock(lock: Path, note: str = "") -> int:
     """Take the lock `lock` stands for, without waiting, and write `<pid> <note>` in the file `lock`, for
     `lock_holder`. Returns the descriptor, to keep open for as long as the lock is held; raises LockHeld if
-    another process has it. `strict`: a link or a non-plain file at `lock` raises NotOwn; otherwise the note is
-    only left unwritten, never written through the link.
+    another process has it, NotOwn if `lock` is a link or not a plain file of its own.
 
     The flock is on the folder that holds `lock`, not on the file: a file can be deleted (a "stale pid file"
     clean-up) and a second process would then lock a new one, while the folder's lock stays with the folder
@@ -361,9 +360,11 @@ def hold_lock(lock: Path, note: str = "", *, strict: bool = True) -> int:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        os.close(fd)
         note_text = read_own_file(lock)
-        raise LockHeld(lock, _note_pid(note_text), note_text) from None
+        pid = _note_pid(note_text)
+        pid = pid if pid > 0 else _flock_holder(os.fstat(fd))  # its note deleted: ask the system
+        os.close(fd)
+        raise LockHeld(lock, pid, note_text) from None
     except BaseException:
         os.close(fd)
         raise
@@ -375,15 +376,46 @@ def hold_lock(lock: Path, note: str = "", *, strict: bool = True) -> int:
         finally:
             os.close(file_fd)
     except NotOwn:
-        if strict:
-            os.close(fd)
-            raise
+        os.close(fd)
+        raise
     except OSError:
         pass  # a full disk or a read-only folder: the lock holds all the same, only the note is missing
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def lock_folder(folder: Path) -> int:
+    """An exclusive flock on `folder` itself, without waiting, written nowhere (nothing is added to the folder).
+    Returns the descriptor to keep; raises LockHeld (with the holder's pid where the system tells it: Linux's
+    /proc/locks, else -1) if another process has it, OSError if the filesystem has no locks."""
+    fd = _open_folder(folder)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _flock_holder(os.fstat(fd))
+        os.close(fd)
+        raise LockHeld(folder, pid) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _flock_holder(st: os.stat_result) -> int:
+    """The pid holding an flock on the file `st` describes, from /proc/locks (`1: FLOCK ADVISORY WRITE <pid>
+    <major>:<minor>:<inode> 0 EOF`, device numbers in hex); -1 where there is no such table (macOS)."""
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == want and parts[4].isdigit():
+                    return int(parts[4])
+    except OSError:
+        pass
+    return -1
 
 
 def lock_holder(lock: Path) -> int | None:
@@ -397,7 +429,8 @@ def lock_holder(lock: Path) -> int | None:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return _note_pid(read_own_file(lock))
+        pid = _note_pid(read_own_file(lock))
+        return pid if pid > 0 else _flock_holder(os.fstat(fd))
     except OSError:
         return None
     finally:
@@ -407,6 +440,6 @@ def lock_holder(lock: Path) -> int | None:
 
 __all__ = ["NotReadable", "read_regular_file", "kind_of", "temp_name", "atomic_write_bytes", "atomic_write_text",
            "fsync_dir", "ATOMIC_TMP", "move", "identity", "holds", "same_content", "folder_inside", "pid_alive",
-           "lock_holder", "hold_lock", "LockHeld", "is_folder", "NotOwn", "check_own_folder", "own_folder_inside",
+           "lock_holder", "hold_lock", "lock_folder", "LockHeld", "is_folder", "NotOwn", "check_own_folder", "own_folder_inside",
            "open_own_file", "read_own_file",
            "companion"]

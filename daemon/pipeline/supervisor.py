@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..analysis.advisors import load_advisors
 from ..config import Config
 from ..errors import EX_CONFIG, EX_TEMPFAIL
-from ..fsutil import LockHeld, NotOwn, hold_lock
+from ..fsutil import LockHeld, NotOwn, hold_lock, lock_folder
 from ..intake.inbox import classify
 from ..ledger import FAULT_NOTE, Ledger, LedgerUnavailable
 from .worker import Worker
@@ -38,9 +38,6 @@ class StartupError(RuntimeError):
     pass
 
 
-INBOX_NOTE = ".mondrian-daemon"  # in the inbox, hidden: which daemon serves it, for a second one's message
-
-
 def _lock_home(cfg: Config) -> list[int]:
     """Exclusive locks on the home (its var/ folder) and on the inbox, which another home may name too: two
     daemons serving one inbox would both analyse and move the same photos. Returns the descriptors to keep."""
@@ -54,13 +51,13 @@ def _lock_home(cfg: Config) -> list[int]:
     except NotOwn as exc:
         raise StartupError(str(exc)) from None
     try:
-        inbox_fd = hold_lock(cfg.inbox / INBOX_NOTE, str(cfg.home), strict=False)
+        inbox_fd = lock_folder(cfg.inbox)  # nothing is written into the user's inbox
     except LockHeld as exc:
         os.close(home_fd)
-        other = exc.note.split(maxsplit=1)
-        who = f"pid {other[0]}, home {other[1]}" if len(other) == 2 else "pid ?"
-        raise StartupError(f"another Mondrian daemon ({who}) is already serving the inbox {cfg.inbox}; two "
-                           f"daemons would analyse and move the same photos. Stop that one, or set `inbox` in "
+        who = f" (pid {exc.pid})" if exc.pid > 0 else ""
+        raise StartupError(f"another Mondrian daemon{who}, of another home, is already serving the inbox "
+                           f"{cfg.inbox}; two daemons would analyse and move the same photos. Stop that one "
+                           f"(`mondrian status` in its home shows it), or set `inbox` in "
                            f"{cfg.home / 'mondrian.toml'} to a folder of this home's own") from None
     except OSError as exc:  # a filesystem without locks (some network mounts): the home lock still holds
         log.warning("could not lock the inbox %s (%s); make sure no other Mondrian home uses it", cfg.inbox,
@@ -69,12 +66,7 @@ def _lock_home(cfg: Config) -> list[int]:
     return [home_fd, inbox_fd]
 
 
-def _unlock_home(cfg: Config, fds: list[int]) -> None:
-    if len(fds) > 1:
-        try:
-            os.unlink(cfg.inbox / INBOX_NOTE)  # unlinking a link removes the link only
-        except OSError:
-            pass
+def _unlock_home(fds: list[int]) -> None:
     for fd in fds:
         os.close(fd)
 
@@ -258,7 +250,7 @@ class Daemon:
                 nightly.stop()  # also stops a training child process, which never holds a photo
             self._finish_worker()
             self._last_words()
-            _unlock_home(self.cfg, lock_fds)
+            _unlock_home(lock_fds)
         if self.fatal:
             log.error("cannot start: %s", self.fatal)
             return EX_CONFIG
