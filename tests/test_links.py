@@ -229,3 +229,18 @@ def test_two_homes_with_the_same_inbox_are_not_served_twice(tmp_path, smoke_mode
     out = mondrian(home_b, smoke_model_path, "run", "--once", timeout=120)
     assert out.returncode == 0, out.stderr
     assert status(home_b, smoke_model_path)["counts"]["done"] == 1
+
+
+# -- the same class elsewhere in the home: an advisor's adapter lock ---------------------------------------------
+
+
+def test_an_adapter_lock_that_is_a_link_is_not_written_through(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path)
+    victim = _victim(tmp_path / "victim")
+    before = _snapshot(victim)
+    (home / "adapters" / "ansel").mkdir(parents=True)
+    (home / "adapters" / "ansel" / ".lock").symlink_to(victim / "thesis.docx")
+    out = mondrian(home, smoke_model_path, "adapters", "rollback", "--advisor", "ansel")
+    assert _snapshot(victim) == before, "a file outside the home was truncated through the adapter lock"
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "symbolic link" in out.stderr and "rm " in out.stderr, out.stderr
