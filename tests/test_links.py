@@ -244,3 +244,17 @@ def test_an_adapter_lock_that_is_a_link_is_not_written_through(tmp_path, smoke_m
     assert _snapshot(victim) == before, "a file outside the home was truncated through the adapter lock"
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
     assert "symbolic link" in out.stderr and "rm " in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("folder", ["var/logs", "var/models", "var/cache", "var/datasets", "adapters/ansel"])
+def test_a_folder_of_mondrians_in_var_or_adapters_that_is_a_link_stops_the_start(tmp_path, smoke_model_path,
+                                                                                 folder):
+    home = make_home(tmp_path / "home", smoke_model_path)
+    victim = _victim(tmp_path / "victim")
+    before = _snapshot(victim)
+    (home / folder).parent.mkdir(parents=True, exist_ok=True)
+    (home / folder).symlink_to(victim)
+    photo(home / "inbox" / "a.jpg", seed=3)
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=120)
+    _one_line_78(out, str(home / folder), "symbolic link", "rm ")
+    assert _snapshot(victim) == before
