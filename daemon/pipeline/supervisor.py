@@ -1,7 +1,7 @@
 """The daemon: the watcher and periodic rescans on the main thread, the worker (and MLX) on one thread.
 
 Never daemonizes (launchd and systemd supervise it). SIGTERM/SIGINT finish or requeue the photo in hand
-and exit 0; a fatal start-up problem (model missing, another daemon on the same home) exits 78
+and exit 0; a fatal start-up problem (model missing, another daemon on the same home or inbox) exits 78
 (EX_CONFIG) with a line saying what to fix, so KeepAlive/Restart=on-failure only restart real crashes.
 SIGHUP stops the daemon like SIGTERM (it reloads nothing: a restart reads the configuration again).
 A ledger deleted or replaced while the daemon runs is written back whole, then the daemon exits 75
