@@ -92,10 +92,10 @@ class Publisher:
     def publish(self, job: Job, src: Path, photo: LoadedImage, report: dict[str, Any],
                  files: dict[str, Path], keep_original: bool) -> None:
         staging = self.cfg.staging_dir / f"job-{job.id}"
-        self.cfg.staging_dir.mkdir(parents=True, exist_ok=True)
-        self.own(self.cfg.staging_dir)
-        shutil.rmtree(staging, ignore_errors=True)
         try:
+            self.cfg.staging_dir.mkdir(parents=True, exist_ok=True)
+            self.own(self.cfg.staging_dir)  # LinkedOutbox (transient): nothing below may go through a link
+            shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             for name, source in files.items():
                 shutil.copyfile(source, staging / name)
