@@ -71,6 +71,20 @@ class Config:
 
     def ensure_dirs(self) -> None:
         """Create the folders Mondrian writes; a ConfigError says which one is in the way and how to fix it."""
+        own = [self.failed_dir, self.staging_dir, self.outbox / "duplicates", self.var_dir, self.adapters_dir,
+               self.advisors_dir, self.db_path.with_name(self.db_path.name + ".runs"),
+               *(self.var_dir / name for name in ("logs", "models", "cache", "datasets"))]
+        try:
+            own += [self.adapters_dir / name for name in os.listdir(self.adapters_dir)]  # one folder per advisor
+        except OSError:
+            pass
+        for d in own:
+            # Its sweeps delete and its moves write in these folders: through a link they would do it outside
+            # the home. (The inbox and outbox may be links: their paths are resolved when the config is read.)
+            if os.path.islink(d):
+                raise ConfigError(f"{d} is a symbolic link (to {os.readlink(d)}), where Mondrian keeps a folder of "
+                                  f"its own: remove the link (`rm {d}` removes only the link, not what it points "
+                                  f"to) and start again")
         for d in (self.inbox, self.outbox, self.failed_dir, self.staging_dir, self.var_dir,
                   self.adapters_dir, self.advisors_dir):
             try:

@@ -292,45 +292,175 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-class LockHeld(OSError):
-    """Another process holds the lock; `pid` is what it wrote in it (-1 if nothing)."""
-
-    def __init__(self, lock: Path, pid: int):
-        super().__init__(f"{lock} is held by pid {pid if pid > 0 else '?'}")
-        self.pid = pid
+class NotOwn(OSError):
+    """Where Mondrian keeps a file or folder of its own, something else is: a symbolic link (writing or deleting
+    through it would reach outside the home), a hard link, or another kind of file. `str()` says what to do."""
 
 
-def _written_pid(fd: int) -> int:
-    raw = os.pread(fd, 32, 0).decode(errors="replace").strip()
-    return int(raw) if raw.isdigit() else -1
+def _not_own(path: Path, what: str, own: str) -> NotOwn:
+    if what == "a symbolic link":
+        try:
+            what = f"a symbolic link (to {os.readlink(path)})"
+        except OSError:
+            pass
+        fix = f"Remove the link (`rm {path}` removes only the link, not what it points to)"
+    else:
+        fix = "Move it elsewhere"
+    return NotOwn(f"{path} is {what}, where Mondrian keeps its own {own}; Mondrian never writes or deletes "
+                  f"through it. {fix}")
 
 
-def hold_lock(lock: Path) -> int:
-    """Take `lock` (flock, exclusive, without waiting) and write this process's pid in it, for `lock_holder`.
-    Returns the descriptor, to keep open for as long as the lock is held; raises LockHeld if another has it."""
-    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+def check_own_folder(folder: Path) -> None:
+    """Raise NotOwn unless `folder` is a real folder (a link to one is not: its sweeps would delete through it)."""
+    st = os.lstat(folder)
+    if not stat.S_ISDIR(st.st_mode):
+        raise _not_own(folder, kind_of(st.st_mode), "folder")
+
+
+def own_folder_inside(folder: Path, root: Path) -> None:
+    """Raise NotOwn unless `folder` is a real folder that lies, every link resolved, inside the real `root`: a
+    link planted while Mondrian runs must not carry a photo or a record out of the home."""
+    check_own_folder(folder)
+    if not folder_inside(folder / "x", root):
+        raise NotOwn(f"{folder} leads outside {root} (a folder on its path was replaced by a link); Mondrian "
+                     f"never writes outside its home. Remove the link")
+
+
+def open_own_file(path: Path, flags: int = os.O_RDWR) -> int:
+    """Open Mondrian's own file `path`, creating it if missing, never through a link: a symbolic link, a hard
+    link to some other file or a non-regular file there raises NotOwn (writing would change someone else's
+    file). The folder above must be Mondrian's own (checked by `Config.ensure_dirs`)."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        pid = _written_pid(fd)
+        fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EMLINK) or os.path.islink(path):
+            raise _not_own(path, "a symbolic link", "file") from None
+        raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:
         os.close(fd)
-        raise LockHeld(lock, pid) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, str(os.getpid()).encode(), 0)
+        raise _not_own(path, "a hard link to another file" if stat.S_ISREG(st.st_mode) else kind_of(st.st_mode),
+                       "file")
     return fd
 
 
-def lock_holder(lock: Path) -> int | None:
-    """The pid written in `lock` by the process that holds its flock (-1 if it wrote none), or None when nobody
-    holds it; probed with a shared lock that is released at once, so asking never disturbs the holder."""
+def read_own_file(path: Path) -> str:
+    """What Mondrian wrote in its own small file `path`, read without following a link or waiting on a FIFO."""
     try:
-        fd = os.open(lock, os.O_RDONLY)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        return os.pread(fd, 4096, 0).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+
+
+class LockHeld(OSError):
+    """Another process holds the lock; `pid` is what it wrote in its note (-1 if nothing), `note` all of it."""
+
+    def __init__(self, lock: Path, pid: int, note: str = ""):
+        super().__init__(f"{lock} is held by pid {pid if pid > 0 else '?'}")
+        self.pid = pid
+        self.note = note
+
+
+def _note_pid(note: str) -> int:
+    first = note.split(maxsplit=1)[0] if note else ""
+    return int(first) if first.isdigit() else -1
+
+
+def _open_folder(folder: Path) -> int:
+    return os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
+def hold_lock(lock: Path, note: str = "") -> int:
+    """Take the lock `lock` stands for, without waiting, and write `<pid> <note>` in the file `lock`, for
+    `lock_holder`. Returns the descriptor, to keep open for as long as the lock is held; raises LockHeld if
+    another process has it, NotOwn if `lock` is a link or not a plain file of its own.
+
+    The flock is on the folder that holds `lock`, not on the file: a file can be deleted (a "stale pid file"
+    clean-up) and a second process would then lock a new one, while the folder's lock stays with the folder
+    whatever is deleted inside it. The kernel drops it however the process dies."""
+    fd = _open_folder(lock.parent)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        note_text = read_own_file(lock)
+        pid = _note_pid(note_text)
+        pid = pid if pid > 0 else _flock_holder(os.fstat(fd))  # its note deleted: ask the system
+        os.close(fd)
+        raise LockHeld(lock, pid, note_text) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        file_fd = open_own_file(lock)
+        try:
+            os.ftruncate(file_fd, 0)
+            os.pwrite(file_fd, f"{os.getpid()} {note}".strip().encode(), 0)
+        finally:
+            os.close(file_fd)
+    except NotOwn:
+        os.close(fd)
+        raise
+    except OSError:
+        pass  # a full disk or a read-only folder: the lock holds all the same, only the note is missing
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def lock_folder(folder: Path) -> int:
+    """An exclusive flock on `folder` itself, without waiting, written nowhere (nothing is added to the folder).
+    Returns the descriptor to keep; raises LockHeld (with the holder's pid where the system tells it: Linux's
+    /proc/locks, else -1) if another process has it, OSError if the filesystem has no locks."""
+    fd = _open_folder(folder)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = _flock_holder(os.fstat(fd))
+        os.close(fd)
+        raise LockHeld(folder, pid) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _flock_holder(st: os.stat_result) -> int:
+    """The pid holding an flock on the file `st` describes, from /proc/locks (`1: FLOCK ADVISORY WRITE <pid>
+    <major>:<minor>:<inode> 0 EOF`, device numbers in hex); -1 where there is no such table (macOS)."""
+    want = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 6 and parts[1] == "FLOCK" and parts[5] == want and parts[4].isdigit():
+                    return int(parts[4])
+    except OSError:
+        pass
+    return -1
+
+
+def lock_holder(lock: Path) -> int | None:
+    """The pid written in `lock` by the process that holds the lock (see `hold_lock`; -1 if it wrote none), or
+    None when nobody holds it; probed with a shared lock that is released at once, so asking never disturbs the
+    holder."""
+    try:
+        fd = _open_folder(lock.parent)
     except OSError:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
-        return _written_pid(fd)
+        pid = _note_pid(read_own_file(lock))
+        return pid if pid > 0 else _flock_holder(os.fstat(fd))
+    except OSError:
+        return None
     finally:
         os.close(fd)
     return None
@@ -338,5 +468,6 @@ def lock_holder(lock: Path) -> int | None:
 
 __all__ = ["NotReadable", "read_regular_file", "kind_of", "temp_name", "atomic_write_bytes", "atomic_write_text",
            "fsync_dir", "ATOMIC_TMP", "move", "identity", "holds", "same_content", "folder_inside", "pid_alive",
-           "lock_holder", "hold_lock", "LockHeld", "is_folder",
+           "lock_holder", "hold_lock", "lock_folder", "LockHeld", "is_folder", "NotOwn", "check_own_folder", "own_folder_inside",
+           "open_own_file", "read_own_file",
            "companion"]

@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterable, TypeVar
 from peewee import (SQL, AutoField, BlobField, BooleanField, CharField, DatabaseError, FloatField, IntegerField,
                     Model, OperationalError, SqliteDatabase, TextField, fn)
 
+from .fsutil import NotOwn, check_own_folder, open_own_file, read_own_file
+
 QUEUED, RUNNING, DONE, FAILED, GONE = "queued", "running", "done", "failed", "gone"
 STATES = (QUEUED, RUNNING, DONE, FAILED, GONE)
 ACTIVE = (QUEUED, RUNNING)
@@ -166,6 +168,7 @@ SCHEMA_VERSION = len(MIGRATIONS)
 
 
 _RUN_TOKEN = re.compile(r"^[0-9a-f]{16}$")
+_RUN_LOCK_FILE = re.compile(r"^(?:[0-9a-f]{16}\.lock|\.[0-9a-f]{16}\.new)$")  # the sweep removes nothing else
 _NEW_LOCK_GRACE_S = 60.0  # a lock file is created under a hidden name and renamed once it is locked
 
 
@@ -258,7 +261,7 @@ class FaultNote:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        self._fd = open_own_file(self.path)  # never through a link: it would overwrite someone else's file
         os.pwrite(self._fd, b" " * NOTE_BYTES, 0)
         os.fsync(self._fd)
 
@@ -272,7 +275,7 @@ class FaultNote:
     @staticmethod
     def read(path: Path) -> dict[str, Any] | None:
         try:
-            text = Path(path).read_text(encoding="ascii", errors="replace").strip()
+            text = read_own_file(path)  # a link or a FIFO put there is not the note
             return json.loads(text) if text else None
         except (OSError, ValueError):
             return None
@@ -314,6 +317,9 @@ class Ledger:
             if stop is not None:
                 self._probe()
             st = os.stat(self.path)
+        except NotOwn as exc:
+            self.db.close()
+            raise LedgerUnavailable(str(exc)) from None
         except (DatabaseError, OSError) as exc:  # DatabaseError: OperationalError, and a damaged or foreign file
             self.db.close()
             raise LedgerUnavailable(ledger_problem(self.path, exc)) from None
@@ -470,6 +476,7 @@ class Ledger:
 
     def _take_run_lock(self) -> tuple[int, Path, str]:
         self.runs_dir.mkdir(exist_ok=True)
+        check_own_folder(self.runs_dir)  # a link there would put our files (and the sweep) in someone else's folder
         token = secrets.token_hex(8)
         new, final = self.runs_dir / f".{token}.new", self.runs_dir / f"{token}.lock"
         fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -526,19 +533,25 @@ class Ledger:
         return job.state == RUNNING and (self._signer_runs(job.worker) or not self._signer_gone(job.worker))
 
     def sweep_run_locks(self) -> int:
-        """Remove the run locks of processes that are gone; returns how many."""
+        """Remove the run locks of processes that are gone; returns how many. Raises NotOwn if the runs folder is
+        a link (it would delete in the folder it points to): the daemon refuses to start with that line."""
         try:
+            check_own_folder(self.runs_dir)
             entries = list(os.scandir(self.runs_dir))
+        except NotOwn:
+            raise
         except OSError:
             return 0
         removed = 0
         for entry in entries:
             if self._run is not None and entry.path == str(self._run[1]):
                 continue
+            if not _RUN_LOCK_FILE.match(entry.name) or not entry.is_file(follow_symlinks=False):
+                continue  # not a run lock: never Mondrian's to delete
             try:
                 if entry.name.startswith(".") and time.time() - entry.stat().st_mtime < _NEW_LOCK_GRACE_S:
                     continue  # being created: it is locked before its rename, not necessarily before this look
-                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+                fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
             except OSError:
                 continue
             try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import secrets
 import stat
 import threading
 import time
@@ -29,6 +30,8 @@ log = logging.getLogger("mondrian.watcher")
 
 # A hidden file created and removed at once on every liveness check: its events prove that the observer still
 # delivers. An observer thread that is alive but delivers nothing (stalled) is restarted like a dead one.
+# Each canary has a new name (`.mondrian-watch.<random>`) and is created only if nothing has that name: whatever
+# someone put in the inbox (a link to one of their files) is never opened, truncated or removed.
 CANARY_NAME = ".mondrian-watch"
 
 
@@ -57,7 +60,7 @@ class _Hints(FileSystemEventHandler):
         testhooks.observer_fault(os.path.basename(os.fsdecode(event.src_path)))
         # An exception here would silently kill watchdog's dispatch thread: never let one out.
         try:
-            if os.path.basename(os.fsdecode(event.src_path)) == CANARY_NAME:
+            if os.path.basename(os.fsdecode(event.src_path)).startswith(CANARY_NAME):
                 self.watcher.canary_seen_at = time.monotonic()
                 return
             self.watcher.last_event_at = time.time()
@@ -121,12 +124,12 @@ class InboxWatcher:
         return sent is not None and self.canary_seen_at < sent and time.monotonic() - sent >= 1.0
 
     def _send_canary(self) -> None:
-        canary = self.inbox / CANARY_NAME
+        canary = self.inbox / f"{CANARY_NAME}.{secrets.token_hex(6)}"
         try:
             self._canary_sent_at = time.monotonic()
-            fd = os.open(canary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            fd = os.open(canary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             os.close(fd)
-            os.unlink(canary)
+            os.unlink(canary)  # ours: created just now (were it swapped for a link, only the link goes)
         except OSError:  # a read-only inbox: liveness then rests on is_alive() and the rescans
             self._canary_sent_at = None
 

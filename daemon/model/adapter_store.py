@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..analysis.advisors import ADVISOR_ID
-from ..fsutil import atomic_write_text, fsync_dir
+from ..fsutil import NotOwn, atomic_write_text, fsync_dir, open_own_file
 from .smoke import MARKER_NAME
 
 # The files of an adapter folder as mlx-vlm writes and reads them (daemon.model.adapters uses these too).
@@ -194,7 +194,10 @@ class AdapterStore:
         """One trainer/promoter per advisor across processes (the daemon's nightly job and the CLI)."""
         d = self.advisor_dir(advisor)
         d.mkdir(parents=True, exist_ok=True)
-        fd = os.open(d / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = open_own_file(d / ".lock")  # never through a link: it is truncated below
+        except NotOwn as exc:
+            raise AdapterStoreError(str(exc)) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))

@@ -19,8 +19,9 @@ from typing import Any
 
 from .. import testhooks
 from ..config import Config
-from ..errors import Permanent
-from ..fsutil import ATOMIC_TMP, atomic_write_text, folder_inside, move, pid_alive, same_content
+from ..errors import Permanent, Transient
+from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, folder_inside, move, own_folder_inside, pid_alive,
+                      same_content)
 from ..intake.images import LoadedImage
 from ..intake.inbox import OUTBOX_RESERVED, RECORD_SUFFIXES, safe_stem, sidecar_for, unique_path
 from ..ledger import Job, Ledger
@@ -36,6 +37,11 @@ class OutsideInbox(Permanent):
 OUTSIDE_INBOX = ("its folder is no longer inside the inbox (a folder on its path was replaced by a link to "
                  "somewhere else); Mondrian never moves, renames or deletes anything outside its inbox, so the "
                  "file was left where it is. Copy the photos themselves into the inbox")
+
+
+class LinkedOutbox(Transient):
+    """One of the outbox's own folders (`.staging`, `failed`, `duplicates`, a report folder) was replaced by a link
+    (or leads out of the outbox) while Mondrian runs: nothing is written, moved or deleted through it."""
 
 
 def move_once(src: Path, dest: Path) -> None:
@@ -62,14 +68,16 @@ class Publisher:
         """Remove staging folders left by killed runs (a live `mondrian analyze` keeps its own)."""
         live = {f"job-{j.id}" for j in self.ledger.running()}
         try:
-            entries = list(os.scandir(self.cfg.staging_dir))
+            entries = list(os.scandir(self.cfg.staging_dir)) if self.is_own(self.cfg.staging_dir) else []
         except OSError:
             entries = []
         for entry in entries:
             if entry.name not in live:
-                shutil.rmtree(entry.path, ignore_errors=True)
+                shutil.rmtree(entry.path, ignore_errors=True)  # refuses a link: never deletes through one
         # Temporary files of atomic writes (`.<start of NAME>.PID.HEX.tmp`) whose writer was killed before its rename.
         for folder in (self.cfg.outbox, self.cfg.failed_dir, self.cfg.outbox / "duplicates"):
+            if not self.is_own(folder):
+                continue
             try:
                 names = os.listdir(folder)
             except OSError:
@@ -85,8 +93,10 @@ class Publisher:
     def publish(self, job: Job, src: Path, photo: LoadedImage, report: dict[str, Any],
                  files: dict[str, Path], keep_original: bool) -> None:
         staging = self.cfg.staging_dir / f"job-{job.id}"
-        shutil.rmtree(staging, ignore_errors=True)
         try:
+            self.cfg.staging_dir.mkdir(parents=True, exist_ok=True)
+            self.own(self.cfg.staging_dir)  # LinkedOutbox (transient): nothing below may go through a link
+            shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             for name, source in files.items():
                 shutil.copyfile(source, staging / name)
@@ -160,6 +170,7 @@ class Publisher:
         when the file's folder is not inside the real inbox, whatever links lie on its path."""
         if not self.inside_inbox(src):
             raise OutsideInbox(OUTSIDE_INBOX)
+        self.own(dest_dir)
         sidecar = sidecar_for(src)
         dest = dest or dest_dir / src.name
         move_once(src, dest)
@@ -205,6 +216,7 @@ class Publisher:
     def duplicate(self, job: Job, first: Job, src: Path) -> None:
         dup_dir = self.cfg.outbox / "duplicates"
         dup_dir.mkdir(parents=True, exist_ok=True)
+        self.own(dup_dir)
         dest = unique_path(dup_dir, safe_stem(src.name), Path(src.name).suffix, self.taken(job),
                            companions=RECORD_SUFFIXES)
         self.ledger.reserve_output(job.id, dest)
@@ -248,6 +260,7 @@ class Publisher:
         dest: Path | None = None
         try:
             failed.mkdir(parents=True, exist_ok=True)
+            self.own(failed)
             dest = unique_path(failed, safe_stem(src.name), Path(src.name).suffix, self.taken(job),
                                companions=RECORD_SUFFIXES)
             self.ledger.reserve_output(job.id, dest)
@@ -261,7 +274,7 @@ class Publisher:
                 testhooks.crashpoint("fail_moved")
         except OutsideInbox:
             log.warning("left %s where it is: its folder is no longer inside the inbox", job.rel_path)
-        except OSError as exc:
+        except (OSError, LinkedOutbox) as exc:
             log.error("could not move %s to %s: %s", job.rel_path, failed, exc)
         self.ledger.fail(job.id, reason, dest, kind=kind)
         log.warning("failed: %s: %s", job.rel_path, reason)
@@ -277,13 +290,28 @@ class Publisher:
                 "`mondrian retry --failed`.")
 
     def clean_staging(self, job: Job) -> None:
-        shutil.rmtree(self.cfg.staging_dir / f"job-{job.id}", ignore_errors=True)
+        if self.is_own(self.cfg.staging_dir):
+            shutil.rmtree(self.cfg.staging_dir / f"job-{job.id}", ignore_errors=True)
 
     def shown(self, path: Path) -> str:
         try:
             return str(path.relative_to(self.cfg.home))
         except ValueError:
             return str(path)
+
+    def own(self, folder: Path) -> None:
+        """Raise LinkedOutbox unless `folder` is a real folder inside the outbox (see `fsutil.own_folder_inside`)."""
+        try:
+            own_folder_inside(folder, self.cfg.outbox)
+        except NotOwn as exc:
+            raise LinkedOutbox(str(exc)) from None
+
+    def is_own(self, folder: Path) -> bool:
+        try:
+            self.own(folder)
+        except (LinkedOutbox, OSError):
+            return False
+        return True
 
     def inside_inbox(self, src: Path) -> bool:
         return folder_inside(src, self.cfg.inbox)

@@ -1,7 +1,7 @@
 """The daemon: the watcher and periodic rescans on the main thread, the worker (and MLX) on one thread.
 
 Never daemonizes (launchd and systemd supervise it). SIGTERM/SIGINT finish or requeue the photo in hand
-and exit 0; a fatal start-up problem (model missing, another daemon on the same home) exits 78
+and exit 0; a fatal start-up problem (model missing, another daemon on the same home or inbox) exits 78
 (EX_CONFIG) with a line saying what to fix, so KeepAlive/Restart=on-failure only restart real crashes.
 SIGHUP stops the daemon like SIGTERM (it reloads nothing: a restart reads the configuration again).
 A ledger deleted or replaced while the daemon runs is written back whole, then the daemon exits 75
@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from ..analysis.advisors import load_advisors
 from ..config import Config
 from ..errors import EX_CONFIG, EX_TEMPFAIL
-from ..fsutil import LockHeld, hold_lock
+from ..fsutil import LockHeld, NotOwn, hold_lock, lock_folder
 from ..intake.inbox import classify
 from ..ledger import FAULT_NOTE, Ledger, LedgerUnavailable
 from .worker import Worker
@@ -38,14 +38,37 @@ class StartupError(RuntimeError):
     pass
 
 
-def _lock_home(cfg: Config) -> int:
+def _lock_home(cfg: Config) -> list[int]:
+    """Exclusive locks on the home (its var/ folder) and on the inbox, which another home may name too: two
+    daemons serving one inbox would both analyse and move the same photos. Returns the descriptors to keep."""
     cfg.var_dir.mkdir(parents=True, exist_ok=True)
     try:
-        return hold_lock(cfg.var_dir / "daemon.lock")
+        home_fd = hold_lock(cfg.var_dir / "daemon.lock", str(cfg.home))
     except LockHeld as exc:
         raise StartupError(f"another Mondrian daemon (pid {exc.pid if exc.pid > 0 else '?'}) is already serving "
                            f"{cfg.home}; stop it first (`mondrian service stop`) or set MONDRIAN_HOME to another "
                            f"folder") from None
+    except NotOwn as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        inbox_fd = lock_folder(cfg.inbox)  # nothing is written into the user's inbox
+    except LockHeld as exc:
+        os.close(home_fd)
+        who = f" (pid {exc.pid})" if exc.pid > 0 else ""
+        raise StartupError(f"another Mondrian daemon{who}, of another home, is already serving the inbox "
+                           f"{cfg.inbox}; two daemons would analyse and move the same photos. Stop that one "
+                           f"(`mondrian status` in its home shows it), or set `inbox` in "
+                           f"{cfg.home / 'mondrian.toml'} to a folder of this home's own") from None
+    except OSError as exc:  # a filesystem without locks (some network mounts): the home lock still holds
+        log.warning("could not lock the inbox %s (%s); make sure no other Mondrian home uses it", cfg.inbox,
+                    exc.strerror or exc)
+        return [home_fd]
+    return [home_fd, inbox_fd]
+
+
+def _unlock_home(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
 
 
 def default_runtime_factory(cfg: Config) -> Callable[[], Runtime]:
@@ -189,7 +212,7 @@ class Daemon:
     def run(self) -> int:
         self.cfg.ensure_dirs()
         try:
-            lock_fd = _lock_home(self.cfg)
+            lock_fds = _lock_home(self.cfg)
         except StartupError as exc:
             log.error("cannot start: %s", exc)
             return EX_CONFIG
@@ -239,7 +262,7 @@ class Daemon:
                 nightly.stop()  # also stops a training child process, which never holds a photo
             self._finish_worker()
             self._last_words()
-            os.close(lock_fd)
+            _unlock_home(lock_fds)
         if self.fatal:
             log.error("cannot start: %s", self.fatal)
             return EX_CONFIG
