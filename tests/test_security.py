@@ -88,7 +88,9 @@ def test_hostile_names_are_escaped_and_advisor_folders_are_validated(tmp_path, s
         if job.output_dir:
             assert Path(job.output_dir).resolve().is_relative_to(outbox.resolve()), job.output_dir
     assert jobs["cartier/g.jpg"].advisor == "cartier" and jobs["cartier/g.jpg"].advisor_source == "folder"
-    for rel in ("ansel../a.jpg", "ANSEL/b.jpg", "ansel%2F..%2F..%2Fetc/c.jpg", "ansel /d.jpg", "evil/e.jpg",
+    # Advisor folders match whatever their case (a photographer types `Ansel/`), always mapped to the known id.
+    assert jobs["ANSEL/b.jpg"].advisor == "ansel" and jobs["ANSEL/b.jpg"].advisor_source == "folder"
+    for rel in ("ansel../a.jpg", "ansel%2F..%2F..%2Fetc/c.jpg", "ansel /d.jpg", "evil/e.jpg",
                 "%2e%2e%2f/f.jpg"):
         assert jobs[rel].advisor == "ansel" and jobs[rel].advisor_source == "default", rel  # the default
     mode = jobs["mode traversal.jpg"]
