@@ -30,7 +30,7 @@ from typing import Any, Callable, Iterable, TypeVar
 from peewee import (SQL, AutoField, BlobField, BooleanField, CharField, DatabaseError, FloatField, IntegerField,
                     Model, OperationalError, SqliteDatabase, TextField, fn)
 
-from .fsutil import NotOwn, check_own_folder, open_own_file, read_own_file
+from .fsutil import NotOwn, check_own_folder, fsync_dir, open_own_file, pid_alive, read_own_file
 
 QUEUED, RUNNING, DONE, FAILED, GONE = "queued", "running", "done", "failed", "gone"
 STATES = (QUEUED, RUNNING, DONE, FAILED, GONE)
@@ -421,8 +421,6 @@ class Ledger:
             else:
                 here.unlink(missing_ok=True)  # the deleted database's own log: its content is in the copy
         os.replace(tmp, self.path)
-        from .fsutil import fsync_dir
-
         fsync_dir(self.path.parent)
         return aside if found else self.path
 
@@ -658,8 +656,6 @@ class Ledger:
         pid, _, token = rest.partition(":")
         if _RUN_TOKEN.match(token):
             return True  # its run lock is free (checked by the caller)
-        from .fsutil import pid_alive
-
         return host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
 
     # -- progress inside a job ----------------------------------------------------------------

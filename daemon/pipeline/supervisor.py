@@ -27,7 +27,7 @@ from ..ledger import FAULT_NOTE, Ledger, LedgerUnavailable
 from .worker import Worker
 
 if TYPE_CHECKING:
-    from .model.protocol import Runtime
+    from ..model.protocol import Runtime
 
 log = logging.getLogger("mondrian.daemon")
 
