@@ -40,9 +40,9 @@ def _photos(n: int, size: tuple[int, int]) -> list[Any]:
     """The bundled sample photos (cycled), resized; distinct images so no cache can cheat."""
     from PIL import Image, ImageOps
 
-    from daemon.config import PROJECT_ROOT
+    from daemon.resources import samples_dir
 
-    samples = sorted((PROJECT_ROOT / "samples").glob("*.jpg"))
+    samples = sorted(samples_dir().glob("*.jpg"))
     out = []
     for i in range(n):
         img = Image.open(samples[i % len(samples)]).convert("RGB")

@@ -12,10 +12,11 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import PROJECT_ROOT, Config
+from ..config import Config
+from ..resources import advisors_dir
 
 ADVISOR_ID = re.compile(r"^[a-z][a-z0-9_-]{0,39}\Z")  # \Z: "$" would let a trailing newline in
-BUILTIN_DIR = PROJECT_ROOT / "advisors"
+BUILTIN_DIR = advisors_dir()
 
 
 class UnknownAdvisor(LookupError):

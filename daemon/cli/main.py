@@ -16,8 +16,9 @@ from typing import Any, Callable
 from peewee import DatabaseError
 
 from ..analysis.advisors import UnknownAdvisor
-from ..config import MODES, PROJECT_ROOT, ConfigError
+from ..config import MODES, ConfigError
 from ..ledger import LedgerUnavailable, ledger_problem
+from ..resources import samples_dir
 from .common import EX_CONFIG, EX_USAGE, config_from
 from .terminal import SafeFormatter, shown
 
@@ -48,7 +49,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     cfg = config_from(args, model=args.model or "smoke")
     cfg.ensure_dirs()
-    samples = sorted((PROJECT_ROOT / "samples").glob("*.jpg"))
+    samples = sorted(samples_dir().glob("*.jpg"))
     for i, photo in enumerate(samples):
         dest = cfg.inbox / photo.name
         shutil.copyfile(photo, dest)

@@ -27,6 +27,7 @@ from PIL import Image
 from ..analysis.advisors import Advisor, load_advisors
 from ..analysis.critique import DIMENSION_LABELS, DIMENSIONS, SCORE_MAX
 from ..fsutil import atomic_write_bytes, atomic_write_text
+from ..resources import templates_dir
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -37,7 +38,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mondrian.worker")
 
 SCHEMA_PATH: Path = Path(__file__).resolve().parent / "report_schema.json"
-TEMPLATES_DIR: Path = Path(__file__).resolve().parents[2] / "templates"
+TEMPLATES_DIR: Path = templates_dir()
 
 SMOKE_NOTICE = ("These scores come from Mondrian's smoke model: a tiny, randomly initialised network used for "
                 "tests and the offline demo. They are not meaningful. Set MONDRIAN_MODEL to a real Qwen2-VL "

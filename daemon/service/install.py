@@ -30,12 +30,13 @@ import jinja2
 
 from daemon.config import PROJECT_ROOT, ConfigError, load_config
 from daemon.errors import EX_CONFIG, EX_UNAVAILABLE
+from daemon.resources import service_templates_dir
 
 DEFAULT_LABEL = "com.mondrian.daemon"
 ACTIONS = ("install", "uninstall", "start", "stop", "restart", "status")
 PLATFORMS = ("macos", "linux")
 PROCESS_TYPES = ("Interactive", "Standard")
-TEMPLATE_DIR = PROJECT_ROOT / "launchd"
+TEMPLATE_DIR = service_templates_dir()
 PLIST_TEMPLATE = "com.mondrian.daemon.plist.j2"
 UNIT_TEMPLATE = "mondrian.service.j2"
 
