@@ -8,9 +8,11 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
+from urllib.parse import unquote
 
 import pytest
 from PIL import Image
@@ -98,6 +100,10 @@ def test_exiftool_reads_the_sidecar_and_the_embedded_copy_through_a_daemon_run(t
     assert outside.read_bytes() == outside_before
     assert os.stat(originals["linked"]).st_nlink == 1 and os.stat(outside).st_nlink == 1
     assert not [p for p in outbox.rglob(".*") if p.is_file()], "no temporary file is left behind"
+    # Each report page links its full-resolution original, which is there once the job is done.
+    for name in folders:
+        href = re.search(r'id="original" href="([^"]+)"', (outbox / name / "report.html").read_text()).group(1)
+        assert (outbox / name / unquote(href)) == originals[name] and originals[name].is_file()
 
 
 def report_for(grade: int, **over) -> dict:
