@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from urllib.parse import unquote
@@ -18,7 +19,7 @@ import pytest
 from PIL import Image
 
 from daemon.pipeline.xmp import embed, write_sidecar
-from tests.harness import Daemon, make_home, photo
+from tests.harness import Daemon, ledger_jobs, make_home, photo
 
 # The README's table, written out: the test fails if the code's mapping drifts from what the README promises.
 STARS = {0: 1, 1: 1, 2: 1, 3: 2, 4: 2, 5: 3, 6: 3, 7: 4, 8: 4, 9: 5, 10: 5}
@@ -157,3 +158,29 @@ def test_odd_text_survives_and_the_photographers_own_xmp_is_kept(tmp_path):
     assert read_back(got[str(sidecar)]) == (5, 'A <b>"&"</b> name (rag)', readable, words)
     assert read_back(got[str(jpg)]) == (5, 'A <b>"&"</b> name (rag)', readable, ["family", *words])
     assert got[str(jpg)]["Description-de"] == "Bildunterschrift"
+
+
+def test_a_failed_embedding_keeps_the_report_the_sidecar_and_the_original(tmp_path, smoke_model_path):
+    """The report folder cannot take a new file just when the XMP would be embedded (made immutable while the
+    daemon holds right after moving the original in): the job is done all the same, with its report, its sidecar
+    and the original byte for byte as analysed, and the log says the sidecar has the rating."""
+    from tests.test_recovery import _wait_stopped
+
+    home = make_home(tmp_path / "home", smoke_model_path, xmp_embed=True)
+    original = photo(home / "inbox" / "held.jpg", seed=7)
+    data = original.read_bytes()
+    folder = home / "outbox" / "held"
+    with Daemon(home, smoke_model_path, "--once", MONDRIAN_TEST_STOP_AT="moved") as d:
+        _wait_stopped(d.proc.pid, "the daemon", d.proc, d.output())
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not allowed here")
+        try:
+            d.signal(signal.SIGCONT)
+            assert d.wait(120) == 0, d.output()
+        finally:
+            subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+    report = json.loads((folder / "report.json").read_text())
+    assert (folder / "held.jpg").read_bytes() == data and sha(folder / "held.jpg") == report["photo"]["sha256"]
+    assert read_back(exiftool(folder / "held.xmp")[str(folder / "held.xmp")]) == expected(report)
+    assert ledger_jobs(home)["held.jpg"].state == "done"
+    assert "held.jpg: the XMP could not be embedded" in d.output() and "held.xmp beside it has the rating" in d.output()
