@@ -51,6 +51,8 @@ class Config:
     rag_k: int = 3
     train_time: str = "02:30"
     expose_paths: bool = False
+    # Also write the report's XMP into JPEG/TIFF originals in the outbox (as a new file: never through a link).
+    xmp_embed: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property

@@ -88,26 +88,30 @@ def require_browser() -> str:
     return exe
 
 
-def render(url: str, *, evaluate: str | None = None, timeout_s: float = 60.0) -> Rendered:
-    """Load `url`, wait for the load event (images included) and return what the browser saw."""
+def render(url: str, *, evaluate: str | None = None, timeout_s: float = 60.0, screenshot: Path | None = None,
+           **context: Any) -> Rendered:
+    """Load `url`, wait for the load event (images included) and return what the browser saw. `context` goes to
+    Playwright's `new_context` (e.g. `viewport={"width": 390, "height": 844}, color_scheme="dark"`); `screenshot`
+    saves the whole page as PNG there."""
     exe = find_chromium()
     if not exe:
         raise RuntimeError("no Chromium found")
     if _have_playwright():
-        return _render_playwright(exe, url, evaluate, timeout_s)
-    if evaluate is not None:
-        raise RuntimeError("evaluate needs the playwright package")
+        return _render_playwright(exe, url, evaluate, timeout_s, screenshot, context)
+    if evaluate is not None or screenshot is not None or context:
+        raise RuntimeError("evaluate, screenshots and emulation need the playwright package")
     return _render_dump_dom(exe, url, timeout_s)
 
 
-def _render_playwright(exe: str, url: str, evaluate: str | None, timeout_s: float) -> Rendered:
+def _render_playwright(exe: str, url: str, evaluate: str | None, timeout_s: float, screenshot: Path | None = None,
+                       context_options: dict[str, Any] | None = None) -> Rendered:
     from playwright.sync_api import sync_playwright
 
     out = Rendered(url=url, dom="")
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, timeout=timeout_s * 1000)
         try:
-            context = browser.new_context(service_workers="block")
+            context = browser.new_context(service_workers="block", **(context_options or {}))
             # Nothing may leave the machine even if a page is wrong: record, then refuse, every non-file request.
             context.route(lambda u: not u.startswith("file:"), lambda route: route.abort("blockedbyclient"))
             page = context.new_page()
@@ -125,6 +129,8 @@ def _render_playwright(exe: str, url: str, evaluate: str | None, timeout_s: floa
             out.dom = page.evaluate("document.documentElement.outerHTML")
             if evaluate is not None:
                 out.value = page.evaluate(evaluate)
+            if screenshot is not None:
+                page.screenshot(path=str(screenshot), full_page=True)
         finally:
             browser.close()
     return out

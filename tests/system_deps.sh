@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What the tests need from the system beyond pip, set up by `make test` itself: Chromium (the HTML report tests
 # open every page in it) and, on Linux, OpenBLAS (MLX's CPU path is ~30x faster with it; the LoRA learning test
-# needs it to finish in time). On Debian/Ubuntu they are installed (as root, or through sudo); elsewhere this
+# needs it to finish in time), and exiftool (the XMP tests read back what Mondrian wrote with it, as a photo manager
+# would). On Debian/Ubuntu they are installed (as root, or through sudo); elsewhere this
 # says what to install and the tests that need them say so too.
 set -uo pipefail
 
@@ -22,6 +23,7 @@ have_openblas() {
 missing=()
 have_chromium || missing+=(chromium)
 have_openblas || missing+=(libopenblas0-pthread)
+command -v exiftool >/dev/null 2>&1 || missing+=(libimage-exiftool-perl)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if command -v apt-get >/dev/null 2>&1; then
@@ -38,7 +40,8 @@ if command -v apt-get >/dev/null 2>&1; then
   fi
   echo "make test: could not install ${missing[*]}; run: sudo apt-get install ${missing[*]}" >&2
 else
-  echo "make test: please install ${missing[*]/libopenblas0-pthread/OpenBLAS} with your package manager" \
+  shown="${missing[*]/libopenblas0-pthread/OpenBLAS}"
+  echo "make test: please install ${shown/libimage-exiftool-perl/exiftool} with your package manager" \
        "(or set MONDRIAN_CHROMIUM to a Chromium or Chrome binary); tests that need them will say so" >&2
 fi
 exit 0

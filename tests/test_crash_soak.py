@@ -30,6 +30,7 @@ import jsonschema
 
 from daemon.ledger import Ledger
 from daemon.pipeline.report import SCHEMA_PATH
+from daemon.pipeline.xmp import sidecar_name
 from tests.harness import Daemon, make_home, photo, wait_for
 
 SCHEMA = json.loads(SCHEMA_PATH.read_text())
@@ -213,7 +214,9 @@ def test_sigkill_soak_loses_nothing_and_does_nothing_twice(tmp_path, smoke_model
         own = Path(job.output_dir)
         assert own == folder, f"{name}: a second report, {folder.name}/ (its own is {own.name}/)"
         assert report["job_id"] == job.id
-        assert set(p.name for p in folder.iterdir()) == REPORT_FILES | {name}, sorted(folder.iterdir())
+        # The XMP sidecar is staged with the report: no report is ever published without it.
+        assert set(p.name for p in folder.iterdir()) == REPORT_FILES | {name, sidecar_name(name)}, \
+            sorted(folder.iterdir())
         assert (folder / name).read_bytes() == photos[name]
         assert report["photo"]["sha256"] == _sha(photos[name])
     for ej in (outbox / "failed").glob("*.error.json"):
@@ -234,7 +237,7 @@ def test_sigkill_soak_loses_nothing_and_does_nothing_twice(tmp_path, smoke_model
     twice.update({f"sha {h[:12]}": ["analysed"] * k for h, k in analysed.items() if k > 1})
     # every original exists exactly once (beside its report, in failed/ or in duplicates/), none in the inbox
     copies = collections.Counter(_sha(p.read_bytes()) for p in outbox.rglob("*")
-                                 if p.is_file() and p.name not in REPORT_FILES and not p.name.endswith(".json")
+                                 if p.is_file() and p.name not in REPORT_FILES and not p.name.endswith((".json", ".xmp"))
                                  and p.name != "index.html")
     for name, data in photos.items():
         want = sum(1 for d in photos.values() if d == data)

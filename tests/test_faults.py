@@ -169,7 +169,7 @@ def test_disk_full_is_retried_and_a_kill_mid_cross_device_move_leaves_one_origin
         assert job.state == "done"
         assert not (home / "inbox" / "full.jpg").exists()
         originals = [p.name for p in folder.iterdir() if p.name not in
-                     {"report.json", "report.html", "preview.jpg", "thumb.jpg"}]
+                     {"report.json", "report.html", "preview.jpg", "thumb.jpg", "full.xmp"}]
         assert originals == ["full.jpg"], originals
         assert not list((outbox / ".staging").iterdir()), "nothing half-written is left behind"
         assert delays[:2] == [0.4, 0.8], delays

@@ -7,9 +7,10 @@ import json
 import os
 from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
 import pytest
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageStat
 
 from daemon.analysis.critique import DIMENSIONS
 from daemon.fsutil import atomic_write_bytes
@@ -394,3 +395,92 @@ def test_dump_dom_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     leaky = tmp_path / "leaky.html"
     leaky.write_text('<!doctype html><img src="http://127.0.0.1:9/pixel.png">', encoding="utf-8")
     assert urls_outside(render(leaky.as_uri()).requests, tmp_path) == ["http://127.0.0.1:9/pixel.png"]
+
+
+# ----------------------------------------------------------------------------------- phone, desktop, dark
+
+VIEW_PROBE = """() => {
+  const css = (sel, prop) => { const e = document.querySelector(sel); return e && getComputedStyle(e)[prop]; };
+  const chart = [...document.querySelectorAll('svg.chart')].find(s => s.getBoundingClientRect().width > 0);
+  const original = document.querySelector('#original');
+  return {
+    inner: window.innerWidth, scroll: document.documentElement.scrollWidth, bodyScroll: document.body.scrollWidth,
+    wider: [...document.querySelectorAll('body *')].filter(e => e.getBoundingClientRect().right > window.innerWidth + 1)
+             .map(e => e.tagName + '.' + e.className).slice(0, 5),
+    paper: css('body', 'backgroundColor'), ink: css('#summary', 'color'), card: css('section.block', 'backgroundColor'),
+    muted: css('.facts dt', 'color'), comment: css('#dim-composition .comment', 'color'),
+    chart: chart && {layout: chart.getAttribute('class'), label: getComputedStyle(chart.querySelector('text.label')).fill,
+                     value: getComputedStyle(chart.querySelector('text.value')).fill,
+                     bar: getComputedStyle(chart.querySelector('rect.fill')).fill,
+                     track: getComputedStyle(chart.querySelector('rect.track')).fill},
+    original: original && original.href,
+    photoLink: document.querySelector('.photo a') && document.querySelector('.photo a').href,
+  };
+}"""
+
+
+def _rgb(css: str) -> tuple[float, float, float]:
+    parts = css[css.index("(") + 1:css.index(")")].replace(",", " ").split()
+    return tuple(float(x) for x in parts[:3])  # type: ignore[return-value]
+
+
+def _luminance(css: str) -> float:
+    def lin(c: float) -> float:
+        c /= 255
+        return c / 12.92 if c <= 0.03928 else ((c + 0.055) / 1.055) ** 2.4
+    r, g, b = _rgb(css)
+    return 0.2126 * lin(r) + 0.7152 * lin(g) + 0.0722 * lin(b)
+
+
+def contrast(a: str, b: str) -> float:
+    """WCAG contrast ratio of two computed CSS colours."""
+    hi, lo = sorted((_luminance(a), _luminance(b)), reverse=True)
+    return (hi + 0.05) / (lo + 0.05)
+
+
+def test_report_page_fits_a_phone_and_a_desktop_in_light_and_dark(tmp_path: Path) -> None:
+    """Screenshots at 390 px and 1280 px, with the system in light and in dark mode: nothing wider than the
+    window, body text, muted text and the chart readable on their background (WCAG AA: 4.5:1 for text, 3:1 for the
+    bars against their track), dark really dark, and the full-resolution original linked and there."""
+    require_browser()
+    long_name = "IMG_" + "x" * 110 + ".jpg"  # no break opportunity: a phone must wrap it, not scroll sideways
+    report = sample_report(summary="A strong frame. " + "Unbroken" * 20)
+    report["photo"]["file"] = long_name
+    folder = tmp_path / "IMG_0042"
+    folder.mkdir()
+    write_refs(folder, report)
+    make_image(1800, 1200).save(folder / long_name, "JPEG", quality=80)  # the original, moved in by the daemon
+    paths = write_report_folder(folder, report, make_image(448, 298))
+    seen: dict[tuple[str, str], dict] = {}
+    shots: dict[tuple[str, str], Path] = {}
+    for view, size in (("phone", {"width": 390, "height": 844}), ("desktop", {"width": 1280, "height": 900})):
+        for scheme in ("light", "dark"):
+            shot = tmp_path / f"report-{view}-{scheme}.png"
+            page = render(paths["html"].as_uri(), evaluate=VIEW_PROBE, screenshot=shot, viewport=size,
+                          color_scheme=scheme, is_mobile=view == "phone")
+            v = seen[view, scheme] = page.value
+            shots[view, scheme] = shot
+            where = f"{view}/{scheme}"
+            assert v["inner"] == size["width"], where
+            assert v["scroll"] <= v["inner"] and v["bodyScroll"] <= v["inner"] and not v["wider"], (where, v)
+            assert v["chart"]["layout"] == ("chart chart-compact" if view == "phone" else "chart chart-wide"), where
+            for name in ("ink", "comment"):
+                assert contrast(v[name], v["card"]) >= 7, (where, name, v[name], v["card"])
+            assert contrast(v["muted"], v["card"]) >= 4.5, (where, v["muted"], v["card"])
+            assert contrast(v["chart"]["label"], v["card"]) >= 4.5 and contrast(v["chart"]["value"], v["card"]) >= 4.5
+            assert contrast(v["chart"]["bar"], v["chart"]["track"]) >= 3, (where, v["chart"])
+            # The link leads to the original beside the report, and it is there; the page still loads only files
+            # of its own folder (a link is not a load).
+            assert v["original"] == v["photoLink"] == (folder / long_name).as_uri(), where
+            assert Path(unquote(urlparse(v["original"]).path)).is_file()
+            assert urls_outside(page.requests, folder) == [] and not (page.errors or page.dialogs)
+    for view in ("phone", "desktop"):
+        light, dark = seen[view, "light"], seen[view, "dark"]
+        assert (light["paper"], light["ink"], light["card"]) != (dark["paper"], dark["ink"], dark["card"])
+        assert _luminance(light["card"]) > 0.8 and _luminance(dark["card"]) < 0.05, (light["card"], dark["card"])
+        assert _luminance(dark["ink"]) > 0.6 and _luminance(light["ink"]) < 0.05
+        # What the screenshots show, not only what the styles say: the dark page is dark as a whole.
+        with Image.open(shots[view, "light"]) as lit, Image.open(shots[view, "dark"]) as night:
+            assert lit.width == night.width == (390 if view == "phone" else 1280)
+            mean = lambda im: ImageStat.Stat(im.convert("L")).mean[0]  # noqa: E731
+            assert mean(lit) > 170 and mean(night) < 80, (view, mean(lit), mean(night))

@@ -26,6 +26,7 @@ from ..intake.images import LoadedImage
 from ..intake.inbox import OUTBOX_RESERVED, RECORD_SUFFIXES, safe_stem, sidecar_for, unique_path
 from ..ledger import Job, Ledger
 from .report import OutboxIndex, now_iso, write_report_folder
+from .xmp import embed, write_sidecar
 
 log = logging.getLogger("mondrian.worker")
 
@@ -101,6 +102,7 @@ class Publisher:
             for name, source in files.items():
                 shutil.copyfile(source, staging / name)
             write_report_folder(staging, report, photo.image)
+            write_sidecar(staging, report)  # in staging: it appears with the report, in one rename
             testhooks.crashpoint("staged")
             # A reservation of this very job (killed before its rename) is reused, not skipped as taken.
             final = unique_path(self.cfg.outbox, safe_stem(src.name), taken=self.taken(job),
@@ -144,6 +146,8 @@ class Publisher:
                 log.warning("%s: its sidecar could not be moved into %s (%s)", job.rel_path, self.shown(final),
                             exc.strerror or exc)  # the photo is in: the job is done
             testhooks.crashpoint("moved")
+        if self.cfg.xmp_embed and self.is_own(final) and os.path.lexists(original):
+            embed(original, report)  # after the move, as a new file: again after a crash, with the same result
         self.ledger.finish(job.id, effective_mode=report["mode"]["effective"], fallbacks=report["mode"]["fallbacks"],
                            report_json=final / "report.json", report_html=final / "report.html",
                            grade=report["overall_grade"], adapter=report["model"]["adapter"],

@@ -273,6 +273,8 @@ def render_report_html(report: dict, *, photo_href: str = "preview.jpg") -> str:
     ctx = {
         "title_file": _bare_name(photo.get("file")),
         "photo_href": photo_href,
+        # The original lies beside report.html under photo.file (moved in once the report is published).
+        "original_href": _relative_href(_bare_name(photo.get("file"))),
         "photo": {
             "file": _bare_name(photo.get("file")),
             "size": f"{photo.get('width')} × {photo.get('height')} px",

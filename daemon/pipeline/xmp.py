@@ -1,0 +1,132 @@
+"""A report as XMP, the metadata photo managers read (Lightroom, Capture One, Bridge, digiKam, darktable): the grade
+as stars, the advisor and mode as a label, the summary as the caption, keywords to filter by.
+
+Every photo gets a sidecar `<stem>.xmp` beside its original in the report folder (the name Lightroom, Camera Raw,
+Bridge and Capture One use). With `xmp_embed`, JPEG and TIFF originals in the outbox also carry it inside: Lightroom
+reads sidecars only for raw files, and the XMP inside a JPEG or TIFF otherwise.
+
+exiv2 (the `exiv2` package) builds and serialises the XMP, in memory only: given a path it would follow a symbolic
+link and write into a hard-linked file in place, changing a photo outside the outbox. Mondrian writes the bytes
+itself, as a new file renamed over the old name.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import exiv2
+
+from ..fsutil import atomic_write_bytes, read_regular_file
+
+log = logging.getLogger("mondrian.worker")
+
+SIDECAR_SUFFIX = ".xmp"
+# Decoded formats (Pillow's names) whose files get the XMP inside. Not MPO: its second image sits at an offset that
+# a larger metadata segment in front of it would break.
+EMBED_FORMATS = ("JPEG", "TIFF")
+KEYWORD_PREFIX = "mondrian:"
+# XML 1.0 cannot carry these at all (not even escaped): a model's summary may hold them.
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
+def stars(grade: float) -> int:
+    """The 0-10 grade as 1-5 stars: half the grade, rounded half up, and at least one star (Lightroom reads 0 as
+    "not rated", and a critiqued photo is rated): 0-2 → 1, 3-4 → 2, 5-6 → 3, 7-8 → 4, 9-10 → 5."""
+    return max(1, min(5, math.floor(grade / 2 + 0.5)))
+
+
+def _text(value: object) -> str:
+    return _NOT_XML.sub("", str(value))
+
+
+def label(report: dict[str, Any]) -> str:
+    return _text(f"{report['advisor']['name']} ({report['mode']['effective']})")
+
+
+def keywords(report: dict[str, Any]) -> list[str]:
+    words = [f"advisor={report['advisor']['id']}", f"mode={report['mode']['effective']}",
+             f"grade={report['overall_grade']:g}"]
+    if report["model"].get("adapter"):
+        words.append(f"adapter={report['model']['adapter']}")
+    if report["model"].get("smoke"):
+        words.append("model=smoke")  # the demo's random ratings can be found and ignored
+    return [_text(KEYWORD_PREFIX + w) for w in words]
+
+
+def _fill(xmp: exiv2.XmpData, report: dict[str, Any]) -> None:
+    """Set Mondrian's fields in `xmp`; what else it holds stays, keywords of its own included."""
+    xmp["Xmp.xmp.Rating"] = str(stars(report["overall_grade"]))
+    xmp["Xmp.xmp.Label"] = label(report)
+    captions: dict[str, str] = {}
+    old = xmp.findKey(exiv2.XmpKey("Xmp.dc.description"))
+    if old != xmp.end():
+        captions = dict(old.getValue())  # other languages are the photographer's
+    xmp["Xmp.dc.description"] = exiv2.LangAltValue({**captions, "x-default": _text(report.get("summary", ""))})
+    kept: list[str] = []
+    old = xmp.findKey(exiv2.XmpKey("Xmp.dc.subject"))
+    if old != xmp.end():
+        kept = [k for k in old.getValue() if not k.lower().startswith(KEYWORD_PREFIX)]
+        xmp.erase(old)
+    xmp["Xmp.dc.subject"] = exiv2.XmpArrayValue(kept + keywords(report), exiv2.TypeId.xmpBag)
+
+
+def sidecar_bytes(report: dict[str, Any]) -> bytes:
+    """The sidecar's content: an XMP packet holding Mondrian's fields only, as exiv2 writes its own sidecars."""
+    image = exiv2.ImageFactory.create(exiv2.ImageType.xmp)  # in memory
+    _fill(image.xmpData(), report)
+    image.writeMetadata()
+    return _bytes(image)
+
+
+def _bytes(image: exiv2.Image) -> bytes:
+    with image.io().mmap() as view:
+        return bytes(view)
+
+
+def sidecar_name(photo_file: str) -> str:
+    """`IMG_1.jpg` -> `IMG_1.xmp`; an original whose own name that is (`IMG_1.XMP`, a JPEG) -> `IMG_1.XMP.xmp`."""
+    name = Path(photo_file).stem + SIDECAR_SUFFIX
+    return photo_file + SIDECAR_SUFFIX if name.casefold() == photo_file.casefold() else name
+
+
+def write_sidecar(folder: Path, report: dict[str, Any]) -> Path | None:
+    """Write `<stem>.xmp` into the (staging) report folder. The XMP is a copy of what report.json says, so if exiv2
+    cannot build it the report goes on without it (logged); a failed write (a full disk) raises OSError like any
+    other file of the report, which is then retried whole."""
+    try:
+        data = sidecar_bytes(report)
+    except Exception as exc:  # exiv2 raises its own kinds; a report must never be lost to its copy in XMP
+        log.warning("%s: no XMP sidecar (%s: %s); report.json has the same facts", report["photo"]["file"],
+                    type(exc).__name__, exc)
+        return None
+    path = Path(folder) / sidecar_name(report["photo"]["file"])
+    atomic_write_bytes(path, data)
+    return path
+
+
+def embed(original: Path, report: dict[str, Any]) -> bool:
+    """Put the report's XMP inside the JPEG/TIFF `original` in the outbox. The file is read, changed in memory and
+    written as a new file renamed over the old name: a hard link's other names, a symbolic link's target and the
+    inbox keep their bytes untouched. Returns whether it was embedded; never raises (the report stands, and
+    the sidecar carries the same fields)."""
+    if report["photo"].get("format") not in EMBED_FORMATS:
+        return False
+    try:
+        before = os.stat(original)
+        data = read_regular_file(original)
+        image = exiv2.ImageFactory.open(data)
+        image.readMetadata()
+        _fill(image.xmpData(), report)
+        image.writeMetadata()
+        atomic_write_bytes(original, _bytes(image))
+        os.utime(original, ns=(before.st_atime_ns, before.st_mtime_ns))  # file browsers sort by it
+    except Exception as exc:
+        log.warning("%s: the XMP could not be embedded (%s: %s); the original is unchanged and %s beside it "
+                    "has the rating", original.name, type(exc).__name__, exc, sidecar_name(original.name))
+        return False
+    return True

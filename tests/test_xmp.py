@@ -1,0 +1,186 @@
+"""XMP that photo managers read, checked with exiftool (a reader independent of exiv2, which wrote it): the stars,
+label, caption and keywords from every report's sidecar and, with `xmp_embed`, from the JPEG/TIFF original in the
+outbox; never a byte changed in a file outside the outbox (a hard link included)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+from urllib.parse import unquote
+
+import pytest
+from PIL import Image
+
+from daemon.pipeline.xmp import embed, write_sidecar
+from tests.harness import Daemon, ledger_jobs, make_home, photo
+
+# The README's table, written out: the test fails if the code's mapping drifts from what the README promises.
+STARS = {0: 1, 1: 1, 2: 1, 3: 2, 4: 2, 5: 3, 6: 3, 7: 4, 8: 4, 9: 5, 10: 5}
+
+
+def exiftool(*paths: Path, tags: tuple[str, ...] = ()) -> dict[str, dict]:
+    exe = shutil.which("exiftool")
+    if not exe:
+        reason = "exiftool is not installed (Debian: libimage-exiftool-perl; macOS: brew install exiftool)"
+        if os.environ.get("CI"):
+            pytest.fail(reason + "; under CI the XMP tests must run")
+        pytest.skip(reason)
+    out = subprocess.run([exe, "-json", "-charset", "utf8", "-XMP-xmp:Rating", "-XMP-xmp:Label",
+                          "-XMP-dc:Description", "-XMP-dc:Subject", *tags, *map(str, paths)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode in (0, 1), out.stderr  # 1: a file without any of these tags
+    return {r["SourceFile"]: r for r in json.loads(out.stdout or "[]")}
+
+
+def read_back(record: dict) -> tuple:
+    subject = record.get("Subject")
+    return (record.get("Rating"), record.get("Label"), record.get("Description"),
+            subject if isinstance(subject, list) or subject is None else [subject])
+
+
+def expected(report: dict) -> tuple:
+    words = [f"mondrian:advisor={report['advisor']['id']}", f"mondrian:mode={report['mode']['effective']}",
+             f"mondrian:grade={report['overall_grade']}"]
+    if report["model"]["smoke"]:
+        words.append("mondrian:model=smoke")
+    return (STARS[report["overall_grade"]], f"{report['advisor']['name']} ({report['mode']['effective']})",
+            report["summary"], words)
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_exiftool_reads_the_sidecar_and_the_embedded_copy_through_a_daemon_run(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, xmp_embed=True)
+    inbox, outbox = home / "inbox", home / "outbox"
+    photo(inbox / "IMG_1.jpg", seed=1)
+    photo(inbox / "cartier" / "street.tif", seed=2, fmt="TIFF")
+    photo(inbox / "beach.png", seed=3, fmt="PNG")
+    # A photo that is also a hard link to a file outside the home (a Lightroom folder): it must keep its bytes.
+    outside = photo(tmp_path / "Lightroom" / "linked.jpg", seed=4)
+    os.link(outside, inbox / "linked.jpg")
+    outside_before = outside.read_bytes()
+    before = {p.name: p.read_bytes() for p in inbox.rglob("*.*") if p.suffix != ".mode"}
+    (inbox / "rag.mode").write_text("rag")
+    photo(inbox / "rag.jpg", seed=5)
+
+    with Daemon(home, smoke_model_path, "--once") as d:
+        assert d.wait(300) == 0, d.output()
+
+    folders = {"IMG_1": "IMG_1.jpg", "street": "street.tif", "beach": "beach.png", "linked": "linked.jpg",
+               "rag": "rag.jpg"}
+    reports = {name: json.loads((outbox / name / "report.json").read_text()) for name in folders}
+    sidecars = {name: outbox / name / (Path(file).stem + ".xmp") for name, file in folders.items()}
+    originals = {name: outbox / name / file for name, file in folders.items()}
+    got = exiftool(*sidecars.values(), *originals.values())
+    for name in folders:
+        want = expected(reports[name])
+        assert read_back(got[str(sidecars[name])]) == want, name
+        if name == "beach":
+            # PNG gets the sidecar only: its original is the very file that was analysed.
+            assert read_back(got[str(originals[name])]) == (None, None, None, None)
+            assert sha(originals[name]) == reports[name]["photo"]["sha256"]
+        else:
+            assert read_back(got[str(originals[name])]) == want, name
+    assert reports["street"]["advisor"]["id"] == "cartier" and reports["street"]["photo"]["format"] == "TIFF"
+    assert reports["rag"]["mode"]["requested"] == "rag"
+    # The pixels are the ones analysed; only the metadata changed.
+    for name in ("IMG_1", "street", "linked"):
+        with Image.open(originals[name]) as im, Image.open(io.BytesIO(before[folders[name]])) as was:
+            assert im.tobytes() == was.tobytes() and originals[name].read_bytes() != before[folders[name]], name
+    # Nothing outside the outbox changed: the hard link's other name keeps its bytes, and the outbox copy is a file
+    # of its own.
+    assert outside.read_bytes() == outside_before
+    assert os.stat(originals["linked"]).st_nlink == 1 and os.stat(outside).st_nlink == 1
+    assert not [p for p in outbox.rglob(".*") if p.is_file()], "no temporary file is left behind"
+    # Each report page links its full-resolution original, which is there once the job is done.
+    for name in folders:
+        href = re.search(r'id="original" href="([^"]+)"', (outbox / name / "report.html").read_text()).group(1)
+        assert (outbox / name / unquote(href)) == originals[name] and originals[name].is_file()
+
+
+def report_for(grade: int, **over) -> dict:
+    report = {"photo": {"file": "IMG_7.jpg", "format": "JPEG"}, "advisor": {"id": "ansel", "name": "Ansel Adams"},
+              "mode": {"requested": "rag", "effective": "rag"}, "model": {"adapter": None, "smoke": False},
+              "overall_grade": grade, "summary": f"Grade {grade} of 10."}
+    report.update(over)
+    return report
+
+
+def test_every_grade_gets_the_stars_the_readme_promises(tmp_path):
+    """Sidecar and embedded XMP for each grade 0-10, read back by exiftool against the README's table."""
+    files = {}
+    for grade in range(11):
+        folder = tmp_path / f"g{grade}"
+        folder.mkdir()
+        report = report_for(grade)
+        files[grade] = write_sidecar(folder, report)
+        Image.new("RGB", (32, 24), (grade * 20, 80, 120)).save(folder / "IMG_7.jpg", "JPEG")
+        assert embed(folder / "IMG_7.jpg", report)
+    got = exiftool(*files.values(), *(f.with_suffix(".jpg") for f in files.values()))
+    for grade, sidecar in files.items():
+        assert got[str(sidecar)]["Rating"] == STARS[grade], f"grade {grade} in the sidecar"
+        assert got[str(sidecar.with_suffix(".jpg"))]["Rating"] == STARS[grade], f"grade {grade} embedded"
+
+
+def test_odd_text_survives_and_the_photographers_own_xmp_is_kept(tmp_path):
+    """A model's summary with markup, quotes, control characters and a `lang=` prefix (exiv2's own syntax for
+    captions) reads back as text; a JPEG's own keywords and other-language captions stay, earlier Mondrian keywords
+    are replaced, and a name like the sidecar's own gets a sidecar of its own."""
+    import exiv2
+
+    summary = 'lang="de" <b>Bold</b> & "quoted" \x01\x1b[31m red\nsecond line — 光と影 🎞'
+    readable = 'lang="de" <b>Bold</b> & "quoted" [31m red\nsecond line — 光と影 🎞'
+    report = report_for(9, summary=summary, advisor={"id": "x&y", "name": 'A <b>"&"</b> name'},
+                        photo={"file": "odd.XMP", "format": "JPEG"})
+    jpg = tmp_path / "odd.XMP"
+    Image.new("RGB", (32, 24)).save(jpg, "JPEG")
+    image = exiv2.ImageFactory.open(str(jpg))
+    image.readMetadata()
+    image.xmpData()["Xmp.dc.subject"] = exiv2.XmpArrayValue(["family", "mondrian:grade=2"], exiv2.TypeId.xmpBag)
+    image.xmpData()["Xmp.dc.description"] = exiv2.LangAltValue({"x-default": "old caption", "de": "Bildunterschrift"})
+    image.writeMetadata()
+    del image
+
+    sidecar = write_sidecar(tmp_path, report)
+    assert sidecar.name == "odd.XMP.xmp" and jpg.exists()
+    assert embed(jpg, report)
+    got = exiftool(sidecar, jpg, tags=("-XMP-dc:Description-de",))
+    words = ["mondrian:advisor=x&y", "mondrian:mode=rag", "mondrian:grade=9"]
+    assert read_back(got[str(sidecar)]) == (5, 'A <b>"&"</b> name (rag)', readable, words)
+    assert read_back(got[str(jpg)]) == (5, 'A <b>"&"</b> name (rag)', readable, ["family", *words])
+    assert got[str(jpg)]["Description-de"] == "Bildunterschrift"
+
+
+def test_a_failed_embedding_keeps_the_report_the_sidecar_and_the_original(tmp_path, smoke_model_path):
+    """The report folder cannot take a new file just when the XMP would be embedded (made immutable while the
+    daemon holds right after moving the original in): the job is done all the same, with its report, its sidecar
+    and the original byte for byte as analysed, and the log says the sidecar has the rating."""
+    from tests.test_recovery import _wait_stopped
+
+    home = make_home(tmp_path / "home", smoke_model_path, xmp_embed=True)
+    original = photo(home / "inbox" / "held.jpg", seed=7)
+    data = original.read_bytes()
+    folder = home / "outbox" / "held"
+    with Daemon(home, smoke_model_path, "--once", MONDRIAN_TEST_STOP_AT="moved") as d:
+        _wait_stopped(d.proc.pid, "the daemon", d.proc, d.output())
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not allowed here")
+        try:
+            d.signal(signal.SIGCONT)
+            assert d.wait(120) == 0, d.output()
+        finally:
+            subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+    report = json.loads((folder / "report.json").read_text())
+    assert (folder / "held.jpg").read_bytes() == data and sha(folder / "held.jpg") == report["photo"]["sha256"]
+    assert read_back(exiftool(folder / "held.xmp")[str(folder / "held.xmp")]) == expected(report)
+    assert ledger_jobs(home)["held.jpg"].state == "done"
+    assert "held.jpg: the XMP could not be embedded" in d.output() and "held.xmp beside it has the rating" in d.output()
