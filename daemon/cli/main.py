@@ -92,9 +92,15 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import collect, render
+    from .status import collect, render, watch
 
-    info = collect(config_from(args))  # refuses (exit 78) where no home is: a mistyped MONDRIAN_HOME creates none
+    cfg = config_from(args)
+    if args.watch is not None:
+        if not args.watch > 0:  # NaN too
+            print(f"--watch takes a number of seconds above 0 (got {args.watch:g})", file=sys.stderr)
+            return EX_USAGE
+        return watch(cfg, args.watch, args.json)
+    info = collect(cfg)  # refuses (exit 78) where no home is: a mistyped MONDRIAN_HOME creates none
     print(json.dumps(info, indent=2, default=str) if args.json else render(info))
     return 0
 
@@ -144,7 +150,9 @@ def add_core_commands(sub: Any) -> None:
     an.set_defaults(func=cmd_analyze)
 
     st = sub.add_parser("status", help="what the daemon is doing")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="for scripts (with --watch: one JSON object a line)")
+    st.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+                    help="show it again every SECONDS (default 2) until Ctrl-C")
     st.set_defaults(func=cmd_status)
 
     model = sub.add_parser("model", help="model utilities")
