@@ -116,17 +116,32 @@ def cmd_model_smoke(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from .retry import retry_failed
+    from .retry import failed_now, retry_failed
     from .status import require_home
 
     cfg = config_from(args)
     require_home(cfg)  # a mistyped MONDRIAN_HOME must not become a new, empty home
-    moved, left = retry_failed(cfg, ids=args.ids or None)
-    for line in moved:
+    if not args.failed:
+        failed, permanent = failed_now(cfg)
+        print(f"`mondrian retry` puts failed photos back in the queue; nothing was queued. Now {failed} photo(s) "
+              f"failed, {permanent} of them permanently (a damaged photo, a bad sidecar, a folder Mondrian may not "
+              f"write) with nothing changed since.\n"
+              f"  mondrian retry --failed          queue the failed photos again, except the unchanged permanent ones\n"
+              f"  mondrian retry --failed --all    queue the permanent ones too\n"
+              f"  mondrian retry --failed ID ...   queue only these jobs (ids: `mondrian status --json`)")
+        return EX_USAGE if args.ids or args.all else 0
+    result = retry_failed(cfg, ids=args.ids or None, everything=args.all)
+    for line in result.queued:
         print(shown(line))
-    for line in left:
+    for line in result.left:
         print(shown(line), file=sys.stderr)
-    print(f"{len(moved)} photo(s) queued again", file=sys.stderr)
+    if result.skipped:
+        names = ", ".join(j.rel_path for j in result.skipped[:5]) + (" …" if len(result.skipped) > 5 else "")
+        print(shown(f"skipped {len(result.skipped)} permanent failure(s) that nothing has changed since, so they "
+                    f"would fail the same way: {names}. Fix them (re-export the photo, correct the sidecar, chmod) "
+                    f"and run `mondrian retry --failed` again, or `mondrian retry --failed --all` to try them "
+                    f"anyway"), file=sys.stderr)
+    print(f"{len(result.queued)} photo(s) queued again", file=sys.stderr)
     return 0
 
 
@@ -164,8 +179,10 @@ def add_core_commands(sub: Any) -> None:
     smoke.set_defaults(func=cmd_model_smoke)
 
     retry = sub.add_parser("retry", help="queue failed photos again")
-    retry.add_argument("--failed", action="store_true", required=True, help="requeue failed photos")
-    retry.add_argument("ids", nargs="*", type=int, help="only these job ids")
+    retry.add_argument("--failed", action="store_true",
+                       help="requeue failed photos (not permanent failures nothing has changed since)")
+    retry.add_argument("--all", action="store_true", help="with --failed: permanent failures too")
+    retry.add_argument("ids", nargs="*", type=int, help="only these job ids (permanent or not)")
     retry.set_defaults(func=cmd_retry)
 
 
