@@ -66,29 +66,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analyze import AnalyzeRefused, analyze_one
+    from tqdm import tqdm
+
+    from .analyze import AnalyzeRefused, analyze_many, prepare
+    from .common import progress_bar
 
     cfg = config_from(args)
     if args.mode and args.mode.lower() not in MODES:
         print(f"unknown mode {args.mode!r}; use one of {', '.join(MODES)}", file=sys.stderr)
         return 2
-    if len(args.photo) > 1:  # a shell pattern that matched several files
-        print(f"`mondrian analyze` takes one photo (got {len(args.photo)}); to analyse many, drop them into the "
-              f"inbox ({cfg.inbox})", file=sys.stderr)
-        return 2
     try:
-        result = analyze_one(cfg, args.photo[0], mode=args.mode.lower() if args.mode else None,
-                             advisor=args.advisor)
+        request = prepare(cfg, args.photo, mode=args.mode.lower() if args.mode else None, advisor=args.advisor,
+                          adapter=args.adapter)
     except AnalyzeRefused as exc:
-        print(f"cannot analyze: {exc}", file=sys.stderr)
+        print(shown(f"cannot analyze: {exc}"), file=sys.stderr)
         return exc.exit_code
-    if args.json:
-        print(json.dumps(result, indent=2, default=str))
-    elif result["state"] == "done":
-        print(result["report_html"])
-    else:
-        print(f"failed: {result['error']}", file=sys.stderr)
-    return 0 if result["state"] == "done" else 1
+    failed = 0
+    with progress_bar(len(request.photos), unit="photo") as bar:
+        def loading() -> None:
+            bar.set_postfix_str(shown(f"loading model {cfg.model}…"))
+
+        def start(path: Path) -> None:
+            bar.set_postfix_str(shown(path.name))
+
+        def result(job: dict[str, Any]) -> None:
+            nonlocal failed
+            bar.update(1)
+            if args.json:  # one object a line, as each photo finishes
+                tqdm.write(json.dumps(job, default=str, ensure_ascii=False), file=sys.stdout)
+            elif job["state"] == "done":
+                tqdm.write(shown(f"{job['grade']}/10  {job['source_path']}: {job.get('summary') or ''}"),
+                           file=sys.stdout)
+                tqdm.write(shown(f"      {job['report_html']}"), file=sys.stdout)
+            if job["state"] != "done":
+                failed += 1
+                if not args.json:
+                    tqdm.write(shown(f"failed: {job['source_path']}: {job['error']}"), file=sys.stderr)
+
+        try:
+            results = analyze_many(cfg, request, on_loading=loading, on_start=start, on_result=result)
+        except AnalyzeRefused as exc:
+            print(shown(f"cannot analyze: {exc}"), file=sys.stderr)
+            return exc.exit_code
+    if len(results) > 1:
+        print(f"{len(results) - failed} of {len(results)} photo(s) analysed" + (f", {failed} failed" if failed else ""),
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -156,12 +179,14 @@ def add_core_commands(sub: Any) -> None:
     demo.add_argument("--model", help="model (default: the offline smoke model)")
     demo.set_defaults(func=cmd_demo)
 
-    an = sub.add_parser("analyze", help="analyse one photo now, without the daemon")
-    an.add_argument("photo", nargs="+", help="one photo (it stays where it is)")
+    an = sub.add_parser("analyze", help="analyse photos now, without the daemon (they stay where they are)")
+    an.add_argument("photo", nargs="+", help="photos, or folders (searched recursively for photos)")
     an.add_argument("--mode", help=f"one of {', '.join(MODES)}")
     an.add_argument("--advisor", help="advisor id, e.g. ansel")
+    an.add_argument("--adapter", metavar="VERSION", help="with lora: this adapter version (e.g. v0002) instead of "
+                                                         "the advisor's current one")
     an.add_argument("--model", help="model: 'smoke', a local folder or a hub id")
-    an.add_argument("--json", action="store_true")
+    an.add_argument("--json", action="store_true", help="one JSON object a line, one line a photo")
     an.set_defaults(func=cmd_analyze)
 
     st = sub.add_parser("status", help="what the daemon is doing")
