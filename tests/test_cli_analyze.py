@@ -76,3 +76,21 @@ def test_long_commands_draw_one_bar_style_on_a_terminal_without_tearing_log_line
     assert piped.returncode == 0, piped.stderr
     assert "█" not in piped.stderr and "\r" not in piped.stderr, piped.stderr  # not a terminal: no bar at all
     assert "3 of 3 photo(s) analysed" in piped.stderr
+
+
+def test_train_shows_steps_and_each_evaluation_as_bars_on_a_terminal(tmp_path, smoke_model_path):
+    from daemon.config import load_config
+    from tests.lora_helpers import index_references, synthetic_advisor
+
+    home = make_home(tmp_path / "home", smoke_model_path, embeddings_enabled=False, comment_max_chars=16)
+    synthetic_advisor(home, "synth", n=6, comment="Ok.")
+    index_references(load_config(home, env={}, model=str(smoke_model_path)), ["synth"]).close()
+    with open(home / "mondrian.toml", "a") as fh:
+        fh.write('\n[lora]\niters = 6\neval_every = 3\nvariants = 0\nholdout_fraction = 0.34\nbatch_size = 2\n')
+
+    rc, out = in_terminal(home, smoke_model_path, "train", "--advisor", "synth", timeout=400)
+    assert rc in (0, 3), out  # promoted, or trained and evaluated but not promoted: both ran every stage
+    assert re.search(r"step 6/6 \|█+\|", out), out
+    assert re.search(r"evaluating candidate: (\d+)/\1 \|█+\|", out), out
+    assert re.search(r"evaluating base: (\d+)/\1 \|█+\|", out), out
+    assert torn_lines(out) == [], torn_lines(out)
