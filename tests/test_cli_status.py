@@ -103,5 +103,6 @@ def test_status_watch_prints_snapshots_until_ctrl_c_and_exits_cleanly(tmp_path, 
     assert rc == 0 and "Traceback" not in out, out
     assert out.count("\x1b[H\x1b[2J") >= 2 and "Ctrl-C to stop" in out, out
 
-    bad = mondrian(home, smoke_model_path, "status", "--watch", "0")
-    assert bad.returncode == 2 and "above 0" in bad.stderr, bad.stderr
+    for wrong in ("0", "nan", "inf"):
+        bad = mondrian(home, smoke_model_path, "status", "--watch", wrong)
+        assert bad.returncode == 2 and "above 0" in bad.stderr, bad.stderr
