@@ -4,7 +4,6 @@ and what to do about it. Real daemon processes, a real SIGSTOP mid-analysis, rea
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
