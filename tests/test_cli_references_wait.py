@@ -59,3 +59,31 @@ def test_references_index_waits_for_a_reference_still_being_written(tmp_path, sm
     finally:
         ledger.close()
     print("\n" + text)
+
+
+def test_an_empty_reference_waits_longer_as_a_copy_that_has_not_started(tmp_path, smoke_model_path):
+    """As in the inbox: a zero-byte file is a copy that has not started, not a broken photo, for a while."""
+    home = make_home(tmp_path / "home", smoke_model_path, quiet_seconds=1.0)
+    refs = home / "advisors" / "ansel" / "references"
+    refs.mkdir(parents=True)
+    target = refs / "empty-yet.jpg"
+    target.write_bytes(b"")
+    proc = subprocess.Popen([sys.executable, "-m", "daemon", "references", "index", "--advisor", "ansel"],
+                            env=env_for(home, smoke_model_path), cwd=REPO, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any("still being written" in line for line in err) or proc.poll() is not None,
+                 90, what="the command to say it waits")
+        time.sleep(3.0)  # three quiet times: an empty file must still be waited for
+        assert proc.poll() is None, "".join(err)
+        photo(tmp_path / "copy.jpg", seed=22, size=(64, 48)).replace(target)  # the copy arrives
+        rc = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    reader.join(timeout=10)
+    text = "".join(err)
+    assert rc == 0 and "1 indexed" in text and "0 skipped" in text, text
