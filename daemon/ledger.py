@@ -793,6 +793,21 @@ class Ledger:
     def running(self) -> list[Job]:
         return list(self.Job.select().where(self.Job.state == RUNNING).order_by(self.Job.started_at))
 
+    def delayed(self, now: float | None = None) -> list[Job]:
+        """Queued jobs waiting out a backoff (a transient fault, a file still settling), soonest first."""
+        now = time.time() if now is None else now
+        return list(self.Job.select().where((self.Job.state == QUEUED) & (self.Job.not_before > now))
+                    .order_by(self.Job.not_before))
+
+    def recent_durations(self, limit: int = 20) -> list[float]:
+        """Seconds from claim to report of the latest analysed photos, newest first: what the next ones may take."""
+        job = self.Job
+        q = (job.select(job.started_at, job.finished_at)
+             .where((job.state == DONE) & job.duplicate_of.is_null() & job.started_at.is_null(False)
+                    & job.finished_at.is_null(False))
+             .order_by(job.finished_at.desc()).limit(limit))
+        return [end - start for start, end in q.tuples() if end >= start]
+
     def recent_failures(self, limit: int = 5) -> list[Job]:
         """The latest failures that still stand: not those of a file put back and queued again since."""
         superseded, _ = self._superseded_failures()

@@ -33,6 +33,7 @@ class TrainingProgress:
     def __init__(self) -> None:
         self._logs = logging_redirect_tqdm()
         self.bar: Any = None
+        self._what = ""
 
     def __enter__(self) -> "TrainingProgress":
         self._logs.__enter__()
@@ -53,11 +54,15 @@ class TrainingProgress:
             say(f"· {event.get('phase')}{extra}")
             return
         step, steps = event.get("step"), event.get("steps")
-        if not step or not steps:
+        if step is None or not steps:
             return
-        if self.bar is None or self.bar.total != steps:
+        # One bar per stretch of work: the training steps, then each evaluation's held-out photos.
+        what = "  step " if event.get("phase", "training") == "training" else \
+            f"  {event.get('phase')} {event.get('label', '')}: "
+        if self.bar is None or self.bar.total != steps or self._what != what:
             self.close()
-            self.bar = new_bar(steps, desc="  step ", unit="step")
+            self._what = what
+            self.bar = new_bar(steps, desc=what, unit="step" if what == "  step " else "photo")
         loss = event.get("loss")
         val = event.get("best_val_loss", event.get("val_loss"))
         parts = [f"loss {loss:.3f}"] if isinstance(loss, (int, float)) else []

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -104,14 +104,18 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
 
 
 def evaluate(runtime: Runtime, references: Iterable[Any], prompt: str, *, adapter: str | Path | None,
-             label: str, comment_max_chars: int, max_tokens: int, max_pixels: int) -> Evaluation:
-    """Run the held-out references through the model with `adapter` (None: the base model)."""
+             label: str, comment_max_chars: int, max_tokens: int, max_pixels: int,
+             on_photo: Callable[[int, int], None] = lambda done, total: None) -> Evaluation:
+    """Run the held-out references through the model with `adapter` (None: the base model). `on_photo(done,
+    total)` before each photo and after the last (progress)."""
     from daemon.intake.images import load_photo
     from daemon.model.runtime import GenerationError
 
     schema = critique_schema(comment_max_chars)
     result = Evaluation(label=label)
-    for ref in references:
+    references = list(references)
+    for done, ref in enumerate(references):
+        on_photo(done, len(references))
         photo = load_photo(Path(ref.path), max_pixels)
         try:
             gen = runtime.generate_json(photo.image, prompt, schema, max_tokens=max_tokens, adapter=adapter)
@@ -121,6 +125,7 @@ def evaluate(runtime: Runtime, references: Iterable[Any], prompt: str, *, adapte
         generated = {d: int(gen.data["dimensions"][d]["score"]) for d in DIMENSIONS}
         expected = runtime.expected_scores(photo.image, prompt, gen.text, adapter=adapter)
         result.photos.append(PhotoScores(ref.sha256, expected, generated, dict(ref.scores)))
+    on_photo(len(references), len(references))
     return result
 
 

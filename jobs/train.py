@@ -214,17 +214,24 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
 
     prompt = critique_prompt(advisor)
     kw = dict(comment_max_chars=cfg.comment_max_chars, max_tokens=cfg.max_tokens, max_pixels=cfg.max_pixels)
-    candidate = evaluate(runtime, built.held_out, prompt, adapter=staging, label="candidate", **kw)
+
+    def progress(label: str) -> Any:  # each held-out photo, as training reports its steps
+        return lambda done, total: send(event="progress", phase="evaluating", label=label, step=done, steps=total)
+
+    candidate = evaluate(runtime, built.held_out, prompt, adapter=staging, label="candidate",
+                         on_photo=progress("candidate"), **kw)
     current = store.current(advisor_id)
     base_fp = base_model_fingerprint(runtime.path)
     baseline_adapter, baseline_label = None, "base"
     if current is not None and current.manifest.get("base_model", {}).get("fingerprint") == base_fp:
         baseline_adapter, baseline_label = current.path, current.name
     try:
-        baseline = evaluate(runtime, built.held_out, prompt, adapter=baseline_adapter, label=baseline_label, **kw)
+        baseline = evaluate(runtime, built.held_out, prompt, adapter=baseline_adapter, label=baseline_label,
+                            on_photo=progress(baseline_label), **kw)
     except Exception as exc:  # an unusable current adapter: compare with the base model instead
         log.warning("current adapter %s cannot be evaluated (%s); comparing with the base model", baseline_label, exc)
-        baseline = evaluate(runtime, built.held_out, prompt, adapter=None, label="base", **kw)
+        baseline = evaluate(runtime, built.held_out, prompt, adapter=None, label="base", on_photo=progress("base"),
+                            **kw)
 
     metrics = {"advisor": advisor_id, "training": fit, "evaluation": {
         "candidate": candidate.to_dict(), "baseline": baseline.to_dict(), "held_out": len(built.held_out)},

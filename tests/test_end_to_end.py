@@ -154,7 +154,9 @@ def test_analyze_command(tmp_path, smoke_model_path):
     src = photo(tmp_path / "elsewhere" / "portrait.jpg", seed=3)
     out = mondrian(home, smoke_model_path, "analyze", str(src), "--mode", "lora", "--advisor", "leibovitz")
     assert out.returncode == 0, out.stderr
-    html = Path(out.stdout.strip())
+    grade_line, path_line = out.stdout.strip().splitlines()  # grade and summary, then where the report is
+    assert grade_line.split("/10  ")[1].startswith(str(src) + ": "), grade_line
+    html = Path(path_line.strip())
     assert html.name == "report.html" and html.exists()
     rep = _report(html.parent)
     assert rep["advisor"]["id"] == "leibovitz" and rep["mode"]["source"] == "command"
@@ -168,8 +170,8 @@ def test_analyze_command(tmp_path, smoke_model_path):
 def test_same_photo_analysed_twice_gives_the_same_report(tmp_path, smoke_model_path):
     home = make_home(tmp_path / "home", smoke_model_path)
     src = photo(tmp_path / "p.jpg", seed=9)
-    a = _report(Path(mondrian(home, smoke_model_path, "analyze", str(src)).stdout.strip()).parent)
-    b = _report(Path(mondrian(home, smoke_model_path, "analyze", str(src)).stdout.strip()).parent)
+    a = _report(Path(mondrian(home, smoke_model_path, "analyze", str(src)).stdout.split()[-1]).parent)
+    b = _report(Path(mondrian(home, smoke_model_path, "analyze", str(src)).stdout.split()[-1]).parent)
     assert a["dimensions"] == b["dimensions"] and a["overall_grade"] == b["overall_grade"]
 
 

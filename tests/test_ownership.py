@@ -117,30 +117,62 @@ def test_analyze_killed_mid_analysis_then_daemon_starts_leaves_the_original(tmp_
     print(f"\nanalyze SIGKILLed at {point}, daemon started: original untouched, job {job['state']}")
 
 
-@pytest.mark.parametrize("what", ["folder", "pattern", "quoted-pattern", "literal-star", "missing", "several"])
-def test_analyze_of_what_is_not_one_photo_says_what_to_do_and_creates_no_job(tmp_path, smoke_model_path, what):
+@pytest.mark.parametrize("what", ["pattern", "quoted-pattern", "literal-star", "missing", "missing-among-photos",
+                                  "empty-folder"])
+def test_analyze_of_what_is_not_photos_says_what_to_do_and_creates_no_job(tmp_path, smoke_model_path, what):
     home = make_home(tmp_path / "home", smoke_model_path)
     elsewhere = tmp_path / "elsewhere"
     photo(elsewhere / "album" / "a.jpg", seed=1)
     photo(elsewhere / "album" / "b.jpg", seed=2)
-    args = {"folder": [str(elsewhere / "album")],
-            "pattern": [str(elsewhere / "album" / "*.png")],
-            "quoted-pattern": [str(elsewhere / "album" / "*.jpg")],  # matches, but the shell did not expand it
-            "literal-star": ["*"],
-            "missing": [str(elsewhere / "nothing.jpg")],
-            "several": [str(elsewhere / "album" / "a.jpg"), str(elsewhere / "album" / "b.jpg")]}[what]
+    photo(elsewhere / "empty" / ".hidden.jpg", seed=3)  # hidden names are not photos to analyse
+    args, words = {"pattern": ([str(elsewhere / "album" / "*.png")], "did not expand"),
+                   # matches, but the shell did not expand it: refused rather than guessed
+                   "quoted-pattern": ([str(elsewhere / "album" / "*.jpg")], "did not expand"),
+                   "literal-star": (["*"], "did not expand"),
+                   "missing": ([str(elsewhere / "nothing.jpg")], "does not exist"),
+                   "missing-among-photos": ([str(elsewhere / "album" / "a.jpg"), str(elsewhere / "nothing.jpg"),
+                                             str(elsewhere / "album")], "does not exist"),
+                   "empty-folder": ([str(elsewhere / "empty")], "holds no photos")}[what]
     before = _tree(tmp_path, skip=home)
 
     out = mondrian(home, smoke_model_path, "analyze", *args)
     assert out.returncode not in (0, None), out
     line = _one_line(out.stderr)
-    assert ("inbox" in line) if what != "missing" else ("one photo" in line), line
-    assert _jobs(home) == [], "a job was created for something that is not one photo"
+    assert words in line and "cannot analyze" in line, line
+    assert _jobs(home) == [], "a job was created, though the command was refused"
     out = mondrian(home, smoke_model_path, "retry", "--failed")
     out = mondrian(home, smoke_model_path, "run", "--once", timeout=120)
     assert out.returncode == 0, out.stderr
     assert _tree(tmp_path, skip=home) == before
     print(f"\nanalyze {what}: {line}")
+
+
+def test_analyze_of_a_folder_and_several_photos_moves_nothing_and_leaves_no_job_behind(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path)
+    elsewhere = tmp_path / "elsewhere"
+    album = elsewhere / "album"
+    photo(album / "a.jpg", seed=1)
+    photo(album / "sub" / "b.png", seed=2, fmt="PNG")
+    photo(album / ".hidden" / "c.jpg", seed=3)
+    photo(album / "d.jpg.part", seed=4, fmt="JPEG")
+    (album / "broken.jpg").write_text("not a photo\n")
+    (album / "notes.txt").write_text("not a photo name\n")
+    single = photo(elsewhere / "e.jpg", seed=5)
+    before = _tree(tmp_path, skip=home)
+
+    out = mondrian(home, smoke_model_path, "analyze", str(album), str(single), str(album / "a.jpg"), timeout=300)
+    assert out.returncode == 1, out.stderr  # one photo failed; the others were analysed all the same
+    assert _tree(tmp_path, skip=home) == before, "analyze moved, renamed or deleted one of the user's files"
+    states = {Path(j["source_path"]).name: j["state"] for j in _jobs(home)}
+    assert states == {"a.jpg": "done", "b.png": "done", "broken.jpg": "failed", "e.jpg": "done"}, states
+    assert out.stdout.count("/10  ") == 3 and out.stdout.count("report.html") == 3, out.stdout
+    assert "failed: " in out.stderr and "broken.jpg" in out.stderr and "3 of 4 photo(s) analysed" in out.stderr
+
+    mondrian(home, smoke_model_path, "retry", "--failed", "--all")
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert _tree(tmp_path, skip=home) == before
+    assert not [j for j in _jobs(home) if j["state"] in ("queued", "running")]
 
 
 @pytest.mark.parametrize("model", ["garbage", "missing"])

@@ -241,7 +241,7 @@ def test_references_cli_index_and_list(tmp_path: Path, smoke_model_path: Path) -
     _age(*refs.iterdir())
     out = mondrian(home, smoke_model_path, "references", "index", "--advisor", "cartier")
     assert out.returncode == 0, out.stderr
-    assert "2/2" in out.stderr and "2 indexed, 0 unchanged" in out.stderr
+    assert "2 indexed, 0 unchanged" in out.stderr, out.stderr
     out = mondrian(home, smoke_model_path, "references", "list", "--advisor", "cartier", "--json")
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)

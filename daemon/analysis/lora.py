@@ -31,6 +31,15 @@ class LoraStrategy(Strategy):
         self.store = AdapterStore(cfg.adapters_dir)
         self._base_fingerprint: str | None = None
         self._broken: dict[str, str] = {}  # version folder -> why it could not be loaded
+        self.pinned: dict[str, str] = {}  # advisor id -> version to use instead of current (`analyze --adapter`)
+
+    def _version(self, advisor_id: str):
+        """The version to use: the pinned one if the command asked for one, else `current`. None if unusable."""
+        name = self.pinned.get(advisor_id)
+        if name is None:
+            return self.store.current(advisor_id)
+        version = next((v for v in self.store.versions(advisor_id) if v.name == name), None)
+        return version if version is not None and version.complete() else None
 
     def _base(self) -> str | None:
         """Fingerprint of the configured base model (computed once; None if it cannot be resolved here)."""
@@ -46,9 +55,9 @@ class LoraStrategy(Strategy):
 
     def is_available(self, advisor) -> Availability:
         train = f"`mondrian train --advisor {advisor.id}`"
-        version = self.store.current(advisor.id)
+        version = self._version(advisor.id)
         if version is None:
-            name = self.store.current_name(advisor.id)
+            name = self.pinned.get(advisor.id) or self.store.current_name(advisor.id)
             if name:
                 return Availability(False, f"{advisor.name}'s current adapter {name} is missing or incomplete (run "
                                            f"`mondrian adapters rollback --advisor {advisor.id}` or {train})")
@@ -68,7 +77,7 @@ class LoraStrategy(Strategy):
     def analyse(self, ctx: AnalysisContext) -> AnalysisResult:
         from ..model.adapters import AdapterError
 
-        version = self.store.current(ctx.advisor.id)
+        version = self._version(ctx.advisor.id)
         if version is None:  # the pointer changed since is_available: never guess another adapter
             raise RuntimeError(f"{ctx.advisor.name}'s adapter disappeared while the photo was queued")
         folder = Path(version.path).resolve()  # this version's own folder, whatever `current` says later

@@ -1,9 +1,11 @@
-"""`mondrian analyze PHOTO`: one photo, now, in this process, through the same worker code as the daemon.
+"""`mondrian analyze PHOTO|FOLDER ...`: photos, now, in this process, through the same worker code as the daemon.
 
-The photo stays where it is, whatever happens (a copy goes into the report folder): the job is recorded in the
-ledger as not owning its file, created already running so a daemon on the same home never claims it. Nothing
-that cannot be analysed (a folder, a pattern that matched nothing, a missing file, a model that does not load)
-gets a job at all: the command says what to do instead.
+The photos stay where they are, whatever happens (a copy goes into each report folder): each job is recorded in
+the ledger as not owning its file, created already running so a daemon on the same home never claims it. A folder
+is searched recursively for photos, skipping hidden and temporary names as the inbox does. Every argument is
+checked before anything is analysed: a path that does not exist, a pattern the shell did not expand, a folder with
+no photo, a model that does not load, an unknown `--adapter` version: the command says what to do instead, and no
+job is created at all. Once analysis starts, one photo's failure does not stop the others.
 """
 
 from __future__ import annotations
@@ -11,19 +13,23 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import re
 import stat
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ..analysis.advisors import get_advisor
 from ..config import Config
 from ..errors import EX_CONFIG, EX_USAGE
+from ..intake.inbox import is_temporary_name
 from ..ledger import RUNNING, Ledger, job_dict
 from ..pipeline.supervisor import default_runtime_factory
 from ..pipeline.worker import Worker
 
 log = logging.getLogger("mondrian.analyze")
 
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".heic", ".heif", ".gif", ".bmp")
 
 
 class AnalyzeRefused(Exception):
@@ -34,25 +40,99 @@ class AnalyzeRefused(Exception):
         self.exit_code = exit_code
 
 
-def check_photo(cfg: Config, given: str) -> Path:
-    """The absolute path of the one regular file `given` names, or AnalyzeRefused saying what to do instead."""
-    photo = Path(given).expanduser().absolute()
-    many = f"To analyse many photos or a folder, drop them into the inbox ({cfg.inbox})"
-    if not os.path.lexists(photo):
-        if glob.has_magic(given):
-            matches = len(glob.glob(os.path.expanduser(given)))
-            found = f"{matches} files match it" if matches else "no file matches it"
-            raise AnalyzeRefused(f"{given!r} is a pattern ({found}); `mondrian analyze` takes one photo. {many}")
-        raise AnalyzeRefused(f"{given!r} does not exist; give the path of one photo")
-    try:
-        mode = os.stat(photo).st_mode
-    except OSError as exc:
-        raise AnalyzeRefused(f"cannot read {given!r} ({exc.strerror}); give the path of one photo") from None
-    if stat.S_ISDIR(mode):
-        raise AnalyzeRefused(f"{given!r} is a folder; `mondrian analyze` takes one photo. {many}")
-    if not stat.S_ISREG(mode):
-        raise AnalyzeRefused(f"{given!r} is not a regular file; give the path of one photo")
-    return photo
+@dataclass(frozen=True)
+class Request:
+    """What to analyse and how: checked in full before the first photo."""
+
+    photos: list[Path]
+    advisor: str
+    advisor_source: str  # command | default
+    mode: str | None  # None: the photo's sidecar or default_mode
+    adapter: str | None  # a version name (vNNNN) of the advisor's adapter, instead of its current one
+
+
+def photos_in(cfg: Config, folder: Path) -> list[Path]:
+    """The photos under `folder`, recursively, by name: hidden and temporary names skipped (as in the inbox),
+    folder links not followed, Mondrian's own outbox and var/ left out (copies of photos already analysed)."""
+    own = {os.path.realpath(p) for p in (cfg.outbox, cfg.var_dir)}
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not is_temporary_name(d)
+                             and os.path.realpath(os.path.join(dirpath, d)) not in own)
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            if not is_temporary_name(name) and name.lower().endswith(PHOTO_SUFFIXES) and path.is_file():
+                found.append(path)
+    return found
+
+
+def check_paths(cfg: Config, given: list[str]) -> list[Path]:
+    """Every photo the arguments name, in order and once each (by real path); AnalyzeRefused, naming the first
+    argument that is not a photo or a folder of photos, before anything is analysed."""
+    photos: list[Path] = []
+    seen: set[str] = set()
+    for arg in given:
+        path = Path(arg).expanduser().absolute()
+        if not os.path.lexists(path):
+            if glob.has_magic(arg):
+                matches = len(glob.glob(os.path.expanduser(arg)))
+                found = f"{matches} files match it" if matches else "no file matches it"
+                raise AnalyzeRefused(f"{arg!r} is a pattern the shell did not expand ({found}); give photos or "
+                                     f"folders (a folder is searched for photos): `mondrian analyze FOLDER`")
+            raise AnalyzeRefused(f"{arg!r} does not exist; give photos or folders of photos (nothing was analysed)")
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as exc:
+            raise AnalyzeRefused(f"cannot read {arg!r} ({exc.strerror}); give photos or folders of photos") from None
+        if stat.S_ISDIR(mode):
+            found = photos_in(cfg, path)
+            if not found:
+                raise AnalyzeRefused(f"the folder {arg!r} holds no photos ({', '.join(PHOTO_SUFFIXES)}; hidden and "
+                                     f"temporary names are skipped); nothing was analysed")
+        elif stat.S_ISREG(mode):
+            found = [path]
+        else:
+            raise AnalyzeRefused(f"{arg!r} is not a regular file or a folder; give photos or folders of photos")
+        for photo in found:
+            key = os.path.realpath(photo)
+            if key not in seen:
+                seen.add(key)
+                photos.append(photo)
+    return photos
+
+
+def adapter_version(cfg: Config, advisor_id: str, wanted: str) -> str:
+    """The version name `wanted` means (`v3`, `3` and `v0003` alike) if the advisor has that complete adapter;
+    else AnalyzeRefused listing the versions there are."""
+    from ..model.adapter_store import AdapterStore
+
+    store = AdapterStore(cfg.adapters_dir)
+    digits = re.fullmatch(r"[vV]?(\d+)", wanted.strip())
+    name = f"v{int(digits.group(1)):04d}" if digits else wanted
+    versions = store.versions(advisor_id)
+    current = store.current_name(advisor_id)
+    for v in versions:
+        if v.name == name and v.complete():
+            return v.name
+    listing = ", ".join(v.name + (" (current)" if v.name == current else "") + ("" if v.complete() else " (incomplete)")
+                        for v in versions)
+    have = f"its versions: {listing}" if versions else \
+        f"it has none yet (train one: `mondrian train --advisor {advisor_id}`)"
+    raise AnalyzeRefused(f"{advisor_id} has no usable adapter version {wanted!r}; {have}. `mondrian adapters "
+                         f"--advisor {advisor_id}` lists them")
+
+
+def prepare(cfg: Config, given: list[str], *, mode: str | None = None, advisor: str | None = None,
+            adapter: str | None = None) -> Request:
+    """Check everything the command was given; AnalyzeRefused (nothing analysed, no job) at the first problem.
+    UnknownAdvisor for an advisor id that is not known."""
+    photos = check_paths(cfg, given)
+    advisor_id = get_advisor(cfg, advisor).id if advisor else cfg.default_advisor
+    if adapter is not None:
+        if mode not in (None, "lora"):
+            raise AnalyzeRefused(f"--adapter picks the LoRA adapter, so it goes with --mode lora, not --mode {mode}")
+        adapter, mode = adapter_version(cfg, advisor_id, adapter), "lora"
+    return Request(photos, advisor_id, "command" if advisor else "default", mode, adapter)
 
 
 def _load_model(worker: Worker, cfg: Config) -> None:
@@ -69,24 +149,47 @@ def _load_model(worker: Worker, cfg: Config) -> None:
                              code) from None
 
 
-def analyze_one(cfg: Config, photo: Path | str, *, mode: str | None = None,
-                advisor: str | None = None) -> dict[str, Any]:
-    """Analyse one photo in this process; returns its job. Raises AnalyzeRefused (and creates no job) when it
-    cannot even start, UnknownAdvisor for an advisor id that is not known."""
-    path = check_photo(cfg, str(photo))
-    advisor_id = get_advisor(cfg, advisor).id if advisor else cfg.default_advisor
+def _result(ledger: Ledger, job_id: int) -> dict[str, Any]:
+    """The job as `--json` gives it, with the report's summary when there is one."""
+    out = job_dict(ledger.get(job_id))
+    out["summary"] = None
+    if out["state"] == "done" and out.get("report_json"):
+        try:
+            import json
+
+            out["summary"] = json.loads(Path(out["report_json"]).read_text(encoding="utf-8")).get("summary")
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def analyze_many(cfg: Config, request: Request, *, on_loading: Callable[[], None] = lambda: None,
+                 on_start: Callable[[Path], None] = lambda p: None,
+                 on_result: Callable[[dict[str, Any]], None] = lambda r: None) -> list[dict[str, Any]]:
+    """Analyse the request's photos one after another with one loaded model; returns their jobs. The model is
+    loaded first (AnalyzeRefused, and no job, if it cannot be). A photo that fails is recorded and the next one
+    goes on; Ctrl-C fails the photo in hand as interrupted and stops."""
     cfg.ensure_dirs()
     ledger = Ledger(cfg.db_path)
     worker = Worker(cfg, ledger, default_runtime_factory(cfg))
+    if request.adapter is not None:
+        worker.strategies["lora"].pinned[request.advisor] = request.adapter
+    on_loading()
     _load_model(worker, cfg)
-    job = ledger.start_direct(path, path.name, advisor_id, "command" if advisor else "default")
-    try:
-        worker.process(job, keep_original=True, mode_override=mode)
-    except BaseException as exc:  # Ctrl-C or a fault: never leave the job "in progress"
-        log.debug("analysis failed", exc_info=True)
-        reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
-        if ledger.get(job.id).state == RUNNING:
-            ledger.fail(job.id, f"`mondrian analyze` stopped: {reason}; run it again", None, kind="transient")
-        if not isinstance(exc, Exception):
-            raise
-    return job_dict(ledger.get(job.id))
+    results = []
+    for path in request.photos:
+        on_start(path)
+        job = ledger.start_direct(path, path.name, request.advisor, request.advisor_source)
+        try:
+            worker.process(job, keep_original=True, mode_override=request.mode)
+        except BaseException as exc:  # Ctrl-C or a fault: never leave the job "in progress"
+            log.debug("analysis failed", exc_info=True)
+            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+            if ledger.get(job.id).state == RUNNING:
+                ledger.fail(job.id, f"`mondrian analyze` stopped: {reason}; run it again", None, kind="transient")
+            if not isinstance(exc, Exception):
+                raise
+        results.append(_result(ledger, job.id))
+        on_result(results[-1])
+    return results
+

@@ -30,14 +30,15 @@ def config_from(args: argparse.Namespace, *, model: str | None = None) -> Config
     return cfg
 
 
-def new_bar(total: int, *, desc: str = "", unit: str = "it") -> tqdm:
-    """A progress bar on stderr: redrawn in place on a terminal, a line every few seconds otherwise (logs, CI)."""
+def new_bar(total: int | None, *, desc: str = "", unit: str = "it") -> tqdm:
+    """A progress bar on stderr, redrawn in place on a terminal; silent otherwise (a log file or a pipe would get
+    every redraw as a line of its own: the command's summary line says what was done)."""
     return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, bar_format=BAR_FORMAT, dynamic_ncols=True,
-                mininterval=0.2 if sys.stderr.isatty() else 2.0)
+                mininterval=0.2, disable=not sys.stderr.isatty())
 
 
 @contextlib.contextmanager
-def progress_bar(total: int, *, desc: str = "", unit: str = "it") -> Iterator[tqdm]:
+def progress_bar(total: int | None, *, desc: str = "", unit: str = "it") -> Iterator[tqdm]:
     """`new_bar` for the length of a `with`, with log records written above the bar instead of through it."""
     with logging_redirect_tqdm(), new_bar(total, desc=desc, unit=unit) as bar:
         yield bar

@@ -66,35 +66,65 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
-    from .analyze import AnalyzeRefused, analyze_one
+    from tqdm import tqdm
+
+    from .analyze import AnalyzeRefused, analyze_many, prepare
+    from .common import progress_bar
 
     cfg = config_from(args)
     if args.mode and args.mode.lower() not in MODES:
         print(f"unknown mode {args.mode!r}; use one of {', '.join(MODES)}", file=sys.stderr)
         return 2
-    if len(args.photo) > 1:  # a shell pattern that matched several files
-        print(f"`mondrian analyze` takes one photo (got {len(args.photo)}); to analyse many, drop them into the "
-              f"inbox ({cfg.inbox})", file=sys.stderr)
-        return 2
     try:
-        result = analyze_one(cfg, args.photo[0], mode=args.mode.lower() if args.mode else None,
-                             advisor=args.advisor)
+        request = prepare(cfg, args.photo, mode=args.mode.lower() if args.mode else None, advisor=args.advisor,
+                          adapter=args.adapter)
     except AnalyzeRefused as exc:
-        print(f"cannot analyze: {exc}", file=sys.stderr)
+        print(shown(f"cannot analyze: {exc}"), file=sys.stderr)
         return exc.exit_code
-    if args.json:
-        print(json.dumps(result, indent=2, default=str))
-    elif result["state"] == "done":
-        print(result["report_html"])
-    else:
-        print(f"failed: {result['error']}", file=sys.stderr)
-    return 0 if result["state"] == "done" else 1
+    failed = 0
+    with progress_bar(len(request.photos), unit="photo") as bar:
+        def loading() -> None:
+            bar.set_postfix_str(shown(f"loading model {cfg.model}…"))
+
+        def start(path: Path) -> None:
+            bar.set_postfix_str(shown(path.name))
+
+        def result(job: dict[str, Any]) -> None:
+            nonlocal failed
+            bar.update(1)
+            if args.json:  # one object a line, as each photo finishes
+                tqdm.write(json.dumps(job, default=str, ensure_ascii=False), file=sys.stdout)
+            elif job["state"] == "done":
+                tqdm.write(shown(f"{job['grade']}/10  {job['source_path']}: {job.get('summary') or ''}"),
+                           file=sys.stdout)
+                tqdm.write(shown(f"      {job['report_html']}"), file=sys.stdout)
+            if job["state"] != "done":
+                failed += 1
+                if not args.json:
+                    tqdm.write(shown(f"failed: {job['source_path']}: {job['error']}"), file=sys.stderr)
+
+        try:
+            results = analyze_many(cfg, request, on_loading=loading, on_start=start, on_result=result)
+        except AnalyzeRefused as exc:
+            print(shown(f"cannot analyze: {exc}"), file=sys.stderr)
+            return exc.exit_code
+    if len(results) > 1:
+        print(f"{len(results) - failed} of {len(results)} photo(s) analysed" + (f", {failed} failed" if failed else ""),
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .status import collect, render
+    from .status import collect, render, watch
 
-    info = collect(config_from(args))  # refuses (exit 78) where no home is: a mistyped MONDRIAN_HOME creates none
+    cfg = config_from(args)
+    if args.watch is not None:
+        if not 0 < args.watch <= 86400:  # NaN and infinity too
+            print(f"--watch takes a number of seconds above 0 and at most 86400 (got {args.watch:g})",
+                  file=sys.stderr)
+            return EX_USAGE
+        return watch(cfg, args.watch, args.json)
+    info = collect(cfg)  # refuses (exit 78) where no home is: a mistyped MONDRIAN_HOME creates none
     print(json.dumps(info, indent=2, default=str) if args.json else render(info))
     return 0
 
@@ -110,17 +140,32 @@ def cmd_model_smoke(args: argparse.Namespace) -> int:
 
 
 def cmd_retry(args: argparse.Namespace) -> int:
-    from .retry import retry_failed
+    from .retry import failed_now, retry_failed
     from .status import require_home
 
     cfg = config_from(args)
     require_home(cfg)  # a mistyped MONDRIAN_HOME must not become a new, empty home
-    moved, left = retry_failed(cfg, ids=args.ids or None)
-    for line in moved:
+    if not args.failed:
+        failed, permanent = failed_now(cfg)
+        print(f"`mondrian retry` puts failed photos back in the queue; nothing was queued. Now {failed} photo(s) "
+              f"failed, {permanent} of them permanently (a damaged photo, a bad sidecar, a folder Mondrian may not "
+              f"write) with nothing changed since.\n"
+              f"  mondrian retry --failed          queue the failed photos again, except the unchanged permanent ones\n"
+              f"  mondrian retry --failed --all    queue the permanent ones too\n"
+              f"  mondrian retry --failed ID ...   queue only these jobs (ids: `mondrian status --json`)")
+        return EX_USAGE if args.ids or args.all else 0
+    result = retry_failed(cfg, ids=args.ids or None, everything=args.all)
+    for line in result.queued:
         print(shown(line))
-    for line in left:
+    for line in result.left:
         print(shown(line), file=sys.stderr)
-    print(f"{len(moved)} photo(s) queued again", file=sys.stderr)
+    if result.skipped:
+        names = ", ".join(j.rel_path for j in result.skipped[:5]) + (" …" if len(result.skipped) > 5 else "")
+        print(shown(f"skipped {len(result.skipped)} permanent failure(s) that nothing has changed since, so they "
+                    f"would fail the same way: {names}. Fix them (re-export the photo, correct the sidecar, chmod) "
+                    f"and run `mondrian retry --failed` again, or `mondrian retry --failed --all` to try them "
+                    f"anyway"), file=sys.stderr)
+    print(f"{len(result.queued)} photo(s) queued again", file=sys.stderr)
     return 0
 
 
@@ -135,16 +180,20 @@ def add_core_commands(sub: Any) -> None:
     demo.add_argument("--model", help="model (default: the offline smoke model)")
     demo.set_defaults(func=cmd_demo)
 
-    an = sub.add_parser("analyze", help="analyse one photo now, without the daemon")
-    an.add_argument("photo", nargs="+", help="one photo (it stays where it is)")
+    an = sub.add_parser("analyze", help="analyse photos now, without the daemon (they stay where they are)")
+    an.add_argument("photo", nargs="+", help="photos, or folders (searched recursively for photos)")
     an.add_argument("--mode", help=f"one of {', '.join(MODES)}")
     an.add_argument("--advisor", help="advisor id, e.g. ansel")
+    an.add_argument("--adapter", metavar="VERSION", help="with lora: this adapter version (e.g. v0002) instead of "
+                                                         "the advisor's current one")
     an.add_argument("--model", help="model: 'smoke', a local folder or a hub id")
-    an.add_argument("--json", action="store_true")
+    an.add_argument("--json", action="store_true", help="one JSON object a line, one line a photo")
     an.set_defaults(func=cmd_analyze)
 
     st = sub.add_parser("status", help="what the daemon is doing")
-    st.add_argument("--json", action="store_true")
+    st.add_argument("--json", action="store_true", help="for scripts (with --watch: one JSON object a line)")
+    st.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
+                    help="show it again every SECONDS (default 2) until Ctrl-C")
     st.set_defaults(func=cmd_status)
 
     model = sub.add_parser("model", help="model utilities")
@@ -156,8 +205,10 @@ def add_core_commands(sub: Any) -> None:
     smoke.set_defaults(func=cmd_model_smoke)
 
     retry = sub.add_parser("retry", help="queue failed photos again")
-    retry.add_argument("--failed", action="store_true", required=True, help="requeue failed photos")
-    retry.add_argument("ids", nargs="*", type=int, help="only these job ids")
+    retry.add_argument("--failed", action="store_true",
+                       help="requeue failed photos (not permanent failures nothing has changed since)")
+    retry.add_argument("--all", action="store_true", help="with --failed: permanent failures too")
+    retry.add_argument("ids", nargs="*", type=int, help="only these job ids (permanent or not)")
     retry.set_defaults(func=cmd_retry)
 
 

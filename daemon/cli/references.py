@@ -24,7 +24,7 @@ def _advisor_ids(cfg, wanted: str | None) -> list[str] | None:
 def cmd_index(args: argparse.Namespace) -> int:
     from ..analysis.advisors import UnknownAdvisor
     from ..ledger import Ledger
-    from ..references.indexer import ReferenceIndexer
+    from ..references.indexer import SETTLE_MAX_SECONDS, ReferenceIndexer
     from .terminal import shown
 
     cfg = config_from(args)
@@ -52,10 +52,30 @@ def cmd_index(args: argparse.Namespace) -> int:
     indexer = ReferenceIndexer(cfg, ledger, load_runtime)
     bars = contextlib.ExitStack()
     bar: list[Any] = []
+    settling = contextlib.ExitStack()
+    awaited: set[Path] = set()
+
+    def on_wait(still: list[Path]) -> None:
+        """Files just copied in: one line to say why the command waits, then a bar of those settled so far."""
+        if not awaited and still:
+            say(f"waiting for {len(still)} reference(s) still being written: each is indexed once it has not "
+                f"changed for {cfg.quiet_seconds:g} s…")
+            bar.append(settling.enter_context(progress_bar(len(still), desc="settled ", unit="file")))
+        awaited.update(still)
+        if bar:
+            bar[0].total = len(awaited)
+            bar[0].n = len(awaited) - len(still)
+            bar[0].set_postfix_str(shown(still[0].name) if still else "", refresh=True)
+        if not still:
+            settling.close()
+            bar.clear()
 
     def on_plan(plan) -> None:
+        settling.close()
+        bar.clear()
         for path in plan.waiting:
-            say(shown(f"waiting: {path} is still being written; index again in a moment"))
+            say(shown(f"waiting: {path} is still being written after {SETTLE_MAX_SECONDS:g} s; index again once "
+                      f"the copy is complete"))
         for advisor, path, reason in plan.errors:
             say(shown(f"skipped: {advisor}: {path.name}: {reason}"))
         if plan.index:
@@ -68,8 +88,8 @@ def cmd_index(args: argparse.Namespace) -> int:
             say(shown(f"skipped: {outcome.advisor}: {outcome.path.name}: {outcome.reason}"))
 
     try:
-        with bars:
-            plan, outcomes = indexer.sync(advisors, progress=progress, on_plan=on_plan)
+        with bars, settling:
+            plan, outcomes = indexer.sync(advisors, progress=progress, on_plan=on_plan, on_wait=on_wait)
     except Exception as exc:
         from ..model.runtime import ModelNotFoundError
 

@@ -1,25 +1,82 @@
 """`mondrian retry --failed`: put failed photos back in the inbox, queued, with a fresh attempt count.
 
-Only photos that came through the inbox: a `mondrian analyze` job's photo is never Mondrian's to move."""
+Only photos that came through the inbox: a `mondrian analyze` job's photo is never Mondrian's to move. A permanent
+failure (a damaged photo, a bad sidecar, a folder Mondrian may not write) fails the same way until the person
+changes something, so it is queued again only once its photo, its sidecar or (failed where it lay) its folder has
+changed since it failed, or when asked for (`--all`, or its job id)."""
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import Config
+from ..config import CONFIG_NAME, Config
 from ..fsutil import folder_inside, is_folder
 from ..intake.inbox import sidecar_for, unique_path
 from ..ledger import Job, Ledger
 
 
-def retry_failed(cfg: Config, ids: list[int] | None = None) -> tuple[list[str], list[str]]:
-    """Queue failed inbox photos again. Returns (lines for the queued jobs, what to do for those left alone).
-    One photo that cannot be put back is said so, and the rest go on."""
+@dataclass
+class Retried:
+    queued: list[str] = field(default_factory=list)  # one line per job queued again
+    left: list[str] = field(default_factory=list)  # what to do for those that could not be put back
+    skipped: list[Job] = field(default_factory=list)  # permanent failures nothing has changed since
+
+
+def unchanged_permanent(job: Job, settings_changed_at: float = 0.0) -> bool:
+    """A permanent failure of an inbox photo that nothing has changed since: queued again, it would fail the same
+    way. A change is a newer ctime (any write, rename or chmod sets it; `cp -p` cannot set it back) on the photo,
+    its sidecar or, for a photo that failed where it lay, its folder (chmod u+w); the removal of the sidecar the
+    failure was blamed on; or an edit of the settings file since."""
+    if job.error_kind != "permanent" or not job.owns_file or job.finished_at is None:
+        return False
+    if settings_changed_at > job.finished_at:
+        return False  # mondrian.toml was edited since (max_file_mb, say)
+    src = Path(job.source_path)
+    if is_folder(src):
+        return False  # an unreadable inbox folder: retry looks at it itself
+    kept = Path(job.output_dir) if job.output_dir else None
+    photo = kept if kept is not None and os.path.lexists(kept) else src
+    sidecar = sidecar_for(photo)
+    if sidecar is None and "sidecar" in (job.error or ""):
+        return False  # the sidecar it was blamed on has been removed: that is the change
+    looked = [photo, sidecar] + ([photo.parent] if photo == src else [])
+    for path in looked:
+        try:
+            if path is not None and os.lstat(path).st_ctime > job.finished_at:
+                return False
+        except OSError:
+            continue
+    return True
+
+
+def _settings_changed_at(cfg: Config) -> float:
+    try:
+        return os.stat(cfg.home / CONFIG_NAME).st_ctime
+    except OSError:
+        return 0.0
+
+
+def failed_now(cfg: Config) -> tuple[int, int]:
+    """(failures `retry --failed` would look at, those of them it would skip as unchanged permanent ones)."""
+    jobs = Ledger(cfg.db_path).retry_failed(None)
+    changed = _settings_changed_at(cfg)
+    return len(jobs), sum(1 for j in jobs if unchanged_permanent(j, changed))
+
+
+def retry_failed(cfg: Config, ids: list[int] | None = None, *, everything: bool = False) -> Retried:
+    """Queue failed inbox photos again. Those named by `ids` (or all, with `everything`) are queued whatever
+    their kind; otherwise permanent failures nothing has changed since are skipped. One photo that cannot be
+    put back is said so, and the rest go on."""
     ledger = Ledger(cfg.db_path)
-    done: list[str] = []
-    left: list[str] = []
+    out = Retried()
+    done, left = out.queued, out.left
+    changed = _settings_changed_at(cfg)
     for job in ledger.retry_failed(ids):
+        if ids is None and not everything and unchanged_permanent(job, changed):
+            out.skipped.append(job)
+            continue
         try:
             line = _retry_one(cfg, ledger, job, left)
         except OSError as exc:
@@ -30,7 +87,7 @@ def retry_failed(cfg: Config, ids: list[int] | None = None) -> tuple[list[str], 
                         f"move it from {cfg.failed_dir.name}/ into the inbox yourself")
         if line:
             done.append(line)
-    return done, left
+    return out
 
 
 def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | None:

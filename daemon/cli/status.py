@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
+import statistics
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ..config import CONFIG_NAME, Config, ConfigError
 from ..fsutil import lock_holder
@@ -15,6 +18,8 @@ from .terminal import shown
 
 BEAT_SECONDS = 5.0  # the daemon's heartbeat (daemon/pipeline/supervisor.py)
 STALE_AFTER_SECONDS = 30.0  # six missed beats: stopped (SIGSTOP, a debugger, a frozen laptop) or hung
+RECENT_PHOTOS = 20  # ETAs come from this many of the latest analysed photos
+SHOWN_DELAYED = 5
 
 
 def daemon_pid(cfg: Config) -> int | None:
@@ -33,11 +38,24 @@ def require_home(cfg: Config) -> None:
                       f"`mondrian run` once to create it there")
 
 
+def next_step(j: Job) -> str:
+    """What the person can do about a failure, in a few words (the reason and the record say more)."""
+    if not j.owns_file:
+        return "fix what the reason says, then run `mondrian analyze` on it again"
+    if j.error_kind != "permanent":
+        return "fix the cause (disk, permissions), then `mondrian retry --failed`"
+    kept = Path(j.output_dir) if j.output_dir else None
+    if (kept is None or not os.path.lexists(kept)) and os.path.lexists(j.source_path):
+        return "do what the reason says, then `mondrian retry --failed`"
+    return ("fix or re-export the photo and drop it into the inbox again (`retry --failed` skips it until it "
+            "changes; `--all` forces it)")
+
+
 def _failure(cfg: Config, j: Job) -> dict[str, Any]:
     """A failure as status shows it, pointing at its record only if that record was really written."""
     record = Path(f"{j.output_dir}.error.json") if j.output_dir else None
     out: dict[str, Any] = {"job_id": j.id, "file": j.rel_path, "reason": j.error, "kind": j.error_kind,
-                           "failed_at": j.finished_at, "record": None, "note": None}
+                           "failed_at": j.finished_at, "record": None, "note": None, "next_step": next_step(j)}
     if record is not None and record.exists():
         out["record"] = str(record)
     elif j.owns_file and os.path.lexists(j.source_path):
@@ -72,6 +90,24 @@ def _liveness(pid: int | None, events: dict[str, tuple[Any, float]], now: float)
             "responding": age is None or age <= STALE_AFTER_SECONDS}
 
 
+def _typical(durations: list[float]) -> float | None:
+    """What a photo takes here: the median of the latest ones (one slow first photo, the model loading, does not
+    skew it)."""
+    return round(statistics.median(durations), 1) if durations else None
+
+
+def _estimates(ledger: Ledger, running: list[dict[str, Any]], waiting: int) -> dict[str, Any]:
+    """ETAs from the latest photos' durations: per photo in progress, and for the whole queue."""
+    durations = ledger.recent_durations(RECENT_PHOTOS)
+    typical = _typical(durations)
+    for r in running:
+        r["eta_s"] = None if typical is None else round(max(0.0, typical - r["elapsed_s"]), 1)
+    queue_s = None
+    if typical is not None:
+        queue_s = round(sum(r["eta_s"] for r in running) + waiting * typical, 1)
+    return {"typical_photo_s": typical, "based_on_photos": len(durations), "queue_s": queue_s}
+
+
 def collect(cfg: Config) -> dict[str, Any]:
     require_home(cfg)
     ledger = Ledger(cfg.db_path)
@@ -84,7 +120,12 @@ def collect(cfg: Config) -> dict[str, Any]:
                  "owns_file": j.owns_file, "started_at": j.started_at, "elapsed_s": round(now - (j.started_at or now), 1)}
         # A job whose process is gone (a killed `mondrian analyze`) is not in progress, whatever the ledger says.
         (running if ledger.job_is_live(j) else interrupted).append(entry)
+    delayed = [{"job_id": j.id, "file": j.rel_path, "attempts": j.attempts, "next_try_at": j.not_before,
+                "next_try_in_s": round(j.not_before - now, 1), "reason": j.error} for j in ledger.delayed(now)]
     failures = [_failure(cfg, j) for j in ledger.recent_failures()]
+    queue = {"queued": counts.by_state["queued"] - len(delayed), "delayed": len(delayed), "running": len(running),
+             "failed": counts.by_state["failed"]}
+    eta = _estimates(ledger, running, queue["queued"])
     model = events.get("model", (None, None))[0]
     pid = daemon_pid(cfg)
     fault = FaultNote.read(cfg.var_dir / FAULT_NOTE)
@@ -102,6 +143,9 @@ def collect(cfg: Config) -> dict[str, Any]:
         "default_advisor": cfg.default_advisor,
         "default_mode": cfg.default_mode,
         "counts": counts.by_state,
+        "queue": queue,  # queued here is what can start now; delayed waits for its next try
+        "delayed": delayed,
+        "eta": eta,
         "duplicates": counts.duplicates,
         "resolved_failures": counts.resolved,
         "running": running,
@@ -142,8 +186,30 @@ def _training_line(t: dict[str, Any]) -> str:
     return line
 
 
-def _clock(ts: float | None) -> str:
-    return datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S") if ts else "never"
+def _clock(ts: float | None, short: bool = False) -> str:
+    if not ts:
+        return "never"
+    when = datetime.fromtimestamp(ts)
+    return when.strftime("%H:%M:%S" if short and when.date() == datetime.now().date() else "%Y-%m-%d %H:%M:%S")
+
+
+def _span(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    if seconds < 3600:
+        return f"{seconds // 60} min {seconds % 60:02d} s"
+    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+
+
+def _eta_words(eta_s: float | None, typical: float | None, elapsed: float) -> str:
+    if eta_s is None or typical is None:
+        return ""
+    if elapsed > typical:
+        return f", longer than the usual {_span(typical)}"
+    return f", about {_span(eta_s)} left" if eta_s >= 1 else ", about to finish"
 
 
 def _interrupted_next(job: dict[str, Any], daemon_runs: bool) -> str:
@@ -170,18 +236,32 @@ def render(info: dict[str, Any]) -> str:
     m = info["model"]
     interrupted = info.get("interrupted", [])
     resolved = info.get("resolved_failures", 0)
+    q = info.get("queue") or {"delayed": 0}
+    delayed = info.get("delayed", [])
+    eta = info.get("eta") or {}
+    held = (f" ({q['delayed']} delayed after a fault, next try {_clock(delayed[0]['next_try_at'], short=True)})"
+            if q["delayed"] else "")
     lines = [f"Mondrian home: {info['home']}",
              f"Daemon:  {_daemon_line(d)}",
              f"Model:   {m.get('id')}" + ("  (smoke model: scores are NOT meaningful)" if m.get("smoke") else ""),
-             f"Photos:  {c['queued']} queued · {c['running'] - len(interrupted)} in progress"
+             f"Photos:  {c['queued']} queued{held} · {c['running'] - len(interrupted)} in progress"
              + (f" · {len(interrupted)} interrupted" if interrupted else "")
              + f" · {c['done']} done ({info['duplicates']} duplicates) · {c['failed']} failed"
              + (f" ({resolved} earlier failure(s) since put back and analysed)" if resolved else "")
              + (f" · {c['gone']} removed before analysis" if c.get("gone") else "")]
     paused = "" if d.get("responding", True) else " (the daemon is not responding)"
+    typical = eta.get("typical_photo_s")
     for r in info["running"]:
-        lines.append(f"Now:     {r['file']} for {r['advisor']} ({r['mode'] or '…'}), {r['elapsed_s']:.0f} s "
-                     f"so far{paused}")
+        lines.append(f"Now:     {r['file']} for {r['advisor']} ({r['mode'] or '…'}), {_span(r['elapsed_s'])} so far"
+                     + _eta_words(r.get("eta_s"), typical, r["elapsed_s"]) + paused)
+    if typical is not None and (q.get("queued") or info["running"]):
+        lines.append(f"Queue:   about {_span(eta['queue_s'])} left for {q['queued'] + len(info['running'])} photo(s) "
+                     f"(a photo takes about {_span(typical)}, from the last {eta['based_on_photos']})")
+    for r in delayed[:SHOWN_DELAYED]:
+        lines.append(f"Delayed: {r['file']}: try {r['attempts'] + 1} at {_clock(r['next_try_at'], short=True)}"
+                     + (f" after: {r['reason']}" if r.get("reason") else ""))
+    if len(delayed) > SHOWN_DELAYED:
+        lines.append(f"Delayed: … and {len(delayed) - SHOWN_DELAYED} more")
     for r in interrupted:
         lines.append(f"Interrupted: {r['file']} (job {r['job_id']}): the process analysing it stopped before it "
                      f"finished; " + _interrupted_next(r, d["running"]))
@@ -203,5 +283,32 @@ def render(info: dict[str, Any]) -> str:
             rec = f" → {Path(f['record']).relative_to(info['outbox']) if f['record'] and Path(f['record']).is_relative_to(info['outbox']) else f['record']}"
             lines.append(f"  {f['file']}: {f['reason']}{rec if f['record'] else ''}"
                          + (f" ({f['note']})" if f.get("note") else ""))
+            if f.get("next_step"):
+                lines.append(f"    next: {f['next_step']}")
     lines.append(f"Reports: {Path(info['outbox']) / 'index.html'}")
     return "\n".join(shown(line) for line in lines)  # one line each: a name cannot forge a line or send escapes
+
+
+CLEAR_SCREEN = "\x1b[H\x1b[2J"  # cursor home, clear: each snapshot replaces the last one on a terminal
+
+
+def watch(cfg: Config, every_s: float, as_json: bool, out: TextIO = sys.stdout) -> int:
+    """`status --watch`: a snapshot every `every_s` seconds until Ctrl-C. On a terminal each one replaces the
+    last; into a pipe or a file they follow one another (text: a dated rule between them; --json: one object a
+    line), so a log of them can be read back."""
+    in_place = out.isatty() and not as_json
+    try:
+        while True:
+            info = collect(cfg)
+            if as_json:
+                out.write(json.dumps(info, default=str) + "\n")
+            elif in_place:
+                out.write(CLEAR_SCREEN + render(info) + f"\n\n(every {every_s:g} s; Ctrl-C to stop)\n")
+            else:
+                out.write(f"--- {datetime.now():%Y-%m-%d %H:%M:%S} ---\n{render(info)}\n")
+            out.flush()
+            time.sleep(every_s)
+    except KeyboardInterrupt:
+        if in_place:
+            out.write("\n")
+        return 0

@@ -215,7 +215,7 @@ class Worker:
             self.out.clean_staging(job)
             self.out.fail(job, f"analysis took longer than {self.cfg.job_timeout_seconds:g} s "
                                f"(job_timeout_seconds) and was stopped so the rest of the inbox can go on",
-                          keep_original=keep_original)
+                          kind="transient", keep_original=keep_original)  # a busy machine, a limit: not the photo
             return
         analysis_s = time.perf_counter() - t1
         if not keep_original and not holds(src, before, photo.sha256):

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mondrian.references")
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".heic", ".heif", ".gif", ".bmp")
-SETTLE_ROUNDS = 3  # `references index`: how many quiet times to wait for files still being written
+SETTLE_MAX_SECONDS = 300.0  # `references index` waits this long at most for files still being written
 PROFILE_MAX_TOKENS = 256  # pass 1 is 8 integers; the schema forces everything else
 
 
@@ -238,7 +238,9 @@ class ReferenceIndexer:
             seen = self._seen[photo] = _Seen(key, mono - max(0.0, age))
         elif seen.key != key:  # it changed while we watched: wait for it to be still
             seen = self._seen[photo] = _Seen(key, mono)
-        return mono - seen.since >= self.cfg.quiet_seconds
+        # An empty file is usually a copy that has not started yet: it waits longer, as in the inbox.
+        quiet = self.cfg.quiet_seconds if key[0] else max(self.cfg.quiet_seconds * 5, 10.0)
+        return mono - seen.since >= quiet
 
     def plan(self, advisors: Iterable[str] | None = None, *, model_id: str | None = None) -> Plan:
         """What indexing would do now. With `model_id`, rows derived by another model count as stale."""
@@ -397,15 +399,24 @@ class ReferenceIndexer:
 
     def sync(self, advisors: Iterable[str] | None = None,
              progress: Callable[[Outcome, int, int], None] | None = None,
-             on_plan: Callable[[Plan], None] | None = None) -> tuple[Plan, list[Outcome]]:
-        """Bring the index up to date now (for `mondrian references index`)."""
+             on_plan: Callable[[Plan], None] | None = None,
+             on_wait: Callable[[list[Path]], None] | None = None) -> tuple[Plan, list[Outcome]]:
+        """Bring the index up to date now (for `mondrian references index`). Files still being written (just
+        copied in) are waited for, by the inbox's rules, for as long as they keep changing (SETTLE_MAX_SECONDS at
+        most): one command, one result, rather than "0 indexed, try later". `on_wait` gets the files still
+        awaited at each look, and [] once none is."""
         advisors = list(advisors) if advisors is not None else None
         plan = self.plan(advisors, model_id=self.model_id)
-        for _ in range(SETTLE_ROUNDS):  # one command, one result: look again rather than say "try later"
-            if not plan.waiting:
-                break
-            time.sleep(self.cfg.quiet_seconds)
+        started = time.monotonic()
+        waited = False
+        while plan.waiting and time.monotonic() - started < SETTLE_MAX_SECONDS:
+            waited = True
+            if on_wait is not None:
+                on_wait(list(plan.waiting))
+            time.sleep(max(0.1, min(1.0, self.cfg.quiet_seconds / 4)))  # often enough to see each change
             plan = self.plan(advisors, model_id=self.model_id)
+        if waited and on_wait is not None:
+            on_wait(list(plan.waiting))
         if self._runtime is None and self.runtime_provider is not None and \
                 (plan.needs_model or plan.model_rows or (self.cfg.embeddings_enabled and plan.index)):
             self.runtime()  # rows depend on the model: compare them with the one configured now

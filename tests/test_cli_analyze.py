@@ -1,0 +1,96 @@
+"""`mondrian analyze` over several photos (issue 13): `--json` lines, `--adapter VERSION`, and the one progress bar
+style of the long commands (analyze, references index) on a real terminal, silent into a pipe."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+from tests.harness import ledger_jobs, make_home, mondrian, photo
+from tests.terminal_run import in_terminal, torn_lines
+
+
+def test_analyze_adapter_uses_that_version_and_an_unknown_one_lists_the_versions(tmp_path, smoke_model_path):
+    import mlx_vlm
+
+    from daemon.config import load_config
+    from tests.lora_helpers import install_version, random_adapter
+
+    home = make_home(tmp_path / "home", smoke_model_path, embeddings_enabled=False)
+    cfg = load_config(home, env={}, model=str(smoke_model_path))
+    model, _ = mlx_vlm.load(str(smoke_model_path))
+    for seed in (1, 2):  # v0001, then v0002, which becomes current
+        install_version(cfg, "ansel", random_adapter(tmp_path / f"a{seed}", model, seed=seed),
+                        model_path=smoke_model_path)
+    pics = [photo(tmp_path / "elsewhere" / f"p{i}.jpg", seed=i, size=(64, 48)) for i in range(2)]
+
+    out = mondrian(home, smoke_model_path, "analyze", *map(str, pics), "--adapter", "v1", "--json")
+    assert out.returncode == 0, out.stderr
+    jobs = [json.loads(line) for line in out.stdout.splitlines()]  # one object a line, one line a photo
+    assert [Path(j["source_path"]).name for j in jobs] == ["p0.jpg", "p1.jpg"]
+    assert all((j["state"], j["effective_mode"], j["adapter"]) == ("done", "lora", "ansel/v0001") for j in jobs), jobs
+    assert all(j["summary"] is not None and j["grade"] is not None for j in jobs)
+    report = json.loads(Path(jobs[0]["report_json"]).read_text())
+    assert report["model"]["adapter"] == "ansel/v0001" and report["mode"]["fallbacks"] == []
+
+    current = json.loads(mondrian(home, smoke_model_path, "analyze", str(pics[0]), "--mode", "lora", "--json").stdout)
+    assert current["adapter"] == "ansel/v0002"  # without --adapter: the current one
+
+    before = len(ledger_jobs(home))
+    out = mondrian(home, smoke_model_path, "analyze", str(pics[0]), "--adapter", "v0009")
+    assert out.returncode == 2, out.stderr
+    assert "no usable adapter version 'v0009'" in out.stderr and "v0001, v0002 (current)" in out.stderr, out.stderr
+    out = mondrian(home, smoke_model_path, "analyze", str(pics[0]), "--adapter", "v1", "--mode", "rag")
+    assert out.returncode == 2 and "--mode lora" in out.stderr, out.stderr
+    out = mondrian(home, smoke_model_path, "analyze", str(pics[0]), "--adapter", "v1", "--advisor", "cartier")
+    assert out.returncode == 2 and "cartier has no usable adapter version" in out.stderr, out.stderr
+    assert len(ledger_jobs(home)) == before, "a refused --adapter created a job"
+
+
+def test_long_commands_draw_one_bar_style_on_a_terminal_without_tearing_log_lines(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path)
+    album = tmp_path / "album"
+    for i in range(3):
+        photo(album / f"p{i}.jpg", seed=i, size=(64, 48))
+    refs = home / "advisors" / "ansel" / "references"
+    for i in range(2):
+        photo(refs / f"r{i}.jpg", seed=10 + i, size=(64, 48))
+        old = time.time() - 120
+        os.utime(refs / f"r{i}.jpg", (old, old))
+
+    rc, out = in_terminal(home, smoke_model_path, "analyze", str(album), timeout=300)
+    assert rc == 0, out
+    assert re.search(r"3/3 \|█+\|", out), out  # the bar, finished
+    assert "loading model" in out, out  # the model load is part of the progress
+    assert " INFO " in out and torn_lines(out) == [], torn_lines(out)
+    assert out.count("/10  ") == 3, out
+
+    rc, refs_out = in_terminal(home, smoke_model_path, "references", "index", timeout=300)
+    assert rc == 0, refs_out
+    assert re.search(r"2/2 \|█+\|", refs_out) and torn_lines(refs_out) == [], refs_out
+
+    piped = mondrian(home, smoke_model_path, "analyze", str(album), timeout=300)
+    assert piped.returncode == 0, piped.stderr
+    assert "█" not in piped.stderr and "\r" not in piped.stderr, piped.stderr  # not a terminal: no bar at all
+    assert "3 of 3 photo(s) analysed" in piped.stderr
+
+
+def test_train_shows_steps_and_each_evaluation_as_bars_on_a_terminal(tmp_path, smoke_model_path):
+    from daemon.config import load_config
+    from tests.lora_helpers import index_references, synthetic_advisor
+
+    home = make_home(tmp_path / "home", smoke_model_path, embeddings_enabled=False, comment_max_chars=16)
+    synthetic_advisor(home, "synth", n=6, comment="Ok.")
+    index_references(load_config(home, env={}, model=str(smoke_model_path)), ["synth"]).close()
+    with open(home / "mondrian.toml", "a") as fh:
+        fh.write('\n[lora]\niters = 6\neval_every = 3\nvariants = 0\nholdout_fraction = 0.34\nbatch_size = 2\n')
+
+    rc, out = in_terminal(home, smoke_model_path, "train", "--advisor", "synth", timeout=400)
+    assert rc in (0, 3), out  # promoted, or trained and evaluated but not promoted: both ran every stage
+    assert re.search(r"step 6/6 \|█+\|", out), out
+    assert re.search(r"evaluating candidate: (\d+)/\1 \|█+\|", out), out
+    assert re.search(r"evaluating base: (\d+)/\1 \|█+\|", out), out
+    assert torn_lines(out) == [], torn_lines(out)

@@ -1,0 +1,107 @@
+"""`mondrian status` and `status --watch` (issue 13): what is queued, delayed, in progress (with an ETA), what failed
+and what to do about it. Real daemon processes, a real SIGSTOP mid-analysis, real SIGINT."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.harness import REPO, Daemon, env_for, make_home, mondrian, photo, status, wait_for
+from tests.terminal_run import in_terminal
+
+
+def _stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP): state T in /proc."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+    except OSError:
+        return False
+
+
+def _delay_a_job(home: Path, name: str, seconds: float) -> None:
+    """A job waiting out a backoff, as a transient fault leaves it (queued, claimed, put back with a delay)."""
+    from daemon.ledger import Ledger
+
+    ledger = Ledger(home / "var" / "ledger.db")
+    try:
+        job = ledger.enqueue(home / "inbox" / name, name, "ansel", "default", 1, 1.0)
+        assert ledger.claim().id == job.id
+        ledger.retry_later(job.id, "the outbox could not be written (No space left on device)", seconds)
+    finally:
+        ledger.close()
+
+
+def test_status_shows_delayed_jobs_the_photo_in_progress_with_an_eta_and_what_to_do(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox = home / "inbox"
+    for i in range(3):
+        photo(inbox / f"p{i}.jpg", seed=i, size=(64, 48))
+    (inbox / "notes.jpg").write_text("not a photo\n")
+    # The third photo to reach the model stops the daemon there: two are done, one is in progress.
+    with Daemon(home, smoke_model_path, MONDRIAN_TEST_STOP_AT="analysing:3") as d:
+        wait_for(lambda: _stopped(d.proc.pid) or d.proc.poll() is not None, 120, what="the third analysis")
+        assert d.proc.poll() is None, d.output()
+        _delay_a_job(home, "later.jpg", 3600)
+        info = status(home, smoke_model_path)
+        text = mondrian(home, smoke_model_path, "status").stdout
+        d.kill()
+
+    assert info["queue"] == {"queued": 0, "delayed": 1, "running": 1, "failed": 1}, info["queue"]
+    (delayed,) = info["delayed"]
+    assert delayed["file"] == "later.jpg" and delayed["next_try_at"] > time.time() + 3000, delayed
+    assert "No space left" in delayed["reason"] and delayed["attempts"] == 1
+    (now,) = info["running"]
+    eta = info["eta"]
+    assert eta["based_on_photos"] == 2 and eta["typical_photo_s"] is not None, eta
+    assert now["eta_s"] is not None and eta["queue_s"] is not None, (now, eta)
+    (failure,) = info["recent_failures"]
+    assert failure["file"] == "notes.jpg" and "re-export" in failure["next_step"], failure
+
+    assert "1 delayed after a fault, next try" in text, text
+    assert "Delayed: later.jpg: try 2 at" in text and "No space left" in text, text
+    now_line = text.split("Now:", 1)[1].splitlines()[0]
+    assert any(words in now_line for words in (" left", "about to finish", "longer than the usual")), now_line
+    assert "Queue:   about" in text and "left for 1 photo(s)" in text and "from the last 2" in text, text
+    assert "    next: fix or re-export the photo" in text, text
+    print("\n" + text)
+
+
+def test_status_watch_prints_snapshots_until_ctrl_c_and_exits_cleanly(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path)
+    for as_json in (False, True):
+        args = ["status", "--watch", "0.2"] + (["--json"] if as_json else [])
+        proc = subprocess.Popen([sys.executable, "-m", "daemon", *args], env=env_for(home, smoke_model_path),
+                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            lines: list[str] = []
+            marker = '{"home"' if as_json else "--- "
+            while sum(line.startswith(marker) for line in lines) < 3:
+                line = proc.stdout.readline()
+                assert line, f"status --watch ended early: {proc.wait()}\n{proc.stderr.read()}"
+                lines.append(line)
+            proc.send_signal(signal.SIGINT)
+            rc = proc.wait(timeout=30)
+            err = proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert rc == 0 and "Traceback" not in err, (rc, err)
+        if as_json:
+            snapshots = [json.loads(line) for line in lines]
+            assert all(s["home"] == str(home) and "queue" in s for s in snapshots)
+        else:
+            assert sum(line.startswith("Mondrian home:") for line in lines) >= 2, lines
+
+    # On a terminal each snapshot replaces the last (the screen is cleared), and Ctrl-C ends it quietly.
+    rc, out = in_terminal(home, smoke_model_path, "status", "--watch", "0.2", timeout=5, signal_after=3.0)
+    assert rc == 0 and "Traceback" not in out, out
+    assert out.count("\x1b[H\x1b[2J") >= 2 and "Ctrl-C to stop" in out, out
+
+    for wrong in ("0", "nan", "inf"):
+        bad = mondrian(home, smoke_model_path, "status", "--watch", wrong)
+        assert bad.returncode == 2 and "above 0" in bad.stderr, bad.stderr
