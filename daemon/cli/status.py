@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import time
 from datetime import datetime
 from pathlib import Path
@@ -29,8 +30,8 @@ def require_home(cfg: Config) -> None:
         return
     what = "is not a folder" if home.exists() and not home.is_dir() else \
         "has no mondrian.toml, ledger or inbox" if home.exists() else "does not exist"
-    raise ConfigError(f"no Mondrian home at {home} (it {what}): set MONDRIAN_HOME (or --home) to your home, or run "
-                      f"`mondrian run` once to create it there")
+    raise ConfigError(f"no Mondrian home at {home} (it {what}): run `mondrian init {shlex.quote(str(home))}` to "
+                      f"create one there, or set MONDRIAN_HOME (or --home) to the home you have")
 
 
 def _failure(cfg: Config, j: Job) -> dict[str, Any]:
