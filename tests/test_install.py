@@ -22,6 +22,7 @@ from daemon.resources import BUNDLED
 from tests.harness import REPO
 
 DEMO_TIMEOUT = 600
+USER_REFERENCE = Path("advisors/ansel/references/mine.jpg")
 
 
 def _source_copy(dest: Path) -> Path:
@@ -43,6 +44,9 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Path:
         pytest.skip("needs the git checkout, to build the wheel from its files")
     root = tmp_path_factory.mktemp("install")
     src = _source_copy(root / "src")
+    # A checkout is also the default home: the user's reference photos live in advisors/<id>/references/.
+    (src / USER_REFERENCE).parent.mkdir(parents=True)
+    (src / USER_REFERENCE).write_bytes(b"a photographer's own photo")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
     # No build isolation: the venv's setuptools (the test extra) builds it, with no download.
     subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(root / "wheels"), str(src)],
@@ -96,6 +100,7 @@ def test_the_installed_package_runs_with_its_bundled_folders(installed: Path, tm
         shipped = {p.relative_to(folder) for p in Path(folder).rglob("*") if p.is_file()}
         assert tracked <= shipped, f"{name}/ lacks {sorted(map(str, tracked - shipped))} in the wheel"
     assert (installed / "daemon" / "pipeline" / "report_schema.json").is_file()
+    assert not list(installed.rglob(USER_REFERENCE.name)), "the wheel carries a user's reference photo"
 
     version = _mondrian(installed, tmp_path, "--version")
     assert version.returncode == 0 and version.stdout.strip() == f"mondrian {daemon.__version__}", version
