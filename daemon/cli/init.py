@@ -82,19 +82,19 @@ def cmd_init(args: argparse.Namespace) -> int:
     target = args.path or getattr(args, "home", None)
     path = Path(target).expanduser().absolute() if target else default_home()
     cfg, wrote = init_home(path)
-    home = shown(cfg.home)
-    print(f"{'Created' if wrote else 'Checked'} the Mondrian home {home}")
+    print(f"{'Created' if wrote else 'Checked'} the Mondrian home {shown(cfg.home)}")
     print(f"  {shown(cfg.inbox)}/  drop photos here (in a subfolder named after an advisor, e.g. cartier/, for "
           f"that advisor)")
     print(f"  {shown(cfg.outbox)}/  reports appear here: open index.html")
     print(f"  {shown(cfg.home / CONFIG_NAME)}  settings ({'all commented out: the defaults' if wrote else 'kept'})")
-    here = "" if cfg.home == default_home(os.environ) else f"--home {shlex.quote(str(cfg.home))} "
+    quoted = shown(shlex.quote(str(cfg.home)))
+    here = "" if cfg.home == default_home(os.environ) else f"--home {quoted} "
     print("Next:")
     print(f"  mondrian {here}demo      # try it offline on the sample photos (random smoke model)")
     print(f"  mondrian {here}run       # analyse what you drop into the inbox (Ctrl-C stops)")
     print(f"  mondrian {here}service install   # start it at login instead")
     if here:
-        print(f"  (or `export MONDRIAN_HOME={shlex.quote(str(cfg.home))}` and leave out --home)")
+        print(f"  (or `export MONDRIAN_HOME={quoted}` and leave out --home)")
     return 0
 
 
