@@ -31,7 +31,8 @@ log = logging.getLogger("mondrian")
 def _setup_logging(verbose: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     # File names reach the log: escaped, so a name cannot forge a line or send escapes to a terminal.
-    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%Y-%m-%d %H:%M:%S"))
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                                       datefmt="%Y-%m-%d %H:%M:%S"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("watchdog", "peewee", "PIL", "httpx", "huggingface_hub", "datasets", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -194,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
         try:
             return _main(argv)
         finally:
-            sys.stdout.flush()  # here, not at exit: a reader that is gone by now is caught below as well
+            if sys.stdout is not None:  # None when started with stdout closed (`mondrian status >&-`)
+                sys.stdout.flush()  # here, not at exit: a reader that is gone by now is caught below as well
     except BrokenPipeError:
         # The reader went away (`mondrian status | head -1`): what it wanted it has. Python would print a
         # traceback, and another one at exit when it flushes stdout; point stdout at /dev/null instead.
