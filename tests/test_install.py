@@ -131,7 +131,7 @@ def test_installed_demo_writes_into_the_user_folder(installed: Path, tmp_path: P
     assert out.returncode == 0, out.stderr[-3000:]
     home = tmp_path / "data" / "mondrian"  # $XDG_DATA_HOME/mondrian: platformdirs' user data folder on Linux
     reports = sorted(home.glob("outbox/*/report.html"))
-    assert len(reports) == len(list((installed / "daemon" / "bundled" / "samples").glob("*.jpg"))), reports
+    assert reports, f"no report in {home / 'outbox'}"
     assert (home / "outbox" / "index.html").is_file() and str(home / "outbox" / "index.html") in out.stdout
     assert list((home / "var" / "models").glob("*/model.safetensors")), "the smoke model belongs in the home"
     assert _tree(installed) == site_before, "the demo wrote into the installed package"
