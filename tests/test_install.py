@@ -17,7 +17,7 @@ import pytest
 
 import daemon
 from daemon.cli.init import settings_template
-from daemon.config import Config, load_config
+from daemon.config import Config, default_home, load_config
 from daemon.resources import BUNDLED
 from tests.harness import REPO
 
@@ -139,7 +139,7 @@ def test_installed_demo_writes_into_the_user_folder(installed: Path, tmp_path: P
 
 
 def test_a_checkout_is_its_own_default_home() -> None:
-    assert load_config(env={}).home == REPO.resolve()
+    assert default_home({}) == REPO.resolve()
 
 
 def test_the_settings_template_shows_every_default(tmp_path: Path) -> None:
