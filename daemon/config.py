@@ -8,13 +8,21 @@ launchd plists and tests can steer the daemon without editing files.
 from __future__ import annotations
 
 import difflib
+import logging
 import math
 import os
 import re
+import sys
 import tomllib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
+
+import platformdirs
+
+from .resources import checkout_root
+
+log = logging.getLogger(__name__)
 
 MODES = ("baseline", "rag", "lora")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +81,7 @@ class Config:
 
     def ensure_dirs(self) -> None:
         """Create the folders Mondrian writes; a ConfigError says which one is in the way and how to fix it."""
+        new_home = not self.home.exists()
         own = [self.failed_dir, self.staging_dir, self.outbox / "duplicates", self.var_dir, self.adapters_dir,
                self.advisors_dir, self.db_path.with_name(self.db_path.name + ".runs"),
                *(self.var_dir / name for name in ("logs", "models", "cache", "datasets"))]
@@ -98,6 +107,9 @@ class Config:
                 raise ConfigError(f"cannot create the folder {d} ({exc.strerror or exc}): make its parent "
                                   f"writable for the user that runs Mondrian, or point the setting elsewhere "
                                   f"in {self.home / CONFIG_NAME}") from None
+        if new_home:
+            log.info("created a new Mondrian home at %s: drop photos into %s, reports appear in %s", self.home,
+                     self.inbox, self.outbox)
         for d in (self.outbox, self.failed_dir, self.staging_dir, self.var_dir):
             if not os.access(d, os.W_OK | os.X_OK):
                 raise ConfigError(f"the folder {d} cannot be written (read-only, immutable or not yours): make "
@@ -185,9 +197,18 @@ def _unknown(key: str, cfg_file: Path) -> ConfigError:
     return ConfigError(f"unknown setting `{key}` in {cfg_file}; {hint}")
 
 
+def user_home() -> Path:
+    """Where an installed Mondrian keeps its home: a photographer's folder on macOS (~/Pictures/Mondrian), the
+    XDG data folder elsewhere ($XDG_DATA_HOME/mondrian, else ~/.local/share/mondrian)."""
+    if sys.platform == "darwin":
+        return Path(platformdirs.user_pictures_dir()) / "Mondrian"
+    return Path(platformdirs.user_data_dir("mondrian", appauthor=False))
+
+
 def default_home(env: Mapping[str, str] = os.environ) -> Path:
-    """MONDRIAN_HOME, else this checkout (the design card keeps inbox/ and outbox/ at its top level)."""
-    return Path(env.get("MONDRIAN_HOME") or PROJECT_ROOT).expanduser().resolve()
+    """MONDRIAN_HOME, else the checkout Mondrian runs from (the design card keeps inbox/ and outbox/ at its top
+    level), else, for an installed package, `user_home()`."""
+    return Path(env.get("MONDRIAN_HOME") or checkout_root() or user_home()).expanduser().resolve()
 
 
 def _check_apart(inbox: Path, others: dict[str, Path], cfg_file: Path) -> None:

@@ -8,13 +8,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
+import signal
 import sys
 from pathlib import Path
 from typing import Any, Callable
 
 from peewee import DatabaseError
 
+from .. import __version__
 from ..analysis.advisors import UnknownAdvisor
 from ..config import MODES, ConfigError
 from ..ledger import LedgerUnavailable, ledger_problem
@@ -28,7 +31,8 @@ log = logging.getLogger("mondrian")
 def _setup_logging(verbose: bool = False) -> None:
     handler = logging.StreamHandler(sys.stderr)
     # File names reach the log: escaped, so a name cannot forge a line or send escapes to a terminal.
-    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    handler.setFormatter(SafeFormatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+                                       datefmt="%Y-%m-%d %H:%M:%S"))
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in ("watchdog", "peewee", "PIL", "httpx", "huggingface_hub", "datasets", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -219,14 +223,17 @@ def command_groups() -> list[Callable[[Any], None]]:
     from jobs.cli import register as training_commands  # `train`, `adapters`, `evaluate`: the training side
 
     from ..service.install import add_service_parser
+    from .init import register as init_commands
     from .references import register as references_commands
 
-    return [add_core_commands, add_service_parser, references_commands, training_commands]
+    return [add_core_commands, init_commands, add_service_parser, references_commands, training_commands]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mondrian", description="A local photo-critique daemon.")
-    p.add_argument("--home", help="Mondrian home folder (default: $MONDRIAN_HOME or this checkout)")
+    p.add_argument("--home", help="Mondrian home folder (default: $MONDRIAN_HOME, else the checkout Mondrian runs "
+                                   "from, else ~/Pictures/Mondrian on macOS, $XDG_DATA_HOME/mondrian elsewhere)")
+    p.add_argument("--version", action="version", version=f"mondrian {__version__}")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
     for register in command_groups():
@@ -235,6 +242,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        try:
+            return _main(argv)
+        finally:
+            if sys.stdout is not None:  # None when started with stdout closed (`mondrian status >&-`)
+                sys.stdout.flush()  # here, not at exit: a reader that is gone by now is caught below as well
+    except BrokenPipeError:
+        # The reader went away (`mondrian status | head -1`): what it wanted it has. Python would print a
+        # traceback, and another one at exit when it flushes stdout; point stdout at /dev/null instead.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE  # what a command killed by SIGPIPE returns, as `git log | head` does
+
+
+def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)

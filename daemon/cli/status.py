@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -34,8 +35,8 @@ def require_home(cfg: Config) -> None:
         return
     what = "is not a folder" if home.exists() and not home.is_dir() else \
         "has no mondrian.toml, ledger or inbox" if home.exists() else "does not exist"
-    raise ConfigError(f"no Mondrian home at {home} (it {what}): set MONDRIAN_HOME (or --home) to your home, or run "
-                      f"`mondrian run` once to create it there")
+    raise ConfigError(f"no Mondrian home at {home} (it {what}): run `mondrian init {shlex.quote(str(home))}` to "
+                      f"create one there, or set MONDRIAN_HOME (or --home) to the home you have")
 
 
 def next_step(j: Job) -> str:

@@ -12,6 +12,9 @@ import glob
 import logging
 import os
 import sys
+from pathlib import Path
+
+import platformdirs
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +31,34 @@ _SEARCH_GLOBS = (
 
 _loaded: str | None = None
 _attempted = False
+# Set for the child processes of the command that warned (the isolation check, training): they say nothing again.
+NOTED_ENV = "MONDRIAN_BLAS_NOTED"
+
+
+def _notice_file() -> Path:
+    return Path(platformdirs.user_state_dir("mondrian", appauthor=False)) / "blas-warning"
+
+
+def _warn_once(message: str) -> None:
+    """`message` as a warning the first time this user meets it, then as a debug line (`-v` shows it): every
+    command (and each process it starts) would otherwise repeat the same paragraph. A different problem, or
+    OpenBLAS installed and removed again, warns anew."""
+    noted = os.environ.get(NOTED_ENV) == message
+    if not noted:
+        try:
+            noted = _notice_file().read_text(encoding="utf-8") == message
+        except (OSError, UnicodeDecodeError):
+            pass
+    os.environ[NOTED_ENV] = message
+    if noted:
+        log.debug("%s (said before; %s remembers it)", message, _notice_file())
+        return
+    log.warning("%s", message)
+    try:
+        _notice_file().parent.mkdir(parents=True, exist_ok=True)
+        _notice_file().write_text(message, encoding="utf-8")
+    except OSError:
+        pass  # an unwritable state folder: the next command warns again, which is no harm
 
 
 def _find_openblas() -> str | None:
@@ -55,14 +86,19 @@ def preload_openblas() -> str | None:
         log.warning("mlx was imported before OpenBLAS could be preloaded; CPU matmul stays slow")
     path = _find_openblas()
     if path is None:
-        log.warning("OpenBLAS not found (apt install libopenblas0-pthread); MLX uses its bundled "
-                    "reference BLAS, float32 matmul is ~30x slower")
+        _warn_once("OpenBLAS not found (apt install libopenblas0-pthread); MLX uses its bundled reference BLAS, "
+                   "float32 matmul is ~30x slower")
         return None
     try:
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:
-        log.warning("could not load OpenBLAS from %s (%s); using the bundled reference BLAS", path, exc)
+        _warn_once(f"could not load OpenBLAS from {path} ({exc}); using the bundled reference BLAS")
         return None
     _loaded = path
+    os.environ.pop(NOTED_ENV, None)
+    try:
+        _notice_file().unlink(missing_ok=True)  # should OpenBLAS go missing again, say so again
+    except OSError:
+        pass
     log.info("BLAS: OpenBLAS preloaded from %s", path)
     return path

@@ -627,7 +627,8 @@ def add_service_parser(subparsers: Any) -> None:
     p.add_argument("--platform", dest="service_platform", choices=PLATFORMS, default=None,
                    help="render for this platform instead of the one detected (for --dry-run)")
     p.add_argument("--home", dest="service_home", default=None,
-                   help="Mondrian home the service uses (default: MONDRIAN_HOME, else this checkout)")
+                   help="Mondrian home the service uses (default: MONDRIAN_HOME, else the default home: the "
+                        "checkout Mondrian runs from, or the user folder of an installed Mondrian)")
     p.add_argument("--model", dest="service_model", default=None,
                    help="model the service loads (default: MONDRIAN_MODEL, else mondrian.toml); "
                         "pinned in the service file, so reinstall to change it")

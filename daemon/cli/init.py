@@ -1,0 +1,105 @@
+"""`mondrian init [PATH]`: make a folder a Mondrian home (inbox/, outbox/, a commented mondrian.toml) and say
+what to do next. `run` and `demo` create a home on their own; `init` is the explicit way, and the one the
+commands that only look (`status`, `retry`) point at when no home is found."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from ..config import CONFIG_NAME, Config, ConfigError, default_home, load_config
+from .terminal import shown
+
+# One line each, for the settings a new user is most likely to change; README's "Configuration" has them all.
+_NOTES = {
+    "model": "a hub id, a local model folder, or \"smoke\" (offline, random weights)",
+    "default_advisor": "ansel, cartier, leibovitz, or one of your own in advisors/",
+    "default_mode": "baseline | rag | lora",
+    "max_pixels": "photos are resized to at most this many pixels (448x448)",
+    "quiet_seconds": "a file is picked up once it has not changed for this long",
+    "job_timeout_seconds": "a photo that takes longer fails instead of stalling the queue",
+    "inbox": "folders, relative to this home (or absolute)",
+}
+_PATHS = {"inbox": "inbox", "outbox": "outbox", "var_dir": "var", "db_path": "var/ledger.db",
+          "adapters_dir": "adapters", "advisors_dir": "advisors"}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return json.dumps(value)  # a TOML basic string or number for everything Config holds
+
+
+def settings_template() -> str:
+    """mondrian.toml with every setting commented out at its default, so the file shows what can be set."""
+    lines = ["# Mondrian settings for this home. Each line below is commented out and shows the default:",
+             "# remove the `#` and change the value to override it. A mistyped name or an out-of-range value",
+             "# is refused when Mondrian starts, with the reason (exit 78).", ""]
+    for f in fields(Config):
+        if f.name in ("home", "extra"):
+            continue
+        value = _PATHS.get(f.name, f.default)
+        line = f"# {f.name} = {_toml_value(value)}"
+        note = _NOTES.get(f.name)
+        lines.append(f"{line:<56}# {note}" if note else line)
+    return "\n".join(lines) + "\n"
+
+
+def init_home(path: Path) -> tuple[Config, bool]:
+    """Create the home at `path` (its folders, and mondrian.toml unless one is there); returns its configuration
+    and whether the settings file was written. An existing mondrian.toml is kept and checked, never replaced."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path} is a file, not a folder: choose another place for the home "
+                          f"(`mondrian init ~/Pictures/Mondrian`)")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the folder {path} ({exc.strerror or exc}): choose a place you can "
+                          f"write, or create it first") from None
+    cfg_file = path / CONFIG_NAME
+    wrote = False
+    if not cfg_file.exists():
+        try:
+            with open(cfg_file, "x", encoding="utf-8") as fh:  # "x": never replace a file that appeared meanwhile
+                fh.write(settings_template())
+            wrote = True
+        except FileExistsError:
+            pass
+        except OSError as exc:
+            raise ConfigError(f"cannot write {cfg_file} ({exc.strerror or exc}): make {path} writable for "
+                              f"this user") from None
+    cfg = load_config(path)
+    cfg.ensure_dirs()
+    return cfg, wrote
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    target = args.path or getattr(args, "home", None)
+    path = Path(target).expanduser().absolute() if target else default_home()
+    cfg, wrote = init_home(path)
+    print(f"{'Created' if wrote else 'Checked'} the Mondrian home {shown(cfg.home)}")
+    print(f"  {shown(cfg.inbox)}/  drop photos here (in a subfolder named after an advisor, e.g. cartier/, for "
+          f"that advisor)")
+    print(f"  {shown(cfg.outbox)}/  reports appear here: open index.html")
+    print(f"  {shown(cfg.home / CONFIG_NAME)}  settings ({'all commented out: the defaults' if wrote else 'kept'})")
+    quoted = shown(shlex.quote(str(cfg.home)))
+    here = "" if cfg.home == default_home(os.environ) else f"--home {quoted} "
+    print("Next:")
+    print(f"  mondrian {here}demo      # try it offline on the sample photos (random smoke model)")
+    print(f"  mondrian {here}run       # analyse what you drop into the inbox (Ctrl-C stops)")
+    print(f"  mondrian {here}service install   # start it at login instead")
+    if here:
+        print(f"  (or `export MONDRIAN_HOME={quoted}` and leave out --home)")
+    return 0
+
+
+def register(sub: Any) -> None:
+    """`init`."""
+    p = sub.add_parser("init", help="create a Mondrian home: inbox/, outbox/ and a commented mondrian.toml")
+    p.add_argument("path", nargs="?", help="the folder (default: --home, $MONDRIAN_HOME, or the default home)")
+    p.set_defaults(func=cmd_init)
