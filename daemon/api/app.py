@@ -154,7 +154,12 @@ def _job_or_none(ledger: Ledger, job_id: int):  # -> Job | None
 def _health(door: Door) -> dict:
     ledger = door.ledger
     events = ledger.events()
-    model = events.get("model", (None, 0))[0] or {"id": door.cfg.model, "loaded": False}
+    # The model event of this run only (an earlier run's stays in the ledger until this one has loaded it).
+    started = (events.get("daemon", ({}, 0))[0] or {}).get("started_at") or 0
+    value, at = events.get("model", (None, 0))
+    model = {"id": door.cfg.model, "loaded": False}
+    if isinstance(value, dict) and at >= started:
+        model = {**value, "loaded": value.get("loaded", True)}
     counts = ledger.counts().by_state
     running = ledger.running()
     return {"status": "stopping" if door.stopping.is_set() else "ok",

@@ -262,13 +262,13 @@ class Daemon:
         finally:
             self.stop.set()
             self.wake.set()
-            if api is not None:
-                api.stop()  # requests waiting for a report are told their job stays queued (202)
             self.watcher.stop()
             self.references.stop()
             if nightly is not None:
                 nightly.stop()  # also stops a training child process, which never holds a photo
-            self._finish_worker()
+            self._finish_worker()  # meanwhile the API answers 503, and 202 to requests waiting for a report
+            if api is not None:
+                api.stop()
             self._last_words()
             _unlock_home(lock_fds)
         if self.fatal:
