@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
+from .. import testhooks
 from ..analysis.advisors import UnknownAdvisor, get_advisor, load_advisors
 from ..config import MODES, Config
 from ..intake import images  # noqa: F401  (registers the HEIC opener, so iPhone photos are recognised)
@@ -138,6 +139,7 @@ def _enqueue(door: Door, slot: Path, got: upload.Received):  # -> Job (runs on a
         raise upload.Refused(415, f"{spool_name(got.filename)!r} is not an image Mondrian can read (JPEG, PNG, TIFF, "
                                   f"HEIC, WebP, …): send the photo itself")
     final = door.spool.commit(slot, spool_name(got.filename))
+    testhooks.crashpoint("upload_committed")  # a crash here leaves a file with no job: swept at the next start
     st = os.lstat(final)
     return door.ledger.enqueue_upload(final, f"api/{final.name}", advisor.id,
                                       "command" if got.fields.get("advisor") else "default", mode,

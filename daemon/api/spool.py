@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import shutil
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -24,6 +25,7 @@ log = logging.getLogger("mondrian.api")
 PARTIAL = ".upload.part"
 _SUFFIX = re.compile(r"^\.[A-Za-z0-9]{1,10}$")
 _TOKEN = re.compile(r"^[0-9a-f]{16}$")
+EMPTY_GRACE_S = 60.0  # a folder just made for an upload is empty for a moment before its file is created
 
 
 def spool_name(client_name: str | None) -> str:
@@ -43,13 +45,27 @@ class Spool:
         check_own_folder(self.folder)
 
     def new_slot(self) -> Path:
-        """A fresh folder for one upload."""
+        """A fresh folder for one upload (and away with folders the worker emptied after their requests ended)."""
+        self._drop_empty()
         while True:
             slot = self.folder / secrets.token_hex(8)
             try:
                 slot.mkdir()
                 return slot
             except FileExistsError:
+                continue
+
+    def _drop_empty(self) -> None:
+        now = time.time()
+        try:
+            slots = [e for e in os.scandir(self.folder) if _TOKEN.match(e.name) and e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return
+        for slot in slots:
+            try:
+                if now - slot.stat(follow_symlinks=False).st_mtime > EMPTY_GRACE_S:
+                    os.rmdir(slot.path)  # only an empty folder goes: one with a photo in it refuses
+            except OSError:
                 continue
 
     @staticmethod
