@@ -73,13 +73,13 @@ def build_app(door: Door) -> LocalOnly:
         limit = cfg.max_file_bytes
         try:
             boundary = upload.check_headers(request.headers.get("content-type"),
-                                            request.headers.get("content-length"), limit)
+                                            request.headers.get("content-length"), limit, str(request.base_url))
         except upload.Refused as exc:
             return error(exc.status, exc.message, **exc.extra)
         slot = door.spool.new_slot()
         try:
             got = await upload.receive(request.stream(), boundary, door.spool.partial(slot), limit)
-            job = await run_in_threadpool(_enqueue, door, slot, got)
+            job = await run_in_threadpool(_enqueue, door, slot, got, str(request.base_url))
         except upload.Refused as exc:
             door.spool.discard(slot)
             return error(exc.status, exc.message, **exc.extra)
@@ -117,12 +117,12 @@ def build_app(door: Door) -> LocalOnly:
     return LocalOnly(app, extra_hosts=extra)
 
 
-def _enqueue(door: Door, slot: Path, got: upload.Received):  # -> Job (runs on a worker thread of the server)
+def _enqueue(door: Door, slot: Path, got: upload.Received, base_url: str):  # -> Job (on a thread of the server)
     """Check the request, give the upload its real name and queue it: refused requests leave nothing behind."""
     cfg = door.cfg
     if not got.images or (got.size == 0 and not got.filename):
-        raise upload.Refused(400, "no image: send the photo in the form field `image`, e.g. "
-                                  "curl -X POST http://127.0.0.1:5100/analyze -F image=@photo.jpg")
+        raise upload.Refused(400, f"no image: send the photo in the form field `image`, e.g. "
+                                  f"{upload.example(base_url)}")
     mode = (got.fields.get("mode") or cfg.default_mode).strip().lower()
     if mode not in MODES:
         # The original design's own words (AnalysisContext.set_strategy's ValueError).

@@ -43,13 +43,16 @@ def too_large(limit: int, what: str) -> Refused:
                    max_file_mb=round(mb, 3))
 
 
-def check_headers(content_type: str | None, content_length: str | None, limit: int) -> bytes:
+def example(base_url: str) -> str:
+    return f"curl -X POST {base_url.rstrip('/')}/analyze -F image=@photo.jpg -F advisor=ansel -F mode=rag"
+
+
+def check_headers(content_type: str | None, content_length: str | None, limit: int, base_url: str) -> bytes:
     """The form's boundary, or Refused before a byte of the body is read."""
     ctype, params = parse_options_header(content_type or "")
     if ctype != b"multipart/form-data" or not params.get(b"boundary"):
-        raise Refused(400, "send the photo as a multipart/form-data upload in the field `image`, e.g. "
-                           "curl -X POST http://127.0.0.1:5100/analyze -F image=@photo.jpg -F advisor=ansel "
-                           "-F mode=rag")
+        raise Refused(400, f"send the photo as a multipart/form-data upload in the field `image`, e.g. "
+                           f"{example(base_url)}")
     if content_length and content_length.strip().isdigit() and int(content_length) > limit + FORM_OVERHEAD_BYTES:
         raise too_large(limit, "upload")
     return params[b"boundary"]
