@@ -15,6 +15,8 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 IMAGE_FIELD = "image"
 FIELD_MAX_BYTES = 1024  # advisor and mode are short words
 FORM_OVERHEAD_BYTES = 64 * 1024  # boundaries, part headers and the small fields around the photo
+MAX_PARTS = 16  # image, advisor, mode and a few a client may add: a form of thousands is not a photo request
+HEADER_MAX_BYTES = 8 * 1024  # a part's headers (its name and file name)
 
 
 class Refused(Exception):
@@ -65,7 +67,12 @@ async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, lim
     part: dict[str, object] = {}
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
 
+    parts = [0]
+
     def on_part_begin() -> None:
+        parts[0] += 1
+        if parts[0] > MAX_PARTS:
+            raise Refused(400, f"the form has more than {MAX_PARTS} fields; send image, advisor and mode")
         part.clear()
         part.update(headers={}, name=b"", value=b"", file=False, header_field=b"", header_value=b"")
 
@@ -74,6 +81,9 @@ async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, lim
 
     def on_header_value(data: bytes, start: int, end: int) -> None:
         part["header_value"] = part["header_value"] + data[start:end]  # type: ignore[operator]
+        if len(part["header_value"]) + len(part["header_field"]) > HEADER_MAX_BYTES:  # type: ignore[arg-type]
+            raise Refused(400, f"a part of the form has headers longer than {HEADER_MAX_BYTES} bytes (a file name "
+                               f"that long?); send the photo under a shorter name")
 
     def on_header_end() -> None:
         name = bytes(part["header_field"]).decode("latin-1").strip().lower()  # type: ignore[arg-type]
