@@ -61,11 +61,25 @@ class Config:
     expose_paths: bool = False
     # Also write the report's XMP into JPEG/TIFF originals in the outbox (as a new file: never through a link).
     xmp_embed: bool = False
+    # The original design's HTTP API (/analyze), served by `mondrian run` beside the inbox; port 0 turns it off.
+    api_enabled: bool = True
+    api_host: str = "127.0.0.1"  # loopback only, unless set otherwise on purpose
+    api_port: int = 5100
+    api_wait_seconds: float = 300.0  # a request waits this long for its report, then gets 202 and a job URL
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def max_file_bytes(self) -> int:
         return self.max_file_mb * 1024 * 1024
+
+    @property
+    def api_serves(self) -> bool:
+        return self.api_enabled and self.api_port != 0
+
+    @property
+    def spool_dir(self) -> Path:
+        """Photos uploaded through the API, each in a folder of its own until the worker moves it to the outbox."""
+        return self.var_dir / "spool"
 
     @property
     def failed_dir(self) -> Path:
@@ -83,7 +97,7 @@ class Config:
         """Create the folders Mondrian writes; a ConfigError says which one is in the way and how to fix it."""
         new_home = not self.home.exists()
         own = [self.failed_dir, self.staging_dir, self.outbox / "duplicates", self.var_dir, self.adapters_dir,
-               self.advisors_dir, self.db_path.with_name(self.db_path.name + ".runs"),
+               self.advisors_dir, self.db_path.with_name(self.db_path.name + ".runs"), self.spool_dir,
                *(self.var_dir / name for name in ("logs", "models", "cache", "datasets"))]
         try:
             own += [self.adapters_dir / name for name in os.listdir(self.adapters_dir)]  # one folder per advisor
@@ -136,6 +150,8 @@ LIMITS: dict[str, tuple[float, float, bool]] = {
     "max_attempts": (1, 100, True),
     "rag_k": (1, 100, True),
     "max_file_mb": (1, 1024 * 1024, True),
+    "api_port": (0, 65535, True),
+    "api_wait_seconds": (0, 86400, True),
 }
 _TIME_OF_DAY = re.compile(r"^\s*(\d{1,2}):(\d{2})(?::(\d{2}))?\s*$")
 
@@ -242,7 +258,7 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
                "MONDRIAN_QUIET_SECONDS": "quiet_seconds", "MONDRIAN_MAX_PIXELS": "max_pixels",
                "MONDRIAN_COMMENT_MAX_CHARS": "comment_max_chars",
                "MONDRIAN_JOB_TIMEOUT": "job_timeout_seconds",
-               "MONDRIAN_RESCAN_SECONDS": "rescan_seconds"}
+               "MONDRIAN_RESCAN_SECONDS": "rescan_seconds", "MONDRIAN_API_PORT": "api_port"}
     origins = {key: f"{key} = {value!r} in {cfg_file}" for key, value in data.items()}
     for var, key in env_map.items():
         if env.get(var):

@@ -576,6 +576,15 @@ class Ledger:
             return self.Job.create(source_path=str(source_path), rel_path=rel_path, advisor=advisor,
                                    advisor_source=advisor_source, size=size, mtime=mtime, enqueued_at=time.time())
 
+    @writes
+    def enqueue_upload(self, source_path: Path, rel_path: str, advisor: str, advisor_source: str, mode: str,
+                       size: int, mtime: float) -> Job:
+        """Queue a photo received through the HTTP API (daemon/api/), already in Mondrian's spool: one row, with the
+        mode the request asked for, so a crash after this line loses nothing and the worker honours the request."""
+        return self.Job.create(source_path=str(source_path), rel_path=rel_path, advisor=advisor,
+                               advisor_source=advisor_source, requested_mode=mode, mode_source="command",
+                               size=size, mtime=mtime, enqueued_at=time.time())
+
     def failed_in_place(self, source_path: Path, size: int | None, mtime: float | None,
                         ctime: float | None) -> Job | None:
         """The failed job of this very file if it never left the inbox (its original could not be moved out,

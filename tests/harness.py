@@ -24,6 +24,7 @@ FAST_SETTINGS: dict[str, Any] = {
     "max_tokens": 700,
     "retry_base_seconds": 0.5,
     "default_mode": "baseline",
+    "api_port": 0,  # off unless a test serves it (tests/test_api.py): daemons of parallel tests share no port
 }
 
 

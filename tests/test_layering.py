@@ -97,3 +97,12 @@ def test_only_the_model_room_imports_mlx() -> None:
     offenders = [f"{_rel(p)}:{line}: imports {m}" for p in _modules(*PACKAGES) for line, m in imports(p)
                  if _top(m) in ("mlx", "mlx_vlm") and not _rel(p).startswith("daemon/model/")]
     assert offenders == []
+
+
+def test_the_api_reaches_the_daemon_only_through_the_ledger() -> None:
+    """daemon/api/ runs on the server's threads: it never touches MLX or the model room (one MLX thread), nor the
+    database except through daemon/ledger.py, nor the worker's internals (it queues jobs; the worker runs them)."""
+    banned = ("mlx", "mlx_vlm", "daemon.model", "sqlite3", "peewee", "daemon.pipeline", "jobs")
+    offenders = [f"{_rel(p)}:{line}: imports {m}" for p in sorted((REPO / "daemon" / "api").rglob("*.py"))
+                 for line, m in imports(p) if any(m == b or m.startswith(f"{b}.") for b in banned)]
+    assert offenders == []

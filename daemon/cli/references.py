@@ -162,6 +162,35 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_db(args: argparse.Namespace) -> int:
+    from ..references.importer import ImportRefused, import_db
+    from .terminal import shown
+
+    cfg = config_from(args)
+    try:
+        advisor = _advisor_ids(cfg, args.advisor)
+    except Exception as exc:  # UnknownAdvisor: the message names the known ones
+        print(str(exc).strip("'\""), file=sys.stderr)
+        return 2
+    cfg.ensure_dirs()
+    try:
+        summary = import_db(cfg, Path(args.path).expanduser(), advisor[0] if advisor else None)
+    except ImportRefused as exc:
+        print(shown(f"cannot import: {exc}"), file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps([o.__dict__ for o in summary.outcomes], indent=2, ensure_ascii=False))
+    for o in summary.outcomes:
+        if o.action == "imported":
+            say(shown(f"imported: {o.advisor}: {o.image} -> advisors/{o.advisor}/references/{o.file}"))
+        elif o.action == "skipped":
+            say(shown(f"skipped: {o.row} ({o.advisor or '?'}: {o.image or '?'}): {o.reason}"))
+    print(f"{summary.count('imported')} imported, {summary.count('present')} already there, "
+          f"{summary.count('skipped')} skipped. A running daemon indexes the new references by itself; otherwise "
+          f"run `mondrian references index`", file=sys.stderr)
+    return 1 if summary.count("skipped") else 0
+
+
 def register(subparsers: Any) -> None:
     refs = subparsers.add_parser("references", help="an advisor's reference photos (rag mode): index, list")
     rsub = refs.add_subparsers(dest="references_command", required=True)
@@ -174,3 +203,9 @@ def register(subparsers: Any) -> None:
     ls.add_argument("--advisor", help="only this advisor (default: all)")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_list)
+    imp = rsub.add_parser("import-db", help="import the scored references of an original Mondrian database "
+                                            "(its dimensional_profiles table), read-only")
+    imp.add_argument("path", help="the original database, e.g. mondrian/mondrian.db")
+    imp.add_argument("--advisor", help="only this advisor's rows (default: every known advisor's)")
+    imp.add_argument("--json", action="store_true", help="every row's outcome as JSON on stdout")
+    imp.set_defaults(func=cmd_import_db)

@@ -318,4 +318,5 @@ class Publisher:
         return True
 
     def inside_inbox(self, src: Path) -> bool:
-        return folder_inside(src, self.cfg.inbox)
+        """Whether `src` is a file Mondrian was given to move: in the inbox, or uploaded into its API spool."""
+        return folder_inside(src, self.cfg.inbox) or folder_inside(src, self.cfg.spool_dir)

@@ -447,7 +447,26 @@ def assemble(runtime: Runtime, job: Job, src: Path, photo: LoadedImage, advisor:
         "created_at": now_iso(),
     }
     report.update(result.extras)
+    report.update(contract_fields(report))
     return report
+
+
+def contract_fields(report: dict[str, Any]) -> dict[str, Any]:
+    """The original design's names for what the report holds (its `/analyze` answer: `dimensional_analysis`,
+    `mode_used`, `advisor_id`, `metadata`), written beside Mondrian's own, so that one parser reads report.json
+    and the API's answers alike. File names only, never paths."""
+    mode, model = report["mode"], report["model"]
+    metadata: dict[str, Any] = {"requested_mode": mode["requested"], "effective_mode": mode["effective"],
+                                "mode_source": mode["source"], "fallbacks": mode["fallbacks"],
+                                "model": model["id"], "adapter": model["adapter"], "smoke": model["smoke"],
+                                "timings": report["timings"]}
+    if "profile" in report:
+        metadata["user_profile"] = report["profile"]
+    if isinstance(report.get("references"), list):
+        metadata["similar_images"] = [_bare_name(r.get("file") or r.get("name")) for r in report["references"]
+                                      if isinstance(r, dict)]
+    return {"dimensional_analysis": report["dimensions"], "mode_used": mode["effective"],
+            "advisor_id": report["advisor"]["id"], "metadata": metadata}
 
 
 # ---------------------------------------------------------------------------------------- outbox index

@@ -216,6 +216,12 @@ class Daemon:
         except StartupError as exc:
             log.error("cannot start: %s", exc)
             return EX_CONFIG
+        try:
+            api = self._start_api()
+        except OSError as exc:  # the port is taken, or the spool cannot be made: a setting or a folder to fix
+            log.error("cannot start: %s", exc)
+            _unlock_home(lock_fds)
+            return EX_CONFIG
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, self._on_signal)
         self.ledger.set_event("daemon", {"pid": os.getpid(), "started_at": time.time(), "once": self.once})
@@ -260,7 +266,9 @@ class Daemon:
             self.references.stop()
             if nightly is not None:
                 nightly.stop()  # also stops a training child process, which never holds a photo
-            self._finish_worker()
+            self._finish_worker()  # meanwhile the API answers 503, and 202 to requests waiting for a report
+            if api is not None:
+                api.stop()
             self._last_words()
             _unlock_home(lock_fds)
         if self.fatal:
@@ -286,6 +294,19 @@ class Daemon:
             aside = f"; the file found there was kept as {kept.name}" if kept != self.cfg.db_path else ""
             log.error("%s: everything it held was written back to it%s. Mondrian stops so that it restarts on "
                       "that file (launchd and systemd restart it; otherwise run it again)", self.ledger_lost, aside)
+
+    def _start_api(self) -> Any:
+        """The HTTP API (daemon/api/), bound now so that a taken port stops the start-up; not in --once runs, which
+        end when the inbox is empty and could not promise a caller its answer."""
+        if self.once or not self.cfg.api_serves:
+            return None
+        from ..api.app import Door
+        from ..api.server import ApiServer
+        from ..api.spool import Spool
+
+        server = ApiServer(Door(self.cfg, self.ledger, self.stop, self.wake.set, Spool(self.cfg.spool_dir)))
+        server.start()
+        return server
 
     def _start_nightly(self) -> Any:
         """LoRA retraining at cfg.train_time (jobs/nightly.py), in a child process; never in --once runs."""

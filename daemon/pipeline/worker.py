@@ -140,7 +140,8 @@ class Worker:
         self.busy.set()
         try:
             testhooks.crashpoint("claimed")
-            self.process(job)
+            # A mode asked for with the photo (an API request) is part of the job; inbox photos read their sidecar.
+            self.process(job, mode_override=job.requested_mode if job.mode_source == "command" else None)
         except Transient as exc:
             self.out.clean_staging(job)
             self.out.transient(job, str(exc))

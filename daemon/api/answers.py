@@ -1,0 +1,79 @@
+"""A job as an HTTP answer: its report in the original `/analyze` shape with the original headers, or where it
+stands (202 and the URL to poll), or why it failed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from starlette.responses import JSONResponse
+
+from ..ledger import DONE, FAILED, GONE, Job
+
+
+def job_url(job_id: int) -> str:
+    return f"/jobs/{job_id}"
+
+
+def error(status: int, message: str, **extra: Any) -> JSONResponse:
+    return JSONResponse({"error": message, **extra}, status_code=status)
+
+
+def _with_headers(response: JSONResponse, headers: dict[str, str]) -> JSONResponse:
+    # Starlette lowercases header names; HTTP does not care, but the original design's own checks grep for
+    # `X-Analysis` (`curl -v … | grep X-Analysis`), so these keep its spelling on the wire.
+    for name, value in headers.items():
+        response.raw_headers.append((name.encode("latin-1"), value.encode("latin-1", "replace")))
+    return response
+
+
+def _job_facts(job: Job) -> dict[str, Any]:
+    return {"job_id": job.id, "state": job.state, "job_url": job_url(job.id), "file": Path(job.rel_path).name,
+            "advisor_id": job.advisor, "requested_mode": job.requested_mode}
+
+
+def _request_headers(job: Job) -> dict[str, str]:
+    headers = {"X-Advisor-ID": job.advisor, "X-Job-ID": str(job.id)}
+    if job.requested_mode:
+        headers["X-Requested-Mode"] = job.requested_mode
+    return headers
+
+
+def answer(job: Job, *, waited_out: bool = False, stopping: bool = False) -> JSONResponse:
+    """What a client is told about `job`, whatever its state."""
+    if job.state == DONE:
+        return _report(job)
+    if job.state == FAILED:
+        return _with_headers(error(422, f"the photo could not be analysed: {job.error}", **_job_facts(job)),
+                             _request_headers(job))
+    if job.state == GONE:
+        return _with_headers(error(410, f"the job ended without a report: {job.error}", **_job_facts(job)),
+                             _request_headers(job))
+    if stopping:
+        note = ("Mondrian is stopping; the photo stays queued and is analysed when it starts again. Ask "
+                f"GET {job_url(job.id)} then")
+    elif waited_out:
+        note = f"still {job.state} (the queue is long, or the model slow); ask GET {job_url(job.id)} for the report"
+    else:
+        note = f"{job.state}; ask GET {job_url(job.id)} again for the report"
+    response = JSONResponse({**_job_facts(job), "message": note}, status_code=202)
+    response.headers["Location"] = job_url(job.id)
+    response.headers["Retry-After"] = "5"
+    return _with_headers(response, _request_headers(job))
+
+
+def _report(job: Job) -> JSONResponse:
+    try:
+        report = json.loads(Path(job.report_json or "").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        return error(500, f"job {job.id} is done but its report cannot be read ({exc}); the report folder is "
+                          f"{Path(job.output_dir or '').name or '?'} in the outbox", **_job_facts(job))
+    report["job"] = {**_job_facts(job), "report_folder": Path(job.report_json or "").parent.name,
+                     "duplicate_of": job.duplicate_of}
+    effective = report.get("mode_used") or job.effective_mode or ""
+    requested = job.requested_mode or (report.get("metadata") or {}).get("requested_mode") or ""
+    return _with_headers(JSONResponse(report), {
+        "X-Analysis-Mode": effective, "X-Requested-Mode": requested,
+        "X-Advisor-ID": report.get("advisor_id") or job.advisor,
+        "X-Strategy-Available": str(bool(effective)), "X-Job-ID": str(job.id)})

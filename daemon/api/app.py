@@ -1,0 +1,172 @@
+"""The routes: `POST /analyze` (the original design's contract), `GET /jobs/<id>`, `GET /health`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from PIL import Image, UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse
+
+from .. import testhooks
+from ..analysis.advisors import UnknownAdvisor, get_advisor, load_advisors
+from ..config import MODES, Config
+from ..intake import images  # noqa: F401  (registers the HEIC opener, so iPhone photos are recognised)
+from ..ledger import ACTIVE, Ledger, LedgerUnavailable
+from . import upload
+from .answers import answer, error
+from .guard import LocalOnly
+from .spool import Spool, spool_name
+
+log = logging.getLogger("mondrian.api")
+
+POLL_SECONDS = 0.1
+
+
+@dataclass
+class Door:
+    """What the API may use of the daemon: its configuration, its ledger (the only way to the database), the stop
+    flag, and a nudge that wakes the worker thread."""
+
+    cfg: Config
+    ledger: Ledger
+    stopping: threading.Event
+    wake: Callable[[], None]
+    spool: Spool
+
+
+def _stopping() -> JSONResponse:
+    response = error(503, "Mondrian is stopping and takes no new photos; send it again once it runs "
+                          "(`mondrian service start`, or `mondrian run`)")
+    response.headers["Retry-After"] = "30"
+    return response
+
+
+def _what_image(path: Path) -> str | None:
+    """The image format Pillow recognises in `path` (its header only), or None if it is no image at all."""
+    try:
+        with Image.open(path) as im:
+            return im.format or "image"
+    except UnidentifiedImageError:
+        return None
+    except Exception:  # an image Pillow recognises but finds faulty: the worker fails it with the reason
+        return "image"
+
+
+def build_app(door: Door) -> LocalOnly:
+    cfg = door.cfg
+    app = FastAPI(title="Mondrian", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.post("/analyze")
+    async def analyze(request: Request) -> JSONResponse:
+        if door.stopping.is_set():
+            return _stopping()
+        limit = cfg.max_file_bytes
+        try:
+            boundary = upload.check_headers(request.headers.get("content-type"),
+                                            request.headers.get("content-length"), limit, str(request.base_url))
+        except upload.Refused as exc:
+            return error(exc.status, exc.message, **exc.extra)
+        slot = door.spool.new_slot()
+        try:
+            got = await upload.receive(request.stream(), boundary, door.spool.partial(slot), limit)
+            job = await run_in_threadpool(_enqueue, door, slot, got, str(request.base_url))
+        except upload.Refused as exc:
+            door.spool.discard(slot)
+            return error(exc.status, exc.message, **exc.extra)
+        except ClientDisconnect:
+            door.spool.discard(slot)
+            return error(400, "the client went away before the upload was complete")
+        except LedgerUnavailable:
+            door.spool.discard(slot)
+            return _stopping()
+        except BaseException:
+            door.spool.discard(slot)
+            raise
+        log.info("queued %s for %s (%s) from the API (job %d)", job.rel_path, job.advisor, job.requested_mode, job.id)
+        door.wake()
+        deadline = time.monotonic() + cfg.api_wait_seconds
+        while job.state in ACTIVE and time.monotonic() < deadline and not door.stopping.is_set():
+            await asyncio.sleep(POLL_SECONDS)
+            job = await run_in_threadpool(door.ledger.get, job.id)
+        if job.state not in ACTIVE:
+            door.spool.release(slot)
+        return answer(job, waited_out=job.state in ACTIVE, stopping=door.stopping.is_set())
+
+    @app.get("/jobs/{job_id}")
+    async def job_status(job_id: int) -> JSONResponse:
+        job = await run_in_threadpool(_job_or_none, door.ledger, job_id)
+        if job is None:
+            return error(404, f"there is no job {job_id} in this Mondrian's ledger")
+        return answer(job, stopping=door.stopping.is_set())
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        return JSONResponse(await run_in_threadpool(_health, door))
+
+    extra = frozenset() if cfg.api_host in ("0.0.0.0", "::", "") else frozenset({cfg.api_host.lower()})
+    return LocalOnly(app, extra_hosts=extra)
+
+
+def _enqueue(door: Door, slot: Path, got: upload.Received, base_url: str):  # -> Job (on a thread of the server)
+    """Check the request, give the upload its real name and queue it: refused requests leave nothing behind."""
+    cfg = door.cfg
+    if not got.images or (got.size == 0 and not got.filename):
+        raise upload.Refused(400, f"no image: send the photo in the form field `image`, e.g. "
+                                  f"{upload.example(base_url)}")
+    mode = (got.fields.get("mode") or cfg.default_mode).strip().lower()
+    if mode not in MODES:
+        # The original design's own words (AnalysisContext.set_strategy's ValueError).
+        raise upload.Refused(400, f"Unknown mode: {got.fields.get('mode')}. Use: {list(MODES)}",
+                             valid_modes=list(MODES))
+    advisor_id = (got.fields.get("advisor") or cfg.default_advisor).strip().lower()
+    try:
+        advisor = get_advisor(cfg, advisor_id)
+    except UnknownAdvisor as exc:
+        raise upload.Refused(400, str(exc.args[0] if exc.args else exc),
+                             valid_advisors=sorted(load_advisors(cfg))) from None
+    partial = door.spool.partial(slot)
+    if got.size == 0 or _what_image(partial) is None:
+        raise upload.Refused(415, f"{spool_name(got.filename)!r} is not an image Mondrian can read (JPEG, PNG, TIFF, "
+                                  f"HEIC, WebP, …): send the photo itself")
+    final = door.spool.commit(slot, spool_name(got.filename))
+    testhooks.crashpoint("upload_committed")  # a crash here leaves a file with no job: swept at the next start
+    st = os.lstat(final)
+    return door.ledger.enqueue_upload(final, f"api/{final.name}", advisor.id,
+                                      "command" if got.fields.get("advisor") else "default", mode,
+                                      st.st_size, st.st_mtime)
+
+
+def _job_or_none(ledger: Ledger, job_id: int):  # -> Job | None
+    try:
+        return ledger.get(job_id)
+    except ledger.Job.DoesNotExist:
+        return None
+
+
+def _health(door: Door) -> dict:
+    ledger = door.ledger
+    events = ledger.events()
+    # The model event of this run only (an earlier run's stays in the ledger until this one has loaded it).
+    started = (events.get("daemon", ({}, 0))[0] or {}).get("started_at") or 0
+    value, at = events.get("model", (None, 0))
+    model = {"id": door.cfg.model, "loaded": False}
+    if isinstance(value, dict) and at >= started:
+        model = {**value, "loaded": value.get("loaded", True)}
+    counts = ledger.counts().by_state
+    running = ledger.running()
+    return {"status": "stopping" if door.stopping.is_set() else "ok",
+            "model": model, "default_mode": door.cfg.default_mode, "default_advisor": door.cfg.default_advisor,
+            "modes": list(MODES), "advisors": sorted(load_advisors(door.cfg)),
+            "queue": {"queued": counts["queued"], "running": counts["running"],
+                      "in_progress": [{"job_id": j.id, "file": Path(j.rel_path).name} for j in running]},
+            "max_file_mb": door.cfg.max_file_mb}

@@ -1,0 +1,76 @@
+"""Who may call a local service: a request must name this machine's loopback (DNS rebinding) and come from no web
+page of another origin (a form on any site can POST to 127.0.0.1; the browser sends its `Origin`)."""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Awaitable, Callable
+from urllib.parse import urlsplit
+
+from starlette.responses import JSONResponse
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.", "ip6-localhost", "ip6-loopback"})
+
+
+def host_name(value: str) -> str:
+    """The host part of a Host header or URL authority, without port or brackets, lowercased."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:].partition("]")[0]
+    if value.count(":") > 1:  # a bare IPv6 address: no port can be told apart
+        return value
+    return value.partition(":")[0]
+
+
+def is_loopback(name: str) -> bool:
+    if name in LOOPBACK_NAMES or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def allowed_host(value: str | None, extra: frozenset[str] = frozenset()) -> bool:
+    if not value:
+        return False  # HTTP/1.1 requires it; a request without one cannot show where it meant to go
+    name = host_name(value)
+    return is_loopback(name) or name in extra
+
+
+def allowed_origin(value: str | None, extra: frozenset[str] = frozenset()) -> bool:
+    """No Origin (curl, scripts) is fine; a page's origin must itself be this machine."""
+    if value is None:
+        return True
+    try:
+        parts = urlsplit(value.strip())
+    except ValueError:
+        return False
+    return parts.scheme in ("http", "https") and allowed_host(parts.netloc, extra)
+
+
+class LocalOnly:
+    """ASGI middleware: refuses (403, JSON) a request whose Host is not a loopback name (or `extra`, the host the API
+    was configured to bind), or whose Origin is another site. No CORS headers are ever added."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], extra_hosts: frozenset[str] = frozenset()):
+        self.app = app
+        self.extra = extra_hosts
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        problem = None
+        if not allowed_host(headers.get("host"), self.extra):
+            problem = (f"refused: the Host header {headers.get('host')!r} is not this machine's loopback name. "
+                       f"Mondrian's API answers only requests addressed to localhost, 127.0.0.1 or [::1] (a web page "
+                       f"could otherwise reach it by DNS rebinding); call it as http://127.0.0.1:<port>/")
+        elif not allowed_origin(headers.get("origin"), self.extra):
+            problem = (f"refused: a request from the web page origin {headers.get('origin')!r}. Mondrian's API is "
+                       f"for programs on this machine (curl, scripts), not for web sites")
+        if problem is None:
+            await self.app(scope, receive, send)
+            return
+        await JSONResponse({"error": problem}, status_code=403)(scope, receive, send)

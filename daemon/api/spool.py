@@ -1,0 +1,116 @@
+"""Mondrian's spool (`var/spool/`): each upload gets a folder of its own, `<token>/`, so two photos with the same
+name never meet, and keeps the name the client gave it (the report folder is named after it).
+
+A file is written under a hidden partial name and renamed to its real name only once it is complete and synced;
+it becomes work only when its ledger job exists. So after a crash, a file in the spool with no job is an upload
+whose client never got an answer: the sweep at start-up removes it. A file with a job is never touched here: the
+worker moves it to the outbox (or failed/, duplicates/) like an inbox photo."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import secrets
+import shutil
+import time
+from pathlib import Path
+from typing import Callable
+
+from ..fsutil import check_own_folder, fsync_dir
+from ..intake.inbox import safe_stem
+
+log = logging.getLogger("mondrian.api")
+
+PARTIAL = ".upload.part"
+_SUFFIX = re.compile(r"^\.[A-Za-z0-9]{1,10}$")
+_TOKEN = re.compile(r"^[0-9a-f]{16}$")
+EMPTY_GRACE_S = 60.0  # a folder just made for an upload is empty for a moment before its file is created
+
+
+def spool_name(client_name: str | None) -> str:
+    """A safe file name from what the client called its file (never a path: only its last component counts)."""
+    bare = (client_name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    suffix = Path(bare).suffix
+    return safe_stem(bare or "upload") + (suffix.lower() if _SUFFIX.match(suffix) else "")
+
+
+class Spool:
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def prepare(self) -> None:
+        """Create the spool; a link or a file in its place is refused (its sweep would delete through it)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        check_own_folder(self.folder)
+
+    def new_slot(self) -> Path:
+        """A fresh folder for one upload (and away with folders the worker emptied after their requests ended)."""
+        self._drop_empty()
+        while True:
+            slot = self.folder / secrets.token_hex(8)
+            try:
+                slot.mkdir()
+                return slot
+            except FileExistsError:
+                continue
+
+    def _drop_empty(self) -> None:
+        now = time.time()
+        try:
+            slots = [e for e in os.scandir(self.folder) if _TOKEN.match(e.name) and e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return
+        for slot in slots:
+            try:
+                if now - slot.stat(follow_symlinks=False).st_mtime > EMPTY_GRACE_S:
+                    os.rmdir(slot.path)  # only an empty folder goes: one with a photo in it refuses
+            except OSError:
+                continue
+
+    @staticmethod
+    def partial(slot: Path) -> Path:
+        return slot / PARTIAL
+
+    @staticmethod
+    def commit(slot: Path, name: str) -> Path:
+        """The complete upload under its real name, durably (the caller has synced its bytes)."""
+        final = slot / name
+        os.rename(slot / PARTIAL, final)
+        fsync_dir(slot)
+        return final
+
+    @staticmethod
+    def discard(slot: Path) -> None:
+        shutil.rmtree(slot, ignore_errors=True)
+
+    @staticmethod
+    def release(slot: Path) -> None:
+        """Remove an upload's folder once the worker has moved its photo out (only if empty: never a photo)."""
+        try:
+            os.rmdir(slot)
+        except OSError:
+            pass
+
+    def sweep(self, has_job: Callable[[Path], bool]) -> int:
+        """At start-up, before the API serves: remove uploads that never became jobs, and emptied folders.
+        Returns how many uploads were removed."""
+        removed = 0
+        try:
+            check_own_folder(self.folder)
+            slots = [e for e in os.scandir(self.folder) if _TOKEN.match(e.name) and e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return 0
+        for slot in slots:
+            try:
+                entries = list(os.scandir(slot.path))
+            except OSError:
+                continue
+            if any(e.name != PARTIAL and has_job(Path(e.path)) for e in entries):
+                continue  # queued, or kept where it is by a failure: the ledger's to deal with
+            if entries:
+                removed += sum(1 for e in entries if e.name != PARTIAL) or 1
+                log.info("removed an upload that was interrupted before it was queued (%s)",
+                         ", ".join(e.name for e in entries))
+            shutil.rmtree(slot.path, ignore_errors=True)
+        return removed

@@ -1,0 +1,141 @@
+"""`multipart/form-data` streamed from the socket into the spool with python-multipart's push parser: the photo is
+written to disk chunk by chunk as it arrives and refused as soon as it passes the size limit, so a request never
+holds a photo (or a mistaken multi-GB upload) in memory."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+IMAGE_FIELD = "image"
+FIELD_MAX_BYTES = 1024  # advisor and mode are short words
+FORM_OVERHEAD_BYTES = 64 * 1024  # boundaries, part headers and the small fields around the photo
+MAX_PARTS = 16  # image, advisor, mode and a few a client may add: a form of thousands is not a photo request
+HEADER_MAX_BYTES = 8 * 1024  # a part's headers (its name and file name)
+
+
+class Refused(Exception):
+    """The request cannot be taken: an HTTP status and a sentence that says what to do."""
+
+    def __init__(self, status: int, message: str, **extra: object):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.extra = extra
+
+
+@dataclass
+class Received:
+    fields: dict[str, str] = field(default_factory=dict)
+    filename: str | None = None  # the client's name for the photo
+    size: int = 0
+    images: int = 0  # parts named `image` seen (more than one is refused)
+    complete: bool = False  # the closing boundary was read
+
+
+def too_large(limit: int, what: str) -> Refused:
+    mb = limit / 2**20
+    return Refused(413, f"the {what} is larger than the {mb:g} MB Mondrian accepts (max_file_mb in mondrian.toml); "
+                        f"no photo is that large: export it again smaller, or raise max_file_mb",
+                   max_file_mb=round(mb, 3))
+
+
+def example(base_url: str) -> str:
+    return f"curl -X POST {base_url.rstrip('/')}/analyze -F image=@photo.jpg -F advisor=ansel -F mode=rag"
+
+
+def check_headers(content_type: str | None, content_length: str | None, limit: int, base_url: str) -> bytes:
+    """The form's boundary, or Refused before a byte of the body is read."""
+    ctype, params = parse_options_header(content_type or "")
+    if ctype != b"multipart/form-data" or not params.get(b"boundary"):
+        raise Refused(400, f"send the photo as a multipart/form-data upload in the field `image`, e.g. "
+                           f"{example(base_url)}")
+    if content_length and content_length.strip().isdigit() and int(content_length) > limit + FORM_OVERHEAD_BYTES:
+        raise too_large(limit, "upload")
+    return params[b"boundary"]
+
+
+async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, limit: int) -> Received:
+    """Parse the form from `chunks`, writing the `image` part to `dest` (created, fsynced). Raises Refused (the
+    caller removes `dest`) for a malformed form, a second image, a long field or a photo over `limit` bytes."""
+    got = Received()
+    part: dict[str, object] = {}
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+
+    parts = [0]
+
+    def on_part_begin() -> None:
+        parts[0] += 1
+        if parts[0] > MAX_PARTS:
+            raise Refused(400, f"the form has more than {MAX_PARTS} fields; send image, advisor and mode")
+        part.clear()
+        part.update(headers={}, name=b"", value=b"", file=False, header_field=b"", header_value=b"")
+
+    def on_header_field(data: bytes, start: int, end: int) -> None:
+        part["header_field"] = part["header_field"] + data[start:end]  # type: ignore[operator]
+
+    def on_header_value(data: bytes, start: int, end: int) -> None:
+        part["header_value"] = part["header_value"] + data[start:end]  # type: ignore[operator]
+        if len(part["header_value"]) + len(part["header_field"]) > HEADER_MAX_BYTES:  # type: ignore[arg-type]
+            raise Refused(400, f"a part of the form has headers longer than {HEADER_MAX_BYTES} bytes (a file name "
+                               f"that long?); send the photo under a shorter name")
+
+    def on_header_end() -> None:
+        name = bytes(part["header_field"]).decode("latin-1").strip().lower()  # type: ignore[arg-type]
+        part["headers"][name] = bytes(part["header_value"])  # type: ignore[index]
+        part["header_field"], part["header_value"] = b"", b""
+
+    def on_headers_finished() -> None:
+        _, params = parse_options_header(part["headers"].get("content-disposition", b""))  # type: ignore[union-attr]
+        part["name"] = params.get(b"name", b"").decode("utf-8", "replace")
+        if part["name"] == IMAGE_FIELD:
+            got.images += 1
+            if got.images > 1:
+                raise Refused(400, "one photo per request: send a single `image` field")
+            part["file"] = True
+            got.filename = params.get(b"filename", b"").decode("utf-8", "replace")
+
+    def on_part_data(data: bytes, start: int, end: int) -> None:
+        if part["file"]:
+            got.size += end - start
+            if got.size > limit:
+                raise too_large(limit, "photo")
+            view = memoryview(data)[start:end]
+            while view:
+                view = view[os.write(fd, view):]
+            return
+        value = part["value"] + data[start:end]  # type: ignore[operator]
+        if len(value) > FIELD_MAX_BYTES:
+            raise Refused(400, f"the form field `{part['name']}` is longer than {FIELD_MAX_BYTES} bytes; "
+                               f"advisor and mode are short words (e.g. advisor=ansel, mode=rag)")
+        part["value"] = value
+
+    def on_part_end() -> None:
+        if not part["file"] and part["name"] and part["name"] not in got.fields:
+            got.fields[str(part["name"])] = bytes(part["value"]).decode("utf-8", "replace").strip()  # type: ignore
+
+    def on_end() -> None:
+        got.complete = True
+
+    parser = MultipartParser(boundary, callbacks={  # type: ignore[arg-type]
+        "on_end": on_end, "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
+        "on_part_data": on_part_data, "on_part_end": on_part_end})
+    try:
+        async for chunk in chunks:
+            if chunk:
+                parser.write(chunk)
+        parser.finalize()
+        if not got.complete:
+            raise Refused(400, "the upload ended before the end of its form (interrupted?); send it again")
+        os.fsync(fd)
+    except MultipartParseError as exc:
+        raise Refused(400, f"the multipart form could not be read ({exc}); send it as curl -F does") from None
+    finally:
+        os.close(fd)
+    return got

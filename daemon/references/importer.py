@@ -1,0 +1,231 @@
+"""`mondrian references import-db`: an original Mondrian database's scored references (its `dimensional_profiles`
+table: `advisor_id`, `image_path`, `<dimension>_score` and `<dimension>_comment` for the 8 dimensions) brought in
+as Mondrian references: each photo copied into `advisors/<id>/references/` with a curator sidecar (sidecar.py's
+format), so the running daemon, `references index` and training read them like any other.
+
+The database is opened read-only (SQLite `mode=ro`); nothing outside the home is changed. Importing is idempotent:
+a photo whose bytes are already among the advisor's references is not copied again. Each sidecar is written before
+its photo, so a daemon watching the folder never sees the photo without the curator's scores."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+from urllib.parse import quote
+
+from ..analysis.advisors import load_advisors, references_dir
+from ..analysis.critique import DIMENSIONS, SCORE_MAX, SCORE_MIN
+from ..config import Config
+from ..fsutil import atomic_write_text, fsync_dir, temp_name
+from ..intake.inbox import safe_stem
+from .indexer import IMAGE_SUFFIXES, reference_files
+from .sidecar import SIDECAR_SUFFIX, SidecarInvalid, parse_sidecar
+
+TABLE = "dimensional_profiles"
+# The original's own training query left these out: photos users uploaded for analysis, not the advisor's work.
+UPLOAD_MARKERS = ("temp", "analyze_image")
+
+
+class ImportRefused(RuntimeError):
+    """The database cannot be imported at all; the message says why and what to do."""
+
+
+@dataclass
+class Outcome:
+    row: str  # the row's id (or rowid)
+    advisor: str
+    image: str  # image_path as the database gives it
+    action: str  # imported | present | skipped
+    reason: str = ""
+    file: str = ""  # where it went, relative to the advisor's references folder
+
+
+@dataclass
+class Summary:
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    def count(self, action: str) -> int:
+        return sum(1 for o in self.outcomes if o.action == action)
+
+
+def open_read_only(path: Path) -> sqlite3.Connection:
+    if not path.is_file():
+        raise ImportRefused(f"{path} is not a file; give the path of the original Mondrian's database "
+                            f"(e.g. mondrian/mondrian.db)")
+    try:
+        db = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True)
+        db.row_factory = sqlite3.Row
+        found = db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)).fetchone()
+    except sqlite3.DatabaseError as exc:
+        raise ImportRefused(f"{path} is not a readable SQLite database ({exc})") from None
+    if found is None:
+        db.close()
+        raise ImportRefused(f"{path} has no {TABLE} table: it is not an original Mondrian database (the one whose "
+                            f"advisors' scored references `mondrian references import-db` reads)")
+    return db
+
+
+def _score(value: Any, dimension: str) -> int:
+    if isinstance(value, str):
+        try:
+            value = float(value.strip())
+        except ValueError:
+            raise SidecarInvalid(f"the {dimension} score is {value!r}, not a number") from None
+    if value is None:
+        raise SidecarInvalid(f"the {dimension} score is missing")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not SCORE_MIN <= value <= SCORE_MAX:
+        raise SidecarInvalid(f"the {dimension} score is {value!r}; scores run from {SCORE_MIN} to {SCORE_MAX}")
+    return int(round(value))  # the original stored REALs; Mondrian's scores are whole numbers
+
+
+def profile_of(row: sqlite3.Row) -> dict[str, Any]:
+    """The row as a curator sidecar document; raises SidecarInvalid (via sidecar.py's own checks) if it is not one."""
+    keys = set(row.keys())
+    missing = [d for d in DIMENSIONS if f"{d}_score" not in keys]
+    if missing:
+        raise SidecarInvalid(f"the table has no {', '.join(f'{d}_score' for d in missing)} column(s)")
+    scores = {d: _score(row[f"{d}_score"], d) for d in DIMENSIONS}
+    comments = {d: row[f"{d}_comment"] for d in DIMENSIONS
+                if f"{d}_comment" in keys and isinstance(row[f"{d}_comment"], str) and row[f"{d}_comment"].strip()}
+    doc: dict[str, Any] = {"scores": scores}
+    if comments:
+        doc["comments"] = comments
+    scores, comments = parse_sidecar(doc, "the row")
+    return {"scores": scores, **({"comments": comments} if comments else {})}
+
+
+def _candidates(image_path: str, db_path: Path) -> list[Path]:
+    """Where the row's photo may be: as given if absolute; else beside the database, or from the original project's
+    root (its database lived in `mondrian/mondrian.db`, its paths were relative to the project)."""
+    p = Path(image_path).expanduser()
+    if p.is_absolute():
+        return [p]
+    here = db_path.resolve().parent
+    return [here / p, here.parent / p]
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+class Portfolio:
+    """An advisor's references folder and the content already in it (hashed only where sizes match)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._by_size: dict[int, list[Path]] = {}
+        for f in reference_files(folder):
+            try:
+                self._by_size.setdefault(f.stat().st_size, []).append(f)
+            except OSError:
+                continue
+        self._hashes: dict[Path, str] = {}
+
+    def holding(self, size: int, sha: str) -> Path | None:
+        for f in self._by_size.get(size, []):
+            if f not in self._hashes:
+                try:
+                    self._hashes[f] = _sha256(f)
+                except OSError:
+                    continue
+            if self._hashes[f] == sha:
+                return f
+        return None
+
+    def add(self, src: Path, name: str, sidecar: dict[str, Any], size: int, sha: str) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        # A sidecar belongs to every photo of its stem (x.jpg and x.png share x.json): take a stem nobody has.
+        stems = {Path(n).stem.lower() for n in os.listdir(self.folder)}
+        stem, n = safe_stem(name), 1
+        while (stem if n == 1 else f"{stem}-{n}").lower() in stems:
+            n += 1
+        dest = self.folder / f"{stem if n == 1 else f'{stem}-{n}'}{Path(name).suffix.lower()}"
+        atomic_write_text(dest.with_suffix(SIDECAR_SUFFIX), json.dumps(sidecar, indent=2, ensure_ascii=False))
+        tmp = dest.with_name(temp_name(dest.name, f"{os.getpid()}.import.tmp"))
+        try:
+            shutil.copyfile(src, tmp)
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            dest.with_suffix(SIDECAR_SUFFIX).unlink(missing_ok=True)
+            raise
+        fsync_dir(self.folder)
+        self._by_size.setdefault(size, []).append(dest)
+        self._hashes[dest] = sha
+        return dest
+
+
+def import_db(cfg: Config, db_path: Path, advisor: str | None = None) -> Summary:
+    db = open_read_only(db_path)
+    advisors = load_advisors(cfg)
+    portfolios: dict[str, Portfolio] = {}
+    summary = Summary()
+    try:
+        query = f"SELECT rowid AS _rowid, * FROM {TABLE}"
+        rows: Iterable[sqlite3.Row] = (db.execute(query + " WHERE advisor_id = ? ORDER BY rowid", (advisor,))
+                                       if advisor else db.execute(query + " ORDER BY rowid"))
+        for row in rows:
+            summary.outcomes.append(_import_row(cfg, row, db_path, advisors, portfolios))
+    except sqlite3.DatabaseError as exc:
+        raise ImportRefused(f"{db_path} could not be read ({exc})") from None
+    finally:
+        db.close()
+    return summary
+
+
+def _import_row(cfg: Config, row: sqlite3.Row, db_path: Path, advisors: dict, portfolios: dict) -> Outcome:
+    keys = set(row.keys())
+    row_id = str(row["id"]) if "id" in keys and row["id"] is not None else f"rowid {row['_rowid']}"
+    advisor_id = str(row["advisor_id"] or "") if "advisor_id" in keys else ""
+    image = str(row["image_path"] or "") if "image_path" in keys else ""
+    out = Outcome(row=row_id, advisor=advisor_id, image=image, action="skipped")
+    if advisor_id not in advisors:
+        out.reason = (f"unknown advisor {advisor_id!r}: add advisors/{safe_stem(advisor_id) or 'ID'}/advisor.toml "
+                      f"(id, name, prompt), then import again")
+        return out
+    if not image:
+        out.reason = "the row has no image_path"
+        return out
+    if any(marker in image for marker in UPLOAD_MARKERS):
+        out.reason = "a photo a user uploaded for analysis (temp/analyze_image path), not the advisor's own work"
+        return out
+    try:
+        sidecar = profile_of(row)
+    except SidecarInvalid as exc:
+        out.reason = f"bad scores: {exc}"
+        return out
+    src = next((c for c in _candidates(image, db_path) if c.is_file()), None)
+    if src is None:
+        out.reason = "image not found (looked " + ", ".join(str(c) for c in _candidates(image, db_path)) + ")"
+        return out
+    if not src.name.lower().endswith(IMAGE_SUFFIXES):
+        out.reason = f"not a photo file type Mondrian reads ({', '.join(IMAGE_SUFFIXES)})"
+        return out
+    size = src.stat().st_size
+    if size > cfg.max_file_bytes:
+        out.reason = f"larger than max_file_mb ({cfg.max_file_mb} MB)"
+        return out
+    folder = references_dir(cfg, advisor_id)
+    portfolio = portfolios.setdefault(advisor_id, Portfolio(folder))
+    sha = _sha256(src)
+    there = portfolio.holding(size, sha)
+    if there is not None:
+        out.action, out.file = "present", str(there.relative_to(folder))
+        return out
+    dest = portfolio.add(src, src.name, sidecar, size, sha)
+    out.action, out.file = "imported", str(dest.relative_to(folder))
+    return out
