@@ -51,6 +51,9 @@ class Config:
     rag_k: int = 3
     train_time: str = "02:30"
     expose_paths: bool = False
+    # Leave each photo where it was dropped (a Lightroom catalogue's links survive); its report folder gets a hard
+    # link to it, or a copy where no link can be made (another disk). The ledger remembers it as done.
+    keep_originals: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import testhooks
-from ..analysis import AnalysisContext, AnalysisResult, Strategy, build_strategies, resolve
+from ..analysis import AnalysisContext, AnalysisResult, Strategy, build_strategies, context_key, resolve
 from ..analysis.advisors import Advisor, UnknownAdvisor, get_advisor
 from ..config import Config
 from ..errors import Cancelled, Permanent, TimedOut, Transient, is_permanent
@@ -28,7 +28,7 @@ from ..intake.inbox import SidecarError, read_sidecar, sidecar_for
 from ..ledger import DONE, FAILED, Job, Ledger, LedgerUnavailable
 from .isolation import check_alone
 from .publish import OUTSIDE_INBOX, Publisher
-from .report import SMOKE_NOTICE, OutboxIndex, assemble
+from .report import SMOKE_NOTICE, OutboxIndex, assemble, earlier_report_links
 
 if TYPE_CHECKING:
     from ..model.protocol import Runtime
@@ -182,7 +182,7 @@ class Worker:
             return
         if not keep_original and self._link_within_inbox(job, src):
             return
-        why = None if keep_original else self._cannot_take(src)
+        why = None if keep_original else self._cannot_take(src, moves=not job.kept)
         if why:
             # Analysed now, it could never be moved out of the inbox, so it would be analysed again and again.
             self.out.fail(job, why, keep_original=True)
@@ -202,7 +202,12 @@ class Worker:
             self.out.fail(job, str(exc), keep_original=keep_original)
             return
         self.ledger.set_hash(job.id, photo.sha256)
-        first = self.ledger.find_done(photo.sha256, advisor.id, requested, exclude=job.id)
+        # The mode this photo would get now, and the version of what that mode reads, without the model: a report
+        # made with the same of both (and the same bytes and advisor) is this photo's critique already.
+        resolved = resolve(requested, advisor, self.strategies)
+        inputs = resolved[0].inputs(advisor)
+        first = self.ledger.find_done(context_key(photo.sha256, advisor.id, resolved[0].name, inputs, self.cfg.model),
+                                      exclude=job.id)
         if first is not None and not keep_original:
             self.out.duplicate(job, first, src)
             return
@@ -210,7 +215,7 @@ class Worker:
             raise Cancelled()
         t1 = time.perf_counter()
         try:
-            strategy, fallbacks, result = self._analyse(job, src, photo, advisor, requested)
+            strategy, fallbacks, result = self._analyse(job, src, photo, advisor, requested, resolved)
         except TimedOut:
             self.out.clean_staging(job)
             self.out.fail(job, f"analysis took longer than {self.cfg.job_timeout_seconds:g} s "
@@ -224,12 +229,19 @@ class Worker:
                                 delay_s=self.cfg.quiet_seconds, undo_attempt=True)
             log.info("changed during analysis, queued again: %s", job.rel_path)
             return
+        # What the analysis actually read (the index may have changed since the decision): the key it is kept under.
+        inputs = result.inputs if result.inputs is not None else inputs
+        context = {"key": context_key(photo.sha256, advisor.id, strategy.name, inputs, self.cfg.model),
+                   "inputs": inputs}
+        earlier = earlier_report_links(self.cfg, self.ledger.earlier_reports(photo.sha256, exclude=job.id))
         report = assemble(self.runtime, job, src, photo, advisor, requested, source, strategy.name, fallbacks, result,
-                                {"decode_s": decode_s, "analysis_s": analysis_s, **result.timings})
+                          {"decode_s": decode_s, "analysis_s": analysis_s, **result.timings},
+                          context=context, earlier=earlier, original="copied" if keep_original else None)
         self.out.publish(job, src, photo, report, result.files, keep_original)
 
-    def _analyse(self, job: Job, src: Path, photo: LoadedImage, advisor: Advisor,
-                 requested: str) -> tuple[Strategy, list[dict[str, str]], AnalysisResult]:
+    def _analyse(self, job: Job, src: Path, photo: LoadedImage, advisor: Advisor, requested: str,
+                 resolved: tuple[Strategy, list[dict[str, str]]] | None = None,
+                 ) -> tuple[Strategy, list[dict[str, str]], AnalysisResult]:
         """The model's part of a job, where a native crash would happen: shared by `process` and the isolation
         check (daemon/pipeline/isolation.py), so that the check runs exactly what crashed the daemon."""
         try:
@@ -237,7 +249,7 @@ class Worker:
         except Exception as exc:  # a model that fails to load may load next time (memory, disk, a mount)
             log.error("could not load the model: %s: %s", type(exc).__name__, exc)
             raise Transient(f"the model could not be loaded ({type(exc).__name__}: {exc})") from exc
-        strategy, fallbacks = resolve(requested, advisor, self.strategies)
+        strategy, fallbacks = resolved or resolve(requested, advisor, self.strategies)
         log.info("analysing %s as %s (%s%s)", job.rel_path, advisor.name, strategy.name,
                  f", asked for {requested}" if strategy.name != requested else "")
         testhooks.crashpoint("analysing")
@@ -291,12 +303,12 @@ class Worker:
         log.info("%s is a link to %s: not analysed itself; the link was removed", job.rel_path, shown)
         return True
 
-    def _cannot_take(self, src: Path) -> str | None:
-        """Why the original could not be read, or moved out of its folder once its report is written (folder
-        permissions), in words that say what to do; None if it can."""
+    def _cannot_take(self, src: Path, moves: bool = True) -> str | None:
+        """Why the original could not be read, or (`moves`: it leaves the inbox, keep_originals is off) moved out of
+        its folder once its report is written (folder permissions), in words that say what to do; None if it can."""
         folder = src.parent
         shown = Path(self.cfg.inbox.name, os.path.relpath(folder, self.cfg.inbox)).as_posix().removesuffix("/.")
-        if not os.access(folder, os.W_OK | os.X_OK):
+        if moves and not os.access(folder, os.W_OK | os.X_OK):
             return (f"Mondrian cannot move this photo out of {shown}/ (no write permission on that folder), so it "
                     f"was left where it is and not analysed: make the folder writable (chmod u+w) and run "
                     f"`mondrian retry --failed`")
