@@ -101,3 +101,35 @@ def test_kept_originals_stay_in_the_inbox_and_are_analysed_once(tmp_path: Path, 
     assert [j.rel_path for j in jobs].count("cartier/IMG_2.jpg") == 3  # analysed, edited, asked for rag: no more
     assert [j.state for j in jobs].count("failed") == 1 and len(reports(outbox)) == 4
     assert all(j.kept for j in jobs) and kept.is_file() and broken.is_file()
+
+
+def test_a_kill_while_publishing_a_kept_photo_is_finished_once_at_the_next_start(tmp_path: Path,
+                                                                                 smoke_model_path: Path) -> None:
+    home = make_home(tmp_path / "home", smoke_model_path, keep_originals=True)
+    inbox, outbox = home / "inbox", home / "outbox"
+    seeds = {"staged": 61, "renamed": 63}
+    for point, seed in seeds.items():
+        kept = photo(inbox / f"{point}.jpg", seed=seed)
+        with Daemon(home, smoke_model_path, MONDRIAN_TEST_CRASH_AT=point) as d:
+            assert d.wait(120) == -9, d.output()  # SIGKILLed itself at that point
+        with Daemon(home, smoke_model_path) as d:
+            # (after "renamed" its report is there already: the ledger says when the job is finished)
+            wait_for(lambda: d.proc.poll() is not None or any(j.rel_path == f"{point}.jpg" and j.state == "done"
+                                                              for j in _jobs(home)), 120, what=f"{point}.jpg done")
+            assert d.stop() == 0, d.output()
+        report = json.loads((outbox / point / "report.json").read_text())
+        assert kept.is_file() and os.path.samefile(outbox / point / f"{point}.jpg", kept)
+        assert report["photo"]["original"] == "linked" and os.stat(kept).st_nlink == 2  # staging's link is gone
+    # a duplicate killed after its record was written is finished, and stays in the inbox
+    twin = inbox / "twin.jpg"
+    twin.write_bytes((inbox / "renamed.jpg").read_bytes())
+    with Daemon(home, smoke_model_path, MONDRIAN_TEST_CRASH_AT="dup_recorded") as d:
+        assert d.wait(120) == -9, d.output()
+    with Daemon(home, smoke_model_path) as d:
+        _settle_with_a_marker(home, smoke_model_path, d, "marker.jpg", seed=64)
+        assert d.stop() == 0
+    jobs = _jobs(home)
+    assert sorted(j.rel_path for j in jobs) == sorted([f"{p}.jpg" for p in seeds] + ["twin.jpg", "marker.jpg"])
+    assert all(j.state == "done" for j in jobs) and [j.duplicate_of is not None for j in jobs].count(True) == 1
+    assert twin.is_file() and len(reports(outbox)) == 3 and not list(outbox.glob(".staging/*"))
+    assert [p.name for p in outbox.glob("duplicates/*")] == ["twin.jpg.duplicate.json"]
