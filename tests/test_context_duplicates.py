@@ -118,3 +118,64 @@ def test_a_photo_dropped_again_after_references_are_added_gets_a_new_rag_critiqu
     assert len(reports(outbox)) == 3 and len(jobs) == 4  # three reports and one duplicate, nothing twice
     assert [j.state for j in jobs] == ["done"] * 4 and sum(1 for j in jobs if j.duplicate_of) == 1
     assert not any(p.is_file() for p in inbox.rglob("*"))
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_reference_set_changed_during_the_analysis_counts_as_what_was_read(tmp_path: Path,
+                                                                            smoke_model_path: Path) -> None:
+    """The decision is taken before the analysis; the key a report is kept under is what the analysis read. When
+    the two differ and a report with the second exists already, the photo is its duplicate: never two reports of
+    one key."""
+    from daemon.ledger import Ledger
+
+    home = make_home(tmp_path / "home", smoke_model_path, default_mode="rag")
+    inbox, outbox = home / "inbox", home / "outbox"
+    refs = home / "advisors" / "ansel" / "references"
+    original = photo(tmp_path / "P.jpg", seed=72)
+
+    def add_reference(name: str, seed: int) -> None:
+        photo(refs / f"{name}.jpg", seed=seed)
+        (refs / f"{name}.json").write_text(json.dumps({"scores": {k: seed % 10 for k in DIMENSIONS}}))
+        old = time.time() - 30
+        for p in (refs / f"{name}.jpg", refs / f"{name}.json"):
+            os.utime(p, (old, old))
+
+    def indexed() -> int:
+        ledger = Ledger(home / "var" / "ledger.db")
+        try:
+            return len(ledger.references("ansel"))
+        finally:
+            ledger.close()
+
+    add_reference("a", 71)
+    with Daemon(home, smoke_model_path) as d:
+        wait_for(lambda: indexed() == 1, 60, what="the first reference indexed")
+        shutil.copy2(original, inbox / "P.jpg")
+        [first_json], _ = _next_outcome(outbox, ([], []), d)
+        add_reference("b", 73)
+        wait_for(lambda: indexed() == 2, 60, what="the second reference indexed")
+        assert d.stop() == 0
+    first = _report(first_json.parent)
+    assert first["mode"]["effective"] == "rag" and first["portfolio"]["count"] == 1
+
+    with Daemon(home, smoke_model_path, MONDRIAN_TEST_STOP_AT="analysing") as d:
+        before = _outcomes(outbox)
+        shutil.copy2(original, inbox / "P.jpg")  # decided with two references: not a duplicate of the first
+        wait_for(lambda: d.proc.poll() is not None or _stopped(d.proc.pid), 120, what="the daemon held mid-analysis")
+        for p in (refs / "b.jpg", refs / "b.json"):
+            p.unlink()
+        ledger = Ledger(home / "var" / "ledger.db")
+        try:
+            assert ledger.remove_reference("ansel", refs / "b.jpg")  # what `references index` would do now
+        finally:
+            ledger.close()
+        d.signal(__import__("signal").SIGCONT)
+        new, dups = _next_outcome(outbox, before, d)  # analysed with one reference: the first report's key
+        assert not new, f"a second report with the first one's key: {_report(new[0].parent)['context']}"
+        [record] = [json.loads(p.read_text()) for p in dups]
+        assert record["duplicate_of_job"] == first["job_id"]
+        assert d.stop() == 0

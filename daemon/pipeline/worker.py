@@ -204,10 +204,10 @@ class Worker:
         self.ledger.set_hash(job.id, photo.sha256)
         # The mode this photo would get now, and the version of what that mode reads, without the model: a report
         # made with the same of both (and the same bytes and advisor) is this photo's critique already.
-        resolved = resolve(requested, advisor, self.strategies)
-        inputs = resolved[0].inputs(advisor)
-        first = self.ledger.find_done(context_key(photo.sha256, advisor.id, resolved[0].name, inputs, self.cfg.model),
-                                      exclude=job.id)
+        planned, _ = resolve(requested, advisor, self.strategies)
+        inputs = planned.inputs(advisor)
+        key = context_key(photo.sha256, advisor.id, planned.name, inputs, self.cfg.model)
+        first = self.ledger.find_done(key, exclude=job.id)
         if first is not None and not keep_original:
             self.out.duplicate(job, first, src)
             return
@@ -215,7 +215,7 @@ class Worker:
             raise Cancelled()
         t1 = time.perf_counter()
         try:
-            strategy, fallbacks, result = self._analyse(job, src, photo, advisor, requested, resolved)
+            strategy, fallbacks, result = self._analyse(job, src, photo, advisor, requested)
         except TimedOut:
             self.out.clean_staging(job)
             self.out.fail(job, f"analysis took longer than {self.cfg.job_timeout_seconds:g} s "
@@ -229,19 +229,24 @@ class Worker:
                                 delay_s=self.cfg.quiet_seconds, undo_attempt=True)
             log.info("changed during analysis, queued again: %s", job.rel_path)
             return
-        # What the analysis actually read (the index may have changed since the decision): the key it is kept under.
-        inputs = result.inputs if result.inputs is not None else inputs
+        # What the analysis actually used (resolved again once the model was loaded, e.g. an adapter found to be for
+        # another base model; the index may have changed meanwhile): the key the report is kept under. If a report
+        # with that key exists, this is its duplicate after all: never two reports of one key.
+        inputs = result.inputs if result.inputs is not None else strategy.inputs(advisor)
         context = {"key": context_key(photo.sha256, advisor.id, strategy.name, inputs, self.cfg.model),
                    "inputs": inputs}
+        first = None if context["key"] == key else self.ledger.find_done(context["key"], exclude=job.id)
+        if first is not None and not keep_original:
+            self.out.duplicate(job, first, src)
+            return
         earlier = earlier_report_links(self.cfg, self.ledger.earlier_reports(photo.sha256, exclude=job.id))
         report = assemble(self.runtime, job, src, photo, advisor, requested, source, strategy.name, fallbacks, result,
                           {"decode_s": decode_s, "analysis_s": analysis_s, **result.timings},
                           context=context, earlier=earlier, original="copied" if keep_original else None)
         self.out.publish(job, src, photo, report, result.files, keep_original)
 
-    def _analyse(self, job: Job, src: Path, photo: LoadedImage, advisor: Advisor, requested: str,
-                 resolved: tuple[Strategy, list[dict[str, str]]] | None = None,
-                 ) -> tuple[Strategy, list[dict[str, str]], AnalysisResult]:
+    def _analyse(self, job: Job, src: Path, photo: LoadedImage, advisor: Advisor,
+                 requested: str) -> tuple[Strategy, list[dict[str, str]], AnalysisResult]:
         """The model's part of a job, where a native crash would happen: shared by `process` and the isolation
         check (daemon/pipeline/isolation.py), so that the check runs exactly what crashed the daemon."""
         try:
@@ -249,7 +254,7 @@ class Worker:
         except Exception as exc:  # a model that fails to load may load next time (memory, disk, a mount)
             log.error("could not load the model: %s: %s", type(exc).__name__, exc)
             raise Transient(f"the model could not be loaded ({type(exc).__name__}: {exc})") from exc
-        strategy, fallbacks = resolved or resolve(requested, advisor, self.strategies)
+        strategy, fallbacks = resolve(requested, advisor, self.strategies)
         log.info("analysing %s as %s (%s%s)", job.rel_path, advisor.name, strategy.name,
                  f", asked for {requested}" if strategy.name != requested else "")
         testhooks.crashpoint("analysing")
