@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import time
 from pathlib import Path
 
@@ -23,6 +24,22 @@ def _report(folder: Path) -> dict:
     data = json.loads((folder / "report.json").read_text())
     jsonschema.validate(data, SCHEMA)
     return data
+
+
+def test_the_reference_fingerprint_is_the_index_content_not_its_paths() -> None:
+    from types import SimpleNamespace
+
+    from daemon.analysis.rag import reference_fingerprint
+
+    def row(path: str, sha: str, score: int, source: str = "human") -> SimpleNamespace:
+        return SimpleNamespace(path=path, sha256=sha, scores={k: score for k in DIMENSIONS}, comments=None,
+                               source=source)
+
+    base = reference_fingerprint([row("/r/a.jpg", "aa", 8), row("/r/b.jpg", "bb", 5)])
+    assert reference_fingerprint([row("/r/b.jpg", "bb", 5), row("/r/sub/a2.jpg", "aa", 8)]) == base  # order, renames
+    assert reference_fingerprint([row("/r/a.jpg", "aa", 8), row("/r/b.jpg", "bb", 6)]) != base  # rescored
+    assert reference_fingerprint([row("/r/a.jpg", "aa", 8)]) != base  # removed
+    assert reference_fingerprint([row("/r/a.jpg", "aa", 8), row("/r/b.jpg", "bb", 5, "model")]) != base
 
 
 def _outcomes(outbox: Path) -> tuple[list[Path], list[Path]]:
@@ -173,7 +190,7 @@ def test_a_reference_set_changed_during_the_analysis_counts_as_what_was_read(tmp
             assert ledger.remove_reference("ansel", refs / "b.jpg")  # what `references index` would do now
         finally:
             ledger.close()
-        d.signal(__import__("signal").SIGCONT)
+        d.signal(signal.SIGCONT)
         new, dups = _next_outcome(outbox, before, d)  # analysed with one reference: the first report's key
         assert not new, f"a second report with the first one's key: {_report(new[0].parent)['context']}"
         [record] = [json.loads(p.read_text()) for p in dups]
