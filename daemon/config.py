@@ -66,6 +66,9 @@ class Config:
     api_host: str = "127.0.0.1"  # loopback only, unless set otherwise on purpose
     api_port: int = 5100
     api_wait_seconds: float = 300.0  # a request waits this long for its report, then gets 202 and a job URL
+    # Leave each photo where it was dropped (a Lightroom catalogue's links survive); its report folder gets a hard
+    # link to it, or a copy where no link can be made (another disk). The ledger remembers it as done.
+    keep_originals: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property

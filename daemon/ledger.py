@@ -54,7 +54,7 @@ class SchemaVersion(_Base):
 
 class Job(_Base):
     id = AutoField()
-    source_path = TextField()  # absolute path in the inbox when it was queued
+    source_path = TextField(index=True)  # absolute path in the inbox when it was queued
     rel_path = TextField()  # path relative to the inbox, what a person recognises
     advisor = CharField()
     advisor_source = CharField(default="default")  # folder | default | command
@@ -69,6 +69,9 @@ class Job(_Base):
     mtime = FloatField(null=True)
     sha256 = CharField(null=True, index=True)
     duplicate_of = IntegerField(null=True)
+    # What the report depends on besides the bytes' hash (daemon.analysis.context_key): a photo is a duplicate only
+    # of a report with the same key, so new references or a new adapter give a new critique.
+    context_key = CharField(null=True, index=True)
     error = TextField(null=True)
     error_kind = CharField(null=True)  # permanent | transient
     output_dir = TextField(null=True)  # reserved report folder (or failure file) before anything is moved
@@ -84,6 +87,9 @@ class Job(_Base):
     # Whether Mondrian may move, rename or delete the file: only photos dropped into the inbox are its own.
     # `mondrian analyze` jobs point at the user's file wherever it lies, and it must stay there whatever happens.
     owns_file = BooleanField(default=True)
+    # keep_originals (decided when it was queued): the photo stays where it was dropped, the report folder gets a
+    # hard link or a copy, and a DONE job of this path, size and mtime means "already analysed" on every rescan.
+    kept = BooleanField(default=False)
 
 
 class Event(_Base):
@@ -146,6 +152,19 @@ def _add_job_owns_file(db: SqliteDatabase) -> None:
         db.execute_sql('UPDATE "job" SET "owns_file" = 0 WHERE "enqueued_at" = "started_at"')
 
 
+def _add_job_context_and_kept(db: SqliteDatabase) -> None:
+    # Earlier reports keep a NULL key: a photo dropped again after the upgrade is analysed again once (linking its
+    # earlier report), since what those were analysed with (references, model) was never recorded.
+    columns = {row[1] for row in db.execute_sql('PRAGMA table_info("job")').fetchall()}
+    if "context_key" not in columns:
+        db.execute_sql('ALTER TABLE "job" ADD COLUMN "context_key" VARCHAR(255)')
+    if "kept" not in columns:
+        db.execute_sql('ALTER TABLE "job" ADD COLUMN "kept" INTEGER NOT NULL DEFAULT 0')
+    db.execute_sql('CREATE INDEX IF NOT EXISTS "job_context_key" ON "job" ("context_key")')
+    # Every rescan asks, per photo kept in the inbox, whether that path is done: without an index, a scan each.
+    db.execute_sql('CREATE INDEX IF NOT EXISTS "job_source_path" ON "job" ("source_path")')
+
+
 MODELS: list[type[Model]] = [SchemaVersion, Job, Event, Reference]
 _M = TypeVar("_M", bound=Model)
 
@@ -163,6 +182,7 @@ MIGRATIONS: list[Callable[[SqliteDatabase], None]] = [
     lambda db: db.create_tables([_bind(Job, db), _bind(Event, db)]),
     _create_reference_table,
     _add_job_owns_file,
+    _add_job_context_and_kept,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -565,16 +585,28 @@ class Ledger:
     # -- intake -------------------------------------------------------------------------------
     @writes
     def enqueue(self, source_path: Path, rel_path: str, advisor: str, advisor_source: str,
-                size: int | None, mtime: float | None, ctime: float | None = None) -> Job | None:
+                size: int | None, mtime: float | None, ctime: float | None = None, *,
+                kept: bool = False) -> Job | None:
         """Queue a photo unless the same path already has a job waiting or running, or it is a failed photo
-        that never left the inbox (`failed_in_place`)."""
+        that never left the inbox (`failed_in_place`). `kept`: keep_originals, the photo stays where it is."""
         with self.db.atomic("IMMEDIATE"):
             if self.is_active(source_path):
                 return None
             if self.failed_in_place(source_path, size, mtime, ctime) is not None:
                 return None
             return self.Job.create(source_path=str(source_path), rel_path=rel_path, advisor=advisor,
-                                   advisor_source=advisor_source, size=size, mtime=mtime, enqueued_at=time.time())
+                                   advisor_source=advisor_source, size=size, mtime=mtime, enqueued_at=time.time(),
+                                   kept=kept)
+
+    def kept_in_place(self, source_path: Path, size: int | None, mtime: float | None) -> Job | None:
+        """The latest report of a photo kept where it was dropped (keep_originals), if the file is still the one
+        analysed (same size and mtime): it is done, however often the inbox is rescanned or Mondrian restarted.
+        An edited file (other bytes, so another size or mtime) is new work."""
+        if size is None:
+            return None
+        return (self.Job.select().where((self.Job.source_path == str(source_path)) & (self.Job.state == DONE) &
+                                        (self.Job.kept == True) & (self.Job.size == size) &  # noqa: E712
+                                        (self.Job.mtime == mtime)).order_by(self.Job.id.desc()).first())
 
     @writes
     def enqueue_upload(self, source_path: Path, rel_path: str, advisor: str, advisor_source: str, mode: str,
@@ -684,18 +716,28 @@ class Ledger:
         q = self.Job.select(self.Job.output_dir).where(self.Job.output_dir.is_null(False) & self.Job.state.in_(ACTIVE))
         return {j.output_dir for j in q}
 
-    def find_done(self, sha256: str, advisor: str, requested_mode: str, exclude: int) -> Job | None:
-        return (self.Job.select().where((self.Job.sha256 == sha256) & (self.Job.advisor == advisor) &
-                                        (self.Job.requested_mode == requested_mode) & (self.Job.state == DONE) &
+    def find_done(self, context_key: str, exclude: int) -> Job | None:
+        """The earlier report made with this very analysis context (same bytes, advisor, effective mode, reference
+        set, adapter, model), if any: the photo is then a duplicate of it."""
+        return (self.Job.select().where((self.Job.context_key == context_key) & (self.Job.state == DONE) &
                                         self.Job.duplicate_of.is_null() & (self.Job.id != exclude))
                 .order_by(self.Job.id).first())
+
+    def earlier_reports(self, sha256: str, exclude: int, limit: int = 20) -> list[Job]:
+        """Reports of the same bytes made before (any advisor or context), oldest first; at most the `limit`
+        latest, so a photo dropped a thousand times does not make a page a thousand links long."""
+        q = (self.Job.select().where((self.Job.sha256 == sha256) & (self.Job.state == DONE) &
+                                     self.Job.duplicate_of.is_null() & (self.Job.id != exclude))
+             .order_by(self.Job.id.desc()).limit(limit))
+        return list(reversed(list(q)))
 
     # -- terminal states ----------------------------------------------------------------------
     @writes
     def finish(self, job_id: int, *, effective_mode: str, fallbacks: list[dict[str, str]],
                report_json: Path, report_html: Path, grade: int, adapter: str | None,
-               analysis_s: float, output_dir: Path) -> None:
+               analysis_s: float, output_dir: Path, context_key: str | None = None) -> None:
         self.Job.update(state=DONE, effective_mode=effective_mode, fallbacks=json.dumps(fallbacks),
+                        context_key=context_key,
                         report_json=str(report_json), report_html=str(report_html), grade=grade, adapter=adapter,
                         analysis_s=analysis_s, output_dir=str(output_dir), finished_at=time.time(),
                         error=None, error_kind=None).where(self.Job.id == job_id).execute()
@@ -703,6 +745,7 @@ class Ledger:
     @writes
     def finish_duplicate(self, job_id: int, first: Job, output_dir: Path) -> None:
         self.Job.update(state=DONE, duplicate_of=first.id, effective_mode=first.effective_mode,
+                        context_key=first.context_key,
                         fallbacks=first.fallbacks, report_json=first.report_json, report_html=first.report_html,
                         grade=first.grade, adapter=first.adapter, output_dir=str(output_dir),
                         finished_at=time.time()).where(self.Job.id == job_id).execute()

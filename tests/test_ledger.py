@@ -99,3 +99,37 @@ def test_two_ledgers_keep_their_own_databases(tmp_path):
     assert [j.rel_path for j in b.jobs()] == ["two.jpg", "three.jpg"]
     assert a.claim().rel_path == "one.jpg" and a.claim() is None
     assert b.counts().by_state[QUEUED] == 2
+
+
+def test_a_ledger_from_before_analysis_contexts_is_migrated_and_its_reports_are_not_duplicates(tmp_path):
+    """Schema 3 (no context key, no kept photos): the migration adds both; its reports, whose context was never
+    recorded, are nobody's duplicate (a photo dropped again is analysed once more and links them)."""
+    db = tmp_path / "l.db"
+    Ledger(db).close()
+    con = sqlite3.connect(db)
+    con.executescript('DROP INDEX job_context_key; DROP INDEX job_source_path; ALTER TABLE job DROP COLUMN context_key;'
+                      'ALTER TABLE job DROP COLUMN kept; DELETE FROM schema_version WHERE version > 3;')
+    con.execute("INSERT INTO job (source_path, rel_path, advisor, advisor_source, state, attempts, not_before, sha256,"
+                " enqueued_at, owns_file) VALUES ('/in/a.jpg', 'a.jpg', 'ansel', 'default', 'done', 1, 0, 'ab', 1, 1)")
+    con.commit()
+    con.close()
+    ledger = Ledger(db)
+    assert ledger.schema_version() == SCHEMA_VERSION
+    [old] = ledger.jobs()
+    assert old.context_key is None and old.kept is False
+    assert ledger.find_done("k" * 64, exclude=0) is None
+    assert [j.id for j in ledger.earlier_reports("ab", exclude=0)] == [old.id]
+    indexes = {r[1] for r in ledger.db.execute_sql('PRAGMA index_list("job")').fetchall()}
+    assert {"job_context_key", "job_source_path"} <= indexes
+    # a kept photo is done while it is unchanged; edited (another size or mtime) it is new work
+    job = ledger.enqueue(tmp_path / "k.jpg", "k.jpg", "ansel", "default", 10, 5.0, kept=True)
+    assert ledger.kept_in_place(tmp_path / "k.jpg", 10, 5.0) is None  # queued, not done yet
+    ledger.claim()
+    ledger.finish(job.id, effective_mode="baseline", fallbacks=[], report_json=tmp_path / "r.json",
+                  report_html=tmp_path / "r.html", grade=5, adapter=None, analysis_s=1.0, output_dir=tmp_path / "r",
+                  context_key="c" * 64)
+    assert ledger.kept_in_place(tmp_path / "k.jpg", 10, 5.0).id == job.id
+    assert ledger.kept_in_place(tmp_path / "k.jpg", 11, 5.0) is None
+    assert ledger.kept_in_place(tmp_path / "k.jpg", 10, 6.0) is None
+    assert ledger.find_done("c" * 64, exclude=0).id == job.id and ledger.find_done("c" * 64, exclude=job.id) is None
+    ledger.close()

@@ -6,6 +6,8 @@ fallback with the reason, which the report shows. New strategies plug in here wi
 
 from __future__ import annotations
 
+import hashlib
+import json
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -41,6 +43,7 @@ class AnalysisResult:
     extras: dict[str, Any] = field(default_factory=dict)  # report sections: profile, references, portfolio
     files: dict[str, Path] = field(default_factory=dict)  # extra files for the report folder: name -> source
     timings: dict[str, float] = field(default_factory=dict)
+    inputs: str | None = None  # what it actually read beyond photo and advisor (see Strategy.inputs), if any
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,12 @@ class Strategy(ABC):
     @abstractmethod
     def analyse(self, ctx: AnalysisContext) -> AnalysisResult: ...
 
+    def inputs(self, advisor: Advisor) -> str | None:
+        """The version of what this mode reads besides the photo and the advisor (rag: the reference index's
+        content; lora: the adapter version), read cheaply without the model. A report is reused for a photo only
+        while this stays the same."""
+        return None
+
 
 def build_strategies(cfg: Config, ledger: Any = None) -> dict[str, Strategy]:
     """`ledger` (daemon.ledger.Ledger) lets rag read the reference index; without it rag is unavailable."""
@@ -70,6 +79,13 @@ def build_strategies(cfg: Config, ledger: Any = None) -> dict[str, Strategy]:
     from .rag import RagStrategy
 
     return {s.name: s for s in (BaselineStrategy(cfg), RagStrategy(cfg, ledger), LoraStrategy(cfg))}
+
+
+def context_key(sha256: str, advisor_id: str, effective_mode: str, inputs: str | None, model: str) -> str:
+    """What a report depends on: the bytes, the advisor, the mode used after fallbacks, that mode's inputs (the
+    reference set, the adapter version) and the model. Same key, same critique: the photo is a duplicate."""
+    doc = json.dumps([sha256, advisor_id, effective_mode, inputs, model], ensure_ascii=False)
+    return hashlib.sha256(doc.encode("utf-8")).hexdigest()
 
 
 def resolve(requested: str, advisor: Advisor,

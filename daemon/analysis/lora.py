@@ -20,6 +20,12 @@ from . import AnalysisContext, AnalysisResult, Availability, Strategy
 log = logging.getLogger("mondrian.lora")
 
 
+def _adapter_inputs(version) -> str:
+    # The label names the version; the fingerprint (of its weights, when the manifest has one) tells a version
+    # folder made again under a reused name from the one a report was made with.
+    return f"adapter:{version.label}:{version.fingerprint or ''}"
+
+
 class LoraStrategy(Strategy):
     name = "lora"
     fallback = "rag"
@@ -74,6 +80,10 @@ class LoraStrategy(Strategy):
                                        f"not the configured {self.cfg.model} (run {train})")
         return Availability(True)
 
+    def inputs(self, advisor) -> str | None:
+        version = self.store.current(advisor.id)
+        return _adapter_inputs(version) if version is not None else None
+
     def analyse(self, ctx: AnalysisContext) -> AnalysisResult:
         from ..model.adapters import AdapterError
 
@@ -90,6 +100,6 @@ class LoraStrategy(Strategy):
             self._broken[str(folder)] = str(exc)
             log.error("adapter %s cannot be used: %s", version.label, exc)
             raise
-        return AnalysisResult(critique=gen.data, adapter=version.label,
+        return AnalysisResult(critique=gen.data, adapter=version.label, inputs=_adapter_inputs(version),
                               timings={"generate_s": time.perf_counter() - t0,
                                        "generated_tokens": gen.generated_tokens})

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,14 @@ from ..references.indexer import extract_profile, reference_comment, reference_p
 from ..references.thumbnails import thumbnail
 from .retrieval import distribution, nearest
 from . import AnalysisContext, AnalysisResult, Availability, Strategy
+
+
+def reference_fingerprint(rows: list[Any]) -> str:
+    """The reference set as rag reads it: each reference's content hash, scores, comments and where they came
+    from, in a fixed order. Renaming or moving a reference keeps it; adding, removing or rescoring one changes it."""
+    items = sorted(json.dumps([r.sha256, r.scores, r.comments, r.source], sort_keys=True, ensure_ascii=False)
+                   for r in rows)
+    return "refs:" + hashlib.sha256("\n".join(items).encode("utf-8")).hexdigest()[:32]
 
 
 class RagStrategy(Strategy):
@@ -43,6 +53,9 @@ class RagStrategy(Strategy):
         shown = folder.relative_to(self.cfg.home) if folder.is_relative_to(self.cfg.home) else folder
         return Availability(False, f"no indexed reference photos for {advisor.name} yet (add photos to "
                                    f"{shown} and run `mondrian references index --advisor {advisor.id}`)")
+
+    def inputs(self, advisor) -> str | None:
+        return reference_fingerprint(self.ledger.references(advisor.id)) if self.ledger is not None else None
 
     def analyse(self, ctx: AnalysisContext) -> AnalysisResult:
         cfg, rt, advisor = ctx.cfg, ctx.runtime, ctx.advisor
@@ -106,4 +119,4 @@ class RagStrategy(Strategy):
             timings["forward_passes"] = first.forward_passes + second.forward_passes
         return AnalysisResult(critique=critique,
                               extras={"profile": profile, "references": references, "portfolio": portfolio},
-                              files=files, timings=timings)
+                              files=files, timings=timings, inputs=reference_fingerprint(rows))

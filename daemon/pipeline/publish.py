@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,26 @@ def move_once(src: Path, dest: Path) -> None:
             return
         dest = unique_path(dest.parent, Path(dest.name).stem, Path(dest.name).suffix)
     move(src, dest, on_copied=lambda: testhooks.crashpoint("move_copied"))
+
+
+def link_or_copy(src: Path, dest: Path) -> str:
+    """Put the original kept in the inbox (keep_originals) into its report folder without moving it: a hard link
+    where it can be made, else a copy (another disk, or a filesystem without hard links). Returns "linked" or
+    "copied", as report.json's `photo.original` says.
+
+    A hard link rather than a symbolic one: it is the same file under a second name, so it survives the original
+    being moved or renamed (Lightroom's Move, Rename), deleted, or the outbox being moved; a symbolic link breaks
+    on each of these. The price: it shares the bytes, so nothing may write into it in place."""
+    try:
+        os.link(src, dest, follow_symlinks=False)
+        how = "linked"
+    except OSError:
+        shutil.copy2(src, dest, follow_symlinks=False)
+        how = "copied"
+    if not stat.S_ISREG(os.lstat(dest).st_mode):  # swapped for a link since the checks: never keep one
+        os.unlink(dest)
+        raise OSError(errno.EINVAL, f"{src.name} is no longer a plain file")
+    return how
 
 
 class Publisher:
@@ -101,6 +122,8 @@ class Publisher:
             staging.mkdir(parents=True)
             for name, source in files.items():
                 shutil.copyfile(source, staging / name)
+            if job.kept and not keep_original:
+                report["photo"]["original"] = link_or_copy(src, staging / report["photo"]["file"])
             write_report_folder(staging, report, photo.image)
             write_sidecar(staging, report)  # in staging: it appears with the report, in one rename
             testhooks.crashpoint("staged")
@@ -121,7 +144,11 @@ class Publisher:
     def complete(self, job: Job, final: Path, report: dict[str, Any], keep_original: bool) -> None:
         src = Path(job.source_path)
         original = final / report["photo"]["file"]  # never one of the report's own files (report.original_name)
-        if keep_original:
+        if job.kept and not keep_original:
+            # Linked (or copied) in staging; only a folder the user emptied since needs it again.
+            if not os.path.lexists(original) and os.path.isfile(src):
+                link_or_copy(src, original)
+        elif keep_original:
             if src.exists() and not original.exists():
                 shutil.copy2(src, original)
         else:
@@ -151,7 +178,8 @@ class Publisher:
         self.ledger.finish(job.id, effective_mode=report["mode"]["effective"], fallbacks=report["mode"]["fallbacks"],
                            report_json=final / "report.json", report_html=final / "report.html",
                            grade=report["overall_grade"], adapter=report["model"]["adapter"],
-                           analysis_s=report["timings"].get("analysis_s", 0.0), output_dir=final)
+                           analysis_s=report["timings"].get("analysis_s", 0.0), output_dir=final,
+                           context_key=(report.get("context") or {}).get("key"))
         log.info("done: %s -> %s (grade %s)", job.rel_path, self.shown(final / "report.html"),
                  report["overall_grade"])
         self.index.refresh()
@@ -202,7 +230,7 @@ class Publisher:
             if error_file.exists():
                 record = json.loads(error_file.read_text(encoding="utf-8"))
                 if record.get("job_id") == job.id:
-                    if not keep_original:
+                    if not keep_original and not job.kept:
                         with contextlib.suppress(OutsideInbox):  # recorded as failed; the file stays put
                             self.move_with_sidecar(Path(job.source_path), out.parent, out)
                     self.ledger.fail(job.id, record["reason"], out, kind=record.get("kind", "permanent"))
@@ -226,7 +254,10 @@ class Publisher:
         self.ledger.reserve_output(job.id, dest)
         record = {"job_id": job.id, "file": src.name, "duplicate_of_job": first.id,
                   "report": os.path.relpath(first.report_html, dup_dir) if first.report_html else None,
-                  "reason": "the same photo was already analysed for this advisor and mode"}
+                  "reason": "the same photo was already analysed with the same advisor, mode, reference photos "
+                            "and adapter; add references or train an adapter, then drop it again for a new critique"}
+        if job.kept:
+            record["kept"] = "the photo was left where it is in the inbox (keep_originals)"
         atomic_write_text(Path(f"{dest}.duplicate.json"), json.dumps(record, indent=2, ensure_ascii=False))
         testhooks.crashpoint("dup_recorded")
         if self.move_duplicate(job, dest):
@@ -234,9 +265,11 @@ class Publisher:
                      self.shown(Path(first.report_html or "")))
 
     def move_duplicate(self, job: Job, dest: Path) -> bool:
-        """Move a recorded duplicate into duplicates/ and finish it; fail it instead if it left the inbox."""
+        """Move a recorded duplicate into duplicates/ (unless it is kept in the inbox) and finish it; fail it
+        instead if it left the inbox."""
         try:
-            self.move_with_sidecar(Path(job.source_path), dest.parent, dest)
+            if not job.kept:
+                self.move_with_sidecar(Path(job.source_path), dest.parent, dest)
         except OutsideInbox as exc:
             if not os.path.lexists(dest):  # else it was moved in before its folder became a link out
                 Path(f"{dest}.duplicate.json").unlink(missing_ok=True)
@@ -258,7 +291,7 @@ class Publisher:
         self.ledger.retry_later(job.id, reason, delay)
 
     def fail(self, job: Job, reason: str, kind: str = "permanent", keep_original: bool = False) -> None:
-        keep_original = keep_original or not job.owns_file
+        keep_original = keep_original or not job.owns_file or job.kept
         src = Path(job.source_path)
         failed = self.cfg.failed_dir
         dest: Path | None = None

@@ -259,6 +259,21 @@ def _references(report: dict) -> list[dict[str, Any]]:
     return out
 
 
+def _earlier(report: dict) -> list[dict[str, Any]]:
+    out = []
+    for e in report.get("earlier_reports") or []:
+        href = e.get("report") if isinstance(e, dict) else None
+        # Only a sibling report folder's page: `../<folder>/report.html`, percent-encoded like every other link.
+        parts = href.split("/") if isinstance(href, str) else []
+        if len(parts) != 3 or parts[0] != ".." or parts[2] != "report.html" or parts[1] in ("", ".", ".."):
+            continue
+        created_text, _ = _local_time(e.get("created_at", ""))
+        out.append({"href": "../" + quote(parts[1], safe="") + "/report.html", "job_id": e.get("job_id"),
+                    "advisor": str(e.get("advisor") or ""), "mode": MODE_LABELS.get(e.get("mode"), e.get("mode")),
+                    "adapter": e.get("adapter"), "grade": e.get("grade"), "created_text": created_text})
+    return out
+
+
 def render_report_html(report: dict, *, photo_href: str = "preview.jpg") -> str:
     """HTML for one report. `photo_href` is used as a URL as given (relative to report.html)."""
     dims = report["dimensions"]
@@ -306,6 +321,7 @@ def render_report_html(report: dict, *, photo_href: str = "preview.jpg") -> str:
             {**row, "comment": dims[row["name"]].get("comment", "")} for row in chart["rows"]
         ],
         "references": _references(report),
+        "earlier": _earlier(report),
         "timings": [
             {"label": _timing_label(k), "value": _fmt_seconds(v) if k.endswith("_s") else f"{v:g}"}
             for k, v in report.get("timings", {}).items() if _num(v) is not None
@@ -423,9 +439,26 @@ def now_iso(ts: float | None = None) -> str:
     return datetime.fromtimestamp(ts or time.time(), tz=timezone.utc).isoformat(timespec="seconds")
 
 
+def earlier_report_links(cfg: "Config", jobs: list["Job"]) -> list[dict[str, Any]]:
+    """report.json's `earlier_reports`: the reports of the same bytes made before, each as a link relative to a
+    report folder (all of them are folders of the outbox), with what tells them apart."""
+    links = []
+    for j in jobs:
+        folder = Path(j.output_dir or "")
+        if not j.output_dir or folder.parent != cfg.outbox:
+            continue
+        links.append({"job_id": j.id, "report": f"../{folder.name}/report.html", "advisor": j.advisor,
+                      "mode": j.effective_mode or "baseline", "adapter": j.adapter,
+                      "grade": j.grade if j.grade is not None else 0, "created_at": now_iso(j.finished_at)})
+    return links
+
+
 def assemble(runtime: Runtime, job: Job, src: Path, photo: LoadedImage, advisor: Advisor, requested: str,
               source: str, effective: str, fallbacks: list[dict[str, str]], result: Any,
-              timings: dict[str, float]) -> dict[str, Any]:
+              timings: dict[str, float], *, context: dict[str, Any] | None = None,
+              earlier: list[dict[str, Any]] | None = None, original: str | None = None) -> dict[str, Any]:
+    """`original`: how the original reaches the report folder (see report_schema.json); by default moved, or for
+    a job under keep_originals linked (the publisher says "copied" where a hard link cannot be made)."""
     rt = runtime
     model = {"id": rt.model_id, "adapter": result.adapter, "smoke": bool(rt.is_smoke)}
     if rt.is_smoke:
@@ -436,7 +469,7 @@ def assemble(runtime: Runtime, job: Job, src: Path, photo: LoadedImage, advisor:
         "job_id": job.id,
         "photo": {"file": original_name(src.name), "sha256": photo.sha256, "width": photo.width, "height": photo.height,
                   "analysed_width": photo.image.width, "analysed_height": photo.image.height,
-                  "format": photo.format},
+                  "format": photo.format, "original": original or ("linked" if job.kept else "moved")},
         "advisor": {"id": advisor.id, "name": advisor.name},
         "mode": {"requested": requested, "effective": effective, "source": source, "fallbacks": fallbacks},
         "model": model,
@@ -446,6 +479,10 @@ def assemble(runtime: Runtime, job: Job, src: Path, photo: LoadedImage, advisor:
         "timings": {k: round(float(v), 4) for k, v in timings.items()},
         "created_at": now_iso(),
     }
+    if context is not None:
+        report["context"] = context
+    if earlier:
+        report["earlier_reports"] = earlier
     report.update(result.extras)
     report.update(contract_fields(report))
     return report

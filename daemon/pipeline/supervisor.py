@@ -22,7 +22,7 @@ from ..analysis.advisors import load_advisors
 from ..config import Config
 from ..errors import EX_CONFIG, EX_TEMPFAIL
 from ..fsutil import LockHeld, NotOwn, hold_lock, lock_folder
-from ..intake.inbox import classify
+from ..intake.inbox import SIDECAR_SUFFIX, SidecarError, classify, read_sidecar, sidecar_for
 from ..ledger import FAULT_NOTE, Ledger, LedgerUnavailable
 from .worker import Worker
 
@@ -98,6 +98,7 @@ class Daemon:
         self.watcher = InboxWatcher(cfg.inbox, self._enqueue, cfg.quiet_seconds, is_known=self.ledger.is_active,
                                     on_unreachable=self._unreachable)
         self._skipped: dict[Path, tuple[int, float, float]] = {}  # said once in the log, per path and version
+        self._listings: dict[Path, tuple[int, set[str]]] = {}  # folder -> (its mtime, sidecar names): _may_have_sidecar
         from ..references.watcher import ReferenceWatcher
 
         self.references = ReferenceWatcher(cfg, self.ledger)  # advisors/*/references, indexed between jobs
@@ -110,9 +111,11 @@ class Daemon:
             st = os.lstat(path)
         except OSError:
             return
+        if self._kept_and_done(path, st):
+            return
         try:
             job = self.ledger.enqueue(path, intake.rel_path, intake.advisor, intake.advisor_source,
-                                      st.st_size, st.st_mtime, st.st_ctime)
+                                      st.st_size, st.st_mtime, st.st_ctime, kept=self.cfg.keep_originals)
         except LedgerUnavailable:
             return  # stopping: the photo stays in the inbox and the next start's rescan queues it
         if job is not None:
@@ -127,6 +130,41 @@ class Daemon:
             log.warning("left in the inbox: %s failed (job %d: %s) and has not changed since; it is not queued "
                         "again. Fix it and drop it in again, or run `mondrian retry --failed`",
                         intake.rel_path, failed.id, failed.error)
+
+    def _kept_and_done(self, path: Path, st: os.stat_result) -> bool:
+        """A photo left in the inbox under keep_originals and analysed as it is now: every rescan and restart finds
+        it again, and it is done. Its sidecar asking for another mode since makes it new work (it cannot be dropped
+        in again: it never left); so does editing it (another size or mtime)."""
+        try:
+            done = self.ledger.kept_in_place(path, st.st_size, st.st_mtime)
+        except (LedgerUnavailable, OSError):
+            return False  # the enqueue that follows meets the same fault and deals with it
+        if done is None:
+            return False
+        if not self._may_have_sidecar(path):
+            return True
+        sidecar = sidecar_for(path)
+        if sidecar is None:
+            return True
+        try:
+            return read_sidecar(sidecar) == done.requested_mode
+        except SidecarError:
+            return False  # new work, which fails saying why (and is then left alone until something changes)
+
+    def _may_have_sidecar(self, path: Path) -> bool:
+        """Whether the photo's folder holds any name like its sidecar, from a listing kept per folder until the
+        folder changes: a rescan of thousands of kept photos must not list their folder once per photo."""
+        folder = path.parent
+        try:
+            stamp = os.stat(folder).st_mtime_ns
+            cached = self._listings.get(folder)
+            if cached is None or cached[0] != stamp:
+                cached = (stamp, {n.lower() for n in os.listdir(folder) if n.lower().endswith(SIDECAR_SUFFIX)})
+                if time.time_ns() - stamp > 2_000_000_000:  # a coarse mtime (1 s) may not show a change made now
+                    self._listings[folder] = cached
+        except OSError:
+            return True
+        return (path.stem + SIDECAR_SUFFIX).lower() in cached[1]
 
     def _unreachable(self, path: Path, reason: str) -> None:
         intake = classify(path, self.cfg.inbox, self._advisors, self.cfg.default_advisor)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from .. import testhooks
-from ..analysis import AnalysisContext, AnalysisResult, Strategy, build_strategies, resolve
+from ..analysis import AnalysisContext, AnalysisResult, Strategy, build_strategies, context_key, resolve
 from ..analysis.advisors import Advisor, UnknownAdvisor, get_advisor
 from ..config import Config
 from ..errors import Cancelled, Permanent, TimedOut, Transient, is_permanent
@@ -28,7 +28,7 @@ from ..intake.inbox import SidecarError, read_sidecar, sidecar_for
 from ..ledger import DONE, FAILED, Job, Ledger, LedgerUnavailable
 from .isolation import check_alone
 from .publish import OUTSIDE_INBOX, Publisher
-from .report import SMOKE_NOTICE, OutboxIndex, assemble
+from .report import SMOKE_NOTICE, OutboxIndex, assemble, earlier_report_links
 
 if TYPE_CHECKING:
     from ..model.protocol import Runtime
@@ -183,7 +183,7 @@ class Worker:
             return
         if not keep_original and self._link_within_inbox(job, src):
             return
-        why = None if keep_original else self._cannot_take(src)
+        why = None if keep_original else self._cannot_take(src, moves=not job.kept)
         if why:
             # Analysed now, it could never be moved out of the inbox, so it would be analysed again and again.
             self.out.fail(job, why, keep_original=True)
@@ -203,7 +203,12 @@ class Worker:
             self.out.fail(job, str(exc), keep_original=keep_original)
             return
         self.ledger.set_hash(job.id, photo.sha256)
-        first = self.ledger.find_done(photo.sha256, advisor.id, requested, exclude=job.id)
+        # The mode this photo would get now, and the version of what that mode reads, without the model: a report
+        # made with the same of both (and the same bytes and advisor) is this photo's critique already.
+        planned, _ = resolve(requested, advisor, self.strategies)
+        inputs = planned.inputs(advisor)
+        key = context_key(photo.sha256, advisor.id, planned.name, inputs, self.cfg.model)
+        first = self.ledger.find_done(key, exclude=job.id)
         if first is not None and not keep_original:
             self.out.duplicate(job, first, src)
             return
@@ -225,8 +230,20 @@ class Worker:
                                 delay_s=self.cfg.quiet_seconds, undo_attempt=True)
             log.info("changed during analysis, queued again: %s", job.rel_path)
             return
+        # What the analysis actually used (resolved again once the model was loaded, e.g. an adapter found to be for
+        # another base model; the index may have changed meanwhile): the key the report is kept under. If a report
+        # with that key exists, this is its duplicate after all: never two reports of one key.
+        inputs = result.inputs if result.inputs is not None else strategy.inputs(advisor)
+        context = {"key": context_key(photo.sha256, advisor.id, strategy.name, inputs, self.cfg.model),
+                   "inputs": inputs}
+        first = None if context["key"] == key else self.ledger.find_done(context["key"], exclude=job.id)
+        if first is not None and not keep_original:
+            self.out.duplicate(job, first, src)
+            return
+        earlier = earlier_report_links(self.cfg, self.ledger.earlier_reports(photo.sha256, exclude=job.id))
         report = assemble(self.runtime, job, src, photo, advisor, requested, source, strategy.name, fallbacks, result,
-                                {"decode_s": decode_s, "analysis_s": analysis_s, **result.timings})
+                          {"decode_s": decode_s, "analysis_s": analysis_s, **result.timings},
+                          context=context, earlier=earlier, original="copied" if keep_original else None)
         self.out.publish(job, src, photo, report, result.files, keep_original)
 
     def _analyse(self, job: Job, src: Path, photo: LoadedImage, advisor: Advisor,
@@ -292,12 +309,12 @@ class Worker:
         log.info("%s is a link to %s: not analysed itself; the link was removed", job.rel_path, shown)
         return True
 
-    def _cannot_take(self, src: Path) -> str | None:
-        """Why the original could not be read, or moved out of its folder once its report is written (folder
-        permissions), in words that say what to do; None if it can."""
+    def _cannot_take(self, src: Path, moves: bool = True) -> str | None:
+        """Why the original could not be read, or (`moves`: it leaves the inbox, keep_originals is off) moved out of
+        its folder once its report is written (folder permissions), in words that say what to do; None if it can."""
         folder = src.parent
         shown = Path(self.cfg.inbox.name, os.path.relpath(folder, self.cfg.inbox)).as_posix().removesuffix("/.")
-        if not os.access(folder, os.W_OK | os.X_OK):
+        if moves and not os.access(folder, os.W_OK | os.X_OK):
             return (f"Mondrian cannot move this photo out of {shown}/ (no write permission on that folder), so it "
                     f"was left where it is and not analysed: make the folder writable (chmod u+w) and run "
                     f"`mondrian retry --failed`")
