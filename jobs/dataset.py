@@ -184,6 +184,18 @@ def training_references(refs: list[Reference], use_model_scores: bool = False) -
     return [r for r in refs if r.source == "human"], [r for r in refs if r.source != "human"]
 
 
+def select_targets(refs: list[Reference], advisor_id: str, use_model_scores: bool = False) -> tuple[list[Reference], list[Reference]]:
+    """`training_references`, refusing (with what to do) when too few curator-scored references are left."""
+    usable, left_out = training_references(refs, use_model_scores)
+    if left_out and len(usable) < MIN_REFERENCES:
+        raise DatasetError(
+            f"{len(usable)} of {advisor_id}'s {len(refs)} references have curator scores (a sidecar "
+            f"`<photo>.json`); training needs at least {MIN_REFERENCES}. The other {len(left_out)} were scored "
+            f"by the model itself, and an adapter trained on them learns the model's own opinion: add sidecars, "
+            f"or train on them anyway with `mondrian train --use-model-scores` ([lora] use_model_scores = true)")
+    return usable, left_out
+
+
 def sources(refs: Iterable[Reference]) -> dict[str, int]:
     """How many references had curator scores (human) and how many were scored by the model."""
     out = {"curator": 0, "model": 0}

@@ -213,13 +213,7 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
     store = AdapterStore(cfg.adapters_dir, keep=settings.keep_versions)
     send(event="phase", phase="dataset", pid=os.getpid())
     refs = ds.collect_references(cfg, advisor_id)
-    usable, left_out = ds.training_references(refs, settings.use_model_scores)
-    if left_out and len(usable) < ds.MIN_REFERENCES:
-        raise ds.DatasetError(
-            f"{len(usable)} of {advisor_id}'s {len(refs)} references have curator scores (a sidecar "
-            f"`<photo>.json`); training needs at least {ds.MIN_REFERENCES}. The other {len(left_out)} were scored "
-            f"by the model itself, and an adapter trained on them learns the model's own opinion: add sidecars, "
-            f"or train on them anyway with `mondrian train --use-model-scores` ([lora] use_model_scores = true)")
+    usable, left_out = ds.select_targets(refs, advisor_id, settings.use_model_scores)
     data_dir = cfg.var_dir / "datasets" / advisor_id / staging.name.lstrip(".")
     built = ds.build_dataset(cfg, advisor, usable, data_dir,
                              ds.DatasetSettings(variants=settings.variants, holdout_fraction=settings.holdout_fraction,

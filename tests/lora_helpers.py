@@ -91,7 +91,8 @@ def random_adapter(folder: Path, model: Any, *, rank: int = 8, scale: float = 2.
 
 def install_version(cfg: Any, advisor: str, adapter_src: Path | None = None, *, fingerprint: str = "fp",
                     promoted: bool = True, base_fingerprint: str | None = None, model_path: Path | None = None,
-                    mae: float = 1.0) -> Any:
+                    mae: float = 1.0, references: list[dict[str, Any]] | None = None,
+                    splits: dict[str, list[str]] | None = None) -> Any:
     """Commit a version folder the way training does (copying an adapter, or placeholder weights)."""
     from daemon.model.adapter_store import AdapterStore, atomic_write_json, base_model_fingerprint
 
@@ -105,9 +106,12 @@ def install_version(cfg: Any, advisor: str, adapter_src: Path | None = None, *, 
             {"fine_tune_type": "lora", "lora_parameters": {"rank": 8, "scale": 2.0, "keys": ["x"]}}))
         (staging / "adapters.safetensors").write_bytes(os.urandom(4096))
     base_fp = base_fingerprint or (base_model_fingerprint(model_path) if model_path else None)
-    atomic_write_json(staging / "manifest.json", {"advisor": advisor, "fingerprint": fingerprint,
-                                                  "created_at": time.time(), "references": [], "held_out": [],
-                                                  "base_model": {"fingerprint": base_fp, "spec": "test"}})
+    manifest = {"advisor": advisor, "fingerprint": fingerprint, "created_at": time.time(),
+                "references": references or [], "held_out": (splits or {}).get("test", []),
+                "base_model": {"fingerprint": base_fp, "spec": "test"}}
+    if splits is not None:
+        manifest["splits"] = splits
+    atomic_write_json(staging / "manifest.json", manifest)
     atomic_write_json(staging / "metrics.json", {"evaluation": {
         "candidate": {"label": "candidate", "mae_mean": mae, "n": 2, "valid": 2, "smoke_ok": True},
         "baseline": {"label": "base", "mae_mean": 2.0, "n": 2, "valid": 2}}})
