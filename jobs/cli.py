@@ -29,7 +29,7 @@ def _duration(seconds: float | None) -> str:
 
 class TrainingProgress:
     """Training events on the command line's one progress bar: phases as lines, steps as the bar (with the loss
-    and the best held-out loss), log records above it."""
+    and the best validation loss), log records above it."""
 
     def __init__(self) -> None:
         self._logs = logging_redirect_tqdm()
@@ -69,7 +69,7 @@ class TrainingProgress:
         val = event.get("best_val_loss", event.get("val_loss"))
         parts = [f"loss {loss:.3f}"] if isinstance(loss, (int, float)) else []
         if isinstance(val, (int, float)):
-            parts.append(f"held-out best {val:.3f}")
+            parts.append(f"validation best {val:.3f}")
         self.bar.set_postfix_str(", ".join(parts), refresh=False)
         self.bar.update(step - self.bar.n)
 

@@ -62,7 +62,7 @@ class TrainSettings:
     min_iters: int = 60
     max_iters: int = 1500
     batch_size: int = 1
-    eval_every: int = 0  # 0: about ten held-out evaluations per run
+    eval_every: int = 0  # 0: about ten validation evaluations per run
     patience: int = 3  # evaluations without improvement before stopping early
     variants: int = 4  # augmented copies per training reference
     augment: bool = True

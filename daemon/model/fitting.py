@@ -1,7 +1,7 @@
 """Fit a LoRA adapter on the loaded base model with mlx-vlm's trainer (the training child calls this).
 
 LoRA is attached to the language model (rank 8, alpha 16 by default), trained on completion tokens only,
-held-out loss is evaluated every few steps, and training stops early when it stops improving; the model
+validation loss is evaluated every few steps, and training stops early when it stops improving; the model
 is left holding the best weights seen, in eval mode, so the caller can evaluate it in place. Progress is
 reported through a callback (the trainer's own prints go to stderr, never to stdout).
 
@@ -34,7 +34,7 @@ class FitSettings:
     dropout: float = 0.0
     learning_rate: float = 1e-4
     batch_size: int = 1
-    eval_every: int = 0  # 0: about ten held-out evaluations per run
+    eval_every: int = 0  # 0: about ten validation evaluations per run
     patience: int = 3  # evaluations without improvement before stopping early
     max_seq_length: int = 8192
     seed: int = 0
