@@ -72,10 +72,12 @@ def due_advisors(cfg: Config, ledger: Any, store: Any | None = None) -> list[Due
     from daemon.analysis.advisors import load_advisors
     from daemon.model.adapter_store import AdapterStore
 
-    from .dataset import MIN_REFERENCES, DatasetError, collect_references, fingerprint
+    from .dataset import MIN_REFERENCES, DatasetError, collect_references, fingerprint, training_references
+    from .train import TrainSettings
 
     store = store or AdapterStore(cfg.adapters_dir)
     base = configured_base(cfg)
+    use_model_scores = TrainSettings.from_config(cfg).use_model_scores
     out = []
     for advisor_id in sorted(load_advisors(cfg)):
         try:
@@ -83,8 +85,9 @@ def due_advisors(cfg: Config, ledger: Any, store: Any | None = None) -> list[Due
         except DatasetError as exc:
             log.info("nightly: %s skipped (%s)", advisor_id, exc)
             continue
-        if len(refs) < MIN_REFERENCES:
-            continue
+        usable, _ = training_references(refs, use_model_scores)
+        if len(usable) < MIN_REFERENCES:
+            continue  # too few curator-scored references: training would refuse (mondrian train says why)
         fp = fingerprint(refs)
         current, latest = store.current(advisor_id), store.latest(advisor_id)
         if current is not None and current.fingerprint == fp and _same_base(current, base):

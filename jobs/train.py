@@ -261,7 +261,8 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
         "intervals": bootstrap(cand, base)}, "seconds": round(time.time() - started, 2)}
     member = {sha: name for name, shas in splits.record().items() for sha in shas}
     manifest = {
-        "advisor": advisor_id, "created_at": time.time(), "fingerprint": built.fingerprint,
+        # Of every reference, model-scored ones included: what the nightly check compares (jobs.nightly)
+        "advisor": advisor_id, "created_at": time.time(), "fingerprint": ds.fingerprint(refs),
         "references": [{"sha256": r.sha256, "path": r.path, "source": r.source, "scores": r.scores,
                         "split": member.get(r.sha256, "left out: model-scored"),
                         "held_out": member.get(r.sha256) == "test"} for r in refs],
