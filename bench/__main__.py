@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", choices=SIZES, default="smoke",
                    help="smoke: the tiny offline model (seconds); real: also random weights with the real "
                         "Qwen2-VL-2B shapes (minutes, ~9 GB RAM)")
-    args = p.parse_args(argv)
+    args, extra = p.parse_known_args(argv)  # what is left goes to benchmarks that take flags (ACCEPTS_ARGS)
     unknown = [n for n in args.names if n not in names]
     if unknown:
         p.error(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(names)}")
@@ -45,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
         note(f"bench {name} --size {args.size}")
         started = time.perf_counter()
         before = emitted()
-        result = importlib.import_module(f"bench.{name}").run(args.size) or {}
+        module = importlib.import_module(f"bench.{name}")
+        takes = getattr(module, "ACCEPTS_ARGS", False)
+        if extra and not takes:
+            p.error(f"bench {name} takes no options ({' '.join(extra)})")
+        result = (module.run(args.size, extra) if takes else module.run(args.size)) or {}
         printed = emitted() - before
         for key, value in result.items():
             if key not in printed:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from datetime import datetime
 from typing import Any
 
@@ -28,7 +29,7 @@ def _duration(seconds: float | None) -> str:
 
 class TrainingProgress:
     """Training events on the command line's one progress bar: phases as lines, steps as the bar (with the loss
-    and the best held-out loss), log records above it."""
+    and the best validation loss), log records above it."""
 
     def __init__(self) -> None:
         self._logs = logging_redirect_tqdm()
@@ -48,7 +49,13 @@ class TrainingProgress:
             self.close()
             extra = ""
             if event.get("phase") == "loading":
-                extra = f" ({event.get('train_rows')} training rows, {event.get('held_out')} held-out photos)"
+                extra = (f" ({event.get('train_rows')} training rows, {event.get('validation')} validation and "
+                         f"{event.get('held_out')} test photos; {event.get('curator')} references with curator "
+                         f"scores, {event.get('model_scored')} model-scored left out)")
+            elif event.get("phase") == "samples checked":
+                extra = (f": every sample carries its image ({event.get('train_image_tokens_min')}-"
+                         f"{event.get('train_image_tokens_max')} image tokens, at most "
+                         f"{event.get('train_tokens_max')} tokens)")
             elif event.get("reason"):
                 extra = f": {event['reason']}"
             say(f"· {event.get('phase')}{extra}")
@@ -67,7 +74,7 @@ class TrainingProgress:
         val = event.get("best_val_loss", event.get("val_loss"))
         parts = [f"loss {loss:.3f}"] if isinstance(loss, (int, float)) else []
         if isinstance(val, (int, float)):
-            parts.append(f"held-out best {val:.3f}")
+            parts.append(f"validation best {val:.3f}")
         self.bar.set_postfix_str(", ".join(parts), refresh=False)
         self.bar.update(step - self.bar.n)
 
@@ -80,6 +87,7 @@ class TrainingProgress:
 # -- train ----------------------------------------------------------------------------------------
 def cmd_train(args: argparse.Namespace) -> int:
     from daemon.ledger import Ledger
+    from daemon.model.adapter_store import AdapterStore
 
     from .evaluate import table
     from .nightly import ProgressRecorder
@@ -93,6 +101,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {}
     if args.iters:
         overrides["iters"] = args.iters
+    if args.use_model_scores:
+        overrides["use_model_scores"] = True
     print(f"Training {advisor.name}'s adapter on model {cfg.model}…", file=sys.stderr)
     with TrainingProgress() as bar:
         def progress(event: dict[str, Any]) -> None:
@@ -100,28 +110,62 @@ def cmd_train(args: argparse.Namespace) -> int:
             recorder(event)
 
         outcome = run_training(cfg, advisor.id, on_progress=progress, settings=overrides,
-                               promote=not args.no_promote, wait_for_lock=False)
+                               promote="never" if args.no_promote else "always" if args.promote_anyway else "gate",
+                               wait_for_lock=False)
     recorder.finish(outcome)
     if not outcome.ok:
         print(f"Training failed: {outcome.reason}", file=sys.stderr)
         return 1
     ev = outcome.metrics.get("evaluation", {})
     if ev.get("candidate") and ev.get("baseline"):
+        print(f"On the test split ({ev.get('held_out')} photos never seen by training):")
         print(table(ev["candidate"], ev["baseline"]))
+    version = AdapterStore(cfg.adapters_dir).version(advisor.id, outcome.version)
+    print(sources_line(version.manifest))
     verdict = "promoted: now current" if outcome.promoted else "not promoted"
     print(f"{advisor.id}/{outcome.version} {verdict} — {outcome.reason} ({_duration(outcome.seconds)})")
     return 0 if outcome.promoted else EX_REFUSED
 
 
 # -- adapters -------------------------------------------------------------------------------------
+def curator_counts(manifest: dict[str, Any]) -> dict[str, Any]:
+    """Which of a version's references had curator scores, and whether model-scored ones were trained on."""
+    refs = manifest.get("references", [])
+    curator = [r for r in refs if r.get("source") == "human"]
+    return {"curator": len(curator), "model": len(refs) - len(curator),
+            "used_model_scores": bool((manifest.get("sources") or {}).get("used_model_scores")),
+            "curator_scored": [Path(str(r.get("path", ""))).name for r in curator],
+            "model_scored": [Path(str(r.get("path", ""))).name for r in refs if r.get("source") != "human"]}
+
+
+def sources_line(manifest: dict[str, Any]) -> str:
+    c = curator_counts(manifest)
+    if not c["model"]:
+        return f"Targets: all {c['curator']} references had curator scores."
+    how = "trained on anyway (--use-model-scores)" if c["used_model_scores"] else "left out of training"
+    return (f"Targets: {c['curator']} references had curator scores; {c['model']} were scored by the model and "
+            f"{how}: {', '.join(c['model_scored'][:5])}{' …' if c['model'] > 5 else ''}")
+
+
 def _version_row(v: Any, current: str | None) -> dict[str, Any]:
     ev = v.metrics.get("evaluation", {})
     cand, base = ev.get("candidate", {}), ev.get("baseline", {})
+    splits = v.manifest.get("splits") or {}
+    counts = curator_counts(v.manifest)
+    ci = ev.get("intervals") or {}
     return {"advisor": v.advisor, "version": v.name, "current": v.name == current,
             "created_at": v.manifest.get("created_at"), "references": len(v.manifest.get("references", [])),
+            "curator_scored": counts["curator"], "model_scored": counts["model"],
+            "used_model_scores": counts["used_model_scores"],
+            "train": len(splits.get("train", [])), "validation": len(splits.get("validation", [])),
+            "test": len(splits.get("test", v.manifest.get("held_out", []))),
             "held_out": len(v.manifest.get("held_out", [])), "mae": cand.get("mae_mean"),
+            "mae_ci": (ci.get("mae") or {}).get("candidate"), "spearman": cand.get("spearman_mean"),
+            "spearman_ci": (ci.get("spearman") or {}).get("candidate"),
             "baseline": base.get("label"), "baseline_mae": base.get("mae_mean"),
+            "baseline_spearman": base.get("spearman_mean"),
             "valid": f"{cand.get('valid', '?')}/{cand.get('n', '?')}", "promoted": v.promoted,
+            "promotion": (v.manifest.get("promotion") or {}).get("mode", "gate"), "forced": bool(v.decision.get("forced")),
             "rolled_back": v.rolled_back, "reason": v.decision.get("reason"), "path": str(v.path)}
 
 
@@ -142,18 +186,27 @@ def cmd_adapters(args: argparse.Namespace) -> int:
         who = f"{args.advisor}" if args.advisor else "any advisor"
         print(f"No adapters for {who} yet. Train one with `mondrian train --advisor ID`.")
         return 0
-    print(f"{'':2}{'advisor':<12} {'version':<8} {'created':<16} {'refs':>5} {'MAE':>6} {'vs':>14} "
-          f"{'valid':>6}  status")
+    def num(v: Any) -> str:
+        return f"{v:.2f}" if isinstance(v, (int, float)) else "–"
+
+    def ci(v: Any) -> str:
+        return f"[{v[0]:.2f},{v[1]:.2f}]" if v else ""
+
+    print(f"{'':2}{'advisor':<12} {'version':<8} {'created':<16} {'curator':>9} {'test':>4} {'MAE [95% CI]':>18} "
+          f"{'ρ [95% CI]':>19} {'vs':>18} {'valid':>6}  status")
     for r in rows:
         created = datetime.fromtimestamp(r["created_at"]).strftime("%Y-%m-%d %H:%M") if r["created_at"] else "?"
-        mae = f"{r['mae']:.2f}" if isinstance(r["mae"], (int, float)) else "–"
-        vs = (f"{r['baseline']} {r['baseline_mae']:.2f}" if isinstance(r["baseline_mae"], (int, float))
-              else (r["baseline"] or "–"))
-        status = ("rolled back" if r["rolled_back"] else "promoted" if r["promoted"] else
-                  f"refused: {r['reason']}")
-        print(f"{'*' if r['current'] else ' '} {r['advisor']:<12} {r['version']:<8} {created:<16} "
-              f"{r['references']:>5} {mae:>6} {vs:>14} {r['valid']:>6}  {status}")
-    print("(* = current; MAE = mean absolute error of the expected scores on held-out references)")
+        vs = (f"{r['baseline']} {num(r['baseline_mae'])}/{num(r['baseline_spearman'])}"
+              if isinstance(r["baseline_mae"], (int, float)) else (r["baseline"] or "–"))
+        status = ("rolled back" if r["rolled_back"] else
+                  ("promoted anyway" if r["forced"] else "promoted") if r["promoted"] else f"refused: {r['reason']}")
+        curator = f"{r['curator_scored']}/{r['references']}" + ("*" if r["used_model_scores"] else "")
+        print(f"{'*' if r['current'] else ' '} {r['advisor']:<12} {r['version']:<8} {created:<16} {curator:>9} "
+              f"{r['test']:>4} {num(r['mae']) + ' ' + ci(r['mae_ci']):>18} "
+              f"{num(r['spearman']) + ' ' + ci(r['spearman_ci']):>19} {vs:>18} {r['valid']:>6}  {status}")
+    print("(* = current; curator = references with curator scores / all (a trailing * means model-scored ones "
+          "were trained on too); MAE and ρ (mean Spearman) of the expected scores on the test split, never seen "
+          "by training, with 95 % bootstrap intervals; vs = the model it was compared with, MAE/ρ)")
     return 0
 
 
@@ -176,50 +229,136 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fuse(args: argparse.Namespace) -> int:
+    """Merge a version's adapter into the base weights; keep the folder only if it scores like base + adapter."""
+    from daemon.analysis.critique import critique_schema
+    from daemon.analysis.prompts import critique_prompt
+    from daemon.intake.images import load_photo
+    from daemon.ledger import Ledger
+    from daemon.model.adapter_store import AdapterStore, AdapterStoreError, base_model_fingerprint
+    from daemon.model.fuse import FuseError, fuse_adapter
+    from daemon.model.runtime import ModelNotFoundError, resolve_model_path
+    from PIL import Image
+
+    from .dataset import collect_references
+
+    cfg = config_from(args)
+    advisor = _advisor(cfg, args.advisor)
+    store = AdapterStore(cfg.adapters_dir)
+    try:
+        version = store.version(advisor.id, args.version) if args.version else store.current(advisor.id)
+        if version is None:
+            raise AdapterStoreError(f"{advisor.id} has no current adapter; name one with --version "
+                                    f"(`mondrian adapters --advisor {advisor.id}` lists them)")
+        base = resolve_model_path(cfg.model, cfg.var_dir)
+    except (AdapterStoreError, ModelNotFoundError) as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    trained_on = (version.manifest.get("base_model") or {}).get("fingerprint")
+    if trained_on and trained_on != base_model_fingerprint(base):
+        print(f"{version.label} was trained for base model {(version.manifest.get('base_model') or {}).get('spec')}, "
+              f"not the configured {cfg.model}: fuse it with `--model` set to that base", file=sys.stderr)
+        return 1
+    dest = Path(args.out).expanduser() if args.out else cfg.var_dir / "models" / f"fused-{advisor.id}-{version.name}"
+    # Check on the version's own test photos (up to 3); a grey gradient when none is indexed any more.
+    recorded = set((version.manifest.get("splits") or {}).get("test") or version.manifest.get("held_out") or [])
+    refs = [r for r in collect_references(cfg, advisor.id, Ledger(cfg.db_path)) if r.sha256 in recorded][:3]
+    probes = [load_photo(Path(r.path), cfg.max_pixels).image for r in refs] or \
+        [Image.linear_gradient("L").convert("RGB").resize((112, 112))]
+    print(f"Fusing {version.label} into the base weights of {cfg.model}…", file=sys.stderr)
+    try:
+        result = fuse_adapter(base, version.path, dest, probes=probes, prompt=critique_prompt(advisor),
+                              schema=critique_schema(cfg.comment_max_chars), max_tokens=cfg.max_tokens,
+                              max_pixels=cfg.max_pixels,
+                              provenance={"advisor": advisor.id, "version": version.name, "base_model": cfg.model})
+    except FuseError as exc:
+        print(f"Fusing {version.label} failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"{version.label} fused into {result.path}")
+    print(f"Checked on {result.photos} photo(s): the same reports and expected scores as base + adapter (largest "
+          f"score difference {result.max_score_difference:.4f})" +
+          ("" if result.differs_from_base else "; note: on these photos the adapter changes nothing"))
+    print(f"Use it with `mlx_vlm.load({str(result.path)!r})`, or as the model: MONDRIAN_MODEL={result.path}")
+    return 0
+
+
 # -- evaluate -------------------------------------------------------------------------------------
 def _resolve(store: Any, advisor: str, which: str | None):
     if which in (None, "current"):
         v = store.current(advisor)
         if v is None:
             raise SystemExit(f"{advisor} has no current adapter; train one with `mondrian train --advisor {advisor}`")
-        return v.path, v.name
+        return v.path, v.name, v
     if which == "base":
-        return None, "base"
+        return None, "base", None
     v = store.version(advisor, which)
-    return v.path, v.name
+    return v.path, v.name, v
+
+
+def recorded_test_set(cfg: Any, version: Any, refs: list[Any]) -> tuple[list[Any], str]:
+    """The test references `version` recorded in its manifest (as they are indexed now), and a line saying so.
+    A version that recorded none is evaluated on the hash split of today's curator-scored references, with the
+    [lora] fractions of mondrian.toml."""
+    from .dataset import split, training_references
+    from .train import TrainSettings
+
+    recorded = (version.manifest.get("splits") or {}).get("test") or version.manifest.get("held_out") or []
+    if recorded:
+        by_sha = {r.sha256: r for r in refs}
+        test = [by_sha[s] for s in recorded if s in by_sha]
+        gone = len(recorded) - len(test)
+        note = f"the {len(recorded)} test photos recorded in {version.name}'s manifest"
+        if gone:
+            note += f" ({gone} no longer indexed, left out)"
+        return test, note
+    settings = TrainSettings.from_config(cfg)
+    usable, _ = training_references(refs, settings.use_model_scores)
+    test = split(usable, settings.holdout_fraction, settings.validation_fraction).test
+    return test, (f"{len(test)} test photos: {version.name} recorded no test split, so today's references are "
+                  f"split by content hash (holdout_fraction {settings.holdout_fraction:g})")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from daemon.config import ConfigError
     from daemon.ledger import Ledger
     from daemon.model.adapter_store import AdapterStore, AdapterStoreError
     from daemon.model.runtime import ModelRuntime
     from daemon.analysis.prompts import critique_prompt
 
-    from .dataset import DatasetError, collect_references, split
-    from .evaluate import evaluate, table
+    from .dataset import DatasetError, collect_references
+    from .evaluate import bootstrap, evaluate, table
 
     cfg = config_from(args)
     advisor = _advisor(cfg, args.advisor)
     store = AdapterStore(cfg.adapters_dir)
     try:
-        cand_path, cand_label = _resolve(store, advisor.id, args.version)
-        base_path, base_label = _resolve(store, advisor.id, args.against)
+        cand_path, cand_label, version = _resolve(store, advisor.id, args.version)
+        base_path, base_label, _ = _resolve(store, advisor.id, args.against)
         refs = collect_references(cfg, advisor.id, Ledger(cfg.db_path))
-        _, held = split(refs)
+        if version is None:
+            raise DatasetError("--version names the adapter to evaluate (base is what it is compared with)")
+        held, where = recorded_test_set(cfg, version, refs)
     except (AdapterStoreError, DatasetError) as exc:
         print(str(exc), file=sys.stderr)
         return 1
-    print(f"Evaluating {advisor.id}: {cand_label} against {base_label} on {len(held)} held-out reference(s)…",
-          file=sys.stderr)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 78
+    if not held:
+        print(f"{advisor.id}: none of {where} is indexed any more; nothing to evaluate on", file=sys.stderr)
+        return 1
+    print(f"Evaluating {advisor.id}: {cand_label} against {base_label} on {where}…", file=sys.stderr)
     rt = ModelRuntime.load(cfg.model, var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
     kw = dict(comment_max_chars=cfg.comment_max_chars, max_tokens=cfg.max_tokens, max_pixels=cfg.max_pixels)
     prompt = critique_prompt(advisor)
     a = evaluate(rt, held, prompt, adapter=cand_path, label=cand_label, **kw).to_dict()
     b = evaluate(rt, held, prompt, adapter=base_path, label=base_label, **kw).to_dict()
     if args.json:
-        print(json.dumps({"candidate": a, "baseline": b}, indent=2, default=str))
+        print(json.dumps({"candidate": a, "baseline": b, "test_set": where, "intervals": bootstrap(a, b)},
+                         indent=2, default=str))
     else:
         print(table(a, b))
+        print(sources_line(version.manifest))
     return 0
 
 
@@ -229,7 +368,13 @@ def register(sub: Any) -> None:
     tr.add_argument("--advisor", required=True)
     tr.add_argument("--model", help="base model: 'smoke', a local folder or a hub id")
     tr.add_argument("--iters", type=int, help="training steps (default: from the portfolio size)")
-    tr.add_argument("--no-promote", action="store_true", help="evaluate and keep the candidate, but do not promote it")
+    how = tr.add_mutually_exclusive_group()
+    how.add_argument("--no-promote", action="store_true", help="evaluate and keep the candidate, but do not promote it")
+    how.add_argument("--promote-anyway", action="store_true",
+                     help="promote the candidate whatever the gate says (recorded in its manifest); for the smoke "
+                          "model's demo, whose random weights cannot pass the gate")
+    tr.add_argument("--use-model-scores", action="store_true",
+                    help="also train on references without curator scores, on the model's own scores (circular)")
     tr.set_defaults(func=cmd_train)
 
     ad = sub.add_parser("adapters", help="list adapter versions with their metrics; `adapters rollback` goes back one")
@@ -240,6 +385,13 @@ def register(sub: Any) -> None:
     rb = adsub.add_parser("rollback", help="make the previous promoted version current again")
     rb.add_argument("--advisor", required=True)
     rb.set_defaults(func=cmd_rollback)
+    fu = adsub.add_parser("fuse", help="merge an adapter into the base weights: a model folder mlx_vlm.load reads, "
+                                       "checked to score like base + adapter")
+    fu.add_argument("--advisor", required=True)
+    fu.add_argument("--version", help="adapter version (default: current)")
+    fu.add_argument("--out", help="folder to create (default: var/models/fused-<advisor>-<version>)")
+    fu.add_argument("--model", help="base model: 'smoke', a local folder or a hub id")
+    fu.set_defaults(func=cmd_fuse)
 
     ev = sub.add_parser("evaluate", help="per-dimension MAE and Spearman of an adapter vs another (or the base)")
     ev.add_argument("--advisor", required=True)

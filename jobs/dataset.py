@@ -6,12 +6,18 @@ model-derived profile. Each reference becomes a row whose user turn is exactly w
 sends at inference (same prompt, same pixel cap) and whose assistant turn is the report JSON in the
 layout the schema-constrained decoder produces, so the model learns the very tokens it will emit.
 
+Only references the curator scored (a sidecar) become training targets: a reference the model scored
+itself would teach the adapter the base model's own opinion. `use_model_scores` (a named option) lets
+them in. Where the curator wrote no comment the target says "—": no template text is put in the
+advisor's mouth.
+
 Small portfolios are augmented (crop 90-100%, horizontal flip unless the advisor disables it,
 +-0.2 EV exposure, +-5 degree rotation; several variants per reference, seeded by the photo's hash so
-a rebuild is identical). The held-out split is fixed by content hash: a photo is held out when its hash
-falls in the lowest `holdout_fraction` of the hash space, so the same references are held out every
-night whatever else is added (when fewer than 2 fall there, the lowest hashes make up 2, for
-portfolios of 4 or more). Held-out rows are never augmented.
+a rebuild is identical). Three splits, fixed by content hash (a photo's place in the hash space decides,
+whatever else is added): `test` (the lowest `holdout_fraction`: promotion and every reported metric;
+never seen by training), `validation` (the next `validation_fraction`: early stopping and the choice of
+checkpoint), and `train`. When too few fall in a split, the next hashes make up its minimum (2 test,
+1 validation, for portfolios large enough). Validation and test rows are never augmented.
 """
 
 from __future__ import annotations
@@ -28,16 +34,17 @@ import numpy as np
 from PIL import Image
 
 from daemon.analysis.advisors import Advisor, references_dir
-from daemon.analysis.critique import DIMENSION_LABELS, DIMENSIONS
+from daemon.analysis.critique import DIMENSIONS
 from daemon.analysis.prompts import critique_prompt
 from daemon.config import Config
 from daemon.intake.images import ImageRejected, fit_size, load_photo
 from daemon.references.sidecar import SidecarInvalid, parse_sidecar
 
-MIN_REFERENCES = 3  # fewer cannot give both a training set and a held-out photo
-HOLDOUT_MIN = 2
+MIN_REFERENCES = 3  # fewer cannot give a training, a validation and a test photo
+HOLDOUT_MIN = 2  # test photos, when the portfolio allows
+VALIDATION_MIN = 1
+NO_COMMENT = "—"  # the curator wrote nothing: say nothing in their name (the schema needs one character)
 JSON_LAYOUT = {"separators": (", ", ": "), "ensure_ascii": False}  # = daemon.model.constrained.JSON_OPTIONS
-BANDS = ((2, "Weak"), (4, "Fair"), (6, "Good"), (8, "Strong"), (10, "Superb"))
 
 
 class DatasetError(RuntimeError):
@@ -138,26 +145,66 @@ def hash_position(sha256: str) -> float:
     return int(sha256[:16], 16) / float(1 << 64)
 
 
-def split(refs: list[Reference], holdout_fraction: float = 0.2) -> tuple[list[Reference], list[Reference]]:
-    """(train, held_out), fixed by content hash."""
+@dataclass
+class Splits:
+    """train (fitting), validation (early stopping, checkpoint choice), test (promotion, every reported metric)."""
+
+    train: list[Reference]
+    validation: list[Reference]
+    test: list[Reference]
+
+    def record(self) -> dict[str, list[str]]:
+        """What a version's manifest keeps: the content hashes of each split."""
+        return {"train": [r.sha256 for r in self.train], "validation": [r.sha256 for r in self.validation],
+                "test": [r.sha256 for r in self.test]}
+
+
+def split(refs: list[Reference], holdout_fraction: float = 0.2, validation_fraction: float = 0.15) -> Splits:
+    """Three disjoint splits fixed by content hash: test (lowest hashes), validation (next), train (the rest)."""
     n = len(refs)
     if n < MIN_REFERENCES:
         raise DatasetError(f"{n} usable reference photo(s); training needs at least {MIN_REFERENCES} "
-                           f"(some to learn from, some held out to check the result)")
+                           f"(some to learn from, one to stop training early, some to test the result)")
     ordered = sorted(refs, key=lambda r: (hash_position(r.sha256), r.sha256))
-    held = [r for r in ordered if hash_position(r.sha256) < holdout_fraction]
-    want = min(HOLDOUT_MIN, n - 2) if n >= 4 else 1
-    held = ordered[:max(len(held), want)]
-    held = held[:n - 1]  # always keep something to learn from
-    held_ids = {r.sha256 for r in held}
-    return [r for r in refs if r.sha256 not in held_ids], held
+    n_test = sum(1 for r in ordered if hash_position(r.sha256) < holdout_fraction)
+    n_test = min(max(n_test, min(HOLDOUT_MIN, n - 2)), n - 2)  # always leave one to train, one to validate
+    rest = ordered[n_test:]
+    top = holdout_fraction + validation_fraction
+    n_val = sum(1 for r in rest if hash_position(r.sha256) < top)
+    n_val = min(max(n_val, VALIDATION_MIN), len(rest) - 1)
+    test, validation = ordered[:n_test], rest[:n_val]
+    taken = {r.sha256 for r in test + validation}
+    return Splits(train=[r for r in refs if r.sha256 not in taken], validation=validation, test=test)
+
+
+def training_references(refs: list[Reference], use_model_scores: bool = False) -> tuple[list[Reference], list[Reference]]:
+    """(usable as targets, left out): the curator-scored references, or all of them with `use_model_scores`."""
+    if use_model_scores:
+        return list(refs), []
+    return [r for r in refs if r.source == "human"], [r for r in refs if r.source != "human"]
+
+
+def select_targets(refs: list[Reference], advisor_id: str, use_model_scores: bool = False) -> tuple[list[Reference], list[Reference]]:
+    """`training_references`, refusing (with what to do) when too few curator-scored references are left."""
+    usable, left_out = training_references(refs, use_model_scores)
+    if left_out and len(usable) < MIN_REFERENCES:
+        raise DatasetError(
+            f"{len(usable)} of {advisor_id}'s {len(refs)} references have curator scores (a sidecar "
+            f"`<photo>.json`); training needs at least {MIN_REFERENCES}. The other {len(left_out)} were scored "
+            f"by the model itself, and an adapter trained on them learns the model's own opinion: add sidecars, "
+            f"or train on them anyway with `mondrian train --use-model-scores` ([lora] use_model_scores = true)")
+    return usable, left_out
+
+
+def sources(refs: Iterable[Reference]) -> dict[str, int]:
+    """How many references had curator scores (human) and how many were scored by the model."""
+    out = {"curator": 0, "model": 0}
+    for r in refs:
+        out["curator" if r.source == "human" else "model"] += 1
+    return out
 
 
 # -- the assistant turn ---------------------------------------------------------------------------
-def _band(score: int) -> str:
-    return next(name for top, name in BANDS if score <= top)
-
-
 def _fit(text: str, limit: int) -> str:
     text = " ".join(text.split())
     if len(text) <= limit:
@@ -166,23 +213,17 @@ def _fit(text: str, limit: int) -> str:
     return (cut.rstrip(" ,;:") + "…")[:limit]
 
 
-def template_comment(dim: str, score: int, limit: int) -> str:
-    text = f"{_band(score)} {DIMENSION_LABELS[dim].lower()}."
-    return text if len(text) <= limit else _fit(f"{_band(score)}.", limit)
-
-
 def target_report(ref: Reference, comment_max_chars: int) -> dict[str, Any]:
-    """The report this advisor would write for the photo: their scores, their words where they gave any."""
+    """The report this advisor would write for the photo: their scores, their words where they gave any, and
+    "—" where they gave none (never a made-up sentence in their name)."""
     dims = {}
     for d in DIMENSIONS:
         comment = ref.comments.get(d)
-        dims[d] = {"comment": _fit(comment, comment_max_chars) if comment else
-                   template_comment(d, ref.scores[d], comment_max_chars),
+        dims[d] = {"comment": _fit(comment, comment_max_chars) if comment else NO_COMMENT,
                    "score": int(ref.scores[d])}
     grade = ref.overall_grade if ref.overall_grade is not None else \
         int(round(sum(ref.scores.values()) / len(DIMENSIONS)))
-    summary = _fit(ref.summary, comment_max_chars) if ref.summary else \
-        _fit(f"{_band(grade)} work overall.", comment_max_chars)
+    summary = _fit(ref.summary, comment_max_chars) if ref.summary else NO_COMMENT
     return {"dimensions": dims, "summary": summary, "overall_grade": int(grade)}
 
 
@@ -256,7 +297,8 @@ def apply_augment(image: Image.Image, aug: Augment, max_pixels: int) -> Image.Im
 @dataclass
 class DatasetSettings:
     variants: int = 4  # augmented copies per training reference (plus the original)
-    holdout_fraction: float = 0.2
+    holdout_fraction: float = 0.2  # the test split
+    validation_fraction: float = 0.15
     augment: bool = True
     exposure: bool = True
 
@@ -264,11 +306,18 @@ class DatasetSettings:
 @dataclass
 class BuiltDataset:
     path: Path
-    train: list[Reference]
-    held_out: list[Reference]
+    splits: Splits
     train_rows: int
-    held_out_rows: int
+    validation_rows: int
     fingerprint: str
+
+    @property
+    def train(self) -> list[Reference]:
+        return self.splits.train
+
+    @property
+    def test(self) -> list[Reference]:
+        return self.splits.test
 
 
 def chat_row(image: Image.Image, prompt: str, answer: str) -> dict[str, Any]:
@@ -303,34 +352,36 @@ def build_rows(refs: list[Reference], advisor: Advisor, cfg: Config, *, variants
 
 
 def build_dataset(cfg: Config, advisor: Advisor, refs: list[Reference], dest: Path,
-                  settings: DatasetSettings | None = None) -> BuiltDataset:
-    """Write a `datasets.DatasetDict` (train, validation) with `save_to_disk` into `dest`."""
+                  settings: DatasetSettings | None = None, splits: Splits | None = None) -> BuiltDataset:
+    """Write a `datasets.DatasetDict` (train, validation) with `save_to_disk` into `dest`; the test split is
+    recorded (mondrian_split.json) but holds no rows: nothing in training can read it.
+
+    `splits` overrides the hash split (the learning benchmark fixes its own test set)."""
     import datasets
 
     settings = settings or DatasetSettings()
-    train, held = split(refs, settings.holdout_fraction)
+    splits = splits or split(refs, settings.holdout_fraction, settings.validation_fraction)
     features = datasets.Features({"images": datasets.List(datasets.Image()), "messages": datasets.Value("string"),
                                   "sha256": datasets.Value("string"), "variant": datasets.Value("int32"),
                                   "augment": datasets.Value("string")})
-    train_cols = build_rows(train, advisor, cfg, variants=settings.variants, augment=settings.augment,
+    train_cols = build_rows(splits.train, advisor, cfg, variants=settings.variants, augment=settings.augment,
                             exposure=settings.exposure)
-    held_cols = build_rows(held, advisor, cfg, variants=0, augment=False)
+    val_cols = build_rows(splits.validation, advisor, cfg, variants=0, augment=False)
     dd = datasets.DatasetDict({
         "train": datasets.Dataset.from_dict(train_cols, features=features),
-        "validation": datasets.Dataset.from_dict(held_cols, features=features),
+        "validation": datasets.Dataset.from_dict(val_cols, features=features),
     })
     dest = Path(dest)
     tmp = dest.with_name(f".{dest.name}.writing")
     shutil.rmtree(tmp, ignore_errors=True)
     dd.save_to_disk(str(tmp))
     (tmp / "mondrian_split.json").write_text(json.dumps({
-        "advisor": advisor.id, "fingerprint": fingerprint(refs),
-        "train": [r.sha256 for r in train], "held_out": [r.sha256 for r in held],
+        "advisor": advisor.id, "fingerprint": fingerprint(refs), "splits": splits.record(),
         "settings": asdict(settings)}, indent=2))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
-    return BuiltDataset(path=dest, train=train, held_out=held, train_rows=len(train_cols["messages"]),
-                        held_out_rows=len(held_cols["messages"]), fingerprint=fingerprint(refs))
+    return BuiltDataset(path=dest, splits=splits, train_rows=len(train_cols["messages"]),
+                        validation_rows=len(val_cols["messages"]), fingerprint=fingerprint(refs))
 
 
 def load_built(path: Path):

@@ -1,13 +1,16 @@
-"""How good is an adapter on the advisor's held-out references, and is it better than what we have?
+"""How good is an adapter on the advisor's test references, and is it better than what we have?
 
-For each held-out reference the model writes its report with schema-constrained greedy decoding (that is
+For each test reference the model writes its report with schema-constrained greedy decoding (that is
 also the smoke check: every report must validate). Each dimension's score is then read, as Q-Align
 does, as the probability-weighted expectation over the score tokens the schema allows at that point,
 rather than as the single sampled integer (`ModelRuntime.expected_scores`, daemon/model/scoring.py).
 
-Per dimension: mean absolute error and Spearman rank correlation against the advisor's scores. A
-candidate is promoted only if all its reports are schema-valid and its mean MAE is not worse than the
-current adapter's (or the base model's, for the first one) on the same photos.
+Per dimension: mean absolute error, squared error and Spearman rank correlation against the advisor's
+scores, always on the version's test split (never seen by training, nor by early stopping). The gate
+(`decide`): a candidate is promoted only if all its reports are schema-valid, the test split holds at least
+`min_test_photos`, its mean MAE beats the current adapter's (or the base model's, for the first one) by
+`promote_margin`, and its mean Spearman does not drop. Both means come with a bootstrap confidence interval
+(photos resampled with replacement), so a reader can see how little a handful of test photos proves.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ class Evaluation:
         for d in DIMENSIONS:
             pred = [p.expected[d] for p in ok]  # type: ignore[index]
             true = [p.target[d] for p in ok]
-            out[d] = {"mae": mae(pred, true), "spearman": spearman(pred, true)}
+            out[d] = {"mae": mae(pred, true), "spearman": spearman(pred, true), "mse": mse(pred, true)}
         return out
 
     def mae_mean(self) -> float | None:
@@ -65,8 +68,12 @@ class Evaluation:
         return float(np.mean(values)) if values else None
 
     def to_dict(self) -> dict[str, Any]:
+        ok = [p for p in self.photos if p.expected is not None]
+        pred = [[p.expected[d] for d in DIMENSIONS] for p in ok]  # type: ignore[index]
+        true = [[p.target[d] for d in DIMENSIONS] for p in ok]
         return {"label": self.label, "n": self.n, "valid": self.valid, "smoke_ok": self.smoke_ok,
-                "mae_mean": self.mae_mean(), "per_dim": self.per_dim(),
+                "mae_mean": self.mae_mean(), "spearman_mean": spearman_mean(pred, true),
+                "mse": mse(np.ravel(pred).tolist(), np.ravel(true).tolist()), "per_dim": self.per_dim(),
                 "photos": [{"sha256": p.sha256, "expected": p.expected, "generated": p.generated,
                             "target": p.target, "error": p.error} for p in self.photos]}
 
@@ -76,6 +83,34 @@ def mae(pred: Sequence[float], true: Sequence[float]) -> float | None:
     if not pred:
         return None
     return float(np.mean(np.abs(np.asarray(pred, dtype=float) - np.asarray(true, dtype=float))))
+
+
+def mse(pred: Sequence[float], true: Sequence[float]) -> float | None:
+    """Mean squared error (the original design's evaluation metric)."""
+    if len(pred) == 0:
+        return None
+    return float(np.mean((np.asarray(pred, dtype=float) - np.asarray(true, dtype=float)) ** 2))
+
+
+def mae_mean(pred: Any, true: Any) -> float | None:
+    """Mean over dimensions of the MAE; `pred` and `true` are photos x dimensions."""
+    p, t = np.asarray(pred, dtype=float), np.asarray(true, dtype=float)
+    return float(np.mean(np.abs(p - t))) if p.size else None
+
+
+def spearman_mean(pred: Any, true: Any) -> float | None:
+    """Mean Spearman over the dimensions whose targets vary (elsewhere ranking means nothing). A model that gives
+    every photo the same score on such a dimension ranks nothing: it counts 0. None when no target varies."""
+    p, t = np.asarray(pred, dtype=float), np.asarray(true, dtype=float)
+    if p.ndim != 2 or len(p) < 2:
+        return None
+    values = []
+    for j in range(t.shape[1]):
+        if np.ptp(t[:, j]) == 0:
+            continue
+        rho = spearman(p[:, j], t[:, j])
+        values.append(0.0 if rho is None else rho)
+    return float(np.mean(values)) if values else None
 
 
 def _ranks(values: Sequence[float]) -> np.ndarray:
@@ -106,8 +141,8 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
 def evaluate(runtime: Runtime, references: Iterable[Any], prompt: str, *, adapter: str | Path | None,
              label: str, comment_max_chars: int, max_tokens: int, max_pixels: int,
              on_photo: Callable[[int, int], None] = lambda done, total: None) -> Evaluation:
-    """Run the held-out references through the model with `adapter` (None: the base model). `on_photo(done,
-    total)` before each photo and after the last (progress)."""
+    """Run the test references through the model with `adapter` (None: the base model). `on_photo(done, total)`
+    before each photo and after the last (progress)."""
     from daemon.intake.images import load_photo
     from daemon.model.runtime import GenerationError
 
@@ -129,20 +164,88 @@ def evaluate(runtime: Runtime, references: Iterable[Any], prompt: str, *, adapte
     return result
 
 
+# -- confidence intervals -------------------------------------------------------------------------
+def _paired(candidate: dict[str, Any], baseline: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(candidate, baseline, target) arrays, photos x dimensions, over the photos both scored."""
+    base = {p["sha256"]: p for p in baseline.get("photos", []) if p.get("expected") is not None}
+    rows = [(p, base[p["sha256"]]) for p in candidate.get("photos", [])
+            if p.get("expected") is not None and p["sha256"] in base]
+    c = np.array([[a["expected"][d] for d in DIMENSIONS] for a, _ in rows], dtype=float)
+    b = np.array([[bb["expected"][d] for d in DIMENSIONS] for _, bb in rows], dtype=float)
+    t = np.array([[a["target"][d] for d in DIMENSIONS] for a, _ in rows], dtype=float)
+    return c, b, t
+
+
+def bootstrap(candidate: dict[str, Any], baseline: dict[str, Any], *, resamples: int = 1000, level: float = 0.95,
+              seed: int = 0) -> dict[str, Any]:
+    """Percentile bootstrap intervals of mean MAE and mean Spearman for both models and their difference,
+    resampling the test photos (the same resample for both: the comparison is paired)."""
+    c, b, t = _paired(candidate, baseline)
+    n = len(t)
+    out: dict[str, Any] = {"n": n, "resamples": resamples, "level": level}
+    if n < 2:
+        return out
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {k: [] for k in ("mae_c", "mae_b", "mae_d", "rho_c", "rho_b", "rho_d")}
+    for _ in range(resamples):
+        i = rng.integers(0, n, n)
+        mc, mb = mae_mean(c[i], t[i]), mae_mean(b[i], t[i])
+        draws["mae_c"].append(mc)
+        draws["mae_b"].append(mb)
+        draws["mae_d"].append(mc - mb)
+        rc, rb = spearman_mean(c[i], t[i]), spearman_mean(b[i], t[i])
+        if rc is not None and rb is not None:
+            draws["rho_c"].append(rc)
+            draws["rho_b"].append(rb)
+            draws["rho_d"].append(rc - rb)
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+
+    def interval(values: list[float]) -> list[float] | None:
+        return [round(float(np.percentile(values, lo)), 4), round(float(np.percentile(values, hi)), 4)] \
+            if values else None
+
+    out["mae"] = {"candidate": interval(draws["mae_c"]), "baseline": interval(draws["mae_b"]),
+                  "difference": interval(draws["mae_d"])}
+    out["spearman"] = {"candidate": interval(draws["rho_c"]), "baseline": interval(draws["rho_b"]),
+                       "difference": interval(draws["rho_d"])}
+    return out
+
+
 # -- decision and display -------------------------------------------------------------------------
-def decide(candidate: dict[str, Any], baseline: dict[str, Any], tolerance: float = 0.0) -> dict[str, Any]:
-    """Promote only a schema-valid candidate whose mean MAE is not worse than the baseline's."""
+@dataclass(frozen=True)
+class Gate:
+    """What a candidate must show on the test split to become current."""
+
+    min_test_photos: int = 5
+    mae_margin: float = 0.1  # mean MAE must be at least this much lower than the current one's
+    spearman_tolerance: float = 0.0  # mean Spearman may not drop by more than this
+
+
+def decide(candidate: dict[str, Any], baseline: dict[str, Any], gate: Gate | None = None) -> dict[str, Any]:
+    """Promote only a schema-valid candidate, judged on enough test photos, whose mean MAE beats the baseline's
+    by the margin and whose mean Spearman does not drop. The reason says which rule decided."""
+    gate = gate or Gate()
+    n, who = int(candidate.get("n") or 0), baseline.get("label")
+    if n < gate.min_test_photos:
+        return {"promoted": False, "reason": f"too few test photos to judge: {n}, the gate needs at least "
+                                             f"{gate.min_test_photos} (add curator-scored references, or lower "
+                                             f"[lora] min_test_photos)"}
     if not candidate.get("smoke_ok"):
-        return {"promoted": False, "reason": f"smoke check failed: {candidate.get('valid')}/{candidate.get('n')} "
-                                             f"held-out reports were schema-valid"}
+        return {"promoted": False, "reason": f"smoke check failed: {candidate.get('valid')}/{n} "
+                                             f"test reports were schema-valid"}
     c, b = candidate.get("mae_mean"), baseline.get("mae_mean")
     if c is None:
-        return {"promoted": False, "reason": "no held-out photo could be scored"}
-    if b is not None and c > b + tolerance:
-        return {"promoted": False, "reason": f"worse than {baseline.get('label')}: mean MAE {c:.3f} vs {b:.3f}"}
+        return {"promoted": False, "reason": "no test photo could be scored"}
+    if b is not None and c > b - gate.mae_margin:
+        return {"promoted": False, "reason": f"mean MAE {c:.3f} vs {b:.3f} for {who}: not better by the margin "
+                                             f"of {gate.mae_margin:g}"}
+    rc, rb = candidate.get("spearman_mean"), baseline.get("spearman_mean")
+    if rb is not None and (rc is None or rc < rb - gate.spearman_tolerance):
+        return {"promoted": False, "reason": f"mean Spearman drops: {_fmt(rc, '.3f')} vs {rb:.3f} for {who} "
+                                             f"(mean MAE {c:.3f} vs {b:.3f})"}
     vs = f"{b:.3f}" if b is not None else "n/a"
-    return {"promoted": True, "reason": f"mean MAE {c:.3f} vs {vs} for {baseline.get('label')}; "
-                                        f"all {candidate.get('n')} held-out reports schema-valid"}
+    return {"promoted": True, "reason": f"mean MAE {c:.3f} vs {vs} and mean Spearman {_fmt(rc, '.3f')} vs "
+                                        f"{_fmt(rb, '.3f')} for {who}, on {n} test photos, all schema-valid"}
 
 
 def _fmt(v: float | None, spec: str = ".2f") -> str:
@@ -159,7 +262,25 @@ def table(candidate: dict[str, Any], baseline: dict[str, Any]) -> str:
         lines.append(f"{DIMENSION_LABELS[d]:<20} {_fmt(ca['mae']):>14} {_fmt(cb['mae']):>14} "
                      f"{_fmt(ca['spearman']):>12} {_fmt(cb['spearman']):>12}")
     lines.append("-" * len(head))
-    lines.append(f"{'mean':<20} {_fmt(candidate['mae_mean']):>14} {_fmt(baseline['mae_mean']):>14}")
+    lines.append(f"{'mean':<20} {_fmt(candidate['mae_mean']):>14} {_fmt(baseline['mae_mean']):>14} "
+                 f"{_fmt(candidate.get('spearman_mean')):>12} {_fmt(baseline.get('spearman_mean')):>12}")
     lines.append(f"schema-valid reports: {a} {candidate['valid']}/{candidate['n']}, "
                  f"{b} {baseline['valid']}/{baseline['n']}")
+    ma, mb = candidate.get("mse"), baseline.get("mse")
+    gain = f"{(1 - ma / mb) * 100:.1f} %" if isinstance(ma, float) and isinstance(mb, float) and mb > 0 else "n/a"
+    lines.append(f"{b} MSE: {_fmt(mb, '.4f')}   {a} MSE: {_fmt(ma, '.4f')}   Improvement: {gain}")
+    ci = bootstrap(candidate, baseline)
+    if "mae" in ci:
+        pct = int(round(ci["level"] * 100))
+
+        def span(v: list[float] | None) -> str:
+            return f"[{v[0]:.2f}, {v[1]:.2f}]" if v else "[ – ]"
+
+        lines.append(f"{pct} % bootstrap intervals ({ci['resamples']} resamples of the {ci['n']} test photos):")
+        for key, name, ca, cb in (("mae", "mean MAE", candidate["mae_mean"], baseline["mae_mean"]),
+                                  ("spearman", "mean ρ", candidate.get("spearman_mean"),
+                                   baseline.get("spearman_mean"))):
+            iv = ci[key]
+            lines.append(f"  {name:<9} {a} {_fmt(ca)} {span(iv['candidate'])}   {b} {_fmt(cb)} "
+                         f"{span(iv['baseline'])}   difference {span(iv['difference'])}")
     return "\n".join(lines)

@@ -9,7 +9,9 @@ at all (recorded in the ledger's `nightly` event) is caught up at start-up.
 
 A check trains an advisor only when their reference set (photos and profiles: `jobs.dataset.fingerprint`)
 differs from the set their current adapter was trained on, and from the set of the latest attempt (so a
-refused or rolled-back candidate is not retrained every night on unchanged references). Training runs
+refused or rolled-back candidate is not retrained every night on unchanged references), or when the
+configured base model is not the one the current adapter was trained on (an adapter for another base is
+never served, so without retraining lora would fall back to rag for ever). Training runs
 in a child process (jobs.train), one advisor at a time, while the daemon keeps serving the inbox.
 """
 
@@ -70,9 +72,12 @@ def due_advisors(cfg: Config, ledger: Any, store: Any | None = None) -> list[Due
     from daemon.analysis.advisors import load_advisors
     from daemon.model.adapter_store import AdapterStore
 
-    from .dataset import MIN_REFERENCES, DatasetError, collect_references, fingerprint
+    from .dataset import MIN_REFERENCES, DatasetError, collect_references, fingerprint, training_references
+    from .train import TrainSettings
 
     store = store or AdapterStore(cfg.adapters_dir)
+    base = configured_base(cfg)
+    use_model_scores = TrainSettings.from_config(cfg).use_model_scores
     out = []
     for advisor_id in sorted(load_advisors(cfg)):
         try:
@@ -80,22 +85,46 @@ def due_advisors(cfg: Config, ledger: Any, store: Any | None = None) -> list[Due
         except DatasetError as exc:
             log.info("nightly: %s skipped (%s)", advisor_id, exc)
             continue
-        if len(refs) < MIN_REFERENCES:
-            continue
+        usable, _ = training_references(refs, use_model_scores)
+        if len(usable) < MIN_REFERENCES:
+            continue  # too few curator-scored references: training would refuse (mondrian train says why)
         fp = fingerprint(refs)
         current, latest = store.current(advisor_id), store.latest(advisor_id)
-        if current is not None and current.fingerprint == fp:
+        if current is not None and current.fingerprint == fp and _same_base(current, base):
             continue
-        if latest is not None and latest.fingerprint == fp:
-            continue  # already tried on exactly these references (refused, or rolled back since)
+        if latest is not None and latest.fingerprint == fp and _same_base(latest, base):
+            continue  # already tried on exactly these references and this base (refused, or rolled back since)
         if current is None and latest is None:
             reason = f"first adapter ({len(refs)} references)"
+        elif current is not None and current.fingerprint == fp:
+            reason = f"the base model changed since {current.name} was trained"
         elif current is None:
             reason = f"references changed since the last attempt {latest.name}"
         else:
             reason = f"references changed since {current.name} was trained"
         out.append(Due(advisor_id, reason, len(refs)))
     return out
+
+
+def configured_base(cfg: Config) -> str | None:
+    """The fingerprint of the configured base model (None when it cannot be resolved here and now)."""
+    from daemon.model.adapter_store import base_model_fingerprint
+    from daemon.model.runtime import resolve_model_path
+    from daemon.model.smoke import DIR_NAMES, SMOKE_ALIAS
+
+    try:
+        if cfg.model.strip() == SMOKE_ALIAS:  # never build a model here: this is not the thread that owns MLX
+            path = cfg.var_dir / "models" / DIR_NAMES["smoke"]
+            return base_model_fingerprint(path) if (path / "config.json").is_file() else None
+        return base_model_fingerprint(resolve_model_path(cfg.model, cfg.var_dir))
+    except Exception as exc:  # noqa: BLE001 - a missing model is reported by the worker; here it changes nothing
+        log.info("nightly: cannot fingerprint the base model %s (%s)", cfg.model, exc)
+        return None
+
+
+def _same_base(version: Any, base: str | None) -> bool:
+    trained_on = (version.manifest.get("base_model") or {}).get("fingerprint")
+    return base is None or trained_on is None or trained_on == base
 
 
 class ProgressRecorder:
@@ -110,7 +139,7 @@ class ProgressRecorder:
 
     def __call__(self, event: dict[str, Any]) -> None:
         for key in ("phase", "step", "steps", "loss", "val_loss", "best_val_loss", "eta_s", "elapsed_s",
-                    "train_rows", "held_out", "reason", "pid"):
+                    "train_rows", "validation", "held_out", "curator", "model_scored", "reason", "pid"):
             if key in event and event[key] is not None:
                 self.state[key] = event[key]
         now = time.monotonic()

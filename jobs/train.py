@@ -7,12 +7,16 @@ a pipe of its own (the trainer prints plenty on stdout, which goes to a log file
 hands each line to its `on_progress` callback (the daemon and the CLI record it with
 `ledger.set_event("training", ...)` for `mondrian status`).
 
-The child: builds the dataset (jobs.dataset), loads the base model exactly as the daemon does (same
-pixel cap, same chat template), fits LoRA on it (daemon.model.fitting: rank 8, alpha 16 by default,
-completion tokens only, early-stopped on held-out loss, keeping the best weights), then evaluates the
-candidate and the current adapter (or the base model) on the held-out references (jobs.evaluate) and
-writes the candidate's folder: adapter_config.json, adapters.safetensors, metrics.json, manifest.json.
-The parent then decides and commits atomically (daemon.model.adapter_store).
+The child: builds the dataset from the curator-scored references (jobs.dataset: train / validation / test
+fixed by content hash), loads the base model exactly as the daemon does (same pixel cap, same chat
+template), fits LoRA on it (daemon.model.fitting: rank 8, alpha 16 by default, completion tokens only,
+every sample checked for its image tokens, early-stopped on validation loss, keeping the best weights),
+then evaluates the candidate and the current adapter (or the base model) on the test references
+(jobs.evaluate) and writes the candidate's folder: adapter_config.json, adapters.safetensors,
+metrics.json, manifest.json (which records the three splits). The parent then decides (the gate, or
+`promote="always"` / `--promote-anyway`, recorded in the manifest) and commits atomically
+(daemon.model.adapter_store). The child has `max_minutes` of wall-clock time; past that it is killed and
+the run fails with that reason (the nightly scheduler goes on).
 
 Settings come from the `[lora]` table of mondrian.toml (see `TrainSettings`).
 """
@@ -20,6 +24,7 @@ Settings come from the `[lora]` table of mondrian.toml (see `TrainSettings`).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import json
 import logging
@@ -39,6 +44,8 @@ from daemon.config import CONFIG_NAME, Config, ConfigError, is_true, load_config
 if TYPE_CHECKING:
     from daemon.model.fitting import FitSettings
 
+    from .evaluate import Gate
+
 log = logging.getLogger("mondrian.train")
 
 PROGRESS_FD_ENV = "MONDRIAN_TRAIN_PROGRESS_FD"
@@ -55,14 +62,18 @@ class TrainSettings:
     min_iters: int = 60
     max_iters: int = 1500
     batch_size: int = 1
-    eval_every: int = 0  # 0: about ten held-out evaluations per run
+    eval_every: int = 0  # 0: about ten validation evaluations per run
     patience: int = 3  # evaluations without improvement before stopping early
     variants: int = 4  # augmented copies per training reference
     augment: bool = True
     exposure: bool = True
-    holdout_fraction: float = 0.2
+    holdout_fraction: float = 0.2  # the test split: promotion and every reported metric
+    validation_fraction: float = 0.15  # early stopping and the choice of checkpoint
     keep_versions: int = 5
-    promote_tolerance: float = 0.0  # a candidate may be this much worse (mean MAE) and still be promoted
+    promote_margin: float = 0.1  # mean MAE on the test split must beat the current one's by this much
+    min_test_photos: int = 5  # fewer test photos: nothing is promoted (the reason says so)
+    use_model_scores: bool = False  # also train on references the model scored itself (circular: off)
+    max_minutes: float = 180.0  # wall-clock limit of one training run
     max_seq_length: int = 8192
     seed: int = 0
     nightly: bool = True
@@ -87,7 +98,19 @@ class TrainSettings:
             except (TypeError, ValueError, OverflowError):
                 raise ConfigError(f"[lora] {key} = {value!r} in {cfg.home / CONFIG_NAME}: it must be "
                                   f"{'a whole number' if isinstance(default, int) else 'a number'}") from None
+        for key in ("holdout_fraction", "validation_fraction"):
+            if key in values and not 0.0 <= values[key] < 1.0:
+                raise ConfigError(f"[lora] {key} = {values[key]!r} in {cfg.home / CONFIG_NAME}: it must be at "
+                                  f"least 0 and below 1")
+        if "max_minutes" in values and not (values["max_minutes"] > 0 and values["max_minutes"] < float("inf")):
+            raise ConfigError(f"[lora] max_minutes = {values['max_minutes']!r} in {cfg.home / CONFIG_NAME}: "
+                              f"it must be a positive number of minutes")
         return cls(**values)
+
+    def gate(self) -> "Gate":
+        from .evaluate import Gate
+
+        return Gate(min_test_photos=self.min_test_photos, mae_margin=self.promote_margin)
 
     def iterations(self, train_rows: int) -> int:
         if self.iters > 0:
@@ -190,12 +213,16 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
     store = AdapterStore(cfg.adapters_dir, keep=settings.keep_versions)
     send(event="phase", phase="dataset", pid=os.getpid())
     refs = ds.collect_references(cfg, advisor_id)
+    usable, left_out = ds.select_targets(refs, advisor_id, settings.use_model_scores)
     data_dir = cfg.var_dir / "datasets" / advisor_id / staging.name.lstrip(".")
-    built = ds.build_dataset(cfg, advisor, refs, data_dir,
+    built = ds.build_dataset(cfg, advisor, usable, data_dir,
                              ds.DatasetSettings(variants=settings.variants, holdout_fraction=settings.holdout_fraction,
+                                                validation_fraction=settings.validation_fraction,
                                                 augment=settings.augment, exposure=settings.exposure))
     _prune_datasets(data_dir.parent, keep=2)
-    send(event="phase", phase="loading", train_rows=built.train_rows, held_out=len(built.held_out))
+    splits = built.splits
+    send(event="phase", phase="loading", train_rows=built.train_rows, validation=len(splits.validation),
+         held_out=len(splits.test), curator=ds.sources(refs)["curator"], model_scored=len(left_out))
 
     from daemon.model.fitting import fit_lora
     from daemon.model.runtime import ModelRuntime
@@ -209,16 +236,16 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
     # -- the candidate folder -----------------------------------------------------------------
     fitted.save(staging)
 
-    send(event="phase", phase="evaluating", held_out=len(built.held_out))
+    send(event="phase", phase="evaluating", held_out=len(splits.test))
     from .evaluate import evaluate
 
     prompt = critique_prompt(advisor)
     kw = dict(comment_max_chars=cfg.comment_max_chars, max_tokens=cfg.max_tokens, max_pixels=cfg.max_pixels)
 
-    def progress(label: str) -> Any:  # each held-out photo, as training reports its steps
+    def progress(label: str) -> Any:  # each test photo, as training reports its steps
         return lambda done, total: send(event="progress", phase="evaluating", label=label, step=done, steps=total)
 
-    candidate = evaluate(runtime, built.held_out, prompt, adapter=staging, label="candidate",
+    candidate = evaluate(runtime, splits.test, prompt, adapter=staging, label="candidate",
                          on_photo=progress("candidate"), **kw)
     current = store.current(advisor_id)
     base_fp = base_model_fingerprint(runtime.path)
@@ -226,21 +253,29 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
     if current is not None and current.manifest.get("base_model", {}).get("fingerprint") == base_fp:
         baseline_adapter, baseline_label = current.path, current.name
     try:
-        baseline = evaluate(runtime, built.held_out, prompt, adapter=baseline_adapter, label=baseline_label,
+        baseline = evaluate(runtime, splits.test, prompt, adapter=baseline_adapter, label=baseline_label,
                             on_photo=progress(baseline_label), **kw)
     except Exception as exc:  # an unusable current adapter: compare with the base model instead
         log.warning("current adapter %s cannot be evaluated (%s); comparing with the base model", baseline_label, exc)
-        baseline = evaluate(runtime, built.held_out, prompt, adapter=None, label="base", on_photo=progress("base"),
+        baseline = evaluate(runtime, splits.test, prompt, adapter=None, label="base", on_photo=progress("base"),
                             **kw)
 
+    from .evaluate import bootstrap
+
+    cand, base = candidate.to_dict(), baseline.to_dict()
     metrics = {"advisor": advisor_id, "training": fit, "evaluation": {
-        "candidate": candidate.to_dict(), "baseline": baseline.to_dict(), "held_out": len(built.held_out)},
-        "seconds": round(time.time() - started, 2)}
+        "candidate": cand, "baseline": base, "held_out": len(splits.test), "split": "test",
+        "intervals": bootstrap(cand, base)}, "seconds": round(time.time() - started, 2)}
+    member = {sha: name for name, shas in splits.record().items() for sha in shas}
     manifest = {
-        "advisor": advisor_id, "created_at": time.time(), "fingerprint": built.fingerprint,
+        # Of every reference, model-scored ones included: what the nightly check compares (jobs.nightly)
+        "advisor": advisor_id, "created_at": time.time(), "fingerprint": ds.fingerprint(refs),
         "references": [{"sha256": r.sha256, "path": r.path, "source": r.source, "scores": r.scores,
-                        "held_out": r in built.held_out} for r in refs],
-        "held_out": [r.sha256 for r in built.held_out],
+                        "split": member.get(r.sha256, "left out: model-scored"),
+                        "held_out": member.get(r.sha256) == "test"} for r in refs],
+        "splits": splits.record(),
+        "held_out": [r.sha256 for r in splits.test],  # = splits.test (older readers)
+        "sources": {**ds.sources(refs), "used_model_scores": settings.use_model_scores},
         "base_model": {"id": runtime.model_id, "spec": cfg.model, "path": runtime.path, "fingerprint": base_fp},
         "max_pixels": cfg.max_pixels, "comment_max_chars": cfg.comment_max_chars,
         "settings": asdict(settings), "dataset": str(built.path), "train_rows": built.train_rows,
@@ -263,14 +298,25 @@ def _prune_datasets(folder: Path, keep: int) -> None:
 # ================================================================================================
 # The parent side
 # ================================================================================================
+PROMOTE_MODES = ("gate", "always", "never")
+
+
 def run_training(cfg: Config, advisor_id: str, *, on_progress: Callable[[dict[str, Any]], None] | None = None,
-                 settings: dict[str, Any] | None = None, promote: bool = True,
+                 settings: dict[str, Any] | None = None, promote: bool | str = "gate",
                  stop: threading.Event | None = None, wait_for_lock: bool = False) -> TrainOutcome:
-    """Train `advisor_id` in a child process, then commit the candidate (promoted or refused)."""
-    from daemon.model.adapter_store import AdapterStore, Busy
+    """Train `advisor_id` in a child process, then commit the candidate (promoted or refused).
+
+    `promote`: "gate" (default; also True) promotes only what passes the gate on the test split; "always"
+    promotes regardless of the gate (`mondrian train --promote-anyway`: for the smoke model's demo, whose
+    random weights cannot pass it), "never" (also False) keeps the candidate without promoting it. The mode
+    and the gate's own verdict are recorded in the version's manifest and metrics."""
+    from daemon.model.adapter_store import MANIFEST_NAME, AdapterStore, Busy, atomic_write_json
 
     from .evaluate import decide
 
+    mode = {True: "gate", False: "never"}.get(promote, promote) if isinstance(promote, bool) else promote
+    if mode not in PROMOTE_MODES:
+        raise ValueError(f"promote={promote!r}: use one of {', '.join(PROMOTE_MODES)}")
     started = time.time()
     resolved = TrainSettings.from_config(cfg, **(settings or {}))
     store = AdapterStore(cfg.adapters_dir, keep=resolved.keep_versions)
@@ -282,17 +328,27 @@ def run_training(cfg: Config, advisor_id: str, *, on_progress: Callable[[dict[st
             store.recover(advisor_id)
             staging = store.new_staging(advisor_id)
             try:
-                ok, result = _run_child(cfg, advisor_id, staging, settings or {}, log_path, emit, stop)
+                ok, result = _run_child(cfg, advisor_id, staging, settings or {}, log_path, emit, stop,
+                                        limit_s=resolved.max_minutes * 60)
                 if not ok:
                     shutil.rmtree(staging, ignore_errors=True)
                     return TrainOutcome(advisor_id, False, reason=result.get("message", "training failed"),
                                         seconds=time.time() - started, log_path=str(log_path))
                 metrics = result.get("metrics") or {}
                 ev = metrics.get("evaluation", {})
-                decision = decide(ev.get("candidate", {}), ev.get("baseline", {}), resolved.promote_tolerance)
-                if decision["promoted"] and not promote:
-                    decision = {"promoted": False, "reason": f"not promoted (--no-promote); would have been: "
-                                                             f"{decision['reason']}"}
+                gate = decide(ev.get("candidate", {}), ev.get("baseline", {}), resolved.gate())
+                decision = {**gate, "mode": mode, "gate": dict(gate)}
+                if mode == "never":
+                    decision.update(promoted=False, reason=f"not promoted (--no-promote); the gate said: "
+                                                           f"{'promote' if gate['promoted'] else 'refuse'}: "
+                                                           f"{gate['reason']}")
+                elif mode == "always":
+                    decision.update(promoted=True, forced=True,
+                                    reason=f"promoted regardless of the gate (promote-anyway); the gate said: "
+                                           f"{'promote' if gate['promoted'] else 'refuse'}: {gate['reason']}")
+                manifest = json.loads((staging / MANIFEST_NAME).read_text(encoding="utf-8"))
+                manifest["promotion"] = {"mode": mode, "forced": mode == "always", "gate_passed": gate["promoted"]}
+                atomic_write_json(staging / MANIFEST_NAME, manifest)
                 emit({"event": "phase", "phase": "promoting" if decision["promoted"] else "refusing",
                       "reason": decision["reason"]})
                 version = store.commit(advisor_id, staging, decision)
@@ -307,7 +363,8 @@ def run_training(cfg: Config, advisor_id: str, *, on_progress: Callable[[dict[st
 
 
 def _run_child(cfg: Config, advisor_id: str, staging: Path, settings: dict[str, Any], log_path: Path,
-               emit: Callable[[dict[str, Any]], None], stop: threading.Event | None) -> tuple[bool, dict[str, Any]]:
+               emit: Callable[[dict[str, Any]], None], stop: threading.Event | None,
+               limit_s: float = float("inf")) -> tuple[bool, dict[str, Any]]:
     read_fd, write_fd = os.pipe()
     env = dict(os.environ)
     env[PROGRESS_FD_ENV] = str(write_fd)
@@ -323,16 +380,23 @@ def _run_child(cfg: Config, advisor_id: str, staging: Path, settings: dict[str, 
                                 pass_fds=(write_fd,), env=env, cwd=project_root, start_new_session=True)
     os.close(write_fd)
     result: dict[str, Any] = {}
-    stopper = None
-    if stop is not None:
-        def watch() -> None:
-            while proc.poll() is None:
-                if stop.wait(0.5):
-                    _terminate(proc)
-                    return
+    deadline = time.monotonic() + limit_s
+    timed_out = threading.Event()
 
-        stopper = threading.Thread(target=watch, daemon=True, name="train-stop")
-        stopper.start()
+    def watch() -> None:
+        # A hung child (no output, never exits) must not block whoever waits for it: the nightly
+        # scheduler runs one check at a time, so without this every later night would be skipped.
+        while proc.poll() is None:
+            if stop is not None and stop.is_set():
+                _terminate(proc)
+                return
+            if time.monotonic() >= deadline:
+                timed_out.set()
+                _terminate(proc)
+                return
+            time.sleep(0.2)
+
+    threading.Thread(target=watch, daemon=True, name="train-watch").start()
     try:
         with os.fdopen(read_fd, "r", encoding="utf-8") as pipe:
             for line in pipe:
@@ -351,6 +415,9 @@ def _run_child(cfg: Config, advisor_id: str, staging: Path, settings: dict[str, 
         if proc.poll() is None and result.get("event") != "done":
             _terminate(proc)  # Ctrl-C or an error here: the child must not outlive its purpose
     rc = proc.wait()
+    if timed_out.is_set():
+        return False, {"message": f"training failed: it ran past its time limit of {limit_s / 60:g} min and was "
+                                  f"stopped (raise [lora] max_minutes, or lower iters / max_pixels) (log: {log_path})"}
     if stop is not None and stop.is_set():
         return False, {"message": "training was stopped (Mondrian is shutting down)"}
     if rc != 0 or result.get("event") != "done":
@@ -369,11 +436,15 @@ def _exit_reason(rc: int) -> str:
 def _terminate(proc: subprocess.Popen) -> None:
     if proc.poll() is not None:
         return
-    proc.terminate()
+    # The child leads its own session (start_new_session): signal the group, so nothing it started lingers.
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 if __name__ == "__main__":

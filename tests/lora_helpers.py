@@ -10,38 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
+from bench.synthetic import hsv_to_rgb, plain_random_model, synthetic_photo  # noqa: F401 (shared with the benchmark)
 from daemon.analysis.critique import DIMENSIONS
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-# -- images whose lighting and colour are known ------------------------------------------------------
-def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
-    h, s, v = hsv[..., 0], hsv[..., 1], hsv[..., 2]
-    i = np.floor(h * 6).astype(int) % 6
-    f = h * 6 - np.floor(h * 6)
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    r = np.choose(i, [v, q, p, p, t, v])
-    g = np.choose(i, [t, v, v, q, p, p])
-    b = np.choose(i, [p, p, t, v, v, q])
-    return np.stack([r, g, b], -1)
-
-
-def synthetic_photo(path: Path, value: float, saturation: float, seed: int, size: int = 112) -> Path:
-    """A two-band photo: the top half a neutral grey of brightness `value` (HSV value), the bottom half an
-    orange of `saturation` at a fixed brightness, plus grain. The bands keep the two
-    quantities independent and visible: in one dark frame, saturation would vanish from the RGB values."""
-    rng = np.random.default_rng(seed)
-    half = (size // 2, size)
-    top = np.stack([np.zeros(half), np.zeros(half), np.full(half, value) + rng.normal(0, 0.01, half)], -1)
-    bottom = np.stack([np.full(half, 0.05), np.full(half, saturation) + rng.normal(0, 0.01, half),
-                       np.full(half, 0.8) + rng.normal(0, 0.01, half)], -1)
-    hsv = np.concatenate([top, bottom], 0).clip(0, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray((hsv_to_rgb(hsv) * 255 + 0.5).astype("uint8")).save(path)
-    return path
 
 
 def synthetic_advisor(home: Path, advisor: str = "synth", n: int = 40, seed: int = 0,
@@ -88,43 +61,6 @@ def index_references(cfg: Any, advisors: list[str] | None = None) -> Any:
     return ledger
 
 
-# -- a base model LoRA can actually train ------------------------------------------------------------
-def plain_random_model(smoke: Path, dest: Path, seed: int = 1, logit_scale: float = 3.0) -> Path:
-    """The smoke checkpoint's architecture, tokenizer and processor with plain random weights.
-
-    The smoke checkpoint's lm_head is a hand-built bigram model of a small English corpus: every token
-    absent from that corpus (all ten digits among them) gets the same output row, so no adapter on the
-    language model's layers can make it prefer one score over another. A plain random initialisation
-    gives every token its own row; its output head is scaled by `logit_scale` so that logits have the spread
-    of a trained model's (std ~2 rather than a fresh init's ~0.6): LoRA, which cannot touch the head,
-    otherwise needs several times more steps to become confident about anything.
-    """
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_vlm.models import qwen2_vl
-    from mlx_vlm.utils import update_module_configs
-
-    if (dest / "model.safetensors").is_file():
-        return dest
-    tmp = dest.with_name(dest.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(smoke, tmp)
-    config = json.loads((tmp / "config.json").read_text())
-    cfg = json.loads(json.dumps(config))
-    model_config = update_module_configs(qwen2_vl.ModelConfig.from_dict(cfg), qwen2_vl, cfg, ["text", "vision"])
-    mx.random.seed(seed)
-    model = qwen2_vl.Model(model_config)
-    model.language_model.lm_head.weight = model.language_model.lm_head.weight * logit_scale
-    weights = dict(tree_flatten(model.parameters()))
-    mx.eval(list(weights.values()))
-    mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
-    marker = json.loads((tmp / "mondrian_smoke.json").read_text())
-    marker.update(weights="plain random", seed=seed, logit_scale=logit_scale)
-    (tmp / "mondrian_smoke.json").write_text(json.dumps(marker))
-    tmp.rename(dest)
-    return dest
-
-
 # -- adapters ----------------------------------------------------------------------------------------
 def lora_keys(model: Any) -> list[str]:
     import mlx.nn as nn
@@ -155,7 +91,8 @@ def random_adapter(folder: Path, model: Any, *, rank: int = 8, scale: float = 2.
 
 def install_version(cfg: Any, advisor: str, adapter_src: Path | None = None, *, fingerprint: str = "fp",
                     promoted: bool = True, base_fingerprint: str | None = None, model_path: Path | None = None,
-                    mae: float = 1.0) -> Any:
+                    mae: float = 1.0, references: list[dict[str, Any]] | None = None,
+                    splits: dict[str, list[str]] | None = None) -> Any:
     """Commit a version folder the way training does (copying an adapter, or placeholder weights)."""
     from daemon.model.adapter_store import AdapterStore, atomic_write_json, base_model_fingerprint
 
@@ -169,9 +106,12 @@ def install_version(cfg: Any, advisor: str, adapter_src: Path | None = None, *, 
             {"fine_tune_type": "lora", "lora_parameters": {"rank": 8, "scale": 2.0, "keys": ["x"]}}))
         (staging / "adapters.safetensors").write_bytes(os.urandom(4096))
     base_fp = base_fingerprint or (base_model_fingerprint(model_path) if model_path else None)
-    atomic_write_json(staging / "manifest.json", {"advisor": advisor, "fingerprint": fingerprint,
-                                                  "created_at": time.time(), "references": [], "held_out": [],
-                                                  "base_model": {"fingerprint": base_fp, "spec": "test"}})
+    manifest = {"advisor": advisor, "fingerprint": fingerprint, "created_at": time.time(),
+                "references": references or [], "held_out": (splits or {}).get("test", []),
+                "base_model": {"fingerprint": base_fp, "spec": "test"}}
+    if splits is not None:
+        manifest["splits"] = splits
+    atomic_write_json(staging / "manifest.json", manifest)
     atomic_write_json(staging / "metrics.json", {"evaluation": {
         "candidate": {"label": "candidate", "mae_mean": mae, "n": 2, "valid": 2, "smoke_ok": True},
         "baseline": {"label": "base", "mae_mean": 2.0, "n": 2, "valid": 2}}})

@@ -1,9 +1,14 @@
 """Fit a LoRA adapter on the loaded base model with mlx-vlm's trainer (the training child calls this).
 
 LoRA is attached to the language model (rank 8, alpha 16 by default), trained on completion tokens only,
-held-out loss is evaluated every few steps, and training stops early when it stops improving; the model
+validation loss is evaluated every few steps, and training stops early when it stops improving; the model
 is left holding the best weights seen, in eval mode, so the caller can evaluate it in place. Progress is
 reported through a callback (the trainer's own prints go to stderr, never to stdout).
+
+Before the first step every training and validation sample is checked as the trainer will see it: it must
+carry its image tokens (as many as its image grid gives) and fit in `max_seq_length`. mlx-vlm before 0.5.0
+dropped the images of Qwen samples (about 23 tokens a sample instead of hundreds), and a sample longer than
+the limit is skipped or truncated with only a warning: either would train an adapter that never saw photos.
 """
 
 from __future__ import annotations
@@ -29,7 +34,7 @@ class FitSettings:
     dropout: float = 0.0
     learning_rate: float = 1e-4
     batch_size: int = 1
-    eval_every: int = 0  # 0: about ten held-out evaluations per run
+    eval_every: int = 0  # 0: about ten validation evaluations per run
     patience: int = 3  # evaluations without improvement before stopping early
     max_seq_length: int = 8192
     seed: int = 0
@@ -52,6 +57,50 @@ class FitResult:
 
 class _EarlyStop(Exception):
     pass
+
+
+class SampleError(RuntimeError):
+    """A training sample would not train what it should (no image tokens, too long); the message says which."""
+
+
+def _image_token_id(model: Any) -> int:
+    config = model.config
+    for source in (config, getattr(config, "text_config", None)):
+        for name in ("image_token_id", "image_token_index"):
+            value = getattr(source, name, None)
+            if isinstance(value, int):
+                return value
+    raise SampleError("the model's config names no image token (image_token_id): cannot check the samples")
+
+
+def check_samples(dataset: Any, *, image_token_id: int, max_seq_length: int, merge: int = 2,
+                  split: str = "train") -> dict[str, int]:
+    """Count each prepared sample's image tokens; raise SampleError unless every sample has all of them and
+    fits in `max_seq_length`. Returns the counts (for the metrics)."""
+    import numpy as np
+
+    counts, lengths = [], []
+    for i in range(len(dataset)):
+        sample = dataset[i]
+        ids = np.asarray(sample["input_ids"]).reshape(-1)
+        n_image = int(np.count_nonzero(ids == image_token_id))
+        grid = sample.get("image_grid_thw")
+        expected = int(np.prod(np.asarray(grid), axis=-1).sum()) // (merge * merge) if grid is not None else None
+        if n_image == 0 or sample.get("pixel_values") is None:
+            raise SampleError(f"{split} sample {i} carries no image tokens ({len(ids)} tokens in all): the photo "
+                              f"was dropped before training; nothing would be learned from it")
+        if expected is not None and n_image != expected:
+            raise SampleError(f"{split} sample {i} carries {n_image} image tokens, but its image needs {expected}")
+        if len(ids) > max_seq_length:
+            raise SampleError(f"{split} sample {i} has {len(ids)} tokens, more than max_seq_length "
+                              f"{max_seq_length}: the trainer would skip or cut it; raise [lora] "
+                              f"max_seq_length or lower max_pixels")
+        counts.append(n_image)
+        lengths.append(len(ids))
+    if not counts:
+        raise SampleError(f"the {split} split has no samples")
+    return {f"{split}_samples": len(counts), f"{split}_image_tokens_min": min(counts),
+            f"{split}_image_tokens_max": max(counts), f"{split}_tokens_max": max(lengths)}
 
 
 def fit_lora(runtime: "ModelRuntime", train: Any, validation: Any, settings: FitSettings, *, scratch: Path,
@@ -110,6 +159,12 @@ def fit_lora(runtime: "ModelRuntime", train: Any, validation: Any, settings: Fit
     trainer = Trainer(model, args, train_dataset=train, eval_dataset=validation,
                       processing_class=runtime.processor, optimizer=optim.Adam(learning_rate=settings.learning_rate),
                       training_callback=Callback(), seed=settings.seed)
+    merge = int(getattr(getattr(model.config, "vision_config", None), "spatial_merge_size", 2) or 2)
+    samples: dict[str, int] = {}
+    for name, data in (("train", trainer.train_dataset), ("validation", trainer.eval_dataset)):
+        samples.update(check_samples(data, image_token_id=_image_token_id(model), max_seq_length=settings.max_seq_length,
+                                     merge=merge, split=name))
+    on_progress(dict(event="phase", phase="samples checked", **samples))
     initial = trainer.evaluate()["val_loss"]
     state["history"].append({"step": 0, "val_loss": round(float(initial), 5), "train_loss": None})
     on_progress(dict(event="phase", phase="training", steps=steps, val_loss=round(float(initial), 4)))
@@ -131,7 +186,7 @@ def fit_lora(runtime: "ModelRuntime", train: Any, validation: Any, settings: Fit
     metrics = {"steps_planned": steps, "steps_run": state["history"][-1]["step"], "best_step": state["best_step"],
                "best_val_loss": round(float(state["best"]), 5), "initial_val_loss": round(float(initial), 5),
                "last_train_loss": state["last_loss"], "stopped_early": stopped_early, "history": state["history"],
-               "train_rows": len(train), "held_out_rows": len(validation),
+               "train_rows": len(train), "validation_rows": len(validation), "samples": samples,
                "learning_rate": settings.learning_rate, "rank": settings.rank, "alpha": settings.alpha,
                "train_seconds": round(time.time() - state["started"], 2)}
     # prepare_model_for_training records the layers' shape (and the base quantization) on the model

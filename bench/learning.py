@@ -1,0 +1,263 @@
+"""`learning`: what an adapter learns from N photos, against rag and the bare model (the learning curve).
+
+A synthetic advisor whose taste is visible in the pixels (bench/synthetic.py): lighting is the brightness
+decile of the top band, colour harmony the saturation decile of the bottom band, and visual balance how
+close to the centre a dark bar stands (a whole-image rule: no patch alone tells it); every other dimension is
+5. The advisor's portfolio grows N = 10, 25, 50 (nested: the 25 include the 10); a fixed test set of 30
+other photos scores every mode. For each N:
+
+  baseline  the base model with the advisor's prompt (does not depend on N: measured once)
+  rag       the rag strategy over the N references (indexed with their vision features)
+  lora      an adapter trained as `mondrian train` trains (curator targets, the same dataset rows, samples
+            checked, early stopping on a validation split carved from the N), evaluated on the test set
+
+Scores are read as `mondrian evaluate` reads them (probability-weighted expectation over the score tokens).
+Figures, as key=value lines: `learning_srcc_<mode>_n<N>` (mean Spearman over the three taste dimensions),
+`learning_srcc_<mode>_n<N>_<dim>`, `learning_mae_<mode>_n<N>` (mean over all 8 dimensions) and
+`learning_mae_<mode>_n<N>_<dim>`. Also writes `learning.json` and `learning.png` (the curve) into --out.
+
+The base is the smoke architecture with plain random weights (tests/lora_helpers: the smoke model's tied
+digit rows cannot learn scores). Flags (after the name): --ns 10,25,50 --test 30 --steps 160 --out DIR.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from . import emit, note, var_dir
+
+TASTE = ("lighting", "color_harmony", "visual_balance")
+ADVISOR = "synth"
+MAX_PIXELS = 112 * 112
+SETTINGS = {"embeddings_enabled": True, "max_pixels": MAX_PIXELS, "comment_max_chars": 24, "max_tokens": 700}
+ACCEPTS_ARGS = True  # bench/__main__.py passes the flags after the name
+
+
+def _options(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench learning")
+    p.add_argument("--ns", default="10,25,50", help="portfolio sizes, comma-separated (default 10,25,50)")
+    p.add_argument("--test", type=int, default=30, help="fixed test photos (default 30)")
+    p.add_argument("--steps", type=int, default=160, help="LoRA training steps per N (default 160)")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--variants", type=int, default=2, help="augmented copies per training reference")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="where learning.json and learning.png go (default <var>/bench-learning)")
+    return p.parse_args(argv or [])
+
+
+def _write_advisor(home: Path, photos: list[tuple[Path, dict[str, int]]]) -> None:
+    folder = home / "advisors" / ADVISOR
+    refs = folder / "references"
+    refs.mkdir(parents=True, exist_ok=True)
+    (folder / "advisor.toml").write_text(f'id = "{ADVISOR}"\nname = "Synth"\n'
+                                         'prompt = "You judge light, colour and balance."\nflip_augmentation = true\n')
+    old = time.time() - 120  # settled: the indexer waits for files still being written
+    for src, scores in photos:
+        dst = refs / src.name
+        shutil.copyfile(src, dst)
+        dst.with_suffix(".json").write_text(json.dumps({"scores": scores}))
+        for p in (dst, dst.with_suffix(".json")):
+            os.utime(p, (old, old))
+
+
+def _pool(folder: Path, n: int, seed: int, prefix: str) -> list[tuple[Path, dict[str, int]]]:
+    import numpy as np
+
+    from .synthetic import draw_taste, synthetic_photo
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        scores, draw = draw_taste(rng)
+        path = synthetic_photo(folder / f"{prefix}{i:03d}.png", draw["value"], draw["saturation"],
+                               seed * 1000 + i, mass_at=draw["mass_at"])
+        out.append((path, scores))
+    return out
+
+
+def _figures(ev: dict[str, Any]) -> dict[str, Any]:
+    """Mean Spearman over the taste dimensions, mean MAE over all eight, and both per taste dimension."""
+    from jobs.evaluate import spearman_mean
+
+    ok = [p for p in ev["photos"] if p["expected"] is not None]
+    pred = [[p["expected"][d] for d in TASTE] for p in ok]
+    true = [[p["target"][d] for d in TASTE] for p in ok]
+    out = {"srcc": spearman_mean(pred, true), "mae": ev["mae_mean"], "valid": f"{ev['valid']}/{ev['n']}"}
+    for d in TASTE:
+        out[f"srcc_{d}"] = ev["per_dim"][d]["spearman"] or 0.0
+        out[f"mae_{d}"] = ev["per_dim"][d]["mae"]
+    return out
+
+
+class _Recording:
+    """The runtime, remembering the prompt and text of the last report it wrote (rag's second pass)."""
+
+    def __init__(self, runtime: Any) -> None:
+        self._rt = runtime
+        self.last: tuple[str, str] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._rt, name)
+
+    def generate_json(self, image: Any, prompt: str, schema: dict, **kw: Any) -> Any:
+        gen = self._rt.generate_json(image, prompt, schema, **kw)
+        self.last = (prompt, gen.text)
+        return gen
+
+
+def _rag(cfg: Any, runtime: Any, ledger: Any, advisor: Any, test: list[Any]) -> dict[str, Any]:
+    from daemon.analysis import AnalysisContext
+    from daemon.analysis.rag import RagStrategy
+    from daemon.intake.images import load_photo
+    from jobs.evaluate import Evaluation, PhotoScores
+
+    strategy = RagStrategy(cfg, ledger)
+    rec = _Recording(runtime)
+    result = Evaluation(label="rag")
+    for ref in test:
+        photo = load_photo(Path(ref.path), cfg.max_pixels)
+        strategy.analyse(AnalysisContext(runtime=rec, cfg=cfg, advisor=advisor, photo=photo))
+        prompt, text = rec.last  # type: ignore[misc]
+        expected = runtime.expected_scores(photo.image, prompt, text)
+        result.photos.append(PhotoScores(ref.sha256, expected, None, dict(ref.scores)))
+    return result.to_dict()
+
+
+def _lora(cfg: Any, model_path: Path, advisor: Any, refs: list[Any], test: list[Any], opts: argparse.Namespace,
+          work: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    from daemon.model.fitting import FitSettings, fit_lora
+    from daemon.model.runtime import ModelRuntime
+    from jobs import dataset as ds
+    from jobs.evaluate import evaluate
+    from daemon.analysis.prompts import critique_prompt
+
+    # Validation (early stopping) is carved from the N by content hash; the test set is the fixed one.
+    inner = ds.split(refs, holdout_fraction=0.0, validation_fraction=0.2)
+    splits = ds.Splits(train=inner.train + inner.test, validation=inner.validation, test=test)
+    built = ds.build_dataset(cfg, advisor, refs, work / "dataset",
+                             ds.DatasetSettings(variants=opts.variants, exposure=False), splits=splits)
+    runtime = ModelRuntime.load(str(model_path), var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
+    data = ds.load_built(built.path)
+    # mlx-vlm evaluates in whole batches: a batch no larger than the validation split (2 photos at N = 10)
+    fit = FitSettings(steps=opts.steps, learning_rate=opts.lr, batch_size=min(4, built.validation_rows),
+                      eval_every=40, patience=3, seed=opts.seed)
+    fitted = fit_lora(runtime, data["train"], data["validation"], fit, scratch=work / "scratch.safetensors",
+                      on_progress=lambda e: None)
+    folder = fitted.save(work / "adapter")
+    ev = evaluate(runtime, test, critique_prompt(advisor), adapter=folder, label="lora",
+                  comment_max_chars=cfg.comment_max_chars, max_tokens=cfg.max_tokens, max_pixels=cfg.max_pixels)
+    return ev.to_dict(), fitted.metrics
+
+
+def _plot(results: dict[str, Any], ns: list[int], path: Path) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        note("matplotlib is not installed (pip install 'mondrian[bench]'): no learning.png")
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, style in (("baseline", "k--"), ("rag", "b-o"), ("lora", "r-o")):
+        srcc = [results[str(n)][mode]["srcc"] or 0.0 for n in ns]
+        mae = [results[str(n)][mode]["mae"] for n in ns]
+        axes[0].plot(ns, srcc, style, label=mode)
+        axes[1].plot(ns, mae, style, label=mode)
+    axes[0].set(xlabel="training references N", ylabel="mean Spearman (lighting, colour, balance)",
+                title="Ranks like the advisor (higher is better)")
+    axes[1].set(xlabel="training references N", ylabel="mean MAE (8 dimensions)",
+                title="Scores like the advisor (lower is better)")
+    for ax in axes:
+        ax.set_xticks(ns)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"Synthetic advisor, fixed test set of {results['test']} photos, smoke-sized random base model")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def run(size: str, argv: list[str] | None = None) -> dict[str, Any]:
+    from daemon.analysis.advisors import get_advisor
+    from daemon.analysis.prompts import critique_prompt
+    from daemon.config import load_config
+    from daemon.ledger import Ledger
+    from daemon.model.runtime import ModelRuntime
+    from daemon.model.smoke import ensure_smoke_model
+    from daemon.references.indexer import ReferenceIndexer
+    from jobs import dataset as ds
+    from jobs.evaluate import evaluate
+
+    from .synthetic import plain_random_model
+
+    opts = _options(argv)
+    ns = sorted(int(x) for x in opts.ns.split(","))
+    root = var_dir()
+    out = Path(opts.out) if opts.out else root / "bench-learning"
+    work = out / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    model_path = plain_random_model(ensure_smoke_model(root), root / "models" / "smoke-plain")
+    labels = f"ns={opts.ns} test={opts.test} steps={opts.steps} lr={opts.lr:g} variants={opts.variants}"
+    note(f"learning: {labels} on {model_path.name}")
+    pool = _pool(work / "pool", max(ns), opts.seed, "r")
+    test_photos = _pool(work / "test", opts.test, opts.seed + 7, "t")
+    test = [ds.Reference(path=str(p), sha256=hashlib.sha256(p.read_bytes()).hexdigest(), scores=s, source="human")
+            for p, s in test_photos]
+
+    results: dict[str, Any] = {"settings": vars(opts), "test": opts.test, "model": str(model_path)}
+    base_figs: dict[str, Any] | None = None
+    for n in ns:
+        started = time.perf_counter()
+        home = work / f"n{n}"
+        (home / "inbox").mkdir(parents=True)
+        (home / "mondrian.toml").write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in SETTINGS.items()))
+        _write_advisor(home, pool[:n])
+        cfg = load_config(home, env={}, model=str(model_path))
+        runtime = ModelRuntime.load(str(model_path), var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
+        ledger = Ledger(cfg.db_path)
+        ReferenceIndexer(cfg, ledger, lambda: runtime).sync([ADVISOR])
+        refs = ds.collect_references(cfg, ADVISOR, ledger)
+        assert len(refs) == n and all(r.source == "human" for r in refs), "the portfolio was not indexed"
+        advisor = get_advisor(cfg, ADVISOR)
+        if base_figs is None:
+            base = evaluate(runtime, test, critique_prompt(advisor), adapter=None, label="base",
+                            comment_max_chars=cfg.comment_max_chars, max_tokens=cfg.max_tokens,
+                            max_pixels=cfg.max_pixels).to_dict()
+            base_figs = _figures(base)
+        rag = _figures(_rag(cfg, runtime, ledger, advisor, test))
+        lora_ev, fit = _lora(cfg, model_path, advisor, refs, test, opts, home / "lora")
+        lora = _figures(lora_ev)
+        results[str(n)] = {"baseline": base_figs, "rag": rag, "lora": lora,
+                           "training": {k: fit[k] for k in ("steps_run", "best_step", "best_val_loss",
+                                                            "initial_val_loss", "train_rows", "validation_rows",
+                                                            "samples")}}
+        for mode, figs in (("baseline", base_figs), ("rag", rag), ("lora", lora)):
+            emit(f"learning_srcc_{mode}_n{n}", round(figs["srcc"] or 0.0, 3))
+            emit(f"learning_mae_{mode}_n{n}", round(figs["mae"], 3))
+            for d in TASTE:
+                emit(f"learning_srcc_{mode}_n{n}_{d}", round(figs[f"srcc_{d}"], 3))
+                emit(f"learning_mae_{mode}_n{n}_{d}", round(figs[f"mae_{d}"], 3))
+        note(f"learning n={n}: {time.perf_counter() - started:.0f} s (lora: {fit['steps_run']} steps, best at "
+             f"{fit['best_step']}, {fit['train_rows']} training rows)")
+        json.dump(results, open(out / "learning.json", "w"), indent=2, default=str)
+    png = _plot(results, ns, out / "learning.png")
+    figures: dict[str, Any] = {"learning_settings": labels.replace(" ", ","),
+                               "learning_json": str(out / "learning.json")}
+    if png:
+        figures["learning_png"] = str(png)
+    mid = 25 if 25 in ns else ns[len(ns) // 2]
+    r = results[str(mid)]
+    figures[f"learning_lora_minus_rag_srcc_n{mid}"] = round((r["lora"]["srcc"] or 0) - (r["rag"]["srcc"] or 0), 3)
+    figures[f"learning_rag_minus_baseline_srcc_n{mid}"] = round((r["rag"]["srcc"] or 0) -
+                                                                (r["baseline"]["srcc"] or 0), 3)
+    return figures
