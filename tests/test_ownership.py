@@ -58,7 +58,7 @@ def _jobs(home: Path) -> list[dict[str, Any]]:
 
 def _one_line(stderr: str) -> str:
     """The one line that says what went wrong (informational log lines such as the BLAS one aside)."""
-    lines = [line for line in stderr.splitlines() if line.strip() and not re.match(r"^\d\d:\d\d:\d\d INFO ", line)]
+    lines = [line for line in stderr.splitlines() if line.strip() and not re.match(r"^(\d{4}-\d\d-\d\d )?\d\d:\d\d:\d\d INFO ", line)]
     assert "Traceback" not in stderr, stderr
     assert len(lines) == 1, stderr
     return lines[0]
