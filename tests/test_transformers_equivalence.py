@@ -1,0 +1,87 @@
+"""transformers' Qwen2-VL, given the MLX checkpoint's weights through bench/hf_qwen2vl.py, computes the same logits as
+mlx-vlm for the same prompt and photo: so `python -m bench transformers_cmp` times the same model on both sides.
+
+Needs the `bench` extra (torch). Without it the test is skipped with the install command as its reason, except under
+CI (`CI` set), where it fails, as the browser tests do: a skipped comparison would hide that nothing was checked.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+PROMPT = "Critique this photograph: composition, light, colour."
+
+
+def require_torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        reason = "needs the bench extra (torch): pip install -e '.[bench]'"
+        if os.environ.get("CI"):
+            pytest.fail(reason + "; under CI the transformers comparison must run")
+        pytest.skip(reason)
+    return torch
+
+
+def _undamped(smoke: Path, dest: Path) -> Path:
+    """The smoke model with its residual branches at full strength: attention, positions (M-RoPE) and the image then
+    move the logits a lot, so a wrong name, layout or position shows (the smoke model's damped layers hide them)."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(smoke, dest)
+    weights = load_file(str(smoke / "model.safetensors"))
+    for name in weights:
+        if name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight")):
+            weights[name] = weights[name] * 20.0
+    save_file(weights, str(dest / "model.safetensors"), metadata={"format": "mlx"})
+    return dest
+
+
+def _logits(path: Path, images: list[Any]) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per image: (mlx-vlm's logits, transformers' logits) over every prompt position."""
+    torch = require_torch()
+    import mlx.core as mx
+    import mlx_vlm
+
+    from bench.hf_qwen2vl import load_transformers_model, torch_inputs
+    from daemon.model.reuse import _inputs
+
+    model, processor = mlx_vlm.load(str(path))
+    hf = load_transformers_model(path)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ours, theirs = [], []
+    for image in images:
+        inputs = _inputs(processor, model, image, prompt)
+        out = model(inputs["input_ids"], inputs["pixel_values"], inputs.get("attention_mask"),
+                    image_grid_thw=inputs["image_grid_thw"])
+        ours.append(np.array(out.logits.astype(mx.float32))[0])
+        with torch.no_grad():
+            theirs.append(hf(**torch_inputs(inputs, model.config.image_token_id)).logits[0].numpy())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("variant", ["smoke", "undamped"])
+def test_transformers_computes_the_same_logits_as_mlx(variant: str, smoke_model_path: Path, tmp_path: Path) -> None:
+    require_torch()
+    from PIL import Image, ImageOps
+
+    from daemon.resources import samples_dir
+
+    path = smoke_model_path if variant == "smoke" else _undamped(smoke_model_path, tmp_path / "undamped")
+    samples = sorted(samples_dir().glob("*.jpg"))
+    images = [ImageOps.fit(Image.open(p).convert("RGB"), (224, 168)) for p in samples[:2]]
+    ours, theirs = _logits(path, images)
+    for mine, hf in zip(ours, theirs):
+        assert mine.shape == hf.shape
+        scale = float(np.abs(mine).max())
+        assert np.abs(mine - hf).max() <= 1e-4 * scale, (variant, float(np.abs(mine - hf).max()), scale)
+    # The photo reaches the logits on both sides, so the comparison covers the vision tower's weights too.
+    image_effect = float(np.abs(ours[0] - ours[1]).max())
+    assert image_effect > 100 * float(np.abs(ours[0] - theirs[0]).max()), image_effect
