@@ -32,58 +32,63 @@ def hf_name(mlx_name: str) -> str:
     raise ValueError(f"no transformers name for the MLX parameter {mlx_name!r}: not a Qwen2-VL checkpoint?")
 
 
-def hf_state_dict(mlx_weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The MLX checkpoint's tensors under transformers' names and layouts (float32 numpy arrays)."""
-    quantized = sorted(k for k in mlx_weights if k.endswith(".scales"))
-    if quantized:
-        raise ValueError(f"{len(quantized)} quantized tensors (e.g. {quantized[0]}): compare with transformers on "
-                         "the float checkpoint (dequantize it first)")
-    out: dict[str, np.ndarray] = {}
-    for name, value in mlx_weights.items():
-        if name == PATCH_EMBED:
-            value = np.ascontiguousarray(np.transpose(value, (0, 4, 1, 2, 3)))
-        out[hf_name(name)] = np.asarray(value, dtype=np.float32)
-    return out
-
-
-def load_mlx_weights(model_dir: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    weights: dict[str, np.ndarray] = {}
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
-        weights.update(load_file(str(file)))
-    if not weights:
-        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
-    return weights
-
-
 def load_transformers_model(model_dir: Path, *, threads: int | None = None) -> Any:
     """transformers' Qwen2VLForConditionalGeneration (float32, CPU, eval mode) holding the MLX checkpoint's weights.
 
-    Every parameter must be filled: a name that does not map, or one transformers has and the checkpoint lacks,
-    raises instead of leaving a randomly initialised tensor in the model."""
+    Every parameter must be filled: a name that does not map, a shape that differs, or a parameter transformers has
+    and the checkpoint lacks raises instead of leaving a randomly initialised tensor in the model. Tensors are copied
+    one at a time (no second copy of a 9 GB real-shape checkpoint in memory) into a model built without random
+    initialisation (minutes at 2 B parameters otherwise)."""
     import torch
+    from safetensors import safe_open
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
 
     if threads:
         torch.set_num_threads(threads)
     config = Qwen2VLConfig.from_pretrained(str(model_dir))
-    model = Qwen2VLForConditionalGeneration(config).to(torch.float32).eval()
-    state = {k: torch.from_numpy(v) for k, v in hf_state_dict(load_mlx_weights(model_dir)).items()}
-    expected = set(model.state_dict())
+    with no_init_weights():
+        model = Qwen2VLForConditionalGeneration(config)
+    model = model.to(torch.float32).eval()
+    params = dict(model.named_parameters())
+    filled: set[str] = set()
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"no *.safetensors in {model_dir}")
+    with torch.no_grad():
+        for file in files:
+            with safe_open(str(file), "numpy") as f:
+                names = list(f.keys())
+                quantized = [k for k in names if k.endswith(".scales")]
+                if quantized:
+                    raise ValueError(f"{len(quantized)} quantized tensors (e.g. {quantized[0]}) in {file}: compare "
+                                     "with transformers on the float checkpoint")
+                for name in names:
+                    value = f.get_tensor(name)
+                    if name == PATCH_EMBED:
+                        value = np.transpose(value, (0, 4, 1, 2, 3))
+                    target = hf_name(name)
+                    if target not in params:
+                        raise ValueError(f"{name} maps to {target}, which transformers' model does not have")
+                    if tuple(params[target].shape) != value.shape:
+                        raise ValueError(f"{target}: transformers expects {tuple(params[target].shape)}, the "
+                                         f"checkpoint has {value.shape}")
+                    params[target].copy_(torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32)))
+                    filled.add(target)
     tied = bool(getattr(config, "tie_word_embeddings", False))
-    missing = expected - set(state) - ({"lm_head.weight"} if tied else set())
-    unexpected = set(state) - expected
-    if missing or unexpected:
-        raise ValueError(f"MLX -> transformers name mapping is incomplete: missing {sorted(missing)[:5]}, "
-                         f"unexpected {sorted(unexpected)[:5]}")
-    for name, tensor in model.state_dict().items():
-        if name in state and tuple(tensor.shape) != tuple(state[name].shape):
-            raise ValueError(f"{name}: transformers expects {tuple(tensor.shape)}, the checkpoint has "
-                             f"{tuple(state[name].shape)}")
-    model.load_state_dict(state, strict=False)
     if tied:
         model.tie_weights()
+        filled.add("lm_head.weight")
+    missing = set(params) - filled
+    if missing:
+        raise ValueError(f"the checkpoint does not fill {len(missing)} transformers parameters, e.g. "
+                         f"{sorted(missing)[:5]}")
+    if tied and model.lm_head.weight.data_ptr() != model.model.language_model.embed_tokens.weight.data_ptr():
+        raise ValueError("tie_word_embeddings is set but transformers did not tie lm_head to embed_tokens")
     return model
 
 
