@@ -43,6 +43,23 @@ def _undamped(smoke: Path, dest: Path) -> Path:
     return dest
 
 
+def _tied(smoke: Path, dest: Path) -> Path:
+    """The smoke model with lm_head tied to the embedding table, as the real Qwen2-VL-2B (and the real-shape bench
+    model) has it: the checkpoint then has no lm_head of its own and transformers must tie it."""
+    import json
+
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(smoke, dest)
+    weights = load_file(str(smoke / "model.safetensors"))
+    del weights["language_model.lm_head.weight"]
+    save_file(weights, str(dest / "model.safetensors"), metadata={"format": "mlx"})
+    config = json.loads((dest / "config.json").read_text())
+    config["tie_word_embeddings"] = True
+    (dest / "config.json").write_text(json.dumps(config))
+    return dest
+
+
 def _logits(path: Path, images: list[Any]) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Per image: (mlx-vlm's logits, transformers' logits) over every prompt position."""
     torch = require_torch()
@@ -67,14 +84,15 @@ def _logits(path: Path, images: list[Any]) -> tuple[list[np.ndarray], list[np.nd
     return ours, theirs
 
 
-@pytest.mark.parametrize("variant", ["smoke", "undamped"])
+@pytest.mark.parametrize("variant", ["smoke", "undamped", "tied"])
 def test_transformers_computes_the_same_logits_as_mlx(variant: str, smoke_model_path: Path, tmp_path: Path) -> None:
     require_torch()
     from PIL import Image, ImageOps
 
     from daemon.resources import samples_dir
 
-    path = smoke_model_path if variant == "smoke" else _undamped(smoke_model_path, tmp_path / "undamped")
+    path = {"smoke": lambda: smoke_model_path, "undamped": lambda: _undamped(smoke_model_path, tmp_path / "undamped"),
+            "tied": lambda: _tied(smoke_model_path, tmp_path / "tied")}[variant]()
     samples = sorted(samples_dir().glob("*.jpg"))
     images = [ImageOps.fit(Image.open(p).convert("RGB"), (224, 168)) for p in samples[:2]]
     ours, theirs = _logits(path, images)
