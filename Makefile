@@ -34,9 +34,18 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/mondrian demo
 
-test: $(STAMP)
+# The bench extra (torch) for tests/test_transformers_equivalence.py, which fails under CI without it. On Linux from
+# PyTorch's CPU index: PyPI's default Linux wheel brings ~3 GB of CUDA libraries the tests never use.
+TORCH_INDEX := $(if $(filter Linux,$(shell uname -s)),--extra-index-url https://download.pytorch.org/whl/cpu)
+BENCH_STAMP := $(VENV)/.bench-installed
+
+$(BENCH_STAMP): $(STAMP)
+	$(VENV)/bin/pip install -q -e '.[bench]' $(TORCH_INDEX)
+	touch $@
+
+test: $(STAMP) $(BENCH_STAMP)
 	@bash tests/system_deps.sh
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest
 
-bench: $(STAMP)
+bench: $(STAMP) $(BENCH_STAMP)
 	$(VENV)/bin/python -m bench
