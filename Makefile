@@ -38,5 +38,19 @@ test: $(STAMP)
 	@bash tests/system_deps.sh
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest
 
-bench: $(STAMP)
-	$(VENV)/bin/python -m bench
+# Benchmarks get their own venv with the bench extra (torch, matplotlib): with torch installed, transformers'
+# processors import it in every daemon, so the test venv stays without it. On Linux torch comes from PyTorch's CPU
+# index: PyPI's default Linux wheel brings ~3 GB of CUDA libraries. The transformers comparison is only fair if both
+# sides compute the same logits: that test runs first.
+BENCH_VENV ?= .venv-bench
+TORCH_INDEX := $(if $(filter Linux,$(shell uname -s)),--extra-index-url https://download.pytorch.org/whl/cpu)
+
+$(BENCH_VENV)/.installed: pyproject.toml | python-check
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/pip install -q -e '.[test,bench]' $(TORCH_INDEX)
+	touch $@
+
+bench: $(BENCH_VENV)/.installed
+	HF_HUB_OFFLINE=1 MONDRIAN_REQUIRE_TORCH=1 $(BENCH_VENV)/bin/python -m pytest -q tests/test_transformers_equivalence.py
+	$(BENCH_VENV)/bin/python -m bench

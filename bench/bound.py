@@ -1,0 +1,242 @@
+"""`bound`: how far a critique is from what this machine's arithmetic and memory allow.
+
+    bound_s_per_photo = prefill FLOPs / measured matmul rate + bytes read per decode step / measured bandwidth × steps
+
+- prefill FLOPs, counted from the checkpoint's config.json for each photo's actual token counts: the vision tower
+  (patch embedding, every block's qkv / attention / projection / MLP, the patch merger) over the photo's patches,
+  and the language model over the prompt tokens (projections, MLP, causal attention; the vocabulary projection for
+  the last position only, as a decoder needs).
+- matmul rate: an MLX matmul at the model's own shapes (vision MLP: patches × embed_dim @ embed_dim × 4·embed_dim;
+  language MLP: prompt × hidden @ hidden × intermediate), in the weights' dtype (quantized: `mx.quantized_matmul`
+  at the checkpoint's bits and group size), best of several runs, in this process and run.
+- bytes per decode step: the language model's parameter bytes as stored (lm_head included; the embedding table is
+  read one row a token, so it counts only when tied to lm_head); the vision tower is not read while decoding.
+- bandwidth: the best of a reduction over, a copy of, and a matrix-vector product with a 512 MB array (the
+  matrix-vector product is what a decode step is), in this process and run.
+- steps: the decode forward passes our runtime needed (schema-forced tokens ride along in the pass of the sampled
+  token before them, so they cost no weight read of their own). `bound_per_token_s_per_photo` counts one weight
+  read per generated token instead: the bound of a decoder that does not skip forced tokens (mlx_vlm.generate).
+Left out, so the bound stays a lower bound: the KV cache reads, norms, RoPE, the schema mask, image preprocessing.
+
+`real_s_per_photo` is `ModelRuntime.generate_json` at the project's default settings (comment length, max_tokens,
+max_pixels), the baseline prompt; `real_over_bound` = real / bound (target: within 2x at real shapes).
+--size real (2.2 B parameters, ~9 GB, minutes a photo on a 2-core CPU) is for the GPU machine or a larger one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from . import by_size, emit, note, var_dir
+
+PHOTOS = {"smoke": 3, "real": 3}
+PHOTO_SIZE = (640, 480)
+BANDWIDTH_BYTES = 512 * 2**20
+REPEATS = 5
+
+
+def _text_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    text = dict(cfg.get("text_config") or {})
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "intermediate_size", "vocab_size", "tie_word_embeddings"):
+        text.setdefault(key, cfg.get(key))
+    return text
+
+
+def vision_flops(cfg: dict[str, Any], grid_thw: tuple[int, int, int]) -> float:
+    """FLOPs (multiply-add = 2) of the Qwen2-VL vision tower on one photo of `grid_thw` patches."""
+    v = cfg["vision_config"]
+    d, depth = v["embed_dim"], v["depth"]
+    mlp = int(d * v["mlp_ratio"])
+    merge = v["spatial_merge_size"] ** 2
+    n = grid_thw[0] * grid_thw[1] * grid_thw[2]
+    patch_in = v.get("in_chans", v.get("in_channels", 3)) * v["temporal_patch_size"] * v["patch_size"] ** 2
+    per_block = 2 * n * d * 3 * d + 2 * 2 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * mlp
+    merger = 2 * (n // merge) * (merge * d) ** 2 + 2 * (n // merge) * (merge * d) * _text_config(cfg)["hidden_size"]
+    return float(2 * n * patch_in * d + depth * per_block + merger)
+
+
+def language_flops(cfg: dict[str, Any], tokens: int, *, context: int = 0) -> float:
+    """FLOPs of the language model over `tokens` new tokens after `context` cached ones, projecting only the last
+    position onto the vocabulary."""
+    t = _text_config(cfg)
+    h, layers, inter = t["hidden_size"], t["num_hidden_layers"], t["intermediate_size"]
+    head_dim = h // t["num_attention_heads"]
+    kv = t["num_key_value_heads"] * head_dim
+    per_token = 2 * h * h * 2 + 2 * h * kv * 2 + 2 * 3 * h * inter  # q, o; k, v; gate, up, down
+    # causal attention: token i attends to context + i + 1 positions (scores and weighted sum)
+    attended = tokens * context + tokens * (tokens + 1) / 2
+    return float(layers * (tokens * per_token + 2 * 2 * h * attended) + 2 * h * t["vocab_size"])
+
+
+def _best_seconds(fn: Callable[[], Any], repeats: int = REPEATS) -> float:
+    import mlx.core as mx
+
+    mx.eval(fn())  # warm: allocation, first-call paths
+    best = float("inf")
+    for _ in range(repeats):
+        started = time.perf_counter()
+        mx.eval(fn())
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
+def _quantization(layer: Any) -> tuple[int, int] | None:
+    """(bits, group_size) of a quantized linear layer, or None for a float one."""
+    if getattr(layer, "scales", None) is None:
+        return None
+    return int(layer.bits), int(layer.group_size)
+
+
+def matmul_rate(m: int, k: int, n: int, dtype: Any, quant: tuple[int, int] | None) -> float:
+    """Measured FLOP/s of x[m, k] @ W[k, n] in MLX, W stored as the model stores it."""
+    import mlx.core as mx
+
+    mx.random.seed(0)
+    x = mx.random.normal((m, k)).astype(dtype)
+    w = mx.random.normal((n, k)).astype(dtype)  # (out, in), as nn.Linear keeps it
+    if quant is None:
+        mx.eval(x, w)
+        seconds = _best_seconds(lambda: x @ w.T)
+    else:
+        bits, group = quant
+        wq, scales, biases = mx.quantize(w, group_size=group, bits=bits)
+        mx.eval(x, wq, scales, biases)
+        seconds = _best_seconds(lambda: mx.quantized_matmul(x, wq, scales, biases, transpose=True,
+                                                            group_size=group, bits=bits))
+    return 2.0 * m * k * n / seconds
+
+
+def bandwidths(nbytes: int = BANDWIDTH_BYTES) -> dict[str, float]:
+    """Bytes/s actually moved by a reduction, a copy (read + write) and a matrix-vector product, in MLX."""
+    import mlx.core as mx
+
+    n = nbytes // 4
+    a = mx.random.uniform(shape=(n,))
+    cols = 4096
+    mat = a.reshape(n // cols, cols)
+    vec = mx.random.uniform(shape=(cols, 1))
+    mx.eval(a, vec)
+    out = {
+        "reduce": nbytes / _best_seconds(lambda: mx.sum(a)),
+        "copy": 2 * nbytes / _best_seconds(lambda: a * 1.0),
+        "matvec": nbytes / _best_seconds(lambda: mat @ vec),
+    }
+    del a, mat, vec
+    mx.clear_cache()
+    return out
+
+
+def decode_bytes(model: Any, tied: bool) -> int:
+    """Parameter bytes of the language model a decode step reads: everything but the embedding table (one row a
+    token), unless the table is also lm_head."""
+    from mlx.utils import tree_flatten
+
+    total = 0
+    for name, value in tree_flatten(model.language_model.parameters()):
+        if "embed_tokens" in name and not tied:
+            continue
+        total += value.nbytes
+    return total
+
+
+def measure(shapes: str) -> dict[str, Any]:
+    import mlx.core as mx
+
+    from daemon.analysis.critique import critique_schema
+    from daemon.model.reuse import _inputs
+    from daemon.model.runtime import ModelRuntime
+    from daemon.model.smoke import ensure_smoke_model
+
+    from .rag import _photos
+    from .transformers_cmp import settings
+
+    s = settings()
+    prefix = f"{shapes}."
+    figures: dict[str, Any] = {}
+
+    def put(key: str, value: Any) -> None:
+        figures[prefix + key] = emit(prefix + key, value)
+
+    model_path = ensure_smoke_model(var_dir(), shapes=shapes)
+    cfg = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+    text = _text_config(cfg)
+    rt = ModelRuntime.load(str(model_path), var_dir=var_dir(), max_pixels=s["max_pixels"])
+    schema = critique_schema(s["comment_max_chars"])
+    photos = _photos(PHOTOS[shapes], PHOTO_SIZE)
+    rt.generate_json(photos[0].resize((56, 56)), s["prompt"], schema, max_tokens=s["max_tokens"])  # warm
+
+    real_s = vision_s = 0.0
+    runs = []
+    for i, image in enumerate(photos):
+        grid = tuple(int(g) for g in _inputs(rt.processor, rt.model, image, rt.format_prompt(s["prompt"]))
+                     ["image_grid_thw"].tolist()[0])
+        started = time.perf_counter()
+        encoded = rt.encode(image)  # what generate_json(image) does first; timed apart to split the figure
+        vision_s += time.perf_counter() - started
+        gen = rt.generate_json(image, s["prompt"], schema, max_tokens=s["max_tokens"], encoded=encoded)
+        real_s += time.perf_counter() - started
+        runs.append((grid, gen))
+        note(f"{shapes} photo {i + 1}/{len(photos)}: {real_s:.1f} s so far")
+
+    lm = rt.model.language_model.model.layers[0].mlp.up_proj
+    vis = rt.model.vision_tower.blocks[0].mlp.fc1
+    quant = _quantization(lm)
+    lm_dtype = lm.weight.dtype if quant is None else getattr(lm.scales, "dtype", mx.float32)
+    vis_dtype = vis.weight.dtype if _quantization(vis) is None else mx.float32
+    v = cfg["vision_config"]
+    n_patches = max(g[0] * g[1] * g[2] for g, _ in runs)
+    prompt_tokens = max(gen.prompt_tokens for _, gen in runs)
+    vision_rate = matmul_rate(n_patches, v["embed_dim"], int(v["embed_dim"] * v["mlp_ratio"]), vis_dtype,
+                              _quantization(vis))
+    lm_rate = matmul_rate(prompt_tokens, text["hidden_size"], text["intermediate_size"], lm_dtype, quant)
+    bw = bandwidths()
+    bandwidth = max(bw.values())
+    step_bytes = decode_bytes(rt.model, bool(text.get("tie_word_embeddings")))
+
+    n = len(runs)
+    vis_flops = sum(vision_flops(cfg, g) for g, _ in runs) / n
+    lm_flops = sum(language_flops(cfg, gen.prompt_tokens) for _, gen in runs) / n
+    steps = sum(gen.forward_passes or gen.generated_tokens for _, gen in runs) / n
+    tokens = sum(gen.generated_tokens for _, gen in runs) / n
+    compute_s = vis_flops / vision_rate + lm_flops / lm_rate
+    memory_s = step_bytes / bandwidth * steps
+    bound_s = compute_s + memory_s
+    real = real_s / n
+
+    put("photos", n)
+    put("prompt_tokens_per_photo", round(sum(gen.prompt_tokens for _, gen in runs) / n, 1))
+    put("image_patches_per_photo", round(sum(g[0] * g[1] * g[2] for g, _ in runs) / n, 1))
+    put("generated_tokens_per_photo", round(tokens, 1))
+    put("decode_steps_per_photo", round(steps, 1))
+    put("vision_gflop_per_photo", round(vis_flops / 1e9, 3))
+    put("language_prefill_gflop_per_photo", round(lm_flops / 1e9, 3))
+    put("matmul_gflops_vision", round(vision_rate / 1e9, 2))
+    put("matmul_gflops_language", round(lm_rate / 1e9, 2))
+    for kind, rate in bw.items():
+        put(f"bandwidth_gbs_{kind}", round(rate / 1e9, 2))
+    put("bytes_per_decode_step_mb", round(step_bytes / 2**20, 2))
+    put("bound_compute_s_per_photo", round(compute_s, 4))
+    put("bound_memory_s_per_photo", round(memory_s, 4))
+    put("bound_per_token_s_per_photo", round(compute_s + step_bytes / bandwidth * tokens, 4))
+    put("bound_vision_s_per_photo", round(vis_flops / vision_rate, 4))
+    put("real_vision_s_per_photo", round(vision_s / n, 4))
+    put("real_s_per_photo", round(real, 4))
+    put("bound_s_per_photo", round(bound_s, 4))
+    put("real_over_bound", round(real / bound_s, 2))
+    put("loadavg_1m", round(os.getloadavg()[0], 2))
+    return figures
+
+
+def run(size: str) -> dict[str, Any]:
+    from .transformers_cmp import settings
+
+    s = settings()
+    for key in ("comment_max_chars", "max_tokens", "max_pixels"):
+        emit(key, s[key])
+    emit("photo_size", f"{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}")
+    return by_size(size, measure, "real_s_per_photo", "bound_s_per_photo", "real_over_bound")
