@@ -130,6 +130,52 @@ def _render_playwright(exe: str, url: str, evaluate: str | None, timeout_s: floa
     return out
 
 
+def require_playwright() -> None:
+    """Skip the calling test unless Playwright can drive the browser (screenshots, clicks, colour schemes); under
+    CI a missing package fails instead, as a missing browser does."""
+    import pytest
+
+    require_browser()
+    if not _have_playwright():
+        reason = "the playwright package is not installed (pip install -e '.[test]')"
+        if os.environ.get("CI"):
+            pytest.fail(reason + "; under CI the browser tests must run")
+        pytest.skip(reason)
+
+
+def screenshot(url: str, path: Path, *, width: int = 1280, height: int = 900, color_scheme: str = "light",
+               clicks: tuple[str, ...] = (), evaluate: str | None = None, timeout_s: float = 60.0) -> Rendered:
+    """Load `url` in a `width` px wide window with `color_scheme` ("light" or "dark", as the system would set
+    prefers-color-scheme), click `clicks` (CSS selectors) in turn, then save a full-page PNG to `path` and
+    return what `evaluate` gave. Playwright only; network requests are refused and recorded as in `render`."""
+    from playwright.sync_api import sync_playwright
+
+    exe = find_chromium()
+    if not exe:
+        raise RuntimeError("no Chromium found")
+    out = Rendered(url=url, dom="")
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, timeout=timeout_s * 1000)
+        try:
+            context = browser.new_context(service_workers="block", viewport={"width": width, "height": height},
+                                          color_scheme=color_scheme)
+            context.route(lambda u: not u.startswith("file:"), lambda route: route.abort("blockedbyclient"))
+            page = context.new_page()
+            page.on("request", lambda r: out.requests.append(r.url))
+            page.on("console", lambda m: out.console.append(m.text))
+            page.on("pageerror", lambda e: out.errors.append(str(e)))
+            page.goto(url, wait_until="load", timeout=timeout_s * 1000)
+            for selector in clicks:
+                page.click(selector, timeout=timeout_s * 1000)
+            if evaluate is not None:
+                out.value = page.evaluate(evaluate)
+            page.screenshot(path=str(path), full_page=True)
+            out.dom = page.evaluate("document.documentElement.outerHTML")
+        finally:
+            browser.close()
+    return out
+
+
 def _render_dump_dom(exe: str, url: str, timeout_s: float) -> Rendered:
     with tempfile.TemporaryDirectory(prefix="mondrian-chromium-") as tmp:
         netlog = Path(tmp) / "netlog.json"

@@ -78,10 +78,12 @@ def failure_summary(name: str, record: dict[str, Any]) -> dict[str, Any]:
     reason = str(record.get("reason") or "")
     cause = CAUSES.get(str(record.get("cause"))) or cause_of(reason, advisor_source=record.get("advisor_source"),
                                                               mode_source=record.get("mode_source"))
-    from_inbox = record.get("from_inbox", True) is not False
-    what = str(record.get("what_to_do") or "") if record.get("cause") else ""
+    recorded = bool(record.get("cause"))  # else the advice of the time was generic: give the cause's own
+    step = (str(record.get("next_step") or "") if recorded else "") or advice(cause, from_inbox=record.get(
+        "from_inbox", True) is not False)
     return {"name": name, "file": str(record.get("file") or name), "reason": reason, "cause": cause.key,
-            "title": cause.title, "what_to_do": what or advice(cause, from_inbox=from_inbox),
+            "title": cause.title, "next_step": step,
+            "what_to_do": (str(record.get("what_to_do") or "") if recorded else "") or step,
             "kind": str(record.get("kind") or "permanent"), "advisor": str(record.get("advisor") or ""),
             "failed_at": str(record.get("failed_at") or ""), "job_id": record.get("job_id"),
             "photo_at_fault": cause.photo_at_fault}

@@ -268,9 +268,11 @@ class Publisher:
                                companions=RECORD_SUFFIXES)
             self.ledger.reserve_output(job.id, dest)
             cause = cause_of(reason, advisor_source=job.advisor_source, mode_source=job.mode_source)
+            step = self._next_step(job, cause)
+            where = where_it_is(from_inbox=bool(job.owns_file), kept_in_inbox=keep_original)
             record = {"job_id": job.id, "file": src.name, "reason": reason, "kind": kind,
-                      "advisor": job.advisor, "failed_at": now_iso(), "cause": cause.key,
-                      "what_to_do": self._what_to_do(job, cause, keep_original),
+                      "advisor": job.advisor, "failed_at": now_iso(), "cause": cause.key, "next_step": step,
+                      "what_to_do": f"{step} {where}",
                       "advisor_source": job.advisor_source, "mode_source": job.mode_source,
                       "from_inbox": bool(job.owns_file)}
             atomic_write_text(Path(f"{dest}.error.json"), json.dumps(record, indent=2, ensure_ascii=False))
@@ -286,11 +288,10 @@ class Publisher:
         log.warning("failed: %s: %s", job.rel_path, reason)
         self.index.refresh()  # the failure is listed, and its page written, as soon as it is recorded
 
-    def _what_to_do(self, job: Job, cause: Cause, kept: bool) -> str:
-        """The next step that fits the cause (failures.py), and where the photo is now."""
+    def _next_step(self, job: Job, cause: Cause) -> str:
+        """The next step that fits the cause (failures.py): an unknown advisor lists the known ones."""
         known = load_advisors(self.cfg) if cause.key.startswith("advisor") else {}
-        return (f"{advice(cause, from_inbox=bool(job.owns_file), advisors=known)} "
-                f"{where_it_is(from_inbox=bool(job.owns_file), kept_in_inbox=kept)}")
+        return advice(cause, from_inbox=bool(job.owns_file), advisors=known)
 
     def clean_staging(self, job: Job) -> None:
         if self.is_own(self.cfg.staging_dir):

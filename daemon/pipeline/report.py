@@ -395,7 +395,8 @@ class FailureEntry:
     reason: str
     cause: str  # a key of failures.CAUSES
     title: str
-    what_to_do: str
+    what_to_do: str  # the next step and where the photo is now (the page)
+    next_step: str = ""  # the next step alone (the index's card)
     kind: str = "permanent"
     advisor: str = ""
     failed_at: str = ""  # ISO 8601
@@ -455,7 +456,7 @@ def _index_items(entries: Sequence[IndexEntry], failures: Sequence[FailureEntry]
             "reason": f.reason,
             "cause": f.cause,
             "title": f.title,
-            "what_to_do": f.what_to_do,
+            "what_to_do": f.next_step or f.what_to_do,
             "transient": f.kind == "transient",
             "created_text": failed_text,
             "created_iso": f.failed_at,
