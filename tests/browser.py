@@ -143,37 +143,50 @@ def require_playwright() -> None:
         pytest.skip(reason)
 
 
-def screenshot(url: str, path: Path, *, width: int = 1280, height: int = 900, color_scheme: str = "light",
-               clicks: tuple[str, ...] = (), evaluate: str | None = None, timeout_s: float = 60.0) -> Rendered:
-    """Load `url` in a `width` px wide window with `color_scheme` ("light" or "dark", as the system would set
-    prefers-color-scheme), click `clicks` (CSS selectors) in turn, then save a full-page PNG to `path` and
-    return what `evaluate` gave. Playwright only; network requests are refused and recorded as in `render`."""
-    from playwright.sync_api import sync_playwright
+class Screens:
+    """One headless Chromium (Playwright) for many screenshots: `with Screens() as s: s.shot(url, path, ...)`."""
 
-    exe = find_chromium()
-    if not exe:
-        raise RuntimeError("no Chromium found")
-    out = Rendered(url=url, dom="")
-    with sync_playwright() as pw:
-        browser = pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, timeout=timeout_s * 1000)
+    def __init__(self, timeout_s: float = 60.0) -> None:
+        self.timeout_ms = timeout_s * 1000
+
+    def __enter__(self) -> "Screens":
+        from playwright.sync_api import sync_playwright
+
+        exe = find_chromium()
+        if not exe:
+            raise RuntimeError("no Chromium found")
+        self._pw = sync_playwright().start()
+        self._browser = self._pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, timeout=self.timeout_ms)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._browser.close()
+        self._pw.stop()
+
+    def shot(self, url: str, path: Path, *, width: int = 1280, height: int = 900, color_scheme: str = "light",
+             clicks: tuple[str, ...] = (), evaluate: str | None = None) -> Rendered:
+        """Load `url` in a `width` px wide window with `color_scheme` ("light" or "dark", as the system would set
+        prefers-color-scheme), click `clicks` (CSS selectors) in turn, then save a full-page PNG to `path` and
+        return what `evaluate` gave. Network requests are refused and recorded, as in `render`."""
+        out = Rendered(url=url, dom="")
+        context = self._browser.new_context(service_workers="block", viewport={"width": width, "height": height},
+                                            color_scheme=color_scheme)
         try:
-            context = browser.new_context(service_workers="block", viewport={"width": width, "height": height},
-                                          color_scheme=color_scheme)
             context.route(lambda u: not u.startswith("file:"), lambda route: route.abort("blockedbyclient"))
             page = context.new_page()
             page.on("request", lambda r: out.requests.append(r.url))
             page.on("console", lambda m: out.console.append(m.text))
             page.on("pageerror", lambda e: out.errors.append(str(e)))
-            page.goto(url, wait_until="load", timeout=timeout_s * 1000)
+            page.goto(url, wait_until="load", timeout=self.timeout_ms)
             for selector in clicks:
-                page.click(selector, timeout=timeout_s * 1000)
+                page.click(selector, timeout=self.timeout_ms)
             if evaluate is not None:
                 out.value = page.evaluate(evaluate)
             page.screenshot(path=str(path), full_page=True)
             out.dom = page.evaluate("document.documentElement.outerHTML")
         finally:
-            browser.close()
-    return out
+            context.close()
+        return out
 
 
 def _render_dump_dom(exe: str, url: str, timeout_s: float) -> Rendered:
