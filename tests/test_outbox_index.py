@@ -303,7 +303,7 @@ def _check_pages(screens, outbox: Path, failed: list[str], width: int, shots: Pa
                            evaluate=LAYOUT)
         assert shown.value["overflow"] <= 0, f"index scrolls sideways at {width}px ({scheme})"
         assert shown.value["scripts"] == 0 and urls_outside(shown.requests, outbox) == []
-        fail_page = (outbox / "failed" / f"{failed[0]}.error.html").as_uri()
+        fail_page = (outbox / "failed" / f"{failed[-1]}.error.html").as_uri()  # the long name
         other = screenshot(fail_page, shots / f"failure-{width}-{scheme}.png", width=width, color_scheme=scheme,
                            evaluate=LAYOUT)
         assert other.value["overflow"] <= 0, f"failure page scrolls sideways at {width}px ({scheme})"
