@@ -253,7 +253,8 @@ VISIBLE = """() => [...document.querySelectorAll('#entries > li')].filter(e => e
   .map(e => { const r = e.getBoundingClientRect();
               return [Math.round(r.top), Math.round(r.left), e.dataset.folder ? Number(e.dataset.grade) : 'F']; })"""
 LAYOUT = """() => ({overflow: document.documentElement.scrollWidth - window.innerWidth,
-  background: getComputedStyle(document.body).backgroundColor, scripts: document.scripts.length})"""
+  background: getComputedStyle(document.body).backgroundColor, scripts: document.scripts.length,
+  injected: document.querySelectorAll('[onerror], b').length})"""
 
 
 def _visual_order(items: list) -> list:
@@ -268,8 +269,8 @@ def _outbox_with_failures(tmp_path: Path):
     for day, (name, grade) in enumerate((("IMG_1", 5), ("IMG_2", 9), (long_name, 2), ("IMG_4", 7)), start=1):
         _report_folder(cfg.outbox, name, grade, seed=grade, day=day)
     reasons = {"notes.jpg": "this file is not a photo Mondrian can read (JPEG, PNG, TIFF, HEIC, WebP, GIF)",
-               "x" * 90 + ".jpg": "the sidecar " + "x" * 90 + ".mode asks for mode 'fast', which is unknown; use "
-                                  "one of: baseline, rag, lora"}
+               "x" * 90 + ".jpg": "the sidecar " + "x" * 90 + ".mode asks for mode '<img src=x onerror=alert(1)>`"
+                                  "<b>`', which is unknown; use one of: baseline, rag, lora"}
     for i, (name, reason) in enumerate(reasons.items()):
         cause = cause_of(reason)
         (cfg.failed_dir / name).write_bytes(b"not a photo")
@@ -307,7 +308,8 @@ def _check_pages(screens, outbox: Path, failed: list[str], width: int, shots: Pa
         other = screenshot(fail_page, shots / f"failure-{width}-{scheme}.png", width=width, color_scheme=scheme,
                            evaluate=LAYOUT)
         assert other.value["overflow"] <= 0, f"failure page scrolls sideways at {width}px ({scheme})"
-        assert urls_outside(other.requests, outbox) == []
+        assert urls_outside(other.requests, outbox) == [] and shown.dialogs == other.dialogs == []
+        assert shown.value["injected"] == other.value["injected"] == 0, "a reason's markup was not escaped"
         backgrounds[scheme] = (shown.value["background"], other.value["background"])
     assert backgrounds["light"][0] != backgrounds["dark"][0] and backgrounds["light"][1] != backgrounds["dark"][1]
     assert all(p.stat().st_size > 0 for p in shots.iterdir())
