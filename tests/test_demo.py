@@ -50,3 +50,16 @@ def test_the_demo_shows_baseline_rag_and_lora_and_runs_again(tmp_path, smoke_mod
     assert {p.name: p.stat().st_mtime_ns for p in portfolio.iterdir()} == before
     assert sorted(p.name for p in (home / "adapters" / "ansel").iterdir() if p.name.startswith("v")) == ["v0001"]
     assert "lora" in again.stdout and "ansel/v0001" in again.stdout
+
+
+def test_the_demo_never_mixes_its_samples_into_a_portfolio_of_the_users_own(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home")
+    mine = home / "advisors" / "ansel" / "references" / "mine.jpg"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes((Path(__file__).resolve().parent.parent / "samples" / "camera.jpg").read_bytes())
+    out = mondrian(home, smoke_model_path, "demo", "--model", str(smoke_model_path), timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "does not mix its samples" in out.stderr
+    assert sorted(p.name for p in mine.parent.iterdir()) == ["mine.jpg"]  # nothing added beside the user's own
+    assert not (home / "adapters" / "ansel").exists() or not any((home / "adapters" / "ansel").glob("v*"))
+    assert len(reports(home / "outbox")) == 5  # the samples are still analysed, each saying which mode it got

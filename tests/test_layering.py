@@ -2,8 +2,8 @@
 
 1. Only daemon/model/ imports mlx or mlx_vlm: the rest of Mondrian never touches MLX (not thread-safe, heavy to
    import, the one part that changes with the machine).
-2. daemon/ never imports jobs/ (inference does not depend on training), except through the two entry points
-   named in ALLOWED_JOBS_IMPORTS, each imported explicitly where it is used.
+2. daemon/ never imports jobs/ (inference does not depend on training), except through the entry points named
+   in ALLOWED_JOBS_IMPORTS, each imported explicitly where it is used.
 """
 
 from __future__ import annotations
