@@ -216,6 +216,13 @@ def test_refreshing_the_index_reads_only_what_is_new_and_stays_true_to_the_outbo
     index.refresh()
     assert len(opens.take()) == 30 and len(cards(outbox)) == 30
 
+    cache = json.loads((cfg.var_dir / "outbox-index.json").read_text())
+    cache["reports"]["IMG_00"]["entry"] = {"grade": 3, "surprise": True}  # right key, wrong summary: read again
+    (cfg.var_dir / "outbox-index.json").write_text(json.dumps(cache))
+    opens.take()
+    index.refresh()
+    assert [Path(p).parent.name for p in opens.take()] == ["IMG_00"] and len(cards(outbox)) == 30
+
 
 def test_a_failure_record_is_read_once_and_its_page_rewritten_if_deleted(tmp_path):
     home = make_home(tmp_path / "home")

@@ -37,7 +37,9 @@ CACHE_VERSION = 1
 RECORD_SUFFIX = ".error.json"
 PAGE_SUFFIX = ".error.html"
 MAX_RECORD_BYTES = 4 * 1024 * 1024  # a report.json is a few kB; anything far larger is not one of ours
+MAX_CACHE_BYTES = 1024 * 1024 * 1024  # ~300 bytes a report: room for millions
 READ_SECONDS = 10.0
+REPORT_KEYS = frozenset(IndexEntry.__dataclass_fields__)
 
 
 def page_name(record_name: str) -> str:
@@ -49,9 +51,9 @@ def _key(st: os.stat_result) -> list[int]:
     return [st.st_ino, st.st_mtime_ns, st.st_size]
 
 
-def _read_json(path: Path) -> dict[str, Any] | None:
+def _read_json(path: Path, max_bytes: int = MAX_RECORD_BYTES) -> dict[str, Any] | None:
     try:
-        data = json.loads(read_regular_file(path, max_bytes=MAX_RECORD_BYTES, timeout_s=READ_SECONDS))
+        data = json.loads(read_regular_file(path, max_bytes=max_bytes, timeout_s=READ_SECONDS))
     except (OSError, ValueError, MemoryError):
         return None
     return data if isinstance(data, dict) else None
@@ -89,6 +91,9 @@ def failure_summary(name: str, record: dict[str, Any]) -> dict[str, Any]:
             "photo_at_fault": cause.photo_at_fault}
 
 
+FAILURE_KEYS = frozenset(failure_summary("x", {}))
+
+
 class OutboxIndex:
     """Rebuilds outbox/index.html (and any missing failure page) after every job, at O(1) reads a refresh."""
 
@@ -100,7 +105,7 @@ class OutboxIndex:
 
     # -- the summary file -----------------------------------------------------------------------
     def _load(self) -> dict[str, Any]:
-        data = _read_json(self.cache_path)
+        data = _read_json(self.cache_path, MAX_CACHE_BYTES)
         if (not data or data.get("version") != CACHE_VERSION or data.get("outbox") != str(self.cfg.outbox)
                 or not isinstance(data.get("reports"), dict) or not isinstance(data.get("failures"), dict)):
             return {"reports": {}, "failures": {}}
@@ -135,7 +140,8 @@ class OutboxIndex:
                 continue
             key = _key(st)
             hit = cached.get(name)
-            if isinstance(hit, dict) and hit.get("key") == key:
+            if isinstance(hit, dict) and hit.get("key") == key and isinstance(hit.get("entry"), dict) \
+                    and set(hit["entry"]) == REPORT_KEYS:
                 found[name] = hit
                 continue
             self.reads += 1
@@ -166,7 +172,8 @@ class OutboxIndex:
                 continue
             key = _key(st)
             hit = cached.get(name)
-            if not (isinstance(hit, dict) and hit.get("key") == key):
+            if not (isinstance(hit, dict) and hit.get("key") == key and isinstance(hit.get("entry"), dict)
+                    and set(hit["entry"]) == FAILURE_KEYS):
                 self.reads += 1
                 record = _read_json(Path(entry.path))
                 if record is None:
@@ -201,6 +208,13 @@ class OutboxIndex:
 
     # -- the index ------------------------------------------------------------------------------
     def refresh(self) -> None:
+        """Never raises: the index is a view of the outbox, and a problem with it must not fail a photo."""
+        try:
+            self._refresh()
+        except Exception:
+            log.warning("could not update %s", self.cfg.outbox / "index.html", exc_info=True)
+
+    def _refresh(self) -> None:
         self.reads = 0
         cache = self._load()
         reports = self._reports(cache["reports"])
