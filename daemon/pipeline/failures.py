@@ -131,7 +131,8 @@ def where_it_is(*, from_inbox: bool, kept_in_inbox: bool) -> str:
         return "The photo was left where it is (`mondrian analyze` never moves it)."
     if kept_in_inbox:
         return "The photo was left where it is in the inbox."
-    return "The photo is in outbox/failed/, beside this record; a fixed photo can also go back into the inbox."
+    return ("The photo is in outbox/failed/, beside this record; once it is fixed you can also drop it into the inbox "
+            "again.")
 
 
 __all__ = ["Cause", "CAUSES", "OTHER", "cause_of", "advice", "where_it_is"]
