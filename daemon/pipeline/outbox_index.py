@@ -187,8 +187,10 @@ class OutboxIndex:
 
     def _write_page(self, path: Path, entry: dict[str, Any]) -> None:
         try:
-            original = path.parent / entry["name"]
-            has_original = os.path.lexists(original)
+            try:  # linked only if it is a plain file here: never a link that leads out of the outbox
+                has_original = stat.S_ISREG(os.lstat(path.parent / entry["name"]).st_mode)
+            except OSError:
+                has_original = False
             atomic_write_text(path, render_failure_html(FailureEntry.from_summary(entry), has_original=has_original))
         except OSError as exc:
             log.warning("could not write the failure page %s: %s", path.name, exc)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import testhooks
+from ..analysis.advisors import load_advisors
 from ..config import Config
 from ..errors import Permanent, Transient
 from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, folder_inside, move, own_folder_inside, pid_alive,
@@ -25,7 +26,6 @@ from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, folder_inside, move
 from ..intake.images import LoadedImage
 from ..intake.inbox import OUTBOX_RESERVED, RECORD_SUFFIXES, safe_stem, sidecar_for, unique_path
 from ..ledger import Job, Ledger
-from ..analysis.advisors import load_advisors
 from .failures import Cause, advice, cause_of, where_it_is
 from .outbox_index import OutboxIndex
 from .report import now_iso, write_report_folder
