@@ -72,6 +72,8 @@ def test_failures_are_listed_with_counts_links_and_advice_that_fits_the_cause(tm
     assert "baseline, rag, lora" in page(outbox, "moded.jpg") and "photo app" not in page(outbox, "moded.jpg")
     assert "max_file_mb" in page(outbox, "huge.jpg")
     assert "Copy the photo itself" in page(outbox, "link.jpg")
+    # The page links the original kept in failed/, but never a link that leads out of the outbox.
+    assert 'href="notes.jpg"' in page(outbox, "notes.jpg") and 'href="link.jpg"' not in page(outbox, "link.jpg")
     assert "<code>mondrian retry --failed</code>" in page(outbox, "moded.jpg")
 
     # A report folder the user deletes leaves the index at the next job; the new report appears.
