@@ -867,6 +867,11 @@ class Ledger:
                     if j.id not in superseded)
         return list(itertools.islice(standing, limit))
 
+    def standing_failure_ids(self) -> set[int]:
+        """Ids of the failures that still stand (as `recent_failures` counts them), for the outbox index."""
+        superseded, _ = self._superseded_failures()
+        return {i for (i,) in self.Job.select(self.Job.id).where(self.Job.state == FAILED).tuples()} - superseded
+
     def reports(self) -> list[Job]:
         """Analysed photos with their own report (duplicates point at another job's)."""
         return list(self.Job.select().where((self.Job.state == DONE) & self.Job.duplicate_of.is_null())

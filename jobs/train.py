@@ -37,7 +37,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from daemon.config import CONFIG_NAME, Config, ConfigError, is_true, load_config
 
@@ -344,7 +344,7 @@ def run_training(cfg: Config, advisor_id: str, *, on_progress: Callable[[dict[st
                                                            f"{gate['reason']}")
                 elif mode == "always":
                     decision.update(promoted=True, forced=True,
-                                    reason=f"promoted regardless of the gate (promote-anyway); the gate said: "
+                                    reason=f"promoted without the quality gate (promote-anyway); the gate said: "
                                            f"{'promote' if gate['promoted'] else 'refuse'}: {gate['reason']}")
                 manifest = json.loads((staging / MANIFEST_NAME).read_text(encoding="utf-8"))
                 manifest["promotion"] = {"mode": mode, "forced": mode == "always", "gate_passed": gate["promoted"]}

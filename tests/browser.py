@@ -136,6 +136,65 @@ def _render_playwright(exe: str, url: str, evaluate: str | None, timeout_s: floa
     return out
 
 
+def require_playwright() -> None:
+    """Skip the calling test unless Playwright can drive the browser (screenshots, clicks, colour schemes); under
+    CI a missing package fails instead, as a missing browser does."""
+    import pytest
+
+    require_browser()
+    if not _have_playwright():
+        reason = "the playwright package is not installed (pip install -e '.[test]')"
+        if os.environ.get("CI"):
+            pytest.fail(reason + "; under CI the browser tests must run")
+        pytest.skip(reason)
+
+
+class Screens:
+    """One headless Chromium (Playwright) for many screenshots: `with Screens() as s: s.shot(url, path, ...)`."""
+
+    def __init__(self, timeout_s: float = 60.0) -> None:
+        self.timeout_ms = timeout_s * 1000
+
+    def __enter__(self) -> "Screens":
+        from playwright.sync_api import sync_playwright
+
+        exe = find_chromium()
+        if not exe:
+            raise RuntimeError("no Chromium found")
+        self._pw = sync_playwright().start()
+        self._browser = self._pw.chromium.launch(executable_path=exe, args=CHROMIUM_ARGS, timeout=self.timeout_ms)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._browser.close()
+        self._pw.stop()
+
+    def shot(self, url: str, path: Path, *, width: int = 1280, height: int = 900, color_scheme: str = "light",
+             clicks: tuple[str, ...] = (), evaluate: str | None = None) -> Rendered:
+        """Load `url` in a `width` px wide window with `color_scheme` ("light" or "dark", as the system would set
+        prefers-color-scheme), click `clicks` (CSS selectors) in turn, then save a full-page PNG to `path` and
+        return what `evaluate` gave. Network requests are refused and recorded, as in `render`."""
+        out = Rendered(url=url, dom="")
+        context = self._browser.new_context(service_workers="block", viewport={"width": width, "height": height},
+                                            color_scheme=color_scheme)
+        try:
+            context.route(lambda u: not u.startswith("file:"), lambda route: route.abort("blockedbyclient"))
+            page = context.new_page()
+            page.on("request", lambda r: out.requests.append(r.url))
+            page.on("console", lambda m: out.console.append(m.text))
+            page.on("pageerror", lambda e: out.errors.append(str(e)))
+            page.goto(url, wait_until="load", timeout=self.timeout_ms)
+            for selector in clicks:
+                page.click(selector, timeout=self.timeout_ms)
+            if evaluate is not None:
+                out.value = page.evaluate(evaluate)
+            page.screenshot(path=str(path), full_page=True)
+            out.dom = page.evaluate("document.documentElement.outerHTML")
+        finally:
+            context.close()
+        return out
+
+
 def _render_dump_dom(exe: str, url: str, timeout_s: float) -> Rendered:
     with tempfile.TemporaryDirectory(prefix="mondrian-chromium-") as tmp:
         netlog = Path(tmp) / "netlog.json"

@@ -119,7 +119,7 @@ def test_run_once_and_name_collisions(tmp_path, smoke_model_path):
     first, second = _report(home / "outbox" / "IMG_1"), _report(home / "outbox" / "IMG_1-2")
     assert first["photo"]["sha256"] != second["photo"]["sha256"]
     assert (home / "outbox" / "IMG_1-2" / "IMG_1.jpg").exists()
-    cards = {m.group(1): m.group(0) for m in re.finditer(r'<li class="card" data-folder="([^"]+)"[^>]*>',
+    cards = {m.group(1): m.group(0) for m in re.finditer(r'<li class="card report[^"]*" data-folder="([^"]+)"[^>]*>',
                                                          (home / "outbox" / "index.html").read_text())}
     assert set(cards) == {"IMG_1", "IMG_1-2"}
     assert 'data-smoke="true"' in cards["IMG_1-2"] and "data-smoke" not in cards["IMG_1"]

@@ -10,6 +10,7 @@ CAP_SYS_ADMIN); where it is not allowed those two tests skip and say so.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -77,6 +78,8 @@ def test_time_limit_fails_a_slow_photo_and_the_queue_goes_on_then_retry_failed(t
         assert job.state == "failed" and job.attempts == 1, (name, job.state, job.error)
         assert "took longer than 0.3 s" in job.error
         assert (home / "outbox" / "failed" / name).exists()
+        record = json.loads((home / "outbox" / "failed" / f"{name}.error.json").read_text())
+        assert record["cause"] == "timeout" and "job_timeout_seconds" in record["next_step"]  # a setting, not the photo
     spans = sorted((j.started_at, j.finished_at) for j in jobs.values())
     print(f"\ntime limit: photos={len(names)} failed_at_limit={len(names)} "
           f"job_seconds={[round(f - s, 2) for s, f in spans]}")

@@ -2,8 +2,8 @@
 
 1. Only daemon/model/ imports mlx or mlx_vlm: the rest of Mondrian never touches MLX (not thread-safe, heavy to
    import, the one part that changes with the machine).
-2. daemon/ never imports jobs/ (inference does not depend on training), except through the two entry points
-   named in ALLOWED_JOBS_IMPORTS, each imported explicitly where it is used.
+2. daemon/ never imports jobs/ (inference does not depend on training), except through the entry points named
+   in ALLOWED_JOBS_IMPORTS, each imported explicitly where it is used.
 """
 
 from __future__ import annotations
@@ -15,10 +15,13 @@ REPO = Path(__file__).resolve().parent.parent
 # The product. bench/ (and tests/mlx_reference.py) measure Mondrian against plain mlx_vlm on purpose: not checked.
 PACKAGES = ("daemon", "jobs")
 
-# daemon/ -> jobs/: the supervisor's scheduling entry point (nightly training) and the CLI's training commands.
+# daemon/ -> jobs/: the supervisor's scheduling entry point (nightly training), the CLI's training commands, and
+# `mondrian demo`, which trains its adapter with the training side's own code and progress display.
 ALLOWED_JOBS_IMPORTS = {
     ("daemon/pipeline/supervisor.py", "jobs.nightly"),
     ("daemon/cli/main.py", "jobs.cli"),
+    ("daemon/cli/demo.py", "jobs.cli"),
+    ("daemon/cli/demo.py", "jobs.train"),
 }
 
 

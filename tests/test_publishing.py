@@ -243,7 +243,8 @@ def test_a_failed_photo_in_a_name_taken_in_failed_keeps_its_own_sidecar(tmp_path
     (home / "inbox" / "b" / "r.mode").write_text("nonsense\n")
     _run_once(home, smoke_model_path)
     names = sorted(p.name for p in failed.iterdir())
-    assert names == ["r-2.jpg", "r-2.jpg.error.json", "r-2.mode", "r.jpg", "r.jpg.error.json", "r.mode"], names
+    assert names == ["r-2.jpg", "r-2.jpg.error.html", "r-2.jpg.error.json", "r-2.mode", "r.jpg", "r.jpg.error.html",
+                     "r.jpg.error.json", "r.mode"], names
     for stem in ("r", "r-2"):
         (failed / f"{stem}.mode").write_text("baseline\n")
     assert mondrian(home, smoke_model_path, "retry", "--failed").returncode == 0

@@ -163,7 +163,8 @@ def test_a_photo_that_crashes_its_analysis_alone_is_set_aside_and_the_others_are
     assert ("SIGABRT" in job.error) if how == "ABRT" else ("SIGKILL) twice" in job.error), job.error
     assert log.count("separate process (pid") == (1 if how == "ABRT" else 2), log
     record = json.loads((home / "outbox" / "failed" / "poison.jpg.error.json").read_text())
-    assert record["reason"] == job.error
+    assert record["reason"] == job.error and record["cause"] == "crash"
+    assert (home / "outbox" / "failed" / "poison.jpg.error.html").exists()
     assert (home / "outbox" / "failed" / "poison.jpg").exists()
     assert _report_of(home, "fine.jpg")["photo"]["sha256"] == _sha(fine)
     assert _report_of(home, "later.jpg")["photo"]["sha256"] == _sha(later)

@@ -213,7 +213,7 @@ def test_a_folder_named_like_a_sidecar_holds_ordinary_photos(tmp_path, smoke_mod
     assert {rel: j.state for rel, j in jobs.items()} == {
         "x.jpg": "done", "x.mode/a.jpg": "done", "X.MODE/b.jpg": "done", "y.jpg": "failed", "y.mode/c.jpg": "done"}
     assert jobs["x.jpg"].mode_source == "default"
-    assert sorted(os.listdir(failed)) == ["y.jpg", "y.jpg.error.json"]
+    assert sorted(os.listdir(failed)) == ["y.jpg", "y.jpg.error.html", "y.jpg.error.json"]
     assert _left_in(inbox) == [] and sorted(os.listdir(inbox)) == ["X.MODE", "x.mode", "y.mode"]
 
 
@@ -325,7 +325,7 @@ def test_photos_named_like_the_outboxs_own_folders_do_not_take_them_over(tmp_pat
                                                                        ".staging"}, folder
     assert (outbox / "index.html").is_file()
     assert sorted(os.listdir(outbox / "duplicates")) == ["again.jpg", "again.jpg.duplicate.json"]
-    assert sorted(os.listdir(outbox / "failed")) == ["junk.jpg", "junk.jpg.error.json"]
+    assert sorted(os.listdir(outbox / "failed")) == ["junk.jpg", "junk.jpg.error.html", "junk.jpg.error.json"]
     assert _left_in(inbox) == []
 
 

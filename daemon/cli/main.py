@@ -9,7 +9,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 from pathlib import Path
@@ -21,7 +20,6 @@ from .. import __version__
 from ..analysis.advisors import UnknownAdvisor
 from ..config import MODES, ConfigError
 from ..ledger import LedgerUnavailable, ledger_problem
-from ..resources import samples_dir
 from .common import EX_CONFIG, EX_USAGE, config_from
 from .terminal import SafeFormatter, shown
 
@@ -45,28 +43,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     from ..pipeline.supervisor import run_daemon
 
     return run_daemon(config_from(args), once=args.once)
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    """The offline demo: the sample photos through the real daemon with the smoke model."""
-    from ..pipeline.supervisor import run_daemon
-
-    cfg = config_from(args, model=args.model or "smoke")
-    cfg.ensure_dirs()
-    samples = sorted(samples_dir().glob("*.jpg"))
-    for i, photo in enumerate(samples):
-        dest = cfg.inbox / photo.name
-        shutil.copyfile(photo, dest)
-        if i == 0:  # show the fallback chain: lora -> rag -> baseline, with reasons in the report
-            dest.with_suffix(".mode").write_text("lora\n")
-    print(f"Copied {len(samples)} sample photos into {cfg.inbox}; analysing them with model {cfg.model!r}…",
-          file=sys.stderr)
-    rc = run_daemon(cfg, once=True)
-    if rc == 0:
-        print(f"\nDone. Open {cfg.outbox / 'index.html'} in a browser to see the reports.")
-        if cfg.model == "smoke":
-            print("(These reports come from the random smoke model: the scores are not meaningful.)")
-    return rc
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
@@ -175,12 +151,14 @@ def cmd_retry(args: argparse.Namespace) -> int:
 
 def add_core_commands(sub: Any) -> None:
     """`run`, `demo`, `analyze`, `status`, `model smoke`, `retry`."""
+    from .demo import cmd_demo
     run = sub.add_parser("run", help="run the daemon in the foreground (what launchd runs)")
     run.add_argument("--once", action="store_true", help="process what the inbox holds now, then exit")
     run.add_argument("--model", help="model: 'smoke', a local folder or a hub id")
     run.set_defaults(func=cmd_run)
 
-    demo = sub.add_parser("demo", help="analyse the bundled sample photos offline and show where the reports are")
+    demo = sub.add_parser("demo", help="offline: a sample portfolio, a small adapter, and the sample photos analysed "
+                                       "in all three modes")
     demo.add_argument("--model", help="model (default: the offline smoke model)")
     demo.set_defaults(func=cmd_demo)
 

@@ -15,6 +15,7 @@ from ..config import CONFIG_NAME, Config
 from ..fsutil import folder_inside, is_folder
 from ..intake.inbox import sidecar_for, unique_path
 from ..ledger import Job, Ledger
+from ..pipeline.outbox_index import OutboxIndex
 
 
 @dataclass
@@ -87,7 +88,15 @@ def retry_failed(cfg: Config, ids: list[int] | None = None, *, everything: bool 
                         f"move it from {cfg.failed_dir.name}/ into the inbox yourself")
         if line:
             done.append(line)
+    if done:
+        OutboxIndex(cfg, ledger).refresh()  # the failures put back leave the outbox index now, not after a job
     return out
+
+
+def _drop_record(kept: Path) -> None:
+    """The failure's record and its page: it no longer stands."""
+    for suffix in (".error.json", ".error.html"):
+        Path(f"{kept}{suffix}").unlink(missing_ok=True)
 
 
 def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | None:
@@ -129,11 +138,11 @@ def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | 
         # retry picks it up) instead of being queued at a path where nothing is yet.
         os.rename(kept, back)
         ledger.requeue_failed(job.id, back)
-        Path(f"{kept}.error.json").unlink(missing_ok=True)
+        _drop_record(kept)
     elif os.path.lexists(src):
         ledger.requeue_failed(job.id, src)
         if kept is not None:  # failed where it lay (e.g. a read-only folder): only its record is in failed/
-            Path(f"{kept}.error.json").unlink(missing_ok=True)
+            _drop_record(kept)
     else:
         return None  # nothing left to analyse
     return f"job {job.id}: {job.rel_path}"

@@ -101,7 +101,7 @@ STEM_MAX_BYTES = 120
 # Records written beside a name reserved in failed/ or duplicates/ (`x.jpg.error.json`): that name is free only
 # if its records are too (else a photo named `x.jpg.error.json` and x.jpg's own record would overwrite each
 # other), and it must leave room for them within NAME_MAX_BYTES.
-RECORD_SUFFIXES = (".error.json", ".duplicate.json")
+RECORD_SUFFIXES = (".error.json", ".error.html", ".duplicate.json")  # .error.html: the failure page
 # The outbox's own entries, which no report folder may take (compared without case, as on macOS).
 OUTBOX_RESERVED = frozenset({"duplicates", "failed", "index.html", ".staging"})
 

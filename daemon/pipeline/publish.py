@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import testhooks
+from ..analysis.advisors import load_advisors
 from ..config import Config
 from ..errors import Permanent, Transient
 from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, folder_inside, move, own_folder_inside, pid_alive,
@@ -26,7 +27,9 @@ from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, folder_inside, move
 from ..intake.images import LoadedImage
 from ..intake.inbox import OUTBOX_RESERVED, RECORD_SUFFIXES, safe_stem, sidecar_for, unique_path
 from ..ledger import Job, Ledger
-from .report import OutboxIndex, now_iso, write_report_folder
+from .failures import Cause, advice, cause_of, where_it_is
+from .outbox_index import OutboxIndex
+from .report import now_iso, write_report_folder
 from .xmp import embed, write_sidecar
 
 log = logging.getLogger("mondrian.worker")
@@ -301,9 +304,14 @@ class Publisher:
             dest = unique_path(failed, safe_stem(src.name), Path(src.name).suffix, self.taken(job),
                                companions=RECORD_SUFFIXES)
             self.ledger.reserve_output(job.id, dest)
+            cause = cause_of(reason, advisor_source=job.advisor_source, mode_source=job.mode_source)
+            step = self._next_step(job, cause)
+            where = where_it_is(from_inbox=bool(job.owns_file), kept_in_inbox=keep_original)
             record = {"job_id": job.id, "file": src.name, "reason": reason, "kind": kind,
-                      "advisor": job.advisor, "failed_at": now_iso(),
-                      "what_to_do": self._what_to_do(job, keep_original)}
+                      "advisor": job.advisor, "failed_at": now_iso(), "cause": cause.key, "next_step": step,
+                      "what_to_do": f"{step} {where}",
+                      "advisor_source": job.advisor_source, "mode_source": job.mode_source,
+                      "from_inbox": bool(job.owns_file)}
             atomic_write_text(Path(f"{dest}.error.json"), json.dumps(record, indent=2, ensure_ascii=False))
             testhooks.crashpoint("fail_recorded")
             if not keep_original:
@@ -315,16 +323,12 @@ class Publisher:
             log.error("could not move %s to %s: %s", job.rel_path, failed, exc)
         self.ledger.fail(job.id, reason, dest, kind=kind)
         log.warning("failed: %s: %s", job.rel_path, reason)
+        self.index.refresh()  # the failure is listed, and its page written, as soon as it is recorded
 
-    @staticmethod
-    def _what_to_do(job: Job, kept: bool) -> str:
-        if not job.owns_file:
-            return "The photo was left where it is: fix it, then run `mondrian analyze` on it again."
-        if kept:
-            return "The photo was left where it is in the inbox: do what the reason says, then run " \
-                   "`mondrian retry --failed`."
-        return ("Fix the photo (or the sidecar) and drop it into the inbox again, or fix them here and run "
-                "`mondrian retry --failed`.")
+    def _next_step(self, job: Job, cause: Cause) -> str:
+        """The next step that fits the cause (failures.py): an unknown advisor lists the known ones."""
+        known = load_advisors(self.cfg) if cause.key.startswith("advisor") else {}
+        return advice(cause, from_inbox=bool(job.owns_file), advisors=known)
 
     def clean_staging(self, job: Job) -> None:
         if self.is_own(self.cfg.staging_dir):

@@ -17,14 +17,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Sequence
 from urllib.parse import quote
 
 import jsonschema
 from jinja2 import Environment, FileSystemLoader, StrictUndefined
+from markupsafe import Markup, escape
 from PIL import Image
 
-from ..analysis.advisors import Advisor, load_advisors
+from ..analysis.advisors import Advisor
 from ..analysis.critique import DIMENSION_LABELS, DIMENSIONS, SCORE_MAX
 from ..fsutil import atomic_write_bytes, atomic_write_text
 from ..resources import templates_dir
@@ -32,7 +33,7 @@ from ..resources import templates_dir
 if TYPE_CHECKING:
     from ..config import Config
     from ..intake.images import LoadedImage
-    from ..ledger import Job, Ledger
+    from ..ledger import Job
     from ..model.protocol import Runtime
 
 log = logging.getLogger("mondrian.worker")
@@ -106,15 +107,25 @@ def validate_report(report: dict) -> None:
 # ----------------------------------------------------------------------------------------------- helpers
 
 
+def _code_spans(text: object) -> Markup:
+    """Escaped text in which `backticked` commands and settings are shown as code (advice and reasons use them)."""
+    parts = str(text or "").split("`")
+    if len(parts) % 2 == 0:  # an unpaired backtick: show the text as it is
+        return Markup(escape(str(text or "")))
+    return Markup("").join(escape(p) if i % 2 == 0 else Markup("<code>%s</code>") % p for i, p in enumerate(parts))
+
+
 @lru_cache(maxsize=1)
 def _env() -> Environment:
-    return Environment(
+    env = Environment(
         loader=FileSystemLoader(str(TEMPLATES_DIR)),
         autoescape=True,
         undefined=StrictUndefined,  # a template typo should fail the test suite, not print an empty cell
         trim_blocks=True,
         lstrip_blocks=True,
     )
+    env.filters["code"] = _code_spans
+    return env
 
 
 def _bare_name(name: object) -> str:
@@ -392,23 +403,51 @@ class IndexEntry:
     grade: int
     created_at: str  # ISO 8601
     smoke: bool
+    adapter: str | None = None  # lora: the adapter version used, e.g. "ansel/v0003"
+    references: int = 0  # rag: how many portfolio references the report compares with
 
 
-def _sort_key(entry: IndexEntry) -> float:
-    _, dt = _local_time(entry.created_at)
+@dataclass
+class FailureEntry:
+    name: str  # the failed file's name in outbox/failed/ (its record is `<name>.error.json`)
+    file: str  # the photo's own name
+    reason: str
+    cause: str  # a key of failures.CAUSES
+    title: str
+    what_to_do: str  # the next step and where the photo is now (the page)
+    next_step: str = ""  # the next step alone (the index's card)
+    kind: str = "permanent"
+    advisor: str = ""
+    failed_at: str = ""  # ISO 8601
+    job_id: int | None = None
+    photo_at_fault: bool = True
+
+    @classmethod
+    def from_summary(cls, summary: dict[str, Any]) -> "FailureEntry":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in summary.items() if k in known})
+
+
+def _sort_key(created_at: str) -> float:
+    _, dt = _local_time(created_at)
     if dt is None:
         return float("-inf")  # unparseable dates sink to the bottom instead of breaking the page
     return (dt if dt.tzinfo else dt.astimezone()).timestamp()
 
 
-def render_index_html(entries: list[IndexEntry]) -> str:
-    items = []
-    for e in sorted(entries, key=_sort_key, reverse=True):
+FAILED_FOLDER = "failed"
+FAILURE_PAGE_SUFFIX = ".error.html"
+
+
+def _index_items(entries: Sequence[IndexEntry], failures: Sequence[FailureEntry]) -> list[dict[str, Any]]:
+    items: list[tuple[float, dict[str, Any]]] = []
+    for e in entries:
         base = _relative_href(e.folder)
         if base is None:
             continue  # a folder outside the outbox cannot be linked safely
         created_text, _ = _local_time(e.created_at)
-        items.append({
+        items.append((_sort_key(e.created_at), {
+            "kind": "report",
             "folder": e.folder,
             "report_href": f"{base}/report.html",
             "thumb_href": f"{base}/thumb.jpg",
@@ -416,20 +455,60 @@ def render_index_html(entries: list[IndexEntry]) -> str:
             "advisor": e.advisor_name or e.advisor_id,
             "mode_effective": e.mode_effective,
             "mode_requested": e.mode_requested,
+            "adapter": e.adapter,
+            "references": e.references,
             "grade": int(e.grade),
             "created_text": created_text,
             "created_iso": e.created_at,
             "smoke": bool(e.smoke),
-        })
-    return _env().get_template("index.html").render(entries=items, grade_max=SCORE_MAX,
-                                                    any_smoke=any(i["smoke"] for i in items))
+        }))
+    for f in failures:
+        page = _relative_href(_bare_name(f.name) + FAILURE_PAGE_SUFFIX)
+        if page is None:
+            continue
+        failed_text, _ = _local_time(f.failed_at)
+        items.append((_sort_key(f.failed_at), {
+            "kind": "failure",
+            "name": _bare_name(f.name),
+            "page_href": f"{FAILED_FOLDER}/{page}",
+            "file": _bare_name(f.file),
+            "reason": f.reason,
+            "cause": f.cause,
+            "title": f.title,
+            "what_to_do": f.next_step or f.what_to_do,
+            "transient": f.kind == "transient",
+            "created_text": failed_text,
+            "created_iso": f.failed_at,
+        }))
+    items.sort(key=lambda pair: pair[0], reverse=True)
+    return [item for _, item in items]
 
 
-def write_index(outbox: Path, entries: list[IndexEntry]) -> Path:
-    """outbox/index.html listing every report, newest first."""
+def render_index_html(entries: Sequence[IndexEntry], failures: Sequence[FailureEntry] = ()) -> str:
+    items = _index_items(list(entries), list(failures))
+    reports = [i for i in items if i["kind"] == "report"]
+    return _env().get_template("index.html").render(
+        items=items, entries=reports, failures=[i for i in items if i["kind"] == "failure"],
+        grade_max=SCORE_MAX, grades=list(range(SCORE_MAX, -1, -1)), any_smoke=any(i["smoke"] for i in reports))
+
+
+def write_index(outbox: Path, entries: Sequence[IndexEntry], failures: Sequence[FailureEntry] = ()) -> Path:
+    """outbox/index.html listing every report and failure, newest first (sortable by grade, filterable)."""
     path = Path(outbox) / "index.html"
-    atomic_write_text(path, render_index_html(entries))
+    atomic_write_text(path, render_index_html(entries, failures))
     return path
+
+
+def render_failure_html(f: FailureEntry, *, has_original: bool = True) -> str:
+    """The page beside a failure record in outbox/failed/: what failed, why, and what to do next."""
+    failed_text, _ = _local_time(f.failed_at)
+    name = _bare_name(f.name)
+    return _env().get_template("failure.html").render(
+        name=name, file=_bare_name(f.file), reason=f.reason, cause=f.cause, title=f.title,
+        what_to_do=f.what_to_do, transient=f.kind == "transient", advisor=f.advisor, job_id=f.job_id,
+        failed_text=failed_text, failed_iso=f.failed_at, photo_at_fault=f.photo_at_fault,
+        original_href=_relative_href(name) if has_original else None,
+        record_href=_relative_href(name + ".error.json"))
 
 
 # ------------------------------------------------------------------------------------------- assembling
@@ -504,47 +583,3 @@ def contract_fields(report: dict[str, Any]) -> dict[str, Any]:
                                       if isinstance(r, dict)]
     return {"dimensional_analysis": report["dimensions"], "mode_used": mode["effective"],
             "advisor_id": report["advisor"]["id"], "metadata": metadata}
-
-
-# ---------------------------------------------------------------------------------------- outbox index
-
-
-class OutboxIndex:
-    """outbox/index.html, rebuilt from the ledger after every report; remembers which reports are the smoke
-    model's (read from each report, cached by file identity)."""
-
-    def __init__(self, cfg: "Config", ledger: "Ledger", present_is_smoke: Callable[[], bool]):
-        self.cfg = cfg
-        self.ledger = ledger
-        self.present_is_smoke = present_is_smoke
-        self._smoke_cache: dict[tuple[str, int, int], bool] = {}
-
-    def _is_smoke(self, report_json: Path) -> bool:
-        """Whether that report came from the smoke model: its own record, not the model loaded now (a studio
-        that moves from the demo to the real model keeps the demo's reports marked)."""
-        try:
-            st = report_json.stat()
-            key = (str(report_json), st.st_mtime_ns, st.st_size)
-            if key not in self._smoke_cache:
-                model = json.loads(report_json.read_text()).get("model") or {}
-                self._smoke_cache[key] = bool(model.get("smoke"))
-            return self._smoke_cache[key]
-        except (OSError, ValueError, AttributeError):
-            return self.present_is_smoke()  # unreadable: assume the present model
-
-    def refresh(self) -> None:
-        names = {a.id: a.name for a in load_advisors(self.cfg).values()}
-        entries = []
-        for j in self.ledger.reports():
-            if not j.output_dir or not Path(j.output_dir).is_relative_to(self.cfg.outbox):
-                continue
-            entries.append(IndexEntry(folder=Path(j.output_dir).name, file=Path(j.rel_path).name,
-                                      advisor_id=j.advisor, advisor_name=names.get(j.advisor, j.advisor),
-                                      mode_requested=j.requested_mode or "", mode_effective=j.effective_mode or "",
-                                      grade=j.grade if j.grade is not None else 0,
-                                      created_at=now_iso(j.finished_at),
-                                      smoke=self._is_smoke(Path(j.report_json or ""))))
-        try:
-            write_index(self.cfg.outbox, entries)
-        except OSError as exc:
-            log.warning("could not update %s: %s", self.cfg.outbox / "index.html", exc)

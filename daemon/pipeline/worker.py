@@ -28,7 +28,8 @@ from ..intake.inbox import SidecarError, read_sidecar, sidecar_for
 from ..ledger import DONE, FAILED, Job, Ledger, LedgerUnavailable
 from .isolation import check_alone
 from .publish import OUTSIDE_INBOX, Publisher
-from .report import SMOKE_NOTICE, OutboxIndex, assemble, earlier_report_links
+from .outbox_index import OutboxIndex
+from .report import SMOKE_NOTICE, assemble, earlier_report_links
 
 if TYPE_CHECKING:
     from ..model.protocol import Runtime
@@ -47,7 +48,7 @@ class Worker:
         self.strategies = build_strategies(cfg, ledger)
         self.current: Job | None = None
         self.busy = threading.Event()
-        index = OutboxIndex(cfg, ledger, present_is_smoke=lambda: bool(self.runtime and self.runtime.is_smoke))
+        index = OutboxIndex(cfg, ledger)
         self.out = Publisher(cfg, ledger, index)
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -73,6 +74,7 @@ class Worker:
             n += 1
         self.ledger.sweep_run_locks()
         self.out.sweep_staging()
+        self.out.index.refresh()  # what changed while no daemon ran (reports deleted, older failures without pages)
         return n
 
     def recover_interrupted_analyses(self) -> int:

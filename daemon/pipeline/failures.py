@@ -1,0 +1,138 @@
+"""Why a photo failed, grouped by cause, and the next step that fits each cause.
+
+A failure's reason is written where it happens (images.py, inbox.py, worker.py, publish.py, fsutil.py), in words
+that already say what went wrong. This module sorts those reasons into a handful of causes so that the failure
+record (`<name>.error.json`), its page (`<name>.error.html`) and the outbox index can say what to do next in a
+way that fits: a mistyped `--advisor` is not "fix the photo", a time limit is a setting, a crash is set aside.
+
+`cause_of` reads the reason text: the phrases it looks for are the ones the project writes (each cause is tested
+by producing the real failure), and a reason it does not recognise gets the general advice, never a wrong one.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+from ..config import MODES
+
+
+@dataclass(frozen=True)
+class Cause:
+    key: str
+    title: str  # a short label for the index and the page's heading
+    advice: str  # the next step; {again} is how to try once more (retry, or `mondrian analyze` again)
+    photo_at_fault: bool  # whether the file itself must change (else: a setting, the command line, the machine)
+
+
+RETRY = "run `mondrian retry --failed`"
+ANALYZE_AGAIN = "run `mondrian analyze` on it again"
+
+# First match wins: the more specific causes come first.
+_CAUSES: list[tuple[Cause, tuple[str, ...]]] = [
+    (Cause("interrupted", "Analysis was stopped",
+           "Nothing is wrong with the photo: `mondrian analyze` was stopped before it finished. {again_cap}.",
+           False),
+     (r"`mondrian analyze` was stopped", r"`mondrian analyze` stopped")),
+    (Cause("crash", "The analysis crashed on this photo",
+           "Mondrian crashed several times on this photo, also alone in a separate process, so it was set aside "
+           "to let the rest of the inbox go on. Export it again (another format or a smaller size) and drop the "
+           "new file into the inbox.", True),
+     (r"in a separate process broke",)),
+    (Cause("timeout", "Took longer than the time limit",
+           "The photo is probably fine; its analysis took longer than `job_timeout_seconds` allows. Raise "
+           "`job_timeout_seconds` in mondrian.toml (or lower `max_pixels`), then {again}.", False),
+     (r"job_timeout_seconds", r"took longer than")),
+    (Cause("advisor_command", "Unknown advisor on the command line",
+           "The photo is fine: the advisor named with `--advisor` does not exist. Check its spelling ({advisors}) "
+           "and {again} with a known `--advisor`.", False),
+     ()),  # chosen by where the advisor came from, see cause_of
+    (Cause("advisor_folder", "Unknown advisor folder",
+           "The photo is fine: the inbox folder it was in names an advisor that is not (or no longer) defined. "
+           "Known advisors: {advisors}. Put back `advisors/<id>/advisor.toml`, or drop the photo into a known "
+           "advisor's folder (or the top of the inbox for the default advisor).", False),
+     (r"unknown advisor", r"is not an advisor id")),
+    (Cause("mode_command", "Unknown mode on the command line",
+           "The photo is fine: the mode given with `--mode` is not one of " + ", ".join(MODES) + ". "
+           "{again_cap} with a known `--mode`.", False),
+     ()),  # chosen by where the mode came from, see cause_of
+    (Cause("sidecar", "The .mode sidecar is wrong",
+           "The photo is fine; its `.mode` sidecar is not. Write one of " + ", ".join(MODES) + " into it (it lies "
+           "beside the photo), or delete it to use the default mode; then {again}.", False),
+     (r"\bthe sidecar\b",)),
+    (Cause("shape", "The model cannot take this size or shape",
+           "The model's image preprocessing refuses this photo's size or shape. Export it at a more ordinary size "
+           "and shape (crop a very long panorama) and drop the new file into the inbox.", True),
+     (r"preprocessing refused",)),
+    (Cause("model", "The model could not write a critique",
+           "The photo is probably fine: the model failed on it. {again_cap}; if it fails again, check the model "
+           "(`MONDRIAN_MODEL`, `mondrian status`) and the log.", False),
+     (r"^the model could not", r"model could not be loaded")),
+    (Cause("link", "A link, not a photo",
+           "Mondrian does not follow links out of the inbox. Copy the photo itself (not a link or an alias) into "
+           "the inbox.", True),
+     (r"this is a link", r"no longer inside the inbox", r"replaced by a link")),
+    (Cause("permission", "No permission to read or move it",
+           "Make the photo readable and its folder writable (`chmod u+rw`), then {again}.", False),
+     (r"chmod", r"permission")),
+    (Cause("not_a_file", "Not a regular file",
+           "This is not a file with a photo in it (a pipe, a socket, a device or a folder). Copy the photo itself "
+           "into the inbox.", True),
+     (r"not a file with a photo in it", r"not a regular file")),
+    (Cause("too_large", "Too large",
+           "Export the photo at a smaller size and drop the new file into the inbox, or raise `max_file_mb` in "
+           "mondrian.toml and {again}.", True),
+     (r"max_file_mb", r"too large", r"more memory", r"allowed here", r"bytes, more than")),
+    (Cause("unreadable", "Not a photo Mondrian can read",
+           "Open the file in your photo app. If it opens, export it again as JPEG, PNG, TIFF or HEIC and drop the "
+           "new file into the inbox; if it does not, copy it again from the camera or card.", True),
+     (r"not a photo", r"truncated", r"damaged", r"could not be decoded", r"is empty", r"decompression bomb",
+      r"could not be read")),
+    (Cause("outbox", "Could not write to the outbox",
+           "Mondrian could not write the report or move the photo (a full disk, a read-only or linked folder?). "
+           "Fix that, then {again}.", False),
+     (r"could not write", r"could not be moved", r"outbox")),
+]
+OTHER = Cause("other", "Could not be analysed",
+              "Read the reason above; once its cause is fixed, {again}.", False)
+CAUSES: dict[str, Cause] = {c.key: c for c, _ in _CAUSES} | {OTHER.key: OTHER}
+_PATTERNS = [(c, re.compile("|".join(p), re.IGNORECASE)) for c, p in _CAUSES if p]
+
+
+def cause_of(reason: str, *, advisor_source: str | None = None, mode_source: str | None = None) -> Cause:
+    """The cause of a failure from its reason; where the advisor and mode came from (`folder`, `command`, ...)
+    tells a mistyped command line from a photo or a folder."""
+    for cause, pattern in _PATTERNS:
+        if not pattern.search(reason or ""):
+            continue
+        if cause.key == "advisor_folder" and advisor_source == "command":
+            return CAUSES["advisor_command"]
+        if cause.key == "sidecar" and mode_source == "command":
+            return CAUSES["mode_command"]
+        return cause
+    if mode_source == "command" and re.search(r"unknown (analysis )?mode", reason or "", re.IGNORECASE):
+        return CAUSES["mode_command"]
+    return OTHER
+
+
+def advice(cause: Cause, *, from_inbox: bool, advisors: Iterable[str] = ()) -> str:
+    """The cause's next step, for a photo of the inbox (retried with `retry --failed`) or of `mondrian analyze`
+    (never moved by Mondrian: analysed again by hand)."""
+    again = RETRY if from_inbox else ANALYZE_AGAIN
+    text = cause.advice.format(again=again, again_cap=again[0].upper() + again[1:],
+                               advisors=", ".join(sorted(advisors)) or "none")
+    return text
+
+
+def where_it_is(*, from_inbox: bool, kept_in_inbox: bool) -> str:
+    """Where the photo lies now, in one sentence for the failure record."""
+    if not from_inbox:
+        return "The photo was left where it is (`mondrian analyze` never moves it)."
+    if kept_in_inbox:
+        return "The photo was left where it is in the inbox."
+    return ("The photo is in outbox/failed/, beside this record; once it is fixed you can also drop it into the inbox "
+            "again.")
+
+
+__all__ = ["Cause", "CAUSES", "OTHER", "cause_of", "advice", "where_it_is"]

@@ -1,0 +1,232 @@
+"""outbox/index.html: every report and every standing failure, kept up to date incrementally.
+
+The outbox itself is the truth: a report folder holding `report.json`, a `failed/<name>.error.json` record. What the
+index shows of each is summarised once and kept in `var/outbox-index.json`, keyed by the file's identity (inode,
+mtime, size), so refreshing after a job costs one read of that summary, one listing of the outbox and of failed/,
+and one read of whatever is new, whatever the number of reports. Because every refresh starts from the listing, a
+report folder the user deleted disappears, one published by a process that was killed before it refreshed appears,
+and a damaged or missing summary file is rebuilt from the reports. The ledger only says which failures still stand
+(not those whose photo was put back and analysed since).
+
+Failure pages (`failed/<name>.error.html`) are rendered here from their records, so every listed failure has one,
+including those recorded before pages existed or by a process killed between its record and its page.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..fsutil import NotOwn, atomic_write_text, own_folder_inside, read_regular_file
+from ..intake.inbox import OUTBOX_RESERVED
+from .failures import CAUSES, advice, cause_of
+from .report import FailureEntry, IndexEntry, render_failure_html, write_index
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..ledger import Ledger
+
+log = logging.getLogger("mondrian.worker")
+
+CACHE_NAME = "outbox-index.json"
+CACHE_VERSION = 1
+RECORD_SUFFIX = ".error.json"
+PAGE_SUFFIX = ".error.html"
+MAX_RECORD_BYTES = 4 * 1024 * 1024  # a report.json is a few kB; anything far larger is not one of ours
+MAX_CACHE_BYTES = 1024 * 1024 * 1024  # ~300 bytes a report: room for millions
+READ_SECONDS = 10.0
+REPORT_KEYS = frozenset(IndexEntry.__dataclass_fields__)
+
+
+def page_name(record_name: str) -> str:
+    """`x.jpg.error.json` -> `x.jpg.error.html`, the failure page beside its record."""
+    return record_name[: -len(RECORD_SUFFIX)] + PAGE_SUFFIX
+
+
+def _key(st: os.stat_result) -> list[int]:
+    return [st.st_ino, st.st_mtime_ns, st.st_size]
+
+
+def _read_json(path: Path, max_bytes: int = MAX_RECORD_BYTES) -> dict[str, Any] | None:
+    try:
+        data = json.loads(read_regular_file(path, max_bytes=max_bytes, timeout_s=READ_SECONDS))
+    except (OSError, ValueError, MemoryError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def report_summary(folder: str, report: dict[str, Any]) -> dict[str, Any] | None:
+    """What the index shows of one report (None if it is not a report Mondrian wrote)."""
+    try:
+        mode, model, advisor = report["mode"], report["model"], report["advisor"]
+        refs = report.get("references")
+        return {"folder": folder, "file": str(report["photo"]["file"]), "advisor_id": str(advisor["id"]),
+                "advisor_name": str(advisor.get("name") or advisor["id"]),
+                "mode_requested": str(mode["requested"]), "mode_effective": str(mode["effective"]),
+                "grade": int(report["overall_grade"]), "created_at": str(report.get("created_at", "")),
+                "smoke": bool(model.get("smoke")), "adapter": model.get("adapter") or None,
+                "references": len(refs) if isinstance(refs, list) else 0}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None
+
+
+def failure_summary(name: str, record: dict[str, Any]) -> dict[str, Any]:
+    """What the index and the failure page show of one failure record; the cause is the record's own, or (for a
+    record written before causes were recorded) read from its reason."""
+    reason = str(record.get("reason") or "")
+    cause = CAUSES.get(str(record.get("cause"))) or cause_of(reason, advisor_source=record.get("advisor_source"),
+                                                              mode_source=record.get("mode_source"))
+    recorded = bool(record.get("cause"))  # else the advice of the time was generic: give the cause's own
+    step = (str(record.get("next_step") or "") if recorded else "") or advice(cause, from_inbox=record.get(
+        "from_inbox", True) is not False)
+    return {"name": name, "file": str(record.get("file") or name), "reason": reason, "cause": cause.key,
+            "title": cause.title, "next_step": step,
+            "what_to_do": (str(record.get("what_to_do") or "") if recorded else "") or step,
+            "kind": str(record.get("kind") or "permanent"), "advisor": str(record.get("advisor") or ""),
+            "failed_at": str(record.get("failed_at") or ""), "job_id": record.get("job_id"),
+            "photo_at_fault": cause.photo_at_fault}
+
+
+FAILURE_KEYS = frozenset(failure_summary("x", {}))
+
+
+class OutboxIndex:
+    """Rebuilds outbox/index.html (and any missing failure page) after every job, at O(1) reads a refresh."""
+
+    def __init__(self, cfg: "Config", ledger: "Ledger | None" = None):
+        self.cfg = cfg
+        self.ledger = ledger
+        self.cache_path = cfg.var_dir / CACHE_NAME
+        self.reads = 0  # reports and records read by the last refresh (the cache's hit rate, for tests and logs)
+
+    # -- the summary file -----------------------------------------------------------------------
+    def _load(self) -> dict[str, Any]:
+        data = _read_json(self.cache_path, MAX_CACHE_BYTES)
+        if (not data or data.get("version") != CACHE_VERSION or data.get("outbox") != str(self.cfg.outbox)
+                or not isinstance(data.get("reports"), dict) or not isinstance(data.get("failures"), dict)):
+            return {"reports": {}, "failures": {}}
+        return data
+
+    def _save(self, reports: dict[str, Any], failures: dict[str, Any]) -> None:
+        doc = {"version": CACHE_VERSION, "outbox": str(self.cfg.outbox), "reports": reports, "failures": failures}
+        try:
+            atomic_write_text(self.cache_path, json.dumps(doc, ensure_ascii=False, separators=(",", ":")))
+        except OSError as exc:  # only a cache: the next refresh reads the reports again
+            log.debug("could not save %s: %s", self.cache_path, exc)
+
+    # -- listing ------------------------------------------------------------------------------
+    def _reports(self, cached: dict[str, Any]) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        try:
+            entries = list(os.scandir(self.cfg.outbox))
+        except OSError as exc:
+            log.warning("could not list %s: %s", self.cfg.outbox, exc)
+            return found
+        for entry in entries:
+            name = entry.name
+            if name.startswith(".") or name.lower() in OUTBOX_RESERVED:
+                continue
+            try:
+                if not entry.is_dir(follow_symlinks=False):
+                    continue
+                st = os.stat(os.path.join(entry.path, "report.json"), follow_symlinks=False)
+            except OSError:
+                continue  # not a report folder (yet)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            key = _key(st)
+            hit = cached.get(name)
+            if isinstance(hit, dict) and hit.get("key") == key and isinstance(hit.get("entry"), dict) \
+                    and set(hit["entry"]) == REPORT_KEYS:
+                found[name] = hit
+                continue
+            self.reads += 1
+            report = _read_json(Path(entry.path) / "report.json")
+            summary = report_summary(name, report) if report else None
+            if summary is not None:
+                found[name] = {"key": key, "entry": summary}
+        return found
+
+    def _failures(self, cached: dict[str, Any]) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        failed = self.cfg.failed_dir
+        try:
+            own_folder_inside(failed, self.cfg.outbox)  # pages are written there: never through a link
+            entries = list(os.scandir(failed))
+        except (OSError, NotOwn):
+            return found
+        names = {e.name for e in entries}
+        for entry in entries:
+            name = entry.name
+            if not name.endswith(RECORD_SUFFIX) or name.startswith("."):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            key = _key(st)
+            hit = cached.get(name)
+            if not (isinstance(hit, dict) and hit.get("key") == key and isinstance(hit.get("entry"), dict)
+                    and set(hit["entry"]) == FAILURE_KEYS):
+                self.reads += 1
+                record = _read_json(Path(entry.path))
+                if record is None:
+                    continue
+                hit = {"key": key, "entry": failure_summary(name[: -len(RECORD_SUFFIX)], record)}
+                self._write_page(failed / page_name(name), hit["entry"])
+            elif page_name(name) not in names:
+                self._write_page(failed / page_name(name), hit["entry"])  # deleted, or never written (a kill)
+            found[name] = hit
+        return found
+
+    def _write_page(self, path: Path, entry: dict[str, Any]) -> None:
+        try:
+            try:  # linked only if it is a plain file here: never a link that leads out of the outbox
+                has_original = stat.S_ISREG(os.lstat(path.parent / entry["name"]).st_mode)
+            except OSError:
+                has_original = False
+            atomic_write_text(path, render_failure_html(FailureEntry.from_summary(entry), has_original=has_original))
+        except OSError as exc:
+            log.warning("could not write the failure page %s: %s", path.name, exc)
+
+    def _standing(self, failures: dict[str, Any]) -> list[dict[str, Any]]:
+        """The failures that still stand: a record whose photo was put back and queued or analysed since (its
+        job is no longer failed, or a later job has its file) is history, as `mondrian status` counts it."""
+        entries = [f["entry"] for f in failures.values()]
+        if self.ledger is None:
+            return entries
+        try:
+            standing = self.ledger.standing_failure_ids()
+        except Exception as exc:  # the ledger cannot be read now: show every record rather than none
+            log.debug("could not read the ledger for the index: %s", exc)
+            return entries
+        return [e for e in entries if e["job_id"] in standing]
+
+    # -- the index ------------------------------------------------------------------------------
+    def refresh(self) -> None:
+        """Never raises: the index is a view of the outbox, and a problem with it must not fail a photo."""
+        try:
+            self._refresh()
+        except Exception:
+            log.warning("could not update %s", self.cfg.outbox / "index.html", exc_info=True)
+
+    def _refresh(self) -> None:
+        self.reads = 0
+        cache = self._load()
+        reports = self._reports(cache["reports"])
+        failures = self._failures(cache["failures"])
+        self._save(reports, failures)
+        try:
+            write_index(self.cfg.outbox, [IndexEntry(**r["entry"]) for r in reports.values()],
+                        [FailureEntry.from_summary(f) for f in self._standing(failures)])
+        except OSError as exc:
+            log.warning("could not update %s: %s", self.cfg.outbox / "index.html", exc)
+
+
+__all__ = ["OutboxIndex", "page_name", "report_summary", "failure_summary", "CACHE_NAME"]

@@ -1,0 +1,65 @@
+"""`mondrian demo` shows all three modes: the real command, in a temporary home, once (and once again)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from daemon.references.sidecar import parse_sidecar
+from tests.harness import make_home, mondrian, reports
+
+
+def _by_photo(outbox: Path) -> dict[str, dict]:
+    out = {}
+    for path in reports(outbox):
+        report = json.loads(path.read_text())
+        out.setdefault(report["photo"]["file"], report)
+    return out
+
+
+def test_the_demo_shows_baseline_rag_and_lora_and_runs_again(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home")  # the fast test settings: small photos, short comments
+    out = mondrian(home, smoke_model_path, "demo", "--model", str(smoke_model_path), timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "without the quality gate" in out.stderr
+
+    # A sample portfolio with curator sidecars in the README's format, indexed.
+    portfolio = home / "advisors" / "ansel" / "references" / "mondrian-demo"
+    sidecars = sorted(portfolio.glob("*.json"))
+    assert len(sidecars) == 5 and all(parse_sidecar(json.loads(p.read_text()))[0] for p in sidecars)
+
+    # One report per mode, each really served by that mode.
+    got = _by_photo(home / "outbox")
+    modes = {name: (r["mode"]["requested"], r["mode"]["effective"]) for name, r in got.items()}
+    assert set(modes.values()) == {("baseline", "baseline"), ("rag", "rag"), ("lora", "lora")}, modes
+    rag = next(r for r in got.values() if r["mode"]["effective"] == "rag")
+    assert rag["references"] and rag["portfolio"]["count"] == 5
+    lora = next(r for r in got.values() if r["mode"]["effective"] == "lora")
+    assert lora["model"]["adapter"] == "ansel/v0001"
+    metrics = json.loads((home / "adapters" / "ansel" / "v0001" / "metrics.json").read_text())
+    assert metrics["decision"]["promoted"] and "without the quality gate" in metrics["decision"]["reason"]
+    index = (home / "outbox" / "index.html").read_text()
+    assert 'data-mode="rag"' in index and 'data-mode="lora"' in index and "ansel/v0001" in index
+    assert 'data-mode="baseline"' in index
+
+    # Again, in the same home: nothing set up twice, the adapter used as it is, and it still ends well.
+    before = {p.name: p.stat().st_mtime_ns for p in portfolio.iterdir()}
+    again = mondrian(home, smoke_model_path, "demo", "--model", str(smoke_model_path), timeout=900)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "used as it is" in again.stderr and "already in place" in again.stderr
+    assert {p.name: p.stat().st_mtime_ns for p in portfolio.iterdir()} == before
+    assert sorted(p.name for p in (home / "adapters" / "ansel").iterdir() if p.name.startswith("v")) == ["v0001"]
+    assert "lora" in again.stdout and "ansel/v0001" in again.stdout
+
+
+def test_the_demo_never_mixes_its_samples_into_a_portfolio_of_the_users_own(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home")
+    mine = home / "advisors" / "ansel" / "references" / "mine.jpg"
+    mine.parent.mkdir(parents=True)
+    mine.write_bytes((Path(__file__).resolve().parent.parent / "samples" / "camera.jpg").read_bytes())
+    out = mondrian(home, smoke_model_path, "demo", "--model", str(smoke_model_path), timeout=900)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "does not mix its samples" in out.stderr
+    assert sorted(p.name for p in mine.parent.iterdir()) == ["mine.jpg"]  # nothing added beside the user's own
+    assert not (home / "adapters" / "ansel").exists() or not any((home / "adapters" / "ansel").glob("v*"))
+    assert len(reports(home / "outbox")) == 5  # the samples are still analysed, each saying which mode it got
