@@ -243,7 +243,7 @@ def test_bad_requests_get_a_clear_json_error_and_leave_nothing_behind(tmp_path, 
         # Nothing was queued, written or left in the spool by any of them.
         assert ledger_jobs(home) == {}
         assert list((home / "var" / "spool").iterdir()) == []
-        assert [p.name for p in (home / "outbox").iterdir() if p.name not in (".staging", "duplicates", "failed")] == []
+        assert [p.name for p in (home / "outbox").iterdir() if p.name not in (".staging", "duplicates", "failed", "index.html")] == []
         assert not any((home / "outbox" / "failed").iterdir())
 
         # And the daemon still serves: /health names the model and the queue.

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 from daemon.references.sidecar import parse_sidecar
-from tests.harness import make_home, mondrian, reports
+from tests.harness import REPO, env_for, make_home, mondrian, photo, reports, wait_for
 
 
 def _by_photo(outbox: Path) -> dict[str, dict]:
@@ -63,3 +66,37 @@ def test_the_demo_never_mixes_its_samples_into_a_portfolio_of_the_users_own(tmp_
     assert sorted(p.name for p in mine.parent.iterdir()) == ["mine.jpg"]  # nothing added beside the user's own
     assert not (home / "adapters" / "ansel").exists() or not any((home / "adapters" / "ansel").glob("v*"))
     assert len(reports(home / "outbox")) == 5  # the samples are still analysed, each saying which mode it got
+
+
+def test_demo_serve_keeps_its_daemon_up_for_the_seeds_api_check(tmp_path, smoke_model_path):
+    """`mondrian demo --serve`: after the demo the daemon stays up, and the seed's own fallback check (its curl
+    command, verbatim but for the port) names lora, the mode the demo's adapter serves. SIGTERM ends it with 0."""
+    from tests.test_api import SEED_PORT, curl, free_port, run_seed
+
+    port = free_port(SEED_PORT)
+    home = make_home(tmp_path / "home", api_port=port)
+    work = tmp_path / "work"
+    photo(work / "x.jpg", seed=7)
+    log = (tmp_path / "demo.log").open("wb")
+    proc = subprocess.Popen([sys.executable, "-m", "daemon", "demo", "--serve", "--model", str(smoke_model_path)],
+                            env=env_for(home, smoke_model_path), cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        def serving() -> bool:
+            assert proc.poll() is None, (tmp_path / "demo.log").read_text()
+            try:
+                code, _, body = curl(f"http://127.0.0.1:{port}/health", timeout=10)
+                return code == 200 and json.loads(body)["model"]["loaded"]
+            except (AssertionError, OSError, ValueError, subprocess.SubprocessError):
+                return False
+        wait_for(serving, timeout=900, what="the demo's daemon to serve the API")
+        out = run_seed("### Mode fallback occurring", work, port)
+        assert out.stdout.strip() == "< X-Analysis-Mode: lora", out.stdout + out.stderr
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    text = (tmp_path / "demo.log").read_text()
+    assert "Serving the inbox and the /analyze API" in text

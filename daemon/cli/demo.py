@@ -33,7 +33,7 @@ from ..analysis.critique import DIMENSIONS
 from ..config import MODES, Config
 from ..fsutil import atomic_write_bytes, lock_holder
 from ..resources import samples_dir
-from .common import config_from, progress_bar, say
+from .common import EX_CONFIG, config_from, progress_bar, say
 from .terminal import shown
 
 DEMO_FOLDER = "mondrian-demo"  # inside the advisor's references/: the demo's own, easy to see and to delete
@@ -264,7 +264,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
                      f"Open {cfg.outbox / 'index.html'} in a browser to see them."]))
     if _is_smoke(cfg):
         print("(These reports come from the random smoke model: the scores are not meaningful.)")
-    return 0
+    if not getattr(args, "serve", False):
+        return 0
+    if not (cfg.api_enabled and cfg.api_port):
+        print("--serve needs the API: set api_enabled = true and an api_port in mondrian.toml", file=sys.stderr)
+        return EX_CONFIG
+    # The demo's daemon stays up, with the smoke model and the adapter the demo made, so the original design's
+    # curl commands can be tried against it.
+    say(f"Serving the inbox and the /analyze API on http://{cfg.api_host}:{cfg.api_port} with the demo's model; "
+        f"try: curl -X POST http://localhost:{cfg.api_port}/analyze -F image=@photo.jpg -F mode=lora "
+        f"(Ctrl-C stops)")
+    return run_daemon(cfg, once=False)
 
 
 __all__ = ["cmd_demo", "DEMO_FOLDER", "DEMO_SCORES", "sidecar_for_demo", "queue_samples"]

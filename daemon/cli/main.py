@@ -160,6 +160,8 @@ def add_core_commands(sub: Any) -> None:
     demo = sub.add_parser("demo", help="offline: a sample portfolio, a small adapter, and the sample photos analysed "
                                        "in all three modes")
     demo.add_argument("--model", help="model (default: the offline smoke model)")
+    demo.add_argument("--serve", action="store_true",
+                      help="then keep the daemon running, with the /analyze API, until Ctrl-C")
     demo.set_defaults(func=cmd_demo)
 
     an = sub.add_parser("analyze", help="analyse photos now, without the daemon (they stay where they are)")
