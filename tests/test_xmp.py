@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from daemon.pipeline.xmp import embed, write_sidecar
-from tests.harness import Daemon, ledger_jobs, make_home, photo
+from tests.harness import Daemon, ledger_jobs, make_home, mondrian, photo
 
 # The README's table, written out: the test fails if the code's mapping drifts from what the README promises.
 STARS = {0: 1, 1: 1, 2: 1, 3: 2, 4: 2, 5: 3, 6: 3, 7: 4, 8: 4, 9: 5, 10: 5}
@@ -184,3 +184,23 @@ def test_a_failed_embedding_keeps_the_report_the_sidecar_and_the_original(tmp_pa
     assert read_back(exiftool(folder / "held.xmp")[str(folder / "held.xmp")]) == expected(report)
     assert ledger_jobs(home)["held.jpg"].state == "done"
     assert "held.jpg: the XMP could not be embedded" in d.output() and "held.xmp beside it has the rating" in d.output()
+
+
+def test_an_embedding_killed_before_its_rename_leaves_no_temporary_file_after_the_next_start(tmp_path,
+                                                                                          smoke_model_path):
+    """Embedding rewrites the original inside a published report folder; a kill between writing the new file and
+    renaming it leaves `.<name>.PID.HEX.tmp` there. The next start removes it (its writer is dead), and leaves one
+    whose writer is alive."""
+    home = make_home(tmp_path / "home")
+    photo(home / "inbox" / "IMG_1.jpg", seed=5)
+    assert mondrian(home, smoke_model_path, "run", "--once").returncode == 0
+    folder = home / "outbox" / "IMG_1"
+    assert (folder / "report.json").is_file()
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that was just released: no process has it now
+    orphan = folder / f".IMG_1.jpg.{dead.pid}.0123abcd.tmp"
+    live = folder / f".IMG_1.jpg.{os.getpid()}.4567cdef.tmp"
+    orphan.write_bytes(b"half an embedding")
+    live.write_bytes(b"another writer's file")
+    assert mondrian(home, smoke_model_path, "run", "--once").returncode == 0
+    assert not orphan.exists() and live.exists()

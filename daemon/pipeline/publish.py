@@ -99,8 +99,14 @@ class Publisher:
         for entry in entries:
             if entry.name not in live:
                 shutil.rmtree(entry.path, ignore_errors=True)  # refuses a link: never deletes through one
-        # Temporary files of atomic writes (`.<start of NAME>.PID.HEX.tmp`) whose writer was killed before its rename.
-        for folder in (self.cfg.outbox, self.cfg.failed_dir, self.cfg.outbox / "duplicates"):
+        # Temporary files of atomic writes (`.<start of NAME>.PID.HEX.tmp`) whose writer was killed before its rename;
+        # report folders too, where embedding XMP rewrites the original after the folder was published.
+        try:
+            reports = [Path(e.path) for e in os.scandir(self.cfg.outbox)
+                       if e.is_dir(follow_symlinks=False) and not e.name.startswith(".")]
+        except OSError:
+            reports = []
+        for folder in (self.cfg.outbox, self.cfg.failed_dir, self.cfg.outbox / "duplicates", *reports):
             if not self.is_own(folder):
                 continue
             try:
