@@ -83,7 +83,8 @@ class ReuseOutput:
     prompt_tokens: int
     reused_tokens: int  # prompt tokens served from the previous prompt's KV cache
     forward_passes: int  # decode steps (a step may append several schema-forced tokens)
-    finished: bool  # the JSON value closed before max_tokens
+    finished: bool
+    free_tokens: int = 0  # tokens the model chose among several the schema allowed; the rest were forced  # the JSON value closed before max_tokens
 
 
 class PhotoRefused(Permanent, ValueError):
@@ -132,6 +133,7 @@ class _Head:
         import mlx.nn as nn
 
         self.lm = lm
+        self.free = 0  # picks among more than one allowed token
         self.tied = bool(lm.args.tie_word_embeddings)
         module = lm.model.embed_tokens if self.tied else lm.lm_head
         plain = type(module) in ((nn.Embedding,) if self.tied else (nn.Linear,))  # not quantized
@@ -148,6 +150,7 @@ class _Head:
         idx = np.flatnonzero(allowed)
         if len(idx) == 1:
             return int(idx[0])
+        self.free += 1
         if self.weight is not None and len(idx) * self.SUBSET_FRACTION <= allowed.size:
             rows = mx.array(idx.astype(np.int32))
             logits = self.weight[rows] @ last.reshape(-1)
@@ -249,7 +252,7 @@ def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, t
     text = processor.tokenizer.decode(out, skip_special_tokens=False) if hasattr(processor, "tokenizer") \
         else processor.decode(out, skip_special_tokens=False)
     return ReuseOutput(ids=out, text=text, prompt_tokens=len(ids), reused_tokens=reused,
-                       forward_passes=passes + 1, finished=finished)
+                       forward_passes=passes + 1, finished=finished, free_tokens=head.free)
 
 
 def parse(text: str, schema: dict) -> dict:
