@@ -84,7 +84,7 @@ def collect(cfg: Config) -> dict[str, Any]:
                  "owns_file": j.owns_file, "started_at": j.started_at, "elapsed_s": round(now - (j.started_at or now), 1)}
         # A job whose process is gone (a killed `mondrian analyze`) is not in progress, whatever the ledger says.
         (running if ledger.job_is_live(j) else interrupted).append(entry)
-    failures = [_failure(cfg, j) for j in ledger.recent_failures()]
+    failures = [_failure(cfg, j) for j in ledger.recent_failures(superseded=counts.superseded)]
     model = events.get("model", (None, None))[0]
     pid = daemon_pid(cfg)
     fault = FaultNote.read(cfg.var_dir / FAULT_NOTE)

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 DEFAULT_HUB_MODEL = "mlx-community/Qwen2-VL-2B-Instruct-4bit"
 SMOKE_MODEL_ID = "mondrian-smoke-qwen2-vl (random weights)"
 MIN_PIXELS = 56 * 56  # Qwen2-VL's own floor (4 image tokens)
+CACHE_LIMIT_MIN, CACHE_LIMIT_MAX = 64 << 20, 2 << 30
 # The files mlx_vlm.load needs from a hub snapshot (same patterns mlx-vlm downloads).
 _HUB_PATTERNS = ["*.json", "*.jsonl", "*.safetensors", "*.py", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -132,6 +133,18 @@ def _cap_pixels(processor: Any, max_pixels: int) -> None:
             size["shortest_edge"] = min(size.get("shortest_edge") or min_pixels, max_pixels)
 
 
+def _limit_cache(model: Any) -> int:
+    """Cap MLX's cache of freed buffers at a quarter of the weights (64 MiB to 2 GiB): enough to reuse a photo's
+    prefill and decode buffers, where MLX's own default (the whole memory limit) lets it grow photo after photo."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    weights = sum(int(v.nbytes) for _, v in tree_flatten(model.parameters()))
+    limit = min(max(weights // 4, CACHE_LIMIT_MIN), CACHE_LIMIT_MAX)
+    mx.set_cache_limit(limit)
+    return limit
+
+
 def release_thread() -> None:
     """Drain this thread's queued MLX work and free its streams; call it last on the thread that ran the model.
 
@@ -196,6 +209,7 @@ class ModelRuntime:
         except (FileNotFoundError, OSError) as exc:
             raise ModelNotFoundError(f"could not load model from {path} ({exc}). {_how_to_get(spec)}") from exc
         _cap_pixels(processor, max_pixels)
+        _limit_cache(model)
         if spec.strip() == SMOKE_ALIAS:
             model_id = SMOKE_MODEL_ID
         elif is_smoke:
