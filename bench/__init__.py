@@ -56,7 +56,8 @@ def set_overrides(**values: Any) -> None:
 
 def settings() -> dict[str, Any]:
     """The settings this run measures at: the defaults unless a flag changed one."""
-    out = {**defaults(), **{k: v for k, v in _overrides.items() if k not in ("photos", "comment_min_chars")}}
+    out = {**defaults(), **{k: v for k, v in _overrides.items()
+                            if k not in ("photos", "comment_min_chars", "precision")}}
     out["comment_max_chars_smoke"] = min(out["comment_max_chars_smoke"], out["comment_max_chars"])
     for shapes in REAL_COMMENT_CHARS:
         key = f"comment_min_chars_{shapes}"
@@ -70,6 +71,27 @@ def comment_chars(shapes: str) -> tuple[int, int]:
     s = settings()
     return int(s[f"comment_min_chars_{shapes}"]), int(s["comment_max_chars_smoke" if shapes == "smoke"
                                                          else "comment_max_chars"])
+
+
+PRECISIONS = ("float32", "bfloat16", "4bit")
+
+
+def precision() -> str:
+    """The weights' precision: float32 (the CPU's best: BLAS), bfloat16, or 4bit (the project's default model is
+    4-bit: the language model quantized with mlx's own `nn.quantize`, group 64, the vision tower bfloat16)."""
+    return str(_overrides.get("precision") or "float32")
+
+
+def apply_precision(model: Any) -> None:
+    import mlx.core as mx
+    import mlx.nn as nn
+
+    if precision() == "float32":
+        return
+    model.set_dtype(mx.bfloat16)
+    if precision() == "4bit":
+        nn.quantize(model.language_model, group_size=64, bits=4)
+    mx.eval(model.parameters())
 
 
 def photos(shapes: str) -> int:
@@ -90,7 +112,7 @@ def label() -> str:
 
 def print_settings() -> dict[str, Any]:
     """Print the settings as key=value lines (and return them for the JSON)."""
-    out = {**settings(), "settings": label()}
+    out = {**settings(), "precision": precision(), "settings": label()}
     for key, value in out.items():
         emit(key, value)
     return out

@@ -17,7 +17,7 @@ from daemon.model import blas
 
 blas.preload_openblas()  # before anything imports mlx
 
-from . import SIZES, _fmt, emitted, note, print_settings, set_overrides, var_dir
+from . import PRECISIONS, SIZES, _fmt, emitted, note, print_settings, set_overrides, var_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
                              ("max-pixels", int, "photo pixel cap (default: daemon/config.py's)"),
                              ("photos", int, "photos per model (default: 5)")):
         p.add_argument(f"--{flag}", type=kind, help=f"{what}; any other value labels the figures `extra`")
+    p.add_argument("--precision", choices=PRECISIONS, default="float32",
+                   help="weights of the benchmark models (float32: CPU BLAS; 4bit: the default model's)")
     p.add_argument("--json", type=Path, metavar="PATH",
                    help="where to write the figures (default: <var>/bench/<time>-<size>.json)")
     args = p.parse_args(argv)
@@ -56,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         p.error(f"unknown benchmark(s) {', '.join(unknown)}; available: {', '.join(names)}")
     set_overrides(comment_max_chars=args.comment_max_chars, comment_min_chars=args.comment_min_chars,
-                  max_tokens=args.max_tokens, max_pixels=args.max_pixels, photos=args.photos)
+                  max_tokens=args.max_tokens, max_pixels=args.max_pixels, photos=args.photos,
+                  precision=args.precision)
     now = datetime.datetime.now(datetime.timezone.utc)
     record: dict = {"date": now.isoformat(timespec="seconds"), "size": args.size,
                     "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, "

@@ -18,7 +18,7 @@ import os
 import time
 from typing import Any
 
-from . import by_size, emit, note, photos as photo_count, real_length, settings as bench_settings, comment_chars, var_dir
+from . import apply_precision, by_size, emit, note, photos as photo_count, real_length, settings as bench_settings, comment_chars, var_dir
 from .rag import _photos
 
 PROMPT = "Critique this photograph as Ansel Adams would."
@@ -49,6 +49,7 @@ def measure(shapes: str) -> dict[str, Any]:
 
     model_path = ensure_smoke_model(var_dir(), shapes=shapes)
     rt = ModelRuntime.load(str(model_path), var_dir=var_dir(), max_pixels=settings["max_pixels"])
+    apply_precision(rt.model)
     low, high = comment_chars(shapes)
     schema = real_length(critique_schema(high), low)
     photos = _photos(photo_count(shapes), (640, 480))

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import RealLength, by_size, emit, note, photos as photo_count, real_length, settings as bench_settings, comment_chars, var_dir
+from . import apply_precision, RealLength, by_size, emit, note, photos as photo_count, real_length, settings as bench_settings, comment_chars, var_dir
 
 REFERENCES = 4
 
@@ -126,6 +126,7 @@ def measure(shapes: str) -> dict[str, Any]:
         started = time.perf_counter()
         model_path = ensure_smoke_model(var_dir(), shapes=shapes)
         runtime = ModelRuntime.load(str(model_path), var_dir=var_dir(), max_pixels=cfg.max_pixels)
+        apply_precision(runtime.model)
         rt = RealLength(runtime, min_chars)
         note(f"{shapes} model ready in {time.perf_counter() - started:.1f} s ({model_path})")
         rows = ledger.references(advisor.id)
