@@ -9,7 +9,6 @@ exactly the tokens mlx-vlm's one-token-at-a-time loop picks under the same const
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import jsonschema
 import pytest
@@ -59,3 +58,4 @@ def test_fast_forwarded_text_matches_one_token_at_a_time_on_real_boundaries(voca
         assert ours.generated_tokens == len(ids)
         assert ours.forward_passes < ours.generated_tokens  # schema-forced tokens were fast-forwarded
         assert 0 < ours.free_tokens < ours.generated_tokens
+

@@ -230,6 +230,16 @@ class ModelRuntime:
         messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
+    @property
+    def quantized(self) -> bool:
+        """Whether the language model's projections are quantized (the default 4-bit model)."""
+        if getattr(self, "_quantized", None) is None:
+            import mlx.nn as nn
+
+            lm = getattr(self.model, "language_model", self.model)
+            self._quantized = any(isinstance(m, nn.QuantizedLinear) for _, m in lm.named_modules())
+        return self._quantized
+
     # -- LoRA adapters (issue 5): one base model, adapter weights swapped per photo ----------------
     @property
     def adapters(self) -> Any:
@@ -273,15 +283,17 @@ class ModelRuntime:
         from mlx_vlm.generate import stream_generate
 
         check_limits(cancel, deadline)
-        if encoded is None:
-            # Every call takes the encode-once path where the model supports it (reuse.py): the same greedy
+        if encoded is None and not self.quantized:
+            # A single pass takes the encode-once path where the model supports it (reuse.py): the same greedy
             # text, but schema-forced tokens cost no decode step of their own and the vocabulary projection
-            # covers only the last position (about half the time at real shapes: `python -m bench baseline`).
+            # covers only the last position. On a quantized model mlx-vlm's own loop is faster for one pass
+            # (bench/RESULTS.md: a decode step of ours costs ~1.4x its); rag's passes still share the KV cache.
             encoded = self.encode(image)
-        if encoded.features is not None:
+        if encoded is not None and encoded.features is not None:
             return self._generate_encoded(encoded, prompt, schema, max_tokens=max_tokens, system=system,
                                           adapter=adapter, cancel=cancel, deadline=deadline)
-        image = encoded.image
+        if encoded is not None:
+            image = encoded.image
         if image.mode != "RGB":
             image = image.convert("RGB")
         text_prompt = self.format_prompt(prompt, system=system)
@@ -317,7 +329,7 @@ class ModelRuntime:
         except (ValueError, jsonschema.ValidationError) as exc:
             raise GenerationError(f"constrained output does not match the schema: {exc}", text) from exc
         return Generation(data=data, text=text, prompt_tokens=int(final.prompt_tokens),
-                          generated_tokens=len(ids), seconds=seconds)
+                          generated_tokens=len(ids), seconds=seconds, free_tokens=constraint.free)
 
     # -- reading scores (adapter evaluation) ------------------------------------------------------------
     def expected_scores(self, image: "Image.Image", prompt: str, text: str, *,
