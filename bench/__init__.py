@@ -7,7 +7,8 @@ load of a real-shape model: only one ~9 GB model may be in memory on a shared ma
 
 Every benchmark runs at the project's own defaults (`settings()`: comment length, max_tokens, max_pixels, read
 from daemon/config.py) unless a flag of `python -m bench` says otherwise; then `is_default()` is false and the
-figures are labelled `extra` (they are not the defaults' figures).
+figures are labelled `extra` (they are not the defaults' figures). `--precision` picks float32 (default: the
+CPU's BLAS needs it), bfloat16 or 4bit weights for the models (`apply_precision`).
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ import os
 import time
 from typing import Any
 
-from . import apply_precision, by_size, emit, note, photos as photo_count, real_length, settings as bench_settings, comment_chars, var_dir
+from . import (apply_precision, by_size, comment_chars, emit, note, photos as photo_count, real_length,
+               settings as bench_settings, var_dir)
 from .rag import _photos
 
 PROMPT = "Critique this photograph as Ansel Adams would."

@@ -27,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import apply_precision, RealLength, by_size, emit, note, photos as photo_count, real_length, settings as bench_settings, comment_chars, var_dir
+from . import (RealLength, apply_precision, by_size, comment_chars, emit, note, photos as photo_count,
+               real_length, settings as bench_settings, var_dir)
 
 REFERENCES = 4
 

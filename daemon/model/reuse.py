@@ -82,9 +82,9 @@ class ReuseOutput:
     text: str
     prompt_tokens: int
     reused_tokens: int  # prompt tokens served from the previous prompt's KV cache
-    forward_passes: int  # decode steps (a step may append several schema-forced tokens)
-    finished: bool
-    free_tokens: int = 0  # tokens the model chose among several the schema allowed; the rest were forced  # the JSON value closed before max_tokens
+    forward_passes: int  # decode forward passes (one may append several schema-forced tokens)
+    finished: bool  # the JSON value closed before max_tokens
+    free_tokens: int = 0  # tokens the model chose among several the schema allowed; the rest were forced
 
 
 class PhotoRefused(Permanent, ValueError):
