@@ -7,7 +7,9 @@
 Both decode greedily, so they must write the same text (`outputs_match`).
 
 Figures (`smoke.` / `real.` prefixes, then `baseline_time_ratio` for the size asked): photos, ours_s,
-naive_s, baseline_time_ratio = ours_s / naive_s, outputs_match, generated_tokens.
+naive_s, baseline_time_ratio = ours_s / naive_s, outputs_match, generated_tokens, free_tokens_per_report and
+forced_tokens_per_report (tokens the model chose / the schema forced), forward_passes (ours).
+Settings: `bench.settings()` (the project's defaults unless a flag says otherwise), reports real-length.
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import os
 import time
 from typing import Any
 
-from . import by_size, emit, note, var_dir
-from .rag import SETTINGS, _photos
+from . import (apply_precision, by_size, comment_chars, emit, note, photos as photo_count, real_length,
+               settings as bench_settings, var_dir)
+from .rag import _photos
 
 PROMPT = "Critique this photograph as Ansel Adams would."
 
@@ -38,7 +41,7 @@ def measure(shapes: str) -> dict[str, Any]:
     from daemon.model.runtime import ModelRuntime
     from daemon.model.smoke import ensure_smoke_model
 
-    settings = SETTINGS[shapes]
+    settings = bench_settings()
     prefix = f"{shapes}."
     figures: dict[str, Any] = {}
 
@@ -47,13 +50,15 @@ def measure(shapes: str) -> dict[str, Any]:
 
     model_path = ensure_smoke_model(var_dir(), shapes=shapes)
     rt = ModelRuntime.load(str(model_path), var_dir=var_dir(), max_pixels=settings["max_pixels"])
-    schema = critique_schema(settings["comment_max_chars"])
-    photos = _photos(settings["photos"], (640, 480))
+    apply_precision(rt.model)
+    low, high = comment_chars(shapes)
+    schema = real_length(critique_schema(high), low)
+    photos = _photos(photo_count(shapes), (640, 480))
     warm = photos[0].resize((56, 56))  # first-call overheads (allocator, lazy imports) belong to neither side
     rt.generate_json(warm, PROMPT, schema, max_tokens=settings["max_tokens"])
     _naive(rt, warm, schema, settings["max_tokens"])
     ours_s = naive_s = 0.0
-    match = generated = 0
+    match = generated = free = passes = 0
     for i, image in enumerate(photos):
         order = ("ours", "naive") if i % 2 == 0 else ("naive", "ours")  # no side always goes first
         texts: dict[str, str] = {}
@@ -63,6 +68,8 @@ def measure(shapes: str) -> dict[str, Any]:
                 gen = rt.generate_json(image, PROMPT, schema, max_tokens=settings["max_tokens"])
                 texts[side] = gen.text
                 generated += gen.generated_tokens
+                free += int(gen.free_tokens or 0)
+                passes += int(gen.forward_passes or 0)
                 ours_s += time.perf_counter() - t
             else:
                 texts[side] = _naive(rt, image, schema, settings["max_tokens"])
@@ -76,6 +83,9 @@ def measure(shapes: str) -> dict[str, Any]:
     put("baseline_time_ratio", round(ours_s / naive_s, 3))
     put("outputs_match", f"{match}/{len(photos)}")
     put("generated_tokens", generated)
+    put("forward_passes", passes)
+    put("free_tokens_per_report", round(free / len(photos), 1))
+    put("forced_tokens_per_report", round((generated - free) / len(photos), 1))
     return figures
 
 

@@ -5,8 +5,12 @@ adapter of the shape `mondrian train` makes (LoRA rank 8, alpha 16, on every q/k
 the language model; random weights, which weigh and swap exactly like trained ones). Figures (`smoke.` /
 `real.` prefixes, then unprefixed for the size asked):
 
-  adapter_swap_ms           median time to put a cached adapter's weights into the installed LoRA layers
-                            (AdapterManager.activate, evaluated), cycling through the advisors
+  adapter_swap_ms           median time a photo pays for its advisor's adapter: `activate` (LoRA layers into the
+                            model, the cached weights into them) and `deactivate` after it (the layers out again),
+                            evaluated, cycling through the advisors (each photo another advisor)
+  adapter_swap_same_ms      the same when consecutive photos have the same advisor (weights already in place)
+  inactive_bypassed         after `deactivate` no LoRA layer is left in the model: baseline and rag photos run
+                            the plain base model (no LoRA matmuls)
   adapter_load_ms           reading and checking an adapter from disk the first time (cache miss)
   mem_per_advisor_mb        MLX memory added per advisor by one base + N adapters (LoRA layers + cached
                             weights, measured, divided by N)
@@ -136,13 +140,13 @@ def measure(shapes: str) -> dict[str, Any]:
         manager.activate(adapters[0])
         mx.eval(model.parameters())
         with_adapters_mb = _active_mb() - before
-        swaps = []
-        for i in range(SWAPS[shapes]):
-            a = adapters[(i + 1) % len(adapters)]
-            t = time.perf_counter()
-            manager.activate(a)
-            mx.eval([v for k, v in _lora_params(model)])
-            swaps.append((time.perf_counter() - t) * 1e3)
+        manager.deactivate()
+
+        swaps = [_photo_pays(manager, adapters[(i + 1) % len(adapters)]) for i in range(SWAPS[shapes])]
+        same = [_photo_pays(manager, adapters[0]) for _ in range(SWAPS[shapes] // 4)]
+        from daemon.model.adapters import adapter_weight_names
+
+        bypassed = adapter_weight_names(model) == {}
         t = time.perf_counter()
         manager.activate(None)
         mx.eval([v for k, v in _lora_params(model)])
@@ -154,6 +158,8 @@ def measure(shapes: str) -> dict[str, Any]:
         put("adapter_mb", round(manager.cached_bytes() / len(adapters) / 2**20, 2))
         put("adapter_swap_ms", round(statistics.median(swaps), 3))
         put("adapter_swap_p95_ms", round(sorted(swaps)[int(0.95 * (len(swaps) - 1))], 3))
+        put("adapter_swap_same_ms", round(statistics.median(same), 3))
+        put("inactive_bypassed", bypassed)
         put("no_adapter_ms", round(none_ms, 3))
         put("adapter_load_ms", round(statistics.median(loads), 2))
         put("base_model_mb", round(base_mb, 1))
@@ -166,6 +172,18 @@ def measure(shapes: str) -> dict[str, Any]:
     gc.collect()
     mx.clear_cache()
     return figures
+
+
+def _photo_pays(manager: Any, adapter: Path) -> float:
+    """Milliseconds of one photo's adapter: in before its analysis, out after it (both evaluated)."""
+    import mlx.core as mx
+
+    t = time.perf_counter()
+    manager.activate(adapter)
+    mx.eval([v for k, v in _lora_params(manager.model)])
+    manager.deactivate()
+    mx.eval(manager.model.parameters())
+    return (time.perf_counter() - t) * 1e3
 
 
 def _lora_params(model: Any) -> list[tuple[str, Any]]:

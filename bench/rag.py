@@ -11,9 +11,11 @@ same pass-2 prompt (ours would get its embedding for free from the features it a
 
 Figures, per model (`smoke.` / `real.` prefixes), then `rag_time_ratio` for the size asked:
   photos, ours_s, naive_s (totals), rag_time_ratio = ours_s / naive_s, outputs_match, reused_prompt_tokens,
-  generated_tokens, forward_passes (ours' decode steps for those tokens).
---size smoke runs the tiny smoke model; --size real runs it and random weights with the real Qwen2-VL-2B
-shapes in float32 (about 9 GB of RAM, a few minutes; waits for /tmp/mondrian-real-shapes.lock).
+  generated_tokens, forward_passes (ours' decode steps for those tokens), free_tokens_per_report and
+  forced_tokens_per_report (pass 2, the critique: tokens the model chose / the schema forced).
+Settings: `bench.settings()` (the project's defaults unless a flag says otherwise), critiques real-length
+(`bench.RealLength`). --size smoke runs the tiny smoke model; --size real runs it and random weights with the
+real Qwen2-VL-2B shapes (about 9 GB of RAM; waits for /tmp/mondrian-real-shapes.lock).
 """
 
 from __future__ import annotations
@@ -22,17 +24,12 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from . import by_size, emit, note, var_dir
+from . import (RealLength, apply_precision, by_size, comment_chars, emit, note, photos as photo_count,
+               real_length, settings as bench_settings, var_dir)
 
-# Per model: photos analysed, image cap, comment bound. Real shapes stay short so the run takes minutes.
-SETTINGS: dict[str, dict[str, Any]] = {
-    "smoke": {"photos": 5, "max_pixels": 448 * 448, "comment_max_chars": 40, "max_tokens": 1400},
-    "real": {"photos": 2, "max_pixels": 448 * 448, "comment_max_chars": 8, "max_tokens": 1400},
-}
 REFERENCES = 4
 
 
@@ -78,7 +75,7 @@ def _setup_home(root: Path, settings: dict[str, Any]):
     return cfg, ledger, get_advisor(cfg, "ansel")
 
 
-def _naive(rt: Any, cfg: Any, advisor: Any, image: Any, rows: list[Any]) -> dict[str, Any]:
+def _naive(rt: Any, cfg: Any, advisor: Any, image: Any, rows: list[Any], min_chars: int) -> dict[str, Any]:
     """Two independent mlx_vlm.generate calls, as the original design did."""
     import mlx_vlm
 
@@ -106,17 +103,19 @@ def _naive(rt: Any, cfg: Any, advisor: Any, image: Any, rows: list[Any]) -> dict
                    "comment": reference_comment(reference_profile(n.row)["comments"])} for n in found]
     context = portfolio_context(portfolio["dimensions"], portfolio["count"], neighbours,
                                 {d: int(profile[d]) for d in DIMENSIONS})
-    return generate(critique_prompt(advisor, context), critique_schema(cfg.comment_max_chars), cfg.max_tokens)
+    return generate(critique_prompt(advisor, context), real_length(critique_schema(cfg.comment_max_chars), min_chars),
+                    cfg.max_tokens)
 
 
-def measure(shapes: str, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+def measure(shapes: str) -> dict[str, Any]:
     from daemon.intake.images import decode_photo
     from daemon.model.runtime import ModelRuntime
     from daemon.model.smoke import ensure_smoke_model
     from daemon.analysis import AnalysisContext
     from daemon.analysis.rag import RagStrategy
 
-    settings = {**SETTINGS[shapes], **(settings or {})}
+    min_chars, max_chars = comment_chars(shapes)
+    settings = {**bench_settings(), "photos": photo_count(shapes), "comment_max_chars": max_chars}
     prefix = f"{shapes}."
     figures: dict[str, Any] = {}
 
@@ -127,7 +126,9 @@ def measure(shapes: str, settings: dict[str, Any] | None = None) -> dict[str, An
         cfg, ledger, advisor = _setup_home(Path(tmp), settings)
         started = time.perf_counter()
         model_path = ensure_smoke_model(var_dir(), shapes=shapes)
-        rt = ModelRuntime.load(str(model_path), var_dir=var_dir(), max_pixels=cfg.max_pixels)
+        runtime = ModelRuntime.load(str(model_path), var_dir=var_dir(), max_pixels=cfg.max_pixels)
+        apply_precision(runtime.model)
+        rt = RealLength(runtime, min_chars)
         note(f"{shapes} model ready in {time.perf_counter() - started:.1f} s ({model_path})")
         rows = ledger.references(advisor.id)
         strategy = RagStrategy(cfg, ledger)
@@ -145,7 +146,7 @@ def measure(shapes: str, settings: dict[str, Any] | None = None) -> dict[str, An
 
         if shapes == "smoke":  # first-call overheads (allocator, lazy imports) belong to neither side
             ours(photos[0])
-            _naive(rt, cfg, advisor, photos[0].image, rows)
+            _naive(rt, cfg, advisor, photos[0].image, rows, min_chars)
         else:  # page the 9 GB of weights in before timing: one tiny photo, one token, through both towers
             import mlx_vlm
             from PIL import Image
@@ -158,6 +159,8 @@ def measure(shapes: str, settings: dict[str, Any] | None = None) -> dict[str, An
         ours_s = naive_s = 0.0
         match = reused = generated = passes = 0
         parts = {"encode_s": 0.0, "profile_s": 0.0, "critique_s": 0.0}
+        free = forced = reports = 0
+        rt.take()
         for i, photo in enumerate(photos):
             order = ("ours", "naive") if i % 2 == 0 else ("naive", "ours")  # alternate: no side always goes first
             out: dict[str, Any] = {}
@@ -171,15 +174,18 @@ def measure(shapes: str, settings: dict[str, Any] | None = None) -> dict[str, An
                     passes += int(res.timings.get("forward_passes", 0))
                     for k in parts:
                         parts[k] += float(res.timings.get(k, 0.0))
+                    gens = rt.generations[1::2]  # pass 2 of each: the critique (pass 1 is the profile)
+                    rt.take()
+                    reports += len(gens)
+                    free += sum(int(g.free_tokens or 0) for g in gens)
+                    forced += sum(g.generated_tokens - int(g.free_tokens or 0) for g in gens)
                 else:
-                    out["naive"] = _naive(rt, cfg, advisor, photo.image, rows)
+                    out["naive"] = _naive(rt, cfg, advisor, photo.image, rows, min_chars)
                     naive_s += time.perf_counter() - t
             match += out["ours"] == out["naive"]
             note(f"{shapes} photo {i + 1}/{len(photos)}: ours {ours_s:.1f} s, naive {naive_s:.1f} s so far")
         put("loadavg_1m", round(os.getloadavg()[0], 2))  # the machine is shared: say how busy it was
         put("photos", len(photos))
-        put("max_pixels", cfg.max_pixels)
-        put("comment_max_chars", cfg.comment_max_chars)
         put("ours_s", round(ours_s, 3))
         for k, v in parts.items():  # where ours spends it: vision tower once, pass 1, pass 2
             put(f"ours_{k}", round(v, 3))
@@ -190,7 +196,8 @@ def measure(shapes: str, settings: dict[str, Any] | None = None) -> dict[str, An
         put("generated_tokens", generated)
         if passes:
             put("forward_passes", passes)
-        del rt
+        put("free_tokens_per_report", round(free / max(reports, 1), 1))
+        put("forced_tokens_per_report", round(forced / max(reports, 1), 1))
     return figures
 
 

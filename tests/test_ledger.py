@@ -133,3 +133,44 @@ def test_a_ledger_from_before_analysis_contexts_is_migrated_and_its_reports_are_
     assert ledger.kept_in_place(tmp_path / "k.jpg", 10, 6.0) is None
     assert ledger.find_done("c" * 64, exclude=0).id == job.id and ledger.find_done("c" * 64, exclude=job.id) is None
     ledger.close()
+
+
+def test_a_card_of_photos_is_queued_in_one_transaction(tmp_path) -> None:
+    """Issue 11 item 10: the files that settle in one poll reach the ledger together (`enqueue_many`: one commit,
+    not one per photo), with the same refusals as one at a time; a batch that fails is queued file by file."""
+    import time
+
+    from daemon.intake.watcher import InboxWatcher
+    from tests.harness import photo
+
+    inbox = tmp_path / "inbox"
+    for i in range(5):
+        photo(inbox / f"card/IMG_{i}.jpg", seed=i)
+    ledger = Ledger(tmp_path / "ledger.db")
+    ledger.enqueue(inbox / "card/IMG_0.jpg", "card/IMG_0.jpg", "ansel", "default", 1, 1.0)  # already queued
+    calls: list[list[str]] = []
+
+    def many(paths: list[Path]) -> None:
+        calls.append(sorted(p.name for p in paths))
+        jobs = ledger.enqueue_many([(p, p.name, "ansel", "default", 1, 1.0, None) for p in paths])
+        assert all(j is not None for j in jobs)
+
+    one_by_one: list[str] = []
+    watcher = InboxWatcher(inbox, lambda p: one_by_one.append(p.name), 0.0, is_known=ledger.is_active,
+                           on_stable_many=many)
+    watcher.rescan()
+    time.sleep(0.05)
+    assert watcher.poll() == 5
+    assert calls == [["IMG_1.jpg", "IMG_2.jpg", "IMG_3.jpg", "IMG_4.jpg"]] and one_by_one == []
+    assert ledger.enqueue_many([(inbox / "card/IMG_1.jpg", "x", "ansel", "default", 1, 1.0, None)]) == [None]
+
+    def broken(paths: list[Path]) -> None:
+        raise OSError("disk hiccup")
+
+    for i in range(5, 7):
+        photo(inbox / f"card/IMG_{i}.jpg", seed=i)
+    watcher.on_stable_many = broken
+    watcher.rescan()
+    time.sleep(0.05)
+    watcher.poll()
+    assert sorted(one_by_one) == ["IMG_5.jpg", "IMG_6.jpg"]

@@ -103,6 +103,30 @@ def test_adapter_swap_reproduces_mlx_vlm_loads_on_one_base(smoke_model_path, bas
     assert len(manager.cached()) == len(adapters)
 
 
+def test_an_inactive_adapter_leaves_the_base_model_and_its_cost(smoke_model_path, base, adapters) -> None:
+    """Issue 11 item 12: once an adapter is installed, baseline and rag photos (no adapter) run the base model
+    exactly, with no LoRA layer left in it to multiply by zero; an active adapter still changes the logits."""
+    import mlx_vlm
+
+    from daemon.model.adapters import AdapterManager, adapter_weight_names
+
+    _, processor = base
+    inp = _inputs(processor)
+    model, _ = mlx_vlm.load(str(smoke_model_path))
+    base_logits = _logits(model, inp)
+    manager = AdapterManager(model)
+    for name in ("a", "a", "c", "b"):  # the same advisor twice (weights kept aside), another, another rank
+        manager.activate(adapters[name])
+        assert adapter_weight_names(model), f"adapter {name} active but no LoRA layer in the model"
+        assert not np.allclose(_logits(model, inp), base_logits, atol=1e-3), f"adapter {name} changes nothing"
+        manager.deactivate()
+        assert adapter_weight_names(model) == {}, "inactive LoRA layers still in the model: every photo pays them"
+        assert np.array_equal(_logits(model, inp), base_logits)
+    manager.activate(adapters["a"])  # back after being taken out: the same result as a fresh load with it
+    fresh, _ = mlx_vlm.load(str(smoke_model_path), adapter_path=str(adapters["a"]))
+    assert np.array_equal(_logits(model, inp), _logits(fresh, inp))
+
+
 def test_adapter_cache_is_lru_and_reloads_changed_files(tmp_path, base, adapters) -> None:
     import mlx_vlm  # noqa: F401
 

@@ -310,7 +310,7 @@ def test_an_unknown_or_invalid_advisor_is_one_line_and_nothing_is_created(tmp_pa
 
 def test_a_ledger_from_before_ownership_marks_analyze_jobs_as_not_owning_their_file(tmp_path):
     """The migration: rows that `mondrian analyze` made (queued and started at the same instant) own nothing."""
-    from daemon.ledger import SCHEMA_VERSION, Ledger
+    from daemon.ledger import MIGRATIONS, SCHEMA_VERSION, Ledger, _add_job_owns_file
 
     db = tmp_path / "ledger.db"
     ledger = Ledger(db)
@@ -320,7 +320,7 @@ def test_a_ledger_from_before_ownership_marks_analyze_jobs_as_not_owning_their_f
     ledger.close()
     con = sqlite3.connect(db)  # back to the schema before the column, as an older Mondrian left it
     con.execute('ALTER TABLE "job" DROP COLUMN "owns_file"')
-    con.execute("DELETE FROM schema_version WHERE version >= 3")  # owns_file came with the third migration
+    con.execute("DELETE FROM schema_version WHERE version > ?", (MIGRATIONS.index(_add_job_owns_file),))
     con.commit()
     con.close()
 

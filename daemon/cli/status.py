@@ -123,7 +123,7 @@ def collect(cfg: Config) -> dict[str, Any]:
         (running if ledger.job_is_live(j) else interrupted).append(entry)
     delayed = [{"job_id": j.id, "file": j.rel_path, "attempts": j.attempts, "next_try_at": j.not_before,
                 "next_try_in_s": round(j.not_before - now, 1), "reason": j.error} for j in ledger.delayed(now)]
-    failures = [_failure(cfg, j) for j in ledger.recent_failures()]
+    failures = [_failure(cfg, j) for j in ledger.recent_failures(superseded=counts.superseded)]
     queue = {"queued": counts.by_state["queued"] - len(delayed), "delayed": len(delayed), "running": len(running),
              "failed": counts.by_state["failed"]}
     eta = _estimates(ledger, running, queue["queued"])

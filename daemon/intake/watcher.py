@@ -80,9 +80,11 @@ class _Hints(FileSystemEventHandler):
 class InboxWatcher:
     def __init__(self, inbox: Path, on_stable: Callable[[Path], None], quiet_seconds: float,
                  is_known: Callable[[Path], bool] = lambda p: False,
-                 on_unreachable: Callable[[Path, str], None] = lambda p, why: None):
+                 on_unreachable: Callable[[Path, str], None] = lambda p, why: None,
+                 on_stable_many: Callable[[list[Path]], None] | None = None):
         self.inbox = inbox
         self.on_stable = on_stable
+        self.on_stable_many = on_stable_many  # if given, a poll's settled files in one call (one transaction)
         self.on_unreachable = on_unreachable  # called from poll(), with a reason a person can act on
         self._unreachable: dict[Path, str] = {}  # found by any thread, handed on by poll()
         self._told: set[Path] = set()  # unreachable or unreadable paths already handed on or logged
@@ -279,13 +281,27 @@ class InboxWatcher:
                 self.on_unreachable(path, reason)
             except Exception:  # one odd file must never stop the watcher (or the daemon's main loop)
                 log.exception("could not record %s", path)
+        batch: list[Path] = []
         for path in ready:
             with self._lock:
                 self._pending.pop(path, None)
             try:
                 if self.is_known(path):
                     continue
-                self.on_stable(path)
+                if self.on_stable_many is not None and len(ready) > 1:
+                    batch.append(path)
+                else:
+                    self.on_stable(path)
             except Exception:  # one odd file must never stop the watcher (or the daemon's main loop)
                 log.exception("could not queue %s", path)
+        if batch:
+            try:
+                self.on_stable_many(batch)
+            except Exception:  # a batch that fails is handed on one file at a time: only the odd one fails
+                log.warning("could not queue %d files at once; queueing them one by one", len(batch))
+                for path in batch:
+                    try:
+                        self.on_stable(path)
+                    except Exception:
+                        log.exception("could not queue %s", path)
         return len(ready)

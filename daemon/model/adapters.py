@@ -9,8 +9,10 @@ against the model (same target modules, same rank, matching shapes) before it is
 adapter whose rank, target modules or scale differ from the installed layers gets freshly installed
 layers instead of being mixed into the old ones.
 
-"No adapter" is an explicit state: every `lora_b` is zero, so each LoRA layer adds exactly 0 and the
-base model's output is bit-for-bit what it was before any adapter was installed.
+"No adapter" is an explicit state: the LoRA layers are taken out of the model (each target projection is its
+plain base Linear again), so a baseline or rag photo runs the base model bit for bit and pays no LoRA matmuls
+once an adapter has been installed. The layers are kept aside and put back, with the next adapter's weights, when
+one is activated; taking them out and putting them back is a module swap, not a weight write.
 
 Weights of recently used adapters are kept in memory (least recently used evicted first). Like the
 rest of the runtime, this is not thread-safe: call it from the thread that owns the model.
@@ -128,9 +130,11 @@ class AdapterManager:
         self.model = model
         self.cache_size = max(1, int(cache_size))
         self._cache: OrderedDict[str, CachedAdapter] = OrderedDict()
-        self._zeros: dict[tuple[int, ...], mx.array] = {}
         self.active: str | None = None  # cache key of the adapter whose weights are in the layers
         self.installed: AdapterSpec | None = None
+        self._layers: list[tuple[str, Any]] = []  # the installed LoRA layers, in the model only while active
+        self._in_model = False
+        self._weights: str | None = None  # whose weights the layers hold (in the model or aside)
         self.swaps = 0
         self.reinstalls = 0
         present = [name for name, m in model.named_modules() if _is_lora(m)]
@@ -139,6 +143,8 @@ class AdapterManager:
             try:
                 self.installed = AdapterSpec.from_config(config or {}, "the model's own LoRA layers")
                 self.active = "<model's own weights>"
+                self._layers = [(name, m) for name, m in model.named_modules() if _is_lora(m)]
+                self._in_model = True
             except AdapterError:
                 self._uninstall(present)
 
@@ -146,26 +152,30 @@ class AdapterManager:
     def activate(self, adapter: str | Path | None) -> str | None:
         """Put `adapter`'s weights in the LoRA layers (None: the base model, unchanged). Returns its key."""
         if adapter is None:
-            self._zero()
+            self._bypass()
             return None
         entry = self.load(adapter)
-        if self.active == entry.key and self.installed == entry.spec:
+        if self.active == entry.key and self.installed == entry.spec and self._in_model:
             return entry.key
         if self.installed is None or self.installed.signature != entry.spec.signature:
             self._install(entry.spec)
         elif self.installed.scale != entry.spec.scale:
+            self._weights = None
             # Same layers, another scale: the scale lives in each module, not in the weights file.
-            for _, module in self._lora_modules():
+            for _, module in self._layers:
                 module.scale = entry.spec.scale
             self.installed = entry.spec
-        self.model.load_weights(entry.weights, strict=False)
+        self._restore()
+        if self._weights != entry.key:  # the same advisor photo after photo: the layers hold its weights already
+            self.model.load_weights(entry.weights, strict=False)
+            self._weights = entry.key
         self.active = entry.key
         self.swaps += 1
         return entry.key
 
     def deactivate(self) -> None:
-        """Back to the base model (no-op when no adapter is in the layers)."""
-        self._zero()
+        """Back to the base model: the LoRA layers leave the model (no-op when they are not in it)."""
+        self._bypass()
 
     def load(self, adapter: str | Path) -> CachedAdapter:
         """The adapter's weights from the cache, or read and checked against the model."""
@@ -239,11 +249,13 @@ class AdapterManager:
             self.model.update_modules(tree_unflatten([(n, modules[n].linear) for n in names]))
         self.installed = None
         self.active = None
+        self._layers, self._in_model, self._weights = [], False, None
 
     def _install(self, spec: AdapterSpec) -> None:
         from mlx_vlm.trainer.peft.utils import _apply_lora_layers
 
-        if self._lora_modules():
+        if self._layers or self._lora_modules():
+            self._bypass()
             self._uninstall()
             self.reinstalls += 1
             log.info("adapter shape changed: reinstalling LoRA layers (%s)", spec.describe())
@@ -251,25 +263,27 @@ class AdapterManager:
         _apply_lora_layers(self.model, spec.to_config())
         self.model.eval()
         self.installed = spec
-        self._zero(force=True)
+        self._layers = self._lora_modules()
+        self._in_model = True
+        self.active = "<fresh layers>"
+        self._bypass()
 
-    def _zero(self, force: bool = False) -> None:
-        """The explicit no-adapter state: every LoRA update is exactly zero."""
-        if self.active is None and not force:
-            return
-        updates = []
-        for name, module in self._lora_modules():
-            shape = tuple(module.lora_b.shape)
-            zero = self._zeros.get(shape)
-            if zero is None:
-                zero = self._zeros[shape] = mx.zeros(shape, dtype=module.lora_b.dtype)
-            updates.append((f"{name}.lora_b", zero))
-        if updates:
-            self.model.update(tree_unflatten(updates), strict=False)
+    def _bypass(self) -> None:
+        """The no-adapter state: each LoRA layer is replaced by its own base Linear, so the model is the base
+        model exactly and runs no LoRA matmul. The layers (and the weights in them) are kept for `_restore`."""
+        if self._in_model and self._layers:
+            self.model.update_modules(tree_unflatten([(n, m.linear) for n, m in self._layers]))
+        self._in_model = False
         self.active = None
+
+    def _restore(self) -> None:
+        if not self._in_model and self._layers:
+            self.model.update_modules(tree_unflatten(list(self._layers)))
+        self._in_model = True
 
     def state(self) -> dict[str, Any]:
         return {"active": self.active, "installed": self.installed.describe() if self.installed else None,
+                "in_model": self._in_model,
                 "cached": len(self._cache), "cached_mb": round(self.cached_bytes() / 2**20, 2),
                 "swaps": self.swaps, "reinstalls": self.reinstalls}
 

@@ -80,6 +80,7 @@ class SchemaLogitsProcessor:
             raise ValueError(f"llguidance grammar error: {self.matcher.get_error()}")
         self._mask: TokenMask | None = None
         self._started = False
+        self.free = 0  # steps where the schema left the model a choice (the rest were forced)
 
     @property
     def done(self) -> bool:
@@ -103,6 +104,8 @@ class SchemaLogitsProcessor:
                                    f"{self.matcher.get_error()}")
         self._started = True
         allowed = self._allowed(logits.shape[-1])
-        if not allowed.any():
+        n_allowed = int(np.count_nonzero(allowed))
+        if not n_allowed:
             raise RuntimeError(f"constrained decoding reached a dead end: {self.matcher.get_error()}")
+        self.free += n_allowed > 1
         return mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))

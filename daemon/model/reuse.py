@@ -82,8 +82,9 @@ class ReuseOutput:
     text: str
     prompt_tokens: int
     reused_tokens: int  # prompt tokens served from the previous prompt's KV cache
-    forward_passes: int  # decode steps (a step may append several schema-forced tokens)
+    forward_passes: int  # decode forward passes (one may append several schema-forced tokens)
     finished: bool  # the JSON value closed before max_tokens
+    free_tokens: int = 0  # tokens the model chose among several the schema allowed; the rest were forced
 
 
 class PhotoRefused(Permanent, ValueError):
@@ -132,6 +133,7 @@ class _Head:
         import mlx.nn as nn
 
         self.lm = lm
+        self.free = 0  # picks among more than one allowed token
         self.tied = bool(lm.args.tie_word_embeddings)
         module = lm.model.embed_tokens if self.tied else lm.lm_head
         plain = type(module) in ((nn.Embedding,) if self.tied else (nn.Linear,))  # not quantized
@@ -143,20 +145,22 @@ class _Head:
             return self.lm.model.embed_tokens.as_linear(last)[0, -1]
         return self.lm.lm_head(last)[0, -1]
 
-    def pick(self, hidden: mx.array, allowed: np.ndarray) -> int:
-        last = hidden[:, -1:, :]
+    def choose(self, hidden: mx.array, allowed: np.ndarray) -> "int | mx.array":
+        """The greedy token: an int where the schema allows only one, else a lazy scalar (not yet computed)."""
         idx = np.flatnonzero(allowed)
         if len(idx) == 1:
             return int(idx[0])
+        self.free += 1
+        last = hidden[:, -1:, :]
         if self.weight is not None and len(idx) * self.SUBSET_FRACTION <= allowed.size:
             rows = mx.array(idx.astype(np.int32))
             logits = self.weight[rows] @ last.reshape(-1)
             if self.bias is not None:
                 logits = logits + self.bias[rows]
-            return int(idx[int(mx.argmax(logits).item())])
+            return rows[mx.argmax(logits)]
         logits = self.full(last)
         masked = mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))
-        return int(mx.argmax(masked).item())
+        return mx.argmax(masked).astype(mx.int32)
 
 
 def _positions(offset: int, rope_deltas: mx.array, n: int) -> mx.array:
@@ -219,7 +223,21 @@ def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, t
             break
         if not allowed.any():
             raise RuntimeError(f"constrained decoding reached a dead end: {matcher.get_error()}")
-        token = head.pick(hidden, allowed)
+        chosen = head.choose(hidden, allowed)
+        ahead = None
+        if isinstance(chosen, int):  # the schema allows one token: known without the model
+            token = chosen
+        else:
+            # Overlap: queue the next forward pass on the chosen token before its value reaches the CPU, so the
+            # device computes it while llguidance consumes the token and builds the next mask. Right unless
+            # the schema forces tokens after it (then they get a pass of their own); a stop wastes one pass.
+            if check is not None:
+                check()
+            ahead = lm.model(chosen.reshape(1, 1), cache=kv,
+                             position_ids=_positions(int(kv[0].offset), rope_deltas, 1))
+            passes += 1
+            mx.async_eval(ahead)
+            token = int(chosen.item())
         if token == eos:
             finished = matcher.is_accepting()
             break
@@ -239,17 +257,21 @@ def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, t
             break  # nothing left to sample: no need to run the model on the last tokens
         if len(out) >= max_tokens:
             break
+        todo = new if ahead is None else forced  # what the cache does not hold yet
+        if not todo:
+            hidden = ahead
+            continue
         if check is not None:
             check()
         offset = int(kv[0].offset)
-        hidden = lm.model(mx.array([new]), cache=kv, position_ids=_positions(offset, rope_deltas, len(new)))
+        hidden = lm.model(mx.array([todo]), cache=kv, position_ids=_positions(offset, rope_deltas, len(todo)))
         passes += 1
     mx.eval([c.state for c in kv])
     photo.kv, photo.kv_ids = kv, ids
     text = processor.tokenizer.decode(out, skip_special_tokens=False) if hasattr(processor, "tokenizer") \
         else processor.decode(out, skip_special_tokens=False)
     return ReuseOutput(ids=out, text=text, prompt_tokens=len(ids), reused_tokens=reused,
-                       forward_passes=passes + 1, finished=finished)
+                       forward_passes=passes, finished=finished, free_tokens=head.free)
 
 
 def parse(text: str, schema: dict) -> dict:

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 DEFAULT_HUB_MODEL = "mlx-community/Qwen2-VL-2B-Instruct-4bit"
 SMOKE_MODEL_ID = "mondrian-smoke-qwen2-vl (random weights)"
 MIN_PIXELS = 56 * 56  # Qwen2-VL's own floor (4 image tokens)
+CACHE_LIMIT_MIN, CACHE_LIMIT_MAX = 64 << 20, 2 << 30
 # The files mlx_vlm.load needs from a hub snapshot (same patterns mlx-vlm downloads).
 _HUB_PATTERNS = ["*.json", "*.jsonl", "*.safetensors", "*.py", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -66,6 +67,7 @@ class Generation:
     seconds: float
     reused_tokens: int = 0  # prompt tokens served from an encoded photo's KV cache (see `encode`)
     forward_passes: int | None = None  # decode steps, when schema-forced tokens were fast-forwarded
+    free_tokens: int | None = None  # tokens the model chose (the rest the schema forced), where counted
 
 
 def _how_to_get(spec: str) -> str:
@@ -129,6 +131,18 @@ def _cap_pixels(processor: Any, max_pixels: int) -> None:
         if isinstance(size, dict) and "longest_edge" in size:  # transformers' Qwen2-VL processors
             size["longest_edge"] = max_pixels
             size["shortest_edge"] = min(size.get("shortest_edge") or min_pixels, max_pixels)
+
+
+def _limit_cache(model: Any) -> int:
+    """Cap MLX's cache of freed buffers at a quarter of the weights (64 MiB to 2 GiB): enough to reuse a photo's
+    prefill and decode buffers, where MLX's own default (the whole memory limit) lets it grow photo after photo."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    weights = sum(int(v.nbytes) for _, v in tree_flatten(model.parameters()))
+    limit = min(max(weights // 4, CACHE_LIMIT_MIN), CACHE_LIMIT_MAX)
+    mx.set_cache_limit(limit)
+    return limit
 
 
 def release_thread() -> None:
@@ -195,6 +209,7 @@ class ModelRuntime:
         except (FileNotFoundError, OSError) as exc:
             raise ModelNotFoundError(f"could not load model from {path} ({exc}). {_how_to_get(spec)}") from exc
         _cap_pixels(processor, max_pixels)
+        _limit_cache(model)
         if spec.strip() == SMOKE_ALIAS:
             model_id = SMOKE_MODEL_ID
         elif is_smoke:
@@ -214,6 +229,16 @@ class ModelRuntime:
             messages.append({"role": "system", "content": system})
         messages.append({"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]})
         return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the language model's projections are quantized (the default 4-bit model)."""
+        if getattr(self, "_quantized", None) is None:
+            import mlx.nn as nn
+
+            lm = getattr(self.model, "language_model", self.model)
+            self._quantized = any(isinstance(m, nn.QuantizedLinear) for _, m in lm.named_modules())
+        return self._quantized
 
     # -- LoRA adapters (issue 5): one base model, adapter weights swapped per photo ----------------
     @property
@@ -258,15 +283,17 @@ class ModelRuntime:
         from mlx_vlm.generate import stream_generate
 
         check_limits(cancel, deadline)
-        if encoded is None:
-            # Every call takes the encode-once path where the model supports it (reuse.py): the same greedy
+        if encoded is None and not self.quantized:
+            # A single pass takes the encode-once path where the model supports it (reuse.py): the same greedy
             # text, but schema-forced tokens cost no decode step of their own and the vocabulary projection
-            # covers only the last position (about half the time at real shapes: `python -m bench baseline`).
+            # covers only the last position. On a quantized model mlx-vlm's own loop is faster for one pass
+            # (bench/RESULTS.md: a decode step of ours costs ~1.4x its); rag's passes still share the KV cache.
             encoded = self.encode(image)
-        if encoded.features is not None:
+        if encoded is not None and encoded.features is not None:
             return self._generate_encoded(encoded, prompt, schema, max_tokens=max_tokens, system=system,
                                           adapter=adapter, cancel=cancel, deadline=deadline)
-        image = encoded.image
+        if encoded is not None:
+            image = encoded.image
         if image.mode != "RGB":
             image = image.convert("RGB")
         text_prompt = self.format_prompt(prompt, system=system)
@@ -302,7 +329,7 @@ class ModelRuntime:
         except (ValueError, jsonschema.ValidationError) as exc:
             raise GenerationError(f"constrained output does not match the schema: {exc}", text) from exc
         return Generation(data=data, text=text, prompt_tokens=int(final.prompt_tokens),
-                          generated_tokens=len(ids), seconds=seconds)
+                          generated_tokens=len(ids), seconds=seconds, free_tokens=constraint.free)
 
     # -- reading scores (adapter evaluation) ------------------------------------------------------------
     def expected_scores(self, image: "Image.Image", prompt: str, text: str, *,
@@ -350,4 +377,5 @@ class ModelRuntime:
         except (ValueError, jsonschema.ValidationError) as exc:
             raise GenerationError(f"constrained output does not match the schema: {exc}", out.text) from exc
         return Generation(data=data, text=out.text, prompt_tokens=out.prompt_tokens, generated_tokens=len(out.ids),
-                          seconds=seconds, reused_tokens=out.reused_tokens, forward_passes=out.forward_passes)
+                          seconds=seconds, reused_tokens=out.reused_tokens, forward_passes=out.forward_passes,
+                          free_tokens=out.free_tokens)

@@ -3,9 +3,11 @@
 It lets tests, CI and the offline demo exercise the whole pipeline (processor, vision tower, chat
 template, constrained decoding, LoRA) without downloading 2 B parameters. Its language head is fitted
 to a small photography corpus (see `_bigram_weights`), so critiques are schema-valid word soup
-("and the frame") rather than empty strings; they mean nothing. `shapes="real"` keeps the tiny
-tokenizer but uses the real Qwen2-VL-2B-Instruct tensor shapes with plain random weights, so
-benchmarks measure realistic speed (speed does not depend on weight values).
+("and the frame") rather than empty strings; they mean nothing. `shapes="real"` uses the real
+Qwen2-VL-2B-Instruct tensor shapes and the real Qwen2 vocabulary (real_vocab.py: the 233 M-parameter head,
+the 151,936-id mask) with plain random weights, so benchmarks measure realistic speed (speed does not depend
+on weight values). `shapes="vocab"` is the real vocabulary on a tiny random model, for tests of decoding
+against real token boundaries. Both need the benchmark extra (`pip install -e '.[bench]'`).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ MARKER_NAME = "mondrian_smoke.json"
 # Bump when the recipe changes so existing smoke models are rebuilt instead of silently reused.
 RECIPE_VERSION = 2
 CLOSE_BONUS = 4.0  # see _bigram_weights
-SHAPES = ("smoke", "real")
-DIR_NAMES = {"smoke": "smoke-qwen2-vl", "real": "smoke-qwen2-vl-real-shapes"}
+SHAPES = ("smoke", "real", "vocab")
+DIR_NAMES = {"smoke": "smoke-qwen2-vl", "real": "smoke-qwen2-vl-real-shapes", "vocab": "smoke-qwen2-vl-real-vocab"}
+REAL_VOCAB_RECIPE = "qwen2-vocab-1"  # models on the real vocabulary (shapes real and vocab) carry this too
 
 # Qwen2-VL's special tokens, in Qwen's id order (appended after the BPE vocabulary).
 SPECIAL_TOKENS = (
@@ -116,6 +119,10 @@ def _text_config(shapes: str, vocab_size: int) -> dict[str, Any]:
         return dict(hidden_size=1536, num_hidden_layers=28, num_attention_heads=12,
                     num_key_value_heads=2, intermediate_size=8960, vocab_size=151936,
                     max_window_layers=28, rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]})
+    if shapes == "vocab":  # the real vocabulary (padded as the real config) on a tiny model: head_dim 16
+        return dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    intermediate_size=128, vocab_size=151936, max_window_layers=2,
+                    rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]})
     # head_dim 64 -> mrope sections must sum to 32. Hidden 256 (not 128) so the bigram head below
     # can tell ~1000 tokens apart; still ~6 M parameters.
     return dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
@@ -185,7 +192,7 @@ def _model_config(shapes: str, tok) -> dict[str, Any]:
         max_position_embeddings=32768,
         sliding_window=32768,
         use_sliding_window=False,
-        tie_word_embeddings=shapes == "real",  # the smoke model needs its own head (bigram weights)
+        tie_word_embeddings=shapes != "smoke",  # the smoke model needs its own head (bigram weights)
         use_cache=True,
         torch_dtype="float32",
         bos_token_id=ids["<|endoftext|>"],
@@ -293,7 +300,12 @@ def build_smoke_model(dest: Path, *, seed: int = 0, shapes: str = "smoke") -> Pa
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.building-", dir=dest.parent))
     try:
-        tok = _train_tokenizer()
+        if shapes == "smoke":
+            tok = _train_tokenizer()
+        else:
+            from .real_vocab import build_qwen2_tokenizer
+
+            tok = build_qwen2_tokenizer(QWEN2_SPLIT, SPECIAL_TOKENS)
         tok.save(str(tmp / "tokenizer.json"), pretty=False)
         config = _model_config(shapes, tok)
         _write_json(tmp / "config.json", config)
@@ -310,7 +322,8 @@ def build_smoke_model(dest: Path, *, seed: int = 0, shapes: str = "smoke") -> Pa
             "eos_token_id": [config["eos_token_id"], config["bos_token_id"]], "do_sample": False})
         n_params = _write_weights(tmp / "model.safetensors", config, seed, shapes, tok)
         _write_json(tmp / MARKER_NAME, {"recipe": RECIPE_VERSION, "seed": seed, "shapes": shapes,
-                                        "params": n_params, "weights": "random"})
+                                        "params": n_params, "weights": "random",
+                                        **({} if shapes == "smoke" else {"vocab": REAL_VOCAB_RECIPE})})
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
         try:
             os.rename(tmp, dest)
@@ -342,7 +355,8 @@ def ensure_smoke_model(var_dir: Path, *, shapes: str = "smoke") -> Path:
         raise ValueError(f"shapes must be one of {SHAPES}, not {shapes!r}")
     dest = Path(var_dir) / "models" / DIR_NAMES[shapes]
     marker = read_marker(dest)
-    if marker is not None and marker.get("recipe") == RECIPE_VERSION and marker.get("shapes") == shapes:
+    if (marker is not None and marker.get("recipe") == RECIPE_VERSION and marker.get("shapes") == shapes
+            and marker.get("vocab") == (None if shapes == "smoke" else REAL_VOCAB_RECIPE)):
         return dest
     if dest.exists():
         # Outdated or foreign: move it aside atomically so readers never see a half-deleted model.

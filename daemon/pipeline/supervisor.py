@@ -96,7 +96,7 @@ class Daemon:
         from ..intake.watcher import InboxWatcher
 
         self.watcher = InboxWatcher(cfg.inbox, self._enqueue, cfg.quiet_seconds, is_known=self.ledger.is_active,
-                                    on_unreachable=self._unreachable)
+                                    on_unreachable=self._unreachable, on_stable_many=self._enqueue_many)
         self._skipped: dict[Path, tuple[int, float, float]] = {}  # said once in the log, per path and version
         self._listings: dict[Path, tuple[int, set[str]]] = {}  # folder -> (its mtime, sidecar names): _may_have_sidecar
         from ..references.watcher import ReferenceWatcher
@@ -118,6 +118,27 @@ class Daemon:
                                       st.st_size, st.st_mtime, st.st_ctime, kept=self.cfg.keep_originals)
         except LedgerUnavailable:
             return  # stopping: the photo stays in the inbox and the next start's rescan queues it
+        self._queued(path, intake, st, job)
+
+    def _enqueue_many(self, paths: list[Path]) -> None:
+        """A card's worth of settled files in one ledger transaction (one commit instead of one each)."""
+        found = []
+        for path in paths:
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if not self._kept_and_done(path, st):  # as `_enqueue`: a kept photo analysed as it is now is done
+                found.append((path, classify(path, self.cfg.inbox, self._advisors, self.cfg.default_advisor), st))
+        try:
+            jobs = self.ledger.enqueue_many([(p, i.rel_path, i.advisor, i.advisor_source, st.st_size, st.st_mtime,
+                                              st.st_ctime) for p, i, st in found], kept=self.cfg.keep_originals)
+        except LedgerUnavailable:
+            return  # stopping: the photos stay in the inbox and the next start's rescan queues them
+        for (path, intake, st), job in zip(found, jobs):
+            self._queued(path, intake, st, job)
+
+    def _queued(self, path: Path, intake: Any, st: os.stat_result, job: Any) -> None:
         if job is not None:
             self._skipped.pop(path, None)
             log.info("queued %s for %s (job %d)", intake.rel_path, intake.advisor, job.id)
