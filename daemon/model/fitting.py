@@ -103,6 +103,14 @@ def check_samples(dataset: Any, *, image_token_id: int, max_seq_length: int, mer
             f"{split}_image_tokens_max": max(counts), f"{split}_tokens_max": max(lengths)}
 
 
+def _at_least(rows: Any, n: int) -> Any:
+    """`rows` (a datasets.Dataset or a list), its rows repeated in turn until there are at least `n`."""
+    if not len(rows) or len(rows) >= n:
+        return rows
+    order = [i % len(rows) for i in range(n)]
+    return rows.select(order) if hasattr(rows, "select") else [rows[i] for i in order]
+
+
 def fit_lora(runtime: "ModelRuntime", train: Any, validation: Any, settings: FitSettings, *, scratch: Path,
              on_progress: Progress) -> FitResult:
     """Train LoRA layers on `runtime.model` over `train` rows (mlx-vlm's row format), early-stopped on `validation`.
@@ -117,6 +125,9 @@ def fit_lora(runtime: "ModelRuntime", train: Any, validation: Any, settings: Fit
     steps = settings.steps
     model = runtime.model
     mx.random.seed(settings.seed)
+    # mlx-vlm refuses a split smaller than one batch; a small portfolio's validation split (one photo) repeats
+    # its rows up to a batch, which leaves the mean loss as it is.
+    train, validation = _at_least(train, settings.batch_size), _at_least(validation, settings.batch_size)
     prepare_model_for_training(model, train_type="lora", lora_rank=settings.rank, lora_alpha=settings.alpha,
                                lora_dropout=settings.dropout, verbose=False)
     eval_every = settings.eval_every or max(5, steps // 10)
