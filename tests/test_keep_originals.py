@@ -65,7 +65,8 @@ def test_kept_originals_stay_in_the_inbox_and_are_analysed_once(tmp_path: Path, 
         assert broken.is_file()
         [record] = [json.loads(p.read_text()) for p in outbox.glob("failed/*.error.json")]
         assert record["file"] == "broken.jpg" and "left where it is" in record["what_to_do"]
-        assert not any(p.is_file() for p in (outbox / "failed").iterdir() if not p.name.endswith(".error.json"))
+        assert not any(p.is_file() for p in (outbox / "failed").iterdir()
+                       if not p.name.endswith((".error.json", ".error.html")))
         assert d.stop() == 0
 
     # a restart rescans the inbox: the kept photo is done, the broken one failed; neither is taken up again
