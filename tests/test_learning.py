@@ -255,7 +255,7 @@ def test_promote_anyway_promotes_what_the_gate_refuses_and_says_so(tmp_path, smo
     version = AdapterStore(cfg.adapters_dir).current("synth")
     assert version.name == "v0002" and version.manifest["promotion"] == {"mode": "always", "forced": True,
                                                                          "gate_passed": False}
-    assert "regardless of the gate" in version.decision["reason"] and "too few test photos" in version.decision["reason"]
+    assert "without the quality gate" in version.decision["reason"] and "too few test photos" in version.decision["reason"]
     splits = version.manifest["splits"]
     assert sorted(splits["train"] + splits["validation"] + splits["test"]) == \
         sorted(r["sha256"] for r in version.manifest["references"])
