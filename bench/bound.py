@@ -147,13 +147,12 @@ def decode_bytes(model: Any, tied: bool) -> int:
 def measure(shapes: str) -> dict[str, Any]:
     import mlx.core as mx
 
-    from daemon.analysis.critique import critique_schema
     from daemon.model.reuse import _inputs
     from daemon.model.runtime import ModelRuntime
     from daemon.model.smoke import ensure_smoke_model
 
     from .rag import _photos
-    from .transformers_cmp import settings
+    from .transformers_cmp import report_schema, settings
 
     s = settings()
     prefix = f"{shapes}."
@@ -166,7 +165,7 @@ def measure(shapes: str) -> dict[str, Any]:
     cfg = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
     text = _text_config(cfg)
     rt = ModelRuntime.load(str(model_path), var_dir=var_dir(), max_pixels=s["max_pixels"])
-    schema = critique_schema(s["comment_max_chars"])
+    schema = report_schema(shapes)
     photos = _photos(PHOTOS[shapes], PHOTO_SIZE)
     rt.generate_json(photos[0].resize((56, 56)), s["prompt"], schema, max_tokens=s["max_tokens"])  # warm
 
@@ -233,10 +232,6 @@ def measure(shapes: str) -> dict[str, Any]:
 
 
 def run(size: str) -> dict[str, Any]:
-    from .transformers_cmp import settings
-
-    s = settings()
-    for key in ("comment_max_chars", "max_tokens", "max_pixels"):
-        emit(key, s[key])
+    # The runner prints the settings (print_settings); the photos are this benchmark's own.
     emit("photo_size", f"{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}")
     return by_size(size, measure, "real_s_per_photo", "bound_s_per_photo", "real_over_bound")

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import by_size, emit, note, var_dir
+from . import by_size, comment_chars, emit, note, real_length, var_dir
+from . import settings as bench_settings
 
 PHOTOS = {"smoke": 5, "real": 5}
 PHOTO_SIZE = (640, 480)
@@ -32,16 +33,24 @@ ADVISOR = "ansel"
 
 
 def settings() -> dict[str, Any]:
-    """The project's defaults (a fresh home, no environment), and the baseline prompt of the bundled advisor."""
+    """The run's settings (the project's defaults unless a flag changed one) and the bundled advisor's baseline
+    prompt."""
     from daemon.analysis.advisors import get_advisor
     from daemon.analysis.prompts import critique_prompt
     from daemon.config import load_config
 
     with tempfile.TemporaryDirectory(prefix="mondrian-bench-") as home:
-        cfg = load_config(home, env={})
-        prompt = critique_prompt(get_advisor(cfg, ADVISOR))
-    return {"comment_max_chars": cfg.comment_max_chars, "max_tokens": cfg.max_tokens, "max_pixels": cfg.max_pixels,
-            "prompt": prompt}
+        prompt = critique_prompt(get_advisor(load_config(home, env={}), ADVISOR))
+    s = bench_settings()
+    return {"max_tokens": s["max_tokens"], "max_pixels": s["max_pixels"], "prompt": prompt}
+
+
+def report_schema(shapes: str) -> Any:
+    """The critique schema with real-length comments for this model's vocabulary, as every benchmark uses."""
+    from daemon.analysis.critique import critique_schema
+
+    low, high = comment_chars(shapes)
+    return real_length(critique_schema(high), low)
 
 
 def _strip_eos(ids: list[int], stop: set[int]) -> list[int]:
@@ -161,7 +170,6 @@ def _transformers_side(model_dir: Path, constraint: Any, photos: list[Any], prom
 
 
 def measure(shapes: str) -> dict[str, Any]:
-    from daemon.analysis.critique import critique_schema
     from daemon.model.runtime import ModelRuntime
     from daemon.model.smoke import ensure_smoke_model
 
@@ -176,7 +184,7 @@ def measure(shapes: str) -> dict[str, Any]:
 
     model_path = ensure_smoke_model(var_dir(), shapes=shapes)
     rt = ModelRuntime.load(str(model_path), var_dir=var_dir(), max_pixels=s["max_pixels"])
-    schema = critique_schema(s["comment_max_chars"])
+    schema = report_schema(shapes)
     photos = _photos(PHOTOS[shapes], PHOTO_SIZE)
     warm = photos[0].resize((56, 56))
     rt.generate_json(warm, s["prompt"], schema, max_tokens=s["max_tokens"])
@@ -247,11 +255,8 @@ def run(size: str) -> dict[str, Any]:
     # 300-token prefill of the smoke model 0.21 s spinning, 0.026 s passive, 2 threads at load 5). Read once, when
     # torch loads libgomp: so set before the import; an explicit OMP_WAIT_POLICY wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    s = settings()
-    for key in ("comment_max_chars", "max_tokens", "max_pixels"):
-        emit(key, s[key])
     emit("photo_size", f"{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}")
     emit("prompt_advisor", ADVISOR)
-    emit("dtype", "float32")
+    emit("dtype", "float32")  # the conversion to transformers takes float weights only; --precision does not apply
     emit("omp_wait_policy", os.environ["OMP_WAIT_POLICY"])
     return by_size(size, measure, "mondrian_s_per_photo", "mlx_vlm_s_per_photo", "transformers_s_per_photo")
