@@ -345,7 +345,9 @@ def test_retry_failed_never_moves_a_photo_back_through_a_link_out_of_the_inbox(t
     _swap_for_link(album, outside)
     before = _tree(outside)
 
-    out = mondrian(home, smoke_model_path, "retry", "--failed")
+    # --all: a damaged file is a permanent failure that plain `retry --failed` skips; forced, it must still not
+    # go back through the link
+    out = mondrian(home, smoke_model_path, "retry", "--failed", "--all")
     assert _tree(outside) == before, "retry --failed put a file outside the home through a link in the inbox"
     assert out.returncode == 0 and "yourself" in out.stderr, out.stderr
     assert (home / "outbox" / "failed" / "notes.jpg").exists()
