@@ -9,8 +9,19 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 from tests.harness import REPO, env_for, make_home, photo, wait_for
+
+
+def _index_in_background(home: Path, model: Path) -> tuple[subprocess.Popen, list[str], threading.Thread]:
+    """`mondrian references index --advisor ansel` running, with its stderr lines collected as they come."""
+    proc = subprocess.Popen([sys.executable, "-m", "daemon", "references", "index", "--advisor", "ansel"],
+                            env=env_for(home, model), cwd=REPO, stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    return proc, err, reader
 
 
 def test_references_index_waits_for_a_reference_still_being_written(tmp_path, smoke_model_path):
@@ -33,11 +44,7 @@ def test_references_index_waits_for_a_reference_still_being_written(tmp_path, sm
 
     writer = threading.Thread(target=keep_writing, daemon=True)
     writer.start()
-    proc = subprocess.Popen([sys.executable, "-m", "daemon", "references", "index", "--advisor", "ansel"],
-                            env=env_for(home, smoke_model_path), cwd=REPO, stderr=subprocess.PIPE, text=True)
-    err: list[str] = []
-    reader = threading.Thread(target=lambda: err.extend(iter(proc.stderr.readline, "")), daemon=True)
-    reader.start()
+    proc, err, reader = _index_in_background(home, smoke_model_path)
     try:
         wait_for(lambda: any("reference(s) still being written" in line for line in err) or proc.poll() is not None,
                  90, what="the command to say it waits")
@@ -68,11 +75,7 @@ def test_an_empty_reference_waits_longer_as_a_copy_that_has_not_started(tmp_path
     refs.mkdir(parents=True)
     target = refs / "empty-yet.jpg"
     target.write_bytes(b"")
-    proc = subprocess.Popen([sys.executable, "-m", "daemon", "references", "index", "--advisor", "ansel"],
-                            env=env_for(home, smoke_model_path), cwd=REPO, stderr=subprocess.PIPE, text=True)
-    err: list[str] = []
-    reader = threading.Thread(target=lambda: err.extend(iter(proc.stderr.readline, "")), daemon=True)
-    reader.start()
+    proc, err, reader = _index_in_background(home, smoke_model_path)
     try:
         wait_for(lambda: any("still being written" in line for line in err) or proc.poll() is not None,
                  90, what="the command to say it waits")
