@@ -28,13 +28,10 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any, Callable
 
-from . import by_size, emit, note, var_dir
+from . import by_size, emit, note
 
-PHOTOS = {"smoke": 3, "real": 3}
-PHOTO_SIZE = (640, 480)
 BANDWIDTH_BYTES = 512 * 2**20
 REPEATS = 5
 
@@ -148,26 +145,18 @@ def measure(shapes: str) -> dict[str, Any]:
     import mlx.core as mx
 
     from daemon.model.reuse import _inputs
-    from daemon.model.runtime import ModelRuntime
-    from daemon.model.smoke import ensure_smoke_model
 
-    from .rag import _photos
-    from .transformers_cmp import report_schema, settings
+    from .transformers_cmp import single_pass_setup
 
-    s = settings()
     prefix = f"{shapes}."
     figures: dict[str, Any] = {}
 
     def put(key: str, value: Any) -> None:
         figures[prefix + key] = emit(prefix + key, value)
 
-    model_path = ensure_smoke_model(var_dir(), shapes=shapes)
-    cfg = json.loads((Path(model_path) / "config.json").read_text(encoding="utf-8"))
+    s, model_path, rt, schema, photos = single_pass_setup(shapes)
+    cfg = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
     text = _text_config(cfg)
-    rt = ModelRuntime.load(str(model_path), var_dir=var_dir(), max_pixels=s["max_pixels"])
-    schema = report_schema(shapes)
-    photos = _photos(PHOTOS[shapes], PHOTO_SIZE)
-    rt.generate_json(photos[0].resize((56, 56)), s["prompt"], schema, max_tokens=s["max_tokens"])  # warm
 
     real_s = vision_s = 0.0
     runs = []
@@ -233,5 +222,7 @@ def measure(shapes: str) -> dict[str, Any]:
 
 def run(size: str) -> dict[str, Any]:
     # The runner prints the settings (print_settings); the photos are this benchmark's own.
+    from .transformers_cmp import PHOTO_SIZE
+
     emit("photo_size", f"{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}")
     return by_size(size, measure, "real_s_per_photo", "bound_s_per_photo", "real_over_bound")

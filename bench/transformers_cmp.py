@@ -169,25 +169,32 @@ def _transformers_side(model_dir: Path, constraint: Any, photos: list[Any], prom
     return total, texts, info
 
 
-def measure(shapes: str) -> dict[str, Any]:
+def single_pass_setup(shapes: str) -> tuple[dict[str, Any], Path, Any, Any, list[Any]]:
+    """(settings, model folder, runtime, schema, photos) for timing single-pass critiques of this model, warmed up
+    on a small photo (what this benchmark and `bound` both time)."""
     from daemon.model.runtime import ModelRuntime
     from daemon.model.smoke import ensure_smoke_model
 
     from .rag import _photos
 
     s = settings()
+    model_path = Path(ensure_smoke_model(var_dir(), shapes=shapes))
+    rt = ModelRuntime.load(str(model_path), var_dir=var_dir(), max_pixels=s["max_pixels"])
+    schema = report_schema(shapes)
+    photos = _photos(PHOTOS[shapes], PHOTO_SIZE)
+    rt.generate_json(photos[0].resize((56, 56)), s["prompt"], schema, max_tokens=s["max_tokens"])
+    return s, model_path, rt, schema, photos
+
+
+def measure(shapes: str) -> dict[str, Any]:
     prefix = f"{shapes}."
     figures: dict[str, Any] = {}
 
     def put(key: str, value: Any) -> None:
         figures[prefix + key] = emit(prefix + key, value)
 
-    model_path = ensure_smoke_model(var_dir(), shapes=shapes)
-    rt = ModelRuntime.load(str(model_path), var_dir=var_dir(), max_pixels=s["max_pixels"])
-    schema = report_schema(shapes)
-    photos = _photos(PHOTOS[shapes], PHOTO_SIZE)
+    s, model_path, rt, schema, photos = single_pass_setup(shapes)
     warm = photos[0].resize((56, 56))
-    rt.generate_json(warm, s["prompt"], schema, max_tokens=s["max_tokens"])
     _mlx_vlm(rt, warm, s["prompt"], schema, s["max_tokens"])
     ours_s = naive_s = 0.0
     ours_texts: list[str] = []
