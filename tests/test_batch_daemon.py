@@ -8,21 +8,24 @@ import json
 import shutil
 from pathlib import Path
 
-from tests.harness import ledger_jobs, make_home, mondrian, photo
+from tests.harness import ledger_jobs, make_home, mondrian, photo, reports
 
-N = 9
+N = 8
+COPIES = ("p0-again.png", "p0-copy.png", "p0-once-more.png")
 
 
-def _inbox(home: Path) -> None:
+def _inbox(home: Path, copied: str | None) -> None:
     for i in range(N):
         photo(home / "inbox" / f"p{i}.png", seed=i, size=(160, 120) if i % 3 else (120, 160))
-    shutil.copy(home / "inbox" / "p0.png", home / "inbox" / "p0-again.png")  # the same photo twice
+    for copy in COPIES if copied else ():  # the same photo four times: two of them share a batch
+        shutil.copy(home / "inbox" / copied, home / "inbox" / copy)
     (home / "inbox" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
 
 
-def _run(tmp_path: Path, model: Path, name: str, **settings) -> tuple[dict, dict, str, dict]:
+def _run(tmp_path: Path, model: Path, name: str, copied: str | None = None,
+         **settings) -> tuple[dict, dict, str, dict]:
     home = make_home(tmp_path / name, model, **settings)
-    _inbox(home)
+    _inbox(home, copied)
     out = mondrian(home, model, "run", "--once", timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     jobs = ledger_jobs(home)
@@ -37,11 +40,13 @@ def _run(tmp_path: Path, model: Path, name: str, **settings) -> tuple[dict, dict
 
 def test_a_deep_inbox_in_batches_gets_the_reports_of_one_at_a_time(tmp_path: Path, plain_model_path: Path) -> None:
     # A token budget some reports fit in and some do not: those fail, each alone and with its reason.
-    tokens = sorted(_run(tmp_path, plain_model_path, "probe", batch_size=1)[3].values())
+    probe = _run(tmp_path, plain_model_path, "probe", batch_size=1)[3]
+    tokens = sorted(probe.values())
     assert tokens[0] < tokens[-1], tokens
     budget = {"max_tokens": tokens[len(tokens) // 2]}
-    one_jobs, one, _, _ = _run(tmp_path, plain_model_path, "one", batch_size=1, **budget)
-    four_jobs, four, log, _ = _run(tmp_path, plain_model_path, "four", batch_size=4, **budget)
+    shortest = min(probe, key=probe.get)  # it fits the budget, so its copies are duplicates of its report
+    one_jobs, one, _, _ = _run(tmp_path, plain_model_path, "one", shortest, batch_size=1, **budget)
+    four_jobs, four, log, _ = _run(tmp_path, plain_model_path, "four", shortest, batch_size=4, **budget)
 
     assert "photos together" in log  # it did batch
     assert {rel: j.state for rel, j in four_jobs.items()} == {rel: j.state for rel, j in one_jobs.items()}
@@ -52,7 +57,41 @@ def test_a_deep_inbox_in_batches_gets_the_reports_of_one_at_a_time(tmp_path: Pat
     for rel in failed:
         assert four_jobs[rel].error == one_jobs[rel].error, rel
     assert any("max_tokens" in four_jobs[rel].error for rel in failed)
-    # Every photo exactly once: one report each, the copy a duplicate of the first.
+    # Every photo exactly once: one report each, the copies duplicates of the first.
     outputs = [j.output_dir for j in four_jobs.values() if j.state == "done"]
     assert len(outputs) == len(set(outputs))
-    assert four_jobs["p0-again.png"].state == one_jobs["p0-again.png"].state
+    assert len(reports(tmp_path / "four" / "outbox")) == len(reports(tmp_path / "one" / "outbox")) == len(one)
+    assert len(list((tmp_path / "four" / "outbox" / "duplicates").glob("*.duplicate.json"))) == len(COPIES)
+
+
+def test_the_same_photo_twice_in_one_batch_gets_one_report(tmp_path: Path, plain_model_path: Path) -> None:
+    """Claimed together, a photo and its copy: the copy waits for the first's report and is its duplicate."""
+    import os
+
+    from daemon.config import load_config
+    from daemon.ledger import Ledger
+    from daemon.model.runtime import ModelRuntime
+    from daemon.pipeline.worker import Worker
+
+    home = make_home(tmp_path / "home", plain_model_path, batch_size=4)
+    cfg = load_config(home, env={}, model=str(plain_model_path))
+    cfg.ensure_dirs()
+    names = ["a.png", "a-copy.png", "b.png", "c.png"]
+    for i, name in enumerate(names[:1] + names[2:]):
+        photo(home / "inbox" / name, seed=i)
+    shutil.copy(home / "inbox" / "a.png", home / "inbox" / "a-copy.png")
+    ledger = Ledger(cfg.db_path)
+    items = []
+    for name in names:
+        st = os.stat(home / "inbox" / name)
+        items.append((home / "inbox" / name, name, "ansel", "default", st.st_size, st.st_mtime, st.st_ctime))
+    ledger.enqueue_many(items)
+    runtime = ModelRuntime.load(str(plain_model_path), var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
+    worker = Worker(cfg, ledger, lambda: runtime)
+    assert worker.run_once()  # one call: all four claimed together
+    jobs = {j.rel_path: j for j in ledger.jobs()}
+    assert all(j.state == "done" for j in jobs.values()), {r: (j.state, j.error) for r, j in jobs.items()}
+    assert len(reports(cfg.outbox)) == 3
+    assert list((cfg.outbox / "duplicates").glob("*.duplicate.json")) == \
+        [cfg.outbox / "duplicates" / "a-copy.png.duplicate.json"]
+    ledger.close()
