@@ -87,3 +87,20 @@ def test_a_row_that_fails_fails_alone(runtime: ModelRuntime, prompt: str, alone:
     assert (str(got[0]), got[0].text) == (str(single.value), single.value.text)
     assert not isinstance(got[1], Exception) and got[1].text == alone[1].text
     assert isinstance(got[2], TimedOut) and isinstance(got[3], Cancelled)
+
+
+def test_a_batch_through_an_adapter_writes_what_each_photo_gets_alone(runtime: ModelRuntime, prompt: str,
+                                                                      alone: list, tmp_path: Path) -> None:
+    """lora mode: the adapter is in place for the whole batch, and gone after it."""
+    from tests.lora_helpers import random_adapter
+
+    adapter = random_adapter(tmp_path / "adapter", runtime.model, seed=3)
+    photos = _photos()[:4]
+    single = [runtime.generate_json(p, prompt, SCHEMA, max_tokens=1400, system=SYSTEM, adapter=adapter)
+              for p in photos]
+    assert [g.text for g in single] != [g.text for g in alone[:4]]  # the adapter changes what it writes
+    got = runtime.generate_json_batch([BatchRequest(p, prompt, SCHEMA, 1400, system=SYSTEM) for p in photos],
+                                      adapter=adapter)
+    assert [g.text for g in got] == [g.text for g in single]
+    after = runtime.generate_json_batch([BatchRequest(p, prompt, SCHEMA, 1400, system=SYSTEM) for p in photos[:2]])
+    assert [g.text for g in after] == [g.text for g in alone[:2]]
