@@ -51,8 +51,9 @@ class Config:
     max_tokens: int = 1400
     comment_max_chars: int = 160
     # Photos analysed together in one forward pass when the queue holds several (same advisor and mode); 1: one
-    # at a time. A batch runs at the pace of its longest report, so larger batches help only a deep queue.
-    batch_size: int = 4
+    # at a time (bench/batch.py: on a CPU the gain is small, and a photo that crashes the process takes its batch
+    # down with it before it is found and run alone).
+    batch_size: int = 1
     job_timeout_seconds: float = 600.0
     # No photo is this large; a bigger file (a sparse 10 GB `.jpg`, a disk image) is refused before it is read.
     max_file_mb: int = 512
