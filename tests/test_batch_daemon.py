@@ -95,3 +95,23 @@ def test_the_same_photo_twice_in_one_batch_gets_one_report(tmp_path: Path, plain
     assert list((cfg.outbox / "duplicates").glob("*.duplicate.json")) == \
         [cfg.outbox / "duplicates" / "a-copy.png.duplicate.json"]
     ledger.close()
+
+
+def test_stopping_during_a_batch_puts_every_photo_of_it_back_in_the_queue(tmp_path: Path,
+                                                                          plain_model_path: Path) -> None:
+    import signal
+
+    from tests.harness import Daemon, status, wait_for
+
+    home = make_home(tmp_path / "home", plain_model_path, batch_size=4)
+    for i in range(4):
+        photo(home / "inbox" / f"p{i}.png", seed=i)
+    with Daemon(home, plain_model_path, MONDRIAN_TEST_TOKEN_SECONDS="0.05") as d:
+        wait_for(lambda: "photos together" in d.output(), 120, what="a batch in progress")
+        assert len(status(home, plain_model_path)["running"]) == 4
+        d.signal(signal.SIGTERM)
+        assert d.wait(60) == 0, d.output()
+    jobs = ledger_jobs(home)
+    assert {j.state for j in jobs.values()} == {"queued"}, {r: (j.state, j.error) for r, j in jobs.items()}
+    assert all(j.attempts == 0 for j in jobs.values())  # a stop is no attempt: nothing counts against them
+    assert sorted(p.name for p in (home / "inbox").iterdir()) == [f"p{i}.png" for i in range(4)]
