@@ -118,3 +118,31 @@ def test_a_quantized_models_batch_writes_what_mlx_vlms_loop_writes_alone(plain_m
     assert runtime.quantized and all(g.forward_passes is None for g in alone)  # mlx-vlm's stream_generate
     got = runtime.generate_json_batch([BatchRequest(p, prompt, SCHEMA, 1400, system=SYSTEM) for p in photos])
     assert [g.text for g in got] == [g.text for g in alone]
+
+
+def test_rags_two_passes_in_batches_write_what_each_photo_gets_alone(runtime: ModelRuntime, prompt: str,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """rag: pass 1 and pass 2 of encoded photos, each pass one batch: the vision tower runs once a photo, and the
+    texts are batch 1's, where pass 2 reads pass 1's KV cache for the prefix both share."""
+    from daemon.analysis.critique import profile_schema
+
+    photos = _photos()[:4]
+    first, second = "Score the photograph.", prompt
+    alone = []
+    for p in photos:
+        enc = runtime.encode(p)
+        one = runtime.generate_json(p, first, profile_schema(), max_tokens=256, encoded=enc)
+        two = runtime.generate_json(p, second, SCHEMA, max_tokens=1400, encoded=enc)
+        assert two.reused_tokens > 0
+        alone.append((one.text, two.text))
+    vision = type(runtime.model.vision_tower)
+    real_call = vision.__call__
+    calls = []
+    monkeypatch.setattr(vision, "__call__", lambda self, *a, **k: calls.append(1) or real_call(self, *a, **k))
+    encs = [runtime.encode(p) for p in photos]
+    ones = runtime.generate_json_batch([BatchRequest(p, first, profile_schema(), 256, encoded=e)
+                                        for p, e in zip(photos, encs)])
+    twos = runtime.generate_json_batch([BatchRequest(p, second, SCHEMA, 1400, encoded=e)
+                                        for p, e in zip(photos, encs)])
+    assert len(calls) == len(photos)
+    assert [(a.text, b.text) for a, b in zip(ones, twos)] == alone

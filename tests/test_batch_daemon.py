@@ -8,6 +8,9 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
+
+from daemon.analysis.critique import DIMENSIONS
 from tests.harness import ledger_jobs, make_home, mondrian, photo, reports
 
 N = 8
@@ -22,9 +25,22 @@ def _inbox(home: Path, copied: str | None) -> None:
     (home / "inbox" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
 
 
+def _references(home: Path, model: Path) -> None:
+    """A curated portfolio for rag, indexed before the inbox is served (no model needed: every score is given)."""
+    refs = home / "advisors" / "ansel" / "references"
+    for i in range(4):
+        photo(refs / f"ref{i}.jpg", seed=40 + i)
+        scores = {d: (3 + 2 * i + j) % 11 for j, d in enumerate(DIMENSIONS)}
+        (refs / f"ref{i}.json").write_text(json.dumps({"scores": scores, "comments": {"lighting": f"print {i}"}}))
+    out = mondrian(home, model, "references", "index", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
 def _run(tmp_path: Path, model: Path, name: str, copied: str | None = None,
          **settings) -> tuple[dict, dict, str, dict]:
     home = make_home(tmp_path / name, model, **settings)
+    if settings.get("default_mode") == "rag":
+        _references(home, model)
     _inbox(home, copied)
     out = mondrian(home, model, "run", "--once", timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -33,30 +49,38 @@ def _run(tmp_path: Path, model: Path, name: str, copied: str | None = None,
     for rel, job in jobs.items():
         if job.state == "done" and job.output_dir and (Path(job.output_dir) / "report.json").exists():
             report = json.loads((Path(job.output_dir) / "report.json").read_text())
-            critiques[rel] = {k: report[k] for k in ("dimensions", "summary", "overall_grade")}
+            critiques[rel] = {k: report.get(k) for k in ("dimensions", "summary", "overall_grade", "mode", "profile",
+                                                         "references")}
             tokens[rel] = report["timings"]["generated_tokens"]
     return jobs, critiques, out.stderr, tokens
 
 
-def test_a_deep_inbox_in_batches_gets_the_reports_of_one_at_a_time(tmp_path: Path, plain_model_path: Path) -> None:
-    # A token budget some reports fit in and some do not: those fail, each alone and with its reason.
-    probe = _run(tmp_path, plain_model_path, "probe", batch_size=1)[3]
+@pytest.mark.parametrize("mode", ["baseline", "rag"])
+def test_a_deep_inbox_in_batches_gets_the_reports_of_one_at_a_time(tmp_path: Path, plain_model_path: Path,
+                                                                   mode: str) -> None:
+    # baseline: a token budget some reports fit in and some do not; those fail, each alone and with its reason.
+    # rag (its two passes batched): the default budget; the damaged file fails alone.
+    probe = _run(tmp_path, plain_model_path, "probe", batch_size=1, default_mode=mode)[3]
     tokens = sorted(probe.values())
     assert tokens[0] < tokens[-1], tokens
-    budget = {"max_tokens": tokens[len(tokens) // 2]}
+    budget = {"max_tokens": tokens[len(tokens) // 2]} if mode == "baseline" else {}
     shortest = min(probe, key=probe.get)  # it fits the budget, so its copies are duplicates of its report
-    one_jobs, one, _, _ = _run(tmp_path, plain_model_path, "one", shortest, batch_size=1, **budget)
-    four_jobs, four, log, _ = _run(tmp_path, plain_model_path, "four", shortest, batch_size=4, **budget)
+    one_jobs, one, _, _ = _run(tmp_path, plain_model_path, "one", shortest, batch_size=1, default_mode=mode, **budget)
+    four_jobs, four, log, _ = _run(tmp_path, plain_model_path, "four", shortest, batch_size=4, default_mode=mode,
+                                   **budget)
 
-    assert "photos together" in log  # it did batch
+    assert f"photos together as Ansel Adams ({mode})" in log  # it did batch, in that mode
     assert {rel: j.state for rel, j in four_jobs.items()} == {rel: j.state for rel, j in one_jobs.items()}
-    assert four == one  # scores and comments, photo for photo
+    assert four == one  # scores and comments (rag: profile and references too), photo for photo
+    assert all(c["mode"]["effective"] == mode for c in four.values())
     failed = {rel for rel, j in four_jobs.items() if j.state == "failed"}
-    assert "broken.jpg" in failed and failed - {"broken.jpg"}, "no photo failed inside a batch: raise the budget"
+    assert "broken.jpg" in failed
     assert len(one) >= 2, "too few photos succeeded to compare"
     for rel in failed:
         assert four_jobs[rel].error == one_jobs[rel].error, rel
-    assert any("max_tokens" in four_jobs[rel].error for rel in failed)
+    if mode == "baseline":
+        assert failed - {"broken.jpg"}, "no photo failed inside a batch: raise the budget"
+        assert any("max_tokens" in four_jobs[rel].error for rel in failed)
     # Every photo exactly once: one report each, the copies duplicates of the first.
     outputs = [j.output_dir for j in four_jobs.values() if j.state == "done"]
     assert len(outputs) == len(set(outputs))

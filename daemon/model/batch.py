@@ -4,8 +4,9 @@ At batch 1 a decode step is launch-bound (issue 11: ~13 ms a pass on the H200 wh
 ~2 ms), so a deep inbox is served faster by running B photos through each pass. The reports must stay the ones
 batch 1 writes, token for token, so this follows `reuse.generate` closely:
 
-- Each photo goes through the vision tower alone (`encode_photo`, as at batch 1), and its prompt is embedded
-  alone; only the language model runs batched.
+- Each photo goes through the vision tower alone (`encode_photo`, as at batch 1; or not at all when the request
+  brings it encoded, as rag's two passes do), and its prompt is embedded alone; only the language model runs
+  batched. Each pass prefills its whole prompt: an encoded photo's KV cache is neither read nor kept.
 - Rows are grouped by prompt length, never padded: photos of one shoot share a size, hence the same number of
   image tokens and the same prompt (a portrait and a landscape of one camera too: h*w is the same). Without
   padding there is no attention mask to get wrong and no masked positions in any reduction; each row keeps its
@@ -109,8 +110,10 @@ def _advance(row: _Row, token: int, eos: int, fed: bool) -> None:
 
 def _prepare(model: Any, processor: Any, request: BatchRequest, index: int, text_prompt: str,
              encode_prompt: str) -> _Row:
-    image = request.image if request.image.mode == "RGB" else request.image.convert("RGB")
-    photo = encode_photo(model, processor, image, encode_prompt)
+    photo = request.encoded
+    if photo is None or photo.features is None:
+        image = request.image if request.image.mode == "RGB" else request.image.convert("RGB")
+        photo = encode_photo(model, processor, image, encode_prompt)
     inputs = _inputs(processor, model, photo.image, text_prompt)
     input_ids = inputs["input_ids"]
     emb = model.get_input_embeddings(input_ids, inputs["pixel_values"], mask=inputs.get("attention_mask"),

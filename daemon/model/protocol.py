@@ -30,6 +30,7 @@ class BatchRequest:
     system: str | None = None
     cancel: threading.Event | None = None
     deadline: float | None = None  # a time.monotonic() value
+    encoded: "EncodedPhoto | None" = None  # from `encode(image)`: the vision tower is not run again
 
 
 class Runtime(Protocol):

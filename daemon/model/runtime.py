@@ -398,8 +398,8 @@ class ModelRuntime:
     def _alone(self, request: "BatchRequest", adapter: str | Path | None) -> "Generation | Exception":
         try:
             return self.generate_json(request.image, request.prompt, request.schema, max_tokens=request.max_tokens,
-                                      system=request.system, adapter=adapter, cancel=request.cancel,
-                                      deadline=request.deadline)
+                                      system=request.system, adapter=adapter, encoded=request.encoded,
+                                      cancel=request.cancel, deadline=request.deadline)
         except Exception as exc:  # noqa: BLE001 - the row's own outcome, as in a batch
             return exc
 
