@@ -3,7 +3,8 @@
 At batch 1 a decode step is launch-bound, so when the queue holds more than one photo the worker claims up to
 `batch_size` jobs (`Ledger.claim()`, one after another: claiming is the ledger's business) and runs the ones
 that can share a pass together: the same advisor and the same mode after fallbacks (a strategy with `batched`:
-baseline, lora with that advisor's adapter), none of them taken up again after a crash. Everything else per job is what `Worker.process` does, in its order:
+baseline; lora, with that advisor's adapter; rag, each of its two passes), none of them taken up again after a
+crash. Everything else per job is what `Worker.process` does, in its order:
 `prepare` (settle checks, hashing, a duplicate found without the model), the model, `finish` (the photo still
 the one analysed, the key, the report), and each job's own outcome (`Worker.outcome`), so a photo that fails in
 a batch fails alone with its reason. Jobs that cannot share a pass run one by one, as they always did.
