@@ -7,7 +7,9 @@ close to the centre a dark bar stands (a whole-image rule: no patch alone tells 
 other photos scores every mode. For each N:
 
   baseline  the base model with the advisor's prompt (does not depend on N: measured once)
-  rag       the rag strategy over the N references (indexed with their vision features)
+  rag       the rag strategy over the N references (indexed with their vision features), its scores anchored
+            to the retrieved references' curator scores as the product anchors them (`rag_reference_weight`,
+            default 0.5: pass 2's expected scores blended with the similarity-weighted mean of the neighbours')
   lora      an adapter trained as `mondrian train` trains (curator targets, the same dataset rows, samples
             checked, early stopping on a validation split carved from the N), evaluated on the test set
 
