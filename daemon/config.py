@@ -57,6 +57,8 @@ class Config:
     retry_base_seconds: float = 5.0
     embeddings_enabled: bool = True
     rag_k: int = 3
+    # Share of the retrieved references' similarity-weighted curator scores in rag's scores (0: the model's own).
+    rag_reference_weight: float = 0.5
     train_time: str = "02:30"
     expose_paths: bool = False
     # Also write the report's XMP into JPEG/TIFF originals in the outbox (as a new file: never through a link).
@@ -152,6 +154,7 @@ LIMITS: dict[str, tuple[float, float, bool]] = {
     "comment_max_chars": (1, 4000, True),
     "max_attempts": (1, 100, True),
     "rag_k": (1, 100, True),
+    "rag_reference_weight": (0, 1, True),
     "max_file_mb": (1, 1024 * 1024, True),
     "api_port": (0, 65535, True),
     "api_wait_seconds": (0, 86400, True),
