@@ -111,7 +111,7 @@ def _estimates(ledger: Ledger, running: list[dict[str, Any]], waiting: int) -> d
 
 def collect(cfg: Config) -> dict[str, Any]:
     require_home(cfg)
-    ledger = Ledger(cfg.db_path)
+    ledger = Ledger.for_config(cfg)
     counts = ledger.counts()
     events = ledger.events()
     now = time.time()
