@@ -414,6 +414,8 @@ class Ledger:
         self.lease_seconds = lease_seconds
         # Jobs this process claimed: id -> (fencing token, photo, claimed at). Every write about one names its token.
         self._held: dict[int, tuple[int, str, float]] = {}
+        # Claims found stale: every later write about those jobs is refused too, until this process claims one again.
+        self._stale: dict[int, int] = {}
         self._held_lock = threading.Lock()
         self._done = 0
         self._started_at = time.time()
@@ -858,9 +860,11 @@ class Ledger:
         if self.shared:
             # Nodes claiming at once each lock a different row instead of queueing behind one another's.
             due = due.for_update("FOR UPDATE SKIP LOCKED")
+        # `id = (one id)`, evaluated once before the update: with `id IN (...)` PostgreSQL may run the locking subquery
+        # as a join and update the row without returning it (a claimed job nobody knows it holds).
         query = (self.Job.update(state=RUNNING, worker=worker, started_at=now, attempts=self.Job.attempts + 1,
                                  lease_until=now + self.lease_seconds, lease_token=self.Job.lease_token + 1)
-                 .where((self.Job.id.in_(due)) & (self.Job.state == QUEUED))
+                 .where((self.Job.id == due) & (self.Job.state == QUEUED))
                  .returning(self.Job))
         rows = list(query.execute())
         if not rows:
@@ -868,6 +872,7 @@ class Ledger:
         job = rows[0]
         with self._held_lock:
             self._held[job.id] = (job.lease_token, job.rel_path, now)
+            self._stale.pop(job.id, None)
         return job
 
     # -- leases and fencing ---------------------------------------------------------------------
@@ -880,7 +885,9 @@ class Ledger:
     def _mine(self, job_id: int) -> tuple[Any, int | None]:
         """The condition that a write about `job_id` applies to: with this process's claim on it, only while that
         claim is the current one (same token, still running)."""
-        token = self.holds(job_id)
+        with self._held_lock:
+            held = self._held.get(job_id)
+            token = held[0] if held else self._stale.get(job_id)
         cond = self.Job.id == job_id
         if token is not None:
             cond &= (self.Job.lease_token == token) & (self.Job.state == RUNNING)
@@ -897,19 +904,20 @@ class Ledger:
         n = self.Job.update(values).where(cond).execute()
         if token is None:
             return n
-        if n == 0 and not give_back:
-            self._lost(job_id, token, what)
-        if ends or n == 0:
+        if n == 0:
             with self._held_lock:
                 self._held.pop(job_id, None)
-        if ends and n and not give_back:
-            self._done += 1
+                self._stale[job_id] = token
+            if not give_back:
+                self._lost(job_id, token, what)
+        elif ends:
+            with self._held_lock:
+                self._held.pop(job_id, None)
+            self._done += 0 if give_back else 1
         return n
 
     def _lost(self, job_id: int, token: int, what: str) -> None:
-        with self._held_lock:
-            held = self._held.pop(job_id, None)
-        photo = held[1] if held else f"job {job_id}"
+        photo = self.Job.select(self.Job.rel_path).where(self.Job.id == job_id).scalar() or f"job {job_id}"
         log.warning("refused: %s (job %d) was taken over by another worker after this one's lease ended (its claim "
                     "%d is stale); this worker's %s is discarded", photo, job_id, token, what)
         try:

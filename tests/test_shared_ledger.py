@@ -1,0 +1,146 @@
+"""The ledger's leases, fencing tokens and unique active jobs, on both engines: the SQLite file and a real PostgreSQL
+server (tests/pgserver.py). Two Ledger objects on one database stand for two worker processes."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon.config import ConfigError, load_config
+from daemon.ledger import DONE, QUEUED, RUNNING, LeaseLost, Ledger
+
+
+def two(tmp_path: Path, url: str | None, lease: float = 60.0) -> tuple[Ledger, Ledger]:
+    db = tmp_path / "ledger.db"
+    return (Ledger(db, url=url, lease_seconds=lease), Ledger(db, url=url, lease_seconds=lease))
+
+
+def queue(ledger: Ledger, tmp_path: Path, name: str = "a.jpg") -> int:
+    job = ledger.enqueue(tmp_path / "inbox" / name, name, "ansel", "default", 10, 1.0)
+    assert job is not None
+    return job.id
+
+
+def test_a_stale_claim_cannot_finish_fail_or_publish(tmp_path: Path, ledger_url: str | None) -> None:
+    a, b = two(tmp_path, ledger_url, lease=1.0)
+    job_id = queue(a, tmp_path)
+    first = a.claim()
+    assert first is not None and first.lease_token == 1
+    a.set_hash(job_id, "ab")  # while the claim is current, its writes go through
+    # a stalls past its lease: b puts the job back and takes it, with the next token.
+    assert [j.id for j in b.requeue_expired(now=time.time() + 2)] == [job_id]
+    second = b.claim()
+    assert second is not None and second.id == job_id and second.lease_token == 2
+    for write in (lambda: a.reserve_output(job_id, tmp_path / "outbox" / "a"),
+                  lambda: a.finish(job_id, effective_mode="baseline", fallbacks=[], report_json=tmp_path / "r.json",
+                                   report_html=tmp_path / "r.html", grade=5, adapter=None, analysis_s=1.0,
+                                   output_dir=tmp_path / "outbox" / "a")):
+        with pytest.raises(LeaseLost, match="another worker"):
+            write()
+    with pytest.raises(LeaseLost):  # refused once, refused always: never a write of a claim found stale
+        a.fail(job_id, "boom", None)
+    a.requeue(job_id, "stopping")  # giving back a job it no longer holds changes nothing
+    assert b.get(job_id).state == RUNNING and b.get(job_id).worker == b.worker_id()
+    assert any(k.startswith(f"refused:{job_id}:1") for k in b.events())
+    b.finish(job_id, effective_mode="baseline", fallbacks=[], report_json=tmp_path / "r.json",
+             report_html=tmp_path / "r.html", grade=7, adapter=None, analysis_s=1.0, output_dir=tmp_path / "o")
+    assert b.get(job_id).state == DONE and b.get(job_id).grade == 7
+
+
+def test_a_lease_that_ends_puts_the_job_back_and_a_renewed_one_does_not(tmp_path: Path,
+                                                                        ledger_url: str | None) -> None:
+    a, b = two(tmp_path, ledger_url, lease=30.0)
+    stalled, alive = queue(a, tmp_path, "s.jpg"), queue(a, tmp_path, "l.jpg")
+    assert a.claim().id == stalled and b.claim().id == alive
+    later = time.time() + 20
+    b.renew_leases(now=later)  # b's heartbeat beats; a's does not
+    expired = a.requeue_expired(now=later + 15)
+    assert [j.id for j in expired] == [] , "a never requeues its own job, even with its lease ended"
+    requeued = b.requeue_expired(now=later + 15)
+    assert [j.id for j in requeued] == [stalled]
+    job = b.get(stalled)
+    assert job.state == QUEUED and job.worker is None and job.lease_until is None
+    assert b.get(alive).state == RUNNING
+    assert b.orphaned_running() == []  # nothing else is orphaned: b's own lease is current
+
+
+def test_one_active_job_per_inbox_file(tmp_path: Path, ledger_url: str | None) -> None:
+    """The engine refuses a second waiting or running job of one file, even when the check before the insert
+    passed on both sides (two nodes scanning one inbox at the same moment)."""
+    a, b = two(tmp_path, ledger_url)
+    src = tmp_path / "inbox" / "a.jpg"
+    # Both nodes' reads find no job; both insert. Forced here by skipping the read on b.
+    assert a.enqueue(src, "a.jpg", "ansel", "default", 1, 1.0) is not None
+    rows = list(b.Job.insert(source_path=str(src), rel_path="a.jpg", advisor="ansel", advisor_source="default",
+                             enqueued_at=time.time()).on_conflict_ignore().returning(b.Job).execute())
+    assert rows == []
+    assert b.enqueue(src, "a.jpg", "ansel", "default", 1, 1.0) is None
+    assert b.enqueue_many([(src, "a.jpg", "ansel", "default", 1, 1.0, None),
+                           (tmp_path / "inbox" / "b.jpg", "b.jpg", "ansel", "default", 1, 1.0, None)])[0] is None
+    assert len([j for j in a.jobs() if j.source_path == str(src)]) == 1
+    # Many threads (each its own connection) queueing the same files at once: one job per file, no error.
+    errors: list[BaseException] = []
+
+    def scan() -> None:
+        try:
+            led = Ledger(tmp_path / "ledger.db", url=ledger_url)
+            led.enqueue_many([(tmp_path / "inbox" / f"c{i}.jpg", f"c{i}.jpg", "ansel", "default", 1, 1.0, None)
+                              for i in range(20)])
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=scan) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    paths = [j.source_path for j in a.jobs()]
+    assert len(paths) == len(set(paths)) == 22
+
+
+def test_claims_from_many_workers_never_share_a_job(tmp_path: Path, ledger_url: str | None) -> None:
+    a = Ledger(tmp_path / "ledger.db", url=ledger_url)
+    a.enqueue_many([(tmp_path / "inbox" / f"{i}.jpg", f"{i}.jpg", "ansel", "default", 1, 1.0, None)
+                    for i in range(40)])
+    got: list[int] = []
+    lock = threading.Lock()
+
+    def work() -> None:
+        led = Ledger(tmp_path / "ledger.db", url=ledger_url, stop=threading.Event())
+        while (job := led.claim()) is not None:
+            with lock:
+                got.append(job.id)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(got) == sorted(j.id for j in a.jobs())
+
+
+def test_a_shared_ledger_needs_inbox_and_outbox_on_one_filesystem(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs a second filesystem (/dev/shm)")
+    other = Path(__import__("tempfile").mkdtemp(dir=shm))
+    try:
+        (tmp_path / "mondrian.toml").write_text(f'inbox = "{other}"\nledger_url = "postgresql://x@/y"\n')
+        cfg = load_config(tmp_path, env={})
+        cfg.ensure_dirs()
+        with pytest.raises(ConfigError, match="different filesystems.*same share"):
+            cfg.check_shared_storage()
+        (tmp_path / "mondrian.toml").write_text(f'inbox = "{other}"\n')  # one machine: allowed, as before
+        load_config(tmp_path, env={}).check_shared_storage()
+    finally:
+        __import__("shutil").rmtree(other, ignore_errors=True)
+
+
+def test_ledger_url_must_be_postgresql(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="PostgreSQL URL"):
+        load_config(tmp_path, env={"MONDRIAN_LEDGER_URL": "mysql://x"})
+    assert load_config(tmp_path, env={"MONDRIAN_LEDGER_URL": "postgresql://u@h/db"}).shared
