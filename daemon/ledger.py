@@ -897,7 +897,7 @@ class Ledger:
                 give_back: bool = False, extra: Any = None) -> int:
         """One UPDATE of a job, refused (LeaseLost) if this process's claim on it is stale: the check and the write
         are one statement, so no other worker's claim can come between them. `give_back` (requeue): a stale claim
-        has nothing to give back, and that is no error. `ends`: the claim ends with this write."""
+        has nothing to give back: refused and logged, but no error. `ends`: the claim ends with this write."""
         cond, token = self._mine(job_id)
         if extra is not None:
             cond &= extra
@@ -908,15 +908,14 @@ class Ledger:
             with self._held_lock:
                 self._held.pop(job_id, None)
                 self._stale[job_id] = token
-            if not give_back:
-                self._lost(job_id, token, what)
+            self._lost(job_id, token, what, raise_it=not give_back)
         elif ends:
             with self._held_lock:
                 self._held.pop(job_id, None)
             self._done += 0 if give_back else 1
         return n
 
-    def _lost(self, job_id: int, token: int, what: str) -> None:
+    def _lost(self, job_id: int, token: int, what: str, raise_it: bool = True) -> None:
         photo = self.Job.select(self.Job.rel_path).where(self.Job.id == job_id).scalar() or f"job {job_id}"
         log.warning("refused: %s (job %d) was taken over by another worker after this one's lease ended (its claim "
                     "%d is stale); this worker's %s is discarded", photo, job_id, token, what)
@@ -925,7 +924,8 @@ class Ledger:
                                                           "worker": self.worker_id()})
         except (OperationalError, LedgerUnavailable):
             pass  # the refusal stands; only its record for status is missing
-        raise LeaseLost(f"{photo} (job {job_id}) belongs to another worker now; {what} refused")
+        if raise_it:
+            raise LeaseLost(f"{photo} (job {job_id}) belongs to another worker now; {what} refused")
 
     def lease_left(self, job_id: int, now: float | None = None) -> float | None:
         """Seconds until this process's lease on `job_id` ends (negative: it ended), if it holds the job."""

@@ -1,0 +1,122 @@
+"""Issue 15: several Mondrian daemons (nodes) on one shared inbox and outbox, through one shared PostgreSQL ledger
+(a real server, tests/pgserver.py), with random SIGKILLs (each node restarted) and one node SIGSTOPped while it
+holds a photo, past its lease, then SIGCONTed: every photo ends with exactly one report, nothing is published
+twice, and the stopped node's late work is refused by the ledger (its log says so, and the ledger records it).
+
+The same run on SQLite, one node (a home as today), must pass too: nothing changes for one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon.ledger import DONE, RUNNING, Ledger
+from tests.harness import Daemon, make_home, mondrian, photo, reports, wait_for
+
+PHOTOS = 60
+LEASE = 3.0
+KILLS = 4
+FAST = dict(max_pixels=56 * 56, comment_max_chars=8, max_tokens=400, quiet_seconds=0.2, rescan_seconds=1,
+            retry_base_seconds=0.2, max_attempts=12, lease_seconds=LEASE)
+
+
+def _homes(tmp_path: Path, url: str | None, nodes: int, model: Path) -> tuple[list[Path], Path, Path]:
+    inbox, outbox = tmp_path / "share" / "inbox", tmp_path / "share" / "outbox"
+    inbox.mkdir(parents=True)
+    extra = {"ledger_url": url} if url else {}
+    return ([make_home(tmp_path / f"node{i}", model, inbox=str(inbox), outbox=str(outbox), **FAST, **extra)
+             for i in range(nodes)], inbox, outbox)
+
+
+def _jobs(ledger: Ledger) -> list:
+    return ledger.jobs()
+
+
+def _stop_holding(nodes: list[Daemon], ledger: Ledger) -> tuple[Daemon, int, int]:
+    """SIGSTOP a node while it holds a photo; returns it, the job and its claim's token."""
+    for _ in range(2000):
+        running = {j.worker.split(":")[1]: j for j in ledger.running() if j.worker}
+        for node in nodes:
+            job = running.get(str(node.proc.pid))
+            if job is None:
+                continue
+            node.signal(signal.SIGSTOP)
+            now = ledger.get(job.id)
+            if now.state == RUNNING and now.worker == job.worker and now.lease_token == job.lease_token:
+                return node, job.id, job.lease_token
+            node.signal(signal.SIGCONT)
+        time.sleep(0.02)
+    raise AssertionError("no node was ever seen holding a photo")
+
+
+@pytest.mark.parametrize("engine,count", [("postgres", 3), ("sqlite", 1)])
+def test_nodes_on_one_queue_publish_each_photo_exactly_once(tmp_path: Path, smoke_model_path: Path,
+                                                            request: pytest.FixtureRequest, engine: str,
+                                                            count: int) -> None:
+    url = request.getfixturevalue("pg_server").new_database() if engine == "postgres" else None
+    homes, inbox, outbox = _homes(tmp_path, url, count, smoke_model_path)
+    rng = random.Random(15)
+    names = [f"shot {i:02d}.jpg" for i in range(PHOTOS)]
+    staged = tmp_path / "camera"
+    for i, name in enumerate(names):
+        photo(staged / name, seed=1500 + i, size=(64, 48))
+    nodes = [Daemon(home, smoke_model_path) for home in homes]
+    ledger = Ledger(homes[0] / "var" / "ledger.db", url=url)
+    try:
+        wait_for(lambda: len(ledger.workers()) == count, timeout=120, what="every node's heartbeat")
+        for name in names:  # a card copied in: each file appears whole (a rename within the share)
+            (staged / name).rename(inbox / name)
+        done = lambda: sum(j.state == DONE for j in ledger.jobs())  # noqa: E731
+        wait_for(lambda: done() >= 3, timeout=180, what="the first reports")
+
+        # One node stopped while it holds a photo, until another node has taken the photo over and published it.
+        stopped, job_id, token = _stop_holding(nodes, ledger)
+        if count > 1:
+            taken = wait_for(lambda: (j := ledger.get(job_id)).lease_token > token and j.state == DONE and j,
+                             timeout=120, what="another node to take over and finish the stalled photo")
+            assert taken.worker.split(":")[1] != str(stopped.proc.pid)
+        else:
+            time.sleep(LEASE * 1.5)  # alone, nobody takes its photo: it carries on when it wakes
+        stopped.signal(signal.SIGCONT)
+        if count > 1:
+            wait_for(lambda: "refused:" in stopped.output(), timeout=120, what="the stopped node's late work refused")
+            assert any(k.startswith(f"refused:{job_id}:{token}") for k in ledger.events())
+
+        # Random kills, each node restarted at once, while the inbox drains.
+        for _ in range(KILLS):
+            if done() >= PHOTOS:
+                break
+            time.sleep(rng.uniform(0.5, 2.5))
+            i = rng.randrange(count)
+            nodes[i].kill()
+            nodes[i] = Daemon(homes[i], smoke_model_path)
+        wait_for(lambda: done() == PHOTOS, timeout=600, interval=0.5, what=f"all {PHOTOS} photos done")
+    finally:
+        for node in nodes:
+            if node.proc.poll() is None:
+                node.signal(signal.SIGCONT)
+                node.stop()
+    logs = "\n".join(node.output() for node in nodes)
+
+    jobs = ledger.jobs()
+    assert sorted(j.rel_path for j in jobs if j.state == DONE) == sorted(names), logs[-3000:]
+    assert all(j.duplicate_of is None for j in jobs)
+    found = reports(outbox)
+    assert len(found) == PHOTOS, [p.parent.name for p in found]
+    originals = sorted(p.name for r in found for p in r.parent.iterdir() if p.suffix == ".jpg" and
+                       not p.name.startswith(("preview", "thumb")))
+    assert originals == sorted(names)  # each photo in exactly one report folder, none lost
+    by_job = [json.loads(r.read_text())["job_id"] for r in found]
+    assert sorted(by_job) == sorted(j.id for j in jobs if j.state == DONE)
+    assert list(inbox.iterdir()) == []
+    assert not (outbox / "duplicates").exists() or list((outbox / "duplicates").iterdir()) == []
+    assert not (outbox / "failed").exists() or [p for p in (outbox / "failed").iterdir()
+                                                if not p.name.startswith(".")] == []
+    assert [p for p in (outbox / ".staging").iterdir()] == []
+    assert mondrian(homes[0], smoke_model_path, "status").returncode == 0
