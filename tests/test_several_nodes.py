@@ -120,3 +120,40 @@ def test_nodes_on_one_queue_publish_each_photo_exactly_once(tmp_path: Path, smok
                                                 if not p.name.startswith(".")] == []
     assert [p for p in (outbox / ".staging").iterdir()] == []
     assert mondrian(homes[0], smoke_model_path, "status").returncode == 0
+
+
+def test_workers_lists_every_node_and_a_stopped_one_as_lost(tmp_path: Path, smoke_model_path: Path,
+                                                            pg_server) -> None:  # type: ignore[no-untyped-def]
+    url = pg_server.new_database()
+    homes, inbox, _ = _homes(tmp_path, url, 2, smoke_model_path)
+    nodes = [Daemon(home, smoke_model_path) for home in homes]
+    pids = {str(n.proc.pid) for n in nodes}
+
+    def workers(home: Path) -> list[dict]:
+        out = mondrian(home, smoke_model_path, "workers", "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)["workers"]
+
+    try:
+        rows = wait_for(lambda: len(w := workers(homes[1])) == 2 and w, timeout=120, what="both nodes listed")
+        assert {str(r["pid"]) for r in rows} == pids and not any(r["lost"] for r in rows)
+        nodes[0].signal(signal.SIGSTOP)
+        rows = wait_for(lambda: [r for r in workers(homes[1]) if r["lost"]], timeout=60, what="the stopped one lost")
+        assert [r["pid"] for r in rows] == [nodes[0].proc.pid]
+        text = mondrian(homes[1], smoke_model_path, "status")
+        assert text.returncode == 0, text.stderr
+        assert "Ledger:  shared" in text.stdout and f"pid {nodes[0].proc.pid}: LOST" in text.stdout, text.stdout
+        assert f"pid {nodes[1].proc.pid}: idle" in text.stdout
+        listing = mondrian(homes[0], smoke_model_path, "workers").stdout
+        assert "1 alive, 1 lost" in listing, listing
+        nodes[0].signal(signal.SIGCONT)
+        wait_for(lambda: not any(r["lost"] for r in workers(homes[0])), timeout=60, what="it beats again")
+        # Its count and rate come from the photos it finished.
+        photo(inbox / "one.jpg", seed=1)
+        seen = wait_for(lambda: [r for r in workers(homes[0]) if r["done"]], timeout=120, what="a photo done")
+        assert seen[0]["photos_per_hour"] > 0
+    finally:
+        for node in nodes:
+            node.signal(signal.SIGCONT)
+            node.stop()
+    assert workers(homes[0]) == []  # a clean stop leaves the table
