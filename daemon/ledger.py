@@ -15,6 +15,7 @@ its work. On SQLite (one machine) the run locks below still tell a live process 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import functools
 import itertools
@@ -30,7 +31,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from peewee import (SQL, AutoField, BlobField, BooleanField, Case, CharField, Database, DatabaseError, FloatField,
                     IntegerField, Model, OperationalError, PostgresqlDatabase, SqliteDatabase, TextField, fn)
@@ -989,12 +990,20 @@ class Ledger:
     def workers(self) -> list[WorkerRow]:
         return list(self.Worker.select().order_by(self.Worker.host, self.Worker.pid))
 
-    def try_lock(self, key: int) -> bool:
-        """A shared ledger's advisory lock on `key` for this connection (until `unlock` or the connection ends)."""
-        return bool(self.db.execute_sql("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()[0])
-
-    def unlock(self, key: int) -> None:
-        self.db.execute_sql("SELECT pg_advisory_unlock(%s)", (key,))
+    @contextlib.contextmanager
+    def training_turn(self) -> Iterator[bool]:
+        """Whether this node may train now: on a shared ledger, one node at a time in the whole studio (a
+        PostgreSQL advisory lock, held by this thread's connection until the block ends, or the node dies).
+        On SQLite the home is one machine's, and its own locks (the nightly job's, the adapter store's) suffice."""
+        if not self.shared:
+            yield True
+            return
+        got = bool(self.db.execute_sql("SELECT pg_try_advisory_lock(%s)", (TRAINING_LOCK,)).fetchone()[0])
+        try:
+            yield got
+        finally:
+            if got:
+                self.db.execute_sql("SELECT pg_advisory_unlock(%s)", (TRAINING_LOCK,))
 
     def next_due_in(self, now: float | None = None) -> float | None:
         now = time.time() if now is None else now

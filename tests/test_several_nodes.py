@@ -157,3 +157,58 @@ def test_workers_lists_every_node_and_a_stopped_one_as_lost(tmp_path: Path, smok
             node.signal(signal.SIGCONT)
             node.stop()
     assert workers(homes[0]) == []  # a clean stop leaves the table
+
+
+def test_every_node_serves_a_newly_promoted_adapter_without_a_restart(tmp_path: Path, smoke_model_path: Path,
+                                                                     pg_server) -> None:  # type: ignore[no-untyped-def]
+    """Adapters live in one shared folder; the lora strategy reads the advisor's current version per photo."""
+    import mlx_vlm
+
+    from daemon.config import load_config
+    from tests.lora_helpers import install_version, random_adapter
+
+    url = pg_server.new_database()
+    inbox, outbox, adapters = (tmp_path / "share" / n for n in ("inbox", "outbox", "adapters"))
+    inbox.mkdir(parents=True)
+    homes = [make_home(tmp_path / f"node{i}", smoke_model_path, inbox=str(inbox), outbox=str(outbox),
+                       adapters_dir=str(adapters), ledger_url=url, default_mode="lora", embeddings_enabled=False,
+                       **{k: v for k, v in FAST.items() if k != "default_mode"}) for i in range(2)]
+    cfg = load_config(homes[0], env={}, model=str(smoke_model_path))
+    model, _ = mlx_vlm.load(str(smoke_model_path))
+    install_version(cfg, "ansel", random_adapter(tmp_path / "a1", model, seed=1), model_path=smoke_model_path)
+    nodes = [Daemon(home, smoke_model_path) for home in homes]
+    ledger = Ledger(homes[0] / "var" / "ledger.db", url=url)
+    seeds = iter(range(3000, 4000))
+
+    def drop(n: int) -> None:
+        nonlocal dropped
+        dropped += n
+        for _ in range(n):
+            seed = next(seeds)
+            photo(tmp_path / "camera" / f"p{seed}.jpg", seed=seed, size=(64, 48)).rename(inbox / f"p{seed}.jpg")
+
+    dropped = 0
+
+    def settled() -> list:
+        jobs = ledger.jobs()
+        return jobs if len(jobs) == dropped and all(j.state == DONE for j in jobs) else []
+
+    try:
+        wait_for(lambda: len(ledger.workers()) == 2, timeout=120, what="both nodes")
+        drop(2)
+        before = wait_for(settled, timeout=180, what="the first photos")
+        assert {j.adapter for j in before} == {"ansel/v0001"}
+        install_version(cfg, "ansel", random_adapter(tmp_path / "a2", model, seed=2), model_path=smoke_model_path)
+        pids = {str(n.proc.pid) for n in nodes}
+        after: list = []
+        for _ in range(10):  # until both nodes have analysed photos since the promotion
+            drop(4)
+            after = [j for j in wait_for(settled, timeout=180, what="the next photos") if j.id > max(
+                b.id for b in before)]
+            if {j.worker.split(":")[1] for j in after if j.worker} >= pids:
+                break
+        assert {j.worker.split(":")[1] for j in after} >= pids, "one node never got a photo"
+        assert {j.adapter for j in after} == {"ansel/v0002"}
+    finally:
+        for node in nodes:
+            node.stop()

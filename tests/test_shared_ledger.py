@@ -144,3 +144,24 @@ def test_ledger_url_must_be_postgresql(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="PostgreSQL URL"):
         load_config(tmp_path, env={"MONDRIAN_LEDGER_URL": "mysql://x"})
     assert load_config(tmp_path, env={"MONDRIAN_LEDGER_URL": "postgresql://u@h/db"}).shared
+
+
+def test_training_takes_turns_across_nodes_on_a_shared_ledger(tmp_path: Path, pg_server) -> None:  # type: ignore[no-untyped-def]
+    from jobs.nightly import NightlyTrainer
+
+    url = pg_server.new_database()
+    (tmp_path / "mondrian.toml").write_text(f'ledger_url = "{url}"\n')
+    cfg = load_config(tmp_path, env={})
+    cfg.ensure_dirs()
+    a, b = Ledger.for_config(cfg), Ledger.for_config(cfg)
+    night = NightlyTrainer(cfg, b, train_fn=lambda advisor: None)
+    with a.training_turn() as mine:
+        assert mine
+        with b.training_turn() as theirs:
+            assert not theirs
+        assert night.run_check() == [] and night.runs == 0  # another node trains: this one leaves it
+    night.run_check()
+    assert night.runs == 1  # its turn once the other is done
+    with b.training_turn() as again:
+        assert again  # released after the check
+
