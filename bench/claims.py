@@ -138,8 +138,8 @@ def run(size: str, argv: list[str] | None = None) -> dict[str, Any]:
     if not args.ledger_url:
         bin_dir = pg_bin_dir()
         if bin_dir is None:
-            raise SystemExit("bench claims: PostgreSQL is not installed (initdb not found): `bash tests/system_deps.sh` "
-                             "installs it, or pass --ledger-url")
+            raise SystemExit("bench claims: PostgreSQL is not installed (initdb not found): "
+                             "`bash tests/system_deps.sh` installs it, or pass --ledger-url")
         server = PgServer(bin_dir)
         server.start()
     try:

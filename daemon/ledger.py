@@ -97,7 +97,8 @@ class Job(_Base):
     # hard link or a copy, and a DONE job of this path, size and mtime means "already analysed" on every rescan.
     kept = BooleanField(default=False)
     lease_until = FloatField(null=True)  # a running job whose lease ended goes back to the queue (shared ledger)
-    lease_token = IntegerField(default=0, constraints=[SQL("DEFAULT 0")])  # fencing token: +1 at every claim; writes of an older claim are refused
+    # Fencing token: +1 at every claim; writes of an older claim are refused.
+    lease_token = IntegerField(default=0, constraints=[SQL("DEFAULT 0")])
 
     class Meta:
         # `claim` takes the oldest due queued job: without it, each claim sorts the whole queue.
@@ -236,6 +237,12 @@ def _add_leases_and_workers(db: Database) -> None:
     # One waiting or running job per inbox file, whichever node scanned it: the engine refuses a second, so two nodes
     # rescanning one shared inbox cannot queue a photo twice. `mondrian analyze` jobs (not Mondrian's file) may share
     # a path: two people may analyse one file at once.
+    # A ledger kept by an older Mondrian should never hold two, but one that does must still open: the later ones
+    # are set aside (the earliest job of the file carries on), rather than the index refusing to be made.
+    db.execute_sql('UPDATE "job" SET "state" = \'gone\', "error" = \'a second waiting job of the same file, set '
+                   'aside when Mondrian began keeping one per file\' WHERE "state" IN (\'queued\', \'running\') '
+                   'AND "owns_file" AND "id" NOT IN (SELECT MIN("id") FROM "job" '
+                   'WHERE "state" IN (\'queued\', \'running\') AND "owns_file" GROUP BY "source_path")')
     db.execute_sql('CREATE UNIQUE INDEX IF NOT EXISTS "job_active_source" ON "job" ("source_path") '
                    'WHERE "state" IN (\'queued\', \'running\') AND "owns_file"')
     db.create_tables([_bind(WorkerRow, db)])
@@ -485,7 +492,8 @@ class Ledger:
             raise LedgerUnavailable(str(exc)) from None
         except (DatabaseError, OSError) as exc:
             self.db.close()
-            raise LedgerUnavailable(f"cannot open the shared ledger {_shown_url(url)} ({str(exc).strip()}): check "
+            why = " ".join(str(exc).split())  # psycopg's messages span lines
+            raise LedgerUnavailable(f"cannot open the shared ledger {_shown_url(url)} ({why}): check "
                                     f"that the PostgreSQL server is running and reachable from this machine, and "
                                     f"that ledger_url names an existing database and a user allowed to create "
                                     f"tables in it") from None
@@ -1294,5 +1302,6 @@ def job_dict(job: Job) -> dict[str, Any]:
     return d
 
 
-__all__ = ["Ledger", "LeaseLost", "WorkerRow", "Job", "Reference", "STATES", "QUEUED", "RUNNING", "DONE", "FAILED", "GONE", "job_dict",
+__all__ = ["Ledger", "LeaseLost", "WorkerRow", "Job", "Reference", "STATES", "QUEUED", "RUNNING", "DONE", "FAILED",
+           "GONE", "job_dict",
            "SCHEMA_VERSION", "SQL"]

@@ -30,7 +30,8 @@ command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
 # PostgreSQL's server binaries: the shared-ledger tests start a throw-away server of their own (tests/pgserver.py).
 have_postgres() {
-  command -v initdb >/dev/null 2>&1 || [ -x /usr/local/bin/initdb ] || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
+  command -v initdb >/dev/null 2>&1 || [ -x /usr/local/bin/initdb ] \
+    || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
 }
 have_postgres || missing+=(postgresql)
 [ ${#missing[@]} -eq 0 ] && exit 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -146,7 +147,7 @@ def test_ledger_url_must_be_postgresql(tmp_path: Path) -> None:
     assert load_config(tmp_path, env={"MONDRIAN_LEDGER_URL": "postgresql://u@h/db"}).shared
 
 
-def test_training_takes_turns_across_nodes_on_a_shared_ledger(tmp_path: Path, pg_server) -> None:  # type: ignore[no-untyped-def]
+def test_training_takes_turns_across_nodes_on_a_shared_ledger(tmp_path: Path, pg_server: Any) -> None:
     from jobs.nightly import NightlyTrainer
 
     url = pg_server.new_database()
@@ -165,3 +166,21 @@ def test_training_takes_turns_across_nodes_on_a_shared_ledger(tmp_path: Path, pg
     with b.training_turn() as again:
         assert again  # released after the check
 
+
+
+def test_an_older_ledger_with_two_waiting_jobs_of_one_file_still_opens(tmp_path: Path) -> None:
+    import sqlite3
+
+    db = tmp_path / "l.db"
+    Ledger(db).close()
+    con = sqlite3.connect(db)
+    con.executescript('DROP INDEX job_active_source; DROP TABLE worker; DELETE FROM schema_version WHERE version > 5;')
+    for _ in range(2):
+        con.execute("INSERT INTO job (source_path, rel_path, advisor, advisor_source, state, attempts, not_before, "
+                    "enqueued_at, owns_file, kept) VALUES ('/in/a.jpg', 'a.jpg', 'ansel', 'default', 'queued', 0, 0, "
+                    "1, 1, 0)")
+    con.commit()
+    con.close()
+    ledger = Ledger(db)
+    assert [j.state for j in ledger.jobs()] == ["queued", "gone"]
+    assert ledger.enqueue(Path("/in/a.jpg"), "a.jpg", "ansel", "default", 1, 1.0) is None
