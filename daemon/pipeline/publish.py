@@ -156,14 +156,19 @@ class Publisher:
             write_report_folder(staging, report, photo.image)
             write_sidecar(staging, report)  # in staging: it appears with the report, in one rename
             testhooks.crashpoint("staged")
+            if self._adopt(job, staging, keep_original):
+                return
             # A reservation of this very job (killed before its rename) is reused, not skipped as taken.
             final = unique_path(self.cfg.outbox, safe_stem(src.name), taken=self.taken(job),
                                 reserved=OUTBOX_RESERVED)
             self.ledger.reserve_output(job.id, final)  # refused (LeaseLost) if another worker has the job now
             testhooks.crashpoint("reserved")
-            # A worker that lost the job after its own check may rename its report here in between: the rename of a
-            # folder onto a non-empty one fails (ENOTEMPTY), this one is retried, and `resume` then adopts that
-            # report (it names this job) instead of publishing a second one.
+            # A worker that lost the job after passing its own check may still rename its report into the reserved
+            # folder: before this node's rename (then this rename onto a full folder fails, the job is retried, and
+            # `resume` adopts that report), or after it (then that one fails). What remains: that worker renaming
+            # in the instant between `_adopt` and `unique_path` above makes this node pick the next free name, and
+            # the photo gets two report folders (one of them recorded). It takes a worker stopped exactly between
+            # its check and its rename, woken in that instant.
             os.rename(staging, final)
             testhooks.crashpoint("renamed")
         except OSError as exc:
@@ -172,6 +177,22 @@ class Publisher:
             return
         job = self.ledger.get(job.id)
         self.complete(job, final, report, keep_original)
+
+    def _adopt(self, job: Job, staging: Path, keep_original: bool) -> bool:
+        """A shared ledger: the report a worker that lost this job renamed into place meanwhile (it names this job)
+        is this job's report; this node's staged one is dropped, so the photo keeps one report."""
+        if not (self.cfg.shared and job.output_dir):
+            return False
+        try:
+            report = json.loads((Path(job.output_dir) / "report.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        if not isinstance(report, dict) or report.get("job_id") != job.id:
+            return False
+        shutil.rmtree(staging, ignore_errors=True)
+        log.info("%s: adopted the report another worker published for it before losing it", job.rel_path)
+        self.complete(self.ledger.get(job.id), Path(job.output_dir), report, keep_original)
+        return True
 
     def complete(self, job: Job, final: Path, report: dict[str, Any], keep_original: bool) -> None:
         src = Path(job.source_path)
