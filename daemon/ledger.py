@@ -476,7 +476,7 @@ class Ledger:
     def _open_shared(self, url: str, note: Path | None) -> None:
         self._identity = None
         try:
-            import psycopg  # noqa: F401  (the optional extra)
+            import psycopg  # noqa: F401  (the optional extra: checked here to say how to install it)
         except ImportError:
             raise LedgerUnavailable("ledger_url names a PostgreSQL ledger, but its driver is not installed: run "
                                     "`pip install 'mondrian[postgres]'` (or `pip install 'psycopg[binary]'`) in "

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.ledger import DONE, RUNNING, Ledger
+from daemon.ledger import DONE, Ledger
 from tests.harness import Daemon, make_home, mondrian, photo, reports, wait_for
 
 PHOTOS = 60
@@ -34,10 +34,6 @@ def _homes(tmp_path: Path, url: str | None, nodes: int, model: Path) -> tuple[li
     extra = {"ledger_url": url} if url else {}
     return ([make_home(tmp_path / f"node{i}", model, inbox=str(inbox), outbox=str(outbox), **FAST, **extra)
              for i in range(nodes)], inbox, outbox)
-
-
-def _jobs(ledger: Ledger) -> list:
-    return ledger.jobs()
 
 
 def _stopped(node: Daemon) -> bool:
