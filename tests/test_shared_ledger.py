@@ -184,3 +184,44 @@ def test_an_older_ledger_with_two_waiting_jobs_of_one_file_still_opens(tmp_path:
     ledger = Ledger(db)
     assert [j.state for j in ledger.jobs()] == ["queued", "gone"]
     assert ledger.enqueue(Path("/in/a.jpg"), "a.jpg", "ansel", "default", 1, 1.0) is None
+
+
+def test_a_report_renamed_in_by_a_worker_that_lost_the_job_is_adopted_not_doubled(tmp_path: Path,
+                                                                                    pg_server: Any) -> None:
+    """The window after the last check: worker A passed its check (the reservation), stalled, lost the job, and
+    renamed its report into the reserved folder while B was analysing the photo again. B adopts that report."""
+    import json
+
+    from daemon.pipeline.outbox_index import OutboxIndex
+    from daemon.pipeline.publish import Publisher
+    from tests.harness import photo
+
+    url = pg_server.new_database()
+    (tmp_path / "mondrian.toml").write_text(f'ledger_url = "{url}"\nlease_seconds = 1\n')
+    cfg = load_config(tmp_path, env={})
+    cfg.ensure_dirs()
+    src = photo(cfg.inbox / "a.jpg", seed=3)
+    a, b = Ledger.for_config(cfg), Ledger.for_config(cfg)
+    job_id = a.enqueue(src, "a.jpg", "ansel", "default", src.stat().st_size, src.stat().st_mtime).id
+    assert a.claim().id == job_id
+    folder = cfg.outbox / "a"
+    a.reserve_output(job_id, folder)  # A's last check passes; A stalls here
+    b.requeue_expired(now=time.time() + 5)
+    again = b.claim()
+    assert again.id == job_id and again.output_dir == str(folder)
+    folder.mkdir()  # A wakes and renames its report in
+    report = {"job_id": job_id, "photo": {"file": "a.jpg"}, "mode": {"effective": "baseline", "fallbacks": []},
+              "overall_grade": 6, "model": {"adapter": None}, "timings": {"analysis_s": 1.0}}
+    (folder / "report.json").write_text(json.dumps(report))
+    staging = cfg.staging_dir / "job-1.2"
+    staging.mkdir()
+    publisher = Publisher(cfg, b, OutboxIndex(cfg, b))
+    assert publisher._adopt(again, staging, keep_original=False)
+    job = b.get(job_id)
+    assert (job.state, job.output_dir, job.grade) == (DONE, str(folder), 6)
+    assert (folder / "a.jpg").exists() and not src.exists() and not staging.exists()
+    assert sorted(p.name for p in cfg.outbox.iterdir() if not p.name.startswith(".")) == ["a", "failed",
+                                                                                          "index.html"]
+    with pytest.raises(LeaseLost):  # and A's own finishing write is refused
+        a.finish(job_id, effective_mode="baseline", fallbacks=[], report_json=folder / "report.json",
+                 report_html=folder / "report.html", grade=1, adapter=None, analysis_s=1.0, output_dir=folder)
