@@ -59,7 +59,7 @@ def test_a_lease_that_ends_puts_the_job_back_and_a_renewed_one_does_not(tmp_path
     later = time.time() + 20
     b.renew_leases(now=later)  # b's heartbeat beats; a's does not
     expired = a.requeue_expired(now=later + 15)
-    assert [j.id for j in expired] == [] , "a never requeues its own job, even with its lease ended"
+    assert [j.id for j in expired] == [], "a requeues neither its own job (lease ended) nor b's (renewed)"
     requeued = b.requeue_expired(now=later + 15)
     assert [j.id for j in requeued] == [stalled]
     job = b.get(stalled)
