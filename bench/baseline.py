@@ -18,7 +18,7 @@ import os
 import time
 from typing import Any
 
-from . import by_size, critique_runtime, emit, note, photos as photo_count, settings as bench_settings
+from . import WARMUP, by_size, critique_runtime, emit, note, photos as photo_count, settings as bench_settings
 from .rag import _photos
 
 PROMPT = "Critique this photograph as Ansel Adams would."
@@ -44,8 +44,8 @@ def measure(shapes: str) -> dict[str, Any]:
         figures[prefix + key] = emit(prefix + key, value)
 
     rt, schema = critique_runtime(shapes)
-    photos = _photos(photo_count(shapes), (640, 480))
-    warm = photos[0].resize((56, 56))  # first-call overheads (allocator, lazy imports) belong to neither side
+    photos = _photos(photo_count(shapes) + 1, (640, 480))
+    warm = photos.pop()  # bench.WARMUP: first-call costs belong to neither side
     rt.generate_json(warm, PROMPT, schema, max_tokens=settings["max_tokens"])
     _naive(rt, warm, schema, settings["max_tokens"])
     ours_s = naive_s = 0.0
@@ -69,6 +69,7 @@ def measure(shapes: str) -> dict[str, Any]:
         note(f"{shapes} photo {i + 1}/{len(photos)}: ours {ours_s:.1f} s, naive {naive_s:.1f} s so far")
     put("loadavg_1m", round(os.getloadavg()[0], 2))
     put("photos", len(photos))
+    put("warmup", WARMUP)
     put("ours_s", round(ours_s, 3))
     put("naive_s", round(naive_s, 3))
     put("baseline_time_ratio", round(ours_s / naive_s, 3))
