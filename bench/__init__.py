@@ -137,6 +137,20 @@ def real_length(schema: Any, min_chars: int) -> Any:
     return out
 
 
+def critique_runtime(shapes: str) -> tuple[Any, dict[str, Any]]:
+    """The benchmark model of `shapes` at this run's pixel cap and precision, and the real-length critique
+    schema its reports are held to."""
+    from daemon.analysis.critique import critique_schema
+    from daemon.model.runtime import ModelRuntime
+    from daemon.model.smoke import ensure_smoke_model
+
+    model_path = ensure_smoke_model(var_dir(), shapes=shapes)
+    rt = ModelRuntime.load(str(model_path), var_dir=var_dir(), max_pixels=settings()["max_pixels"])
+    apply_precision(rt.model)
+    low, high = comment_chars(shapes)
+    return rt, real_length(critique_schema(high), low)
+
+
 class RealLength:
     """A `ModelRuntime` whose critiques are real-length (`real_length` on each schema), counting the free and
     schema-forced tokens of every generation it runs. Everything else is the runtime's own."""

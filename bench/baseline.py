@@ -18,8 +18,7 @@ import os
 import time
 from typing import Any
 
-from . import (WARMUP, apply_precision, by_size, comment_chars, emit, note, photos as photo_count,
-               real_length, settings as bench_settings, var_dir)
+from . import WARMUP, by_size, critique_runtime, emit, note, photos as photo_count, settings as bench_settings
 from .rag import _photos
 
 PROMPT = "Critique this photograph as Ansel Adams would."
@@ -37,10 +36,6 @@ def _naive(rt: Any, image: Any, schema: dict, max_tokens: int) -> str:
 
 
 def measure(shapes: str) -> dict[str, Any]:
-    from daemon.analysis.critique import critique_schema
-    from daemon.model.runtime import ModelRuntime
-    from daemon.model.smoke import ensure_smoke_model
-
     settings = bench_settings()
     prefix = f"{shapes}."
     figures: dict[str, Any] = {}
@@ -48,11 +43,7 @@ def measure(shapes: str) -> dict[str, Any]:
     def put(key: str, value: Any) -> None:
         figures[prefix + key] = emit(prefix + key, value)
 
-    model_path = ensure_smoke_model(var_dir(), shapes=shapes)
-    rt = ModelRuntime.load(str(model_path), var_dir=var_dir(), max_pixels=settings["max_pixels"])
-    apply_precision(rt.model)
-    low, high = comment_chars(shapes)
-    schema = real_length(critique_schema(high), low)
+    rt, schema = critique_runtime(shapes)
     photos = _photos(photo_count(shapes) + 1, (640, 480))
     warm = photos.pop()  # bench.WARMUP: first-call costs belong to neither side
     rt.generate_json(warm, PROMPT, schema, max_tokens=settings["max_tokens"])

@@ -50,6 +50,10 @@ class Config:
     rescan_seconds: float = 60.0
     max_tokens: int = 1400
     comment_max_chars: int = 160
+    # Photos analysed together in one forward pass when the queue holds several (same advisor and mode); 1: one
+    # at a time (bench/batch.py: on a CPU the gain is small, and a photo that crashes the process takes its batch
+    # down with it before it is found and run alone).
+    batch_size: int = 1
     job_timeout_seconds: float = 600.0
     # No photo is this large; a bigger file (a sparse 10 GB `.jpg`, a disk image) is refused before it is read.
     max_file_mb: int = 512
@@ -178,6 +182,7 @@ LIMITS: dict[str, tuple[float, float, bool]] = {
     "max_pixels": (28 * 28, 16384 * 28 * 28, True),  # Qwen2-VL's own upper limit
     "max_tokens": (1, 32768, True),
     "comment_max_chars": (1, 4000, True),
+    "batch_size": (1, 64, True),
     "max_attempts": (1, 100, True),
     "rag_k": (1, 100, True),
     "rag_reference_weight": (0, 1, True),

@@ -135,11 +135,13 @@ def test_an_ordinary_photo_in_hand_at_more_than_max_attempts_kills_still_gets_it
           "check's child -> report")
 
 
-@pytest.mark.parametrize("how", ["ABRT", "KILL"])  # a native crash; the OOM killer
+# A native crash; the OOM killer; a crash that takes the photos of its batch down too (batch_size, issue 11): the
+# next start runs the photos it had in hand one by one, so the same story follows.
+@pytest.mark.parametrize("how,batch_size", [("ABRT", 1), ("KILL", 1), ("ABRT", 4)])
 def test_a_photo_that_crashes_its_analysis_alone_is_set_aside_and_the_others_are_served(tmp_path, smoke_model_path,
-                                                                                        how):
+                                                                                        how, batch_size):
     sig = signal.Signals[f"SIG{how}"]
-    home = make_home(tmp_path / "home", smoke_model_path, **FAST, max_attempts=2)
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST, max_attempts=2, batch_size=batch_size)
     photo(home / "inbox" / "poison.jpg", seed=1, size=(64, 48))
     fine = photo(home / "inbox" / "fine.jpg", seed=2, size=(64, 48)).read_bytes()
 

@@ -62,8 +62,21 @@ class Strategy(ABC):
     @abstractmethod
     def is_available(self, advisor: Advisor) -> Availability: ...
 
+    batched: bool = False  # analyse_batch runs several photos in one forward pass
+
     @abstractmethod
     def analyse(self, ctx: AnalysisContext) -> AnalysisResult: ...
+
+    def analyse_batch(self, ctxs: list[AnalysisContext]) -> list[AnalysisResult | Exception]:
+        """Several photos of one advisor: each one's result, or the exception `analyse` raised for it. By default
+        one after another; a strategy with `batched` runs them in one forward pass."""
+        results: list[AnalysisResult | Exception] = []
+        for ctx in ctxs:
+            try:
+                results.append(self.analyse(ctx))
+            except Exception as exc:  # noqa: BLE001 - that photo's own outcome
+                results.append(exc)
+        return results
 
     def inputs(self, advisor: Advisor) -> str | None:
         """The version of what this mode reads besides the photo and the advisor (rag: the reference index's

@@ -13,6 +13,7 @@ import logging
 import time
 from pathlib import Path
 
+from .baseline import critique_request
 from .critique import critique_schema
 from .prompts import critique_prompt
 from . import AnalysisContext, AnalysisResult, Availability, Strategy
@@ -29,6 +30,7 @@ def _adapter_inputs(version) -> str:
 class LoraStrategy(Strategy):
     name = "lora"
     fallback = "rag"
+    batched = True
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
@@ -85,21 +87,35 @@ class LoraStrategy(Strategy):
         return _adapter_inputs(version) if version is not None else None
 
     def analyse(self, ctx: AnalysisContext) -> AnalysisResult:
+        return self._run([ctx], batch=False)[0]
+
+    def analyse_batch(self, ctxs: list[AnalysisContext]) -> list[AnalysisResult | Exception]:
+        return self._run(ctxs, batch=True)
+
+    def _run(self, ctxs: list[AnalysisContext], *, batch: bool) -> list:
+        """The advisor's adapter version, resolved once for all `ctxs` (one advisor), through `generate_json`
+        for one photo (raising), or `generate_json_batch` (each photo's result or exception)."""
         from ..model.adapters import AdapterError
 
-        version = self._version(ctx.advisor.id)
+        advisor = ctxs[0].advisor
+        version = self._version(advisor.id)
         if version is None:  # the pointer changed since is_available: never guess another adapter
-            raise RuntimeError(f"{ctx.advisor.name}'s adapter disappeared while the photo was queued")
+            raise RuntimeError(f"{advisor.name}'s adapter disappeared while the photo was queued")
         folder = Path(version.path).resolve()  # this version's own folder, whatever `current` says later
         t0 = time.perf_counter()
         try:
-            gen = ctx.runtime.generate_json(ctx.photo.image, critique_prompt(ctx.advisor),
-                                            critique_schema(ctx.cfg.comment_max_chars),
-                                            max_tokens=ctx.cfg.max_tokens, adapter=folder, **ctx.limits())
+            if batch:
+                gens = ctxs[0].runtime.generate_json_batch([critique_request(c) for c in ctxs], adapter=folder)
+            else:
+                ctx = ctxs[0]
+                gens = [ctx.runtime.generate_json(ctx.photo.image, critique_prompt(ctx.advisor),
+                                                  critique_schema(ctx.cfg.comment_max_chars),
+                                                  max_tokens=ctx.cfg.max_tokens, adapter=folder, **ctx.limits())]
         except AdapterError as exc:
             self._broken[str(folder)] = str(exc)
             log.error("adapter %s cannot be used: %s", version.label, exc)
             raise
-        return AnalysisResult(critique=gen.data, adapter=version.label, inputs=_adapter_inputs(version),
-                              timings={"generate_s": time.perf_counter() - t0,
-                                       "generated_tokens": gen.generated_tokens})
+        return [g if isinstance(g, Exception) else
+                AnalysisResult(critique=g.data, adapter=version.label, inputs=_adapter_inputs(version),
+                               timings={"generate_s": time.perf_counter() - t0, "generated_tokens": g.generated_tokens})
+                for g in gens]

@@ -10,6 +10,9 @@
    retrieved references by `rag_reference_weight` (0.5 by default; 0 keeps the model's own), so the advisor's
    own scores of the photos most like this one count even where the model reads its prompt poorly. The report
    keeps both: `reference_prior` holds the prior, the weight and the model's own scores.
+
+Several photos of one advisor (`analyse_batch`, a deep queue) take each step together: pass 1 in one batch,
+retrieval per photo, pass 2 in one batch (daemon/model/batch.py: there each pass prefills its whole prompt).
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from typing import Any
 from .advisors import references_dir
 from .critique import DIMENSIONS, critique_schema
 from .prompts import critique_prompt, portfolio_context
-from ..references.indexer import extract_profile, reference_comment, reference_profile
+from ..model.protocol import BatchRequest
+from ..references.indexer import profile_of, profile_request, reference_comment, reference_profile
 from ..references.thumbnails import thumbnail
 from .retrieval import anchored, distribution, nearest, reference_prior
 from . import AnalysisContext, AnalysisResult, Availability, Strategy
@@ -61,23 +65,80 @@ class RagStrategy(Strategy):
     def inputs(self, advisor) -> str | None:
         return reference_fingerprint(self.ledger.references(advisor.id)) if self.ledger is not None else None
 
+    batched = True
+
     def analyse(self, ctx: AnalysisContext) -> AnalysisResult:
-        cfg, rt, advisor = ctx.cfg, ctx.runtime, ctx.advisor
+        result = self._passes([ctx], batch=False)[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def analyse_batch(self, ctxs: list[AnalysisContext]) -> list[AnalysisResult | Exception]:
+        return self._passes(ctxs, batch=True)
+
+    @staticmethod
+    def _generate(ctxs: list[AnalysisContext], requests: list[Any], batch: bool) -> list[Any]:
+        """One pass for every photo: in one batch (each photo's Generation or exception), or for the one photo."""
+        if batch:
+            return ctxs[0].runtime.generate_json_batch(requests)
+        (r,) = requests
+        return [ctxs[0].runtime.generate_json(r.image, r.prompt, r.schema, max_tokens=r.max_tokens, encoded=r.encoded,
+                                              cancel=r.cancel, deadline=r.deadline)]
+
+    def _passes(self, ctxs: list[AnalysisContext], *, batch: bool) -> list[AnalysisResult | Exception]:
+        """Encode, pass 1, retrieval, pass 2 for photos of one advisor; `batch`: each pass in one batch. A photo
+        that fails at a step ends there with its exception; the others go on."""
+        cfg, advisor = ctxs[0].cfg, ctxs[0].advisor
         rows = self.ledger.references(advisor.id)
-        timings: dict[str, float] = {}
+        out: list[Any] = [None] * len(ctxs)
+        timings: list[dict[str, float]] = [{} for _ in ctxs]
+        encoded: dict[int, Any] = {}
+        state: dict[int, dict[str, Any]] = {i: {} for i in range(len(ctxs))}
 
-        t = time.perf_counter()
-        encoded = rt.encode(ctx.photo.image)
-        timings["encode_s"] = time.perf_counter() - t
+        def step(name: str, work: Any) -> None:
+            t = time.perf_counter()
+            for i in range(len(ctxs)):
+                if out[i] is None:
+                    try:
+                        work(i)
+                    except Exception as exc:  # noqa: BLE001 - this photo's own outcome
+                        out[i] = exc
+            for i in range(len(ctxs)):
+                timings[i][name] = time.perf_counter() - t
 
-        t = time.perf_counter()
-        profile, first = extract_profile(rt, cfg, advisor, encoded, **ctx.limits())
-        timings["profile_s"] = time.perf_counter() - t
+        def generate(name: str, key: str, request: Any) -> None:
+            t = time.perf_counter()
+            live = [i for i in range(len(ctxs)) if out[i] is None]
+            gens = self._generate([ctxs[i] for i in live], [request(i) for i in live], batch) if live else []
+            for i, gen in zip(live, gens):
+                if isinstance(gen, Exception):
+                    out[i] = gen
+                else:
+                    state[i][key] = gen
+                timings[i][name] = time.perf_counter() - t
 
-        t = time.perf_counter()
+        step("encode_s", lambda i: encoded.__setitem__(i, ctxs[i].runtime.encode(ctxs[i].photo.image)))
+        generate("profile_s", "first", lambda i: profile_request(advisor, encoded[i], **ctxs[i].limits()))
+        step("retrieval_s", lambda i: state[i].update(self._retrieve(ctxs[i], rows, encoded[i],
+                                                                     profile_of(state[i]["first"]))))
+        generate("critique_s", "second", lambda i: BatchRequest(
+            encoded[i].image, critique_prompt(advisor, state[i]["context"]), critique_schema(cfg.comment_max_chars),
+            cfg.max_tokens, encoded=encoded[i], **ctxs[i].limits()))  # stop / per-photo time limit
+        for photo in encoded.values():
+            photo.kv = None  # free the KV cache now rather than with the photo
+        for i in range(len(ctxs)):
+            if out[i] is None:
+                try:
+                    out[i] = self._result(cfg, rows, state[i], timings[i])
+                except Exception as exc:  # noqa: BLE001 - this photo's own outcome
+                    out[i] = exc
+        return out
+
+    def _retrieve(self, ctx: AnalysisContext, rows: list[Any], encoded: Any, profile: dict[str, int]) -> dict[str, Any]:
+        cfg = ctx.cfg
         candidates = [r for r in rows if r.sha256 != ctx.photo.sha256] or rows  # not itself, if it is one
         found = nearest(profile, candidates, k=cfg.rag_k,
-                        embedding=encoded.embedding if cfg.embeddings_enabled else None, model_id=rt.model_id)
+                        embedding=encoded.embedding if cfg.embeddings_enabled else None, model_id=ctx.runtime.model_id)
         portfolio = distribution([r.scores for r in rows])
         neighbours = []
         for n in found:
@@ -85,23 +146,20 @@ class RagStrategy(Strategy):
             neighbours.append({"name": n.name, "scores": prof["scores"],
                                "comment": reference_comment(prof["comments"])})
         context = portfolio_context(portfolio["dimensions"], portfolio["count"], neighbours, profile)
-        timings["retrieval_s"] = time.perf_counter() - t
+        return {"profile": profile, "found": found, "neighbours": neighbours, "portfolio": portfolio,
+                "context": context}
 
-        t = time.perf_counter()
-        second = rt.generate_json(encoded.image, critique_prompt(advisor, context),
-                                  critique_schema(cfg.comment_max_chars), max_tokens=cfg.max_tokens,
-                                  encoded=encoded, **ctx.limits())  # stop / per-photo time limit
-        timings["critique_s"] = time.perf_counter() - t
+    def _result(self, cfg: Any, rows: list[Any], state: dict[str, Any], timings: dict[str, float]) -> AnalysisResult:
+        first, second = state["first"], state["second"]
         critique = second.data
-        encoded.kv = None  # free the KV cache now rather than with the photo
         own = {d: int(critique["dimensions"][d]["score"]) for d in DIMENSIONS}
-        prior = reference_prior(found)
+        prior = reference_prior(state["found"])
         for d, v in anchored(own, prior, cfg.rag_reference_weight).items():
             critique["dimensions"][d]["score"] = int(v + 0.5)  # half up, not to even: 4.5 is 5 like 5.5 is 6
 
         references: list[dict[str, Any]] = []
         files: dict[str, Path] = {}
-        for i, (n, info) in enumerate(zip(found, neighbours), start=1):
+        for i, (n, info) in enumerate(zip(state["found"], state["neighbours"]), start=1):
             entry: dict[str, Any] = {
                 "name": info["name"],
                 "similarity": round(n.similarity, 4),
@@ -125,7 +183,7 @@ class RagStrategy(Strategy):
         timings["reused_prompt_tokens"] = second.reused_tokens
         if first.forward_passes is not None and second.forward_passes is not None:
             timings["forward_passes"] = first.forward_passes + second.forward_passes
-        extras = {"profile": profile, "references": references, "portfolio": portfolio}
+        extras = {"profile": state["profile"], "references": references, "portfolio": state["portfolio"]}
         if prior is not None:
             extras["reference_prior"] = {"scores": prior, "weight": cfg.rag_reference_weight, "model_scores": own}
         return AnalysisResult(critique=critique, extras=extras,

@@ -8,6 +8,7 @@ imports nothing heavy; the types it names are only imported for type checkers).
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
@@ -16,6 +17,20 @@ if TYPE_CHECKING:
 
     from .reuse import EncodedPhoto
     from .runtime import Generation
+
+
+@dataclass
+class BatchRequest:
+    """One photo of `Runtime.generate_json_batch`: what `generate_json` takes for one photo."""
+
+    image: "Image.Image"
+    prompt: str
+    schema: dict
+    max_tokens: int
+    system: str | None = None
+    cancel: threading.Event | None = None
+    deadline: float | None = None  # a time.monotonic() value
+    encoded: "EncodedPhoto | None" = None  # from `encode(image)`: the vision tower is not run again
 
 
 class Runtime(Protocol):
@@ -28,6 +43,9 @@ class Runtime(Protocol):
                       system: str | None = None, adapter: str | Path | None = None,
                       encoded: "EncodedPhoto | None" = None, cancel: threading.Event | None = None,
                       deadline: float | None = None) -> "Generation": ...
+
+    def generate_json_batch(self, requests: list[BatchRequest], *,
+                            adapter: str | Path | None = None) -> "list[Generation | Exception]": ...
 
     def encode(self, image: "Image.Image") -> "EncodedPhoto": ...
 

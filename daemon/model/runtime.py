@@ -31,7 +31,8 @@ from .smoke import SMOKE_ALIAS, ensure_smoke_model, read_marker
 if TYPE_CHECKING:
     from PIL import Image
 
-    from .reuse import EncodedPhoto
+    from .protocol import BatchRequest
+    from .reuse import EncodedPhoto, ReuseOutput
     from .scoring import ScoreReader
 
 log = logging.getLogger(__name__)
@@ -368,14 +369,53 @@ class ModelRuntime:
                                  max_tokens=max_tokens, check=lambda: check_limits(cancel, deadline))
             encoded.kv_key = key
             seconds = time.perf_counter() - started
-        if not out.finished:
-            raise GenerationError(
-                f"the model used all {max_tokens} tokens before the JSON closed; raise max_tokens or "
-                f"shorten the schema's maxLength (got {len(out.text)} chars)", out.text)
+        return _generation(out, schema, max_tokens, seconds)
+
+    # -- several photos per forward pass (a deep inbox, issue 11 item 7) ---------------------------------
+    def generate_json_batch(self, requests: "list[BatchRequest]", *,
+                            adapter: str | Path | None = None) -> "list[Generation | Exception]":
+        """`generate_json` for each request, in batched forward passes (daemon/model/batch.py), all under one
+        `adapter`: the same greedy text each would get alone. Each entry is its request's Generation, or the
+        exception `generate_json` would have raised for it (the other rows go on)."""
+        from . import batch, reuse
+
+        if len(requests) < 2 or not reuse.supports(self.model):
+            return [self._alone(r, adapter) for r in requests]
+        prompts = [self.format_prompt(r.prompt, system=r.system) for r in requests]
+        with self._lock, self.use_adapter(adapter):
+            outs = batch.generate_batch(self.model, self.processor, self.constraint, requests, prompts,
+                                        self.format_prompt(""))
+        results: list[Generation | Exception] = []
+        for out, request in zip(outs, requests):
+            if not isinstance(out, Exception):
+                try:
+                    out = _generation(out[0], request.schema, request.max_tokens, out[1])
+                except GenerationError as exc:
+                    out = exc
+            results.append(out)
+        return results
+
+    def _alone(self, request: "BatchRequest", adapter: str | Path | None) -> "Generation | Exception":
         try:
-            data = reuse.parse(out.text, schema)
-        except (ValueError, jsonschema.ValidationError) as exc:
-            raise GenerationError(f"constrained output does not match the schema: {exc}", out.text) from exc
-        return Generation(data=data, text=out.text, prompt_tokens=out.prompt_tokens, generated_tokens=len(out.ids),
-                          seconds=seconds, reused_tokens=out.reused_tokens, forward_passes=out.forward_passes,
-                          free_tokens=out.free_tokens)
+            return self.generate_json(request.image, request.prompt, request.schema, max_tokens=request.max_tokens,
+                                      system=request.system, adapter=adapter, encoded=request.encoded,
+                                      cancel=request.cancel, deadline=request.deadline)
+        except Exception as exc:  # noqa: BLE001 - the row's own outcome, as in a batch
+            return exc
+
+
+def _generation(out: "ReuseOutput", schema: dict, max_tokens: int, seconds: float) -> Generation:
+    """Our decode loop's output as a Generation, or the GenerationError batch 1 raises for it."""
+    from . import reuse
+
+    if not out.finished:
+        raise GenerationError(
+            f"the model used all {max_tokens} tokens before the JSON closed; raise max_tokens or "
+            f"shorten the schema's maxLength (got {len(out.text)} chars)", out.text)
+    try:
+        data = reuse.parse(out.text, schema)
+    except (ValueError, jsonschema.ValidationError) as exc:
+        raise GenerationError(f"constrained output does not match the schema: {exc}", out.text) from exc
+    return Generation(data=data, text=out.text, prompt_tokens=out.prompt_tokens, generated_tokens=len(out.ids),
+                      seconds=seconds, reused_tokens=out.reused_tokens, forward_passes=out.forward_passes,
+                      free_tokens=out.free_tokens)

@@ -409,8 +409,7 @@ class Daemon:
     def _finish_worker(self) -> None:
         self._thread.join(timeout=STOP_GRACE_SECONDS)
         if self._thread.is_alive():
-            job = self.worker.current
-            if job is not None:
+            for job in self.worker.in_hand():
                 try:
                     self.ledger.requeue(job.id, "Mondrian was stopped while analysing it; queued again",
                                         undo_attempt=True, keep_place=True)

@@ -9,13 +9,15 @@ holds its own report is finished rather than analysed again, so nothing is ever 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import stat
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from .. import testhooks
 from ..analysis import AnalysisContext, AnalysisResult, Strategy, build_strategies, context_key, resolve
@@ -37,6 +39,23 @@ if TYPE_CHECKING:
 log = logging.getLogger("mondrian.worker")
 
 
+@dataclass
+class Prepared:
+    """A claimed job, checked and decoded, that needs the model (`Worker.prepare`)."""
+
+    job: Job
+    src: Path
+    photo: LoadedImage
+    advisor: Advisor
+    requested: str
+    source: str
+    before: Any  # the file's identity when it was read
+    decode_s: float
+    key: str  # the context key planned without the model
+    keep_original: bool
+    planned: Strategy
+
+
 class Worker:
     def __init__(self, cfg: Config, ledger: Ledger, runtime_factory: Callable[[], Runtime],
                  stop: threading.Event | None = None):
@@ -47,6 +66,7 @@ class Worker:
         self.stop = stop or threading.Event()
         self.strategies = build_strategies(cfg, ledger)
         self.current: Job | None = None
+        self.batch: list[Job] = []  # the jobs of the batch in hand (batching.py)
         self.busy = threading.Event()
         index = OutboxIndex(cfg, ledger)
         self.out = Publisher(cfg, ledger, index)
@@ -134,16 +154,32 @@ class Worker:
         return "analysed"
 
     def run_once(self) -> bool:
-        """Claim and process one job. Returns False when nothing was due."""
+        """Claim and process one job (several, in one batch, when the queue is deep: batching.py). Returns False
+        when nothing was due."""
         job = self.ledger.claim()
         if job is None:
             return False
+        if self.cfg.batch_size > 1:
+            from .batching import run_batch
+
+            return run_batch(self, job)
         self.current = job
         self.busy.set()
         try:
-            testhooks.crashpoint("claimed")
-            # A mode asked for with the photo (an API request) is part of the job; inbox photos read their sidecar.
-            self.process(job, mode_override=job.requested_mode if job.mode_source == "command" else None)
+            with self.outcome(job):
+                testhooks.crashpoint("claimed")
+                # A mode asked for with the photo (an API request) is part of the job; inbox photos read their sidecar.
+                self.process(job, mode_override=job.requested_mode if job.mode_source == "command" else None)
+        finally:
+            self.current = None
+            self.busy.clear()
+        return True
+
+    @contextlib.contextmanager
+    def outcome(self, job: Job) -> Iterator[None]:
+        """What an exception out of the block means for `job`: retry later, back to the queue, or failed."""
+        try:
+            yield
         except Transient as exc:
             self.out.clean_staging(job)
             self.out.transient(job, str(exc))
@@ -168,33 +204,47 @@ class Worker:
             else:
                 log.exception("unexpected error on %s", job.rel_path)
                 self.out.transient(job, f"unexpected error: {type(exc).__name__}: {exc}")
-        finally:
-            self.current = None
-            self.busy.clear()
-        return True
+
+    def in_hand(self) -> list[Job]:
+        """The jobs this worker has claimed and not finished (a batch holds several)."""
+        return list(self.batch) if self.batch else [self.current] if self.current is not None else []
 
     # -- one job ------------------------------------------------------------------------------
     def process(self, job: Job, *, keep_original: bool = False, mode_override: str | None = None) -> None:
+        prep = self.prepare(job, keep_original=keep_original, mode_override=mode_override)
+        if prep is None:
+            return
+        t1 = time.perf_counter()
+        try:
+            strategy, fallbacks, result = self._analyse(job, prep.src, prep.photo, prep.advisor, prep.requested)
+        except TimedOut:
+            self.timed_out(prep)
+            return
+        self.finish(prep, strategy, fallbacks, result, time.perf_counter() - t1)
+
+    def prepare(self, job: Job, *, keep_original: bool = False, mode_override: str | None = None) -> Prepared | None:
+        """Everything before the model: the checks, the decoded photo, its hash, a duplicate found without the
+        model. None when that already settled the job (resumed, gone, failed, a duplicate, changed meanwhile)."""
         keep_original = keep_original or not job.owns_file
         if job.output_dir and self.out.resume(job, keep_original):
-            return
+            return None
         src = Path(job.source_path)
         if not os.path.lexists(src):
             self.ledger.mark_gone(job.id, "the file was removed from the inbox before it was analysed")
             log.info("gone before analysis: %s", job.rel_path)
-            return
+            return None
         if not keep_original and not self.out.inside_inbox(src):
             self.out.fail(job, OUTSIDE_INBOX)
-            return
+            return None
         if not keep_original and not self._settled(job, src):
-            return
+            return None
         if not keep_original and self._link_within_inbox(job, src):
-            return
+            return None
         why = None if keep_original else self._cannot_take(src, moves=not job.kept)
         if why:
             # Analysed now, it could never be moved out of the inbox, so it would be analysed again and again.
             self.out.fail(job, why, keep_original=True)
-            return
+            return None
         try:
             if not keep_original:
                 self._check_symlink(src)
@@ -208,7 +258,7 @@ class Worker:
             decode_s = time.perf_counter() - t0
         except (Permanent, SidecarError, ImageRejected) as exc:
             self.out.fail(job, str(exc), keep_original=keep_original)
-            return
+            return None
         self.ledger.set_hash(job.id, photo.sha256)
         # The mode this photo would get now, and the version of what that mode reads, without the model: a report
         # made with the same of both (and the same bytes and advisor) is this photo's critique already.
@@ -218,20 +268,22 @@ class Worker:
         first = self.ledger.find_done(key, exclude=job.id)
         if first is not None and not keep_original:
             self.out.duplicate(job, first, src)
-            return
+            return None
         if self.stop.is_set():
             raise Cancelled()
-        t1 = time.perf_counter()
-        try:
-            strategy, fallbacks, result = self._analyse(job, src, photo, advisor, requested)
-        except TimedOut:
-            self.out.clean_staging(job)
-            self.out.fail(job, f"analysis took longer than {self.cfg.job_timeout_seconds:g} s "
-                               f"(job_timeout_seconds) and was stopped so the rest of the inbox can go on",
-                          kind="transient", keep_original=keep_original)  # a busy machine, a limit: not the photo
-            return
-        analysis_s = time.perf_counter() - t1
-        if not keep_original and not holds(src, before, photo.sha256):
+        return Prepared(job, src, photo, advisor, requested, source, before, decode_s, key, keep_original, planned)
+
+    def timed_out(self, prep: Prepared) -> None:
+        self.out.clean_staging(prep.job)
+        self.out.fail(prep.job, f"analysis took longer than {self.cfg.job_timeout_seconds:g} s "
+                                f"(job_timeout_seconds) and was stopped so the rest of the inbox can go on",
+                      kind="transient", keep_original=prep.keep_original)  # a busy machine, a limit: not the photo
+
+    def finish(self, prep: Prepared, strategy: Strategy, fallbacks: list[dict[str, str]], result: AnalysisResult,
+               analysis_s: float) -> None:
+        """Everything after the model: the photo still the one analysed, the key it is kept under, the report."""
+        job, src, photo, advisor, keep_original = prep.job, prep.src, prep.photo, prep.advisor, prep.keep_original
+        if not keep_original and not holds(src, prep.before, photo.sha256):
             # Overwritten while it was analysed: the report must describe the final bytes, so start over.
             self.ledger.requeue(job.id, "the file changed while it was analysed; it will be analysed again",
                                 delay_s=self.cfg.quiet_seconds, undo_attempt=True)
@@ -243,13 +295,13 @@ class Worker:
         inputs = result.inputs if result.inputs is not None else strategy.inputs(advisor)
         context = {"key": context_key(photo.sha256, advisor.id, strategy.name, inputs, self.cfg.model),
                    "inputs": inputs}
-        first = None if context["key"] == key else self.ledger.find_done(context["key"], exclude=job.id)
+        first = None if context["key"] == prep.key else self.ledger.find_done(context["key"], exclude=job.id)
         if first is not None and not keep_original:
             self.out.duplicate(job, first, src)
             return
         earlier = earlier_report_links(self.cfg, self.ledger.earlier_reports(photo.sha256, exclude=job.id))
-        report = assemble(self.runtime, job, src, photo, advisor, requested, source, strategy.name, fallbacks, result,
-                          {"decode_s": decode_s, "analysis_s": analysis_s, **result.timings},
+        report = assemble(self.runtime, job, src, photo, advisor, prep.requested, prep.source, strategy.name,
+                          fallbacks, result, {"decode_s": prep.decode_s, "analysis_s": analysis_s, **result.timings},
                           context=context, earlier=earlier, original="copied" if keep_original else None)
         self.out.publish(job, src, photo, report, result.files, keep_original)
 
@@ -257,11 +309,7 @@ class Worker:
                  requested: str) -> tuple[Strategy, list[dict[str, str]], AnalysisResult]:
         """The model's part of a job, where a native crash would happen: shared by `process` and the isolation
         check (daemon/pipeline/isolation.py), so that the check runs exactly what crashed the daemon."""
-        try:
-            runtime = self.load_runtime()
-        except Exception as exc:  # a model that fails to load may load next time (memory, disk, a mount)
-            log.error("could not load the model: %s: %s", type(exc).__name__, exc)
-            raise Transient(f"the model could not be loaded ({type(exc).__name__}: {exc})") from exc
+        runtime = self.loaded_runtime()
         strategy, fallbacks = resolve(requested, advisor, self.strategies)
         log.info("analysing %s as %s (%s%s)", job.rel_path, advisor.name, strategy.name,
                  f", asked for {requested}" if strategy.name != requested else "")
@@ -271,6 +319,13 @@ class Worker:
                                                   cancel=self.stop,
                                                   deadline=time.monotonic() + self.cfg.job_timeout_seconds))
         return strategy, fallbacks, result
+
+    def loaded_runtime(self) -> Runtime:
+        try:
+            return self.load_runtime()
+        except Exception as exc:  # a model that fails to load may load next time (memory, disk, a mount)
+            log.error("could not load the model: %s: %s", type(exc).__name__, exc)
+            raise Transient(f"the model could not be loaded ({type(exc).__name__}: {exc})") from exc
 
     def _settled(self, job: Job, src: Path) -> bool:
         """Unchanged since it was queued (the watcher had already seen it still for the quiet time): go on.

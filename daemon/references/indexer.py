@@ -43,7 +43,7 @@ from .sidecar import SidecarInvalid, read_sidecar, sidecar_path
 from .thumbnails import thumbnail
 
 if TYPE_CHECKING:
-    from ..model.protocol import Runtime
+    from ..model.protocol import BatchRequest, Runtime
     from ..model.reuse import EncodedPhoto
 
 log = logging.getLogger("mondrian.references")
@@ -81,11 +81,23 @@ def extract_profile(runtime: Runtime, cfg: Config, advisor: Advisor, encoded: En
     """Pass 1: the photo's 8 scores in the advisor's eyes (schema-constrained, no comments).
 
     `limits` (cancel=, deadline=) go to generate_json, as `AnalysisContext.limits()` gives them."""
-    from ..analysis.prompts import profile_prompt
+    r = profile_request(advisor, encoded, **limits)
+    gen = runtime.generate_json(r.image, r.prompt, r.schema, max_tokens=r.max_tokens, encoded=encoded, adapter=adapter,
+                                **limits)
+    return profile_of(gen), gen
 
-    gen = runtime.generate_json(encoded.image, profile_prompt(advisor), profile_schema(),
-                                max_tokens=PROFILE_MAX_TOKENS, encoded=encoded, adapter=adapter, **limits)
-    return {d: int(gen.data[d]) for d in DIMENSIONS}, gen
+
+def profile_request(advisor: Advisor, encoded: EncodedPhoto, **limits: Any) -> BatchRequest:
+    """Pass 1 as one request of a batch (`Runtime.generate_json_batch`)."""
+    from ..analysis.prompts import profile_prompt
+    from ..model.protocol import BatchRequest
+
+    return BatchRequest(encoded.image, profile_prompt(advisor), profile_schema(), PROFILE_MAX_TOKENS,
+                        encoded=encoded, **limits)
+
+
+def profile_of(gen: Any) -> dict[str, int]:
+    return {d: int(gen.data[d]) for d in DIMENSIONS}
 
 
 # ------------------------------------------------------------------------------------- scanning

@@ -1,0 +1,141 @@
+"""A deep inbox analysed in batches (issue 11 item 7): the real daemon, real files, and the smoke architecture with
+plain random weights (`plain_model_path`), whose reports differ in length and words from photo to photo (the
+smoke model's are alike), so a row given another photo's text, or cut at another length, shows."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from daemon.analysis.critique import DIMENSIONS
+from tests.harness import ledger_jobs, make_home, mondrian, photo, reports
+
+N = 8
+COPIES = ("p0-again.png", "p0-copy.png", "p0-once-more.png")
+
+
+def _inbox(home: Path, copied: str | None) -> None:
+    for i in range(N):
+        photo(home / "inbox" / f"p{i}.png", seed=i, size=(160, 120) if i % 3 else (120, 160))
+    for copy in COPIES if copied else ():  # the same photo four times: two of them share a batch
+        shutil.copy(home / "inbox" / copied, home / "inbox" / copy)
+    (home / "inbox" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+
+
+def _references(home: Path, model: Path) -> None:
+    """A curated portfolio for rag, indexed before the inbox is served (no model needed: every score is given)."""
+    refs = home / "advisors" / "ansel" / "references"
+    for i in range(4):
+        photo(refs / f"ref{i}.jpg", seed=40 + i)
+        scores = {d: (3 + 2 * i + j) % 11 for j, d in enumerate(DIMENSIONS)}
+        (refs / f"ref{i}.json").write_text(json.dumps({"scores": scores, "comments": {"lighting": f"print {i}"}}))
+    out = mondrian(home, model, "references", "index", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+
+
+def _run(tmp_path: Path, model: Path, name: str, copied: str | None = None,
+         **settings) -> tuple[dict, dict, str, dict]:
+    home = make_home(tmp_path / name, model, **settings)
+    if settings.get("default_mode") == "rag":
+        _references(home, model)
+    _inbox(home, copied)
+    out = mondrian(home, model, "run", "--once", timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = ledger_jobs(home)
+    critiques, tokens = {}, {}
+    for rel, job in jobs.items():
+        if job.state == "done" and job.output_dir and (Path(job.output_dir) / "report.json").exists():
+            report = json.loads((Path(job.output_dir) / "report.json").read_text())
+            critiques[rel] = {k: report.get(k) for k in ("dimensions", "summary", "overall_grade", "mode", "profile",
+                                                         "references")}
+            tokens[rel] = report["timings"]["generated_tokens"]
+    return jobs, critiques, out.stderr, tokens
+
+
+@pytest.mark.parametrize("mode", ["baseline", "rag"])
+def test_a_deep_inbox_in_batches_gets_the_reports_of_one_at_a_time(tmp_path: Path, plain_model_path: Path,
+                                                                   mode: str) -> None:
+    # baseline: a token budget some reports fit in and some do not; those fail, each alone and with its reason.
+    # rag (its two passes batched): the default budget; the damaged file fails alone.
+    probe = _run(tmp_path, plain_model_path, "probe", batch_size=1, default_mode=mode)[3]
+    tokens = sorted(probe.values())
+    assert tokens[0] < tokens[-1], tokens
+    budget = {"max_tokens": tokens[len(tokens) // 2]} if mode == "baseline" else {}
+    shortest = min(probe, key=probe.get)  # it fits the budget, so its copies are duplicates of its report
+    one_jobs, one, _, _ = _run(tmp_path, plain_model_path, "one", shortest, batch_size=1, default_mode=mode, **budget)
+    four_jobs, four, log, _ = _run(tmp_path, plain_model_path, "four", shortest, batch_size=4, default_mode=mode,
+                                   **budget)
+
+    assert f"photos together as Ansel Adams ({mode})" in log  # it did batch, in that mode
+    assert {rel: j.state for rel, j in four_jobs.items()} == {rel: j.state for rel, j in one_jobs.items()}
+    assert four == one  # scores and comments (rag: profile and references too), photo for photo
+    assert all(c["mode"]["effective"] == mode for c in four.values())
+    failed = {rel for rel, j in four_jobs.items() if j.state == "failed"}
+    assert "broken.jpg" in failed
+    assert len(one) >= 2, "too few photos succeeded to compare"
+    for rel in failed:
+        assert four_jobs[rel].error == one_jobs[rel].error, rel
+    if mode == "baseline":
+        assert failed - {"broken.jpg"}, "no photo failed inside a batch: raise the budget"
+        assert any("max_tokens" in four_jobs[rel].error for rel in failed)
+    # Every photo exactly once: one report each, the copies duplicates of the first.
+    outputs = [j.output_dir for j in four_jobs.values() if j.state == "done"]
+    assert len(outputs) == len(set(outputs))
+    assert len(reports(tmp_path / "four" / "outbox")) == len(reports(tmp_path / "one" / "outbox")) == len(one)
+    assert len(list((tmp_path / "four" / "outbox" / "duplicates").glob("*.duplicate.json"))) == len(COPIES)
+
+
+def test_the_same_photo_twice_in_one_batch_gets_one_report(tmp_path: Path, plain_model_path: Path) -> None:
+    """Claimed together, a photo and its copy: the copy waits for the first's report and is its duplicate."""
+    import os
+
+    from daemon.config import load_config
+    from daemon.ledger import Ledger
+    from daemon.model.runtime import ModelRuntime
+    from daemon.pipeline.worker import Worker
+
+    home = make_home(tmp_path / "home", plain_model_path, batch_size=4)
+    cfg = load_config(home, env={}, model=str(plain_model_path))
+    cfg.ensure_dirs()
+    names = ["a.png", "a-copy.png", "b.png", "c.png"]
+    for i, name in enumerate(names[:1] + names[2:]):
+        photo(home / "inbox" / name, seed=i)
+    shutil.copy(home / "inbox" / "a.png", home / "inbox" / "a-copy.png")
+    ledger = Ledger(cfg.db_path)
+    items = []
+    for name in names:
+        st = os.stat(home / "inbox" / name)
+        items.append((home / "inbox" / name, name, "ansel", "default", st.st_size, st.st_mtime, st.st_ctime))
+    ledger.enqueue_many(items)
+    runtime = ModelRuntime.load(str(plain_model_path), var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
+    worker = Worker(cfg, ledger, lambda: runtime)
+    assert worker.run_once()  # one call: all four claimed together
+    jobs = {j.rel_path: j for j in ledger.jobs()}
+    assert all(j.state == "done" for j in jobs.values()), {r: (j.state, j.error) for r, j in jobs.items()}
+    assert len(reports(cfg.outbox)) == 3
+    assert list((cfg.outbox / "duplicates").glob("*.duplicate.json")) == \
+        [cfg.outbox / "duplicates" / "a-copy.png.duplicate.json"]
+    ledger.close()
+
+
+def test_stopping_during_a_batch_puts_every_photo_of_it_back_in_the_queue(tmp_path: Path,
+                                                                          plain_model_path: Path) -> None:
+    import signal
+
+    from tests.harness import Daemon, status, wait_for
+
+    home = make_home(tmp_path / "home", plain_model_path, batch_size=4)
+    for i in range(4):
+        photo(home / "inbox" / f"p{i}.png", seed=i)
+    with Daemon(home, plain_model_path, MONDRIAN_TEST_TOKEN_SECONDS="0.05") as d:
+        wait_for(lambda: "photos together" in d.output(), 120, what="a batch in progress")
+        assert len(status(home, plain_model_path)["running"]) == 4
+        d.signal(signal.SIGTERM)
+        assert d.wait(60) == 0, d.output()
+    jobs = ledger_jobs(home)
+    assert {j.state for j in jobs.values()} == {"queued"}, {r: (j.state, j.error) for r, j in jobs.items()}
+    assert all(j.attempts == 0 for j in jobs.values())  # a stop is no attempt: nothing counts against them
+    assert sorted(p.name for p in (home / "inbox").iterdir()) == [f"p{i}.png" for i in range(4)]
