@@ -26,6 +26,7 @@ from ..fsutil import holds, identity
 from ..intake.images import ImageRejected, LoadedImage, load_photo
 from ..intake.inbox import SidecarError, read_sidecar, sidecar_for
 from ..ledger import DONE, FAILED, Job, Ledger, LedgerUnavailable
+from .costs import JobCosts
 from .isolation import check_alone
 from .publish import OUTSIDE_INBOX, Publisher
 from .outbox_index import OutboxIndex
@@ -50,6 +51,7 @@ class Worker:
         self.busy = threading.Event()
         index = OutboxIndex(cfg, ledger)
         self.out = Publisher(cfg, ledger, index)
+        self.costs = JobCosts()  # off unless a benchmark asks (MONDRIAN_COSTS_FILE)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def load_runtime(self) -> Runtime:
@@ -135,8 +137,10 @@ class Worker:
 
     def run_once(self) -> bool:
         """Claim and process one job. Returns False when nothing was due."""
+        self.costs.starting()
         job = self.ledger.claim()
         if job is None:
+            self.costs.idle()
             return False
         self.current = job
         self.busy.set()
@@ -166,6 +170,7 @@ class Worker:
         finally:
             self.current = None
             self.busy.clear()
+            self.costs.finished(job.id)
         return True
 
     # -- one job ------------------------------------------------------------------------------
@@ -262,9 +267,10 @@ class Worker:
                  f", asked for {requested}" if strategy.name != requested else "")
         testhooks.crashpoint("analysing")
         testhooks.poison_point(src.name)
-        result = strategy.analyse(AnalysisContext(runtime=runtime, cfg=self.cfg, advisor=advisor, photo=photo,
-                                                  cancel=self.stop,
-                                                  deadline=time.monotonic() + self.cfg.job_timeout_seconds))
+        with self.costs.model():
+            result = strategy.analyse(AnalysisContext(runtime=runtime, cfg=self.cfg, advisor=advisor, photo=photo,
+                                                      cancel=self.stop,
+                                                      deadline=time.monotonic() + self.cfg.job_timeout_seconds))
         return strategy, fallbacks, result
 
     def _settled(self, job: Job, src: Path) -> bool:
