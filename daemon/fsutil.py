@@ -131,8 +131,10 @@ def temp_name(name: str, ending: str) -> str:
     return f".{hint}.{ending}"
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Readers see the old file or the new one, never a torn one, even after a crash."""
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Readers see the old file or the new one, never a torn one, even after a crash. `durable=False` skips the two
+    fsyncs, for a file rebuilt from others whenever it is found missing or stale (the outbox index and its cache):
+    after a power cut it may be empty or old, never torn, and the next start rewrites it."""
     path = Path(path)
     tmp = path.with_name(temp_name(path.name, f"{os.getpid()}.{secrets.token_hex(4)}.tmp"))
     # os.open with 0o666 lets the kernel apply the umask, as a plain open() would; mkstemp would force 0600
@@ -142,7 +144,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -150,7 +153,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(directory: Path) -> None:
@@ -167,8 +171,8 @@ def fsync_dir(directory: Path) -> None:
         os.close(dfd)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: Path, text: str, *, durable: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), durable=durable)
 
 
 

@@ -191,7 +191,7 @@ class Publisher:
                            context_key=(report.get("context") or {}).get("key"))
         log.info("done: %s -> %s (grade %s)", job.rel_path, self.shown(final / "report.html"),
                  report["overall_grade"])
-        self.index.refresh()
+        self.index.changed()
 
     def _not_moved(self, job: Job, src: Path, exc: OSError) -> None:
         """The original could not be moved out of the inbox after its report was written (and withdrawn)."""
@@ -329,7 +329,7 @@ class Publisher:
             log.error("could not move %s to %s: %s", job.rel_path, failed, exc)
         self.ledger.fail(job.id, reason, dest, kind=kind)
         log.warning("failed: %s: %s", job.rel_path, reason)
-        self.index.refresh()  # the failure is listed, and its page written, as soon as it is recorded
+        self.index.changed()  # listed, and its page written, at the next refresh: at once while the outbox is small
 
     def _next_step(self, job: Job, cause: Cause) -> str:
         """The next step that fits the cause (failures.py): an unknown advisor lists the known ones."""

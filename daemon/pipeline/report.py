@@ -493,9 +493,10 @@ def render_index_html(entries: Sequence[IndexEntry], failures: Sequence[FailureE
 
 
 def write_index(outbox: Path, entries: Sequence[IndexEntry], failures: Sequence[FailureEntry] = ()) -> Path:
-    """outbox/index.html listing every report and failure, newest first (sortable by grade, filterable)."""
+    """outbox/index.html listing every report and failure, newest first (sortable by grade, filterable). Not fsynced:
+    it is a view of the outbox, rewritten at every start (OutboxIndex.refresh)."""
     path = Path(outbox) / "index.html"
-    atomic_write_text(path, render_index_html(entries, failures))
+    atomic_write_text(path, render_index_html(entries, failures), durable=False)
     return path
 
 

@@ -197,6 +197,7 @@ class Daemon:
         try:
             self._serve()
         finally:
+            self.worker.out.index.flush()  # stopping between two refreshes: the last jobs are listed too
             if self.worker.runtime is not None:
                 from ..model.runtime import release_thread
 

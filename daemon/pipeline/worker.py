@@ -141,6 +141,7 @@ class Worker:
         job = self.ledger.claim()
         if job is None:
             self.costs.idle()
+            self.out.index.flush()  # nothing to do: the index shows every job published so far
             return False
         self.current = job
         self.busy.set()
