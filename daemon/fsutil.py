@@ -21,7 +21,7 @@ import shutil
 import stat
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 CHUNK = 1 << 20
 
@@ -169,6 +169,18 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(dfd)
+
+
+def fsync_files(paths: Iterable[Path], folder: Path) -> None:
+    """Make files written with `durable=False` durable, then their folder's entries: one pass over a folder of new
+    files that appears whole by a rename afterwards (a report's staging folder) instead of two fsyncs a file."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    fsync_dir(folder)
 
 
 def atomic_write_text(path: Path, text: str, *, durable: bool = True) -> None:
@@ -471,7 +483,7 @@ def lock_holder(lock: Path) -> int | None:
 
 
 __all__ = ["NotReadable", "read_regular_file", "kind_of", "temp_name", "atomic_write_bytes", "atomic_write_text",
-           "fsync_dir", "ATOMIC_TMP", "move", "identity", "holds", "same_content", "folder_inside", "pid_alive",
+           "fsync_dir", "fsync_files", "ATOMIC_TMP", "move", "identity", "holds", "same_content", "folder_inside", "pid_alive",
            "lock_holder", "hold_lock", "lock_folder", "LockHeld", "is_folder", "NotOwn", "check_own_folder", "own_folder_inside",
            "open_own_file", "read_own_file",
            "companion"]

@@ -22,8 +22,8 @@ from .. import testhooks
 from ..analysis.advisors import load_advisors
 from ..config import Config
 from ..errors import Permanent, Transient
-from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, folder_inside, move, own_folder_inside, pid_alive,
-                      same_content)
+from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, folder_inside, fsync_files, move, own_folder_inside,
+                      pid_alive, same_content)
 from ..intake.images import LoadedImage
 from ..intake.inbox import OUTBOX_RESERVED, RECORD_SUFFIXES, safe_stem, sidecar_for, unique_path
 from ..ledger import Job, Ledger
@@ -131,10 +131,15 @@ class Publisher:
             staging.mkdir(parents=True)
             for name, source in files.items():
                 shutil.copyfile(source, staging / name)
+            written = [staging / name for name in files]
             if job.kept and not keep_original:
                 report["photo"]["original"] = link_or_copy(src, staging / report["photo"]["file"])
-            write_report_folder(staging, report, photo.image)
-            write_sidecar(staging, report)  # in staging: it appears with the report, in one rename
+                if report["photo"]["original"] == "copied":
+                    written.append(staging / report["photo"]["file"])
+            written += write_report_folder(staging, report, photo.image, durable=False).values()
+            sidecar = write_sidecar(staging, report, durable=False)  # in staging: it appears with the report
+            # Nobody reads staging: every file is synced in one pass, before the one rename that publishes them.
+            fsync_files(written + ([sidecar] if sidecar else []), staging)
             testhooks.crashpoint("staged")
             # A reservation of this very job (killed before its rename) is reused, not skipped as taken.
             final = unique_path(self.cfg.outbox, safe_stem(src.name), taken=self.taken(job),

@@ -364,10 +364,11 @@ def original_name(name: str) -> str:
     return f"{p.stem.lstrip('.') or 'photo'}-original{p.suffix}"
 
 
-def write_report_folder(folder: Path, report: dict, preview: Image.Image) -> dict[str, Path]:
+def write_report_folder(folder: Path, report: dict, preview: Image.Image, *, durable: bool = True) -> dict[str, Path]:
     """Validate, then write preview.jpg, thumb.jpg, report.html and finally report.json, each atomically.
 
-    report.json goes last so that its presence means the folder is complete.
+    report.json goes last so that its presence means the folder is complete. `durable=False`: not fsynced yet, for a
+    staging folder the caller syncs once (`fsutil.fsync_files`) before renaming it into the outbox.
     """
     validate_report(report)
     folder = Path(folder)
@@ -382,10 +383,11 @@ def write_report_folder(folder: Path, report: dict, preview: Image.Image) -> dic
         "json": folder / "report.json",
     }
     html = render_report_html(report)  # render before writing anything, so a template bug leaves no half folder
-    atomic_write_bytes(paths["preview"], _jpeg_bytes(rgb))
-    atomic_write_bytes(paths["thumb"], _jpeg_bytes(thumb))
-    atomic_write_text(paths["html"], html)
-    atomic_write_text(paths["json"], json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n")
+    atomic_write_bytes(paths["preview"], _jpeg_bytes(rgb), durable=durable)
+    atomic_write_bytes(paths["thumb"], _jpeg_bytes(thumb), durable=durable)
+    atomic_write_text(paths["html"], html, durable=durable)
+    atomic_write_text(paths["json"], json.dumps(report, indent=2, ensure_ascii=False, allow_nan=False) + "\n",
+                      durable=durable)
     return paths
 
 
