@@ -99,6 +99,12 @@ def photos(shapes: str) -> int:
     return int(_overrides.get("photos") or PHOTOS[shapes])
 
 
+# Every timed side first runs once, untimed, on a photo of the measured size that is not measured: first calls pay
+# for the allocator, lazy imports and, on a GPU, the kernels MLX compiles for each new shape (up to seconds each on
+# CUDA). A warm-up on a smaller photo left those compiles inside the timed photos, unevenly between the sides.
+WARMUP = "one untimed full-size photo per side"
+
+
 def is_default() -> bool:
     return settings() == defaults()
 

@@ -18,8 +18,8 @@ import os
 import time
 from typing import Any
 
-from . import (apply_precision, by_size, comment_chars, emit, note, photos as photo_count, real_length,
-               settings as bench_settings, var_dir)
+from . import (WARMUP, apply_precision, by_size, comment_chars, emit, note, photos as photo_count,
+               real_length, settings as bench_settings, var_dir)
 from .rag import _photos
 
 PROMPT = "Critique this photograph as Ansel Adams would."
@@ -53,8 +53,8 @@ def measure(shapes: str) -> dict[str, Any]:
     apply_precision(rt.model)
     low, high = comment_chars(shapes)
     schema = real_length(critique_schema(high), low)
-    photos = _photos(photo_count(shapes), (640, 480))
-    warm = photos[0].resize((56, 56))  # first-call overheads (allocator, lazy imports) belong to neither side
+    photos = _photos(photo_count(shapes) + 1, (640, 480))
+    warm = photos.pop()  # bench.WARMUP: first-call costs belong to neither side
     rt.generate_json(warm, PROMPT, schema, max_tokens=settings["max_tokens"])
     _naive(rt, warm, schema, settings["max_tokens"])
     ours_s = naive_s = 0.0
@@ -78,6 +78,7 @@ def measure(shapes: str) -> dict[str, Any]:
         note(f"{shapes} photo {i + 1}/{len(photos)}: ours {ours_s:.1f} s, naive {naive_s:.1f} s so far")
     put("loadavg_1m", round(os.getloadavg()[0], 2))
     put("photos", len(photos))
+    put("warmup", WARMUP)
     put("ours_s", round(ours_s, 3))
     put("naive_s", round(naive_s, 3))
     put("baseline_time_ratio", round(ours_s / naive_s, 3))

@@ -7,7 +7,9 @@ close to the centre a dark bar stands (a whole-image rule: no patch alone tells 
 other photos scores every mode. For each N:
 
   baseline  the base model with the advisor's prompt (does not depend on N: measured once)
-  rag       the rag strategy over the N references (indexed with their vision features)
+  rag       the rag strategy over the N references (indexed with their vision features), its scores anchored
+            to the retrieved references' curator scores as the product anchors them (`rag_reference_weight`,
+            default 0.5: pass 2's expected scores blended with the similarity-weighted mean of the neighbours')
   lora      an adapter trained as `mondrian train` trains (curator targets, the same dataset rows, samples
             checked, early stopping on a validation split carved from the N), evaluated on the test set
 
@@ -115,6 +117,7 @@ class _Recording:
 def _rag(cfg: Any, runtime: Any, ledger: Any, advisor: Any, test: list[Any]) -> dict[str, Any]:
     from daemon.analysis import AnalysisContext
     from daemon.analysis.rag import RagStrategy
+    from daemon.analysis.retrieval import anchored
     from daemon.intake.images import load_photo
     from jobs.evaluate import Evaluation, PhotoScores
 
@@ -123,9 +126,12 @@ def _rag(cfg: Any, runtime: Any, ledger: Any, advisor: Any, test: list[Any]) -> 
     result = Evaluation(label="rag")
     for ref in test:
         photo = load_photo(Path(ref.path), cfg.max_pixels)
-        strategy.analyse(AnalysisContext(runtime=rec, cfg=cfg, advisor=advisor, photo=photo))
+        done = strategy.analyse(AnalysisContext(runtime=rec, cfg=cfg, advisor=advisor, photo=photo))
         prompt, text = rec.last  # type: ignore[misc]
-        expected = runtime.expected_scores(photo.image, prompt, text)
+        expected = runtime.expected_scores(photo.image, prompt, text)  # pass 2's own scores, as expectations
+        prior = done.extras.get("reference_prior")  # then anchored as rag anchors its integers
+        if prior is not None:
+            expected = anchored(expected, prior["scores"], prior["weight"])
         result.photos.append(PhotoScores(ref.sha256, expected, None, dict(ref.scores)))
     return result.to_dict()
 

@@ -57,6 +57,8 @@ class Config:
     retry_base_seconds: float = 5.0
     embeddings_enabled: bool = True
     rag_k: int = 3
+    # Share of the retrieved references' similarity-weighted curator scores in rag's scores (0: the model's own).
+    rag_reference_weight: float = 0.5
     train_time: str = "02:30"
     expose_paths: bool = False
     # Also write the report's XMP into JPEG/TIFF originals in the outbox (as a new file: never through a link).
@@ -69,6 +71,11 @@ class Config:
     # Leave each photo where it was dropped (a Lightroom catalogue's links survive); its report folder gets a hard
     # link to it, or a copy where no link can be made (another disk). The ledger remembers it as done.
     keep_originals: bool = False
+    # A shared ledger for several machines on one inbox and outbox (`postgresql://user@host/db`); empty: the SQLite
+    # file at db_path, for one machine. Each claim holds its photo for lease_seconds, renewed every third of it
+    # while the worker lives; a worker silent for longer loses the photo to another.
+    ledger_url: str = ""
+    lease_seconds: float = 60.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -78,6 +85,27 @@ class Config:
     @property
     def api_serves(self) -> bool:
         return self.api_enabled and self.api_port != 0
+
+    @property
+    def shared(self) -> bool:
+        """Whether several machines share the ledger (and so the inbox and outbox): see `ledger_url`."""
+        return bool(self.ledger_url)
+
+    def check_shared_storage(self) -> None:
+        """With a shared ledger, every node publishes by renaming from the inbox into the outbox: only a rename within
+        one filesystem is atomic, so a node that crashes mid-move cannot leave a half-copied photo another finishes."""
+        if not self.shared:
+            return  # one machine: a move across disks is a copy then a delete, recovered after a crash
+        try:
+            devices = {d: os.stat(d).st_dev for d in (self.inbox, self.outbox)}
+        except OSError as exc:
+            raise ConfigError(f"cannot look at {exc.filename} ({exc.strerror}): mount the shared folder") from None
+        if devices[self.inbox] != devices[self.outbox]:
+            raise ConfigError(f"the inbox ({self.inbox}) and the outbox ({self.outbox}) are on different "
+                              f"filesystems: with a shared ledger (ledger_url) they must be folders of one share, so "
+                              f"that every move between them is an atomic rename. Put both in the same share "
+                              f"(e.g. /Volumes/Studio/Mondrian/inbox and /Volumes/Studio/Mondrian/outbox) and set "
+                              f"inbox and outbox in {self.home / CONFIG_NAME}")
 
     @property
     def spool_dir(self) -> Path:
@@ -152,9 +180,11 @@ LIMITS: dict[str, tuple[float, float, bool]] = {
     "comment_max_chars": (1, 4000, True),
     "max_attempts": (1, 100, True),
     "rag_k": (1, 100, True),
+    "rag_reference_weight": (0, 1, True),
     "max_file_mb": (1, 1024 * 1024, True),
     "api_port": (0, 65535, True),
     "api_wait_seconds": (0, 86400, True),
+    "lease_seconds": (1, 86400, True),
 }
 _TIME_OF_DAY = re.compile(r"^\s*(\d{1,2}):(\d{2})(?::(\d{2}))?\s*$")
 
@@ -261,7 +291,8 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
                "MONDRIAN_QUIET_SECONDS": "quiet_seconds", "MONDRIAN_MAX_PIXELS": "max_pixels",
                "MONDRIAN_COMMENT_MAX_CHARS": "comment_max_chars",
                "MONDRIAN_JOB_TIMEOUT": "job_timeout_seconds",
-               "MONDRIAN_RESCAN_SECONDS": "rescan_seconds", "MONDRIAN_API_PORT": "api_port"}
+               "MONDRIAN_RESCAN_SECONDS": "rescan_seconds", "MONDRIAN_API_PORT": "api_port",
+               "MONDRIAN_LEDGER_URL": "ledger_url"}
     origins = {key: f"{key} = {value!r} in {cfg_file}" for key, value in data.items()}
     for var, key in env_map.items():
         if env.get(var):
@@ -313,6 +344,12 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
         raise ConfigError(f"{origins.get('default_mode', 'default_mode')}: the mode is unknown; use one of "
                           f"{', '.join(MODES)}")
     cfg = replace(cfg, default_mode=cfg.default_mode.strip().lower())
+    url = cfg.ledger_url.strip()
+    if url and not url.startswith(("postgresql://", "postgres://")):
+        raise ConfigError(f"{origins['ledger_url']}: a shared ledger is a PostgreSQL URL "
+                          f"(postgresql://user:password@host:5432/mondrian); leave ledger_url out to keep the "
+                          f"ledger in {cfg.db_path}")
+    cfg = replace(cfg, ledger_url=url)
     if "train_time" in origins:
         try:
             time_of_day(cfg.train_time)

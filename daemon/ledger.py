@@ -3,13 +3,19 @@
 One row per photo dropped into the inbox. SQLite in WAL mode (readers such as `mondrian status` never
 block the worker); every state change is one short transaction, so a SIGKILL at any moment leaves each
 job in a state the next start-up can reason about. Claiming uses a single `UPDATE ... RETURNING`
-statement, which SQLite (>= 3.35) and PostgreSQL both execute atomically, so several workers could share
-one ledger later without a redesign.
+statement, which SQLite (>= 3.35) and PostgreSQL both execute atomically.
+
+With `ledger_url` the same tables live in a PostgreSQL database that several machines share (one inbox, one outbox):
+a claim takes its photo with `FOR UPDATE SKIP LOCKED`, holds it for a lease the worker's heartbeat renews, and gets a
+fencing token (the job's claim counter). Every write about a claimed job names the token its process holds, so a
+worker that stalled past its lease and lost the job to another finds its writes refused (LeaseLost) and discards
+its work. On SQLite (one machine) the run locks below still tell a live process from a dead one at once.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import fcntl
 import functools
 import itertools
@@ -25,10 +31,10 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from peewee import (SQL, AutoField, BlobField, BooleanField, CharField, DatabaseError, FloatField, IntegerField,
-                    Model, OperationalError, SqliteDatabase, TextField, fn)
+from peewee import (SQL, AutoField, BlobField, BooleanField, Case, CharField, Database, DatabaseError, FloatField,
+                    IntegerField, Model, OperationalError, PostgresqlDatabase, SqliteDatabase, TextField, fn)
 
 from .fsutil import NotOwn, check_own_folder, fsync_dir, open_own_file, pid_alive, read_own_file
 
@@ -90,6 +96,9 @@ class Job(_Base):
     # keep_originals (decided when it was queued): the photo stays where it was dropped, the report folder gets a
     # hard link or a copy, and a DONE job of this path, size and mtime means "already analysed" on every rescan.
     kept = BooleanField(default=False)
+    lease_until = FloatField(null=True)  # a running job whose lease ended goes back to the queue (shared ledger)
+    # Fencing token: +1 at every claim; writes of an older claim are refused.
+    lease_token = IntegerField(default=0, constraints=[SQL("DEFAULT 0")])
 
     class Meta:
         # `claim` takes the oldest due queued job: without it, each claim sorts the whole queue.
@@ -102,6 +111,24 @@ class Event(_Base):
     key = CharField(primary_key=True)
     value = TextField()
     at = FloatField()
+
+
+class WorkerRow(_Base):
+    """One process that runs jobs, as its heartbeat last wrote it (`mondrian workers`)."""
+
+    id = CharField(primary_key=True)  # Ledger.worker_id()
+    host = CharField()
+    pid = IntegerField()
+    started_at = FloatField()
+    beat_at = FloatField()
+    lease_seconds = FloatField()
+    job_id = IntegerField(null=True)
+    photo = TextField(null=True)
+    claimed_at = FloatField(null=True)
+    done = IntegerField(default=0)
+
+    class Meta:
+        table_name = "worker"
 
 
 class _JSONField(TextField):
@@ -133,7 +160,23 @@ class Reference(_Base):
         indexes = ((("advisor", "path"), True),)
 
 
-def _create_reference_table(db: SqliteDatabase) -> None:
+_PG_TYPES = (("INTEGER NOT NULL PRIMARY KEY", "SERIAL PRIMARY KEY"), (" REAL", " DOUBLE PRECISION"),
+             (" BLOB", " BYTEA"))
+
+
+def _ddl(db: Database, statement: str) -> None:
+    """Run a frozen SQLite statement, in PostgreSQL's words for its types where it is the engine."""
+    if isinstance(db, PostgresqlDatabase):
+        for sqlite_word, pg_word in _PG_TYPES:
+            statement = statement.replace(sqlite_word, pg_word)
+    db.execute_sql(statement)
+
+
+def _columns(db: Database, table: str) -> set[str]:
+    return {c.name for c in db.get_columns(table)}
+
+
+def _create_reference_table(db: Database) -> None:
     # Frozen SQL rather than create_tables(): later edits of the Reference class must come as new migrations.
     for statement in (
         'CREATE TABLE IF NOT EXISTS "reference" ("id" INTEGER NOT NULL PRIMARY KEY, '
@@ -143,23 +186,23 @@ def _create_reference_table(db: SqliteDatabase) -> None:
         'CREATE UNIQUE INDEX IF NOT EXISTS "reference_advisor_path" ON "reference" ("advisor", "path")',
         'CREATE INDEX IF NOT EXISTS "reference_sha256" ON "reference" ("sha256")',
     ):
-        db.execute_sql(statement)
+        _ddl(db, statement)
 
 
-def _add_job_owns_file(db: SqliteDatabase) -> None:
+def _add_job_owns_file(db: Database) -> None:
     # A fresh ledger already has the column (the first migration creates today's Job table): add it only when
     # missing. Existing rows made by `start_direct` (enqueued and started at the very same instant; an inbox job
     # is claimed later than it was queued) are `mondrian analyze` jobs, whose files Mondrian does not own.
-    columns = {row[1] for row in db.execute_sql('PRAGMA table_info("job")').fetchall()}
-    if "owns_file" not in columns:
+    # (A PostgreSQL ledger is always made with today's Job table, so these additions only ever run on SQLite.)
+    if "owns_file" not in _columns(db, "job"):
         db.execute_sql('ALTER TABLE "job" ADD COLUMN "owns_file" INTEGER NOT NULL DEFAULT 1')
         db.execute_sql('UPDATE "job" SET "owns_file" = 0 WHERE "enqueued_at" = "started_at"')
 
 
-def _add_job_context_and_kept(db: SqliteDatabase) -> None:
+def _add_job_context_and_kept(db: Database) -> None:
     # Earlier reports keep a NULL key: a photo dropped again after the upgrade is analysed again once (linking its
     # earlier report), since what those were analysed with (references, model) was never recorded.
-    columns = {row[1] for row in db.execute_sql('PRAGMA table_info("job")').fetchall()}
+    columns = _columns(db, "job")
     if "context_key" not in columns:
         db.execute_sql('ALTER TABLE "job" ADD COLUMN "context_key" VARCHAR(255)')
     if "kept" not in columns:
@@ -169,7 +212,7 @@ def _add_job_context_and_kept(db: SqliteDatabase) -> None:
     db.execute_sql('CREATE INDEX IF NOT EXISTS "job_source_path" ON "job" ("source_path")')
 
 
-def _index_jobs(db: SqliteDatabase) -> None:
+def _index_jobs(db: Database) -> None:
     # Queueing checks the path's earlier jobs, and status the paths of failed photos: without an index each is
     # a scan of every job ever. Claiming takes the oldest due queued job: without one, each claim sorts the whole
     # queue. A fresh ledger has both already (the first migration creates today's Job table).
@@ -178,17 +221,38 @@ def _index_jobs(db: SqliteDatabase) -> None:
     _index_duplicates(db)
 
 
-def _index_duplicates(db: SqliteDatabase) -> None:
+def _index_duplicates(db: Database) -> None:
     # Status counts duplicates: a partial index holds only them, instead of a scan of every job.
     db.execute_sql('CREATE INDEX IF NOT EXISTS "job_duplicates" ON "job" ("duplicate_of") '
                    'WHERE "duplicate_of" IS NOT NULL')
 
 
-MODELS: list[type[Model]] = [SchemaVersion, Job, Event, Reference]
+def _add_leases_and_workers(db: Database) -> None:
+    # A fresh ledger has the lease columns already (the first migration creates today's Job table).
+    columns = _columns(db, "job")
+    if "lease_until" not in columns:
+        _ddl(db, 'ALTER TABLE "job" ADD COLUMN "lease_until" REAL')
+    if "lease_token" not in columns:
+        db.execute_sql('ALTER TABLE "job" ADD COLUMN "lease_token" INTEGER NOT NULL DEFAULT 0')
+    # One waiting or running job per inbox file, whichever node scanned it: the engine refuses a second, so two nodes
+    # rescanning one shared inbox cannot queue a photo twice. `mondrian analyze` jobs (not Mondrian's file) may share
+    # a path: two people may analyse one file at once.
+    # A ledger kept by an older Mondrian should never hold two, but one that does must still open: the later ones
+    # are set aside (the earliest job of the file carries on), rather than the index refusing to be made.
+    db.execute_sql('UPDATE "job" SET "state" = \'gone\', "error" = \'a second waiting job of the same file, set '
+                   'aside when Mondrian began keeping one per file\' WHERE "state" IN (\'queued\', \'running\') '
+                   'AND "owns_file" AND "id" NOT IN (SELECT MIN("id") FROM "job" '
+                   'WHERE "state" IN (\'queued\', \'running\') AND "owns_file" GROUP BY "source_path")')
+    db.execute_sql('CREATE UNIQUE INDEX IF NOT EXISTS "job_active_source" ON "job" ("source_path") '
+                   'WHERE "state" IN (\'queued\', \'running\') AND "owns_file"')
+    db.create_tables([_bind(WorkerRow, db)])
+
+
+MODELS: list[type[Model]] = [SchemaVersion, Job, Event, Reference, WorkerRow]
 _M = TypeVar("_M", bound=Model)
 
 
-def _bind(model: type[_M], db: SqliteDatabase) -> type[_M]:
+def _bind(model: type[_M], db: Database) -> type[_M]:
     """A subclass of `model` on `db` only: rows it returns are still instances of `model`.
 
     peewee's `Model.bind` and `bind_ctx` re-point the class itself, which every Ledger in the process shares."""
@@ -197,16 +261,19 @@ def _bind(model: type[_M], db: SqliteDatabase) -> type[_M]:
 
 
 # Each migration moves the schema from version i to i+1. Append, never edit: a user's ledger may be at any step.
-MIGRATIONS: list[Callable[[SqliteDatabase], None]] = [
+MIGRATIONS: list[Callable[[Database], None]] = [
     lambda db: db.create_tables([_bind(Job, db), _bind(Event, db)]),
     _create_reference_table,
     _add_job_owns_file,
     _add_job_context_and_kept,
     _index_jobs,
+    _add_leases_and_workers,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+_MIGRATION_LOCK = 0x4D6F6E6472690001  # pg advisory lock keys (bigint), "Mondri" + a number
+TRAINING_LOCK = 0x4D6F6E6472690002
 _RUN_TOKEN = re.compile(r"^[0-9a-f]{16}$")
 _RUN_LOCK_FILE = re.compile(r"^(?:[0-9a-f]{16}\.lock|\.[0-9a-f]{16}\.new)$")  # the sweep removes nothing else
 _NEW_LOCK_GRACE_S = 60.0  # a lock file is created under a hidden name and renamed once it is locked
@@ -234,6 +301,16 @@ class LedgerUnavailable(RuntimeError):
     """A write could not be made (disk full, locked, read-only, deleted) and the daemon is stopping."""
 
 
+class LeaseLost(RuntimeError):
+    """This process's claim on a job is no longer the current one (its lease ended and another worker claimed the
+    photo): the write was refused, and whatever this process made of the job must be discarded."""
+
+
+def _shown_url(url: str) -> str:
+    """The ledger URL without its password, for logs and messages."""
+    return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
 def outside_fault(exc: BaseException) -> str | None:
     """The reason, if `exc` is a fault outside the data that waiting can clear; None for anything else.
 
@@ -244,6 +321,11 @@ def outside_fault(exc: BaseException) -> str | None:
         orig = getattr(seen, "orig", None) or seen
         if (getattr(orig, "sqlite_errorname", "") or "").startswith(_OUTSIDE_FAULTS):
             return str(orig)
+        # psycopg: the server is unreachable, restarting, or out of connections; a deadlock or a serialisation
+        # conflict between nodes. All clear by themselves.
+        if type(orig).__module__.startswith("psycopg") and any(
+                k.__name__ in ("OperationalError", "InterfaceError") for k in type(orig).__mro__):
+            return str(orig).strip() or type(orig).__name__
         seen = seen.__context__
     return None
 
@@ -323,12 +405,28 @@ class FaultNote:
 
 
 class Ledger:
-    def __init__(self, path: Path, *, stop: threading.Event | None = None, note: Path | None = None):
+    @classmethod
+    def for_config(cls, cfg: Any, **kwargs: Any) -> "Ledger":
+        """The ledger `cfg` names: the shared one at `ledger_url` if set, else the SQLite file at `db_path`."""
+        return cls(cfg.db_path, url=cfg.ledger_url or None, lease_seconds=cfg.lease_seconds, **kwargs)
+
+    def __init__(self, path: Path, *, url: str | None = None, lease_seconds: float = 60.0,
+                 stop: threading.Event | None = None, note: Path | None = None):
         """`stop` (the daemon's): a write that fails for a reason outside the data (disk full, locked by another
         process, read-only or unreadable file) is retried with backoff until it succeeds or `stop` is set, so
         nothing is lost and no job is blamed. Without it (the CLI) such a write fails at once. `note`: a
         FaultNote file kept up to date for `mondrian status`."""
-        self.path = Path(path)
+        self.path = Path(path)  # with a shared ledger, still where this node keeps its run locks (`runs_dir`)
+        self.url = url
+        self.shared = url is not None
+        self.lease_seconds = lease_seconds
+        # Jobs this process claimed: id -> (fencing token, photo, claimed at). Every write about one names its token.
+        self._held: dict[int, tuple[int, str, float]] = {}
+        # Claims found stale: every later write about those jobs is refused too, until this process claims one again.
+        self._stale: dict[int, int] = {}
+        self._held_lock = threading.Lock()
+        self._done = 0
+        self._started_at = time.time()
         self._stop = stop
         self._fault: dict[str, Any] | None = None
         self._fault_lock = threading.Lock()
@@ -336,18 +434,27 @@ class Ledger:
         # The daemon waits locks out itself, a few seconds at a time, so a stop request is never held up by
         # a lock another process keeps.
         busy_ms = 2000 if stop is not None else 30000
-        self.db = SqliteDatabase(
-            str(self.path),
-            pragmas={"journal_mode": "wal", "synchronous": "full", "busy_timeout": busy_ms,
-                     "foreign_keys": 1},
-            timeout=busy_ms / 1000,
-            check_same_thread=False,
-        )
+        if url is not None:
+            # FLOAT as double precision: PostgreSQL's REAL (4 bytes) would round every timestamp to minutes.
+            self.db: Database = PostgresqlDatabase(url, prefer_psycopg3=True, field_types={"FLOAT": "DOUBLE PRECISION"},
+                                                   connect_timeout=10, application_name="mondrian")
+        else:
+            self.db = SqliteDatabase(
+                str(self.path),
+                pragmas={"journal_mode": "wal", "synchronous": "full", "busy_timeout": busy_ms,
+                         "foreign_keys": 1},
+                timeout=busy_ms / 1000,
+                check_same_thread=False,
+            )
         self.SchemaVersion = _bind(SchemaVersion, self.db)
         self.Job = _bind(Job, self.db)
         self.Event = _bind(Event, self.db)
         self.Reference = _bind(Reference, self.db)
+        self.Worker = _bind(WorkerRow, self.db)
         self._run: tuple[int, Path, str] | None = None  # (fd, file, worker id) of the run lock this process holds
+        if url is not None:
+            self._open_shared(url, note)
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             if os.path.lexists(self.path) and not os.path.isfile(self.path):
@@ -364,14 +471,46 @@ class Ledger:
         except (DatabaseError, OSError) as exc:  # DatabaseError: OperationalError, and a damaged or foreign file
             self.db.close()
             raise LedgerUnavailable(ledger_problem(self.path, exc)) from None
-        self._identity = (st.st_dev, st.st_ino)
+        self._identity: tuple[int, int] | None = (st.st_dev, st.st_ino)
+
+    def _open_shared(self, url: str, note: Path | None) -> None:
+        self._identity = None
+        try:
+            import psycopg  # noqa: F401  (the optional extra: checked here to say how to install it)
+        except ImportError:
+            raise LedgerUnavailable("ledger_url names a PostgreSQL ledger, but its driver is not installed: run "
+                                    "`pip install 'mondrian[postgres]'` (or `pip install 'psycopg[binary]'`) in "
+                                    "Mondrian's environment") from None
+        try:
+            self._note = FaultNote(note) if note is not None else None
+            self.db.connect(reuse_if_open=True)
+            self._migrate()
+            if self._stop is not None:
+                self._probe()
+        except NotOwn as exc:
+            self.db.close()
+            raise LedgerUnavailable(str(exc)) from None
+        except (DatabaseError, OSError) as exc:
+            self.db.close()
+            why = " ".join(str(exc).split())  # psycopg's messages span lines
+            raise LedgerUnavailable(f"cannot open the shared ledger {_shown_url(url)} ({why}): check "
+                                    f"that the PostgreSQL server is running and reachable from this machine, and "
+                                    f"that ledger_url names an existing database and a user allowed to create "
+                                    f"tables in it") from None
+
+    def _tx(self) -> Any:
+        """A write transaction: on SQLite it takes the write lock at once (no deadlock between two upgraders)."""
+        return self.db.atomic("IMMEDIATE") if not self.shared else self.db.atomic()
+
+    @property
+    def where(self) -> str:
+        """The ledger, as a person would name it (the password left out)."""
+        return _shown_url(self.url) if self.url else str(self.path)
 
     def _probe(self) -> None:
         """A real write at start-up: a read-only or immutable ledger opens without complaint and would only
         fail at the first write. A lock held by another process is waited out like any write."""
-        opened_by = json.dumps(f"{socket.gethostname()}:{os.getpid()}")
-        record = lambda: self.Event.insert(key="opened_by", value=opened_by,  # noqa: E731
-                                           at=time.time()).on_conflict_replace().execute()
+        record = lambda: self._put_event("opened_by", f"{socket.gethostname()}:{os.getpid()}")  # noqa: E731
         try:
             record()
         except OperationalError as exc:
@@ -393,6 +532,11 @@ class Ledger:
                 if reason is None or self.db.in_transaction():
                     raise
                 self._set_fault(reason, what)
+                if self.shared:  # a broken connection is not reused: the next try opens a new one
+                    try:
+                        self.db.close()
+                    except Exception:  # closing a connection the server dropped may fail too
+                        pass
                 failed = True
                 if self._stop is None or self._stop.is_set():
                     raise LedgerUnavailable(f"the ledger {self.path} cannot be written ({reason})") from exc
@@ -410,9 +554,9 @@ class Ledger:
             self._fault = {"reason": reason, "since": (self._fault or {}).get("since", time.time()),
                            "pid": os.getpid()}
             note = self._fault
+        advice = ("Check that the PostgreSQL server is running and reachable." if self.shared else _advice(reason))
         log.error("the ledger %s cannot be written (%s, while recording %s). %s Mondrian waits and carries on "
-                  "by itself once it can write again; nothing is lost meanwhile.", self.path, reason, what,
-                  _advice(reason))
+                  "by itself once it can write again; nothing is lost meanwhile.", self.where, reason, what, advice)
         if self._note is not None:
             self._note.write(note)
 
@@ -429,6 +573,8 @@ class Ledger:
         """Why the file at `path` is no longer the database this Ledger writes (deleted, or replaced), else None.
 
         SQLite in WAL mode keeps writing to a deleted file without an error; what it holds would be lost at stop."""
+        if self._identity is None:
+            return None  # a shared ledger: the server keeps it
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
@@ -469,7 +615,9 @@ class Ledger:
     def _migrate(self) -> None:
         if self._schema_is_current():
             return  # nothing to write: a reader (`mondrian status`) opens a ledger another process holds locked
-        with self.db.atomic("IMMEDIATE"):
+        with self._tx():
+            if self.shared:  # nodes starting together: one migrates, the others wait for it and find it done
+                self.db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK,))
             self.db.create_tables([self.SchemaVersion])
             current = self.SchemaVersion.select(fn.MAX(self.SchemaVersion.version)).scalar() or 0
             if current > SCHEMA_VERSION:
@@ -568,6 +716,9 @@ class Ledger:
 
     def job_is_live(self, job: Job) -> bool:
         """Whether the process running `job` still runs (its run lock is held); False for a job not running."""
+        if self.shared:
+            return job.state == RUNNING and (job.lease_until is None or job.lease_until >= time.time()
+                                             or self.holds(job.id) is not None)
         # Unsigned (no run lock could be taken): its pid still running here is the best sign there is.
         return job.state == RUNNING and (self._signer_runs(job.worker) or not self._signer_gone(job.worker))
 
@@ -610,7 +761,7 @@ class Ledger:
                 kept: bool = False) -> Job | None:
         """Queue a photo unless the same path already has a job waiting or running, or it is a failed photo
         that never left the inbox (`failed_in_place`). `kept`: keep_originals, the photo stays where it is."""
-        with self.db.atomic("IMMEDIATE"):
+        with self._tx():
             return self._enqueue_one(source_path, rel_path, advisor, advisor_source, size, mtime, ctime, kept=kept)
 
     @writes
@@ -618,7 +769,7 @@ class Ledger:
                      kept: bool = False) -> list[Job | None]:
         """`enqueue` for many photos (each a tuple of enqueue's arguments) in one transaction: a card of 1,000
         photos costs one commit (one fsync) instead of 1,000."""
-        with self.db.atomic("IMMEDIATE"):
+        with self._tx():
             return [self._enqueue_one(*item, kept=kept) for item in items]
 
     def _enqueue_one(self, source_path: Path, rel_path: str, advisor: str, advisor_source: str,
@@ -634,9 +785,12 @@ class Ledger:
             if (state == FAILED and size is not None and f_size == size and f_mtime == mtime
                     and (ctime is None or finished_at is None or ctime <= finished_at)):
                 return None
-        return self.Job.create(source_path=str(source_path), rel_path=rel_path, advisor=advisor,
-                               advisor_source=advisor_source, size=size, mtime=mtime, enqueued_at=time.time(),
-                               kept=kept)
+        # Another node may queue the same file between that read and this insert: the unique index on active jobs
+        # refuses the second row, and the insert then returns none (already queued), never an error.
+        rows = list(self.Job.insert(source_path=str(source_path), rel_path=rel_path, advisor=advisor,
+                                    advisor_source=advisor_source, size=size, mtime=mtime, enqueued_at=time.time(),
+                                    kept=kept).on_conflict_ignore().returning(self.Job).execute())
+        return rows[0] if rows else None
 
     def kept_in_place(self, source_path: Path, size: int | None, mtime: float | None) -> Job | None:
         """The latest report of a photo kept where it was dropped (keep_originals), if the file is still the one
@@ -679,7 +833,7 @@ class Ledger:
     def record_unreachable(self, source_path: Path, rel_path: str, advisor: str, reason: str) -> Job:
         """A failure for a path Mondrian cannot even look at (longer than the system allows): it stays where it
         is, and `status` lists it with the reason. Recorded once per path: returns the earlier job if any."""
-        with self.db.atomic("IMMEDIATE"):
+        with self._tx():
             earlier = (self.Job.select().where(self.Job.source_path == str(source_path))
                        .order_by(self.Job.id.desc()).first())
             if earlier is not None:
@@ -712,11 +866,152 @@ class Ledger:
         worker = worker or self.worker_id()
         due = (self.Job.select(self.Job.id).where((self.Job.state == QUEUED) & (self.Job.not_before <= now))
                .order_by(self.Job.not_before, self.Job.id).limit(1))
-        query = (self.Job.update(state=RUNNING, worker=worker, started_at=now, attempts=self.Job.attempts + 1)
-                 .where((self.Job.id.in_(due)) & (self.Job.state == QUEUED))
+        if self.shared:
+            # Nodes claiming at once each lock a different row instead of queueing behind one another's.
+            due = due.for_update("FOR UPDATE SKIP LOCKED")
+        # `id = (one id)`, evaluated once before the update: with `id IN (...)` PostgreSQL may run the locking subquery
+        # as a join and update the row without returning it (a claimed job nobody knows it holds).
+        query = (self.Job.update(state=RUNNING, worker=worker, started_at=now, attempts=self.Job.attempts + 1,
+                                 lease_until=now + self.lease_seconds, lease_token=self.Job.lease_token + 1)
+                 .where((self.Job.id == due) & (self.Job.state == QUEUED))
                  .returning(self.Job))
         rows = list(query.execute())
-        return rows[0] if rows else None
+        if not rows:
+            return None
+        job = rows[0]
+        with self._held_lock:
+            self._held[job.id] = (job.lease_token, job.rel_path, now)
+            self._stale.pop(job.id, None)
+        return job
+
+    # -- leases and fencing ---------------------------------------------------------------------
+    def holds(self, job_id: int) -> int | None:
+        """The fencing token of this process's claim on `job_id`, if it holds one."""
+        with self._held_lock:
+            held = self._held.get(job_id)
+        return held[0] if held else None
+
+    def _mine(self, job_id: int) -> tuple[Any, int | None]:
+        """The condition that a write about `job_id` applies to: with this process's claim on it, only while that
+        claim is the current one (same token, still running)."""
+        with self._held_lock:
+            held = self._held.get(job_id)
+            token = held[0] if held else self._stale.get(job_id)
+        cond = self.Job.id == job_id
+        if token is not None:
+            cond &= (self.Job.lease_token == token) & (self.Job.state == RUNNING)
+        return cond, token
+
+    def _fenced(self, job_id: int, what: str, values: dict[Any, Any], *, ends: bool = False,
+                give_back: bool = False, extra: Any = None) -> int:
+        """One UPDATE of a job, refused (LeaseLost) if this process's claim on it is stale: the check and the write
+        are one statement, so no other worker's claim can come between them. `give_back` (requeue): a stale claim
+        has nothing to give back: refused and logged, but no error. `ends`: the claim ends with this write."""
+        cond, token = self._mine(job_id)
+        if extra is not None:
+            cond &= extra
+        n = self.Job.update(values).where(cond).execute()
+        if token is None:
+            return n
+        if n == 0:
+            with self._held_lock:
+                self._held.pop(job_id, None)
+                self._stale[job_id] = token
+            self._lost(job_id, token, what, raise_it=not give_back)
+        elif ends:
+            with self._held_lock:
+                self._held.pop(job_id, None)
+            self._done += 0 if give_back else 1
+        return n
+
+    def _lost(self, job_id: int, token: int, what: str, raise_it: bool = True) -> None:
+        photo = self.Job.select(self.Job.rel_path).where(self.Job.id == job_id).scalar() or f"job {job_id}"
+        log.warning("refused: %s (job %d) was taken over by another worker after this one's lease ended (its claim "
+                    "%d is stale); this worker's %s is discarded", photo, job_id, token, what)
+        try:
+            self._put_event(f"refused:{job_id}:{token}", {"job": job_id, "token": token, "what": what,
+                                                          "worker": self.worker_id()})
+        except (OperationalError, LedgerUnavailable):
+            pass  # the refusal stands; only its record for status is missing
+        if raise_it:
+            raise LeaseLost(f"{photo} (job {job_id}) belongs to another worker now; {what} refused")
+
+    def lease_left(self, job_id: int, now: float | None = None) -> float | None:
+        """Seconds until this process's lease on `job_id` ends (negative: it ended), if it holds the job."""
+        token = self.holds(job_id)
+        if token is None:
+            return None
+        until = self.Job.select(self.Job.lease_until).where(
+            (self.Job.id == job_id) & (self.Job.lease_token == token)).scalar()
+        return None if until is None else until - (time.time() if now is None else now)
+
+    @writes
+    def renew_leases(self, now: float | None = None) -> list[int]:
+        """Extend the lease of every job this process holds; returns the ids it no longer holds (taken over)."""
+        now = time.time() if now is None else now
+        with self._held_lock:
+            held = dict(self._held)
+        lost = []
+        for job_id, (token, _, _) in held.items():
+            n = self.Job.update(lease_until=now + self.lease_seconds).where(
+                (self.Job.id == job_id) & (self.Job.lease_token == token) & (self.Job.state == RUNNING)).execute()
+            if n == 0:
+                lost.append(job_id)
+        return lost
+
+    @writes
+    def requeue_expired(self, now: float | None = None) -> list[Job]:
+        """Running jobs whose lease ended (their worker died, or stalled past it) back to the queue, first in line;
+        never this process's own. Returns them."""
+        now = time.time() if now is None else now
+        with self._held_lock:
+            mine = list(self._held)
+        cond = (self.Job.state == RUNNING) & self.Job.lease_until.is_null(False) & (self.Job.lease_until < now)
+        if mine:
+            cond &= self.Job.id.not_in(mine)
+        rows = list(self.Job.update(state=QUEUED, worker=None, lease_until=None,
+                                    error="its worker stopped renewing its lease (stopped, killed or cut off); "
+                                          "queued again").where(cond).returning(self.Job).execute())
+        for job in rows:
+            log.warning("lease ended: %s (job %d) goes back to the queue", job.rel_path, job.id)
+        return rows
+
+    @writes
+    def beat(self, now: float | None = None) -> None:
+        """This process's row in the workers table: what it runs, since when, and how much it has done."""
+        now = time.time() if now is None else now
+        with self._held_lock:
+            held = sorted(self._held.items())
+        job_id, (token, photo, claimed_at) = held[0] if held else (None, (None, None, None))
+        values = dict(host=socket.gethostname(), pid=os.getpid(), started_at=self._started_at, beat_at=now,
+                      lease_seconds=self.lease_seconds, job_id=job_id, photo=photo, claimed_at=claimed_at,
+                      done=self._done)
+        w = self.Worker
+        w.insert(id=self.worker_id(), **values).on_conflict(
+            conflict_target=[w.id], update={getattr(w, k): v for k, v in values.items()}).execute()
+
+    @writes
+    def retire(self) -> None:
+        """Remove this process's row from the workers table (a clean stop)."""
+        self.Worker.delete().where(self.Worker.id == self.worker_id()).execute()
+
+    def workers(self) -> list[WorkerRow]:
+        return list(self.Worker.select().order_by(self.Worker.host, self.Worker.pid))
+
+    @contextlib.contextmanager
+    def training_turn(self) -> Iterator[bool]:
+        """Whether this node may train now: on a shared ledger, one node at a time in the whole studio (a
+        PostgreSQL advisory lock, held by this thread's connection until the block ends, or the node dies).
+        On SQLite the home is one machine's, and its own locks (the nightly job's, the adapter store's) suffice."""
+        if not self.shared:
+            yield True
+            return
+        got = bool(self.db.execute_sql("SELECT pg_try_advisory_lock(%s)", (TRAINING_LOCK,)).fetchone()[0])
+        try:
+            yield got
+        finally:
+            if got:
+                self.db.execute_sql("SELECT pg_advisory_unlock(%s)", (TRAINING_LOCK,))
 
     def next_due_in(self, now: float | None = None) -> float | None:
         now = time.time() if now is None else now
@@ -730,6 +1025,12 @@ class Ledger:
         `proven`: only those whose process is known to be gone even to a daemon that is not just starting (a
         `mondrian analyze` killed meanwhile): its run lock is free, or, unsigned, no process has its pid here."""
         running = self.Job.select().where(self.Job.state == RUNNING).order_by(self.Job.id)
+        if self.shared:
+            # Run locks are files of one machine: on a shared ledger only a lease that ended tells a job is orphaned
+            # (a `mondrian analyze` job holds no lease: it is never taken from it).
+            now = time.time()
+            return [j for j in running if j.lease_until is not None and j.lease_until < now
+                    and self.holds(j.id) is None]
         return [j for j in running if not self._signer_runs(j.worker) and (not proven or self._signer_gone(j.worker))]
 
     def _signer_gone(self, worker: str | None) -> bool:
@@ -742,15 +1043,16 @@ class Ledger:
     # -- progress inside a job ----------------------------------------------------------------
     @writes
     def set_mode(self, job_id: int, requested: str, source: str) -> None:
-        self.Job.update(requested_mode=requested, mode_source=source).where(self.Job.id == job_id).execute()
+        self._fenced(job_id, "mode", {self.Job.requested_mode: requested, self.Job.mode_source: source})
 
     @writes
     def set_hash(self, job_id: int, sha256: str) -> None:
-        self.Job.update(sha256=sha256).where(self.Job.id == job_id).execute()
+        self._fenced(job_id, "hash", {self.Job.sha256: sha256})
 
     @writes
     def reserve_output(self, job_id: int, output_dir: Path) -> None:
-        self.Job.update(output_dir=str(output_dir)).where(self.Job.id == job_id).execute()
+        # Checked just before the outcome is renamed into place: a worker that lost the job stops here.
+        self._fenced(job_id, "publish", {self.Job.output_dir: str(output_dir)})
 
     def reserved_outputs(self) -> set[str]:
         q = self.Job.select(self.Job.output_dir).where(self.Job.output_dir.is_null(False) & self.Job.state.in_(ACTIVE))
@@ -776,29 +1078,35 @@ class Ledger:
     def finish(self, job_id: int, *, effective_mode: str, fallbacks: list[dict[str, str]],
                report_json: Path, report_html: Path, grade: int, adapter: str | None,
                analysis_s: float, output_dir: Path, context_key: str | None = None) -> None:
-        self.Job.update(state=DONE, effective_mode=effective_mode, fallbacks=json.dumps(fallbacks),
-                        context_key=context_key,
-                        report_json=str(report_json), report_html=str(report_html), grade=grade, adapter=adapter,
-                        analysis_s=analysis_s, output_dir=str(output_dir), finished_at=time.time(),
-                        error=None, error_kind=None).where(self.Job.id == job_id).execute()
+        j = self.Job
+        self._fenced(job_id, "report", {
+            j.state: DONE, j.effective_mode: effective_mode, j.fallbacks: json.dumps(fallbacks),
+            j.context_key: context_key, j.report_json: str(report_json), j.report_html: str(report_html),
+            j.grade: grade, j.adapter: adapter, j.analysis_s: analysis_s, j.output_dir: str(output_dir),
+            j.finished_at: time.time(), j.error: None, j.error_kind: None, j.lease_until: None}, ends=True)
 
     @writes
     def finish_duplicate(self, job_id: int, first: Job, output_dir: Path) -> None:
-        self.Job.update(state=DONE, duplicate_of=first.id, effective_mode=first.effective_mode,
-                        context_key=first.context_key,
-                        fallbacks=first.fallbacks, report_json=first.report_json, report_html=first.report_html,
-                        grade=first.grade, adapter=first.adapter, output_dir=str(output_dir),
-                        finished_at=time.time()).where(self.Job.id == job_id).execute()
+        j = self.Job
+        self._fenced(job_id, "duplicate record", {
+            j.state: DONE, j.duplicate_of: first.id, j.effective_mode: first.effective_mode,
+            j.context_key: first.context_key, j.fallbacks: first.fallbacks, j.report_json: first.report_json,
+            j.report_html: first.report_html, j.grade: first.grade, j.adapter: first.adapter,
+            j.output_dir: str(output_dir), j.finished_at: time.time(), j.lease_until: None}, ends=True)
 
     @writes
     def fail(self, job_id: int, reason: str, output_dir: Path | None, kind: str = "permanent") -> None:
-        self.Job.update(state=FAILED, error=reason, error_kind=kind, finished_at=time.time(),
-                        output_dir=str(output_dir) if output_dir else None).where(self.Job.id == job_id).execute()
+        j = self.Job
+        self._fenced(job_id, "failure record", {
+            j.state: FAILED, j.error: reason, j.error_kind: kind, j.finished_at: time.time(),
+            j.output_dir: str(output_dir) if output_dir else None, j.lease_until: None}, ends=True)
 
     @writes
     def retry_later(self, job_id: int, reason: str, delay_s: float) -> None:
-        self.Job.update(state=QUEUED, error=reason, error_kind="transient", worker=None,
-                        not_before=time.time() + delay_s).where(self.Job.id == job_id).execute()
+        j = self.Job
+        self._fenced(job_id, "retry", {j.state: QUEUED, j.error: reason, j.error_kind: "transient", j.worker: None,
+                                       j.not_before: time.time() + delay_s, j.lease_until: None},
+                     ends=True, give_back=True)
 
     @writes
     def requeue(self, job_id: int, reason: str | None = None, delay_s: float = 0.0,
@@ -808,28 +1116,32 @@ class Ledger:
         `keep_place`: keep its place in the queue (claimed again first), so a job interrupted after its report
         was published is finished before a copy of the same photo could be analysed a second time.
         `reset_attempts`: the photo was cleared of the crashes counted against it (daemon/pipeline/isolation.py)."""
-        upd: dict[Any, Any] = {self.Job.state: QUEUED, self.Job.worker: None}
+        upd: dict[Any, Any] = {self.Job.state: QUEUED, self.Job.worker: None, self.Job.lease_until: None}
         if not keep_place:
             upd[self.Job.not_before] = time.time() + delay_s
         if reason:
             upd[self.Job.error] = reason
         if undo_attempt:
-            upd[self.Job.attempts] = fn.MAX(self.Job.attempts - 1, 0)
+            upd[self.Job.attempts] = _one_less(self.Job.attempts)
         if reset_attempts:
             upd[self.Job.attempts] = 0
-        self.Job.update(upd).where((self.Job.id == job_id) & (self.Job.state == RUNNING)).execute()
+        self._fenced(job_id, "requeue", upd, ends=True, give_back=True, extra=self.Job.state == RUNNING)
 
     @writes
     def requeue_changed(self, job_id: int, size: int, mtime: float, delay_s: float) -> None:
         """The file changed after it was queued: remember how it is now and look again after `delay_s`,
         without blame (the attempt is given back)."""
-        self.Job.update(state=QUEUED, worker=None, size=size, mtime=mtime, not_before=time.time() + delay_s,
-                        attempts=fn.MAX(self.Job.attempts - 1, 0)).where(
-            (self.Job.id == job_id) & (self.Job.state == RUNNING)).execute()
+        j = self.Job
+        self._fenced(job_id, "requeue", {j.state: QUEUED, j.worker: None, j.size: size, j.mtime: mtime,
+                                         j.not_before: time.time() + delay_s, j.attempts: _one_less(j.attempts),
+                                         j.lease_until: None},
+                     ends=True, give_back=True, extra=j.state == RUNNING)
 
     @writes
     def mark_gone(self, job_id: int, reason: str) -> None:
-        self.Job.update(state=GONE, error=reason, finished_at=time.time()).where(self.Job.id == job_id).execute()
+        j = self.Job
+        self._fenced(job_id, "removal record", {j.state: GONE, j.error: reason, j.finished_at: time.time(),
+                                                j.lease_until: None}, ends=True)
 
     def retry_failed(self, ids: Iterable[int] | None = None) -> list[Job]:
         """Failed jobs to queue again; not those whose file has a later job (put back since): that one is its job
@@ -948,7 +1260,7 @@ class Ledger:
                          embedding: bytes | None) -> Reference:
         values = dict(sha256=sha256, scores=scores, comments=comments, source=source, model_id=model_id,
                       embedding=embedding, indexed_at=time.time())
-        with self.db.atomic("IMMEDIATE"):
+        with self._tx():
             row = self.reference_at(advisor, path)
             if row is None:
                 return self.Reference.create(advisor=advisor, path=str(path), **values)
@@ -963,13 +1275,25 @@ class Ledger:
     # -- daemon facts for status --------------------------------------------------------------
     @writes
     def set_event(self, key: str, value: Any) -> None:
-        self.Event.insert(key=key, value=json.dumps(value), at=time.time()).on_conflict_replace().execute()
+        self._put_event(key, value)
+
+    def _put_event(self, key: str, value: Any) -> None:
+        e = self.Event
+        e.insert(key=key, value=json.dumps(value), at=time.time()).on_conflict(
+            conflict_target=[e.key], preserve=[e.value, e.at]).execute()
 
     def events(self) -> dict[str, tuple[Any, float]]:
         return {e.key: (json.loads(e.value), e.at) for e in self.Event.select()}
 
     def integrity_check(self) -> str:
+        if self.shared:
+            return "ok"  # the server checks its own pages
         return self.db.execute_sql("PRAGMA integrity_check").fetchone()[0]
+
+
+def _one_less(column: Any) -> Any:
+    """`column - 1`, never below 0, in SQL both engines know (SQLite's two-argument MAX is not PostgreSQL's)."""
+    return Case(None, [(column > 0, column - 1)], 0)
 
 
 def job_dict(job: Job) -> dict[str, Any]:
@@ -978,5 +1302,6 @@ def job_dict(job: Job) -> dict[str, Any]:
     return d
 
 
-__all__ = ["Ledger", "Job", "Reference", "STATES", "QUEUED", "RUNNING", "DONE", "FAILED", "GONE", "job_dict",
+__all__ = ["Ledger", "LeaseLost", "WorkerRow", "Job", "Reference", "STATES", "QUEUED", "RUNNING", "DONE", "FAILED",
+           "GONE", "job_dict",
            "SCHEMA_VERSION", "SQL"]

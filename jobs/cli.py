@@ -96,7 +96,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from(args)
     advisor = _advisor(cfg, args.advisor)
     cfg.ensure_dirs()
-    ledger = Ledger(cfg.db_path)
+    ledger = Ledger.for_config(cfg)
     recorder = ProgressRecorder(ledger, advisor.id)
     overrides: dict[str, Any] = {}
     if args.iters:
@@ -262,7 +262,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     dest = Path(args.out).expanduser() if args.out else cfg.var_dir / "models" / f"fused-{advisor.id}-{version.name}"
     # Check on the version's own test photos (up to 3); a grey gradient when none is indexed any more.
     recorded = set((version.manifest.get("splits") or {}).get("test") or version.manifest.get("held_out") or [])
-    refs = [r for r in collect_references(cfg, advisor.id, Ledger(cfg.db_path)) if r.sha256 in recorded][:3]
+    refs = [r for r in collect_references(cfg, advisor.id, Ledger.for_config(cfg)) if r.sha256 in recorded][:3]
     probes = [load_photo(Path(r.path), cfg.max_pixels).image for r in refs] or \
         [Image.linear_gradient("L").convert("RGB").resize((112, 112))]
     print(f"Fusing {version.label} into the base weights of {cfg.model}…", file=sys.stderr)
@@ -334,7 +334,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
         cand_path, cand_label, version = _resolve(store, advisor.id, args.version)
         base_path, base_label, _ = _resolve(store, advisor.id, args.against)
-        refs = collect_references(cfg, advisor.id, Ledger(cfg.db_path))
+        refs = collect_references(cfg, advisor.id, Ledger.for_config(cfg))
         if version is None:
             raise DatasetError("--version names the adapter to evaluate (base is what it is compared with)")
         held, where = recorded_test_set(cfg, version, refs)

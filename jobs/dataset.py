@@ -119,7 +119,7 @@ def collect_references(cfg: Config, advisor_id: str, ledger: Any | None = None) 
     if ledger is None:
         from daemon.ledger import Ledger
 
-        ledger = Ledger(cfg.db_path)
+        ledger = Ledger.for_config(cfg)
     if not hasattr(ledger, "references"):
         raise DatasetError("this Mondrian has no reference index yet (the RAG index provides it)")
     refs: dict[str, Reference] = {}

@@ -256,20 +256,29 @@ class NightlyTrainer:
         if not self._lock.acquire(blocking=False):
             return []
         try:
-            self.runs += 1
-            self._record(last_run_at=time.time())
-            due = due_advisors(self.cfg, self.ledger)
-            log.info("nightly check: %s", ", ".join(f"{d.advisor} ({d.reason})" for d in due) or
-                     "no advisor's references changed")
-            outcomes = []
-            for d in due:
-                if self.stop_event.is_set():
-                    break
-                try:
-                    outcomes.append(self.train_fn(d.advisor))
-                except Exception:
-                    log.exception("nightly training of %s failed", d.advisor)
-            self._record(last_finished_at=time.time(), last_trained=[d.advisor for d in due])
-            return outcomes
+            with self.ledger.training_turn() as mine:
+                if not mine:
+                    log.info("nightly check: another machine sharing the ledger is training now; this one leaves "
+                             "it to that one (the adapters folder is shared, so every node serves what it promotes)")
+                    return []
+                return self._check()
         finally:
             self._lock.release()
+
+    def _check(self) -> list[Any]:
+        """One check: train the advisors whose references changed, one after another."""
+        self.runs += 1
+        self._record(last_run_at=time.time())
+        due = due_advisors(self.cfg, self.ledger)
+        log.info("nightly check: %s", ", ".join(f"{d.advisor} ({d.reason})" for d in due) or
+                 "no advisor's references changed")
+        outcomes = []
+        for d in due:
+            if self.stop_event.is_set():
+                break
+            try:
+                outcomes.append(self.train_fn(d.advisor))
+            except Exception:
+                log.exception("nightly training of %s failed", d.advisor)
+        self._record(last_finished_at=time.time(), last_trained=[d.advisor for d in due])
+        return outcomes

@@ -35,3 +35,28 @@ def plain_model_path(smoke_model_path: Path, tmp_path_factory: pytest.TempPathFa
     from tests.lora_helpers import plain_random_model
 
     return plain_random_model(smoke_model_path, tmp_path_factory.mktemp("plain") / "smoke-plain")
+
+
+@pytest.fixture(scope="session")
+def pg_server():  # type: ignore[no-untyped-def]
+    """A real PostgreSQL server for the session (tests/pgserver.py); skipped, saying what to install, without one."""
+    from tests.pgserver import PgServer, pg_bin_dir
+
+    pytest.importorskip("psycopg", reason="pip install 'psycopg[binary]' (the postgres extra) for shared-ledger tests")
+    bin_dir = pg_bin_dir()
+    if bin_dir is None:
+        pytest.skip("PostgreSQL is not installed (initdb not found): `bash tests/system_deps.sh` installs it")
+    server = PgServer(bin_dir)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def ledger_url(request: pytest.FixtureRequest) -> str | None:
+    """None (the SQLite file) or the URL of a fresh database on the session's PostgreSQL server."""
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("pg_server").new_database()

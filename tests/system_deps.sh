@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # What the tests need from the system beyond pip, set up by `make test` itself: Chromium (the HTML report tests
 # open every page in it), curl and jq (the API tests run the original design's own curl | jq commands), exiftool
-# (the XMP tests read back what Mondrian wrote with it, as a photo manager would) and, on Linux, OpenBLAS (MLX's CPU
+# (the XMP tests read back what Mondrian wrote with it, as a photo manager would), PostgreSQL (the shared-ledger
+# tests) and, on Linux, OpenBLAS (MLX's CPU
 # path is ~30x faster with it; the LoRA learning test needs it to finish in time) and strace (the durability test
 # reads the daemon's fsyncs with it). On Debian/Ubuntu they are
 # installed (as root, or through sudo); elsewhere this
@@ -29,6 +30,12 @@ command -v exiftool >/dev/null 2>&1 || missing+=(libimage-exiftool-perl)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
 [ "$(uname -s)" != Linux ] || command -v strace >/dev/null 2>&1 || missing+=(strace)  # report-folder durability test
+# PostgreSQL's server binaries: the shared-ledger tests start a throw-away server of their own (tests/pgserver.py).
+have_postgres() {
+  command -v initdb >/dev/null 2>&1 || [ -x /usr/local/bin/initdb ] \
+    || compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null
+}
+have_postgres || missing+=(postgresql)
 [ ${#missing[@]} -eq 0 ] && exit 0
 
 if command -v apt-get >/dev/null 2>&1; then

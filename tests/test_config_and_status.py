@@ -55,6 +55,7 @@ BAD_SETTINGS = {  # a line of mondrian.toml (or NAME=value in the environment): 
     "comment_max_chars = -1": "comment_max_chars must be at least 1",
     "max_attempts = -3": "max_attempts must be at least 1",
     "rag_k = -1": "rag_k must be at least 1",
+    "rag_reference_weight = 1.5": "rag_reference_weight must be at least 0 and at most 1",
     "max_pixels = 1e12": "max_pixels must be at least 784 and at most",
     "max_pixels = 5.5": "max_pixels must be a whole number",
     'expose_paths = "nope"': "expose_paths must be true or false",

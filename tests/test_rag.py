@@ -8,6 +8,7 @@ import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import jsonschema
 import numpy as np
@@ -17,7 +18,7 @@ from daemon.analysis.critique import DIMENSIONS, critique_schema, profile_schema
 from daemon.references.indexer import reference_profile
 from daemon.references.sidecar import SidecarInvalid, parse_sidecar
 from daemon.pipeline.report import SCHEMA_PATH
-from daemon.analysis.retrieval import distribution, nearest
+from daemon.analysis.retrieval import anchored, distribution, nearest, reference_prior
 from tests.harness import Daemon, make_home, mondrian, photo, wait_for
 from tests.mlx_reference import mlx_vlm_text
 
@@ -102,6 +103,24 @@ def test_retrieval_returns_the_nearest_profiles() -> None:
     assert pf["dimensions"]["composition"]["mean"] == pytest.approx(5.0)
     assert pf["dimensions"]["composition"]["std"] == pytest.approx(np.std([2, 4, 9]), abs=1e-3)
     assert pf["dimensions"]["lighting"]["mean"] == pytest.approx(2.0)
+
+
+def test_reference_prior_is_the_curators_scores_weighted_by_similarity() -> None:
+    """rag's prior: the retrieved references' curator scores, the more similar weighing more; a reference the
+    model scored itself holds the model's own opinion and does not count."""
+    rows = [_row("near.jpg", _scores(8)), _row("far.jpg", _scores(2)), _row("model.jpg", _scores(10))]
+    rows[2].source = "model"
+    found = nearest(_scores(8), rows, k=3)
+    sims = {n.name: n.similarity for n in found}
+    prior = reference_prior(found)
+    want = (8 * sims["near.jpg"] + 2 * sims["far.jpg"]) / (sims["near.jpg"] + sims["far.jpg"])
+    assert prior == {d: pytest.approx(want, abs=1e-4) for d in DIMENSIONS} and 5 < want < 8
+    assert reference_prior([n for n in found if n.name == "model.jpg"]) is None
+    own = _scores(4)
+    assert anchored(own, prior, 0.0) == {d: 4.0 for d in DIMENSIONS}
+    assert anchored(own, prior, 1.0) == {d: pytest.approx(want, abs=1e-4) for d in DIMENSIONS}
+    assert anchored(own, prior, 0.5) == {d: pytest.approx((4 + want) / 2, abs=1e-4) for d in DIMENSIONS}
+    assert anchored(own, None, 0.5) == {d: 4.0 for d in DIMENSIONS}
 
 
 # ------------------------------------------------------------------------------ with the smoke model
@@ -232,6 +251,57 @@ def test_indexing_human_model_idempotent_removal(tmp_path: Path, runtime) -> Non
     assert {w.path.name for w in stale.index} >= {"moonrise.jpg", "valley-renamed.jpg", "dunes.png"}
 
 
+def test_rag_anchors_its_scores_to_the_advisors_own(tmp_path: Path, runtime) -> None:
+    """Pass 2's scores move towards the curator scores of the retrieved references by rag_reference_weight; the
+    report keeps the prior and the model's own scores. A model-scored reference is no prior."""
+    import dataclasses
+
+    from daemon.analysis import AnalysisContext
+    from daemon.analysis.advisors import get_advisor
+    from daemon.analysis.rag import RagStrategy
+    from daemon.config import load_config
+    from daemon.intake.images import load_photo
+    from daemon.ledger import Ledger
+    from daemon.references.indexer import ReferenceIndexer
+
+    home = make_home(tmp_path / "home", max_pixels=MAX_PIXELS)
+    cfg = load_config(home, env={})
+    assert cfg.rag_reference_weight == 0.5  # the default
+    refs = cfg.advisors_dir / "ansel" / "references"
+    for i, (name, score) in enumerate([("a.jpg", 9), ("b.jpg", 10), ("c.jpg", 9)]):
+        photo(refs / name, seed=40 + i)
+        _sidecar(refs / name.replace(".jpg", ".json"), _scores(score, composition=0))
+    _age(*refs.iterdir())
+    ledger = Ledger(cfg.db_path)
+    ReferenceIndexer(cfg, ledger, lambda: runtime).sync(["ansel"])
+    advisor = get_advisor(cfg, "ansel")
+    target = load_photo(photo(tmp_path / "lake.jpg", seed=49), cfg.max_pixels)
+
+    def rag(weight: float) -> Any:
+        c = dataclasses.replace(cfg, rag_reference_weight=weight)
+        return RagStrategy(c, ledger).analyse(AnalysisContext(runtime=runtime, cfg=c, advisor=advisor, photo=target))
+
+    own = rag(0.0)
+    prior = own.extras["reference_prior"]
+    assert prior["weight"] == 0.0 and 9 < prior["scores"]["lighting"] < 10 and prior["scores"]["composition"] == 0
+    model = {d: own.critique["dimensions"][d]["score"] for d in DIMENSIONS}
+    assert prior["model_scores"] == model
+    for weight in (1.0, 0.5):
+        got = rag(weight)
+        assert got.extras["reference_prior"] == {**prior, "weight": weight}
+        assert {d: got.critique["dimensions"][d]["score"] for d in DIMENSIONS} == \
+            {d: int((1 - weight) * model[d] + weight * prior["scores"][d] + 0.5) for d in DIMENSIONS}
+    assert rag(1.0).critique["dimensions"]["composition"]["score"] == 0
+
+    # references the model scored itself are no prior: the model's scores stand
+    for side in refs.glob("*.json"):
+        side.unlink()
+    ReferenceIndexer(cfg, ledger, lambda: runtime).sync(["ansel"])
+    assert {r.source for r in ledger.references("ansel")} == {"model"}
+    alone = rag(1.0)
+    assert "reference_prior" not in alone.extras
+
+
 def test_references_cli_index_and_list(tmp_path: Path, smoke_model_path: Path) -> None:
     home = make_home(tmp_path / "home", smoke_model_path)
     refs = home / "advisors" / "cartier" / "references"
@@ -281,6 +351,8 @@ def test_rag_through_the_daemon(tmp_path: Path, smoke_model_path: Path) -> None:
         assert lake["mode"] == {"requested": "rag", "effective": "rag", "source": "default", "fallbacks": []}
         assert set(lake["profile"]) == set(DIMENSIONS)
         assert lake["portfolio"]["count"] == 4 and set(lake["portfolio"]["dimensions"]) == set(DIMENSIONS)
+        # any three of the four hold a curator-scored one (9 or 4): it anchors the scores (the schema checks the block)
+        assert lake["reference_prior"]["weight"] == 0.5 and 4 <= lake["reference_prior"]["scores"]["lighting"] <= 9
         assert len(lake["references"]) == 3  # rag_k
         names = {r["name"] for r in lake["references"]}
         assert names <= {"moonrise.jpg", "dunes.jpg", "aspens.jpg", "oak.jpg"}

@@ -6,6 +6,10 @@
    embeddings are enabled; the portfolio's distribution (mean and spread per dimension).
 4. Pass 2: the advisor prompt + portfolio context; the normal critique schema. It reuses pass 1's vision
    features and the KV cache of the prefix both prompts share (system prompt, image, advisor prompt).
+5. Anchoring: each dimension's score moves towards the similarity-weighted mean of the curator scores of the
+   retrieved references by `rag_reference_weight` (0.5 by default; 0 keeps the model's own), so the advisor's
+   own scores of the photos most like this one count even where the model reads its prompt poorly. The report
+   keeps both: `reference_prior` holds the prior, the weight and the model's own scores.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from .critique import DIMENSIONS, critique_schema
 from .prompts import critique_prompt, portfolio_context
 from ..references.indexer import extract_profile, reference_comment, reference_profile
 from ..references.thumbnails import thumbnail
-from .retrieval import distribution, nearest
+from .retrieval import anchored, distribution, nearest, reference_prior
 from . import AnalysisContext, AnalysisResult, Availability, Strategy
 
 
@@ -90,6 +94,10 @@ class RagStrategy(Strategy):
         timings["critique_s"] = time.perf_counter() - t
         critique = second.data
         encoded.kv = None  # free the KV cache now rather than with the photo
+        own = {d: int(critique["dimensions"][d]["score"]) for d in DIMENSIONS}
+        prior = reference_prior(found)
+        for d, v in anchored(own, prior, cfg.rag_reference_weight).items():
+            critique["dimensions"][d]["score"] = int(v + 0.5)  # half up, not to even: 4.5 is 5 like 5.5 is 6
 
         references: list[dict[str, Any]] = []
         files: dict[str, Path] = {}
@@ -117,6 +125,8 @@ class RagStrategy(Strategy):
         timings["reused_prompt_tokens"] = second.reused_tokens
         if first.forward_passes is not None and second.forward_passes is not None:
             timings["forward_passes"] = first.forward_passes + second.forward_passes
-        return AnalysisResult(critique=critique,
-                              extras={"profile": profile, "references": references, "portfolio": portfolio},
+        extras = {"profile": profile, "references": references, "portfolio": portfolio}
+        if prior is not None:
+            extras["reference_prior"] = {"scores": prior, "weight": cfg.rag_reference_weight, "model_scores": own}
+        return AnalysisResult(critique=critique, extras=extras,
                               files=files, timings=timings, inputs=reference_fingerprint(rows))

@@ -7,7 +7,13 @@ Two signals, both from the one model Mondrian already runs:
   (stored with each reference), mapped from [-1, 1] to [0, 1]. It is used only when both vectors exist, come
   from the same model and have the same length; otherwise the profile alone decides.
 
-No MLX here: rows are plain ledger rows (or anything with `.scores`, `.embedding`, `.model_id`, `.path`).
+The retrieved references also give rag a prior for its scores (`reference_prior`, `anchored`): the advisor's
+own scores of the photos most like this one, weighted by similarity (a k-nearest-neighbour estimate). rag blends
+it with the model's scores (`rag_reference_weight`), so its scores stay on the advisor's scale even where the
+model reads the references in its prompt poorly.
+
+No MLX here: rows are plain ledger rows (or anything with `.scores`, `.embedding`, `.model_id`, `.path`,
+`.source`).
 """
 
 from __future__ import annotations
@@ -84,6 +90,25 @@ def nearest(profile: Mapping[str, Any], references: Iterable[Any], *, k: int = D
                              distance=distance))
     out.sort(key=lambda n: (-n.similarity, str(n.row.path)))
     return out[:max(0, k)]
+
+
+def reference_prior(neighbours: Sequence[Neighbour]) -> dict[str, float] | None:
+    """The similarity-weighted mean of the curator-scored neighbours' scores per dimension; None if none of them
+    has curator scores (a model-scored reference holds the model's own opinion, not the advisor's)."""
+    own = [n for n in neighbours if getattr(n.row, "source", None) == "human"]
+    if not own:
+        return None
+    weights = np.array([max(n.similarity, 1e-6) for n in own], dtype=np.float64)
+    scores = np.stack([profile_vector(n.row.scores) for n in own])
+    mean = weights @ scores / weights.sum()
+    return {d: round(float(v), 4) for d, v in zip(DIMENSIONS, mean)}
+
+
+def anchored(model: Mapping[str, float], prior: Mapping[str, float] | None, weight: float) -> dict[str, float]:
+    """The model's scores moved towards the prior by `weight` (0: the model's own, 1: the prior's)."""
+    if prior is None or weight <= 0:
+        return {d: float(model[d]) for d in DIMENSIONS}
+    return {d: (1.0 - weight) * float(model[d]) + weight * float(prior[d]) for d in DIMENSIONS}
 
 
 def distribution(score_sets: Sequence[Mapping[str, Any]]) -> dict[str, Any]:

@@ -170,7 +170,7 @@ def analyze_many(cfg: Config, request: Request, *, on_loading: Callable[[], None
     loaded first (AnalyzeRefused, and no job, if it cannot be). A photo that fails is recorded and the next one
     goes on; Ctrl-C fails the photo in hand as interrupted and stops."""
     cfg.ensure_dirs()
-    ledger = Ledger(cfg.db_path)
+    ledger = Ledger.for_config(cfg)
     worker = Worker(cfg, ledger, default_runtime_factory(cfg))
     if request.adapter is not None:
         worker.strategies["lora"].pinned[request.advisor] = request.adapter

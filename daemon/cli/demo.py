@@ -115,7 +115,7 @@ def index_references(cfg: Config, advisor: Advisor) -> Step:
 
         return ModelRuntime.load(cfg.model, var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
 
-    ledger = Ledger(cfg.db_path)
+    ledger = Ledger.for_config(cfg)
     bars = contextlib.ExitStack()
     bar: list[Any] = []
 
@@ -203,7 +203,7 @@ def queue_samples(cfg: Config) -> list[tuple[str, str]]:
 def summary(cfg: Config, queued: list[tuple[str, str]], first_job: int) -> list[str]:
     from ..ledger import Ledger
 
-    ledger = Ledger(cfg.db_path)
+    ledger = Ledger.for_config(cfg)
     try:
         jobs = {j.rel_path: j for j in ledger.jobs() if j.id > first_job}
     finally:
@@ -249,7 +249,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         if steps[-1].ok:
             steps.append(ensure_adapter(cfg, advisor))
             say(f"· {steps[-1].line}")
-    ledger = Ledger(cfg.db_path)
+    ledger = Ledger.for_config(cfg)
     try:
         first_job = max((j.id for j in ledger.jobs()), default=0)
     finally:

@@ -109,6 +109,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_workers(args: argparse.Namespace) -> int:
+    from .status import require_home
+    from .terminal import shown
+    from .workers import list_workers
+
+    cfg = config_from(args)
+    require_home(cfg)
+    out = list_workers(cfg, args.json)
+    print(out if args.json else "\n".join(shown(line) for line in out.splitlines()))
+    return 0
+
+
 def cmd_model_smoke(args: argparse.Namespace) -> int:
     from ..model.smoke import build_smoke_model, ensure_smoke_model
 
@@ -179,6 +191,10 @@ def add_core_commands(sub: Any) -> None:
     st.add_argument("--watch", nargs="?", type=float, const=2.0, metavar="SECONDS",
                     help="show it again every SECONDS (default 2) until Ctrl-C")
     st.set_defaults(func=cmd_status)
+
+    wk = sub.add_parser("workers", help="every process running photos on this ledger (all machines sharing it)")
+    wk.add_argument("--json", action="store_true", help="for scripts")
+    wk.set_defaults(func=cmd_workers)
 
     model = sub.add_parser("model", help="model utilities")
     msub = model.add_subparsers(dest="model_command", required=True)

@@ -48,7 +48,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         say(f"loading model {cfg.model!r}…")
         return ModelRuntime.load(cfg.model, var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
 
-    ledger = Ledger(cfg.db_path)
+    ledger = Ledger.for_config(cfg)
     indexer = ReferenceIndexer(cfg, ledger, load_runtime)
     bars = contextlib.ExitStack()
     bar: list[Any] = []
@@ -132,7 +132,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     except UnknownAdvisor as exc:
         print(str(exc).strip("'\""), file=sys.stderr)
         return 2
-    ledger = Ledger(cfg.db_path)
+    ledger = Ledger.for_config(cfg)
     recorded = ledger.events().get("reference_errors", ([], None))[0]  # what the daemon could not index
     result = {}
     for advisor in advisors:

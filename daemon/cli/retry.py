@@ -61,7 +61,7 @@ def _settings_changed_at(cfg: Config) -> float:
 
 def failed_now(cfg: Config) -> tuple[int, int]:
     """(failures `retry --failed` would look at, those of them it would skip as unchanged permanent ones)."""
-    jobs = Ledger(cfg.db_path).retry_failed(None)
+    jobs = Ledger.for_config(cfg).retry_failed(None)
     changed = _settings_changed_at(cfg)
     return len(jobs), sum(1 for j in jobs if unchanged_permanent(j, changed))
 
@@ -70,7 +70,7 @@ def retry_failed(cfg: Config, ids: list[int] | None = None, *, everything: bool 
     """Queue failed inbox photos again. Those named by `ids` (or all, with `everything`) are queued whatever
     their kind; otherwise permanent failures nothing has changed since are skipped. One photo that cannot be
     put back is said so, and the rest go on."""
-    ledger = Ledger(cfg.db_path)
+    ledger = Ledger.for_config(cfg)
     out = Retried()
     done, left = out.queued, out.left
     changed = _settings_changed_at(cfg)

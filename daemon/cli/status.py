@@ -111,7 +111,7 @@ def _estimates(ledger: Ledger, running: list[dict[str, Any]], waiting: int) -> d
 
 def collect(cfg: Config) -> dict[str, Any]:
     require_home(cfg)
-    ledger = Ledger(cfg.db_path)
+    ledger = Ledger.for_config(cfg)
     counts = ledger.counts()
     events = ledger.events()
     now = time.time()
@@ -167,6 +167,10 @@ def _extra_sections(cfg: Config, ledger: Ledger) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "training" in events:
         out["training"] = events["training"][0]
+    from .workers import worker_rows
+
+    out["workers"] = worker_rows(ledger)
+    out["shared_ledger"] = ledger.where if ledger.shared else None
     return out
 
 
@@ -255,6 +259,11 @@ def render(info: dict[str, Any]) -> str:
     for r in info["running"]:
         lines.append(f"Now:     {r['file']} for {r['advisor']} ({r['mode'] or '…'}), {_span(r['elapsed_s'])} so far"
                      + _eta_words(r.get("eta_s"), typical, r["elapsed_s"]) + paused)
+    if info.get("shared_ledger"):
+        from .workers import worker_lines
+
+        lines.append(f"Ledger:  shared, {info['shared_ledger']} (every machine's photos are counted above)")
+        lines.extend(worker_lines(info.get("workers") or []))
     if typical is not None and (q.get("queued") or info["running"]):
         lines.append(f"Queue:   about {_span(eta['queue_s'])} left for {q['queued'] + len(info['running'])} photo(s) "
                      f"(a photo takes about {_span(typical)}, from the last {eta['based_on_photos']})")

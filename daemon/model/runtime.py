@@ -283,11 +283,11 @@ class ModelRuntime:
         from mlx_vlm.generate import stream_generate
 
         check_limits(cancel, deadline)
-        if encoded is None and not self.quantized:
+        if encoded is None:
             # A single pass takes the encode-once path where the model supports it (reuse.py): the same greedy
             # text, but schema-forced tokens cost no decode step of their own and the vocabulary projection
-            # covers only the last position. On a quantized model mlx-vlm's own loop is faster for one pass
-            # (bench/RESULTS.md: a decode step of ours costs ~1.4x its); rag's passes still share the KV cache.
+            # covers only the last position. Quantized models too: once both loops are warmed up on a full-size
+            # photo, ours is the faster one at 4 bits as well (bench/RESULTS.md, the H200 rows).
             encoded = self.encode(image)
         if encoded is not None and encoded.features is not None:
             return self._generate_encoded(encoded, prompt, schema, max_tokens=max_tokens, system=system,

@@ -168,7 +168,7 @@ def child_main(argv: list[str] | None = None) -> int:
     from .worker import Worker
 
     cfg = load_config(args.home, model=args.model)
-    ledger = Ledger(cfg.db_path)  # read only: the rag strategy reads the reference index
+    ledger = Ledger.for_config(cfg)  # read only: the rag strategy reads the reference index
     worker = Worker(cfg, ledger, default_runtime_factory(cfg))
     job = ledger.get(args.job_id)
     worker.load_runtime()  # before the photo: a crash while loading the model is not the photo's

@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,9 @@ from .report import now_iso, write_report_folder
 from .xmp import embed, write_sidecar
 
 log = logging.getLogger("mondrian.worker")
+
+
+SHARED_TMP_AGE_S = 3600.0
 
 
 class OutsideInbox(Permanent):
@@ -81,6 +85,13 @@ def link_or_copy(src: Path, dest: Path) -> str:
     return how
 
 
+def staging_name(job: Job) -> str:
+    """A claim's own staging folder: after a lease ends, the worker that lost the job and the one that took it over
+    may both be staging it, and neither may write into (or rename) the other's. (`job` is the claimed row: its
+    token is the claim's, whatever the ledger holds now.)"""
+    return f"job-{job.id}" if not job.lease_token else f"job-{job.id}.{job.lease_token}"
+
+
 class Publisher:
     """Where a job's outcome goes: outbox/, failed/ or duplicates/, recorded in the ledger."""
 
@@ -91,7 +102,7 @@ class Publisher:
 
     def sweep_staging(self) -> None:
         """Remove staging folders left by killed runs (a live `mondrian analyze` keeps its own)."""
-        live = {f"job-{j.id}" for j in self.ledger.running()}
+        live = {staging_name(j) for j in self.ledger.running()}
         try:
             entries = list(os.scandir(self.cfg.staging_dir)) if self.is_own(self.cfg.staging_dir) else []
         except OSError:
@@ -115,15 +126,24 @@ class Publisher:
                 continue
             for name in names:
                 m = ATOMIC_TMP.match(name)
+                if m and self.cfg.shared and not self._old(folder / name):
+                    continue  # its pid may be another machine's: only a file left for long is surely abandoned
                 if m and not pid_alive(int(m.group(1))):
                     try:
                         os.unlink(folder / name)
                     except OSError:
                         pass
 
+    @staticmethod
+    def _old(path: Path) -> bool:
+        try:
+            return time.time() - os.lstat(path).st_mtime > SHARED_TMP_AGE_S
+        except OSError:
+            return False
+
     def publish(self, job: Job, src: Path, photo: LoadedImage, report: dict[str, Any],
                  files: dict[str, Path], keep_original: bool) -> None:
-        staging = self.cfg.staging_dir / f"job-{job.id}"
+        staging = self.cfg.staging_dir / staging_name(job)
         try:
             self.cfg.staging_dir.mkdir(parents=True, exist_ok=True)
             self.own(self.cfg.staging_dir)  # LinkedOutbox (transient): nothing below may go through a link
@@ -141,11 +161,19 @@ class Publisher:
             # Nobody reads staging: every file is synced in one pass, before the one rename that publishes them.
             fsync_files(written + ([sidecar] if sidecar else []), staging)
             testhooks.crashpoint("staged")
+            if self._adopt(job, staging, keep_original):
+                return
             # A reservation of this very job (killed before its rename) is reused, not skipped as taken.
             final = unique_path(self.cfg.outbox, safe_stem(src.name), taken=self.taken(job),
                                 reserved=OUTBOX_RESERVED)
-            self.ledger.reserve_output(job.id, final)
+            self.ledger.reserve_output(job.id, final)  # refused (LeaseLost) if another worker has the job now
             testhooks.crashpoint("reserved")
+            # A worker that lost the job after passing its own check may still rename its report into the reserved
+            # folder: before this node's rename (then this rename onto a full folder fails, the job is retried, and
+            # `resume` adopts that report), or after it (then that one fails). What remains: that worker renaming
+            # in the instant between `_adopt` and `unique_path` above makes this node pick the next free name, and
+            # the photo gets two report folders (one of them recorded). It takes a worker stopped exactly between
+            # its check and its rename, woken in that instant.
             os.rename(staging, final)
             testhooks.crashpoint("renamed")
         except OSError as exc:
@@ -154,6 +182,22 @@ class Publisher:
             return
         job = self.ledger.get(job.id)
         self.complete(job, final, report, keep_original)
+
+    def _adopt(self, job: Job, staging: Path, keep_original: bool) -> bool:
+        """A shared ledger: the report a worker that lost this job renamed into place meanwhile (it names this job)
+        is this job's report; this node's staged one is dropped, so the photo keeps one report."""
+        if not (self.cfg.shared and job.output_dir):
+            return False
+        try:
+            report = json.loads((Path(job.output_dir) / "report.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return False
+        if not isinstance(report, dict) or report.get("job_id") != job.id:
+            return False
+        shutil.rmtree(staging, ignore_errors=True)
+        log.info("%s: adopted the report another worker published for it before losing it", job.rel_path)
+        self.complete(self.ledger.get(job.id), Path(job.output_dir), report, keep_original)
+        return True
 
     def complete(self, job: Job, final: Path, report: dict[str, Any], keep_original: bool) -> None:
         src = Path(job.source_path)
@@ -343,7 +387,7 @@ class Publisher:
 
     def clean_staging(self, job: Job) -> None:
         if self.is_own(self.cfg.staging_dir):
-            shutil.rmtree(self.cfg.staging_dir / f"job-{job.id}", ignore_errors=True)
+            shutil.rmtree(self.cfg.staging_dir / staging_name(job), ignore_errors=True)
 
     def shown(self, path: Path) -> str:
         try:

@@ -19,11 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..analysis.advisors import load_advisors
-from ..config import Config
+from ..config import Config, ConfigError
 from ..errors import EX_CONFIG, EX_TEMPFAIL
 from ..fsutil import LockHeld, NotOwn, hold_lock, lock_folder
 from ..intake.inbox import SIDECAR_SUFFIX, SidecarError, classify, read_sidecar, sidecar_for
 from ..ledger import FAULT_NOTE, Ledger, LedgerUnavailable
+from .heartbeat import Heartbeat
 from .worker import Worker
 
 if TYPE_CHECKING:
@@ -54,6 +55,8 @@ def _lock_home(cfg: Config) -> list[int]:
                            f"folder") from None
     except NotOwn as exc:
         raise StartupError(str(exc)) from None
+    if cfg.shared:
+        return [home_fd]  # several nodes serve one inbox on purpose: the shared ledger decides who takes which photo
     try:
         inbox_fd = lock_folder(cfg.inbox)  # nothing is written into the user's inbox
     except LockHeld as exc:
@@ -94,7 +97,8 @@ class Daemon:
         self.ready = threading.Event()
         self.fatal: str | None = None
         self.ledger_lost: str | None = None
-        self.ledger = Ledger(cfg.db_path, stop=self.stop, note=cfg.var_dir / FAULT_NOTE)
+        self.ledger = Ledger.for_config(cfg, stop=self.stop, note=cfg.var_dir / FAULT_NOTE)
+        self.heartbeat = Heartbeat(self.ledger, self.stop, self.wake.set)
         self.worker = Worker(cfg, self.ledger, runtime_factory or default_runtime_factory(cfg), self.stop)
         self._advisors = set(load_advisors(cfg))
         from ..intake.watcher import InboxWatcher
@@ -277,8 +281,9 @@ class Daemon:
     def run(self) -> int:
         self.cfg.ensure_dirs()
         try:
+            self.cfg.check_shared_storage()
             lock_fds = _lock_home(self.cfg)
-        except StartupError as exc:
+        except (ConfigError, StartupError) as exc:
             log.error("cannot start: %s", exc)
             return EX_CONFIG
         try:
@@ -291,6 +296,7 @@ class Daemon:
             signal.signal(sig, self._on_signal)
         self.ledger.set_event("daemon", {"pid": os.getpid(), "started_at": time.time(), "once": self.once})
         log.info("watching %s; reports go to %s", self.cfg.inbox, self.cfg.outbox)
+        self.heartbeat.start()
         self.watcher.start()
         self.references.start()
         self.watcher.rescan()
@@ -334,6 +340,7 @@ class Daemon:
             if nightly is not None:
                 nightly.stop()  # also stops a training child process, which never holds a photo
             self._finish_worker()  # meanwhile the API answers 503, and 202 to requests waiting for a report
+            self.heartbeat.retire()
             if api is not None:
                 api.stop()
             self._last_words()

@@ -25,7 +25,7 @@ from ..errors import Cancelled, Permanent, TimedOut, Transient, is_permanent
 from ..fsutil import holds, identity
 from ..intake.images import ImageRejected, LoadedImage, load_photo
 from ..intake.inbox import SidecarError, read_sidecar, sidecar_for
-from ..ledger import DONE, FAILED, Job, Ledger, LedgerUnavailable
+from ..ledger import DONE, FAILED, Job, LeaseLost, Ledger, LedgerUnavailable
 from .costs import JobCosts
 from .isolation import check_alone
 from .publish import OUTSIDE_INBOX, Publisher
@@ -157,6 +157,11 @@ class Worker:
             self.out.clean_staging(job)
             self.ledger.requeue(job.id, "Mondrian was stopped while analysing it; queued again",
                                 undo_attempt=True, keep_place=True)
+        except LeaseLost as exc:
+            # Stalled past its lease: another worker has the photo now and publishes its one report. Nothing of this
+            # claim may stay (the ledger refused it, and said so in the log).
+            self.out.clean_staging(job)
+            log.warning("discarded this worker's work on %s: %s", job.rel_path, exc)
         except LedgerUnavailable:
             # Stopping while the ledger cannot be written: the job stays running there, and the next start
             # finishes it from what was published, or analyses it again. Nothing is recorded twice.

@@ -1,0 +1,100 @@
+"""`decode_step`: where one decode forward pass spends its time, ours against mlx-vlm's `generate_step`.
+
+A step of a greedy decoder has three parts on the thread that runs the model: building the pass's graph in Python,
+`mx.async_eval` (which on MLX's CUDA backend launches the pass's kernels on the calling thread), and waiting for
+the token. If the wait dominates, the device is the bound and overlapping CPU work behind it pays; if the first two
+dominate, the step is dispatch-bound and only fewer passes, fewer kernels a pass, or more rows a pass help.
+
+Figures (`smoke.` / `real.` prefixes), ms per step at a 400-token text context, greedy, no schema:
+- `graph_ms`, `launch_ms`, `wait_ms`: the three parts for one-token passes the way `daemon/model/reuse.py` runs them;
+- `ours_step_ms`: their total, `mlx_vlm_step_ms`: `mlx_vlm.generate_step`'s time a token on the same cache length.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from . import apply_precision, by_size, emit, note, settings as bench_settings, var_dir
+
+CONTEXT = 400
+STEPS = {"smoke": 100, "real": 150}
+
+
+def measure(shapes: str) -> dict[str, Any]:
+    import mlx.core as mx
+    from mlx_vlm.generate import generate_step
+    from mlx_vlm.models import cache as mlx_cache
+
+    from daemon.model import reuse
+    from daemon.model.runtime import ModelRuntime
+    from daemon.model.smoke import ensure_smoke_model
+
+    prefix = f"{shapes}."
+    figures: dict[str, Any] = {}
+
+    def put(key: str, value: Any) -> None:
+        figures[prefix + key] = emit(prefix + key, value)
+
+    rt = ModelRuntime.load(str(ensure_smoke_model(var_dir(), shapes=shapes)), var_dir=var_dir(),
+                           max_pixels=bench_settings()["max_pixels"])
+    apply_precision(rt.model)
+    lm = rt.model.language_model
+    steps = STEPS[shapes]
+    prompt = mx.array([[100 + i % 800 for i in range(CONTEXT)]])
+    no_delta = mx.array([0])
+
+    def head(hidden: Any) -> Any:
+        last = hidden[:, -1:, :]
+        logits = lm.model.embed_tokens.as_linear(last) if lm.args.tie_word_embeddings else lm.lm_head(last)
+        return mx.argmax(logits[0, -1]).astype(mx.int32)
+
+    def ours() -> tuple[float, float, float, float]:
+        kv = mlx_cache.make_prompt_cache(lm)
+        hidden = lm.model(prompt, cache=kv)
+        mx.eval(hidden)
+        graph = launch = wait = 0.0
+        started = time.perf_counter()
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            token = head(hidden)
+            mx.async_eval(token)
+            hidden = lm.model(token.reshape(1, 1), cache=kv,
+                              position_ids=reuse._positions(int(kv[0].offset), no_delta, 1))
+            t1 = time.perf_counter()
+            mx.async_eval(hidden)
+            t2 = time.perf_counter()
+            int(token.item())
+            t3 = time.perf_counter()
+            graph, launch, wait = graph + t1 - t0, launch + t2 - t1, wait + t3 - t2
+        mx.eval(hidden)
+        total = time.perf_counter() - started
+        return total / steps * 1e3, graph / steps * 1e3, launch / steps * 1e3, wait / steps * 1e3
+
+    def library() -> float:
+        gen = generate_step(prompt, rt.model, None, None, max_tokens=steps + 1, temperature=0.0)
+        next(gen)  # the prefill
+        started = time.perf_counter()
+        n = sum(1 for _ in gen)
+        return (time.perf_counter() - started) / max(n, 1) * 1e3
+
+    ours(), library()  # warm-up: first calls compile kernels on a GPU
+    runs = [(ours(), library()) for _ in range(2)]
+    (step, graph, launch, wait), lib = min(runs, key=lambda r: r[0][0])
+    put("device", str(mx.default_device()))
+    put("context_tokens", CONTEXT)
+    put("steps", steps)
+    put("graph_ms", round(graph, 2))
+    put("launch_ms", round(launch, 2))
+    put("wait_ms", round(wait, 2))
+    put("ours_step_ms", round(step, 2))
+    put("mlx_vlm_step_ms", round(min(r[1] for r in runs), 2))
+    if mx.default_device() == mx.cpu:  # the CPU backend computes inside async_eval: launch_ms is the compute
+        note(f"{shapes}: on the CPU, launch_ms holds the pass's compute; the split means something on a GPU")
+    else:
+        note(f"{shapes}: a step is {'dispatch' if graph + launch > wait else 'device'}-bound")
+    return figures
+
+
+def run(size: str) -> dict[str, Any]:
+    return by_size(size, measure, "ours_step_ms", "mlx_vlm_step_ms")

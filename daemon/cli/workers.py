@@ -1,0 +1,54 @@
+"""`mondrian workers` (and the workers block of `mondrian status`): every process that runs jobs on this ledger, as
+its heartbeat last wrote it. With a shared ledger that is every node of the studio; a worker whose heartbeat stopped
+for longer than its lease is lost, and its photo goes back to the queue (daemon/pipeline/heartbeat.py)."""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from ..config import Config
+from ..ledger import Ledger
+
+
+def worker_rows(ledger: Ledger, now: float | None = None) -> list[dict[str, Any]]:
+    now = time.time() if now is None else now
+    rows = []
+    for w in ledger.workers():
+        job = ledger.Job.get_or_none(ledger.Job.id == w.job_id) if w.job_id is not None else None
+        up_s = max(now - w.started_at, 1.0)
+        beat_age = now - w.beat_at
+        renewed = job.lease_until - w.lease_seconds if job is not None and job.lease_until else None
+        rows.append({"worker": w.id, "host": w.host, "pid": w.pid, "job_id": w.job_id, "photo": w.photo,
+                     "on_photo_s": round(now - w.claimed_at, 1) if w.claimed_at else None,
+                     "lease_age_s": round(now - renewed, 1) if renewed is not None else None,
+                     "last_beat_s": round(beat_age, 1), "done": w.done,
+                     "photos_per_hour": round(w.done * 3600 / up_s, 1), "up_s": round(up_s, 1),
+                     "lost": beat_age > w.lease_seconds})
+    return rows
+
+
+def worker_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """One line a worker, for a person."""
+    if not rows:
+        return ["Workers: none (no daemon has beaten on this ledger; start one with `mondrian run`)"]
+    lines = [f"Workers: {sum(not r['lost'] for r in rows)} alive" +
+             (f", {sum(r['lost'] for r in rows)} lost" if any(r["lost"] for r in rows) else "")]
+    for r in rows:
+        what = (f"{r['photo']} for {r['on_photo_s']:.0f} s (lease renewed {r['lease_age_s']:.0f} s ago)"
+                if r["photo"] and r["lease_age_s"] is not None else r["photo"] or "idle")
+        state = (f"LOST: no heartbeat for {r['last_beat_s']:.0f} s; its photo returns to the queue when its lease "
+                 f"ends" if r["lost"] else what)
+        lines.append(f"  {r['host']} pid {r['pid']}: {state} · {r['done']} done, {r['photos_per_hour']:g} photos/hour")
+    return lines
+
+
+def list_workers(cfg: Config, as_json: bool) -> str:
+    ledger = Ledger.for_config(cfg)
+    try:
+        rows = worker_rows(ledger)
+    finally:
+        ledger.close()
+    return json.dumps({"ledger": ledger.where, "workers": rows}, indent=2) if as_json else "\n".join(
+        [f"Ledger:  {ledger.where}", *worker_lines(rows)])

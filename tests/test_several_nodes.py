@@ -1,0 +1,214 @@
+"""Issue 15: several Mondrian daemons (nodes) on one shared inbox and outbox, through one shared PostgreSQL ledger
+(a real server, tests/pgserver.py), with random SIGKILLs (each node restarted) and one node SIGSTOPped while it
+holds a photo, past its lease, then SIGCONTed: every photo ends with exactly one report, nothing is published
+twice, and the stopped node's late work is refused by the ledger (its log says so, and the ledger records it).
+
+The same run on SQLite, one node (a home as today), must pass too: nothing changes for one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from daemon.ledger import DONE, Ledger
+from tests.harness import Daemon, make_home, mondrian, photo, reports, wait_for
+
+PHOTOS = 60
+LEASE = 3.0
+KILLS = 4
+FAST = dict(max_pixels=56 * 56, comment_max_chars=8, max_tokens=400, quiet_seconds=0.2, rescan_seconds=1,
+            retry_base_seconds=0.2, max_attempts=12, lease_seconds=LEASE)
+
+
+def _homes(tmp_path: Path, url: str | None, nodes: int, model: Path) -> tuple[list[Path], Path, Path]:
+    inbox, outbox = tmp_path / "share" / "inbox", tmp_path / "share" / "outbox"
+    inbox.mkdir(parents=True)
+    extra = {"ledger_url": url} if url else {}
+    return ([make_home(tmp_path / f"node{i}", model, inbox=str(inbox), outbox=str(outbox), **FAST, **extra)
+             for i in range(nodes)], inbox, outbox)
+
+
+def _stopped(node: Daemon) -> bool:
+    out = subprocess.run(["ps", "-o", "stat=", "-p", str(node.proc.pid)], capture_output=True, text=True)
+    return out.stdout.strip().startswith("T")
+
+
+def _stall(node: Daemon, ledger: Ledger, others: bool) -> int:
+    """`node` stopped itself (MONDRIAN_TEST_STOP_AT) with a photo in hand: once another node has taken the photo
+    over and published it (past the stopped one's lease), wake it. Returns the photo's job."""
+    wait_for(lambda: _stopped(node), timeout=300, what="the node to stop itself with a photo in hand")
+    name = re.findall(r"analysing (.+?) as ", node.output())[-1]
+    job = next(j for j in ledger.jobs() if j.rel_path == name)
+    if others:
+        wait_for(lambda: (j := ledger.get(job.id)).state == DONE and j.worker.split(":")[1] != str(node.proc.pid),
+                 timeout=120, what="another node to take over and finish the stalled photo")
+    else:
+        time.sleep(LEASE * 1.5)  # alone, nobody takes its photo: it carries on when it wakes
+    node.signal(signal.SIGCONT)
+    return job.id
+
+
+@pytest.mark.parametrize("engine,count", [("postgres", 3), ("sqlite", 1)])
+def test_nodes_on_one_queue_publish_each_photo_exactly_once(tmp_path: Path, smoke_model_path: Path,
+                                                            request: pytest.FixtureRequest, engine: str,
+                                                            count: int) -> None:
+    url = request.getfixturevalue("pg_server").new_database() if engine == "postgres" else None
+    homes, inbox, outbox = _homes(tmp_path, url, count, smoke_model_path)
+    rng = random.Random(15)
+    names = [f"shot {i:02d}.jpg" for i in range(PHOTOS)]
+    staged = tmp_path / "camera"
+    for i, name in enumerate(names):
+        photo(staged / name, seed=1500 + i, size=(64, 48))
+    # Node 0 stalls after staging its third report, before its check of the claim (the reservation), so that what
+    # it made would be published late.
+    stalls = {0: "staged:3"}
+    nodes = [Daemon(home, smoke_model_path, **({"MONDRIAN_TEST_STOP_AT": stalls[i]} if i in stalls else {}))
+             for i, home in enumerate(homes)]
+    ledger = Ledger(homes[0] / "var" / "ledger.db", url=url)
+    try:
+        wait_for(lambda: len(ledger.workers()) == count, timeout=120, what="every node's heartbeat")
+        for name in names:  # a card copied in: each file appears whole (a rename within the share)
+            (staged / name).rename(inbox / name)
+        done = lambda: sum(j.state == DONE for j in ledger.jobs())  # noqa: E731
+        for i in sorted(stalls):
+            job_id = _stall(nodes[i], ledger, others=count > 1)
+            if count > 1:
+                # Woken, it finds the photo another node's: the ledger refuses what it would write, and it discards
+                # its work: refused at its check before the rename (its publish).
+                wait_for(lambda: "refused:" in nodes[i].output(), timeout=120, what="the late work refused")
+                refusals = [v for k, (v, _) in ledger.events().items() if k.startswith(f"refused:{job_id}:")]
+                assert [r["what"] for r in refusals] == ["publish"], refusals
+                assert "this worker's publish is discarded" in nodes[i].output()
+
+        # Random kills, each node restarted at once, while the inbox drains.
+        for _ in range(KILLS):
+            if done() >= PHOTOS:
+                break
+            time.sleep(rng.uniform(0.5, 2.5))
+            i = rng.randrange(count)
+            nodes[i].kill()
+            nodes[i] = Daemon(homes[i], smoke_model_path)
+        wait_for(lambda: done() == PHOTOS, timeout=600, interval=0.5, what=f"all {PHOTOS} photos done")
+    finally:
+        for node in nodes:
+            if node.proc.poll() is None:
+                node.signal(signal.SIGCONT)
+                node.stop()
+    logs = "\n".join(node.output() for node in nodes)
+
+    jobs = ledger.jobs()
+    assert sorted(j.rel_path for j in jobs if j.state == DONE) == sorted(names), logs[-3000:]
+    assert all(j.duplicate_of is None for j in jobs)
+    found = reports(outbox)
+    assert len(found) == PHOTOS, [p.parent.name for p in found]
+    originals = sorted(p.name for r in found for p in r.parent.iterdir() if p.suffix == ".jpg" and
+                       not p.name.startswith(("preview", "thumb")))
+    assert originals == sorted(names)  # each photo in exactly one report folder, none lost
+    by_job = [json.loads(r.read_text())["job_id"] for r in found]
+    assert sorted(by_job) == sorted(j.id for j in jobs if j.state == DONE)
+    assert list(inbox.iterdir()) == []
+    assert not (outbox / "duplicates").exists() or list((outbox / "duplicates").iterdir()) == []
+    assert not (outbox / "failed").exists() or [p for p in (outbox / "failed").iterdir()
+                                                if not p.name.startswith(".")] == []
+    assert [p for p in (outbox / ".staging").iterdir()] == []
+    assert mondrian(homes[0], smoke_model_path, "status").returncode == 0
+
+
+def test_workers_lists_every_node_and_a_stopped_one_as_lost(tmp_path: Path, smoke_model_path: Path,
+                                                            pg_server) -> None:  # type: ignore[no-untyped-def]
+    url = pg_server.new_database()
+    homes, inbox, _ = _homes(tmp_path, url, 2, smoke_model_path)
+    nodes = [Daemon(home, smoke_model_path) for home in homes]
+    pids = {str(n.proc.pid) for n in nodes}
+
+    def workers(home: Path) -> list[dict]:
+        out = mondrian(home, smoke_model_path, "workers", "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)["workers"]
+
+    try:
+        rows = wait_for(lambda: len(w := workers(homes[1])) == 2 and w, timeout=120, what="both nodes listed")
+        assert {str(r["pid"]) for r in rows} == pids and not any(r["lost"] for r in rows)
+        nodes[0].signal(signal.SIGSTOP)
+        rows = wait_for(lambda: [r for r in workers(homes[1]) if r["lost"]], timeout=60, what="the stopped one lost")
+        assert [r["pid"] for r in rows] == [nodes[0].proc.pid]
+        text = mondrian(homes[1], smoke_model_path, "status")
+        assert text.returncode == 0, text.stderr
+        assert "Ledger:  shared" in text.stdout and f"pid {nodes[0].proc.pid}: LOST" in text.stdout, text.stdout
+        assert f"pid {nodes[1].proc.pid}: idle" in text.stdout
+        listing = mondrian(homes[0], smoke_model_path, "workers").stdout
+        assert "1 alive, 1 lost" in listing, listing
+        nodes[0].signal(signal.SIGCONT)
+        wait_for(lambda: not any(r["lost"] for r in workers(homes[0])), timeout=60, what="it beats again")
+        # Its count and rate come from the photos it finished.
+        photo(inbox / "one.jpg", seed=1)
+        seen = wait_for(lambda: [r for r in workers(homes[0]) if r["done"]], timeout=120, what="a photo done")
+        assert seen[0]["photos_per_hour"] > 0
+    finally:
+        for node in nodes:
+            node.signal(signal.SIGCONT)
+            node.stop()
+    assert workers(homes[0]) == []  # a clean stop leaves the table
+
+
+def test_every_node_serves_a_newly_promoted_adapter_without_a_restart(tmp_path: Path, smoke_model_path: Path,
+                                                                     pg_server) -> None:  # type: ignore[no-untyped-def]
+    """Adapters live in one shared folder; the lora strategy reads the advisor's current version per photo."""
+    import mlx_vlm
+
+    from daemon.config import load_config
+    from tests.lora_helpers import install_version, random_adapter
+
+    url = pg_server.new_database()
+    inbox, outbox, adapters = (tmp_path / "share" / n for n in ("inbox", "outbox", "adapters"))
+    inbox.mkdir(parents=True)
+    homes = [make_home(tmp_path / f"node{i}", smoke_model_path, inbox=str(inbox), outbox=str(outbox),
+                       adapters_dir=str(adapters), ledger_url=url, default_mode="lora", embeddings_enabled=False,
+                       **{k: v for k, v in FAST.items() if k != "default_mode"}) for i in range(2)]
+    cfg = load_config(homes[0], env={}, model=str(smoke_model_path))
+    model, _ = mlx_vlm.load(str(smoke_model_path))
+    install_version(cfg, "ansel", random_adapter(tmp_path / "a1", model, seed=1), model_path=smoke_model_path)
+    nodes = [Daemon(home, smoke_model_path) for home in homes]
+    ledger = Ledger(homes[0] / "var" / "ledger.db", url=url)
+    seeds = iter(range(3000, 4000))
+
+    def drop(n: int) -> None:
+        nonlocal dropped
+        dropped += n
+        for _ in range(n):
+            seed = next(seeds)
+            photo(tmp_path / "camera" / f"p{seed}.jpg", seed=seed, size=(64, 48)).rename(inbox / f"p{seed}.jpg")
+
+    dropped = 0
+
+    def settled() -> list:
+        jobs = ledger.jobs()
+        return jobs if len(jobs) == dropped and all(j.state == DONE for j in jobs) else []
+
+    try:
+        wait_for(lambda: len(ledger.workers()) == 2, timeout=120, what="both nodes")
+        drop(2)
+        before = wait_for(settled, timeout=180, what="the first photos")
+        assert {j.adapter for j in before} == {"ansel/v0001"}
+        install_version(cfg, "ansel", random_adapter(tmp_path / "a2", model, seed=2), model_path=smoke_model_path)
+        pids = {str(n.proc.pid) for n in nodes}
+        after: list = []
+        for _ in range(10):  # until both nodes have analysed photos since the promotion
+            drop(4)
+            after = [j for j in wait_for(settled, timeout=180, what="the next photos") if j.id > max(
+                b.id for b in before)]
+            if {j.worker.split(":")[1] for j in after if j.worker} >= pids:
+                break
+        assert {j.worker.split(":")[1] for j in after} >= pids, "one node never got a photo"
+        assert {j.adapter for j in after} == {"ansel/v0002"}
+    finally:
+        for node in nodes:
+            node.stop()
