@@ -3,7 +3,8 @@
 # open every page in it), curl and jq (the API tests run the original design's own curl | jq commands), exiftool
 # (the XMP tests read back what Mondrian wrote with it, as a photo manager would), PostgreSQL (the shared-ledger
 # tests) and, on Linux, OpenBLAS (MLX's CPU
-# path is ~30x faster with it; the LoRA learning test needs it to finish in time). On Debian/Ubuntu they are
+# path is ~30x faster with it; the LoRA learning test needs it to finish in time) and strace (the durability test
+# reads the daemon's fsyncs with it). On Debian/Ubuntu they are
 # installed (as root, or through sudo); elsewhere this
 # says what to install and the tests that need them say so too.
 set -uo pipefail
@@ -28,6 +29,7 @@ have_openblas || missing+=(libopenblas0-pthread)
 command -v exiftool >/dev/null 2>&1 || missing+=(libimage-exiftool-perl)
 command -v curl >/dev/null 2>&1 || missing+=(curl)
 command -v jq >/dev/null 2>&1 || missing+=(jq)
+[ "$(uname -s)" != Linux ] || command -v strace >/dev/null 2>&1 || missing+=(strace)  # report-folder durability test
 # PostgreSQL's server binaries: the shared-ledger tests start a throw-away server of their own (tests/pgserver.py).
 have_postgres() {
   command -v initdb >/dev/null 2>&1 || [ -x /usr/local/bin/initdb ] \

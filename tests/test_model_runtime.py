@@ -171,3 +171,18 @@ def test_a_quantized_model_takes_our_loop_for_one_pass_too(smoke_model_path) -> 
     jsonschema.validate(gen.data, critique_schema(24))
     assert 0 < gen.free_tokens < gen.generated_tokens
     assert gen.forward_passes < gen.generated_tokens  # forced tokens cost no pass of their own
+
+
+def test_mlx_keeps_at_most_a_quarter_of_the_weights_in_freed_buffers(runtime: ModelRuntime) -> None:
+    """Issue 11, item 11: MLX's cache of freed buffers is capped when the model loads (MLX's own default lets it grow
+    to the whole memory limit, photo after photo): a quarter of the weights, at least 64 MiB, at most 2 GiB."""
+    import mlx.core as mx
+
+    from daemon.model.runtime import CACHE_LIMIT_MIN
+
+    limit = mx.set_cache_limit(CACHE_LIMIT_MIN)  # returns the limit in force
+    mx.set_cache_limit(limit)
+    assert limit == CACHE_LIMIT_MIN, f"cache limit {limit} bytes"  # the smoke model weighs a few MB
+    for size in ((448, 448), (1200, 800), (300, 900)):  # prompts of several lengths: buffers of several sizes
+        runtime.generate_json(_photo(size), "Score.", profile_schema(), max_tokens=200)
+        assert mx.get_cache_memory() <= limit

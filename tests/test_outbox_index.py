@@ -337,3 +337,55 @@ def _check_pages(screens, outbox: Path, failed: list[str], width: int, shots: Pa
     worst = screenshot(index, shots / "worst.png", width=width, evaluate=VISIBLE,
                        clicks=('label[for="show-reports"]', 'label[for="sort-worst"]'))
     assert _visual_order(worst.value) == [2, 5, 7, 9]
+
+
+# ------------------------------------------------------------------- a bounded share of each job (issue 11, item 9)
+
+
+def _bare_report(outbox: Path, name: str) -> None:
+    """All the index reads of a report folder: its report.json."""
+    (outbox / name).mkdir()
+    (outbox / name / "report.json").write_text(json.dumps({**sample_report(), "photo": {"file": f"{name}.jpg"}}))
+
+
+def test_a_growing_outbox_is_refreshed_every_few_jobs_not_after_each_and_completely_on_flush(tmp_path):
+    """A refresh renders every entry: after each of 200 jobs that would be 20,100 entries rendered (quadratic). Jobs
+    say `changed()`; the index refreshes at once while it is small, then once the new jobs are a twentieth of it."""
+    home = make_home(tmp_path / "home")
+    cfg = load_config(home, env={})
+    cfg.ensure_dirs()
+    index = OutboxIndex(cfg)
+    index.refresh()
+    for i in range(200):
+        _bare_report(cfg.outbox, f"IMG_{i:03d}")
+        index.changed()
+        if i < 20:
+            assert len(cards(cfg.outbox)) == i + 1, "a small outbox is listed after every job"
+    assert index.refreshes <= 80, f"{index.refreshes} refreshes for 200 jobs"
+    assert 0 < index.pending < 200 // 20 and len(cards(cfg.outbox)) == 200 - index.pending
+    index.flush()
+    assert index.pending == 0 and len(cards(cfg.outbox)) == 200
+    refreshes = index.refreshes
+    index.flush()
+    assert index.refreshes == refreshes, "nothing new: no refresh"
+
+
+def test_the_jobs_of_a_run_are_all_listed_when_it_ends_however_large_the_outbox(tmp_path, smoke_model_path):
+    """45 reports already there: the two new photos' refreshes are deferred (2 < 45 / 20), and the worker lists them
+    when the queue runs dry (`run --once` ends then), as `mondrian analyze` does when it is done."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    outbox = home / "outbox"
+    for i in range(45):
+        _bare_report(outbox, f"OLD_{i:02d}")
+    photo(home / "inbox" / "a.jpg", seed=1)
+    photo(home / "inbox" / "b.jpg", seed=2)
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=240)
+    assert out.returncode == 0, out.stderr
+    assert {"a", "b"} <= set(cards(outbox)) and len(cards(outbox)) == 47
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    photo(elsewhere / "c.jpg", seed=3)
+    photo(elsewhere / "d.jpg", seed=4)
+    out = mondrian(home, smoke_model_path, "analyze", str(elsewhere), timeout=240)
+    assert out.returncode == 0, out.stderr
+    assert {"c", "d"} <= set(cards(outbox)) and len(cards(outbox)) == 49

@@ -3,6 +3,8 @@ taken stops the start-up with a line that says what to do, before any photo is t
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import errno
 import logging
 import socket
@@ -50,11 +52,35 @@ def bind(cfg: Config) -> socket.socket:
     return sock
 
 
+class _QuietServer(uvicorn.Server):
+    """uvicorn's own main loop wakes ten times a second to see whether it should stop: with an empty inbox that was
+    most of the daemon's idle CPU. This one wakes once a second (what the Date header needs), or when `wake` is
+    called after a stop was asked for."""
+
+    _loop: asyncio.AbstractEventLoop | None = None
+    _woken: asyncio.Event | None = None
+
+    async def main_loop(self) -> None:
+        self._woken = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        counter = 0
+        while not await self.on_tick(counter):
+            counter = (counter + 10) % 864000  # a whole second each time: on_tick renews the Date header
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), 1.0)
+
+    def wake(self) -> None:
+        """From another thread: look at `should_exit` now rather than within the second."""
+        if self._loop is not None and self._woken is not None:
+            with contextlib.suppress(RuntimeError):  # its loop has already ended
+                self._loop.call_soon_threadsafe(self._woken.set)
+
+
 class ApiServer:
     def __init__(self, door: Door):
         self.door = door
         self._sock: socket.socket | None = None
-        self._server: uvicorn.Server | None = None
+        self._server: _QuietServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
@@ -73,7 +99,7 @@ class ApiServer:
                                 loop="asyncio", http="h11", ws="none", server_header=False, date_header=True,
                                 timeout_graceful_shutdown=STOP_SECONDS)
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start/stop lines say nothing ours do not
-        self._server = uvicorn.Server(config)
+        self._server = _QuietServer(config)
         self._thread = threading.Thread(target=self._serve, name="api", daemon=True)
         self._thread.start()
         log.info("API: POST %s/analyze (GET /health, /jobs/<id>)", self.url)
@@ -89,6 +115,7 @@ class ApiServer:
         """Stop taking requests; requests waiting for a report answer 202 (the daemon's stop flag is set first)."""
         if self._server is not None:
             self._server.should_exit = True
+            self._server.wake()
         if self._thread is not None:
             self._thread.join(timeout=STOP_SECONDS + 5)
         if self._sock is not None:

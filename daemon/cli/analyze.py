@@ -177,19 +177,22 @@ def analyze_many(cfg: Config, request: Request, *, on_loading: Callable[[], None
     on_loading()
     _load_model(worker, cfg)
     results = []
-    for path in request.photos:
-        on_start(path)
-        job = ledger.start_direct(path, path.name, request.advisor, request.advisor_source)
-        try:
-            worker.process(job, keep_original=True, mode_override=request.mode)
-        except BaseException as exc:  # Ctrl-C or a fault: never leave the job "in progress"
-            log.debug("analysis failed", exc_info=True)
-            reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
-            if ledger.get(job.id).state == RUNNING:
-                ledger.fail(job.id, f"`mondrian analyze` stopped: {reason}; run it again", None, kind="transient")
-            if not isinstance(exc, Exception):
-                raise
-        results.append(_result(ledger, job.id))
-        on_result(results[-1])
+    try:
+        for path in request.photos:
+            on_start(path)
+            job = ledger.start_direct(path, path.name, request.advisor, request.advisor_source)
+            try:
+                worker.process(job, keep_original=True, mode_override=request.mode)
+            except BaseException as exc:  # Ctrl-C or a fault: never leave the job "in progress"
+                log.debug("analysis failed", exc_info=True)
+                reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
+                if ledger.get(job.id).state == RUNNING:
+                    ledger.fail(job.id, f"`mondrian analyze` stopped: {reason}; run it again", None, kind="transient")
+                if not isinstance(exc, Exception):
+                    raise
+            results.append(_result(ledger, job.id))
+            on_result(results[-1])
+    finally:
+        worker.out.index.flush()  # the reports not listed yet (a large outbox is refreshed every few photos)
     return results
 

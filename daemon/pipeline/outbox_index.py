@@ -8,6 +8,13 @@ report folder the user deleted disappears, one published by a process that was k
 and a damaged or missing summary file is rebuilt from the reports. The ledger only says which failures still stand
 (not those whose photo was put back and analysed since).
 
+A refresh still lists and renders every entry, so after each job it would cost more the more reports there are (a
+quadratic run over a large inbox). Jobs call `changed()`, which refreshes at once while the outbox is small, and
+otherwise once the jobs since the last refresh are a twentieth of what it listed, or it is STALE_SECONDS old (and at
+least COST_FACTOR times its own duration): each job then pays a bounded share, however many reports there are. The
+worker calls `flush()` whenever the queue is empty and when it stops, so the index is complete whenever Mondrian
+is idle; a start rewrites it anyway.
+
 Failure pages (`failed/<name>.error.html`) are rendered here from their records, so every listed failure has one,
 including those recorded before pages existed or by a process killed between its record and its page.
 """
@@ -18,6 +25,7 @@ import json
 import logging
 import os
 import stat
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -39,6 +47,9 @@ PAGE_SUFFIX = ".error.html"
 MAX_RECORD_BYTES = 4 * 1024 * 1024  # a report.json is a few kB; anything far larger is not one of ours
 MAX_CACHE_BYTES = 1024 * 1024 * 1024  # ~300 bytes a report: room for millions
 READ_SECONDS = 10.0
+BATCH_SHARE = 20  # refresh once the jobs not yet shown are 1/BATCH_SHARE of the entries listed
+STALE_SECONDS = 10.0  # ... or the index is this old
+COST_FACTOR = 20  # ... and older than this many times the last refresh took: the index takes <= 1/20 of the time
 REPORT_KEYS = frozenset(IndexEntry.__dataclass_fields__)
 
 
@@ -95,13 +106,32 @@ FAILURE_KEYS = frozenset(failure_summary("x", {}))
 
 
 class OutboxIndex:
-    """Rebuilds outbox/index.html (and any missing failure page) after every job, at O(1) reads a refresh."""
+    """Rebuilds outbox/index.html (and any missing failure page), at O(1) reads a refresh and a bounded share of
+    each job's time (`changed`, `flush`)."""
 
     def __init__(self, cfg: "Config", ledger: "Ledger | None" = None):
         self.cfg = cfg
         self.ledger = ledger
         self.cache_path = cfg.var_dir / CACHE_NAME
         self.reads = 0  # reports and records read by the last refresh (the cache's hit rate, for tests and logs)
+        self.refreshes = 0  # for tests: how many refreshes ran
+        self.pending = 0  # jobs published since the last refresh
+        self._listed = 0  # entries the last refresh listed
+        self._last_at = float("-inf")  # monotonic time the last refresh ended
+        self._last_cost = 0.0  # seconds it took
+
+    def changed(self) -> None:
+        """A job's outcome was published: refresh now, or soon enough that the index costs each job a bounded
+        share (see the module's docstring). Never raises."""
+        self.pending += 1
+        age = time.monotonic() - self._last_at
+        if self.pending * BATCH_SHARE >= self._listed or age >= max(STALE_SECONDS, COST_FACTOR * self._last_cost):
+            self.refresh()
+
+    def flush(self) -> None:
+        """Refresh if a published job is not shown yet (the queue is empty, or Mondrian stops). Never raises."""
+        if self.pending:
+            self.refresh()
 
     # -- the summary file -----------------------------------------------------------------------
     def _load(self) -> dict[str, Any]:
@@ -114,7 +144,8 @@ class OutboxIndex:
     def _save(self, reports: dict[str, Any], failures: dict[str, Any]) -> None:
         doc = {"version": CACHE_VERSION, "outbox": str(self.cfg.outbox), "reports": reports, "failures": failures}
         try:
-            atomic_write_text(self.cache_path, json.dumps(doc, ensure_ascii=False, separators=(",", ":")))
+            atomic_write_text(self.cache_path, json.dumps(doc, ensure_ascii=False, separators=(",", ":")),
+                              durable=False)  # a cache: a lost or stale one only means reports are read again
         except OSError as exc:  # only a cache: the next refresh reads the reports again
             log.debug("could not save %s: %s", self.cache_path, exc)
 
@@ -211,16 +242,22 @@ class OutboxIndex:
     # -- the index ------------------------------------------------------------------------------
     def refresh(self) -> None:
         """Never raises: the index is a view of the outbox, and a problem with it must not fail a photo."""
+        started = time.monotonic()
+        self.pending = 0
+        self.refreshes += 1
         try:
             self._refresh()
         except Exception:
             log.warning("could not update %s", self.cfg.outbox / "index.html", exc_info=True)
+        self._last_at = time.monotonic()
+        self._last_cost = self._last_at - started
 
     def _refresh(self) -> None:
         self.reads = 0
         cache = self._load()
         reports = self._reports(cache["reports"])
         failures = self._failures(cache["failures"])
+        self._listed = len(reports) + len(failures)
         self._save(reports, failures)
         try:
             write_index(self.cfg.outbox, [IndexEntry(**r["entry"]) for r in reports.values()],

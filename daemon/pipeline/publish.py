@@ -23,8 +23,8 @@ from .. import testhooks
 from ..analysis.advisors import load_advisors
 from ..config import Config
 from ..errors import Permanent, Transient
-from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, folder_inside, move, own_folder_inside, pid_alive,
-                      same_content)
+from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, folder_inside, fsync_files, move, own_folder_inside,
+                      pid_alive, same_content)
 from ..intake.images import LoadedImage
 from ..intake.inbox import OUTBOX_RESERVED, RECORD_SUFFIXES, safe_stem, sidecar_for, unique_path
 from ..ledger import Job, Ledger
@@ -151,10 +151,15 @@ class Publisher:
             staging.mkdir(parents=True)
             for name, source in files.items():
                 shutil.copyfile(source, staging / name)
+            written = [staging / name for name in files]
             if job.kept and not keep_original:
                 report["photo"]["original"] = link_or_copy(src, staging / report["photo"]["file"])
-            write_report_folder(staging, report, photo.image)
-            write_sidecar(staging, report)  # in staging: it appears with the report, in one rename
+                if report["photo"]["original"] == "copied":
+                    written.append(staging / report["photo"]["file"])
+            written += write_report_folder(staging, report, photo.image, durable=False).values()
+            sidecar = write_sidecar(staging, report, durable=False)  # in staging: it appears with the report
+            # Nobody reads staging: every file is synced in one pass, before the one rename that publishes them.
+            fsync_files(written + ([sidecar] if sidecar else []), staging)
             testhooks.crashpoint("staged")
             if self._adopt(job, staging, keep_original):
                 return
@@ -235,7 +240,7 @@ class Publisher:
                            context_key=(report.get("context") or {}).get("key"))
         log.info("done: %s -> %s (grade %s)", job.rel_path, self.shown(final / "report.html"),
                  report["overall_grade"])
-        self.index.refresh()
+        self.index.changed()
 
     def _not_moved(self, job: Job, src: Path, exc: OSError) -> None:
         """The original could not be moved out of the inbox after its report was written (and withdrawn)."""
@@ -373,7 +378,7 @@ class Publisher:
             log.error("could not move %s to %s: %s", job.rel_path, failed, exc)
         self.ledger.fail(job.id, reason, dest, kind=kind)
         log.warning("failed: %s: %s", job.rel_path, reason)
-        self.index.refresh()  # the failure is listed, and its page written, as soon as it is recorded
+        self.index.changed()  # listed, and its page written, at the next refresh: at once while the outbox is small
 
     def _next_step(self, job: Job, cause: Cause) -> str:
         """The next step that fits the cause (failures.py): an unknown advisor lists the known ones."""

@@ -28,6 +28,7 @@ from ..fsutil import holds, identity
 from ..intake.images import ImageRejected, LoadedImage, load_photo
 from ..intake.inbox import SidecarError, read_sidecar, sidecar_for
 from ..ledger import DONE, FAILED, Job, LeaseLost, Ledger, LedgerUnavailable
+from .costs import JobCosts
 from .isolation import check_alone
 from .publish import OUTSIDE_INBOX, Publisher
 from .outbox_index import OutboxIndex
@@ -70,6 +71,7 @@ class Worker:
         self.busy = threading.Event()
         index = OutboxIndex(cfg, ledger)
         self.out = Publisher(cfg, ledger, index)
+        self.costs = JobCosts()  # off unless a benchmark asks (MONDRIAN_COSTS_FILE)
 
     # -- lifecycle ----------------------------------------------------------------------------
     def load_runtime(self) -> Runtime:
@@ -156,8 +158,11 @@ class Worker:
     def run_once(self) -> bool:
         """Claim and process one job (several, in one batch, when the queue is deep: batching.py). Returns False
         when nothing was due."""
+        self.costs.starting()
         job = self.ledger.claim()
         if job is None:
+            self.costs.idle()
+            self.out.index.flush()  # nothing to do: the index shows every job published so far
             return False
         if self.cfg.batch_size > 1:
             from .batching import run_batch
@@ -173,6 +178,7 @@ class Worker:
         finally:
             self.current = None
             self.busy.clear()
+            self.costs.finished(job.id)
         return True
 
     @contextlib.contextmanager
@@ -315,9 +321,10 @@ class Worker:
                  f", asked for {requested}" if strategy.name != requested else "")
         testhooks.crashpoint("analysing")
         testhooks.poison_point(src.name)
-        result = strategy.analyse(AnalysisContext(runtime=runtime, cfg=self.cfg, advisor=advisor, photo=photo,
-                                                  cancel=self.stop,
-                                                  deadline=time.monotonic() + self.cfg.job_timeout_seconds))
+        with self.costs.model():
+            result = strategy.analyse(AnalysisContext(runtime=runtime, cfg=self.cfg, advisor=advisor, photo=photo,
+                                                      cancel=self.stop,
+                                                      deadline=time.monotonic() + self.cfg.job_timeout_seconds))
         return strategy, fallbacks, result
 
     def loaded_runtime(self) -> Runtime:

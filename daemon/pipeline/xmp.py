@@ -94,10 +94,10 @@ def sidecar_name(photo_file: str) -> str:
     return photo_file + SIDECAR_SUFFIX if name.casefold() == photo_file.casefold() else name
 
 
-def write_sidecar(folder: Path, report: dict[str, Any]) -> Path | None:
+def write_sidecar(folder: Path, report: dict[str, Any], *, durable: bool = True) -> Path | None:
     """Write `<stem>.xmp` into the (staging) report folder. The XMP is a copy of what report.json says, so if exiv2
     cannot build it the report goes on without it (logged); a failed write (a full disk) raises OSError like any
-    other file of the report, which is then retried whole."""
+    other file of the report, which is then retried whole. `durable=False`: the caller fsyncs the folder's files."""
     try:
         data = sidecar_bytes(report)
     except Exception as exc:  # exiv2 raises its own kinds; a report must never be lost to its copy in XMP
@@ -105,7 +105,7 @@ def write_sidecar(folder: Path, report: dict[str, Any]) -> Path | None:
                     type(exc).__name__, exc)
         return None
     path = Path(folder) / sidecar_name(report["photo"]["file"])
-    atomic_write_bytes(path, data)
+    atomic_write_bytes(path, data, durable=durable)
     return path
 
 
