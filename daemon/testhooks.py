@@ -52,7 +52,10 @@ def crashpoint(name: str) -> None:
     if point == name and _crash_hits[name] == int(nth or 1):
         for handler in logging.getLogger().handlers:
             handler.flush()
-        os.kill(os.getpid(), signal.SIGSTOP)
+        # A process-wide SIGSTOP takes effect when every thread reaches the kernel, not necessarily before this
+        # thread runs on: aimed at this thread and followed by a pause, nothing past this point runs before the stop.
+        signal.pthread_kill(threading.get_ident(), signal.SIGSTOP)
+        time.sleep(0.5)
 
 
 def poison_point(file_name: str) -> None:
