@@ -186,3 +186,25 @@ def test_mlx_keeps_at_most_a_quarter_of_the_weights_in_freed_buffers(runtime: Mo
     for size in ((448, 448), (1200, 800), (300, 900)):  # prompts of several lengths: buffers of several sizes
         runtime.generate_json(_photo(size), "Score.", profile_schema(), max_tokens=200)
         assert mx.get_cache_memory() <= limit
+
+
+def test_parse_checks_each_schema_with_its_own_kept_validator() -> None:
+    """Validators are kept per schema (jsonschema.validate rebuilt one per critique, ~7 ms): a kept validator must
+    still refuse what its schema refuses, and never answer for another schema."""
+    import json
+
+    import jsonschema
+    import pytest
+
+    from daemon.analysis.critique import DIMENSIONS, critique_schema
+    from daemon.model.reuse import parse
+
+    report = {"dimensions": {d: {"comment": "a" * 20, "score": 5} for d in DIMENSIONS}, "summary": "b",
+              "overall_grade": 5}
+    text = json.dumps(report)
+    assert parse(text, critique_schema(40)) == report
+    with pytest.raises(jsonschema.ValidationError):
+        parse(text, critique_schema(10))  # comments longer than this schema allows
+    assert parse(text, critique_schema(40)) == report
+    with pytest.raises(jsonschema.ValidationError):
+        parse(json.dumps({**report, "overall_grade": 11}), critique_schema(40))

@@ -274,7 +274,20 @@ def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, t
                        forward_passes=passes, finished=finished, free_tokens=head.free)
 
 
+_VALIDATORS: dict[str, Any] = {}
+
+
 def parse(text: str, schema: dict) -> dict:
+    """The decoded JSON, checked against `schema` (ValueError / jsonschema.ValidationError otherwise).
+
+    `jsonschema.validate` checks the schema itself and builds a validator on every call (~7 ms a critique); the
+    few schemas Mondrian decodes against are checked once and their validators kept."""
     data = json.loads(text)
-    jsonschema.validate(data, schema)
+    key = json.dumps(schema, sort_keys=True)
+    validator = _VALIDATORS.get(key)
+    if validator is None:
+        cls = jsonschema.validators.validator_for(schema)
+        cls.check_schema(schema)
+        validator = _VALIDATORS.setdefault(key, cls(schema))
+    validator.validate(data)
     return data

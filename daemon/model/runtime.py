@@ -11,7 +11,6 @@ from . import blas
 blas.preload_openblas()  # must precede the first `import mlx` in the process
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -324,9 +323,10 @@ class ModelRuntime:
             raise GenerationError(
                 f"the model used all {max_tokens} tokens before the JSON closed; raise max_tokens or "
                 f"shorten the schema's maxLength (got {len(text)} chars)", text)
+        from .reuse import parse
+
         try:
-            data = json.loads(text)
-            jsonschema.validate(data, schema)
+            data = parse(text, schema)
         except (ValueError, jsonschema.ValidationError) as exc:
             raise GenerationError(f"constrained output does not match the schema: {exc}", text) from exc
         return Generation(data=data, text=text, prompt_tokens=int(final.prompt_tokens),
