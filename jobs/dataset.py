@@ -271,10 +271,6 @@ def _inscribed(w: int, h: int, degrees: float) -> tuple[int, int]:
 
 
 def apply_augment(image: Image.Image, aug: Augment, max_pixels: int) -> Image.Image:
-    # A variant is shown at the size the photo itself is shown at inference: cropped or rotated and then merely
-    # fitted, it would be smaller, so a different image-token grid (a 112 px photo's 4 x 4 tokens become 3 x 3,
-    # and a band edge then falls inside a token): the adapter would learn from views it never scores.
-    size = fit_size(image.width, image.height, max_pixels)
     img = image.convert("RGB")
     if aug.rotate:
         w, h = img.size
@@ -293,7 +289,8 @@ def apply_augment(image: Image.Image, aug: Augment, max_pixels: int) -> Image.Im
         arr = np.asarray(img, dtype=np.float32) / 255.0
         linear = np.power(arr, 2.2) * (2.0 ** aug.ev)
         img = Image.fromarray((np.power(np.clip(linear, 0, 1), 1 / 2.2) * 255 + 0.5).astype(np.uint8))
-    return img.resize(size, Image.Resampling.LANCZOS) if size != img.size else img
+    fw, fh = fit_size(img.width, img.height, max_pixels)
+    return img.resize((fw, fh), Image.Resampling.LANCZOS) if (fw, fh) != img.size else img
 
 
 # -- building -------------------------------------------------------------------------------------

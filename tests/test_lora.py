@@ -783,22 +783,6 @@ def test_expected_score_is_the_probability_weighted_mean_over_score_tokens(smoke
     assert expected == {d: pytest.approx(0.5 * 7 + 0.5 * (1 * 0.75 + 10 * 0.25), abs=1e-3) for d in DIMENSIONS}
 
 
-def test_augmented_variants_keep_the_image_token_grid_of_the_photo() -> None:
-    """Rotated and cropped, a variant is shown at the photo's own size: the same image-token grid inference sees
-    (a 112 px photo fitted after a 90 % crop became 84 px: 3 x 3 tokens instead of 4 x 4)."""
-    from jobs.dataset import Augment, apply_augment, draw_augment
-
-    for size, max_pixels in (((112, 112), 112 * 112), ((448, 336), 448 * 448)):
-        original = Image.new("RGB", size, (120, 90, 60))
-        for aug in (Augment(crop=0.9, rotate=5.0), Augment(crop=0.9, crop_x=0.0), draw_augment(3, True)):
-            assert apply_augment(original, aug, max_pixels).size == size, (size, aug)
-    # still a crop, not the photo: the left quarter of a left-dark photo is gone from a right-hand crop
-    half = Image.new("RGB", (112, 112), (255, 255, 255))
-    half.paste((0, 0, 0), (0, 0, 6, 112))
-    cropped = np.asarray(apply_augment(half, Augment(crop=0.9, crop_x=1.0), 112 * 112))
-    assert cropped[:, :3].mean() > 200
-
-
 def test_score_digits_are_taught_as_an_order_and_other_tokens_as_they_are(smoke_runtime) -> None:
     """Ordinal targets: at a score digit, predicting a neighbour of the advisor's score costs less than predicting
     a far digit; a digit in a comment and a two-digit score ("10") keep plain cross-entropy (all digits equal)."""
