@@ -830,6 +830,30 @@ def test_score_digits_are_taught_as_an_order_and_other_tokens_as_they_are(smoke_
     assert sft.cross_entropy is plain
 
 
+def test_fit_lora_trains_and_validates_on_the_ordinal_objective(tmp_path, plain_model_path) -> None:
+    """fit_lora measures its validation loss (early stopping) with the ordinal targets by default, and with plain
+    cross-entropy at score_sigma = 0: the same rows and weights give two different losses."""
+    import datasets
+
+    from daemon.model.fitting import FitSettings, fit_lora
+    from daemon.model.runtime import ModelRuntime
+    from jobs.dataset import chat_row, report_text
+
+    report = {"dimensions": {d: {"comment": "—", "score": 7} for d in DIMENSIONS}, "summary": "—", "overall_grade": 7}
+    row = chat_row(Image.new("RGB", (56, 56), (90, 120, 200)), "Critique.", report_text(report))
+    features = datasets.Features({"images": datasets.List(datasets.Image()), "messages": datasets.Value("string")})
+    data = datasets.Dataset.from_dict({"images": [row["images"]], "messages": [row["messages"]]}, features=features)
+    initial = {}
+    for sigma in (1.0, 0.0):
+        rt = ModelRuntime.load(str(plain_model_path), var_dir=tmp_path, max_pixels=56 * 56)
+        fit = fit_lora(rt, data, data, FitSettings(steps=1, eval_every=1, score_sigma=sigma),
+                       scratch=tmp_path / "scratch.safetensors", on_progress=lambda e: None)
+        assert fit.metrics["score_sigma"] == sigma
+        initial[sigma] = fit.metrics["initial_val_loss"]
+    assert FitSettings(steps=1).score_sigma == 1.0
+    assert initial[1.0] != pytest.approx(initial[0.0], rel=1e-3), initial
+
+
 # ------------------------------------------------------------------------------------------ learning
 @pytest.fixture(scope="session")
 def trainable_model_path(plain_model_path) -> Path:
