@@ -86,8 +86,8 @@ def ordinal_loss(tokens: ScoreTokens, sigma: float) -> Iterator[None]:
 
     plain = getattr(sft, "cross_entropy", None)
     if plain is None:
-        raise RuntimeError("mlx_vlm.trainer.vlm.sft.runtime has no cross_entropy to extend: this mlx-vlm version "
-                           "is not supported for ordinal score targets; set FitSettings.score_sigma = 0")
+        raise RuntimeError("mlx_vlm.trainer.vlm.sft.runtime has no cross_entropy to extend: install the mlx-vlm "
+                           "version pyproject.toml pins (pip install -e .), which training is tested with")
 
     def extended(logits: Any, targets: Any, mask: Any = None, **kw: Any) -> Any:
         _, metrics = plain(logits, targets, mask, **kw)
