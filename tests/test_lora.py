@@ -783,6 +783,77 @@ def test_expected_score_is_the_probability_weighted_mean_over_score_tokens(smoke
     assert expected == {d: pytest.approx(0.5 * 7 + 0.5 * (1 * 0.75 + 10 * 0.25), abs=1e-3) for d in DIMENSIONS}
 
 
+def test_score_digits_are_taught_as_an_order_and_other_tokens_as_they_are(smoke_runtime) -> None:
+    """Ordinal targets: at a score digit, predicting a neighbour of the advisor's score costs less than predicting
+    a far digit; a digit in a comment and a two-digit score ("10") keep plain cross-entropy (all digits equal)."""
+    import mlx.core as mx
+
+    from daemon.model.ordinal import ordinal_loss, score_tokens, soft_cross_entropy
+    from jobs.dataset import report_text
+
+    tok = smoke_runtime.tokenizer
+    st = score_tokens(tok)
+    report = {"dimensions": {d: {"comment": "f/7 at 10 am", "score": 7} for d in DIMENSIONS}, "summary": "—",
+              "overall_grade": 10}
+    ids = tok.encode(report_text(report), add_special_tokens=False)
+    seven = st.digits[7]
+    score_at = [i for i, t in enumerate(ids) if t == seven and ids[i - 1] != st.digits[0] and
+                tuple(ids[i - 3:i]) in st.contexts]
+    comment_at = [i for i, t in enumerate(ids) if t == seven and i not in score_at]
+    assert len(score_at) == len(DIMENSIONS) and len(comment_at) == len(DIMENSIONS)
+    vocab = smoke_runtime.model.config.text_config.vocab_size
+    targets = mx.array([ids])
+    mask = mx.ones(targets.shape, dtype=mx.bool_)
+
+    def loss_when(at: int, guess: int) -> float:
+        """The loss when the model is sure of the right token everywhere except at `at`, where it says `guess`."""
+        logits = np.full((1, len(ids), vocab), -20.0, dtype=np.float32)
+        logits[0, np.arange(len(ids)), ids] = 20.0
+        logits[0, at, :] = -20.0
+        logits[0, at, st.digits[guess]] = 0.0
+        return soft_cross_entropy(mx.array(logits), targets, mask, st, sigma=1.0).item()
+
+    assert loss_when(score_at[0], 6) < loss_when(score_at[0], 3) < loss_when(score_at[0], 0)
+    assert loss_when(comment_at[0], 6) == pytest.approx(loss_when(comment_at[0], 0))
+    grade_one = len(ids) - 3  # "1" of the overall grade "10", then "0" and "}"
+    assert ids[grade_one] == st.digits[1]
+    assert loss_when(grade_one, 2) == pytest.approx(loss_when(grade_one, 9))
+    # inside the context, mlx-vlm's SFT loss is this one; outside, its own again
+    from mlx_vlm.trainer.vlm.sft import runtime as sft
+
+    plain = sft.cross_entropy
+    with ordinal_loss(st, 1.0):
+        assert sft.cross_entropy is not plain
+        logits = mx.array(np.random.default_rng(0).normal(size=(1, len(ids), vocab)).astype(np.float32))
+        assert sft.cross_entropy(logits, targets, mask)[0].item() == pytest.approx(
+            soft_cross_entropy(logits, targets, mask, st, 1.0).item(), rel=1e-5)
+    assert sft.cross_entropy is plain
+
+
+def test_fit_lora_trains_and_validates_on_the_ordinal_objective(tmp_path, plain_model_path) -> None:
+    """fit_lora measures its validation loss (early stopping) with the ordinal targets by default, and with plain
+    cross-entropy at score_sigma = 0: the same rows and weights give two different losses."""
+    import datasets
+
+    from daemon.model.fitting import FitSettings, fit_lora
+    from daemon.model.runtime import ModelRuntime
+    from jobs.dataset import chat_row, report_text
+
+    report = {"dimensions": {d: {"comment": "—", "score": 7} for d in DIMENSIONS}, "summary": "—", "overall_grade": 7}
+    row = chat_row(Image.new("RGB", (56, 56), (90, 120, 200)), "Critique.", report_text(report))
+    features = datasets.Features({"images": datasets.List(datasets.Image()), "messages": datasets.Value("string")})
+    data = datasets.Dataset.from_dict({"images": [row["images"]], "messages": [row["messages"]]}, features=features)
+    initial = {}
+    for sigma in (1.0, 0.0):
+        rt = ModelRuntime.load(str(plain_model_path), var_dir=tmp_path, max_pixels=56 * 56)
+        fit = fit_lora(rt, data, data, FitSettings(steps=1, eval_every=1, score_sigma=sigma),
+                       scratch=tmp_path / "scratch.safetensors", on_progress=lambda e: None)
+        assert fit.metrics["score_sigma"] == sigma
+        initial[sigma] = fit.metrics["initial_val_loss"]
+    assert FitSettings(steps=1).score_sigma == 1.0
+    assert initial[1.0] != pytest.approx(initial[0.0], rel=1e-3), initial
+
+
 # ------------------------------------------------------------------------------------------ learning
 @pytest.fixture(scope="session")
 def trainable_model_path(plain_model_path) -> Path:

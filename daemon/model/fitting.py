@@ -1,6 +1,7 @@
 """Fit a LoRA adapter on the loaded base model with mlx-vlm's trainer (the training child calls this).
 
-LoRA is attached to the language model (rank 8, alpha 16 by default), trained on completion tokens only,
+LoRA is attached to the language model (rank 8, alpha 16 by default), trained on completion tokens only (each
+score digit against a Gaussian over the digits around the advisor's score: daemon.model.ordinal),
 validation loss is evaluated every few steps, and training stops early when it stops improving; the model
 is left holding the best weights seen, in eval mode, so the caller can evaluate it in place. Progress is
 reported through a callback (the trainer's own prints go to stderr, never to stdout).
@@ -16,9 +17,12 @@ from __future__ import annotations
 import json
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
+
+from .ordinal import ordinal_loss, score_tokens
 
 if TYPE_CHECKING:
     from .runtime import ModelRuntime
@@ -38,6 +42,7 @@ class FitSettings:
     patience: int = 3  # evaluations without improvement before stopping early
     max_seq_length: int = 8192
     seed: int = 0
+    score_sigma: float = 1.0  # score digits are taught as a Gaussian of this std around the score; 0: one-hot
 
 
 @dataclass
@@ -176,19 +181,22 @@ def fit_lora(runtime: "ModelRuntime", train: Any, validation: Any, settings: Fit
         samples.update(check_samples(data, image_token_id=_image_token_id(model), max_seq_length=settings.max_seq_length,
                                      merge=merge, split=name))
     on_progress(dict(event="phase", phase="samples checked", **samples))
-    initial = trainer.evaluate()["val_loss"]
-    state["history"].append({"step": 0, "val_loss": round(float(initial), 5), "train_loss": None})
-    on_progress(dict(event="phase", phase="training", steps=steps, val_loss=round(float(initial), 4)))
-    state["started"] = time.time()
-    stopped_early = False
-    out = sys.stdout
-    sys.stdout = sys.stderr  # the trainer prints progress; keep stdout clean for whoever reads it
-    try:
-        trainer.train()
-    except _EarlyStop:
-        stopped_early = True
-    finally:
-        sys.stdout = out
+    objective = ordinal_loss(score_tokens(runtime.tokenizer), settings.score_sigma) if settings.score_sigma > 0 \
+        else nullcontext()
+    with objective:  # validation loss (early stopping, best checkpoint) measures what training minimises
+        initial = trainer.evaluate()["val_loss"]
+        state["history"].append({"step": 0, "val_loss": round(float(initial), 5), "train_loss": None})
+        on_progress(dict(event="phase", phase="training", steps=steps, val_loss=round(float(initial), 4)))
+        state["started"] = time.time()
+        stopped_early = False
+        out = sys.stdout
+        sys.stdout = sys.stderr  # the trainer prints progress; keep stdout clean for whoever reads it
+        try:
+            trainer.train()
+        except _EarlyStop:
+            stopped_early = True
+        finally:
+            sys.stdout = out
     if state["best_weights"] is None:
         state.update(best=float(initial), best_weights=snapshot(), best_step=0)
     model.load_weights(list(state["best_weights"].items()), strict=False)
@@ -199,6 +207,7 @@ def fit_lora(runtime: "ModelRuntime", train: Any, validation: Any, settings: Fit
                "last_train_loss": state["last_loss"], "stopped_early": stopped_early, "history": state["history"],
                "train_rows": len(train), "validation_rows": len(validation), "samples": samples,
                "learning_rate": settings.learning_rate, "rank": settings.rank, "alpha": settings.alpha,
+               "score_sigma": settings.score_sigma,
                "train_seconds": round(time.time() - state["started"], 2)}
     # prepare_model_for_training records the layers' shape (and the base quantization) on the model
     config = json.loads(json.dumps(model._vlm_adapter_config))
