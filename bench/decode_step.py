@@ -7,17 +7,22 @@ dominate, the step is dispatch-bound and only fewer passes, fewer kernels a pass
 
 Figures (`smoke.` / `real.` prefixes), ms per step at a 400-token text context, greedy, no schema:
 - `graph_ms`, `launch_ms`, `wait_ms`: the three parts for one-token passes the way `daemon/model/reuse.py` runs them;
-- `ours_step_ms`: their total, `mlx_vlm_step_ms`: `mlx_vlm.generate_step`'s time a token on the same cache length.
+- `ours_step_ms`: their total, `mlx_vlm_step_ms`: `mlx_vlm.generate_step`'s time a token on the same cache length;
+- `forced_pass_ms`: one pass appending FORCED tokens at a context length not seen before (what fast-forwarding a
+  schema-forced run costs), `forced_pass_same_shape_ms`: the same pass repeated at one context length. On CUDA a
+  multi-token pass may take cuDNN's attention, whose graph is built per shape (`cudnn_sdpa=` prints whether it may).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
 from . import apply_precision, by_size, emit, note, settings as bench_settings, var_dir
 
 CONTEXT = 400
+FORCED = 4
 STEPS = {"smoke": 100, "real": 150}
 
 
@@ -71,6 +76,19 @@ def measure(shapes: str) -> dict[str, Any]:
         total = time.perf_counter() - started
         return total / steps * 1e3, graph / steps * 1e3, launch / steps * 1e3, wait / steps * 1e3
 
+    def forced(same_shape: bool) -> float:
+        kv = mlx_cache.make_prompt_cache(lm)
+        mx.eval(lm.model(prompt, cache=kv))
+        run = mx.array([[200 + i for i in range(FORCED)]])
+        started = time.perf_counter()
+        for _ in range(steps // 3):
+            offset = int(kv[0].offset)
+            mx.eval(lm.model(run, cache=kv, position_ids=reuse._positions(offset, no_delta, FORCED)))
+            if same_shape:
+                for c in kv:
+                    c.trim(FORCED)
+        return (time.perf_counter() - started) / (steps // 3) * 1e3
+
     def library() -> float:
         gen = generate_step(prompt, rt.model, None, None, max_tokens=steps + 1, temperature=0.0)
         next(gen)  # the prefill
@@ -78,8 +96,9 @@ def measure(shapes: str) -> dict[str, Any]:
         n = sum(1 for _ in gen)
         return (time.perf_counter() - started) / max(n, 1) * 1e3
 
-    ours(), library()  # warm-up: first calls compile kernels on a GPU
+    ours(), library(), forced(True)  # warm-up: first calls compile kernels on a GPU
     runs = [(ours(), library()) for _ in range(2)]
+    forced_new, forced_same = forced(False), forced(True)
     (step, graph, launch, wait), lib = min(runs, key=lambda r: r[0][0])
     put("device", str(mx.default_device()))
     put("context_tokens", CONTEXT)
@@ -89,6 +108,10 @@ def measure(shapes: str) -> dict[str, Any]:
     put("wait_ms", round(wait, 2))
     put("ours_step_ms", round(step, 2))
     put("mlx_vlm_step_ms", round(min(r[1] for r in runs), 2))
+    put("forced_tokens_per_pass", FORCED)
+    put("forced_pass_ms", round(forced_new, 2))
+    put("forced_pass_same_shape_ms", round(forced_same, 2))
+    put("cudnn_sdpa", os.environ.get("MLX_CUDA_USE_CUDNN_SDPA", "1"))
     if mx.default_device() == mx.cpu:  # the CPU backend computes inside async_eval: launch_ms is the compute
         note(f"{shapes}: on the CPU, launch_ms holds the pass's compute; the split means something on a GPU")
     else:

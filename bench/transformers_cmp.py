@@ -98,10 +98,10 @@ class _TorchSchemaMask:
             if self.mask is None:
                 self.mask = self.TokenMask(self.c, n)
             allowed = self.mask.allowed(self.matcher)
-        return scores.masked_fill(~torch.from_numpy(allowed)[None, :], float("-inf"))
+        return scores.masked_fill(~torch.from_numpy(allowed).to(scores.device)[None, :], float("-inf"))
 
 
-def _transformers_side(model_dir: Path, constraint: Any, photos: list[Any], prompt: str, schema: dict,
+def _transformers_side(model_dir: Path, constraint: Any, photos: list[Any], warmup: Any, prompt: str, schema: dict,
                        s: dict[str, Any], stop: set[int]) -> tuple[float, list[str], dict[str, Any]]:
     import torch
     import transformers
@@ -114,8 +114,10 @@ def _transformers_side(model_dir: Path, constraint: Any, photos: list[Any], prom
 
     from .hf_qwen2vl import load_transformers_model
 
+    # On the GPU machine transformers runs on the same GPU as MLX (issue 11 item 8), in the same float32.
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
-    model = load_transformers_model(model_dir)
+    model = load_transformers_model(model_dir).to(device)
     load_s = time.perf_counter() - started
     # transformers' own preprocessing. Its Qwen2VLProcessor would also load a video processor that needs torchvision,
     # so the image processor and tokenizer are used directly, doing what that processor does: one <|image_pad|> per
@@ -137,12 +139,13 @@ def _transformers_side(model_dir: Path, constraint: Any, photos: list[Any], prom
     def one(image: Any) -> str:
         pixels = images(images=[image], return_tensors="pt")
         n_image = int(pixels["image_grid_thw"].prod()) // merge
-        ids = tokenizer(text_prompt.replace(pad, pad * n_image), return_tensors="pt")["input_ids"]
+        ids = tokenizer(text_prompt.replace(pad, pad * n_image), return_tensors="pt")["input_ids"].to(device)
         n = ids.shape[1]
         counts["prompt_tokens"] += n
         with torch.inference_mode():
             out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                                 pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"],
+                                 pixel_values=pixels["pixel_values"].to(device),
+                                 image_grid_thw=pixels["image_grid_thw"].to(device),
                                  mm_token_type_ids=(ids == image_token_id).long(),
                                  max_new_tokens=s["max_tokens"], do_sample=False, num_beams=1,
                                  eos_token_id=sorted(stop), pad_token_id=sorted(stop)[0],
@@ -151,7 +154,7 @@ def _transformers_side(model_dir: Path, constraint: Any, photos: list[Any], prom
         counts["tokens"] += len(new)
         return tokenizer.decode(new, skip_special_tokens=False)
 
-    one(photos[0].resize((56, 56)))  # first-call overheads, as for the MLX sides
+    one(warmup)  # bench.WARMUP, as for the MLX sides
     texts = []
     total = 0.0
     counts.update(tokens=0, prompt_tokens=0)
@@ -161,7 +164,7 @@ def _transformers_side(model_dir: Path, constraint: Any, photos: list[Any], prom
         total += time.perf_counter() - t
         note(f"transformers photo {i + 1}/{len(photos)}: {total:.1f} s so far")
     info = {"transformers_version": transformers.__version__, "torch_version": torch.__version__.split("+")[0],
-            "torch_threads": torch.get_num_threads(), 
+            "torch_threads": torch.get_num_threads(), "transformers_device": device,
             "transformers_prompt_tokens_per_photo": round(counts["prompt_tokens"] / len(photos), 1),
             "transformers_tokens_per_photo": round(counts["tokens"] / len(photos), 1), "transformers_load_s": round(load_s, 2)}
     del model
@@ -196,7 +199,8 @@ def measure(shapes: str) -> dict[str, Any]:
     s, model_path, rt, schema, photos = single_pass_setup(shapes)
     from .rag import _photos
 
-    _mlx_vlm(rt, _photos(PHOTOS[shapes] + 1, PHOTO_SIZE)[-1], s["prompt"], schema, s["max_tokens"])  # bench.WARMUP
+    warmup = _photos(PHOTOS[shapes] + 1, PHOTO_SIZE)[-1]
+    _mlx_vlm(rt, warmup, s["prompt"], schema, s["max_tokens"])  # bench.WARMUP
     ours_s = naive_s = 0.0
     ours_texts: list[str] = []
     naive_match = generated = prompt_tokens = 0
@@ -225,7 +229,7 @@ def measure(shapes: str) -> dict[str, Any]:
     mx.clear_cache()
     n = len(photos)
     if _has_torch():
-        hf_s, hf_texts, info = _transformers_side(model_path, constraint, photos, s["prompt"], schema, s, stop)
+        hf_s, hf_texts, info = _transformers_side(model_path, constraint, photos, warmup, s["prompt"], schema, s, stop)
     else:
         note(f"transformers side skipped: {NO_TORCH}")
         hf_s, hf_texts, info = float("nan"), [], {}

@@ -51,9 +51,10 @@ class Config:
     max_tokens: int = 1400
     comment_max_chars: int = 160
     # Photos analysed together in one forward pass when the queue holds several (same advisor and mode); 1: one
-    # at a time (bench/batch.py: on a CPU the gain is small, and a photo that crashes the process takes its batch
-    # down with it before it is found and run alone).
-    batch_size: int = 1
+    # at a time; 0: chosen for the machine by the model runtime (`Runtime.suggested_batch_size`: 4 on a GPU, where
+    # a decode step is launch-bound and 4 photos a pass gave 2.0x the photos per minute at real shapes, bf16 and
+    # 4-bit; 1 on a CPU, where a step is compute-bound and batching gained 1.2x at best). bench/RESULTS.md `batch`.
+    batch_size: int = 0
     job_timeout_seconds: float = 600.0
     # No photo is this large; a bigger file (a sparse 10 GB `.jpg`, a disk image) is refused before it is read.
     max_file_mb: int = 512
@@ -182,7 +183,7 @@ LIMITS: dict[str, tuple[float, float, bool]] = {
     "max_pixels": (28 * 28, 16384 * 28 * 28, True),  # Qwen2-VL's own upper limit
     "max_tokens": (1, 32768, True),
     "comment_max_chars": (1, 4000, True),
-    "batch_size": (1, 64, True),
+    "batch_size": (0, 64, True),
     "max_attempts": (1, 100, True),
     "rag_k": (1, 100, True),
     "rag_reference_weight": (0, 1, True),

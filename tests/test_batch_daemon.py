@@ -4,7 +4,9 @@ smoke model's are alike), so a row given another photo's text, or cut at another
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -139,3 +141,41 @@ def test_stopping_during_a_batch_puts_every_photo_of_it_back_in_the_queue(tmp_pa
     assert {j.state for j in jobs.values()} == {"queued"}, {r: (j.state, j.error) for r, j in jobs.items()}
     assert all(j.attempts == 0 for j in jobs.values())  # a stop is no attempt: nothing counts against them
     assert sorted(p.name for p in (home / "inbox").iterdir()) == [f"p{i}.png" for i in range(4)]
+
+
+def test_batch_size_zero_follows_the_device_the_model_runs_on(tmp_path: Path, plain_model_path: Path) -> None:
+    """The default, `batch_size = 0`: one photo at a time until the model is loaded, then what its runtime suggests
+    for its device (1 on this CPU; a GPU runtime suggests 4, played here by setting the runtime's own answer)."""
+    from daemon.config import Config, load_config
+    from daemon.ledger import Ledger
+    from daemon.model.runtime import ModelRuntime
+    from daemon.pipeline.worker import Worker
+
+    assert Config.__dataclass_fields__["batch_size"].default == 0
+    home = make_home(tmp_path / "home", plain_model_path)
+    cfg = load_config(home, env={}, model=str(plain_model_path))
+    cfg.ensure_dirs()
+    for i in range(5):
+        photo(home / "inbox" / f"p{i}.png", seed=i)
+    ledger = Ledger(cfg.db_path)
+    items = []
+    for i in range(5):
+        path = home / "inbox" / f"p{i}.png"
+        st = os.stat(path)
+        items.append((path, path.name, "ansel", "default", st.st_size, st.st_mtime, st.st_ctime))
+    ledger.enqueue_many(items)
+    runtime = ModelRuntime.load(str(plain_model_path), var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
+    assert runtime.suggested_batch_size == 1  # this machine has no GPU
+    worker = Worker(cfg, ledger, lambda: runtime)
+    assert worker.batch_size() == 1  # nothing loaded yet
+    assert worker.run_once()  # the first photo loads the model, alone
+    assert [j.state for j in ledger.jobs()].count("done") == 1
+    runtime._suggested_batch = ModelRuntime.GPU_BATCH
+    assert worker.batch_size() == ModelRuntime.GPU_BATCH == 4
+    assert worker.run_once()  # one call: the other four together
+    jobs = ledger.jobs()
+    assert all(j.state == "done" for j in jobs), {j.rel_path: (j.state, j.error) for j in jobs}
+    assert len(reports(cfg.outbox)) == 5
+    worker.cfg = dataclasses.replace(cfg, batch_size=2)  # a number the user set wins over the device's
+    assert worker.batch_size() == 2
+    ledger.close()

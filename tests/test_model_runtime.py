@@ -208,3 +208,21 @@ def test_parse_checks_each_schema_with_its_own_kept_validator() -> None:
     assert parse(text, critique_schema(40)) == report
     with pytest.raises(jsonschema.ValidationError):
         parse(json.dumps({**report, "overall_grade": 11}), critique_schema(40))
+
+
+@pytest.mark.parametrize("exported,expected", [(None, "0"), ("1", "1")])
+def test_the_runtime_turns_cudnn_attention_off_before_mlx_runs_unless_the_user_chose(exported: str | None,
+                                                                                      expected: str) -> None:
+    """MLX's CUDA backend reads MLX_CUDA_USE_CUDNN_SDPA once, at its first attention: the runtime must set it when it
+    is imported (before any model runs), and a value the user exported wins (daemon/model/cuda_env.py says why)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "MLX_CUDA_USE_CUDNN_SDPA"}
+    if exported is not None:
+        env["MLX_CUDA_USE_CUDNN_SDPA"] = exported
+    code = "import os, daemon.model.runtime; print(os.environ.get('MLX_CUDA_USE_CUDNN_SDPA'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == expected

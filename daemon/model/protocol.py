@@ -38,6 +38,7 @@ class Runtime(Protocol):
     path: str  # the checkpoint folder
     is_smoke: bool  # the offline smoke model (random weights): its scores mean nothing
     max_pixels: int
+    suggested_batch_size: int  # photos a forward pass on this device when `batch_size` is 0 (auto)
 
     def generate_json(self, image: "Image.Image", prompt: str, schema: dict, *, max_tokens: int,
                       system: str | None = None, adapter: str | Path | None = None,

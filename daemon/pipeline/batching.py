@@ -30,7 +30,7 @@ log = logging.getLogger("mondrian.worker")
 def run_batch(worker: "Worker", first: "Job") -> bool:
     """Claim more jobs after `first` (up to `batch_size`) and process them all; True (work was done)."""
     jobs = [first]
-    while len(jobs) < worker.cfg.batch_size and not worker.stop.is_set():
+    while len(jobs) < worker.batch_size() and not worker.stop.is_set():
         job = worker.ledger.claim()
         if job is None:
             break

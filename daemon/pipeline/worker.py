@@ -155,6 +155,13 @@ class Worker:
             return f"{type(exc).__name__}: {exc}"
         return "analysed"
 
+    def batch_size(self) -> int:
+        """Photos to claim and analyse together: the setting, or with `batch_size = 0` what the loaded model's device
+        suggests (one at a time until the model is loaded: the first photo loads it)."""
+        if self.cfg.batch_size:
+            return self.cfg.batch_size
+        return self.runtime.suggested_batch_size if self.runtime is not None else 1
+
     def run_once(self) -> bool:
         """Claim and process one job (several, in one batch, when the queue is deep: batching.py). Returns False
         when nothing was due."""
@@ -164,7 +171,7 @@ class Worker:
             self.costs.idle()
             self.out.index.flush()  # nothing to do: the index shows every job published so far
             return False
-        if self.cfg.batch_size > 1:
+        if self.batch_size() > 1:
             from .batching import run_batch
 
             return run_batch(self, job)
