@@ -60,6 +60,8 @@ def _make_adapters(model: Any, root: Path, n: int) -> list[Path]:
         weights = {}
         for k in keys:
             o, inp = modules[k].weight.shape
+            if hasattr(modules[k], "bits"):  # a QuantizedLinear's weight is packed: `bits` per 32-bit word
+                inp = inp * 32 // modules[k].bits
             weights[f"{k}.lora_a"] = mx.array(rng.normal(0, inp ** -0.5, (inp, RANK)).astype(np.float32))
             weights[f"{k}.lora_b"] = mx.array(rng.normal(0, 0.01, (RANK, o)).astype(np.float32))
         out.append(save_adapter(root / f"advisor{i}", spec.to_config(), weights))
