@@ -34,7 +34,7 @@ import numpy as np
 from PIL import Image
 
 from daemon.analysis.advisors import Advisor, references_dir
-from daemon.analysis.critique import DIMENSIONS
+from daemon.analysis.critique import DIMENSIONS, JSON_LAYOUT
 from daemon.analysis.prompts import critique_prompt
 from daemon.config import Config
 from daemon.intake.images import ImageRejected, fit_size, load_photo
@@ -44,7 +44,6 @@ MIN_REFERENCES = 3  # fewer cannot give a training, a validation and a test phot
 HOLDOUT_MIN = 2  # test photos, when the portfolio allows
 VALIDATION_MIN = 1
 NO_COMMENT = "—"  # the curator wrote nothing: say nothing in their name (the schema needs one character)
-JSON_LAYOUT = {"separators": (", ", ": "), "ensure_ascii": False}  # = daemon.model.constrained.JSON_OPTIONS
 
 
 class DatasetError(RuntimeError):

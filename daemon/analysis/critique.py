@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
+# How a report is written as text wherever a model reads or learns one (training targets, the ordinal loss's score
+# positions): the spacing the constrained decoder emits (daemon.model.constrained.JSON_OPTIONS), so a model trains
+# on exactly the tokens it later writes.
+JSON_LAYOUT: dict[str, Any] = {"separators": (", ", ": "), "ensure_ascii": False}
+
 DIMENSIONS: tuple[str, ...] = (
     "composition",
     "lighting",

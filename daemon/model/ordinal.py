@@ -17,7 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-LAYOUT = {"separators": (", ", ": "), "ensure_ascii": False}  # how reports are written (jobs.dataset.JSON_LAYOUT)
+from ..analysis.critique import JSON_LAYOUT
+
 CONTEXT = 3  # tokens before a score digit that identify it as a score (key, '":', ' ' in Qwen's vocabulary)
 
 
@@ -37,7 +38,7 @@ def score_tokens(tokenizer: Any) -> ScoreTokens:
             raise RuntimeError(f"the tokenizer splits the digit {d} into {len(ids)} tokens")
         digits.append(ids[0])
     probe = {"dimensions": {"a": {"comment": "—", "score": 7}}, "summary": "—", "overall_grade": 7}
-    ids = tokenizer.encode(json.dumps(probe, **LAYOUT), add_special_tokens=False)
+    ids = tokenizer.encode(json.dumps(probe, **JSON_LAYOUT), add_special_tokens=False)
     contexts = {tuple(ids[i - CONTEXT:i]) for i, t in enumerate(ids) if t == digits[7] and i >= CONTEXT}
     if len(contexts) != 2:
         raise RuntimeError(f"could not find the score fields' tokens in a rendered report ({len(contexts)} found)")
