@@ -22,9 +22,11 @@ LOG_START = re.compile(r"^(?:\x1b\[K)?(?:\d{4}-\d\d-\d\d[ T])?\d\d:\d\d:\d\d")
 
 
 def in_terminal(home: Path, model_path: Path, *args: str, timeout: float = 120, columns: int = 120,
-                signal_after: float | None = None, **env: str) -> tuple[int, str]:
+                signal_after: float | None = None, signal_on: tuple[str, int] | None = None,
+                **env: str) -> tuple[int, str]:
     """(exit code, everything written to the terminal): stdin, stdout and stderr are one pty, `columns` wide.
-    `signal_after`: press Ctrl-C (SIGINT) that many seconds after the start."""
+    `signal_after`: press Ctrl-C (SIGINT) that many seconds after the start. `signal_on=(text, n)`: press it once the
+    terminal has shown `text` n times (not a number of seconds: a busy machine starts Python slowly)."""
     master, slave = pty.openpty()
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, columns, 0, 0))
     proc = subprocess.Popen([sys.executable, "-m", "daemon", *args], env=env_for(home, model_path, **env), cwd=REPO,
@@ -38,6 +40,9 @@ def in_terminal(home: Path, model_path: Path, *args: str, timeout: float = 120, 
             if signal_after is not None and time.monotonic() - started >= signal_after:
                 proc.send_signal(signal.SIGINT)
                 signal_after = None
+            if signal_on is not None and b"".join(chunks).decode(errors="replace").count(signal_on[0]) >= signal_on[1]:
+                proc.send_signal(signal.SIGINT)
+                signal_on = None
             ready, _, _ = select.select([master], [], [], 0.5)
             if not ready:
                 if proc.poll() is not None:

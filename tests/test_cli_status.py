@@ -98,7 +98,8 @@ def test_status_watch_prints_snapshots_until_ctrl_c_and_exits_cleanly(tmp_path, 
             assert sum(line.startswith("Mondrian home:") for line in lines) >= 2, lines
 
     # On a terminal each snapshot replaces the last (the screen is cleared), and Ctrl-C ends it quietly.
-    rc, out = in_terminal(home, smoke_model_path, "status", "--watch", "0.2", timeout=5, signal_after=3.0)
+    rc, out = in_terminal(home, smoke_model_path, "status", "--watch", "0.2", timeout=120,
+                          signal_on=("\x1b[H\x1b[2J", 2))
     assert rc == 0 and "Traceback" not in out, out
     assert out.count("\x1b[H\x1b[2J") >= 2 and "Ctrl-C to stop" in out, out
 
