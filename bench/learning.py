@@ -19,7 +19,8 @@ Figures, as key=value lines: `learning_srcc_<mode>_n<N>` (mean Spearman over the
 `learning_mae_<mode>_n<N>_<dim>`. Also writes `learning.json` and `learning.png` (the curve) into --out.
 
 The base is the smoke architecture with plain random weights (tests/lora_helpers: the smoke model's tied
-digit rows cannot learn scores). Flags (after the name): --ns 10,25,50 --test 30 --steps 160 --out DIR.
+digit rows cannot learn scores). Flags (after the name): --ns 10,25,50 --test 30 --steps 160 --out DIR
+--modes baseline,rag,lora (e.g. `--ns 25 --modes lora`: a reduced run that tries a training change).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ TASTE = ("lighting", "color_harmony", "visual_balance")
 ADVISOR = "synth"
 MAX_PIXELS = 112 * 112
 SETTINGS = {"embeddings_enabled": True, "max_pixels": MAX_PIXELS, "comment_max_chars": 24, "max_tokens": 700}
+MODES = ("baseline", "rag", "lora")
 ACCEPTS_ARGS = True  # bench/__main__.py passes the flags after the name
 
 
@@ -50,8 +52,14 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--variants", type=int, default=2, help="augmented copies per training reference")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--modes", default=",".join(MODES),
+                   help="which modes to measure, comma-separated (default baseline,rag,lora; e.g. lora alone)")
     p.add_argument("--out", help="where learning.json and learning.png go (default <var>/bench-learning)")
-    return p.parse_args(argv or [])
+    opts = p.parse_args(argv or [])
+    unknown = set(opts.modes.split(",")) - set(MODES)
+    if unknown:
+        p.error(f"--modes: unknown {', '.join(sorted(unknown))}; choose among {','.join(MODES)}")
+    return opts
 
 
 def _write_advisor(home: Path, photos: list[tuple[Path, dict[str, int]]]) -> None:
@@ -159,6 +167,7 @@ def _lora(cfg: Any, model_path: Path, advisor: Any, refs: list[Any], test: list[
     folder = fitted.save(work / "adapter")
     ev = evaluate(runtime, test, critique_prompt(advisor), adapter=folder, label="lora",
                   comment_max_chars=cfg.comment_max_chars, max_tokens=cfg.max_tokens, max_pixels=cfg.max_pixels)
+    (work / "evaluation.json").write_text(json.dumps(ev.to_dict(), default=str))  # per photo, for a closer look
     return ev.to_dict(), fitted.metrics
 
 
@@ -207,6 +216,7 @@ def run(size: str, argv: list[str] | None = None) -> dict[str, Any]:
 
     opts = _options(argv)
     ns = sorted(int(x) for x in opts.ns.split(","))
+    modes = [m for m in MODES if m in opts.modes.split(",")]
     root = var_dir()
     out = Path(opts.out) if opts.out else root / "bench-learning"
     work = out / "work"
@@ -214,6 +224,7 @@ def run(size: str, argv: list[str] | None = None) -> dict[str, Any]:
     work.mkdir(parents=True)
     model_path = plain_random_model(ensure_smoke_model(root), root / "models" / "smoke-plain")
     labels = f"ns={opts.ns} test={opts.test} steps={opts.steps} lr={opts.lr:g} variants={opts.variants}"
+    labels += "" if len(modes) == len(MODES) else f" modes={'+'.join(modes)}"
     note(f"learning: {labels} on {model_path.name}")
     pool = _pool(work / "pool", max(ns), opts.seed, "r")
     test_photos = _pool(work / "test", opts.test, opts.seed + 7, "t")
@@ -235,35 +246,42 @@ def run(size: str, argv: list[str] | None = None) -> dict[str, Any]:
         refs = ds.collect_references(cfg, ADVISOR, ledger)
         assert len(refs) == n and all(r.source == "human" for r in refs), "the portfolio was not indexed"
         advisor = get_advisor(cfg, ADVISOR)
-        if base_figs is None:
-            base = evaluate(runtime, test, critique_prompt(advisor), adapter=None, label="base",
-                            comment_max_chars=cfg.comment_max_chars, max_tokens=cfg.max_tokens,
-                            max_pixels=cfg.max_pixels).to_dict()
-            base_figs = _figures(base)
-        rag = _figures(_rag(cfg, runtime, ledger, advisor, test))
-        lora_ev, fit = _lora(cfg, model_path, advisor, refs, test, opts, home / "lora")
-        lora = _figures(lora_ev)
-        results[str(n)] = {"baseline": base_figs, "rag": rag, "lora": lora,
-                           "training": {k: fit[k] for k in ("steps_run", "best_step", "best_val_loss",
-                                                            "initial_val_loss", "train_rows", "validation_rows",
-                                                            "samples")}}
-        for mode, figs in (("baseline", base_figs), ("rag", rag), ("lora", lora)):
-            emit(f"learning_srcc_{mode}_n{n}", round(figs["srcc"] or 0.0, 3))
-            emit(f"learning_mae_{mode}_n{n}", round(figs["mae"], 3))
+        figs: dict[str, Any] = {}
+        if "baseline" in modes:
+            if base_figs is None:
+                base = evaluate(runtime, test, critique_prompt(advisor), adapter=None, label="base",
+                                comment_max_chars=cfg.comment_max_chars, max_tokens=cfg.max_tokens,
+                                max_pixels=cfg.max_pixels).to_dict()
+                base_figs = _figures(base)
+            figs["baseline"] = base_figs
+        if "rag" in modes:
+            figs["rag"] = _figures(_rag(cfg, runtime, ledger, advisor, test))
+        training = ""
+        results[str(n)] = dict(figs)
+        if "lora" in modes:
+            lora_ev, fit = _lora(cfg, model_path, advisor, refs, test, opts, home / "lora")
+            figs["lora"] = _figures(lora_ev)
+            results[str(n)].update(lora=figs["lora"], training={k: fit[k] for k in (
+                "steps_run", "best_step", "best_val_loss", "initial_val_loss", "train_rows", "validation_rows",
+                "samples", "history")})
+            training = (f" (lora: {fit['steps_run']} steps, best at {fit['best_step']}, {fit['train_rows']} "
+                        f"training rows)")
+        for mode, f in figs.items():
+            emit(f"learning_srcc_{mode}_n{n}", round(f["srcc"] or 0.0, 3))
+            emit(f"learning_mae_{mode}_n{n}", round(f["mae"], 3))
             for d in TASTE:
-                emit(f"learning_srcc_{mode}_n{n}_{d}", round(figs[f"srcc_{d}"], 3))
-                emit(f"learning_mae_{mode}_n{n}_{d}", round(figs[f"mae_{d}"], 3))
-        note(f"learning n={n}: {time.perf_counter() - started:.0f} s (lora: {fit['steps_run']} steps, best at "
-             f"{fit['best_step']}, {fit['train_rows']} training rows)")
+                emit(f"learning_srcc_{mode}_n{n}_{d}", round(f[f"srcc_{d}"], 3))
+                emit(f"learning_mae_{mode}_n{n}_{d}", round(f[f"mae_{d}"], 3))
+        note(f"learning n={n}: {time.perf_counter() - started:.0f} s{training}")
         json.dump(results, open(out / "learning.json", "w"), indent=2, default=str)
-    png = _plot(results, ns, out / "learning.png")
+    png = _plot(results, ns, out / "learning.png") if len(modes) == len(MODES) else None
     figures: dict[str, Any] = {"learning_settings": labels.replace(" ", ","),
                                "learning_json": str(out / "learning.json")}
     if png:
         figures["learning_png"] = str(png)
     mid = 25 if 25 in ns else ns[len(ns) // 2]
     r = results[str(mid)]
-    figures[f"learning_lora_minus_rag_srcc_n{mid}"] = round((r["lora"]["srcc"] or 0) - (r["rag"]["srcc"] or 0), 3)
-    figures[f"learning_rag_minus_baseline_srcc_n{mid}"] = round((r["rag"]["srcc"] or 0) -
-                                                                (r["baseline"]["srcc"] or 0), 3)
+    for a, b in (("lora", "rag"), ("rag", "baseline")):
+        if a in r and b in r:
+            figures[f"learning_{a}_minus_{b}_srcc_n{mid}"] = round((r[a]["srcc"] or 0) - (r[b]["srcc"] or 0), 3)
     return figures

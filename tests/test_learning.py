@@ -317,3 +317,19 @@ def test_learning_benchmark_prints_every_figure_and_draws_the_curve(tmp_path) ->
     data = json.loads((tmp_path / "out" / "learning.json").read_text())
     assert data["test"] == 3 and set(data["3"]) >= {"baseline", "rag", "lora"}
     assert (tmp_path / "out" / "learning.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_learning_benchmark_measures_only_the_modes_asked_for(tmp_path) -> None:
+    """`--modes lora` (the reduced runs that tune training): lora's figures and its training history, and neither
+    baseline's nor rag's figures nor a curve that would draw them as zeros."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "MONDRIAN_BENCH_VAR": str(tmp_path / "var")}
+    out = subprocess.run([sys.executable, "-m", "bench", "learning", "--ns", "3", "--test", "3", "--steps", "2",
+                          "--variants", "0", "--modes", "lora", "--out", str(tmp_path / "out")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    figures = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+    assert np.isfinite(float(figures["learning_srcc_lora_n3"])), out.stdout
+    assert not [k for k in figures if "baseline" in k or "rag" in k], out.stdout
+    data = json.loads((tmp_path / "out" / "learning.json").read_text())
+    assert set(data["3"]) == {"lora", "training"} and data["3"]["training"]["history"][0]["step"] == 0
+    assert not (tmp_path / "out" / "learning.png").exists()
