@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import signal
 import statistics
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -307,8 +309,13 @@ def watch(cfg: Config, every_s: float, as_json: bool, out: TextIO = sys.stdout) 
     last; into a pipe or a file they follow one another (text: a dated rule between them; --json: one object a
     line), so a log of them can be read back."""
     in_place = out.isatty() and not as_json
+    # Ctrl-C (or a TERM) only asks the loop to end after the snapshot in hand: a KeyboardInterrupt raised at an
+    # arbitrary point (inside a ledger query, between a lock's acquire and its release) once left the process
+    # unable to exit.
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        while True:
+        while not stop.is_set():
             info = collect(cfg)
             if as_json:
                 out.write(json.dumps(info, default=str) + "\n")
@@ -317,8 +324,10 @@ def watch(cfg: Config, every_s: float, as_json: bool, out: TextIO = sys.stdout) 
             else:
                 out.write(f"--- {datetime.now():%Y-%m-%d %H:%M:%S} ---\n{render(info)}\n")
             out.flush()
-            time.sleep(every_s)
-    except KeyboardInterrupt:
-        if in_place:
-            out.write("\n")
-        return 0
+            stop.wait(every_s)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if in_place:
+        out.write("\n")
+    return 0
