@@ -22,15 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from . import WARMUP, by_size, critique_runtime, emit, note, photos as photo_count, settings as bench_settings
+from .baseline import PROMPT, _naive as baseline_naive
 from .lora import _make_adapters
 from .rag import _photos
 
-PROMPT = "Critique this photograph as Ansel Adams would."
-
 
 def measure(shapes: str) -> dict[str, Any]:
-    import mlx_vlm
-
     settings = bench_settings()
     max_tokens = settings["max_tokens"]
     figures: dict[str, Any] = {}
@@ -44,13 +41,7 @@ def measure(shapes: str) -> dict[str, Any]:
 
     def naive(image: Any, adapter: Path) -> str:
         with rt.use_adapter(adapter):
-            res = mlx_vlm.generate(rt.model, rt.processor, rt.format_prompt(PROMPT), image=[image],
-                                   max_tokens=max_tokens, temperature=0.0, verbose=False,
-                                   logits_processors=[rt.constraint.logits_processor(schema)])
-        ids = [int(t) for t in (res.token_ids or [])]
-        while ids and ids[-1] == rt.tokenizer.eos_token_id:
-            ids.pop()
-        return rt.tokenizer.decode(ids, skip_special_tokens=False)
+            return baseline_naive(rt, image, schema, max_tokens)
 
     with tempfile.TemporaryDirectory(prefix=f"mondrian-bench-lora-time-{shapes}-") as tmp:
         adapter = _make_adapters(rt.model, Path(tmp), 1)[0]
