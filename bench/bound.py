@@ -30,7 +30,7 @@ import os
 import time
 from typing import Any, Callable
 
-from . import by_size, emit, note
+from . import by_size, emit, note, precision
 
 BANDWIDTH_BYTES = 512 * 2**20
 REPEATS = 5
@@ -154,7 +154,7 @@ def measure(shapes: str) -> dict[str, Any]:
     def put(key: str, value: Any) -> None:
         figures[prefix + key] = emit(prefix + key, value)
 
-    s, model_path, rt, schema, photos = single_pass_setup(shapes)
+    s, model_path, rt, schema, photos = single_pass_setup(shapes, at_precision=True)
     cfg = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
     text = _text_config(cfg)
 
@@ -196,6 +196,7 @@ def measure(shapes: str) -> dict[str, Any]:
     bound_s = compute_s + memory_s
     real = real_s / n
 
+    put("precision", precision())  # the weights the runtime ran with, those the bytes below count
     put("photos", n)
     put("prompt_tokens_per_photo", round(sum(gen.prompt_tokens for _, gen in runs) / n, 1))
     put("image_patches_per_photo", round(sum(g[0] * g[1] * g[2] for g, _ in runs) / n, 1))

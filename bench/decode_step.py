@@ -10,7 +10,8 @@ Figures (`smoke.` / `real.` prefixes), ms per step at a 400-token text context, 
 - `ours_step_ms`: their total, `mlx_vlm_step_ms`: `mlx_vlm.generate_step`'s time a token on the same cache length;
 - `forced_pass_ms`: one pass appending FORCED tokens at a context length not seen before (what fast-forwarding a
   schema-forced run costs), `forced_pass_same_shape_ms`: the same pass repeated at one context length. On CUDA a
-  multi-token pass may take cuDNN's attention, whose graph is built per shape (`cudnn_sdpa=` prints whether it may).
+  multi-token pass may take cuDNN's attention, whose graph is built per shape (`cudnn_sdpa=` prints whether it may);
+- `text_rope=1` where the runtime rotates text positions with mx.fast.rope (on a GPU: daemon/model/text_rope.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def measure(shapes: str) -> dict[str, Any]:
     from daemon.model import reuse
     from daemon.model.runtime import ModelRuntime
     from daemon.model.smoke import ensure_smoke_model
+    from daemon.model.text_rope import TextRope, text_positions
 
     prefix = f"{shapes}."
     figures: dict[str, Any] = {}
@@ -64,8 +66,9 @@ def measure(shapes: str) -> dict[str, Any]:
             t0 = time.perf_counter()
             token = head(hidden)
             mx.async_eval(token)
-            hidden = lm.model(token.reshape(1, 1), cache=kv,
-                              position_ids=reuse._positions(int(kv[0].offset), no_delta, 1))
+            with text_positions(lm):  # as reuse.generate runs its passes
+                hidden = lm.model(token.reshape(1, 1), cache=kv,
+                                  position_ids=reuse._positions(int(kv[0].offset), no_delta, 1))
             t1 = time.perf_counter()
             mx.async_eval(hidden)
             t2 = time.perf_counter()
@@ -83,7 +86,8 @@ def measure(shapes: str) -> dict[str, Any]:
         started = time.perf_counter()
         for _ in range(steps // 3):
             offset = int(kv[0].offset)
-            mx.eval(lm.model(run, cache=kv, position_ids=reuse._positions(offset, no_delta, FORCED)))
+            with text_positions(lm):
+                mx.eval(lm.model(run, cache=kv, position_ids=reuse._positions(offset, no_delta, FORCED)))
             if same_shape:
                 for c in kv:
                     c.trim(FORCED)
@@ -112,6 +116,7 @@ def measure(shapes: str) -> dict[str, Any]:
     put("forced_pass_ms", round(forced_new, 2))
     put("forced_pass_same_shape_ms", round(forced_same, 2))
     put("cudnn_sdpa", os.environ.get("MLX_CUDA_USE_CUDNN_SDPA", "1"))
+    put("text_rope", int(isinstance(lm.layers[0].self_attn.rotary_emb, TextRope)))  # daemon/model/text_rope.py
     if mx.default_device() == mx.cpu:  # the CPU backend computes inside async_eval: launch_ms is the compute
         note(f"{shapes}: on the CPU, launch_ms holds the pass's compute; the split means something on a GPU")
     else:

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import by_size, comment_chars, emit, note, real_length, var_dir
+from . import apply_precision, by_size, comment_chars, emit, note, real_length, var_dir
 from . import settings as bench_settings
 
 PHOTOS = {"smoke": 5, "real": 5}
@@ -172,9 +172,10 @@ def _transformers_side(model_dir: Path, constraint: Any, photos: list[Any], warm
     return total, texts, info
 
 
-def single_pass_setup(shapes: str) -> tuple[dict[str, Any], Path, Any, Any, list[Any]]:
+def single_pass_setup(shapes: str, *, at_precision: bool = False) -> tuple[dict[str, Any], Path, Any, Any, list[Any]]:
     """(settings, model folder, runtime, schema, photos) for timing single-pass critiques of this model, warmed up
-    on a full-size photo that is not among `photos` (what this benchmark and `bound` both time)."""
+    on a full-size photo that is not among `photos` (what this benchmark and `bound` both time). `at_precision`:
+    the runtime's weights at `--precision` (this benchmark converts float weights to transformers: float32 only)."""
     from daemon.model.runtime import ModelRuntime
     from daemon.model.smoke import ensure_smoke_model
 
@@ -183,6 +184,8 @@ def single_pass_setup(shapes: str) -> tuple[dict[str, Any], Path, Any, Any, list
     s = settings()
     model_path = Path(ensure_smoke_model(var_dir(), shapes=shapes))
     rt = ModelRuntime.load(str(model_path), var_dir=var_dir(), max_pixels=s["max_pixels"])
+    if at_precision:
+        apply_precision(rt.model)
     schema = report_schema(shapes)
     photos = _photos(PHOTOS[shapes] + 1, PHOTO_SIZE)
     rt.generate_json(photos.pop(), s["prompt"], schema, max_tokens=s["max_tokens"])  # bench.WARMUP

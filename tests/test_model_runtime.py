@@ -226,3 +226,60 @@ def test_the_runtime_turns_cudnn_attention_off_before_mlx_runs_unless_the_user_c
                          cwd=Path(__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == expected
+
+
+
+@pytest.fixture(scope="module")
+def rope_runtime(plain_model_path: Path) -> ModelRuntime:
+    """The context-sensitive model with the GPU's rotary path installed whatever the device (text_rope.py)."""
+    from daemon.model import text_rope
+
+    runtime = ModelRuntime.load(str(plain_model_path), var_dir=plain_model_path.parent, max_pixels=MAX_PIXELS)
+    assert text_rope.install(runtime.model) == text_rope.worth_it()  # the runtime itself installs it on a GPU only
+    assert text_rope.install(runtime.model, always=True)
+    return runtime
+
+
+def test_the_tokens_a_critique_writes_rotate_on_one_fused_rope_and_the_same_result(rope_runtime: ModelRuntime) -> None:
+    """daemon/model/text_rope.py: on text positions (every token after the prompt) the decoder calls mx.fast.rope
+    (one kernel a projection on a GPU) instead of mlx-vlm's generic mRoPE arithmetic. The same hidden states,
+    prompt positions shifted by an image (`delta`) included; outside `text_positions` (prefill, training, plain
+    mlx_vlm.generate) the model is exactly mlx-vlm's."""
+    import mlx.core as mx
+    from mlx_vlm.models import cache as mlx_cache
+
+    from daemon.model.text_rope import text_positions
+
+    lm = rope_runtime.model.language_model
+    prompt, delta = mx.array([[5, 17, 300, 42, 7, 99, 1000, 3]]), 11
+
+    def step(fast: bool) -> np.ndarray:
+        kv = mlx_cache.make_prompt_cache(lm)
+        n = prompt.shape[1]
+        mx.eval(lm.model(prompt, cache=kv, position_ids=mx.broadcast_to((mx.arange(n) + delta)[None, None], (3, 1, n))))
+        tokens = mx.array([[64, 65, 66]])  # a chosen token and two the schema forces after it
+        later = mx.broadcast_to((mx.arange(3) + n + delta)[None, None], (3, 1, 3))
+        calls = sum(layer.self_attn.rotary_emb.text_calls for layer in lm.layers)
+        if fast:
+            with text_positions(lm):
+                hidden = lm.model(tokens, cache=kv, position_ids=later)
+        else:
+            hidden = lm.model(tokens, cache=kv, position_ids=later)
+        assert sum(layer.self_attn.rotary_emb.text_calls for layer in lm.layers) - calls == \
+            (len(lm.layers) if fast else 0)
+        return np.array(hidden)
+
+    assert np.array_equal(step(fast=True), step(fast=False))
+    assert not any(layer.self_attn.rotary_emb._text for layer in lm.layers)  # the block leaves mlx-vlm's own
+
+
+def test_generation_on_the_fused_rope_is_exactly_mlx_vlms_own(rope_runtime: ModelRuntime) -> None:
+    """The decode loop (reuse.generate) runs its passes on text positions, and writes what mlx-vlm writes."""
+    lm = rope_runtime.model.language_model
+    schema = critique_schema(40)
+    photo = _photo((320, 200))
+    ids = mlx_vlm_ids(rope_runtime, photo, "Critique this photograph.", schema, max_tokens=1400)
+    calls = sum(layer.self_attn.rotary_emb.text_calls for layer in lm.layers)
+    ours = rope_runtime.generate_json(photo, "Critique this photograph.", schema, max_tokens=1400)
+    assert ours.text == rope_runtime.tokenizer.decode(ids, skip_special_tokens=False)
+    assert sum(layer.self_attn.rotary_emb.text_calls for layer in lm.layers) - calls >= len(lm.layers) * 10

@@ -43,6 +43,7 @@ from ..limits import check as check_limits
 from .constrained import TokenMask
 from .protocol import BatchRequest
 from .reuse import ReuseOutput, _Head, _inputs, encode_photo
+from .text_rope import text_positions
 
 
 @dataclass
@@ -218,8 +219,9 @@ def _decode_group(model: Any, constraint: Any, rows: list[_Row], results: list, 
             tokens[mx.array(choosers, dtype=mx.int32)] = chosen
         offset = int(kv[0].offset)
         positions = mx.array([[offset + row.rope_delta] for row in active], dtype=mx.int32)
-        ahead = lm.model(tokens.reshape(-1, 1), cache=kv,
-                         position_ids=mx.broadcast_to(positions[None], (3, len(active), 1)))[:, -1, :]
+        with text_positions(lm):
+            ahead = lm.model(tokens.reshape(-1, 1), cache=kv,
+                             position_ids=mx.broadcast_to(positions[None], (3, len(active), 1)))[:, -1, :]
         mx.async_eval(ahead)
         picks = [int(t) for t in chosen.tolist()] if chosen is not None else []
         for row in active:

@@ -41,6 +41,7 @@ import numpy as np
 
 from ..errors import Permanent
 from .constrained import TokenMask
+from .text_rope import text_positions
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -206,6 +207,11 @@ def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, t
                       position_ids=position_ids[..., reused:])
     head = _Head(lm)
 
+    def forward(tokens: mx.array) -> mx.array:  # tokens after the prompt: text positions, see text_rope
+        with text_positions(lm):
+            return lm.model(tokens, cache=kv, position_ids=_positions(int(kv[0].offset), rope_deltas,
+                                                                      int(tokens.shape[1])))
+
     matcher = llguidance.LLMatcher(constraint.ll_tokenizer, constraint.grammar(schema), log_level=0)
     if matcher.is_error():
         raise ValueError(f"llguidance grammar error: {matcher.get_error()}")
@@ -233,8 +239,7 @@ def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, t
             # the schema forces tokens after it (then they get a pass of their own); a stop wastes one pass.
             if check is not None:
                 check()
-            ahead = lm.model(chosen.reshape(1, 1), cache=kv,
-                             position_ids=_positions(int(kv[0].offset), rope_deltas, 1))
+            ahead = forward(chosen.reshape(1, 1))
             passes += 1
             mx.async_eval(ahead)
             token = int(chosen.item())
@@ -263,8 +268,7 @@ def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, t
             continue
         if check is not None:
             check()
-        offset = int(kv[0].offset)
-        hidden = lm.model(mx.array([todo]), cache=kv, position_ids=_positions(offset, rope_deltas, len(todo)))
+        hidden = forward(mx.array([todo]))
         passes += 1
     mx.eval([c.state for c in kv])
     photo.kv, photo.kv_ids = kv, ids
