@@ -154,7 +154,7 @@ def measure(shapes: str) -> dict[str, Any]:
     def put(key: str, value: Any) -> None:
         figures[prefix + key] = emit(prefix + key, value)
 
-    s, model_path, rt, schema, photos = single_pass_setup(shapes, at_precision=True)
+    s, model_path, rt, schema, photos = single_pass_setup(shapes)
     cfg = json.loads((model_path / "config.json").read_text(encoding="utf-8"))
     text = _text_config(cfg)
 

@@ -5,6 +5,7 @@
 - transformers: Hugging Face transformers' Qwen2VLForConditionalGeneration on PyTorch (CPU here), holding the same
                 weights (bench/hf_qwen2vl.py; tests/test_transformers_equivalence.py checks the logits agree), its
                 own processor and `generate`.
+The MLX sides run at `--precision`, transformers in float32 or bfloat16 (`transformers_dtype`).
 All three decode greedily under the same llguidance JSON-schema constraint, at the project's default settings
 (daemon/config.py: comment length, max_tokens, max_pixels) and with the baseline strategy's prompt, so they should
 write the same text (`*_outputs_match`, against ours). Needs the `bench` extra (torch).
@@ -24,10 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import apply_precision, by_size, comment_chars, emit, note, real_length, var_dir
+from . import apply_precision, by_size, comment_chars, emit, note, precision, real_length, var_dir
+from . import photos as photo_count
 from . import settings as bench_settings
 
-PHOTOS = {"smoke": 5, "real": 5}
 PHOTO_SIZE = (640, 480)
 ADVISOR = "ansel"
 
@@ -101,6 +102,12 @@ class _TorchSchemaMask:
         return scores.masked_fill(~torch.from_numpy(allowed).to(scores.device)[None, :], float("-inf"))
 
 
+def transformers_dtype() -> str:
+    """The torch dtype transformers runs in: `--precision`'s, with bfloat16 for 4bit (transformers has no MLX 4-bit;
+    bf16 is what a 4-bit MLX model computes in between its quantized matmuls)."""
+    return "float32" if precision() == "float32" else "bfloat16"
+
+
 def _transformers_side(model_dir: Path, constraint: Any, photos: list[Any], warmup: Any, prompt: str, schema: dict,
                        s: dict[str, Any], stop: set[int]) -> tuple[float, list[str], dict[str, Any]]:
     import torch
@@ -114,10 +121,10 @@ def _transformers_side(model_dir: Path, constraint: Any, photos: list[Any], warm
 
     from .hf_qwen2vl import load_transformers_model
 
-    # On the GPU machine transformers runs on the same GPU as MLX (issue 11 item 8), in the same float32.
+    # On the GPU machine transformers runs on the same GPU as MLX (issue 11 item 8), in the precision asked.
     device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
-    model = load_transformers_model(model_dir).to(device)
+    model = load_transformers_model(model_dir).to(device=device, dtype=getattr(torch, transformers_dtype()))
     load_s = time.perf_counter() - started
     # transformers' own preprocessing. Its Qwen2VLProcessor would also load a video processor that needs torchvision,
     # so the image processor and tokenizer are used directly, doing what that processor does: one <|image_pad|> per
@@ -172,10 +179,9 @@ def _transformers_side(model_dir: Path, constraint: Any, photos: list[Any], warm
     return total, texts, info
 
 
-def single_pass_setup(shapes: str, *, at_precision: bool = False) -> tuple[dict[str, Any], Path, Any, Any, list[Any]]:
-    """(settings, model folder, runtime, schema, photos) for timing single-pass critiques of this model, warmed up
-    on a full-size photo that is not among `photos` (what this benchmark and `bound` both time). `at_precision`:
-    the runtime's weights at `--precision` (this benchmark converts float weights to transformers: float32 only)."""
+def single_pass_setup(shapes: str) -> tuple[dict[str, Any], Path, Any, Any, list[Any]]:
+    """(settings, model folder, runtime at `--precision`, schema, photos) for timing single-pass critiques of this
+    model, warmed up on a full-size photo that is not among `photos` (what this benchmark and `bound` both time)."""
     from daemon.model.runtime import ModelRuntime
     from daemon.model.smoke import ensure_smoke_model
 
@@ -184,10 +190,9 @@ def single_pass_setup(shapes: str, *, at_precision: bool = False) -> tuple[dict[
     s = settings()
     model_path = Path(ensure_smoke_model(var_dir(), shapes=shapes))
     rt = ModelRuntime.load(str(model_path), var_dir=var_dir(), max_pixels=s["max_pixels"])
-    if at_precision:
-        apply_precision(rt.model)
+    apply_precision(rt.model)
     schema = report_schema(shapes)
-    photos = _photos(PHOTOS[shapes] + 1, PHOTO_SIZE)
+    photos = _photos(photo_count(shapes) + 1, PHOTO_SIZE)
     rt.generate_json(photos.pop(), s["prompt"], schema, max_tokens=s["max_tokens"])  # bench.WARMUP
     return s, model_path, rt, schema, photos
 
@@ -202,7 +207,7 @@ def measure(shapes: str) -> dict[str, Any]:
     s, model_path, rt, schema, photos = single_pass_setup(shapes)
     from .rag import _photos
 
-    warmup = _photos(PHOTOS[shapes] + 1, PHOTO_SIZE)[-1]
+    warmup = _photos(photo_count(shapes) + 1, PHOTO_SIZE)[-1]
     _mlx_vlm(rt, warmup, s["prompt"], schema, s["max_tokens"])  # bench.WARMUP
     ours_s = naive_s = 0.0
     ours_texts: list[str] = []
@@ -272,6 +277,6 @@ def run(size: str) -> dict[str, Any]:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     emit("photo_size", f"{PHOTO_SIZE[0]}x{PHOTO_SIZE[1]}")
     emit("prompt_advisor", ADVISOR)
-    emit("dtype", "float32")  # the conversion to transformers takes float weights only; --precision does not apply
+    emit("transformers_dtype", transformers_dtype())  # the MLX sides run at --precision (printed with the settings)
     emit("omp_wait_policy", os.environ["OMP_WAIT_POLICY"])
     return by_size(size, measure, "mondrian_s_per_photo", "mlx_vlm_s_per_photo", "transformers_s_per_photo")
