@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -219,7 +220,8 @@ def _decode_group(model: Any, constraint: Any, rows: list[_Row], results: list, 
             tokens[mx.array(choosers, dtype=mx.int32)] = chosen
         offset = int(kv[0].offset)
         positions = mx.array([[offset + row.rope_delta] for row in active], dtype=mx.int32)
-        with text_positions(lm):
+        # Rows whose images shifted their positions differently cannot share one RoPE offset (text_rope.py).
+        with text_positions(lm) if len({row.rope_delta for row in active}) == 1 else nullcontext():
             ahead = lm.model(tokens.reshape(-1, 1), cache=kv,
                              position_ids=mx.broadcast_to(positions[None], (3, len(active), 1)))[:, -1, :]
         mx.async_eval(ahead)

@@ -52,8 +52,10 @@ class TextRope(nn.Module):
     def apply_rotary(self, q: mx.array, k: mx.array, position_ids: mx.array, *, unsqueeze_dim: int = 1,
                      cast_output: bool = True) -> tuple[mx.array, mx.array]:
         if self._text and unsqueeze_dim == 1 and q.ndim == 4 and position_ids.ndim == 3:
-            # Text: every axis holds the same consecutive positions; each row starts at its own.
-            start = position_ids[0, :, 0]
+            # Text: every axis holds the same consecutive positions, and (text_positions' promise) every row the
+            # same ones. MLX's CUDA kernel reads one offset for the whole batch: a per-row offset array would
+            # silently rotate every row from the first row's position.
+            start = position_ids[0, 0, 0]
             object.__setattr__(self, "text_calls", self.text_calls + 1)  # what a test or a benchmark can check
             rope = dict(traditional=False, base=None, scale=1.0, offset=start, freqs=self._wavelengths)
             return mx.fast.rope(q, self._dims, **rope), mx.fast.rope(k, self._dims, **rope)
@@ -91,7 +93,8 @@ def install(model: Any, *, always: bool = False) -> bool:
 
 @contextmanager
 def text_positions(lm: Any) -> Iterator[None]:
-    """Within this block, every forward pass of `lm` runs on text positions (tokens after the prompt)."""
+    """Within this block, every forward pass of `lm` runs on text positions (tokens after the prompt), the same
+    positions in every row of the batch."""
     wrappers = [layer.self_attn.rotary_emb for layer in lm.layers
                 if isinstance(getattr(layer.self_attn, "rotary_emb", None), TextRope)]
     for w in wrappers:
