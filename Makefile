@@ -40,10 +40,12 @@ test: $(STAMP)
 
 # Benchmarks get their own venv with the bench extra (torch, matplotlib): with torch installed, transformers'
 # processors import it in every daemon, so the test venv stays without it. On Linux torch comes from PyTorch's CPU
-# index: PyPI's default Linux wheel brings ~3 GB of CUDA libraries. The transformers comparison is only fair if both
-# sides compute the same logits: that test runs first.
+# index: PyPI's default Linux wheel brings ~3 GB of CUDA libraries. Where that index cannot be reached (a machine
+# behind a package mirror), pip would retry it for every package; then the mirror's torch is used. The transformers
+# comparison is only fair if both sides compute the same logits: that test runs first.
 BENCH_VENV ?= .venv-bench
-TORCH_INDEX := $(if $(filter Linux,$(shell uname -s)),--extra-index-url https://download.pytorch.org/whl/cpu)
+TORCH_INDEX_URL := https://download.pytorch.org/whl/cpu
+TORCH_INDEX := $(if $(filter Linux,$(shell uname -s)),$(if $(shell $(PYTHON) -c "import socket; socket.setdefaulttimeout(3); socket.create_connection(('download.pytorch.org', 443)).close(); print(1)" 2>/dev/null),--extra-index-url $(TORCH_INDEX_URL)))
 
 $(BENCH_VENV)/.installed: pyproject.toml | python-check
 	$(PYTHON) -m venv $(BENCH_VENV)
