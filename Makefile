@@ -45,7 +45,7 @@ test: $(STAMP)
 # comparison is only fair if both sides compute the same logits: that test runs first.
 BENCH_VENV ?= .venv-bench
 TORCH_INDEX_URL := https://download.pytorch.org/whl/cpu
-TORCH_INDEX := $(if $(filter Linux,$(shell uname -s)),$(if $(shell $(PYTHON) -c "import socket; socket.setdefaulttimeout(3); socket.create_connection(('download.pytorch.org', 443)).close(); print(1)" 2>/dev/null),--extra-index-url $(TORCH_INDEX_URL)))
+TORCH_INDEX = $(if $(filter Linux,$(shell uname -s)),$(if $(shell $(PYTHON) -c "import socket; socket.setdefaulttimeout(3); socket.create_connection(('download.pytorch.org', 443)).close(); print(1)" 2>/dev/null),--extra-index-url $(TORCH_INDEX_URL)))
 
 $(BENCH_VENV)/.installed: pyproject.toml | python-check
 	$(PYTHON) -m venv $(BENCH_VENV)
