@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import apply_precision, by_size, comment_chars, emit, note, precision, real_length, var_dir
+from . import by_size, critique_runtime, emit, note, precision
 from . import photos as photo_count
 from . import settings as bench_settings
 
@@ -44,14 +44,6 @@ def settings() -> dict[str, Any]:
         prompt = critique_prompt(get_advisor(load_config(home, env={}), ADVISOR))
     s = bench_settings()
     return {"max_tokens": s["max_tokens"], "max_pixels": s["max_pixels"], "prompt": prompt}
-
-
-def report_schema(shapes: str) -> Any:
-    """The critique schema with real-length comments for this model's vocabulary, as every benchmark uses."""
-    from daemon.analysis.critique import critique_schema
-
-    low, high = comment_chars(shapes)
-    return real_length(critique_schema(high), low)
 
 
 def _strip_eos(ids: list[int], stop: set[int]) -> list[int]:
@@ -182,16 +174,11 @@ def _transformers_side(model_dir: Path, constraint: Any, photos: list[Any], warm
 def single_pass_setup(shapes: str) -> tuple[dict[str, Any], Path, Any, Any, list[Any]]:
     """(settings, model folder, runtime at `--precision`, schema, photos) for timing single-pass critiques of this
     model, warmed up on a full-size photo that is not among `photos` (what this benchmark and `bound` both time)."""
-    from daemon.model.runtime import ModelRuntime
-    from daemon.model.smoke import ensure_smoke_model
-
     from .rag import _photos
 
     s = settings()
-    model_path = Path(ensure_smoke_model(var_dir(), shapes=shapes))
-    rt = ModelRuntime.load(str(model_path), var_dir=var_dir(), max_pixels=s["max_pixels"])
-    apply_precision(rt.model)
-    schema = report_schema(shapes)
+    rt, schema = critique_runtime(shapes)
+    model_path = Path(rt.path)
     photos = _photos(photo_count(shapes) + 1, PHOTO_SIZE)
     rt.generate_json(photos.pop(), s["prompt"], schema, max_tokens=s["max_tokens"])  # bench.WARMUP
     return s, model_path, rt, schema, photos

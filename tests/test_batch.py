@@ -169,10 +169,10 @@ def test_batches_on_the_fused_rope_write_what_mlx_vlm_writes_for_each_photo(plai
     photos = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
     theirs = [mlx_vlm_text(runtime, photo, prompt, SCHEMA, max_tokens=1400) for photo in photos]
     assert len(set(theirs)) == len(photos)  # each photo its own text: a row that took another's would show
-    calls = sum(layer.self_attn.rotary_emb.text_calls for layer in lm.layers)
+    calls = text_rope.text_calls(lm)
     got = runtime.generate_json_batch([BatchRequest(photo, prompt, SCHEMA, 1400) for photo in photos])
     if fused:  # (mixed rows may take it later, once the rows left share one shift)
-        assert sum(layer.self_attn.rotary_emb.text_calls for layer in lm.layers) > calls
+        assert text_rope.text_calls(lm) > calls
     for i, (g, text) in enumerate(zip(got, theirs)):
         assert not isinstance(g, Exception), f"photo {i}: {g!r}"
         assert g.text == text, f"photo {i} in a batch differs from mlx-vlm's generate"

@@ -248,6 +248,7 @@ def test_the_tokens_a_critique_writes_rotate_on_one_fused_rope_and_the_same_resu
     import mlx.core as mx
     from mlx_vlm.models import cache as mlx_cache
 
+    from daemon.model import text_rope
     from daemon.model.text_rope import text_positions
 
     lm = rope_runtime.model.language_model
@@ -259,13 +260,13 @@ def test_the_tokens_a_critique_writes_rotate_on_one_fused_rope_and_the_same_resu
         mx.eval(lm.model(prompt, cache=kv, position_ids=mx.broadcast_to((mx.arange(n) + delta)[None, None], (3, 1, n))))
         tokens = mx.array([[64, 65, 66]])  # a chosen token and two the schema forces after it
         later = mx.broadcast_to((mx.arange(3) + n + delta)[None, None], (3, 1, 3))
-        calls = sum(layer.self_attn.rotary_emb.text_calls for layer in lm.layers)
+        calls = text_rope.text_calls(lm)
         if fast:
             with text_positions(lm):
                 hidden = lm.model(tokens, cache=kv, position_ids=later)
         else:
             hidden = lm.model(tokens, cache=kv, position_ids=later)
-        assert sum(layer.self_attn.rotary_emb.text_calls for layer in lm.layers) - calls == \
+        assert text_rope.text_calls(lm) - calls == \
             (len(lm.layers) if fast else 0)
         return np.array(hidden)
 
@@ -275,11 +276,13 @@ def test_the_tokens_a_critique_writes_rotate_on_one_fused_rope_and_the_same_resu
 
 def test_generation_on_the_fused_rope_is_exactly_mlx_vlms_own(rope_runtime: ModelRuntime) -> None:
     """The decode loop (reuse.generate) runs its passes on text positions, and writes what mlx-vlm writes."""
+    from daemon.model import text_rope
+
     lm = rope_runtime.model.language_model
     schema = critique_schema(40)
     photo = _photo((320, 200))
     ids = mlx_vlm_ids(rope_runtime, photo, "Critique this photograph.", schema, max_tokens=1400)
-    calls = sum(layer.self_attn.rotary_emb.text_calls for layer in lm.layers)
+    calls = text_rope.text_calls(lm)
     ours = rope_runtime.generate_json(photo, "Critique this photograph.", schema, max_tokens=1400)
     assert ours.text == rope_runtime.tokenizer.decode(ids, skip_special_tokens=False)
-    assert sum(layer.self_attn.rotary_emb.text_calls for layer in lm.layers) - calls >= len(lm.layers) * 10
+    assert text_rope.text_calls(lm) - calls >= len(lm.layers) * 10

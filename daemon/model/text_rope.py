@@ -91,6 +91,11 @@ def install(model: Any, *, always: bool = False) -> bool:
     return True
 
 
+def text_calls(lm: Any) -> int:
+    """How many query/key rotations of `lm` took the fused path so far (a test or a benchmark checks it did)."""
+    return sum(getattr(layer.self_attn.rotary_emb, "text_calls", 0) for layer in lm.layers)
+
+
 @contextmanager
 def text_positions(lm: Any) -> Iterator[None]:
     """Within this block, every forward pass of `lm` runs on text positions (tokens after the prompt), the same
