@@ -20,7 +20,8 @@ Figures, as key=value lines: `learning_srcc_<mode>_n<N>` (mean Spearman over the
 
 The base is the smoke architecture with plain random weights (tests/lora_helpers: the smoke model's tied
 digit rows cannot learn scores). Flags (after the name): --ns 10,25,50 --test 30 --steps 160 --out DIR
---modes baseline,rag,lora (e.g. `--ns 25 --modes lora`: a reduced run that tries a training change).
+--modes baseline,rag,lora (e.g. `--ns 25 --modes lora`: a reduced run that tries a training change)
+--balance centre|centre-vertical|two-masses (which whole-image rule; RESULTS.md says what each gave).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from . import emit, note, var_dir
+from .synthetic import BALANCE_RULES
 
 TASTE = ("lighting", "color_harmony", "visual_balance")
 ADVISOR = "synth"
@@ -52,6 +54,8 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--variants", type=int, default=2, help="augmented copies per training reference")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--balance", choices=BALANCE_RULES, default="centre",
+                   help="the whole-image rule (bench/synthetic.py draw_taste; default centre)")
     p.add_argument("--modes", default=",".join(MODES),
                    help="which modes to measure, comma-separated (default baseline,rag,lora; e.g. lora alone)")
     p.add_argument("--out", help="where learning.json and learning.png go (default <var>/bench-learning)")
@@ -77,7 +81,7 @@ def _write_advisor(home: Path, photos: list[tuple[Path, dict[str, int]]]) -> Non
             os.utime(p, (old, old))
 
 
-def _pool(folder: Path, n: int, seed: int, prefix: str) -> list[tuple[Path, dict[str, int]]]:
+def _pool(folder: Path, n: int, seed: int, prefix: str, balance: str) -> list[tuple[Path, dict[str, int]]]:
     import numpy as np
 
     from .synthetic import draw_taste, synthetic_photo
@@ -85,9 +89,9 @@ def _pool(folder: Path, n: int, seed: int, prefix: str) -> list[tuple[Path, dict
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
-        scores, draw = draw_taste(rng)
-        path = synthetic_photo(folder / f"{prefix}{i:03d}.png", draw["value"], draw["saturation"],
-                               seed * 1000 + i, mass_at=draw["mass_at"])
+        scores, draw = draw_taste(rng, balance)
+        path = synthetic_photo(folder / f"{prefix}{i:03d}.png", draw.pop("value"), draw.pop("saturation"),
+                               seed * 1000 + i, **draw)
         out.append((path, scores))
     return out
 
@@ -225,9 +229,10 @@ def run(size: str, argv: list[str] | None = None) -> dict[str, Any]:
     model_path = plain_random_model(ensure_smoke_model(root), root / "models" / "smoke-plain")
     labels = f"ns={opts.ns} test={opts.test} steps={opts.steps} lr={opts.lr:g} variants={opts.variants}"
     labels += "" if len(modes) == len(MODES) else f" modes={'+'.join(modes)}"
+    labels += "" if opts.balance == "centre" else f" balance={opts.balance}"
     note(f"learning: {labels} on {model_path.name}")
-    pool = _pool(work / "pool", max(ns), opts.seed, "r")
-    test_photos = _pool(work / "test", opts.test, opts.seed + 7, "t")
+    pool = _pool(work / "pool", max(ns), opts.seed, "r", opts.balance)
+    test_photos = _pool(work / "test", opts.test, opts.seed + 7, "t", opts.balance)
     test = [ds.Reference(path=str(p), sha256=hashlib.sha256(p.read_bytes()).hexdigest(), scores=s, source="human")
             for p, s in test_photos]
 

@@ -29,12 +29,15 @@ def hsv_to_rgb(hsv: np.ndarray) -> np.ndarray:
 
 
 def synthetic_photo(path: Path, value: float, saturation: float, seed: int, size: int = 112,
-                    mass_at: float | None = None) -> Path:
+                    mass_at: float | None = None, masses: tuple[float, float] | None = None,
+                    side_by_side: bool = False) -> Path:
     """A two-band photo: the top half a neutral grey of brightness `value` (HSV value), the bottom half an
     orange of `saturation` at a fixed brightness, plus grain. The bands keep the two
     quantities independent and visible: in one dark frame, saturation would vanish from the RGB values.
     With `mass_at` (0..1, left to right), a dark vertical bar centred there: where the visual mass sits,
-    which only the whole frame tells (the balance rule)."""
+    which only the whole frame tells (the balance rule). With `masses` (shares of the width), two dark bars
+    in the outer token columns, left and right. `side_by_side` turns the whole frame a quarter (bands left and
+    right, the bar horizontal): the same rules along the other axis."""
     rng = np.random.default_rng(seed)
     half = (size // 2, size)
     top = np.stack([np.zeros(half), np.zeros(half), np.full(half, value) + rng.normal(0, 0.01, half)], -1)
@@ -45,9 +48,26 @@ def synthetic_photo(path: Path, value: float, saturation: float, seed: int, size
         width = max(2, round(size * MASS_WIDTH))
         left = int(round(mass_at * size - width / 2))
         hsv[:, max(0, left):max(0, left) + width, 2] = 0.05
+    if masses is not None:
+        for centre, share in zip(SIDE_CENTRES, masses):
+            width = max(1, round(size * share))
+            left = int(round(centre * size - width / 2))
+            hsv[:, max(0, left):left + width, 2] = 0.05
+    if side_by_side:
+        hsv = hsv.transpose(1, 0, 2)
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray((hsv_to_rgb(hsv) * 255 + 0.5).astype("uint8")).save(path)
     return path
+
+
+SIDE_CENTRES = (0.125, 0.875)  # the middle of the outer token columns (28 px of 112)
+MAX_MASS_GAP = 0.16  # of the frame's width: the largest difference between the two bars
+BALANCE_RULES = ("centre", "centre-vertical", "two-masses")
+
+
+def mass_balance_score(masses: tuple[float, float]) -> int:
+    """9 for two bars of one width, down to 0 at the largest difference: left/right mass, either side."""
+    return 9 - min(9, int(abs(masses[0] - masses[1]) / MAX_MASS_GAP * 10))
 
 
 def balance_score(mass_at: float) -> int:
@@ -55,17 +75,28 @@ def balance_score(mass_at: float) -> int:
     return 9 - min(9, int(abs(mass_at - 0.5) / MAX_OFFSET * 10))
 
 
-def draw_taste(rng: np.random.Generator, balance: bool = True) -> tuple[dict[str, int], dict[str, float]]:
+def draw_taste(rng: np.random.Generator, balance: str | None = "centre") -> tuple[dict[str, int], dict[str, Any]]:
     """(the advisor's scores, what to draw): lighting = brightness decile, color_harmony = saturation decile,
-    visual_balance = how central the mass is (with `balance`); every other dimension 5."""
+    visual_balance by one of BALANCE_RULES (None: no balance rule); every other dimension 5.
+
+    centre: how central one dark bar stands, left to right; centre-vertical: the same, top to bottom (the
+    frame turned); two-masses: how equal two bars at the left and right edges are (mass on either side)."""
     from daemon.analysis.critique import DIMENSIONS
 
     light, colour = int(rng.integers(0, 10)), int(rng.integers(0, 10))
-    draw = {"value": (light + 0.5) / 10 + rng.uniform(-0.03, 0.03),
+    draw: dict[str, Any] = {"value": (light + 0.5) / 10 + rng.uniform(-0.03, 0.03),
             "saturation": (colour + 0.5) / 10 + rng.uniform(-0.03, 0.03)}
     scores = {d: 5 for d in DIMENSIONS}
     scores.update(lighting=light, color_harmony=colour)
-    if balance:
+    if balance == "two-masses":
+        b = int(rng.integers(0, 10))
+        gap = (9 - b + rng.uniform(0.15, 0.85)) / 10 * MAX_MASS_GAP
+        mean = rng.uniform(gap / 2 + 0.02, 0.2 - gap / 2)
+        sign = 1 if rng.uniform() < 0.5 else -1
+        draw["masses"] = (mean + sign * gap / 2, mean - sign * gap / 2)
+        scores["visual_balance"] = mass_balance_score(draw["masses"])
+    elif balance in ("centre", "centre-vertical"):
+        draw["side_by_side"] = balance == "centre-vertical"
         b = int(rng.integers(0, 10))
         offset = (9 - b + rng.uniform(0.15, 0.85)) / 10 * MAX_OFFSET
         draw["mass_at"] = 0.5 + offset * (1 if rng.uniform() < 0.5 else -1)
