@@ -286,3 +286,80 @@ def test_generation_on_the_fused_rope_is_exactly_mlx_vlms_own(rope_runtime: Mode
     ours = rope_runtime.generate_json(photo, "Critique this photograph.", schema, max_tokens=1400)
     assert ours.text == rope_runtime.tokenizer.decode(ids, skip_special_tokens=False)
     assert text_rope.text_calls(lm) - calls >= len(lm.layers) * 10
+
+
+@pytest.fixture(scope="module")
+def graph_runtime(plain_model_path: Path) -> ModelRuntime:
+    """The context-sensitive model with the GPU's compiled decode step installed whatever the device."""
+    from daemon.model import step_graph, text_rope
+
+    runtime = ModelRuntime.load(str(plain_model_path), var_dir=plain_model_path.parent, max_pixels=MAX_PIXELS)
+    assert step_graph.install(runtime.model) == text_rope.worth_it()  # the runtime installs it on a GPU only
+    assert text_rope.install(runtime.model, always=True) and step_graph.install(runtime.model, always=True)
+    return runtime
+
+
+def test_a_one_token_step_replayed_from_compiled_graphs_is_mlx_vlms_own_step(graph_runtime: ModelRuntime) -> None:
+    """daemon/model/step_graph.py: thirty one-token steps from a prompt shifted by an image (`delta`), through the
+    compiled halves of each layer and through mlx-vlm's layers: the same hidden states at every step, the cache
+    growing under one shapeless trace. The layers' weights are read at every call, not frozen at the trace."""
+    import mlx.core as mx
+    from mlx_vlm.models import cache as mlx_cache
+
+    from daemon.model import reuse, step_graph
+
+    lm = graph_runtime.model.language_model
+    graph = step_graph.installed(lm)
+    prompt, delta = mx.array([[5, 17, 300, 42, 7, 99, 1000, 3]]), mx.array([11])
+
+    def steps(compiled: bool) -> np.ndarray:
+        kv = mlx_cache.make_prompt_cache(lm)
+        n = prompt.shape[1]
+        mx.eval(lm.model(prompt, cache=kv, position_ids=reuse._positions(0, delta, n)))
+        token, out, calls = mx.array([[64]]), [], graph.calls
+        for _ in range(30):
+            positions = reuse._positions(int(kv[0].offset), delta, 1)
+            hidden = reuse.text_forward(lm, token, kv, positions) if compiled else lm.model(
+                token, cache=kv, position_ids=positions)
+            out.append(np.array(hidden))
+            token = mx.array([[int(np.argmax(out[-1][0, -1, :400])) + 10]])  # the text follows the model
+        assert graph.calls - calls == (30 if compiled else 0)
+        return np.stack(out)
+
+    assert np.array_equal(steps(compiled=True), steps(compiled=False))
+    down = lm.model.layers[-1].mlp.down_proj
+    before = down.weight
+    try:
+        down.weight = before * 2  # what an adapter swap or a precision change does to a layer's arrays
+        assert np.array_equal(steps(compiled=True), steps(compiled=False))
+    finally:
+        down.weight = before
+
+
+def test_generation_through_the_compiled_step_is_exactly_mlx_vlms_own_and_an_adapter_leaves_it(
+        graph_runtime: ModelRuntime, tmp_path: Path) -> None:
+    """The decode loop takes the compiled step for its one-token passes and writes what mlx-vlm writes. With a
+    LoRA adapter active the layers are the adapter's (its scale would be frozen into a trace): mlx-vlm's path,
+    and again mlx-vlm's text with the adapter."""
+    from daemon.model import step_graph
+    from tests.lora_helpers import random_adapter
+
+    lm = graph_runtime.model.language_model
+    graph = step_graph.installed(lm)
+    schema = critique_schema(40)
+    photo = _photo((320, 200))
+    ids = mlx_vlm_ids(graph_runtime, photo, "Critique this photograph.", schema, max_tokens=1400)
+    calls = graph.calls
+    ours = graph_runtime.generate_json(photo, "Critique this photograph.", schema, max_tokens=1400)
+    assert ours.text == graph_runtime.tokenizer.decode(ids, skip_special_tokens=False)
+    assert graph.calls - calls >= 10
+
+    adapter = random_adapter(tmp_path / "adapter", graph_runtime.model, strength=0.05)
+    calls = graph.calls
+    with graph_runtime.use_adapter(adapter):
+        assert not step_graph.StepGraph.plain(lm)
+        ids = mlx_vlm_ids(graph_runtime, photo, "Critique this photograph.", schema, max_tokens=1400)
+    lora = graph_runtime.generate_json(photo, "Critique this photograph.", schema, max_tokens=1400, adapter=adapter)
+    assert graph.calls == calls
+    assert lora.text == graph_runtime.tokenizer.decode(ids, skip_special_tokens=False) != ours.text
+    assert step_graph.StepGraph.plain(lm)  # no adapter: the base model's own projections again
