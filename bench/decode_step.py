@@ -11,8 +11,7 @@ Figures (`smoke.` / `real.` prefixes), ms per step at a 400-token text context, 
 - `forced_pass_ms`: one pass appending FORCED tokens at a context length not seen before (what fast-forwarding a
   schema-forced run costs), `forced_pass_same_shape_ms`: the same pass repeated at one context length. On CUDA a
   multi-token pass may take cuDNN's attention, whose graph is built per shape (`cudnn_sdpa=` prints whether it may);
-- `text_rope=1` where the runtime rotates text positions with mx.fast.rope (on a GPU: daemon/model/text_rope.py),
-  `step_graph=1` where one-token passes replay compiled graphs (on a GPU: daemon/model/step_graph.py).
+- `text_rope=1` where the runtime rotates text positions with mx.fast.rope (on a GPU: daemon/model/text_rope.py).
 """
 
 from __future__ import annotations
@@ -33,7 +32,7 @@ def measure(shapes: str) -> dict[str, Any]:
     from mlx_vlm.generate import generate_step
     from mlx_vlm.models import cache as mlx_cache
 
-    from daemon.model import reuse, step_graph
+    from daemon.model import reuse
     from daemon.model.runtime import ModelRuntime
     from daemon.model.smoke import ensure_smoke_model
     from daemon.model.text_rope import TextRope, text_positions
@@ -67,8 +66,9 @@ def measure(shapes: str) -> dict[str, Any]:
             t0 = time.perf_counter()
             token = head(hidden)
             mx.async_eval(token)
-            hidden = reuse.text_forward(lm, token.reshape(1, 1), kv,  # as reuse.generate runs its passes
-                                        reuse._positions(int(kv[0].offset), no_delta, 1))
+            with text_positions(lm):  # as reuse.generate runs its passes
+                hidden = lm.model(token.reshape(1, 1), cache=kv,
+                                  position_ids=reuse._positions(int(kv[0].offset), no_delta, 1))
             t1 = time.perf_counter()
             mx.async_eval(hidden)
             t2 = time.perf_counter()
@@ -117,7 +117,6 @@ def measure(shapes: str) -> dict[str, Any]:
     put("forced_pass_same_shape_ms", round(forced_same, 2))
     put("cudnn_sdpa", os.environ.get("MLX_CUDA_USE_CUDNN_SDPA", "1"))
     put("text_rope", int(isinstance(lm.layers[0].self_attn.rotary_emb, TextRope)))  # daemon/model/text_rope.py
-    put("step_graph", int(step_graph.installed(lm) is not None))  # daemon/model/step_graph.py
     if mx.default_device() == mx.cpu:  # the CPU backend computes inside async_eval: launch_ms is the compute
         note(f"{shapes}: on the CPU, launch_ms holds the pass's compute; the split means something on a GPU")
     else:

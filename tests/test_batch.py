@@ -148,36 +148,30 @@ def test_rags_two_passes_in_batches_write_what_each_photo_gets_alone(runtime: Mo
     assert [(a.text, b.text) for a, b in zip(ones, twos)] == alone
 
 
-@pytest.mark.parametrize("sizes,fused,compiled", [(((224, 168),) * 3, True, False),
-                                                  (((224, 168),) * 3, True, True),
-                                                  (((224, 168), (336, 112), (168, 224), (112, 336)), False, False)],
-                         ids=["one grid", "one grid, compiled step", "mixed grids"])
+@pytest.mark.parametrize("sizes,fused", [(((224, 168),) * 3, True),
+                                         (((224, 168), (336, 112), (168, 224), (112, 336)), False)])
 def test_batches_on_the_fused_rope_write_what_mlx_vlm_writes_for_each_photo(plain_model_path: Path, sizes: tuple,
-                                                                            fused: bool, compiled: bool) -> None:
+                                                                            fused: bool) -> None:
     """On a GPU the decode passes rotate with mx.fast.rope (text_rope.py), forced here on the CPU. One shoot's
     photos (one grid: the same text positions in every row) take it; photos of one token count whose grids
     shift the positions differently (6x8 and 4x12 patches: an image advances them by its longer side) must not
     while they share a pass, since MLX's CUDA kernel takes one offset for the whole batch. Either way each row writes what mlx-vlm's own
     generate writes for its photo alone. A short prompt: after the advisor's long one this small model writes
-    much the same for every photo, and a row rotated from another row's position went unseen. `compiled`: the
-    one-token passes also replay the GPU's compiled step (step_graph.py), several rows a pass."""
-    from daemon.model import step_graph, text_rope
+    much the same for every photo, and a row rotated from another row's position went unseen."""
+    from daemon.model import text_rope
     from tests.mlx_reference import mlx_vlm_text
 
     prompt = "Critique this photograph."
     runtime = ModelRuntime.load(str(plain_model_path), var_dir=plain_model_path.parent, max_pixels=MAX_PIXELS)
     assert text_rope.install(runtime.model, always=True)
-    assert step_graph.install(runtime.model, always=True) if compiled else True
     lm = runtime.model.language_model
     rng = np.random.default_rng(11)
     photos = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
     theirs = [mlx_vlm_text(runtime, photo, prompt, SCHEMA, max_tokens=1400) for photo in photos]
     assert len(set(theirs)) == len(photos)  # each photo its own text: a row that took another's would show
-    calls, graph_calls = text_rope.text_calls(lm), compiled and step_graph.installed(lm).calls
+    calls = text_rope.text_calls(lm)
     got = runtime.generate_json_batch([BatchRequest(photo, prompt, SCHEMA, 1400) for photo in photos])
-    if compiled:
-        assert step_graph.installed(lm).calls > graph_calls
-    elif fused:  # (mixed rows may take it later, once the rows left share one shift)
+    if fused:  # (mixed rows may take it later, once the rows left share one shift)
         assert text_rope.text_calls(lm) > calls
     for i, (g, text) in enumerate(zip(got, theirs)):
         assert not isinstance(g, Exception), f"photo {i}: {g!r}"

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -42,7 +43,8 @@ import numpy as np
 from ..limits import check as check_limits
 from .constrained import TokenMask
 from .protocol import BatchRequest
-from .reuse import ReuseOutput, _Head, _inputs, encode_photo, text_forward
+from .reuse import ReuseOutput, _Head, _inputs, encode_photo
+from .text_rope import text_positions
 
 
 @dataclass
@@ -218,12 +220,10 @@ def _decode_group(model: Any, constraint: Any, rows: list[_Row], results: list, 
             tokens[mx.array(choosers, dtype=mx.int32)] = chosen
         offset = int(kv[0].offset)
         positions = mx.array([[offset + row.rope_delta] for row in active], dtype=mx.int32)
-        position_ids = mx.broadcast_to(positions[None], (3, len(active), 1))
         # Rows whose images shifted their positions differently cannot share one RoPE offset (text_rope.py).
-        if len({row.rope_delta for row in active}) == 1:
-            ahead = text_forward(lm, tokens.reshape(-1, 1), kv, position_ids)[:, -1, :]
-        else:
-            ahead = lm.model(tokens.reshape(-1, 1), cache=kv, position_ids=position_ids)[:, -1, :]
+        with text_positions(lm) if len({row.rope_delta for row in active}) == 1 else nullcontext():
+            ahead = lm.model(tokens.reshape(-1, 1), cache=kv,
+                             position_ids=mx.broadcast_to(positions[None], (3, len(active), 1)))[:, -1, :]
         mx.async_eval(ahead)
         picks = [int(t) for t in chosen.tolist()] if chosen is not None else []
         for row in active:

@@ -40,7 +40,6 @@ import mlx.core as mx
 import numpy as np
 
 from ..errors import Permanent
-from . import step_graph
 from .constrained import TokenMask
 from .text_rope import text_positions
 
@@ -171,15 +170,6 @@ def _positions(offset: int, rope_deltas: mx.array, n: int) -> mx.array:
     return mx.broadcast_to(p[None], (3, 1, n))
 
 
-def text_forward(lm: Any, tokens: mx.array, cache: list[Any], position_ids: mx.array) -> mx.array:
-    """A pass over tokens after the prompt (text positions, the same in every row): a one-token step through
-    the compiled graphs where installed (step_graph.py), else the model's own pass with the fused text RoPE
-    (text_rope.py)."""
-    with text_positions(lm):
-        hidden = step_graph.one_token(lm, tokens, cache, position_ids)
-        return hidden if hidden is not None else lm.model(tokens, cache=cache, position_ids=position_ids)
-
-
 def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, text_prompt: str,
              schema: dict, *, max_tokens: int, check: Any = None) -> ReuseOutput:
     """Greedy, schema-constrained generation on an encoded photo, reusing its previous prompt's KV cache.
@@ -217,8 +207,10 @@ def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, t
                       position_ids=position_ids[..., reused:])
     head = _Head(lm)
 
-    def forward(tokens: mx.array) -> mx.array:
-        return text_forward(lm, tokens, kv, _positions(int(kv[0].offset), rope_deltas, int(tokens.shape[1])))
+    def forward(tokens: mx.array) -> mx.array:  # tokens after the prompt: text positions, see text_rope
+        with text_positions(lm):
+            return lm.model(tokens, cache=kv, position_ids=_positions(int(kv[0].offset), rope_deltas,
+                                                                      int(tokens.shape[1])))
 
     matcher = llguidance.LLMatcher(constraint.ll_tokenizer, constraint.grammar(schema), log_level=0)
     if matcher.is_error():

@@ -180,11 +180,11 @@ class ModelRuntime:
 
     def __init__(self, *, model: Any, processor: Any, model_id: str, path: str, is_smoke: bool,
                  max_pixels: int) -> None:
-        from . import reuse, step_graph, text_rope
+        from . import reuse, text_rope
         from .constrained import SchemaConstraint
 
-        if reuse.supports(model) and text_rope.install(model):  # on a GPU: one fused RoPE kernel a projection
-            step_graph.install(model)  # and one-token steps replayed from compiled graphs
+        if reuse.supports(model):
+            text_rope.install(model)  # on a GPU the decode loop's tokens rotate with one fused kernel each
         self.model = model
         self.processor = processor
         self.model_id = model_id

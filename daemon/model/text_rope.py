@@ -57,14 +57,9 @@ class TextRope(nn.Module):
             # silently rotate every row from the first row's position.
             start = position_ids[0, 0, 0]
             object.__setattr__(self, "text_calls", self.text_calls + 1)  # what a test or a benchmark can check
-            return self.text_rotate(q, start), self.text_rotate(k, start)
+            rope = dict(traditional=False, base=None, scale=1.0, offset=start, freqs=self._wavelengths)
+            return mx.fast.rope(q, self._dims, **rope), mx.fast.rope(k, self._dims, **rope)
         return self._inner.apply_rotary(q, k, position_ids, unsqueeze_dim=unsqueeze_dim, cast_output=cast_output)
-
-    def text_rotate(self, x: mx.array, start: mx.array) -> mx.array:
-        """Queries or keys (batch, heads, tokens, head_dim) of text tokens from position `start` on, every row
-        at the same positions."""
-        return mx.fast.rope(x, self._dims, traditional=False, base=None, scale=1.0, offset=start,
-                            freqs=self._wavelengths)
 
 
 def _style_fits(rotary: Any) -> bool:
@@ -99,12 +94,6 @@ def install(model: Any, *, always: bool = False) -> bool:
 def text_calls(lm: Any) -> int:
     """How many query/key rotations of `lm` took the fused path so far (a test or a benchmark checks it did)."""
     return sum(getattr(layer.self_attn.rotary_emb, "text_calls", 0) for layer in lm.layers)
-
-
-def active(lm: Any) -> bool:
-    """Inside `text_positions(lm)`, with the wrappers installed."""
-    rotary = getattr(lm.layers[0].self_attn, "rotary_emb", None) if getattr(lm, "layers", None) else None
-    return isinstance(rotary, TextRope) and rotary._text
 
 
 @contextmanager
