@@ -83,9 +83,11 @@ def draw_taste(rng: np.random.Generator, balance: str | None = "centre") -> tupl
     frame turned); two-masses: how equal two bars at the left and right edges are (mass on either side)."""
     from daemon.analysis.critique import DIMENSIONS
 
+    if balance is not None and balance not in BALANCE_RULES:
+        raise ValueError(f"balance rule {balance!r}: choose one of {', '.join(BALANCE_RULES)} or None")
     light, colour = int(rng.integers(0, 10)), int(rng.integers(0, 10))
     draw: dict[str, Any] = {"value": (light + 0.5) / 10 + rng.uniform(-0.03, 0.03),
-            "saturation": (colour + 0.5) / 10 + rng.uniform(-0.03, 0.03)}
+                            "saturation": (colour + 0.5) / 10 + rng.uniform(-0.03, 0.03)}
     scores = {d: 5 for d in DIMENSIONS}
     scores.update(lighting=light, color_harmony=colour)
     if balance == "two-masses":
