@@ -132,6 +132,38 @@ def animated(seed: int, fmt: str) -> bytes:
     return encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=100, loop=0)
 
 
+def dng(scene: np.ndarray, *, orientation: int = 1, preview: np.ndarray | None = None) -> bytes:
+    """A camera raw file (DNG) as cameras write them: IFD0 a preview (by default a 1/4-size thumbnail, as a NEF's
+    or DNG's 160x120 one), its SubIFD the sensor's RGGB Bayer data, 12 bits, of `scene` (linear RGB, 0..1, H x W x 3,
+    both sides even). `orientation` is the EXIF code the camera recorded."""
+    import tifffile
+
+    h, w, _ = scene.shape
+    cfa = np.empty((h, w))
+    cfa[0::2, 0::2], cfa[0::2, 1::2] = scene[0::2, 0::2, 0], scene[0::2, 1::2, 1]
+    cfa[1::2, 0::2], cfa[1::2, 1::2] = scene[1::2, 0::2, 1], scene[1::2, 1::2, 2]
+    if preview is None:
+        preview = scene[::4, ::4]
+    shown = (np.clip(preview, 0, 1) ** (1 / 2.2) * 255 + 0.5).astype("uint8")
+    identity = [v for x in (1, 0, 0, 0, 1, 0, 0, 0, 1) for v in (x * 10000, 10000)]
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as tif:
+        tif.write(shown, photometric="rgb", subfiletype=1, subifds=1, extratags=[
+            (271, "s", 0, "Mondrian", True), (272, "s", 0, "Test camera", True), (274, "H", 1, orientation, True),
+            (50706, "B", 4, (1, 4, 0, 0), True), (50707, "B", 4, (1, 1, 0, 0), True),
+            (50708, "s", 0, "Mondrian Test camera", True), (50721, "i", 18, identity, True),
+            (50778, "H", 1, 21, True)])
+        tif.write((np.clip(cfa, 0, 1) * 4000).astype("uint16"), photometric=32803, subfiletype=0, extratags=[
+            (33421, "H", 2, (2, 2), True), (33422, "B", 4, (0, 1, 1, 2), True),
+            (50714, "H", 1, 0, True), (50717, "H", 1, 4000, True)])
+    return buf.getvalue()
+
+
+def raw_scene(seed: int, size: tuple[int, int] = (160, 120)) -> np.ndarray:
+    """A linear-light scene for `dng`: the structured picture of `seed`, undone from sRGB-ish gamma."""
+    return (np.asarray(picture(seed, size), dtype=np.float64) / 255.0) ** 2.2
+
+
 def heic(seed: int) -> bytes | None:
     if pillow_heif is None:
         return None
@@ -238,7 +270,7 @@ def build(folder: Path) -> list[Item]:
         format="JPEG")
     add("cmyk.tif", encode(picture(s + 4).convert("CMYK"), "TIFF"), "done", "cmyk tiff")
     add("grey16.tif", encode(Image.fromarray((np.arange(64 * 48).reshape(48, 64) * 21).astype("uint16")),
-                             "TIFF"), "done", "16-bit grey tiff")
+                             "TIFF"), "done", "16-bit grey tiff", format="TIFF")  # LibRaw opens it too
     add("grey16.png", encode(Image.fromarray((np.arange(64 * 48).reshape(48, 64) * 17).astype("uint16")),
                              "PNG"), "done", "16-bit grey png")
     add("rgb48.png", png48(s + 5), "done", "48-bit rgb png")
@@ -256,6 +288,11 @@ def build(folder: Path) -> list[Item]:
             width=upright[0], height=upright[1])
     add("iphone.heic", heic(s + 30), "done", "heic", format="HEIF")
     add("iphone2.HEIC", heic(s + 31), "done", "heic", format="HEIF")
+    # Camera raw: Pillow alone would read these as their 40x30 thumbnails (format TIFF).
+    add("camera.dng", dng(raw_scene(s + 34)), "done", "camera raw", width=160, height=120, format="RAW")
+    add("portrait raw.NEF", dng(raw_scene(s + 35), orientation=6), "done", "camera raw, turned",
+        width=120, height=160, format="RAW")
+    add("truncated raw.dng", dng(raw_scene(s + 36))[:9000], "failed", "truncated camera raw")
     add("rgba.png", encode(picture(s + 32, mode="RGBA"), "PNG"), "done", "rgba png")
     pal = picture(s + 33).convert("P")
     add("palette transparent.png", encode(pal, "PNG", transparency=0), "done", "palette+transparency")

@@ -21,6 +21,7 @@ from .. import testhooks
 from ..analysis.advisors import UnknownAdvisor, get_advisor, load_advisors
 from ..config import MODES, Config
 from ..intake import images  # noqa: F401  (registers the HEIC opener, so iPhone photos are recognised)
+from ..intake.raw import looks_raw
 from ..ledger import ACTIVE, Ledger, LedgerUnavailable
 from . import upload
 from .answers import answer, error
@@ -57,7 +58,7 @@ def _what_image(path: Path) -> str | None:
         with Image.open(path) as im:
             return im.format or "image"
     except UnidentifiedImageError:
-        return None
+        return "RAW" if looks_raw(str(path)) else None  # CR3, RAF, ORF: raw formats Pillow does not know
     except Exception:  # an image Pillow recognises but finds faulty: the worker fails it with the reason
         return "image"
 
@@ -137,7 +138,7 @@ def _enqueue(door: Door, slot: Path, got: upload.Received, base_url: str):  # ->
     partial = door.spool.partial(slot)
     if got.size == 0 or _what_image(partial) is None:
         raise upload.Refused(415, f"{spool_name(got.filename)!r} is not an image Mondrian can read (JPEG, PNG, TIFF, "
-                                  f"HEIC, WebP, …): send the photo itself")
+                                  f"HEIC, WebP, camera raw, …): send the photo itself")
     final = door.spool.commit(slot, spool_name(got.filename))
     testhooks.crashpoint("upload_committed")  # a crash here leaves a file with no job: swept at the next start
     st = os.lstat(final)

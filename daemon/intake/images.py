@@ -1,7 +1,8 @@
 """Turn a file from the inbox into a safe, upright, model-sized RGB image, or say in plain words why not.
 
 Everything here treats the file as hostile: pixel-count bombs, compressed-text bombs, truncated data,
-odd modes (CMYK, 16-bit, palette with alpha), animations and non-images named `.jpg`.
+odd modes (CMYK, 16-bit, palette with alpha), animations and non-images named `.jpg`. Camera raw files go
+through LibRaw (daemon/intake/raw.py): Pillow would read a NEF or DNG as its 160x120 thumbnail.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..fsutil import NotReadable, read_regular_file, too_large
+from .raw import RawPhoto, RawRejected, decode_raw
 
 try:  # iPhone photos: HEIC/HEIF are analysed, not failed.
     import pillow_heif
@@ -110,6 +112,30 @@ def decode_photo(data: bytes, max_pixels: int) -> LoadedImage:
     if not data:
         raise ImageRejected("the file is empty (0 bytes); copy the photo again")
     digest = hashlib.sha256(data).hexdigest()
+    raw = _raw_photo(data, max_pixels)
+    if raw is not None:
+        rgb, width, height, fmt, frames = raw.image, raw.width, raw.height, "RAW", 1
+    else:
+        rgb, width, height, fmt, frames = _pillow_photo(data, max_pixels)
+    fw, fh = fit_size(rgb.width, rgb.height, max_pixels)
+    if (fw, fh) != rgb.size:
+        # reducing_gap: a large PNG, TIFF or HEIC is first shrunk by a whole factor (box filter), as JPEGs are by the
+        # draft, leaving LANCZOS at least RESIZE_GAP times the final size (Pillow's default for thumbnails).
+        rgb = rgb.resize((fw, fh), Image.Resampling.LANCZOS, reducing_gap=RESIZE_GAP)
+    return LoadedImage(image=rgb, width=width, height=height, format=fmt, sha256=digest, frames=frames)
+
+
+def _raw_photo(data: bytes, max_pixels: int) -> RawPhoto | None:
+    """A camera raw file through LibRaw (daemon/intake/raw.py), or None for everything Pillow decodes."""
+    try:
+        return decode_raw(data, lambda w, h: fit_size(w, h, max_pixels), MAX_PIXELS_ON_DISK)
+    except RawRejected as exc:
+        raise ImageRejected(str(exc)) from exc
+    except MemoryError as exc:
+        raise ImageRejected("the photo needs more memory than is available; export it at a smaller size") from exc
+
+
+def _pillow_photo(data: bytes, max_pixels: int) -> tuple[Image.Image, int, int, str | None, int]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -141,7 +167,7 @@ def decode_photo(data: bytes, max_pixels: int) -> LoadedImage:
             f"the image is too large to open safely (more than {MAX_PIXELS_ON_DISK // 1_000_000} megapixels "
             "or a compressed bomb); export it at a smaller size") from exc
     except UnidentifiedImageError as exc:
-        raise ImageRejected("this file is not a photo Mondrian can read (JPEG, PNG, TIFF, HEIC, WebP, GIF)") from exc
+        raise ImageRejected("this file is not a photo Mondrian can read (JPEG, PNG, TIFF, HEIC, WebP, GIF, camera raw)") from exc
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct_error()) as exc:
         msg = str(exc).lower()
         if "truncated" in msg or "premature" in msg or isinstance(exc, EOFError):
@@ -154,12 +180,7 @@ def decode_photo(data: bytes, max_pixels: int) -> LoadedImage:
         raise ImageRejected("the photo needs more memory than is available; export it at a smaller size") from exc
     except Exception as exc:  # decoders of odd formats raise anything; one file must never stop the queue
         raise ImageRejected(f"the photo could not be decoded ({type(exc).__name__}: {exc})") from exc
-    fw, fh = fit_size(rgb.width, rgb.height, max_pixels)
-    if (fw, fh) != rgb.size:
-        # reducing_gap: a large PNG, TIFF or HEIC is first shrunk by a whole factor (box filter), as JPEGs are by the
-        # draft, leaving LANCZOS at least RESIZE_GAP times the final size (Pillow's default for thumbnails).
-        rgb = rgb.resize((fw, fh), Image.Resampling.LANCZOS, reducing_gap=RESIZE_GAP)
-    return LoadedImage(image=rgb, width=width, height=height, format=fmt, sha256=digest, frames=frames)
+    return rgb, width, height, fmt, frames
 
 
 def struct_error() -> type[Exception]:

@@ -19,19 +19,25 @@ def thumbnail(cfg: Config, sha256: str, source: Path | str) -> Path | None:
     from PIL import Image, ImageOps
 
     from ..fsutil import atomic_write_bytes
+    from ..intake.images import MAX_PIXELS_ON_DISK
+    from ..intake.raw import decode_raw
 
     dest = cfg.var_dir / "cache" / "reference-thumbs" / f"{sha256}.jpg"
     if dest.exists():
         return dest
     try:
         data = read_regular_file(Path(source), max_bytes=cfg.max_file_bytes, timeout_s=cfg.job_timeout_seconds)  # never blocks on a pipe
-        with Image.open(io.BytesIO(data)) as img:
-            img.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))
-            img = ImageOps.exif_transpose(img) or img
-            img = img.convert("RGB")
-            img.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS)
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=85, optimize=True)
+        raw = decode_raw(data, lambda w, h: (min(w, THUMB_PX), min(h, THUMB_PX)), MAX_PIXELS_ON_DISK)
+        if raw is not None:  # a camera raw reference: its full picture, not the TIFF thumbnail Pillow would find
+            img = raw.image
+        else:
+            with Image.open(io.BytesIO(data)) as opened:
+                opened.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))
+                img = ImageOps.exif_transpose(opened) or opened
+                img = img.convert("RGB")
+        img.thumbnail((THUMB_PX, THUMB_PX), Image.Resampling.LANCZOS)
+        buf = io.BytesIO()
+        img.save(buf, format="JPEG", quality=85, optimize=True)
         dest.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(dest, buf.getvalue())
         return dest
