@@ -127,3 +127,11 @@ def test_a_raw_reference_gets_a_thumbnail_of_its_whole_picture(tmp_path) -> None
     with Image.open(thumb) as img:
         assert img.size == (THUMB_PX * 3 // 4, THUMB_PX)  # upright, and not the 160 x 120 preview enlarged
         assert closest(img, candidates(img.size)) == "raw o6"
+
+
+def test_raw_references_are_listed_with_the_other_photos(tmp_path) -> None:
+    from daemon.references.indexer import reference_files
+
+    for name in ("a.jpg", "b.NEF", "c.cr3", "d.dng", "e.txt", "f.xmp"):
+        (tmp_path / name).write_bytes(b"x")
+    assert [p.name for p in reference_files(tmp_path)] == ["a.jpg", "b.NEF", "c.cr3", "d.dng"]

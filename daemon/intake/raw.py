@@ -24,6 +24,9 @@ from typing import Any, BinaryIO
 
 from PIL import Image, ImageOps
 
+# Camera raw files by name, where a name has to decide (reference folders list photos by suffix).
+RAW_SUFFIXES = (".dng", ".cr2", ".cr3", ".crw", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".raf", ".orf", ".rw2",
+                ".rwl", ".pef", ".srw", ".x3f", ".3fr", ".fff", ".iiq", ".erf", ".kdc", ".dcr", ".mos", ".mrw", ".mef")
 # Formats Pillow decodes well that LibRaw has no business looking at; checked first so that an ordinary JPEG never
 # pays for a LibRaw parse. ISO-BMFF files are HEIC/AVIF, except Canon's CR3 (brand "crx ").
 _NOT_RAW_MAGIC = (b"\xff\xd8\xff", b"\x89PNG", b"GIF87a", b"GIF89a", b"BM")
@@ -172,4 +175,4 @@ def _upright(img: Image.Image, flip: int) -> Image.Image:
     return img.transpose(op) if op is not None else img
 
 
-__all__ = ["RawPhoto", "RawRejected", "decode_raw", "looks_raw", "might_be_raw"]
+__all__ = ["RAW_SUFFIXES", "RawPhoto", "RawRejected", "decode_raw", "looks_raw", "might_be_raw"]
