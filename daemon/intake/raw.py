@@ -42,7 +42,6 @@ class RawPhoto:
     image: Image.Image  # RGB, upright, at least the analysed size (not yet resized to it)
     width: int  # upright size of the raw image
     height: int
-    source: str  # "camera preview" or "developed raw": what was analysed
 
 
 class RawRejected(ValueError):
@@ -102,9 +101,7 @@ def decode_raw(data: bytes, target: Any, max_pixels_on_disk: int) -> RawPhoto | 
         return None
     try:
         raw = rawpy.imread(io.BytesIO(data))
-    except (rawpy.LibRawFileUnsupportedError, rawpy.LibRawIOError, rawpy.LibRawDataError):
-        return None
-    except rawpy.LibRawError:
+    except Exception:  # LibRaw does not know it (or chokes on its header): Pillow decides, and gives the reason
         return None
     with raw:
         try:
@@ -124,7 +121,7 @@ def decode_raw(data: bytes, target: Any, max_pixels_on_disk: int) -> RawPhoto | 
         tw, th = target(width, height)
         preview = _camera_preview(raw, rawpy, (width, height), (tw, th), sizes.flip, max_pixels_on_disk)
         if preview is not None:
-            return RawPhoto(preview, width, height, "camera preview")
+            return RawPhoto(preview, width, height)
         try:
             half = sizes.width // 2 >= (th if sideways else tw) and sizes.height // 2 >= (tw if sideways else th)
             rgb = raw.postprocess(half_size=half, use_camera_wb=True, output_bps=8)
@@ -134,7 +131,7 @@ def decode_raw(data: bytes, target: Any, max_pixels_on_disk: int) -> RawPhoto | 
         except rawpy.LibRawError as exc:
             raise RawRejected(f"the raw file is damaged or truncated and LibRaw cannot develop it "
                               f"({type(exc).__name__}); copy it again, or export a JPEG from your raw converter") from exc
-    return RawPhoto(Image.fromarray(rgb, "RGB"), width, height, "developed raw")
+    return RawPhoto(Image.fromarray(rgb, "RGB"), width, height)
 
 
 def _camera_preview(raw: Any, rawpy: Any, size: tuple[int, int], target: tuple[int, int], flip: int,
