@@ -19,6 +19,10 @@ SIDECAR_READ_SECONDS = 30.0
 # and in reference folders alike.
 TEMP_SUFFIXES = (".part", ".crdownload", ".download", ".tmp", ".partial", ".opdownload")
 HIDDEN_PREFIXES = (".", "~$", "._")
+# Editors' sidecars: other programs' notes on the photo of the same name (Lightroom and Camera Raw `IMG_1.xmp`,
+# darktable `IMG_1.NEF.xmp`, an iPhone's edits `IMG_1.AAE`, Canon's `.THM`, RawTherapee, DxO, ON1, Capture One).
+# Never photos: they ride along with their photo, as `.mode` does, and the XMP is merged into Mondrian's.
+EDITOR_SIDECARS = (".xmp", ".aae", ".thm", ".pp3", ".dop", ".on1", ".cos")
 
 
 def is_temporary_name(name: str) -> bool:
@@ -37,7 +41,22 @@ def is_ignored(path: Path, inbox: Path) -> bool:
         return True
     if any(is_temporary_name(part) for part in parts):
         return True  # a hidden or in-progress folder hides everything inside it (Safari's .download)
-    return parts[-1].lower().endswith(SIDECAR_SUFFIX) and not is_folder(path)
+    return parts[-1].lower().endswith((SIDECAR_SUFFIX, *EDITOR_SIDECARS)) and not is_folder(path)
+
+
+def editor_sidecars(photo: Path) -> list[Path]:
+    """The editors' sidecars of `photo` in its folder: `IMG_1.xmp` or `IMG_1.NEF.xmp` for `IMG_1.NEF`, any case of
+    the suffix. Found by one listing of the folder; works after the photo itself has moved (a resumed move)."""
+    try:
+        names = [e.name for e in os.scandir(photo.parent) if not e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+    found = []
+    for name in sorted(names):
+        suffix = os.path.splitext(name)[1]
+        if suffix.lower() in EDITOR_SIDECARS and name[: -len(suffix)] in (photo.stem, photo.name):
+            found.append(photo.parent / name)
+    return found
 
 
 @dataclass(frozen=True)

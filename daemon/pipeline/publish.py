@@ -24,9 +24,9 @@ from ..analysis.advisors import load_advisors
 from ..config import Config
 from ..errors import Permanent, Transient
 from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, folder_inside, fsync_files, move, own_folder_inside,
-                      pid_alive, same_content)
+                      pid_alive, read_regular_file, same_content)
 from ..intake.images import LoadedImage
-from ..intake.inbox import OUTBOX_RESERVED, RECORD_SUFFIXES, safe_stem, sidecar_for, unique_path
+from ..intake.inbox import OUTBOX_RESERVED, RECORD_SUFFIXES, editor_sidecars, safe_stem, sidecar_for, unique_path
 from ..ledger import Job, Ledger
 from .failures import Cause, advice, cause_of, where_it_is
 from .outbox_index import OutboxIndex
@@ -37,6 +37,7 @@ log = logging.getLogger("mondrian.worker")
 
 
 SHARED_TMP_AGE_S = 3600.0
+THEIR_XMP_MAX_BYTES = 4 * 1024 * 1024  # a Lightroom sidecar is a few kB; a larger one is not merged (still moved)
 
 
 class OutsideInbox(Permanent):
@@ -157,7 +158,8 @@ class Publisher:
                 if report["photo"]["original"] == "copied":
                     written.append(staging / report["photo"]["file"])
             written += write_report_folder(staging, report, photo.image, durable=False).values()
-            sidecar = write_sidecar(staging, report, durable=False)  # in staging: it appears with the report
+            # in staging: it appears with the report
+            sidecar = write_sidecar(staging, report, theirs=self.their_xmp(src), durable=False)
             # Nobody reads staging: every file is synced in one pass, before the one rename that publishes them.
             fsync_files(written + ([sidecar] if sidecar else []), staging)
             testhooks.crashpoint("staged")
@@ -268,6 +270,24 @@ class Publisher:
             # Named after where the photo went (failed/x-2.jpg -> failed/x-2.mode), so that the pair is found
             # again together: `mondrian retry --failed` brings back the sidecar the user fixed there.
             move_once(sidecar, dest_dir / (dest.stem + Path(sidecar.name).suffix))
+        for theirs in editor_sidecars(src):
+            suffix = theirs.suffix
+            target = dest_dir / ((dest.name if theirs.stem == src.name else dest.stem) + suffix)
+            if os.path.lexists(target):
+                # Mondrian's own `<stem>.xmp`, which holds theirs merged: their file, byte for byte, sits beside it.
+                target = target.with_name(f"{dest.stem}.original{suffix}")
+            if os.path.lexists(theirs) and not os.path.lexists(target):
+                move_once(theirs, target)
+
+    def their_xmp(self, src: Path) -> bytes | None:
+        """The photographer's own XMP sidecar that came with `src` (`IMG_1.xmp`), to merge into Mondrian's."""
+        for theirs in editor_sidecars(src):
+            if theirs.suffix.lower() == ".xmp" and theirs.stem != src.name:
+                try:
+                    return read_regular_file(theirs, max_bytes=THEIR_XMP_MAX_BYTES, timeout_s=5.0)
+                except OSError as exc:  # a pipe, a link to one, too large, unreadable: not merged, still moved
+                    log.warning("%s: its XMP sidecar %s could not be read (%s)", src.name, theirs.name, exc)
+        return None
 
     def taken(self, job: Job) -> set[str]:
         """Output names reserved by other active jobs (this job's own earlier reservation may be reused)."""

@@ -75,9 +75,21 @@ def _fill(xmp: exiv2.XmpData, report: dict[str, Any]) -> None:
     xmp["Xmp.dc.subject"] = exiv2.XmpArrayValue(kept + keywords(report), exiv2.TypeId.xmpBag)
 
 
-def sidecar_bytes(report: dict[str, Any]) -> bytes:
-    """The sidecar's content: an XMP packet holding Mondrian's fields only, as exiv2 writes its own sidecars."""
-    image = exiv2.ImageFactory.create(exiv2.ImageType.xmp)  # in memory
+def sidecar_bytes(report: dict[str, Any], theirs: bytes | None = None) -> bytes:
+    """The sidecar's content: an XMP packet, as exiv2 writes its own sidecars, holding Mondrian's fields on top of
+    `theirs` (the photographer's own sidecar that came with the photo: develop settings, keywords, captions in other
+    languages stay). An XMP of theirs that exiv2 cannot read is left out here (the file itself is kept beside it)."""
+    image = None
+    if theirs:
+        try:
+            image = exiv2.ImageFactory.open(theirs)
+            image.readMetadata()
+        except Exception as exc:  # exiv2 raises its own kinds
+            log.warning("%s: the XMP that came with it could not be read (%s); Mondrian's sidecar holds its own "
+                        "fields only", report["photo"]["file"], exc)
+            image = None
+    if image is None:
+        image = exiv2.ImageFactory.create(exiv2.ImageType.xmp)  # in memory
     _fill(image.xmpData(), report)
     image.writeMetadata()
     return _bytes(image)
@@ -94,12 +106,13 @@ def sidecar_name(photo_file: str) -> str:
     return photo_file + SIDECAR_SUFFIX if name.casefold() == photo_file.casefold() else name
 
 
-def write_sidecar(folder: Path, report: dict[str, Any], *, durable: bool = True) -> Path | None:
+def write_sidecar(folder: Path, report: dict[str, Any], *, theirs: bytes | None = None,
+                  durable: bool = True) -> Path | None:
     """Write `<stem>.xmp` into the (staging) report folder. The XMP is a copy of what report.json says, so if exiv2
     cannot build it the report goes on without it (logged); a failed write (a full disk) raises OSError like any
     other file of the report, which is then retried whole. `durable=False`: the caller fsyncs the folder's files."""
     try:
-        data = sidecar_bytes(report)
+        data = sidecar_bytes(report, theirs)
     except Exception as exc:  # exiv2 raises its own kinds; a report must never be lost to its copy in XMP
         log.warning("%s: no XMP sidecar (%s: %s); report.json has the same facts", report["photo"]["file"],
                     type(exc).__name__, exc)

@@ -1,0 +1,70 @@
+"""Editors' sidecars dropped with their photos (Lightroom's `IMG_1.xmp`, darktable's `IMG_1.NEF.xmp`, an iPhone's
+`IMG_1.AAE`) are never photos: they ride along with their photo, and the photographer's XMP is merged into
+Mondrian's, read back with exiftool (a reader independent of exiv2, which wrote it)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from corpus import dng, raw_scene
+from tests.harness import Daemon, ledger_jobs, make_home, photo
+from tests.test_xmp import exiftool
+
+THEIRS = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+          b'<rdf:Description rdf:about="" xmlns:crs="http://ns.adobe.com/camera-raw-settings/1.0/" '
+          b'xmlns:dc="http://purl.org/dc/elements/1.1/" crs:Exposure2012="+0.50">'
+          b'<dc:subject><rdf:Bag><rdf:li>family</rdf:li></rdf:Bag></dc:subject>'
+          b'</rdf:Description></rdf:RDF></x:xmpmeta>')
+
+
+def drop(inbox: Path) -> dict[str, bytes]:
+    files = {"IMG_8.NEF": dng(raw_scene(8)), "IMG_8.xmp": THEIRS, "IMG_8.NEF.xmp": b"<darktable/>",
+             "IMG_8.AAE": b"<plist/>", "lonely.xmp": THEIRS, "broken.jpg": b"\xff\xd8\xff not a photo",
+             "broken.XMP": THEIRS}
+    for name, data in files.items():
+        (inbox / name).write_bytes(data)
+    return files
+
+
+def test_editor_sidecars_are_never_photos_and_ride_along_with_theirs(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox, outbox = home / "inbox", home / "outbox"
+    files = drop(inbox)
+    with Daemon(home, smoke_model_path, "--once") as d:
+        assert d.wait(300) == 0, d.output()
+
+    jobs = ledger_jobs(home)
+    assert sorted(jobs) == ["IMG_8.NEF", "broken.jpg"]  # no sidecar became a job, so none failed as "not a photo"
+    assert jobs["IMG_8.NEF"].state == "done" and jobs["broken.jpg"].state == "failed"
+    folder = outbox / "IMG_8"
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "IMG_8.AAE", "IMG_8.NEF", "IMG_8.NEF.xmp", "IMG_8.original.xmp", "IMG_8.xmp", "preview.jpg", "report.html",
+        "report.json", "thumb.jpg"]
+    for name in ("IMG_8.AAE", "IMG_8.NEF", "IMG_8.NEF.xmp"):
+        assert (folder / name).read_bytes() == files[name], name
+    assert (folder / "IMG_8.original.xmp").read_bytes() == THEIRS  # theirs, byte for byte
+    merged = exiftool(folder / "IMG_8.xmp", tags=("-XMP-crs:Exposure2012",))[str(folder / "IMG_8.xmp")]
+    report = json.loads((folder / "report.json").read_text())
+    assert merged["Exposure2012"] in ("+0.50", 0.5)  # their develop setting, for Lightroom
+    assert merged["Subject"][0] == "family" and f"mondrian:grade={report['overall_grade']}" in merged["Subject"]
+    assert merged["Label"] == f"{report['advisor']['name']} ({report['mode']['effective']})"
+    # A failed photo keeps its sidecar beside it in failed/; a sidecar without a photo stays where it was.
+    assert (outbox / "failed" / "broken.XMP").read_bytes() == THEIRS
+    assert sorted(p.name for p in inbox.iterdir()) == ["lonely.xmp"]
+
+
+def test_with_keep_originals_their_sidecars_stay_and_mondrians_xmp_still_merges_theirs(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, keep_originals=True)
+    inbox, outbox = home / "inbox", home / "outbox"
+    photo(inbox / "IMG_1.jpg", seed=1)
+    (inbox / "IMG_1.xmp").write_bytes(THEIRS)
+    before = {p.name: p.read_bytes() for p in inbox.iterdir()}
+    with Daemon(home, smoke_model_path, "--once") as d:
+        assert d.wait(300) == 0, d.output()
+    assert sorted(ledger_jobs(home)) == ["IMG_1.jpg"]
+    assert {p.name: p.read_bytes() for p in inbox.iterdir()} == before  # the photographer's files are untouched
+    sidecar = outbox / "IMG_1" / "IMG_1.xmp"
+    merged = exiftool(sidecar, tags=("-XMP-crs:Exposure2012",))[str(sidecar)]
+    assert merged["Exposure2012"] in ("+0.50", 0.5) and "family" in merged["Subject"]
+    assert not (outbox / "IMG_1" / "IMG_1.original.xmp").exists()  # nothing of theirs was moved
