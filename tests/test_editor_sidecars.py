@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from corpus import dng, raw_scene
-from tests.harness import Daemon, ledger_jobs, make_home, photo
+from tests.harness import Daemon, ledger_jobs, make_home, mondrian, photo
 from tests.test_xmp import exiftool
 
 THEIRS = (b'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
@@ -68,3 +68,22 @@ def test_with_keep_originals_their_sidecars_stay_and_mondrians_xmp_still_merges_
     merged = exiftool(sidecar, tags=("-XMP-crs:Exposure2012",))[str(sidecar)]
     assert merged["Exposure2012"] in ("+0.50", 0.5) and "family" in merged["Subject"]
     assert not (outbox / "IMG_1" / "IMG_1.original.xmp").exists()  # nothing of theirs was moved
+
+
+def test_retry_failed_brings_their_sidecar_back_with_the_photo(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox, failed = home / "inbox", home / "outbox" / "failed"
+    (inbox / "broken.jpg").write_bytes(b"\xff\xd8\xff not a photo")
+    (inbox / "broken.xmp").write_bytes(THEIRS)
+    with Daemon(home, smoke_model_path, "--once") as d:
+        assert d.wait(300) == 0, d.output()
+    assert (failed / "broken.xmp").read_bytes() == THEIRS
+    photo(failed / "broken.jpg", seed=3)  # the photographer puts the good file in its place, as the record says
+    out = mondrian(home, smoke_model_path, "retry", "--failed")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert sorted(p.name for p in inbox.iterdir()) == ["broken.jpg", "broken.xmp"]
+    with Daemon(home, smoke_model_path, "--once") as d:
+        assert d.wait(300) == 0, d.output()
+    sidecar = home / "outbox" / "broken" / "broken.xmp"
+    assert "family" in exiftool(sidecar)[str(sidecar)]["Subject"]
+    assert (home / "outbox" / "broken" / "broken.original.xmp").read_bytes() == THEIRS

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from ..config import CONFIG_NAME, Config
 from ..fsutil import folder_inside, is_folder
-from ..intake.inbox import sidecar_for, unique_path
+from ..intake.inbox import editor_sidecars, sidecar_for, unique_path
 from ..ledger import Job, Ledger
 from ..pipeline.outbox_index import OutboxIndex
 
@@ -134,6 +134,10 @@ def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | 
                             f"{target.name} is already in the inbox; the photo is queued without it")
             else:
                 os.rename(sidecar, target)
+        for theirs in editor_sidecars(kept):  # the photographer's own (.xmp, .AAE): back with it, or left there
+            target = back.with_name((back.name if theirs.stem == kept.name else back.stem) + theirs.suffix)
+            if not os.path.lexists(target):
+                os.rename(theirs, target)
         # Move first, then queue: killed in between, the photo sits in the inbox (the watcher or the next
         # retry picks it up) instead of being queued at a path where nothing is yet.
         os.rename(kept, back)
