@@ -31,11 +31,19 @@ def test_editor_sidecars_are_never_photos_and_ride_along_with_theirs(tmp_path, s
     home = make_home(tmp_path / "home", smoke_model_path)
     inbox, outbox = home / "inbox", home / "outbox"
     files = drop(inbox)
+    private = tmp_path / "someone else" / "private.xmp"  # a link's target is not read into the report
+    private.parent.mkdir()
+    private.write_bytes(THEIRS)
+    photo(inbox / "IMG_9.jpg", seed=9)
+    (inbox / "IMG_9.xmp").symlink_to(private)
     with Daemon(home, smoke_model_path, "--once") as d:
         assert d.wait(300) == 0, d.output()
 
+    linked = outbox / "IMG_9" / "IMG_9.xmp"
+    assert "family" not in (exiftool(linked)[str(linked)].get("Subject") or [])
+    assert (outbox / "IMG_9" / "IMG_9.original.xmp").is_symlink() and private.read_bytes() == THEIRS
     jobs = ledger_jobs(home)
-    assert sorted(jobs) == ["IMG_8.NEF", "broken.jpg"]  # no sidecar became a job, so none failed as "not a photo"
+    assert sorted(jobs) == ["IMG_8.NEF", "IMG_9.jpg", "broken.jpg"]  # no sidecar became a job, so none failed as "not a photo"
     assert jobs["IMG_8.NEF"].state == "done" and jobs["broken.jpg"].state == "failed"
     folder = outbox / "IMG_8"
     assert sorted(p.name for p in folder.iterdir()) == [

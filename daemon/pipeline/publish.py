@@ -282,7 +282,8 @@ class Publisher:
     def their_xmp(self, src: Path) -> bytes | None:
         """The photographer's own XMP sidecar that came with `src` (`IMG_1.xmp`), to merge into Mondrian's."""
         for theirs in editor_sidecars(src):
-            if theirs.suffix.lower() == ".xmp" and theirs.stem != src.name:
+            # A link is not read: its target may be anyone's file, anywhere (the link itself still rides along).
+            if theirs.suffix.lower() == ".xmp" and theirs.stem != src.name and not theirs.is_symlink():
                 try:
                     return read_regular_file(theirs, max_bytes=THEIR_XMP_MAX_BYTES, timeout_s=5.0)
                 except OSError as exc:  # a pipe, a link to one, too large, unreadable: not merged, still moved
