@@ -95,3 +95,20 @@ def test_retry_failed_brings_their_sidecar_back_with_the_photo(tmp_path, smoke_m
     sidecar = home / "outbox" / "broken" / "broken.xmp"
     assert "family" in exiftool(sidecar)[str(sidecar)]["Subject"]
     assert (home / "outbox" / "broken" / "broken.original.xmp").read_bytes() == THEIRS
+
+
+def test_an_unreadable_or_non_xmp_sidecar_leaves_mondrians_xmp_its_own():
+    import io
+
+    from PIL import Image
+
+    from daemon.pipeline.xmp import sidecar_bytes
+
+    report = {"photo": {"file": "x.jpg"}, "overall_grade": 7, "summary": "s", "advisor": {"id": "a", "name": "A"},
+              "mode": {"effective": "baseline"}, "model": {"adapter": None, "smoke": False}}
+    jpeg = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(jpeg, "JPEG")
+    own = sidecar_bytes(report)
+    assert b"family" in sidecar_bytes(report, THEIRS) and b"mondrian:grade=7" in sidecar_bytes(report, THEIRS)
+    for theirs in (jpeg.getvalue(), b"\0garbage", b""):
+        assert sidecar_bytes(report, theirs) == own  # never a JPEG, never a crash: Mondrian's fields alone

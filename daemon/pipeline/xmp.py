@@ -83,6 +83,8 @@ def sidecar_bytes(report: dict[str, Any], theirs: bytes | None = None) -> bytes:
     if theirs:
         try:
             image = exiv2.ImageFactory.open(theirs)
+            if image.imageType() != exiv2.ImageType.xmp:  # a photo named `.xmp` is not a sidecar to build on
+                raise ValueError(f"it holds {image.mimeType()}, not XMP")
             image.readMetadata()
         except Exception as exc:  # exiv2 raises its own kinds
             log.warning("%s: the XMP that came with it could not be read (%s); Mondrian's sidecar holds its own "
