@@ -297,6 +297,22 @@ NOTE_BYTES = 4096
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
+def _check_postgres_driver() -> None:
+    """The optional extra, checked before peewee is handed the URL (it would raise ImproperlyConfigured: a
+    traceback), so that the one line says how to install it."""
+    try:
+        import psycopg  # noqa: F401
+        return
+    except ImportError:
+        pass
+    try:
+        import psycopg2  # noqa: F401
+    except ImportError:
+        raise LedgerUnavailable("ledger_url names a PostgreSQL ledger, but its driver is not installed: run "
+                                "`pip install 'mondrian[postgres]'` (or `pip install 'psycopg[binary]'`) in "
+                                "Mondrian's environment (with the Makefile: .venv/bin/pip install -e '.[postgres]')") from None
+
+
 class LedgerUnavailable(RuntimeError):
     """A write could not be made (disk full, locked, read-only, deleted) and the daemon is stopping."""
 
@@ -435,6 +451,7 @@ class Ledger:
         # a lock another process keeps.
         busy_ms = 2000 if stop is not None else 30000
         if url is not None:
+            _check_postgres_driver()
             # FLOAT as double precision: PostgreSQL's REAL (4 bytes) would round every timestamp to minutes.
             self.db: Database = PostgresqlDatabase(url, prefer_psycopg3=True, field_types={"FLOAT": "DOUBLE PRECISION"},
                                                    connect_timeout=10, application_name="mondrian")
@@ -465,6 +482,9 @@ class Ledger:
             if stop is not None:
                 self._probe()
             st = os.stat(self.path)
+        except LedgerUnavailable:
+            self.db.close()
+            raise
         except NotOwn as exc:
             self.db.close()
             raise LedgerUnavailable(str(exc)) from None
@@ -476,17 +496,14 @@ class Ledger:
     def _open_shared(self, url: str, note: Path | None) -> None:
         self._identity = None
         try:
-            import psycopg  # noqa: F401  (the optional extra: checked here to say how to install it)
-        except ImportError:
-            raise LedgerUnavailable("ledger_url names a PostgreSQL ledger, but its driver is not installed: run "
-                                    "`pip install 'mondrian[postgres]'` (or `pip install 'psycopg[binary]'`) in "
-                                    "Mondrian's environment") from None
-        try:
             self._note = FaultNote(note) if note is not None else None
             self.db.connect(reuse_if_open=True)
             self._migrate()
             if self._stop is not None:
                 self._probe()
+        except LedgerUnavailable:
+            self.db.close()
+            raise
         except NotOwn as exc:
             self.db.close()
             raise LedgerUnavailable(str(exc)) from None
@@ -621,9 +638,10 @@ class Ledger:
             self.db.create_tables([self.SchemaVersion])
             current = self.SchemaVersion.select(fn.MAX(self.SchemaVersion.version)).scalar() or 0
             if current > SCHEMA_VERSION:
-                raise RuntimeError(
-                    f"the ledger {self.path} was written by a newer Mondrian (schema {current}, this one knows "
-                    f"{SCHEMA_VERSION}); upgrade Mondrian")
+                raise LedgerUnavailable(
+                    f"the ledger {self.path} was written by a newer Mondrian (schema {current}; this one knows "
+                    f"{SCHEMA_VERSION}) and is left as it is: update this Mondrian (in its folder: git pull, then "
+                    f"make install), or give it a ledger of its own (db_path in mondrian.toml)")
             for version in range(current, SCHEMA_VERSION):
                 MIGRATIONS[version](self.db)
                 self.SchemaVersion.create(version=version + 1, applied_at=time.time())
@@ -1086,11 +1104,14 @@ class Ledger:
             j.finished_at: time.time(), j.error: None, j.error_kind: None, j.lease_until: None}, ends=True)
 
     @writes
-    def finish_duplicate(self, job_id: int, first: Job, output_dir: Path) -> None:
+    def finish_duplicate(self, job_id: int, first: Job, output_dir: Path,
+                         fallbacks: list[dict[str, str]] | None = None) -> None:
         j = self.Job
         self._fenced(job_id, "duplicate record", {
             j.state: DONE, j.duplicate_of: first.id, j.effective_mode: first.effective_mode,
-            j.context_key: first.context_key, j.fallbacks: first.fallbacks, j.report_json: first.report_json,
+            j.context_key: first.context_key,
+            j.fallbacks: first.fallbacks if fallbacks is None else json.dumps(fallbacks),
+            j.report_json: first.report_json,
             j.report_html: first.report_html, j.grade: first.grade, j.adapter: first.adapter,
             j.output_dir: str(output_dir), j.finished_at: time.time(), j.lease_until: None}, ends=True)
 

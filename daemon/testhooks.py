@@ -13,6 +13,8 @@ lookup after that.
   killer would), in the daemon and in the isolation check's child alike.
 - `MONDRIAN_TEST_OBSERVER_FAULT=die|stall`: the first inbox event for a file named `OBSERVER_FAULT_TRIGGER`
   makes the watcher's handler raise (a real death of watchdog's dispatch thread) or block forever (a stall).
+- `MONDRIAN_TEST_UPLOAD_IDLE_SECONDS=<s>`: an API upload that sends nothing for that long is refused (408) instead
+  of after a minute, so the test of a stalled client does not wait a minute.
 - `MONDRIAN_TEST_TOKEN_SECONDS=<s>`: every forward pass of a generation takes at least that long, so a test of
   the per-photo time limit does not depend on how fast the machine is.
 """
@@ -87,3 +89,7 @@ def slow_token() -> None:
 
 
 __all__ = ["crashpoint", "poison_point", "observer_fault", "slow_token", "OBSERVER_FAULT_TRIGGER"]
+
+
+def upload_idle_seconds(default: float) -> float:
+    return float(_env("MONDRIAN_TEST_UPLOAD_IDLE_SECONDS") or default)

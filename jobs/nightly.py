@@ -18,6 +18,8 @@ in a child process (jobs.train), one advisor at a time, while the daemon keeps s
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -132,8 +134,11 @@ class ProgressRecorder:
 
     def __init__(self, ledger: Any, advisor: str, every_s: float = 1.0) -> None:
         self.ledger, self.advisor, self.every_s = ledger, advisor, every_s
+        # Who records it: `mondrian status` tells a run whose recorder died (SIGKILL, a crash, a refused setting)
+        # from one still going, instead of showing "running" until the next training.
         self.state: dict[str, Any] = {"advisor": advisor, "state": "running", "phase": "starting",
-                                      "started_at": time.time()}
+                                      "started_at": time.time(), "recorder_pid": os.getpid(),
+                                      "host": socket.gethostname()}
         self._last = 0.0
         self.ledger.set_event(TRAINING_EVENT, self.state)
 

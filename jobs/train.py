@@ -51,6 +51,17 @@ log = logging.getLogger("mondrian.train")
 PROGRESS_FD_ENV = "MONDRIAN_TRAIN_PROGRESS_FD"
 
 
+# (lowest allowed, first not allowed) of each numeric [lora] setting; None: no bound on that side. A negative
+# learning rate trains away from the advisor, and a rank of 0 fails only after the dataset is built.
+LIMITS: dict[str, tuple[float | None, float | None]] = {
+    "rank": (1, 1025), "alpha": (0.001, None), "dropout": (0, 1), "learning_rate": (1e-8, 1),
+    "iters": (0, None), "epochs": (0.01, None), "min_iters": (1, None), "max_iters": (1, None),
+    "batch_size": (1, 1025), "eval_every": (0, None), "patience": (1, None), "variants": (0, 101),
+    "holdout_fraction": (0, 1), "validation_fraction": (0, 1), "keep_versions": (1, None),
+    "promote_margin": (0, None), "min_test_photos": (1, None), "max_minutes": (0.01, None),
+    "max_seq_length": (1, None), "seed": (0, None)}
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     rank: int = 8
@@ -98,14 +109,21 @@ class TrainSettings:
             except (TypeError, ValueError, OverflowError):
                 raise ConfigError(f"[lora] {key} = {value!r} in {cfg.home / CONFIG_NAME}: it must be "
                                   f"{'a whole number' if isinstance(default, int) else 'a number'}") from None
-        for key in ("holdout_fraction", "validation_fraction"):
-            if key in values and not 0.0 <= values[key] < 1.0:
-                raise ConfigError(f"[lora] {key} = {values[key]!r} in {cfg.home / CONFIG_NAME}: it must be at "
-                                  f"least 0 and below 1")
-        if "max_minutes" in values and not (values["max_minutes"] > 0 and values["max_minutes"] < float("inf")):
-            raise ConfigError(f"[lora] max_minutes = {values['max_minutes']!r} in {cfg.home / CONFIG_NAME}: "
-                              f"it must be a positive number of minutes")
-        return cls(**values)
+        for key, value in values.items():
+            low, high = LIMITS.get(key, (None, None))
+            if isinstance(value, bool) or (low is None and high is None):
+                continue
+            if value != value or value in (float("inf"), float("-inf")) or \
+                    (low is not None and value < low) or (high is not None and value >= high):
+                where = (f"at least {low:g}" if low is not None else "") + \
+                        (" and " if low is not None and high is not None else "") + \
+                        (f"below {high:g}" if high is not None else "")
+                raise ConfigError(f"[lora] {key} = {value!r} in {cfg.home / CONFIG_NAME}: it must be {where}")
+        settings = cls(**values)
+        if settings.max_iters < settings.min_iters:
+            raise ConfigError(f"[lora] max_iters = {settings.max_iters} is below min_iters = {settings.min_iters} in "
+                              f"{cfg.home / CONFIG_NAME}")
+        return settings
 
     def gate(self) -> "Gate":
         from .evaluate import Gate

@@ -253,6 +253,79 @@ def test_bad_requests_get_a_clear_json_error_and_leave_nothing_behind(tmp_path, 
         assert d.stop() == 0
 
 
+def _stalled_upload(port: int, timeout: float) -> str:
+    """Send the headers of a 10 kB upload and 2 bytes of it, then nothing: what the server answers, if anything."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(b"POST /analyze HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=xx\r\n"
+                  b"Content-Length: 10000\r\n\r\n--")
+        reply = b""
+        try:
+            while not reply.endswith(b"}"):  # the JSON answer's end (the server may send head and body apart)
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                reply += chunk
+        except socket.timeout:
+            pass
+        return reply.decode("latin-1")
+
+
+def test_pages_stalled_uploads_odd_addresses_and_repeat_requests_get_straight_answers(tmp_path,
+                                                                                       smoke_model_path) -> None:
+    port = free_port()
+    home = api_home(tmp_path, port)
+    url = f"http://127.0.0.1:{port}"
+    work = tmp_path / "work"
+    pic = photo(work / "again.png", seed=8)
+    # A photo named like a web page (a PNG underneath): analysed, but never linked from its report, where a click
+    # would open it as a page and run what it carries.
+    (work / "poly.html").write_bytes(photo(work / "poly.png", seed=9).read_bytes() + b"<script>alert(1)</script>")
+    with Daemon(home, smoke_model_path, MONDRIAN_TEST_UPLOAD_IDLE_SECONDS="2") as d:
+        wait_until_serving(d, port)
+
+        def answered(expect: int, path: str, *args: str) -> dict:
+            code, headers, body = curl(url + path, *args)
+            assert code == expect and headers["content-type"] == "application/json", (path, code, body)
+            return json.loads(body)
+
+        # A page served by this machine on another port is still a web page (a dev server, Jupyter, a download).
+        for origin in ("http://localhost:3000", f"http://127.0.0.1:{port + 1}", "http://localhost"):
+            assert "web page" in answered(403, "/analyze", "-H", f"Origin: {origin}", "-F", f"image=@{pic}")["error"]
+        answered(200, "/health", "-H", f"Origin: {url}")  # its own origin is no other page
+        # Every wrong address or method answers JSON with an `error`, never a 500 or FastAPI's own shape.
+        for path in ("/jobs/abc", "/jobs/1.5", "/jobs/99999999999999999999", "/jobs/9223372036854775808", "/nope"):
+            assert "error" in answered(404, path)
+        assert "POST /analyze" in answered(405, "/analyze")["error"]
+        assert "error" in answered(405, "/jobs/1", "-X", "DELETE")
+        # A client that stops sending mid-upload is answered (408) and leaves nothing behind.
+        started = time.monotonic()
+        reply = _stalled_upload(port, timeout=30)
+        assert reply.startswith("HTTP/1.1 408") and "stalled" in reply, reply[:500]
+        assert time.monotonic() - started < 20
+        assert list((home / "var" / "spool").iterdir()) == []
+
+        # The same photo asked for again in another mode that falls back to the same one: the earlier critique,
+        # but this request's own facts (what it asked for, its job, how it fell back).
+        first = answered(200, "/analyze", "-F", f"image=@{pic}", "-F", "mode=rag")
+        code, headers, body = curl(url + "/analyze", "-F", f"image=@{pic}", "-F", "mode=lora")
+        second = json.loads(body)
+        assert code == 200 and headers["X-Requested-Mode"] == "lora" and second["mode_used"] == "baseline"
+        assert second["job_id"] == int(headers["X-Job-ID"]) != first["job_id"]
+        assert second["duplicate_of"] == first["job_id"] and "already analysed" in second["message"]
+        assert second["mode"]["requested"] == second["metadata"]["requested_mode"] == "lora"
+        assert [(f["from"], f["to"]) for f in second["metadata"]["fallbacks"]] == [("lora", "rag"), ("rag", "baseline")]
+        assert second["dimensional_analysis"] == first["dimensional_analysis"]
+        again = answered(200, f"/jobs/{second['job_id']}")
+        assert again["mode"]["requested"] == "lora" and again["duplicate_of"] == first["job_id"]
+
+        page = answered(200, "/analyze", "-F", f"image=@{work / 'poly.html'}")
+        folder = home / "outbox" / page["job"]["report_folder"]
+        assert (folder / "poly.html").is_file()
+        html = (folder / "report.html").read_text()
+        assert 'href="poly.html"' not in html and "poly.html" in html
+        assert d.stop() == 0
+
+
 def test_a_request_the_model_cannot_finish_in_time_gets_202_and_a_job_url(tmp_path, smoke_model_path) -> None:
     port = free_port()
     home = api_home(tmp_path, port, api_wait_seconds=0)

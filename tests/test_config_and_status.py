@@ -69,6 +69,11 @@ BAD_SETTINGS = {  # a line of mondrian.toml (or NAME=value in the environment): 
     "MONDRIAN_QUIET_SECONDS=nan": "MONDRIAN_QUIET_SECONDS='nan' (environment): quiet_seconds (seconds) must be",
     "MONDRIAN_JOB_TIMEOUT=-5": "MONDRIAN_JOB_TIMEOUT='-5' (environment): job_timeout_seconds (seconds) must be",
     "MONDRIAN_ADVISOR=nobody": "unknown advisor 'nobody'",
+    # [lora] is read by training, but a bad value stops the daemon at start, not the first training at night.
+    "[lora]\nrnak = 8": "unknown setting `rnak` in the [lora] section",
+    "[lora]\nrank = -1": "[lora] rank = -1",
+    "[lora]\nlearning_rate = -1": "[lora] learning_rate = -1.0",
+    "[lora]\nvariants = -3": "[lora] variants = -3",
 }
 
 
@@ -355,3 +360,76 @@ def test_a_typo_in_the_lora_section_is_refused_with_a_suggestion(tmp_path, smoke
     out = mondrian(home, smoke_model_path, "train", "--advisor", "ansel", timeout=120)
     assert out.returncode == 78 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "unknown setting `rnak` in the [lora] section" in out.stderr and "did you mean `rank`?" in out.stderr
+
+
+# -- what a hostile tester found in the CLI (2026-12-02) ------------------------------------------------------------
+
+def test_a_ledger_from_a_newer_mondrian_and_a_missing_postgres_driver_are_one_line(tmp_path, smoke_model_path):
+    import sqlite3
+
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    assert mondrian(home, smoke_model_path, "status").returncode == 0  # the ledger exists
+    with sqlite3.connect(home / "var" / "ledger.db") as db:
+        db.execute("UPDATE schema_version SET version = 99")
+    for args in (("status",), ("run", "--once"), ("retry", "--failed")):
+        out = mondrian(home, smoke_model_path, *args)
+        assert out.returncode == 78, (args, out.stderr[-2000:])
+        assert "written by a newer Mondrian (schema 99" in _one_line(out) and "git pull" in out.stderr
+    with sqlite3.connect(home / "var" / "ledger.db") as db:  # left as it was: nothing migrated it down
+        assert db.execute("SELECT MAX(version) FROM schema_version").fetchone() == (99,)
+
+    # ledger_url on an install without the [postgres] extra: the driver's absence, as Python sees it.
+    other = make_home(tmp_path / "pg", smoke_model_path, **FAST)
+    with open(other / "mondrian.toml", "a") as f:
+        f.write('ledger_url = "postgresql://studio:secret@nas.local/mondrian"\n')
+    missing = tmp_path / "no-driver"
+    for name in ("psycopg", "psycopg2"):
+        (missing / name).mkdir(parents=True)
+        (missing / name / "__init__.py").write_text("raise ImportError('not installed')\n")
+    for args in (("status",), ("run", "--once")):
+        out = mondrian(other, smoke_model_path, *args, PYTHONPATH=str(missing))
+        assert out.returncode == 78 and "driver is not installed" in _one_line(out), (args, out.stderr[-2000:])
+        assert "mondrian[postgres]" in out.stderr and "secret" not in out.stderr
+
+
+def test_status_speaks_plain_ascii_and_says_what_a_dead_training_run_did(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    # A terminal or log that cannot encode Mondrian's dashes (LANG=C under cron or ssh): no traceback.
+    out = mondrian(home, smoke_model_path, "status", PYTHONIOENCODING="ascii")
+    assert out.returncode == 0 and "Traceback" not in out.stderr and "Daemon:" in out.stdout, out.stderr[-2000:]
+
+    # A training run that ends without recording its end (here refused at its start by a bad setting; a SIGKILL
+    # does the same): status must not say "running" until the next training.
+    with open(home / "mondrian.toml", "a") as f:
+        f.write("[lora]\nrank = -1\n")
+    out = mondrian(home, smoke_model_path, "train", "--advisor", "ansel", timeout=120)
+    assert out.returncode == 78, out.stderr[-2000:]
+    info = status(home, smoke_model_path)
+    assert info["training"]["state"] == "stopped", info["training"]  # recorded as starting, then the process died
+    text = mondrian(home, smoke_model_path, "status").stdout
+    assert "Training: ansel stopped" in text and "mondrian train --advisor ansel" in text, text
+
+
+def test_status_promises_no_time_without_a_daemon_and_retry_names_unknown_jobs(tmp_path, smoke_model_path):
+    from daemon.ledger import Ledger
+
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    photo(home / "inbox" / "first.jpg", seed=1, size=(64, 48))
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=300).returncode == 0  # a typical photo time
+    ledger = Ledger(home / "var" / "ledger.db")
+    try:  # two photos queued by a daemon that has stopped since
+        for name in ("a.jpg", "b.jpg"):
+            p = photo(home / "inbox" / name, seed=2, size=(64, 48))
+            st = p.stat()
+            ledger.enqueue(p, name, "ansel", "default", st.st_size, st.st_mtime)
+    finally:
+        ledger.close()
+    text = mondrian(home, smoke_model_path, "status").stdout
+    assert "2 photo(s) wait for the daemon" in text and " left for " not in text, text
+
+    out = mondrian(home, smoke_model_path, "retry", "--failed", "9999", "-5")
+    assert out.returncode == 2, out.stderr  # EX_USAGE: nothing was what it named
+    assert "job 9999: there is no such job" in out.stderr and "job -5: there is no such job" in out.stderr
+    done = next(j for j in ledger_jobs(home).values() if j.state == "done")
+    out = mondrian(home, smoke_model_path, "retry", "--failed", str(done.id))
+    assert out.returncode == 2 and "has not failed (it is done)" in out.stderr, out.stderr

@@ -63,6 +63,23 @@ def answer(job: Job, *, waited_out: bool = False, stopping: bool = False) -> JSO
     return _with_headers(response, _request_headers(job))
 
 
+def _as_this_request(report: dict[str, Any], job: Job) -> None:
+    """A duplicate's answer is the earlier job's critique (same bytes, advisor and mode used), but what this request
+    asked for and how it fell back are its own: a `mode=lora` request must not read as the earlier `mode=rag` one."""
+    try:
+        fallbacks = json.loads(job.fallbacks) if job.fallbacks else []
+    except ValueError:
+        fallbacks = []
+    report["job_id"] = job.id
+    report["duplicate_of"] = job.duplicate_of
+    report["message"] = (f"the same photo was already analysed with the same advisor and mode used (job "
+                         f"{job.duplicate_of}); this is that critique")
+    for section, keys in (("mode", ("requested", "source", "fallbacks")),
+                          ("metadata", ("requested_mode", "mode_source", "fallbacks"))):
+        if isinstance(report.get(section), dict):
+            report[section].update(zip(keys, (job.requested_mode, job.mode_source, fallbacks)))
+
+
 def _report(job: Job) -> JSONResponse:
     try:
         report = json.loads(Path(job.report_json or "").read_text(encoding="utf-8"))
@@ -71,6 +88,8 @@ def _report(job: Job) -> JSONResponse:
                           f"{Path(job.output_dir or '').name or '?'} in the outbox", **_job_facts(job))
     report["job"] = {**_job_facts(job), "report_folder": Path(job.report_json or "").parent.name,
                      "duplicate_of": job.duplicate_of}
+    if job.duplicate_of is not None:
+        _as_this_request(report, job)
     effective = report.get("mode_used") or job.effective_mode or ""
     requested = job.requested_mode or (report.get("metadata") or {}).get("requested_mode") or ""
     return _with_headers(JSONResponse(report), {

@@ -14,6 +14,7 @@ from typing import Callable
 from fastapi import FastAPI, Request
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
 
@@ -31,6 +32,8 @@ from .spool import Spool, spool_name
 log = logging.getLogger("mondrian.api")
 
 POLL_SECONDS = 0.1
+ROUTES = "POST /analyze, GET /jobs/<id> and GET /health"
+MAX_UPLOADS = 16  # uploads streaming at once; beyond it 503: stalled clients must not use up the open files
 
 
 @dataclass
@@ -52,6 +55,13 @@ def _stopping() -> JSONResponse:
     return response
 
 
+def _busy(why: str) -> JSONResponse:
+    response = error(503, f"Mondrian cannot take this photo now: {why}; send it again in a minute (or drop it into "
+                          f"the inbox)")
+    response.headers["Retry-After"] = "30"
+    return response
+
+
 def _what_image(path: Path) -> str | None:
     """The image format Pillow recognises in `path` (its header only), or None if it is no image at all."""
     try:
@@ -66,6 +76,7 @@ def _what_image(path: Path) -> str | None:
 def build_app(door: Door) -> LocalOnly:
     cfg = door.cfg
     app = FastAPI(title="Mondrian", docs_url=None, redoc_url=None, openapi_url=None)
+    uploading = [0]  # on the event loop's one thread: no lock
 
     @app.post("/analyze")
     async def analyze(request: Request) -> JSONResponse:
@@ -77,9 +88,14 @@ def build_app(door: Door) -> LocalOnly:
                                             request.headers.get("content-length"), limit, str(request.base_url))
         except upload.Refused as exc:
             return error(exc.status, exc.message, **exc.extra)
-        slot = door.spool.new_slot()
+        if uploading[0] >= MAX_UPLOADS:
+            return _busy(f"{MAX_UPLOADS} uploads are arriving already")
+        uploading[0] += 1
+        slot = None
         try:
-            got = await upload.receive(request.stream(), boundary, door.spool.partial(slot), limit)
+            slot = door.spool.new_slot()
+            got = await upload.receive(request.stream(), boundary, door.spool.partial(slot), limit,
+                                       testhooks.upload_idle_seconds(upload.IDLE_SECONDS))
             job = await run_in_threadpool(_enqueue, door, slot, got, str(request.base_url))
         except upload.Refused as exc:
             door.spool.discard(slot)
@@ -90,9 +106,17 @@ def build_app(door: Door) -> LocalOnly:
         except LedgerUnavailable:
             door.spool.discard(slot)
             return _stopping()
+        except OSError as exc:  # out of open files or disk space: the machine's, for now; say so in JSON
+            if slot is not None:
+                door.spool.discard(slot)
+            log.error("an upload could not be taken: %s", exc)
+            return _busy(f"the upload could not be written ({exc.strerror or exc})")
         except BaseException:
-            door.spool.discard(slot)
+            if slot is not None:
+                door.spool.discard(slot)
             raise
+        finally:
+            uploading[0] -= 1
         log.info("queued %s for %s (%s) from the API (job %d)", job.rel_path, job.advisor, job.requested_mode, job.id)
         door.wake()
         deadline = time.monotonic() + cfg.api_wait_seconds
@@ -104,11 +128,27 @@ def build_app(door: Door) -> LocalOnly:
         return answer(job, waited_out=job.state in ACTIVE, stopping=door.stopping.is_set())
 
     @app.get("/jobs/{job_id}")
-    async def job_status(job_id: int) -> JSONResponse:
-        job = await run_in_threadpool(_job_or_none, door.ledger, job_id)
+    async def job_status(job_id: str) -> JSONResponse:
+        number = int(job_id) if job_id.isascii() and job_id.isdigit() and len(job_id) < 19 else None
+        job = None if number is None else await run_in_threadpool(_job_or_none, door.ledger, number)
         if job is None:
-            return error(404, f"there is no job {job_id} in this Mondrian's ledger")
+            return error(404, f"there is no job {job_id[:40]!r} in this Mondrian's ledger (job ids are the numbers "
+                              f"`job_id` in its answers)")
         return answer(job, stopping=door.stopping.is_set())
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Every answer is JSON with an `error`, as the README promises: also a wrong address or method.
+        if exc.status_code == 404:
+            message = f"no such address {request.url.path[:80]!r}; Mondrian answers {ROUTES}"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not how to ask {request.url.path[:80]!r}; Mondrian answers {ROUTES}"
+        else:
+            message = str(exc.detail)
+        response = error(exc.status_code, message)
+        for name, value in (exc.headers or {}).items():
+            response.headers[name] = value
+        return response
 
     @app.get("/health")
     async def health() -> JSONResponse:

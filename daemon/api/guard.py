@@ -38,20 +38,23 @@ def allowed_host(value: str | None, extra: frozenset[str] = frozenset()) -> bool
     return is_loopback(name) or name in extra
 
 
-def allowed_origin(value: str | None, extra: frozenset[str] = frozenset()) -> bool:
-    """No Origin (curl, scripts) is fine; a page's origin must itself be this machine."""
+def allowed_origin(value: str | None, host: str | None) -> bool:
+    """No Origin (curl, scripts) is fine. The API serves no page, so a browser's Origin can only be some other page:
+    one served on this machine under another port (a dev server, Jupyter, `python -m http.server` in Downloads) is
+    another origin too. Only the API's own origin, scheme, host and port exactly as the request addressed it, passes."""
     if value is None:
         return True
     try:
         parts = urlsplit(value.strip())
     except ValueError:
         return False
-    return parts.scheme in ("http", "https") and allowed_host(parts.netloc, extra)
+    return parts.scheme == "http" and bool(host) and parts.netloc.lower() == (host or "").strip().lower()
 
 
 class LocalOnly:
     """ASGI middleware: refuses (403, JSON) a request whose Host is not a loopback name (or `extra`, the host the API
-    was configured to bind), or whose Origin is another site. No CORS headers are ever added."""
+    was configured to bind), or that comes from a web page (an Origin other than the API's own). No CORS headers are
+    ever added."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], extra_hosts: frozenset[str] = frozenset()):
         self.app = app
@@ -67,9 +70,10 @@ class LocalOnly:
             problem = (f"refused: the Host header {headers.get('host')!r} is not this machine's loopback name. "
                        f"Mondrian's API answers only requests addressed to localhost, 127.0.0.1 or [::1] (a web page "
                        f"could otherwise reach it by DNS rebinding); call it as http://127.0.0.1:<port>/")
-        elif not allowed_origin(headers.get("origin"), self.extra):
-            problem = (f"refused: a request from the web page origin {headers.get('origin')!r}. Mondrian's API is "
-                       f"for programs on this machine (curl, scripts), not for web sites")
+        elif not allowed_origin(headers.get("origin"), headers.get("host")):
+            problem = (f"refused: a request from the web page {headers.get('origin')!r}. Mondrian's API is for "
+                       f"programs on this machine (curl, scripts), not for web pages, even ones served from this "
+                       f"machine")
         if problem is None:
             await self.app(scope, receive, send)
             return

@@ -4,6 +4,7 @@ holds a photo (or a mistaken multi-GB upload) in memory."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ FIELD_MAX_BYTES = 1024  # advisor and mode are short words
 FORM_OVERHEAD_BYTES = 64 * 1024  # boundaries, part headers and the small fields around the photo
 MAX_PARTS = 16  # image, advisor, mode and a few a client may add: a form of thousands is not a photo request
 HEADER_MAX_BYTES = 8 * 1024  # a part's headers (its name and file name)
+IDLE_SECONDS = 60.0  # a photo upload that sends nothing for this long has stalled (a slow link still sends)
 
 
 class Refused(Exception):
@@ -60,9 +62,11 @@ def check_headers(content_type: str | None, content_length: str | None, limit: i
     return params[b"boundary"]
 
 
-async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, limit: int) -> Received:
+async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, limit: int,
+                  idle_s: float = IDLE_SECONDS) -> Received:
     """Parse the form from `chunks`, writing the `image` part to `dest` (created, fsynced). Raises Refused (the
-    caller removes `dest`) for a malformed form, a second image, a long field or a photo over `limit` bytes."""
+    caller removes `dest`) for a malformed form, a second image, a long field, a photo over `limit` bytes, or a
+    client that sends nothing for `idle_s` seconds (it would hold its open file and its slot forever)."""
     got = Received()
     part: dict[str, object] = {}
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -126,8 +130,15 @@ async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, lim
         "on_end": on_end, "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
         "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
         "on_part_data": on_part_data, "on_part_end": on_part_end})
+    stream = chunks.__aiter__()
     try:
-        async for chunk in chunks:
+        while True:
+            try:
+                chunk = await asyncio.wait_for(stream.__anext__(), idle_s)
+            except StopAsyncIteration:
+                break
+            except asyncio.TimeoutError:
+                raise Refused(408, f"the upload stalled: nothing arrived for {idle_s:g} s; send it again") from None
             if chunk:
                 parser.write(chunk)
         parser.finalize()

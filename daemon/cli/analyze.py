@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..analysis.advisors import get_advisor
+from ..intake.images import PHOTO_SUFFIXES
 from ..config import Config
 from ..errors import EX_CONFIG, EX_USAGE
 from ..intake.inbox import is_temporary_name
@@ -29,7 +30,6 @@ from ..pipeline.worker import Worker
 
 log = logging.getLogger("mondrian.analyze")
 
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".heic", ".heif", ".gif", ".bmp")
 
 
 class AnalyzeRefused(Exception):

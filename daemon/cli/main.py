@@ -158,7 +158,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
                     f"and run `mondrian retry --failed` again, or `mondrian retry --failed --all` to try them "
                     f"anyway"), file=sys.stderr)
     print(f"{len(result.queued)} photo(s) queued again", file=sys.stderr)
-    return 0
+    return EX_USAGE if args.ids and not result.queued and result.left else 0
 
 
 def add_core_commands(sub: Any) -> None:
@@ -238,6 +238,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    for stream in (sys.stdout, sys.stderr):
+        # A terminal or log under LANG=C (launchd's default, cron, ssh without a locale) cannot encode a dash or a
+        # photo's accented name: write a stand-in for those characters rather than die on them with a traceback.
+        if stream is not None and hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     try:
         try:
             return _main(argv)

@@ -14,7 +14,7 @@ from pathlib import Path
 from ..config import CONFIG_NAME, Config
 from ..fsutil import folder_inside, is_folder
 from ..intake.inbox import editor_sidecars, sidecar_for, unique_path
-from ..ledger import Job, Ledger
+from ..ledger import FAILED, Job, Ledger
 from ..pipeline.outbox_index import OutboxIndex
 
 
@@ -74,7 +74,10 @@ def retry_failed(cfg: Config, ids: list[int] | None = None, *, everything: bool 
     out = Retried()
     done, left = out.queued, out.left
     changed = _settings_changed_at(cfg)
-    for job in ledger.retry_failed(ids):
+    jobs = ledger.retry_failed(None if ids is None else [i for i in ids if 0 < i < 2**63])
+    for missing in sorted(set(ids or ()) - {j.id for j in jobs}):
+        left.append(_not_retryable(ledger, missing))
+    for job in jobs:
         if ids is None and not everything and unchanged_permanent(job, changed):
             out.skipped.append(job)
             continue
@@ -91,6 +94,20 @@ def retry_failed(cfg: Config, ids: list[int] | None = None, *, everything: bool 
     if done:
         OutboxIndex(cfg, ledger).refresh()  # the failures put back leave the outbox index now, not after a job
     return out
+
+
+def _not_retryable(ledger: Ledger, job_id: int) -> str:
+    """Why a job named on the command line was not queued again: a typo must not read as success."""
+    try:
+        job = ledger.get(job_id) if 0 < job_id < 2**63 else None
+    except ledger.Job.DoesNotExist:
+        job = None
+    if job is None:
+        return f"job {job_id}: there is no such job in this home's ledger; `mondrian status --json` lists the failed ones"
+    if job.state == FAILED:
+        return (f"job {job_id}: {job.rel_path} was put back already and has a later job; `mondrian status` says "
+                f"where it stands")
+    return f"job {job_id}: {job.rel_path} has not failed (it is {job.state}); nothing to retry"
 
 
 def _drop_record(kept: Path) -> None:

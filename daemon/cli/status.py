@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import signal
+import socket
 import statistics
 import sys
 import threading
@@ -15,7 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..config import CONFIG_NAME, Config, ConfigError
-from ..fsutil import lock_holder
+from ..fsutil import lock_holder, pid_alive
 from ..ledger import FAULT_NOTE, FaultNote, Job, Ledger
 from .terminal import shown
 
@@ -168,7 +169,7 @@ def _extra_sections(cfg: Config, ledger: Ledger) -> dict[str, Any]:
     events = ledger.events()
     out: dict[str, Any] = {}
     if "training" in events:
-        out["training"] = events["training"][0]
+        out["training"] = _training_state(events["training"][0])
     from .workers import worker_rows
 
     out["workers"] = worker_rows(ledger)
@@ -176,12 +177,26 @@ def _extra_sections(cfg: Config, ledger: Ledger) -> dict[str, Any]:
     return out
 
 
+def _training_state(t: Any) -> Any:
+    """The training event, marked `stopped` when it says running but the process that recorded it on this machine
+    is gone (killed, crashed, or refused a setting before it began): it will never say otherwise by itself."""
+    if not isinstance(t, dict) or t.get("state", "running") != "running":
+        return t
+    pid, host = t.get("recorder_pid"), t.get("host")
+    if isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid):
+        return {**t, "state": "stopped", "finished_at": None,
+                "reason": f"the process that ran it (pid {pid}) is gone before it finished; nothing was promoted. "
+                          f"`mondrian train --advisor {t.get('advisor')}` runs it again"}
+    return t
+
+
 def _training_line(t: dict[str, Any]) -> str:
     """LoRA training (jobs/nightly.py writes the event): progress while it runs, the outcome after."""
     state = t.get("state", "running")
     if state != "running":
         version = f" {t.get('version')}" if t.get("version") else ""
-        return (f"Training: {t.get('advisor')}{version} {state} at {_clock(t.get('finished_at'))}"
+        when = f" at {_clock(t.get('finished_at'))}" if t.get("finished_at") else ""
+        return (f"Training: {t.get('advisor')}{version} {state}{when}"
                 + (f" ({t.get('reason')})" if t.get("reason") else ""))
     line = f"Training: {t.get('advisor')} ({t.get('phase', 'running')})"
     if t.get("step") is not None and t.get("steps"):
@@ -266,7 +281,10 @@ def render(info: dict[str, Any]) -> str:
 
         lines.append(f"Ledger:  shared, {info['shared_ledger']} (every machine's photos are counted above)")
         lines.extend(worker_lines(info.get("workers") or []))
-    if typical is not None and (q.get("queued") or info["running"]):
+    if not d["running"] and not info.get("shared_ledger") and q.get("queued"):
+        # No daemon here: a time left would be a promise nothing keeps (a shared ledger's other Macs may work it).
+        lines.append(f"Queue:   {q['queued']} photo(s) wait for the daemon; they are analysed once it runs")
+    elif typical is not None and (q.get("queued") or info["running"]):
         lines.append(f"Queue:   about {_span(eta['queue_s'])} left for {q['queued'] + len(info['running'])} photo(s) "
                      f"(a photo takes about {_span(typical)}, from the last {eta['based_on_photos']})")
     for r in delayed[:SHOWN_DELAYED]:

@@ -17,7 +17,11 @@ from pathlib import Path
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..fsutil import NotReadable, read_regular_file, too_large
-from .raw import RawPhoto, RawRejected, decode_raw
+from .raw import RAW_SUFFIXES, RawPhoto, RawRejected, decode_raw
+
+# The names a photo file goes by. A browser opens these as pictures, never as a page that runs script: the reports
+# link an original only under one of them (a photo renamed `x.html` or `x.svg` opens as an active page).
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".heic", ".heif", ".gif", ".bmp") + RAW_SUFFIXES
 
 try:  # iPhone photos: HEIC/HEIF are analysed, not failed.
     import pillow_heif

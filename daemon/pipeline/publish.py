@@ -324,7 +324,7 @@ class Publisher:
             pass
         return False
 
-    def duplicate(self, job: Job, first: Job, src: Path) -> None:
+    def duplicate(self, job: Job, first: Job, src: Path, fallbacks: list[dict[str, str]] | None = None) -> None:
         dup_dir = self.cfg.outbox / "duplicates"
         dup_dir.mkdir(parents=True, exist_ok=True)
         self.own(dup_dir)
@@ -334,7 +334,8 @@ class Publisher:
         record = {"job_id": job.id, "file": src.name, "duplicate_of_job": first.id,
                   "report": os.path.relpath(first.report_html, dup_dir) if first.report_html else None,
                   "reason": "the same photo was already analysed with the same advisor, mode, reference photos "
-                            "and adapter; add references or train an adapter, then drop it again for a new critique"}
+                            "and adapter; add references or train an adapter, then drop it again for a new critique",
+                  "fallbacks": fallbacks}  # this request's own way to the mode used (it may have asked another)
         if job.kept:
             record["kept"] = "the photo was left where it is in the inbox (keep_originals)"
         atomic_write_text(Path(f"{dest}.duplicate.json"), json.dumps(record, indent=2, ensure_ascii=False))
@@ -356,7 +357,8 @@ class Publisher:
                 return False
         testhooks.crashpoint("dup_moved")
         record = json.loads(Path(f"{dest}.duplicate.json").read_text(encoding="utf-8"))
-        self.ledger.finish_duplicate(job.id, self.ledger.get(record["duplicate_of_job"]), dest)
+        self.ledger.finish_duplicate(job.id, self.ledger.get(record["duplicate_of_job"]), dest,
+                                     fallbacks=record.get("fallbacks"))
         return True
 
     def transient(self, job: Job, reason: str) -> None:

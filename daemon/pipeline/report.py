@@ -27,6 +27,7 @@ from PIL import Image
 
 from ..analysis.advisors import Advisor
 from ..analysis.critique import DIMENSION_LABELS, DIMENSIONS, SCORE_MAX
+from ..intake.images import PHOTO_SUFFIXES
 from ..fsutil import atomic_write_bytes, atomic_write_text
 from ..resources import templates_dir
 
@@ -142,6 +143,14 @@ def _relative_href(name: object) -> str | None:
         return None
     # quote() also encodes ':', so "http://x" or "C:/x" can only ever become a relative path.
     return quote(name, safe="/")
+
+
+def _original_href(name: object) -> str | None:
+    """The link to an original beside the page, only under a photo's own suffix: a file named `x.html`, `x.svg` or
+    with no suffix at all is opened (or sniffed) by a browser as a page and would run what it holds."""
+    if not isinstance(name, str) or not name.lower().endswith(PHOTO_SUFFIXES):
+        return None
+    return _relative_href(name)
 
 
 def _local_time(iso: str) -> tuple[str, datetime | None]:
@@ -301,7 +310,7 @@ def render_report_html(report: dict, *, photo_href: str = "preview.jpg") -> str:
         "title_file": _bare_name(photo.get("file")),
         "photo_href": photo_href,
         # The original lies beside report.html under photo.file (moved in once the report is published).
-        "original_href": _relative_href(_bare_name(photo.get("file"))),
+        "original_href": _original_href(_bare_name(photo.get("file"))),
         "photo": {
             "file": _bare_name(photo.get("file")),
             "size": f"{photo.get('width')} × {photo.get('height')} px",
@@ -511,7 +520,7 @@ def render_failure_html(f: FailureEntry, *, has_original: bool = True) -> str:
         name=name, file=_bare_name(f.file), reason=f.reason, cause=f.cause, title=f.title,
         what_to_do=f.what_to_do, transient=f.kind == "transient", advisor=f.advisor, job_id=f.job_id,
         failed_text=failed_text, failed_iso=f.failed_at, photo_at_fault=f.photo_at_fault,
-        original_href=_relative_href(name) if has_original else None,
+        original_href=_original_href(name) if has_original else None, has_original=has_original,
         record_href=_relative_href(name + ".error.json"))
 
 

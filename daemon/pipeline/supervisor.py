@@ -431,5 +431,8 @@ class Daemon:
 
 
 def run_daemon(cfg: Config, *, once: bool = False) -> int:
+    from jobs.nightly import nightly_enabled  # the one way in from training
+
+    nightly_enabled(cfg)  # reads [lora]: a bad value stops the start (exit 78), not the first training at night
     cfg.ensure_dirs()  # a ConfigError names the folder in the way: exit 78 with that line (daemon/cli/main.py)
     return Daemon(cfg, once=once).run()

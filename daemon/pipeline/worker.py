@@ -275,12 +275,12 @@ class Worker:
         self.ledger.set_hash(job.id, photo.sha256)
         # The mode this photo would get now, and the version of what that mode reads, without the model: a report
         # made with the same of both (and the same bytes and advisor) is this photo's critique already.
-        planned, _ = resolve(requested, advisor, self.strategies)
+        planned, planned_fallbacks = resolve(requested, advisor, self.strategies)
         inputs = planned.inputs(advisor)
         key = context_key(photo.sha256, advisor.id, planned.name, inputs, self.cfg.model)
         first = self.ledger.find_done(key, exclude=job.id)
         if first is not None and not keep_original:
-            self.out.duplicate(job, first, src)
+            self.out.duplicate(job, first, src, planned_fallbacks)
             return None
         if self.stop.is_set():
             raise Cancelled()
@@ -310,7 +310,7 @@ class Worker:
                    "inputs": inputs}
         first = None if context["key"] == prep.key else self.ledger.find_done(context["key"], exclude=job.id)
         if first is not None and not keep_original:
-            self.out.duplicate(job, first, src)
+            self.out.duplicate(job, first, src, fallbacks)
             return
         earlier = earlier_report_links(self.cfg, self.ledger.earlier_reports(photo.sha256, exclude=job.id))
         report = assemble(self.runtime, job, src, photo, advisor, prep.requested, prep.source, strategy.name,

@@ -38,7 +38,7 @@ from ..config import Config
 from ..errors import Interrupted
 from ..fsutil import kind_of, read_regular_file, too_large
 from ..intake.inbox import is_temporary_name
-from ..intake.raw import RAW_SUFFIXES
+from ..intake.images import PHOTO_SUFFIXES
 from ..ledger import Ledger, LedgerUnavailable, Reference
 from .sidecar import SidecarInvalid, read_sidecar, sidecar_path
 from .thumbnails import thumbnail
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("mondrian.references")
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".heic", ".heif", ".gif", ".bmp") + RAW_SUFFIXES
+IMAGE_SUFFIXES = PHOTO_SUFFIXES
 SETTLE_MAX_SECONDS = 300.0  # `references index` waits this long at most for files still being written
 PROFILE_MAX_TOKENS = 256  # pass 1 is 8 integers; the schema forces everything else
 
