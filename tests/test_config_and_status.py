@@ -343,14 +343,26 @@ def test_status_with_a_mistyped_home_creates_nothing(tmp_path, smoke_model_path)
     (tmp_path / "a-file").write_text("x")
     (tmp_path / "empty").mkdir()
     for typo in (tmp_path / "missing" / "deep", tmp_path / "a-file", tmp_path / "empty"):
-        for cmd in (["status"], ["status", "--json"], ["retry", "--failed"]):
+        for cmd in (["status"], ["status", "--json"], ["retry", "--failed"], ["references", "list"],
+                    ["references", "index"], ["adapters"], ["adapters", "rollback", "--advisor", "ansel"],
+                    ["train", "--advisor", "ansel"], ["workers"]):
             out = mondrian(typo, smoke_model_path, *cmd, timeout=60)
             assert out.returncode == 78, f"{typo} {cmd}: rc {out.returncode}\n{out.stderr}"
             line = _one_line(out)
             assert f"no Mondrian home at {typo}" in line and "MONDRIAN_HOME" in line, line
+            if typo.name == "a-file":  # following the advice must work: `init` cannot make a folder of a file
+                assert "it is a file, not a folder" in line and f"init {typo}" not in line, line
     assert not (tmp_path / "missing").exists() and list((tmp_path / "empty").iterdir()) == []
     assert (tmp_path / "a-file").read_text() == "x"
     print(f"\n{line.split('configuration problem: ', 1)[-1]}")
+
+
+def test_home_may_follow_the_command(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    out = subprocess.run([sys.executable, "-m", "daemon", "status", "--json", "--home", str(home)],
+                         env={k: v for k, v in env_for(home, smoke_model_path).items() if k != "MONDRIAN_HOME"},
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and json.loads(out.stdout)["home"] == str(home), out.stderr[-2000:]
 
 
 def test_a_typo_in_the_lora_section_is_refused_with_a_suggestion(tmp_path, smoke_model_path):

@@ -18,7 +18,7 @@ from peewee import DatabaseError
 
 from .. import __version__
 from ..analysis.advisors import UnknownAdvisor
-from ..config import MODES, ConfigError
+from ..config import MODES, ConfigError, load_config
 from ..ledger import LedgerUnavailable, ledger_problem
 from .common import EX_CONFIG, EX_USAGE, config_from
 from .terminal import SafeFormatter, shown
@@ -234,7 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     for register in command_groups():
         register(sub)
+    _home_after_the_command(p)
     return p
+
+
+def _home_after_the_command(parser: argparse.ArgumentParser) -> None:
+    """`mondrian status --home X` as well as `mondrian --home X status`: people put it after the command. SUPPRESS
+    keeps a --home given before the command when none follows it."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in {id(c): c for c in action.choices.values()}.values():
+                if "--home" not in child._option_string_actions:
+                    child.add_argument("--home", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+                _home_after_the_command(child)
+
+
+# Commands that only read or change an existing home: at a mistyped --home or MONDRIAN_HOME they must not create a
+# new one (its ledger, its adapters folder) and then report on it as if it were the user's.
+NEEDS_HOME = frozenset({"status", "workers", "retry", "references", "adapters", "train", "evaluate"})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -261,6 +278,10 @@ def _main(argv: list[str] | None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     try:
+        if args.command in NEEDS_HOME:
+            from .status import require_home
+
+            require_home(load_config(getattr(args, "home", None)))
         return int(args.func(args) or 0)
     except ConfigError as exc:
         log.error("configuration problem: %s", exc)

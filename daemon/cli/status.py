@@ -36,8 +36,10 @@ def require_home(cfg: Config) -> None:
     home = cfg.home
     if home.is_dir() and any(p.exists() for p in (home / CONFIG_NAME, cfg.db_path, cfg.inbox)):
         return
-    what = "is not a folder" if home.exists() and not home.is_dir() else \
-        "has no mondrian.toml, ledger or inbox" if home.exists() else "does not exist"
+    if home.exists() and not home.is_dir():
+        raise ConfigError(f"no Mondrian home at {home}: it is a file, not a folder. Set MONDRIAN_HOME (or --home) to "
+                          f"your home folder, or run `mondrian init FOLDER` to create one")
+    what = "has no mondrian.toml, ledger or inbox" if home.exists() else "does not exist"
     raise ConfigError(f"no Mondrian home at {home} (it {what}): run `mondrian init {shlex.quote(str(home))}` to "
                       f"create one there, or set MONDRIAN_HOME (or --home) to the home you have")
 
