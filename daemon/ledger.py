@@ -1077,11 +1077,12 @@ class Ledger:
         return {j.output_dir for j in q}
 
     def find_done(self, context_key: str, exclude: int) -> Job | None:
-        """The earlier report made with this very analysis context (same bytes, advisor, effective mode, reference
-        set, adapter, model), if any: the photo is then a duplicate of it."""
+        """The latest report made with this very analysis context (same bytes, advisor, effective mode, reference
+        set, adapter, model), if any: the photo is then a duplicate of it. The latest: an earlier one's folder may
+        have been deleted since, and the photo analysed again."""
         return (self.Job.select().where((self.Job.context_key == context_key) & (self.Job.state == DONE) &
                                         self.Job.duplicate_of.is_null() & (self.Job.id != exclude))
-                .order_by(self.Job.id).first())
+                .order_by(self.Job.id.desc()).first())
 
     def earlier_reports(self, sha256: str, exclude: int, limit: int = 20) -> list[Job]:
         """Reports of the same bytes made before (any advisor or context), oldest first; at most the `limit`

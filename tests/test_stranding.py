@@ -9,9 +9,11 @@ keeps `run --once` from exiting) and then checks that every file sits in exactly
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -365,3 +367,88 @@ def test_a_photo_the_models_preprocessing_refuses_is_a_permanent_failure(tmp_pat
         assert "aspect ratio" in str(exc)
     else:
         raise AssertionError("the processor accepted a 10000 x 28 image; this test no longer tests anything")
+
+
+# -- what a hostile tester found in the inbox (2026-12-02) ------------------------------------------------------
+
+QUICK = dict(max_pixels=56 * 56, comment_max_chars=8, max_tokens=400, quiet_seconds=1.0, rescan_seconds=1,
+             retry_base_seconds=0.2)
+
+
+def test_a_copy_that_pauses_longer_than_the_quiet_time_is_analysed_from_its_final_bytes(tmp_path, smoke_model_path):
+    """A card reader or a network share stalls mid-file: the half that arrived looks truncated. It must wait for the
+    rest (TRUNCATED_GRACE quiet times), not fail and be moved into failed/ while the copy still writes to it."""
+    home = make_home(tmp_path / "home", smoke_model_path, **QUICK)
+    data = photo(tmp_path / "src.jpg", seed=41, size=(160, 120)).read_bytes()
+    with Daemon(home, smoke_model_path) as d:
+        wait_for(lambda: "model ready" in d.output(), 60, what="model ready")
+        with open(home / "inbox" / "card.jpg", "wb") as fh:
+            fh.write(data[: len(data) // 2])
+            fh.flush()
+            wait_for(lambda: "ends early, looking again" in d.output(), 30, what="the half copy looked at")
+            time.sleep(1.5)
+            fh.write(data[len(data) // 2:])
+        wait_for(lambda: reports(home / "outbox"), 90, what="the report of the whole photo")
+        assert d.stop() == 0
+    (job,) = ledger_jobs(home).values()
+    assert job.state == "done" and job.sha256 == hashlib.sha256(data).hexdigest()
+    assert not any((home / "outbox" / "failed").iterdir())
+
+
+def test_a_photo_that_stays_truncated_still_fails_after_the_grace(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, **{**QUICK, "quiet_seconds": 0.2})
+    data = photo(tmp_path / "src.jpg", seed=42, size=(160, 120)).read_bytes()
+    (home / "inbox" / "cut.jpg").write_bytes(data[: len(data) // 2])
+    log = _run_once(home, smoke_model_path)
+    (job,) = ledger_jobs(home).values()
+    assert job.state == "failed" and "truncated" in job.error and job.attempts == 1, (job.state, job.error)
+    assert log.count("ends early, looking again") >= 2, log[-3000:]
+
+
+def test_a_queued_photo_replaced_by_a_folder_of_its_name_is_gone_and_the_album_stays(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, **QUICK)
+    inbox = home / "inbox"
+    with Daemon(home, smoke_model_path, MONDRIAN_TEST_TOKEN_SECONDS="0.1") as d:  # the first photo takes a while
+        photo(inbox / "first.jpg", seed=43, size=(64, 48))
+        wait_for(lambda: "analysing first.jpg" in d.output(), 60, what="the worker busy with its first photo")
+        photo(inbox / "Trip.jpg", seed=44, size=(64, 48))
+        wait_for(lambda: "Trip.jpg" in ledger_jobs(home), 30, what="Trip.jpg queued")
+        assert ledger_jobs(home)["Trip.jpg"].state == "queued", "the worker took it too soon for this test"
+        (inbox / "Trip.jpg").unlink()
+        photo(tmp_path / "album" / "day1.jpg", seed=45, size=(64, 48))
+        os.rename(tmp_path / "album", inbox / "Trip.jpg")  # an album copied in under the photo's old name
+        wait_for(lambda: getattr(ledger_jobs(home).get("Trip.jpg/day1.jpg"), "state", None) == "done", 180,
+                 what="the album's photo analysed")
+        assert d.stop() == 0
+    jobs = ledger_jobs(home)
+    assert jobs["Trip.jpg"].state == "gone" and "replaced by a folder" in jobs["Trip.jpg"].error
+    assert not (home / "outbox" / "failed" / "Trip.jpg").exists()
+
+
+def test_a_photo_whose_report_folder_was_deleted_is_critiqued_again(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, **QUICK)
+    data = photo(tmp_path / "src.jpg", seed=46, size=(64, 48)).read_bytes()
+    (home / "inbox" / "keep.jpg").write_bytes(data)
+    _run_once(home, smoke_model_path)
+    (first,) = reports(home / "outbox")
+    shutil.rmtree(first.parent)
+    (home / "inbox" / "keep.jpg").write_bytes(data)
+    _run_once(home, smoke_model_path)
+    assert len(reports(home / "outbox")) == 1, "the photo dropped again has no report"
+    assert not (home / "outbox" / "duplicates").exists() or not any((home / "outbox" / "duplicates").iterdir())
+    index = (home / "outbox" / "index.html").read_text()
+    assert reports(home / "outbox")[0].parent.name in index
+
+
+def test_a_file_in_place_of_the_duplicates_folder_is_a_reason_not_a_traceback(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, **{**QUICK, "max_attempts": 2})
+    data = photo(tmp_path / "src.jpg", seed=47, size=(64, 48)).read_bytes()
+    (home / "inbox" / "one.jpg").write_bytes(data)
+    _run_once(home, smoke_model_path)
+    (home / "outbox" / "duplicates").write_text("not a folder")
+    (home / "inbox" / "again.jpg").write_bytes(data)
+    log = _run_once(home, smoke_model_path)
+    job = ledger_jobs(home)["again.jpg"]
+    assert job.state == "failed" and "is a file, not a folder" in job.error, job.error
+    assert "Traceback" not in log and "unexpected error" not in log, log[-3000:]
+    assert (home / "outbox" / "failed" / "again.jpg").is_file()  # one visible place, beside its reason

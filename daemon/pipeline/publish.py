@@ -326,7 +326,11 @@ class Publisher:
 
     def duplicate(self, job: Job, first: Job, src: Path, fallbacks: list[dict[str, str]] | None = None) -> None:
         dup_dir = self.cfg.outbox / "duplicates"
-        dup_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            dup_dir.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise Transient(f"{self.shown(dup_dir)} is a file, not a folder: move it out of the way; the photo waits "
+                            f"in the inbox meanwhile") from None
         self.own(dup_dir)
         dest = unique_path(dup_dir, safe_stem(src.name), Path(src.name).suffix, self.taken(job),
                            companions=RECORD_SUFFIXES)
@@ -343,6 +347,7 @@ class Publisher:
         if self.move_duplicate(job, dest):
             log.info("duplicate: %s is the same photo as job %s; see %s", job.rel_path, first.id,
                      self.shown(Path(first.report_html or "")))
+            self.index.changed()
 
     def move_duplicate(self, job: Job, dest: Path) -> bool:
         """Move a recorded duplicate into duplicates/ (unless it is kept in the inbox) and finish it; fail it

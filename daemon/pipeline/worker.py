@@ -57,6 +57,11 @@ class Prepared:
     planned: Strategy
 
 
+# A photo that ends early is looked at again for this many quiet times (default 2 s: a minute) before it fails: a
+# copy that paused longer than the quiet time is still arriving.
+TRUNCATED_GRACE = 30
+
+
 class Worker:
     def __init__(self, cfg: Config, ledger: Ledger, runtime_factory: Callable[[], Runtime],
                  stop: threading.Event | None = None):
@@ -72,6 +77,7 @@ class Worker:
         index = OutboxIndex(cfg, ledger)
         self.out = Publisher(cfg, ledger, index)
         self.costs = JobCosts()  # off unless a benchmark asks (MONDRIAN_COSTS_FILE)
+        self._truncated: dict[int, tuple[tuple[int, float], float]] = {}  # job -> (size, mtime), first seen ending early
 
     # -- lifecycle ----------------------------------------------------------------------------
     def load_runtime(self) -> Runtime:
@@ -246,6 +252,14 @@ class Worker:
             self.ledger.mark_gone(job.id, "the file was removed from the inbox before it was analysed")
             log.info("gone before analysis: %s", job.rel_path)
             return None
+        if job.size is not None and os.path.isdir(src) and not os.path.islink(src):
+            # The file it was queued for was replaced by a folder of that name (an album being copied in): the file
+            # is gone, and the folder's photos are queued as themselves. Failing it would move the album, with a
+            # photo still arriving in it, into failed/.
+            self.ledger.mark_gone(job.id, "the file was replaced by a folder of the same name before it was "
+                                          "analysed; the photos in that folder are analysed as themselves")
+            log.info("gone before analysis (a folder took its name): %s", job.rel_path)
+            return None
         if not keep_original and not self.out.inside_inbox(src):
             self.out.fail(job, OUTSIDE_INBOX)
             return None
@@ -270,15 +284,18 @@ class Worker:
                                max_bytes=self.cfg.max_file_bytes)
             decode_s = time.perf_counter() - t0
         except (Permanent, SidecarError, ImageRejected) as exc:
+            if isinstance(exc, ImageRejected) and not keep_original and self._maybe_still_arriving(job, src, exc):
+                return None
             self.out.fail(job, str(exc), keep_original=keep_original)
             return None
+        self._truncated.pop(job.id, None)
         self.ledger.set_hash(job.id, photo.sha256)
         # The mode this photo would get now, and the version of what that mode reads, without the model: a report
         # made with the same of both (and the same bytes and advisor) is this photo's critique already.
         planned, planned_fallbacks = resolve(requested, advisor, self.strategies)
         inputs = planned.inputs(advisor)
         key = context_key(photo.sha256, advisor.id, planned.name, inputs, self.cfg.model)
-        first = self.ledger.find_done(key, exclude=job.id)
+        first = self._report_of(key, job)
         if first is not None and not keep_original:
             self.out.duplicate(job, first, src, planned_fallbacks)
             return None
@@ -308,7 +325,7 @@ class Worker:
         inputs = result.inputs if result.inputs is not None else strategy.inputs(advisor)
         context = {"key": context_key(photo.sha256, advisor.id, strategy.name, inputs, self.cfg.model),
                    "inputs": inputs}
-        first = None if context["key"] == prep.key else self.ledger.find_done(context["key"], exclude=job.id)
+        first = None if context["key"] == prep.key else self._report_of(context["key"], job)
         if first is not None and not keep_original:
             self.out.duplicate(job, first, src, fallbacks)
             return
@@ -340,6 +357,38 @@ class Worker:
         except Exception as exc:  # a model that fails to load may load next time (memory, disk, a mount)
             log.error("could not load the model: %s: %s", type(exc).__name__, exc)
             raise Transient(f"the model could not be loaded ({type(exc).__name__}: {exc})") from exc
+
+    def _report_of(self, key: str, job: Job) -> Job | None:
+        """The latest report made with this analysis context, if its report is still there: a photo whose report
+        folder the photographer deleted is critiqued again, not filed as a duplicate of a page that is gone."""
+        first = self.ledger.find_done(key, exclude=job.id)
+        if first is None or not first.report_json or not os.path.isfile(first.report_json):
+            return None
+        return first
+
+    def _maybe_still_arriving(self, job: Job, src: Path, exc: ImageRejected) -> bool:
+        """A photo that ends early may be a copy that paused for longer than the quiet time (a card reader, a
+        network share). Look again a few times over `TRUNCATED_GRACE` quiet times before failing it: queued again
+        (without blame) while its size and time keep the same, once it changes the usual settling takes over.
+        Kept in memory: a restart gives it a fresh grace, which costs only a little waiting."""
+        if "truncated" not in str(exc):
+            return False
+        try:
+            st = os.lstat(src)
+        except OSError:
+            return False
+        seen = (st.st_size, st.st_mtime)
+        first = self._truncated.get(job.id)
+        now = time.monotonic()
+        if first is None or first[0] != seen:
+            self._truncated[job.id] = (seen, now)
+        elif now - first[1] >= self.cfg.quiet_seconds * TRUNCATED_GRACE:
+            del self._truncated[job.id]
+            return False
+        self.ledger.requeue(job.id, "the photo ends early: waiting in case it is still being copied",
+                            delay_s=self.cfg.quiet_seconds * TRUNCATED_GRACE / 4, undo_attempt=True)
+        log.info("ends early, looking again shortly (still being copied?): %s", job.rel_path)
+        return True
 
     def _settled(self, job: Job, src: Path) -> bool:
         """Unchanged since it was queued (the watcher had already seen it still for the quiet time): go on.
