@@ -445,3 +445,13 @@ def test_status_promises_no_time_without_a_daemon_and_retry_names_unknown_jobs(t
     done = next(j for j in ledger_jobs(home).values() if j.state == "done")
     out = mondrian(home, smoke_model_path, "retry", "--failed", str(done.id))
     assert out.returncode == 2 and "has not failed (it is done)" in out.stderr, out.stderr
+
+
+def test_status_advises_on_the_sidecar_when_the_sidecar_is_what_failed(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    photo(home / "inbox" / "m.jpg", seed=3, size=(64, 48))
+    (home / "inbox" / "m.mode").write_text("fast\n")
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=300).returncode == 0
+    text = mondrian(home, smoke_model_path, "status").stdout
+    step = next(line for line in text.splitlines() if line.strip().startswith("next:"))
+    assert "sidecar" in step and "re-export" not in step, text

@@ -272,6 +272,24 @@ def test_a_sidecar_goes_with_the_photo_whose_stem_it_matches_exactly(tmp_path, s
     assert (home / "outbox" / "X" / "X.MODE").exists()
 
 
+def test_one_mode_sidecar_speaks_for_every_photo_of_its_stem(tmp_path, smoke_model_path):
+    """IMG_3.jpg, IMG_3.png and one IMG_3.mode: whichever is analysed first must not take the sidecar away from the
+    other, which would then run on the default mode without a word."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox = home / "inbox"
+    photo(inbox / "IMG_3.jpg", 5)
+    photo(inbox / "IMG_3.png", 6)
+    (inbox / "IMG_3.mode").write_text("rag\n")
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    found = _assert_reports_hold_their_originals(home / "outbox")
+    assert len(found) == 2
+    for folder, report in found.items():
+        assert (report["mode"]["requested"], report["mode"]["source"]) == ("rag", "sidecar"), folder
+        assert (home / "outbox" / folder / "IMG_3.mode").read_text() == "rag\n"
+    assert not any(inbox.iterdir())
+
+
 def test_a_sidecar_suffix_in_another_case_still_goes_with_its_photo(tmp_path, smoke_model_path):
     home = make_home(tmp_path / "home", smoke_model_path)
     photo(home / "inbox" / "IMG_1.jpg", 3)

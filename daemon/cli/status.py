@@ -18,6 +18,10 @@ from typing import Any, TextIO
 from ..config import CONFIG_NAME, Config, ConfigError
 from ..fsutil import lock_holder, pid_alive
 from ..ledger import FAULT_NOTE, FaultNote, Job, Ledger
+from ..pipeline.failures import advice, cause_of
+
+# Causes where the photo itself is fine (its sidecar, the advisor asked for): a different next step than a photo's.
+PHOTO_IS_FINE = frozenset({"sidecar", "mode_command", "advisor_folder", "advisor_command"})
 from .terminal import shown
 
 BEAT_SECONDS = 5.0  # the daemon's heartbeat (daemon/pipeline/supervisor.py)
@@ -46,6 +50,9 @@ def require_home(cfg: Config) -> None:
 
 def next_step(j: Job) -> str:
     """What the person can do about a failure, in a few words (the reason and the record say more)."""
+    cause = cause_of(j.error or "", advisor_source=j.advisor_source, mode_source=j.mode_source)
+    if cause.key in PHOTO_IS_FINE:  # re-exporting the photo would not help: the record's own advice
+        return advice(cause, from_inbox=bool(j.owns_file))
     if not j.owns_file:
         return "fix what the reason says, then run `mondrian analyze` on it again"
     if j.error_kind != "permanent":

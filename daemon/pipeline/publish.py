@@ -26,7 +26,8 @@ from ..errors import Permanent, Transient
 from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, folder_inside, fsync_files, move, own_folder_inside,
                       pid_alive, read_regular_file, same_content)
 from ..intake.images import LoadedImage
-from ..intake.inbox import OUTBOX_RESERVED, RECORD_SUFFIXES, editor_sidecars, safe_stem, sidecar_for, unique_path
+from ..intake.inbox import (OUTBOX_RESERVED, RECORD_SUFFIXES, editor_sidecars, is_ignored, safe_stem, sidecar_for,
+                            unique_path)
 from ..ledger import Job, Ledger
 from .failures import Cause, advice, cause_of, where_it_is
 from .outbox_index import OutboxIndex
@@ -269,7 +270,14 @@ class Publisher:
         if sidecar is not None and os.path.lexists(sidecar):
             # Named after where the photo went (failed/x-2.jpg -> failed/x-2.mode), so that the pair is found
             # again together: `mondrian retry --failed` brings back the sidecar the user fixed there.
-            move_once(sidecar, dest_dir / (dest.stem + Path(sidecar.name).suffix))
+            target = dest_dir / (dest.stem + Path(sidecar.name).suffix)
+            if self._shared(src, sidecar):
+                # IMG_3.jpg and IMG_3.png with one IMG_3.mode: it speaks for both, so the first one out takes a copy
+                # and the last one the file (moved away with the first, it would leave the other on the default).
+                if not os.path.lexists(target):
+                    shutil.copy2(sidecar, target, follow_symlinks=False)
+            else:
+                move_once(sidecar, target)
         for theirs in editor_sidecars(src):
             suffix = theirs.suffix
             target = dest_dir / ((dest.name if theirs.stem == src.name else dest.stem) + suffix)
@@ -278,6 +286,15 @@ class Publisher:
                 target = target.with_name(f"{dest.stem}.original{suffix}")
             if os.path.lexists(theirs) and not os.path.lexists(target):
                 move_once(theirs, target)
+
+    def _shared(self, photo: Path, sidecar: Path) -> bool:
+        """Whether another photo waiting in `photo`'s folder has the same stem (and so the same `.mode`)."""
+        try:
+            names = [e.name for e in os.scandir(photo.parent) if not e.is_dir(follow_symlinks=False)]
+        except OSError:
+            return False
+        return any(Path(n).stem == photo.stem and n not in (photo.name, sidecar.name)
+                   and not is_ignored(photo.parent / n, self.cfg.inbox) for n in names)
 
     def their_xmp(self, src: Path) -> bytes | None:
         """The photographer's own XMP sidecar that came with `src` (`IMG_1.xmp`), to merge into Mondrian's."""
