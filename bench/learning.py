@@ -21,7 +21,8 @@ Figures, as key=value lines: `learning_srcc_<mode>_n<N>` (mean Spearman over the
 The base is the smoke architecture with plain random weights (tests/lora_helpers: the smoke model's tied
 digit rows cannot learn scores). Flags (after the name): --ns 10,25,50 --test 30 --steps 160 --out DIR
 --modes baseline,rag,lora (e.g. `--ns 25 --modes lora`: a reduced run that tries a training change)
---balance centre|centre-vertical|two-masses (which whole-image rule; RESULTS.md says what each gave).
+--balance centre|centre-vertical|two-masses (which whole-image rule; RESULTS.md says what each gave)
+--base plain|perception (plain random weights, or first trained on generic captions: bench/perception.py).
 """
 
 from __future__ import annotations
@@ -56,6 +57,9 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--balance", choices=BALANCE_RULES, default="centre",
                    help="the whole-image rule (bench/synthetic.py draw_taste; default centre)")
+    p.add_argument("--base", choices=("plain", "perception"), default="plain",
+                   help="plain random weights (default), or those first trained on generic captions "
+                        "(bench/perception.py: a small stand-in for a pretrained model)")
     p.add_argument("--modes", default=",".join(MODES),
                    help="which modes to measure, comma-separated (default baseline,rag,lora; e.g. lora alone)")
     p.add_argument("--out", help="where learning.json and learning.png go (default <var>/bench-learning)")
@@ -227,9 +231,14 @@ def run(size: str, argv: list[str] | None = None) -> dict[str, Any]:
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     model_path = plain_random_model(ensure_smoke_model(root), root / "models" / "smoke-plain")
+    if opts.base == "perception":
+        from .perception import perception_model
+
+        model_path = perception_model(model_path, root / "models" / "smoke-perception", log=note)
     labels = f"ns={opts.ns} test={opts.test} steps={opts.steps} lr={opts.lr:g} variants={opts.variants}"
     labels += "" if len(modes) == len(MODES) else f" modes={'+'.join(modes)}"
     labels += "" if opts.balance == "centre" else f" balance={opts.balance}"
+    labels += "" if opts.base == "plain" else f" base={opts.base}"
     note(f"learning: {labels} on {model_path.name}")
     pool = _pool(work / "pool", max(ns), opts.seed, "r", opts.balance)
     test_photos = _pool(work / "test", opts.test, opts.seed + 7, "t", opts.balance)
