@@ -129,6 +129,7 @@ class _Head:
     (a score, a key), only to those tokens' rows: greedy argmax over the allowed set either way."""
 
     SUBSET_FRACTION = 4  # project onto a subset when it is at most 1/4 of the vocabulary
+    UNIFORM_ROWS = 64  # up to this many rows (a score's digits, a key): no BLAS, one reduction per row
 
     def __init__(self, lm: Any) -> None:
         import mlx.nn as nn
@@ -155,7 +156,14 @@ class _Head:
         last = hidden[:, -1:, :]
         if self.weight is not None and len(idx) * self.SUBSET_FRACTION <= allowed.size:
             rows = mx.array(idx.astype(np.int32))
-            logits = self.weight[rows] @ last.reshape(-1)
+            if len(idx) <= self.UNIFORM_ROWS:
+                # Each row reduced by the same code, so equal rows give bitwise equal logits whatever the hidden
+                # state's last bits: a BLAS matrix-vector product computes rows in blocks, and where logits tie
+                # (the smoke model gives all ten digits one row) which digit won depended on how the transformer
+                # before it was batched.
+                logits = (self.weight[rows] * last.reshape(1, -1)).sum(axis=-1)
+            else:
+                logits = self.weight[rows] @ last.reshape(-1)
             if self.bias is not None:
                 logits = logits + self.bias[rows]
             return rows[mx.argmax(logits)]
