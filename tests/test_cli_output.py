@@ -59,6 +59,7 @@ def test_log_lines_carry_the_date(tmp_path: Path) -> None:
 
 
 def test_missing_openblas_is_said_once_not_by_every_command(tmp_path: Path) -> None:
+    make_home(tmp_path / "home")  # `adapters` reads a home: a missing one is refused before anything is loaded
     env = env_for(tmp_path / "home", Path("smoke"), XDG_STATE_HOME=str(tmp_path / "state"))
     env.pop("MONDRIAN_OPENBLAS", None)
     missing = "/nonexistent/libopenblas.so"
