@@ -71,67 +71,130 @@ def scene(rng: np.random.Generator, size: int = SIZE) -> tuple[Image.Image, str]
     return Image.fromarray(rgb), " ".join(parts)
 
 
-def _rows(n: int, seed: int) -> dict[str, list[Any]]:
-    from jobs.dataset import chat_row
+def _examples(processor: Any, n: int, seed: int) -> tuple[list[tuple[Any, Any, Any]], int]:
+    """`n` scenes encoded as the model reads them: (input ids, pixel patches, image grid) each, and how many tokens
+    the prompt takes (the same for every scene: one size of picture, one prompt). Captions end with the turn's end."""
+    import numpy as np
 
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     rng = np.random.default_rng(seed)
-    cols: dict[str, list[Any]] = {"images": [], "messages": []}
-    for _ in range(n):
+    out, n_prompt = [], 0
+    for i in range(n):
         image, caption = scene(rng)
-        row = chat_row(image, PROMPT, caption)
-        cols["images"].append(row["images"])
-        cols["messages"].append(row["messages"])
-    return cols
+        if i == 0:
+            n_prompt = len(processor(text=[prompt], images=[image], return_tensors="np")["input_ids"][0])
+        enc = processor(text=[prompt + caption + "<|im_end|>"], images=[image], return_tensors="np")
+        out.append((enc["input_ids"][0], enc["pixel_values"], enc["image_grid_thw"]))
+    return out, n_prompt
 
 
 def perception_model(plain: Path, dest: Path, *, scenes: int = 2000, steps: int = 1200, lr: float = 3e-4,
                      batch: int = 8, seed: int = 0, log: Any = print) -> Path:
-    """`plain` (a random smoke-architecture checkpoint), fully trained on generic captions, saved at `dest`."""
-    import datasets
-    import mlx.core as mx
-    import mlx.optimizers as optim
-    from mlx_vlm.trainer import Trainer, TrainingCallback, VLMTrainingArgs, prepare_model_for_training
-    from mlx_vlm.utils import save_weights
+    """`plain` (a random smoke-architecture checkpoint), fully trained on generic captions, saved at `dest`.
 
-    from daemon.model.runtime import ModelRuntime
+    A plain MLX loop (no mlx-vlm Trainer, no HF datasets): it runs wherever mlx and mlx-vlm load the model, the lent
+    GPU included. Captions are right-padded within a batch, and only caption tokens count in the loss."""
+    import mlx.core as mx
+    import mlx.nn as nn
+    import mlx.optimizers as optim
+    import mlx_vlm
+    import numpy as np
+    from mlx.utils import tree_flatten
+    from mlx_vlm.utils import save_weights
 
     if (dest / "model.safetensors").is_file():
         return dest
-    features = datasets.Features({"images": datasets.List(datasets.Image()), "messages": datasets.Value("string")})
-    train = datasets.Dataset.from_dict(_rows(scenes, seed), features=features)
-    validation = datasets.Dataset.from_dict(_rows(64, seed + 1), features=features)
-    runtime = ModelRuntime.load(str(plain), var_dir=dest.parent, max_pixels=SIZE * SIZE)
-    model = runtime.model
-    mx.random.seed(seed)
-    prepare_model_for_training(model, train_type="full", verbose=False)
-    args = VLMTrainingArgs(batch_size=batch, iters=steps, val_batches=-1, steps_per_report=50,
-                           steps_per_eval=max(50, steps // 6), steps_per_save=steps + 1,
-                           adapter_file=str(dest.parent / "perception-scratch.safetensors"),
-                           max_seq_length=2048, train_on_completions=True, cache_size=256)
     started = time.time()
+    model, processor = mlx_vlm.load(str(plain))
+    data, n_prompt = _examples(processor, scenes, seed)
+    log(f"perception: {scenes} scenes encoded ({time.time() - started:.0f} s), {n_prompt} prompt tokens each")
+    pad = processor.tokenizer.pad_token_id or 0
+    mx.random.seed(seed)
+    model.unfreeze()
+    model.train()
 
-    class Progress(TrainingCallback):
-        def on_train_loss_report(self, info: dict) -> None:
-            log(f"perception: step {info.get('iteration')}/{steps} loss {info.get('train_loss'):.3f} "
-                f"({time.time() - started:.0f} s)")
+    def loss_fn(model: Any, ids: Any, pixels: Any, grid: Any, weights: Any) -> Any:
+        out = model(ids, pixels, image_grid_thw=grid)
+        logits = getattr(out, "logits", out)[:, :-1]
+        ce = nn.losses.cross_entropy(logits.astype(mx.float32), ids[:, 1:], reduction="none")
+        return (ce * weights).sum() / weights.sum()
 
-        def on_val_loss_report(self, info: dict) -> None:
-            log(f"perception: step {info.get('iteration')} validation loss {info.get('val_loss'):.3f}")
-
-    schedule = optim.cosine_decay(lr, steps, lr / 10)
-    trainer = Trainer(model, args, train_dataset=train, eval_dataset=validation,
-                      processing_class=runtime.processor, optimizer=optim.Adam(learning_rate=schedule),
-                      training_callback=Progress(), seed=seed)
-    trainer.train()
+    step_fn = nn.value_and_grad(model, loss_fn)
+    optimizer = optim.Adam(learning_rate=optim.cosine_decay(lr, steps, lr / 10))
+    order = np.random.default_rng(seed + 1)
+    recent: list[float] = []
+    for step in range(1, steps + 1):
+        rows = [data[i] for i in order.choice(len(data), batch, replace=False)]
+        width = max(len(r[0]) for r in rows)
+        ids = np.full((batch, width), pad, dtype=np.int32)
+        weights = np.zeros((batch, width - 1), dtype=np.float32)
+        for b, (row_ids, _, _) in enumerate(rows):
+            ids[b, :len(row_ids)] = row_ids
+            weights[b, n_prompt - 1:len(row_ids) - 1] = 1.0  # predicting caption tokens only
+        pixels = mx.array(np.concatenate([r[1] for r in rows]))
+        grid = mx.array(np.concatenate([r[2] for r in rows]))
+        loss, grads = step_fn(model, mx.array(ids), pixels, grid, mx.array(weights))
+        optimizer.update(model, grads)
+        mx.eval(model.parameters(), optimizer.state, loss)
+        recent.append(loss.item())
+        if step % 100 == 0 or step == steps:
+            log(f"perception: step {step}/{steps} loss {sum(recent) / len(recent):.3f} ({time.time() - started:.0f} s)")
+            recent.clear()
     model.eval()
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(plain, tmp, ignore=shutil.ignore_patterns("*.safetensors"))
+    shutil.copytree(plain, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
     save_weights(tmp, model)
     marker = json.loads((tmp / "mondrian_smoke.json").read_text())
     marker.update(weights="perception-pretrained", scenes=scenes, steps=steps, lr=lr, batch=batch, seed=seed,
-                  train_seconds=round(time.time() - started))
+                  train_seconds=round(time.time() - started), device=str(mx.default_device()),
+                  parameters=sum(v.size for _, v in tree_flatten(model.parameters())))
     (tmp / "mondrian_smoke.json").write_text(json.dumps(marker))
-    (dest.parent / "perception-scratch.safetensors").unlink(missing_ok=True)
+    shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
+
+
+def check(model_path: Path, n: int = 60, seed: int = 123) -> dict[str, float]:
+    """How well a base captions `n` new scenes (greedy): the layout word, the first region's brightness decile and
+    the object's x decile, against always guessing the middle."""
+    import re
+
+    import mlx_vlm
+
+    model, processor = mlx_vlm.load(str(model_path))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+    prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    rng = np.random.default_rng(seed)
+    layout, bright, xs, middle = 0, [], [], []
+    for _ in range(n):
+        image, caption = scene(rng)
+        got = mlx_vlm.generate(model, processor, prompt, image=[image], max_tokens=60, temperature=0.0,
+                               verbose=False)
+        got = getattr(got, "text", got)
+        layout += caption.split(":")[0] == got.split(":")[0]
+        want_b, got_b = re.findall(r"brightness (\d)", caption), re.findall(r"brightness (\d)", got)
+        if want_b and got_b:
+            bright.append(abs(int(want_b[0]) - int(got_b[0])))
+        want_x, got_x = re.search(r"x (\d)", caption), re.search(r"x (\d)", got)
+        if want_x:
+            middle.append(abs(int(want_x.group(1)) - 4.5))
+            xs.append(abs(int(want_x.group(1)) - int(got_x.group(1))) if got_x else 9)
+    return {"scenes": n, "layout_right": layout, "brightness_error": round(float(np.mean(bright)), 2),
+            "x_error": round(float(np.mean(xs)), 2), "x_error_guessing_middle": round(float(np.mean(middle)), 2)}
+
+
+if __name__ == "__main__":  # python -m bench.perception PLAIN DEST [STEPS] [BATCH] [SCENES] [LR]: e.g. on the lent GPU
+    import sys
+
+    try:
+        import daemon.model.blas  # noqa: F401  (OpenBLAS before MLX on a Linux CPU; absent on the GPU machine)
+    except Exception:
+        pass
+
+    args = sys.argv[1:]
+    built = perception_model(Path(args[0]), Path(args[1]), steps=int(args[2]) if len(args) > 2 else 1200,
+                             batch=int(args[3]) if len(args) > 3 else 8, scenes=int(args[4]) if len(args) > 4 else 2000,
+                             lr=float(args[5]) if len(args) > 5 else 3e-4)
+    print(json.dumps(check(built)))
