@@ -202,7 +202,9 @@ def _plot(results: dict[str, Any], ns: list[int], path: Path) -> Path | None:
         ax.set_xticks(ns)
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"Synthetic advisor, fixed test set of {results['test']} photos, smoke-sized random base model")
+    base = ("smoke-sized base pretrained on generic captions (bench/perception.py)"
+            if results.get("settings", {}).get("base") == "perception" else "smoke-sized random base model")
+    fig.suptitle(f"Synthetic advisor, fixed test set of {results['test']} photos, {base}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
