@@ -256,7 +256,7 @@ NEEDS_HOME = frozenset({"status", "workers", "retry", "references", "adapters", 
 
 def main(argv: list[str] | None = None) -> int:
     for stream in (sys.stdout, sys.stderr):
-        # A terminal or log under LANG=C (launchd's default, cron, ssh without a locale) cannot encode a dash or a
+        # A terminal or log under LANG=C (cron, ssh without a locale, PYTHONIOENCODING=ascii) cannot encode a dash or a
         # photo's accented name: write a stand-in for those characters rather than die on them with a traceback.
         if stream is not None and hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="replace")
