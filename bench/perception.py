@@ -90,18 +90,18 @@ def _examples(processor: Any, n: int, seed: int) -> tuple[list[tuple[Any, Any, A
 
 
 def perception_model(plain: Path, dest: Path, *, scenes: int = 2000, steps: int = 1200, lr: float = 3e-4,
-                     batch: int = 8, seed: int = 0, log: Any = print) -> Path:
+                     batch: int = 8, seed: int = 0, stages: int = 1, log: Any = print) -> Path:
     """`plain` (a random smoke-architecture checkpoint), fully trained on generic captions, saved at `dest`.
 
     A plain MLX loop (no mlx-vlm Trainer, no HF datasets): it runs wherever mlx and mlx-vlm load the model, the lent
-    GPU included. Captions are right-padded within a batch, and only caption tokens count in the loss."""
+    GPU included. Captions are right-padded within a batch, and only caption tokens count in the loss.
+    `stages` > 1 repeats the training from the weights reached (a fresh Adam, the cosine schedule and the batch order
+    restarted: the same as running this again with the last stage's output as `plain`); each stage but the last is
+    also saved, at `<dest>-stage<k>`."""
     import mlx.core as mx
     import mlx.nn as nn
-    import mlx.optimizers as optim
     import mlx_vlm
-    import numpy as np
     from mlx.utils import tree_flatten
-    from mlx_vlm.utils import save_weights
 
     if (dest / "model.safetensors").is_file():
         return dest
@@ -121,6 +121,25 @@ def perception_model(plain: Path, dest: Path, *, scenes: int = 2000, steps: int 
         return (ce * weights).sum() / weights.sum()
 
     step_fn = nn.value_and_grad(model, loss_fn)
+    for stage in range(1, stages + 1):
+        _train(model, step_fn, data, n_prompt, pad, steps=steps, lr=lr, batch=batch, seed=seed, started=started,
+               log=log, label=f"stage {stage}/{stages} " if stages > 1 else "")
+        model.eval()
+        _save(model, plain, dest if stage == stages else dest.with_name(f"{dest.name}-stage{stage}"),
+              dict(weights="perception-pretrained", scenes=scenes, steps=steps, lr=lr, batch=batch, seed=seed,
+                   stages=stage, train_seconds=round(time.time() - started), device=str(mx.default_device()),
+                   parameters=sum(v.size for _, v in tree_flatten(model.parameters()))))
+        model.train()
+    model.eval()
+    return dest
+
+
+def _train(model: Any, step_fn: Any, data: list[tuple[Any, Any, Any]], n_prompt: int, pad: int, *, steps: int,
+           lr: float, batch: int, seed: int, started: float, log: Any, label: str = "") -> None:
+    """One stage: `steps` steps of Adam on a cosine schedule from `lr` to `lr / 10`."""
+    import mlx.core as mx
+    import mlx.optimizers as optim
+
     optimizer = optim.Adam(learning_rate=optim.cosine_decay(lr, steps, lr / 10))
     order = np.random.default_rng(seed + 1)
     recent: list[float] = []
@@ -139,21 +158,26 @@ def perception_model(plain: Path, dest: Path, *, scenes: int = 2000, steps: int 
         mx.eval(model.parameters(), optimizer.state, loss)
         recent.append(loss.item())
         if step % 100 == 0 or step == steps:
-            log(f"perception: step {step}/{steps} loss {sum(recent) / len(recent):.3f} ({time.time() - started:.0f} s)")
+            log(f"perception: {label}step {step}/{steps} loss {sum(recent) / len(recent):.3f} "
+                f"({time.time() - started:.0f} s)")
             recent.clear()
-    model.eval()
+
+
+def _save(model: Any, plain: Path, dest: Path, marks: dict[str, Any]) -> None:
+    """The model's weights at `dest`, beside `plain`'s tokenizer and configuration, its marker updated by `marks`."""
+    from mlx_vlm.utils import save_weights
+
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(plain, tmp, ignore=shutil.ignore_patterns("*.safetensors", "*.safetensors.index.json"))
     save_weights(tmp, model)
     marker = json.loads((tmp / "mondrian_smoke.json").read_text())
-    marker.update(weights="perception-pretrained", scenes=scenes, steps=steps, lr=lr, batch=batch, seed=seed,
-                  train_seconds=round(time.time() - started), device=str(mx.default_device()),
-                  parameters=sum(v.size for _, v in tree_flatten(model.parameters())))
+    if marker.get("weights") == "perception-pretrained":  # trained on from an earlier stage's output
+        marks["stages"] = marker.get("stages", 1) + marks["stages"]
+    marker.update(marks)
     (tmp / "mondrian_smoke.json").write_text(json.dumps(marker))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
-    return dest
 
 
 def check(model_path: Path, n: int = 60, seed: int = 123) -> dict[str, float]:
@@ -185,16 +209,27 @@ def check(model_path: Path, n: int = 60, seed: int = 123) -> dict[str, float]:
             "x_error": round(float(np.mean(xs)), 2), "x_error_guessing_middle": round(float(np.mean(middle)), 2)}
 
 
-if __name__ == "__main__":  # python -m bench.perception PLAIN DEST [STEPS] [BATCH] [SCENES] [LR]: e.g. on the lent GPU
-    import sys
+if __name__ == "__main__":
+    # python -m bench.perception PLAIN DEST [STEPS] [BATCH] [SCENES] [LR] [--stages K] [--no-check]
+    # The lent GPU's recipe (RESULTS.md, `learning`), both stages in one process:
+    #   python3 -m bench.perception .mlxc/models/smoke-plain /tmp/sp 2400 32 8000 5e-4 --stages 2 --no-check
+    import argparse
 
     try:
         import daemon.model.blas  # noqa: F401  (OpenBLAS before MLX on a Linux CPU; absent on the GPU machine)
     except Exception:
         pass
 
-    args = sys.argv[1:]
-    built = perception_model(Path(args[0]), Path(args[1]), steps=int(args[2]) if len(args) > 2 else 1200,
-                             batch=int(args[3]) if len(args) > 3 else 8, scenes=int(args[4]) if len(args) > 4 else 2000,
-                             lr=float(args[5]) if len(args) > 5 else 3e-4)
-    print(json.dumps(check(built)))
+    cli = argparse.ArgumentParser(prog="python -m bench.perception")
+    cli.add_argument("plain", type=Path, help="a plain random smoke checkpoint, or an earlier stage's output")
+    cli.add_argument("dest", type=Path)
+    cli.add_argument("steps", type=int, nargs="?", default=1200, help="steps per stage")
+    cli.add_argument("batch", type=int, nargs="?", default=8)
+    cli.add_argument("scenes", type=int, nargs="?", default=2000)
+    cli.add_argument("lr", type=float, nargs="?", default=3e-4)
+    cli.add_argument("--stages", type=int, default=1, help="train again from the weights reached, K times in all")
+    cli.add_argument("--no-check", action="store_true", help="skip the 60 greedy captions at the end")
+    a = cli.parse_args()
+    built = perception_model(a.plain, a.dest, steps=a.steps, batch=a.batch, scenes=a.scenes, lr=a.lr, stages=a.stages)
+    if not a.no_check:
+        print(json.dumps(check(built)))

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from daemon.cli.common import config_from, logging_redirect_tqdm, new_bar, say
+from daemon.hints import mondrian
 
 EX_REFUSED = 3  # trained, evaluated, but not promoted
 
@@ -184,7 +185,7 @@ def cmd_adapters(args: argparse.Namespace) -> int:
         return 0
     if not rows:
         who = f"{args.advisor}" if args.advisor else "any advisor"
-        print(f"No adapters for {who} yet. Train one with `mondrian train --advisor ID`.")
+        print(f"No adapters for {who} yet. Train one with `{mondrian()} train --advisor ID`.")
         return 0
     def num(v: Any) -> str:
         return f"{v:.2f}" if isinstance(v, (int, float)) else "–"
@@ -249,7 +250,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
         version = store.version(advisor.id, args.version) if args.version else store.current(advisor.id)
         if version is None:
             raise AdapterStoreError(f"{advisor.id} has no current adapter; name one with --version "
-                                    f"(`mondrian adapters --advisor {advisor.id}` lists them)")
+                                    f"(`{mondrian()} adapters --advisor {advisor.id}` lists them)")
         base = resolve_model_path(cfg.model, cfg.var_dir)
     except (AdapterStoreError, ModelNotFoundError) as exc:
         print(str(exc), file=sys.stderr)
@@ -287,7 +288,8 @@ def _resolve(store: Any, advisor: str, which: str | None):
     if which in (None, "current"):
         v = store.current(advisor)
         if v is None:
-            raise SystemExit(f"{advisor} has no current adapter; train one with `mondrian train --advisor {advisor}`")
+            raise SystemExit(f"{advisor} has no current adapter; train one with "
+                             f"`{mondrian()} train --advisor {advisor}`")
         return v.path, v.name, v
     if which == "base":
         return None, "base", None

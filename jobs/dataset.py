@@ -39,6 +39,7 @@ from daemon.analysis.prompts import critique_prompt
 from daemon.config import Config
 from daemon.intake.images import ImageRejected, fit_size, load_photo
 from daemon.references.sidecar import SidecarInvalid, parse_sidecar
+from daemon.hints import mondrian
 
 MIN_REFERENCES = 3  # fewer cannot give a training, a validation and a test photo
 HOLDOUT_MIN = 2  # test photos, when the portfolio allows
@@ -191,7 +192,7 @@ def select_targets(refs: list[Reference], advisor_id: str, use_model_scores: boo
             f"{len(usable)} of {advisor_id}'s {len(refs)} references have curator scores (a sidecar "
             f"`<photo>.json`); training needs at least {MIN_REFERENCES}. The other {len(left_out)} were scored "
             f"by the model itself, and an adapter trained on them learns the model's own opinion: add sidecars, "
-            f"or train on them anyway with `mondrian train --use-model-scores` ([lora] use_model_scores = true)")
+            f"or train on them anyway with `{mondrian()} train --use-model-scores` ([lora] use_model_scores = true)")
     return usable, left_out
 
 

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from daemon.config import CONFIG_NAME, Config, ConfigError, is_true, load_config
+from daemon.hints import serve
 
 if TYPE_CHECKING:
     from daemon.model.fitting import FitSettings
@@ -206,6 +207,7 @@ def child_main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr)
     try:
         cfg = load_config(args.home, model=args.model)
+        serve(cfg.home)  # the refusals it writes name commands for this home
         settings = TrainSettings.from_config(cfg, **json.loads(args.settings))
         metrics = train_candidate(cfg, args.advisor, Path(args.staging), settings, rep.send)
     except Exception as exc:  # report it in words, then fail

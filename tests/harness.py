@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import shlex
 import subprocess
 import sys
 import time
@@ -63,6 +64,11 @@ def photo(path: Path, seed: int = 0, size: tuple[int, int] = (160, 120), fmt: st
 def mondrian(home: Path, model_path: Path, *args: str, timeout: float = 120, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "daemon", *args], env=env_for(home, model_path, **env),
                           cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def named(home: Path, command: str) -> str:
+    """`mondrian COMMAND` as messages from a process serving `home` (not the default home) spell it."""
+    return f"mondrian --home {shlex.quote(str(home.resolve()))} {command}"
 
 
 def status(home: Path, model_path: Path) -> dict[str, Any]:

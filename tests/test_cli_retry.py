@@ -59,3 +59,51 @@ def test_retry_skips_unchanged_permanent_failures_unless_all_and_plain_retry_exp
     assert again.returncode == 0 and "corrupt.jpg" in again.stdout and "skipped" not in again.stderr, again.stderr
     assert ledger_jobs(home)["corrupt.jpg"].state == "queued"
     print(f"\n$ mondrian retry\n{plain.stdout}$ mondrian retry --failed\n{retried.stderr}")
+
+
+def test_hints_name_the_home_they_came_from_so_following_them_works(tmp_path, smoke_model_path):
+    """A home given with --home (a studio's, a second one) and no MONDRIAN_HOME in the shell: every command a message
+    names carries that --home, so pasting it acts on this home, not on the default one."""
+    import json
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from daemon import hints
+    from daemon.config import default_home
+    from tests.harness import REPO
+
+    home = make_home(tmp_path / "my photos" / "Mondrian home", smoke_model_path)  # a space: the hint must quote it
+    env = {k: v for k, v in os.environ.items() if k not in ("MONDRIAN_HOME", "ANALYSIS_MODE")}
+    env.update(MONDRIAN_MODEL=str(smoke_model_path), HF_HUB_OFFLINE="1")
+
+    def pasted(command: str) -> subprocess.CompletedProcess:
+        """Run a command as a person pastes it from a message, from another folder."""
+        words = shlex.split(command)
+        assert words[0] == "mondrian", command
+        return subprocess.run([sys.executable, "-m", "daemon", *words[1:]], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=180)
+
+    photo(home / "inbox" / "fixme.jpg", seed=3, size=(64, 48))
+    (home / "inbox" / "fixme.mode").write_text("portrait\n")  # not a mode: the photo fails, the sidecar is at fault
+    ran = pasted(f"mondrian --home {shlex.quote(str(home))} run --once")
+    assert ran.returncode == 0, ran.stderr
+    record = json.loads((home / "outbox" / "failed" / "fixme.jpg.error.json").read_text())
+    quoted = shlex.quote(str(home))
+    assert f"`mondrian --home {quoted} retry --failed`" in record["next_step"], record
+
+    (home / "outbox" / "failed" / "fixme.mode").write_text("baseline\n")  # fixed, as the record says
+    hint = next(part for part in record["next_step"].split("`") if part.startswith("mondrian "))
+    retried = pasted(hint)
+    assert retried.returncode == 0 and "fixme.jpg" in retried.stdout, (hint, retried.stdout, retried.stderr)
+    assert ledger_jobs(home)["fixme.jpg"].state == "queued"
+
+    shown_status = pasted(f"mondrian status --home {quoted}")  # the flag after the command names the same home
+    assert f"mondrian --home {quoted} " in shown_status.stdout, shown_status.stdout
+
+    hints.serve(default_home({}))  # the home a plain shell reaches: no flag to add
+    try:
+        assert hints.mondrian() == "mondrian"
+    finally:
+        hints.serve(default_home({}))

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import (REPO, Daemon, env_for, ledger_jobs, make_home, mondrian, photo, reports, status,
+from tests.harness import (REPO, Daemon, env_for, ledger_jobs, make_home, mondrian, named, photo, reports, status,
                            wait_for)
 from tests.test_faults import read_only
 from tests.test_recovery import _wait_stopped
@@ -181,7 +181,7 @@ def _state(home: Path, name: str) -> str | None:
 
 def _gave_up(home: Path, name: str) -> bool:
     job = ledger_jobs(home).get(name)
-    return job is not None and job.state == "failed" and "`mondrian analyze` was stopped" in (job.error or "")
+    return job is not None and job.state == "failed" and f"`{named(home, 'analyze')}` was stopped" in (job.error or "")
 
 
 def test_a_killed_analyze_is_interrupted_in_status_and_recorded_by_the_running_daemon(tmp_path, smoke_model_path):
@@ -419,7 +419,7 @@ def test_status_speaks_plain_ascii_and_says_what_a_dead_training_run_did(tmp_pat
     info = status(home, smoke_model_path)
     assert info["training"]["state"] == "stopped", info["training"]  # recorded as starting, then the process died
     text = mondrian(home, smoke_model_path, "status").stdout
-    assert "Training: ansel stopped" in text and "mondrian train --advisor ansel" in text, text
+    assert "Training: ansel stopped" in text and named(home, "train --advisor ansel") in text, text
 
 
 def test_status_promises_no_time_without_a_daemon_and_retry_names_unknown_jobs(tmp_path, smoke_model_path):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import Daemon, ledger_jobs, make_home, mondrian, photo, reports, status, wait_for
+from tests.harness import Daemon, ledger_jobs, make_home, mondrian, named, photo, reports, status, wait_for
 
 FAST = dict(max_pixels=56 * 56, comment_max_chars=8, max_tokens=400, quiet_seconds=0.2, rescan_seconds=1)
 
@@ -117,7 +117,7 @@ def test_outbox_not_writable_retries_with_backoff_then_fails_and_retry_failed_re
     keep = jobs["keep me.jpg"]
     assert keep.attempts == 3 and keep.error_kind == "transient", (keep.attempts, keep.error)
     assert "could not write the report" in keep.error and "Read-only file system" in keep.error
-    assert "gave up after 3 attempts" in keep.error and "mondrian retry --failed" in keep.error
+    assert "gave up after 3 attempts" in keep.error and named(home, "retry --failed") in keep.error
     delays = _retry_delays(log, "keep me.jpg")
     assert delays == [0.4, 0.8], delays  # exponential: base, 2 x base; then failed
     corrupt = jobs["corrupt.jpg"]

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Daemon, make_home, mondrian, photo, reports, wait_for
+from tests.harness import Daemon, make_home, mondrian, named, photo, reports, wait_for
 
 
 def _tree(root: Path, skip: Path | None = None) -> dict[str, Any]:
@@ -84,7 +84,7 @@ def test_analyze_failure_then_retry_failed_never_moves_the_original(tmp_path, sm
     out = mondrian(home, smoke_model_path, "run", "--once", timeout=120)
     assert out.returncode == 0, out.stderr
     assert _tree(elsewhere) == before, "retry --failed handed an analyze job's photo to the daemon, which moved it"
-    assert "mondrian analyze" in retry.stderr and "0 photo(s) queued again" in retry.stderr, retry.stderr
+    assert named(home, "analyze") in retry.stderr and "0 photo(s) queued again" in retry.stderr, retry.stderr
     assert not list((home / "outbox" / "failed").glob("notes*.jpg")), "a file from outside landed in failed/"
     jobs = _jobs(home)
     assert [j["state"] for j in jobs] == ["failed"], jobs
@@ -112,7 +112,7 @@ def test_analyze_killed_mid_analysis_then_daemon_starts_leaves_the_original(tmp_
         assert job["state"] == "done", job
         assert [r.parent.name for r in reports(home / "outbox")] == ["portrait"]
     else:
-        assert job["state"] == "failed" and "mondrian analyze" in job["error"], job
+        assert job["state"] == "failed" and named(home, "analyze") in job["error"], job
         assert reports(home / "outbox") == []
     print(f"\nanalyze SIGKILLed at {point}, daemon started: original untouched, job {job['state']}")
 

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import REPO, Daemon, env_for, ledger_jobs, make_home, mondrian, photo, reports, status, wait_for
+from tests.harness import (REPO, Daemon, env_for, ledger_jobs, make_home, mondrian, named, photo, reports, status,
+                           wait_for)
 
 RUN_TIMEOUT = 180  # generous: a stranded photo never lets `run --once` exit, however long this is
 NO_DAC = ["setpriv", "--inh-caps=-dac_override,-dac_read_search,-fowner",
@@ -86,7 +87,7 @@ def test_a_photo_that_cannot_be_moved_out_or_read_fails_once_in_place_and_retry_
         jobs = ledger_jobs(home)
         r = jobs["rofolder/r.jpg"]
         assert r.state == "failed" and r.error_kind == "permanent" and r.attempts == 1, (r.state, r.error)
-        assert "rofolder" in r.error and "chmod u+w" in r.error and "mondrian retry --failed" in r.error
+        assert "rofolder" in r.error and "chmod u+w" in r.error and named(home, "retry --failed") in r.error
         assert "PermissionError" not in r.error
         assert jobs["locked.jpg"].state == "failed" and "chmod u+r" in jobs["locked.jpg"].error
         assert (ro / "r.jpg").exists() and locked.exists(), "left where they are"

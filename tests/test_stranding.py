@@ -23,7 +23,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from tests.harness import Daemon, ledger_jobs, make_home, mondrian, photo, reports, status, wait_for
+from tests.harness import Daemon, ledger_jobs, make_home, mondrian, named, photo, reports, status, wait_for
 from tests.test_faults import read_only
 
 RUN_TIMEOUT = 180  # generous: a stranded file never lets `run --once` exit, however long this is
@@ -141,7 +141,7 @@ def test_a_failed_photo_that_cannot_leave_the_inbox_is_skipped_with_a_log_line(t
         assert d.stop() == 0, d.output()
     assert [j.state for j in ledger_jobs(home).values()] == ["failed"]
     assert _left_in(inbox) == ["notes.jpg"]
-    assert "mondrian retry --failed" in log and log.count("left in the inbox: notes.jpg failed") == 1, log[-2000:]
+    assert named(home, "retry --failed") in log and log.count("left in the inbox: notes.jpg failed") == 1, log[-2000:]
 
 
 # -- 3. pipes, sockets and links to them ----------------------------------------------------------------------

@@ -28,6 +28,7 @@ from . import upload
 from .answers import answer, error
 from .guard import LocalOnly
 from .spool import Spool, spool_name
+from ..hints import mondrian
 
 log = logging.getLogger("mondrian.api")
 
@@ -50,7 +51,7 @@ class Door:
 
 def _stopping() -> JSONResponse:
     response = error(503, "Mondrian is stopping and takes no new photos; send it again once it runs "
-                          "(`mondrian service start`, or `mondrian run`)")
+                          f"(`{mondrian()} service start`, or `{mondrian()} run`)")
     response.headers["Retry-After"] = "30"
     return response
 

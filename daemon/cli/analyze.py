@@ -27,6 +27,7 @@ from ..intake.inbox import is_temporary_name
 from ..ledger import RUNNING, Ledger, job_dict
 from ..pipeline.supervisor import default_runtime_factory
 from ..pipeline.worker import Worker
+from ..hints import mondrian
 
 log = logging.getLogger("mondrian.analyze")
 
@@ -78,7 +79,7 @@ def check_paths(cfg: Config, given: list[str]) -> list[Path]:
                 matches = len(glob.glob(os.path.expanduser(arg)))
                 found = f"{matches} files match it" if matches else "no file matches it"
                 raise AnalyzeRefused(f"{arg!r} is a pattern the shell did not expand ({found}); give photos or "
-                                     f"folders (a folder is searched for photos): `mondrian analyze FOLDER`")
+                                     f"folders (a folder is searched for photos): `{mondrian()} analyze FOLDER`")
             raise AnalyzeRefused(f"{arg!r} does not exist; give photos or folders of photos (nothing was analysed)")
         try:
             mode = os.stat(path).st_mode
@@ -117,8 +118,8 @@ def adapter_version(cfg: Config, advisor_id: str, wanted: str) -> str:
     listing = ", ".join(v.name + (" (current)" if v.name == current else "") + ("" if v.complete() else " (incomplete)")
                         for v in versions)
     have = f"its versions: {listing}" if versions else \
-        f"it has none yet (train one: `mondrian train --advisor {advisor_id}`)"
-    raise AnalyzeRefused(f"{advisor_id} has no usable adapter version {wanted!r}; {have}. `mondrian adapters "
+        f"it has none yet (train one: `{mondrian()} train --advisor {advisor_id}`)"
+    raise AnalyzeRefused(f"{advisor_id} has no usable adapter version {wanted!r}; {have}. `{mondrian()} adapters "
                          f"--advisor {advisor_id}` lists them")
 
 
@@ -187,7 +188,8 @@ def analyze_many(cfg: Config, request: Request, *, on_loading: Callable[[], None
                 log.debug("analysis failed", exc_info=True)
                 reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
                 if ledger.get(job.id).state == RUNNING:
-                    ledger.fail(job.id, f"`mondrian analyze` stopped: {reason}; run it again", None, kind="transient")
+                    ledger.fail(job.id, f"`{mondrian()} analyze` stopped: {reason}; run it again", None,
+                                kind="transient")
                 if not isinstance(exc, Exception):
                     raise
             results.append(_result(ledger, job.id))

@@ -35,6 +35,7 @@ from ..fsutil import atomic_write_bytes, lock_holder
 from ..resources import samples_dir
 from .common import EX_CONFIG, config_from, progress_bar, say
 from .terminal import shown
+from ..hints import mondrian
 
 DEMO_FOLDER = "mondrian-demo"  # inside the advisor's references/: the demo's own, easy to see and to delete
 # Short training: a handful of steps, one augmented copy per photo (the whole demo stays near a minute).
@@ -235,7 +236,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     pid = lock_holder(cfg.var_dir / "daemon.lock")
     if pid is not None:
         print(f"A Mondrian daemon (pid {pid if pid > 0 else '?'}) is running on {cfg.home}; stop it first "
-              f"(`mondrian service stop`, or Ctrl-C where it runs), or run the demo in another home "
+              f"(`{mondrian()} service stop`, or Ctrl-C where it runs), or run the demo in another home "
               f"(MONDRIAN_HOME=/tmp/mondrian-demo mondrian demo)", file=sys.stderr)
         return 1
     cfg.ensure_dirs()

@@ -18,10 +18,11 @@ from peewee import DatabaseError
 
 from .. import __version__
 from ..analysis.advisors import UnknownAdvisor
-from ..config import MODES, ConfigError, load_config
+from ..config import MODES, ConfigError, default_home, load_config
 from ..ledger import LedgerUnavailable, ledger_problem
 from .common import EX_CONFIG, EX_USAGE, config_from
 from .terminal import SafeFormatter, shown
+from ..hints import mondrian, serve
 
 log = logging.getLogger("mondrian")
 
@@ -139,12 +140,13 @@ def cmd_retry(args: argparse.Namespace) -> int:
     require_home(cfg)  # a mistyped MONDRIAN_HOME must not become a new, empty home
     if not args.failed:
         failed, permanent = failed_now(cfg)
-        print(f"`mondrian retry` puts failed photos back in the queue; nothing was queued. Now {failed} photo(s) "
+        print(f"`{mondrian()} retry` puts failed photos back in the queue; nothing was queued. Now {failed} photo(s) "
               f"failed, {permanent} of them permanently (a damaged photo, a bad sidecar, a folder Mondrian may not "
               f"write) with nothing changed since.\n"
-              f"  mondrian retry --failed          queue the failed photos again, except the unchanged permanent ones\n"
-              f"  mondrian retry --failed --all    queue the permanent ones too\n"
-              f"  mondrian retry --failed ID ...   queue only these jobs (ids: `mondrian status --json`)")
+              f"  {mondrian()} retry --failed          queue the failed photos again, except the unchanged permanent "
+              f"ones\n"
+              f"  {mondrian()} retry --failed --all    queue the permanent ones too\n"
+              f"  {mondrian()} retry --failed ID ...   queue only these jobs (ids: `{mondrian()} status --json`)")
         return EX_USAGE if args.ids or args.all else 0
     result = retry_failed(cfg, ids=args.ids or None, everything=args.all)
     for line in result.queued:
@@ -155,7 +157,7 @@ def cmd_retry(args: argparse.Namespace) -> int:
         names = ", ".join(j.rel_path for j in result.skipped[:5]) + (" …" if len(result.skipped) > 5 else "")
         print(shown(f"skipped {len(result.skipped)} permanent failure(s) that nothing has changed since, so they "
                     f"would fail the same way: {names}. Fix them (re-export the photo, correct the sidecar, chmod) "
-                    f"and run `mondrian retry --failed` again, or `mondrian retry --failed --all` to try them "
+                    f"and run `{mondrian()} retry --failed` again, or `{mondrian()} retry --failed --all` to try them "
                     f"anyway"), file=sys.stderr)
     print(f"{len(result.queued)} photo(s) queued again", file=sys.stderr)
     return EX_USAGE if args.ids and not result.queued and result.left else 0
@@ -277,6 +279,7 @@ def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
+    serve(getattr(args, "home", None) or default_home())  # before any message names a command
     try:
         if args.command in NEEDS_HOME:
             from .status import require_home

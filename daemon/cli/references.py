@@ -11,6 +11,7 @@ from typing import Any
 
 from ..fsutil import lock_holder
 from .common import EX_CONFIG, config_from, progress_bar, say
+from ..hints import mondrian
 
 
 def _advisor_ids(cfg, wanted: str | None) -> list[str] | None:
@@ -38,7 +39,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     if pid is not None and not args.force:
         shown_pid = pid if pid > 0 else "?"
         print(f"The Mondrian daemon (pid {shown_pid}) is running on {cfg.home}: it indexes new, changed and removed "
-              f"references itself, between photos. `mondrian references list` shows what is indexed "
+              f"references itself, between photos. `{mondrian()} references list` shows what is indexed "
               f"(or pass --force to index here as well).", file=sys.stderr)
         return 0
 
@@ -187,7 +188,7 @@ def cmd_import_db(args: argparse.Namespace) -> int:
             say(shown(f"skipped: {o.row} ({o.advisor or '?'}: {o.image or '?'}): {o.reason}"))
     print(f"{summary.count('imported')} imported, {summary.count('present')} already there, "
           f"{summary.count('skipped')} skipped. A running daemon indexes the new references by itself; otherwise "
-          f"run `mondrian references index`", file=sys.stderr)
+          f"run `{mondrian()} references index`", file=sys.stderr)
     return 1 if summary.count("skipped") else 0
 
 

@@ -16,6 +16,7 @@ from ..fsutil import folder_inside, is_folder
 from ..intake.inbox import editor_sidecars, sidecar_for, unique_path
 from ..ledger import FAILED, Job, Ledger
 from ..pipeline.outbox_index import OutboxIndex
+from ..hints import mondrian
 
 
 @dataclass
@@ -87,7 +88,7 @@ def retry_failed(cfg: Config, ids: list[int] | None = None, *, everything: bool 
             line = None
             left.append(f"job {job.id}: {job.rel_path} could not be put back into the inbox "
                         f"({exc.strerror or exc}{': ' + exc.filename if isinstance(exc.filename, str) else ''}); "
-                        f"clear the way (a file where its folder was?) and run `mondrian retry --failed` again, or "
+                        f"clear the way (a file where its folder was?) and run `{mondrian()} retry --failed` again, or "
                         f"move it from {cfg.failed_dir.name}/ into the inbox yourself")
         if line:
             done.append(line)
@@ -103,9 +104,10 @@ def _not_retryable(ledger: Ledger, job_id: int) -> str:
     except ledger.Job.DoesNotExist:
         job = None
     if job is None:
-        return f"job {job_id}: there is no such job in this home's ledger; `mondrian status --json` lists the failed ones"
+        return (f"job {job_id}: there is no such job in this home's ledger; `{mondrian()} status --json` lists the "
+                f"failed ones")
     if job.state == FAILED:
-        return (f"job {job_id}: {job.rel_path} was put back already and has a later job; `mondrian status` says "
+        return (f"job {job_id}: {job.rel_path} was put back already and has a later job; `{mondrian()} status` says "
                 f"where it stands")
     return f"job {job_id}: {job.rel_path} has not failed (it is {job.state}); nothing to retry"
 
@@ -119,8 +121,8 @@ def _drop_record(kept: Path) -> None:
 def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | None:
     if not job.owns_file:
         # Its photo is the user's, wherever it lies: queueing it would make the daemon move it into the outbox.
-        left.append(f"job {job.id}: {job.rel_path} was analysed with `mondrian analyze` and stays where it is; "
-                    f"run `mondrian analyze` on it again (or copy it into the inbox)")
+        left.append(f"job {job.id}: {job.rel_path} was analysed with `{mondrian()} analyze` and stays where it is; "
+                    f"run `{mondrian()} analyze` on it again (or copy it into the inbox)")
         return None
     src = Path(job.source_path)
     if is_folder(src):
@@ -128,7 +130,7 @@ def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | 
         # once it can be; a folder itself is never queued, so it is never moved.
         if not os.access(src, os.R_OK | os.X_OK):
             left.append(f"job {job.id}: the folder {job.rel_path} still cannot be read; make it readable "
-                        f"(chmod u+rx) and run `mondrian retry --failed` again")
+                        f"(chmod u+rx) and run `{mondrian()} retry --failed` again")
             return None
         ledger.mark_gone(job.id, "the folder can be read now; its photos are queued on their own")
         return f"job {job.id}: {job.rel_path}/ can be read now; its photos are queued by the daemon"

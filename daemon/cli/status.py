@@ -18,11 +18,12 @@ from typing import Any, TextIO
 from ..config import CONFIG_NAME, Config, ConfigError
 from ..fsutil import lock_holder, pid_alive
 from ..ledger import FAULT_NOTE, FaultNote, Job, Ledger
+from ..hints import mondrian
 from ..pipeline.failures import advice, cause_of
+from .terminal import shown
 
 # Causes where the photo itself is fine (its sidecar, the advisor asked for): a different next step than a photo's.
 PHOTO_IS_FINE = frozenset({"sidecar", "mode_command", "advisor_folder", "advisor_command"})
-from .terminal import shown
 
 BEAT_SECONDS = 5.0  # the daemon's heartbeat (daemon/pipeline/supervisor.py)
 STALE_AFTER_SECONDS = 30.0  # six missed beats: stopped (SIGSTOP, a debugger, a frozen laptop) or hung
@@ -54,12 +55,12 @@ def next_step(j: Job) -> str:
     if cause.key in PHOTO_IS_FINE:  # re-exporting the photo would not help: the record's own advice
         return advice(cause, from_inbox=bool(j.owns_file))
     if not j.owns_file:
-        return "fix what the reason says, then run `mondrian analyze` on it again"
+        return f"fix what the reason says, then run `{mondrian()} analyze` on it again"
     if j.error_kind != "permanent":
-        return "fix the cause (disk, permissions), then `mondrian retry --failed`"
+        return f"fix the cause (disk, permissions), then `{mondrian()} retry --failed`"
     kept = Path(j.output_dir) if j.output_dir else None
     if (kept is None or not os.path.lexists(kept)) and os.path.lexists(j.source_path):
-        return "do what the reason says, then `mondrian retry --failed`"
+        return f"do what the reason says, then `{mondrian()} retry --failed`"
     return ("fix or re-export the photo and drop it into the inbox again (`retry --failed` skips it until it "
             "changes; `--all` forces it)")
 
@@ -73,7 +74,7 @@ def _failure(cfg: Config, j: Job) -> dict[str, Any]:
         out["record"] = str(record)
     elif j.owns_file and os.path.lexists(j.source_path):
         out["note"] = (f"no failure record could be written to {cfg.failed_dir} ({_unwritable(cfg.failed_dir)}); "
-                       f"the photo is still in the inbox: once that is fixed, run `mondrian retry --failed`")
+                       f"the photo is still in the inbox: once that is fixed, run `{mondrian()} retry --failed`")
     elif record is not None:
         out["note"] = f"its failure record could not be written to {cfg.failed_dir} ({_unwritable(cfg.failed_dir)})"
     return out
@@ -195,7 +196,7 @@ def _training_state(t: Any) -> Any:
     if isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid):
         return {**t, "state": "stopped", "finished_at": None,
                 "reason": f"the process that ran it (pid {pid}) is gone before it finished; nothing was promoted. "
-                          f"`mondrian train --advisor {t.get('advisor')}` runs it again"}
+                          f"`{mondrian()} train --advisor {t.get('advisor')}` runs it again"}
     return t
 
 
@@ -246,18 +247,18 @@ def _eta_words(eta_s: float | None, typical: float | None, elapsed: float) -> st
 def _interrupted_next(job: dict[str, Any], daemon_runs: bool) -> str:
     if job.get("owns_file", True):
         return "the daemon's next start queues it again"
-    when = "at its next rescan" if daemon_runs else "when it next starts (`mondrian run`)"
+    when = "at its next rescan" if daemon_runs else f"when it next starts (`{mondrian()} run`)"
     return (f"the daemon records it {when} (from its report if one was written, else as failed); the photo stays "
-            f"where it is: run `mondrian analyze` on it again if it is not done")
+            f"where it is: run `{mondrian()} analyze` on it again if it is not done")
 
 
 def _daemon_line(d: dict[str, Any]) -> str:
     if not d["running"]:
-        return "not running  — start it with `mondrian run` or `mondrian service start`"
+        return f"not running  — start it with `{mondrian()} run` or `{mondrian()} service start`"
     if not d.get("responding", True):
         return (f"not responding (pid {d['pid']}; last heartbeat {d['last_heartbeat_s']:.0f} s ago, it beats every "
                 f"{BEAT_SECONDS:.0f} s): stopped (`kill -STOP`, a debugger) or hung. `kill -CONT {d['pid']}` if it "
-                f"was stopped, else restart it (`mondrian service restart`)")
+                f"was stopped, else restart it (`{mondrian()} service restart`)")
     return f"running (pid {d['pid']})"
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..config import Config
 from ..ledger import Ledger
+from ..hints import mondrian
 
 
 def worker_rows(ledger: Ledger, now: float | None = None) -> list[dict[str, Any]]:
@@ -32,7 +33,7 @@ def worker_rows(ledger: Ledger, now: float | None = None) -> list[dict[str, Any]
 def worker_lines(rows: list[dict[str, Any]]) -> list[str]:
     """One line a worker, for a person."""
     if not rows:
-        return ["Workers: none (no daemon has beaten on this ledger; start one with `mondrian run`)"]
+        return [f"Workers: none (no daemon has beaten on this ledger; start one with `{mondrian()} run`)"]
     lines = [f"Workers: {sum(not r['lost'] for r in rows)} alive" +
              (f", {sum(r['lost'] for r in rows)} lost" if any(r["lost"] for r in rows) else "")]
     for r in rows:

@@ -25,6 +25,7 @@ from watchdog.observers import Observer
 
 from .. import testhooks
 from .inbox import is_ignored
+from ..hints import mondrian
 
 log = logging.getLogger("mondrian.watcher")
 
@@ -207,7 +208,7 @@ class InboxWatcher:
             # only a log line; `mondrian retry --failed` clears it once the folder can be read.
             shown = Path(self.inbox.name, path.relative_to(self.inbox)).as_posix()
             reason = (f"Mondrian cannot look inside the folder {shown}/ ({exc.strerror or exc}), so its photos are "
-                      f"not seen: make it readable (chmod u+rx); its photos are then queued, and `mondrian retry "
+                      f"not seen: make it readable (chmod u+rx); its photos are then queued, and `{mondrian()} retry "
                       f"--failed` clears this entry")
             with self._lock:
                 if path not in self._told:

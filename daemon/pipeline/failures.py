@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Iterable
 
 from ..config import MODES
+from ..hints import mondrian
 
 
 @dataclass(frozen=True)
@@ -26,15 +27,16 @@ class Cause:
     photo_at_fault: bool  # whether the file itself must change (else: a setting, the command line, the machine)
 
 
-RETRY = "run `mondrian retry --failed`"
-ANALYZE_AGAIN = "run `mondrian analyze` on it again"
+# Templates, not text: `{mondrian}` is filled in when the advice is given (the home is known only then).
+RETRY = "run `{mondrian} retry --failed`"
+ANALYZE_AGAIN = "run `{mondrian} analyze` on it again"
 
 # First match wins: the more specific causes come first.
 _CAUSES: list[tuple[Cause, tuple[str, ...]]] = [
     (Cause("interrupted", "Analysis was stopped",
-           "Nothing is wrong with the photo: `mondrian analyze` was stopped before it finished. {again_cap}.",
+           "Nothing is wrong with the photo: `{mondrian} analyze` was stopped before it finished. {again_cap}.",
            False),
-     (r"`mondrian analyze` was stopped", r"`mondrian analyze` stopped")),
+     (r"analyze` was stopped", r"analyze` stopped")),  # `mondrian [--home H] analyze`
     (Cause("crash", "The analysis crashed on this photo",
            "Mondrian crashed several times on this photo, also alone in a separate process, so it was set aside "
            "to let the rest of the inbox go on. Export it again (another format or a smaller size) and drop the "
@@ -67,7 +69,7 @@ _CAUSES: list[tuple[Cause, tuple[str, ...]]] = [
      (r"preprocessing refused",)),
     (Cause("model", "The model could not write a critique",
            "The photo is probably fine: the model failed on it. {again_cap}; if it fails again, check the model "
-           "(`MONDRIAN_MODEL`, `mondrian status`) and the log.", False),
+           "(`MONDRIAN_MODEL`, `{mondrian} status`) and the log.", False),
      (r"^the model could not", r"model could not be loaded")),
     (Cause("link", "A link, not a photo",
            "Mondrian does not follow links out of the inbox. Copy the photo itself (not a link or an alias) into "
@@ -119,8 +121,8 @@ def cause_of(reason: str, *, advisor_source: str | None = None, mode_source: str
 def advice(cause: Cause, *, from_inbox: bool, advisors: Iterable[str] = ()) -> str:
     """The cause's next step, for a photo of the inbox (retried with `retry --failed`) or of `mondrian analyze`
     (never moved by Mondrian: analysed again by hand)."""
-    again = RETRY if from_inbox else ANALYZE_AGAIN
-    text = cause.advice.format(again=again, again_cap=again[0].upper() + again[1:],
+    again = (RETRY if from_inbox else ANALYZE_AGAIN).format(mondrian=mondrian())
+    text = cause.advice.format(again=again, again_cap=again[0].upper() + again[1:], mondrian=mondrian(),
                                advisors=", ".join(sorted(advisors)) or "none")
     return text
 
@@ -128,7 +130,7 @@ def advice(cause: Cause, *, from_inbox: bool, advisors: Iterable[str] = ()) -> s
 def where_it_is(*, from_inbox: bool, kept_in_inbox: bool) -> str:
     """Where the photo lies now, in one sentence for the failure record."""
     if not from_inbox:
-        return "The photo was left where it is (`mondrian analyze` never moves it)."
+        return f"The photo was left where it is (`{mondrian()} analyze` never moves it)."
     if kept_in_inbox:
         return "The photo was left where it is in the inbox."
     return ("The photo is in outbox/failed/, beside this record; once it is fixed you can also drop it into the inbox "

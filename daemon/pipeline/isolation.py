@@ -163,11 +163,13 @@ def child_main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
     from ..config import load_config
+    from ..hints import serve
     from ..ledger import Ledger
     from .supervisor import default_runtime_factory
     from .worker import Worker
 
     cfg = load_config(args.home, model=args.model)
+    serve(cfg.home)  # its failure reasons name commands for this home
     ledger = Ledger.for_config(cfg)  # read only: the rag strategy reads the reference index
     worker = Worker(cfg, ledger, default_runtime_factory(cfg))
     job = ledger.get(args.job_id)

@@ -33,6 +33,7 @@ from .failures import Cause, advice, cause_of, where_it_is
 from .outbox_index import OutboxIndex
 from .report import now_iso, write_report_folder
 from .xmp import embed, write_sidecar
+from ..hints import mondrian
 
 log = logging.getLogger("mondrian.worker")
 
@@ -251,7 +252,7 @@ class Publisher:
             folder = Path(self.cfg.inbox.name, os.path.relpath(src.parent, self.cfg.inbox)).as_posix()
             self.fail(job, f"Mondrian cannot move this photo out of {folder}/ ({exc.strerror}), so its report was "
                            f"withdrawn and the photo left where it is: make the folder writable (chmod u+w) and run "
-                           f"`mondrian retry --failed`", keep_original=True)
+                           f"`{mondrian()} retry --failed`", keep_original=True)
         else:
             self.transient(job, f"the photo could not be moved out of the inbox ({exc.strerror or exc}); its report "
                                 f"was withdrawn")
@@ -387,7 +388,7 @@ class Publisher:
         job = self.ledger.get(job.id)
         if job.attempts >= self.cfg.max_attempts:
             self.fail(job, f"{reason}; gave up after {job.attempts} attempts. Fix the cause, then run "
-                           f"`mondrian retry --failed`", kind="transient")
+                           f"`{mondrian()} retry --failed`", kind="transient")
             return
         delay = self.cfg.retry_base_seconds * (2 ** (job.attempts - 1))
         log.warning("will retry %s in %g s: %s", job.rel_path, delay, reason)

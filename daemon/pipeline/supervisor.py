@@ -26,6 +26,7 @@ from ..intake.inbox import SIDECAR_SUFFIX, SidecarError, classify, read_sidecar,
 from ..ledger import FAULT_NOTE, Ledger, LedgerUnavailable
 from .heartbeat import Heartbeat
 from .worker import Worker
+from ..hints import mondrian
 
 if TYPE_CHECKING:
     from ..model.protocol import Runtime
@@ -51,7 +52,7 @@ def _lock_home(cfg: Config) -> list[int]:
         home_fd = hold_lock(cfg.var_dir / "daemon.lock", str(cfg.home))
     except LockHeld as exc:
         raise StartupError(f"another Mondrian daemon (pid {exc.pid if exc.pid > 0 else '?'}) is already serving "
-                           f"{cfg.home}; stop it first (`mondrian service stop`) or set MONDRIAN_HOME to another "
+                           f"{cfg.home}; stop it first (`{mondrian()} service stop`) or set MONDRIAN_HOME to another "
                            f"folder") from None
     except NotOwn as exc:
         raise StartupError(str(exc)) from None
@@ -64,7 +65,7 @@ def _lock_home(cfg: Config) -> list[int]:
         who = f" (pid {exc.pid})" if exc.pid > 0 else ""
         raise StartupError(f"another Mondrian daemon{who}, of another home, is already serving the inbox "
                            f"{cfg.inbox}; two daemons would analyse and move the same photos. Stop that one "
-                           f"(`mondrian status` in its home shows it), or set `inbox` in "
+                           f"(`mondrian --home ITS_HOME status` shows it), or set `inbox` in "
                            f"{cfg.home / 'mondrian.toml'} to a folder of this home's own") from None
     except OSError as exc:  # a filesystem without locks (some network mounts): the home lock still holds
         log.warning("could not lock the inbox %s (%s); make sure no other Mondrian home uses it", cfg.inbox,
@@ -158,7 +159,7 @@ class Daemon:
         if failed is not None and self._skipped.get(path) != version:
             self._skipped[path] = version  # every rescan finds it again: say it once, not every few seconds
             log.warning("left in the inbox: %s failed (job %d: %s) and has not changed since; it is not queued "
-                        "again. Fix it and drop it in again, or run `mondrian retry --failed`",
+                        f"again. Fix it and drop it in again, or run `{mondrian()} retry --failed`",
                         intake.rel_path, failed.id, failed.error)
 
     def _kept_and_done(self, path: Path, st: os.stat_result) -> bool:

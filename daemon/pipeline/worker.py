@@ -33,6 +33,7 @@ from .isolation import check_alone
 from .publish import OUTSIDE_INBOX, Publisher
 from .outbox_index import OutboxIndex
 from .report import SMOKE_NOTICE, assemble, earlier_report_links
+from ..hints import mondrian
 
 if TYPE_CHECKING:
     from ..model.protocol import Runtime
@@ -111,7 +112,7 @@ class Worker:
         jobs are only ever run by this daemon, so none of them can be left by a process that died since."""
         jobs = [j for j in self.ledger.orphaned_running(proven=True) if not j.owns_file]
         for job in jobs:
-            log.info("`mondrian analyze` of %s (job %d) was stopped before it finished", job.rel_path, job.id)
+            log.info("`%s analyze` of %s (job %d) was stopped before it finished", mondrian(), job.rel_path, job.id)
             self._recover_direct(job)
         return len(jobs)
 
@@ -120,8 +121,8 @@ class Worker:
         an inbox job: its photo is the user's and stays where it is."""
         if job.output_dir and self.out.resume(job, True):
             return
-        self.out.fail(job, "`mondrian analyze` was stopped before it finished; the photo was left where it is. "
-                           "Run `mondrian analyze` on it again", kind="transient")
+        self.out.fail(job, f"`{mondrian()} analyze` was stopped before it finished; the photo was left where it is. "
+                           f"Run `{mondrian()} analyze` on it again", kind="transient")
 
     def _judge(self, job: Job) -> None:
         """Mondrian died `max_attempts` times with this photo in hand: it may be the photo, or the machine (a
@@ -442,10 +443,10 @@ class Worker:
         if moves and not os.access(folder, os.W_OK | os.X_OK):
             return (f"Mondrian cannot move this photo out of {shown}/ (no write permission on that folder), so it "
                     f"was left where it is and not analysed: make the folder writable (chmod u+w) and run "
-                    f"`mondrian retry --failed`")
+                    f"`{mondrian()} retry --failed`")
         if not src.is_symlink() and not os.access(src, os.R_OK):
             return ("Mondrian cannot read this photo (no read permission), so it was left where it is: make it "
-                    "readable (chmod u+r); it is picked up again then, or run `mondrian retry --failed`")
+                    f"readable (chmod u+r); it is picked up again then, or run `{mondrian()} retry --failed`")
         return None
 
     def _check_symlink(self, src: Path) -> None:

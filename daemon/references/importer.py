@@ -27,6 +27,7 @@ from ..fsutil import atomic_write_text, fsync_dir, temp_name
 from ..intake.inbox import safe_stem
 from .indexer import IMAGE_SUFFIXES, reference_files
 from .sidecar import SIDECAR_SUFFIX, SidecarInvalid, parse_sidecar
+from ..hints import mondrian
 
 TABLE = "dimensional_profiles"
 # The original's own training query left these out: photos users uploaded for analysis, not the advisor's work.
@@ -68,7 +69,7 @@ def open_read_only(path: Path) -> sqlite3.Connection:
     if found is None:
         db.close()
         raise ImportRefused(f"{path} has no {TABLE} table: it is not an original Mondrian database (the one whose "
-                            f"advisors' scored references `mondrian references import-db` reads)")
+                            f"advisors' scored references `{mondrian()} references import-db` reads)")
     return db
 
 

@@ -31,6 +31,7 @@ import jinja2
 from daemon.config import PROJECT_ROOT, ConfigError, load_config
 from daemon.errors import EX_CONFIG, EX_UNAVAILABLE
 from daemon.resources import service_templates_dir
+from daemon.hints import mondrian, serve
 
 DEFAULT_LABEL = "com.mondrian.daemon"
 ACTIONS = ("install", "uninstall", "start", "stop", "restart", "status")
@@ -445,7 +446,7 @@ class Launchd:
 
     def start(self) -> int:
         if not self.sh.dry_run and not self.spec.plist_path.exists():
-            self.sh.warn(f"{self.spec.label} is not installed; run `mondrian service install` first")
+            self.sh.warn(f"{self.spec.label} is not installed; run `{mondrian()} service install` first")
             return 1
         if self.sh.dry_run or self.info() is None:
             if self.sh.dry_run:
@@ -541,7 +542,7 @@ class Systemd:
     def _need_unit(self) -> bool:
         if self.sh.dry_run or self.spec.unit_path.exists():
             return True
-        self.sh.warn(f"{self.unit} is not installed; run `mondrian service install` first")
+        self.sh.warn(f"{self.unit} is not installed; run `{mondrian()} service install` first")
         return False
 
     def start(self) -> int:
@@ -578,6 +579,7 @@ def service_action(action: str, *, platform: str | None = None, label: str = DEF
     try:
         spec = build_spec(platform=platform, label=label, home=home, model=model,
                           user_home=user_home, process_type=process_type)
+        serve(spec.home)
         manager = Launchd(spec, sh) if spec.platform == "macos" else Systemd(spec, sh)
         if dry_run:
             where = "launchd agent" if spec.platform == "macos" else "systemd user unit"
@@ -586,7 +588,7 @@ def service_action(action: str, *, platform: str | None = None, label: str = DEF
             why = manager.usable()
             if why:
                 sh.warn(f"mondrian service {action}: {why}. Nothing was changed. "
-                        f"`mondrian service {action} --dry-run` shows the file and commands.")
+                        f"`{mondrian()} service {action} --dry-run` shows the file and commands.")
                 if action == "status":
                     mondrian_status(spec, sh)  # the daemon may still run by hand: show what it does
                 return EX_UNAVAILABLE

@@ -1,0 +1,31 @@
+"""The `mondrian` command as messages name it, spelt so that pasting a hint acts on the home this process serves.
+
+A hint such as "run `mondrian retry --failed`" would otherwise send someone who started Mondrian with `--home` (or a
+launchd service with its own MONDRIAN_HOME) to the default home: a different ledger, or none. The entry points call
+`serve(home)` once; every message then names `mondrian()`, which adds `--home` where a plain shell would miss it.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+_home_flag = ""  # empty while this process serves the home a shell reaches without flags or MONDRIAN_HOME
+
+
+def serve(home: Path | str) -> None:
+    """Hints from this process name `home` unless a plain `mondrian` already reaches it."""
+    from .config import default_home
+
+    global _home_flag
+    home = Path(home).expanduser().resolve()
+    # env={}: a shell without MONDRIAN_HOME, the common case after following a hint from a service's log
+    _home_flag = "" if home == default_home({}) else f" --home {shlex.quote(str(home))}"
+
+
+def mondrian() -> str:
+    """`mondrian`, with `--home H` when the served home is not the default one."""
+    return "mondrian" + _home_flag
+
+
+__all__ = ["serve", "mondrian"]
