@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from peewee import (SQL, AutoField, BlobField, BooleanField, Case, CharField, Database, DatabaseError, FloatField,
-                    IntegerField, Model, OperationalError, PostgresqlDatabase, SqliteDatabase, TextField, fn)
+                    IntegerField, Model, OperationalError, PostgresqlDatabase, SqliteDatabase, TextField, Value, fn)
 
 from .fsutil import NotOwn, check_own_folder, fsync_dir, open_own_file, pid_alive, read_own_file
 
@@ -420,11 +420,16 @@ class FaultNote:
             return None
 
 
+HOME_EVENT = "home"  # the home this SQLite ledger last served (Ledger.follow_home)
+
+
 class Ledger:
     @classmethod
     def for_config(cls, cfg: Any, **kwargs: Any) -> "Ledger":
         """The ledger `cfg` names: the shared one at `ledger_url` if set, else the SQLite file at `db_path`."""
-        return cls(cfg.db_path, url=cfg.ledger_url or None, lease_seconds=cfg.lease_seconds, **kwargs)
+        ledger = cls(cfg.db_path, url=cfg.ledger_url or None, lease_seconds=cfg.lease_seconds, **kwargs)
+        ledger.follow_home(cfg.home, cfg.inbox)
+        return ledger
 
     def __init__(self, path: Path, *, url: str | None = None, lease_seconds: float = 60.0,
                  stop: threading.Event | None = None, note: Path | None = None):
@@ -1296,6 +1301,56 @@ class Ledger:
 
     # -- daemon facts for status --------------------------------------------------------------
     @writes
+    def follow_home(self, home: Path, inbox: Path) -> int:
+        """A home moved or copied as a folder (`mv`, the Finder, a new disk) brings its ledger along, whose paths
+        name the old place: status would call every failure record unwritten and `retry` would find no photo.
+        Rebase every path under the home the ledger last served onto `home`; paths outside it (an inbox on a
+        share) stay. Returns how many paths moved. A shared ledger is left alone: each Mac has its own home, and
+        the shared folders keep one path for all of them."""
+        if self.shared:
+            return 0
+        home_s = str(Path(home).resolve())
+        recorded = self.events().get(HOME_EVENT)
+        old = recorded[0] if recorded else self._home_before_it_was_recorded(Path(home), Path(inbox))
+        if old == home_s:
+            return 0
+        job, ref = self.Job, self.Reference
+        columns = [(job, job.source_path), (job, job.output_dir), (job, job.report_json), (job, job.report_html),
+                   (ref, ref.path)]
+
+        def rebase() -> int:
+            moved = 0
+            with self._tx():
+                if old:
+                    prefix = old.rstrip("/") + "/"
+                    for model, col in columns:  # substr, not LIKE: a path may hold % or _
+                        moved += model.update({col: Value(home_s + "/").concat(fn.substr(col, len(prefix) + 1))}) \
+                            .where(fn.substr(col, 1, len(prefix)) == prefix).execute()
+                self._put_event(HOME_EVENT, home_s)
+            return moved
+
+        try:
+            moved = self._write("where the home is", rebase)
+        except (LedgerUnavailable, OperationalError) as exc:  # read-only or locked: read with the old paths
+            log.warning("the home %s was at %s before; its ledger could not be updated (%s)", home_s, old, exc)
+            return 0
+        if old and moved:
+            log.info("the home moved from %s to %s: %d path(s) in the ledger follow it", old, home_s, moved)
+        return moved
+
+    def _home_before_it_was_recorded(self, home: Path, inbox: Path) -> str | None:
+        """For a ledger written before the home was recorded: the home its latest job's photo was queued in, where
+        the inbox lies inside the home (an inbox elsewhere tells nothing about the home)."""
+        try:
+            inside = inbox.resolve().relative_to(home.resolve())
+        except ValueError:
+            return None
+        last = self.Job.select(self.Job.source_path, self.Job.rel_path).order_by(self.Job.id.desc()).first()
+        tail = "/" + "/".join(p for p in (str(inside), last.rel_path if last else "") if p != ".")
+        if not last or not last.source_path.endswith(tail):
+            return None
+        return last.source_path[:-len(tail)]
+
     def set_event(self, key: str, value: Any) -> None:
         self._put_event(key, value)
 

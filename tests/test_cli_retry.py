@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.harness import ledger_jobs, make_home, mondrian, photo
+import pytest
+
+from tests.harness import ledger_jobs, make_home, mondrian, photo, status
+from tests.test_rag import _scores, _sidecar
 
 
 def _transient_failure(home: Path, name: str) -> None:
@@ -107,3 +110,53 @@ def test_hints_name_the_home_they_came_from_so_following_them_works(tmp_path, sm
         assert hints.mondrian() == "mondrian"
     finally:
         hints.serve(default_home({}))
+
+
+def _references(home: Path) -> list[tuple[str, float]]:
+    import sqlite3
+
+    with sqlite3.connect(home / "var" / "ledger.db") as db:
+        return db.execute("SELECT path, indexed_at FROM reference").fetchall()
+
+
+@pytest.mark.parametrize("ledger", ["recorded", "from an earlier version"])
+def test_a_moved_home_keeps_its_failures_reports_and_retry(tmp_path, smoke_model_path, ledger):
+    """`mv home elsewhere` (a new disk, Dropbox): the ledger moves with it and its paths follow, so status finds the
+    failure records, retry finds the photos and a photo dropped again is a duplicate of its moved report. A ledger of
+    an earlier version (no home recorded) finds its old place from its latest job."""
+    import shutil
+    import sqlite3
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    photo(home / "inbox" / "ok.jpg", seed=1, size=(64, 48))
+    photo(home / "inbox" / "bad.jpg", seed=2, size=(64, 48))
+    (home / "inbox" / "bad.mode").write_text("portrait\n")
+    (home / "inbox" / "corrupt.jpg").write_text("not a photo\n")
+    ref = home / "advisors" / "ansel" / "references" / "dunes.jpg"
+    photo(ref, seed=9, size=(64, 48))
+    _sidecar(ref.with_suffix(".json"), _scores(7))
+    assert mondrian(home, smoke_model_path, "run", "--once").returncode == 0
+    [indexed] = _references(home)
+    if ledger != "recorded":
+        with sqlite3.connect(home / "var" / "ledger.db") as db:
+            assert db.execute("DELETE FROM event WHERE key = 'home'").rowcount == 1
+    moved = tmp_path / "new disk 100%_x" / "Mondrian"  # odd characters a shell and SQL must both take
+    moved.parent.mkdir()
+    shutil.move(home, moved)
+
+    failures = status(moved, smoke_model_path)["recent_failures"]
+    assert _references(moved) == [(str(moved / indexed[0][len(str(home)) + 1:]), indexed[1])]  # not indexed again
+    assert {f["file"]: f["note"] for f in failures} == {"bad.jpg": None, "corrupt.jpg": None}, failures
+    assert {Path(f["record"]).parent for f in failures} == {moved / "outbox" / "failed"}, failures
+
+    (moved / "outbox" / "failed" / "bad.mode").write_text("baseline\n")
+    retried = mondrian(moved, smoke_model_path, "retry", "--failed")
+    assert retried.returncode == 0 and "bad.jpg" in retried.stdout, (retried.stdout, retried.stderr)
+    assert (moved / "inbox" / "bad.jpg").exists() and not (moved / "outbox" / "failed" / "bad.jpg").exists()
+
+    photo(moved / "inbox" / "again.jpg", seed=1, size=(64, 48))  # the same bytes as ok.jpg
+    assert mondrian(moved, smoke_model_path, "run", "--once").returncode == 0
+    jobs = ledger_jobs(moved)
+    assert jobs["bad.jpg"].state == "done" and Path(jobs["bad.jpg"].report_json).is_file(), jobs["bad.jpg"]
+    assert jobs["again.jpg"].duplicate_of == jobs["ok.jpg"].id, jobs["again.jpg"]
+    assert Path(jobs["ok.jpg"].report_json).is_relative_to(moved), jobs["ok.jpg"].report_json
