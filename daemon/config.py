@@ -350,6 +350,12 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
         raise ConfigError(f"{origins.get('default_mode', 'default_mode')}: the mode is unknown; use one of "
                           f"{', '.join(MODES)}")
     cfg = replace(cfg, default_mode=cfg.default_mode.strip().lower())
+    for key, what in (("model", "a Hugging Face model id (mlx-community/Qwen2-VL-2B-Instruct-4bit), a local "
+                                "folder holding an MLX checkpoint, or `smoke`"),
+                      ("default_advisor", "an advisor id (a folder of advisors/, e.g. ansel)")):
+        if not str(getattr(cfg, key)).strip():  # else it fails only once the model loads or a photo arrives
+            raise ConfigError(f"{origins.get(key, key)}: {key} is empty; name {what}, or leave the line out for "
+                              f"the default ({getattr(Config, key, None) or 'see mondrian.toml'})")
     url = cfg.ledger_url.strip()
     if url and not url.startswith(("postgresql://", "postgres://")):
         raise ConfigError(f"{origins['ledger_url']}: a shared ledger is a PostgreSQL URL "

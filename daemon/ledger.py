@@ -553,6 +553,9 @@ class Ledger:
                 # Inside a caller's transaction the caller's own write retries the whole transaction.
                 if reason is None or self.db.in_transaction():
                     raise
+                if self._stop is None:  # a command: it says so once and stops; nothing waits for the ledger
+                    raise LedgerUnavailable(f"the ledger {self.where} cannot be written ({reason}). "
+                                            f"{_advice(reason)} Then run the command again.") from exc
                 self._set_fault(reason, what)
                 if self.shared:  # a broken connection is not reused: the next try opens a new one
                     try:
@@ -560,7 +563,7 @@ class Ledger:
                     except Exception:  # closing a connection the server dropped may fail too
                         pass
                 failed = True
-                if self._stop is None or self._stop.is_set():
+                if self._stop.is_set():
                     raise LedgerUnavailable(f"the ledger {self.path} cannot be written ({reason})") from exc
                 self._stop.wait(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
@@ -1180,6 +1183,13 @@ class Ledger:
         return [j for j in q.order_by(self.Job.id) if j.id not in superseded]
 
     @writes
+    def check_writable(self) -> None:
+        """Take the write lock and let it go: a command that moves files first and records it after (retry) asks
+        this before it moves anything, so a ledger it cannot write leaves every file where it was."""
+        with self._tx():
+            pass
+
+    @writes
     def requeue_failed(self, job_id: int, source_path: Path) -> None:
         self.Job.update(state=QUEUED, source_path=str(source_path), attempts=0, not_before=0.0, worker=None,
                         output_dir=None, error=None, error_kind=None, finished_at=None).where(
@@ -1351,6 +1361,7 @@ class Ledger:
             return None
         return last.source_path[:-len(tail)]
 
+    @writes
     def set_event(self, key: str, value: Any) -> None:
         self._put_event(key, value)
 

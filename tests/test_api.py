@@ -513,6 +513,7 @@ def test_import_db_brings_in_scored_references_read_only_and_idempotently(tmp_pa
         ("a6", "weston", "source/ansel/moon.jpg", good),
         ("a7", "ansel", "temp/analyze_image_1.jpg", good),
         ("c1", "cartier", "source/ansel/dunes.jpg", good),
+        ("n1", "", "source/ansel/moon.jpg", good),  # whose? the row does not say
     ])
     before = db.read_bytes()
     out = mondrian(home, smoke_model_path, "references", "import-db", str(db), "--json")
@@ -524,7 +525,8 @@ def test_import_db_brings_in_scored_references_read_only_and_idempotently(tmp_pa
     assert "bad scores" in outcome["a5"]["reason"] and "11" in outcome["a5"]["reason"]
     assert "unknown advisor 'weston'" in outcome["a6"]["reason"]
     assert "uploaded for analysis" in outcome["a7"]["reason"]
-    assert "3 imported, 0 already there, 5 skipped" in out.stderr
+    assert "names no advisor" in outcome["n1"]["reason"] and "advisor.toml" not in outcome["n1"]["reason"]
+    assert "3 imported, 0 already there, 6 skipped" in out.stderr
     refs = home / "advisors" / "ansel" / "references"
     assert sorted(p.name for p in refs.iterdir()) == ["dunes.jpg", "dunes.json", "moon.jpg", "moon.json"]
     assert (refs / "moon.jpg").read_bytes() == (orig / "source" / "ansel" / "moon.jpg").read_bytes()
@@ -537,7 +539,7 @@ def test_import_db_brings_in_scored_references_read_only_and_idempotently(tmp_pa
 
     again = mondrian(home, smoke_model_path, "references", "import-db", str(db), "--json")
     assert [o["action"] for o in json.loads(again.stdout)].count("imported") == 0
-    assert "0 imported, 3 already there, 5 skipped" in again.stderr
+    assert "0 imported, 3 already there, 6 skipped" in again.stderr
     assert sorted(p.name for p in refs.iterdir()) == ["dunes.jpg", "dunes.json", "moon.jpg", "moon.json"]
 
     # --advisor takes that advisor's rows only; the references index reads the sidecars as the curator's.

@@ -160,3 +160,37 @@ def test_a_moved_home_keeps_its_failures_reports_and_retry(tmp_path, smoke_model
     assert jobs["bad.jpg"].state == "done" and Path(jobs["bad.jpg"].report_json).is_file(), jobs["bad.jpg"]
     assert jobs["again.jpg"].duplicate_of == jobs["ok.jpg"].id, jobs["again.jpg"]
     assert Path(jobs["ok.jpg"].report_json).is_relative_to(moved), jobs["ok.jpg"].report_json
+
+
+def test_retry_with_the_ledger_locked_moves_nothing_and_says_what_to_do(tmp_path, smoke_model_path):
+    """Another program holds the ledger's write lock (an open `sqlite3` shell): retry must not put the photo back in
+    the inbox with its job still failed; it waits, then says what holds it, and a later retry does the work."""
+    import subprocess
+    import sys
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    photo(home / "inbox" / "bad.jpg", seed=2, size=(64, 48))
+    (home / "inbox" / "bad.mode").write_text("portrait\n")
+    assert mondrian(home, smoke_model_path, "run", "--once").returncode == 0
+    failed = home / "outbox" / "failed"
+    (failed / "bad.mode").write_text("baseline\n")
+    holder = subprocess.Popen([sys.executable, "-c", "import sqlite3, sys, time\n"
+                               "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+                               "db.execute('BEGIN IMMEDIATE'); print('locked', flush=True); time.sleep(120)",
+                               str(home / "var" / "ledger.db")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        refused = mondrian(home, smoke_model_path, "retry", "--failed", timeout=90)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert refused.returncode == 78, (refused.stdout, refused.stderr)
+    lines = [line for line in refused.stderr.splitlines() if "ERROR" in line]
+    assert len(lines) == 1 and "locked" in lines[0] and "run the command again" in lines[0], refused.stderr
+    assert "carries on by itself" not in refused.stderr, refused.stderr  # a command does not wait on its own
+    assert (failed / "bad.jpg").exists() and (failed / "bad.jpg.error.json").exists()
+    assert not (home / "inbox" / "bad.jpg").exists() and ledger_jobs(home)["bad.jpg"].state == "failed"
+
+    again = mondrian(home, smoke_model_path, "retry", "--failed")
+    assert again.returncode == 0 and "bad.jpg" in again.stdout, again.stderr
+    assert (home / "inbox" / "bad.jpg").exists() and ledger_jobs(home)["bad.jpg"].state == "queued"

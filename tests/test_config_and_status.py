@@ -63,6 +63,8 @@ BAD_SETTINGS = {  # a line of mondrian.toml (or NAME=value in the environment): 
     'default_mode = "fast"': "the mode is unknown",
     'default_advisor = "nobody"': "unknown advisor 'nobody'",
     'default_advisor = "../../etc"': "is not an advisor id",
+    'default_advisor = ""': "default_advisor is empty; name an advisor id",
+    "MONDRIAN_MODEL= ": "model is empty; name a Hugging Face model id",
     'default_mod = "rag"': "unknown setting `default_mod`",
     "quiet_secnds = 5": "did you mean `quiet_seconds`?",
     "lora = 5": "`lora` is a section",

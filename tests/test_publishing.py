@@ -92,8 +92,11 @@ def test_a_photo_that_cannot_be_moved_out_or_read_fails_once_in_place_and_retry_
         assert jobs["locked.jpg"].state == "failed" and "chmod u+r" in jobs["locked.jpg"].error
         assert (ro / "r.jpg").exists() and locked.exists(), "left where they are"
         assert sorted(_assert_reports_hold_their_originals(outbox)) == ["ok"], "no report without its original"
-        failures = {f["file"]: f["reason"] for f in status(home, smoke_model_path)["recent_failures"]}
-        assert "secret" in failures and "chmod u+rx" in failures["secret"], failures
+        failures = {f["file"]: f for f in status(home, smoke_model_path)["recent_failures"]}
+        assert "secret" in failures and "chmod u+rx" in failures["secret"]["reason"], failures
+        # A folder has no failure record to miss, and its next step is about the folder, not a photo.
+        assert failures["secret"]["note"] is None and failures["secret"]["record"] is None, failures["secret"]
+        assert failures["secret"]["next_step"].startswith("make the folder readable"), failures["secret"]
 
         # Not requeued by the next runs: nothing is analysed again while nothing changed.
         _run_once(home, smoke_model_path, prefix=prefix)

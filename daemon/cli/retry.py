@@ -78,6 +78,8 @@ def retry_failed(cfg: Config, ids: list[int] | None = None, *, everything: bool 
     jobs = ledger.retry_failed(None if ids is None else [i for i in ids if 0 < i < 2**63])
     for missing in sorted(set(ids or ()) - {j.id for j in jobs}):
         left.append(_not_retryable(ledger, missing))
+    if jobs:
+        ledger.check_writable()  # else a photo would be back in the inbox with its job still failed
     for job in jobs:
         if ids is None and not everything and unchanged_permanent(job, changed):
             out.skipped.append(job)

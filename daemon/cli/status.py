@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..config import CONFIG_NAME, Config, ConfigError
-from ..fsutil import lock_holder, pid_alive
+from ..fsutil import is_folder, lock_holder, pid_alive
 from ..ledger import FAULT_NOTE, FaultNote, Job, Ledger
 from ..hints import mondrian
 from ..pipeline.failures import advice, cause_of
@@ -54,6 +54,9 @@ def next_step(j: Job) -> str:
     cause = cause_of(j.error or "", advisor_source=j.advisor_source, mode_source=j.mode_source)
     if cause.key in PHOTO_IS_FINE:  # re-exporting the photo would not help: the record's own advice
         return advice(cause, from_inbox=bool(j.owns_file))
+    if is_folder(Path(j.source_path)):  # an inbox folder Mondrian could not look into: no photo, no record
+        return f"make the folder readable (`chmod u+rx`); its photos are queued then, and `{mondrian()} retry " \
+               f"--failed` clears this entry"
     if not j.owns_file:
         return f"fix what the reason says, then run `{mondrian()} analyze` on it again"
     if j.error_kind != "permanent":
@@ -72,6 +75,8 @@ def _failure(cfg: Config, j: Job) -> dict[str, Any]:
                            "failed_at": j.finished_at, "record": None, "note": None, "next_step": next_step(j)}
     if record is not None and record.exists():
         out["record"] = str(record)
+    elif is_folder(Path(j.source_path)):
+        pass  # a folder's failure is its ledger entry alone: no record was ever meant to be written
     elif j.owns_file and os.path.lexists(j.source_path):
         out["note"] = (f"no failure record could be written to {cfg.failed_dir} ({_unwritable(cfg.failed_dir)}); "
                        f"the photo is still in the inbox: once that is fixed, run `{mondrian()} retry --failed`")

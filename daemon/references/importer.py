@@ -194,6 +194,10 @@ def _import_row(cfg: Config, row: sqlite3.Row, db_path: Path, advisors: dict, po
     advisor_id = str(row["advisor_id"] or "") if "advisor_id" in keys else ""
     image = str(row["image_path"] or "") if "image_path" in keys else ""
     out = Outcome(row=row_id, advisor=advisor_id, image=image, action="skipped")
+    if not advisor_id.strip():
+        out.reason = ("the row names no advisor (its advisor_id is empty or missing): the original database does "
+                      "not say whose reference it is, so it is left out")
+        return out
     if advisor_id not in advisors:
         out.reason = (f"unknown advisor {advisor_id!r}: add advisors/{safe_stem(advisor_id) or 'ID'}/advisor.toml "
                       f"(id, name, prompt), then import again")
