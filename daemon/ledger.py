@@ -1316,9 +1316,9 @@ class Ledger:
         name the old place: status would call every failure record unwritten and `retry` would find no photo.
         Rebase every path under the home the ledger last served onto `home`; paths outside it (an inbox on a
         share) stay. Returns how many paths moved. A shared ledger is left alone: each Mac has its own home, and
-        the shared folders keep one path for all of them."""
-        if self.shared:
-            return 0
+        the shared folders keep one path for all of them; so is a SQLite file outside the home (`db_path`)."""
+        if self.shared or not self.path.resolve().is_relative_to(Path(home).resolve()):
+            return 0  # a ledger kept outside the home (db_path) did not move with it, and may serve other homes
         home_s = str(Path(home).resolve())
         recorded = self.events().get(HOME_EVENT)
         old = recorded[0] if recorded else self._home_before_it_was_recorded(Path(home), Path(inbox))

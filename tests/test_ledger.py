@@ -174,3 +174,36 @@ def test_a_card_of_photos_is_queued_in_one_transaction(tmp_path) -> None:
     time.sleep(0.05)
     watcher.poll()
     assert sorted(one_by_one) == ["IMG_5.jpg", "IMG_6.jpg"]
+
+
+def test_a_ledger_outside_the_home_is_not_rebased_by_each_home_that_opens_it(tmp_path: Path) -> None:
+    """`db_path` may name a file outside the home, which two homes can both name: opening it from the other home must
+    not rewrite the first one's paths (only a ledger inside its home moves with it)."""
+    from daemon.config import load_config
+
+    shared = tmp_path / "ledgers" / "one.db"
+    homes = [tmp_path / name for name in ("a", "b")]
+    for home in homes:
+        (home / "inbox").mkdir(parents=True)
+        (home / "mondrian.toml").write_text(f'db_path = "{shared}"\n')
+    a, b = (load_config(home, env={}) for home in homes)
+    ledger = Ledger.for_config(a)
+    src = a.inbox / "x.jpg"
+    ledger.enqueue(src, "x.jpg", "ansel", "default", 1, 1.0)
+    ledger.close()
+    for cfg in (b, a, b):
+        Ledger.for_config(cfg).close()
+    [job] = Ledger(shared).jobs()
+    assert job.source_path == str(src)
+
+    inside = load_config(tmp_path / "c", env={})  # the default: inside its home, recorded, followed when moved
+    (inside.inbox).mkdir(parents=True)
+    ledger = Ledger.for_config(inside)
+    ledger.enqueue(inside.inbox / "y.jpg", "y.jpg", "ansel", "default", 1, 1.0)
+    ledger.close()
+    (tmp_path / "c").rename(tmp_path / "d")
+    moved = load_config(tmp_path / "d", env={})
+    ledger = Ledger.for_config(moved)
+    [job] = ledger.jobs()
+    ledger.close()
+    assert job.source_path == str(moved.inbox / "y.jpg")
