@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from corpus import dng, encode
-from daemon.intake.images import ImageRejected, decode_photo
+from daemon.intake.images import PhotoTruncated, decode_photo
 from daemon.intake.raw import looks_raw
 
 W, H = 640, 480
@@ -98,7 +98,7 @@ def test_a_preview_smaller_than_the_analysed_size_or_of_another_shape_is_not_use
 
 def test_a_truncated_raw_fails_with_what_to_do() -> None:
     data = dng(scene())
-    with pytest.raises(ImageRejected, match="damaged or truncated.*copy it again"):
+    with pytest.raises(PhotoTruncated, match="damaged or truncated.*copy it again"):  # maybe a copy still under way
         decode_photo(data[: len(data) // 2], MAX_PIXELS)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..fsutil import NotReadable, read_regular_file, too_large
-from .raw import RAW_SUFFIXES, RawPhoto, RawRejected, decode_raw
+from .raw import RAW_SUFFIXES, RawCutShort, RawPhoto, RawRejected, decode_raw
 
 # The names a photo file goes by. A browser opens these as pictures, never as a page that runs script: the reports
 # link an original only under one of them (a photo renamed `x.html` or `x.svg` opens as an active page).
@@ -45,6 +45,10 @@ RESIZE_GAP = 2.0  # other formats: reduce by a whole factor to no less than this
 
 class ImageRejected(ValueError):
     """The file cannot be analysed; `str()` is a sentence a photographer understands."""
+
+
+class PhotoTruncated(ImageRejected):
+    """The file ends early: damaged, or a copy still under way that paused (the worker tells them apart)."""
 
 
 @dataclass
@@ -134,7 +138,7 @@ def _raw_photo(data: bytes, max_pixels: int) -> RawPhoto | None:
     try:
         return decode_raw(data, lambda w, h: fit_size(w, h, max_pixels), MAX_PIXELS_ON_DISK)
     except RawRejected as exc:
-        raise ImageRejected(str(exc)) from exc
+        raise (PhotoTruncated if isinstance(exc, RawCutShort) else ImageRejected)(str(exc)) from exc
     except MemoryError as exc:
         raise ImageRejected("the photo needs more memory than is available; export it at a smaller size") from exc
 
@@ -175,7 +179,7 @@ def _pillow_photo(data: bytes, max_pixels: int) -> tuple[Image.Image, int, int, 
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct_error()) as exc:
         msg = str(exc).lower()
         if "truncated" in msg or "premature" in msg or isinstance(exc, EOFError):
-            raise ImageRejected("the photo is truncated (the file ends early); copy it again") from exc
+            raise PhotoTruncated("the photo is truncated (the file ends early); copy it again") from exc
         if "too large" in msg or "decompressed data" in msg or "text chunk" in msg:
             raise ImageRejected("the file hides an oversized compressed chunk (a decompression bomb); "
                                 "it was not opened") from exc

@@ -48,6 +48,10 @@ class RawRejected(ValueError):
     """A raw file LibRaw recognised but cannot turn into a picture; `str()` says what to do."""
 
 
+class RawCutShort(RawRejected):
+    """LibRaw could not develop the sensor data: damaged, or a copy that has not finished."""
+
+
 def might_be_raw(data: bytes) -> bool:
     if data.startswith(_NOT_RAW_MAGIC) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP"):
         return False
@@ -129,7 +133,7 @@ def decode_raw(data: bytes, target: Any, max_pixels_on_disk: int) -> RawPhoto | 
             raise RawRejected("the raw file needs more memory to develop than is available; export a JPEG from "
                               "your raw converter") from exc
         except rawpy.LibRawError as exc:
-            raise RawRejected(f"the raw file is damaged or truncated and LibRaw cannot develop it "
+            raise RawCutShort(f"the raw file is damaged or truncated and LibRaw cannot develop it "
                               f"({type(exc).__name__}); copy it again, or export a JPEG from your raw converter") from exc
     return RawPhoto(Image.fromarray(rgb, "RGB"), width, height)
 

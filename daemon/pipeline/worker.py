@@ -25,7 +25,7 @@ from ..analysis.advisors import Advisor, UnknownAdvisor, get_advisor
 from ..config import Config
 from ..errors import Cancelled, Permanent, TimedOut, Transient, is_permanent
 from ..fsutil import holds, identity
-from ..intake.images import ImageRejected, LoadedImage, load_photo
+from ..intake.images import ImageRejected, LoadedImage, PhotoTruncated, load_photo
 from ..intake.inbox import SidecarError, read_sidecar, sidecar_for
 from ..ledger import DONE, FAILED, Job, LeaseLost, Ledger, LedgerUnavailable
 from .costs import JobCosts
@@ -372,7 +372,7 @@ class Worker:
         network share). Look again a few times over `TRUNCATED_GRACE` quiet times before failing it: queued again
         (without blame) while its size and time keep the same, once it changes the usual settling takes over.
         Kept in memory: a restart gives it a fresh grace, which costs only a little waiting."""
-        if "truncated" not in str(exc):
+        if not isinstance(exc, PhotoTruncated):
             return False
         try:
             st = os.lstat(src)
