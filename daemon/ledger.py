@@ -428,7 +428,7 @@ class Ledger:
     def for_config(cls, cfg: Any, **kwargs: Any) -> "Ledger":
         """The ledger `cfg` names: the shared one at `ledger_url` if set, else the SQLite file at `db_path`."""
         ledger = cls(cfg.db_path, url=cfg.ledger_url or None, lease_seconds=cfg.lease_seconds, **kwargs)
-        ledger.follow_home(cfg.home, cfg.inbox)
+        ledger.follow_home(cfg.home, cfg.inbox, cfg.outbox)
         return ledger
 
     def __init__(self, path: Path, *, url: str | None = None, lease_seconds: float = 60.0,
@@ -1311,7 +1311,7 @@ class Ledger:
 
     # -- daemon facts for status --------------------------------------------------------------
     @writes
-    def follow_home(self, home: Path, inbox: Path) -> int:
+    def follow_home(self, home: Path, inbox: Path, outbox: Path) -> int:
         """A home moved or copied as a folder (`mv`, the Finder, a new disk) brings its ledger along, whose paths
         name the old place: status would call every failure record unwritten and `retry` would find no photo.
         Rebase every path under the home the ledger last served onto `home`; paths outside it (an inbox on a
@@ -1321,7 +1321,7 @@ class Ledger:
             return 0  # a ledger kept outside the home (db_path) did not move with it, and may serve other homes
         home_s = str(Path(home).resolve())
         recorded = self.events().get(HOME_EVENT)
-        old = recorded[0] if recorded else self._home_before_it_was_recorded(Path(home), Path(inbox))
+        old = recorded[0] if recorded else self._home_before_it_was_recorded(Path(home), Path(inbox), Path(outbox))
         if old == home_s:
             return 0
         job, ref = self.Job, self.Reference
@@ -1341,25 +1341,43 @@ class Ledger:
 
         try:
             moved = self._write("where the home is", rebase)
-        except (LedgerUnavailable, OperationalError) as exc:  # read-only or locked: read with the old paths
-            log.warning("the home %s was at %s before; its ledger could not be updated (%s)", home_s, old, exc)
-            return 0
+        except (LedgerUnavailable, OperationalError) as exc:
+            if not old:
+                return 0  # only the record of a home that did not move: the next open makes it
+            # Read with the old paths, status would call records missing and retry would find nothing: stop here.
+            why = str(exc) if isinstance(exc, LedgerUnavailable) else (
+                f"the ledger {self.path} cannot be written ({outside_fault(exc) or exc}). Make it writable, then run "
+                f"the command again")
+            raise LedgerUnavailable(f"this home was at {old} before and its ledger must follow it, but {why}") \
+                from None
         if old and moved:
             log.info("the home moved from %s to %s: %d path(s) in the ledger follow it", old, home_s, moved)
         return moved
 
-    def _home_before_it_was_recorded(self, home: Path, inbox: Path) -> str | None:
-        """For a ledger written before the home was recorded: the home its latest job's photo was queued in, where
-        the inbox lies inside the home (an inbox elsewhere tells nothing about the home)."""
-        try:
-            inside = inbox.resolve().relative_to(home.resolve())
-        except ValueError:
-            return None
-        last = self.Job.select(self.Job.source_path, self.Job.rel_path).order_by(self.Job.id.desc()).first()
-        tail = "/" + "/".join(p for p in (str(inside), last.rel_path if last else "") if p != ".")
-        if not last or not last.source_path.endswith(tail):
-            return None
-        return last.source_path[:-len(tail)]
+    def _home_before_it_was_recorded(self, home: Path, inbox: Path, outbox: Path) -> str | None:
+        """For a ledger written before the home was recorded: the home of its latest inbox photo (its source_path
+        ends with the inbox's place in the home and the photo's rel_path), else of its latest report (in a folder
+        of the outbox). Folders configured outside the home tell nothing about it."""
+        job, home = self.Job, home.resolve()
+        clues = (
+            (inbox, job.select(job.source_path, job.rel_path).where(job.owns_file == True),  # noqa: E712
+             lambda row: (row.source_path, row.rel_path)),
+            (outbox, job.select(job.report_json).where(job.report_json.is_null(False)),
+             lambda row: (row.report_json, str(Path(row.report_json).relative_to(Path(row.report_json).parents[1])))),
+        )
+        for folder, query, path_and_tail in clues:
+            try:
+                inside = folder.resolve().relative_to(home)
+            except ValueError:
+                continue
+            last = query.order_by(job.id.desc()).first()
+            if last is None:
+                continue
+            path, rel = path_and_tail(last)
+            tail = "/" + "/".join(p for p in (str(inside), rel) if p != ".")
+            if path.endswith(tail):
+                return path[:-len(tail)]
+        return None
 
     @writes
     def set_event(self, key: str, value: Any) -> None:

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -70,9 +72,6 @@ def test_hints_name_the_home_they_came_from_so_following_them_works(tmp_path, sm
     import json
     import os
     import shlex
-    import subprocess
-    import sys
-
     from daemon import hints
     from daemon.config import default_home
     from tests.harness import REPO
@@ -112,6 +111,16 @@ def test_hints_name_the_home_they_came_from_so_following_them_works(tmp_path, sm
         hints.serve(default_home({}))
 
 
+def _hold_write_lock(db: Path) -> subprocess.Popen[str]:
+    """Another program holding the ledger's write lock (an open `sqlite3` shell), until killed."""
+    holder = subprocess.Popen([sys.executable, "-c", "import sqlite3, sys, time\n"
+                               "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
+                               "db.execute('BEGIN IMMEDIATE'); print('locked', flush=True); time.sleep(120)",
+                               str(db)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    return holder
+
+
 def _references(home: Path) -> list[tuple[str, float]]:
     import sqlite3
 
@@ -137,12 +146,26 @@ def test_a_moved_home_keeps_its_failures_reports_and_retry(tmp_path, smoke_model
     _sidecar(ref.with_suffix(".json"), _scores(7))
     assert mondrian(home, smoke_model_path, "run", "--once").returncode == 0
     [indexed] = _references(home)
+    # The latest job is one of `mondrian analyze`: its photo lies outside the home, its report inside.
+    analysed = mondrian(home, smoke_model_path, "analyze", str(photo(tmp_path / "mine" / "own.jpg", seed=4)))
+    assert analysed.returncode == 0, analysed.stderr
     if ledger != "recorded":
         with sqlite3.connect(home / "var" / "ledger.db") as db:
             assert db.execute("DELETE FROM event WHERE key = 'home'").rowcount == 1
     moved = tmp_path / "new disk 100%_x" / "Mondrian"  # odd characters a shell and SQL must both take
     moved.parent.mkdir()
     shutil.move(home, moved)
+
+    if ledger == "recorded":  # locked while it must follow: one line and exit 78, not a status of stale paths
+        holder = _hold_write_lock(moved / "var" / "ledger.db")
+        try:
+            refused = mondrian(moved, smoke_model_path, "status", timeout=90)
+        finally:
+            holder.kill()
+            holder.wait()
+        lines = [line for line in refused.stderr.splitlines() if line.strip()]
+        assert refused.returncode == 78 and len(lines) == 1, (refused.stdout, refused.stderr)
+        assert f"this home was at {home} before" in lines[0] and "run the command again" in lines[0], lines
 
     failures = status(moved, smoke_model_path)["recent_failures"]
     assert _references(moved) == [(str(moved / indexed[0][len(str(home)) + 1:]), indexed[1])]  # not indexed again
@@ -161,25 +184,23 @@ def test_a_moved_home_keeps_its_failures_reports_and_retry(tmp_path, smoke_model
     assert jobs["again.jpg"].duplicate_of == jobs["ok.jpg"].id, jobs["again.jpg"]
     assert Path(jobs["ok.jpg"].report_json).is_relative_to(moved), jobs["ok.jpg"].report_json
 
+    # A failed photo deleted since: retrying it by its id says so, rather than "0 queued" and nothing else.
+    (moved / "outbox" / "failed" / "corrupt.jpg").unlink()
+    gone = mondrian(moved, smoke_model_path, "retry", "--failed", str(jobs["corrupt.jpg"].id))
+    assert gone.returncode == 2 and "neither in failed/ nor in the inbox" in gone.stderr, gone.stderr
+
 
 def test_retry_with_the_ledger_locked_moves_nothing_and_says_what_to_do(tmp_path, smoke_model_path):
     """Another program holds the ledger's write lock (an open `sqlite3` shell): retry must not put the photo back in
     the inbox with its job still failed; it waits, then says what holds it, and a later retry does the work."""
-    import subprocess
-    import sys
-
     home = make_home(tmp_path / "home", smoke_model_path)
     photo(home / "inbox" / "bad.jpg", seed=2, size=(64, 48))
     (home / "inbox" / "bad.mode").write_text("portrait\n")
     assert mondrian(home, smoke_model_path, "run", "--once").returncode == 0
     failed = home / "outbox" / "failed"
     (failed / "bad.mode").write_text("baseline\n")
-    holder = subprocess.Popen([sys.executable, "-c", "import sqlite3, sys, time\n"
-                               "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
-                               "db.execute('BEGIN IMMEDIATE'); print('locked', flush=True); time.sleep(120)",
-                               str(home / "var" / "ledger.db")], stdout=subprocess.PIPE, text=True)
+    holder = _hold_write_lock(home / "var" / "ledger.db")
     try:
-        assert holder.stdout.readline().strip() == "locked"
         refused = mondrian(home, smoke_model_path, "retry", "--failed", timeout=90)
     finally:
         holder.kill()

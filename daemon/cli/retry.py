@@ -168,6 +168,8 @@ def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | 
         ledger.requeue_failed(job.id, src)
         if kept is not None:  # failed where it lay (e.g. a read-only folder): only its record is in failed/
             _drop_record(kept)
-    else:
-        return None  # nothing left to analyse
+    else:  # deleted (or moved away) since it failed: nothing left to analyse, and that is worth a line
+        left.append(f"job {job.id}: {job.rel_path} is neither in {cfg.failed_dir.name}/ nor in the inbox any more "
+                    f"(deleted or moved?); to have it critiqued, drop the photo into the inbox again")
+        return None
     return f"job {job.id}: {job.rel_path}"

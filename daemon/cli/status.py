@@ -64,8 +64,8 @@ def next_step(j: Job) -> str:
     kept = Path(j.output_dir) if j.output_dir else None
     if (kept is None or not os.path.lexists(kept)) and os.path.lexists(j.source_path):
         return f"do what the reason says, then `{mondrian()} retry --failed`"
-    return ("fix or re-export the photo and drop it into the inbox again (`retry --failed` skips it until it "
-            "changes; `--all` forces it)")
+    return (f"fix or re-export the photo and drop it into the inbox again (`{mondrian()} retry --failed` skips it "
+            f"until it changes; `{mondrian()} retry --failed --all` forces it)")
 
 
 def _failure(cfg: Config, j: Job) -> dict[str, Any]:
