@@ -150,7 +150,8 @@ def _verify_unit(unit_dir: Path, text: str, name: str, tmp: Path) -> subprocess.
                           text=True, env=env, timeout=60)
 
 
-def test_unit_renders_with_same_semantics(dirs):
+def test_unit_renders_with_same_semantics(dirs, monkeypatch):
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)  # the unit file below goes into the test's user home
     spec = spec_for(dirs, platform="linux")
     text = service.render_unit(spec)
     lines = text.splitlines()
@@ -165,6 +166,10 @@ def test_unit_renders_with_same_semantics(dirs):
     assert 'Environment="MONDRIAN_HOME=%s"' % weird_home.replace("%", "%%") in lines
     assert 'Environment="MONDRIAN_MODEL=smoke"' in lines
     assert not any(l.startswith("Environment=\"MONDRIAN_LOG_ROTATE") for l in lines)  # journald rotates
+    assert spec.unit_path.is_relative_to(dirs["user"])
+    spec.unit_path.parent.mkdir(parents=True, exist_ok=True)
+    spec.unit_path.write_text(text)
+    assert service.installed_home(spec) == dirs["home"].resolve()  # read back through the quoting
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
@@ -331,6 +336,16 @@ def test_macos_install_sequence_with_recording_launchctl(dirs, monkeypatch):
     calls = (state / "calls").read_text().splitlines()
     verbs = [c.split()[0] for c in calls if not c.startswith("print")]
     assert verbs == ["bootout", "enable", "bootstrap"]
+
+    # Another home's `service start|stop|restart` (a hint from that home names its --home) must not act on this one.
+    other_home = dirs["tmp"] / "other home"
+    other_home.mkdir()
+    assert service.installed_home(spec) == spec.home
+    for action in ("start", "stop", "restart"):
+        err = io.StringIO()
+        assert service.service_action(action, **{**kw, "home": other_home, "err": err}) == 78, err.getvalue()
+        assert f"serves {spec.home}, not {other_home.resolve()}" in err.getvalue(), err.getvalue()
+    assert not any(c.startswith(("kickstart", "kill")) for c in (state / "calls").read_text().splitlines())
 
     assert service.service_action("restart", **kw) == 0
     assert service.service_action("stop", **kw) == 0

@@ -52,8 +52,8 @@ def _lock_home(cfg: Config) -> list[int]:
         home_fd = hold_lock(cfg.var_dir / "daemon.lock", str(cfg.home))
     except LockHeld as exc:
         raise StartupError(f"another Mondrian daemon (pid {exc.pid if exc.pid > 0 else '?'}) is already serving "
-                           f"{cfg.home}; stop it first (`{mondrian()} service stop`) or set MONDRIAN_HOME to another "
-                           f"folder") from None
+                           f"{cfg.home}; stop it first (Ctrl-C where it runs, or `{mondrian()} service stop` if it "
+                           f"runs as the service), or give this command another home (--home)") from None
     except NotOwn as exc:
         raise StartupError(str(exc)) from None
     if cfg.shared:

@@ -563,6 +563,25 @@ class Systemd:
         return 0 if active else NOT_RUNNING
 
 
+def installed_home(spec: ServiceSpec) -> Path | None:
+    """The home the installed agent or unit of `spec.label` serves (its MONDRIAN_HOME), or None if none is
+    installed or its file cannot be read."""
+    try:
+        if spec.platform == "macos":
+            env = plistlib.loads(spec.plist_path.read_bytes()).get("EnvironmentVariables", {})
+            value = env.get("MONDRIAN_HOME")
+        else:
+            value = None
+            for line in spec.unit_path.read_text(encoding="utf-8").splitlines():
+                if line.startswith("Environment="):
+                    words = shlex.split(line[len("Environment="):])  # systemd_quote's C escapes, as a shell's
+                    value = next((w.split("=", 1)[1].replace("%%", "%") for w in words
+                                  if w.startswith("MONDRIAN_HOME=")), value)
+    except (OSError, ValueError, plistlib.InvalidFileException):
+        return None
+    return Path(value) if isinstance(value, str) and value else None
+
+
 # ---------------------------------------------------------------------------------------------
 # Entry points
 
@@ -595,6 +614,13 @@ def service_action(action: str, *, platform: str | None = None, label: str = DEF
         if action == "install":
             _path, text = render(spec)
             return manager.install(text)
+        other = installed_home(spec)
+        if home is not None and action in ("start", "stop", "restart") and other and other != spec.home:
+            # One label, one service: `--home B service start` would start (or stop) home A's daemon.
+            sh.warn(f"mondrian service {action}: the installed service {spec.label} serves {other}, not "
+                    f"{spec.home}; nothing was done. Run this home in the foreground with `{mondrian()} run`, or "
+                    f"make the service serve it with `{mondrian()} service install` (replacing the other)")
+            return EX_CONFIG
         return getattr(manager, action)()
     except ConfigError as exc:
         sh.warn(f"mondrian service {action}: configuration problem: {exc}")
