@@ -28,4 +28,11 @@ def mondrian() -> str:
     return "mondrian" + _home_flag
 
 
-__all__ = ["serve", "mondrian"]
+def without_home(text: str) -> str:
+    """`text` for a file of the outbox (a failure record, its page, the index): pages show no absolute path (they
+    are shared, and served by the API), and a home moved later would leave them naming the old place. The terminal
+    and the log keep the flag; `mondrian status` there gives each failure's next step with it."""
+    return text.replace(mondrian(), "mondrian") if _home_flag else text
+
+
+__all__ = ["serve", "mondrian", "without_home"]

@@ -17,7 +17,6 @@ from .baseline import critique_request
 from .critique import critique_schema
 from .prompts import critique_prompt
 from . import AnalysisContext, AnalysisResult, Availability, Strategy
-from ..hints import mondrian
 
 log = logging.getLogger("mondrian.lora")
 
@@ -63,13 +62,13 @@ class LoraStrategy(Strategy):
         return self._base_fingerprint
 
     def is_available(self, advisor) -> Availability:
-        train = f"`{mondrian()} train --advisor {advisor.id}`"
+        train = f"`mondrian train --advisor {advisor.id}`"
         version = self._version(advisor.id)
         if version is None:
             name = self.pinned.get(advisor.id) or self.store.current_name(advisor.id)
             if name:
                 return Availability(False, f"{advisor.name}'s current adapter {name} is missing or incomplete (run "
-                                           f"`{mondrian()} adapters rollback --advisor {advisor.id}` or {train})")
+                                           f"`mondrian adapters rollback --advisor {advisor.id}` or {train})")
             return Availability(False, f"no trained adapter for {advisor.name} yet (run {train})")
         broken = self._broken.get(str(version.path))
         if broken:

@@ -31,7 +31,6 @@ from ..references.indexer import profile_of, profile_request, reference_comment,
 from ..references.thumbnails import thumbnail
 from .retrieval import anchored, distribution, nearest, reference_prior
 from . import AnalysisContext, AnalysisResult, Availability, Strategy
-from ..hints import mondrian
 
 
 def reference_fingerprint(rows: list[Any]) -> str:
@@ -61,7 +60,7 @@ class RagStrategy(Strategy):
         folder = references_dir(self.cfg, advisor.id)
         shown = folder.relative_to(self.cfg.home) if folder.is_relative_to(self.cfg.home) else folder
         return Availability(False, f"no indexed reference photos for {advisor.name} yet (add photos to "
-                                   f"{shown} and run `{mondrian()} references index --advisor {advisor.id}`)")
+                                   f"{shown} and run `mondrian references index --advisor {advisor.id}`)")
 
     def inputs(self, advisor) -> str | None:
         return reference_fingerprint(self.ledger.references(advisor.id)) if self.ledger is not None else None

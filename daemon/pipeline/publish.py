@@ -33,7 +33,7 @@ from .failures import Cause, advice, cause_of, where_it_is
 from .outbox_index import OutboxIndex
 from .report import now_iso, write_report_folder
 from .xmp import embed, write_sidecar
-from ..hints import mondrian
+from ..hints import mondrian, without_home
 
 log = logging.getLogger("mondrian.worker")
 
@@ -413,6 +413,7 @@ class Publisher:
                       "what_to_do": f"{step} {where}",
                       "advisor_source": job.advisor_source, "mode_source": job.mode_source,
                       "from_inbox": bool(job.owns_file)}
+            record = {k: without_home(v) if isinstance(v, str) else v for k, v in record.items()}
             atomic_write_text(Path(f"{dest}.error.json"), json.dumps(record, indent=2, ensure_ascii=False))
             testhooks.crashpoint("fail_recorded")
             if not keep_original:
