@@ -22,7 +22,11 @@ The base is the smoke architecture with plain random weights (tests/lora_helpers
 digit rows cannot learn scores). Flags (after the name): --ns 10,25,50 --test 30 --steps 160 --out DIR
 --modes baseline,rag,lora (e.g. `--ns 25 --modes lora`: a reduced run that tries a training change)
 --balance centre|centre-vertical|two-masses (which whole-image rule; RESULTS.md says what each gave)
---base plain|perception (plain random weights, or first trained on generic captions: bench/perception.py).
+--base plain|perception (plain random weights, or first trained on generic captions: bench/perception.py)
+--seeds 0,1,2,3,4 (the whole run once per seed: each draws its own portfolio and test set and trains with that
+seed, under --out/seed-<s>/; figures get a `_seed<s>` suffix, and `learning_<a>_minus_<b>_srcc_n<N>` becomes the
+mean over the seeds with a 95 % interval, `..._lo`/`..._hi`, from a paired bootstrap over the test photos
+resampled within each seed; `..._seed_lo`/`..._seed_hi` is the t interval over the seeds' own differences).
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--variants", type=int, default=2, help="augmented copies per training reference")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", help="several seeds, comma-separated (e.g. 0,1,2,3,4): the run once per seed, and the "
+                                   "mean differences over them with 95 %% intervals (default: --seed alone)")
     p.add_argument("--balance", choices=BALANCE_RULES, default="centre",
                    help="the whole-image rule (bench/synthetic.py draw_taste; default centre)")
     p.add_argument("--base", choices=("plain", "perception"), default="plain",
@@ -107,7 +113,8 @@ def _figures(ev: dict[str, Any]) -> dict[str, Any]:
     ok = [p for p in ev["photos"] if p["expected"] is not None]
     pred = [[p["expected"][d] for d in TASTE] for p in ok]
     true = [[p["target"][d] for d in TASTE] for p in ok]
-    out = {"srcc": spearman_mean(pred, true), "mae": ev["mae_mean"], "valid": f"{ev['valid']}/{ev['n']}"}
+    out = {"srcc": spearman_mean(pred, true), "mae": ev["mae_mean"], "valid": f"{ev['valid']}/{ev['n']}",
+           "_rows": {p["sha256"]: ([p["expected"][d] for d in TASTE], [p["target"][d] for d in TASTE]) for p in ok}}
     for d in TASTE:
         out[f"srcc_{d}"] = ev["per_dim"][d]["spearman"] or 0.0
         out[f"mae_{d}"] = ev["per_dim"][d]["mae"]
@@ -212,15 +219,7 @@ def _plot(results: dict[str, Any], ns: list[int], path: Path) -> Path | None:
 
 
 def run(size: str, argv: list[str] | None = None) -> dict[str, Any]:
-    from daemon.analysis.advisors import get_advisor
-    from daemon.analysis.prompts import critique_prompt
-    from daemon.config import load_config
-    from daemon.ledger import Ledger
-    from daemon.model.runtime import ModelRuntime
     from daemon.model.smoke import ensure_smoke_model
-    from daemon.references.indexer import ReferenceIndexer
-    from jobs import dataset as ds
-    from jobs.evaluate import evaluate
 
     from .synthetic import plain_random_model
 
@@ -229,9 +228,6 @@ def run(size: str, argv: list[str] | None = None) -> dict[str, Any]:
     modes = [m for m in MODES if m in opts.modes.split(",")]
     root = var_dir()
     out = Path(opts.out) if opts.out else root / "bench-learning"
-    work = out / "work"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
     model_path = plain_random_model(ensure_smoke_model(root), root / "models" / "smoke-plain")
     if opts.base == "perception":
         from .perception import perception_model
@@ -241,13 +237,46 @@ def run(size: str, argv: list[str] | None = None) -> dict[str, Any]:
     labels += "" if len(modes) == len(MODES) else f" modes={'+'.join(modes)}"
     labels += "" if opts.balance == "centre" else f" balance={opts.balance}"
     labels += "" if opts.base == "plain" else f" base={opts.base}"
+    mid = 25 if 25 in ns else ns[len(ns) // 2]
+    if opts.seeds:
+        return _seeds(opts, ns, modes, out, model_path, labels, mid)
     note(f"learning: {labels} on {model_path.name}")
+    results, _ = _measure(opts, ns, modes, out, model_path)
+    png = _plot(results, ns, out / "learning.png") if len(modes) == len(MODES) else None
+    figures: dict[str, Any] = {"learning_settings": labels.replace(" ", ","),
+                               "learning_json": str(out / "learning.json")}
+    if png:
+        figures["learning_png"] = str(png)
+    r = results[str(mid)]
+    for a, b in (("lora", "rag"), ("rag", "baseline")):
+        if a in r and b in r:
+            figures[f"learning_{a}_minus_{b}_srcc_n{mid}"] = round((r[a]["srcc"] or 0) - (r[b]["srcc"] or 0), 3)
+    return figures
+
+
+def _measure(opts: argparse.Namespace, ns: list[int], modes: list[str], out: Path, model_path: Path,
+             suffix: str = "") -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+    """One seed's run (opts.seed): the figures by N (also written to out/learning.json, and printed with `suffix`),
+    and each mode's per-photo rows by N (sha256 -> (predicted, true) over the taste dimensions)."""
+    from daemon.analysis.advisors import get_advisor
+    from daemon.analysis.prompts import critique_prompt
+    from daemon.config import load_config
+    from daemon.ledger import Ledger
+    from daemon.model.runtime import ModelRuntime
+    from daemon.references.indexer import ReferenceIndexer
+    from jobs import dataset as ds
+    from jobs.evaluate import evaluate
+
+    work = out / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     pool = _pool(work / "pool", max(ns), opts.seed, "r", opts.balance)
     test_photos = _pool(work / "test", opts.test, opts.seed + 7, "t", opts.balance)
     test = [ds.Reference(path=str(p), sha256=hashlib.sha256(p.read_bytes()).hexdigest(), scores=s, source="human")
             for p, s in test_photos]
 
     results: dict[str, Any] = {"settings": vars(opts), "test": opts.test, "model": str(model_path)}
+    rows: dict[str, dict[str, Any]] = {}
     base_figs: dict[str, Any] | None = None
     for n in ns:
         started = time.perf_counter()
@@ -273,31 +302,90 @@ def run(size: str, argv: list[str] | None = None) -> dict[str, Any]:
         if "rag" in modes:
             figs["rag"] = _figures(_rag(cfg, runtime, ledger, advisor, test))
         training = ""
-        results[str(n)] = dict(figs)
         if "lora" in modes:
             lora_ev, fit = _lora(cfg, model_path, advisor, refs, test, opts, home / "lora")
             figs["lora"] = _figures(lora_ev)
-            results[str(n)].update(lora=figs["lora"], training={k: fit[k] for k in (
-                "steps_run", "best_step", "best_val_loss", "initial_val_loss", "train_rows", "validation_rows",
-                "samples", "history")})
             training = (f" (lora: {fit['steps_run']} steps, best at {fit['best_step']}, {fit['train_rows']} "
                         f"training rows)")
+        rows[str(n)] = {mode: f["_rows"] for mode, f in figs.items()}
+        figs = {mode: {k: v for k, v in f.items() if k != "_rows"} for mode, f in figs.items()}
+        results[str(n)] = dict(figs)
+        if "lora" in modes:
+            results[str(n)]["training"] = {k: fit[k] for k in (
+                "steps_run", "best_step", "best_val_loss", "initial_val_loss", "train_rows", "validation_rows",
+                "samples", "history")}
         for mode, f in figs.items():
-            emit(f"learning_srcc_{mode}_n{n}", round(f["srcc"] or 0.0, 3))
-            emit(f"learning_mae_{mode}_n{n}", round(f["mae"], 3))
+            emit(f"learning_srcc_{mode}_n{n}{suffix}", round(f["srcc"] or 0.0, 3))
+            emit(f"learning_mae_{mode}_n{n}{suffix}", round(f["mae"], 3))
             for d in TASTE:
-                emit(f"learning_srcc_{mode}_n{n}_{d}", round(f[f"srcc_{d}"], 3))
-                emit(f"learning_mae_{mode}_n{n}_{d}", round(f[f"mae_{d}"], 3))
-        note(f"learning n={n}: {time.perf_counter() - started:.0f} s{training}")
+                emit(f"learning_srcc_{mode}_n{n}_{d}{suffix}", round(f[f"srcc_{d}"], 3))
+                emit(f"learning_mae_{mode}_n{n}_{d}{suffix}", round(f[f"mae_{d}"], 3))
+        note(f"learning n={n}{suffix}: {time.perf_counter() - started:.0f} s{training}")
         json.dump(results, open(out / "learning.json", "w"), indent=2, default=str)
-    png = _plot(results, ns, out / "learning.png") if len(modes) == len(MODES) else None
+    return results, rows
+
+
+PAIRS = (("lora", "rag"), ("rag", "baseline"))
+
+
+def _seeds(opts: argparse.Namespace, ns: list[int], modes: list[str], out: Path, model_path: Path, labels: str,
+           mid: int, replicates: int = 2000) -> dict[str, Any]:
+    """The run once per seed (--seeds), then at N = `mid` the mean over seeds of each pair's SRCC difference with
+    two 95 % intervals: a paired bootstrap over the test photos, resampled within each seed (both modes of a pair
+    see the same resampled photos; the statistic is the mean over seeds of the difference, as measured), and a t
+    interval over the seeds' differences (which also sees what training and portfolio vary between seeds)."""
+    import numpy as np
+    from scipy import stats
+
+    from jobs.evaluate import spearman_mean
+
+    seeds = [int(x) for x in opts.seeds.split(",")]
+    labels += f" seeds={'+'.join(map(str, seeds))}"
+    note(f"learning: {labels} on {model_path.name}")
+    per_seed: dict[str, Any] = {}
+    rows: dict[int, dict[str, Any]] = {}
+    for seed in seeds:
+        started = time.perf_counter()
+        one = argparse.Namespace(**{**vars(opts), "seed": seed})
+        per_seed[str(seed)], rows[seed] = _measure(one, ns, modes, out / f"seed-{seed}", model_path, f"_seed{seed}")
+        (out / f"seed-{seed}" / "rows.json").write_text(json.dumps(rows[seed]))  # per photo: (predicted, true)
+        note(f"learning seed {seed}: {time.perf_counter() - started:.0f} s")
+    summary: dict[str, Any] = {"settings": {**vars(opts), "labels": labels}, "seeds": seeds, "n": mid,
+                               "interval": f"95 %: paired bootstrap over the test photos within each seed "
+                                           f"({replicates} replicates), and a t interval over the seeds"}
     figures: dict[str, Any] = {"learning_settings": labels.replace(" ", ","),
                                "learning_json": str(out / "learning.json")}
-    if png:
-        figures["learning_png"] = str(png)
-    mid = 25 if 25 in ns else ns[len(ns) // 2]
-    r = results[str(mid)]
-    for a, b in (("lora", "rag"), ("rag", "baseline")):
-        if a in r and b in r:
-            figures[f"learning_{a}_minus_{b}_srcc_n{mid}"] = round((r[a]["srcc"] or 0) - (r[b]["srcc"] or 0), 3)
+    rng = np.random.default_rng(12345)
+    for mode in modes:
+        srcc = [per_seed[str(s)][str(mid)][mode]["srcc"] or 0.0 for s in seeds]
+        summary[f"srcc_{mode}_n{mid}"] = {"per_seed": srcc, "mean": float(np.mean(srcc))}
+        figures[f"learning_srcc_{mode}_n{mid}_mean"] = round(float(np.mean(srcc)), 3)
+    for a, b in PAIRS:
+        if a not in modes or b not in modes:
+            continue
+        diffs = [(per_seed[str(s)][str(mid)][a]["srcc"] or 0) - (per_seed[str(s)][str(mid)][b]["srcc"] or 0)
+                 for s in seeds]
+        mean = float(np.mean(diffs))
+        boot = np.empty(replicates)
+        for r in range(replicates):
+            total = 0.0
+            for s in seeds:
+                ra, rb = rows[s][str(mid)][a], rows[s][str(mid)][b]
+                photos = sorted(set(ra) & set(rb))
+                pick = [photos[i] for i in rng.integers(0, len(photos), len(photos))]
+                total += ((spearman_mean([ra[k][0] for k in pick], [ra[k][1] for k in pick]) or 0.0)
+                          - (spearman_mean([rb[k][0] for k in pick], [rb[k][1] for k in pick]) or 0.0))
+            boot[r] = total / len(seeds)
+        lo, hi = (float(x) for x in np.percentile(boot, [2.5, 97.5]))
+        half = (float(stats.t.ppf(0.975, len(seeds) - 1) * np.std(diffs, ddof=1) / np.sqrt(len(seeds)))
+                if len(seeds) > 1 else float("nan"))
+        key = f"learning_{a}_minus_{b}_srcc_n{mid}"
+        summary[key] = {"per_seed": diffs, "mean": mean, "bootstrap_photos_95": [lo, hi],
+                        "t_seeds_95": [mean - half, mean + half], "seeds_above_0.1": sum(d >= 0.1 for d in diffs)}
+        for s, d in zip(seeds, diffs):
+            emit(f"{key}_seed{s}", round(d, 3))
+        figures[key] = round(mean, 3)
+        figures[f"{key}_lo"], figures[f"{key}_hi"] = round(lo, 3), round(hi, 3)
+        figures[f"{key}_seed_lo"], figures[f"{key}_seed_hi"] = round(mean - half, 3), round(mean + half, 3)
+    json.dump({"summary": summary, "per_seed": per_seed}, open(out / "learning.json", "w"), indent=2, default=str)
     return figures

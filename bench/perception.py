@@ -13,7 +13,10 @@ colours, and one bar or box of a random colour, size and place. Caption, all dec
 `top: brightness 3, saturation 7. bottom: brightness 5, saturation 2. object: x 8, y 4, brightness 1.`
 
 Measured (RESULTS.md, `learning`): the defaults (1,200 steps of 8 over 2,000 scenes, 15 min on the 2-core CPU) teach
-brightness but not yet where things are; built once into <var>/models/smoke-perception and reused.
+brightness but not yet where things are; built once into <var>/models/smoke-perception and reused. The base the
+learning figures use was built on the lent GPU, both stages in one process (21 min on an H200; longer than a device
+command may run, so started with setsid and collected by later commands, RESULTS.md says how):
+`python3 -m bench.perception .mlxc/models/smoke-plain /tmp/sp 2400 32 8000 5e-4 --stages 2 --no-check`.
 """
 
 from __future__ import annotations

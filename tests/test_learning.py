@@ -333,3 +333,28 @@ def test_learning_benchmark_measures_only_the_modes_asked_for(tmp_path) -> None:
     data = json.loads((tmp_path / "out" / "learning.json").read_text())
     assert set(data["3"]) == {"lora", "training"} and data["3"]["training"]["history"][0]["step"] == 0
     assert not (tmp_path / "out" / "learning.png").exists()
+
+
+def test_learning_benchmark_over_seeds_gives_the_mean_difference_and_its_intervals(tmp_path) -> None:
+    """`--seeds 0,1`: each seed's figures, and the mean over seeds of each pair's SRCC difference with its two 95 %
+    intervals (over the test photos, over the seeds), consistent with the seeds' own figures."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "MONDRIAN_BENCH_VAR": str(tmp_path / "var")}
+    out = subprocess.run([sys.executable, "-m", "bench", "learning", "--ns", "3", "--test", "4", "--steps", "2",
+                          "--variants", "0", "--seeds", "0,1", "--out", str(tmp_path / "out")], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    figures = {k: float(v) for k, v in (line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+               if k.startswith("learning_") and v.replace(".", "").replace("-", "").isdigit()}
+    for a, b in (("lora", "rag"), ("rag", "baseline")):
+        key = f"learning_{a}_minus_{b}_srcc_n3"
+        per_seed = [figures[f"learning_srcc_{a}_n3_seed{s}"] - figures[f"learning_srcc_{b}_n3_seed{s}"] for s in (0, 1)]
+        assert [figures[f"{key}_seed{s}"] for s in (0, 1)] == pytest.approx(per_seed, abs=2e-3), figures
+        assert figures[key] == pytest.approx(sum(per_seed) / 2, abs=2e-3), figures
+        assert figures[f"{key}_lo"] <= figures[f"{key}_hi"]
+        assert figures[f"{key}_seed_lo"] <= figures[key] <= figures[f"{key}_seed_hi"]
+    data = json.loads((tmp_path / "out" / "learning.json").read_text())
+    assert data["summary"]["seeds"] == [0, 1] and set(data["per_seed"]) == {"0", "1"}
+    # Each seed draws its own portfolio and test set.
+    drawn = {s: {p.read_bytes() for p in (tmp_path / "out" / f"seed-{s}" / "work" / "test").glob("*.png")}
+             for s in (0, 1)}
+    assert len(drawn[0]) == 4 and not drawn[0] & drawn[1], "the seeds drew the same test photos"
