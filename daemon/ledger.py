@@ -1310,7 +1310,6 @@ class Ledger:
                                              (self.Reference.path == str(path))).execute() > 0
 
     # -- daemon facts for status --------------------------------------------------------------
-    @writes
     def follow_home(self, home: Path, inbox: Path, outbox: Path) -> int:
         """A home moved or copied as a folder (`mv`, the Finder, a new disk) brings its ledger along, whose paths
         name the old place: status would call every failure record unwritten and `retry` would find no photo.
