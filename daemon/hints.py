@@ -7,6 +7,7 @@ launchd service with its own MONDRIAN_HOME) to the default home: a different led
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 
@@ -20,7 +21,18 @@ def serve(home: Path | str) -> None:
     global _home_flag
     home = Path(home).expanduser().resolve()
     # env={}: a shell without MONDRIAN_HOME, the common case after following a hint from a service's log
-    _home_flag = "" if home == default_home({}) else f" --home {shlex.quote(str(home))}"
+    _home_flag = "" if home == default_home({}) else f" --home {shell_word(home)}"
+
+
+def shell_word(path: Path) -> str:
+    """`path` as one shell word that gives back its exact bytes: shlex's quoting, or for a name that is not UTF-8
+    (possible on Linux) bash's and zsh's $'...' with \\x escapes, which survives the terminal's own escaping."""
+    raw = os.fsencode(path)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "$'" + "".join(chr(b) if 32 <= b < 127 and chr(b) not in "'\\" else f"\\x{b:02x}" for b in raw) + "'"
+    return shlex.quote(str(path))
 
 
 def mondrian() -> str:

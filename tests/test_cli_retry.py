@@ -219,3 +219,24 @@ def test_retry_with_the_ledger_locked_moves_nothing_and_says_what_to_do(tmp_path
     again = mondrian(home, smoke_model_path, "retry", "--failed")
     assert again.returncode == 0 and "bad.jpg" in again.stdout, again.stderr
     assert (home / "inbox" / "bad.jpg").exists() and ledger_jobs(home)["bad.jpg"].state == "queued"
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS refuses file names that are not UTF-8")
+def test_a_home_whose_name_is_not_utf8_gets_hints_a_shell_can_paste(tmp_path, smoke_model_path):
+    """The terminal shows a stray byte escaped; the hint must still give the shell the exact name back."""
+    import os
+    import shlex
+
+    home = make_home(tmp_path / os.fsdecode(b"ph\xffoto"), smoke_model_path)
+    env = {k: v for k, v in os.environ.items() if k not in ("MONDRIAN_HOME", "ANALYSIS_MODE")}
+    env.update(MONDRIAN_MODEL=str(smoke_model_path), HF_HUB_OFFLINE="1")
+    shown = subprocess.run([sys.executable, "-m", "daemon", "--home", str(home), "status"], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=120)
+    assert shown.returncode == 0, shown.stderr
+    hint = next(part for part in shown.stdout.split("`") if part.startswith("mondrian --home"))
+    assert "\\xff" in hint and "\\udcff" not in hint, hint
+    # Pasted into bash (zsh reads $'...' the same way): it names this home, not a new one.
+    command = f"{shlex.quote(sys.executable)} -m daemon {hint.split(' ', 1)[1].replace(' run', ' status')}"
+    pasted = subprocess.run(["bash", "-c", command], env=env, cwd=tmp_path, capture_output=True, text=True,
+                            timeout=120)
+    assert pasted.returncode == 0 and "Mondrian home:" in pasted.stdout, (command, pasted.stdout, pasted.stderr)

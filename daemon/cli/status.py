@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
 import signal
 import socket
 import statistics
@@ -18,7 +17,7 @@ from typing import Any, TextIO
 from ..config import CONFIG_NAME, Config, ConfigError
 from ..fsutil import is_folder, lock_holder, pid_alive
 from ..ledger import FAULT_NOTE, FaultNote, Job, Ledger
-from ..hints import mondrian
+from ..hints import mondrian, shell_word
 from ..pipeline.failures import advice, cause_of
 from .terminal import shown
 
@@ -45,7 +44,7 @@ def require_home(cfg: Config) -> None:
         raise ConfigError(f"no Mondrian home at {home}: it is a file, not a folder. Set MONDRIAN_HOME (or --home) to "
                           f"your home folder, or run `mondrian init FOLDER` to create one")
     what = "has no mondrian.toml, ledger or inbox" if home.exists() else "does not exist"
-    raise ConfigError(f"no Mondrian home at {home} (it {what}): run `mondrian init {shlex.quote(str(home))}` to "
+    raise ConfigError(f"no Mondrian home at {home} (it {what}): run `mondrian init {shell_word(home)}` to "
                       f"create one there, or set MONDRIAN_HOME (or --home) to the home you have")
 
 
