@@ -47,4 +47,4 @@ def without_home(text: str) -> str:
     return text.replace(mondrian(), "mondrian") if _home_flag else text
 
 
-__all__ = ["serve", "mondrian", "without_home"]
+__all__ = ["serve", "mondrian", "shell_word", "without_home"]

@@ -71,6 +71,17 @@ def named(home: Path, command: str) -> str:
     return f"mondrian --home {shlex.quote(str(home.resolve()))} {command}"
 
 
+def hold_ledger_lock(db: Path, seconds: float) -> subprocess.Popen:
+    """Another process holding a write transaction on the ledger (as an open `sqlite3` shell would)."""
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, sys, time\n"
+        f"c = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
+        "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True)\n"
+        f"time.sleep({seconds}); c.execute('ROLLBACK')\n")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    return holder
+
+
 def status(home: Path, model_path: Path) -> dict[str, Any]:
     out = mondrian(home, model_path, "status", "--json")
     assert out.returncode == 0, out.stderr

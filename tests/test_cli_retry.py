@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import ledger_jobs, make_home, mondrian, photo, status
+from tests.harness import hold_ledger_lock, ledger_jobs, make_home, mondrian, photo, status
 from tests.test_rag import _scores, _sidecar
 
 
@@ -115,16 +115,6 @@ def test_hints_name_the_home_they_came_from_so_following_them_works(tmp_path, sm
         hints.serve(default_home({}))
 
 
-def _hold_write_lock(db: Path) -> subprocess.Popen[str]:
-    """Another program holding the ledger's write lock (an open `sqlite3` shell), until killed."""
-    holder = subprocess.Popen([sys.executable, "-c", "import sqlite3, sys, time\n"
-                               "db = sqlite3.connect(sys.argv[1], isolation_level=None)\n"
-                               "db.execute('BEGIN IMMEDIATE'); print('locked', flush=True); time.sleep(120)",
-                               str(db)], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
-    return holder
-
-
 def _references(home: Path) -> list[tuple[str, float]]:
     import sqlite3
 
@@ -161,7 +151,7 @@ def test_a_moved_home_keeps_its_failures_reports_and_retry(tmp_path, smoke_model
     shutil.move(home, moved)
 
     if ledger == "recorded":  # locked while it must follow: one line and exit 78, not a status of stale paths
-        holder = _hold_write_lock(moved / "var" / "ledger.db")
+        holder = hold_ledger_lock(moved / "var" / "ledger.db", 120)
         try:
             refused = mondrian(moved, smoke_model_path, "status", timeout=90)
         finally:
@@ -203,7 +193,7 @@ def test_retry_with_the_ledger_locked_moves_nothing_and_says_what_to_do(tmp_path
     assert mondrian(home, smoke_model_path, "run", "--once").returncode == 0
     failed = home / "outbox" / "failed"
     (failed / "bad.mode").write_text("baseline\n")
-    holder = _hold_write_lock(home / "var" / "ledger.db")
+    holder = hold_ledger_lock(home / "var" / "ledger.db", 120)
     try:
         refused = mondrian(home, smoke_model_path, "retry", "--failed", timeout=90)
     finally:

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from daemon.analysis.critique import DIMENSIONS
-from tests.harness import Daemon, ledger_jobs, make_home, mondrian, photo, status, wait_for
+from tests.harness import Daemon, hold_ledger_lock, ledger_jobs, make_home, mondrian, photo, status, wait_for
 from tests.test_faults import FAST, _mount, _umount, read_only
 from tests.test_faults import test_signal_requeues_the_photo_in_hand_and_exits_0_quickly as _graceful_stop
 
@@ -114,7 +114,7 @@ def test_ledger_locked_longer_than_sqlites_busy_timeout(tmp_path, smoke_model_pa
     hold_s = 40  # longer than the 30 s busy timeout that used to end the daemon
     with Daemon(home, smoke_model_path) as d:
         wait_for(lambda: "model ready" in d.output(), 60, what="model ready")
-        holder = _hold_lock(db, hold_s)
+        holder = hold_ledger_lock(db, hold_s)
         try:
             t0 = time.monotonic()
             photo(home / "inbox" / "locked out.jpg", seed=4, size=(64, 48))
@@ -138,22 +138,11 @@ def test_ledger_locked_longer_than_sqlites_busy_timeout(tmp_path, smoke_model_pa
           f"meanwhile was done {waited:.0f}s later")
 
 
-def _hold_lock(db: Path, seconds: float) -> subprocess.Popen:
-    """Another process holding a write transaction on the ledger (as an open `sqlite3` shell would)."""
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import sqlite3, sys, time\n"
-        f"c = sqlite3.connect({str(db)!r}, isolation_level=None)\n"
-        "c.execute('BEGIN IMMEDIATE'); print('locked', flush=True)\n"
-        f"time.sleep({seconds}); c.execute('ROLLBACK')\n")], stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "locked"
-    return holder
-
-
 def test_stop_while_the_ledger_is_locked_is_quick_and_loses_nothing(tmp_path, smoke_model_path):
     home = make_home(tmp_path / "home", smoke_model_path, **FAST)
     with Daemon(home, smoke_model_path) as d:
         wait_for(lambda: "model ready" in d.output(), 60, what="model ready")
-        holder = _hold_lock(home / "var" / "ledger.db", 60)
+        holder = hold_ledger_lock(home / "var" / "ledger.db", 60)
         try:
             photo(home / "inbox" / "waiting.jpg", seed=10, size=(64, 48))
             time.sleep(5)  # the photo is seen, and its queueing waits for the lock
