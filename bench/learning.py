@@ -27,6 +27,8 @@ digit rows cannot learn scores). Flags (after the name): --ns 10,25,50 --test 30
 seed, under --out/seed-<s>/; figures get a `_seed<s>` suffix, and `learning_<a>_minus_<b>_srcc_n<N>` becomes the
 mean over the seeds with a 95 % interval, `..._lo`/`..._hi`, from a paired bootstrap over the test photos
 resampled within each seed; `..._seed_lo`/`..._seed_hi` is the t interval over the seeds' own differences).
+--reuse (with --seeds: a seed already finished under --out at the same settings, on weights with the same sha256,
+is read back instead of run again: resume a run, or split the seeds over processes and summarise them together).
 """
 
 from __future__ import annotations
@@ -61,6 +63,10 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", help="several seeds, comma-separated (e.g. 0,1,2,3,4): the run once per seed, and the "
                                    "mean differences over them with 95 %% intervals (default: --seed alone)")
+    p.add_argument("--reuse", action="store_true",
+                   help="with --seeds: keep a seed's finished run under --out when its settings and the base's "
+                        "weights (sha256) are the same, so an interrupted run resumes and runs split over several "
+                        "processes or machines are summarised together")
     p.add_argument("--balance", choices=BALANCE_RULES, default="centre",
                    help="the whole-image rule (bench/synthetic.py draw_taste; default centre)")
     p.add_argument("--base", choices=("plain", "perception"), default="plain",
@@ -275,7 +281,8 @@ def _measure(opts: argparse.Namespace, ns: list[int], modes: list[str], out: Pat
     test = [ds.Reference(path=str(p), sha256=hashlib.sha256(p.read_bytes()).hexdigest(), scores=s, source="human")
             for p, s in test_photos]
 
-    results: dict[str, Any] = {"settings": vars(opts), "test": opts.test, "model": str(model_path)}
+    results: dict[str, Any] = {"settings": vars(opts), "test": opts.test, "model": str(model_path),
+                               "model_sha256": weights_sha256(model_path)}
     rows: dict[str, dict[str, Any]] = {}
     base_figs: dict[str, Any] | None = None
     for n in ns:
@@ -314,18 +321,51 @@ def _measure(opts: argparse.Namespace, ns: list[int], modes: list[str], out: Pat
             results[str(n)]["training"] = {k: fit[k] for k in (
                 "steps_run", "best_step", "best_val_loss", "initial_val_loss", "train_rows", "validation_rows",
                 "samples", "history")}
-        for mode, f in figs.items():
-            emit(f"learning_srcc_{mode}_n{n}{suffix}", round(f["srcc"] or 0.0, 3))
-            emit(f"learning_mae_{mode}_n{n}{suffix}", round(f["mae"], 3))
-            for d in TASTE:
-                emit(f"learning_srcc_{mode}_n{n}_{d}{suffix}", round(f[f"srcc_{d}"], 3))
-                emit(f"learning_mae_{mode}_n{n}_{d}{suffix}", round(f[f"mae_{d}"], 3))
+        _emit_n(n, figs, suffix)
         note(f"learning n={n}{suffix}: {time.perf_counter() - started:.0f} s{training}")
         json.dump(results, open(out / "learning.json", "w"), indent=2, default=str)
     return results, rows
 
 
+def _emit_n(n: int, figs: dict[str, Any], suffix: str) -> None:
+    """One N's figures per mode, as printed while a seed runs (and again for a seed read back by --reuse)."""
+    for mode, f in figs.items():
+        if mode == "training":
+            continue
+        emit(f"learning_srcc_{mode}_n{n}{suffix}", round(f["srcc"] or 0.0, 3))
+        emit(f"learning_mae_{mode}_n{n}{suffix}", round(f["mae"], 3))
+        for d in TASTE:
+            emit(f"learning_srcc_{mode}_n{n}_{d}{suffix}", round(f[f"srcc_{d}"], 3))
+            emit(f"learning_mae_{mode}_n{n}_{d}{suffix}", round(f[f"mae_{d}"], 3))
+
+
 PAIRS = (("lora", "rag"), ("rag", "baseline"))
+# What makes two runs of one seed the same measurement; --seeds, --reuse and --out only say how runs are organised.
+SAME_RUN = ("ns", "test", "steps", "lr", "variants", "seed", "balance", "base", "modes")
+
+
+def weights_sha256(model_path: Path) -> str:
+    """The base's weights, hashed: a rebuilt base keeps its path but not its weights (RESULTS.md, `learning`)."""
+    digest = hashlib.sha256()
+    for f in sorted(model_path.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _finished(folder: Path, opts: argparse.Namespace, model_path: Path) -> tuple[dict[str, Any], dict[str, Any]] | None:
+    """A seed's earlier run under `folder` at the same settings on the same weights, or None."""
+    try:
+        results = json.loads((folder / "learning.json").read_text())
+        rows = json.loads((folder / "rows.json").read_text())
+    except (OSError, ValueError):
+        return None
+    want = {k: vars(opts)[k] for k in SAME_RUN}
+    if ({k: results.get("settings", {}).get(k) for k in SAME_RUN} != want
+            or results.get("model_sha256") != weights_sha256(model_path)):
+        return None
+    return results, rows
 
 
 def _seeds(opts: argparse.Namespace, ns: list[int], modes: list[str], out: Path, model_path: Path, labels: str,
@@ -347,6 +387,13 @@ def _seeds(opts: argparse.Namespace, ns: list[int], modes: list[str], out: Path,
     for seed in seeds:
         started = time.perf_counter()
         one = argparse.Namespace(**{**vars(opts), "seed": seed})
+        done = _finished(out / f"seed-{seed}", one, model_path) if opts.reuse else None
+        if done:
+            per_seed[str(seed)], rows[seed] = done
+            for n in ns:
+                _emit_n(n, done[0][str(n)], f"_seed{seed}")
+            note(f"learning seed {seed}: reused the finished run in {out / f'seed-{seed}'}")
+            continue
         per_seed[str(seed)], rows[seed] = _measure(one, ns, modes, out / f"seed-{seed}", model_path, f"_seed{seed}")
         (out / f"seed-{seed}" / "rows.json").write_text(json.dumps(rows[seed]))  # per photo: (predicted, true)
         note(f"learning seed {seed}: {time.perf_counter() - started:.0f} s")

@@ -358,3 +358,44 @@ def test_learning_benchmark_over_seeds_gives_the_mean_difference_and_its_interva
     drawn = {s: {p.read_bytes() for p in (tmp_path / "out" / f"seed-{s}" / "work" / "test").glob("*.png")}
              for s in (0, 1)}
     assert len(drawn[0]) == 4 and not drawn[0] & drawn[1], "the seeds drew the same test photos"
+
+
+
+def test_learning_benchmark_reuse_reads_back_a_finished_seed_only_at_the_same_settings_and_weights(tmp_path) -> None:
+    """`--reuse`: a seed finished under --out is read back (same figures, not re-run) so a long run over many seeds
+    can resume or be split; other settings, or a base whose weights changed, run the seed again."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "MONDRIAN_BENCH_VAR": str(tmp_path / "var")}
+    out_dir = tmp_path / "out"
+
+    def bench(*flags: str) -> tuple[dict[str, str], str]:
+        out = subprocess.run([sys.executable, "-m", "bench", "learning", "--ns", "3", "--test", "4", "--variants", "0",
+                              "--out", str(out_dir), *flags], cwd=REPO, env=env, capture_output=True, text=True,
+                             timeout=900)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line), out.stderr
+
+    first, _ = bench("--steps", "2", "--seeds", "0")
+    seed0 = {k: v for k, v in first.items() if k.endswith("_seed0")}
+    assert "learning_srcc_lora_n3_seed0" in seed0 and "learning_mae_rag_n3_visual_balance_seed0" in seed0, first
+    stamp = (out_dir / "seed-0" / "learning.json").stat().st_mtime_ns
+
+    both, log = bench("--steps", "2", "--seeds", "0,1", "--reuse")
+    assert "learning seed 0: reused" in log and "learning seed 1: reused" not in log, log[-2000:]
+    assert {k: both[k] for k in seed0} == seed0, "a reused seed must report the figures it was measured with"
+    assert "learning_srcc_lora_n3_seed1" in both
+    assert (out_dir / "seed-0" / "learning.json").stat().st_mtime_ns == stamp, "the reused seed was run again"
+    assert json.loads((out_dir / "learning.json").read_text())["summary"]["seeds"] == [0, 1]
+
+    _, log = bench("--steps", "3", "--seeds", "0", "--reuse")
+    assert "learning seed 0: reused" not in log, "a seed measured with other settings was reused"
+    _, log = bench("--steps", "3", "--seeds", "0", "--reuse")
+    assert "learning seed 0: reused" in log, log[-2000:]
+
+    # The base rebuilt with other weights at the same path: its sha256 no longer matches the recorded one.
+    recorded = json.loads((out_dir / "seed-0" / "learning.json").read_text())
+    weights = Path(recorded["model"]) / "model.safetensors"
+    assert recorded["model_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    recorded["model_sha256"] = "0" * 64
+    (out_dir / "seed-0" / "learning.json").write_text(json.dumps(recorded))
+    _, log = bench("--steps", "3", "--seeds", "0", "--reuse")
+    assert "learning seed 0: reused" not in log, "a seed measured on other weights was reused"
