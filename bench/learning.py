@@ -19,7 +19,7 @@ Figures, as key=value lines: `learning_srcc_<mode>_n<N>` (mean Spearman over the
 `learning_mae_<mode>_n<N>_<dim>`. Also writes `learning.json` and `learning.png` (the curve) into --out.
 
 The base is the smoke architecture with plain random weights (tests/lora_helpers: the smoke model's tied
-digit rows cannot learn scores). Flags (after the name): --ns 10,25,50 --test 30 --steps 160 --out DIR
+digit rows cannot learn scores). Flags (after the name): --ns 10,25,50 --test 30 --steps 160 --batch 4 --out DIR
 --modes baseline,rag,lora (e.g. `--ns 25 --modes lora`: a reduced run that tries a training change)
 --balance centre|centre-vertical|two-masses (which whole-image rule; RESULTS.md says what each gave)
 --base plain|perception (plain random weights, or first trained on generic captions: bench/perception.py)
@@ -59,6 +59,8 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--test", type=int, default=30, help="fixed test photos (default 30)")
     p.add_argument("--steps", type=int, default=160, help="LoRA training steps per N (default 160)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch", type=int, default=4,
+                   help="LoRA batch size (default 4): fixed, so every seed trains on as many rows (steps x batch)")
     p.add_argument("--variants", type=int, default=2, help="augmented copies per training reference")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", help="several seeds, comma-separated (e.g. 0,1,2,3,4): the run once per seed, and the "
@@ -180,8 +182,9 @@ def _lora(cfg: Any, model_path: Path, advisor: Any, refs: list[Any], test: list[
                              ds.DatasetSettings(variants=opts.variants, exposure=False), splits=splits)
     runtime = ModelRuntime.load(str(model_path), var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
     data = ds.load_built(built.path)
-    # mlx-vlm evaluates in whole batches: a batch no larger than the validation split (2 photos at N = 10)
-    fit = FitSettings(steps=opts.steps, learning_rate=opts.lr, batch_size=min(4, built.validation_rows),
+    # The batch is fixed, not capped at the validation split's size (fit_lora repeats a smaller split up to a
+    # batch): capped, a seed whose hash-carved split held one photo trained on a quarter of the rows.
+    fit = FitSettings(steps=opts.steps, learning_rate=opts.lr, batch_size=opts.batch,
                       eval_every=40, patience=3, seed=opts.seed)
     fitted = fit_lora(runtime, data["train"], data["validation"], fit, scratch=work / "scratch.safetensors",
                       on_progress=lambda e: None)
@@ -239,7 +242,8 @@ def run(size: str, argv: list[str] | None = None) -> dict[str, Any]:
         from .perception import perception_model
 
         model_path = perception_model(model_path, root / "models" / "smoke-perception", log=note)
-    labels = f"ns={opts.ns} test={opts.test} steps={opts.steps} lr={opts.lr:g} variants={opts.variants}"
+    labels = (f"ns={opts.ns} test={opts.test} steps={opts.steps} lr={opts.lr:g} batch={opts.batch} "
+              f"variants={opts.variants}")
     labels += "" if len(modes) == len(MODES) else f" modes={'+'.join(modes)}"
     labels += "" if opts.balance == "centre" else f" balance={opts.balance}"
     labels += "" if opts.base == "plain" else f" base={opts.base}"
@@ -319,8 +323,8 @@ def _measure(opts: argparse.Namespace, ns: list[int], modes: list[str], out: Pat
         results[str(n)] = dict(figs)
         if "lora" in modes:
             results[str(n)]["training"] = {k: fit[k] for k in (
-                "steps_run", "best_step", "best_val_loss", "initial_val_loss", "train_rows", "validation_rows",
-                "samples", "history")}
+                "steps_run", "batch_size", "best_step", "best_val_loss", "initial_val_loss", "train_rows",
+                "validation_rows", "samples", "history")}
         _emit_n(n, figs, suffix)
         note(f"learning n={n}{suffix}: {time.perf_counter() - started:.0f} s{training}")
         json.dump(results, open(out / "learning.json", "w"), indent=2, default=str)
@@ -341,7 +345,7 @@ def _emit_n(n: int, figs: dict[str, Any], suffix: str) -> None:
 
 PAIRS = (("lora", "rag"), ("rag", "baseline"))
 # What makes two runs of one seed the same measurement; --seeds, --reuse and --out only say how runs are organised.
-SAME_RUN = ("ns", "test", "steps", "lr", "variants", "seed", "balance", "base", "modes")
+SAME_RUN = ("ns", "test", "steps", "lr", "batch", "variants", "seed", "balance", "base", "modes")
 
 
 def weights_sha256(model_path: Path) -> str:

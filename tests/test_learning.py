@@ -321,17 +321,22 @@ def test_learning_benchmark_prints_every_figure_and_draws_the_curve(tmp_path) ->
 
 def test_learning_benchmark_measures_only_the_modes_asked_for(tmp_path) -> None:
     """`--modes lora` (the reduced runs that tune training): lora's figures and its training history, and neither
-    baseline's nor rag's figures nor a curve that would draw them as zeros."""
+    baseline's nor rag's figures nor a curve that would draw them as zeros. The batch is the one asked for even
+    where the validation split holds fewer rows (one photo of three here): capped at the split's size, a seed whose
+    split drew one photo trained on a quarter of the rows the others did."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "MONDRIAN_BENCH_VAR": str(tmp_path / "var")}
     out = subprocess.run([sys.executable, "-m", "bench", "learning", "--ns", "3", "--test", "3", "--steps", "2",
-                          "--variants", "0", "--modes", "lora", "--out", str(tmp_path / "out")], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=600)
+                          "--variants", "0", "--batch", "3", "--modes", "lora", "--out", str(tmp_path / "out")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     figures = dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
     assert np.isfinite(float(figures["learning_srcc_lora_n3"])), out.stdout
     assert not [k for k in figures if "baseline" in k or "rag" in k], out.stdout
     data = json.loads((tmp_path / "out" / "learning.json").read_text())
     assert set(data["3"]) == {"lora", "training"} and data["3"]["training"]["history"][0]["step"] == 0
+    split = json.loads(next((tmp_path / "out" / "work").rglob("mondrian_split.json")).read_text())["splits"]
+    assert len(split["validation"]) < 3, split  # else the batch was never at risk of being capped
+    assert data["3"]["training"]["batch_size"] == 3, data["3"]["training"]
     assert not (tmp_path / "out" / "learning.png").exists()
 
 

@@ -206,7 +206,8 @@ def fit_lora(runtime: "ModelRuntime", train: Any, validation: Any, settings: Fit
                "best_val_loss": round(float(state["best"]), 5), "initial_val_loss": round(float(initial), 5),
                "last_train_loss": state["last_loss"], "stopped_early": stopped_early, "history": state["history"],
                "train_rows": len(train), "validation_rows": len(validation), "samples": samples,
-               "learning_rate": settings.learning_rate, "rank": settings.rank, "alpha": settings.alpha,
+               "learning_rate": settings.learning_rate, "batch_size": settings.batch_size, "rank": settings.rank,
+               "alpha": settings.alpha,
                "score_sigma": settings.score_sigma,
                "train_seconds": round(time.time() - state["started"], 2)}
     # prepare_model_for_training records the layers' shape (and the base quantization) on the model
