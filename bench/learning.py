@@ -81,6 +81,8 @@ def _options(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(opts.modes.split(",")) - set(MODES)
     if unknown:
         p.error(f"--modes: unknown {', '.join(sorted(unknown))}; choose among {','.join(MODES)}")
+    if opts.batch < 1:
+        p.error(f"--batch {opts.batch}: a batch holds at least one row (the default is 4)")
     return opts
 
 

@@ -338,6 +338,9 @@ def test_learning_benchmark_measures_only_the_modes_asked_for(tmp_path) -> None:
     assert len(split["validation"]) < 3, split  # else the batch was never at risk of being capped
     assert data["3"]["training"]["batch_size"] == 3, data["3"]["training"]
     assert not (tmp_path / "out" / "learning.png").exists()
+    refused = subprocess.run([sys.executable, "-m", "bench", "learning", "--batch", "0"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--batch 0" in refused.stderr, refused.stderr[-2000:]
 
 
 def test_learning_benchmark_over_seeds_gives_the_mean_difference_and_its_intervals(tmp_path) -> None:
