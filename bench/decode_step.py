@@ -11,13 +11,16 @@ Figures (`smoke.` / `real.` prefixes), ms per step at a 400-token text context, 
 - `forced_pass_ms`: one pass appending FORCED tokens at a context length not seen before (what fast-forwarding a
   schema-forced run costs), `forced_pass_same_shape_ms`: the same pass repeated at one context length. On CUDA a
   multi-token pass may take cuDNN's attention, whose graph is built per shape (`cudnn_sdpa=` prints whether it may);
-- `text_rope=1` where the runtime rotates text positions with mx.fast.rope (on a GPU: daemon/model/text_rope.py).
+- `text_rope=1` where the runtime rotates text positions with mx.fast.rope (on a GPU: daemon/model/text_rope.py);
+- `stacked_proj=1` where it projects q/k/v and gate/up with one matmul each (on a GPU: daemon/model/fused_proj.py),
+  and `unstacked_step_ms`: `ours_step_ms` without them, measured interleaved with it in the same run.
 """
 
 from __future__ import annotations
 
 import os
 import time
+from contextlib import nullcontext
 from typing import Any
 
 from . import apply_precision, by_size, emit, note, settings as bench_settings, var_dir
@@ -32,7 +35,7 @@ def measure(shapes: str) -> dict[str, Any]:
     from mlx_vlm.generate import generate_step
     from mlx_vlm.models import cache as mlx_cache
 
-    from daemon.model import reuse
+    from daemon.model import fused_proj, reuse
     from daemon.model.runtime import ModelRuntime
     from daemon.model.smoke import ensure_smoke_model
     from daemon.model.text_rope import TextRope, text_positions
@@ -56,7 +59,7 @@ def measure(shapes: str) -> dict[str, Any]:
         logits = lm.model.embed_tokens.as_linear(last) if lm.args.tie_word_embeddings else lm.lm_head(last)
         return mx.argmax(logits[0, -1]).astype(mx.int32)
 
-    def ours() -> tuple[float, float, float, float]:
+    def ours(stacked: bool = True) -> tuple[float, float, float, float]:
         kv = mlx_cache.make_prompt_cache(lm)
         hidden = lm.model(prompt, cache=kv)
         mx.eval(hidden)
@@ -66,7 +69,7 @@ def measure(shapes: str) -> dict[str, Any]:
             t0 = time.perf_counter()
             token = head(hidden)
             mx.async_eval(token)
-            with text_positions(lm):  # as reuse.generate runs its passes
+            with text_positions(lm), fused_proj.fused_decoding(lm) if stacked else nullcontext():  # as reuse runs
                 hidden = lm.model(token.reshape(1, 1), cache=kv,
                                   position_ids=reuse._positions(int(kv[0].offset), no_delta, 1))
             t1 = time.perf_counter()
@@ -86,7 +89,7 @@ def measure(shapes: str) -> dict[str, Any]:
         started = time.perf_counter()
         for _ in range(steps // 3):
             offset = int(kv[0].offset)
-            with text_positions(lm):
+            with text_positions(lm), fused_proj.fused_decoding(lm):
                 mx.eval(lm.model(run, cache=kv, position_ids=reuse._positions(offset, no_delta, FORCED)))
             if same_shape:
                 for c in kv:
@@ -100,10 +103,10 @@ def measure(shapes: str) -> dict[str, Any]:
         n = sum(1 for _ in gen)
         return (time.perf_counter() - started) / max(n, 1) * 1e3
 
-    ours(), library(), forced(True)  # warm-up: first calls compile kernels on a GPU
-    runs = [(ours(), library()) for _ in range(2)]
+    ours(), ours(False), library(), forced(True)  # warm-up: first calls compile kernels on a GPU
+    runs = [(ours(), library(), ours(False)) for _ in range(2)]
     forced_new, forced_same = forced(False), forced(True)
-    (step, graph, launch, wait), lib = min(runs, key=lambda r: r[0][0])
+    (step, graph, launch, wait), lib, _ = min(runs, key=lambda r: r[0][0])
     put("device", str(mx.default_device()))
     put("context_tokens", CONTEXT)
     put("steps", steps)
@@ -112,11 +115,13 @@ def measure(shapes: str) -> dict[str, Any]:
     put("wait_ms", round(wait, 2))
     put("ours_step_ms", round(step, 2))
     put("mlx_vlm_step_ms", round(min(r[1] for r in runs), 2))
+    put("unstacked_step_ms", round(min(r[2][0] for r in runs), 2))
     put("forced_tokens_per_pass", FORCED)
     put("forced_pass_ms", round(forced_new, 2))
     put("forced_pass_same_shape_ms", round(forced_same, 2))
     put("cudnn_sdpa", os.environ.get("MLX_CUDA_USE_CUDNN_SDPA", "1"))
     put("text_rope", int(isinstance(lm.layers[0].self_attn.rotary_emb, TextRope)))  # daemon/model/text_rope.py
+    put("stacked_proj", int(bool(fused_proj.stacks(lm))))  # daemon/model/fused_proj.py
     if mx.default_device() == mx.cpu:  # the CPU backend computes inside async_eval: launch_ms is the compute
         note(f"{shapes}: on the CPU, launch_ms holds the pass's compute; the split means something on a GPU")
     else:

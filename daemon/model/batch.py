@@ -44,6 +44,7 @@ from ..limits import check as check_limits
 from .constrained import TokenMask
 from .protocol import BatchRequest
 from .reuse import ReuseOutput, _Head, _inputs, encode_photo
+from .fused_proj import fused_decoding
 from .text_rope import text_positions
 
 
@@ -221,7 +222,8 @@ def _decode_group(model: Any, constraint: Any, rows: list[_Row], results: list, 
         offset = int(kv[0].offset)
         positions = mx.array([[offset + row.rope_delta] for row in active], dtype=mx.int32)
         # Rows whose images shifted their positions differently cannot share one RoPE offset (text_rope.py).
-        with text_positions(lm) if len({row.rope_delta for row in active}) == 1 else nullcontext():
+        same_shift = len({row.rope_delta for row in active}) == 1
+        with text_positions(lm) if same_shift else nullcontext(), fused_decoding(lm):
             ahead = lm.model(tokens.reshape(-1, 1), cache=kv,
                              position_ids=mx.broadcast_to(positions[None], (3, len(active), 1)))[:, -1, :]
         mx.async_eval(ahead)

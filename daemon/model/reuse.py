@@ -41,6 +41,7 @@ import numpy as np
 
 from ..errors import Permanent
 from .constrained import TokenMask
+from .fused_proj import fused_decoding
 from .text_rope import text_positions
 
 if TYPE_CHECKING:
@@ -216,7 +217,7 @@ def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, t
     head = _Head(lm)
 
     def forward(tokens: mx.array) -> mx.array:  # tokens after the prompt: text positions, see text_rope
-        with text_positions(lm):
+        with text_positions(lm), fused_decoding(lm):
             return lm.model(tokens, cache=kv, position_ids=_positions(int(kv[0].offset), rope_deltas,
                                                                       int(tokens.shape[1])))
 

@@ -180,11 +180,12 @@ class ModelRuntime:
 
     def __init__(self, *, model: Any, processor: Any, model_id: str, path: str, is_smoke: bool,
                  max_pixels: int) -> None:
-        from . import reuse, text_rope
+        from . import fused_proj, reuse, text_rope
         from .constrained import SchemaConstraint
 
         if reuse.supports(model):
             text_rope.install(model)  # on a GPU the decode loop's tokens rotate with one fused kernel each
+            fused_proj.install(model)  # and project q, k, v (and gate, up) with one matmul each
         self.model = model
         self.processor = processor
         self.model_id = model_id
