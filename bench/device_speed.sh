@@ -31,9 +31,9 @@ run)
       > "/tmp/speed/$name-$precision.out" 2> "/tmp/speed/$name-$precision.err"
     echo "exit $?"; grep -h "^real\.\|^[a-z_]*=" "/tmp/speed/$name-$precision.out" | grep -v "^smoke" | head -40
     tail -3 "/tmp/speed/$name-$precision.err"
+    (cd /tmp && tar -cf "$OUT/speed.tar" speed)  # after each: a run cut off at the time limit keeps the rest
   done
-  echo "done at $(( $(date +%s) - T0 )) s"
-  (cd /tmp && tar -cf "$OUT/speed.tar" speed) ;;
+  echo "done at $(( $(date +%s) - T0 )) s" ;;
 *)
   echo "usage: bash bench/device_speed.sh prepare|run (see the comment at the top)" >&2; exit 2 ;;
 esac
