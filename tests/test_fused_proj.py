@@ -18,9 +18,8 @@ MAX_PIXELS = 224 * 224
 
 
 def _photo() -> Image.Image:
-    x = np.linspace(0, 255, 160, dtype=np.uint8)
-    return Image.fromarray(np.stack([np.tile(x, (120, 1)), np.tile(x[::-1], (120, 1)), np.full((120, 160), 90, np.uint8)],
-                                    axis=-1))
+    x = np.tile(np.linspace(0, 255, 160, dtype=np.uint8), (120, 1))
+    return Image.fromarray(np.stack([x, x[:, ::-1], np.full_like(x, 90)], axis=-1))
 
 
 def _load(path: Path, bits: int | None = 4) -> ModelRuntime:

@@ -180,76 +180,77 @@ def _decode_group(model: Any, constraint: Any, rows: list[_Row], results: list, 
     hidden = lm.model(ids, inputs_embeds=mx.concatenate([r.embeds for r in active], axis=0), cache=kv,
                       position_ids=mx.concatenate([r.positions for r in active], axis=1))[:, -1, :]
 
-    while active:
-        # Who is still in, and what each feeds this step: a forced token already known, or one to choose.
-        keep: list[int] = []
-        choosers: list[int] = []
-        for i, row in enumerate(active):
-            try:
-                check_limits(row.request.cancel, row.request.deadline)
-                while not row.pending:  # its KV cache holds all it wrote: choose the next token
-                    if _ready(row, eos):
-                        choosers.append(len(keep))
-                        break
-                    _advance(row, int(np.flatnonzero(row.allowed)[0]), eos, fed=False)
-            except _Stop:
-                leave(row)
-                continue
-            except Exception as exc:
-                leave(row, exc)
-                continue
-            keep.append(i)
-        if len(keep) < len(active):
-            index = mx.array(keep, dtype=mx.int32)
-            hidden = hidden[index]
-            for c in kv:
-                c.keys, c.values = c.keys[index], c.values[index]
-            active = [active[i] for i in keep]
-        if not active:
-            break
-        known = [row.pending[0] if row.pending else 0 for row in active]
-        tokens = mx.array(known, dtype=mx.int32)
-        chosen = None
-        if choosers:
-            for j in choosers:
-                active[j].free += 1
-            # Per row, exactly as batch 1 projects (reuse._Head): a matmul's rows depend on its other rows in the
-            # last bits (OpenBLAS), and the smoke model's ten digits tie exactly, so one projection over the
-            # batch picked other scores than batch 1 did.
-            chosen = mx.stack([head.choose(hidden[j].reshape(1, 1, -1), active[j].allowed).reshape(())
-                               for j in choosers])
-            tokens[mx.array(choosers, dtype=mx.int32)] = chosen
-        offset = int(kv[0].offset)
-        positions = mx.array([[offset + row.rope_delta] for row in active], dtype=mx.int32)
-        # Rows whose images shifted their positions differently cannot share one RoPE offset (text_rope.py).
-        same_shift = len({row.rope_delta for row in active}) == 1
-        with text_positions(lm) if same_shift else nullcontext(), fused_decoding(lm):
-            ahead = lm.model(tokens.reshape(-1, 1), cache=kv,
-                             position_ids=mx.broadcast_to(positions[None], (3, len(active), 1)))[:, -1, :]
-        mx.async_eval(ahead)
-        picks = [int(t) for t in chosen.tolist()] if chosen is not None else []
-        for row in active:
-            row.passes += 1
-        gone: dict[int, Exception | None] = {}
-        for k, j in enumerate(choosers):
-            try:
-                _advance(active[j], picks[k], eos, fed=True)
-            except _Stop:
-                gone[j] = None
-            except Exception as exc:
-                gone[j] = exc
-        for j, row in enumerate(active):
-            if j not in choosers:
-                row.pending.popleft()
-        for j, error in gone.items():
-            leave(active[j], error)
-        hidden = ahead
-        if gone:
-            keep = [j for j in range(len(active)) if j not in gone]
-            if not keep:
+    with fused_decoding(lm):  # decided once for the group: checking each pass costs a step's time on a GPU
+        while active:
+            # Who is still in, and what each feeds this step: a forced token already known, or one to choose.
+            keep: list[int] = []
+            choosers: list[int] = []
+            for i, row in enumerate(active):
+                try:
+                    check_limits(row.request.cancel, row.request.deadline)
+                    while not row.pending:  # its KV cache holds all it wrote: choose the next token
+                        if _ready(row, eos):
+                            choosers.append(len(keep))
+                            break
+                        _advance(row, int(np.flatnonzero(row.allowed)[0]), eos, fed=False)
+                except _Stop:
+                    leave(row)
+                    continue
+                except Exception as exc:
+                    leave(row, exc)
+                    continue
+                keep.append(i)
+            if len(keep) < len(active):
+                index = mx.array(keep, dtype=mx.int32)
+                hidden = hidden[index]
+                for c in kv:
+                    c.keys, c.values = c.keys[index], c.values[index]
+                active = [active[i] for i in keep]
+            if not active:
                 break
-            index = mx.array(keep, dtype=mx.int32)
-            hidden = hidden[index]
-            for c in kv:
-                c.keys, c.values = c.keys[index], c.values[index]
-            active = [active[j] for j in keep]
+            known = [row.pending[0] if row.pending else 0 for row in active]
+            tokens = mx.array(known, dtype=mx.int32)
+            chosen = None
+            if choosers:
+                for j in choosers:
+                    active[j].free += 1
+                # Per row, exactly as batch 1 projects (reuse._Head): a matmul's rows depend on its other rows in the
+                # last bits (OpenBLAS), and the smoke model's ten digits tie exactly, so one projection over the
+                # batch picked other scores than batch 1 did.
+                chosen = mx.stack([head.choose(hidden[j].reshape(1, 1, -1), active[j].allowed).reshape(())
+                                   for j in choosers])
+                tokens[mx.array(choosers, dtype=mx.int32)] = chosen
+            offset = int(kv[0].offset)
+            positions = mx.array([[offset + row.rope_delta] for row in active], dtype=mx.int32)
+            # Rows whose images shifted their positions differently cannot share one RoPE offset (text_rope.py).
+            same_shift = len({row.rope_delta for row in active}) == 1
+            with text_positions(lm) if same_shift else nullcontext():
+                ahead = lm.model(tokens.reshape(-1, 1), cache=kv,
+                                 position_ids=mx.broadcast_to(positions[None], (3, len(active), 1)))[:, -1, :]
+            mx.async_eval(ahead)
+            picks = [int(t) for t in chosen.tolist()] if chosen is not None else []
+            for row in active:
+                row.passes += 1
+            gone: dict[int, Exception | None] = {}
+            for k, j in enumerate(choosers):
+                try:
+                    _advance(active[j], picks[k], eos, fed=True)
+                except _Stop:
+                    gone[j] = None
+                except Exception as exc:
+                    gone[j] = exc
+            for j, row in enumerate(active):
+                if j not in choosers:
+                    row.pending.popleft()
+            for j, error in gone.items():
+                leave(active[j], error)
+            hidden = ahead
+            if gone:
+                keep = [j for j in range(len(active)) if j not in gone]
+                if not keep:
+                    break
+                index = mx.array(keep, dtype=mx.int32)
+                hidden = hidden[index]
+                for c in kv:
+                    c.keys, c.values = c.keys[index], c.values[index]
+                active = [active[j] for j in keep]

@@ -57,10 +57,10 @@ class TokenMask:
 
     def allowed(self, matcher: llguidance.LLMatcher) -> np.ndarray:
         llguidance.numpy.fill_next_token_bitmask(matcher, self.bitmask, 0)
-        bits = np.unpackbits(self.bitmask.view(np.uint8), bitorder="little")
-        allowed = np.zeros(self.n, dtype=bool)
         n = min(self.n, self.c.tokenizer_size)  # ids past the tokenizer cannot be decoded
-        allowed[:n] = bits[:n].astype(bool)
+        bits = np.unpackbits(self.bitmask.view(np.uint8), count=n, bitorder="little").view(bool)  # 0/1 bytes
+        allowed = np.zeros(self.n, dtype=bool)
+        allowed[:n] = bits
         return allowed
 
 
