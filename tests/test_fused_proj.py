@@ -187,3 +187,41 @@ def test_a_batch_on_stacked_projections_writes_what_mlx_vlm_writes_for_each_phot
     for i, (g, text) in enumerate(zip(got, theirs)):
         assert not isinstance(g, Exception), f"photo {i}: {g!r}"
         assert g.text == text, f"photo {i} in a batch differs from mlx-vlm's generate"
+
+
+def test_projections_that_cannot_be_stacked_run_mlx_vlms_layers(plain_model_path: Path, caplog,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stacking that fails (no memory for the stacked copy) is said once and leaves mlx-vlm's layers in place;
+    a group of mixed dtypes is not stacked at all (concatenating would promote the bfloat16 weight)."""
+    import logging
+
+    import mlx.core as mx
+
+    from daemon.model import fused_proj
+    from daemon.model.fused_proj import Stacked, fused_calls, stacks
+
+    rt = _load(plain_model_path)
+    lm = rt.model.language_model
+    schema = critique_schema(40)
+    photo = _photo()
+    ids = mlx_vlm_ids(rt, photo, "Critique this photograph.", schema, max_tokens=1400)
+
+    def no_memory(self, modules) -> None:  # type: ignore[no-untyped-def]
+        raise RuntimeError("[malloc] Unable to allocate 117440512 bytes")
+
+    monkeypatch.setattr(Stacked, "_stack", no_memory)
+    monkeypatch.setattr(fused_proj, "_warned", set())
+    with caplog.at_level(logging.DEBUG, logger="daemon.model.fused_proj"):
+        ours = rt.generate_json(photo, "Critique this photograph.", schema, max_tokens=1400)
+    assert ours.text == rt.tokenizer.decode(ids, skip_special_tokens=False)
+    assert fused_calls(lm) == 0 and all(s.failed for s in stacks(lm))
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "Unable to allocate" in warnings[0].getMessage()
+
+    monkeypatch.undo()
+    float_rt = _load(plain_model_path, bits=None)
+    attn = float_rt.model.language_model.layers[0].self_attn
+    attn.k_proj.weight = attn.k_proj.weight.astype(mx.bfloat16)
+    stacked = attn.__dict__["_qkv"]
+    assert not stacked.ready() and stacked.stacks == 0
+    assert attn.k_proj.weight.dtype == mx.bfloat16 and attn.q_proj.weight.dtype == mx.float32

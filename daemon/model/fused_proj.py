@@ -20,6 +20,7 @@ MLX is not thread-safe: use these from the runtime's thread only.
 
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 from typing import Any, Iterator, Sequence
 
@@ -30,7 +31,10 @@ from mlx_vlm.models.base import kv_sequence_length, scaled_dot_product_attention
 from mlx_vlm.models.mlp import SwiGLUMLP
 from mlx_vlm.models.qwen2_vl.language import Attention, apply_multimodal_rotary_pos_emb
 
+log = logging.getLogger(__name__)
+
 _ARRAYS = ("weight", "scales", "biases", "bias")  # what a Linear / QuantizedLinear holds, in matmul order
+_warned: set[str] = set()  # one warning a process, not one per layer
 
 
 class Stacked:
@@ -45,6 +49,7 @@ class Stacked:
         self.splits: list[int] = []
         self.stacks = 0  # how many times the weights were stacked (a test checks re-stacking)
         self.calls = 0  # fused passes taken (what a test or a benchmark checks)
+        self.failed: str | None = None  # why stacking failed once: these projections stay mlx-vlm's from then on
 
     def _current(self) -> tuple[Any, ...]:
         return tuple(self.owner[name] for name in self.names)
@@ -57,8 +62,12 @@ class Stacked:
             settings = {(m.group_size, m.bits, m.mode) for m in modules}
             if len(settings) != 1:
                 return False
-        return all(sorted(k for k in _ARRAYS if k in m) == sorted(k for k in _ARRAYS if k in modules[0])
-                   for m in modules)
+        keys = [k for k in _ARRAYS if k in modules[0]]
+        # Same arrays, dtypes and input width: concatenating a bfloat16 weight onto a float32 one would promote it
+        # and change its numbers.
+        return all([k for k in _ARRAYS if k in m] == keys and all(
+            m[k].dtype == modules[0][k].dtype and m[k].shape[1:] == modules[0][k].shape[1:] for k in keys)
+            for m in modules)
 
     def ready(self) -> bool:
         """True when the projections are the stacked ones (stacking them again first if their weights were
@@ -68,9 +77,17 @@ class Stacked:
         if len(modules) == len(self.modules) and all(a is b for a, b in zip(modules, self.modules)) and all(
                 m.get(k) is view for m, k, view in self.views):
             return True
-        if not self._stackable(modules):
+        if self.failed is not None or not self._stackable(modules):
             return False
-        self._stack(modules)
+        try:
+            self._stack(modules)
+        except Exception as exc:  # e.g. no memory for the stacked copy: mlx-vlm's layers still work
+            self.failed = f"{type(exc).__name__}: {exc}"
+            (log.debug if _warned else log.warning)(
+                "decoding without stacked projections where stacking failed (%s); photos are analysed as before, "
+                "only slower on a GPU", self.failed)
+            _warned.add(self.failed)
+            return False
         return True
 
     def _stack(self, modules: tuple[Any, ...]) -> None:
