@@ -100,6 +100,30 @@ def test_stacking_takes_no_memory_of_its_own(plain_model_path: Path) -> None:
     assert grown < stacked / 10, f"memory grew {grown} bytes for {stacked} bytes of stacked weights"
 
 
+def test_a_dropped_model_frees_its_stacked_weights_at_once(plain_model_path: Path) -> None:
+    """No reference cycle through the stacks: a model let go (a reload, a test's runtime) returns its memory when
+    its last reference goes, not whenever the garbage collector next runs."""
+    import mlx.core as mx
+
+    from daemon.model.fused_proj import stacks
+
+    gc.collect()
+    gc.disable()
+    try:
+        mx.clear_cache()
+        before = mx.get_active_memory()
+        rt = _load(plain_model_path, bits=None)
+        lm = rt.model.language_model
+        _passes(lm, fused=True)
+        assert sum(s.stacks for s in stacks(lm)) == 2 * len(lm.layers)
+        del rt, lm
+        mx.clear_cache()
+        left = mx.get_active_memory() - before
+    finally:
+        gc.enable()
+    assert left < 1_000_000, f"{left} bytes still held after the model was dropped"
+
+
 def test_replaced_weights_are_stacked_again_not_served_stale(plain_model_path: Path) -> None:
     """`load_weights` (or quantizing) puts new arrays in the modules: the next decode pass stacks those."""
     import mlx.core as mx
@@ -223,5 +247,5 @@ def test_projections_that_cannot_be_stacked_run_mlx_vlms_layers(plain_model_path
     attn = float_rt.model.language_model.layers[0].self_attn
     attn.k_proj.weight = attn.k_proj.weight.astype(mx.bfloat16)
     stacked = attn.__dict__["_qkv"]
-    assert not stacked.ready() and stacked.stacks == 0
+    assert not stacked.ready(attn) and stacked.stacks == 0
     assert attn.k_proj.weight.dtype == mx.bfloat16 and attn.q_proj.weight.dtype == mx.float32

@@ -40,8 +40,9 @@ _warned: set[str] = set()  # one warning a process, not one per layer
 class Stacked:
     """Projections that share an input, run as one matmul over their stacked weights (see the module's doc)."""
 
-    def __init__(self, owner: nn.Module, names: Sequence[str]) -> None:
-        self.owner = owner
+    def __init__(self, names: Sequence[str]) -> None:
+        # No reference to the owning module: it holds this object, and a cycle would keep a dropped model's
+        # weights in memory until the garbage collector happened to run.
         self.names = tuple(names)
         self.modules: tuple[Any, ...] = ()
         self.views: tuple[tuple[Any, str, mx.array], ...] = ()
@@ -50,9 +51,6 @@ class Stacked:
         self.stacks = 0  # how many times the weights were stacked (a test checks re-stacking)
         self.calls = 0  # fused passes taken (what a test or a benchmark checks)
         self.failed: str | None = None  # why stacking failed once: these projections stay mlx-vlm's from then on
-
-    def _current(self) -> tuple[Any, ...]:
-        return tuple(self.owner[name] for name in self.names)
 
     def _stackable(self, modules: tuple[Any, ...]) -> bool:
         kinds = {type(m) for m in modules}
@@ -69,10 +67,10 @@ class Stacked:
             m[k].dtype == modules[0][k].dtype and m[k].shape[1:] == modules[0][k].shape[1:] for k in keys)
             for m in modules)
 
-    def ready(self) -> bool:
+    def ready(self, owner: nn.Module) -> bool:
         """True when the projections are the stacked ones (stacking them again first if their weights were
         replaced); False when they cannot be stacked now (an adapter's LoRA layers are in)."""
-        modules = self._current()
+        modules = tuple(owner[name] for name in self.names)
         # Identity, not ==: modules are dicts of arrays, and == on arrays compares elements.
         if len(modules) == len(self.modules) and all(a is b for a, b in zip(modules, self.modules)) and all(
                 m.get(k) is view for m, k, view in self.views):
@@ -198,8 +196,8 @@ def install(model: Any, *, always: bool = False) -> bool:
         attn.__class__ = _ATTN.setdefault(base_attn, _fused_attention(base_attn))
         mlp.__class__ = _MLP.setdefault(base_mlp, _fused_mlp(base_mlp))
         # Plain attributes, not module children: nothing new in the parameter tree (saving, LoRA, fingerprints).
-        object.__setattr__(attn, "_qkv", Stacked(attn, ("q_proj", "k_proj", "v_proj")))
-        object.__setattr__(mlp, "_gate_up", Stacked(mlp, ("gate_proj", "up_proj")))
+        object.__setattr__(attn, "_qkv", Stacked(("q_proj", "k_proj", "v_proj")))
+        object.__setattr__(mlp, "_gate_up", Stacked(("gate_proj", "up_proj")))
         object.__setattr__(attn, "_on", False)
         object.__setattr__(mlp, "_on", False)
     return True
@@ -226,7 +224,7 @@ def fused_decoding(lm: Any) -> Iterator[None]:
     can is decided on entering it (checking each call would cost a step ~0.3 ms on the H200): change no weight
     and swap no adapter inside it."""
     modules = [m for layer in lm.layers for m, key in ((layer.self_attn, "_qkv"), (layer.mlp, "_gate_up"))
-               if key in m.__dict__ and m.__dict__[key].ready()]
+               if key in m.__dict__ and m.__dict__[key].ready(m)]
     for m in modules:
         object.__setattr__(m, "_on", True)
     try:
