@@ -42,9 +42,9 @@ import numpy as np
 
 from ..limits import check as check_limits
 from .constrained import TokenMask
+from .fused_proj import fused_decoding
 from .protocol import BatchRequest
 from .reuse import ReuseOutput, _Head, _inputs, encode_photo
-from .fused_proj import fused_decoding
 from .text_rope import text_positions
 
 
