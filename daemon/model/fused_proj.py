@@ -1,7 +1,7 @@
 """One matmul for a layer's queries, keys and values, one for its MLP's gate and up, in the tokens a critique writes.
 
 A decode step of one token is launch-bound (issue 11: on MLX's CUDA backend the GPU waits for the host, which
-records ~560 kernels a step), and on the CPU each operation has a fixed cost far above its arithmetic. Qwen2-VL's
+records hundreds of kernels a step), and on the CPU each operation has a fixed cost far above its arithmetic. Qwen2-VL's
 layers run five projections on one input twice over: q, k, v on the normed hidden state, gate and up on the
 normed residual. Stacking their weights row-wise makes each group one matmul (three kernels a layer fewer).
 
