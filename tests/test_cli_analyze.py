@@ -94,3 +94,32 @@ def test_train_shows_steps_and_each_evaluation_as_bars_on_a_terminal(tmp_path, s
     assert re.search(r"evaluating candidate: (\d+)/\1 \|█+\|", out), out
     assert re.search(r"evaluating base: (\d+)/\1 \|█+\|", out), out
     assert torn_lines(out) == [], torn_lines(out)
+
+
+def test_analyze_of_the_outbox_critiques_the_originals_not_the_images_mondrian_wrote_beside_them(
+        tmp_path, smoke_model_path):
+    """Re-critiquing earlier photos (say with another advisor) by naming the outbox or a report folder takes each
+    report's original, never the preview, thumbnail or reference images of the report itself."""
+    home = make_home(tmp_path / "home", smoke_model_path, embeddings_enabled=False)
+    photo(home / "inbox" / "a.jpg", seed=1)
+    photo(home / "inbox" / "thumb.jpg", seed=2)  # its report folder holds it as thumb-original.jpg
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=180)
+    assert out.returncode == 0, out.stderr
+    outbox = home / "outbox"
+    assert sorted(p.name for p in (outbox / "thumb").iterdir() if p.suffix == ".jpg") == [
+        "preview.jpg", "thumb-original.jpg", "thumb.jpg"]
+
+    out = mondrian(home, smoke_model_path, "analyze", str(home))
+    assert out.returncode == 2, out
+    assert "holds no photos" in out.stderr and "outbox/ and var/ inside it were left out" in out.stderr, out.stderr
+
+    out = mondrian(home, smoke_model_path, "analyze", str(outbox / "a"), "--advisor", "cartier", "--json",
+                   timeout=180)
+    assert out.returncode == 0, out.stderr
+    jobs = [json.loads(line) for line in out.stdout.splitlines()]
+    assert [Path(j["source_path"]).relative_to(outbox).as_posix() for j in jobs] == ["a/a.jpg"], jobs
+
+    out = mondrian(home, smoke_model_path, "analyze", str(outbox), "--json", timeout=300)
+    assert out.returncode == 0, out.stderr
+    names = sorted(Path(json.loads(line)["source_path"]).name for line in out.stdout.splitlines())
+    assert names == ["a.jpg", "a.jpg", "thumb-original.jpg"], names  # a/, the cartier copy's folder, thumb/

@@ -25,6 +25,7 @@ from ..config import Config
 from ..errors import EX_CONFIG, EX_USAGE
 from ..intake.inbox import is_temporary_name
 from ..ledger import RUNNING, Ledger, job_dict
+from ..pipeline.report import OWN_FILES
 from ..pipeline.supervisor import default_runtime_factory
 from ..pipeline.worker import Worker
 from ..hints import mondrian
@@ -54,17 +55,33 @@ class Request:
 
 def photos_in(cfg: Config, folder: Path) -> list[Path]:
     """The photos under `folder`, recursively, by name: hidden and temporary names skipped (as in the inbox),
-    folder links not followed, Mondrian's own outbox and var/ left out (copies of photos already analysed)."""
+    folder links not followed, Mondrian's own outbox and var/ left out when walked into from above (copies of
+    photos already analysed). Named directly, a report folder (or the outbox) gives its originals only: the
+    preview, thumbnail and reference images Mondrian wrote beside them are not photos of the user's."""
     own = {os.path.realpath(p) for p in (cfg.outbox, cfg.var_dir)}
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not is_temporary_name(d)
                              and os.path.realpath(os.path.join(dirpath, d)) not in own)
+        report_folder = "report.json" in filenames
         for name in sorted(filenames):
             path = Path(dirpath) / name
+            if report_folder and OWN_FILES.fullmatch(name):
+                continue
             if not is_temporary_name(name) and name.lower().endswith(PHOTO_SUFFIXES) and path.is_file():
                 found.append(path)
     return found
+
+
+def _left_out(cfg: Config, folder: Path) -> str:
+    """Which of Mondrian's own folders a walk of `folder` skipped, for the message when it found nothing."""
+    inside = [p for p in (cfg.outbox, cfg.var_dir)
+              if Path(os.path.realpath(folder)) in Path(os.path.realpath(p)).parents]
+    if not inside:
+        return ""
+    names = " and ".join(f"{p.name}/" for p in inside)
+    return (f"; Mondrian's own {names} inside it {'was' if len(inside) == 1 else 'were'} left out (photos already "
+            f"analysed: to critique them again, name the outbox or a report folder)")
 
 
 def check_paths(cfg: Config, given: list[str]) -> list[Path]:
@@ -89,7 +106,7 @@ def check_paths(cfg: Config, given: list[str]) -> list[Path]:
             found = photos_in(cfg, path)
             if not found:
                 raise AnalyzeRefused(f"the folder {arg!r} holds no photos ({', '.join(PHOTO_SUFFIXES)}; hidden and "
-                                     f"temporary names are skipped); nothing was analysed")
+                                     f"temporary names are skipped{_left_out(cfg, path)}); nothing was analysed")
         elif stat.S_ISREG(mode):
             found = [path]
         else:
