@@ -132,6 +132,9 @@ class Config:
     def ensure_dirs(self) -> None:
         """Create the folders Mondrian writes; a ConfigError says which one is in the way and how to fix it."""
         new_home = not self.home.exists()
+        if os.path.lexists(self.home) and not self.home.is_dir():
+            raise ConfigError(f"no Mondrian home at {self.home}: it is a file, not a folder. Set MONDRIAN_HOME (or "
+                              f"--home) to your home folder, or run `mondrian init FOLDER` to create one")
         own = [self.failed_dir, self.staging_dir, self.outbox / "duplicates", self.var_dir, self.adapters_dir,
                self.advisors_dir, self.db_path.with_name(self.db_path.name + ".runs"), self.spool_dir,
                *(self.var_dir / name for name in ("logs", "models", "cache", "datasets"))]
@@ -278,6 +281,26 @@ def _check_apart(inbox: Path, others: dict[str, Path], cfg_file: Path) -> None:
                           f"reports. Set inbox (or outbox) in {cfg_file} to a folder outside the other")
 
 
+# tomllib's words for the mistakes people make editing the file by hand, in theirs.
+_TOML_HINTS = {"Cannot overwrite a value": "a setting is given twice: keep one of the two lines",
+               "Invalid value": 'a value is a number, true or false, or text in double quotes (model = "smoke")'}
+
+
+def _toml_problem(cfg_file: Path, exc: tomllib.TOMLDecodeError) -> str:
+    """The line a TOML error is on, quoted, with a plain hint where there is one."""
+    where = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+    shown = ""
+    if where:
+        try:
+            line = cfg_file.read_text(encoding="utf-8").splitlines()[int(where.group(1)) - 1]
+            shown = f" line {where.group(1)}, `{line.strip()}`"
+        except (OSError, UnicodeDecodeError, IndexError):
+            pass
+    hint = next((h for words, h in _TOML_HINTS.items() if str(exc).startswith(words)), None)
+    return (f"{cfg_file}{shown} is not valid TOML: {hint + ' (' + str(exc) + ')' if hint else exc}; "
+            f"fix it, or delete the file for the defaults")
+
+
 def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.environ,
                 **overrides: Any) -> Config:
     home = Path(home).expanduser().resolve() if home else default_home(env)
@@ -287,7 +310,7 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
         if cfg_file.exists():
             data = tomllib.loads(cfg_file.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{cfg_file} is not valid TOML ({exc}); fix or delete it") from exc
+        raise ConfigError(_toml_problem(cfg_file, exc)) from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"cannot read {cfg_file} ({getattr(exc, 'strerror', None) or exc}): make the home "
                           f"{home} and that file readable for the user that runs Mondrian") from None

@@ -68,6 +68,9 @@ BAD_SETTINGS = {  # a line of mondrian.toml (or NAME=value in the environment): 
     'default_mod = "rag"': "unknown setting `default_mod`",
     "quiet_secnds = 5": "did you mean `quiet_seconds`?",
     "lora = 5": "`lora` is a section",
+    # Hand edits that are not TOML: the line quoted, with what to do in plain words.
+    "quiet_seconds = 1\nquiet_seconds = 2": "`quiet_seconds = 2` is not valid TOML: a setting is given twice",
+    "api_port = off": "`api_port = off` is not valid TOML: a value is a number, true or false, or text in double",
     "MONDRIAN_QUIET_SECONDS=nan": "MONDRIAN_QUIET_SECONDS='nan' (environment): quiet_seconds (seconds) must be",
     "MONDRIAN_JOB_TIMEOUT=-5": "MONDRIAN_JOB_TIMEOUT='-5' (environment): job_timeout_seconds (seconds) must be",
     "MONDRIAN_ADVISOR=nobody": "unknown advisor 'nobody'",
@@ -239,12 +242,21 @@ def test_status_names_a_failure_record_only_if_it_was_written(tmp_path, smoke_mo
             wait_for(lambda: _state(home, "notaphoto.jpg") == "failed", 60, what="the non-photo to fail")
             info = status(home, smoke_model_path)
             text = mondrian(home, smoke_model_path, "status").stdout
+        # Written, then cleared away by the photographer: status says so, not that it could not be written.
+        (home / "inbox" / "readthen.jpg").write_text("not a photo either")
+        wait_for(lambda: _state(home, "readthen.jpg") == "failed", 60, what="the second non-photo to fail")
+        for name in ("readthen.jpg", "readthen.jpg.error.json", "readthen.jpg.error.html"):
+            (home / "outbox" / "failed" / name).unlink()
+        cleared = status(home, smoke_model_path)["recent_failures"][0]
         d.stop()
     (failure,) = info["recent_failures"]
     assert failure["record"] is None, failure
-    assert "no failure record could be written" in failure["note"] and "retry --failed" in failure["note"], failure
-    assert "notaphoto.jpg.error.json" not in text and "no failure record could be written" in text, text
+    assert "no failure record in" in failure["note"] and "it could not be written: the folder cannot be written" \
+        in failure["note"] and "retry --failed" in failure["note"], failure
+    assert "notaphoto.jpg.error.json" not in text and "no failure record in" in text, text
     assert (home / "inbox" / "notaphoto.jpg").exists()
+    assert cleared["file"] == "readthen.jpg" and cleared["record"] is None, cleared
+    assert cleared["note"].startswith("its failure record was moved or deleted from"), cleared
 
 
 # -- a failure fixed and put back no longer counts (attack 02) -------------------------------------------------------
@@ -354,6 +366,9 @@ def test_status_with_a_mistyped_home_creates_nothing(tmp_path, smoke_model_path)
             assert f"no Mondrian home at {typo}" in line and "MONDRIAN_HOME" in line, line
             if typo.name == "a-file":  # following the advice must work: `init` cannot make a folder of a file
                 assert "it is a file, not a folder" in line and f"init {typo}" not in line, line
+    for cmd in (["run", "--once"], ["demo"]):  # commands that create a home say the same of a file in its place
+        out = mondrian(tmp_path / "a-file", smoke_model_path, *cmd, timeout=60)
+        assert out.returncode == 78 and "it is a file, not a folder" in _one_line(out), (cmd, out.stderr)
     assert not (tmp_path / "missing").exists() and list((tmp_path / "empty").iterdir()) == []
     assert (tmp_path / "a-file").read_text() == "x"
     print(f"\n{line.split('configuration problem: ', 1)[-1]}")

@@ -125,3 +125,37 @@ def test_hostile_corpus_every_file_ends_once_with_a_reason(tmp_path, smoke_model
     print("  failure reasons:")
     for reason, n in reasons.most_common():
         print(f"    {n:3}  {reason}")
+
+
+def test_a_report_folder_dropped_back_into_the_inbox_critiques_its_original_only(tmp_path, smoke_model_path):
+    """Dragging a report folder into `inbox/cartier/` to hear another advisor: the original is critiqued again; the
+    preview, thumbnail and pages Mondrian wrote are neither critiqued as photos nor failed as "not a photo", even
+    when the copy brings report.json last, after the watcher has seen the preview."""
+    import shutil
+
+    from tests.harness import ledger_jobs, mondrian, photo
+
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    inbox, outbox = home / "inbox", home / "outbox"
+    photo(inbox / "IMG_7.jpg", seed=7)
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    with Daemon(home, smoke_model_path) as daemon:
+        wait_for(lambda: "watching" in daemon.output(), timeout=120, what="the daemon watching")
+        copy = inbox / "cartier" / "IMG_7"
+        copy.mkdir(parents=True)
+        names = sorted(p.name for p in (outbox / "IMG_7").iterdir())
+        for name in sorted(names, key=lambda n: n == "report.json"):  # report.json last
+            shutil.copy2(outbox / "IMG_7" / name, copy / name)
+            time.sleep(0.1)  # the watcher sees each file arrive, the preview before its report.json
+        (inbox / "notmine").mkdir()  # a folder of the user's that happens to use the same names: photos as usual
+        photo(inbox / "notmine" / "preview.jpg", seed=8)
+        (inbox / "notmine" / "report.json").write_text('{"title": "my notes"}')
+        wait_for(lambda: len(ledger_jobs(home)) >= 4 and status(home, smoke_model_path)["counts"]["queued"] == 0
+                 and status(home, smoke_model_path)["counts"]["running"] == 0, timeout=120, what="the copies done")
+        time.sleep(2 * FAST["rescan_seconds"])  # a rescan or two: nothing else turns up
+        assert daemon.stop() == 0
+    jobs = {rel: (j.state, j.advisor) for rel, j in ledger_jobs(home).items()}
+    assert jobs == {"IMG_7.jpg": ("done", "ansel"), "cartier/IMG_7/IMG_7.jpg": ("done", "cartier"),
+                    "notmine/preview.jpg": ("done", "ansel"), "notmine/report.json": ("failed", "ansel")}, jobs
+    left = sorted(p.name for p in copy.iterdir())
+    assert left == ["preview.jpg", "report.html", "report.json", "thumb.jpg"], left  # the old report's own files

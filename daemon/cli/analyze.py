@@ -23,9 +23,8 @@ from ..analysis.advisors import get_advisor
 from ..intake.images import PHOTO_SUFFIXES
 from ..config import Config
 from ..errors import EX_CONFIG, EX_USAGE
-from ..intake.inbox import is_temporary_name
+from ..intake.inbox import is_report_file, is_temporary_name
 from ..ledger import RUNNING, Ledger, job_dict
-from ..pipeline.report import OWN_FILES
 from ..pipeline.supervisor import default_runtime_factory
 from ..pipeline.worker import Worker
 from ..hints import mondrian
@@ -63,12 +62,10 @@ def photos_in(cfg: Config, folder: Path) -> list[Path]:
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not is_temporary_name(d)
                              and os.path.realpath(os.path.join(dirpath, d)) not in own)
-        report_folder = "report.json" in filenames
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            if report_folder and OWN_FILES.fullmatch(name):
-                continue
-            if not is_temporary_name(name) and name.lower().endswith(PHOTO_SUFFIXES) and path.is_file():
+            if (not is_temporary_name(name) and name.lower().endswith(PHOTO_SUFFIXES) and path.is_file()
+                    and not is_report_file(path)):
                 found.append(path)
     return found
 

@@ -40,9 +40,8 @@ def require_home(cfg: Config) -> None:
     home = cfg.home
     if home.is_dir() and any(p.exists() for p in (home / CONFIG_NAME, cfg.db_path, cfg.inbox)):
         return
-    if home.exists() and not home.is_dir():
-        raise ConfigError(f"no Mondrian home at {home}: it is a file, not a folder. Set MONDRIAN_HOME (or --home) to "
-                          f"your home folder, or run `mondrian init FOLDER` to create one")
+    if os.path.lexists(home) and not home.is_dir():
+        cfg.ensure_dirs()  # says why a file is not a home, as every command does
     what = "has no mondrian.toml, ledger or inbox" if home.exists() else "does not exist"
     raise ConfigError(f"no Mondrian home at {home} (it {what}): run `mondrian init {shell_word(home)}` to "
                       f"create one there, or set MONDRIAN_HOME (or --home) to the home you have")
@@ -77,24 +76,26 @@ def _failure(cfg: Config, j: Job) -> dict[str, Any]:
     elif is_folder(Path(j.source_path)):
         pass  # a folder's failure is its ledger entry alone: no record was ever meant to be written
     elif j.owns_file and os.path.lexists(j.source_path):
-        out["note"] = (f"no failure record could be written to {cfg.failed_dir} ({_unwritable(cfg.failed_dir)}); "
-                       f"the photo is still in the inbox: once that is fixed, run `{mondrian()} retry --failed`")
+        out["note"] = (f"no failure record in {cfg.failed_dir} ({_missing(cfg.failed_dir)}); the photo is still in "
+                       f"the inbox: once that is fixed, run `{mondrian()} retry --failed`")
+    elif j.owns_file and not j.kept and record is not None:  # the photo moves to failed/ only after its record
+        out["note"] = f"its failure record was moved or deleted from {cfg.failed_dir} since"
     elif record is not None:
-        out["note"] = f"its failure record could not be written to {cfg.failed_dir} ({_unwritable(cfg.failed_dir)})"
+        out["note"] = f"no failure record in {cfg.failed_dir} ({_missing(cfg.failed_dir)})"
     return out
 
 
-def _unwritable(folder: Path) -> str:
-    """Why a record may not have been written there, as far as can be seen now."""
+def _missing(folder: Path) -> str:
+    """Why a record may be missing from `folder`, as far as can be seen now."""
     try:
         st = os.statvfs(folder)
         if st.f_bavail == 0 or (st.f_files and st.f_favail == 0):
-            return "its disk is full"
+            return "it could not be written: its disk is full"
     except OSError as exc:
-        return exc.strerror or str(exc)
+        return f"it could not be written: {exc.strerror or exc}"
     if not os.access(folder, os.W_OK | os.X_OK):
-        return "the folder cannot be written"
-    return "the daemon's log says why"
+        return "it could not be written: the folder cannot be written"
+    return "removed since, or it could not be written then: the daemon's log says which"
 
 
 def _liveness(pid: int | None, events: dict[str, tuple[Any, float]], now: float) -> dict[str, Any]:

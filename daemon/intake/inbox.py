@@ -3,6 +3,7 @@ and where a finished photo may land without overwriting anything."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import unicodedata
@@ -25,14 +26,34 @@ HIDDEN_PREFIXES = (".", "~$", "._")
 EDITOR_SIDECARS = (".xmp", ".aae", ".thm", ".pp3", ".dop", ".on1", ".cos")
 
 
+# The files a report folder is made of (rag adds ref-1.jpg, ...), whatever the case (macOS folders ignore it). The
+# original goes in beside them under a name that is never one of these (`report.original_name`).
+REPORT_FILES = re.compile(r"(preview\.jpg|thumb\.jpg|report\.html|report\.json|ref-\d+\.jpg)", re.IGNORECASE)
+REPORT_JSON_MAX_BYTES = 4 << 20
+
+
+def is_report_file(path: Path) -> bool:
+    """One of the files Mondrian wrote into a report folder, in a copy of that folder (dropped back into the inbox
+    to critique the photo again, say): its preview and thumbnail are not photos of the user's; its original is."""
+    if not REPORT_FILES.fullmatch(path.name):
+        return False
+    try:  # a FIFO or a huge file named report.json is not a report: read with the inbox's own care
+        report = json.loads(read_regular_file(path.parent / "report.json", max_bytes=REPORT_JSON_MAX_BYTES,
+                                              timeout_s=1.0))
+    except (OSError, ValueError):
+        return False
+    return isinstance(report, dict) and "schema_version" in report and "job_id" in report
+
+
 def is_temporary_name(name: str) -> bool:
     """A hidden or in-progress name: a file still being written, or one no person put there as a photo."""
     return name.startswith(HIDDEN_PREFIXES) or name.lower().endswith(TEMP_SUFFIXES)
 
 
 def is_ignored(path: Path, inbox: Path) -> bool:
-    """True for hidden/temporary names anywhere under the inbox, and for sidecars (they ride along). A folder
-    named like a sidecar (`x.mode/`) is not one: its photos are ordinary photos."""
+    """True for hidden/temporary names anywhere under the inbox, for sidecars (they ride along) and for the files
+    of a report folder copied back in. A folder named like a sidecar (`x.mode/`) is not one: its photos are ordinary
+    photos."""
     try:
         parts = path.relative_to(inbox).parts
     except ValueError:
@@ -41,6 +62,8 @@ def is_ignored(path: Path, inbox: Path) -> bool:
         return True
     if any(is_temporary_name(part) for part in parts):
         return True  # a hidden or in-progress folder hides everything inside it (Safari's .download)
+    if is_report_file(path):
+        return True  # a copy of a report folder: only its original is a photo to critique
     return parts[-1].lower().endswith((SIDECAR_SUFFIX, *EDITOR_SIDECARS)) and not is_folder(path)
 
 

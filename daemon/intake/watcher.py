@@ -24,7 +24,7 @@ from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
 from .. import testhooks
-from .inbox import is_ignored
+from .inbox import is_ignored, is_report_file
 from ..hints import mondrian
 
 log = logging.getLogger("mondrian.watcher")
@@ -287,8 +287,8 @@ class InboxWatcher:
             with self._lock:
                 self._pending.pop(path, None)
             try:
-                if self.is_known(path):
-                    continue
+                if self.is_known(path) or is_report_file(path):
+                    continue  # a report folder's own file is known only once its report.json has been copied too
                 if self.on_stable_many is not None and len(ready) > 1:
                     batch.append(path)
                 else:

@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import math
-import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -28,6 +27,7 @@ from PIL import Image
 from ..analysis.advisors import Advisor
 from ..analysis.critique import DIMENSION_LABELS, DIMENSIONS, SCORE_MAX
 from ..intake.images import PHOTO_SUFFIXES
+from ..intake.inbox import REPORT_FILES
 from ..fsutil import atomic_write_bytes, atomic_write_text
 from ..resources import templates_dir
 
@@ -360,15 +360,12 @@ def _jpeg_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-# The files a report folder is made of (rag adds ref-1.jpg, ...). The original goes in beside them under a name
-# that is never one of these, whatever the case (macOS folders ignore it).
-OWN_FILES = re.compile(r"(preview\.jpg|thumb\.jpg|report\.html|report\.json|ref-\d+\.jpg)", re.IGNORECASE)
 
 
 def original_name(name: str) -> str:
     """The original's name in its report folder: its own, unless the report's files use it (`thumb.jpg` goes
     in as `thumb-original.jpg`); the report's `photo.file` names it."""
-    if not OWN_FILES.fullmatch(name) and not name.startswith("."):
+    if not REPORT_FILES.fullmatch(name) and not name.startswith("."):
         return name
     p = Path(name)
     return f"{p.stem.lstrip('.') or 'photo'}-original{p.suffix}"
