@@ -308,22 +308,27 @@ def test_references_cli_index_and_list(tmp_path: Path, smoke_model_path: Path) -
     photo(refs / "rue.jpg", seed=11)
     _sidecar(refs / "rue.json", _scores(8), {"composition": "The decisive moment."})
     photo(refs / "quai.jpg", seed=12)
-    _age(*refs.iterdir())
+    report = refs / "best" / "IMG_9"  # a report folder copied in: its original is a reference, not its previews
+    for name, seed in (("IMG_9.jpg", 13), ("preview.jpg", 14), ("thumb.jpg", 15), ("ref-1.jpg", 16)):
+        photo(report / name, seed=seed)
+    (report / "report.json").write_text(json.dumps({"schema_version": 1, "job_id": 9}))
+    _age(*refs.rglob("*"))
     out = mondrian(home, smoke_model_path, "references", "index", "--advisor", "cartier")
     assert out.returncode == 0, out.stderr
-    assert "2 indexed, 0 unchanged" in out.stderr, out.stderr
+    assert "3 indexed, 0 unchanged" in out.stderr, out.stderr
     out = mondrian(home, smoke_model_path, "references", "list", "--advisor", "cartier", "--json")
     assert out.returncode == 0, out.stderr
     info = json.loads(out.stdout)
-    assert info["count"] == 2 and info["portfolio"]["count"] == 2
+    assert info["count"] == 3 and info["portfolio"]["count"] == 3
+    assert sorted(r["file"] for r in info["references"]) == ["IMG_9.jpg", "quai.jpg", "rue.jpg"], info
     by_file = {r["file"]: r for r in info["references"]}
     assert by_file["rue.jpg"]["source"] == "human" and by_file["rue.jpg"]["scores"] == _scores(8)
     assert by_file["quai.jpg"]["source"] == "model" and by_file["quai.jpg"]["embedding"] is True
     assert not by_file["rue.jpg"]["path"].startswith("/")  # shown relative to the home
     text = mondrian(home, smoke_model_path, "references", "list").stdout
-    assert "cartier: 2 reference(s)" in text and "ansel: 0 reference(s)" in text
+    assert "cartier: 3 reference(s)" in text and "ansel: 0 reference(s)" in text
     again = mondrian(home, smoke_model_path, "references", "index")
-    assert again.returncode == 0 and "0 indexed, 2 unchanged" in again.stderr
+    assert again.returncode == 0 and "0 indexed, 3 unchanged" in again.stderr
     bad = mondrian(home, smoke_model_path, "references", "list", "--advisor", "nobody")
     assert bad.returncode == 2 and "unknown advisor" in bad.stderr
 

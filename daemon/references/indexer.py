@@ -37,7 +37,7 @@ from ..analysis.critique import DIMENSIONS, profile_schema
 from ..config import Config
 from ..errors import Interrupted
 from ..fsutil import kind_of, read_regular_file, too_large
-from ..intake.inbox import is_temporary_name
+from ..intake.inbox import is_report_file, is_temporary_name
 from ..intake.images import PHOTO_SUFFIXES
 from ..ledger import Ledger, LedgerUnavailable, Reference
 from .sidecar import SidecarInvalid, read_sidecar, sidecar_path
@@ -105,14 +105,16 @@ def profile_of(gen: Any) -> dict[str, int]:
 
 
 def reference_files(folder: Path) -> list[Path]:
-    """Photos under `folder` (recursively), skipping hidden and temporary names."""
+    """Photos under `folder` (recursively), skipping hidden and temporary names, and the preview, thumbnail and
+    reference images of a report folder copied in (its original is the photo: the rest would count it twice)."""
     found: list[Path] = []
     if not folder.is_dir():
         return found
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
         dirnames[:] = sorted(d for d in dirnames if not is_temporary_name(d))
         for name in sorted(filenames):
-            if not is_temporary_name(name) and name.lower().endswith(IMAGE_SUFFIXES):
+            if (not is_temporary_name(name) and name.lower().endswith(IMAGE_SUFFIXES)
+                    and not is_report_file(Path(dirpath) / name)):
                 found.append(Path(dirpath) / name)
     return found
 
