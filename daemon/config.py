@@ -132,9 +132,7 @@ class Config:
     def ensure_dirs(self) -> None:
         """Create the folders Mondrian writes; a ConfigError says which one is in the way and how to fix it."""
         new_home = not self.home.exists()
-        if os.path.lexists(self.home) and not self.home.is_dir():
-            raise ConfigError(f"no Mondrian home at {self.home}: it is a file, not a folder. Set MONDRIAN_HOME (or "
-                              f"--home) to your home folder, or run `mondrian init FOLDER` to create one")
+        refuse_file_as_home(self.home)
         own = [self.failed_dir, self.staging_dir, self.outbox / "duplicates", self.var_dir, self.adapters_dir,
                self.advisors_dir, self.db_path.with_name(self.db_path.name + ".runs"), self.spool_dir,
                *(self.var_dir / name for name in ("logs", "models", "cache", "datasets"))]
@@ -279,6 +277,13 @@ def _check_apart(inbox: Path, others: dict[str, Path], cfg_file: Path) -> None:
     if inbox.is_relative_to(outbox):
         raise ConfigError(f"the inbox ({inbox}) is inside the outbox ({outbox}): Mondrian would analyse its own "
                           f"reports. Set inbox (or outbox) in {cfg_file} to a folder outside the other")
+
+
+def refuse_file_as_home(home: Path) -> None:
+    """`init` cannot turn a file into a home, so a mistyped MONDRIAN_HOME naming one gets its own advice."""
+    if os.path.lexists(home) and not home.is_dir():
+        raise ConfigError(f"no Mondrian home at {home}: it is a file, not a folder. Set MONDRIAN_HOME (or --home) to "
+                          f"your home folder, or run `mondrian init FOLDER` to create one")
 
 
 # tomllib's words for the mistakes people make editing the file by hand, in theirs.

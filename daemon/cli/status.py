@@ -14,7 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
-from ..config import CONFIG_NAME, Config, ConfigError
+from ..config import CONFIG_NAME, Config, ConfigError, refuse_file_as_home
 from ..fsutil import is_folder, lock_holder, pid_alive
 from ..ledger import FAULT_NOTE, FaultNote, Job, Ledger
 from ..hints import mondrian, shell_word
@@ -40,8 +40,7 @@ def require_home(cfg: Config) -> None:
     home = cfg.home
     if home.is_dir() and any(p.exists() for p in (home / CONFIG_NAME, cfg.db_path, cfg.inbox)):
         return
-    if os.path.lexists(home) and not home.is_dir():
-        cfg.ensure_dirs()  # says why a file is not a home, as every command does
+    refuse_file_as_home(home)
     what = "has no mondrian.toml, ledger or inbox" if home.exists() else "does not exist"
     raise ConfigError(f"no Mondrian home at {home} (it {what}): run `mondrian init {shell_word(home)}` to "
                       f"create one there, or set MONDRIAN_HOME (or --home) to the home you have")

@@ -360,8 +360,6 @@ def _jpeg_bytes(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-
-
 def original_name(name: str) -> str:
     """The original's name in its report folder: its own, unless the report's files use it (`thumb.jpg` goes
     in as `thumb-original.jpg`); the report's `photo.file` names it."""
