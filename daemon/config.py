@@ -133,6 +133,7 @@ class Config:
         """Create the folders Mondrian writes; a ConfigError says which one is in the way and how to fix it."""
         new_home = not self.home.exists()
         refuse_file_as_home(self.home)
+        self._refuse_unmounted(self.home, within=(Path.home(),))
         own = [self.failed_dir, self.staging_dir, self.outbox / "duplicates", self.var_dir, self.adapters_dir,
                self.advisors_dir, self.db_path.with_name(self.db_path.name + ".runs"), self.spool_dir,
                *(self.var_dir / name for name in ("logs", "models", "cache", "datasets"))]
@@ -149,6 +150,7 @@ class Config:
                                   f"to) and start again")
         for d in (self.inbox, self.outbox, self.failed_dir, self.staging_dir, self.var_dir,
                   self.adapters_dir, self.advisors_dir):
+            self._refuse_unmounted(d, within=(self.home, Path.home()))
             try:
                 d.mkdir(parents=True, exist_ok=True)
             except FileExistsError:
@@ -166,6 +168,26 @@ class Config:
                 raise ConfigError(f"the folder {d} cannot be written (read-only, immutable or not yours): make "
                                   f"it writable for the user that runs Mondrian (`ls -ld`, `lsattr -d`, "
                                   f"`chattr -i`, a read-only mount?)")
+
+
+    def _refuse_unmounted(self, folder: Path, within: tuple[Path, ...]) -> None:
+        """Folders are made with their missing parents only `within` this home or the user's home folder. Elsewhere
+        (`/Volumes/Photos/outbox`, `/mnt/nas/inbox`) a missing parent is a drive or share not connected, and making
+        it would put a plain folder on the startup disk where the drive mounts (macOS then mounts it as
+        `Photos 1`). Refused instead; as a service, Mondrian starts again by itself every 30 s until it is there."""
+        if folder.is_dir() or folder.parent.is_dir():
+            return
+        if any(folder.is_relative_to(root) for root in within):
+            return
+        missing = folder.parent
+        while not missing.parent.is_dir() and missing.parent != missing:
+            missing = missing.parent
+        raise ConfigError(f"{folder} cannot be reached: {missing} does not exist (a drive or network share that "
+                          f"is not connected?). Connect it and start Mondrian again (as a service it tries again "
+                          f"by itself every 30 s), or point {'MONDRIAN_HOME' if folder == self.home else 'the setting'} "
+                          f"elsewhere{'' if folder == self.home else ' in ' + str(self.home / CONFIG_NAME)}. "
+                          f"Mondrian does not create {missing} itself: that would put a plain folder where the drive "
+                          f"mounts")
 
 
 _SCALARS = {f.name: f.type for f in fields(Config)}

@@ -304,3 +304,66 @@ def test_runtime_limits_end_a_generation_and_leave_the_model_usable(smoke_model_
     assert stopped_after < before.seconds, (stopped_after, before.seconds)
     print(f"\nruntime limits: full generation {before.seconds:.2f}s, deadline 0.05s stopped it after "
           f"{stopped_after:.2f}s; the next generation is identical")
+
+
+# -- a drive or share that is unplugged and comes back ----------------------------------------------------------------
+
+def test_an_inbox_and_an_outbox_on_drives_that_are_unplugged_and_come_back(tmp_path, smoke_model_path):
+    """`/Volumes/Photos/outbox` on an unplugged drive: Mondrian never makes it again as a plain folder on the startup
+    disk (where the drive would mount), a photo waits without using up its attempts, status says what is missing,
+    and everything goes on by itself once the drive is back. The same at start-up: exit 78, nothing created."""
+    volumes, away = tmp_path / "Volumes", tmp_path / "away"
+    away.mkdir()
+    inbox_drive, outbox_drive = volumes / "Cards", volumes / "Photos"
+    (inbox_drive / "inbox").mkdir(parents=True)
+    (outbox_drive / "outbox").mkdir(parents=True)
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST, max_attempts=2,
+                     inbox=str(inbox_drive / "inbox"), outbox=str(outbox_drive / "outbox"))
+
+    def unplug(drive: Path) -> None:
+        drive.rename(away / drive.name)
+
+    def plug(drive: Path) -> None:
+        (away / drive.name).rename(drive)
+
+    with Daemon(home, smoke_model_path) as daemon:
+        wait_for(lambda: "model ready" in daemon.output(), 120, what="the daemon to start")
+        unplug(outbox_drive)
+        photo(inbox_drive / "inbox" / "a.jpg", seed=1)
+        wait_for(lambda: "outbox" in (ledger_jobs(home).get("a.jpg") and ledger_jobs(home)["a.jpg"].error or ""),
+                 60, what="the photo to wait for the outbox")
+        time.sleep(4)  # several rescans: looked at again each time, never failed, never published elsewhere
+        info = status(home, smoke_model_path)
+        text = mondrian(home, smoke_model_path, "status").stdout
+        job = ledger_jobs(home)["a.jpg"]
+        assert job.state == "queued" and job.attempts <= 1, (job.state, job.attempts, job.error)
+        assert not outbox_drive.exists(), "the outbox was made again where its drive mounts"
+        assert info["outbox_missing"] and not info["inbox_missing"], info
+        assert f"Outbox:  {outbox_drive / 'outbox'} is not there" in text, text
+        assert daemon.output().count("is not there, nor") == 1, daemon.output()  # said once, not at every look
+
+        plug(outbox_drive)
+        wait_for(lambda: ledger_jobs(home)["a.jpg"].state == "done", 60, what="the photo once the outbox is back")
+        assert (outbox_drive / "outbox" / "a" / "report.json").exists()
+        assert daemon.output().count("is back; carrying on") == 1, daemon.output()
+
+        unplug(inbox_drive)
+        wait_for(lambda: "the inbox" in daemon.output() and "is not there" in daemon.output(), 30,
+                 what="the daemon to notice the inbox is gone")
+        assert status(home, smoke_model_path)["inbox_missing"]
+        assert not inbox_drive.exists()
+        plug(inbox_drive)
+        photo(inbox_drive / "inbox" / "b.jpg", seed=2)
+        wait_for(lambda: (ledger_jobs(home).get("b.jpg") and ledger_jobs(home)["b.jpg"].state) == "done", 60,
+                 what="a photo dropped once the inbox is back")
+        assert daemon.output().count("is back; looking at what it holds") == 1, daemon.output()
+        assert daemon.stop() == 0
+
+    unplug(outbox_drive)
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=60)
+    assert out.returncode == 78, out.stderr
+    assert f"{outbox_drive} does not exist (a drive or network share that is not connected?)" in out.stderr, out.stderr
+    assert not outbox_drive.exists(), "start-up made the outbox again where its drive mounts"
+    out = mondrian(outbox_drive / "Mondrian", smoke_model_path, "run", "--once", timeout=60)  # a home on the drive
+    assert out.returncode == 78 and "point MONDRIAN_HOME elsewhere" in out.stderr, out.stderr
+    assert not outbox_drive.exists(), "start-up made a home where the drive mounts"

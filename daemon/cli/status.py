@@ -169,6 +169,8 @@ def collect(cfg: Config) -> dict[str, Any]:
         "running": running,
         "interrupted": interrupted,
         "recent_failures": failures,
+        "inbox_missing": not cfg.inbox.is_dir(),  # an unplugged drive, a share not mounted
+        "outbox_missing": not cfg.outbox.is_dir(),
         "last_event_at": events.get("last_event", (None, None))[0],
         "last_rescan_at": events.get("last_rescan", (None, None))[0],
         "heartbeat": events.get("heartbeat", ({}, None))[0],
@@ -313,6 +315,11 @@ def render(info: dict[str, Any]) -> str:
         t = info["training"]
         lines.append(_training_line(t))
     lines.append(f"Watcher: last event {_clock(info['last_event_at'])} · last rescan {_clock(info['last_rescan_at'])}")
+    for key, name, meanwhile in (("inbox_missing", "inbox", "photos dropped there are picked up once it is back"),
+                                 ("outbox_missing", "outbox", "photos wait in the inbox until it is back")):
+        if info.get(key):
+            lines.append(f"{name.capitalize() + ':':<8} {info[name]} is not there (a drive or network share that is "
+                         f"not connected?): {meanwhile}")
     fault = info.get("ledger_fault")
     if fault:
         lines.append(f"Ledger:  cannot be written since {_clock(fault.get('since'))}: {fault.get('reason')} — "

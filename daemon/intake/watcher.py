@@ -96,6 +96,7 @@ class InboxWatcher:
         self._observer: Observer | None = None
         self.last_event_at: float | None = None
         self.last_rescan_at: float | None = None
+        self.inbox_missing = False  # said once, until it is back
         self.restarts = 0
         self.canary_seen_at = 0.0
         self._bad_names: set[Path] = set()
@@ -244,6 +245,13 @@ class InboxWatcher:
                     self.note(Path(dirpath) / name)
 
     def rescan(self) -> None:
+        here = self.inbox.is_dir()
+        if not here and not self.inbox_missing:
+            log.warning("the inbox %s is not there (a drive or network share that is not connected?); photos "
+                        "dropped there are picked up once it is back", self.inbox)
+        elif here and self.inbox_missing:
+            log.info("the inbox %s is back; looking at what it holds", self.inbox)
+        self.inbox_missing = not here
         self.note_tree(self.inbox)
         self.last_rescan_at = time.time()
 

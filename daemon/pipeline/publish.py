@@ -51,6 +51,10 @@ OUTSIDE_INBOX = ("its folder is no longer inside the inbox (a folder on its path
                  "file was left where it is. Copy the photos themselves into the inbox")
 
 
+class OutboxGone(OSError):
+    """The outbox and the folder it lives in are both gone (an unplugged drive, a share not mounted)."""
+
+
 class LinkedOutbox(Transient):
     """One of the outbox's own folders (`.staging`, `failed`, `duplicates`, a report folder) was replaced by a link
     (or leads out of the outbox) while Mondrian runs: nothing is written, moved or deleted through it."""
@@ -148,6 +152,7 @@ class Publisher:
                  files: dict[str, Path], keep_original: bool) -> None:
         staging = self.cfg.staging_dir / staging_name(job)
         try:
+            self.outbox_here()
             self.cfg.staging_dir.mkdir(parents=True, exist_ok=True)
             self.own(self.cfg.staging_dir)  # LinkedOutbox (transient): nothing below may go through a link
             shutil.rmtree(staging, ignore_errors=True)
@@ -180,6 +185,10 @@ class Publisher:
             # its check and its rename, woken in that instant.
             os.rename(staging, final)
             testhooks.crashpoint("renamed")
+        except OutboxGone as exc:  # unplugged while the photo was analysed: it waits, as the worker makes it
+            shutil.rmtree(staging, ignore_errors=True)
+            self.ledger.requeue(job.id, str(exc), delay_s=self.cfg.quiet_seconds, undo_attempt=True)
+            return
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)
             self.transient(job, f"could not write the report to {self.cfg.outbox.name}/ ({exc.strerror or exc})")
@@ -345,6 +354,7 @@ class Publisher:
     def duplicate(self, job: Job, first: Job, src: Path, fallbacks: list[dict[str, str]] | None = None) -> None:
         dup_dir = self.cfg.outbox / "duplicates"
         try:
+            self.outbox_here()
             dup_dir.mkdir(parents=True, exist_ok=True)
         except (FileExistsError, NotADirectoryError):
             raise Transient(f"{self.shown(dup_dir)} is a file, not a folder: move it out of the way; the photo waits "
@@ -400,6 +410,7 @@ class Publisher:
         failed = self.cfg.failed_dir
         dest: Path | None = None
         try:
+            self.outbox_here()
             failed.mkdir(parents=True, exist_ok=True)
             self.own(failed)
             dest = unique_path(failed, safe_stem(src.name), Path(src.name).suffix, self.taken(job),
@@ -441,6 +452,19 @@ class Publisher:
             return str(path.relative_to(self.cfg.home))
         except ValueError:
             return str(path)
+
+    def outbox_here(self) -> None:
+        """An outbox removed while Mondrian runs is made again, but only where its parent folder still is: an
+        outbox on a drive that was unplugged (`/Volumes/Photos/outbox`) must not come back as a plain folder on the
+        startup disk, where the drive mounts. OutboxGone (an OSError: the photo is tried again later) instead."""
+        outbox = self.cfg.outbox
+        try:
+            outbox.mkdir()
+        except FileExistsError:
+            pass
+        except FileNotFoundError:
+            raise OutboxGone(f"the outbox {outbox} is not there, nor {outbox.parent} (a drive or network share that "
+                             f"is not connected?); connect it, and the photo goes on by itself") from None
 
     def own(self, folder: Path) -> None:
         """Raise LinkedOutbox unless `folder` is a real folder inside the outbox (see `fsutil.own_folder_inside`)."""

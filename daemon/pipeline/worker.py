@@ -30,7 +30,7 @@ from ..intake.inbox import SidecarError, read_sidecar, sidecar_for
 from ..ledger import DONE, FAILED, Job, LeaseLost, Ledger, LedgerUnavailable
 from .costs import JobCosts
 from .isolation import check_alone
-from .publish import OUTSIDE_INBOX, Publisher
+from .publish import OUTSIDE_INBOX, OutboxGone, Publisher
 from .outbox_index import OutboxIndex
 from .report import SMOKE_NOTICE, assemble, earlier_report_links
 from ..hints import mondrian
@@ -78,6 +78,7 @@ class Worker:
         index = OutboxIndex(cfg, ledger)
         self.out = Publisher(cfg, ledger, index)
         self.costs = JobCosts()  # off unless a benchmark asks (MONDRIAN_COSTS_FILE)
+        self._outbox_gone = False  # said once, until it is back
         self._truncated: dict[int, tuple[tuple[int, float], float]] = {}  # job -> (size, mtime), first seen ending early
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -246,6 +247,8 @@ class Worker:
         """Everything before the model: the checks, the decoded photo, its hash, a duplicate found without the
         model. None when that already settled the job (resumed, gone, failed, a duplicate, changed meanwhile)."""
         keep_original = keep_original or not job.owns_file
+        if not self._outbox_ready(job):
+            return None
         if job.output_dir and self.out.resume(job, keep_original):
             return None
         src = Path(job.source_path)
@@ -389,6 +392,25 @@ class Worker:
         self.ledger.requeue(job.id, "the photo ends early: waiting in case it is still being copied",
                             delay_s=self.cfg.quiet_seconds * TRUNCATED_GRACE / 4, undo_attempt=True)
         log.info("ends early, looking again shortly (still being copied?): %s", job.rel_path)
+        return True
+
+    def _outbox_ready(self, job: Job) -> bool:
+        """A report that cannot be written would only be analysed again: while the outbox's drive or share is away,
+        the photo waits where it is, looked at again at each rescan without an attempt counted against it."""
+        try:
+            self.out.outbox_here()
+        except OutboxGone as exc:
+            if not job.owns_file:  # `mondrian analyze` waits for nobody: its photo fails now, with the reason
+                self.out.fail(job, str(exc), keep_original=True)
+                return False
+            self.ledger.requeue(job.id, str(exc), delay_s=self.cfg.rescan_seconds, undo_attempt=True)
+            if not self._outbox_gone:
+                log.warning("%s; photos wait meanwhile", exc)
+                self._outbox_gone = True
+            return False
+        if self._outbox_gone:
+            log.info("the outbox %s is back; carrying on", self.cfg.outbox)
+            self._outbox_gone = False
         return True
 
     def _settled(self, job: Job, src: Path) -> bool:
