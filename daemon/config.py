@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import platformdirs
 
 from .resources import checkout_root
+from .hints import shell_word
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ class Config:
         """Create the folders Mondrian writes; a ConfigError says which one is in the way and how to fix it."""
         new_home = not self.home.exists()
         refuse_file_as_home(self.home)
-        self._refuse_unmounted(self.home, within=(Path.home(),))
+        self._refuse_unmounted(self.home, within=(Path.home(), Path(platformdirs.user_data_dir())))
         own = [self.failed_dir, self.staging_dir, self.outbox / "duplicates", self.var_dir, self.adapters_dir,
                self.advisors_dir, self.db_path.with_name(self.db_path.name + ".runs"), self.spool_dir,
                *(self.var_dir / name for name in ("logs", "models", "cache", "datasets"))]
@@ -150,7 +151,7 @@ class Config:
                                   f"to) and start again")
         for d in (self.inbox, self.outbox, self.failed_dir, self.staging_dir, self.var_dir,
                   self.adapters_dir, self.advisors_dir):
-            self._refuse_unmounted(d, within=(self.home, Path.home()))
+            self._refuse_unmounted(d, within=(self.home, Path.home(), Path(platformdirs.user_data_dir())))
             try:
                 d.mkdir(parents=True, exist_ok=True)
             except FileExistsError:
@@ -171,8 +172,8 @@ class Config:
 
 
     def _refuse_unmounted(self, folder: Path, within: tuple[Path, ...]) -> None:
-        """Folders are made with their missing parents only `within` this home or the user's home folder. Elsewhere
-        (`/Volumes/Photos/outbox`, `/mnt/nas/inbox`) a missing parent is a drive or share not connected, and making
+        """Folders are made with their missing parents only `within` this home or the user's home or data folder.
+        Elsewhere (`/Volumes/Photos/outbox`, `/mnt/nas/inbox`) a missing parent is a drive or share not connected, and making
         it would put a plain folder on the startup disk where the drive mounts (macOS then mounts it as
         `Photos 1`). Refused instead; as a service, Mondrian starts again by itself every 30 s until it is there."""
         if folder.is_dir() or folder.parent.is_dir():
@@ -187,7 +188,10 @@ class Config:
                           f"by itself every 30 s), or point {'MONDRIAN_HOME' if folder == self.home else 'the setting'} "
                           f"elsewhere{'' if folder == self.home else ' in ' + str(self.home / CONFIG_NAME)}. "
                           f"Mondrian does not create {missing} itself: that would put a plain folder where the drive "
-                          f"mounts")
+                          f"mounts{self._init_hint(folder)}")
+
+    def _init_hint(self, folder: Path) -> str:
+        return f" (a new home there: `mondrian init {shell_word(folder)}` makes it)" if folder == self.home else ""
 
 
 _SCALARS = {f.name: f.type for f in fields(Config)}

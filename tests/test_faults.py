@@ -365,5 +365,5 @@ def test_an_inbox_and_an_outbox_on_drives_that_are_unplugged_and_come_back(tmp_p
     assert f"{outbox_drive} does not exist (a drive or network share that is not connected?)" in out.stderr, out.stderr
     assert not outbox_drive.exists(), "start-up made the outbox again where its drive mounts"
     out = mondrian(outbox_drive / "Mondrian", smoke_model_path, "run", "--once", timeout=60)  # a home on the drive
-    assert out.returncode == 78 and "point MONDRIAN_HOME elsewhere" in out.stderr, out.stderr
+    assert out.returncode == 78 and "point MONDRIAN_HOME elsewhere" in out.stderr and "mondrian init" in out.stderr, out.stderr
     assert not outbox_drive.exists(), "start-up made a home where the drive mounts"
