@@ -170,11 +170,10 @@ class Config:
                                   f"it writable for the user that runs Mondrian (`ls -ld`, `lsattr -d`, "
                                   f"`chattr -i`, a read-only mount?)")
 
-
     def _refuse_unmounted(self, folder: Path, within: tuple[Path, ...]) -> None:
         """Folders are made with their missing parents only `within` this home or the user's home or data folder.
-        Elsewhere (`/Volumes/Photos/outbox`, `/mnt/nas/inbox`) a missing parent is a drive or share not connected, and making
-        it would put a plain folder on the startup disk where the drive mounts (macOS then mounts it as
+        Elsewhere (`/Volumes/Photos/outbox`, `/mnt/nas/inbox`) a missing parent is a drive or share not connected,
+        and making it would put a plain folder on the startup disk where the drive mounts (macOS then mounts it as
         `Photos 1`). Refused instead; as a service, Mondrian starts again by itself every 30 s until it is there."""
         if folder.is_dir() or folder.parent.is_dir():
             return
@@ -185,7 +184,8 @@ class Config:
             missing = missing.parent
         raise ConfigError(f"{folder} cannot be reached: {missing} does not exist (a drive or network share that "
                           f"is not connected?). Connect it and start Mondrian again (as a service it tries again "
-                          f"by itself every 30 s), or point {'MONDRIAN_HOME' if folder == self.home else 'the setting'} "
+                          f"by itself every 30 s), or point "
+                          f"{'MONDRIAN_HOME' if folder == self.home else 'the setting'} "
                           f"elsewhere{'' if folder == self.home else ' in ' + str(self.home / CONFIG_NAME)}. "
                           f"Mondrian does not create {missing} itself: that would put a plain folder where the drive "
                           f"mounts{self._init_hint(folder)}")
