@@ -21,6 +21,7 @@ from typing import Any, Mapping
 import platformdirs
 
 from .resources import checkout_root
+from .fsutil import NotReadable, read_text_file
 from .hints import shell_word
 
 log = logging.getLogger(__name__)
@@ -317,19 +318,28 @@ _TOML_HINTS = {"Cannot overwrite a value": "a setting is given twice: keep one o
                "Invalid value": 'a value is a number, true or false, or text in double quotes (model = "smoke")'}
 
 
-def _toml_problem(cfg_file: Path, exc: tomllib.TOMLDecodeError) -> str:
-    """The line a TOML error is on, quoted, with a plain hint where there is one."""
+def toml_problem(path: Path, text: str, exc: tomllib.TOMLDecodeError, remedy: str) -> str:
+    """The line a TOML error is on, quoted, with a plain hint where there is one, and what to do (`remedy`)."""
     where = re.search(r"\(at line (\d+), column \d+\)", str(exc))
     shown = ""
-    if where:
-        try:
-            line = cfg_file.read_text(encoding="utf-8").splitlines()[int(where.group(1)) - 1]
-            shown = f" line {where.group(1)}, `{line.strip()}`"
-        except (OSError, UnicodeDecodeError, IndexError):
-            pass
+    lines = text.splitlines()
+    if where and 0 < int(where.group(1)) <= len(lines):
+        shown = f" line {where.group(1)}, `{lines[int(where.group(1)) - 1].strip()}`"
     hint = next((h for words, h in _TOML_HINTS.items() if str(exc).startswith(words)), None)
-    return (f"{cfg_file}{shown} is not valid TOML: {hint + ' (' + str(exc) + ')' if hint else exc}; "
-            f"fix it, or delete the file for the defaults")
+    return f"{path}{shown} is not valid TOML: {hint + ' (' + str(exc) + ')' if hint else exc}; {remedy}"
+
+
+def _read_config_text(cfg_file: Path, home: Path) -> str | None:
+    """mondrian.toml's text, None when there is none. A FIFO or device there must not hang every command."""
+    try:
+        return read_text_file(cfg_file)
+    except (FileNotFoundError, NotADirectoryError):  # a home that is a file is refused with its own words later
+        return None
+    except NotReadable as exc:
+        raise ConfigError(f"cannot read {cfg_file}: {exc}; or delete it for the defaults") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read {cfg_file} ({exc.strerror or exc}): make the home "
+                          f"{home} and that file readable for the user that runs Mondrian") from None
 
 
 def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.environ,
@@ -337,14 +347,12 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
     home = Path(home).expanduser().resolve() if home else default_home(env)
     data: dict[str, Any] = {}
     cfg_file = home / CONFIG_NAME
+    text = _read_config_text(cfg_file, home)
     try:
-        if cfg_file.exists():
-            data = tomllib.loads(cfg_file.read_text(encoding="utf-8"))
+        if text is not None:
+            data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(_toml_problem(cfg_file, exc)) from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read {cfg_file} ({getattr(exc, 'strerror', None) or exc}): make the home "
-                          f"{home} and that file readable for the user that runs Mondrian") from None
+        raise ConfigError(toml_problem(cfg_file, text or "", exc, "fix it, or delete the file for the defaults")) from exc
 
     env_map = {"MONDRIAN_MODEL": "model", "ANALYSIS_MODE": "default_mode",
                "MONDRIAN_ADVISOR": "default_advisor", "EMBEDDINGS_ENABLED": "embeddings_enabled",

@@ -100,6 +100,19 @@ def read_regular_file(path: Path, *, max_bytes: int | None = None, timeout_s: fl
     return result["data"]  # type: ignore[return-value]
 
 
+def read_text_file(path: Path, *, max_bytes: int = 1 << 20, timeout_s: float = 5.0) -> str:
+    """A small UTF-8 settings file (mondrian.toml, an advisor.toml). FileNotFoundError if there is none; NotReadable,
+    saying why in words for a person, for a FIFO (which would hang every command), a folder, a huge file or text
+    that is not UTF-8."""
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise NotReadable(f"it is {kind_of(st.st_mode)}, not a text file")
+    try:
+        return read_regular_file(path, max_bytes=max_bytes, timeout_s=timeout_s).decode("utf-8")
+    except UnicodeDecodeError:
+        raise NotReadable("it is not UTF-8 text: save it as UTF-8 (plain text)") from None
+
+
 def too_large(path: Path, max_bytes: int | None) -> str | None:
     """Why `path` is refused before a byte of it is read (larger than any photo), or None. The whole file is held
     in memory while it is hashed and decoded, so a sparse 10 GB `.jpg` would take the machine's memory."""
@@ -482,7 +495,7 @@ def lock_holder(lock: Path) -> int | None:
     return None
 
 
-__all__ = ["NotReadable", "read_regular_file", "kind_of", "temp_name", "atomic_write_bytes", "atomic_write_text",
+__all__ = ["NotReadable", "read_regular_file", "read_text_file", "kind_of", "temp_name", "atomic_write_bytes", "atomic_write_text",
            "fsync_dir", "fsync_files", "ATOMIC_TMP", "move", "identity", "holds", "same_content", "folder_inside", "pid_alive",
            "lock_holder", "hold_lock", "lock_folder", "LockHeld", "is_folder", "NotOwn", "check_own_folder", "own_folder_inside",
            "open_own_file", "read_own_file",

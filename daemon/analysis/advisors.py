@@ -7,16 +7,19 @@ with Mondrian; a studio can add its own under `<home>/advisors/`, which wins on 
 
 from __future__ import annotations
 
+import logging
 import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config
+from ..config import Config, toml_problem
+from ..fsutil import NotReadable, read_text_file
 from ..resources import advisors_dir
 
 ADVISOR_ID = re.compile(r"^[a-z][a-z0-9_-]{0,39}\Z")  # \Z: "$" would let a trailing newline in
 BUILTIN_DIR = advisors_dir()
+log = logging.getLogger("mondrian.advisors")
 
 
 class UnknownAdvisor(LookupError):
@@ -31,28 +34,85 @@ class Advisor:
     flip_augmentation: bool = True
 
 
-def _read(path: Path) -> Advisor | None:
+class _Refused(ValueError):
+    """Why an advisor.toml is not used, in words for a person."""
+
+
+def _read(path: Path, shown: str) -> Advisor:
+    """The advisor `path` defines, or _Refused naming the file as `shown` (reasons reach failure pages, which never
+    show an absolute path)."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-        adv = Advisor(id=str(data["id"]), name=str(data["name"]), prompt=str(data["prompt"]).strip(),
-                      flip_augmentation=bool(data.get("flip_augmentation", True)))
-    except (OSError, KeyError, tomllib.TOMLDecodeError):
-        return None
-    if not ADVISOR_ID.match(adv.id) or adv.id != path.parent.name:
-        return None
+        text = read_text_file(path)
+    except NotReadable as exc:  # a FIFO (which would hang every command), a folder, text that is not UTF-8
+        raise _Refused(f"{shown} cannot be read: {exc}") from None
+    except OSError as exc:
+        raise _Refused(f"{shown} cannot be read ({exc.strerror or exc}): make it readable") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise _Refused(toml_problem(Path(shown), text, exc, "fix it")) from None
+    missing = [key for key in ("id", "name", "prompt") if key not in data]
+    if missing:
+        raise _Refused(f"{shown} has no {' and no '.join(missing)}: an advisor needs id, name and prompt "
+                       f"(the README's Advisors section has an example)")
+    wrong = [key for key in ("id", "name", "prompt") if not isinstance(data[key], str)]
+    if wrong:
+        raise _Refused(f"{shown}: {', '.join(wrong)} must be text in double quotes")
+    adv = Advisor(id=data["id"], name=data["name"].strip(), prompt=data["prompt"].strip(),
+                  flip_augmentation=bool(data.get("flip_augmentation", True)))
+    if not ADVISOR_ID.match(adv.id):
+        raise _Refused(f"{shown}: id {adv.id!r} is not an advisor id (lowercase letters, digits, '-' and '_', "
+                       f"starting with a letter, as the folder's name)")
+    if adv.id != path.parent.name:
+        raise _Refused(f"{shown}: its id {adv.id!r} is not its folder's name {path.parent.name!r}; make them the "
+                       f"same")
+    if not adv.prompt or not adv.name:
+        raise _Refused(f"{shown}: its {'prompt' if not adv.prompt else 'name'} is empty; write the advisor's voice "
+                       f"into it")
     return adv
 
 
-def load_advisors(cfg: Config) -> dict[str, Advisor]:
+_warned: set[tuple[Path, str]] = set()
+
+
+def _scan(cfg: Config) -> tuple[dict[str, Advisor], dict[str, str]]:
+    """Every usable advisor, and why each refused advisor.toml is not used (by its folder's name). A studio's
+    definition wins over a built-in one of the same id."""
     found: dict[str, Advisor] = {}
+    refused: dict[str, str] = {}
     for root in (BUILTIN_DIR, cfg.advisors_dir):
         if not root.is_dir():
             continue
         for toml in sorted(root.glob("*/advisor.toml")):
-            adv = _read(toml)
-            if adv:
-                found[adv.id] = adv
-    return found
+            try:
+                adv = _read(toml, f"{'advisors' if root == cfg.advisors_dir else 'built-in advisors'}/"
+                                  f"{toml.parent.name}/advisor.toml")
+            except _Refused as why:
+                refused[toml.parent.name] = str(why)
+                if (toml, str(why)) not in _warned:  # once per problem: load_advisors runs for every photo
+                    _warned.add((toml, str(why)))
+                    log.warning("advisor definition not used (%s): %s", toml, why)
+                continue
+            found[adv.id] = adv
+            refused.pop(adv.id, None)
+    return found, refused
+
+
+def load_advisors(cfg: Config) -> dict[str, Advisor]:
+    return _scan(cfg)[0]
+
+
+def advisor_problems(cfg: Config) -> dict[str, str]:
+    """Why each advisor.toml that is there is not used, by its folder's name (for `status` and error messages)."""
+    return _scan(cfg)[1]
+
+
+def advisor_folders(cfg: Config) -> set[str]:
+    """The ids an inbox folder may name: every usable advisor, and every advisor whose definition is refused (a
+    photo in `inbox/monet/` while monet's advisor.toml is broken must fail saying so, not be critiqued by the
+    default advisor)."""
+    found, refused = _scan(cfg)
+    return set(found) | {name for name in refused if ADVISOR_ID.match(name)}
 
 
 def references_dir(cfg: Config, advisor_id: str) -> Path:
@@ -64,9 +124,12 @@ def references_dir(cfg: Config, advisor_id: str) -> Path:
 def get_advisor(cfg: Config, advisor_id: str) -> Advisor:
     """The one check of an advisor id, for every command and the daemon: a known advisor, or UnknownAdvisor with a
     message naming the known ones. An id is never used in a path before it has passed here."""
-    advisors = load_advisors(cfg)
+    advisors, refused = _scan(cfg)
     if advisor_id in advisors:
         return advisors[advisor_id]
+    if advisor_id in refused:
+        raise UnknownAdvisor(f"advisor {advisor_id!r} is not usable: {refused[advisor_id]}; known advisors: "
+                             f"{', '.join(sorted(advisors)) or 'none'}")
     if not ADVISOR_ID.match(advisor_id):
         raise UnknownAdvisor(
             f"{advisor_id!r} is not an advisor id (lowercase letters, digits, '-' and '_', starting with a letter); "

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
-from ..analysis.advisors import load_advisors
+from ..analysis.advisors import advisor_folders
 from ..config import Config, ConfigError
 from ..errors import EX_CONFIG, EX_TEMPFAIL
 from ..fsutil import LockHeld, NotOwn, hold_lock, lock_folder
@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("mondrian.daemon")
 
 STOP_GRACE_SECONDS = 20.0
+ADVISORS_TTL_S = 2.0
 # How often the idle worker looks at the ledger: this process's own queueing wakes it at once; other processes'
 # writes (`mondrian retry`) are seen within this. Each look costs ~1 ms of CPU: at 0.5 s it was a third of the idle CPU.
 IDLE_POLL_SECONDS = 2.0
@@ -101,7 +102,7 @@ class Daemon:
         self.ledger = Ledger.for_config(cfg, stop=self.stop, note=cfg.var_dir / FAULT_NOTE)
         self.heartbeat = Heartbeat(self.ledger, self.stop, self.wake.set)
         self.worker = Worker(cfg, self.ledger, runtime_factory or default_runtime_factory(cfg), self.stop)
-        self._advisors = set(load_advisors(cfg))
+        self._advisors_seen: tuple[float, set[str]] = (float("-inf"), set())
         from ..intake.watcher import InboxWatcher
 
         self.watcher = InboxWatcher(cfg.inbox, self._enqueue, cfg.quiet_seconds, is_known=self.ledger.is_active,
@@ -114,9 +115,18 @@ class Daemon:
         self.references = ReferenceWatcher(cfg, self.ledger)  # advisors/*/references, indexed between jobs
         self._thread = threading.Thread(target=self._work, name="mlx-worker", daemon=True)
 
+    def _advisors(self) -> set[str]:
+        """The advisor folders the inbox may hold, looked at again every few seconds: an advisor a studio adds (or
+        whose definition it breaks) while Mondrian runs counts from then on. A bulk drop asks once per photo."""
+        at, ids = self._advisors_seen
+        if time.monotonic() - at > ADVISORS_TTL_S:
+            ids = advisor_folders(self.cfg)
+            self._advisors_seen = (time.monotonic(), ids)
+        return ids
+
     # -- watcher -> ledger --------------------------------------------------------------------
     def _enqueue(self, path: Path) -> None:
-        intake = classify(path, self.cfg.inbox, self._advisors, self.cfg.default_advisor)
+        intake = classify(path, self.cfg.inbox, self._advisors(), self.cfg.default_advisor)
         try:
             st = os.lstat(path)
         except OSError:
@@ -139,7 +149,7 @@ class Daemon:
             except OSError:
                 continue
             if not self._kept_and_done(path, st):  # as `_enqueue`: a kept photo analysed as it is now is done
-                found.append((path, classify(path, self.cfg.inbox, self._advisors, self.cfg.default_advisor), st))
+                found.append((path, classify(path, self.cfg.inbox, self._advisors(), self.cfg.default_advisor), st))
         try:
             jobs = self.ledger.enqueue_many([(p, i.rel_path, i.advisor, i.advisor_source, st.st_size, st.st_mtime,
                                               st.st_ctime) for p, i, st in found], kept=self.cfg.keep_originals)
@@ -198,7 +208,7 @@ class Daemon:
         return (path.stem + SIDECAR_SUFFIX).lower() in cached[1]
 
     def _unreachable(self, path: Path, reason: str) -> None:
-        intake = classify(path, self.cfg.inbox, self._advisors, self.cfg.default_advisor)
+        intake = classify(path, self.cfg.inbox, self._advisors(), self.cfg.default_advisor)
         job = self.ledger.record_unreachable(path, intake.rel_path, intake.advisor, reason)
         log.warning("failed: %s: %s (job %d; left where it is)", intake.rel_path, reason, job.id)
 

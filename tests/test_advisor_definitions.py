@@ -1,0 +1,94 @@
+"""A studio's own advisor definitions (`<home>/advisors/<id>/advisor.toml`) as people really write them: saved in
+Latin-1 by an old editor, an id that is not the folder's name, a missing prompt, or something that is not a file at
+all. One bad definition must say what is wrong with it, and never stop (or hang) the rest of Mondrian."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.harness import Daemon, ledger_jobs, make_home, mondrian, photo, wait_for
+
+FAST = dict(max_pixels=56 * 56, comment_max_chars=8, max_tokens=400, quiet_seconds=0.2, rescan_seconds=1,
+            retry_base_seconds=0.2, api_port=0)
+GOOD = 'id = "monet"\nname = "Claude Monet"\nprompt = "You are Claude Monet; judge the light."\n'
+
+BROKEN = {  # what advisors/monet/advisor.toml holds: what `--advisor monet` must say about it
+    "latin-1": ('id = "monet"\nname = "Claude Mon\xe9t"\nprompt = "x"\n'.encode("latin-1"), "is not UTF-8 text"),
+    "another id": (b'id = "claude"\nname = "Claude Monet"\nprompt = "x"\n',
+                   "its id 'claude' is not its folder's name 'monet'"),
+    "no prompt": (b'id = "monet"\nname = "Claude Monet"\n', "has no prompt"),
+    "empty prompt": (b'id = "monet"\nname = "Claude Monet"\nprompt = "  "\n', "its prompt is empty"),
+    "unclosed string": (b'id = "monet"\nname = "Claude Monet"\nprompt = """\nYou are Monet.\n', "is not valid TOML"),
+    "a named pipe": (None, "named pipe (FIFO)"),
+}
+
+
+def _write_definition(home: Path, content: bytes | None) -> Path:
+    toml = home / "advisors" / "monet" / "advisor.toml"
+    toml.parent.mkdir(parents=True, exist_ok=True)
+    if content is None:
+        os.mkfifo(toml)  # nothing ever writes to it: reading it would wait for ever
+    else:
+        toml.write_bytes(content)
+    return toml
+
+
+@pytest.mark.parametrize("kind", list(BROKEN))
+def test_a_broken_advisor_definition_says_why_and_the_rest_of_mondrian_goes_on(tmp_path, smoke_model_path, kind):
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    content, why = BROKEN[kind]
+    _write_definition(home, content)
+    try:
+        listed = mondrian(home, smoke_model_path, "status", "--json", timeout=30)
+        asked = mondrian(home, smoke_model_path, "references", "list", "--advisor", "monet", timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{kind}: a command hung on advisors/monet/advisor.toml")
+    assert listed.returncode == 0 and "Traceback" not in listed.stderr, listed.stderr
+    assert asked.returncode == 2 and "Traceback" not in asked.stderr, asked.stderr
+    assert "advisors/monet/advisor.toml" in asked.stderr and why in asked.stderr, asked.stderr
+    assert "Add one as" not in asked.stderr  # it is there: asking for it again is not the advice
+    # The built-in advisors are untouched by it.
+    assert mondrian(home, smoke_model_path, "references", "list", "--advisor", "cartier").returncode == 0
+
+
+def test_a_settings_file_that_is_a_named_pipe_is_one_line_not_a_hang(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    (home / "mondrian.toml").unlink()
+    os.mkfifo(home / "mondrian.toml")
+    try:
+        out = mondrian(home, smoke_model_path, "status", timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("`mondrian status` hung on a mondrian.toml that is a named pipe")
+    assert out.returncode == 78 and "Traceback" not in out.stderr, out.stderr
+    assert "named pipe (FIFO)" in out.stderr and "mondrian.toml" in out.stderr, out.stderr
+
+
+def test_photos_for_an_advisor_whose_definition_is_broken_fail_saying_so_and_work_once_it_is_fixed(
+        tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    toml = _write_definition(home, BROKEN["latin-1"][0])
+    with Daemon(home, smoke_model_path) as d:
+        photo(home / "inbox" / "monet" / "waterlilies.jpg", seed=1, size=(64, 48))
+        jobs = wait_for(lambda: (lambda j: j if j.get("monet/waterlilies.jpg") and
+                                 j["monet/waterlilies.jpg"].state == "failed" else None)(ledger_jobs(home)), 60,
+                        what="the photo for the broken advisor failed")
+        failed = jobs["monet/waterlilies.jpg"]
+        # Not critiqued by the default advisor in monet's place: failed, naming the file and what is wrong.
+        assert failed.advisor == "monet" and "not UTF-8" in failed.error, (failed.advisor, failed.error)
+        assert str(home) not in failed.error  # the reason reaches the failure page, which shows no absolute path
+        record = json.loads((home / "outbox" / "failed" / "waterlilies.jpg.error.json").read_text())
+        assert "advisors/monet/advisor.toml" in json.dumps(record)
+        # The studio fixes the file while Mondrian runs: the next photo for monet is monet's, with no restart.
+        toml.write_text(GOOD, encoding="utf-8")
+        photo(home / "inbox" / "monet" / "haystacks.jpg", seed=2, size=(64, 48))
+        done = wait_for(lambda: (lambda j: j.get("monet/haystacks.jpg") if j.get("monet/haystacks.jpg") and
+                                 j["monet/haystacks.jpg"].state == "done" else None)(ledger_jobs(home)), 60,
+                        what="the photo for the fixed advisor was critiqued")
+        assert d.stop() == 0
+    report = json.loads(Path(done.report_json).read_text())
+    assert report["advisor"]["id"] == "monet" and report["advisor"]["name"] == "Claude Monet", report["advisor"]
