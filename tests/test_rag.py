@@ -302,6 +302,59 @@ def test_rag_anchors_its_scores_to_the_advisors_own(tmp_path: Path, runtime) -> 
     assert "reference_prior" not in alone.extras
 
 
+def test_a_photo_copied_twice_counts_once(tmp_path: Path, runtime, smoke_model_path: Path) -> None:
+    """The same bytes under two names are one photo: one retrieval slot, one weight in the portfolio and in the
+    prior, one in `references list`'s count and statistics. The index keeps a row per file, and where the copies'
+    sidecars differ the first path's scores count, and the list says so."""
+    import dataclasses
+
+    from daemon.analysis import AnalysisContext
+    from daemon.analysis.advisors import get_advisor
+    from daemon.analysis.rag import RagStrategy
+    from daemon.config import load_config
+    from daemon.intake.images import load_photo
+    from daemon.ledger import Ledger
+    from daemon.references.indexer import ReferenceIndexer
+
+    home = make_home(tmp_path / "home", max_pixels=MAX_PIXELS)
+    cfg = dataclasses.replace(load_config(home, env={}), rag_k=3)  # room for every row: both copies, before the fix
+    refs = cfg.advisors_dir / "ansel" / "references"
+    photo(refs / "mine" / "dup1.jpg", seed=60)
+    shutil.copyfile(refs / "mine" / "dup1.jpg", refs / "mine" / "dup2.jpg")
+    _sidecar(refs / "mine" / "dup1.json", _scores(9))
+    _sidecar(refs / "mine" / "dup2.json", _scores(1))  # the copy scored otherwise: the first path's scores win
+    photo(refs / "link.jpg", seed=61)
+    _sidecar(refs / "link.json", _scores(5))
+    _age(*[p for p in refs.rglob("*") if p.is_file()])
+    ledger = Ledger(cfg.db_path)
+    ReferenceIndexer(cfg, ledger, lambda: runtime).sync(["ansel"])
+    assert len(ledger.references("ansel")) == 3  # the index stays a faithful list of the files
+
+    target = load_photo(photo(tmp_path / "lake.jpg", seed=69), cfg.max_pixels)
+    got = RagStrategy(cfg, ledger).analyse(AnalysisContext(runtime=runtime, cfg=cfg, advisor=get_advisor(cfg, "ansel"),
+                                                           photo=target))
+    found = {r["name"]: r for r in got.extras["references"]}
+    assert len(got.extras["references"]) == 2, [r["name"] for r in got.extras["references"]]
+    assert {n: r["scores"] for n, r in found.items()} == {"dup1.jpg": _scores(9), "link.jpg": _scores(5)}
+    portfolio = got.extras["portfolio"]
+    assert portfolio["count"] == 2 and portfolio["dimensions"]["composition"] == {"mean": 7.0, "std": 2.0}
+    sims = {n: r["similarity"] for n, r in found.items()}
+    want = (9 * sims["dup1.jpg"] + 5 * sims["link.jpg"]) / (sims["dup1.jpg"] + sims["link.jpg"])
+    assert got.extras["reference_prior"]["scores"] == {d: pytest.approx(want, abs=1e-3) for d in DIMENSIONS}
+
+    out = mondrian(home, smoke_model_path, "references", "list", "--advisor", "ansel", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["count"] == 2 and info["files"] == 3 and info["portfolio"] == portfolio
+    by_file = {r["file"]: r for r in info["references"]}
+    assert by_file["dup1.jpg"]["same_as"] is None and by_file["dup1.jpg"]["counted"] is True
+    assert by_file["dup2.jpg"]["same_as"] == "mine/dup1.jpg" and by_file["dup2.jpg"]["counted"] is False
+    assert by_file["dup2.jpg"]["profile_used"] == "mine/dup1.jpg"  # its own sidecar's 1s are not used
+    text = mondrian(home, smoke_model_path, "references", "list", "--advisor", "ansel").stdout
+    assert "ansel: 2 reference(s) (1 more file(s) the same photo as another, counted once)" in text, text
+    assert "same photo as mine/dup1.jpg, counted once, with that file's scores" in text, text
+
+
 def test_references_cli_index_and_list(tmp_path: Path, smoke_model_path: Path) -> None:
     home = make_home(tmp_path / "home", smoke_model_path)
     refs = home / "advisors" / "cartier" / "references"

@@ -3,7 +3,8 @@
 1. The photo goes through the vision tower once (`runtime.encode`); its pooled features are its embedding.
 2. Pass 1: the 8-dimension profile, schema-constrained and short.
 3. Retrieval: the k nearest references by profile distance, combined with visual similarity when
-   embeddings are enabled; the portfolio's distribution (mean and spread per dimension).
+   embeddings are enabled; the portfolio's distribution (mean and spread per dimension). A photo copied under
+   several names counts once (`counted_references`: the first path's row).
 4. Pass 2: the advisor prompt + portfolio context; the normal critique schema. It reuses pass 1's vision
    features and the KV cache of the prefix both prompts share (system prompt, image, advisor prompt).
 5. Anchoring: each dimension's score moves towards the similarity-weighted mean of the curator scores of the
@@ -27,7 +28,8 @@ from .advisors import references_dir
 from .critique import DIMENSIONS, critique_schema
 from .prompts import critique_prompt, portfolio_context
 from ..model.protocol import BatchRequest
-from ..references.indexer import profile_of, profile_request, reference_comment, reference_profile
+from ..references.indexer import (counted_references, profile_of, profile_request, reference_comment,
+                                  reference_profile)
 from ..references.thumbnails import thumbnail
 from .retrieval import anchored, distribution, nearest, reference_prior
 from . import AnalysisContext, AnalysisResult, Availability, Strategy
@@ -35,7 +37,8 @@ from . import AnalysisContext, AnalysisResult, Availability, Strategy
 
 def reference_fingerprint(rows: list[Any]) -> str:
     """The reference set as rag reads it: each reference's content hash, scores, comments and where they came
-    from, in a fixed order. Renaming or moving a reference keeps it; adding, removing or rescoring one changes it."""
+    from, in a fixed order. Renaming or moving a reference keeps it; adding, removing or rescoring one changes it.
+    `rows` are those rag counts (`counted_references`): a copy of a photo already there is not another one."""
     items = sorted(json.dumps([r.sha256, r.scores, r.comments, r.source], sort_keys=True, ensure_ascii=False)
                    for r in rows)
     return "refs:" + hashlib.sha256("\n".join(items).encode("utf-8")).hexdigest()[:32]
@@ -62,8 +65,14 @@ class RagStrategy(Strategy):
         return Availability(False, f"no indexed reference photos for {advisor.name} yet (add photos to "
                                    f"{shown} and run `mondrian references index --advisor {advisor.id}`)")
 
+    def _references(self, advisor_id: str) -> list[Any]:
+        """The references rag reads: one row per photo, however many copies of it the folder holds (a copy must
+        not fill two retrieval slots nor weigh twice in the portfolio)."""
+        return counted_references(self.ledger.references(advisor_id))[0]
+
     def inputs(self, advisor) -> str | None:
-        return reference_fingerprint(self.ledger.references(advisor.id)) if self.ledger is not None else None
+        # the same rows as the report's `inputs` (_result), so a cached report matches only what rag would read
+        return reference_fingerprint(self._references(advisor.id)) if self.ledger is not None else None
 
     batched = True
 
@@ -89,7 +98,7 @@ class RagStrategy(Strategy):
         """Encode, pass 1, retrieval, pass 2 for photos of one advisor; `batch`: each pass in one batch. A photo
         that fails at a step ends there with its exception; the others go on."""
         cfg, advisor = ctxs[0].cfg, ctxs[0].advisor
-        rows = self.ledger.references(advisor.id)
+        rows = self._references(advisor.id)
         out: list[Any] = [None] * len(ctxs)
         timings: list[dict[str, float]] = [{} for _ in ctxs]
         encoded: dict[int, Any] = {}

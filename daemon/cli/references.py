@@ -105,7 +105,9 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
-def _row(row, cfg) -> dict[str, Any]:
+def _row(row, cfg, twin: Any = None) -> dict[str, Any]:
+    """One indexed file; `twin`: the row counted in its place when it is a copy of another reference."""
+    from ..analysis.advisors import references_dir
     from ..references.indexer import reference_profile
 
     prof = reference_profile(row)
@@ -113,17 +115,33 @@ def _row(row, cfg) -> dict[str, Any]:
         shown = str(Path(row.path).relative_to(cfg.home))
     except ValueError:
         shown = row.path
+    same_as = None
+    if twin is not None:
+        folder = references_dir(cfg, row.advisor)
+        same_as = str(Path(twin.path).relative_to(folder)) if Path(twin.path).is_relative_to(folder) else twin.path
     return {"advisor": row.advisor, "path": shown, "file": Path(row.path).name, "sha256": row.sha256,
             "source": prof["source"], "scores": prof["scores"], "comments": prof["comments"],
             "model_id": row.model_id, "embedding": row.embedding is not None,
-            "indexed_at": row.indexed_at}
+            "indexed_at": row.indexed_at,
+            # a copy of another reference (same bytes) is listed, as the folder holds it, but counted once, with
+            # the first path's profile, as rag counts it; `profile_used` says when that is not this file's own
+            "same_as": same_as, "counted": twin is None,
+            "profile_used": None if twin is None or reference_profile(twin) == prof else same_as}
+
+
+def _same_photo_note(r: dict[str, Any]) -> str:
+    """Why a listed file does not count: the text form of `same_as` / `profile_used`."""
+    note = f"same photo as {r['same_as']}, counted once"
+    if r["profile_used"] is not None:
+        note += ", with that file's scores and comments (this file's differ and are not used)"
+    return note
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     from ..analysis.advisors import UnknownAdvisor, load_advisors
     from ..analysis.critique import DIMENSIONS
     from ..ledger import Ledger
-    from ..references.indexer import sidecar_problems
+    from ..references.indexer import counted_references, sidecar_problems
     from ..analysis.retrieval import distribution
     from .terminal import shown
 
@@ -138,17 +156,21 @@ def cmd_list(args: argparse.Namespace) -> int:
     result = {}
     for advisor in advisors:
         rows = ledger.references(advisor)
+        counted, twins = counted_references(rows)  # the photos rag counts: a copy under another name is no other
         skipped = {e["file"]: e for e in recorded if e.get("advisor") == advisor}
         skipped.update({e["file"]: e for e in sidecar_problems(cfg, advisor)})  # checked now: the newest word
-        result[advisor] = {"count": len(rows), "references": [_row(r, cfg) for r in rows],
-                           "portfolio": distribution([r.scores for r in rows]) if rows else None,
+        result[advisor] = {"count": len(counted), "files": len(rows),
+                           "references": [_row(r, cfg, twins.get(str(r.path))) for r in rows],
+                           "portfolio": distribution([r.scores for r in counted]) if counted else None,
                            "skipped": [{"file": f, "reason": e["reason"]} for f, e in sorted(skipped.items())]}
     if args.json:
         print(json.dumps(result if args.advisor is None else result[advisors[0]], indent=2, ensure_ascii=False))
         return 0
     abbrev = " ".join(d[:4] for d in DIMENSIONS)
     for advisor, info in result.items():
-        print(f"{advisor}: {info['count']} reference(s)")
+        copies = info["files"] - info["count"]
+        print(f"{advisor}: {info['count']} reference(s)" + (f" ({copies} more file(s) the same photo as another, "
+                                                            f"counted once)" if copies else ""))
         for e in info["skipped"]:
             print(shown(f"  skipped: {e['file']}: {e['reason']}"))
         if not info["count"]:
@@ -157,6 +179,8 @@ def cmd_list(args: argparse.Namespace) -> int:
         for r in info["references"]:
             scores = " ".join(f"{r['scores'][d]:>4}" for d in DIMENSIONS)
             print(f"  {shown(r['file'])[:32]:<32} {r['source']:<6} {scores}")
+            if r["same_as"] is not None:
+                print(shown(f"    {_same_photo_note(r)}"))
         pf = info["portfolio"]["dimensions"]
         print(f"  {'mean':<32} {'':<6} " + " ".join(f"{pf[d]['mean']:>4.1f}" for d in DIMENSIONS))
         print(f"  {'spread':<32} {'':<6} " + " ".join(f"{pf[d]['std']:>4.1f}" for d in DIMENSIONS))

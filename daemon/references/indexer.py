@@ -69,6 +69,23 @@ def reference_profile(row: Reference) -> dict[str, Any]:
             "source": row.source}
 
 
+def counted_references(rows: Iterable[Reference]) -> tuple[list[Reference], dict[str, Reference]]:
+    """The references that count: one row per content hash, the first by path, so one photo copied under two
+    names fills one retrieval slot and weighs once in the portfolio (training's dataset counts it once too).
+
+    The index keeps a row per file (a rename reuses it; removing one copy must leave the other indexed): it is
+    the readers that count photos. Where the copies' sidecars differ, the first path's profile is the one that
+    counts, whatever order the rows came in. Returns (the counted rows by path, {path of every other copy: the
+    row counted in its place})."""
+    counted: dict[str, Reference] = {}
+    twins: dict[str, Reference] = {}
+    for row in sorted(rows, key=lambda r: str(r.path)):
+        first = counted.setdefault(row.sha256, row)
+        if first is not row:
+            twins[str(row.path)] = first
+    return list(counted.values()), twins
+
+
 def reference_comment(comments: dict[str, str] | None, limit: int = 280) -> str:
     """One line from a curator's per-dimension comments, for prompts and reports."""
     if not comments:
@@ -449,5 +466,5 @@ class ReferenceIndexer:
         return plan, outcomes
 
 
-__all__ = ["ReferenceIndexer", "reference_profile", "reference_comment", "extract_profile", "reference_files",
-           "sidecar_problems", "problem", "Plan", "Work", "Outcome"]
+__all__ = ["ReferenceIndexer", "reference_profile", "reference_comment", "counted_references", "extract_profile",
+           "reference_files", "sidecar_problems", "problem", "Plan", "Work", "Outcome"]
