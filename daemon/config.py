@@ -396,6 +396,15 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
     _check_apart(paths["inbox"], {"outbox": paths["outbox"], "var_dir": var_dir, "db_path": paths["db_path"],
                                   "adapters_dir": paths["adapters_dir"], "advisors_dir": paths["advisors_dir"]},
                  cfg_file)
+    if home == paths["inbox"] or home.is_relative_to(paths["inbox"]):
+        # Its mondrian.toml would be taken for a photo, failed and moved out: the home would be gone.
+        raise ConfigError(f"the home ({home}) is inside the inbox ({paths['inbox']}): Mondrian would move its own "
+                          f"{CONFIG_NAME} out as a failed photo. Set inbox in {cfg_file} to a folder outside the home")
+    folders = {"the home": home, "var_dir": var_dir, **{k: v for k, v in paths.items() if k != "db_path"}}
+    taken = next((name for name, folder in folders.items() if paths["db_path"] == folder), None)
+    if taken:
+        raise ConfigError(f"{origins.get('db_path', 'db_path')}: db_path is the ledger's file, and {paths['db_path']} "
+                          f"is {taken}; name a file in it instead (e.g. {paths['db_path'] / 'ledger.db'})")
     cfg = Config(home=home, var_dir=var_dir, **paths)
     known = {f.name for f in fields(Config)} - set(paths) - {"home", "var_dir", "extra"}
     values: dict[str, Any] = {}
@@ -418,6 +427,15 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
         if not str(getattr(cfg, key)).strip():  # else it fails only once the model loads or a photo arrives
             raise ConfigError(f"{origins.get(key, key)}: {key} is empty; name {what}, or leave the line out for "
                               f"the default ({getattr(Config, key, None) or 'see mondrian.toml'})")
+    if not cfg.api_host.strip():
+        raise ConfigError(f"{origins.get('api_host', 'api_host')}: api_host is empty; use \"127.0.0.1\" (this "
+                          f"machine only, the default) or, on purpose, \"0.0.0.0\" (every network it is on)")
+    model = str(cfg.model).strip()
+    if origins.get("model", "").endswith(f" in {cfg_file}") and not Path(model).expanduser().is_absolute() \
+            and (home / Path(model).expanduser()).is_dir():
+        # A folder named in mondrian.toml is the home's, like inbox and outbox, wherever the command runs from
+        # (a hub id such as mlx-community/Qwen2-VL-2B-Instruct-4bit is no folder of the home).
+        cfg = replace(cfg, model=str((home / model).resolve()))
     url = cfg.ledger_url.strip()
     if url and not url.startswith(("postgresql://", "postgres://")):
         raise ConfigError(f"{origins['ledger_url']}: a shared ledger is a PostgreSQL URL "

@@ -16,6 +16,7 @@ from __future__ import annotations
 # restart cannot fix (EX_CONFIG) from a crash, and a "start me again" (EX_TEMPFAIL) from both.
 EX_USAGE = 2  # the command line is wrong (argparse's own code)
 EX_UNAVAILABLE = 69  # the service manager cannot be used here
+EX_IOERR = 74  # a file or folder could not be read or written (permissions, a full disk, a drive gone)
 EX_TEMPFAIL = 75  # stopped on purpose; starting again fixes it (the ledger was restored)
 EX_CONFIG = 78  # the configuration (a path, the model, the ledger's place) must be fixed first
 

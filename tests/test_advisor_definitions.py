@@ -25,6 +25,8 @@ BROKEN = {  # what advisors/monet/advisor.toml holds: what `--advisor monet` mus
     "empty prompt": (b'id = "monet"\nname = "Claude Monet"\nprompt = "  "\n', "its prompt is empty"),
     "unclosed string": (b'id = "monet"\nname = "Claude Monet"\nprompt = """\nYou are Monet.\n', "is not valid TOML"),
     "a named pipe": (None, "named pipe (FIFO)"),
+    "flip as text": (b'id = "monet"\nname = "Claude Monet"\nprompt = "x"\nflip_augmentation = "no"\n',
+                     "flip_augmentation must be true or false"),
 }
 
 

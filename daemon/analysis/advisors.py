@@ -58,8 +58,10 @@ def _read(path: Path, shown: str) -> Advisor:
     wrong = [key for key in ("id", "name", "prompt") if not isinstance(data[key], str)]
     if wrong:
         raise _Refused(f"{shown}: {', '.join(wrong)} must be text in double quotes")
+    if not isinstance(data.get("flip_augmentation", True), bool):  # "no" is text, and bool("no") is True
+        raise _Refused(f"{shown}: flip_augmentation must be true or false, without quotes")
     adv = Advisor(id=data["id"], name=data["name"].strip(), prompt=data["prompt"].strip(),
-                  flip_augmentation=bool(data.get("flip_augmentation", True)))
+                  flip_augmentation=data.get("flip_augmentation", True))
     if not ADVISOR_ID.match(adv.id):
         raise _Refused(f"{shown}: id {adv.id!r} is not an advisor id (lowercase letters, digits, '-' and '_', "
                        f"starting with a letter, as the folder's name)")

@@ -20,6 +20,7 @@ from .. import __version__
 from ..analysis.advisors import UnknownAdvisor
 from ..config import MODES, ConfigError, default_home, load_config
 from ..ledger import LedgerUnavailable, ledger_problem
+from ..errors import EX_IOERR
 from .common import EX_CONFIG, EX_USAGE, config_from
 from .terminal import SafeFormatter, shown
 from ..hints import mondrian, serve
@@ -123,11 +124,19 @@ def cmd_workers(args: argparse.Namespace) -> int:
 
 
 def cmd_model_smoke(args: argparse.Namespace) -> int:
-    from ..model.smoke import build_smoke_model, ensure_smoke_model
+    from ..model.smoke import DIR_NAMES, build_smoke_model, ensure_smoke_model, is_smoke_model
 
     cfg = config_from(args)
-    path = build_smoke_model(Path(args.dest), shapes=args.shapes) if args.dest else \
-        ensure_smoke_model(cfg.var_dir, shapes=args.shapes)
+    if not args.dest:
+        path = ensure_smoke_model(cfg.var_dir, shapes=args.shapes)
+    else:
+        dest = Path(args.dest).expanduser()
+        if dest.exists() and not dest.is_dir():
+            print(f"--dest {dest} is a file; name a folder to build the model into", file=sys.stderr)
+            return EX_USAGE
+        if dest.is_dir() and any(dest.iterdir()) and not is_smoke_model(dest):
+            dest = dest / DIR_NAMES[args.shapes]  # a folder of the user's, holding other things: build inside it
+        path = build_smoke_model(dest, shapes=args.shapes)
     print(path)
     return 0
 
@@ -275,9 +284,20 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGPIPE  # what a command killed by SIGPIPE returns, as `git log | head` does
 
 
+def _refuse_empty(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`--home ''` (an unset shell variable: `--home "$STUDIO"`) would quietly mean the default home, and `init ''`
+    would make whatever folder the default is into a home: an empty value is a mistake, said as one."""
+    for name, value in vars(args).items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, str) and not item.strip():
+                where = f"--{name.replace('_', '-')}" if name not in ("path", "photo") else f"the {name}"
+                parser.error(f"{where} is empty; give it a value, or leave it out for the default")
+
+
 def _main(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _refuse_empty(parser, args)
     _setup_logging(args.verbose)
     serve(getattr(args, "home", None) or default_home())  # before any message names a command
     try:
@@ -300,6 +320,13 @@ def _main(argv: list[str] | None) -> int:
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130
+    except OSError as exc:
+        # A folder made read-only, a full disk, a drive gone: the system's words and the file, not a traceback
+        # (with -v, the traceback too, for a bug report).
+        log.error("%s%s: %s; check that folder (permissions, free space, the drive), then run the command again",
+                  f"{exc.filename}: " if exc.filename else "", type(exc).__name__, exc.strerror or exc,
+                  exc_info=args.verbose)
+        return EX_IOERR
 
 
 if __name__ == "__main__":

@@ -1,0 +1,106 @@
+"""Mistakes people make setting Mondrian up, each caught before it does harm: a home inside its own inbox, the ledger
+named as a folder, an empty value from an unset shell variable, a model folder named relative to the home, an API
+host left empty. Each is one line on the terminal and an exit code a service manager reads right."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.harness import REPO, env_for, make_home, mondrian, photo
+
+FAST = dict(max_pixels=56 * 56, comment_max_chars=8, max_tokens=400, quiet_seconds=0.2, rescan_seconds=1,
+            api_port=0)
+
+
+def _one_line(out: subprocess.CompletedProcess) -> str:
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in out.stderr and len(lines) == 1, out.stderr
+    return lines[0]
+
+
+def _add(home: Path, line: str) -> None:
+    with (home / "mondrian.toml").open("a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+def test_a_home_inside_its_own_inbox_is_refused_before_its_settings_are_moved_out(tmp_path, smoke_model_path):
+    shared = tmp_path / "Dropbox"  # the studio points the inbox at a synced folder that holds the home
+    home = make_home(shared / "mondrian", smoke_model_path, **FAST)
+    elsewhere = tmp_path / "elsewhere"
+    for key in ("outbox", "var_dir", "adapters_dir", "advisors_dir"):
+        _add(home, f'{key} = "{elsewhere / key}"')
+    _add(home, f'inbox = "{shared}"')
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=60)
+    assert out.returncode == 78, out.stderr
+    assert "is inside the inbox" in _one_line(out) and "mondrian.toml" in out.stderr
+    assert (home / "mondrian.toml").is_file()  # not taken for a photo and moved to failed/
+    assert not (elsewhere / "outbox" / "failed").exists()
+
+
+def test_the_ledger_named_as_one_of_mondrians_folders_is_refused(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    _add(home, 'db_path = "var"')
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=60)
+    assert out.returncode == 78, out.stderr
+    line = _one_line(out)
+    assert "db_path is the ledger's file" in line and str(home / "var" / "ledger.db") in line, line
+    assert "mv " not in line  # the advice to move var/ away would only bring the same error back
+
+
+def test_an_empty_api_host_is_refused_rather_than_serving_every_network(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, max_pixels=56 * 56)
+    _add(home, 'api_host = ""')
+    out = mondrian(home, smoke_model_path, "status", timeout=60)
+    assert out.returncode == 78 and "api_host is empty" in _one_line(out), out.stderr
+
+
+def test_a_model_folder_named_in_mondrian_toml_is_the_homes_wherever_the_command_runs(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", None, **FAST)
+    shutil.copytree(smoke_model_path, home / "models" / "smoke")
+    _add(home, 'model = "models/smoke"')
+    shot = photo(tmp_path / "shot.jpg", seed=3, size=(64, 48))
+    env = env_for(home, smoke_model_path)
+    env.pop("MONDRIAN_MODEL")
+    out = subprocess.run([sys.executable, "-m", "daemon", "analyze", str(shot), "--json"], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)  # not the home
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.splitlines()[-1])
+    assert report["state"] == "done", report
+
+
+def test_an_empty_value_is_a_mistake_not_the_default(tmp_path, smoke_model_path):
+    cwd = tmp_path / "somewhere"
+    cwd.mkdir()
+    env = env_for(tmp_path / "home", smoke_model_path)
+    env.pop("MONDRIAN_HOME")  # the default home would then be the checkout Mondrian runs from
+    for args, said in ((["init", ""], "the path is empty"), (["--home", "", "status"], "--home is empty"),
+                       (["analyze", "--advisor", "", "x.jpg"], "--advisor is empty"),
+                       (["analyze", "--mode", " ", "x.jpg"], "--mode is empty")):
+        out = subprocess.run([sys.executable, "-m", "daemon", *args], env=env, cwd=cwd, capture_output=True,
+                             text=True, timeout=60)
+        assert out.returncode == 2 and said in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+    assert not list(cwd.iterdir()) and not (REPO / "mondrian.toml").exists()  # no home was made anywhere
+
+
+def test_model_smoke_builds_inside_a_folder_that_holds_other_things_and_says_so_for_a_file(tmp_path,
+                                                                                          smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    models = tmp_path / "models"
+    models.mkdir()
+    (models / "notes.txt").write_text("mine")
+    out = mondrian(home, smoke_model_path, "model", "smoke", "--dest", str(models), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert Path(out.stdout.strip()) == models / "smoke-qwen2-vl" and (models / "smoke-qwen2-vl" / "config.json").is_file()
+    assert (models / "notes.txt").read_text() == "mine"
+    out = mondrian(home, smoke_model_path, "model", "smoke", "--dest", str(models / "notes.txt"), timeout=60)
+    assert out.returncode == 2 and "is a file" in out.stderr and "Traceback" not in out.stderr, out.stderr
+    # A folder Mondrian cannot make (under a file, as under a read-only or unplugged drive): one line, exit 74.
+    out = mondrian(home, smoke_model_path, "model", "smoke", "--dest", str(models / "notes.txt" / "m" / "x"),
+                   timeout=60)
+    assert out.returncode == 74 and "NotADirectoryError" in _one_line(out), out.stderr
+    assert os.path.isfile(models / "notes.txt")
