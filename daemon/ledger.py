@@ -420,6 +420,19 @@ class FaultNote:
             return None
 
 
+FORGET_WORKERS_AFTER_S = 86400.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process (EPERM): it exists
+        return True
+    return True
+
+
 HOME_EVENT = "home"  # the home this SQLite ledger last served (Ledger.follow_home)
 
 
@@ -452,6 +465,7 @@ class Ledger:
         self._fault: dict[str, Any] | None = None
         self._fault_lock = threading.Lock()
         self._note: FaultNote | None = None
+        self._swept = False  # dead workers' rows are forgotten at this process's first heartbeat
         # The daemon waits locks out itself, a few seconds at a time, so a stop request is never held up by
         # a lock another process keeps.
         busy_ms = 2000 if stop is not None else 30000
@@ -1015,6 +1029,25 @@ class Ledger:
         w = self.Worker
         w.insert(id=self.worker_id(), **values).on_conflict(
             conflict_target=[w.id], update={getattr(w, k): v for k, v in values.items()}).execute()
+        if not self._swept:
+            self._swept = True
+            self._forget_dead_workers(now)
+
+    def _forget_dead_workers(self, now: float) -> None:
+        """Rows of workers that are gone for good: a process of this machine that no longer exists (killed, or the
+        Mac restarted), or any worker silent for a day, once it holds no running photo. Without this every crash
+        left a row that `mondrian workers` showed as LOST for ever."""
+        w, host = self.Worker, socket.gethostname()
+        running = {j.id for j in self.Job.select(self.Job.id).where(self.Job.state == RUNNING)}
+        gone = []
+        for row in w.select().where(w.id != self.worker_id()):
+            if row.job_id is not None and row.job_id in running:
+                continue  # its photo goes back to the queue when its lease ends: the row says so until then
+            if row.host == host and not _pid_alive(row.pid) or now - row.beat_at > FORGET_WORKERS_AFTER_S:
+                gone.append(row.id)
+        if gone:
+            w.delete().where(w.id.in_(gone)).execute()
+            log.info("forgot %d worker(s) that stopped without retiring (killed or restarted)", len(gone))
 
     @writes
     def retire(self) -> None:

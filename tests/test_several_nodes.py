@@ -212,3 +212,24 @@ def test_every_node_serves_a_newly_promoted_adapter_without_a_restart(tmp_path: 
     finally:
         for node in nodes:
             node.stop()
+
+
+def test_a_killed_daemons_row_is_forgotten_once_the_next_one_beats(tmp_path: Path, smoke_model_path: Path) -> None:
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+
+    def workers() -> list[dict]:
+        out = mondrian(home, smoke_model_path, "workers", "--json")
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)["workers"]
+
+    killed = Daemon(home, smoke_model_path)
+    try:
+        wait_for(lambda: [r for r in workers() if r["pid"] == killed.proc.pid], timeout=120, what="its row")
+    finally:
+        killed.kill()  # SIGKILL: no clean stop retires its row
+    with Daemon(home, smoke_model_path) as again:
+        rows = wait_for(lambda: (w := workers()) and any(r["pid"] == again.proc.pid for r in w) and w, timeout=120,
+                        what="the new daemon's row")
+        # The killed one is gone for good (its pid no longer exists, it held no photo): not LOST for ever.
+        assert [r["pid"] for r in rows] == [again.proc.pid], rows
+        assert again.stop() == 0

@@ -39,8 +39,9 @@ def worker_lines(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         what = (f"{r['photo']} for {r['on_photo_s']:.0f} s (lease renewed {r['lease_age_s']:.0f} s ago)"
                 if r["photo"] and r["lease_age_s"] is not None else r["photo"] or "idle")
-        state = (f"LOST: no heartbeat for {r['last_beat_s']:.0f} s; its photo returns to the queue when its lease "
-                 f"ends" if r["lost"] else what)
+        state = (what if not r["lost"] else
+                 f"LOST: no heartbeat for {r['last_beat_s']:.0f} s; its photo returns to the queue when its lease ends"
+                 if r["photo"] else f"LOST: no heartbeat for {r['last_beat_s']:.0f} s; it held no photo")
         lines.append(f"  {r['host']} pid {r['pid']}: {state} · {r['done']} done, {r['photos_per_hour']:g} photos/hour")
     return lines
 
