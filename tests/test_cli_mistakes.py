@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -105,3 +106,17 @@ def test_model_smoke_builds_inside_a_folder_that_holds_other_things_and_says_so_
                    timeout=60)
     assert out.returncode == 74 and "NotADirectoryError" in _one_line(out), out.stderr
     assert os.path.isfile(models / "notes.txt")
+
+
+def test_init_names_a_home_whose_name_is_not_utf8_so_pasting_it_works(tmp_path, smoke_model_path):
+    home = tmp_path / os.fsdecode(b"caf\xe9 home")  # Latin-1 bytes: a name Linux allows (a copy from an old disk)
+    env = env_for(home, smoke_model_path)
+    env.pop("MONDRIAN_HOME")
+    out = subprocess.run([sys.executable, "-m", "daemon", "init", str(home)], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    line = next(line for line in out.stdout.splitlines() if line.strip().startswith("mondrian --home"))
+    word = re.match(r"mondrian --home (\$'[^']*'|'[^']*'|\S+) ", line.strip()).group(1)
+    pasted = subprocess.run(["bash", "-c", f"{sys.executable} -m daemon --home {word} status"], env=env, cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert pasted.returncode == 0 and "no Mondrian home" not in pasted.stderr, (word, pasted.stderr)

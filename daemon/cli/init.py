@@ -7,12 +7,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 from ..config import CONFIG_NAME, Config, ConfigError, default_home, load_config
+from ..hints import shell_word
 from .terminal import shown
 
 # One line each, for the settings a new user is most likely to change; README's "Configuration" has them all.
@@ -87,7 +87,7 @@ def cmd_init(args: argparse.Namespace) -> int:
           f"that advisor)")
     print(f"  {shown(cfg.outbox)}/  reports appear here: open index.html")
     print(f"  {shown(cfg.home / CONFIG_NAME)}  settings ({'all commented out: the defaults' if wrote else 'kept'})")
-    quoted = shown(shlex.quote(str(cfg.home)))
+    quoted = shell_word(cfg.home)  # pasted back, it must give the same bytes (a name that is not UTF-8 too)
     here = "" if cfg.home == default_home(os.environ) else f"--home {quoted} "
     print("Next:")
     print(f"  mondrian {here}demo      # try it offline on the sample photos (random smoke model)")
