@@ -383,7 +383,10 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
         if not isinstance(raw, (str, Path)) or not str(raw).strip():
             raise ConfigError(f"{origins[key]}: {key} must be a folder (a path in quotes)")
         p = Path(str(raw)).expanduser()
-        return (p if p.is_absolute() else home / p).resolve()
+        p = (p if p.is_absolute() else home / p).resolve()
+        if key != "db_path" and p.exists() and not p.is_dir():
+            raise ConfigError(f"{origins.get(key, key)}: {p} is a file, not a folder; name a folder for {key}")
+        return p
 
     var_dir = path_setting("var_dir", home / "var")
     paths = dict(

@@ -53,6 +53,13 @@ def test_the_ledger_named_as_one_of_mondrians_folders_is_refused(tmp_path, smoke
     assert "mv " not in line  # the advice to move var/ away would only bring the same error back
 
 
+def test_a_folder_setting_naming_a_file_is_refused_not_called_a_missing_drive(tmp_path, smoke_model_path):
+    home = make_home(tmp_path / "home", smoke_model_path, max_pixels=56 * 56)
+    _add(home, 'inbox = "mondrian.toml"')
+    out = mondrian(home, smoke_model_path, "status", timeout=60)
+    assert out.returncode == 78 and "is a file, not a folder; name a folder for inbox" in _one_line(out), out.stderr
+
+
 def test_an_empty_api_host_is_refused_rather_than_serving_every_network(tmp_path, smoke_model_path):
     home = make_home(tmp_path / "home", smoke_model_path, max_pixels=56 * 56)
     _add(home, 'api_host = ""')
