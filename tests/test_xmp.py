@@ -204,3 +204,25 @@ def test_an_embedding_killed_before_its_rename_leaves_no_temporary_file_after_th
     live.write_bytes(b"another writer's file")
     assert mondrian(home, smoke_model_path, "run", "--once").returncode == 0
     assert not orphan.exists() and live.exists()
+
+
+THEIR_XMP = ('<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
+             '<rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/"><dc:subject><rdf:Bag>'
+             '<rdf:li>harbour-at-dawn</rdf:li></rdf:Bag></dc:subject></rdf:Description></rdf:RDF></x:xmpmeta>')
+
+
+def test_one_xmp_beside_two_photos_of_one_stem_goes_to_both_reports(tmp_path, smoke_model_path):
+    """IMG_1.jpg and IMG_1.png (a camera's JPEG and an export) with the photographer's IMG_1.xmp: it describes both,
+    so both reports carry its keywords, and nothing of it is left behind in the inbox."""
+    home = make_home(tmp_path / "home", smoke_model_path, max_pixels=56 * 56, comment_max_chars=8, max_tokens=400,
+                     api_port=0)
+    photo(home / "inbox" / "IMG_1.jpg", seed=1, size=(64, 48))
+    photo(home / "inbox" / "IMG_1.png", seed=2, size=(64, 48), fmt="PNG")
+    (home / "inbox" / "IMG_1.xmp").write_text(THEIR_XMP, encoding="utf-8")
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=300).returncode == 0
+    folders = sorted(Path(j.report_json).parent for j in ledger_jobs(home).values())
+    assert len(folders) == 2, folders
+    got = exiftool(*(folder / "IMG_1.xmp" for folder in folders))
+    for folder in folders:
+        assert "harbour-at-dawn" in read_back(got[str(folder / "IMG_1.xmp")])[3], folder
+    assert sorted(p.name for p in (home / "inbox").iterdir() if not p.name.startswith(".")) == []

@@ -294,7 +294,13 @@ class Publisher:
             if os.path.lexists(target):
                 # Mondrian's own `<stem>.xmp`, which holds theirs merged: their file, byte for byte, sits beside it.
                 target = target.with_name(f"{dest.stem}.original{suffix}")
-            if os.path.lexists(theirs) and not os.path.lexists(target):
+            if not os.path.lexists(theirs) or os.path.lexists(target):
+                continue
+            if theirs.stem == src.stem and self._shared(src, theirs):
+                # IMG_1.xmp beside IMG_1.jpg and IMG_1.png describes both (the .mode rule above): a copy goes with
+                # each photo but the last, which takes the file, so every report merges the photographer's keywords.
+                shutil.copy2(theirs, target, follow_symlinks=False)
+            else:
                 move_once(theirs, target)
 
     def _shared(self, photo: Path, sidecar: Path) -> bool:
