@@ -130,7 +130,13 @@ def _same_base(version: Any, base: str | None) -> bool:
 
 
 class ProgressRecorder:
-    """Turns the trainer's progress events into the ledger's `training` event (throttled)."""
+    """Turns the trainer's progress events into the ledger's `training` event (throttled).
+
+    There is one `training` event for every run, so a run that never trained leaves another's alone: a second
+    `mondrian train --advisor ansel` (or the nightly check) refused because ansel is being trained by another process
+    (adapter_store.Busy) once wrote "ansel failed" over the running one's progress, and `status` said so until that
+    one's next event. Progress events come from the trainer's child, which only runs while the advisor's lock is
+    held, so a run that heard none never held it."""
 
     def __init__(self, ledger: Any, advisor: str, every_s: float = 1.0) -> None:
         self.ledger, self.advisor, self.every_s = ledger, advisor, every_s
@@ -140,25 +146,58 @@ class ProgressRecorder:
                                       "started_at": time.time(), "recorder_pid": os.getpid(),
                                       "host": socket.gethostname()}
         self._last = 0.0
-        self.ledger.set_event(TRAINING_EVENT, self.state)
+        self.heard = False  # a progress event came: this run holds the advisor's lock
+        if not _being_trained(ledger, advisor):
+            # Recorded at once, so a run that dies before its first event (a refused setting) reads "stopped"; while
+            # another process trains this advisor, only once this run gets the lock (its first event), if ever.
+            self.ledger.set_event(TRAINING_EVENT, self.state)
 
     def __call__(self, event: dict[str, Any]) -> None:
+        if event.get("event") == "phase":  # a new stretch of work: the last one's steps are not its own
+            for key in ("step", "steps", "eta_s"):
+                self.state.pop(key, None)
+        if event.get("phase", "training") != "training":
+            self.state.pop("eta_s", None)  # the training's time left, 0 s at its last step, is not the evaluation's
         for key in ("phase", "step", "steps", "loss", "val_loss", "best_val_loss", "eta_s", "elapsed_s",
                     "train_rows", "validation", "held_out", "curator", "model_scored", "reason", "pid"):
             if key in event and event[key] is not None:
                 self.state[key] = event[key]
         now = time.monotonic()
-        if event.get("event") == "phase" or now - self._last >= self.every_s:
+        if not self.heard or event.get("event") == "phase" or now - self._last >= self.every_s:
+            self.heard = True
             self._last = now
             self.ledger.set_event(TRAINING_EVENT, self.state)
 
     def finish(self, outcome: Any) -> None:
+        if not self.heard and not self._recorded_is_mine():
+            # Never trained (refused for the lock, as a rule) and the record is another run's: that one's to keep.
+            log.info("training %s: not recorded (%s); the training event stays the other run's", self.advisor,
+                     outcome.reason)
+            return
         self.state.update(state=("promoted" if outcome.promoted else "refused") if outcome.ok else "failed",
                           version=outcome.version, reason=outcome.reason, finished_at=time.time(),
                           seconds=round(outcome.seconds, 1))
         self.state.pop("eta_s", None)
         self.state.pop("pid", None)
         self.ledger.set_event(TRAINING_EVENT, self.state)
+
+    def _recorded_is_mine(self) -> bool:
+        t = self.ledger.events().get(TRAINING_EVENT, (None, None))[0]
+        return isinstance(t, dict) and all(t.get(k) == self.state[k] for k in ("recorder_pid", "host", "started_at"))
+
+
+def _being_trained(ledger: Any, advisor: str) -> bool:
+    """Whether the `training` event says another process is training `advisor` now (as `mondrian status` reads it:
+    running, its recorder alive on this machine; one on another machine sharing the ledger cannot be looked at)."""
+    from daemon.fsutil import pid_alive
+
+    t = ledger.events().get(TRAINING_EVENT, (None, None))[0]
+    if not isinstance(t, dict) or t.get("state", "running") != "running" or t.get("advisor") != advisor:
+        return False
+    pid, host = t.get("recorder_pid"), t.get("host")
+    if host != socket.gethostname():
+        return True
+    return isinstance(pid, int) and pid != os.getpid() and pid_alive(pid)
 
 
 def train_and_record(cfg: Config, ledger: Any, advisor: str, stop: threading.Event | None = None,

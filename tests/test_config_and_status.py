@@ -472,3 +472,44 @@ def test_status_advises_on_the_sidecar_when_the_sidecar_is_what_failed(tmp_path,
     text = mondrian(home, smoke_model_path, "status").stdout
     step = next(line for line in text.splitlines() if line.strip().startswith("next:"))
     assert "sidecar" in step and "re-export" not in step, text
+
+
+def test_the_queue_eta_of_photos_analysed_in_batches_is_their_throughput(tmp_path, smoke_model_path):
+    """With `batch_size = 8` eight photos share each 16 s pass: the queue goes at a photo every 2 s, not every 16 s
+    (status once said "about 8 h" for a queue that took 65 min), and a photo in progress is timed by its batch."""
+    from daemon.fsutil import hold_lock
+    from daemon.ledger import Ledger
+
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST, batch_size=8)
+    ledger = Ledger(home / "var" / "ledger.db")
+    daemon_lock = None
+    try:
+        jobs = [ledger.enqueue(home / "inbox" / f"P{i:04d}.jpg", f"P{i:04d}.jpg", "ansel", "default", 1, 1.0)
+                for i in range(24 + 8 + 100)]
+        now = time.time()
+        # Three batches done, back to back, as the worker runs them: 8 claims in a row, one pass, 8 reports in a
+        # row. The latest 20 photos are two whole batches and half of the oldest one.
+        for i, job in enumerate(jobs[:24]):
+            batch, k = divmod(i, 8)
+            start = now - 100 + batch * 17 + k * 0.01
+            assert ledger.claim(now=start).id == job.id
+            ledger.Job.update(state="done", started_at=start, finished_at=start + 16.0).where(
+                ledger.Job.id == job.id).execute()
+        for job in jobs[24:32]:  # the batch in hand, claimed 5 s ago by this (live) process
+            assert ledger.claim(now=now - 5).id == job.id
+        daemon_lock = hold_lock(home / "var" / "daemon.lock")  # a daemon runs: status gives a time left
+        info = status(home, smoke_model_path)
+        text = mondrian(home, smoke_model_path, "status").stdout
+    finally:
+        if daemon_lock is not None:
+            os.close(daemon_lock)
+        ledger.close()
+
+    eta = info["eta"]
+    # (8 in hand with about 11 s left each + 100 waiting x 16 s) / 8 at a time: about 3.5 min, not 28 min.
+    assert 180 <= eta["queue_s"] <= 230, eta
+    assert eta["typical_photo_s"] == 16.0 and eta["based_on_photos"] == 20 and eta["photos_at_once"] == 8, eta
+    assert len(info["running"]) == 8 and all(5 <= r["eta_s"] <= 11 for r in info["running"]), info["running"]
+    now_lines = [line for line in text.splitlines() if line.startswith("Now:")]
+    assert len(now_lines) == 8 and all(" left" in line and "longer" not in line for line in now_lines), text
+    assert "left for 108 photo(s) (about 8 photos at a time, each about 16 s: one every 2 s" in text, text

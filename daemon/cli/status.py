@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from ..config import CONFIG_NAME, Config, ConfigError, refuse_file_as_home
 from ..fsutil import is_folder, lock_holder, pid_alive
-from ..ledger import FAULT_NOTE, FaultNote, Job, Ledger
+from ..ledger import DONE, FAULT_NOTE, FaultNote, Job, Ledger
 from ..hints import mondrian, shell_word
 from ..pipeline.failures import advice, cause_of
 from .terminal import shown
@@ -114,16 +114,56 @@ def _typical(durations: list[float]) -> float | None:
     return round(statistics.median(durations), 1) if durations else None
 
 
+def _recent_spans(ledger: Ledger, limit: int) -> list[tuple[float, float]]:
+    """(claimed, finished) of the latest analysed photos: the photos `Ledger.recent_durations` times, with when
+    each ran, so that photos analysed together (a batch) can be told from photos analysed one after another."""
+    job = ledger.Job
+    q = (job.select(job.started_at, job.finished_at)
+         .where((job.state == DONE) & job.duplicate_of.is_null() & job.started_at.is_null(False)
+                & job.finished_at.is_null(False))
+         .order_by(job.finished_at.desc()).limit(limit))
+    return [(start, end) for start, end in q.tuples() if end >= start]
+
+
+def _at_once(spans: list[tuple[float, float]]) -> float:
+    """How many photos were analysed at a time: per busy stretch (photos whose claim-to-finish times overlap: a
+    batch, or several workers), the photo-seconds over the stretch's length; the median of the stretches, so that
+    the oldest batch, of which only a part is among the latest photos, does not skew it. 1 for one after another."""
+    ratios: list[float] = []
+    stretch: list[tuple[float, float]] = []
+    for start, end in sorted(spans):
+        if stretch and start >= max(e for _, e in stretch):  # claimed after the stretch ended: a new one begins
+            ratios.append(_overlap(stretch))
+            stretch = []
+        stretch.append((start, end))
+    if stretch:
+        ratios.append(_overlap(stretch))
+    ratios = [r for r in ratios if r > 0]  # photos that took no time (timestamps to the same instant) say nothing
+    return max(1.0, round(statistics.median(ratios), 1)) if ratios else 1.0
+
+
+def _overlap(stretch: list[tuple[float, float]]) -> float:
+    """Photo-seconds over the stretch's length: how many photos were in progress at once, on average."""
+    length = max(e for _, e in stretch) - min(s for s, _ in stretch)
+    return sum(e - s for s, e in stretch) / length if length > 0 else 0.0
+
+
 def _estimates(ledger: Ledger, running: list[dict[str, Any]], waiting: int) -> dict[str, Any]:
-    """ETAs from the latest photos' durations: per photo in progress, and for the whole queue."""
-    durations = ledger.recent_durations(RECENT_PHOTOS)
-    typical = _typical(durations)
+    """ETAs from the latest photos' durations: per photo in progress, and for the whole queue.
+
+    A photo's own ETA is its claim-to-finish time (in a batch, the batch's); the queue's is throughput: photos
+    analysed together share that time, so it is divided by how many ran at a time (`batch_size` 8 once made the
+    queue's ETA 8x too long)."""
+    spans = _recent_spans(ledger, RECENT_PHOTOS)
+    typical = _typical([end - start for start, end in spans])
+    at_once = _at_once(spans)
     for r in running:
         r["eta_s"] = None if typical is None else round(max(0.0, typical - r["elapsed_s"]), 1)
     queue_s = None
     if typical is not None:
-        queue_s = round(sum(r["eta_s"] for r in running) + waiting * typical, 1)
-    return {"typical_photo_s": typical, "based_on_photos": len(durations), "queue_s": queue_s}
+        queue_s = round((sum(r["eta_s"] for r in running) + waiting * typical) / at_once, 1)
+    return {"typical_photo_s": typical, "based_on_photos": len(spans), "queue_s": queue_s,
+            "photos_at_once": at_once, "photo_every_s": None if typical is None else round(typical / at_once, 1)}
 
 
 def collect(cfg: Config) -> dict[str, Any]:
@@ -216,10 +256,13 @@ def _training_line(t: dict[str, Any]) -> str:
                 + (f" ({t.get('reason')})" if t.get("reason") else ""))
     line = f"Training: {t.get('advisor')} ({t.get('phase', 'running')})"
     if t.get("step") is not None and t.get("steps"):
-        line += f" step {t.get('step')}/{t.get('steps')}"
+        # Evaluating counts the test photos scored (jobs/train.py), not training steps.
+        line += f" {'photo' if t.get('phase') == 'evaluating' else 'step'} {t.get('step')}/{t.get('steps')}"
     if isinstance(t.get("loss"), (int, float)):
         line += f" loss {t['loss']:.3f}"
-    if isinstance(t.get("eta_s"), (int, float)):
+    # The time left is the training steps' own: evaluating (and promoting) after the last step once read "about
+    # 0 min 0 s left" for as long as it took (a record written by an earlier Mondrian still carries it).
+    if isinstance(t.get("eta_s"), (int, float)) and t.get("phase", "training") == "training":
         line += f", about {int(t['eta_s'] // 60)} min {int(t['eta_s'] % 60)} s left"
     return line
 
@@ -245,7 +288,9 @@ def _span(seconds: float | None) -> str:
 def _eta_words(eta_s: float | None, typical: float | None, elapsed: float) -> str:
     if eta_s is None or typical is None:
         return ""
-    if elapsed > typical:
+    # Only once it shows: "15 s so far, longer than the usual 15 s" (a batch's photos all finish about the usual
+    # time, a fraction of a second either way) says the opposite of what is happening.
+    if _span(elapsed) != _span(typical) and elapsed > typical:
         return f", longer than the usual {_span(typical)}"
     return f", about {_span(eta_s)} left" if eta_s >= 1 else ", about to finish"
 
@@ -301,8 +346,12 @@ def render(info: dict[str, Any]) -> str:
         # No daemon here: a time left would be a promise nothing keeps (a shared ledger's other Macs may work it).
         lines.append(f"Queue:   {q['queued']} photo(s) wait for the daemon; they are analysed once it runs")
     elif typical is not None and (q.get("queued") or info["running"]):
+        at_once = eta.get("photos_at_once") or 1
+        pace = (f"a photo takes about {_span(typical)}" if at_once <= 1 else
+                f"about {at_once:g} photos at a time, each about {_span(typical)}: one every "
+                f"{eta.get('photo_every_s'):g} s")
         lines.append(f"Queue:   about {_span(eta['queue_s'])} left for {q['queued'] + len(info['running'])} photo(s) "
-                     f"(a photo takes about {_span(typical)}, from the last {eta['based_on_photos']})")
+                     f"({pace}, from the last {eta['based_on_photos']})")
     for r in delayed[:SHOWN_DELAYED]:
         lines.append(f"Delayed: {r['file']}: try {r['attempts'] + 1} at {_clock(r['next_try_at'], short=True)}"
                      + (f" after: {r['reason']}" if r.get("reason") else ""))

@@ -1,0 +1,69 @@
+"""`mondrian status` while an advisor's adapter is being trained: a second training of the same advisor, refused
+because the first holds the advisor's lock, leaves the running one's record alone (it once wrote "ansel failed"
+over it), and the evaluation after the last step shows no time left of the steps. Real ledger, real lock, real
+`mondrian train` and `mondrian status` processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from daemon.config import load_config
+from tests.harness import REPO, env_for, make_home, mondrian, status
+
+NIGHTLY = """import sys
+from daemon.config import load_config
+from daemon.ledger import Ledger
+from jobs.nightly import train_and_record
+cfg = load_config(sys.argv[1], env={}, model=sys.argv[2])
+print(train_and_record(cfg, Ledger(cfg.db_path), "ansel").reason)
+"""
+
+
+def test_a_refused_second_training_leaves_the_running_ones_record_alone(tmp_path: Path,
+                                                                         smoke_model_path: Path) -> None:
+    from daemon.ledger import Ledger
+    from daemon.model.adapter_store import AdapterStore
+    from jobs.nightly import ProgressRecorder
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    cfg = load_config(home, env={}, model=str(smoke_model_path))
+    cfg.ensure_dirs()
+    ledger = Ledger(cfg.db_path)
+    try:
+        # This process is the trainer: it holds ansel's lock, as `run_training` does for the whole run, and records
+        # its progress the way `mondrian train` and the nightly job do.
+        with AdapterStore(cfg.adapters_dir).lock("ansel"):
+            trainer = ProgressRecorder(ledger, "ansel")
+            trainer({"event": "progress", "phase": "training", "step": 3, "steps": 10, "loss": 0.5, "eta_s": 42.0})
+
+            second = mondrian(home, smoke_model_path, "train", "--advisor", "ansel", timeout=120)
+            assert second.returncode == 1, (second.returncode, second.stderr[-2000:])
+            assert "being trained or promoted by another process" in second.stderr, second.stderr[-2000:]
+            # The daemon's nightly check, in a process of its own, refused the same way: the record stays too.
+            nightly = subprocess.run([sys.executable, "-c", NIGHTLY, str(home), str(smoke_model_path)], cwd=REPO,
+                                     env=env_for(home, smoke_model_path), capture_output=True, text=True, timeout=120)
+            assert nightly.returncode == 0 and "being trained" in nightly.stdout, (nightly.stdout, nightly.stderr)
+
+            info = status(home, smoke_model_path)["training"]
+            assert info["state"] == "running" and info["step"] == 3 and "reason" not in info, info
+            text = mondrian(home, smoke_model_path, "status").stdout
+            assert "Training: ansel (training) step 3/10 loss 0.500, about 0 min 42 s left" in text, text
+            assert "ansel failed" not in text, text
+
+            # Evaluating after the last step: the steps' time left (0 s by then) is not the evaluation's.
+            trainer({"event": "progress", "phase": "training", "step": 10, "steps": 10, "loss": 0.4, "eta_s": 0.0})
+            trainer({"event": "phase", "phase": "evaluating", "held_out": 4})
+            trainer({"event": "progress", "phase": "evaluating", "label": "candidate", "step": 1, "steps": 4})
+            text = mondrian(home, smoke_model_path, "status").stdout
+            line = next(line for line in text.splitlines() if line.startswith("Training:"))
+            assert line.startswith("Training: ansel (evaluating)") and " left" not in line, text
+            assert "step 10/10" not in line, text  # the steps are over; the photos scored are counted instead
+            time.sleep(1.1)  # the recorder writes progress at most once a second
+            trainer({"event": "progress", "phase": "evaluating", "label": "candidate", "step": 2, "steps": 4})
+            text = mondrian(home, smoke_model_path, "status").stdout
+            assert "Training: ansel (evaluating) photo 2/4 loss 0.400\n" in text, text
+    finally:
+        ledger.close()
