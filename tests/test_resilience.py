@@ -173,9 +173,15 @@ def test_deleted_ledger_is_noticed_written_back_and_the_daemon_restarts_on_it(tm
         wait_for(lambda: _state(home, "first.jpg") == "done", 90, what="first photo done")
         for suffix in ("", "-wal", "-shm") if which == "db+wal+shm" else ("",):
             os.unlink(f"{db}{suffix}")
+        # The user looks at once: status must not make a new, empty ledger in its place (the daemon would take it
+        # for a replacement, keep it aside as junk, and status would show an empty history).
+        looked = mondrian(home, smoke_model_path, "status")
+        assert "Traceback" not in looked.stderr, looked.stderr
+        assert looked.returncode == 0 or "is not there while Mondrian" in looked.stderr, looked.stderr
         photo(home / "inbox" / "second.jpg", seed=6, size=(64, 48))  # recorded in the deleted file meanwhile
         rc = d.wait(60)
     log = d.output()
+    assert not list(db.parent.glob("ledger.db.replaced-*")), log
     assert rc == 75, log  # EX_TEMPFAIL: launchd/systemd start it again
     assert "was deleted while Mondrian was using it" in log and "written back" in log, log
     assert "Traceback" not in log, log

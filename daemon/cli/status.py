@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from ..config import CONFIG_NAME, Config, ConfigError, refuse_file_as_home
 from ..fsutil import is_folder, lock_holder, pid_alive
-from ..ledger import DONE, FAULT_NOTE, FaultNote, Job, Ledger
+from ..ledger import DONE, FAULT_NOTE, FaultNote, Job, Ledger, LedgerUnavailable
 from ..hints import mondrian, shell_word
 from ..pipeline.failures import advice, cause_of
 from .terminal import shown
@@ -168,6 +168,12 @@ def _estimates(ledger: Ledger, running: list[dict[str, Any]], waiting: int) -> d
 
 def collect(cfg: Config) -> dict[str, Any]:
     require_home(cfg)
+    if not cfg.ledger_url and not os.path.lexists(cfg.db_path) and (holder := daemon_pid(cfg)) is not None:
+        # Opening it would make a new, empty ledger there: the running daemon would take that for a replacement
+        # (and keep it aside as ledger.db.replaced-…), and this status would show an empty history.
+        raise LedgerUnavailable(f"the ledger {cfg.db_path} is not there while Mondrian (pid {holder}) runs: it was "
+                                f"deleted, and Mondrian writes it back from what it holds and starts again; run "
+                                f"`{mondrian()} status` again in a minute")
     ledger = Ledger.for_config(cfg)
     counts = ledger.counts()
     events = ledger.events()
