@@ -620,3 +620,175 @@ def test_launchd_bootstrap_run_stop_bootout(dirs):
         assert agent.info() is None and not spec.plist_path.exists()
     finally:
         subprocess.run(["launchctl", "bootout", f"gui/{os.getuid()}/{label}"], capture_output=True)
+
+
+# -- a broken or foreign configuration, the model from mondrian.toml, folders on a missing drive ---------------------
+
+FAKE_SYSTEMCTL = r"""#!/bin/sh
+# Records its arguments and succeeds, standing in for `systemctl --user` (no user session is needed).
+echo "$*" >> "$FAKE_SYSTEMD_CALLS"
+exit 0
+"""
+
+
+@pytest.fixture
+def systemd(dirs, monkeypatch):
+    """`service` actions on the linux platform against a recording systemctl; returns a reader of its calls."""
+    fake = dirs["tmp"] / "fakebin"
+    fake.mkdir()
+    (fake / "systemctl").write_text(FAKE_SYSTEMCTL)
+    (fake / "systemctl").chmod(0o755)
+    calls = dirs["tmp"] / "systemctl.calls"
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+    monkeypatch.setenv("FAKE_SYSTEMD_CALLS", str(calls))
+    monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)  # the unit goes into the test's user home
+    monkeypatch.delenv("MONDRIAN_MODEL", raising=False)
+    return lambda: calls.read_text().splitlines() if calls.exists() else []
+
+
+def _act(action: str, dirs, **kw) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    kw.setdefault("home", dirs["home"])
+    rc = service.service_action(action, platform="linux", user_home=dirs["user"], out=out, err=err, **kw)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def test_stop_uninstall_status_work_when_the_config_is_broken(dirs, systemd):
+    (dirs["home"] / "mondrian.toml").write_text('model = "smoke"\n')
+    rc, _, err = _act("install", dirs)
+    assert rc == 0, err
+    unit = spec_for(dirs, platform="linux").unit_path
+    assert unit.exists()
+    # A typo added after install: the daemon now exits 78 every 30 s, and the service must still be stoppable.
+    (dirs["home"] / "mondrian.toml").write_text('model = "smoke"\nmodle = 1\n')
+
+    rc, _, err = _act("stop", dirs)
+    assert rc == 0, err
+    assert systemd()[-1] == "--user stop mondrian.service"
+    assert "modle" in err  # ...and it says what is broken
+
+    rc, out, err = _act("status", dirs)
+    assert rc == 0, err
+    assert "--user status mondrian.service --no-pager --lines=10" in systemd()
+    assert "configuration problem" in err and "modle" in err, err
+
+    rc, _, err = _act("restart", dirs)  # would only start the crash loop again
+    assert rc == service.EX_CONFIG and "modle" in err
+    assert "--user restart mondrian.service" not in systemd()[-1:]
+
+    rc, _, err = _act("uninstall", dirs)
+    assert rc == 0, err
+    assert "--user disable --now mondrian.service" in systemd()
+    assert not unit.exists()
+
+
+def test_model_from_mondrian_toml_is_read_at_each_start_not_pinned(dirs, systemd):
+    (dirs["home"] / "mondrian.toml").write_text('model = "smoke"\n')
+    spec = service.build_spec(platform="linux", home=dirs["home"], user_home=dirs["user"], env={})
+    assert spec.model == "smoke"
+    assert "MONDRIAN_MODEL" not in spec.environment
+    assert "MONDRIAN_MODEL=" not in service.render_unit(spec)
+    # Asked for, it is pinned: on the command line, or from the installing shell.
+    assert spec_for(dirs, platform="linux", model="smoke").environment["MONDRIAN_MODEL"] == "smoke"
+    assert service.build_spec(platform="linux", home=dirs["home"], user_home=dirs["user"],
+                              env={"MONDRIAN_MODEL": "smoke"}).environment["MONDRIAN_MODEL"] == "smoke"
+
+    # The README's advice: edit `model`, `service restart`. The daemon started with the installed environment (a
+    # real process, the service's python and variables) now sees the edited model.
+    assert service.startup_problem(spec) is None
+    missing = dirs["tmp"] / "edited model"
+    (dirs["home"] / "mondrian.toml").write_text(f'model = "{missing}"\n')
+    problem = service.startup_problem(spec)
+    assert problem and str(missing) in problem, problem
+
+
+@pytest.mark.parametrize("case", ["advisor", "model", "lora"])
+def test_install_refuses_a_config_the_daemon_would_refuse_at_start(dirs, systemd, case):
+    toml, kw = 'model = "smoke"\n', {}
+    if case == "advisor":
+        toml += 'default_advisor = "nobody"\n'
+        needle = "nobody"
+    elif case == "model":
+        kw["model"] = str(dirs["tmp"] / "nonexistent" / "m")
+        needle = kw["model"]
+    else:
+        toml += "[lora]\nrank = -3\n"
+        needle = "rank"
+    (dirs["home"] / "mondrian.toml").write_text(toml)
+    rc, out, err = _act("install", dirs, **kw)
+    assert rc == service.EX_CONFIG, out + err
+    assert needle in err and "Nothing was installed" in err, err
+    assert not spec_for(dirs, platform="linux").unit_path.exists()
+    assert systemd() == ["--user show-environment"]  # usable() only: nothing enabled or restarted
+    rc, _, err = _act("install", dirs, dry_run=True, **kw)  # a dry run says so too
+    assert rc == service.EX_CONFIG and needle in err, err
+
+
+def test_another_homes_uninstall_refuses_and_status_says_whose_service_it_is(dirs, systemd):
+    (dirs["home"] / "mondrian.toml").write_text('model = "smoke"\n')
+    assert _act("install", dirs)[0] == 0
+    unit = spec_for(dirs, platform="linux").unit_path
+    other = dirs["tmp"] / "other home"
+    other.mkdir()
+    (other / "mondrian.toml").write_text('model = "smoke"\n')
+    before = systemd()
+
+    rc, _, err = _act("uninstall", dirs, home=other)
+    assert rc == service.EX_CONFIG, err
+    assert f"serves {dirs['home'].resolve()}, not {other.resolve()}" in err, err
+    assert "service uninstall" in err and shell_word_of(dirs["home"].resolve()) in err, err
+    assert unit.exists()
+    assert systemd()[len(before):] == ["--user show-environment"]  # usable() only: nothing disabled or removed
+
+    rc, out, err = _act("status", dirs, home=other)
+    assert f"serves {dirs['home'].resolve()}, not {other.resolve()}" in out, out + err
+
+    assert _act("uninstall", dirs)[0] == 0  # its own home removes it
+    assert not unit.exists()
+
+
+def shell_word_of(path: Path) -> str:
+    from daemon.hints import shell_word
+
+    return shell_word(path)
+
+
+def test_install_does_not_make_a_home_where_a_drive_should_be_mounted(dirs, systemd, monkeypatch):
+    monkeypatch.setenv("HOME", str(dirs["user"]))  # the drive below is outside the user's home
+    monkeypatch.delenv("XDG_DATA_HOME", raising=False)
+    drive = dirs["tmp"] / "drive"
+    rc, out, err = _act("install", dirs, home=drive / "Mondrian", model="smoke")
+    assert rc == service.EX_CONFIG, out + err
+    assert f"{drive} does not exist" in err and "not connected" in err, err
+    assert not drive.exists()
+    assert not spec_for(dirs, platform="linux").unit_path.exists()
+
+
+def test_retry_does_not_make_an_inbox_where_a_drive_should_be_mounted(dirs):
+    from daemon.config import load_config
+    from daemon.ledger import Ledger
+
+    drive = dirs["tmp"] / "drive"
+    home = dirs["tmp"] / "studio"
+    (home / "outbox" / "failed").mkdir(parents=True)
+    (home / "var").mkdir()
+    (home / "mondrian.toml").write_text(f'model = "smoke"\ninbox = "{drive / "inbox"}"\n')
+    kept = home / "outbox" / "failed" / "IMG_1.jpg"
+    _photo(kept)
+    ledger = Ledger.for_config(load_config(home, env={}))
+    try:
+        job = ledger.enqueue(drive / "inbox" / "IMG_1.jpg", "IMG_1.jpg", "ansel", "default", kept.stat().st_size,
+                             kept.stat().st_mtime)
+        assert ledger.claim().id == job.id
+        ledger.fail(job.id, "the photo could not be decoded", kept)
+    finally:
+        ledger.close()
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONDRIAN_", "XDG_"))}
+    env.update(HOME=str(dirs["user"]), HF_HUB_OFFLINE="1")  # the drive is outside the user's home
+    proc = subprocess.run([str(PY), "-m", "daemon", "--home", str(home), "retry", "--failed", "--all"],
+                          cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert not drive.exists(), "retry made folders where the drive mounts"
+    assert kept.exists()  # still where the failure left it
+    assert f"{drive} does not exist" in proc.stderr and "0 photo(s) queued again" in proc.stderr, proc.stderr

@@ -11,7 +11,9 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import CONFIG_NAME, Config
+import platformdirs
+
+from ..config import CONFIG_NAME, Config, ConfigError
 from ..fsutil import folder_inside, is_folder
 from ..intake.inbox import editor_sidecars, sidecar_for, unique_path
 from ..ledger import FAILED, Job, Ledger
@@ -142,6 +144,13 @@ def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | 
         if not (folder_inside(kept, cfg.failed_dir) and folder_inside(back, cfg.inbox)):
             left.append(f"job {job.id}: {job.rel_path}: a folder on its way back into the inbox is a link to "
                         f"somewhere else; move it from {cfg.failed_dir.name}/ into the inbox yourself")
+            return None
+        try:
+            # An inbox on a drive that is not connected: making its folders would put them (and the photo) on the
+            # startup disk where the drive mounts. The rule every folder Mondrian makes follows (config.py).
+            cfg._refuse_unmounted(back.parent, within=(cfg.home, Path.home(), Path(platformdirs.user_data_dir())))
+        except ConfigError as exc:
+            left.append(f"job {job.id}: {job.rel_path} stays in {cfg.failed_dir.name}/: {exc}")
             return None
         back.parent.mkdir(parents=True, exist_ok=True)
         back = unique_path(back.parent, back.stem, back.suffix)

@@ -28,10 +28,12 @@ from typing import Any, Callable, Mapping, Sequence, TextIO
 
 import jinja2
 
-from daemon.config import PROJECT_ROOT, ConfigError, load_config
+import platformdirs
+
+from daemon.config import PROJECT_ROOT, Config, ConfigError, default_home, load_config, refuse_file_as_home
 from daemon.errors import EX_CONFIG, EX_UNAVAILABLE
 from daemon.resources import service_templates_dir
-from daemon.hints import mondrian, serve
+from daemon.hints import mondrian, serve, shell_word
 
 DEFAULT_LABEL = "com.mondrian.daemon"
 ACTIONS = ("install", "uninstall", "start", "stop", "restart", "status")
@@ -73,6 +75,9 @@ class ServiceSpec:
     process_type: str = "Interactive"
     throttle_interval: int = THROTTLE_INTERVAL
     exit_timeout: int = EXIT_TIMEOUT
+    # The home's configuration as read at install time: None when it could not be read (stop, uninstall and
+    # status still act then: they need only the label and the installed file).
+    config: Config | None = field(default=None, compare=False, repr=False)
 
     @property
     def program_arguments(self) -> list[str]:
@@ -144,7 +149,8 @@ def build_spec(platform: str | None = None, label: str = DEFAULT_LABEL, home: st
                user_home: str | Path | None = None, process_type: str = "Interactive",
                env: Mapping[str, str] = os.environ) -> ServiceSpec:
     """Resolve the service from the Mondrian config, failing (ConfigError/ServiceError) on anything
-    that would make the installed service crash-loop."""
+    that would make the installed service crash-loop. The daemon's own start-up checks (advisor, [lora],
+    model folder) need the service's environment: `startup_problem` runs them before an install."""
     platform = platform or detect_platform()
     if platform not in PLATFORMS:
         raise ServiceError(f"unknown platform {platform!r}; use one of {', '.join(PLATFORMS)}")
@@ -157,18 +163,20 @@ def build_spec(platform: str | None = None, label: str = DEFAULT_LABEL, home: st
     if not (py.is_file() and os.access(py, os.X_OK)):
         raise ServiceError(f"python {py} is not an executable file")
 
-    model = model or env.get("MONDRIAN_MODEL") or None
-    if model and model != "smoke" and Path(model).expanduser().exists():
-        model = str(Path(model).expanduser().resolve())  # the service runs in another directory
+    # Pinned only when asked for (--model, or MONDRIAN_MODEL in this shell): otherwise the daemon reads `model`
+    # from mondrian.toml at each start, so editing it and `service restart` switches models as the README says.
+    pinned = model or env.get("MONDRIAN_MODEL") or None
+    if pinned and pinned != "smoke" and Path(pinned).expanduser().exists():
+        pinned = str(Path(pinned).expanduser().resolve())  # the service runs in another directory
     # Check the config with the environment the service will have, not this shell's.
-    cfg = load_config(home or env.get("MONDRIAN_HOME") or None, env={}, model=model)
+    cfg = load_config(home or env.get("MONDRIAN_HOME") or None, env={}, model=pinned)
     model = cfg.model
 
     bin_dirs = [str(py.parent)]
     bin_dirs += ["/opt/homebrew/bin", "/usr/local/bin"] if platform == "macos" else ["/usr/local/bin"]
     environment = {
         "MONDRIAN_HOME": str(cfg.home),
-        "MONDRIAN_MODEL": model,
+        **({"MONDRIAN_MODEL": model} if pinned else {}),
         # Launchers start with a bare PATH; the venv first so helper tools resolve to this install.
         "PATH": ":".join(bin_dirs + ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]),
         # `-m daemon` must find this checkout even when it is not pip-installed into the venv:
@@ -177,9 +185,10 @@ def build_spec(platform: str | None = None, label: str = DEFAULT_LABEL, home: st
         # stdout to a file is block-buffered; logs should appear as they happen.
         "PYTHONUNBUFFERED": "1",
     }
-    if _is_local_model(model, cfg.home):
+    if pinned and _is_local_model(model, cfg.home):
         # A local model needs no network: make sure a login-time start never waits on the hub.
-        # A hub id may still need its first download, so it is left online.
+        # A hub id may still need its first download, so it is left online; so is a model read from
+        # mondrian.toml, which may be changed to a hub id later without reinstalling.
         environment["HF_HUB_OFFLINE"] = "1"
     if platform == "macos":
         # launchd never rotates StandardOutPath/StandardErrorPath: the daemon does (daemon/service/logrotate.py).
@@ -187,7 +196,72 @@ def build_spec(platform: str | None = None, label: str = DEFAULT_LABEL, home: st
                             "MONDRIAN_LOG_BACKUPS": str(LOG_BACKUPS)})
     uh = Path(user_home).expanduser().absolute() if user_home else Path.home()
     return ServiceSpec(platform=platform, label=label, python=py, home=cfg.home, model=model,
-                       user_home=uh, environment=environment, process_type=process_type)
+                       user_home=uh, environment=environment, process_type=process_type, config=cfg)
+
+
+def bare_spec(platform: str | None = None, label: str = DEFAULT_LABEL, home: str | Path | None = None,
+              python: str | Path | None = None, user_home: str | Path | None = None,
+              process_type: str = "Interactive", env: Mapping[str, str] = os.environ) -> ServiceSpec:
+    """The service as far as it is known without reading mondrian.toml: its label, files and home. Enough to stop,
+    uninstall or inspect a service whose configuration is broken (a restart-looping one most needs stopping)."""
+    platform = platform or detect_platform()
+    if platform not in PLATFORMS:
+        raise ServiceError(f"unknown platform {platform!r}; use one of {', '.join(PLATFORMS)}")
+    if not _LABEL_RE.match(label):
+        raise ServiceError(f"label {label!r} is not reverse-DNS (like {DEFAULT_LABEL})")
+    py = Path(python or sys.executable).expanduser().absolute()
+    h = Path(home).expanduser().resolve() if home else default_home(env)  # as load_config resolves it
+    uh = Path(user_home).expanduser().absolute() if user_home else Path.home()
+    return ServiceSpec(platform=platform, label=label, python=py, home=h, model="", user_home=uh,
+                       environment={"MONDRIAN_HOME": str(h), "PYTHONPATH": str(PROJECT_ROOT)},
+                       process_type=process_type if process_type in PROCESS_TYPES else "Interactive")
+
+
+# What `python -m daemon run` checks before it serves a photo, run by the service's own python in the service's own
+# environment: config_from (mondrian.toml, the environment, the default advisor), the [lora] settings that
+# run_daemon reads first, and a model given as a folder. A hub id is left out: its first start may download it.
+_STARTUP_CHECK = """
+import argparse, sys
+from pathlib import Path
+from daemon.config import ConfigError
+from daemon.cli.common import config_from
+from jobs.nightly import nightly_enabled
+try:
+    cfg = config_from(argparse.Namespace(home=None, model=None))  # what `run` reads: MONDRIAN_HOME, MONDRIAN_MODEL
+    nightly_enabled(cfg)
+    spec = cfg.model.strip()
+    local = Path(spec).expanduser()
+    local = local if local.is_absolute() else cfg.home / local  # the service runs in its home
+    from daemon.model.runtime import ModelNotFoundError, _looks_like_path, resolve_model_path
+    if spec != "smoke" and (local.exists() or _looks_like_path(spec)):
+        try:
+            resolve_model_path(str(local), cfg.var_dir)
+        except ModelNotFoundError as exc:
+            raise ConfigError(f"model {spec!r}: {exc}") from None
+except ConfigError as exc:
+    print(exc)  # on stdout: stderr may also carry log records
+    sys.exit(78)
+"""
+
+
+def startup_problem(spec: ServiceSpec) -> str | None:
+    """Why the daemon, started as this service, would exit 78 at once (and again every ThrottleInterval), or None."""
+    with tempfile.TemporaryDirectory(prefix="mondrian-check-") as state:
+        # XDG_STATE_HOME: importing the model runtime may note a missing OpenBLAS in the user's state folder;
+        # a check (and a --dry-run) writes nothing of the user's.
+        env = {"HOME": str(spec.user_home), "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+               "XDG_STATE_HOME": state, **spec.environment}
+        try:
+            proc = subprocess.run([str(spec.python), "-c", _STARTUP_CHECK], capture_output=True, text=True,
+                                  timeout=120, env=env, cwd=str(spec.home) if spec.home.is_dir() else "/")
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"could not check the configuration with {spec.python}: {exc}"
+    if proc.returncode == 0:
+        return None
+    if proc.returncode == 78 and proc.stdout.strip():
+        return proc.stdout.strip()
+    lines = proc.stderr.strip().splitlines()
+    return f"{spec.python} could not check the configuration (exit {proc.returncode}): " + "\n".join(lines[-5:])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,6 +637,16 @@ class Systemd:
         return 0 if active else NOT_RUNNING
 
 
+def _refuse_unmounted_home(spec: ServiceSpec) -> None:
+    """Install makes the home (the service manager cannot start in a missing WorkingDirectory): with the rule the
+    rest of Mondrian makes folders by, never where a drive or share that is not connected should be mounted."""
+    if spec.config is None:
+        return
+    refuse_file_as_home(spec.home)
+    # The same folders ensure_dirs allows a new home's missing parents in.
+    spec.config._refuse_unmounted(spec.home, within=(Path.home(), Path(platformdirs.user_data_dir())))
+
+
 def installed_home(spec: ServiceSpec) -> Path | None:
     """The home the installed agent or unit of `spec.label` serves (its MONDRIAN_HOME), or None if none is
     installed or its file cannot be read."""
@@ -596,8 +680,20 @@ def service_action(action: str, *, platform: str | None = None, label: str = DEF
         sh.warn(f"unknown action {action!r}; use one of {', '.join(ACTIONS)}")
         return 2
     try:
-        spec = build_spec(platform=platform, label=label, home=home, model=model,
-                          user_home=user_home, process_type=process_type)
+        config_problem = None
+        try:
+            spec = build_spec(platform=platform, label=label, home=home, model=model,
+                              user_home=user_home, process_type=process_type)
+        except ConfigError as exc:
+            if action not in ("stop", "uninstall", "status"):
+                raise
+            # A broken mondrian.toml is when a restart-looping service most needs stopping or removing: these
+            # need only the label and the installed file, so they go on and say what is broken.
+            config_problem = str(exc)
+            spec = bare_spec(platform=platform, label=label, home=home, user_home=user_home,
+                             process_type=process_type)
+            sh.warn(f"mondrian service {action}: note: configuration problem: {exc} (the service cannot "
+                    f"start until it is fixed)")
         serve(spec.home)
         manager = Launchd(spec, sh) if spec.platform == "macos" else Systemd(spec, sh)
         if dry_run:
@@ -612,15 +708,29 @@ def service_action(action: str, *, platform: str | None = None, label: str = DEF
                     mondrian_status(spec, sh)  # the daemon may still run by hand: show what it does
                 return EX_UNAVAILABLE
         if action == "install":
+            _refuse_unmounted_home(spec)
+            # The daemon's own start-up checks, in the service's environment: a config it would refuse must not
+            # be installed as a service that exits 78 every ThrottleInterval.
+            problem = startup_problem(spec)
+            if problem:
+                raise ConfigError(f"{problem.rstrip('.')}. Nothing was installed: the service would stop at once and try "
+                                  f"again every {spec.throttle_interval} s")
             _path, text = render(spec)
             return manager.install(text)
         other = installed_home(spec)
-        if home is not None and action in ("start", "stop", "restart") and other and other != spec.home:
-            # One label, one service: `--home B service start` would start (or stop) home A's daemon.
+        if home is not None and action in ("start", "stop", "restart", "uninstall") and other and other != spec.home:
+            # One label, one service: `--home B service start` would start (or stop, or remove) home A's daemon.
+            fix = (f"Remove it with `mondrian --home {shell_word(other)} service uninstall`"
+                   if action == "uninstall" else
+                   f"Run this home in the foreground with `{mondrian()} run`, or make the service serve it with "
+                   f"`{mondrian()} service install` (replacing the other)")
             sh.warn(f"mondrian service {action}: the installed service {spec.label} serves {other}, not "
-                    f"{spec.home}; nothing was done. Run this home in the foreground with `{mondrian()} run`, or "
-                    f"make the service serve it with `{mondrian()} service install` (replacing the other)")
+                    f"{spec.home}; nothing was done. {fix}")
             return EX_CONFIG
+        if home is not None and action == "status" and other and other != spec.home:
+            # The unit state below is the other home's; the queue shown is this one's.
+            sh.say(f"note: the installed service {spec.label} serves {other}, not {spec.home}: its state below "
+                   f"is that home's daemon")
         return getattr(manager, action)()
     except ConfigError as exc:
         sh.warn(f"mondrian service {action}: configuration problem: {exc}")
@@ -658,8 +768,9 @@ def add_service_parser(subparsers: Any) -> None:
                    help="Mondrian home the service uses (default: MONDRIAN_HOME, else the default home: the "
                         "checkout Mondrian runs from, or the user folder of an installed Mondrian)")
     p.add_argument("--model", dest="service_model", default=None,
-                   help="model the service loads (default: MONDRIAN_MODEL, else mondrian.toml); "
-                        "pinned in the service file, so reinstall to change it")
+                   help="pin the model the service loads (default: MONDRIAN_MODEL if set, else none: the daemon "
+                        "reads `model` from mondrian.toml at each start, so `service restart` picks up an edit); "
+                        "a pinned model is written into the service file, so reinstall to change it")
     p.add_argument("--process-type", dest="service_process_type", choices=PROCESS_TYPES,
                    default="Interactive", help="launchd ProcessType (default Interactive)")
     p.set_defaults(func=handle)
