@@ -184,8 +184,8 @@ class Config:
         while not missing.parent.is_dir() and missing.parent != missing:
             missing = missing.parent
         raise ConfigError(f"{folder} cannot be reached: {missing} does not exist (a drive or network share that "
-                          f"is not connected?). Connect it and start Mondrian again (as a service it tries again "
-                          f"by itself every 30 s), or point "
+                          f"is not connected?). Connect it and run the command again (as a service Mondrian tries "
+                          f"again by itself every 30 s), or point "
                           f"{'MONDRIAN_HOME' if folder == self.home else 'the setting'} "
                           f"elsewhere{'' if folder == self.home else ' in ' + str(self.home / CONFIG_NAME)}. "
                           f"Mondrian does not create {missing} itself: that would put a plain folder where the drive "
