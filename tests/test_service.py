@@ -792,3 +792,21 @@ def test_retry_does_not_make_an_inbox_where_a_drive_should_be_mounted(dirs):
     assert not drive.exists(), "retry made folders where the drive mounts"
     assert kept.exists()  # still where the failure left it
     assert f"{drive} does not exist" in proc.stderr and "0 photo(s) queued again" in proc.stderr, proc.stderr
+
+
+def test_status_advises_service_start_only_where_a_service_is_installed(dirs, systemd):
+    (dirs["home"] / "mondrian.toml").write_text('model = "smoke"\napi_port = 0\n')
+    env = {**os.environ, "HOME": str(dirs["user"]), "MONDRIAN_HOME": str(dirs["home"]), "HF_HUB_OFFLINE": "1"}
+
+    def daemon_line() -> str:
+        out = subprocess.run([sys.executable, "-m", "daemon", "status"], env=env, cwd=dirs["tmp"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        return next(line for line in out.stdout.splitlines() if line.startswith("Daemon:"))
+
+    line = daemon_line()  # nothing installed: `service start` would only answer "not installed"
+    assert "service install" in line and "service start" not in line, line
+    rc, _, err = _act("install", dirs)
+    assert rc == 0, err
+    line = daemon_line()
+    assert "service start" in line, line

@@ -196,6 +196,8 @@ def collect(cfg: Config) -> dict[str, Any]:
     if fault is not None and (pid is None or fault.get("pid") != pid):
         fault = None  # left by a daemon that has stopped since
     daemon = _liveness(pid, events, now)
+    if not daemon["running"]:
+        daemon["service_installed"] = _service_serves(cfg)
     if fault is not None:
         daemon["responding"] = True  # it cannot write its heartbeat: the fault line says why
     return {
@@ -309,9 +311,23 @@ def _interrupted_next(job: dict[str, Any], daemon_runs: bool) -> str:
             f"where it is: run `{mondrian()} analyze` on it again if it is not done")
 
 
+def _service_serves(cfg: Config) -> bool:
+    """Whether a launchd agent or systemd unit is installed for this home (then `service start` is the advice;
+    else it would only answer "not installed")."""
+    try:
+        from ..service.install import bare_spec, installed_home
+
+        return installed_home(bare_spec(home=cfg.home)) == cfg.home
+    except Exception:  # an unknown platform, an unreadable file: no service to name
+        return False
+
+
 def _daemon_line(d: dict[str, Any]) -> str:
     if not d["running"]:
-        return f"not running  — start it with `{mondrian()} run` or `{mondrian()} service start`"
+        if d.get("service_installed"):
+            return f"not running  — start it with `{mondrian()} service start` (or `{mondrian()} run`)"
+        return (f"not running  — start it with `{mondrian()} run`, or at every login with "
+                f"`{mondrian()} service install`")
     if not d.get("responding", True):
         return (f"not responding (pid {d['pid']}; last heartbeat {d['last_heartbeat_s']:.0f} s ago, it beats every "
                 f"{BEAT_SECONDS:.0f} s): stopped (`kill -STOP`, a debugger) or hung. `kill -CONT {d['pid']}` if it "
