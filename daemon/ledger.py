@@ -1232,6 +1232,12 @@ class Ledger:
     def get(self, job_id: int) -> Job:
         return self.Job.get_by_id(job_id)
 
+    def earlier_failures(self, source_path: str, before_id: int) -> list[Job]:
+        """Failed jobs of the same file before `before_id` (their records are stale once it is analysed)."""
+        job = self.Job
+        return list(job.select().where((job.source_path == source_path) & (job.state == FAILED)
+                                       & (job.id < before_id)).order_by(job.id))
+
     def _superseded_failures(self) -> tuple[set[int], set[int]]:
         """Failed jobs whose file has a later job (put back, or dropped in again), and those of them whose file was
         analysed since. One pass over the jobs of files that failed once (source_path has no index)."""

@@ -134,3 +134,26 @@ def test_a_kill_while_publishing_a_kept_photo_is_finished_once_at_the_next_start
     assert all(j.state == "done" for j in jobs) and [j.duplicate_of is not None for j in jobs].count(True) == 1
     assert twin.is_file() and len(reports(outbox)) == 3 and not list(outbox.glob(".staging/*"))
     assert [p.name for p in outbox.glob("duplicates/*")] == ["twin.jpg.duplicate.json"]
+
+
+def test_a_kept_photo_fixed_where_it_is_takes_its_old_failure_record_away(tmp_path, smoke_model_path):
+    from tests.harness import mondrian
+
+    home = make_home(tmp_path / "home", smoke_model_path, keep_originals=True, max_pixels=56 * 56,
+                     comment_max_chars=8, max_tokens=400, api_port=0)
+    shot = home / "inbox" / "harbour.jpg"
+    shot.write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")  # an export that went wrong
+    other = home / "inbox" / "other.jpg"
+    other.write_bytes(b"\xff\xd8\xff\xe0 also broken")
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    failed = home / "outbox" / "failed"
+    assert (failed / "harbour.jpg.error.json").is_file() and (failed / "other.jpg.error.json").is_file()
+    assert shot.exists()  # kept where it was dropped
+
+    photo(shot, seed=4, size=(64, 48))  # exported again, in place
+    os.utime(shot, (time.time() + 1, time.time() + 1))
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    assert reports(home / "outbox") and (home / "outbox" / "harbour" / "report.json").is_file()
+    # Its failure record is gone with it; the other photo, still broken, keeps its own.
+    assert not (failed / "harbour.jpg.error.json").exists() and not (failed / "harbour.jpg.error.html").exists()
+    assert (failed / "other.jpg.error.json").is_file()

@@ -196,6 +196,30 @@ class Publisher:
         job = self.ledger.get(job.id)
         self.complete(job, final, report, keep_original)
 
+    def _clear_old_failure_records(self, job: Job) -> None:
+        """A photo that failed while kept in the inbox (keep_originals), or through `analyze`, was fixed where it is
+        and is analysed now: its old failure record in failed/ would go on saying it failed. Removed, but only a
+        record that is that job's (a later failure may have taken the name) and whose photo is not in failed/."""
+        try:
+            for old in self.ledger.earlier_failures(job.source_path, job.id):
+                if not old.output_dir or Path(old.output_dir).parent != self.cfg.failed_dir:
+                    continue
+                spot = Path(old.output_dir)
+                record = Path(f"{spot}.error.json")
+                if os.path.lexists(spot) or not self.is_own(self.cfg.failed_dir):
+                    continue  # the photo itself lies in failed/: its record explains it
+                try:
+                    if json.loads(read_regular_file(record, max_bytes=1 << 20)).get("job_id") != old.id:
+                        continue
+                except (OSError, ValueError, AttributeError):
+                    continue
+                for stale in (record, Path(f"{spot}.error.html")):
+                    stale.unlink(missing_ok=True)
+                log.info("%s: removed its old failure record %s (it is analysed now)", job.rel_path,
+                         self.shown(record))
+        except Exception as exc:  # tidying only: never a reason to fail a photo that is done
+            log.warning("%s: its old failure records could not be tidied (%s)", job.rel_path, exc)
+
     def _adopt(self, job: Job, staging: Path, keep_original: bool) -> bool:
         """A shared ledger: the report a worker that lost this job renamed into place meanwhile (it names this job)
         is this job's report; this node's staged one is dropped, so the photo keeps one report."""
@@ -253,6 +277,7 @@ class Publisher:
                            context_key=(report.get("context") or {}).get("key"))
         log.info("done: %s -> %s (grade %s)", job.rel_path, self.shown(final / "report.html"),
                  report["overall_grade"])
+        self._clear_old_failure_records(job)
         self.index.changed()
 
     def _not_moved(self, job: Job, src: Path, exc: OSError) -> None:
