@@ -16,7 +16,7 @@ import pytest
 
 from daemon.analysis.critique import DIMENSIONS, critique_schema, profile_schema
 from daemon.references.indexer import reference_profile
-from daemon.references.sidecar import SidecarInvalid, parse_sidecar
+from daemon.references.sidecar import SidecarInvalid, parse_profile, parse_sidecar
 from daemon.pipeline.report import SCHEMA_PATH
 from daemon.analysis.retrieval import anchored, distribution, nearest, reference_prior
 from tests.harness import Daemon, make_home, mondrian, photo, wait_for
@@ -56,6 +56,10 @@ def _report(folder: Path) -> dict:
 def test_sidecar_shapes_and_errors() -> None:
     flat = parse_sidecar(_scores(6))
     assert flat == (_scores(6), None)
+    flat_with_extras = {**_scores(6), "summary": "Dawn over the dunes.", "overall_grade": 7}
+    assert parse_sidecar(flat_with_extras) == (_scores(6), None)  # the docstring's promise, in the flat shape too
+    assert parse_profile(flat_with_extras).summary == "Dawn over the dunes."
+    assert parse_profile(flat_with_extras).overall_grade == 7
     nested = parse_sidecar({"scores": _scores(7), "comments": {"lighting": "  Zone V\n on the rock. "}})
     assert nested == (_scores(7), {"lighting": "Zone V on the rock."})
     report_like = parse_sidecar({"dimensions": {d: {"score": 5, "comment": f"on {d}"} for d in DIMENSIONS}})

@@ -23,6 +23,7 @@ SIDECAR_SUFFIX = ".json"
 SIDECAR_MAX_BYTES = 256 * 1024
 SIDECAR_READ_SECONDS = 30.0
 COMMENT_MAX_CHARS = 2000
+TOP_LEVEL_EXTRAS = ("summary", "overall_grade", "grade")  # optional in every shape (parse_profile)
 
 
 class SidecarInvalid(ValueError):
@@ -54,8 +55,8 @@ def parse_sidecar(data: Any, name: str = "the sidecar") -> tuple[dict[str, int],
                 raw_comments[d] = v["comment"]
     elif isinstance(data.get("scores"), dict):
         raw_scores, raw_comments = data["scores"], data.get("comments")
-    else:
-        raw_scores = data
+    else:  # flat: the scores at the top level, beside the optional summary and grade
+        raw_scores = {k: v for k, v in data.items() if k not in TOP_LEVEL_EXTRAS}
     unknown = sorted(set(raw_scores) - set(DIMENSIONS))
     if unknown:
         raise SidecarInvalid(f"{name} names unknown dimensions {', '.join(unknown)}; use {', '.join(DIMENSIONS)}")
