@@ -390,6 +390,29 @@ def test_references_cli_index_and_list(tmp_path: Path, smoke_model_path: Path) -
     assert bad.returncode == 2 and "unknown advisor" in bad.stderr
 
 
+def test_references_list_shows_what_a_references_index_run_skipped(tmp_path: Path, smoke_model_path: Path) -> None:
+    home = make_home(tmp_path / "home", smoke_model_path)
+    refs = home / "advisors" / "cartier" / "references"
+    photo(refs / "rue.jpg", seed=11)
+    (refs / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 a card that failed")
+    (refs / "zero.jpg").write_bytes(b"")
+    _age(*refs.rglob("*"))
+    out = mondrian(home, smoke_model_path, "references", "index", "--advisor", "cartier")
+    assert out.returncode == 1 and "2 skipped" in out.stderr, out.stderr
+
+    def skipped() -> list[str]:
+        listed = mondrian(home, smoke_model_path, "references", "list", "--advisor", "cartier", "--json")
+        assert listed.returncode == 0, listed.stderr
+        return sorted(e["file"] for e in json.loads(listed.stdout)["skipped"])
+
+    assert skipped() == ["corrupt.jpg", "zero.jpg"]  # not only the daemon's runs are remembered
+    assert mondrian(home, smoke_model_path, "references", "index", "--advisor", "ansel").returncode == 0
+    assert skipped() == ["corrupt.jpg", "zero.jpg"]  # another advisor's run leaves cartier's alone
+    (refs / "corrupt.jpg").unlink()
+    assert mondrian(home, smoke_model_path, "references", "index").returncode == 1
+    assert skipped() == ["zero.jpg"]  # and a fixed one is no longer listed
+
+
 def test_rag_through_the_daemon(tmp_path: Path, smoke_model_path: Path) -> None:
     from daemon.ledger import Ledger
 

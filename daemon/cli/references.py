@@ -25,7 +25,7 @@ def _advisor_ids(cfg, wanted: str | None) -> list[str] | None:
 def cmd_index(args: argparse.Namespace) -> int:
     from ..analysis.advisors import UnknownAdvisor
     from ..ledger import Ledger
-    from ..references.indexer import SETTLE_MAX_SECONDS, ReferenceIndexer
+    from ..references.indexer import SETTLE_MAX_SECONDS, ReferenceIndexer, problem
     from .terminal import shown
 
     cfg = config_from(args)
@@ -100,6 +100,15 @@ def cmd_index(args: argparse.Namespace) -> int:
         raise
     counts = {k: sum(1 for o in outcomes if o.action == k) for k in ("indexed", "reused", "removed", "error")}
     errors = counts["error"] + len(plan.errors)
+    # Kept where the daemon keeps its own (the ledger's reference_errors), so `references list` and `status` show
+    # what this run skipped too; the other advisors' entries stay as they were.
+    skipped = [problem(cfg, a, p, r) for a, p, r in plan.errors] + \
+        [problem(cfg, o.advisor, o.path, o.reason) for o in outcomes if o.action == "error"]
+    ran_for = set(advisors) if advisors else None
+    earlier = ledger.events().get("reference_errors", ([], None))[0] or []
+    ledger.set_event("reference_errors", sorted(
+        [e for e in earlier if ran_for is not None and e.get("advisor") not in ran_for] + skipped,
+        key=lambda e: (e["advisor"], e["file"])))
     print(f"{counts['indexed'] + counts['reused']} indexed, {plan.unchanged} unchanged, {counts['removed']} "
           f"removed, {errors} skipped, {len(plan.waiting)} still being written", file=sys.stderr)
     return 1 if errors else 0
