@@ -219,6 +219,7 @@ class Gate:
     min_test_photos: int = 5
     mae_margin: float = 0.1  # mean MAE must be at least this much lower than the current one's
     spearman_tolerance: float = 0.0  # mean Spearman may not drop by more than this
+    holdout_fraction: float = 0.2  # the test split's share of the references (what "add references" means in numbers)
 
 
 def decide(candidate: dict[str, Any], baseline: dict[str, Any], gate: Gate | None = None) -> dict[str, Any]:
@@ -227,9 +228,13 @@ def decide(candidate: dict[str, Any], baseline: dict[str, Any], gate: Gate | Non
     gate = gate or Gate()
     n, who = int(candidate.get("n") or 0), baseline.get("label")
     if n < gate.min_test_photos:
+        # The split is by hash, so the test share is about holdout_fraction of them: that many in all, roughly.
+        needed = math.ceil(gate.min_test_photos / gate.holdout_fraction) if gate.holdout_fraction > 0 else None
+        about = (f"; the test split holds about {gate.holdout_fraction:.0%} of them, so that takes about {needed} "
+                 f"curator-scored references in all" if needed else "")
         return {"promoted": False, "reason": f"too few test photos to judge: {n}, the gate needs at least "
-                                             f"{gate.min_test_photos} (add curator-scored references, or lower "
-                                             f"[lora] min_test_photos)"}
+                                             f"{gate.min_test_photos}{about} (add curator-scored references, or "
+                                             f"lower [lora] min_test_photos)"}
     if not candidate.get("smoke_ok"):
         return {"promoted": False, "reason": f"smoke check failed: {candidate.get('valid')}/{n} "
                                              f"test reports were schema-valid"}

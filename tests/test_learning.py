@@ -106,6 +106,7 @@ def test_the_gate_needs_enough_test_photos_a_margin_and_no_drop_in_spearman() ->
     assert decide(_ev("candidate", 1.0, 0.6), _ev("base", 2.0, 0.1), gate)["promoted"]
     few = decide(_ev("candidate", 0.5, 0.9, n=4), _ev("base", 2.0, 0.0, n=4), gate)
     assert not few["promoted"] and "too few test photos" in few["reason"] and "at least 5" in few["reason"]
+    assert "about 25 curator-scored references in all" in few["reason"]  # what "add references" means, in numbers
     equal = decide(_ev("candidate", 1.0, 0.6), _ev("v0002", 1.0, 0.6), gate)
     assert not equal["promoted"] and "margin" in equal["reason"]  # equal is not better
     small = decide(_ev("candidate", 0.95, 0.6), _ev("v0002", 1.0, 0.6), gate)
