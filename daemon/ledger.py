@@ -423,6 +423,14 @@ class FaultNote:
 FORGET_WORKERS_AFTER_S = 86400.0
 
 
+def _how_to_update() -> str:
+    from .resources import checkout_root
+
+    root = checkout_root()
+    return (f"in {root}: git pull, then make install" if root else
+            "pipx upgrade mondrian, or pip install -U with the source it was installed from")
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -662,8 +670,8 @@ class Ledger:
             if current > SCHEMA_VERSION:
                 raise LedgerUnavailable(
                     f"the ledger {self.path} was written by a newer Mondrian (schema {current}; this one knows "
-                    f"{SCHEMA_VERSION}) and is left as it is: update this Mondrian (in its folder: git pull, then "
-                    f"make install), or give it a ledger of its own (db_path in mondrian.toml)")
+                    f"{SCHEMA_VERSION}) and is left as it is: update this Mondrian ({_how_to_update()}), or give "
+                    f"it a ledger of its own (db_path in mondrian.toml)")
             for version in range(current, SCHEMA_VERSION):
                 MIGRATIONS[version](self.db)
                 self.SchemaVersion.create(version=version + 1, applied_at=time.time())

@@ -123,6 +123,14 @@ def test_installed_init_creates_a_home_that_status_accepts(installed: Path, tmp_
     again = _mondrian(installed, tmp_path, "init", str(home))  # a second init keeps the user's settings
     assert again.returncode == 0 and (home / "mondrian.toml").read_text() == settings, again
 
+    import sqlite3
+
+    with sqlite3.connect(home / "var" / "ledger.db") as db:  # a newer Mondrian on another Mac wrote it
+        db.execute("UPDATE schema_version SET version = 99")
+    newer = _mondrian(installed, tmp_path, "--home", str(home), "status")
+    assert newer.returncode == 78 and "newer Mondrian" in newer.stderr, newer.stderr
+    assert "pipx upgrade mondrian" in newer.stderr and "git pull" not in newer.stderr  # no checkout to pull in
+
 
 def test_installed_demo_writes_into_the_user_folder(installed: Path, tmp_path: Path) -> None:
     site_before = _tree(installed)
