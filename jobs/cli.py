@@ -149,6 +149,8 @@ def sources_line(manifest: dict[str, Any]) -> str:
 
 
 def _version_row(v: Any, current: str | None) -> dict[str, Any]:
+    from daemon.model.adapter_store import REQUIRED_FILES
+
     ev = v.metrics.get("evaluation", {})
     cand, base = ev.get("candidate", {}), ev.get("baseline", {})
     splits = v.manifest.get("splits") or {}
@@ -167,7 +169,31 @@ def _version_row(v: Any, current: str | None) -> dict[str, Any]:
             "baseline_spearman": base.get("spearman_mean"),
             "valid": f"{cand.get('valid', '?')}/{cand.get('n', '?')}", "promoted": v.promoted,
             "promotion": (v.manifest.get("promotion") or {}).get("mode", "gate"), "forced": bool(v.decision.get("forced")),
-            "rolled_back": v.rolled_back, "reason": v.decision.get("reason"), "path": str(v.path)}
+            "rolled_back": v.rolled_back, "reason": v.decision.get("reason"), "path": str(v.path),
+            "missing": [f for f in REQUIRED_FILES if not (v.path / f).is_file()]}
+
+
+def _created(value: Any) -> str:
+    """A manifest's created_at as a date: seconds since the epoch, as a number or a string, or an ISO date (a hand-
+    edited or foreign manifest); "?" for anything else, never an error that hides the whole listing."""
+    try:
+        return datetime.fromtimestamp(float(value)).strftime("%Y-%m-%d %H:%M")
+    except (TypeError, ValueError, OverflowError, OSError):
+        pass
+    try:
+        return datetime.fromisoformat(str(value)).strftime("%Y-%m-%d %H:%M")
+    except (TypeError, ValueError):
+        return "?"
+
+
+def _status(r: dict[str, Any]) -> str:
+    if r.get("missing"):  # no decision to show: the files that make a version are not all there
+        return f"incomplete (no {', '.join(r['missing'])})"
+    if r["rolled_back"]:
+        return "rolled back"
+    if r["promoted"]:
+        return "promoted anyway" if r["forced"] else "promoted"
+    return f"refused: {r['reason']}" if r["reason"] else "refused"
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
@@ -177,15 +203,23 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     store = AdapterStore(cfg.adapters_dir)
     advisors = [_advisor(cfg, args.advisor).id] if args.advisor else store.advisors()
     rows = []
+    pointers = {}  # advisor -> why its `current` points at nothing usable
     for a in advisors:
         current = store.current_name(a)
         rows += [_version_row(v, current) for v in reversed(store.versions(a))]
+        problem = store.current_problem(a)
+        if problem:
+            pointers[a] = problem
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
+    notes = [f"{a}: current points at {p}, so its photos fall back to rag; `{mondrian()} adapters rollback "
+             f"--advisor {a}` points it at the newest complete promoted version" for a, p in pointers.items()]
     if not rows:
         who = f"{args.advisor}" if args.advisor else "any advisor"
         print(f"No adapters for {who} yet. Train one with `{mondrian()} train --advisor ID`.")
+        for note in notes:
+            print(note)
         return 0
     def num(v: Any) -> str:
         return f"{v:.2f}" if isinstance(v, (int, float)) else "–"
@@ -196,11 +230,10 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     print(f"{'':2}{'advisor':<12} {'version':<8} {'created':<16} {'curator':>9} {'test':>4} {'MAE [95% CI]':>18} "
           f"{'ρ [95% CI]':>19} {'vs':>18} {'valid':>6}  status")
     for r in rows:
-        created = datetime.fromtimestamp(r["created_at"]).strftime("%Y-%m-%d %H:%M") if r["created_at"] else "?"
+        created = _created(r["created_at"])
         vs = (f"{r['baseline']} {num(r['baseline_mae'])}/{num(r['baseline_spearman'])}"
               if isinstance(r["baseline_mae"], (int, float)) else (r["baseline"] or "–"))
-        status = ("rolled back" if r["rolled_back"] else
-                  ("promoted anyway" if r["forced"] else "promoted") if r["promoted"] else f"refused: {r['reason']}")
+        status = _status(r)
         curator = f"{r['curator_scored']}/{r['references']}" + ("*" if r["used_model_scores"] else "")
         print(f"{'*' if r['current'] else ' '} {r['advisor']:<12} {r['version']:<8} {created:<16} {curator:>9} "
               f"{r['test']:>4} {num(r['mae']) + ' ' + ci(r['mae_ci']):>18} "
@@ -208,17 +241,20 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     print("(* = current; curator = references with curator scores / all (a trailing * means model-scored ones "
           "were trained on too); MAE and ρ (mean Spearman) of the expected scores on the test split, never seen "
           "by training, with 95 % bootstrap intervals; vs = the model it was compared with, MAE/ρ)")
+    for note in notes:
+        print(note)
     return 0
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from daemon.model.adapter_store import AdapterStore, AdapterStoreError, Busy
+    from daemon.model.adapter_store import AdapterStore, AdapterStoreError, Busy, unwritable
 
     cfg = config_from(args)
     _advisor(cfg, args.advisor)
     store = AdapterStore(cfg.adapters_dir)
     try:
         with store.lock(args.advisor, wait=False):
+            problem = store.current_problem(args.advisor)  # dangling or incomplete: rollback repairs the pointer
             old, new = store.rollback(args.advisor)
     except Busy as exc:
         print(f"{exc}; try again when it has finished", file=sys.stderr)
@@ -226,7 +262,14 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     except AdapterStoreError as exc:
         print(str(exc), file=sys.stderr)
         return 1
-    print(f"{args.advisor}: current adapter is now {new} (was {old})")
+    except OSError as exc:  # the pointer or the rollback note could not be written (read-only, full disk)
+        print(unwritable(store.advisor_dir(args.advisor), exc), file=sys.stderr)
+        return 1
+    if problem:
+        print(f"{args.advisor}: current pointed at {problem}; it now points at {new}, the newest complete promoted "
+              f"version")
+    else:
+        print(f"{args.advisor}: current adapter is now {new} (was {old})")
     return 0
 
 
@@ -287,6 +330,11 @@ def cmd_fuse(args: argparse.Namespace) -> int:
 def _resolve(store: Any, advisor: str, which: str | None):
     if which in (None, "current"):
         v = store.current(advisor)
+        problem = store.current_problem(advisor) if v is None else None
+        if problem:  # a dangling or incomplete pointer has its own remedy
+            raise SystemExit(f"{advisor}'s current adapter points at {problem}; `{mondrian()} adapters rollback "
+                             f"--advisor {advisor}` points it at the newest complete promoted version, or name one "
+                             f"with --version")
         if v is None:
             raise SystemExit(f"{advisor} has no current adapter; train one with "
                              f"`{mondrian()} train --advisor {advisor}`")
@@ -323,7 +371,7 @@ def recorded_test_set(cfg: Any, version: Any, refs: list[Any]) -> tuple[list[Any
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from daemon.config import ConfigError
     from daemon.ledger import Ledger
-    from daemon.model.adapter_store import AdapterStore, AdapterStoreError
+    from daemon.model.adapter_store import AdapterStore, AdapterStoreError, AdapterUnusable, adapter_problem
     from daemon.model.runtime import ModelRuntime
     from daemon.analysis.prompts import critique_prompt
 
@@ -346,6 +394,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         return 78
+    for path, label in ((cand_path, cand_label), (base_path, base_label)):
+        problem = adapter_problem(path) if path is not None else None
+        if problem:  # found from the files, before minutes of model loading
+            print(f"{advisor.id}: cannot evaluate {label}: {Path(path) / problem}; train a new version "
+                  f"(`{mondrian()} train --advisor {advisor.id}`) or name another with --version", file=sys.stderr)
+            return 1
     if not held:
         print(f"{advisor.id}: none of {where} is indexed any more; nothing to evaluate on", file=sys.stderr)
         return 1
@@ -353,8 +407,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     rt = ModelRuntime.load(cfg.model, var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
     kw = dict(comment_max_chars=cfg.comment_max_chars, max_tokens=cfg.max_tokens, max_pixels=cfg.max_pixels)
     prompt = critique_prompt(advisor)
-    a = evaluate(rt, held, prompt, adapter=cand_path, label=cand_label, **kw).to_dict()
-    b = evaluate(rt, held, prompt, adapter=base_path, label=base_label, **kw).to_dict()
+    try:
+        a = evaluate(rt, held, prompt, adapter=cand_path, label=cand_label, **kw).to_dict()
+        b = evaluate(rt, held, prompt, adapter=base_path, label=base_label, **kw).to_dict()
+    except AdapterUnusable as exc:  # a broken adapter file is a state to report in words, not a crash
+        print(f"{advisor.id}: cannot evaluate: {exc}; train a new version (`{mondrian()} train --advisor "
+              f"{advisor.id}`) or name another with --version", file=sys.stderr)
+        return 1
     if args.json:
         print(json.dumps({"candidate": a, "baseline": b, "test_set": where, "intervals": bootstrap(a, b)},
                          indent=2, default=str))

@@ -330,7 +330,8 @@ def run_training(cfg: Config, advisor_id: str, *, on_progress: Callable[[dict[st
     promotes regardless of the gate (`mondrian train --promote-anyway`: for the smoke model's demo, whose
     random weights cannot pass it), "never" (also False) keeps the candidate without promoting it. The mode
     and the gate's own verdict are recorded in the version's manifest and metrics."""
-    from daemon.model.adapter_store import MANIFEST_NAME, AdapterStore, Busy, atomic_write_json
+    from daemon.model.adapter_store import (MANIFEST_NAME, AdapterStore, AdapterStoreError, Busy, atomic_write_json,
+                                            unwritable)
 
     from .evaluate import decide
 
@@ -377,6 +378,11 @@ def run_training(cfg: Config, advisor_id: str, *, on_progress: Callable[[dict[st
                 raise
     except Busy as exc:
         return TrainOutcome(advisor_id, False, reason=str(exc), seconds=time.time() - started)
+    except AdapterStoreError as exc:  # e.g. the adapters folder is read-only: one line, no traceback
+        return TrainOutcome(advisor_id, False, reason=str(exc), seconds=time.time() - started)
+    except OSError as exc:  # committing the candidate (a full disk, a folder gone read-only meanwhile)
+        return TrainOutcome(advisor_id, False, reason=unwritable(store.advisor_dir(advisor_id), exc),
+                            seconds=time.time() - started)
     return TrainOutcome(advisor_id, True, version=version.name, promoted=version.promoted,
                         reason=decision["reason"], metrics=version.metrics, seconds=time.time() - started,
                         log_path=str(log_path))
@@ -436,14 +442,34 @@ def _run_child(cfg: Config, advisor_id: str, staging: Path, settings: dict[str, 
             _terminate(proc)  # Ctrl-C or an error here: the child must not outlive its purpose
     rc = proc.wait()
     if timed_out.is_set():
-        return False, {"message": f"training failed: it ran past its time limit of {limit_s / 60:g} min and was "
+        return False, {"message": f"it ran past its time limit of {limit_s / 60:g} min and was "
                                   f"stopped (raise [lora] max_minutes, or lower iters / max_pixels) (log: {log_path})"}
     if stop is not None and stop.is_set():
         return False, {"message": "training was stopped (Mondrian is shutting down)"}
     if rc != 0 or result.get("event") != "done":
-        why = result.get("message") or _exit_reason(rc)
-        return False, {"message": f"training failed: {why} (log: {log_path})"}
+        why = out_of_space(result.get("message") or "", staging.parent) or result.get("message") or _exit_reason(rc)
+        # Callers say "Training failed: <message>": the message itself does not say "failed" again.
+        return False, {"message": f"{why} (log: {log_path})"}
     return True, result
+
+
+def out_of_space(message: str, folder: Path, min_free: int = 16 << 20) -> str | None:
+    """The child's error in words when it is a full disk: MLX's "[write] Unable to write N bytes to file." names
+    neither the folder nor the cause, so when a write failed and the folder's file system has little room left
+    (`min_free`), say which folder and that it is out of space. None when that is not what happened."""
+    if not any(s in message for s in ("Unable to write", "No space left", "Errno 28", "Disk quota")):
+        return None
+    folder = Path(folder)
+    while not folder.exists() and folder != folder.parent:  # the staging folder is removed after a failure
+        folder = folder.parent
+    try:
+        usage = shutil.disk_usage(folder)
+    except OSError:
+        return None
+    if usage.free >= min_free and "No space left" not in message and "Errno 28" not in message:
+        return None
+    return (f"the disk holding {folder} is out of space ({usage.free / 2**20:.1f} MiB free of "
+            f"{usage.total / 2**20:.0f} MiB) and the adapter could not be written: free some space and train again")
 
 
 def _exit_reason(rc: int) -> str:

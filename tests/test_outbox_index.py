@@ -256,6 +256,32 @@ def test_a_failure_whose_photo_was_put_back_and_analysed_leaves_the_index(tmp_pa
     assert cards(home / "outbox") == {"p": ("report", None)}
 
 
+def test_a_report_whose_report_json_was_corrupted_is_gone_for_the_index_and_for_duplicates_alike(tmp_path,
+                                                                                                 smoke_model_path):
+    """Attack: `echo '{junk' > outbox/icc/report.json` dropped the report from the index, yet the same photo dropped
+    again was filed as "the same photo as job 1; see outbox/icc/report.html". One rule now: a report.json that
+    cannot be read as that job's report is gone, as a deleted folder is, so the photo is critiqued again."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox, outbox = home / "inbox", home / "outbox"
+    original = photo(tmp_path / "icc.jpg", seed=5)
+
+    def drop() -> str:
+        shutil.copy2(original, inbox / "icc.jpg")
+        out = mondrian(home, smoke_model_path, "run", "--once", timeout=240)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return out.stderr
+
+    drop()
+    assert cards(outbox) == {"icc": ("report", None)}
+    for corrupt, folder, again in (("{junk\n", "icc", "icc-2"), ("[]\n", "icc-2", "icc-3")):
+        (outbox / folder / "report.json").write_text(corrupt)
+        log = drop()
+        assert not list(outbox.glob("duplicates/*.duplicate.json")) and "same photo as job" not in log, log[-2000:]
+        report = json.loads((outbox / again / "report.json").read_text())
+        assert report["photo"]["file"] == "icc.jpg" and "earlier_reports" not in report  # nor linked as earlier
+        assert cards(outbox) == {again: ("report", None)}  # the index agrees: only the new one is a report
+
+
 # ---------------------------------------------------------------------------------------- headless Chromium
 
 VISIBLE = """() => [...document.querySelectorAll('#entries > li')].filter(e => e.offsetParent !== null)

@@ -326,3 +326,32 @@ def test_retry_says_which_photo_it_cannot_put_back_and_goes_on_with_the_rest(tmp
     assert (inbox / "y.jpg").exists() and (failed / "x.jpg").exists()
     jobs = ledger_jobs(home)
     assert jobs["y.jpg"].state == "queued" and jobs["album/x.jpg"].state == "failed"
+
+
+def test_earlier_critiques_link_only_reports_still_in_their_folders_never_the_page_itself(tmp_path, smoke_model_path):
+    """Attack: the report folder of alpha.png deleted (or renamed), the same bytes dropped again: the new report went
+    into the freed outbox/alpha/ and its "Earlier critiques" linked `../alpha/report.html` (itself) as the old job.
+    An earlier report is linked only while its folder holds that job's report."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox, outbox = home / "inbox", home / "outbox"
+    original = photo(tmp_path / "alpha.png", seed=7)
+
+    def drop(rel: str = "alpha.png", folder: str = "alpha") -> dict:
+        shutil.copy2(original, inbox / rel)
+        _run_once(home, smoke_model_path)
+        return json.loads((outbox / folder / "report.json").read_text())
+
+    first = drop()
+    shutil.rmtree(outbox / "alpha")  # deleted: analysed again into the freed name
+    second = drop()
+    assert second["job_id"] != first["job_id"] and "earlier_reports" not in second, second.get("earlier_reports")
+    (outbox / "alpha").rename(outbox / "kept")  # renamed: outbox/alpha/ is free again, the ledger still names it
+    third = drop()
+    assert third["job_id"] not in (first["job_id"], second["job_id"])
+    assert "earlier_reports" not in third, third["earlier_reports"]  # both would be this very page
+    assert "Earlier critiques" not in (outbox / "alpha" / "report.html").read_text(encoding="utf-8")
+    # The same bytes for another advisor: a critique of its own, linking the one earlier report still in place.
+    (inbox / "cartier").mkdir()
+    fourth = drop("cartier/alpha.png", folder="alpha-2")
+    links = [(e["job_id"], e["report"]) for e in fourth["earlier_reports"]]
+    assert links == [(third["job_id"], "../alpha/report.html")]

@@ -25,8 +25,10 @@ from daemon.pipeline.report import (
 
 try:
     from tests.browser import render, require_browser, urls_outside
+    from tests.harness import make_home, mondrian
 except ImportError:  # tests/ is not a package and the repo root is not on sys.path
     from browser import render, require_browser, urls_outside
+    from harness import make_home, mondrian
 
 XSS_SCRIPT = "<script>document.documentElement.dataset.pwned='script';alert(1)</script>"
 XSS_ATTR = '"><img src=x onerror="document.documentElement.dataset.pwned=\'img\';alert(2)">'
@@ -253,6 +255,34 @@ def test_no_absolute_paths_or_escaping_urls() -> None:
     html = render_report_html(report)
     assert "/Users" not in html and "Secret Shoots" not in html and "IMG_1.jpg" in html
     assert "passwd" not in html and "evil.example" not in html and 'src="/' not in html
+
+
+def test_a_backslash_in_a_file_name_is_part_of_the_name(tmp_path: Path, smoke_model_path: Path) -> None:
+    """On Linux and macOS `back\\slash.jpg` is one file: its report, its failure page and the index showed and linked
+    `slash.jpg` (a file that does not exist), as if the backslash were a folder separator. Real daemon, smoke model."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    Image.new("RGB", (64, 48), (90, 120, 30)).save(home / "inbox" / "back\\slash.jpg")
+    (home / "inbox" / "not\\a photo.jpg").write_text("not a photo")
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    outbox = home / "outbox"
+    [folder] = [p.parent for p in outbox.glob("*/report.json")]
+    assert json.loads((folder / "report.json").read_text())["photo"]["file"] == "back\\slash.jpg"
+    assert (folder / "back\\slash.jpg").is_file()
+    html = (folder / "report.html").read_text(encoding="utf-8")
+    assert "<title>back\\slash.jpg — critique" in html and "<dt>File</dt><dd>back\\slash.jpg</dd>" in html
+    # Percent-encoded: a browser reads a bare "\" in a URL as "/", so the link must say %5C to reach the file.
+    assert '<a id="original" href="back%5Cslash.jpg">back\\slash.jpg</a>' in html
+    assert 'href="slash.jpg"' not in html
+    # failed/ holds it as `not_a photo.jpg`; its page and card still name the photo the user dropped.
+    failure = (outbox / "failed" / "not_a photo.jpg.error.html").read_text(encoding="utf-8")
+    assert "<title>not\\a photo.jpg — could not be analysed" in failure
+    assert '<h1 class="file" id="file">not\\a photo.jpg</h1>' in failure
+    index = (outbox / "index.html").read_text(encoding="utf-8")
+    assert '<span class="file" title="back\\slash.jpg">back\\slash.jpg</span>' in index
+    assert '<span class="file" title="not\\a photo.jpg">not\\a photo.jpg</span>' in index
+    for page in (html, failure, index):
+        assert str(home) not in page and str(tmp_path) not in page  # still never where the files live
 
 
 # ------------------------------------------------------------------------------------------------ index

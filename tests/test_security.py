@@ -83,6 +83,11 @@ def test_hostile_names_are_escaped_and_advisor_folders_are_validated(tmp_path, s
     known = set(load_advisors(load_config(home)))
     assert "evil" not in known and "../../evil" not in known
     jobs = {j.rel_path: j for j in Ledger(home / "var" / "ledger.db").jobs()}
+    # evil/: a folder of advisors/ whose advisor.toml is refused (its id climbs out). Its inbox folder's photo is
+    # not critiqued by the default advisor in its place: it fails, saying what is wrong with the definition.
+    evil = jobs.pop("evil/e.jpg")
+    assert evil.advisor == "evil" and evil.state == "failed", (evil.advisor, evil.state)
+    assert "advisors/evil/advisor.toml" in evil.error and "is not an advisor id" in evil.error, evil.error
     for job in jobs.values():
         assert job.advisor in known, job.advisor
         if job.output_dir:
@@ -90,8 +95,7 @@ def test_hostile_names_are_escaped_and_advisor_folders_are_validated(tmp_path, s
     assert jobs["cartier/g.jpg"].advisor == "cartier" and jobs["cartier/g.jpg"].advisor_source == "folder"
     # Advisor folders match whatever their case (a photographer types `Ansel/`), always mapped to the known id.
     assert jobs["ANSEL/b.jpg"].advisor == "ansel" and jobs["ANSEL/b.jpg"].advisor_source == "folder"
-    for rel in ("ansel../a.jpg", "ansel%2F..%2F..%2Fetc/c.jpg", "ansel /d.jpg", "evil/e.jpg",
-                "%2e%2e%2f/f.jpg"):
+    for rel in ("ansel../a.jpg", "ansel%2F..%2F..%2Fetc/c.jpg", "ansel /d.jpg", "%2e%2e%2f/f.jpg"):
         assert jobs[rel].advisor == "ansel" and jobs[rel].advisor_source == "default", rel  # the default
     mode = jobs["mode traversal.jpg"]
     assert mode.state == "failed" and "unknown" in mode.error and "baseline, rag, lora" in mode.error
@@ -108,7 +112,7 @@ def test_hostile_names_are_escaped_and_advisor_folders_are_validated(tmp_path, s
     for ref in outbox.rglob("*.json"):
         assert str(home) not in ref.read_text(), f"{ref}: absolute home path in a record"
     print(f"\nsecurity: pages={len(pages)} scripts=0 handlers=0 absolute_paths=0 "
-          f"advisors_from_folders_valid={len(jobs)}/{len(jobs)}")
+          f"advisors_from_folders_valid={len(jobs)}/{len(jobs)} (and evil/ failed, saying why)")
 
 
 def test_references_dir_refuses_traversal(tmp_path):

@@ -10,6 +10,7 @@ chain falls back to rag, and the reason says which.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -38,7 +39,10 @@ class LoraStrategy(Strategy):
 
         self.store = AdapterStore(cfg.adapters_dir)
         self._base_fingerprint: str | None = None
-        self._broken: dict[str, str] = {}  # version folder -> why it could not be loaded
+        # Why an adapter could not be used, keyed by its files' identity (real path, size and mtime_ns of config and
+        # weights), not by folder: a repaired file or a version promoted again under that name is tried afresh.
+        # Holds both what a look at the files found (None: nothing visibly wrong) and what loading it raised.
+        self._broken: dict[tuple, str | None] = {}
         self.pinned: dict[str, str] = {}  # advisor id -> version to use instead of current (`analyze --adapter`)
 
     def _version(self, advisor_id: str):
@@ -70,7 +74,7 @@ class LoraStrategy(Strategy):
                 return Availability(False, f"{advisor.name}'s current adapter {name} is missing or incomplete (run "
                                            f"`mondrian adapters rollback --advisor {advisor.id}` or {train})")
             return Availability(False, f"no trained adapter for {advisor.name} yet (run {train})")
-        broken = self._broken.get(str(version.path))
+        broken = self._problem(version)
         if broken:
             return Availability(False, f"{advisor.name}'s adapter {version.name} could not be loaded ({broken}); "
                                        f"run {train}")
@@ -81,6 +85,34 @@ class LoraStrategy(Strategy):
             return Availability(False, f"{advisor.name}'s adapter {version.name} was trained for base model {spec}, "
                                        f"not the configured {self.cfg.model} (run {train})")
         return Availability(True)
+
+    def _shown(self, version, text: str) -> str:
+        """`text` with the version folder's absolute path (as given or resolved) said relative to the home, as
+        adapters/<advisor>/vNNNN: reports never show absolute paths."""
+        shown = f"adapters/{version.advisor}/{version.name}"
+        try:
+            rel = Path(os.path.relpath(version.path, self.cfg.home)).as_posix()
+            shown = shown if rel.startswith("..") else rel  # an adapters folder set outside the home
+        except ValueError:
+            pass
+        for folder in sorted({str(Path(version.path).resolve()), str(version.path)}, key=len, reverse=True):
+            text = text.replace(folder, shown)
+        for home in sorted({str(Path(self.cfg.home).resolve()), str(self.cfg.home)}, key=len, reverse=True):
+            text = text.replace(home + os.sep, "")
+        return text
+
+    def _problem(self, version) -> str | None:
+        """Why this version's adapter cannot be loaded (what loading it raised, or what its files show without the
+        model), or None. Checked before the photo is analysed, so a broken adapter falls back on the first photo."""
+        from ..model.adapter_store import adapter_problem, files_identity
+
+        key = files_identity(version.path)
+        if key not in self._broken:
+            if len(self._broken) > 256:  # every edit of an adapter adds one: never grows without bound
+                self._broken.clear()
+            problem = adapter_problem(version.path)
+            self._broken[key] = self._shown(version, f"{version.path}/{problem}") if problem else None
+        return self._broken[key]
 
     def inputs(self, advisor) -> str | None:
         version = self.store.current(advisor.id)
@@ -112,9 +144,15 @@ class LoraStrategy(Strategy):
                                                   critique_schema(ctx.cfg.comment_max_chars),
                                                   max_tokens=ctx.cfg.max_tokens, adapter=folder, **ctx.limits())]
         except AdapterError as exc:
-            self._broken[str(folder)] = str(exc)
-            log.error("adapter %s cannot be used: %s", version.label, exc)
-            raise
+            # Keyed by the files as they were when they failed: is_available sends this advisor's photos to the
+            # fallback from now on, until the files change. The worker analyses this photo again (no attempt spent),
+            # and it falls back too. The message is the one the report shows: no absolute path.
+            from ..model.adapter_store import files_identity
+
+            shown = self._shown(version, str(exc))
+            self._broken[files_identity(folder)] = shown
+            log.warning("adapter %s cannot be used: %s", version.label, shown)
+            raise AdapterError(shown) from exc
         return [g if isinstance(g, Exception) else
                 AnalysisResult(critique=g.data, adapter=version.label, inputs=_adapter_inputs(version),
                                timings={"generate_s": time.perf_counter() - t0, "generated_tokens": g.generated_tokens})

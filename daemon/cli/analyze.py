@@ -27,6 +27,7 @@ from ..intake.inbox import is_report_file, is_temporary_name
 from ..ledger import RUNNING, Ledger, job_dict
 from ..pipeline.supervisor import default_runtime_factory
 from ..pipeline.worker import Worker
+from ..model.adapter_store import AdapterUnusable
 from ..hints import mondrian
 
 log = logging.getLogger("mondrian.analyze")
@@ -197,7 +198,13 @@ def analyze_many(cfg: Config, request: Request, *, on_loading: Callable[[], None
             on_start(path)
             job = ledger.start_direct(path, path.name, request.advisor, request.advisor_source)
             try:
-                worker.process(job, keep_original=True, mode_override=request.mode)
+                try:
+                    worker.process(job, keep_original=True, mode_override=request.mode)
+                except AdapterUnusable as exc:
+                    # The adapter failed to load (the lora strategy marked it, by its files): this photo, not only
+                    # the next one, is analysed again in the fallback mode, whose report says why.
+                    log.warning("%s: the adapter could not be used (%s); analysing it again without it", path, exc)
+                    worker.process(job, keep_original=True, mode_override=request.mode)
             except BaseException as exc:  # Ctrl-C or a fault: never leave the job "in progress"
                 log.debug("analysis failed", exc_info=True)
                 reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"

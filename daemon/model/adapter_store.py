@@ -59,6 +59,98 @@ class Busy(AdapterStoreError):
     """Another process is training or promoting this advisor's adapter."""
 
 
+class AdapterUnusable(ValueError):
+    """An adapter's files cannot be used with the model (daemon.model.adapters.AdapterError is one). Defined here,
+    without MLX, so the worker can tell it from other faults: the photo falls back to rag rather than failing."""
+
+
+def files_identity(folder: Path) -> tuple[Any, ...]:
+    """What a verdict on an adapter folder holds for: its real path and the size and mtime_ns of the files that are
+    loaded. A repaired file, or another version promoted under the same name, gives another identity."""
+    folder = Path(folder).resolve()
+    out: list[Any] = [str(folder)]
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        try:
+            st = os.stat(folder / name)
+            out.append((name, st.st_size, st.st_mtime_ns))
+        except OSError:
+            out.append((name, None, None))
+    return tuple(out)
+
+
+def adapter_problem(folder: Path) -> str | None:
+    """Why the adapter in `folder` cannot be loaded, found from its files alone (no MLX, no model), or None if
+    nothing is visibly wrong. Catches what a hand edit, a full disk or a copy cut short leaves: a config that is not
+    JSON or lacks rank/scale/keys, and weights that are truncated or whose LoRA rank differs from the config. The
+    message starts with the file's name (the caller says where the folder is: pages never show absolute paths)."""
+    folder = Path(folder)
+    try:
+        config = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"{CONFIG_NAME} is missing"
+    except (OSError, ValueError) as exc:
+        return f"{CONFIG_NAME} is unreadable ({exc})"
+    params = config.get("lora_parameters") if isinstance(config, dict) else None
+    if not isinstance(params, dict):
+        return f"{CONFIG_NAME} has no lora_parameters"
+    if str(config.get("fine_tune_type", "lora")) != "lora":
+        return f"{CONFIG_NAME} is a {config.get('fine_tune_type')!r} adapter, not LoRA"
+    try:
+        rank, _scale = int(params["rank"]), float(params["scale"])
+        keys = [str(k) for k in params["keys"]]
+    except KeyError as exc:
+        return f"{CONFIG_NAME} has no {exc.args[0]!r} in lora_parameters"
+    except (TypeError, ValueError) as exc:
+        return f"{CONFIG_NAME} has an unreadable lora_parameters ({exc})"
+    if not keys:
+        return f"{CONFIG_NAME} lists no target modules (lora_parameters.keys)"
+    # safetensors: 8 bytes of header length, a JSON header naming each tensor's shape and byte range, the data.
+    try:
+        with open(folder / WEIGHTS_NAME, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if n < 2 or 8 + n > size:
+                return f"{WEIGHTS_NAME} is truncated or not a safetensors file ({size} bytes)"
+            header = json.loads(fh.read(n))
+    except FileNotFoundError:
+        return f"{WEIGHTS_NAME} is missing"
+    except (OSError, ValueError) as exc:
+        return f"{WEIGHTS_NAME} is unreadable ({exc})"
+    if not isinstance(header, dict):
+        return f"{WEIGHTS_NAME} is not a safetensors file"
+    tensors = {k: v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    try:
+        end = max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        shapes = {k: [int(d) for d in v["shape"]] for k, v in tensors.items()}
+    except (KeyError, IndexError, TypeError, ValueError):
+        return f"{WEIGHTS_NAME} has an unreadable header"
+    if 8 + n + end != size:
+        return f"{WEIGHTS_NAME} is truncated ({size} bytes, its header describes {8 + n + end})"
+    for key in keys:
+        a, b = shapes.get(f"{key}.lora_a"), shapes.get(f"{key}.lora_b")
+        if a is None or b is None:
+            return f"{WEIGHTS_NAME} has no weights for {key}, which {CONFIG_NAME} lists"
+        if len(a) != 2 or len(b) != 2 or a[1] != rank or b[0] != rank:
+            return (f"{WEIGHTS_NAME} does not match {CONFIG_NAME}: {key} has LoRA weights of shapes {tuple(a)} and "
+                    f"{tuple(b)}, which do not fit its rank {rank}")
+    return None
+
+
+def unwritable(folder: Path, exc: OSError) -> str:
+    """One line naming `folder`, what went wrong writing there, and what to fix."""
+    why = exc.strerror or str(exc)
+    if exc.errno == errno.EROFS:
+        fix = "it is on a read-only file system: remount it read-write (or set adapters_dir to a writable folder)"
+    elif exc.errno in (errno.EACCES, errno.EPERM):
+        fix = "make it writable by this user (chmod u+w, or chown)"
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "its disk is full: free some space"
+    else:
+        fix = "check that it exists and is writable"
+    return f"cannot write in the adapters folder {folder} ({why}): {fix}, then run the command again"
+
+
 def base_model_fingerprint(model_path: str | Path) -> str:
     """Identifies the base weights an adapter was trained on (config + smoke marker + weight sizes)."""
     p = Path(model_path)
@@ -193,11 +285,15 @@ class AdapterStore:
     def lock(self, advisor: str, *, wait: bool = False) -> Iterator[None]:
         """One trainer/promoter per advisor across processes (the daemon's nightly job and the CLI)."""
         d = self.advisor_dir(advisor)
-        d.mkdir(parents=True, exist_ok=True)
         try:
+            d.mkdir(parents=True, exist_ok=True)
             fd = open_own_file(d / ".lock")  # never through a link: it is truncated below
         except NotOwn as exc:
             raise AdapterStoreError(str(exc)) from None
+        except OSError as exc:
+            # A read-only mount, a folder of another user's, a full disk: nothing can be trained or promoted here,
+            # and the callers say so in one line rather than a traceback.
+            raise AdapterStoreError(unwritable(d, exc)) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -281,7 +377,7 @@ class AdapterStore:
         """Make the previous promoted version current again; returns (from, to)."""
         current = self.current(advisor)
         if current is None:
-            raise AdapterStoreError(f"{advisor} has no current adapter to roll back")
+            return self._repair_current(advisor)
         earlier = [v for v in self.versions(advisor) if v.number < current.number and v.promoted
                    and not v.rolled_back and v.complete()]
         if not earlier:
@@ -294,6 +390,37 @@ class AdapterStore:
         self.switch(advisor, target.name)
         self._log(advisor, {"event": "rollback", "from": current.name, "to": target.name})
         return current.name, target.name
+
+    def current_problem(self, advisor: str) -> str | None:
+        """Why `current` points at nothing usable, in words ("v0009, which does not exist"), or None when it is
+        fine or there is no pointer at all."""
+        name = self.current_name(advisor)
+        if name is None:
+            return None
+        path = self.advisor_dir(advisor) / name
+        if not path.is_dir():
+            return f"{name}, which does not exist"
+        missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
+        return f"{name}, which is incomplete (no {', '.join(missing)})" if missing else None
+
+    def _repair_current(self, advisor: str) -> tuple[str | None, str]:
+        """`current` is dangling or names an incomplete version: there is nothing to roll back *from*, but the
+        advisor still has complete promoted versions, and the remedy the fallback reason suggests is this command.
+        Point `current` at the newest of them (not one rolled back before)."""
+        problem = self.current_problem(advisor)
+        if problem is None:
+            raise AdapterStoreError(f"{advisor} has no current adapter to roll back")
+        name = self.current_name(advisor)
+        usable = [v for v in self.versions(advisor) if v.name != name and v.promoted and not v.rolled_back
+                  and v.complete()]
+        if not usable:
+            raise AdapterStoreError(f"{advisor}'s current adapter points at {problem}, and no other complete promoted "
+                                    f"version is kept to go back to; train one with `mondrian train --advisor "
+                                    f"{advisor}`")
+        target = usable[-1]
+        self.switch(advisor, target.name)
+        self._log(advisor, {"event": "rollback", "from": name, "to": target.name, "reason": f"current was {problem}"})
+        return name, target.name
 
     def prune(self, advisor: str) -> list[str]:
         """Keep the newest `keep` versions, the current one, and the one a rollback would go to."""

@@ -33,14 +33,14 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from .adapter_store import CONFIG_NAME, WEIGHTS_NAME
+from .adapter_store import CONFIG_NAME, WEIGHTS_NAME, AdapterUnusable
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_SIZE = 8
 
 
-class AdapterError(ValueError):
+class AdapterError(AdapterUnusable):  # a ValueError; AdapterUnusable lets code without MLX recognise it
     """The adapter cannot be used with this model; the message says why in plain words."""
 
 

@@ -85,6 +85,22 @@ def report_summary(folder: str, report: dict[str, Any]) -> dict[str, Any] | None
         return None
 
 
+def published_report(path: Path, job_id: int) -> dict[str, Any] | None:
+    """The report `path` (a report folder's report.json) holds, if it is job `job_id`'s and one the index lists;
+    else None. The one rule for whether a job's report is still there: one the user deleted, moved away, corrupted
+    (`{junk`, `[]`) or replaced with another job's is gone alike, so the photo is critiqued again rather than
+    filed as a duplicate of a page the index does not show, and no page links to it as an earlier critique."""
+    try:  # as `_reports` lists them: a real folder holding a regular report.json, neither of them a link
+        if not (stat.S_ISDIR(os.lstat(path.parent).st_mode) and stat.S_ISREG(os.lstat(path).st_mode)):
+            return None
+    except OSError:
+        return None
+    report = _read_json(path)
+    if report is None or report.get("job_id") != job_id or report_summary(path.parent.name, report) is None:
+        return None
+    return report
+
+
 def failure_summary(name: str, record: dict[str, Any]) -> dict[str, Any]:
     """What the index and the failure page show of one failure record; the cause is the record's own, or (for a
     record written before causes were recorded) read from its reason."""
@@ -266,4 +282,4 @@ class OutboxIndex:
             log.warning("could not update %s: %s", self.cfg.outbox / "index.html", exc)
 
 
-__all__ = ["OutboxIndex", "page_name", "report_summary", "failure_summary", "CACHE_NAME"]
+__all__ = ["OutboxIndex", "page_name", "report_summary", "published_report", "failure_summary", "CACHE_NAME"]

@@ -11,6 +11,7 @@ import io
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -131,8 +132,15 @@ def _env() -> Environment:
 
 
 def _bare_name(name: object) -> str:
-    # Reports must never reveal where files live; accept only the last component whatever the separator.
-    return str(name or "").replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    # Reports must never reveal where files live: only the last component is shown. The separators are this
+    # system's own, as in the paths the names were taken from: on Linux and macOS a backslash is an ordinary
+    # character of a file name (`back\slash.jpg` is one file), and splitting on it showed and linked `slash.jpg`.
+    # Names from elsewhere that may be Windows paths (an API upload's client name) are already reduced to a bare
+    # name where they come in (daemon/api/spool.py:spool_name).
+    text = str(name or "")
+    if os.altsep:
+        text = text.replace(os.altsep, os.sep)
+    return text.rstrip(os.sep).rsplit(os.sep, 1)[-1]
 
 
 def _relative_href(name: object) -> str | None:
@@ -528,11 +536,16 @@ def now_iso(ts: float | None = None) -> str:
 
 def earlier_report_links(cfg: "Config", jobs: list["Job"]) -> list[dict[str, Any]]:
     """report.json's `earlier_reports`: the reports of the same bytes made before, each as a link relative to a
-    report folder (all of them are folders of the outbox), with what tells them apart."""
+    report folder (all of them are folders of the outbox), with what tells them apart. Only those whose folder still
+    holds that job's report: the ledger remembers the folder a report was published to, not what the user did with
+    it since, and a folder deleted or renamed may hold another report by now (this very photo's new one, published
+    under the freed name: a link to the page itself, labelled as the old job)."""
+    from .outbox_index import published_report  # here, not above: outbox_index imports this module
+
     links = []
     for j in jobs:
         folder = Path(j.output_dir or "")
-        if not j.output_dir or folder.parent != cfg.outbox:
+        if not j.output_dir or folder.parent != cfg.outbox or published_report(folder / "report.json", j.id) is None:
             continue
         links.append({"job_id": j.id, "report": f"../{folder.name}/report.html", "advisor": j.advisor,
                       "mode": j.effective_mode or "baseline", "adapter": j.adapter,

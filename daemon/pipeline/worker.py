@@ -31,7 +31,7 @@ from ..ledger import DONE, FAILED, Job, LeaseLost, Ledger, LedgerUnavailable
 from .costs import JobCosts
 from .isolation import check_alone
 from .publish import OUTSIDE_INBOX, OutboxGone, Publisher
-from .outbox_index import OutboxIndex
+from .outbox_index import OutboxIndex, published_report
 from .report import SMOKE_NOTICE, assemble, earlier_report_links
 from ..hints import mondrian
 
@@ -199,6 +199,8 @@ class Worker:
     @contextlib.contextmanager
     def outcome(self, job: Job) -> Iterator[None]:
         """What an exception out of the block means for `job`: retry later, back to the queue, or failed."""
+        from ..model.adapter_store import AdapterUnusable  # no MLX: the store's module only reads files
+
         try:
             yield
         except Transient as exc:
@@ -214,6 +216,14 @@ class Worker:
             # claim may stay (the ledger refused it, and said so in the log).
             self.out.clean_staging(job)
             log.warning("discarded this worker's work on %s: %s", job.rel_path, exc)
+        except AdapterUnusable as exc:
+            # The adapter, not the photo nor the machine: LoraStrategy marked it (by its files' identity), so the
+            # photo is analysed again at once in the fallback mode, whose report says why. No attempt is spent on
+            # it and no traceback logged: it is a known state with a known remedy, said in the report.
+            log.warning("%s: the adapter could not be used (%s); analysing it again without it", job.rel_path, exc)
+            self.out.clean_staging(job)
+            self.ledger.requeue(job.id, f"the adapter could not be used ({exc}); analysed again without it",
+                                undo_attempt=True, keep_place=True)
         except LedgerUnavailable:
             # Stopping while the ledger cannot be written: the job stays running there, and the next start
             # finishes it from what was published, or analyses it again. Nothing is recorded twice.
@@ -364,9 +374,12 @@ class Worker:
 
     def _report_of(self, key: str, job: Job) -> Job | None:
         """The latest report made with this analysis context, if its report is still there: a photo whose report
-        folder the photographer deleted is critiqued again, not filed as a duplicate of a page that is gone."""
+        folder the photographer deleted is critiqued again, not filed as a duplicate of a page that is gone. "Still
+        there" is the index's rule (`published_report`): a report.json corrupted or replaced by another job's is
+        gone too, as it is gone from outbox/index.html, so "see outbox/x/report.html" never names a page the index
+        dropped."""
         first = self.ledger.find_done(key, exclude=job.id)
-        if first is None or not first.report_json or not os.path.isfile(first.report_json):
+        if first is None or not first.report_json or published_report(Path(first.report_json), first.id) is None:
             return None
         return first
 
