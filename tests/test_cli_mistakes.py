@@ -19,7 +19,7 @@ FAST = dict(max_pixels=56 * 56, comment_max_chars=8, max_tokens=400, quiet_secon
 
 
 def _one_line(out: subprocess.CompletedProcess) -> str:
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    lines = [line for line in out.stderr.splitlines() if line.strip() and " INFO " not in line]  # e.g. BLAS loaded
     assert "Traceback" not in out.stderr and len(lines) == 1, out.stderr
     return lines[0]
 
