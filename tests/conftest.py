@@ -60,3 +60,14 @@ def ledger_url(request: pytest.FixtureRequest) -> str | None:
     if request.param == "sqlite":
         return None
     return request.getfixturevalue("pg_server").new_database()
+
+
+@pytest.fixture(autouse=True)
+def _hints_name_no_home_left_by_another_test():
+    """`service_action` and the CLI entry points call `hints.serve(home)` in this process: a later test would find
+    every hint naming that test's home. Each test starts as a process serving the default home."""
+    from daemon import hints
+
+    hints._home_flag = ""
+    yield
+    hints._home_flag = ""
