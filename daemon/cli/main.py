@@ -320,6 +320,8 @@ def _main(argv: list[str] | None) -> int:
         return EX_CONFIG
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        raise  # the reader went away (`| head`): main() handles that quietly
     except OSError as exc:
         # A folder made read-only, a full disk, a drive gone: the system's words and the file, not a traceback
         # (with -v, the traceback too, for a bug report).
