@@ -546,6 +546,15 @@ class Ledger:
         """A write transaction: on SQLite it takes the write lock at once (no deadlock between two upgraders)."""
         return self.db.atomic("IMMEDIATE") if not self.shared else self.db.atomic()
 
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[None]:
+        """Reads that all see one moment of the ledger, for `status`: counted and listed query by query, a photo
+        that starts or finishes in between is counted in one state and listed in another (running 0, one listed
+        running; queued below zero). SQLite's deferred transaction keeps the first read's WAL snapshot; PostgreSQL
+        needs REPEATABLE READ for that. Only reads belong in it."""
+        with self.db.atomic(isolation_level="REPEATABLE READ") if self.shared else self.db.atomic("DEFERRED"):
+            yield
+
     @property
     def where(self) -> str:
         """The ledger, as a person would name it (the password left out)."""
@@ -1123,6 +1132,12 @@ class Ledger:
 
     def reserved_outputs(self) -> set[str]:
         q = self.Job.select(self.Job.output_dir).where(self.Job.output_dir.is_null(False) & self.Job.state.in_(ACTIVE))
+        return {j.output_dir for j in q}
+
+    def outputs_starting(self, prefix: Path) -> set[str]:
+        """Every outcome path ever recorded (any state) that starts with `prefix` (and a few more: the match ignores
+        case), for picking names no earlier job was published under."""
+        q = self.Job.select(self.Job.output_dir).where(self.Job.output_dir.startswith(str(prefix)))
         return {j.output_dir for j in q}
 
     def find_done(self, context_key: str, exclude: int) -> Job | None:

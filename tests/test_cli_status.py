@@ -107,3 +107,32 @@ def test_status_watch_prints_snapshots_until_ctrl_c_and_exits_cleanly(tmp_path, 
     for wrong in ("0", "nan", "inf"):
         bad = mondrian(home, smoke_model_path, "status", "--watch", wrong)
         assert bad.returncode == 2 and "above 0" in bad.stderr, bad.stderr
+
+
+def test_status_counts_and_lists_the_ledger_of_one_moment(tmp_path, smoke_model_path):
+    """Attack: a photo claimed between `status` counting the states and listing the jobs in progress was counted
+    queued and listed in progress (running 0 beside one job in progress). Status reads one snapshot of the ledger:
+    here it is stopped right after counting, the photo is claimed, and it goes on."""
+    from daemon.ledger import Ledger
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    ledger = Ledger(home / "var" / "ledger.db")
+    try:
+        job = ledger.enqueue(home / "inbox" / "a.jpg", "a.jpg", "ansel", "default", 1, 1.0)
+        proc = subprocess.Popen([sys.executable, "-m", "daemon", "status", "--json"], cwd=REPO, text=True,
+                                env=env_for(home, smoke_model_path, MONDRIAN_TEST_STOP_AT="status_counted"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            wait_for(lambda: _stopped(proc.pid) or proc.poll() is not None, timeout=60, what="status to count")
+            assert proc.poll() is None, proc.communicate()
+            assert ledger.claim().id == job.id  # written while the status reads: the WAL lets it
+        finally:
+            proc.send_signal(signal.SIGCONT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        ledger.close()
+    assert proc.returncode == 0, err
+    shown = json.loads(out)
+    listed = len(shown["running"]) + len(shown["interrupted"])
+    assert (shown["counts"]["queued"], shown["counts"]["running"], listed) == (1, 0, 0), shown
+    assert shown["queue"]["queued"] + shown["queue"]["delayed"] == shown["counts"]["queued"], shown

@@ -342,16 +342,40 @@ def test_earlier_critiques_link_only_reports_still_in_their_folders_never_the_pa
         return json.loads((outbox / folder / "report.json").read_text())
 
     first = drop()
-    shutil.rmtree(outbox / "alpha")  # deleted: analysed again into the freed name
-    second = drop()
+    shutil.rmtree(outbox / "alpha")  # deleted: analysed again (under a name of its own: see the test below)
+    second = drop(folder="alpha-2")
     assert second["job_id"] != first["job_id"] and "earlier_reports" not in second, second.get("earlier_reports")
-    (outbox / "alpha").rename(outbox / "kept")  # renamed: outbox/alpha/ is free again, the ledger still names it
-    third = drop()
+    (outbox / "alpha-2").rename(outbox / "kept")  # renamed: the ledger still names outbox/alpha-2/
+    third = drop(folder="alpha-3")
     assert third["job_id"] not in (first["job_id"], second["job_id"])
-    assert "earlier_reports" not in third, third["earlier_reports"]  # both would be this very page
-    assert "Earlier critiques" not in (outbox / "alpha" / "report.html").read_text(encoding="utf-8")
+    assert "earlier_reports" not in third, third["earlier_reports"]
+    assert "Earlier critiques" not in (outbox / "alpha-3" / "report.html").read_text(encoding="utf-8")
     # The same bytes for another advisor: a critique of its own, linking the one earlier report still in place.
     (inbox / "cartier").mkdir()
-    fourth = drop("cartier/alpha.png", folder="alpha-2")
+    fourth = drop("cartier/alpha.png", folder="alpha-4")
     links = [(e["job_id"], e["report"]) for e in fourth["earlier_reports"]]
-    assert links == [(third["job_id"], "../alpha/report.html")]
+    assert links == [(third["job_id"], "../alpha-3/report.html")]
+
+
+def test_a_report_folders_name_is_never_given_to_another_photo(tmp_path, smoke_model_path):
+    """Attack: alpha.png critiqued by Ansel (outbox/alpha/) and by Cartier (outbox/alpha-2/, whose page links
+    `../alpha/report.html` as the earlier critique); outbox/alpha/ deleted; then another photo also named alpha.png
+    went into the freed outbox/alpha/, and Cartier's page opened a stranger's report as alpha's earlier critique."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox, outbox = home / "inbox", home / "outbox"
+    shutil.copy2(photo(tmp_path / "a.png", seed=7), inbox / "alpha.png")
+    _run_once(home, smoke_model_path)
+    first = json.loads((outbox / "alpha" / "report.json").read_text())
+    (inbox / "cartier").mkdir()
+    shutil.copy2(photo(tmp_path / "a.png", seed=7), inbox / "cartier" / "alpha.png")
+    _run_once(home, smoke_model_path)
+    cartier = json.loads((outbox / "alpha-2" / "report.json").read_text())
+    assert [(e["job_id"], e["report"]) for e in cartier["earlier_reports"]] == [(first["job_id"],
+                                                                                 "../alpha/report.html")]
+    shutil.rmtree(outbox / "alpha")
+    shutil.copy2(photo(tmp_path / "b.png", seed=8), inbox / "alpha.png")  # another photo, the same name
+    _run_once(home, smoke_model_path)
+    stranger = json.loads((outbox / "alpha-3" / "report.json").read_text())
+    assert stranger["job_id"] not in (first["job_id"], cartier["job_id"])
+    assert not (outbox / "alpha").exists(), "the stranger's report took the name a page links to"
+    assert sorted(p.name for p in outbox.glob("alpha*")) == ["alpha-2", "alpha-3"]

@@ -14,6 +14,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TextIO
 
+from .. import testhooks
 from ..config import CONFIG_NAME, Config, ConfigError, refuse_file_as_home
 from ..fsutil import is_folder, lock_holder, pid_alive
 from ..ledger import DONE, FAULT_NOTE, FaultNote, Job, Ledger, LedgerUnavailable
@@ -175,21 +176,26 @@ def collect(cfg: Config) -> dict[str, Any]:
                                 f"deleted, and Mondrian writes it back from what it holds and starts again; run "
                                 f"`{mondrian()} status` again in a minute")
     ledger = Ledger.for_config(cfg)
-    counts = ledger.counts()
-    events = ledger.events()
-    now = time.time()
-    running, interrupted = [], []
-    for j in ledger.running():
-        entry = {"job_id": j.id, "file": j.rel_path, "advisor": j.advisor, "mode": j.requested_mode,
-                 "owns_file": j.owns_file, "started_at": j.started_at, "elapsed_s": round(now - (j.started_at or now), 1)}
-        # A job whose process is gone (a killed `mondrian analyze`) is not in progress, whatever the ledger says.
-        (running if ledger.job_is_live(j) else interrupted).append(entry)
-    delayed = [{"job_id": j.id, "file": j.rel_path, "attempts": j.attempts, "next_try_at": j.not_before,
-                "next_try_in_s": round(j.not_before - now, 1), "reason": j.error} for j in ledger.delayed(now)]
-    failures = [_failure(cfg, j) for j in ledger.recent_failures(superseded=counts.superseded)]
-    queue = {"queued": counts.by_state["queued"] - len(delayed), "delayed": len(delayed), "running": len(running),
-             "failed": counts.by_state["failed"]}
-    eta = _estimates(ledger, running, queue["queued"])
+    with ledger.snapshot():  # counted and listed at one moment: a photo starting meanwhile is not in both states
+        counts = ledger.counts()
+        testhooks.crashpoint("status_counted")
+        events = ledger.events()
+        now = time.time()
+        running, interrupted = [], []
+        for j in ledger.running():
+            entry = {"job_id": j.id, "file": j.rel_path, "advisor": j.advisor, "mode": j.requested_mode,
+                     "owns_file": j.owns_file, "started_at": j.started_at,
+                     "elapsed_s": round(now - (j.started_at or now), 1)}
+            # A job whose process is gone (a killed `mondrian analyze`) is not in progress, whatever the ledger says.
+            (running if ledger.job_is_live(j) else interrupted).append(entry)
+        delayed = [{"job_id": j.id, "file": j.rel_path, "attempts": j.attempts, "next_try_at": j.not_before,
+                    "next_try_in_s": round(j.not_before - now, 1), "reason": j.error} for j in ledger.delayed(now)]
+        failures = [_failure(cfg, j) for j in ledger.recent_failures(superseded=counts.superseded)]
+        queue = {"queued": counts.by_state["queued"] - len(delayed), "delayed": len(delayed),
+                 "running": len(running), "failed": counts.by_state["failed"]}
+        eta = _estimates(ledger, running, queue["queued"])
+        extra = _extra_sections(cfg, ledger)
+        schema_version = ledger.schema_version()
     model = events.get("model", (None, None))[0]
     pid = daemon_pid(cfg)
     fault = FaultNote.read(cfg.var_dir / FAULT_NOTE)
@@ -224,8 +230,8 @@ def collect(cfg: Config) -> dict[str, Any]:
         "heartbeat": events.get("heartbeat", ({}, None))[0],
         "ledger_fault": fault,
         "reference_errors": events.get("reference_errors", ([], None))[0],
-        "schema_version": ledger.schema_version(),
-    } | _extra_sections(cfg, ledger)
+        "schema_version": schema_version,
+    } | extra
 
 
 def _extra_sections(cfg: Config, ledger: Ledger) -> dict[str, Any]:

@@ -39,6 +39,7 @@ log = logging.getLogger("mondrian.worker")
 
 
 SHARED_TMP_AGE_S = 3600.0
+PUBLISHED_PREFIX_CHARS = 32  # of a report folder's stem: unique_path keeps at least this much of it (Publisher.taken)
 THEIR_XMP_MAX_BYTES = 4 * 1024 * 1024  # a Lightroom sidecar is a few kB; a larger one is not merged (still moved)
 
 
@@ -173,7 +174,8 @@ class Publisher:
             if self._adopt(job, staging, keep_original):
                 return
             # A reservation of this very job (killed before its rename) is reused, not skipped as taken.
-            final = unique_path(self.cfg.outbox, safe_stem(src.name), taken=self.taken(job),
+            stem = safe_stem(src.name)
+            final = unique_path(self.cfg.outbox, stem, taken=self.taken(job, published_as=stem),
                                 reserved=OUTBOX_RESERVED)
             self.ledger.reserve_output(job.id, final)  # refused (LeaseLost) if another worker has the job now
             testhooks.crashpoint("reserved")
@@ -348,9 +350,18 @@ class Publisher:
                     log.warning("%s: its XMP sidecar %s could not be read (%s)", src.name, theirs.name, exc)
         return None
 
-    def taken(self, job: Job) -> set[str]:
-        """Output names reserved by other active jobs (this job's own earlier reservation may be reused)."""
-        return self.ledger.reserved_outputs() - {job.output_dir}
+    def taken(self, job: Job, published_as: str | None = None) -> set[str]:
+        """Output names reserved by other active jobs (this job's own earlier reservation may be reused); with
+        `published_as` (a report folder's stem), also every report folder of that stem any job was published to.
+
+        A report folder's name is never given to another photo, even once its folder is deleted: pages already
+        written link to it (earlier critiques), and so may the photographer's bookmarks and messages; reused, those
+        links would open another photo's report."""
+        taken = self.ledger.reserved_outputs()
+        if published_as is not None:
+            # A prefix every fitted candidate keeps (unique_path shortens only names near the 255-byte limit).
+            taken |= self.ledger.outputs_starting(self.cfg.outbox / published_as[:PUBLISHED_PREFIX_CHARS])
+        return taken - {job.output_dir}
 
     def resume(self, job: Job, keep_original: bool) -> bool:
         """Finish a job whose outcome was published before a crash instead of analysing it again."""
