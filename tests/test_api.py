@@ -345,6 +345,49 @@ def test_a_request_the_model_cannot_finish_in_time_gets_202_and_a_job_url(tmp_pa
         assert d.stop() == 0
 
 
+def test_uploads_answered_202_leave_no_folder_behind_in_the_spool(tmp_path, smoke_model_path) -> None:
+    """Each upload has a folder of its own in the spool; answered 202, the request is over before the worker moves
+    the photo out, and that folder must still go once it has: while the daemon runs, not only at its next start.
+    Also what an earlier run left: an emptied folder, and a queued upload whose photo is still in its folder."""
+    from daemon.config import load_config
+    from daemon.ledger import Ledger
+
+    port = free_port()
+    home = api_home(tmp_path, port, api_wait_seconds=0)
+    cfg = load_config(home, env={})
+    cfg.ensure_dirs()
+    (cfg.spool_dir / "0123456789abcdef").mkdir(parents=True)  # emptied by the worker of an earlier run
+    earlier = photo(cfg.spool_dir / "fedcba9876543210" / "earlier.jpg", seed=20)  # queued, then the daemon stopped
+    ledger = Ledger(cfg.db_path)
+    try:
+        st = earlier.stat()
+        ledger.enqueue_upload(earlier, "api/earlier.jpg", "ansel", "default", "baseline", st.st_size, st.st_mtime)
+    finally:
+        ledger.close()
+    with Daemon(home, smoke_model_path) as d:
+        wait_until_serving(d, port)
+        pending = []
+        for i in range(3):
+            pic = photo(tmp_path / f"q{i}.jpg", seed=21 + i)
+            code, _, body = curl(f"http://127.0.0.1:{port}/analyze", "-F", f"image=@{pic}")
+            assert code == 202, body
+            pending.append(json.loads(body)["job_url"])
+
+        def all_done() -> bool:
+            return {j.state for j in ledger_jobs(home).values()} == {"done"}
+        wait_for(all_done, timeout=180, what="every upload analysed")
+        assert len(ledger_jobs(home)) == 4 and len(reports(home / "outbox")) == 4
+        assert all(curl(f"http://127.0.0.1:{port}{url}")[0] == 200 for url in pending)
+        # The daemon is still running: the folders went as the photos left, not at a restart.
+        def left() -> list[str]:
+            return sorted(str(p.relative_to(cfg.spool_dir)) for p in cfg.spool_dir.rglob("*"))
+        try:
+            wait_for(lambda: not left(), timeout=10, what="an empty spool")
+        except AssertionError:
+            raise AssertionError(f"left in the spool after every job was done: {left()}") from None
+        assert d.stop() == 0
+
+
 def test_a_photo_that_fails_analysis_answers_422_with_the_reason(tmp_path, smoke_model_path) -> None:
     port = free_port()
     home = api_home(tmp_path, port)

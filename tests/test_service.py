@@ -72,13 +72,12 @@ def test_plist_keys_types_and_paths(dirs):
     assert pl["ProcessType"] in ("Interactive", "Standard")
     assert type(pl["ExitTimeOut"]) is int and pl["ExitTimeOut"] >= 30
 
-    work = Path(pl["WorkingDirectory"])
-    assert work.is_absolute() and work.is_dir() and work == dirs["home"].resolve()
-    assert WEIRD in str(work)  # & < > % $ and spaces survive the XML round trip
+    assert pl["WorkingDirectory"] == "/"  # never the home: it may be on a drive not connected at login
 
     env = pl["EnvironmentVariables"]
     assert isinstance(env, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in env.items())
-    assert env["MONDRIAN_HOME"] == str(dirs["home"].resolve())
+    assert env["MONDRIAN_HOME"] == str(dirs["home"].resolve())  # the daemon's home, given explicitly
+    assert WEIRD in env["MONDRIAN_HOME"]  # & < > % $ and spaces survive the XML round trip
     assert env["MONDRIAN_MODEL"] == "smoke"
     assert env["HF_HUB_OFFLINE"] == "1"  # the smoke model is local
     assert str(PY.parent) == env["PATH"].split(":")[0]
@@ -104,6 +103,10 @@ def test_plist_hub_model_stays_online_and_local_path_is_absolute(dirs, monkeypat
     local = spec_for(dirs, model="my model")
     assert local.environment["MONDRIAN_MODEL"] == str(model_dir.resolve())
     assert local.environment["HF_HUB_OFFLINE"] == "1"
+    # A folder of the home, named as mondrian.toml names one: absolute too, since the service runs in `/`.
+    (dirs["home"] / "models" / "mine").mkdir(parents=True)
+    in_home = spec_for(dirs, model="models/mine")
+    assert in_home.environment["MONDRIAN_MODEL"] == str((dirs["home"] / "models" / "mine").resolve())
 
 
 def test_plist_process_type_and_label_are_checked(dirs):
@@ -162,7 +165,7 @@ def test_unit_renders_with_same_semantics(dirs, monkeypatch):
     assert "WantedBy=default.target" in lines
     # WorkingDirectory/Environment: `%` doubled (specifiers), `$` kept (no expansion there).
     weird_home = str(dirs["home"].resolve())
-    assert "WorkingDirectory=" + weird_home.replace("%", "%%") in lines
+    assert "WorkingDirectory=/" in lines  # never the home: it may be on a drive not connected at login
     assert 'Environment="MONDRIAN_HOME=%s"' % weird_home.replace("%", "%%") in lines
     assert 'Environment="MONDRIAN_MODEL=smoke"' in lines
     assert not any(l.startswith("Environment=\"MONDRIAN_LOG_ROTATE") for l in lines)  # journald rotates
@@ -589,6 +592,44 @@ def test_daemon_fatal_startup_error_exits_78_and_says_what_to_fix(dirs, case):
     for needle in needles:
         assert needle in logs, logs
     assert "Traceback" not in logs
+
+
+@needs_daemon
+def test_the_service_runs_outside_its_home_and_says_so_when_the_drive_is_not_connected(dirs):
+    """The home on a drive that is not connected at login: as the service's working directory it would stop
+    launchd (and systemd: status 200/CHDIR) from starting the process at all, and the daemon could never say why.
+    Started as the service starts it, from `/`, it says so and exits 78 (tried again every ThrottleInterval); with
+    the drive back, the same service definition serves the home."""
+    from tests.harness import make_home, photo
+
+    drive = dirs["tmp"] / "drive"
+    home = make_home(drive / "Mondrian")
+    spec = service.build_spec(platform="macos", home=home, user_home=dirs["user"], model="smoke", env={})
+    unit = service.render_unit(service.build_spec(platform="linux", home=home, user_home=dirs["user"],
+                                                  model="smoke", env={}))
+    assert plistlib.loads(service.render_plist(spec).encode())["WorkingDirectory"] == "/"
+    assert "WorkingDirectory=/" in unit.splitlines() and str(home.resolve()) in unit
+    assert spec.environment["MONDRIAN_HOME"] == str(home.resolve())
+
+    unplugged = drive.rename(dirs["tmp"] / "unplugged")
+    agent = Agent(spec)
+    try:
+        rc = agent.proc.wait(timeout=120)
+    finally:
+        agent.kill()
+    logs = agent.logs()
+    assert rc == 78, logs
+    assert f"{drive} does not exist" in logs and "not connected" in logs and "Traceback" not in logs, logs
+    assert not drive.exists()  # nothing made where the drive mounts
+
+    unplugged.rename(drive)
+    photo(home / "inbox" / "IMG_2.jpg", seed=2)
+    again = Agent(spec, ["--once"])
+    try:
+        assert again.proc.wait(timeout=300) == 0, again.logs()
+    finally:
+        again.kill()
+    assert len(list((home / "outbox").glob("IMG_2*/report.json"))) == 1, again.logs()
 
 
 # -- macOS: the real launchd ------------------------------------------------------------------------

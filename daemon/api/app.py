@@ -118,6 +118,7 @@ def build_app(door: Door) -> LocalOnly:
             raise
         finally:
             uploading[0] -= 1
+        door.spool.queued(slot)  # answered 202, its folder would outlive the photo: the server's tick removes it
         log.info("queued %s for %s (%s) from the API (job %d)", job.rel_path, job.advisor, job.requested_mode, job.id)
         door.wake()
         deadline = time.monotonic() + cfg.api_wait_seconds

@@ -9,7 +9,7 @@ import errno
 import logging
 import socket
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import uvicorn
 
@@ -59,6 +59,7 @@ class _QuietServer(uvicorn.Server):
 
     _loop: asyncio.AbstractEventLoop | None = None
     _woken: asyncio.Event | None = None
+    every_second: Callable[[], None] | None = None  # housekeeping on the loop's thread, between requests
 
     async def main_loop(self) -> None:
         self._woken = asyncio.Event()
@@ -66,8 +67,17 @@ class _QuietServer(uvicorn.Server):
         counter = 0
         while not await self.on_tick(counter):
             counter = (counter + 10) % 864000  # a whole second each time: on_tick renews the Date header
+            self._chores()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._woken.wait(), 1.0)
+
+    def _chores(self) -> None:
+        if self.every_second is None:
+            return
+        try:
+            self.every_second()
+        except Exception:  # housekeeping must never end the server's loop
+            log.exception("the API's housekeeping failed")
 
     def wake(self) -> None:
         """From another thread: look at `should_exit` now rather than within the second."""
@@ -100,6 +110,7 @@ class ApiServer:
                                 timeout_graceful_shutdown=STOP_SECONDS)
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start/stop lines say nothing ours do not
         self._server = _QuietServer(config)
+        self._server.every_second = self.door.spool.reap  # upload folders the worker has emptied since
         self._thread = threading.Thread(target=self._serve, name="api", daemon=True)
         self._thread.start()
         log.info("API: POST %s/analyze (GET /health, /jobs/<id>)", self.url)

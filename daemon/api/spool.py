@@ -4,7 +4,8 @@ name never meet, and keeps the name the client gave it (the report folder is nam
 A file is written under a hidden partial name and renamed to its real name only once it is complete and synced;
 it becomes work only when its ledger job exists. So after a crash, a file in the spool with no job is an upload
 whose client never got an answer: the sweep at start-up removes it. A file with a job is never touched here: the
-worker moves it to the outbox (or failed/, duplicates/) like an inbox photo."""
+worker moves it to the outbox (or failed/, duplicates/) like an inbox photo, and the folder it leaves empty is
+removed then (`reap`, each second on the API's loop), or at the next start."""
 
 from __future__ import annotations
 
@@ -38,6 +39,9 @@ def spool_name(client_name: str | None) -> str:
 class Spool:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        # Folders whose upload is a job: only the worker empties them, and nothing writes into them again, so
+        # each goes as soon as it is empty. Touched on the API's event loop only (and by the sweep, before it).
+        self._queued: set[Path] = set()
 
     def prepare(self) -> None:
         """Create the spool; a link or a file in its place is refused (its sweep would delete through it)."""
@@ -92,6 +96,22 @@ class Spool:
         except OSError:
             pass
 
+    def queued(self, slot: Path) -> None:
+        """`slot`'s upload is a job now: remove its folder once the worker has moved the photo out."""
+        self._queued.add(Path(slot))
+
+    def reap(self) -> None:
+        """Remove the folders of queued uploads that the worker has emptied. A photo still there (queued, or failed
+        where it lay) keeps its folder: rmdir refuses a folder that is not empty."""
+        for slot in list(self._queued):
+            try:
+                os.rmdir(slot)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                continue
+            self._queued.discard(slot)
+
     def sweep(self, has_job: Callable[[Path], bool]) -> int:
         """At start-up, before the API serves: remove uploads that never became jobs, and emptied folders.
         Returns how many uploads were removed."""
@@ -107,7 +127,8 @@ class Spool:
             except OSError:
                 continue
             if any(e.name != PARTIAL and has_job(Path(e.path)) for e in entries):
-                continue  # queued, or kept where it is by a failure: the ledger's to deal with
+                self.queued(Path(slot.path))  # queued, or kept where it is by a failure: the ledger's to deal with
+                continue
             if entries:
                 removed += sum(1 for e in entries if e.name != PARTIAL) or 1
                 log.info("removed an upload that was interrupted before it was queued (%s)",

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TextIO
 
@@ -49,6 +49,10 @@ LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_BACKUPS = 3
 
 NOT_RUNNING = 3  # status: installed but not running, or not installed (LSB convention)
+# The service's working directory: one that always exists. The home may be on a drive that is not connected at
+# login; as the working directory, launchd and systemd (status 200/CHDIR) would then fail to start the process at
+# all, and the daemon could never say why. It gets its home from MONDRIAN_HOME, and resolves every path against it.
+SERVICE_CWD = Path("/")
 
 _LABEL_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*(\.[A-Za-z0-9][A-Za-z0-9-]*)+$")
 
@@ -82,6 +86,10 @@ class ServiceSpec:
     @property
     def program_arguments(self) -> list[str]:
         return [str(self.python), "-m", "daemon", "run"]
+
+    @property
+    def working_directory(self) -> Path:
+        return SERVICE_CWD
 
     @property
     def log_dir(self) -> Path:
@@ -118,7 +126,7 @@ class ServiceSpec:
         return {
             "Label": self.label,
             "ProgramArguments": self.program_arguments,
-            "WorkingDirectory": str(self.home),
+            "WorkingDirectory": str(self.working_directory),
             "RunAtLoad": True,
             "KeepAlive": {"SuccessfulExit": False},
             "ThrottleInterval": self.throttle_interval,
@@ -142,6 +150,15 @@ def detect_platform() -> str:
 def _is_local_model(model: str, home: Path) -> bool:
     path = Path(model).expanduser()
     return model == "smoke" or (path if path.is_absolute() else home / path).is_dir()
+
+
+def _home_model(model: str, home: Path) -> str:
+    """A pinned model folder named relative to the home (as mondrian.toml names one), as an absolute path: the
+    service does not run in the home, and the daemon would look for a relative one in SERVICE_CWD."""
+    path = Path(model).expanduser()
+    if model == "smoke" or path.is_absolute() or not (home / path).exists():
+        return model
+    return str((home / path).resolve())
 
 
 def build_spec(platform: str | None = None, label: str = DEFAULT_LABEL, home: str | Path | None = None,
@@ -170,6 +187,9 @@ def build_spec(platform: str | None = None, label: str = DEFAULT_LABEL, home: st
         pinned = str(Path(pinned).expanduser().resolve())  # the service runs in another directory
     # Check the config with the environment the service will have, not this shell's.
     cfg = load_config(home or env.get("MONDRIAN_HOME") or None, env={}, model=pinned)
+    if pinned:
+        pinned = _home_model(pinned, cfg.home)
+        cfg = replace(cfg, model=pinned)
     model = cfg.model
 
     bin_dirs = [str(py.parent)]
@@ -180,7 +200,7 @@ def build_spec(platform: str | None = None, label: str = DEFAULT_LABEL, home: st
         # Launchers start with a bare PATH; the venv first so helper tools resolve to this install.
         "PATH": ":".join(bin_dirs + ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]),
         # `-m daemon` must find this checkout even when it is not pip-installed into the venv:
-        # the working directory is the Mondrian home, not the checkout.
+        # the working directory is SERVICE_CWD, not the checkout.
         "PYTHONPATH": str(PROJECT_ROOT),
         # stdout to a file is block-buffered; logs should appear as they happen.
         "PYTHONUNBUFFERED": "1",
@@ -231,7 +251,7 @@ try:
     nightly_enabled(cfg)
     spec = cfg.model.strip()
     local = Path(spec).expanduser()
-    local = local if local.is_absolute() else cfg.home / local  # the service runs in its home
+    local = local if local.is_absolute() else cfg.home / local  # a relative folder is the home's (build_spec)
     from daemon.model.runtime import ModelNotFoundError, _looks_like_path, resolve_model_path
     if spec != "smoke" and (local.exists() or _looks_like_path(spec)):
         try:
@@ -253,7 +273,7 @@ def startup_problem(spec: ServiceSpec) -> str | None:
                "XDG_STATE_HOME": state, **spec.environment}
         try:
             proc = subprocess.run([str(spec.python), "-c", _STARTUP_CHECK], capture_output=True, text=True,
-                                  timeout=120, env=env, cwd=str(spec.home) if spec.home.is_dir() else "/")
+                                  timeout=120, env=env, cwd=str(spec.working_directory))
         except (OSError, subprocess.TimeoutExpired) as exc:
             return f"could not check the configuration with {spec.python}: {exc}"
     if proc.returncode == 0:
@@ -281,7 +301,8 @@ def render_plist(spec: ServiceSpec) -> str:
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True,
                              undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
     text = env.get_template(PLIST_TEMPLATE).render(
-        label=spec.label, program_arguments=spec.program_arguments, working_directory=str(spec.home),
+        label=spec.label, program_arguments=spec.program_arguments,
+        working_directory=str(spec.working_directory),
         throttle_interval=spec.throttle_interval, process_type=spec.process_type,
         exit_timeout=spec.exit_timeout, environment=spec.environment,
         stdout_path=str(spec.stdout_path), stderr_path=str(spec.stderr_path))
@@ -322,7 +343,7 @@ def render_unit(spec: ServiceSpec) -> str:
         label=spec.label, unit_name=spec.unit_name,
         exec_start=_exec_start(spec.program_arguments),
         # WorkingDirectory= takes the raw rest of the line: only specifiers need escaping.
-        working_directory=str(spec.home).replace("%", "%%"),
+        working_directory=str(spec.working_directory).replace("%", "%%"),
         environment=spec.environment, throttle_interval=spec.throttle_interval,
         exit_timeout=spec.exit_timeout)
 
@@ -500,7 +521,7 @@ class Launchd:
 
     def install(self, text: str) -> int:
         sh, spec = self.sh, self.spec
-        sh.mkdir(spec.home)  # launchd cannot spawn into a missing WorkingDirectory
+        sh.mkdir(spec.home)  # where _refuse_unmounted_home allows it: the home is there once installed
         sh.mkdir(spec.plist_path.parent)
         sh.mkdir(spec.log_dir)
         sh.write(spec.plist_path, text)  # written first: if this fails the old agent keeps running
@@ -594,7 +615,7 @@ class Systemd:
 
     def install(self, text: str) -> int:
         sh, spec = self.sh, self.spec
-        sh.mkdir(spec.home)  # systemd fails the start (status 200/CHDIR) without it
+        sh.mkdir(spec.home)  # where _refuse_unmounted_home allows it: the home is there once installed
         sh.mkdir(spec.unit_path.parent)
         sh.write(spec.unit_path, text)
         rc = self._sc("daemon-reload") or self._sc("enable", self.unit)
@@ -638,8 +659,8 @@ class Systemd:
 
 
 def _refuse_unmounted_home(spec: ServiceSpec) -> None:
-    """Install makes the home (the service manager cannot start in a missing WorkingDirectory): with the rule the
-    rest of Mondrian makes folders by, never where a drive or share that is not connected should be mounted."""
+    """Install makes the home: with the rule the rest of Mondrian makes folders by, never where a drive or share
+    that is not connected should be mounted."""
     if spec.config is None:
         return
     refuse_file_as_home(spec.home)
