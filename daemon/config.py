@@ -389,6 +389,13 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
         return p
 
     var_dir = path_setting("var_dir", home / "var")
+    user_home = Path.home().resolve()
+    if var_dir == user_home or home.is_relative_to(var_dir):
+        # Its staging/ and spool/ are swept of leftovers: in a folder shared with other things they are someone's.
+        what = "your user folder" if var_dir == user_home else "the home" if var_dir == home else "a folder above the home"
+        raise ConfigError(f"{origins.get('var_dir', 'var_dir')}: var_dir ({var_dir}) is {what}; Mondrian keeps its "
+                          f"ledger, logs and working folders there and clears leftovers out of them, so it needs a "
+                          f"folder of its own: name one (the default is {home / 'var'})")
     paths = dict(
         inbox=path_setting("inbox", home / "inbox"),
         outbox=path_setting("outbox", home / "outbox"),

@@ -92,18 +92,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .evaluate import table
     from .nightly import ProgressRecorder
-    from .train import run_training
+    from .train import TrainSettings, run_training
 
     cfg = config_from(args)
     advisor = _advisor(cfg, args.advisor)
-    cfg.ensure_dirs()
-    ledger = Ledger.for_config(cfg)
-    recorder = ProgressRecorder(ledger, advisor.id)
     overrides: dict[str, Any] = {}
     if args.iters:
         overrides["iters"] = args.iters
     if args.use_model_scores:
         overrides["use_model_scores"] = True
+    TrainSettings.from_config(cfg, **overrides)  # a bad [lora] setting is refused before status hears of a run
+    cfg.ensure_dirs()
+    ledger = Ledger.for_config(cfg)
+    recorder = ProgressRecorder(ledger, advisor.id)
     print(f"Training {advisor.name}'s adapter on model {cfg.model}…", file=sys.stderr)
     with TrainingProgress() as bar:
         def progress(event: dict[str, Any]) -> None:

@@ -116,7 +116,8 @@ class TrainSettings:
                 continue
             if value != value or value in (float("inf"), float("-inf")) or \
                     (low is not None and value < low) or (high is not None and value >= high):
-                where = (f"at least {low:g}" if low is not None else "") + \
+                where = ("a finite number, " if value != value or abs(value) == float("inf") else "") + \
+                        (f"at least {low:g}" if low is not None else "") + \
                         (" and " if low is not None and high is not None else "") + \
                         (f"below {high:g}" if high is not None else "")
                 raise ConfigError(f"[lora] {key} = {value!r} in {cfg.home / CONFIG_NAME}: it must be {where}")

@@ -79,6 +79,9 @@ BAD_SETTINGS = {  # a line of mondrian.toml (or NAME=value in the environment): 
     "[lora]\nrank = -1": "[lora] rank = -1",
     "[lora]\nlearning_rate = -1": "[lora] learning_rate = -1.0",
     "[lora]\nvariants = -3": "[lora] variants = -3",
+    'var_dir = "~"': "needs a folder of its own",  # its leftovers swept out of the user's own folders
+    'var_dir = ".."': "is a folder above the home; Mondrian keeps its ledger",
+    "[lora]\nalpha = inf": "it must be a finite number, at least 0.001",  # not "at least 0.001" alone: inf is
 }
 
 

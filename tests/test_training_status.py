@@ -67,3 +67,17 @@ def test_a_refused_second_training_leaves_the_running_ones_record_alone(tmp_path
             assert "Training: ansel (evaluating) photo 2/4 loss 0.400\n" in text, text
     finally:
         ledger.close()
+
+
+def test_a_training_refused_for_a_bad_lora_setting_is_not_shown_as_a_stopped_run(tmp_path: Path,
+                                                                                  smoke_model_path: Path) -> None:
+    """Attack: `[lora] alpha = inf`, then `mondrian train`: it was refused, yet status said "Training: ansel stopped
+    (the process that ran it is gone before it finished)" and advised running the same refused command again."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    with (home / "mondrian.toml").open("a") as f:
+        f.write("\n[lora]\nalpha = inf\n")
+    out = mondrian(home, smoke_model_path, "train", "--advisor", "ansel")
+    assert out.returncode == 78 and "it must be a finite number" in out.stderr, out.stderr[-2000:]
+    text = (home / "mondrian.toml").read_text()
+    (home / "mondrian.toml").write_text(text.replace("\n[lora]\nalpha = inf\n", "\n"))
+    assert "training" not in status(home, smoke_model_path)
