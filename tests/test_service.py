@@ -851,3 +851,18 @@ def test_status_advises_service_start_only_where_a_service_is_installed(dirs, sy
     assert rc == 0, err
     line = daemon_line()
     assert "service start" in line, line
+
+
+def test_status_without_the_service_manager_still_says_whether_the_service_is_installed(dirs):
+    """Attack: on a machine where `systemctl --user` cannot reach a user session, `service status` said only that,
+    so a person could not tell an installed service from none."""
+    if _systemd_user_usable():
+        pytest.skip("this machine has a systemd user session")
+    rc, out, err = _act("status", dirs)
+    assert rc == service.EX_UNAVAILABLE and "systemctl --user" in err, err
+    unit = spec_for(dirs, platform="linux").unit_path
+    assert f"mondrian: not installed ({unit})" in out.replace(f"{service.DEFAULT_LABEL}:", "mondrian:"), out
+    unit.parent.mkdir(parents=True)
+    unit.write_text(service.render(spec_for(dirs, platform="linux"))[1])
+    rc, out, err = _act("status", dirs)
+    assert f"mondrian: installed ({unit})" in out.replace(f"{service.DEFAULT_LABEL}:", "mondrian:"), out

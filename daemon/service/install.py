@@ -726,6 +726,10 @@ def service_action(action: str, *, platform: str | None = None, label: str = DEF
                 sh.warn(f"mondrian service {action}: {why}. Nothing was changed. "
                         f"`{mondrian()} service {action} --dry-run` shows the file and commands.")
                 if action == "status":
+                    # What can be told without the service manager: whether the service is installed at all.
+                    path = spec.plist_path if spec.platform == "macos" else spec.unit_path
+                    sh.say(f"{spec.label}: {'installed' if path.exists() else 'not installed'} ({path}); its "
+                           f"state is unknown without {'launchctl' if spec.platform == 'macos' else 'systemctl'}")
                     mondrian_status(spec, sh)  # the daemon may still run by hand: show what it does
                 return EX_UNAVAILABLE
         if action == "install":
