@@ -76,6 +76,10 @@ def test_long_commands_draw_one_bar_style_on_a_terminal_without_tearing_log_line
     assert piped.returncode == 0, piped.stderr
     assert "█" not in piped.stderr and "\r" not in piped.stderr, piped.stderr  # not a terminal: no bar at all
     assert "3 of 3 photo(s) analysed" in piped.stderr
+    # The grades printed come from the smoke model: said once, under the first, as each of its reports says it.
+    assert piped.stdout.count("note: These scores come from Mondrian's smoke model") == 1, piped.stdout
+    lines = mondrian(home, smoke_model_path, "analyze", str(album), "--json", timeout=300).stdout.splitlines()
+    assert [json.loads(line)["notice"].startswith("These scores come from") for line in lines] == [True] * 3, lines
 
 
 def test_train_shows_steps_and_each_evaluation_as_bars_on_a_terminal(tmp_path, smoke_model_path):

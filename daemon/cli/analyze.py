@@ -168,13 +168,16 @@ def _load_model(worker: Worker, cfg: Config) -> None:
 def _result(ledger: Ledger, job_id: int) -> dict[str, Any]:
     """The job as `--json` gives it, with the report's summary when there is one."""
     out = job_dict(ledger.get(job_id))
-    out["summary"] = None
+    out["summary"] = out["notice"] = None
     if out["state"] == "done" and out.get("report_json"):
         try:
             import json
 
-            out["summary"] = json.loads(Path(out["report_json"]).read_text(encoding="utf-8")).get("summary")
-        except (OSError, ValueError):
+            report = json.loads(Path(out["report_json"]).read_text(encoding="utf-8"))
+            out["summary"] = report.get("summary")
+            # The grade printed beside it must carry the report's own warning (the smoke model's scores mean nothing).
+            out["notice"] = (report.get("model") or {}).get("notice")
+        except (OSError, ValueError, AttributeError):
             pass
     return out
 

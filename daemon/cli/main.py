@@ -64,6 +64,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         print(shown(f"cannot analyze: {exc}"), file=sys.stderr)
         return exc.exit_code
     failed = 0
+    noticed: set[str] = set()
     with progress_bar(len(request.photos), unit="photo") as bar:
         def loading() -> None:
             bar.set_postfix_str(shown(f"loading model {cfg.model}…"))
@@ -80,6 +81,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 tqdm.write(shown(f"{job['grade']}/10  {job['source_path']}: {job.get('summary') or ''}"),
                            file=sys.stdout)
                 tqdm.write(shown(f"      {job['report_html']}"), file=sys.stdout)
+                if job.get("notice") and job["notice"] not in noticed:  # once, under the first grade it concerns
+                    noticed.add(job["notice"])
+                    tqdm.write(shown(f"      note: {job['notice']}"), file=sys.stdout)
             if job["state"] != "done":
                 failed += 1
                 if not args.json:
