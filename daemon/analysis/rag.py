@@ -28,7 +28,7 @@ from .advisors import references_dir
 from .critique import DIMENSIONS, critique_schema
 from .prompts import critique_prompt, portfolio_context
 from ..model.protocol import BatchRequest
-from ..references.indexer import (counted_references, profile_of, profile_request, reference_comment,
+from ..references.indexer import (counted_references, folder_problem, profile_of, profile_request, reference_comment,
                                   reference_profile)
 from ..references.thumbnails import thumbnail
 from .retrieval import anchored, distribution, nearest, reference_prior
@@ -62,6 +62,10 @@ class RagStrategy(Strategy):
             return Availability(True)
         folder = references_dir(self.cfg, advisor.id)
         shown = folder.relative_to(self.cfg.home) if folder.is_relative_to(self.cfg.home) else folder
+        broken = folder_problem(folder)
+        if broken:  # "add photos to it" cannot be followed: say what is wrong with it instead
+            return Availability(False, f"no indexed reference photos for {advisor.name}: "
+                                       + broken.replace(str(folder), str(shown)))
         return Availability(False, f"no indexed reference photos for {advisor.name} yet (add photos to "
                                    f"{shown} and run `mondrian references index --advisor {advisor.id}`)")
 

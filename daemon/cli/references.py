@@ -25,7 +25,7 @@ def _advisor_ids(cfg, wanted: str | None) -> list[str] | None:
 def cmd_index(args: argparse.Namespace) -> int:
     from ..analysis.advisors import UnknownAdvisor
     from ..ledger import Ledger
-    from ..references.indexer import SETTLE_MAX_SECONDS, ReferenceIndexer, problem
+    from ..references.indexer import SETTLE_MAX_SECONDS, ReferenceIndexer, problem, shown_name
     from .terminal import shown
 
     cfg = config_from(args)
@@ -78,7 +78,7 @@ def cmd_index(args: argparse.Namespace) -> int:
             say(shown(f"waiting: {path} is still being written after {SETTLE_MAX_SECONDS:g} s; index again once "
                       f"the copy is complete"))
         for advisor, path, reason in plan.errors:
-            say(shown(f"skipped: {advisor}: {path.name}: {reason}"))
+            say(shown(f"skipped: {advisor}: {shown_name(path.name)}: {reason}"))
         if plan.index:
             bar.append(bars.enter_context(progress_bar(len(plan.index), unit="photo")))
 
@@ -86,7 +86,7 @@ def cmd_index(args: argparse.Namespace) -> int:
         bar[0].set_postfix_str(shown(f"{outcome.advisor}/{outcome.path.name}"), refresh=False)
         bar[0].update(done - bar[0].n)
         if outcome.action == "error":
-            say(shown(f"skipped: {outcome.advisor}: {outcome.path.name}: {outcome.reason}"))
+            say(shown(f"skipped: {outcome.advisor}: {shown_name(outcome.path.name)}: {outcome.reason}"))
 
     try:
         with bars, settling:

@@ -20,12 +20,12 @@ from pathlib import Path
 from typing import Any, Iterable
 from urllib.parse import quote
 
-from ..analysis.advisors import load_advisors, references_dir
+from ..analysis.advisors import ADVISOR_ID, load_advisors, references_dir
 from ..analysis.critique import DIMENSIONS, SCORE_MAX, SCORE_MIN
 from ..config import Config
-from ..fsutil import atomic_write_text, fsync_dir, temp_name
+from ..fsutil import atomic_write_text, fsync_dir, kind_of, temp_name
 from ..intake.inbox import safe_stem
-from .indexer import IMAGE_SUFFIXES, reference_files
+from .indexer import IMAGE_SUFFIXES, reference_files, shown_name
 from .sidecar import SIDECAR_SUFFIX, SidecarInvalid, parse_sidecar
 from ..hints import mondrian
 
@@ -63,6 +63,10 @@ def open_read_only(path: Path) -> sqlite3.Connection:
     try:
         db = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True)
         db.row_factory = sqlite3.Row
+        # Text as the original stored it, even where it is not UTF-8 (an image_path written from a Latin-1 name): a
+        # path keeps its bytes (surrogateescape, as the file system gives names), so one such row is that row's
+        # outcome, never "could not be read" for the whole database.
+        db.text_factory = os.fsdecode
         found = db.execute("SELECT name FROM sqlite_master WHERE type = 'table' AND name = ?", (TABLE,)).fetchone()
     except sqlite3.DatabaseError as exc:
         raise ImportRefused(f"{path} is not a readable SQLite database ({exc})") from None
@@ -94,13 +98,18 @@ def profile_of(row: sqlite3.Row) -> dict[str, Any]:
     if missing:
         raise SidecarInvalid(f"the table has no {', '.join(f'{d}_score' for d in missing)} column(s)")
     scores = {d: _score(row[f"{d}_score"], d) for d in DIMENSIONS}
-    comments = {d: row[f"{d}_comment"] for d in DIMENSIONS
+    comments = {d: _text(row[f"{d}_comment"]) for d in DIMENSIONS
                 if f"{d}_comment" in keys and isinstance(row[f"{d}_comment"], str) and row[f"{d}_comment"].strip()}
     doc: dict[str, Any] = {"scores": scores}
     if comments:
         doc["comments"] = comments
     scores, comments = parse_sidecar(doc, "the row")
     return {"scores": scores, **({"comments": comments} if comments else {})}
+
+
+def _text(value: str) -> str:
+    """Text read from the database as a person may read it: bytes that were not UTF-8 become U+FFFD."""
+    return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def _candidates(image_path: str, db_path: Path) -> list[Path]:
@@ -193,10 +202,15 @@ def _import_row(cfg: Config, row: sqlite3.Row, db_path: Path, advisors: dict, po
     row_id = str(row["id"]) if "id" in keys and row["id"] is not None else f"rowid {row['_rowid']}"
     advisor_id = str(row["advisor_id"] or "") if "advisor_id" in keys else ""
     image = str(row["image_path"] or "") if "image_path" in keys else ""
-    out = Outcome(row=row_id, advisor=advisor_id, image=image, action="skipped")
+    # the outcome is printed and written as JSON: names that were not UTF-8 are shown with their bytes as \\xff
+    out = Outcome(row=shown_name(row_id), advisor=shown_name(advisor_id), image=shown_name(image), action="skipped")
     if not advisor_id.strip():
         out.reason = ("the row names no advisor (its advisor_id is empty or missing): the original database does "
                       "not say whose reference it is, so it is left out")
+        return out
+    if advisor_id not in advisors and not ADVISOR_ID.match(advisor_id):  # no advisor.toml can give it that id
+        out.reason = (f"advisor_id {advisor_id!r} is not an advisor id (lower-case letters, digits, - and _, starting "
+                      f"with a letter): the row is left out")
         return out
     if advisor_id not in advisors:
         out.reason = (f"unknown advisor {advisor_id!r}: add advisors/{safe_stem(advisor_id) or 'ID'}/advisor.toml "
@@ -214,8 +228,17 @@ def _import_row(cfg: Config, row: sqlite3.Row, db_path: Path, advisors: dict, po
         out.reason = f"bad scores: {exc}"
         return out
     src = next((c for c in _candidates(image, db_path) if c.is_file()), None)
+    there = next((c for c in _candidates(image, db_path) if os.path.lexists(c)), None)
+    if src is None and there is not None:  # it is there, but no photo file: saying "not found" would mislead
+        try:
+            what = kind_of(os.stat(there).st_mode)
+        except OSError:
+            what = f"a link to {shown_name(os.readlink(there))}, which is not there" if there.is_symlink() \
+                else "not readable"
+        out.reason = f"{shown_name(there)} is {what}, not a photo file; put the photo itself there, then import again"
+        return out
     if src is None:
-        out.reason = "image not found (looked " + ", ".join(str(c) for c in _candidates(image, db_path)) + ")"
+        out.reason = "image not found (looked " + ", ".join(shown_name(c) for c in _candidates(image, db_path)) + ")"
         return out
     if not src.name.lower().endswith(IMAGE_SUFFIXES):
         out.reason = f"not a photo file type Mondrian reads ({', '.join(IMAGE_SUFFIXES)})"

@@ -37,6 +37,7 @@ from ..analysis.critique import DIMENSIONS, profile_schema
 from ..config import Config
 from ..errors import Interrupted
 from ..fsutil import kind_of, read_regular_file, too_large
+from ..hints import shell_word
 from ..intake.inbox import is_report_file, is_temporary_name
 from ..intake.images import PHOTO_SUFFIXES
 from ..ledger import Ledger, LedgerUnavailable, Reference
@@ -154,8 +155,11 @@ def sidecar_problems(cfg: Config, advisor_id: str) -> list[dict[str, str]]:
 def problem(cfg: Config, advisor_id: str, photo: Path, reason: str) -> dict[str, str]:
     """A skipped reference as `mondrian status` and `references list` show it."""
     folder = references_dir(cfg, advisor_id)
-    return {"advisor": advisor_id, "file": str(photo.relative_to(folder)) if photo.is_relative_to(folder)
-            else photo.name, "reason": reason}
+    if photo == folder:  # the folder itself is the problem
+        shown = photo.relative_to(cfg.home) if photo.is_relative_to(cfg.home) else photo
+        return {"advisor": advisor_id, "file": shown_name(f"{shown}/"), "reason": reason}
+    return {"advisor": advisor_id, "file": shown_name(photo.relative_to(folder) if photo.is_relative_to(folder)
+                                                      else photo.name), "reason": reason}
 
 
 def _sha256(path: Path, timeout_s: float | None = None) -> str:
@@ -167,8 +171,53 @@ def _not_a_regular_file(path: Path) -> str | None:
     try:
         mode = os.stat(path).st_mode
     except OSError:
-        return None  # vanished, or a dangling link: _key says so
+        if os.path.islink(path):  # a link whose photo is not there (moved, or on a drive not mounted now)
+            return f"this is a link to {_link_target(path)}, which is not there; put the photo itself here, or " \
+                   f"mount the drive it is on"
+        return None  # vanished while we looked: it is simply no longer a reference
     return None if stat.S_ISREG(mode) else f"this is {kind_of(mode)}, not a photo file; put the photo itself there"
+
+
+def _link_target(path: Path) -> str:
+    try:
+        return shown_name(os.readlink(path))
+    except OSError:
+        return "a place that is gone"
+
+
+def shown_name(name: str | Path) -> str:
+    """A file name for messages and the ledger: a name that is not UTF-8 (possible on Linux) with its stray bytes as
+    `\\xe9`, as one piece of text any JSON, database or terminal takes."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
+
+
+def _not_utf8(folder: Path, photo: Path) -> str | None:
+    """Why `photo`'s name cannot be indexed: the index stores names as text, and this one is not UTF-8."""
+    try:
+        str(photo).encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        pass
+    rel = photo.relative_to(folder) if photo.is_relative_to(folder) else Path(photo.name)
+    fixed = Path(*(os.fsencode(part).decode("utf-8", "replace").replace("\ufffd", "_") for part in rel.parts))
+    return (f"its name is not valid UTF-8 (it came from a system with another encoding), and Mondrian cannot record "
+            f"it; rename it, e.g. `mv {shell_word(photo)} {shell_word(folder / fixed)}`")
+
+
+def folder_problem(folder: Path) -> str | None:
+    """Why an advisor's references folder cannot hold references (it is a file, or a link to nothing), or None."""
+    if os.path.isdir(folder) or not os.path.lexists(folder):
+        return None  # a folder, or none yet: nothing to say
+    if os.path.islink(folder) and not os.path.exists(folder):
+        return (f"{folder} is a link to {_link_target(folder)}, which is not there (a drive not mounted?); "
+                f"the references indexed from it are kept until it is back")
+    try:
+        what = kind_of(os.stat(folder).st_mode)
+    except OSError:
+        what = "not a folder"
+    what = "a file" if what == "not a regular file" else what
+    return (f"{folder} is {what}, not a folder; move it away and make {folder.name}/ a folder holding the "
+            f"advisor's own photos")
 
 
 @dataclass
@@ -284,8 +333,14 @@ class ReferenceIndexer:
             rows = {r.path: r for r in self.ledger.references(advisor_id)}
             keep: set[str] = set()
             listed = reference_files(folder)
+            broken = folder_problem(folder)
+            if broken:
+                plan.errors.append((advisor_id, folder, broken))
+                if os.path.islink(folder):  # a drive not mounted: its references come back with it
+                    keep.update(rows)
             for photo in listed:
-                problem = _not_a_regular_file(photo) or too_large(photo, self.cfg.max_file_bytes)
+                problem = _not_utf8(folder, photo) or _not_a_regular_file(photo) or \
+                    too_large(photo, self.cfg.max_file_bytes)
                 if problem:
                     plan.errors.append((advisor_id, photo, problem))  # a pipe would block the reading thread
                     continue
@@ -384,6 +439,13 @@ class ReferenceIndexer:
             advisors = advisors or self.advisors([work.advisor])
             advisor = advisors[work.advisor]
             scores, comments = work.sidecar if work.sidecar is not None else (None, None)
+            # Read and decoded even when no model pass needs its pixels (a curator's sidecar with embeddings off, or
+            # a twin's profile): a text file, a truncated JPEG or a decompression bomb named .jpg is no reference,
+            # whatever scores its sidecar gives it (rag would anchor critiques to it, training would choke on it).
+            # Its hash is taken from the bytes read now, so a file replaced since the plan reuses no other's profile.
+            photo = load_photo(work.path, self.cfg.max_pixels, timeout_s=self.cfg.job_timeout_seconds,
+                               max_bytes=self.cfg.max_file_bytes)
+            work.sha256 = photo.sha256
             need_embedding = self.cfg.embeddings_enabled
             embedding: bytes | None = None
             model_id: str | None = None
@@ -400,8 +462,6 @@ class ReferenceIndexer:
                     embedding, model_id = donor.embedding, current
             computed = scores is None or (need_embedding and embedding is None)
             if computed:
-                photo = load_photo(work.path, self.cfg.max_pixels, timeout_s=self.cfg.job_timeout_seconds,
-                                   max_bytes=self.cfg.max_file_bytes)
                 rt = self.runtime()
                 encoded = rt.encode(photo.image)
                 if scores is None:
@@ -410,7 +470,6 @@ class ReferenceIndexer:
                 if need_embedding:
                     embedding = encoded.embedding_bytes()
                     model_id = rt.model_id if embedding is not None else model_id
-                work.sha256 = photo.sha256
             self.ledger.upsert_reference(advisor=work.advisor, path=work.path, sha256=work.sha256, scores=scores,
                                          comments=comments, source=work.source, model_id=model_id,
                                          embedding=embedding)
@@ -418,6 +477,11 @@ class ReferenceIndexer:
         except (Interrupted, LedgerUnavailable):
             raise  # the daemon is stopping: not the reference's fault, it is indexed next time
         except Exception as exc:  # one bad reference must never stop the others (or the daemon)
+            if not os.path.lexists(work.path):  # deleted (or moved away) while it was indexed: not a fault of it
+                self._failed.pop(work.path, None)
+                self.ledger.remove_reference(work.advisor, work.path)
+                log.info("reference %s for %s was removed while it was indexed", work.path.name, work.advisor)
+                return Outcome(work.advisor, work.path, "removed", work.source, "gone", time.perf_counter() - started)
             reason = str(exc) or type(exc).__name__
             self._failed[work.path] = (work.key, reason)
             self.ledger.remove_reference(work.advisor, work.path)  # its old profile no longer describes it
@@ -467,4 +531,5 @@ class ReferenceIndexer:
 
 
 __all__ = ["ReferenceIndexer", "reference_profile", "reference_comment", "counted_references", "extract_profile",
-           "reference_files", "sidecar_problems", "problem", "Plan", "Work", "Outcome"]
+           "reference_files", "sidecar_problems", "problem", "folder_problem", "shown_name", "Plan", "Work",
+           "Outcome"]

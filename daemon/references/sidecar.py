@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis.critique import DIMENSIONS, SCORE_MAX, SCORE_MIN
-from ..fsutil import companion, read_regular_file
+from ..fsutil import NotReadable, companion, read_regular_file
 
 SIDECAR_SUFFIX = ".json"
 SIDECAR_MAX_BYTES = 256 * 1024
@@ -30,11 +30,19 @@ class SidecarInvalid(ValueError):
     """A reference's sidecar cannot be used; the message says what to fix."""
 
 
+def _brief(value: Any, limit: int = 40) -> str:
+    """`value` as a message quotes it: a 400-digit number or a whole nested object is cut short."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10 ** limit:
+        return "a number of more than 40 digits"
+    text = json.dumps(value, ensure_ascii=False) if isinstance(value, (list, str, type(None))) else repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _score(value: Any, where: str) -> int:
     # The range check comes first: NaN and infinity (JSON allows both) fail it instead of reaching int().
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not SCORE_MIN <= value <= SCORE_MAX \
             or value != int(value):
-        raise SidecarInvalid(f"{where} is {value!r}; scores are whole numbers from {SCORE_MIN} to {SCORE_MAX}")
+        raise SidecarInvalid(f"{where} is {_brief(value)}; scores are whole numbers from {SCORE_MIN} to {SCORE_MAX}")
     return int(value)
 
 
@@ -43,6 +51,11 @@ def parse_sidecar(data: Any, name: str = "the sidecar") -> tuple[dict[str, int],
     if not isinstance(data, dict):
         raise SidecarInvalid(f"{name} must hold a JSON object with the 8 scores")
     raw_comments: Any = None
+    for key, what in (("scores", "an object of dimension -> score"), ("dimensions", "an object of dimension -> "
+                                                                                 "{\"score\": …, \"comment\": …}")):
+        other = "dimensions" if key == "scores" else "scores"  # the other shape, if the sidecar has it, is read
+        if key in data and not isinstance(data[key], dict) and not isinstance(data.get(other), dict):
+            raise SidecarInvalid(f"{name}: {key} must be {what}, not {_brief(data[key])}")
     if isinstance(data.get("dimensions"), dict):
         dims = data["dimensions"]
         raw_scores, raw_comments = {}, {}
@@ -122,6 +135,10 @@ def read_profile(path: Path) -> CuratorProfile:
     except RecursionError:
         raise SidecarInvalid(f"{path.name} nests too deeply to be a reference sidecar; it holds only scores "
                              f"and comments") from None
+    except NotReadable as exc:  # a pipe, a device: not a sidecar (the reader's own advice is about photos)
+        what = str(exc).split(",")[0].removeprefix("this is ") if str(exc).startswith("this is ") else str(exc)
+        raise SidecarInvalid(f"{path.name} cannot be read as a sidecar ({what}); the sidecar must be a plain JSON "
+                             f"file") from None
     except (OSError, UnicodeDecodeError, ValueError) as exc:
         raise SidecarInvalid(f"{path.name} is not readable JSON ({exc})") from exc
     return parse_profile(data, path.name)

@@ -1,0 +1,229 @@
+"""Reference portfolios attacked the way a photographer's disk and a hostile user attack them: names that are not
+UTF-8, a references folder that is a file or a link to an unmounted drive, references deleted while they are being
+indexed, hostile sidecars and hostile rows of an original Mondrian database. Real folders, the real smoke model and
+the real `mondrian` command in a subprocess; no mocks."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+from tests.harness import make_home, mondrian, photo
+
+DIMS = ["composition", "lighting", "focus_sharpness", "color_harmony", "subject_isolation", "depth_perspective",
+        "visual_balance", "emotional_impact"]
+
+
+def _aged(*paths: Path) -> None:
+    """Old enough to count as settled at first sight (an existing portfolio is indexed at once)."""
+    for p in paths:
+        os.utime(p, (p.stat().st_mtime - 3600,) * 2, follow_symlinks=False)
+
+
+def _listed(home: Path, model: Path, advisor: str) -> dict:
+    out = mondrian(home, model, "references", "list", "--advisor", advisor, "--json")
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_a_reference_named_in_another_encoding_is_skipped_with_advice_that_works(tmp_path, smoke_model_path):
+    """A name that is not UTF-8 (a Latin-1 `é` from an old Windows share) crashed `references index` with a
+    UnicodeEncodeError traceback from the ledger, leaving the references after it unindexed. It is skipped with a
+    `mv` command that, pasted into bash, fixes it."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    refs = home / "advisors" / "ansel" / "references"
+    photo(refs / "a.jpg", seed=1)
+    latin1 = refs / os.fsdecode(b"caf\xe9.jpg")
+    photo(latin1, seed=2)
+    photo(refs / "d.jpg", seed=3)  # sorts after the bad name
+    _aged(*refs.iterdir())
+
+    out = mondrian(home, smoke_model_path, "references", "index", timeout=300)
+    assert "Traceback" not in out.stderr, out.stderr
+    assert out.returncode == 1, out.stderr  # one skipped
+    assert "not valid UTF-8" in out.stderr, out.stderr
+    listed = _listed(home, smoke_model_path, "ansel")
+    assert sorted(r["file"] for r in listed["references"]) == ["a.jpg", "d.jpg"]
+    assert [s["file"] for s in listed["skipped"]] == ["caf\\xe9.jpg"], listed["skipped"]
+
+    advice = re.search(r"`(mv [^`]+)`", out.stderr)
+    assert advice, out.stderr
+    done = subprocess.run(["bash", "-c", advice.group(1)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not os.path.lexists(latin1)
+    again = mondrian(home, smoke_model_path, "references", "index", timeout=300)
+    assert again.returncode == 0, again.stderr
+    listed = _listed(home, smoke_model_path, "ansel")
+    assert listed["count"] == 3 and listed["skipped"] == [], listed
+
+
+def test_a_references_folder_that_is_a_file_or_a_link_to_nothing_is_named(tmp_path, smoke_model_path):
+    """`advisors/ansel/references` that is a file was passed over in silence, and rag's fallback said "add photos to
+    advisors/ansel/references" (impossible: it is a file). A references folder that is a link to a drive not mounted
+    lost every indexed reference (all to be indexed again, model passes included, when the drive is back)."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    (home / "advisors" / "ansel").mkdir(parents=True)
+    (home / "advisors" / "ansel" / "references").write_text("my portfolio is on the NAS")
+    drive = tmp_path / "Volumes" / "Photos" / "portfolio"
+    photo(drive / "moon.jpg", seed=5)
+    photo(drive / "dunes.jpg", seed=6)
+    _aged(*drive.iterdir())
+    (home / "advisors" / "cartier").mkdir(parents=True)
+    (home / "advisors" / "cartier" / "references").symlink_to(drive, target_is_directory=True)
+
+    out = mondrian(home, smoke_model_path, "references", "index", timeout=300)
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "references is a file, not a folder" in out.stderr, out.stderr
+    assert _listed(home, smoke_model_path, "cartier")["count"] == 2
+    ansel = _listed(home, smoke_model_path, "ansel")
+    assert any("is a file, not a folder" in s["reason"] for s in ansel["skipped"]), ansel
+
+    shot = photo(tmp_path / "shot.jpg", seed=7)
+    analysed = mondrian(home, smoke_model_path, "analyze", "--mode", "rag", "--json", str(shot), timeout=300)
+    assert analysed.returncode == 0, analysed.stderr
+    report = json.loads((home / "outbox" / "shot" / "report.json").read_text())
+    (fallback,) = report["mode"]["fallbacks"]
+    assert "is a file, not a folder" in fallback["reason"] and "add photos to" not in fallback["reason"], fallback
+
+    unmounted = drive.parent.with_name("Photos-offline")
+    drive.parent.rename(unmounted)  # the drive goes away
+    out = mondrian(home, smoke_model_path, "references", "index", "--advisor", "cartier", timeout=300)
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "which is not there" in out.stderr, out.stderr
+    cartier = _listed(home, smoke_model_path, "cartier")
+    assert cartier["count"] == 2, cartier  # kept while the drive is away
+    assert any("which is not there" in s["reason"] for s in cartier["skipped"]), cartier
+    unmounted.rename(drive.parent)  # and comes back: nothing to index again
+    out = mondrian(home, smoke_model_path, "references", "index", "--advisor", "cartier", timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "0 indexed, 2 unchanged, 0 removed, 0 skipped" in out.stderr, out.stderr
+
+
+def test_a_reference_deleted_while_indexing_is_removed_not_reported_broken(tmp_path, smoke_model_path):
+    """A photographer culls references while `references index` runs: the ones deleted before their turn came were
+    reported as "skipped: the file could not be read (No such file or directory)", the command exited 1, and the
+    skipped list (`references list`, `status`) went on naming files that no longer exist."""
+    from daemon.config import load_config
+    from daemon.ledger import Ledger
+    from daemon.model.runtime import ModelRuntime
+    from daemon.references.indexer import ReferenceIndexer
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    refs = home / "advisors" / "ansel" / "references"
+    for i in range(4):
+        photo(refs / f"r{i}.jpg", seed=10 + i)
+    _aged(*refs.iterdir())
+    cfg = load_config(home, env={"MONDRIAN_MODEL": str(smoke_model_path)})
+    ledger = Ledger(cfg.db_path)
+    ix = ReferenceIndexer(cfg, ledger, lambda: ModelRuntime.load(str(smoke_model_path), var_dir=cfg.var_dir,
+                                                                 max_pixels=cfg.max_pixels))
+
+    def cull(outcome, done, total):  # after the first reference, the photographer deletes two of the others
+        if done == 1:
+            (refs / "r2.jpg").unlink()
+            (refs / "r3.jpg").unlink()
+
+    plan, outcomes = ix.sync(["ansel"], progress=cull)
+    by_file = {o.path.name: o.action for o in outcomes}
+    assert by_file["r2.jpg"] == by_file["r3.jpg"] == "removed", outcomes
+    assert not [o for o in outcomes if o.action == "error"], outcomes
+    assert sorted(Path(r.path).name for r in ledger.references("ansel")) == ["r0.jpg", "r1.jpg"]
+    ledger.close()
+
+
+def test_hostile_sidecars_say_what_is_wrong(tmp_path, smoke_model_path):
+    """Sidecars a script or a hostile user wrote: the messages name the real problem, briefly."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    refs = home / "advisors" / "ansel" / "references"
+    good = {d: 7 for d in DIMS}
+    photo(refs / "listed.jpg", seed=1)
+    (refs / "listed.json").write_text(json.dumps({"scores": [9, 9, 9, 9, 9, 9, 9, 9]}))
+    photo(refs / "dims.jpg", seed=2)
+    (refs / "dims.json").write_text(json.dumps({"dimensions": "all nines"}))
+    photo(refs / "huge.jpg", seed=3)
+    (refs / "huge.json").write_text(json.dumps({**good, "lighting": 10 ** 300}))
+    photo(refs / "pipe.jpg", seed=4)
+    os.mkfifo(refs / "pipe.json")
+
+    out = mondrian(home, smoke_model_path, "references", "list", "--advisor", "ansel", "--json")
+    assert out.returncode == 0, out.stderr
+    reasons = {s["file"]: s["reason"] for s in json.loads(out.stdout)["skipped"]}
+    assert "scores must be an object" in reasons["listed.jpg"], reasons  # not "names unknown dimensions scores"
+    assert "dimensions must be an object" in reasons["dims.jpg"], reasons
+    assert len(reasons["huge.jpg"]) < 200 and "lighting" in reasons["huge.jpg"], reasons
+    # the reader's advice for photos ("Put the photo itself there") does not fit a sidecar
+    assert "photo itself" not in reasons["pipe.jpg"] and "named pipe" in reasons["pipe.jpg"], reasons
+
+
+def test_import_db_survives_hostile_rows(tmp_path, smoke_model_path):
+    """An original database with one image_path that is not UTF-8 made the whole import stop ("could not be read")
+    after part of it was copied; a path to a FIFO or a folder was "not found"; an advisor_id `../../etc` got the
+    advice to add advisors/etc/advisor.toml, which gives another id."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    orig = tmp_path / "mondrian"
+    photo(orig / "images" / "a.jpg", seed=1)
+    photo(orig / "images" / "b.jpg", seed=2)
+    os.mkfifo(orig / "images" / "pipe.jpg")
+    (orig / "images" / "folder.jpg").mkdir()
+    db = sqlite3.connect(orig / "mondrian.db")
+    cols = ", ".join(f"{d}_score REAL, {d}_comment TEXT" for d in DIMS)
+    db.execute(f"CREATE TABLE dimensional_profiles (id INTEGER PRIMARY KEY, advisor_id TEXT, image_path TEXT, {cols})")
+    names = ", ".join(f"{d}_score" for d in DIMS)
+
+    def add(advisor: str, path_sql: str) -> None:
+        db.execute(f"INSERT INTO dimensional_profiles (advisor_id, image_path, {names}) "
+                   f"VALUES ('{advisor}', {path_sql}, {', '.join('7' for _ in DIMS)})")
+
+    add("ansel", "'images/a.jpg'")
+    add("ansel", "CAST(X'696d616765732f6361ff2e6a7067' AS TEXT)")  # images/ca\xff.jpg
+    add("ansel", "'images/pipe.jpg'")
+    add("ansel", "'images/folder.jpg'")
+    add("../../etc", "'images/a.jpg'")
+    add("ansel", "'images/b.jpg'")  # after the bad row: still imported
+    db.commit()
+    db.close()
+
+    out = mondrian(home, smoke_model_path, "references", "import-db", "--json", str(orig / "mondrian.db"), timeout=60)
+    assert "Traceback" not in out.stderr and "cannot import" not in out.stderr, out.stderr
+    rows = {o["image"]: o for o in json.loads(out.stdout) if o["advisor"] == "ansel"}
+    assert rows["images/a.jpg"]["action"] == rows["images/b.jpg"]["action"] == "imported", rows
+    assert rows["images/ca\\xff.jpg"]["action"] == "skipped", rows
+    assert "named pipe" in rows["images/pipe.jpg"]["reason"], rows
+    assert "is a folder" in rows["images/folder.jpg"]["reason"], rows
+    etc = next(o for o in json.loads(out.stdout) if o["advisor"] == "../../etc")
+    assert "not an advisor id" in etc["reason"] and "advisor.toml" not in etc["reason"], etc
+    assert sorted(p.name for p in (home / "advisors" / "ansel" / "references").iterdir()) == \
+        ["a.jpg", "a.json", "b.jpg", "b.json"]
+    shutil.rmtree(orig)
+
+
+def test_a_file_that_is_no_photo_is_no_reference_even_with_a_curator_sidecar(tmp_path, smoke_model_path):
+    """With `embeddings_enabled = false` a reference with a sidecar needs no model pass, and its pixels were never
+    read: a text file, a truncated JPEG or a decompression bomb named .jpg/.png became a reference carrying the
+    sidecar's scores (rag anchored critiques to it; it had no thumbnail). Each is now skipped with the reason."""
+    home = make_home(tmp_path / "home", smoke_model_path, embeddings_enabled=False)
+    refs = home / "advisors" / "ansel" / "references"
+    good = json.dumps({d: 7 for d in DIMS})
+    jpeg = photo(refs / "ok.jpg", seed=1).read_bytes()
+    (refs / "text.jpg").write_text("not a photo at all")
+    (refs / "trunc.jpg").write_bytes(jpeg[: len(jpeg) // 3])
+    from PIL import Image
+
+    Image.new("1", (20000, 20000)).save(refs / "bomb.png")  # 400 megapixels, a few hundred KB
+    for name in ("ok", "text", "trunc", "bomb"):
+        (refs / f"{name}.json").write_text(good)
+    _aged(*refs.iterdir())
+
+    out = mondrian(home, smoke_model_path, "references", "index", timeout=300)
+    assert "Traceback" not in out.stderr, out.stderr
+    listed = _listed(home, smoke_model_path, "ansel")
+    assert [r["file"] for r in listed["references"]] == ["ok.jpg"], listed
+    reasons = {s["file"]: s["reason"] for s in listed["skipped"]}
+    assert sorted(reasons) == ["bomb.png", "text.jpg", "trunc.jpg"], reasons
+    assert "truncated" in reasons["trunc.jpg"] and "too large" in reasons["bomb.png"], reasons
+    assert out.returncode == 1, out.stderr
