@@ -20,6 +20,9 @@ SIDECAR_READ_SECONDS = 30.0
 # and in reference folders alike.
 TEMP_SUFFIXES = (".part", ".crdownload", ".download", ".tmp", ".partial", ".opdownload")
 HIDDEN_PREFIXES = (".", "~$", "._")
+# Finder's custom folder icon: `Icon` + a carriage return, an empty file that Finder hides, in every album copied from
+# a Mac that has one. Never a photo: taken for one, it failed as "the file is empty (0 bytes); copy the photo again".
+SYSTEM_NAMES = frozenset({"icon\r"})
 # Editors' sidecars: other programs' notes on the photo of the same name (Lightroom and Camera Raw `IMG_1.xmp`,
 # darktable `IMG_1.NEF.xmp`, an iPhone's edits `IMG_1.AAE`, Canon's `.THM`, RawTherapee, DxO, ON1, Capture One).
 # Never photos: they ride along with their photo, as `.mode` does, and the XMP is merged into Mondrian's.
@@ -47,7 +50,7 @@ def is_report_file(path: Path) -> bool:
 
 def is_temporary_name(name: str) -> bool:
     """A hidden or in-progress name: a file still being written, or one no person put there as a photo."""
-    return name.startswith(HIDDEN_PREFIXES) or name.lower().endswith(TEMP_SUFFIXES)
+    return name.startswith(HIDDEN_PREFIXES) or name.lower().endswith(TEMP_SUFFIXES) or name.lower() in SYSTEM_NAMES
 
 
 def is_ignored(path: Path, inbox: Path) -> bool:

@@ -69,7 +69,7 @@ class _Hints(FileSystemEventHandler):
                 raw = getattr(event, attr, None)
                 if not raw:
                     continue
-                path = Path(os.fsdecode(raw))
+                path = self.watcher.from_watched(Path(os.fsdecode(raw)))
                 if event.is_directory and event.event_type in ("created", "moved"):
                     self.watcher.note_tree(path)  # a folder moved in whole brings files without their own events
                 elif not event.is_directory:
@@ -98,16 +98,62 @@ class InboxWatcher:
         self.last_rescan_at: float | None = None
         self.inbox_missing = False  # said once, until it is back
         self.restarts = 0
+        self._watched = inbox  # the folder the observer watches: the inbox, or the folder it links to
+        self.watch_error: str | None = None  # why the observer could not be started, until it can
         self.canary_seen_at = 0.0
         self._bad_names: set[Path] = set()
         self._canary_sent_at: float | None = None
 
     # -- observer -----------------------------------------------------------------------------
-    def start(self) -> None:
-        self._observer = Observer()
-        self._observer.schedule(_Hints(self), str(self.inbox), recursive=True)
-        self._observer.daemon = True
-        self._observer.start()
+    def start(self) -> bool:
+        """Start watching. Returns False if the system refused (the inbox gone that moment, the inotify watch or
+        instance limit reached): never raised, since the rescans keep the inbox covered, and `ensure_alive` tries
+        again at each of them."""
+        observer = Observer()
+        try:
+            # The folder itself, when the inbox is a link to it (`inbox -> /Volumes/Photos/inbox`): watchdog watches
+            # a link as a link (IN_DONT_FOLLOW), which brings no event from inside the folder, so the observer was
+            # taken for stalled and restarted at every rescan. Its events are named back under `self.inbox`.
+            self._watched = Path(os.path.realpath(self.inbox))
+            observer.schedule(_Hints(self), str(self._watched), recursive=True)
+            observer.daemon = True
+            observer.start()
+        except OSError as exc:
+            self._observer = None
+            self._cannot_watch(exc)
+            return False
+        self._observer = observer
+        if self.watch_error is not None:
+            log.info("watching the inbox %s for new files again", self.inbox)
+            self.watch_error = None
+        return True
+
+    def from_watched(self, path: Path) -> Path:
+        """An event's path, named under the inbox as configured (the watch is on the folder a link leads to)."""
+        watched = self._watched
+        if watched == self.inbox:
+            return path
+        try:
+            return self.inbox / path.relative_to(watched)
+        except ValueError:
+            return path
+
+    def _cannot_watch(self, exc: OSError) -> None:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            why = "it is not there"  # said by rescan() (an unplugged drive); watched again once it is back
+        elif exc.errno == errno.ENOSPC:
+            why = ("the system's limit on watched folders is reached (inotify watch limit; other programs, Dropbox or "
+                   "an editor, may use them up): raise it, e.g. `sudo sysctl fs.inotify.max_user_watches=524288`")
+        elif exc.errno == errno.EMFILE:
+            why = ("the system's limit on folder watchers is reached (inotify instance limit): raise it, e.g. "
+                   "`sudo sysctl fs.inotify.max_user_instances=1024`")
+        else:
+            why = exc.strerror or str(exc)
+        first = self.watch_error != why
+        self.watch_error = why
+        if first and exc.errno not in (errno.ENOENT, errno.ENOTDIR):
+            log.warning("cannot watch the inbox %s for new files (%s); meanwhile photos are found by the periodic "
+                        "rescan (rescan_seconds), and watching is tried again at each", self.inbox, why)
 
     def stop(self) -> None:
         obs, self._observer = self._observer, None
@@ -143,6 +189,13 @@ class InboxWatcher:
         if alive and not self.stalled():
             self._send_canary()
             return False
+        if self._observer is None and self.watch_error is not None:  # could not start: quietly try again
+            if self.start():
+                self.restarts += 1
+                self._canary_sent_at = None
+                self.rescan()
+                self._send_canary()
+            return True
         log.warning("the inbox observer %s; restarting it (rescans kept the inbox covered meanwhile)",
                     "stopped delivering events" if alive else "stopped")
         obs, self._observer = self._observer, None
@@ -158,11 +211,11 @@ class InboxWatcher:
                 obs.join(timeout=0.5)
         except Exception:  # pragma: no cover - a dead observer may fail to stop
             log.debug("ignored an error while stopping the old observer", exc_info=True)
-        self.start()
-        self.restarts += 1
         self._canary_sent_at = None
-        self.rescan()
-        self._send_canary()
+        if self.start():
+            self.restarts += 1
+            self.rescan()
+            self._send_canary()
         return True
 
     # -- candidates ---------------------------------------------------------------------------
@@ -236,6 +289,13 @@ class InboxWatcher:
             return False
 
     def note_tree(self, root: Path) -> None:
+        if root != self.inbox and os.path.islink(root):
+            # os.walk always lists its top, link or not. A link to a folder arrives here as a "created folder"
+            # (watchdog reports the links inside a folder moved in as folders): walking it would queue every photo
+            # it leads to under a second name (`album/up/IMG_1.jpg` for a link `up -> ..`), or a whole tree outside
+            # the inbox. The link itself is refused with its reason, like any link to a folder.
+            self.note(root)
+            return
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False, onerror=self._walk_error):
             dirnames[:] = [d for d in dirnames if not is_ignored(Path(dirpath) / d, self.inbox)]
             for name in filenames:

@@ -1,0 +1,126 @@
+"""The inbox watcher against what photographers and hostile users do to a watched folder: albums moved in holding links
+to folders, an inbox that comes and goes (a flaky drive), an inbox that is itself a link, Finder's leftovers. Each test
+drives the real daemon, its real watchdog observer on real folders and the smoke model."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from tests.harness import Daemon, ledger_jobs, make_home, photo, wait_for
+
+FAST = {"quiet_seconds": 0.3}
+
+
+def _settled(home: Path, names: set[str]) -> dict:
+    jobs = ledger_jobs(home)
+    if names <= set(jobs) and all(jobs[n].state in ("done", "failed", "gone") for n in jobs):
+        return jobs
+    return {}
+
+
+def test_an_album_moved_in_with_links_to_folders_queues_each_photo_once_under_its_own_name(tmp_path, smoke_model_path):
+    """An album moved (renamed) into the inbox holding `up -> ..` and a link to a folder outside the inbox: watchdog
+    reports those links as created folders, and walking them queued every photo of the inbox a second time under
+    `album/up/...` (each then "removed from the inbox before it was analysed", or analysed under the wrong name and
+    advisor if it got there first), and every photo of the outside folder. Each photo is queued once, as itself; each
+    link is refused as a link."""
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST, rescan_seconds=30)
+    inbox = home / "inbox"
+    outside = tmp_path / "elsewhere"
+    photo(outside / "private.jpg", seed=9)
+    stage = tmp_path / "stage" / "album"
+    photo(stage / "b.jpg", seed=2)
+    os.symlink("..", stage / "up")
+    os.symlink(outside, stage / "ext")
+    with Daemon(home, smoke_model_path) as daemon:
+        wait_for(lambda: "model ready" in daemon.output(), 120, what="the daemon to start")
+        photo(inbox / "a.jpg", seed=1)
+        wait_for(lambda: _settled(home, {"a.jpg"}), 60, what="a.jpg to be analysed")
+        photo(inbox / "c.jpg", seed=3)  # still settling when the album arrives
+        os.rename(stage, inbox / "album")
+        jobs = wait_for(lambda: _settled(home, {"a.jpg", "c.jpg", "album/b.jpg", "album/up", "album/ext"}), 90,
+                        what="the album to be finished")
+        time.sleep(2)  # anything queued late through a link would show up now
+        jobs = ledger_jobs(home)
+        assert daemon.proc.poll() is None, daemon.output()
+    assert set(jobs) == {"a.jpg", "c.jpg", "album/b.jpg", "album/up", "album/ext"}, sorted(jobs)
+    assert {n: jobs[n].state for n in ("a.jpg", "c.jpg", "album/b.jpg")} == dict.fromkeys(
+        ("a.jpg", "c.jpg", "album/b.jpg"), "done")
+    assert jobs["album/up"].state == "failed" and jobs["album/ext"].state == "failed", (jobs["album/up"].error,
+                                                                                      jobs["album/ext"].error)
+    assert (outside / "private.jpg").exists(), "a photo outside the inbox was touched"
+
+
+def test_an_inbox_that_vanishes_again_after_coming_back_does_not_stop_the_daemon(tmp_path, smoke_model_path):
+    """A flaky drive: the inbox goes, comes back, and goes again before the next rescan. The observer watching the
+    first inbox died with it, so the rescan restarts it, on a folder that is not there: that OSError escaped the main
+    loop and the daemon died with a traceback. It now waits, and watches the inbox again once it is back."""
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST, rescan_seconds=2)
+    inbox = home / "inbox"
+    with Daemon(home, smoke_model_path) as daemon:
+        wait_for(lambda: "model ready" in daemon.output(), 120, what="the daemon to start")
+        os.rmdir(inbox)
+        wait_for(lambda: "is not there" in daemon.output(), 30, what="the daemon to notice the inbox is gone")
+        inbox.mkdir()
+        wait_for(lambda: "is back; looking at what it holds" in daemon.output(), 30, 0.05,
+                 what="the daemon to see the inbox back")
+        os.rmdir(inbox)  # before the next rescan, which finds the observer's canary unseen
+        time.sleep(5)  # two rescans
+        assert daemon.proc.poll() is None, daemon.output()
+        inbox.mkdir()
+        photo(inbox / "a.jpg", seed=1)
+        jobs = wait_for(lambda: _settled(home, {"a.jpg"}), 60, what="a photo dropped once the inbox is back")
+        assert jobs["a.jpg"].state == "done", jobs["a.jpg"].error
+        assert "Traceback" not in daemon.output(), daemon.output()
+        assert daemon.stop() == 0, daemon.output()
+
+
+def test_an_inbox_replaced_by_a_link_to_a_folder_is_watched(tmp_path, smoke_model_path):
+    """While Mondrian runs, the inbox is moved aside and replaced by a link to a folder on a drive (`inbox ->
+    /Volumes/Photos/inbox`). Watchdog watched the link itself, which brings no event from inside the folder: the
+    observer was taken for stalled and restarted at every rescan (a warning each time, forever) and photos were seen
+    only by the rescans. It is restarted once, on the folder the link leads to, and photos are seen at once."""
+    drive = tmp_path / "drive" / "inbox"
+    drive.mkdir(parents=True)
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST, rescan_seconds=2)
+    inbox = home / "inbox"
+    with Daemon(home, smoke_model_path) as daemon:
+        wait_for(lambda: "model ready" in daemon.output(), 120, what="the daemon to start")
+        inbox.rename(home / "inbox.old")
+        os.symlink(drive, inbox)
+        time.sleep(7)  # a few rescans: the first finds the observer watching the old folder, and restarts it
+        restarts = daemon.output().count("restarting it")
+        assert restarts <= 1, daemon.output()
+        photo(drive / "a.jpg", seed=1)
+        photo(inbox / "album" / "b.jpg", seed=2)
+        jobs = wait_for(lambda: _settled(home, {"a.jpg", "album/b.jpg"}), 60, 0.1, what="the photos to be analysed")
+        assert {jobs[n].state for n in jobs} == {"done"}, {n: (j.state, j.error) for n, j in jobs.items()}
+        time.sleep(5)  # more rescans, each of which checks the observer
+        assert daemon.output().count("restarting it") == restarts, daemon.output()
+        assert daemon.proc.poll() is None and "Traceback" not in daemon.output(), daemon.output()
+        assert daemon.stop() == 0, daemon.output()
+    assert (home / "outbox" / "a" / "report.json").exists() and not (drive / "a.jpg").exists()
+
+
+def test_finders_folder_icon_file_is_left_alone(tmp_path, smoke_model_path):
+    """An album copied from a Mac holds `Icon\\r`, the empty file Finder keeps a folder's custom icon in (hidden in
+    Finder). Taken for a photo, it failed as "the file is empty (0 bytes); copy the photo again"."""
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    stage = tmp_path / "stage" / "Holiday"
+    photo(stage / "a.jpg", seed=1)
+    (stage / "Icon\r").write_bytes(b"")
+    (tmp_path / "stage" / "Icon\r").write_bytes(b"")
+    with Daemon(home, smoke_model_path) as daemon:
+        wait_for(lambda: "model ready" in daemon.output(), 120, what="the daemon to start")
+        os.rename(stage, home / "inbox" / "Holiday")
+        os.rename(tmp_path / "stage" / "Icon\r", home / "inbox" / "Icon\r")
+        wait_for(lambda: _settled(home, {"Holiday/a.jpg"}), 60, what="the album to be analysed")
+        time.sleep(13)  # an empty file is waited for 10 s before it is handed on
+        jobs = ledger_jobs(home)
+        assert daemon.stop() == 0, daemon.output()
+    assert set(jobs) == {"Holiday/a.jpg"}, {n: (j.state, j.error) for n, j in jobs.items()}
+    assert jobs["Holiday/a.jpg"].state == "done"
+    assert (home / "inbox" / "Holiday" / "Icon\r").exists() and (home / "inbox" / "Icon\r").exists()
+    assert not (home / "outbox" / "failed").exists() or not any((home / "outbox" / "failed").iterdir())
