@@ -45,8 +45,11 @@ def kind_of(mode: int) -> str:
     return "not a regular file"
 
 
-def _not_regular(mode: int) -> NotReadable:
-    return NotReadable(f"this is {kind_of(mode)}, not a file with a photo in it; Mondrian reads only regular "
+def _not_regular(mode: int, path: Path | None = None) -> NotReadable:
+    what = kind_of(mode)
+    if path is not None and os.path.islink(path):  # named for what is there: "a folder" sent people looking for one
+        what = f"a symbolic link to {what} ({os.readlink(path)})"
+    return NotReadable(f"this is {what}, not a file with a photo in it; Mondrian reads only regular "
                        f"files. Put the photo itself there")
 
 
@@ -56,7 +59,7 @@ def read_regular_file(path: Path, *, max_bytes: int | None = None, timeout_s: fl
     Raises NotReadable for anything else, OSError when reading fails."""
     st = os.stat(path)
     if not stat.S_ISREG(st.st_mode):
-        raise _not_regular(st.st_mode)  # checked before open(): opening a device can have side effects
+        raise _not_regular(st.st_mode, path)  # checked before open(): opening a device can have side effects
     if max_bytes is not None and st.st_size > max_bytes:
         raise NotReadable(f"the file is {st.st_size} bytes, more than the {max_bytes} allowed here")
     # O_NONBLOCK: if a FIFO was swapped in after the check, open() returns at once instead of waiting for a writer.

@@ -51,6 +51,8 @@ def test_an_album_moved_in_with_links_to_folders_queues_each_photo_once_under_it
     assert jobs["album/up"].state == "failed" and jobs["album/ext"].state == "failed", (jobs["album/up"].error,
                                                                                       jobs["album/ext"].error)
     assert (outside / "private.jpg").exists(), "a photo outside the inbox was touched"
+    # Named for what it is: "this is a folder" sent people looking for a folder in the album.
+    assert "this is a symbolic link to a folder (..)" in jobs["album/up"].error, jobs["album/up"].error
 
 
 def test_an_inbox_that_vanishes_again_after_coming_back_does_not_stop_the_daemon(tmp_path, smoke_model_path):
