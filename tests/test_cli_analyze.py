@@ -76,8 +76,9 @@ def test_long_commands_draw_one_bar_style_on_a_terminal_without_tearing_log_line
     assert piped.returncode == 0, piped.stderr
     assert "█" not in piped.stderr and "\r" not in piped.stderr, piped.stderr  # not a terminal: no bar at all
     assert "3 of 3 photo(s) analysed" in piped.stderr
-    # The grades printed come from the smoke model: said once, under the first, as each of its reports says it.
-    assert piped.stdout.count("note: These scores come from Mondrian's smoke model") == 1, piped.stdout
+    # The grades printed come from the smoke model: said once (on stderr), as each of its reports says it.
+    assert piped.stderr.count("note: These scores come from Mondrian's smoke model") == 1, piped.stderr
+    assert len(piped.stdout.splitlines()) == 6, piped.stdout  # a grade line and a report line a photo, for scripts
     lines = mondrian(home, smoke_model_path, "analyze", str(album), "--json", timeout=300).stdout.splitlines()
     assert [json.loads(line)["notice"].startswith("These scores come from") for line in lines] == [True] * 3, lines
 

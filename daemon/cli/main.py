@@ -81,9 +81,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
                 tqdm.write(shown(f"{job['grade']}/10  {job['source_path']}: {job.get('summary') or ''}"),
                            file=sys.stdout)
                 tqdm.write(shown(f"      {job['report_html']}"), file=sys.stdout)
-                if job.get("notice") and job["notice"] not in noticed:  # once, under the first grade it concerns
-                    noticed.add(job["notice"])
-                    tqdm.write(shown(f"      note: {job['notice']}"), file=sys.stdout)
+                if job.get("notice") and job["notice"] not in noticed:  # once, beside the first grade it concerns
+                    noticed.add(job["notice"])  # on stderr: stdout stays two lines a photo, for scripts
+                    tqdm.write(shown(f"note: {job['notice']}"), file=sys.stderr)
             if job["state"] != "done":
                 failed += 1
                 if not args.json:
