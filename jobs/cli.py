@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 from datetime import datetime
@@ -274,6 +275,20 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _managed_folder(cfg: Any, dest: Path) -> Path | None:
+    """The folder Mondrian manages that `dest` lies in (the adapters folder: a version name there is pruned and a
+    hidden one removed by the next training; the training datasets: pruned), or None."""
+    def real(p: Path) -> Path:
+        return Path(os.path.realpath(p))
+
+    target = real(dest.absolute())
+    for folder in (cfg.adapters_dir, cfg.var_dir / "datasets"):
+        root = real(Path(folder).absolute())
+        if target == root or root in target.parents:
+            return Path(folder)
+    return None
+
+
 def cmd_fuse(args: argparse.Namespace) -> int:
     """Merge a version's adapter into the base weights; keep the folder only if it scores like base + adapter."""
     from daemon.analysis.critique import critique_schema
@@ -305,6 +320,11 @@ def cmd_fuse(args: argparse.Namespace) -> int:
               f"not the configured {cfg.model}: fuse it with `--model` set to that base", file=sys.stderr)
         return 1
     dest = Path(args.out).expanduser() if args.out else cfg.var_dir / "models" / f"fused-{advisor.id}-{version.name}"
+    owned = _managed_folder(cfg, dest)
+    if owned:  # Mondrian prunes and recovers these folders: a fused model there would be deleted or taken for one
+        print(f"--out {dest} is inside {owned}, which Mondrian manages (training prunes and recovers what is "
+              f"there): choose a folder outside it, or leave --out out for {cfg.var_dir / 'models'}", file=sys.stderr)
+        return 1
     # Check on the version's own test photos (up to 3); a grey gradient when none is indexed any more.
     recorded = set((version.manifest.get("splits") or {}).get("test") or version.manifest.get("held_out") or [])
     refs = [r for r in collect_references(cfg, advisor.id, Ledger.for_config(cfg)) if r.sha256 in recorded][:3]
@@ -369,6 +389,23 @@ def recorded_test_set(cfg: Any, version: Any, refs: list[Any]) -> tuple[list[Any
                   f"split by content hash (holdout_fraction {settings.holdout_fraction:g})")
 
 
+def _other_base(cfg: Any, versions: list[Any]) -> str | None:
+    """'<advisor>/<version>, trained for base model X, not the configured Y' for the first of `versions` whose manifest
+    names another base model than the configured one (as `fuse` and the daemon check it), or None."""
+    from daemon.model.adapter_store import base_model_fingerprint
+    from daemon.model.runtime import resolve_model_path
+
+    try:
+        configured = base_model_fingerprint(resolve_model_path(cfg.model, cfg.var_dir))
+    except Exception:  # noqa: BLE001 - a model that cannot be found is reported when it is loaded
+        return None
+    for v in versions:
+        base = v.manifest.get("base_model") or {}
+        if base.get("fingerprint") and base["fingerprint"] != configured:
+            return f"{v.label}: it was trained for base model {base.get('spec')}, not the configured {cfg.model}"
+    return None
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from daemon.config import ConfigError
     from daemon.ledger import Ledger
@@ -384,7 +421,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     store = AdapterStore(cfg.adapters_dir)
     try:
         cand_path, cand_label, version = _resolve(store, advisor.id, args.version)
-        base_path, base_label, _ = _resolve(store, advisor.id, args.against)
+        base_path, base_label, against = _resolve(store, advisor.id, args.against)
         refs = collect_references(cfg, advisor.id, Ledger.for_config(cfg))
         if version is None:
             raise DatasetError("--version names the adapter to evaluate (base is what it is compared with)")
@@ -401,6 +438,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             print(f"{advisor.id}: cannot evaluate {label}: {Path(path) / problem}; train a new version "
                   f"(`{mondrian()} train --advisor {advisor.id}`) or name another with --version", file=sys.stderr)
             return 1
+    other = _other_base(cfg, [v for v in (version, against) if v is not None])
+    if other:  # the daemon never serves such an adapter; scoring it on this base gives figures that mean nothing
+        print(f"{advisor.id}: cannot evaluate {other}; evaluate it with `--model` set to that base, or train "
+              f"a new version for {cfg.model} (`{mondrian()} train --advisor {advisor.id}`)", file=sys.stderr)
+        return 1
     if not held:
         print(f"{advisor.id}: none of {where} is indexed any more; nothing to evaluate on", file=sys.stderr)
         return 1

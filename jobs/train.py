@@ -235,6 +235,8 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
     send(event="phase", phase="dataset", pid=os.getpid())
     refs = ds.collect_references(cfg, advisor_id)
     usable, left_out = ds.select_targets(refs, advisor_id, settings.use_model_scores)
+    if len(usable) < ds.MIN_REFERENCES:
+        _refuse_unindexed(cfg, advisor_id, refs, len(usable))
     data_dir = cfg.var_dir / "datasets" / advisor_id / staging.name.lstrip(".")
     built = ds.build_dataset(cfg, advisor, usable, data_dir,
                              ds.DatasetSettings(variants=settings.variants, holdout_fraction=settings.holdout_fraction,
@@ -304,6 +306,32 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
     atomic_write_json(staging / MANIFEST_NAME, manifest)
     atomic_write_json(staging / METRICS_NAME, metrics)
     return metrics
+
+
+def _refuse_unindexed(cfg: Config, advisor_id: str, refs: list[Any], usable: int) -> None:
+    """Too few references to train on, while the advisor's references folder holds photos the index has not seen
+    yet (copied in while no daemon ran): say so and how to index them, rather than "0 usable reference photos"."""
+    from daemon.analysis.advisors import references_dir
+    from daemon.hints import mondrian
+    from daemon.intake.images import PHOTO_SUFFIXES
+
+    from .dataset import MIN_REFERENCES, DatasetError
+
+    folder = references_dir(cfg, advisor_id)
+    indexed = set()
+    for r in refs:
+        with contextlib.suppress(OSError):
+            indexed.add(os.path.realpath(r.path))
+    waiting = 0
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        waiting += sum(1 for f in files if not f.startswith(".") and f.lower().endswith(PHOTO_SUFFIXES)
+                       and os.path.realpath(os.path.join(root, f)) not in indexed)
+    if waiting:
+        raise DatasetError(f"{usable} usable reference photo(s) are indexed; training needs at least "
+                           f"{MIN_REFERENCES}, and {waiting} photo(s) in {folder} are not indexed yet: index them "
+                           f"with `{mondrian()} references index --advisor {advisor_id}` (the running daemon does "
+                           f"it by itself), then train again")
 
 
 def _prune_datasets(folder: Path, keep: int) -> None:

@@ -1,0 +1,102 @@
+"""Training and adapters as a hostile studio admin uses them: real smoke model, real adapters, the real `mondrian`
+command in subprocesses, real files. Each case once lost data or gave advice that did not lead anywhere."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from daemon.config import load_config
+from tests.harness import make_home, mondrian
+from tests.lora_helpers import install_version, random_adapter, synthetic_advisor
+
+MAX_PIXELS = 112 * 112
+
+
+@pytest.fixture(scope="module")
+def smoke_model(smoke_model_path: Path):
+    import mlx_vlm
+
+    model, _ = mlx_vlm.load(str(smoke_model_path))
+    return model
+
+
+def _home(tmp_path: Path, model_path: Path, **settings):
+    home = make_home(tmp_path / "home", **{"embeddings_enabled": False, "max_pixels": MAX_PIXELS, **settings})
+    return load_config(home, env={}, model=str(model_path))
+
+
+# Where a fused model would be deleted by Mondrian itself: a version-like name in the adapters folder is pruned by the
+# next training (it is the oldest "version" there), a hidden one is removed by `recover()`, and the datasets folder
+# keeps only the newest two.
+INSIDE = {
+    "version-name": lambda cfg: cfg.adapters_dir / "ansel" / "v0009",
+    "staging-name": lambda cfg: cfg.adapters_dir / "ansel" / ".staging-fused",
+    "advisor-folder": lambda cfg: cfg.adapters_dir / "fusedmodel",
+    "datasets": lambda cfg: cfg.var_dir / "datasets" / "ansel" / "fused",
+}
+
+
+@pytest.mark.parametrize("where", list(INSIDE))
+def test_fuse_out_into_a_folder_mondrian_prunes_is_refused(where, tmp_path, smoke_model_path, smoke_model) -> None:
+    cfg = _home(tmp_path, smoke_model_path)
+    install_version(cfg, "ansel", random_adapter(tmp_path / "src", smoke_model, seed=7), model_path=smoke_model_path)
+    dest = INSIDE[where](cfg)
+    out = mondrian(cfg.home, smoke_model_path, "adapters", "fuse", "--advisor", "ansel", "--out", str(dest))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, (out.returncode, out.stdout, out.stderr[-2000:])
+    assert "Mondrian manages" in out.stderr and "--out" in out.stderr, out.stderr
+    assert not dest.exists(), "nothing may be written where the next training deletes it"
+
+
+def test_fuse_out_elsewhere_still_works(tmp_path, smoke_model_path, smoke_model) -> None:
+    """A folder next to (not inside) the adapters folder, with a similar name, is fine."""
+    cfg = _home(tmp_path, smoke_model_path)
+    install_version(cfg, "ansel", random_adapter(tmp_path / "src", smoke_model, seed=7), model_path=smoke_model_path)
+    dest = cfg.adapters_dir.parent / (cfg.adapters_dir.name + "-fused")
+    out = mondrian(cfg.home, smoke_model_path, "adapters", "fuse", "--advisor", "ansel", "--out", str(dest))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert (dest / "config.json").is_file()
+
+
+def test_training_unindexed_references_says_how_to_index_them_and_that_works(tmp_path, smoke_model_path) -> None:
+    """References copied in while no daemon ran are not indexed: `train` said "0 usable reference photo(s)" with no
+    way forward. It now names the folder and the command; following it literally makes the training run."""
+    cfg = _home(tmp_path, smoke_model_path)
+    synthetic_advisor(cfg.home, "synth", n=5)
+    out = mondrian(cfg.home, smoke_model_path, "train", "--advisor", "synth", "--iters", "2", "--no-promote")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "5 photo(s)" in out.stderr and "not indexed" in out.stderr, out.stderr[-2000:]
+    advice = re.search(r"`(mondrian [^`]*references index[^`]*)`", out.stderr)
+    assert advice, out.stderr[-2000:]
+    words = shlex.split(advice.group(1))[1:]
+    if words[:1] == ["--home"]:
+        assert Path(words[1]).resolve() == cfg.home.resolve()
+        words = words[2:]
+    done = mondrian(cfg.home, smoke_model_path, *words)
+    assert done.returncode == 0, done.stderr[-2000:]
+    again = mondrian(cfg.home, smoke_model_path, "train", "--advisor", "synth", "--iters", "2", "--no-promote",
+                     timeout=300)
+    assert again.returncode == 3 and "not promoted" in again.stdout, (again.stdout, again.stderr[-2000:])
+
+
+@pytest.mark.parametrize("which", [("--version", "v0001"), ("--version", "v0002", "--against", "v0001")])
+def test_evaluate_refuses_an_adapter_trained_for_another_base(which, tmp_path, smoke_model_path, smoke_model) -> None:
+    """An adapter trained for another base model is never served (photos fall back to rag), and `fuse` refuses it;
+    `evaluate` scored it on the configured base and printed a table of figures that mean nothing."""
+    from tests.lora_helpers import index_references
+
+    cfg = _home(tmp_path, smoke_model_path)
+    synthetic_advisor(cfg.home, "ansel", n=8)
+    index_references(cfg, ["ansel"])
+    src = random_adapter(tmp_path / "src", smoke_model, seed=7)
+    install_version(cfg, "ansel", src, base_fingerprint="0123456789abcdef")  # v0001: another base
+    install_version(cfg, "ansel", src, model_path=smoke_model_path)  # v0002: this one
+    out = mondrian(cfg.home, smoke_model_path, "evaluate", "--advisor", "ansel", *which)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, (out.returncode, out.stdout, out.stderr[-2000:])
+    assert "ansel/v0001: it was trained for base model" in out.stderr, out.stderr[-2000:]
+    assert "MAE" not in out.stdout
+    fine = mondrian(cfg.home, smoke_model_path, "evaluate", "--advisor", "ansel", "--version", "v0002")
+    assert fine.returncode == 0 and "MAE" in fine.stdout, fine.stderr[-2000:]
