@@ -22,7 +22,7 @@ import platformdirs
 
 from .resources import checkout_root
 from .fsutil import NotReadable, read_text_file
-from .hints import shell_word
+from .hints import program, shell_word
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,7 @@ class Config:
                           f"mounts{self._init_hint(folder)}")
 
     def _init_hint(self, folder: Path) -> str:
-        return f" (a new home there: `mondrian init {shell_word(folder)}` makes it)" if folder == self.home else ""
+        return f" (a new home there: `{program()} init {shell_word(folder)}` makes it)" if folder == self.home else ""
 
 
 _SCALARS = {f.name: f.type for f in fields(Config)}
@@ -309,8 +309,11 @@ def _check_apart(inbox: Path, others: dict[str, Path], cfg_file: Path) -> None:
 def refuse_file_as_home(home: Path) -> None:
     """`init` cannot turn a file into a home, so a mistyped MONDRIAN_HOME naming one gets its own advice."""
     if os.path.lexists(home) and not home.is_dir():
+        # A concrete folder, not a placeholder: `mondrian init FOLDER` pasted as printed made a home named FOLDER.
+        beside = home.with_name(home.name + " home")
         raise ConfigError(f"no Mondrian home at {home}: it is a file, not a folder. Set MONDRIAN_HOME (or --home) to "
-                          f"your home folder, or run `mondrian init FOLDER` to create one")
+                          f"your home folder, or create one beside it with `{program()} init {shell_word(beside)}` "
+                          f"(it then says how to use it)")
 
 
 # tomllib's words for the mistakes people make editing the file by hand, in theirs.

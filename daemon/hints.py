@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
+import sys
 from pathlib import Path
 
 _home_flag = ""  # empty while this process serves the home a shell reaches without flags or MONDRIAN_HOME
+_program = ""  # how a shell reaches this Mondrian (see _entry_point): found at the first message
 
 
 def serve(home: Path | str) -> None:
@@ -35,16 +38,41 @@ def shell_word(path: Path) -> str:
     return shlex.quote(str(path))
 
 
+def _entry_point() -> str:
+    """`mondrian` where that name, in a shell, is the entry point this process was started from (installed with
+    pipx or pip, or a checkout's venv activated); else that entry point's own path, quoted: in a checkout it is
+    `.venv/bin/mondrian`, which a plain shell does not find as `mondrian` ("command not found"). A process started
+    as `python -m daemon` has no entry point of its own to name: it keeps `mondrian`."""
+    script = sys.argv[0] if sys.argv and sys.argv[0] else ""
+    if os.path.basename(script) != "mondrian" or not os.path.isfile(script):
+        return "mondrian"
+    found = shutil.which("mondrian")
+    try:
+        if found and os.path.samefile(found, script):
+            return "mondrian"
+    except OSError:
+        pass
+    return shell_word(Path(os.path.abspath(script)))
+
+
+def program() -> str:
+    """The command that starts this Mondrian from a shell, without any --home (`mondrian init PATH` names its own)."""
+    global _program
+    if not _program:
+        _program = _entry_point()
+    return _program
+
+
 def mondrian() -> str:
-    """`mondrian`, with `--home H` when the served home is not the default one."""
-    return "mondrian" + _home_flag
+    """`mondrian` (as a shell reaches it here), with `--home H` when the served home is not the default one."""
+    return program() + _home_flag
 
 
 def without_home(text: str) -> str:
     """`text` for a file of the outbox (a failure record, its page, the index): pages show no absolute path (they
     are shared, and served by the API), and a home moved later would leave them naming the old place. The terminal
     and the log keep the flag; `mondrian status` there gives each failure's next step with it."""
-    return text.replace(mondrian(), "mondrian") if _home_flag else text
+    return text.replace(mondrian(), "mondrian") if mondrian() != "mondrian" else text
 
 
-__all__ = ["serve", "mondrian", "shell_word", "without_home"]
+__all__ = ["serve", "mondrian", "program", "shell_word", "without_home"]

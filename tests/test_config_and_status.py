@@ -430,12 +430,15 @@ def test_status_speaks_plain_ascii_and_says_what_a_dead_training_run_did(tmp_pat
     out = mondrian(home, smoke_model_path, "status", PYTHONIOENCODING="ascii")
     assert out.returncode == 0 and "Traceback" not in out.stderr and "Daemon:" in out.stdout, out.stderr[-2000:]
 
-    # A training run that ends without recording its end (here refused at its start by a bad setting; a SIGKILL
-    # does the same): status must not say "running" until the next training.
-    with open(home / "mondrian.toml", "a") as f:
-        f.write("[lora]\nrank = -1\n")
-    out = mondrian(home, smoke_model_path, "train", "--advisor", "ansel", timeout=120)
-    assert out.returncode == 78, out.stderr[-2000:]
+    # A training run that ends without recording its end (its process SIGKILLed after its first progress event):
+    # status must not say "running" until the next training. (A run refused for a bad setting records nothing.)
+    dies = ("import os, signal, sys\nfrom daemon.ledger import Ledger\nfrom jobs.nightly import ProgressRecorder\n"
+            "r = ProgressRecorder(Ledger(sys.argv[1]), 'ansel')\n"
+            "r({'event': 'progress', 'phase': 'training', 'step': 3, 'steps': 10})\n"
+            "os.kill(os.getpid(), signal.SIGKILL)\n")
+    out = subprocess.run([sys.executable, "-c", dies, str(home / "var" / "ledger.db")], cwd=REPO,
+                         env=env_for(home, smoke_model_path), capture_output=True, text=True, timeout=120)
+    assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
     info = status(home, smoke_model_path)
     assert info["training"]["state"] == "stopped", info["training"]  # recorded as starting, then the process died
     text = mondrian(home, smoke_model_path, "status").stdout

@@ -28,7 +28,7 @@ from ..ledger import RUNNING, Ledger, job_dict
 from ..pipeline.supervisor import default_runtime_factory
 from ..pipeline.worker import Worker
 from ..model.adapter_store import AdapterUnusable
-from ..hints import mondrian
+from ..hints import mondrian, shell_word
 
 log = logging.getLogger("mondrian.analyze")
 
@@ -82,6 +82,17 @@ def _left_out(cfg: Config, folder: Path) -> str:
             f"analysed: to critique them again, name the outbox or a report folder)")
 
 
+def _expanded(arg: str) -> str:
+    """The command with `arg` as a pattern the shell expands: its folder quoted, its pattern not (`analyze FOLDER`,
+    pasted as printed, looked for a folder called FOLDER). Only where the pattern's parts need no quoting."""
+    parts = Path(os.path.expanduser(arg)).absolute().parts
+    first = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+    rest = parts[first:]
+    if not all(re.fullmatch(r"[\w.*?\[\]!-]+", part, re.ASCII) for part in rest):
+        return ""
+    return f": `{mondrian()} analyze {shell_word(Path(*parts[:first]))}/{'/'.join(rest)}`"
+
+
 def check_paths(cfg: Config, given: list[str]) -> list[Path]:
     """Every photo the arguments name, in order and once each (by real path); AnalyzeRefused, naming the first
     argument that is not a photo or a folder of photos, before anything is analysed."""
@@ -94,7 +105,7 @@ def check_paths(cfg: Config, given: list[str]) -> list[Path]:
                 matches = len(glob.glob(os.path.expanduser(arg)))
                 found = f"{matches} files match it" if matches else "no file matches it"
                 raise AnalyzeRefused(f"{arg!r} is a pattern the shell did not expand ({found}); give photos or "
-                                     f"folders (a folder is searched for photos): `{mondrian()} analyze FOLDER`")
+                                     f"folders (a folder is searched for photos){_expanded(arg) if matches else ''}")
             raise AnalyzeRefused(f"{arg!r} does not exist; give photos or folders of photos (nothing was analysed)")
         try:
             mode = os.stat(path).st_mode

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import CONFIG_NAME, Config, ConfigError, default_home, load_config
-from ..hints import shell_word
+from ..hints import program, shell_word
 from .terminal import shown
 
 # One line each, for the settings a new user is most likely to change; README's "Configuration" has them all.
@@ -55,7 +55,7 @@ def init_home(path: Path) -> tuple[Config, bool]:
     and whether the settings file was written. An existing mondrian.toml is kept and checked, never replaced."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{path} is a file, not a folder: choose another place for the home "
-                          f"(`mondrian init ~/Pictures/Mondrian`)")
+                          f"(`{program()} init ~/Pictures/Mondrian`)")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -90,9 +90,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     quoted = shell_word(cfg.home)  # pasted back, it must give the same bytes (a name that is not UTF-8 too)
     here = "" if cfg.home == default_home(os.environ) else f"--home {quoted} "
     print("Next:")
-    print(f"  mondrian {here}demo      # try it offline on the sample photos (random smoke model)")
-    print(f"  mondrian {here}run       # analyse what you drop into the inbox (Ctrl-C stops)")
-    print(f"  mondrian {here}service install   # start it at login instead")
+    print(f"  {program()} {here}demo      # try it offline on the sample photos (random smoke model)")
+    print(f"  {program()} {here}run       # analyse what you drop into the inbox (Ctrl-C stops)")
+    print(f"  {program()} {here}service install   # start it at login instead")
     if here:
         print(f"  (or `export MONDRIAN_HOME={quoted}` and leave out --home)")
     return 0

@@ -17,6 +17,7 @@ from ..config import CONFIG_NAME, Config, ConfigError
 from ..fsutil import folder_inside, is_folder
 from ..intake.inbox import editor_sidecars, sidecar_for, unique_path
 from ..ledger import FAILED, Job, Ledger
+from ..pipeline.failures import analyze_command
 from ..pipeline.outbox_index import OutboxIndex
 from ..hints import mondrian
 
@@ -125,8 +126,10 @@ def _drop_record(kept: Path) -> None:
 def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | None:
     if not job.owns_file:
         # Its photo is the user's, wherever it lies: queueing it would make the daemon move it into the outbox.
+        again = analyze_command(job.source_path, advisor=job.advisor if job.advisor_source == "command" else None,
+                                mode=job.requested_mode if job.mode_source == "command" else None)
         left.append(f"job {job.id}: {job.rel_path} was analysed with `{mondrian()} analyze` and stays where it is; "
-                    f"run `{mondrian()} analyze` on it again (or copy it into the inbox)")
+                    f"run `{again}` again (or copy it into the inbox)")
         return None
     src = Path(job.source_path)
     if is_folder(src):

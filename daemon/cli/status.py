@@ -12,18 +12,23 @@ import threading
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Iterable, TextIO
+
+import platformdirs
 
 from .. import testhooks
 from ..config import CONFIG_NAME, Config, ConfigError, refuse_file_as_home
 from ..fsutil import is_folder, lock_holder, pid_alive
 from ..ledger import DONE, FAULT_NOTE, FaultNote, Job, Ledger, LedgerUnavailable
-from ..hints import mondrian, shell_word
-from ..pipeline.failures import advice, cause_of
+from ..hints import mondrian, program, shell_word
+from ..pipeline.failures import advice, analyze_command, cause_of
 from .terminal import shown
 
 # Causes where the photo itself is fine (its sidecar, the advisor asked for): a different next step than a photo's.
 PHOTO_IS_FINE = frozenset({"sidecar", "mode_command", "advisor_folder", "advisor_command"})
+# Failures a setting or the model caused: "fix the cause (disk, permissions)" sent a timed-out photo round again
+# unchanged, to time out again; their record's advice names the setting (job_timeout_seconds) or the model.
+SETTING_OR_MODEL = frozenset({"timeout", "model"})
 
 BEAT_SECONDS = 5.0  # the daemon's heartbeat (daemon/pipeline/supervisor.py)
 STALE_AFTER_SECONDS = 30.0  # six missed beats: stopped (SIGSTOP, a debugger, a frozen laptop) or hung
@@ -42,21 +47,27 @@ def require_home(cfg: Config) -> None:
     if home.is_dir() and any(p.exists() for p in (home / CONFIG_NAME, cfg.db_path, cfg.inbox)):
         return
     refuse_file_as_home(home)
+    if not home.exists():  # on a drive that is not connected, `init` would make it where the drive mounts: say so
+        try:
+            cfg._refuse_unmounted(home, within=(Path.home(), Path(platformdirs.user_data_dir())))
+        except ConfigError as exc:
+            raise ConfigError(f"no Mondrian home at {home}: {exc}") from None
     what = "has no mondrian.toml, ledger or inbox" if home.exists() else "does not exist"
-    raise ConfigError(f"no Mondrian home at {home} (it {what}): run `mondrian init {shell_word(home)}` to "
+    raise ConfigError(f"no Mondrian home at {home} (it {what}): run `{program()} init {shell_word(home)}` to "
                       f"create one there, or set MONDRIAN_HOME (or --home) to the home you have")
 
 
-def next_step(j: Job) -> str:
-    """What the person can do about a failure, in a few words (the reason and the record say more)."""
+def next_step(j: Job, advisors: Iterable[str] = ()) -> str:
+    """What the person can do about a failure, in a few words (the reason and the record say more). `advisors`:
+    the known ones, which an unknown advisor's advice lists."""
     cause = cause_of(j.error or "", advisor_source=j.advisor_source, mode_source=j.mode_source)
-    if cause.key in PHOTO_IS_FINE:  # re-exporting the photo would not help: the record's own advice
-        return advice(cause, from_inbox=bool(j.owns_file))
+    if cause.key in PHOTO_IS_FINE | SETTING_OR_MODEL:  # re-exporting the photo would not help: the record's own
+        return advice(cause, from_inbox=bool(j.owns_file), advisors=advisors, **_analyzed_as(j))
     if is_folder(Path(j.source_path)):  # an inbox folder Mondrian could not look into: no photo, no record
         return f"make the folder readable (`chmod u+rx`); its photos are queued then, and `{mondrian()} retry " \
                f"--failed` clears this entry"
     if not j.owns_file:
-        return f"fix what the reason says, then run `{mondrian()} analyze` on it again"
+        return f"fix what the reason says, then run `{analyze_command(**_analyzed_as(j))}` again"
     if j.error_kind != "permanent":
         return f"fix the cause (disk, permissions), then `{mondrian()} retry --failed`"
     kept = Path(j.output_dir) if j.output_dir else None
@@ -66,11 +77,34 @@ def next_step(j: Job) -> str:
             f"until it changes; `{mondrian()} retry --failed --all` forces it)")
 
 
-def _failure(cfg: Config, j: Job) -> dict[str, Any]:
+def _known_advisors(cfg: Config, jobs: list[Job]) -> list[str]:
+    """The advisors an unknown advisor's next step lists (as its failure record does), read only when one failed
+    so: without them the advice said "Known advisors: none"."""
+    if not any(cause_of(j.error or "").key == "advisor_folder" for j in jobs):
+        return []
+    try:
+        from ..analysis.advisors import load_advisors
+
+        return sorted(load_advisors(cfg))
+    except Exception:  # a broken definition is the daemon's to report; the advice then lists none
+        return []
+
+
+def _analyzed_as(j: Job) -> dict[str, Any]:
+    """How a `mondrian analyze` job's photo is analysed again: its path, and the --advisor and --mode its command
+    line gave (an inbox photo's job: nothing, `retry --failed` puts it back)."""
+    if j.owns_file:
+        return {}
+    return {"photo": j.source_path, "advisor": j.advisor if j.advisor_source == "command" else None,
+            "mode": j.requested_mode if j.mode_source == "command" else None}
+
+
+def _failure(cfg: Config, j: Job, advisors: Iterable[str] = ()) -> dict[str, Any]:
     """A failure as status shows it, pointing at its record only if that record was really written."""
     record = Path(f"{j.output_dir}.error.json") if j.output_dir else None
     out: dict[str, Any] = {"job_id": j.id, "file": j.rel_path, "reason": j.error, "kind": j.error_kind,
-                           "failed_at": j.finished_at, "record": None, "note": None, "next_step": next_step(j)}
+                           "failed_at": j.finished_at, "record": None, "note": None,
+                           "next_step": next_step(j, advisors)}
     if record is not None and record.exists():
         out["record"] = str(record)
     elif is_folder(Path(j.source_path)):
@@ -184,13 +218,16 @@ def collect(cfg: Config) -> dict[str, Any]:
         running, interrupted = [], []
         for j in ledger.running():
             entry = {"job_id": j.id, "file": j.rel_path, "advisor": j.advisor, "mode": j.requested_mode,
-                     "owns_file": j.owns_file, "started_at": j.started_at,
+                     "owns_file": j.owns_file, "started_at": j.started_at, "analyze_again": None if j.owns_file
+                     else analyze_command(**_analyzed_as(j)),
                      "elapsed_s": round(now - (j.started_at or now), 1)}
             # A job whose process is gone (a killed `mondrian analyze`) is not in progress, whatever the ledger says.
             (running if ledger.job_is_live(j) else interrupted).append(entry)
         delayed = [{"job_id": j.id, "file": j.rel_path, "attempts": j.attempts, "next_try_at": j.not_before,
                     "next_try_in_s": round(j.not_before - now, 1), "reason": j.error} for j in ledger.delayed(now)]
-        failures = [_failure(cfg, j) for j in ledger.recent_failures(superseded=counts.superseded)]
+        recent = list(ledger.recent_failures(superseded=counts.superseded))
+        known = _known_advisors(cfg, recent)
+        failures = [_failure(cfg, j, known) for j in recent]
         queue = {"queued": counts.by_state["queued"] - len(delayed), "delayed": len(delayed),
                  "running": len(running), "failed": counts.by_state["failed"]}
         eta = _estimates(ledger, running, queue["queued"])
@@ -314,7 +351,7 @@ def _interrupted_next(job: dict[str, Any], daemon_runs: bool) -> str:
         return "the daemon's next start queues it again"
     when = "at its next rescan" if daemon_runs else f"when it next starts (`{mondrian()} run`)"
     return (f"the daemon records it {when} (from its report if one was written, else as failed); the photo stays "
-            f"where it is: run `{mondrian()} analyze` on it again if it is not done")
+            f"where it is: run `{job.get('analyze_again') or mondrian() + ' analyze'}` again if it is not done")
 
 
 def _service_serves(cfg: Config) -> bool:

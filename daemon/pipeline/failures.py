@@ -11,12 +11,15 @@ by producing the real failure), and a reason it does not recognise gets the gene
 
 from __future__ import annotations
 
+import os
 import re
+import shlex
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 from ..config import MODES
-from ..hints import mondrian
+from ..hints import mondrian, shell_word
 
 
 @dataclass(frozen=True)
@@ -118,10 +121,26 @@ def cause_of(reason: str, *, advisor_source: str | None = None, mode_source: str
     return OTHER
 
 
-def advice(cause: Cause, *, from_inbox: bool, advisors: Iterable[str] = ()) -> str:
+def analyze_command(photo: str | os.PathLike[str], *, advisor: str | None = None, mode: str | None = None) -> str:
+    """`mondrian analyze PHOTO` as a shell pastes it: a bare `mondrian analyze` is a usage error ("the following
+    arguments are required: photo"), so the photo's own path, with the `--advisor` and `--mode` it was given."""
+    words = [mondrian(), "analyze"]
+    words += ["--advisor", shlex.quote(advisor)] if advisor else []
+    words += ["--mode", shlex.quote(mode)] if mode else []
+    return " ".join(words + [shell_word(Path(photo))])
+
+
+def advice(cause: Cause, *, from_inbox: bool, advisors: Iterable[str] = (),
+           photo: str | os.PathLike[str] | None = None, advisor: str | None = None, mode: str | None = None) -> str:
     """The cause's next step, for a photo of the inbox (retried with `retry --failed`) or of `mondrian analyze`
-    (never moved by Mondrian: analysed again by hand)."""
-    again = (RETRY if from_inbox else ANALYZE_AGAIN).format(mondrian=mondrian())
+    (never moved by Mondrian: analysed again by hand). Given the `photo` of a `mondrian analyze` job (and the
+    `advisor` and `mode` its command line named), the command to analyse it again names it (the terminal's
+    `status`; files of the outbox name no absolute path)."""
+    if not from_inbox and photo is not None:
+        again = "run `" + analyze_command(photo, advisor=None if cause.key == "advisor_command" else advisor,
+                                          mode=None if cause.key == "mode_command" else mode) + "` again"
+    else:
+        again = (RETRY if from_inbox else ANALYZE_AGAIN).format(mondrian=mondrian())
     text = cause.advice.format(again=again, again_cap=again[0].upper() + again[1:], mondrian=mondrian(),
                                advisors=", ".join(sorted(advisors)) or "none")
     return text
@@ -137,4 +156,4 @@ def where_it_is(*, from_inbox: bool, kept_in_inbox: bool) -> str:
             "again.")
 
 
-__all__ = ["Cause", "CAUSES", "OTHER", "cause_of", "advice", "where_it_is"]
+__all__ = ["Cause", "CAUSES", "OTHER", "cause_of", "advice", "analyze_command", "where_it_is"]

@@ -1,0 +1,205 @@
+"""Mondrian's own advice, followed literally: each command a message tells a person to run is pasted exactly as
+printed into a real shell (`bash -c`), from another folder, and must do what the message says. The entry point is
+the one a person has: a checkout's `.venv/bin/mondrian` (not on PATH), or `mondrian` on PATH."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+from tests.harness import REPO, ledger_jobs, make_home, photo
+
+ENTRY = REPO / ".venv" / "bin" / "mondrian"  # the checkout's entry point, as README.md has people run it
+
+
+def _env(smoke_model_path: Path, path: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MONDRIAN_") and k != "ANALYSIS_MODE"}
+    env.update(MONDRIAN_MODEL=str(smoke_model_path), HF_HUB_OFFLINE="1", PATH=path, **extra)
+    return env
+
+
+def _bare_path() -> str:
+    """A PATH with a shell's tools but no `mondrian` on it (a checkout whose venv is not activated)."""
+    dirs = [d for d in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep)
+            if d and not (Path(d) / "mondrian").exists()]
+    return os.pathsep.join(dirs or ["/usr/bin", "/bin"])
+
+
+def _path_with_mondrian(tmp_path: Path) -> str:
+    """A PATH on which `mondrian` is this checkout's entry point (an installed or activated Mondrian)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "mondrian").symlink_to(ENTRY)
+    return os.pathsep.join([str(bin_dir), _bare_path()])
+
+
+def _run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(args, env=env, cwd=cwd, capture_output=True, text=True, timeout=180)
+
+
+def _paste(line: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    """The advised line, pasted into a shell as printed."""
+    return _run(["bash", "-c", line], env, cwd)
+
+
+def _commands(text: str, verb: str) -> list[str]:
+    """The `...` spans of a message that run Mondrian's `verb`."""
+    return [c for c in re.findall(r"`([^`]+)`", text) if re.search(rf"mondrian'?( --home .+)? {verb}( |$)", c)]
+
+
+def test_a_checkouts_entry_point_off_path_names_itself_so_pasting_works(tmp_path, smoke_model_path):
+    """`.venv/bin/mondrian status` in a checkout whose venv is not activated: the next step it prints must not be
+    a bare `mondrian …` (bash: mondrian: command not found)."""
+    home = make_home(tmp_path / "studio home", smoke_model_path)
+    photo(home / "inbox" / "fixme.jpg", seed=3, size=(64, 48))
+    (home / "inbox" / "fixme.mode").write_text("portrait\n")  # not a mode: the sidecar is what failed
+    env = _env(smoke_model_path, _bare_path())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    ran = _run([str(ENTRY), "--home", str(home), "run", "--once"], env, elsewhere)
+    assert ran.returncode == 0, ran.stderr
+    shown = _run([str(ENTRY), "--home", str(home), "status", "--json"], env, elsewhere)
+    [failure] = json.loads(shown.stdout)["recent_failures"]
+    [retry] = _commands(failure["next_step"], "retry")
+    (home / "outbox" / "failed" / "fixme.mode").write_text("baseline\n")  # fixed, as the advice says
+    pasted = _paste(retry, env, elsewhere)
+    assert pasted.returncode == 0 and "fixme.jpg" in pasted.stdout, (retry, pasted.stdout, pasted.stderr)
+    assert ledger_jobs(home)["fixme.jpg"].state == "queued"
+    # The daemon line of the text status too: the command it names starts the daemon on this home.
+    text = _run([str(ENTRY), "--home", str(home), "status"], env, elsewhere).stdout
+    [run_cmd] = [c for c in _commands(text, "run")]
+    pasted = _paste(run_cmd + " --once", env, elsewhere)
+    assert pasted.returncode == 0, (run_cmd, pasted.stderr)
+    assert ledger_jobs(home)["fixme.jpg"].state == "done"
+    # With `mondrian` on PATH (installed, or the venv activated) the hint is the plain name.
+    on_path = _env(smoke_model_path, _path_with_mondrian(tmp_path))
+    plain = _run(["bash", "-c", f"mondrian --home '{home}' status"], on_path, elsewhere).stdout
+    assert "`mondrian --home " in plain and str(ENTRY) not in plain, plain
+
+
+def test_a_failed_analyze_says_which_photo_to_analyze_again(tmp_path, smoke_model_path):
+    """A `mondrian analyze` photo that failed: `status` and `retry` say to analyse it again. A bare
+    `mondrian analyze` is a usage error; the command must name the photo (and the --advisor it was given)."""
+    home = make_home(tmp_path / "my home", smoke_model_path)
+    pics = tmp_path / "shoot 'day 1'"
+    photo(pics / "b.jpg", seed=8, size=(64, 48))
+    (pics / "b.mode").write_text("portrait\n")
+    env = _env(smoke_model_path, _path_with_mondrian(tmp_path))
+    first = _paste(f"mondrian --home '{home}' analyze --advisor cartier b.jpg", env, pics)  # a relative path
+    assert first.returncode != 0 and "portrait" in first.stderr + first.stdout, first
+    shown = _paste(f"mondrian --home '{home}' status --json", env, tmp_path)
+    [failure] = json.loads(shown.stdout)["recent_failures"]
+    [again] = _commands(failure["next_step"], "analyze")
+    assert "--advisor cartier" in again, again
+    retried = _paste(f"mondrian --home '{home}' retry --failed {failure['job_id']}", env, tmp_path)
+    assert _commands(retried.stdout + retried.stderr, "analyze")[-1] == again, retried
+
+    (pics / "b.mode").write_text("baseline\n")  # fixed, as the advice says
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pasted = _paste(again, env, elsewhere)
+    assert pasted.returncode == 0, (again, pasted.stdout, pasted.stderr)
+    [done] = [j for j in ledger_jobs(home).values() if j.state == "done"]
+    assert done.advisor == "cartier" and Path(done.source_path) == pics / "b.jpg", done
+
+
+def test_a_file_given_as_the_home_gets_an_init_command_that_makes_a_usable_home(tmp_path, smoke_model_path):
+    """MONDRIAN_HOME naming a file: the advice's `mondrian init …` names a real folder (a placeholder such as
+    FOLDER, pasted, made a home called FOLDER wherever the shell was), and the home it makes works."""
+    a_file = tmp_path / "notes é.txt"
+    a_file.write_text("not a home\n")
+    env = _env(smoke_model_path, _path_with_mondrian(tmp_path), MONDRIAN_HOME=str(a_file))
+    refused = _paste("mondrian status", env, tmp_path)
+    assert refused.returncode == 78, refused
+    [init] = _commands(refused.stderr, "init")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    made = _paste(init, env, elsewhere)
+    assert made.returncode == 0, (init, made.stdout, made.stderr)
+    assert not list(elsewhere.iterdir()), f"{init!r} made {list(elsewhere.iterdir())} where the shell was"
+    [use] = [line.strip().split("  #")[0] for line in made.stdout.splitlines() if line.strip().endswith(
+        "start it at login instead")]
+    status = _paste(use.replace("service install", "status"), env, elsewhere)
+    assert status.returncode == 0 and "Mondrian home:" in status.stdout, (use, status.stdout, status.stderr)
+
+
+def test_a_timed_out_photo_gets_the_time_limits_advice_in_status_and_it_works(tmp_path, smoke_model_path):
+    """A photo that ran past `job_timeout_seconds`: status's next step said "fix the cause (disk, permissions), then
+    retry", which, followed, only timed out again. It names the setting; raised, the pasted retry finishes it."""
+    home = make_home(tmp_path / "home é", smoke_model_path, job_timeout_seconds=2)
+    photo(home / "inbox" / "slow.jpg", seed=6, size=(64, 48))
+    env = _env(smoke_model_path, _path_with_mondrian(tmp_path))
+    ran = _run(["mondrian", "--home", str(home), "run", "--once"], {**env, "MONDRIAN_TEST_TOKEN_SECONDS": "0.5"},
+               tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    [failure] = json.loads(_paste(f"mondrian --home '{home}' status --json", env, tmp_path).stdout)["recent_failures"]
+    assert "job_timeout_seconds" in failure["next_step"], failure
+    settings = home / "mondrian.toml"
+    settings.write_text(settings.read_text().replace("job_timeout_seconds = 2", "job_timeout_seconds = 600"))
+    [retry] = _commands(failure["next_step"], "retry")
+    pasted = _paste(retry, env, tmp_path)
+    assert pasted.returncode == 0 and "slow.jpg" in pasted.stdout, (retry, pasted.stdout, pasted.stderr)
+    assert _run(["mondrian", "--home", str(home), "run", "--once"], env, tmp_path).returncode == 0
+    assert ledger_jobs(home)["slow.jpg"].state == "done"
+
+
+def test_status_lists_the_known_advisors_for_an_unknown_advisor_folder(tmp_path, smoke_model_path):
+    """A photo queued for an advisor whose definition went away: status's next step lists the advisors there are
+    (it said "Known advisors: none")."""
+    from daemon.ledger import Ledger
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    src = photo(home / "inbox" / "gone" / "p.jpg", seed=5, size=(64, 48))
+    ledger = Ledger(home / "var" / "ledger.db")
+    try:
+        ledger.enqueue(src, "gone/p.jpg", "gone", "folder", src.stat().st_size, src.stat().st_mtime)
+    finally:
+        ledger.close()
+    env = _env(smoke_model_path, _path_with_mondrian(tmp_path))
+    ran = _paste(f"mondrian --home '{home}' run --once", env, tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    [failure] = json.loads(_paste(f"mondrian --home '{home}' status --json", env, tmp_path).stdout)["recent_failures"]
+    assert "Known advisors: ansel, cartier, leibovitz." in failure["next_step"], failure
+    record = json.loads((home / "outbox" / "failed" / "p.jpg.error.json").read_text())
+    assert "ansel, cartier, leibovitz" in record["what_to_do"], record
+
+
+
+def test_status_of_a_home_on_a_drive_not_connected_says_connect_it_not_init_it(tmp_path, smoke_model_path):
+    """`status` with a home on an external drive that is unplugged: the advice was "run `mondrian init <home>`",
+    which, pasted, makes a plain folder where the drive mounts (macOS then mounts the drive as `Photos 1`). It says
+    the drive is not connected, as `run` does; once it is, the same command works."""
+    home = tmp_path / "Volumes" / "Photos" / "Mondrian"
+    env = _env(smoke_model_path, _path_with_mondrian(tmp_path), HOME=str(tmp_path / "user"),
+               XDG_DATA_HOME=str(tmp_path / "user" / "data"))
+    command = f"mondrian --home '{home}' status"
+    refused = _paste(command, env, tmp_path)
+    assert refused.returncode == 78 and "not connected" in refused.stderr, refused.stderr
+    assert "Connect it and run the command again" in refused.stderr, refused.stderr
+    assert not (tmp_path / "Volumes").exists()
+    make_home(home, smoke_model_path)  # the drive, connected
+    again = _paste(command, env, tmp_path)
+    assert again.returncode == 0 and "Mondrian home:" in again.stdout, again.stderr
+
+
+def test_a_pattern_the_shell_did_not_expand_gets_a_command_the_shell_expands(tmp_path, smoke_model_path):
+    """`mondrian analyze 'shoot x/*.jpg'` (quoted, so never expanded): the advice was `mondrian analyze FOLDER`, which
+    pasted looks for a folder called FOLDER. It gives the pattern unquoted after its quoted folder; pasted, the shell
+    expands it and its photos are analysed."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    shoot = tmp_path / "shoot x"
+    for i in (1, 2):
+        photo(shoot / f"p{i}.jpg", seed=20 + i, size=(64, 48))
+    env = _env(smoke_model_path, _path_with_mondrian(tmp_path))
+    refused = _paste(f"mondrian --home '{home}' analyze 'shoot x/*.jpg'", env, tmp_path)
+    assert refused.returncode == 2 and "pattern" in refused.stderr, refused.stderr
+    [again] = _commands(refused.stderr, "analyze")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    pasted = _paste(again, env, elsewhere)
+    assert pasted.returncode == 0, (again, pasted.stdout, pasted.stderr)
+    assert sorted(Path(j.source_path).name for j in ledger_jobs(home).values() if j.state == "done") == \
+        ["p1.jpg", "p2.jpg"]
