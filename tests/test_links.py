@@ -9,6 +9,7 @@ byte for byte. And one home or one inbox is served by one daemon, whatever lock 
 from __future__ import annotations
 
 import os
+import subprocess
 import re
 import shutil
 import sys
@@ -221,6 +222,10 @@ def test_two_homes_with_the_same_inbox_are_not_served_twice(tmp_path, smoke_mode
         pid = f"pid {first.proc.pid}" if sys.platform.startswith("linux") else "another Mondrian daemon"
         line = _one_line_78(second, "another Mondrian daemon", pid, str(shared))
         assert str(home_b / "mondrian.toml") in line
+        if sys.platform.startswith("linux"):  # a command that names the other daemon, not a placeholder to fill in
+            ps = line.split("`ps ", 1)[1].split("`", 1)[0]
+            named_cmd = subprocess.run(["ps", *ps.split()], capture_output=True, text=True).stdout
+            assert "daemon" in named_cmd and "run" in named_cmd, (line, named_cmd)
         photo(shared / "p.jpg", seed=6)
         wait_for(lambda: status(home_a, smoke_model_path)["counts"]["done"] == 1, 120, what="p.jpg done")
         assert first.stop() == 0, first.output()

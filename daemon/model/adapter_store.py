@@ -36,6 +36,7 @@ from typing import Any, Iterator
 
 from ..analysis.advisors import ADVISOR_ID
 from ..fsutil import NotOwn, atomic_write_text, fsync_dir, open_own_file
+from ..hints import mondrian
 from .smoke import MARKER_NAME
 
 # The files of an adapter folder as mlx-vlm writes and reads them (daemon.model.adapters uses these too).
@@ -415,7 +416,7 @@ class AdapterStore:
                   and v.complete()]
         if not usable:
             raise AdapterStoreError(f"{advisor}'s current adapter points at {problem}, and no other complete promoted "
-                                    f"version is kept to go back to; train one with `mondrian train --advisor "
+                                    f"version is kept to go back to; train one with `{mondrian()} train --advisor "
                                     f"{advisor}`")
         target = usable[-1]
         self.switch(advisor, target.name)

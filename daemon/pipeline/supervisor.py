@@ -26,7 +26,7 @@ from ..intake.inbox import SIDECAR_SUFFIX, SidecarError, classify, read_sidecar,
 from ..ledger import FAULT_NOTE, Ledger, LedgerUnavailable
 from .heartbeat import Heartbeat
 from .worker import Worker
-from ..hints import mondrian
+from ..hints import mondrian, program
 
 if TYPE_CHECKING:
     from ..model.protocol import Runtime
@@ -66,8 +66,9 @@ def _lock_home(cfg: Config) -> list[int]:
         who = f" (pid {exc.pid})" if exc.pid > 0 else ""
         raise StartupError(f"another Mondrian daemon{who}, of another home, is already serving the inbox "
                            f"{cfg.inbox}; two daemons would analyse and move the same photos. Stop that one "
-                           f"(`mondrian --home ITS_HOME status` shows it), or set `inbox` in "
-                           f"{cfg.home / 'mondrian.toml'} to a folder of this home's own") from None
+                           f"(`{program()} --home <its home> status` shows it"
+                           f"{f'; `ps -p {exc.pid} -o args=` names its command' if exc.pid > 0 else ''}), or set `inbox` in {cfg.home / 'mondrian.toml'} to a folder of this "
+                           f"home's own") from None
     except OSError as exc:  # a filesystem without locks (some network mounts): the home lock still holds
         log.warning("could not lock the inbox %s (%s); make sure no other Mondrian home uses it", cfg.inbox,
                     exc.strerror or exc)

@@ -33,7 +33,7 @@ import platformdirs
 from daemon.config import PROJECT_ROOT, Config, ConfigError, default_home, load_config, refuse_file_as_home
 from daemon.errors import EX_CONFIG, EX_UNAVAILABLE
 from daemon.resources import service_templates_dir
-from daemon.hints import mondrian, serve, shell_word
+from daemon.hints import mondrian, program, serve, shell_word
 
 DEFAULT_LABEL = "com.mondrian.daemon"
 ACTIONS = ("install", "uninstall", "start", "stop", "restart", "status")
@@ -745,7 +745,7 @@ def service_action(action: str, *, platform: str | None = None, label: str = DEF
         other = installed_home(spec)
         if home is not None and action in ("start", "stop", "restart", "uninstall") and other and other != spec.home:
             # One label, one service: `--home B service start` would start (or stop, or remove) home A's daemon.
-            fix = (f"Remove it with `mondrian --home {shell_word(other)} service uninstall`"
+            fix = (f"Remove it with `{program()} --home {shell_word(other)} service uninstall`"
                    if action == "uninstall" else
                    f"Run this home in the foreground with `{mondrian()} run`, or make the service serve it with "
                    f"`{mondrian()} service install` (replacing the other)")
