@@ -9,9 +9,9 @@ byte for byte. And one home or one inbox is served by one daemon, whatever lock 
 from __future__ import annotations
 
 import os
-import subprocess
 import re
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
