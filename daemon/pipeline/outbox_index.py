@@ -32,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 from ..fsutil import NotOwn, atomic_write_text, own_folder_inside, read_regular_file
 from ..intake.inbox import OUTBOX_RESERVED
 from .failures import CAUSES, advice, cause_of
-from .report import FailureEntry, IndexEntry, render_failure_html, write_index
+from .report import (FailureEntry, IndexEntry, ReportInvalid, render_failure_html, rerender_report_html,
+                     write_index)
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -50,7 +51,8 @@ READ_SECONDS = 10.0
 BATCH_SHARE = 20  # refresh once the jobs not yet shown are 1/BATCH_SHARE of the entries listed
 STALE_SECONDS = 10.0  # ... or the index is this old
 COST_FACTOR = 20  # ... and older than this many times the last refresh took: the index takes <= 1/20 of the time
-REPORT_KEYS = frozenset(IndexEntry.__dataclass_fields__)
+REPORT_KEYS = frozenset(IndexEntry.__dataclass_fields__) - {"thumb"}  # the thumbnail is looked for at each refresh
+THUMBS = ("thumb.jpg", "preview.jpg")  # the card's image: the thumbnail, else the larger preview, else none
 
 
 def page_name(record_name: str) -> str:
@@ -65,7 +67,7 @@ def _key(st: os.stat_result) -> list[int]:
 def _read_json(path: Path, max_bytes: int = MAX_RECORD_BYTES) -> dict[str, Any] | None:
     try:
         data = json.loads(read_regular_file(path, max_bytes=max_bytes, timeout_s=READ_SECONDS))
-    except (OSError, ValueError, MemoryError):
+    except (OSError, ValueError, MemoryError, RecursionError):  # RecursionError: `[[[[…` nested past the stack
         return None
     return data if isinstance(data, dict) else None
 
@@ -81,7 +83,7 @@ def report_summary(folder: str, report: dict[str, Any]) -> dict[str, Any] | None
                 "grade": int(report["overall_grade"]), "created_at": str(report.get("created_at", "")),
                 "smoke": bool(model.get("smoke")), "adapter": model.get("adapter") or None,
                 "references": len(refs) if isinstance(refs, list) else 0}
-    except (KeyError, TypeError, ValueError, AttributeError):
+    except (KeyError, TypeError, ValueError, AttributeError, OverflowError):  # Overflow: a grade edited to 1e999
         return None
 
 
@@ -101,6 +103,20 @@ def published_report(path: Path, job_id: int) -> dict[str, Any] | None:
     return report
 
 
+def _job_id(value: object) -> int | None:
+    """A record's job id, if it is one: a record edited by hand to hold `[3]` or `{}` must not stop the index (the
+    ledger's set of standing ids is looked up with it)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _is_file(path: Path) -> bool:
+    """A plain file (never a link, which may lead out of the outbox) is there."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def failure_summary(name: str, record: dict[str, Any]) -> dict[str, Any]:
     """What the index and the failure page show of one failure record; the cause is the record's own, or (for a
     record written before causes were recorded) read from its reason."""
@@ -114,7 +130,7 @@ def failure_summary(name: str, record: dict[str, Any]) -> dict[str, Any]:
             "title": cause.title, "next_step": step,
             "what_to_do": (str(record.get("what_to_do") or "") if recorded else "") or step,
             "kind": str(record.get("kind") or "permanent"), "advisor": str(record.get("advisor") or ""),
-            "failed_at": str(record.get("failed_at") or ""), "job_id": record.get("job_id"),
+            "failed_at": str(record.get("failed_at") or ""), "job_id": _job_id(record.get("job_id")),
             "photo_at_fault": cause.photo_at_fault}
 
 
@@ -187,16 +203,42 @@ class OutboxIndex:
                 continue
             key = _key(st)
             hit = cached.get(name)
-            if isinstance(hit, dict) and hit.get("key") == key and isinstance(hit.get("entry"), dict) \
-                    and set(hit["entry"]) == REPORT_KEYS:
-                found[name] = hit
-                continue
-            self.reads += 1
-            report = _read_json(Path(entry.path) / "report.json")
-            summary = report_summary(name, report) if report else None
-            if summary is not None:
-                found[name] = {"key": key, "entry": summary}
+            report = None
+            if not (isinstance(hit, dict) and hit.get("key") == key and isinstance(hit.get("entry"), dict)
+                    and set(hit["entry"]) == REPORT_KEYS):
+                self.reads += 1
+                report = _read_json(Path(entry.path) / "report.json")
+                summary = report_summary(name, report) if report else None
+                if summary is None:
+                    continue
+                hit = {"key": key, "entry": summary}
+            found[name] = self._follow_files({**hit}, Path(entry.path), report)
         return found
+
+    def _follow_files(self, hit: dict[str, Any], folder: Path, report: dict[str, Any] | None) -> dict[str, Any]:
+        """A report page links its original and shows its preview: once the photographer deleted or moved either
+        away (or put it back), the page is rendered again from report.json, so that it links only what is there.
+        Two lstats a report and refresh; a page is rewritten only when what it can link changed (or, for a report
+        not seen before, when something is missing: it was written with both)."""
+        present = [_is_file(folder / os.path.basename(str(hit["entry"].get("file") or ""))),
+                   _is_file(folder / "preview.jpg")]
+        known = hit.get("files")
+        if known == present or (known is None and all(present)):
+            hit["files"] = present
+            return hit
+        if report is None:
+            self.reads += 1
+            report = _read_json(folder / "report.json")
+        try:
+            if report is None:
+                raise ReportInvalid("unreadable")
+            rerender_report_html(folder, report, original=present[0], preview=present[1])
+            hit["files"] = present
+        except ReportInvalid:  # edited by hand past what a page can show: its page stays as it was
+            hit["files"] = present
+        except OSError as exc:
+            log.warning("could not rewrite %s: %s", folder / "report.html", exc)
+        return hit
 
     def _failures(self, cached: dict[str, Any]) -> dict[str, Any]:
         found: dict[str, Any] = {}
@@ -226,21 +268,34 @@ class OutboxIndex:
                 if record is None:
                     continue
                 hit = {"key": key, "entry": failure_summary(name[: -len(RECORD_SUFFIX)], record)}
-                self._write_page(failed / page_name(name), hit["entry"])
-            elif page_name(name) not in names:
-                self._write_page(failed / page_name(name), hit["entry"])  # deleted, or never written (a kill)
+                hit["original"] = self._write_page(failed / page_name(name), hit["entry"])
+            else:
+                # The page links the photo kept beside it only while it is there: one the photographer deleted or
+                # moved away since (or put back) gets its page again, as does a page deleted or never written.
+                hit = {**hit}
+                if page_name(name) not in names or hit.get("original") != _is_file(failed / hit["entry"]["name"]):
+                    hit["original"] = self._write_page(failed / page_name(name), hit["entry"])
             found[name] = hit
         return found
 
-    def _write_page(self, path: Path, entry: dict[str, Any]) -> None:
+    def _write_page(self, path: Path, entry: dict[str, Any]) -> bool | None:
+        """Write a failure page; return whether it links the original (None: not written, try again next time)."""
         try:
-            try:  # linked only if it is a plain file here: never a link that leads out of the outbox
-                has_original = stat.S_ISREG(os.lstat(path.parent / entry["name"]).st_mode)
-            except OSError:
-                has_original = False
+            # linked only if it is a plain file here: never a link that leads out of the outbox
+            has_original = _is_file(path.parent / entry["name"])
             atomic_write_text(path, render_failure_html(FailureEntry.from_summary(entry), has_original=has_original))
         except OSError as exc:
             log.warning("could not write the failure page %s: %s", path.name, exc)
+            return None
+        return has_original
+
+    def _thumb(self, folder: str) -> str | None:
+        """The image a report's card shows: never one the photographer deleted from its folder (a broken image).
+        One lstat a report and refresh, as the listing already costs."""
+        for name in THUMBS:
+            if _is_file(self.cfg.outbox / folder / name):
+                return name
+        return None
 
     def _standing(self, failures: dict[str, Any]) -> list[dict[str, Any]]:
         """The failures that still stand: a record whose photo was put back and queued or analysed since (its
@@ -276,7 +331,8 @@ class OutboxIndex:
         self._listed = len(reports) + len(failures)
         self._save(reports, failures)
         try:
-            write_index(self.cfg.outbox, [IndexEntry(**r["entry"]) for r in reports.values()],
+            write_index(self.cfg.outbox, [IndexEntry(**r["entry"], thumb=self._thumb(name))
+                                          for name, r in reports.items()],
                         [FailureEntry.from_summary(f) for f in self._standing(failures)])
         except OSError as exc:
             log.warning("could not update %s: %s", self.cfg.outbox / "index.html", exc)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -117,6 +118,26 @@ def _code_spans(text: object) -> Markup:
     return Markup("").join(escape(p) if i % 2 == 0 else Markup("<code>%s</code>") % p for i, p in enumerate(parts))
 
 
+# Bidirectional embeddings, overrides and isolates (U+202A-U+202E, U+2066-U+2069). In a file name or a model's text
+# they reorder what follows them on the page: `x\u202egpj.exe` shows as `xexe.jpg`, and in a caption everything after
+# the name (its size, "full resolution") came out backwards. Every value a page shows shows them as their code instead.
+_BIDI_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069]")
+
+
+def _visible_bidi(text: str) -> str:
+    return _BIDI_CONTROLS.sub(lambda m: f"[U+{ord(m.group()):04X}]", text)
+
+
+def _finalize(value: Any) -> Any:
+    """Jinja's last step before escaping each {{ value }}: bidi controls made visible (Markup stays Markup: the
+    replacement adds no markup)."""
+    if isinstance(value, Markup):
+        return Markup(_visible_bidi(str(value)))
+    if isinstance(value, str):
+        return _visible_bidi(value)
+    return value
+
+
 @lru_cache(maxsize=1)
 def _env() -> Environment:
     env = Environment(
@@ -126,6 +147,7 @@ def _env() -> Environment:
         trim_blocks=True,
         lstrip_blocks=True,
         auto_reload=False,  # bundled templates do not change while Mondrian runs: no stat of each at every render
+        finalize=_finalize,
     )
     env.filters["code"] = _code_spans
     return env
@@ -303,8 +325,9 @@ def _earlier(report: dict) -> list[dict[str, Any]]:
     return out
 
 
-def render_report_html(report: dict, *, photo_href: str = "preview.jpg") -> str:
-    """HTML for one report. `photo_href` is used as a URL as given (relative to report.html)."""
+def render_report_html(report: dict, *, photo_href: str | None = "preview.jpg", original: bool = True) -> str:
+    """HTML for one report. `photo_href` is used as a URL as given (relative to report.html); None: no preview is
+    left to show. `original=False`: the original is no longer beside the page (not linked)."""
     dims = report["dimensions"]
     portfolio = report.get("portfolio") if isinstance(report.get("portfolio"), dict) else None
     pf_dims = portfolio.get("dimensions") if portfolio and isinstance(portfolio.get("dimensions"), dict) else None
@@ -318,7 +341,8 @@ def render_report_html(report: dict, *, photo_href: str = "preview.jpg") -> str:
         "title_file": _bare_name(photo.get("file")),
         "photo_href": photo_href,
         # The original lies beside report.html under photo.file (moved in once the report is published).
-        "original_href": _original_href(_bare_name(photo.get("file"))),
+        "original_href": _original_href(_bare_name(photo.get("file"))) if original else None,
+        "original_gone": not original,
         "photo": {
             "file": _bare_name(photo.get("file")),
             "size": f"{photo.get('width')} × {photo.get('height')} px",
@@ -360,6 +384,15 @@ def render_report_html(report: dict, *, photo_href: str = "preview.jpg") -> str:
         "created_iso": report.get("created_at", ""),
     }
     return _env().get_template("report.html").render(**ctx)
+
+
+def rerender_report_html(folder: Path, report: dict, *, original: bool, preview: bool) -> None:
+    """Write a report folder's page again from its report.json, linking the original and showing the preview only
+    if they are there (the outbox index calls it when the photographer deleted or moved one of them). Raises
+    ReportInvalid for a report.json that no longer satisfies the schema (edited by hand): its page is left alone."""
+    validate_report(report)
+    html = render_report_html(report, photo_href="preview.jpg" if preview else None, original=original)
+    atomic_write_text(Path(folder) / "report.html", html, durable=False)
 
 
 def _jpeg_bytes(img: Image.Image) -> bytes:
@@ -420,6 +453,7 @@ class IndexEntry:
     smoke: bool
     adapter: str | None = None  # lora: the adapter version used, e.g. "ansel/v0003"
     references: int = 0  # rag: how many portfolio references the report compares with
+    thumb: str | None = "thumb.jpg"  # the image the card shows, in the report folder; None: none is left there
 
 
 @dataclass
@@ -465,7 +499,7 @@ def _index_items(entries: Sequence[IndexEntry], failures: Sequence[FailureEntry]
             "kind": "report",
             "folder": e.folder,
             "report_href": f"{base}/report.html",
-            "thumb_href": f"{base}/thumb.jpg",
+            "thumb_href": f"{base}/{quote(e.thumb, safe='')}" if isinstance(e.thumb, str) and e.thumb else None,
             "file": _bare_name(e.file),
             "advisor": e.advisor_name or e.advisor_id,
             "mode_effective": e.mode_effective,

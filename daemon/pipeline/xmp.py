@@ -30,6 +30,9 @@ SIDECAR_SUFFIX = ".xmp"
 # a larger metadata segment in front of it would break.
 EMBED_FORMATS = ("JPEG", "TIFF")
 KEYWORD_PREFIX = "mondrian:"
+# A property of theirs, as an element or an attribute (`<dc:subject>`, `crs:Exposure2012="…"`), beyond the rdf:/x:
+# scaffolding an empty packet has: a packet with one that reads back empty did not parse.
+_PROPERTY = re.compile(r"<(?!/|\?|!|rdf:|x:)[\w.-]+:[\w.-]+[\s>/]|\s(?!rdf:|xmlns:|x:|xml:)[\w.-]+:[\w.-]+\s*=")
 # XML 1.0 cannot carry these at all (not even escaped): a model's summary may hold them.
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
@@ -82,10 +85,15 @@ def sidecar_bytes(report: dict[str, Any], theirs: bytes | None = None) -> bytes:
     image = None
     if theirs:
         try:
-            image = exiv2.ImageFactory.open(theirs)
+            # exiv2 does not recognise a packet after blank lines (some tools begin their file with one)
+            image = exiv2.ImageFactory.open(theirs.lstrip(b" \t\r\n"))
             if image.imageType() != exiv2.ImageType.xmp:  # a photo named `.xmp` is not a sidecar to build on
                 raise ValueError(f"it holds {image.mimeType()}, not XMP")
             image.readMetadata()
+            if image.xmpData().empty() and _PROPERTY.search(image.xmpPacket()):
+                # exiv2 does not raise for XML it cannot parse (a tag left open, a DOCTYPE): it only prints "XMP
+                # Toolkit error" on stderr, naming no photo, and hands back nothing to merge.
+                raise ValueError("it is not well-formed XMP")
         except Exception as exc:  # exiv2 raises its own kinds
             log.warning("%s: the XMP that came with it could not be read (%s); Mondrian's sidecar holds its own "
                         "fields only", report["photo"]["file"], exc)
