@@ -71,3 +71,12 @@ def _hints_name_no_home_left_by_another_test():
     hints._home_flag = ""
     yield
     hints._home_flag = ""
+
+
+@pytest.fixture(scope="module")
+def smoke_model(smoke_model_path: Path):  # type: ignore[no-untyped-def]
+    """The smoke model loaded once per test module (for building adapters against it)."""
+    import mlx_vlm
+
+    model, _ = mlx_vlm.load(str(smoke_model_path))
+    return model

@@ -15,6 +15,16 @@ from bench.synthetic import hsv_to_rgb, plain_random_model, synthetic_photo  # n
 from daemon.analysis.critique import DIMENSIONS
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ADAPTER_MAX_PIXELS = 112 * 112  # small photos: the adapter tests exercise the files, not the critique
+
+
+def adapter_home(tmp_path: Path, model_path: Path, **settings: Any) -> Any:
+    """A home (and its config) for adapter tests: no embeddings, small photos."""
+    from daemon.config import load_config
+    from tests.harness import make_home
+
+    home = make_home(tmp_path / "home", **{"embeddings_enabled": False, "max_pixels": ADAPTER_MAX_PIXELS, **settings})
+    return load_config(home, env={}, model=str(model_path))
 
 
 def synthetic_advisor(home: Path, advisor: str = "synth", n: int = 40, seed: int = 0,

@@ -13,24 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import load_config
-from tests.harness import Daemon, ledger_jobs, make_home, mondrian, photo, wait_for
-from tests.lora_helpers import install_version, random_adapter
+from tests.harness import Daemon, ledger_jobs, mondrian, photo, wait_for
+from tests.lora_helpers import adapter_home, install_version, random_adapter
 
-MAX_PIXELS = 112 * 112
-
-
-@pytest.fixture(scope="module")
-def smoke_model(smoke_model_path: Path):
-    import mlx_vlm
-
-    model, _ = mlx_vlm.load(str(smoke_model_path))
-    return model
-
-
-def _home(tmp_path: Path, model_path: Path, **settings):
-    home = make_home(tmp_path / "home", **{"embeddings_enabled": False, "max_pixels": MAX_PIXELS, **settings})
-    return load_config(home, env={}, model=str(model_path))
+_home = adapter_home
 
 
 def _with_adapter(tmp_path: Path, smoke_model_path: Path, model, **settings):

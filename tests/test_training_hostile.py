@@ -9,24 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import load_config
-from tests.harness import make_home, mondrian
-from tests.lora_helpers import install_version, random_adapter, synthetic_advisor
+from tests.harness import mondrian
+from tests.lora_helpers import adapter_home, install_version, random_adapter, synthetic_advisor
 
-MAX_PIXELS = 112 * 112
-
-
-@pytest.fixture(scope="module")
-def smoke_model(smoke_model_path: Path):
-    import mlx_vlm
-
-    model, _ = mlx_vlm.load(str(smoke_model_path))
-    return model
-
-
-def _home(tmp_path: Path, model_path: Path, **settings):
-    home = make_home(tmp_path / "home", **{"embeddings_enabled": False, "max_pixels": MAX_PIXELS, **settings})
-    return load_config(home, env={}, model=str(model_path))
+_home = adapter_home
 
 
 # Where a fused model would be deleted by Mondrian itself: a version-like name in the adapters folder is pruned by the
