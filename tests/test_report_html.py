@@ -381,10 +381,16 @@ def test_index_renders_in_chromium_offline(tmp_path: Path) -> None:
     require_browser()
     outbox, entries = make_outbox(tmp_path)
     write_index(outbox, entries)
-    page = render((outbox / "index.html").as_uri(), evaluate="""() => ({
+    # Thumbnails load lazily (as they scroll into view): each card is shown, and its image awaited, before looking.
+    page = render((outbox / "index.html").as_uri(), evaluate="""async () => {
+      for (const img of document.querySelectorAll('[data-folder] img')) {
+        img.scrollIntoView();
+        try { await img.decode(); } catch (e) { /* a broken image: naturalWidth stays 0 below */ }
+      }
+      return {
       cards: [...document.querySelectorAll('[data-folder]')].map(e => [e.dataset.folder, Number(e.dataset.grade),
               e.querySelector('a').href.split('/').slice(-2).join('/'), e.querySelector('img').naturalWidth > 0]),
-      pwned: document.documentElement.dataset.pwned || null, scripts: document.scripts.length })""")
+      pwned: document.documentElement.dataset.pwned || null, scripts: document.scripts.length }; }""")
     cards = page.value["cards"]
     assert [c[0] for c in cards] == ["IMG_3", entries[2].folder, "IMG_1"]
     assert [c[1] for c in cards] == [8, 6, 5]
