@@ -20,6 +20,7 @@ from ..ledger import FAILED, Job, Ledger
 from ..pipeline.failures import analyze_command
 from ..pipeline.outbox_index import OutboxIndex
 from ..hints import mondrian
+from .status import analyzed_as
 
 
 @dataclass
@@ -126,8 +127,7 @@ def _drop_record(kept: Path) -> None:
 def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | None:
     if not job.owns_file:
         # Its photo is the user's, wherever it lies: queueing it would make the daemon move it into the outbox.
-        again = analyze_command(job.source_path, advisor=job.advisor if job.advisor_source == "command" else None,
-                                mode=job.requested_mode if job.mode_source == "command" else None)
+        again = analyze_command(**analyzed_as(job))
         left.append(f"job {job.id}: {job.rel_path} was analysed with `{mondrian()} analyze` and stays where it is; "
                     f"run `{again}` again (or copy it into the inbox)")
         return None

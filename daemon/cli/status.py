@@ -62,12 +62,12 @@ def next_step(j: Job, advisors: Iterable[str] = ()) -> str:
     the known ones, which an unknown advisor's advice lists."""
     cause = cause_of(j.error or "", advisor_source=j.advisor_source, mode_source=j.mode_source)
     if cause.key in PHOTO_IS_FINE | SETTING_OR_MODEL:  # re-exporting the photo would not help: the record's own
-        return advice(cause, from_inbox=bool(j.owns_file), advisors=advisors, **_analyzed_as(j))
+        return advice(cause, from_inbox=bool(j.owns_file), advisors=advisors, **analyzed_as(j))
     if is_folder(Path(j.source_path)):  # an inbox folder Mondrian could not look into: no photo, no record
         return f"make the folder readable (`chmod u+rx`); its photos are queued then, and `{mondrian()} retry " \
                f"--failed` clears this entry"
     if not j.owns_file:
-        return f"fix what the reason says, then run `{analyze_command(**_analyzed_as(j))}` again"
+        return f"fix what the reason says, then run `{analyze_command(**analyzed_as(j))}` again"
     if j.error_kind != "permanent":
         return f"fix the cause (disk, permissions), then `{mondrian()} retry --failed`"
     kept = Path(j.output_dir) if j.output_dir else None
@@ -90,7 +90,7 @@ def _known_advisors(cfg: Config, jobs: list[Job]) -> list[str]:
         return []
 
 
-def _analyzed_as(j: Job) -> dict[str, Any]:
+def analyzed_as(j: Job) -> dict[str, Any]:
     """How a `mondrian analyze` job's photo is analysed again: its path, and the --advisor and --mode its command
     line gave (an inbox photo's job: nothing, `retry --failed` puts it back)."""
     if j.owns_file:
@@ -219,7 +219,7 @@ def collect(cfg: Config) -> dict[str, Any]:
         for j in ledger.running():
             entry = {"job_id": j.id, "file": j.rel_path, "advisor": j.advisor, "mode": j.requested_mode,
                      "owns_file": j.owns_file, "started_at": j.started_at, "analyze_again": None if j.owns_file
-                     else analyze_command(**_analyzed_as(j)),
+                     else analyze_command(**analyzed_as(j)),
                      "elapsed_s": round(now - (j.started_at or now), 1)}
             # A job whose process is gone (a killed `mondrian analyze`) is not in progress, whatever the ledger says.
             (running if ledger.job_is_live(j) else interrupted).append(entry)
