@@ -295,7 +295,7 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     from daemon.analysis.prompts import critique_prompt
     from daemon.intake.images import load_photo
     from daemon.ledger import Ledger
-    from daemon.model.adapter_store import AdapterStore, AdapterStoreError, base_model_fingerprint
+    from daemon.model.adapter_store import AdapterStore, AdapterStoreError
     from daemon.model.fuse import FuseError, fuse_adapter
     from daemon.model.runtime import ModelNotFoundError, resolve_model_path
     from PIL import Image
@@ -314,10 +314,9 @@ def cmd_fuse(args: argparse.Namespace) -> int:
     except (AdapterStoreError, ModelNotFoundError) as exc:
         print(str(exc), file=sys.stderr)
         return 1
-    trained_on = (version.manifest.get("base_model") or {}).get("fingerprint")
-    if trained_on and trained_on != base_model_fingerprint(base):
-        print(f"{version.label} was trained for base model {(version.manifest.get('base_model') or {}).get('spec')}, "
-              f"not the configured {cfg.model}: fuse it with `--model` set to that base", file=sys.stderr)
+    other = _other_base(cfg, [version])
+    if other:
+        print(f"{other}: fuse it with `--model` set to that base", file=sys.stderr)
         return 1
     dest = Path(args.out).expanduser() if args.out else cfg.var_dir / "models" / f"fused-{advisor.id}-{version.name}"
     owned = _managed_folder(cfg, dest)

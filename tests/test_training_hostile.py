@@ -86,3 +86,16 @@ def test_evaluate_refuses_an_adapter_trained_for_another_base(which, tmp_path, s
     assert "MAE" not in out.stdout
     fine = mondrian(cfg.home, smoke_model_path, "evaluate", "--advisor", "ansel", "--version", "v0002")
     assert fine.returncode == 0 and "MAE" in fine.stdout, fine.stderr[-2000:]
+
+
+def test_fuse_refuses_an_adapter_trained_for_another_base(tmp_path, smoke_model_path, smoke_model) -> None:
+    """Merged into a base it was not trained for, an adapter makes a model that scores like neither: refused, and
+    nothing is written."""
+    cfg = _home(tmp_path, smoke_model_path)
+    install_version(cfg, "ansel", random_adapter(tmp_path / "src", smoke_model, seed=7),
+                    base_fingerprint="0123456789abcdef")
+    dest = tmp_path / "fused"
+    out = mondrian(cfg.home, smoke_model_path, "adapters", "fuse", "--advisor", "ansel", "--out", str(dest))
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "ansel/v0001: it was trained for base model" in out.stderr and "fuse it with `--model`" in out.stderr
+    assert not dest.exists()
