@@ -1136,7 +1136,7 @@ class Ledger:
 
     def outputs_starting(self, prefix: Path) -> set[str]:
         """Every outcome path ever recorded (any state) that starts with `prefix` (and a few more: the match ignores
-        case), for picking names no earlier job was published under."""
+        ASCII case, as SQLite's LIKE does), for picking names no earlier job was published under."""
         q = self.Job.select(self.Job.output_dir).where(self.Job.output_dir.startswith(str(prefix)))
         return {j.output_dir for j in q}
 

@@ -379,3 +379,22 @@ def test_a_report_folders_name_is_never_given_to_another_photo(tmp_path, smoke_m
     assert stranger["job_id"] not in (first["job_id"], cartier["job_id"])
     assert not (outbox / "alpha").exists(), "the stranger's report took the name a page links to"
     assert sorted(p.name for p in outbox.glob("alpha*")) == ["alpha-2", "alpha-3"]
+
+
+def test_a_report_folders_name_is_not_given_to_a_photo_whose_name_differs_only_in_case(tmp_path, smoke_model_path):
+    """Attack: Alpha.png and Été.png critiqued, their folders deleted, then other photos named ALPHA.png and ÉTÉ.png
+    took outbox/ALPHA/ and outbox/ÉTÉ/. On a Mac (and a studio's SMB share) those are the very folders the first
+    reports' links open: case does not tell names apart there."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox, outbox = home / "inbox", home / "outbox"
+    shutil.copy2(photo(tmp_path / "a.png", seed=7), inbox / "Alpha.png")
+    shutil.copy2(photo(tmp_path / "b.png", seed=8), inbox / "Été.png")
+    _run_once(home, smoke_model_path)
+    assert sorted(p.name for p in outbox.iterdir() if p.is_dir() and (p / "report.json").exists()) == ["Alpha", "Été"]
+    shutil.rmtree(outbox / "Alpha")
+    shutil.rmtree(outbox / "Été")
+    shutil.copy2(photo(tmp_path / "c.png", seed=9), inbox / "ALPHA.png")
+    shutil.copy2(photo(tmp_path / "d.png", seed=10), inbox / "ÉTÉ.png")
+    _run_once(home, smoke_model_path)
+    assert sorted(p.name for p in outbox.iterdir() if p.is_dir() and (p / "report.json").exists()) \
+        == ["ALPHA-2", "ÉTÉ-2"]

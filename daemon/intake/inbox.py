@@ -177,11 +177,13 @@ def unique_path(parent: Path, stem: str, suffix: str = "", taken: set[str] = fro
     """parent/stem+suffix, or stem-2, stem-3, ... : never an existing, taken or `reserved` name, nor one whose
     `companions` (records written beside it, `name` + each) exist; short enough that those records fit too."""
     room = NAME_MAX_BYTES - max((len(c.encode()) for c in companions), default=0)
+    # Casefolded: on a Mac (and on the SMB share a studio's Macs publish to) `IMG_1` and `img_1` are one folder.
+    taken = {t.casefold() for t in taken}
     n = 1
     while True:
         name = _fitted(stem, suffix if n == 1 else f"-{n}{suffix}", room)
         candidate = parent / name
-        if (name.lower() not in reserved and str(candidate) not in taken
+        if (name.lower() not in reserved and str(candidate).casefold() not in taken
                 and not any(os.path.lexists(f"{candidate}{c}") for c in ("", *companions))):
             return candidate
         n += 1

@@ -360,7 +360,12 @@ class Publisher:
         taken = self.ledger.reserved_outputs()
         if published_as is not None:
             # A prefix every fitted candidate keeps (unique_path shortens only names near the 255-byte limit).
-            taken |= self.ledger.outputs_starting(self.cfg.outbox / published_as[:PUBLISHED_PREFIX_CHARS])
+            # SQLite's LIKE folds ASCII letters only, and a Mac's folders fold every letter (`ÉTÉ` is `Été`): the
+            # prefix stops before the first other letter that has a case.
+            prefix = published_as[:PUBLISHED_PREFIX_CHARS]
+            prefix = prefix[:next((i for i, c in enumerate(prefix) if ord(c) > 127 and c.lower() != c.upper()),
+                                  len(prefix))]
+            taken |= self.ledger.outputs_starting(self.cfg.outbox / prefix)
         return taken - {job.output_dir}
 
     def resume(self, job: Job, keep_original: bool) -> bool:
