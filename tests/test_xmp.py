@@ -226,3 +226,24 @@ def test_one_xmp_beside_two_photos_of_one_stem_goes_to_both_reports(tmp_path, sm
     for folder in folders:
         assert "harbour-at-dawn" in read_back(got[str(folder / "IMG_1.xmp")])[3], folder
     assert sorted(p.name for p in (home / "inbox").iterdir() if not p.name.startswith(".")) == []
+
+
+def test_a_jpeg_with_extended_xmp_is_left_unchanged_and_its_sidecar_has_the_rating(tmp_path, caplog):
+    """A JPEG whose XMP is over 64 KB (5,000 keywords: Lightroom writes such lists) keeps the rest in "extended XMP"
+    segments that exiv2 does not rewrite; embedding put Mondrian's keywords in the first segment only, and readers,
+    which merge the extended part over it, showed the photographer's list without them."""
+    jpg = tmp_path / "big.jpg"
+    Image.new("RGB", (32, 24), (10, 20, 30)).save(jpg, "JPEG")
+    exiftool(jpg)  # skips (or fails under CI) when exiftool is missing
+    keywords = [f"kw{i:05d}" for i in range(5000)]
+    subprocess.run(["exiftool", "-m", "-overwrite_original", "-sep", ",", "-XMP-dc:Subject=" + ",".join(keywords),
+                    str(jpg)], check=True, capture_output=True, timeout=60)
+    assert subprocess.run(["exiftool", "-s3", "-XMP-xmpNote:HasExtendedXMP", str(jpg)], capture_output=True,
+                          text=True, timeout=60).stdout.strip(), "exiftool did not write extended XMP"
+    before = jpg.read_bytes()
+    report = report_for(7, photo={"file": "big.jpg", "format": "JPEG"})
+    sidecar = write_sidecar(tmp_path, report)
+    assert not embed(jpg, report)
+    assert jpg.read_bytes() == before
+    assert "big.jpg: the XMP could not be embedded" in caplog.text and "big.xmp beside it has the rating" in caplog.text
+    assert read_back(exiftool(sidecar)[str(sidecar)]) == expected(report)

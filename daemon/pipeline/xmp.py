@@ -144,6 +144,11 @@ def embed(original: Path, report: dict[str, Any]) -> bool:
         data = read_regular_file(original)
         image = exiv2.ImageFactory.open(data)
         image.readMetadata()
+        if image.xmpData().findKey(exiv2.XmpKey("Xmp.xmpNote.HasExtendedXMP")) != image.xmpData().end():
+            # XMP over 64 KB continues in further JPEG segments that exiv2 neither reads nor rewrites; readers
+            # merge them over the first, so a keyword list living there would hide Mondrian's.
+            raise ValueError("its XMP is larger than one JPEG segment holds (extended XMP), which cannot be "
+                             "rewritten safely")
         _fill(image.xmpData(), report)
         image.writeMetadata()
         atomic_write_bytes(original, _bytes(image))
