@@ -106,13 +106,16 @@ def test_an_inbox_replaced_by_a_link_to_a_folder_is_watched(tmp_path, smoke_mode
     assert (home / "outbox" / "a" / "report.json").exists() and not (drive / "a.jpg").exists()
 
 
-def test_finders_folder_icon_file_is_left_alone(tmp_path, smoke_model_path):
+def test_finders_folder_icon_file_and_windows_thumbnail_caches_are_left_alone(tmp_path, smoke_model_path):
     """An album copied from a Mac holds `Icon\\r`, the empty file Finder keeps a folder's custom icon in (hidden in
-    Finder). Taken for a photo, it failed as "the file is empty (0 bytes); copy the photo again"."""
+    Finder). Taken for a photo, it failed as "the file is empty (0 bytes); copy the photo again". One copied from a
+    PC holds Explorer's `Thumbs.db` and `desktop.ini`, which failed as "not a photo" and were moved to failed/."""
     home = make_home(tmp_path / "home", smoke_model_path, **FAST)
     stage = tmp_path / "stage" / "Holiday"
     photo(stage / "a.jpg", seed=1)
     (stage / "Icon\r").write_bytes(b"")
+    (stage / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(4088))  # an OLE2 file
+    (stage / "desktop.ini").write_text("[.ShellClassInfo]\r\nIconResource=C:\\icon.ico,0\r\n")
     (tmp_path / "stage" / "Icon\r").write_bytes(b"")
     with Daemon(home, smoke_model_path) as daemon:
         wait_for(lambda: "model ready" in daemon.output(), 120, what="the daemon to start")
@@ -125,4 +128,5 @@ def test_finders_folder_icon_file_is_left_alone(tmp_path, smoke_model_path):
     assert set(jobs) == {"Holiday/a.jpg"}, {n: (j.state, j.error) for n, j in jobs.items()}
     assert jobs["Holiday/a.jpg"].state == "done"
     assert (home / "inbox" / "Holiday" / "Icon\r").exists() and (home / "inbox" / "Icon\r").exists()
+    assert (home / "inbox" / "Holiday" / "Thumbs.db").exists() and (home / "inbox" / "Holiday" / "desktop.ini").exists()
     assert not (home / "outbox" / "failed").exists() or not any((home / "outbox" / "failed").iterdir())

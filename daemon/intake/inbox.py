@@ -22,7 +22,8 @@ TEMP_SUFFIXES = (".part", ".crdownload", ".download", ".tmp", ".partial", ".opdo
 HIDDEN_PREFIXES = (".", "~$", "._")
 # Finder's custom folder icon: `Icon` + a carriage return, an empty file that Finder hides, in every album copied from
 # a Mac that has one. Never a photo: taken for one, it failed as "the file is empty (0 bytes); copy the photo again".
-SYSTEM_NAMES = frozenset({"icon\r"})
+# Windows Explorer's thumbnail caches and folder settings come with every album copied from (or over a share by) a PC.
+SYSTEM_NAMES = frozenset({"icon\r", "thumbs.db", "ehthumbs.db", "ehthumbs_vista.db", "desktop.ini"})
 # Editors' sidecars: other programs' notes on the photo of the same name (Lightroom and Camera Raw `IMG_1.xmp`,
 # darktable `IMG_1.NEF.xmp`, an iPhone's edits `IMG_1.AAE`, Canon's `.THM`, RawTherapee, DxO, ON1, Capture One).
 # Never photos: they ride along with their photo, as `.mode` does, and the XMP is merged into Mondrian's.
