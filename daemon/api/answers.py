@@ -4,12 +4,18 @@ stands (202 and the URL to poll), or why it failed."""
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 from typing import Any
 
 from starlette.responses import JSONResponse
 
+from ..fsutil import NotReadable, kind_of, read_regular_file
 from ..ledger import DONE, FAILED, GONE, Job
+
+REPORT_MAX_BYTES = 16 * 2**20  # a report is a few kB; a bigger report.json is not one Mondrian wrote
+REPORT_READ_SECONDS = 5.0
 
 
 def job_url(job_id: int) -> str:
@@ -41,7 +47,7 @@ def _request_headers(job: Job) -> dict[str, str]:
 
 
 def answer(job: Job, *, waited_out: bool = False, stopping: bool = False) -> JSONResponse:
-    """What a client is told about `job`, whatever its state."""
+    """What a client is told about `job`, whatever its state. It may read the outbox: call it off the event loop."""
     if job.state == DONE:
         return _report(job)
     if job.state == FAILED:
@@ -81,8 +87,15 @@ def _as_this_request(report: dict[str, Any], job: Job) -> None:
 
 
 def _report(job: Job) -> JSONResponse:
+    path = Path(job.report_json or "")
     try:
-        report = json.loads(Path(job.report_json or "").read_text(encoding="utf-8"))
+        # The outbox is the user's: report.json may have been replaced by a named pipe, or sit on a network drive
+        # that hangs. A plain read would wait for ever, and every request that asks for it with it.
+        mode = os.stat(path).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotReadable(f"it is {kind_of(mode)}, not a file")
+        report = json.loads(read_regular_file(path, max_bytes=REPORT_MAX_BYTES,
+                                              timeout_s=REPORT_READ_SECONDS).decode("utf-8"))
     except (OSError, ValueError) as exc:
         return error(500, f"job {job.id} is done but its report cannot be read ({exc}); the report folder is "
                           f"{Path(job.output_dir or '').name or '?'} in the outbox", **_job_facts(job))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import threading
@@ -14,6 +15,7 @@ from typing import Callable
 from fastapi import FastAPI, Request
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.responses import JSONResponse
@@ -21,11 +23,12 @@ from starlette.responses import JSONResponse
 from .. import testhooks
 from ..analysis.advisors import UnknownAdvisor, get_advisor, load_advisors
 from ..config import MODES, Config
+from ..fsutil import NotOwn
 from ..intake import images  # noqa: F401  (registers the HEIC opener, so iPhone photos are recognised)
 from ..intake.raw import looks_raw
 from ..ledger import ACTIVE, Ledger, LedgerUnavailable
 from . import upload
-from .answers import answer, error
+from .answers import answer, error, job_url
 from .guard import LocalOnly
 from .spool import Spool, spool_name
 from ..hints import mondrian
@@ -56,11 +59,25 @@ def _stopping() -> JSONResponse:
     return response
 
 
-def _busy(why: str) -> JSONResponse:
-    response = error(503, f"Mondrian cannot take this photo now: {why}; send it again in a minute (or drop it into "
-                          f"the inbox)")
+def _busy(why: str, then: str = "send it again in a minute (or drop it into the inbox)") -> JSONResponse:
+    response = error(503, f"Mondrian cannot take this photo now: {why}; {then}")
     response.headers["Retry-After"] = "30"
     return response
+
+
+def _unwritable(exc: OSError, spool: Path) -> JSONResponse:
+    """503 for an upload the spool could not take, with the fix for its cause: waiting a minute mends a burst of
+    connections, not a full disk or a folder Mondrian may not write."""
+    if isinstance(exc, NotOwn) or (isinstance(exc, FileNotFoundError) and exc.filename is None):
+        return _busy(exc.strerror or str(exc), "then send it again")  # the spool's own words (Spool.usable)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return _busy(f"the disk that holds {spool} is full ({exc.strerror})", "free some space, then send it again")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return _busy(f"Mondrian may not write in {spool} ({exc.strerror})",
+                     f"make it writable for the user that runs Mondrian (`chmod u+rwx {spool}`), then send it again")
+    if exc.errno == errno.EROFS:
+        return _busy(f"{spool} is on a disk mounted read-only", "mount it read-write, then send it again")
+    return _busy(f"the upload could not be written ({exc.strerror or exc})")
 
 
 def _what_image(path: Path) -> str | None:
@@ -97,7 +114,7 @@ def build_app(door: Door) -> LocalOnly:
             slot = door.spool.new_slot()
             got = await upload.receive(request.stream(), boundary, door.spool.partial(slot), limit,
                                        testhooks.upload_idle_seconds(upload.IDLE_SECONDS))
-            job = await run_in_threadpool(_enqueue, door, slot, got, str(request.base_url))
+            job = await run_in_threadpool(_enqueue, door, slot, got, str(request.base_url), request.query_params)
         except upload.Refused as exc:
             door.spool.discard(slot)
             return error(exc.status, exc.message, **exc.extra)
@@ -107,11 +124,11 @@ def build_app(door: Door) -> LocalOnly:
         except LedgerUnavailable:
             door.spool.discard(slot)
             return _stopping()
-        except OSError as exc:  # out of open files or disk space: the machine's, for now; say so in JSON
+        except OSError as exc:  # out of open files or disk space, or the spool gone: say so in JSON, and the fix
             if slot is not None:
                 door.spool.discard(slot)
             log.error("an upload could not be taken: %s", exc)
-            return _busy(f"the upload could not be written ({exc.strerror or exc})")
+            return _unwritable(exc, door.spool.folder)
         except BaseException:
             if slot is not None:
                 door.spool.discard(slot)
@@ -124,19 +141,25 @@ def build_app(door: Door) -> LocalOnly:
         deadline = time.monotonic() + cfg.api_wait_seconds
         while job.state in ACTIVE and time.monotonic() < deadline and not door.stopping.is_set():
             await asyncio.sleep(POLL_SECONDS)
+            if await request.is_disconnected():
+                # Nobody to answer: stop asking the ledger ten times a second for the rest of api_wait_seconds.
+                log.info("the client of job %d went away before its report; the photo is analysed all the same "
+                         "(GET %s)", job.id, job_url(job.id))
+                break
             job = await run_in_threadpool(door.ledger.get, job.id)
         if job.state not in ACTIVE:
             door.spool.release(slot)
-        return answer(job, waited_out=job.state in ACTIVE, stopping=door.stopping.is_set())
+        return await run_in_threadpool(answer, job, waited_out=job.state in ACTIVE, stopping=door.stopping.is_set())
 
-    @app.get("/jobs/{job_id}")
+    # HEAD too: monitors and `curl -I` ask with it, and HTTP wants every GET answered to a HEAD.
+    @app.api_route("/jobs/{job_id}", methods=["GET", "HEAD"])
     async def job_status(job_id: str) -> JSONResponse:
         number = int(job_id) if job_id.isascii() and job_id.isdigit() and len(job_id) < 19 else None
         job = None if number is None else await run_in_threadpool(_job_or_none, door.ledger, number)
         if job is None:
             return error(404, f"there is no job {job_id[:40]!r} in this Mondrian's ledger (job ids are the numbers "
                               f"`job_id` in its answers)")
-        return answer(job, stopping=door.stopping.is_set())
+        return await run_in_threadpool(answer, job, stopping=door.stopping.is_set())
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -152,7 +175,7 @@ def build_app(door: Door) -> LocalOnly:
             response.headers[name] = value
         return response
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         return JSONResponse(await run_in_threadpool(_health, door))
 
@@ -160,12 +183,31 @@ def build_app(door: Door) -> LocalOnly:
     return LocalOnly(app, extra_hosts=extra)
 
 
-def _enqueue(door: Door, slot: Path, got: upload.Received, base_url: str):  # -> Job (on a thread of the server)
+def _asked(fields: dict[str, str], query: QueryParams) -> dict[str, str]:
+    """The form's fields, with `advisor` and `mode` from the address when the form has none: the original read the
+    form only, so `/analyze?mode=lora` was served in the default mode without a word. Two different values are
+    refused rather than one of them picked."""
+    asked = dict(fields)
+    for key in ("advisor", "mode"):
+        values = [v.strip() for v in query.getlist(key) if v.strip()]
+        if fields.get(key, "").strip():
+            values.append(fields[key].strip())
+        if len({v.lower() for v in values}) > 1:
+            raise upload.Refused(400, f"`{key}` is given more than once, with different values "
+                                      f"({', '.join(map(repr, values))}); give it once, e.g. -F {key}={values[-1]}")
+        if values:
+            asked[key] = values[-1]
+    return asked
+
+
+def _enqueue(door: Door, slot: Path, got: upload.Received, base_url: str,
+             query: QueryParams):  # -> Job (on a thread of the server)
     """Check the request, give the upload its real name and queue it: refused requests leave nothing behind."""
     cfg = door.cfg
     if not got.images or (got.size == 0 and not got.filename):
         raise upload.Refused(400, f"no image: send the photo in the form field `image`, e.g. "
                                   f"{upload.example(base_url)}")
+    got.fields = _asked(got.fields, query)
     mode = (got.fields.get("mode") or cfg.default_mode).strip().lower()
     if mode not in MODES:
         # The original design's own words (AnalysisContext.set_strategy's ValueError).

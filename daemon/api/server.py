@@ -6,19 +6,26 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import json
 import logging
+import resource
 import socket
 import threading
+import time
 from typing import Any, Callable
 
 import uvicorn
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from .. import testhooks
 from ..config import CONFIG_NAME, Config
 from .app import Door, build_app
 
 log = logging.getLogger("mondrian.api")
 
 STOP_SECONDS = 10.0
+HEADER_SECONDS = 20.0  # a request's headers are a few hundred bytes: every real client sends them at once
+MAX_CONNECTIONS = 1024  # and never more than an eighth of the files this process may open (connection_limit)
 
 
 class PortUnavailable(OSError):
@@ -50,6 +57,92 @@ def bind(cfg: Config) -> socket.socket:
                               f"1024) or api_host in {cfg.home / CONFIG_NAME}, or api_port = 0 to turn it off") from None
     sock.setblocking(False)
     return sock
+
+
+def header_seconds() -> float:
+    # The tests' stalled-upload setting shortens this wait too: both are "the client stopped sending".
+    return testhooks.upload_idle_seconds(HEADER_SECONDS)
+
+
+def connection_limit() -> int:
+    """Open API connections allowed: an eighth of this process's open files (macOS gives a process 256), so clients
+    can never take the files the worker needs for photos, the ledger and the model. The listen backlog is the same
+    number (at most 128): asyncio accepts that many at once before any is looked at, so a burst costs at most twice
+    as many."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return max(16, min(MAX_CONNECTIONS, soft // 8)) if soft != resource.RLIM_INFINITY else MAX_CONNECTIONS
+
+
+def refusal(status: int, reason: str, message: str, retry_after: int | None = None) -> bytes:
+    """A whole JSON error answer, for the connection itself (no request of it reached the app)."""
+    body = json.dumps({"error": message}).encode()
+    extra = f"Retry-After: {retry_after}\r\n" if retry_after else ""
+    return (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            f"{extra}Connection: close\r\n\r\n").encode("latin-1") + body
+
+
+class GuardedH11(H11Protocol):
+    """uvicorn's HTTP/1.1 connection with the limits it lacks. It waits for ever for a request's headers (only a
+    kept-alive connection that sends nothing is closed) and takes any number of connections: a program that opens
+    connections and sends nothing, or its headers a byte at a time (slowloris), held an open file each until the
+    whole daemon could open no photo and write no ledger. Here a request's headers must be complete within
+    `header_seconds()` of its turn on the connection (else 408), connections beyond `connection_limit()` are answered
+    503 at once, and a request that is not HTTP gets its 400 as JSON like every other error."""
+
+    _deadline: asyncio.TimerHandle | None = None
+    _warned_at = -1e9
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        limit = connection_limit()
+        if len(self.connections) > limit:
+            now = time.monotonic()
+            if now - GuardedH11._warned_at > 60:  # once a minute: a flood of connections must not flood the log
+                GuardedH11._warned_at = now
+                log.warning("refusing API connections: %d are open already (a program opening connections and "
+                            "sending nothing?)", limit)
+            transport.write(refusal(503, "Service Unavailable", f"Mondrian's API has {limit} connections open "
+                                    f"already; send the request again in a minute", retry_after=30))
+            transport.close()
+            return
+        self._await_headers()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._await_headers()  # kept alive: the next request's headers are due in time too
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        super().connection_lost(exc)
+
+    def send_400_response(self, msg: str) -> None:
+        cycle = self.cycle
+        if cycle is not None and cycle.response_started and not cycle.response_complete:
+            self.transport.close()  # an answer is under way: a second one would garble it
+            return
+        self.transport.write(refusal(400, "Bad Request", f"the request is not valid HTTP/1.1 ({msg.rstrip('.')}: "
+                                     f"a bad Content-Length, header or request line); send it as curl does, e.g. "
+                                     f"curl -X POST http://127.0.0.1:<port>/analyze -F image=@photo.jpg"))
+        self.transport.close()
+
+    def _await_headers(self) -> None:
+        if self._deadline is not None:
+            self._deadline.cancel()
+        if not self.transport.is_closing():
+            self._deadline = self.loop.call_later(header_seconds(), self._headers_late, self.cycle)
+
+    def _headers_late(self, cycle: Any) -> None:
+        # A request that began since is a new cycle (its end sets the next deadline); a request in progress has
+        # its own limits (the upload's stall, api_wait_seconds).
+        if self.transport.is_closing() or self.cycle is not cycle:
+            return
+        if cycle is not None and not cycle.response_complete:
+            return
+        if self.conn.trailing_data[0]:  # part of a request came: say why it is dropped
+            self.transport.write(refusal(408, "Request Timeout", f"the request's headers did not all arrive within "
+                                         f"{header_seconds():g} s; send the request again, all at once"))
+        self.transport.close()
 
 
 class _QuietServer(uvicorn.Server):
@@ -106,7 +199,8 @@ class ApiServer:
         if swept:
             log.info("removed %d upload(s) interrupted before they were queued", swept)
         config = uvicorn.Config(build_app(self.door), log_config=None, access_log=False, lifespan="off",
-                                loop="asyncio", http="h11", ws="none", server_header=False, date_header=True,
+                                loop="asyncio", http=GuardedH11, ws="none", server_header=False, date_header=True,
+                                backlog=min(128, connection_limit()),
                                 timeout_graceful_shutdown=STOP_SECONDS)
         logging.getLogger("uvicorn.error").setLevel(logging.WARNING)  # its start/stop lines say nothing ours do not
         self._server = _QuietServer(config)

@@ -9,6 +9,7 @@ removed then (`reap`, each second on the API's loop), or at the next start."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..fsutil import check_own_folder, fsync_dir
+from ..fsutil import NotOwn, check_own_folder, fsync_dir
 from ..intake.inbox import safe_stem
 
 log = logging.getLogger("mondrian.api")
@@ -39,6 +40,7 @@ def spool_name(client_name: str | None) -> str:
 class Spool:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        self._real: str | None = None  # where the spool really is, links resolved, as `prepare` found it
         # Folders whose upload is a job: only the worker empties them, and nothing writes into them again, so
         # each goes as soon as it is empty. Touched on the API's event loop only (and by the sweep, before it).
         self._queued: set[Path] = set()
@@ -47,9 +49,37 @@ class Spool:
         """Create the spool; a link or a file in its place is refused (its sweep would delete through it)."""
         self.folder.mkdir(parents=True, exist_ok=True)
         check_own_folder(self.folder)
+        self._real = os.path.realpath(self.folder)
+
+    def usable(self) -> None:
+        """Raise OSError, saying what to do, unless the spool is still the folder `prepare` made. It is checked at
+        every upload because it can change under a running daemon: deleted (made again here), or replaced by a file
+        or by a link, through which an upload would be written outside the home."""
+        try:
+            if os.path.isfile(self.folder) and not os.path.islink(self.folder):
+                # check_own_folder's words fit a link or a device; a plain file is "not a regular file" there
+                raise NotOwn(f"{self.folder} is a file, where Mondrian keeps its own folder of uploads: move the "
+                             f"file elsewhere, and Mondrian makes the folder again")
+            check_own_folder(self.folder)
+        except FileNotFoundError:
+            try:
+                # Never its parents: a home on an unplugged drive must not be made again on the startup disk.
+                self.folder.mkdir()
+            except FileExistsError:
+                check_own_folder(self.folder)  # something else appeared there meanwhile
+            except FileNotFoundError:
+                raise FileNotFoundError(errno.ENOENT, f"{self.folder.parent} is not there any more (deleted, or its "
+                                                      f"drive unplugged?): put it back, or restart Mondrian") from None
+            else:
+                log.warning("the spool %s was deleted while Mondrian ran; it was made again", self.folder)
+        if self._real is not None and os.path.realpath(self.folder) != self._real:
+            raise NotOwn(f"{self.folder} now leads to {os.path.realpath(self.folder)} (a folder on its path was "
+                         f"replaced by a link); Mondrian never writes an upload outside its home. Remove the link "
+                         f"and put the folder back")
 
     def new_slot(self) -> Path:
         """A fresh folder for one upload (and away with folders the worker emptied after their requests ended)."""
+        self.usable()
         self._drop_empty()
         while True:
             slot = self.folder / secrets.token_hex(8)

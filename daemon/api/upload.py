@@ -103,6 +103,8 @@ async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, lim
                 raise Refused(400, "one photo per request: send a single `image` field")
             part["file"] = True
             got.filename = params.get(b"filename", b"").decode("utf-8", "replace")
+        else:
+            part["filename"] = params.get(b"filename")  # a small file is a value (`-F mode=@IMG_1.mode`)
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if part["file"]:
@@ -114,6 +116,11 @@ async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, lim
                 view = view[os.write(fd, view):]
             return
         value = part["value"] + data[start:end]  # type: ignore[operator]
+        if len(value) > FIELD_MAX_BYTES and part.get("filename") is not None:
+            # Not "a field longer than 1024 bytes": a second file, where the client may not know it sent one.
+            where = f"the field `{part['name']}`" if part["name"] else "a part without a name"
+            raise Refused(400, f"the form carries a second file, in {where}; Mondrian takes one photo per request, "
+                               f"in the field `image` (e.g. -F image=@photo.jpg)")
         if len(value) > FIELD_MAX_BYTES:
             raise Refused(400, f"the form field `{part['name']}` is longer than {FIELD_MAX_BYTES} bytes; "
                                f"advisor and mode are short words (e.g. advisor=ansel, mode=rag)")
