@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Iterator, TypeVar
 from peewee import (SQL, AutoField, BlobField, BooleanField, Case, CharField, Database, DatabaseError, FloatField,
                     IntegerField, Model, OperationalError, PostgresqlDatabase, SqliteDatabase, TextField, Value, fn)
 
-from .fsutil import NotOwn, check_own_folder, fsync_dir, open_own_file, pid_alive, read_own_file
+from .fsutil import NotOwn, check_own_folder, fsync_dir, lock_holder, open_own_file, pid_alive, read_own_file
 
 QUEUED, RUNNING, DONE, FAILED, GONE = "queued", "running", "done", "failed", "gone"
 STATES = (QUEUED, RUNNING, DONE, FAILED, GONE)
@@ -292,6 +292,9 @@ class Counts:
 _OUTSIDE_FAULTS = ("SQLITE_BUSY", "SQLITE_LOCKED", "SQLITE_FULL", "SQLITE_READONLY", "SQLITE_IOERR",
                    "SQLITE_CANTOPEN", "SQLITE_PROTOCOL", "SQLITE_PERM")
 RETRY_MAX_SECONDS = 30.0
+# A job last claimed this much later than now was claimed by a clock that was ahead (see `Ledger._due`); machines
+# sharing a ledger may disagree by a few seconds, which this leaves alone.
+CLOCK_SLACK_S = 60.0
 FAULT_NOTE = "ledger-fault.json"  # in var/: see FaultNote
 NOTE_BYTES = 4096
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -315,6 +318,10 @@ def _check_postgres_driver() -> None:
 
 class LedgerUnavailable(RuntimeError):
     """A write could not be made (disk full, locked, read-only, deleted) and the daemon is stopping."""
+
+
+class _BadLayout(Exception):
+    """The ledger's tables are not those its schema version promises (see `Ledger._check_layout`)."""
 
 
 class LeaseLost(RuntimeError):
@@ -364,12 +371,15 @@ def _set_aside(path: Path) -> str:
     return " && ".join(moves) or f"mv {shlex.quote(str(path))} {shlex.quote(f'{path}.broken')}"
 
 
+_FRESH = ("and start Mondrian again: it begins a new, empty ledger. The reports and failure records already in "
+          "the outbox stay where they are (outbox/index.html lists only those made from then on)")
+
+
 def ledger_problem(path: Path, exc: BaseException) -> str:
     """Why the ledger at `path` cannot be opened, and what to do: one line for the person reading the log."""
     orig = getattr(exc, "orig", None) or exc
     name = getattr(orig, "sqlite_errorname", "") or ""
-    fresh = ("and start Mondrian again: it begins a new, empty ledger. The reports and failure records already in "
-             "the outbox stay where they are (outbox/index.html lists only those made from then on)")
+    fresh = _FRESH
     if os.path.lexists(path) and not os.path.isfile(path):
         kind = "a folder" if os.path.isdir(path) else "not a regular file"
         return (f"the ledger {path} is {kind}, not a SQLite database file: move it out of the way "
@@ -442,12 +452,101 @@ def _pid_alive(pid: int) -> bool:
 
 
 HOME_EVENT = "home"  # the home this SQLite ledger last served (Ledger.follow_home)
+_COMPANIONS = ("-wal", "-shm")  # SQLite's write-ahead log and its shared index, beside the database in WAL mode
+
+
+def _in_wal_mode(db: Path) -> bool:
+    """Whether the database file's header says WAL (file format versions 2): only then must a -wal and -shm be there
+    while it is open (on a disk without shared memory SQLite keeps the rollback journal, which comes and goes)."""
+    try:
+        with open(db, "rb") as fh:
+            header = fh.read(20)
+    except OSError:
+        return False
+    return len(header) == 20 and header[18:20] == b"\x02\x02"
+
+
+def _refuse_a_ledger_the_daemon_lost(db: Path, daemon_lock: Path, inbox: Path | None = None) -> None:
+    """Refuse to open a ledger that the running daemon no longer has at its place: its file, -wal or -shm was
+    deleted, or another database was put in its place (a backup restored with `mv` or the Finder).
+
+    Opening it would join the live log and index to a file they do not belong to: a new, empty ledger (which the
+    daemon then takes for a replacement, and `status` shows an empty history), a new, empty log (reads fail with
+    "disk I/O error", and a write such as `retry`'s lands where the daemon never looks), or another database that
+    this process, closing last, checkpoints the daemon's log into and then deletes that log (the daemon's records are
+    lost, and the restored backup is changed). The daemon notices within seconds, writes back what it holds and
+    restarts: the command works again then."""
+    if not os.path.lexists(db):
+        what = f"the ledger {db} is not there"
+    elif _in_wal_mode(db) and (gone := [f"{db.name}{s}" for s in _COMPANIONS if not os.path.lexists(f"{db}{s}")]):
+        what = f"{' and '.join(gone)} beside the ledger {db} {'is' if len(gone) == 1 else 'are'} not there"
+    else:
+        what = ""
+    holder = lock_holder(daemon_lock)
+    if holder is None and what and inbox is not None and not os.path.lexists(daemon_lock.parent):
+        # Its whole folder deleted (`rm -rf var`): the daemon's lock went with it, but it still holds its inbox's.
+        holder = lock_holder(inbox / daemon_lock.name)
+    if holder is None:
+        return  # no daemon holds it: SQLite makes what is missing (a log deleted after a clean stop held nothing)
+    if not what:
+        opened = _opened_by(db, holder)
+        if opened is None or opened == _file_identity(db):
+            return
+        what = f"the ledger {db} is not the file Mondrian has open (another file was put in its place)"
+    who = f"pid {holder}" if holder > 0 else "its pid unknown"
+    raise LedgerUnavailable(f"{what} while Mondrian ({who}) runs: Mondrian writes back the ledger it holds (keeping "
+                            f"any other file found there aside) and starts again; run the command again in a minute")
+
+
+def _opened_by(db: Path, pid: int) -> tuple[int, int] | None:
+    """The database file (device, inode) that process `pid` opened as `db`, as its live run lock records it."""
+    runs = db.with_name(db.name + ".runs")
+    try:
+        entries = [e for e in os.scandir(runs) if e.name.endswith(".lock") and _RUN_LOCK_FILE.match(e.name)]
+    except OSError:
+        return None
+    for entry in entries:
+        try:
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            lines = os.pread(fd, 200, 0).decode(errors="replace").split()
+            if len(lines) < 2 or lines[0] != str(pid):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                continue  # not held: a dead process's, whose pid the daemon has now
+            except BlockingIOError:
+                pass
+            dev, _, ino = lines[1].partition(":")
+            if dev.isdigit() and ino.isdigit():
+                return int(dev), int(ino)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return None
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class Ledger:
     @classmethod
     def for_config(cls, cfg: Any, **kwargs: Any) -> "Ledger":
         """The ledger `cfg` names: the shared one at `ledger_url` if set, else the SQLite file at `db_path`."""
+        if not cfg.ledger_url:
+            # With var/ deleted whole, only the inbox's lock tells that a daemon runs; a home that never ran (no index
+            # yet) sharing its inbox with another home's daemon is told so by `run` itself, not here.
+            served = kwargs.get("stop") is None and (Path(cfg.outbox) / "index.html").exists()
+            _refuse_a_ledger_the_daemon_lost(Path(cfg.db_path), Path(cfg.var_dir) / "daemon.lock",
+                                             Path(cfg.inbox) if served else None)
         ledger = cls(cfg.db_path, url=cfg.ledger_url or None, lease_seconds=cfg.lease_seconds, **kwargs)
         ledger.follow_home(cfg.home, cfg.inbox, cfg.outbox)
         return ledger
@@ -506,6 +605,7 @@ class Ledger:
             self._note = FaultNote(note) if note is not None else None
             self.db.connect(reuse_if_open=True)
             self._migrate()
+            self._check_layout()
             if stop is not None:
                 self._probe()
             st = os.stat(self.path)
@@ -515,13 +615,26 @@ class Ledger:
         except NotOwn as exc:
             self.db.close()
             raise LedgerUnavailable(str(exc)) from None
+        except _BadLayout as exc:
+            self.db.close()  # first: its -wal and -shm go with it, and the advice names only the files left
+            raise LedgerUnavailable(
+                f"the ledger {self.path} is not laid out as this Mondrian (schema {SCHEMA_VERSION}) expects: {exc}. "
+                f"Another program (or an edit by hand) changed it: put back a copy saved before that, or move it "
+                f"aside ({_set_aside(self.path)}) {_FRESH}") from None
         except (DatabaseError, OSError) as exc:  # DatabaseError: OperationalError, and a damaged or foreign file
             self.db.close()
             raise LedgerUnavailable(ledger_problem(self.path, exc)) from None
         self._identity: tuple[int, int] | None = (st.st_dev, st.st_ino)
+        # The log and its index belong to the database as much as the file: while this process has them open, SQLite
+        # never makes them anew, so one gone or another file in its place means someone deleted it ("just a temp
+        # file"): the latest changes are then only in this process, and another process opening the ledger would
+        # make a new, empty log beside the live one.
+        companions = {suffix: _file_identity(Path(f"{self.path}{suffix}")) for suffix in _COMPANIONS}
+        self._companions: dict[str, tuple[int, int]] = {k: v for k, v in companions.items() if v is not None}
 
     def _open_shared(self, url: str, note: Path | None) -> None:
         self._identity = None
+        self._companions = {}
         try:
             self._note = FaultNote(note) if note is not None else None
             self.db.connect(reuse_if_open=True)
@@ -639,6 +752,12 @@ class Ledger:
             return f"{self.path} cannot be looked at ({exc.strerror or exc})"
         if (st.st_dev, st.st_ino) != self._identity:
             return f"{self.path} was replaced by another file while Mondrian was using it"
+        for suffix, ident in self._companions.items():
+            now = _file_identity(Path(f"{self.path}{suffix}"))
+            if now != ident:
+                what = "deleted" if now is None else "replaced by another file"
+                return (f"the ledger {self.path} lost its {self.path.name}{suffix} file ({what} while Mondrian was "
+                        f"using it; it holds the latest changes)")
         return None
 
     def rescue(self) -> Path:
@@ -656,13 +775,17 @@ class Ledger:
             self.db.connection().backup(target)
         finally:
             target.close()
-        found = os.path.lexists(self.path)
+        # Only another database is kept aside: this process's own file (its -wal or -shm was what went) is in the copy.
+        found = os.path.lexists(self.path) and _file_identity(self.path) != self._identity
         for suffix in ("", "-wal", "-shm"):
             here = Path(f"{self.path}{suffix}")
-            if found and os.path.lexists(here):
+            ours = _file_identity(here) == (self._identity if not suffix else self._companions.get(suffix))
+            if found and not ours and os.path.lexists(here):
                 os.replace(here, Path(f"{aside}{suffix}"))  # someone else's database: kept whole, not deleted
             else:
-                here.unlink(missing_ok=True)  # the deleted database's own log: its content is in the copy
+                # Our own log and index (their content is in the copy): kept beside the other database, SQLite would
+                # replay our log into it when it is opened.
+                here.unlink(missing_ok=True)
         os.replace(tmp, self.path)
         fsync_dir(self.path.parent)
         return aside if found else self.path
@@ -684,6 +807,25 @@ class Ledger:
             for version in range(current, SCHEMA_VERSION):
                 MIGRATIONS[version](self.db)
                 self.SchemaVersion.create(version=version + 1, applied_at=time.time())
+
+    def _check_layout(self) -> None:
+        """Refuse, in one line, a ledger whose tables are not those its schema version promises (a column dropped
+        or a NOT NULL one added with the sqlite3 shell or another tool): every query would fail later, one by one,
+        as "no such column", which read like a permissions problem."""
+        wrong = []
+        for model in (self.Job, self.Event, self.Reference, self.Worker, self.SchemaVersion):
+            table = model._meta.table_name
+            columns = {c.name: c for c in self.db.get_columns(table)}
+            if not columns:
+                wrong.append(f"it has no {table} table")
+                continue
+            fields = {f.column_name for f in model._meta.sorted_fields}
+            wrong += [f"its {table} table has no {name} column" for name in sorted(fields - set(columns))]
+            wrong += [f"its {table} table has a column {name} that Mondrian does not know and that may not be left "
+                      f"empty" for name, c in sorted(columns.items())
+                      if name not in fields and not c.null and c.default is None and not c.primary_key]
+        if wrong:
+            raise _BadLayout("; ".join(wrong))
 
     def _schema_is_current(self) -> bool:
         return self.SchemaVersion.table_exists() and self.schema_version() == SCHEMA_VERSION
@@ -726,7 +868,9 @@ class Ledger:
         fd = os.open(new, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)  # for a person looking; nothing reads it
+            # The pid for a person looking; the database file this process has open for `_opened_by`.
+            ident = getattr(self, "_identity", None)
+            os.pwrite(fd, f"{os.getpid()}\n{f'{ident[0]}:{ident[1]}' if ident else '-'}\n".encode(), 0)
             os.rename(new, final)  # only ever seen under its real name while locked
         except BaseException:
             os.close(fd)
@@ -921,7 +1065,7 @@ class Ledger:
         """Atomically move the oldest due queued job to running and return it."""
         now = time.time() if now is None else now
         worker = worker or self.worker_id()
-        due = (self.Job.select(self.Job.id).where((self.Job.state == QUEUED) & (self.Job.not_before <= now))
+        due = (self.Job.select(self.Job.id).where((self.Job.state == QUEUED) & self._due(now))
                .order_by(self.Job.not_before, self.Job.id).limit(1))
         if self.shared:
             # Nodes claiming at once each lock a different row instead of queueing behind one another's.
@@ -1299,8 +1443,15 @@ class Ledger:
     def delayed(self, now: float | None = None) -> list[Job]:
         """Queued jobs waiting out a backoff (a transient fault, a file still settling), soonest first."""
         now = time.time() if now is None else now
-        return list(self.Job.select().where((self.Job.state == QUEUED) & (self.Job.not_before > now))
+        return list(self.Job.select().where((self.Job.state == QUEUED) & ~self._due(now))
                     .order_by(self.Job.not_before))
+
+    def _due(self, now: float) -> Any:
+        """A queued job may start now: its backoff is over, or it was set by a clock that has since gone back (a
+        Mac whose clock ran ahead, set right by the network): its last claim lies in the future, and its backoff
+        of seconds would otherwise last as long as the clock was off (hours, or days)."""
+        job = self.Job
+        return (job.not_before <= now) | (job.started_at.is_null(False) & (job.started_at > now + CLOCK_SLACK_S))
 
     def recent_durations(self, limit: int = 20) -> list[float]:
         """Seconds from claim to report of the latest analysed photos, newest first: what the next ones may take."""

@@ -19,7 +19,7 @@ import platformdirs
 from .. import testhooks
 from ..config import CONFIG_NAME, Config, ConfigError, refuse_file_as_home
 from ..fsutil import is_folder, lock_holder, pid_alive
-from ..ledger import DONE, FAULT_NOTE, FaultNote, Job, Ledger, LedgerUnavailable
+from ..ledger import DONE, FAULT_NOTE, FaultNote, Job, Ledger
 from ..hints import mondrian, program, shell_word
 from ..pipeline.failures import advice, analyze_command, cause_of
 from .terminal import shown
@@ -203,13 +203,7 @@ def _estimates(ledger: Ledger, running: list[dict[str, Any]], waiting: int) -> d
 
 def collect(cfg: Config) -> dict[str, Any]:
     require_home(cfg)
-    if not cfg.ledger_url and not os.path.lexists(cfg.db_path) and (holder := daemon_pid(cfg)) is not None:
-        # Opening it would make a new, empty ledger there: the running daemon would take that for a replacement
-        # (and keep it aside as ledger.db.replaced-…), and this status would show an empty history.
-        raise LedgerUnavailable(f"the ledger {cfg.db_path} is not there while Mondrian (pid {holder}) runs: it was "
-                                f"deleted, and Mondrian writes it back from what it holds and starts again; run "
-                                f"`{mondrian()} status` again in a minute")
-    ledger = Ledger.for_config(cfg)
+    ledger = Ledger.for_config(cfg)  # refuses a ledger deleted under the running daemon (it is written back soon)
     with ledger.snapshot():  # counted and listed at one moment: a photo starting meanwhile is not in both states
         counts = ledger.counts()
         testhooks.crashpoint("status_counted")
