@@ -29,6 +29,18 @@ def _state(home: Path, name: str) -> str | None:
     return getattr(ledger_jobs(home).get(name), "state", None)
 
 
+def _both_photos_done_once_after_a_restart(home: Path, model: Path) -> None:
+    """After the restart launchd/systemd would make: first.jpg and second.jpg each analysed once, the ledger sound."""
+    with Daemon(home, model, "--once") as d:
+        assert d.wait(120) == 0, d.output()
+    jobs = ledger_jobs(home)
+    assert sorted(jobs) == ["first.jpg", "second.jpg"] and {j.state for j in jobs.values()} == {"done"}, \
+        {k: (j.state, j.error) for k, j in jobs.items()}
+    assert sorted(p.parent.name for p in reports(home / "outbox")) == ["first", "second"]
+    db = home / "var" / "ledger.db"
+    assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
 # -- the ledger's -wal or -shm deleted while the daemon runs ---------------------------------------------------------
 
 @pytest.mark.parametrize("suffix", ["-wal", "-shm"])
@@ -63,13 +75,7 @@ def test_a_deleted_wal_or_shm_is_noticed_written_back_and_nothing_is_lost(tmp_pa
     assert f"lost its ledger.db{suffix} file" in log and "written back" in log, log
     assert "Traceback" not in log, log
     assert not list(db.parent.glob("ledger.db.replaced-*")), "its own file was kept aside as someone else's"
-    with Daemon(home, smoke_model_path, "--once") as d:
-        assert d.wait(120) == 0, d.output()
-    jobs = ledger_jobs(home)
-    assert sorted(jobs) == ["first.jpg", "second.jpg"] and {j.state for j in jobs.values()} == {"done"}, \
-        {k: (j.state, j.error) for k, j in jobs.items()}
-    assert sorted(p.parent.name for p in reports(home / "outbox")) == ["first", "second"]
-    assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    _both_photos_done_once_after_a_restart(home, smoke_model_path)
     print(f"\nledger.db{suffix} deleted while running: status and retry said to wait, the daemon wrote the ledger "
           f"back and exited 75; after the restart 2/2 photos done once each")
 
@@ -200,13 +206,7 @@ def test_a_backup_restored_over_the_running_ledger_is_left_as_it_was_and_nothing
     # The backup alone: the daemon's log beside it would be replayed into it by whoever opens it.
     assert len(kept) == 1, f"the daemon's -wal or -shm was kept beside the backup: {kept}"
     assert (db.parent / kept[0]).read_bytes() == saved, "the file kept aside is not the one that was put there"
-    with Daemon(home, smoke_model_path, "--once") as d:
-        assert d.wait(120) == 0, d.output()
-    jobs = ledger_jobs(home)
-    assert sorted(jobs) == ["first.jpg", "second.jpg"] and {j.state for j in jobs.values()} == {"done"}, \
-        {k: (j.state, j.error) for k, j in jobs.items()}
-    assert sorted(p.parent.name for p in reports(home / "outbox")) == ["first", "second"]
-    assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    _both_photos_done_once_after_a_restart(home, smoke_model_path)
     print("\na backup moved over the running ledger: status said to wait and left it unchanged; the daemon wrote its "
           "own back, kept the backup aside byte for byte, and after the restart 2/2 photos are done once each")
 
