@@ -246,4 +246,5 @@ def test_a_jpeg_with_extended_xmp_is_left_unchanged_and_its_sidecar_has_the_rati
     assert not embed(jpg, report)
     assert jpg.read_bytes() == before
     assert "big.jpg: the XMP could not be embedded" in caplog.text and "big.xmp beside it has the rating" in caplog.text
+    assert "(extended XMP)" in caplog.text, caplog.text  # refused for this reason, not another
     assert read_back(exiftool(sidecar)[str(sidecar)]) == expected(report)

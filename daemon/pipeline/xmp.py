@@ -35,6 +35,10 @@ KEYWORD_PREFIX = "mondrian:"
 _PROPERTY = re.compile(r"<(?!/|\?|!|rdf:|x:)[\w.-]+:[\w.-]+[\s>/]|\s(?!rdf:|xmlns:|x:|xml:)[\w.-]+:[\w.-]+\s*=")
 # XML 1.0 cannot carry these at all (not even escaped): a model's summary may hold them.
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+# exiv2 knows no `xmpNote` prefix until a packet using it has been parsed: naming its key before then raises, which
+# once refused every embed in a fresh process.
+exiv2.XmpProperties.registerNs("http://ns.adobe.com/xmp/note/", "xmpNote")
+_EXTENDED_XMP = exiv2.XmpKey("Xmp.xmpNote.HasExtendedXMP")
 
 
 def stars(grade: float) -> int:
@@ -144,7 +148,7 @@ def embed(original: Path, report: dict[str, Any]) -> bool:
         data = read_regular_file(original)
         image = exiv2.ImageFactory.open(data)
         image.readMetadata()
-        if image.xmpData().findKey(exiv2.XmpKey("Xmp.xmpNote.HasExtendedXMP")) != image.xmpData().end():
+        if image.xmpData().findKey(_EXTENDED_XMP) != image.xmpData().end():
             # XMP over 64 KB continues in further JPEG segments that exiv2 neither reads nor rewrites; readers
             # merge them over the first, so a keyword list living there would hide Mondrian's.
             raise ValueError("its XMP is larger than one JPEG segment holds (extended XMP), which cannot be "
