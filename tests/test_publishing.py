@@ -268,12 +268,13 @@ def test_a_sidecar_goes_with_the_photo_whose_stem_it_matches_exactly(tmp_path, s
     with Daemon(home, smoke_model_path) as d:
         wait_for(lambda: (home / "outbox" / "x" / "report.json").exists(), timeout=120, what="x.jpg's report")
         photo(tmp_path / "X.jpg", 4).replace(inbox / "X.jpg")
-        wait_for(lambda: (home / "outbox" / "X" / "report.json").exists(), timeout=120, what="X.jpg's report")
+        # `X` would be the same folder as `x` on a Mac, so X.jpg's report gets the next free name.
+        wait_for(lambda: (home / "outbox" / "X-2" / "report.json").exists(), timeout=120, what="X.jpg's report")
         assert d.stop() == 0
     found = _assert_reports_hold_their_originals(home / "outbox")
     assert (found["x"]["mode"]["requested"], found["x"]["mode"]["source"]) == ("baseline", "default")
-    assert (found["X"]["mode"]["requested"], found["X"]["mode"]["source"]) == ("rag", "sidecar")
-    assert (home / "outbox" / "X" / "X.MODE").exists()
+    assert (found["X-2"]["mode"]["requested"], found["X-2"]["mode"]["source"]) == ("rag", "sidecar")
+    assert (home / "outbox" / "X-2" / "X.MODE").exists()
 
 
 def test_one_mode_sidecar_speaks_for_every_photo_of_its_stem(tmp_path, smoke_model_path):
