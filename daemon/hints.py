@@ -15,6 +15,9 @@ from pathlib import Path
 
 _home_flag = ""  # empty while this process serves the home a shell reaches without flags or MONDRIAN_HOME
 _program = ""  # how a shell reaches this Mondrian (see _entry_point): found at the first message
+# Set for the processes Mondrian starts itself (`python -m ...`: the isolation check, training), whose own argv
+# names no entry point: their hints name the command that started the daemon.
+PROGRAM_ENV = "MONDRIAN_PROGRAM"
 
 
 def serve(home: Path | str) -> None:
@@ -45,7 +48,7 @@ def _entry_point() -> str:
     as `python -m daemon` has no entry point of its own to name: it keeps `mondrian`."""
     script = sys.argv[0] if sys.argv and sys.argv[0] else ""
     if os.path.basename(script) != "mondrian" or not os.path.isfile(script):
-        return "mondrian"
+        return os.environ.get(PROGRAM_ENV) or "mondrian"
     found = shutil.which("mondrian")
     try:
         if found and os.path.samefile(found, script):
@@ -63,6 +66,11 @@ def program() -> str:
     return _program
 
 
+def child_env(env: dict[str, str]) -> dict[str, str]:
+    """`env` for a child process of Mondrian's own, whose hints should name this process's command."""
+    return {**env, PROGRAM_ENV: program()}
+
+
 def mondrian() -> str:
     """`mondrian` (as a shell reaches it here), with `--home H` when the served home is not the default one."""
     return program() + _home_flag
@@ -75,4 +83,4 @@ def without_home(text: str) -> str:
     return text.replace(mondrian(), "mondrian") if mondrian() != "mondrian" else text
 
 
-__all__ = ["serve", "mondrian", "program", "shell_word", "without_home"]
+__all__ = ["serve", "mondrian", "program", "child_env", "shell_word", "without_home"]

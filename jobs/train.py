@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from daemon.config import CONFIG_NAME, Config, ConfigError, is_true, load_config
-from daemon.hints import serve
+from daemon.hints import child_env, serve
 
 if TYPE_CHECKING:
     from daemon.model.fitting import FitSettings
@@ -421,7 +421,7 @@ def _run_child(cfg: Config, advisor_id: str, staging: Path, settings: dict[str, 
                emit: Callable[[dict[str, Any]], None], stop: threading.Event | None,
                limit_s: float = float("inf")) -> tuple[bool, dict[str, Any]]:
     read_fd, write_fd = os.pipe()
-    env = dict(os.environ)
+    env = child_env(dict(os.environ))
     env[PROGRESS_FD_ENV] = str(write_fd)
     env.setdefault("HF_HUB_OFFLINE", os.environ.get("HF_HUB_OFFLINE", ""))
     cmd = [sys.executable, "-m", "jobs.train", "--home", str(cfg.home), "--advisor", advisor_id,

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 from tests.harness import REPO, ledger_jobs, make_home, photo
@@ -203,3 +204,21 @@ def test_a_pattern_the_shell_did_not_expand_gets_a_command_the_shell_expands(tmp
     assert pasted.returncode == 0, (again, pasted.stdout, pasted.stderr)
     assert sorted(Path(j.source_path).name for j in ledger_jobs(home).values() if j.state == "done") == \
         ["p1.jpg", "p2.jpg"]
+
+
+def test_the_isolation_checks_child_names_the_command_that_started_the_daemon(tmp_path):
+    """The isolation check's child runs as `python -m daemon.pipeline.isolation`: its own argv names no entry point,
+    so its failure reasons said a bare `mondrian`, which a checkout's unactivated venv does not have on PATH."""
+    from daemon import hints
+    from daemon.pipeline.isolation import child_process_env
+
+    probe = "from daemon import hints; hints.serve(__import__('sys').argv[1]); print(hints.mondrian())"
+    hints._program = hints.shell_word(ENTRY)  # as the daemon started from an unactivated checkout finds itself
+    try:
+        env = child_process_env()
+    finally:
+        hints._program = ""
+    env["PATH"] = _bare_path()
+    said = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert said.stdout.strip() == f"{hints.shell_word(ENTRY)} --home {hints.shell_word(tmp_path.resolve())}", said

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..config import PROJECT_ROOT, Config
+from ..hints import child_env
 
 log = logging.getLogger("mondrian.isolation")
 
@@ -72,14 +73,19 @@ def check_alone(cfg: Config, job_id: int, stop: threading.Event) -> Verdict:
     return verdict
 
 
+def child_process_env() -> dict[str, str]:
+    """The check's environment: the daemon's own working directory (a relative model path means the same folder),
+    this very package, and the command its hints name."""
+    return child_env({**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),
+                                                                               os.environ.get("PYTHONPATH")]))})
+
+
 def _check_once(cfg: Config, job_id: int, stop: threading.Event) -> Verdict:
     cmd = [sys.executable, "-m", "daemon.pipeline.isolation", "--home", str(cfg.home), "--model", cfg.model,
            str(job_id)]
-    # The daemon's own working directory (a relative model path means the same folder) and this very package.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(PROJECT_ROOT),
-                                                                     os.environ.get("PYTHONPATH")]))}
     # A new session: a Ctrl-C meant for the daemon must not look like a crash of the check.
-    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=child_process_env(),
+                            start_new_session=True)
     log.warning("analysing it alone in a separate process (pid %d)", proc.pid)
     lines: queue.Queue[dict[str, Any] | None] = queue.Queue()
     threading.Thread(target=_read_events, args=(proc, lines), daemon=True, name="isolation-events").start()
