@@ -97,6 +97,11 @@ def test_a_failed_analyze_says_which_photo_to_analyze_again(tmp_path, smoke_mode
     assert "--advisor cartier" in again, again
     retried = _paste(f"mondrian --home '{home}' retry --failed {failure['job_id']}", env, tmp_path)
     assert _commands(retried.stdout + retried.stderr, "analyze")[-1] == again, retried
+    # The failure record in the outbox (its page too) names no absolute path, but the photo and its --advisor.
+    [failed] = [j for j in ledger_jobs(home).values() if j.state == "failed"]
+    record = json.loads(Path(f"{failed.output_dir}.error.json").read_text())
+    assert "run `mondrian analyze --advisor cartier b.jpg` again in the folder that holds it" in record[
+        "next_step"], record
 
     (pics / "b.mode").write_text("baseline\n")  # fixed, as the advice says
     elsewhere = tmp_path / "elsewhere"

@@ -17,10 +17,9 @@ from ..config import CONFIG_NAME, Config, ConfigError
 from ..fsutil import folder_inside, is_folder
 from ..intake.inbox import editor_sidecars, sidecar_for, unique_path
 from ..ledger import FAILED, Job, Ledger
-from ..pipeline.failures import analyze_command
+from ..pipeline.failures import analyze_command, analyzed_as
 from ..pipeline.outbox_index import OutboxIndex
 from ..hints import mondrian
-from .status import analyzed_as
 
 
 @dataclass

@@ -21,7 +21,7 @@ from ..config import CONFIG_NAME, Config, ConfigError, refuse_file_as_home
 from ..fsutil import is_folder, lock_holder, pid_alive
 from ..ledger import DONE, FAULT_NOTE, FaultNote, Job, Ledger
 from ..hints import mondrian, program, shell_word
-from ..pipeline.failures import advice, analyze_command, cause_of
+from ..pipeline.failures import advice, analyze_command, analyzed_as, cause_of
 from .terminal import shown
 
 # Causes where the photo itself is fine (its sidecar, the advisor asked for): a different next step than a photo's.
@@ -88,15 +88,6 @@ def _known_advisors(cfg: Config, jobs: list[Job]) -> list[str]:
         return sorted(load_advisors(cfg))
     except Exception:  # a broken definition is the daemon's to report; the advice then lists none
         return []
-
-
-def analyzed_as(j: Job) -> dict[str, Any]:
-    """How a `mondrian analyze` job's photo is analysed again: its path, and the --advisor and --mode its command
-    line gave (an inbox photo's job: nothing, `retry --failed` puts it back)."""
-    if j.owns_file:
-        return {}
-    return {"photo": j.source_path, "advisor": j.advisor if j.advisor_source == "command" else None,
-            "mode": j.requested_mode if j.mode_source == "command" else None}
 
 
 def _failure(cfg: Config, j: Job, advisors: Iterable[str] = ()) -> dict[str, Any]:

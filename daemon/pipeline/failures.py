@@ -16,10 +16,13 @@ import re
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 from ..config import MODES
 from ..hints import mondrian, shell_word
+
+if TYPE_CHECKING:
+    from ..ledger import Job
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,17 @@ def cause_of(reason: str, *, advisor_source: str | None = None, mode_source: str
     return OTHER
 
 
+def analyzed_as(j: Job, *, name_only: bool = False) -> dict[str, Any]:
+    """How a `mondrian analyze` job's photo is analysed again: its path (its file name alone for files of the
+    outbox, which name no absolute path), and the --advisor and --mode its command line gave (an inbox photo's job:
+    nothing, `retry --failed` puts it back)."""
+    if j.owns_file:
+        return {}
+    return {"photo": Path(j.source_path).name if name_only else j.source_path,
+            "advisor": j.advisor if j.advisor_source == "command" else None,
+            "mode": j.requested_mode if j.mode_source == "command" else None}
+
+
 def analyze_command(photo: str | os.PathLike[str], *, advisor: str | None = None, mode: str | None = None) -> str:
     """`mondrian analyze PHOTO` as a shell pastes it: a bare `mondrian analyze` is a usage error ("the following
     arguments are required: photo"), so the photo's own path, with the `--advisor` and `--mode` it was given."""
@@ -135,10 +149,12 @@ def advice(cause: Cause, *, from_inbox: bool, advisors: Iterable[str] = (),
     """The cause's next step, for a photo of the inbox (retried with `retry --failed`) or of `mondrian analyze`
     (never moved by Mondrian: analysed again by hand). Given the `photo` of a `mondrian analyze` job (and the
     `advisor` and `mode` its command line named), the command to analyse it again names it (the terminal's
-    `status`; files of the outbox name no absolute path)."""
+    `status`; files of the outbox name the file alone, to be run in its folder)."""
     if not from_inbox and photo is not None:
         again = "run `" + analyze_command(photo, advisor=None if cause.key == "advisor_command" else advisor,
                                           mode=None if cause.key == "mode_command" else mode) + "` again"
+        if not Path(photo).is_absolute():
+            again += " in the folder that holds it"
     else:
         again = (RETRY if from_inbox else ANALYZE_AGAIN).format(mondrian=mondrian())
     text = cause.advice.format(again=again, again_cap=again[0].upper() + again[1:], mondrian=mondrian(),
@@ -156,4 +172,4 @@ def where_it_is(*, from_inbox: bool, kept_in_inbox: bool) -> str:
             "again.")
 
 
-__all__ = ["Cause", "CAUSES", "OTHER", "cause_of", "advice", "analyze_command", "where_it_is"]
+__all__ = ["Cause", "CAUSES", "OTHER", "cause_of", "advice", "analyze_command", "analyzed_as", "where_it_is"]

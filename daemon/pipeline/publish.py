@@ -29,7 +29,7 @@ from ..intake.images import LoadedImage
 from ..intake.inbox import (OUTBOX_RESERVED, RECORD_SUFFIXES, editor_sidecars, is_ignored, safe_stem, sidecar_for,
                             unique_path)
 from ..ledger import Job, Ledger
-from .failures import Cause, advice, cause_of, where_it_is
+from .failures import Cause, advice, analyzed_as, cause_of, where_it_is
 from .outbox_index import OutboxIndex
 from .report import now_iso, write_report_folder
 from .xmp import embed, write_sidecar
@@ -488,7 +488,7 @@ class Publisher:
     def _next_step(self, job: Job, cause: Cause) -> str:
         """The next step that fits the cause (failures.py): an unknown advisor lists the known ones."""
         known = load_advisors(self.cfg) if cause.key.startswith("advisor") else {}
-        return advice(cause, from_inbox=bool(job.owns_file), advisors=known)
+        return advice(cause, from_inbox=bool(job.owns_file), advisors=known, **analyzed_as(job, name_only=True))
 
     def clean_staging(self, job: Job) -> None:
         if self.is_own(self.cfg.staging_dir):
