@@ -63,7 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     now = datetime.datetime.now(datetime.timezone.utc)
     record: dict = {"date": now.isoformat(timespec="seconds"), "size": args.size,
                     "machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, "
-                               f"{platform.node()}", "settings": print_settings(), "benchmarks": {}}
+                               f"{platform.node()}", "settings": print_settings(), "blas": blas.described(),
+                    "benchmarks": {}}
+    print(f"blas={record['blas']}", flush=True)  # on a Linux CPU, which library every float32 product ran on
     out = args.json or var_dir() / "bench" / f"{now:%Y%m%dT%H%M%SZ}-{args.size}.json"
     for name in args.names or names:
         note(f"bench {name} --size {args.size}")

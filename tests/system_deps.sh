@@ -2,8 +2,8 @@
 # What the tests need from the system beyond pip, set up by `make test` itself: Chromium (the HTML report tests
 # open every page in it), curl and jq (the API tests run the original design's own curl | jq commands), exiftool
 # (the XMP tests read back what Mondrian wrote with it, as a photo manager would), PostgreSQL (the shared-ledger
-# tests) and, on Linux, OpenBLAS (MLX's CPU
-# path is ~30x faster with it; the LoRA learning test needs it to finish in time) and strace (the durability test
+# tests) and, on Linux other than x86_64 (where pip brings oneMKL), OpenBLAS (MLX's CPU
+# path is ~30x faster with either; the LoRA learning test needs one to finish in time) and strace (the durability test
 # reads the daemon's fsyncs with it). On Debian/Ubuntu they are
 # installed (as root, or through sudo); elsewhere this
 # says what to install and the tests that need them say so too.
@@ -19,6 +19,7 @@ have_chromium() {
 
 have_openblas() {
   [ "$(uname -s)" != Linux ] && return 0  # macOS: MLX uses Metal and Accelerate
+  [ "$(uname -m)" = x86_64 ] && return 0  # oneMKL comes with pip (the `mkl` wheel, a dependency there)
   compgen -G "/usr/lib/*/libopenblas*.so*" >/dev/null || compgen -G "/usr/lib64/libopenblas*.so*" >/dev/null \
     || compgen -G "/usr/lib/libopenblas*.so*" >/dev/null || compgen -G "/usr/local/lib/libopenblas*.so*" >/dev/null
 }

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,10 +17,10 @@ from PIL import Image
 from daemon.analysis.critique import critique_schema, profile_schema
 from daemon.model.runtime import GenerationError, ModelNotFoundError, ModelRuntime
 from daemon.model.smoke import MARKER_NAME, build_smoke_model
+from tests.harness import REPO
 from tests.mlx_reference import mlx_vlm_ids
 
 MAX_PIXELS = 448 * 448
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/libopenblas.so.0"
 
 
 def _photo(size: tuple[int, int] = (448, 448)) -> Image.Image:
@@ -143,12 +146,33 @@ def test_folder_without_config_is_not_a_model(tmp_path: Path) -> None:
         ModelRuntime.load(str(tmp_path), var_dir=tmp_path, max_pixels=MAX_PIXELS)
 
 
-@pytest.mark.skipif(not os.path.exists(OPENBLAS), reason="OpenBLAS is not installed")
-def test_openblas_is_loaded_with_the_runtime() -> None:
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="macOS: MLX uses Accelerate")
+def test_a_fast_blas_is_loaded_with_the_runtime() -> None:
+    """oneMKL from the `mkl` wheel (a Linux x86_64 dependency), else the system's OpenBLAS: never only the mlx[cpu]
+    wheel's reference BLAS, ~30x slower."""
     import daemon.model.runtime  # noqa: F401  (the import is what preloads it)
 
     maps = Path("/proc/self/maps").read_text()
-    assert "libopenblas" in maps
+    if platform.machine() == "x86_64":
+        assert "libmkl_rt" in maps and "libmkl_core" in maps
+    else:
+        assert "libopenblas" in maps
+
+
+def test_onemkl_runs_a_one_row_product_in_a_fresh_process_with_no_environment_of_ours(tmp_path) -> None:
+    """What blas.py sets up must be enough on its own: a process started without MKL_* variables (launchd gives a
+    daemon an empty environment) loads oneMKL and multiplies through it, matching numpy."""
+    if not (sys.platform.startswith("linux") and platform.machine() == "x86_64"):
+        pytest.skip("oneMKL is the Linux x86_64 dependency")
+    probe = ("from daemon.model import blas; print(blas.preload_openblas()); import mlx.core as mx, numpy as np; "
+             "w = np.random.default_rng(0).standard_normal((300, 200)).astype(np.float32); x = w[:1] * 0.5; "
+             "got = np.array(mx.array(x) @ mx.array(w).T); print(float(np.abs(got - x @ w.T).max()))")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MKL_")}
+    out = subprocess.run([sys.executable, "-c", probe], env=env, cwd=REPO, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    loaded, err = out.stdout.split()
+    assert "libmkl_rt" in loaded and float(err) < 1e-3, out.stdout
 
 
 def test_a_quantized_model_takes_our_loop_for_one_pass_too(smoke_model_path) -> None:

@@ -1,13 +1,19 @@
-"""Put OpenBLAS into the process before MLX is imported.
+"""Put a fast BLAS into the process before MLX is imported.
 
 The Linux `mlx[cpu]` wheel links a single-threaded reference BLAS; symbols from a library loaded
-earlier with RTLD_GLOBAL win symbol resolution, so loading OpenBLAS first makes float32 matmul
+earlier with RTLD_GLOBAL win symbol resolution, so loading another BLAS first makes float32 matmul
 ~30x faster (NOTES.md). Loading it after `import mlx` does nothing, hence the import-order rule.
+
+oneMKL (the `mkl` wheel, a Linux x86_64 dependency: no root, no apt) comes first: MLX hands every product to
+`cblas_sgemm`, a decoded token's one-row products included, and Debian's OpenBLAS 0.3.21 runs those as a general
+matrix product, reading the weights at about half the speed oneMKL does (bench/RESULTS.md, `bound`). A system
+OpenBLAS is the fallback (other machines, or a venv without the wheel).
 """
 
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import glob
 import logging
 import os
@@ -30,6 +36,7 @@ _SEARCH_GLOBS = (
 )
 
 _loaded: str | None = None
+_loaded_name = "MLX's own"  # macOS: Accelerate; Linux: the wheel's reference BLAS until one is preloaded
 _attempted = False
 # Set for the child processes of the command that warned (the isolation check, training): they say nothing again.
 NOTED_ENV = "MONDRIAN_BLAS_NOTED"
@@ -61,10 +68,21 @@ def _warn_once(message: str) -> None:
         pass  # an unwritable state folder: the next command warns again, which is no harm
 
 
+def _venv_mkl() -> str | None:
+    """oneMKL's single dynamic library from the `mkl` wheel in this Python's environment (pip puts it in lib/)."""
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+        for path in sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*"))):
+            return path
+    return None
+
+
 def _find_openblas() -> str | None:
     override = os.environ.get("MONDRIAN_OPENBLAS")
     if override:
         return override if os.path.exists(override) else None
+    mkl = _venv_mkl()
+    if mkl:
+        return mkl
     for path in _CANDIDATES:
         if os.path.exists(path):
             return path
@@ -74,9 +92,22 @@ def _find_openblas() -> str | None:
     return None
 
 
+def _prepare(path: str) -> str:
+    """The library's name for the log; oneMKL's threading chosen before it loads (it reads these once). Its own
+    layer needs Intel's OpenMP (libiomp5, which the wheel's `intel-openmp` dependency puts beside it); without it,
+    GNU OpenMP (the compiler runtime Linux has), else one thread. Threads fixed, not dynamic: a product's rounding
+    then does not change from one call to the next."""
+    if "libmkl_rt" not in os.path.basename(path):
+        return "OpenBLAS"
+    if not os.path.exists(os.path.join(os.path.dirname(path), "libiomp5.so")):
+        os.environ.setdefault("MKL_THREADING_LAYER", "GNU" if ctypes.util.find_library("gomp") else "SEQUENTIAL")
+    os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+    return "oneMKL"
+
+
 def preload_openblas() -> str | None:
-    """Load OpenBLAS globally (Linux only); returns the path loaded, or None. Safe to call often."""
-    global _loaded, _attempted
+    """Load oneMKL or OpenBLAS globally (Linux only); returns the path loaded, or None. Safe to call often."""
+    global _loaded, _loaded_name, _attempted
     if _attempted:
         return _loaded
     _attempted = True
@@ -86,19 +117,25 @@ def preload_openblas() -> str | None:
         log.warning("mlx was imported before OpenBLAS could be preloaded; CPU matmul stays slow")
     path = _find_openblas()
     if path is None:
-        _warn_once("OpenBLAS not found (apt install libopenblas0-pthread); MLX uses its bundled reference BLAS, "
-                   "float32 matmul is ~30x slower")
+        _warn_once("OpenBLAS not found (pip install mkl, or apt install libopenblas0-pthread); MLX uses its bundled "
+                   "reference BLAS, float32 matmul is ~30x slower")
         return None
+    name = _prepare(path)
     try:
         ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:
-        _warn_once(f"could not load OpenBLAS from {path} ({exc}); using the bundled reference BLAS")
+        _warn_once(f"could not load {name} from {path} ({exc}); using the bundled reference BLAS")
         return None
-    _loaded = path
+    _loaded, _loaded_name = path, name
     os.environ.pop(NOTED_ENV, None)
     try:
         _notice_file().unlink(missing_ok=True)  # should OpenBLAS go missing again, say so again
     except OSError:
         pass
-    log.info("BLAS: OpenBLAS preloaded from %s", path)
+    log.info("BLAS: %s preloaded from %s", name, path)
     return path
+
+
+def described() -> str:
+    """The BLAS this process's float32 products run on, for benchmark records: `oneMKL (path)`, ..."""
+    return f"{_loaded_name} ({_loaded})" if _loaded else _loaded_name
