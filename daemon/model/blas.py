@@ -80,9 +80,11 @@ def _find_openblas() -> str | None:
     override = os.environ.get("MONDRIAN_OPENBLAS")
     if override:
         return override if os.path.exists(override) else None
-    mkl = _venv_mkl()
-    if mkl:
-        return mkl
+    return _venv_mkl() or system_openblas()
+
+
+def system_openblas() -> str | None:
+    """The system's OpenBLAS (a distribution's package), if any."""
     for path in _CANDIDATES:
         if os.path.exists(path):
             return path
