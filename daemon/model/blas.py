@@ -17,6 +17,7 @@ import ctypes.util
 import glob
 import logging
 import os
+import site
 import sys
 from pathlib import Path
 
@@ -69,8 +70,9 @@ def _warn_once(message: str) -> None:
 
 
 def _venv_mkl() -> str | None:
-    """oneMKL's single dynamic library from the `mkl` wheel in this Python's environment (pip puts it in lib/)."""
-    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix)):
+    """oneMKL's single dynamic library from the `mkl` wheel in this Python's environment (pip puts it in lib/; with
+    `pip install --user`, in the user base's lib/)."""
+    for prefix in dict.fromkeys((sys.prefix, sys.base_prefix, site.getuserbase())):
         for path in sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*"))):
             return path
     return None
