@@ -12,7 +12,7 @@ from pathlib import Path
 import daemon
 from tests.harness import REPO, env_for, make_home
 
-BLAS_MISSING = "OpenBLAS not found"
+BLAS_MISSING = "no oneMKL or OpenBLAS found (pip install mkl"
 
 
 def _run(*args: str, env: dict[str, str] | None = None, stdout: int | None = subprocess.PIPE,

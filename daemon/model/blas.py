@@ -96,6 +96,12 @@ def system_openblas() -> str | None:
     return None
 
 
+def _x86_64() -> bool:
+    import platform
+
+    return platform.machine() in ("x86_64", "AMD64")
+
+
 def _prepare(path: str) -> str:
     """The library's name for the log; oneMKL's threading chosen before it loads (it reads these once). Its own
     layer needs Intel's OpenMP (libiomp5, which the wheel's `intel-openmp` dependency puts beside it); without it,
@@ -118,11 +124,12 @@ def preload_openblas() -> str | None:
     if not sys.platform.startswith("linux"):
         return None  # macOS: MLX uses Accelerate/Metal already.
     if "mlx.core" in sys.modules:
-        log.warning("mlx was imported before OpenBLAS could be preloaded; CPU matmul stays slow")
+        log.warning("mlx was imported before oneMKL or OpenBLAS could be preloaded; CPU matmul stays slow")
     path = _find_openblas()
     if path is None:
-        _warn_once("OpenBLAS not found (pip install mkl, or apt install libopenblas0-pthread); MLX uses its bundled "
-                   "reference BLAS, float32 matmul is ~30x slower")
+        fix = ("pip install mkl into Mondrian's environment" if _x86_64() else "apt install libopenblas0-pthread")
+        _warn_once(f"no oneMKL or OpenBLAS found ({fix}); MLX uses its bundled reference BLAS, float32 matmul is "
+                   "~30x slower")
         return None
     name = _prepare(path)
     try:
