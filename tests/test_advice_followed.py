@@ -227,3 +227,15 @@ def test_the_isolation_checks_child_names_the_command_that_started_the_daemon(tm
     said = subprocess.run([sys.executable, "-c", probe, str(tmp_path)], env=env, cwd=tmp_path, capture_output=True,
                           text=True, timeout=60)
     assert said.stdout.strip() == f"{hints.shell_word(ENTRY)} --home {hints.shell_word(tmp_path.resolve())}", said
+
+
+def test_an_analyze_command_for_a_file_named_like_an_option_names_a_file(tmp_path):
+    """A failure record names the photo by its file name alone; `-x.jpg` there read as an option of `analyze`."""
+    from daemon.cli.main import build_parser
+    from daemon.pipeline.failures import analyze_command
+
+    line = analyze_command("-x.jpg", advisor="cartier")
+    words = subprocess.run(["bash", "-c", f"printf '%s\\n' {line.split(' ', 1)[1]}"], capture_output=True,
+                           text=True, timeout=30).stdout.splitlines()
+    args = build_parser().parse_args(words)
+    assert [Path(p) for p in args.photo] == [Path("-x.jpg")] and args.advisor == "cartier", (line, words)

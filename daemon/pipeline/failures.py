@@ -141,7 +141,9 @@ def analyze_command(photo: str | os.PathLike[str], *, advisor: str | None = None
     words = [mondrian(), "analyze"]
     words += ["--advisor", shlex.quote(advisor)] if advisor else []
     words += ["--mode", shlex.quote(mode)] if mode else []
-    return " ".join(words + [shell_word(Path(photo))])
+    # A file name alone (a failure record's) may start with "-", which the command line would read as an option.
+    word = shell_word(Path(photo))
+    return " ".join(words + ["./" + word if os.fspath(photo).startswith("-") else word])
 
 
 def advice(cause: Cause, *, from_inbox: bool, advisors: Iterable[str] = (),
