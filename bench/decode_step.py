@@ -38,6 +38,7 @@ def measure(shapes: str) -> dict[str, Any]:
     from daemon.model import fused_proj, reuse
     from daemon.model.runtime import ModelRuntime
     from daemon.model.smoke import ensure_smoke_model
+    from .replay import StaticStep
     from daemon.model.text_rope import TextRope, text_positions
 
     prefix = f"{shapes}."
@@ -83,6 +84,28 @@ def measure(shapes: str) -> dict[str, Any]:
         total = time.perf_counter() - started
         return total / steps * 1e3, graph / steps * 1e3, launch / steps * 1e3, wait / steps * 1e3
 
+    def replayed() -> tuple[float, float]:
+        # One-token passes replayed from one compiled graph over a fixed-length cache (daemon/model/static_step.py):
+        # ms a step, and ms the first step took (the trace, once a generation).
+        kv = mlx_cache.make_prompt_cache(lm)
+        mx.eval(lm.model(prompt, cache=kv))
+        hidden = lm.model(prompt[:, -1:], cache=kv)
+        with text_positions(lm), fused_proj.fused_decoding(lm):
+            t0 = time.perf_counter()
+            fixed = StaticStep(lm, kv, 0, CONTEXT + steps + 8)
+            hidden = fixed.step(head(hidden))
+            mx.eval(hidden)
+            first = time.perf_counter() - t0
+            started = time.perf_counter()
+            for _ in range(steps):
+                token = head(hidden)
+                mx.async_eval(token)
+                hidden = fixed.step(token)
+                mx.async_eval(hidden)
+                int(token.item())
+            mx.eval(hidden)
+        return (time.perf_counter() - started) / steps * 1e3, first * 1e3
+
     def forced(same_shape: bool) -> float:
         kv = mlx_cache.make_prompt_cache(lm)
         mx.eval(lm.model(prompt, cache=kv))
@@ -104,10 +127,10 @@ def measure(shapes: str) -> dict[str, Any]:
         n = sum(1 for _ in gen)
         return (time.perf_counter() - started) / max(n, 1) * 1e3
 
-    ours(), ours(False), library(), forced(True)  # warm-up: first calls compile kernels on a GPU
-    runs = [(ours(), library(), ours(False)) for _ in range(2)]
+    ours(), ours(False), library(), forced(True), replayed()  # warm-up: first calls compile kernels on a GPU
+    runs = [(ours(), library(), ours(False), replayed()) for _ in range(2)]
     forced_new, forced_same = forced(False), forced(True)
-    (step, graph, launch, wait), lib, _ = min(runs, key=lambda r: r[0][0])
+    (step, graph, launch, wait), lib, _, _ = min(runs, key=lambda r: r[0][0])
     put("device", str(mx.default_device()))
     put("context_tokens", CONTEXT)
     put("steps", steps)
@@ -117,6 +140,8 @@ def measure(shapes: str) -> dict[str, Any]:
     put("ours_step_ms", round(step, 2))
     put("mlx_vlm_step_ms", round(min(r[1] for r in runs), 2))
     put("unstacked_step_ms", round(min(r[2][0] for r in runs), 2))
+    put("replayed_step_ms", round(min(r[3][0] for r in runs), 2))
+    put("replayed_trace_ms", round(min(r[3][1] for r in runs), 1))
     put("forced_tokens_per_pass", FORCED)
     put("forced_pass_ms", round(forced_new, 2))
     put("forced_pass_same_shape_ms", round(forced_same, 2))
