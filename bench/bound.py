@@ -190,7 +190,8 @@ def measure(shapes: str) -> dict[str, Any]:
         gen = rt.generate_json(image, s["prompt"], schema, max_tokens=s["max_tokens"], encoded=encoded)
         real_s += time.perf_counter() - started
         runs.append((grid, gen))
-        note(f"{shapes} photo {i + 1}/{len(photos)}: {real_s:.1f} s so far")
+        note(f"{shapes} photo {i + 1}/{len(photos)}: {time.perf_counter() - started:.2f} s, {gen.generated_tokens} tokens "
+             f"in {gen.forward_passes} passes, {gen.free_tokens} free; {real_s:.1f} s so far")
 
     lm = rt.model.language_model.model.layers[0].mlp.up_proj
     vis = rt.model.vision_tower.blocks[0].mlp.fc1

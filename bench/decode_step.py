@@ -13,13 +13,19 @@ Figures (`smoke.` / `real.` prefixes), ms per step at a 400-token text context, 
   multi-token pass may take cuDNN's attention, whose graph is built per shape (`cudnn_sdpa=` prints whether it may);
 - `text_rope=1` where the runtime rotates text positions with mx.fast.rope (on a GPU: daemon/model/text_rope.py);
 - `stacked_proj=1` where it projects q/k/v and gate/up with one matmul each (on a GPU: daemon/model/fused_proj.py),
-  and `unstacked_step_ms`: `ours_step_ms` without them, measured interleaved with it in the same run.
+  and `unstacked_step_ms`: `ours_step_ms` without them, measured interleaved with it in the same run;
+- `masked_step_ms`: `ours_step_ms` with the greedy pick masked by a fresh host boolean vector over the vocabulary
+  each step, as a schema-constrained critique's is;
+- `replayed_step_ms` / `replayed_trace_ms`: one-token passes replayed from one compiled graph over a fixed-length
+  cache (bench/replay.py: tried, not kept) and the first step's trace.
 """
 
 from __future__ import annotations
 
 import os
 import time
+
+import numpy as np
 from contextlib import nullcontext
 from typing import Any
 
@@ -84,6 +90,32 @@ def measure(shapes: str) -> dict[str, Any]:
         total = time.perf_counter() - started
         return total / steps * 1e3, graph / steps * 1e3, launch / steps * 1e3, wait / steps * 1e3
 
+    def masked() -> float:
+        # ours(), with the greedy pick masked as a schema-constrained critique masks it: a fresh host boolean vector
+        # over the vocabulary each step (what llguidance allows next), handed to MLX and applied with `where`.
+        kv = mlx_cache.make_prompt_cache(lm)
+        hidden = lm.model(prompt, cache=kv)
+        mx.eval(hidden)
+        vocab = int(lm.args.vocab_size)
+        allowed = np.ones(vocab, dtype=bool)
+        allowed[np.arange(0, vocab, 7)] = False
+        started = time.perf_counter()
+        with text_positions(lm), fused_proj.fused_decoding(lm):
+            for i in range(steps):
+                last = hidden[:, -1:, :]
+                logits = (lm.model.embed_tokens.as_linear(last) if lm.args.tie_word_embeddings
+                          else lm.lm_head(last))[0, -1]
+                mask = np.roll(allowed, i)  # a new vector each step, as llguidance's is
+                token = mx.argmax(mx.where(mx.array(mask), logits, mx.array(-mx.inf, dtype=logits.dtype)))
+                token = token.astype(mx.int32)
+                mx.async_eval(token)
+                hidden = lm.model(token.reshape(1, 1), cache=kv,
+                                  position_ids=reuse._positions(int(kv[0].offset), no_delta, 1))
+                mx.async_eval(hidden)
+                int(token.item())
+            mx.eval(hidden)
+        return (time.perf_counter() - started) / steps * 1e3
+
     def replayed() -> tuple[float, float]:
         # One-token passes replayed from one compiled graph over a fixed-length cache (daemon/model/static_step.py):
         # ms a step, and ms the first step took (the trace, once a generation).
@@ -127,10 +159,10 @@ def measure(shapes: str) -> dict[str, Any]:
         n = sum(1 for _ in gen)
         return (time.perf_counter() - started) / max(n, 1) * 1e3
 
-    ours(), ours(False), library(), forced(True), replayed()  # warm-up: first calls compile kernels on a GPU
-    runs = [(ours(), library(), ours(False), replayed()) for _ in range(2)]
+    ours(), ours(False), library(), forced(True), replayed(), masked()  # warm-up: first calls compile GPU kernels
+    runs = [(ours(), library(), ours(False), replayed(), masked()) for _ in range(2)]
     forced_new, forced_same = forced(False), forced(True)
-    (step, graph, launch, wait), lib, _, _ = min(runs, key=lambda r: r[0][0])
+    (step, graph, launch, wait), lib, _, _, _ = min(runs, key=lambda r: r[0][0])
     put("device", str(mx.default_device()))
     put("context_tokens", CONTEXT)
     put("steps", steps)
@@ -140,6 +172,7 @@ def measure(shapes: str) -> dict[str, Any]:
     put("ours_step_ms", round(step, 2))
     put("mlx_vlm_step_ms", round(min(r[1] for r in runs), 2))
     put("unstacked_step_ms", round(min(r[2][0] for r in runs), 2))
+    put("masked_step_ms", round(min(r[4] for r in runs), 2))
     put("replayed_step_ms", round(min(r[3][0] for r in runs), 2))
     put("replayed_trace_ms", round(min(r[3][1] for r in runs), 1))
     put("forced_tokens_per_pass", FORCED)
