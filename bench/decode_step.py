@@ -24,10 +24,10 @@ from __future__ import annotations
 
 import os
 import time
-
-import numpy as np
 from contextlib import nullcontext
 from typing import Any
+
+import numpy as np
 
 from . import apply_precision, by_size, emit, note, settings as bench_settings, var_dir
 
@@ -44,8 +44,9 @@ def measure(shapes: str) -> dict[str, Any]:
     from daemon.model import fused_proj, reuse
     from daemon.model.runtime import ModelRuntime
     from daemon.model.smoke import ensure_smoke_model
-    from .replay import StaticStep
     from daemon.model.text_rope import TextRope, text_positions
+
+    from .replay import StaticStep
 
     prefix = f"{shapes}."
     figures: dict[str, Any] = {}
@@ -117,7 +118,7 @@ def measure(shapes: str) -> dict[str, Any]:
         return (time.perf_counter() - started) / steps * 1e3
 
     def replayed() -> tuple[float, float]:
-        # One-token passes replayed from one compiled graph over a fixed-length cache (daemon/model/static_step.py):
+        # One-token passes replayed from one compiled graph over a fixed-length cache (bench/replay.py):
         # ms a step, and ms the first step took (the trace, once a generation).
         kv = mlx_cache.make_prompt_cache(lm)
         mx.eval(lm.model(prompt, cache=kv))

@@ -7,8 +7,9 @@
          the same portfolio context), each encoding the photo and prefilling its whole prompt.
 Both decode greedily under the same JSON-schema constraint, so they write the same text; the benchmark checks
 that (`outputs_match`: both passes' JSON as the model wrote it, before ours anchors pass 2's scores to the
-retrieved references' curator scores, which the naive path does not do). Embeddings are off so both retrieve by profile alone and see the
-same pass-2 prompt (ours would get its embedding for free from the features it already has).
+retrieved references' curator scores, which the naive path does not do). Embeddings are off so both retrieve by
+profile alone and see the same pass-2 prompt (ours would get its embedding for free from the features it already
+has).
 
 Figures, per model (`smoke.` / `real.` prefixes), then `rag_time_ratio` for the size asked:
   photos, ours_s, naive_s (totals), rag_time_ratio = ours_s / naive_s, outputs_match, reused_prompt_tokens,
