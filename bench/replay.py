@@ -43,7 +43,6 @@ class StaticStep:
         self.kv = kv
         self.length = int(kv[0].keys.shape[2])
         self.rope_delta = int(rope_delta)
-        self.steps = 0
         model, layers, length = lm.model, list(lm.layers), self.length
 
         def step(token: mx.array, at: mx.array, keys: list[mx.array], values: list[mx.array]) -> tuple:
@@ -78,10 +77,6 @@ class StaticStep:
 
         self._step = mx.compile(step)
 
-    def room(self) -> int:
-        """Tokens that still fit before the fixed length is reached."""
-        return self.length - int(self.kv[0].offset)
-
     def step(self, token: mx.array) -> mx.array:
         kv = self.kv
         if int(kv[0].keys.shape[2]) != self.length:
@@ -94,7 +89,6 @@ class StaticStep:
         for c, k, v in zip(kv, keys, values):
             c.keys, c.values = k, v
             c.offset += 1
-        self.steps += 1
         return hidden
 
 
