@@ -23,6 +23,9 @@ Left out, so the bound stays a lower bound: the KV cache reads, norms, RoPE, the
 
 `real_s_per_photo` is `ModelRuntime.generate_json` at the project's default settings (comment length, max_tokens,
 max_pixels), the baseline prompt; `real_over_bound` = real / bound (target: within 2x at real shapes).
+`real_ms_per_pass` is a photo's time without the vision tower per decode pass (the prefill and the forced runs
+included); `synthetic_step_ms` is `decode_step`'s masked one-token step, timed after the photos in this process at
+the photos' prompt length: where the first is far above the second, the loop around the passes costs the difference.
 --size real (2.2 B parameters, ~9 GB, minutes a photo on a 2-core CPU) is for the GPU machine or a larger one.
 """
 
@@ -42,6 +45,7 @@ from . import by_size, emit, note, precision
 
 BANDWIDTH_BYTES = 512 * 2**20
 REPEATS = 5
+SYNTHETIC_STEPS = {"smoke": 100, "real": 40}  # decode_step's masked step, timed after the photos
 
 
 def _text_config(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -231,12 +235,22 @@ def measure(shapes: str) -> dict[str, Any]:
     bound_s = compute_s + memory_s
     real = real_s / n
 
+    # The synthetic step `decode_step` times, in this process on this machine, beside what a real critique's pass
+    # cost (its photo's time without the vision tower, per decode pass: the prefill and forced runs included).
+    from .decode_step import masked_step_ms
+
+    lm_model = rt.model.language_model
+    masked_step_ms(lm_model, 3, prompt_tokens)  # warm: this context's kernels
+    synthetic_ms = masked_step_ms(lm_model, SYNTHETIC_STEPS[shapes], prompt_tokens)
+
     put("precision", precision())  # the weights the runtime ran with, those the bytes below count
     put("photos", n)
     put("prompt_tokens_per_photo", round(sum(gen.prompt_tokens for _, gen in runs) / n, 1))
     put("image_patches_per_photo", round(sum(g[0] * g[1] * g[2] for g, _ in runs) / n, 1))
     put("generated_tokens_per_photo", round(tokens, 1))
     put("decode_steps_per_photo", round(steps, 1))
+    put("real_ms_per_pass", round((real - vision_s / n) / steps * 1e3, 2))
+    put("synthetic_step_ms", round(synthetic_ms, 2))
     put("vision_gflop_per_photo", round(vis_flops / 1e9, 3))
     put("language_prefill_gflop_per_photo", round(lm_flops / 1e9, 3))
     put("matmul_gflops_vision", round(vision_rate / 1e9, 2))

@@ -36,6 +36,42 @@ FORCED = 4
 STEPS = {"smoke": 100, "real": 150}
 
 
+def masked_step_ms(lm: Any, steps: int, context: int = CONTEXT) -> float:
+    """ms a one-token step of `lm` (a loaded language model) takes the way a schema-constrained critique takes it:
+    the vocabulary head, the pick masked by a fresh host boolean vector over the vocabulary (what llguidance allows
+    next, here every id but each seventh) applied with `where`, then the next pass, at a `context`-token text
+    context. `bound` times it in its own process beside a real critique's passes."""
+    import mlx.core as mx
+    from mlx_vlm.models import cache as mlx_cache
+
+    from daemon.model import fused_proj, reuse
+    from daemon.model.text_rope import text_positions
+
+    kv = mlx_cache.make_prompt_cache(lm)
+    hidden = lm.model(mx.array([[100 + i % 800 for i in range(context)]]), cache=kv)
+    mx.eval(hidden)
+    vocab = int(lm.args.vocab_size)
+    allowed = np.ones(vocab, dtype=bool)
+    allowed[np.arange(0, vocab, 7)] = False
+    no_delta = mx.array([0])
+    started = time.perf_counter()
+    with text_positions(lm), fused_proj.fused_decoding(lm):
+        for i in range(steps):
+            last = hidden[:, -1:, :]
+            logits = (lm.model.embed_tokens.as_linear(last) if lm.args.tie_word_embeddings
+                      else lm.lm_head(last))[0, -1]
+            mask = np.roll(allowed, i)  # a new vector each step, as llguidance's is
+            token = mx.argmax(mx.where(mx.array(mask), logits, mx.array(-mx.inf, dtype=logits.dtype)))
+            token = token.astype(mx.int32)
+            mx.async_eval(token)
+            hidden = lm.model(token.reshape(1, 1), cache=kv,
+                              position_ids=reuse._positions(int(kv[0].offset), no_delta, 1))
+            mx.async_eval(hidden)
+            int(token.item())
+        mx.eval(hidden)
+    return (time.perf_counter() - started) / steps * 1e3
+
+
 def measure(shapes: str) -> dict[str, Any]:
     import mlx.core as mx
     from mlx_vlm.generate import generate_step
@@ -92,30 +128,7 @@ def measure(shapes: str) -> dict[str, Any]:
         return total / steps * 1e3, graph / steps * 1e3, launch / steps * 1e3, wait / steps * 1e3
 
     def masked() -> float:
-        # ours(), with the greedy pick masked as a schema-constrained critique masks it: a fresh host boolean vector
-        # over the vocabulary each step (what llguidance allows next), handed to MLX and applied with `where`.
-        kv = mlx_cache.make_prompt_cache(lm)
-        hidden = lm.model(prompt, cache=kv)
-        mx.eval(hidden)
-        vocab = int(lm.args.vocab_size)
-        allowed = np.ones(vocab, dtype=bool)
-        allowed[np.arange(0, vocab, 7)] = False
-        started = time.perf_counter()
-        with text_positions(lm), fused_proj.fused_decoding(lm):
-            for i in range(steps):
-                last = hidden[:, -1:, :]
-                logits = (lm.model.embed_tokens.as_linear(last) if lm.args.tie_word_embeddings
-                          else lm.lm_head(last))[0, -1]
-                mask = np.roll(allowed, i)  # a new vector each step, as llguidance's is
-                token = mx.argmax(mx.where(mx.array(mask), logits, mx.array(-mx.inf, dtype=logits.dtype)))
-                token = token.astype(mx.int32)
-                mx.async_eval(token)
-                hidden = lm.model(token.reshape(1, 1), cache=kv,
-                                  position_ids=reuse._positions(int(kv[0].offset), no_delta, 1))
-                mx.async_eval(hidden)
-                int(token.item())
-            mx.eval(hidden)
-        return (time.perf_counter() - started) / steps * 1e3
+        return masked_step_ms(lm, steps)
 
     def replayed() -> tuple[float, float]:
         # One-token passes replayed from one compiled graph over a fixed-length cache (bench/replay.py):
