@@ -26,6 +26,11 @@ max_pixels), the baseline prompt; `real_over_bound` = real / bound (target: with
 `real_ms_per_pass` is a photo's time without the vision tower per decode pass (the prefill and the forced runs
 included); `synthetic_step_ms` is `decode_step`'s masked one-token step, timed after the photos in this process at
 the photos' prompt length: where the first is far above the second, the loop around the passes costs the difference.
+`operations_per_pass` / `kernels_per_pass` count that step's graph (`mx.export_to_dot`; kernels leave out views);
+`dispatch_floor_ms_per_pass` is a step of that many element-wise kernels on a hidden-size vector, launched the same
+way: what the backend's dispatch costs a pass whatever it computes. `dispatch_bound_s_per_photo` = compute +
+passes × max(weight read, dispatch floor), with `real_over_dispatch_bound`: an extra figure beside the issue's bound,
+which counts no dispatch (on a GPU at batch 1 the floor is the larger term).
 --size real (2.2 B parameters, ~9 GB, minutes a photo on a 2-core CPU) is for the GPU machine or a larger one.
 """
 
@@ -237,11 +242,16 @@ def measure(shapes: str) -> dict[str, Any]:
 
     # The synthetic step `decode_step` times, in this process on this machine, beside what a real critique's pass
     # cost (its photo's time without the vision tower, per decode pass: the prefill and forced runs included).
-    from .decode_step import masked_step_ms
+    from .decode_step import dispatch_floor_ms, kernels, masked_step_ms, pass_operations
 
     lm_model = rt.model.language_model
     masked_step_ms(lm_model, 3, prompt_tokens)  # warm: this context's kernels
     synthetic_ms = masked_step_ms(lm_model, SYNTHETIC_STEPS[shapes], prompt_tokens)
+    operations = pass_operations(lm_model, prompt_tokens)
+    floor_ms = dispatch_floor_ms(kernels(operations), SYNTHETIC_STEPS[shapes], int(text["hidden_size"]))
+    # A pass cannot be quicker than reading the weights, nor than dispatching its kernels: the second is what the
+    # issue's bound leaves out, and on a GPU at batch 1 it is the larger one.
+    dispatch_s = compute_s + steps * max(floor_ms / 1e3, step_bytes / bandwidth)
 
     put("precision", precision())  # the weights the runtime ran with, those the bytes below count
     put("photos", n)
@@ -251,6 +261,9 @@ def measure(shapes: str) -> dict[str, Any]:
     put("decode_steps_per_photo", round(steps, 1))
     put("real_ms_per_pass", round((real - vision_s / n) / steps * 1e3, 2))
     put("synthetic_step_ms", round(synthetic_ms, 2))
+    put("operations_per_pass", sum(operations.values()))
+    put("kernels_per_pass", kernels(operations))
+    put("dispatch_floor_ms_per_pass", round(floor_ms, 2))
     put("vision_gflop_per_photo", round(vis_flops / 1e9, 3))
     put("language_prefill_gflop_per_photo", round(lm_flops / 1e9, 3))
     put("matmul_gflops_vision", round(vision_rate / 1e9, 2))
@@ -266,6 +279,8 @@ def measure(shapes: str) -> dict[str, Any]:
     put("real_s_per_photo", round(real, 4))
     put("bound_s_per_photo", round(bound_s, 4))
     put("real_over_bound", round(real / bound_s, 2))
+    put("dispatch_bound_s_per_photo", round(dispatch_s, 4))
+    put("real_over_dispatch_bound", round(real / dispatch_s, 2))
     put("loadavg_1m", round(os.getloadavg()[0], 2))
     return figures
 

@@ -23,8 +23,12 @@ Figures (`smoke.` / `real.` prefixes), ms per step at a 400-token text context, 
 from __future__ import annotations
 
 import os
+import re
+import tempfile
 import time
+from collections import Counter
 from contextlib import nullcontext
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -69,6 +73,74 @@ def masked_step_ms(lm: Any, steps: int, context: int = CONTEXT) -> float:
             mx.async_eval(hidden)
             int(token.item())
         mx.eval(hidden)
+    return (time.perf_counter() - started) / steps * 1e3
+
+
+# Primitives MLX evaluates without a kernel on a GPU (a new view of the same buffer), left out of `kernels`.
+VIEW_PRIMITIVES = frozenset({"Broadcast", "Reshape", "Transpose", "Slice", "Flatten", "Unflatten", "ExpandDims",
+                             "Squeeze", "AsStrided", "StopGradient", "Depends"})
+
+
+def pass_operations(lm: Any, context: int = CONTEXT) -> Counter[str]:
+    """The operations (primitive name: count) in the graph of one masked one-token pass of `lm` as `masked_step_ms`
+    builds it (the head, the mask's `where`, the pick, the next pass), read from `mx.export_to_dot` on the default
+    device: fast primitives (RMSNorm, RoPE, attention) are one operation each where the device has them."""
+    import mlx.core as mx
+    from mlx_vlm.models import cache as mlx_cache
+
+    from daemon.model import fused_proj, reuse
+    from daemon.model.text_rope import text_positions
+
+    kv = mlx_cache.make_prompt_cache(lm)
+    hidden = lm.model(mx.array([[100 + i % 800 for i in range(context)]]), cache=kv)
+    mx.eval(hidden)
+    with text_positions(lm), fused_proj.fused_decoding(lm):
+        last = hidden[:, -1:, :]
+        logits = (lm.model.embed_tokens.as_linear(last) if lm.args.tie_word_embeddings
+                  else lm.lm_head(last))[0, -1]
+        allowed = mx.array(np.ones(int(lm.args.vocab_size), dtype=bool))
+        token = mx.argmax(mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))).astype(mx.int32)
+        hidden = lm.model(token.reshape(1, 1), cache=kv,
+                          position_ids=reuse._positions(int(kv[0].offset), mx.array([0]), 1))
+        with tempfile.TemporaryDirectory() as tmp:
+            dot = f"{tmp}/pass.dot"
+            mx.export_to_dot(dot, hidden)
+            return Counter(re.findall(r'label ="([^"]+)", shape=rectangle', Path(dot).read_text()))
+
+
+def kernels(operations: Counter[str]) -> int:
+    """How many of `operations` run a kernel (all but views)."""
+    return sum(n for name, n in operations.items() if name not in VIEW_PRIMITIVES)
+
+
+def dispatch_floor_ms(count: int, steps: int, width: int) -> float:
+    """ms a step takes when it is `count` element-wise products on a `width`-wide vector, built, launched and
+    waited for the way a decode step is (the next step built while the last one runs): what this backend's
+    dispatch costs a pass of that many kernels whatever they compute. A floor for a batch-1 decode step that the
+    weight bytes / bandwidth bound does not count."""
+    import mlx.core as mx
+
+    factor = mx.full((1, width), 1.0001)
+    y = mx.ones((1, width))
+    mx.eval(factor, y)
+
+    def one_step(y: Any) -> Any:
+        for _ in range(count):
+            y = y * factor
+        return y
+
+    for _ in range(3):  # warm: the kernel and, on CUDA, its graphs
+        y = one_step(y)
+        mx.eval(y)
+    started = time.perf_counter()
+    previous = None
+    for _ in range(steps):
+        y = one_step(y)
+        mx.async_eval(y)
+        if previous is not None:
+            previous[0, 0].item()
+        previous = y
+    y[0, 0].item()
     return (time.perf_counter() - started) / steps * 1e3
 
 

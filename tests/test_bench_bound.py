@@ -52,3 +52,17 @@ def test_vision_flops_match_the_checkpoint(smoke_model_path: Path) -> None:
                     + v["depth"] * 4 * n * n * v["embed_dim"]
                     + 2 * merged * _matrix_sizes(shapes, "vision_tower.merger."))
         assert vision_flops(cfg, grid) == expected, grid
+
+
+def test_the_counted_graph_is_one_whole_pass(smoke_model) -> None:  # type: ignore[no-untyped-def]
+    """`bound` times a dispatch floor of as many kernels as a decode pass has: the graph counted must be one pass
+    through every layer (each writes its keys and values once) and one pick of the next token, not a part of it
+    nor two."""
+    from bench.decode_step import VIEW_PRIMITIVES, kernels, pass_operations
+
+    lm = smoke_model.language_model
+    operations = pass_operations(lm, context=24)
+    assert operations["SliceUpdate"] == 2 * len(lm.model.layers)
+    assert operations["ArgReduce"] == 1
+    views = sum(n for name, n in operations.items() if name in VIEW_PRIMITIVES)
+    assert 0 < kernels(operations) == sum(operations.values()) - views
