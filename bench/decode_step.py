@@ -13,11 +13,14 @@ Figures (`smoke.` / `real.` prefixes), ms per step at a 400-token text context, 
   multi-token pass may take cuDNN's attention, whose graph is built per shape (`cudnn_sdpa=` prints whether it may);
 - `text_rope=1` where the runtime rotates text positions with mx.fast.rope (on a GPU: daemon/model/text_rope.py);
 - `stacked_proj=1` where it projects q/k/v and gate/up with one matmul each (on a GPU: daemon/model/fused_proj.py),
-  and `unstacked_step_ms`: `ours_step_ms` without them, measured interleaved with it in the same run;
+  and `unstacked_step_ms`: mlx-vlm's modules without them (nor the flat pass), measured interleaved with it;
 - `masked_step_ms`: `ours_step_ms` with the greedy pick masked by a fresh host boolean vector over the vocabulary
   each step, as a schema-constrained critique's is;
 - `replayed_step_ms` / `replayed_trace_ms`: one-token passes replayed from one compiled graph over a fixed-length
-  cache (bench/replay.py: tried, not kept) and the first step's trace.
+  cache (bench/replay.py: tried, not kept) and the first step's trace;
+- `flat_step=1` where the decode loop's one-token pass is written against the weights (on a GPU:
+  daemon/model/flat_step.py), and `modules_step_ms`: `ours_step_ms` through mlx-vlm's modules instead, measured
+  interleaved with it in the same run.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ import time
 from collections import Counter
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -40,6 +43,23 @@ FORCED = 4
 STEPS = {"smoke": 100, "real": 150}
 
 
+def one_token_pass(lm: Any, kv: list, *, flat: bool = True) -> Callable[[Any], Any]:
+    """The decode loop's one-token pass (reuse.generate's `forward`, a prompt without an mRoPE delta): through
+    daemon/model/flat_step.py where it fits and `flat`, else mlx-vlm's modules. Call it, and the pass, inside
+    `text_positions(lm)` and `fused_decoding(lm)`."""
+    import mlx.core as mx
+
+    from daemon.model import reuse
+    from daemon.model.flat_step import FlatStep
+
+    step = FlatStep.build(lm) if flat else None
+    no_delta = mx.array([0])
+    if step is not None:
+        return lambda token: step.step(token, mx.array(int(kv[0].offset)), kv)
+    return lambda token: lm.model(token.reshape(1, 1), cache=kv,
+                                  position_ids=reuse._positions(int(kv[0].offset), no_delta, 1))
+
+
 def masked_step_ms(lm: Any, steps: int, context: int = CONTEXT) -> float:
     """ms a one-token step of `lm` (a loaded language model) takes the way a schema-constrained critique takes it:
     the vocabulary head, the pick masked by a fresh host boolean vector over the vocabulary (what llguidance allows
@@ -48,7 +68,7 @@ def masked_step_ms(lm: Any, steps: int, context: int = CONTEXT) -> float:
     import mlx.core as mx
     from mlx_vlm.models import cache as mlx_cache
 
-    from daemon.model import fused_proj, reuse
+    from daemon.model import fused_proj
     from daemon.model.text_rope import text_positions
 
     kv = mlx_cache.make_prompt_cache(lm)
@@ -57,9 +77,9 @@ def masked_step_ms(lm: Any, steps: int, context: int = CONTEXT) -> float:
     vocab = int(lm.args.vocab_size)
     allowed = np.ones(vocab, dtype=bool)
     allowed[np.arange(0, vocab, 7)] = False
-    no_delta = mx.array([0])
     started = time.perf_counter()
     with text_positions(lm), fused_proj.fused_decoding(lm):
+        forward = one_token_pass(lm, kv)
         for i in range(steps):
             last = hidden[:, -1:, :]
             logits = (lm.model.embed_tokens.as_linear(last) if lm.args.tie_word_embeddings
@@ -68,8 +88,7 @@ def masked_step_ms(lm: Any, steps: int, context: int = CONTEXT) -> float:
             token = mx.argmax(mx.where(mx.array(mask), logits, mx.array(-mx.inf, dtype=logits.dtype)))
             token = token.astype(mx.int32)
             mx.async_eval(token)
-            hidden = lm.model(token.reshape(1, 1), cache=kv,
-                              position_ids=reuse._positions(int(kv[0].offset), no_delta, 1))
+            hidden = forward(token)
             mx.async_eval(hidden)
             int(token.item())
         mx.eval(hidden)
@@ -88,20 +107,20 @@ def pass_operations(lm: Any, context: int = CONTEXT) -> Counter[str]:
     import mlx.core as mx
     from mlx_vlm.models import cache as mlx_cache
 
-    from daemon.model import fused_proj, reuse
+    from daemon.model import fused_proj
     from daemon.model.text_rope import text_positions
 
     kv = mlx_cache.make_prompt_cache(lm)
     hidden = lm.model(mx.array([[100 + i % 800 for i in range(context)]]), cache=kv)
     mx.eval(hidden)
     with text_positions(lm), fused_proj.fused_decoding(lm):
+        forward = one_token_pass(lm, kv)
         last = hidden[:, -1:, :]
         logits = (lm.model.embed_tokens.as_linear(last) if lm.args.tie_word_embeddings
                   else lm.lm_head(last))[0, -1]
         allowed = mx.array(np.ones(int(lm.args.vocab_size), dtype=bool))
         token = mx.argmax(mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))).astype(mx.int32)
-        hidden = lm.model(token.reshape(1, 1), cache=kv,
-                          position_ids=reuse._positions(int(kv[0].offset), mx.array([0]), 1))
+        hidden = forward(token)
         with tempfile.TemporaryDirectory() as tmp:
             dot = f"{tmp}/pass.dot"
             mx.export_to_dot(dot, hidden)
@@ -154,6 +173,8 @@ def measure(shapes: str) -> dict[str, Any]:
     from daemon.model.smoke import ensure_smoke_model
     from daemon.model.text_rope import TextRope, text_positions
 
+    from daemon.model import flat_step
+
     from .replay import StaticStep
 
     prefix = f"{shapes}."
@@ -175,7 +196,7 @@ def measure(shapes: str) -> dict[str, Any]:
         logits = lm.model.embed_tokens.as_linear(last) if lm.args.tie_word_embeddings else lm.lm_head(last)
         return mx.argmax(logits[0, -1]).astype(mx.int32)
 
-    def ours(stacked: bool = True) -> tuple[float, float, float, float]:
+    def ours(stacked: bool = True, flat: bool = True) -> tuple[float, float, float, float]:
         kv = mlx_cache.make_prompt_cache(lm)
         hidden = lm.model(prompt, cache=kv)
         mx.eval(hidden)
@@ -183,12 +204,12 @@ def measure(shapes: str) -> dict[str, Any]:
         started = time.perf_counter()
         # Entered once for the whole loop, as reuse.generate does.
         with text_positions(lm), fused_proj.fused_decoding(lm) if stacked else nullcontext():
+            forward = one_token_pass(lm, kv, flat=flat and stacked)
             for _ in range(steps):
                 t0 = time.perf_counter()
                 token = head(hidden)
                 mx.async_eval(token)
-                hidden = lm.model(token.reshape(1, 1), cache=kv,
-                                  position_ids=reuse._positions(int(kv[0].offset), no_delta, 1))
+                hidden = forward(token)
                 t1 = time.perf_counter()
                 mx.async_eval(hidden)
                 t2 = time.perf_counter()
@@ -245,10 +266,15 @@ def measure(shapes: str) -> dict[str, Any]:
         n = sum(1 for _ in gen)
         return (time.perf_counter() - started) / max(n, 1) * 1e3
 
-    ours(), ours(False), library(), forced(True), replayed(), masked()  # warm-up: first calls compile GPU kernels
-    runs = [(ours(), library(), ours(False), replayed(), masked()) for _ in range(2)]
+    flat_fits = flat_step.fits(lm)
+
+    def modules() -> float | None:  # ours_step_ms through mlx-vlm's modules, where the flat pass is ours
+        return ours(flat=False)[0] if flat_fits else None
+
+    ours(), ours(False), library(), forced(True), replayed(), masked(), modules()  # warm-up: compiles kernels
+    runs = [(ours(), library(), ours(False), replayed(), masked(), modules()) for _ in range(2)]
     forced_new, forced_same = forced(False), forced(True)
-    (step, graph, launch, wait), lib, _, _, _ = min(runs, key=lambda r: r[0][0])
+    (step, graph, launch, wait), lib, _, _, _, _ = min(runs, key=lambda r: r[0][0])
     put("device", str(mx.default_device()))
     put("context_tokens", CONTEXT)
     put("steps", steps)
@@ -260,6 +286,7 @@ def measure(shapes: str) -> dict[str, Any]:
     put("unstacked_step_ms", round(min(r[2][0] for r in runs), 2))
     put("masked_step_ms", round(min(r[4] for r in runs), 2))
     put("replayed_step_ms", round(min(r[3][0] for r in runs), 2))
+    put("modules_step_ms", round(min(r[5] for r in runs), 2) if flat_fits else "n/a (ours runs the modules here)")
     put("replayed_trace_ms", round(min(r[3][1] for r in runs), 1))
     put("forced_tokens_per_pass", FORCED)
     put("forced_pass_ms", round(forced_new, 2))
@@ -267,6 +294,7 @@ def measure(shapes: str) -> dict[str, Any]:
     put("cudnn_sdpa", os.environ.get("MLX_CUDA_USE_CUDNN_SDPA", "1"))
     put("text_rope", int(isinstance(lm.layers[0].self_attn.rotary_emb, TextRope)))  # daemon/model/text_rope.py
     put("stacked_proj", int(bool(fused_proj.stacks(lm))))  # daemon/model/fused_proj.py
+    put("flat_step", int(flat_fits))  # daemon/model/flat_step.py
     if mx.default_device() == mx.cpu:  # the CPU backend computes inside async_eval: launch_ms is the compute
         note(f"{shapes}: on the CPU, launch_ms holds the pass's compute; the split means something on a GPU")
     else:

@@ -299,14 +299,16 @@ def test_the_tokens_a_critique_writes_rotate_on_one_fused_rope_and_the_same_resu
 
 
 def test_generation_on_the_fused_rope_is_exactly_mlx_vlms_own(rope_runtime: ModelRuntime) -> None:
-    """The decode loop (reuse.generate) runs its passes on text positions, and writes what mlx-vlm writes."""
-    from daemon.model import text_rope
+    """The decode loop (reuse.generate) runs its passes on text positions, its one-token passes written against the
+    weights (as on a GPU), and writes what mlx-vlm writes."""
+    from daemon.model import flat_step, text_rope
 
     lm = rope_runtime.model.language_model
     schema = critique_schema(40)
     photo = _photo((320, 200))
     ids = mlx_vlm_ids(rope_runtime, photo, "Critique this photograph.", schema, max_tokens=1400)
-    calls = text_rope.text_calls(lm)
+    calls, flat = text_rope.text_calls(lm), flat_step.calls(lm)
     ours = rope_runtime.generate_json(photo, "Critique this photograph.", schema, max_tokens=1400)
     assert ours.text == rope_runtime.tokenizer.decode(ids, skip_special_tokens=False)
-    assert text_rope.text_calls(lm) - calls >= len(lm.layers) * 10
+    assert text_rope.text_calls(lm) - calls >= len(lm.layers) * 10  # the multi-token (forced) passes
+    assert flat_step.calls(lm) - flat >= 50  # one-token passes: written against the weights (flat_step.py)
