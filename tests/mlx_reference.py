@@ -23,3 +23,41 @@ def mlx_vlm_text(runtime: Any, image: Any, prompt: str, schema: dict, *, max_tok
                  system: str | None = None) -> str:
     ids = mlx_vlm_ids(runtime, image, prompt, schema, max_tokens=max_tokens, system=system)
     return runtime.tokenizer.decode(ids, skip_special_tokens=False)
+
+
+def decode_with_forced_runs(lm: Any, one_token: Any = None, *, prompt: int = 40, steps: int = 24,
+                            delta: int = 3) -> tuple[list[int], list[Any]]:
+    """Greedy one-token passes of `lm` after a `prompt`-token prompt, with a run of two forced tokens written
+    through mlx-vlm's own path every fifth step, the way reuse.generate appends them; text positions are the cache
+    offset plus `delta` (a prompt's mRoPE shift). `one_token(token, kv)` makes the one-token passes if given, made
+    inside `text_positions` and `fused_decoding`; otherwise mlx-vlm's modules do (the reference).
+    The tokens picked and every hidden state, evaluated."""
+    import mlx.core as mx
+    from mlx_vlm.models import cache as mlx_cache
+
+    from daemon.model import reuse
+    from daemon.model.fused_proj import fused_decoding
+    from daemon.model.text_rope import text_positions
+
+    kv = mlx_cache.make_prompt_cache(lm)
+    hidden = lm.model(mx.array([[100 + i % 700 for i in range(prompt)]]), cache=kv)
+    shift = mx.array([delta])
+    tokens, states = [], []
+    with text_positions(lm), fused_decoding(lm):
+        step = one_token(lm, kv) if one_token is not None else None
+        for i in range(steps):
+            token = mx.argmax(lm.model.embed_tokens.as_linear(hidden[:, -1:, :])[0, -1]).astype(mx.int32)
+            if step is not None:
+                hidden = step(token)
+            else:
+                hidden = lm.model(token.reshape(1, 1), cache=kv,
+                                  position_ids=reuse._positions(int(kv[0].offset), shift, 1))
+            tokens.append(int(token.item()))
+            states.append(hidden[0, -1])
+            if i % 5 == 2:
+                hidden = lm.model(mx.array([[300 + i, 301 + i]]), cache=kv,
+                                  position_ids=reuse._positions(int(kv[0].offset), shift, 2))
+                states.append(hidden[0, -1])
+    mx.eval(states)
+    assert int(kv[0].offset) == prompt + steps + 2 * len(range(2, steps, 5))
+    return tokens, states

@@ -9,41 +9,20 @@ from pathlib import Path
 
 import mlx.core as mx
 import pytest
-from mlx_vlm.models import cache as mlx_cache
 
-from daemon.model import flat_step, fused_proj, reuse, text_rope
+from daemon.model import flat_step, fused_proj, text_rope
 from daemon.model.flat_step import FlatStep
 from daemon.model.runtime import ModelRuntime
-from daemon.model.text_rope import text_positions
+from tests.mlx_reference import decode_with_forced_runs
 
 PROMPT = 40
 STEPS = 24
 DELTA = 3  # a prompt's mRoPE offset: text position = cache offset + DELTA
 
 
-def _decode(lm, flat: bool) -> tuple[list[int], list[mx.array]]:  # type: ignore[no-untyped-def]
-    kv = mlx_cache.make_prompt_cache(lm)
-    hidden = lm.model(mx.array([[100 + i % 700 for i in range(PROMPT)]]), cache=kv)
-    delta = mx.array([DELTA])
-    tokens, states = [], []
-    with text_positions(lm), fused_proj.fused_decoding(lm):
-        fast = FlatStep(lm) if flat else None
-        for i in range(STEPS):
-            token = mx.argmax(lm.model.embed_tokens.as_linear(hidden[:, -1:, :])[0, -1]).astype(mx.int32)
-            if fast is not None:
-                hidden = fast.step(token, mx.array(int(kv[0].offset) + DELTA), kv)
-            else:
-                hidden = lm.model(token.reshape(1, 1), cache=kv,
-                                  position_ids=reuse._positions(int(kv[0].offset), delta, 1))
-            tokens.append(int(token.item()))
-            states.append(hidden[0, -1])
-            if i % 5 == 2:  # a run of two forced tokens, the way reuse.generate appends them
-                hidden = lm.model(mx.array([[300 + i, 301 + i]]), cache=kv,
-                                  position_ids=reuse._positions(int(kv[0].offset), delta, 2))
-                states.append(hidden[0, -1])
-    mx.eval(states)
-    assert int(kv[0].offset) == PROMPT + STEPS + 2 * len(range(2, STEPS, 5))
-    return tokens, states
+def _flat_pass(lm, kv):  # type: ignore[no-untyped-def]
+    step = FlatStep(lm)
+    return lambda token: step.step(token, mx.array(int(kv[0].offset) + DELTA), kv)
 
 
 @pytest.mark.parametrize("stacked,bits", [(True, None), (False, None), (True, 4), (False, 4)],
@@ -64,9 +43,9 @@ def test_the_flat_step_computes_the_modules_pass(smoke_model_path: Path, tmp_pat
     for norm in [lm.model.norm] + [n for layer in lm.model.layers
                                    for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
         norm.weight = mx.random.uniform(0.5, 1.5, norm.weight.shape).astype(norm.weight.dtype)
-    plain_tokens, plain = _decode(lm, flat=False)
+    plain_tokens, plain = decode_with_forced_runs(lm, prompt=PROMPT, steps=STEPS, delta=DELTA)
     assert bool(fused_proj.fused_calls(lm)) == stacked
-    flat_tokens, flat = _decode(lm, flat=True)
+    flat_tokens, flat = decode_with_forced_runs(lm, _flat_pass, prompt=PROMPT, steps=STEPS, delta=DELTA)
     assert flat_tokens == plain_tokens
     assert len(set(plain_tokens)) > 1  # a decoder stuck on one token would hide a wrong position
     for step, (a, b) in enumerate(zip(plain, flat)):
