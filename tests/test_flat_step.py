@@ -20,15 +20,12 @@ STEPS = 24
 DELTA = 3  # a prompt's mRoPE offset: text position = cache offset + DELTA
 
 
-def _flat_pass(lm, kv):  # type: ignore[no-untyped-def]
-    step = FlatStep(lm)
-    return lambda token: step.step(token, mx.array(int(kv[0].offset) + DELTA), kv)
-
-
-@pytest.mark.parametrize("stacked,bits", [(True, None), (False, None), (True, 4), (False, 4)],
-                         ids=["stacked", "one-projection-each", "stacked-4bit", "one-projection-each-4bit"])
+@pytest.mark.parametrize("stacked,bits,one_rope", [(True, None, False), (False, None, False), (True, 4, False),
+                                                   (False, 4, False), (True, None, True), (True, 4, True)],
+                         ids=["stacked", "one-projection-each", "stacked-4bit", "one-projection-each-4bit",
+                              "stacked-one-rope", "stacked-4bit-one-rope"])
 def test_the_flat_step_computes_the_modules_pass(smoke_model_path: Path, tmp_path: Path, stacked: bool,
-                                                 bits: int | None) -> None:
+                                                 bits: int | None, one_rope: bool) -> None:
     import mlx.nn as nn
 
     rt = ModelRuntime.load(str(smoke_model_path), var_dir=tmp_path, max_pixels=200704)
@@ -45,7 +42,12 @@ def test_the_flat_step_computes_the_modules_pass(smoke_model_path: Path, tmp_pat
         norm.weight = mx.random.uniform(0.5, 1.5, norm.weight.shape).astype(norm.weight.dtype)
     plain_tokens, plain = decode_with_forced_runs(lm, prompt=PROMPT, steps=STEPS, delta=DELTA)
     assert bool(fused_proj.fused_calls(lm)) == stacked
-    flat_tokens, flat = decode_with_forced_runs(lm, _flat_pass, prompt=PROMPT, steps=STEPS, delta=DELTA)
+
+    def flat_pass(lm, kv):  # type: ignore[no-untyped-def]
+        step = FlatStep(lm, one_rope=one_rope)
+        return lambda token: step.step(token, mx.array(int(kv[0].offset) + DELTA), kv)
+
+    flat_tokens, flat = decode_with_forced_runs(lm, flat_pass, prompt=PROMPT, steps=STEPS, delta=DELTA)
     assert flat_tokens == plain_tokens
     assert len(set(plain_tokens)) > 1  # a decoder stuck on one token would hide a wrong position
     for step, (a, b) in enumerate(zip(plain, flat)):

@@ -73,10 +73,14 @@ class FlatStep:
     def build(cls, lm: Any) -> "FlatStep | None":
         return cls(lm) if fits(lm) else None
 
-    def __init__(self, lm: Any) -> None:
+    def __init__(self, lm: Any, *, one_rope: bool = False) -> None:
+        """`one_rope`: rotate a stacked layer's queries and keys with one RoPE call (they are adjacent heads in the
+        stacked projection's output): one kernel a layer fewer. Timed by `decode_step` (`one_rope_step_ms`); off
+        in the daemon until it is measured to pay."""
         if not fits(lm):
             raise ValueError("FlatStep covers Qwen2-VL's text decoder with the text RoPE and plain projections")
         self.lm = lm
+        self.one_rope = one_rope
         self.embed = lm.model.embed_tokens
         self.norm = (lm.model.norm["weight"], lm.model.norm.eps)
         self.layers = []
@@ -106,21 +110,26 @@ class FlatStep:
         x = self.embed(token.reshape(1))  # [1, hidden]
         for L, cache in zip(self.layers, kv):
             h = mx.fast.rms_norm(x, *L["ln1"])
-            if "qkv" in L:
-                q, k, v = mx.split(_apply(L["qkv"][0], h), L["qkv"][1], axis=-1)
-            else:
-                q, k, v = _apply(L["q"], h), _apply(L["k"], h), _apply(L["v"], h)
-            d = L["head_dim"]
-            # One token: [1, heads·d] is already [1, heads, 1, d] in memory, so no transpose.
-            q = q.reshape(1, L["heads"], 1, d)
-            k = k.reshape(1, L["kv_heads"], 1, d)
-            v = v.reshape(1, L["kv_heads"], 1, d)
+            d, heads, kv_heads = L["head_dim"], L["heads"], L["kv_heads"]
             dims, wavelengths = L["rope"]
             rope = dict(traditional=False, base=None, scale=1.0, offset=start, freqs=wavelengths)
-            q, k = mx.fast.rope(q, dims, **rope), mx.fast.rope(k, dims, **rope)
+            # One token: [1, heads·d] is already [1, heads, 1, d] in memory, so no transpose.
+            if "qkv" in L and self.one_rope:
+                y = _apply(L["qkv"][0], h)
+                qk = mx.fast.rope(y[:, : (heads + kv_heads) * d].reshape(1, heads + kv_heads, 1, d), dims, **rope)
+                q, k = qk[:, :heads], qk[:, heads:]
+                v = y[:, (heads + kv_heads) * d:].reshape(1, kv_heads, 1, d)
+            else:
+                if "qkv" in L:
+                    q, k, v = mx.split(_apply(L["qkv"][0], h), L["qkv"][1], axis=-1)
+                else:
+                    q, k, v = _apply(L["q"], h), _apply(L["k"], h), _apply(L["v"], h)
+                q = mx.fast.rope(q.reshape(1, heads, 1, d), dims, **rope)
+                k = mx.fast.rope(k.reshape(1, kv_heads, 1, d), dims, **rope)
+                v = v.reshape(1, kv_heads, 1, d)
             keys, values = cache.update_and_fetch(k, v)
             out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=L["scale"], mask=None)
-            x = x + _apply(L["o"], out.reshape(1, L["heads"] * d))
+            x = x + _apply(L["o"], out.reshape(1, heads * d))
             h = mx.fast.rms_norm(x, *L["ln2"])
             if "gate_up" in L:
                 gate, up = mx.split(_apply(L["gate_up"][0], h), L["gate_up"][1], axis=-1)
