@@ -5,7 +5,7 @@ is 1,172 graph operations of which only 457 run a kernel (the rest are views: a 
 and unflattens around three-dimensional matmuls, per-layer reshapes and slices), and building it in Python takes
 ~2.6 ms on the H200 (bench/RESULTS.md, `bound`). `FlatStep` computes the same pass on two-dimensional activations,
 with each weight's transpose made once a generation, the RoPE offset made once a pass and no module call per
-layer: fewer nodes to record and less Python (15-30 % of a step on the H200, `python -m bench decode_step`).
+layer: fewer nodes to record and less Python (15-22 % of a step on the H200, `python -m bench decode_step`).
 It computes exactly what the modules compute (tests/test_flat_step.py: bit for bit, step after step).
 
 Where: the decode loop (reuse.py) uses it for one-token passes when `FlatStep.build` finds Qwen2-VL's text decoder
@@ -22,7 +22,6 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_vlm.models.activations import swiglu
 
-from . import fused_proj
 from .text_rope import TextRope
 
 _PLAIN = (nn.Linear, nn.QuantizedLinear)
