@@ -20,8 +20,7 @@ Figures (`smoke.` / `real.` prefixes), ms per step at a 400-token text context, 
   cache (bench/replay.py: tried, not kept) and the first step's trace;
 - `flat_step=1` where the decode loop's one-token pass is written against the weights (on a GPU:
   daemon/model/flat_step.py), and `modules_step_ms`: `ours_step_ms` through mlx-vlm's modules instead, measured
-  interleaved with it in the same run; `one_rope_step_ms`: the flat pass rotating a layer's queries and keys with
-  one RoPE call (`FlatStep(one_rope=True)`: not in the daemon until it is measured to pay).
+  interleaved with it in the same run.
 """
 
 from __future__ import annotations
@@ -44,16 +43,16 @@ FORCED = 4
 STEPS = {"smoke": 100, "real": 150}
 
 
-def one_token_pass(lm: Any, kv: list, *, flat: bool = True, one_rope: bool = False) -> Callable[[Any], Any]:
+def one_token_pass(lm: Any, kv: list, *, flat: bool = True) -> Callable[[Any], Any]:
     """The decode loop's one-token pass (reuse.generate's `forward`, a prompt without an mRoPE delta): through
     daemon/model/flat_step.py where it fits and `flat`, else mlx-vlm's modules. Call it, and the pass, inside
     `text_positions(lm)` and `fused_decoding(lm)`."""
     import mlx.core as mx
 
-    from daemon.model import flat_step, reuse
+    from daemon.model import reuse
     from daemon.model.flat_step import FlatStep
 
-    step = FlatStep(lm, one_rope=one_rope) if flat and flat_step.fits(lm) else None
+    step = FlatStep.build(lm) if flat else None
     no_delta = mx.array([0])
     if step is not None:
         return lambda token: step.step(token, mx.array(int(kv[0].offset)), kv)
@@ -197,7 +196,7 @@ def measure(shapes: str) -> dict[str, Any]:
         logits = lm.model.embed_tokens.as_linear(last) if lm.args.tie_word_embeddings else lm.lm_head(last)
         return mx.argmax(logits[0, -1]).astype(mx.int32)
 
-    def ours(stacked: bool = True, flat: bool = True, one_rope: bool = False) -> tuple[float, float, float, float]:
+    def ours(stacked: bool = True, flat: bool = True) -> tuple[float, float, float, float]:
         kv = mlx_cache.make_prompt_cache(lm)
         hidden = lm.model(prompt, cache=kv)
         mx.eval(hidden)
@@ -205,7 +204,7 @@ def measure(shapes: str) -> dict[str, Any]:
         started = time.perf_counter()
         # Entered once for the whole loop, as reuse.generate does.
         with text_positions(lm), fused_proj.fused_decoding(lm) if stacked else nullcontext():
-            forward = one_token_pass(lm, kv, flat=flat and stacked, one_rope=one_rope)
+            forward = one_token_pass(lm, kv, flat=flat and stacked)
             for _ in range(steps):
                 t0 = time.perf_counter()
                 token = head(hidden)
@@ -272,11 +271,8 @@ def measure(shapes: str) -> dict[str, Any]:
     def modules() -> float | None:  # ours_step_ms through mlx-vlm's modules, where the flat pass is ours
         return ours(flat=False)[0] if flat_fits else None
 
-    def one_rope() -> float | None:  # ours_step_ms with one RoPE call for a layer's queries and keys
-        return ours(one_rope=True)[0] if flat_fits else None
-
-    ours(), ours(False), library(), forced(True), replayed(), masked(), modules(), one_rope()  # warm-up: compiles
-    runs = [(ours(), library(), ours(False), replayed(), masked(), modules(), one_rope()) for _ in range(2)]
+    ours(), ours(False), library(), forced(True), replayed(), masked(), modules()  # warm-up: compiles
+    runs = [(ours(), library(), ours(False), replayed(), masked(), modules()) for _ in range(2)]
     forced_new, forced_same = forced(False), forced(True)
     (step, graph, launch, wait), lib, *_ = min(runs, key=lambda r: r[0][0])
     put("device", str(mx.default_device()))
@@ -291,7 +287,6 @@ def measure(shapes: str) -> dict[str, Any]:
     put("masked_step_ms", round(min(r[4] for r in runs), 2))
     put("replayed_step_ms", round(min(r[3][0] for r in runs), 2))
     put("modules_step_ms", round(min(r[5] for r in runs), 2) if flat_fits else "n/a (ours runs the modules here)")
-    put("one_rope_step_ms", round(min(r[6] for r in runs), 2) if flat_fits else "n/a (no flat pass here)")
     put("replayed_trace_ms", round(min(r[3][1] for r in runs), 1))
     put("forced_tokens_per_pass", FORCED)
     put("forced_pass_ms", round(forced_new, 2))

@@ -153,12 +153,12 @@ def test_rags_two_passes_in_batches_write_what_each_photo_gets_alone(runtime: Mo
 def test_batches_on_the_fused_rope_write_what_mlx_vlm_writes_for_each_photo(plain_model_path: Path, sizes: tuple,
                                                                             fused: bool) -> None:
     """On a GPU the decode passes rotate with mx.fast.rope (text_rope.py), forced here on the CPU. One shoot's
-    photos (one grid: the same text positions in every row) take it; photos of one token count whose grids
+    photos (one grid: the same text positions in every row) take it, in the flat one-token pass (flat_step.py); photos of one token count whose grids
     shift the positions differently (6x8 and 4x12 patches: an image advances them by its longer side) must not
     while they share a pass, since MLX's CUDA kernel takes one offset for the whole batch. Either way each row writes what mlx-vlm's own
     generate writes for its photo alone. A short prompt: after the advisor's long one this small model writes
     much the same for every photo, and a row rotated from another row's position went unseen."""
-    from daemon.model import text_rope
+    from daemon.model import flat_step, text_rope
     from tests.mlx_reference import mlx_vlm_text
 
     prompt = "Critique this photograph."
@@ -169,10 +169,10 @@ def test_batches_on_the_fused_rope_write_what_mlx_vlm_writes_for_each_photo(plai
     photos = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for w, h in sizes]
     theirs = [mlx_vlm_text(runtime, photo, prompt, SCHEMA, max_tokens=1400) for photo in photos]
     assert len(set(theirs)) == len(photos)  # each photo its own text: a row that took another's would show
-    calls = text_rope.text_calls(lm)
+    calls = flat_step.calls(lm)
     got = runtime.generate_json_batch([BatchRequest(photo, prompt, SCHEMA, 1400) for photo in photos])
-    if fused:  # (mixed rows may take it later, once the rows left share one shift)
-        assert text_rope.text_calls(lm) > calls
+    if fused:  # the flat one-token pass (mixed rows may take it later, once the rows left share one shift)
+        assert flat_step.calls(lm) > calls
     for i, (g, text) in enumerate(zip(got, theirs)):
         assert not isinstance(g, Exception), f"photo {i}: {g!r}"
         assert g.text == text, f"photo {i} in a batch differs from mlx-vlm's generate"

@@ -20,15 +20,11 @@ STEPS = 24
 DELTA = 3  # a prompt's mRoPE offset: text position = cache offset + DELTA
 
 
-@pytest.mark.parametrize("stacked,bits,one_rope", [(True, None, False), (False, None, False), (True, 4, False),
-                                                   (False, 4, False), (True, None, True), (True, 4, True)],
-                         ids=["stacked", "one-projection-each", "stacked-4bit", "one-projection-each-4bit",
-                              "stacked-one-rope", "stacked-4bit-one-rope"])
-def test_the_flat_step_computes_the_modules_pass(smoke_model_path: Path, tmp_path: Path, stacked: bool,
-                                                 bits: int | None, one_rope: bool) -> None:
+def _runtime(model_path: Path, var_dir: Path, stacked: bool, bits: int | None) -> ModelRuntime:
+    """The smoke model as a GPU runs it (text RoPE, stacked projections if `stacked`), at `bits` if given."""
     import mlx.nn as nn
 
-    rt = ModelRuntime.load(str(smoke_model_path), var_dir=tmp_path, max_pixels=200704)
+    rt = ModelRuntime.load(str(model_path), var_dir=var_dir, max_pixels=200704)
     if bits:  # the default precision: every projection a QuantizedLinear
         nn.quantize(rt.model.language_model, group_size=64, bits=bits)
     text_rope.install(rt.model, always=True)
@@ -40,11 +36,23 @@ def test_the_flat_step_computes_the_modules_pass(smoke_model_path: Path, tmp_pat
     for norm in [lm.model.norm] + [n for layer in lm.model.layers
                                    for n in (layer.input_layernorm, layer.post_attention_layernorm)]:
         norm.weight = mx.random.uniform(0.5, 1.5, norm.weight.shape).astype(norm.weight.dtype)
+    return rt
+
+
+PRECISIONS = pytest.mark.parametrize("stacked,bits", [(True, None), (False, None), (True, 4), (False, 4)],
+                                     ids=["stacked", "one-projection-each", "stacked-4bit",
+                                          "one-projection-each-4bit"])
+
+
+@PRECISIONS
+def test_the_flat_step_computes_the_modules_pass(smoke_model_path: Path, tmp_path: Path, stacked: bool,
+                                                 bits: int | None) -> None:
+    lm = _runtime(smoke_model_path, tmp_path, stacked, bits).model.language_model
     plain_tokens, plain = decode_with_forced_runs(lm, prompt=PROMPT, steps=STEPS, delta=DELTA)
     assert bool(fused_proj.fused_calls(lm)) == stacked
 
     def flat_pass(lm, kv):  # type: ignore[no-untyped-def]
-        step = FlatStep(lm, one_rope=one_rope)
+        step = FlatStep(lm)
         return lambda token: step.step(token, mx.array(int(kv[0].offset) + DELTA), kv)
 
     flat_tokens, flat = decode_with_forced_runs(lm, flat_pass, prompt=PROMPT, steps=STEPS, delta=DELTA)
@@ -52,6 +60,56 @@ def test_the_flat_step_computes_the_modules_pass(smoke_model_path: Path, tmp_pat
     assert len(set(plain_tokens)) > 1  # a decoder stuck on one token would hide a wrong position
     for step, (a, b) in enumerate(zip(plain, flat)):
         assert mx.array_equal(a, b).item(), f"hidden state {step} differs"
+
+
+def _batched_decode(lm, flat: bool, rows: int = 3, steps: int = 12, leaves_at: int = 6) -> list:  # type: ignore[no-untyped-def]
+    """Greedy one-token passes over `rows` prompts of one length, as batch.py runs a shoot: every row at one text
+    position; the middle row leaves the batch (its cache rows sliced away) after `leaves_at` steps. Every row's
+    hidden state at every step, evaluated."""
+    from mlx_vlm.models import cache as mlx_cache
+
+    from daemon.model import reuse
+    from daemon.model.fused_proj import fused_decoding
+    from daemon.model.text_rope import text_positions
+
+    kv = mlx_cache.make_prompt_cache(lm)
+    prompts = mx.array([[(100 + 37 * r + i) % 700 for i in range(PROMPT)] for r in range(rows)])
+    hidden = lm.model(prompts, cache=kv)[:, -1, :]
+    states = []
+    with text_positions(lm), fused_decoding(lm):
+        step = FlatStep(lm) if flat else None
+        for i in range(steps):
+            if i == leaves_at:
+                keep = mx.array([r for r in range(hidden.shape[0]) if r != 1], dtype=mx.int32)
+                hidden = hidden[keep]
+                for c in kv:
+                    c.keys, c.values = c.keys[keep], c.values[keep]
+            tokens = mx.argmax(lm.model.embed_tokens.as_linear(hidden), axis=-1).astype(mx.int32)
+            offset = int(kv[0].offset)
+            if step is not None:
+                hidden = step.step(tokens, mx.array(offset + DELTA), kv)[:, -1, :]
+            else:
+                positions = reuse._positions(offset, mx.array([DELTA]), 1)  # [3, 1, 1]: the same for every row
+                hidden = lm.model(tokens.reshape(-1, 1), cache=kv,
+                                  position_ids=mx.broadcast_to(positions, (3, tokens.shape[0], 1)))[:, -1, :]
+            states.append(hidden)
+    mx.eval(states)
+    return states
+
+
+@PRECISIONS
+def test_the_flat_step_computes_the_modules_pass_for_a_batch(smoke_model_path: Path, tmp_path: Path,
+                                                             stacked: bool, bits: int | None) -> None:
+    """batch.py: several photos' rows in one pass, a row leaving halfway; each row's state is the modules'."""
+    lm = _runtime(smoke_model_path, tmp_path, stacked, bits).model.language_model
+    plain = _batched_decode(lm, flat=False)
+    calls = flat_step.calls(lm)
+    flat = _batched_decode(lm, flat=True)
+    assert flat_step.calls(lm) == calls + len(flat)
+    assert [s.shape[0] for s in plain] == [3] * 6 + [2] * 6
+    assert not mx.array_equal(plain[-1][0], plain[-1][1]).item()  # rows differ: a row mixed up would show
+    for step, (a, b) in enumerate(zip(plain, flat)):
+        assert mx.array_equal(a, b).item(), f"hidden states at step {step} differ"
 
 
 def test_an_adapter_in_the_model_runs_the_modules(smoke_model_path: Path, tmp_path: Path) -> None:

@@ -16,7 +16,8 @@ batch 1 writes, token for token, so this follows `reuse.generate` closely:
   chosen from its own allowed set, then the schema-forced tokens `compute_ff_tokens` gives. In a batch every
   row feeds one token a step (a row with forced tokens queued feeds the next of them, with no choice to make),
   so KV lengths stay equal across rows; fast-forwarding a row several tokens would make the lengths ragged.
-- The transformer runs batched; the vocabulary projection runs per row, as batch 1 runs it (`reuse._Head`: the
+- The transformer runs batched (on a GPU, while the rows share one text position, through the flat one-token pass
+  of flat_step.py, as batch 1 does); the vocabulary projection runs per row, as batch 1 runs it (`reuse._Head`: the
   last position only, onto the allowed tokens' rows where they are few). A matmul's rows are not bitwise
   independent of its other rows (OpenBLAS differs in the last bits with M), and where logits tie exactly (the
   smoke model gives all ten digits one row) a batched projection picked other scores than batch 1.
@@ -42,6 +43,7 @@ import numpy as np
 
 from ..limits import check as check_limits
 from .constrained import TokenMask
+from .flat_step import FlatStep
 from .fused_proj import fused_decoding
 from .protocol import BatchRequest
 from .reuse import ReuseOutput, _Head, _inputs, encode_photo
@@ -181,6 +183,7 @@ def _decode_group(model: Any, constraint: Any, rows: list[_Row], results: list, 
                       position_ids=mx.concatenate([r.positions for r in active], axis=1))[:, -1, :]
 
     with fused_decoding(lm):  # decided once for the group: checking each pass costs a step's time on a GPU
+        flat = FlatStep.build(lm)  # where it fits (flat_step.py: a GPU, no adapter); mlx-vlm's modules otherwise
         while active:
             # Who is still in, and what each feeds this step: a forced token already known, or one to choose.
             keep: list[int] = []
@@ -221,12 +224,15 @@ def _decode_group(model: Any, constraint: Any, rows: list[_Row], results: list, 
                                    for j in choosers])
                 tokens[mx.array(choosers, dtype=mx.int32)] = chosen
             offset = int(kv[0].offset)
-            positions = mx.array([[offset + row.rope_delta] for row in active], dtype=mx.int32)
             # Rows whose images shifted their positions differently cannot share one RoPE offset (text_rope.py).
             same_shift = len({row.rope_delta for row in active}) == 1
-            with text_positions(lm) if same_shift else nullcontext():
-                ahead = lm.model(tokens.reshape(-1, 1), cache=kv,
-                                 position_ids=mx.broadcast_to(positions[None], (3, len(active), 1)))[:, -1, :]
+            if flat is not None and same_shift:
+                ahead = flat.step(tokens, mx.array(offset + active[0].rope_delta), kv)[:, -1, :]
+            else:
+                positions = mx.array([[offset + row.rope_delta] for row in active], dtype=mx.int32)
+                with text_positions(lm) if same_shift else nullcontext():
+                    ahead = lm.model(tokens.reshape(-1, 1), cache=kv,
+                                     position_ids=mx.broadcast_to(positions[None], (3, len(active), 1)))[:, -1, :]
             mx.async_eval(ahead)
             picks = [int(t) for t in chosen.tolist()] if chosen is not None else []
             for row in active:

@@ -10,8 +10,9 @@ It computes exactly what the modules compute (tests/test_flat_step.py: bit for b
 
 Where: the decode loop (reuse.py) uses it for one-token passes when `FlatStep.build` finds Qwen2-VL's text decoder
 with the text RoPE installed (text_rope.py: on a GPU) and no adapter in (a LoRA layer is not a plain or quantized
-Linear); anything else runs mlx-vlm's modules as before. Multi-token passes (the prompt, schema-forced runs) and
-batches always do. MLX is not thread-safe: use it from the runtime's thread only.
+Linear); anything else runs mlx-vlm's modules as before. A batch of photos (batch.py) uses it too while its rows
+share one text position (one shoot: one grid). Multi-token passes (the prompt, schema-forced runs) always run the
+modules. MLX is not thread-safe: use it from the runtime's thread only.
 """
 
 from __future__ import annotations
@@ -62,9 +63,10 @@ def calls(lm: Any) -> int:
 
 
 class FlatStep:
-    """`step(token, start, kv)`: the hidden state after one token, [1, 1, hidden], as `lm.model` computes it for a
-    one-token pass at text position `start` (an integer array of shape [], the cache offset plus the prompt's
-    mRoPE delta) into the per-layer caches `kv`. Make it inside `fused_proj.fused_decoding(lm)`, where the stacked
+    """`step(tokens, start, kv)`: the hidden states after one token a row, [rows, 1, hidden], as `lm.model`
+    computes them for a one-token pass of `tokens` ([rows] or [rows, 1]) at text position `start` (an integer
+    array of shape [], the cache offset plus the prompt's mRoPE delta: one for every row, as in text_rope.py) into
+    the per-layer caches `kv`. Make it inside `fused_proj.fused_decoding(lm)`, where the stacked
     projections are ready (without them each projection runs on its own), and drop it when the block ends: it
     holds the weights of that moment."""
 
@@ -72,14 +74,10 @@ class FlatStep:
     def build(cls, lm: Any) -> "FlatStep | None":
         return cls(lm) if fits(lm) else None
 
-    def __init__(self, lm: Any, *, one_rope: bool = False) -> None:
-        """`one_rope`: rotate a stacked layer's queries and keys with one RoPE call (they are adjacent heads in the
-        stacked projection's output): one kernel a layer fewer. Timed by `decode_step` (`one_rope_step_ms`); off
-        in the daemon until it is measured to pay."""
+    def __init__(self, lm: Any) -> None:
         if not fits(lm):
             raise ValueError("FlatStep covers Qwen2-VL's text decoder with the text RoPE and plain projections")
         self.lm = lm
-        self.one_rope = one_rope
         self.embed = lm.model.embed_tokens
         self.norm = (lm.model.norm["weight"], lm.model.norm.eps)
         self.layers = []
@@ -104,35 +102,29 @@ class FlatStep:
                        if k in ("qkv", "gate_up", "q", "k", "v", "o", "gate", "up", "down")]
         mx.eval([p[1] for p in projections if p[0] == "d"])
 
-    def step(self, token: mx.array, start: mx.array, kv: list) -> mx.array:
+    def step(self, tokens: mx.array, start: mx.array, kv: list) -> mx.array:
+        rows = int(tokens.size)
         object.__setattr__(self.lm, "_flat_calls", calls(self.lm) + 1)
-        x = self.embed(token.reshape(1))  # [1, hidden]
+        x = self.embed(tokens.reshape(rows))  # [rows, hidden]
         for L, cache in zip(self.layers, kv):
             h = mx.fast.rms_norm(x, *L["ln1"])
             d, heads, kv_heads = L["head_dim"], L["heads"], L["kv_heads"]
             dims, wavelengths = L["rope"]
             rope = dict(traditional=False, base=None, scale=1.0, offset=start, freqs=wavelengths)
-            # One token: [1, heads·d] is already [1, heads, 1, d] in memory, so no transpose.
-            if "qkv" in L and self.one_rope:
-                y = _apply(L["qkv"][0], h)
-                qk = mx.fast.rope(y[:, : (heads + kv_heads) * d].reshape(1, heads + kv_heads, 1, d), dims, **rope)
-                q, k = qk[:, :heads], qk[:, heads:]
-                v = y[:, (heads + kv_heads) * d:].reshape(1, kv_heads, 1, d)
+            if "qkv" in L:
+                q, k, v = mx.split(_apply(L["qkv"][0], h), L["qkv"][1], axis=-1)
             else:
-                if "qkv" in L:
-                    q, k, v = mx.split(_apply(L["qkv"][0], h), L["qkv"][1], axis=-1)
-                else:
-                    q, k, v = _apply(L["q"], h), _apply(L["k"], h), _apply(L["v"], h)
-                q = mx.fast.rope(q.reshape(1, heads, 1, d), dims, **rope)
-                k = mx.fast.rope(k.reshape(1, kv_heads, 1, d), dims, **rope)
-                v = v.reshape(1, kv_heads, 1, d)
-            keys, values = cache.update_and_fetch(k, v)
+                q, k, v = _apply(L["q"], h), _apply(L["k"], h), _apply(L["v"], h)
+            # One token a row: [rows, heads·d] is already [rows, heads, 1, d] in memory, so no transpose.
+            q = mx.fast.rope(q.reshape(rows, heads, 1, d), dims, **rope)
+            k = mx.fast.rope(k.reshape(rows, kv_heads, 1, d), dims, **rope)
+            keys, values = cache.update_and_fetch(k, v.reshape(rows, kv_heads, 1, d))
             out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=L["scale"], mask=None)
-            x = x + _apply(L["o"], out.reshape(1, heads * d))
+            x = x + _apply(L["o"], out.reshape(rows, heads * d))
             h = mx.fast.rms_norm(x, *L["ln2"])
             if "gate_up" in L:
                 gate, up = mx.split(_apply(L["gate_up"][0], h), L["gate_up"][1], axis=-1)
             else:
                 gate, up = _apply(L["gate"], h), _apply(L["up"], h)
             x = x + _apply(L["down"], swiglu(gate, up))
-        return mx.fast.rms_norm(x, *self.norm).reshape(1, 1, -1)
+        return mx.fast.rms_norm(x, *self.norm).reshape(rows, 1, -1)
