@@ -20,7 +20,10 @@ Figures (`smoke.` / `real.` prefixes), ms per step at a 400-token text context, 
   cache (bench/replay.py: tried, not kept) and the first step's trace;
 - `flat_step=1` where the decode loop's one-token pass is written against the weights (on a GPU:
   daemon/model/flat_step.py), and `modules_step_ms`: `ours_step_ms` through mlx-vlm's modules instead, measured
-  interleaved with it in the same run.
+  interleaved with it in the same run;
+- `batch4_step_ms`: a one-token step of 4 rows at one text position, as daemon/model/batch.py runs one shoot's
+  photos (the flat pass where it fits), and `batch4_modules_step_ms`: the same through mlx-vlm's modules,
+  interleaved with it.
 """
 
 from __future__ import annotations
@@ -188,6 +191,7 @@ def measure(shapes: str) -> dict[str, Any]:
     apply_precision(rt.model)
     lm = rt.model.language_model
     steps = STEPS[shapes]
+    batch = rt.GPU_BATCH  # photos a pass where the device chooses (a GPU): Runtime.suggested_batch_size
     prompt = mx.array([[100 + i % 800 for i in range(CONTEXT)]])
     no_delta = mx.array([0])
 
@@ -271,8 +275,35 @@ def measure(shapes: str) -> dict[str, Any]:
     def modules() -> float | None:  # ours_step_ms through mlx-vlm's modules, where the flat pass is ours
         return ours(flat=False)[0] if flat_fits else None
 
-    ours(), ours(False), library(), forced(True), replayed(), masked(), modules()  # warm-up: compiles
-    runs = [(ours(), library(), ours(False), replayed(), masked(), modules()) for _ in range(2)]
+    def batched(flat: bool = True) -> float | None:
+        # ms a one-token step of `batch` rows takes as batch.py runs one shoot (one text position for every row):
+        # through the flat pass where it fits and `flat`, else mlx-vlm's modules.
+        if not flat and not flat_fits:
+            return None
+        kv = mlx_cache.make_prompt_cache(lm)
+        hidden = lm.model(mx.repeat(prompt, batch, axis=0), cache=kv)[:, -1, :]
+        mx.eval(hidden)
+        started = time.perf_counter()
+        with text_positions(lm), fused_proj.fused_decoding(lm):
+            step = flat_step.FlatStep.build(lm) if flat else None
+            for _ in range(steps):
+                tokens = mx.argmax(lm.model.embed_tokens.as_linear(hidden) if lm.args.tie_word_embeddings
+                                   else lm.lm_head(hidden), axis=-1).astype(mx.int32)
+                mx.async_eval(tokens)
+                offset = int(kv[0].offset)
+                if step is not None:
+                    hidden = step.step(tokens, mx.array(offset), kv)[:, -1, :]
+                else:
+                    positions = mx.broadcast_to(reuse._positions(offset, no_delta, 1), (3, batch, 1))
+                    hidden = lm.model(tokens.reshape(-1, 1), cache=kv, position_ids=positions)[:, -1, :]
+                mx.async_eval(hidden)
+                tokens.tolist()  # the picks reach the host each step, as each row's llguidance needs them
+        mx.eval(hidden)
+        return (time.perf_counter() - started) / steps * 1e3
+
+    ours(), ours(False), library(), forced(True), replayed(), masked(), modules(), batched(), batched(False)  # warm-up
+    runs = [(ours(), library(), ours(False), replayed(), masked(), modules(), batched(), batched(False))
+            for _ in range(2)]
     forced_new, forced_same = forced(False), forced(True)
     (step, graph, launch, wait), lib, *_ = min(runs, key=lambda r: r[0][0])
     put("device", str(mx.default_device()))
@@ -288,6 +319,9 @@ def measure(shapes: str) -> dict[str, Any]:
     put("replayed_step_ms", round(min(r[3][0] for r in runs), 2))
     put("modules_step_ms", round(min(r[5] for r in runs), 2) if flat_fits else "n/a (ours runs the modules here)")
     put("replayed_trace_ms", round(min(r[3][1] for r in runs), 1))
+    put(f"batch{batch}_step_ms", round(min(r[6] for r in runs), 2))
+    put(f"batch{batch}_modules_step_ms",
+        round(min(r[7] for r in runs), 2) if flat_fits else "n/a (a batch runs the modules here)")
     put("forced_tokens_per_pass", FORCED)
     put("forced_pass_ms", round(forced_new, 2))
     put("forced_pass_same_shape_ms", round(forced_same, 2))
