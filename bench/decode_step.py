@@ -63,6 +63,17 @@ def one_token_pass(lm: Any, kv: list, *, flat: bool = True) -> Callable[[Any], A
                                   position_ids=reuse._positions(int(kv[0].offset), no_delta, 1))
 
 
+def masked_pick(lm: Any, hidden: Any, allowed: np.ndarray) -> Any:
+    """The greedy token after `hidden`'s last position among the `allowed` ids (a host boolean vector over the
+    vocabulary), as a schema-constrained critique picks a free token: the whole vocabulary head, the mask's `where`,
+    the argmax. Lazy."""
+    import mlx.core as mx
+
+    last = hidden[:, -1:, :]
+    logits = (lm.model.embed_tokens.as_linear(last) if lm.args.tie_word_embeddings else lm.lm_head(last))[0, -1]
+    return mx.argmax(mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))).astype(mx.int32)
+
+
 def masked_step_ms(lm: Any, steps: int, context: int = CONTEXT) -> float:
     """ms a one-token step of `lm` (a loaded language model) takes the way a schema-constrained critique takes it:
     the vocabulary head, the pick masked by a fresh host boolean vector over the vocabulary (what llguidance allows
@@ -84,12 +95,7 @@ def masked_step_ms(lm: Any, steps: int, context: int = CONTEXT) -> float:
     with text_positions(lm), fused_proj.fused_decoding(lm):
         forward = one_token_pass(lm, kv)
         for i in range(steps):
-            last = hidden[:, -1:, :]
-            logits = (lm.model.embed_tokens.as_linear(last) if lm.args.tie_word_embeddings
-                      else lm.lm_head(last))[0, -1]
-            mask = np.roll(allowed, i)  # a new vector each step, as llguidance's is
-            token = mx.argmax(mx.where(mx.array(mask), logits, mx.array(-mx.inf, dtype=logits.dtype)))
-            token = token.astype(mx.int32)
+            token = masked_pick(lm, hidden, np.roll(allowed, i))  # a new vector each step, as llguidance's is
             mx.async_eval(token)
             hidden = forward(token)
             mx.async_eval(hidden)
@@ -118,12 +124,7 @@ def pass_operations(lm: Any, context: int = CONTEXT) -> Counter[str]:
     mx.eval(hidden)
     with text_positions(lm), fused_proj.fused_decoding(lm):
         forward = one_token_pass(lm, kv)
-        last = hidden[:, -1:, :]
-        logits = (lm.model.embed_tokens.as_linear(last) if lm.args.tie_word_embeddings
-                  else lm.lm_head(last))[0, -1]
-        allowed = mx.array(np.ones(int(lm.args.vocab_size), dtype=bool))
-        token = mx.argmax(mx.where(allowed, logits, mx.array(-mx.inf, dtype=logits.dtype))).astype(mx.int32)
-        hidden = forward(token)
+        hidden = forward(masked_pick(lm, hidden, np.ones(int(lm.args.vocab_size), dtype=bool)))
         with tempfile.TemporaryDirectory() as tmp:
             dot = f"{tmp}/pass.dot"
             mx.export_to_dot(dot, hidden)
