@@ -30,7 +30,9 @@ the photos' prompt length: where the first is far above the second, the loop aro
 `dispatch_floor_ms_per_pass` is a step of that many element-wise kernels on a hidden-size vector, launched the same
 way: what the backend's dispatch costs a pass whatever it computes. `dispatch_bound_s_per_photo` = compute +
 passes × max(weight read, dispatch floor), with `real_over_dispatch_bound`: an extra figure beside the issue's bound,
-which counts no dispatch (on a GPU at batch 1 the floor is the larger term).
+which counts no dispatch (on a GPU at batch 1 the floor is the larger term). `guessing=1` where the decode loop
+picks free tokens without the schema's mask and checks them after (on CUDA: daemon/model/reuse.py), with
+`guesses_per_photo` and `guess_miss_rate` (each miss costs a pass, counted in the passes above).
 --size real (2.2 B parameters, ~9 GB, minutes a photo on a 2-core CPU) is for the GPU machine or a larger one.
 """
 
@@ -281,6 +283,12 @@ def measure(shapes: str) -> dict[str, Any]:
     put("real_over_bound", round(real / bound_s, 2))
     put("dispatch_bound_s_per_photo", round(dispatch_s, 4))
     put("real_over_dispatch_bound", round(real / dispatch_s, 2))
+    from daemon.model.reuse import guesses, guessing_pays
+
+    made, missed = guesses(lm_model)  # free tokens picked without the mask and checked after (reuse.py)
+    put("guessing", int(guessing_pays()))
+    put("guesses_per_photo", round(made / n, 1))
+    put("guess_miss_rate", round(missed / made, 3) if made else "n/a (no guesses: the mask picks every token)")
     put("loadavg_1m", round(os.getloadavg()[0], 2))
     return figures
 

@@ -21,6 +21,9 @@ Figures (`smoke.` / `real.` prefixes), ms per step at a 400-token text context, 
 - `flat_step=1` where the decode loop's one-token pass is written against the weights (on a GPU:
   daemon/model/flat_step.py), and `modules_step_ms`: `ours_step_ms` through mlx-vlm's modules instead, measured
   interleaved with it in the same run;
+- `guessed_step_ms` / `unguessed_step_ms`: a step through the decode loop's own pick under a fresh mask that
+  forbids every 50th id, the free token picked without the mask and checked after (undone on a miss:
+  `guess_miss_rate`), or under the mask; `guessing=1` where the daemon guesses (daemon/model/reuse.py);
 - `batch4_step_ms`: a one-token step of 4 rows at one text position, as daemon/model/batch.py runs one shoot's
   photos (the flat pass where it fits), and `batch4_modules_step_ms`: the same through mlx-vlm's modules,
   interleaved with it.
@@ -276,6 +279,26 @@ def measure(shapes: str) -> dict[str, Any]:
     def modules() -> float | None:  # ours_step_ms through mlx-vlm's modules, where the flat pass is ours
         return ours(flat=False)[0] if flat_fits else None
 
+    def picked(guess: bool) -> tuple[float, float]:
+        # ms a step takes through the decode loop's own pick (reuse._Head, reuse.pass_on_pick) under a fresh mask
+        # each step that forbids every 50th id (free text's unmasked argmax is allowed ~98 % of the time), guessing
+        # or not; and the share of guesses missed.
+        kv = mlx_cache.make_prompt_cache(lm)
+        hidden = lm.model(prompt, cache=kv)
+        mx.eval(hidden)
+        vocab = int(lm.args.vocab_size)
+        allowed = np.ones(vocab, dtype=bool)
+        allowed[np.arange(0, vocab, 50)] = False
+        pick = reuse._Head(lm, guess=guess)
+        started = time.perf_counter()
+        with text_positions(lm), fused_proj.fused_decoding(lm):
+            forward = one_token_pass(lm, kv)
+            for i in range(steps):
+                mask = np.roll(allowed, i)
+                _, hidden, _ = reuse.pass_on_pick(pick, pick.choose(hidden, mask), hidden, mask, forward, kv)
+        mx.eval(hidden)
+        return (time.perf_counter() - started) / steps * 1e3, pick.misses / max(pick.guesses, 1)
+
     def batched(flat: bool = True) -> float | None:
         # ms a one-token step of `batch` rows takes as batch.py runs one shoot (one text position for every row):
         # through the flat pass where it fits and `flat`, else mlx-vlm's modules.
@@ -302,9 +325,10 @@ def measure(shapes: str) -> dict[str, Any]:
         mx.eval(hidden)
         return (time.perf_counter() - started) / steps * 1e3
 
-    ours(), ours(False), library(), forced(True), replayed(), masked(), modules(), batched(), batched(False)  # warm-up
-    runs = [(ours(), library(), ours(False), replayed(), masked(), modules(), batched(), batched(False))
-            for _ in range(2)]
+    ours(), ours(False), library(), forced(True), replayed(), masked(), modules(), batched(), batched(False), \
+        picked(True), picked(False)  # warm-up: compiles
+    runs = [(ours(), library(), ours(False), replayed(), masked(), modules(), batched(), batched(False),
+             picked(True), picked(False)) for _ in range(2)]
     forced_new, forced_same = forced(False), forced(True)
     (step, graph, launch, wait), lib, *_ = min(runs, key=lambda r: r[0][0])
     put("device", str(mx.default_device()))
@@ -320,6 +344,10 @@ def measure(shapes: str) -> dict[str, Any]:
     put("replayed_step_ms", round(min(r[3][0] for r in runs), 2))
     put("modules_step_ms", round(min(r[5] for r in runs), 2) if flat_fits else "n/a (ours runs the modules here)")
     put("replayed_trace_ms", round(min(r[3][1] for r in runs), 1))
+    put("guessed_step_ms", round(min(r[8][0] for r in runs), 2))
+    put("unguessed_step_ms", round(min(r[9][0] for r in runs), 2))
+    put("guess_miss_rate", round(runs[0][8][1], 3))
+    put("guessing", int(reuse.guessing_pays()))  # whether the daemon's decode loop guesses on this device
     put(f"batch{batch}_step_ms", round(min(r[6] for r in runs), 2))
     put(f"batch{batch}_modules_step_ms",
         round(min(r[7] for r in runs), 2) if flat_fits else "n/a (a batch runs the modules here)")

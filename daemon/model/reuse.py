@@ -24,7 +24,9 @@ tokens (a score, a key) only onto those tokens' rows: at Qwen2-VL-2B shapes the 
 read per step.
 
 On a GPU the one-token passes run through flat_step.py: the same numbers as mlx-vlm's modules, in fewer graph
-nodes and less Python a step (a batch-1 step there is host work).
+nodes and less Python a step (a batch-1 step there is host work). On CUDA a free token is picked without the
+schema's mask and checked once known (`guessing_pays`): a masked pick costs the host there, and in free text the
+unmasked argmax is nearly always allowed; a miss undoes its pass and picks again under the mask.
 
 Only Qwen2-VL checkpoints take this path (`supports(model)`); callers fall back to plain generation.
 MLX is not thread-safe: call everything here from the runtime's thread, under its lock.
@@ -129,18 +131,37 @@ def encode_photo(model: Any, processor: Any, image: "Image.Image", text_prompt: 
                         image_tokens=int(features.shape[0]), features=features)
 
 
+def guessing_pays() -> bool:
+    """Whether the decode loop should pick a free token without the schema's mask and check it afterwards
+    (`_Head(guess=True)`): on MLX's CUDA backend a pick masked by a fresh host vector costs up to ~2 ms a step
+    more than an unmasked one (bench/RESULTS.md, `decode_step`: `masked_step_ms` against `ours_step_ms`), while
+    the unmasked argmax is an allowed token ~98 % of the time in free text and a miss costs one pass. On the CPU
+    the mask costs ~0.1 ms and a pass far more: never there."""
+    return mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()
+
+
 class _Head:
     """The vocabulary projection, applied to the last position only, and where the schema allows few tokens
-    (a score, a key), only to those tokens' rows: greedy argmax over the allowed set either way."""
+    (a score, a key), only to those tokens' rows: greedy argmax over the allowed set either way.
+
+    With `guess`, a pick among most of the vocabulary (free text) is the unmasked argmax, and `guessed` says the
+    caller must check the token against the mask once its value is known, and on a miss undo the pass it queued
+    and pick again with `masked`. Exact: argmax returns the first maximum, so an allowed unmasked argmax is the
+    first maximum among the allowed tokens too."""
 
     SUBSET_FRACTION = 4  # project onto a subset when it is at most 1/4 of the vocabulary
     UNIFORM_ROWS = 64  # up to this many rows (a score's digits, a key): no BLAS, one reduction per row
+    GUESS_FRACTION = 2  # guess only where more than half the vocabulary is allowed (free text: ~98 % hits)
 
-    def __init__(self, lm: Any) -> None:
+    def __init__(self, lm: Any, *, guess: bool = False) -> None:
         import mlx.nn as nn
 
         self.lm = lm
         self.free = 0  # picks among more than one allowed token
+        self.guess = guess
+        self.guessed = False  # the last `choose` returned an unmasked argmax, not yet checked
+        self.guesses = 0
+        self.misses = 0  # guesses the schema did not allow
         self.tied = bool(lm.args.tie_word_embeddings)
         module = lm.model.embed_tokens if self.tied else lm.lm_head
         plain = type(module) in ((nn.Embedding,) if self.tied else (nn.Linear,))  # not quantized
@@ -155,9 +176,14 @@ class _Head:
     def choose(self, hidden: mx.array, allowed: np.ndarray) -> "int | mx.array":
         """The greedy token: an int where the schema allows only one, else a lazy scalar (not yet computed)."""
         n = int(np.count_nonzero(allowed))  # a tenth of flatnonzero's time over the real vocabulary
+        self.guessed = False
         if n == 1:
             return int(allowed.argmax())
         self.free += 1
+        if self.guess and n * self.GUESS_FRACTION > allowed.size:
+            self.guessed = True
+            self.guesses += 1
+            return mx.argmax(self.full(hidden[:, -1:, :])).astype(mx.int32)
         last = hidden[:, -1:, :]
         if self.weight is not None and n * self.SUBSET_FRACTION <= allowed.size:
             idx = np.flatnonzero(allowed)
@@ -173,9 +199,43 @@ class _Head:
             if self.bias is not None:
                 logits = logits + self.bias[rows]
             return rows[mx.argmax(logits)]
-        logits = self.full(last)
+        return self.masked(hidden, allowed)
+
+    def masked(self, hidden: mx.array, allowed: np.ndarray) -> mx.array:
+        """The greedy token among `allowed` over the whole vocabulary, lazy (a guess's second try: not counted
+        again as a free pick)."""
+        self.guessed = False
+        logits = self.full(hidden[:, -1:, :])
         masked = mx.where(mx.array(allowed), logits, mx.array(-mx.inf, dtype=logits.dtype))
         return mx.argmax(masked).astype(mx.int32)
+
+
+def pass_on_pick(head: _Head, chosen: mx.array, hidden: mx.array, allowed: np.ndarray, forward: Any,
+                 kv: list) -> tuple[int, mx.array, int]:
+    """Queue the one-token pass on `chosen` (`head.choose`'s lazy pick after `hidden`) before its value reaches the
+    CPU, so the device computes it while llguidance consumes the token and builds the next mask; then read the
+    token. A guess the schema does not allow has its pass undone (the cache trimmed back) and is picked again
+    under the mask. (token, the queued pass's hidden state, passes run)."""
+    ahead = forward(chosen.reshape(1, 1))
+    mx.async_eval(ahead)
+    token = int(chosen.item())
+    if not head.guessed or allowed[token]:
+        return token, ahead, 1
+    head.misses += 1
+    for c in kv:
+        c.trim(1)
+    chosen = head.masked(hidden, allowed)
+    ahead = forward(chosen.reshape(1, 1))
+    mx.async_eval(ahead)
+    return int(chosen.item()), ahead, 2
+
+
+GUESS: bool | None = None  # None: `guessing_pays()`; a benchmark or a test sets it to compare both ways
+
+
+def guesses(lm: Any) -> tuple[int, int]:
+    """(unmasked guesses, of which missed) over every critique `lm` has written (a test or a benchmark reads it)."""
+    return lm.__dict__.get("_guesses", (0, 0))
 
 
 def _positions(offset: int, rope_deltas: mx.array, n: int) -> mx.array:
@@ -219,7 +279,8 @@ def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, t
     position_ids, rope_deltas = emb.position_ids, emb.rope_deltas
     hidden = lm.model(input_ids[:, reused:], inputs_embeds=emb.inputs_embeds[:, reused:], cache=kv,
                       position_ids=position_ids[..., reused:])
-    head = _Head(lm)
+    # Guessing undoes a missed pass by trimming the cache: only where every layer's cache can be trimmed.
+    head = _Head(lm, guess=(GUESS if GUESS is not None else guessing_pays()) and all(c.is_trimmable() for c in kv))
     flat: FlatStep | None = None  # made inside the block below, where the stacked projections are settled
     delta = 0
 
@@ -257,15 +318,12 @@ def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, t
             if isinstance(chosen, int):  # the schema allows one token: known without the model
                 token = chosen
             else:
-                # Overlap: queue the next forward pass on the chosen token before its value reaches the CPU, so the
-                # device computes it while llguidance consumes the token and builds the next mask. Right unless
-                # the schema forces tokens after it (then they get a pass of their own); a stop wastes one pass.
+                # The next pass is queued on the token before its value is known: right unless the schema forces
+                # tokens after it (then they get a pass of their own); a stop wastes one pass.
                 if check is not None:
                     check()
-                ahead = forward(chosen.reshape(1, 1))
-                passes += 1
-                mx.async_eval(ahead)
-                token = int(chosen.item())
+                token, ahead, ran = pass_on_pick(head, chosen, hidden, allowed, forward, kv)
+                passes += ran
             if token == eos:
                 finished = matcher.is_accepting()
                 break
@@ -294,6 +352,8 @@ def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, t
             hidden = forward(mx.array([todo]))
             passes += 1
     mx.eval([c.state for c in kv])
+    total, missed = guesses(lm)
+    object.__setattr__(lm, "_guesses", (total + head.guesses, missed + head.misses))
     photo.kv, photo.kv_ids = kv, ids
     text = processor.tokenizer.decode(out, skip_special_tokens=False) if hasattr(processor, "tokenizer") \
         else processor.decode(out, skip_special_tokens=False)
