@@ -137,7 +137,8 @@ def guessing_pays() -> bool:
     more than an unmasked one (bench/RESULTS.md, `decode_step`: `masked_step_ms` against `ours_step_ms`), while
     the unmasked argmax is an allowed token ~98 % of the time in free text and a miss costs one pass. On the CPU
     the mask costs ~0.1 ms and a pass far more: never there."""
-    return mx.default_device().type == mx.DeviceType.gpu and mx.cuda.is_available()
+    cuda = getattr(mx, "cuda", None)  # an older MLX has no CUDA module at all
+    return mx.default_device().type == mx.DeviceType.gpu and cuda is not None and bool(cuda.is_available())
 
 
 class _Head:
