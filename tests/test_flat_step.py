@@ -6,6 +6,7 @@ LoRA layers are in."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import mlx.core as mx
 import pytest
@@ -62,7 +63,7 @@ def test_the_flat_step_computes_the_modules_pass(smoke_model_path: Path, tmp_pat
         assert mx.array_equal(a, b).item(), f"hidden state {step} differs"
 
 
-def _batched_decode(lm, flat: bool, rows: int = 3, steps: int = 12, leaves_at: int = 6) -> list:  # type: ignore[no-untyped-def]
+def _batched_decode(lm: Any, flat: bool, rows: int = 3, steps: int = 12, leaves_at: int = 6) -> list:
     """Greedy one-token passes over `rows` prompts of one length, as batch.py runs a shoot: every row at one text
     position; the middle row leaves the batch (its cache rows sliced away) after `leaves_at` steps. Every row's
     hidden state at every step, evaluated."""
