@@ -24,6 +24,9 @@ Figures (`smoke.` / `real.` prefixes), ms per step at a 400-token text context, 
 - `guessed_step_ms` / `unguessed_step_ms`: a step through the decode loop's own pick under a fresh mask that
   forbids every 50th id, the free token picked without the mask and checked after (undone on a miss:
   `guess_miss_rate`), or under the mask; `guessing=1` where the daemon guesses (daemon/model/reuse.py);
+- `pick_with_pass_step_ms`: `unguessed_step_ms` with the pick evaluated in one `mx.async_eval` with the pass queued
+  on it, as the loop did before 2026-12-04: MLX signals one event per evaluation, so the pick's value then waits
+  for the whole pass and the host cannot build the next pass while the device runs this one;
 - `batch4_step_ms`: a one-token step of 4 rows at one text position, as daemon/model/batch.py runs one shoot's
   photos (the flat pass where it fits), and `batch4_modules_step_ms`: the same through mlx-vlm's modules,
   interleaved with it.
@@ -279,10 +282,11 @@ def measure(shapes: str) -> dict[str, Any]:
     def modules() -> float | None:  # ours_step_ms through mlx-vlm's modules, where the flat pass is ours
         return ours(flat=False)[0] if flat_fits else None
 
-    def picked(guess: bool) -> tuple[float, float]:
+    def picked(guess: bool, together: bool = False) -> tuple[float, float]:
         # ms a step takes through the decode loop's own pick (reuse._Head, reuse.pass_on_pick) under a fresh mask
         # each step that forbids every 50th id (free text's unmasked argmax is allowed ~98 % of the time), guessing
-        # or not; and the share of guesses missed.
+        # or not; and the share of guesses missed. `together`: the pick evaluated in one `async_eval` with the pass
+        # queued on it, as the loop did before 2026-12-04 (its value then waits for the whole pass).
         kv = mlx_cache.make_prompt_cache(lm)
         hidden = lm.model(prompt, cache=kv)
         mx.eval(hidden)
@@ -295,6 +299,12 @@ def measure(shapes: str) -> dict[str, Any]:
             forward = one_token_pass(lm, kv)
             for i in range(steps):
                 mask = np.roll(allowed, i)
+                if together:
+                    chosen = pick.choose(hidden, mask)
+                    hidden = forward(chosen.reshape(1, 1))
+                    mx.async_eval(hidden)
+                    int(chosen.item())
+                    continue
                 _, hidden, _ = reuse.pass_on_pick(pick, pick.choose(hidden, mask), hidden, mask, forward, kv)
         mx.eval(hidden)
         return (time.perf_counter() - started) / steps * 1e3, pick.misses / max(pick.guesses, 1)
@@ -326,9 +336,9 @@ def measure(shapes: str) -> dict[str, Any]:
         return (time.perf_counter() - started) / steps * 1e3
 
     ours(), ours(False), library(), forced(True), replayed(), masked(), modules(), batched(), batched(False), \
-        picked(True), picked(False)  # warm-up: compiles
+        picked(True), picked(False), picked(False, together=True)  # warm-up: compiles
     runs = [(ours(), library(), ours(False), replayed(), masked(), modules(), batched(), batched(False),
-             picked(True), picked(False)) for _ in range(2)]
+             picked(True), picked(False), picked(False, together=True)) for _ in range(2)]
     forced_new, forced_same = forced(False), forced(True)
     (step, graph, launch, wait), lib, *_ = min(runs, key=lambda r: r[0][0])
     put("device", str(mx.default_device()))
@@ -347,6 +357,7 @@ def measure(shapes: str) -> dict[str, Any]:
     put("guessed_step_ms", round(min(r[8][0] for r in runs), 2))
     put("unguessed_step_ms", round(min(r[9][0] for r in runs), 2))
     put("guess_miss_rate", round(runs[0][8][1], 3))
+    put("pick_with_pass_step_ms", round(min(r[10][0] for r in runs), 2))
     put("guessing", int(reuse.guessing_pays()))  # whether the daemon's decode loop guesses on this device
     put(f"batch{batch}_step_ms", round(min(r[6] for r in runs), 2))
     put(f"batch{batch}_modules_step_ms",

@@ -80,3 +80,22 @@ def smoke_model(smoke_model_path: Path):  # type: ignore[no-untyped-def]
 
     model, _ = mlx_vlm.load(str(smoke_model_path))
     return model
+
+
+@pytest.fixture
+def async_evals(monkeypatch: pytest.MonkeyPatch) -> list[list[tuple[tuple[int, ...], str]]]:
+    """Every `mx.async_eval` call while the test runs, as the (shape, dtype) of each array it was given: which
+    arrays the decode loop hands MLX together (one event for all of them) and in what order. MLX still runs them."""
+    import mlx.core as mx
+
+    calls: list[list[tuple[tuple[int, ...], str]]] = []
+    real = mx.async_eval
+
+    def recording(*arrays):  # type: ignore[no-untyped-def]
+        flat = [a for x in arrays for a in (x if isinstance(x, (list, tuple)) else [x])]
+        calls.append([(tuple(a.shape), str(a.dtype)) for a in flat if isinstance(a, mx.array)])
+        return real(*arrays)
+
+    monkeypatch.setattr(mx, "async_eval", recording)
+    return calls
+

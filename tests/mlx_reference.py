@@ -61,3 +61,12 @@ def decode_with_forced_runs(lm: Any, one_token: Any = None, *, prompt: int = 40,
     mx.eval(states)
     assert int(kv[0].offset) == prompt + steps + 2 * len(range(2, steps, 5))
     return tokens, states
+
+
+def picks_and_passes(calls: list[list[tuple[tuple[int, ...], str]]], hidden: int) -> tuple[list[int], list[int]]:
+    """Indexes into the `async_evals` fixture's record: of the calls holding only greedy picks (int32 scalars or a
+    vector of them), and of those holding a forward pass's hidden states (last axis `hidden`)."""
+    picks = [i for i, call in enumerate(calls)
+             if call and all(dtype == "mlx.core.int32" and len(shape) <= 1 for shape, dtype in call)]
+    passes = [i for i, call in enumerate(calls) if any(shape and shape[-1] == hidden for shape, _ in call)]
+    return picks, passes

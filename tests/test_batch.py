@@ -69,6 +69,19 @@ def test_every_row_writes_batch_1s_text(runtime: ModelRuntime, prompt: str, alon
             assert g.data == alone[i].data
 
 
+def test_a_batchs_picks_are_read_without_waiting_for_the_pass_queued_on_them(runtime: ModelRuntime, prompt: str,
+                                                                             async_evals: list) -> None:
+    """As at batch 1 (tests/test_model_runtime.py): a step's picks are evaluated on their own before the pass that
+    feeds them in, so reading them does not wait for that pass (MLX signals one event per `async_eval`)."""
+    from tests.mlx_reference import picks_and_passes
+
+    got = runtime.generate_json_batch([BatchRequest(p, prompt, SCHEMA, 1400, system=SYSTEM) for p in _photos()[:3]])
+    assert not [g for g in got if isinstance(g, Exception)]
+    picks, passes = picks_and_passes(async_evals, runtime.model.language_model.args.hidden_size)
+    assert len(picks) >= max(g.free_tokens for g in got) - 1
+    assert set(i + 1 for i in picks) <= set(passes)  # a pick's evaluation, then its pass's, nothing between
+
+
 def test_a_row_that_fails_fails_alone(runtime: ModelRuntime, prompt: str, alone: list) -> None:
     schema = SCHEMA
     photos = _photos()[:4]

@@ -314,6 +314,20 @@ def test_generation_on_the_fused_rope_is_exactly_mlx_vlms_own(rope_runtime: Mode
     assert flat_step.calls(lm) - flat >= 50  # one-token passes: written against the weights (flat_step.py)
 
 
+def test_a_free_pick_is_read_without_waiting_for_the_pass_queued_on_it(runtime: ModelRuntime,
+                                                                       async_evals: list) -> None:
+    """MLX signals one event for everything an `async_eval` was given, so a pick evaluated together with the pass
+    queued on it is read only once that whole pass is done, and the host builds the next pass while the device
+    idles. Every pass the loop queues on a free pick follows an evaluation of the pick alone (reuse.pass_on_pick)."""
+    from tests.mlx_reference import picks_and_passes
+
+    gen = runtime.generate_json(_photo((320, 200)), "Critique this photograph.", critique_schema(40),
+                                max_tokens=1400)
+    picks, passes = picks_and_passes(async_evals, runtime.model.language_model.args.hidden_size)
+    assert gen.free_tokens and len(passes) >= gen.free_tokens - 1  # the last pick (the end) may queue no pass
+    assert [i - 1 for i in passes] == picks  # each pass right after its pick's own evaluation, nothing between
+
+
 @pytest.mark.parametrize("model", ["plain", "vocab"])
 def test_a_guessed_pick_writes_exactly_what_the_masked_pick_writes(model: str, request: pytest.FixtureRequest,
                                                                    tmp_path: Path) -> None:

@@ -222,6 +222,9 @@ def _decode_group(model: Any, constraint: Any, rows: list[_Row], results: list, 
                 # batch picked other scores than batch 1 did.
                 chosen = mx.stack([head.choose(hidden[j].reshape(1, 1, -1), active[j].allowed).reshape(())
                                    for j in choosers])
+                # Evaluated apart from the pass below, so reading the picks waits for them, not for the whole pass
+                # (reuse.pass_on_pick).
+                mx.async_eval(chosen)
                 tokens[mx.array(choosers, dtype=mx.int32)] = chosen
             offset = int(kv[0].offset)
             # Rows whose images shifted their positions differently cannot share one RoPE offset (text_rope.py).

@@ -216,7 +216,12 @@ def pass_on_pick(head: _Head, chosen: mx.array, hidden: mx.array, allowed: np.nd
     """Queue the one-token pass on `chosen` (`head.choose`'s lazy pick after `hidden`) before its value reaches the
     CPU, so the device computes it while llguidance consumes the token and builds the next mask; then read the
     token. A guess the schema does not allow has its pass undone (the cache trimmed back) and is picked again
-    under the mask. (token, the queued pass's hidden state, passes run)."""
+    under the mask. (token, the queued pass's hidden state, passes run).
+
+    The pick is evaluated on its own, before the pass is built: MLX gives every array of one `async_eval` a single
+    event, signalled when all of it is done, so a pick evaluated with its pass could only be read after the whole
+    pass, and the host would build the next pass while the device sat idle instead of while it runs this one."""
+    mx.async_eval(chosen)
     ahead = forward(chosen.reshape(1, 1))
     mx.async_eval(ahead)
     token = int(chosen.item())
@@ -226,6 +231,7 @@ def pass_on_pick(head: _Head, chosen: mx.array, hidden: mx.array, allowed: np.nd
     for c in kv:
         c.trim(1)
     chosen = head.masked(hidden, allowed)
+    mx.async_eval(chosen)
     ahead = forward(chosen.reshape(1, 1))
     mx.async_eval(ahead)
     return int(chosen.item()), ahead, 2
