@@ -11,6 +11,8 @@ Figures (`smoke.` / `real.` prefixes), ms per step at a 400-token text context, 
 - `forced_pass_ms`: one pass appending FORCED tokens at a context length not seen before (what fast-forwarding a
   schema-forced run costs), `forced_pass_same_shape_ms`: the same pass repeated at one context length. On CUDA a
   multi-token pass may take cuDNN's attention, whose graph is built per shape (`cudnn_sdpa=` prints whether it may);
+  both through mlx-vlm's modules; `flat_forced_pass_ms`: `forced_pass_ms` through the flat pass, which the decode
+  loop takes for forced runs where it fits (daemon/model/flat_step.py);
 - `text_rope=1` where the runtime rotates text positions with mx.fast.rope (on a GPU: daemon/model/text_rope.py);
 - `stacked_proj=1` where it projects q/k/v and gate/up with one matmul each (on a GPU: daemon/model/fused_proj.py),
   and `unstacked_step_ms`: mlx-vlm's modules without them (nor the flat pass), measured interleaved with it;
@@ -256,15 +258,21 @@ def measure(shapes: str) -> dict[str, Any]:
             mx.eval(hidden)
         return (time.perf_counter() - started) / steps * 1e3, first * 1e3
 
-    def forced(same_shape: bool) -> float:
+    def forced(same_shape: bool, flat: bool = False) -> float:
+        # `flat`: through the flat pass (as reuse.generate runs a forced run where it fits), else mlx-vlm's modules.
         kv = mlx_cache.make_prompt_cache(lm)
         mx.eval(lm.model(prompt, cache=kv))
         run = mx.array([[200 + i for i in range(FORCED)]])
+        with fused_proj.fused_decoding(lm):
+            step = flat_step.FlatStep(lm) if flat else None  # once a generation, as reuse.generate makes it
         started = time.perf_counter()
         for _ in range(steps // 3):
             offset = int(kv[0].offset)
             with text_positions(lm), fused_proj.fused_decoding(lm):
-                mx.eval(lm.model(run, cache=kv, position_ids=reuse._positions(offset, no_delta, FORCED)))
+                if step is not None:
+                    mx.eval(step.step(run, mx.array(offset), kv))
+                else:
+                    mx.eval(lm.model(run, cache=kv, position_ids=reuse._positions(offset, no_delta, FORCED)))
             if same_shape:
                 for c in kv:
                     c.trim(FORCED)
@@ -335,11 +343,12 @@ def measure(shapes: str) -> dict[str, Any]:
         mx.eval(hidden)
         return (time.perf_counter() - started) / steps * 1e3
 
-    ours(), ours(False), library(), forced(True), replayed(), masked(), modules(), batched(), batched(False), \
-        picked(True), picked(False), picked(False, together=True)  # warm-up: compiles
+    ours(), ours(False), library(), forced(True), forced(True, flat=flat_fits), replayed(), masked(), modules(), \
+        batched(), batched(False), picked(True), picked(False), picked(False, together=True)  # warm-up: compiles
     runs = [(ours(), library(), ours(False), replayed(), masked(), modules(), batched(), batched(False),
              picked(True), picked(False), picked(False, together=True)) for _ in range(2)]
     forced_new, forced_same = forced(False), forced(True)
+    forced_flat = forced(False, flat=True) if flat_fits else None
     (step, graph, launch, wait), lib, *_ = min(runs, key=lambda r: r[0][0])
     put("device", str(mx.default_device()))
     put("context_tokens", CONTEXT)
@@ -365,6 +374,7 @@ def measure(shapes: str) -> dict[str, Any]:
     put("forced_tokens_per_pass", FORCED)
     put("forced_pass_ms", round(forced_new, 2))
     put("forced_pass_same_shape_ms", round(forced_same, 2))
+    put("flat_forced_pass_ms", round(forced_flat, 2) if forced_flat is not None else "n/a (the modules run it here)")
     put("cudnn_sdpa", os.environ.get("MLX_CUDA_USE_CUDNN_SDPA", "1"))
     put("text_rope", int(isinstance(lm.layers[0].self_attn.rotary_emb, TextRope)))  # daemon/model/text_rope.py
     put("stacked_proj", int(bool(fused_proj.stacks(lm))))  # daemon/model/fused_proj.py

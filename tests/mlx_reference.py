@@ -26,12 +26,13 @@ def mlx_vlm_text(runtime: Any, image: Any, prompt: str, schema: dict, *, max_tok
 
 
 def decode_with_forced_runs(lm: Any, one_token: Any = None, *, prompt: int = 40, steps: int = 24,
-                            delta: int = 3) -> tuple[list[int], list[Any]]:
-    """Greedy one-token passes of `lm` after a `prompt`-token prompt, with a run of two forced tokens written
-    through mlx-vlm's own path every fifth step, the way reuse.generate appends them; text positions are the cache
-    offset plus `delta` (a prompt's mRoPE shift). `one_token(token, kv)` makes the one-token passes if given, made
-    inside `text_positions` and `fused_decoding`; otherwise mlx-vlm's modules do (the reference).
-    The tokens picked and every hidden state, evaluated."""
+                            delta: int = 3, runs_too: bool = False) -> tuple[list[int], list[Any]]:
+    """Greedy one-token passes of `lm` after a `prompt`-token prompt, with a run of forced tokens (two, then three)
+    appended every fifth step in one pass, as reuse.generate appends them; text positions are the cache offset plus
+    `delta` (a prompt's mRoPE shift). `one_token(lm, kv)`, if given, makes the one-token passes (and with
+    `runs_too` the forced runs' passes), made inside `text_positions` and `fused_decoding`; mlx-vlm's modules run
+    the rest (with no `one_token`, all of it: the reference). The tokens picked and every hidden state (each
+    position of a run), evaluated."""
     import mlx.core as mx
     from mlx_vlm.models import cache as mlx_cache
 
@@ -55,11 +56,15 @@ def decode_with_forced_runs(lm: Any, one_token: Any = None, *, prompt: int = 40,
             tokens.append(int(token.item()))
             states.append(hidden[0, -1])
             if i % 5 == 2:
-                hidden = lm.model(mx.array([[300 + i, 301 + i]]), cache=kv,
-                                  position_ids=reuse._positions(int(kv[0].offset), shift, 2))
-                states.append(hidden[0, -1])
+                run = mx.array([[300 + i + j for j in range(2 + i % 2)]])
+                if step is not None and runs_too:
+                    hidden = step(run)
+                else:
+                    hidden = lm.model(run, cache=kv,
+                                      position_ids=reuse._positions(int(kv[0].offset), shift, run.shape[1]))
+                states.append(hidden[0])
     mx.eval(states)
-    assert int(kv[0].offset) == prompt + steps + 2 * len(range(2, steps, 5))
+    assert int(kv[0].offset) == prompt + steps + sum(2 + i % 2 for i in range(2, steps, 5))
     return tokens, states
 
 

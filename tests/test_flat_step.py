@@ -46,8 +46,11 @@ PRECISIONS = pytest.mark.parametrize("stacked,bits", [(True, None), (False, None
 
 
 @PRECISIONS
+@pytest.mark.parametrize("runs", [False, True], ids=["forced-runs-by-the-modules", "forced-runs-flat"])
 def test_the_flat_step_computes_the_modules_pass(smoke_model_path: Path, tmp_path: Path, stacked: bool,
-                                                 bits: int | None) -> None:
+                                                 bits: int | None, runs: bool) -> None:
+    """One-token passes, and (`runs`) schema-forced runs of two and three tokens in one pass (causal over the
+    run), through the flat pass: every position's hidden state is the modules' own."""
     lm = _runtime(smoke_model_path, tmp_path, stacked, bits).model.language_model
     plain_tokens, plain = decode_with_forced_runs(lm, prompt=PROMPT, steps=STEPS, delta=DELTA)
     assert bool(fused_proj.fused_calls(lm)) == stacked
@@ -56,11 +59,16 @@ def test_the_flat_step_computes_the_modules_pass(smoke_model_path: Path, tmp_pat
         step = FlatStep(lm)
         return lambda token: step.step(token, mx.array(int(kv[0].offset) + DELTA), kv)
 
-    flat_tokens, flat = decode_with_forced_runs(lm, flat_pass, prompt=PROMPT, steps=STEPS, delta=DELTA)
+    calls = flat_step.calls(lm)
+    flat_tokens, flat = decode_with_forced_runs(lm, flat_pass, prompt=PROMPT, steps=STEPS, delta=DELTA,
+                                                runs_too=runs)
+    forced_runs = len(range(2, STEPS, 5))
+    assert flat_step.calls(lm) - calls == STEPS + (forced_runs if runs else 0)
     assert flat_tokens == plain_tokens
     assert len(set(plain_tokens)) > 1  # a decoder stuck on one token would hide a wrong position
+    assert len(flat) == len(plain) == STEPS + forced_runs
     for step, (a, b) in enumerate(zip(plain, flat)):
-        assert mx.array_equal(a, b).item(), f"hidden state {step} differs"
+        assert a.shape == b.shape and mx.array_equal(a, b).item(), f"hidden state {step} differs"
 
 
 def _batched_decode(lm: Any, flat: bool, rows: int = 3, steps: int = 12, leaves_at: int = 6) -> list:

@@ -299,8 +299,8 @@ def test_the_tokens_a_critique_writes_rotate_on_one_fused_rope_and_the_same_resu
 
 
 def test_generation_on_the_fused_rope_is_exactly_mlx_vlms_own(rope_runtime: ModelRuntime) -> None:
-    """The decode loop (reuse.generate) runs its passes on text positions, its one-token passes written against the
-    weights (as on a GPU), and writes what mlx-vlm writes."""
+    """The decode loop (reuse.generate) runs its passes on text positions, written against the weights (as on a
+    GPU): one-token passes and schema-forced runs alike. It writes what mlx-vlm writes."""
     from daemon.model import flat_step, text_rope
 
     lm = rope_runtime.model.language_model
@@ -310,8 +310,9 @@ def test_generation_on_the_fused_rope_is_exactly_mlx_vlms_own(rope_runtime: Mode
     calls, flat = text_rope.text_calls(lm), flat_step.calls(lm)
     ours = rope_runtime.generate_json(photo, "Critique this photograph.", schema, max_tokens=1400)
     assert ours.text == rope_runtime.tokenizer.decode(ids, skip_special_tokens=False)
-    assert text_rope.text_calls(lm) - calls >= len(lm.layers) * 10  # the multi-token (forced) passes
-    assert flat_step.calls(lm) - flat >= 50  # one-token passes: written against the weights (flat_step.py)
+    assert text_rope.text_calls(lm) == calls  # no pass after the prompt went through mlx-vlm's modules
+    assert flat_step.calls(lm) - flat == ours.forward_passes  # every one: written against the weights
+    assert ours.forward_passes > ours.free_tokens  # forced runs among them
 
 
 def test_a_free_pick_is_read_without_waiting_for_the_pass_queued_on_it(runtime: ModelRuntime,

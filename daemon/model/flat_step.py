@@ -1,4 +1,5 @@
-"""A critique's one-token decode pass, written against the weights instead of through mlx-vlm's modules.
+"""A critique's decode passes (one token, or a schema-forced run), written against the weights instead of through
+mlx-vlm's modules.
 
 On MLX's CUDA backend a batch-1 decode step is host work, not arithmetic: through mlx-vlm's modules a float32 pass
 is 1,172 graph operations of which only 457 run a kernel (the rest are views: a transpose of every weight, flattens
@@ -8,11 +9,12 @@ with each weight's transpose made once a generation, the RoPE offset made once a
 layer: fewer nodes to record and less Python (15-22 % of a step on the H200, `python -m bench decode_step`).
 It computes exactly what the modules compute (tests/test_flat_step.py: bit for bit, step after step).
 
-Where: the decode loop (reuse.py) uses it for one-token passes when `FlatStep.build` finds Qwen2-VL's text decoder
-with the text RoPE installed (text_rope.py: on a GPU) and no adapter in (a LoRA layer is not a plain or quantized
-Linear); anything else runs mlx-vlm's modules as before. A batch of photos (batch.py) uses it too while its rows
-share one text position (one shoot: one grid). Multi-token passes (the prompt, schema-forced runs) always run the
-modules. MLX is not thread-safe: use it from the runtime's thread only.
+Where: the decode loop (reuse.py) uses it for every pass after the prompt, one-token passes and schema-forced runs
+(which through the modules cost 3-4 one-token steps each on the H200: `decode_step`'s `forced_pass_ms`), when
+`FlatStep.build` finds Qwen2-VL's text decoder with the text RoPE installed (text_rope.py: on a GPU) and no adapter
+in (a LoRA layer is not a plain or quantized Linear); anything else runs mlx-vlm's modules as before. A batch of
+photos (batch.py) uses it for one-token passes while its rows share one text position (one shoot: one grid). The
+prompt always runs the modules (image positions). MLX is not thread-safe: use it from the runtime's thread only.
 """
 
 from __future__ import annotations
@@ -63,10 +65,10 @@ def calls(lm: Any) -> int:
 
 
 class FlatStep:
-    """`step(tokens, start, kv)`: the hidden states after one token a row, [rows, 1, hidden], as `lm.model`
-    computes them for a one-token pass of `tokens` ([rows] or [rows, 1]) at text position `start` (an integer
-    array of shape [], the cache offset plus the prompt's mRoPE delta: one for every row, as in text_rope.py) into
-    the per-layer caches `kv`. Make it inside `fused_proj.fused_decoding(lm)`, where the stacked
+    """`step(tokens, start, kv)`: the hidden states, [rows, n, hidden], as `lm.model` computes them for a pass of
+    `tokens` ([rows] or [rows, n]: one token a row, or a run of n) from text position `start` (an integer array of
+    shape [], the cache offset plus the prompt's mRoPE delta: one for every row, as in text_rope.py) into the
+    per-layer caches `kv`. Make it inside `fused_proj.fused_decoding(lm)`, where the stacked
     projections are ready (without them each projection runs on its own), and drop it when the block ends: it
     holds the weights of that moment."""
 
@@ -103,9 +105,12 @@ class FlatStep:
         mx.eval([p[1] for p in projections if p[0] == "d"])
 
     def step(self, tokens: mx.array, start: mx.array, kv: list) -> mx.array:
-        rows = int(tokens.size)
+        rows, n = (int(tokens.shape[0]), int(tokens.shape[1])) if tokens.ndim == 2 else (int(tokens.size), 1)
         object.__setattr__(self.lm, "_flat_calls", calls(self.lm) + 1)
-        x = self.embed(tokens.reshape(rows))  # [rows, hidden]
+        x = self.embed(tokens.reshape(rows * n))  # [rows·n, hidden]
+        # Several tokens a row (a schema-forced run): causal over them, as mlx-vlm's KV cache asks for
+        # (`make_mask`: "causal" for n > 1 with no window), the heads moved ahead of the tokens as the modules do.
+        mask = None if n == 1 else "causal"
         for L, cache in zip(self.layers, kv):
             h = mx.fast.rms_norm(x, *L["ln1"])
             d, heads, kv_heads = L["head_dim"], L["heads"], L["kv_heads"]
@@ -115,16 +120,21 @@ class FlatStep:
                 q, k, v = mx.split(_apply(L["qkv"][0], h), L["qkv"][1], axis=-1)
             else:
                 q, k, v = _apply(L["q"], h), _apply(L["k"], h), _apply(L["v"], h)
-            # One token a row: [rows, heads·d] is already [rows, heads, 1, d] in memory, so no transpose.
-            q = mx.fast.rope(q.reshape(rows, heads, 1, d), dims, **rope)
-            k = mx.fast.rope(k.reshape(rows, kv_heads, 1, d), dims, **rope)
-            keys, values = cache.update_and_fetch(k, v.reshape(rows, kv_heads, 1, d))
-            out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=L["scale"], mask=None)
-            x = x + _apply(L["o"], out.reshape(rows, heads * d))
+            if n == 1:  # [rows, heads·d] is already [rows, heads, 1, d] in memory, so no transpose
+                q, k, v = q.reshape(rows, heads, 1, d), k.reshape(rows, kv_heads, 1, d), v.reshape(rows, kv_heads, 1, d)
+            else:
+                q, k, v = (a.reshape(rows, n, h_, d).transpose(0, 2, 1, 3)
+                           for a, h_ in ((q, heads), (k, kv_heads), (v, kv_heads)))
+            q = mx.fast.rope(q, dims, **rope)
+            k = mx.fast.rope(k, dims, **rope)
+            keys, values = cache.update_and_fetch(k, v)
+            out = mx.fast.scaled_dot_product_attention(q, keys, values, scale=L["scale"], mask=mask)
+            out = out.reshape(rows, heads * d) if n == 1 else out.transpose(0, 2, 1, 3).reshape(rows * n, heads * d)
+            x = x + _apply(L["o"], out)
             h = mx.fast.rms_norm(x, *L["ln2"])
             if "gate_up" in L:
                 gate, up = mx.split(_apply(L["gate_up"][0], h), L["gate_up"][1], axis=-1)
             else:
                 gate, up = _apply(L["gate"], h), _apply(L["up"], h)
             x = x + _apply(L["down"], swiglu(gate, up))
-        return mx.fast.rms_norm(x, *self.norm).reshape(rows, 1, -1)
+        return mx.fast.rms_norm(x, *self.norm).reshape(rows, n, -1)

@@ -292,7 +292,7 @@ def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, t
     delta = 0
 
     def forward(tokens: mx.array) -> mx.array:  # tokens after the prompt, run inside the block below
-        if flat is not None and tokens.shape[1] == 1:
+        if flat is not None:
             return flat.step(tokens, mx.array(int(kv[0].offset) + delta), kv)
         return lm.model(tokens, cache=kv, position_ids=_positions(int(kv[0].offset), rope_deltas,
                                                                   int(tokens.shape[1])))
