@@ -167,9 +167,9 @@ def test_batches_on_the_fused_rope_write_what_mlx_vlm_writes_for_each_photo(plai
                                                                             fused: bool) -> None:
     """On a GPU the decode passes rotate with mx.fast.rope (text_rope.py), forced here on the CPU. One shoot's
     photos (one grid: the same text positions in every row) take it, in the flat one-token pass (flat_step.py);
-    photos of one token count whose grids shift the positions differently (6x8 and 4x12 patches: an image advances them by its longer side) must not
-    while they share a pass, since MLX's CUDA kernel takes one offset for the whole batch. Either way each row writes what mlx-vlm's own
-    generate writes for its photo alone. A short prompt: after the advisor's long one this small model writes
+    photos of one token count whose grids shift the positions differently (6x8 and 4x12 patches: an image advances
+    them by its longer side) must not while they share a pass, since MLX's CUDA kernel takes one offset for the
+    whole batch. Either way each row writes what mlx-vlm's own generate writes for its photo alone. A short prompt: after the advisor's long one this small model writes
     much the same for every photo, and a row rotated from another row's position went unseen."""
     from daemon.model import flat_step, text_rope
     from tests.mlx_reference import mlx_vlm_text
