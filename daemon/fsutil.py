@@ -249,13 +249,19 @@ def holds(path: Path, before: tuple[int, int, int, int, int] | None, sha256: str
         return True
     if now is None or before is None or now[:4] != before[:4]:
         return False
+    return content_is(path, sha256, same_file=now[:2])
+
+
+def content_is(path: Path, sha256: str, *, same_file: tuple[int, int] | None = None) -> bool:
+    """Whether `path` is a plain file whose bytes hash to `sha256` (and, given `same_file`, still that (device,
+    inode)). Never waits on a FIFO or a device put in its place."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)  # never wait on a FIFO swapped in meanwhile
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return False
     with os.fdopen(fd, "rb") as f:
         st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != now[:2]:
+        if not stat.S_ISREG(st.st_mode) or (same_file is not None and (st.st_dev, st.st_ino) != same_file):
             return False
         return hashlib.file_digest(f, "sha256").hexdigest() == sha256
 
@@ -499,7 +505,7 @@ def lock_holder(lock: Path) -> int | None:
 
 
 __all__ = ["NotReadable", "read_regular_file", "read_text_file", "kind_of", "temp_name", "atomic_write_bytes", "atomic_write_text",
-           "fsync_dir", "fsync_files", "ATOMIC_TMP", "move", "identity", "holds", "same_content", "folder_inside", "pid_alive",
+           "fsync_dir", "fsync_files", "ATOMIC_TMP", "move", "identity", "holds", "content_is", "same_content", "folder_inside", "pid_alive",
            "lock_holder", "hold_lock", "lock_folder", "LockHeld", "is_folder", "NotOwn", "check_own_folder", "own_folder_inside",
            "open_own_file", "read_own_file",
            "companion"]

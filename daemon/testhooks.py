@@ -41,7 +41,7 @@ def _env(name: str, default: str = "") -> str:
 
 
 def crashpoint(name: str) -> None:
-    """A named point of the job's way (claimed, staged, reserved, renamed, moved, analysing, ...)."""
+    """A named point of the job's way (claimed, reading, staged, reserved, renamed, moved, analysing, ...)."""
     crash_at, stop_at = _env("MONDRIAN_TEST_CRASH_AT"), _env("MONDRIAN_TEST_STOP_AT")
     if not (crash_at or stop_at):
         return

@@ -23,8 +23,8 @@ from .. import testhooks
 from ..analysis.advisors import load_advisors
 from ..config import Config
 from ..errors import Permanent, Transient
-from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, folder_inside, fsync_files, move, own_folder_inside,
-                      pid_alive, read_regular_file, same_content)
+from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, content_is, folder_inside, fsync_files, move,
+                      own_folder_inside, pid_alive, read_regular_file, same_content)
 from ..intake.images import LoadedImage
 from ..intake.inbox import (OUTBOX_RESERVED, RECORD_SUFFIXES, editor_sidecars, is_ignored, safe_stem, sidecar_for,
                             unique_path)
@@ -369,7 +369,9 @@ class Publisher:
         return taken - {job.output_dir}
 
     def resume(self, job: Job, keep_original: bool) -> bool:
-        """Finish a job whose outcome was published before a crash instead of analysing it again."""
+        """Finish a job whose outcome was published before a crash instead of analysing it again. False (analyse
+        it) where nothing of it was published, or where what was published describes other bytes than the file
+        it would take now: that outcome is withdrawn first (`_holds_what_was_published`)."""
         keep_original = keep_original or not job.owns_file
         out = Path(job.output_dir)
         report_file = out / "report.json"
@@ -378,12 +380,20 @@ class Publisher:
             if report_file.exists():
                 report = json.loads(report_file.read_text(encoding="utf-8"))
                 if report.get("job_id") == job.id:
+                    if not os.path.lexists(out / report["photo"]["file"]) and \
+                            not self._holds_what_was_published(job, report["photo"].get("sha256")):
+                        shutil.rmtree(out)
+                        return self._withdrawn(job, "report")
                     self.complete(job, out, report, keep_original)
                     return True
             if error_file.exists():
                 record = json.loads(error_file.read_text(encoding="utf-8"))
                 if record.get("job_id") == job.id:
                     if not keep_original and not job.kept:
+                        if not os.path.lexists(out) and not self._holds_what_was_published(job, job.sha256):
+                            for suffix in (".error.json", ".error.html"):
+                                Path(f"{out}{suffix}").unlink(missing_ok=True)
+                            return self._withdrawn(job, "failure record")
                         with contextlib.suppress(OutsideInbox):  # recorded as failed; the file stays put
                             self.move_with_sidecar(Path(job.source_path), out.parent, out)
                     self.ledger.fail(job.id, record["reason"], out, kind=record.get("kind", "permanent"))
@@ -392,10 +402,35 @@ class Publisher:
             if dup_file.exists() and not keep_original:
                 record = json.loads(dup_file.read_text(encoding="utf-8"))
                 if record.get("job_id") == job.id:
+                    if not job.kept and not os.path.lexists(out) and \
+                            not self._holds_what_was_published(job, job.sha256):
+                        dup_file.unlink()
+                        return self._withdrawn(job, "duplicate record")
                     self.move_duplicate(job, out)
                     return True
         except (OSError, ValueError, LookupError):
             pass
+        return False
+
+    def _holds_what_was_published(self, job: Job, sha256: str | None) -> bool:
+        """Whether the file at the job's inbox path is still the one its published outcome describes. A kill between
+        publishing and moving the original leaves the original in the inbox until the next start, and meanwhile it
+        may be exported again under its name or removed: another file must not be filed under that outcome. By
+        content where it was hashed; else (a file that could not be decoded) by the size and mtime it was queued
+        with. A false "changed" costs one more analysis, never a photo."""
+        src = Path(job.source_path)
+        if sha256:
+            return content_is(src, sha256)
+        try:
+            st = os.stat(src)
+        except OSError:
+            return False
+        return job.size is None or (st.st_size == job.size and st.st_mtime == job.mtime)
+
+    def _withdrawn(self, job: Job, what: str) -> bool:
+        log.info("%s changed or was removed while Mondrian was down, before it was filed with its %s: that %s is "
+                 "withdrawn and the file taken as it is now", job.rel_path, what, what)
+        self.index.changed()
         return False
 
     def duplicate(self, job: Job, first: Job, src: Path, fallbacks: list[dict[str, str]] | None = None) -> None:

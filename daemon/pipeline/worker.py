@@ -293,11 +293,17 @@ class Worker:
             self.ledger.set_mode(job.id, requested, source)
             advisor = self._advisor(job.advisor)
             t0 = time.perf_counter()
+            testhooks.crashpoint("reading")
             before = identity(src)
             photo = load_photo(src, self.cfg.max_pixels, timeout_s=self.cfg.job_timeout_seconds,
                                max_bytes=self.cfg.max_file_bytes)
             decode_s = time.perf_counter() - t0
         except (Permanent, SidecarError, ImageRejected) as exc:
+            if not keep_original and not os.path.lexists(src):
+                # Removed between the checks above and its reading: gone, as a moment earlier, not a photo to fix.
+                self.ledger.mark_gone(job.id, "the file was removed from the inbox before it was analysed")
+                log.info("gone before analysis (removed as it was read): %s", job.rel_path)
+                return None
             if isinstance(exc, ImageRejected) and not keep_original and self._maybe_still_arriving(job, src, exc):
                 return None
             self.out.fail(job, str(exc), keep_original=keep_original)
@@ -332,6 +338,13 @@ class Worker:
             self.ledger.requeue(job.id, "the file changed while it was analysed; it will be analysed again",
                                 delay_s=self.cfg.quiet_seconds, undo_attempt=True)
             log.info("changed during analysis, queued again: %s", job.rel_path)
+            return
+        if not keep_original and prep.source != "command" and self._mode_now(src) != (prep.requested, prep.source):
+            # A .mode sidecar that came (or changed, or went) while the photo was analysed: the report must be of the
+            # mode it now asks for, and the sidecar moves into the report folder with the photo.
+            self.ledger.requeue(job.id, "its .mode sidecar changed while it was analysed; it will be analysed again",
+                                delay_s=self.cfg.quiet_seconds, undo_attempt=True)
+            log.info("mode sidecar changed during analysis, queued again: %s", job.rel_path)
             return
         # What the analysis actually used (resolved again once the model was loaded, e.g. an adapter found to be for
         # another base model; the index may have changed meanwhile): the key the report is kept under. If a report
@@ -494,6 +507,14 @@ class Worker:
         if not target.exists():
             raise Permanent("this is a link whose target no longer exists; copy the photo itself into "
                                    "the inbox")
+
+    def _mode_now(self, src: Path) -> tuple[str, str] | None:
+        """The mode the photo's sidecar (or the default) asks for now; None for a sidecar that cannot be read, which
+        `prepare` reports as the photo's failure."""
+        try:
+            return self._requested_mode(src, None)
+        except SidecarError:
+            return None
 
     def _requested_mode(self, src: Path, override: str | None) -> tuple[str, str]:
         if override:

@@ -1,0 +1,149 @@
+"""A photo whose outcome was published just before a kill is still in the inbox until the next start (the original is
+moved last). Meanwhile the photographer may export it again under the same name, or delete it. The next start must
+not file the new bytes under the old outcome (a report of photo A beside photo B, B in duplicates/ as "the same
+photo", a good re-export in failed/ for the old file's fault), nor keep a report whose photo was deleted before it
+was filed: each such outcome is withdrawn and the file taken as it is now. And while the daemon runs: a photo removed
+as it is being read is gone, not failed; a `.mode` sidecar that arrives while its photo is analysed is obeyed.
+
+Real `mondrian run --once` subprocesses, real SIGKILLs at the named points (`MONDRIAN_TEST_CRASH_AT`) and a real
+SIGSTOP (`MONDRIAN_TEST_STOP_AT`), the smoke model, real files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import Daemon, make_home, mondrian, photo, reports, wait_for
+
+
+def _jobs(home: Path) -> list[dict[str, Any]]:
+    con = sqlite3.connect(home / "var" / "ledger.db")
+    con.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in con.execute('SELECT * FROM "job" ORDER BY id')]
+    finally:
+        con.close()
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _home(tmp_path: Path, model: Path) -> Path:
+    return make_home(tmp_path / "home", model, max_pixels=56 * 56, comment_max_chars=8, max_tokens=400)
+
+
+@pytest.mark.parametrize("point", ["renamed", "dup_recorded", "fail_recorded"])
+def test_a_photo_exported_again_while_mondrian_was_down_is_not_filed_under_the_old_outcome(
+        tmp_path: Path, smoke_model_path: Path, point: str) -> None:
+    home = _home(tmp_path, smoke_model_path)
+    inbox, outbox = home / "inbox", home / "outbox"
+    if point == "dup_recorded":  # the first analysed, then its twin killed after its duplicate record was written
+        photo(inbox / "first.jpg", seed=70)
+        assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+        (inbox / "k.jpg").write_bytes((outbox / "first" / "first.jpg").read_bytes())
+    elif point == "fail_recorded":  # an export that went wrong, killed after its failure record was written
+        (inbox / "k.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
+    else:  # killed after its report folder was renamed into the outbox, before the original was moved in
+        photo(inbox / "k.jpg", seed=71)
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=180, MONDRIAN_TEST_CRASH_AT=point)
+    assert out.returncode == -9, (out.returncode, out.stderr)
+    assert (inbox / "k.jpg").is_file()  # the outcome is published, the original not yet taken
+
+    again = photo(tmp_path / "again.jpg", seed=72)  # the photographer's new export, under the same name
+    os.replace(again, inbox / "k.jpg")
+    new = _sha(inbox / "k.jpg")
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=180)
+    assert out.returncode == 0, out.stderr
+
+    (folder,) = [r.parent for r in reports(outbox) if r.parent.name != "first"]
+    report = json.loads((folder / "report.json").read_text())
+    assert report["photo"]["sha256"] == new and _sha(folder / report["photo"]["file"]) == new
+    assert not (inbox / "k.jpg").exists()
+    assert not [p for p in outbox.glob("duplicates/*")] and not [p for p in outbox.glob("failed/*")]
+    states = {j["rel_path"]: j["state"] for j in _jobs(home)}
+    assert states["k.jpg"] == "done" and list(states.values()).count("done") == len(states)
+
+
+@pytest.mark.parametrize("point", ["renamed", "dup_recorded", "fail_recorded"])
+def test_a_photo_deleted_while_mondrian_was_down_leaves_no_outcome_without_it(tmp_path: Path,
+                                                                             smoke_model_path: Path,
+                                                                             point: str) -> None:
+    home = _home(tmp_path, smoke_model_path)
+    inbox, outbox = home / "inbox", home / "outbox"
+    if point == "dup_recorded":
+        photo(inbox / "first.jpg", seed=73)
+        assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+        (inbox / "k.jpg").write_bytes((outbox / "first" / "first.jpg").read_bytes())
+    elif point == "fail_recorded":
+        (inbox / "k.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
+    else:
+        photo(inbox / "k.jpg", seed=74)
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=180, MONDRIAN_TEST_CRASH_AT=point)
+    assert out.returncode == -9, (out.returncode, out.stderr)
+    (inbox / "k.jpg").unlink()
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=180)
+    assert out.returncode == 0, out.stderr
+
+    assert [r.parent.name for r in reports(outbox)] == (["first"] if point == "dup_recorded" else [])
+    assert not [p for p in outbox.glob("duplicates/*")] and not [p for p in outbox.glob("failed/*")]
+    (job,) = [j for j in _jobs(home) if j["rel_path"] == "k.jpg"]
+    assert job["state"] == "gone" and "removed" in job["error"], job
+
+
+def test_the_file_crashed_on_is_still_filed_when_it_did_not_change(tmp_path: Path, smoke_model_path: Path) -> None:
+    """The same kill with the photo left as it was: its report is finished with it, not analysed again."""
+    home = _home(tmp_path, smoke_model_path)
+    shot = photo(home / "inbox" / "k.jpg", seed=75)
+    sha = _sha(shot)
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180,
+                    MONDRIAN_TEST_CRASH_AT="renamed").returncode == -9
+    (folder,) = [r.parent for r in reports(home / "outbox")]
+    published = (folder / "report.json").read_bytes()
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    assert (folder / "report.json").read_bytes() == published and _sha(folder / "k.jpg") == sha
+    (job,) = _jobs(home)
+    assert job["state"] == "done"  # finished from what was published: the report above is the same bytes
+
+
+def test_a_photo_removed_as_it_is_read_is_gone_not_failed(tmp_path: Path, smoke_model_path: Path) -> None:
+    home = _home(tmp_path, smoke_model_path)
+    shot = photo(home / "inbox" / "r.jpg", seed=76)
+    with Daemon(home, smoke_model_path, MONDRIAN_TEST_STOP_AT="reading") as d:
+        wait_for(lambda: open(f"/proc/{d.proc.pid}/stat").read().split(")")[1].split()[0] == "T",
+                 timeout=120, what="the daemon held just before reading the photo")
+        shot.unlink()
+        os.kill(d.proc.pid, signal.SIGCONT)
+        wait_for(lambda: any(j["state"] != "running" for j in _jobs(home)), 60, what="the job settled")
+        assert d.stop() == 0, d.output()
+    (job,) = _jobs(home)
+    assert job["state"] == "gone" and "removed" in job["error"], job
+    assert not list((home / "outbox").glob("failed/*"))
+
+
+def test_a_mode_sidecar_that_arrives_during_the_analysis_is_obeyed(tmp_path: Path, smoke_model_path: Path) -> None:
+    """Dropped after the photo was read, before its report: the report is of the mode the sidecar asks for (not the
+    default, with the sidecar riding along into the report folder as if it had been obeyed)."""
+    home = _home(tmp_path, smoke_model_path)
+    photo(home / "inbox" / "IMG_1.jpg", seed=77)
+    with Daemon(home, smoke_model_path, MONDRIAN_TEST_STOP_AT="analysing") as d:
+        wait_for(lambda: open(f"/proc/{d.proc.pid}/stat").read().split(")")[1].split()[0] == "T",
+                 timeout=120, what="the daemon held in the middle of the analysis")
+        (home / "inbox" / "IMG_1.mode").write_text("rag\n")
+        os.kill(d.proc.pid, signal.SIGCONT)
+        wait_for(lambda: d.proc.poll() is not None or (home / "outbox" / "IMG_1" / "report.json").exists(), 120,
+                 what="the report")
+        assert d.stop() == 0, d.output()
+    report = json.loads((home / "outbox" / "IMG_1" / "report.json").read_text())
+    assert (report["mode"]["requested"], report["mode"]["source"]) == ("rag", "sidecar"), report["mode"]
+    assert (home / "outbox" / "IMG_1" / "IMG_1.mode").read_text() == "rag\n"
+    (job,) = _jobs(home)
+    assert job["state"] == "done" and job["requested_mode"] == "rag"
