@@ -154,8 +154,10 @@ def test_half_written_files_are_analysed_once_from_their_final_bytes(tmp_path, s
     assert jobs["Album 2026/frame 0.jpg"].mode_source == "sidecar"
 
     # links out of the inbox are refused with a reason and never read; dangling ones too
-    for rel, needle in [("link outside.jpg", "outside the inbox"), ("sub/escape.jpg", "outside the inbox"),
-                        ("linked folder", "outside the inbox"), ("dangling.jpg", "no longer exists")]:
+    for rel, needle in [("link outside.jpg", "a link to a file outside the inbox"),
+                        ("sub/escape.jpg", "outside the inbox"),
+                        ("linked folder", "a link to a folder outside the inbox"),
+                        ("dangling.jpg", "no longer exists")]:
         job = jobs[rel]
         assert job.state == "failed" and needle in job.error, (rel, job.state, job.error)
         assert job.sha256 is None, f"{rel}: the target was read"

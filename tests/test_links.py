@@ -237,6 +237,26 @@ def test_two_homes_with_the_same_inbox_are_not_served_twice(tmp_path, smoke_mode
     assert status(home_b, smoke_model_path)["counts"]["done"] == 1
 
 
+def test_two_homes_with_the_same_outbox_are_not_served_twice(tmp_path, smoke_model_path):
+    """Their ledgers number jobs alike, so both would stage `job-1` in the one outbox and file one photo's critique
+    beside the other's photo: the second is refused, with what to change."""
+    shared = tmp_path / "shared-outbox"
+    shared.mkdir()
+    home_a = make_home(tmp_path / "homeA", smoke_model_path, outbox=str(shared))
+    home_b = make_home(tmp_path / "homeB", smoke_model_path, outbox=str(shared))
+    with Daemon(home_a, smoke_model_path) as first:
+        _wait_started(first)
+        photo(home_b / "inbox" / "b.jpg", seed=8)
+        second = mondrian(home_b, smoke_model_path, "run", "--once", timeout=120)
+        line = _one_line_78(second, "another Mondrian daemon", "already writing to the outbox", str(shared))
+        assert str(home_b / "mondrian.toml") in line
+        assert (home_b / "inbox" / "b.jpg").is_file()  # untouched: it waits for a home of its own outbox
+        assert first.stop() == 0, first.output()
+    out = mondrian(home_b, smoke_model_path, "run", "--once", timeout=120)  # the first stopped: it may now
+    assert out.returncode == 0, out.stderr
+    assert status(home_b, smoke_model_path)["counts"]["done"] == 1
+
+
 # -- the same class elsewhere in the home: an advisor's adapter lock ---------------------------------------------
 
 

@@ -46,8 +46,9 @@ class StartupError(RuntimeError):
 
 
 def _lock_home(cfg: Config) -> list[int]:
-    """Exclusive locks on the home (its var/ folder) and on the inbox, which another home may name too: two
-    daemons serving one inbox would both analyse and move the same photos. Returns the descriptors to keep."""
+    """Exclusive locks on the home (its var/ folder), and on the inbox and the outbox, which another home may name
+    too: two daemons serving one inbox would both analyse and move the same photos, and two writing one outbox
+    would take each other's reports. Returns the descriptors to keep."""
     cfg.var_dir.mkdir(parents=True, exist_ok=True)
     try:
         home_fd = hold_lock(cfg.var_dir / "daemon.lock", str(cfg.home))
@@ -72,8 +73,23 @@ def _lock_home(cfg: Config) -> list[int]:
     except OSError as exc:  # a filesystem without locks (some network mounts): the home lock still holds
         log.warning("could not lock the inbox %s (%s); make sure no other Mondrian home uses it", cfg.inbox,
                     exc.strerror or exc)
-        return [home_fd]
-    return [home_fd, inbox_fd]
+        inbox_fd = None
+    fds = [home_fd] + ([inbox_fd] if inbox_fd is not None else [])
+    try:
+        # Two homes writing one outbox number their jobs alike: each would take the other's staging folder
+        # (`job-1`) for its own, file one photo's critique beside another photo, and sweep the other's work away.
+        fds.append(lock_folder(cfg.outbox))
+    except LockHeld as exc:
+        _unlock_home(fds)
+        who = f" (pid {exc.pid})" if exc.pid > 0 else ""
+        raise StartupError(f"another Mondrian daemon{who}, of another home, is already writing to the outbox "
+                           f"{cfg.outbox}; the two would take each other's reports. Stop that one "
+                           f"(`{program()} --home <its home> status` shows it), or set `outbox` in "
+                           f"{cfg.home / 'mondrian.toml'} to a folder of this home's own") from None
+    except OSError as exc:
+        log.warning("could not lock the outbox %s (%s); make sure no other Mondrian home uses it", cfg.outbox,
+                    exc.strerror or exc)
+    return fds
 
 
 def _unlock_home(fds: list[int]) -> None:

@@ -502,8 +502,11 @@ class Worker:
             return
         target = Path(os.path.realpath(src))
         if not target.is_relative_to(self.cfg.inbox.resolve()):
+            if target.is_dir():
+                raise Permanent("this is a link to a folder outside the inbox; Mondrian does not follow such "
+                                "links. Copy the folder's photos themselves into the inbox")
             raise Permanent("this is a link to a file outside the inbox; Mondrian does not follow such "
-                                   "links. Copy the photo itself into the inbox")
+                            "links. Copy the photo itself into the inbox")
         if not target.exists():
             raise Permanent("this is a link whose target no longer exists; copy the photo itself into "
                                    "the inbox")
