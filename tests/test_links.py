@@ -211,11 +211,16 @@ def test_a_deleted_lock_file_does_not_let_a_second_daemon_serve_the_home(tmp_pat
     assert (info["running"], info["pid"]) == (False, None), info
 
 
-def test_two_homes_with_the_same_inbox_are_not_served_twice(tmp_path, smoke_model_path):
-    shared = tmp_path / "shared-inbox"
+def _two_homes(tmp_path: Path, model: Path, folder: str) -> tuple[Path, Path, Path]:
+    """(the one folder, home A, home B): two homes whose settings name the same `folder` ("inbox" or "outbox")."""
+    shared = tmp_path / f"shared-{folder}"
     shared.mkdir()
-    home_a = make_home(tmp_path / "homeA", smoke_model_path, inbox=str(shared))
-    home_b = make_home(tmp_path / "homeB", smoke_model_path, inbox=str(shared))
+    return (shared, make_home(tmp_path / "homeA", model, **{folder: str(shared)}),
+            make_home(tmp_path / "homeB", model, **{folder: str(shared)}))
+
+
+def test_two_homes_with_the_same_inbox_are_not_served_twice(tmp_path, smoke_model_path):
+    shared, home_a, home_b = _two_homes(tmp_path, smoke_model_path, "inbox")
     with Daemon(home_a, smoke_model_path) as first:
         _wait_started(first)
         second = mondrian(home_b, smoke_model_path, "run", "--once", timeout=120)
@@ -240,10 +245,7 @@ def test_two_homes_with_the_same_inbox_are_not_served_twice(tmp_path, smoke_mode
 def test_two_homes_with_the_same_outbox_are_not_served_twice(tmp_path, smoke_model_path):
     """Their ledgers number jobs alike, so both would stage `job-1` in the one outbox and file one photo's critique
     beside the other's photo: the second is refused, with what to change."""
-    shared = tmp_path / "shared-outbox"
-    shared.mkdir()
-    home_a = make_home(tmp_path / "homeA", smoke_model_path, outbox=str(shared))
-    home_b = make_home(tmp_path / "homeB", smoke_model_path, outbox=str(shared))
+    shared, home_a, home_b = _two_homes(tmp_path, smoke_model_path, "outbox")
     with Daemon(home_a, smoke_model_path) as first:
         _wait_started(first)
         photo(home_b / "inbox" / "b.jpg", seed=8)
