@@ -20,6 +20,7 @@ import secrets
 import shutil
 import stat
 import threading
+import unicodedata
 from pathlib import Path
 from typing import Callable, Iterable
 
@@ -305,15 +306,22 @@ def companion(photo: Path, suffix: str) -> Path | None:
         return None
     # The stem's case counts first: on a case-sensitive disk `X.MODE` belongs to `X.jpg`, never to `x.jpg`. Only the
     # suffix's case is relaxed (`IMG_1.MODE`), and then the whole name, unless another file has exactly that stem.
-    found = [e.name for e in entries if e.name.lower() == want.lower()]
+    # Names compare in one Unicode form: a file copied from a Mac may spell `é` decomposed (NFD) where the photo's
+    # name has it composed; APFS finds either by either, most Linux filesystems do not.
+    found = [e.name for e in entries if _nfc(e.name).lower() == _nfc(want).lower()]
     for name in found:
-        if Path(name).stem == photo.stem:
+        if _nfc(Path(name).stem) == _nfc(photo.stem):
             return photo.parent / name
-    stems = {Path(e.name).stem for e in entries if e.name != photo.name and not e.name.lower().endswith(suffix.lower())}
+    stems = {_nfc(Path(e.name).stem) for e in entries
+             if e.name != photo.name and not e.name.lower().endswith(suffix.lower())}
     for name in found:
-        if Path(name).stem not in stems:
+        if _nfc(Path(name).stem) not in stems:
             return photo.parent / name
     return None
+
+
+def _nfc(name: str) -> str:
+    return unicodedata.normalize("NFC", name)
 
 
 # ------------------------------------------------------------------------------------------ pids, locks

@@ -8,7 +8,7 @@ import os
 import time
 from pathlib import Path
 
-from tests.harness import Daemon, ledger_jobs, make_home, photo, wait_for
+from tests.harness import Daemon, ledger_jobs, make_home, mondrian, photo, reports, wait_for
 
 FAST = {"quiet_seconds": 0.3}
 
@@ -130,3 +130,21 @@ def test_finders_folder_icon_file_and_windows_thumbnail_caches_are_left_alone(tm
     assert (home / "inbox" / "Holiday" / "Icon\r").exists() and (home / "inbox" / "Icon\r").exists()
     assert (home / "inbox" / "Holiday" / "Thumbs.db").exists() and (home / "inbox" / "Holiday" / "desktop.ini").exists()
     assert not (home / "outbox" / "failed").exists() or not any((home / "outbox" / "failed").iterdir())
+
+
+def test_a_mode_sidecar_named_in_another_unicode_form_still_speaks_for_its_photo(tmp_path, smoke_model_path):
+    """A Mac writes `é` decomposed (NFD) in names it copies; the photo exported elsewhere has it composed (NFC). On
+    APFS either finds the other; on Linux the two are different names, and the sidecar was left in the inbox while
+    its photo got the default mode."""
+    import json
+    import unicodedata
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    photo(home / "inbox" / unicodedata.normalize("NFC", "café.jpg"), seed=12)
+    sidecar = home / "inbox" / unicodedata.normalize("NFD", "café.mode")
+    sidecar.write_text("rag\n")
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    (report,) = reports(home / "outbox")
+    mode = json.loads(report.read_text())["mode"]
+    assert (mode["requested"], mode["source"]) == ("rag", "sidecar"), mode
+    assert not sidecar.exists() and [p.read_text() for p in report.parent.glob("*.mode")] == ["rag\n"]
