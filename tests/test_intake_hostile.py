@@ -148,3 +148,19 @@ def test_a_mode_sidecar_named_in_another_unicode_form_still_speaks_for_its_photo
     mode = json.loads(report.read_text())["mode"]
     assert (mode["requested"], mode["source"]) == ("rag", "sidecar"), mode
     assert not sidecar.exists() and [p.read_text() for p in report.parent.glob("*.mode")] == ["rag\n"]
+
+
+def test_a_canary_left_by_a_killed_daemon_is_swept_and_nothing_else(tmp_path, smoke_model_path):
+    """The watcher's liveness canary (`.mondrian-watch.<12 hex>`) lives for an instant; a SIGKILL in that instant left
+    it in the inbox for good. The next start removes it, and never a look-alike that is not an empty file."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox = home / "inbox"
+    (inbox / ".mondrian-watch.0123456789ab").write_bytes(b"")
+    (inbox / ".mondrian-watch.notacanary").write_bytes(b"")
+    (inbox / ".mondrian-watch.aaaaaaaaaaaa").write_bytes(b"someone's")
+    (tmp_path / "theirs").write_bytes(b"")
+    (inbox / ".mondrian-watch.bbbbbbbbbbbb").symlink_to(tmp_path / "theirs")
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    assert sorted(p.name for p in inbox.iterdir()) == [".mondrian-watch.aaaaaaaaaaaa", ".mondrian-watch.bbbbbbbbbbbb",
+                                                       ".mondrian-watch.notacanary"]
+    assert (tmp_path / "theirs").exists()

@@ -126,7 +126,27 @@ class InboxWatcher:
         if self.watch_error is not None:
             log.info("watching the inbox %s for new files again", self.inbox)
             self.watch_error = None
+        self._sweep_canaries()
         return True
+
+    def _sweep_canaries(self) -> None:
+        """Remove canaries a killed process left (SIGKILLed between creating and removing one): only empty plain
+        files of this user with exactly a canary's name, never a link or anything someone else put there."""
+        try:
+            entries = list(os.scandir(self.inbox))
+        except OSError:
+            return
+        for entry in entries:
+            name = entry.name
+            if not (name.startswith(CANARY_NAME + ".") and len(name) == len(CANARY_NAME) + 13
+                    and all(c in "0123456789abcdef" for c in name[len(CANARY_NAME) + 1:])):
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+                if stat.S_ISREG(st.st_mode) and st.st_size == 0 and st.st_uid == os.getuid():
+                    os.unlink(entry.path)
+            except OSError:
+                pass
 
     def from_watched(self, path: Path) -> Path:
         """An event's path, named under the inbox as configured (the watch is on the folder a link leads to)."""
