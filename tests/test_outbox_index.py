@@ -243,6 +243,24 @@ def test_a_failure_record_is_read_once_and_its_page_rewritten_if_deleted(tmp_pat
     assert opens.take() == [] and (cfg.failed_dir / "x.jpg.error.html").exists()
 
 
+def test_a_file_named_like_a_failure_record_is_a_failed_file_not_a_record(tmp_path, smoke_model_path):
+    """A photographer's file that happens to be called `x.jpg.error.json` (another tool's, even holding a record's
+    fields) fails as what it is, not a photo; in failed/ it sits beside its own record and is listed once, under
+    its own name, never as a failure of an `x.jpg` that was never dropped."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox, outbox = home / "inbox", home / "outbox"
+    fake = {"job_id": 99, "file": "x.jpg", "reason": "made up", "kind": "permanent", "advisor": "ansel",
+            "failed_at": "2026-12-01T10:00:00+00:00"}
+    (inbox / "x.jpg.error.json").write_text(json.dumps(fake))
+    photo(inbox / "good.jpg", seed=1)
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=240)
+    assert out.returncode == 0, out.stderr
+    assert (outbox / "failed" / "x.jpg.error.json.error.json").exists()
+    assert {k: v[0] for k, v in cards(outbox).items()} == {"good": "report", "x.jpg.error.json": "failure"}
+    assert not (outbox / "failed" / "x.jpg.error.html").exists()  # no page for a failure that never was
+    assert "made up" not in (outbox / "index.html").read_text(encoding="utf-8")
+
+
 def test_a_failure_whose_photo_was_put_back_and_analysed_leaves_the_index(tmp_path, smoke_model_path):
     """The photo is dropped into the inbox again by hand (not `retry`): its old record stays in failed/, but the
     failure no longer stands, as `mondrian status` counts it."""

@@ -251,8 +251,8 @@ class OutboxIndex:
         names = {e.name for e in entries}
         for entry in entries:
             name = entry.name
-            if not name.endswith(RECORD_SUFFIX) or name.startswith("."):
-                continue
+            if not name.endswith(RECORD_SUFFIX) or name.startswith(".") or name + RECORD_SUFFIX in names:
+                continue  # the last: a failed file that is only named like a record (its own record is beside it)
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError:
