@@ -94,3 +94,18 @@ def test_photos_for_an_advisor_whose_definition_is_broken_fail_saying_so_and_wor
         assert d.stop() == 0
     report = json.loads(Path(done.report_json).read_text())
     assert report["advisor"]["id"] == "monet" and report["advisor"]["name"] == "Claude Monet", report["advisor"]
+
+
+def test_a_broken_override_of_a_built_in_advisor_is_refused_not_replaced_by_the_built_in(tmp_path,
+                                                                                        smoke_model_path):
+    """A studio that replaces a built-in advisor's prompt (advisors/cartier/advisor.toml) and breaks the file gets
+    the file named, as for an advisor of its own: never the built-in prompt it meant to replace, silently."""
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    toml = home / "advisors" / "cartier" / "advisor.toml"
+    toml.parent.mkdir(parents=True)
+    toml.write_text('id = "cartier"\nname = "Our Cartier"\nprompt = """\nYou are our Cartier.\n', encoding="utf-8")
+    asked = mondrian(home, smoke_model_path, "references", "list", "--advisor", "cartier", timeout=30)
+    assert asked.returncode == 2 and "advisors/cartier/advisor.toml" in asked.stderr, asked.stderr
+    assert "is not valid TOML" in asked.stderr, asked.stderr
+    # The other built-in advisors go on.
+    assert mondrian(home, smoke_model_path, "references", "list", "--advisor", "ansel").returncode == 0

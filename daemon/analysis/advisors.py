@@ -91,6 +91,9 @@ def _scan(cfg: Config) -> tuple[dict[str, Advisor], dict[str, str]]:
                                   f"{toml.parent.name}/advisor.toml")
             except _Refused as why:
                 refused[toml.parent.name] = str(why)
+                # A studio's broken override of a built-in advisor: its photos fail naming the file, never get the
+                # built-in prompt the studio meant to replace.
+                found.pop(toml.parent.name, None)
                 if (toml, str(why)) not in _warned:  # once per problem: load_advisors runs for every photo
                     _warned.add((toml, str(why)))
                     log.warning("advisor definition not used (%s): %s", toml, why)
