@@ -236,7 +236,7 @@ def time_of_day(text: str) -> tuple[int, int, int]:
     return int(m.group(1)), int(m.group(2)), int(m.group(3) or 0)
 
 
-def _coerce(name: str, value: Any, default: Any, origin: str) -> Any:
+def coerce_setting(name: str, value: Any, default: Any, origin: str) -> Any:
     """`value` as the type of `default`, strictly: a typo must not turn into a different setting silently."""
     kind = {bool: "true or false", int: "a whole number", float: "a number", str: "a text in quotes"}[type(default)]
     wrong = ConfigError(f"{origin}: {name} must be {kind}")
@@ -424,7 +424,7 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
     extra: dict[str, Any] = {}
     for key, value in data.items():
         if key in known:
-            values[key] = _coerce(key, value, getattr(cfg, key), origins[key])
+            values[key] = coerce_setting(key, value, getattr(cfg, key), origins[key])
             if key in LIMITS:
                 _check_range(key, values[key], getattr(cfg, key), origins[key])
         else:

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
-from daemon.config import CONFIG_NAME, Config, ConfigError, is_true, load_config
+from daemon.config import CONFIG_NAME, Config, ConfigError, coerce_setting, is_true, load_config
 from daemon.hints import child_env, serve
 
 if TYPE_CHECKING:
@@ -101,15 +101,8 @@ class TrainSettings:
                 close = difflib.get_close_matches(key, list(known), n=1)
                 hint = f"did you mean `{close[0]}`?" if close else f"the settings are: {', '.join(sorted(known))}"
                 raise ConfigError(f"unknown setting `{key}` in the [lora] section of {cfg.home / CONFIG_NAME}; {hint}")
-            default = getattr(cls, key)
-            if isinstance(default, bool):
-                values[key] = value if isinstance(value, bool) else is_true(str(value))
-                continue
-            try:
-                values[key] = type(default)(value)
-            except (TypeError, ValueError, OverflowError):
-                raise ConfigError(f"[lora] {key} = {value!r} in {cfg.home / CONFIG_NAME}: it must be "
-                                  f"{'a whole number' if isinstance(default, int) else 'a number'}") from None
+            # As strictly as the top-level settings: `rank = 8.9` or `augment = "flase"` is refused, not trained on.
+            values[key] = coerce_setting(key, value, getattr(cls, key), f"[lora] {key} = {value!r} in {cfg.home / CONFIG_NAME}")
         for key, value in values.items():
             low, high = LIMITS.get(key, (None, None))
             if isinstance(value, bool) or (low is None and high is None):

@@ -81,6 +81,9 @@ BAD_SETTINGS = {  # a line of mondrian.toml (or NAME=value in the environment): 
     "[lora]\nvariants = -3": "[lora] variants = -3",
     'var_dir = "~"': "needs a folder of its own",  # its leftovers swept out of the user's own folders
     'var_dir = ".."': "is a folder above the home; Mondrian keeps its ledger",
+    "[lora]\nrank = 8.9": "[lora] rank = 8.9 in",  # not trained at rank 8: as strict as the top-level settings
+    "[lora]\nrank = true": "rank must be a whole number",
+    '[lora]\naugment = "flase"': "augment must be true or false",
     "[lora]\nalpha = inf": "it must be a finite number, at least 0.001",  # not "at least 0.001" alone: inf is
 }
 
