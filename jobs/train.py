@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
-from daemon.config import CONFIG_NAME, Config, ConfigError, coerce_setting, is_true, load_config
+from daemon.config import CONFIG_NAME, Config, ConfigError, coerce_setting, load_config
 from daemon.hints import child_env, serve
 
 if TYPE_CHECKING:
