@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import signal
 import socket
 import subprocess
@@ -469,6 +470,14 @@ def test_a_report_replaced_by_a_named_pipe_does_not_hang_the_api(tmp_path, smoke
         a = request(port, "GET", f"/jobs/{done['job_id']}", timeout=20)
         assert a.status == 500 and "cannot be read" in a.json()["error"]
         assert done["job"]["report_folder"] in a.json()["error"]
+        # The photographer renames the report folder, or deletes it: gone, said so, with what to do; not a 500.
+        folder = report.parent
+        folder.rename(folder.with_name("keeper"))
+        a = request(port, "GET", f"/jobs/{done['job_id']}", timeout=20)
+        assert a.status == 410 and "no longer in the outbox" in a.json()["error"], a
+        assert "send the photo again" in a.json()["error"] and str(home) not in a.json()["error"], a
+        shutil.rmtree(folder.with_name("keeper"))
+        assert request(port, "GET", f"/jobs/{done['job_id']}", timeout=20).status == 410
         assert d.stop() == 0
 
 

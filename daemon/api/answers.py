@@ -96,6 +96,11 @@ def _report(job: Job) -> JSONResponse:
             raise NotReadable(f"it is {kind_of(mode)}, not a file")
         report = json.loads(read_regular_file(path, max_bytes=REPORT_MAX_BYTES,
                                               timeout_s=REPORT_READ_SECONDS).decode("utf-8"))
+    except (FileNotFoundError, NotADirectoryError):
+        # The photographer deleted or renamed the report folder: theirs to do, and nothing here is broken.
+        return error(410, f"job {job.id} is done but its report folder "
+                          f"{Path(job.output_dir or '').name or '?'} is no longer in the outbox (deleted or renamed); "
+                          f"send the photo again for a new critique", **_job_facts(job))
     except (OSError, ValueError) as exc:
         return error(500, f"job {job.id} is done but its report cannot be read ({exc}); the report folder is "
                           f"{Path(job.output_dir or '').name or '?'} in the outbox", **_job_facts(job))
