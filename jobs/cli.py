@@ -10,6 +10,7 @@ from pathlib import Path
 from datetime import datetime
 from typing import Any
 
+from daemon.analysis.advisors import advisor_arg
 from daemon.cli.common import config_from, logging_redirect_tqdm, new_bar, say
 from daemon.hints import mondrian
 
@@ -468,7 +469,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 # -- registration ---------------------------------------------------------------------------------
 def register(sub: Any) -> None:
     tr = sub.add_parser("train", help="train an advisor's LoRA adapter now (progress bar), evaluate and promote it")
-    tr.add_argument("--advisor", required=True)
+    tr.add_argument("--advisor", type=advisor_arg, required=True)
     tr.add_argument("--model", help="base model: 'smoke', a local folder or a hub id")
     tr.add_argument("--iters", type=int, help="training steps (default: from the portfolio size)")
     how = tr.add_mutually_exclusive_group()
@@ -481,23 +482,23 @@ def register(sub: Any) -> None:
     tr.set_defaults(func=cmd_train)
 
     ad = sub.add_parser("adapters", help="list adapter versions with their metrics; `adapters rollback` goes back one")
-    ad.add_argument("--advisor")
+    ad.add_argument("--advisor", type=advisor_arg)
     ad.add_argument("--json", action="store_true")
     ad.set_defaults(func=cmd_adapters)
     adsub = ad.add_subparsers(dest="adapters_command")
     rb = adsub.add_parser("rollback", help="make the previous promoted version current again")
-    rb.add_argument("--advisor", required=True)
+    rb.add_argument("--advisor", type=advisor_arg, required=True)
     rb.set_defaults(func=cmd_rollback)
     fu = adsub.add_parser("fuse", help="merge an adapter into the base weights: a model folder mlx_vlm.load reads, "
                                        "checked to score like base + adapter")
-    fu.add_argument("--advisor", required=True)
+    fu.add_argument("--advisor", type=advisor_arg, required=True)
     fu.add_argument("--version", help="adapter version (default: current)")
     fu.add_argument("--out", help="folder to create (default: var/models/fused-<advisor>-<version>)")
     fu.add_argument("--model", help="base model: 'smoke', a local folder or a hub id")
     fu.set_defaults(func=cmd_fuse)
 
     ev = sub.add_parser("evaluate", help="per-dimension MAE and Spearman of an adapter vs another (or the base)")
-    ev.add_argument("--advisor", required=True)
+    ev.add_argument("--advisor", type=advisor_arg, required=True)
     ev.add_argument("--version", help="adapter version to evaluate (default: current)")
     ev.add_argument("--against", default="base", help="'base' (default), 'current' or a version such as v0002")
     ev.add_argument("--model", help="base model: 'smoke', a local folder or a hub id")

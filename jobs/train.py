@@ -39,6 +39,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal
 
+from daemon.analysis.advisors import advisor_arg
 from daemon.config import CONFIG_NAME, Config, ConfigError, coerce_setting, load_config
 from daemon.hints import child_env, serve
 
@@ -187,7 +188,7 @@ def _watch_parent(parent: int) -> None:
 def child_main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jobs.train")
     ap.add_argument("--home", required=True)
-    ap.add_argument("--advisor", required=True)
+    ap.add_argument("--advisor", type=advisor_arg, required=True)
     ap.add_argument("--staging", required=True)
     ap.add_argument("--model")
     ap.add_argument("--settings", default="{}", help="JSON overrides of the [lora] settings")

@@ -126,6 +126,12 @@ def references_dir(cfg: Config, advisor_id: str) -> Path:
     return cfg.advisors_dir / advisor_id / "references"
 
 
+def advisor_arg(text: str) -> str:
+    """An advisor id as a person types it on the command line (`--advisor Cartier`): ids are lowercase, and the
+    API and the inbox's folders take any case too."""
+    return text.strip().lower()
+
+
 def get_advisor(cfg: Config, advisor_id: str) -> Advisor:
     """The one check of an advisor id, for every command and the daemon: a known advisor, or UnknownAdvisor with a
     message naming the known ones. An id is never used in a path before it has passed here."""

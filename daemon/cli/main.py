@@ -17,7 +17,7 @@ from typing import Any, Callable
 from peewee import DatabaseError
 
 from .. import __version__
-from ..analysis.advisors import UnknownAdvisor
+from ..analysis.advisors import UnknownAdvisor, advisor_arg
 from ..config import MODES, ConfigError, default_home, load_config
 from ..ledger import LedgerUnavailable, ledger_problem
 from ..errors import EX_IOERR
@@ -194,7 +194,7 @@ def add_core_commands(sub: Any) -> None:
     an = sub.add_parser("analyze", help="analyse photos now, without the daemon (they stay where they are)")
     an.add_argument("photo", nargs="+", help="photos, or folders (searched recursively for photos)")
     an.add_argument("--mode", help=f"one of {', '.join(MODES)}")
-    an.add_argument("--advisor", help="advisor id, e.g. ansel")
+    an.add_argument("--advisor", type=advisor_arg, help="advisor id, e.g. ansel")
     an.add_argument("--adapter", metavar="VERSION", help="with lora: this adapter version (e.g. v0002) instead of "
                                                          "the advisor's current one")
     an.add_argument("--model", help="model: 'smoke', a local folder or a hub id")

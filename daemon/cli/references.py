@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..analysis.advisors import advisor_arg
 from ..fsutil import lock_holder
 from .common import EX_CONFIG, config_from, progress_bar, say
 from ..hints import mondrian
@@ -229,17 +230,17 @@ def register(subparsers: Any) -> None:
     refs = subparsers.add_parser("references", help="an advisor's reference photos (rag mode): index, list")
     rsub = refs.add_subparsers(dest="references_command", required=True)
     idx = rsub.add_parser("index", help="index new, changed and removed reference photos now")
-    idx.add_argument("--advisor", help="only this advisor (default: all)")
+    idx.add_argument("--advisor", type=advisor_arg, help="only this advisor (default: all)")
     idx.add_argument("--model", help="model: 'smoke', a local folder or a hub id")
     idx.add_argument("--force", action="store_true", help="index even while a daemon runs on this home")
     idx.set_defaults(func=cmd_index)
     ls = rsub.add_parser("list", help="show the indexed references and the portfolio's distribution")
-    ls.add_argument("--advisor", help="only this advisor (default: all)")
+    ls.add_argument("--advisor", type=advisor_arg, help="only this advisor (default: all)")
     ls.add_argument("--json", action="store_true")
     ls.set_defaults(func=cmd_list)
     imp = rsub.add_parser("import-db", help="import the scored references of an original Mondrian database "
                                             "(its dimensional_profiles table), read-only")
     imp.add_argument("path", help="the original database, e.g. mondrian/mondrian.db")
-    imp.add_argument("--advisor", help="only this advisor's rows (default: every known advisor's)")
+    imp.add_argument("--advisor", type=advisor_arg, help="only this advisor's rows (default: every known advisor's)")
     imp.add_argument("--json", action="store_true", help="every row's outcome as JSON on stdout")
     imp.set_defaults(func=cmd_import_db)
