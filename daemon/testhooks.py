@@ -15,6 +15,8 @@ lookup after that.
   makes the watcher's handler raise (a real death of watchdog's dispatch thread) or block forever (a stall).
 - `MONDRIAN_TEST_UPLOAD_IDLE_SECONDS=<s>`: an API upload that sends nothing for that long is refused (408) instead
   of after a minute, so the test of a stalled client does not wait a minute.
+- `MONDRIAN_TEST_STRAY_SECONDS=<s>`: `mondrian status` calls a sidecar alone in the inbox stray after that long
+  instead of a minute (a test cannot age a file's ctime).
 - `MONDRIAN_TEST_TOKEN_SECONDS=<s>`: every forward pass of a generation takes at least that long, so a test of
   the per-photo time limit does not depend on how fast the machine is.
 """
@@ -93,3 +95,7 @@ __all__ = ["crashpoint", "poison_point", "observer_fault", "slow_token", "OBSERV
 
 def upload_idle_seconds(default: float) -> float:
     return float(_env("MONDRIAN_TEST_UPLOAD_IDLE_SECONDS") or default)
+
+
+def stray_sidecar_seconds(default: float) -> float:
+    return float(_env("MONDRIAN_TEST_STRAY_SECONDS") or default)

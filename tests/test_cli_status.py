@@ -136,3 +136,32 @@ def test_status_counts_and_lists_the_ledger_of_one_moment(tmp_path, smoke_model_
     listed = len(shown["running"]) + len(shown["interrupted"])
     assert (shown["counts"]["queued"], shown["counts"]["running"], listed) == (1, 0, 0), shown
     assert shown["queue"]["queued"] + shown["queue"]["delayed"] == shown["counts"]["queued"], shown
+
+
+def test_a_sidecar_saved_after_its_photo_was_taken_in_is_named_by_status_not_left_unexplained(tmp_path,
+                                                                                           smoke_model_path):
+    """`IMG_9.mode` written a few seconds after IMG_9.jpg (Finder, then a text editor): the photo was analysed in
+    the default mode and moved to its report; the sidecar stayed in the inbox with nothing to use it and nothing
+    saying so. `status` names it and what to do, once it has been alone longer than a sidecar that merely came
+    before its photo would be (a minute; the test hook shortens it)."""
+    home = make_home(tmp_path / "home", smoke_model_path, max_pixels=56 * 56, comment_max_chars=8, max_tokens=400,
+                     quiet_seconds=0.2, api_port=0)
+    inbox = home / "inbox"
+    photo(inbox / "IMG_9.jpg", seed=9, size=(64, 48))
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=240).returncode == 0
+    assert not (inbox / "IMG_9.jpg").exists()
+    (inbox / "IMG_9.mode").write_text("rag\n")
+    (inbox / "album").mkdir()
+    (inbox / "album" / "DSC_1.XMP").write_text("<x/>")  # an editor's sidecar left behind too
+    photo(inbox / "waiting.jpg", seed=3, size=(64, 48))
+    (inbox / "waiting.mode").write_text("rag\n")  # with its photo: not stray
+    now = mondrian(home, smoke_model_path, "status", timeout=60)
+    assert now.returncode == 0 and "Sidecar:" not in now.stdout, now.stdout  # just written: may precede its photo
+    later = mondrian(home, smoke_model_path, "status", timeout=60, MONDRIAN_TEST_STRAY_SECONDS="0")
+    lines = [line for line in later.stdout.splitlines() if line.startswith("Sidecar:")]
+    assert len(lines) == 2, later.stdout
+    assert "inbox/IMG_9.mode has no photo beside it" in lines[0] and "drop the photo again" in lines[0], lines
+    assert "inbox/album/DSC_1.XMP" in lines[1], lines
+    as_json = json.loads(mondrian(home, smoke_model_path, "status", "--json", timeout=60,
+                                  MONDRIAN_TEST_STRAY_SECONDS="0").stdout)
+    assert as_json["stray_sidecars"] == ["IMG_9.mode", "album/DSC_1.XMP"], as_json["stray_sidecars"]

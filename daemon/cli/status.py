@@ -21,6 +21,7 @@ from ..config import CONFIG_NAME, Config, ConfigError, refuse_file_as_home
 from ..fsutil import is_folder, lock_holder, pid_alive
 from ..ledger import DONE, FAULT_NOTE, FaultNote, Job, Ledger
 from ..hints import mondrian, program, shell_word
+from ..intake.inbox import STRAY_SIDECAR_SECONDS, stray_sidecars
 from ..pipeline.failures import advice, analyze_command, analyzed_as, cause_of
 from .terminal import shown
 
@@ -246,6 +247,8 @@ def collect(cfg: Config) -> dict[str, Any]:
         "interrupted": interrupted,
         "recent_failures": failures,
         "inbox_missing": not cfg.inbox.is_dir(),  # an unplugged drive, a share not mounted
+        "stray_sidecars": stray_sidecars(cfg.inbox, testhooks.stray_sidecar_seconds(STRAY_SIDECAR_SECONDS))
+        if cfg.inbox.is_dir() else [],
         "outbox_missing": not cfg.outbox.is_dir(),
         "last_event_at": events.get("last_event", (None, None))[0],
         "last_rescan_at": events.get("last_rescan", (None, None))[0],
@@ -419,6 +422,10 @@ def render(info: dict[str, Any]) -> str:
         if info.get(key):
             lines.append(f"{name.capitalize() + ':':<8} {info[name]} is not there (a drive or network share that is "
                          f"not connected?): {meanwhile}")
+    for name in info.get("stray_sidecars") or []:
+        lines.append(f"Sidecar: inbox/{name} has no photo beside it, so nothing uses it (it came after its photo "
+                     f"was taken in, or its photo was removed): to have a photo analysed with it, drop the photo "
+                     f"again together with it; otherwise delete it")
     fault = info.get("ledger_fault")
     if fault:
         lines.append(f"Ledger:  cannot be written since {_clock(fault.get('since'))}: {fault.get('reason')} — "

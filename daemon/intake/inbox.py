@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,6 +84,42 @@ def editor_sidecars(photo: Path) -> list[Path]:
         suffix = os.path.splitext(name)[1]
         if suffix.lower() in EDITOR_SIDECARS and name[: -len(suffix)] in (photo.stem, photo.name):
             found.append(photo.parent / name)
+    return found
+
+
+STRAY_SIDECAR_SECONDS = 60.0  # a sidecar may arrive before its photo: only one alone for longer is called stray
+
+
+def stray_sidecars(inbox: Path, older_than_s: float = STRAY_SIDECAR_SECONDS, limit: int = 20) -> list[str]:
+    """Sidecars (`IMG_9.mode`, `IMG_9.xmp`) alone in the inbox for more than `older_than_s` (by ctime, the system's
+    clock): saved after their photo was taken in, or left behind by a photo removed. Nothing uses them, and they
+    would sit there unexplained (`mondrian status` names them). Inbox-relative paths, at most `limit`."""
+    import time
+
+    now = time.time()
+    found: list[str] = []
+    def key(name: str) -> str:  # names compared as fsutil.companion pairs them: any case, one Unicode form
+        return unicodedata.normalize("NFC", name).lower()
+
+    for dirpath, dirnames, filenames in os.walk(inbox):
+        folder = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not is_ignored(folder / d, inbox))
+        photos = [n for n in filenames if not is_temporary_name(n) and not is_ignored(folder / n, inbox)]
+        taken = {key(Path(n).stem) for n in photos} | {key(n) for n in photos}
+        for name in sorted(filenames):
+            suffix = os.path.splitext(name)[1].lower()
+            if suffix not in (SIDECAR_SUFFIX, *EDITOR_SIDECARS) or is_temporary_name(name):
+                continue
+            if key(name[: -len(suffix)]) in taken:
+                continue
+            try:
+                st = os.lstat(folder / name)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and now - st.st_ctime > older_than_s:
+                found.append(str((folder / name).relative_to(inbox)))
+                if len(found) >= limit:
+                    return found
     return found
 
 
