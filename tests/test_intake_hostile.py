@@ -8,6 +8,8 @@ import os
 import time
 from pathlib import Path
 
+import pytest
+
 from tests.harness import Daemon, ledger_jobs, make_home, mondrian, photo, reports, wait_for
 
 FAST = {"quiet_seconds": 0.3}
@@ -164,3 +166,19 @@ def test_a_canary_left_by_a_killed_daemon_is_swept_and_nothing_else(tmp_path, sm
     assert sorted(p.name for p in inbox.iterdir()) == [".mondrian-watch.aaaaaaaaaaaa", ".mondrian-watch.bbbbbbbbbbbb",
                                                        ".mondrian-watch.notacanary"]
     assert (tmp_path / "theirs").exists()
+
+
+def test_a_mode_sidecar_of_two_lines_is_said_plainly_and_escaped_once(tmp_path):
+    """`baseline` then `lora` on two lines: the reason says there is more than one line and shows the break once
+    escaped (`baseline\\nlora`), not twice as repr of an escaped text did (`baseline\\\\nlora` in the record)."""
+    from daemon.intake.inbox import SidecarError, read_sidecar
+
+    sidecar = tmp_path / "p.mode"
+    sidecar.write_text("baseline\nlora\n")
+    with pytest.raises(SidecarError) as e:
+        read_sidecar(sidecar)
+    assert "more than one line ('baseline\\nlora')" in str(e.value), str(e.value)
+    sidecar.write_text("fast\x07")
+    with pytest.raises(SidecarError) as e:
+        read_sidecar(sidecar)
+    assert "asks for mode 'fast\\x07', which is unknown" in str(e.value), str(e.value)

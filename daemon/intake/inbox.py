@@ -173,8 +173,12 @@ def read_sidecar(sidecar: Path) -> str:
     if not text:
         raise SidecarError(f"the sidecar {name} is empty; write one of: {allowed}")
     if text not in MODES:
+        # Escaped once (a line break shows as \n), then quoted as it is: repr would escape the escapes again.
         shown = text if len(text) <= 20 and text.isprintable() else text[:20].encode("unicode_escape").decode()
-        raise SidecarError(f"the sidecar {name} asks for mode {shown!r}, which is unknown; use one of: {allowed}")
+        if len(text.splitlines()) > 1:
+            raise SidecarError(f"the sidecar {name} holds more than one line ('{shown}'); it must hold only one of: "
+                               f"{allowed}")
+        raise SidecarError(f"the sidecar {name} asks for mode '{shown}', which is unknown; use one of: {allowed}")
     return text
 
 
