@@ -236,6 +236,11 @@ def test_odd_but_valid_requests_are_analysed_and_keep_their_promises(tmp_path, s
                                       and j.state == "done"}, timeout=60, what="the inbox photo analysed")
         a = request(port, "GET", f"/jobs/{min(inbox_job)}")
         assert a.status == 200 and a.json()["photo"]["file"] == "dropped.jpg"
+        # A trailing slash, as people type addresses: served, not a bare redirect `curl -F` shows as nothing.
+        a = upload(port, image(jpeg(tmp_path, 42), b"slash.jpg"), path="/analyze/")
+        assert a.status == 200 and a.json()["photo"]["file"] == "slash.jpg", a
+        assert request(port, "GET", f"/jobs/{a.json()['job_id']}/").status == 200
+        assert request(port, "GET", "/health/").status == 200
 
         # Methods it does not serve: 405 in JSON, with what it does serve.
         for method in ("PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "PROPFIND"):
@@ -243,7 +248,7 @@ def test_odd_but_valid_requests_are_analysed_and_keep_their_promises(tmp_path, s
             assert a.status == 405 and "POST /analyze" in a.json()["error"], (method, a)
 
         jobs = all_jobs(home)
-        assert {j.state for j in jobs} == {"done"} and len(jobs) == len(names) + 3
+        assert {j.state for j in jobs} == {"done"} and len(jobs) == len(names) + 4
         wait_for(lambda: spool_files(home) == [], timeout=10, what="an empty spool")
         assert d.stop() == 0
 

@@ -93,9 +93,12 @@ def _what_image(path: Path) -> str | None:
 
 def build_app(door: Door) -> LocalOnly:
     cfg = door.cfg
-    app = FastAPI(title="Mondrian", docs_url=None, redoc_url=None, openapi_url=None)
+    # Each address with and without a trailing slash: Starlette's default answers `/analyze/` with a bare 307,
+    # which `curl -F` (no -L) shows as nothing at all.
+    app = FastAPI(title="Mondrian", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     uploading = [0]  # on the event loop's one thread: no lock
 
+    @app.post("/analyze/")
     @app.post("/analyze")
     async def analyze(request: Request) -> JSONResponse:
         if door.stopping.is_set():
@@ -152,6 +155,7 @@ def build_app(door: Door) -> LocalOnly:
         return await run_in_threadpool(answer, job, waited_out=job.state in ACTIVE, stopping=door.stopping.is_set())
 
     # HEAD too: monitors and `curl -I` ask with it, and HTTP wants every GET answered to a HEAD.
+    @app.api_route("/jobs/{job_id}/", methods=["GET", "HEAD"])
     @app.api_route("/jobs/{job_id}", methods=["GET", "HEAD"])
     async def job_status(job_id: str) -> JSONResponse:
         number = int(job_id) if job_id.isascii() and job_id.isdigit() and len(job_id) < 19 else None
@@ -175,6 +179,7 @@ def build_app(door: Door) -> LocalOnly:
             response.headers[name] = value
         return response
 
+    @app.api_route("/health/", methods=["GET", "HEAD"])
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:
         return JSONResponse(await run_in_threadpool(_health, door))
