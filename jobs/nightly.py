@@ -22,7 +22,7 @@ import os
 import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta
 from typing import Any, Callable
 
@@ -79,7 +79,9 @@ def due_advisors(cfg: Config, ledger: Any, store: Any | None = None) -> list[Due
 
     store = store or AdapterStore(cfg.adapters_dir)
     base = configured_base(cfg)
-    use_model_scores = TrainSettings.from_config(cfg).use_model_scores
+    settings = TrainSettings.from_config(cfg)
+    use_model_scores = settings.use_model_scores
+    wanted = _training_settings(asdict(settings))
     out = []
     for advisor_id in sorted(load_advisors(cfg)):
         try:
@@ -92,12 +94,20 @@ def due_advisors(cfg: Config, ledger: Any, store: Any | None = None) -> list[Due
             continue  # too few curator-scored references: training would refuse (mondrian train says why)
         fp = fingerprint(refs)
         current, latest = store.current(advisor_id), store.latest(advisor_id)
-        if current is not None and current.fingerprint == fp and _same_base(current, base):
+        if current is not None and current.fingerprint == fp and _same_base(current, base) \
+                and not _settings_changed(current, wanted):
             continue
-        if latest is not None and latest.fingerprint == fp and _same_base(latest, base):
-            continue  # already tried on exactly these references and this base (refused, or rolled back since)
+        if latest is not None and latest.fingerprint == fp and _same_base(latest, base) \
+                and not _settings_changed(latest, wanted):
+            continue  # already tried on exactly these references, base and settings (refused, or rolled back since)
+        last = latest if latest is not None and latest.fingerprint == fp and _same_base(latest, base) else current
         if current is None and latest is None:
             reason = f"first adapter ({len(refs)} references)"
+        elif last is not None and last.fingerprint == fp and _same_base(last, base):
+            # What the refusal's own advice leads to (`lower [lora] min_test_photos`): tried again, not skipped
+            # for references that did not change.
+            reason = (f"the [lora] settings changed since {last.name} was trained "
+                      f"({', '.join(_settings_changed(last, wanted))})")
         elif current is not None and current.fingerprint == fp:
             reason = f"the base model changed since {current.name} was trained"
         elif current is None:
@@ -122,6 +132,23 @@ def configured_base(cfg: Config) -> str | None:
     except Exception as exc:  # noqa: BLE001 - a missing model is reported by the worker; here it changes nothing
         log.info("nightly: cannot fingerprint the base model %s (%s)", cfg.model, exc)
         return None
+
+
+# Settings that change no adapter: when the nightly check runs, and how many versions are kept.
+_NOT_TRAINING = frozenset({"nightly", "keep_versions"})
+
+
+def _training_settings(settings: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in settings.items() if k not in _NOT_TRAINING}
+
+
+def _settings_changed(version: Any, wanted: dict[str, Any]) -> list[str]:
+    """The [lora] settings that differ from those `version` was trained with (none known: none, so an adapter
+    from before versions recorded them is not retrained for that alone)."""
+    trained = version.manifest.get("settings")
+    if not isinstance(trained, dict):
+        return []
+    return sorted(k for k, v in wanted.items() if k in trained and trained[k] != v)
 
 
 def _same_base(version: Any, base: str | None) -> bool:

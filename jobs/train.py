@@ -124,7 +124,8 @@ class TrainSettings:
     def gate(self) -> "Gate":
         from .evaluate import Gate
 
-        return Gate(min_test_photos=self.min_test_photos, mae_margin=self.promote_margin)
+        return Gate(min_test_photos=self.min_test_photos, mae_margin=self.promote_margin,
+                    holdout_fraction=self.holdout_fraction)
 
     def iterations(self, train_rows: int) -> int:
         if self.iters > 0:

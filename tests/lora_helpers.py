@@ -102,7 +102,7 @@ def random_adapter(folder: Path, model: Any, *, rank: int = 8, scale: float = 2.
 def install_version(cfg: Any, advisor: str, adapter_src: Path | None = None, *, fingerprint: str = "fp",
                     promoted: bool = True, base_fingerprint: str | None = None, model_path: Path | None = None,
                     mae: float = 1.0, references: list[dict[str, Any]] | None = None,
-                    splits: dict[str, list[str]] | None = None) -> Any:
+                    splits: dict[str, list[str]] | None = None, settings: dict[str, Any] | None = None) -> Any:
     """Commit a version folder the way training does (copying an adapter, or placeholder weights)."""
     from daemon.model.adapter_store import AdapterStore, atomic_write_json, base_model_fingerprint
 
@@ -121,6 +121,8 @@ def install_version(cfg: Any, advisor: str, adapter_src: Path | None = None, *, 
                 "base_model": {"fingerprint": base_fp, "spec": "test"}}
     if splits is not None:
         manifest["splits"] = splits
+    if settings is not None:
+        manifest["settings"] = settings  # the [lora] settings it was trained with, as training records them
     atomic_write_json(staging / "manifest.json", manifest)
     atomic_write_json(staging / "metrics.json", {"evaluation": {
         "candidate": {"label": "candidate", "mae_mean": mae, "n": 2, "valid": 2, "smoke_ok": True},

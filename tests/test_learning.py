@@ -239,6 +239,44 @@ def test_a_new_base_model_makes_the_advisor_due_again(tmp_path, smoke_model_path
     assert [d.advisor for d in due] == ["synth"] and "base model changed" in due[0].reason, due
 
 
+def test_changed_lora_settings_make_a_refused_advisor_due_again_as_the_refusal_advises(tmp_path,
+                                                                                       smoke_model_path) -> None:
+    """Refused for too few test photos, the photographer lowers `[lora] min_test_photos` as the reason advises:
+    the next nightly check tries again on the same references (it skipped them as "already tried"). A setting
+    that changes no adapter (keep_versions) does not."""
+    from dataclasses import asdict
+
+    from jobs.dataset import collect_references, fingerprint
+    from jobs.nightly import due_advisors
+    from jobs.train import TrainSettings
+
+    cfg = _home(tmp_path, smoke_model_path)
+    synthetic_advisor(cfg.home, "synth", n=3)
+    ledger = index_references(load_config(cfg.home, env={}), ["synth"])
+    fp = fingerprint(collect_references(cfg, "synth", ledger))
+    install_version(cfg, "synth", fingerprint=fp, model_path=smoke_model_path, promoted=False,
+                    settings=asdict(TrainSettings()))
+    assert due_advisors(cfg, ledger) == []  # same references, base and settings: already tried
+    _lora_table(cfg.home, keep_versions=2)
+    assert due_advisors(load_config(cfg.home, env={}, model=str(smoke_model_path)), ledger) == []
+    with open(cfg.home / "mondrian.toml", "a") as fh:
+        fh.write("min_test_photos = 1\n")  # at the end of the [lora] table, as a person adds it
+    due = due_advisors(load_config(cfg.home, env={}, model=str(smoke_model_path)), ledger)
+    assert [d.advisor for d in due] == ["synth"], due
+    assert "[lora] settings changed since v0001" in due[0].reason and "min_test_photos" in due[0].reason, due
+
+
+def test_the_refusals_numbers_follow_the_configured_test_share() -> None:
+    from jobs.evaluate import decide
+    from jobs.train import TrainSettings
+
+    gate = TrainSettings(holdout_fraction=0.34, min_test_photos=5).gate()
+    cand = {"label": "candidate", "mae_mean": 1.0, "n": 2, "valid": 2, "smoke_ok": True}
+    base = {"label": "base", "mae_mean": 2.0, "n": 2, "valid": 2}
+    reason = decide(cand, base, gate)["reason"]
+    assert "about 34% of them, so that takes about 15" in reason, reason
+
+
 # ----------------------------------------------------------------------------- promote anyway (smoke)
 def test_promote_anyway_promotes_what_the_gate_refuses_and_says_so(tmp_path, smoke_model_path) -> None:
     """The smoke model's demo needs an adapter: `--promote-anyway` (run_training(promote="always"))."""
