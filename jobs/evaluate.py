@@ -138,6 +138,23 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
+def readable(references: Iterable[Any], max_pixels: int) -> tuple[list[Any], list[str]]:
+    """The test references that can still be read, and why each other one cannot: a reference renamed, moved or
+    deleted while its advisor trained (hours, at night) is left out of both evaluations, so the candidate and the
+    model it is compared with are judged on the same photos, instead of the whole run failing."""
+    from daemon.intake.images import ImageRejected, load_photo
+
+    kept, gone = [], []
+    for ref in references:
+        try:
+            load_photo(Path(ref.path), max_pixels)
+        except ImageRejected as exc:
+            gone.append(f"{Path(ref.path).name}: {exc}")
+            continue
+        kept.append(ref)
+    return kept, gone
+
+
 def evaluate(runtime: Runtime, references: Iterable[Any], prompt: str, *, adapter: str | Path | None,
              label: str, comment_max_chars: int, max_tokens: int, max_pixels: int,
              on_photo: Callable[[int, int], None] = lambda done, total: None) -> Evaluation:

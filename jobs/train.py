@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from daemon.analysis.advisors import advisor_arg
 from daemon.config import CONFIG_NAME, Config, ConfigError, coerce_setting, load_config
+from daemon import testhooks
 from daemon.hints import child_env, serve
 
 if TYPE_CHECKING:
@@ -254,8 +255,15 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
     # -- the candidate folder -----------------------------------------------------------------
     fitted.save(staging)
 
-    send(event="phase", phase="evaluating", held_out=len(splits.test))
-    from .evaluate import evaluate
+    from .evaluate import evaluate, readable
+
+    testhooks.crashpoint("evaluating")
+    test, gone = readable(splits.test, cfg.max_pixels)
+    for why in gone:
+        log.warning("test reference left out of the evaluation (renamed, moved or removed during training?): %s", why)
+    left = (f"{len(gone)} test reference(s) left out of the evaluation, renamed, moved or removed during training: "
+            f"{'; '.join(gone[:3])}{' …' if len(gone) > 3 else ''}") if gone else None
+    send(event="phase", phase="evaluating", held_out=len(test), **({"reason": left} if left else {}))
 
     prompt = critique_prompt(advisor)
     kw = dict(comment_max_chars=cfg.comment_max_chars, max_tokens=cfg.max_tokens, max_pixels=cfg.max_pixels)
@@ -263,7 +271,7 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
     def progress(label: str) -> Any:  # each test photo, as training reports its steps
         return lambda done, total: send(event="progress", phase="evaluating", label=label, step=done, steps=total)
 
-    candidate = evaluate(runtime, splits.test, prompt, adapter=staging, label="candidate",
+    candidate = evaluate(runtime, test, prompt, adapter=staging, label="candidate",
                          on_photo=progress("candidate"), **kw)
     current = store.current(advisor_id)
     base_fp = base_model_fingerprint(runtime.path)
@@ -271,18 +279,17 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
     if current is not None and current.manifest.get("base_model", {}).get("fingerprint") == base_fp:
         baseline_adapter, baseline_label = current.path, current.name
     try:
-        baseline = evaluate(runtime, splits.test, prompt, adapter=baseline_adapter, label=baseline_label,
+        baseline = evaluate(runtime, test, prompt, adapter=baseline_adapter, label=baseline_label,
                             on_photo=progress(baseline_label), **kw)
     except Exception as exc:  # an unusable current adapter: compare with the base model instead
         log.warning("current adapter %s cannot be evaluated (%s); comparing with the base model", baseline_label, exc)
-        baseline = evaluate(runtime, splits.test, prompt, adapter=None, label="base", on_photo=progress("base"),
-                            **kw)
+        baseline = evaluate(runtime, test, prompt, adapter=None, label="base", on_photo=progress("base"), **kw)
 
     from .evaluate import bootstrap
 
     cand, base = candidate.to_dict(), baseline.to_dict()
     metrics = {"advisor": advisor_id, "training": fit, "evaluation": {
-        "candidate": cand, "baseline": base, "held_out": len(splits.test), "split": "test",
+        "candidate": cand, "baseline": base, "held_out": len(splits.test), "split": "test", "left_out": gone,
         "intervals": bootstrap(cand, base)}, "seconds": round(time.time() - started, 2)}
     member = {sha: name for name, shas in splits.record().items() for sha in shas}
     manifest = {

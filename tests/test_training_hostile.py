@@ -99,3 +99,55 @@ def test_fuse_refuses_an_adapter_trained_for_another_base(tmp_path, smoke_model_
     assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "ansel/v0001: it was trained for base model" in out.stderr and "fuse it with `--model`" in out.stderr
     assert not dest.exists()
+
+
+def _stopped_pids() -> list[int]:
+    """Processes of this user stopped by SIGSTOP (state T), by /proc."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                    pids.append(int(entry.name))
+            except (OSError, IndexError):
+                pass
+    return pids
+
+
+def test_references_renamed_while_training_are_left_out_of_the_evaluation_not_the_end_of_the_run(
+        tmp_path, smoke_model_path) -> None:
+    """The README says renaming a reference costs nothing; done while an advisor trained (overnight), the run
+    failed at its evaluation with `ImageRejected: the file could not be read`, naming no file and no next step.
+    Now the references that vanished are left out of both evaluations (logged by name) and the run ends as any
+    other: here judged on too few test photos, not promoted."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from tests.harness import REPO, env_for, wait_for
+
+    cfg = _home(tmp_path, smoke_model_path)
+    synthetic_advisor(cfg.home, "synth", n=8)
+    assert mondrian(cfg.home, smoke_model_path, "references", "index").returncode == 0
+    before = set(_stopped_pids())
+    run = subprocess.Popen([sys.executable, "-m", "daemon", "train", "--advisor", "synth", "--iters", "2",
+                            "--no-promote"], env=env_for(cfg.home, smoke_model_path, MONDRIAN_TEST_STOP_AT="evaluating"),
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        held = wait_for(lambda: [p for p in _stopped_pids() if p not in before], timeout=300,
+                        what="training to reach its evaluation")
+        refs = cfg.home / "advisors" / "synth" / "references"
+        for f in sorted(refs.iterdir()):
+            f.rename(f.with_name("2024-" + f.name))  # the photographer renames the portfolio meanwhile
+        time.sleep(0.2)
+        for pid in held:
+            os.kill(pid, signal.SIGCONT)
+        out, err = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert "Traceback" not in err and "ImageRejected" not in err, err[-3000:]
+    assert run.returncode == 3 and "not promoted" in out, (run.returncode, out, err[-3000:])
+    assert "left out of the evaluation" in err and "r00" in err, err[-3000:]
