@@ -197,3 +197,18 @@ def test_ledger_and_outbox_files_follow_the_umask(tmp_path, smoke_model_path, um
             bad.append(f"{p.relative_to(home)} {oct(mode)}")
     assert not bad, f"umask {oct(umask)} not honoured: {bad}"
     print(f"\numask {oct(umask)}: {len(created)} files and folders in var/ and outbox/, none beyond the umask")
+
+
+@pytest.mark.parametrize("umask", [0o077, 0o022])
+def test_adapter_versions_follow_the_umask(tmp_path, smoke_model_path, umask):
+    """A version folder was always 0700 (tempfile.mkdtemp): on a studio's shared adapters_dir the other accounts
+    could not read it and fell back to rag. It now follows the umask, as the rest of the home does."""
+    from tests.lora_helpers import adapter_home, install_version
+
+    cfg = adapter_home(tmp_path, smoke_model_path)
+    old = os.umask(umask)
+    try:
+        version = install_version(cfg, "ansel")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(version.path).st_mode) == 0o777 & ~umask

@@ -27,8 +27,8 @@ import hashlib
 import json
 import os
 import re
+import secrets
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,7 +309,15 @@ class AdapterStore:
     def new_staging(self, advisor: str) -> Path:
         d = self.advisor_dir(advisor)
         d.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}-", dir=d))
+        # Not tempfile.mkdtemp: it makes the folder 0700, and the version it becomes would stay unreadable to the
+        # other accounts of a studio sharing adapters_dir (each falling back to rag). os.mkdir applies the umask.
+        while True:
+            staging = d / f"{STAGING_PREFIX}{time.strftime('%Y%m%dT%H%M%S')}-{secrets.token_hex(4)}"
+            try:
+                staging.mkdir(mode=0o777)
+                return staging
+            except FileExistsError:
+                continue
 
     def recover(self, advisor: str) -> list[str]:
         """Remove what an interrupted commit left behind (hold the lock)."""
