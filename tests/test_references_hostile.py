@@ -227,3 +227,23 @@ def test_a_file_that_is_no_photo_is_no_reference_even_with_a_curator_sidecar(tmp
     assert sorted(reasons) == ["bomb.png", "text.jpg", "trunc.jpg"], reasons
     assert "truncated" in reasons["trunc.jpg"] and "too large" in reasons["bomb.png"], reasons
     assert out.returncode == 1, out.stderr
+
+
+def test_a_linked_portfolio_folder_is_indexed_and_a_link_back_up_does_not_loop(tmp_path, smoke_model_path):
+    """`ln -s ~/Portfolio references/portfolio`: a linked photo was indexed but a linked folder was skipped in
+    silence ("0 indexed"). Its photos are references now; a link to a folder above (a loop) is walked once."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    refs = home / "advisors" / "ansel" / "references"
+    refs.mkdir(parents=True)
+    portfolio = tmp_path / "Portfolio"
+    for i in range(3):
+        photo(portfolio / f"p{i}.jpg", seed=20 + i)
+    photo(refs / "own.jpg", seed=30)
+    _aged(*portfolio.iterdir(), refs / "own.jpg")
+    (refs / "portfolio").symlink_to(portfolio, target_is_directory=True)
+    (portfolio / "up").symlink_to(refs, target_is_directory=True)  # a loop: references → portfolio → up → ...
+    out = mondrian(home, smoke_model_path, "references", "index", "--advisor", "ansel", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    listed = _listed(home, smoke_model_path, "ansel")
+    names = sorted(Path(r["path"]).name for r in listed["references"])
+    assert names == ["own.jpg", "p0.jpg", "p1.jpg", "p2.jpg"], listed

@@ -124,11 +124,23 @@ def profile_of(gen: Any) -> dict[str, int]:
 
 def reference_files(folder: Path) -> list[Path]:
     """Photos under `folder` (recursively), skipping hidden and temporary names, and the preview, thumbnail and
-    reference images of a report folder copied in (its original is the photo: the rest would count it twice)."""
+    reference images of a report folder copied in (its original is the photo: the rest would count it twice).
+    A linked folder is followed, as a linked photo is (`ln -s ~/Portfolio references/portfolio`: an existing
+    portfolio, not a copy of it), each real folder once, so a link back up cannot loop."""
     found: list[Path] = []
     if not folder.is_dir():
         return found
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        try:
+            st = os.stat(dirpath)
+        except OSError:
+            dirnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not is_temporary_name(d))
         for name in sorted(filenames):
             if (not is_temporary_name(name) and name.lower().endswith(IMAGE_SUFFIXES)
