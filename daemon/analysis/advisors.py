@@ -128,8 +128,9 @@ def references_dir(cfg: Config, advisor_id: str) -> Path:
 
 def advisor_arg(text: str) -> str:
     """An advisor id as a person types it on the command line (`--advisor Cartier`): ids are lowercase, and the
-    API and the inbox's folders take any case too."""
-    return text.strip().lower()
+    API and the inbox's folders take any case too. Nothing else is forgiven: a stray newline or space is more
+    likely a script's mistake than a name, and is refused as before."""
+    return text.lower()
 
 
 def get_advisor(cfg: Config, advisor_id: str) -> Advisor:
