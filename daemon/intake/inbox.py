@@ -7,6 +7,7 @@ import json
 import os
 import re
 import stat
+import time
 import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,13 +95,11 @@ def stray_sidecars(inbox: Path, older_than_s: float = STRAY_SIDECAR_SECONDS, lim
     """Sidecars (`IMG_9.mode`, `IMG_9.xmp`) alone in the inbox for more than `older_than_s` (by ctime, the system's
     clock): saved after their photo was taken in, or left behind by a photo removed. Nothing uses them, and they
     would sit there unexplained (`mondrian status` names them). Inbox-relative paths, at most `limit`."""
-    import time
-
-    now = time.time()
-    found: list[str] = []
     def key(name: str) -> str:  # names compared as fsutil.companion pairs them: any case, one Unicode form
         return unicodedata.normalize("NFC", name).lower()
 
+    now = time.time()
+    found: list[str] = []
     for dirpath, dirnames, filenames in os.walk(inbox):
         folder = Path(dirpath)
         dirnames[:] = sorted(d for d in dirnames if not is_ignored(folder / d, inbox))
