@@ -32,8 +32,7 @@ way: what the backend's dispatch costs a pass whatever it computes. `dispatch_bo
 passes × max(weight read, dispatch floor), with `real_over_dispatch_bound`: an extra figure beside the issue's bound,
 which counts no dispatch (on a GPU at batch 1 the floor is the larger term). `guessing=1` where the decode loop
 picks free tokens without the schema's mask and checks them after (on CUDA: daemon/model/reuse.py), with
-`guesses_per_photo` and `guess_miss_rate` (each miss costs a pass, counted in the passes above), and
-`masks_per_photo`: the schema's token masks made (a guess after a hit is checked alone, without one).
+`guesses_per_photo` and `guess_miss_rate` (each miss costs a pass, counted in the passes above).
 --size real (2.2 B parameters, ~9 GB, minutes a photo on a 2-core CPU) is for the GPU machine or a larger one.
 """
 
@@ -290,7 +289,6 @@ def measure(shapes: str) -> dict[str, Any]:
     put("guessing", int(guessing_pays()))
     put("guesses_per_photo", round(made / n, 1))
     put("guess_miss_rate", round(missed / made, 3) if made else "n/a (no guesses: the mask picks every token)")
-    put("masks_per_photo", round(sum(gen.masks_made or 0 for _, gen in runs) / n, 1))
     put("loadavg_1m", round(os.getloadavg()[0], 2))
     return figures
 

@@ -334,8 +334,7 @@ def test_a_guessed_pick_writes_exactly_what_the_masked_pick_writes(model: str, r
                                                                    tmp_path: Path) -> None:
     """On CUDA a free token is the unmasked argmax, checked against the schema once known (reuse.guessing_pays).
     Forced on here: the text is mlx-vlm's own, some guesses missed (their passes undone from the KV cache and the
-    token picked again under the mask), and the loop without guessing writes the same. After a hit the next guess
-    is checked alone, without making the mask (~0.4 ms a pick over the real vocabulary)."""
+    token picked again under the mask), and the loop without guessing writes the same."""
     from daemon.model import reuse, text_rope
 
     if model == "vocab":
@@ -349,7 +348,7 @@ def test_a_guessed_pick_writes_exactly_what_the_masked_pick_writes(model: str, r
     text_rope.install(runtime.model, always=True)  # the GPU's loop: flat passes, fused RoPE
     lm = runtime.model.language_model
     schema = critique_schema(40)
-    texts, masks = {}, {}
+    texts = {}
     for i, size in enumerate([(320, 200), (200, 320)]):
         photo = _photo(size)
         ids = mlx_vlm_ids(runtime, photo, f"Critique this photograph ({i}).", schema, max_tokens=1400)
@@ -362,11 +361,6 @@ def test_a_guessed_pick_writes_exactly_what_the_masked_pick_writes(model: str, r
                 reuse.GUESS = None
             made, missed = (a - b for a, b in zip(reuse.guesses(lm), before))
             assert (made > 0) == guess and (missed == 0 or guess)
-            masks[guess] = ours.masks_made
             texts[i, guess] = ours.text, missed
-        # Free text after a guess that hit is guessed again and checked alone, without a mask: with the real
-        # vocabulary (free text: most of it allowed) most free picks make none.
-        assert masks[True] <= masks[False] and masks[False] >= ours.free_tokens
-        assert model != "vocab" or masks[True] < ours.free_tokens / 2, (masks, ours.free_tokens)
         assert texts[i, True][0] == texts[i, False][0] == runtime.tokenizer.decode(ids, skip_special_tokens=False)
     assert sum(texts[i, True][1] for i in range(2)) > 0  # the miss path ran: a pass undone, a masked pick

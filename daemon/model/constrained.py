@@ -54,10 +54,8 @@ class TokenMask:
         self.c = constraint
         self.n = n_logits
         self.bitmask = llguidance.numpy.allocate_token_bitmask(1, constraint.vocab_size)
-        self.made = 0  # masks computed (~0.4 ms each over the real vocabulary; the decode loop skips some)
 
     def allowed(self, matcher: llguidance.LLMatcher) -> np.ndarray:
-        self.made += 1
         llguidance.numpy.fill_next_token_bitmask(matcher, self.bitmask, 0)
         n = min(self.n, self.c.tokenizer_size)  # ids past the tokenizer cannot be decoded
         bits = np.unpackbits(self.bitmask.view(np.uint8), count=n, bitorder="little").view(bool)  # 0/1 bytes

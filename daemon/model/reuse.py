@@ -26,9 +26,7 @@ read per step.
 On a GPU the one-token passes run through flat_step.py: the same numbers as mlx-vlm's modules, in fewer graph
 nodes and less Python a step (a batch-1 step there is host work). On CUDA a free token is picked without the
 schema's mask and checked once known (`guessing_pays`): a masked pick costs the host there, and in free text the
-unmasked argmax is nearly always allowed; a miss undoes its pass and picks again under the mask. After a guess
-that hit with nothing forced after it, the next guess is checked alone (`validate_tokens`, microseconds) and the
-mask (~0.4 ms of the host's time over the real vocabulary) is made only where that guess misses.
+unmasked argmax is nearly always allowed; a miss undoes its pass and picks again under the mask.
 
 Only Qwen2-VL checkpoints take this path (`supports(model)`); callers fall back to plain generation.
 MLX is not thread-safe: call everything here from the runtime's thread, under its lock.
@@ -38,7 +36,6 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -96,7 +93,6 @@ class ReuseOutput:
     forward_passes: int  # decode forward passes (one may append several schema-forced tokens)
     finished: bool  # the JSON value closed before max_tokens
     free_tokens: int = 0  # tokens the model chose among several the schema allowed; the rest were forced
-    masks_made: int = 0  # the schema's token masks computed (free text after a guess that hit needs none)
 
 
 class PhotoRefused(Permanent, ValueError):
@@ -178,16 +174,10 @@ class _Head:
             return self.lm.model.embed_tokens.as_linear(last)[0, -1]
         return self.lm.lm_head(last)[0, -1]
 
-    def choose(self, hidden: mx.array, allowed: "np.ndarray | None") -> "int | mx.array":
-        """The greedy token: an int where the schema allows only one, else a lazy scalar (not yet computed).
-        `allowed` None: the mask was not computed (free text after a guess that hit): a guess."""
-        self.guessed = False
-        if allowed is None:
-            self.free += 1
-            self.guessed = True
-            self.guesses += 1
-            return mx.argmax(self.full(hidden[:, -1:, :])).astype(mx.int32)
+    def choose(self, hidden: mx.array, allowed: np.ndarray) -> "int | mx.array":
+        """The greedy token: an int where the schema allows only one, else a lazy scalar (not yet computed)."""
         n = int(np.count_nonzero(allowed))  # a tenth of flatnonzero's time over the real vocabulary
+        self.guessed = False
         if n == 1:
             return int(allowed.argmax())
         self.free += 1
@@ -221,14 +211,12 @@ class _Head:
         return mx.argmax(masked).astype(mx.int32)
 
 
-def pass_on_pick(head: _Head, chosen: mx.array, hidden: mx.array, allowed: "np.ndarray | Callable[[], np.ndarray]",
-                 forward: Any, kv: list, *, allows: "Callable[[int], bool] | None" = None
-                 ) -> tuple[int, mx.array, int]:
+def pass_on_pick(head: _Head, chosen: mx.array, hidden: mx.array, allowed: np.ndarray, forward: Any,
+                 kv: list) -> tuple[int, mx.array, int]:
     """Queue the one-token pass on `chosen` (`head.choose`'s lazy pick after `hidden`) before its value reaches the
     CPU, so the device computes it while llguidance consumes the token and builds the next mask; then read the
     token. A guess the schema does not allow has its pass undone (the cache trimmed back) and is picked again
-    under the mask. (token, the queued pass's hidden state, passes run). `allowed` may be a function that makes
-    the mask, called only on a miss; `allows(token)` then says whether the schema takes the guess.
+    under the mask. (token, the queued pass's hidden state, passes run).
 
     The pick is evaluated on its own, before the pass is built: MLX gives every array of one `async_eval` a single
     event, signalled when all of it is done, so a pick evaluated with its pass could only be read after the whole
@@ -237,13 +225,11 @@ def pass_on_pick(head: _Head, chosen: mx.array, hidden: mx.array, allowed: "np.n
     ahead = forward(chosen.reshape(1, 1))
     mx.async_eval(ahead)
     token = int(chosen.item())
-    if not head.guessed or (allows(token) if allows is not None else allowed[token]):
+    if not head.guessed or allowed[token]:
         return token, ahead, 1
     head.misses += 1
     for c in kv:
         c.trim(1)
-    if callable(allowed):
-        allowed = allowed()
     chosen = head.masked(hidden, allowed)
     mx.async_eval(chosen)
     ahead = forward(chosen.reshape(1, 1))
@@ -252,7 +238,6 @@ def pass_on_pick(head: _Head, chosen: mx.array, hidden: mx.array, allowed: "np.n
 
 
 GUESS: bool | None = None  # None: `guessing_pays()`; a benchmark or a test sets it to compare both ways
-CHECK_ALONE = True  # a guess after a hit is checked alone, without the mask; a benchmark turns it off to compare
 
 
 def guesses(lm: Any) -> tuple[int, int]:
@@ -320,11 +305,7 @@ def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, t
     out: list[int] = []
     passes = 0
     finished = False
-    allowed: np.ndarray | None = mask.allowed(matcher)
-    decodable = min(int(lm.args.vocab_size), constraint.tokenizer_size)  # ids the mask can allow (TokenMask)
-
-    def allows(token: int) -> bool:  # one token against the schema: microseconds, where the mask takes ~0.4 ms
-        return token < decodable and matcher.validate_tokens([token]) == 1
+    allowed = mask.allowed(matcher)
     # Every pass below is on text positions (text_rope) and may project through stacked weights (fused_proj):
     # entered once a generation, as checking each pass costs a step's time on a GPU.
     with text_positions(lm), fused_decoding(lm):
@@ -332,13 +313,12 @@ def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, t
         if flat is not None:
             delta = int(rope_deltas.reshape(-1)[0].item())
         while True:
-            if matcher.is_stopped() or (allowed is not None and matcher.is_accepting() and allowed.sum() == 1
-                                        and allowed[eos]):
+            if matcher.is_stopped() or (matcher.is_accepting() and allowed.sum() == 1 and allowed[eos]):
                 finished = True
                 break
             if len(out) >= max_tokens:
                 break
-            if allowed is not None and not allowed.any():
+            if not allowed.any():
                 raise RuntimeError(f"constrained decoding reached a dead end: {matcher.get_error()}")
             chosen = head.choose(hidden, allowed)
             ahead = None
@@ -349,11 +329,7 @@ def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, t
                 # tokens after it (then they get a pass of their own); a stop wastes one pass.
                 if check is not None:
                     check()
-                if allowed is None:
-                    token, ahead, ran = pass_on_pick(head, chosen, hidden, lambda: mask.allowed(matcher), forward,
-                                                     kv, allows=allows)
-                else:
-                    token, ahead, ran = pass_on_pick(head, chosen, hidden, allowed, forward, kv)
+                token, ahead, ran = pass_on_pick(head, chosen, hidden, allowed, forward, kv)
                 passes += ran
             if token == eos:
                 finished = matcher.is_accepting()
@@ -368,13 +344,6 @@ def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, t
                     raise RuntimeError(f"llguidance rejected its own forced tokens: {matcher.get_error()}")
                 new += forced
             out += new
-            # In free text a guess that hit, with nothing forced after it, is followed by free text again: the next
-            # pick is guessed and its token checked alone, so the mask is made only where a guess misses. Where the
-            # JSON value may end (accepting) the mask decides whether only the end is left.
-            hit = ahead is not None and head.guessed and ran == 1
-            if CHECK_ALONE and hit and not forced and not matcher.is_accepting() and not matcher.is_stopped():
-                allowed, hidden = None, ahead
-                continue
             allowed = mask.allowed(matcher)
             if matcher.is_stopped() or (matcher.is_accepting() and allowed.sum() == 1 and allowed[eos]):
                 finished = True
@@ -396,7 +365,7 @@ def generate(model: Any, processor: Any, constraint: Any, photo: EncodedPhoto, t
     text = processor.tokenizer.decode(out, skip_special_tokens=False) if hasattr(processor, "tokenizer") \
         else processor.decode(out, skip_special_tokens=False)
     return ReuseOutput(ids=out, text=text, prompt_tokens=len(ids), reused_tokens=reused,
-                       forward_passes=passes, finished=finished, free_tokens=head.free, masks_made=mask.made)
+                       forward_passes=passes, finished=finished, free_tokens=head.free)
 
 
 _VALIDATORS: dict[str, Any] = {}

@@ -69,7 +69,6 @@ class Generation:
     reused_tokens: int = 0  # prompt tokens served from an encoded photo's KV cache (see `encode`)
     forward_passes: int | None = None  # decode steps, when schema-forced tokens were fast-forwarded
     free_tokens: int | None = None  # tokens the model chose (the rest the schema forced), where counted
-    masks_made: int | None = None  # the schema's token masks computed, where counted (reuse.py)
 
 
 def _how_to_get(spec: str) -> str:
@@ -437,4 +436,4 @@ def _generation(out: "ReuseOutput", schema: dict, max_tokens: int, seconds: floa
         raise GenerationError(f"constrained output does not match the schema: {exc}", out.text) from exc
     return Generation(data=data, text=out.text, prompt_tokens=out.prompt_tokens, generated_tokens=len(out.ids),
                       seconds=seconds, reused_tokens=out.reused_tokens, forward_passes=out.forward_passes,
-                      free_tokens=out.free_tokens, masks_made=out.masks_made)
+                      free_tokens=out.free_tokens)
