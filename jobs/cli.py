@@ -94,7 +94,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from .evaluate import table
     from .nightly import ProgressRecorder
-    from .train import TrainSettings, run_training
+    from .train import TrainOutcome, TrainSettings, run_training
 
     cfg = config_from(args)
     advisor = _advisor(cfg, args.advisor)
@@ -108,14 +108,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     ledger = Ledger.for_config(cfg)
     recorder = ProgressRecorder(ledger, advisor.id)
     print(f"Training {advisor.name}'s adapter on model {cfg.model}…", file=sys.stderr)
-    with TrainingProgress() as bar:
-        def progress(event: dict[str, Any]) -> None:
-            bar(event)
-            recorder(event)
+    try:
+        with TrainingProgress() as bar:
+            def progress(event: dict[str, Any]) -> None:
+                bar(event)
+                recorder(event)
 
-        outcome = run_training(cfg, advisor.id, on_progress=progress, settings=overrides,
-                               promote="never" if args.no_promote else "always" if args.promote_anyway else "gate",
-                               wait_for_lock=False)
+            outcome = run_training(cfg, advisor.id, on_progress=progress, settings=overrides,
+                                   promote="never" if args.no_promote else "always" if args.promote_anyway else "gate",
+                                   wait_for_lock=False)
+    except KeyboardInterrupt:  # run_training has stopped the child and removed its half-made version by now
+        why = "stopped with Ctrl-C before it finished; nothing was kept"
+        recorder.finish(TrainOutcome(advisor.id, False, reason=why))
+        print(f"Training {why}: {advisor.id}'s adapters are as they were. `{mondrian()} train --advisor "
+              f"{advisor.id}` starts it again.", file=sys.stderr)
+        return 130
     recorder.finish(outcome)
     if not outcome.ok:
         print(f"Training failed: {outcome.reason}", file=sys.stderr)
@@ -173,7 +180,7 @@ def _version_row(v: Any, current: str | None) -> dict[str, Any]:
             "valid": f"{cand.get('valid', '?')}/{cand.get('n', '?')}", "promoted": v.promoted,
             "promotion": (v.manifest.get("promotion") or {}).get("mode", "gate"), "forced": bool(v.decision.get("forced")),
             "rolled_back": v.rolled_back, "reason": v.decision.get("reason"), "path": str(v.path),
-            "missing": [f for f in REQUIRED_FILES if not (v.path / f).is_file()]}
+            "missing": [f for f in REQUIRED_FILES if not (v.path / f).is_file()], "problem": v.problem()}
 
 
 def _created(value: Any) -> str:
@@ -193,10 +200,13 @@ def _status(r: dict[str, Any]) -> str:
     if r.get("missing"):  # no decision to show: the files that make a version are not all there
         return f"incomplete (no {', '.join(r['missing'])})"
     if r["rolled_back"]:
-        return "rolled back"
-    if r["promoted"]:
-        return "promoted anyway" if r["forced"] else "promoted"
-    return f"refused: {r['reason']}" if r["reason"] else "refused"
+        status = "rolled back"
+    elif r["promoted"]:
+        status = "promoted anyway" if r["forced"] else "promoted"
+    else:
+        status = f"refused: {r['reason']}" if r["reason"] else "refused"
+    # A copy cut short or a hand edit: photos fall back from it, so the listing must not call it fine.
+    return f"{status}; unusable: {r['problem']}" if r.get("problem") else status
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:

@@ -516,6 +516,7 @@ def _terminate(proc: subprocess.Popen) -> None:
     # The child leads its own session (start_new_session): signal the group, so nothing it started lingers.
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGCONT)  # a stopped child (Ctrl-Z, a debugger) acts on TERM only once resumed
     try:
         proc.wait(timeout=10)
     except subprocess.TimeoutExpired:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.numpy
 
 from bench.synthetic import hsv_to_rgb, plain_random_model, synthetic_photo  # noqa: F401 (shared with the benchmark)
 from daemon.analysis.critique import DIMENSIONS
@@ -114,7 +115,11 @@ def install_version(cfg: Any, advisor: str, adapter_src: Path | None = None, *, 
     else:
         (staging / "adapter_config.json").write_text(json.dumps(
             {"fine_tune_type": "lora", "lora_parameters": {"rank": 8, "scale": 2.0, "keys": ["x"]}}))
-        (staging / "adapters.safetensors").write_bytes(os.urandom(4096))
+        # Weights that fit the config (random values): the store lists a version whose files do not fit as unusable.
+        rng = np.random.default_rng(list(fingerprint.encode()) + [time.time_ns()])
+        safetensors.numpy.save_file({"x.lora_a": rng.standard_normal((16, 8), dtype=np.float32),
+                                     "x.lora_b": rng.standard_normal((8, 16), dtype=np.float32)},
+                                    str(staging / "adapters.safetensors"))
     base_fp = base_fingerprint or (base_model_fingerprint(model_path) if model_path else None)
     manifest = {"advisor": advisor, "fingerprint": fingerprint, "created_at": time.time(),
                 "references": references or [], "held_out": (splits or {}).get("test", []),

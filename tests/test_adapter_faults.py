@@ -213,3 +213,39 @@ def test_a_training_that_fails_says_failed_once(tmp_path, smoke_model_path) -> N
     out = mondrian(cfg.home, smoke_model_path, "train", "--advisor", "ansel")
     assert out.returncode == 1 and "Training failed: DatasetError" in out.stderr, out.stderr
     assert out.stderr.lower().count("failed") == 1, out.stderr
+
+
+def test_a_truncated_adapter_is_listed_as_unusable_and_rollback_passes_it_by(tmp_path, smoke_model_path) -> None:
+    """A copy cut short leaves every file in place: `adapters` must not call the version fine while its photos fall
+    back, and rollback must not point `current` at such a version either."""
+    cfg, d = _two_versions(tmp_path, smoke_model_path)
+    install_version(cfg, "ansel", promoted=True, fingerprint="f3")
+    for name in ("v0002", "v0003"):
+        os.truncate(d / name / "adapters.safetensors", 100)
+    out = mondrian(cfg.home, smoke_model_path, "adapters", "--advisor", "ansel")
+    assert out.returncode == 0, out.stderr
+    rows = {line[2:].split()[1]: line for line in out.stdout.splitlines() if line[2:].startswith("ansel ")}
+    assert "unusable: adapters.safetensors is truncated" in rows["v0003"], out.stdout
+    assert "unusable" in rows["v0002"] and "unusable" not in rows["v0001"], out.stdout
+    assert "current points at v0003, whose adapters.safetensors is truncated" in out.stdout, out.stdout
+    assert "fall back to rag" in out.stdout and "adapters rollback" in out.stdout, out.stdout
+    listed = json.loads(mondrian(cfg.home, smoke_model_path, "adapters", "--json").stdout)
+    assert [r["version"] for r in listed if r["problem"]] == ["v0003", "v0002"], listed
+    out = mondrian(cfg.home, smoke_model_path, "adapters", "rollback", "--advisor", "ansel")
+    assert out.returncode == 0 and os.readlink(d / "current") == "v0001", out.stdout + out.stderr
+
+
+def test_a_version_is_named_as_a_person_writes_it_and_a_wrong_one_lists_those_kept(tmp_path, smoke_model_path
+                                                                                  ) -> None:
+    cfg, _ = _two_versions(tmp_path, smoke_model_path)
+    for command in (["evaluate"], ["adapters", "fuse"]):
+        out = mondrian(cfg.home, smoke_model_path, *command, "--advisor", "ansel", "--version", "v9")
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert "no adapter version 'v9'; its versions are v0001, v0002" in out.stderr, out.stderr
+        assert "adapters --advisor ansel" in out.stderr, out.stderr
+    # `1` and `v1` are v0001 (as `analyze --adapter-version` takes them): found, then refused for what this home
+    # lacks (references to evaluate on), not for its name.
+    for name in ("1", "v1", "V0001"):
+        out = mondrian(cfg.home, smoke_model_path, "evaluate", "--advisor", "ansel", "--version", name)
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+        assert "no adapter version" not in out.stderr and "reference photo" in out.stderr, (name, out.stderr)

@@ -866,3 +866,20 @@ def test_status_without_the_service_manager_still_says_whether_the_service_is_in
     unit.write_text(service.render(spec_for(dirs, platform="linux"))[1])
     rc, out, err = _act("status", dirs)
     assert f"mondrian: installed ({unit})" in out.replace(f"{service.DEFAULT_LABEL}:", "mondrian:"), out
+
+
+def test_install_says_where_the_model_comes_from_and_a_pin_from_the_shell_is_not_silent(dirs, systemd, monkeypatch):
+    """MONDRIAN_MODEL left exported in the installing shell pinned the service's model without a word: editing
+    mondrian.toml then seemed to do nothing."""
+    (dirs["home"] / "mondrian.toml").write_text('model = "smoke"\n')
+    rc, out, err = _act("install", dirs)
+    assert rc == 0, err
+    assert "Model: smoke, read from mondrian.toml at each start" in out, out
+    monkeypatch.setenv("MONDRIAN_MODEL", "smoke")
+    rc, out, err = _act("install", dirs)
+    assert rc == 0, err
+    assert "pinned by MONDRIAN_MODEL, set in this shell: editing mondrian.toml will not change it" in out, out
+    assert "unset MONDRIAN_MODEL" in out, out
+    assert 'Environment="MONDRIAN_MODEL=smoke"' in spec_for(dirs, platform="linux").unit_path.read_text()
+    rc, out, err = _act("install", dirs, model="smoke")
+    assert rc == 0 and "pinned by --model" in out and "this shell" not in out, out

@@ -151,3 +151,39 @@ def test_references_renamed_while_training_are_left_out_of_the_evaluation_not_th
     assert "Traceback" not in err and "ImageRejected" not in err, err[-3000:]
     assert run.returncode == 3 and "not promoted" in out, (run.returncode, out, err[-3000:])
     assert "left out of the evaluation" in err and "r00" in err, err[-3000:]
+
+
+def test_ctrl_c_on_train_says_what_happened_keeps_nothing_and_status_says_so_too(tmp_path, smoke_model_path) -> None:
+    """Ctrl-C on `mondrian train` used to end it without a word (exit 130): a person could not tell whether an
+    adapter had been kept or the run went on in the background."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.harness import REPO, env_for, wait_for
+
+    cfg = _home(tmp_path, smoke_model_path)
+    synthetic_advisor(cfg.home, "synth", n=8)
+    assert mondrian(cfg.home, smoke_model_path, "references", "index").returncode == 0
+    before = set(_stopped_pids())
+    run = subprocess.Popen([sys.executable, "-m", "daemon", "train", "--advisor", "synth", "--iters", "2"],
+                           env=env_for(cfg.home, smoke_model_path, MONDRIAN_TEST_STOP_AT="evaluating"),
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        held = wait_for(lambda: [p for p in _stopped_pids() if p not in before], timeout=300,
+                        what="training to reach its evaluation")
+        os.kill(run.pid, signal.SIGINT)  # what the terminal sends `mondrian train` (the child has its own session)
+        out, err = run.communicate(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 130 and "Traceback" not in err, (run.returncode, err[-3000:])
+    assert "Training stopped with Ctrl-C before it finished; nothing was kept" in err, err[-3000:]
+    assert "train --advisor synth` starts it again" in err, err[-3000:]
+    for pid in held:  # the child went with it
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
+    adapters = cfg.adapters_dir / "synth"
+    assert not adapters.exists() or not [p.name for p in adapters.iterdir() if p.name.startswith(("v0", ".staging"))]
+    status = mondrian(cfg.home, smoke_model_path, "status")
+    assert "stopped with Ctrl-C" in status.stdout, status.stdout

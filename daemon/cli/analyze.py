@@ -131,11 +131,10 @@ def check_paths(cfg: Config, given: list[str]) -> list[Path]:
 def adapter_version(cfg: Config, advisor_id: str, wanted: str) -> str:
     """The version name `wanted` means (`v3`, `3` and `v0003` alike) if the advisor has that complete adapter;
     else AnalyzeRefused listing the versions there are."""
-    from ..model.adapter_store import AdapterStore
+    from ..model.adapter_store import AdapterStore, version_name
 
     store = AdapterStore(cfg.adapters_dir)
-    digits = re.fullmatch(r"[vV]?(\d+)", wanted.strip())
-    name = f"v{int(digits.group(1)):04d}" if digits else wanted
+    name = version_name(wanted)
     versions = store.versions(advisor_id)
     current = store.current_name(advisor_id)
     for v in versions:

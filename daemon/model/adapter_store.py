@@ -48,6 +48,12 @@ CURRENT = "current"
 HISTORY = "history.jsonl"
 REQUIRED_FILES = (CONFIG_NAME, WEIGHTS_NAME, METRICS_NAME, MANIFEST_NAME)
 VERSION_RE = re.compile(r"^v(\d{4,})$")
+
+
+def version_name(wanted: str) -> str:
+    """The folder name a person means by `v3`, `3` or `v0003` (anything else is taken as written)."""
+    digits = re.fullmatch(r"[vV]?(\d+)", wanted.strip())
+    return f"v{int(digits.group(1)):04d}" if digits else wanted
 STAGING_PREFIX = ".staging-"
 DEFAULT_KEEP = 5
 
@@ -214,6 +220,17 @@ class Version:
     def complete(self) -> bool:
         return all((self.path / f).is_file() for f in REQUIRED_FILES)
 
+    def problem(self) -> str | None:
+        """Why this version cannot serve photos, from its files alone: missing files, or weights a copy cut short
+        or a hand edit broke (`adapter_problem`); None when it looks loadable."""
+        missing = [f for f in REQUIRED_FILES if not (self.path / f).is_file()]
+        if missing:
+            return f"incomplete (no {', '.join(missing)})"
+        return adapter_problem(self.path)
+
+    def usable(self) -> bool:
+        return self.problem() is None
+
 
 class AdapterStore:
     def __init__(self, adapters_dir: Path, keep: int = DEFAULT_KEEP) -> None:
@@ -242,10 +259,15 @@ class AdapterStore:
         return sorted(out, key=lambda v: v.number)
 
     def version(self, advisor: str, name: str) -> Version:
-        for v in self.versions(advisor):
-            if v.name == name:
+        """The version `name` means (`v3`, `3` and `v0003` alike); else an error listing the versions kept."""
+        wanted = version_name(name)
+        versions = self.versions(advisor)
+        for v in versions:
+            if v.name == wanted:
                 return v
-        raise AdapterStoreError(f"{advisor} has no adapter version {name!r}")
+        kept = f"its versions are {', '.join(v.name for v in versions)}" if versions else "it has none yet"
+        raise AdapterStoreError(f"{advisor} has no adapter version {name!r}; {kept} (`{mondrian()} adapters "
+                                f"--advisor {advisor}` shows each)")
 
     def current_name(self, advisor: str) -> str | None:
         try:
@@ -388,7 +410,7 @@ class AdapterStore:
         if current is None:
             return self._repair_current(advisor)
         earlier = [v for v in self.versions(advisor) if v.number < current.number and v.promoted
-                   and not v.rolled_back and v.complete()]
+                   and not v.rolled_back and v.usable()]
         if not earlier:
             raise AdapterStoreError(f"{advisor} has no earlier promoted adapter than {current.name} to roll back "
                                     f"to (kept versions: {', '.join(v.name for v in self.versions(advisor))})")
@@ -409,8 +431,10 @@ class AdapterStore:
         path = self.advisor_dir(advisor) / name
         if not path.is_dir():
             return f"{name}, which does not exist"
-        missing = [f for f in REQUIRED_FILES if not (path / f).is_file()]
-        return f"{name}, which is incomplete (no {', '.join(missing)})" if missing else None
+        problem = Version(advisor, name, path, {}, {}).problem()
+        if problem is None:
+            return None
+        return f"{name}, which is {problem}" if problem.startswith("incomplete") else f"{name}, whose {problem}"
 
     def _repair_current(self, advisor: str) -> tuple[str | None, str]:
         """`current` is dangling or names an incomplete version: there is nothing to roll back *from*, but the
@@ -421,7 +445,7 @@ class AdapterStore:
             raise AdapterStoreError(f"{advisor} has no current adapter to roll back")
         name = self.current_name(advisor)
         usable = [v for v in self.versions(advisor) if v.name != name and v.promoted and not v.rolled_back
-                  and v.complete()]
+                  and v.usable()]
         if not usable:
             raise AdapterStoreError(f"{advisor}'s current adapter points at {problem}, and no other complete promoted "
                                     f"version is kept to go back to; train one with `{mondrian()} train --advisor "

@@ -82,6 +82,19 @@ class ServiceSpec:
     # The home's configuration as read at install time: None when it could not be read (stop, uninstall and
     # status still act then: they need only the label and the installed file).
     config: Config | None = field(default=None, compare=False, repr=False)
+    model_from_shell: bool = False  # pinned by MONDRIAN_MODEL in the installing shell, not by --model
+
+    @property
+    def model_line(self) -> str:
+        """Where the installed service's model comes from, and how to change it: a pin from the shell is easy to
+        miss, and then editing mondrian.toml seems to do nothing."""
+        if "MONDRIAN_MODEL" not in self.environment:
+            return (f"Model: {self.model}, read from mondrian.toml at each start (edit `model` there, then "
+                    f"`{mondrian()} service restart`).")
+        if self.model_from_shell:
+            return (f"Model: {self.model}, pinned by MONDRIAN_MODEL, set in this shell: editing mondrian.toml will "
+                    f"not change it. To follow mondrian.toml, `unset MONDRIAN_MODEL` and install again.")
+        return f"Model: {self.model}, pinned by --model: to change it, install again."
 
     @property
     def program_arguments(self) -> list[str]:
@@ -182,6 +195,7 @@ def build_spec(platform: str | None = None, label: str = DEFAULT_LABEL, home: st
 
     # Pinned only when asked for (--model, or MONDRIAN_MODEL in this shell): otherwise the daemon reads `model`
     # from mondrian.toml at each start, so editing it and `service restart` switches models as the README says.
+    from_shell = not model and bool(env.get("MONDRIAN_MODEL"))
     pinned = model or env.get("MONDRIAN_MODEL") or None
     if pinned and pinned != "smoke" and Path(pinned).expanduser().exists():
         pinned = str(Path(pinned).expanduser().resolve())  # the service runs in another directory
@@ -216,7 +230,8 @@ def build_spec(platform: str | None = None, label: str = DEFAULT_LABEL, home: st
                             "MONDRIAN_LOG_BACKUPS": str(LOG_BACKUPS)})
     uh = Path(user_home).expanduser().absolute() if user_home else Path.home()
     return ServiceSpec(platform=platform, label=label, python=py, home=cfg.home, model=model,
-                       user_home=uh, environment=environment, process_type=process_type, config=cfg)
+                       user_home=uh, environment=environment, process_type=process_type, config=cfg,
+                       model_from_shell=from_shell)
 
 
 def bare_spec(platform: str | None = None, label: str = DEFAULT_LABEL, home: str | Path | None = None,
@@ -530,6 +545,7 @@ class Launchd:
         if rc == 0 and not sh.dry_run:
             sh.say(f"Mondrian is installed as {spec.label}; it starts now and at every login.")
             sh.say(f"Logs: {spec.stdout_path} and {spec.stderr_path}")
+            sh.say(spec.model_line)
         return rc
 
     def uninstall(self) -> int:
@@ -624,6 +640,7 @@ class Systemd:
         if rc == 0 and not sh.dry_run:
             sh.say(f"Mondrian is installed as {self.unit}; it starts now and at every login.")
             sh.say(f"Logs: journalctl --user -u {self.unit} -f")
+            sh.say(spec.model_line)
             sh.say("To keep it running while you are logged out (a server): loginctl enable-linger $USER")
         return rc
 
