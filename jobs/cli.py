@@ -55,6 +55,8 @@ class TrainingProgress:
                 extra = (f" ({event.get('train_rows')} training rows, {event.get('validation')} validation and "
                          f"{event.get('held_out')} test photos; {event.get('curator')} references with curator "
                          f"scores, {event.get('model_scored')} model-scored left out)")
+                if event.get("reason"):
+                    extra += f"; {event['reason']}"
             elif event.get("phase") == "samples checked":
                 extra = (f": every sample carries its image ({event.get('train_image_tokens_min')}-"
                          f"{event.get('train_image_tokens_max')} image tokens, at most "

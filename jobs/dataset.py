@@ -310,6 +310,7 @@ class BuiltDataset:
     train_rows: int
     validation_rows: int
     fingerprint: str
+    left_out: list[str] = field(default_factory=list)  # references that could not be read: "name: why"
 
     @property
     def train(self) -> list[Reference]:
@@ -329,14 +330,20 @@ def chat_row(image: Image.Image, prompt: str, answer: str) -> dict[str, Any]:
 
 
 def build_rows(refs: list[Reference], advisor: Advisor, cfg: Config, *, variants: int, augment: bool,
-               exposure: bool = True) -> dict[str, list[Any]]:
+               exposure: bool = True, left_out: list[str] | None = None) -> dict[str, list[Any]]:
+    """The chat rows of `refs`. A reference that cannot be read any more (renamed, moved or removed since it was
+    indexed: training runs at night, for an hour) is left out, its name and why appended to `left_out`; with
+    `left_out` None it is an error instead."""
     prompt = critique_prompt(advisor)
     cols: dict[str, list[Any]] = {"images": [], "messages": [], "sha256": [], "variant": [], "augment": []}
     for ref in refs:
         try:
             photo = load_photo(Path(ref.path), cfg.max_pixels, max_bytes=cfg.max_file_bytes)
         except ImageRejected as exc:
-            raise DatasetError(f"reference {ref.path} cannot be read: {exc}") from exc
+            if left_out is None:
+                raise DatasetError(f"reference {ref.path} cannot be read: {exc}") from exc
+            left_out.append(f"{Path(ref.path).name}: {exc}")
+            continue
         answer = report_text(target_report(ref, cfg.comment_max_chars))
         seed0 = int(ref.sha256[:15], 16)
         for v in range(1 + (variants if augment else 0)):
@@ -364,9 +371,16 @@ def build_dataset(cfg: Config, advisor: Advisor, refs: list[Reference], dest: Pa
     features = datasets.Features({"images": datasets.List(datasets.Image()), "messages": datasets.Value("string"),
                                   "sha256": datasets.Value("string"), "variant": datasets.Value("int32"),
                                   "augment": datasets.Value("string")})
+    left_out: list[str] = []
     train_cols = build_rows(splits.train, advisor, cfg, variants=settings.variants, augment=settings.augment,
-                            exposure=settings.exposure)
-    val_cols = build_rows(splits.validation, advisor, cfg, variants=0, augment=False)
+                            exposure=settings.exposure, left_out=left_out)
+    val_cols = build_rows(splits.validation, advisor, cfg, variants=0, augment=False, left_out=left_out)
+    for name, part, cols in (("training", splits.train, train_cols), ("validation", splits.validation, val_cols)):
+        if part and not cols["messages"]:
+            raise DatasetError(f"none of the {len(part)} {name} references could be read "
+                               f"({'; '.join(left_out[:3])}{' …' if len(left_out) > 3 else ''}): were they moved? "
+                               f"`{mondrian()} references index --advisor {advisor.id}` indexes them where they are "
+                               f"now; then train again")
     dd = datasets.DatasetDict({
         "train": datasets.Dataset.from_dict(train_cols, features=features),
         "validation": datasets.Dataset.from_dict(val_cols, features=features),
@@ -381,7 +395,7 @@ def build_dataset(cfg: Config, advisor: Advisor, refs: list[Reference], dest: Pa
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return BuiltDataset(path=dest, splits=splits, train_rows=len(train_cols["messages"]),
-                        validation_rows=len(val_cols["messages"]), fingerprint=fingerprint(refs))
+                        validation_rows=len(val_cols["messages"]), fingerprint=fingerprint(refs), left_out=left_out)
 
 
 def load_built(path: Path):

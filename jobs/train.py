@@ -234,14 +234,21 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
     if len(usable) < ds.MIN_REFERENCES:
         _refuse_unindexed(cfg, advisor_id, refs, len(usable))
     data_dir = cfg.var_dir / "datasets" / advisor_id / staging.name.lstrip(".")
+    testhooks.crashpoint("dataset")
     built = ds.build_dataset(cfg, advisor, usable, data_dir,
                              ds.DatasetSettings(variants=settings.variants, holdout_fraction=settings.holdout_fraction,
                                                 validation_fraction=settings.validation_fraction,
                                                 augment=settings.augment, exposure=settings.exposure))
     _prune_datasets(data_dir.parent, keep=2)
     splits = built.splits
+    for why in built.left_out:
+        log.warning("reference left out of training (renamed, moved or removed since it was indexed?): %s", why)
+    unread = (f"{len(built.left_out)} reference(s) left out of training, renamed, moved or removed since they were "
+              f"indexed: {'; '.join(built.left_out[:3])}{' …' if len(built.left_out) > 3 else ''}"
+              ) if built.left_out else None
     send(event="phase", phase="loading", train_rows=built.train_rows, validation=len(splits.validation),
-         held_out=len(splits.test), curator=ds.sources(refs)["curator"], model_scored=len(left_out))
+         held_out=len(splits.test), curator=ds.sources(refs)["curator"], model_scored=len(left_out),
+         **({"reason": unread} if unread else {}))
 
     from daemon.model.fitting import fit_lora
     from daemon.model.runtime import ModelRuntime
@@ -290,7 +297,8 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
     cand, base = candidate.to_dict(), baseline.to_dict()
     metrics = {"advisor": advisor_id, "training": fit, "evaluation": {
         "candidate": cand, "baseline": base, "held_out": len(splits.test), "split": "test", "left_out": gone,
-        "intervals": bootstrap(cand, base)}, "seconds": round(time.time() - started, 2)}
+        "intervals": bootstrap(cand, base)}, "dataset_left_out": built.left_out,
+        "seconds": round(time.time() - started, 2)}
     member = {sha: name for name, shas in splits.record().items() for sha in shas}
     manifest = {
         # Of every reference, model-scored ones included: what the nightly check compares (jobs.nightly)

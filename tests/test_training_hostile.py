@@ -187,3 +187,71 @@ def test_ctrl_c_on_train_says_what_happened_keeps_nothing_and_status_says_so_too
     assert not adapters.exists() or not [p.name for p in adapters.iterdir() if p.name.startswith(("v0", ".staging"))]
     status = mondrian(cfg.home, smoke_model_path, "status")
     assert "stopped with Ctrl-C" in status.stdout, status.stdout
+
+
+def _train_stopped_at_dataset(cfg, smoke_model_path, rename) -> tuple[int, str, str]:
+    """`mondrian train` (2 iterations, not promoted) held by SIGSTOP once it has listed the references and before it
+    reads them for the dataset; `rename(references)` acts meanwhile, then the run goes on."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.harness import REPO, env_for, wait_for
+
+    before = set(_stopped_pids())
+    run = subprocess.Popen([sys.executable, "-m", "daemon", "train", "--advisor", "synth", "--iters", "2",
+                            "--no-promote"], env=env_for(cfg.home, smoke_model_path, MONDRIAN_TEST_STOP_AT="dataset"),
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        held = wait_for(lambda: [p for p in _stopped_pids() if p not in before], timeout=300,
+                        what="training to reach its dataset")
+        rename(cfg.home / "advisors" / "synth" / "references")
+        for pid in held:
+            os.kill(pid, signal.SIGCONT)
+        out, err = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    return run.returncode, out, err
+
+
+def test_a_training_reference_renamed_before_the_dataset_is_built_is_left_out_not_the_end_of_the_run(
+        tmp_path, smoke_model_path) -> None:
+    """As at the evaluation: a reference renamed while the advisor trains is left out (named), not the run's end."""
+    from daemon.config import load_config
+    from jobs import dataset as ds
+
+    cfg = _home(tmp_path, smoke_model_path)
+    synthetic_advisor(cfg.home, "synth", n=8)
+    assert mondrian(cfg.home, smoke_model_path, "references", "index").returncode == 0
+    refs = ds.collect_references(load_config(cfg.home), "synth")
+    train = ds.split(refs).train
+    assert len(train) >= 2
+    moved = Path(train[0].path)
+    rc, out, err = _train_stopped_at_dataset(cfg, smoke_model_path,
+                                             lambda folder: moved.rename(moved.with_name("2024-" + moved.name)))
+    assert "Traceback" not in err and "cannot be read" not in err, err[-3000:]
+    assert rc == 3 and "not promoted" in out, (rc, out, err[-3000:])
+    assert f"1 reference(s) left out of training" in err and moved.name in err, err[-3000:]
+    metrics = next((cfg.adapters_dir / "synth").glob("v*/metrics.json")).read_text()
+    assert moved.name in metrics  # recorded with the version, as the evaluation's left-out photos are
+
+
+def test_every_training_reference_renamed_before_the_dataset_is_one_line_saying_to_index_again(
+        tmp_path, smoke_model_path) -> None:
+    cfg = _home(tmp_path, smoke_model_path)
+    synthetic_advisor(cfg.home, "synth", n=8)
+    assert mondrian(cfg.home, smoke_model_path, "references", "index").returncode == 0
+
+    def rename_all(folder: Path) -> None:
+        for f in sorted(folder.iterdir()):
+            f.rename(f.with_name("2024-" + f.name))
+    rc, out, err = _train_stopped_at_dataset(cfg, smoke_model_path, rename_all)
+    assert rc == 1 and "Traceback" not in err, (rc, err[-3000:])
+    assert "none of the" in err and "training references could be read" in err, err[-3000:]
+    assert "references index --advisor synth" in err, err[-3000:]
+    # ...and following the advice works: indexed where they are now, the advisor trains.
+    assert mondrian(cfg.home, smoke_model_path, "references", "index", "--advisor", "synth").returncode == 0
+    again = mondrian(cfg.home, smoke_model_path, "train", "--advisor", "synth", "--iters", "2", "--no-promote")
+    assert again.returncode == 3 and "not promoted" in again.stdout, again.stderr[-3000:]
