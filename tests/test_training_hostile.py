@@ -3,6 +3,7 @@ command in subprocesses, real files. Each case once lost data or gave advice tha
 
 from __future__ import annotations
 
+import contextlib
 import re
 import shlex
 from pathlib import Path
@@ -114,42 +115,57 @@ def _stopped_pids() -> list[int]:
     return pids
 
 
+def _train_held_at(cfg, smoke_model_path, point: str, meanwhile, *extra: str) -> tuple[int, str, str, list[int]]:
+    """`mondrian train --advisor synth --iters 2 [extra]` held by SIGSTOP at the test hook `point` of its training
+    child; `meanwhile(run)` acts then (rename references, send the parent a signal), and the child is resumed.
+    (returncode, stdout, stderr, the held child's pids)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.harness import REPO, env_for, wait_for
+
+    before = set(_stopped_pids())
+    run = subprocess.Popen([sys.executable, "-m", "daemon", "train", "--advisor", "synth", "--iters", "2", *extra],
+                           env=env_for(cfg.home, smoke_model_path, MONDRIAN_TEST_STOP_AT=point),
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        held = wait_for(lambda: [p for p in _stopped_pids() if p not in before], timeout=300,
+                        what=f"training to reach {point}")
+        meanwhile(run)
+        for pid in held:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        out, err = run.communicate(timeout=300)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    return run.returncode, out, err, held
+
+
+def _synth_home(tmp_path: Path, smoke_model_path: Path):
+    cfg = _home(tmp_path, smoke_model_path)
+    synthetic_advisor(cfg.home, "synth", n=8)
+    assert mondrian(cfg.home, smoke_model_path, "references", "index").returncode == 0
+    return cfg
+
+
+def _rename_all(cfg) -> None:
+    for f in sorted((cfg.home / "advisors" / "synth" / "references").iterdir()):
+        f.rename(f.with_name("2024-" + f.name))  # the photographer renames the portfolio meanwhile
+
+
 def test_references_renamed_while_training_are_left_out_of_the_evaluation_not_the_end_of_the_run(
         tmp_path, smoke_model_path) -> None:
     """The README says renaming a reference costs nothing; done while an advisor trained (overnight), the run
     failed at its evaluation with `ImageRejected: the file could not be read`, naming no file and no next step.
     Now the references that vanished are left out of both evaluations (logged by name) and the run ends as any
     other: here judged on too few test photos, not promoted."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from tests.harness import REPO, env_for, wait_for
-
-    cfg = _home(tmp_path, smoke_model_path)
-    synthetic_advisor(cfg.home, "synth", n=8)
-    assert mondrian(cfg.home, smoke_model_path, "references", "index").returncode == 0
-    before = set(_stopped_pids())
-    run = subprocess.Popen([sys.executable, "-m", "daemon", "train", "--advisor", "synth", "--iters", "2",
-                            "--no-promote"], env=env_for(cfg.home, smoke_model_path, MONDRIAN_TEST_STOP_AT="evaluating"),
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        held = wait_for(lambda: [p for p in _stopped_pids() if p not in before], timeout=300,
-                        what="training to reach its evaluation")
-        refs = cfg.home / "advisors" / "synth" / "references"
-        for f in sorted(refs.iterdir()):
-            f.rename(f.with_name("2024-" + f.name))  # the photographer renames the portfolio meanwhile
-        time.sleep(0.2)
-        for pid in held:
-            os.kill(pid, signal.SIGCONT)
-        out, err = run.communicate(timeout=300)
-    finally:
-        if run.poll() is None:
-            run.kill()
+    cfg = _synth_home(tmp_path, smoke_model_path)
+    rc, out, err, _ = _train_held_at(cfg, smoke_model_path, "evaluating", lambda run: _rename_all(cfg), "--no-promote")
     assert "Traceback" not in err and "ImageRejected" not in err, err[-3000:]
-    assert run.returncode == 3 and "not promoted" in out, (run.returncode, out, err[-3000:])
+    assert rc == 3 and "not promoted" in out, (rc, out, err[-3000:])
     assert "left out of the evaluation" in err and "r00" in err, err[-3000:]
 
 
@@ -158,27 +174,12 @@ def test_ctrl_c_on_train_says_what_happened_keeps_nothing_and_status_says_so_too
     adapter had been kept or the run went on in the background."""
     import os
     import signal
-    import subprocess
-    import sys
 
-    from tests.harness import REPO, env_for, wait_for
-
-    cfg = _home(tmp_path, smoke_model_path)
-    synthetic_advisor(cfg.home, "synth", n=8)
-    assert mondrian(cfg.home, smoke_model_path, "references", "index").returncode == 0
-    before = set(_stopped_pids())
-    run = subprocess.Popen([sys.executable, "-m", "daemon", "train", "--advisor", "synth", "--iters", "2"],
-                           env=env_for(cfg.home, smoke_model_path, MONDRIAN_TEST_STOP_AT="evaluating"),
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        held = wait_for(lambda: [p for p in _stopped_pids() if p not in before], timeout=300,
-                        what="training to reach its evaluation")
-        os.kill(run.pid, signal.SIGINT)  # what the terminal sends `mondrian train` (the child has its own session)
-        out, err = run.communicate(timeout=60)
-    finally:
-        if run.poll() is None:
-            run.kill()
-    assert run.returncode == 130 and "Traceback" not in err, (run.returncode, err[-3000:])
+    cfg = _synth_home(tmp_path, smoke_model_path)
+    # SIGINT is what the terminal sends `mondrian train` (its training child has a session of its own).
+    rc, out, err, held = _train_held_at(cfg, smoke_model_path, "evaluating",
+                                        lambda run: os.kill(run.pid, signal.SIGINT))
+    assert rc == 130 and "Traceback" not in err, (rc, err[-3000:])
     assert "Training stopped with Ctrl-C before it finished; nothing was kept" in err, err[-3000:]
     assert "train --advisor synth` starts it again" in err, err[-3000:]
     for pid in held:  # the child went with it
@@ -189,65 +190,29 @@ def test_ctrl_c_on_train_says_what_happened_keeps_nothing_and_status_says_so_too
     assert "stopped with Ctrl-C" in status.stdout, status.stdout
 
 
-def _train_stopped_at_dataset(cfg, smoke_model_path, rename) -> tuple[int, str, str]:
-    """`mondrian train` (2 iterations, not promoted) held by SIGSTOP once it has listed the references and before it
-    reads them for the dataset; `rename(references)` acts meanwhile, then the run goes on."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
-    from tests.harness import REPO, env_for, wait_for
-
-    before = set(_stopped_pids())
-    run = subprocess.Popen([sys.executable, "-m", "daemon", "train", "--advisor", "synth", "--iters", "2",
-                            "--no-promote"], env=env_for(cfg.home, smoke_model_path, MONDRIAN_TEST_STOP_AT="dataset"),
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        held = wait_for(lambda: [p for p in _stopped_pids() if p not in before], timeout=300,
-                        what="training to reach its dataset")
-        rename(cfg.home / "advisors" / "synth" / "references")
-        for pid in held:
-            os.kill(pid, signal.SIGCONT)
-        out, err = run.communicate(timeout=300)
-    finally:
-        if run.poll() is None:
-            run.kill()
-    return run.returncode, out, err
-
-
 def test_a_training_reference_renamed_before_the_dataset_is_built_is_left_out_not_the_end_of_the_run(
         tmp_path, smoke_model_path) -> None:
     """As at the evaluation: a reference renamed while the advisor trains is left out (named), not the run's end."""
     from daemon.config import load_config
     from jobs import dataset as ds
 
-    cfg = _home(tmp_path, smoke_model_path)
-    synthetic_advisor(cfg.home, "synth", n=8)
-    assert mondrian(cfg.home, smoke_model_path, "references", "index").returncode == 0
-    refs = ds.collect_references(load_config(cfg.home), "synth")
-    train = ds.split(refs).train
+    cfg = _synth_home(tmp_path, smoke_model_path)
+    train = ds.split(ds.collect_references(load_config(cfg.home), "synth")).train
     assert len(train) >= 2
     moved = Path(train[0].path)
-    rc, out, err = _train_stopped_at_dataset(cfg, smoke_model_path,
-                                             lambda folder: moved.rename(moved.with_name("2024-" + moved.name)))
+    rc, out, err, _ = _train_held_at(cfg, smoke_model_path, "dataset",
+                                     lambda run: moved.rename(moved.with_name("2024-" + moved.name)), "--no-promote")
     assert "Traceback" not in err and "cannot be read" not in err, err[-3000:]
     assert rc == 3 and "not promoted" in out, (rc, out, err[-3000:])
-    assert f"1 reference(s) left out of training" in err and moved.name in err, err[-3000:]
+    assert "1 reference(s) left out of training" in err and moved.name in err, err[-3000:]
     metrics = next((cfg.adapters_dir / "synth").glob("v*/metrics.json")).read_text()
     assert moved.name in metrics  # recorded with the version, as the evaluation's left-out photos are
 
 
 def test_every_training_reference_renamed_before_the_dataset_is_one_line_saying_to_index_again(
         tmp_path, smoke_model_path) -> None:
-    cfg = _home(tmp_path, smoke_model_path)
-    synthetic_advisor(cfg.home, "synth", n=8)
-    assert mondrian(cfg.home, smoke_model_path, "references", "index").returncode == 0
-
-    def rename_all(folder: Path) -> None:
-        for f in sorted(folder.iterdir()):
-            f.rename(f.with_name("2024-" + f.name))
-    rc, out, err = _train_stopped_at_dataset(cfg, smoke_model_path, rename_all)
+    cfg = _synth_home(tmp_path, smoke_model_path)
+    rc, out, err, _ = _train_held_at(cfg, smoke_model_path, "dataset", lambda run: _rename_all(cfg), "--no-promote")
     assert rc == 1 and "Traceback" not in err, (rc, err[-3000:])
     assert "none of the" in err and "training references could be read" in err, err[-3000:]
     assert "references index --advisor synth" in err, err[-3000:]
