@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 
@@ -127,6 +128,12 @@ def test_hostile_corpus_every_file_ends_once_with_a_reason(tmp_path, smoke_model
         print(f"    {n:3}  {reason}")
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process and all its threads so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def test_a_report_folder_dropped_back_into_the_inbox_critiques_its_original_only(tmp_path, smoke_model_path):
     """Dragging a report folder into `inbox/cartier/` to hear another advisor: the original is critiqued again; the
     preview, thumbnail and pages Mondrian wrote are neither critiqued as photos nor failed as "not a photo", even
@@ -152,7 +159,12 @@ def test_a_report_folder_dropped_back_into_the_inbox_critiques_its_original_only
         (inbox / "notmine" / "report.json").write_text('{"title": "my notes"}')
         wait_for(lambda: len(ledger_jobs(home)) >= 4 and status(home, smoke_model_path)["counts"]["queued"] == 0
                  and status(home, smoke_model_path)["counts"]["running"] == 0, timeout=120, what="the copies done")
-        time.sleep(2 * FAST["rescan_seconds"])  # a rescan or two: nothing else turns up
+        # A rescan or two: nothing else turns up, and the daemon is idle with the old report's files in the inbox
+        # (reading one to know it for a report made two inotify events, which made it read it again: a full core).
+        before = _cpu_seconds(daemon.proc.pid)
+        time.sleep(2 * FAST["rescan_seconds"])
+        busy = _cpu_seconds(daemon.proc.pid) - before
+        assert busy < FAST["rescan_seconds"] / 2, f"{busy:.2f} s of CPU in {2 * FAST['rescan_seconds']} s idle"
         assert daemon.stop() == 0
     jobs = {rel: (j.state, j.advisor) for rel, j in ledger_jobs(home).items()}
     assert jobs == {"IMG_7.jpg": ("done", "ansel"), "cartier/IMG_7/IMG_7.jpg": ("done", "cartier"),

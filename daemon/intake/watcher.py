@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from watchdog.events import FileSystemEvent, FileSystemEventHandler
+from watchdog.events import (DirCreatedEvent, DirDeletedEvent, DirMovedEvent, FileClosedEvent, FileCreatedEvent,
+                             FileDeletedEvent, FileModifiedEvent, FileMovedEvent, FileSystemEvent,
+                             FileSystemEventHandler)
 from watchdog.observers import Observer
 
 from .. import testhooks
@@ -53,6 +55,14 @@ def _path_max(folder: Path) -> int:
         return 4096
 
 
+# What changes a file or the tree. Not a file opened or closed unwritten: reading a file makes those, and the
+# watcher itself reads what an event names (a report folder's report.json, to know it for one), so each read made
+# two more events, for ever: a full core at idle with a report folder copied into the inbox (inotify, Linux).
+EVENTS = [FileCreatedEvent, FileModifiedEvent, FileMovedEvent, FileDeletedEvent, FileClosedEvent,
+          DirCreatedEvent, DirMovedEvent, DirDeletedEvent]
+_READ_ONLY = ("opened", "closed_no_write")  # the same, for an observer that does not filter in the kernel
+
+
 class _Hints(FileSystemEventHandler):
     def __init__(self, watcher: "InboxWatcher"):
         self.watcher = watcher
@@ -61,6 +71,8 @@ class _Hints(FileSystemEventHandler):
         testhooks.observer_fault(os.path.basename(os.fsdecode(event.src_path)))
         # An exception here would silently kill watchdog's dispatch thread: never let one out.
         try:
+            if event.event_type in _READ_ONLY:
+                return
             if os.path.basename(os.fsdecode(event.src_path)).startswith(CANARY_NAME):
                 self.watcher.canary_seen_at = time.monotonic()
                 return
@@ -115,7 +127,7 @@ class InboxWatcher:
             # a link as a link (IN_DONT_FOLLOW), which brings no event from inside the folder, so the observer was
             # taken for stalled and restarted at every rescan. Its events are named back under `self.inbox`.
             self._watched = Path(os.path.realpath(self.inbox))
-            observer.schedule(_Hints(self), str(self._watched), recursive=True)
+            observer.schedule(_Hints(self), str(self._watched), recursive=True, event_filter=EVENTS)
             observer.daemon = True
             observer.start()
         except OSError as exc:
