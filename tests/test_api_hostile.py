@@ -296,6 +296,10 @@ def test_mode_and_advisor_in_the_address_are_used_or_refused_not_ignored(tmp_pat
         assert bad.status == 400 and "more than once" in bad.json()["error"], bad
         bad = upload(port, image(pic), path="/analyze?mode=rag&mode=lora")
         assert bad.status == 400 and "more than once" in bad.json()["error"], bad
+        # Twice in the form (a script that sends its default, then the user's choice): the first was taken.
+        for key, a, b in (("mode", "baseline", "lora"), ("advisor", "cartier", "ansel")):
+            bad = upload(port, image(pic), field(key, a), field(key, b))
+            assert bad.status == 400 and f"`{key}` is given more than once" in bad.json()["error"], bad
         assert ledger_jobs(home) == {}
 
         ok = upload(port, image(pic), path="/analyze?mode=LoRA&advisor=Cartier")
@@ -304,6 +308,8 @@ def test_mode_and_advisor_in_the_address_are_used_or_refused_not_ignored(tmp_pat
         # The same value twice, or an empty one beside the form's, is no conflict.
         ok = upload(port, image(jpeg(tmp_path, 6)), field("mode", "rag"), path="/analyze?mode=RAG&advisor=")
         assert ok.status == 200 and ok.headers["x-requested-mode"] == "rag" and ok.headers["x-advisor-id"] == "ansel"
+        ok = upload(port, image(jpeg(tmp_path, 7)), field("mode", "rag"), field("mode", "RAG"), field("mode", ""))
+        assert ok.status == 200 and ok.headers["x-requested-mode"] == "rag", ok
         assert d.stop() == 0
 
 

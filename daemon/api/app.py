@@ -188,15 +188,15 @@ def build_app(door: Door) -> LocalOnly:
     return LocalOnly(app, extra_hosts=extra)
 
 
-def _asked(fields: dict[str, str], query: QueryParams) -> dict[str, str]:
+def _asked(fields: dict[str, str], query: QueryParams, repeated: dict[str, list[str]] | None = None
+           ) -> dict[str, str]:
     """The form's fields, with `advisor` and `mode` from the address when the form has none: the original read the
-    form only, so `/analyze?mode=lora` was served in the default mode without a word. Two different values are
-    refused rather than one of them picked."""
+    form only, so `/analyze?mode=lora` was served in the default mode without a word. Two different values (in the
+    address and the form, or twice in the form) are refused rather than one of them picked."""
     asked = dict(fields)
     for key in ("advisor", "mode"):
         values = [v.strip() for v in query.getlist(key) if v.strip()]
-        if fields.get(key, "").strip():
-            values.append(fields[key].strip())
+        values += [v.strip() for v in (repeated or {}).get(key) or [fields.get(key, "")] if v.strip()]
         if len({v.lower() for v in values}) > 1:
             raise upload.Refused(400, f"`{key}` is given more than once, with different values "
                                       f"({', '.join(map(repr, values))}); give it once, e.g. -F {key}={values[-1]}")
@@ -212,7 +212,7 @@ def _enqueue(door: Door, slot: Path, got: upload.Received, base_url: str,
     if not got.images or (got.size == 0 and not got.filename):
         raise upload.Refused(400, f"no image: send the photo in the form field `image`, e.g. "
                                   f"{upload.example(base_url)}")
-    got.fields = _asked(got.fields, query)
+    got.fields = _asked(got.fields, query, got.repeated)
     mode = (got.fields.get("mode") or cfg.default_mode).strip().lower()
     if mode not in MODES:
         # The original design's own words (AnalysisContext.set_strategy's ValueError).

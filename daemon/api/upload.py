@@ -33,7 +33,8 @@ class Refused(Exception):
 
 @dataclass
 class Received:
-    fields: dict[str, str] = field(default_factory=dict)
+    fields: dict[str, str] = field(default_factory=dict)  # each field's first value
+    repeated: dict[str, list[str]] = field(default_factory=dict)  # every value of a field given more than once
     filename: str | None = None  # the client's name for the photo
     size: int = 0
     images: int = 0  # parts named `image` seen (more than one is refused)
@@ -127,8 +128,13 @@ async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, lim
         part["value"] = value
 
     def on_part_end() -> None:
-        if not part["file"] and part["name"] and part["name"] not in got.fields:
-            got.fields[str(part["name"])] = bytes(part["value"]).decode("utf-8", "replace").strip()  # type: ignore
+        if part["file"] or not part["name"]:
+            return
+        name, value = str(part["name"]), bytes(part["value"]).decode("utf-8", "replace").strip()  # type: ignore
+        if name in got.fields:  # `-F mode=rag -F mode=lora`: the caller decides which is meant, not the order
+            got.repeated.setdefault(name, [got.fields[name]]).append(value)
+        else:
+            got.fields[name] = value
 
     def on_end() -> None:
         got.complete = True
