@@ -304,6 +304,13 @@ def _check_apart(inbox: Path, others: dict[str, Path], cfg_file: Path) -> None:
     if inbox.is_relative_to(outbox):
         raise ConfigError(f"the inbox ({inbox}) is inside the outbox ({outbox}): Mondrian would analyse its own "
                           f"reports. Set inbox (or outbox) in {cfg_file} to a folder outside the other")
+    var_dir = others["var_dir"]
+    if var_dir.is_relative_to(outbox) or outbox.is_relative_to(var_dir):
+        # Each is locked and swept of leftovers as Mondrian's own: one inside the other took its own lock for
+        # another daemon's, and the outbox's index and the ledger's files would be mixed.
+        raise ConfigError(f"var_dir ({var_dir}) and the outbox ({outbox}) overlap: Mondrian keeps its ledger, lock and "
+                          f"working files in var_dir and publishes reports in the outbox. Set var_dir (or outbox) in "
+                          f"{cfg_file} to a folder outside the other")
 
 
 def refuse_file_as_home(home: Path) -> None:

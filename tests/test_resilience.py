@@ -225,7 +225,17 @@ def _inbox_in_outbox(home: Path, _model: Path) -> str:
     return "is inside the outbox"
 
 
+def _overlapping(setting: str):
+    def write(home: Path, _model: Path) -> str:
+        with open(home / "mondrian.toml", "a") as fh:
+            fh.write(setting + "\n")
+        return "overlap"  # one inside the other took its own lock for another daemon's ("Stop that one")
+    return write
+
+
 OBSTACLES = {
+    "var_dir is the outbox": _overlapping('var_dir = "outbox"'),
+    "outbox inside var_dir": _overlapping('outbox = "var/reports"'),
     "file at outbox/failed": lambda home, _m: _obstacle_file(home, "failed"),
     "file at outbox/.staging": lambda home, _m: _obstacle_file(home, ".staging"),
     "immutable ledger": _immutable_ledger,
@@ -247,6 +257,7 @@ def test_start_up_obstacles_exit_78_with_one_line(tmp_path, smoke_model_path, ob
     assert out.returncode == 78, out.stderr
     assert len(lines) == 1 and want in lines[0] and "Traceback" not in out.stderr, out.stderr
     assert (home / "inbox" / "waiting.jpg").exists()  # nothing was touched
+    assert not [p.name for p in (home / "outbox").iterdir() if p.name.startswith(("daemon", "ledger"))]
     print(f"\n{obstacle}: exit 78, {lines[0].split(': ', 1)[1][:110]}…")
 
 
