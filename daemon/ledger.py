@@ -366,9 +366,13 @@ def _advice(reason: str) -> str:
 def _set_aside(path: Path) -> str:
     """The shell commands that move a damaged ledger out of the way, with its -wal and -shm (an old log left beside
     a new ledger would be replayed into it)."""
-    moves = [f"mv {shlex.quote(f'{path}{s}')} {shlex.quote(f'{path}.broken{s}')}" for s in ("", "-wal", "-shm")
+    parts = ("", "-wal", "-shm")
+    # A name no earlier incident left: `mv` onto one would replace that ledger, or fail onto a folder.
+    aside = next(f"{path}.broken{n}" for n in ("", *(f"-{i}" for i in range(2, 10_000)))
+                 if not any(os.path.lexists(f"{path}.broken{n}{s}") for s in parts))
+    moves = [f"mv {shlex.quote(f'{path}{s}')} {shlex.quote(f'{aside}{s}')}" for s in parts
              if os.path.lexists(f"{path}{s}")]
-    return " && ".join(moves) or f"mv {shlex.quote(str(path))} {shlex.quote(f'{path}.broken')}"
+    return " && ".join(moves) or f"mv {shlex.quote(str(path))} {shlex.quote(aside)}"
 
 
 _FRESH = ("and start Mondrian again: it begins a new, empty ledger. The reports and failure records already in "

@@ -147,6 +147,8 @@ def test_a_damaged_ledger_is_one_line_and_its_advice_works(tmp_path, smoke_model
     (first_report,) = reports(home / "outbox")
     db = home / "var" / "ledger.db"
     _damage(db, kind)
+    earlier = home / "var" / "ledger.db.broken"  # set aside after an earlier incident, as this advice says
+    earlier.write_bytes(b"the ledger of an earlier incident")
     photo(home / "inbox" / "second.jpg", seed=2, size=(64, 48))
 
     lines = {}
@@ -162,6 +164,7 @@ def test_a_damaged_ledger_is_one_line_and_its_advice_works(tmp_path, smoke_model
     commands = re.search(r"\((mv .*?)\) ", line).group(1)
     subprocess.run(commands, shell=True, check=True)
     assert not os.path.lexists(db)
+    assert earlier.read_bytes() == b"the ledger of an earlier incident"  # not replaced by this one
     out = mondrian(home, smoke_model_path, "run", "--once", timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
     assert ledger_jobs(home)["second.jpg"].state == "done"
