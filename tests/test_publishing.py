@@ -76,12 +76,14 @@ def test_a_photo_that_cannot_be_moved_out_or_read_fails_once_in_place_and_retry_
     inbox, outbox = home / "inbox", home / "outbox"
     photo(inbox / "ok.jpg", 1)
     locked = photo(inbox / "locked.jpg", 2)
-    secret, ro = inbox / "secret", inbox / "rofolder"
+    secret, ro, listed = inbox / "secret", inbox / "rofolder", inbox / "listonly"
     photo(secret / "s.jpg", 3)
     photo(ro / "r.jpg", 4)
+    photo(listed / "l.jpg", 5)
     locked.chmod(0o000)
     secret.chmod(0o000)
     ro.chmod(0o555)
+    listed.chmod(0o644)  # `chmod -R 644`: its names can be listed, its files not looked at
     try:
         _run_once(home, smoke_model_path, prefix=prefix)
         jobs = ledger_jobs(home)
@@ -93,7 +95,9 @@ def test_a_photo_that_cannot_be_moved_out_or_read_fails_once_in_place_and_retry_
         assert (ro / "r.jpg").exists() and locked.exists(), "left where they are"
         assert sorted(_assert_reports_hold_their_originals(outbox)) == ["ok"], "no report without its original"
         failures = {f["file"]: f for f in status(home, smoke_model_path)["recent_failures"]}
-        assert "secret" in failures and "chmod u+rx" in failures["secret"]["reason"], failures
+        assert "secret" in failures and "chmod u+rwx" in failures["secret"]["reason"], failures
+        assert "listonly" in failures and "cannot look inside the folder inbox/listonly/" in \
+            failures["listonly"]["reason"], failures
         # A folder has no failure record to miss, and its next step is about the folder, not a photo.
         assert failures["secret"]["note"] is None and failures["secret"]["record"] is None, failures["secret"]
         assert failures["secret"]["next_step"].startswith("make the folder readable"), failures["secret"]
@@ -104,14 +108,14 @@ def test_a_photo_that_cannot_be_moved_out_or_read_fails_once_in_place_and_retry_
         assert ledger_jobs(home)["rofolder/r.jpg"].attempts == 1
 
         # Follow the messages: make them readable / writable, `mondrian retry --failed`.
-        _chmod_back(locked, secret, ro)
+        _chmod_back(locked, secret, ro, listed)
         out = mondrian(home, smoke_model_path, "retry", "--failed")
         assert out.returncode == 0, out.stderr
         _run_once(home, smoke_model_path, prefix=prefix)
     finally:
-        _chmod_back(locked, secret, ro)
+        _chmod_back(locked, secret, ro, listed)
     done = _assert_reports_hold_their_originals(outbox)
-    assert sorted(done) == ["locked", "ok", "r", "s"], sorted(done)  # each analysed once: no r-2
+    assert sorted(done) == ["l", "locked", "ok", "r", "s"], sorted(done)  # each analysed once: no r-2
     assert not list((outbox / "failed").iterdir()), "records of fixed failures are gone"
     assert status(home, smoke_model_path)["counts"]["failed"] == 0
 

@@ -136,7 +136,7 @@ def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | 
         # once it can be; a folder itself is never queued, so it is never moved.
         if not os.access(src, os.R_OK | os.X_OK):
             left.append(f"job {job.id}: the folder {job.rel_path} still cannot be read; make it readable "
-                        f"(chmod u+rx) and run `{mondrian()} retry --failed` again")
+                        f"(chmod u+rwx) and run `{mondrian()} retry --failed` again")
             return None
         ledger.mark_gone(job.id, "the folder can be read now; its photos are queued on their own")
         return f"job {job.id}: {job.rel_path}/ can be read now; its photos are queued by the daemon"

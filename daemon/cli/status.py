@@ -65,7 +65,7 @@ def next_step(j: Job, advisors: Iterable[str] = ()) -> str:
     if cause.key in PHOTO_IS_FINE | SETTING_OR_MODEL:  # re-exporting the photo would not help: the record's own
         return advice(cause, from_inbox=bool(j.owns_file), advisors=advisors, **analyzed_as(j))
     if is_folder(Path(j.source_path)):  # an inbox folder Mondrian could not look into: no photo, no record
-        return f"make the folder readable (`chmod u+rx`); its photos are queued then, and `{mondrian()} retry " \
+        return f"make the folder readable (`chmod u+rwx`: its photos are moved out of it too); its photos are queued then, and `{mondrian()} retry " \
                f"--failed` clears this entry"
     if not j.owns_file:
         return f"fix what the reason says, then run `{analyze_command(**analyzed_as(j))}` again"

@@ -259,6 +259,10 @@ class InboxWatcher:
         except OSError as exc:
             if exc.errno == errno.ENAMETOOLONG:
                 self._too_long(path, folder=False)
+            elif exc.errno in (errno.EACCES, errno.EPERM):
+                # A folder that can be listed but not entered (`chmod -R 644`): its names are seen, its files
+                # cannot be looked at. The folder's failure, as for one that cannot be listed at all.
+                self._walk_error(OSError(exc.errno, exc.strerror, str(path.parent)))
             with self._lock:
                 self._pending.pop(path, None)  # deleted right after creation: nothing to do
             return
@@ -294,7 +298,7 @@ class InboxWatcher:
             # only a log line; `mondrian retry --failed` clears it once the folder can be read.
             shown = Path(self.inbox.name, path.relative_to(self.inbox)).as_posix()
             reason = (f"Mondrian cannot look inside the folder {shown}/ ({exc.strerror or exc}), so its photos are "
-                      f"not seen: make it readable (chmod u+rx); its photos are then queued, and `{mondrian()} retry "
+                      f"not seen: make it readable (chmod u+rwx: its photos are moved out of it too); its photos are then queued, and `{mondrian()} retry "
                       f"--failed` clears this entry")
             with self._lock:
                 if path not in self._told:
