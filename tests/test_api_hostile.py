@@ -615,6 +615,34 @@ def test_sigterm_with_uploads_in_flight_then_restart_analyses_each_accepted_uplo
     assert [p for p in (home / "var" / "spool").rglob("*") if p.is_file()] == []
 
 
+def test_an_upload_still_arriving_when_mondrian_stops_is_told_it_is_stopping_in_json(tmp_path,
+                                                                                      smoke_model_path) -> None:
+    """A slow upload under way at SIGTERM was cancelled by the server at the end of its grace: a bare text/plain
+    500, and a traceback in the log. Now it is answered as the README says (503, JSON, Retry-After) and leaves no
+    file and no job."""
+    d, port, home = start(tmp_path, smoke_model_path)
+    with d:
+        body = form(image(jpeg(tmp_path, 40), b"slow.jpg"))
+        slow = socket.create_connection(("127.0.0.1", port), timeout=60)
+        slow.sendall(f"POST /analyze HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; "
+                     f"boundary={BOUNDARY}\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                     + body[: len(body) // 2])
+        wait_for(lambda: spool_files(home), timeout=30, what="the upload spooling")
+        d.signal(signal.SIGTERM)  # ...and the rest never comes (a slow link, a laptop lid closed)
+        got = b""
+        try:
+            while chunk := slow.recv(65536):
+                got += chunk
+        except OSError:
+            pass
+        slow.close()
+        assert d.wait(timeout=90) == 0, d.output()
+    a = Answer(got)
+    assert a.status == 503 and "stopping" in a.json()["error"] and a.headers["retry-after"], a
+    assert "Traceback" not in d.output() and "CancelledError" not in d.output(), d.output()[-3000:]
+    assert ledger_jobs(home) == {} and spool_files(home) == []
+
+
 def test_a_request_after_the_model_failed_to_load_is_told_why(tmp_path, smoke_model_path) -> None:
     """A damaged model file: the daemon stays up, /health says the model is not loaded and why, and a request is
     answered (not left waiting) with the reason and the command that retries it once the model is fixed."""

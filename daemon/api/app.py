@@ -36,6 +36,7 @@ from ..hints import mondrian
 log = logging.getLogger("mondrian.api")
 
 POLL_SECONDS = 0.1
+UPLOAD_GRACE_SECONDS = 6.0  # an upload under way when Mondrian stops: inside the server's grace (STOP_SECONDS)
 ROUTES = "POST /analyze, GET /jobs/<id> and GET /health"
 MAX_UPLOADS = 16  # uploads streaming at once; beyond it 503: stalled clients must not use up the open files
 
@@ -98,6 +99,17 @@ def build_app(door: Door) -> LocalOnly:
     app = FastAPI(title="Mondrian", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     uploading = [0]  # on the event loop's one thread: no lock
 
+    stop_seen: list[float] = []
+
+    def upload_deadline() -> float | None:
+        """Once Mondrian is stopping, the time by which an upload must have arrived to be queued: before the
+        server's own grace ends, where it would cancel the request and answer a bare 500."""
+        if not door.stopping.is_set():
+            return None
+        if not stop_seen:
+            stop_seen.append(time.monotonic() + UPLOAD_GRACE_SECONDS)
+        return stop_seen[0]
+
     @app.post("/analyze/")
     @app.post("/analyze")
     async def analyze(request: Request) -> JSONResponse:
@@ -116,11 +128,14 @@ def build_app(door: Door) -> LocalOnly:
         try:
             slot = door.spool.new_slot()
             got = await upload.receive(request.stream(), boundary, door.spool.partial(slot), limit,
-                                       testhooks.upload_idle_seconds(upload.IDLE_SECONDS))
+                                       testhooks.upload_idle_seconds(upload.IDLE_SECONDS), until=upload_deadline)
             job = await run_in_threadpool(_enqueue, door, slot, got, str(request.base_url), request.query_params)
         except upload.Refused as exc:
             door.spool.discard(slot)
             return error(exc.status, exc.message, **exc.extra)
+        except upload.Stopping:
+            door.spool.discard(slot)
+            return _stopping()
         except ClientDisconnect:
             door.spool.discard(slot)
             return error(400, "the client went away before the upload was complete")

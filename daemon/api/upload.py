@@ -6,9 +6,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -19,6 +20,7 @@ FORM_OVERHEAD_BYTES = 64 * 1024  # boundaries, part headers and the small fields
 MAX_PARTS = 16  # image, advisor, mode and a few a client may add: a form of thousands is not a photo request
 HEADER_MAX_BYTES = 8 * 1024  # a part's headers (its name and file name)
 IDLE_SECONDS = 60.0  # a photo upload that sends nothing for this long has stalled (a slow link still sends)
+WATCH_SECONDS = 1.0  # how often an upload that is waiting for the client looks whether Mondrian is stopping
 
 
 class Refused(Exception):
@@ -63,11 +65,16 @@ def check_headers(content_type: str | None, content_length: str | None, limit: i
     return params[b"boundary"]
 
 
+class Stopping(Exception):
+    """Mondrian began to stop and the upload did not end in time to be queued: the caller answers 503."""
+
+
 async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, limit: int,
-                  idle_s: float = IDLE_SECONDS) -> Received:
+                  idle_s: float = IDLE_SECONDS, until: Callable[[], float | None] = lambda: None) -> Received:
     """Parse the form from `chunks`, writing the `image` part to `dest` (created, fsynced). Raises Refused (the
     caller removes `dest`) for a malformed form, a second image, a long field, a photo over `limit` bytes, or a
-    client that sends nothing for `idle_s` seconds (it would hold its open file and its slot forever)."""
+    client that sends nothing for `idle_s` seconds (it would hold its open file and its slot forever); Stopping
+    once `until()` gives a deadline (time.monotonic) that passes before the upload ends."""
     got = Received()
     part: dict[str, object] = {}
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
@@ -144,14 +151,27 @@ async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, lim
         "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
         "on_part_data": on_part_data, "on_part_end": on_part_end})
     stream = chunks.__aiter__()
+    waiting: asyncio.Future | None = None
+    last = time.monotonic()
     try:
         while True:
+            # The next chunk is awaited without being cancelled between looks (cancelling it would end the
+            # request's stream), so a stop is noticed within a second even while the client sends nothing.
+            waiting = waiting or asyncio.ensure_future(stream.__anext__())
+            done, _ = await asyncio.wait({waiting}, timeout=min(idle_s, WATCH_SECONDS))
+            deadline = until()
+            if deadline is not None and time.monotonic() >= deadline:
+                raise Stopping()
+            if not done:
+                if time.monotonic() - last >= idle_s:
+                    raise Refused(408, f"the upload stalled: nothing arrived for {idle_s:g} s; send it again")
+                continue
             try:
-                chunk = await asyncio.wait_for(stream.__anext__(), idle_s)
+                chunk = waiting.result()
             except StopAsyncIteration:
+                waiting = None
                 break
-            except asyncio.TimeoutError:
-                raise Refused(408, f"the upload stalled: nothing arrived for {idle_s:g} s; send it again") from None
+            waiting, last = None, time.monotonic()
             if chunk:
                 parser.write(chunk)
         parser.finalize()
@@ -161,5 +181,7 @@ async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, lim
     except MultipartParseError as exc:
         raise Refused(400, f"the multipart form could not be read ({exc}); send it as curl -F does") from None
     finally:
+        if waiting is not None:
+            waiting.cancel()
         os.close(fd)
     return got
