@@ -233,3 +233,37 @@ def test_a_killed_daemons_row_is_forgotten_once_the_next_one_beats(tmp_path: Pat
         # The killed one is gone for good (its pid no longer exists, it held no photo): not LOST for ever.
         assert [r["pid"] for r in rows] == [again.proc.pid], rows
         assert again.stop() == 0
+
+
+def test_the_same_photo_taken_by_two_nodes_at_once_gets_one_report(tmp_path: Path, smoke_model_path: Path,
+                                                                   pg_server) -> None:
+    """Two copies of one photo, each taken by another node: each node looked for an earlier report only before its
+    analysis, so both published one. The node that finishes later now finds the other's and files a duplicate."""
+    url = pg_server.new_database()
+    inbox, outbox = tmp_path / "share" / "inbox", tmp_path / "share" / "outbox"
+    inbox.mkdir(parents=True)
+    settings = {**FAST, "lease_seconds": 120.0}  # the held node keeps its photo: no takeover here
+    homes = [make_home(tmp_path / f"node{i}", smoke_model_path, inbox=str(inbox), outbox=str(outbox),
+                       ledger_url=url, **settings) for i in range(2)]
+    ledger = Ledger(homes[0] / "var" / "ledger.db", url=url)
+    first = Daemon(homes[0], smoke_model_path, MONDRIAN_TEST_STOP_AT="analysing")
+    second = None
+    try:
+        photo(inbox / "card-a.jpg", seed=77, size=(64, 48))
+        wait_for(lambda: _stopped(first), timeout=300, what="the first node to hold card-a.jpg mid-analysis")
+        second = Daemon(homes[1], smoke_model_path)
+        (inbox / "card-b.jpg").write_bytes((inbox / "card-a.jpg").read_bytes())
+        by_name = lambda: {j.rel_path: j for j in ledger.jobs()}  # noqa: E731
+        wait_for(lambda: by_name().get("card-b.jpg") is not None and by_name()["card-b.jpg"].state == DONE,
+                 timeout=120, what="the second node's report of the same bytes")
+        first.signal(signal.SIGCONT)
+        wait_for(lambda: by_name()["card-a.jpg"].state == DONE, timeout=120, what="the first node to finish")
+    finally:
+        for node in (first, second):
+            if node is not None and node.proc.poll() is None:
+                node.signal(signal.SIGCONT)
+                node.stop()
+    jobs = by_name()
+    assert jobs["card-a.jpg"].duplicate_of == jobs["card-b.jpg"].id, {n: j.duplicate_of for n, j in jobs.items()}
+    assert [r.parent.name for r in reports(outbox)] == ["card-b"]
+    assert sorted(p.name for p in (outbox / "duplicates").iterdir()) == ["card-a.jpg", "card-a.jpg.duplicate.json"]

@@ -352,7 +352,9 @@ class Worker:
         inputs = result.inputs if result.inputs is not None else strategy.inputs(advisor)
         context = {"key": context_key(photo.sha256, advisor.id, strategy.name, inputs, self.cfg.model),
                    "inputs": inputs}
-        first = None if context["key"] == prep.key else self._report_of(context["key"], job)
+        # Looked up again even when the key is the one checked before the analysis: another process on this ledger
+        # (`mondrian analyze`, a second Mac) may have published a report of the same photo meanwhile.
+        first = self._report_of(context["key"], job)
         if first is not None and not keep_original:
             self.out.duplicate(job, first, src, fallbacks)
             return
