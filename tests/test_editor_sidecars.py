@@ -112,3 +112,40 @@ def test_an_unreadable_or_non_xmp_sidecar_leaves_mondrians_xmp_its_own():
     assert b"family" in sidecar_bytes(report, THEIRS) and b"mondrian:grade=7" in sidecar_bytes(report, THEIRS)
     for theirs in (jpeg.getvalue(), b"\0garbage", b""):
         assert sidecar_bytes(report, theirs) == own  # never a JPEG, never a crash: Mondrian's fields alone
+
+
+def test_their_xmp_is_paired_as_a_mode_sidecar_is_and_fits_beside_a_long_name(tmp_path, smoke_model_path):
+    """`IMG_7.JPG` with `img_7.xmp`, `Zoë.jpg` (composed) with `Zoë.xmp` (decomposed, as a Mac may write it), and a
+    photo whose name is near the 255-byte limit: the `.mode` beside each was taken, the XMP was not (left in the
+    inbox, later called stray), and the long name's `.original.xmp` did not fit."""
+    import unicodedata
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox, outbox = home / "inbox", home / "outbox"
+    zoe = unicodedata.normalize("NFC", "Zoë")
+    long = "e" * 245
+    photo(inbox / "IMG_7.JPG", seed=7)
+    (inbox / "img_7.xmp").write_bytes(THEIRS)
+    photo(inbox / f"{zoe}.jpg", seed=8)
+    (inbox / f"{unicodedata.normalize('NFD', zoe)}.xmp").write_bytes(THEIRS)
+    photo(inbox / f"{long}.jpg", seed=9)
+    (inbox / f"{long}.xmp").write_bytes(THEIRS)
+    # ...and a sidecar whose exact stem is another photo's stays that photo's, as for `.mode`.
+    photo(inbox / "Pair.jpg", seed=10)
+    photo(inbox / "pair.png", seed=11)
+    (inbox / "pair.xmp").write_bytes(THEIRS)
+    with Daemon(home, smoke_model_path, "--once") as d:
+        assert d.wait(300) == 0, d.output()
+    assert "could not be moved" not in d.output(), d.output()
+    assert list(inbox.iterdir()) == [], list(inbox.iterdir())
+    for folder in outbox.iterdir():
+        if folder.name in ("failed", "duplicates", "index.html") or folder.name.startswith("."):
+            continue
+        originals = [p for p in folder.iterdir() if ".original." in p.name]
+        merged = next(p for p in folder.iterdir() if p.suffix == ".xmp" and ".original." not in p.name)
+        subjects = exiftool(merged)[str(merged)].get("Subject") or []
+        if (folder / "Pair.jpg").exists():
+            assert originals == [] and "family" not in subjects, folder.name
+        else:
+            assert [p.read_bytes() for p in originals] == [THEIRS], folder.name
+            assert "family" in subjects, (folder.name, subjects)

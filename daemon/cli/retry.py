@@ -15,7 +15,7 @@ import platformdirs
 
 from ..config import CONFIG_NAME, Config, ConfigError
 from ..fsutil import folder_inside, is_folder
-from ..intake.inbox import editor_sidecars, sidecar_for, unique_path
+from ..intake.inbox import editor_sidecars, same_name, sidecar_for, unique_path
 from ..ledger import FAILED, Job, Ledger
 from ..pipeline.failures import analyze_command, analyzed_as
 from ..pipeline.outbox_index import OutboxIndex
@@ -167,7 +167,7 @@ def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | 
             else:
                 os.rename(sidecar, target)
         for theirs in editor_sidecars(kept):  # the photographer's own (.xmp, .AAE): back with it, or left there
-            target = back.with_name((back.name if theirs.stem == kept.name else back.stem) + theirs.suffix)
+            target = back.with_name((back.name if same_name(theirs.stem, kept.name) else back.stem) + theirs.suffix)
             if not os.path.lexists(target):
                 os.rename(theirs, target)
         # Move first, then queue: killed in between, the photo sits in the inbox (the watcher or the next

@@ -80,10 +80,19 @@ def editor_sidecars(photo: Path) -> list[Path]:
         names = [e.name for e in os.scandir(photo.parent) if not e.is_dir(follow_symlinks=False)]
     except OSError:
         return []
+    # Paired as fsutil.companion pairs a `.mode`: one Unicode form (a Mac may spell `é` decomposed), and any case
+    # (`img_7.xmp` for `IMG_7.JPG`) unless another file has exactly the sidecar's stem: then it is that one's.
+    nfc = lambda n: unicodedata.normalize("NFC", n)  # noqa: E731
+    mine = {nfc(photo.stem), nfc(photo.name)}
+    others = {nfc(os.path.splitext(n)[0]) for n in names
+              if n != photo.name and os.path.splitext(n)[1].lower() not in EDITOR_SIDECARS}
     found = []
     for name in sorted(names):
         suffix = os.path.splitext(name)[1]
-        if suffix.lower() in EDITOR_SIDECARS and name[: -len(suffix)] in (photo.stem, photo.name):
+        if suffix.lower() not in EDITOR_SIDECARS:
+            continue
+        base = nfc(name[: -len(suffix)])
+        if base in mine or (base.lower() in {m.lower() for m in mine} and base not in others):
             found.append(photo.parent / name)
     return found
 
@@ -211,6 +220,16 @@ def _fitted(stem: str, tail: str, room: int) -> str:
         stem_room = min(len(stem.encode("utf-8", "surrogateescape")), room // 2)
         tail = truncate_utf8(tail, room - stem_room)
     return truncate_utf8(stem, stem_room) + tail
+
+
+def fitted_name(stem: str, tail: str) -> str:
+    """stem + tail as one file name the system takes (NAME_MAX_BYTES), the stem shortened if it must be."""
+    return _fitted(stem, tail, NAME_MAX_BYTES)
+
+
+def same_name(a: str, b: str) -> bool:
+    """Two names a Mac takes for one: any case, either Unicode form."""
+    return unicodedata.normalize("NFC", a).lower() == unicodedata.normalize("NFC", b).lower()
 
 
 def unique_path(parent: Path, stem: str, suffix: str = "", taken: set[str] = frozenset(), *,

@@ -26,8 +26,8 @@ from ..errors import Permanent, Transient
 from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, content_is, folder_inside, fsync_files, move,
                       own_folder_inside, pid_alive, read_regular_file, same_content)
 from ..intake.images import LoadedImage
-from ..intake.inbox import (OUTBOX_RESERVED, RECORD_SUFFIXES, editor_sidecars, is_ignored, safe_stem, sidecar_for,
-                            unique_path)
+from ..intake.inbox import (OUTBOX_RESERVED, RECORD_SUFFIXES, editor_sidecars, fitted_name, is_ignored, same_name,
+                            safe_stem, sidecar_for, unique_path)
 from ..ledger import Job, Ledger
 from .failures import Cause, advice, analyzed_as, cause_of, where_it_is
 from .outbox_index import OutboxIndex
@@ -317,13 +317,13 @@ class Publisher:
                 move_once(sidecar, target)
         for theirs in editor_sidecars(src):
             suffix = theirs.suffix
-            target = dest_dir / ((dest.name if theirs.stem == src.name else dest.stem) + suffix)
+            target = dest_dir / fitted_name(dest.name if same_name(theirs.stem, src.name) else dest.stem, suffix)
             if os.path.lexists(target):
                 # Mondrian's own `<stem>.xmp`, which holds theirs merged: their file, byte for byte, sits beside it.
-                target = target.with_name(f"{dest.stem}.original{suffix}")
+                target = target.with_name(fitted_name(dest.stem, f".original{suffix}"))
             if not os.path.lexists(theirs) or os.path.lexists(target):
                 continue
-            if theirs.stem == src.stem and self._shared(src, theirs):
+            if same_name(theirs.stem, src.stem) and self._shared(src, theirs):
                 # IMG_1.xmp beside IMG_1.jpg and IMG_1.png describes both (the .mode rule above): a copy goes with
                 # each photo but the last, which takes the file, so every report merges the photographer's keywords.
                 shutil.copy2(theirs, target, follow_symlinks=False)
@@ -343,7 +343,7 @@ class Publisher:
         """The photographer's own XMP sidecar that came with `src` (`IMG_1.xmp`), to merge into Mondrian's."""
         for theirs in editor_sidecars(src):
             # A link is not read: its target may be anyone's file, anywhere (the link itself still rides along).
-            if theirs.suffix.lower() == ".xmp" and theirs.stem != src.name and not theirs.is_symlink():
+            if theirs.suffix.lower() == ".xmp" and not same_name(theirs.stem, src.name) and not theirs.is_symlink():
                 try:
                     return read_regular_file(theirs, max_bytes=THEIR_XMP_MAX_BYTES, timeout_s=5.0)
                 except OSError as exc:  # a pipe, a link to one, too large, unreadable: not merged, still moved
