@@ -643,6 +643,21 @@ def test_an_upload_still_arriving_when_mondrian_stops_is_told_it_is_stopping_in_
     assert ledger_jobs(home) == {} and spool_files(home) == []
 
 
+def test_a_truncated_upload_fails_at_once_with_advice_for_a_sender(tmp_path, smoke_model_path) -> None:
+    """A photo that ends early in the inbox may be a copy still under way, so it is looked at again for a while. An
+    upload was received whole: it waited out that grace all the same (60 s at the defaults) and was then told to
+    "copy it again"."""
+    d, port, home = start(tmp_path, smoke_model_path)
+    with d:
+        whole = jpeg(tmp_path, 50, size=(320, 240))
+        a = upload(port, image(whole[: len(whole) // 2], b"cut.jpg"))
+        assert d.stop() == 0
+    assert a.status == 422, a
+    assert "truncated" in a.json()["error"] and "send the original again" in a.json()["error"], a
+    assert "copy it again" not in a.json()["error"], a
+    assert "looking again shortly" not in d.output(), d.output()[-3000:]
+
+
 def test_a_request_after_the_model_failed_to_load_is_told_why(tmp_path, smoke_model_path) -> None:
     """A damaged model file: the daemon stays up, /health says the model is not loaded and why, and a request is
     answered (not left waiting) with the reason and the command that retries it once the model is fixed."""

@@ -306,7 +306,11 @@ class Worker:
                 return None
             if isinstance(exc, ImageRejected) and not keep_original and self._maybe_still_arriving(job, src, exc):
                 return None
-            self.out.fail(job, str(exc), keep_original=keep_original)
+            why = str(exc)
+            if isinstance(exc, PhotoTruncated) and self._uploaded(src):  # "copy it again" is for a card's copy
+                why = ("the photo is truncated (the file ends early): it was damaged before it was sent; send the "
+                       "original again")
+            self.out.fail(job, why, keep_original=keep_original)
             return None
         self._truncated.pop(job.id, None)
         self.ledger.set_hash(job.id, photo.sha256)
@@ -398,13 +402,17 @@ class Worker:
             return None
         return first
 
+    def _uploaded(self, src: Path) -> bool:
+        """Whether `src` came through the HTTP API (it waits in the spool, not in the inbox)."""
+        return Path(src).is_relative_to(self.cfg.spool_dir)
+
     def _maybe_still_arriving(self, job: Job, src: Path, exc: ImageRejected) -> bool:
         """A photo that ends early may be a copy that paused for longer than the quiet time (a card reader, a
         network share). Look again a few times over `TRUNCATED_GRACE` quiet times before failing it: queued again
         (without blame) while its size and time keep the same, once it changes the usual settling takes over.
         Kept in memory: a restart gives it a fresh grace, which costs only a little waiting."""
-        if not isinstance(exc, PhotoTruncated):
-            return False
+        if not isinstance(exc, PhotoTruncated) or self._uploaded(src):
+            return False  # an upload was received whole (its form closed) and synced: nothing more is coming
         try:
             st = os.lstat(src)
         except OSError:
