@@ -268,6 +268,27 @@ def test_status_names_a_failure_record_only_if_it_was_written(tmp_path, smoke_mo
     assert cleared["note"].startswith("its failure record was moved or deleted from"), cleared
 
 
+def test_a_file_where_the_failed_folder_was_is_named_as_such_and_the_advice_works(tmp_path, smoke_model_path):
+    """`outbox/failed` replaced by a file while the daemon ran: status blamed permissions ("the folder cannot be
+    written") and `retry --failed` failed the same way."""
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    failed = home / "outbox" / "failed"
+    with Daemon(home, smoke_model_path) as d:
+        wait_for(lambda: "model ready" in d.output(), 120, what="the daemon to start")
+        if failed.is_dir():
+            failed.rmdir()
+        failed.write_text("a note someone saved as outbox/failed")
+        (home / "inbox" / "z2.jpg").write_text("not a photo")
+        wait_for(lambda: _state(home, "z2.jpg") == "failed", 60, what="the non-photo to fail")
+        (note,) = [f["note"] for f in status(home, smoke_model_path)["recent_failures"]]
+        assert "failed is a file, not a folder" in note and "cannot be written" not in note, note
+        failed.unlink()  # as the note says
+        # Still not a photo: `--all`, as plain `retry --failed` advises for a failure nothing has changed since.
+        assert mondrian(home, smoke_model_path, "retry", "--failed", "--all").returncode == 0
+        wait_for(lambda: (failed / "z2.jpg.error.json").exists(), 60, what="the failure recorded in failed/")
+        assert d.stop() == 0, d.output()
+
+
 # -- a failure fixed and put back no longer counts (attack 02) -------------------------------------------------------
 
 def test_a_failure_whose_photo_was_fixed_and_put_back_no_longer_counts(tmp_path, smoke_model_path):

@@ -113,6 +113,9 @@ def _failure(cfg: Config, j: Job, advisors: Iterable[str] = ()) -> dict[str, Any
 
 def _missing(folder: Path) -> str:
     """Why a record may be missing from `folder`, as far as can be seen now."""
+    if os.path.lexists(folder) and not os.path.isdir(folder):  # statvfs and access would answer for the file
+        return (f"it could not be written: {folder.name} is a file, not a folder; move the file out of the way (the "
+                f"daemon makes the folder again)")
     try:
         st = os.statvfs(folder)
         if st.f_bavail == 0 or (st.f_files and st.f_favail == 0):
