@@ -100,3 +100,18 @@ def test_demo_serve_keeps_its_daemon_up_for_the_seeds_api_check(tmp_path, smoke_
         log.close()
     text = (tmp_path / "demo.log").read_text()
     assert "Serving the inbox and the /analyze API" in text
+
+
+def test_demo_serve_with_its_port_taken_says_so_before_the_demo(tmp_path, smoke_model_path):
+    """It ran the whole demo (a minute, more on a first run), printed "Serving ... try: curl", then exited 78."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        home = make_home(tmp_path / "home", api_port=port)
+        out = mondrian(home, smoke_model_path, "demo", "--serve", "--model", str(smoke_model_path), timeout=300)
+    assert out.returncode == 78 and "Traceback" not in out.stderr, out.stderr
+    assert f"--serve: the API port 127.0.0.1:{port} is taken by another program" in out.stderr, out.stderr
+    assert "Serving" not in out.stdout + out.stderr and reports(home / "outbox") == [], out.stdout

@@ -227,6 +227,19 @@ def summary(cfg: Config, queued: list[tuple[str, str]], first_job: int) -> list[
     return lines
 
 
+def _cannot_serve(cfg: Config) -> str | None:
+    """Why `demo --serve` could not serve the API at the end (off, or its port taken), or None."""
+    from ..api.server import PortUnavailable, bind
+
+    if not (cfg.api_enabled and cfg.api_port):
+        return "--serve needs the API: set api_enabled = true and an api_port in mondrian.toml"
+    try:
+        bind(cfg).close()
+    except PortUnavailable as exc:
+        return f"--serve: {exc}"
+    return None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """The offline demo: a sample portfolio, an adapter, and the sample photos through the real daemon."""
     from ..ledger import Ledger
@@ -239,6 +252,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
               f"(`{mondrian()} service stop`, or Ctrl-C where it runs), or run the demo in another home "
               f"(MONDRIAN_HOME=/tmp/mondrian-demo mondrian demo)", file=sys.stderr)
         return 1
+    if getattr(args, "serve", False):  # found before a minute of demo, not after it
+        problem = _cannot_serve(cfg)
+        if problem:
+            print(problem, file=sys.stderr)
+            return EX_CONFIG
     cfg.ensure_dirs()
     advisor = get_advisor(cfg, cfg.default_advisor)
     say(f"Mondrian demo in {cfg.home}, model {cfg.model!r}, advisor {advisor.name}")
@@ -267,9 +285,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print("(These reports come from the random smoke model: the scores are not meaningful.)")
     if not getattr(args, "serve", False):
         return 0
-    if not (cfg.api_enabled and cfg.api_port):
-        print("--serve needs the API: set api_enabled = true and an api_port in mondrian.toml", file=sys.stderr)
-        return EX_CONFIG
     # The demo's daemon stays up, with the smoke model and the adapter the demo made, so the original design's
     # curl commands can be tried against it.
     say(f"Serving the inbox and the /analyze API on http://{cfg.api_host}:{cfg.api_port} with the demo's model; "
