@@ -129,6 +129,23 @@ def test_init_names_a_home_whose_name_is_not_utf8_so_pasting_it_works(tmp_path, 
     assert pasted.returncode == 0 and "no Mondrian home" not in pasted.stderr, (word, pasted.stderr)
 
 
+def test_init_inside_another_homes_inbox_is_refused_and_the_suggested_place_works(tmp_path, smoke_model_path):
+    """`mondrian init ~/Mondrian/inbox/studio2` made a home whose mondrian.toml the first home's daemon took for a
+    photo and failed, its empty folders left in that inbox."""
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    for inside in ("inbox", "outbox", "var"):
+        target = home / inside / "studio2"
+        out = mondrian(home, smoke_model_path, "init", str(target))
+        assert out.returncode == 78 and "Traceback" not in out.stderr, out.stderr
+        assert f"is inside the {inside} of the Mondrian home {home}" in _one_line(out), out.stderr
+        assert not target.exists()
+    [suggested] = re.findall(r"`mondrian init ([^`]+)`", _one_line(out))
+    pasted = subprocess.run(["bash", "-c", f"{sys.executable} -m daemon init {suggested}"], cwd=REPO,
+                            env=env_for(home, smoke_model_path), capture_output=True, text=True, timeout=60)
+    assert pasted.returncode == 0 and (tmp_path / "studio2" / "mondrian.toml").is_file(), pasted.stderr
+    assert sorted(p.name for p in (home / "inbox").iterdir()) == []
+
+
 def test_an_advisor_typed_with_a_capital_is_the_advisor_as_in_the_api_and_the_inbox(tmp_path, smoke_model_path):
     """`--advisor Cartier` (a name is written with a capital) names cartier on every command, as `advisor=Cartier`
     does in the API and `inbox/Cartier/` does in the inbox; it was refused as "not an advisor id"."""

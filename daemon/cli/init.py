@@ -50,9 +50,31 @@ def settings_template() -> str:
     return "\n".join(lines) + "\n"
 
 
+def _inside_another_home(path: Path) -> str | None:
+    """Why `path` cannot be a home because it lies in another home's inbox, outbox or var folder (that home's daemon
+    would take the new mondrian.toml for a photo, or sweep it away), or None."""
+    for above in path.absolute().parents:
+        if not (above / CONFIG_NAME).is_file():
+            continue
+        try:
+            other = load_config(above)
+            folders = {"inbox": other.inbox, "outbox": other.outbox, "var": other.var_dir}
+        except ConfigError:  # that home's own settings are broken: its default folders still apply
+            folders = {name: above / name for name in ("inbox", "outbox", "var")}
+        for name, folder in folders.items():
+            if path.absolute().is_relative_to(folder.absolute()):
+                return (f"{path} is inside the {name} of the Mondrian home {above}: its daemon would take the new "
+                        f"home's files for its own work. Choose a folder outside it (`{program()} init "
+                        f"{shell_word(above.parent / (path.name or 'Mondrian'))}`)")
+    return None
+
+
 def init_home(path: Path) -> tuple[Config, bool]:
     """Create the home at `path` (its folders, and mondrian.toml unless one is there); returns its configuration
     and whether the settings file was written. An existing mondrian.toml is kept and checked, never replaced."""
+    problem = _inside_another_home(path)
+    if problem:
+        raise ConfigError(problem)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{path} is a file, not a folder: choose another place for the home "
                           f"(`{program()} init ~/Pictures/Mondrian`)")
