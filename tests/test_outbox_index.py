@@ -226,6 +226,26 @@ def test_refreshing_the_index_reads_only_what_is_new_and_stays_true_to_the_outbo
     assert [Path(p).parent.name for p in opens.take()] == ["IMG_00"] and len(cards(outbox)) == 30
 
 
+def test_a_report_page_deleted_while_its_report_json_stays_is_written_again(tmp_path):
+    """The index and a later duplicate's record link a report's page: deleted by hand, it was a dead link."""
+    home = make_home(tmp_path / "home")
+    cfg = load_config(home, env={})
+    cfg.ensure_dirs()
+    for i in range(3):
+        _report_folder(cfg.outbox, f"IMG_{i}", grade=i, seed=i)
+    index = OutboxIndex(cfg)
+    index.refresh()
+    page = cfg.outbox / "IMG_1" / "report.html"
+    assert page.is_file()
+    page.unlink()
+    opens = OpenCounter()
+    index.refresh()
+    assert page.is_file() and "IMG_1" in page.read_text(), "written again from report.json"
+    assert [Path(p).parent.name for p in opens.take()] == ["IMG_1"]  # only its report.json read to do it
+    index.refresh()
+    assert opens.take() == []
+
+
 def test_a_failure_record_is_read_once_and_its_page_rewritten_if_deleted(tmp_path):
     home = make_home(tmp_path / "home")
     cfg = load_config(home, env={})

@@ -218,11 +218,16 @@ class OutboxIndex:
     def _follow_files(self, hit: dict[str, Any], folder: Path, report: dict[str, Any] | None) -> dict[str, Any]:
         """A report page links its original and shows its preview: once the photographer deleted or moved either
         away (or put it back), the page is rendered again from report.json, so that it links only what is there.
-        Two lstats a report and refresh; a page is rewritten only when what it can link changed (or, for a report
+        Three lstats a report and refresh; a page is rewritten only when what it can link changed (or, for a report
         not seen before, when something is missing: it was written with both)."""
         present = [_is_file(folder / os.path.basename(str(hit["entry"].get("file") or ""))),
-                   _is_file(folder / "preview.jpg")]
+                   _is_file(folder / "preview.jpg"),
+                   # The page itself, deleted while its report.json stays: the index (and a duplicate's record) link
+                   # to it, so it is written again.
+                   _is_file(folder / "report.html")]
         known = hit.get("files")
+        if isinstance(known, list) and len(known) == 2 and present[2]:
+            known = [*known, True]  # an index cached before pages were followed: nothing to rewrite for that
         if known == present or (known is None and all(present)):
             hit["files"] = present
             return hit
@@ -233,7 +238,7 @@ class OutboxIndex:
             if report is None:
                 raise ReportInvalid("unreadable")
             rerender_report_html(folder, report, original=present[0], preview=present[1])
-            hit["files"] = present
+            hit["files"] = [*present[:2], True]
         except ReportInvalid:  # edited by hand past what a page can show: its page stays as it was
             hit["files"] = present
         except OSError as exc:
