@@ -178,10 +178,19 @@ def test_a_moved_home_keeps_its_failures_reports_and_retry(tmp_path, smoke_model
     assert jobs["again.jpg"].duplicate_of == jobs["ok.jpg"].id, jobs["again.jpg"]
     assert Path(jobs["ok.jpg"].report_json).is_relative_to(moved), jobs["ok.jpg"].report_json
 
+    # The whole outbox away (moved, a drive not connected): not taken for the photo deleted, its entry kept.
+    (moved / "outbox").rename(moved / "outbox-away")
+    away = mondrian(moved, smoke_model_path, "retry", "--failed", str(jobs["corrupt.jpg"].id))
+    (moved / "outbox-away").rename(moved / "outbox")
+    assert "failed is not there (the outbox moved" in away.stderr, away.stderr
+    assert ledger_jobs(moved)["corrupt.jpg"].state == "failed"
     # A failed photo deleted since: retrying it by its id says so, rather than "0 queued" and nothing else.
     (moved / "outbox" / "failed" / "corrupt.jpg").unlink()
     gone = mondrian(moved, smoke_model_path, "retry", "--failed", str(jobs["corrupt.jpg"].id))
     assert gone.returncode == 2 and "neither in failed/ nor in the inbox" in gone.stderr, gone.stderr
+    # ...and its entry is cleared: status no longer lists it with this very command as the next step.
+    assert "so its entry is cleared" in gone.stderr, gone.stderr
+    assert "corrupt.jpg" not in {f["file"] for f in status(moved, smoke_model_path)["recent_failures"]}
 
 
 def test_retry_with_the_ledger_locked_moves_nothing_and_says_what_to_do(tmp_path, smoke_model_path):

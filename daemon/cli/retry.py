@@ -179,8 +179,17 @@ def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | 
         ledger.requeue_failed(job.id, src)
         if kept is not None:  # failed where it lay (e.g. a read-only folder): only its record is in failed/
             _drop_record(kept)
+    elif not cfg.failed_dir.is_dir():  # the outbox moved away, or its drive is not connected: it may come back
+        left.append(f"job {job.id}: {job.rel_path} is not in the inbox, and {cfg.failed_dir} is not there (the "
+                    f"outbox moved, or its drive is not connected?); put the outbox back and run this again, or drop "
+                    f"the photo into the inbox again")
+        return None
     else:  # deleted (or moved away) since it failed: nothing left to analyse, and that is worth a line
         left.append(f"job {job.id}: {job.rel_path} is neither in {cfg.failed_dir.name}/ nor in the inbox any more "
-                    f"(deleted or moved?); to have it critiqued, drop the photo into the inbox again")
+                    f"(deleted or moved?), so its entry is cleared; to have it critiqued, drop the photo into the "
+                    f"inbox again")
+        # Else `status` would list it, advising this very command, for ever.
+        ledger.mark_gone(job.id, f"not in {cfg.failed_dir.name}/ nor in the inbox when `retry --failed` looked for "
+                                 f"it (deleted or moved away)")
         return None
     return f"job {job.id}: {job.rel_path}"
