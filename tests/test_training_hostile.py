@@ -127,9 +127,12 @@ def _train_held_at(cfg, smoke_model_path, point: str, meanwhile, *extra: str) ->
     from tests.harness import REPO, env_for, wait_for
 
     before = set(_stopped_pids())
+    # SIGINT as a terminal leaves it: a suite started in the background (`cmd &` in a script) runs with SIGINT
+    # ignored, which every child inherits, and Python then never turns it into KeyboardInterrupt.
     run = subprocess.Popen([sys.executable, "-m", "daemon", "train", "--advisor", "synth", "--iters", "2", *extra],
                            env=env_for(cfg.home, smoke_model_path, MONDRIAN_TEST_STOP_AT=point),
-                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         held = wait_for(lambda: [p for p in _stopped_pids() if p not in before], timeout=300,
                         what=f"training to reach {point}")
@@ -175,10 +178,16 @@ def test_ctrl_c_on_train_says_what_happened_keeps_nothing_and_status_says_so_too
     import os
     import signal
 
+    from tests.harness import wait_for
+
+    def ctrl_c(run) -> None:
+        # SIGINT is what the terminal sends `mondrian train` (its training child has a session of its own). The
+        # child stays held until `train` has ended: it must end the child itself, not race it to the finish.
+        os.kill(run.pid, signal.SIGINT)
+        wait_for(lambda: run.poll() is not None, timeout=90, what="`mondrian train` to end on SIGINT")
+
     cfg = _synth_home(tmp_path, smoke_model_path)
-    # SIGINT is what the terminal sends `mondrian train` (its training child has a session of its own).
-    rc, out, err, held = _train_held_at(cfg, smoke_model_path, "evaluating",
-                                        lambda run: os.kill(run.pid, signal.SIGINT))
+    rc, out, err, held = _train_held_at(cfg, smoke_model_path, "evaluating", ctrl_c)
     assert rc == 130 and "Traceback" not in err, (rc, err[-3000:])
     assert "Training stopped with Ctrl-C before it finished; nothing was kept" in err, err[-3000:]
     assert "train --advisor synth` starts it again" in err, err[-3000:]
