@@ -329,19 +329,21 @@ def chat_row(image: Image.Image, prompt: str, answer: str) -> dict[str, Any]:
                 {"role": "assistant", "content": answer}], ensure_ascii=False)}
 
 
+def first_few(reasons: list[str], n: int = 3) -> str:
+    """`reasons` for one line: the first `n`, then an ellipsis for the rest."""
+    return "; ".join(reasons[:n]) + (" …" if len(reasons) > n else "")
+
+
 def build_rows(refs: list[Reference], advisor: Advisor, cfg: Config, *, variants: int, augment: bool,
-               exposure: bool = True, left_out: list[str] | None = None) -> dict[str, list[Any]]:
+               left_out: list[str], exposure: bool = True) -> dict[str, list[Any]]:
     """The chat rows of `refs`. A reference that cannot be read any more (renamed, moved or removed since it was
-    indexed: training runs at night, for an hour) is left out, its name and why appended to `left_out`; with
-    `left_out` None it is an error instead."""
+    indexed: training runs at night, for an hour) is left out, its name and why appended to `left_out`."""
     prompt = critique_prompt(advisor)
     cols: dict[str, list[Any]] = {"images": [], "messages": [], "sha256": [], "variant": [], "augment": []}
     for ref in refs:
         try:
             photo = load_photo(Path(ref.path), cfg.max_pixels, max_bytes=cfg.max_file_bytes)
         except ImageRejected as exc:
-            if left_out is None:
-                raise DatasetError(f"reference {ref.path} cannot be read: {exc}") from exc
             left_out.append(f"{Path(ref.path).name}: {exc}")
             continue
         answer = report_text(target_report(ref, cfg.comment_max_chars))
@@ -378,7 +380,7 @@ def build_dataset(cfg: Config, advisor: Advisor, refs: list[Reference], dest: Pa
     for name, part, cols in (("training", splits.train, train_cols), ("validation", splits.validation, val_cols)):
         if part and not cols["messages"]:
             raise DatasetError(f"none of the {len(part)} {name} references could be read "
-                               f"({'; '.join(left_out[:3])}{' …' if len(left_out) > 3 else ''}): were they moved? "
+                               f"({first_few(left_out)}): were they moved? "
                                f"`{mondrian()} references index --advisor {advisor.id}` indexes them where they are "
                                f"now; then train again")
     dd = datasets.DatasetDict({

@@ -244,8 +244,7 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
     for why in built.left_out:
         log.warning("reference left out of training (renamed, moved or removed since it was indexed?): %s", why)
     unread = (f"{len(built.left_out)} reference(s) left out of training, renamed, moved or removed since they were "
-              f"indexed: {'; '.join(built.left_out[:3])}{' …' if len(built.left_out) > 3 else ''}"
-              ) if built.left_out else None
+              f"indexed: {ds.first_few(built.left_out)}") if built.left_out else None
     send(event="phase", phase="loading", train_rows=built.train_rows, validation=len(splits.validation),
          held_out=len(splits.test), curator=ds.sources(refs)["curator"], model_scored=len(left_out),
          **({"reason": unread} if unread else {}))
@@ -269,7 +268,7 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
     for why in gone:
         log.warning("test reference left out of the evaluation (renamed, moved or removed during training?): %s", why)
     left = (f"{len(gone)} test reference(s) left out of the evaluation, renamed, moved or removed during training: "
-            f"{'; '.join(gone[:3])}{' …' if len(gone) > 3 else ''}") if gone else None
+            f"{ds.first_few(gone)}") if gone else None
     send(event="phase", phase="evaluating", held_out=len(test), **({"reason": left} if left else {}))
 
     prompt = critique_prompt(advisor)

@@ -298,8 +298,8 @@ class InboxWatcher:
             # only a log line; `mondrian retry --failed` clears it once the folder can be read.
             shown = Path(self.inbox.name, path.relative_to(self.inbox)).as_posix()
             reason = (f"Mondrian cannot look inside the folder {shown}/ ({exc.strerror or exc}), so its photos are "
-                      f"not seen: make it readable (chmod u+rwx: its photos are moved out of it too); its photos are then queued, and `{mondrian()} retry "
-                      f"--failed` clears this entry")
+                      f"not seen: make it readable (chmod u+rwx: its photos are moved out of it too); its photos are "
+                      f"then queued, and `{mondrian()} retry --failed` clears this entry")
             with self._lock:
                 if path not in self._told:
                     self._unreachable[path] = reason
