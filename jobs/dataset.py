@@ -122,12 +122,13 @@ def collect_references(cfg: Config, advisor_id: str, ledger: Any | None = None) 
         ledger = Ledger.for_config(cfg)
     if not hasattr(ledger, "references"):
         raise DatasetError("this Mondrian has no reference index yet (the RAG index provides it)")
-    refs: dict[str, Reference] = {}
-    for row in ledger.references(advisor_id):
-        ref = reference_from_row(row)
-        if ref is not None and Path(ref.path).is_file():
-            refs.setdefault(ref.sha256, ref)  # the same photo twice counts once
-    return [refs[k] for k in sorted(refs)]
+    from daemon.references.indexer import counted_references
+
+    found = [ref for ref in map(reference_from_row, ledger.references(advisor_id))
+             if ref is not None and Path(ref.path).is_file()]
+    # The same photo twice (a copy, or RAW+JPEG beside each other) counts once: else one could train the adapter
+    # and also sit in the held-out test that judges it.
+    return sorted(counted_references(found)[0], key=lambda r: r.sha256)
 
 
 def fingerprint(refs: Iterable[Reference]) -> str:

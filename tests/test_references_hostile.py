@@ -247,3 +247,96 @@ def test_a_linked_portfolio_folder_is_indexed_and_a_link_back_up_does_not_loop(t
     listed = _listed(home, smoke_model_path, "ansel")
     names = sorted(Path(r["path"]).name for r in listed["references"])
     assert names == ["own.jpg", "p0.jpg", "p1.jpg", "p2.jpg"], listed
+
+
+def _as_user_mondrian(home: Path, model: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`mondrian ARGS` with root's file-permission override dropped, so a folder's mode applies as to any user."""
+    import sys
+
+    from tests.harness import REPO, env_for
+    from tests.test_publishing import _as_user
+
+    return subprocess.run([*_as_user(), sys.executable, "-m", "daemon", *args], env=env_for(home, model), cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_linked_portfolio_away_or_unreadable_keeps_its_references(tmp_path, smoke_model_path):
+    """`ln -s /Volumes/Drive/Portfolio references/portfolio` (the README's own layout) with the drive unplugged, a
+    linked photo whose drive is away, and a subfolder Mondrian may not read (macOS privacy controls, a chmod): each
+    emptied its part of the index in silence ("3 removed, 0 skipped"), rag then fell back to baseline telling the
+    user to add photos that were there, and every reference cost a model pass again once back. Each is now named,
+    its references kept and used, and nothing is indexed again when it is back."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    refs = home / "advisors" / "ansel" / "references"
+    drive = tmp_path / "Volumes" / "Drive"
+    for i in range(2):
+        photo(drive / "Portfolio" / f"p{i}.jpg", seed=40 + i)
+    photo(drive / "loose.jpg", seed=43)
+    photo(refs / "private" / "q.jpg", seed=44)
+    photo(refs / "own.jpg", seed=45)
+    _aged(*(drive / "Portfolio").iterdir(), drive / "loose.jpg", refs / "private" / "q.jpg", refs / "own.jpg")
+    (refs / "portfolio").symlink_to(drive / "Portfolio", target_is_directory=True)
+    (refs / "loose.jpg").symlink_to(drive / "loose.jpg")
+    out = _as_user_mondrian(home, smoke_model_path, "references", "index")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert _listed(home, smoke_model_path, "ansel")["count"] == 5
+
+    unplugged = drive.with_name("Drive-unplugged")
+    drive.rename(unplugged)
+    os.chmod(refs / "private", 0o700)
+    os.chown(refs / "private", 12345, 12345)  # another user's folder: not readable without root's override
+    out = _as_user_mondrian(home, smoke_model_path, "references", "index")
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "0 removed, 3 skipped" in out.stderr, out.stderr
+    assert "portfolio: is a link to" in out.stderr and "kept until it is back" in out.stderr, out.stderr
+    assert "loose.jpg: this is a link to" in out.stderr, out.stderr
+    assert "private: cannot be read" in out.stderr and "chmod u+rx" in out.stderr, out.stderr
+    listed = _listed(home, smoke_model_path, "ansel")
+    assert listed["count"] == 5, listed
+    assert {s["file"] for s in listed["skipped"]} == {"portfolio", "loose.jpg", "private"}, listed["skipped"]
+
+    shot = photo(tmp_path / "shot.jpg", seed=46)
+    analysed = _as_user_mondrian(home, smoke_model_path, "analyze", "--mode", "rag", "--json", str(shot))
+    assert analysed.returncode == 0, analysed.stderr[-2000:]
+    report = json.loads((home / "outbox" / "shot" / "report.json").read_text())
+    assert report["mode"]["effective"] == "rag" and report["portfolio"]["count"] == 5, (report["mode"], report["portfolio"])
+
+    unplugged.rename(drive)
+    os.chown(refs / "private", 0, 0)
+    out = _as_user_mondrian(home, smoke_model_path, "references", "index")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "0 indexed, 5 unchanged, 0 removed, 0 skipped" in out.stderr, out.stderr
+
+
+def test_rag_reads_no_deleted_reference_and_counts_a_raw_jpeg_pair_once(tmp_path, smoke_model_path):
+    """`analyze --mode rag` with no daemon running retrieved references deleted since the last index (their thumbnails
+    from the cache, "portfolio 5" with one file left); and a RAW+JPEG (or TIFF+JPEG) pair of one picture counted as
+    two references: two of three retrieval slots, twice the weight, and in training both sides of the held-out line."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    refs = home / "advisors" / "ansel" / "references"
+    for i in range(4):
+        photo(refs / f"r{i}.jpg", seed=50 + i)
+    photo(refs / "r0.tif", seed=50, size=(96, 64))  # the same picture as r0.jpg, another export
+    _aged(*refs.iterdir())
+    out = mondrian(home, smoke_model_path, "references", "index", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    listed = _listed(home, smoke_model_path, "ansel")
+    assert listed["count"] == 4 and listed["files"] == 5, listed
+    (tif,) = [r for r in listed["references"] if r["file"] == "r0.tif"]
+    assert tif["counted"] is False and tif["same_as"] == "r0.jpg", tif
+
+    for name in ("r1.jpg", "r2.jpg"):
+        (refs / name).unlink()
+    shot = photo(tmp_path / "shot.jpg", seed=60)
+    analysed = mondrian(home, smoke_model_path, "analyze", "--mode", "rag", "--json", str(shot), timeout=300)
+    assert analysed.returncode == 0, analysed.stderr[-2000:]
+    report = json.loads((home / "outbox" / "shot" / "report.json").read_text())
+    used = sorted(r["name"] for r in report["references"])
+    assert used == ["r0.jpg", "r3.jpg"], used
+    assert report["portfolio"]["count"] == 2, report["portfolio"]
+
+    from daemon.config import load_config
+    from jobs.dataset import collect_references
+
+    cfg = load_config(home=home)
+    assert sorted(Path(r.path).name for r in collect_references(cfg, "ansel")) == sorted(["r0.jpg", "r3.jpg"])

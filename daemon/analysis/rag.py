@@ -29,7 +29,7 @@ from .critique import DIMENSIONS, critique_schema
 from .prompts import critique_prompt, portfolio_context
 from ..model.protocol import BatchRequest
 from ..references.indexer import (counted_references, folder_problem, profile_of, profile_request, reference_comment,
-                                  reference_profile)
+                                  reference_present, reference_profile)
 from ..references.thumbnails import thumbnail
 from .retrieval import anchored, distribution, nearest, reference_prior
 from . import AnalysisContext, AnalysisResult, Availability, Strategy
@@ -52,13 +52,8 @@ class RagStrategy(Strategy):
         super().__init__(cfg)
         self.ledger = ledger
 
-    def _count(self, advisor_id: str) -> int:
-        if self.ledger is None:
-            return 0
-        return int(self.ledger.reference_counts().get(advisor_id, 0))
-
     def is_available(self, advisor) -> Availability:
-        if self._count(advisor.id) > 0:
+        if self.ledger is not None and self._references(advisor.id):
             return Availability(True)
         folder = references_dir(self.cfg, advisor.id)
         shown = folder.relative_to(self.cfg.home) if folder.is_relative_to(self.cfg.home) else folder
@@ -71,8 +66,10 @@ class RagStrategy(Strategy):
 
     def _references(self, advisor_id: str) -> list[Any]:
         """The references rag reads: one row per photo, however many copies of it the folder holds (a copy must
-        not fill two retrieval slots nor weigh twice in the portfolio)."""
-        return counted_references(self.ledger.references(advisor_id))[0]
+        not fill two retrieval slots nor weigh twice in the portfolio), and none deleted since it was indexed."""
+        folder = references_dir(self.cfg, advisor_id)
+        return counted_references(r for r in self.ledger.references(advisor_id)
+                                  if reference_present(folder, r.path))[0]
 
     def inputs(self, advisor) -> str | None:
         # the same rows as the report's `inputs` (_result), so a cached report matches only what rag would read

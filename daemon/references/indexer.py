@@ -28,6 +28,7 @@ import os
 import stat
 import threading
 import time
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable
@@ -70,21 +71,54 @@ def reference_profile(row: Reference) -> dict[str, Any]:
             "source": row.source}
 
 
+def picture_key(path: str | Path) -> tuple[str, str]:
+    """One picture whatever its formats: a camera's RAW+JPEG pair or an export's TIFF+JPEG, side by side under one
+    name, are one reference (each alone would fill a retrieval slot, weigh twice in the portfolio, and could land
+    in training and its held-out test at once)."""
+    p = Path(path)
+    return str(p.parent), unicodedata.normalize("NFC", p.stem).casefold()
+
+
 def counted_references(rows: Iterable[Reference]) -> tuple[list[Reference], dict[str, Reference]]:
-    """The references that count: one row per content hash, the first by path, so one photo copied under two
-    names fills one retrieval slot and weighs once in the portfolio (training's dataset counts it once too).
+    """The references that count: one row per photo, the first by path, so one photo copied under two names, or
+    kept in two formats beside each other (`picture_key`), fills one retrieval slot and weighs once in the
+    portfolio (training's dataset counts it once too).
 
     The index keeps a row per file (a rename reuses it; removing one copy must leave the other indexed): it is
     the readers that count photos. Where the copies' sidecars differ, the first path's profile is the one that
     counts, whatever order the rows came in. Returns (the counted rows by path, {path of every other copy: the
     row counted in its place})."""
-    counted: dict[str, Reference] = {}
+    counted: list[Reference] = []
+    first: dict[Any, Reference] = {}
     twins: dict[str, Reference] = {}
     for row in sorted(rows, key=lambda r: str(r.path)):
-        first = counted.setdefault(row.sha256, row)
-        if first is not row:
-            twins[str(row.path)] = first
-    return list(counted.values()), twins
+        keys = (("sha", row.sha256), ("picture", picture_key(row.path)))
+        earlier = next((first[k] for k in keys if k in first), None)
+        if earlier is None:
+            counted.append(row)
+            earlier = row
+        else:
+            twins[str(row.path)] = earlier
+        for k in keys:
+            first.setdefault(k, earlier)
+    return counted, twins
+
+
+def reference_present(folder: Path, path: str | Path) -> bool:
+    """Whether an indexed reference is still there to read, or only away (on a drive not mounted, in a folder that
+    cannot be read now): False only once it is known gone, its folder readable and the file not in it. An index
+    not brought up to date since (`analyze` with no daemon running) must not retrieve a deleted photo."""
+    p = Path(path)
+    if os.path.lexists(p):
+        return True  # there, or a link to a drive not mounted
+    for parent in p.parents:
+        if os.path.lexists(parent):
+            if os.path.islink(parent) and not os.path.exists(parent):
+                return True  # a linked folder whose drive is away
+            return not os.access(parent, os.R_OK | os.X_OK)  # a folder that cannot be read now: away, not gone
+        if parent == folder:
+            break  # the references folder itself is gone: so are its photos
+    return False
 
 
 def reference_comment(comments: dict[str, str] | None, limit: int = 280) -> str:
@@ -123,18 +157,49 @@ def profile_of(gen: Any) -> dict[str, int]:
 
 
 def reference_files(folder: Path) -> list[Path]:
+    """Photos under `folder` (recursively): `scan_references`'s photos."""
+    return scan_references(folder).photos
+
+
+@dataclass
+class Scan:
+    photos: list[Path] = field(default_factory=list)
+    # Places under the folder that could not be looked into now (a linked portfolio on a drive not mounted, a
+    # folder Mondrian may not read): (place, why). What was indexed from them is kept until they are back.
+    away: list[tuple[Path, str]] = field(default_factory=list)
+
+    def holds_away(self, path: str | Path) -> bool:
+        """Whether `path` is one of the places away, or lies in one."""
+        p = Path(path)
+        return any(p == place or p.is_relative_to(place) for place, _ in self.away)
+
+
+def scan_references(folder: Path) -> Scan:
     """Photos under `folder` (recursively), skipping hidden and temporary names, and the preview, thumbnail and
     reference images of a report folder copied in (its original is the photo: the rest would count it twice).
     A linked folder is followed, as a linked photo is (`ln -s ~/Portfolio references/portfolio`: an existing
-    portfolio, not a copy of it), each real folder once, so a link back up cannot loop."""
-    found: list[Path] = []
+    portfolio, not a copy of it), each real folder once, so a link back up cannot loop.
+
+    A folder that cannot be listed and a link to a place that is not there are not "no photos": an unplugged drive
+    or a folder macOS does not let the daemon read would otherwise empty the portfolio in silence (and cost a model
+    pass a reference to index again once it is back). They are returned as `away`."""
+    scan = Scan()
     if not folder.is_dir():
-        return found
+        return scan
     seen: set[tuple[int, int]] = set()
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+
+    def unreadable(exc: OSError) -> None:
+        place = Path(exc.filename) if exc.filename else folder
+        scan.away.append((place, f"cannot be read ({exc.strerror or exc}): give Mondrian access to it (`chmod u+rx`; "
+                                 f"on a Mac, System Settings > Privacy & Security > Files and Folders, or Full "
+                                 f"Disk Access); the references indexed from it are kept until it can be read"))
+
+    for dirpath, dirnames, filenames in os.walk(folder, onerror=unreadable, followlinks=True):
         try:
             st = os.stat(dirpath)
-        except OSError:
+        except OSError as exc:
+            exc.filename = exc.filename or dirpath
+            unreadable(exc)
             dirnames[:] = []
             continue
         if (st.st_dev, st.st_ino) in seen:
@@ -143,10 +208,16 @@ def reference_files(folder: Path) -> list[Path]:
         seen.add((st.st_dev, st.st_ino))
         dirnames[:] = sorted(d for d in dirnames if not is_temporary_name(d))
         for name in sorted(filenames):
-            if (not is_temporary_name(name) and name.lower().endswith(IMAGE_SUFFIXES)
-                    and not is_report_file(Path(dirpath) / name)):
-                found.append(Path(dirpath) / name)
-    return found
+            path = Path(dirpath) / name
+            if is_temporary_name(name):
+                continue
+            if name.lower().endswith(IMAGE_SUFFIXES):
+                if not is_report_file(path):
+                    scan.photos.append(path)
+            elif os.path.islink(path) and not os.path.exists(path):  # a linked folder whose drive is not mounted
+                scan.away.append((path, f"is a link to {_link_target(path)}, which is not there (a drive not "
+                                        f"mounted?); the references indexed from it are kept until it is back"))
+    return scan
 
 
 def sidecar_problems(cfg: Config, advisor_id: str) -> list[dict[str, str]]:
@@ -344,17 +415,23 @@ class ReferenceIndexer:
             folder = references_dir(self.cfg, advisor_id)
             rows = {r.path: r for r in self.ledger.references(advisor_id)}
             keep: set[str] = set()
-            listed = reference_files(folder)
+            scan = scan_references(folder)
+            listed = scan.photos
             broken = folder_problem(folder)
             if broken:
                 plan.errors.append((advisor_id, folder, broken))
                 if os.path.islink(folder):  # a drive not mounted: its references come back with it
                     keep.update(rows)
+            for place, why in scan.away:
+                plan.errors.append((advisor_id, place, why))
+            keep.update(p for p in rows if scan.holds_away(p))
             for photo in listed:
                 problem = _not_utf8(folder, photo) or _not_a_regular_file(photo) or \
                     too_large(photo, self.cfg.max_file_bytes)
                 if problem:
                     plan.errors.append((advisor_id, photo, problem))  # a pipe would block the reading thread
+                    if os.path.islink(photo) and not os.path.exists(photo):
+                        keep.add(str(photo))  # a linked photo on a drive not mounted: back with the drive
                     continue
                 sidecar = sidecar_path(photo)
                 key = self._key(photo, sidecar)
@@ -542,6 +619,7 @@ class ReferenceIndexer:
         return plan, outcomes
 
 
-__all__ = ["ReferenceIndexer", "reference_profile", "reference_comment", "counted_references", "extract_profile",
-           "reference_files", "sidecar_problems", "problem", "folder_problem", "shown_name", "Plan", "Work",
+__all__ = ["ReferenceIndexer", "reference_profile", "reference_comment", "counted_references", "picture_key",
+           "reference_present", "extract_profile",
+           "reference_files", "scan_references", "Scan", "sidecar_problems", "problem", "folder_problem", "shown_name", "Plan", "Work",
            "Outcome"]
