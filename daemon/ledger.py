@@ -1394,9 +1394,11 @@ class Ledger:
             pass
 
     @writes
-    def requeue_failed(self, job_id: int, source_path: Path) -> None:
+    def requeue_failed(self, job_id: int, source_path: Path, advisor: str | None = None) -> None:
+        """`advisor`: the one its inbox folder names now (its definition fixed, or the folder renamed)."""
+        fields = {"advisor": advisor} if advisor is not None else {}
         self.Job.update(state=QUEUED, source_path=str(source_path), attempts=0, not_before=0.0, worker=None,
-                        output_dir=None, error=None, error_kind=None, finished_at=None).where(
+                        output_dir=None, error=None, error_kind=None, finished_at=None, **fields).where(
             (self.Job.id == job_id) & (self.Job.state == FAILED) & (self.Job.owns_file == True)).execute()  # noqa: E712
 
     # -- reading ------------------------------------------------------------------------------

@@ -109,3 +109,56 @@ def test_a_broken_override_of_a_built_in_advisor_is_refused_not_replaced_by_the_
     assert "is not valid TOML" in asked.stderr, asked.stderr
     # The other built-in advisors go on.
     assert mondrian(home, smoke_model_path, "references", "list", "--advisor", "ansel").returncode == 0
+
+
+def test_an_advisor_folder_named_as_a_person_names_it_fails_with_advice_that_works(tmp_path, smoke_model_path):
+    """`advisors/Degas/` (id "degas") and `advisors/Claude Monet/` (id "Claude Monet"), as people name folders on a
+    Mac: their inbox folders' photos were critiqued by the default advisor in silence; "make them the same" led to an
+    id refused in turn; `--advisor Degas` said "add advisors/degas/advisor.toml", the very file there on a Mac; and
+    after the fix, `retry --failed` skipped the photos as "nothing has changed". Now each photo fails naming its
+    definition, the advice's command works as pasted, and retry finishes them as the advisor meant."""
+    import re
+    import shlex
+
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    degas = home / "advisors" / "Degas" / "advisor.toml"
+    degas.parent.mkdir(parents=True)
+    degas.write_text('id = "degas"\nname = "Edgar Degas"\nprompt = "You are Degas; judge the movement."\n')
+    monet = home / "advisors" / "Claude Monet" / "advisor.toml"
+    monet.parent.mkdir(parents=True)
+    monet.write_text('id = "Claude Monet"\nname = "Claude Monet"\nprompt = "You are Monet; judge the light."\n')
+    photo(home / "inbox" / "Degas" / "dancers.jpg", seed=3, size=(64, 48))
+    photo(home / "inbox" / "Claude Monet" / "lilies.jpg", seed=4, size=(64, 48))
+
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = ledger_jobs(home)
+    dancers, lilies = jobs["Degas/dancers.jpg"], jobs["Claude Monet/lilies.jpg"]
+    assert dancers.state == lilies.state == "failed", (dancers.state, dancers.advisor, lilies.state, lilies.advisor)
+    assert "rename its folder to degas" in dancers.error, dancers.error
+    assert 'write id = "claude-monet"' in lilies.error and "rename its folder to claude-monet" in lilies.error, \
+        lilies.error
+    record = json.loads((home / "outbox" / "failed" / "dancers.jpg.error.json").read_text())
+    assert "definition" in json.dumps(record) and "re-export" not in json.dumps(record), record
+
+    asked = mondrian(home, smoke_model_path, "references", "list", "--advisor", "Degas", timeout=30)
+    assert asked.returncode == 2 and "rename its folder to degas" in asked.stderr, asked.stderr
+    assert "Add one as" not in asked.stderr, asked.stderr
+
+    for error in (dancers.error, lilies.error):  # what the reason says, pasted into a shell in the home
+        command = re.search(r"`(mv [^`]+)`", error).group(1)
+        done = subprocess.run(["bash", "-c", command], cwd=home, capture_output=True, text=True)
+        assert done.returncode == 0, (command, done.stderr)
+    fixed = home / "advisors" / "claude-monet" / "advisor.toml"
+    fixed.write_text(fixed.read_text().replace('id = "Claude Monet"', 'id = "claude-monet"'))
+
+    again = mondrian(home, smoke_model_path, "retry", "--failed", timeout=60)
+    assert again.returncode == 0 and "skipped" not in again.stdout + again.stderr, again.stdout + again.stderr
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    critiqued = {p: j for p, j in ledger_jobs(home).items() if j.state == "done"}
+    assert len(critiqued) == 2, {p: (j.state, j.advisor, j.error) for p, j in ledger_jobs(home).items()}
+    assert set(critiqued) == {"Degas/dancers.jpg", "Claude Monet/lilies.jpg"}, critiqued
+    by = {p: json.loads(Path(j.report_json).read_text())["advisor"]["id"] for p, j in critiqued.items()}
+    assert by == {"Degas/dancers.jpg": "degas", "Claude Monet/lilies.jpg": "claude-monet"}, by
+    assert shlex  # (imported for the advice's quoting, checked by running it)

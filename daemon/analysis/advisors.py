@@ -10,11 +10,13 @@ from __future__ import annotations
 import logging
 import re
 import tomllib
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import Config, toml_problem
 from ..fsutil import NotReadable, read_text_file
+from ..hints import shell_word
 from ..resources import advisors_dir
 
 ADVISOR_ID = re.compile(r"^[a-z][a-z0-9_-]{0,39}\Z")  # \Z: "$" would let a trailing newline in
@@ -62,16 +64,33 @@ def _read(path: Path, shown: str) -> Advisor:
         raise _Refused(f"{shown}: flip_augmentation must be true or false, without quotes")
     adv = Advisor(id=data["id"], name=data["name"].strip(), prompt=data["prompt"].strip(),
                   flip_augmentation=data.get("flip_augmentation", True))
-    if not ADVISOR_ID.match(adv.id):
-        raise _Refused(f"{shown}: id {adv.id!r} is not an advisor id (lowercase letters, digits, '-' and '_', "
-                       f"starting with a letter, as the folder's name)")
-    if adv.id != path.parent.name:
-        raise _Refused(f"{shown}: its id {adv.id!r} is not its folder's name {path.parent.name!r}; make them the "
-                       f"same")
+    folder = path.parent.name
+    if not ADVISOR_ID.match(adv.id) or adv.id != folder:
+        # One way out, the same whichever of the two is wrong: an id a folder on any disk can have, in both places
+        # ("make them the same" sent `Degas/` with id "degas" to id "Degas", refused in turn).
+        wanted = adv.id if ADVISOR_ID.match(adv.id) else (suggested_id(adv.id) or suggested_id(folder))
+        what = (f"id {adv.id!r} is not an advisor id (lowercase letters, digits, '-' and '_', starting with a "
+                f"letter)" if not ADVISOR_ID.match(adv.id) else
+                f"its id {adv.id!r} is not its folder's name {folder!r}")
+        if wanted is None:
+            raise _Refused(f"{shown}: {what}; give it an id of lowercase letters, digits, '-' and '_', and name its "
+                           f"folder the same")
+        steps = ([f'write id = "{wanted}" in it'] if adv.id != wanted else []) + \
+                ([f"rename its folder to {wanted} (`mv {shell_word(str(Path(shown).parent))} "
+                  f"{shell_word(str(Path(shown).parent.with_name(wanted)))}` in the Mondrian home)"]
+                 if folder != wanted else [])
+        raise _Refused(f"{shown}: {what}; {' and '.join(steps)}")
     if not adv.prompt or not adv.name:
         raise _Refused(f"{shown}: its {'prompt' if not adv.prompt else 'name'} is empty; write the advisor's voice "
                        f"into it")
     return adv
+
+
+def suggested_id(text: str) -> str | None:
+    """An advisor id made from a name as a person writes it ("Degas", "Claude Monet", "Brassaï"), or None."""
+    plain = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode().lower()
+    slug = re.sub(r"[^a-z0-9_-]+", "-", plain).strip("-_")[:40]
+    return slug if ADVISOR_ID.match(slug) else None
 
 
 _warned: set[tuple[Path, str]] = set()
@@ -115,9 +134,13 @@ def advisor_problems(cfg: Config) -> dict[str, str]:
 def advisor_folders(cfg: Config) -> set[str]:
     """The ids an inbox folder may name: every usable advisor, and every advisor whose definition is refused (a
     photo in `inbox/monet/` while monet's advisor.toml is broken must fail saying so, not be critiqued by the
-    default advisor)."""
+    default advisor), whatever its folder is named (`advisors/Degas/`: the inbox's `Degas/` is that advisor's)."""
     found, refused = _scan(cfg)
-    return set(found) | {name for name in refused if ADVISOR_ID.match(name)}
+    return set(found) | set(refused)
+
+
+def _folded(name: str) -> str:
+    return unicodedata.normalize("NFC", name).casefold()
 
 
 def references_dir(cfg: Config, advisor_id: str) -> Path:
@@ -139,8 +162,13 @@ def get_advisor(cfg: Config, advisor_id: str) -> Advisor:
     advisors, refused = _scan(cfg)
     if advisor_id in advisors:
         return advisors[advisor_id]
-    if advisor_id in refused:
-        raise UnknownAdvisor(f"advisor {advisor_id!r} is not usable: {refused[advisor_id]}; known advisors: "
+    # A refused definition by its folder's name in any case: `--advisor Degas` (lowered) or `inbox/degas/` must say
+    # what is wrong with advisors/Degas/advisor.toml, not "unknown advisor, add advisors/degas/advisor.toml" (on a
+    # Mac's disk, the very file that is there).
+    why = refused.get(advisor_id) or next((r for name, r in sorted(refused.items())
+                                          if _folded(name) == _folded(advisor_id)), None)
+    if why is not None:
+        raise UnknownAdvisor(f"advisor {advisor_id!r} is not usable: {why}; known advisors: "
                              f"{', '.join(sorted(advisors)) or 'none'}")
     if not ADVISOR_ID.match(advisor_id):
         raise UnknownAdvisor(

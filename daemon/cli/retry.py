@@ -15,7 +15,8 @@ import platformdirs
 
 from ..config import CONFIG_NAME, Config, ConfigError
 from ..fsutil import folder_inside, is_folder
-from ..intake.inbox import editor_sidecars, same_name, sidecar_for, unique_path
+from ..analysis.advisors import advisor_folders
+from ..intake.inbox import classify, editor_sidecars, same_name, sidecar_for, unique_path
 from ..ledger import FAILED, Job, Ledger
 from ..pipeline.failures import analyze_command, analyzed_as
 from ..pipeline.outbox_index import OutboxIndex
@@ -33,7 +34,7 @@ def unchanged_permanent(job: Job, settings_changed_at: float = 0.0) -> bool:
     """A permanent failure of an inbox photo that nothing has changed since: queued again, it would fail the same
     way. A change is a newer ctime (any write, rename or chmod sets it; `cp -p` cannot set it back) on the photo,
     its sidecar or, for a photo that failed where it lay, its folder (chmod u+w); the removal of the sidecar the
-    failure was blamed on; or an edit of the settings file since."""
+    failure was blamed on; or an edit of the settings file or of an advisor's definition since."""
     if job.error_kind != "permanent" or not job.owns_file or job.finished_at is None:
         return False
     if settings_changed_at > job.finished_at:
@@ -57,10 +58,20 @@ def unchanged_permanent(job: Job, settings_changed_at: float = 0.0) -> bool:
 
 
 def _settings_changed_at(cfg: Config) -> float:
+    """When the settings last changed: mondrian.toml, or an advisor's definition (a photo failed for a broken
+    advisor.toml, or an advisor folder misnamed, is fine once that is fixed)."""
+    places = [cfg.home / CONFIG_NAME, cfg.advisors_dir]
     try:
-        return os.stat(cfg.home / CONFIG_NAME).st_ctime
+        places += [p for d in cfg.advisors_dir.iterdir() for p in (d, d / "advisor.toml")]
     except OSError:
-        return 0.0
+        pass
+    newest = 0.0
+    for place in places:
+        try:
+            newest = max(newest, os.stat(place).st_ctime)
+        except OSError:
+            continue
+    return newest
 
 
 def failed_now(cfg: Config) -> tuple[int, int]:
@@ -100,6 +111,15 @@ def retry_failed(cfg: Config, ids: list[int] | None = None, *, everything: bool 
     if done:
         OutboxIndex(cfg, ledger).refresh()  # the failures put back leave the outbox index now, not after a job
     return out
+
+
+def _advisor_now(cfg: Config, job: Job, photo: Path) -> str | None:
+    """The advisor the photo's inbox folder names now, for a photo whose advisor came from its folder: it may have
+    failed because that advisor's definition was misnamed (`advisors/Claude Monet/`), since renamed."""
+    if job.advisor_source != "folder" or not photo.is_relative_to(cfg.inbox):
+        return None
+    intake = classify(photo, cfg.inbox, advisor_folders(cfg), cfg.default_advisor)
+    return intake.advisor if intake.advisor_source == "folder" else None
 
 
 def _not_retryable(ledger: Ledger, job_id: int) -> str:
@@ -173,10 +193,10 @@ def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | 
         # Move first, then queue: killed in between, the photo sits in the inbox (the watcher or the next
         # retry picks it up) instead of being queued at a path where nothing is yet.
         os.rename(kept, back)
-        ledger.requeue_failed(job.id, back)
+        ledger.requeue_failed(job.id, back, _advisor_now(cfg, job, back))
         _drop_record(kept)
     elif os.path.lexists(src):
-        ledger.requeue_failed(job.id, src)
+        ledger.requeue_failed(job.id, src, _advisor_now(cfg, job, src))
         if kept is not None:  # failed where it lay (e.g. a read-only folder): only its record is in failed/
             _drop_record(kept)
     elif not cfg.failed_dir.is_dir():  # the outbox moved away, or its drive is not connected: it may come back

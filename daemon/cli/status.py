@@ -26,7 +26,7 @@ from ..pipeline.failures import advice, analyze_command, analyzed_as, cause_of
 from .terminal import shown
 
 # Causes where the photo itself is fine (its sidecar, the advisor asked for): a different next step than a photo's.
-PHOTO_IS_FINE = frozenset({"sidecar", "mode_command", "advisor_folder", "advisor_command"})
+PHOTO_IS_FINE = frozenset({"sidecar", "mode_command", "advisor_folder", "advisor_command", "advisor_definition"})
 # Failures a setting or the model caused: "fix the cause (disk, permissions)" sent a timed-out photo round again
 # unchanged, to time out again; their record's advice names the setting (job_timeout_seconds) or the model.
 SETTING_OR_MODEL = frozenset({"timeout", "model"})

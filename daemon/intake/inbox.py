@@ -143,10 +143,14 @@ def classify(path: Path, inbox: Path, known_advisors: set[str], default_advisor:
     people type it; ids are lowercase); anything else (top level, albums) the default."""
     rel = path.relative_to(inbox)
     if len(rel.parts) > 1:
-        by_name = {a.casefold(): a for a in known_advisors}
+        from ..analysis.advisors import suggested_id
+
+        by_name = {unicodedata.normalize("NFC", a).casefold(): a for a in known_advisors}
         folder = unicodedata.normalize("NFC", rel.parts[0]).casefold()
-        if folder in by_name:
-            return Intake(by_name[folder], "folder", str(rel))
+        # `inbox/Claude Monet/` is claude-monet's, as a person names the folder for the advisor they mean
+        for name in (folder, suggested_id(rel.parts[0])):
+            if name in by_name:
+                return Intake(by_name[name], "folder", str(rel))
     return Intake(default_advisor, "default", str(rel))
 
 

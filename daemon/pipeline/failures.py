@@ -56,6 +56,10 @@ _CAUSES: list[tuple[Cause, tuple[str, ...]]] = [
            "The photo is fine: the advisor named with `--advisor` does not exist. Check its spelling ({advisors}) "
            "and {again} with a known `--advisor`.", False),
      ()),  # chosen by where the advisor came from, see cause_of
+    (Cause("advisor_definition", "The advisor's definition cannot be used",
+           "The photo is fine: the definition of the advisor it was for (`advisors/<id>/advisor.toml`) cannot be "
+           "used, for the reason above. Fix that file as it says, then {again}.", False),
+     (r"advisor '[^']*' is not usable",)),
     (Cause("advisor_folder", "Unknown advisor folder",
            "The photo is fine: the inbox folder it was in names an advisor that is not (or no longer) defined. "
            "Known advisors: {advisors}. Put back `advisors/<id>/advisor.toml`, or drop the photo into a known "
