@@ -196,3 +196,46 @@ def test_a_reference_set_changed_during_the_analysis_counts_as_what_was_read(tmp
         [record] = [json.loads(p.read_text()) for p in dups]
         assert record["duplicate_of_job"] == first["job_id"]
         assert d.stop() == 0
+
+
+def test_a_photo_dropped_again_after_its_advisor_or_the_settings_changed_gets_a_new_critique(
+        tmp_path: Path, smoke_model_path: Path) -> None:
+    """The same photo dropped again after the studio rewrote its advisor's prompt, or changed a setting that shapes
+    a critique (comment_max_chars), was filed as a duplicate of the critique in the old voice. A setting that does
+    not shape one (quiet_seconds) still finds the duplicate."""
+    from tests.harness import mondrian
+
+    home = make_home(tmp_path / "home", smoke_model_path, max_pixels=56 * 56, comment_max_chars=8, max_tokens=400,
+                     quiet_seconds=0.2, api_port=0, default_mode="baseline")
+    monet = home / "advisors" / "monet" / "advisor.toml"
+    monet.parent.mkdir(parents=True)
+    monet.write_text('id = "monet"\nname = "Claude Monet"\nprompt = "You are Monet; judge the light."\n')
+    shot = photo(tmp_path / "lilies.jpg", seed=9, size=(64, 48))
+
+    def drop_and_run() -> str:
+        target = home / "inbox" / "monet" / "lilies.jpg"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(shot, target)
+        out = mondrian(home, smoke_model_path, "run", "--once", timeout=180)
+        assert out.returncode == 0, out.stderr[-3000:]
+        latest = max(every_job(home), key=lambda j: j.id)  # the harness's ledger_jobs keeps one job a path
+        return "duplicate" if latest.duplicate_of is not None else latest.state
+
+    def every_job(home: Path) -> list:
+        from daemon.ledger import Ledger
+
+        ledger = Ledger(home / "var" / "ledger.db")
+        try:
+            return list(ledger.jobs())
+        finally:
+            ledger.close()
+
+    assert drop_and_run() == "done"
+    assert drop_and_run() == "duplicate"  # nothing changed
+    monet.write_text('id = "monet"\nname = "Claude Monet"\nprompt = "You are Monet; judge the colour."\n')
+    assert drop_and_run() == "done"  # another voice
+    settings = home / "mondrian.toml"
+    settings.write_text(settings.read_text().replace("quiet_seconds = 0.2", "quiet_seconds = 0.3"))
+    assert drop_and_run() == "duplicate"  # when a file counts as settled shapes no critique
+    settings.write_text(settings.read_text().replace("comment_max_chars = 8", "comment_max_chars = 12"))
+    assert drop_and_run() == "done"

@@ -94,10 +94,15 @@ def build_strategies(cfg: Config, ledger: Any = None) -> dict[str, Strategy]:
     return {s.name: s for s in (BaselineStrategy(cfg), RagStrategy(cfg, ledger), LoraStrategy(cfg))}
 
 
-def context_key(sha256: str, advisor_id: str, effective_mode: str, inputs: str | None, model: str) -> str:
-    """What a report depends on: the bytes, the advisor, the mode used after fallbacks, that mode's inputs (the
-    reference set, the adapter version) and the model. Same key, same critique: the photo is a duplicate."""
-    doc = json.dumps([sha256, advisor_id, effective_mode, inputs, model], ensure_ascii=False)
+def context_key(sha256: str, advisor: Advisor, effective_mode: str, inputs: str | None, cfg: Config) -> str:
+    """What a report depends on: the bytes, the advisor (its definition: a prompt rewritten is another voice), the
+    mode used after fallbacks, that mode's inputs (the reference set, the adapter version), the model and the
+    settings that shape a critique. Same key, same critique: the photo is a duplicate."""
+    shaping = [cfg.max_pixels, cfg.max_tokens, cfg.comment_max_chars]
+    if effective_mode == "rag":
+        shaping += [cfg.rag_k, cfg.rag_reference_weight, cfg.embeddings_enabled]
+    doc = json.dumps([sha256, advisor.id, effective_mode, inputs, cfg.model,
+                      [advisor.name, advisor.prompt], shaping], ensure_ascii=False)
     return hashlib.sha256(doc.encode("utf-8")).hexdigest()
 
 

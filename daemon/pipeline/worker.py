@@ -318,7 +318,7 @@ class Worker:
         # made with the same of both (and the same bytes and advisor) is this photo's critique already.
         planned, planned_fallbacks = resolve(requested, advisor, self.strategies)
         inputs = planned.inputs(advisor)
-        key = context_key(photo.sha256, advisor.id, planned.name, inputs, self.cfg.model)
+        key = context_key(photo.sha256, advisor, planned.name, inputs, self.cfg)
         first = self._report_of(key, job)
         if first is not None and not keep_original:
             self.out.duplicate(job, first, src, planned_fallbacks)
@@ -354,7 +354,7 @@ class Worker:
         # another base model; the index may have changed meanwhile): the key the report is kept under. If a report
         # with that key exists, this is its duplicate after all: never two reports of one key.
         inputs = result.inputs if result.inputs is not None else strategy.inputs(advisor)
-        context = {"key": context_key(photo.sha256, advisor.id, strategy.name, inputs, self.cfg.model),
+        context = {"key": context_key(photo.sha256, advisor, strategy.name, inputs, self.cfg),
                    "inputs": inputs}
         # Looked up again even when the key is the one checked before the analysis: another process on this ledger
         # (`mondrian analyze`, a second Mac) may have published a report of the same photo meanwhile.
