@@ -21,6 +21,7 @@ from ..resources import advisors_dir
 
 ADVISOR_ID = re.compile(r"^[a-z][a-z0-9_-]{0,39}\Z")  # \Z: "$" would let a trailing newline in
 BUILTIN_DIR = advisors_dir()
+PROMPT_MAX_CHARS = 12_000  # the built-in voices are ~600; the model runtime also refuses a prompt past 8,192 tokens
 log = logging.getLogger("mondrian.advisors")
 
 
@@ -80,6 +81,9 @@ def _read(path: Path, shown: str) -> Advisor:
                   f"{shell_word(str(Path(shown).parent.with_name(wanted)))}` in the Mondrian home)"]
                  if folder != wanted else [])
         raise _Refused(f"{shown}: {what}; {' and '.join(steps)}")
+    if len(adv.prompt) > PROMPT_MAX_CHARS:
+        raise _Refused(f"{shown}: its prompt is {len(adv.prompt):,} characters; an advisor's voice fits in "
+                       f"{PROMPT_MAX_CHARS:,} (a longer one would not fit beside the photo): shorten it")
     if not adv.prompt or not adv.name:
         raise _Refused(f"{shown}: its {'prompt' if not adv.prompt else 'name'} is empty; write the advisor's voice "
                        f"into it")

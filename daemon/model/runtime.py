@@ -59,6 +59,16 @@ class GenerationError(Permanent, RuntimeError):
         self.text = text
 
 
+class PromptTooLong(Permanent, ValueError):
+    """A prompt (an advisor's, with rag's portfolio context) past PROMPT_MAX_TOKENS: refused before the prefill,
+    whose attention over tens of thousands of tokens asked the CPU for 51 GB and took the daemon down."""
+
+
+# A critique's prompt is an advisor's voice (a few hundred tokens) and, for rag, a few references' notes; 8,192 is
+# many times that, and a prefill of that length fits the memory of any machine that runs the model.
+PROMPT_MAX_TOKENS = 8192
+
+
 @dataclass
 class Generation:
     data: dict
@@ -229,6 +239,11 @@ class ModelRuntime:
 
     def format_prompt(self, prompt: str, *, system: str | None = None) -> str:
         """The chat-templated text for one image + one user prompt (image first, as Qwen2-VL expects)."""
+        words = len(self.tokenizer.encode(prompt + (system or ""), add_special_tokens=False))
+        if words > PROMPT_MAX_TOKENS:
+            raise PromptTooLong(f"the prompt is {words:,} tokens, more than the {PROMPT_MAX_TOKENS:,} Mondrian gives "
+                                f"a critique: shorten the advisor's prompt in advisors/<id>/advisor.toml (for rag, a "
+                                f"lower rag_k shortens it too)")
         messages: list[dict[str, Any]] = []
         if system:
             messages.append({"role": "system", "content": system})
@@ -399,10 +414,19 @@ class ModelRuntime:
 
         if len(requests) < 2 or not reuse.supports(self.model):
             return [self._alone(r, adapter) for r in requests]
-        prompts = [self.format_prompt(r.prompt, system=r.system) for r in requests]
+        prompts: list[str | Exception] = []
+        for r in requests:
+            try:
+                prompts.append(self.format_prompt(r.prompt, system=r.system))
+            except PromptTooLong as exc:  # that row's own outcome; the others go on
+                prompts.append(exc)
+        kept = [(r, p) for r, p in zip(requests, prompts) if isinstance(p, str)]
+        if len(kept) < 2:
+            return [p if isinstance(p, Exception) else self._alone(r, adapter) for r, p in zip(requests, prompts)]
         with self._lock, self.use_adapter(adapter):
-            outs = batch.generate_batch(self.model, self.processor, self.constraint, requests, prompts,
-                                        self.format_prompt(""))
+            done = iter(batch.generate_batch(self.model, self.processor, self.constraint, [r for r, _ in kept],
+                                             [p for _, p in kept], self.format_prompt("")))
+        outs = [p if isinstance(p, Exception) else next(done) for p in prompts]
         results: list[Generation | Exception] = []
         for out, request in zip(outs, requests):
             if not isinstance(out, Exception):
