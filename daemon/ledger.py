@@ -1416,20 +1416,22 @@ class Ledger:
         analysed since. One pass over the jobs of files that failed once (source_path has no index)."""
         job = self.Job
         failed_paths = job.select(job.source_path).where(job.state == FAILED)
-        by_path: dict[str, list[tuple[int, str]]] = {}
-        for path, job_id, state in job.select(job.source_path, job.id, job.state).where(
+        by_path: dict[str, list[tuple[int, str, str | None]]] = {}
+        for path, job_id, state, kept in job.select(job.source_path, job.id, job.state, job.output_dir).where(
                 job.source_path.in_(failed_paths)).tuples():
-            by_path.setdefault(path, []).append((job_id, state))
+            by_path.setdefault(path, []).append((job_id, state, kept))
         superseded, resolved = set(), set()
         for rows in by_path.values():
-            for job_id, state in rows:
+            for job_id, state, kept in rows:
                 if state != FAILED:
                     continue
-                later = [later_state for i, later_state in rows if i > job_id]
-                if later:
+                later = [later_state for i, later_state, _ in rows if i > job_id]
+                # Still in failed/: a later job of that inbox path is another file of the same name (IMG_0001.JPG
+                # from a second card), and this failure still stands; taken back out, the later job is its own.
+                if later and not (kept and os.path.lexists(kept)):
                     superseded.add(job_id)
-                if DONE in later:
-                    resolved.add(job_id)
+                    if DONE in later:
+                        resolved.add(job_id)
         return superseded, resolved
 
     def counts(self) -> Counts:

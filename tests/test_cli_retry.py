@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -239,3 +240,40 @@ def test_a_home_whose_name_is_not_utf8_gets_hints_a_shell_can_paste(tmp_path, sm
     pasted = subprocess.run(["bash", "-c", command], env=env, cwd=tmp_path, capture_output=True, text=True,
                             timeout=120)
     assert pasted.returncode == 0 and "Mondrian home:" in pasted.stdout, (command, pasted.stdout, pasted.stderr)
+
+
+def test_a_failure_stands_when_another_file_of_its_name_comes_and_retry_brings_it_back_from_another_disk(
+        tmp_path, smoke_model_path):
+    """Two cards both hold IMG_0001.JPG: the first failed, the second was critiqued. The first's failure (its photo
+    still in outbox/failed/) then vanished from `status`, the index and `retry --failed --all` ("put back already,
+    has a later job"). And with the outbox on another disk (an external drive, a NAS), `retry --failed` failed
+    with "Invalid cross-device link" and advice that did not fit."""
+    import json
+    import shutil
+    import tempfile
+
+    outbox = Path(tempfile.mkdtemp(prefix="mondrian-outbox-", dir="/dev/shm"))
+    try:
+        assert os.stat(outbox).st_dev != os.stat(tmp_path).st_dev, "needs the outbox on another filesystem"
+        home = make_home(tmp_path / "home", smoke_model_path, outbox=str(outbox))
+        (home / "inbox" / "IMG_0001.JPG").write_bytes(b"the first card's copy was damaged")
+        assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+        assert (outbox / "failed" / "IMG_0001.JPG").exists()
+        photo(home / "inbox" / "IMG_0001.JPG", seed=11, size=(64, 48), fmt="JPEG")  # the second card's
+        assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+
+        info = status(home, smoke_model_path)
+        assert info["counts"]["failed"] == 1, info["counts"]
+        assert [f["file"] for f in info["recent_failures"]] == ["IMG_0001.JPG"], info["recent_failures"]
+        index = (outbox / "index.html").read_text()
+        assert "failed/IMG_0001.JPG.error.html" in index
+
+        again = mondrian(home, smoke_model_path, "retry", "--failed", "--all", timeout=60)
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "Invalid cross-device link" not in again.stdout + again.stderr, again.stdout + again.stderr
+        back = home / "inbox" / "IMG_0001.JPG"
+        assert back.read_bytes() == b"the first card's copy was damaged"
+        assert not (outbox / "failed" / "IMG_0001.JPG").exists()
+        assert json.loads(mondrian(home, smoke_model_path, "status", "--json").stdout)["counts"]["queued"] == 1
+    finally:
+        shutil.rmtree(outbox, ignore_errors=True)

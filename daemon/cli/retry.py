@@ -14,7 +14,7 @@ from pathlib import Path
 import platformdirs
 
 from ..config import CONFIG_NAME, Config, ConfigError
-from ..fsutil import folder_inside, is_folder
+from ..fsutil import folder_inside, is_folder, move
 from ..analysis.advisors import advisor_folders
 from ..intake.inbox import classify, editor_sidecars, same_name, sidecar_for, unique_path
 from ..ledger import FAILED, Job, Ledger
@@ -185,14 +185,14 @@ def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | 
                 left.append(f"job {job.id}: its sidecar {sidecar.name} stays in {cfg.failed_dir.name}/, because "
                             f"{target.name} is already in the inbox; the photo is queued without it")
             else:
-                os.rename(sidecar, target)
+                move(sidecar, target)  # the outbox may be on another disk than the inbox
         for theirs in editor_sidecars(kept):  # the photographer's own (.xmp, .AAE): back with it, or left there
             target = back.with_name((back.name if same_name(theirs.stem, kept.name) else back.stem) + theirs.suffix)
             if not os.path.lexists(target):
-                os.rename(theirs, target)
+                move(theirs, target)
         # Move first, then queue: killed in between, the photo sits in the inbox (the watcher or the next
         # retry picks it up) instead of being queued at a path where nothing is yet.
-        os.rename(kept, back)
+        move(kept, back)
         ledger.requeue_failed(job.id, back, _advisor_now(cfg, job, back))
         _drop_record(kept)
     elif os.path.lexists(src):
