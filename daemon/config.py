@@ -352,6 +352,17 @@ def _read_config_text(cfg_file: Path, home: Path) -> str | None:
                           f"{home} and that file readable for the user that runs Mondrian") from None
 
 
+# Settings an environment variable gives, over mondrian.toml (`service install` carries those set in its shell
+# into the service, which otherwise starts with none of them).
+ENV_SETTINGS = {"MONDRIAN_MODEL": "model", "ANALYSIS_MODE": "default_mode",
+                "MONDRIAN_ADVISOR": "default_advisor", "EMBEDDINGS_ENABLED": "embeddings_enabled",
+                "MONDRIAN_QUIET_SECONDS": "quiet_seconds", "MONDRIAN_MAX_PIXELS": "max_pixels",
+                "MONDRIAN_COMMENT_MAX_CHARS": "comment_max_chars",
+                "MONDRIAN_JOB_TIMEOUT": "job_timeout_seconds",
+                "MONDRIAN_RESCAN_SECONDS": "rescan_seconds", "MONDRIAN_API_PORT": "api_port",
+                "MONDRIAN_LEDGER_URL": "ledger_url"}
+
+
 def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.environ,
                 **overrides: Any) -> Config:
     home = Path(home).expanduser().resolve() if home else default_home(env)
@@ -364,15 +375,8 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(toml_problem(cfg_file, text or "", exc, "fix it, or delete the file for the defaults")) from exc
 
-    env_map = {"MONDRIAN_MODEL": "model", "ANALYSIS_MODE": "default_mode",
-               "MONDRIAN_ADVISOR": "default_advisor", "EMBEDDINGS_ENABLED": "embeddings_enabled",
-               "MONDRIAN_QUIET_SECONDS": "quiet_seconds", "MONDRIAN_MAX_PIXELS": "max_pixels",
-               "MONDRIAN_COMMENT_MAX_CHARS": "comment_max_chars",
-               "MONDRIAN_JOB_TIMEOUT": "job_timeout_seconds",
-               "MONDRIAN_RESCAN_SECONDS": "rescan_seconds", "MONDRIAN_API_PORT": "api_port",
-               "MONDRIAN_LEDGER_URL": "ledger_url"}
     origins = {key: f"{key} = {value!r} in {cfg_file}" for key, value in data.items()}
-    for var, key in env_map.items():
+    for var, key in ENV_SETTINGS.items():
         if env.get(var):
             data[key] = env[var]
             origins[key] = f"{var}={env[var]!r} (environment)"

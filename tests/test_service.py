@@ -883,3 +883,25 @@ def test_install_says_where_the_model_comes_from_and_a_pin_from_the_shell_is_not
     assert 'Environment="MONDRIAN_MODEL=smoke"' in spec_for(dirs, platform="linux").unit_path.read_text()
     rc, out, err = _act("install", dirs, model="smoke")
     assert rc == 0 and "pinned by --model" in out and "this shell" not in out, out
+
+
+def test_settings_from_the_installing_shell_reach_the_service_and_are_said(dirs, systemd):
+    """`export MONDRIAN_LEDGER_URL=postgresql://…` (the README's alternative to ledger_url) then `service install`:
+    `run` from that shell used the studio's shared queue, but the service was written without it and kept a private
+    ledger beside the shared inbox and outbox. Every setting the shell's environment gives now reaches the service,
+    and install says so; hints in the service's log name the command that installed it."""
+    url = "postgresql://mondrian@studio-nas.local/mondrian"
+    spec = service.build_spec(platform="linux", home=dirs["home"], user_home=dirs["user"], model="smoke",
+                              env={"MONDRIAN_LEDGER_URL": url, "ANALYSIS_MODE": "baseline", "MONDRIAN_HOME": "x"})
+    unit = service.render_unit(spec)
+    assert f'Environment="MONDRIAN_LEDGER_URL={url}"' in unit and 'Environment="ANALYSIS_MODE=baseline"' in unit
+    assert "MONDRIAN_LEDGER_URL (ledger_url)" in spec.settings_line and "ANALYSIS_MODE" in spec.settings_line
+    assert spec.environment["MONDRIAN_PROGRAM"]
+    # What the service's own python reads in the service's own environment: the shared ledger, the mode.
+    probe = subprocess.run([str(PY), "-c", "from daemon.config import load_config; c = load_config(); "
+                            "print(c.ledger_url, c.default_mode)"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                           env={"HOME": str(dirs["user"]), "PATH": os.environ["PATH"], **spec.environment},
+                           timeout=120)
+    assert probe.stdout.split() == [url, "baseline"], probe.stderr
+    plain = service.build_spec(platform="linux", home=dirs["home"], user_home=dirs["user"], model="smoke", env={})
+    assert plain.settings_line is None and "MONDRIAN_LEDGER_URL" not in service.render_unit(plain)

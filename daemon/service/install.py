@@ -30,10 +30,11 @@ import jinja2
 
 import platformdirs
 
-from daemon.config import PROJECT_ROOT, Config, ConfigError, default_home, load_config, refuse_file_as_home
+from daemon.config import (ENV_SETTINGS, PROJECT_ROOT, Config, ConfigError, default_home, load_config,
+                            refuse_file_as_home)
 from daemon.errors import EX_CONFIG, EX_UNAVAILABLE
 from daemon.resources import service_templates_dir
-from daemon.hints import mondrian, program, serve, shell_word
+from daemon.hints import PROGRAM_ENV, mondrian, program, serve, shell_word
 
 DEFAULT_LABEL = "com.mondrian.daemon"
 ACTIONS = ("install", "uninstall", "start", "stop", "restart", "status")
@@ -95,6 +96,16 @@ class ServiceSpec:
             return (f"Model: {self.model}, pinned by MONDRIAN_MODEL, set in this shell: editing mondrian.toml will "
                     f"not change it. To follow mondrian.toml, `unset MONDRIAN_MODEL` and install again.")
         return f"Model: {self.model}, pinned by --model: to change it, install again."
+
+    @property
+    def settings_line(self) -> str | None:
+        """The settings this shell's environment gives the service, which editing mondrian.toml will not change."""
+        given = [f"{var} ({ENV_SETTINGS[var]})" for var in ENV_SETTINGS
+                 if var != "MONDRIAN_MODEL" and var in self.environment]
+        if not given:
+            return None
+        return (f"Settings from this shell, written into the service: {', '.join(given)}; they win over "
+                f"mondrian.toml. To follow mondrian.toml, `unset` them and install again.")
 
     @property
     def program_arguments(self) -> list[str]:
@@ -199,8 +210,11 @@ def build_spec(platform: str | None = None, label: str = DEFAULT_LABEL, home: st
     pinned = model or env.get("MONDRIAN_MODEL") or None
     if pinned and pinned != "smoke" and Path(pinned).expanduser().exists():
         pinned = str(Path(pinned).expanduser().resolve())  # the service runs in another directory
+    # The other settings this shell gives (`export MONDRIAN_LEDGER_URL=…`, ANALYSIS_MODE): `run` from here follows
+    # them, so the service must too; left behind, a studio Mac's service kept a private ledger beside the shared one.
+    from_env = {var: env[var] for var in ENV_SETTINGS if var != "MONDRIAN_MODEL" and env.get(var)}
     # Check the config with the environment the service will have, not this shell's.
-    cfg = load_config(home or env.get("MONDRIAN_HOME") or None, env={}, model=pinned)
+    cfg = load_config(home or env.get("MONDRIAN_HOME") or None, env=from_env, model=pinned)
     if pinned:
         pinned = _home_model(pinned, cfg.home)
         cfg = replace(cfg, model=pinned)
@@ -211,6 +225,10 @@ def build_spec(platform: str | None = None, label: str = DEFAULT_LABEL, home: st
     environment = {
         "MONDRIAN_HOME": str(cfg.home),
         **({"MONDRIAN_MODEL": model} if pinned else {}),
+        **from_env,
+        # Hints in the service's log and failure pages name the command that installed it (`.venv/bin/mondrian`
+        # in a checkout), not a bare `mondrian` that a shell may not find.
+        PROGRAM_ENV: program(),
         # Launchers start with a bare PATH; the venv first so helper tools resolve to this install.
         "PATH": ":".join(bin_dirs + ["/usr/bin", "/bin", "/usr/sbin", "/sbin"]),
         # `-m daemon` must find this checkout even when it is not pip-installed into the venv:
@@ -546,6 +564,8 @@ class Launchd:
             sh.say(f"Mondrian is installed as {spec.label}; it starts now and at every login.")
             sh.say(f"Logs: {spec.stdout_path} and {spec.stderr_path}")
             sh.say(spec.model_line)
+            if spec.settings_line:
+                sh.say(spec.settings_line)
         return rc
 
     def uninstall(self) -> int:
@@ -641,6 +661,8 @@ class Systemd:
             sh.say(f"Mondrian is installed as {self.unit}; it starts now and at every login.")
             sh.say(f"Logs: journalctl --user -u {self.unit} -f")
             sh.say(spec.model_line)
+            if spec.settings_line:
+                sh.say(spec.settings_line)
             sh.say("To keep it running while you are logged out (a server): loginctl enable-linger $USER")
         return rc
 
