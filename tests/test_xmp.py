@@ -248,3 +248,45 @@ def test_a_jpeg_with_extended_xmp_is_left_unchanged_and_its_sidecar_has_the_rati
     assert "big.jpg: the XMP could not be embedded" in caplog.text and "big.xmp beside it has the rating" in caplog.text
     assert "(extended XMP)" in caplog.text, caplog.text  # refused for this reason, not another
     assert read_back(exiftool(sidecar)[str(sidecar)]) == expected(report)
+
+
+def test_the_photographers_own_caption_rating_and_label_are_not_lost(tmp_path):
+    """A JPEG carrying its photographer's caption ("Grandma's 90th birthday, Lisbon"), 5 stars and a Red label came out
+    of `xmp_embed` with the model's summary, its stars and "Ansel Adams (baseline)": inside the only copy of the
+    photo, with nothing kept. Their caption now stays in the sidecar and inside the photo, their rating and label
+    stay inside the photo (the sidecar carries Mondrian's), also when it is critiqued again; a photo without its
+    own gets Mondrian's, replaced by the next critique's."""
+    import exiv2
+
+    def jpeg(path: Path, **fields: object) -> Path:
+        Image.new("RGB", (32, 24)).save(path, "JPEG")
+        image = exiv2.ImageFactory.open(str(path))
+        image.readMetadata()
+        for key, value in fields.items():
+            image.xmpData()[key] = value
+        image.writeMetadata()
+        return path
+
+    theirs = jpeg(tmp_path / "grandma.jpg", **{
+        "Xmp.dc.description": exiv2.LangAltValue({"x-default": "Grandma's 90th birthday, Lisbon"}),
+        "Xmp.xmp.Rating": "5", "Xmp.xmp.Label": "Red",
+        "Xmp.dc.subject": exiv2.XmpArrayValue(["family"], exiv2.TypeId.xmpBag)})
+    plain = jpeg(tmp_path / "plain.jpg")
+    first = report_for(3, summary="and the frame", photo={"file": "grandma.jpg", "format": "JPEG"})
+    packet = exiv2.ImageFactory.open(str(theirs))
+    packet.readMetadata()  # the same fields as Lightroom's own sidecar of a raw file would hold them
+    sidecar = write_sidecar(tmp_path, first, theirs=packet.xmpPacket().encode())
+    assert embed(theirs, first) and embed(plain, report_for(3, summary="flat light"))
+    got = exiftool(sidecar, theirs, plain)
+    words = ["mondrian:advisor=ansel", "mondrian:mode=rag", "mondrian:grade=3"]
+    assert read_back(got[str(sidecar)]) == (2, "Ansel Adams (rag)", "Grandma's 90th birthday, Lisbon",
+                                            ["family", *words])
+    assert read_back(got[str(theirs)]) == (5, "Red", "Grandma's 90th birthday, Lisbon", ["family", *words])
+    assert read_back(got[str(plain)]) == (2, "Ansel Adams (rag)", "flat light", words)
+
+    again = report_for(9, summary="a better frame", photo={"file": "grandma.jpg", "format": "JPEG"})
+    assert embed(theirs, again) and embed(plain, report_for(9, summary="light at last"))
+    got = exiftool(theirs, plain)
+    words = ["mondrian:advisor=ansel", "mondrian:mode=rag", "mondrian:grade=9"]
+    assert read_back(got[str(theirs)]) == (5, "Red", "Grandma's 90th birthday, Lisbon", ["family", *words])
+    assert read_back(got[str(plain)]) == (5, "Ansel Adams (rag)", "light at last", words)

@@ -39,6 +39,9 @@ _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 # once refused every embed in a fresh process.
 exiv2.XmpProperties.registerNs("http://ns.adobe.com/xmp/note/", "xmpNote")
 _EXTENDED_XMP = exiv2.XmpKey("Xmp.xmpNote.HasExtendedXMP")
+# Which of the photo's fields a Mondrian wrote (its rating and label, its caption), kept with them.
+exiv2.XmpProperties.registerNs("https://github.com/mondrian-photo/xmp/1.0/", "mondrian")
+_WROTE = exiv2.XmpKey("Xmp.mondrian.wrote")
 
 
 def stars(grade: float) -> int:
@@ -65,21 +68,47 @@ def keywords(report: dict[str, Any]) -> list[str]:
     return [_text(KEYWORD_PREFIX + w) for w in words]
 
 
-def _fill(xmp: exiv2.XmpData, report: dict[str, Any]) -> None:
-    """Set Mondrian's fields in `xmp`; what else it holds stays, keywords of its own included."""
-    xmp["Xmp.xmp.Rating"] = str(stars(report["overall_grade"]))
-    xmp["Xmp.xmp.Label"] = label(report)
+def _fill(xmp: exiv2.XmpData, report: dict[str, Any], *, inside_original: bool = False) -> None:
+    """Set Mondrian's fields in `xmp`; what else it holds stays, keywords of its own included.
+
+    The photographer's own caption is never replaced: the summary goes where there is none, or where the caption is
+    one a Mondrian wrote. Inside the original (`inside_original`, xmp_embed), where no copy of what was there is
+    kept, their own rating and label stay too: the sidecar beside it carries Mondrian's. Which fields a Mondrian
+    wrote is recorded with them (`mondrian:wrote`), so a photo critiqued again keeps telling theirs from ours."""
+    subject = xmp.findKey(exiv2.XmpKey("Xmp.dc.subject"))
+    words = list(subject.getValue()) if subject != xmp.end() else []
+    found = xmp.findKey(_WROTE)
+    if found != xmp.end():
+        ours = set(found.getValue())
+    else:  # a Mondrian before this record wrote all three wherever it left its keywords
+        ours = {"rating", "caption"} if any(k.lower().startswith(KEYWORD_PREFIX) for k in words) else set()
+    wrote: list[str] = []
+    theirs_rated = "rating" not in ours and (_has(xmp, "Xmp.xmp.Rating", "0") or _has(xmp, "Xmp.xmp.Label"))
+    if not (inside_original and theirs_rated):
+        xmp["Xmp.xmp.Rating"] = str(stars(report["overall_grade"]))
+        xmp["Xmp.xmp.Label"] = label(report)
+        wrote.append("rating")
     captions: dict[str, str] = {}
     old = xmp.findKey(exiv2.XmpKey("Xmp.dc.description"))
     if old != xmp.end():
         captions = dict(old.getValue())  # other languages are the photographer's
-    xmp["Xmp.dc.description"] = exiv2.LangAltValue({**captions, "x-default": _text(report.get("summary", ""))})
-    kept: list[str] = []
-    old = xmp.findKey(exiv2.XmpKey("Xmp.dc.subject"))
-    if old != xmp.end():
-        kept = [k for k in old.getValue() if not k.lower().startswith(KEYWORD_PREFIX)]
-        xmp.erase(old)
+    if "caption" in ours or not captions.get("x-default", "").strip():
+        captions["x-default"] = _text(report.get("summary", ""))
+        wrote.append("caption")
+    xmp["Xmp.dc.description"] = exiv2.LangAltValue(captions)
+    if subject != xmp.end():
+        xmp.erase(xmp.findKey(exiv2.XmpKey("Xmp.dc.subject")))
+    kept = [k for k in words if not k.lower().startswith(KEYWORD_PREFIX)]
     xmp["Xmp.dc.subject"] = exiv2.XmpArrayValue(kept + keywords(report), exiv2.TypeId.xmpBag)
+    if found != xmp.end():
+        xmp.erase(xmp.findKey(_WROTE))
+    xmp["Xmp.mondrian.wrote"] = exiv2.XmpArrayValue(wrote or ["keywords"], exiv2.TypeId.xmpBag)
+
+
+def _has(xmp: exiv2.XmpData, key: str, *empty: str) -> bool:
+    """Whether `xmp` holds `key` with a value other than nothing (or those in `empty`)."""
+    found = xmp.findKey(exiv2.XmpKey(key))
+    return found != xmp.end() and str(found.getValue()).strip() not in ("", *empty)
 
 
 def sidecar_bytes(report: dict[str, Any], theirs: bytes | None = None) -> bytes:
@@ -153,7 +182,7 @@ def embed(original: Path, report: dict[str, Any]) -> bool:
             # merge them over the first, so a keyword list living there would hide Mondrian's.
             raise ValueError("its XMP is larger than one JPEG segment holds (extended XMP), which cannot be "
                              "rewritten safely")
-        _fill(image.xmpData(), report)
+        _fill(image.xmpData(), report, inside_original=True)
         image.writeMetadata()
         atomic_write_bytes(original, _bytes(image))
         os.utime(original, ns=(before.st_atime_ns, before.st_mtime_ns))  # file browsers sort by it
