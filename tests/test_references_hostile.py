@@ -340,3 +340,67 @@ def test_rag_reads_no_deleted_reference_and_counts_a_raw_jpeg_pair_once(tmp_path
 
     cfg = load_config(home=home)
     assert sorted(Path(r.path).name for r in collect_references(cfg, "ansel")) == sorted(["r0.jpg", "r3.jpg"])
+
+
+def _original_db(folder: Path, rows: list[str], *, wal: bool = False) -> Path:
+    """An original Mondrian database whose dimensional_profiles name `rows` (image paths), every score 7."""
+    db_path = folder / "mondrian.db"
+    db = sqlite3.connect(db_path)
+    if wal:
+        db.execute("PRAGMA journal_mode=WAL")
+    cols = ", ".join(f"{d}_score REAL, {d}_comment TEXT" for d in DIMS)
+    db.execute(f"CREATE TABLE dimensional_profiles (id INTEGER PRIMARY KEY, advisor_id TEXT, image_path TEXT, {cols})")
+    names = ", ".join(f"{d}_score" for d in DIMS)
+    for path in rows:
+        db.execute(f"INSERT INTO dimensional_profiles (advisor_id, image_path, {names}) VALUES ('ansel', ?, "
+                   f"{', '.join('7' for _ in DIMS)})", (path,))
+    db.commit()
+    db.close()
+    return db_path
+
+
+def test_import_db_tells_uploads_by_name_goes_past_an_unreadable_photo_and_stops_at_a_full_disk(
+        tmp_path, smoke_model_path):
+    """`temple_at_dawn.jpg` and `contemporary.jpg` were skipped as "a photo a user uploaded" (any "temp" in the path);
+    one unreadable photo stopped the whole import (exit 74) blaming its folder, never trying the rows after it and
+    listing none imported; a WAL database in a folder the user cannot write was "not a readable SQLite database";
+    and a full references disk was blamed on the source photo's folder."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    orig = tmp_path / "orig"
+    for i, name in enumerate(["temple_at_dawn.jpg", "contemporary.jpg", "locked.jpg", "after.jpg"]):
+        photo(orig / "images" / name, seed=70 + i)
+    photo(orig / "temp" / "upload.jpg", seed=80)
+    os.chmod(orig / "images" / "locked.jpg", 0o000)
+    db = _original_db(orig, ["images/temple_at_dawn.jpg", "images/contemporary.jpg", "temp/upload.jpg",
+                             "images/locked.jpg", "images/after.jpg"], wal=True)
+    os.chmod(orig, 0o555)  # the original's folder, not this user's to write: its -shm cannot be made
+    try:
+        out = _as_user_mondrian(home, smoke_model_path, "references", "import-db", "--json", str(db))
+    finally:
+        os.chmod(orig, 0o755)
+    assert "Traceback" not in out.stderr and "cannot import" not in out.stderr, out.stderr
+    rows = {o["image"]: o for o in json.loads(out.stdout)}
+    assert [rows[f"images/{n}"]["action"] for n in ("temple_at_dawn.jpg", "contemporary.jpg", "after.jpg")] == \
+        ["imported"] * 3, rows
+    assert "uploaded" in rows["temp/upload.jpg"]["reason"], rows["temp/upload.jpg"]
+    assert rows["images/locked.jpg"]["action"] == "skipped" and "chmod u+r" in rows["images/locked.jpg"]["reason"]
+    assert out.returncode == 1, out.stderr  # some skipped
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        return
+    full = tmp_path / "full-home"
+    make_home(full, smoke_model_path)
+    refs = full / "advisors" / "ansel" / "references"
+    refs.mkdir(parents=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(refs)]).returncode != 0:
+        return
+    try:
+        big = [f"images/big{i}.jpg" for i in range(3)]
+        for i, name in enumerate(big):
+            photo(tmp_path / "orig2" / name, seed=90 + i, size=(160, 120), fmt="PNG")  # ~57 KB: one fits
+        out = mondrian(full, smoke_model_path, "references", "import-db", str(_original_db(tmp_path / "orig2", big)))
+        assert out.returncode == 74 and "Traceback" not in out.stderr, out.stderr
+        assert f"could not write into {refs}" in out.stderr and "free space there" in out.stderr, out.stderr
+        assert "imported: ansel: images/big0.jpg" in out.stderr, out.stderr
+    finally:
+        subprocess.run(["umount", str(refs)], check=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis.advisors import advisor_arg
+from ..errors import EX_IOERR
 from ..fsutil import lock_holder
 from .common import EX_CONFIG, config_from, progress_bar, say
 from ..hints import mondrian
@@ -220,10 +221,12 @@ def cmd_import_db(args: argparse.Namespace) -> int:
             say(shown(f"imported: {o.advisor}: {o.image} -> advisors/{o.advisor}/references/{o.file}"))
         elif o.action == "skipped":
             say(shown(f"skipped: {o.row} ({o.advisor or '?'}: {o.image or '?'}): {o.reason}"))
+    if summary.stopped:
+        print(shown(f"stopped: {summary.stopped}"), file=sys.stderr)
     print(f"{summary.count('imported')} imported, {summary.count('present')} already there, "
           f"{summary.count('skipped')} skipped. A running daemon indexes the new references by itself; otherwise "
           f"run `{mondrian()} references index`", file=sys.stderr)
-    return 1 if summary.count("skipped") else 0
+    return EX_IOERR if summary.stopped else 1 if summary.count("skipped") else 0
 
 
 def register(subparsers: Any) -> None:

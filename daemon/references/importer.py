@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import sqlite3
 from dataclasses import dataclass, field
@@ -31,7 +32,16 @@ from ..hints import mondrian
 
 TABLE = "dimensional_profiles"
 # The original's own training query left these out: photos users uploaded for analysis, not the advisor's work.
-UPLOAD_MARKERS = ("temp", "analyze_image")
+# The original kept the photos users uploaded for analysis beside the advisors' own, and its training left out paths
+# `LIKE '%temp%'` or `'%analyze_image%'`: here a folder or file name that is `temp`/`tmp` or begins so (`temp/`,
+# `temp_3f2a.jpg`, `tmp1.png`), or holds `analyze_image`. Not any "temp" inside a word: `temple_at_dawn.jpg`,
+# `contemporary.jpg` and `~/Templates/` are an advisor's own work.
+_UPLOAD_PART = re.compile(r"(?:temp|tmp)(?:[^a-z].*)?|.*analyze_image.*", re.IGNORECASE | re.DOTALL)
+
+
+def is_upload(image_path: str) -> bool:
+    """Whether an original row's image_path is a user's upload rather than the advisor's own photo."""
+    return any(_UPLOAD_PART.fullmatch(part) for part in re.split(r"[\\/]", image_path) if part)
 
 
 class ImportRefused(RuntimeError):
@@ -48,12 +58,30 @@ class Outcome:
     file: str = ""  # where it went, relative to the advisor's references folder
 
 
+class _NotWritten(OSError):
+    """The references folder could not take a photo (a full disk): the import stops there."""
+
+
 @dataclass
 class Summary:
     outcomes: list[Outcome] = field(default_factory=list)
+    stopped: str = ""  # why the import stopped before the last row, if it did
 
     def count(self, action: str) -> int:
         return sum(1 for o in self.outcomes if o.action == action)
+
+
+def _connect_read_only(path: Path) -> sqlite3.Connection:
+    """Read-only; a database in WAL mode in a folder this user cannot write (another account's, a read-only share)
+    cannot open its -shm file that way, and is then read as immutable: the original Mondrian is not writing it."""
+    uri = f"file:{quote(str(path.resolve()))}?mode=ro"
+    db = sqlite3.connect(uri, uri=True)
+    try:
+        db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return db
+    except sqlite3.OperationalError:
+        db.close()
+        return sqlite3.connect(uri + "&immutable=1", uri=True)
 
 
 def open_read_only(path: Path) -> sqlite3.Connection:
@@ -61,7 +89,7 @@ def open_read_only(path: Path) -> sqlite3.Connection:
         raise ImportRefused(f"{path} is not a file; give the path of the original Mondrian's database "
                             f"(e.g. mondrian/mondrian.db)")
     try:
-        db = sqlite3.connect(f"file:{quote(str(path.resolve()))}?mode=ro", uri=True)
+        db = _connect_read_only(path)
         db.row_factory = sqlite3.Row
         # Text as the original stored it, even where it is not UTF-8 (an image_path written from a Latin-1 name): a
         # path keeps its bytes (surrogateescape, as the file system gives names), so one such row is that row's
@@ -189,7 +217,11 @@ def import_db(cfg: Config, db_path: Path, advisor: str | None = None) -> Summary
         rows: Iterable[sqlite3.Row] = (db.execute(query + " WHERE advisor_id = ? ORDER BY rowid", (advisor,))
                                        if advisor else db.execute(query + " ORDER BY rowid"))
         for row in rows:
-            summary.outcomes.append(_import_row(cfg, row, db_path, advisors, portfolios))
+            try:
+                summary.outcomes.append(_import_row(cfg, row, db_path, advisors, portfolios))
+            except _NotWritten as exc:  # a full disk: the rows after it would fail the same way
+                summary.stopped = str(exc)
+                break
     except sqlite3.DatabaseError as exc:
         raise ImportRefused(f"{db_path} could not be read ({exc})") from None
     finally:
@@ -219,7 +251,7 @@ def _import_row(cfg: Config, row: sqlite3.Row, db_path: Path, advisors: dict, po
     if not image:
         out.reason = "the row has no image_path"
         return out
-    if any(marker in image for marker in UPLOAD_MARKERS):
+    if is_upload(image):
         out.reason = "a photo a user uploaded for analysis (temp/analyze_image path), not the advisor's own work"
         return out
     try:
@@ -243,17 +275,29 @@ def _import_row(cfg: Config, row: sqlite3.Row, db_path: Path, advisors: dict, po
     if not src.name.lower().endswith(IMAGE_SUFFIXES):
         out.reason = f"not a photo file type Mondrian reads ({', '.join(IMAGE_SUFFIXES)})"
         return out
-    size = src.stat().st_size
-    if size > cfg.max_file_bytes:
-        out.reason = f"larger than max_file_mb ({cfg.max_file_mb} MB)"
+    try:
+        size = src.stat().st_size
+        if size > cfg.max_file_bytes:
+            out.reason = f"larger than max_file_mb ({cfg.max_file_mb} MB)"
+            return out
+        sha = _sha256(src)
+    except OSError as exc:  # this photo's own problem: the rows after it are imported still
+        out.reason = (f"{shown_name(src)} could not be read ({exc.strerror or exc}): make it readable "
+                      f"(`chmod u+r`), then import again")
         return out
     folder = references_dir(cfg, advisor_id)
     portfolio = portfolios.setdefault(advisor_id, Portfolio(folder))
-    sha = _sha256(src)
     there = portfolio.holding(size, sha)
     if there is not None:
         out.action, out.file = "present", str(there.relative_to(folder))
         return out
-    dest = portfolio.add(src, src.name, sidecar, size, sha)
+    try:
+        dest = portfolio.add(src, src.name, sidecar, size, sha)
+    except OSError as exc:
+        if not os.access(src, os.R_OK):  # removed or locked since it was hashed: this row's own problem
+            out.reason = f"{shown_name(src)} could not be read ({exc.strerror or exc}); import again"
+            return out
+        raise _NotWritten(f"could not write into {shown_name(folder)} ({exc.strerror or exc}): free space there (or "
+                          f"make it writable), then import again; the photos imported so far stay") from None
     out.action, out.file = "imported", str(dest.relative_to(folder))
     return out
