@@ -272,9 +272,9 @@ def test_read_only_outbox_exits_78_with_one_line(tmp_path, smoke_model_path):
     print(f"\nread-only outbox: exit 78, {lines[0].split(': ', 1)[1][:110]}…")
 
 
-# -- SIGHUP: a graceful stop like SIGTERM ------------------------------------------------------------------
+# -- SIGHUP: a graceful stop like SIGTERM, then a restart by the service manager ---------------------------
 
-def test_sighup_requeues_the_photo_in_hand_and_exits_0_quickly(tmp_path, smoke_model_path):
+def test_sighup_requeues_the_photo_in_hand_and_exits_75_quickly(tmp_path, smoke_model_path):
     _graceful_stop(tmp_path, smoke_model_path, signal.SIGHUP)
 
 

@@ -3,7 +3,9 @@
 Never daemonizes (launchd and systemd supervise it). SIGTERM/SIGINT finish or requeue the photo in hand
 and exit 0; a fatal start-up problem (model missing, another daemon on the same home or inbox) exits 78
 (EX_CONFIG) with a line saying what to fix, so KeepAlive/Restart=on-failure only restart real crashes.
-SIGHUP stops the daemon like SIGTERM (it reloads nothing: a restart reads the configuration again).
+SIGHUP, which admins send to make a daemon read its settings again, stops it the same way but exits 75
+(EX_TEMPFAIL): launchd and systemd then start it again, and the new process reads them. (Exiting 0 left the service
+stopped until the next login.)
 A ledger deleted or replaced while the daemon runs is written back whole, then the daemon exits 75
 (EX_TEMPFAIL) so its supervisor starts it again on the restored file.
 """
@@ -116,6 +118,7 @@ class Daemon:
         self.ready = threading.Event()
         self.fatal: str | None = None
         self.ledger_lost: str | None = None
+        self.reload = False  # SIGHUP: exit 75 so the service manager starts a process that reads the settings anew
         self.ledger = Ledger.for_config(cfg, stop=self.stop, note=cfg.var_dir / FAULT_NOTE)
         self.heartbeat = Heartbeat(self.ledger, self.stop, self.wake.set)
         self.worker = Worker(cfg, self.ledger, runtime_factory or default_runtime_factory(cfg), self.stop)
@@ -290,7 +293,12 @@ class Daemon:
 
     # -- main thread --------------------------------------------------------------------------
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        log.info("received %s: finishing up", signal.Signals(signum).name)
+        if signum == signal.SIGHUP:
+            self.reload = True
+            log.info("received SIGHUP: finishing up, then exiting 75 so the service manager starts Mondrian again "
+                     "with its settings read anew")
+        else:
+            log.info("received %s: finishing up", signal.Signals(signum).name)
         self.stop.set()
         self.wake.set()
 
@@ -376,7 +384,7 @@ class Daemon:
         if self.fatal:
             log.error("cannot start: %s", self.fatal)
             return EX_CONFIG
-        if self.ledger_lost:
+        if self.ledger_lost or self.reload:
             return EX_TEMPFAIL
         return 0
 
