@@ -148,8 +148,8 @@ class Config:
             # the home. (The inbox and outbox may be links: their paths are resolved when the config is read.)
             if os.path.islink(d):
                 raise ConfigError(f"{d} is a symbolic link (to {os.readlink(d)}), where Mondrian keeps a folder of "
-                                  f"its own: remove the link (`rm {d}` removes only the link, not what it points "
-                                  f"to) and start again")
+                                  f"its own: remove the link (`rm {shell_word(d)}` removes only the link, not what it "
+                                  f"points to) and start again")
         for d in (self.inbox, self.outbox, self.failed_dir, self.staging_dir, self.var_dir,
                   self.adapters_dir, self.advisors_dir):
             self._refuse_unmounted(d, within=(self.home, Path.home(), Path(platformdirs.user_data_dir())))

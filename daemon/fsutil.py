@@ -349,7 +349,9 @@ def _not_own(path: Path, what: str, own: str) -> NotOwn:
             what = f"a symbolic link (to {os.readlink(path)})"
         except OSError:
             pass
-        fix = f"Remove the link (`rm {path}` removes only the link, not what it points to)"
+        from .hints import shell_word
+
+        fix = f"Remove the link (`rm {shell_word(path)}` removes only the link, not what it points to)"
     else:
         fix = "Move it elsewhere"
     return NotOwn(f"{path} is {what}, where Mondrian keeps its own {own}; Mondrian never writes or deletes "

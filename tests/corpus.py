@@ -369,7 +369,8 @@ def build(folder: Path) -> list[Item]:
     hidden = jpeg(5000)
     for name in (".hidden.jpg", "._IMG_1.jpg", "~$lock.jpg", "IMG_2.jpg.part", "IMG_3.jpg.crdownload",
                  "IMG_4.jpg.download/IMG_4.jpg", ".secret folder/IMG_5.jpg", "IMG_6.jpg.tmp",
-                 "IMG_7.jpg.partial", "IMG_8.jpg.opdownload", "orphan.mode", ".DS_Store"):
+                 "IMG_7.jpg.partial", "IMG_8.jpg.opdownload", "orphan.mode", ".DS_Store",
+                 "IMG_9.jpg_original"):  # exiftool's backup of a photo it edited
         add(name, hidden, "ignored", "hidden/temporary")
     if sys.platform.startswith("linux"):  # bytes that are not UTF-8 in a name (APFS forbids them): left alone
         add("not utf8 \udcff\udcfe.jpg", jpeg(5001), "ignored", "non-UTF-8 name")

@@ -142,7 +142,9 @@ def test_the_run_lock_sweep_removes_only_run_locks(tmp_path, smoke_model_path):
 
 @pytest.mark.parametrize("folder", [".staging", "failed", "duplicates"])
 def test_an_outbox_folder_of_mondrians_that_is_a_link_stops_the_start(tmp_path, smoke_model_path, folder):
-    home = make_home(tmp_path / "home", smoke_model_path)
+    """... and its advice, pasted into a shell, removes only the link, even in a home whose name has a space (the
+    unquoted `rm /Users/me/My Photos/...` would have removed `/Users/me/My` and `Photos/...`)."""
+    home = make_home(tmp_path / "My Photos" / "home", smoke_model_path)
     victim = _victim(tmp_path / "victim")
     before = _snapshot(victim)
     (home / "outbox" / folder).symlink_to(victim)
@@ -150,9 +152,13 @@ def test_an_outbox_folder_of_mondrians_that_is_a_link_stops_the_start(tmp_path, 
     shutil.copyfile(home / "inbox" / "a.jpg", home / "inbox" / "a-copy.jpg")  # a duplicate
     (home / "inbox" / "bad.jpg").write_text("not a photo\n")  # a failure
     out = mondrian(home, smoke_model_path, "run", "--once", timeout=120)
-    _one_line_78(out, str(home / "outbox" / folder), "symbolic link", "rm ")
+    line = _one_line_78(out, str(home / "outbox" / folder), "symbolic link", "rm ")
     assert _snapshot(victim) == before
     assert sorted(p.name for p in (home / "inbox").iterdir()) == ["a-copy.jpg", "a.jpg", "bad.jpg"]
+    done = subprocess.run(["bash", "-c", re.search(r"`(rm [^`]+)`", line).group(1)], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and not os.path.lexists(home / "outbox" / folder), done.stderr
+    assert _snapshot(victim) == before and (tmp_path / "My Photos" / "home" / "inbox").is_dir()
 
 
 @pytest.mark.parametrize("folder", ["failed", "duplicates", ".staging"])

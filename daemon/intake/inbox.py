@@ -20,7 +20,9 @@ SIDECAR_MAX_BYTES = 64
 SIDECAR_READ_SECONDS = 30.0
 # Names that mean "still being written" or "not a photo at all" (Finder, Office, browsers, rsync), in the inbox
 # and in reference folders alike.
-TEMP_SUFFIXES = (".part", ".crdownload", ".download", ".tmp", ".partial", ".opdownload")
+# `_original`: the backup exiftool leaves beside each photo it edits (`IMG_7.jpg_original`), not a photo of its own
+# (critiqued as one, it also took `IMG_7/` from the real photo).
+TEMP_SUFFIXES = (".part", ".crdownload", ".download", ".tmp", ".partial", ".opdownload", "_original")
 HIDDEN_PREFIXES = (".", "~$", "._")
 # Finder's custom folder icon: `Icon` + a carriage return, an empty file that Finder hides, in every album copied from
 # a Mac that has one. Never a photo: taken for one, it failed as "the file is empty (0 bytes); copy the photo again".
