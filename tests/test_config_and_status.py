@@ -379,6 +379,8 @@ def test_a_stopped_daemon_is_shown_as_not_responding(tmp_path, smoke_model_path)
     assert info["daemon"]["running"] and not info["daemon"]["responding"], info["daemon"]
     assert info["daemon"]["last_heartbeat_s"] > STALE_AFTER_SECONDS
     assert "Daemon:  not responding (pid" in text and f"kill -CONT {d.proc.pid}" in text, text
+    # run by hand, not as a service: `service restart` would start nothing
+    assert "service restart" not in text and f"`kill {d.proc.pid}`, then start it again with" in text, text
 
 
 # -- status does not create a home (attack 27) -----------------------------------------------------------------------

@@ -765,7 +765,7 @@ def test_install_refuses_a_config_the_daemon_would_refuse_at_start(dirs, systemd
     assert rc == service.EX_CONFIG and needle in err, err
 
 
-def test_another_homes_uninstall_refuses_and_status_says_whose_service_it_is(dirs, systemd):
+def test_another_homes_uninstall_refuses_and_status_says_whose_service_it_is(dirs, systemd, monkeypatch):
     (dirs["home"] / "mondrian.toml").write_text('model = "smoke"\n')
     assert _act("install", dirs)[0] == 0
     unit = spec_for(dirs, platform="linux").unit_path
@@ -783,6 +783,14 @@ def test_another_homes_uninstall_refuses_and_status_says_whose_service_it_is(dir
 
     rc, out, err = _act("status", dirs, home=other)
     assert f"serves {dirs['home'].resolve()}, not {other.resolve()}" in out, out + err
+
+    # `export MONDRIAN_HOME=…` (as `init` advises) names a home as --home does: it stopped and removed the other's.
+    monkeypatch.setenv("MONDRIAN_HOME", str(other))
+    for action in ("stop", "uninstall"):
+        rc, _, err = _act(action, dirs, home=None)
+        assert rc == service.EX_CONFIG and f"not {other.resolve()}" in err, (action, err)
+    assert unit.exists()
+    monkeypatch.delenv("MONDRIAN_HOME")
 
     assert _act("uninstall", dirs)[0] == 0  # its own home removes it
     assert not unit.exists()

@@ -228,7 +228,7 @@ def collect(cfg: Config) -> dict[str, Any]:
     if fault is not None and (pid is None or fault.get("pid") != pid):
         fault = None  # left by a daemon that has stopped since
     daemon = _liveness(pid, events, now)
-    if not daemon["running"]:
+    if not daemon["running"] or not daemon.get("responding", True):  # both advise how to start it again
         daemon["service_installed"] = _service_serves(cfg)
     if fault is not None:
         daemon["responding"] = True  # it cannot write its heartbeat: the fault line says why
@@ -363,9 +363,11 @@ def _daemon_line(d: dict[str, Any]) -> str:
         return (f"not running  — start it with `{mondrian()} run`, or at every login with "
                 f"`{mondrian()} service install`")
     if not d.get("responding", True):
+        restart = (f"`{mondrian()} service restart`" if d.get("service_installed") else
+                   f"`kill {d['pid']}`, then start it again with `{mondrian()} run`")
         return (f"not responding (pid {d['pid']}; last heartbeat {d['last_heartbeat_s']:.0f} s ago, it beats every "
                 f"{BEAT_SECONDS:.0f} s): stopped (`kill -STOP`, a debugger) or hung. `kill -CONT {d['pid']}` if it "
-                f"was stopped, else restart it (`{mondrian()} service restart`)")
+                f"was stopped, else restart it ({restart})")
     return f"running (pid {d['pid']})"
 
 

@@ -782,7 +782,10 @@ def service_action(action: str, *, platform: str | None = None, label: str = DEF
             _path, text = render(spec)
             return manager.install(text)
         other = installed_home(spec)
-        if home is not None and action in ("start", "stop", "restart", "uninstall") and other and other != spec.home:
+        # A home asked for (--home, or MONDRIAN_HOME, which `init` advises exporting) is this home's service; a plain
+        # `service stop` is the installed service's, whichever home it serves.
+        named = home is not None or bool(os.environ.get("MONDRIAN_HOME"))
+        if named and action in ("start", "stop", "restart", "uninstall") and other and other != spec.home:
             # One label, one service: `--home B service start` would start (or stop, or remove) home A's daemon.
             fix = (f"Remove it with `{program()} --home {shell_word(other)} service uninstall`"
                    if action == "uninstall" else
@@ -791,7 +794,7 @@ def service_action(action: str, *, platform: str | None = None, label: str = DEF
             sh.warn(f"mondrian service {action}: the installed service {spec.label} serves {other}, not "
                     f"{spec.home}; nothing was done. {fix}")
             return EX_CONFIG
-        if home is not None and action == "status" and other and other != spec.home:
+        if named and action == "status" and other and other != spec.home:
             # The unit state below is the other home's; the queue shown is this one's.
             sh.say(f"note: the installed service {spec.label} serves {other}, not {spec.home}: its state below "
                    f"is that home's daemon")
