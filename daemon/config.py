@@ -192,7 +192,8 @@ class Config:
                           f"mounts{self._init_hint(folder)}")
 
     def _init_hint(self, folder: Path) -> str:
-        return f" (a new home there: `{program()} init {shell_word(folder)}` makes it)" if folder == self.home else ""
+        return (f" (once it is connected, `{program()} init {shell_word(folder)}` makes a new home there)"
+                if folder == self.home else "")
 
 
 _SCALARS = {f.name: f.type for f in fields(Config)}

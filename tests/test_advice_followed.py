@@ -186,6 +186,13 @@ def test_status_of_a_home_on_a_drive_not_connected_says_connect_it_not_init_it(t
     assert refused.returncode == 78 and "not connected" in refused.stderr, refused.stderr
     assert "Connect it and run the command again" in refused.stderr, refused.stderr
     assert not (tmp_path / "Volumes").exists()
+    # The `init` it names "once it is connected", pasted before that: refused too (it made the folder the drive
+    # mounts on), saying how to make one on purpose.
+    for command_init in _commands(refused.stderr, "init"):
+        early = _paste(command_init, env, tmp_path)
+        assert early.returncode == 78 and "not connected" in early.stderr and "mkdir -p" in early.stderr, early.stderr
+    assert _commands(refused.stderr, "init"), refused.stderr
+    assert not (tmp_path / "Volumes").exists()
     make_home(home, smoke_model_path)  # the drive, connected
     again = _paste(command, env, tmp_path)
     assert again.returncode == 0 and "Mondrian home:" in again.stdout, again.stderr

@@ -144,6 +144,11 @@ def test_init_inside_another_homes_inbox_is_refused_and_the_suggested_place_work
                             env=env_for(home, smoke_model_path), capture_output=True, text=True, timeout=60)
     assert pasted.returncode == 0 and (tmp_path / "studio2" / "mondrian.toml").is_file(), pasted.stderr
     assert sorted(p.name for p in (home / "inbox").iterdir()) == []
+    # A home `run` or `demo` made has no mondrian.toml, only its ledger: still a home to stay out of.
+    (home / "mondrian.toml").unlink()
+    assert mondrian(home, smoke_model_path, "status").returncode == 0  # makes var/ledger.db, as `run` would
+    out = mondrian(home, smoke_model_path, "init", str(home / "inbox" / "studio3"))
+    assert out.returncode == 78 and "is inside the inbox of the Mondrian home" in out.stderr, out.stderr
 
 
 def test_an_advisor_typed_with_a_capital_is_the_advisor_as_in_the_api_and_the_inbox(tmp_path, smoke_model_path):

@@ -11,6 +11,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+import platformdirs
+
 from ..config import CONFIG_NAME, Config, ConfigError, default_home, load_config
 from ..hints import program, shell_word
 from .terminal import shown
@@ -54,7 +56,8 @@ def _inside_another_home(path: Path) -> str | None:
     """Why `path` cannot be a home because it lies in another home's inbox, outbox or var folder (that home's daemon
     would take the new mondrian.toml for a photo, or sweep it away), or None."""
     for above in path.absolute().parents:
-        if not (above / CONFIG_NAME).is_file():
+        # A home is its settings file, or (made by `run` or `demo`, which write none) its ledger
+        if not ((above / CONFIG_NAME).is_file() or (above / "var" / "ledger.db").is_file()):
             continue
         try:
             other = load_config(above)
@@ -69,6 +72,19 @@ def _inside_another_home(path: Path) -> str | None:
     return None
 
 
+def _unmounted_parent(path: Path) -> Path | None:
+    """The missing folder at the top of `path` where a drive would mount (`/Volumes/Photos`), by the daemon's own rule:
+    folders are made with missing parents only inside the user's home or data folder. None if `path` may be made."""
+    if path.is_dir() or path.parent.is_dir():
+        return None
+    if any(path.absolute().is_relative_to(root) for root in (Path.home(), Path(platformdirs.user_data_dir()))):
+        return None
+    missing = path.absolute().parent
+    while not missing.parent.is_dir() and missing.parent != missing:
+        missing = missing.parent
+    return missing
+
+
 def init_home(path: Path) -> tuple[Config, bool]:
     """Create the home at `path` (its folders, and mondrian.toml unless one is there); returns its configuration
     and whether the settings file was written. An existing mondrian.toml is kept and checked, never replaced."""
@@ -78,6 +94,12 @@ def init_home(path: Path) -> tuple[Config, bool]:
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{path} is a file, not a folder: choose another place for the home "
                           f"(`{program()} init ~/Pictures/Mondrian`)")
+    missing = _unmounted_parent(path)
+    if missing is not None:
+        raise ConfigError(f"cannot create the home {path}: {missing} does not exist (a drive or network share that "
+                          f"is not connected?). Connect it and run this again; Mondrian does not create {missing} "
+                          f"itself, as that would put a plain folder where the drive mounts. If it is meant to be a "
+                          f"new folder on this disk, create it first (`mkdir -p {shell_word(missing)}`)")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
