@@ -11,8 +11,6 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-import platformdirs
-
 from ..config import CONFIG_NAME, Config, ConfigError, default_home, load_config
 from ..hints import program, shell_word
 from .terminal import shown
@@ -72,17 +70,23 @@ def _inside_another_home(path: Path) -> str | None:
     return None
 
 
+# Where removable drives and shares mount: a missing folder right under one of these is a drive not connected.
+MOUNT_ROOTS = (Path("/Volumes"), Path("/mnt"), Path("/media"), Path("/run/media"))
+
+
 def _unmounted_parent(path: Path) -> Path | None:
-    """The missing folder at the top of `path` where a drive would mount (`/Volumes/Photos`), by the daemon's own rule:
-    folders are made with missing parents only inside the user's home or data folder. None if `path` may be made."""
-    if path.is_dir() or path.parent.is_dir():
+    """The missing folder at the top of `path` where a drive would mount (`/Volumes/Photos`, `/media/me/Photos`), or
+    None if `path` may be made: `init` makes missing folders anywhere else, as asked."""
+    if path.is_dir():
         return None
-    if any(path.absolute().is_relative_to(root) for root in (Path.home(), Path(platformdirs.user_data_dir()))):
-        return None
-    missing = path.absolute().parent
+    missing = path.absolute()
     while not missing.parent.is_dir() and missing.parent != missing:
         missing = missing.parent
-    return missing
+    if os.path.lexists(missing):
+        return None
+    under = missing.parent
+    mount_like = under in MOUNT_ROOTS or under.parent in (Path("/media"), Path("/run/media"))
+    return missing if mount_like else None
 
 
 def init_home(path: Path) -> tuple[Config, bool]:
