@@ -913,3 +913,22 @@ def test_settings_from_the_installing_shell_reach_the_service_and_are_said(dirs,
     assert probe.stdout.split() == [url, "baseline"], probe.stderr
     plain = service.build_spec(platform="linux", home=dirs["home"], user_home=dirs["user"], model="smoke", env={})
     assert plain.settings_line is None and "MONDRIAN_LEDGER_URL" not in service.render_unit(plain)
+
+
+def test_a_service_that_cannot_start_does_not_grow_its_log_for_ever(dirs):
+    """A typo in mondrian.toml: the service exits 78 and is started again every 30 s, each start adding its lines to
+    the log; only a running daemon rotated it (~1.3 MB a day, without end). Each start now rotates it first."""
+    (dirs["home"] / "mondrian.toml").write_text('max_pixels = "lots"\n')
+    log = dirs["tmp"] / "mondrian.err.log"
+    log.write_text("x" * 5000 + "\n")
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MONDRIAN_")},
+           "MONDRIAN_HOME": str(dirs["home"]), "MONDRIAN_LOG_ROTATE": "1", "MONDRIAN_LOG_MAX_BYTES": "2000",
+           "MONDRIAN_LOG_BACKUPS": "1", "HOME": str(dirs["user"])}
+    for _ in range(3):
+        with open(log, "a") as fh:
+            proc = subprocess.run([str(PY), "-m", "daemon", "run"], cwd=PROJECT_ROOT, env=env, stdout=fh,
+                                  stderr=fh, timeout=120)
+        assert proc.returncode == 78
+    assert log.stat().st_size < 2000 + 1000, log.stat().st_size  # this start's lines only
+    assert log.with_name("mondrian.err.log.1").exists() and not log.with_name("mondrian.err.log.2").exists()
+    assert "max_pixels" in log.read_text()

@@ -43,7 +43,13 @@ def _setup_logging(verbose: bool = False) -> None:
 # -- commands ---------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
     from ..pipeline.supervisor import run_daemon
+    from ..service.logrotate import StdStreamRotator
 
+    # Before anything can fail: a service that cannot start (a typo in mondrian.toml) is started again every 30 s,
+    # each time adding its lines to a log that only a running daemon rotated.
+    rotator = StdStreamRotator.from_env()
+    if rotator is not None:
+        rotator.rotate()
     return run_daemon(config_from(args), once=args.once)
 
 
