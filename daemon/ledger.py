@@ -1274,6 +1274,11 @@ class Ledger:
         self._fenced(job_id, "hash", {self.Job.sha256: sha256})
 
     @writes
+    def move_source(self, job_id: int, source_path: Path) -> None:
+        """The claimed job's photo is at `source_path` now (the inbox setting changed, its photos moved with it)."""
+        self._fenced(job_id, "source", {self.Job.source_path: str(source_path)})
+
+    @writes
     def reserve_output(self, job_id: int, output_dir: Path) -> None:
         # Checked just before the outcome is renamed into place: a worker that lost the job stops here.
         self._fenced(job_id, "publish", {self.Job.output_dir: str(output_dir)})

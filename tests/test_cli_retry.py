@@ -277,3 +277,32 @@ def test_a_failure_stands_when_another_file_of_its_name_comes_and_retry_brings_i
         assert json.loads(mondrian(home, smoke_model_path, "status", "--json").stdout)["counts"]["queued"] == 1
     finally:
         shutil.rmtree(outbox, ignore_errors=True)
+
+
+def test_photos_queued_before_the_inbox_setting_changed_follow_it_or_say_where_they_are(tmp_path, smoke_model_path):
+    """`inbox = …` edited while photos waited: they failed as "its folder is no longer inside the inbox (a folder on
+    its path was replaced by a link …)", and retry queued them again where they failed the same way. A photo moved
+    along with the inbox is critiqued where it is now; one left behind fails saying so, left where it is."""
+    from daemon.ledger import Ledger
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    ledger = Ledger(home / "var" / "ledger.db")
+    try:
+        for name, seed in (("moved.jpg", 1), ("left.jpg", 2)):
+            src = photo(home / "inbox" / name, seed=seed, size=(64, 48))
+            ledger.enqueue(src, name, "ansel", "default", src.stat().st_size, src.stat().st_mtime)
+    finally:
+        ledger.close()
+    new_inbox = tmp_path / "new inbox"
+    new_inbox.mkdir()
+    settings = home / "mondrian.toml"
+    settings.write_text(settings.read_text() + f'inbox = "{new_inbox}"\n')
+    os.rename(home / "inbox" / "moved.jpg", new_inbox / "moved.jpg")
+
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = ledger_jobs(home)
+    assert jobs["moved.jpg"].state == "done", jobs["moved.jpg"].error
+    left = jobs["left.jpg"]
+    assert left.state == "failed" and "the `inbox` setting changed" in left.error, left.error
+    assert "replaced by a link" not in left.error and (home / "inbox" / "left.jpg").exists()
