@@ -548,3 +548,19 @@ def test_the_queue_eta_of_photos_analysed_in_batches_is_their_throughput(tmp_pat
     now_lines = [line for line in text.splitlines() if line.startswith("Now:")]
     assert len(now_lines) == 8 and all(" left" in line and "longer" not in line for line in now_lines), text
     assert "left for 108 photo(s) (about 8 photos at a time, each about 16 s: one every 2 s" in text, text
+
+
+def test_status_names_the_model_run_would_load_not_only_the_last_one(tmp_path, smoke_model_path):
+    """After `mondrian demo` (the smoke model) in a home whose settings name a real model, `status` showed the smoke
+    model, and the `run` it advised loaded the other one. With no daemon running it names the model `run` loads
+    now, and the one the last run used."""
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    photo(home / "inbox" / "a.jpg", seed=1, size=(64, 48))
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    same = mondrian(home, smoke_model_path, "status").stdout
+    assert "smoke model" in same and "last run used" not in same, same
+    settings = home / "mondrian.toml"
+    settings.write_text(settings.read_text() + 'model = "mlx-community/Qwen2-VL-2B-Instruct-4bit"\n')
+    text = mondrian(home, smoke_model_path, "status", MONDRIAN_MODEL="").stdout
+    line = next(line for line in text.splitlines() if line.startswith("Model:"))
+    assert line.startswith("Model:   mlx-community/Qwen2-VL-2B-Instruct-4bit") and "the last run used" in line, line

@@ -237,7 +237,7 @@ def collect(cfg: Config) -> dict[str, Any]:
         "inbox": str(cfg.inbox),
         "outbox": str(cfg.outbox),
         "daemon": daemon,
-        "model": model or {"id": cfg.model, "smoke": cfg.model == "smoke", "loaded": False},
+        "model": _model(cfg, model, daemon),
         "default_advisor": cfg.default_advisor,
         "default_mode": cfg.default_mode,
         "counts": counts.by_state,
@@ -356,6 +356,19 @@ def _service_serves(cfg: Config) -> bool:
         return False
 
 
+def _model(cfg: Config, recorded: dict[str, Any] | None, daemon: dict[str, Any]) -> dict[str, Any]:
+    """The model a running daemon loaded; with none running, the one `run` would load now (a demo's home showed the
+    smoke model its demo had used, while `run` there loads the configured one), and the one the last run used."""
+    configured = {"id": cfg.model, "smoke": cfg.model == "smoke", "loaded": False}
+    if not recorded:
+        return configured
+    if daemon.get("running"):
+        return recorded
+    was = recorded.get("configured")
+    same = was == cfg.model if was is not None else bool(recorded.get("smoke")) == (cfg.model == "smoke")
+    return recorded if same else {**configured, "last_run": recorded.get("id")}
+
+
 def _daemon_line(d: dict[str, Any]) -> str:
     if not d["running"]:
         if d.get("service_installed"):
@@ -384,7 +397,8 @@ def render(info: dict[str, Any]) -> str:
             if q["delayed"] else "")
     lines = [f"Mondrian home: {info['home']}",
              f"Daemon:  {_daemon_line(d)}",
-             f"Model:   {m.get('id')}" + ("  (smoke model: scores are NOT meaningful)" if m.get("smoke") else ""),
+             f"Model:   {m.get('id')}" + ("  (smoke model: scores are NOT meaningful)" if m.get("smoke") else "")
+             + (f"  (what `run` loads now; the last run used {m['last_run']})" if m.get("last_run") else ""),
              f"Photos:  {c['queued']} queued{held} · {c['running'] - len(interrupted)} in progress"
              + (f" · {len(interrupted)} interrupted" if interrupted else "")
              + f" · {c['done']} done ({info['duplicates']} duplicates) · {c['failed']} failed"

@@ -255,7 +255,7 @@ class Daemon:
             loading = False
             log.info("model ready: %s (%.1f s)%s", rt.model_id, time.perf_counter() - t0,
                      " — smoke model: scores are NOT meaningful" if rt.is_smoke else "")
-            self.ledger.set_event("model", {"id": rt.model_id, "smoke": bool(rt.is_smoke)})
+            self.ledger.set_event("model", {"id": rt.model_id, "smoke": bool(rt.is_smoke), "configured": self.cfg.model})
         except LedgerUnavailable:
             return  # stopping while the ledger cannot be written: nothing was lost, the next start goes on
         except Exception as exc:
