@@ -445,7 +445,8 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
     if cfg.default_mode.strip().lower() not in MODES:
         raise ConfigError(f"{origins.get('default_mode', 'default_mode')}: the mode is unknown; use one of "
                           f"{', '.join(MODES)}")
-    cfg = replace(cfg, default_mode=cfg.default_mode.strip().lower())
+    # An advisor's id is lowercase; `Cartier`, as a name is written, is cartier here as in the inbox and the API.
+    cfg = replace(cfg, default_mode=cfg.default_mode.strip().lower(), default_advisor=cfg.default_advisor.lower())
     for key, what in (("model", "a Hugging Face model id (mlx-community/Qwen2-VL-2B-Instruct-4bit), a local "
                                 "folder holding an MLX checkpoint, or `smoke`"),
                       ("default_advisor", "an advisor id (a folder of advisors/, e.g. ansel)")):

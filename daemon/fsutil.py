@@ -112,7 +112,9 @@ def read_text_file(path: Path, *, max_bytes: int = 1 << 20, timeout_s: float = 5
     if not stat.S_ISREG(st.st_mode):
         raise NotReadable(f"it is {kind_of(st.st_mode)}, not a text file")
     try:
-        return read_regular_file(path, max_bytes=max_bytes, timeout_s=timeout_s).decode("utf-8")
+        # utf-8-sig: Windows Notepad and TextEdit's "UTF-8 with BOM" start the file with one, which TOML refuses as
+        # "Invalid statement at line 1, column 1" (an error no one can see in the file)
+        return read_regular_file(path, max_bytes=max_bytes, timeout_s=timeout_s).decode("utf-8-sig")
     except UnicodeDecodeError:
         raise NotReadable("it is not UTF-8 text: save it as UTF-8 (plain text)") from None
 

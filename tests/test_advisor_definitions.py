@@ -188,3 +188,17 @@ def test_an_advisor_prompt_too_long_for_the_model_is_refused_not_a_crash(tmp_pat
     assert essay.state == "failed" and "shorten it" in essay.error, essay.error
     assert emoji.state == "failed" and "more than the 8,192 Mondrian gives a critique" in emoji.error, emoji.error
     assert emoji.error_kind == "permanent" and "advisors/<id>/advisor.toml" in emoji.error, emoji.error
+
+
+def test_settings_and_advisor_files_saved_with_a_bom_are_read(tmp_path, smoke_model_path):
+    """Notepad's or TextEdit's "UTF-8 with BOM": mondrian.toml and advisor.toml were refused as "Invalid statement
+    (at line 1, column 1)", an error no one can see in the file. Their settings are read as written; a default advisor
+    written as a name is (`Monet`), as in the inbox's folders and the API."""
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    settings = home / "mondrian.toml"
+    settings.write_bytes(b"\xef\xbb\xbf" + settings.read_bytes() + b'default_advisor = "Monet"\n')  # as it is written
+    _write_definition(home, b"\xef\xbb\xbf" + GOOD.encode())
+    out = mondrian(home, smoke_model_path, "status", "--json", timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["default_advisor"] == "monet"
+    assert mondrian(home, smoke_model_path, "references", "list", "--advisor", "monet").returncode == 0
