@@ -299,7 +299,8 @@ FAKE_LAUNCHCTL = r"""#!/bin/sh
 echo "$*" >> "$FAKE_LAUNCHD/calls"
 case "$1" in
   print) [ -f "$FAKE_LAUNCHD/loaded" ] || { echo "Could not find service" >&2; exit 113; }
-         if [ -f "$FAKE_LAUNCHD/stopped" ]; then printf '\tstate = not running\n\tlast exit code = 0\n'
+         if [ -f "$FAKE_LAUNCHD/stopped" ]; then
+           printf '\tstate = not running\n\tlast exit code = %s\n' "$(cat "$FAKE_LAUNCHD/exit" 2>/dev/null || echo 0)"
          else printf '\tstate = running\n\tpid = 42\n'; fi ;;
   bootstrap|kickstart) touch "$FAKE_LAUNCHD/loaded"; rm -f "$FAKE_LAUNCHD/stopped" ;;
   kill) touch "$FAKE_LAUNCHD/stopped" ;;
@@ -358,6 +359,17 @@ def test_macos_install_sequence_with_recording_launchctl(dirs, monkeypatch):
     assert (state / "calls").read_text().count("kill ") == 1  # ...and sends no second signal
     assert service.service_action("start", **kw) == 0
     assert (state / "calls").read_text().splitlines()[-1] == f"kickstart {target}"
+
+    # An agent that cannot start (exit 78), between two of launchd's tries: "not running" left KeepAlive to start it
+    # again 30 s later, for ever. `stop` unloads it until the next login or `service start`.
+    (state / "stopped").touch()
+    (state / "exit").write_text("78")
+    out = io.StringIO()
+    assert service.service_action("stop", **{**kw, "out": out}) == 0
+    assert (state / "calls").read_text().splitlines()[-2:] == [f"bootout {target}", f"print {target}"]
+    assert not (state / "loaded").exists() and "last exited with 78" in out.getvalue(), out.getvalue()
+    (state / "exit").unlink()
+    assert service.service_action("start", **kw) == 0 and (state / "loaded").exists()
 
     assert service.service_action("uninstall", **kw) == 0
     assert not spec.plist_path.exists() and not (state / "loaded").exists()

@@ -2,7 +2,8 @@
 
 Never daemonizes (launchd and systemd supervise it). SIGTERM/SIGINT finish or requeue the photo in hand
 and exit 0; a fatal start-up problem (model missing, another daemon on the same home or inbox) exits 78
-(EX_CONFIG) with a line saying what to fix, so KeepAlive/Restart=on-failure only restart real crashes.
+(EX_CONFIG) with a line saying what to fix. launchd and systemd start it again every 30 s (ThrottleInterval,
+RestartSec) until it is fixed: a drive plugged in or a setting corrected needs no one to restart it.
 SIGHUP, which admins send to make a daemon read its settings again, stops it the same way but exits 75
 (EX_TEMPFAIL): launchd and systemd then start it again, and the new process reads them. (Exiting 0 left the service
 stopped until the next login.)

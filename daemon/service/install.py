@@ -591,6 +591,16 @@ class Launchd:
 
     def stop(self) -> int:
         if not self.sh.dry_run and not self.running():
+            code = (self.info() or {}).get("last exit code", "0")
+            if code.strip() not in ("0", "(never exited)"):
+                # Between two tries of an agent that cannot start (a typo in mondrian.toml: exit 78): KeepAlive
+                # starts it again within ThrottleInterval, so "not running" would not stop it. Unloaded instead,
+                # until the next login or `service start`.
+                self._bootout()
+                self.sh.say(f"{self.spec.label} was not running, but launchd was starting it again every "
+                            f"{self.spec.throttle_interval} s (it last exited with {code}): stopped until your next "
+                            f"login or `{mondrian()} service start`")
+                return 0
             self.sh.say(f"{self.spec.label} is not running")
             return 0
         # SIGTERM -> the daemon requeues its photo and exits 0 -> KeepAlive leaves it stopped
