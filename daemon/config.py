@@ -398,7 +398,14 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
         if not isinstance(raw, (str, Path)) or not str(raw).strip():
             raise ConfigError(f"{origins[key]}: {key} must be a folder (a path in quotes)")
         p = Path(str(raw)).expanduser()
-        p = (p if p.is_absolute() else home / p).resolve()
+        p = p if p.is_absolute() else home / p
+        if key in ("var_dir", "adapters_dir", "advisors_dir") and os.path.islink(p):
+            # Resolved first, the link would pass as the folder it points to, and Mondrian's sweeps of its own
+            # leftovers would delete there. (The inbox and outbox may be links: only photos move through them.)
+            raise ConfigError(f"{p} is a symbolic link (to {os.readlink(p)}), where Mondrian keeps a folder of its "
+                              f"own: remove the link (`rm {shell_word(p)}` removes only the link, not what it points "
+                              f"to) and start again, or name the folder it points to as {key} in {cfg_file}")
+        p = p.resolve()
         if key != "db_path" and p.exists() and not p.is_dir():
             raise ConfigError(f"{origins.get(key, key)}: {p} is a file, not a folder; name a folder for {key}")
         return p

@@ -280,7 +280,8 @@ def test_an_adapter_lock_that_is_a_link_is_not_written_through(tmp_path, smoke_m
     assert "symbolic link" in out.stderr and "rm " in out.stderr, out.stderr
 
 
-@pytest.mark.parametrize("folder", ["var/logs", "var/models", "var/cache", "var/datasets", "adapters/ansel"])
+@pytest.mark.parametrize("folder", ["var", "var/logs", "var/models", "var/cache", "var/datasets", "adapters",
+                                    "adapters/ansel", "advisors"])
 def test_a_folder_of_mondrians_in_var_or_adapters_that_is_a_link_stops_the_start(tmp_path, smoke_model_path,
                                                                                  folder):
     home = make_home(tmp_path / "home", smoke_model_path)
