@@ -453,3 +453,24 @@ def test_the_jobs_of_a_run_are_all_listed_when_it_ends_however_large_the_outbox(
     out = mondrian(home, smoke_model_path, "analyze", str(elsewhere), timeout=240)
     assert out.returncode == 0, out.stderr
     assert {"c", "d"} <= set(cards(outbox)) and len(cards(outbox)) == 49
+
+
+def test_a_report_folder_deleted_while_the_daemon_idles_leaves_the_index_at_the_next_rescan(tmp_path,
+                                                                                           smoke_model_path):
+    """The photographer deletes a report folder (or renames it) while the inbox is empty: the index kept its card, a
+    dead link, until the next photo came, which may be days. The daemon's periodic rescan now notices."""
+    from tests.harness import Daemon, wait_for
+
+    home = make_home(tmp_path / "home", smoke_model_path, rescan_seconds=1, quiet_seconds=0.2, api_port=0)
+    for name, seed in (("keep.jpg", 1), ("bin.jpg", 2)):
+        photo(home / "inbox" / name, seed=seed, size=(64, 48))
+    index = home / "outbox" / "index.html"
+    with Daemon(home, smoke_model_path) as d:
+        wait_for(lambda: index.exists() and 'href="bin/report.html"' in index.read_text()
+                 and 'href="keep/report.html"' in index.read_text(), 120, what="both reports on the index")
+        shutil.rmtree(home / "outbox" / "bin")
+        os.rename(home / "outbox" / "keep", home / "outbox" / "keep-best")
+        wait_for(lambda: 'href="bin/report.html"' not in index.read_text(), 30, what="the deleted report gone")
+        text = index.read_text()
+        assert 'href="keep-best/report.html"' in text and 'href="keep/report.html"' not in text, text[-2000:]
+        assert d.stop() == 0, d.output()

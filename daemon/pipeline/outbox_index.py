@@ -151,6 +151,7 @@ class OutboxIndex:
         self._listed = 0  # entries the last refresh listed
         self._last_at = float("-inf")  # monotonic time the last refresh ended
         self._last_cost = 0.0  # seconds it took
+        self._seen_state: tuple[int, ...] | None = None  # the outbox as the last refresh left it
 
     def changed(self) -> None:
         """A job's outcome was published: refresh now, or soon enough that the index costs each job a bounded
@@ -158,6 +159,23 @@ class OutboxIndex:
         self.pending += 1
         age = time.monotonic() - self._last_at
         if self.pending * BATCH_SHARE >= self._listed or age >= max(STALE_SECONDS, COST_FACTOR * self._last_cost):
+            self.refresh()
+
+    def _outbox_state(self) -> tuple[int, ...]:
+        """When the outbox and failed/ last had an entry added, removed or renamed (a report folder deleted or
+        renamed by hand changes this and nothing else Mondrian watches)."""
+        out = []
+        for folder in (self.cfg.outbox, self.cfg.failed_dir):
+            try:
+                out.append(os.stat(folder).st_mtime_ns)
+            except OSError:
+                out.append(-1)
+        return tuple(out)
+
+    def follow_outbox(self) -> None:
+        """Refresh if the outbox changed since the last refresh (the daemon's periodic rescan calls this): a report
+        folder deleted while the queue was empty stayed on the index, a dead link, until the next photo came."""
+        if self._outbox_state() != self._seen_state:
             self.refresh()
 
     def flush(self) -> None:
@@ -327,6 +345,7 @@ class OutboxIndex:
             log.warning("could not update %s", self.cfg.outbox / "index.html", exc_info=True)
         self._last_at = time.monotonic()
         self._last_cost = self._last_at - started
+        self._seen_state = self._outbox_state()  # after index.html is written: that write changes it too
 
     def _refresh(self) -> None:
         self.reads = 0

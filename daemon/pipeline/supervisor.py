@@ -279,6 +279,7 @@ class Daemon:
                 if self.recheck.is_set():  # on this thread: recovery publishes, as the worker does
                     self.recheck.clear()
                     self.worker.recover_interrupted_analyses()
+                    self.worker.out.index.follow_outbox()
                 more = False
                 if self.worker.runtime is not None:  # references need the model; never index without it
                     more = self.references.step(self.worker.runtime, stop=self.stop)  # between jobs, this thread
