@@ -142,10 +142,14 @@ def test_a_report_folder_dropped_back_into_the_inbox_critiques_its_original_only
 
     from tests.harness import ledger_jobs, mondrian, photo
 
+    from tests.test_editor_sidecars import THEIRS
+
     home = make_home(tmp_path / "home", smoke_model_path, **FAST)
     inbox, outbox = home / "inbox", home / "outbox"
     photo(inbox / "IMG_7.jpg", seed=7)
+    (inbox / "IMG_7.xmp").write_bytes(THEIRS)  # the photographer's own, kept in the report as IMG_7.original.xmp
     assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    assert (outbox / "IMG_7" / "IMG_7.original.xmp").read_bytes() == THEIRS
     with Daemon(home, smoke_model_path) as daemon:
         wait_for(lambda: "watching" in daemon.output(), timeout=120, what="the daemon watching")
         copy = inbox / "cartier" / "IMG_7"
@@ -170,4 +174,9 @@ def test_a_report_folder_dropped_back_into_the_inbox_critiques_its_original_only
     assert jobs == {"IMG_7.jpg": ("done", "ansel"), "cartier/IMG_7/IMG_7.jpg": ("done", "cartier"),
                     "notmine/preview.jpg": ("done", "ansel"), "notmine/report.json": ("failed", "ansel")}, jobs
     left = sorted(p.name for p in copy.iterdir())
-    assert left == ["preview.jpg", "report.html", "report.json", "thumb.jpg"], left  # the old report's own files
+    # the old report's own files, its XMP among them: Mondrian's, not the photographer's (that one went on with the
+    # photo, under its own name, and no stray sidecar is left)
+    assert left == ["IMG_7.xmp", "preview.jpg", "report.html", "report.json", "thumb.jpg"], left
+    again = next(p.parent for p in outbox.glob("*/report.json") if p.parent.name != "IMG_7"
+                 and json.loads(p.read_text())["advisor"]["id"] == "cartier")
+    assert (again / "IMG_7.original.xmp").read_bytes() == THEIRS, sorted(p.name for p in again.iterdir())

@@ -40,17 +40,29 @@ REPORT_FILES = re.compile(r"(preview\.jpg|thumb\.jpg|report\.html|report\.json|r
 REPORT_JSON_MAX_BYTES = 4 << 20
 
 
+def xmp_sidecar_name(photo_file: str) -> str:
+    """Mondrian's XMP beside an original: `IMG_1.jpg` -> `IMG_1.xmp`; an original whose own name that is
+    (`IMG_1.XMP`, a JPEG) -> `IMG_1.XMP.xmp`."""
+    name = Path(photo_file).stem + ".xmp"
+    return photo_file + ".xmp" if name.casefold() == photo_file.casefold() else name
+
+
 def is_report_file(path: Path) -> bool:
     """One of the files Mondrian wrote into a report folder, in a copy of that folder (dropped back into the inbox
-    to critique the photo again, say): its preview and thumbnail are not photos of the user's; its original is."""
-    if not REPORT_FILES.fullmatch(path.name):
+    to critique the photo again, say): its preview and thumbnail are not photos of the user's; its original is. Its
+    XMP neither is the photographer's (theirs, kept as `<stem>.original.xmp`, is)."""
+    page = REPORT_FILES.fullmatch(path.name)
+    if not page and not path.name.lower().endswith(".xmp"):
         return False
     try:  # a FIFO or a huge file named report.json is not a report: read with the inbox's own care
         report = json.loads(read_regular_file(path.parent / "report.json", max_bytes=REPORT_JSON_MAX_BYTES,
                                               timeout_s=1.0))
     except (OSError, ValueError):
         return False
-    return isinstance(report, dict) and "schema_version" in report and "job_id" in report
+    if not (isinstance(report, dict) and "schema_version" in report and "job_id" in report):
+        return False
+    original = (report.get("photo") or {}).get("file") if isinstance(report.get("photo"), dict) else None
+    return bool(page) or (isinstance(original, str) and same_name(path.name, xmp_sidecar_name(original)))
 
 
 def is_temporary_name(name: str) -> bool:
@@ -86,6 +98,10 @@ def editor_sidecars(photo: Path) -> list[Path]:
     # (`img_7.xmp` for `IMG_7.JPG`) unless another file has exactly the sidecar's stem: then it is that one's.
     nfc = lambda n: unicodedata.normalize("NFC", n)  # noqa: E731
     mine = {nfc(photo.stem), nfc(photo.name)}
+    if is_report_file(photo.parent / "report.json"):
+        # A report folder dropped back in: the photographer's own XMP is the one kept as `<stem>.original.xmp`
+        # (Mondrian's `<stem>.xmp` beside it is a page of the old report, like its preview).
+        mine |= {f"{m}.original" for m in mine}
     others = {nfc(os.path.splitext(n)[0]) for n in names
               if n != photo.name and os.path.splitext(n)[1].lower() not in EDITOR_SIDECARS}
     found = []
@@ -95,7 +111,8 @@ def editor_sidecars(photo: Path) -> list[Path]:
             continue
         base = nfc(name[: -len(suffix)])
         if base in mine or (base.lower() in {m.lower() for m in mine} and base not in others):
-            found.append(photo.parent / name)
+            if not is_report_file(photo.parent / name):
+                found.append(photo.parent / name)
     return found
 
 

@@ -22,10 +22,10 @@ from typing import Any
 import exiv2
 
 from ..fsutil import atomic_write_bytes, read_regular_file
+from ..intake.inbox import xmp_sidecar_name as sidecar_name
 
 log = logging.getLogger("mondrian.worker")
 
-SIDECAR_SUFFIX = ".xmp"
 # Decoded formats (Pillow's names) whose files get the XMP inside. Not MPO: its second image sits at an offset that
 # a larger metadata segment in front of it would break.
 EMBED_FORMATS = ("JPEG", "TIFF")
@@ -141,12 +141,6 @@ def sidecar_bytes(report: dict[str, Any], theirs: bytes | None = None) -> bytes:
 def _bytes(image: exiv2.Image) -> bytes:
     with image.io().mmap() as view:
         return bytes(view)
-
-
-def sidecar_name(photo_file: str) -> str:
-    """`IMG_1.jpg` -> `IMG_1.xmp`; an original whose own name that is (`IMG_1.XMP`, a JPEG) -> `IMG_1.XMP.xmp`."""
-    name = Path(photo_file).stem + SIDECAR_SUFFIX
-    return photo_file + SIDECAR_SUFFIX if name.casefold() == photo_file.casefold() else name
 
 
 def write_sidecar(folder: Path, report: dict[str, Any], *, theirs: bytes | None = None,
