@@ -180,3 +180,6 @@ def test_a_report_folder_dropped_back_into_the_inbox_critiques_its_original_only
     again = next(p.parent for p in outbox.glob("*/report.json") if p.parent.name != "IMG_7"
                  and json.loads(p.read_text())["advisor"]["id"] == "cartier")
     assert (again / "IMG_7.original.xmp").read_bytes() == THEIRS, sorted(p.name for p in again.iterdir())
+    from daemon.intake.inbox import stray_sidecars
+
+    assert stray_sidecars(inbox, older_than_s=-1) == [], "the old report's XMP is no stray sidecar of the user's"

@@ -137,7 +137,7 @@ def stray_sidecars(inbox: Path, older_than_s: float = STRAY_SIDECAR_SECONDS, lim
             suffix = os.path.splitext(name)[1].lower()
             if suffix not in (SIDECAR_SUFFIX, *EDITOR_SIDECARS) or is_temporary_name(name):
                 continue
-            if key(name[: -len(suffix)]) in taken:
+            if key(name[: -len(suffix)]) in taken or is_report_file(folder / name):  # an old report's own XMP
                 continue
             try:
                 st = os.lstat(folder / name)
