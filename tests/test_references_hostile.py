@@ -404,3 +404,22 @@ def test_import_db_tells_uploads_by_name_goes_past_an_unreadable_photo_and_stops
         assert "imported: ansel: images/big0.jpg" in out.stderr, out.stderr
     finally:
         subprocess.run(["umount", str(refs)], check=True)
+
+
+def test_a_curator_sidecar_named_after_the_whole_photo_name_is_read(tmp_path, smoke_model_path):
+    """`IMG.jpg.json` (the whole name, as darktable's and digiKam's sidecars are named) was ignored in silence, and the
+    model's scores replaced the curator's. It is this photo's sidecar; `IMG.json` still speaks for every IMG.*."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    refs = home / "advisors" / "ansel" / "references"
+    photo(refs / "dune.jpg", seed=1)
+    (refs / "dune.jpg.json").write_text(json.dumps({d: 9 for d in DIMS}))
+    photo(refs / "moon.jpg", seed=2)
+    (refs / "moon.json").write_text(json.dumps({d: 4 for d in DIMS}))
+    photo(refs / "moon.png", seed=3, fmt="PNG")
+    (refs / "moon.png.json").write_text(json.dumps({d: 6 for d in DIMS}))  # this one's own, over moon.json
+    _aged(*refs.iterdir())
+    out = mondrian(home, smoke_model_path, "references", "index", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {r["file"]: r for r in _listed(home, smoke_model_path, "ansel")["references"]}
+    assert {f: (r["source"], r["scores"]["lighting"]) for f, r in rows.items()} == \
+        {"dune.jpg": ("human", 9), "moon.jpg": ("human", 4), "moon.png": ("human", 6)}, rows

@@ -151,8 +151,9 @@ def read_sidecar(path: Path) -> tuple[dict[str, int], dict[str, str] | None]:
 
 
 def sidecar_path(photo: Path) -> Path | None:
-    """The photo's sidecar (`IMG_1.jpg` -> `IMG_1.json`, any case of the suffix), if there is one."""
-    return companion(photo, SIDECAR_SUFFIX)
+    """The photo's sidecar, if there is one: `IMG_1.jpg.json` (the whole name, as darktable and digiKam name theirs:
+    this photo's alone), else `IMG_1.json` (any case of the suffix; shared by IMG_1.jpg and IMG_1.png)."""
+    return companion(photo.with_name(photo.name + ".x"), SIDECAR_SUFFIX) or companion(photo, SIDECAR_SUFFIX)
 
 
 __all__ = ["SidecarInvalid", "CuratorProfile", "parse_sidecar", "parse_profile", "read_profile", "read_sidecar",
