@@ -274,9 +274,15 @@ def _check_range(name: str, value: float, default: float, origin: str) -> None:
                       f"most {shown(hi)} (the default is {shown(default)})")
 
 
+# Names people bring from the original design and the environment variables (ANALYSIS_MODE, MONDRIAN_ADVISOR).
+_SETTING_ALIASES = {"analysis_mode": "default_mode", "mode": "default_mode", "advisor": "default_advisor",
+                    "advisor_id": "default_advisor", "model_path": "model", "port": "api_port"}
+
+
 def _unknown(key: str, cfg_file: Path) -> ConfigError:
     names = sorted({f.name for f in fields(Config)} - {"home", "extra"} | set(TABLES))
-    close = difflib.get_close_matches(key, names, n=1)
+    alias = _SETTING_ALIASES.get(key.lower())
+    close = [alias] if alias else difflib.get_close_matches(key, names, n=1)
     hint = f"did you mean `{close[0]}`?" if close else f"the settings are: {', '.join(names)}"
     return ConfigError(f"unknown setting `{key}` in {cfg_file}; {hint}")
 

@@ -67,6 +67,7 @@ BAD_SETTINGS = {  # a line of mondrian.toml (or NAME=value in the environment): 
     "MONDRIAN_MODEL= ": "model is empty; name a Hugging Face model id",
     'default_mod = "rag"': "unknown setting `default_mod`",
     "quiet_secnds = 5": "did you mean `quiet_seconds`?",
+    'analysis_mode = "rag"': "did you mean `default_mode`?",  # the original design's name (ANALYSIS_MODE)
     "lora = 5": "`lora` is a section",
     # Hand edits that are not TOML: the line quoted, with what to do in plain words.
     "quiet_seconds = 1\nquiet_seconds = 2": "`quiet_seconds = 2` is not valid TOML: a setting is given twice",

@@ -149,6 +149,8 @@ def test_hostile_sidecars_say_what_is_wrong(tmp_path, smoke_model_path):
     (refs / "huge.json").write_text(json.dumps({**good, "lighting": 10 ** 300}))
     photo(refs / "pipe.jpg", seed=4)
     os.mkfifo(refs / "pipe.json")
+    photo(refs / "twice.jpg", seed=5)  # the curator changed their mind below the first: which one counts?
+    (refs / "twice.json").write_text(json.dumps(good)[:-1] + ', "lighting": 2}')
 
     out = mondrian(home, smoke_model_path, "references", "list", "--advisor", "ansel", "--json")
     assert out.returncode == 0, out.stderr
@@ -158,6 +160,7 @@ def test_hostile_sidecars_say_what_is_wrong(tmp_path, smoke_model_path):
     assert len(reasons["huge.jpg"]) < 200 and "lighting" in reasons["huge.jpg"], reasons
     # the reader's advice for photos ("Put the photo itself there") does not fit a sidecar
     assert "photo itself" not in reasons["pipe.jpg"] and "named pipe" in reasons["pipe.jpg"], reasons
+    assert "gives 'lighting' twice" in reasons["twice.jpg"], reasons
 
 
 def test_import_db_survives_hostile_rows(tmp_path, smoke_model_path):
@@ -423,3 +426,20 @@ def test_a_curator_sidecar_named_after_the_whole_photo_name_is_read(tmp_path, sm
     rows = {r["file"]: r for r in _listed(home, smoke_model_path, "ansel")["references"]}
     assert {f: (r["source"], r["scores"]["lighting"]) for f, r in rows.items()} == \
         {"dune.jpg": ("human", 9), "moon.jpg": ("human", 4), "moon.png": ("human", 6)}, rows
+
+
+def test_import_db_rounds_a_half_score_up(tmp_path, smoke_model_path):
+    """The original stored REAL scores: 6.5 became 6 but 7.5 became 8 (Python's round, half to even)."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    orig = tmp_path / "orig"
+    photo(orig / "images" / "a.jpg", seed=1)
+    db_path = _original_db(orig, ["images/a.jpg"])
+    db = sqlite3.connect(db_path)
+    db.execute("UPDATE dimensional_profiles SET composition_score = 6.5, lighting_score = 7.5")
+    db.commit()
+    db.close()
+    out = mondrian(home, smoke_model_path, "references", "import-db", str(db_path), timeout=60)
+    assert out.returncode == 0, out.stderr
+    sidecar = json.loads((home / "advisors" / "ansel" / "references" / "a.json").read_text())
+    scores = sidecar.get("scores", sidecar)
+    assert (scores["composition"], scores["lighting"]) == (7, 8), sidecar

@@ -116,7 +116,9 @@ def _score(value: Any, dimension: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not SCORE_MIN <= value <= SCORE_MAX:
         raise SidecarInvalid(f"the {dimension} score is {value!r}; scores run from {SCORE_MIN} to {SCORE_MAX}")
-    return int(round(value))  # the original stored REALs; Mondrian's scores are whole numbers
+    # The original stored REALs; Mondrian's scores are whole numbers: half up, as rag's anchored scores (round()
+    # would make 6.5 a 6 and 7.5 an 8)
+    return int(math.floor(value + 0.5))
 
 
 def profile_of(row: sqlite3.Row) -> dict[str, Any]:

@@ -122,6 +122,20 @@ def parse_profile(data: Any, name: str = "the sidecar") -> CuratorProfile:
     return CuratorProfile(scores, comments, summary, grade)
 
 
+class _Repeated(ValueError):
+    pass
+
+
+def _no_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are each given once: `"lighting": 4, …, "lighting": 9` took the last in silence."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Repeated(key)
+        seen[key] = value
+    return seen
+
+
 def read_profile(path: Path) -> CuratorProfile:
     """`parse_profile` of the file at `path` (read without ever blocking); raises SidecarInvalid."""
     try:
@@ -129,9 +143,12 @@ def read_profile(path: Path) -> CuratorProfile:
         if size > SIDECAR_MAX_BYTES:
             raise SidecarInvalid(f"{path.name} is {size} bytes; a reference sidecar holds only scores and comments")
         data = json.loads(read_regular_file(path, max_bytes=SIDECAR_MAX_BYTES,
-                                            timeout_s=SIDECAR_READ_SECONDS).decode("utf-8-sig"))
+                                            timeout_s=SIDECAR_READ_SECONDS).decode("utf-8-sig"),
+                          object_pairs_hook=_no_repeats)
     except SidecarInvalid:
         raise
+    except _Repeated as exc:
+        raise SidecarInvalid(f"{path.name} gives {exc.args[0]!r} twice: give each once") from None
     except RecursionError:
         raise SidecarInvalid(f"{path.name} nests too deeply to be a reference sidecar; it holds only scores "
                              f"and comments") from None
