@@ -201,7 +201,8 @@ def queue_samples(cfg: Config) -> list[tuple[str, str]]:
     return queued
 
 
-def summary(cfg: Config, queued: list[tuple[str, str]], first_job: int) -> list[str]:
+def summary(cfg: Config, queued: list[tuple[str, str]], first_job: int) -> tuple[list[str], int]:
+    """A line per sample photo, and how many of them are not finished (the demo was stopped)."""
     from ..ledger import Ledger
 
     ledger = Ledger.for_config(cfg)
@@ -210,10 +211,12 @@ def summary(cfg: Config, queued: list[tuple[str, str]], first_job: int) -> list[
     finally:
         ledger.close()
     lines = []
+    unfinished = 0
     for name, mode in queued:
         job = jobs.get(name)
-        if job is None:
-            lines.append(f"  {mode:<8} {name}: not analysed")
+        if job is None or job.state in ("queued", "running"):
+            lines.append(f"  {mode:<8} {name}: not analysed yet")
+            unfinished += 1
             continue
         where = shown(os.path.relpath(job.report_html, cfg.home)) if job.report_html else ""
         if job.state != "done":
@@ -224,7 +227,7 @@ def summary(cfg: Config, queued: list[tuple[str, str]], first_job: int) -> list[
         fell = f" (fell back from {mode})" if used != mode else ""
         dup = " (same as an earlier demo's report)" if job.duplicate_of else ""
         lines.append(f"  {mode:<8} {name}: {used}{extra}{fell}, grade {job.grade}{dup} → {where}")
-    return lines
+    return lines, unfinished
 
 
 def _cannot_serve(cfg: Config) -> str | None:
@@ -260,14 +263,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cfg.ensure_dirs()
     advisor = get_advisor(cfg, cfg.default_advisor)
     say(f"Mondrian demo in {cfg.home}, model {cfg.model!r}, advisor {advisor.name}")
-    steps = [set_up_references(cfg, advisor)]
-    say(f"· {steps[-1].line}")
-    if steps[0].ok:
-        steps.append(index_references(cfg, advisor))
+    try:
+        steps = [set_up_references(cfg, advisor)]
         say(f"· {steps[-1].line}")
-        if steps[-1].ok:
-            steps.append(ensure_adapter(cfg, advisor))
+        if steps[0].ok:
+            steps.append(index_references(cfg, advisor))
             say(f"· {steps[-1].line}")
+            if steps[-1].ok:
+                steps.append(ensure_adapter(cfg, advisor))
+                say(f"· {steps[-1].line}")
+    except KeyboardInterrupt:
+        say(f"The demo was stopped with Ctrl-C before its sample photos were queued; what it had finished is kept "
+            f"(nothing half-made). Run `{mondrian()} demo` again to go on.")
+        return 130
     ledger = Ledger.for_config(cfg)
     try:
         first_job = max((j.id for j in ledger.jobs()), default=0)
@@ -279,8 +287,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     rc = run_daemon(cfg, once=True)
     if rc != 0:
         return rc
-    print("\n".join(["", "Reports (asked for → used):", *summary(cfg, queued, first_job), "",
+    lines, waiting = summary(cfg, queued, first_job)
+    print("\n".join(["", "Reports (asked for → used):", *lines, "",
                      f"Open {cfg.outbox / 'index.html'} in a browser to see them."]))
+    if waiting:  # the daemon stops gracefully on Ctrl-C, with exit 0: the demo did not finish
+        say(f"The demo was stopped before it finished: {waiting} sample photo(s) wait in {shown(str(cfg.inbox))}. "
+            f"Run `{mondrian()} demo` again to finish them.")
+        return 130
     if _is_smoke(cfg):
         print("(These reports come from the random smoke model: the scores are not meaningful.)")
     if not getattr(args, "serve", False):
