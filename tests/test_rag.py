@@ -339,11 +339,11 @@ def test_a_photo_copied_twice_counts_once(tmp_path: Path, runtime, smoke_model_p
                                                            photo=target))
     found = {r["name"]: r for r in got.extras["references"]}
     assert len(got.extras["references"]) == 2, [r["name"] for r in got.extras["references"]]
-    assert {n: r["scores"] for n, r in found.items()} == {"dup1.jpg": _scores(9), "link.jpg": _scores(5)}
+    assert {n: r["scores"] for n, r in found.items()} == {"mine/dup1.jpg": _scores(9), "link.jpg": _scores(5)}
     portfolio = got.extras["portfolio"]
     assert portfolio["count"] == 2 and portfolio["dimensions"]["composition"] == {"mean": 7.0, "std": 2.0}
     sims = {n: r["similarity"] for n, r in found.items()}
-    want = (9 * sims["dup1.jpg"] + 5 * sims["link.jpg"]) / (sims["dup1.jpg"] + sims["link.jpg"])
+    want = (9 * sims["mine/dup1.jpg"] + 5 * sims["link.jpg"]) / (sims["mine/dup1.jpg"] + sims["link.jpg"])
     assert got.extras["reference_prior"]["scores"] == {d: pytest.approx(want, abs=1e-3) for d in DIMENSIONS}
 
     out = mondrian(home, smoke_model_path, "references", "list", "--advisor", "ansel", "--json")

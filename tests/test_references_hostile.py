@@ -443,3 +443,21 @@ def test_import_db_rounds_a_half_score_up(tmp_path, smoke_model_path):
     sidecar = json.loads((home / "advisors" / "ansel" / "references" / "a.json").read_text())
     scores = sidecar.get("scores", sidecar)
     assert (scores["composition"], scores["lighting"]) == (7, 8), sidecar
+
+
+def test_references_in_two_folders_with_one_name_are_told_apart(tmp_path, smoke_model_path):
+    """`2019/best.jpg` and `2020/best.jpg`: the rag report, its second pass and `references list` named both
+    `best.jpg`. They are named by their place in the portfolio."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    refs = home / "advisors" / "ansel" / "references"
+    photo(refs / "2019" / "best.jpg", seed=1)
+    photo(refs / "2020" / "best.jpg", seed=2)
+    _aged(*(refs / "2019").iterdir(), *(refs / "2020").iterdir())
+    assert mondrian(home, smoke_model_path, "references", "index", timeout=300).returncode == 0
+    listed = mondrian(home, smoke_model_path, "references", "list", "--advisor", "ansel").stdout
+    assert "2019/best.jpg" in listed and "2020/best.jpg" in listed, listed
+    shot = photo(tmp_path / "shot.jpg", seed=3)
+    analysed = mondrian(home, smoke_model_path, "analyze", "--mode", "rag", str(shot), timeout=300)
+    assert analysed.returncode == 0, analysed.stderr[-2000:]
+    report = json.loads((home / "outbox" / "shot" / "report.json").read_text())
+    assert sorted(r["name"] for r in report["references"]) == ["2019/best.jpg", "2020/best.jpg"], report["references"]

@@ -29,7 +29,7 @@ from .critique import DIMENSIONS, critique_schema
 from .prompts import critique_prompt, portfolio_context
 from ..model.protocol import BatchRequest
 from ..references.indexer import (counted_references, folder_problem, profile_of, profile_request, reference_comment,
-                                  reference_present, reference_profile)
+                                  reference_present, reference_profile, shown_name)
 from ..references.thumbnails import thumbnail
 from .retrieval import anchored, distribution, nearest, reference_prior
 from . import AnalysisContext, AnalysisResult, Availability, Strategy
@@ -151,9 +151,13 @@ class RagStrategy(Strategy):
                         embedding=encoded.embedding if cfg.embeddings_enabled else None, model_id=ctx.runtime.model_id)
         portfolio = distribution([r.scores for r in rows])
         neighbours = []
+        folder = references_dir(cfg, ctx.advisor.id)
         for n in found:
             prof = reference_profile(n.row)
-            neighbours.append({"name": n.name, "scores": prof["scores"],
+            # by its place in the portfolio: 2019/best.jpg and 2020/best.jpg are two photos, not one name twice
+            path = Path(str(n.row.path))
+            name = shown_name(path.relative_to(folder) if path.is_relative_to(folder) else path.name)
+            neighbours.append({"name": name, "scores": prof["scores"],
                                "comment": reference_comment(prof["comments"])})
         context = portfolio_context(portfolio["dimensions"], portfolio["count"], neighbours, profile)
         return {"profile": profile, "found": found, "neighbours": neighbours, "portfolio": portfolio,

@@ -130,7 +130,10 @@ def _row(row, cfg, twin: Any = None) -> dict[str, Any]:
     if twin is not None:
         folder = references_dir(cfg, row.advisor)
         same_as = str(Path(twin.path).relative_to(folder)) if Path(twin.path).is_relative_to(folder) else twin.path
-    return {"advisor": row.advisor, "path": shown, "file": Path(row.path).name, "sha256": row.sha256,
+    folder = references_dir(cfg, row.advisor)
+    place = Path(row.path).relative_to(folder) if Path(row.path).is_relative_to(folder) else Path(row.path).name
+    return {"advisor": row.advisor, "path": shown, "file": Path(row.path).name, "in_portfolio": str(place),
+            "sha256": row.sha256,
             "source": prof["source"], "scores": prof["scores"], "comments": prof["comments"],
             "model_id": row.model_id, "embedding": row.embedding is not None,
             "indexed_at": row.indexed_at,
@@ -189,7 +192,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"  {'file':<32} {'source':<6} {abbrev}")
         for r in info["references"]:
             scores = " ".join(f"{r['scores'][d]:>4}" for d in DIMENSIONS)
-            print(f"  {shown(r['file'])[:32]:<32} {r['source']:<6} {scores}")
+            print(f"  {shown(r['in_portfolio'])[-32:]:<32} {r['source']:<6} {scores}")
             if r["same_as"] is not None:
                 print(shown(f"    {_same_photo_note(r)}"))
         pf = info["portfolio"]["dimensions"]
