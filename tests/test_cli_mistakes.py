@@ -159,3 +159,12 @@ def test_an_advisor_typed_with_a_capital_is_the_advisor_as_in_the_api_and_the_in
                  ("adapters", "--advisor", "Cartier")):
         out = mondrian(home, smoke_model_path, *argv, timeout=60)
         assert out.returncode == 0 and "not an advisor id" not in out.stderr, (argv, out.stderr)
+
+
+def test_init_given_both_home_and_path_says_which_it_made(tmp_path, smoke_model_path):
+    """`mondrian --home A init B` made B in silence; one of the two is likely a slip."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    out = subprocess.run([sys.executable, "-m", "daemon", "--home", str(a), "init", str(b)], cwd=REPO,
+                         env=env_for(a, smoke_model_path), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and (b / "mondrian.toml").is_file() and not a.exists(), out.stderr
+    assert f"the home made is the PATH given to init: {b}" in out.stderr, out.stderr

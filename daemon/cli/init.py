@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -129,6 +130,11 @@ def init_home(path: Path) -> tuple[Config, bool]:
 def cmd_init(args: argparse.Namespace) -> int:
     target = args.path or getattr(args, "home", None)
     path = Path(target).expanduser().absolute() if target else default_home()
+    home = getattr(args, "home", None)
+    if args.path and home and Path(home).expanduser().absolute() != path:
+        # both given, and not the same place: say which one is made (one is likely a slip)
+        print(shown(f"note: --home {home} names another place; the home made is the PATH given to init: {path}"),
+              file=sys.stderr)
     cfg, wrote = init_home(path)
     print(f"{'Created' if wrote else 'Checked'} the Mondrian home {shown(cfg.home)}")
     print(f"  {shown(cfg.inbox)}/  drop photos here (in a subfolder named after an advisor, e.g. cartier/, for "

@@ -33,7 +33,8 @@ def worker_rows(ledger: Ledger, now: float | None = None) -> list[dict[str, Any]
 def worker_lines(rows: list[dict[str, Any]]) -> list[str]:
     """One line a worker, for a person."""
     if not rows:
-        return [f"Workers: none (no daemon has beaten on this ledger; start one with `{mondrian()} run`)"]
+        return [f"Workers: none running on this ledger (a daemon that stopped leaves it; start one with "
+                f"`{mondrian()} run`)"]
     lines = [f"Workers: {sum(not r['lost'] for r in rows)} alive" +
              (f", {sum(r['lost'] for r in rows)} lost" if any(r["lost"] for r in rows) else "")]
     for r in rows:

@@ -132,13 +132,13 @@ class Worker:
                     job.attempts, job.rel_path)
         verdict = check_alone(self.cfg, job.id, self.stop)
         if verdict.crashed:
-            self.out.fail(job, f"Mondrian stopped {job.attempts} times while analysing this photo, and an analysis "
+            self.out.fail(job, f"Mondrian stopped {_times(job.attempts)} while analysing this photo, and an analysis "
                                f"of it alone in a separate process broke too ({verdict.detail}); it was set aside so "
                                f"the rest of the inbox can go on. Export it again (another format or size) and drop "
                                f"the new file into the inbox", kind="permanent")
         elif verdict.crashed is False:
             log.info("%s is not the cause of the crashes: %s; queued again", job.rel_path, verdict.detail)
-            self.ledger.requeue(job.id, f"Mondrian stopped {job.attempts} times while analysing it, but the photo is "
+            self.ledger.requeue(job.id, f"Mondrian stopped {_times(job.attempts)} while analysing it, but the photo is "
                                         f"not the cause: {verdict.detail}; queued again", reset_attempts=True)
         elif not self.stop.is_set():
             log.warning("could not tell whether %s crashes the analysis: %s; queued again", job.rel_path,
@@ -555,6 +555,10 @@ class Worker:
             return get_advisor(self.cfg, advisor_id)
         except UnknownAdvisor as exc:
             raise Permanent(str(exc).strip("'\"")) from exc
+
+
+def _times(n: int) -> str:
+    return "once" if n == 1 else "twice" if n == 2 else f"{n} times"
 
 
 __all__ = ["Worker", "SMOKE_NOTICE", "DONE", "FAILED"]
