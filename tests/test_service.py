@@ -128,6 +128,13 @@ def test_control_characters_are_refused_not_written(dirs):
         service.render_plist(spec)
     with pytest.raises(service.ServiceError, match="control character"):
         service.render_unit(spec)
+    # A name in another system's encoding (Linux allows it): a traceback from the file's write, once
+    latin1 = dirs["tmp"] / os.fsdecode(b"Cl\xe9ment")
+    latin1.mkdir()
+    spec = service.build_spec(platform="linux", home=latin1, user_home=dirs["user"], model="smoke", env={})
+    for render in (service.render_plist, service.render_unit):
+        with pytest.raises(service.ServiceError, match=r"not valid UTF-8.*rename it"):
+            render(spec)
 
 
 def test_bad_config_fails_install_with_ex_config(dirs):

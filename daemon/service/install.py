@@ -326,6 +326,12 @@ def _reject_control_chars(spec: ServiceSpec) -> None:
     for value in [*spec.program_arguments, str(spec.home), *spec.environment.values(), str(spec.user_home)]:
         if any(ord(c) < 32 for c in value):
             raise ServiceError(f"path or value {value!r} contains a control character; rename it")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:  # a name from another system's encoding (Linux allows it): no text can carry it
+            raise ServiceError(f"the path {shell_word(Path(value))} is not valid UTF-8 (it came from a system with "
+                               f"another encoding), and a service file cannot name it: rename it (`mv`) to a UTF-8 "
+                               f"name, then install again") from None
 
 
 def render_plist(spec: ServiceSpec) -> str:
