@@ -552,7 +552,11 @@ class Ledger:
             _refuse_a_ledger_the_daemon_lost(Path(cfg.db_path), Path(cfg.var_dir) / "daemon.lock",
                                              Path(cfg.inbox) if served else None)
         ledger = cls(cfg.db_path, url=cfg.ledger_url or None, lease_seconds=cfg.lease_seconds, **kwargs)
-        ledger.follow_home(cfg.home, cfg.inbox, cfg.outbox)
+        try:
+            ledger.follow_home(cfg.home, cfg.inbox, cfg.outbox)
+        except BaseException:
+            ledger.close()
+            raise
         return ledger
 
     def __init__(self, path: Path, *, url: str | None = None, lease_seconds: float = 60.0,
@@ -1542,8 +1546,11 @@ class Ledger:
         Rebase every path under the home the ledger last served onto `home`; paths outside it (an inbox on a
         share) stay. Returns how many paths moved. A shared ledger is left alone: each Mac has its own home, and
         the shared folders keep one path for all of them; so is a SQLite file outside the home (`db_path`)."""
-        if self.shared or not self.path.resolve().is_relative_to(Path(home).resolve()):
-            return 0  # a ledger kept outside the home (db_path) did not move with it, and may serve other homes
+        if self.shared:
+            return 0
+        if not self.path.resolve().is_relative_to(Path(home).resolve()):
+            self._serves_one_home(Path(home))  # a ledger kept outside the home (var_dir, db_path) did not move with it
+            return 0
         home_s = str(Path(home).resolve())
         recorded = self.events().get(HOME_EVENT)
         old = recorded[0] if recorded else self._home_before_it_was_recorded(Path(home), Path(inbox), Path(outbox))
@@ -1578,6 +1585,24 @@ class Ledger:
         if old and moved:
             log.info("the home moved from %s to %s: %d path(s) in the ledger follow it", old, home_s, moved)
         return moved
+
+    def _serves_one_home(self, home: Path) -> None:
+        """A SQLite ledger outside its home (var_dir or db_path set to a shared folder) serves that one home: the
+        daemon of a second home on it took the first home's queued photos and failed them as outside its inbox,
+        after which the first home's daemon passed them by as failed. Refused while the home it serves is there."""
+        home_s = str(home.resolve())
+        recorded = self.events().get(HOME_EVENT)
+        other = recorded[0] if recorded else None
+        if other and other != home_s and ((Path(other) / "mondrian.toml").exists() or (Path(other) / "inbox").is_dir()):
+            raise LedgerUnavailable(
+                f"the ledger {self.path} is the Mondrian home {other}'s, not this home's ({home_s}): two homes "
+                f"cannot share one ledger (each daemon would take the other's photos). Give this home a var_dir "
+                f"(or db_path) of its own in {home / 'mondrian.toml'}")
+        if other != home_s:
+            try:
+                self._write("where the home is", lambda: self._put_event(HOME_EVENT, home_s))
+            except (LedgerUnavailable, OperationalError):
+                pass  # a read-only look (status of a ledger it cannot write): nothing to record
 
     def _home_before_it_was_recorded(self, home: Path, inbox: Path, outbox: Path) -> str | None:
         """For a ledger written before the home was recorded: the home of its latest inbox photo (its source_path

@@ -565,3 +565,27 @@ def test_status_names_the_model_run_would_load_not_only_the_last_one(tmp_path, s
     text = mondrian(home, smoke_model_path, "status", MONDRIAN_MODEL="").stdout
     line = next(line for line in text.splitlines() if line.startswith("Model:"))
     assert line.startswith("Model:   mlx-community/Qwen2-VL-2B-Instruct-4bit") and "the last run used" in line, line
+
+
+def test_two_homes_on_one_var_dir_are_refused_not_mixed(tmp_path, smoke_model_path):
+    """Two homes whose mondrian.toml name one var_dir shared one ledger: the second home's daemon took the first's
+    queued photo and failed it as outside its inbox, and the first's daemon then passed it by as failed, stranded.
+    The second is refused with what to do; the first goes on, its photo critiqued."""
+    shared = tmp_path / "shared-var"
+    a = make_home(tmp_path / "a", smoke_model_path, var_dir=str(shared), **FAST)
+    b = make_home(tmp_path / "b", smoke_model_path, var_dir=str(shared), **FAST)
+    assert mondrian(a, smoke_model_path, "status").returncode == 0  # a's ledger, in the shared folder
+    photo(a / "inbox" / "a.jpg", seed=1, size=(64, 48))
+    from daemon.ledger import Ledger
+
+    ledger = Ledger(shared / "ledger.db")
+    try:
+        src = a / "inbox" / "a.jpg"
+        ledger.enqueue(src, "a.jpg", "ansel", "default", src.stat().st_size, src.stat().st_mtime)
+    finally:
+        ledger.close()
+    out = mondrian(b, smoke_model_path, "run", "--once", timeout=120)
+    assert out.returncode == 78 and "two homes cannot share one ledger" in out.stderr, out.stderr
+    assert "var_dir" in out.stderr and str(b / "mondrian.toml") in out.stderr, out.stderr
+    assert mondrian(a, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    assert [p.name for p in reports(a / "outbox")] == ["report.json"]

@@ -178,7 +178,9 @@ def test_a_card_of_photos_is_queued_in_one_transaction(tmp_path) -> None:
 
 def test_a_ledger_outside_the_home_is_not_rebased_by_each_home_that_opens_it(tmp_path: Path) -> None:
     """`db_path` may name a file outside the home, which two homes can both name: opening it from the other home must
-    not rewrite the first one's paths (only a ledger inside its home moves with it)."""
+    not rewrite the first one's paths (only a ledger inside its home moves with it). It is refused, saying so: a
+    second home's daemon on it took the first home's photos (tests/test_config_and_status.py)."""
+    from daemon.ledger import LedgerUnavailable
     from daemon.config import load_config
 
     shared = tmp_path / "ledgers" / "one.db"
@@ -192,7 +194,11 @@ def test_a_ledger_outside_the_home_is_not_rebased_by_each_home_that_opens_it(tmp
     ledger.enqueue(src, "x.jpg", "ansel", "default", 1, 1.0)
     ledger.close()
     for cfg in (b, a, b):
-        Ledger.for_config(cfg).close()
+        if cfg is b:
+            with pytest.raises(LedgerUnavailable, match="two homes cannot share one ledger"):
+                Ledger.for_config(cfg)
+        else:
+            Ledger.for_config(cfg).close()
     [job] = Ledger(shared).jobs()
     assert job.source_path == str(src)
 
