@@ -461,3 +461,24 @@ def test_references_in_two_folders_with_one_name_are_told_apart(tmp_path, smoke_
     assert analysed.returncode == 0, analysed.stderr[-2000:]
     report = json.loads((home / "outbox" / "shot" / "report.json").read_text())
     assert sorted(r["name"] for r in report["references"]) == ["2019/best.jpg", "2020/best.jpg"], report["references"]
+
+
+def test_names_in_another_encoding_get_one_working_mv_each_folder_first(tmp_path, smoke_model_path):
+    """A photo in a folder whose name is not UTF-8 was told to `mv` into a fixed folder that did not exist; and
+    `No\\xebl.jpg` and `No\\xe8l.jpg` were both told to become `No_l.jpg` (pasting both overwrote a photo)."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    refs = home / "advisors" / "ansel" / "references"
+    photo(refs / os.fsdecode(b"d\xe9j\xe0") / "x.jpg", seed=1)
+    photo(refs / os.fsdecode(b"No\xebl.jpg"), seed=2)
+    photo(refs / os.fsdecode(b"No\xe8l.jpg"), seed=3)
+    _aged(*[p for p in refs.rglob("*") if p.is_file()])
+    out = mondrian(home, smoke_model_path, "references", "index", timeout=300)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    commands = list(dict.fromkeys(re.findall(r"`(mv [^`]+)`", out.stderr)))
+    assert len(commands) == 3, commands
+    for command in commands:
+        done = subprocess.run(["bash", "-c", command], capture_output=True, text=True)
+        assert done.returncode == 0, (command, done.stderr)
+    again = mondrian(home, smoke_model_path, "references", "index", timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert _listed(home, smoke_model_path, "ansel")["count"] == 3

@@ -281,10 +281,22 @@ def _not_utf8(folder: Path, photo: Path) -> str | None:
         return None
     except UnicodeEncodeError:
         pass
-    rel = photo.relative_to(folder) if photo.is_relative_to(folder) else Path(photo.name)
-    fixed = Path(*(os.fsencode(part).decode("utf-8", "replace").replace("\ufffd", "_") for part in rel.parts))
-    return (f"its name is not valid UTF-8 (it came from a system with another encoding), and Mondrian cannot record "
-            f"it; rename it, e.g. `mv {shell_word(photo)} {shell_word(folder / fixed)}`")
+    # The first part of the path that is not UTF-8 is the one to rename: a folder's name first (renaming a photo
+    # into a fixed folder that does not exist yet failed). Each stray byte becomes its hex value, so `No\xebl.jpg`
+    # and `No\xe8l.jpg` get two names (both became `No_l.jpg`: pasting both overwrote a photo).
+    here = folder if photo.is_relative_to(folder) else photo.parent
+    for part in (photo.relative_to(here).parts if photo.is_relative_to(here) else (photo.name,)):
+        bad = here / part
+        try:
+            part.encode("utf-8")
+        except UnicodeEncodeError:
+            fixed = os.fsencode(part).decode("utf-8", "backslashreplace").replace("\\x", "_")
+            what = "its folder's name" if bad != photo else "its name"
+            return (f"{what} is not valid UTF-8 (it came from a system with another encoding), and Mondrian cannot "
+                    f"record it; rename it, e.g. `mv {shell_word(bad)} {shell_word(here / fixed)}`")
+        here = bad
+    return (f"its path {shell_word(photo)} is not valid UTF-8 (a folder above the references has a name from another "
+            f"encoding), and Mondrian cannot record it; rename that folder")
 
 
 def folder_problem(folder: Path) -> str | None:
