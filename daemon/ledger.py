@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from peewee import (SQL, AutoField, BlobField, BooleanField, Case, CharField, Database, DatabaseError, FloatField,
+                    IntegrityError,
                     IntegerField, Model, OperationalError, PostgresqlDatabase, SqliteDatabase, TextField, Value, fn)
 
 from .fsutil import NotOwn, check_own_folder, fsync_dir, lock_holder, open_own_file, pid_alive, read_own_file
@@ -1278,9 +1279,17 @@ class Ledger:
         self._fenced(job_id, "hash", {self.Job.sha256: sha256})
 
     @writes
-    def move_source(self, job_id: int, source_path: Path) -> None:
-        """The claimed job's photo is at `source_path` now (the inbox setting changed, its photos moved with it)."""
-        self._fenced(job_id, "source", {self.Job.source_path: str(source_path)})
+    def move_source(self, job_id: int, source_path: Path) -> bool:
+        """The claimed job's photo is at `source_path` now (the inbox setting changed, its photos moved with it).
+        False when another active job holds that path already (the start-up rescan queued it there)."""
+        if self.is_active(source_path):
+            return False
+        try:
+            with self._tx():
+                self._fenced(job_id, "source", {self.Job.source_path: str(source_path)})
+        except IntegrityError:  # queued there between the look and the write
+            return False
+        return True
 
     @writes
     def reserve_output(self, job_id: int, output_dir: Path) -> None:

@@ -288,7 +288,7 @@ def test_photos_queued_before_the_inbox_setting_changed_follow_it_or_say_where_t
     home = make_home(tmp_path / "home", smoke_model_path)
     ledger = Ledger(home / "var" / "ledger.db")
     try:
-        for name, seed in (("moved.jpg", 1), ("left.jpg", 2)):
+        for name, seed in (("moved.jpg", 1), ("left.jpg", 2), ("deleted.jpg", 3)):
             src = photo(home / "inbox" / name, seed=seed, size=(64, 48))
             ledger.enqueue(src, name, "ansel", "default", src.stat().st_size, src.stat().st_mtime)
     finally:
@@ -298,6 +298,7 @@ def test_photos_queued_before_the_inbox_setting_changed_follow_it_or_say_where_t
     settings = home / "mondrian.toml"
     settings.write_text(settings.read_text() + f'inbox = "{new_inbox}"\n')
     os.rename(home / "inbox" / "moved.jpg", new_inbox / "moved.jpg")
+    (home / "inbox" / "deleted.jpg").unlink()
 
     out = mondrian(home, smoke_model_path, "run", "--once", timeout=180)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -306,3 +307,10 @@ def test_photos_queued_before_the_inbox_setting_changed_follow_it_or_say_where_t
     left = jobs["left.jpg"]
     assert left.state == "failed" and "the `inbox` setting changed" in left.error, left.error
     assert "replaced by a link" not in left.error and (home / "inbox" / "left.jpg").exists()
+    assert jobs["deleted.jpg"].state == "gone", (jobs["deleted.jpg"].state, jobs["deleted.jpg"].error)
+    from tests.harness import reports
+
+    # once: the start-up rescan queued it again in the new inbox, and its old job gave way (no traceback, no failure)
+    assert [p.parent.name for p in reports(home / "outbox")] == ["moved"]
+    assert "Traceback" not in out.stderr and "IntegrityError" not in out.stderr, out.stderr[-3000:]
+    assert not (home / "outbox" / "failed" / "moved.jpg.error.json").exists()

@@ -262,19 +262,23 @@ class Worker:
         if job.output_dir and self.out.resume(job, keep_original):
             return None
         src = Path(job.source_path)
-        if not keep_original and job.owns_file and not self.out.inside_inbox(src) and \
-                not src.is_relative_to(self.cfg.inbox):
+        if not keep_original and job.owns_file and job.mode_source != "command" and \
+                not self.out.inside_inbox(src) and not src.is_relative_to(self.cfg.inbox):
             # Queued from the inbox before its setting changed (`inbox = …` edited with photos waiting): not a link
-            # out of the inbox. Moved along with the folder, the photo is taken where it is now; else it stays.
+            # out of the inbox. (An upload's mode_source is "command": its spool is no inbox.) Moved along with the
+            # folder, the photo is taken where it is now; left behind, it stays there, said so.
             moved = self.cfg.inbox / job.rel_path
-            if not os.path.lexists(moved):
+            if os.path.lexists(moved):
+                if not self.ledger.move_source(job.id, moved):
+                    self.ledger.mark_gone(job.id, f"queued again from the new inbox ({moved})")
+                    return None
+                log.info("%s: the inbox moved to %s, and the photo with it", job.rel_path, self.cfg.inbox)
+                src = moved
+            elif os.path.lexists(src):
                 self.out.fail(job, f"it was queued from {src.parent}, which is no longer the inbox (the `inbox` "
                                    f"setting changed since); it was left where it is. Move it into the inbox "
                                    f"({self.cfg.inbox}) to have it analysed")
                 return None
-            self.ledger.move_source(job.id, moved)
-            log.info("%s: the inbox moved to %s, and the photo with it", job.rel_path, self.cfg.inbox)
-            src = moved
         if not os.path.lexists(src):
             self.ledger.mark_gone(job.id, "the file was removed from the inbox before it was analysed")
             log.info("gone before analysis: %s", job.rel_path)

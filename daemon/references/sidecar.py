@@ -12,12 +12,13 @@ invalid, with a message saying what to fix, rather than being rounded into a sco
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..analysis.critique import DIMENSIONS, SCORE_MAX, SCORE_MIN
-from ..fsutil import NotReadable, companion, read_regular_file
+from ..fsutil import NotReadable, companion, is_folder, read_regular_file
 
 SIDECAR_SUFFIX = ".json"
 SIDECAR_MAX_BYTES = 256 * 1024
@@ -170,7 +171,12 @@ def read_sidecar(path: Path) -> tuple[dict[str, int], dict[str, str] | None]:
 def sidecar_path(photo: Path) -> Path | None:
     """The photo's sidecar, if there is one: `IMG_1.jpg.json` (the whole name, as darktable and digiKam name theirs:
     this photo's alone), else `IMG_1.json` (any case of the suffix; shared by IMG_1.jpg and IMG_1.png)."""
-    return companion(photo.with_name(photo.name + ".x"), SIDECAR_SUFFIX) or companion(photo, SIDECAR_SUFFIX)
+    whole = photo.with_name(photo.name + SIDECAR_SUFFIX)
+    # Looked up exactly: asked for every reference at every rescan, a listing of the folder each time (companion's
+    # any-case search) made a rescan of a 1,000-photo folder take seconds.
+    if os.path.lexists(whole) and not is_folder(whole):
+        return whole
+    return companion(photo, SIDECAR_SUFFIX)
 
 
 __all__ = ["SidecarInvalid", "CuratorProfile", "parse_sidecar", "parse_profile", "read_profile", "read_sidecar",
