@@ -202,3 +202,21 @@ def test_settings_and_advisor_files_saved_with_a_bom_are_read(tmp_path, smoke_mo
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["default_advisor"] == "monet"
     assert mondrian(home, smoke_model_path, "references", "list", "--advisor", "monet").returncode == 0
+
+
+@pytest.mark.parametrize("seed", ["1", "2", "3"])
+def test_a_studio_override_in_a_folder_of_another_case_never_falls_back_to_the_built_in(tmp_path, smoke_model_path,
+                                                                                       seed):
+    """`advisors/Cartier/advisor.toml` (id "cartier"), a studio's override of the built-in cartier, refused for its
+    folder's case: photos in `inbox/cartier/` were critiqued by the built-in cartier or failed, by the hash seed of
+    the run. They always fail naming the studio's file, with a fix that works on a Mac's disk too (two steps)."""
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    toml = home / "advisors" / "Cartier" / "advisor.toml"
+    toml.parent.mkdir(parents=True)
+    toml.write_text('id = "cartier"\nname = "Our Cartier"\nprompt = "You are our Cartier."\n')
+    photo(home / "inbox" / "cartier" / "street.jpg", seed=1, size=(64, 48))
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=180, PYTHONHASHSEED=seed)
+    assert out.returncode == 0, out.stderr[-3000:]
+    job = ledger_jobs(home)["cartier/street.jpg"]
+    assert job.state == "failed" and "advisors/Cartier/advisor.toml" in job.error, (job.state, job.error)
+    assert ".renaming && mv " in job.error, job.error

@@ -76,10 +76,14 @@ def _read(path: Path, shown: str) -> Advisor:
         if wanted is None:
             raise _Refused(f"{shown}: {what}; give it an id of lowercase letters, digits, '-' and '_', and name its "
                            f"folder the same")
+        here, there = path.parent, path.parent.with_name(wanted)
+        # A change of case only goes in two steps: on a Mac's disk `mv Degas degas` finds `degas` there (itself)
+        # and fails trying to move it inside.
+        rename = (f"mv {shell_word(here)} {shell_word(there)}" if _folded(folder) != _folded(wanted) else
+                  f"mv {shell_word(here)} {shell_word(here.with_name(folder + '.renaming'))} && "
+                  f"mv {shell_word(here.with_name(folder + '.renaming'))} {shell_word(there)}")
         steps = ([f'write id = "{wanted}" in it'] if adv.id != wanted else []) + \
-                ([f"rename its folder to {wanted} (`mv {shell_word(str(Path(shown).parent))} "
-                  f"{shell_word(str(Path(shown).parent.with_name(wanted)))}` in the Mondrian home)"]
-                 if folder != wanted else [])
+                ([f"rename its folder to {wanted} (`{rename}`)"] if folder != wanted else [])
         raise _Refused(f"{shown}: {what}; {' and '.join(steps)}")
     if len(adv.prompt) > PROMPT_MAX_CHARS:
         raise _Refused(f"{shown}: its prompt is {len(adv.prompt):,} characters; an advisor's voice fits in "
@@ -114,9 +118,10 @@ def _scan(cfg: Config) -> tuple[dict[str, Advisor], dict[str, str]]:
                                   f"{toml.parent.name}/advisor.toml")
             except _Refused as why:
                 refused[toml.parent.name] = str(why)
-                # A studio's broken override of a built-in advisor: its photos fail naming the file, never get the
-                # built-in prompt the studio meant to replace.
-                found.pop(toml.parent.name, None)
+                # A studio's broken override of a built-in advisor (`advisors/Ansel/` too, in any case): its photos
+                # fail naming the file, never get the built-in prompt the studio meant to replace.
+                for same in [i for i in found if _folded(i) == _folded(toml.parent.name)]:
+                    found.pop(same)
                 if (toml, str(why)) not in _warned:  # once per problem: load_advisors runs for every photo
                     _warned.add((toml, str(why)))
                     log.warning("advisor definition not used (%s): %s", toml, why)
