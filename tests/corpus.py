@@ -372,6 +372,7 @@ def build(folder: Path) -> list[Item]:
                  "IMG_7.jpg.partial", "IMG_8.jpg.opdownload", "orphan.mode", ".DS_Store",
                  "IMG_9.jpg_original"):  # exiftool's backup of a photo it edited
         add(name, hidden, "ignored", "hidden/temporary")
+    add("Wedding_original/IMG_1.jpg", jpeg(5003), "done", "an album whose name ends like exiftool's backups")
     if sys.platform.startswith("linux"):  # bytes that are not UTF-8 in a name (APFS forbids them): left alone
         add("not utf8 \udcff\udcfe.jpg", jpeg(5001), "ignored", "non-UTF-8 name")
 

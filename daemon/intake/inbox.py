@@ -20,9 +20,10 @@ SIDECAR_MAX_BYTES = 64
 SIDECAR_READ_SECONDS = 30.0
 # Names that mean "still being written" or "not a photo at all" (Finder, Office, browsers, rsync), in the inbox
 # and in reference folders alike.
-# `_original`: the backup exiftool leaves beside each photo it edits (`IMG_7.jpg_original`), not a photo of its own
-# (critiqued as one, it also took `IMG_7/` from the real photo).
-TEMP_SUFFIXES = (".part", ".crdownload", ".download", ".tmp", ".partial", ".opdownload", "_original")
+TEMP_SUFFIXES = (".part", ".crdownload", ".download", ".tmp", ".partial", ".opdownload")
+# The backup exiftool leaves beside each photo it edits (`IMG_7.jpg_original`), not a photo of its own (critiqued as
+# one, it also took `IMG_7/` from the real photo). A file name only: `Wedding_original/` is an album.
+EXIFTOOL_BACKUP = re.compile(r".+\.[a-z0-9]{2,5}_original", re.IGNORECASE)
 HIDDEN_PREFIXES = (".", "~$", "._")
 # Finder's custom folder icon: `Icon` + a carriage return, an empty file that Finder hides, in every album copied from
 # a Mac that has one. Never a photo: taken for one, it failed as "the file is empty (0 bytes); copy the photo again".
@@ -67,7 +68,8 @@ def is_report_file(path: Path) -> bool:
 
 def is_temporary_name(name: str) -> bool:
     """A hidden or in-progress name: a file still being written, or one no person put there as a photo."""
-    return name.startswith(HIDDEN_PREFIXES) or name.lower().endswith(TEMP_SUFFIXES) or name.lower() in SYSTEM_NAMES
+    return (name.startswith(HIDDEN_PREFIXES) or name.lower().endswith(TEMP_SUFFIXES) or name.lower() in SYSTEM_NAMES
+            or EXIFTOOL_BACKUP.fullmatch(name) is not None)
 
 
 def is_ignored(path: Path, inbox: Path) -> bool:
