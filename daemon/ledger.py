@@ -1423,6 +1423,13 @@ class Ledger:
     def get(self, job_id: int) -> Job:
         return self.Job.get_by_id(job_id)
 
+    def later_done(self, source_path: str, after_id: int) -> Job | None:
+        """A job analysed since `after_id` of a file at the same place (the photo put back fixed, or another photo of
+        that name), if there is one."""
+        job = self.Job
+        return job.select().where((job.source_path == source_path) & (job.state == DONE) & (job.id > after_id)) \
+            .order_by(job.id.desc()).first()
+
     def earlier_failures(self, source_path: str, before_id: int) -> list[Job]:
         """Failed jobs of the same file before `before_id` (their records are stale once it is analysed)."""
         job = self.Job

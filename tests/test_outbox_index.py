@@ -282,8 +282,11 @@ def test_a_file_named_like_a_failure_record_is_a_failed_file_not_a_record(tmp_pa
 
 
 def test_a_failure_whose_photo_was_put_back_and_analysed_leaves_the_index(tmp_path, smoke_model_path):
-    """The photo is dropped into the inbox again by hand (not `retry`): its old record stays in failed/, but the
-    failure no longer stands, as `mondrian status` counts it."""
+    """A file of the failed one's name is dropped into the inbox by hand (not `retry`) and analysed. It may be the
+    photo fixed, or another photo of that name (two cards' IMG_0001.JPG): while the failed one still lies in failed/,
+    its failure stands, and status says how to tell which; following that advice (deleting it), it leaves the index."""
+    import subprocess
+
     home = make_home(tmp_path / "home", smoke_model_path)
     (home / "inbox" / "p.jpg").write_text("not yet a photo")
     assert mondrian(home, smoke_model_path, "run", "--once", timeout=240).returncode == 0
@@ -291,7 +294,17 @@ def test_a_failure_whose_photo_was_put_back_and_analysed_leaves_the_index(tmp_pa
     photo(home / "inbox" / "p.jpg", seed=3)  # the fixed photo, put back
     assert mondrian(home, smoke_model_path, "run", "--once", timeout=240).returncode == 0
     assert ledger_jobs(home)["p.jpg"].state == "done"
+    assert cards(home / "outbox") == {"p": ("report", None), "p.jpg": ("failure", "unreadable")}
+    info = json.loads(mondrian(home, smoke_model_path, "status", "--json").stdout)
+    (failure,) = info["recent_failures"]
+    assert "a later p.jpg was critiqued" in failure["next_step"], failure
+    delete = re.search(r"delete `([^`]+)`", failure["next_step"]).group(1)
+    done = subprocess.run(["bash", "-c", f"rm {delete} {delete}.error.json {delete}.error.html"], cwd=home,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=240).returncode == 0
     assert cards(home / "outbox") == {"p": ("report", None)}
+    assert json.loads(mondrian(home, smoke_model_path, "status", "--json").stdout)["recent_failures"] == []
 
 
 def test_a_report_whose_report_json_was_corrupted_is_gone_for_the_index_and_for_duplicates_alike(tmp_path,

@@ -91,12 +91,18 @@ def _known_advisors(cfg: Config, jobs: list[Job]) -> list[str]:
         return []
 
 
-def _failure(cfg: Config, j: Job, advisors: Iterable[str] = ()) -> dict[str, Any]:
-    """A failure as status shows it, pointing at its record only if that record was really written."""
+def _failure(cfg: Config, j: Job, advisors: Iterable[str] = (), later: Job | None = None) -> dict[str, Any]:
+    """A failure as status shows it, pointing at its record only if that record was really written. `later`: a file
+    of the same name analysed since, while this one's photo is still in failed/ (it stands: two cards' IMG_0001.JPG
+    are two photos; a photo put back fixed leaves its broken copy there)."""
     record = Path(f"{j.output_dir}.error.json") if j.output_dir else None
+    step = next_step(j, advisors)
+    if later is not None and j.output_dir:
+        step = (f"a later {Path(j.rel_path).name} was critiqued (job {later.id}): if that was this photo, fixed, delete "
+                f"`{shell_word(Path(j.output_dir))}` and its record; if it is another photo, `{mondrian()} retry "
+                f"--failed {j.id}` brings this one back beside it")
     out: dict[str, Any] = {"job_id": j.id, "file": j.rel_path, "reason": j.error, "kind": j.error_kind,
-                           "failed_at": j.finished_at, "record": None, "note": None,
-                           "next_step": next_step(j, advisors)}
+                           "failed_at": j.finished_at, "record": None, "note": None, "next_step": step}
     if record is not None and record.exists():
         out["record"] = str(record)
     elif is_folder(Path(j.source_path)):
@@ -216,7 +222,7 @@ def collect(cfg: Config) -> dict[str, Any]:
                     "next_try_in_s": round(j.not_before - now, 1), "reason": j.error} for j in ledger.delayed(now)]
         recent = list(ledger.recent_failures(superseded=counts.superseded))
         known = _known_advisors(cfg, recent)
-        failures = [_failure(cfg, j, known) for j in recent]
+        failures = [_failure(cfg, j, known, ledger.later_done(j.source_path, j.id)) for j in recent]
         queue = {"queued": counts.by_state["queued"] - len(delayed), "delayed": len(delayed),
                  "running": len(running), "failed": counts.by_state["failed"]}
         eta = _estimates(ledger, running, queue["queued"])

@@ -33,10 +33,10 @@ from ..hints import mondrian
 TABLE = "dimensional_profiles"
 # The original's own training query left these out: photos users uploaded for analysis, not the advisor's work.
 # The original kept the photos users uploaded for analysis beside the advisors' own, and its training left out paths
-# `LIKE '%temp%'` or `'%analyze_image%'`: here a folder or file name that is `temp`/`tmp` or begins so (`temp/`,
-# `temp_3f2a.jpg`, `tmp1.png`), or holds `analyze_image`. Not any "temp" inside a word: `temple_at_dawn.jpg`,
-# `contemporary.jpg` and `~/Templates/` are an advisor's own work.
-_UPLOAD_PART = re.compile(r"(?:temp|tmp)(?:[^a-z].*)?|.*analyze_image.*", re.IGNORECASE | re.DOTALL)
+# `LIKE '%temp%'` or `'%analyze_image%'`: here a folder or file name that is `temp` or begins so (`temp/`,
+# `temp_3f2a.jpg`), or holds `analyze_image`. Not any "temp" inside a word: `temple_at_dawn.jpg`, `contemporary.jpg`
+# and `~/Templates/` are an advisor's own work. (Nor `tmp`, which the original never matched: /tmp/… is a place.)
+_UPLOAD_PART = re.compile(r"temp(?:[^a-z].*)?|.*analyze_image.*", re.IGNORECASE | re.DOTALL)
 
 
 def is_upload(image_path: str) -> bool:
