@@ -423,9 +423,11 @@ def test_a_curator_sidecar_named_after_the_whole_photo_name_is_read(tmp_path, sm
     _aged(*refs.iterdir())
     out = mondrian(home, smoke_model_path, "references", "index", timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    rows = {r["file"]: r for r in _listed(home, smoke_model_path, "ansel")["references"]}
+    listed = _listed(home, smoke_model_path, "ansel")
+    rows = {r["file"]: r for r in listed["references"]}
     assert {f: (r["source"], r["scores"]["lighting"]) for f, r in rows.items()} == \
         {"dune.jpg": ("human", 9), "moon.jpg": ("human", 4), "moon.png": ("human", 6)}, rows
+    assert listed["count"] == 3, listed  # scored apart by the curator: two photos of one name, not one in two formats
 
 
 def test_import_db_rounds_a_half_score_up(tmp_path, smoke_model_path):

@@ -21,7 +21,7 @@ from ..resources import advisors_dir
 
 ADVISOR_ID = re.compile(r"^[a-z][a-z0-9_-]{0,39}\Z")  # \Z: "$" would let a trailing newline in
 BUILTIN_DIR = advisors_dir()
-PROMPT_MAX_CHARS = 12_000  # the built-in voices are ~600; the model runtime also refuses a prompt past 8,192 tokens
+PROMPT_MAX_CHARS = 32_000  # the built-in voices are ~600; the model runtime refuses a prompt past 8,192 tokens
 log = logging.getLogger("mondrian.advisors")
 
 

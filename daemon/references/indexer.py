@@ -93,7 +93,7 @@ def counted_references(rows: Iterable[Reference]) -> tuple[list[Reference], dict
     twins: dict[str, Reference] = {}
     for row in sorted(rows, key=lambda r: str(r.path)):
         keys = (("sha", row.sha256), ("picture", picture_key(row.path)))
-        earlier = next((first[k] for k in keys if k in first), None)
+        earlier = first.get(keys[0]) or _same_picture(first.get(keys[1]), row)
         if earlier is None:
             counted.append(row)
             earlier = row
@@ -102,6 +102,17 @@ def counted_references(rows: Iterable[Reference]) -> tuple[list[Reference], dict
         for k in keys:
             first.setdefault(k, earlier)
     return counted, twins
+
+
+def _same_picture(earlier: Reference | None, row: Reference) -> Reference | None:
+    """`earlier` if it and `row` (one name, two formats) are one picture: not when a curator scored the two apart
+    (`IMG_1.jpg.json` beside `IMG_1.png.json`: two photos, each with its own sidecar)."""
+    if earlier is None:
+        return None
+    if earlier.source == "human" and row.source == "human" and \
+            (earlier.scores != row.scores or (earlier.comments or None) != (row.comments or None)):
+        return None
+    return earlier
 
 
 def reference_present(folder: Path, path: str | Path) -> bool:
