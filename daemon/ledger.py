@@ -542,6 +542,13 @@ def _file_identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
 class Ledger:
     @classmethod
     def for_config(cls, cfg: Any, **kwargs: Any) -> "Ledger":
@@ -1609,6 +1616,8 @@ class Ledger:
         home_s = str(home.resolve())
         recorded = self.events().get(HOME_EVENT)
         other = recorded[0] if recorded else None
+        if other and other != home_s and _same_folder(Path(other), home):
+            other = home_s  # one folder spelled two ways (a Mac's disk ignores case; é composed or not)
         if other and other != home_s and ((Path(other) / "mondrian.toml").exists() or (Path(other) / "inbox").is_dir()):
             raise LedgerUnavailable(
                 f"the ledger {self.path} is the Mondrian home {other}'s, not this home's ({home_s}): two homes "

@@ -589,3 +589,24 @@ def test_two_homes_on_one_var_dir_are_refused_not_mixed(tmp_path, smoke_model_pa
     assert "var_dir" in out.stderr and str(b / "mondrian.toml") in out.stderr, out.stderr
     assert mondrian(a, smoke_model_path, "run", "--once", timeout=180).returncode == 0
     assert [p.name for p in reports(a / "outbox")] == ["report.json"]
+
+
+def test_one_home_reached_by_two_spellings_is_not_two_homes(tmp_path, smoke_model_path):
+    """A Mac's disk takes `~/pictures/mondrian` for `~/Pictures/Mondrian` (and é composed or not): the one-ledger-one-
+    home check compared the two spellings as text and refused the home its own ledger. (Here: a bind mount, one
+    folder at two paths.)"""
+    import shutil as _shutil
+
+    if os.geteuid() != 0 or _shutil.which("mount") is None:
+        pytest.skip("needs root to bind-mount a folder at a second path")
+    home = make_home(tmp_path / "Pictures" / "Mondrian", smoke_model_path, var_dir=str(tmp_path / "var"), **FAST)
+    other = tmp_path / "pictures" / "mondrian"
+    other.mkdir(parents=True)
+    if subprocess.run(["mount", "--bind", str(home), str(other)]).returncode != 0:
+        pytest.skip("bind mounts are not allowed here")
+    try:
+        assert mondrian(home, smoke_model_path, "status").returncode == 0
+        out = mondrian(other, smoke_model_path, "status")
+        assert out.returncode == 0 and "two homes" not in out.stderr, out.stderr
+    finally:
+        subprocess.run(["umount", str(other)], check=True)
