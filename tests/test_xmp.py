@@ -290,3 +290,14 @@ def test_the_photographers_own_caption_rating_and_label_are_not_lost(tmp_path):
     words = ["mondrian:advisor=ansel", "mondrian:mode=rag", "mondrian:grade=9"]
     assert read_back(got[str(theirs)]) == (5, "Red", "Grandma's 90th birthday, Lisbon", ["family", *words])
     assert read_back(got[str(plain)]) == (5, "Ansel Adams (rag)", "light at last", words)
+
+    # The photographer rates and captions the photo Mondrian had rated (in Lightroom, say): theirs from then on.
+    image = exiv2.ImageFactory.open(str(plain))
+    image.readMetadata()
+    image.xmpData()["Xmp.xmp.Rating"] = "3"
+    image.xmpData()["Xmp.dc.description"] = exiv2.LangAltValue({"x-default": "Lake at dawn"})
+    image.writeMetadata()
+    del image
+    assert embed(plain, report_for(1, summary="dull"))
+    got = exiftool(plain)
+    assert read_back(got[str(plain)])[:3] == (3, "Ansel Adams (rag)", "Lake at dawn"), got[str(plain)]

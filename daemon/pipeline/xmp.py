@@ -12,6 +12,7 @@ itself, as a new file renamed over the old name.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -72,29 +73,33 @@ def _fill(xmp: exiv2.XmpData, report: dict[str, Any], *, inside_original: bool =
     """Set Mondrian's fields in `xmp`; what else it holds stays, keywords of its own included.
 
     The photographer's own caption is never replaced: the summary goes where there is none, or where the caption is
-    one a Mondrian wrote. Inside the original (`inside_original`, xmp_embed), where no copy of what was there is
-    kept, their own rating and label stay too: the sidecar beside it carries Mondrian's. Which fields a Mondrian
-    wrote is recorded with them (`mondrian:wrote`), so a photo critiqued again keeps telling theirs from ours."""
+    still one a Mondrian wrote. Inside the original (`inside_original`, xmp_embed), where no copy of what was there
+    is kept, their own rating and label stay too: the sidecar beside it carries Mondrian's. What a Mondrian wrote is
+    recorded with it (`mondrian:wrote`: the rating and label, a digest of the caption), so a field the photographer
+    changed since (5 stars in Lightroom, a caption of their own) is theirs at the next critique."""
     subject = xmp.findKey(exiv2.XmpKey("Xmp.dc.subject"))
     words = list(subject.getValue()) if subject != xmp.end() else []
     found = xmp.findKey(_WROTE)
-    if found != xmp.end():
-        ours = set(found.getValue())
-    else:  # a Mondrian before this record wrote all three wherever it left its keywords
-        ours = {"rating", "caption"} if any(k.lower().startswith(KEYWORD_PREFIX) for k in words) else set()
-    wrote: list[str] = []
-    theirs_rated = "rating" not in ours and (_has(xmp, "Xmp.xmp.Rating", "0") or _has(xmp, "Xmp.xmp.Label"))
-    if not (inside_original and theirs_rated):
-        xmp["Xmp.xmp.Rating"] = str(stars(report["overall_grade"]))
-        xmp["Xmp.xmp.Label"] = label(report)
-        wrote.append("rating")
     captions: dict[str, str] = {}
     old = xmp.findKey(exiv2.XmpKey("Xmp.dc.description"))
     if old != xmp.end():
         captions = dict(old.getValue())  # other languages are the photographer's
-    if "caption" in ours or not captions.get("x-default", "").strip():
+    rated = (_value(xmp, "Xmp.xmp.Rating"), _value(xmp, "Xmp.xmp.Label"))
+    if found != xmp.end():
+        record = set(found.getValue())
+        ours_rated = f"rating={rated[0]}" in record and f"label={rated[1]}" in record
+        ours_caption = f"caption={_digest(captions.get('x-default', ''))}" in record
+    else:  # a Mondrian before this record wrote all three wherever it left its keywords
+        ours_rated = ours_caption = any(k.lower().startswith(KEYWORD_PREFIX) for k in words)
+    wrote: list[str] = []
+    theirs_rated = not ours_rated and (rated[0] not in ("", "0") or rated[1] != "")
+    if not (inside_original and theirs_rated):
+        xmp["Xmp.xmp.Rating"] = str(stars(report["overall_grade"]))
+        xmp["Xmp.xmp.Label"] = label(report)
+        wrote += [f"rating={stars(report['overall_grade'])}", f"label={label(report)}"]
+    if ours_caption or not captions.get("x-default", "").strip():
         captions["x-default"] = _text(report.get("summary", ""))
-        wrote.append("caption")
+        wrote.append(f"caption={_digest(captions['x-default'])}")
     xmp["Xmp.dc.description"] = exiv2.LangAltValue(captions)
     if subject != xmp.end():
         xmp.erase(xmp.findKey(exiv2.XmpKey("Xmp.dc.subject")))
@@ -105,10 +110,13 @@ def _fill(xmp: exiv2.XmpData, report: dict[str, Any], *, inside_original: bool =
     xmp["Xmp.mondrian.wrote"] = exiv2.XmpArrayValue(wrote or ["keywords"], exiv2.TypeId.xmpBag)
 
 
-def _has(xmp: exiv2.XmpData, key: str, *empty: str) -> bool:
-    """Whether `xmp` holds `key` with a value other than nothing (or those in `empty`)."""
+def _value(xmp: exiv2.XmpData, key: str) -> str:
     found = xmp.findKey(exiv2.XmpKey(key))
-    return found != xmp.end() and str(found.getValue()).strip() not in ("", *empty)
+    return str(found.getValue()).strip() if found != xmp.end() else ""
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def sidecar_bytes(report: dict[str, Any], theirs: bytes | None = None) -> bytes:
