@@ -51,6 +51,7 @@ class RagStrategy(Strategy):
     def __init__(self, cfg, ledger: Any = None):
         super().__init__(cfg)
         self.ledger = ledger
+        self._present_cache: dict[str, tuple[float, bool]] = {}  # path -> (when looked, whether there)
 
     def is_available(self, advisor) -> Availability:
         if self.ledger is not None and self._references(advisor.id):
@@ -68,8 +69,19 @@ class RagStrategy(Strategy):
         """The references rag reads: one row per photo, however many copies of it the folder holds (a copy must
         not fill two retrieval slots nor weigh twice in the portfolio), and none deleted since it was indexed."""
         folder = references_dir(self.cfg, advisor_id)
-        return counted_references(r for r in self.ledger.references(advisor_id)
-                                  if reference_present(folder, r.path))[0]
+        return counted_references(r for r in self.ledger.references(advisor_id) if self._present(folder, r.path))[0]
+
+    PRESENT_TTL_S = 10.0  # asked 3-4 times a photo (availability, inputs, the passes): one look a reference will do
+
+    def _present(self, folder: Path, path: str) -> bool:
+        now = time.monotonic()
+        cache = self._present_cache
+        hit = cache.get(path)
+        if hit is None or now - hit[0] > self.PRESENT_TTL_S:
+            if len(cache) > 100_000:
+                cache.clear()
+            hit = cache[path] = (now, reference_present(folder, path))
+        return hit[1]
 
     def inputs(self, advisor) -> str | None:
         # the same rows as the report's `inputs` (_result), so a cached report matches only what rag would read
