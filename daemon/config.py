@@ -410,7 +410,8 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
             # leftovers would delete there. (The inbox and outbox may be links: only photos move through them.)
             raise ConfigError(f"{p} is a symbolic link (to {os.readlink(p)}), where Mondrian keeps a folder of its "
                               f"own: remove the link (`rm {shell_word(p)}` removes only the link, not what it points "
-                              f"to) and start again, or name the folder it points to as {key} in {cfg_file}")
+                              f"to) and start again, or name the folder it points to as {key} in {cfg_file} "
+                              f"({key} = \"{os.path.realpath(p)}\")")
         p = p.resolve()
         if key != "db_path" and p.exists() and not p.is_dir():
             raise ConfigError(f"{origins.get(key, key)}: {p} is a file, not a folder; name a folder for {key}")

@@ -912,7 +912,7 @@ def test_install_says_where_the_model_comes_from_and_a_pin_from_the_shell_is_not
     assert rc == 0 and "pinned by --model" in out and "this shell" not in out, out
 
 
-def test_settings_from_the_installing_shell_reach_the_service_and_are_said(dirs, systemd):
+def test_settings_from_the_installing_shell_reach_the_service_and_are_said(dirs, systemd, monkeypatch):
     """`export MONDRIAN_LEDGER_URL=postgresql://…` (the README's alternative to ledger_url) then `service install`:
     `run` from that shell used the studio's shared queue, but the service was written without it and kept a private
     ledger beside the shared inbox and outbox. Every setting the shell's environment gives now reaches the service,
@@ -932,6 +932,18 @@ def test_settings_from_the_installing_shell_reach_the_service_and_are_said(dirs,
     assert probe.stdout.split() == [url, "baseline"], probe.stderr
     plain = service.build_spec(platform="linux", home=dirs["home"], user_home=dirs["user"], model="smoke", env={})
     assert plain.settings_line is None and "MONDRIAN_LEDGER_URL" not in service.render_unit(plain)
+
+    # Installed for real: the unit holds the URL (a password, often): readable by this user only.
+    monkeypatch.setenv("MONDRIAN_LEDGER_URL", url.replace("mondrian@", "mondrian:secret@"))
+    (dirs["home"] / "mondrian.toml").write_text('model = "smoke"\n')
+    rc, _, err = _act("install", dirs)
+    assert rc == 0, err
+    assert stat.S_IMODE(spec.unit_path.stat().st_mode) == 0o600
+    # A stale setting in a later shell is not the installed service's: it does not block stopping it.
+    monkeypatch.delenv("MONDRIAN_LEDGER_URL")
+    monkeypatch.setenv("ANALYSIS_MODE", "bogus")
+    rc, _, err = _act("stop", dirs)
+    assert rc == 0 and "bogus" not in err, err
 
 
 def test_a_service_that_cannot_start_does_not_grow_its_log_for_ever(dirs):

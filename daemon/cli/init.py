@@ -54,7 +54,8 @@ def settings_template() -> str:
 def _inside_another_home(path: Path) -> str | None:
     """Why `path` cannot be a home because it lies in another home's inbox, outbox or var folder (that home's daemon
     would take the new mondrian.toml for a photo, or sweep it away), or None."""
-    for above in path.absolute().parents:
+    path = path.resolve()  # as load_config resolves the other home's folders (/tmp is /private/tmp on a Mac)
+    for above in path.parents:
         # A home is its settings file, or (made by `run` or `demo`, which write none) its ledger
         if not ((above / CONFIG_NAME).is_file() or (above / "var" / "ledger.db").is_file()):
             continue
@@ -64,7 +65,7 @@ def _inside_another_home(path: Path) -> str | None:
         except ConfigError:  # that home's own settings are broken: its default folders still apply
             folders = {name: above / name for name in ("inbox", "outbox", "var")}
         for name, folder in folders.items():
-            if path.absolute().is_relative_to(folder.absolute()):
+            if path.is_relative_to(folder.absolute()):
                 return (f"{path} is inside the {name} of the Mondrian home {above}: its daemon would take the new "
                         f"home's files for its own work. Choose a folder outside it (`{program()} init "
                         f"{shell_word(above.parent / (path.name or 'Mondrian'))}`)")

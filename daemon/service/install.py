@@ -451,7 +451,8 @@ class Shell:
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as fh:
                 fh.write(text)
-            os.chmod(tmp, 0o644)  # launchd refuses agents writable by group/others
+            # launchd refuses agents writable by group/others; a shared ledger's URL may hold its password
+            os.chmod(tmp, 0o600 if "MONDRIAN_LEDGER_URL" in text else 0o644)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -757,9 +758,13 @@ def service_action(action: str, *, platform: str | None = None, label: str = DEF
         return 2
     try:
         config_problem = None
+        # The shell's settings are the service's only at install: a stale ANALYSIS_MODE in the shell must not block
+        # `service restart` of a service installed without it.
+        env = os.environ if action == "install" else \
+            {k: v for k, v in os.environ.items() if k not in ENV_SETTINGS or k == "MONDRIAN_MODEL"}
         try:
             spec = build_spec(platform=platform, label=label, home=home, model=model,
-                              user_home=user_home, process_type=process_type)
+                              user_home=user_home, process_type=process_type, env=env)
         except ConfigError as exc:
             if action not in ("stop", "uninstall", "status"):
                 raise
