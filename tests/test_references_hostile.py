@@ -337,6 +337,7 @@ def test_rag_reads_no_deleted_reference_and_counts_a_raw_jpeg_pair_once(tmp_path
     used = sorted(r["name"] for r in report["references"])
     assert used == ["r0.jpg", "r3.jpg"], used
     assert report["portfolio"]["count"] == 2, report["portfolio"]
+    assert _listed(home, smoke_model_path, "ansel")["count"] == 2  # as rag counts, before the next index
 
     from daemon.config import load_config
     from jobs.dataset import collect_references

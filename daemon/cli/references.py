@@ -155,7 +155,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     from ..analysis.advisors import UnknownAdvisor, load_advisors
     from ..analysis.critique import DIMENSIONS
     from ..ledger import Ledger
-    from ..references.indexer import counted_references, sidecar_problems
+    from ..analysis.advisors import references_dir
+    from ..references.indexer import counted_references, reference_present, sidecar_problems
     from ..analysis.retrieval import distribution
     from .terminal import shown
 
@@ -170,7 +171,9 @@ def cmd_list(args: argparse.Namespace) -> int:
     result = {}
     for advisor in advisors:
         rows = ledger.references(advisor)
-        counted, twins = counted_references(rows)  # the photos rag counts: a copy under another name is no other
+        # the photos rag counts: a copy under another name is no other, nor one deleted since it was indexed
+        folder = references_dir(cfg, advisor)
+        counted, twins = counted_references(r for r in rows if reference_present(folder, r.path))
         skipped = {e["file"]: e for e in recorded if e.get("advisor") == advisor}
         skipped.update({e["file"]: e for e in sidecar_problems(cfg, advisor)})  # checked now: the newest word
         result[advisor] = {"count": len(counted), "files": len(rows),
