@@ -159,6 +159,9 @@ class Intake:
     rel_path: str
 
 
+_PERSON_NAME = re.compile(r"[^\W_](?:[\w' -]*[^\W_])?")
+
+
 def classify(path: Path, inbox: Path, known_advisors: set[str], default_advisor: str) -> Intake:
     """`inbox/<advisor_id>/...` selects that advisor, whatever the case of the folder's name (`Cartier/`, as
     people type it; ids are lowercase); anything else (top level, albums) the default."""
@@ -168,8 +171,10 @@ def classify(path: Path, inbox: Path, known_advisors: set[str], default_advisor:
 
         by_name = {unicodedata.normalize("NFC", a).casefold(): a for a in known_advisors}
         folder = unicodedata.normalize("NFC", rel.parts[0]).casefold()
-        # `inbox/Claude Monet/` is claude-monet's, as a person names the folder for the advisor they mean
-        for name in (folder, suggested_id(rel.parts[0])):
+        # `inbox/Claude Monet/` is claude-monet's, as a person names the folder for the advisor they mean: a name of
+        # words (letters, digits, spaces, - ' _) only; `ansel..` or `ansel ` are no advisor's name but odd folders
+        person = _PERSON_NAME.fullmatch(rel.parts[0]) is not None
+        for name in (folder, suggested_id(rel.parts[0]) if person else None):
             if name in by_name:
                 return Intake(by_name[name], "folder", str(rel))
     return Intake(default_advisor, "default", str(rel))
