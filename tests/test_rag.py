@@ -306,6 +306,47 @@ def test_rag_anchors_its_scores_to_the_advisors_own(tmp_path: Path, runtime) -> 
     assert "reference_prior" not in alone.extras
 
 
+def test_a_reference_critiqued_again_is_never_compared_with_itself(tmp_path: Path, runtime) -> None:
+    """A photo of the portfolio dropped into the inbox: retrieval leaves it out, so it is not anchored to its own
+    curator scores (the answer read off the index). When it is the only reference, nothing is retrieved."""
+    import dataclasses
+
+    from daemon.analysis import AnalysisContext
+    from daemon.analysis.advisors import get_advisor
+    from daemon.analysis.rag import RagStrategy
+    from daemon.config import load_config
+    from daemon.intake.images import load_photo
+    from daemon.ledger import Ledger
+    from daemon.references.indexer import ReferenceIndexer
+
+    home = make_home(tmp_path / "home", max_pixels=MAX_PIXELS)
+    cfg = dataclasses.replace(load_config(home, env={}), rag_k=3, rag_reference_weight=1.0)
+    refs = cfg.advisors_dir / "ansel" / "references"
+    photo(refs / "mine.jpg", seed=70)
+    _sidecar(refs / "mine.json", _scores(0))
+    _age(*refs.iterdir())
+    ledger = Ledger(cfg.db_path)
+    ReferenceIndexer(cfg, ledger, lambda: runtime).sync(["ansel"])
+    advisor = get_advisor(cfg, "ansel")
+    same = load_photo(photo(tmp_path / "again.jpg", seed=70), cfg.max_pixels)  # the same bytes, another name
+
+    def rag() -> Any:
+        return RagStrategy(cfg, ledger).analyse(AnalysisContext(runtime=runtime, cfg=cfg, advisor=advisor, photo=same))
+
+    alone = rag()
+    assert alone.extras["references"] == [] and "reference_prior" not in alone.extras
+    assert alone.extras["portfolio"]["count"] == 1
+
+    photo(refs / "other.jpg", seed=71)
+    _sidecar(refs / "other.json", _scores(7))
+    _age(*refs.iterdir())
+    ReferenceIndexer(cfg, ledger, lambda: runtime).sync(["ansel"])
+    got = rag()
+    assert [r["name"] for r in got.extras["references"]] == ["other.jpg"]
+    assert got.extras["reference_prior"]["scores"] == {d: 7.0 for d in DIMENSIONS}
+    assert {d: got.critique["dimensions"][d]["score"] for d in DIMENSIONS} == _scores(7)
+
+
 def test_a_photo_copied_twice_counts_once(tmp_path: Path, runtime, smoke_model_path: Path) -> None:
     """The same bytes under two names are one photo: one retrieval slot, one weight in the portfolio and in the
     prior, one in `references list`'s count and statistics. The index keeps a row per file, and where the copies'

@@ -37,6 +37,8 @@ def portfolio_context(distribution: Mapping[str, Mapping[str, float]], count: in
     lines = [f"Your own portfolio ({count} photographs) scores, mean ± spread per dimension:"]
     lines += [f"- {d}: {distribution[d]['mean']:.1f} ± {distribution[d]['std']:.1f}" for d in DIMENSIONS]
     lines.append("Your photographs most similar to this one:")
+    if not neighbours:
+        lines.append("- none besides this photograph itself, which is one of yours")
     for n in neighbours:
         scores = ", ".join(f"{d}={n['scores'][d]}" for d in DIMENSIONS)
         note = f" — {n['comment']}" if n.get("comment") else ""

@@ -158,7 +158,9 @@ class RagStrategy(Strategy):
 
     def _retrieve(self, ctx: AnalysisContext, rows: list[Any], encoded: Any, profile: dict[str, int]) -> dict[str, Any]:
         cfg = ctx.cfg
-        candidates = [r for r in rows if r.sha256 != ctx.photo.sha256] or rows  # not itself, if it is one
+        # Never itself: a reference dropped into the inbox would find itself nearest and be anchored to its own
+        # curator scores, the answer read off the portfolio. When it is the only reference nothing is retrieved.
+        candidates = [r for r in rows if r.sha256 != ctx.photo.sha256]
         found = nearest(profile, candidates, k=cfg.rag_k,
                         embedding=encoded.embedding if cfg.embeddings_enabled else None, model_id=ctx.runtime.model_id)
         portfolio = distribution([r.scores for r in rows])
