@@ -100,6 +100,9 @@ class Job(_Base):
     lease_until = FloatField(null=True)  # a running job whose lease ended goes back to the queue (shared ledger)
     # Fencing token: +1 at every claim; writes of an older claim are refused.
     lease_token = IntegerField(default=0, constraints=[SQL("DEFAULT 0")])
+    # xmp_embed: the hash of the original as the report folder holds it, the XMP written inside. The same photo
+    # dropped in again from there is then known as the one analysed (`original_sha`), not as new bytes.
+    embedded_sha256 = CharField(null=True, index=True)
 
     class Meta:
         # `claim` takes the oldest due queued job: without it, each claim sorts the whole queue.
@@ -249,6 +252,13 @@ def _add_leases_and_workers(db: Database) -> None:
     db.create_tables([_bind(WorkerRow, db)])
 
 
+def _add_job_embedded_sha256(db: Database) -> None:
+    # A fresh ledger has the column already (the first migration creates today's Job table).
+    if "embedded_sha256" not in _columns(db, "job"):
+        _ddl(db, 'ALTER TABLE "job" ADD COLUMN "embedded_sha256" VARCHAR(255)')
+    _ddl(db, 'CREATE INDEX IF NOT EXISTS "job_embedded_sha256" ON "job" ("embedded_sha256")')
+
+
 MODELS: list[type[Model]] = [SchemaVersion, Job, Event, Reference, WorkerRow]
 _M = TypeVar("_M", bound=Model)
 
@@ -269,6 +279,7 @@ MIGRATIONS: list[Callable[[Database], None]] = [
     _add_job_context_and_kept,
     _index_jobs,
     _add_leases_and_workers,
+    _add_job_embedded_sha256,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -1321,10 +1332,20 @@ class Ledger:
                                         self.Job.duplicate_of.is_null() & (self.Job.id != exclude))
                 .order_by(self.Job.id.desc()).first())
 
+    def original_sha(self, sha256: str) -> str | None:
+        """The hash of the photo as it was analysed, when `sha256` is that photo with a report's XMP embedded by
+        Mondrian (xmp_embed) and nothing else changed since."""
+        j = self.Job
+        row = (j.select(j.sha256).where((j.embedded_sha256 == sha256) & (j.state == DONE))
+               .order_by(j.id.desc()).first())
+        return row.sha256 if row is not None else None
+
     def earlier_reports(self, sha256: str, exclude: int, limit: int = 20) -> list[Job]:
         """Reports of the same bytes made before (any advisor or context), oldest first; at most the `limit`
-        latest, so a photo dropped a thousand times does not make a page a thousand links long."""
-        q = (self.Job.select().where((self.Job.sha256 == sha256) & (self.Job.state == DONE) &
+        latest, so a photo dropped a thousand times does not make a page a thousand links long. A copy holding
+        an embedded report's XMP is the same photo (`original_sha`)."""
+        same = {sha256, self.original_sha(sha256) or sha256}
+        q = (self.Job.select().where(self.Job.sha256.in_(list(same)) & (self.Job.state == DONE) &
                                      self.Job.duplicate_of.is_null() & (self.Job.id != exclude))
              .order_by(self.Job.id.desc()).limit(limit))
         return list(reversed(list(q)))
@@ -1333,11 +1354,13 @@ class Ledger:
     @writes
     def finish(self, job_id: int, *, effective_mode: str, fallbacks: list[dict[str, str]],
                report_json: Path, report_html: Path, grade: int, adapter: str | None,
-               analysis_s: float, output_dir: Path, context_key: str | None = None) -> None:
+               analysis_s: float, output_dir: Path, context_key: str | None = None,
+               embedded_sha256: str | None = None) -> None:
         j = self.Job
         self._fenced(job_id, "report", {
             j.state: DONE, j.effective_mode: effective_mode, j.fallbacks: json.dumps(fallbacks),
             j.context_key: context_key, j.report_json: str(report_json), j.report_html: str(report_html),
+            j.embedded_sha256: embedded_sha256,
             j.grade: grade, j.adapter: adapter, j.analysis_s: analysis_s, j.output_dir: str(output_dir),
             j.finished_at: time.time(), j.error: None, j.error_kind: None, j.lease_until: None}, ends=True)
 

@@ -108,7 +108,8 @@ def test_a_ledger_from_before_analysis_contexts_is_migrated_and_its_reports_are_
     Ledger(db).close()
     con = sqlite3.connect(db)
     con.executescript('DROP INDEX job_context_key; DROP INDEX job_source_path; ALTER TABLE job DROP COLUMN context_key;'
-                      'ALTER TABLE job DROP COLUMN kept; DELETE FROM schema_version WHERE version > 3;')
+                      'ALTER TABLE job DROP COLUMN kept; DROP INDEX job_embedded_sha256;'
+                      'ALTER TABLE job DROP COLUMN embedded_sha256; DELETE FROM schema_version WHERE version > 3;')
     con.execute("INSERT INTO job (source_path, rel_path, advisor, advisor_source, state, attempts, not_before, sha256,"
                 " enqueued_at, owns_file) VALUES ('/in/a.jpg', 'a.jpg', 'ansel', 'default', 'done', 1, 0, 'ab', 1, 1)")
     con.commit()
@@ -116,11 +117,12 @@ def test_a_ledger_from_before_analysis_contexts_is_migrated_and_its_reports_are_
     ledger = Ledger(db)
     assert ledger.schema_version() == SCHEMA_VERSION
     [old] = ledger.jobs()
-    assert old.context_key is None and old.kept is False
+    assert old.context_key is None and old.kept is False and old.embedded_sha256 is None
+    assert ledger.original_sha("ab") is None
     assert ledger.find_done("k" * 64, exclude=0) is None
     assert [j.id for j in ledger.earlier_reports("ab", exclude=0)] == [old.id]
     indexes = {r[1] for r in ledger.db.execute_sql('PRAGMA index_list("job")').fetchall()}
-    assert {"job_context_key", "job_source_path"} <= indexes
+    assert {"job_context_key", "job_source_path", "job_embedded_sha256"} <= indexes
     # a kept photo is done while it is unchanged; edited (another size or mtime) it is new work
     job = ledger.enqueue(tmp_path / "k.jpg", "k.jpg", "ansel", "default", 10, 5.0, kept=True)
     assert ledger.kept_in_place(tmp_path / "k.jpg", 10, 5.0) is None  # queued, not done yet

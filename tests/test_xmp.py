@@ -107,6 +107,37 @@ def test_exiftool_reads_the_sidecar_and_the_embedded_copy_through_a_daemon_run(t
         assert (outbox / name / unquote(href)) == originals[name] and originals[name].is_file()
 
 
+def test_the_outbox_copy_with_its_xmp_inside_is_the_photo_analysed(tmp_path, smoke_model_path):
+    """With `xmp_embed` the original in the report folder is new bytes (the XMP inside). Dropped in again from there,
+    for the same advisor, it is a duplicate of its report, as the same photo; for another advisor its page links the
+    earlier critique. A copy whose pixels were edited since is a photo of its own."""
+    home = make_home(tmp_path / "home", smoke_model_path, xmp_embed=True)
+    inbox, outbox = home / "inbox", home / "outbox"
+    photo(inbox / "IMG_1.jpg", seed=11)
+    with Daemon(home, smoke_model_path, "--once") as d:
+        assert d.wait(300) == 0, d.output()
+    first = json.loads((outbox / "IMG_1" / "report.json").read_text())
+    embedded = outbox / "IMG_1" / "IMG_1.jpg"
+    assert sha(embedded) != first["photo"]["sha256"]  # the XMP is inside
+
+    shutil.copy2(embedded, inbox / "again.jpg")
+    (inbox / "cartier").mkdir(exist_ok=True)
+    shutil.copy2(embedded, inbox / "cartier" / "again.jpg")
+    edited = inbox / "edited.jpg"
+    with Image.open(embedded) as im:
+        im.rotate(90).save(edited, "JPEG")
+    with Daemon(home, smoke_model_path, "--once") as d:
+        assert d.wait(300) == 0, d.output()
+    jobs = ledger_jobs(home)
+    assert jobs["again.jpg"].duplicate_of == jobs["IMG_1.jpg"].id, jobs["again.jpg"].error
+    assert (outbox / "duplicates" / "again.jpg").is_file()
+    cartier = json.loads(Path(jobs["cartier/again.jpg"].report_json).read_text())
+    assert cartier["advisor"]["id"] == "cartier" and jobs["cartier/again.jpg"].duplicate_of is None
+    assert [e["job_id"] for e in cartier.get("earlier_reports", [])] == [first["job_id"]]
+    assert jobs["edited.jpg"].duplicate_of is None
+    assert "earlier_reports" not in json.loads(Path(jobs["edited.jpg"].report_json).read_text())
+
+
 def report_for(grade: int, **over) -> dict:
     report = {"photo": {"file": "IMG_7.jpg", "format": "JPEG"}, "advisor": {"id": "ansel", "name": "Ansel Adams"},
               "mode": {"requested": "rag", "effective": "rag"}, "model": {"adapter": None, "smoke": False},

@@ -270,13 +270,14 @@ class Publisher:
                 log.warning("%s: its sidecar could not be moved into %s (%s)", job.rel_path, self.shown(final),
                             exc.strerror or exc)  # the photo is in: the job is done
             testhooks.crashpoint("moved")
+        embedded = None
         if self.cfg.xmp_embed and self.is_own(final) and os.path.lexists(original):
-            embed(original, report)  # after the move, as a new file: again after a crash, with the same result
+            embedded = embed(original, report)  # after the move, as a new file: again after a crash, the same bytes
         self.ledger.finish(job.id, effective_mode=report["mode"]["effective"], fallbacks=report["mode"]["fallbacks"],
                            report_json=final / "report.json", report_html=final / "report.html",
                            grade=report["overall_grade"], adapter=report["model"]["adapter"],
                            analysis_s=report["timings"].get("analysis_s", 0.0), output_dir=final,
-                           context_key=(report.get("context") or {}).get("key"))
+                           context_key=(report.get("context") or {}).get("key"), embedded_sha256=embedded)
         log.info("done: %s -> %s (grade %s)", job.rel_path, self.shown(final / "report.html"),
                  report["overall_grade"])
         self._clear_old_failure_records(job)

@@ -337,6 +337,9 @@ class Worker:
         inputs = planned.inputs(advisor)
         key = context_key(photo.sha256, advisor, planned.name, inputs, self.cfg)
         first = self._report_of(key, job)
+        analysed_as = self.ledger.original_sha(photo.sha256) if first is None else None
+        if analysed_as is not None:  # the outbox's copy, its report's XMP inside (xmp_embed): the photo analysed
+            first = self._report_of(context_key(analysed_as, advisor, planned.name, inputs, self.cfg), job)
         if first is not None and not keep_original:
             self.out.duplicate(job, first, src, planned_fallbacks)
             return None

@@ -167,13 +167,13 @@ def write_sidecar(folder: Path, report: dict[str, Any], *, theirs: bytes | None 
     return path
 
 
-def embed(original: Path, report: dict[str, Any]) -> bool:
+def embed(original: Path, report: dict[str, Any]) -> str | None:
     """Put the report's XMP inside the JPEG/TIFF `original` in the outbox. The file is read, changed in memory and
     written as a new file renamed over the old name: a hard link's other names, a symbolic link's target and the
-    inbox keep their bytes untouched. Returns whether it was embedded; never raises (the report stands, and
-    the sidecar carries the same fields)."""
+    inbox keep their bytes untouched. Returns the SHA-256 of the bytes written, None when nothing was embedded;
+    never raises (the report stands, and the sidecar carries the same fields)."""
     if report["photo"].get("format") not in EMBED_FORMATS:
-        return False
+        return None
     try:
         before = os.stat(original)
         data = read_regular_file(original)
@@ -186,10 +186,11 @@ def embed(original: Path, report: dict[str, Any]) -> bool:
                              "rewritten safely")
         _fill(image.xmpData(), report, inside_original=True)
         image.writeMetadata()
-        atomic_write_bytes(original, _bytes(image))
+        written = _bytes(image)
+        atomic_write_bytes(original, written)
         os.utime(original, ns=(before.st_atime_ns, before.st_mtime_ns))  # file browsers sort by it
     except Exception as exc:
         log.warning("%s: the XMP could not be embedded (%s: %s); the original is unchanged and %s beside it "
                     "has the rating", original.name, type(exc).__name__, exc, sidecar_name(original.name))
-        return False
-    return True
+        return None
+    return hashlib.sha256(written).hexdigest()
