@@ -139,3 +139,32 @@ def test_ctrl_c_in_the_demo_says_what_is_left_and_running_it_again_finishes(tmp_
     again = mondrian(home, smoke_model_path, "demo", "--model", str(smoke_model_path), timeout=900)
     assert again.returncode == 0, again.stdout + again.stderr
     assert not [p for p in (home / "inbox").iterdir() if p.suffix.lower() == ".jpg"]
+
+
+def test_ctrl_c_before_the_demo_queues_its_photos_says_so_and_leaves_nothing_half_made(tmp_path, smoke_model_path):
+    """Ctrl-C while the demo trains its adapter (before any sample photo is queued): it says where it stopped, exits
+    130, queues nothing and makes no adapter current; the references it indexed stay indexed."""
+    import threading
+
+    home = make_home(tmp_path / "home")
+    demo = subprocess.Popen([sys.executable, "-u", "-m", "daemon", "demo", "--model", str(smoke_model_path)],
+                            cwd=REPO, env=env_for(home, smoke_model_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(demo.stderr), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any("Training a small LoRA adapter" in line for line in err), 600, what="the demo's training")
+        demo.send_signal(signal.SIGINT)
+        out = demo.communicate(timeout=120)[0]
+    finally:
+        demo.kill()
+    reader.join(10)
+    text = "".join(err)
+    assert demo.returncode == 130, out + text
+    assert "stopped with Ctrl-C before its sample photos were queued" in text and "demo` again" in text, text
+    assert "Traceback" not in text, text
+    assert not [p for p in (home / "inbox").rglob("*") if p.is_file()]
+    assert not (home / "adapters" / "ansel" / "current").exists()
+    listed = mondrian(home, smoke_model_path, "references", "list", "--advisor", "ansel", "--json")
+    assert json.loads(listed.stdout)["count"] == 5, listed.stdout + listed.stderr
