@@ -320,9 +320,10 @@ def test_pages_stalled_uploads_odd_addresses_and_repeat_requests_get_straight_an
 
         page = answered(200, "/analyze", "-F", f"image=@{work / 'poly.html'}")
         folder = home / "outbox" / page["job"]["report_folder"]
-        assert (folder / "poly.html").is_file()
-        html = (folder / "report.html").read_text()
-        assert 'href="poly.html"' not in html and "poly.html" in html
+        # A PNG that is also a page, sent as poly.html: stored as what it holds, so no browser opens it as a page
+        assert (folder / "poly.png").is_file()
+        assert sorted(p.name for p in folder.glob("*.htm*")) == ["report.html"]
+        assert 'id="original" href="poly.png"' in (folder / "report.html").read_text()
         assert d.stop() == 0
 
 

@@ -684,3 +684,140 @@ def test_a_request_after_the_model_failed_to_load_is_told_why(tmp_path, smoke_mo
         assert "retry --failed" in a.json()["error"]
         assert request(port, "GET", f"/jobs/{a.json()['job_id']}").status == 422
         assert d.stop() == 0
+
+
+def test_postscript_and_other_non_photo_formats_never_reach_their_decoders(tmp_path, smoke_model_path) -> None:
+    """Pillow opens EPS through Ghostscript, which runs the file's PostScript, and some thirty formats no camera
+    writes (ICO, SPIDER, ...). Named `holiday.jpg`, through the API or the inbox: refused as not a photo, and no
+    Ghostscript is ever started (a `gs` on the PATH that leaves a mark when run)."""
+    from PIL import Image
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    mark = tmp_path / "gs-ran"
+    (bin_dir / "gs").write_text(f"#!/bin/sh\necho \"$@\" >> {mark}\nexit 1\n")
+    (bin_dir / "gs").chmod(0o755)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 41 30\n(hello) print\nshowpage\n"
+    ico_path = tmp_path / "icon.ico"
+    Image.new("RGB", (32, 32), (200, 30, 30)).save(ico_path, "ICO")
+    ico = ico_path.read_bytes()
+    d, port, home = start(tmp_path, smoke_model_path, env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    with d:
+        for data, name in ((eps, b"holiday.jpg"), (ico, b"icon.jpg")):
+            answer = upload(port, image(data, name))
+            assert answer.status == 415 and "not an image" in answer.json()["error"], answer
+        (home / "inbox" / "holiday.jpg").write_bytes(eps)
+        (home / "inbox" / "icon.jpg").write_bytes(ico)
+        failed = home / "outbox" / "failed"
+        wait_for(lambda: {"holiday.jpg.error.json", "icon.jpg.error.json"} <= {p.name for p in failed.glob("*")},
+                 timeout=120, what="both files failed")
+        for name in ("holiday.jpg", "icon.jpg"):
+            why = json.loads((failed / f"{name}.error.json").read_text())
+            assert "not a photo Mondrian can read" in json.dumps(why), why
+        assert d.proc.poll() is None and d.stop() == 0
+    assert not mark.exists(), mark.read_text()
+
+
+def test_an_upload_is_named_after_what_it_holds_and_a_resend_leaves_no_copy(tmp_path, smoke_model_path) -> None:
+    """The client's name is kept, its suffix only where it fits the photo: a JPEG sent as `x.mode` or `x.xmp` was
+    stored as a sidecar in its report folder (a report folder dropped back in then critiqued nothing), `curl -F
+    image=@-` made a folder named `-`, and `index.html` holding a JPEG opened as a page. RFC 5987's `filename*`
+    names it. The same photo sent again (a script reading its critique) is answered from the first report and
+    leaves no copy in duplicates/. A report.json edited into another shape is a JSON error, its text never a
+    header of its own; and a request without a Host (HTTP/1.0, `nc`) is answered."""
+    d, port, home = start(tmp_path, smoke_model_path)
+    with d:
+        sent = {b"x.mode": "x.jpg", b"y.xmp": "y.jpg", b"-": "upload.jpg", b"index.html": "index.jpg",
+                b"shot.JPEG": "shot.jpeg", b"b.png": "b.jpg"}
+        for i, (name, want) in enumerate(sent.items()):
+            a = upload(port, image(jpeg(tmp_path, 200 + i), name))
+            assert a.status == 200 and a.json()["photo"]["file"] == want, (name, a)
+            folder = home / "outbox" / a.json()["job"]["report_folder"]
+            assert (folder / want).is_file() and not folder.name.startswith("-"), sorted(folder.iterdir())
+            assert f'id="original" href="{want}"' in (folder / "report.html").read_text(), name
+        disposition = "form-data; name=\"image\"; filename*=UTF-8''caf%C3%A9%20noir.jpg"
+        body = (f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n").encode() + jpeg(tmp_path, 230) \
+            + f"\r\n--{BOUNDARY}--\r\n".encode()
+        a = request(port, "POST", "/analyze", {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"}, body)
+        assert a.status == 200 and a.json()["photo"]["file"] == "café noir.jpg", a
+
+        pic = jpeg(tmp_path, 240)
+        first = upload(port, image(pic, b"again.jpg")).json()
+        for _ in range(3):
+            again = upload(port, image(pic, b"again.jpg"))
+            assert again.status == 200 and again.json()["duplicate_of"] == first["job_id"], again
+        dups = home / "outbox" / "duplicates"
+        assert not dups.exists() or sorted(dups.iterdir()) == [], sorted(dups.iterdir())
+        wait_for(lambda: spool_files(home) == [], timeout=10, what="an empty spool")
+
+        raw = exchange(port, b"GET /health HTTP/1.0\r\n\r\n")
+        assert raw.status == 200, raw
+        report = home / "outbox" / first["job"]["report_folder"] / "report.json"
+        for edited in ("[]", "null"):
+            report.write_text(edited)
+            a = request(port, "GET", f"/jobs/{first['job_id']}")
+            assert a.status == 500 and "holds no report" in a.json()["error"], (edited, a)
+        report.write_text('{"mode_used": 5, "metadata": [1]}')
+        a = request(port, "GET", f"/jobs/{first['job_id']}")
+        assert a.status == 200 and a.headers["x-analysis-mode"] == "baseline", a
+        report.write_text(json.dumps({"advisor_id": "x\r\nSet-Cookie: stolen=1", "mode_used": "rag\nX-Evil: 1"}))
+        a = request(port, "GET", f"/jobs/{first['job_id']}")
+        assert a.status == 200 and "set-cookie" not in a.headers and "x-evil" not in a.headers, a
+        assert a.headers["x-advisor-id"] == "x  Set-Cookie: stolen=1", a
+        assert d.proc.poll() is None and d.stop() == 0
+
+
+def test_an_upload_trickling_in_is_refused_so_it_cannot_hold_a_slot(tmp_path, smoke_model_path) -> None:
+    """A byte every few seconds is never idle for the stall limit: sixteen such clients held every upload slot. Past
+    the stall limit an upload must have averaged 16 KB/s (the limit shortened to 2 s here)."""
+    d, port, home = start(tmp_path, smoke_model_path, env={"MONDRIAN_TEST_UPLOAD_IDLE_SECONDS": "2"})
+    with d:
+        body = form(image(jpeg(tmp_path, 250)))
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(f"POST /analyze HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary="
+                      f"{BOUNDARY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body[:200])
+            started = time.monotonic()
+            got = b""
+            for byte in body[200:260]:
+                try:
+                    s.sendall(bytes([byte]))
+                except OSError:
+                    break
+                s.settimeout(0.5)
+                try:
+                    got += s.recv(65536)
+                except socket.timeout:
+                    continue
+                except OSError:
+                    break
+                if got:
+                    break
+            s.settimeout(10)
+            try:
+                while chunk := s.recv(65536):
+                    got += chunk
+            except OSError:
+                pass
+        answer = Answer(got)
+        assert answer.status == 408 and "too slow" in answer.json()["error"], answer
+        assert time.monotonic() - started < 15
+        wait_for(lambda: spool_files(home) == [], timeout=10, what="an empty spool")
+        assert upload(port, image(jpeg(tmp_path, 251))).status == 200
+        assert d.stop() == 0
+
+
+def test_an_api_bound_to_every_network_is_called_by_address_and_says_it_is_open(tmp_path, smoke_model_path) -> None:
+    """`api_host = "0.0.0.0"` is the photographer asking for the network: a client calls it by this machine's
+    address or name (both were refused, while a faked `Host: localhost` got in), a DNS name that is not this
+    machine's is still refused (rebinding), and the log says plainly that anyone on the network may use it."""
+    from daemon.api.app import own_names
+
+    d, port, home = start(tmp_path, smoke_model_path, api_host="0.0.0.0")
+    with d:
+        address = socket.gethostbyname(socket.gethostname())
+        for host in (f"{address}:{port}", f"192.0.2.7:{port}", f"[::1]:{port}", *sorted(own_names())):
+            assert request(port, "GET", "/health", {"Host": host}).status == 200, host
+        a = request(port, "GET", "/health", {"Host": f"rebind.example.com:{port}"})
+        assert a.status == 403 and "names neither this machine nor an address" in a.json()["error"], a
+        assert d.stop() == 0
+    assert "listening on every network this machine is on" in d.output() and "no password" in d.output()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,20 @@ def error(status: int, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": message, **extra}, status_code=status)
 
 
+def _text(value: Any) -> str:
+    """A report field as a header's text: a report.json edited by hand may hold anything there."""
+    return value if isinstance(value, str) else ""
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _with_headers(response: JSONResponse, headers: dict[str, str]) -> JSONResponse:
     # Starlette lowercases header names; HTTP does not care, but the original design's own checks grep for
-    # `X-Analysis` (`curl -v … | grep X-Analysis`), so these keep its spelling on the wire.
+    # `X-Analysis` (`curl -v … | grep X-Analysis`), so these keep its spelling on the wire. A value never carries a
+    # line break: it would end the header and start one of the report's own choosing.
     for name, value in headers.items():
-        response.raw_headers.append((name.encode("latin-1"), value.encode("latin-1", "replace")))
+        response.raw_headers.append((name.encode("latin-1"), _CONTROL.sub(" ", value).encode("latin-1", "replace")))
     return response
 
 
@@ -104,13 +114,19 @@ def _report(job: Job) -> JSONResponse:
     except (OSError, ValueError) as exc:
         return error(500, f"job {job.id} is done but its report cannot be read ({exc}); the report folder is "
                           f"{Path(job.output_dir or '').name or '?'} in the outbox", **_job_facts(job))
+    if not isinstance(report, dict):  # edited by hand, or another program's file under the name
+        return error(500, f"job {job.id} is done but its report.json holds no report (a JSON "
+                          f"{type(report).__name__}, edited or replaced since); the report folder is "
+                          f"{Path(job.output_dir or '').name or '?'} in the outbox: send the photo again for a new "
+                          f"critique", **_job_facts(job))
     report["job"] = {**_job_facts(job), "report_folder": Path(job.report_json or "").parent.name,
                      "duplicate_of": job.duplicate_of}
     if job.duplicate_of is not None:
         _as_this_request(report, job)
-    effective = report.get("mode_used") or job.effective_mode or ""
-    requested = job.requested_mode or (report.get("metadata") or {}).get("requested_mode") or ""
+    metadata = report.get("metadata") if isinstance(report.get("metadata"), dict) else {}
+    effective = _text(report.get("mode_used")) or job.effective_mode or ""
+    requested = job.requested_mode or _text(metadata.get("requested_mode"))
     return _with_headers(JSONResponse(report), {
         "X-Analysis-Mode": effective, "X-Requested-Mode": requested,
-        "X-Advisor-ID": report.get("advisor_id") or job.advisor,
+        "X-Advisor-ID": _text(report.get("advisor_id")) or job.advisor,
         "X-Strategy-Available": str(bool(effective)), "X-Job-ID": str(job.id)})

@@ -24,7 +24,7 @@ from .. import testhooks
 from ..analysis.advisors import UnknownAdvisor, get_advisor, load_advisors
 from ..config import MODES, Config
 from ..fsutil import NotOwn
-from ..intake import images  # noqa: F401  (registers the HEIC opener, so iPhone photos are recognised)
+from ..intake.images import PILLOW_FORMATS  # importing it registers the HEIC opener: iPhone photos are recognised
 from ..intake.raw import looks_raw
 from ..ledger import ACTIVE, Ledger, LedgerUnavailable
 from . import upload
@@ -84,7 +84,7 @@ def _unwritable(exc: OSError, spool: Path) -> JSONResponse:
 def _what_image(path: Path) -> str | None:
     """The image format Pillow recognises in `path` (its header only), or None if it is no image at all."""
     try:
-        with Image.open(path) as im:
+        with Image.open(path, formats=PILLOW_FORMATS) as im:
             return im.format or "image"
     except UnidentifiedImageError:
         return "RAW" if looks_raw(str(path)) else None  # CR3, RAF, ORF: raw formats Pillow does not know
@@ -199,8 +199,28 @@ def build_app(door: Door) -> LocalOnly:
     async def health() -> JSONResponse:
         return JSONResponse(await run_in_threadpool(_health, door))
 
-    extra = frozenset() if cfg.api_host in ("0.0.0.0", "::", "") else frozenset({cfg.api_host.lower()})
-    return LocalOnly(app, extra_hosts=extra)
+    if every_network(cfg):
+        return LocalOnly(app, extra_hosts=own_names(), any_address=True)
+    return LocalOnly(app, extra_hosts=frozenset({cfg.api_host.lower()}))
+
+
+def every_network(cfg: Config) -> bool:
+    """Whether api_host asks for every network this machine is on (`0.0.0.0`, `::`)."""
+    return cfg.api_host.strip() in ("0.0.0.0", "::", "[::]")
+
+
+def own_names() -> frozenset[str]:
+    """The names other machines call this one by: its host name, with and without `.local` (Bonjour on a Mac), and
+    its fully qualified name."""
+    import socket
+
+    host = socket.gethostname().lower().rstrip(".")
+    names = {host, host.partition(".")[0], host.partition(".")[0] + ".local"}
+    try:
+        names.add(socket.getfqdn().lower().rstrip("."))
+    except OSError:
+        pass
+    return frozenset(n for n in names if n and n != ".local")
 
 
 def _asked(fields: dict[str, str], query: QueryParams, repeated: dict[str, list[str]] | None = None
@@ -240,10 +260,11 @@ def _enqueue(door: Door, slot: Path, got: upload.Received, base_url: str,
         raise upload.Refused(400, str(exc.args[0] if exc.args else exc),
                              valid_advisors=sorted(load_advisors(cfg))) from None
     partial = door.spool.partial(slot)
-    if got.size == 0 or _what_image(partial) is None:
+    fmt = _what_image(partial) if got.size else None
+    if fmt is None:
         raise upload.Refused(415, f"{spool_name(got.filename)!r} is not an image Mondrian can read (JPEG, PNG, TIFF, "
                                   f"HEIC, WebP, camera raw, …): send the photo itself")
-    final = door.spool.commit(slot, spool_name(got.filename))
+    final = door.spool.commit(slot, spool_name(got.filename, fmt))
     testhooks.crashpoint("upload_committed")  # a crash here leaves a file with no job: swept at the next start
     st = os.lstat(final)
     return door.ledger.enqueue_upload(final, f"api/{final.name}", advisor.id,

@@ -31,11 +31,21 @@ def is_loopback(name: str) -> bool:
         return False
 
 
-def allowed_host(value: str | None, extra: frozenset[str] = frozenset()) -> bool:
+def allowed_host(value: str | None, extra: frozenset[str] = frozenset(), any_address: bool = False) -> bool:
+    """`any_address`: the API was bound to every network on purpose, so a client calls it by this machine's address
+    (`http://192.168.1.20:5100/`). A name is still checked: DNS rebinding goes through a name, never an address."""
     if not value:
-        return False  # HTTP/1.1 requires it; a request without one cannot show where it meant to go
+        return True  # HTTP/1.0 (`nc`, old monitors): every browser sends one, so no web page is without it
     name = host_name(value)
-    return is_loopback(name) or name in extra
+    if is_loopback(name) or name in extra:
+        return True
+    if any_address:
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return False
+    return False
 
 
 def allowed_origin(value: str | None, host: str | None) -> bool:
@@ -56,9 +66,11 @@ class LocalOnly:
     was configured to bind), or that comes from a web page (an Origin other than the API's own). No CORS headers are
     ever added."""
 
-    def __init__(self, app: Callable[..., Awaitable[None]], extra_hosts: frozenset[str] = frozenset()):
+    def __init__(self, app: Callable[..., Awaitable[None]], extra_hosts: frozenset[str] = frozenset(),
+                 any_address: bool = False):
         self.app = app
         self.extra = extra_hosts
+        self.any_address = any_address
 
     async def __call__(self, scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
         if scope["type"] != "http":
@@ -66,10 +78,16 @@ class LocalOnly:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         problem = None
-        if not allowed_host(headers.get("host"), self.extra):
-            problem = (f"refused: the Host header {headers.get('host')!r} is not this machine's loopback name. "
-                       f"Mondrian's API answers only requests addressed to localhost, 127.0.0.1 or [::1] (a web page "
-                       f"could otherwise reach it by DNS rebinding); call it as http://127.0.0.1:<port>/")
+        if not allowed_host(headers.get("host"), self.extra, self.any_address):
+            if self.any_address:
+                problem = (f"refused: the Host header {headers.get('host')!r} names neither this machine nor an "
+                           f"address (a web page could otherwise reach the API by DNS rebinding); call it by this "
+                           f"machine's address, e.g. http://192.168.1.20:<port>/, or by one of its names: "
+                           f"{', '.join(sorted(self.extra)) or 'localhost'}")
+            else:
+                problem = (f"refused: the Host header {headers.get('host')!r} is not this machine's loopback name. "
+                           f"Mondrian's API answers only requests addressed to localhost, 127.0.0.1 or [::1] (a web "
+                           f"page could otherwise reach it by DNS rebinding); call it as http://127.0.0.1:<port>/")
         elif not allowed_origin(headers.get("origin"), headers.get("host")):
             problem = (f"refused: a request from the web page {headers.get('origin')!r}. Mondrian's API is for "
                        f"programs on this machine (curl, scripts), not for web pages, even ones served from this "

@@ -19,7 +19,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .. import testhooks
 from ..config import CONFIG_NAME, Config
-from .app import Door, build_app
+from .app import Door, build_app, every_network
 
 log = logging.getLogger("mondrian.api")
 
@@ -208,6 +208,11 @@ class ApiServer:
         self._thread = threading.Thread(target=self._serve, name="api", daemon=True)
         self._thread.start()
         log.info("API: POST %s/analyze (GET /health, /jobs/<id>)", self.url)
+        if every_network(self.door.cfg):
+            log.warning("API: listening on every network this machine is on (api_host = %r), with no password: "
+                        "anyone who can reach port %d can send photos and read every report. Set api_host = "
+                        "\"127.0.0.1\" in %s to keep it to this machine", self.door.cfg.api_host,
+                        self._sock.getsockname()[1], self.door.cfg.home / CONFIG_NAME)
 
     def _serve(self) -> None:
         assert self._server is not None and self._sock is not None

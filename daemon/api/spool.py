@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Callable
 
 from ..fsutil import NotOwn, check_own_folder, fsync_dir
+from ..intake.images import PHOTO_SUFFIXES
 from ..intake.inbox import safe_stem
+from ..intake.raw import RAW_SUFFIXES
 
 log = logging.getLogger("mondrian.api")
 
@@ -30,11 +32,29 @@ _TOKEN = re.compile(r"^[0-9a-f]{16}$")
 EMPTY_GRACE_S = 60.0  # a folder just made for an upload is empty for a moment before its file is created
 
 
-def spool_name(client_name: str | None) -> str:
-    """A safe file name from what the client called its file (never a path: only its last component counts)."""
-    bare = (client_name or "").replace("\\", "/").rsplit("/", 1)[-1]
-    suffix = Path(bare).suffix
-    return safe_stem(bare or "upload") + (suffix.lower() if _SUFFIX.match(suffix) else "")
+# The names each format a photo upload may hold goes by, the usual one first. A client's own suffix is kept when it
+# is one of them; otherwise the upload is named after what it holds: `x.mode`, `x.xmp` or `index.html` holding a
+# JPEG would be taken for a sidecar or a page in the outbox, and `curl -F image=@-` sends no name at all.
+_FORMAT_SUFFIXES = {"JPEG": (".jpg", ".jpeg"), "MPO": (".jpg", ".jpeg", ".mpo"), "PNG": (".png",),
+                    "TIFF": (".tif", ".tiff"), "WEBP": (".webp",), "HEIF": (".heic", ".heif"),
+                    "AVIF": (".avif",), "GIF": (".gif",), "BMP": (".bmp",), "JPEG2000": (".jp2", ".j2k", ".jpf"),
+                    "PSD": (".psd",), "RAW": RAW_SUFFIXES}
+
+
+def spool_name(client_name: str | None, fmt: str | None = None) -> str:
+    """A safe file name from what the client called its file (never a path: only its last component counts), with
+    a suffix that says what it holds (`fmt`, the format found in it)."""
+    bare = (client_name or "").replace("\\", "/").rsplit("/", 1)[-1].strip()
+    if bare.strip("-") == "":  # `-`: curl's name for what it read from its standard input
+        bare = ""
+    suffix = Path(bare).suffix.lower()
+    suffix = suffix if _SUFFIX.match(suffix) else ""
+    fits = _FORMAT_SUFFIXES.get(fmt or "")
+    if fits is not None and suffix not in fits:
+        suffix = "" if fmt == "RAW" else fits[0]  # which maker's raw it is, only LibRaw knows: it reads the bytes
+    elif fits is None and suffix not in PHOTO_SUFFIXES:
+        suffix = ""
+    return safe_stem(bare or "upload") + suffix
 
 
 class Spool:

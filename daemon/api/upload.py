@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AsyncIterator, Callable
+from urllib.parse import unquote
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
@@ -20,6 +22,10 @@ FORM_OVERHEAD_BYTES = 64 * 1024  # boundaries, part headers and the small fields
 MAX_PARTS = 16  # image, advisor, mode and a few a client may add: a form of thousands is not a photo request
 HEADER_MAX_BYTES = 8 * 1024  # a part's headers (its name and file name)
 IDLE_SECONDS = 60.0  # a photo upload that sends nothing for this long has stalled (a slow link still sends)
+# Past its first IDLE_SECONDS an upload must have come at least this fast on average: a client sending a byte every
+# 59 s is never idle for 60, and sixteen of them would hold every upload slot for as long as they like. A phone on
+# poor Wi-Fi sends a hundred times faster.
+MIN_BYTES_PER_S = 16 * 1024
 WATCH_SECONDS = 1.0  # how often an upload that is waiting for the client looks whether Mondrian is stopping
 
 
@@ -41,6 +47,22 @@ class Received:
     size: int = 0
     images: int = 0  # parts named `image` seen (more than one is refused)
     complete: bool = False  # the closing boundary was read
+
+
+_FILENAME_STAR = re.compile(rb"""filename\*\s*=\s*([^;'\s]*)'[^']*'([^;\s]*)""", re.IGNORECASE)
+
+
+def _extended_filename(disposition: bytes) -> str:
+    """RFC 5987's `filename*=UTF-8''caf%C3%A9.jpg`, which some clients send alone for a name beyond ASCII (the form
+    parser reads only `filename`): the name, or "" when there is none."""
+    found = _FILENAME_STAR.search(disposition)
+    if not found:
+        return ""
+    charset = found.group(1).decode("latin-1") or "utf-8"
+    try:
+        return unquote(found.group(2).decode("latin-1"), encoding=charset, errors="replace")
+    except LookupError:  # a charset Python does not know
+        return unquote(found.group(2).decode("latin-1"), errors="replace")
 
 
 def too_large(limit: int, what: str) -> Refused:
@@ -110,7 +132,8 @@ async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, lim
             if got.images > 1:
                 raise Refused(400, "one photo per request: send a single `image` field")
             part["file"] = True
-            got.filename = params.get(b"filename", b"").decode("utf-8", "replace")
+            got.filename = params.get(b"filename", b"").decode("utf-8", "replace") or _extended_filename(
+                part["headers"].get("content-disposition", b""))  # type: ignore[union-attr]
         else:
             part["filename"] = params.get(b"filename")  # a small file is a value (`-F mode=@IMG_1.mode`)
 
@@ -152,7 +175,8 @@ async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, lim
         "on_part_data": on_part_data, "on_part_end": on_part_end})
     stream = chunks.__aiter__()
     waiting: asyncio.Future | None = None
-    last = time.monotonic()
+    started = last = time.monotonic()
+    received = 0
     try:
         while True:
             # The next chunk is awaited without being cancelled between looks (cancelling it would end the
@@ -162,17 +186,23 @@ async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, lim
             deadline = until()
             if deadline is not None and time.monotonic() >= deadline:
                 raise Stopping()
+            now = time.monotonic()
+            if not done and now - last >= idle_s:
+                raise Refused(408, f"the upload stalled: nothing arrived for {idle_s:g} s; send it again")
+            if now - started > idle_s and received < MIN_BYTES_PER_S * (now - started):
+                raise Refused(408, f"the upload is too slow: {received / 1024:.0f} KB in {now - started:.0f} s, less "
+                                   f"than the {MIN_BYTES_PER_S // 1024} KB/s Mondrian waits for; send it again over a "
+                                   f"faster link")
             if not done:
-                if time.monotonic() - last >= idle_s:
-                    raise Refused(408, f"the upload stalled: nothing arrived for {idle_s:g} s; send it again")
                 continue
             try:
                 chunk = waiting.result()
             except StopAsyncIteration:
                 waiting = None
                 break
-            waiting, last = None, time.monotonic()
+            waiting, last = None, now
             if chunk:
+                received += len(chunk)
                 parser.write(chunk)
         parser.finalize()
         if not got.complete:

@@ -23,12 +23,20 @@ from .raw import RAW_SUFFIXES, RawCutShort, RawPhoto, RawRejected, decode_raw
 # link an original only under one of them (a photo renamed `x.html` or `x.svg` opens as an active page).
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".heic", ".heif", ".gif", ".bmp") + RAW_SUFFIXES
 
+# What Pillow may open: photo formats only. Pillow also opens EPS (through Ghostscript, which runs the file's
+# PostScript), ICO, SPIDER, FITS and some thirty more; a file named IMG_1.jpg holding one is no photo of ours.
+# (An MPO opens as JPEG: that opener makes it.)
+_PHOTO_FORMATS = ("JPEG", "PNG", "TIFF", "WEBP", "HEIF", "AVIF", "GIF", "BMP", "JPEG2000", "PSD")
+
 try:  # iPhone photos: HEIC/HEIF are analysed, not failed.
     import pillow_heif
 
     pillow_heif.register_heif_opener()
 except ImportError:  # pragma: no cover - pillow-heif is a declared dependency
     pillow_heif = None
+Image.init()
+# Those this Pillow has an opener for: Image.open raises KeyError for a name it does not know (AVIF before 11.2).
+PILLOW_FORMATS = tuple(f for f in _PHOTO_FORMATS if f in Image.OPEN)
 
 # Large enough for medium-format backs (150 MP), small enough that a 40000x40000 bomb is refused.
 MAX_PIXELS_ON_DISK = 200_000_000
@@ -147,7 +155,7 @@ def _pillow_photo(data: bytes, max_pixels: int) -> tuple[Image.Image, int, int, 
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            img = Image.open(io.BytesIO(data), formats=PILLOW_FORMATS)
             fmt = img.format
             frames = int(getattr(img, "n_frames", 1) or 1)
             if frames > 1:

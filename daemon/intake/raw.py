@@ -68,7 +68,7 @@ def _raw_not_plain_tiff(fp: BinaryIO, pixels: int) -> bool:
     if head[8:10] == b"CR":  # Canon CR2: its first image is a full-size preview, so the size test cannot tell
         return True
     try:
-        with Image.open(fp) as first:  # the header only: nothing is decoded
+        with Image.open(fp, formats=["TIFF"]) as first:  # the header only: nothing is decoded
             return _DNG_VERSION in first.tag_v2 or first.width * first.height < pixels
     except Exception:  # a TIFF Pillow cannot even open, which LibRaw can: LibRaw's
         return True
@@ -147,7 +147,7 @@ def _camera_preview(raw: Any, rawpy: Any, size: tuple[int, int], target: tuple[i
         return None
     try:
         if thumb.format == rawpy.ThumbFormat.JPEG:
-            img = Image.open(io.BytesIO(thumb.data))
+            img = Image.open(io.BytesIO(thumb.data), formats=["JPEG"])
             if img.width * img.height > max_pixels_on_disk:
                 return None
             img.draft("RGB", (target[0] * 2, target[1] * 2))

@@ -475,6 +475,11 @@ class Publisher:
         record = json.loads(Path(f"{dest}.duplicate.json").read_text(encoding="utf-8"))
         self.ledger.finish_duplicate(job.id, self.ledger.get(record["duplicate_of_job"]), dest,
                                      fallbacks=record.get("fallbacks"))
+        if Path(job.source_path).is_relative_to(self.cfg.spool_dir):
+            # Sent through the API: the client keeps its file, and the report folder has these very bytes. A
+            # script that sends a photo again to read its critique must not fill duplicates/ with copies.
+            for name in (dest, Path(f"{dest}.duplicate.json")):
+                name.unlink(missing_ok=True)
         return True
 
     def transient(self, job: Job, reason: str) -> None:

@@ -19,7 +19,7 @@ def thumbnail(cfg: Config, sha256: str, source: Path | str) -> Path | None:
     from PIL import Image, ImageOps
 
     from ..fsutil import atomic_write_bytes
-    from ..intake.images import MAX_PIXELS_ON_DISK
+    from ..intake.images import MAX_PIXELS_ON_DISK, PILLOW_FORMATS
     from ..intake.raw import decode_raw
 
     dest = cfg.var_dir / "cache" / "reference-thumbs" / f"{sha256}.jpg"
@@ -31,7 +31,7 @@ def thumbnail(cfg: Config, sha256: str, source: Path | str) -> Path | None:
         if raw is not None:  # a camera raw reference: its full picture, not the TIFF thumbnail Pillow would find
             img = raw.image
         else:
-            with Image.open(io.BytesIO(data)) as opened:
+            with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as opened:
                 opened.draft("RGB", (THUMB_PX * 2, THUMB_PX * 2))
                 img = ImageOps.exif_transpose(opened) or opened
                 img = img.convert("RGB")
