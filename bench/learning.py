@@ -174,7 +174,7 @@ def _lora(cfg: Any, model_path: Path, advisor: Any, refs: list[Any], test: list[
     from daemon.model.fitting import FitSettings, fit_lora
     from daemon.model.runtime import ModelRuntime
     from jobs import dataset as ds
-    from jobs.evaluate import evaluate
+    from jobs.evaluate import evaluate, readable
     from daemon.analysis.prompts import critique_prompt
 
     # Validation (early stopping) is carved from the N by content hash; the test set is the fixed one.
@@ -191,8 +191,8 @@ def _lora(cfg: Any, model_path: Path, advisor: Any, refs: list[Any], test: list[
     fitted = fit_lora(runtime, data["train"], data["validation"], fit, scratch=work / "scratch.safetensors",
                       on_progress=lambda e: None)
     folder = fitted.save(work / "adapter")
-    ev = evaluate(runtime, test, critique_prompt(advisor), adapter=folder, label="lora",
-                  comment_max_chars=cfg.comment_max_chars, max_tokens=cfg.max_tokens, max_pixels=cfg.max_pixels)
+    ev = evaluate(runtime, readable(test, cfg.max_pixels)[0], critique_prompt(advisor), adapter=folder, label="lora",
+                  comment_max_chars=cfg.comment_max_chars, max_tokens=cfg.max_tokens)
     (work / "evaluation.json").write_text(json.dumps(ev.to_dict(), default=str))  # per photo, for a closer look
     return ev.to_dict(), fitted.metrics
 
@@ -277,7 +277,7 @@ def _measure(opts: argparse.Namespace, ns: list[int], modes: list[str], out: Pat
     from daemon.model.runtime import ModelRuntime
     from daemon.references.indexer import ReferenceIndexer
     from jobs import dataset as ds
-    from jobs.evaluate import evaluate
+    from jobs.evaluate import evaluate, readable
 
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
@@ -307,9 +307,9 @@ def _measure(opts: argparse.Namespace, ns: list[int], modes: list[str], out: Pat
         figs: dict[str, Any] = {}
         if "baseline" in modes:
             if base_figs is None:
-                base = evaluate(runtime, test, critique_prompt(advisor), adapter=None, label="base",
-                                comment_max_chars=cfg.comment_max_chars, max_tokens=cfg.max_tokens,
-                                max_pixels=cfg.max_pixels).to_dict()
+                base = evaluate(runtime, readable(test, cfg.max_pixels)[0], critique_prompt(advisor), adapter=None,
+                                label="base", comment_max_chars=cfg.comment_max_chars,
+                                max_tokens=cfg.max_tokens).to_dict()
                 base_figs = _figures(base)
             figs["baseline"] = base_figs
         if "rag" in modes:

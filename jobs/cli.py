@@ -426,7 +426,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from daemon.analysis.prompts import critique_prompt
 
     from .dataset import DatasetError, collect_references
-    from .evaluate import bootstrap, evaluate, table
+    from .dataset import first_few as ds_first_few
+    from .evaluate import bootstrap, evaluate, readable, seen_by, table
 
     cfg = config_from(args)
     advisor = _advisor(cfg, args.advisor)
@@ -458,13 +459,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if not held:
         print(f"{advisor.id}: none of {where} is indexed any more; nothing to evaluate on", file=sys.stderr)
         return 1
+    if against is not None:  # judged on photos it learned from, the version compared with would be favoured
+        seen = seen_by(against.manifest)
+        learned = [r for r in held if r.sha256 in seen]
+        if learned:
+            held = [r for r in held if r.sha256 not in seen]
+            where += (f", less {len(learned)} that {against.name} learned from "
+                      f"({ds_first_few([Path(r.path).name for r in learned])})")
+        if not held:
+            print(f"{advisor.id}: {against.name} learned from every one of {version.name}'s test photos; compare "
+                  f"it with the base model instead (leave out --against)", file=sys.stderr)
+            return 1
+    photos, unread = readable(held, cfg.max_pixels)  # read once: both evaluations see the very same pictures
+    if unread:
+        where += f", less {len(unread)} that cannot be read ({ds_first_few(unread)})"
     print(f"Evaluating {advisor.id}: {cand_label} against {base_label} on {where}…", file=sys.stderr)
     rt = ModelRuntime.load(cfg.model, var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
-    kw = dict(comment_max_chars=cfg.comment_max_chars, max_tokens=cfg.max_tokens, max_pixels=cfg.max_pixels)
+    kw = dict(comment_max_chars=cfg.comment_max_chars, max_tokens=cfg.max_tokens)
     prompt = critique_prompt(advisor)
     try:
-        a = evaluate(rt, held, prompt, adapter=cand_path, label=cand_label, **kw).to_dict()
-        b = evaluate(rt, held, prompt, adapter=base_path, label=base_label, **kw).to_dict()
+        a = evaluate(rt, photos, prompt, adapter=cand_path, label=cand_label, **kw).to_dict()
+        b = evaluate(rt, photos, prompt, adapter=base_path, label=base_label, **kw).to_dict()
     except AdapterUnusable as exc:  # a broken adapter file is a state to report in words, not a crash
         print(f"{advisor.id}: cannot evaluate: {exc}; train a new version (`{mondrian()} train --advisor "
               f"{advisor.id}`) or name another with --version", file=sys.stderr)

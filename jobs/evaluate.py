@@ -138,46 +138,64 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
     return float(np.corrcoef(rx, ry)[0, 1])
 
 
-def readable(references: Iterable[Any], max_pixels: int) -> tuple[list[Any], list[str]]:
-    """The test references that can still be read, and why each other one cannot: a reference renamed, moved or
-    deleted while its advisor trained (hours, at night) is left out of both evaluations, so the candidate and the
-    model it is compared with are judged on the same photos, instead of the whole run failing."""
+@dataclass
+class TestPhoto:
+    """A test reference read once, before both evaluations: the two models are judged on the very same pictures
+    even if the file is renamed or removed between them (an evaluation with a real model takes many minutes)."""
+    sha256: str
+    scores: dict[str, int]
+    path: str
+    image: Any  # PIL image, as load_photo made it
+
+
+def readable(references: Iterable[Any], max_pixels: int) -> tuple[list[TestPhoto], list[str]]:
+    """The test references that can be read, each read now, and why each other one cannot: a reference renamed,
+    moved or deleted while its advisor trained (hours, at night) is left out of both evaluations, so the candidate
+    and the model it is compared with are judged on the same photos, instead of the whole run failing."""
     from daemon.intake.images import ImageRejected, load_photo
 
     kept, gone = [], []
     for ref in references:
         try:
-            load_photo(Path(ref.path), max_pixels)
+            photo = load_photo(Path(ref.path), max_pixels)
         except ImageRejected as exc:
             gone.append(f"{Path(ref.path).name}: {exc}")
             continue
-        kept.append(ref)
+        kept.append(TestPhoto(ref.sha256, dict(ref.scores), str(ref.path), photo.image))
     return kept, gone
 
 
-def evaluate(runtime: Runtime, references: Iterable[Any], prompt: str, *, adapter: str | Path | None,
-             label: str, comment_max_chars: int, max_tokens: int, max_pixels: int,
+def seen_by(manifest: dict[str, Any]) -> set[str]:
+    """The photos (content hashes) an adapter version learned from: its train and validation splits. Judging it on
+    them favours it; a photo's split moves when its file changes (a rating written into it) or the fractions do."""
+    splits = manifest.get("splits")
+    if isinstance(splits, dict):
+        return {str(h) for key in ("train", "validation") for h in splits.get(key) or []}
+    return {str(r.get("sha256")) for r in manifest.get("references") or []
+            if isinstance(r, dict) and r.get("split") in ("train", "validation")}
+
+
+def evaluate(runtime: Runtime, photos: Iterable[TestPhoto], prompt: str, *, adapter: str | Path | None,
+             label: str, comment_max_chars: int, max_tokens: int,
              on_photo: Callable[[int, int], None] = lambda done, total: None) -> Evaluation:
-    """Run the test references through the model with `adapter` (None: the base model). `on_photo(done, total)`
-    before each photo and after the last (progress)."""
-    from daemon.intake.images import load_photo
+    """Run the test photos (`readable`) through the model with `adapter` (None: the base model).
+    `on_photo(done, total)` before each photo and after the last (progress)."""
     from daemon.model.runtime import GenerationError
 
     schema = critique_schema(comment_max_chars)
     result = Evaluation(label=label)
-    references = list(references)
-    for done, ref in enumerate(references):
-        on_photo(done, len(references))
-        photo = load_photo(Path(ref.path), max_pixels)
+    photos = list(photos)
+    for done, photo in enumerate(photos):
+        on_photo(done, len(photos))
         try:
             gen = runtime.generate_json(photo.image, prompt, schema, max_tokens=max_tokens, adapter=adapter)
         except GenerationError as exc:
-            result.photos.append(PhotoScores(ref.sha256, None, None, dict(ref.scores), error=str(exc)))
+            result.photos.append(PhotoScores(photo.sha256, None, None, dict(photo.scores), error=str(exc)))
             continue
         generated = {d: int(gen.data["dimensions"][d]["score"]) for d in DIMENSIONS}
         expected = runtime.expected_scores(photo.image, prompt, gen.text, adapter=adapter)
-        result.photos.append(PhotoScores(ref.sha256, expected, generated, dict(ref.scores)))
-    on_photo(len(references), len(references))
+        result.photos.append(PhotoScores(photo.sha256, expected, generated, dict(photo.scores)))
+    on_photo(len(photos), len(photos))
     return result
 
 

@@ -261,29 +261,47 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
     # -- the candidate folder -----------------------------------------------------------------
     fitted.save(staging)
 
-    from .evaluate import evaluate, readable
+    from .evaluate import evaluate, readable, seen_by
 
     testhooks.crashpoint("evaluating")
     test, gone = readable(splits.test, cfg.max_pixels)
     for why in gone:
         log.warning("test reference left out of the evaluation (renamed, moved or removed during training?): %s", why)
-    left = (f"{len(gone)} test reference(s) left out of the evaluation, renamed, moved or removed during training: "
-            f"{ds.first_few(gone)}") if gone else None
-    send(event="phase", phase="evaluating", held_out=len(test), **({"reason": left} if left else {}))
+    notes = [f"{len(gone)} test reference(s) left out of the evaluation, renamed, moved or removed during training: "
+             f"{ds.first_few(gone)}"] if gone else []
+
+    current = store.current(advisor_id)
+    base_fp = base_model_fingerprint(runtime.path)
+    baseline_adapter, baseline_label = None, "base"
+    unfair: list[str] = []
+    if current is not None and current.manifest.get("base_model", {}).get("fingerprint") == base_fp:
+        # The current version is judged only on test photos it did not learn from. Too few of those left (the
+        # fractions changed, ratings were written into the files): the candidate must beat the base model instead.
+        seen = seen_by(current.manifest)
+        fair = [p for p in test if p.sha256 not in seen]
+        unfair = [Path(p.path).name for p in test if p.sha256 in seen]
+        if len(fair) >= settings.min_test_photos or not unfair:
+            baseline_adapter, baseline_label, test = current.path, current.name, fair
+            if unfair:
+                notes.append(f"{len(unfair)} test photo(s) left out of the comparison: {current.name} learned from "
+                             f"them ({ds.first_few(unfair)})")
+        else:
+            notes.append(f"{len(unfair)} of the {len(test)} test photos were in {current.name}'s own training, too "
+                         f"many to judge it fairly: the candidate is compared with the base model")
+            unfair = []
+    for note in notes[1 if gone else 0:]:
+        log.warning("%s", note)
+    send(event="phase", phase="evaluating", held_out=len(test), **({"reason": "; ".join(notes)} if notes else {}))
 
     prompt = critique_prompt(advisor)
-    kw = dict(comment_max_chars=cfg.comment_max_chars, max_tokens=cfg.max_tokens, max_pixels=cfg.max_pixels)
+    kw = dict(comment_max_chars=cfg.comment_max_chars, max_tokens=cfg.max_tokens)
 
     def progress(label: str) -> Any:  # each test photo, as training reports its steps
         return lambda done, total: send(event="progress", phase="evaluating", label=label, step=done, steps=total)
 
     candidate = evaluate(runtime, test, prompt, adapter=staging, label="candidate",
                          on_photo=progress("candidate"), **kw)
-    current = store.current(advisor_id)
-    base_fp = base_model_fingerprint(runtime.path)
-    baseline_adapter, baseline_label = None, "base"
-    if current is not None and current.manifest.get("base_model", {}).get("fingerprint") == base_fp:
-        baseline_adapter, baseline_label = current.path, current.name
+    testhooks.crashpoint("evaluating_baseline")
     try:
         baseline = evaluate(runtime, test, prompt, adapter=baseline_adapter, label=baseline_label,
                             on_photo=progress(baseline_label), **kw)
@@ -296,6 +314,7 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
     cand, base = candidate.to_dict(), baseline.to_dict()
     metrics = {"advisor": advisor_id, "training": fit, "evaluation": {
         "candidate": cand, "baseline": base, "held_out": len(splits.test), "split": "test", "left_out": gone,
+        "left_out_seen_by_baseline": unfair,
         "intervals": bootstrap(cand, base)}, "dataset_left_out": built.left_out,
         "seconds": round(time.time() - started, 2)}
     member = {sha: name for name, shas in splits.record().items() for sha in shas}

@@ -4,6 +4,7 @@ command in subprocesses, real files. Each case once lost data or gave advice tha
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shlex
 from pathlib import Path
@@ -229,3 +230,63 @@ def test_every_training_reference_renamed_before_the_dataset_is_one_line_saying_
     assert mondrian(cfg.home, smoke_model_path, "references", "index", "--advisor", "synth").returncode == 0
     again = mondrian(cfg.home, smoke_model_path, "train", "--advisor", "synth", "--iters", "2", "--no-promote")
     assert again.returncode == 3 and "not promoted" in again.stdout, again.stderr[-3000:]
+
+
+def test_references_renamed_between_the_two_evaluations_cost_nothing(tmp_path, smoke_model_path) -> None:
+    """Renamed after the candidate was scored and before the model it is compared with (many minutes apart with a
+    real model): the test photos were read again then, and the run failed with `ImageRejected: the file could not
+    be read`, hours of training lost. Each test photo is read once, before both."""
+    cfg = _synth_home(tmp_path, smoke_model_path)
+    rc, out, err, _ = _train_held_at(cfg, smoke_model_path, "evaluating_baseline", lambda run: _rename_all(cfg),
+                                     "--no-promote")
+    assert "Traceback" not in err and "ImageRejected" not in err and "Training failed" not in err, err[-3000:]
+    assert rc == 3 and "not promoted" in out, (rc, out, err[-3000:])
+    metrics = json.loads((cfg.adapters_dir / "synth" / "v0001" / "metrics.json").read_text())
+    ev = metrics["evaluation"]
+    assert ev["left_out"] == [] and ev["candidate"]["n"] == ev["baseline"]["n"] == ev["held_out"] > 0, ev
+
+
+def test_the_gate_never_judges_the_current_adapter_on_photos_it_learned_from(tmp_path, smoke_model_path) -> None:
+    """A photo moves between splits when its file changes (a rating written into it) or the fractions do; the
+    current version compared on photos it trained on is favoured. Such photos are left out of the comparison, by
+    name; when too few are left, the candidate is compared with the base model instead, and it says so."""
+    import mlx_vlm
+
+    from daemon.config import load_config
+    from jobs.dataset import collect_references, split, training_references
+    from jobs.train import TrainSettings
+    from tests.lora_helpers import index_references
+
+    cfg = _synth_home(tmp_path, smoke_model_path)
+    with open(cfg.home / "mondrian.toml", "a") as fh:
+        fh.write("\n[lora]\nmin_test_photos = 1\nholdout_fraction = 0.5\n")
+    cfg = load_config(cfg.home, env={}, model=str(smoke_model_path))
+    refs = collect_references(cfg, "synth", index_references(cfg, ["synth"]))
+    settings = TrainSettings.from_config(cfg)
+    usable, _ = training_references(refs, settings.use_model_scores)
+    test = split(usable, settings.holdout_fraction, settings.validation_fraction).test
+    assert len(test) >= 2, len(test)
+    model, _ = mlx_vlm.load(str(smoke_model_path))
+    adapter = random_adapter(tmp_path / "a", model, seed=41)
+    others = [r.sha256 for r in usable if r not in test]
+    install_version(cfg, "synth", adapter, model_path=smoke_model_path,
+                    splits={"train": others + [test[0].sha256], "validation": [], "test": []})
+
+    out = mondrian(cfg.home, smoke_model_path, "train", "--advisor", "synth", "--iters", "2", "--no-promote",
+                   timeout=900)
+    assert out.returncode == 3 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    ev = json.loads((cfg.adapters_dir / "synth" / "v0002" / "metrics.json").read_text())["evaluation"]
+    assert ev["baseline"]["label"] == "v0001" and ev["left_out_seen_by_baseline"] == [Path(test[0].path).name], ev
+    assert test[0].sha256 not in {p["sha256"] for p in ev["candidate"]["photos"] + ev["baseline"]["photos"]}
+    assert ev["candidate"]["n"] == len(test) - 1
+    assert "left out of the comparison: v0001 learned from them" in out.stderr, out.stderr[-3000:]
+
+    # v0001 learned from every test photo: judged against the base model on all of them, saying so
+    install_version(cfg, "synth", adapter, model_path=smoke_model_path,
+                    splits={"train": [r.sha256 for r in usable], "validation": [], "test": []})
+    out = mondrian(cfg.home, smoke_model_path, "train", "--advisor", "synth", "--iters", "2", "--no-promote",
+                   timeout=900)
+    assert out.returncode == 3, out.stderr[-3000:]
+    ev = json.loads((cfg.adapters_dir / "synth" / "v0004" / "metrics.json").read_text())["evaluation"]
+    assert ev["baseline"]["label"] == "base" and ev["candidate"]["n"] == len(test), ev
+    assert "too many to judge it fairly: the candidate is compared with the base model" in out.stderr
