@@ -270,7 +270,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     try:
         with store.lock(args.advisor, wait=False):
             problem = store.current_problem(args.advisor)  # dangling or incomplete: rollback repairs the pointer
-            old, new = store.rollback(args.advisor)
+            old, new = store.rollback(args.advisor, base=_configured_base(cfg))
     except Busy as exc:
         print(f"{exc}; try again when it has finished", file=sys.stderr)
         return 1
@@ -399,6 +399,17 @@ def recorded_test_set(cfg: Any, version: Any, refs: list[Any]) -> tuple[list[Any
     test = split(usable, settings.holdout_fraction, settings.validation_fraction).test
     return test, (f"{len(test)} test photos: {version.name} recorded no test split, so today's references are "
                   f"split by content hash (holdout_fraction {settings.holdout_fraction:g})")
+
+
+def _configured_base(cfg: Any) -> str | None:
+    """The configured base model's fingerprint, or None when it cannot be found here."""
+    from daemon.model.adapter_store import base_model_fingerprint
+    from daemon.model.runtime import resolve_model_path
+
+    try:
+        return base_model_fingerprint(resolve_model_path(cfg.model, cfg.var_dir))
+    except Exception:  # noqa: BLE001 - a model that cannot be found is reported when it is loaded
+        return None
 
 
 def _other_base(cfg: Any, versions: list[Any]) -> str | None:

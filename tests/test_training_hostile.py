@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shlex
 from pathlib import Path
@@ -290,3 +291,87 @@ def test_the_gate_never_judges_the_current_adapter_on_photos_it_learned_from(tmp
     ev = json.loads((cfg.adapters_dir / "synth" / "v0004" / "metrics.json").read_text())["evaluation"]
     assert ev["baseline"]["label"] == "base" and ev["candidate"]["n"] == len(test), ev
     assert "too many to judge it fairly: the candidate is compared with the base model" in out.stderr
+
+
+def test_current_deleted_copied_or_rolled_back_to_another_base_is_told_and_repaired(tmp_path, smoke_model_path) -> None:
+    """What a copy leaves (`rsync -rL`, `cp -R`, a sync service, exFAT): `current` missing, or a folder instead of the
+    link. Lora fell back with "no trained adapter yet (run train)" though promoted versions were kept, and `adapters
+    rollback` said there was nothing to roll back; a folder in its place made the next promotion fail with advice
+    that did not help. And rollback could go to a version trained for another base model, from which nothing went
+    back. Each is now said as it is and `adapters rollback` repairs it."""
+    import shutil
+
+    import mlx_vlm
+
+    from daemon.analysis import build_strategies, resolve
+    from daemon.analysis.advisors import get_advisor
+    from daemon.model.adapter_store import AdapterStore
+
+    cfg = _home(tmp_path, smoke_model_path)
+    model, _ = mlx_vlm.load(str(smoke_model_path))
+    src = random_adapter(tmp_path / "a", model, seed=50)
+    install_version(cfg, "ansel", src, model_path=smoke_model_path)
+    install_version(cfg, "ansel", src, model_path=smoke_model_path)
+    store = AdapterStore(cfg.adapters_dir)
+    ansel = get_advisor(cfg, "ansel")
+    pointer = cfg.adapters_dir / "ansel" / "current"
+
+    def lora_reason() -> str | None:
+        strategy, steps = resolve("lora", ansel, build_strategies(cfg))
+        return None if strategy.name == "lora" else steps[0]["reason"]
+
+    def rollback() -> tuple[int, str]:
+        out = mondrian(cfg.home, smoke_model_path, "adapters", "rollback", "--advisor", "ansel")
+        assert "Traceback" not in out.stderr, out.stderr
+        return out.returncode, out.stdout + out.stderr
+
+    assert lora_reason() is None and store.current_name("ansel") == "v0002"
+    pointer.unlink()  # deleted
+    reason = lora_reason()
+    assert "`current` is missing" in reason and "adapters rollback --advisor ansel" in reason, reason
+    assert "run `mondrian train" not in reason
+    rc, text = rollback()
+    assert rc == 0 and "it now points at v0002" in text, text
+    assert lora_reason() is None and pointer.is_symlink()
+
+    # A copy of v0002 in the link's place: still v0002 for every reader, and a rollback makes it a link again
+    pointer.unlink()
+    shutil.copytree(cfg.adapters_dir / "ansel" / "v0002", pointer)
+    assert store.current_name("ansel") == "v0002" and lora_reason() is None
+    rc, text = rollback()
+    assert rc == 0 and "now v0001 (was v0002)" in text, text
+    assert pointer.is_symlink() and os.readlink(pointer) == "v0001"
+    assert sorted(p.name for p in (cfg.adapters_dir / "ansel").iterdir() if not p.name.startswith(".")) == \
+        ["current", "history.jsonl", "v0001", "v0002"]
+
+    # The copy is all that is left of its version: it becomes that version's folder, nothing is lost
+    pointer.unlink()
+    (cfg.adapters_dir / "ansel" / "v0001").rename(pointer)
+    install_version(cfg, "ansel", src, model_path=smoke_model_path)  # v0003: the switch meets the folder
+    assert (cfg.adapters_dir / "ansel" / "v0001" / "adapters.safetensors").is_file()
+    assert os.readlink(pointer) == "v0003"
+
+    # v0003 was trained for another base model: rollback from v0004 skips it and goes to v0001 (v0002 was rolled
+    # back from before)
+    install_version(cfg, "ansel", src, model_path=smoke_model_path)
+    manifest = cfg.adapters_dir / "ansel" / "v0003" / "manifest.json"
+    data = json.loads(manifest.read_text())
+    data["base_model"]["fingerprint"] = "another-model"
+    manifest.write_text(json.dumps(data))
+    rc, text = rollback()
+    assert rc == 0 and "now v0001 (was v0004)" in text, text
+    rc, text = rollback()
+    assert rc == 1 and "no earlier promoted adapter" in text, text
+
+
+def test_a_refused_version_is_the_lora_fallback_reason_not_run_train(tmp_path, smoke_model_path) -> None:
+    """Trained and refused by the gate: "no trained adapter yet (run train)" sent the photographer round the same
+    refusal. The reason names the refused version and the gate's own words."""
+    from daemon.analysis import build_strategies, resolve
+    from daemon.analysis.advisors import get_advisor
+
+    cfg = _home(tmp_path, smoke_model_path)
+    install_version(cfg, "ansel", promoted=False, model_path=smoke_model_path)
+    strategy, steps = resolve("lora", get_advisor(cfg, "ansel"), build_strategies(cfg))
+    assert strategy.name != "lora"
+    assert "no adapter of Ansel Adams has passed the quality gate yet: v0001 was not promoted" in steps[0]["reason"]

@@ -73,6 +73,15 @@ class LoraStrategy(Strategy):
             if name:
                 return Availability(False, f"{advisor.name}'s current adapter {name} is missing or incomplete (run "
                                            f"`mondrian adapters rollback --advisor {advisor.id}` or {train})")
+            problem = self.store.current_problem(advisor.id)
+            if problem:  # `current` deleted or lost in a copy, while promoted versions are kept
+                return Availability(False, f"{advisor.name}'s current adapter points at {problem} (run `mondrian "
+                                           f"adapters rollback --advisor {advisor.id}`)")
+            latest = self.store.latest(advisor.id)
+            if latest is not None and not latest.promoted:  # "run train" would only repeat the same refusal
+                why = latest.decision.get("reason") or "the quality gate refused it"
+                return Availability(False, f"no adapter of {advisor.name} has passed the quality gate yet: "
+                                           f"{latest.name} was not promoted ({why})")
             return Availability(False, f"no trained adapter for {advisor.name} yet (run {train})")
         broken = self._problem(version)
         if broken:

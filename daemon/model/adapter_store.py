@@ -232,6 +232,12 @@ class Version:
         return self.problem() is None
 
 
+def _fits(version: Version, base: str | None) -> bool:
+    """Whether `version` was trained for the base model of fingerprint `base` (or either is unknown)."""
+    trained_on = (version.manifest.get("base_model") or {}).get("fingerprint")
+    return not (base and trained_on and trained_on != base)
+
+
 class AdapterStore:
     def __init__(self, adapters_dir: Path, keep: int = DEFAULT_KEEP) -> None:
         self.root = Path(adapters_dir)
@@ -270,12 +276,45 @@ class AdapterStore:
                                 f"--advisor {advisor}` shows each)")
 
     def current_name(self, advisor: str) -> str | None:
+        pointer = self.advisor_dir(advisor) / CURRENT
         try:
-            target = os.readlink(self.advisor_dir(advisor) / CURRENT)
+            target = os.readlink(pointer)
         except OSError:
-            return None
+            # A folder where the link was: `rsync -rL`, `cp -R`, a sync service or an exFAT drive copy the version
+            # it pointed at. Its manifest still names that version.
+            name = self._copied_current(pointer)
+            return name
         name = Path(target).name
         return name if VERSION_RE.match(name) else None
+
+    @staticmethod
+    def _copied_current(pointer: Path) -> str | None:
+        """The version a folder in `current`'s place is a copy of, if it is one."""
+        if pointer.is_symlink() or not pointer.is_dir():
+            return None
+        name = str(_read_json(pointer / MANIFEST_NAME).get("version") or "")
+        return name if VERSION_RE.match(name) else None
+
+    def _settle_copied_current(self, advisor: str) -> None:
+        """Turn a folder in `current`'s place back into the link: it becomes its version's folder where that was
+        lost too (the copy is all there is of it), else it goes (the version folder holds the same files). A folder
+        that names no version is not Mondrian's to delete: it is moved aside, as `current-copy-<time>`."""
+        d = self.advisor_dir(advisor)
+        pointer = d / CURRENT
+        name = self._copied_current(pointer)
+        if pointer.is_symlink() or not pointer.is_dir():
+            return
+        if name is None:
+            os.rename(pointer, d / f"{CURRENT}-copy-{time.strftime('%Y%m%dT%H%M%S')}")
+        elif not (d / name).exists():
+            os.rename(pointer, d / name)
+        else:
+            trash = d / f"{STAGING_PREFIX}copied-{CURRENT}-{secrets.token_hex(4)}"
+            os.rename(pointer, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        if name is not None and (d / name).is_dir():
+            self.switch(advisor, name)
+        fsync_dir(d)
 
     def current(self, advisor: str) -> Version | None:
         """The current version if it is complete; None if there is none (or the pointer is dangling)."""
@@ -397,6 +436,8 @@ class AdapterStore:
         target = d / name
         if not target.is_dir() or not all((target / f).is_file() for f in REQUIRED_FILES):
             raise AdapterStoreError(f"{advisor}/{name} is not a complete adapter version")
+        if not (d / CURRENT).is_symlink() and (d / CURRENT).is_dir():
+            self._settle_copied_current(advisor)  # a rename cannot replace a folder with the link
         tmp = d / f".{CURRENT}.{os.getpid()}.tmp"
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
@@ -404,16 +445,23 @@ class AdapterStore:
         os.replace(tmp, d / CURRENT)
         fsync_dir(d)
 
-    def rollback(self, advisor: str) -> tuple[str | None, str]:
-        """Make the previous promoted version current again; returns (from, to)."""
+    def rollback(self, advisor: str, base: str | None = None) -> tuple[str | None, str]:
+        """Make the previous promoted version current again; returns (from, to). `base`: the configured base model's
+        fingerprint; a version trained for another base model is never gone back to (its photos would all fall
+        back, and the version rolled back from could not be made current again)."""
+        self._settle_copied_current(advisor)
         current = self.current(advisor)
         if current is None:
-            return self._repair_current(advisor)
-        earlier = [v for v in self.versions(advisor) if v.number < current.number and v.promoted
-                   and not v.rolled_back and v.usable()]
+            return self._repair_current(advisor, base)
+        others = [v for v in self.versions(advisor) if v.number < current.number and v.promoted
+                  and not v.rolled_back and v.usable()]
+        earlier = [v for v in others if _fits(v, base)]
         if not earlier:
+            skipped = [v.name for v in others if not _fits(v, base)]
+            why = (f"; {', '.join(skipped)} {'was' if len(skipped) == 1 else 'were'} trained for another base model"
+                   if skipped else "")
             raise AdapterStoreError(f"{advisor} has no earlier promoted adapter than {current.name} to roll back "
-                                    f"to (kept versions: {', '.join(v.name for v in self.versions(advisor))})")
+                                    f"to (kept versions: {', '.join(v.name for v in self.versions(advisor))}{why})")
         target = earlier[-1]
         metrics = dict(current.metrics)
         metrics["decision"] = {**current.decision, "rolled_back_at": time.time()}
@@ -424,10 +472,16 @@ class AdapterStore:
 
     def current_problem(self, advisor: str) -> str | None:
         """Why `current` points at nothing usable, in words ("v0009, which does not exist"), or None when it is
-        fine or there is no pointer at all."""
+        fine or no version was ever promoted."""
         name = self.current_name(advisor)
+        pointer = self.advisor_dir(advisor) / CURRENT
         if name is None:
-            return None
+            promoted = [v.name for v in self.versions(advisor) if v.promoted and not v.rolled_back]
+            if not promoted:
+                return None
+            if os.path.lexists(pointer):
+                return f"nothing Mondrian can read (`{CURRENT}` is neither a link nor a copy of a version)"
+            return f"nothing: `{CURRENT}` is missing (deleted, or left out by a copy), though {promoted[-1]} was promoted"
         path = self.advisor_dir(advisor) / name
         if not path.is_dir():
             return f"{name}, which does not exist"
@@ -436,16 +490,16 @@ class AdapterStore:
             return None
         return f"{name}, which is {problem}" if problem.startswith("incomplete") else f"{name}, whose {problem}"
 
-    def _repair_current(self, advisor: str) -> tuple[str | None, str]:
-        """`current` is dangling or names an incomplete version: there is nothing to roll back *from*, but the
-        advisor still has complete promoted versions, and the remedy the fallback reason suggests is this command.
-        Point `current` at the newest of them (not one rolled back before)."""
+    def _repair_current(self, advisor: str, base: str | None = None) -> tuple[str | None, str]:
+        """`current` is missing, dangling or names an incomplete version: there is nothing to roll back *from*, but
+        the advisor still has complete promoted versions, and the remedy the fallback reason suggests is this
+        command. Point `current` at the newest of them (not one rolled back before, nor one for another base)."""
         problem = self.current_problem(advisor)
         if problem is None:
             raise AdapterStoreError(f"{advisor} has no current adapter to roll back")
         name = self.current_name(advisor)
         usable = [v for v in self.versions(advisor) if v.name != name and v.promoted and not v.rolled_back
-                  and v.usable()]
+                  and v.usable() and _fits(v, base)]
         if not usable:
             raise AdapterStoreError(f"{advisor}'s current adapter points at {problem}, and no other complete promoted "
                                     f"version is kept to go back to; train one with `{mondrian()} train --advisor "
