@@ -382,9 +382,11 @@ def _set_aside(path: Path) -> str:
     # A name no earlier incident left: `mv` onto one would replace that ledger, or fail onto a folder.
     aside = next(f"{path}.broken{n}" for n in ("", *(f"-{i}" for i in range(2, 10_000)))
                  if not any(os.path.lexists(f"{path}.broken{n}{s}") for s in parts))
-    moves = [f"mv {shlex.quote(f'{path}{s}')} {shlex.quote(f'{aside}{s}')}" for s in parts
-             if os.path.lexists(f"{path}{s}")]
-    return " && ".join(moves) or f"mv {shlex.quote(str(path))} {shlex.quote(aside)}"
+    # The -wal and -shm only where they are when it is pasted: SQLite removes them when it closes the ledger.
+    moves = [f"mv {shlex.quote(str(path))} {shlex.quote(aside)}"]
+    moves += [f"{{ [ ! -e {shlex.quote(f'{path}{s}')} ] || mv {shlex.quote(f'{path}{s}')} {shlex.quote(f'{aside}{s}')}; }}"
+              for s in parts[1:] if os.path.lexists(f"{path}{s}")]
+    return "; ".join(moves)
 
 
 _FRESH = ("and start Mondrian again: it begins a new, empty ledger. The reports and failure records already in "
@@ -797,6 +799,19 @@ class Ledger:
         self.path.parent.mkdir(parents=True, exist_ok=True)  # its whole folder may have been deleted
         for leftover in (tmp, Path(f"{tmp}-wal"), Path(f"{tmp}-shm"), Path(f"{tmp}-journal")):
             leftover.unlink(missing_ok=True)
+        # What is written back must be a whole database: a file truncated or written over in place (same inode,
+        # so not "replaced") leaves the open connection reading garbage, and a copy of that is no rescue.
+        try:
+            check = self.db.execute_sql("PRAGMA quick_check").fetchone()
+            check = check[0] if check else "no answer"
+            if check == "ok" and not self.db.execute_sql(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'job'").fetchone():
+                check = "it holds no jobs table: the file was emptied"
+        except DatabaseError as exc:
+            check = str(exc)
+        if check != "ok":
+            first = " / ".join(check.splitlines()[:2])  # quick_check lists every page
+            raise DatabaseError(f"what the open ledger holds is damaged too ({first}), so nothing was written back")
         target = sqlite3.connect(str(tmp))
         try:
             self.db.connection().backup(target)

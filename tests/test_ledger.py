@@ -215,3 +215,26 @@ def test_a_ledger_outside_the_home_is_not_rebased_by_each_home_that_opens_it(tmp
     [job] = ledger.jobs()
     ledger.close()
     assert job.source_path == str(moved.inbox / "y.jpg")
+
+
+def test_a_damaged_open_ledger_is_never_written_back_as_if_whole(tmp_path):
+    """Truncated in place and its -wal gone: `replaced()` sees the lost log and the daemon would write back what
+    the open connection holds. A copy of a damaged database is no rescue: it is refused, and the file stays."""
+    import os
+
+    from peewee import DatabaseError
+
+    db = tmp_path / "ledger.db"
+    ledger = Ledger(db)
+    for i in range(400):
+        ledger.enqueue(tmp_path / f"{i}-{'x' * 200}.jpg", f"{i}.jpg", "ansel", "default", 1, 1.0)
+    ledger.db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+    ledger.db.execute_sql("PRAGMA cache_size = 1")  # what a long-running daemon no longer holds in memory
+    ledger.db.execute_sql("PRAGMA shrink_memory")
+    with open(db, "r+b") as fh:
+        fh.truncate(8192)  # the first pages only: the rest cut off by another program
+    os.unlink(f"{db}-wal")
+    assert ledger.replaced() is not None
+    with pytest.raises(DatabaseError, match="damaged too"):
+        ledger.rescue()
+    assert db.stat().st_size == 8192 and not list(tmp_path.glob(".ledger.db.rescue*"))

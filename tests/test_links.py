@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from harness import Daemon, ledger_jobs, make_home, mondrian, photo, status, wait_for
@@ -293,3 +294,30 @@ def test_a_folder_of_mondrians_in_var_or_adapters_that_is_a_link_stops_the_start
     out = mondrian(home, smoke_model_path, "run", "--once", timeout=120)
     _one_line_78(out, str(home / folder), "symbolic link", "rm ")
     assert _snapshot(victim) == before
+
+
+@pytest.mark.parametrize("folder", ["inbox", "outbox"])
+def test_an_inbox_or_outbox_made_anew_while_running_is_not_served_by_a_second_home(tmp_path, smoke_model_path, folder):
+    """The lock held the folder Mondrian started on: deleted and made again (or a drive plugged back), the new one
+    was free, another home's daemon started on it, and photos were critiqued by both. The running daemon locks the
+    new folder within seconds, so the second is refused; and a second that got in first stops the first, saying
+    why (exit 78), rather than both serving it."""
+    shared, home_a, home_b = _two_homes(tmp_path, smoke_model_path, folder)
+    with Daemon(home_a, smoke_model_path) as first:
+        _wait_started(first)
+        shutil.rmtree(shared)
+        shared.mkdir()
+        time.sleep(7)  # the first daemon's next look at its folders (every 5 s)
+        second = mondrian(home_b, smoke_model_path, "run", "--once", timeout=120)
+        _one_line_78(second, "another Mondrian daemon", str(shared))
+        assert first.proc.poll() is None, first.output()
+
+        # The other way round: the second home starts on the new folder before the first has looked.
+        shutil.rmtree(shared)
+        shared.mkdir()
+        with Daemon(home_b, smoke_model_path) as other:
+            _wait_started(other)
+            assert first.wait(30) == 78, first.output()
+            assert "made anew while Mondrian ran" in first.output() and "this one stops" in first.output()
+            assert other.proc.poll() is None
+            assert other.stop() == 0

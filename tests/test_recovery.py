@@ -330,3 +330,87 @@ def test_a_photo_rewritten_in_place_during_analysis_is_reported_from_its_final_b
     assert _report_of(home, "meta.jpg")["photo"]["sha256"] == _sha(meta)
     assert log.count("analysing meta.jpg") == 1, log
     assert len(reports(home / "outbox")) == 2
+
+
+def _report_in(folder: Path) -> dict:
+    return json.loads((folder / "report.json").read_text())
+
+
+@pytest.mark.parametrize("point", ["moved", "fail_moved"])
+def test_a_file_dropped_under_the_name_of_one_filed_before_a_kill_is_a_photo_of_its_own(tmp_path, smoke_model_path,
+                                                                                       point):
+    """Killed just after the original was moved into its report folder (or into failed/); another photo is dropped
+    under the same name before the next start. It was moved in beside the old one as `a-2.jpg` (or deleted as "the
+    same bytes", or filed in failed/ with the old reason), never analysed. It is now critiqued as itself."""
+    from tests.harness import mondrian
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox = home / "inbox"
+    first = inbox / "a.jpg"
+    if point == "moved":
+        photo(first, seed=80)
+    else:
+        first.write_bytes(b"\xff\xd8\xff\xe0 not a photo at all" * 50)
+    first_bytes = first.read_bytes()
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=300, MONDRIAN_TEST_CRASH_AT=point)
+    assert out.returncode == -9, (out.returncode, out.stderr[-2000:])
+    assert not first.exists()
+    second = photo(inbox / "a.jpg", seed=81).read_bytes()
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    jobs = {j.id: j for j in Ledger(home / "var" / "ledger.db").jobs()}
+    done = [j for j in jobs.values() if j.state == "done" and j.duplicate_of is None]
+    if point == "moved":
+        old = home / "outbox" / "a"
+        assert (old / "a.jpg").read_bytes() == first_bytes and not list(old.glob("a-*.jpg")), sorted(old.iterdir())
+        assert _report_in(old)["photo"]["sha256"] == _sha(first_bytes)
+        assert len(done) == 2, jobs
+    else:
+        assert (home / "outbox" / "failed" / "a.jpg").read_bytes() == first_bytes
+        assert not list((home / "outbox" / "failed").glob("a-*.jpg"))
+        assert len(done) == 1, jobs
+    new = [r.parent for r in reports(home / "outbox") if _report_in(r.parent)["photo"]["sha256"] == _sha(second)]
+    assert len(new) == 1 and (new[0] / "a.jpg").read_bytes() == second, [r.parent.name for r in reports(home / "outbox")]
+    assert not inbox.joinpath("a.jpg").exists()
+
+
+@pytest.mark.parametrize("change", ["replaced", "renamed"])
+def test_a_photo_replaced_or_renamed_while_its_report_is_written_is_not_filed_under_it(tmp_path, smoke_model_path,
+                                                                                      change):
+    """Between the last look at the photo and the move of the original into its report folder (25-130 ms), an export
+    overwrote it, or it was renamed: the report of the old bytes got the new photo as its original, or lost its
+    original while the renamed file went to duplicates/. The report is withdrawn and the file taken as it is now."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox = home / "inbox"
+    photo(inbox / "a.jpg", seed=82)
+    other = photo(tmp_path / "other.jpg", seed=83, size=(80, 60)).read_bytes()
+    d = Daemon(home, smoke_model_path, MONDRIAN_TEST_STOP_AT="staged")
+    with d:
+        _wait_stopped(d.proc.pid, "the daemon", d.proc, d.output())
+        if change == "replaced":
+            tmp = inbox / ".a.jpg.tmp"
+            tmp.write_bytes(other)
+            os.replace(tmp, inbox / "a.jpg")
+        else:
+            (inbox / "a.jpg").rename(inbox / "renamed.jpg")
+        os.kill(d.proc.pid, signal.SIGCONT)
+        name = "a.jpg" if change == "replaced" else "renamed.jpg"
+        want = _sha(other) if change == "replaced" else None
+
+        def settled():
+            assert d.proc.poll() is None, d.output()
+            folders = [r.parent for r in reports(home / "outbox")]
+            return folders if folders and not (inbox / name).exists() and \
+                all((f / _report_in(f)["photo"]["file"]).is_file() for f in folders) else None
+
+        folders = wait_for(settled, 120, what="the file taken as it is now")
+        assert d.stop() == 0
+    assert len(folders) == 1, [f.name for f in folders]
+    report = _report_in(folders[0])
+    original = folders[0] / report["photo"]["file"]
+    assert report["photo"]["sha256"] == _sha(original.read_bytes()), "the report describes its original"
+    if want:
+        assert report["photo"]["sha256"] == want
+    else:
+        assert report["photo"]["file"] == "renamed.jpg"
+    assert not (home / "outbox" / "duplicates").exists() or not list((home / "outbox" / "duplicates").iterdir())

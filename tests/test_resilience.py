@@ -198,6 +198,31 @@ def test_deleted_ledger_is_noticed_written_back_and_the_daemon_restarts_on_it(tm
           f"done once each")
 
 
+def test_a_ledger_written_over_in_place_stops_the_daemon_with_what_to_do(tmp_path, smoke_model_path):
+    """Truncated where it lies (the same file, so not "replaced"): it stops (78) with one line and commands that
+    work when pasted. They moved the -wal and -shm with `&&`, and SQLite removes those when it closes the ledger:
+    pasted, they failed with "cannot stat". After them, it starts anew and the photo waiting is critiqued."""
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    db = home / "var" / "ledger.db"
+    photo(home / "inbox" / "first.jpg", seed=15, size=(64, 48))
+    with Daemon(home, smoke_model_path) as d:
+        wait_for(lambda: _state(home, "first.jpg") == "done", 90, what="first photo done")
+        with open(db, "r+b") as fh:
+            fh.truncate(0)
+        photo(home / "inbox" / "second.jpg", seed=16, size=(64, 48))
+        rc = d.wait(90)
+    log = d.output()
+    assert rc == 78, log[-3000:]
+    assert log.count("error in the worker loop") <= 3, log[-3000:]
+    assert "written back" not in log and "is not a SQLite database, or is damaged" in log, log[-3000:]
+    advice = log.split("move it aside (", 1)[1].split(") and start Mondrian again", 1)[0]
+    assert subprocess.run(advice, shell=True, capture_output=True, text=True).returncode == 0, advice
+    with Daemon(home, smoke_model_path, "--once") as d:
+        assert d.wait(120) == 0, d.output()
+    assert (home / "outbox" / "second" / "report.json").is_file()
+    assert (home / "outbox" / "first" / "report.json").is_file()
+
+
 # -- start-up obstacles: exit 78 with one line saying what to fix --------------------------------------------
 
 def _obstacle_file(home: Path, name: str) -> str:

@@ -17,7 +17,7 @@ import shutil
 import stat
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .. import testhooks
 from ..analysis.advisors import load_advisors
@@ -107,6 +107,9 @@ class Publisher:
         self.cfg = cfg
         self.ledger = ledger
         self.index = index
+        # Told of a file found at a finished job's inbox path (another photo dropped under its name while Mondrian
+        # was down): the daemon's watcher queues it once the job is recorded. Thread-safe (the worker calls it).
+        self.left_behind: Callable[[Path], None] = lambda path: None
 
     def sweep_staging(self) -> None:
         """Remove staging folders left by killed runs (a live `mondrian analyze` keeps its own)."""
@@ -240,6 +243,7 @@ class Publisher:
 
     def complete(self, job: Job, final: Path, report: dict[str, Any], keep_original: bool) -> None:
         src = Path(job.source_path)
+        other: Path | None = None
         original = final / report["photo"]["file"]  # never one of the report's own files (report.original_name)
         if job.kept and not keep_original:
             # Linked (or copied) in staging; only a folder the user emptied since needs it again.
@@ -248,6 +252,23 @@ class Publisher:
         elif keep_original:
             if src.exists() and not original.exists():
                 shutil.copy2(src, original)
+        elif os.path.lexists(original) and os.path.lexists(src):
+            # The original went in before a kill; the file at its inbox path now is another photo dropped since.
+            # It stays for the inbox, to be critiqued as itself, rather than filed in this folder as `-2`.
+            other = src
+        elif not os.path.lexists(original) and not self._holds_what_was_published(job, report["photo"].get("sha256")):
+            # Replaced or renamed in the moment between the analysis and this move (an export overwriting the file,
+            # a rename): the report describes bytes that are not there. Withdrawn; the file is taken as it is now.
+            shutil.rmtree(final, ignore_errors=True)
+            self.index.changed()
+            if os.path.lexists(src):
+                self.ledger.requeue(job.id, "the file changed while its report was written; it will be analysed "
+                                            "again", delay_s=self.cfg.quiet_seconds, undo_attempt=True)
+            else:
+                self.ledger.mark_gone(job.id, "the file was renamed or removed from the inbox while its report was "
+                                              "written (a renamed file is critiqued under its new name)")
+            log.info("%s changed or went while its report was written: the report is withdrawn", job.rel_path)
+            return
         else:
             try:
                 self.move_with_sidecar(src, final, original)
@@ -280,6 +301,9 @@ class Publisher:
                            context_key=(report.get("context") or {}).get("key"), embedded_sha256=embedded)
         log.info("done: %s -> %s (grade %s)", job.rel_path, self.shown(final / "report.html"),
                  report["overall_grade"])
+        if other is not None:
+            log.info("%s: another photo was dropped under its name meanwhile; it is critiqued as itself", job.rel_path)
+            self.left_behind(other)
         self._clear_old_failure_records(job)
         self.index.changed()
 
@@ -395,9 +419,12 @@ class Publisher:
                             for suffix in (".error.json", ".error.html"):
                                 Path(f"{out}{suffix}").unlink(missing_ok=True)
                             return self._withdrawn(job, "failure record")
-                        with contextlib.suppress(OutsideInbox):  # recorded as failed; the file stays put
-                            self.move_with_sidecar(Path(job.source_path), out.parent, out)
+                        if not os.path.lexists(out):  # else a file at its inbox path now is another photo
+                            with contextlib.suppress(OutsideInbox):  # recorded as failed; the file stays put
+                                self.move_with_sidecar(Path(job.source_path), out.parent, out)
                     self.ledger.fail(job.id, record["reason"], out, kind=record.get("kind", "permanent"))
+                    if not keep_original and not job.kept and os.path.lexists(job.source_path):
+                        self.left_behind(Path(job.source_path))
                     return True
             dup_file = Path(f"{out}.duplicate.json")
             if dup_file.exists() and not keep_original:
@@ -464,7 +491,9 @@ class Publisher:
         """Move a recorded duplicate into duplicates/ (unless it is kept in the inbox) and finish it; fail it
         instead if it left the inbox."""
         try:
-            if not job.kept:
+            # Not when it is in duplicates/ already (a kill after the move): a file at its inbox path now is another
+            # photo, dropped since, which must not be filed (or deleted as "the same bytes") under this record.
+            if not job.kept and not (os.path.lexists(dest) and os.path.lexists(job.source_path)):
                 self.move_with_sidecar(Path(job.source_path), dest.parent, dest)
         except OutsideInbox as exc:
             if not os.path.lexists(dest):  # else it was moved in before its folder became a link out
@@ -475,6 +504,8 @@ class Publisher:
         record = json.loads(Path(f"{dest}.duplicate.json").read_text(encoding="utf-8"))
         self.ledger.finish_duplicate(job.id, self.ledger.get(record["duplicate_of_job"]), dest,
                                      fallbacks=record.get("fallbacks"))
+        if not job.kept and os.path.lexists(job.source_path):
+            self.left_behind(Path(job.source_path))  # another photo under its name (see above)
         if Path(job.source_path).is_relative_to(self.cfg.spool_dir):
             # Sent through the API: the client keeps its file, and the report folder has these very bytes. A
             # script that sends a photo again to read its critique must not fill duplicates/ with copies.

@@ -13,6 +13,7 @@ A ledger deleted or replaced while the daemon runs is written back whole, then t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -95,6 +96,50 @@ def _lock_home(cfg: Config) -> list[int]:
     return fds
 
 
+class FolderLocks:
+    """The locks on the inbox and the outbox, kept on the folders there now. A lock holds the folder it was taken
+    on: one deleted and made again, or a drive plugged back, is another folder, and another home's daemon could
+    start on it and serve the same photos. `check` locks the new one, or says which daemon took it first."""
+
+    def __init__(self, cfg: Config, fds: list[int]):
+        self.cfg, self.fds = cfg, fds
+        self.held: dict[Path, int] = {}
+        for folder in (cfg.inbox, cfg.outbox):
+            with contextlib.suppress(OSError):
+                st = os.stat(folder)
+                for fd in fds:
+                    fst = os.fstat(fd)
+                    if (fst.st_dev, fst.st_ino) == (st.st_dev, st.st_ino):
+                        self.held[folder] = fd
+
+    def check(self) -> str | None:
+        """None while every folder is this daemon's; else why it must stop."""
+        for folder, fd in list(self.held.items()):
+            try:
+                st, fst = os.stat(folder), os.fstat(fd)
+            except OSError:
+                continue  # away (a drive unplugged): the watcher says so, and it is locked again once back
+            if (st.st_dev, st.st_ino) == (fst.st_dev, fst.st_ino):
+                continue
+            what = "inbox" if folder == self.cfg.inbox else "outbox"
+            try:
+                new = lock_folder(folder)
+            except LockHeld as exc:
+                who = f" (pid {exc.pid})" if exc.pid > 0 else ""
+                return (f"the {what} {folder} was made anew while Mondrian ran (deleted and made again, or its drive "
+                        f"plugged back), and another Mondrian daemon{who}, of another home, now serves it: two "
+                        f"daemons would take the same photos, so this one stops. Stop that one, or set `{what}` in "
+                        f"{self.cfg.home / 'mondrian.toml'} to a folder of this home's own")
+            except OSError:
+                continue
+            self.fds.remove(fd)
+            os.close(fd)
+            self.fds.append(new)
+            self.held[folder] = new
+            log.info("the %s %s was made anew while Mondrian ran; it is this daemon's again", what, folder)
+        return None
+
+
 def _unlock_home(fds: list[int]) -> None:
     for fd in fds:
         os.close(fd)
@@ -118,6 +163,7 @@ class Daemon:
         self.recheck = threading.Event()  # asks the worker thread to look for jobs of processes killed meanwhile
         self.ready = threading.Event()
         self.fatal: str | None = None
+        self.conflict: str | None = None  # another home's daemon took this one's inbox or outbox (FolderLocks)
         self.ledger_lost: str | None = None
         self.reload = False  # SIGHUP: exit 75 so the service manager starts a process that reads the settings anew
         self.ledger = Ledger.for_config(cfg, stop=self.stop, note=cfg.var_dir / FAULT_NOTE)
@@ -128,6 +174,7 @@ class Daemon:
 
         self.watcher = InboxWatcher(cfg.inbox, self._enqueue, cfg.quiet_seconds, is_known=self.ledger.is_active,
                                     on_unreachable=self._unreachable, on_stable_many=self._enqueue_many)
+        self.worker.out.left_behind = self.watcher.note
         self._skipped: dict[Path, tuple[int, float, float]] = {}  # said once in the log, per path and version
         self._listings: dict[Path, tuple[int, set[str]]] = {}  # folder -> (its mtime, sidecar names): _may_have_sidecar
         self._told: dict[str, float] = {}  # watcher times last written to the ledger (_beat)
@@ -324,6 +371,7 @@ class Daemon:
         except (ConfigError, StartupError) as exc:
             log.error("cannot start: %s", exc)
             return EX_CONFIG
+        folders = FolderLocks(self.cfg, lock_fds)
         try:
             api = self._start_api()
         except OSError as exc:  # the port is taken, or the spool cannot be made: a setting or a folder to fix
@@ -358,6 +406,10 @@ class Daemon:
                     self._ask_recheck()
                     next_rescan = now + self.cfg.rescan_seconds
                 if now >= next_beat:
+                    conflict = folders.check()
+                    if conflict:
+                        self.conflict = conflict
+                        break
                     self._beat()
                     if rotator is not None:
                         rotator.maybe_rotate()
@@ -385,6 +437,9 @@ class Daemon:
             _unlock_home(lock_fds)
         if self.fatal:
             log.error("cannot start: %s", self.fatal)
+            return EX_CONFIG
+        if self.conflict:
+            log.error("%s", self.conflict)
             return EX_CONFIG
         if self.ledger_lost or self.reload:
             return EX_TEMPFAIL
