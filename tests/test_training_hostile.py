@@ -327,6 +327,9 @@ def test_current_deleted_copied_or_rolled_back_to_another_base_is_told_and_repai
 
     assert lora_reason() is None and store.current_name("ansel") == "v0002"
     pointer.unlink()  # deleted
+    told = mondrian(cfg.home, smoke_model_path, "status").stdout
+    assert "Adapters: ansel: current points at nothing: `current` is missing" in told, told
+    assert "adapters rollback --advisor ansel` repairs it" in told, told
     reason = lora_reason()
     assert "`current` is missing" in reason and "adapters rollback --advisor ansel" in reason, reason
     assert "run `mondrian train" not in reason
@@ -341,6 +344,9 @@ def test_current_deleted_copied_or_rolled_back_to_another_base_is_told_and_repai
     rc, text = rollback()
     assert rc == 0 and "now v0001 (was v0002)" in text, text
     assert pointer.is_symlink() and os.readlink(pointer) == "v0001"
+    assert "Adapters: ansel v0001\n" in mondrian(cfg.home, smoke_model_path, "status").stdout
+    assert json.loads(mondrian(cfg.home, smoke_model_path, "status", "--json").stdout)["adapters"] == \
+        {"ansel": {"current": "v0001", "problem": None}}
     assert sorted(p.name for p in (cfg.adapters_dir / "ansel").iterdir() if not p.name.startswith(".")) == \
         ["current", "history.jsonl", "v0001", "v0002"]
 

@@ -274,11 +274,43 @@ def _extra_sections(cfg: Config, ledger: Ledger) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if "training" in events:
         out["training"] = _training_state(events["training"][0])
+    out["adapters"] = _adapters(cfg)
     from .workers import worker_rows
 
     out["workers"] = worker_rows(ledger)
     out["shared_ledger"] = ledger.where if ledger.shared else None
     return out
+
+
+def _adapters(cfg: Config) -> dict[str, dict[str, Any]]:
+    """Each advisor's current adapter version as the lora mode finds it (a rollback since the last training, a
+    `current` deleted or copied): what the last training's outcome alone does not say."""
+    from ..model.adapter_store import AdapterStore, AdapterStoreError
+
+    store = AdapterStore(cfg.adapters_dir)
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        for advisor in store.advisors():
+            if store.versions(advisor):
+                current = store.current(advisor)
+                out[advisor] = {"current": current.name if current else None,
+                                "problem": store.current_problem(advisor)}
+    except (AdapterStoreError, OSError):  # an adapters folder that cannot be read: the lora fallback says why
+        pass
+    return out
+
+
+def _adapters_line(adapters: dict[str, dict[str, Any]]) -> str | None:
+    parts = []
+    for advisor, a in sorted(adapters.items()):
+        if a.get("problem"):
+            parts.append(f"{advisor}: current points at {a['problem']} (its lora photos fall back; "
+                         f"`{mondrian()} adapters rollback --advisor {advisor}` repairs it)")
+        elif a.get("current"):
+            parts.append(f"{advisor} {a['current']}")
+        else:
+            parts.append(f"{advisor}: none promoted yet")
+    return "Adapters: " + "; ".join(parts) if parts else None
 
 
 def _training_state(t: Any) -> Any:
@@ -441,6 +473,9 @@ def render(info: dict[str, Any]) -> str:
     if info.get("training"):
         t = info["training"]
         lines.append(_training_line(t))
+    adapters = _adapters_line(info.get("adapters") or {})
+    if adapters:
+        lines.append(adapters)
     lines.append(f"Watcher: last event {_clock(info['last_event_at'])} · last rescan {_clock(info['last_rescan_at'])}")
     for key, name, meanwhile in (("inbox_missing", "inbox", "photos dropped there are picked up once it is back"),
                                  ("outbox_missing", "outbox", "photos wait in the inbox until it is back")):
