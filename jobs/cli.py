@@ -262,7 +262,7 @@ def cmd_adapters(args: argparse.Namespace) -> int:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from daemon.model.adapter_store import AdapterStore, AdapterStoreError, Busy, unwritable
+    from daemon.model.adapter_store import AdapterStore, AdapterStoreError, Busy, configured_base, unwritable
 
     cfg = config_from(args)
     _advisor(cfg, args.advisor)
@@ -270,7 +270,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     try:
         with store.lock(args.advisor, wait=False):
             problem = store.current_problem(args.advisor)  # dangling or incomplete: rollback repairs the pointer
-            old, new = store.rollback(args.advisor, base=_configured_base(cfg))
+            old, new = store.rollback(args.advisor, base=configured_base(cfg))
     except Busy as exc:
         print(f"{exc}; try again when it has finished", file=sys.stderr)
         return 1
@@ -401,26 +401,13 @@ def recorded_test_set(cfg: Any, version: Any, refs: list[Any]) -> tuple[list[Any
                   f"split by content hash (holdout_fraction {settings.holdout_fraction:g})")
 
 
-def _configured_base(cfg: Any) -> str | None:
-    """The configured base model's fingerprint, or None when it cannot be found here."""
-    from daemon.model.adapter_store import base_model_fingerprint
-    from daemon.model.runtime import resolve_model_path
-
-    try:
-        return base_model_fingerprint(resolve_model_path(cfg.model, cfg.var_dir))
-    except Exception:  # noqa: BLE001 - a model that cannot be found is reported when it is loaded
-        return None
-
-
 def _other_base(cfg: Any, versions: list[Any]) -> str | None:
     """'<advisor>/<version>, trained for base model X, not the configured Y' for the first of `versions` whose manifest
     names another base model than the configured one (as `fuse` and the daemon check it), or None."""
-    from daemon.model.adapter_store import base_model_fingerprint
-    from daemon.model.runtime import resolve_model_path
+    from daemon.model.adapter_store import configured_base
 
-    try:
-        configured = base_model_fingerprint(resolve_model_path(cfg.model, cfg.var_dir))
-    except Exception:  # noqa: BLE001 - a model that cannot be found is reported when it is loaded
+    configured = configured_base(cfg)
+    if configured is None:
         return None
     for v in versions:
         base = v.manifest.get("base_model") or {}

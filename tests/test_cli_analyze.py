@@ -47,6 +47,17 @@ def test_analyze_adapter_uses_that_version_and_an_unknown_one_lists_the_versions
     assert out.returncode == 2 and "--mode lora" in out.stderr, out.stderr
     out = mondrian(home, smoke_model_path, "analyze", str(pics[0]), "--adapter", "v1", "--advisor", "cartier")
     assert out.returncode == 2 and "cartier has no usable adapter version" in out.stderr, out.stderr
+    # Asked for by name, a version cut short or trained for another base model is refused, not replaced by rag
+    v1 = home / "adapters" / "ansel" / "v0001"
+    manifest = json.loads((v1 / "manifest.json").read_text())
+    manifest["base_model"] = {**(manifest.get("base_model") or {}), "fingerprint": "another", "spec": "other-2B"}
+    (v1 / "manifest.json").write_text(json.dumps(manifest))
+    out = mondrian(home, smoke_model_path, "analyze", str(pics[0]), "--adapter", "v1")
+    assert out.returncode == 2 and "v0001 (trained for base model other-2B)" in out.stderr, out.stderr
+    weights = home / "adapters" / "ansel" / "v0002" / "adapters.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    out = mondrian(home, smoke_model_path, "analyze", str(pics[0]), "--adapter", "v2")
+    assert out.returncode == 2 and "no usable adapter version 'v2'" in out.stderr, out.stderr
     assert len(ledger_jobs(home)) == before, "a refused --adapter created a job"
 
 

@@ -131,17 +131,25 @@ def check_paths(cfg: Config, given: list[str]) -> list[Path]:
 def adapter_version(cfg: Config, advisor_id: str, wanted: str) -> str:
     """The version name `wanted` means (`v3`, `3` and `v0003` alike) if the advisor has that complete adapter;
     else AnalyzeRefused listing the versions there are."""
-    from ..model.adapter_store import AdapterStore, version_name
+    from ..model.adapter_store import AdapterStore, configured_base, version_name
 
     store = AdapterStore(cfg.adapters_dir)
     name = version_name(wanted)
     versions = store.versions(advisor_id)
     current = store.current_name(advisor_id)
+    base = configured_base(cfg)
+
+    def why_not(v: Any) -> str | None:  # asked for by name: never quietly served by rag instead
+        trained_on = (v.manifest.get("base_model") or {}).get("fingerprint")
+        if base and trained_on and trained_on != base:
+            return f"trained for base model {(v.manifest.get('base_model') or {}).get('spec', 'another model')}"
+        return v.problem()
+
     for v in versions:
-        if v.name == name and v.complete():
+        if v.name == name and why_not(v) is None:
             return v.name
-    listing = ", ".join(v.name + (" (current)" if v.name == current else "") + ("" if v.complete() else " (incomplete)")
-                        for v in versions)
+    listing = ", ".join(v.name + (" (current)" if v.name == current else "")
+                        + (f" ({why_not(v)})" if why_not(v) else "") for v in versions)
     have = f"its versions: {listing}" if versions else \
         f"it has none yet (train one: `{mondrian()} train --advisor {advisor_id}`)"
     raise AnalyzeRefused(f"{advisor_id} has no usable adapter version {wanted!r}; {have}. `{mondrian()} adapters "

@@ -232,6 +232,17 @@ class Version:
         return self.problem() is None
 
 
+def configured_base(cfg: Any) -> str | None:
+    """The fingerprint of the base model `cfg` names, or None when it cannot be found here (reported when the
+    model is loaded)."""
+    from .runtime import resolve_model_path
+
+    try:
+        return base_model_fingerprint(resolve_model_path(cfg.model, cfg.var_dir))
+    except Exception:  # noqa: BLE001 - a missing model has its own message where it is loaded
+        return None
+
+
 def _fits(version: Version, base: str | None) -> bool:
     """Whether `version` was trained for the base model of fingerprint `base` (or either is unknown)."""
     trained_on = (version.manifest.get("base_model") or {}).get("fingerprint")
