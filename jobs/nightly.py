@@ -246,6 +246,7 @@ class NightlyTrainer:
                  wake_seconds: float = WAKE_SECONDS) -> None:
         self.cfg, self.ledger = cfg, ledger
         self.stop_event = threading.Event()
+        self._record_lock = threading.Lock()
         self.train_fn = train_fn or (lambda advisor: train_and_record(cfg, ledger, advisor, stop=self.stop_event))
         self.wake_seconds = wake_seconds
         self.scheduler: Any = None
@@ -303,14 +304,17 @@ class NightlyTrainer:
         return value if isinstance(value, dict) else {}
 
     def _record(self, **changes: Any) -> None:
-        state = self._state()
-        if changes.pop("armed", False):
-            state.setdefault("armed_at", time.time())
-        state.update(changes)
-        state["train_time"] = self.cfg.train_time
-        nxt = self.next_run()
-        state["next_run_at"] = nxt.timestamp() if nxt else None
-        self.ledger.set_event(EVENT, state)
+        # Read, changed and written under a lock: a catch-up check starts on the scheduler's thread while `start`
+        # records itself armed, and either would write back the record without the other's change.
+        with self._record_lock:
+            state = self._state()
+            if changes.pop("armed", False):
+                state.setdefault("armed_at", time.time())
+            state.update(changes)
+            state["train_time"] = self.cfg.train_time
+            nxt = self.next_run()
+            state["next_run_at"] = nxt.timestamp() if nxt else None
+            self.ledger.set_event(EVENT, state)
 
     def _missed_run(self) -> datetime | None:
         """The scheduled time that passed while no daemon was running, if any."""
@@ -319,7 +323,9 @@ class NightlyTrainer:
         if not armed:
             return None  # first start: nothing was promised yet
         prev = previous_fire(self.cfg.train_time)
-        last = max(float(state.get("last_run_at") or 0), float(armed))
+        # The last check that ran to its end: one cut short by a stop (a service restart, a logout, a shutdown at
+        # night) is caught up at the next start, not a day later.
+        last = max(float(state.get("last_finished_at") or 0), float(armed))
         return prev if prev.timestamp() > last else None
 
     # -- the job ---------------------------------------------------------------------------------
@@ -351,5 +357,9 @@ class NightlyTrainer:
                 outcomes.append(self.train_fn(d.advisor))
             except Exception:
                 log.exception("nightly training of %s failed", d.advisor)
+        if self.stop_event.is_set():
+            log.info("nightly check stopped before it finished; it runs again at the next start")
+            self._record(last_stopped_at=time.time())
+            return outcomes
         self._record(last_finished_at=time.time(), last_trained=[d.advisor for d in due])
         return outcomes

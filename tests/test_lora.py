@@ -616,6 +616,43 @@ def test_nightly_catches_up_a_run_missed_while_the_daemon_was_not_running(tmp_pa
     assert sorted(calls) == ["bravo", "charlie"]
 
 
+def test_nightly_check_cut_short_by_a_stop_is_caught_up_at_the_next_start(tmp_path) -> None:
+    """The daemon stopped (a service restart, a logout) while the nightly job trained its first advisor: the check
+    counted as done, and the second advisor waited a day. It runs again at the next start."""
+    from jobs.nightly import NightlyTrainer
+
+    an_hour_ago = datetime.now() - timedelta(hours=1)
+    cfg, ledger = _nightly_home(tmp_path, an_hour_ago.strftime("%H:%M:%S"))
+    first = NightlyTrainer(cfg, ledger, train_fn=lambda advisor: None)
+    first.start()
+    time.sleep(1.5)
+    first.stop()
+    state = ledger.events()["nightly"][0]
+    state.update(armed_at=time.time() - 2 * 86400, last_finished_at=time.time() - 2 * 86400)
+    ledger.set_event("nightly", state)
+    calls: list[str] = []
+
+    def stopped_while_training(advisor: str) -> None:
+        calls.append(advisor)
+        cut.stop_event.set()  # SIGTERM while the first advisor trains
+
+    cut = NightlyTrainer(cfg, ledger, train_fn=stopped_while_training)
+    cut.start()
+    try:
+        wait_for(lambda: len(calls) == 1 and "last_stopped_at" in ledger.events()["nightly"][0], timeout=20,
+                 what="the check cut short")
+    finally:
+        cut.stop()
+    again: list[str] = []
+    later = NightlyTrainer(cfg, ledger, train_fn=again.append)
+    later.start()
+    try:
+        wait_for(lambda: len(again) == 2, timeout=20, what="the catch-up of the check cut short")
+    finally:
+        later.stop()
+    assert sorted(again) == ["bravo", "charlie"]
+
+
 SUSPEND_SCRIPT = textwrap.dedent("""
     import sys, time, json
     sys.path.insert(0, {repo!r})
