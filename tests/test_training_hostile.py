@@ -381,3 +381,27 @@ def test_a_refused_version_is_the_lora_fallback_reason_not_run_train(tmp_path, s
     strategy, steps = resolve("lora", get_advisor(cfg, "ansel"), build_strategies(cfg))
     assert strategy.name != "lora"
     assert "no adapter of Ansel Adams has passed the quality gate yet: v0001 was not promoted" in steps[0]["reason"]
+
+
+def test_adapter_weights_damaged_into_nan_fall_back_instead_of_failing_every_photo(tmp_path, smoke_model_path) -> None:
+    """A version whose weights are well formed but hold NaN (damaged on disk): every lora photo failed for good,
+    "the model used all its tokens", blaming the model. It falls back to rag with the reason, like a truncated one."""
+    import mlx_vlm
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from daemon.analysis import build_strategies, resolve
+    from daemon.analysis.advisors import get_advisor
+
+    cfg = _home(tmp_path, smoke_model_path)
+    model, _ = mlx_vlm.load(str(smoke_model_path))
+    install_version(cfg, "ansel", random_adapter(tmp_path / "a", model, seed=60), model_path=smoke_model_path)
+    ansel = get_advisor(cfg, "ansel")
+    assert resolve("lora", ansel, build_strategies(cfg))[0].name == "lora"
+    weights = cfg.adapters_dir / "ansel" / "v0001" / "adapters.safetensors"
+    tensors = load_file(str(weights))
+    first = sorted(tensors)[0]
+    tensors[first] = np.full_like(tensors[first], np.nan)
+    save_file(tensors, str(weights))
+    strategy, steps = resolve("lora", ansel, build_strategies(cfg))
+    assert strategy.name != "lora" and "not numbers (NaN or infinite)" in steps[0]["reason"], steps

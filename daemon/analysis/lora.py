@@ -113,13 +113,13 @@ class LoraStrategy(Strategy):
     def _problem(self, version) -> str | None:
         """Why this version's adapter cannot be loaded (what loading it raised, or what its files show without the
         model), or None. Checked before the photo is analysed, so a broken adapter falls back on the first photo."""
-        from ..model.adapter_store import adapter_problem, files_identity
+        from ..model.adapter_store import adapter_problem, files_identity, nonfinite_weights
 
         key = files_identity(version.path)
         if key not in self._broken:
             if len(self._broken) > 256:  # every edit of an adapter adds one: never grows without bound
                 self._broken.clear()
-            problem = adapter_problem(version.path)
+            problem = adapter_problem(version.path) or nonfinite_weights(version.path)
             self._broken[key] = self._shown(version, f"{version.path}/{problem}") if problem else None
         return self._broken[key]
 

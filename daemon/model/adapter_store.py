@@ -144,6 +144,23 @@ def adapter_problem(folder: Path) -> str | None:
     return None
 
 
+def nonfinite_weights(folder: Path) -> str | None:
+    """The first LoRA tensor holding NaN or infinite values (a file damaged on disk, or a training that diverged),
+    said as a problem, or None. Reads the whole file: call it once per file version (the lora mode caches it), not
+    in listings."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    try:
+        tensors = load_file(str(Path(folder) / WEIGHTS_NAME))
+    except Exception:  # noqa: BLE001 - bf16 that numpy cannot hold, a file that went: loading says those
+        return None
+    for name, value in tensors.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            return f"{WEIGHTS_NAME} holds values that are not numbers (NaN or infinite) in {name}: it is damaged"
+    return None
+
+
 def unwritable(folder: Path, exc: OSError) -> str:
     """One line naming `folder`, what went wrong writing there, and what to fix."""
     why = exc.strerror or str(exc)
