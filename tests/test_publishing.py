@@ -310,6 +310,44 @@ def test_a_sidecar_suffix_in_another_case_still_goes_with_its_photo(tmp_path, sm
     assert found["IMG_1"]["mode"]["source"] == "sidecar" and found["b"]["mode"]["source"] == "sidecar"
 
 
+def test_a_mode_sidecar_named_after_the_whole_file_is_read_and_goes_with_that_photo(tmp_path, smoke_model_path):
+    """`IMG_1.jpg.mode`, named as editors name their XMP (`IMG_1.NEF.xmp`): the photo ran on the default mode without
+    a word, and the sidecar stayed in the inbox, not even listed as stray. It is read; beside IMG_4.png it is
+    IMG_4.jpg's alone."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox = home / "inbox"
+    photo(inbox / "IMG_1.jpg", 7)
+    (inbox / "IMG_1.jpg.mode").write_text("rag\n")
+    photo(inbox / "IMG_4.jpg", 8)
+    photo(inbox / "IMG_4.png", 9)
+    (inbox / "IMG_4.jpg.mode").write_text("baseline\n")  # the default's mode: one batch, the .jpg published first
+    _run_once(home, smoke_model_path)
+    found = _assert_reports_hold_their_originals(home / "outbox")
+    assert (found["IMG_1"]["mode"]["requested"], found["IMG_1"]["mode"]["source"]) == ("rag", "sidecar")
+    by_file = {r["photo"]["file"]: r for r in found.values()}
+    assert by_file["IMG_4.jpg"]["mode"]["source"] == "sidecar"
+    assert by_file["IMG_4.png"]["mode"]["source"] == "default"
+    assert (home / "outbox" / "IMG_1" / "IMG_1.mode").read_text() == "rag\n"
+    assert not any(inbox.iterdir()), sorted(inbox.iterdir())
+
+    # Whichever is published first (the order is the queue's): IMG_4.jpg.mode is not shared with IMG_4.png, so
+    # IMG_4.jpg takes it along rather than a copy that would stay behind in the inbox.
+    from daemon.config import load_config
+    from daemon.ledger import Ledger
+    from daemon.pipeline.outbox_index import OutboxIndex
+    from daemon.pipeline.publish import Publisher
+
+    cfg = load_config(home, env={})
+    ledger = Ledger(cfg.db_path)
+    publisher = Publisher(cfg, ledger, OutboxIndex(cfg, ledger))
+    photo(inbox / "IMG_5.jpg", 10)
+    photo(inbox / "IMG_5.png", 11)
+    (inbox / "IMG_5.jpg.mode").write_text("rag\n")
+    (inbox / "IMG_5.mode").write_text("rag\n")
+    assert not publisher._shared(inbox / "IMG_5.jpg", inbox / "IMG_5.jpg.mode")
+    assert publisher._shared(inbox / "IMG_5.jpg", inbox / "IMG_5.mode")
+
+
 # ------------------------------------------------------------------------------------------------ 46
 def test_retry_says_which_photo_it_cannot_put_back_and_goes_on_with_the_rest(tmp_path, smoke_model_path):
     """Attack 46: a file now sits where the photo's inbox folder was; `retry --failed` died with FileExistsError."""

@@ -185,8 +185,13 @@ class SidecarError(ValueError):
 
 
 def sidecar_for(photo: Path) -> Path | None:
-    """`IMG_1.jpg` -> `IMG_1.mode` (any case of the suffix), if present; never a folder."""
-    return companion(photo, SIDECAR_SUFFIX)
+    """`IMG_1.jpg` -> `IMG_1.mode` (any case of the suffix), if present; else `IMG_1.jpg.mode`, named after the
+    whole file as editors name their XMP (`IMG_1.NEF.xmp`); never a folder."""
+    found = companion(photo, SIDECAR_SUFFIX)
+    if found is not None:
+        return found
+    whole = photo.with_name(photo.name + SIDECAR_SUFFIX)
+    return whole if os.path.lexists(whole) and not os.path.isdir(whole) else None
 
 
 def read_sidecar(sidecar: Path) -> str:

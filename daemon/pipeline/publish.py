@@ -26,8 +26,8 @@ from ..errors import Permanent, Transient
 from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, content_is, folder_inside, fsync_files, move,
                       own_folder_inside, pid_alive, read_regular_file, same_content)
 from ..intake.images import LoadedImage
-from ..intake.inbox import (OUTBOX_RESERVED, RECORD_SUFFIXES, editor_sidecars, fitted_name, is_ignored, same_name,
-                            safe_stem, sidecar_for, unique_path)
+from ..intake.inbox import (OUTBOX_RESERVED, RECORD_SUFFIXES, SIDECAR_SUFFIX, editor_sidecars, fitted_name, is_ignored,
+                            same_name, safe_stem, sidecar_for, unique_path)
 from ..ledger import Job, Ledger
 from .failures import Cause, advice, analyzed_as, cause_of, where_it_is
 from .outbox_index import OutboxIndex
@@ -356,7 +356,10 @@ class Publisher:
                 move_once(theirs, target)
 
     def _shared(self, photo: Path, sidecar: Path) -> bool:
-        """Whether another photo waiting in `photo`'s folder has the same stem (and so the same `.mode`)."""
+        """Whether another photo waiting in `photo`'s folder has the same stem (and so the same `.mode`). A sidecar
+        named after the whole file (`IMG_3.jpg.mode`) is that photo's alone."""
+        if sidecar.name.lower() == (photo.name + SIDECAR_SUFFIX).lower():
+            return False
         try:
             names = [e.name for e in os.scandir(photo.parent) if not e.is_dir(follow_symlinks=False)]
         except OSError:
