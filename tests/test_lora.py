@@ -607,13 +607,22 @@ def test_nightly_catches_up_a_run_missed_while_the_daemon_was_not_running(tmp_pa
     state = ledger.events()["nightly"][0]
     state.update(armed_at=time.time() - 2 * 86400, last_run_at=time.time() - 2 * 86400)
     ledger.set_event("nightly", state)
-    again = NightlyTrainer(cfg, ledger, train_fn=calls.append)
-    again.start()
+    assert _next_start_catches_up(cfg, ledger) == ["bravo", "charlie"]
+    assert calls == []
+
+
+def _next_start_catches_up(cfg, ledger) -> list[str]:
+    """The advisors a NightlyTrainer started now trains at once (its catch-up run), sorted."""
+    from jobs.nightly import NightlyTrainer
+
+    calls: list[str] = []
+    trainer = NightlyTrainer(cfg, ledger, train_fn=calls.append)
+    trainer.start()
     try:
         wait_for(lambda: len(calls) == 2, timeout=20, what="the catch-up run")
     finally:
-        again.stop()
-    assert sorted(calls) == ["bravo", "charlie"]
+        trainer.stop()
+    return sorted(calls)
 
 
 def test_nightly_check_cut_short_by_a_stop_is_caught_up_at_the_next_start(tmp_path) -> None:
@@ -643,14 +652,7 @@ def test_nightly_check_cut_short_by_a_stop_is_caught_up_at_the_next_start(tmp_pa
                  what="the check cut short")
     finally:
         cut.stop()
-    again: list[str] = []
-    later = NightlyTrainer(cfg, ledger, train_fn=again.append)
-    later.start()
-    try:
-        wait_for(lambda: len(again) == 2, timeout=20, what="the catch-up of the check cut short")
-    finally:
-        later.stop()
-    assert sorted(again) == ["bravo", "charlie"]
+    assert _next_start_catches_up(cfg, ledger) == ["bravo", "charlie"]
 
 
 SUSPEND_SCRIPT = textwrap.dedent("""
