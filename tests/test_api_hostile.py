@@ -735,6 +735,11 @@ def test_an_upload_is_named_after_what_it_holds_and_a_resend_leaves_no_copy(tmp_
             folder = home / "outbox" / a.json()["job"]["report_folder"]
             assert (folder / want).is_file() and not folder.name.startswith("-"), sorted(folder.iterdir())
             assert f'id="original" href="{want}"' in (folder / "report.html").read_text(), name
+        from daemon.api.spool import spool_name
+
+        # Camera raws Pillow reads as TIFF (DNG, NEF, CR2, ARW) keep their own suffix: `.tif` would open as a TIFF
+        assert [spool_name(n, "TIFF") for n in ("DSC_1.NEF", "IMG_1.DNG", "a.arw", "b.tiff", "c.jpg")] == \
+            ["DSC_1.nef", "IMG_1.dng", "a.arw", "b.tiff", "c.tif"]
         disposition = "form-data; name=\"image\"; filename*=UTF-8''caf%C3%A9%20noir.jpg"
         body = (f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n").encode() + jpeg(tmp_path, 230) \
             + f"\r\n--{BOUNDARY}--\r\n".encode()

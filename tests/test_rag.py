@@ -335,7 +335,7 @@ def test_a_reference_critiqued_again_is_never_compared_with_itself(tmp_path: Pat
 
     alone = rag()
     assert alone.extras["references"] == [] and "reference_prior" not in alone.extras
-    assert alone.extras["portfolio"]["count"] == 1
+    assert "portfolio" not in alone.extras  # nor its own scores as "the portfolio" (± 0)
 
     photo(refs / "other.jpg", seed=71)
     _sidecar(refs / "other.json", _scores(7))

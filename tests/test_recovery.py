@@ -374,6 +374,26 @@ def test_a_file_dropped_under_the_name_of_one_filed_before_a_kill_is_a_photo_of_
     assert not inbox.joinpath("a.jpg").exists()
 
 
+def test_a_move_across_disks_killed_before_its_unlink_is_finished_not_critiqued_again(tmp_path, smoke_model_path):
+    """Killed between the copy of a move to another disk and its unlink: the same bytes are in the report folder
+    and still in the inbox. That is the move to finish (the inbox copy removed), not another photo to critique:
+    nothing goes to duplicates/."""
+    from tests.harness import mondrian
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    first = photo(home / "inbox" / "a.jpg", seed=84)
+    data = first.read_bytes()
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=300, MONDRIAN_TEST_CRASH_AT="moved")
+    assert out.returncode == -9, (out.returncode, out.stderr[-2000:])
+    first.write_bytes(data)  # what the killed copy-then-unlink leaves in the inbox
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert not first.exists() and (home / "outbox" / "a" / "a.jpg").read_bytes() == data
+    assert [r.parent.name for r in reports(home / "outbox")] == ["a"]
+    assert not (home / "outbox" / "duplicates").exists() or not list((home / "outbox" / "duplicates").iterdir())
+    assert len(Ledger(home / "var" / "ledger.db").jobs()) == 1
+
+
 @pytest.mark.parametrize("change", ["replaced", "renamed"])
 def test_a_photo_replaced_or_renamed_while_its_report_is_written_is_not_filed_under_it(tmp_path, smoke_model_path,
                                                                                       change):

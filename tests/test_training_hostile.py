@@ -350,6 +350,17 @@ def test_current_deleted_copied_or_rolled_back_to_another_base_is_told_and_repai
     assert sorted(p.name for p in (cfg.adapters_dir / "ansel").iterdir() if not p.name.startswith(".")) == \
         ["current", "history.jsonl", "v0001", "v0002"]
 
+    # A copy of v0002 whose own folder a sync left partial: the copy becomes v0002, current again, nothing lost,
+    # and the rollback that repaired it goes no further back
+    pointer.unlink()
+    shutil.copytree(cfg.adapters_dir / "ansel" / "v0002", pointer)
+    (cfg.adapters_dir / "ansel" / "v0002" / "adapters.safetensors").unlink()
+    rc, text = rollback()
+    assert rc == 0 and "it now points at v0002" in text, text
+    assert os.readlink(pointer) == "v0002" and (cfg.adapters_dir / "ansel" / "v0002" / "adapters.safetensors").is_file()
+    os.unlink(pointer)
+    os.symlink("v0001", pointer)
+
     # The copy is all that is left of its version: it becomes that version's folder, nothing is lost
     pointer.unlink()
     (cfg.adapters_dir / "ansel" / "v0001").rename(pointer)

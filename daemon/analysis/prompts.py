@@ -34,8 +34,11 @@ def profile_prompt(advisor: Advisor) -> str:
 def portfolio_context(distribution: Mapping[str, Mapping[str, float]], count: int,
                       neighbours: list[Mapping[str, Any]], profile: Mapping[str, int]) -> str:
     """Pass 2 of RAG: ground the critique in what the advisor actually shot."""
-    lines = [f"Your own portfolio ({count} photographs) scores, mean ± spread per dimension:"]
-    lines += [f"- {d}: {distribution[d]['mean']:.1f} ± {distribution[d]['std']:.1f}" for d in DIMENSIONS]
+    if count:
+        lines = [f"Your own portfolio ({count} photographs) scores, mean ± spread per dimension:"]
+        lines += [f"- {d}: {distribution[d]['mean']:.1f} ± {distribution[d]['std']:.1f}" for d in DIMENSIONS]
+    else:
+        lines = ["Your own portfolio holds no other photograph yet."]
     lines.append("Your photographs most similar to this one:")
     if not neighbours:
         lines.append("- none besides this photograph itself, which is one of yours")

@@ -163,7 +163,8 @@ class RagStrategy(Strategy):
         candidates = [r for r in rows if r.sha256 != ctx.photo.sha256]
         found = nearest(profile, candidates, k=cfg.rag_k,
                         embedding=encoded.embedding if cfg.embeddings_enabled else None, model_id=ctx.runtime.model_id)
-        portfolio = distribution([r.scores for r in rows])
+        # The portfolio without the photo too: with it the only reference, its own scores (± 0) would be the answer.
+        portfolio = distribution([r.scores for r in candidates])
         neighbours = []
         folder = references_dir(cfg, ctx.advisor.id)
         for n in found:
@@ -211,7 +212,9 @@ class RagStrategy(Strategy):
         timings["reused_prompt_tokens"] = second.reused_tokens
         if first.forward_passes is not None and second.forward_passes is not None:
             timings["forward_passes"] = first.forward_passes + second.forward_passes
-        extras = {"profile": state["profile"], "references": references, "portfolio": state["portfolio"]}
+        extras: dict[str, Any] = {"profile": state["profile"], "references": references}
+        if state["portfolio"]["count"]:  # none when the photo is the advisor's only reference
+            extras["portfolio"] = state["portfolio"]
         if prior is not None:
             extras["reference_prior"] = {"scores": prior, "weight": cfg.rag_reference_weight, "model_scores": own}
         return AnalysisResult(critique=critique, extras=extras,

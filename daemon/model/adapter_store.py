@@ -323,26 +323,30 @@ class AdapterStore:
         name = str(_read_json(pointer / MANIFEST_NAME).get("version") or "")
         return name if VERSION_RE.match(name) else None
 
-    def _settle_copied_current(self, advisor: str) -> None:
-        """Turn a folder in `current`'s place back into the link: it becomes its version's folder where that was
-        lost too (the copy is all there is of it), else it goes (the version folder holds the same files). A folder
-        that names no version is not Mondrian's to delete: it is moved aside, as `current-copy-<time>`."""
+    def _settle_copied_current(self, advisor: str) -> bool:
+        """Turn a folder in `current`'s place back into the link; whether there was one. It becomes its version's
+        folder where that was lost or is incomplete (a sync cut short: the copy is the whole of it), else it goes
+        (the version folder holds the same files). A folder that names no version is not Mondrian's to delete: it
+        is moved aside, as `current-copy-<time>`."""
         d = self.advisor_dir(advisor)
         pointer = d / CURRENT
         name = self._copied_current(pointer)
         if pointer.is_symlink() or not pointer.is_dir():
-            return
+            return False
+        trash = d / f"{STAGING_PREFIX}copied-{CURRENT}-{secrets.token_hex(4)}"
         if name is None:
             os.rename(pointer, d / f"{CURRENT}-copy-{time.strftime('%Y%m%dT%H%M%S')}")
-        elif not (d / name).exists():
+        elif not (d / name).exists() or not all((d / name / f).is_file() for f in REQUIRED_FILES):
+            if (d / name).exists():
+                os.rename(d / name, trash)  # the partial version, replaced by the whole copy
             os.rename(pointer, d / name)
         else:
-            trash = d / f"{STAGING_PREFIX}copied-{CURRENT}-{secrets.token_hex(4)}"
             os.rename(pointer, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+        shutil.rmtree(trash, ignore_errors=True)
         if name is not None and (d / name).is_dir():
             self.switch(advisor, name)
         fsync_dir(d)
+        return True
 
     def current(self, advisor: str) -> Version | None:
         """The current version if it is complete; None if there is none (or the pointer is dangling)."""
@@ -477,7 +481,11 @@ class AdapterStore:
         """Make the previous promoted version current again; returns (from, to). `base`: the configured base model's
         fingerprint; a version trained for another base model is never gone back to (its photos would all fall
         back, and the version rolled back from could not be made current again)."""
-        self._settle_copied_current(advisor)
+        problem = self.current_problem(advisor)
+        if self._settle_copied_current(advisor) and problem and self.current(advisor) is not None:
+            name = self.current_name(advisor)  # the copy was all of its version: repaired, nothing to go back from
+            self._log(advisor, {"event": "rollback", "from": name, "to": name, "reason": f"current was {problem}"})
+            return name, name  # type: ignore[return-value]
         current = self.current(advisor)
         if current is None:
             return self._repair_current(advisor, base)

@@ -23,7 +23,7 @@ from .. import testhooks
 from ..analysis.advisors import load_advisors
 from ..config import Config
 from ..errors import Permanent, Transient
-from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, content_is, folder_inside, fsync_files, move,
+from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, content_is, folder_inside, fsync_files, holds, move,
                       own_folder_inside, pid_alive, read_regular_file, same_content)
 from ..intake.images import LoadedImage
 from ..intake.inbox import (OUTBOX_RESERVED, RECORD_SUFFIXES, SIDECAR_SUFFIX, editor_sidecars, fitted_name, is_ignored,
@@ -153,7 +153,9 @@ class Publisher:
             return False
 
     def publish(self, job: Job, src: Path, photo: LoadedImage, report: dict[str, Any],
-                 files: dict[str, Path], keep_original: bool) -> None:
+                 files: dict[str, Path], keep_original: bool, before: Any = None) -> None:
+        """`before`: the photo's file identity when it was read (fsutil.identity), so that the last look before its
+        move is by identity, not a second read of the whole file."""
         staging = self.cfg.staging_dir / staging_name(job)
         try:
             self.outbox_here()
@@ -199,7 +201,7 @@ class Publisher:
             self.transient(job, f"could not write the report to {self.cfg.outbox.name}/ ({exc.strerror or exc})")
             return
         job = self.ledger.get(job.id)
-        self.complete(job, final, report, keep_original)
+        self.complete(job, final, report, keep_original, before=before)
 
     def _clear_old_failure_records(self, job: Job) -> None:
         """A photo that failed while kept in the inbox (keep_originals), or through `analyze`, was fixed where it is
@@ -241,9 +243,10 @@ class Publisher:
         self.complete(self.ledger.get(job.id), Path(job.output_dir), report, keep_original)
         return True
 
-    def complete(self, job: Job, final: Path, report: dict[str, Any], keep_original: bool) -> None:
+    def complete(self, job: Job, final: Path, report: dict[str, Any], keep_original: bool, before: Any = None) -> None:
         src = Path(job.source_path)
         other: Path | None = None
+        sha = report["photo"].get("sha256")
         original = final / report["photo"]["file"]  # never one of the report's own files (report.original_name)
         if job.kept and not keep_original:
             # Linked (or copied) in staging; only a folder the user emptied since needs it again.
@@ -252,11 +255,13 @@ class Publisher:
         elif keep_original:
             if src.exists() and not original.exists():
                 shutil.copy2(src, original)
-        elif os.path.lexists(original) and os.path.lexists(src):
+        elif os.path.lexists(original) and os.path.lexists(src) and not same_content(src, original):
             # The original went in before a kill; the file at its inbox path now is another photo dropped since.
-            # It stays for the inbox, to be critiqued as itself, rather than filed in this folder as `-2`.
+            # It stays for the inbox, to be critiqued as itself, rather than filed in this folder as `-2`. (The same
+            # bytes are a move across disks killed between its copy and its unlink: finished below.)
             other = src
-        elif not os.path.lexists(original) and not self._holds_what_was_published(job, report["photo"].get("sha256")):
+        elif not os.path.lexists(original) and not (holds(src, before, sha) if before is not None and sha
+                                                    else self._holds_what_was_published(job, sha)):
             # Replaced or renamed in the moment between the analysis and this move (an export overwriting the file,
             # a rename): the report describes bytes that are not there. Withdrawn; the file is taken as it is now.
             shutil.rmtree(final, ignore_errors=True)
@@ -422,7 +427,7 @@ class Publisher:
                             for suffix in (".error.json", ".error.html"):
                                 Path(f"{out}{suffix}").unlink(missing_ok=True)
                             return self._withdrawn(job, "failure record")
-                        if not os.path.lexists(out):  # else a file at its inbox path now is another photo
+                        if not os.path.lexists(out) or same_content(Path(job.source_path), out):  # else another photo
                             with contextlib.suppress(OutsideInbox):  # recorded as failed; the file stays put
                                 self.move_with_sidecar(Path(job.source_path), out.parent, out)
                     self.ledger.fail(job.id, record["reason"], out, kind=record.get("kind", "permanent"))
@@ -496,7 +501,8 @@ class Publisher:
         try:
             # Not when it is in duplicates/ already (a kill after the move): a file at its inbox path now is another
             # photo, dropped since, which must not be filed (or deleted as "the same bytes") under this record.
-            if not job.kept and not (os.path.lexists(dest) and os.path.lexists(job.source_path)):
+            if not job.kept and not (os.path.lexists(dest) and os.path.lexists(job.source_path)
+                                     and not same_content(Path(job.source_path), dest)):
                 self.move_with_sidecar(Path(job.source_path), dest.parent, dest)
         except OutsideInbox as exc:
             if not os.path.lexists(dest):  # else it was moved in before its folder became a link out

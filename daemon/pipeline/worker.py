@@ -386,7 +386,7 @@ class Worker:
         report = assemble(self.runtime, job, src, photo, advisor, prep.requested, prep.source, strategy.name,
                           fallbacks, result, {"decode_s": prep.decode_s, "analysis_s": analysis_s, **result.timings},
                           context=context, earlier=earlier, original="copied" if keep_original else None)
-        self.out.publish(job, src, photo, report, result.files, keep_original)
+        self.out.publish(job, src, photo, report, result.files, keep_original, before=prep.before)
 
     def _analyse(self, job: Job, src: Path, photo: LoadedImage, advisor: Advisor,
                  requested: str) -> tuple[Strategy, list[dict[str, str]], AnalysisResult]:
