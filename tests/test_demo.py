@@ -36,7 +36,9 @@ def test_the_demo_shows_baseline_rag_and_lora_and_runs_again(tmp_path, smoke_mod
     modes = {name: (r["mode"]["requested"], r["mode"]["effective"]) for name, r in got.items()}
     assert set(modes.values()) == {("baseline", "baseline"), ("rag", "rag"), ("lora", "lora")}, modes
     rag = next(r for r in got.values() if r["mode"]["effective"] == "rag")
-    assert rag["references"] and rag["portfolio"]["count"] == 5
+    # The rag photo is itself one of the five references: it is compared with the other four, never with itself
+    assert rag["references"] and rag["portfolio"]["count"] == 4
+    assert rag["photo"]["file"] not in {Path(r["name"]).name for r in rag["references"]}
     lora = next(r for r in got.values() if r["mode"]["effective"] == "lora")
     assert lora["model"]["adapter"] == "ansel/v0001"
     metrics = json.loads((home / "adapters" / "ansel" / "v0001" / "metrics.json").read_text())
@@ -147,16 +149,20 @@ def test_ctrl_c_before_the_demo_queues_its_photos_says_so_and_leaves_nothing_hal
     import threading
 
     home = make_home(tmp_path / "home")
+    # SIGINT as a terminal leaves it: a suite started in the background (`cmd &`, CI) runs with SIGINT ignored, which
+    # every child inherits, and Python then never turns it into KeyboardInterrupt.
     demo = subprocess.Popen([sys.executable, "-u", "-m", "daemon", "demo", "--model", str(smoke_model_path)],
                             cwd=REPO, env=env_for(home, smoke_model_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     err: list[str] = []
     reader = threading.Thread(target=lambda: err.extend(demo.stderr), daemon=True)
     reader.start()
     try:
         wait_for(lambda: any("Training a small LoRA adapter" in line for line in err), 600, what="the demo's training")
         demo.send_signal(signal.SIGINT)
-        out = demo.communicate(timeout=120)[0]
+        demo.wait(timeout=120)
+        out = demo.stdout.read()  # stderr is the reader thread's alone: communicate() would take its last lines
     finally:
         demo.kill()
     reader.join(10)
