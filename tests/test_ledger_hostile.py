@@ -123,8 +123,8 @@ def _drop_column(c: sqlite3.Connection) -> None:
 def _add_required_column(c: sqlite3.Connection) -> None:
     # SQLite's ALTER TABLE cannot add a NOT NULL column without a default: the table is made again, as tools do.
     (ddl,) = c.execute("SELECT sql FROM sqlite_master WHERE name = 'job'").fetchone()
-    c.execute(ddl.replace('CREATE TABLE "job" (', 'CREATE TABLE "job_new" (', 1).rstrip(")")
-              + ', "checked_by" TEXT NOT NULL)')
+    body = ddl.replace('CREATE TABLE "job" (', 'CREATE TABLE "job_new" (', 1)
+    c.execute(body[:body.rindex(")")] + ', "checked_by" TEXT NOT NULL)')  # only the table's own closing bracket
     columns = ", ".join(f'"{row[1]}"' for row in c.execute('PRAGMA table_info("job")'))
     c.execute(f'INSERT INTO job_new ({columns}, checked_by) SELECT {columns}, \'x\' FROM job')
     c.execute("DROP TABLE job")
