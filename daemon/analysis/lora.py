@@ -56,13 +56,9 @@ class LoraStrategy(Strategy):
     def _base(self) -> str | None:
         """Fingerprint of the configured base model (computed once; None if it cannot be resolved here)."""
         if self._base_fingerprint is None:
-            try:
-                from ..model.adapter_store import base_model_fingerprint
-                from ..model.runtime import resolve_model_path
+            from ..model.adapter_store import configured_base
 
-                self._base_fingerprint = base_model_fingerprint(resolve_model_path(self.cfg.model, self.cfg.var_dir))
-            except Exception:  # the worker reports a missing model on its own
-                return None
+            self._base_fingerprint = configured_base(self.cfg)  # None again until it can be found
         return self._base_fingerprint
 
     def is_available(self, advisor) -> Availability:

@@ -310,8 +310,7 @@ class AdapterStore:
         except OSError:
             # A folder where the link was: `rsync -rL`, `cp -R`, a sync service or an exFAT drive copy the version
             # it pointed at. Its manifest still names that version.
-            name = self._copied_current(pointer)
-            return name
+            return self._copied_current(pointer)
         name = Path(target).name
         return name if VERSION_RE.match(name) else None
 

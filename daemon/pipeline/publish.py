@@ -73,6 +73,13 @@ def move_once(src: Path, dest: Path) -> None:
     move(src, dest, on_copied=lambda: testhooks.crashpoint("move_copied"))
 
 
+def another_photo_at(src: Path, filed: Path) -> bool:
+    """Whether the file at the inbox path `src` is another photo than the one already filed at `filed` (moved in
+    before a kill, then a new photo dropped under its name). The same bytes in both places are not: that is a move
+    across disks killed between its copy and its unlink, for `move_once` to finish."""
+    return os.path.lexists(filed) and os.path.lexists(src) and not same_content(src, filed)
+
+
 def link_or_copy(src: Path, dest: Path) -> str:
     """Put the original kept in the inbox (keep_originals) into its report folder without moving it: a hard link
     where it can be made, else a copy (another disk, or a filesystem without hard links). Returns "linked" or
@@ -255,7 +262,7 @@ class Publisher:
         elif keep_original:
             if src.exists() and not original.exists():
                 shutil.copy2(src, original)
-        elif os.path.lexists(original) and os.path.lexists(src) and not same_content(src, original):
+        elif another_photo_at(src, original):
             # The original went in before a kill; the file at its inbox path now is another photo dropped since.
             # It stays for the inbox, to be critiqued as itself, rather than filed in this folder as `-2`. (The same
             # bytes are a move across disks killed between its copy and its unlink: finished below.)
@@ -427,7 +434,7 @@ class Publisher:
                             for suffix in (".error.json", ".error.html"):
                                 Path(f"{out}{suffix}").unlink(missing_ok=True)
                             return self._withdrawn(job, "failure record")
-                        if not os.path.lexists(out) or same_content(Path(job.source_path), out):  # else another photo
+                        if not another_photo_at(Path(job.source_path), out):
                             with contextlib.suppress(OutsideInbox):  # recorded as failed; the file stays put
                                 self.move_with_sidecar(Path(job.source_path), out.parent, out)
                     self.ledger.fail(job.id, record["reason"], out, kind=record.get("kind", "permanent"))
@@ -501,8 +508,7 @@ class Publisher:
         try:
             # Not when it is in duplicates/ already (a kill after the move): a file at its inbox path now is another
             # photo, dropped since, which must not be filed (or deleted as "the same bytes") under this record.
-            if not job.kept and not (os.path.lexists(dest) and os.path.lexists(job.source_path)
-                                     and not same_content(Path(job.source_path), dest)):
+            if not job.kept and not another_photo_at(Path(job.source_path), dest):
                 self.move_with_sidecar(Path(job.source_path), dest.parent, dest)
         except OutsideInbox as exc:
             if not os.path.lexists(dest):  # else it was moved in before its folder became a link out
