@@ -157,3 +157,24 @@ def test_a_kept_photo_fixed_where_it_is_takes_its_old_failure_record_away(tmp_pa
     # Its failure record is gone with it; the other photo, still broken, keeps its own.
     assert not (failed / "harbour.jpg.error.json").exists() and not (failed / "harbour.jpg.error.html").exists()
     assert (failed / "other.jpg.error.json").is_file()
+
+
+def test_a_kept_photo_given_a_whole_name_sidecar_later_is_analysed_in_that_mode(tmp_path, smoke_model_path):
+    """`IMG_3.jpg.mode` (named after the whole file, as editors name `IMG_3.NEF.xmp`) added to a kept photo that is
+    done asks for another mode, as `IMG_3.mode` would: new work, not "done" because the folder's listing only
+    knew the short name. A UTF-16 sidecar (TextEdit, Notepad) is read as text."""
+    from tests.harness import mondrian
+
+    home = make_home(tmp_path / "home", smoke_model_path, keep_originals=True, max_pixels=56 * 56,
+                     comment_max_chars=8, max_tokens=400, api_port=0)
+    shot = home / "inbox" / "IMG_3.jpg"
+    photo(shot, seed=7, size=(64, 48))
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    assert [(j.rel_path, j.requested_mode) for j in _jobs(home)] == [("IMG_3.jpg", "baseline")]
+
+    (home / "inbox" / "IMG_3.jpg.mode").write_bytes("rag\n".encode("utf-16"))
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    jobs = _jobs(home)
+    assert [(j.rel_path, j.requested_mode) for j in jobs] == [("IMG_3.jpg", "baseline"), ("IMG_3.jpg", "rag")], \
+        [(j.rel_path, j.requested_mode, j.state, j.error) for j in jobs]
+    assert shot.is_file()

@@ -3,6 +3,7 @@ and where a finished photo may land without overwriting anything."""
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 import re
@@ -194,6 +195,13 @@ def sidecar_for(photo: Path) -> Path | None:
     return whole if os.path.lexists(whole) and not os.path.isdir(whole) else None
 
 
+def _decode_sidecar(raw: bytes) -> str:
+    """UTF-8 (with or without a BOM), or UTF-16 when a BOM says so: TextEdit and Windows' Notepad save that."""
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return raw.decode("utf-16")
+    return raw.decode("utf-8-sig")
+
+
 def read_sidecar(sidecar: Path) -> str:
     allowed = ", ".join(MODES)
     name = sidecar.name
@@ -210,7 +218,7 @@ def read_sidecar(sidecar: Path) -> str:
         raise SidecarError(f"the sidecar {name} could not be read ({exc}); it must be a small text file holding "
                            f"one of: {allowed}") from exc
     try:
-        text = raw.decode("utf-8-sig").strip().lower()
+        text = _decode_sidecar(raw).strip().lower()
     except UnicodeDecodeError as exc:
         raise SidecarError(f"the sidecar {name} is not text; it must hold one of: {allowed}") from exc
     if not text:

@@ -273,7 +273,8 @@ class Daemon:
                     self._listings[folder] = cached
         except OSError:
             return True
-        return (path.stem + SIDECAR_SUFFIX).lower() in cached[1]
+        names = cached[1]
+        return (path.stem + SIDECAR_SUFFIX).lower() in names or (path.name + SIDECAR_SUFFIX).lower() in names
 
     def _unreachable(self, path: Path, reason: str) -> None:
         intake = classify(path, self.cfg.inbox, self._advisors(), self.cfg.default_advisor)
