@@ -471,6 +471,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     photos, unread = readable(held, cfg.max_pixels)  # read once: both evaluations see the very same pictures
     if unread:
         where += f", less {len(unread)} that cannot be read ({ds_first_few(unread)})"
+    if not photos:  # two evaluations of nothing would print a table of dashes and exit 0
+        print(f"{advisor.id}: none of {where.split(', less ')[0]} can be read ({ds_first_few(unread)}); put them "
+              f"back, or train a new version on the references there are now (`{mondrian()} train --advisor "
+              f"{advisor.id}`)", file=sys.stderr)
+        return 1
     print(f"Evaluating {advisor.id}: {cand_label} against {base_label} on {where}…", file=sys.stderr)
     rt = ModelRuntime.load(cfg.model, var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
     kw = dict(comment_max_chars=cfg.comment_max_chars, max_tokens=cfg.max_tokens)

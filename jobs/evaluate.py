@@ -211,6 +211,9 @@ def _paired(candidate: dict[str, Any], baseline: dict[str, Any]) -> tuple[np.nda
     return c, b, t
 
 
+MIN_INTERVAL_PHOTOS = 5
+
+
 def bootstrap(candidate: dict[str, Any], baseline: dict[str, Any], *, resamples: int = 1000, level: float = 0.95,
               seed: int = 0) -> dict[str, Any]:
     """Percentile bootstrap intervals of mean MAE and mean Spearman for both models and their difference,
@@ -218,7 +221,9 @@ def bootstrap(candidate: dict[str, Any], baseline: dict[str, Any], *, resamples:
     c, b, t = _paired(candidate, baseline)
     n = len(t)
     out: dict[str, Any] = {"n": n, "resamples": resamples, "level": level}
-    if n < 2:
+    if n < MIN_INTERVAL_PHOTOS:  # resampling 2-4 photos gives intervals as narrow as "0.71 [0.71, 0.71]": false comfort
+        out["note"] = (f"too few test photos ({n}) for a bootstrap interval; it needs at least "
+                       f"{MIN_INTERVAL_PHOTOS}")
         return out
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = {k: [] for k in ("mae_c", "mae_b", "mae_d", "rho_c", "rho_b", "rho_d")}
@@ -310,6 +315,8 @@ def table(candidate: dict[str, Any], baseline: dict[str, Any]) -> str:
     gain = f"{(1 - ma / mb) * 100:.1f} %" if isinstance(ma, float) and isinstance(mb, float) and mb > 0 else "n/a"
     lines.append(f"{b} MSE: {_fmt(mb, '.4f')}   {a} MSE: {_fmt(ma, '.4f')}   Improvement: {gain}")
     ci = bootstrap(candidate, baseline)
+    if "note" in ci:
+        lines.append(f"No bootstrap intervals: {ci['note']}.")
     if "mae" in ci:
         pct = int(round(ci["level"] * 100))
 

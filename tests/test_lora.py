@@ -778,10 +778,21 @@ def test_evaluate_cli_prints_the_table_on_the_recorded_test_set(tmp_path, smoke_
     assert all(0 <= float(v[0]) <= 10 and 0 <= float(v[1]) <= 10 for v in rows.values())
     assert "schema-valid reports: v0001 2/2, base 2/2" in out.stdout
     assert "base MSE: " in out.stdout and "v0001 MSE: " in out.stdout and "Improvement: " in out.stdout, out.stdout
-    assert "95 % bootstrap intervals" in out.stdout and "Targets: all 5 references had curator scores" in out.stdout
+    assert "Targets: all 5 references had curator scores" in out.stdout
+    # two photos resampled give intervals as narrow as one value: none is printed, and it says why
+    assert "No bootstrap intervals: too few test photos (2) for a bootstrap interval" in out.stdout, out.stdout
+    assert "bootstrap intervals (" not in out.stdout
     data = json.loads(mondrian(cfg.home, smoke_model_path, "evaluate", "--advisor", "synth", "--json",
                                timeout=300).stdout)
     assert [p["sha256"] for p in data["candidate"]["photos"]] == recorded
+
+    # Both recorded test photos unreadable now (still indexed: the index learns of it later): said, exit 1, no
+    # table of two empty evaluations.
+    for r in refs[-2:]:
+        Path(r.path).write_bytes(b"\xff\xd8\xff\xe0 damaged since")
+    out = mondrian(cfg.home, smoke_model_path, "evaluate", "--advisor", "synth", timeout=300)
+    assert out.returncode == 1 and "MAE" not in out.stdout, out.stdout
+    assert "none of the 2 test photos recorded in v0001's manifest can be read" in out.stderr, out.stderr
 
 
 def test_expected_score_is_the_probability_weighted_mean_over_score_tokens(smoke_runtime) -> None:
