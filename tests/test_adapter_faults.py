@@ -131,7 +131,7 @@ def test_rollback_repairs_an_incomplete_current(tmp_path, smoke_model_path) -> N
     assert out.returncode == 0 and "refused: None" not in out.stdout, out.stdout
     assert "incomplete (no metrics.json)" in out.stdout, out.stdout
     out = mondrian(cfg.home, smoke_model_path, "adapters", "rollback", "--advisor", "ansel")
-    assert out.returncode == 0 and "now points at v0001" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 0 and "current adapter is now v0001" in out.stdout, out.stdout + out.stderr
     assert os.readlink(d / "current") == "v0001"
 
 
@@ -249,3 +249,35 @@ def test_a_version_is_named_as_a_person_writes_it_and_a_wrong_one_lists_those_ke
         out = mondrian(cfg.home, smoke_model_path, "evaluate", "--advisor", "ansel", "--version", name)
         assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
         assert "no adapter version" not in out.stderr and "reference photo" in out.stderr, (name, out.stderr)
+
+
+def test_rollback_never_downloads_the_model_to_fingerprint_it(tmp_path, smoke_model_path) -> None:
+    """With a hub id configured and not cached (a Mac set up for a model not fetched yet), `adapters rollback` only
+    needs the base's fingerprint to pass by versions of another base: it must not start a multi-gigabyte download
+    for it. The hub here is a local server that records what is asked of it."""
+    import http.server
+    import threading
+
+    asked: list[str] = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            asked.append(self.path)
+            self.send_error(404)
+
+        do_HEAD = do_GET
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cfg, d = _two_versions(tmp_path, smoke_model_path)
+        env = {"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}",
+               "HF_HOME": str(tmp_path / "hf"), "MONDRIAN_MODEL": "someone/Qwen2-VL-2B-Instruct-4bit"}
+        out = mondrian(cfg.home, smoke_model_path, "adapters", "rollback", "--advisor", "ansel", **env)
+        assert out.returncode == 0 and "current adapter is now v0001" in out.stdout, out.stdout + out.stderr
+        assert asked == [], asked
+    finally:
+        server.shutdown()

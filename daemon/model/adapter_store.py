@@ -250,12 +250,12 @@ class Version:
 
 
 def configured_base(cfg: Any) -> str | None:
-    """The fingerprint of the base model `cfg` names, or None when it cannot be found here (reported when the
-    model is loaded)."""
+    """The fingerprint of the base model `cfg` names, or None when it is not here (reported when the model is
+    loaded): never a download, which `adapters rollback` or `evaluate` would otherwise start for a hub id."""
     from .runtime import resolve_model_path
 
     try:
-        return base_model_fingerprint(resolve_model_path(cfg.model, cfg.var_dir))
+        return base_model_fingerprint(resolve_model_path(cfg.model, cfg.var_dir, download=False))
     except Exception:  # noqa: BLE001 - a missing model has its own message where it is loaded
         return None
 

@@ -99,8 +99,9 @@ def _looks_like_path(spec: str) -> bool:
             or "\\" in spec or not _REPO_ID.match(spec))
 
 
-def resolve_model_path(spec: str, var_dir: Path) -> Path:
-    """Map a model spec to a local checkpoint folder; raises ModelNotFoundError (never hangs offline)."""
+def resolve_model_path(spec: str, var_dir: Path, *, download: bool = True) -> Path:
+    """Map a model spec to a local checkpoint folder; raises ModelNotFoundError (never hangs offline). With
+    `download=False` a hub id not cached yet is not found (a fingerprint is not worth gigabytes)."""
     spec = spec.strip()
     if spec == SMOKE_ALIAS:
         return ensure_smoke_model(var_dir)
@@ -118,6 +119,8 @@ def resolve_model_path(spec: str, var_dir: Path) -> Path:
         return Path(snapshot_download(spec, allow_patterns=_HUB_PATTERNS, local_files_only=True))
     except Exception as exc:  # not cached (LocalEntryNotFoundError and friends)
         cached_error = exc
+    if not download:
+        raise ModelNotFoundError(f"model {spec!r} is not in the local Hugging Face cache") from cached_error
     if _offline():
         raise ModelNotFoundError(f"model {spec!r} is not in the local Hugging Face cache and "
                                  f"HF_HUB_OFFLINE is set. {_how_to_get(spec)}") from cached_error
