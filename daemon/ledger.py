@@ -1085,6 +1085,22 @@ class Ledger:
             return self.Job.create(source_path=str(source_path), rel_path=rel_path, advisor=advisor, state=FAILED,
                                    error=reason, error_kind="permanent", enqueued_at=now, finished_at=now)
 
+    def accounted_for(self, files: list[tuple[Path, int, float]]) -> set[str]:
+        """Of these inbox files (path, size, mtime), the paths the ledger already answers for: queued or in
+        progress, kept where they are and done as they are now (keep_originals), or failed and left in place."""
+        known: set[str] = set()
+        paths = [str(p) for p, _, _ in files]
+        now = {str(p): (size, mtime) for p, size, mtime in files}
+        for i in range(0, len(paths), 500):  # SQLite's bound-variable limit
+            q = (self.Job.select(self.Job.source_path, self.Job.state, self.Job.kept, self.Job.size, self.Job.mtime)
+                 .where(self.Job.source_path.in_(paths[i:i + 500])))
+            for j in q:
+                same = (j.size, j.mtime) == now[j.source_path]
+                if j.state in ACTIVE or (j.state == DONE and j.kept and same) or \
+                        (j.state == FAILED and (same or j.size is None)):
+                    known.add(j.source_path)
+        return known
+
     def is_active(self, source_path: Path) -> bool:
         return self.Job.select().where((self.Job.source_path == str(source_path)) &
                                        (self.Job.state.in_(ACTIVE))).exists()

@@ -165,3 +165,54 @@ def test_a_sidecar_saved_after_its_photo_was_taken_in_is_named_by_status_not_lef
     as_json = json.loads(mondrian(home, smoke_model_path, "status", "--json", timeout=60,
                                   MONDRIAN_TEST_STRAY_SECONDS="0").stdout)
     assert as_json["stray_sidecars"] == ["IMG_9.mode", "album/DSC_1.XMP"], as_json["stray_sidecars"]
+
+
+def test_photos_sitting_in_the_inbox_unqueued_are_counted_not_shown_as_an_empty_queue(tmp_path, smoke_model_path):
+    """Photos dropped while no daemon runs, or while it cannot write its ledger (another program holds a write
+    lock), are in no queue yet: `status` counted them "0 queued", as for an empty inbox. It says how many wait in
+    the inbox and why, and leaves out what the ledger answers for: a photo in progress, one kept in place and
+    done (keep_originals), one that failed and was left where it is."""
+    from tests.harness import hold_ledger_lock
+
+    home = make_home(tmp_path / "home", smoke_model_path, keep_originals=True)
+    inbox = home / "inbox"
+    photo(inbox / "kept.jpg", seed=1)
+    (inbox / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
+    (inbox / "kept.mode").write_text("baseline\n")  # a sidecar is no photo of its own
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    assert status(home, smoke_model_path)["inbox_waiting"]["count"] == 0  # done in place, failed in place
+
+    for i in range(4):
+        photo(inbox / "cartier" / f"new-{i}.jpg", seed=10 + i)
+    from daemon.ledger import Ledger
+
+    ledger = Ledger(home / "var" / "ledger.db")  # one already queued, as a daemon stopped since left it
+    try:
+        queued = inbox / "cartier" / "new-3.jpg"
+        ledger.enqueue(queued, "cartier/new-3.jpg", "cartier", "folder", queued.stat().st_size, queued.stat().st_mtime)
+    finally:
+        ledger.close()
+    info = status(home, smoke_model_path)
+    assert info["queue"]["queued"] == 1 and info["inbox_waiting"]["count"] == 3, info["inbox_waiting"]
+    assert info["inbox_waiting"]["examples"] == ["cartier/new-0.jpg", "cartier/new-1.jpg", "cartier/new-2.jpg"]
+    out = mondrian(home, smoke_model_path, "status").stdout
+    assert "Inbox:   3 photo(s) not queued yet (cartier/new-0.jpg, cartier/new-1.jpg, cartier/new-2.jpg): the " \
+           "daemon takes them in when it runs" in out, out
+
+    # A daemon that cannot write its ledger: the photos are still in no queue, and said to be waiting.
+    holder = hold_ledger_lock(home / "var" / "ledger.db", 60)
+    try:
+        with Daemon(home, smoke_model_path) as d:
+            time.sleep(6)
+            info = status(home, smoke_model_path)
+            assert info["inbox_waiting"]["count"] == 3, info["inbox_waiting"]
+            assert "Inbox:   3 photo(s)" in mondrian(home, smoke_model_path, "status").stdout
+            holder.kill()
+            holder.wait()
+            # once it can write, it takes them in, and they are no longer waiting in the inbox
+            wait_for(lambda: status(home, smoke_model_path)["counts"]["done"] == 5, 180, what="the four reports")
+            assert status(home, smoke_model_path)["inbox_waiting"]["count"] == 0
+            assert "Inbox:" not in mondrian(home, smoke_model_path, "status").stdout
+            d.stop()
+    finally:
+        holder.kill()

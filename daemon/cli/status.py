@@ -21,7 +21,7 @@ from ..config import CONFIG_NAME, Config, ConfigError, refuse_file_as_home
 from ..fsutil import is_folder, lock_holder, pid_alive
 from ..ledger import DONE, FAULT_NOTE, FaultNote, Job, Ledger
 from ..hints import mondrian, program, shell_word
-from ..intake.inbox import STRAY_SIDECAR_SECONDS, stray_sidecars
+from ..intake.inbox import STRAY_SIDECAR_SECONDS, inbox_files, stray_sidecars
 from ..pipeline.failures import advice, analyze_command, analyzed_as, cause_of
 from .terminal import shown
 
@@ -228,6 +228,7 @@ def collect(cfg: Config) -> dict[str, Any]:
         eta = _estimates(ledger, running, queue["queued"])
         extra = _extra_sections(cfg, ledger)
         schema_version = ledger.schema_version()
+    waiting = _inbox_waiting(cfg, ledger, now)
     model = events.get("model", (None, None))[0]
     pid = daemon_pid(cfg)
     fault = FaultNote.read(cfg.var_dir / FAULT_NOTE)
@@ -241,6 +242,7 @@ def collect(cfg: Config) -> dict[str, Any]:
     return {
         "home": str(cfg.home),
         "inbox": str(cfg.inbox),
+        "quiet_seconds": cfg.quiet_seconds,
         "outbox": str(cfg.outbox),
         "daemon": daemon,
         "model": _model(cfg, model, daemon),
@@ -255,6 +257,7 @@ def collect(cfg: Config) -> dict[str, Any]:
         "running": running,
         "interrupted": interrupted,
         "recent_failures": failures,
+        "inbox_waiting": waiting,  # photos in the inbox the ledger does not know yet
         "inbox_missing": not cfg.inbox.is_dir(),  # an unplugged drive, a share not mounted
         "stray_sidecars": stray_sidecars(cfg.inbox, testhooks.stray_sidecar_seconds(STRAY_SIDECAR_SECONDS))
         if cfg.inbox.is_dir() else [],
@@ -266,6 +269,36 @@ def collect(cfg: Config) -> dict[str, Any]:
         "reference_errors": events.get("reference_errors", ([], None))[0],
         "schema_version": schema_version,
     } | extra
+
+
+INBOX_LOOK_LIMIT = 10_000  # files looked at in the inbox per `status`: enough to say "10,000 or more"
+
+
+def _inbox_waiting(cfg: Config, ledger: Ledger, now: float) -> dict[str, Any]:
+    """Photos sitting in the inbox that are not queued: no daemon has taken them in yet (not running, the ledger
+    locked or its disk full, a copy still arriving). Without this, a full inbox and an empty one both read
+    "0 queued"."""
+    if not cfg.inbox.is_dir():
+        return {"count": 0, "more": False, "examples": [], "last_change_s": None}
+    files, more = inbox_files(cfg.inbox, INBOX_LOOK_LIMIT)
+    known = ledger.accounted_for([(p, st.st_size, st.st_mtime) for p, st in files]) if files else set()
+    left = [(p, st) for p, st in files if str(p) not in known]
+    newest = max((max(st.st_mtime, st.st_ctime) for _, st in left), default=None)
+    return {"count": len(left), "more": more, "examples": [str(p.relative_to(cfg.inbox)) for p, _ in left[:5]],
+            "last_change_s": None if newest is None else round(max(0.0, now - newest), 1)}
+
+
+def _inbox_line(w: dict[str, Any], d: dict[str, Any], quiet_s: float) -> str | None:
+    if not w or not w.get("count"):
+        return None
+    n = f"{w['count']:,}{' or more' if w.get('more') else ''}"
+    shown = ", ".join(w["examples"][:3]) + (", …" if w["count"] > 3 else "")
+    if not d["running"]:
+        return f"Inbox:   {n} photo(s) not queued yet ({shown}): the daemon takes them in when it runs"
+    if w["last_change_s"] is not None and w["last_change_s"] < max(60.0, 5 * quiet_s):
+        return f"Inbox:   {n} photo(s) arriving ({shown}): each is queued once it has stopped changing"
+    return (f"Inbox:   {n} photo(s) not queued ({shown}), though the daemon runs and they have not changed for "
+            f"{_span(w['last_change_s'])}: the lines below or the daemon's log say why")
 
 
 def _extra_sections(cfg: Config, ledger: Ledger) -> dict[str, Any]:
@@ -442,6 +475,9 @@ def render(info: dict[str, Any]) -> str:
              + f" · {c['done']} done ({info['duplicates']} duplicates) · {c['failed']} failed"
              + (f" ({resolved} earlier failure(s) since put back and analysed)" if resolved else "")
              + (f" · {c['gone']} removed before analysis" if c.get("gone") else "")]
+    inbox = _inbox_line(info.get("inbox_waiting") or {}, d, info.get("quiet_seconds", 2.0))
+    if inbox:
+        lines.append(inbox)
     paused = "" if d.get("responding", True) else " (the daemon is not responding)"
     typical = eta.get("typical_photo_s")
     for r in info["running"]:

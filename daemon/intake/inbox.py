@@ -153,6 +153,28 @@ def stray_sidecars(inbox: Path, older_than_s: float = STRAY_SIDECAR_SECONDS, lim
     return found
 
 
+def inbox_files(inbox: Path, limit: int) -> tuple[list[tuple[Path, os.stat_result]], bool]:
+    """The files in the inbox that the watcher would take in (not hidden, temporary, sidecars or an old report's
+    pages), at most `limit`, with their lstat; and whether there were more. What `status` compares with the ledger
+    to tell photos sitting unqueued (no daemon running, a locked ledger) from an empty inbox."""
+    found: list[tuple[Path, os.stat_result]] = []
+    for dirpath, dirnames, filenames in os.walk(inbox):
+        folder = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not is_ignored(folder / d, inbox))
+        for name in sorted(filenames):
+            path = folder / name
+            if is_ignored(path, inbox):
+                continue
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if len(found) >= limit:
+                return found, True
+            found.append((path, st))
+    return found, False
+
+
 @dataclass(frozen=True)
 class Intake:
     advisor: str
