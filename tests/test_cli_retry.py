@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -314,3 +316,40 @@ def test_photos_queued_before_the_inbox_setting_changed_follow_it_or_say_where_t
     assert [p.parent.name for p in reports(home / "outbox")] == ["moved"]
     assert "Traceback" not in out.stderr and "IntegrityError" not in out.stderr, out.stderr[-3000:]
     assert not (home / "outbox" / "failed" / "moved.jpg.error.json").exists()
+
+
+def test_two_retries_at_once_put_each_photo_back_once_and_count_it_once(tmp_path, smoke_model_path):
+    """Two `retry --failed --all` at once (two terminals, a script and a person): the first is stopped right after
+    listing the failed jobs while the second runs. Each photo is put back once, the two outputs name each photo
+    once between them, and neither says a photo "could not be put back" because the other had moved it."""
+    from tests.harness import env_for
+    from tests.test_cli_status import _stopped
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    for i in range(6):
+        (home / "inbox" / f"bad-{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG %d" % i)
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    assert len(list((home / "outbox" / "failed").glob("*.error.json"))) == 6
+    cmd = [sys.executable, "-m", "daemon", "retry", "--failed", "--all"]
+    first = subprocess.Popen(cmd, env=env_for(home, smoke_model_path, MONDRIAN_TEST_STOP_AT="retry_listed"),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not _stopped(first.pid) and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _stopped(first.pid), "the first retry never reached its listing"
+        second = subprocess.Popen(cmd, env=env_for(home, smoke_model_path), stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            second.wait(timeout=8)  # waits for the first (or, without the lock, is done by now)
+        except subprocess.TimeoutExpired:
+            pass
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    outs = [first.communicate(timeout=120), second.communicate(timeout=120)]
+    assert [first.returncode, second.returncode] == [0, 0], outs
+    named = [line for out, _ in outs for line in out.splitlines() if "bad-" in line]
+    assert len(named) == 6 and len(set(named)) == 6, outs
+    assert not any("could not be put back" in out + err for out, err in outs), outs
+    assert sorted(p.name for p in (home / "inbox").iterdir()) == [f"bad-{i}.jpg" for i in range(6)]
+    assert {j.state for j in ledger_jobs(home).values()} == {"queued"}

@@ -7,12 +7,16 @@ changed since it failed, or when asked for (`--all`, or its job id)."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import platformdirs
 
+from .. import testhooks
 from ..config import CONFIG_NAME, Config, ConfigError
 from ..fsutil import folder_inside, is_folder, move
 from ..analysis.advisors import advisor_folders
@@ -81,15 +85,38 @@ def failed_now(cfg: Config) -> tuple[int, int]:
     return len(jobs), sum(1 for j in jobs if unchanged_permanent(j, changed))
 
 
+@contextlib.contextmanager
+def _one_retry_at_a_time(cfg: Config) -> Iterator[None]:
+    """Two `retry` at once (two terminals, a script and a person) each read the same failed jobs and each counted
+    them as put back, one of them with "could not be put back" for every photo the other had moved. The second
+    waits for the first, then finds what is still failed."""
+    try:
+        fd = os.open(cfg.var_dir / "retry.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    except OSError:  # a var/ that cannot be written: the ledger's own check says so, in its words
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def retry_failed(cfg: Config, ids: list[int] | None = None, *, everything: bool = False) -> Retried:
     """Queue failed inbox photos again. Those named by `ids` (or all, with `everything`) are queued whatever
     their kind; otherwise permanent failures nothing has changed since are skipped. One photo that cannot be
     put back is said so, and the rest go on."""
+    with _one_retry_at_a_time(cfg):
+        return _retry_failed(cfg, ids, everything=everything)
+
+
+def _retry_failed(cfg: Config, ids: list[int] | None, *, everything: bool) -> Retried:
     ledger = Ledger.for_config(cfg)
     out = Retried()
     done, left = out.queued, out.left
     changed = _settings_changed_at(cfg)
     jobs = ledger.retry_failed(None if ids is None else [i for i in ids if 0 < i < 2**63])
+    testhooks.crashpoint("retry_listed")
     for missing in sorted(set(ids or ()) - {j.id for j in jobs}):
         left.append(_not_retryable(ledger, missing))
     if jobs:
