@@ -84,6 +84,20 @@ class Config:
     ledger_url: str = ""
     lease_seconds: float = 60.0
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # Settings given by an environment variable (setting -> variable): they override mondrian.toml, so advice to
+    # edit the file must name the variable instead (`where_set`).
+    env_set: Mapping[str, str] = field(default_factory=dict)
+
+    def where_set(self, key: str, *, full_path: bool = True) -> str:
+        """Where to change setting `key` so the change takes, for advice: "in <home>/mondrian.toml", or the
+        environment variable that overrides it (a service keeps the value it was installed with). `full_path=False`
+        for the outbox's pages, which name no absolute path."""
+        file = self.home / CONFIG_NAME if full_path else CONFIG_NAME
+        var = self.env_set.get(key)
+        if var:
+            return (f"in the environment variable {var}, which overrides {file} (a service keeps the value it was "
+                    f"installed with: run `{program()} service install` again after changing it)")
+        return f"in {file}"
 
     @property
     def max_file_bytes(self) -> int:
@@ -280,7 +294,7 @@ _SETTING_ALIASES = {"analysis_mode": "default_mode", "mode": "default_mode", "ad
 
 
 def _unknown(key: str, cfg_file: Path) -> ConfigError:
-    names = sorted({f.name for f in fields(Config)} - {"home", "extra"} | set(TABLES))
+    names = sorted({f.name for f in fields(Config)} - {"home", "extra", "env_set"} | set(TABLES))
     alias = _SETTING_ALIASES.get(key.lower())
     close = [alias] if alias else difflib.get_close_matches(key, names, n=1)
     hint = f"did you mean `{close[0]}`?" if close else f"the settings are: {', '.join(names)}"
@@ -383,16 +397,18 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
         raise ConfigError(toml_problem(cfg_file, text or "", exc, "fix it, or delete the file for the defaults")) from exc
 
     origins = {key: f"{key} = {value!r} in {cfg_file}" for key, value in data.items()}
+    env_set: dict[str, str] = {}
     for var, key in ENV_SETTINGS.items():
         if env.get(var):
             data[key] = env[var]
             origins[key] = f"{var}={env[var]!r} (environment)"
+            env_set[key] = var
     for key, value in overrides.items():
         if value is not None:
             data[key] = value
             origins[key] = f"{key}={value!r}"
     for key in data:
-        if key not in _SCALARS or key in ("home", "extra"):
+        if key not in _SCALARS or key in ("home", "extra", "env_set"):
             if key not in TABLES:
                 raise _unknown(key, cfg_file)
             if not isinstance(data[key], dict):
@@ -445,7 +461,7 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
         raise ConfigError(f"{origins.get('db_path', 'db_path')}: db_path is the ledger's file, and {paths['db_path']} "
                           f"is {taken}; name a file in it instead (e.g. {paths['db_path'] / 'ledger.db'})")
     cfg = Config(home=home, var_dir=var_dir, **paths)
-    known = {f.name for f in fields(Config)} - set(paths) - {"home", "var_dir", "extra"}
+    known = {f.name for f in fields(Config)} - set(paths) - {"home", "var_dir", "extra", "env_set"}
     values: dict[str, Any] = {}
     extra: dict[str, Any] = {}
     for key, value in data.items():
@@ -455,7 +471,7 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
                 _check_range(key, values[key], getattr(cfg, key), origins[key])
         else:
             extra[key] = value  # a section (TABLES), read by the part of Mondrian it belongs to
-    cfg = replace(cfg, extra=extra, **values)
+    cfg = replace(cfg, extra=extra, env_set={k: v for k, v in env_set.items() if overrides.get(k) is None}, **values)
     if cfg.default_mode.strip().lower() not in MODES:
         raise ConfigError(f"{origins.get('default_mode', 'default_mode')}: the mode is unknown; use one of "
                           f"{', '.join(MODES)}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -143,6 +144,9 @@ def test_a_timed_out_photo_gets_the_time_limits_advice_in_status_and_it_works(tm
     assert ran.returncode == 0, ran.stderr
     [failure] = json.loads(_paste(f"mondrian --home '{home}' status --json", env, tmp_path).stdout)["recent_failures"]
     assert "job_timeout_seconds" in failure["next_step"], failure
+    # a running daemon reads its settings when it starts: the advice says to restart it, or the retry times out again
+    assert "restart the daemon so it reads the new value" in failure["next_step"], failure
+    assert f"`mondrian --home {shlex.quote(str(home))} service restart`" in failure["next_step"], failure
     settings = home / "mondrian.toml"
     settings.write_text(settings.read_text().replace("job_timeout_seconds = 2", "job_timeout_seconds = 600"))
     [retry] = _commands(failure["next_step"], "retry")
@@ -150,6 +154,39 @@ def test_a_timed_out_photo_gets_the_time_limits_advice_in_status_and_it_works(tm
     assert pasted.returncode == 0 and "slow.jpg" in pasted.stdout, (retry, pasted.stdout, pasted.stderr)
     assert _run(["mondrian", "--home", str(home), "run", "--once"], env, tmp_path).returncode == 0
     assert ledger_jobs(home)["slow.jpg"].state == "done"
+
+
+def test_a_setting_given_by_the_environment_is_named_where_advice_says_to_change_it(tmp_path, smoke_model_path):
+    """`MONDRIAN_JOB_TIMEOUT=1` (or `MONDRIAN_API_PORT`, baked into a service's unit) overrides mondrian.toml: advice
+    to raise the value in mondrian.toml changed nothing. The advice names the variable that set it."""
+    import socket
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    photo(home / "inbox" / "slow.jpg", seed=6, size=(64, 48))
+    env = {**_env(smoke_model_path, _path_with_mondrian(tmp_path)), "MONDRIAN_JOB_TIMEOUT": "1"}
+    ran = _run(["mondrian", "--home", str(home), "run", "--once"], {**env, "MONDRIAN_TEST_TOKEN_SECONDS": "0.5"},
+               tmp_path)
+    assert ran.returncode == 0, ran.stderr
+    record = json.loads((home / "outbox" / "failed" / "slow.jpg.error.json").read_text())
+    assert record["cause"] == "timeout", record
+    assert "in the environment variable MONDRIAN_JOB_TIMEOUT, which overrides mondrian.toml" in record["next_step"]
+    assert str(tmp_path) not in json.dumps(record), record  # the outbox's pages name no absolute path
+    [failure] = json.loads(_paste(f"mondrian --home '{home}' status --json", env, tmp_path).stdout)["recent_failures"]
+    assert "MONDRIAN_JOB_TIMEOUT" in failure["next_step"], failure
+    # without the variable, the file is the place
+    [failure] = json.loads(_paste(f"mondrian --home '{home}' status --json",
+                                  {k: v for k, v in env.items() if k != "MONDRIAN_JOB_TIMEOUT"},
+                                  tmp_path).stdout)["recent_failures"]
+    assert f"`job_timeout_seconds` in {home / 'mondrian.toml'}" in failure["next_step"], failure
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        refused = _run(["mondrian", "--home", str(home), "run"], {**env, "MONDRIAN_API_PORT": str(port)}, tmp_path)
+    assert refused.returncode == 78, refused.stderr
+    assert "set api_port in the environment variable MONDRIAN_API_PORT, which overrides" in refused.stderr, \
+        refused.stderr
 
 
 def test_status_lists_the_known_advisors_for_an_unknown_advisor_folder(tmp_path, smoke_model_path):

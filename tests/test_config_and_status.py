@@ -255,6 +255,8 @@ def test_status_names_a_failure_record_only_if_it_was_written(tmp_path, smoke_mo
         # Written, then cleared away by the photographer: status says so, not that it could not be written.
         (home / "inbox" / "readthen.jpg").write_text("not a photo either")
         wait_for(lambda: _state(home, "readthen.jpg") == "failed", 60, what="the second non-photo to fail")
+        # its page is written at the index's next refresh, a moment after the failure is recorded
+        wait_for(lambda: (home / "outbox" / "failed" / "readthen.jpg.error.html").exists(), 30, what="its page")
         for name in ("readthen.jpg", "readthen.jpg.error.json", "readthen.jpg.error.html"):
             (home / "outbox" / "failed" / name).unlink()
         cleared = status(home, smoke_model_path)["recent_failures"][0]

@@ -38,7 +38,7 @@ def bind(cfg: Config) -> socket.socket:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise PortUnavailable(f"api_host {host!r} is not an address of this machine ({exc.strerror}); set api_host "
-                              f"in {cfg.home / CONFIG_NAME} to 127.0.0.1") from None
+                              f"{cfg.where_set('api_host')} to 127.0.0.1") from None
     family, kind, proto, _, address = infos[0]
     sock = socket.socket(family, kind, proto)
     try:
@@ -51,10 +51,11 @@ def bind(cfg: Config) -> socket.socket:
         if exc.errno == errno.EADDRINUSE:
             raise PortUnavailable(
                 f"the API port {where} is taken by another program (another Mondrian? `lsof -i :{port}` shows "
-                f"which); stop it, or set api_port in {cfg.home / CONFIG_NAME} to a free port (api_port = 0 turns "
-                f"the API off)") from None
+                f"which); stop it, or set api_port {cfg.where_set('api_port')} to a free port (0 turns the API "
+                f"off)") from None
         raise PortUnavailable(f"cannot serve the API on {where} ({exc.strerror or exc}); set api_port (a port above "
-                              f"1024) or api_host in {cfg.home / CONFIG_NAME}, or api_port = 0 to turn it off") from None
+                              f"1024) {cfg.where_set('api_port')}, or api_host {cfg.where_set('api_host')}, or "
+                              f"api_port to 0 to turn it off") from None
     sock.setblocking(False)
     return sock
 

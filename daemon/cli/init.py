@@ -42,7 +42,7 @@ def settings_template() -> str:
              "# remove the `#` and change the value to override it. A mistyped name or an out-of-range value",
              "# is refused when Mondrian starts, with the reason (exit 78).", ""]
     for f in fields(Config):
-        if f.name in ("home", "extra"):
+        if f.name in ("home", "extra", "env_set"):
             continue
         value = _PATHS.get(f.name, f.default)
         line = f"# {f.name} = {_toml_value(value)}"

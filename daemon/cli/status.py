@@ -58,12 +58,12 @@ def require_home(cfg: Config) -> None:
                       f"create one there, or set MONDRIAN_HOME (or --home) to the home you have")
 
 
-def next_step(j: Job, advisors: Iterable[str] = ()) -> str:
+def next_step(j: Job, advisors: Iterable[str] = (), cfg: Config | None = None) -> str:
     """What the person can do about a failure, in a few words (the reason and the record say more). `advisors`:
     the known ones, which an unknown advisor's advice lists."""
     cause = cause_of(j.error or "", advisor_source=j.advisor_source, mode_source=j.mode_source)
     if cause.key in PHOTO_IS_FINE | SETTING_OR_MODEL:  # re-exporting the photo would not help: the record's own
-        return advice(cause, from_inbox=bool(j.owns_file), advisors=advisors, **analyzed_as(j))
+        return advice(cause, from_inbox=bool(j.owns_file), advisors=advisors, cfg=cfg, **analyzed_as(j))
     if is_folder(Path(j.source_path)):  # an inbox folder Mondrian could not look into: no photo, no record
         return f"make the folder readable (`chmod u+rwx`: its photos are moved out of it too); its photos are queued then, and `{mondrian()} retry " \
                f"--failed` clears this entry"
@@ -96,7 +96,7 @@ def _failure(cfg: Config, j: Job, advisors: Iterable[str] = (), later: Job | Non
     of the same name analysed since, while this one's photo is still in failed/ (it stands: two cards' IMG_0001.JPG
     are two photos; a photo put back fixed leaves its broken copy there)."""
     record = Path(f"{j.output_dir}.error.json") if j.output_dir else None
-    step = next_step(j, advisors)
+    step = next_step(j, advisors, cfg)
     if later is not None and j.output_dir:
         step = (f"a later {Path(j.rel_path).name} was critiqued (job {later.id}): if that was this photo, fixed, delete "
                 f"`{shell_word(Path(j.output_dir))}` and its record; if it is another photo, `{mondrian()} retry "

@@ -22,6 +22,7 @@ from ..config import MODES
 from ..hints import mondrian, shell_word
 
 if TYPE_CHECKING:
+    from ..config import Config
     from ..ledger import Job
 
 
@@ -50,7 +51,7 @@ _CAUSES: list[tuple[Cause, tuple[str, ...]]] = [
      (r"in a separate process broke",)),
     (Cause("timeout", "Took longer than the time limit",
            "The photo is probably fine; its analysis took longer than `job_timeout_seconds` allows. Raise "
-           "`job_timeout_seconds` in mondrian.toml (or lower `max_pixels`), then {again}.", False),
+           "`job_timeout_seconds` {where_job_timeout_seconds} (or lower `max_pixels`){apply}, then {again}.", False),
      (r"job_timeout_seconds", r"took longer than")),
     (Cause("advisor_command", "Unknown advisor on the command line",
            "The photo is fine: the advisor named with `--advisor` does not exist. Check its spelling ({advisors}) "
@@ -93,8 +94,8 @@ _CAUSES: list[tuple[Cause, tuple[str, ...]]] = [
            "into the inbox.", True),
      (r"not a file with a photo in it", r"not a regular file")),
     (Cause("too_large", "Too large",
-           "Export the photo at a smaller size and drop the new file into the inbox, or raise `max_file_mb` in "
-           "mondrian.toml and {again}.", True),
+           "Export the photo at a smaller size and drop the new file into the inbox, or raise `max_file_mb` "
+           "{where_max_file_mb}{apply}, then {again}.", True),
      (r"max_file_mb", r"too large", r"more memory", r"allowed here", r"bytes, more than")),
     (Cause("unreadable", "Not a photo Mondrian can read",
            "Open the file in your photo app. If it opens, export it again as JPEG, PNG, TIFF or HEIC and drop the "
@@ -151,7 +152,8 @@ def analyze_command(photo: str | os.PathLike[str], *, advisor: str | None = None
 
 
 def advice(cause: Cause, *, from_inbox: bool, advisors: Iterable[str] = (),
-           photo: str | os.PathLike[str] | None = None, advisor: str | None = None, mode: str | None = None) -> str:
+           photo: str | os.PathLike[str] | None = None, advisor: str | None = None, mode: str | None = None,
+           cfg: Config | None = None, outbox: bool = False) -> str:
     """The cause's next step, for a photo of the inbox (retried with `retry --failed`) or of `mondrian analyze`
     (never moved by Mondrian: analysed again by hand). Given the `photo` of a `mondrian analyze` job (and the
     `advisor` and `mode` its command line named), the command to analyse it again names it (the terminal's
@@ -163,8 +165,17 @@ def advice(cause: Cause, *, from_inbox: bool, advisors: Iterable[str] = (),
             again += " in the folder that holds it"
     else:
         again = (RETRY if from_inbox else ANALYZE_AGAIN).format(mondrian=mondrian())
+    def where(key: str) -> str:  # the variable that overrides the file, when one does
+        return cfg.where_set(key, full_path=not outbox) if cfg is not None else "in mondrian.toml"
+
+    # The daemon reads its settings when it starts: a photo retried into a running daemon would meet the old value.
+    # `mondrian analyze` reads them afresh each time.
+    apply = (f" and restart the daemon so it reads the new value (`{mondrian()} service restart`, or stop "
+             f"`{mondrian()} run` and start it again)" if from_inbox else "")
     text = cause.advice.format(again=again, again_cap=again[0].upper() + again[1:], mondrian=mondrian(),
-                               advisors=", ".join(sorted(advisors)) or "none")
+                               advisors=", ".join(sorted(advisors)) or "none", apply=apply,
+                               where_job_timeout_seconds=where("job_timeout_seconds"),
+                               where_max_file_mb=where("max_file_mb"))
     return text
 
 

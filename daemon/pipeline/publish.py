@@ -575,7 +575,8 @@ class Publisher:
     def _next_step(self, job: Job, cause: Cause) -> str:
         """The next step that fits the cause (failures.py): an unknown advisor lists the known ones."""
         known = load_advisors(self.cfg) if cause.key.startswith("advisor") else {}
-        return advice(cause, from_inbox=bool(job.owns_file), advisors=known, **analyzed_as(job, name_only=True))
+        return advice(cause, from_inbox=bool(job.owns_file), advisors=known, cfg=self.cfg, outbox=True,
+                      **analyzed_as(job, name_only=True))
 
     def clean_staging(self, job: Job) -> None:
         if self.is_own(self.cfg.staging_dir):
