@@ -477,7 +477,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"{advisor.id}`)", file=sys.stderr)
         return 1
     print(f"Evaluating {advisor.id}: {cand_label} against {base_label} on {where}…", file=sys.stderr)
-    rt = ModelRuntime.load(cfg.model, var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
+    from daemon.model.runtime import ModelNotFoundError
+
+    try:
+        rt = ModelRuntime.load(cfg.model, var_dir=cfg.var_dir, max_pixels=cfg.max_pixels)
+    except ModelNotFoundError as exc:
+        print(f"cannot evaluate: {exc}", file=sys.stderr)
+        return 78
     kw = dict(comment_max_chars=cfg.comment_max_chars, max_tokens=cfg.max_tokens)
     prompt = critique_prompt(advisor)
     try:

@@ -193,7 +193,8 @@ def select_targets(refs: list[Reference], advisor_id: str, use_model_scores: boo
             f"{len(usable)} of {advisor_id}'s {len(refs)} references have curator scores (a sidecar "
             f"`<photo>.json`); training needs at least {MIN_REFERENCES}. The other {len(left_out)} were scored "
             f"by the model itself, and an adapter trained on them learns the model's own opinion: add sidecars, "
-            f"or train on them anyway with `{mondrian()} train --use-model-scores` ([lora] use_model_scores = true)")
+            f"or train on them anyway with `{mondrian()} train --advisor {advisor_id} --use-model-scores` ([lora] "
+            f"use_model_scores = true)")
     return usable, left_out
 
 

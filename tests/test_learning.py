@@ -68,8 +68,10 @@ def test_training_targets_are_curator_scores_and_their_own_words_only() -> None:
     from jobs.dataset import DatasetError, NO_COMMENT, select_targets, target_report
 
     refs = [_ref(1), _ref(2, "model"), _ref(3), _ref(4, "model"), _ref(5, "model")]
-    with pytest.raises(DatasetError, match="--use-model-scores"):
-        select_targets(refs, "ansel")  # 2 curator-scored: too few, and the model's own are not taken instead
+    # 2 curator-scored: too few, and the model's own are not taken instead; the command it gives can be pasted
+    # (`train` requires --advisor)
+    with pytest.raises(DatasetError, match="train --advisor ansel --use-model-scores`"):
+        select_targets(refs, "ansel")
     usable, left = select_targets(refs + [_ref(6)], "ansel")
     assert [r.source for r in usable] == ["human"] * 3 and len(left) == 3
     assert len(select_targets(refs, "ansel", use_model_scores=True)[0]) == 5  # the named option lets them in

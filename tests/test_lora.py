@@ -786,6 +786,12 @@ def test_evaluate_cli_prints_the_table_on_the_recorded_test_set(tmp_path, smoke_
                                timeout=300).stdout)
     assert [p["sha256"] for p in data["candidate"]["photos"]] == recorded
 
+    # A model that is not there: one line and exit 78, as `train` says it, not a traceback
+    out = mondrian(cfg.home, smoke_model_path, "evaluate", "--advisor", "synth", "--model",
+                   str(tmp_path / "no-model-here"), timeout=300)
+    assert out.returncode == 78 and "Traceback" not in out.stderr, out.stderr
+    assert "cannot evaluate: model folder" in out.stderr and "does not exist" in out.stderr, out.stderr
+
     # Both recorded test photos unreadable now (still indexed: the index learns of it later): said, exit 1, no
     # table of two empty evaluations.
     for r in refs[-2:]:
