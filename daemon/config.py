@@ -365,6 +365,10 @@ def _read_config_text(cfg_file: Path, home: Path) -> str | None:
     try:
         return read_text_file(cfg_file)
     except (FileNotFoundError, NotADirectoryError):  # a home that is a file is refused with its own words later
+        if os.path.islink(cfg_file):  # a link to settings kept elsewhere (a synced folder, a drive not mounted)
+            raise ConfigError(f"{cfg_file} is a link to {os.readlink(cfg_file)}, which is not there (a drive or "
+                              f"synced folder not connected?); connect it, or replace the link with the settings "
+                              f"file itself") from None
         return None
     except NotReadable as exc:
         raise ConfigError(f"cannot read {cfg_file}: {exc}; or delete it for the defaults") from None

@@ -53,6 +53,24 @@ def test_the_ledger_named_as_one_of_mondrians_folders_is_refused(tmp_path, smoke
     assert "mv " not in line  # the advice to move var/ away would only bring the same error back
 
 
+def test_a_settings_file_linked_to_somewhere_not_there_is_refused_not_taken_for_no_settings(tmp_path,
+                                                                                              smoke_model_path):
+    """mondrian.toml as a link into a synced folder or a drive that is not mounted: every command ran on the
+    defaults (another inbox, a local ledger instead of the studio's `ledger_url`) without a word."""
+    home = make_home(tmp_path / "home", smoke_model_path, max_pixels=56 * 56)
+    settings = home / "mondrian.toml"
+    settings.rename(tmp_path / "kept.toml")
+    settings.symlink_to(tmp_path / "Volumes" / "Studio" / "mondrian.toml")
+    for command in (["status"], ["run", "--once"], ["init", str(home)]):
+        out = mondrian(home, smoke_model_path, *command, timeout=60)
+        assert out.returncode == 78, (command, out.stdout, out.stderr)
+        assert "mondrian.toml is a link to" in out.stderr and "which is not there" in out.stderr, out.stderr
+        assert "Traceback" not in out.stderr
+    settings.unlink()
+    (tmp_path / "kept.toml").rename(settings)
+    assert mondrian(home, smoke_model_path, "status", timeout=60).returncode == 0
+
+
 def test_a_folder_setting_naming_a_file_is_refused_not_called_a_missing_drive(tmp_path, smoke_model_path):
     home = make_home(tmp_path / "home", smoke_model_path, max_pixels=56 * 56)
     _add(home, 'inbox = "mondrian.toml"')

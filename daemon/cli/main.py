@@ -111,9 +111,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     cfg = config_from(args)
     if args.watch is not None:
-        if not 0 < args.watch <= 86400:  # NaN and infinity too
-            print(f"--watch takes a number of seconds above 0 and at most 86400 (got {args.watch:g})",
-                  file=sys.stderr)
+        if not 0.1 <= args.watch <= 86400:  # NaN and infinity too; 1e-300 would redraw with no pause at all
+            print(f"--watch takes a number of seconds from 0.1 to 86400 (got {args.watch:g})", file=sys.stderr)
             return EX_USAGE
         return watch(cfg, args.watch, args.json)
     info = collect(cfg)  # refuses (exit 78) where no home is: a mistyped MONDRIAN_HOME creates none
