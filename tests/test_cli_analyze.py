@@ -6,8 +6,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
+
+import pytest
 
 from tests.harness import ledger_jobs, make_home, mondrian, photo
 from tests.terminal_run import in_terminal, torn_lines
@@ -139,3 +143,26 @@ def test_analyze_of_the_outbox_critiques_the_originals_not_the_images_mondrian_w
     assert out.returncode == 0, out.stderr
     names = sorted(Path(json.loads(line)["source_path"]).name for line in out.stdout.splitlines())
     assert names == ["a.jpg", "a.jpg", "thumb-original.jpg"], names  # a/, the cartier copy's folder, thumb/
+
+
+@pytest.mark.skipif(sys.platform == "darwin", reason="macOS refuses file names that are not UTF-8")
+def test_analyze_names_a_photo_whose_name_is_not_utf8_before_analysing_anything(tmp_path, smoke_model_path):
+    """A photo copied from an old Windows or Linux system named in Latin-1 (`No\\xebl.jpg`), among others in a folder
+    given to `analyze`: it crashed halfway (the ledger records names as text), and the photos after it were never
+    analysed. It is named with a rename that works, before anything runs; renamed, the command goes through."""
+    home = make_home(tmp_path / "home", smoke_model_path, max_pixels=56 * 56, comment_max_chars=8, max_tokens=400)
+    shoot = tmp_path / "shoot"
+    photo(shoot / "a.jpg", seed=1, size=(64, 48))
+    bad = os.fsdecode(bytes(shoot) + b"/No\xebl.jpg")
+    photo(Path(bad), seed=2, size=(64, 48))
+    photo(shoot / "z.jpg", seed=3, size=(64, 48))
+    for given in (str(shoot), bad):
+        out = mondrian(home, smoke_model_path, "analyze", given, timeout=120)
+        assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+        assert "is not valid UTF-8" in out.stderr and "nothing was analysed" in out.stderr, out.stderr
+    assert ledger_jobs(home) == {}
+    [mv] = re.findall(r"`(mv [^`]+)`", out.stderr)
+    assert subprocess.run(["bash", "-c", mv], capture_output=True).returncode == 0
+    out = mondrian(home, smoke_model_path, "analyze", str(shoot), timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert sorted(ledger_jobs(home)) == ["No_ebl.jpg", "a.jpg", "z.jpg"], ledger_jobs(home)

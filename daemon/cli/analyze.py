@@ -27,6 +27,7 @@ from ..intake.inbox import is_report_file, is_temporary_name
 from ..ledger import RUNNING, Ledger, job_dict
 from ..pipeline.supervisor import default_runtime_factory
 from ..pipeline.worker import Worker
+from ..references.indexer import not_utf8
 from ..model.adapter_store import AdapterUnusable
 from ..hints import mondrian, shell_word
 
@@ -121,6 +122,10 @@ def check_paths(cfg: Config, given: list[str]) -> list[Path]:
         else:
             raise AnalyzeRefused(f"{arg!r} is not a regular file or a folder; give photos or folders of photos")
         for photo in found:
+            why = not_utf8(path if stat.S_ISDIR(mode) else photo.parent, photo)
+            if why:  # the ledger records names as text: found now, not as a crash halfway through the photos
+                raise AnalyzeRefused(f"cannot analyse {shell_word(photo)}: {why}; then run the command again "
+                                     f"(nothing was analysed)")
             key = os.path.realpath(photo)
             if key not in seen:
                 seen.add(key)

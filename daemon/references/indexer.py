@@ -285,7 +285,7 @@ def shown_name(name: str | Path) -> str:
     return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
-def _not_utf8(folder: Path, photo: Path) -> str | None:
+def not_utf8(folder: Path, photo: Path) -> str | None:
     """Why `photo`'s name cannot be indexed: the index stores names as text, and this one is not UTF-8."""
     try:
         str(photo).encode("utf-8")
@@ -449,7 +449,7 @@ class ReferenceIndexer:
                 plan.errors.append((advisor_id, place, why))
             keep.update(p for p in rows if scan.holds_away(p))
             for photo in listed:
-                problem = _not_utf8(folder, photo) or _not_a_regular_file(photo) or \
+                problem = not_utf8(folder, photo) or _not_a_regular_file(photo) or \
                     too_large(photo, self.cfg.max_file_bytes)
                 if problem:
                     plan.errors.append((advisor_id, photo, problem))  # a pipe would block the reading thread
