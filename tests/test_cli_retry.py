@@ -353,3 +353,49 @@ def test_two_retries_at_once_put_each_photo_back_once_and_count_it_once(tmp_path
     assert not any("could not be put back" in out + err for out, err in outs), outs
     assert sorted(p.name for p in (home / "inbox").iterdir()) == [f"bad-{i}.jpg" for i in range(6)]
     assert {j.state for j in ledger_jobs(home).values()} == {"queued"}
+
+
+def test_retry_on_a_full_ledger_disk_leaves_every_photo_where_its_record_says(tmp_path, smoke_model_path):
+    """The ledger's disk full: `retry` took the write lock (which needs no space), moved the photo and its sidecar
+    into the inbox, then could not record it: the photo sat in the inbox with its job still failed and its record
+    in failed/ pointing at nothing. Now the command changes nothing, says why, and works once there is space."""
+    from tests.test_faults import _mount, _umount
+    from tests.test_resilience import _fill
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tiny tmpfs needs root")
+    home = make_home(tmp_path / "home", smoke_model_path)
+    var = home / "var"
+    var.mkdir()
+    if _mount("-t", "tmpfs", "-o", "size=2m,mode=0755", "tmpfs", str(var)).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        (home / "inbox" / "j.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
+        (home / "inbox" / "j.mode").write_text("baseline\n")
+        assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+        failed = home / "outbox" / "failed"
+        assert (failed / "j.jpg").is_file() and (failed / "j.mode").is_file()
+        # A reader keeps the ledger open (a running `status --watch`, the daemon): its -wal and -shm stay, so
+        # opening it and taking the write lock work on the full disk, and only writing fails.
+        reader = subprocess.Popen([sys.executable, "-c", (
+            "import sqlite3, sys, time\n"
+            f"c = sqlite3.connect({str(var / 'ledger.db')!r}); c.execute('select count(*) from job').fetchall()\n"
+            "print('open', flush=True); time.sleep(300)\n")], stdout=subprocess.PIPE, text=True)
+        assert reader.stdout.readline().strip() == "open"
+        filler = _fill(var)
+        out = mondrian(home, smoke_model_path, "retry", "--failed", "--all", timeout=120)
+        assert out.returncode == 78 and "Traceback" not in out.stderr, (out.stdout, out.stderr)
+        assert "full" in out.stderr, out.stderr
+        assert sorted(p.name for p in (home / "inbox").iterdir()) == []
+        assert (failed / "j.jpg").is_file() and (failed / "j.mode").is_file() and (failed / "j.jpg.error.json").is_file()
+        filler.unlink()
+        assert ledger_jobs(home)["j.jpg"].state == "failed"
+        out = mondrian(home, smoke_model_path, "retry", "--failed", "--all", timeout=120)
+        assert out.returncode == 0 and "j.jpg" in out.stdout, out.stderr
+        assert sorted(p.name for p in (home / "inbox").iterdir()) == ["j.jpg", "j.mode"]
+        assert ledger_jobs(home)["j.jpg"].state == "queued"
+    finally:
+        if "reader" in locals():
+            reader.kill()
+            reader.wait()
+        _umount(var)

@@ -205,6 +205,7 @@ def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | 
         back = unique_path(back.parent, back.stem, back.suffix)
         # The sidecar the error record told the user to fix comes back with its photo, before it, so the
         # watcher never sees the photo without it.
+        moved: list[tuple[Path, Path]] = []
         sidecar = sidecar_for(kept)
         if sidecar is not None:
             target = back.with_name(back.stem + sidecar.suffix)
@@ -213,14 +214,25 @@ def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | 
                             f"{target.name} is already in the inbox; the photo is queued without it")
             else:
                 move(sidecar, target)  # the outbox may be on another disk than the inbox
+                moved.append((sidecar, target))
         for theirs in editor_sidecars(kept):  # the photographer's own (.xmp, .AAE): back with it, or left there
             target = back.with_name((back.name if same_name(theirs.stem, kept.name) else back.stem) + theirs.suffix)
             if not os.path.lexists(target):
                 move(theirs, target)
+                moved.append((theirs, target))
         # Move first, then queue: killed in between, the photo sits in the inbox (the watcher or the next
         # retry picks it up) instead of being queued at a path where nothing is yet.
         move(kept, back)
-        ledger.requeue_failed(job.id, back, _advisor_now(cfg, job, back))
+        moved.append((kept, back))
+        try:
+            ledger.requeue_failed(job.id, back, _advisor_now(cfg, job, back))
+        except BaseException:
+            # Not recorded (a full disk: taking the write lock, which check_writable did, needs no space; writing
+            # does): everything goes back to failed/, where its record says it is, and the command changes nothing.
+            for src, dst in reversed(moved):
+                with contextlib.suppress(OSError):
+                    move(dst, src)
+            raise
         _drop_record(kept)
     elif os.path.lexists(src):
         ledger.requeue_failed(job.id, src, _advisor_now(cfg, job, src))
