@@ -957,10 +957,18 @@ class Ledger:
         finally:
             os.close(fd)
 
+    def clock(self) -> float:
+        """Now, for what several machines compare (leases, heartbeats, backoffs, when a job started and ended): the
+        database server's clock on a shared ledger, so Macs whose clocks differ by a minute agree on when a lease
+        ends (one ahead took over the others' photos); this machine's own otherwise."""
+        if not self.shared:
+            return time.time()
+        return float(self.db.execute_sql("SELECT EXTRACT(EPOCH FROM clock_timestamp())").fetchone()[0])
+
     def job_is_live(self, job: Job) -> bool:
         """Whether the process running `job` still runs (its run lock is held); False for a job not running."""
         if self.shared:
-            return job.state == RUNNING and (job.lease_until is None or job.lease_until >= time.time()
+            return job.state == RUNNING and (job.lease_until is None or job.lease_until >= self.clock()
                                              or self.holds(job.id) is not None)
         # Unsigned (no run lock could be taken): its pid still running here is the best sign there is.
         return job.state == RUNNING and (self._signer_runs(job.worker) or not self._signer_gone(job.worker))
@@ -1112,7 +1120,7 @@ class Ledger:
     @writes
     def start_direct(self, source_path: Path, rel_path: str, advisor: str, advisor_source: str) -> Job:
         """A job run in-process by `mondrian analyze`: created already running so no daemon claims it."""
-        now = time.time()
+        now = self.clock()
         return self.Job.create(source_path=str(source_path), rel_path=rel_path, advisor=advisor,
                                advisor_source=advisor_source, state=RUNNING, attempts=1, worker=self.worker_id(),
                                enqueued_at=now, started_at=now, owns_file=False)
@@ -1121,7 +1129,7 @@ class Ledger:
     @writes
     def claim(self, worker: str | None = None, now: float | None = None) -> Job | None:
         """Atomically move the oldest due queued job to running and return it."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         worker = worker or self.worker_id()
         due = (self.Job.select(self.Job.id).where((self.Job.state == QUEUED) & self._due(now))
                .order_by(self.Job.not_before, self.Job.id).limit(1))
@@ -1149,6 +1157,14 @@ class Ledger:
         with self._held_lock:
             held = self._held.get(job_id)
         return held[0] if held else None
+
+    def let_go(self, job_id: int) -> None:
+        """Stop renewing this process's lease on `job_id` without writing anything (the ledger cannot be reached):
+        its lease ends, and the photo is claimed again, here or on another machine, once the ledger answers."""
+        with self._held_lock:
+            held = self._held.pop(job_id, None)
+            if held is not None:
+                self._stale[job_id] = held[0]
 
     def _mine(self, job_id: int) -> tuple[Any, int | None]:
         """The condition that a write about `job_id` applies to: with this process's claim on it, only while that
@@ -1202,12 +1218,12 @@ class Ledger:
             return None
         until = self.Job.select(self.Job.lease_until).where(
             (self.Job.id == job_id) & (self.Job.lease_token == token)).scalar()
-        return None if until is None else until - (time.time() if now is None else now)
+        return None if until is None else until - (self.clock() if now is None else now)
 
     @writes
     def renew_leases(self, now: float | None = None) -> list[int]:
         """Extend the lease of every job this process holds; returns the ids it no longer holds (taken over)."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         with self._held_lock:
             held = dict(self._held)
         lost = []
@@ -1222,7 +1238,7 @@ class Ledger:
     def requeue_expired(self, now: float | None = None) -> list[Job]:
         """Running jobs whose lease ended (their worker died, or stalled past it) back to the queue, first in line;
         never this process's own. Returns them."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         with self._held_lock:
             mine = list(self._held)
         cond = (self.Job.state == RUNNING) & self.Job.lease_until.is_null(False) & (self.Job.lease_until < now)
@@ -1238,11 +1254,12 @@ class Ledger:
     @writes
     def beat(self, now: float | None = None) -> None:
         """This process's row in the workers table: what it runs, since when, and how much it has done."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         with self._held_lock:
             held = sorted(self._held.items())
         job_id, (token, photo, claimed_at) = held[0] if held else (None, (None, None, None))
-        values = dict(host=socket.gethostname(), pid=os.getpid(), started_at=self._started_at, beat_at=now,
+        started = now - (time.time() - self._started_at)  # on the ledger's clock, as the beat is
+        values = dict(host=socket.gethostname(), pid=os.getpid(), started_at=started, beat_at=now,
                       lease_seconds=self.lease_seconds, job_id=job_id, photo=photo, claimed_at=claimed_at,
                       done=self._done)
         w = self.Worker
@@ -1292,7 +1309,7 @@ class Ledger:
                 self.db.execute_sql("SELECT pg_advisory_unlock(%s)", (TRAINING_LOCK,))
 
     def next_due_in(self, now: float | None = None) -> float | None:
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         t = self.Job.select(fn.MIN(self.Job.not_before)).where(self.Job.state == QUEUED).scalar()
         return None if t is None else max(0.0, t - now)
 
@@ -1306,7 +1323,7 @@ class Ledger:
         if self.shared:
             # Run locks are files of one machine: on a shared ledger only a lease that ended tells a job is orphaned
             # (a `mondrian analyze` job holds no lease: it is never taken from it).
-            now = time.time()
+            now = self.clock()
             return [j for j in running if j.lease_until is not None and j.lease_until < now
                     and self.holds(j.id) is None]
         return [j for j in running if not self._signer_runs(j.worker) and (not proven or self._signer_gone(j.worker))]
@@ -1393,7 +1410,7 @@ class Ledger:
             j.context_key: context_key, j.report_json: str(report_json), j.report_html: str(report_html),
             j.embedded_sha256: embedded_sha256,
             j.grade: grade, j.adapter: adapter, j.analysis_s: analysis_s, j.output_dir: str(output_dir),
-            j.finished_at: time.time(), j.error: None, j.error_kind: None, j.lease_until: None}, ends=True)
+            j.finished_at: self.clock(), j.error: None, j.error_kind: None, j.lease_until: None}, ends=True)
 
     @writes
     def finish_duplicate(self, job_id: int, first: Job, output_dir: Path,
@@ -1405,20 +1422,20 @@ class Ledger:
             j.fallbacks: first.fallbacks if fallbacks is None else json.dumps(fallbacks),
             j.report_json: first.report_json,
             j.report_html: first.report_html, j.grade: first.grade, j.adapter: first.adapter,
-            j.output_dir: str(output_dir), j.finished_at: time.time(), j.lease_until: None}, ends=True)
+            j.output_dir: str(output_dir), j.finished_at: self.clock(), j.lease_until: None}, ends=True)
 
     @writes
     def fail(self, job_id: int, reason: str, output_dir: Path | None, kind: str = "permanent") -> None:
         j = self.Job
         self._fenced(job_id, "failure record", {
-            j.state: FAILED, j.error: reason, j.error_kind: kind, j.finished_at: time.time(),
+            j.state: FAILED, j.error: reason, j.error_kind: kind, j.finished_at: self.clock(),
             j.output_dir: str(output_dir) if output_dir else None, j.lease_until: None}, ends=True)
 
     @writes
     def retry_later(self, job_id: int, reason: str, delay_s: float) -> None:
         j = self.Job
         self._fenced(job_id, "retry", {j.state: QUEUED, j.error: reason, j.error_kind: "transient", j.worker: None,
-                                       j.not_before: time.time() + delay_s, j.lease_until: None},
+                                       j.not_before: self.clock() + delay_s, j.lease_until: None},
                      ends=True, give_back=True)
 
     @writes
@@ -1431,7 +1448,7 @@ class Ledger:
         `reset_attempts`: the photo was cleared of the crashes counted against it (daemon/pipeline/isolation.py)."""
         upd: dict[Any, Any] = {self.Job.state: QUEUED, self.Job.worker: None, self.Job.lease_until: None}
         if not keep_place:
-            upd[self.Job.not_before] = time.time() + delay_s
+            upd[self.Job.not_before] = self.clock() + delay_s
         if reason:
             upd[self.Job.error] = reason
         if undo_attempt:
@@ -1446,14 +1463,14 @@ class Ledger:
         without blame (the attempt is given back)."""
         j = self.Job
         self._fenced(job_id, "requeue", {j.state: QUEUED, j.worker: None, j.size: size, j.mtime: mtime,
-                                         j.not_before: time.time() + delay_s, j.attempts: _one_less(j.attempts),
+                                         j.not_before: self.clock() + delay_s, j.attempts: _one_less(j.attempts),
                                          j.lease_until: None},
                      ends=True, give_back=True, extra=j.state == RUNNING)
 
     @writes
     def mark_gone(self, job_id: int, reason: str) -> None:
         j = self.Job
-        self._fenced(job_id, "removal record", {j.state: GONE, j.error: reason, j.finished_at: time.time(),
+        self._fenced(job_id, "removal record", {j.state: GONE, j.error: reason, j.finished_at: self.clock(),
                                                 j.lease_until: None}, ends=True)
 
     def retry_failed(self, ids: Iterable[int] | None = None) -> list[Job]:
@@ -1536,7 +1553,7 @@ class Ledger:
 
     def delayed(self, now: float | None = None) -> list[Job]:
         """Queued jobs waiting out a backoff (a transient fault, a file still settling), soonest first."""
-        now = time.time() if now is None else now
+        now = self.clock() if now is None else now
         return list(self.Job.select().where((self.Job.state == QUEUED) & ~self._due(now))
                     .order_by(self.Job.not_before))
 

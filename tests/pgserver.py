@@ -63,6 +63,16 @@ class PgServer:
         self._run(self.bin / "pg_ctl", "-D", self.data, "-o", opts, "-l", self.root / "server.log", "-w", "-t", "60",
                   "start")
 
+    def bounce(self, down_s: float = 1.0) -> None:
+        """A restart of the server (an update, a reboot of the NAS that runs it): every connection is cut."""
+        import time
+
+        self._run(self.bin / "pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
+        time.sleep(down_s)
+        opts = f"-k {self.root} -c listen_addresses='' -F -c max_connections=200"
+        self._run(self.bin / "pg_ctl", "-D", self.data, "-o", opts, "-l", self.root / "server.log", "-w", "-t", "60",
+                  "start")
+
     def stop(self) -> None:
         try:
             self._run(self.bin / "pg_ctl", "-D", self.data, "-m", "immediate", "-w", "stop")

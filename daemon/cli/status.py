@@ -210,16 +210,17 @@ def collect(cfg: Config) -> dict[str, Any]:
         testhooks.crashpoint("status_counted")
         events = ledger.events()
         now = time.time()
+        at = ledger.clock()  # jobs' times are the ledger's (a shared ledger's server's), not this Mac's
         running, interrupted = [], []
         for j in ledger.running():
             entry = {"job_id": j.id, "file": j.rel_path, "advisor": j.advisor, "mode": j.requested_mode,
                      "owns_file": j.owns_file, "started_at": j.started_at, "analyze_again": None if j.owns_file
                      else analyze_command(**analyzed_as(j)),
-                     "elapsed_s": round(now - (j.started_at or now), 1)}
+                     "elapsed_s": round(at - (j.started_at or at), 1)}
             # A job whose process is gone (a killed `mondrian analyze`) is not in progress, whatever the ledger says.
             (running if ledger.job_is_live(j) else interrupted).append(entry)
         delayed = [{"job_id": j.id, "file": j.rel_path, "attempts": j.attempts, "next_try_at": j.not_before,
-                    "next_try_in_s": round(j.not_before - now, 1), "reason": j.error} for j in ledger.delayed(now)]
+                    "next_try_in_s": round(j.not_before - at, 1), "reason": j.error} for j in ledger.delayed(at)]
         recent = list(ledger.recent_failures(superseded=counts.superseded))
         known = _known_advisors(cfg, recent)
         failures = [_failure(cfg, j, known, ledger.later_done(j.source_path, j.id)) for j in recent]

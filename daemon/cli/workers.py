@@ -5,7 +5,6 @@ for longer than its lease is lost, and its photo goes back to the queue (daemon/
 from __future__ import annotations
 
 import json
-import time
 from typing import Any
 
 from ..config import Config
@@ -14,7 +13,7 @@ from ..hints import mondrian
 
 
 def worker_rows(ledger: Ledger, now: float | None = None) -> list[dict[str, Any]]:
-    now = time.time() if now is None else now
+    now = ledger.clock() if now is None else now  # the beats were stamped by the ledger's clock (the server's)
     rows = []
     for w in ledger.workers():
         job = ledger.Job.get_or_none(ledger.Job.id == w.job_id) if w.job_id is not None else None

@@ -27,7 +27,7 @@ from ..errors import Cancelled, Permanent, TimedOut, Transient, is_permanent
 from ..fsutil import holds, identity
 from ..intake.images import ImageRejected, LoadedImage, PhotoTruncated, load_photo
 from ..intake.inbox import SidecarError, read_sidecar, sidecar_for
-from ..ledger import DONE, FAILED, Job, LeaseLost, Ledger, LedgerUnavailable
+from ..ledger import DONE, FAILED, Job, LeaseLost, Ledger, LedgerUnavailable, outside_fault
 from .costs import JobCosts
 from .isolation import check_alone
 from .publish import OUTSIDE_INBOX, OutboxGone, Publisher
@@ -230,11 +230,26 @@ class Worker:
             log.warning("stopping: %s stays in progress and is taken up again at the next start", job.rel_path)
             raise
         except Exception as exc:  # one photo must never take the worker down
-            if is_permanent(exc):
-                self.out.fail(self.ledger.get(job.id), f"the model could not produce a critique: {exc}")
-            else:
-                log.exception("unexpected error on %s", job.rel_path)
-                self.out.transient(job, f"unexpected error: {type(exc).__name__}: {exc}")
+            try:
+                if is_permanent(exc):
+                    self.out.fail(self.ledger.get(job.id), f"the model could not produce a critique: {exc}")
+                elif outside_fault(exc) is not None:  # the ledger's server restarting: not the photo's doing
+                    log.warning("%s: the ledger could not be read (%s); trying it again later", job.rel_path,
+                                outside_fault(exc))
+                    self.out.transient(job, f"the ledger could not be read ({outside_fault(exc)})")
+                else:
+                    log.exception("unexpected error on %s", job.rel_path)
+                    self.out.transient(job, f"unexpected error: {type(exc).__name__}: {exc}")
+            except Exception as again:
+                if outside_fault(again) is None:
+                    raise
+                # Not even that could be recorded (reads, unlike writes, do not wait for the ledger): kept, the
+                # claim would be renewed for ever by the heartbeat with nothing working on it. Let go instead: its
+                # lease ends and the photo is claimed again once the ledger answers.
+                self.out.clean_staging(job)
+                self.ledger.let_go(job.id)
+                log.warning("%s: the ledger cannot be reached (%s); the photo is taken up again once it can be",
+                            job.rel_path, outside_fault(again))
 
     def in_hand(self) -> list[Job]:
         """The jobs this worker has claimed and not finished (a batch holds several)."""
