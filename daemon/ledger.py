@@ -968,8 +968,9 @@ class Ledger:
     def job_is_live(self, job: Job) -> bool:
         """Whether the process running `job` still runs (its run lock is held); False for a job not running."""
         if self.shared:
-            return job.state == RUNNING and (job.lease_until is None or job.lease_until >= self.clock()
-                                             or self.holds(job.id) is not None)
+            if job.lease_until is None:  # a `mondrian analyze` job: live unless it was this machine's and is gone
+                return job.state == RUNNING and not self._gone_from_here(job.worker)
+            return job.state == RUNNING and (job.lease_until >= self.clock() or self.holds(job.id) is not None)
         # Unsigned (no run lock could be taken): its pid still running here is the best sign there is.
         return job.state == RUNNING and (self._signer_runs(job.worker) or not self._signer_gone(job.worker))
 
@@ -1321,12 +1322,21 @@ class Ledger:
         `mondrian analyze` killed meanwhile): its run lock is free, or, unsigned, no process has its pid here."""
         running = self.Job.select().where(self.Job.state == RUNNING).order_by(self.Job.id)
         if self.shared:
-            # Run locks are files of one machine: on a shared ledger only a lease that ended tells a job is orphaned
-            # (a `mondrian analyze` job holds no lease: it is never taken from it).
+            # Run locks are files of one machine: on a shared ledger a lease that ended tells a job is orphaned. A
+            # `mondrian analyze` job holds no lease; one started on this machine whose process is gone (killed) is
+            # orphaned too, else it stayed "in progress" for ever and `run --once` waited for it.
             now = self.clock()
-            return [j for j in running if j.lease_until is not None and j.lease_until < now
-                    and self.holds(j.id) is None]
+            return [j for j in running if self.holds(j.id) is None and (
+                (j.lease_until is not None and j.lease_until < now)
+                or (j.lease_until is None and self._gone_from_here(j.worker)))]
         return [j for j in running if not self._signer_runs(j.worker) and (not proven or self._signer_gone(j.worker))]
+
+    def _gone_from_here(self, worker: str | None) -> bool:
+        """A job signed by a process of this machine that no longer runs (no run lock held, no such pid)."""
+        host, _, rest = (worker or "").partition(":")
+        pid = rest.partition(":")[0]
+        return (host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid))
+                and not self._signer_runs(worker))
 
     def _signer_gone(self, worker: str | None) -> bool:
         host, _, rest = (worker or "").partition(":")

@@ -146,10 +146,13 @@ def terminal_count(info: dict[str, Any]) -> int:
 
 
 def ledger_jobs(home: Path) -> dict[str, Any]:
-    """Every job in the home's ledger, by its path relative to the inbox (read straight from the SQLite file)."""
+    """Every job in the home's ledger, by its path relative to the inbox (the SQLite file, or the PostgreSQL ledger
+    its mondrian.toml names)."""
+    from daemon.config import load_config
     from daemon.ledger import Ledger
 
-    ledger = Ledger(home / "var" / "ledger.db")
+    url = load_config(home, env={}).ledger_url if (home / "mondrian.toml").is_file() else ""
+    ledger = Ledger(home / "var" / "ledger.db", url=url or None)
     try:
         return {j.rel_path: j for j in ledger.jobs()}
     finally:

@@ -199,8 +199,12 @@ def _gave_up(home: Path, name: str) -> bool:
     return job is not None and job.state == "failed" and f"`{named(home, 'analyze')}` was stopped" in (job.error or "")
 
 
-def test_a_killed_analyze_is_interrupted_in_status_and_recorded_by_the_running_daemon(tmp_path, smoke_model_path):
-    home = make_home(tmp_path / "home", smoke_model_path, **{**FAST, "rescan_seconds": 2})
+def test_a_killed_analyze_is_interrupted_in_status_and_recorded_by_the_running_daemon(tmp_path, smoke_model_path,
+                                                                                     ledger_url):
+    # On a shared ledger too: an analyze job holds no lease, and one killed on this Mac stayed "in progress" for
+    # ever there, with `run --once` waiting for it.
+    home = make_home(tmp_path / "home", smoke_model_path, **{**FAST, "rescan_seconds": 2},
+                     **({"ledger_url": ledger_url} if ledger_url else {}))
     outside = tmp_path / "elsewhere"
     one, two, three = (photo(outside / f"{n}.jpg", seed=i, size=(64, 48)) for i, n in enumerate(["one", "two", "three"]))
     before = {p: p.read_bytes() for p in (one, two, three)}
