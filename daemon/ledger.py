@@ -21,6 +21,7 @@ import functools
 import itertools
 import json
 import logging
+import operator
 import os
 import re
 import secrets
@@ -573,6 +574,11 @@ class Ledger:
             _refuse_a_ledger_the_daemon_lost(Path(cfg.db_path), Path(cfg.var_dir) / "daemon.lock",
                                              Path(cfg.inbox) if served else None)
         ledger = cls(cfg.db_path, url=cfg.ledger_url or None, lease_seconds=cfg.lease_seconds, **kwargs)
+        if ledger.shared:
+            # Only photos this Mac can reach: another Mac may mount the share elsewhere (`/Volumes/Studio-1`), and an
+            # API upload waits in its own machine's spool. Claimed here, such a photo failed as "no longer the inbox"
+            # (or gone) for good.
+            ledger._claim_under = tuple(os.path.join(str(p), "") for p in (cfg.inbox, cfg.spool_dir))
         try:
             ledger.follow_home(cfg.home, cfg.inbox, cfg.outbox)
         except BaseException:
@@ -594,6 +600,7 @@ class Ledger:
         self._held: dict[int, tuple[int, str, float]] = {}
         # Claims found stale: every later write about those jobs is refused too, until this process claims one again.
         self._stale: dict[int, int] = {}
+        self._claim_under: tuple[str, ...] = ()  # folders whose jobs this process may claim (a shared ledger)
         self._held_lock = threading.Lock()
         self._done = 0
         self._started_at = time.time()
@@ -1132,8 +1139,10 @@ class Ledger:
         """Atomically move the oldest due queued job to running and return it."""
         now = self.clock() if now is None else now
         worker = worker or self.worker_id()
-        due = (self.Job.select(self.Job.id).where((self.Job.state == QUEUED) & self._due(now))
-               .order_by(self.Job.not_before, self.Job.id).limit(1))
+        cond = (self.Job.state == QUEUED) & self._due(now)
+        if self._claim_under:  # compared as text: LIKE would read `_` and `%` in a folder's name as wildcards
+            cond &= functools.reduce(operator.or_, [fn.SUBSTR(self.Job.source_path, 1, len(p)) == p for p in self._claim_under])
+        due = self.Job.select(self.Job.id).where(cond).order_by(self.Job.not_before, self.Job.id).limit(1)
         if self.shared:
             # Nodes claiming at once each lock a different row instead of queueing behind one another's.
             due = due.for_update("FOR UPDATE SKIP LOCKED")

@@ -328,3 +328,34 @@ def test_a_node_whose_clock_runs_ahead_takes_over_no_healthy_photo(tmp_path: Pat
     assert "lease ended" not in logs and "refused:" not in logs, logs[-3000:]
     assert all(j.attempts == 1 for j in ledger.jobs()), [(j.rel_path, j.attempts, j.error) for j in ledger.jobs()]
     assert sorted(p.parent.name for p in reports(outbox)) == sorted(Path(n).stem for n in names)
+
+
+def test_a_node_that_mounts_the_share_elsewhere_leaves_the_others_photos_alone(tmp_path: Path,
+                                                                               smoke_model_path: Path,
+                                                                               pg_server) -> None:
+    """One Mac mounts the studio's share as `/Volumes/Studio-1` (macOS does, when the name is taken): its inbox path
+    differs from the others'. It claimed their photos, found them "no longer the inbox" and failed them for good.
+    It now claims only photos under its own inbox (and its own API spool)."""
+    url = pg_server.new_database()
+    homes, inbox, outbox = _homes(tmp_path, url, 1, smoke_model_path)
+    elsewhere = tmp_path / "Studio-1"
+    (elsewhere / "inbox").mkdir(parents=True)
+    homes.append(make_home(tmp_path / "node1", smoke_model_path, inbox=str(elsewhere / "inbox"),
+                           outbox=str(elsewhere / "outbox"), ledger_url=url, **FAST))
+    ledger = Ledger(homes[0] / "var" / "ledger.db", url=url)
+    nodes = [Daemon(home, smoke_model_path) for home in homes]
+    names = [f"shot{i}.jpg" for i in range(6)]
+    try:
+        wait_for(lambda: len(ledger.workers()) == 2, timeout=120, what="both nodes' heartbeats")
+        for i, name in enumerate(names):
+            photo(inbox / name, seed=80 + i, size=(64, 48))
+        photo(elsewhere / "inbox" / "theirs.jpg", seed=90, size=(64, 48))
+        wait_for(lambda: sum(j.state == DONE for j in ledger.jobs()) == len(names) + 1, timeout=300, interval=0.5,
+                 what="every photo done")
+    finally:
+        for node in nodes:
+            node.stop()
+    jobs = ledger.jobs()
+    assert all(j.state == DONE for j in jobs), [(j.rel_path, j.state, j.error) for j in jobs]
+    assert sorted(p.parent.name for p in reports(outbox)) == sorted(Path(n).stem for n in names)
+    assert [p.parent.name for p in reports(elsewhere / "outbox")] == ["theirs"]
