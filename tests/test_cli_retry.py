@@ -399,3 +399,27 @@ def test_retry_on_a_full_ledger_disk_leaves_every_photo_where_its_record_says(tm
             reader.kill()
             reader.wait()
         _umount(var)
+
+
+def test_a_failure_whose_photo_was_deleted_since_is_cleared_by_retry_with_its_record(tmp_path, smoke_model_path):
+    """A photo `analyze` failed on, deleted since: status advised "run analyze on it again", which cannot work, and
+    `retry --failed` only repeated that, so the failure stood in status and the index for good. An inbox photo
+    cleared the same way left its failure record in failed/. Both are cleared, records and pages too."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    (outside / "gone.jpg").write_bytes(b"junk, not a photo")
+    assert mondrian(home, smoke_model_path, "analyze", str(outside / "gone.jpg"), timeout=120).returncode != 0
+    (home / "inbox" / "lost.jpg").write_bytes(b"junk too")
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    failed = home / "outbox" / "failed"
+    assert (failed / "gone.jpg.error.json").is_file() and (failed / "lost.jpg.error.json").is_file()
+    (outside / "gone.jpg").unlink()
+    (failed / "lost.jpg").unlink()
+    out = mondrian(home, smoke_model_path, "retry", "--failed", "--all")
+    assert "gone.jpg is not at" in out.stdout + out.stderr and "its entry is cleared" in out.stdout + out.stderr, out
+    assert status(home, smoke_model_path)["recent_failures"] == []
+    assert sorted(p.name for p in failed.iterdir() if not p.name.startswith(".")) == []
+    assert {j.state for j in ledger_jobs(home).values()} == {"gone"}
+    index = (home / "outbox" / "index.html").read_text()
+    assert "gone.jpg" not in index and "lost.jpg" not in index

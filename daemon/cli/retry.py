@@ -135,8 +135,8 @@ def _retry_failed(cfg: Config, ids: list[int] | None, *, everything: bool) -> Re
                         f"move it from {cfg.failed_dir.name}/ into the inbox yourself")
         if line:
             done.append(line)
-    if done:
-        OutboxIndex(cfg, ledger).refresh()  # the failures put back leave the outbox index now, not after a job
+    if done or left:
+        OutboxIndex(cfg, ledger).refresh()  # failures put back or cleared leave the outbox index now, not after a job
     return out
 
 
@@ -173,6 +173,13 @@ def _drop_record(kept: Path) -> None:
 def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | None:
     if not job.owns_file:
         # Its photo is the user's, wherever it lies: queueing it would make the daemon move it into the outbox.
+        if not os.path.lexists(job.source_path):  # deleted since: the advice to analyse it again cannot be followed
+            left.append(f"job {job.id}: {job.rel_path} is not at {job.source_path} any more (deleted or moved?), so "
+                        f"its entry is cleared; to have it critiqued, run `{mondrian()} analyze` on it where it is now")
+            ledger.mark_gone(job.id, "its photo was not there any more when `retry --failed` looked for it")
+            if job.output_dir:
+                _drop_record(Path(job.output_dir))
+            return None
         again = analyze_command(**analyzed_as(job))
         left.append(f"job {job.id}: {job.rel_path} was analysed with `{mondrian()} analyze` and stays where it is; "
                     f"run `{again}` again (or copy it into the inbox)")
@@ -250,5 +257,7 @@ def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | 
         # Else `status` would list it, advising this very command, for ever.
         ledger.mark_gone(job.id, f"not in {cfg.failed_dir.name}/ nor in the inbox when `retry --failed` looked for "
                                  f"it (deleted or moved away)")
+        if kept is not None:  # its record would name a photo that is gone
+            _drop_record(kept)
         return None
     return f"job {job.id}: {job.rel_path}"
