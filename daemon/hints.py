@@ -35,8 +35,12 @@ def shell_word(path: Path) -> str:
     (possible on Linux) bash's and zsh's $'...' with \\x escapes, which survives the terminal's own escaping."""
     raw = os.fsencode(path)
     try:
-        raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
+        text = None
+    if text is None or any(ord(c) < 32 or ord(c) == 127 for c in text):
+        # Not UTF-8, or a control character (a line break in a folder's name): inside '...' the terminal shows it
+        # escaped (`\n`), which pasted is a backslash and an n. $'...' gives the byte back.
         return "$'" + "".join(chr(b) if 32 <= b < 127 and chr(b) not in "'\\" else f"\\x{b:02x}" for b in raw) + "'"
     return shlex.quote(str(path))
 

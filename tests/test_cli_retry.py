@@ -224,19 +224,21 @@ def test_retry_with_the_ledger_locked_moves_nothing_and_says_what_to_do(tmp_path
 
 
 @pytest.mark.skipif(sys.platform == "darwin", reason="macOS refuses file names that are not UTF-8")
-def test_a_home_whose_name_is_not_utf8_gets_hints_a_shell_can_paste(tmp_path, smoke_model_path):
-    """The terminal shows a stray byte escaped; the hint must still give the shell the exact name back."""
+@pytest.mark.parametrize("name,escaped", [(b"ph\xffoto", "\\xff"), (b"new\nline", "\\x0a")])
+def test_a_home_whose_name_is_not_utf8_gets_hints_a_shell_can_paste(tmp_path, smoke_model_path, name, escaped):
+    """The terminal shows a stray byte, or a line break in a folder's name, escaped; the hint must still give the
+    shell the exact name back (a line break inside '...' showed as `\\n`: pasted, a backslash and an n)."""
     import os
     import shlex
 
-    home = make_home(tmp_path / os.fsdecode(b"ph\xffoto"), smoke_model_path)
+    home = make_home(tmp_path / os.fsdecode(name), smoke_model_path)
     env = {k: v for k, v in os.environ.items() if k not in ("MONDRIAN_HOME", "ANALYSIS_MODE")}
     env.update(MONDRIAN_MODEL=str(smoke_model_path), HF_HUB_OFFLINE="1")
     shown = subprocess.run([sys.executable, "-m", "daemon", "--home", str(home), "status"], env=env, cwd=tmp_path,
                            capture_output=True, text=True, timeout=120)
     assert shown.returncode == 0, shown.stderr
     hint = next(part for part in shown.stdout.split("`") if part.startswith("mondrian --home"))
-    assert "\\xff" in hint and "\\udcff" not in hint, hint
+    assert escaped in hint and "\\udcff" not in hint, hint
     # Pasted into bash (zsh reads $'...' the same way): it names this home, not a new one.
     command = f"{shlex.quote(sys.executable)} -m daemon {hint.split(' ', 1)[1].replace(' run', ' status')}"
     pasted = subprocess.run(["bash", "-c", command], env=env, cwd=tmp_path, capture_output=True, text=True,
