@@ -368,8 +368,8 @@ def outside_fault(exc: BaseException) -> str | None:
 
 def _advice(reason: str) -> str:
     low = reason.lower()
-    if "full" in low:
-        return "Free some space on the disk that holds it."
+    if "full" in low or "no space left" in low:
+        return "Free some space on the disk that holds it (and Mondrian's var/ folder)."
     if "locked" in low or "busy" in low:
         return "Another program holds it locked (an open `sqlite3` shell, a backup tool?): close it."
     return ("Make it and its folder writable for the user that runs Mondrian (check `ls -l`, `lsattr`, "

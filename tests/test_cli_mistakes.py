@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.harness import REPO, env_for, make_home, mondrian, photo
 
 FAST = dict(max_pixels=56 * 56, comment_max_chars=8, max_tokens=400, quiet_seconds=0.2, rescan_seconds=1,
@@ -186,3 +188,33 @@ def test_init_given_both_home_and_path_says_which_it_made(tmp_path, smoke_model_
                          env=env_for(a, smoke_model_path), capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and (b / "mondrian.toml").is_file() and not a.exists(), out.stderr
     assert f"the home made is the PATH given to init: {b}" in out.stderr, out.stderr
+
+
+def test_the_smoke_model_on_a_full_disk_says_where_and_what_to_do(tmp_path, smoke_model_path):
+    """Building the smoke model on a full disk ended in MLX's traceback ("[write] Unable to write 75841 bytes to
+    file."); in `run` every photo then spent its tries on it. One line naming the folder, exit 78."""
+    from tests.test_faults import _mount, _umount
+    from tests.test_resilience import _fill
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tiny tmpfs needs root")
+    full = tmp_path / "full"
+    full.mkdir()
+    if _mount("-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(full)).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        # var/ (where the smoke model is built) on the full disk, the ledger beside the home
+        home = make_home(tmp_path / "home", smoke_model_path, max_pixels=56 * 56, var_dir=str(full / "var"),
+                         db_path=str(tmp_path / "ledger.db"))
+        photo(home / "inbox" / "a.jpg", seed=1, size=(64, 48))
+        _fill(full)
+        out = mondrian(home, smoke_model_path, "model", "smoke", "--dest", str(full / "m"), timeout=120)
+        assert out.returncode == 78 and "Traceback" not in out.stderr, out.stderr
+        assert f"could not build the smoke model in {full}" in out.stderr and "df -h" in out.stderr, out.stderr
+        # `run` on that home stops at once (its var/ is full), saying to free space, before any photo is touched
+        out = mondrian(home, smoke_model_path, "run", "--once", timeout=120, MONDRIAN_MODEL="smoke")
+        assert out.returncode == 78 and "Traceback" not in out.stderr, out.stderr
+        assert "No space left on device" in out.stderr and "Free some space" in out.stderr, out.stderr
+        assert (home / "inbox" / "a.jpg").exists()
+    finally:
+        _umount(full)

@@ -133,19 +133,23 @@ def cmd_workers(args: argparse.Namespace) -> int:
 
 
 def cmd_model_smoke(args: argparse.Namespace) -> int:
-    from ..model.smoke import DIR_NAMES, build_smoke_model, ensure_smoke_model, is_smoke_model
+    from ..model.smoke import DIR_NAMES, SmokeModelUnwritable, build_smoke_model, ensure_smoke_model, is_smoke_model
 
     cfg = config_from(args)
-    if not args.dest:
-        path = ensure_smoke_model(cfg.var_dir, shapes=args.shapes)
-    else:
-        dest = Path(args.dest).expanduser()
-        if dest.exists() and not dest.is_dir():
-            print(f"--dest {dest} is a file; name a folder to build the model into", file=sys.stderr)
-            return EX_USAGE
-        if dest.is_dir() and any(dest.iterdir()) and not is_smoke_model(dest):
-            dest = dest / DIR_NAMES[args.shapes]  # a folder of the user's, holding other things: build inside it
-        path = build_smoke_model(dest, shapes=args.shapes)
+    try:
+        if not args.dest:
+            path = ensure_smoke_model(cfg.var_dir, shapes=args.shapes)
+        else:
+            dest = Path(args.dest).expanduser()
+            if dest.exists() and not dest.is_dir():
+                print(f"--dest {dest} is a file; name a folder to build the model into", file=sys.stderr)
+                return EX_USAGE
+            if dest.is_dir() and any(dest.iterdir()) and not is_smoke_model(dest):
+                dest = dest / DIR_NAMES[args.shapes]  # a folder of the user's, holding other things: build inside it
+            path = build_smoke_model(dest, shapes=args.shapes)
+    except SmokeModelUnwritable as exc:  # a full disk: one line saying where, not MLX's "[write] Unable to write"
+        print(str(exc), file=sys.stderr)
+        return EX_CONFIG
     print(path)
     return 0
 

@@ -26,7 +26,7 @@ import jsonschema
 from ..config import is_true
 from ..errors import Permanent
 from ..limits import check as check_limits
-from .smoke import SMOKE_ALIAS, ensure_smoke_model, read_marker
+from .smoke import SMOKE_ALIAS, SmokeModelUnwritable, ensure_smoke_model, read_marker
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -104,7 +104,10 @@ def resolve_model_path(spec: str, var_dir: Path, *, download: bool = True) -> Pa
     `download=False` a hub id not cached yet is not found (a fingerprint is not worth gigabytes)."""
     spec = spec.strip()
     if spec == SMOKE_ALIAS:
-        return ensure_smoke_model(var_dir)
+        try:
+            return ensure_smoke_model(var_dir)
+        except SmokeModelUnwritable as exc:  # a setting-like fault: said once, exit 78, not a retry per photo
+            raise ModelNotFoundError(str(exc)) from exc
     local = Path(spec).expanduser()
     if local.exists():
         if not (local / "config.json").is_file():

@@ -12,6 +12,7 @@ against real token boundaries. Both need the benchmark extra (`pip install -e '.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -291,11 +292,31 @@ def _write_weights(path: Path, config: dict[str, Any], seed: int, shapes: str, t
     return sum(v.size for v in weights.values())
 
 
+class SmokeModelUnwritable(OSError):
+    """The smoke model could not be written where it goes (a full disk, a read-only folder); says which folder."""
+
+
 def build_smoke_model(dest: Path, *, seed: int = 0, shapes: str = "smoke") -> Path:
     """Build the checkpoint into `dest` (atomically; a concurrent builder's result is kept)."""
     if shapes not in SHAPES:
         raise ValueError(f"shapes must be one of {SHAPES}, not {shapes!r}")
     dest = Path(dest)
+    try:
+        return _build(dest, seed, shapes)
+    except Exception as exc:  # MLX's save says "[write] Unable to write N bytes to file.", tokenizers "os error 28"
+        written = (exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES) if isinstance(exc, OSError)
+                   else any(w in str(exc) for w in ("Unable to write", "os error 28", "No space")))
+        if isinstance(exc, SmokeModelUnwritable) or not written:
+            raise
+        full = (isinstance(exc, OSError) and exc.errno == errno.ENOSPC or "Unable to write" in str(exc)
+                or "No space left" in str(exc))
+        why = "the disk is full" if full else (exc.strerror if isinstance(exc, OSError) and exc.strerror else exc)
+        raise SmokeModelUnwritable(f"could not build the smoke model in {dest.parent} ({why}): free some space "
+                                   f"there (`df -h {dest.parent}` shows how much is left) or make it writable, "
+                                   f"then run the command again") from exc
+
+
+def _build(dest: Path, seed: int, shapes: str) -> Path:
     dest.parent.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.building-", dir=dest.parent))
