@@ -337,6 +337,14 @@ class _BadLayout(Exception):
     """The ledger's tables are not those its schema version promises (see `Ledger._check_layout`)."""
 
 
+class TwinFirst(RuntimeError):
+    """Another job of the same photo and analysis context published (or is publishing) its report first."""
+
+    def __init__(self, twin: Any):
+        super().__init__(f"job {twin.id} ({twin.rel_path}) has the same photo and context")
+        self.twin = twin
+
+
 class LeaseLost(RuntimeError):
     """This process's claim on a job is no longer the current one (its lease ended and another worker claimed the
     photo): the write was refused, and whatever this process made of the job must be discarded."""
@@ -1377,9 +1385,23 @@ class Ledger:
         return True
 
     @writes
-    def reserve_output(self, job_id: int, output_dir: Path) -> None:
-        # Checked just before the outcome is renamed into place: a worker that lost the job stops here.
-        self._fenced(job_id, "publish", {self.Job.output_dir: str(output_dir)})
+    def reserve_output(self, job_id: int, output_dir: Path, context_key: str | None = None) -> None:
+        """Checked just before the outcome is renamed into place: a worker that lost the job stops here (LeaseLost).
+        With the report's `context_key`, a twin (the same bytes and context, taken at the same moment by another
+        Mac) published or being published raises TwinFirst: two reports of one key must never both land."""
+        if context_key is None:
+            self._fenced(job_id, "publish", {self.Job.output_dir: str(output_dir)})
+            return
+        with self._tx():
+            if self.shared:  # one reservation of a key at a time across the studio (SQLite's write lock is global)
+                self.db.execute_sql("SELECT pg_advisory_xact_lock(hashtext(%s))", (context_key,))
+            j = self.Job
+            twin = (j.select().where((j.context_key == context_key) & (j.id != job_id) & j.duplicate_of.is_null()
+                                     & ((j.state == DONE) | ((j.state == RUNNING) & j.output_dir.is_null(False))))
+                    .order_by(j.id).first())
+            if twin is not None:
+                raise TwinFirst(twin)
+            self._fenced(job_id, "publish", {j.output_dir: str(output_dir), j.context_key: context_key})
 
     def reserved_outputs(self) -> set[str]:
         q = self.Job.select(self.Job.output_dir).where(self.Job.output_dir.is_null(False) & self.Job.state.in_(ACTIVE))

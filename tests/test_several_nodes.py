@@ -359,3 +359,36 @@ def test_a_node_that_mounts_the_share_elsewhere_leaves_the_others_photos_alone(t
     assert all(j.state == DONE for j in jobs), [(j.rel_path, j.state, j.error) for j in jobs]
     assert sorted(p.parent.name for p in reports(outbox)) == sorted(Path(n).stem for n in names)
     assert [p.parent.name for p in reports(elsewhere / "outbox")] == ["theirs"]
+
+
+def test_two_copies_published_by_two_nodes_at_the_same_moment_get_one_report(tmp_path: Path,
+                                                                             smoke_model_path: Path,
+                                                                             pg_server) -> None:
+    """A photo and its copy, each analysed by another Mac, both about to publish at the same moment: each had looked
+    for the other's report before and found none, so both published. The second reservation of the same photo and
+    context now finds the first: one report, the other a duplicate of it."""
+    url = pg_server.new_database()
+    homes, inbox, outbox = _homes(tmp_path, url, 2, smoke_model_path)
+    ledger = Ledger(homes[0] / "var" / "ledger.db", url=url)
+    nodes = [Daemon(home, smoke_model_path, MONDRIAN_TEST_STOP_AT="staged") for home in homes]
+    try:
+        wait_for(lambda: len(ledger.workers()) == 2, timeout=120, what="both nodes' heartbeats")
+        photo(inbox / "card-a.jpg", seed=77, size=(64, 48))
+        wait_for(lambda: sum(_stopped(n) for n in nodes) == 1, timeout=300, what="one node holding card-a staged")
+        (inbox / "card-b.jpg").write_bytes((inbox / "card-a.jpg").read_bytes())
+        wait_for(lambda: all(_stopped(n) for n in nodes), timeout=300, what="the other holding card-b staged")
+        for node in nodes:
+            node.signal(signal.SIGCONT)
+        by_name = lambda: {j.rel_path: j for j in ledger.jobs()}  # noqa: E731
+        wait_for(lambda: {j.state for j in by_name().values()} == {DONE}, timeout=120, interval=0.3,
+                 what="both copies settled")
+    finally:
+        for node in nodes:
+            if node.proc.poll() is None:
+                node.signal(signal.SIGCONT)
+                node.stop()
+    jobs = by_name()
+    assert sorted(j.duplicate_of is None for j in jobs.values()) == [False, True], \
+        {n: (j.duplicate_of, j.output_dir) for n, j in jobs.items()}
+    first = next(j for j in jobs.values() if j.duplicate_of is None)
+    assert [r.parent.name for r in reports(outbox)] == [Path(first.rel_path).stem]

@@ -28,7 +28,7 @@ from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, content_is, folder_
 from ..intake.images import LoadedImage
 from ..intake.inbox import (OUTBOX_RESERVED, RECORD_SUFFIXES, SIDECAR_SUFFIX, editor_sidecars, fitted_name, is_ignored,
                             same_name, safe_stem, sidecar_for, unique_path)
-from ..ledger import Job, Ledger
+from ..ledger import Job, Ledger, TwinFirst
 from .failures import Cause, advice, analyzed_as, cause_of, where_it_is
 from .outbox_index import OutboxIndex
 from .report import now_iso, write_report_folder
@@ -189,7 +189,13 @@ class Publisher:
             stem = safe_stem(src.name)
             final = unique_path(self.cfg.outbox, stem, taken=self.taken(job, published_as=stem),
                                 reserved=OUTBOX_RESERVED)
-            self.ledger.reserve_output(job.id, final)  # refused (LeaseLost) if another worker has the job now
+            try:  # refused (LeaseLost) if another worker has the job now; TwinFirst: see Ledger.reserve_output
+                self.ledger.reserve_output(job.id, final, None if keep_original else
+                                           (report.get("context") or {}).get("key"))
+            except TwinFirst as twin:
+                shutil.rmtree(staging, ignore_errors=True)
+                self._after_twin(job, twin.twin, src)
+                return
             testhooks.crashpoint("reserved")
             # A worker that lost the job after passing its own check may still rename its report into the reserved
             # folder: before this node's rename (then this rename onto a full folder fails, the job is retried, and
@@ -209,6 +215,18 @@ class Publisher:
             return
         job = self.ledger.get(job.id)
         self.complete(job, final, report, keep_original, before=before)
+
+    def _after_twin(self, job: Job, twin: Job, src: Path) -> None:
+        """The same photo, taken at the same moment by another worker (a second Mac, a copy dropped beside it),
+        reserved its report first: this one is its duplicate, filed now if that report is published, else once it
+        is (queued again, without spending a try: the next look finds the report before the model runs)."""
+        if twin.state == DONE:
+            self.duplicate(job, twin, src)
+            return
+        log.info("%s: the same photo (%s) is being published by another worker; filed as its duplicate once it is",
+                 job.rel_path, twin.rel_path)
+        self.ledger.requeue(job.id, f"the same photo ({twin.rel_path}) was being published at the same moment",
+                            delay_s=max(1.0, self.cfg.quiet_seconds), undo_attempt=True)
 
     def _clear_old_failure_records(self, job: Job) -> None:
         """A photo that failed while kept in the inbox (keep_originals), or through `analyze`, was fixed where it is
