@@ -1385,10 +1385,12 @@ class Ledger:
         return True
 
     @writes
-    def reserve_output(self, job_id: int, output_dir: Path, context_key: str | None = None) -> None:
+    def reserve_output(self, job_id: int, output_dir: Path, context_key: str | None = None,
+                       still_there: Callable[[Job], bool] = lambda job: True) -> None:
         """Checked just before the outcome is renamed into place: a worker that lost the job stops here (LeaseLost).
         With the report's `context_key`, a twin (the same bytes and context, taken at the same moment by another
-        Mac) published or being published raises TwinFirst: two reports of one key must never both land."""
+        Mac) being published, or published and `still_there` (its folder not deleted since), raises TwinFirst: two
+        reports of one key must never both land."""
         if context_key is None:
             self._fenced(job_id, "publish", {self.Job.output_dir: str(output_dir)})
             return
@@ -1396,12 +1398,20 @@ class Ledger:
             if self.shared:  # one reservation of a key at a time across the studio (SQLite's write lock is global)
                 self.db.execute_sql("SELECT pg_advisory_xact_lock(hashtext(%s))", (context_key,))
             j = self.Job
-            twin = (j.select().where((j.context_key == context_key) & (j.id != job_id) & j.duplicate_of.is_null()
-                                     & ((j.state == DONE) | ((j.state == RUNNING) & j.output_dir.is_null(False))))
-                    .order_by(j.id).first())
-            if twin is not None:
-                raise TwinFirst(twin)
-            self._fenced(job_id, "publish", {j.output_dir: str(output_dir), j.context_key: context_key})
+            twins = (j.select().where((j.context_key == context_key) & (j.id != job_id) & j.duplicate_of.is_null()
+                                      & ((j.state == DONE) | ((j.state == RUNNING) & j.output_dir.is_null(False))))
+                     .order_by(j.id.desc()))
+            for twin in twins:
+                if twin.state == RUNNING or still_there(twin):
+                    raise TwinFirst(twin)
+            try:
+                self._fenced(job_id, "publish", {j.output_dir: str(output_dir), j.context_key: context_key})
+            except LeaseLost as exc:  # raised after the commit: the refusal's record is written with it
+                lost = exc
+            else:
+                lost = None
+        if lost is not None:
+            raise lost
 
     def reserved_outputs(self) -> set[str]:
         q = self.Job.select(self.Job.output_dir).where(self.Job.output_dir.is_null(False) & self.Job.state.in_(ACTIVE))

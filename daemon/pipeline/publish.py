@@ -30,7 +30,7 @@ from ..intake.inbox import (OUTBOX_RESERVED, RECORD_SUFFIXES, SIDECAR_SUFFIX, ed
                             same_name, safe_stem, sidecar_for, unique_path)
 from ..ledger import Job, Ledger, TwinFirst
 from .failures import Cause, advice, analyzed_as, cause_of, where_it_is
-from .outbox_index import OutboxIndex
+from .outbox_index import OutboxIndex, published_report
 from .report import now_iso, write_report_folder
 from .xmp import embed, write_sidecar
 from ..hints import mondrian, without_home
@@ -191,7 +191,7 @@ class Publisher:
                                 reserved=OUTBOX_RESERVED)
             try:  # refused (LeaseLost) if another worker has the job now; TwinFirst: see Ledger.reserve_output
                 self.ledger.reserve_output(job.id, final, None if keep_original else
-                                           (report.get("context") or {}).get("key"))
+                                           (report.get("context") or {}).get("key"), still_there=self._still_there)
             except TwinFirst as twin:
                 shutil.rmtree(staging, ignore_errors=True)
                 self._after_twin(job, twin.twin, src)
@@ -215,6 +215,11 @@ class Publisher:
             return
         job = self.ledger.get(job.id)
         self.complete(job, final, report, keep_original, before=before)
+
+    @staticmethod
+    def _still_there(job: Job) -> bool:
+        """Whether a done job's report is still in its folder (the index's rule: a deleted or replaced one is not)."""
+        return bool(job.report_json) and published_report(Path(job.report_json), job.id) is not None
 
     def _after_twin(self, job: Job, twin: Job, src: Path) -> None:
         """The same photo, taken at the same moment by another worker (a second Mac, a copy dropped beside it),
