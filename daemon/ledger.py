@@ -1149,7 +1149,8 @@ class Ledger:
         worker = worker or self.worker_id()
         cond = (self.Job.state == QUEUED) & self._due(now)
         if self._claim_under:  # compared as text: LIKE would read `_` and `%` in a folder's name as wildcards
-            cond &= functools.reduce(operator.or_, [fn.SUBSTR(self.Job.source_path, 1, len(p)) == p for p in self._claim_under])
+            cond &= functools.reduce(operator.or_, [fn.SUBSTR(self.Job.source_path, 1, len(p)) == p
+                                                    for p in self._claim_under])
         due = self.Job.select(self.Job.id).where(cond).order_by(self.Job.not_before, self.Job.id).limit(1)
         if self.shared:
             # Nodes claiming at once each lock a different row instead of queueing behind one another's.

@@ -51,8 +51,8 @@ def bind(cfg: Config) -> socket.socket:
         if exc.errno == errno.EADDRINUSE:
             raise PortUnavailable(
                 f"the API port {where} is taken by another program (another Mondrian? `lsof -i :{port}` shows "
-                f"which); stop it, or set api_port {cfg.where_set('api_port')} to a free port (api_port = 0 turns the API "
-                f"off)") from None
+                f"which); stop it, or set api_port {cfg.where_set('api_port')} to a free port (api_port = 0 turns "
+                f"the API off)") from None
         raise PortUnavailable(f"cannot serve the API on {where} ({exc.strerror or exc}); set api_port (a port above "
                               f"1024) {cfg.where_set('api_port')}, or api_host {cfg.where_set('api_host')}, or "
                               f"api_port to 0 to turn it off") from None
