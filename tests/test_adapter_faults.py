@@ -131,7 +131,7 @@ def test_rollback_repairs_an_incomplete_current(tmp_path, smoke_model_path) -> N
     assert out.returncode == 0 and "refused: None" not in out.stdout, out.stdout
     assert "incomplete (no metrics.json)" in out.stdout, out.stdout
     out = mondrian(cfg.home, smoke_model_path, "adapters", "rollback", "--advisor", "ansel")
-    assert out.returncode == 0 and "current adapter is now v0001" in out.stdout, out.stdout + out.stderr
+    assert out.returncode == 0 and "now points at v0001" in out.stdout, out.stdout + out.stderr
     assert os.readlink(d / "current") == "v0001"
 
 
