@@ -282,11 +282,23 @@ def _inbox_waiting(cfg: Config, ledger: Ledger, now: float) -> dict[str, Any]:
     if not cfg.inbox.is_dir():
         return {"count": 0, "more": False, "examples": [], "last_change_s": None}
     files, more = inbox_files(cfg.inbox, INBOX_LOOK_LIMIT)
-    known = ledger.accounted_for([(p, st.st_size, st.st_mtime) for p, st in files]) if files else set()
+    # A name that is not UTF-8 (Linux) is never in the ledger (the watcher leaves it, saying to rename it): it waits.
+    named = [(p, st.st_size, st.st_mtime) for p, st in files if _is_utf8(p)]
+    known = ledger.accounted_for(named) if named else set()
     left = [(p, st) for p, st in files if str(p) not in known]
     newest = max((max(st.st_mtime, st.st_ctime) for _, st in left), default=None)
-    return {"count": len(left), "more": more, "examples": [str(p.relative_to(cfg.inbox)) for p, _ in left[:5]],
+    return {"count": len(left), "more": more,
+            "examples": [os.fsencode(p.relative_to(cfg.inbox)).decode("utf-8", "backslashreplace")
+                         for p, _ in left[:5]],
             "last_change_s": None if newest is None else round(max(0.0, now - newest), 1)}
+
+
+def _is_utf8(path: Path) -> bool:
+    try:
+        str(path).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 def _inbox_line(w: dict[str, Any], d: dict[str, Any], quiet_s: float) -> str | None:
