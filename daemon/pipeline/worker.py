@@ -233,10 +233,9 @@ class Worker:
             try:
                 if is_permanent(exc):
                     self.out.fail(self.ledger.get(job.id), f"the model could not produce a critique: {exc}")
-                elif outside_fault(exc) is not None:  # the ledger's server restarting: not the photo's doing
-                    log.warning("%s: the ledger could not be read (%s); trying it again later", job.rel_path,
-                                outside_fault(exc))
-                    self.out.transient(job, f"the ledger could not be read ({outside_fault(exc)})")
+                elif (fault := outside_fault(exc)) is not None:  # the ledger's server restarting, not the photo
+                    log.warning("%s: the ledger could not be read (%s); trying it again later", job.rel_path, fault)
+                    self.out.transient(job, f"the ledger could not be read ({fault})")
                 else:
                     log.exception("unexpected error on %s", job.rel_path)
                     self.out.transient(job, f"unexpected error: {type(exc).__name__}: {exc}")
