@@ -28,6 +28,7 @@ import secrets
 import shlex
 import socket
 import sqlite3
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from peewee import (SQL, AutoField, BlobField, BooleanField, Case, CharField, Da
                     IntegrityError,
                     IntegerField, Model, OperationalError, PostgresqlDatabase, SqliteDatabase, TextField, Value, fn)
 
+from .errors import EX_TEMPFAIL
 from .fsutil import NotOwn, check_own_folder, fsync_dir, lock_holder, open_own_file, pid_alive, read_own_file
 
 QUEUED, RUNNING, DONE, FAILED, GONE = "queued", "running", "done", "failed", "gone"
@@ -285,6 +287,7 @@ MIGRATIONS: list[Callable[[Database], None]] = [
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
+NODE_EVENT = "node:"  # + a worker's id: where that node reaches the shared outbox (`announce`)
 _MIGRATION_LOCK = 0x4D6F6E6472690001  # pg advisory lock keys (bigint), "Mondri" + a number
 TRAINING_LOCK = 0x4D6F6E6472690002
 _RUN_TOKEN = re.compile(r"^[0-9a-f]{16}$")
@@ -482,6 +485,27 @@ HOME_EVENT = "home"  # the home this SQLite ledger last served (Ledger.follow_ho
 _COMPANIONS = ("-wal", "-shm")  # SQLite's write-ahead log and its shared index, beside the database in WAL mode
 
 
+def _wal_cut(db: Path) -> bool:
+    """Whether the write-ahead log beside `db` is shorter than its index says it is: another program emptied or cut
+    it. The index (-shm) begins with two copies of its header, equal when no writer is mid-update; its page size is
+    the u16 at byte 14 and its count of valid frames the u32 at byte 16, in the machine's byte order (SQLite's
+    wal.c). Each frame is a 24-byte header and one page, after the log's 32-byte header."""
+    try:
+        with open(f"{db}-shm", "rb") as shm:
+            before = shm.read(96)
+            size = os.path.getsize(f"{db}-wal")
+            shm.seek(0)
+            after = shm.read(96)
+    except OSError:
+        return False  # gone or unreadable: `replaced` tells those apart
+    if len(before) < 96 or before != after or before[:48] != before[48:96] or not before[12]:
+        return False  # not initialised, or a writer is updating it: nothing to conclude now
+    page = int.from_bytes(before[14:16], sys.byteorder)
+    page = 65536 if page == 1 else page
+    frames = int.from_bytes(before[16:20], sys.byteorder)
+    return frames > 0 and size < 32 + frames * (24 + page)
+
+
 def _in_wal_mode(db: Path) -> bool:
     """Whether the database file's header says WAL (file format versions 2): only then must a -wal and -shm be there
     while it is open (on a disk without shared memory SQLite keeps the rollback journal, which comes and goes)."""
@@ -615,6 +639,7 @@ class Ledger:
         self._stop = stop
         self._fault: dict[str, Any] | None = None
         self._fault_lock = threading.Lock()
+        self.damaged: str | None = None  # why the daemon stopped: the SQLite file was found damaged while it ran
         self._note: FaultNote | None = None
         self._swept = False  # dead workers' rows are forgotten at this process's first heartbeat
         # The daemon waits locks out itself, a few seconds at a time, so a stop request is never held up by
@@ -756,11 +781,32 @@ class Ledger:
                 self._stop.wait(delay)
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
                 continue
+            except DatabaseError as exc:
+                self.found_damage(exc)
+                raise
             if failed:  # only a write that failed proves it by succeeding (a no-op UPDATE writes nothing)
                 self._clear_fault()
             return result
 
+    def found_damage(self, exc: BaseException) -> None:
+        """Raises LedgerUnavailable, and stops the daemon, if `exc` says the SQLite file is damaged (another program
+        emptied its log, or wrote into it): every later read and write would fail the same way, each with a
+        traceback, once a second, for ever. The daemon stops with the line that says what to do, as at a start."""
+        orig = getattr(exc, "orig", None) or exc
+        name = getattr(orig, "sqlite_errorname", "") or ""
+        if not name.startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")) or self._stop is None:
+            return
+        self.stop_if_log_cut()  # the usual cause: its log emptied by another program
+        with self._fault_lock:
+            first, self.damaged = self.damaged is None, self.damaged or ledger_problem(self.path, exc)
+        if first:
+            log.error("%s. Mondrian stops (the photos stay where they are)", self.damaged)
+        self._stop.set()
+        raise LedgerUnavailable(self.damaged) from exc
+
     def _set_fault(self, reason: str, what: str) -> None:
+        if "disk i/o error" in reason.lower():  # a short read of a log that was cut, not a disk to fix
+            self.stop_if_log_cut()
         with self._fault_lock:
             if self._fault is not None and self._fault["reason"] == reason:
                 return
@@ -802,7 +848,26 @@ class Ledger:
                 what = "deleted" if now is None else "replaced by another file"
                 return (f"the ledger {self.path} lost its {self.path.name}{suffix} file ({what} while Mondrian was "
                         f"using it; it holds the latest changes)")
+        self.stop_if_log_cut()
         return None
+
+    def stop_if_log_cut(self) -> None:
+        """Ends this daemon at once if another program emptied or cut the ledger's log (`: > ledger.db-wal`).
+
+        Its latest changes are gone with it, and every read of them fails ("disk I/O error", "file is not a
+        database"). Worse, closing the ledger would copy the missing pages, read as zeros, into the database file
+        itself and damage it for good. So the process ends without closing it: the next start finds the file as
+        it was at its last checkpoint, and recovers from there as after a crash (photos still in the inbox are
+        queued again; published reports stay in the outbox). launchd and systemd start it again (exit 75)."""
+        if self._identity is None or self._stop is None or not _wal_cut(self.path):
+            return
+        log.error("the ledger's log %s-wal was emptied or cut by another program while Mondrian was using it: "
+                  "its latest changes are gone. Mondrian stops at once, without closing the ledger (closing it "
+                  "would copy the missing pages into %s and damage it); the next start carries on from the ledger's "
+                  "last checkpoint (launchd and systemd start it again; otherwise run it again)", self.path,
+                  self.path.name)
+        logging.shutdown()
+        os._exit(EX_TEMPFAIL)
 
     def rescue(self) -> Path:
         """Write what the open (deleted or replaced) database holds back to `path`, through SQLite's backup API.
@@ -1168,7 +1233,18 @@ class Ledger:
         with self._held_lock:
             self._held[job.id] = (job.lease_token, job.rel_path, now)
             self._stale.pop(job.id, None)
+        if worker == self.worker_id():
+            self._show_hand()
         return job
+
+    def _show_hand(self) -> None:
+        """This worker's row says at once what it holds and has done: `mondrian workers` showed a node as idle
+        from its claim until its next beat (a third of a lease), and a finished photo as in hand until then."""
+        with self._held_lock:
+            held = sorted(self._held.items())
+        job_id, (_, photo, claimed_at) = held[0] if held else (None, (None, None, None))
+        self.Worker.update(job_id=job_id, photo=photo, claimed_at=claimed_at, done=self._done).where(
+            self.Worker.id == self.worker_id()).execute()
 
     # -- leases and fencing ---------------------------------------------------------------------
     def holds(self, job_id: int) -> int | None:
@@ -1216,6 +1292,7 @@ class Ledger:
             with self._held_lock:
                 self._held.pop(job_id, None)
             self._done += 0 if give_back else 1
+            self._show_hand()
         return n
 
     def _lost(self, job_id: int, token: int, what: str, raise_it: bool = True) -> None:
@@ -1302,15 +1379,31 @@ class Ledger:
                 gone.append(row.id)
         if gone:
             w.delete().where(w.id.in_(gone)).execute()
+            self.Event.delete().where(self.Event.key.in_([NODE_EVENT + g for g in gone])).execute()
             log.info("forgot %d worker(s) that stopped without retiring (killed or restarted)", len(gone))
 
     @writes
     def retire(self) -> None:
         """Remove this process's row from the workers table (a clean stop)."""
         self.Worker.delete().where(self.Worker.id == self.worker_id()).execute()
+        self.Event.delete().where(self.Event.key == NODE_EVENT + self.worker_id()).execute()
 
     def workers(self) -> list[WorkerRow]:
         return list(self.Worker.select().order_by(self.Worker.host, self.Worker.pid))
+
+    @writes
+    def announce(self, outbox: str) -> None:
+        """Where this node reaches the shared outbox, and (on the ledger's clock) when it last marked it there: how
+        the others tell whether they reach the same folder by the same path (pipeline/share.py)."""
+        self._put_event(NODE_EVENT + self.worker_id(), {"outbox": outbox, "marked_at": self.clock()})
+
+    def other_nodes(self) -> list[tuple[WorkerRow, dict[str, Any]]]:
+        """The other workers whose heartbeat is within its lease, each with what it announced (none: not listed)."""
+        e, now = self.Event, self.clock()
+        said = {ev.key[len(NODE_EVENT):]: json.loads(ev.value)
+                for ev in e.select().where(e.key.startswith(NODE_EVENT))}
+        return [(row, said[row.id]) for row in self.workers()
+                if row.id != self.worker_id() and row.id in said and now - row.beat_at <= row.lease_seconds]
 
     @contextlib.contextmanager
     def training_turn(self) -> Iterator[bool]:
@@ -1520,10 +1613,13 @@ class Ledger:
                      ends=True, give_back=True, extra=j.state == RUNNING)
 
     @writes
-    def mark_gone(self, job_id: int, reason: str) -> None:
+    def mark_gone(self, job_id: int, reason: str, *, was: str | None = None) -> bool:
+        """`was`: only while the job is still in that state (`retry` clears a failure it listed, never a job that
+        moved on meanwhile). Whether it was marked."""
         j = self.Job
-        self._fenced(job_id, "removal record", {j.state: GONE, j.error: reason, j.finished_at: self.clock(),
-                                                j.lease_until: None}, ends=True)
+        return self._fenced(job_id, "removal record", {j.state: GONE, j.error: reason, j.finished_at: self.clock(),
+                                                       j.lease_until: None}, ends=True,
+                            extra=None if was is None else j.state == was) > 0
 
     def retry_failed(self, ids: Iterable[int] | None = None) -> list[Job]:
         """Failed jobs to queue again; not those whose file has a later job (put back since): that one is its job

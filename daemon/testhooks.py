@@ -17,6 +17,8 @@ lookup after that.
   of after a minute, so the test of a stalled client does not wait a minute.
 - `MONDRIAN_TEST_STRAY_SECONDS=<s>`: `mondrian status` calls a sidecar alone in the inbox stray after that long
   instead of a minute (a test cannot age a file's ctime).
+- `MONDRIAN_TEST_SHARE_SETTLE_SECONDS=<s>`: another node's mark in the shared outbox counts as missing after
+  that long instead of a minute (pipeline/share.py).
 - `MONDRIAN_TEST_TOKEN_SECONDS=<s>`: every forward pass of a generation takes at least that long, so a test of
   the per-photo time limit does not depend on how fast the machine is.
 """
@@ -99,3 +101,8 @@ def upload_idle_seconds(default: float) -> float:
 
 def stray_sidecar_seconds(default: float) -> float:
     return float(_env("MONDRIAN_TEST_STRAY_SECONDS") or default)
+
+
+def share_settle_seconds(default: float) -> float:
+    """How long another node's mark may take to show on a share before its absence counts (see pipeline/share.py)."""
+    return float(_env("MONDRIAN_TEST_SHARE_SETTLE_SECONDS") or default)

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -101,11 +101,12 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 60, interval: float 
 class Daemon:
     """`python -m daemon run` as launchd would start it, with its log in the home."""
 
-    def __init__(self, home: Path, model_path: Path, *args: str, **env: str):
+    def __init__(self, home: Path, model_path: Path, *args: str, wrap: Sequence[str] = (), **env: str):
+        """`wrap`: a command that runs the daemon's (e.g. `unshare` for a mount namespace of its own)."""
         self.home, self.model_path = home, model_path
         self.log = home / f"daemon-{time.monotonic_ns()}.log"
         self._fh = open(self.log, "wb")
-        self.proc = subprocess.Popen([sys.executable, "-m", "daemon", "run", *args],
+        self.proc = subprocess.Popen([*wrap, sys.executable, "-m", "daemon", "run", *args],
                                      env=env_for(home, model_path, **env), cwd=REPO,
                                      stdout=self._fh, stderr=subprocess.STDOUT)
 

@@ -238,3 +238,20 @@ def test_a_damaged_open_ledger_is_never_written_back_as_if_whole(tmp_path):
     with pytest.raises(DatabaseError, match="damaged too"):
         ledger.rescue()
     assert db.stat().st_size == 8192 and not list(tmp_path.glob(".ledger.db.rescue*"))
+
+
+def test_clearing_a_failure_leaves_a_job_that_moved_on_alone(tmp_path):
+    """`retry --failed` lists the failures, then clears those whose photo is gone; a failure put back in the queue
+    meanwhile (by another retry, or the photo dropped in again) must not be cleared as gone."""
+    ledger = Ledger(tmp_path / "ledger.db")
+    job = ledger.enqueue(tmp_path / "inbox" / "a.jpg", "a.jpg", "ansel", "default", 1, 1.0)
+    assert ledger.claim().id == job.id
+    ledger.fail(job.id, "undecodable", None)
+    listed = ledger.get(job.id)
+    ledger.requeue_failed(job.id, tmp_path / "inbox" / "a.jpg")
+    assert ledger.mark_gone(listed.id, "not there when retry looked", was="failed") is False
+    assert ledger.get(job.id).state == QUEUED
+    assert ledger.claim().id == job.id
+    ledger.fail(job.id, "undecodable again", None)
+    assert ledger.mark_gone(job.id, "not there when retry looked", was="failed") is True
+    assert ledger.get(job.id).state == "gone"

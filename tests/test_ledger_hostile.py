@@ -239,3 +239,29 @@ def test_a_photo_delayed_by_a_clock_that_ran_ahead_is_not_held_back_once_the_clo
     assert _state(home, "held.jpg") == "done"
     assert [p.parent.name for p in reports(home / "outbox")] == ["held"]
     print("\na photo delayed by a clock two hours ahead: analysed at once once the clock was set right")
+
+
+def test_a_wal_emptied_by_another_program_stops_the_daemon_and_the_restart_carries_on(tmp_path, smoke_model_path):
+    """`: > var/ledger.db-wal` (a cleaner "emptying" temp files) while the daemon runs: its latest changes are gone
+    with the log, every read of them failed ("disk I/O error", "file is not a database") a traceback a second for
+    ever, and closing the ledger at stop copied the missing pages into ledger.db, which then could not be opened at
+    all. The daemon now ends at once without closing it (exit 75, so launchd starts it again), and the restart
+    carries on from the last checkpoint: the second photo is critiqued, the first is not analysed twice."""
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    db = home / "var" / "ledger.db"
+    photo(home / "inbox" / "first.jpg", seed=11, size=(64, 48))
+    with Daemon(home, smoke_model_path) as d:
+        wait_for(lambda: _state(home, "first.jpg") == "done", 90, what="first photo done")
+        with open(f"{db}-wal", "r+b") as wal:
+            wal.truncate(0)
+        photo(home / "inbox" / "second.jpg", seed=12, size=(64, 48))
+        rc = d.wait(60)
+    log = d.output()
+    assert rc == 75, log
+    assert "was emptied or cut by another program" in log and "the next start carries on" in log, log
+    assert log.count("Traceback") < 10, "it stopped instead of logging a traceback a second"
+    with Daemon(home, smoke_model_path, "--once") as again:
+        assert again.wait(120) == 0, again.output()
+    assert sqlite3.connect(db).execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert ledger_jobs(home)["second.jpg"].state == "done"
+    assert sorted(p.parent.name for p in reports(home / "outbox")) == ["first", "second"], "first analysed once"

@@ -9,8 +9,10 @@ The same run on SQLite, one node (a home as today), must pass too: nothing chang
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -392,3 +394,95 @@ def test_two_copies_published_by_two_nodes_at_the_same_moment_get_one_report(tmp
         {n: (j.duplicate_of, j.output_dir) for n, j in jobs.items()}
     first = next(j for j in jobs.values() if j.duplicate_of is None)
     assert [r.parent.name for r in reports(outbox)] == [Path(first.rel_path).stem]
+
+
+def _signed_by(job, node: Daemon) -> bool:
+    return bool(job.worker) and job.worker.split(":")[1] == str(node.proc.pid)
+
+
+def test_a_node_that_reaches_the_share_by_another_path_refuses_to_start(tmp_path: Path, smoke_model_path: Path,
+                                                                        pg_server) -> None:
+    """The same share mounted as `/Volumes/Studio-1` on one Mac (a bind mount here: the same folder under another
+    path). It queued every photo again under its own path, and each copy the others took first ended on it as
+    "removed before analysis". It now refuses to start, naming both paths and what to do."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount the share a second time (a bind mount)")
+    url = pg_server.new_database()
+    homes, inbox, outbox = _homes(tmp_path, url, 1, smoke_model_path)
+    studio1 = tmp_path / "Studio-1"
+    studio1.mkdir()
+    if subprocess.run(["mount", "--bind", str(tmp_path / "share"), str(studio1)], capture_output=True).returncode:
+        pytest.skip("cannot bind-mount here")
+    try:
+        other = make_home(tmp_path / "node1", smoke_model_path, inbox=str(studio1 / "inbox"),
+                          outbox=str(studio1 / "outbox"), ledger_url=url, **FAST)
+        ledger = Ledger(homes[0] / "var" / "ledger.db", url=url)
+        with Daemon(homes[0], smoke_model_path) as first:
+            wait_for(lambda: len(ledger.workers()) == 1 and (outbox / ".nodes").is_dir(), timeout=120,
+                     what="the first node's heartbeat and mark")
+            photo(inbox / "shot.jpg", seed=5, size=(64, 48))
+            second = Daemon(other, smoke_model_path)
+            assert second.wait(120) == 78, second.output()
+            said = second.output()
+            assert "reaches the studio's outbox as" in said, said
+            assert str(outbox) in said and str(studio1 / "outbox") in said, said
+            assert "Traceback" not in said
+            wait_for(lambda: [j.state for j in ledger.jobs()] == [DONE], timeout=300, what="the photo done")
+            assert first.proc.poll() is None, "the node on the right path carries on"
+            assert not any(_signed_by(j, second) for j in ledger.jobs())
+            assert len(ledger.jobs()) == 1, "queued once, under the first node's path"
+            first.stop()
+    finally:
+        subprocess.run(["umount", "-l", str(studio1)], capture_output=True)
+
+
+def _unshared(folder: Path) -> list[str]:
+    """A command prefix: the daemon in a mount namespace of its own, where `folder` is an empty local folder (the
+    share not mounted on that Mac, a folder of the same name in its place)."""
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c",
+            'mount -t tmpfs none "$0" && mkdir "$0/inbox" && exec "$@"', str(folder)]
+
+
+def test_a_node_whose_share_is_not_mounted_refuses_to_start(tmp_path: Path, smoke_model_path: Path,
+                                                           pg_server) -> None:
+    """The share not mounted on one Mac, a local folder at its path: that Mac took the others' photos, found them
+    missing, and recorded them as removed. Its outbox lacks the live nodes' marks, so it now refuses to start."""
+    if os.geteuid() != 0 or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("needs root and unshare(1) for a mount namespace")
+    url = pg_server.new_database()
+    homes, inbox, outbox = _homes(tmp_path, url, 2, smoke_model_path)
+    ledger = Ledger(homes[0] / "var" / "ledger.db", url=url)
+    quick = dict(MONDRIAN_TEST_SHARE_SETTLE_SECONDS="1")
+    with Daemon(homes[0], smoke_model_path, **quick) as first:
+        wait_for(lambda: len(ledger.workers()) == 1, timeout=120, what="the first node's heartbeat")
+        time.sleep(1.5)  # its mark is older than a share's listing may lag behind
+        second = Daemon(homes[1], smoke_model_path, wrap=_unshared(tmp_path / "share"), **quick)
+        assert second.wait(120) == 78, second.output()
+        said = second.output()
+        assert f"{outbox} on this Mac is not the outbox that" in said and "not mounted" in said, said
+        assert first.proc.poll() is None
+        first.stop()
+
+
+def test_a_mark_deleted_from_outside_stops_no_node(tmp_path: Path, smoke_model_path: Path, pg_server) -> None:
+    """Someone empties the outbox's hidden folders while two nodes run: each puts its mark back within a beat, and
+    the other, which looks twice before it concludes, carries on."""
+    url = pg_server.new_database()
+    homes, inbox, outbox = _homes(tmp_path, url, 2, smoke_model_path)
+    ledger = Ledger(homes[0] / "var" / "ledger.db", url=url)
+    quick = dict(MONDRIAN_TEST_SHARE_SETTLE_SECONDS="1")
+    nodes = [Daemon(home, smoke_model_path, **quick) for home in homes]
+    try:
+        wait_for(lambda: len(ledger.workers()) == 2 and len(list((outbox / ".nodes").glob("*"))) == 2, timeout=120,
+                 what="both nodes' heartbeats and marks")
+        for _ in range(3):
+            shutil.rmtree(outbox / ".nodes")
+            time.sleep(8)
+        wait_for(lambda: len(list((outbox / ".nodes").glob("*"))) == 2, timeout=30, what="both marks put back")
+        photo(inbox / "after.jpg", seed=9, size=(64, 48))
+        wait_for(lambda: [j.state for j in ledger.jobs()] == [DONE], timeout=300, what="the photo done")
+        assert all(n.proc.poll() is None for n in nodes), [n.output()[-2000:] for n in nodes]
+    finally:
+        for node in nodes:
+            node.stop()
+    assert list((outbox / ".nodes").iterdir()) == [], "a node that stops takes its mark away"

@@ -51,6 +51,24 @@ def test_a_stale_claim_cannot_finish_fail_or_publish(tmp_path: Path, ledger_url:
     assert b.get(job_id).state == DONE and b.get(job_id).grade == 7
 
 
+def test_the_workers_table_shows_a_claim_and_its_end_without_waiting_for_a_beat(tmp_path: Path,
+                                                                                ledger_url: str | None) -> None:
+    """`mondrian workers` showed a node as idle for up to a third of a lease after it claimed a photo (its row was
+    written only by the heartbeat), and a finished photo as still in hand."""
+    a, b = two(tmp_path, ledger_url)
+    a.beat()
+    first, second = queue(a, tmp_path, "one.jpg"), queue(a, tmp_path, "two.jpg")
+    assert a.claim().id == first
+    row = next(w for w in b.workers() if w.id == a.worker_id())
+    assert (row.job_id, row.photo, row.done) == (first, "one.jpg", 0)
+    a.finish(first, effective_mode="baseline", fallbacks=[], report_json=tmp_path / "r.json",
+             report_html=tmp_path / "r.html", grade=5, adapter=None, analysis_s=1.0, output_dir=tmp_path / "o")
+    row = next(w for w in b.workers() if w.id == a.worker_id())
+    assert (row.job_id, row.photo, row.done) == (None, None, 1)
+    assert b.claim().id == second
+    assert [w.id for w in b.workers() if w.job_id is not None] == [], "a worker without a row gets none from a claim"
+
+
 def test_a_lease_that_ends_puts_the_job_back_and_a_renewed_one_does_not(tmp_path: Path,
                                                                         ledger_url: str | None) -> None:
     a, b = two(tmp_path, ledger_url, lease=30.0)
@@ -225,3 +243,18 @@ def test_a_report_renamed_in_by_a_worker_that_lost_the_job_is_adopted_not_double
     with pytest.raises(LeaseLost):  # and A's own finishing write is refused
         a.finish(job_id, effective_mode="baseline", fallbacks=[], report_json=folder / "report.json",
                  report_html=folder / "report.html", grade=1, adapter=None, analysis_s=1.0, output_dir=folder)
+
+
+def test_a_worker_that_missed_two_beats_is_shown_silent_before_it_is_lost(tmp_path: Path,
+                                                                          ledger_url: str | None) -> None:
+    """A SIGSTOPped daemon (or a Mac asleep) read as alive and busy in `mondrian workers` for a whole lease."""
+    from daemon.cli.workers import worker_lines, worker_rows
+
+    a, b = two(tmp_path, ledger_url)
+    a.beat()
+    beat_at = next(w for w in b.workers() if w.id == a.worker_id()).beat_at
+    for after, silent, lost in ((10, False, False), (45, True, False), (61, False, True)):
+        row = next(r for r in worker_rows(b, now=beat_at + after) if r["worker"] == a.worker_id())
+        assert (row["silent"], row["lost"]) == (silent, lost), after
+    shown = "\n".join(worker_lines(worker_rows(b, now=beat_at + 45)))
+    assert "(1 silent)" in shown and "SILENT: no heartbeat for 45 s" in shown and "60 s lease" in shown, shown

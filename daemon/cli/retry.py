@@ -174,9 +174,11 @@ def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | 
     if not job.owns_file:
         # Its photo is the user's, wherever it lies: queueing it would make the daemon move it into the outbox.
         if not os.path.lexists(job.source_path):  # deleted since: the advice to analyse it again cannot be followed
+            if not ledger.mark_gone(job.id, "its photo was not there any more when `retry --failed` looked for it",
+                                    was=FAILED):
+                return None  # no longer a failure (settled meanwhile): nothing to clear
             left.append(f"job {job.id}: {job.rel_path} is not at {job.source_path} any more (deleted or moved?), so "
                         f"its entry is cleared; to have it critiqued, run `{mondrian()} analyze` on it where it is now")
-            ledger.mark_gone(job.id, "its photo was not there any more when `retry --failed` looked for it")
             if job.output_dir:
                 _drop_record(Path(job.output_dir))
             return None
@@ -192,7 +194,7 @@ def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | 
             left.append(f"job {job.id}: the folder {job.rel_path} still cannot be read; make it readable "
                         f"(chmod u+rwx) and run `{mondrian()} retry --failed` again")
             return None
-        ledger.mark_gone(job.id, "the folder can be read now; its photos are queued on their own")
+        ledger.mark_gone(job.id, "the folder can be read now; its photos are queued on their own", was=FAILED)
         return f"job {job.id}: {job.rel_path}/ can be read now; its photos are queued by the daemon"
     kept = Path(job.output_dir) if job.output_dir else None
     if kept is not None and os.path.lexists(kept):
@@ -251,12 +253,13 @@ def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | 
                     f"the photo into the inbox again")
         return None
     else:  # deleted (or moved away) since it failed: nothing left to analyse, and that is worth a line
+        # Else `status` would list it, advising this very command, for ever.
+        if not ledger.mark_gone(job.id, f"not in {cfg.failed_dir.name}/ nor in the inbox when `retry --failed` looked "
+                                        f"for it (deleted or moved away)", was=FAILED):
+            return None  # no longer a failure (settled meanwhile): nothing to clear
         left.append(f"job {job.id}: {job.rel_path} is neither in {cfg.failed_dir.name}/ nor in the inbox any more "
                     f"(deleted or moved?), so its entry is cleared; to have it critiqued, drop the photo into the "
                     f"inbox again")
-        # Else `status` would list it, advising this very command, for ever.
-        ledger.mark_gone(job.id, f"not in {cfg.failed_dir.name}/ nor in the inbox when `retry --failed` looked for "
-                                 f"it (deleted or moved away)")
         if kept is not None:  # its record would name a photo that is gone
             _drop_record(kept)
         return None

@@ -23,9 +23,11 @@ def worker_rows(ledger: Ledger, now: float | None = None) -> list[dict[str, Any]
         rows.append({"worker": w.id, "host": w.host, "pid": w.pid, "job_id": w.job_id, "photo": w.photo,
                      "on_photo_s": round(now - w.claimed_at, 1) if w.claimed_at else None,
                      "lease_age_s": round(now - renewed, 1) if renewed is not None else None,
-                     "last_beat_s": round(beat_age, 1), "done": w.done,
+                     "last_beat_s": round(beat_age, 1), "lease_s": w.lease_seconds, "done": w.done,
                      "photos_per_hour": round(w.done * 3600 / up_s, 1), "up_s": round(up_s, 1),
-                     "lost": beat_age > w.lease_seconds})
+                     "lost": beat_age > w.lease_seconds,
+                     # two beats missed (one comes every third of a lease): stalled (SIGSTOP, a Mac asleep), or hung
+                     "silent": w.lease_seconds * 2 / 3 + 1 < beat_age <= w.lease_seconds})
     return rows
 
 
@@ -35,6 +37,7 @@ def worker_lines(rows: list[dict[str, Any]]) -> list[str]:
         return [f"Workers: none running on this ledger (a daemon that stopped leaves it; start one with "
                 f"`{mondrian()} run`)"]
     lines = [f"Workers: {sum(not r['lost'] for r in rows)} alive" +
+             (f" ({sum(r['silent'] for r in rows)} silent)" if any(r["silent"] for r in rows) else "") +
              (f", {sum(r['lost'] for r in rows)} lost" if any(r["lost"] for r in rows) else "")]
     for r in rows:
         what = (f"{r['photo']} for {r['on_photo_s']:.0f} s (lease renewed {r['lease_age_s']:.0f} s ago)"
@@ -42,6 +45,9 @@ def worker_lines(rows: list[dict[str, Any]]) -> list[str]:
         state = (what if not r["lost"] else
                  f"LOST: no heartbeat for {r['last_beat_s']:.0f} s; its photo returns to the queue when its lease ends"
                  if r["photo"] else f"LOST: no heartbeat for {r['last_beat_s']:.0f} s; it held no photo")
+        if r.get("silent"):
+            state += (f" · SILENT: no heartbeat for {r['last_beat_s']:.0f} s (stopped, asleep or hung?); lost if it "
+                      f"stays silent past its {r['lease_s']:.0f} s lease")
         lines.append(f"  {r['host']} pid {r['pid']}: {state} · {r['done']} done, {r['photos_per_hour']:g} photos/hour")
     return lines
 

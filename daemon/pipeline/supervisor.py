@@ -29,6 +29,7 @@ from ..fsutil import LockHeld, NotOwn, hold_lock, lock_folder
 from ..intake.inbox import SIDECAR_SUFFIX, SidecarError, classify, read_sidecar, sidecar_for
 from ..ledger import FAULT_NOTE, Ledger, LedgerUnavailable
 from .heartbeat import Heartbeat
+from .share import SharedOutbox
 from .worker import Worker
 from ..hints import mondrian, program
 
@@ -337,7 +338,12 @@ class Daemon:
                     self.wake.clear()
             except LedgerUnavailable:
                 return  # stopping; the ledger keeps its last good state (see Ledger._write)
-            except Exception:  # the one worker thread must not die silently
+            except Exception as exc:  # the one worker thread must not die silently
+                try:
+                    self.ledger.found_damage(exc)  # a read found the file damaged: stopping
+                except LedgerUnavailable:
+                    self.wake.set()
+                    return
                 log.exception("error in the worker loop; continuing in 1 s")
                 self.stop.wait(1.0)
 
@@ -373,6 +379,14 @@ class Daemon:
             log.error("cannot start: %s", exc)
             return EX_CONFIG
         folders = FolderLocks(self.cfg, lock_fds)
+        share = SharedOutbox(self.cfg, self.ledger) if self.cfg.shared else None
+        if share is not None:
+            conflict = share.conflict_at_start(self.stop.wait)
+            if conflict:
+                log.error("cannot start: %s", conflict)
+                _unlock_home(lock_fds)
+                return EX_CONFIG
+            share.plant()
         try:
             api = self._start_api()
         except OSError as exc:  # the port is taken, or the spool cannot be made: a setting or a folder to fix
@@ -408,6 +422,9 @@ class Daemon:
                     next_rescan = now + self.cfg.rescan_seconds
                 if now >= next_beat:
                     conflict = folders.check()
+                    if share is not None and not conflict:
+                        share.keep()
+                        conflict = share.conflict()
                     if conflict:
                         self.conflict = conflict
                         break
@@ -432,6 +449,8 @@ class Daemon:
                 nightly.stop()  # also stops a training child process, which never holds a photo
             self._finish_worker()  # meanwhile the API answers 503, and 202 to requests waiting for a report
             self.heartbeat.retire()
+            if share is not None:
+                share.remove()
             if api is not None:
                 api.stop()
             self._last_words()
@@ -439,6 +458,8 @@ class Daemon:
         if self.fatal:
             log.error("cannot start: %s", self.fatal)
             return EX_CONFIG
+        if self.ledger.damaged:
+            return EX_CONFIG  # said when found (Ledger.found_damage); launchd's next start says it again
         if self.conflict:
             log.error("%s", self.conflict)
             return EX_CONFIG
