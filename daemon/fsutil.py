@@ -295,31 +295,43 @@ def is_folder(path: Path) -> bool:
         return False
 
 
-def companion(photo: Path, suffix: str) -> Path | None:
-    """The file that rides along with `photo` (`IMG_1.jpg` -> `IMG_1<suffix>`, any case of the suffix), if
-    present. Never a folder: `IMG_1.mode/` holds photos of its own; the reader refuses any other non-file."""
-    want = photo.stem + suffix
+def companion(photo: Path, suffix: str, *, whole: bool = False, names: list[str] | None = None) -> Path | None:
+    """The file that rides along with `photo` (`IMG_1.jpg` -> `IMG_1<suffix>`, any case of the suffix; `whole`:
+    `IMG_1.jpg<suffix>`), if present. Never a folder: `IMG_1.mode/` holds photos of its own; the reader refuses any
+    other non-file. `names`: the folder's files, listed once by a caller that looks for several companions."""
+    base = photo.name if whole else photo.stem
+    want = base + suffix
     exact = photo.with_name(want)
     if os.path.lexists(exact) and not is_folder(exact):
         return exact
-    try:
-        entries = [e for e in os.scandir(photo.parent) if not e.is_dir(follow_symlinks=False)]
-    except OSError:
-        return None
+    if names is None:
+        names = files_in(photo.parent)
     # The stem's case counts first: on a case-sensitive disk `X.MODE` belongs to `X.jpg`, never to `x.jpg`. Only the
     # suffix's case is relaxed (`IMG_1.MODE`), and then the whole name, unless another file has exactly that stem.
     # Names compare in one Unicode form: a file copied from a Mac may spell `é` decomposed (NFD) where the photo's
     # name has it composed; APFS finds either by either, most Linux filesystems do not.
-    found = [e.name for e in entries if _nfc(e.name).lower() == _nfc(want).lower()]
+    # A name spelled in the other form that is exactly another file's is that file's (NFC `Café.jpg` and NFD
+    # `Café.jpg` are two photos on such a disk, and `Café.mode` in NFD is the second one's alone).
+    found = [n for n in names if _nfc(n).lower() == _nfc(want).lower()]
+    owners = {n if whole else Path(n).stem for n in names
+              if n != photo.name and not n.lower().endswith(suffix.lower())}
     for name in found:
-        if _nfc(Path(name).stem) == _nfc(photo.stem):
+        stem = name[: len(name) - len(suffix)]
+        if _nfc(stem) == _nfc(base) and (stem == base or stem not in owners):
             return photo.parent / name
-    stems = {_nfc(Path(e.name).stem) for e in entries
-             if e.name != photo.name and not e.name.lower().endswith(suffix.lower())}
+    stems = {_nfc(o) for o in owners}
     for name in found:
-        if _nfc(Path(name).stem) not in stems:
+        if _nfc(name[: len(name) - len(suffix)]) not in stems:
             return photo.parent / name
     return None
+
+
+def files_in(folder: Path) -> list[str]:
+    """The names in `folder` that are not folders (none if it cannot be listed)."""
+    try:
+        return [e.name for e in os.scandir(folder) if not e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
 
 
 def _nfc(name: str) -> str:

@@ -147,3 +147,77 @@ def test_a_mode_sidecar_that_arrives_during_the_analysis_is_obeyed(tmp_path: Pat
     assert (home / "outbox" / "IMG_1" / "IMG_1.mode").read_text() == "rag\n"
     (job,) = _jobs(home)
     assert job["state"] == "done" and job["requested_mode"] == "rag"
+
+
+def _held(d: Daemon) -> bool:
+    return open(f"/proc/{d.proc.pid}/stat").read().split(")")[1].split()[0] == "T"
+
+
+@pytest.mark.parametrize("point", ["dup_recorded", "fail_recorded"])
+def test_a_file_saved_over_after_its_outcome_is_recorded_is_not_filed_under_it(tmp_path: Path, smoke_model_path: Path,
+                                                                                point: str) -> None:
+    """While the daemon runs: an edit saved over a duplicate after it was found to be one, or a good copy over a
+    broken file after it failed to be read, in the moment before the file is filed. It was filed anyway (the edited
+    photo in duplicates/, never critiqued; a good JPEG in failed/ as "not a photo"). It is now read again as it is."""
+    home = _home(tmp_path, smoke_model_path)
+    inbox, outbox = home / "inbox", home / "outbox"
+    if point == "dup_recorded":
+        photo(inbox / "first.jpg", seed=80)
+        assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+        (inbox / "k.jpg").write_bytes((outbox / "first" / "first.jpg").read_bytes())
+    else:
+        (inbox / "k.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
+    with Daemon(home, smoke_model_path, MONDRIAN_TEST_STOP_AT=point) as d:
+        wait_for(lambda: _held(d), timeout=120, what=f"the daemon held at {point}")
+        edited = photo(tmp_path / "edited.jpg", seed=81)
+        os.replace(edited, inbox / "k.jpg")
+        sha = _sha(inbox / "k.jpg")
+        os.kill(d.proc.pid, signal.SIGCONT)
+        wait_for(lambda: (outbox / "k" / "report.json").exists(), 120, what="the edited photo's report")
+        assert d.stop() == 0, d.output()
+    assert _sha(outbox / "k" / "k.jpg") == sha
+    assert not list(outbox.glob("duplicates/k*")) and not list(outbox.glob("failed/k*"))
+    k = [j for j in _jobs(home) if j["rel_path"] == "k.jpg"]
+    assert [j["state"] for j in k] == ["done"], k
+
+
+def test_a_photo_renamed_as_it_is_moved_into_its_report_is_not_filed_twice(tmp_path: Path,
+                                                                          smoke_model_path: Path) -> None:
+    """A photo manager renames the photo in the moment between the last look at it and the move into its report
+    folder: the report was recorded as done with no original in it, and the photo, queued again under its new name,
+    was filed as a duplicate of that empty report. The report is withdrawn; the renamed photo gets the one report."""
+    home = _home(tmp_path, smoke_model_path)
+    inbox, outbox = home / "inbox", home / "outbox"
+    photo(inbox / "t1.jpg", seed=82)
+    with Daemon(home, smoke_model_path, MONDRIAN_TEST_STOP_AT="checked") as d:
+        wait_for(lambda: _held(d), timeout=120, what="the daemon held before moving the photo in")
+        os.rename(inbox / "t1.jpg", inbox / "t1-renamed.jpg")
+        os.kill(d.proc.pid, signal.SIGCONT)
+        wait_for(lambda: (outbox / "t1-renamed" / "report.json").exists(), 120, what="the renamed photo's report")
+        assert d.stop() == 0, d.output()
+    assert [r.parent.name for r in reports(outbox)] == ["t1-renamed"]
+    assert (outbox / "t1-renamed" / "t1-renamed.jpg").is_file() and not list(outbox.glob("duplicates/*"))
+    states = {j["rel_path"]: j["state"] for j in _jobs(home)}
+    assert states == {"t1.jpg": "gone", "t1-renamed.jpg": "done"}, states
+
+
+def test_a_mode_sidecar_that_arrives_while_the_report_is_filed_is_not_swallowed(tmp_path: Path,
+                                                                                smoke_model_path: Path) -> None:
+    """`IMG_2.mode` saved after the last look at it, as the photo moves into its report: it rode along into a report
+    of another mode, and the photo was never critiqued in the mode it asks for. It stays in the inbox now, where
+    `status` names it, and the report folder holds no sidecar that contradicts its report."""
+    home = _home(tmp_path, smoke_model_path)
+    inbox, outbox = home / "inbox", home / "outbox"
+    photo(inbox / "IMG_2.jpg", seed=83)
+    with Daemon(home, smoke_model_path, MONDRIAN_TEST_STOP_AT="checked") as d:
+        wait_for(lambda: _held(d), timeout=120, what="the daemon held before moving the photo in")
+        (inbox / "IMG_2.mode").write_text("lora\n")
+        os.kill(d.proc.pid, signal.SIGCONT)
+        wait_for(lambda: (outbox / "IMG_2" / "IMG_2.jpg").exists(), 120, what="the photo filed")
+        assert d.stop() == 0, d.output()
+    report = json.loads((outbox / "IMG_2" / "report.json").read_text())
+    assert report["mode"]["source"] == "default"
+    assert not (outbox / "IMG_2" / "IMG_2.mode").exists()
+    assert (inbox / "IMG_2.mode").read_text() == "lora\n"
+    said = mondrian(home, smoke_model_path, "status", MONDRIAN_TEST_STRAY_SECONDS="0").stdout
+    assert "IMG_2.mode" in said, said

@@ -218,3 +218,20 @@ def test_the_smoke_model_on_a_full_disk_says_where_and_what_to_do(tmp_path, smok
         assert (home / "inbox" / "a.jpg").exists()
     finally:
         _umount(full)
+
+
+def test_ctrl_c_while_a_command_starts_is_no_traceback(tmp_path) -> None:
+    """Ctrl-C in the first half second of a command (while it reads its command line and imports what it runs)
+    printed a Python traceback; the README says Ctrl-C stops it cleanly."""
+    import subprocess
+    import sys
+
+    script = ("import importlib, os, signal, sys\n"
+              "m = importlib.import_module('daemon.cli.main')\n"
+              "signal.signal(signal.SIGALRM, lambda *a: os.kill(os.getpid(), signal.SIGINT))\n"
+              "signal.setitimer(signal.ITIMER_REAL, 0.002)\n"
+              f"sys.exit(m.main(['--home', {str(tmp_path / 'home')!r}, 'status']))\n")
+    for _ in range(3):
+        out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                             cwd=Path(__file__).resolve().parents[1])
+        assert out.returncode == 130 and "Traceback" not in out.stderr, (out.returncode, out.stderr[-2000:])

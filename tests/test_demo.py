@@ -141,6 +141,11 @@ def test_ctrl_c_in_the_demo_says_what_is_left_and_running_it_again_finishes(tmp_
     again = mondrian(home, smoke_model_path, "demo", "--model", str(smoke_model_path), timeout=900)
     assert again.returncode == 0, again.stdout + again.stderr
     assert not [p for p in (home / "inbox").iterdir() if p.suffix.lower() == ".jpg"]
+    # The samples that waited are the ones critiqued: not five more copies beside them, filed as duplicates.
+    assert not list((home / "outbox").glob("duplicates/*")), again.stdout
+    assert not [r for r in reports(home / "outbox") if r.parent.name.endswith("-2")], again.stdout
+    assert "not analysed yet" not in again.stdout and "same as an earlier" not in again.stdout, again.stdout
+    assert again.stdout.count(" grade ") == 5, again.stdout
 
 
 def test_ctrl_c_before_the_demo_queues_its_photos_says_so_and_leaves_nothing_half_made(tmp_path, smoke_model_path):

@@ -149,3 +149,52 @@ def test_their_xmp_is_paired_as_a_mode_sidecar_is_and_fits_beside_a_long_name(tm
         else:
             assert [p.read_bytes() for p in originals] == [THEIRS], folder.name
             assert "family" in subjects, (folder.name, subjects)
+
+
+def test_photos_whose_names_differ_only_in_unicode_form_keep_their_own_sidecars(tmp_path, smoke_model_path):
+    """`Café.jpg` spelled composed (NFC) and decomposed (NFD): two photos on a Linux disk or a share, each with its
+    own `.mode` and XMP. Each took the other's (names were paired in one Unicode form before the exact owner was
+    asked): the wrong photo analysed in the wrong mode, the keywords swapped. A whole-name sidecar in another case
+    or form (`A.JPG.MODE`) was not found at all, and one beside a stem sidecar lost to it."""
+    home = make_home(tmp_path / "home", smoke_model_path, default_mode="rag")
+    inbox, outbox = home / "inbox", home / "outbox"
+    nfc, nfd = "Caf\u00e9", "Cafe\u0301"
+    photo(inbox / f"{nfc}.jpg", seed=31)
+    photo(inbox / f"{nfd}.jpg", seed=32)
+    (inbox / f"{nfd}.mode").write_text("baseline\n")
+    (inbox / f"{nfc}.xmp").write_bytes(THEIRS.replace(b"family", b"alpha"))
+    (inbox / f"{nfd}.xmp").write_bytes(THEIRS.replace(b"family", b"omega"))
+    photo(inbox / "A.JPG", seed=33)
+    (inbox / "A.JPG.MODE").write_text("baseline\n")
+    photo(inbox / "solo.jpg", seed=34)
+    (inbox / "solo.mode").write_text("rag\n")
+    (inbox / "solo.jpg.mode").write_text("baseline\n")
+    with Daemon(home, smoke_model_path, "--once") as d:
+        assert d.wait(300) == 0, d.output()
+    jobs = ledger_jobs(home)
+    modes = {name: (j.requested_mode, j.mode_source) for name, j in jobs.items()}
+    assert modes[f"{nfd}.jpg"] == ("baseline", "sidecar"), modes
+    assert modes[f"{nfc}.jpg"] == ("rag", "default"), modes
+    assert modes["A.JPG"] == ("baseline", "sidecar") and modes["solo.jpg"] == ("baseline", "sidecar"), modes
+    for name, mine, other in ((nfc, b"alpha", b"omega"), (nfd, b"omega", b"alpha")):
+        folder = Path(jobs[f"{name}.jpg"].output_dir)
+        (theirs,) = [p for p in folder.iterdir() if p.name.endswith(".original.xmp")]
+        assert mine in theirs.read_bytes() and other not in theirs.read_bytes(), (name, theirs.read_bytes())
+    assert not (inbox / "A.JPG.MODE").exists()
+
+
+def test_a_photo_whose_name_fills_the_limit_gets_its_report(tmp_path, smoke_model_path):
+    """A 253-byte name with a two-letter suffix (or a 255-byte name with none) left no room for `.xmp`: every
+    attempt failed with "File name too long", blamed on the disk, and `retry --failed` went round again."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox = home / "inbox"
+    names = ["A" * 253 + ".j", "B" * 255]
+    for i, name in enumerate(names):
+        photo(tmp_path / "p.jpg", seed=40 + i)
+        (tmp_path / "p.jpg").rename(inbox / name)
+    with Daemon(home, smoke_model_path, "--once") as d:
+        assert d.wait(300) == 0, d.output()
+    jobs = ledger_jobs(home)
+    assert {n: jobs[n].state for n in names} == {n: "done" for n in names}, {n: jobs[n].error for n in names}
+    for n in names:
+        assert (Path(jobs[n].output_dir) / n).is_file()

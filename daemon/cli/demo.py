@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import filecmp
 import os
 import shutil
 import sys
@@ -185,29 +186,46 @@ def ensure_adapter(cfg: Config, advisor: Advisor) -> Step:
                       + (" without the quality gate (demo)" if smoke else f": {outcome.reason}"))
 
 
+def _waiting_sample(cfg: Config, name: str, sample: Path, mode: str) -> bool:
+    """Whether the inbox holds this sample, with its `.mode`, from a demo stopped before it finished."""
+    here = cfg.inbox / name
+    sidecar = here.with_suffix(".mode")
+    try:
+        return (here.is_file() and not here.is_symlink() and filecmp.cmp(here, sample, shallow=False)
+                and sidecar.is_file() and sidecar.read_text(errors="replace").strip() == mode)
+    except OSError:
+        return False
+
+
 def queue_samples(cfg: Config) -> list[tuple[str, str]]:
-    """The samples into the inbox, each with a `.mode` sidecar: baseline, rag, lora in turn. Returns (name, mode)."""
+    """The samples into the inbox, each with a `.mode` sidecar: baseline, rag, lora in turn. Returns (name, mode).
+    A sample still waiting there from a demo stopped with Ctrl-C is taken as it is, not dropped a second time."""
     queued = []
     for i, photo in enumerate(sample_photos()):
         mode = MODES[i % len(MODES)]
         stem, n = photo.stem, 1
         while any((cfg.inbox / f"{stem}{s}").exists() for s in (photo.suffix, ".mode")):
+            if _waiting_sample(cfg, f"{stem}{photo.suffix}", photo, mode):
+                break
             n += 1  # never overwrite what the user keeps in the inbox
             stem = f"{photo.stem}-{n}"
-        # The sidecar first: the photo is never seen without it.
-        (cfg.inbox / f"{stem}.mode").write_text(mode + "\n")
-        shutil.copyfile(photo, cfg.inbox / f"{stem}{photo.suffix}")
+        else:
+            # The sidecar first: the photo is never seen without it.
+            (cfg.inbox / f"{stem}.mode").write_text(mode + "\n")
+            shutil.copyfile(photo, cfg.inbox / f"{stem}{photo.suffix}")
         queued.append((f"{stem}{photo.suffix}", mode))
     return queued
 
 
-def summary(cfg: Config, queued: list[tuple[str, str]], first_job: int) -> tuple[list[str], int]:
+def summary(cfg: Config, queued: list[tuple[str, str]], first_job: int,
+            carried: frozenset[int] = frozenset()) -> tuple[list[str], int]:
     """A line per sample photo, and how many of them are not finished (the demo was stopped)."""
     from ..ledger import Ledger
 
     ledger = Ledger.for_config(cfg)
     try:
-        jobs = {j.rel_path: j for j in ledger.jobs() if j.id > first_job}
+        # This run's jobs, and a sample that waited from a stopped demo: its job was queued before this run began.
+        jobs = {j.rel_path: j for j in sorted(ledger.jobs(), key=lambda j: j.id) if j.id > first_job or j.id in carried}
     finally:
         ledger.close()
     lines = []
@@ -278,16 +296,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 130
     ledger = Ledger.for_config(cfg)
     try:
-        first_job = max((j.id for j in ledger.jobs()), default=0)
+        before = ledger.jobs()
     finally:
         ledger.close()
+    first_job = max((j.id for j in before), default=0)
+    carried = frozenset(j.id for j in before if j.state in ("queued", "running"))
     queued = queue_samples(cfg)
     say(f"· {len(queued)} sample photos into {shown(str(cfg.inbox))}, one .mode each "
         f"({', '.join(f'{n}: {m}' for n, m in queued)}); analysing them…")
     rc = run_daemon(cfg, once=True)
     if rc != 0:
         return rc
-    lines, waiting = summary(cfg, queued, first_job)
+    lines, waiting = summary(cfg, queued, first_job, carried)
     print("\n".join(["", "Reports (asked for → used):", *lines, "",
                      f"Open {cfg.outbox / 'index.html'} in a browser to see them."]))
     if waiting:  # the daemon stops gracefully on Ctrl-C, with exit 0: the demo did not finish

@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if sys.stdout is not None:  # None when started with stdout closed (`mondrian status >&-`)
                 sys.stdout.flush()  # here, not at exit: a reader that is gone by now is caught below as well
+    except KeyboardInterrupt:  # Ctrl-C while the command line is still being read (its modules imported)
+        return 130
     except BrokenPipeError:
         # The reader went away (`mondrian status | head -1`): what it wanted it has. Python would print a
         # traceback, and another one at exit when it flushes stdout; point stdout at /dev/null instead.

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import MODES
-from ..fsutil import companion, is_folder, read_regular_file
+from ..fsutil import companion, files_in, is_folder, read_regular_file
 
 SIDECAR_SUFFIX = ".mode"
 SIDECAR_MAX_BYTES = 64
@@ -44,9 +44,10 @@ REPORT_JSON_MAX_BYTES = 4 << 20
 
 def xmp_sidecar_name(photo_file: str) -> str:
     """Mondrian's XMP beside an original: `IMG_1.jpg` -> `IMG_1.xmp`; an original whose own name that is
-    (`IMG_1.XMP`, a JPEG) -> `IMG_1.XMP.xmp`."""
-    name = Path(photo_file).stem + ".xmp"
-    return photo_file + ".xmp" if name.casefold() == photo_file.casefold() else name
+    (`IMG_1.XMP`, a JPEG) -> `IMG_1.XMP.xmp`. Shortened to a name the system takes: an original of 252-255 bytes
+    with a short suffix (or none) left no room for `.xmp`, and its report could never be written."""
+    name = fitted_name(Path(photo_file).stem, ".xmp")
+    return fitted_name(photo_file, ".xmp") if name.casefold() == photo_file.casefold() else name
 
 
 def is_report_file(path: Path) -> bool:
@@ -105,14 +106,19 @@ def editor_sidecars(photo: Path) -> list[Path]:
         # A report folder dropped back in: the photographer's own XMP is the one kept as `<stem>.original.xmp`
         # (Mondrian's `<stem>.xmp` beside it is a page of the old report, like its preview).
         mine |= {f"{m}.original" for m in mine}
-    others = {nfc(os.path.splitext(n)[0]) for n in names
-              if n != photo.name and os.path.splitext(n)[1].lower() not in EDITOR_SIDECARS}
+    not_sidecars = [n for n in names if n != photo.name and os.path.splitext(n)[1].lower() not in EDITOR_SIDECARS]
+    others = {nfc(os.path.splitext(n)[0]) for n in not_sidecars}
+    # Exactly another file's stem or name, in the other Unicode form than this photo's: that file's sidecar.
+    owned = {os.path.splitext(n)[0] for n in not_sidecars} | set(not_sidecars)
     found = []
     for name in sorted(names):
         suffix = os.path.splitext(name)[1]
         if suffix.lower() not in EDITOR_SIDECARS:
             continue
-        base = nfc(name[: -len(suffix)])
+        raw = name[: -len(suffix)]
+        base = nfc(raw)
+        if raw in owned and raw not in (photo.stem, photo.name):
+            continue
         if base in mine or (base.lower() in {m.lower() for m in mine} and base not in others):
             if not is_report_file(photo.parent / name):
                 found.append(photo.parent / name)
@@ -208,13 +214,16 @@ class SidecarError(ValueError):
 
 
 def sidecar_for(photo: Path) -> Path | None:
-    """`IMG_1.jpg` -> `IMG_1.mode` (any case of the suffix), if present; else `IMG_1.jpg.mode`, named after the
-    whole file as editors name their XMP (`IMG_1.NEF.xmp`); never a folder."""
-    found = companion(photo, SIDECAR_SUFFIX)
-    if found is not None:
-        return found
-    whole = photo.with_name(photo.name + SIDECAR_SUFFIX)
-    return whole if os.path.lexists(whole) and not os.path.isdir(whole) else None
+    """`IMG_1.jpg` -> `IMG_1.jpg.mode`, named after the whole file as editors name their XMP (`IMG_1.NEF.xmp`), if
+    present: it is that photo's alone, so it wins over `IMG_1.mode` (any case of the suffix), which speaks for
+    every photo of the stem; never a folder."""
+    for whole in (True, False):
+        exact = photo.with_name((photo.name if whole else photo.stem) + SIDECAR_SUFFIX)
+        if os.path.lexists(exact) and not os.path.isdir(exact):
+            return exact
+    names = files_in(photo.parent)  # listed once for both spellings
+    return (companion(photo, SIDECAR_SUFFIX, whole=True, names=names)
+            or companion(photo, SIDECAR_SUFFIX, names=names))
 
 
 def _decode_sidecar(raw: bytes) -> str:

@@ -360,8 +360,8 @@ class ModelRuntime:
         text = self.tokenizer.decode(ids, skip_special_tokens=False)
         if final.finish_reason != "stop" or not constraint.done:
             raise GenerationError(
-                f"the model used all {max_tokens} tokens before the JSON closed; raise max_tokens or "
-                f"shorten the schema's maxLength (got {len(text)} chars)", text)
+                f"the model used all {max_tokens} tokens before the JSON closed; raise max_tokens (or lower "
+                f"comment_max_chars) in mondrian.toml (got {len(text)} chars)", text)
         from .reuse import parse
 
         try:
@@ -458,8 +458,8 @@ def _generation(out: "ReuseOutput", schema: dict, max_tokens: int, seconds: floa
 
     if not out.finished:
         raise GenerationError(
-            f"the model used all {max_tokens} tokens before the JSON closed; raise max_tokens or "
-            f"shorten the schema's maxLength (got {len(out.text)} chars)", out.text)
+            f"the model used all {max_tokens} tokens before the JSON closed; raise max_tokens (or lower "
+            f"comment_max_chars) in mondrian.toml (got {len(out.text)} chars)", out.text)
     try:
         data = reuse.parse(out.text, schema)
     except (ValueError, jsonschema.ValidationError) as exc:

@@ -23,11 +23,11 @@ from .. import testhooks
 from ..analysis.advisors import load_advisors
 from ..config import Config
 from ..errors import Permanent, Transient
-from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, content_is, folder_inside, fsync_files, holds, move,
-                      own_folder_inside, pid_alive, read_regular_file, same_content)
+from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, content_is, folder_inside, fsync_files, holds, identity,
+                      move, own_folder_inside, pid_alive, read_regular_file, same_content)
 from ..intake.images import LoadedImage
-from ..intake.inbox import (OUTBOX_RESERVED, RECORD_SUFFIXES, SIDECAR_SUFFIX, editor_sidecars, fitted_name, is_ignored,
-                            same_name, safe_stem, sidecar_for, unique_path)
+from ..intake.inbox import (OUTBOX_RESERVED, RECORD_SUFFIXES, SIDECAR_SUFFIX, SidecarError, editor_sidecars,
+                            fitted_name, is_ignored, read_sidecar, same_name, safe_stem, sidecar_for, unique_path)
 from ..ledger import Job, Ledger, TwinFirst
 from .failures import Cause, advice, analyzed_as, cause_of, where_it_is
 from .outbox_index import OutboxIndex, published_report
@@ -61,16 +61,23 @@ class LinkedOutbox(Transient):
     (or leads out of the outbox) while Mondrian runs: nothing is written, moved or deleted through it."""
 
 
-def move_once(src: Path, dest: Path) -> None:
-    """Move `src` to `dest` (or a free `dest`-2, -3 ... name); nothing to do if it is gone or already there."""
+def move_once(src: Path, dest: Path) -> Path | None:
+    """Move `src` to `dest` (or a free `dest`-2, -3 ... name); nothing to do if it is gone or already there.
+    Where it went; None if `src` was not there (renamed or removed meanwhile)."""
     if not os.path.lexists(src):
-        return
+        return dest if os.path.lexists(dest) else None
     if os.path.lexists(dest):
         if same_content(src, dest):
             os.unlink(src)  # a cross-filesystem move was killed between its copy and its unlink
-            return
+            return dest
         dest = unique_path(dest.parent, Path(dest.name).stem, Path(dest.name).suffix)
-    move(src, dest, on_copied=lambda: testhooks.crashpoint("move_copied"))
+    try:
+        move(src, dest, on_copied=lambda: testhooks.crashpoint("move_copied"))
+    except FileNotFoundError:
+        if os.path.lexists(src):
+            raise
+        return None  # renamed or removed between the look and the move
+    return dest
 
 
 def another_photo_at(src: Path, filed: Path) -> bool:
@@ -294,19 +301,17 @@ class Publisher:
                                                     else self._holds_what_was_published(job, sha)):
             # Replaced or renamed in the moment between the analysis and this move (an export overwriting the file,
             # a rename): the report describes bytes that are not there. Withdrawn; the file is taken as it is now.
-            shutil.rmtree(final, ignore_errors=True)
-            self.index.changed()
-            if os.path.lexists(src):
-                self.ledger.requeue(job.id, "the file changed while its report was written; it will be analysed "
-                                            "again", delay_s=self.cfg.quiet_seconds, undo_attempt=True)
-            else:
-                self.ledger.mark_gone(job.id, "the file was renamed or removed from the inbox while its report was "
-                                              "written (a renamed file is critiqued under its new name)")
-            log.info("%s changed or went while its report was written: the report is withdrawn", job.rel_path)
+            self._withdraw(job, final, src)
             return
         else:
             try:
-                self.move_with_sidecar(src, final, original)
+                mode = (report["mode"]["requested"], report["mode"].get("source", ""))
+                testhooks.crashpoint("checked")  # the file looked at, about to be moved in
+                if not self.move_with_sidecar(src, final, original, mode) and not os.path.lexists(original):
+                    # Renamed in the moment between that look and the move (a photo manager's rename): the file
+                    # is queued under its new name; this report of nothing is withdrawn, never filed as done.
+                    self._withdraw(job, final, src)
+                    return
             except OutsideInbox as exc:
                 # Its folder turned into a link out of the inbox after the claim. If the original is not in the
                 # report folder yet (a move only picks another name when this one is taken), the report of a file
@@ -342,6 +347,17 @@ class Publisher:
         self._clear_old_failure_records(job)
         self.index.changed()
 
+    def _withdraw(self, job: Job, final: Path, src: Path) -> None:
+        shutil.rmtree(final, ignore_errors=True)
+        self.index.changed()
+        if os.path.lexists(src):
+            self.ledger.requeue(job.id, "the file changed while its report was written; it will be analysed "
+                                        "again", delay_s=self.cfg.quiet_seconds, undo_attempt=True)
+        else:
+            self.ledger.mark_gone(job.id, "the file was renamed or removed from the inbox while its report was "
+                                          "written (a renamed file is critiqued under its new name)")
+        log.info("%s changed or went while its report was written: the report is withdrawn", job.rel_path)
+
     def _not_moved(self, job: Job, src: Path, exc: OSError) -> None:
         """The original could not be moved out of the inbox after its report was written (and withdrawn)."""
         if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
@@ -353,21 +369,32 @@ class Publisher:
             self.transient(job, f"the photo could not be moved out of the inbox ({exc.strerror or exc}); its report "
                                 f"was withdrawn")
 
-    def move_with_sidecar(self, src: Path, dest_dir: Path, dest: Path | None = None) -> None:
+    def move_with_sidecar(self, src: Path, dest_dir: Path, dest: Path | None = None,
+                          mode: tuple[str, str] | None = None) -> bool:
         """Move the original (to `dest`, else its own name in `dest_dir`) and its sidecar. Safe to repeat after a
         kill: a sidecar left behind by a kill between the two moves is still found, and a copy completed by a
         killed cross-filesystem move is recognised instead of being copied a second time. Refuses (OutsideInbox)
-        when the file's folder is not inside the real inbox, whatever links lie on its path."""
+        when the file's folder is not inside the real inbox, whatever links lie on its path. False, and nothing
+        moved, when the original was not there (renamed or removed meanwhile): its sidecars stay with it.
+        `mode`: the mode (and where it came from) the report was made in; a `.mode` that came or changed since
+        does not describe the report, and stays in the inbox, where `status` names it."""
         if not self.inside_inbox(src):
             raise OutsideInbox(OUTSIDE_INBOX)
         self.own(dest_dir)
         sidecar = sidecar_for(src)
+        if sidecar is not None and mode is not None and mode[1] != "command" and not self._says(sidecar, mode):
+            log.warning("%s: its sidecar %s came or changed while its report was written, so it does not describe "
+                        "that report (%s, %s) and stays in the inbox; to have the photo critiqued in that mode, put "
+                        "the photo back beside it", src.name, sidecar.name, mode[0],
+                        "from its sidecar" if mode[1] == "sidecar" else "the default")
+            sidecar = None
         dest = dest or dest_dir / src.name
-        move_once(src, dest)
+        if move_once(src, dest) is None:
+            return False
         if sidecar is not None and os.path.lexists(sidecar):
             # Named after where the photo went (failed/x-2.jpg -> failed/x-2.mode), so that the pair is found
             # again together: `mondrian retry --failed` brings back the sidecar the user fixed there.
-            target = dest_dir / (dest.stem + Path(sidecar.name).suffix)
+            target = dest_dir / fitted_name(dest.stem, Path(sidecar.name).suffix)
             if self._shared(src, sidecar):
                 # IMG_3.jpg and IMG_3.png with one IMG_3.mode: it speaks for both, so the first one out takes a copy
                 # and the last one the file (moved away with the first, it would leave the other on the default).
@@ -389,6 +416,17 @@ class Publisher:
                 shutil.copy2(theirs, target, follow_symlinks=False)
             else:
                 move_once(theirs, target)
+        return True
+
+    @staticmethod
+    def _says(sidecar: Path, mode: tuple[str, str]) -> bool:
+        """Whether `sidecar` is the one the mode was read from and still asks for it."""
+        if mode[1] != "sidecar":
+            return False
+        try:
+            return read_sidecar(sidecar) == mode[0]
+        except SidecarError:
+            return False
 
     def _shared(self, photo: Path, sidecar: Path) -> bool:
         """Whether another photo waiting in `photo`'s folder has the same stem (and so the same `.mode`). A sidecar
@@ -499,7 +537,10 @@ class Publisher:
         self.index.changed()
         return False
 
-    def duplicate(self, job: Job, first: Job, src: Path, fallbacks: list[dict[str, str]] | None = None) -> None:
+    def duplicate(self, job: Job, first: Job, src: Path, fallbacks: list[dict[str, str]] | None = None, *,
+                  before: Any = None, sha256: str | None = None) -> None:
+        """File `src` as a duplicate of `first`'s photo. `before` and `sha256`: the identity and hash it had when
+        it was found to be one, checked again just before it is filed (see `move_duplicate`)."""
         dup_dir = self.cfg.outbox / "duplicates"
         try:
             self.outbox_here()
@@ -520,14 +561,23 @@ class Publisher:
             record["kept"] = "the photo was left where it is in the inbox (keep_originals)"
         atomic_write_text(Path(f"{dest}.duplicate.json"), json.dumps(record, indent=2, ensure_ascii=False))
         testhooks.crashpoint("dup_recorded")
-        if self.move_duplicate(job, dest):
+        if self.move_duplicate(job, dest, before=before, sha256=sha256):
             log.info("duplicate: %s is the same photo as job %s; see %s", job.rel_path, first.id,
                      self.shown(Path(first.report_html or "")))
             self.index.changed()
 
-    def move_duplicate(self, job: Job, dest: Path) -> bool:
+    def move_duplicate(self, job: Job, dest: Path, *, before: Any = None, sha256: str | None = None) -> bool:
         """Move a recorded duplicate into duplicates/ (unless it is kept in the inbox) and finish it; fail it
-        instead if it left the inbox."""
+        instead if it left the inbox. Given `before` and `sha256`, a file changed since it was hashed (an edit
+        saved over it) is no duplicate any more: its record is withdrawn and it is analysed as it is now."""
+        src = Path(job.source_path)
+        if (before is not None and sha256 and not job.kept and os.path.lexists(src) and not os.path.lexists(dest)
+                and not holds(src, before, sha256)):
+            Path(f"{dest}.duplicate.json").unlink(missing_ok=True)
+            self.ledger.requeue(job.id, "the file changed after it was found to be a duplicate; it will be "
+                                        "analysed again", delay_s=self.cfg.quiet_seconds, undo_attempt=True)
+            log.info("%s changed after it was found to be a duplicate: it is analysed as it is now", job.rel_path)
+            return False
         try:
             # Not when it is in duplicates/ already (a kill after the move): a file at its inbox path now is another
             # photo, dropped since, which must not be filed (or deleted as "the same bytes") under this record.
@@ -561,7 +611,11 @@ class Publisher:
         log.warning("will retry %s in %g s: %s", job.rel_path, delay, reason)
         self.ledger.retry_later(job.id, reason, delay)
 
-    def fail(self, job: Job, reason: str, kind: str = "permanent", keep_original: bool = False) -> None:
+    def fail(self, job: Job, reason: str, kind: str = "permanent", keep_original: bool = False, *,
+             before: Any = None) -> None:
+        """Record the failure and file the photo in failed/. `before`: the file's identity when it was read; a
+        file changed since (a good copy saved over a broken one) is not filed under a reason that is not its own:
+        it is read again instead."""
         keep_original = keep_original or not job.owns_file or job.kept
         src = Path(job.source_path)
         failed = self.cfg.failed_dir
@@ -584,6 +638,13 @@ class Publisher:
             record = {k: without_home(v) if isinstance(v, str) else v for k, v in record.items()}
             atomic_write_text(Path(f"{dest}.error.json"), json.dumps(record, indent=2, ensure_ascii=False))
             testhooks.crashpoint("fail_recorded")
+            if not keep_original and before is not None and os.path.lexists(src) and identity(src) != before:
+                for suffix in RECORD_SUFFIXES:
+                    Path(f"{dest}{suffix}").unlink(missing_ok=True)
+                self.ledger.requeue(job.id, "the file changed after it could not be read; it will be read again",
+                                    delay_s=self.cfg.quiet_seconds, undo_attempt=True)
+                log.info("%s changed after its failure: it is read again", job.rel_path)
+                return
             if not keep_original:
                 self.move_with_sidecar(src, failed, dest)
                 testhooks.crashpoint("fail_moved")

@@ -232,7 +232,10 @@ class Worker:
         except Exception as exc:  # one photo must never take the worker down
             try:
                 if is_permanent(exc):
-                    self.out.fail(self.ledger.get(job.id), f"the model could not produce a critique: {exc}")
+                    # Not the photo's fault (`retry --failed` skips unchanged permanent failures): a setting such
+                    # as max_tokens, or the model, is fixed, then the photo retried.
+                    self.out.fail(self.ledger.get(job.id), f"the model could not produce a critique: {exc}",
+                                  kind="transient")
                 elif (fault := outside_fault(exc)) is not None:  # the ledger's server restarting, not the photo
                     log.warning("%s: the ledger could not be read (%s); trying it again later", job.rel_path, fault)
                     self.out.transient(job, f"the ledger could not be read ({fault})")
@@ -317,6 +320,7 @@ class Worker:
             # Analysed now, it could never be moved out of the inbox, so it would be analysed again and again.
             self.out.fail(job, why, keep_original=True)
             return None
+        before = None
         try:
             if not keep_original:
                 self._check_symlink(src)
@@ -341,7 +345,7 @@ class Worker:
             if isinstance(exc, PhotoTruncated) and self._uploaded(src):  # "copy it again" is for a card's copy
                 why = ("the photo is truncated (the file ends early): it was damaged before it was sent; send the "
                        "original again")
-            self.out.fail(job, why, keep_original=keep_original)
+            self.out.fail(job, why, keep_original=keep_original, before=before)
             return None
         self._truncated.pop(job.id, None)
         self.ledger.set_hash(job.id, photo.sha256)
@@ -355,7 +359,7 @@ class Worker:
         if analysed_as is not None:  # the outbox's copy, its report's XMP inside (xmp_embed): the photo analysed
             first = self._report_of(context_key(analysed_as, advisor, planned.name, inputs, self.cfg), job)
         if first is not None and not keep_original:
-            self.out.duplicate(job, first, src, planned_fallbacks)
+            self.out.duplicate(job, first, src, planned_fallbacks, before=before, sha256=photo.sha256)
             return None
         if self.stop.is_set():
             raise Cancelled()
@@ -394,7 +398,7 @@ class Worker:
         # (`mondrian analyze`, a second Mac) may have published a report of the same photo meanwhile.
         first = self._report_of(context["key"], job)
         if first is not None and not keep_original:
-            self.out.duplicate(job, first, src, fallbacks)
+            self.out.duplicate(job, first, src, fallbacks, before=prep.before, sha256=photo.sha256)
             return
         earlier = earlier_report_links(self.cfg, self.ledger.earlier_reports(photo.sha256, exclude=job.id))
         report = assemble(self.runtime, job, src, photo, advisor, prep.requested, prep.source, strategy.name,
