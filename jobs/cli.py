@@ -228,8 +228,8 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
-    notes = [f"{a}: current points at {p}, so its photos fall back to rag; `{mondrian()} adapters rollback "
-             f"--advisor {a}` points it at the newest complete promoted version" for a, p in pointers.items()]
+    notes = [f"{a}: current points at {p}, so its photos fall back to rag; {store.remedy(a)}"
+             for a, p in pointers.items()]
     if not rows:
         who = f"{args.advisor}" if args.advisor else "any advisor"
         print(f"No adapters for {who} yet. Train one with `{mondrian()} train --advisor ID`.")
@@ -365,9 +365,8 @@ def _resolve(store: Any, advisor: str, which: str | None):
         v = store.current(advisor)
         problem = store.current_problem(advisor) if v is None else None
         if problem:  # a dangling or incomplete pointer has its own remedy
-            raise SystemExit(f"{advisor}'s current adapter points at {problem}; `{mondrian()} adapters rollback "
-                             f"--advisor {advisor}` points it at the newest complete promoted version, or name one "
-                             f"with --version")
+            raise SystemExit(f"{advisor}'s current adapter points at {problem}; {store.remedy(advisor)}, or name "
+                             f"one with --version")
         if v is None:
             raise SystemExit(f"{advisor} has no current adapter; train one with "
                              f"`{mondrian()} train --advisor {advisor}`")

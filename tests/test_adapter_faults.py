@@ -281,3 +281,18 @@ def test_rollback_never_downloads_the_model_to_fingerprint_it(tmp_path, smoke_mo
         assert asked == [], asked
     finally:
         server.shutdown()
+
+
+def test_a_truncated_only_version_is_told_to_train_not_to_roll_back(tmp_path, smoke_model_path) -> None:
+    """The only version's weights cut short: `adapters` advised `adapters rollback`, which, pasted, said there was
+    no earlier version to roll back to. With nothing to go back to, the advice is to train a new one."""
+    cfg = _home(tmp_path, smoke_model_path)
+    v = install_version(cfg, "ansel", promoted=True, fingerprint="f1")
+    os.truncate(v.path / "adapters.safetensors", 100)
+    out = mondrian(cfg.home, smoke_model_path, "adapters", "--advisor", "ansel")
+    assert "truncated" in out.stdout and "train --advisor ansel" in out.stdout, out.stdout
+    assert "adapters rollback" not in out.stdout, out.stdout
+    status = mondrian(cfg.home, smoke_model_path, "status").stdout
+    assert "train --advisor ansel" in status and "adapters rollback" not in status, status
+    pasted = mondrian(cfg.home, smoke_model_path, "adapters", "rollback", "--advisor", "ansel")
+    assert pasted.returncode != 0 and "train --advisor ansel" in pasted.stderr, pasted.stderr

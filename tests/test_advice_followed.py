@@ -12,7 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.harness import REPO, ledger_jobs, make_home, photo
+from tests.harness import REPO, Daemon, ledger_jobs, make_home, photo, wait_for
 
 ENTRY = REPO / ".venv" / "bin" / "mondrian"  # the checkout's entry point, as README.md has people run it
 
@@ -308,3 +308,31 @@ def test_a_photo_the_model_failed_on_is_queued_again_by_the_retry_its_advice_nam
     assert pasted.returncode == 0 and "fine.jpg" in pasted.stdout and "skipped" not in pasted.stdout, \
         (retry, pasted.stdout, pasted.stderr)
     assert ledger_jobs(home)["fine.jpg"].state == "queued"
+
+
+def test_the_model_download_command_off_path_is_named_by_its_path(tmp_path, smoke_model_path):
+    """No model yet, in a checkout whose venv is not activated: "To get a model: `hf download …`" said `hf`, which
+    that shell does not have. The command printed must be one the shell finds (run here with `--help`: offline)."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    photo(tmp_path / "x.jpg", seed=8, size=(64, 48))
+    env = _env(smoke_model_path, _bare_path())
+    ran = _run([str(ENTRY), "--home", str(home), "analyze", "--model", str(tmp_path / "no-model"),
+                str(tmp_path / "x.jpg")], env, tmp_path)
+    assert ran.returncode != 0 and "To get a model" in ran.stderr, ran.stderr
+    [download] = [c for c in re.findall(r"`([^`]+)`", ran.stderr) if c.split()[-2:-1] == ["download"]][:1]
+    pasted = _paste(download.rsplit(" ", 1)[0] + " --help", env, tmp_path)
+    assert pasted.returncode == 0, (download, pasted.stderr)
+
+
+def test_the_demos_own_hints_name_a_command_the_shell_finds(tmp_path, smoke_model_path):
+    """With a daemon running on the home, `demo` says to run it in another home: `MONDRIAN_HOME=… mondrian demo`
+    named a bare `mondrian`, not on PATH in a checkout whose venv is not activated."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    env = _env(smoke_model_path, _bare_path())
+    with Daemon(home, smoke_model_path):
+        wait_for(lambda: (home / "var" / "daemon.lock").exists() and _run(
+            [str(ENTRY), "--home", str(home), "status"], env, tmp_path).stdout.count("running") > 0, 120,
+            what="the daemon")
+        said = _run([str(ENTRY), "--home", str(home), "demo", "--model", str(smoke_model_path)], env, tmp_path)
+    [hint] = re.findall(r"\(MONDRIAN_HOME=(\S+) (.+? demo)\)", said.stderr)
+    assert hint[1].split()[0] == str(ENTRY), said.stderr

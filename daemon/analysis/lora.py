@@ -70,9 +70,10 @@ class LoraStrategy(Strategy):
                 return Availability(False, f"{advisor.name}'s current adapter {name} is missing or incomplete (run "
                                            f"`mondrian adapters rollback --advisor {advisor.id}` or {train})")
             problem = self.store.current_problem(advisor.id)
-            if problem:  # `current` deleted or lost in a copy, while promoted versions are kept
-                return Availability(False, f"{advisor.name}'s current adapter points at {problem} (run `mondrian "
-                                           f"adapters rollback --advisor {advisor.id}`)")
+            if problem:  # `current` deleted or lost in a copy, or its weights damaged
+                remedy = (f"`mondrian adapters rollback --advisor {advisor.id}`" if self.store.repair_targets(advisor.id)
+                          else train)
+                return Availability(False, f"{advisor.name}'s current adapter points at {problem} (run {remedy})")
             latest = self.store.latest(advisor.id)
             if latest is not None and not latest.promoted:  # "run train" would only repeat the same refusal
                 why = latest.decision.get("reason") or "the quality gate refused it"

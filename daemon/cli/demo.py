@@ -36,7 +36,7 @@ from ..fsutil import atomic_write_bytes, lock_holder
 from ..resources import samples_dir
 from .common import EX_CONFIG, config_from, progress_bar, say
 from .terminal import shown
-from ..hints import mondrian
+from ..hints import mondrian, program
 
 DEMO_FOLDER = "mondrian-demo"  # inside the advisor's references/: the demo's own, easy to see and to delete
 # Short training: a handful of steps, one augmented copy per photo (the whole demo stays near a minute).
@@ -95,7 +95,7 @@ def set_up_references(cfg: Config, advisor: Advisor) -> Step:
     if theirs:
         return Step(False, f"{advisor.name} already has reference photos of your own in {shown(str(folder))}; the "
                            f"demo does not mix its samples into them (run the demo in a fresh home to see rag and "
-                           f"lora: MONDRIAN_HOME=/tmp/mondrian-demo mondrian demo)")
+                           f"lora: MONDRIAN_HOME=/tmp/mondrian-demo {program()} demo)")
     dest = folder / DEMO_FOLDER
     old = time.time() - 3600
     changed = 0
@@ -271,7 +271,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if pid is not None:
         print(f"A Mondrian daemon (pid {pid if pid > 0 else '?'}) is running on {cfg.home}; stop it first "
               f"(`{mondrian()} service stop`, or Ctrl-C where it runs), or run the demo in another home "
-              f"(MONDRIAN_HOME=/tmp/mondrian-demo mondrian demo)", file=sys.stderr)
+              f"(MONDRIAN_HOME=/tmp/mondrian-demo {program()} demo)", file=sys.stderr)
         return 1
     if getattr(args, "serve", False):  # found before a minute of demo, not after it
         problem = _cannot_serve(cfg)

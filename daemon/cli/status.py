@@ -339,8 +339,9 @@ def _adapters(cfg: Config) -> dict[str, dict[str, Any]]:
         for advisor in store.advisors():
             if store.versions(advisor):
                 current = store.current(advisor)
-                out[advisor] = {"current": current.name if current else None,
-                                "problem": store.current_problem(advisor)}
+                problem = store.current_problem(advisor)
+                out[advisor] = {"current": current.name if current else None, "problem": problem,
+                                "remedy": store.remedy(advisor) if problem else None}
     except (AdapterStoreError, OSError):  # an adapters folder that cannot be read: the lora fallback says why
         pass
     return out
@@ -351,7 +352,7 @@ def _adapters_line(adapters: dict[str, dict[str, Any]]) -> str | None:
     for advisor, a in sorted(adapters.items()):
         if a.get("problem"):
             parts.append(f"{advisor}: current points at {a['problem']} (its lora photos fall back; "
-                         f"`{mondrian()} adapters rollback --advisor {advisor}` repairs it)")
+                         f"{a.get('remedy') or f'`{mondrian()} adapters rollback --advisor {advisor}` repairs it'})")
         elif a.get("current"):
             parts.append(f"{advisor} {a['current']}")
         else:

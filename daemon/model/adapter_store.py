@@ -486,7 +486,7 @@ class AdapterStore:
             self._log(advisor, {"event": "rollback", "from": name, "to": name, "reason": f"current was {problem}"})
             return name, name  # type: ignore[return-value]
         current = self.current(advisor)
-        if current is None:
+        if current is None or problem:  # e.g. its weights truncated: nothing sound to roll back *from*
             return self._repair_current(advisor, base)
         others = [v for v in self.versions(advisor) if v.number < current.number and v.promoted
                   and not v.rolled_back and v.usable()]
@@ -525,6 +525,19 @@ class AdapterStore:
             return None
         return f"{name}, which is {problem}" if problem.startswith("incomplete") else f"{name}, whose {problem}"
 
+    def repair_targets(self, advisor: str, base: str | None = None) -> list[Version]:
+        """The complete promoted versions a broken `current` could point at instead (oldest first)."""
+        name = self.current_name(advisor)
+        return [v for v in self.versions(advisor) if v.name != name and v.promoted and not v.rolled_back
+                and v.usable() and _fits(v, base)]
+
+    def remedy(self, advisor: str) -> str:
+        """What to run when `current` points at nothing usable: a rollback only where there is a version to go to."""
+        if self.repair_targets(advisor):
+            return (f"`{mondrian()} adapters rollback --advisor {advisor}` points it at the newest complete promoted "
+                    f"version")
+        return f"no other complete version is kept: train a new one with `{mondrian()} train --advisor {advisor}`"
+
     def _repair_current(self, advisor: str, base: str | None = None) -> tuple[str | None, str]:
         """`current` is missing, dangling or names an incomplete version: there is nothing to roll back *from*, but
         the advisor still has complete promoted versions, and the remedy the fallback reason suggests is this
@@ -533,8 +546,7 @@ class AdapterStore:
         if problem is None:
             raise AdapterStoreError(f"{advisor} has no current adapter to roll back")
         name = self.current_name(advisor)
-        usable = [v for v in self.versions(advisor) if v.name != name and v.promoted and not v.rolled_back
-                  and v.usable() and _fits(v, base)]
+        usable = self.repair_targets(advisor, base)
         if not usable:
             raise AdapterStoreError(f"{advisor}'s current adapter points at {problem}, and no other complete promoted "
                                     f"version is kept to go back to; train one with `{mondrian()} train --advisor "

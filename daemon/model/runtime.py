@@ -15,6 +15,8 @@ import contextlib
 import logging
 import os
 import re
+import shutil
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ import jsonschema
 
 from ..config import is_true
 from ..errors import Permanent
+from ..hints import shell_word
 from ..limits import check as check_limits
 from .smoke import SMOKE_ALIAS, SmokeModelUnwritable, ensure_smoke_model, read_marker
 
@@ -81,10 +84,19 @@ class Generation:
     free_tokens: int | None = None  # tokens the model chose (the rest the schema forced), where counted
 
 
+def _hub_cli(name: str) -> str:
+    """huggingface_hub's command as a shell reaches it: installed beside this Python (a checkout's .venv/bin, not
+    on PATH unless the venv is activated), named by its path."""
+    beside = Path(sys.executable).parent / name
+    if shutil.which(name) is None and beside.exists():
+        return shell_word(beside)
+    return name
+
+
 def _how_to_get(spec: str) -> str:
     hub_id = spec if _REPO_ID.match(spec) else DEFAULT_HUB_MODEL
-    return (f"To get a model: `hf download {hub_id}` (older huggingface_hub: "
-            f"`huggingface-cli download {hub_id}`; needs network once), "
+    return (f"To get a model: `{_hub_cli('hf')} download {hub_id}` (older huggingface_hub: "
+            f"`{_hub_cli('huggingface-cli')} download {hub_id}`; needs network once), "
             f"or set MONDRIAN_MODEL (or `model` in mondrian.toml) to a local folder holding an MLX "
             f"checkpoint, or use `--model {SMOKE_ALIAS}` for the offline smoke model (random weights).")
 
