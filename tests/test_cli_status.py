@@ -216,3 +216,19 @@ def test_photos_sitting_in_the_inbox_unqueued_are_counted_not_shown_as_an_empty_
             d.stop()
     finally:
         holder.kill()
+
+
+def test_photos_moved_within_the_inbox_are_not_called_removed(tmp_path, smoke_model_path):
+    """An album renamed while its photos were queued: each got its report under the new name, yet `status` said
+    "6 removed before analysis"; nothing was removed."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    for i in range(2):
+        photo(home / "inbox" / "album" / f"a{i}.jpg", seed=90 + i, size=(64, 48))
+    with Daemon(home, smoke_model_path, MONDRIAN_TEST_STOP_AT="claimed") as d:
+        wait_for(lambda: _stopped(d.proc.pid), 120, what="the daemon held with a photo claimed")
+        (home / "inbox" / "album").rename(home / "inbox" / "album 2")
+        d.signal(signal.SIGCONT)
+        wait_for(lambda: status(home, smoke_model_path)["counts"]["done"] == 2, 120, what="both photos done")
+        d.stop()
+    said = mondrian(home, smoke_model_path, "status").stdout
+    assert "removed" not in said and "left their place before analysis (moved, renamed or deleted)" in said, said

@@ -488,7 +488,9 @@ def render(info: dict[str, Any]) -> str:
              + (f" · {len(interrupted)} interrupted" if interrupted else "")
              + f" · {c['done']} done ({info['duplicates']} duplicates) · {c['failed']} failed"
              + (f" ({resolved} earlier failure(s) since put back and analysed)" if resolved else "")
-             + (f" · {c['gone']} removed before analysis" if c.get("gone") else "")]
+             # Gone from where they were queued: deleted, or moved or renamed (then queued under the new name).
+             + (f" · {c['gone']} left their place before analysis (moved, renamed or deleted)" if c.get("gone")
+                else "")]
     inbox = _inbox_line(info.get("inbox_waiting") or {}, d, info.get("quiet_seconds", 2.0))
     if inbox:
         lines.append(inbox)
