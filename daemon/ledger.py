@@ -485,17 +485,30 @@ HOME_EVENT = "home"  # the home this SQLite ledger last served (Ledger.follow_ho
 _COMPANIONS = ("-wal", "-shm")  # SQLite's write-ahead log and its shared index, beside the database in WAL mode
 
 
+_SHM_FDS: dict[str, int] = {}
+
+
+def _shm_fd(db: Path) -> int:
+    """A descriptor of the -shm file that this process never closes. SQLite keeps its WAL locks there as POSIX
+    record locks, which belong to the process: closing *any* descriptor of the file drops all of them, and
+    SQLite's connections then block or read a log another connection is rewriting (a daemon that opened and
+    closed the file to look at it hung in its next write)."""
+    key = f"{db}-shm"
+    if key not in _SHM_FDS:
+        _SHM_FDS[key] = os.open(key, os.O_RDONLY | os.O_CLOEXEC)
+    return _SHM_FDS[key]
+
+
 def _wal_cut(db: Path) -> bool:
     """Whether the write-ahead log beside `db` is shorter than its index says it is: another program emptied or cut
     it. The index (-shm) begins with two copies of its header, equal when no writer is mid-update; its page size is
     the u16 at byte 14 and its count of valid frames the u32 at byte 16, in the machine's byte order (SQLite's
     wal.c). Each frame is a 24-byte header and one page, after the log's 32-byte header."""
     try:
-        with open(f"{db}-shm", "rb") as shm:
-            before = shm.read(96)
-            size = os.path.getsize(f"{db}-wal")
-            shm.seek(0)
-            after = shm.read(96)
+        fd = _shm_fd(db)
+        before = os.pread(fd, 96, 0)
+        size = os.path.getsize(f"{db}-wal")
+        after = os.pread(fd, 96, 0)
     except OSError:
         return False  # gone or unreadable: `replaced` tells those apart
     if len(before) < 96 or before != after or before[:48] != before[48:96] or not before[12]:
