@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import os
 import sys
 from pathlib import Path
@@ -122,8 +123,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # run_training has stopped the child and removed its half-made version by now
         why = "stopped with Ctrl-C before it finished; nothing was kept"
         recorder.finish(TrainOutcome(advisor.id, False, reason=why))
+        model = f" --model {shlex.quote(args.model)}" if getattr(args, "model", None) else ""  # as it was started
         print(f"Training {why}: {advisor.id}'s adapters are as they were. `{mondrian()} train --advisor "
-              f"{advisor.id}` starts it again.", file=sys.stderr)
+              f"{advisor.id}{model}` starts it again.", file=sys.stderr)
         return 130
     recorder.finish(outcome)
     if not outcome.ok:

@@ -293,21 +293,25 @@ def test_an_analyze_command_for_a_file_named_like_an_option_names_a_file(tmp_pat
     assert [Path(p) for p in args.photo] == [Path("-x.jpg")] and args.advisor == "cartier", (line, words)
 
 
-def test_a_photo_the_model_failed_on_is_queued_again_by_the_retry_its_advice_names(tmp_path, smoke_model_path):
-    """"The photo is probably fine: the model failed on it. Run `… retry --failed`": pasted, retry skipped it as an
-    unchanged permanent failure, so the advice could not be followed. The model's failure is not the photo's."""
+def test_a_photo_the_model_failed_on_gets_advice_that_works_when_followed(tmp_path, smoke_model_path):
+    """"The photo is probably fine: the model failed on it. Run `… retry --failed`": pasted as it was, retry
+    skipped it (nothing had changed, and the model decodes greedily: it would fail the same way), and its reason
+    named "the schema's maxLength", which is no setting. The advice now names what to change, then the retry."""
     home = make_home(tmp_path / "home", smoke_model_path, max_tokens=3)
     photo(home / "inbox" / "fine.jpg", seed=7, size=(64, 48))
     env = _env(smoke_model_path, _path_with_mondrian(tmp_path))
     assert _run(["mondrian", "--home", str(home), "run", "--once"], env, tmp_path).returncode == 0
     [failure] = json.loads(_paste(f"mondrian --home '{home}' status --json", env, tmp_path).stdout)["recent_failures"]
-    assert "the model failed on it" in failure["next_step"] and "max_tokens" in failure["reason"], failure
-    assert "schema" not in failure["reason"], "a setting that exists is named, not the schema's internals"
+    assert "the model failed on it" in failure["next_step"] and "Change what the reason names" in failure["next_step"]
+    assert "raise max_tokens" in failure["reason"] and "schema" not in failure["reason"], failure
+    settings = home / "mondrian.toml"
+    settings.write_text(settings.read_text().replace("max_tokens = 3", "max_tokens = 400"))
     [retry] = _commands(failure["next_step"], "retry")
     pasted = _paste(retry, env, tmp_path)
     assert pasted.returncode == 0 and "fine.jpg" in pasted.stdout and "skipped" not in pasted.stdout, \
         (retry, pasted.stdout, pasted.stderr)
-    assert ledger_jobs(home)["fine.jpg"].state == "queued"
+    assert _run(["mondrian", "--home", str(home), "run", "--once"], env, tmp_path).returncode == 0
+    assert ledger_jobs(home)["fine.jpg"].state == "done"
 
 
 def test_the_model_download_command_off_path_is_named_by_its_path(tmp_path, smoke_model_path):

@@ -221,3 +221,22 @@ def test_a_mode_sidecar_that_arrives_while_the_report_is_filed_is_not_swallowed(
     assert (inbox / "IMG_2.mode").read_text() == "lora\n"
     said = mondrian(home, smoke_model_path, "status", MONDRIAN_TEST_STRAY_SECONDS="0").stdout
     assert "IMG_2.mode" in said, said
+
+
+def test_the_same_bytes_dropped_again_after_a_kill_are_a_duplicate_not_deleted(tmp_path: Path,
+                                                                               smoke_model_path: Path) -> None:
+    """Killed after the photo moved into its report folder, before the job was recorded; meanwhile the same photo
+    is copied into the inbox again. On one disk a move is a rename, which never leaves two copies, yet the copy was
+    taken for the remains of a killed move across disks and deleted, with no record. It is a duplicate now."""
+    home = _home(tmp_path, smoke_model_path)
+    inbox, outbox = home / "inbox", home / "outbox"
+    shot = photo(inbox / "same.jpg", seed=84)
+    data = shot.read_bytes()
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=180, MONDRIAN_TEST_CRASH_AT="moved")
+    assert out.returncode == -9, (out.returncode, out.stderr)
+    assert (outbox / "same" / "same.jpg").read_bytes() == data and not shot.exists()
+    shot.write_bytes(data)  # a new file (a new inode), the same bytes
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    jobs = [j for j in _jobs(home) if j["rel_path"] == "same.jpg"]
+    assert [j["state"] for j in jobs] == ["done", "done"] and jobs[1]["duplicate_of"] == jobs[0]["id"], jobs
+    assert (outbox / "duplicates" / "same.jpg").read_bytes() == data and not shot.exists()

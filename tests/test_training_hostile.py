@@ -189,10 +189,11 @@ def test_ctrl_c_on_train_says_what_happened_keeps_nothing_and_status_says_so_too
         wait_for(lambda: run.poll() is not None, timeout=90, what="`mondrian train` to end on SIGINT")
 
     cfg = _synth_home(tmp_path, smoke_model_path)
-    rc, out, err, held = _train_held_at(cfg, smoke_model_path, "evaluating", ctrl_c)
+    rc, out, err, held = _train_held_at(cfg, smoke_model_path, "evaluating", ctrl_c, "--model", str(smoke_model_path))
     assert rc == 130 and "Traceback" not in err, (rc, err[-3000:])
     assert "Training stopped with Ctrl-C before it finished; nothing was kept" in err, err[-3000:]
-    assert "train --advisor synth` starts it again" in err, err[-3000:]
+    # the command to start it again names the model it was started with (a home without one in its settings)
+    assert f"train --advisor synth --model {smoke_model_path}` starts it again" in err, err[-3000:]
     for pid in held:  # the child went with it
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
     adapters = cfg.adapters_dir / "synth"

@@ -79,8 +79,9 @@ _CAUSES: list[tuple[Cause, tuple[str, ...]]] = [
            "and shape (crop a very long panorama) and drop the new file into the inbox.", True),
      (r"preprocessing refused",)),
     (Cause("model", "The model could not write a critique",
-           "The photo is probably fine: the model failed on it. {again_cap}; if it fails again, check the model "
-           "(`MONDRIAN_MODEL`, `{mondrian} status`) and the log.", False),
+           "The photo is probably fine: the model failed on it, and would again the same way (it decodes "
+           "greedily). Change what the reason names (a setting in mondrian.toml, the advisor's prompt, or the model: "
+           "`MONDRIAN_MODEL`, `{mondrian} status`), then {again}.", False),
      (r"^the model could not", r"model could not be loaded")),
     (Cause("link", "A link, not a photo",
            "Mondrian does not follow links out of the inbox. Copy the photo itself (not a link or an alias) into "

@@ -67,9 +67,11 @@ def move_once(src: Path, dest: Path) -> Path | None:
     if not os.path.lexists(src):
         return dest if os.path.lexists(dest) else None
     if os.path.lexists(dest):
-        if same_content(src, dest):
+        if _left_by_a_killed_move(src, dest):
             os.unlink(src)  # a cross-filesystem move was killed between its copy and its unlink
             return dest
+        if same_content(src, dest):
+            return dest  # the same bytes dropped again after a move on one disk: a photo of its own, left in place
         dest = unique_path(dest.parent, Path(dest.name).stem, Path(dest.name).suffix)
     try:
         move(src, dest, on_copied=lambda: testhooks.crashpoint("move_copied"))
@@ -80,11 +82,22 @@ def move_once(src: Path, dest: Path) -> Path | None:
     return dest
 
 
+def _left_by_a_killed_move(src: Path, dest: Path) -> bool:
+    """Whether `src` is what a move across disks killed between its copy and its unlink left behind: the same bytes
+    at `dest` on another filesystem. On one filesystem a move is a rename, which never leaves two: the same bytes
+    at `src` then are a copy the photographer dropped again, a photo of its own (critiqued as a duplicate)."""
+    try:
+        other_disk = os.lstat(src).st_dev != os.lstat(dest).st_dev
+    except OSError:
+        return False
+    return other_disk and same_content(src, dest)
+
+
 def another_photo_at(src: Path, filed: Path) -> bool:
     """Whether the file at the inbox path `src` is another photo than the one already filed at `filed` (moved in
-    before a kill, then a new photo dropped under its name). The same bytes in both places are not: that is a move
-    across disks killed between its copy and its unlink, for `move_once` to finish."""
-    return os.path.lexists(filed) and os.path.lexists(src) and not same_content(src, filed)
+    before a kill, then a new photo dropped under its name). What a move across disks killed between its copy and
+    its unlink left is not: `move_once` finishes that move."""
+    return os.path.lexists(filed) and os.path.lexists(src) and not _left_by_a_killed_move(src, filed)
 
 
 def link_or_copy(src: Path, dest: Path) -> str:

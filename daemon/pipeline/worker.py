@@ -232,10 +232,7 @@ class Worker:
         except Exception as exc:  # one photo must never take the worker down
             try:
                 if is_permanent(exc):
-                    # Not the photo's fault (`retry --failed` skips unchanged permanent failures): a setting such
-                    # as max_tokens, or the model, is fixed, then the photo retried.
-                    self.out.fail(self.ledger.get(job.id), f"the model could not produce a critique: {exc}",
-                                  kind="transient")
+                    self.out.fail(self.ledger.get(job.id), f"the model could not produce a critique: {exc}")
                 elif (fault := outside_fault(exc)) is not None:  # the ledger's server restarting, not the photo
                     log.warning("%s: the ledger could not be read (%s); trying it again later", job.rel_path, fault)
                     self.out.transient(job, f"the ledger could not be read ({fault})")
