@@ -235,3 +235,14 @@ def test_ctrl_c_while_a_command_starts_is_no_traceback(tmp_path) -> None:
         out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                              cwd=Path(__file__).resolve().parents[1])
         assert out.returncode == 130 and "Traceback" not in out.stderr, (out.returncode, out.stderr[-2000:])
+
+
+def test_a_homes_inbox_given_as_the_home_names_the_home_not_init(tmp_path, smoke_model_path) -> None:
+    """`--home ~/Mondrian/inbox`: status advised `init ~/Mondrian/inbox`, which `init` itself refuses (it lies in
+    that home's inbox). It names the home the folder belongs to."""
+    from tests.harness import make_home, mondrian
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    out = mondrian(home / "inbox", smoke_model_path, "status")
+    assert out.returncode == 78 and f"--home {home}" in out.stderr and " init " not in out.stderr, out.stderr
+    assert not (home / "inbox" / "inbox").exists()

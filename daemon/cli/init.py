@@ -54,6 +54,18 @@ def settings_template() -> str:
 def _inside_another_home(path: Path) -> str | None:
     """Why `path` cannot be a home because it lies in another home's inbox, outbox or var folder (that home's daemon
     would take the new mondrian.toml for a photo, or sweep it away), or None."""
+    found = containing_home(path)
+    if found is None:
+        return None
+    above, name = found
+    path = path.resolve()
+    return (f"{path} is inside the {name} of the Mondrian home {above}: its daemon would take the new "
+            f"home's files for its own work. Choose a folder outside it (`{program()} init "
+            f"{shell_word(above.parent / (path.name or 'Mondrian'))}`)")
+
+
+def containing_home(path: Path) -> tuple[Path, str] | None:
+    """The Mondrian home whose inbox, outbox or var folder holds `path`, and which of them; else None."""
     path = path.resolve()  # as load_config resolves the other home's folders (/tmp is /private/tmp on a Mac)
     for above in path.parents:
         # A home is its settings file, or (made by `run` or `demo`, which write none) its ledger
@@ -66,9 +78,7 @@ def _inside_another_home(path: Path) -> str | None:
             folders = {name: above / name for name in ("inbox", "outbox", "var")}
         for name, folder in folders.items():
             if path.is_relative_to(folder.absolute()):
-                return (f"{path} is inside the {name} of the Mondrian home {above}: its daemon would take the new "
-                        f"home's files for its own work. Choose a folder outside it (`{program()} init "
-                        f"{shell_word(above.parent / (path.name or 'Mondrian'))}`)")
+                return above, name
     return None
 
 

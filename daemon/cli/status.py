@@ -53,6 +53,13 @@ def require_home(cfg: Config) -> None:
             cfg._refuse_unmounted(home, within=(Path.home(), Path(platformdirs.user_data_dir())))
         except ConfigError as exc:
             raise ConfigError(f"no Mondrian home at {home}: {exc}") from None
+    from .init import containing_home
+
+    inside = containing_home(home)
+    if inside is not None:  # `--home ~/Mondrian/inbox`: the home meant is the one above
+        above, name = inside
+        raise ConfigError(f"{home} is the {name} (or a folder in it) of the Mondrian home {above}, not a home: "
+                          f"give that home, `{program()} --home {shell_word(above)} …`")
     what = "has no mondrian.toml, ledger or inbox" if home.exists() else "does not exist"
     raise ConfigError(f"no Mondrian home at {home} (it {what}): run `{program()} init {shell_word(home)}` to "
                       f"create one there, or set MONDRIAN_HOME (or --home) to the home you have")
