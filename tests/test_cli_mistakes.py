@@ -246,3 +246,13 @@ def test_a_homes_inbox_given_as_the_home_names_the_home_not_init(tmp_path, smoke
     out = mondrian(home / "inbox", smoke_model_path, "status")
     assert out.returncode == 78 and f"--home {home}" in out.stderr and " init " not in out.stderr, out.stderr
     assert not (home / "inbox" / "inbox").exists()
+
+
+def test_an_advisor_id_that_is_not_one_is_quoted_whole(tmp_path, smoke_model_path) -> None:
+    """`references list --advisor 'Bad Id'` said `bad id' is not an advisor id`: its opening quote was stripped."""
+    from tests.harness import make_home, mondrian
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    for command in (["references", "list"], ["references", "index"]):
+        out = mondrian(home, smoke_model_path, *command, "--advisor", "Bad Id")
+        assert out.returncode == 2 and "'bad id' is not an advisor id" in out.stderr, (command, out.stderr)

@@ -34,7 +34,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     try:
         advisors = _advisor_ids(cfg, args.advisor)
     except UnknownAdvisor as exc:
-        print(str(exc).strip("'\""), file=sys.stderr)
+        print(str(exc.args[0] if exc.args else exc), file=sys.stderr)
         return 2
     cfg.ensure_dirs()
     pid = lock_holder(cfg.var_dir / "daemon.lock")
@@ -164,7 +164,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     try:
         advisors = _advisor_ids(cfg, args.advisor) or sorted(load_advisors(cfg))
     except UnknownAdvisor as exc:
-        print(str(exc).strip("'\""), file=sys.stderr)
+        print(str(exc.args[0] if exc.args else exc), file=sys.stderr)
         return 2
     ledger = Ledger.for_config(cfg)
     recorded = ledger.events().get("reference_errors", ([], None))[0]  # what the daemon could not index
@@ -212,7 +212,7 @@ def cmd_import_db(args: argparse.Namespace) -> int:
     try:
         advisor = _advisor_ids(cfg, args.advisor)
     except Exception as exc:  # UnknownAdvisor: the message names the known ones
-        print(str(exc).strip("'\""), file=sys.stderr)
+        print(str(exc.args[0] if exc.args else exc), file=sys.stderr)
         return 2
     cfg.ensure_dirs()
     try:

@@ -576,7 +576,7 @@ class Worker:
         try:
             return get_advisor(self.cfg, advisor_id)
         except UnknownAdvisor as exc:
-            raise Permanent(str(exc).strip("'\"")) from exc
+            raise Permanent(str(exc.args[0] if exc.args else exc)) from exc
 
 
 def _times(n: int) -> str:
