@@ -95,8 +95,13 @@ class TrainSettings:
     @classmethod
     def from_config(cls, cfg: Config, **overrides: Any) -> "TrainSettings":
         table = dict(cfg.extra.get("lora", {}) or {})
-        table.update({k: v for k, v in overrides.items() if v is not None})
+        given = {k: v for k, v in overrides.items() if v is not None}  # the command line's (`train --iters`)
+        table.update(given)
         known = {f.name: f for f in fields(cls)}
+
+        def origin(key: str, value: Any) -> str:
+            return (f"--{key.replace('_', '-')} {value!r} on the command line" if key in given
+                    else f"[lora] {key} = {value!r} in {cfg.home / CONFIG_NAME}")
         values: dict[str, Any] = {}
         for key, value in table.items():
             if key not in known:  # a typo must not silently train with the default instead
@@ -104,7 +109,7 @@ class TrainSettings:
                 hint = f"did you mean `{close[0]}`?" if close else f"the settings are: {', '.join(sorted(known))}"
                 raise ConfigError(f"unknown setting `{key}` in the [lora] section of {cfg.home / CONFIG_NAME}; {hint}")
             # As strictly as the top-level settings: `rank = 8.9` or `augment = "flase"` is refused, not trained on.
-            values[key] = coerce_setting(key, value, getattr(cls, key), f"[lora] {key} = {value!r} in {cfg.home / CONFIG_NAME}")
+            values[key] = coerce_setting(key, value, getattr(cls, key), origin(key, value))
         for key, value in values.items():
             low, high = LIMITS.get(key, (None, None))
             if isinstance(value, bool) or (low is None and high is None):
@@ -115,7 +120,7 @@ class TrainSettings:
                         (f"at least {low:g}" if low is not None else "") + \
                         (" and " if low is not None and high is not None else "") + \
                         (f"below {high:g}" if high is not None else "")
-                raise ConfigError(f"[lora] {key} = {value!r} in {cfg.home / CONFIG_NAME}: it must be {where}")
+                raise ConfigError(f"{origin(key, value)}: it must be {where}")
         settings = cls(**values)
         if settings.max_iters < settings.min_iters:
             raise ConfigError(f"[lora] max_iters = {settings.max_iters} is below min_iters = {settings.min_iters} in "

@@ -256,3 +256,13 @@ def test_an_advisor_id_that_is_not_one_is_quoted_whole(tmp_path, smoke_model_pat
     for command in (["references", "list"], ["references", "index"]):
         out = mondrian(home, smoke_model_path, *command, "--advisor", "Bad Id")
         assert out.returncode == 2 and "'bad id' is not an advisor id" in out.stderr, (command, out.stderr)
+
+
+def test_a_bad_value_on_trains_command_line_is_blamed_on_the_command_line(tmp_path, smoke_model_path) -> None:
+    """`train --iters -5` said "[lora] iters = -5 in …/mondrian.toml", a file that has no such line."""
+    from tests.harness import make_home, mondrian
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    out = mondrian(home, smoke_model_path, "train", "--advisor", "ansel", "--iters", "-5")
+    assert out.returncode == 78 and "--iters -5 on the command line" in out.stderr, out.stderr
+    assert "mondrian.toml" not in out.stderr, out.stderr

@@ -330,7 +330,7 @@ def test_current_deleted_copied_or_rolled_back_to_another_base_is_told_and_repai
     pointer.unlink()  # deleted
     told = mondrian(cfg.home, smoke_model_path, "status").stdout
     assert "Adapters: ansel: current points at nothing: `current` is missing" in told, told
-    assert "adapters rollback --advisor ansel` repairs it" in told, told
+    assert "adapters rollback --advisor ansel` points it at the newest complete promoted version" in told, told
     reason = lora_reason()
     assert "`current` is missing" in reason and "adapters rollback --advisor ansel" in reason, reason
     assert "run `mondrian train" not in reason
@@ -347,7 +347,7 @@ def test_current_deleted_copied_or_rolled_back_to_another_base_is_told_and_repai
     assert pointer.is_symlink() and os.readlink(pointer) == "v0001"
     assert "Adapters: ansel v0001\n" in mondrian(cfg.home, smoke_model_path, "status").stdout
     assert json.loads(mondrian(cfg.home, smoke_model_path, "status", "--json").stdout)["adapters"] == \
-        {"ansel": {"current": "v0001", "problem": None}}
+        {"ansel": {"current": "v0001", "problem": None, "remedy": None}}
     assert sorted(p.name for p in (cfg.adapters_dir / "ansel").iterdir() if not p.name.startswith(".")) == \
         ["current", "history.jsonl", "v0001", "v0002"]
 
