@@ -41,19 +41,27 @@ def _home(tmp_path: Path, model: Path) -> Path:
     return make_home(tmp_path / "home", model, max_pixels=56 * 56, comment_max_chars=8, max_tokens=400)
 
 
+def _k_about_to(home: Path, smoke_model_path: Path, point: str, seed: int) -> None:
+    """`k.jpg` in the inbox as the crash or stop `point` needs it: a twin of a photo analysed first (dup_recorded),
+    a broken export (fail_recorded), or a photo of its own (renamed)."""
+    inbox, outbox = home / "inbox", home / "outbox"
+    if point == "dup_recorded":
+        photo(inbox / "first.jpg", seed=seed)
+        assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+        (inbox / "k.jpg").write_bytes((outbox / "first" / "first.jpg").read_bytes())
+    elif point == "fail_recorded":
+        (inbox / "k.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
+    else:
+        photo(inbox / "k.jpg", seed=seed + 1)
+
+
 @pytest.mark.parametrize("point", ["renamed", "dup_recorded", "fail_recorded"])
 def test_a_photo_exported_again_while_mondrian_was_down_is_not_filed_under_the_old_outcome(
         tmp_path: Path, smoke_model_path: Path, point: str) -> None:
     home = _home(tmp_path, smoke_model_path)
     inbox, outbox = home / "inbox", home / "outbox"
-    if point == "dup_recorded":  # the first analysed, then its twin killed after its duplicate record was written
-        photo(inbox / "first.jpg", seed=70)
-        assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
-        (inbox / "k.jpg").write_bytes((outbox / "first" / "first.jpg").read_bytes())
-    elif point == "fail_recorded":  # an export that went wrong, killed after its failure record was written
-        (inbox / "k.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
-    else:  # killed after its report folder was renamed into the outbox, before the original was moved in
-        photo(inbox / "k.jpg", seed=71)
+    # killed after its duplicate record, its failure record, or its report folder's rename, before the original moved
+    _k_about_to(home, smoke_model_path, point, seed=70)
     out = mondrian(home, smoke_model_path, "run", "--once", timeout=180, MONDRIAN_TEST_CRASH_AT=point)
     assert out.returncode == -9, (out.returncode, out.stderr)
     assert (inbox / "k.jpg").is_file()  # the outcome is published, the original not yet taken
@@ -79,14 +87,7 @@ def test_a_photo_deleted_while_mondrian_was_down_leaves_no_outcome_without_it(tm
                                                                              point: str) -> None:
     home = _home(tmp_path, smoke_model_path)
     inbox, outbox = home / "inbox", home / "outbox"
-    if point == "dup_recorded":
-        photo(inbox / "first.jpg", seed=73)
-        assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
-        (inbox / "k.jpg").write_bytes((outbox / "first" / "first.jpg").read_bytes())
-    elif point == "fail_recorded":
-        (inbox / "k.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
-    else:
-        photo(inbox / "k.jpg", seed=74)
+    _k_about_to(home, smoke_model_path, point, seed=73)
     out = mondrian(home, smoke_model_path, "run", "--once", timeout=180, MONDRIAN_TEST_CRASH_AT=point)
     assert out.returncode == -9, (out.returncode, out.stderr)
     (inbox / "k.jpg").unlink()
@@ -161,12 +162,7 @@ def test_a_file_saved_over_after_its_outcome_is_recorded_is_not_filed_under_it(t
     photo in duplicates/, never critiqued; a good JPEG in failed/ as "not a photo"). It is now read again as it is."""
     home = _home(tmp_path, smoke_model_path)
     inbox, outbox = home / "inbox", home / "outbox"
-    if point == "dup_recorded":
-        photo(inbox / "first.jpg", seed=80)
-        assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
-        (inbox / "k.jpg").write_bytes((outbox / "first" / "first.jpg").read_bytes())
-    else:
-        (inbox / "k.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG")
+    _k_about_to(home, smoke_model_path, point, seed=80)
     with Daemon(home, smoke_model_path, MONDRIAN_TEST_STOP_AT=point) as d:
         wait_for(lambda: _held(d), timeout=120, what=f"the daemon held at {point}")
         edited = photo(tmp_path / "edited.jpg", seed=81)
