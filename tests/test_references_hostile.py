@@ -421,14 +421,18 @@ def test_a_curator_sidecar_named_after_the_whole_photo_name_is_read(tmp_path, sm
     (refs / "moon.json").write_text(json.dumps({d: 4 for d in DIMS}))
     photo(refs / "moon.png", seed=3, fmt="PNG")
     (refs / "moon.png.json").write_text(json.dumps({d: 6 for d in DIMS}))  # this one's own, over moon.json
+    # The whole name in the other Unicode form (a Mac's decomposed `ë`) and another case of the suffix: still its own.
+    photo(refs / "Zoe\u0308 2.jpg", seed=4)
+    (refs / "Zo\u00eb 2.jpg.JSON").write_text(json.dumps({d: 2 for d in DIMS}))
     _aged(*refs.iterdir())
     out = mondrian(home, smoke_model_path, "references", "index", timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     listed = _listed(home, smoke_model_path, "ansel")
     rows = {r["file"]: r for r in listed["references"]}
     assert {f: (r["source"], r["scores"]["lighting"]) for f, r in rows.items()} == \
-        {"dune.jpg": ("human", 9), "moon.jpg": ("human", 4), "moon.png": ("human", 6)}, rows
-    assert listed["count"] == 3, listed  # scored apart by the curator: two photos of one name, not one in two formats
+        {"dune.jpg": ("human", 9), "moon.jpg": ("human", 4), "moon.png": ("human", 6),
+         "Zoe\u0308 2.jpg": ("human", 2)}, rows
+    assert listed["count"] == 4, listed  # scored apart by the curator: two photos of one name, not one in two formats
 
 
 def test_import_db_rounds_a_half_score_up(tmp_path, smoke_model_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..analysis.critique import DIMENSIONS, SCORE_MAX, SCORE_MIN
-from ..fsutil import NotReadable, companion, is_folder, read_regular_file
+from ..fsutil import NotReadable, companion, files_in, is_folder, read_regular_file
 
 SIDECAR_SUFFIX = ".json"
 SIDECAR_MAX_BYTES = 256 * 1024
@@ -171,12 +171,14 @@ def read_sidecar(path: Path) -> tuple[dict[str, int], dict[str, str] | None]:
 def sidecar_path(photo: Path) -> Path | None:
     """The photo's sidecar, if there is one: `IMG_1.jpg.json` (the whole name, as darktable and digiKam name theirs:
     this photo's alone), else `IMG_1.json` (any case of the suffix; shared by IMG_1.jpg and IMG_1.png)."""
-    whole = photo.with_name(photo.name + SIDECAR_SUFFIX)
-    # Looked up exactly: asked for every reference at every rescan, a listing of the folder each time (companion's
-    # any-case search) made a rescan of a 1,000-photo folder take seconds.
-    if os.path.lexists(whole) and not is_folder(whole):
-        return whole
-    return companion(photo, SIDECAR_SUFFIX)
+    # Looked up exactly first: asked for every reference at every rescan, a listing of the folder each time
+    # (companion's any-case, any-Unicode-form search) made a rescan of a 1,000-photo folder take seconds.
+    for exact in (photo.with_name(photo.name + SIDECAR_SUFFIX), photo.with_name(photo.stem + SIDECAR_SUFFIX)):
+        if os.path.lexists(exact) and not is_folder(exact):
+            return exact
+    names = files_in(photo.parent)  # listed once for both spellings
+    return (companion(photo, SIDECAR_SUFFIX, whole=True, names=names)
+            or companion(photo, SIDECAR_SUFFIX, names=names))
 
 
 __all__ = ["SidecarInvalid", "CuratorProfile", "parse_sidecar", "parse_profile", "read_profile", "read_sidecar",
