@@ -188,6 +188,11 @@ def training_references(refs: list[Reference], use_model_scores: bool = False) -
 def select_targets(refs: list[Reference], advisor_id: str, use_model_scores: bool = False) -> tuple[list[Reference], list[Reference]]:
     """`training_references`, refusing (with what to do) when too few curator-scored references are left."""
     usable, left_out = training_references(refs, use_model_scores)
+    if left_out and len(usable) < MIN_REFERENCES and len(refs) < MIN_REFERENCES:
+        raise DatasetError(
+            f"{advisor_id} has {len(refs)} indexed reference(s), {len(usable)} with curator scores (a sidecar "
+            f"`<photo>.json`); training needs at least {MIN_REFERENCES}: add reference photos, each with its "
+            f"sidecar")
     if left_out and len(usable) < MIN_REFERENCES:
         raise DatasetError(
             f"{len(usable)} of {advisor_id}'s {len(refs)} references have curator scores (a sidecar "

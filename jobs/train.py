@@ -235,6 +235,8 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
     store = AdapterStore(cfg.adapters_dir, keep=settings.keep_versions)
     send(event="phase", phase="dataset", pid=os.getpid())
     refs = ds.collect_references(cfg, advisor_id)
+    if len(refs) < ds.MIN_REFERENCES:  # too few even with the model's scores: photos not indexed yet come first
+        _refuse_unindexed(cfg, advisor_id, refs, len(refs))
     usable, left_out = ds.select_targets(refs, advisor_id, settings.use_model_scores)
     if len(usable) < ds.MIN_REFERENCES:
         _refuse_unindexed(cfg, advisor_id, refs, len(usable))

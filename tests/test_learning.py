@@ -75,6 +75,10 @@ def test_training_targets_are_curator_scores_and_their_own_words_only() -> None:
     usable, left = select_targets(refs + [_ref(6)], "ansel")
     assert [r.source for r in usable] == ["human"] * 3 and len(left) == 3
     assert len(select_targets(refs, "ansel", use_model_scores=True)[0]) == 5  # the named option lets them in
+    # Too few in all (the model's scores would not be enough either): that option is not advised, it would fail too.
+    with pytest.raises(DatasetError, match="training needs at least 3: add reference photos") as refused:
+        select_targets([_ref(1), _ref(2, "model")], "ansel")
+    assert "use-model-scores" not in str(refused.value)
     # No comment from the curator: no sentence is made up in their name.
     report = target_report(_ref(7, comments={"lighting": "Zone V on the church."}), 24)
     comments = [v["comment"] for v in report["dimensions"].values()]
