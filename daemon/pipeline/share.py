@@ -42,6 +42,7 @@ class SharedOutbox:
         self.mine = self._mark(ledger.worker_id())
         self._missing: dict[str, tuple[float, float]] = {}  # worker id: (first seen missing, its marked_at then)
         self._planted = False
+        self._warned = False
 
     def _mark(self, worker_id: str) -> Path:
         return self.cfg.outbox / MARKS / hashlib.sha1(worker_id.encode()).hexdigest()[:16]
@@ -54,8 +55,10 @@ class SharedOutbox:
             self.mine.parent.mkdir(exist_ok=True)
             atomic_write_text(self.mine, json.dumps(note) + "\n", durable=False)
         except OSError as exc:
-            log.warning("could not leave this node's mark in %s (%s): the other Macs cannot check that they reach "
-                        "this outbox by the same path", self.mine.parent, exc.strerror or exc)
+            if not self._warned:  # tried again at every beat: said once
+                self._warned = True
+                log.warning("could not leave this node's mark in %s (%s): the other Macs cannot check that they "
+                            "reach this outbox by the same path", self.mine.parent, exc.strerror or exc)
             return
         self.ledger.announce(str(self.cfg.outbox))
         self._planted = True
