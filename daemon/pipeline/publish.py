@@ -318,7 +318,8 @@ class Publisher:
             return
         else:
             try:
-                mode = (report["mode"]["requested"], report["mode"].get("source", ""))
+                asked = report.get("mode") or {}  # a report another worker wrote may be an older one's
+                mode = (asked["requested"], asked.get("source", "")) if asked.get("requested") else None
                 testhooks.crashpoint("checked")  # the file looked at, about to be moved in
                 if not self.move_with_sidecar(src, final, original, mode) and not os.path.lexists(original):
                     # Renamed in the moment between that look and the move (a photo manager's rename): the file
