@@ -1253,11 +1253,14 @@ class Ledger:
     def _show_hand(self) -> None:
         """This worker's row says at once what it holds and has done: `mondrian workers` showed a node as idle
         from its claim until its next beat (a third of a lease), and a finished photo as in hand until then."""
+        self.Worker.update(done=self._done, **self._in_hand()).where(self.Worker.id == self.worker_id()).execute()
+
+    def _in_hand(self) -> dict[str, Any]:
+        """The photo this worker's row names: the first job (by id) it holds: a worker holds one at a time in practice."""
         with self._held_lock:
             held = sorted(self._held.items())
         job_id, (_, photo, claimed_at) = held[0] if held else (None, (None, None, None))
-        self.Worker.update(job_id=job_id, photo=photo, claimed_at=claimed_at, done=self._done).where(
-            self.Worker.id == self.worker_id()).execute()
+        return dict(job_id=job_id, photo=photo, claimed_at=claimed_at)
 
     # -- leases and fencing ---------------------------------------------------------------------
     def holds(self, job_id: int) -> int | None:
@@ -1364,13 +1367,9 @@ class Ledger:
     def beat(self, now: float | None = None) -> None:
         """This process's row in the workers table: what it runs, since when, and how much it has done."""
         now = self.clock() if now is None else now
-        with self._held_lock:
-            held = sorted(self._held.items())
-        job_id, (token, photo, claimed_at) = held[0] if held else (None, (None, None, None))
         started = now - (time.time() - self._started_at)  # on the ledger's clock, as the beat is
         values = dict(host=socket.gethostname(), pid=os.getpid(), started_at=started, beat_at=now,
-                      lease_seconds=self.lease_seconds, job_id=job_id, photo=photo, claimed_at=claimed_at,
-                      done=self._done)
+                      lease_seconds=self.lease_seconds, done=self._done, **self._in_hand())
         w = self.Worker
         w.insert(id=self.worker_id(), **values).on_conflict(
             conflict_target=[w.id], update={getattr(w, k): v for k, v in values.items()}).execute()
