@@ -140,12 +140,23 @@ def advisor_problems(cfg: Config) -> dict[str, str]:
     return _scan(cfg)[1]
 
 
-def advisor_folders(cfg: Config) -> set[str]:
-    """The ids an inbox folder may name: every usable advisor, and every advisor whose definition is refused (a
-    photo in `inbox/monet/` while monet's advisor.toml is broken must fail saying so, not be critiqued by the
-    default advisor), whatever its folder is named (`advisors/Degas/`: the inbox's `Degas/` is that advisor's)."""
+def advisor_folders(cfg: Config) -> dict[str, str]:
+    """The names an inbox folder may have, each with the advisor it selects: every usable advisor's id, and every
+    advisor whose definition is refused (a photo in `inbox/monet/` while monet's advisor.toml is broken must fail
+    saying so, not be critiqued by the default advisor), whatever its folder is named (`advisors/Degas/`: the
+    inbox's `Degas/` is that advisor's). A usable advisor's display name selects it too, where no id and no other
+    advisor has that name: `inbox/Claude Monet/` waits for monet while `advisors/Claude Monet/` is refused (its
+    id is not its folder's name), and is monet's once that folder is renamed as the advice says."""
     found, refused = _scan(cfg)
-    return set(found) | set(refused)
+    folders = {name: name for name in (*found, *refused)}
+    taken = {_folded(name) for name in folders}
+    names: dict[str, list[str]] = {}
+    for adv in found.values():
+        names.setdefault(_folded(adv.name), []).append(adv.id)
+    for name, ids in names.items():
+        if len(ids) == 1 and name not in taken:
+            folders[name] = ids[0]
+    return folders
 
 
 def _folded(name: str) -> str:

@@ -10,6 +10,7 @@ import re
 import stat
 import time
 import unicodedata
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,14 +192,15 @@ class Intake:
 _PERSON_NAME = re.compile(r"[^\W_](?:[\w' -]*[^\W_])?")
 
 
-def classify(path: Path, inbox: Path, known_advisors: set[str], default_advisor: str) -> Intake:
+def classify(path: Path, inbox: Path, folders: Mapping[str, str], default_advisor: str) -> Intake:
     """`inbox/<advisor_id>/...` selects that advisor, whatever the case of the folder's name (`Cartier/`, as
-    people type it; ids are lowercase); anything else (top level, albums) the default."""
+    people type it; ids are lowercase), as does a folder named as `folders` maps (an advisor's display name:
+    `advisor_folders`); anything else (top level, albums) the default."""
     rel = path.relative_to(inbox)
     if len(rel.parts) > 1:
         from ..analysis.advisors import suggested_id
 
-        by_name = {unicodedata.normalize("NFC", a).casefold(): a for a in known_advisors}
+        by_name = {unicodedata.normalize("NFC", a).casefold(): advisor for a, advisor in folders.items()}
         folder = unicodedata.normalize("NFC", rel.parts[0]).casefold()
         # `inbox/Claude Monet/` is claude-monet's, as a person names the folder for the advisor they mean: a name of
         # words (letters, digits, spaces, - ' _) only; `ansel..` or `ansel ` are no advisor's name but odd folders

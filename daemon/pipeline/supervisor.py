@@ -170,7 +170,7 @@ class Daemon:
         self.ledger = Ledger.for_config(cfg, stop=self.stop, note=cfg.var_dir / FAULT_NOTE)
         self.heartbeat = Heartbeat(self.ledger, self.stop, self.wake.set)
         self.worker = Worker(cfg, self.ledger, runtime_factory or default_runtime_factory(cfg), self.stop)
-        self._advisors_seen: tuple[float, set[str]] = (float("-inf"), set())
+        self._advisors_seen: tuple[float, dict[str, str]] = (float("-inf"), {})
         from ..intake.watcher import InboxWatcher
 
         self.watcher = InboxWatcher(cfg.inbox, self._enqueue, cfg.quiet_seconds, is_known=self.ledger.is_active,
@@ -184,7 +184,7 @@ class Daemon:
         self.references = ReferenceWatcher(cfg, self.ledger)  # advisors/*/references, indexed between jobs
         self._thread = threading.Thread(target=self._work, name="mlx-worker", daemon=True)
 
-    def _advisors(self) -> set[str]:
+    def _advisors(self) -> dict[str, str]:
         """The advisor folders the inbox may hold, looked at again every few seconds: an advisor a studio adds (or
         whose definition it breaks) while Mondrian runs counts from then on. A bulk drop asks once per photo."""
         at, ids = self._advisors_seen
