@@ -120,6 +120,33 @@ def test_a_photo_that_cannot_be_moved_out_or_read_fails_once_in_place_and_retry_
     assert status(home, smoke_model_path)["counts"]["failed"] == 0
 
 
+def test_a_photo_that_failed_where_it_lay_is_retried_after_the_inbox_moved(tmp_path, smoke_model_path):
+    """The README lets a studio move its inbox (`inbox` in mondrian.toml, the folder moved along). A photo that
+    failed where it lay (a read-only folder) was then "neither in failed/ nor in the inbox" for `retry --failed`,
+    which cleared its entry: it is found at its place in the new inbox and critiqued."""
+    prefix = _as_user()
+    home = make_home(tmp_path / "home", smoke_model_path)
+    ro = home / "inbox" / "rofolder"
+    photo(ro / "r.jpg", 4)
+    ro.chmod(0o555)
+    try:
+        _run_once(home, smoke_model_path, prefix=prefix)
+        assert ledger_jobs(home)["rofolder/r.jpg"].state == "failed"
+    finally:
+        _chmod_back(ro)
+    moved = tmp_path / "Shoots inbox"
+    (home / "inbox").rename(moved)
+    with open(home / "mondrian.toml", "a") as fh:
+        fh.write(f'inbox = "{moved}"\n')
+    out = mondrian(home, smoke_model_path, "retry", "--failed")
+    assert out.returncode == 0 and "1 photo(s) queued again" in out.stderr, out.stdout + out.stderr
+    _run_once(home, smoke_model_path, prefix=prefix)
+    job = ledger_jobs(home)["rofolder/r.jpg"]
+    assert job.state == "done", (job.state, job.error)
+    assert sorted(_assert_reports_hold_their_originals(home / "outbox")) == ["r"]
+    assert not (moved / "rofolder" / "r.jpg").exists()
+
+
 def test_an_original_that_cannot_be_moved_after_its_report_is_written_withdraws_the_report(tmp_path,
                                                                                            smoke_model_path):
     """Attack 15, the race: the folder turns read-only after the checks, while the photo is being analysed."""

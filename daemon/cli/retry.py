@@ -187,6 +187,11 @@ def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | 
                     f"run `{again}` again (or copy it into the inbox)")
         return None
     src = Path(job.source_path)
+    here = cfg.inbox / job.rel_path
+    if not os.path.lexists(src) and os.path.lexists(here) and folder_inside(here, cfg.inbox):
+        # The inbox moved since (a new `inbox` in mondrian.toml, its folder moved along, as the README allows): a
+        # photo that failed where it lay (a read-only folder) is at its place in the inbox now.
+        src = here
     if is_folder(src):
         # An inbox folder that could not be read (the watcher's failure): its photos are queued on their own
         # once it can be; a folder itself is never queued, so it is never moved.
