@@ -152,11 +152,14 @@ def test_a_checkout_is_its_own_default_home() -> None:
 
 def test_the_settings_template_shows_every_default(tmp_path: Path) -> None:
     """Every line of `mondrian init`'s mondrian.toml, uncommented, must load and change nothing."""
+    from jobs.train import TrainSettings
+
     template = settings_template()
     names = [f.name for f in fields(Config) if f.name not in ("home", "extra", "env_set")]
-    assert re.findall(r"^# (\w+) = ", template, flags=re.M) == names
+    training = [f.name for f in fields(TrainSettings)]
+    assert re.findall(r"^# (\w+) = ", template, flags=re.M) == names + training
     (tmp_path / "set").mkdir()
-    (tmp_path / "set" / "mondrian.toml").write_text(re.sub(r"^# (\w+ = )", r"\1", template, flags=re.M))
+    (tmp_path / "set" / "mondrian.toml").write_text(re.sub(r"^# (\w+ = |\[lora\])", r"\1", template, flags=re.M))
     (tmp_path / "plain").mkdir()
     written, plain = load_config(tmp_path / "set", env={}), load_config(tmp_path / "plain", env={})
     for name in names:
@@ -164,3 +167,9 @@ def test_the_settings_template_shows_every_default(tmp_path: Path) -> None:
         if isinstance(default, Path):
             mine, default = mine.relative_to(written.home), default.relative_to(plain.home)
         assert mine == default, name
+    assert sorted(written.extra["lora"]) == sorted(training)
+    assert TrainSettings.from_config(written) == TrainSettings.from_config(plain)
+    # As written, the [lora] header is commented out too: a setting appended to the file is a top-level one.
+    (tmp_path / "appended").mkdir()
+    (tmp_path / "appended" / "mondrian.toml").write_text(template + 'max_tokens = 900\n')
+    assert load_config(tmp_path / "appended", env={}).max_tokens == 900

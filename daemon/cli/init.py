@@ -48,6 +48,13 @@ def settings_template() -> str:
         line = f"# {f.name} = {_toml_value(value)}"
         note = _NOTES.get(f.name)
         lines.append(f"{line:<56}# {note}" if note else line)
+    from jobs.train import TrainSettings  # the training side owns its settings; lazily, as the CLI reaches it
+
+    # Commented out header and all: a setting appended at the end of the file (`echo 'inbox = ...' >>`) must not
+    # land in [lora], where it would be refused as an unknown training setting.
+    lines += ["", "# Training of the per-advisor LoRA adapters (`mondrian train`, nightly at train_time): to change",
+              "# one, remove the `#` from `[lora]` too, and keep the section at the end of the file.", "# [lora]"]
+    lines += [f"# {f.name} = {_toml_value(f.default)}" for f in fields(TrainSettings)]
     return "\n".join(lines) + "\n"
 
 
