@@ -435,6 +435,32 @@ def test_a_curator_sidecar_named_after_the_whole_photo_name_is_read(tmp_path, sm
     assert listed["count"] == 4, listed  # scored apart by the curator: two photos of one name, not one in two formats
 
 
+def test_references_list_keeps_its_columns_for_accented_wide_and_long_names(tmp_path, smoke_model_path):
+    """`references list` padded names by characters: a Mac's decomposed `ë` (two characters, one cell) or a CJK name
+    (one character, two cells) shifted every column after it. Each row's scores start in the same terminal cell."""
+    import wcwidth
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    refs = home / "advisors" / "ansel" / "references"
+    names = ["plain.jpg", "Zoe\u0308 Zoe\u0308 Zoe\u0308.jpg", "\u5bcc\u58eb\u5c71\u306e\u671d.jpg",
+             "a long name from a camera export, far past the column's width, with \u5bcc\u58eb at its end.jpg"]
+    for i, name in enumerate(names):
+        photo(refs / name, seed=i + 1)
+        (refs / (Path(name).stem + ".json")).write_text(json.dumps({d: i + 2 for d in DIMS}))
+    _aged(*refs.iterdir())
+    assert mondrian(home, smoke_model_path, "references", "index", timeout=300).returncode == 0
+    out = mondrian(home, smoke_model_path, "references", "list", "--advisor", "ansel")
+    assert out.returncode == 0, out.stderr
+    rows = [line for line in out.stdout.splitlines() if line.rstrip().endswith(("human", "comp ligh focu colo subj "
+                                                                                 "dept visu emot"))
+            or re.search(r" human +\d", line)]
+    assert len(rows) == 5, out.stdout  # the header and four photos
+    starts = {wcwidth.wcswidth(line[:line.index(" human ")] if " human " in line else line[:line.index(" source ")])
+              for line in rows}
+    assert starts == {34}, out.stdout  # two spaces, 32 cells of name
+    assert "at its end.jpg" in out.stdout, out.stdout  # a name too long keeps its end
+
+
 def test_import_db_rounds_a_half_score_up(tmp_path, smoke_model_path):
     """The original stored REAL scores: 6.5 became 6 but 7.5 became 8 (Python's round, half to even)."""
     home = make_home(tmp_path / "home", smoke_model_path)

@@ -158,7 +158,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from ..analysis.advisors import references_dir
     from ..references.indexer import counted_references, reference_present, sidecar_problems
     from ..analysis.retrieval import distribution
-    from .terminal import shown
+    from .terminal import column, shown
 
     cfg = config_from(args)
     try:
@@ -195,7 +195,7 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"  {'file':<32} {'source':<6} {abbrev}")
         for r in info["references"]:
             scores = " ".join(f"{r['scores'][d]:>4}" for d in DIMENSIONS)
-            print(f"  {shown(r['in_portfolio'])[-32:]:<32} {r['source']:<6} {scores}")
+            print(f"  {column(shown(r['in_portfolio']), 32)} {r['source']:<6} {scores}")
             if r["same_as"] is not None:
                 print(shown(f"    {_same_photo_note(r)}"))
         pf = info["portfolio"]["dimensions"]

@@ -8,7 +8,25 @@ are shown escaped, as Python writes them in a string literal; printable text, ac
 from __future__ import annotations
 
 import logging
+import unicodedata
 from typing import Any
+
+import wcwidth
+
+
+def column(text: str, width: int) -> str:
+    """`text` in a column `width` cells wide, as a terminal draws it: its end kept where it is too wide (a file's
+    name ends with what tells it apart), padded where it is narrower. Cells, not characters: a name saved in NFD
+    (`Café` as `e` + a combining accent, as macOS names files) or in CJK used to shift every column after it."""
+    cells = wcwidth.wcswidth(text)
+    if cells < 0:  # something with no width a terminal agrees on: `shown` has escaped control characters already
+        cells = len(text)
+    while cells > width:
+        text = text[1:]
+        cells = max(wcwidth.wcswidth(text), 0)
+    while text and unicodedata.combining(text[0]):  # an accent cut from its letter
+        text = text[1:]
+    return text + " " * (width - max(wcwidth.wcswidth(text), 0))
 
 
 def shown(text: Any, keep: str = "") -> str:
