@@ -275,6 +275,11 @@ def test_head_not_http_and_a_second_file_get_straight_answers(tmp_path, smoke_mo
         assert a.status == 400 and "a second file, in the field `sidecar`" in a.json()["error"], a
         a = upload(port, image(pic), (b"", b"other.jpg", pic))
         assert a.status == 400 and "a second file, in a part without a name" in a.json()["error"], a
+        # The photo under another field's name, and no `image` (`-F photo=@IMG_1.jpg`): no "second" file there.
+        a = upload(port, (b"photo", b"IMG_1.jpg", pic))
+        error = a.json()["error"]
+        assert a.status == 400 and "second" not in error and "not in the field `image`" in error, a
+        assert "-F image=@photo.jpg" in error, a
         assert ledger_jobs(home) == {}
         # A small file is a value, as before: a `.mode` sidecar sent as it lies (-F mode=@IMG_1.mode).
         a = upload(port, image(pic, b"IMG_1.jpg"), (b"mode", b"IMG_1.mode", b"rag\n"))

@@ -150,7 +150,8 @@ async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, lim
         if len(value) > FIELD_MAX_BYTES and part.get("filename") is not None:
             # Not "a field longer than 1024 bytes": a second file, where the client may not know it sent one.
             where = f"the field `{part['name']}`" if part["name"] else "a part without a name"
-            raise Refused(400, f"the form carries a second file, in {where}; Mondrian takes one photo per request, "
+            what = "a second file" if got.images else "a file that is not in the field `image`"
+            raise Refused(400, f"the form carries {what}, in {where}; Mondrian takes one photo per request, "
                                f"in the field `image` (e.g. -F image=@photo.jpg)")
         if len(value) > FIELD_MAX_BYTES:
             raise Refused(400, f"the form field `{part['name']}` is longer than {FIELD_MAX_BYTES} bytes; "
