@@ -178,3 +178,25 @@ def test_a_kept_photo_given_a_whole_name_sidecar_later_is_analysed_in_that_mode(
     assert [(j.rel_path, j.requested_mode) for j in jobs] == [("IMG_3.jpg", "baseline"), ("IMG_3.jpg", "rag")], \
         [(j.rel_path, j.requested_mode, j.state, j.error) for j in jobs]
     assert shot.is_file()
+
+
+def test_a_kept_original_that_gets_the_xmp_embedded_is_a_copy_and_says_so(tmp_path: Path,
+                                                                           smoke_model_path: Path) -> None:
+    """keep_originals with xmp_embed: the hard link put into the report folder was replaced by the embedded copy once
+    published (the inbox's file rightly untouched), yet report.json said `"original": "linked"`. A JPEG or TIFF
+    that gets the XMP is copied and said to be; a PNG, which gets none, is still linked."""
+    from tests.harness import mondrian
+
+    home = make_home(tmp_path / "home", smoke_model_path, keep_originals=True, xmp_embed=True)
+    jpeg = photo(home / "inbox" / "dune.jpg", seed=71)
+    png = photo(home / "inbox" / "moon.png", seed=72, fmt="PNG")
+    before = _sha(jpeg)
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    dune = json.loads((home / "outbox" / "dune" / "report.json").read_text())
+    in_report = home / "outbox" / "dune" / dune["photo"]["file"]
+    assert dune["photo"]["original"] == "copied", dune["photo"]
+    assert _sha(jpeg) == before and os.stat(jpeg).st_nlink == 1  # the photographer's file: untouched, unshared
+    assert _sha(in_report) != before and b"mondrian" in in_report.read_bytes()  # the XMP is inside the copy
+    moon = json.loads((home / "outbox" / "moon" / "report.json").read_text())
+    assert moon["photo"]["original"] == "linked" and os.path.samefile(home / "outbox" / "moon" / "moon.png", png)

@@ -32,7 +32,7 @@ from ..ledger import Job, Ledger, TwinFirst
 from .failures import Cause, advice, analyzed_as, cause_of, where_it_is
 from .outbox_index import OutboxIndex, published_report
 from .report import now_iso, write_report_folder
-from .xmp import embed, write_sidecar
+from .xmp import EMBED_FORMATS, embed, write_sidecar
 from ..hints import mondrian, without_home
 
 log = logging.getLogger("mondrian.worker")
@@ -100,15 +100,18 @@ def another_photo_at(src: Path, filed: Path) -> bool:
     return os.path.lexists(filed) and os.path.lexists(src) and not _left_by_a_killed_move(src, filed)
 
 
-def link_or_copy(src: Path, dest: Path) -> str:
+def link_or_copy(src: Path, dest: Path, *, copy: bool = False) -> str:
     """Put the original kept in the inbox (keep_originals) into its report folder without moving it: a hard link
     where it can be made, else a copy (another disk, or a filesystem without hard links). Returns "linked" or
     "copied", as report.json's `photo.original` says.
 
     A hard link rather than a symbolic one: it is the same file under a second name, so it survives the original
     being moved or renamed (Lightroom's Move, Rename), deleted, or the outbox being moved; a symbolic link breaks
-    on each of these. The price: it shares the bytes, so nothing may write into it in place."""
+    on each of these. The price: it shares the bytes, so nothing may write into it in place. `copy`: a copy in any
+    case (xmp_embed rewrites it as a new file, which a link would not stay)."""
     try:
+        if copy:
+            raise OSError(errno.EXDEV, "a copy is asked for")
         os.link(src, dest, follow_symlinks=False)
         how = "linked"
     except OSError:
@@ -194,7 +197,9 @@ class Publisher:
                 shutil.copyfile(source, staging / name)
             written = [staging / name for name in files]
             if job.kept and not keep_original:
-                report["photo"]["original"] = link_or_copy(src, staging / report["photo"]["file"])
+                # With xmp_embed a link would be replaced by the embedded copy once published: said as a copy.
+                rewritten = self.cfg.xmp_embed and report["photo"].get("format") in EMBED_FORMATS
+                report["photo"]["original"] = link_or_copy(src, staging / report["photo"]["file"], copy=rewritten)
                 if report["photo"]["original"] == "copied":
                     written.append(staging / report["photo"]["file"])
             written += write_report_folder(staging, report, photo.image, durable=False).values()
