@@ -232,3 +232,28 @@ def test_photos_moved_within_the_inbox_are_not_called_removed(tmp_path, smoke_mo
         d.stop()
     said = mondrian(home, smoke_model_path, "status").stdout
     assert "removed" not in said and "left their place before analysis (moved, renamed or deleted)" in said, said
+
+
+def test_a_name_that_is_not_utf8_is_said_to_be_left_alone_with_a_rename_that_works(tmp_path, smoke_model_path):
+    """A name in another encoding (a Linux NAS, an old camera card) is left alone by the watcher, yet `status` called
+    it "arriving: queued once it has stopped changing" for its first minute, then blamed an unexplained cause. It is
+    counted apart at once, with the `mv` that fixes it; pasted, the photo is analysed."""
+    import os
+    import re
+
+    home = make_home(tmp_path / "home", smoke_model_path, rescan_seconds=1)
+    inbox = home / "inbox"
+    bad = Path(os.fsdecode(bytes(inbox) + b"/No\xebl.jpg"))
+    photo(bad, seed=3)
+    with Daemon(home, smoke_model_path) as d:
+        wait_for(lambda: "left alone" in d.output(), 60, what="the watcher's warning")
+        out = mondrian(home, smoke_model_path, "status").stdout
+        assert "arriving" not in out and "not queued" not in out, out
+        line = next(line for line in out.splitlines() if "not valid UTF-8" in line)
+        assert line.startswith("Inbox:   1 file(s) left alone"), line
+        command = re.search(r"`(mv [^`]+)`", line).group(1)
+        assert command in d.output(), d.output()[-2000:]  # the log gives the same advice
+        assert subprocess.run(["bash", "-c", command], capture_output=True).returncode == 0
+        wait_for(lambda: status(home, smoke_model_path)["counts"]["done"] == 1, 120, what="the renamed photo's report")
+        assert "UTF-8" not in mondrian(home, smoke_model_path, "status").stdout
+        assert d.stop() == 0

@@ -292,12 +292,15 @@ def _inbox_waiting(cfg: Config, ledger: Ledger, now: float) -> dict[str, Any]:
     # A name that is not UTF-8 (Linux) is never in the ledger (the watcher leaves it, saying to rename it): it waits.
     named = [(p, st.st_size, st.st_mtime) for p, st in files if _is_utf8(p)]
     known = ledger.accounted_for(named) if named else set()
-    left = [(p, st) for p, st in files if str(p) not in known]
+    left = [(p, st) for p, st in files if str(p) not in known and _is_utf8(p)]
+    # Those never wait for anything: no amount of waiting makes them "arriving". Each gets the `mv` that fixes it.
+    unnamed = [p for p, _ in files if not _is_utf8(p)]
+    from ..references.indexer import not_utf8
     newest = max((max(st.st_mtime, st.st_ctime) for _, st in left), default=None)
     return {"count": len(left), "more": more,
-            "examples": [os.fsencode(p.relative_to(cfg.inbox)).decode("utf-8", "backslashreplace")
-                         for p, _ in left[:5]],
-            "last_change_s": None if newest is None else round(max(0.0, now - newest), 1)}
+            "examples": [p.relative_to(cfg.inbox).as_posix() for p, _ in left[:5]],
+            "last_change_s": None if newest is None else round(max(0.0, now - newest), 1),
+            "not_utf8": len(unnamed), "rename": [not_utf8(cfg.inbox, p) for p in unnamed[:3]]}
 
 
 def _is_utf8(path: Path) -> bool:
@@ -306,6 +309,13 @@ def _is_utf8(path: Path) -> bool:
         return True
     except UnicodeEncodeError:
         return False
+
+
+def _unnamed_line(w: dict[str, Any]) -> str | None:
+    if not w or not w.get("not_utf8"):
+        return None
+    how = "; ".join(w["rename"]) + ("; …" if w["not_utf8"] > len(w["rename"]) else "")
+    return f"Inbox:   {w['not_utf8']:,} file(s) left alone: {how}"
 
 
 def _inbox_line(w: dict[str, Any], d: dict[str, Any], quiet_s: float) -> str | None:
@@ -498,9 +508,10 @@ def render(info: dict[str, Any]) -> str:
              # Gone from where they were queued: deleted, or moved or renamed (then queued under the new name).
              + (f" · {c['gone']} left their place before analysis (moved, renamed or deleted)" if c.get("gone")
                 else "")]
-    inbox = _inbox_line(info.get("inbox_waiting") or {}, d, info.get("quiet_seconds", 2.0))
-    if inbox:
-        lines.append(inbox)
+    waiting = info.get("inbox_waiting") or {}
+    for inbox in (_inbox_line(waiting, d, info.get("quiet_seconds", 2.0)), _unnamed_line(waiting)):
+        if inbox:
+            lines.append(inbox)
     paused = "" if d.get("responding", True) else " (the daemon is not responding)"
     typical = eta.get("typical_photo_s")
     for r in info["running"]:

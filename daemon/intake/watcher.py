@@ -319,9 +319,10 @@ class InboxWatcher:
             return True
         except UnicodeEncodeError:
             if path not in self._bad_names:
+                from ..references.indexer import not_utf8
+
                 self._bad_names.add(path)
-                log.warning("left alone: %s — its name is not valid UTF-8; rename it to analyse it",
-                            ascii(path.name))
+                log.warning("left alone: %s — %s", ascii(path.name), not_utf8(self.inbox, path))
             return False
 
     def note_tree(self, root: Path) -> None:
