@@ -182,6 +182,35 @@ def test_an_original_that_cannot_be_moved_after_its_report_is_written_withdraws_
     assert sorted(_assert_reports_hold_their_originals(home / "outbox")) == ["r"]
 
 
+def test_failures_and_duplicates_named_alike_but_for_case_or_form_stay_apart_on_a_mac(tmp_path, smoke_model_path):
+    """`IMG_5.JPG` and `img_5.jpg` (or `Café` in its two Unicode forms) are two files on Linux, and were filed in
+    failed/ and duplicates/ under those names: once the outbox is synced to a Mac (or copied to an exFAT disk) they
+    are one name, and one photo overwrote the other. Report folders were kept apart already; now these are too."""
+    import unicodedata
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox, outbox = home / "inbox", home / "outbox"
+    nfc, nfd = "Caf\u00e9.jpg", "Cafe\u0301.jpg"
+    for name in ("IMG_5.JPG", "img_5.jpg", nfc, nfd):
+        (inbox / name).write_bytes(b"\xff\xd8\xff\xe0 not a whole JPEG " + name.encode())
+    first = photo(inbox / "pic.jpg", seed=8)
+    _run_once(home, smoke_model_path)
+    for name in ("DUP.jpg", "dup.jpg"):
+        (inbox / name).write_bytes((outbox / "pic" / "pic.jpg").read_bytes())
+    _run_once(home, smoke_model_path)
+    assert not first.exists() and not list(inbox.iterdir())
+
+    def as_a_mac_sees(folder):
+        return [unicodedata.normalize("NFD", p.name).casefold() for p in folder.iterdir()]
+
+    for folder, count in ((outbox / "failed", 4 * 3), (outbox / "duplicates", 2 * 2)):  # each with its records
+        names = as_a_mac_sees(folder)
+        assert len(names) == count and len(set(names)) == count, sorted(p.name for p in folder.iterdir())
+    jobs = ledger_jobs(home)
+    assert {jobs[n].state for n in ("IMG_5.JPG", "img_5.jpg", nfc, nfd)} == {"failed"}
+    assert {jobs[n].state for n in ("DUP.jpg", "dup.jpg")} == {"done"}
+
+
 # ------------------------------------------------------------------------------------------------ 13
 def test_a_file_larger_than_max_file_mb_is_refused_before_it_is_read(tmp_path, smoke_model_path):
     """Attack 13: a sparse 10 GB `.jpg` was read whole into memory; MemoryError was retried as transient."""

@@ -4,6 +4,7 @@ and where a finished photo may land without overwriting anything."""
 from __future__ import annotations
 
 import codecs
+import contextlib
 import json
 import os
 import re
@@ -309,17 +310,29 @@ def same_name(a: str, b: str) -> bool:
 
 
 def unique_path(parent: Path, stem: str, suffix: str = "", taken: set[str] = frozenset(), *,
-                reserved: frozenset[str] = frozenset(), companions: tuple[str, ...] = ()) -> Path:
+                reserved: frozenset[str] = frozenset(), companions: tuple[str, ...] = (),
+                as_a_mac_sees: bool = False) -> Path:
     """parent/stem+suffix, or stem-2, stem-3, ... : never an existing, taken or `reserved` name, nor one whose
-    `companions` (records written beside it, `name` + each) exist; short enough that those records fit too."""
+    `companions` (records written beside it, `name` + each) exist; short enough that those records fit too.
+    `as_a_mac_sees`: nor a name that a file there has in another case or Unicode form (`failed/` on Linux holding
+    `IMG_5.JPG` and `img_5.jpg` is one file once synced to a Mac, or copied to an exFAT disk)."""
     room = NAME_MAX_BYTES - max((len(c.encode()) for c in companions), default=0)
     # Casefolded: on a Mac (and on the SMB share a studio's Macs publish to) `IMG_1` and `img_1` are one folder.
     taken = {t.casefold() for t in taken}
+    present: set[str] = set()
+    if as_a_mac_sees:
+        with contextlib.suppress(OSError):
+            present = {_mac_name(n) for n in os.listdir(parent)}
     n = 1
     while True:
         name = _fitted(stem, suffix if n == 1 else f"-{n}{suffix}", room)
         candidate = parent / name
         if (name.lower() not in reserved and str(candidate).casefold() not in taken
-                and not any(os.path.lexists(f"{candidate}{c}") for c in ("", *companions))):
+                and not any(os.path.lexists(f"{candidate}{c}") or _mac_name(name + c) in present
+                            for c in ("", *companions))):
             return candidate
         n += 1
+
+
+def _mac_name(name: str) -> str:
+    return unicodedata.normalize("NFD", name).casefold()

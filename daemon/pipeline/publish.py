@@ -569,7 +569,7 @@ class Publisher:
                             f"in the inbox meanwhile") from None
         self.own(dup_dir)
         dest = unique_path(dup_dir, safe_stem(src.name), Path(src.name).suffix, self.taken(job),
-                           companions=RECORD_SUFFIXES)
+                           companions=RECORD_SUFFIXES, as_a_mac_sees=True)
         self.ledger.reserve_output(job.id, dest)
         record = {"job_id": job.id, "file": src.name, "duplicate_of_job": first.id,
                   "report": os.path.relpath(first.report_html, dup_dir) if first.report_html else None,
@@ -644,7 +644,7 @@ class Publisher:
             failed.mkdir(parents=True, exist_ok=True)
             self.own(failed)
             dest = unique_path(failed, safe_stem(src.name), Path(src.name).suffix, self.taken(job),
-                               companions=RECORD_SUFFIXES)
+                               companions=RECORD_SUFFIXES, as_a_mac_sees=True)
             self.ledger.reserve_output(job.id, dest)
             cause = cause_of(reason, advisor_source=job.advisor_source, mode_source=job.mode_source)
             step = self._next_step(job, cause)
