@@ -268,3 +268,22 @@ def test_a_bad_value_on_trains_command_line_is_blamed_on_the_command_line(tmp_pa
     out = mondrian(home, smoke_model_path, "train", "--advisor", "ansel", "--iters", "-5")
     assert out.returncode == 78 and "--iters -5 on the command line" in out.stderr, out.stderr
     assert "mondrian.toml" not in out.stderr, out.stderr
+
+
+def test_analyze_with_a_home_that_is_not_there_makes_none(tmp_path, smoke_model_path) -> None:
+    """`mondrian --home ~/Mondrain analyze shot.jpg` made a whole new home at the typo and filed the report there,
+    while every other command refused a home that is not there. It refuses too, naming `init`, and makes nothing."""
+    from tests.harness import make_home, mondrian, photo
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    shot = photo(tmp_path / "shot.jpg", seed=4)
+    typo = tmp_path / "hmoe"
+    for how in ({"MONDRIAN_HOME": str(typo)}, {"--home": str(typo)}):
+        args = ["--home", str(typo)] if "--home" in how else []
+        out = mondrian(typo if not args else home, smoke_model_path, *args, "analyze", str(shot))
+        assert out.returncode == 78 and f"no Mondrian home at {typo}" in out.stderr and " init " in out.stderr, \
+            (how, out.stderr)
+        assert not typo.exists() and shot.exists(), how
+    # The home that is there takes it as before.
+    out = mondrian(home, smoke_model_path, "analyze", str(shot), timeout=180)
+    assert out.returncode == 0 and (home / "outbox" / "shot" / "report.json").is_file(), out.stderr[-2000:]

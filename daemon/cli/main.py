@@ -58,8 +58,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
     from .analyze import AnalyzeRefused, analyze_many, prepare
     from .common import progress_bar
+    from .status import require_home
 
     cfg = config_from(args)
+    if (getattr(args, "home", None) or os.environ.get("MONDRIAN_HOME")) and not os.path.lexists(cfg.home):
+        # A home named but not there is a typo (`--home ~/Mondrain`) more often than a wish: a whole new home made
+        # there would take the report while the photographer looks in theirs. The default home is still made.
+        require_home(cfg)
     if args.mode and args.mode.lower() not in MODES:
         print(f"unknown mode {args.mode!r}; use one of {', '.join(MODES)}", file=sys.stderr)
         return 2
