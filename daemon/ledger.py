@@ -1211,6 +1211,12 @@ class Ledger:
         """Whether a photo at this path was ever queued (an inbox link's target that has been taken in since)."""
         return self.Job.select().where(self.Job.source_path == str(source_path)).exists()
 
+    def taken_in(self, source_path: Path) -> bool:
+        """Whether a photo at this path was queued and has not failed or gone since: an inbox link's target that
+        is analysed as itself (a link to a file that failed, a loop's other link say, points at no such photo)."""
+        return self.Job.select().where((self.Job.source_path == str(source_path))
+                                       & self.Job.state.not_in([FAILED, GONE])).exists()
+
     @writes
     def start_direct(self, source_path: Path, rel_path: str, advisor: str, advisor_source: str) -> Job:
         """A job run in-process by `mondrian analyze`: created already running so no daemon claims it."""

@@ -278,6 +278,31 @@ def test_a_link_to_another_inbox_photo_is_not_analysed_and_its_target_is_analyse
         assert not os.path.lexists(inbox / link)
 
 
+def test_a_loop_of_links_is_a_failure_with_its_reason_not_deleted_in_silence(tmp_path, smoke_model_path):
+    """`a.jpg -> b.jpg -> a.jpg` and `self.jpg -> self.jpg`: each was taken for a link to another inbox photo (the
+    loop's resolved path lies in the inbox, and is even queued) and deleted, with "analysed as itself" recorded and
+    nothing in the outbox. Each fails, with its reason, in failed/."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox, failed = home / "inbox", home / "outbox" / "failed"
+    os.symlink("b.jpg", inbox / "a.jpg")
+    os.symlink("a.jpg", inbox / "b.jpg")
+    os.symlink("self.jpg", inbox / "self.jpg")
+    photo(inbox / "real.jpg", 1)
+    _run_once(home, smoke_model_path)
+    jobs = ledger_jobs(home)
+    assert jobs["real.jpg"].state == "done"
+    # The loop's first link fails as one; the second then points at a file filed in failed/: a link to nothing.
+    reasons = ("loop of links", "target no longer exists")
+    for name in ("a.jpg", "b.jpg", "self.jpg"):
+        job = jobs[name]
+        assert job.state == "failed" and any(r in job.error for r in reasons), (name, job.state, job.error)
+        record = json.loads((failed / f"{name}.error.json").read_text())
+        assert record["reason"] == job.error, record
+        assert os.path.islink(failed / name) and not os.path.lexists(inbox / name)
+    assert "loop of links" in jobs["self.jpg"].error
+    assert sum("loop of links" in jobs[n].error for n in ("a.jpg", "b.jpg")) >= 1
+
+
 # ------------------------------------------------------------------------------------------------ 05
 def test_retry_brings_back_the_sidecar_the_user_fixed_in_failed(tmp_path, smoke_model_path):
     """Attack 05: the record says "fix the sidecar"; the fixed `failed/r.mode` was left behind by `retry`."""

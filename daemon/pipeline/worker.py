@@ -10,6 +10,7 @@ holds its own report is finished rather than analysed again, so nothing is ever 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import stat
@@ -502,8 +503,8 @@ class Worker:
         """A link in the inbox to something else in the inbox is not a photo of its own: what it points to is
         analysed as itself, by its own job. The link is removed (moved, a relative link would point at nothing
         or at something else) and recorded with what it pointed to; returns True if `src` was such a link."""
-        if not src.is_symlink():
-            return False
+        if not src.is_symlink() or _a_loop(src):
+            return False  # a loop of links points at no photo at all: refused with its reason (_check_symlink)
         inbox = Path(os.path.realpath(self.cfg.inbox))
         target = Path(os.path.realpath(src))
         if not target.is_relative_to(inbox) or target == inbox:
@@ -512,8 +513,8 @@ class Worker:
             if not stat.S_ISREG(os.stat(target).st_mode):
                 return False  # a link to a pipe or a device fails with what it points to, as the target does
         except OSError:
-            if not self.ledger.has_job(target):
-                return False  # it points at nothing that was ever here: refused as a dangling link
+            if not self.ledger.taken_in(target):
+                return False  # it points at no photo taken in here: refused as a dangling link
         shown = Path(self.cfg.inbox.name, target.relative_to(inbox)).as_posix()
         try:
             os.unlink(src)
@@ -545,6 +546,9 @@ class Worker:
     def _check_symlink(self, src: Path) -> None:
         if not src.is_symlink():
             return
+        if _a_loop(src):
+            raise Permanent("this is a link that leads back to itself (a loop of links), so there is no photo "
+                            "behind it; delete it and copy the photo itself into the inbox")
         target = Path(os.path.realpath(src))
         if not target.is_relative_to(self.cfg.inbox.resolve()):
             if target.is_dir():
@@ -584,3 +588,14 @@ def _times(n: int) -> str:
 
 
 __all__ = ["Worker", "SMOKE_NOTICE", "DONE", "FAILED"]
+
+
+def _a_loop(link: Path) -> bool:
+    """Whether following `link` comes back to a link already passed (`a.jpg -> b.jpg -> a.jpg`, `x -> x`): its
+    resolved path (os.path.realpath stops at the loop) lies in the inbox and may even be queued, yet no photo is
+    there. Taken for a link to another inbox photo, all the loop's links were deleted with no record."""
+    try:
+        os.stat(link)
+    except OSError as exc:
+        return exc.errno == errno.ELOOP
+    return False
