@@ -222,6 +222,7 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     rows = []
     pointers = {}  # advisor -> why its `current` points at nothing usable
     for a in advisors:
+        store.settle(a)  # a promotion cut short is finished first, never listed as promoted yet not current
         current = store.current_name(a)
         rows += [_version_row(v, current) for v in reversed(store.versions(a))]
         problem = store.current_problem(a)

@@ -989,3 +989,36 @@ def test_lora_learns_an_advisors_visible_taste(tmp_path, trainable_model_path) -
     assert rep["model"]["adapter"] == "synth/v0001" and rep["mode"]["fallbacks"] == []
     info = json.loads(mondrian(cfg.home, trainable_model_path, "status", "--json").stdout)
     assert info["training"]["state"] == "promoted" and info["training"]["version"] == "v0001"
+
+
+def test_a_promotion_killed_before_current_is_switched_is_finished(tmp_path, smoke_model_path) -> None:
+    """Killed between a promoted version's rename and the switch of `current`: `adapters` listed it as promoted
+    while `current` was the older one, the history said promoted, lora photos used the older version, and nothing
+    repaired it before the next training. `adapters` (and a daemon's start) finish the promotion."""
+    import subprocess
+    import sys
+
+    from daemon.model.adapter_store import AdapterStore
+    from tests.harness import REPO, env_for
+
+    cfg = _home(tmp_path)
+    install_version(cfg, "ansel", promoted=True, fingerprint="f1")
+    killed = subprocess.run(
+        [sys.executable, "-c", "import sys; from daemon.config import load_config; "
+                               "from tests.lora_helpers import install_version; "
+                               "install_version(load_config(sys.argv[1], model='smoke'), 'ansel', promoted=True, "
+                               "fingerprint='f2')", str(cfg.home)],
+        env=env_for(cfg.home, smoke_model_path, MONDRIAN_TEST_CRASH_AT="promoting"), cwd=REPO)
+    assert killed.returncode == -9
+    store = AdapterStore(cfg.adapters_dir)
+    assert [v.name for v in store.versions("ansel")] == ["v0001", "v0002"] and store.current_name("ansel") == "v0001"
+    out = mondrian(cfg.home, smoke_model_path, "adapters", "--advisor", "ansel", "--json")
+    assert out.returncode == 0, out.stderr
+    assert [r["version"] for r in json.loads(out.stdout) if r["current"]] == ["v0002"], out.stdout
+    assert store.current_name("ansel") == "v0002"
+    promoted = [h for h in store.history("ansel") if h["event"] == "promoted"]
+    assert [h["version"] for h in promoted] == ["v0001", "v0002"], promoted
+    # Rolled back since, it stays rolled back: nothing to finish.
+    assert store.rollback("ansel") == ("v0002", "v0001")
+    assert mondrian(cfg.home, smoke_model_path, "adapters", "--advisor", "ansel").returncode == 0
+    assert store.current_name("ansel") == "v0001"

@@ -25,6 +25,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
@@ -34,10 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from .. import testhooks
 from ..analysis.advisors import ADVISOR_ID
 from ..fsutil import NotOwn, atomic_write_text, fsync_dir, open_own_file
 from ..hints import mondrian
 from .smoke import MARKER_NAME
+
+log = logging.getLogger(__name__)
 
 # The files of an adapter folder as mlx-vlm writes and reads them (daemon.model.adapters uses these too).
 CONFIG_NAME = "adapter_config.json"
@@ -426,6 +430,7 @@ class AdapterStore:
                     with contextlib.suppress(OSError):
                         p.unlink()
                 removed.append(p.name)
+        self.finish_promotion(advisor)
         return removed
 
     def _next_name(self, advisor: str) -> str:
@@ -454,12 +459,42 @@ class AdapterStore:
         final = self.advisor_dir(advisor) / name
         os.rename(staging, final)  # atomic: the version appears complete or not at all
         fsync_dir(final.parent)
+        testhooks.crashpoint("promoting")
+        if decision.get("promoted"):
+            self.switch(advisor, name)  # before the history says so: killed in between, `recover` finishes it
         self._log(advisor, {"event": "promoted" if decision.get("promoted") else "refused", "version": name,
                             "reason": decision.get("reason")})
-        if decision.get("promoted"):
-            self.switch(advisor, name)
         self.prune(advisor)
         return self.version(advisor, name)
+
+    def finish_promotion(self, advisor: str) -> str | None:
+        """A promotion killed between its version's rename and the switch of `current`, or before its history line:
+        the newest version says it was promoted, yet no record says so (and `current` may be another). `adapters`, the
+        history and `status` contradicted each other, and photos used the older version, until the next training.
+        Finish it (hold the lock): switch, then record. Returns the version so finished, if any."""
+        versions = self.versions(advisor)
+        if not versions:
+            return None
+        newest = versions[-1]
+        if not newest.promoted:
+            return None
+        # The history is written after the switch: a version it names was switched to, and whatever moved
+        # `current` since (a rollback, a hand's edit) is not undone here.
+        if any(newest.name in (r.get("version"), r.get("from"), r.get("to")) for r in self.history(advisor)):
+            return None
+        if self.current_name(advisor) != newest.name:
+            self.switch(advisor, newest.name)
+        self._log(advisor, {"event": "promoted", "version": newest.name, "reason": newest.decision.get("reason"),
+                            "finished": "after an interruption"})
+        log.info("adapters: finished promoting %s/%s, interrupted before `current` was switched", advisor,
+                 newest.name)
+        return newest.name
+
+    def settle(self, advisor: str) -> None:
+        """`recover`, where no training or promotion holds the advisor's adapters now (never waits)."""
+        with contextlib.suppress(Busy, AdapterStoreError, OSError):
+            with self.lock(advisor):
+                self.recover(advisor)
 
     def switch(self, advisor: str, name: str) -> None:
         """Point `current` at version `name` with one atomic rename of a fresh symlink."""

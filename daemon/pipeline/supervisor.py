@@ -299,6 +299,11 @@ class Daemon:
             recovered = self.worker.recover()
             if recovered:
                 log.info("recovered %d photo(s) interrupted by the last stop", recovered)
+            from ..model.adapter_store import AdapterStore
+
+            store = AdapterStore(self.cfg.adapters_dir)
+            for advisor in store.advisors():  # a promotion the last stop cut short: its lora photos use it now
+                store.settle(advisor)
             t0 = time.perf_counter()
             loading = True
             rt = self.worker.load_runtime()
