@@ -4,6 +4,7 @@ daemon, nothing lost, nothing analysed twice, nothing written outside the home."
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import resource
@@ -745,6 +746,19 @@ def test_an_upload_is_named_after_what_it_holds_and_a_resend_leaves_no_copy(tmp_
         # Camera raws Pillow reads as TIFF (DNG, NEF, CR2, ARW) keep their own suffix: `.tif` would open as a TIFF
         assert [spool_name(n, "TIFF") for n in ("DSC_1.NEF", "IMG_1.DNG", "a.arw", "b.tiff", "c.jpg")] == \
             ["DSC_1.nef", "IMG_1.dng", "a.arw", "b.tiff", "c.tif"]
+        # Every format taken in keeps (or gets) its suffix: WebP and HEIC were stored with none (`upload`, `w2`),
+        # so the report page had no link to the original and `analyze` of the folder found no photo in it.
+        assert [spool_name(n, f) for n, f in (("-", "WEBP"), ("w2.mode", "WEBP"), ("p.heic", "HEIF"), ("q", "HEIF"),
+                                              ("s.avif", "AVIF"), ("j", "JPEG2000"), ("layers.psd", "PSD"))] == \
+            ["upload.webp", "w2.webp", "p.heic", "q.heic", "s.avif", "j.jp2", "layers.psd"]
+        webp = tmp_path / "sent.webp"
+        from PIL import Image
+
+        Image.open(io.BytesIO(jpeg(tmp_path, 231))).save(webp, "WEBP")
+        a = upload(port, image(webp.read_bytes(), b"-"))
+        assert a.status == 200 and a.json()["photo"]["file"] == "upload.webp", a
+        folder = home / "outbox" / a.json()["job"]["report_folder"]
+        assert 'id="original" href="upload.webp"' in (folder / "report.html").read_text()
         disposition = "form-data; name=\"image\"; filename*=UTF-8''caf%C3%A9%20noir.jpg"
         body = (f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n").encode() + jpeg(tmp_path, 230) \
             + f"\r\n--{BOUNDARY}--\r\n".encode()

@@ -36,7 +36,8 @@ EMPTY_GRACE_S = 60.0  # a folder just made for an upload is empty for a moment b
 # is one of them; otherwise the upload is named after what it holds: `x.mode`, `x.xmp` or `index.html` holding a
 # JPEG would be taken for a sidecar or a page in the outbox, and `curl -F image=@-` sends no name at all.
 _FORMAT_SUFFIXES = {"JPEG": (".jpg", ".jpeg"), "MPO": (".jpg", ".jpeg", ".mpo"), "PNG": (".png",),
-                    "TIFF": (".tif", ".tiff", *RAW_SUFFIXES),  # DNG, NEF, CR2, ARW, PEF are TIFFs to Pillow "WEBP": (".webp",), "HEIF": (".heic", ".heif"),
+                    # DNG, NEF, CR2, ARW, PEF are TIFFs to Pillow
+                    "TIFF": (".tif", ".tiff", *RAW_SUFFIXES), "WEBP": (".webp",), "HEIF": (".heic", ".heif"),
                     "AVIF": (".avif",), "GIF": (".gif",), "BMP": (".bmp",), "JPEG2000": (".jp2", ".j2k", ".jpf"),
                     "PSD": (".psd",), "RAW": RAW_SUFFIXES}
 

@@ -21,7 +21,10 @@ from .raw import RAW_SUFFIXES, RawCutShort, RawPhoto, RawRejected, decode_raw
 
 # The names a photo file goes by. A browser opens these as pictures, never as a page that runs script: the reports
 # link an original only under one of them (a photo renamed `x.html` or `x.svg` opens as an active page).
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".heic", ".heif", ".gif", ".bmp") + RAW_SUFFIXES
+# Every format the inbox and the API take in (_PHOTO_FORMATS below) by its usual names: a report's link to its
+# original and `analyze FOLDER` go by these.
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".heic", ".heif", ".avif", ".gif", ".bmp",
+                  ".jp2", ".j2k", ".jpf", ".psd") + RAW_SUFFIXES
 
 # What Pillow may open: photo formats only. Pillow also opens EPS (through Ghostscript, which runs the file's
 # PostScript), ICO, SPIDER, FITS and some thirty more; a file named IMG_1.jpg holding one is no photo of ours.
