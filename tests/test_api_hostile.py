@@ -845,3 +845,52 @@ def test_an_api_bound_to_every_network_is_called_by_address_and_says_it_is_open(
         assert a.status == 403 and "names neither this machine nor an address" in a.json()["error"], a
         assert d.stop() == 0
     assert "listening on every network this machine is on" in d.output() and "no password" in d.output()
+
+
+def test_forms_the_parser_cannot_take_are_json_errors_and_leak_nothing(tmp_path, smoke_model_path) -> None:
+    """Found by a red-team pass:
+    - a boundary past 256 characters made the form parser raise before the upload's file was looked after: a plain
+      text 500, a traceback, and one open file leaked a request (macOS gives a process 256);
+    - `filename*=idna''…` raised UnicodeError from the parser's callback: a plain text 500;
+    - a chunked upload (no Content-Length) was never capped as a whole: 200 MB after the form's end was read;
+    - a small file in a field Mondrian does not take (`-F other=@small.png`) was accepted in silence."""
+    d, port, home = start(tmp_path, smoke_model_path, max_file_mb=1)
+    with d:
+        def open_files() -> int:
+            return len(os.listdir(f"/proc/{d.proc.pid}/fd"))
+
+        pic = jpeg(tmp_path, 260)
+        before = open_files()
+        long_boundary = "b" * 300
+        body = (f"--{long_boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.jpg\"\r\n\r\n"
+                .encode() + pic + f"\r\n--{long_boundary}--\r\n".encode())
+        for _ in range(20):
+            a = request(port, "POST", "/analyze", {"Content-Type": f"multipart/form-data; boundary={long_boundary}"},
+                        body)
+            assert a.status == 400 and "boundary" in a.json()["error"], a
+        assert open_files() <= before + 2, (before, open_files())  # (a connection or two may still be closing)
+
+        for charset in ("idna", "punycode", "undefined"):
+            disposition = f"form-data; name=\"image\"; filename*={charset}''caf%C3%A9.jpg"
+            body = (f"--{BOUNDARY}\r\nContent-Disposition: {disposition}\r\n\r\n").encode() + pic \
+                + f"\r\n--{BOUNDARY}--\r\n".encode()
+            a = request(port, "POST", "/analyze", {"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
+                        body)
+            assert a.status == 200 and a.headers["content-type"] == "application/json", (charset, a)
+
+        # Chunked: the form, then 3 MB past its end (max_file_mb = 1 here).
+        payload = form(image(pic, b"c.jpg")) + b"x" * (3 * 2**20)
+        chunks = b"".join(b"%x\r\n" % len(payload[i:i + 65536]) + payload[i:i + 65536] + b"\r\n"
+                          for i in range(0, len(payload), 65536)) + b"0\r\n\r\n"
+        a = exchange(port, b"POST /analyze HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nTransfer-Encoding: "
+                           b"chunked\r\nContent-Type: multipart/form-data; boundary=" + BOUNDARY.encode() + b"\r\n\r\n"
+                     + chunks)
+        assert a.status == 413 and "max_file_mb" in a.json()["error"], a
+
+        small = jpeg(tmp_path, 261, size=(8, 8))
+        assert len(small) < 1024
+        a = upload(port, image(pic, b"d.jpg"), (b"other", b"small.jpg", small))
+        assert a.status == 400 and "a second file, in the field `other`" in a.json()["error"], a
+        assert not {"a.jpg", "c.jpg", "d.jpg"} & set(ledger_jobs(home)), ledger_jobs(home)  # refused: no job
+        wait_for(lambda: spool_files(home) == [], timeout=10, what="an empty spool")
+        assert d.proc.poll() is None and d.stop() == 0

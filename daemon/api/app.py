@@ -194,6 +194,13 @@ def build_app(door: Door) -> LocalOnly:
             response.headers[name] = value
         return response
 
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug of ours still answers in JSON, as every other error does (a client parsing `error` gets a line).
+        log.error("API: %s %s failed: %s: %s", request.method, request.url.path[:80], type(exc).__name__, exc)
+        return error(500, f"Mondrian could not answer this request ({type(exc).__name__}); the daemon's log has "
+                          f"the details, and the photo (if one was queued) is in `mondrian status`")
+
     @app.api_route("/health/", methods=["GET", "HEAD"])
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> JSONResponse:

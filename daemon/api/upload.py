@@ -13,11 +13,13 @@ from pathlib import Path
 from typing import AsyncIterator, Callable
 from urllib.parse import unquote
 
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 IMAGE_FIELD = "image"
 FIELD_MAX_BYTES = 1024  # advisor and mode are short words
+VALUE_FIELDS = ("advisor", "mode")  # what a form may carry besides the photo (a `.mode` may come as a small file)
+BOUNDARY_MAX_BYTES = 70  # RFC 2046
 FORM_OVERHEAD_BYTES = 64 * 1024  # boundaries, part headers and the small fields around the photo
 MAX_PARTS = 16  # image, advisor, mode and a few a client may add: a form of thousands is not a photo request
 HEADER_MAX_BYTES = 8 * 1024  # a part's headers (its name and file name)
@@ -61,7 +63,7 @@ def _extended_filename(disposition: bytes) -> str:
     charset = found.group(1).decode("latin-1") or "utf-8"
     try:
         return unquote(found.group(2).decode("latin-1"), encoding=charset, errors="replace")
-    except LookupError:  # a charset Python does not know
+    except (LookupError, UnicodeError, ValueError):  # a charset Python does not know, or cannot decode with (idna)
         return unquote(found.group(2).decode("latin-1"), errors="replace")
 
 
@@ -82,6 +84,9 @@ def check_headers(content_type: str | None, content_length: str | None, limit: i
     if ctype != b"multipart/form-data" or not params.get(b"boundary"):
         raise Refused(400, f"send the photo as a multipart/form-data upload in the field `image`, e.g. "
                            f"{example(base_url)}")
+    if len(params[b"boundary"]) > BOUNDARY_MAX_BYTES:  # RFC 2046; the form parser refuses past 256, mid-request
+        raise Refused(400, f"the form's boundary is longer than the {BOUNDARY_MAX_BYTES} characters a multipart form "
+                           f"allows; send it as curl -F does, e.g. {example(base_url)}")
     if content_length and content_length.strip().isdigit() and int(content_length) > limit + FORM_OVERHEAD_BYTES:
         raise too_large(limit, "upload")
     return params[b"boundary"]
@@ -99,7 +104,7 @@ async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, lim
     once `until()` gives a deadline (time.monotonic) that passes before the upload ends."""
     got = Received()
     part: dict[str, object] = {}
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    fd = -1  # opened once the parser is made: a parser refusing the form must not leave the file open
 
     parts = [0]
 
@@ -127,6 +132,12 @@ async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, lim
     def on_headers_finished() -> None:
         _, params = parse_options_header(part["headers"].get("content-disposition", b""))  # type: ignore[union-attr]
         part["name"] = params.get(b"name", b"").decode("utf-8", "replace")
+        if part["name"] not in (IMAGE_FIELD, *VALUE_FIELDS) and params.get(b"filename") is not None:
+            # However small: a file sent in a field Mondrian has no use for was taken in silence (a 638-byte PNG).
+            where = f"the field `{part['name']}`" if part["name"] else "a part without a name"
+            what = "a second file" if got.images else "a file that is not in the field `image`"
+            raise Refused(400, f"the form carries {what}, in {where}; Mondrian takes one photo per request, in the "
+                               f"field `image` (e.g. -F image=@photo.jpg)")
         if part["name"] == IMAGE_FIELD:
             got.images += 1
             if got.images > 1:
@@ -170,15 +181,16 @@ async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, lim
     def on_end() -> None:
         got.complete = True
 
-    parser = MultipartParser(boundary, callbacks={  # type: ignore[arg-type]
-        "on_end": on_end, "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
-        "on_part_data": on_part_data, "on_part_end": on_part_end})
     stream = chunks.__aiter__()
     waiting: asyncio.Future | None = None
     started = last = time.monotonic()
     received = 0
     try:
+        parser = MultipartParser(boundary, callbacks={  # type: ignore[arg-type]
+            "on_end": on_end, "on_part_begin": on_part_begin, "on_header_field": on_header_field,
+            "on_header_value": on_header_value, "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished, "on_part_data": on_part_data, "on_part_end": on_part_end})
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         while True:
             # The next chunk is awaited without being cancelled between looks (cancelling it would end the
             # request's stream), so a stop is noticed within a second even while the client sends nothing.
@@ -204,15 +216,18 @@ async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, lim
             waiting, last = None, now
             if chunk:
                 received += len(chunk)
+                if received > limit + FORM_OVERHEAD_BYTES:  # chunked, or past its Content-Length's promise
+                    raise too_large(limit, "upload")
                 parser.write(chunk)
         parser.finalize()
         if not got.complete:
             raise Refused(400, "the upload ended before the end of its form (interrupted?); send it again")
         os.fsync(fd)
-    except MultipartParseError as exc:
+    except FormParserError as exc:
         raise Refused(400, f"the multipart form could not be read ({exc}); send it as curl -F does") from None
     finally:
         if waiting is not None:
             waiting.cancel()
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
     return got
