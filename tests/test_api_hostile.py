@@ -894,3 +894,26 @@ def test_forms_the_parser_cannot_take_are_json_errors_and_leak_nothing(tmp_path,
         assert not {"a.jpg", "c.jpg", "d.jpg"} & set(ledger_jobs(home)), ledger_jobs(home)  # refused: no job
         wait_for(lambda: spool_files(home) == [], timeout=10, what="an empty spool")
         assert d.proc.poll() is None and d.stop() == 0
+
+
+def test_a_resent_photo_whose_first_original_left_its_report_folder_is_kept(tmp_path, smoke_model_path) -> None:
+    """A resend is answered from the first report and its copy discarded, "the report folder has these very bytes".
+    Once the photographer had moved that original into their library (or edited it), the resent copy was deleted
+    too: the photo was nowhere in the home. It is kept in duplicates/ then, as an inbox duplicate is."""
+    d, port, home = start(tmp_path, smoke_model_path)
+    with d:
+        pic = jpeg(tmp_path, 270)
+        first = upload(port, image(pic, b"keep.jpg")).json()
+        folder = home / "outbox" / first["job"]["report_folder"]
+        (folder / "keep.jpg").rename(tmp_path / "library-keep.jpg")
+        again = upload(port, image(pic, b"keep.jpg"))
+        assert again.status == 200 and again.json()["duplicate_of"] == first["job_id"], again
+        kept = [p for p in (home / "outbox" / "duplicates").iterdir() if not p.name.endswith((".json", ".html"))]
+        assert [p.read_bytes() for p in kept] == [pic], kept
+        # With the original in place, a resend still leaves no copy.
+        other = jpeg(tmp_path, 271)
+        upload(port, image(other, b"other.jpg"))
+        assert upload(port, image(other, b"other.jpg")).json()["duplicate_of"] is not None
+        assert len([p for p in (home / "outbox" / "duplicates").iterdir()
+                    if not p.name.endswith((".json", ".html"))]) == 1
+        assert d.stop() == 0

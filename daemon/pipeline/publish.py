@@ -613,12 +613,24 @@ class Publisher:
                                      fallbacks=record.get("fallbacks"))
         if not job.kept and os.path.lexists(job.source_path):
             self.left_behind(Path(job.source_path))  # another photo under its name (see above)
-        if Path(job.source_path).is_relative_to(self.cfg.spool_dir):
+        if Path(job.source_path).is_relative_to(self.cfg.spool_dir) and self._has_its_original(
+                self.ledger.get(record["duplicate_of_job"])):
             # Sent through the API: the client keeps its file, and the report folder has these very bytes. A
             # script that sends a photo again to read its critique must not fill duplicates/ with copies.
             for name in (dest, Path(f"{dest}.duplicate.json")):
                 name.unlink(missing_ok=True)
         return True
+
+    def _has_its_original(self, first: Job) -> bool:
+        """Whether `first`'s report folder still holds the photo it critiqued: its original may have been moved
+        into a photo library or edited since, and then this copy is the only one Mondrian has (kept in
+        duplicates/, as an inbox photo's)."""
+        try:
+            report = json.loads(Path(first.report_json).read_text(encoding="utf-8"))
+            original = Path(first.output_dir) / report["photo"]["file"]
+        except (OSError, TypeError, ValueError, KeyError):
+            return False
+        return any(digest and content_is(original, digest) for digest in (first.sha256, first.embedded_sha256))
 
     def transient(self, job: Job, reason: str) -> None:
         job = self.ledger.get(job.id)
