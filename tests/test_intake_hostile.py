@@ -81,6 +81,25 @@ def test_an_inbox_that_vanishes_again_after_coming_back_does_not_stop_the_daemon
         assert daemon.stop() == 0, daemon.output()
 
 
+def test_an_inbox_deleted_and_made_again_is_watched_at_once(tmp_path, smoke_model_path):
+    """`rmdir inbox; mkdir inbox` (a sync tool, a script that "cleans up") between two rescans: the daemon locked the
+    new folder, yet its observer still watched the old one, so photos dropped there waited for a rescan (up to two)
+    while `status` called them arriving. The observer moves to the new folder when the daemon locks it."""
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST, rescan_seconds=600)
+    inbox = home / "inbox"
+    with Daemon(home, smoke_model_path) as daemon:
+        wait_for(lambda: "model ready" in daemon.output(), 120, what="the daemon to start")
+        os.rmdir(inbox)
+        inbox.mkdir()
+        wait_for(lambda: "made anew while Mondrian ran" in daemon.output(), 30, what="the daemon to lock it again")
+        time.sleep(1)
+        photo(inbox / "a.jpg", seed=1)
+        jobs = wait_for(lambda: _settled(home, {"a.jpg"}), 60, 0.1, what="a photo dropped into the new inbox")
+        assert jobs["a.jpg"].state == "done", jobs["a.jpg"].error
+        assert daemon.proc.poll() is None and "Traceback" not in daemon.output(), daemon.output()
+        assert daemon.stop() == 0, daemon.output()
+
+
 def test_an_inbox_replaced_by_a_link_to_a_folder_is_watched(tmp_path, smoke_model_path):
     """While Mondrian runs, the inbox is moved aside and replaced by a link to a folder on a drive (`inbox ->
     /Volumes/Photos/inbox`). Watchdog watched the link itself, which brings no event from inside the folder: the

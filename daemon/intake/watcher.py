@@ -230,6 +230,17 @@ class InboxWatcher:
             return True
         log.warning("the inbox observer %s; restarting it (rescans kept the inbox covered meanwhile)",
                     "stopped delivering events" if alive else "stopped")
+        self._restart(alive)
+        return True
+
+    def renew(self) -> None:
+        """The inbox folder was made anew (deleted and made again, its drive plugged back): the observer still
+        watches the old folder and sees nothing of the new one, so photos dropped there waited for a rescan (up to
+        two, while `status` called them arriving). Watch the new folder now, and take in what it holds."""
+        log.info("watching the inbox folder made anew, %s", self.inbox)
+        self._restart(self.observer_alive())
+
+    def _restart(self, alive: bool) -> None:
         obs, self._observer = self._observer, None
         try:
             if obs is not None and alive:
@@ -248,7 +259,6 @@ class InboxWatcher:
             self.restarts += 1
             self.rescan()
             self._send_canary()
-        return True
 
     # -- candidates ---------------------------------------------------------------------------
     def note(self, path: Path) -> None:

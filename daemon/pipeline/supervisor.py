@@ -105,6 +105,7 @@ class FolderLocks:
     def __init__(self, cfg: Config, fds: list[int]):
         self.cfg, self.fds = cfg, fds
         self.held: dict[Path, int] = {}
+        self.made_anew: set[Path] = set()  # folders locked again since the caller last looked
         for folder in (cfg.inbox, cfg.outbox):
             with contextlib.suppress(OSError):
                 st = os.stat(folder)
@@ -137,6 +138,7 @@ class FolderLocks:
             os.close(fd)
             self.fds.append(new)
             self.held[folder] = new
+            self.made_anew.add(folder)
             log.info("the %s %s was made anew while Mondrian ran; it is this daemon's again", what, folder)
         return None
 
@@ -427,6 +429,9 @@ class Daemon:
                     next_rescan = now + self.cfg.rescan_seconds
                 if now >= next_beat:
                     conflict = folders.check()
+                    if self.cfg.inbox in folders.made_anew:
+                        folders.made_anew.clear()
+                        self.watcher.renew()
                     if share is not None and not conflict:
                         share.keep()
                         conflict = share.conflict()
