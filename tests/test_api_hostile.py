@@ -159,6 +159,7 @@ def test_odd_uploads_are_refused_in_json_and_leave_nothing(tmp_path, smoke_model
         refused(upload(port, image(pic, b"a.jpg"), image(pic, b"b.jpg")), 400, "one photo per request")
         refused(upload(port, image(b"", b"empty.jpg")), 415, "not an image")
         refused(upload(port, image(b"GIF89a" + b"\0" * 10, b"cut.gif")), 415, "not an image")
+        refused(upload(port, image(b"<svg/>" * 20, b"../logo.svg")), 415, "'logo.svg' is not an image")  # its name
         # A Content-Length smaller than the body: the form ends early.
         body = form(image(pic))
         refused(request(port, "POST", "/analyze", {**ctype, "Content-Length": "300"}, body), 400, "ended before")

@@ -67,8 +67,8 @@ def answer(job: Job, *, waited_out: bool = False, stopping: bool = False) -> JSO
         return _with_headers(error(410, f"the job ended without a report: {job.error}", **_job_facts(job)),
                              _request_headers(job))
     if stopping:
-        note = ("Mondrian is stopping; the photo stays queued and is analysed when it starts again. Ask "
-                f"GET {job_url(job.id)} then")
+        note = ("Mondrian is stopping; the photo is analysed when it starts again (one being analysed now goes back "
+                f"to the queue). Ask GET {job_url(job.id)} then")
     elif waited_out:
         note = f"still {job.state} (the queue is long, or the model slow); ask GET {job_url(job.id)} for the report"
     else:

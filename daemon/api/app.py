@@ -269,7 +269,8 @@ def _enqueue(door: Door, slot: Path, got: upload.Received, base_url: str,
     partial = door.spool.partial(slot)
     fmt = _what_image(partial) if got.size else None
     if fmt is None:
-        raise upload.Refused(415, f"{spool_name(got.filename)!r} is not an image Mondrian can read (JPEG, PNG, TIFF, "
+        sent = (got.filename or "").replace("\\", "/").rsplit("/", 1)[-1][:120] or "the upload"  # as the client named it
+        raise upload.Refused(415, f"{sent!r} is not an image Mondrian can read (JPEG, PNG, TIFF, "
                                   f"HEIC, WebP, camera raw, …): send the photo itself")
     final = door.spool.commit(slot, spool_name(got.filename, fmt))
     testhooks.crashpoint("upload_committed")  # a crash here leaves a file with no job: swept at the next start
