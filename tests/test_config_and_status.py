@@ -371,8 +371,9 @@ def test_a_stopped_daemon_is_shown_as_not_responding(tmp_path, smoke_model_path)
     from daemon.cli.status import STALE_AFTER_SECONDS
 
     home = make_home(tmp_path / "home", smoke_model_path, **FAST)
-    photo(home / "inbox" / "a.jpg", seed=1, size=(64, 48))
-    with Daemon(home, smoke_model_path, MONDRIAN_TEST_STOP_AT="analysing") as d:
+    for i, name in enumerate(("a.jpg", "b.jpg", "c.jpg")):  # one done (a pace to go by), one stopped, one waiting
+        photo(home / "inbox" / name, seed=1 + i, size=(64, 48))
+    with Daemon(home, smoke_model_path, MONDRIAN_TEST_STOP_AT="analysing:2") as d:
         _wait_stopped(d.proc.pid, "the daemon", d.proc, d.output())
         stopped_at = time.monotonic()
         info = status(home, smoke_model_path)
@@ -388,6 +389,9 @@ def test_a_stopped_daemon_is_shown_as_not_responding(tmp_path, smoke_model_path)
     assert "Daemon:  not responding (pid" in text and f"kill -CONT {d.proc.pid}" in text, text
     # run by hand, not as a service: `service restart` would start nothing
     assert "service restart" not in text and f"`kill {d.proc.pid}`, then start it again with" in text, text
+    # Nothing moves while it is stopped: no time left is promised (it said "about 1 s left for 2 photo(s)").
+    assert "Queue:   about" not in text and "Queue:   2 photo(s) wait for the daemon, which is not responding" \
+        in text, text
 
 
 # -- status does not create a home (attack 27) -----------------------------------------------------------------------

@@ -525,6 +525,10 @@ def render(info: dict[str, Any]) -> str:
     if not d["running"] and not info.get("shared_ledger") and q.get("queued"):
         # No daemon here: a time left would be a promise nothing keeps (a shared ledger's other Macs may work it).
         lines.append(f"Queue:   {q['queued']} photo(s) wait for the daemon; they are analysed once it runs")
+    elif not d.get("responding", True) and not info.get("shared_ledger") and (q.get("queued") or info["running"]):
+        # Stopped (kill -STOP, a debugger) or hung: nothing moves, so no time left is promised either.
+        lines.append(f"Queue:   {q['queued'] + len(info['running'])} photo(s) wait for the daemon, which is not "
+                     f"responding (above); they are analysed once it works again")
     elif typical is not None and (q.get("queued") or info["running"]):
         at_once = eta.get("photos_at_once") or 1
         pace = (f"a photo takes about {_span(typical)}" if at_once <= 1 else
