@@ -122,10 +122,11 @@ def cmd_train(args: argparse.Namespace) -> int:
                                    wait_for_lock=False)
     except KeyboardInterrupt:  # run_training has stopped the child and removed its half-made version by now
         why = "stopped with Ctrl-C before it finished; nothing was kept"
-        recorder.finish(TrainOutcome(advisor.id, False, reason=why))
         model = f" --model {shlex.quote(args.model)}" if getattr(args, "model", None) else ""  # as it was started
-        print(f"Training {why}: {advisor.id}'s adapters are as they were. `{mondrian()} train --advisor "
-              f"{advisor.id}{model}` starts it again.", file=sys.stderr)
+        again = f"`{mondrian()} train --advisor {advisor.id}{model}` starts it again"
+        recorder.finish(TrainOutcome(advisor.id, False, reason=f"{why}; {again}", stopped=True))
+        print(f"Training {why}: {advisor.id}'s adapters are as they were. {again}.",
+              file=sys.stderr)
         return 130
     recorder.finish(outcome)
     if not outcome.ok:

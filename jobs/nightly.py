@@ -201,7 +201,8 @@ class ProgressRecorder:
             log.info("training %s: not recorded (%s); the training event stays the other run's", self.advisor,
                      outcome.reason)
             return
-        self.state.update(state=("promoted" if outcome.promoted else "refused") if outcome.ok else "failed",
+        self.state.update(state=("promoted" if outcome.promoted else "refused") if outcome.ok
+                          else "stopped" if getattr(outcome, "stopped", False) else "failed",
                           version=outcome.version, reason=outcome.reason, finished_at=time.time(),
                           seconds=round(outcome.seconds, 1))
         self.state.pop("eta_s", None)
@@ -235,7 +236,8 @@ def train_and_record(cfg: Config, ledger: Any, advisor: str, stop: threading.Eve
     outcome = run_training(cfg, advisor, on_progress=recorder, stop=stop, **kwargs)
     recorder.finish(outcome)
     log.info("training %s: %s%s", advisor, ("promoted " if outcome.promoted else "not promoted ")
-             if outcome.ok else "failed: ", (outcome.version or "") + f" ({outcome.reason})")
+             if outcome.ok else "stopped " if outcome.stopped else "failed: ",
+             (outcome.version or "") + f"({outcome.reason})")
     return outcome
 
 

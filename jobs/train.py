@@ -162,6 +162,7 @@ class TrainOutcome:
     metrics: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
     log_path: str | None = None
+    stopped: bool = False  # stopped on purpose (Mondrian shutting down, Ctrl-C): not a failure
 
 
 # ================================================================================================
@@ -418,7 +419,8 @@ def run_training(cfg: Config, advisor_id: str, *, on_progress: Callable[[dict[st
                 if not ok:
                     shutil.rmtree(staging, ignore_errors=True)
                     return TrainOutcome(advisor_id, False, reason=result.get("message", "training failed"),
-                                        seconds=time.time() - started, log_path=str(log_path))
+                                        seconds=time.time() - started, log_path=str(log_path),
+                                        stopped=bool(result.get("stopped")))
                 metrics = result.get("metrics") or {}
                 ev = metrics.get("evaluation", {})
                 gate = decide(ev.get("candidate", {}), ev.get("baseline", {}), resolved.gate())
@@ -509,7 +511,8 @@ def _run_child(cfg: Config, advisor_id: str, staging: Path, settings: dict[str, 
         return False, {"message": f"it ran past its time limit of {limit_s / 60:g} min and was "
                                   f"stopped (raise [lora] max_minutes, or lower iters / max_pixels) (log: {log_path})"}
     if stop is not None and stop.is_set():
-        return False, {"message": "training was stopped (Mondrian is shutting down)"}
+        return False, {"message": "stopped as Mondrian shut down, before it finished; nothing was kept, and it runs "
+                                  "again at the next start", "stopped": True}
     if rc != 0 or result.get("event") != "done":
         why = out_of_space(result.get("message") or "", staging.parent) or result.get("message") or _exit_reason(rc)
         # Callers say "Training failed: <message>": the message itself does not say "failed" again.

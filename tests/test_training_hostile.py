@@ -199,7 +199,10 @@ def test_ctrl_c_on_train_says_what_happened_keeps_nothing_and_status_says_so_too
     adapters = cfg.adapters_dir / "synth"
     assert not adapters.exists() or not [p.name for p in adapters.iterdir() if p.name.startswith(("v0", ".staging"))]
     status = mondrian(cfg.home, smoke_model_path, "status")
-    assert "stopped with Ctrl-C" in status.stdout, status.stdout
+    # Stopped on purpose, not "failed", and the line says how to run it again.
+    line = next(line for line in status.stdout.splitlines() if line.startswith("Training:"))
+    assert line.startswith("Training: synth stopped") and "stopped with Ctrl-C" in line, line
+    assert "train --advisor synth" in line and "failed" not in line, line
 
 
 def test_a_training_reference_renamed_before_the_dataset_is_built_is_left_out_not_the_end_of_the_run(
@@ -417,3 +420,27 @@ def test_adapter_weights_damaged_into_nan_fall_back_instead_of_failing_every_pho
     save_file(tensors, str(weights))
     strategy, steps = resolve("lora", ansel, build_strategies(cfg))
     assert strategy.name != "lora" and "not numbers (NaN or infinite)" in steps[0]["reason"], steps
+
+
+def test_training_stopped_by_the_daemons_shutdown_is_said_to_be_stopped_not_failed(tmp_path, smoke_model_path) -> None:
+    """A daemon stopped (launchctl stop, SIGTERM) during its nightly training logged `training synth: failed:`, and
+    `status` said "Training: synth failed", as if something were wrong; the catch-up at the next start runs it
+    again. It is "stopped", and says it runs again at the next start."""
+    import threading
+
+    from daemon.ledger import Ledger
+    from jobs.nightly import train_and_record
+
+    cfg = _synth_home(tmp_path, smoke_model_path)
+    ledger = Ledger(cfg.db_path)
+    try:
+        shutting_down = threading.Event()
+        shutting_down.set()
+        outcome = train_and_record(cfg, ledger, "synth", stop=shutting_down)
+    finally:
+        ledger.close()
+    assert not outcome.ok and outcome.stopped, outcome
+    status = mondrian(cfg.home, smoke_model_path, "status")
+    line = next(line for line in status.stdout.splitlines() if line.startswith("Training:"))
+    assert line.startswith("Training: synth stopped") and "runs again at the next start" in line, line
+    assert "failed" not in line, line
