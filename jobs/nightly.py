@@ -237,7 +237,7 @@ def train_and_record(cfg: Config, ledger: Any, advisor: str, stop: threading.Eve
     recorder.finish(outcome)
     log.info("training %s: %s%s", advisor, ("promoted " if outcome.promoted else "not promoted ")
              if outcome.ok else "stopped " if outcome.stopped else "failed: ",
-             (outcome.version or "") + f"({outcome.reason})")
+             (outcome.version + " " if outcome.version else "") + f"({outcome.reason})")
     return outcome
 
 

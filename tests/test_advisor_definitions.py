@@ -234,3 +234,23 @@ def test_a_studio_override_in_a_folder_of_another_case_never_falls_back_to_the_b
     job = ledger_jobs(home)["cartier/street.jpg"]
     assert job.state == "failed" and "advisors/Cartier/advisor.toml" in job.error, (job.state, job.error)
     assert ".renaming && mv " in job.error, job.error
+
+
+def test_a_folder_named_as_a_person_goes_to_the_advisor_of_that_id_before_one_of_that_display_name(tmp_path,
+                                                                                                   smoke_model_path):
+    """`inbox/Ansel Adams/` is the built-in `ansel` (named "Ansel Adams"); but where a studio has its own advisor
+    `ansel-adams`, the folder named as a person names it was that one's, and a display name must not take it over."""
+    from daemon.analysis.advisors import advisor_folders
+    from daemon.config import load_config
+    from daemon.intake.inbox import classify
+
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    cfg = load_config(home, env={})
+    inbox = cfg.inbox
+    assert classify(inbox / "Ansel Adams" / "a.jpg", inbox, advisor_folders(cfg), "cartier").advisor == "ansel"
+    own = home / "advisors" / "ansel-adams" / "advisor.toml"
+    own.parent.mkdir(parents=True)
+    own.write_text('id = "ansel-adams"\nname = "Our Ansel"\nprompt = "You are our Ansel."\n')
+    assert classify(inbox / "Ansel Adams" / "a.jpg", inbox, advisor_folders(cfg), "cartier").advisor == "ansel-adams"
+    assert classify(inbox / "Our Ansel" / "a.jpg", inbox, advisor_folders(cfg), "cartier").advisor == "ansel-adams"
+    assert classify(inbox / "album" / "a.jpg", inbox, advisor_folders(cfg), "cartier").advisor == "cartier"

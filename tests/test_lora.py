@@ -1018,7 +1018,11 @@ def test_a_promotion_killed_before_current_is_switched_is_finished(tmp_path, smo
     assert store.current_name("ansel") == "v0002"
     promoted = [h for h in store.history("ansel") if h["event"] == "promoted"]
     assert [h["version"] for h in promoted] == ["v0001", "v0002"], promoted
-    # Rolled back since, it stays rolled back: nothing to finish.
+    # Rolled back since, it stays rolled back: nothing to finish, even once the history is gone (deleted, or a copy
+    # of the adapters without it): the version's own metrics say it was rolled back.
     assert store.rollback("ansel") == ("v0002", "v0001")
+    assert mondrian(cfg.home, smoke_model_path, "adapters", "--advisor", "ansel").returncode == 0
+    assert store.current_name("ansel") == "v0001"
+    (cfg.adapters_dir / "ansel" / "history.jsonl").unlink()
     assert mondrian(cfg.home, smoke_model_path, "adapters", "--advisor", "ansel").returncode == 0
     assert store.current_name("ansel") == "v0001"

@@ -154,7 +154,9 @@ def advisor_folders(cfg: Config) -> dict[str, str]:
     for adv in found.values():
         names.setdefault(_folded(adv.name), []).append(adv.id)
     for name, ids in names.items():
-        if len(ids) == 1 and name not in taken:
+        # Never over an id, nor over the id a person's way of naming the folder gives (`inbox/Ansel Adams/` is the
+        # studio's `ansel-adams` where there is one, not the built-in `ansel` named "Ansel Adams").
+        if len(ids) == 1 and name not in taken and suggested_id(name) not in taken - {ids[0]}:
             folders[name] = ids[0]
     return folders
 

@@ -476,14 +476,14 @@ class AdapterStore:
         if not versions:
             return None
         newest = versions[-1]
-        if not newest.promoted:
-            return None
+        current = self.current(advisor)
+        if not newest.promoted or newest.rolled_back or (current is not None and current.number >= newest.number):
+            return None  # rolled back on purpose (its metrics say so, whatever became of the history), or done
         # The history is written after the switch: a version it names was switched to, and whatever moved
         # `current` since (a rollback, a hand's edit) is not undone here.
         if any(newest.name in (r.get("version"), r.get("from"), r.get("to")) for r in self.history(advisor)):
             return None
-        if self.current_name(advisor) != newest.name:
-            self.switch(advisor, newest.name)
+        self.switch(advisor, newest.name)
         self._log(advisor, {"event": "promoted", "version": newest.name, "reason": newest.decision.get("reason"),
                             "finished": "after an interruption"})
         log.info("adapters: finished promoting %s/%s, interrupted before `current` was switched", advisor,
