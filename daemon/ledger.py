@@ -1211,6 +1211,10 @@ class Ledger:
         """Whether a photo at this path was ever queued (an inbox link's target that has been taken in since)."""
         return self.Job.select().where(self.Job.source_path == str(source_path)).exists()
 
+    def duplicates_of(self, job_id: int) -> list[Job]:
+        """The jobs filed as duplicates of job `job_id`."""
+        return list(self.Job.select().where((self.Job.duplicate_of == job_id) & (self.Job.state == DONE)))
+
     def taken_in(self, source_path: Path) -> bool:
         """Whether a photo at this path was queued and has not failed or gone since: an inbox link's target that
         is analysed as itself (a link to a file that failed, a loop's other link say, points at no such photo)."""

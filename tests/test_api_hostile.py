@@ -907,8 +907,9 @@ def test_a_resent_photo_whose_first_original_left_its_report_folder_is_kept(tmp_
         first = upload(port, image(pic, b"keep.jpg")).json()
         folder = home / "outbox" / first["job"]["report_folder"]
         (folder / "keep.jpg").rename(tmp_path / "library-keep.jpg")
-        again = upload(port, image(pic, b"keep.jpg"))
-        assert again.status == 200 and again.json()["duplicate_of"] == first["job_id"], again
+        for _ in range(3):  # one copy kept, however often it is sent again
+            again = upload(port, image(pic, b"keep.jpg"))
+            assert again.status == 200 and again.json()["duplicate_of"] == first["job_id"], again
         kept = [p for p in (home / "outbox" / "duplicates").iterdir() if not p.name.endswith((".json", ".html"))]
         assert [p.read_bytes() for p in kept] == [pic], kept
         # With the original in place, a resend still leaves no copy.

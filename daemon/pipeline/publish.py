@@ -613,13 +613,21 @@ class Publisher:
                                      fallbacks=record.get("fallbacks"))
         if not job.kept and os.path.lexists(job.source_path):
             self.left_behind(Path(job.source_path))  # another photo under its name (see above)
-        if Path(job.source_path).is_relative_to(self.cfg.spool_dir) and self._has_its_original(
-                self.ledger.get(record["duplicate_of_job"])):
+        first = self.ledger.get(record["duplicate_of_job"])
+        if Path(job.source_path).is_relative_to(self.cfg.spool_dir) and (
+                self._has_its_original(first) or self._a_copy_kept(first, job)):
             # Sent through the API: the client keeps its file, and the report folder has these very bytes. A
             # script that sends a photo again to read its critique must not fill duplicates/ with copies.
             for name in (dest, Path(f"{dest}.duplicate.json")):
                 name.unlink(missing_ok=True)
         return True
+
+    def _a_copy_kept(self, first: Job, job: Job) -> bool:
+        """Whether an earlier duplicate of `first` still lies in duplicates/ with its bytes: one copy is enough,
+        however often a script sends the photo again."""
+        return bool(first.sha256) and any(
+            other.id != job.id and other.output_dir and content_is(Path(other.output_dir), first.sha256)
+            for other in self.ledger.duplicates_of(first.id))
 
     def _has_its_original(self, first: Job) -> bool:
         """Whether `first`'s report folder still holds the photo it critiqued: its original may have been moved
