@@ -892,7 +892,11 @@ def test_forms_the_parser_cannot_take_are_json_errors_and_leak_nothing(tmp_path,
         assert len(small) < 1024
         a = upload(port, image(pic, b"d.jpg"), (b"other", b"small.jpg", small))
         assert a.status == 400 and "a second file, in the field `other`" in a.json()["error"], a
-        assert not {"a.jpg", "c.jpg", "d.jpg"} & set(ledger_jobs(home)), ledger_jobs(home)  # refused: no job
+        # A browser's file input left empty (`filename=""`, no bytes) is no file: the photo is taken.
+        a = upload(port, image(pic, b"e.jpg"), (b"notes", b"", b""))
+        assert a.status == 200, a
+        names = {Path(p).name for p in ledger_jobs(home)}
+        assert not {"a.jpg", "c.jpg", "d.jpg"} & names and "e.jpg" in names, names  # refused: no job
         wait_for(lambda: spool_files(home) == [], timeout=10, what="an empty spool")
         assert d.proc.poll() is None and d.stop() == 0
 

@@ -132,12 +132,9 @@ async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, lim
     def on_headers_finished() -> None:
         _, params = parse_options_header(part["headers"].get("content-disposition", b""))  # type: ignore[union-attr]
         part["name"] = params.get(b"name", b"").decode("utf-8", "replace")
-        if part["name"] not in (IMAGE_FIELD, *VALUE_FIELDS) and params.get(b"filename") is not None:
-            # However small: a file sent in a field Mondrian has no use for was taken in silence (a 638-byte PNG).
-            where = f"the field `{part['name']}`" if part["name"] else "a part without a name"
-            what = "a second file" if got.images else "a file that is not in the field `image`"
-            raise Refused(400, f"the form carries {what}, in {where}; Mondrian takes one photo per request, in the "
-                               f"field `image` (e.g. -F image=@photo.jpg)")
+        # However small, a file in a field Mondrian has no use for was taken in silence (a 638-byte PNG): refused
+        # at its first byte. A browser's file input left empty (`filename=""`, no bytes) is no file at all.
+        part["stray"] = part["name"] not in (IMAGE_FIELD, *VALUE_FIELDS) and params.get(b"filename") is not None
         if part["name"] == IMAGE_FIELD:
             got.images += 1
             if got.images > 1:
@@ -148,7 +145,15 @@ async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, lim
         else:
             part["filename"] = params.get(b"filename")  # a small file is a value (`-F mode=@IMG_1.mode`)
 
+    def stray_file() -> Refused:
+        where = f"the field `{part['name']}`" if part["name"] else "a part without a name"
+        what = "a second file" if got.images else "a file that is not in the field `image`"
+        return Refused(400, f"the form carries {what}, in {where}; Mondrian takes one photo per request, in the "
+                            f"field `image` (e.g. -F image=@photo.jpg)")
+
     def on_part_data(data: bytes, start: int, end: int) -> None:
+        if part.get("stray"):  # called only with bytes: an empty part never gets here
+            raise stray_file()
         if part["file"]:
             got.size += end - start
             if got.size > limit:
@@ -159,11 +164,7 @@ async def receive(chunks: AsyncIterator[bytes], boundary: bytes, dest: Path, lim
             return
         value = part["value"] + data[start:end]  # type: ignore[operator]
         if len(value) > FIELD_MAX_BYTES and part.get("filename") is not None:
-            # Not "a field longer than 1024 bytes": a second file, where the client may not know it sent one.
-            where = f"the field `{part['name']}`" if part["name"] else "a part without a name"
-            what = "a second file" if got.images else "a file that is not in the field `image`"
-            raise Refused(400, f"the form carries {what}, in {where}; Mondrian takes one photo per request, "
-                               f"in the field `image` (e.g. -F image=@photo.jpg)")
+            raise stray_file()  # not "a field longer than 1024 bytes": the client may not know it sent a file
         if len(value) > FIELD_MAX_BYTES:
             raise Refused(400, f"the form field `{part['name']}` is longer than {FIELD_MAX_BYTES} bytes; "
                                f"advisor and mode are short words (e.g. advisor=ansel, mode=rag)")
