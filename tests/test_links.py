@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -312,12 +313,20 @@ def test_an_inbox_or_outbox_made_anew_while_running_is_not_served_by_a_second_ho
         _one_line_78(second, "another Mondrian daemon", str(shared))
         assert first.proc.poll() is None, first.output()
 
-        # The other way round: the second home starts on the new folder before the first has looked.
-        shutil.rmtree(shared)
-        shared.mkdir()
-        with Daemon(home_b, smoke_model_path) as other:
-            _wait_started(other)
-            assert first.wait(30) == 78, first.output()
-            assert "made anew while Mondrian ran" in first.output() and "this one stops" in first.output()
-            assert other.proc.poll() is None
-            assert other.stop() == 0
+        # The other way round: the second home starts on the new folder before the first has looked (held stopped
+        # meanwhile: a second daemon starting on a loaded machine took longer than the first's 5 s between looks).
+        first.signal(signal.SIGSTOP)
+        try:
+            shutil.rmtree(shared)
+            shared.mkdir()
+            with Daemon(home_b, smoke_model_path) as other:
+                try:
+                    _wait_started(other)
+                finally:
+                    first.signal(signal.SIGCONT)
+                assert first.wait(30) == 78, first.output()
+                assert "made anew while Mondrian ran" in first.output() and "this one stops" in first.output()
+                assert other.proc.poll() is None
+                assert other.stop() == 0
+        finally:
+            first.signal(signal.SIGCONT)
