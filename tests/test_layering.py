@@ -15,13 +15,15 @@ REPO = Path(__file__).resolve().parent.parent
 # The product. bench/ (and tests/mlx_reference.py) measure Mondrian against plain mlx_vlm on purpose: not checked.
 PACKAGES = ("daemon", "jobs")
 
-# daemon/ -> jobs/: the supervisor's scheduling entry point (nightly training), the CLI's training commands, and
-# `mondrian demo`, which trains its adapter with the training side's own code and progress display.
+# daemon/ -> jobs/: the supervisor's scheduling entry point (nightly training), the CLI's training commands,
+# `mondrian demo`, which trains its adapter with the training side's own code and progress display, and `mondrian
+# init`, whose mondrian.toml shows the [lora] defaults the training side's TrainSettings holds.
 ALLOWED_JOBS_IMPORTS = {
     ("daemon/pipeline/supervisor.py", "jobs.nightly"),
     ("daemon/cli/main.py", "jobs.cli"),
     ("daemon/cli/demo.py", "jobs.cli"),
     ("daemon/cli/demo.py", "jobs.train"),
+    ("daemon/cli/init.py", "jobs.train"),
 }
 
 
