@@ -289,18 +289,21 @@ def _inbox_waiting(cfg: Config, ledger: Ledger, now: float) -> dict[str, Any]:
     if not cfg.inbox.is_dir():
         return {"count": 0, "more": False, "examples": [], "last_change_s": None}
     files, more = inbox_files(cfg.inbox, INBOX_LOOK_LIMIT)
-    # A name that is not UTF-8 (Linux) is never in the ledger (the watcher leaves it, saying to rename it): it waits.
-    named = [(p, st.st_size, st.st_mtime) for p, st in files if _is_utf8(p)]
-    known = ledger.accounted_for(named) if named else set()
-    left = [(p, st) for p, st in files if str(p) not in known and _is_utf8(p)]
-    # Those never wait for anything: no amount of waiting makes them "arriving". Each gets the `mv` that fixes it.
-    unnamed = [p for p, _ in files if not _is_utf8(p)]
+    # A name that is not UTF-8 (Linux) is never in the ledger (the watcher leaves it, saying to rename it), and no
+    # amount of waiting makes it "arriving": it is counted apart, each with the `mv` that fixes it.
     from ..references.indexer import not_utf8
+
+    named: list[tuple[Path, os.stat_result]] = []
+    unnamed: list[tuple[Path, os.stat_result]] = []
+    for p, st in files:
+        (named if _is_utf8(p) else unnamed).append((p, st))
+    known = ledger.accounted_for([(p, st.st_size, st.st_mtime) for p, st in named]) if named else set()
+    left = [(p, st) for p, st in named if str(p) not in known]
     newest = max((max(st.st_mtime, st.st_ctime) for _, st in left), default=None)
     return {"count": len(left), "more": more,
             "examples": [p.relative_to(cfg.inbox).as_posix() for p, _ in left[:5]],
             "last_change_s": None if newest is None else round(max(0.0, now - newest), 1),
-            "not_utf8": len(unnamed), "rename": [not_utf8(cfg.inbox, p) for p in unnamed[:3]]}
+            "not_utf8": len(unnamed), "rename": [not_utf8(cfg.inbox, p) for p, _ in unnamed[:3]]}
 
 
 def _is_utf8(path: Path) -> bool:

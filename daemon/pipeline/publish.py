@@ -609,15 +609,15 @@ class Publisher:
                 return False
         testhooks.crashpoint("dup_moved")
         record = json.loads(Path(f"{dest}.duplicate.json").read_text(encoding="utf-8"))
-        self.ledger.finish_duplicate(job.id, self.ledger.get(record["duplicate_of_job"]), dest,
-                                     fallbacks=record.get("fallbacks"))
+        first = self.ledger.get(record["duplicate_of_job"])
+        self.ledger.finish_duplicate(job.id, first, dest, fallbacks=record.get("fallbacks"))
         if not job.kept and os.path.lexists(job.source_path):
             self.left_behind(Path(job.source_path))  # another photo under its name (see above)
-        first = self.ledger.get(record["duplicate_of_job"])
         if Path(job.source_path).is_relative_to(self.cfg.spool_dir) and (
                 self._has_its_original(first) or self._a_copy_kept(first, job)):
-            # Sent through the API: the client keeps its file, and the report folder has these very bytes. A
-            # script that sends a photo again to read its critique must not fill duplicates/ with copies.
+            # Sent through the API: the client keeps its file, and the report folder (or an earlier resend's copy)
+            # has these very bytes. A script that sends a photo again to read its critique must not fill
+            # duplicates/ with copies.
             for name in (dest, Path(f"{dest}.duplicate.json")):
                 name.unlink(missing_ok=True)
         return True
