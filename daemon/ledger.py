@@ -1208,7 +1208,7 @@ class Ledger:
                                        (self.Job.state.in_(ACTIVE))).exists()
 
     def has_job(self, source_path: Path) -> bool:
-        """Whether a photo at this path was ever queued (an inbox link's target that has been taken in since)."""
+        """Whether a photo at this path was ever queued (an API upload's file the sweep must leave alone)."""
         return self.Job.select().where(self.Job.source_path == str(source_path)).exists()
 
     def duplicates_of(self, job_id: int) -> list[Job]:

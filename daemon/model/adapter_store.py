@@ -468,10 +468,11 @@ class AdapterStore:
         return self.version(advisor, name)
 
     def finish_promotion(self, advisor: str) -> str | None:
-        """A promotion killed between its version's rename and the switch of `current`, or before its history line:
-        the newest version says it was promoted, yet no record says so (and `current` may be another). `adapters`, the
-        history and `status` contradicted each other, and photos used the older version, until the next training.
-        Finish it (hold the lock): switch, then record. Returns the version so finished, if any."""
+        """A promotion killed between its version's rename and the switch of `current`: the newest version says it
+        was promoted, yet `current` is an older one and no record names it. `adapters`, the history and `status`
+        contradicted each other, and photos used the older version, until the next training. Finish it (hold the
+        lock): switch, then record. (Killed after the switch, only its history line is missing: nothing to do.)
+        Returns the version so finished, if any."""
         versions = self.versions(advisor)
         if not versions:
             return None
