@@ -26,9 +26,11 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import socket
 import sqlite3
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -601,6 +603,11 @@ def _file_identity(path: Path) -> tuple[int, int] | None:
     return st.st_dev, st.st_ino
 
 
+def _writable(db: Path) -> bool:
+    """Whether this user may write the database and make its log beside it (a read-only disk says no, even to root)."""
+    return os.access(db, os.W_OK) and os.access(db.parent, os.W_OK | os.X_OK)
+
+
 def _same_folder(a: Path, b: Path) -> bool:
     try:
         return os.path.samefile(a, b)
@@ -630,6 +637,52 @@ class Ledger:
             ledger.close()
             raise
         return ledger
+
+    @classmethod
+    @contextlib.contextmanager
+    def for_reading(cls, cfg: Any) -> Iterator["Ledger"]:
+        """The ledger `cfg` names, for a command that only reads it (`status`); `read_only_copy` is True on what it
+        yields when that is a private copy.
+
+        SQLite cannot open a WAL database that this user may not write while no process holds it open: its shared
+        index (-shm) must be made first. A home on a disk mounted read-only, another account's home, or `chmod
+        555 var` then showed no status at all, only advice. Where no daemon writes the ledger, the database and its
+        log are copied into a private folder and read there (the log replayed into the copy, the original left as
+        it is), so status still shows what the ledger holds. While a daemon runs, its index is there to be read and
+        the ledger itself is opened."""
+        try:
+            ledger = cls.for_config(cfg)
+        except LedgerUnavailable:
+            db = Path(cfg.db_path)
+            if (cfg.ledger_url or not os.path.isfile(db) or _writable(db)
+                    or lock_holder(Path(cfg.var_dir) / "daemon.lock") is not None):
+                raise
+            with tempfile.TemporaryDirectory(prefix="mondrian-ledger-") as tmp:
+                copy = Path(tmp) / db.name
+                try:
+                    shutil.copyfile(db, copy)
+                    if os.path.isfile(f"{db}-wal"):
+                        shutil.copyfile(f"{db}-wal", f"{copy}-wal")
+                except OSError:
+                    raise LedgerUnavailable(f"the ledger {db} cannot be read by this user either: run the command "
+                                            f"as the user that runs Mondrian") from None
+                ledger = cls(copy)
+                try:
+                    # Where it stands, not where it was copied to: its run locks (which photo is live) and the home
+                    # it follows are the original's.
+                    ledger.path = db
+                    ledger.follow_home(cfg.home, cfg.inbox, cfg.outbox)
+                    ledger.read_only_copy = True
+                    yield ledger
+                finally:
+                    ledger.close()
+            return
+        try:
+            yield ledger
+        finally:
+            ledger.close()
+
+    read_only_copy = False
 
     def __init__(self, path: Path, *, url: str | None = None, lease_seconds: float = 60.0,
                  stop: threading.Event | None = None, note: Path | None = None):

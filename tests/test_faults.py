@@ -368,3 +368,35 @@ def test_an_inbox_and_an_outbox_on_drives_that_are_unplugged_and_come_back(tmp_p
     out = mondrian(outbox_drive / "Mondrian", smoke_model_path, "run", "--once", timeout=60)  # a home on the drive
     assert out.returncode == 78 and "point MONDRIAN_HOME elsewhere" in out.stderr and "mondrian init" in out.stderr, out.stderr
     assert not outbox_drive.exists(), "start-up made a home where the drive mounts"
+
+
+def test_status_reads_a_ledger_this_user_cannot_write_and_leaves_it_as_it_is(tmp_path, smoke_model_path):
+    """SQLite cannot open a WAL ledger that this user may not write while no process holds it (its shared index must
+    be made first): a home on a read-only disk, or another account's, showed no status at all. A private copy is read
+    instead, and it follows a home that moved, as the ledger itself would."""
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    photo(home / "inbox" / "kept.jpg", seed=3, size=(64, 48))
+    (home / "inbox" / "corrupt.jpg").write_bytes(photo(tmp_path / "c.jpg", seed=4).read_bytes()[:300])
+    with Daemon(home, smoke_model_path, "--once") as d:
+        assert d.wait(120) == 0, d.output()
+    moved = tmp_path / "moved"
+    shutil.move(home, moved)  # the ledger still names the old place: paths are rebased when it is next opened
+    var = moved / "var"
+    before = {p.name: p.read_bytes() for p in var.iterdir() if p.is_file()}
+    with read_only(var):
+        out = mondrian(moved, smoke_model_path, "status")
+        assert out.returncode == 0, out.stderr
+        assert "1 done" in out.stdout and "1 failed" in out.stdout, out.stdout
+        assert "cannot write it" in out.stdout and "a copy of it was read" in out.stdout, out.stdout
+        info = status(moved, smoke_model_path)
+        assert info["ledger_read_only"] is True
+        (failure,) = info["recent_failures"]
+        assert failure["file"] == "corrupt.jpg" and "truncated" in failure["reason"]
+        # Found at the home's new place, as the ledger would give it once writable again: no "record missing" note.
+        assert failure["record"] == str(moved / "outbox" / "failed" / "corrupt.jpg.error.json"), failure
+        assert failure["note"] is None, failure
+        refused = mondrian(moved, smoke_model_path, "retry", "--failed")
+        assert refused.returncode != 0 and "writable" in refused.stderr, refused.stderr
+    assert {p.name: p.read_bytes() for p in var.iterdir() if p.is_file()} == before, "status wrote nothing"
+    info = status(moved, smoke_model_path)
+    assert info["ledger_read_only"] is False and info["counts"]["done"] == 1

@@ -211,32 +211,36 @@ def _estimates(ledger: Ledger, running: list[dict[str, Any]], waiting: int) -> d
 
 def collect(cfg: Config) -> dict[str, Any]:
     require_home(cfg)
-    ledger = Ledger.for_config(cfg)  # refuses a ledger deleted under the running daemon (it is written back soon)
-    with ledger.snapshot():  # counted and listed at one moment: a photo starting meanwhile is not in both states
-        counts = ledger.counts()
-        testhooks.crashpoint("status_counted")
-        events = ledger.events()
-        now = time.time()
-        at = ledger.clock()  # jobs' times are the ledger's (a shared ledger's server's), not this Mac's
-        running, interrupted = [], []
-        for j in ledger.running():
-            entry = {"job_id": j.id, "file": j.rel_path, "advisor": j.advisor, "mode": j.requested_mode,
-                     "owns_file": j.owns_file, "started_at": j.started_at, "analyze_again": None if j.owns_file
-                     else analyze_command(**analyzed_as(j)),
-                     "elapsed_s": round(at - (j.started_at or at), 1)}
-            # A job whose process is gone (a killed `mondrian analyze`) is not in progress, whatever the ledger says.
-            (running if ledger.job_is_live(j) else interrupted).append(entry)
-        delayed = [{"job_id": j.id, "file": j.rel_path, "attempts": j.attempts, "next_try_at": j.not_before,
-                    "next_try_in_s": round(j.not_before - at, 1), "reason": j.error} for j in ledger.delayed(at)]
-        recent = list(ledger.recent_failures(superseded=counts.superseded))
-        known = _known_advisors(cfg, recent)
-        failures = [_failure(cfg, j, known, ledger.later_done(j.source_path, j.id)) for j in recent]
-        queue = {"queued": counts.by_state["queued"] - len(delayed), "delayed": len(delayed),
-                 "running": len(running), "failed": counts.by_state["failed"]}
-        eta = _estimates(ledger, running, queue["queued"])
-        extra = _extra_sections(cfg, ledger)
-        schema_version = ledger.schema_version()
-    waiting = _inbox_waiting(cfg, ledger, now)
+    # Refuses a ledger deleted under the running daemon (it is written back soon); reads a copy of one this user
+    # cannot write while no daemon runs.
+    with Ledger.for_reading(cfg) as ledger:
+        with ledger.snapshot():  # counted and listed at one moment: a photo starting meanwhile is not in both states
+            counts = ledger.counts()
+            testhooks.crashpoint("status_counted")
+            events = ledger.events()
+            now = time.time()
+            at = ledger.clock()  # jobs' times are the ledger's (a shared ledger's server's), not this Mac's
+            running, interrupted = [], []
+            for j in ledger.running():
+                entry = {"job_id": j.id, "file": j.rel_path, "advisor": j.advisor, "mode": j.requested_mode,
+                         "owns_file": j.owns_file, "started_at": j.started_at, "analyze_again": None if j.owns_file
+                         else analyze_command(**analyzed_as(j)),
+                         "elapsed_s": round(at - (j.started_at or at), 1)}
+                # A job whose process is gone (a killed `mondrian analyze`) is not in progress, whatever the ledger
+                # says.
+                (running if ledger.job_is_live(j) else interrupted).append(entry)
+            delayed = [{"job_id": j.id, "file": j.rel_path, "attempts": j.attempts, "next_try_at": j.not_before,
+                        "next_try_in_s": round(j.not_before - at, 1), "reason": j.error} for j in ledger.delayed(at)]
+            recent = list(ledger.recent_failures(superseded=counts.superseded))
+            known = _known_advisors(cfg, recent)
+            failures = [_failure(cfg, j, known, ledger.later_done(j.source_path, j.id)) for j in recent]
+            queue = {"queued": counts.by_state["queued"] - len(delayed), "delayed": len(delayed),
+                     "running": len(running), "failed": counts.by_state["failed"]}
+            eta = _estimates(ledger, running, queue["queued"])
+            extra = _extra_sections(cfg, ledger)
+            schema_version = ledger.schema_version()
+        waiting = _inbox_waiting(cfg, ledger, now)
+        read_only = ledger.read_only_copy
     model = events.get("model", (None, None))[0]
     pid = daemon_pid(cfg)
     fault = FaultNote.read(cfg.var_dir / FAULT_NOTE)
@@ -276,6 +280,7 @@ def collect(cfg: Config) -> dict[str, Any]:
         "ledger_fault": fault,
         "reference_errors": events.get("reference_errors", ([], None))[0],
         "schema_version": schema_version,
+        "ledger_read_only": read_only,
     } | extra
 
 
@@ -563,6 +568,9 @@ def render(info: dict[str, Any]) -> str:
         lines.append(f"Sidecar: inbox/{name} has no photo beside it, so nothing uses it (it came after its photo "
                      f"was taken in, or its photo was removed): to have a photo analysed with it, drop the photo "
                      f"again together with it; otherwise delete it")
+    if info.get("ledger_read_only"):
+        lines.append("Ledger:  this user cannot write it (a read-only disk or folder, or another account's), so a copy "
+                     "of it was read: as Mondrian last wrote it")
     fault = info.get("ledger_fault")
     if fault:
         lines.append(f"Ledger:  cannot be written since {_clock(fault.get('since'))}: {fault.get('reason')} — "
