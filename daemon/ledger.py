@@ -1160,15 +1160,28 @@ class Ledger:
         """Queue a photo unless the same path already has a job waiting or running, or it is a failed photo
         that never left the inbox (`failed_in_place`). `kept`: keep_originals, the photo stays where it is."""
         with self._tx():
-            return self._enqueue_one(source_path, rel_path, advisor, advisor_source, size, mtime, ctime, kept=kept)
+            return self._enqueue_one(source_path, rel_path, advisor, advisor_source, size, mtime,
+                                     self._on_ledger_clock(ctime), kept=kept)
 
     @writes
     def enqueue_many(self, items: Iterable[tuple[Path, str, str, str, int | None, float | None, float | None]], *,
                      kept: bool = False) -> list[Job | None]:
         """`enqueue` for many photos (each a tuple of enqueue's arguments) in one transaction: a card of 1,000
         photos costs one commit (one fsync) instead of 1,000."""
+        skew = self._skew()
         with self._tx():
-            return [self._enqueue_one(*item, kept=kept) for item in items]
+            return [self._enqueue_one(*item[:6], None if item[6] is None else item[6] + skew, kept=kept)
+                    for item in items]
+
+    def _skew(self) -> float:
+        """How far the ledger's clock (`clock`: a shared ledger's server's) is ahead of this machine's."""
+        return self.clock() - time.time() if self.shared else 0.0
+
+    def _on_ledger_clock(self, ctime: float | None) -> float | None:
+        """A file's ctime (this machine's clock) on the ledger's clock, to be compared with a job's `finished_at`: with
+        the database server's clock five minutes ahead, a photo put back from failed/ seemed to have come back before
+        it failed, and was never queued again."""
+        return None if ctime is None else ctime + self._skew()
 
     def _enqueue_one(self, source_path: Path, rel_path: str, advisor: str, advisor_source: str,
                      size: int | None, mtime: float | None, ctime: float | None = None, *,
@@ -1222,6 +1235,7 @@ class Ledger:
             return None
         q = (self.Job.select().where((self.Job.source_path == str(source_path)) & (self.Job.state == FAILED) &
                                      (self.Job.size == size) & (self.Job.mtime == mtime)).order_by(self.Job.id.desc()))
+        ctime = self._on_ledger_clock(ctime)
         for job in q:
             if ctime is None or job.finished_at is None or ctime <= job.finished_at:
                 return job

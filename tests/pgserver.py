@@ -39,7 +39,8 @@ def _demote() -> tuple[Callable[[], None] | None, int | None]:
 
 
 class PgServer:
-    def __init__(self, bin_dir: Path):
+    def __init__(self, bin_dir: Path, **env: str):
+        """`env`: more environment for the server (LD_PRELOAD and FAKETIME: a server whose clock is off)."""
         self.bin = bin_dir
         # A short path: a unix socket's path must fit in 107 bytes.
         self.root = Path(tempfile.mkdtemp(prefix="mondrian-pg-"))
@@ -47,7 +48,7 @@ class PgServer:
         self.preexec, uid = _demote()
         if uid is not None:
             os.chown(self.root, uid, -1)
-        self.env = {**os.environ, "LC_ALL": "C", "PGTZ": "UTC"}
+        self.env = {**os.environ, "LC_ALL": "C", "PGTZ": "UTC", **env}
 
     def _run(self, *args: str) -> None:
         out = subprocess.run([str(a) for a in args], preexec_fn=self.preexec, env=self.env, capture_output=True,

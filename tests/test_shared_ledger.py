@@ -258,3 +258,46 @@ def test_a_worker_that_missed_two_beats_is_shown_silent_before_it_is_lost(tmp_pa
         assert (row["silent"], row["lost"]) == (silent, lost), after
     shown = "\n".join(worker_lines(worker_rows(b, now=beat_at + 45)))
     assert "(1 silent)" in shown and "SILENT: no heartbeat for 45 s" in shown and "60 s lease" in shown, shown
+
+
+def test_a_photo_put_back_is_new_work_when_the_servers_clock_runs_ahead(tmp_path: Path) -> None:
+    """A file's ctime is this machine's clock and a failure's `finished_at` the database server's: with the server
+    five minutes ahead, a photo put back from failed/ (as its record says) seemed to have come back before it failed,
+    and stayed in the inbox for good. The ctime is put on the ledger's clock first."""
+    import glob
+
+    from tests.pgserver import PgServer, pg_bin_dir
+
+    pytest.importorskip("psycopg", reason="pip install 'psycopg[binary]' (the postgres extra) for shared-ledger tests")
+    faketime = (glob.glob("/usr/lib/*/faketime/libfaketime.so.1") or [None])[0]
+    if faketime is None or pg_bin_dir() is None:
+        pytest.skip("needs libfaketime and PostgreSQL (`bash tests/system_deps.sh` installs them)")
+    server = PgServer(pg_bin_dir(), LD_PRELOAD=faketime, FAKETIME="+300s", DONT_FAKE_MONOTONIC="1")
+    server.start()
+    try:
+        ledger = Ledger(tmp_path / "ledger.db", url=server.new_database())
+        assert ledger.clock() - time.time() > 250  # the server's clock is ahead indeed
+        inbox, failed = tmp_path / "inbox", tmp_path / "failed"
+        inbox.mkdir()
+        failed.mkdir()
+        src = inbox / "bad.jpg"
+        src.write_bytes(b"not a photo")
+        st = src.stat()
+        job = ledger.enqueue(src, "bad.jpg", "ansel", "default", st.st_size, st.st_mtime, st.st_ctime)
+        assert job is not None and ledger.claim() is not None
+        ledger.fail(job.id, "not a photo", failed / "bad.jpg")
+        # Never left the inbox (its outbox could not be written): not queued again on every rescan.
+        assert ledger.failed_in_place(src, st.st_size, st.st_mtime, st.st_ctime) is not None
+        assert ledger.enqueue(src, "bad.jpg", "ansel", "default", st.st_size, st.st_mtime, st.st_ctime) is None
+        time.sleep(0.05)
+        src.rename(failed / "bad.jpg")
+        (failed / "bad.jpg").rename(src)  # `mv` there and back, as the record says: the ctime moves on
+        back = src.stat()
+        assert (back.st_size, back.st_mtime) == (st.st_size, st.st_mtime) and back.st_ctime > st.st_ctime
+        assert ledger.failed_in_place(src, back.st_size, back.st_mtime, back.st_ctime) is None
+        (again,) = ledger.enqueue_many([(src, "bad.jpg", "ansel", "default", back.st_size, back.st_mtime,
+                                         back.st_ctime)])
+        assert again is not None and again.id != job.id
+        ledger.close()
+    finally:
+        server.stop()
