@@ -370,7 +370,9 @@ def build(folder: Path) -> list[Item]:
     for name in (".hidden.jpg", "._IMG_1.jpg", "~$lock.jpg", "IMG_2.jpg.part", "IMG_3.jpg.crdownload",
                  "IMG_4.jpg.download/IMG_4.jpg", ".secret folder/IMG_5.jpg", "IMG_6.jpg.tmp",
                  "IMG_7.jpg.partial", "IMG_8.jpg.opdownload", "orphan.mode", ".DS_Store",
-                 "IMG_9.jpg_original"):  # exiftool's backup of a photo it edited
+                 "IMG_9.jpg_original",  # exiftool's backup of a photo it edited
+                 # sync and transfer tools' files in progress, and macOS's safe save: renamed once complete
+                 "IMG_10.jpg.filepart", "IMG_11.jpg.!sync", "IMG_12.jpg.!qB", "IMG_13.jpg.sb-1a2b3c4d-QwErTy"):
         add(name, hidden, "ignored", "hidden/temporary")
     add("Wedding_original/IMG_1.jpg", jpeg(5003), "done", "an album whose name ends like exiftool's backups")
     if sys.platform.startswith("linux"):  # bytes that are not UTF-8 in a name (APFS forbids them): left alone

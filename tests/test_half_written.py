@@ -6,11 +6,14 @@ followed."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import threading
 import time
 from pathlib import Path
+
+from PIL import Image
 
 from daemon.ledger import Ledger
 from tests.harness import Daemon, make_home, photo, status, wait_for
@@ -177,3 +180,64 @@ def test_half_written_files_are_analysed_once_from_their_final_bytes(tmp_path, s
         states[j.state] = states.get(j.state, 0) + 1
     print(f"\nhalf-written: jobs={len(jobs)} {states} analysed_once={len(analysed)} refused_links=4 "
           f"ignored_temp_names=7")
+
+
+def _made_full_size_first(path: Path, data: bytes, written: float, pause: float | None) -> None:
+    """A copy the way Windows over SMB, `rsync --preallocate`, BitTorrent or Resilio make one: the file at its full
+    size first (zeros), then filled in; it pauses after `written` of it (for ever when `pause` is None)."""
+    cut = int(len(data) * written)
+    with open(path, "wb") as fh:
+        fh.truncate(len(data))
+        fh.write(data[:cut])
+        fh.flush()
+        if pause is None:
+            return
+        time.sleep(pause)
+        fh.write(data[cut:])
+
+
+def test_a_copy_made_at_full_size_first_or_empty_for_a_while_is_analysed_from_its_final_bytes(tmp_path,
+                                                                                              smoke_model_path):
+    """JPEG's decoder reads a zero tail as grey without complaint: a pre-sized copy that paused longer than the quiet
+    time was critiqued half grey. A file made first and left empty for a while (a slow share, an iCloud download)
+    failed as "empty" and its finished photo ended in failed/. Both now wait like a copy that ends early; one that
+    never finishes fails with its reason."""
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)  # quiet 1 s: looked at again for 30 s
+    inbox = home / "inbox"
+    # A photo whose zero tail libjpeg decodes without a word (optimised Huffman tables, as Lightroom writes them):
+    # most others happen to stop with "truncated".
+    big = io.BytesIO()
+    Image.open(Path(__file__).parents[1] / "samples" / "astronaut.jpg").convert("RGB").resize((2000, 1500)).save(
+        big, "JPEG", optimize=True)
+    final = {"presized.jpg": big.getvalue(), "filled late.jpg": _bytes(tmp_path, 81)}
+    with Daemon(home, smoke_model_path) as d:
+        wait_for(lambda: "model ready" in d.output(), 60, what="model ready")
+        writers = [threading.Thread(target=_made_full_size_first, args=(inbox / "presized.jpg",
+                                                                           final["presized.jpg"], 0.4, 8.0))]
+        _made_full_size_first(inbox / "stalled presized.jpg", _bytes(tmp_path, 82, (256, 192)), 0.4, None)
+        fd = os.open(inbox / "filled late.jpg", os.O_WRONLY | os.O_CREAT, 0o644)
+
+        def fill_later() -> None:
+            time.sleep(15)  # longer than the watcher waits for an empty file (10 s) to start filling
+            os.write(fd, final["filled late.jpg"])
+            os.close(fd)
+
+        writers.append(threading.Thread(target=fill_later))
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.join()
+        wait_for(lambda: (lambda s: s["counts"]["done"] == 2 and s["counts"]["failed"] == 1)(
+            status(home, smoke_model_path)), 120, interval=0.5, what="two reports and one failure")
+        assert d.stop() == 0
+    jobs = {j.rel_path: j for j in Ledger(home / "var" / "ledger.db").jobs()}
+    assert len(jobs) == 3, list(jobs)
+    for rel, data in final.items():
+        sha = hashlib.sha256(data).hexdigest()
+        assert jobs[rel].state == "done" and jobs[rel].duplicate_of is None, (rel, jobs[rel].error)
+        report = json.loads((Path(jobs[rel].output_dir) / "report.json").read_text())
+        assert report["photo"]["sha256"] == sha, f"{rel} was analysed before its copy finished"
+    stalled = jobs["stalled presized.jpg"]
+    assert stalled.state == "failed" and "zero bytes where the rest of its data should be" in stalled.error, \
+        stalled.error
+    assert "ends early, looking again" in d.output()

@@ -127,21 +127,67 @@ def load_photo(path: Path, max_pixels: int, timeout_s: float | None = None,
     return decode_photo(data, max_pixels)
 
 
+# How a complete file of these formats ends, before any zero padding: JPEG's end-of-image marker, PNG's IEND chunk.
+END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
+UNFINISHED_ZEROS = 64  # zero bytes at the end of a JPEG or PNG that lacks its end: a copy not yet filled in
+UNREADABLE_ZEROS = 4096  # at the end of a file no decoder can read: the rest of it has not arrived yet
+# Compressed formats never end in a long run of zero bytes; TIFF, BMP and PSD may (uncompressed black rows).
+COMPRESSED = frozenset({"WEBP", "HEIF", "AVIF", "GIF", "JPEG2000"})
+
+
 def decode_photo(data: bytes, max_pixels: int) -> LoadedImage:
+    # Empty, or ending in zeros: a copy that made the file first, or at its full size (Windows over SMB, rsync
+    # --preallocate, BitTorrent, Resilio) and fills it in later. JPEG's decoder reads a zero tail as a grey image
+    # without complaint, so a paused copy was critiqued half grey. Either may still be arriving: the worker looks
+    # again for a while (PhotoTruncated) before it fails.
     if not data:
-        raise ImageRejected("the file is empty (0 bytes); copy the photo again")
+        raise PhotoTruncated("the file is empty (0 bytes); copy the photo again")
+    zeros = _zeros_at_end(data)
+    if zeros == len(data):
+        raise PhotoTruncated(f"the file holds only zero bytes ({len(data)}), no photo yet; copy the photo again")
     digest = hashlib.sha256(data).hexdigest()
-    raw = _raw_photo(data, max_pixels)
-    if raw is not None:
-        rgb, width, height, fmt, frames = raw.image, raw.width, raw.height, "RAW", 1
+    try:
+        raw = _raw_photo(data, max_pixels)
+        if raw is not None:
+            rgb, width, height, fmt, frames = raw.image, raw.width, raw.height, "RAW", 1
+        else:
+            rgb, width, height, fmt, frames = _pillow_photo(data, max_pixels)
+    except ImageRejected as exc:
+        if zeros >= UNREADABLE_ZEROS or (zeros >= UNFINISHED_ZEROS and isinstance(exc, PhotoTruncated)):
+            raise PhotoTruncated(_unfinished(zeros)) from exc
+        if data[:4] == b"RIFF" and int.from_bytes(data[4:8], "little") + 8 > len(data):  # WebP: its size is said
+            raise PhotoTruncated("the photo is truncated (the file ends early); copy it again") from exc
+        raise
+    end = END_MARKERS.get(fmt or "")
+    if end is not None:
+        unfinished = zeros >= UNFINISHED_ZEROS and not data[:len(data) - zeros].endswith(end)
     else:
-        rgb, width, height, fmt, frames = _pillow_photo(data, max_pixels)
+        unfinished = fmt in COMPRESSED and zeros >= UNREADABLE_ZEROS
+    if unfinished:
+        raise PhotoTruncated(_unfinished(zeros))
     fw, fh = fit_size(rgb.width, rgb.height, max_pixels)
     if (fw, fh) != rgb.size:
         # reducing_gap: a large PNG, TIFF or HEIC is first shrunk by a whole factor (box filter), as JPEGs are by the
         # draft, leaving LANCZOS at least RESIZE_GAP times the final size (Pillow's default for thumbnails).
         rgb = rgb.resize((fw, fh), Image.Resampling.LANCZOS, reducing_gap=RESIZE_GAP)
     return LoadedImage(image=rgb, width=width, height=height, format=fmt, sha256=digest, frames=frames)
+
+
+def _unfinished(zeros: int) -> str:
+    return (f"the photo ends in {zeros:,} zero bytes where the rest of its data should be: a copy that has not "
+            f"finished (made at its full size first, then filled in) or a damaged file; copy it again")
+
+
+def _zeros_at_end(data: bytes) -> int:
+    """How many zero bytes `data` ends with, reading back a block at a time (no copy of a whole large file)."""
+    end = len(data)
+    while end > 0:
+        start = max(0, end - 65536)
+        kept = len(data[start:end].rstrip(b"\0"))
+        if kept:
+            return len(data) - start - kept
+        end = start
+    return len(data)
 
 
 def _raw_photo(data: bytes, max_pixels: int) -> RawPhoto | None:

@@ -23,7 +23,13 @@ SIDECAR_MAX_BYTES = 64
 SIDECAR_READ_SECONDS = 30.0
 # Names that mean "still being written" or "not a photo at all" (Finder, Office, browsers, rsync), in the inbox
 # and in reference folders alike.
-TEMP_SUFFIXES = (".part", ".crdownload", ".download", ".tmp", ".partial", ".opdownload")
+# Sync and transfer tools' files in progress too (WinSCP `.filepart`, Resilio `.!sync`, qBittorrent `.!qB`, uTorrent
+# `.!ut`, aria2), renamed once complete: taken for photos, they were moved to the outbox under the temporary name and
+# the tool's rename then failed.
+TEMP_SUFFIXES = (".part", ".crdownload", ".download", ".tmp", ".partial", ".opdownload", ".filepart", ".!sync",
+                 ".!qb", ".!ut", ".aria2")
+# macOS's safe save (NSFileManager, Preview, Photos' exports) writes `IMG.jpg.sb-1a2b3c4d-QwErTy` and renames it.
+SAFE_SAVE = re.compile(r".+\.sb-[0-9a-f]{8}-[A-Za-z0-9]{6}")
 # The backup exiftool leaves beside each photo it edits (`IMG_7.jpg_original`), not a photo of its own (critiqued as
 # one, it also took `IMG_7/` from the real photo). A file name only: `Wedding_original/` is an album.
 EXIFTOOL_BACKUP = re.compile(r".+\.[a-z0-9]{2,5}_original", re.IGNORECASE)
@@ -73,7 +79,7 @@ def is_report_file(path: Path) -> bool:
 def is_temporary_name(name: str) -> bool:
     """A hidden or in-progress name: a file still being written, or one no person put there as a photo."""
     return (name.startswith(HIDDEN_PREFIXES) or name.lower().endswith(TEMP_SUFFIXES) or name.lower() in SYSTEM_NAMES
-            or EXIFTOOL_BACKUP.fullmatch(name) is not None)
+            or EXIFTOOL_BACKUP.fullmatch(name) is not None or SAFE_SAVE.fullmatch(name) is not None)
 
 
 def is_ignored(path: Path, inbox: Path) -> bool:
