@@ -57,6 +57,8 @@ BREAKS = {
     "no-scale": lambda v: _edit_config(v, lambda c: c["lora_parameters"].pop("scale")),
     "truncated-weights": lambda v: os.truncate(v / "adapters.safetensors", 10_000),
     "unknown-module": _retarget_first_key,
+    # Valid JSON to Python's reader: the logits turned NaN and every critique "ran out of tokens, raise max_tokens".
+    "nan-scale": lambda v: _edit_config(v, lambda c: c["lora_parameters"].update(scale=float("nan"))),
 }
 
 
@@ -296,3 +298,15 @@ def test_a_truncated_only_version_is_told_to_train_not_to_roll_back(tmp_path, sm
     assert "train --advisor ansel" in status and "adapters rollback" not in status, status
     pasted = mondrian(cfg.home, smoke_model_path, "adapters", "rollback", "--advisor", "ansel")
     assert pasted.returncode != 0 and "train --advisor ansel" in pasted.stderr, pasted.stderr
+
+
+def test_a_history_line_that_is_not_an_object_is_passed_by(tmp_path, smoke_model_path) -> None:
+    """A line edited into a list or a number made every later commit crash after the whole training (and the
+    nightly job with it, every night); lines that are not JSON were already passed by."""
+    cfg, advisor_dir = _two_versions(tmp_path, smoke_model_path)
+    with open(advisor_dir / "history.jsonl", "a") as fh:
+        fh.write("[1, 2]\n42\nnot json\n")
+    version = install_version(cfg, "ansel", promoted=True, fingerprint="f3")
+    assert version.name == "v0003"
+    out = mondrian(cfg.home, smoke_model_path, "adapters", "--advisor", "ansel")
+    assert out.returncode == 0 and "v0003" in out.stdout and "Traceback" not in out.stderr, out.stdout + out.stderr

@@ -26,6 +26,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -107,12 +108,14 @@ def adapter_problem(folder: Path) -> str | None:
     if str(config.get("fine_tune_type", "lora")) != "lora":
         return f"{CONFIG_NAME} is a {config.get('fine_tune_type')!r} adapter, not LoRA"
     try:
-        rank, _scale = int(params["rank"]), float(params["scale"])
+        rank, scale = int(params["rank"]), float(params["scale"])
         keys = [str(k) for k in params["keys"]]
     except KeyError as exc:
         return f"{CONFIG_NAME} has no {exc.args[0]!r} in lora_parameters"
     except (TypeError, ValueError) as exc:
         return f"{CONFIG_NAME} has an unreadable lora_parameters ({exc})"
+    if not math.isfinite(scale):  # NaN or infinite logits: every critique ran out of tokens, "raise max_tokens"
+        return f"{CONFIG_NAME} has a scale that is not a finite number ({params['scale']!r})"
     if not keys:
         return f"{CONFIG_NAME} lists no target modules (lora_parameters.keys)"
     # safetensors: 8 bytes of header length, a JSON header naming each tensor's shape and byte range, the data.
@@ -374,7 +377,9 @@ class AdapterStore:
         out = []
         for line in lines:
             with contextlib.suppress(ValueError):
-                out.append(json.loads(line))
+                entry = json.loads(line)
+                if isinstance(entry, dict):  # a line edited into a list or a number would sink every commit
+                    out.append(entry)
         return out
 
     # -- writing ---------------------------------------------------------------------------------

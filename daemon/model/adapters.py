@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections import OrderedDict
@@ -66,10 +67,13 @@ class AdapterSpec:
         if not keys:
             raise AdapterError(f"{source} does not list its target modules (lora_parameters.keys)")
         try:
-            return cls(fine_tune_type=kind, rank=int(params["rank"]), scale=float(params["scale"]),
+            spec = cls(fine_tune_type=kind, rank=int(params["rank"]), scale=float(params["scale"]),
                        keys=tuple(sorted(str(k) for k in keys)), dropout=float(params.get("dropout", 0.0)))
         except (KeyError, TypeError, ValueError) as exc:
             raise AdapterError(f"{source} has an unreadable lora_parameters ({exc})") from exc
+        if not math.isfinite(spec.scale):
+            raise AdapterError(f"{source} has a scale that is not a finite number ({spec.scale!r})")
+        return spec
 
     @property
     def signature(self) -> tuple[Any, ...]:
