@@ -273,6 +273,9 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     store = AdapterStore(cfg.adapters_dir)
     try:
         with store.lock(args.advisor, wait=False):
+            # A promotion killed before `current` was switched is finished first, as `adapters` and the daemon's
+            # start would finish it: rolled back from the version before it, it came back at the next listing.
+            finished = store.finish_promotion(args.advisor)
             problem = store.current_problem(args.advisor)  # dangling or incomplete: rollback repairs the pointer
             old, new = store.rollback(args.advisor, base=configured_base(cfg))
     except Busy as exc:
@@ -284,6 +287,8 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     except OSError as exc:  # the pointer or the rollback note could not be written (read-only, full disk)
         print(unwritable(store.advisor_dir(args.advisor), exc), file=sys.stderr)
         return 1
+    if finished:
+        print(f"{args.advisor}: the promotion of {finished} had been interrupted; it was finished first")
     if problem:
         print(f"{args.advisor}: current pointed at {problem}; it now points at {new}, the newest complete promoted "
               f"version")

@@ -1026,3 +1026,33 @@ def test_a_promotion_killed_before_current_is_switched_is_finished(tmp_path, smo
     (cfg.adapters_dir / "ansel" / "history.jsonl").unlink()
     assert mondrian(cfg.home, smoke_model_path, "adapters", "--advisor", "ansel").returncode == 0
     assert store.current_name("ansel") == "v0001"
+
+
+def test_a_rollback_after_a_killed_promotion_stays_rolled_back(tmp_path, smoke_model_path) -> None:
+    """Killed between v0003's rename and the switch of `current` (v0002 still current), then `adapters rollback`: it
+    rolled v0002 back to v0001, and the next `adapters` (or the daemon's start) finished v0003's promotion, making
+    current a version the user never saw as current. Rollback finishes the interrupted promotion first."""
+    import subprocess
+    import sys
+
+    from daemon.model.adapter_store import AdapterStore
+    from tests.harness import REPO, env_for
+
+    cfg = _home(tmp_path)
+    install_version(cfg, "ansel", promoted=True, fingerprint="f1")
+    install_version(cfg, "ansel", promoted=True, fingerprint="f2")
+    killed = subprocess.run(
+        [sys.executable, "-c", "import sys; from daemon.config import load_config; "
+                               "from tests.lora_helpers import install_version; "
+                               "install_version(load_config(sys.argv[1], model='smoke'), 'ansel', promoted=True, "
+                               "fingerprint='f3')", str(cfg.home)],
+        env=env_for(cfg.home, smoke_model_path, MONDRIAN_TEST_CRASH_AT="promoting"), cwd=REPO)
+    assert killed.returncode == -9
+    store = AdapterStore(cfg.adapters_dir)
+    assert store.current_name("ansel") == "v0002"
+    out = mondrian(cfg.home, smoke_model_path, "adapters", "rollback", "--advisor", "ansel")
+    assert out.returncode == 0, out.stderr
+    assert "promotion of v0003 had been interrupted" in out.stdout and "now v0002 (was v0003)" in out.stdout, out.stdout
+    for _ in range(2):  # a listing, then another: nothing comes back
+        assert mondrian(cfg.home, smoke_model_path, "adapters", "--advisor", "ansel").returncode == 0
+        assert store.current_name("ansel") == "v0002"
