@@ -388,6 +388,20 @@ ENV_SETTINGS = {"MONDRIAN_MODEL": "model", "ANALYSIS_MODE": "default_mode",
                 "MONDRIAN_LEDGER_URL": "ledger_url"}
 
 
+def shown_url(url: str) -> str:
+    """A ledger URL as logs and messages show it: its password left out, whether in the user part (up to the last
+    `@`: an unencoded `@` in a password must not give away the rest of it) or as a `password=` parameter."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return re.sub(r"((?:^|\s)(?:ssl)?password\s*=\s*)(?:'[^']*'|\S*)", r"\1***", url, flags=re.IGNORECASE)
+    query = rest.find("?") if "?" in rest else len(rest)
+    at = rest.rfind("@", 0, query)  # a password's unencoded `/` or `@` stays inside the part masked
+    if at >= 0 and ":" in rest[:at]:
+        rest = f"{rest[:at].split(':', 1)[0]}:***{rest[at:]}"
+    rest = re.sub(r"([?&](?:ssl)?password=)[^&#]*", r"\1***", rest, flags=re.IGNORECASE)
+    return f"{scheme}{sep}{rest}"
+
+
 def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.environ,
                 **overrides: Any) -> Config:
     home = Path(home).expanduser().resolve() if home else default_home(env)
@@ -400,17 +414,20 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(toml_problem(cfg_file, text or "", exc, "fix it, or delete the file for the defaults")) from exc
 
-    origins = {key: f"{key} = {value!r} in {cfg_file}" for key, value in data.items()}
+    def said(key: str, value: Any) -> str:  # a setting as an error quotes it: never a ledger's password
+        return repr(shown_url(str(value))) if key == "ledger_url" else repr(value)
+
+    origins = {key: f"{key} = {said(key, value)} in {cfg_file}" for key, value in data.items()}
     env_set: dict[str, str] = {}
     for var, key in ENV_SETTINGS.items():
         if env.get(var):
             data[key] = env[var]
-            origins[key] = f"{var}={env[var]!r} (environment)"
+            origins[key] = f"{var}={said(key, env[var])} (environment)"
             env_set[key] = var
     for key, value in overrides.items():
         if value is not None:
             data[key] = value
-            origins[key] = f"{key}={value!r}"
+            origins[key] = f"{key}={said(key, value)}"
     for key in data:
         if key not in _SCALARS or key in ("home", "extra", "env_set"):
             if key not in TABLES:
@@ -501,6 +518,15 @@ def load_config(home: Path | str | None = None, env: Mapping[str, str] = os.envi
         raise ConfigError(f"{origins['ledger_url']}: a shared ledger is a PostgreSQL URL "
                           f"(postgresql://user:password@host:5432/mondrian); leave ledger_url out to keep the "
                           f"ledger in {cfg.db_path}")
+    if url and url.partition("://")[2].split("?", 1)[0].count("@") > 1:
+        # libpq takes the first `@` as the end of the password and the rest for the host, and its error then
+        # names that "host": the rest of the password.
+        raise ConfigError(f"{origins['ledger_url']}: the URL has more than one @ before its host: a password "
+                          f"holding @ (or :, /, ?) is written percent-encoded, @ as %40")
+    if url.startswith("postgres://"):
+        # libpq's other spelling: peewee hands psycopg only postgresql:// as a URL, anything else as a database *name*
+        # (so the whole URL, password and all, went to the local server and into its log).
+        url = "postgresql://" + url[len("postgres://"):]
     cfg = replace(cfg, ledger_url=url)
     if "train_time" in origins:
         try:

@@ -357,7 +357,9 @@ class LeaseLost(RuntimeError):
 
 def _shown_url(url: str) -> str:
     """The ledger URL without its password, for logs and messages."""
-    return re.sub(r"(//[^:/@]+):[^@/]*@", r"\1:***@", url)
+    from .config import shown_url
+
+    return shown_url(url)
 
 
 def outside_fault(exc: BaseException) -> str | None:
@@ -788,7 +790,8 @@ class Ledger:
             raise LedgerUnavailable(f"cannot open the shared ledger {_shown_url(url)} ({why}): check "
                                     f"that the PostgreSQL server is running and reachable from this machine, and "
                                     f"that ledger_url names an existing database and a user allowed to create "
-                                    f"tables in it") from None
+                                    f"tables in it (a password holding @, :, / or ? is written percent-encoded in "
+                                    f"the URL: @ as %40)") from None
 
     def _tx(self) -> Any:
         """A write transaction: on SQLite it takes the write lock at once (no deadlock between two upgraders)."""

@@ -301,3 +301,33 @@ def test_a_photo_put_back_is_new_work_when_the_servers_clock_runs_ahead(tmp_path
         ledger.close()
     finally:
         server.stop()
+
+
+def test_a_ledger_url_is_shown_without_its_password_and_postgres_scheme_works(tmp_path: Path, pg_server,
+                                                                            smoke_model_path: Path) -> None:
+    """`postgres://` (libpq's other spelling) went to the local server as a database *name*, the whole URL with its
+    password in the error and the server's log; a `?password=` parameter and a DSN's `password=` were shown as
+    written in status, logs and errors."""
+    from tests.harness import make_home, mondrian
+
+    url = pg_server.new_database()
+    assert url.startswith("postgresql://mondrian@/")
+    secret = "S3cr3t-Pw"
+    with_password = url.replace("postgresql://", "postgres://", 1) + f"&password={secret}"  # trust: not checked
+    home = make_home(tmp_path / "home", smoke_model_path, ledger_url=with_password)
+    out = mondrian(home, smoke_model_path, "status")
+    assert out.returncode == 0, out.stderr
+    assert "Ledger:  shared, postgresql://mondrian@/" in out.stdout and "password=***" in out.stdout, out.stdout
+    assert secret not in out.stdout + out.stderr
+    unreachable = make_home(tmp_path / "other", smoke_model_path,
+                            ledger_url=f"postgresql://studio:{secret}@Leak@127.0.0.1:1/none")
+    out = mondrian(unreachable, smoke_model_path, "status")
+    assert out.returncode == 78 and "postgresql://studio:***@127.0.0.1:1/none" in out.stderr, out.stderr
+    assert secret not in out.stderr and "Leak" not in out.stderr and "@ as %40" in out.stderr, out.stderr
+    (unreachable / "mondrian.toml").write_text(f'ledger_url = "postgresql://studio:{secret}@127.0.0.1:1/none"\n')
+    out = mondrian(unreachable, smoke_model_path, "status")
+    assert out.returncode == 78 and "postgresql://studio:***@127.0.0.1:1/none" in out.stderr, out.stderr
+    assert secret not in out.stderr and "cannot open the shared ledger" in out.stderr, out.stderr
+    dsn = make_home(tmp_path / "dsn", smoke_model_path, ledger_url=f"host=127.0.0.1 password={secret} dbname=x")
+    out = mondrian(dsn, smoke_model_path, "status")
+    assert out.returncode == 78 and "password=***" in out.stderr and secret not in out.stderr, out.stderr
