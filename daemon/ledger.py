@@ -991,10 +991,14 @@ class Ledger:
             self.db.create_tables([self.SchemaVersion])
             current = self.SchemaVersion.select(fn.MAX(self.SchemaVersion.version)).scalar() or 0
             if current > SCHEMA_VERSION:
+                # A shared ledger: every Mac must run a Mondrian that knows it (db_path does nothing while
+                # ledger_url is set).
+                instead = ("or point ledger_url at another database" if self.shared else
+                           "or give it a ledger of its own (db_path in mondrian.toml)")
                 raise LedgerUnavailable(
-                    f"the ledger {self.path} was written by a newer Mondrian (schema {current}; this one knows "
-                    f"{SCHEMA_VERSION}) and is left as it is: update this Mondrian ({_how_to_update()}), or give "
-                    f"it a ledger of its own (db_path in mondrian.toml)")
+                    f"the ledger {self.where} was written by a newer Mondrian (schema {current}; this one knows "
+                    f"{SCHEMA_VERSION}) and is left as it is: update this Mondrian ({_how_to_update()}"
+                    f"{', on every Mac that shares it' if self.shared else ''}), {instead}")
             for version in range(current, SCHEMA_VERSION):
                 MIGRATIONS[version](self.db)
                 self.SchemaVersion.create(version=version + 1, applied_at=time.time())
@@ -1575,8 +1579,8 @@ class Ledger:
                        still_there: Callable[[Job], bool] = lambda job: True) -> None:
         """Checked just before the outcome is renamed into place: a worker that lost the job stops here (LeaseLost).
         With the report's `context_key`, a twin (the same bytes and context, taken at the same moment by another
-        Mac) being published, or published and `still_there` (its folder not deleted since), raises TwinFirst: two
-        reports of one key must never both land."""
+        Mac) being published or published, and `still_there` (where this photo's report would go, its folder not
+        deleted since), raises TwinFirst: two reports of one key must never both land."""
         if context_key is None:
             self._fenced(job_id, "publish", {self.Job.output_dir: str(output_dir)})
             return
@@ -1588,7 +1592,7 @@ class Ledger:
                                       & ((j.state == DONE) | ((j.state == RUNNING) & j.output_dir.is_null(False))))
                      .order_by(j.id.desc()))
             for twin in twins:
-                if twin.state == RUNNING or still_there(twin):
+                if still_there(twin):
                     raise TwinFirst(twin)
             try:
                 self._fenced(job_id, "publish", {j.output_dir: str(output_dir), j.context_key: context_key})

@@ -486,3 +486,26 @@ def test_a_mark_deleted_from_outside_stops_no_node(tmp_path: Path, smoke_model_p
         for node in nodes:
             node.stop()
     assert list((outbox / ".nodes").iterdir()) == [], "a node that stops takes its mark away"
+
+
+def test_a_photo_whose_twin_was_published_in_another_macs_own_outbox_gets_its_own_report(tmp_path: Path,
+                                                                                          smoke_model_path: Path,
+                                                                                          pg_server) -> None:
+    """Two Macs on one ledger, each with an inbox and outbox of its own (the README allows it): the same photo
+    dropped on the second was filed as a duplicate pointing at the first Mac's private outbox, a page on another
+    computer, so its photographer got no critique. A twin's report stands only where this Mac publishes."""
+    url = pg_server.new_database()
+    homes = [make_home(tmp_path / f"mac{i}", smoke_model_path, ledger_url=url, **FAST) for i in range(2)]
+    for i, home in enumerate(homes):
+        photo(home / "inbox" / f"shot-{i}.jpg", seed=5, size=(64, 48))  # the same bytes on both Macs
+        with Daemon(home, smoke_model_path, "--once") as node:
+            assert node.wait(180) == 0, node.output()
+    for i, home in enumerate(homes):
+        assert [p.parent.name for p in reports(home / "outbox")] == [f"shot-{i}"], i
+        assert not (home / "outbox" / "duplicates").exists(), list((home / "outbox" / "duplicates").iterdir())
+    # On one Mac, a copy of the photo is still its duplicate there.
+    photo(homes[1] / "inbox" / "copy.jpg", seed=5, size=(64, 48))
+    with Daemon(homes[1], smoke_model_path, "--once") as node:
+        assert node.wait(180) == 0, node.output()
+    record = json.loads((homes[1] / "outbox" / "duplicates" / "copy.jpg.duplicate.json").read_text())
+    assert record["report"] == "../shot-1/report.html", record  # beside it in this outbox

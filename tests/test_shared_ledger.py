@@ -331,3 +331,21 @@ def test_a_ledger_url_is_shown_without_its_password_and_postgres_scheme_works(tm
     dsn = make_home(tmp_path / "dsn", smoke_model_path, ledger_url=f"host=127.0.0.1 password={secret} dbname=x")
     out = mondrian(dsn, smoke_model_path, "status")
     assert out.returncode == 78 and "password=***" in out.stderr and secret not in out.stderr, out.stderr
+
+
+def test_a_shared_ledger_from_a_newer_mondrian_names_the_url_and_advice_that_works(tmp_path: Path, pg_server,
+                                                                                  smoke_model_path: Path) -> None:
+    """It named a SQLite file the node does not use and advised db_path, which does nothing while ledger_url is
+    set: followed, the same error named the new file."""
+    from tests.harness import make_home, mondrian
+
+    url = pg_server.new_database()
+    ledger = Ledger(tmp_path / "unused.db", url=url)
+    ledger.SchemaVersion.create(version=99, applied_at=time.time())
+    ledger.close()
+    home = make_home(tmp_path / "home", smoke_model_path, ledger_url=url)
+    out = mondrian(home, smoke_model_path, "status")
+    assert out.returncode == 78, out.stderr
+    assert f"the ledger {url} was written by a newer Mondrian (schema 99" in out.stderr, out.stderr
+    assert "on every Mac that shares it" in out.stderr and "point ledger_url at another database" in out.stderr
+    assert "db_path" not in out.stderr and "ledger.db" not in out.stderr, out.stderr

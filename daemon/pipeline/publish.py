@@ -28,7 +28,7 @@ from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, content_is, folder_
 from ..intake.images import LoadedImage
 from ..intake.inbox import (OUTBOX_RESERVED, RECORD_SUFFIXES, SIDECAR_SUFFIX, SidecarError, editor_sidecars,
                             fitted_name, is_ignored, read_sidecar, same_name, safe_stem, sidecar_for, unique_path)
-from ..ledger import Job, Ledger, TwinFirst
+from ..ledger import RUNNING, Job, Ledger, TwinFirst
 from .failures import Cause, advice, analyzed_as, cause_of, where_it_is
 from .outbox_index import OutboxIndex, published_report
 from .report import now_iso, write_report_folder
@@ -241,10 +241,14 @@ class Publisher:
         job = self.ledger.get(job.id)
         self.complete(job, final, report, keep_original, before=before)
 
-    @staticmethod
-    def _still_there(job: Job) -> bool:
-        """Whether a done job's report is still in its folder (the index's rule: a deleted or replaced one is not)."""
-        return bool(job.report_json) and published_report(Path(job.report_json), job.id) is not None
+    def _still_there(self, job: Job) -> bool:
+        """Whether a twin's report stands for this photo's: in this outbox (on a shared ledger, a Mac with an outbox
+        of its own publishes where this one's photographer never looks), and being published or still in its
+        folder (the index's rule: a deleted or replaced one is not)."""
+        if not job.output_dir or not Path(job.output_dir).is_relative_to(self.cfg.outbox):
+            return False
+        return job.state == RUNNING or (bool(job.report_json) and
+                                        published_report(Path(job.report_json), job.id) is not None)
 
     def _after_twin(self, job: Job, twin: Job, src: Path) -> None:
         """The same photo, taken at the same moment by another worker (a second Mac, a copy dropped beside it),

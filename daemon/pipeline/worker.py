@@ -436,6 +436,8 @@ class Worker:
         first = self.ledger.find_done(key, exclude=job.id)
         if first is None or not first.report_json or published_report(Path(first.report_json), first.id) is None:
             return None
+        if not Path(first.report_json).is_relative_to(self.cfg.outbox):
+            return None  # another Mac's own outbox (a shared ledger): this photographer would get no critique
         return first
 
     def _uploaded(self, src: Path) -> bool:
