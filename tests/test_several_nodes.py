@@ -509,3 +509,22 @@ def test_a_photo_whose_twin_was_published_in_another_macs_own_outbox_gets_its_ow
         assert node.wait(180) == 0, node.output()
     record = json.loads((homes[1] / "outbox" / "duplicates" / "copy.jpg.duplicate.json").read_text())
     assert record["report"] == "../shot-1/report.html", record  # beside it in this outbox
+
+
+def test_retry_on_one_mac_names_the_other_macs_outbox_for_its_failures(tmp_path: Path, smoke_model_path: Path,
+                                                                      pg_server) -> None:
+    """A failure kept in another Mac's own outbox was called "a folder on its way back into the inbox is a link to
+    somewhere else". It is that Mac's to retry, and the line says so."""
+    url = pg_server.new_database()
+    homes = [make_home(tmp_path / f"mac{i}", smoke_model_path, ledger_url=url, **FAST) for i in range(2)]
+    (homes[0] / "inbox" / "bad.jpg").write_bytes(b"not a photo at all")
+    with Daemon(homes[0], smoke_model_path, "--once") as node:
+        assert node.wait(180) == 0, node.output()
+    kept = homes[0] / "outbox" / "failed" / "bad.jpg"
+    assert kept.exists()
+    out = mondrian(homes[1], smoke_model_path, "retry", "--failed", "--all")
+    said = out.stdout + out.stderr
+    assert f"bad.jpg waits in {kept.parent.resolve()}, not in this outbox's failed/" in said, said
+    assert "link" not in said and kept.exists()
+    out = mondrian(homes[0], smoke_model_path, "retry", "--failed", "--all")
+    assert out.returncode == 0 and (homes[0] / "inbox" / "bad.jpg").exists(), out.stdout + out.stderr

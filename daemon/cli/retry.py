@@ -202,6 +202,12 @@ def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | 
         ledger.mark_gone(job.id, "the folder can be read now; its photos are queued on their own", was=FAILED)
         return f"job {job.id}: {job.rel_path}/ can be read now; its photos are queued by the daemon"
     kept = Path(job.output_dir) if job.output_dir else None
+    if kept is not None and os.path.lexists(kept) and not kept.is_relative_to(cfg.failed_dir):
+        # Another Mac's own outbox on a shared ledger, or an outbox this home used before: not this one's to empty.
+        left.append(f"job {job.id}: {job.rel_path} waits in {kept.parent}, not in this outbox's "
+                    f"{cfg.failed_dir.name}/ (another Mac's outbox on the shared ledger, or an outbox used before): "
+                    f"run `{mondrian()} retry --failed` where that outbox is used, or move it into the inbox yourself")
+        return None
     if kept is not None and os.path.lexists(kept):
         back = cfg.inbox / job.rel_path
         if not (folder_inside(kept, cfg.failed_dir) and folder_inside(back, cfg.inbox)):
