@@ -131,7 +131,14 @@ def too_large(path: Path, max_bytes: int | None) -> str | None:
     if size <= max_bytes:
         return None
     return (f"the file is {_size_words(size)}, larger than the {_size_words(max_bytes)} Mondrian reads (max_file_mb); "
-            f"no photo is that large. Export the photo again, or raise max_file_mb in mondrian.toml")
+            f"{NO_PHOTO_IS if max_bytes >= HUGE_BYTES else ''}export the photo again, or raise max_file_mb in "
+            f"mondrian.toml")
+
+
+# Past this limit "no photo is that large" is true (a 100-megapixel 16-bit TIFF is ~600 MB); below it, lowered on
+# purpose, a real photo may well be larger.
+HUGE_BYTES = 256 * 2**20
+NO_PHOTO_IS = "no photo is that large: "
 
 
 def _size_words(n: int) -> str:

@@ -235,8 +235,10 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     notes = [f"{a}: current points at {p}, so its photos fall back to rag; {store.remedy(a)}"
              for a, p in pointers.items()]
     if not rows:
-        who = f"{args.advisor}" if args.advisor else "any advisor"
-        print(f"No adapters for {who} yet. Train one with `{mondrian()} train --advisor ID`.")
+        who = advisors[0] if args.advisor else "any advisor"
+        # A command that runs when pasted: the advisor asked about, else the default one (`ID` was taken for one).
+        print(f"No adapters for {who} yet. Train one with `{mondrian()} train --advisor "
+              f"{advisors[0] if args.advisor else cfg.default_advisor}`.")
         for note in notes:
             print(note)
         return 0

@@ -310,3 +310,11 @@ def test_a_history_line_that_is_not_an_object_is_passed_by(tmp_path, smoke_model
     assert version.name == "v0003"
     out = mondrian(cfg.home, smoke_model_path, "adapters", "--advisor", "ansel")
     assert out.returncode == 0 and "v0003" in out.stdout and "Traceback" not in out.stderr, out.stdout + out.stderr
+
+
+def test_no_adapters_yet_gives_a_train_command_that_runs_when_pasted(tmp_path, smoke_model_path) -> None:
+    """It said `train --advisor ID`: pasted, "unknown advisor 'id'"."""
+    cfg = _home(tmp_path, smoke_model_path)
+    for args, advisor in ((["--advisor", "cartier"], "cartier"), ([], cfg.default_advisor)):
+        out = mondrian(cfg.home, smoke_model_path, "adapters", *args)
+        assert out.returncode == 0 and f"train --advisor {advisor}`" in out.stdout, out.stdout

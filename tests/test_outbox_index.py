@@ -307,6 +307,21 @@ def test_a_failure_whose_photo_was_put_back_and_analysed_leaves_the_index(tmp_pa
     assert json.loads(mondrian(home, smoke_model_path, "status", "--json").stdout)["recent_failures"] == []
 
 
+def test_a_failure_put_back_as_a_duplicate_is_not_called_critiqued(tmp_path, smoke_model_path):
+    """Put back as a copy of a photo already critiqued, the later file was filed as a duplicate: "a later q.jpg was
+    critiqued" sent the person looking for a report that was never made."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    photo(home / "inbox" / "good.jpg", seed=4)
+    (home / "inbox" / "q.jpg").write_text("not yet a photo")
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=240).returncode == 0
+    (home / "inbox" / "q.jpg").write_bytes((home / "outbox" / "good" / "good.jpg").read_bytes())
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=240).returncode == 0
+    jobs = ledger_jobs(home)
+    assert jobs["q.jpg"].state == "done" and jobs["q.jpg"].duplicate_of == jobs["good.jpg"].id
+    (failure,) = json.loads(mondrian(home, smoke_model_path, "status", "--json").stdout)["recent_failures"]
+    assert f"a later q.jpg was filed as a duplicate of job {jobs['good.jpg'].id}" in failure["next_step"], failure
+
+
 def test_a_report_whose_report_json_was_corrupted_is_gone_for_the_index_and_for_duplicates_alike(tmp_path,
                                                                                                  smoke_model_path):
     """Attack: `echo '{junk' > outbox/icc/report.json` dropped the report from the index, yet the same photo dropped

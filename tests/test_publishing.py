@@ -232,7 +232,10 @@ def test_a_file_larger_than_max_file_mb_is_refused_before_it_is_read(tmp_path, s
     huge = ledger_jobs(home)["huge.jpg"]
     assert huge.state == "failed" and huge.error_kind == "permanent" and huge.attempts == 1, (huge.state, huge.error)
     assert "3 MB" in huge.error and "max_file_mb" in huge.error, huge.error
+    assert "no photo is that large" not in huge.error  # at 2 MB, lowered on purpose, many photos are
     assert (home / "outbox" / "failed" / "huge.jpg").exists()
+    (failure,) = status(home, smoke_model_path)["recent_failures"]
+    assert "raise `max_file_mb`" in failure["next_step"], failure  # not "fix or re-export the photo"
     assert sorted(_assert_reports_hold_their_originals(home / "outbox")) == ["ok"]
 
 

@@ -16,6 +16,8 @@ from urllib.parse import unquote
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from ..fsutil import HUGE_BYTES
+
 IMAGE_FIELD = "image"
 FIELD_MAX_BYTES = 1024  # advisor and mode are short words
 VALUE_FIELDS = ("advisor", "mode")  # what a form may carry besides the photo (a `.mode` may come as a small file)
@@ -70,7 +72,8 @@ def _extended_filename(disposition: bytes) -> str:
 def too_large(limit: int, what: str) -> Refused:
     mb = limit / 2**20
     return Refused(413, f"the {what} is larger than the {mb:g} MB Mondrian accepts (max_file_mb in mondrian.toml); "
-                        f"no photo is that large: export it again smaller, or raise max_file_mb",
+                        f"{'no photo is that large: ' if limit >= HUGE_BYTES else ''}export it again smaller, or "
+                        f"raise max_file_mb",
                    max_file_mb=round(mb, 3))
 
 

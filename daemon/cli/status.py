@@ -29,7 +29,7 @@ from .terminal import shown
 PHOTO_IS_FINE = frozenset({"sidecar", "mode_command", "advisor_folder", "advisor_command", "advisor_definition"})
 # Failures a setting or the model caused: "fix the cause (disk, permissions)" sent a timed-out photo round again
 # unchanged, to time out again; their record's advice names the setting (job_timeout_seconds) or the model.
-SETTING_OR_MODEL = frozenset({"timeout", "model"})
+SETTING_OR_MODEL = frozenset({"timeout", "model", "too_large"})
 
 BEAT_SECONDS = 5.0  # the daemon's heartbeat (daemon/pipeline/supervisor.py)
 STALE_AFTER_SECONDS = 30.0  # six missed beats: stopped (SIGSTOP, a debugger, a frozen laptop) or hung
@@ -105,7 +105,8 @@ def _failure(cfg: Config, j: Job, advisors: Iterable[str] = (), later: Job | Non
     record = Path(f"{j.output_dir}.error.json") if j.output_dir else None
     step = next_step(j, advisors, cfg)
     if later is not None and j.output_dir:
-        step = (f"a later {Path(j.rel_path).name} was critiqued (job {later.id}): if that was this photo, fixed, delete "
+        done = "critiqued" if later.duplicate_of is None else f"filed as a duplicate of job {later.duplicate_of}"
+        step = (f"a later {Path(j.rel_path).name} was {done} (job {later.id}): if that was this photo, fixed, delete "
                 f"`{shell_word(Path(j.output_dir))}` and its record; if it is another photo, `{mondrian()} retry "
                 f"--failed {j.id}` brings this one back beside it")
     out: dict[str, Any] = {"job_id": j.id, "file": j.rel_path, "reason": j.error, "kind": j.error_kind,
