@@ -198,3 +198,26 @@ def test_a_photo_whose_name_fills_the_limit_gets_its_report(tmp_path, smoke_mode
     assert {n: jobs[n].state for n in names} == {n: "done" for n in names}, {n: jobs[n].error for n in names}
     for n in names:
         assert (Path(jobs[n].output_dir) / n).is_file()
+
+
+def test_a_live_photos_video_rides_along_with_its_still_and_a_lone_video_is_named_in_status(tmp_path,
+                                                                                          smoke_model_path):
+    """An iPhone's Live Photo comes as IMG_0042.HEIC + IMG_0042.MOV (+ its edits' .AAE): the video failed as "not a
+    photo: export it again as JPEG" and the .AAE went twice. The video is the still's companion now; a video alone
+    stays in the inbox, and status says why."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox, outbox = home / "inbox", home / "outbox"
+    video = b"\x00\x00\x00\x14ftypqt  \x00\x00\x00\x00qt  " + bytes(4096)
+    photo(inbox / "IMG_0042.JPG", seed=42)
+    (inbox / "IMG_0042.MOV").write_bytes(video)
+    (inbox / "IMG_0042.AAE").write_bytes(b"<plist/>")
+    (inbox / "clip.mov").write_bytes(video)
+    with Daemon(home, smoke_model_path, "--once") as d:
+        assert d.wait(300) == 0, d.output()
+    assert sorted(ledger_jobs(home)) == ["IMG_0042.JPG"]  # neither video became a job, so none failed
+    folder = outbox / "IMG_0042"
+    assert (folder / "IMG_0042.MOV").read_bytes() == video and (folder / "IMG_0042.AAE").exists()
+    assert not (outbox / "failed").exists() or not any((outbox / "failed").iterdir())
+    assert sorted(p.name for p in inbox.iterdir()) == ["clip.mov"]
+    said = mondrian(home, smoke_model_path, "status", MONDRIAN_TEST_STRAY_SECONDS="0").stdout
+    assert "Video:   inbox/clip.mov has no photo beside it: Mondrian critiques photos" in said, said

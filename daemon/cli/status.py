@@ -21,7 +21,7 @@ from ..config import CONFIG_NAME, Config, ConfigError, refuse_file_as_home
 from ..fsutil import is_folder, lock_holder, pid_alive
 from ..ledger import DONE, FAULT_NOTE, FaultNote, Job, Ledger
 from ..hints import mondrian, program, shell_word
-from ..intake.inbox import STRAY_SIDECAR_SECONDS, inbox_files, stray_sidecars
+from ..intake.inbox import LIVE_PHOTO_VIDEO, STRAY_SIDECAR_SECONDS, inbox_files, stray_sidecars
 from ..pipeline.failures import advice, analyze_command, analyzed_as, cause_of
 from .terminal import shown
 
@@ -566,6 +566,10 @@ def render(info: dict[str, Any]) -> str:
             lines.append(f"{name.capitalize() + ':':<8} {info[name]} is not there (a drive or network share that is "
                          f"not connected?): {meanwhile}")
     for name in info.get("stray_sidecars") or []:
+        if name.lower().endswith(LIVE_PHOTO_VIDEO):
+            lines.append(f"Video:   inbox/{name} has no photo beside it: Mondrian critiques photos, and a video rides "
+                         f"along only with its Live Photo's still (same name); it stays here: move it elsewhere")
+            continue
         lines.append(f"Sidecar: inbox/{name} has no photo beside it, so nothing uses it (it came after its photo "
                      f"was taken in, or its photo was removed): to have a photo analysed with it, drop the photo "
                      f"again together with it; otherwise delete it")

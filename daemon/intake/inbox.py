@@ -41,7 +41,11 @@ SYSTEM_NAMES = frozenset({"icon\r", "thumbs.db", "ehthumbs.db", "ehthumbs_vista.
 # Editors' sidecars: other programs' notes on the photo of the same name (Lightroom and Camera Raw `IMG_1.xmp`,
 # darktable `IMG_1.NEF.xmp`, an iPhone's edits `IMG_1.AAE`, Canon's `.THM`, RawTherapee, DxO, ON1, Capture One).
 # Never photos: they ride along with their photo, as `.mode` does, and the XMP is merged into Mondrian's.
-EDITOR_SIDECARS = (".xmp", ".aae", ".thm", ".pp3", ".dop", ".on1", ".cos")
+# An iPhone's Live Photo comes as `IMG_1.HEIC` + `IMG_1.MOV` (Image Capture, AirDrop, a Photos export): its video
+# rides along the same way. Taken for a photo, it failed as "not a photo: export it again as JPEG", and its `.AAE`
+# went twice, once with each.
+LIVE_PHOTO_VIDEO = ".mov"
+EDITOR_SIDECARS = (".xmp", ".aae", ".thm", ".pp3", ".dop", ".on1", ".cos", LIVE_PHOTO_VIDEO)
 
 
 # The files a report folder is made of (rag adds ref-1.jpg, ...), whatever the case (macOS folders ignore it). The
