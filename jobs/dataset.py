@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import os
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +42,8 @@ from daemon.config import Config
 from daemon.intake.images import ImageRejected, fit_size, load_photo
 from daemon.references.sidecar import SidecarInvalid, parse_sidecar
 from daemon.hints import mondrian
+
+log = logging.getLogger("mondrian.dataset")
 
 MIN_REFERENCES = 3  # fewer cannot give a training, a validation and a test photo
 HOLDOUT_MIN = 2  # test photos, when the portfolio allows
@@ -94,6 +98,8 @@ def reference_from_row(row: Any) -> Reference | None:
     if not path or not sha:
         return None
     human = read_human_profile(Path(path))
+    if human is None and _has_sidecar(Path(path)):
+        return None  # a curator's sidecar that no longer reads: the index skips the photo, and so does training
     if human is not None:
         scores, comments, summary, grade = human
         return Reference(path=path, sha256=sha, scores=scores, source="human", comments=comments,
@@ -124,11 +130,41 @@ def collect_references(cfg: Config, advisor_id: str, ledger: Any | None = None) 
         raise DatasetError("this Mondrian has no reference index yet (the RAG index provides it)")
     from daemon.references.indexer import counted_references
 
-    found = [ref for ref in map(reference_from_row, ledger.references(advisor_id))
-             if ref is not None and Path(ref.path).is_file()]
+    found, changed = [], []
+    for row in ledger.references(advisor_id):
+        ref = reference_from_row(row)
+        if ref is None or not Path(ref.path).is_file():
+            continue
+        if _changed_since_indexed(Path(ref.path), _row_value(row, "indexed_at"), ref.sha256):
+            changed.append(ref.path)  # its recorded hash decides the split: a test photo may now be a train one
+            continue
+        found.append(ref)
+    if changed:
+        log.warning("%s: %d reference(s) changed since they were indexed and are left out until `%s references index "
+                    "--advisor %s` reads them again: %s", advisor_id, len(changed), mondrian(), advisor_id,
+                    ", ".join(Path(p).name for p in changed[:5]) + (" …" if len(changed) > 5 else ""))
     # The same photo twice (a copy, or RAW+JPEG beside each other) counts once: else one could train the adapter
     # and also sit in the held-out test that judges it.
     return sorted(counted_references(found)[0], key=lambda r: r.sha256)
+
+
+def _has_sidecar(photo: Path) -> bool:
+    from daemon.references.sidecar import sidecar_path
+
+    return sidecar_path(photo) is not None
+
+
+def _changed_since_indexed(path: Path, indexed_at: Any, sha256: str) -> bool:
+    """Whether the photo's bytes are no longer those the index hashed. Only a file written or replaced since it was
+    indexed (its ctime or mtime later) is read again: a portfolio of large files is not hashed at every training."""
+    try:
+        st = os.stat(path)
+        if isinstance(indexed_at, (int, float)) and max(st.st_ctime, st.st_mtime) <= indexed_at:
+            return False
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest() != sha256
+    except OSError:
+        return True
 
 
 def fingerprint(refs: Iterable[Reference]) -> str:

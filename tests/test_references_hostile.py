@@ -515,3 +515,32 @@ def test_names_in_another_encoding_get_one_working_mv_each_folder_first(tmp_path
     again = mondrian(home, smoke_model_path, "references", "index", timeout=300)
     assert again.returncode == 0, again.stderr
     assert _listed(home, smoke_model_path, "ansel")["count"] == 3
+
+
+def test_training_leaves_out_references_changed_or_broken_since_they_were_indexed(tmp_path, smoke_model_path):
+    """Training split by the hashes the index recorded: test photos overwritten with a training photo's bytes were
+    still "never seen by training", and a curator's sidecar broken since still gave its old scores as human ones.
+    Each is left out until the next `references index` reads it again."""
+    from daemon.config import load_config
+    from jobs.dataset import collect_references
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    refs = home / "advisors" / "ansel" / "references"
+    for i in range(5):
+        photo(refs / f"r{i}.jpg", seed=70 + i)
+        (refs / f"r{i}.json").write_text(json.dumps({d: 3 + i for d in DIMS}))
+    _aged(*refs.iterdir())
+    out = mondrian(home, smoke_model_path, "references", "index", "--advisor", "ansel", timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    cfg = load_config(home=home)
+    assert sorted(Path(r.path).name for r in collect_references(cfg, "ansel")) == [f"r{i}.jpg" for i in range(5)]
+    shutil.copyfile(refs / "r0.jpg", refs / "r1.jpg")  # another photo's bytes now, its old hash in the index
+    (refs / "r2.json").write_text('{"scores": {"composition": 11}')  # no longer reads
+    os.utime(refs / "r3.jpg")  # touched, the same bytes: still the photo the index hashed
+    refs_now = {Path(r.path).name: r for r in collect_references(cfg, "ansel")}
+    assert sorted(refs_now) == ["r0.jpg", "r3.jpg", "r4.jpg"], sorted(refs_now)
+    out = mondrian(home, smoke_model_path, "references", "index", "--advisor", "ansel", timeout=300)
+    assert "r2.json is not readable JSON" in out.stderr, out.stderr[-2000:]
+    # Read again: r1 is r0's bytes (one photo, counted once), r2 is skipped until its sidecar is fixed.
+    assert sorted(Path(r.path).name for r in collect_references(cfg, "ansel")) in (["r0.jpg", "r3.jpg", "r4.jpg"],
+                                                                                  ["r1.jpg", "r3.jpg", "r4.jpg"])
