@@ -98,11 +98,13 @@ def due_advisors(cfg: Config, ledger: Any, store: Any | None = None) -> list[Due
                 and not _settings_changed(current, wanted):
             continue
         if latest is not None and latest.fingerprint == fp and _same_base(latest, base) \
-                and not _settings_changed(latest, wanted):
+                and not _settings_changed(latest, wanted) and not latest.decision.get("references_moved"):
             continue  # already tried on exactly these references, base and settings (refused, or rolled back since)
         last = latest if latest is not None and latest.fingerprint == fp and _same_base(latest, base) else current
         if current is None and latest is None:
             reason = f"first adapter ({len(refs)} references)"
+        elif latest is not None and latest.fingerprint == fp and latest.decision.get("references_moved"):
+            reason = f"test photos were moved while {latest.name} was judged"
         elif last is not None and last.fingerprint == fp and _same_base(last, base):
             # What the refusal's own advice leads to (`lower [lora] min_test_photos`): tried again, not skipped
             # for references that did not change.

@@ -42,7 +42,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal
 from daemon.analysis.advisors import advisor_arg
 from daemon.config import CONFIG_NAME, Config, ConfigError, coerce_setting, load_config
 from daemon import testhooks
-from daemon.hints import child_env, serve
+from daemon.hints import child_env, mondrian, serve
 
 if TYPE_CHECKING:
     from daemon.model.fitting import FitSettings
@@ -146,6 +146,21 @@ class TrainSettings:
         return FitSettings(steps=self.iterations(train_rows), rank=self.rank, alpha=self.alpha, dropout=self.dropout,
                            learning_rate=self.learning_rate, batch_size=self.batch_size, eval_every=self.eval_every,
                            patience=self.patience, max_seq_length=self.max_seq_length, seed=self.seed)
+
+
+def _when_test_photos_moved(gate: dict[str, Any], ev: dict[str, Any], needed: int, advisor_id: str) -> dict[str, Any]:
+    """A refusal for too few test photos where enough were there until some were renamed or moved during the run:
+    its advice ("add curator-scored references") was wrong, and the nightly job took the run for a judgement of these
+    very references and never tried again. Marked so (`references_moved`), it says what happened and is tried again."""
+    left_out = ev.get("left_out") or []
+    n = int((ev.get("candidate") or {}).get("n") or 0)
+    if gate.get("promoted") or not left_out or n >= needed or int(ev.get("held_out") or 0) < needed:
+        return gate
+    return {**gate, "references_moved": True,
+            "reason": f"too few test photos to judge: {n}, because {len(left_out)} of the {ev.get('held_out')} were "
+                      f"renamed, moved or removed while it trained; once the references stay where they are, run "
+                      f"`{mondrian()} references index --advisor {advisor_id}` and `{mondrian()} train --advisor "
+                      f"{advisor_id}` (the nightly job tries again by itself)"}
 
 
 class TrainingError(RuntimeError):
@@ -348,7 +363,6 @@ def _refuse_unindexed(cfg: Config, advisor_id: str, refs: list[Any], usable: int
     """Too few references to train on, while the advisor's references folder holds photos the index has not seen
     yet (copied in while no daemon ran): say so and how to index them, rather than "0 usable reference photos"."""
     from daemon.analysis.advisors import references_dir
-    from daemon.hints import mondrian
     from daemon.intake.images import PHOTO_SUFFIXES
 
     from .dataset import MIN_REFERENCES, DatasetError
@@ -424,6 +438,7 @@ def run_training(cfg: Config, advisor_id: str, *, on_progress: Callable[[dict[st
                 metrics = result.get("metrics") or {}
                 ev = metrics.get("evaluation", {})
                 gate = decide(ev.get("candidate", {}), ev.get("baseline", {}), resolved.gate())
+                gate = _when_test_photos_moved(gate, ev, resolved.min_test_photos, advisor_id)
                 decision = {**gate, "mode": mode, "gate": dict(gate)}
                 if mode == "never":
                     decision.update(promoted=False, reason=f"not promoted (--no-promote); the gate said: "

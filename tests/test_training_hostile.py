@@ -168,10 +168,26 @@ def test_references_renamed_while_training_are_left_out_of_the_evaluation_not_th
     Now the references that vanished are left out of both evaluations (logged by name) and the run ends as any
     other: here judged on too few test photos, not promoted."""
     cfg = _synth_home(tmp_path, smoke_model_path)
+    with open(cfg.home / "mondrian.toml", "a") as fh:
+        # Both test photos would have been enough, had they stayed (iters as `_train_held_at` gives it).
+        fh.write("\n[lora]\nmin_test_photos = 2\niters = 2\n")
     rc, out, err, _ = _train_held_at(cfg, smoke_model_path, "evaluating", lambda run: _rename_all(cfg), "--no-promote")
     assert "Traceback" not in err and "ImageRejected" not in err, err[-3000:]
     assert rc == 3 and "not promoted" in out, (rc, out, err[-3000:])
     assert "left out of the evaluation" in err and "r00" in err, err[-3000:]
+    # Not "add curator-scored references": they were there. And the nightly job tries again, rather than taking the
+    # run for a judgement of these very references.
+    said = " ".join(out.split())
+    assert "renamed, moved or removed while it trained" in said and "add curator-scored" not in said, out
+    assert mondrian(cfg.home, smoke_model_path, "references", "index").returncode == 0
+    from daemon.ledger import Ledger
+    from jobs.nightly import due_advisors
+
+    from daemon.config import load_config
+
+    now = load_config(cfg.home, model=str(smoke_model_path))  # with the [lora] settings it was trained with
+    (due,) = due_advisors(now, Ledger.for_config(now))
+    assert due.advisor == "synth" and "moved" in due.reason, due
 
 
 def test_ctrl_c_on_train_says_what_happened_keeps_nothing_and_status_says_so_too(tmp_path, smoke_model_path) -> None:
