@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 from datetime import datetime
-from typing import Any
+from typing import Any, Container
 
 from daemon.analysis.advisors import advisor_arg
 from daemon.cli.common import config_from, logging_redirect_tqdm, new_bar, say
@@ -163,7 +163,7 @@ def sources_line(manifest: dict[str, Any]) -> str:
             f"{how}: {', '.join(c['model_scored'][:5])}{' …' if c['model'] > 5 else ''}")
 
 
-def _version_row(v: Any, current: str | None) -> dict[str, Any]:
+def _version_row(v: Any, current: str | None, known: Container[str] = ()) -> dict[str, Any]:
     from daemon.model.adapter_store import REQUIRED_FILES
 
     ev = v.metrics.get("evaluation", {})
@@ -185,7 +185,8 @@ def _version_row(v: Any, current: str | None) -> dict[str, Any]:
             "valid": f"{cand.get('valid', '?')}/{cand.get('n', '?')}", "promoted": v.promoted,
             "promotion": (v.manifest.get("promotion") or {}).get("mode", "gate"), "forced": bool(v.decision.get("forced")),
             "rolled_back": v.rolled_back, "reason": v.decision.get("reason"), "path": str(v.path),
-            "missing": [f for f in REQUIRED_FILES if not (v.path / f).is_file()], "problem": v.problem()}
+            "missing": [f for f in REQUIRED_FILES if not (v.path / f).is_file()],
+            "problem": v.problem() or v.copied_from(known)}
 
 
 def _created(value: Any) -> str:
@@ -220,12 +221,15 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     cfg = config_from(args)
     store = AdapterStore(cfg.adapters_dir)
     advisors = [_advisor(cfg, args.advisor).id] if args.advisor else store.advisors()
+    from daemon.analysis.advisors import advisor_ids
+
+    known = advisor_ids(cfg)  # a version copied from another advisor is listed as unusable
     rows = []
     pointers = {}  # advisor -> why its `current` points at nothing usable
     for a in advisors:
         store.settle(a)  # a promotion cut short is finished first, never listed as promoted yet not current
         current = store.current_name(a)
-        rows += [_version_row(v, current) for v in reversed(store.versions(a))]
+        rows += [_version_row(v, current, known) for v in reversed(store.versions(a))]
         problem = store.current_problem(a)
         if problem:
             pointers[a] = problem

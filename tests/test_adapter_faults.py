@@ -318,3 +318,31 @@ def test_no_adapters_yet_gives_a_train_command_that_runs_when_pasted(tmp_path, s
     for args, advisor in ((["--advisor", "cartier"], "cartier"), ([], cfg.default_advisor)):
         out = mondrian(cfg.home, smoke_model_path, "adapters", *args)
         assert out.returncode == 0 and f"train --advisor {advisor}`" in out.stdout, out.stdout
+
+
+def test_a_version_copied_from_another_advisor_is_not_served_as_this_ones(tmp_path, smoke_model_path,
+                                                                         smoke_model) -> None:
+    """`cp -a adapters/ansel/v0001 adapters/cartier/v0001`: Cartier's lora photos were critiqued through Ansel's
+    adapter, the report naming cartier/v0001. It is unusable now, and photos fall back. An advisor renamed with its
+    adapters (its manifest names an advisor that no longer exists) is still served."""
+    cfg, folder, _ = _with_adapter(tmp_path, smoke_model_path, smoke_model)
+    theirs = cfg.adapters_dir / "cartier"
+    theirs.mkdir()
+    shutil.copytree(folder, theirs / "v0001")
+    (theirs / "current").symlink_to("v0001")
+    listed = mondrian(cfg.home, smoke_model_path, "adapters", "--advisor", "cartier", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (row,) = json.loads(listed.stdout)
+    assert row["problem"] == "trained for ansel, not cartier (a folder copied from adapters/ansel/?)", row
+    shot = photo(tmp_path / "in" / "p1.jpg", seed=1)
+    out = mondrian(cfg.home, smoke_model_path, "analyze", str(shot), "--advisor", "cartier", "--mode", "lora")
+    assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads((cfg.outbox / "p1" / "report.json").read_text())
+    assert report["mode"]["effective"] != "lora", report["mode"]
+    assert "trained for ansel, not cartier" in report["mode"]["fallbacks"][0]["reason"], report["mode"]
+    manifest = json.loads((theirs / "v0001" / "manifest.json").read_text())
+    (theirs / "v0001" / "manifest.json").write_text(json.dumps({**manifest, "advisor": "bresson"}))  # renamed since
+    out = mondrian(cfg.home, smoke_model_path, "analyze", str(shot), "--advisor", "cartier", "--mode", "lora")
+    assert out.returncode == 0, out.stdout + out.stderr
+    again = json.loads((cfg.outbox / "p1-2" / "report.json").read_text())
+    assert again["mode"]["effective"] == "lora" and again["model"]["adapter"] == "cartier/v0001", again["mode"]

@@ -135,6 +135,14 @@ def load_advisors(cfg: Config) -> dict[str, Advisor]:
     return _scan(cfg)[0]
 
 
+def advisor_ids(cfg: Config) -> set[str]:
+    """The usable advisors' ids; none when the definitions cannot be read (that is reported where they are loaded)."""
+    try:
+        return set(load_advisors(cfg))
+    except Exception:  # noqa: BLE001 - a broken definition must not break the caller's own check
+        return set()
+
+
 def advisor_problems(cfg: Config) -> dict[str, str]:
     """Why each advisor.toml that is there is not used, by its folder's name (for `status` and error messages)."""
     return _scan(cfg)[1]

@@ -14,6 +14,7 @@ import os
 import time
 from pathlib import Path
 
+from .advisors import advisor_ids
 from .baseline import critique_request
 from .critique import critique_schema
 from .prompts import critique_prompt
@@ -84,6 +85,9 @@ class LoraStrategy(Strategy):
         if broken:
             return Availability(False, f"{advisor.name}'s adapter {version.name} could not be loaded ({broken}); "
                                        f"run {train}")
+        copied = version.copied_from(advisor_ids(self.cfg))
+        if copied:
+            return Availability(False, f"{advisor.name}'s adapter {version.name} was {copied}: run {train}")
         trained_on = (version.manifest.get("base_model") or {}).get("fingerprint")
         base = self._base()
         if trained_on and base and trained_on != base:

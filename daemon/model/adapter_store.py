@@ -34,7 +34,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Container, Iterator
 
 from .. import testhooks
 from ..analysis.advisors import ADVISOR_ID
@@ -254,6 +254,15 @@ class Version:
 
     def usable(self) -> bool:
         return self.problem() is None
+
+    def copied_from(self, advisors: Container[str]) -> str | None:
+        """Why this version is not this advisor's, when its manifest names another advisor that exists: a version
+        folder copied between advisors served its photos with another advisor's eye, named as this one's. (An advisor
+        renamed, adapters and all, names one that no longer exists: its adapters still serve it.)"""
+        trained_for = self.manifest.get("advisor")
+        if isinstance(trained_for, str) and trained_for != self.advisor and trained_for in advisors:
+            return f"trained for {trained_for}, not {self.advisor} (a folder copied from adapters/{trained_for}/?)"
+        return None
 
 
 def configured_base(cfg: Any) -> str | None:
