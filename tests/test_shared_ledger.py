@@ -349,3 +349,28 @@ def test_a_shared_ledger_from_a_newer_mondrian_names_the_url_and_advice_that_wor
     assert f"the ledger {url} was written by a newer Mondrian (schema 99" in out.stderr, out.stderr
     assert "on every Mac that shares it" in out.stderr and "point ledger_url at another database" in out.stderr
     assert "db_path" not in out.stderr and "ledger.db" not in out.stderr, out.stderr
+
+
+def test_a_lost_worker_promises_its_photo_back_only_while_it_still_holds_it(tmp_path: Path,
+                                                                            ledger_url: str | None) -> None:
+    """A node killed with a photo in hand, whose photo another node took over and finished: `workers` still said
+    "its photo returns to the queue when its lease ends", about a photo that was done."""
+    from daemon.cli.workers import worker_lines, worker_rows
+
+    a, b = two(tmp_path, ledger_url, lease=1.0)
+    job_id = queue(a, tmp_path)
+    assert a.claim() is not None
+    a.beat()
+    later = time.time() + 5
+
+    def a_line() -> str:
+        (row,) = [r for r in worker_rows(b, now=later) if r["worker"] == a.worker_id()]
+        assert row["lost"]
+        return next(line for line in worker_lines([row]) if "LOST" in line)
+
+    assert "its photo returns to the queue when its lease ends" in a_line()
+    assert [j.id for j in b.requeue_expired(now=time.time() + 2)] == [job_id]
+    assert b.claim() is not None
+    b.finish(job_id, effective_mode="baseline", fallbacks=[], report_json=tmp_path / "r.json",
+             report_html=tmp_path / "r.html", grade=7, adapter=None, analysis_s=1.0, output_dir=tmp_path / "o")
+    assert "its last photo (a.jpg) was finished or taken over since" in a_line()

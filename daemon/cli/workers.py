@@ -8,7 +8,7 @@ import json
 from typing import Any
 
 from ..config import Config
-from ..ledger import Ledger
+from ..ledger import RUNNING, Ledger
 from ..hints import mondrian
 
 
@@ -20,7 +20,11 @@ def worker_rows(ledger: Ledger, now: float | None = None) -> list[dict[str, Any]
         up_s = max(now - w.started_at, 1.0)
         beat_age = now - w.beat_at
         renewed = job.lease_until - w.lease_seconds if job is not None and job.lease_until else None
+        # A lost worker's photo is still its own only while the job runs under its name: finished or taken over
+        # since, "its photo returns to the queue" was a promise about nothing.
+        holds = job is not None and job.state == RUNNING and job.worker == w.id
         rows.append({"worker": w.id, "host": w.host, "pid": w.pid, "job_id": w.job_id, "photo": w.photo,
+                     "holds_photo": holds,
                      "on_photo_s": round(now - w.claimed_at, 1) if w.claimed_at else None,
                      "lease_age_s": round(now - renewed, 1) if renewed is not None else None,
                      "last_beat_s": round(beat_age, 1), "lease_s": w.lease_seconds, "done": w.done,
@@ -42,9 +46,11 @@ def worker_lines(rows: list[dict[str, Any]]) -> list[str]:
     for r in rows:
         what = (f"{r['photo']} for {r['on_photo_s']:.0f} s (lease renewed {r['lease_age_s']:.0f} s ago)"
                 if r["photo"] and r["lease_age_s"] is not None else r["photo"] or "idle")
+        lost = f"LOST: no heartbeat for {r['last_beat_s']:.0f} s; "
         state = (what if not r["lost"] else
-                 f"LOST: no heartbeat for {r['last_beat_s']:.0f} s; its photo returns to the queue when its lease ends"
-                 if r["photo"] else f"LOST: no heartbeat for {r['last_beat_s']:.0f} s; it held no photo")
+                 lost + "its photo returns to the queue when its lease ends" if r.get("holds_photo", r["photo"]) else
+                 lost + f"its last photo ({r['photo']}) was finished or taken over since" if r["photo"] else
+                 lost + "it held no photo")
         if r.get("silent"):
             state += (f" · SILENT: no heartbeat for {r['last_beat_s']:.0f} s (stopped, asleep or hung?); lost if it "
                       f"stays silent past its {r['lease_s']:.0f} s lease")
