@@ -528,3 +528,37 @@ def test_retry_on_one_mac_names_the_other_macs_outbox_for_its_failures(tmp_path:
     assert "link" not in said and kept.exists()
     out = mondrian(homes[0], smoke_model_path, "retry", "--failed", "--all")
     assert out.returncode == 0 and (homes[0] / "inbox" / "bad.jpg").exists(), out.stdout + out.stderr
+
+
+def test_photos_dropped_while_the_ledger_server_is_down_are_queued_once_it_is_back_without_a_traceback(
+        tmp_path: Path, smoke_model_path: Path, pg_server) -> None:
+    """Each photo the watcher saw settle while the server was restarting logged "could not queue" with a traceback
+    (psycopg's AdminShutdown); it is one line now, and the next rescan queues it."""
+    import threading
+
+    url = pg_server.new_database()
+    homes, inbox, outbox = _homes(tmp_path, url, 1, smoke_model_path)
+    ledger = Ledger(homes[0] / "var" / "ledger.db", url=url)
+    node = Daemon(homes[0], smoke_model_path)
+    names = [f"down{i}.jpg" for i in range(3)]
+
+    def drop_meanwhile() -> None:
+        for i, name in enumerate(names):
+            time.sleep(0.4)  # the server is stopping or stopped now: each settles while it is down
+            photo(inbox / name, seed=20 + i, size=(64, 48))
+
+    try:
+        wait_for(lambda: "model ready" in node.output(), timeout=120, what="the model")
+        wait_for(lambda: len(ledger.workers()) == 1, timeout=120, what="the node's heartbeat")
+        ledger.close()
+        dropper = threading.Thread(target=drop_meanwhile)
+        dropper.start()
+        pg_server.bounce(down_s=4.0)
+        dropper.join()
+        wait_for(lambda: sum(j.state == DONE for j in ledger.jobs()) == len(names), timeout=240, interval=0.5,
+                 what="every photo done after the restart")
+    finally:
+        node.stop()
+    log = node.output()
+    assert "Traceback" not in log, log[log.find("Traceback") - 1500:log.find("Traceback") + 2500]
+    assert sorted(p.parent.name for p in reports(outbox)) == sorted(Path(n).stem for n in names)

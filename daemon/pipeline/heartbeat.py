@@ -12,7 +12,7 @@ import logging
 import threading
 from typing import Callable
 
-from ..ledger import Ledger, LedgerUnavailable
+from ..ledger import Ledger, LedgerUnavailable, outside_fault
 
 log = logging.getLogger("mondrian.daemon")
 
@@ -41,8 +41,12 @@ class Heartbeat:
                 self.beat()
             except LedgerUnavailable:
                 return  # stopping
-            except Exception:  # the heartbeat must outlive a bad moment of the server
-                log.exception("heartbeat failed; trying again in %.0f s", self.interval)
+            except Exception as exc:  # the heartbeat must outlive a bad moment of the server
+                why = outside_fault(exc)
+                if why is not None:  # the server restarting, unreachable: a line, not a traceback every beat
+                    log.warning("heartbeat failed (%s); trying again in %.0f s", " ".join(why.split()), self.interval)
+                else:
+                    log.exception("heartbeat failed; trying again in %.0f s", self.interval)
 
     def retire(self) -> None:
         """A clean stop: no more beats, and this worker leaves the workers table."""

@@ -27,7 +27,7 @@ from ..config import Config, ConfigError
 from ..errors import EX_CONFIG, EX_TEMPFAIL
 from ..fsutil import LockHeld, NotOwn, hold_lock, lock_folder
 from ..intake.inbox import SIDECAR_SUFFIX, SidecarError, classify, read_sidecar, sidecar_for
-from ..ledger import FAULT_NOTE, Ledger, LedgerUnavailable
+from ..ledger import FAULT_NOTE, Ledger, LedgerUnavailable, outside_fault
 from .heartbeat import Heartbeat
 from .share import SharedOutbox
 from .worker import Worker
@@ -175,7 +175,7 @@ class Daemon:
         self._advisors_seen: tuple[float, dict[str, str]] = (float("-inf"), {})
         from ..intake.watcher import InboxWatcher
 
-        self.watcher = InboxWatcher(cfg.inbox, self._enqueue, cfg.quiet_seconds, is_known=self.ledger.is_active,
+        self.watcher = InboxWatcher(cfg.inbox, self._enqueue, cfg.quiet_seconds, is_known=self._is_known,
                                     on_unreachable=self._unreachable, on_stable_many=self._enqueue_many)
         self.worker.out.left_behind = self.watcher.note
         self._skipped: dict[Path, tuple[int, float, float]] = {}  # said once in the log, per path and version
@@ -210,6 +210,20 @@ class Daemon:
         except LedgerUnavailable:
             return  # stopping: the photo stays in the inbox and the next start's rescan queues it
         self._queued(path, intake, st, job)
+
+    def _is_known(self, path: Path) -> bool:
+        """Whether the photo is queued or in progress already. A ledger that cannot be read this moment (a shared
+        ledger's server restarting) logged a traceback per photo; the photo is taken as known now and looked at
+        again at the next rescan, which queues it once the ledger answers."""
+        try:
+            return self.ledger.is_active(path)
+        except Exception as exc:
+            why = outside_fault(exc)
+            if why is None:
+                raise
+            log.warning("could not look %s up in the ledger now (%s); the next rescan looks again", path.name,
+                        " ".join(why.split()))
+            return True
 
     def _enqueue_many(self, paths: list[Path]) -> None:
         """A card's worth of settled files in one ledger transaction (one commit instead of one each)."""
@@ -351,7 +365,11 @@ class Daemon:
                 except LedgerUnavailable:
                     self.wake.set()
                     return
-                log.exception("error in the worker loop; continuing in 1 s")
+                why = outside_fault(exc)
+                if why is not None:  # a read while the ledger cannot answer (a shared ledger's server restarting)
+                    log.warning("could not read the ledger (%s); trying again in 1 s", " ".join(why.split()))
+                else:
+                    log.exception("error in the worker loop; continuing in 1 s")
                 self.stop.wait(1.0)
 
     # -- main thread --------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Config
 from ..errors import Interrupted
-from ..ledger import Ledger, LedgerUnavailable
+from ..ledger import Ledger, LedgerUnavailable, outside_fault
 from .indexer import ReferenceIndexer, problem
 
 if TYPE_CHECKING:
@@ -121,7 +121,11 @@ class ReferenceWatcher:
             self._dirty.set()
             return False
         except Exception as exc:  # a bad reference must never take the worker down
-            log.exception("indexing references failed")
+            why = outside_fault(exc)
+            if why is not None:  # the ledger could not answer this moment (a shared ledger's server restarting)
+                log.warning("could not index references now (%s); looking again shortly", " ".join(why.split()))
+            else:
+                log.exception("indexing references failed")
             self.last_error = f"{type(exc).__name__}: {exc}"
             self._next_look = time.monotonic() + max(5.0, self.cfg.quiet_seconds)
             return False
