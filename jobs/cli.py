@@ -406,7 +406,7 @@ def recorded_test_set(cfg: Any, version: Any, refs: list[Any]) -> tuple[list[Any
         gone = len(recorded) - len(test)
         note = f"the {len(recorded)} test photos recorded in {version.name}'s manifest"
         if gone:
-            note += f" ({gone} no longer indexed, left out)"
+            note += f" ({gone} no longer indexed as they were, left out)"
         return test, note
     settings = TrainSettings.from_config(cfg)
     usable, _ = training_references(refs, settings.use_model_scores)
@@ -469,7 +469,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
               f"a new version for {cfg.model} (`{mondrian()} train --advisor {advisor.id}`)", file=sys.stderr)
         return 1
     if not held:
-        print(f"{advisor.id}: none of {where} is indexed any more; nothing to evaluate on", file=sys.stderr)
+        print(f"{advisor.id}: none of {where} is indexed as it was any more (moved, deleted or changed since: "
+              f"`{mondrian()} references index --advisor {advisor.id}` reads them again); nothing to evaluate on",
+              file=sys.stderr)
         return 1
     if against is not None:  # judged on photos it learned from, the version compared with would be favoured
         seen = seen_by(against.manifest)

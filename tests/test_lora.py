@@ -792,13 +792,14 @@ def test_evaluate_cli_prints_the_table_on_the_recorded_test_set(tmp_path, smoke_
     assert out.returncode == 78 and "Traceback" not in out.stderr, out.stderr
     assert "cannot evaluate: model folder" in out.stderr and "does not exist" in out.stderr, out.stderr
 
-    # Both recorded test photos unreadable now (still indexed: the index learns of it later): said, exit 1, no
-    # table of two empty evaluations.
+    # Both recorded test photos damaged since (still indexed: the index learns of it later): their bytes are not
+    # those the version recorded, so they are left out, said, exit 1, no table of two empty evaluations.
     for r in refs[-2:]:
         Path(r.path).write_bytes(b"\xff\xd8\xff\xe0 damaged since")
     out = mondrian(cfg.home, smoke_model_path, "evaluate", "--advisor", "synth", timeout=300)
     assert out.returncode == 1 and "MAE" not in out.stdout, out.stdout
-    assert "none of the 2 test photos recorded in v0001's manifest can be read" in out.stderr, out.stderr
+    assert "2 reference(s) changed since they were indexed" in out.stderr, out.stderr
+    assert "none of the 2 test photos recorded in v0001's manifest" in out.stderr and "references index" in out.stderr
 
 
 def test_expected_score_is_the_probability_weighted_mean_over_score_tokens(smoke_runtime) -> None:
