@@ -992,25 +992,31 @@ def test_lora_learns_an_advisors_visible_taste(tmp_path, trainable_model_path) -
     assert info["training"]["state"] == "promoted" and info["training"]["version"] == "v0001"
 
 
-def test_a_promotion_killed_before_current_is_switched_is_finished(tmp_path, smoke_model_path) -> None:
-    """Killed between a promoted version's rename and the switch of `current`: `adapters` listed it as promoted
-    while `current` was the older one, the history said promoted, lora photos used the older version, and nothing
-    repaired it before the next training. `adapters` (and a daemon's start) finish the promotion."""
+def _promotion_killed_before_the_switch(cfg, smoke_model_path, fingerprint: str) -> None:
+    """A promoted version committed by another process, SIGKILLed between its rename and the switch of `current`."""
     import subprocess
     import sys
 
-    from daemon.model.adapter_store import AdapterStore
     from tests.harness import REPO, env_for
 
-    cfg = _home(tmp_path)
-    install_version(cfg, "ansel", promoted=True, fingerprint="f1")
     killed = subprocess.run(
         [sys.executable, "-c", "import sys; from daemon.config import load_config; "
                                "from tests.lora_helpers import install_version; "
                                "install_version(load_config(sys.argv[1], model='smoke'), 'ansel', promoted=True, "
-                               "fingerprint='f2')", str(cfg.home)],
+                               f"fingerprint='{fingerprint}')", str(cfg.home)],
         env=env_for(cfg.home, smoke_model_path, MONDRIAN_TEST_CRASH_AT="promoting"), cwd=REPO)
     assert killed.returncode == -9
+
+
+def test_a_promotion_killed_before_current_is_switched_is_finished(tmp_path, smoke_model_path) -> None:
+    """Killed between a promoted version's rename and the switch of `current`: `adapters` listed it as promoted
+    while `current` was the older one, the history said promoted, lora photos used the older version, and nothing
+    repaired it before the next training. `adapters` (and a daemon's start) finish the promotion."""
+    from daemon.model.adapter_store import AdapterStore
+
+    cfg = _home(tmp_path)
+    install_version(cfg, "ansel", promoted=True, fingerprint="f1")
+    _promotion_killed_before_the_switch(cfg, smoke_model_path, "f2")
     store = AdapterStore(cfg.adapters_dir)
     assert [v.name for v in store.versions("ansel")] == ["v0001", "v0002"] and store.current_name("ansel") == "v0001"
     out = mondrian(cfg.home, smoke_model_path, "adapters", "--advisor", "ansel", "--json")
@@ -1033,22 +1039,12 @@ def test_a_rollback_after_a_killed_promotion_stays_rolled_back(tmp_path, smoke_m
     """Killed between v0003's rename and the switch of `current` (v0002 still current), then `adapters rollback`: it
     rolled v0002 back to v0001, and the next `adapters` (or the daemon's start) finished v0003's promotion, making
     current a version the user never saw as current. Rollback finishes the interrupted promotion first."""
-    import subprocess
-    import sys
-
     from daemon.model.adapter_store import AdapterStore
-    from tests.harness import REPO, env_for
 
     cfg = _home(tmp_path)
     install_version(cfg, "ansel", promoted=True, fingerprint="f1")
     install_version(cfg, "ansel", promoted=True, fingerprint="f2")
-    killed = subprocess.run(
-        [sys.executable, "-c", "import sys; from daemon.config import load_config; "
-                               "from tests.lora_helpers import install_version; "
-                               "install_version(load_config(sys.argv[1], model='smoke'), 'ansel', promoted=True, "
-                               "fingerprint='f3')", str(cfg.home)],
-        env=env_for(cfg.home, smoke_model_path, MONDRIAN_TEST_CRASH_AT="promoting"), cwd=REPO)
-    assert killed.returncode == -9
+    _promotion_killed_before_the_switch(cfg, smoke_model_path, "f3")
     store = AdapterStore(cfg.adapters_dir)
     assert store.current_name("ansel") == "v0002"
     out = mondrian(cfg.home, smoke_model_path, "adapters", "rollback", "--advisor", "ansel")
