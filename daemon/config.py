@@ -393,9 +393,11 @@ def shown_url(url: str) -> str:
     `@`: an unencoded `@` in a password must not give away the rest of it) or as a `password=` parameter."""
     scheme, sep, rest = url.partition("://")
     if not sep:
-        return re.sub(r"((?:^|\s)(?:ssl)?password\s*=\s*)(?:'[^']*'|\S*)", r"\1***", url, flags=re.IGNORECASE)
-    query = rest.find("?") if "?" in rest else len(rest)
-    at = rest.rfind("@", 0, query)  # a password's unencoded `/` or `@` stays inside the part masked
+        return re.sub(r"((?:^|\s)(?:ssl)?password\s*=\s*)(?:'(?:[^'\\]|\\.)*'?|\S*)", r"\1***", url,
+                      flags=re.IGNORECASE)
+    # Up to the last `@` anywhere: a password's unencoded `/`, `?` or `@` stays inside the part masked (a `@` in a
+    # parameter hides the host too, which says less but never gives a password away).
+    at = rest.rfind("@")
     if at >= 0 and ":" in rest[:at]:
         rest = f"{rest[:at].split(':', 1)[0]}:***{rest[at:]}"
     rest = re.sub(r"([?&](?:ssl)?password=)[^&#]*", r"\1***", rest, flags=re.IGNORECASE)

@@ -221,3 +221,33 @@ def test_a_live_photos_video_rides_along_with_its_still_and_a_lone_video_is_name
     assert sorted(p.name for p in inbox.iterdir()) == ["clip.mov"]
     said = mondrian(home, smoke_model_path, "status", MONDRIAN_TEST_STRAY_SECONDS="0").stdout
     assert "Video:   inbox/clip.mov has no photo beside it: Mondrian critiques photos" in said, said
+
+
+def test_a_video_that_failed_as_a_photo_before_is_cleared_by_retry_not_failed_again(tmp_path, smoke_model_path):
+    """A Live Photo's `.mov` that an earlier Mondrian failed as "not a photo" sits in failed/: `retry --failed` moved
+    it into the inbox as its own sidecar, said it could not, and the next retry queued it to fail again. It stays in
+    failed/ now, its failure cleared, and the line says why."""
+    from daemon.ledger import Ledger
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    failed = home / "outbox" / "failed"
+    failed.mkdir(parents=True)
+    video = failed / "clip.mov"
+    video.write_bytes(b"\x00\x00\x00\x14ftypqt  " + bytes(64))
+    (failed / "clip.mov.error.json").write_text("{}")
+    ledger = Ledger(home / "var" / "ledger.db")
+    job = ledger.enqueue(home / "inbox" / "clip.mov", "clip.mov", "ansel", "default", 80, 1.0)
+    assert job is not None and ledger.claim() is not None
+    ledger.fail(job.id, "this file is not a photo Mondrian can read", video)
+    ledger.close()
+    from daemon.intake.inbox import editor_sidecars
+
+    assert editor_sidecars(video) == []  # never its own sidecar (it moved itself away before its own move)
+    out = mondrian(home, smoke_model_path, "retry", "--failed", "--all")
+    said = out.stdout + out.stderr
+    assert "clip.mov is not a photo (a Live Photo's video, say)" in said and "0 photo(s) queued again" in said, said
+    assert video.exists() and not (failed / "clip.mov.error.json").exists()
+    assert not (home / "inbox" / "clip.mov").exists()
+    assert ledger_jobs(home)["clip.mov"].state == "gone"
+    info = json.loads(mondrian(home, smoke_model_path, "status", "--json").stdout)
+    assert info["recent_failures"] == [], info["recent_failures"]

@@ -63,3 +63,46 @@ def test_a_photo_is_analysed_at_its_usual_size_and_close_to_a_full_decode(size, 
     # 0.9 levels; 1600x1200 decoded at 800x600 gets 41.5 dB and 1.0 level (natural content alone: 53 dB, 0.3).
     # Decoding at the analysed size (a gap of 1: 1/8 for the phone photo) would give 35 dB and 2.9 levels.
     assert psnr > 40.0 and mean_diff < 1.5, f"{size} {fmt}: {psnr:.1f} dB, mean difference {mean_diff:.2f} levels"
+
+
+FORMATS = ["JPEG", "PNG", "WEBP", "GIF", "HEIF", "JPEG2000"]
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_copy_made_at_full_size_first_is_unfinished_while_zero_padding_after_a_whole_photo_is_not(fmt) -> None:
+    """A copy made at its full size (zeros) and filled in later, caught part way, is "still arriving"
+    (PhotoTruncated: the worker looks again), never an image: JPEG's decoder reads the zeros as grey rows without a
+    word. A whole photo followed by zeros (some cameras pad their files) is still a photo."""
+    from daemon.intake.images import PhotoTruncated
+
+    rng = np.random.default_rng(3)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((300, 400, 3)) * 255).astype("uint8")).save(buf, fmt)
+    whole = buf.getvalue()
+    assert decode_photo(whole + bytes(5000), MAX_PIXELS).format == decode_photo(whole, MAX_PIXELS).format
+    for part in (0.4, 0.9):
+        cut = int(len(whole) * part)
+        with pytest.raises(PhotoTruncated, match="zero bytes where the rest of its data should be|truncated"):
+            decode_photo(whole[:cut] + bytes(len(whole) - cut), MAX_PIXELS)
+    for empty in (b"", bytes(len(whole))):
+        with pytest.raises(PhotoTruncated):
+            decode_photo(empty, MAX_PIXELS)
+
+
+def test_a_file_that_may_end_in_black_and_cannot_be_read_is_refused_for_what_it_is() -> None:
+    """A 16-bit PSD or a planar TIFF (which Pillow cannot read) with black bottom rows was called "a copy that has not
+    finished; copy it again", held a minute and failed with advice that could never help. Only compressed formats,
+    whose data never ends in a long run of zeros, are taken for unfinished copies."""
+    from daemon.intake.images import ImageRejected, PhotoTruncated
+
+    import struct
+
+    h, w = 120, 80  # the last plane ends in 40 black rows: 6,400 zero bytes
+    planes = np.zeros((3, h, w), dtype=">u2")
+    planes[:, : h * 2 // 3] = np.random.default_rng(4).integers(1, 65535, (3, h * 2 // 3, w))  # black below
+    psd16 = (b"8BPS" + struct.pack(">H6xHIIHH", 1, 3, h, w, 16, 3) + struct.pack(">III", 0, 0, 0)
+             + struct.pack(">H", 0) + planes.tobytes())
+    for data in (psd16,):
+        with pytest.raises(ImageRejected) as refused:
+            decode_photo(data, MAX_PIXELS)
+        assert not isinstance(refused.value, PhotoTruncated), refused.value

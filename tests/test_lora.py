@@ -1053,3 +1053,19 @@ def test_a_rollback_after_a_killed_promotion_stays_rolled_back(tmp_path, smoke_m
     for _ in range(2):  # a listing, then another: nothing comes back
         assert mondrian(cfg.home, smoke_model_path, "adapters", "--advisor", "ansel").returncode == 0
         assert store.current_name("ansel") == "v0002"
+
+
+def test_a_rollback_is_not_stopped_by_a_newest_version_that_is_damaged(tmp_path, smoke_model_path) -> None:
+    """A newest version marked promoted, never switched to, and damaged since (its weights deleted): rollback's
+    finishing of the interrupted promotion refused the whole rollback ("not a complete adapter version"), with no
+    next step. The damaged version is passed by."""
+    from daemon.model.adapter_store import AdapterStore
+
+    cfg = _home(tmp_path)
+    install_version(cfg, "ansel", promoted=True, fingerprint="f1")
+    install_version(cfg, "ansel", promoted=True, fingerprint="f2")
+    _promotion_killed_before_the_switch(cfg, smoke_model_path, "f3")
+    (cfg.adapters_dir / "ansel" / "v0003" / "adapters.safetensors").unlink()
+    out = mondrian(cfg.home, smoke_model_path, "adapters", "rollback", "--advisor", "ansel")
+    assert out.returncode == 0 and "now v0001 (was v0002)" in out.stdout, out.stdout + out.stderr
+    assert AdapterStore(cfg.adapters_dir).current_name("ansel") == "v0001"

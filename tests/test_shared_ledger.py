@@ -328,6 +328,10 @@ def test_a_ledger_url_is_shown_without_its_password_and_postgres_scheme_works(tm
     out = mondrian(unreachable, smoke_model_path, "status")
     assert out.returncode == 78 and "postgresql://studio:***@127.0.0.1:1/none" in out.stderr, out.stderr
     assert secret not in out.stderr and "cannot open the shared ledger" in out.stderr, out.stderr
+    (unreachable / "mondrian.toml").write_text(f'ledger_url = "postgresql://studio:{secret}?x@127.0.0.1:1/none"\n')
+    out = mondrian(unreachable, smoke_model_path, "status")  # libpq reads `?` in a password as part of it
+    assert out.returncode == 78 and "postgresql://studio:***@127.0.0.1:1/none" in out.stderr, out.stderr
+    assert secret not in out.stderr, out.stderr
     dsn = make_home(tmp_path / "dsn", smoke_model_path, ledger_url=f"host=127.0.0.1 password={secret} dbname=x")
     out = mondrian(dsn, smoke_model_path, "status")
     assert out.returncode == 78 and "password=***" in out.stderr and secret not in out.stderr, out.stderr

@@ -20,7 +20,7 @@ from .. import testhooks
 from ..config import CONFIG_NAME, Config, ConfigError
 from ..fsutil import folder_inside, is_folder, move
 from ..analysis.advisors import advisor_folders
-from ..intake.inbox import classify, editor_sidecars, same_name, sidecar_for, unique_path
+from ..intake.inbox import classify, editor_sidecars, is_ignored, same_name, sidecar_for, unique_path
 from ..ledger import FAILED, Job, Ledger
 from ..pipeline.failures import analyze_command, analyzed_as
 from ..pipeline.outbox_index import OutboxIndex
@@ -202,6 +202,15 @@ def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | 
         ledger.mark_gone(job.id, "the folder can be read now; its photos are queued on their own", was=FAILED)
         return f"job {job.id}: {job.rel_path}/ can be read now; its photos are queued by the daemon"
     kept = Path(job.output_dir) if job.output_dir else None
+    if kept is not None and os.path.lexists(kept) and is_ignored(cfg.inbox / job.rel_path, cfg.inbox):
+        # Failed before Mondrian knew it is no photo (a Live Photo's `.mov`, taken for one before it rode along):
+        # put back, it would only be queued and failed again as "not a photo".
+        if ledger.mark_gone(job.id, "not a photo: Mondrian no longer takes a file of this kind for one", was=FAILED):
+            _drop_record(kept)
+            left.append(f"job {job.id}: {job.rel_path} is not a photo (a Live Photo's video, say), which Mondrian no "
+                        f"longer takes for one: it stays in {cfg.failed_dir.name}/ (move it where you keep it) and "
+                        f"its failure is cleared")
+        return None
     if kept is not None and os.path.lexists(kept) and not kept.is_relative_to(cfg.failed_dir):
         # Another Mac's own outbox on a shared ledger, or an outbox this home used before: not this one's to empty.
         left.append(f"job {job.id}: {job.rel_path} waits in {kept.parent}, not in this outbox's "
@@ -242,13 +251,14 @@ def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | 
                 moved.append((theirs, target))
         # Move first, then queue: killed in between, the photo sits in the inbox (the watcher or the next
         # retry picks it up) instead of being queued at a path where nothing is yet.
-        move(kept, back)
-        moved.append((kept, back))
         try:
+            move(kept, back)
+            moved.append((kept, back))
             ledger.requeue_failed(job.id, back, _advisor_now(cfg, job, back))
         except BaseException:
-            # Not recorded (a full disk: taking the write lock, which check_writable did, needs no space; writing
-            # does): everything goes back to failed/, where its record says it is, and the command changes nothing.
+            # Not moved, or not recorded (a full disk: taking the write lock, which check_writable did, needs no
+            # space; writing does): everything goes back to failed/, where its record says it is, and the command
+            # changes nothing.
             for src, dst in reversed(moved):
                 with contextlib.suppress(OSError):
                     move(dst, src)

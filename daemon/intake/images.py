@@ -153,7 +153,8 @@ def decode_photo(data: bytes, max_pixels: int) -> LoadedImage:
         else:
             rgb, width, height, fmt, frames = _pillow_photo(data, max_pixels)
     except ImageRejected as exc:
-        if zeros >= UNREADABLE_ZEROS or (zeros >= UNFINISHED_ZEROS and isinstance(exc, PhotoTruncated)):
+        if zeros >= UNFINISHED_ZEROS and (isinstance(exc, PhotoTruncated)
+                                          or (zeros >= UNREADABLE_ZEROS and _compressed(data))):
             raise PhotoTruncated(_unfinished(zeros)) from exc
         if data[:4] == b"RIFF" and int.from_bytes(data[4:8], "little") + 8 > len(data):  # WebP: its size is said
             raise PhotoTruncated("the photo is truncated (the file ends early); copy it again") from exc
@@ -162,7 +163,9 @@ def decode_photo(data: bytes, max_pixels: int) -> LoadedImage:
     if end is not None:
         unfinished = zeros >= UNFINISHED_ZEROS and not data[:len(data) - zeros].endswith(end)
     else:
-        unfinished = fmt in COMPRESSED and zeros >= UNREADABLE_ZEROS
+        # (A format's own last bytes may be zeros: a little slack.)
+        unfinished = (fmt in COMPRESSED and zeros >= UNREADABLE_ZEROS
+                      and _said_length(data) > len(data) - zeros + UNFINISHED_ZEROS)
     if unfinished:
         raise PhotoTruncated(_unfinished(zeros))
     fw, fh = fit_size(rgb.width, rgb.height, max_pixels)
@@ -176,6 +179,35 @@ def decode_photo(data: bytes, max_pixels: int) -> LoadedImage:
 def _unfinished(zeros: int) -> str:
     return (f"the photo ends in {zeros:,} zero bytes where the rest of its data should be: a copy that has not "
             f"finished (made at its full size first, then filled in) or a damaged file; copy it again")
+
+
+def _said_length(data: bytes) -> int:
+    """How long the file says it is, where its format says so: WebP's RIFF size; HEIF, AVIF and JPEG 2000's boxes,
+    walked to the last one; GIF's trailer. A complete photo padded with zeros says less than its length; a copy made
+    at its full size and not yet filled says all of it (its zeros lie inside the image data)."""
+    if data[:4] == b"RIFF":
+        return int.from_bytes(data[4:8], "little") + 8
+    if data[:4] == b"GIF8":
+        return len(data.rstrip(b"\0"))  # the trailer `;` ends it: zeros after it are padding
+    pos = 0
+    while pos + 8 <= len(data):
+        size = int.from_bytes(data[pos:pos + 4], "big")
+        if size == 1 and pos + 16 <= len(data):
+            size = int.from_bytes(data[pos + 8:pos + 16], "big")
+        if size < 8:  # 0: "to the end of the file", as zero padding reads; anything else is not a box
+            break
+        pos += size
+    return pos
+
+
+def _compressed(data: bytes) -> bool:
+    """Whether the file begins as a compressed format does (JPEG, PNG, WebP, GIF, HEIF/AVIF, JPEG 2000), whose data
+    never ends in a long run of zero bytes. TIFF, most camera raws, PSD and BMP may: uncompressed black rows (and a
+    16-bit PSD or a planar TIFF that Pillow cannot read is refused for that, not for an unfinished copy)."""
+    if data[:4] == b"ftyp" or data[4:8] == b"ftyp":
+        return data[8:11] != b"crx"  # Canon's CR3 is ISO media too: raw
+    return data.startswith((b"\xff\xd8", b"\x89PNG", b"GIF8", b"\x00\x00\x00\x0cjP", b"\xff\x4f\xff\x51")) \
+        or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
 def _zeros_at_end(data: bytes) -> int:

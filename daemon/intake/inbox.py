@@ -125,8 +125,8 @@ def editor_sidecars(photo: Path) -> list[Path]:
     found = []
     for name in sorted(names):
         suffix = os.path.splitext(name)[1]
-        if suffix.lower() not in EDITOR_SIDECARS:
-            continue
+        if suffix.lower() not in EDITOR_SIDECARS or name == photo.name:  # a `.mov` failed as a photo is no sidecar
+            continue                                                       # of itself
         raw = name[: -len(suffix)]
         base = nfc(raw)
         if raw in owned and raw not in (photo.stem, photo.name):

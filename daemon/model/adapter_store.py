@@ -498,6 +498,8 @@ class AdapterStore:
         # `current` since (a rollback, a hand's edit) is not undone here.
         if any(newest.name in (r.get("version"), r.get("from"), r.get("to")) for r in self.history(advisor)):
             return None
+        if not newest.usable():  # damaged or cut short since: switching to it would fail photos (and `rollback`)
+            return None
         self.switch(advisor, newest.name)
         self._log(advisor, {"event": "promoted", "version": newest.name, "reason": newest.decision.get("reason"),
                             "finished": "after an interruption"})
