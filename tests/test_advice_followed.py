@@ -326,6 +326,12 @@ def test_the_model_download_command_off_path_is_named_by_its_path(tmp_path, smok
     [download] = [c for c in re.findall(r"`([^`]+)`", ran.stderr) if c.split()[-2:-1] == ["download"]][:1]
     pasted = _paste(download.rsplit(" ", 1)[0] + " --help", env, tmp_path)
     assert pasted.returncode == 0, (download, pasted.stderr)
+    # The service (and install's start-up check) run with the venv first on their PATH: the hint they log is for a
+    # person's shell all the same, so it still names the command by its path.
+    as_service = _env(smoke_model_path, f"{ENTRY.parent}{os.pathsep}{_bare_path()}")
+    ran = _run([str(ENTRY), "--home", str(home), "analyze", "--model", str(tmp_path / "no-model"),
+                str(tmp_path / "x.jpg")], as_service, tmp_path)
+    assert f"`{ENTRY.parent / 'hf'} download" in ran.stderr, ran.stderr
 
 
 def test_the_demos_own_hints_name_a_command_the_shell_finds(tmp_path, smoke_model_path):

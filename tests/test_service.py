@@ -109,6 +109,16 @@ def test_plist_hub_model_stays_online_and_local_path_is_absolute(dirs, monkeypat
     assert in_home.environment["MONDRIAN_MODEL"] == str((dirs["home"] / "models" / "mine").resolve())
 
 
+def test_the_service_looks_for_models_where_the_installing_shell_does(dirs):
+    """A model kept in a custom Hugging Face cache (HF_HOME) ran from the shell, while the service looked in the
+    default cache: downloaded again, or failed at every start offline, and install said nothing."""
+    spec = service.build_spec(platform="linux", home=dirs["home"], user_home=dirs["user"], model="smoke",
+                              env={"HF_HOME": "/Volumes/Models/hf", "HF_HUB_CACHE": "/Volumes/Models/hf/hub"})
+    assert spec.environment["HF_HOME"] == "/Volumes/Models/hf"
+    assert spec.environment["HF_HUB_CACHE"] == "/Volumes/Models/hf/hub"
+    assert "HF_HOME" not in spec_for(dirs, model="smoke").environment  # the default cache: nothing to carry
+
+
 def test_plist_process_type_and_label_are_checked(dirs):
     assert plistlib.loads(service.render_plist(spec_for(dirs, process_type="Standard")).encode())[
         "ProcessType"] == "Standard"

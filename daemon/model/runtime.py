@@ -88,7 +88,10 @@ def _hub_cli(name: str) -> str:
     """huggingface_hub's command as a shell reaches it: installed beside this Python (a checkout's .venv/bin, not
     on PATH unless the venv is activated), named by its path."""
     beside = Path(sys.executable).parent / name
-    if shutil.which(name) is None and beside.exists():
+    # Named by its path whenever it is this install's: the service and its start-up check run with the venv first on
+    # their PATH, so a bare `hf` was found there, and printed for a shell that does not have it.
+    found = shutil.which(name)
+    if beside.exists() and (found is None or Path(found).parent == beside.parent):
         return shell_word(beside)
     return name
 

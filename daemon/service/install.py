@@ -185,6 +185,9 @@ def _home_model(model: str, home: Path) -> str:
     return str((home / path).resolve())
 
 
+HUB_CACHE_VARS = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE")
+
+
 def build_spec(platform: str | None = None, label: str = DEFAULT_LABEL, home: str | Path | None = None,
                model: str | None = None, python: str | Path | None = None,
                user_home: str | Path | None = None, process_type: str = "Interactive",
@@ -226,6 +229,9 @@ def build_spec(platform: str | None = None, label: str = DEFAULT_LABEL, home: st
         "MONDRIAN_HOME": str(cfg.home),
         **({"MONDRIAN_MODEL": model} if pinned else {}),
         **from_env,
+        # Where this shell keeps its Hugging Face models: without it the service looked in the default cache, did
+        # not find a model the shell runs, and downloaded it again (or failed at every start offline).
+        **{var: env[var] for var in HUB_CACHE_VARS if env.get(var)},
         # Hints in the service's log and failure pages name the command that installed it (`.venv/bin/mondrian`
         # in a checkout), not a bare `mondrian` that a shell may not find.
         PROGRAM_ENV: program(),
