@@ -153,7 +153,8 @@ def test_init_inside_another_homes_inbox_is_refused_and_the_suggested_place_work
     """`mondrian init ~/Mondrian/inbox/studio2` made a home whose mondrian.toml the first home's daemon took for a
     photo and failed, its empty folders left in that inbox."""
     home = make_home(tmp_path / "home", smoke_model_path, **FAST)
-    for inside in ("inbox", "outbox", "var"):
+    # Inside advisors/ (an advisor's references folder), its inbox photos were indexed as that advisor's references.
+    for inside in ("inbox", "outbox", "var", "advisors", "adapters"):
         target = home / inside / "studio2"
         out = mondrian(home, smoke_model_path, "init", str(target))
         assert out.returncode == 78 and "Traceback" not in out.stderr, out.stderr

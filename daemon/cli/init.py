@@ -72,7 +72,8 @@ def _inside_another_home(path: Path) -> str | None:
 
 
 def containing_home(path: Path) -> tuple[Path, str] | None:
-    """The Mondrian home whose inbox, outbox or var folder holds `path`, and which of them; else None."""
+    """The Mondrian home whose inbox, outbox, var, advisors or adapters folder holds `path`, and which of them; else
+    None. (Inside `advisors/`, the new home's inbox photos were indexed as the outer advisor's references.)"""
     path = path.resolve()  # as load_config resolves the other home's folders (/tmp is /private/tmp on a Mac)
     for above in path.parents:
         # A home is its settings file, or (made by `run` or `demo`, which write none) its ledger
@@ -80,9 +81,10 @@ def containing_home(path: Path) -> tuple[Path, str] | None:
             continue
         try:
             other = load_config(above)
-            folders = {"inbox": other.inbox, "outbox": other.outbox, "var": other.var_dir}
+            folders = {"inbox": other.inbox, "outbox": other.outbox, "var": other.var_dir,
+                       "advisors": other.advisors_dir, "adapters": other.adapters_dir}
         except ConfigError:  # that home's own settings are broken: its default folders still apply
-            folders = {name: above / name for name in ("inbox", "outbox", "var")}
+            folders = {name: above / name for name in ("inbox", "outbox", "var", "advisors", "adapters")}
         for name, folder in folders.items():
             if path.is_relative_to(folder.absolute()):
                 return above, name
