@@ -107,6 +107,9 @@ class TrainSettings:
             if key not in known:  # a typo must not silently train with the default instead
                 close = difflib.get_close_matches(key, list(known), n=1)
                 hint = f"did you mean `{close[0]}`?" if close else f"the settings are: {', '.join(sorted(known))}"
+                if key in {f.name for f in fields(Config)}:  # written below `[lora]`, it belongs to that section
+                    hint = (f"`{key}` is a setting of its own, not a training one: move its line above the [lora] "
+                            f"line (every line after a [section] header belongs to that section)")
                 raise ConfigError(f"unknown setting `{key}` in the [lora] section of {cfg.home / CONFIG_NAME}; {hint}")
             # As strictly as the top-level settings: `rank = 8.9` or `augment = "flase"` is refused, not trained on.
             values[key] = coerce_setting(key, value, getattr(cls, key), origin(key, value))

@@ -432,6 +432,10 @@ def test_a_typo_in_the_lora_section_is_refused_with_a_suggestion(tmp_path, smoke
     out = mondrian(home, smoke_model_path, "train", "--advisor", "ansel", timeout=120)
     assert out.returncode == 78 and "Traceback" not in out.stderr, out.stderr[-2000:]
     assert "unknown setting `rnak` in the [lora] section" in out.stderr and "did you mean `rank`?" in out.stderr
+    # A top-level setting written below `[lora]` belongs to it: the message says where the line goes.
+    (home / "mondrian.toml").write_text((home / "mondrian.toml").read_text().replace("rnak = 4", 'default_mode = "rag"'))
+    out = mondrian(home, smoke_model_path, "train", "--advisor", "ansel", timeout=120)
+    assert out.returncode == 78 and "move its line above the [lora] line" in out.stderr, out.stderr[-2000:]
 
 
 # -- what a hostile tester found in the CLI (2026-12-02) ------------------------------------------------------------
