@@ -48,7 +48,7 @@ def worker_lines(rows: list[dict[str, Any]]) -> list[str]:
                 if r["photo"] and r["lease_age_s"] is not None else r["photo"] or "idle")
         lost = f"LOST: no heartbeat for {r['last_beat_s']:.0f} s; "
         state = (what if not r["lost"] else
-                 lost + "its photo returns to the queue when its lease ends" if r.get("holds_photo", r["photo"]) else
+                 lost + "its photo returns to the queue when its lease ends" if r["holds_photo"] else
                  lost + f"its last photo ({r['photo']}) was finished or taken over since" if r["photo"] else
                  lost + "it held no photo")
         if r.get("silent"):

@@ -204,7 +204,7 @@ def _compressed(data: bytes) -> bool:
     """Whether the file begins as a compressed format does (JPEG, PNG, WebP, GIF, HEIF/AVIF, JPEG 2000), whose data
     never ends in a long run of zero bytes. TIFF, most camera raws, PSD and BMP may: uncompressed black rows (and a
     16-bit PSD or a planar TIFF that Pillow cannot read is refused for that, not for an unfinished copy)."""
-    if data[:4] == b"ftyp" or data[4:8] == b"ftyp":
+    if data[4:8] == b"ftyp":
         return data[8:11] != b"crx"  # Canon's CR3 is ISO media too: raw
     return data.startswith((b"\xff\xd8", b"\x89PNG", b"GIF8", b"\x00\x00\x00\x0cjP", b"\xff\x4f\xff\x51")) \
         or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
