@@ -143,7 +143,8 @@ def preload_openblas() -> str | None:
         _notice_file().unlink(missing_ok=True)  # should OpenBLAS go missing again, say so again
     except OSError:
         pass
-    log.info("BLAS: %s preloaded from %s", name, path)
+    # Debug only: every CLI command imports this, and a line on each one's stderr is noise; the model load says it.
+    log.debug("BLAS: %s preloaded from %s", name, path)
     return path
 
 

@@ -165,6 +165,15 @@ def _cap_pixels(processor: Any, max_pixels: int) -> None:
             size["shortest_edge"] = min(size.get("shortest_edge") or min_pixels, max_pixels)
 
 
+def _matmul_backend() -> str:
+    """Where this process's products run, for the model's load line: the GPU, or the CPU and its BLAS."""
+    import mlx.core as mx
+
+    if mx.default_device().type == mx.gpu:
+        return "GPU"
+    return f"CPU, BLAS {blas.described()}" if sys.platform.startswith("linux") else "CPU"
+
+
 def _limit_cache(model: Any) -> int:
     """Cap MLX's cache of freed buffers at a quarter of the weights (64 MiB to 2 GiB): enough to reuse a photo's
     prefill and decode buffers, where MLX's own default (the whole memory limit) lets it grow photo after photo."""
@@ -254,8 +263,8 @@ class ModelRuntime:
             model_id = spec
         runtime = cls(model=model, processor=processor, model_id=model_id, path=str(path),
                       is_smoke=is_smoke, max_pixels=max_pixels)
-        log.info("model %s loaded from %s in %.1f s (max_pixels=%d)", model_id, path,
-                 time.perf_counter() - started, max_pixels)
+        log.info("model %s loaded from %s in %.1f s (max_pixels=%d, %s)", model_id, path,
+                 time.perf_counter() - started, max_pixels, _matmul_backend())
         return runtime
 
     def format_prompt(self, prompt: str, *, system: str | None = None) -> str:
