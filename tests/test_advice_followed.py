@@ -314,6 +314,28 @@ def test_a_photo_the_model_failed_on_gets_advice_that_works_when_followed(tmp_pa
     assert ledger_jobs(home)["fine.jpg"].state == "done"
 
 
+def test_a_photo_the_model_failed_on_in_analyze_is_not_called_stopped_and_its_advice_works(tmp_path,
+                                                                                          smoke_model_path):
+    """`mondrian analyze` of a photo the model failed on (max_tokens too low) recorded "`mondrian analyze` stopped:
+    GenerationError …", which the record's cause read as an interrupted run ("nothing is wrong, it was stopped"),
+    with no failure record, while the command went on to the next photo. It is now the model's failure, recorded as
+    the daemon records it, and its next step, followed once the setting is fixed, analyses the photo."""
+    home = make_home(tmp_path / "home", smoke_model_path, max_tokens=3)
+    photo(tmp_path / "shoot" / "fine.jpg", seed=7, size=(64, 48))
+    env = _env(smoke_model_path, _path_with_mondrian(tmp_path))
+    ran = _run(["mondrian", "--home", str(home), "analyze", str(tmp_path / "shoot" / "fine.jpg")], env, tmp_path)
+    assert ran.returncode == 1 and "stopped" not in ran.stderr and "raise max_tokens" in ran.stderr, ran.stderr
+    record = json.loads((home / "outbox" / "failed" / "fine.jpg.error.json").read_text())
+    assert record["kind"] == "permanent" and "the model failed on it" in record["next_step"], record
+    [failure] = json.loads(_paste(f"mondrian --home '{home}' status --json", env, tmp_path).stdout)["recent_failures"]
+    assert "the model failed on it" in failure["next_step"], failure
+    settings = home / "mondrian.toml"
+    settings.write_text(settings.read_text().replace("max_tokens = 3", "max_tokens = 400"))
+    [again] = _commands(failure["next_step"], "analyze")
+    pasted = _paste(again, env, tmp_path)
+    assert pasted.returncode == 0 and "fine.jpg" in pasted.stdout, (again, pasted.stdout, pasted.stderr)
+
+
 def test_the_model_download_command_off_path_is_named_by_its_path(tmp_path, smoke_model_path):
     """No model yet, in a checkout whose venv is not activated: "To get a model: `hf download …`" said `hf`, which
     that shell does not have. The command printed must be one the shell finds (run here with `--help`: offline)."""

@@ -22,7 +22,7 @@ from typing import Any, Callable
 from ..analysis.advisors import get_advisor
 from ..intake.images import PHOTO_SUFFIXES
 from ..config import Config
-from ..errors import EX_CONFIG, EX_USAGE
+from ..errors import EX_CONFIG, EX_USAGE, is_permanent
 from ..intake.inbox import is_report_file, is_temporary_name
 from ..ledger import RUNNING, Ledger, job_dict
 from ..pipeline.supervisor import default_runtime_factory
@@ -233,10 +233,17 @@ def analyze_many(cfg: Config, request: Request, *, on_loading: Callable[[], None
                     worker.process(job, keep_original=True, mode_override=request.mode)
             except BaseException as exc:  # Ctrl-C or a fault: never leave the job "in progress"
                 log.debug("analysis failed", exc_info=True)
-                reason = "interrupted" if isinstance(exc, KeyboardInterrupt) else f"{type(exc).__name__}: {exc}"
-                if ledger.get(job.id).state == RUNNING:
-                    ledger.fail(job.id, f"`{mondrian()} analyze` stopped: {reason}; run it again", None,
+                if ledger.get(job.id).state != RUNNING:
+                    pass
+                elif isinstance(exc, Exception) and is_permanent(exc):
+                    # The model's own failure (max_tokens, the advisor's prompt): recorded as the daemon records it,
+                    # with the record and page whose next step names the setting, never "it was stopped".
+                    worker.out.fail(ledger.get(job.id), f"the model could not produce a critique: {exc}")
+                elif not isinstance(exc, Exception):
+                    ledger.fail(job.id, f"`{mondrian()} analyze` stopped: interrupted; run it again", None,
                                 kind="transient")
+                else:
+                    ledger.fail(job.id, f"unexpected error: {type(exc).__name__}: {exc}", None, kind="transient")
                 if not isinstance(exc, Exception):
                     raise
             results.append(_result(ledger, job.id))
