@@ -973,3 +973,37 @@ def test_a_service_that_cannot_start_does_not_grow_its_log_for_ever(dirs):
     assert log.stat().st_size < 2000 + 1000, log.stat().st_size  # this start's lines only
     assert log.with_name("mondrian.err.log.1").exists() and not log.with_name("mondrian.err.log.2").exists()
     assert "max_pixels" in log.read_text()
+
+
+@needs_daemon
+def test_install_and_start_refuse_while_a_daemon_run_by_hand_serves_the_home(dirs, systemd):
+    """Attack: `mondrian run` left in a terminal, then `service install`: the service found the home taken and
+    exited 78 every 30 s, silently, for as long as the terminal's daemon ran. Install, start and restart now refuse
+    and name the daemon to stop; once it is stopped, install goes through."""
+    (dirs["home"] / "mondrian.toml").write_text('model = "smoke"\napi_port = 0\n')
+    by_hand = subprocess.Popen([sys.executable, "-m", "daemon", "--home", str(dirs["home"]), "run"],
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=dirs["tmp"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        lock = dirs["home"] / "var" / "daemon.lock"
+        deadline = time.monotonic() + 120
+        while service.lock_holder(lock) is None and time.monotonic() < deadline and by_hand.poll() is None:
+            time.sleep(0.2)
+        assert service.lock_holder(lock) == by_hand.pid
+        for action in ("install", "start", "restart"):
+            rc, _, err = _act(action, dirs)
+            assert rc != 0 and f"pid {by_hand.pid}" in err and "started by hand" in err, (action, err)
+        acted = [c for c in systemd() if c.split()[1] in ("daemon-reload", "enable", "start", "restart")]
+        assert acted == [] and not spec_for(dirs, platform="linux").unit_path.exists(), systemd()
+        # The service's own daemon (an upgrade's install, a restart) holds the same lock: that one is let through.
+        fake = dirs["tmp"] / "fakebin" / "systemctl"
+        fake.write_text(FAKE_SYSTEMCTL.replace("exit 0", f'case "$*" in *MainPID*) echo {by_hand.pid};; esac\nexit 0'))
+        for action in ("install", "restart"):
+            rc, _, err = _act(action, dirs)
+            assert rc == 0, (action, err)
+    finally:
+        by_hand.terminate()
+        by_hand.wait(timeout=60)
+    rc, _, err = _act("install", dirs)
+    assert rc == 0, err
+    assert "--user restart mondrian.service" in systemd()

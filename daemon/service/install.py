@@ -33,6 +33,7 @@ import platformdirs
 from daemon.config import (ENV_SETTINGS, PROJECT_ROOT, Config, ConfigError, default_home, load_config,
                             refuse_file_as_home)
 from daemon.errors import EX_CONFIG, EX_UNAVAILABLE
+from daemon.fsutil import lock_holder
 from daemon.resources import service_templates_dir
 from daemon.hints import PROGRAM_ENV, mondrian, program, serve, shell_word
 
@@ -541,6 +542,11 @@ class Launchd:
         info = self.info()
         return bool(info and info.get("state") == "running")
 
+    def main_pid(self) -> int | None:
+        """The pid launchd runs the agent as, or None when it runs nothing now."""
+        pid = (self.info() or {}).get("pid", "")
+        return int(pid) if pid.isdigit() and int(pid) > 0 else None
+
     def _bootout(self) -> None:
         if self.sh.dry_run:
             self.sh.run(["launchctl", "bootout", self.target], note="only if an agent is loaded")
@@ -696,6 +702,11 @@ class Systemd:
         self._sc("reset-failed", self.unit, quiet_fail=True)
         return 0
 
+    def main_pid(self) -> int | None:
+        """The pid systemd runs the unit as, or None when it runs nothing now."""
+        pid = _query(["systemctl", "--user", "show", "-p", "MainPID", "--value", self.unit], timeout=15).stdout.strip()
+        return int(pid) if pid.isdigit() and int(pid) > 0 else None
+
     def _need_unit(self) -> bool:
         if self.sh.dry_run or self.spec.unit_path.exists():
             return True
@@ -728,6 +739,23 @@ def _refuse_unmounted_home(spec: ServiceSpec) -> None:
     refuse_file_as_home(spec.home)
     # The same folders ensure_dirs allows a new home's missing parents in.
     spec.config._refuse_unmounted(spec.home, within=(Path.home(), Path(platformdirs.user_data_dir())))
+
+
+def _refuse_a_daemon_run_by_hand(spec: ServiceSpec, manager: "Launchd | Systemd") -> None:
+    """A daemon already serving the home that is not the service's own (`mondrian run` in a terminal): the service
+    would find the home taken and exit 78 every ThrottleInterval, silently, for as long as that one runs."""
+    if spec.config is None:
+        return
+    holder = lock_holder(spec.config.var_dir / "daemon.lock")
+    if holder is None or (holder > 0 and holder == manager.main_pid()):
+        return
+    if holder <= 0 and manager.main_pid() is not None:
+        return  # no pid to compare with: a running service is taken to be the holder
+    who = f"pid {holder}" if holder > 0 else "a process"
+    raise ServiceError(f"a Mondrian daemon ({who}) started by hand already serves {spec.home}; the service would "
+                      f"find the home taken and stop at once, every {spec.throttle_interval} s. Stop that one first "
+                      f"(Ctrl-C where `mondrian run` runs{f', or `kill {holder}`' if holder > 0 else ''}), then run "
+                      f"this again. Nothing was changed")
 
 
 def installed_home(spec: ServiceSpec) -> Path | None:
@@ -798,6 +826,8 @@ def service_action(action: str, *, platform: str | None = None, label: str = DEF
                            f"state is unknown without {'launchctl' if spec.platform == 'macos' else 'systemctl'}")
                     mondrian_status(spec, sh)  # the daemon may still run by hand: show what it does
                 return EX_UNAVAILABLE
+        if action in ("install", "start", "restart") and not dry_run:
+            _refuse_a_daemon_run_by_hand(spec, manager)
         if action == "install":
             _refuse_unmounted_home(spec)
             # The daemon's own start-up checks, in the service's environment: a config it would refuse must not
