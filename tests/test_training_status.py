@@ -81,3 +81,44 @@ def test_a_training_refused_for_a_bad_lora_setting_is_not_shown_as_a_stopped_run
     text = (home / "mondrian.toml").read_text()
     (home / "mondrian.toml").write_text(text.replace("\n[lora]\nalpha = inf\n", "\n"))
     assert "training" not in status(home, smoke_model_path)
+
+
+KILLED_WHILE_PROMOTING = """import os, sys
+from daemon.config import load_config
+from daemon.ledger import Ledger
+from jobs.nightly import ProgressRecorder
+from tests.lora_helpers import install_version
+cfg = load_config(sys.argv[1], env={}, model=sys.argv[2])
+recorder = ProgressRecorder(Ledger(cfg.db_path), "ansel")
+recorder({"event": "phase", "phase": "promoting", "reason": "better on the test photos"})
+install_version(cfg, "ansel", promoted=True, fingerprint=sys.argv[3])  # MONDRIAN_TEST_CRASH_AT may kill it here
+os.kill(os.getpid(), 9)  # else killed after the switch, before its outcome was recorded
+"""
+
+
+def test_a_training_killed_while_promoting_says_what_became_of_its_version(tmp_path: Path,
+                                                                          smoke_model_path: Path) -> None:
+    """Attack: a training SIGKILLed while it promoted its version: status said "nothing was promoted" while
+    `adapters` listed the new version as promoted (and, once finished, current)."""
+    from tests.lora_helpers import install_version
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    cfg = load_config(home, env={}, model=str(smoke_model_path))
+    cfg.ensure_dirs()
+    install_version(cfg, "ansel", promoted=True, fingerprint="f1")
+
+    def killed(fingerprint: str, **env: str) -> str:
+        run = subprocess.run([sys.executable, "-c", KILLED_WHILE_PROMOTING, str(home), str(smoke_model_path),
+                              fingerprint], cwd=REPO, env=env_for(home, smoke_model_path, **env), timeout=120)
+        assert run.returncode == -9
+        text = mondrian(home, smoke_model_path, "status").stdout
+        return next(line for line in text.splitlines() if line.startswith("Training:"))
+
+    # Killed between the version's rename and the switch of `current`.
+    line = killed("f2", MONDRIAN_TEST_CRASH_AT="promoting")
+    assert "nothing was promoted" not in line and "v0002 was promoted but not yet made current" in line, line
+    assert mondrian(home, smoke_model_path, "adapters").returncode == 0  # as the line advises: it finishes it
+    assert status(home, smoke_model_path)["training"]["reason"].endswith("v0002 was promoted and is current")
+    # Killed after the switch, before its outcome was recorded.
+    line = killed("f3")
+    assert "v0003 was promoted and is current" in line, line

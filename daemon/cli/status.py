@@ -345,7 +345,7 @@ def _extra_sections(cfg: Config, ledger: Ledger) -> dict[str, Any]:
     events = ledger.events()
     out: dict[str, Any] = {}
     if "training" in events:
-        out["training"] = _training_state(events["training"][0])
+        out["training"] = _training_state(events["training"][0], cfg)
     out["adapters"] = _adapters(cfg)
     from .workers import worker_rows
 
@@ -386,17 +386,48 @@ def _adapters_line(adapters: dict[str, dict[str, Any]]) -> str | None:
     return "Adapters: " + "; ".join(parts) if parts else None
 
 
-def _training_state(t: Any) -> Any:
+def _training_state(t: Any, cfg: Config) -> Any:
     """The training event, marked `stopped` when it says running but the process that recorded it on this machine
     is gone (killed, crashed, or refused a setting before it began): it will never say otherwise by itself."""
     if not isinstance(t, dict) or t.get("state", "running") != "running":
         return t
     pid, host = t.get("recorder_pid"), t.get("host")
     if isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid):
-        return {**t, "state": "stopped", "finished_at": None,
-                "reason": f"the process that ran it (pid {pid}) is gone before it finished; nothing was promoted. "
-                          f"`{mondrian()} train --advisor {t.get('advisor')}` runs it again"}
+        gone = f"the process that ran it (pid {pid}) is gone before it finished"
+        kept = _kept_by(t, cfg) if t.get("phase") in ("promoting", "refusing") else None
+        if kept is None:
+            return {**t, "state": "stopped", "finished_at": None,
+                    "reason": f"{gone}; nothing was promoted. `{mondrian()} train --advisor {t.get('advisor')}` runs "
+                              f"it again"}
+        # Killed as it recorded its result: the version was kept all the same, and `adapters` (or the daemon's
+        # start) finishes a promotion cut short. "Nothing was promoted" contradicted `adapters`.
+        version, promoted, current = kept
+        if not promoted:
+            what = f"{version} was kept without being promoted"
+        elif current:
+            what = f"{version} was promoted and is current"
+        else:
+            what = (f"{version} was promoted but not yet made current: `{mondrian()} adapters --advisor "
+                    f"{t.get('advisor')}` (or the daemon's next start) finishes it")
+        return {**t, "state": "stopped", "finished_at": None, "version": version, "reason": f"{gone}; {what}"}
     return t
+
+
+def _kept_by(t: dict[str, Any], cfg: Config) -> tuple[str, bool, bool] | None:
+    """The version a training that died while recording its result had committed (decided after it began), if
+    any: its name, whether it was promoted, and whether it is current."""
+    from ..model.adapter_store import AdapterStore, AdapterStoreError
+
+    store = AdapterStore(cfg.adapters_dir)
+    try:
+        started, advisor = float(t.get("started_at") or 0), str(t.get("advisor"))
+        ours = [v for v in store.versions(advisor) if float(v.decision.get("decided_at") or 0) >= started]
+        if not ours:
+            return None
+        current = store.current(advisor)
+        return ours[-1].name, ours[-1].promoted, current is not None and current.name == ours[-1].name
+    except (AdapterStoreError, OSError, TypeError, ValueError):
+        return None
 
 
 def _training_line(t: dict[str, Any]) -> str:
