@@ -923,3 +923,26 @@ def test_a_resent_photo_whose_first_original_left_its_report_folder_is_kept(tmp_
         assert len([p for p in (home / "outbox" / "duplicates").iterdir()
                     if not p.name.endswith((".json", ".html"))]) == 1
         assert d.stop() == 0
+
+
+def test_an_api_host_naming_two_addresses_is_served_on_both(tmp_path) -> None:
+    """Attack: `api_host = "localhost"` on a Mac, where localhost is ::1 and 127.0.0.1 (::1 first): only ::1 was
+    bound, and a client of the original Mondrian calling http://127.0.0.1:5100 found nothing. Each address the
+    name gives is served now. (This machine's localhost may be IPv4 alone: the two addresses are given as a Mac's
+    resolver gives them, and bound for real.)"""
+    from daemon.api.server import bind_addresses
+    from daemon.config import load_config
+
+    port = free_port()
+    macs_localhost = [*socket.getaddrinfo("::1", port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE),
+                      *socket.getaddrinfo("127.0.0.1", port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)]
+    socks = bind_addresses(load_config(make_home(tmp_path / "home")), macs_localhost)
+    try:
+        assert sorted(s.getsockname()[0] for s in socks) == ["127.0.0.1", "::1"]
+        for family, address in ((socket.AF_INET6, "::1"), (socket.AF_INET, "127.0.0.1")):
+            with socket.socket(family) as client:
+                client.settimeout(5)
+                client.connect((address, port))  # refused if nothing listens there
+    finally:
+        for s in socks:
+            s.close()

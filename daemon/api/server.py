@@ -32,32 +32,53 @@ class PortUnavailable(OSError):
     """The API's address cannot be bound; `str()` says what to do."""
 
 
-def bind(cfg: Config) -> socket.socket:
+def bind(cfg: Config) -> list[socket.socket]:
+    """The API's listening sockets: one for each address api_host names. `localhost` is ::1 and 127.0.0.1 on a
+    Mac (::1 first): bound to the first alone, a client that asks for 127.0.0.1 found nothing there."""
     host, port = cfg.api_host, cfg.api_port
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
         raise PortUnavailable(f"api_host {host!r} is not an address of this machine ({exc.strerror}); set api_host "
                               f"{cfg.where_set('api_host')} to 127.0.0.1") from None
-    family, kind, proto, _, address = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart is not held up by TIME_WAIT
-        sock.bind(address)
-        sock.listen(128)
-    except OSError as exc:
-        sock.close()
-        where = f"{host}:{port}"
-        if exc.errno == errno.EADDRINUSE:
-            raise PortUnavailable(
-                f"the API port {where} is taken by another program (another Mondrian? `lsof -i :{port}` shows "
-                f"which); stop it, or set api_port {cfg.where_set('api_port')} to a free port (api_port = 0 turns "
-                f"the API off)") from None
-        raise PortUnavailable(f"cannot serve the API on {where} ({exc.strerror or exc}); set api_port (a port above "
-                              f"1024) {cfg.where_set('api_port')}, or api_host {cfg.where_set('api_host')}, or "
-                              f"api_port to 0 to turn it off") from None
-    sock.setblocking(False)
-    return sock
+    return bind_addresses(cfg, infos)
+
+
+def bind_addresses(cfg: Config, infos: list[tuple[Any, ...]]) -> list[socket.socket]:
+    """Listening sockets on each of `infos` (getaddrinfo's answer for api_host), all or none."""
+    seen: set[tuple[int, Any]] = set()
+    unique = [i for i in infos if (i[0], i[4][:2]) not in seen and not seen.add((i[0], i[4][:2]))]
+    socks: list[socket.socket] = []
+    for n, (family, kind, proto, _, address) in enumerate(unique):
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart is not held up by TIME_WAIT
+            sock.bind(address)
+            sock.listen(128)
+        except OSError as exc:
+            sock.close()
+            if n > 0 and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                log.debug("API: %s is not available here (%s)", address[0], exc.strerror)  # e.g. IPv6 turned off
+                continue
+            for other in socks:
+                other.close()
+            raise _unbindable(cfg, exc) from None
+        sock.setblocking(False)
+        socks.append(sock)
+    return socks
+
+
+def _unbindable(cfg: Config, exc: OSError) -> PortUnavailable:
+    host, port = cfg.api_host, cfg.api_port
+    where = f"{host}:{port}"
+    if exc.errno == errno.EADDRINUSE:
+        return PortUnavailable(
+            f"the API port {where} is taken by another program (another Mondrian? `lsof -i :{port}` shows "
+            f"which); stop it, or set api_port {cfg.where_set('api_port')} to a free port (api_port = 0 turns "
+            f"the API off)")
+    return PortUnavailable(f"cannot serve the API on {where} ({exc.strerror or exc}); set api_port (a port above "
+                           f"1024) {cfg.where_set('api_port')}, or api_host {cfg.where_set('api_host')}, or "
+                           f"api_port to 0 to turn it off")
 
 
 def header_seconds() -> float:
@@ -183,18 +204,23 @@ class _QuietServer(uvicorn.Server):
 class ApiServer:
     def __init__(self, door: Door):
         self.door = door
-        self._sock: socket.socket | None = None
+        self._socks: list[socket.socket] = []
         self._server: _QuietServer | None = None
         self._thread: threading.Thread | None = None
 
     @property
     def url(self) -> str:
-        host, port = self._sock.getsockname()[:2] if self._sock else (self.door.cfg.api_host, self.door.cfg.api_port)
-        return f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        return self.urls[0]
+
+    @property
+    def urls(self) -> list[str]:
+        """One for each address served (`localhost`: IPv6 and IPv4)."""
+        names = [s.getsockname()[:2] for s in self._socks] or [(self.door.cfg.api_host, self.door.cfg.api_port)]
+        return [f"http://{f'[{host}]' if ':' in host else host}:{port}" for host, port in names]
 
     def start(self) -> None:
         """Bind (PortUnavailable if it cannot), sweep the spool, then serve on a thread of its own."""
-        self._sock = bind(self.door.cfg)
+        self._socks = bind(self.door.cfg)
         self.door.spool.prepare()
         swept = self.door.spool.sweep(self.door.ledger.has_job)
         if swept:
@@ -208,17 +234,18 @@ class ApiServer:
         self._server.every_second = self.door.spool.reap  # upload folders the worker has emptied since
         self._thread = threading.Thread(target=self._serve, name="api", daemon=True)
         self._thread.start()
-        log.info("API: POST %s/analyze (GET /health, /jobs/<id>)", self.url)
+        log.info("API: POST %s/analyze (GET /health, /jobs/<id>)%s", self.url,
+                 "".join(f"; also {u}" for u in self.urls[1:]))
         if every_network(self.door.cfg):
             log.warning("API: listening on every network this machine is on (api_host = %r), with no password: "
                         "anyone who can reach port %d can send photos and read every report. Set api_host = "
                         "\"127.0.0.1\" in %s to keep it to this machine", self.door.cfg.api_host,
-                        self._sock.getsockname()[1], self.door.cfg.home / CONFIG_NAME)
+                        self._socks[0].getsockname()[1], self.door.cfg.home / CONFIG_NAME)
 
     def _serve(self) -> None:
-        assert self._server is not None and self._sock is not None
+        assert self._server is not None and self._socks
         try:
-            self._server.run(sockets=[self._sock])
+            self._server.run(sockets=self._socks)
         except BaseException:  # the inbox must go on being served whatever happens to the API
             log.exception("the API stopped")
 
@@ -229,8 +256,8 @@ class ApiServer:
             self._server.wake()
         if self._thread is not None:
             self._thread.join(timeout=STOP_SECONDS + 5)
-        if self._sock is not None:
-            self._sock.close()
+        for sock in self._socks:
+            sock.close()
 
     def info(self) -> dict[str, Any]:
         return {"url": self.url}
