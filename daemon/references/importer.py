@@ -145,11 +145,33 @@ def _text(value: str) -> str:
 def _candidates(image_path: str, db_path: Path) -> list[Path]:
     """Where the row's photo may be: as given if absolute; else beside the database, or from the original project's
     root (its database lived in `mondrian/mondrian.db`, its paths were relative to the project)."""
-    p = Path(image_path).expanduser()
+    try:
+        p = Path(image_path).expanduser()
+    except RuntimeError:  # `~someone/…` of a user this machine does not have: a relative path like any other
+        p = Path(image_path)
     if p.is_absolute():
         return [p]
     here = db_path.resolve().parent
     return [here / p, here.parent / p]
+
+
+def _not_a_photo(src: Path) -> str | None:
+    """Why the file, named like a photo, is none (its header read, not the whole image), or None. A page saved as
+    `.jpg` was counted "imported", and `references index`, which the summary advises next, then failed on it."""
+    from PIL import Image
+
+    from ..intake.images import PHOTO_SUFFIXES  # its import registers the HEIF/AVIF opener
+    from ..intake.raw import RAW_SUFFIXES
+
+    if src.suffix.lower() in RAW_SUFFIXES or src.suffix.lower() not in PHOTO_SUFFIXES:
+        return None  # a raw file is read by LibRaw at indexing, which says what is wrong with it
+    try:
+        with Image.open(src) as img:
+            img.size
+    except Exception as exc:  # PIL raises several kinds for a file that is not an image
+        return (f"{shown_name(src)} is named like a photo but is not one Mondrian can read ({type(exc).__name__}); "
+                f"export the photo again, then import again")
+    return None
 
 
 def _sha256(path: Path) -> str:
@@ -216,7 +238,9 @@ def import_db(cfg: Config, db_path: Path, advisor: str | None = None) -> Summary
     summary = Summary()
     try:
         query = f"SELECT rowid AS _rowid, * FROM {TABLE}"
-        rows: Iterable[sqlite3.Row] = (db.execute(query + " WHERE advisor_id = ? ORDER BY rowid", (advisor,))
+        # Ids as the API and the inbox take them (`Ansel`, `ansel `): the row's own id is matched the same way.
+        rows: Iterable[sqlite3.Row] = (db.execute(query + " WHERE lower(trim(advisor_id)) = ? ORDER BY rowid",
+                                                  (advisor.strip().lower(),))
                                        if advisor else db.execute(query + " ORDER BY rowid"))
         for row in rows:
             try:
@@ -237,6 +261,8 @@ def _import_row(cfg: Config, row: sqlite3.Row, db_path: Path, advisors: dict, po
     advisor_id = str(row["advisor_id"] or "") if "advisor_id" in keys else ""
     image = str(row["image_path"] or "") if "image_path" in keys else ""
     # the outcome is printed and written as JSON: names that were not UTF-8 are shown with their bytes as \\xff
+    if advisor_id not in advisors and advisor_id.strip().lower() in advisors:
+        advisor_id = advisor_id.strip().lower()  # `Ansel`: the API, `--advisor` and inbox folders take it too
     out = Outcome(row=shown_name(row_id), advisor=shown_name(advisor_id), image=shown_name(image), action="skipped")
     if not advisor_id.strip():
         out.reason = ("the row names no advisor (its advisor_id is empty or missing): the original database does "
@@ -261,7 +287,12 @@ def _import_row(cfg: Config, row: sqlite3.Row, db_path: Path, advisors: dict, po
     except SidecarInvalid as exc:
         out.reason = f"bad scores: {exc}"
         return out
-    src = next((c for c in _candidates(image, db_path) if c.is_file()), None)
+    try:
+        src = next((c for c in _candidates(image, db_path) if c.is_file()), None)
+    except OSError as exc:  # a name too long for this disk, a folder it may not look into: this row's own problem
+        out.reason = (f"its image_path cannot be looked up here ({exc.strerror or exc}): the row is left out; put "
+                      f"the photo where a shorter path reaches it and correct the row, then import again")
+        return out
     there = next((c for c in _candidates(image, db_path) if os.path.lexists(c)), None)
     if src is None and there is not None:  # it is there, but no photo file: saying "not found" would mislead
         try:
@@ -286,6 +317,10 @@ def _import_row(cfg: Config, row: sqlite3.Row, db_path: Path, advisors: dict, po
     except OSError as exc:  # this photo's own problem: the rows after it are imported still
         out.reason = (f"{shown_name(src)} could not be read ({exc.strerror or exc}): make it readable "
                       f"(`chmod u+r`), then import again")
+        return out
+    unreadable = _not_a_photo(src)
+    if unreadable:
+        out.reason = unreadable
         return out
     folder = references_dir(cfg, advisor_id)
     portfolio = portfolios.setdefault(advisor_id, Portfolio(folder))
