@@ -243,6 +243,10 @@ def cmd_adapters(args: argparse.Namespace) -> int:
         # A command that runs when pasted: the advisor asked about, else the default one (`ID` was taken for one).
         print(f"No adapters for {who} yet. Train one with `{mondrian()} train --advisor "
               f"{advisors[0] if args.advisor else cfg.default_advisor}`.")
+        for a in advisors:
+            original = store.original_layout(a, mondrian())
+            if original:
+                print(f"Note: {original}.")
         for note in notes:
             print(note)
         return 0

@@ -346,3 +346,30 @@ def test_a_version_copied_from_another_advisor_is_not_served_as_this_ones(tmp_pa
     assert out.returncode == 0, out.stdout + out.stderr
     again = json.loads((cfg.outbox / "p1-2" / "report.json").read_text())
     assert again["mode"]["effective"] == "lora" and again["model"]["adapter"] == "cartier/v0001", again["mode"]
+
+
+def test_an_adapter_in_the_original_layout_is_named_as_such_and_left_alone(tmp_path, smoke_model_path,
+                                                                            smoke_model) -> None:
+    """Attack: an original Mondrian user's `adapters/ansel/adapter_config.json` + `adapters.safetensors` (its
+    `mlx_vlm.lora --output-path adapters/ansel` layout): lora photos fell back with "no trained adapter yet" and
+    `adapters` said "No adapters yet", as if the files were not there. Both now name them and what to do; the
+    files are never touched."""
+    cfg = _home(tmp_path, smoke_model_path)
+    original = cfg.adapters_dir / "ansel"
+    src = random_adapter(tmp_path / "src", smoke_model, seed=7)
+    original.mkdir(parents=True)
+    for name in ("adapter_config.json", "adapters.safetensors"):
+        shutil.copyfile(src / name, original / name)
+    originals = ("adapter_config.json", "adapters.safetensors")
+    before = {name: (original / name).read_bytes() for name in originals}
+
+    listed = mondrian(cfg.home, smoke_model_path, "adapters")
+    assert listed.returncode == 0 and "original Mondrian's layout" in listed.stdout, listed.stdout
+    assert "references import-db" in listed.stdout, listed.stdout
+    p1 = photo(tmp_path / "in" / "p1.jpg", seed=1)
+    out = mondrian(cfg.home, smoke_model_path, "analyze", str(p1), "--mode", "lora")
+    assert out.returncode == 0, out.stderr
+    step = json.loads((cfg.outbox / "p1" / "report.json").read_text())["mode"]["fallbacks"][0]
+    assert step["from"] == "lora" and "original Mondrian's layout" in step["reason"], step
+    assert f"`mondrian train --advisor ansel`" in step["reason"] and str(cfg.home) not in step["reason"], step
+    assert {name: (original / name).read_bytes() for name in originals} == before

@@ -80,6 +80,9 @@ class LoraStrategy(Strategy):
                 why = latest.decision.get("reason") or "the quality gate refused it"
                 return Availability(False, f"no adapter of {advisor.name} has passed the quality gate yet: "
                                            f"{latest.name} was not promoted ({why})")
+            original = self.store.original_layout(advisor.id)
+            if original:
+                return Availability(False, f"no adapter of {advisor.name} Mondrian can use yet: {original}")
             return Availability(False, f"no trained adapter for {advisor.name} yet (run {train})")
         broken = self._problem(version)
         if broken:

@@ -297,6 +297,23 @@ class AdapterStore:
             return []
         return sorted(p.name for p in self.root.iterdir() if p.is_dir() and ADVISOR_ID.match(p.name))
 
+    def original_layout(self, advisor: str, command: str = "mondrian") -> str | None:
+        """What the original Mondrian left in the advisor's folder (`adapters/ansel/adapter_config.json` and
+        `adapters.safetensors`, written by `mlx_vlm.lora --output-path adapters/ansel`), said as the reason it is not
+        used, or None (`command`: how the message names Mondrian; reports name no home). Its config lacks what a version here records (the base model it was trained for, its test
+        set and metrics) and its format is the old trainer's: loading it could only guess. Never touched."""
+        try:
+            d = self.advisor_dir(advisor)
+            found = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if (d / n).is_file()]
+        except (AdapterStoreError, OSError):
+            return None
+        if not found:
+            return None
+        return (f"adapters/{advisor}/ holds an adapter in the original Mondrian's layout ({' and '.join(found)} "
+                f"directly in it), which Mondrian does not load: its adapters are versions (adapters/{advisor}/v0001, "
+                f"…) trained, evaluated and promoted by `{command} train --advisor {advisor}` (the original's "
+                f"references first: `{command} references import-db mondrian/mondrian.db`)")
+
     # -- reading ---------------------------------------------------------------------------------
     def versions(self, advisor: str) -> list[Version]:
         d = self.advisor_dir(advisor)
