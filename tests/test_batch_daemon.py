@@ -179,3 +179,30 @@ def test_batch_size_zero_follows_the_device_the_model_runs_on(tmp_path: Path, pl
     worker.cfg = dataclasses.replace(cfg, batch_size=2)  # a number the user set wins over the device's
     assert worker.batch_size() == 2
     ledger.close()
+
+
+def test_photos_analysed_together_share_their_time_limits(tmp_path: Path, plain_model_path: Path) -> None:
+    """Attack: job_timeout_seconds is a photo's, yet a batch had one deadline for all its rows: 8 photos that took
+    under 1 s each alone all failed a 3 s limit together (their batch took 4.5 s), and `retry` batched them again to
+    fail again. Every pass here costs each row 20 ms (MONDRIAN_TEST_TOKEN_SECONDS), so a batch of four takes about
+    four photos' time; the limit is 1.5x the slowest photo alone."""
+    slow = {"MONDRIAN_TEST_TOKEN_SECONDS": "0.02"}
+
+    def run(name: str, **settings) -> dict:
+        home = make_home(tmp_path / name, plain_model_path, **settings)
+        for i in range(4):
+            photo(home / "inbox" / f"p{i}.png", seed=i)  # one size: one group, each pass for all four rows
+        out = mondrian(home, plain_model_path, "run", "--once", timeout=600, **slow)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return ledger_jobs(home)
+
+    alone = run("alone", batch_size=1)
+    assert {j.state for j in alone.values()} == {"done"}, {r: (j.state, j.error) for r, j in alone.items()}
+    limit = round(1.5 * max(j.finished_at - j.started_at for j in alone.values()), 2)
+    together = run("together", batch_size=4, job_timeout_seconds=limit)
+    assert {j.state for j in together.values()} == {"done"}, (limit, {r: j.error for r, j in together.items()})
+    timings = [json.loads((Path(j.output_dir) / "report.json").read_text())["timings"] for j in together.values()]
+    assert {t["photos_analysed_together"] for t in timings} == {4}, timings
+    # Each report's generate_s is its own row's (rows of other lengths end passes apart), not the batch's.
+    assert len({t["generated_tokens"] for t in timings}) > 1, timings
+    assert max(t["generate_s"] for t in timings) - min(t["generate_s"] for t in timings) > 0.05, timings

@@ -33,9 +33,10 @@ class BaselineStrategy(Strategy):
     def analyse_batch(self, ctxs: list[AnalysisContext]) -> list[AnalysisResult | Exception]:
         t0 = time.perf_counter()
         gens = ctxs[0].runtime.generate_json_batch([critique_request(c) for c in ctxs])
-        return [g if isinstance(g, Exception) else _result(g, t0) for g in gens]
+        return [g if isinstance(g, Exception) else _result(g, t0, own=True) for g in gens]
 
 
-def _result(gen, t0: float) -> AnalysisResult:
-    return AnalysisResult(critique=gen.data, timings={"generate_s": time.perf_counter() - t0,
-                                                      "generated_tokens": gen.generated_tokens})
+def _result(gen, t0: float, own: bool = False) -> AnalysisResult:
+    """`own`: the row's own time in its batch (from its group's pass to its last token), not the whole batch's."""
+    seconds = gen.seconds if own else time.perf_counter() - t0
+    return AnalysisResult(critique=gen.data, timings={"generate_s": seconds, "generated_tokens": gen.generated_tokens})

@@ -168,5 +168,6 @@ class LoraStrategy(Strategy):
             raise AdapterError(shown) from exc
         return [g if isinstance(g, Exception) else
                 AnalysisResult(critique=g.data, adapter=version.label, inputs=_adapter_inputs(version),
-                               timings={"generate_s": time.perf_counter() - t0, "generated_tokens": g.generated_tokens})
+                               timings={"generate_s": g.seconds if batch else time.perf_counter() - t0,
+                                        "generated_tokens": g.generated_tokens})
                 for g in gens]

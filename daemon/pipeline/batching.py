@@ -128,7 +128,9 @@ def _analyse_together(worker: "Worker", group: list["Prepared"]) -> None:
              ", ".join(p.job.rel_path for p in preps))
     for prep in preps:
         testhooks.poison_point(prep.src.name)
-    deadline = time.monotonic() + worker.cfg.job_timeout_seconds
+    # job_timeout_seconds is each photo's: photos analysed together share their limits. One limit for the batch timed
+    # out all of them where each alone took a fraction of it, and `retry` batched them again to time out again.
+    deadline = time.monotonic() + worker.cfg.job_timeout_seconds * len(preps)
     contexts = [AnalysisContext(runtime=runtime, cfg=worker.cfg, advisor=p.advisor, photo=p.photo, cancel=worker.stop,
                                 deadline=deadline) for p in preps]
     testhooks.crashpoint("analysing")
@@ -144,5 +146,7 @@ def _analyse_together(worker: "Worker", group: list["Prepared"]) -> None:
             elif isinstance(outcome, Exception):
                 raise outcome
             else:
+                # analysis_s is the batch's, shared: the report says with how many photos (generate_s: its own).
+                outcome.timings["photos_analysed_together"] = len(preps)
                 worker.finish(prep, strategy, resolved[i][1], outcome, analysis_s)
         _done(worker, prep.job)
