@@ -184,6 +184,10 @@ def embed(original: Path, report: dict[str, Any]) -> str | None:
             # merge them over the first, so a keyword list living there would hide Mondrian's.
             raise ValueError("its XMP is larger than one JPEG segment holds (extended XMP), which cannot be "
                              "rewritten safely")
+        if image.xmpData().empty() and _PROPERTY.search(image.xmpPacket()):
+            # A packet exiv2 cannot parse (an `&` left unescaped, a Latin-1 byte) reads as no XMP at all: writing
+            # ours would replace it, and the photographer's title, keywords and rating with it, in the only copy.
+            raise ValueError("its own XMP is not well-formed, and writing Mondrian's would replace it")
         _fill(image.xmpData(), report, inside_original=True)
         image.writeMetadata()
         written = _bytes(image)
