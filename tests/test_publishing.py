@@ -475,13 +475,21 @@ def test_earlier_critiques_link_only_reports_still_in_their_folders_never_the_pa
     (outbox / "alpha-2").rename(outbox / "kept")  # renamed: the ledger still names outbox/alpha-2/
     third = drop(folder="alpha-3")
     assert third["job_id"] not in (first["job_id"], second["job_id"])
-    assert "earlier_reports" not in third, third["earlier_reports"]
-    assert "Earlier critiques" not in (outbox / "alpha-3" / "report.html").read_text(encoding="utf-8")
-    # The same bytes for another advisor: a critique of its own, linking the one earlier report still in place.
+    # The renamed folder is followed where it is now (it was once not linked at all); the deleted one is gone.
+    assert [(e["job_id"], e["report"]) for e in third["earlier_reports"]] == [(second["job_id"], "../kept/report.html")]
+    # The same bytes for another advisor: a critique of its own, linking the earlier reports still in place.
     (inbox / "cartier").mkdir()
     fourth = drop("cartier/alpha.png", folder="alpha-4")
     links = [(e["job_id"], e["report"]) for e in fourth["earlier_reports"]]
-    assert links == [(third["job_id"], "../alpha-3/report.html")]
+    assert links == [(second["job_id"], "../kept/report.html"), (third["job_id"], "../alpha-3/report.html")]
+    # Renamed or deleted after they were linked: the pages that link them follow (the index's next look at the
+    # outbox renders them again), so no "Earlier critiques" link leads nowhere.
+    (outbox / "kept").rename(outbox / "kept again")
+    shutil.rmtree(outbox / "alpha-3")
+    photo(inbox / "other.png", seed=8)
+    _run_once(home, smoke_model_path)
+    page = (outbox / "alpha-4" / "report.html").read_text(encoding="utf-8")
+    assert 'href="../kept%20again/report.html"' in page and "../alpha-3/" not in page and "../kept/" not in page, page
 
 
 def test_a_report_folders_name_is_never_given_to_another_photo(tmp_path, smoke_model_path):

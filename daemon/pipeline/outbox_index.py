@@ -103,6 +103,18 @@ def published_report(path: Path, job_id: int) -> dict[str, Any] | None:
     return report
 
 
+def _earlier_links(report: dict[str, Any]) -> list[list[Any]]:
+    """[job id, report folder] of each earlier critique a report links, as report.json records them."""
+    out = []
+    for e in report.get("earlier_reports") or []:
+        href = e.get("report") if isinstance(e, dict) else None
+        parts = href.split("/") if isinstance(href, str) else []
+        job = _job_id(e.get("job_id")) if isinstance(e, dict) else None
+        if job is not None and len(parts) == 3 and parts[0] == ".." and parts[2] == "report.html":
+            out.append([job, parts[1]])
+    return out
+
+
 def _job_id(value: object) -> int | None:
     """A record's job id, if it is one: a record edited by hand to hold `[3]` or `{}` must not stop the index (the
     ledger's set of standing ids is looked up with it)."""
@@ -152,6 +164,7 @@ class OutboxIndex:
         self._last_at = float("-inf")  # monotonic time the last refresh ended
         self._last_cost = 0.0  # seconds it took
         self._seen_state: tuple[int, ...] | None = None  # the outbox as the last refresh left it
+        self.where: dict[int, str] = {}  # job id -> the report folder holding its report, as the last refresh found
 
     def changed(self) -> None:
         """A job's outcome was published: refresh now, or soon enough that the index costs each job a bounded
@@ -177,6 +190,12 @@ class OutboxIndex:
         folder deleted while the queue was empty stayed on the index, a dead link, until the next photo came."""
         if self._outbox_state() != self._seen_state:
             self.refresh()
+
+    def folders(self) -> dict[int, str]:
+        """Job id -> the report folder holding its report now (a folder renamed by hand is followed): the last
+        refresh's, refreshed first if the outbox changed since (or this process has not refreshed yet)."""
+        self.follow_outbox()
+        return self.where
 
     def flush(self) -> None:
         """Refresh if a published job is not shown yet (the queue is empty, or Mondrian stops). Never raises."""
@@ -223,19 +242,30 @@ class OutboxIndex:
             hit = cached.get(name)
             report = None
             if not (isinstance(hit, dict) and hit.get("key") == key and isinstance(hit.get("entry"), dict)
-                    and set(hit["entry"]) == REPORT_KEYS):
+                    and set(hit["entry"]) == REPORT_KEYS and isinstance(hit.get("earlier"), list)):
                 self.reads += 1
                 report = _read_json(Path(entry.path) / "report.json")
                 summary = report_summary(name, report) if report else None
                 if summary is None:
                     continue
-                hit = {"key": key, "entry": summary}
-            found[name] = self._follow_files({**hit}, Path(entry.path), report)
-        return found
+                hit = {"key": key, "entry": summary, "job": _job_id(report.get("job_id")),
+                       "earlier": _earlier_links(report)}
+            found[name] = ({**hit}, report)
+        # Where each job's report is now: a folder the photographer renamed is followed, a deleted one is gone.
+        where: dict[int, str] = {}
+        for name in sorted(found):
+            job = found[name][0].get("job")
+            if isinstance(job, int):
+                where.setdefault(job, name)
+        self.where = where
+        return {name: self._follow_files(hit, self.cfg.outbox / name, report, where)
+                for name, (hit, report) in found.items()}
 
-    def _follow_files(self, hit: dict[str, Any], folder: Path, report: dict[str, Any] | None) -> dict[str, Any]:
+    def _follow_files(self, hit: dict[str, Any], folder: Path, report: dict[str, Any] | None,
+                      where: dict[int, str]) -> dict[str, Any]:
         """A report page links its original and shows its preview: once the photographer deleted or moved either
         away (or put it back), the page is rendered again from report.json, so that it links only what is there.
+        So too its "Earlier critiques" once one of their folders was renamed (the link follows) or deleted (it goes).
         Three lstats a report and refresh; a page is rewritten only when what it can link changed (or, for a report
         not seen before, when something is missing: it was written with both)."""
         present = [_is_file(folder / os.path.basename(str(hit["entry"].get("file") or ""))),
@@ -243,10 +273,12 @@ class OutboxIndex:
                    # The page itself, deleted while its report.json stays: the index (and a duplicate's record) link
                    # to it, so it is written again.
                    _is_file(folder / "report.html")]
+        earlier = [[job, where.get(job)] for job, _ in hit["earlier"]]
+        shown = hit.get("earlier_shown", hit["earlier"])
         known = hit.get("files")
         if isinstance(known, list) and len(known) == 2 and present[2]:
             known = [*known, True]  # an index cached before pages were followed: nothing to rewrite for that
-        if known == present or (known is None and all(present)):
+        if (known == present or (known is None and all(present))) and earlier == shown:
             hit["files"] = present
             return hit
         if report is None:
@@ -255,10 +287,13 @@ class OutboxIndex:
         try:
             if report is None:
                 raise ReportInvalid("unreadable")
-            rerender_report_html(folder, report, original=present[0], preview=present[1])
+            rerender_report_html(folder, report, original=present[0], preview=present[1],
+                                 earlier={job: name for job, name in earlier})
             hit["files"] = [*present[:2], True]
+            hit["earlier_shown"] = earlier
         except ReportInvalid:  # edited by hand past what a page can show: its page stays as it was
             hit["files"] = present
+            hit["earlier_shown"] = earlier
         except OSError as exc:
             log.warning("could not rewrite %s: %s", folder / "report.html", exc)
         return hit

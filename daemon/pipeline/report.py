@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 from urllib.parse import quote
 
 import jsonschema
@@ -386,11 +386,21 @@ def render_report_html(report: dict, *, photo_href: str | None = "preview.jpg", 
     return _env().get_template("report.html").render(**ctx)
 
 
-def rerender_report_html(folder: Path, report: dict, *, original: bool, preview: bool) -> None:
+def rerender_report_html(folder: Path, report: dict, *, original: bool, preview: bool,
+                         earlier: dict[int, str | None] | None = None) -> None:
     """Write a report folder's page again from its report.json, linking the original and showing the preview only
-    if they are there (the outbox index calls it when the photographer deleted or moved one of them). Raises
+    if they are there (the outbox index calls it when the photographer deleted or moved one of them). `earlier`:
+    where each earlier critique's report folder is now (None: gone), over what report.json recorded. Raises
     ReportInvalid for a report.json that no longer satisfies the schema (edited by hand): its page is left alone."""
     validate_report(report)
+    if earlier is not None:
+        moved = []
+        for e in report.get("earlier_reports") or []:
+            job = e.get("job_id") if isinstance(e, dict) else None
+            if job in earlier and earlier[job] is None:
+                continue
+            moved.append({**e, "report": f"../{earlier[job]}/report.html"} if job in earlier else e)
+        report = {**report, "earlier_reports": moved}
     html = render_report_html(report, photo_href="preview.jpg" if preview else None, original=original)
     atomic_write_text(Path(folder) / "report.html", html, durable=False)
 
@@ -568,7 +578,8 @@ def now_iso(ts: float | None = None) -> str:
     return datetime.fromtimestamp(ts or time.time(), tz=timezone.utc).isoformat(timespec="seconds")
 
 
-def earlier_report_links(cfg: "Config", jobs: list["Job"]) -> list[dict[str, Any]]:
+def earlier_report_links(cfg: "Config", jobs: list["Job"], moved: Callable[[], dict[int, str]] | None = None
+                         ) -> list[dict[str, Any]]:
     """report.json's `earlier_reports`: the reports of the same bytes made before, each as a link relative to a
     report folder (all of them are folders of the outbox), with what tells them apart. Only those whose folder still
     holds that job's report: the ledger remembers the folder a report was published to, not what the user did with
@@ -576,10 +587,17 @@ def earlier_report_links(cfg: "Config", jobs: list["Job"]) -> list[dict[str, Any
     under the freed name: a link to the page itself, labelled as the old job)."""
     from .outbox_index import published_report  # here, not above: outbox_index imports this module
 
+    def holds(folder: Path, job_id: int) -> bool:
+        return folder.parent == cfg.outbox and published_report(folder / "report.json", job_id) is not None
+
     links = []
     for j in jobs:
-        folder = Path(j.output_dir or "")
-        if not j.output_dir or folder.parent != cfg.outbox or published_report(folder / "report.json", j.id) is None:
+        # Where the ledger published it, else where the outbox index finds it now (`moved`: a folder renamed by
+        # hand; asked only then, as it may have to look at the outbox).
+        folder = Path(j.output_dir) if j.output_dir and holds(Path(j.output_dir), j.id) else None
+        if folder is None and moved is not None and j.id in (where := moved()):
+            folder = cfg.outbox / where[j.id] if holds(cfg.outbox / where[j.id], j.id) else None
+        if folder is None:
             continue
         links.append({"job_id": j.id, "report": f"../{folder.name}/report.html", "advisor": j.advisor,
                       "mode": j.effective_mode or "baseline", "adapter": j.adapter,

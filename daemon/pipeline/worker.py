@@ -398,7 +398,8 @@ class Worker:
         if first is not None and not keep_original:
             self.out.duplicate(job, first, src, fallbacks, before=prep.before, sha256=photo.sha256)
             return
-        earlier = earlier_report_links(self.cfg, self.ledger.earlier_reports(photo.sha256, exclude=job.id))
+        earlier = earlier_report_links(self.cfg, self.ledger.earlier_reports(photo.sha256, exclude=job.id),
+                                       moved=self.out.index.folders)
         report = assemble(self.runtime, job, src, photo, advisor, prep.requested, prep.source, strategy.name,
                           fallbacks, result, {"decode_s": prep.decode_s, "analysis_s": analysis_s, **result.timings},
                           context=context, earlier=earlier, original="copied" if keep_original else None)
