@@ -1340,10 +1340,13 @@ class Ledger:
         self.Worker.update(done=self._done, **self._in_hand()).where(self.Worker.id == self.worker_id()).execute()
 
     def _in_hand(self) -> dict[str, Any]:
-        """The photo this worker's row names: the first job (by id) it holds: a worker holds one at a time in practice."""
+        """What this worker's row names: the first job (by id) it holds, and how many more (a batch holds several:
+        `workers` named one photo of eight)."""
         with self._held_lock:
             held = sorted(self._held.items())
         job_id, (_, photo, claimed_at) = held[0] if held else (None, (None, None, None))
+        if len(held) > 1:
+            photo = f"{photo} and {len(held) - 1} more"
         return dict(job_id=job_id, photo=photo, claimed_at=claimed_at)
 
     # -- leases and fencing ---------------------------------------------------------------------

@@ -135,6 +135,9 @@ def test_stopping_during_a_batch_puts_every_photo_of_it_back_in_the_queue(tmp_pa
     with Daemon(home, plain_model_path, MONDRIAN_TEST_TOKEN_SECONDS="0.05") as d:
         wait_for(lambda: "photos together" in d.output(), 120, what="a batch in progress")
         assert len(status(home, plain_model_path)["running"]) == 4
+        # `workers` named one photo of the four its worker held
+        [row] = json.loads(mondrian(home, plain_model_path, "workers", "--json").stdout)["workers"]
+        assert row["photo"] in {f"p{i}.png and 3 more" for i in range(4)}, row
         d.signal(signal.SIGTERM)
         assert d.wait(60) == 0, d.output()
     jobs = ledger_jobs(home)
