@@ -106,3 +106,43 @@ def test_a_file_that_may_end_in_black_and_cannot_be_read_is_refused_for_what_it_
         with pytest.raises(ImageRejected) as refused:
             decode_photo(data, MAX_PIXELS)
         assert not isinstance(refused.value, PhotoTruncated), refused.value
+
+
+def test_a_motion_photo_whose_video_ends_in_zeros_is_a_photo_and_a_copy_cut_after_its_thumbnail_is_not() -> None:
+    """A phone's motion photo is a JPEG with its video after the end marker; an MP4 may end in zeros (a `free` box).
+    Such a photo was taken for an unfinished copy (its bytes before the zeros did not end in the JPEG's end marker),
+    held, then failed. The JPEG is now walked to its own end. A copy filled only up to its EXIF thumbnail, whose
+    own end marker lies inside the header, is still unfinished."""
+    from daemon.intake.images import PhotoTruncated
+
+    rng = np.random.default_rng(5)
+    img = Image.fromarray((rng.random((300, 400, 3)) * 255).astype("uint8"))
+    for progressive in (False, True):
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", progressive=progressive)
+        still = buf.getvalue()
+        video = (b"\0\0\0\x18ftypmp42\0\0\0\0mp42isom" + (16 + 3000).to_bytes(4, "big") + b"mdat"
+                 + rng.integers(0, 256, 3000, dtype=np.uint8).tobytes() + (8 + 512).to_bytes(4, "big") + b"free"
+                 + bytes(512))
+        assert decode_photo(still + video, MAX_PIXELS).format == "JPEG"
+        with pytest.raises(PhotoTruncated):  # the same copy caught before the still was whole
+            decode_photo(still[:len(still) // 2] + bytes(len(still) - len(still) // 2 + len(video)), MAX_PIXELS)
+    # An EXIF thumbnail (a whole JPEG, end marker included) in APP1, the rest not yet written.
+    thumb = io.BytesIO()
+    img.resize((160, 120)).save(thumb, "JPEG")
+    # Pillow writes no thumbnail: a TIFF header whose IFD0 points at one (JPEGInterchangeFormat and its length)
+    tiff = (b"II*\0\x08\0\0\0" + (2).to_bytes(2, "little")
+            + (0x0201).to_bytes(2, "little") + (4).to_bytes(2, "little") + (1).to_bytes(4, "little")
+            + (38).to_bytes(4, "little")
+            + (0x0202).to_bytes(2, "little") + (4).to_bytes(2, "little") + (1).to_bytes(4, "little")
+            + len(thumb.getvalue()).to_bytes(4, "little") + bytes(4))
+    app1 = b"Exif\0\0" + tiff + thumb.getvalue()
+    buf = io.BytesIO()
+    img.save(buf, "JPEG")
+    plain = buf.getvalue()
+    with_thumb = plain[:2] + b"\xff\xe1" + (len(app1) + 2).to_bytes(2, "big") + app1 + plain[2:]
+    assert decode_photo(with_thumb, MAX_PIXELS).format == "JPEG"
+    header_end = 2 + 4 + len(app1)
+    cut = header_end + (len(with_thumb) - header_end) * 3 // 5  # the thumbnail's end marker is in, the scan not
+    with pytest.raises(PhotoTruncated, match="zero bytes where the rest of its data should be"):
+        decode_photo(with_thumb[:cut] + bytes(len(with_thumb) - cut), MAX_PIXELS)

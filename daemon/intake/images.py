@@ -160,7 +160,12 @@ def decode_photo(data: bytes, max_pixels: int) -> LoadedImage:
             raise PhotoTruncated("the photo is truncated (the file ends early); copy it again") from exc
         raise
     end = END_MARKERS.get(fmt or "")
-    if end is not None:
+    if fmt in ("JPEG", "MPO") and zeros >= UNFINISHED_ZEROS:
+        # Walked to its own end marker: a motion photo carries its video after it (whose last bytes may be zeros);
+        # an unfinished copy's zeros begin before the end marker is reached.
+        jpeg_end = _jpeg_end(data)
+        unfinished = jpeg_end is None or jpeg_end > len(data) - zeros
+    elif end is not None:
         unfinished = zeros >= UNFINISHED_ZEROS and not data[:len(data) - zeros].endswith(end)
     else:
         # (A format's own last bytes may be zeros: a little slack.)
@@ -198,6 +203,43 @@ def _said_length(data: bytes) -> int:
             break
         pos += size
     return pos
+
+
+def _jpeg_end(data: bytes) -> int | None:
+    """The offset just past a JPEG's end-of-image marker, found by walking its segments (an EXIF thumbnail's own end
+    marker lies inside its APP1 segment and is stepped over), or None when the data stops first."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    pos, n = 2, len(data)
+    while pos + 2 <= n:
+        if data[pos] != 0xFF:
+            return None
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if marker == 0xD9:
+            return pos + 2
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # no length
+            pos += 2
+            continue
+        if pos + 4 > n:
+            return None
+        length = int.from_bytes(data[pos + 2:pos + 4], "big")
+        if length < 2:
+            return None
+        pos += 2 + length
+        if marker == 0xDA:  # a scan's coded data: to the next marker that is neither a stuffed 0xFF00 nor a restart
+            while True:
+                i = data.find(b"\xff", pos)
+                if i < 0 or i + 1 >= n:
+                    return None
+                if data[i + 1] == 0 or 0xD0 <= data[i + 1] <= 0xD7 or data[i + 1] == 0xFF:
+                    pos = i + 1
+                    continue
+                pos = i
+                break
+    return None
 
 
 def _compressed(data: bytes) -> bool:
