@@ -946,3 +946,14 @@ def test_an_api_host_naming_two_addresses_is_served_on_both(tmp_path) -> None:
     finally:
         for s in socks:
             s.close()
+    # Another program on one of the two (an `ssh -L` tunnel on 127.0.0.1 alone): the other is served, not nothing.
+    with socket.socket(socket.AF_INET) as tunnel:
+        tunnel.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        tunnel.bind(("127.0.0.1", port))
+        tunnel.listen(1)
+        socks = bind_addresses(load_config(tmp_path / "home"), macs_localhost)
+        try:
+            assert [s.getsockname()[0] for s in socks] == ["::1"]
+        finally:
+            for s in socks:
+                s.close()

@@ -490,6 +490,19 @@ def test_earlier_critiques_link_only_reports_still_in_their_folders_never_the_pa
     _run_once(home, smoke_model_path)
     page = (outbox / "alpha-4" / "report.html").read_text(encoding="utf-8")
     assert 'href="../kept%20again/report.html"' in page and "../alpha-3/" not in page and "../kept/" not in page, page
+    # A copy of the linked folder (sorted before it) does not take the link away from it.
+    shutil.copytree(outbox / "kept again", outbox / "A copy")
+    photo(inbox / "other2.png", seed=9)
+    _run_once(home, smoke_model_path)
+    assert 'href="../kept%20again/report.html"' in (outbox / "alpha-4" / "report.html").read_text(encoding="utf-8")
+    # The index's cache lost, then the folder renamed back to the name report.json records: the page, which links
+    # the name it was last given, follows.
+    (home / "var" / "outbox-index.json").unlink()
+    (outbox / "kept again").rename(outbox / "kept")
+    photo(inbox / "other3.png", seed=10)
+    _run_once(home, smoke_model_path)
+    page = (outbox / "alpha-4" / "report.html").read_text(encoding="utf-8")
+    assert 'href="../kept/report.html"' in page and "kept%20again" not in page, page
 
 
 def test_a_report_folders_name_is_never_given_to_another_photo(tmp_path, smoke_model_path):

@@ -45,26 +45,38 @@ def bind(cfg: Config) -> list[socket.socket]:
 
 
 def bind_addresses(cfg: Config, infos: list[tuple[Any, ...]]) -> list[socket.socket]:
-    """Listening sockets on each of `infos` (getaddrinfo's answer for api_host), all or none."""
+    """Listening sockets on each of `infos` (getaddrinfo's answer for api_host) that can be served. Start-up stops
+    (PortUnavailable) only when none can: an address this machine does not have (IPv6 turned off) is passed by, and
+    one another program holds (an `ssh -L` tunnel on 127.0.0.1 alone) is served by the rest, with a warning."""
     seen: set[tuple[int, Any]] = set()
     unique = [i for i in infos if (i[0], i[4][:2]) not in seen and not seen.add((i[0], i[4][:2]))]
     socks: list[socket.socket] = []
-    for n, (family, kind, proto, _, address) in enumerate(unique):
-        sock = socket.socket(family, kind, proto)
+    failed: list[tuple[Any, OSError]] = []
+    for family, kind, proto, _, address in unique:
+        try:
+            sock = socket.socket(family, kind, proto)
+        except OSError as exc:  # no IPv6 in this kernel
+            failed.append((address, exc))
+            continue
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart is not held up by TIME_WAIT
             sock.bind(address)
             sock.listen(128)
         except OSError as exc:
             sock.close()
-            if n > 0 and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                log.debug("API: %s is not available here (%s)", address[0], exc.strerror)  # e.g. IPv6 turned off
-                continue
-            for other in socks:
-                other.close()
-            raise _unbindable(cfg, exc) from None
+            failed.append((address, exc))
+            continue
         sock.setblocking(False)
         socks.append(sock)
+    if not socks:
+        raise _unbindable(cfg, next((e for _, e in failed if e.errno == errno.EADDRINUSE), failed[0][1]))
+    for address, exc in failed:
+        if exc.errno == errno.EADDRINUSE:
+            log.warning("API: port %d of %s is taken by another program (`lsof -i :%d` shows which): clients calling "
+                        "that address reach it, not Mondrian; served on the other address(es) only", cfg.api_port,
+                        address[0], cfg.api_port)
+        else:
+            log.debug("API: %s is not available here (%s)", address[0], exc.strerror or exc)
     return socks
 
 

@@ -255,7 +255,8 @@ def _cannot_serve(cfg: Config) -> str | None:
     if not (cfg.api_enabled and cfg.api_port):
         return "--serve needs the API: set api_enabled = true and an api_port in mondrian.toml"
     try:
-        bind(cfg).close()
+        for sock in bind(cfg):
+            sock.close()
     except PortUnavailable as exc:
         return f"--serve: {exc}"
     return None

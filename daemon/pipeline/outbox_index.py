@@ -193,8 +193,11 @@ class OutboxIndex:
 
     def folders(self) -> dict[int, str]:
         """Job id -> the report folder holding its report now (a folder renamed by hand is followed): the last
-        refresh's, refreshed first if the outbox changed since (or this process has not refreshed yet)."""
-        self.follow_outbox()
+        refresh's, refreshed first if the outbox changed since, no more often than the index's share of the time
+        allows (every report published changes the outbox: a bulk inbox asking for each photo refreshed per photo)."""
+        if self._seen_state is None or time.monotonic() - self._last_at >= max(STALE_SECONDS,
+                                                                               COST_FACTOR * self._last_cost):
+            self.follow_outbox()
         return self.where
 
     def flush(self) -> None:
@@ -252,17 +255,17 @@ class OutboxIndex:
                        "earlier": _earlier_links(report)}
             found[name] = ({**hit}, report)
         # Where each job's report is now: a folder the photographer renamed is followed, a deleted one is gone.
-        where: dict[int, str] = {}
+        holders: dict[int, list[str]] = {}
         for name in sorted(found):
             job = found[name][0].get("job")
             if isinstance(job, int):
-                where.setdefault(job, name)
-        self.where = where
-        return {name: self._follow_files(hit, self.cfg.outbox / name, report, where)
+                holders.setdefault(job, []).append(name)
+        self.where = {job: names[0] for job, names in holders.items()}
+        return {name: self._follow_files(hit, self.cfg.outbox / name, report, holders)
                 for name, (hit, report) in found.items()}
 
     def _follow_files(self, hit: dict[str, Any], folder: Path, report: dict[str, Any] | None,
-                      where: dict[int, str]) -> dict[str, Any]:
+                      holders: dict[int, list[str]]) -> dict[str, Any]:
         """A report page links its original and shows its preview: once the photographer deleted or moved either
         away (or put it back), the page is rendered again from report.json, so that it links only what is there.
         So too its "Earlier critiques" once one of their folders was renamed (the link follows) or deleted (it goes).
@@ -273,12 +276,21 @@ class OutboxIndex:
                    # The page itself, deleted while its report.json stays: the index (and a duplicate's record) link
                    # to it, so it is written again.
                    _is_file(folder / "report.html")]
-        earlier = [[job, where.get(job)] for job, _ in hit["earlier"]]
-        shown = hit.get("earlier_shown", hit["earlier"])
+        # The folder it was linked to while that one still holds the report (a copy of it elsewhere does not take
+        # the link away), else where the report is now. What the page shows is known only once this index has
+        # rendered it: a page read afresh (a lost cache) is rendered again if it links any earlier critique.
+        shown = hit.get("earlier_shown")
+        linked = {job: name for job, name in shown or []}
+
+        def now(job: int, recorded: str) -> str | None:
+            held = holders.get(job, [])
+            return next((n for n in (linked.get(job), recorded) if n in held), held[0] if held else None)
+
+        earlier = [[job, now(job, recorded)] for job, recorded in hit["earlier"]]
         known = hit.get("files")
         if isinstance(known, list) and len(known) == 2 and present[2]:
             known = [*known, True]  # an index cached before pages were followed: nothing to rewrite for that
-        if (known == present or (known is None and all(present))) and earlier == shown:
+        if (known == present or (known is None and all(present))) and earlier == (shown if earlier else []):
             hit["files"] = present
             return hit
         if report is None:
