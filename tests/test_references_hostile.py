@@ -195,7 +195,7 @@ def test_import_db_survives_hostile_rows(tmp_path, smoke_model_path):
     (orig / "images" / "page.jpg").write_text("<html>not a photo</html>")
     add("ansel", "'images/page.jpg'")
     photo(orig / "images" / "c.jpg", seed=3)
-    add("Ansel ", "'images/c.jpg'")
+    add("Ansel\t", "'images/c.jpg'")
     add("ansel", "'images/b.jpg'")  # after the bad rows: still imported
     db.commit()
     db.close()

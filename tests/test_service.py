@@ -976,11 +976,16 @@ def test_a_service_that_cannot_start_does_not_grow_its_log_for_ever(dirs):
 
 
 @needs_daemon
-def test_install_and_start_refuse_while_a_daemon_run_by_hand_serves_the_home(dirs, systemd):
+def test_install_and_start_refuse_while_a_daemon_run_by_hand_serves_the_home(dirs, systemd, monkeypatch):
     """Attack: `mondrian run` left in a terminal, then `service install`: the service found the home taken and
     exited 78 every 30 s, silently, for as long as the terminal's daemon ran. Install, start and restart now refuse
     and name the daemon to stop; once it is stopped, install goes through."""
     (dirs["home"] / "mondrian.toml").write_text('model = "smoke"\napi_port = 0\n')
+    monkeypatch.delenv("MONDRIAN_HOME", raising=False)
+    rc, _, err = _act("install", dirs)  # installed while nothing else runs: the service serves this home
+    assert rc == 0, err
+    spec_for(dirs, platform="linux").unit_path.unlink()  # as if never installed, for the refusals below
+    (dirs["tmp"] / "systemctl.calls").unlink()
     by_hand = subprocess.Popen([sys.executable, "-m", "daemon", "--home", str(dirs["home"]), "run"],
                                env={**os.environ, "HF_HUB_OFFLINE": "1"}, cwd=dirs["tmp"],
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -995,6 +1000,12 @@ def test_install_and_start_refuse_while_a_daemon_run_by_hand_serves_the_home(dir
             assert rc != 0 and f"pid {by_hand.pid}" in err and "started by hand" in err, (action, err)
         acted = [c for c in systemd() if c.split()[1] in ("daemon-reload", "enable", "start", "restart")]
         assert acted == [] and not spec_for(dirs, platform="linux").unit_path.exists(), systemd()
+        # A plain `service restart` (no home named) is about the home the installed service serves, not the default.
+        unit = spec_for(dirs, platform="linux").unit_path
+        unit.write_text(service.render(spec_for(dirs, platform="linux"))[1])
+        rc, _, err = _act("restart", dirs, home=None)
+        assert rc != 0 and f"pid {by_hand.pid}" in err, err
+        unit.unlink()
         # The service's own daemon (an upgrade's install, a restart) holds the same lock: that one is let through.
         fake = dirs["tmp"] / "fakebin" / "systemctl"
         fake.write_text(FAKE_SYSTEMCTL.replace("exit 0", f'case "$*" in *MainPID*) echo {by_hand.pid};; esac\nexit 0'))

@@ -122,3 +122,9 @@ def test_a_training_killed_while_promoting_says_what_became_of_its_version(tmp_p
     # Killed after the switch, before its outcome was recorded.
     line = killed("f3")
     assert "v0003 was promoted and is current" in line, line
+    # Rolled back since: no promotion is waiting to be finished (`adapters` would do nothing), so none is advised.
+    from daemon.model.adapter_store import AdapterStore
+
+    assert AdapterStore(cfg.adapters_dir).rollback("ansel") == ("v0003", "v0002")
+    reason = status(home, smoke_model_path)["training"]["reason"]
+    assert reason.endswith("v0003 was promoted, and v0002 has been made current since"), reason

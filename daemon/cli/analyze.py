@@ -22,7 +22,7 @@ from typing import Any, Callable
 from ..analysis.advisors import get_advisor
 from ..intake.images import PHOTO_SUFFIXES
 from ..config import Config
-from ..errors import EX_CONFIG, EX_USAGE, is_permanent
+from ..errors import EX_CONFIG, EX_USAGE, Transient, is_permanent
 from ..intake.inbox import is_report_file, is_temporary_name
 from ..ledger import RUNNING, Ledger, job_dict
 from ..pipeline.supervisor import default_runtime_factory
@@ -242,6 +242,8 @@ def analyze_many(cfg: Config, request: Request, *, on_loading: Callable[[], None
                 elif not isinstance(exc, Exception):
                     ledger.fail(job.id, f"`{mondrian()} analyze` stopped: interrupted; run it again", None,
                                 kind="transient")
+                elif isinstance(exc, Transient):  # the outbox, the disk: said as the daemon says it
+                    ledger.fail(job.id, f"{exc}; run it again", None, kind="transient")
                 else:
                     ledger.fail(job.id, f"unexpected error: {type(exc).__name__}: {exc}", None, kind="transient")
                 if not isinstance(exc, Exception):

@@ -401,11 +401,13 @@ def _training_state(t: Any, cfg: Config) -> Any:
                               f"it again"}
         # Killed as it recorded its result: the version was kept all the same, and `adapters` (or the daemon's
         # start) finishes a promotion cut short. "Nothing was promoted" contradicted `adapters`.
-        version, promoted, current = kept
+        version, promoted, current, since = kept
         if not promoted:
             what = f"{version} was kept without being promoted"
         elif current:
             what = f"{version} was promoted and is current"
+        elif since:
+            what = f"{version} was promoted, and {since} has been made current since"
         else:
             what = (f"{version} was promoted but not yet made current: `{mondrian()} adapters --advisor "
                     f"{t.get('advisor')}` (or the daemon's next start) finishes it")
@@ -413,9 +415,10 @@ def _training_state(t: Any, cfg: Config) -> Any:
     return t
 
 
-def _kept_by(t: dict[str, Any], cfg: Config) -> tuple[str, bool, bool] | None:
+def _kept_by(t: dict[str, Any], cfg: Config) -> tuple[str, bool, bool, str | None] | None:
     """The version a training that died while recording its result had committed (decided after it began), if
-    any: its name, whether it was promoted, and whether it is current."""
+    any: its name, whether it was promoted, whether it is current, and the version made current since (a rollback,
+    or a promotion the history records, which `adapters` will not undo), if any."""
     from ..model.adapter_store import AdapterStore, AdapterStoreError
 
     store = AdapterStore(cfg.adapters_dir)
@@ -424,8 +427,12 @@ def _kept_by(t: dict[str, Any], cfg: Config) -> tuple[str, bool, bool] | None:
         ours = [v for v in store.versions(advisor) if float(v.decision.get("decided_at") or 0) >= started]
         if not ours:
             return None
-        current = store.current(advisor)
-        return ours[-1].name, ours[-1].promoted, current is not None and current.name == ours[-1].name
+        v, current = ours[-1], store.current(advisor)
+        is_current = current is not None and current.name == v.name
+        settled = v.rolled_back or any(v.name in (r.get("version"), r.get("from"), r.get("to"))
+                                       for r in store.history(advisor))  # as finish_promotion reads it
+        since = current.name if settled and not is_current and current is not None else None
+        return v.name, v.promoted, is_current, since
     except (AdapterStoreError, OSError, TypeError, ValueError):
         return None
 

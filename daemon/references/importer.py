@@ -238,10 +238,10 @@ def import_db(cfg: Config, db_path: Path, advisor: str | None = None) -> Summary
     summary = Summary()
     try:
         query = f"SELECT rowid AS _rowid, * FROM {TABLE}"
-        # Ids as the API and the inbox take them (`Ansel`, `ansel `): the row's own id is matched the same way.
-        rows: Iterable[sqlite3.Row] = (db.execute(query + " WHERE lower(trim(advisor_id)) = ? ORDER BY rowid",
-                                                  (advisor.strip().lower(),))
-                                       if advisor else db.execute(query + " ORDER BY rowid"))
+        rows: Iterable[sqlite3.Row] = db.execute(query + " ORDER BY rowid")
+        if advisor:  # ids as the API and the inbox take them (`Ansel`, `ansel\t`), as `_import_row` reads them
+            wanted = advisor.strip().lower()
+            rows = (r for r in rows if "advisor_id" in r.keys() and str(r["advisor_id"] or "").strip().lower() == wanted)
         for row in rows:
             try:
                 summary.outcomes.append(_import_row(cfg, row, db_path, advisors, portfolios))

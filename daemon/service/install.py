@@ -741,18 +741,19 @@ def _refuse_unmounted_home(spec: ServiceSpec) -> None:
     spec.config._refuse_unmounted(spec.home, within=(Path.home(), Path(platformdirs.user_data_dir())))
 
 
-def _refuse_a_daemon_run_by_hand(spec: ServiceSpec, manager: "Launchd | Systemd") -> None:
-    """A daemon already serving the home that is not the service's own (`mondrian run` in a terminal): the service
-    would find the home taken and exit 78 every ThrottleInterval, silently, for as long as that one runs."""
-    if spec.config is None:
+def _refuse_a_daemon_run_by_hand(spec: ServiceSpec, manager: "Launchd | Systemd", served: Config | None) -> None:
+    """A daemon already serving the home the service serves (`served`) that is not the service's own (`mondrian run`
+    in a terminal): the service would find the home taken and exit 78 every ThrottleInterval, silently, for as long
+    as that one runs."""
+    if served is None:
         return
-    holder = lock_holder(spec.config.var_dir / "daemon.lock")
+    holder = lock_holder(served.var_dir / "daemon.lock")
     if holder is None or (holder > 0 and holder == manager.main_pid()):
         return
     if holder <= 0 and manager.main_pid() is not None:
         return  # no pid to compare with: a running service is taken to be the holder
     who = f"pid {holder}" if holder > 0 else "a process"
-    raise ServiceError(f"a Mondrian daemon ({who}) started by hand already serves {spec.home}; the service would "
+    raise ServiceError(f"a Mondrian daemon ({who}) started by hand already serves {served.home}; the service would "
                       f"find the home taken and stop at once, every {spec.throttle_interval} s. Stop that one first "
                       f"(Ctrl-C where `mondrian run` runs{f', or `kill {holder}`' if holder > 0 else ''}), then run "
                       f"this again. Nothing was changed")
@@ -826,8 +827,8 @@ def service_action(action: str, *, platform: str | None = None, label: str = DEF
                            f"state is unknown without {'launchctl' if spec.platform == 'macos' else 'systemctl'}")
                     mondrian_status(spec, sh)  # the daemon may still run by hand: show what it does
                 return EX_UNAVAILABLE
-        if action in ("install", "start", "restart") and not dry_run:
-            _refuse_a_daemon_run_by_hand(spec, manager)
+        if action == "install" and not dry_run:
+            _refuse_a_daemon_run_by_hand(spec, manager, spec.config)
         if action == "install":
             _refuse_unmounted_home(spec)
             # The daemon's own start-up checks, in the service's environment: a config it would refuse must not
@@ -851,6 +852,15 @@ def service_action(action: str, *, platform: str | None = None, label: str = DEF
             sh.warn(f"mondrian service {action}: the installed service {spec.label} serves {other}, not "
                     f"{spec.home}; nothing was done. {fix}")
             return EX_CONFIG
+        if action in ("start", "restart") and not dry_run:
+            # The home the installed service serves (a plain `service restart` names none): its lock, not this one's.
+            served = spec.config
+            if other and other != spec.home:
+                try:
+                    served = load_config(other)
+                except ConfigError:
+                    served = None  # its own start says what is wrong with it
+            _refuse_a_daemon_run_by_hand(spec, manager, served)
         if named and action == "status" and other and other != spec.home:
             # The unit state below is the other home's; the queue shown is this one's.
             sh.say(f"note: the installed service {spec.label} serves {other}, not {spec.home}: its state below "
