@@ -495,14 +495,22 @@ def test_earlier_critiques_link_only_reports_still_in_their_folders_never_the_pa
     photo(inbox / "other2.png", seed=9)
     _run_once(home, smoke_model_path)
     assert 'href="../kept%20again/report.html"' in (outbox / "alpha-4" / "report.html").read_text(encoding="utf-8")
-    # The index's cache lost, then the folder renamed back to the name report.json records: the page, which links
-    # the name it was last given, follows.
-    (home / "var" / "outbox-index.json").unlink()
-    (outbox / "kept again").rename(outbox / "kept")
+    # The index's cache lost, then a folder renamed back to the name report.json records: the page, which links
+    # the name it was last given, follows. (alpha-5 links kept again and alpha-4, both there.)
+    (inbox / "leibovitz").mkdir()
+    fifth = drop("leibovitz/alpha.png", folder="alpha-5")
+    assert [e["report"] for e in fifth["earlier_reports"]] == ["../kept%20again/report.html".replace("%20", " "),
+                                                               "../alpha-4/report.html"], fifth["earlier_reports"]
+    (outbox / "alpha-4").rename(outbox / "alpha four")
     photo(inbox / "other3.png", seed=10)
     _run_once(home, smoke_model_path)
-    page = (outbox / "alpha-4" / "report.html").read_text(encoding="utf-8")
-    assert 'href="../kept/report.html"' in page and "kept%20again" not in page, page
+    assert 'href="../alpha%20four/report.html"' in (outbox / "alpha-5" / "report.html").read_text(encoding="utf-8")
+    (home / "var" / "outbox-index.json").unlink()
+    (outbox / "alpha four").rename(outbox / "alpha-4")
+    photo(inbox / "other4.png", seed=11)
+    _run_once(home, smoke_model_path)
+    page = (outbox / "alpha-5" / "report.html").read_text(encoding="utf-8")
+    assert 'href="../alpha-4/report.html"' in page and "alpha%20four" not in page, page
 
 
 def test_a_report_folders_name_is_never_given_to_another_photo(tmp_path, smoke_model_path):

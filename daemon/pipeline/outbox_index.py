@@ -224,6 +224,7 @@ class OutboxIndex:
     # -- listing ------------------------------------------------------------------------------
     def _reports(self, cached: dict[str, Any]) -> dict[str, Any]:
         found: dict[str, Any] = {}
+        made: dict[str, int] = {}  # report.json's ctime
         try:
             entries = list(os.scandir(self.cfg.outbox))
         except OSError as exc:
@@ -254,9 +255,12 @@ class OutboxIndex:
                 hit = {"key": key, "entry": summary, "job": _job_id(report.get("job_id")),
                        "earlier": _earlier_links(report)}
             found[name] = ({**hit}, report)
-        # Where each job's report is now: a folder the photographer renamed is followed, a deleted one is gone.
+            made[name] = st.st_ctime_ns
+        # Where each job's report is now: a folder the photographer renamed is followed, a deleted one is gone. Of
+        # two folders holding one job's report, the one written first: a copy's report.json is newer (a rename keeps
+        # it as it was).
         holders: dict[int, list[str]] = {}
-        for name in sorted(found):
+        for name in sorted(found, key=lambda n: (made[n], n)):
             job = found[name][0].get("job")
             if isinstance(job, int):
                 holders.setdefault(job, []).append(name)
