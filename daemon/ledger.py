@@ -1755,6 +1755,12 @@ class Ledger:
         return job.select().where((job.source_path == source_path) & (job.state == DONE) & (job.id > after_id)) \
             .order_by(job.id.desc()).first()
 
+    def later_job_at(self, source_path: str, after_id: int) -> Job | None:
+        """The newest job since `after_id` of a file at `source_path`, whatever its state, if there is one."""
+        job = self.Job
+        return job.select().where((job.source_path == source_path) & (job.id > after_id)) \
+            .order_by(job.id.desc()).first()
+
     def earlier_failures(self, source_path: str, before_id: int) -> list[Job]:
         """Failed jobs of the same file before `before_id` (their records are stale once it is analysed)."""
         job = self.Job

@@ -425,3 +425,31 @@ def test_a_failure_whose_photo_was_deleted_since_is_cleared_by_retry_with_its_re
     assert {j.state for j in ledger_jobs(home).values()} == {"gone"}
     index = (home / "outbox" / "index.html").read_text()
     assert "gone.jpg" not in index and "lost.jpg" not in index
+
+
+def test_a_failure_moved_into_the_new_inbox_as_advised_and_queued_there_is_cleared_not_queued_twice(tmp_path,
+                                                                                                  smoke_model_path):
+    """Attack: `inbox` changed in mondrian.toml, a failure advising "move it into the inbox (…/inbox2)", the photo
+    moved there and queued by the daemon, then `retry --failed` as the failure also advised: it queued the old job
+    at the same path, the ledger refused (one file, two jobs), and the command called the ledger damaged and advised
+    moving it aside, throwing away its history. The old failure is now cleared in favour of the new job."""
+    from daemon.ledger import Ledger
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    _transient_failure(home, "ib1.jpg")
+    settings = home / "mondrian.toml"
+    settings.write_text('inbox = "inbox2"\n' + settings.read_text())
+    (home / "inbox2").mkdir()
+    (home / "inbox" / "ib1.jpg").rename(home / "inbox2" / "ib1.jpg")
+    moved = home / "inbox2" / "ib1.jpg"
+    ledger = Ledger(home / "var" / "ledger.db")
+    try:  # queued at its new place, as the daemon's watcher does
+        ledger.enqueue(moved, "ib1.jpg", "ansel", "default", moved.stat().st_size, moved.stat().st_mtime)
+    finally:
+        ledger.close()
+    out = mondrian(home, smoke_model_path, "retry", "--failed")
+    assert out.returncode == 0 and "damaged" not in out.stdout + out.stderr, out.stdout + out.stderr
+    assert "already queued at its place in the inbox" in out.stdout + out.stderr, out.stdout + out.stderr
+    states = sorted(j.state for j in Ledger(home / "var" / "ledger.db").jobs())
+    assert states == ["gone", "queued"], states
+    assert status(home, smoke_model_path)["counts"].get("failed", 0) == 0

@@ -264,6 +264,16 @@ def _retry_one(cfg: Config, ledger: Ledger, job: Job, left: list[str]) -> str | 
                     move(dst, src)
             raise
         _drop_record(kept)
+    elif os.path.lexists(src) and src != Path(job.source_path) and (later := ledger.later_job_at(str(src), job.id)):
+        # Moved into the new inbox as its failure advised, and queued there by the daemon already: that job is its
+        # job now. Queueing this one too gave one file two jobs (the ledger refused: "damaged, move it aside").
+        if ledger.mark_gone(job.id, f"its photo was queued again at its place in the inbox (job {later.id})",
+                            was=FAILED):
+            if kept is not None:
+                _drop_record(kept)
+            left.append(f"job {job.id}: {job.rel_path} is already queued at its place in the inbox (job {later.id}, "
+                        f"{later.state}); its old failure is cleared")
+        return None
     elif os.path.lexists(src):
         ledger.requeue_failed(job.id, src, _advisor_now(cfg, job, src))
         if kept is not None:  # failed where it lay (e.g. a read-only folder): only its record is in failed/
