@@ -384,3 +384,22 @@ def test_control_characters_in_names_are_escaped_in_log_and_status(tmp_path, smo
         assert "evil\\n12:00:00" in out and "\\x1b[2J" in out, (where, out)
     print("\ncontrol characters in a file name: escaped in the log and in `mondrian status` (no forged line, "
           "no escape sequence)")
+
+
+def test_an_inbox_removed_while_running_is_made_again_and_served(tmp_path, smoke_model_path):
+    """Attack: `rm -rf inbox` while the daemon ran: the inbox was never made again (the log blamed an unplugged
+    drive) until a restart, while the README says folders inside the home are made as needed. It is made again at
+    the next rescan, and a photo dropped into it is analysed."""
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    with Daemon(home, smoke_model_path) as d:
+        wait_for(lambda: "watching" in d.output().lower() or status(home, smoke_model_path)["daemon"]["running"],
+                 120, what="the daemon to start")
+        import shutil
+
+        shutil.rmtree(home / "inbox")
+        wait_for(lambda: (home / "inbox").is_dir(), 60, what="the inbox made again")
+        photo(home / "inbox" / "back.jpg", seed=3, size=(64, 48))
+        wait_for(lambda: ledger_jobs(home).get("back.jpg") is not None
+                 and ledger_jobs(home)["back.jpg"].state == "done", 180, what="the photo analysed")
+        assert d.stop() == 0
+    assert "not connected" not in d.output(), d.output()

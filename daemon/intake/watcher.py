@@ -94,8 +94,9 @@ class InboxWatcher:
     def __init__(self, inbox: Path, on_stable: Callable[[Path], None], quiet_seconds: float,
                  is_known: Callable[[Path], bool] = lambda p: False,
                  on_unreachable: Callable[[Path, str], None] = lambda p, why: None,
-                 on_stable_many: Callable[[list[Path]], None] | None = None):
+                 on_stable_many: Callable[[list[Path]], None] | None = None, make_within: Path | None = None):
         self.inbox = inbox
+        self.make_within = make_within  # the home: an inbox inside it that was removed is made again
         self.on_stable = on_stable
         self.on_stable_many = on_stable_many  # if given, a poll's settled files in one call (one transaction)
         self.on_unreachable = on_unreachable  # called from poll(), with a reason a person can act on
@@ -353,6 +354,16 @@ class InboxWatcher:
 
     def rescan(self) -> None:
         here = self.inbox.is_dir()
+        if not here and self.make_within is not None and self.make_within.is_dir() \
+                and self.inbox.is_relative_to(self.make_within):
+            # Removed by hand (`rm -rf inbox`): inside the home it is made again, as at start. Elsewhere a missing
+            # inbox is a drive not connected, where a folder made now would sit on the startup disk.
+            try:
+                self.inbox.mkdir(parents=True, exist_ok=True)
+                log.info("the inbox %s was removed; made it again", self.inbox)
+                here = True
+            except OSError as exc:
+                log.warning("the inbox %s was removed and could not be made again: %s", self.inbox, exc)
         if not here and not self.inbox_missing:
             log.warning("the inbox %s is not there (a drive or network share that is not connected?); photos "
                         "dropped there are picked up once it is back", self.inbox)

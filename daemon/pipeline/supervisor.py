@@ -176,7 +176,8 @@ class Daemon:
         from ..intake.watcher import InboxWatcher
 
         self.watcher = InboxWatcher(cfg.inbox, self._enqueue, cfg.quiet_seconds, is_known=self._is_known,
-                                    on_unreachable=self._unreachable, on_stable_many=self._enqueue_many)
+                                    on_unreachable=self._unreachable, on_stable_many=self._enqueue_many,
+                                    make_within=cfg.home)
         self.worker.out.left_behind = self.watcher.note
         self._skipped: dict[Path, tuple[int, float, float]] = {}  # said once in the log, per path and version
         self._listings: dict[Path, tuple[int, set[str]]] = {}  # folder -> (its mtime, sidecar names): _may_have_sidecar
