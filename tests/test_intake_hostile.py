@@ -61,8 +61,9 @@ def test_an_inbox_that_vanishes_again_after_coming_back_does_not_stop_the_daemon
     """A flaky drive: the inbox goes, comes back, and goes again before the next rescan. The observer watching the
     first inbox died with it, so the rescan restarts it, on a folder that is not there: that OSError escaped the main
     loop and the daemon died with a traceback. It now waits, and watches the inbox again once it is back."""
-    home = make_home(tmp_path / "home", smoke_model_path, **FAST, rescan_seconds=2)
-    inbox = home / "inbox"
+    inbox = tmp_path / "drive" / "inbox"  # on the drive: an inbox inside the home that goes is made again
+    inbox.mkdir(parents=True)
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST, rescan_seconds=2, inbox=str(inbox))
     with Daemon(home, smoke_model_path) as daemon:
         wait_for(lambda: "model ready" in daemon.output(), 120, what="the daemon to start")
         os.rmdir(inbox)

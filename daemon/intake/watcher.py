@@ -354,10 +354,12 @@ class InboxWatcher:
 
     def rescan(self) -> None:
         here = self.inbox.is_dir()
-        if not here and self.make_within is not None and self.make_within.is_dir() \
-                and self.inbox.is_relative_to(self.make_within):
-            # Removed by hand (`rm -rf inbox`): inside the home it is made again, as at start. Elsewhere a missing
-            # inbox is a drive not connected, where a folder made now would sit on the startup disk.
+        inside = self.make_within is not None and self.make_within.is_dir() \
+            and self.inbox.is_relative_to(self.make_within)
+        if not here and inside and self.inbox_missing:
+            # Removed by hand (`rm -rf inbox`) and still missing at a second look (not being replaced by a link
+            # this moment): inside the home it is made again, as at start. Elsewhere a missing inbox is a drive
+            # not connected, where a folder made now would sit on the startup disk.
             try:
                 self.inbox.mkdir(parents=True, exist_ok=True)
                 log.info("the inbox %s was removed; made it again", self.inbox)
@@ -365,8 +367,9 @@ class InboxWatcher:
             except OSError as exc:
                 log.warning("the inbox %s was removed and could not be made again: %s", self.inbox, exc)
         if not here and not self.inbox_missing:
-            log.warning("the inbox %s is not there (a drive or network share that is not connected?); photos "
-                        "dropped there are picked up once it is back", self.inbox)
+            log.warning("the inbox %s is not there (%s); photos dropped there are picked up once it is back",
+                        self.inbox, "removed? it is made again at the next look" if inside else
+                        "a drive or network share that is not connected?")
         elif here and self.inbox_missing:
             log.info("the inbox %s is back; looking at what it holds", self.inbox)
         self.inbox_missing = not here
