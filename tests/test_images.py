@@ -146,3 +146,15 @@ def test_a_motion_photo_whose_video_ends_in_zeros_is_a_photo_and_a_copy_cut_afte
     cut = header_end + (len(with_thumb) - header_end) * 3 // 5  # the thumbnail's end marker is in, the scan not
     with pytest.raises(PhotoTruncated, match="zero bytes where the rest of its data should be"):
         decode_photo(with_thumb[:cut] + bytes(len(with_thumb) - cut), MAX_PIXELS)
+
+
+def test_a_jpeg_with_bytes_between_its_segments_padded_with_zeros_is_still_a_photo() -> None:
+    """Some cameras leave stray bytes between header segments, where walking the JPEG's segments stops short; one
+    that ends in its end marker right before a zero padding is whole all the same (as it was before the walk)."""
+    rng = np.random.default_rng(6)
+    buf = io.BytesIO()
+    Image.fromarray((rng.random((120, 160, 3)) * 255).astype("uint8")).save(buf, "JPEG")
+    plain = buf.getvalue()
+    second = 4 + int.from_bytes(plain[4:6], "big")  # after the first segment (APP0)
+    gapped = plain[:second] + b"\x00\x00" + plain[second:]
+    assert decode_photo(gapped + bytes(4096), MAX_PIXELS).format == "JPEG"

@@ -163,8 +163,11 @@ def decode_photo(data: bytes, max_pixels: int) -> LoadedImage:
     if fmt in ("JPEG", "MPO") and zeros >= UNFINISHED_ZEROS:
         # Walked to its own end marker: a motion photo carries its video after it (whose last bytes may be zeros);
         # an unfinished copy's zeros begin before the end marker is reached.
+        # (Ending in its end marker right before the zeros is whole too, whatever bytes a camera left between
+        # its segments, where the walk stops.)
         jpeg_end = _jpeg_end(data)
-        unfinished = jpeg_end is None or jpeg_end > len(data) - zeros
+        unfinished = (jpeg_end is None or jpeg_end > len(data) - zeros) \
+            and not data[:len(data) - zeros].endswith(END_MARKERS["JPEG"])
     elif end is not None:
         unfinished = zeros >= UNFINISHED_ZEROS and not data[:len(data) - zeros].endswith(end)
     else:
