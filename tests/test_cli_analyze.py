@@ -166,3 +166,34 @@ def test_analyze_names_a_photo_whose_name_is_not_utf8_before_analysing_anything(
     out = mondrian(home, smoke_model_path, "analyze", str(shoot), timeout=300)
     assert out.returncode == 0, out.stderr
     assert sorted(ledger_jobs(home)) == ["No_ebl.jpg", "a.jpg", "z.jpg"], ledger_jobs(home)
+
+
+def test_a_photo_exported_again_while_analyze_runs_is_not_filed_beside_the_old_critique(tmp_path, smoke_model_path):
+    """Attack: a photo re-exported (written anew) while `mondrian analyze` ran on it: the report of the old bytes was
+    filed with a copy of the new ones beside it, its report.json naming the old hash. The report is withdrawn and
+    the photo named as changed, with the command to run again."""
+    from tests.harness import env_for
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    shot = photo(tmp_path / "shoot" / "z.jpg", seed=1, size=(64, 48))
+    proc = subprocess.Popen([sys.executable, "-m", "daemon", "analyze", str(shot)], cwd=Path(__file__).parents[1],
+                            env=env_for(home, smoke_model_path, MONDRIAN_TEST_TOKEN_SECONDS="0.2"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+
+    def running() -> bool:
+        try:
+            return ledger_jobs(home)["z.jpg"].state == "running"
+        except Exception:  # no ledger, or no job in it yet
+            return False
+
+    while time.monotonic() < deadline and not running():
+        time.sleep(0.1)
+    time.sleep(1)  # the photo read: it is being analysed, a pass every 200 ms
+    new = tmp_path / "new.jpg"
+    photo(new, seed=2, size=(64, 48))
+    os.replace(new, shot)  # exported again: a new file under the same name
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1, (out, err)
+    assert "changed or went while it was analysed" in err and "analyze" in err, err
+    assert not list((home / "outbox").glob("z*/report.json")), list((home / "outbox").iterdir())

@@ -312,6 +312,16 @@ class Publisher:
             if not os.path.lexists(original) and os.path.isfile(src):
                 link_or_copy(src, original)
         elif keep_original:
+            if not os.path.lexists(original) and before is not None and sha and not holds(src, before, sha):
+                # `mondrian analyze`: the photo was exported again, or filed by the daemon, while it was analysed. A
+                # copy now would file other bytes beside this critique (or none, while the report says "copied").
+                shutil.rmtree(final, ignore_errors=True)
+                self.index.changed()
+                self.ledger.fail(job.id, f"the photo changed or went while it was analysed (exported again, or "
+                                         f"filed by the daemon): run `{mondrian()} analyze` on it again", None,
+                                 kind="transient")
+                log.info("%s changed or went while it was analysed: its report is withdrawn", job.rel_path)
+                return
             if src.exists() and not original.exists():
                 shutil.copy2(src, original)
         elif another_photo_at(src, original):
