@@ -289,7 +289,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
             problem = store.current_problem(args.advisor)  # dangling or incomplete: rollback repairs the pointer
             old, new = store.rollback(args.advisor, base=configured_base(cfg))
     except Busy as exc:
-        print(f"{exc}; try again when it has finished", file=sys.stderr)
+        print(str(exc), file=sys.stderr)
         return 1
     except AdapterStoreError as exc:
         print(str(exc), file=sys.stderr)

@@ -42,6 +42,7 @@ def test_a_refused_second_training_leaves_the_running_ones_record_alone(tmp_path
             second = mondrian(home, smoke_model_path, "train", "--advisor", "ansel", timeout=120)
             assert second.returncode == 1, (second.returncode, second.stderr[-2000:])
             assert "being trained or promoted by another process" in second.stderr, second.stderr[-2000:]
+            assert "status` shows its progress); try again when it has finished" in second.stderr  # a next step
             # The daemon's nightly check, in a process of its own, refused the same way: the record stays too.
             nightly = subprocess.run([sys.executable, "-c", NIGHTLY, str(home), str(smoke_model_path)], cwd=REPO,
                                      env=env_for(home, smoke_model_path), capture_output=True, text=True, timeout=120)

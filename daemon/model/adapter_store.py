@@ -426,7 +426,8 @@ class AdapterStore:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except BlockingIOError:
-                raise Busy(f"{advisor}'s adapter is being trained or promoted by another process") from None
+                raise Busy(f"{advisor}'s adapter is being trained or promoted by another process (`{mondrian()} "
+                           f"status` shows its progress); try again when it has finished") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             yield
