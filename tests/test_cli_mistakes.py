@@ -288,3 +288,19 @@ def test_analyze_with_a_home_that_is_not_there_makes_none(tmp_path, smoke_model_
     # The home that is there takes it as before.
     out = mondrian(home, smoke_model_path, "analyze", str(shot), timeout=180)
     assert out.returncode == 0 and (home / "outbox" / "shot" / "report.json").is_file(), out.stderr[-2000:]
+
+
+def test_init_of_a_home_a_daemon_serves_does_not_advise_running_another(tmp_path, smoke_model_path):
+    """`mondrian init` run again on a live home listed `mondrian run` as the next step, which is then refused (the
+    home is served already). It says a daemon serves it, and how to see what it does."""
+    from tests.harness import Daemon, wait_for
+
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST)
+    with Daemon(home, smoke_model_path) as d:
+        wait_for(lambda: "model ready" in d.output(), 120, what="the daemon to start")
+        out = mondrian(home, smoke_model_path, "init", str(home))
+        assert out.returncode == 0, out.stderr
+        assert f"A Mondrian daemon (pid {d.proc.pid}) already serves this home" in out.stdout, out.stdout
+        assert " run " not in out.stdout and "status` shows what it is doing" in out.stdout, out.stdout
+        assert d.stop() == 0
+    assert " run " in mondrian(home, smoke_model_path, "init", str(home)).stdout  # not served: `run` is the step

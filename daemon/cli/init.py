@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import CONFIG_NAME, Config, ConfigError, default_home, load_config
+from ..fsutil import lock_holder
 from ..hints import program, shell_word
 from .terminal import shown
 
@@ -164,6 +165,11 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"  {shown(cfg.home / CONFIG_NAME)}  settings ({'all commented out: the defaults' if wrote else 'kept'})")
     quoted = shell_word(cfg.home)  # pasted back, it must give the same bytes (a name that is not UTF-8 too)
     here = "" if cfg.home == default_home(os.environ) else f"--home {quoted} "
+    running = lock_holder(cfg.var_dir / "daemon.lock")
+    if running is not None:  # `run` would be refused: this home is served already
+        print(f"A Mondrian daemon{f' (pid {running})' if running > 0 else ''} already serves this home: drop photos "
+              f"into the inbox; `{program()} {here}status` shows what it is doing.")
+        return 0
     print("Next:")
     print(f"  {program()} {here}demo      # try it offline on the sample photos (random smoke model)")
     print(f"  {program()} {here}run       # analyse what you drop into the inbox (Ctrl-C stops)")
