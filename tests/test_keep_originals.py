@@ -60,7 +60,8 @@ def test_kept_originals_stay_in_the_inbox_and_are_analysed_once(tmp_path: Path, 
         # the report page and the index still show the photo
         assert (outbox / "IMG_2" / "preview.jpg").is_file() and (outbox / "IMG_2" / "thumb.jpg").is_file()
         assert 'src="preview.jpg"' in (outbox / "IMG_2" / "report.html").read_text()
-        assert 'IMG_2/thumb.jpg' in (outbox / "index.html").read_text()
+        # (the index is refreshed once the job is recorded done, a moment after its folder appears)
+        wait_for(lambda: 'IMG_2/thumb.jpg' in (outbox / "index.html").read_text(), 30, what="the index listing it")
         # a photo that fails stays where it is too, with its record in failed/
         assert broken.is_file()
         [record] = [json.loads(p.read_text()) for p in outbox.glob("failed/*.error.json")]
