@@ -353,8 +353,8 @@ def test_an_adapter_in_the_original_layout_is_named_as_such_and_left_alone(tmp_p
     """Attack: an original Mondrian user's `adapters/ansel/adapter_config.json` + `adapters.safetensors` (its
     `mlx_vlm.lora --output-path adapters/ansel` layout): lora photos fell back with "no trained adapter yet" and
     `adapters` said "No adapters yet", as if the files were not there. Both now name them and what to do; the
-    files are never touched."""
-    cfg = _home(tmp_path, smoke_model_path)
+    files are never touched. The folder is named as it is called, `adapters_dir` being anywhere."""
+    cfg = _home(tmp_path, smoke_model_path, adapters_dir=str(tmp_path / "studio-adapters"))
     original = cfg.adapters_dir / "ansel"
     src = random_adapter(tmp_path / "src", smoke_model, seed=7)
     original.mkdir(parents=True)
@@ -371,5 +371,6 @@ def test_an_adapter_in_the_original_layout_is_named_as_such_and_left_alone(tmp_p
     assert out.returncode == 0, out.stderr
     step = json.loads((cfg.outbox / "p1" / "report.json").read_text())["mode"]["fallbacks"][0]
     assert step["from"] == "lora" and "original Mondrian's layout" in step["reason"], step
+    assert ": studio-adapters/ansel/ holds" in step["reason"] and "studio-adapters/ansel/v0001" in listed.stdout
     assert f"`mondrian train --advisor ansel`" in step["reason"] and str(cfg.home) not in step["reason"], step
     assert {name: (original / name).read_bytes() for name in originals} == before

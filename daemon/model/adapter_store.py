@@ -309,8 +309,9 @@ class AdapterStore:
             return None
         if not found:
             return None
-        return (f"adapters/{advisor}/ holds an adapter in the original Mondrian's layout ({' and '.join(found)} "
-                f"directly in it), which Mondrian does not load: its adapters are versions (adapters/{advisor}/v0001, "
+        where = f"{self.root.name}/{advisor}"  # the folder's own name: `adapters_dir` may be anywhere
+        return (f"{where}/ holds an adapter in the original Mondrian's layout ({' and '.join(found)} "
+                f"directly in it), which Mondrian does not load: its adapters are versions ({where}/v0001, "
                 f"…) trained, evaluated and promoted by `{command} train --advisor {advisor}` (the original's "
                 f"references first: `{command} references import-db mondrian/mondrian.db`)")
 
