@@ -1761,6 +1761,12 @@ class Ledger:
         return job.select().where((job.source_path == source_path) & (job.id > after_id)) \
             .order_by(job.id.desc()).first()
 
+    def other_job_at(self, source_paths: Iterable[str], exclude: int) -> Job | None:
+        """The newest job but `exclude` of a file at one of `source_paths` (a path as given and as resolved)."""
+        job = self.Job
+        return job.select().where(job.source_path.in_(list(source_paths)) & (job.id != exclude)) \
+            .order_by(job.id.desc()).first()
+
     def earlier_failures(self, source_path: str, before_id: int) -> list[Job]:
         """Failed jobs of the same file before `before_id` (their records are stale once it is analysed)."""
         job = self.Job

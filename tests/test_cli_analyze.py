@@ -4,8 +4,11 @@ style of the long commands (analyze, references index) on a real terminal, silen
 from __future__ import annotations
 
 import json
+import contextlib
 import os
 import re
+import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -197,3 +200,39 @@ def test_a_photo_exported_again_while_analyze_runs_is_not_filed_beside_the_old_c
     assert proc.returncode == 1, (out, err)
     assert "changed or went while it was analysed" in err and "analyze" in err, err
     assert not list((home / "outbox").glob("z*/report.json")), list((home / "outbox").iterdir())
+
+
+def test_analyze_of_an_inbox_photo_the_daemon_filed_first_names_the_daemons_report(tmp_path, smoke_model_path):
+    """Attack: `mondrian analyze inbox/p.jpg` while the daemon analyses that photo: the daemon filed it before
+    `analyze` read it, and `analyze` said it was "removed from the inbox before it was analysed", as if it were lost.
+    It names the daemon's report now."""
+    from tests.harness import Daemon, env_for, wait_for
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    shot = photo(home / "inbox" / "p.jpg", seed=1, size=(64, 48))
+
+    def held(pid: int) -> bool:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[1].split()[0] == "T"
+
+    with Daemon(home, smoke_model_path, MONDRIAN_TEST_STOP_AT="analysing") as d:
+        assert wait_for(lambda: held(d.proc.pid), 120)  # the daemon has the photo in hand
+        proc = subprocess.Popen([sys.executable, "-m", "daemon", "analyze", str(shot)], cwd=Path(__file__).parents[1],
+                                env=env_for(home, smoke_model_path, MONDRIAN_TEST_STOP_AT="preparing"),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            assert wait_for(lambda: proc.poll() is not None or held(proc.pid), 120)  # its job recorded, photo unread
+            os.kill(d.proc.pid, signal.SIGCONT)
+            assert wait_for(lambda: _states(home) == ["done", "running"], 120), _states(home)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGCONT)
+        out, err = proc.communicate(timeout=120)
+        assert d.stop() == 0, d.output()
+    assert proc.returncode == 1, (out, err)
+    assert "the daemon analysed it first" in err and str(home / "outbox" / "p" / "report.html") in err, err
+    assert "removed from the inbox" not in err, err
+
+
+def _states(home: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(home / "var" / "ledger.db")) as db:
+        return sorted(state for (state,) in db.execute("SELECT state FROM job"))

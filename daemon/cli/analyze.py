@@ -24,7 +24,7 @@ from ..intake.images import PHOTO_SUFFIXES
 from ..config import Config
 from ..errors import EX_CONFIG, EX_USAGE, Transient, is_permanent
 from ..intake.inbox import is_report_file, is_temporary_name
-from ..ledger import RUNNING, Ledger, job_dict
+from ..ledger import DONE, GONE, RUNNING, Ledger, job_dict
 from ..pipeline.supervisor import default_runtime_factory
 from ..pipeline.worker import Worker
 from ..references.indexer import not_utf8
@@ -205,6 +205,26 @@ def _result(ledger: Ledger, job_id: int) -> dict[str, Any]:
     return out
 
 
+def _taken_by_the_daemon(cfg: Config, ledger: Ledger, path: Path, job_id: int) -> str | None:
+    """Why a photo in the inbox was gone before `analyze` read it, where the daemon took it: its report is the
+    answer, not "removed from the inbox"."""
+    try:
+        if not path.resolve().is_relative_to(cfg.inbox.resolve()):
+            return None
+    except OSError:
+        return None
+    theirs = ledger.other_job_at({str(path), str(path.resolve())}, job_id)
+    if theirs is None:
+        return None
+    if theirs.state == DONE and theirs.report_html:
+        return f"the daemon analysed it first (job {theirs.id}): its report is {theirs.report_html}"
+    if theirs.state == DONE and theirs.duplicate_of:
+        return (f"the daemon took it first (job {theirs.id}): the same photo was critiqued before (job "
+                f"{theirs.duplicate_of}); `{mondrian()} status` and the outbox's index show it")
+    return (f"the daemon took it from the inbox first (job {theirs.id}, {theirs.state}): `{mondrian()} status` shows "
+            f"where it is; its report lands in {cfg.outbox}")
+
+
 def analyze_many(cfg: Config, request: Request, *, on_loading: Callable[[], None] = lambda: None,
                  on_start: Callable[[Path], None] = lambda p: None,
                  on_result: Callable[[dict[str, Any]], None] = lambda r: None) -> list[dict[str, Any]]:
@@ -249,6 +269,8 @@ def analyze_many(cfg: Config, request: Request, *, on_loading: Callable[[], None
                 if not isinstance(exc, Exception):
                     raise
             results.append(_result(ledger, job.id))
+            if results[-1]["state"] == GONE:
+                results[-1]["error"] = _taken_by_the_daemon(cfg, ledger, path, job.id) or results[-1]["error"]
             on_result(results[-1])
     finally:
         worker.out.index.flush()  # the reports not listed yet (a large outbox is refreshed every few photos)

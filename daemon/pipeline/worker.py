@@ -271,6 +271,7 @@ class Worker:
     def prepare(self, job: Job, *, keep_original: bool = False, mode_override: str | None = None) -> Prepared | None:
         """Everything before the model: the checks, the decoded photo, its hash, a duplicate found without the
         model. None when that already settled the job (resumed, gone, failed, a duplicate, changed meanwhile)."""
+        testhooks.crashpoint("preparing")
         keep_original = keep_original or not job.owns_file
         if not self._outbox_ready(job):
             return None
