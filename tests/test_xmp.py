@@ -334,17 +334,25 @@ def test_the_photographers_own_caption_rating_and_label_are_not_lost(tmp_path):
     assert read_back(got[str(plain)])[:3] == (3, "Ansel Adams (rag)", "Lake at dawn"), got[str(plain)]
 
 
-def test_a_photo_whose_own_xmp_exiv2_cannot_parse_is_left_as_it_is(tmp_path):
+PREFIXED = ('<rdf:Description rdf:about="" xmlns:dc="http://purl.org/dc/elements/1.1/" '
+            'xmlns:xmp="http://ns.adobe.com/xap/1.0/" xmp:Rating="5">\n<dc:title><rdf:Alt><rdf:li xml:lang="x-default">'
+            'Tom & Jerry at the beach</rdf:li></rdf:Alt></dc:title>\n<dc:subject><rdf:Bag><rdf:li>family</rdf:li>'
+            '</rdf:Bag></dc:subject>\n</rdf:Description>')
+# The same title with Dublin Core as the default namespace: no property carries a prefix.
+UNPREFIXED = ('<rdf:Description rdf:about="">\n<title xmlns="http://purl.org/dc/elements/1.1/"><rdf:Alt><rdf:li '
+              'xml:lang="x-default">Tom & Jerry at the beach</rdf:li></rdf:Alt></title>\n</rdf:Description>')
+
+
+@pytest.mark.parametrize("description", [PREFIXED, UNPREFIXED], ids=["prefixed", "unprefixed"])
+def test_a_photo_whose_own_xmp_exiv2_cannot_parse_is_left_as_it_is(tmp_path, description):
     """Attack: `xmp_embed = true` and a JPEG whose XMP holds an unescaped `&` (tools that write such packets exist;
     exiftool reads it): exiv2 read it as no XMP at all, and writing Mondrian's replaced the photographer's title,
-    keywords and 5 stars in the only copy of the photo. It is now left byte for byte as it came."""
+    keywords and 5 stars in the only copy of the photo. It is now left byte for byte as it came, whether its
+    properties carry a prefix or not."""
     packet = tmp_path / "theirs.xmp"
     packet.write_text(
         '<?xpacket begin="" id="W5M0MpCehiHzreSzNTczkc9d"?>\n<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF '
-        'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n<rdf:Description rdf:about="" '
-        'xmlns:dc="http://purl.org/dc/elements/1.1/" xmlns:xmp="http://ns.adobe.com/xap/1.0/" xmp:Rating="5">\n'
-        '<dc:title><rdf:Alt><rdf:li xml:lang="x-default">Tom & Jerry at the beach</rdf:li></rdf:Alt></dc:title>\n'
-        '<dc:subject><rdf:Bag><rdf:li>family</rdf:li></rdf:Bag></dc:subject>\n</rdf:Description></rdf:RDF>'
+        'xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n' + description + '</rdf:RDF>'
         '</x:xmpmeta>\n<?xpacket end="w"?>\n')
     jpg = tmp_path / "family.jpg"
     Image.new("RGB", (32, 24), (90, 80, 120)).save(jpg, "JPEG")

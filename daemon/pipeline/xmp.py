@@ -31,9 +31,25 @@ log = logging.getLogger("mondrian.worker")
 # a larger metadata segment in front of it would break.
 EMBED_FORMATS = ("JPEG", "TIFF")
 KEYWORD_PREFIX = "mondrian:"
-# A property of theirs, as an element or an attribute (`<dc:subject>`, `crs:Exposure2012="…"`), beyond the rdf:/x:
-# scaffolding an empty packet has: a packet with one that reads back empty did not parse.
-_PROPERTY = re.compile(r"<(?!/|\?|!|rdf:|x:)[\w.-]+:[\w.-]+[\s>/]|\s(?!rdf:|xmlns:|x:|xml:)[\w.-]+:[\w.-]+\s*=")
+# The scaffolding an empty packet has (x:xmpmeta, rdf:RDF, rdf:Description with its about and namespaces): a packet
+# holding anything else (a property as an element or an attribute, prefixed or not, or text) that reads back empty
+# did not parse.
+_MARKUP = re.compile(r"<\?.*?\?>|<!--.*?-->", re.S)
+_TAG = re.compile(r"<\s*/?\s*([^\s/>]+)([^>]*)>")
+_WRAPPERS = {"x:xmpmeta", "x:xapmeta", "rdf:rdf", "rdf:description"}
+_ATTRIBUTE = re.compile(r"([^\s=/]+)\s*=")
+_SCAFFOLD_ATTRIBUTES = re.compile(r"xmlns(:.*)?|rdf:about|about|x:xmptk", re.I)
+
+
+def _holds_something(packet: str) -> bool:
+    """Whether `packet` holds more than the scaffolding of an empty one."""
+    rest = _MARKUP.sub("", packet)
+    for tag in _TAG.finditer(rest):
+        if tag.group(1).lower() not in _WRAPPERS:
+            return True
+        if any(not _SCAFFOLD_ATTRIBUTES.fullmatch(a) for a in _ATTRIBUTE.findall(tag.group(2))):
+            return True
+    return bool(_TAG.sub("", rest).strip())
 # XML 1.0 cannot carry these at all (not even escaped): a model's summary may hold them.
 _NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 # exiv2 knows no `xmpNote` prefix until a packet using it has been parsed: naming its key before then raises, which
@@ -131,7 +147,7 @@ def sidecar_bytes(report: dict[str, Any], theirs: bytes | None = None) -> bytes:
             if image.imageType() != exiv2.ImageType.xmp:  # a photo named `.xmp` is not a sidecar to build on
                 raise ValueError(f"it holds {image.mimeType()}, not XMP")
             image.readMetadata()
-            if image.xmpData().empty() and _PROPERTY.search(image.xmpPacket()):
+            if image.xmpData().empty() and _holds_something(image.xmpPacket()):
                 # exiv2 does not raise for XML it cannot parse (a tag left open, a DOCTYPE): it only prints "XMP
                 # Toolkit error" on stderr, naming no photo, and hands back nothing to merge.
                 raise ValueError("it is not well-formed XMP")
@@ -184,7 +200,7 @@ def embed(original: Path, report: dict[str, Any]) -> str | None:
             # merge them over the first, so a keyword list living there would hide Mondrian's.
             raise ValueError("its XMP is larger than one JPEG segment holds (extended XMP), which cannot be "
                              "rewritten safely")
-        if image.xmpData().empty() and _PROPERTY.search(image.xmpPacket()):
+        if image.xmpData().empty() and _holds_something(image.xmpPacket()):
             # A packet exiv2 cannot parse (an `&` left unescaped, a Latin-1 byte) reads as no XMP at all: writing
             # ours would replace it, and the photographer's title, keywords and rating with it, in the only copy.
             raise ValueError("its own XMP is not well-formed, and writing Mondrian's would replace it")
