@@ -209,3 +209,29 @@ def test_photos_analysed_together_share_their_time_limits(tmp_path: Path, plain_
     # Each report's generate_s is its own row's (rows of other lengths end passes apart), not the batch's.
     assert len({t["generated_tokens"] for t in timings}) > 1, timings
     assert max(t["generate_s"] for t in timings) - min(t["generate_s"] for t in timings) > 0.05, timings
+
+
+def test_a_photo_that_times_out_alone_times_out_in_a_batch_too(tmp_path: Path, plain_model_path: Path) -> None:
+    """Attack: a batch's photos shared the sum of their limits, so the first of four photos of different sizes
+    (four groups, decoded one after another) ran on the others' share: it was critiqued in a batch where alone it
+    timed out, while the next ones timed out. Each photo is now charged its own share of the time spent on it, and
+    not the time it waits for the others: alone or together, a photo meets the same limit."""
+    slow = {"MONDRIAN_TEST_TOKEN_SECONDS": "0.02"}
+
+    def run(name: str, **settings) -> dict:
+        home = make_home(tmp_path / name, plain_model_path, **settings)
+        # Sizes in whole 28-pixel patches under the smoke model's max_pixels: 15, 16, 12 and 14 image tokens, so
+        # four prompt lengths, four groups decoded one after another.
+        for i, size in enumerate([(140, 84), (112, 112), (168, 56), (196, 56)]):
+            photo(home / "inbox" / f"p{i}.png", seed=i, size=size)
+        out = mondrian(home, plain_model_path, "run", "--once", timeout=600, **slow)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return ledger_jobs(home)
+
+    alone = run("alone", batch_size=1)
+    assert {j.state for j in alone.values()} == {"done"}, {r: (j.state, j.error) for r, j in alone.items()}
+    limit = round(0.9 * min(j.finished_at - j.started_at for j in alone.values()), 2)  # a batch row takes longer
+    together = run("together", batch_size=4, job_timeout_seconds=limit)
+    assert {r: j.state for r, j in together.items()} == {f"p{i}.png": "failed" for i in range(4)}, \
+        (limit, {r: (j.state, j.error) for r, j in together.items()})
+    assert all("job_timeout_seconds" in j.error for j in together.values()), {r: j.error for r, j in together.items()}

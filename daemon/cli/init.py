@@ -25,7 +25,7 @@ _NOTES = {
     "max_pixels": "photos are resized to at most this many pixels (448x448)",
     "quiet_seconds": "a file is picked up once it has not changed for this long",
     "job_timeout_seconds": "a photo that takes longer fails instead of stalling the queue (photos analysed "
-                           "together, batch_size, share their limits)",
+                           "together, batch_size: each is charged its share of the passes it is in)",
     "inbox": "folders, relative to this home (or absolute)",
 }
 _PATHS = {"inbox": "inbox", "outbox": "outbox", "var_dir": "var", "db_path": "var/ledger.db",

@@ -41,7 +41,7 @@ import llguidance
 import mlx.core as mx
 import numpy as np
 
-from ..limits import check as check_limits
+from ..limits import check as check_limits, share_time
 from .constrained import TokenMask
 from .flat_step import FlatStep
 from .fused_proj import fused_decoding
@@ -135,17 +135,26 @@ def generate_batch(model: Any, processor: Any, constraint: Any, requests: list[B
     from the start of its group's pass to the row's end, or the row's own error."""
     results: list[tuple[ReuseOutput, float] | Exception | None] = [None] * len(requests)
     groups: dict[int, list[_Row]] = {}
+    # Each photo is charged the time spent on it alone (its vision tower) and its share of the passes it is in; not
+    # the time it waits for the others.
+    share_time((r.deadline for r in requests), 0)
     for i, (request, text_prompt) in enumerate(zip(requests, text_prompts)):
+        share_time([request.deadline], 1)
         try:
             check_limits(request.cancel, request.deadline)
             row = _prepare(model, processor, request, i, text_prompt, encode_prompt)
         except Exception as exc:  # this photo's own failure (refused by the processor, its deadline)
             results[i] = exc
             continue
+        finally:
+            share_time([request.deadline], 0)
         groups.setdefault(len(row.ids), []).append(row)
     decode = processor.tokenizer.decode if hasattr(processor, "tokenizer") else processor.decode
-    for rows in groups.values():
-        _decode_group(model, constraint, rows, results, decode)
+    try:
+        for rows in groups.values():
+            _decode_group(model, constraint, rows, results, decode)
+    finally:
+        share_time((r.deadline for r in requests), len(requests))  # what follows is for all of them again
     return results  # type: ignore[return-value]
 
 
@@ -159,6 +168,7 @@ def _decode_group(model: Any, constraint: Any, rows: list[_Row], results: list, 
     kv = mlx_cache.make_prompt_cache(lm)
 
     def leave(row: _Row, error: Exception | None = None) -> None:
+        share_time([row.request.deadline], 0)
         text = decode(row.out, skip_special_tokens=False)
         results[row.index] = error if error is not None else (ReuseOutput(
             ids=list(row.out), text=text, prompt_tokens=len(row.ids), reused_tokens=0, forward_passes=row.passes,
@@ -178,6 +188,7 @@ def _decode_group(model: Any, constraint: Any, rows: list[_Row], results: list, 
             leave(row, exc)
     if not active:
         return
+    share_time([r.request.deadline for r in active], len(active))
     ids = mx.array([r.ids for r in active])
     hidden = lm.model(ids, inputs_embeds=mx.concatenate([r.embeds for r in active], axis=0), cache=kv,
                       position_ids=mx.concatenate([r.positions for r in active], axis=1))[:, -1, :]
@@ -209,6 +220,7 @@ def _decode_group(model: Any, constraint: Any, rows: list[_Row], results: list, 
                 for c in kv:
                     c.keys, c.values = c.keys[index], c.values[index]
                 active = [active[i] for i in keep]
+                share_time([r.request.deadline for r in active], len(active))
             if not active:
                 break
             known = [row.pending[0] if row.pending else 0 for row in active]

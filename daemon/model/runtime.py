@@ -28,7 +28,7 @@ import jsonschema
 from ..config import is_true
 from ..errors import Permanent
 from ..hints import shell_word
-from ..limits import check as check_limits
+from ..limits import check as check_limits, share_time
 from .smoke import SMOKE_ALIAS, SmokeModelUnwritable, ensure_smoke_model, read_marker
 
 if TYPE_CHECKING:
@@ -443,7 +443,7 @@ class ModelRuntime:
         from . import batch, reuse
 
         if len(requests) < 2 or not reuse.supports(self.model):
-            return [self._alone(r, adapter) for r in requests]
+            return self._one_by_one(requests, [None] * len(requests), adapter)
         prompts: list[str | Exception] = []
         for r in requests:
             try:
@@ -452,7 +452,7 @@ class ModelRuntime:
                 prompts.append(exc)
         kept = [(r, p) for r, p in zip(requests, prompts) if isinstance(p, str)]
         if len(kept) < 2:
-            return [p if isinstance(p, Exception) else self._alone(r, adapter) for r, p in zip(requests, prompts)]
+            return self._one_by_one(requests, [p if isinstance(p, Exception) else None for p in prompts], adapter)
         with self._lock, self.use_adapter(adapter):
             done = iter(batch.generate_batch(self.model, self.processor, self.constraint, [r for r, _ in kept],
                                              [p for _, p in kept], self.format_prompt("")))
@@ -467,13 +467,25 @@ class ModelRuntime:
             results.append(out)
         return results
 
+    def _one_by_one(self, requests: "list[BatchRequest]", settled: "list[Exception | None]",
+                    adapter: str | Path | None) -> "list[Generation | Exception]":
+        """Each request not `settled` yet, one after another; each is charged its own turn only."""
+        share_time((r.deadline for r in requests), 0)
+        try:
+            return [done or self._alone(r, adapter) for r, done in zip(requests, settled)]
+        finally:
+            share_time((r.deadline for r in requests), len(requests))
+
     def _alone(self, request: "BatchRequest", adapter: str | Path | None) -> "Generation | Exception":
+        share_time([request.deadline], 1)  # its turn: the others wait, uncharged
         try:
             return self.generate_json(request.image, request.prompt, request.schema, max_tokens=request.max_tokens,
                                       system=request.system, adapter=adapter, encoded=request.encoded,
                                       cancel=request.cancel, deadline=request.deadline)
         except Exception as exc:  # noqa: BLE001 - the row's own outcome, as in a batch
             return exc
+        finally:
+            share_time([request.deadline], 0)
 
 
 def _generation(out: "ReuseOutput", schema: dict, max_tokens: int, seconds: float) -> Generation:

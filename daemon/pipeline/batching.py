@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from .. import testhooks
 from ..analysis import AnalysisContext, resolve
 from ..errors import TimedOut
+from ..limits import TimeShare
 
 if TYPE_CHECKING:
     from ..ledger import Job
@@ -128,11 +129,11 @@ def _analyse_together(worker: "Worker", group: list["Prepared"]) -> None:
              ", ".join(p.job.rel_path for p in preps))
     for prep in preps:
         testhooks.poison_point(prep.src.name)
-    # job_timeout_seconds is each photo's: photos analysed together share their limits. One limit for the batch timed
-    # out all of them where each alone took a fraction of it, and `retry` batched them again to time out again.
-    deadline = time.monotonic() + worker.cfg.job_timeout_seconds * len(preps)
+    # job_timeout_seconds is each photo's: one limit for the batch timed out all of them where each alone took a
+    # fraction of it (and `retry` batched them again), and a batch's sum of limits let one photo run on the others'
+    # share once they had finished. Each is charged its share of the time spent on the photos in hand.
     contexts = [AnalysisContext(runtime=runtime, cfg=worker.cfg, advisor=p.advisor, photo=p.photo, cancel=worker.stop,
-                                deadline=deadline) for p in preps]
+                                deadline=TimeShare(worker.cfg.job_timeout_seconds, among=len(preps))) for p in preps]
     testhooks.crashpoint("analysing")
     try:
         outcomes = strategy.analyse_batch(contexts)
