@@ -158,3 +158,94 @@ def test_a_jpeg_with_bytes_between_its_segments_padded_with_zeros_is_still_a_pho
     second = 4 + int.from_bytes(plain[4:6], "big")  # after the first segment (APP0)
     gapped = plain[:second] + b"\x00\x00" + plain[second:]
     assert decode_photo(gapped + bytes(4096), MAX_PIXELS).format == "JPEG"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "TIFF"])
+def test_a_16_bit_greyscale_photo_keeps_its_own_tones(fmt) -> None:
+    """Attack: 16-bit greyscale was stretched to its own range: a white frame came out black, a night scene (values
+    up to 4,000 of 65,535) mid-grey, a bright sky (60,000-61,000) from black to white. The model judged the lighting
+    of another picture. Each keeps its tones now (value / 257), as 16-bit colour always did."""
+    def analysed(arr: np.ndarray) -> np.ndarray:
+        buf = io.BytesIO()
+        Image.fromarray(arr.astype(np.uint16)).save(buf, fmt)
+        return np.asarray(decode_photo(buf.getvalue(), MAX_PIXELS).image.convert("L"), dtype=np.float64)
+
+    assert analysed(np.full((80, 120), 65535)).min() == 255
+    dark = analysed(np.linspace(0, 4000, 9600).reshape(80, 120))
+    assert dark.max() <= 16 and dark.min() == 0, (dark.min(), dark.max())
+    sky = analysed(np.linspace(60000, 61000, 9600).reshape(80, 120))
+    assert 232 <= sky.min() and sky.max() <= 238, (sky.min(), sky.max())
+
+
+def test_a_tiff_turned_by_its_orientation_reports_the_size_it_was_analysed_at() -> None:
+    """Attack: a TIFF with orientation 6 (Pillow's TIFF reader turns it itself) was analysed as the 120x80
+    landscape it is, but its report said 80x120; a JPEG whose orientation is written as text ("6", which Pillow does
+    not turn) the other way round. The size reported is the one the analysed photo has, turned."""
+    upright = Image.new("RGB", (120, 80), (20, 90, 200))
+    for fmt, orientation in (("TIFF", 6), ("TIFF", 8), ("JPEG", 6)):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        buf = io.BytesIO()
+        upright.transpose(Image.Transpose.ROTATE_90).save(buf, fmt, exif=exif.tobytes())
+        photo = decode_photo(buf.getvalue(), MAX_PIXELS)
+        assert (photo.width, photo.height) == (120, 80), (fmt, orientation, photo.width, photo.height)
+        assert photo.image.width > photo.image.height, (fmt, orientation, photo.image.size)  # analysed upright
+    text = Image.new("RGB", (80, 120), (20, 90, 200))
+    buf = io.BytesIO()
+    text.save(buf, "JPEG", exif=_ascii_orientation(text, "6"))
+    photo = decode_photo(buf.getvalue(), MAX_PIXELS)
+    assert (photo.width > photo.height) == (photo.image.width > photo.image.height), (photo.width, photo.image.size)
+
+
+def _ascii_orientation(img: Image.Image, value: str) -> bytes:
+    """An EXIF block whose Orientation (0x0112) is written as ASCII, as some odd tools write it."""
+    import struct
+
+    entry = struct.pack("<HHI", 0x0112, 2, 2) + value.encode()[:1] + b"\0\0\0"
+    return b"Exif\0\0" + b"II*\0" + struct.pack("<I", 8) + struct.pack("<H", 1) + entry + struct.pack("<I", 0)
+
+
+def _rgb_profile(primaries: tuple[tuple[float, float, float], ...], gamma: float = 2.2) -> bytes:
+    """A minimal ICC v2 RGB display profile: three primaries (D50 XYZ), a white point and one gamma."""
+    import struct
+
+    def s15(x: float) -> bytes:
+        return struct.pack(">i", round(x * 65536))
+
+    def xyz(x: float, y: float, z: float) -> bytes:
+        return b"XYZ " + b"\0" * 4 + s15(x) + s15(y) + s15(z)
+
+    curve = b"curv" + b"\0" * 4 + struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0"
+    name = b"Wide gamut (test)\0"
+    desc = b"desc" + b"\0" * 4 + struct.pack(">I", len(name)) + name + b"\0" * 8 + b"\0" * 70
+    tags = [(b"desc", desc), (b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(*primaries[0])),
+            (b"gXYZ", xyz(*primaries[1])), (b"bXYZ", xyz(*primaries[2])),
+            (b"rTRC", curve), (b"gTRC", curve), (b"bTRC", curve)]
+    offset, table, body = 128 + 4 + 12 * len(tags), struct.pack(">I", len(tags)), b""
+    for sig, data in tags:
+        data += b"\0" * (-len(data) % 4)
+        table += sig + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    header = (struct.pack(">I", offset + len(body)) + b"\0" * 4 + bytes([2, 0x10, 0, 0]) + b"mntrRGB XYZ "
+              + b"\0" * 12 + b"acsp" + b"\0" * 24 + b"\0" * 4 + s15(0.9642) + s15(1.0) + s15(0.8249) + b"\0" * 48)
+    return header + table + body
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_photo_in_a_wide_gamut_profile_is_analysed_in_srgb(fmt) -> None:
+    """Attack: an iPhone's photo is in Display P3; its numbers were taken as sRGB, so the model, the preview and the
+    thumbnail saw it washed out. It is converted to sRGB; a photo without a profile, or with a damaged one, keeps
+    its numbers."""
+    p3 = _rgb_profile(((0.5151, 0.2412, -0.0011), (0.2920, 0.6922, 0.0419), (0.1571, 0.0666, 0.7841)))
+    green = Image.new("RGB", (160, 120), (40, 170, 60))
+
+    def analysed(**extra) -> tuple[int, ...]:
+        buf = io.BytesIO()
+        green.save(buf, fmt, quality=98, **extra)
+        return decode_photo(buf.getvalue(), MAX_PIXELS).image.getpixel((10, 10))
+
+    plain = analysed()
+    assert all(abs(a - b) <= 2 for a, b in zip(plain, (40, 170, 60))), plain
+    converted = analysed(icc_profile=p3)
+    assert converted[0] < 15 and converted[1] > 170, converted  # P3's green is more saturated than sRGB's can be
+    assert analysed(icc_profile=b"not a profile at all") == plain
