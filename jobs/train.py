@@ -37,12 +37,13 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
 
 from daemon.analysis.advisors import advisor_arg
 from daemon.config import CONFIG_NAME, Config, ConfigError, coerce_setting, load_config
 from daemon import testhooks
 from daemon.hints import child_env, mondrian, serve
+from daemon.fsutil import open_own_file
 
 if TYPE_CHECKING:
     from daemon.model.fitting import FitSettings
@@ -456,7 +457,8 @@ def run_training(cfg: Config, advisor_id: str, *, on_progress: Callable[[dict[st
                 atomic_write_json(staging / MANIFEST_NAME, manifest)
                 emit({"event": "phase", "phase": "promoting" if decision["promoted"] else "refusing",
                       "reason": decision["reason"]})
-                version = store.commit(advisor_id, staging, decision)
+                with _ctrl_c_after(f"{advisor_id}'s new version was being recorded"):
+                    version = store.commit(advisor_id, staging, decision)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
@@ -472,6 +474,25 @@ def run_training(cfg: Config, advisor_id: str, *, on_progress: Callable[[dict[st
                         log_path=str(log_path))
 
 
+@contextlib.contextmanager
+def _ctrl_c_after(doing: str) -> Iterator[None]:
+    """Ctrl-C waits for the block: a version renamed into place but not yet made current was promoted all the same
+    (`adapters` finishes it), while the message said "nothing was kept". Said, and the block finished, instead.
+    Only the main thread can take signals (the daemon's nightly job runs in another, and stops otherwise)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    before = signal.signal(signal.SIGINT, lambda signum, _frame: came.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+        if came:
+            print(f"Ctrl-C came while {doing}: that was finished first, so the outcome below stands "
+                  f"(`{mondrian()} adapters rollback` undoes a promotion).", file=sys.stderr)
+
+
 def _run_child(cfg: Config, advisor_id: str, staging: Path, settings: dict[str, Any], log_path: Path,
                emit: Callable[[dict[str, Any]], None], stop: threading.Event | None,
                limit_s: float = float("inf")) -> tuple[bool, dict[str, Any]]:
@@ -483,7 +504,15 @@ def _run_child(cfg: Config, advisor_id: str, staging: Path, settings: dict[str, 
            "--staging", str(staging), "--model", cfg.model, "--settings", json.dumps(settings),
            "--parent", str(os.getpid())]
     project_root = Path(__file__).resolve().parent.parent
-    with open(log_path, "ab") as logf:
+    try:
+        # Never through a link, never a FIFO (opening one for writing waits for a reader: training hung before it
+        # began, holding the advisor's lock).
+        log_fd = open_own_file(log_path, os.O_WRONLY | os.O_APPEND)
+    except OSError as exc:
+        os.close(read_fd)
+        os.close(write_fd)
+        return False, {"message": f"the training log cannot be written: {exc}"}
+    with os.fdopen(log_fd, "ab") as logf:
         logf.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} training {advisor_id} ===\n".encode())
         logf.flush()
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

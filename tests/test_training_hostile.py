@@ -460,3 +460,38 @@ def test_training_stopped_by_the_daemons_shutdown_is_said_to_be_stopped_not_fail
     line = next(line for line in status.stdout.splitlines() if line.startswith("Training:"))
     assert line.startswith("Training: synth stopped") and "runs again at the next start" in line, line
     assert "failed" not in line, line
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link"])
+def test_a_fifo_or_a_link_where_the_training_log_goes_is_refused_not_waited_on(kind, tmp_path,
+                                                                              smoke_model_path) -> None:
+    """Attack: a FIFO at var/logs/train-<advisor>.log: `train` opened it to write and waited for a reader for ever,
+    holding the advisor's lock (`status`: "starting"; rollback refused). A link there was written through, to a file
+    outside the home. Both are refused with what to do, and the advisor is free again."""
+    cfg = _synth_home(tmp_path, smoke_model_path)
+    cfg.logs_dir.mkdir(parents=True, exist_ok=True)
+    log = cfg.logs_dir / "train-synth.log"
+    outside = tmp_path / "outside.log"
+    os.mkfifo(log) if kind == "fifo" else log.symlink_to(outside)
+    out = mondrian(cfg.home, smoke_model_path, "train", "--advisor", "synth", "--iters", "2", "--no-promote",
+                   timeout=120)
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert "training log cannot be written" in out.stderr and str(log) in out.stderr, out.stderr[-2000:]
+    assert not outside.exists()
+    status = mondrian(cfg.home, smoke_model_path, "status")
+    assert "starting" not in status.stdout, status.stdout
+
+
+def test_ctrl_c_while_the_new_version_is_recorded_finishes_it_and_says_so(tmp_path, smoke_model_path) -> None:
+    """Attack: Ctrl-C after the new version was renamed into place, before `current` was switched: `train` said
+    "nothing was kept", yet `adapters` (or the daemon's next start) finished the promotion and photos used the
+    version the person thought they had cancelled. Recording the version is finished first, and said."""
+    import signal
+
+    cfg = _synth_home(tmp_path, smoke_model_path)
+    rc, out, err, held = _train_held_at(cfg, smoke_model_path, "promoting",
+                                        lambda run: os.kill(run.pid, signal.SIGINT), "--promote-anyway")
+    assert rc == 0 and "Traceback" not in err, (rc, err[-3000:])
+    assert "Ctrl-C came while synth's new version was being recorded: that was finished first" in err, err[-3000:]
+    assert "nothing was kept" not in err, err[-3000:]
+    assert (cfg.adapters_dir / "synth" / "current").resolve().name == "v0001"
