@@ -364,28 +364,52 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
 
 
 def _refuse_unindexed(cfg: Config, advisor_id: str, refs: list[Any], usable: int) -> None:
-    """Too few references to train on, while the advisor's references folder holds photos the index has not seen
-    yet (copied in while no daemon ran): say so and how to index them, rather than "0 usable reference photos"."""
+    """Too few references to train on: say why in terms that lead somewhere. Photos the index has not seen yet
+    (copied in while no daemon ran) are indexed by a command; copies of one photo count once and references skipped
+    for a bad sidecar stay skipped however often they are indexed again (that advice went round in a circle), so
+    those are named as what they are; an empty folder is named as the place references go."""
     from daemon.analysis.advisors import references_dir
     from daemon.intake.images import PHOTO_SUFFIXES
+    from daemon.ledger import Ledger
 
     from .dataset import MIN_REFERENCES, DatasetError
 
     folder = references_dir(cfg, advisor_id)
+    ledger = Ledger.for_config(cfg)
     indexed = set()
-    for r in refs:
-        with contextlib.suppress(OSError):
-            indexed.add(os.path.realpath(r.path))
-    waiting = 0
+    for row in ledger.references(advisor_id):
+        with contextlib.suppress(OSError, TypeError):
+            indexed.add(os.path.realpath(row["path"] if isinstance(row, dict) else row.path))
+    skipped = {str(e.get("file")) for e in (ledger.events().get("reference_errors", ([], None))[0] or [])
+               if e.get("advisor") == advisor_id}
+    waiting = copies = passed_over = 0
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
-        waiting += sum(1 for f in files if not f.startswith(".") and f.lower().endswith(PHOTO_SUFFIXES)
-                       and os.path.realpath(os.path.join(root, f)) not in indexed)
+        for f in files:
+            if f.startswith(".") or not f.lower().endswith(PHOTO_SUFFIXES):
+                continue
+            path = os.path.join(root, f)
+            if os.path.realpath(path) in indexed:
+                copies += 1
+            elif os.path.relpath(path, folder) in skipped:
+                passed_over += 1
+            else:
+                waiting += 1
+    copies = max(0, copies - len(refs))
+    have = f"{usable} usable reference photo(s) are indexed; training needs at least {MIN_REFERENCES}"
     if waiting:
-        raise DatasetError(f"{usable} usable reference photo(s) are indexed; training needs at least "
-                           f"{MIN_REFERENCES}, and {waiting} photo(s) in {folder} are not indexed yet: index them "
+        raise DatasetError(f"{have}, and {waiting} photo(s) in {folder} are not indexed yet: index them "
                            f"with `{mondrian()} references index --advisor {advisor_id}` (the running daemon does "
                            f"it by itself), then train again")
+    why = []
+    if copies:
+        why.append(f"{copies} are copies of photos already counted (the same photo counts once)")
+    if passed_over:
+        why.append(f"{passed_over} were skipped (`{mondrian()} references list --advisor {advisor_id}` says why; "
+                   f"fix them, then `{mondrian()} references index --advisor {advisor_id}`)")
+    raise DatasetError(f"{have}" + (f": of the photos in {folder}, {' and '.join(why)}" if why else "")
+                       + f". Add more of {advisor_id}'s photos (each with its scores, see the README's "
+                         f"\"References\") to {folder}, then train again")
 
 
 def _prune_datasets(folder: Path, keep: int) -> None:

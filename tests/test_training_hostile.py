@@ -495,3 +495,29 @@ def test_ctrl_c_while_the_new_version_is_recorded_finishes_it_and_says_so(tmp_pa
     assert "Ctrl-C came while synth's new version was being recorded: that was finished first" in err, err[-3000:]
     assert "nothing was kept" not in err, err[-3000:]
     assert (cfg.adapters_dir / "synth" / "current").resolve().name == "v0001"
+
+
+def test_too_few_references_because_of_copies_or_skipped_ones_is_said_so_not_index_them_again(tmp_path,
+                                                                                              smoke_model_path) -> None:
+    """Attack: one photo copied four times and one with a broken sidecar: `train` said 5 photos "are not indexed
+    yet: index them", indexing said "0 indexed, 5 unchanged", and `train` said the same again, for ever. It names
+    the copies and the skipped photo now, and where more references go."""
+    import shutil
+
+    cfg = _home(tmp_path, smoke_model_path)
+    synthetic_advisor(cfg.home, "synth", n=2)
+    refs = cfg.home / "advisors" / "synth" / "references"
+    for i in range(3):
+        shutil.copy2(refs / "r000.png", refs / f"copy{i}.png")
+        shutil.copy2(refs / "r000.json", refs / f"copy{i}.json")
+    shutil.copy2(refs / "r001.png", refs / "broken.png")
+    (refs / "broken.json").write_text('{"scores": {"composition": 99}}')
+    for _ in range(2):  # indexing again, as advised before, changes nothing: the advice must not send it round
+        indexed = mondrian(cfg.home, smoke_model_path, "references", "index", "--advisor", "synth")
+        assert "1 skipped" in indexed.stderr, indexed.stderr  # (exit 1: something was skipped)
+        out = mondrian(cfg.home, smoke_model_path, "train", "--advisor", "synth", "--iters", "2", "--no-promote")
+        assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+        assert "not indexed yet" not in out.stderr, out.stderr[-2000:]
+        assert "3 are copies of photos already counted" in out.stderr, out.stderr[-2000:]
+        assert "1 were skipped" in out.stderr and "references list --advisor synth" in out.stderr, out.stderr[-2000:]
+        assert f"to {refs}, then train again" in out.stderr, out.stderr[-2000:]
