@@ -406,7 +406,9 @@ def _set_aside(path: Path) -> str:
 
 
 _FRESH = ("and start Mondrian again: it begins a new, empty ledger. The reports and failure records already in "
-          "the outbox stay where they are (outbox/index.html lists only those made from then on)")
+          "the outbox stay where they are and outbox/index.html still lists them, but the new ledger does not know "
+          "them: a photo dropped again is critiqued again, and an old failure comes back by moving its photo from "
+          "outbox/failed/ into the inbox, not by `retry`)")
 
 
 def ledger_problem(path: Path, exc: BaseException) -> str:

@@ -170,6 +170,10 @@ def test_a_damaged_ledger_is_one_line_and_its_advice_works(tmp_path, smoke_model
     assert out.returncode == 0, out.stderr[-3000:]
     assert ledger_jobs(home)["second.jpg"].state == "done"
     assert first_report.exists() and len(reports(home / "outbox")) == 2
+    # What the message says of the reports already there holds: the index still lists them.
+    assert "outbox/index.html still lists them" in line, line
+    index = (home / "outbox" / "index.html").read_text()
+    assert f'href="{first_report.parent.name}/report.html"' in index, index[-2000:]
     print(f"\n{kind}: {line.split(': ', 1)[1][:160]}… then `{commands}` and a fresh start")
 
 
