@@ -1791,8 +1791,9 @@ class Ledger:
                     continue
                 later = [later_state for i, later_state, _ in rows if i > job_id]
                 # Still in failed/: a later job of that inbox path is another file of the same name (IMG_0001.JPG
-                # from a second card), and this failure still stands; taken back out, the later job is its own.
-                if later and not (kept and os.path.lexists(kept)):
+                # from a second card), and this failure still stands; taken back out, the later job is its own. A
+                # link kept there is no photo to stand for: the photo copied in its place, as advised, is its own.
+                if later and not (kept and os.path.lexists(kept) and not os.path.islink(kept)):
                     superseded.add(job_id)
                     if DONE in later:
                         resolved.add(job_id)

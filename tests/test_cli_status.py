@@ -257,3 +257,22 @@ def test_a_name_that_is_not_utf8_is_said_to_be_left_alone_with_a_rename_that_wor
         wait_for(lambda: status(home, smoke_model_path)["counts"]["done"] == 1, 120, what="the renamed photo's report")
         assert "UTF-8" not in mondrian(home, smoke_model_path, "status").stdout
         assert d.stop() == 0
+
+
+def test_a_link_out_of_the_inbox_gets_advice_that_works_when_followed(tmp_path, smoke_model_path):
+    """Attack: a link to a photo outside the inbox failed rightly ("copy the photo itself"), but `status` said "fix or
+    re-export the photo … `retry --failed --all` forces it": that brought the link back, to fail again. `status`
+    says what the record says; following it, the photo is critiqued and the failure is gone from `status`."""
+    import shutil
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    outside = photo(tmp_path / "elsewhere" / "linked.jpg", seed=3, size=(64, 48))
+    (home / "inbox" / "linked.jpg").symlink_to(outside)
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    (failure,) = status(home, smoke_model_path)["recent_failures"]
+    assert failure["next_step"].startswith("copy the photo itself (not a link or an alias) into the inbox"), failure
+    assert "retry" not in failure["next_step"], failure
+    shutil.copy2(outside, home / "inbox" / "linked.jpg")  # what it says
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
+    after = status(home, smoke_model_path)
+    assert not after["recent_failures"] and after["counts"]["done"] == 1, after["recent_failures"]
