@@ -237,6 +237,17 @@ def test_a_truncated_adapter_is_listed_as_unusable_and_rollback_passes_it_by(tmp
     assert out.returncode == 0 and os.readlink(d / "current") == "v0001", out.stdout + out.stderr
 
 
+def test_rollback_past_an_unusable_earlier_version_says_why_it_was_passed_by(tmp_path, smoke_model_path) -> None:
+    """Attack: v0002 current, v0001 promoted before it but truncated since: rollback said "no earlier promoted
+    adapter than v0002 (kept versions: v0001, v0002)", naming the very version it denied. It says why now."""
+    cfg, d = _two_versions(tmp_path, smoke_model_path)
+    os.truncate(d / "v0001" / "adapters.safetensors", 100)
+    out = mondrian(cfg.home, smoke_model_path, "adapters", "rollback", "--advisor", "ansel")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert "v0001 cannot be used: adapters.safetensors is truncated" in out.stderr, out.stderr
+    assert os.readlink(d / "current") == "v0002"
+
+
 def test_a_version_is_named_as_a_person_writes_it_and_a_wrong_one_lists_those_kept(tmp_path, smoke_model_path
                                                                                   ) -> None:
     cfg, _ = _two_versions(tmp_path, smoke_model_path)

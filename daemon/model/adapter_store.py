@@ -559,13 +559,19 @@ class AdapterStore:
         current = self.current(advisor)
         if current is None or problem:  # e.g. its weights truncated: nothing sound to roll back *from*
             return self._repair_current(advisor, base)
-        others = [v for v in self.versions(advisor) if v.number < current.number and v.promoted
-                  and not v.rolled_back and v.usable()]
+        promoted = [v for v in self.versions(advisor) if v.number < current.number and v.promoted
+                    and not v.rolled_back]
+        broken = [(v.name, v.problem()) for v in promoted]
+        broken = [(name, problem) for name, problem in broken if problem]
+        others = [v for v in promoted if v.name not in dict(broken)]
         earlier = [v for v in others if _fits(v, base)]
         if not earlier:
             skipped = [v.name for v in others if not _fits(v, base)]
             why = (f"; {', '.join(skipped)} {'was' if len(skipped) == 1 else 'were'} trained for another base model"
                    if skipped else "")
+            # An earlier promoted version passed over for its files is named with why: "no earlier promoted
+            # adapter" beside a list showing one read as a contradiction.
+            why += "".join(f"; {name} cannot be used: {problem}" for name, problem in broken)
             raise AdapterStoreError(f"{advisor} has no earlier promoted adapter than {current.name} to roll back "
                                     f"to (kept versions: {', '.join(v.name for v in self.versions(advisor))}{why})")
         target = earlier[-1]
