@@ -404,6 +404,8 @@ def open_own_file(path: Path, flags: int = os.O_RDWR) -> int:
     except OSError as exc:
         if exc.errno in (errno.ELOOP, errno.EMLINK) or os.path.islink(path):
             raise _not_own(path, "a symbolic link", "file") from None
+        if exc.errno == errno.EISDIR:  # "cannot write in the folder above" would send the person the wrong way
+            raise _not_own(path, "a folder", "file") from None
         raise
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1:

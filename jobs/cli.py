@@ -6,6 +6,7 @@ import argparse
 import json
 import shlex
 import os
+import signal
 import sys
 from pathlib import Path
 from datetime import datetime
@@ -91,6 +92,16 @@ class TrainingProgress:
 
 
 # -- train ----------------------------------------------------------------------------------------
+class _Signalled(KeyboardInterrupt):
+    """`kill` or a closed terminal (SIGTERM, SIGHUP) on `train`: handled as Ctrl-C is (the child stopped, its
+    half-made version removed, the stop said and recorded), instead of an exit with no word and a staging folder
+    left behind."""
+
+
+def _stop_on(signum: int, _frame: Any) -> None:
+    raise _Signalled(signal.Signals(signum).name)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from daemon.ledger import Ledger
     from daemon.model.adapter_store import AdapterStore
@@ -111,6 +122,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     ledger = Ledger.for_config(cfg)
     recorder = ProgressRecorder(ledger, advisor.id)
     print(f"Training {advisor.name}'s adapter on model {cfg.model}…", file=sys.stderr)
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _stop_on)
     try:
         with TrainingProgress() as bar:
             def progress(event: dict[str, Any]) -> None:
@@ -120,14 +133,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             outcome = run_training(cfg, advisor.id, on_progress=progress, settings=overrides,
                                    promote="never" if args.no_promote else "always" if args.promote_anyway else "gate",
                                    wait_for_lock=False)
-    except KeyboardInterrupt:  # run_training has stopped the child and removed its half-made version by now
-        why = "stopped with Ctrl-C before it finished; nothing was kept"
+    except KeyboardInterrupt as exc:  # run_training has stopped the child and removed its half-made version by now
+        how = f"by {exc.args[0]}" if isinstance(exc, _Signalled) and exc.args else "with Ctrl-C"
+        why = f"stopped {how} before it finished; nothing was kept"
         model = f" --model {shlex.quote(args.model)}" if getattr(args, "model", None) else ""  # as it was started
         again = f"`{mondrian()} train --advisor {advisor.id}{model}` starts it again"
         recorder.finish(TrainOutcome(advisor.id, False, reason=f"{why}; {again}", stopped=True))
         print(f"Training {why}: {advisor.id}'s adapters are as they were. {again}.",
               file=sys.stderr)
-        return 130
+        return 128 + (signal.Signals[exc.args[0]] if isinstance(exc, _Signalled) and exc.args else signal.SIGINT)
     recorder.finish(outcome)
     if not outcome.ok:
         print(f"Training failed: {outcome.reason}", file=sys.stderr)
@@ -226,8 +240,11 @@ def cmd_adapters(args: argparse.Namespace) -> int:
     known = advisor_ids(cfg)  # a version copied from another advisor is listed as unusable
     rows = []
     pointers = {}  # advisor -> why its `current` points at nothing usable
+    unsettled = {}  # advisor -> why a promotion cut short could not be finished
     for a in advisors:
-        store.settle(a)  # a promotion cut short is finished first, never listed as promoted yet not current
+        # A promotion cut short is finished first, never listed as promoted yet not current.
+        if (why := store.settle(a)) is not None:
+            unsettled[a] = why
         current = store.current_name(a)
         rows += [_version_row(v, current, known) for v in reversed(store.versions(a))]
         problem = store.current_problem(a)
@@ -237,7 +254,7 @@ def cmd_adapters(args: argparse.Namespace) -> int:
         print(json.dumps(rows, indent=2, default=str))
         return 0
     notes = [f"{a}: current points at {p}, so its photos fall back to rag; {store.remedy(a)}"
-             for a, p in pointers.items()]
+             for a, p in pointers.items()] + [f"{a}: {why}" for a, why in unsettled.items()]
     if not rows:
         who = advisors[0] if args.advisor else "any advisor"
         # A command that runs when pasted: the advisor asked about, else the default one (`ID` was taken for one).

@@ -130,15 +130,25 @@ def collect_references(cfg: Config, advisor_id: str, ledger: Any | None = None) 
         raise DatasetError("this Mondrian has no reference index yet (the RAG index provides it)")
     from daemon.references.indexer import counted_references
 
-    found, changed = [], []
+    found, changed, unreadable = [], [], []
     for row in ledger.references(advisor_id):
         ref = reference_from_row(row)
-        if ref is None or not Path(ref.path).is_file():
+        if ref is None:
+            path = Path(str(_row_value(row, "path") or ""))
+            if path.is_file() and _has_sidecar(path):
+                unreadable.append(path.name)  # a curator's sidecar broken since it was indexed: said, not dropped
+            continue
+        if not Path(ref.path).is_file():
             continue
         if _changed_since_indexed(Path(ref.path), _row_value(row, "indexed_at"), ref.sha256):
             changed.append(ref.path)  # its recorded hash decides the split: a test photo may now be a train one
             continue
         found.append(ref)
+    if unreadable:
+        log.warning("%s: %d reference(s) are left out because their sidecar (the curator's scores) no longer reads "
+                    "since they were indexed; `%s references list --advisor %s` says why: %s", advisor_id,
+                    len(unreadable), mondrian(), advisor_id,
+                    ", ".join(unreadable[:5]) + (" …" if len(unreadable) > 5 else ""))
     if changed:
         log.warning("%s: %d reference(s) changed since they were indexed and are left out until `%s references index "
                     "--advisor %s` reads them again: %s", advisor_id, len(changed), mondrian(), advisor_id,
@@ -388,6 +398,9 @@ def build_rows(refs: list[Reference], advisor: Advisor, cfg: Config, *, variants
             photo = load_photo(Path(ref.path), cfg.max_pixels, max_bytes=cfg.max_file_bytes)
         except ImageRejected as exc:
             left_out.append(f"{Path(ref.path).name}: {exc}")
+            continue
+        if photo.sha256 != ref.sha256:  # replaced since it was indexed: its scores and its split were the old bytes'
+            left_out.append(f"{Path(ref.path).name}: the file changed since it was indexed")
             continue
         answer = report_text(target_report(ref, cfg.comment_max_chars))
         seed0 = int(ref.sha256[:15], 16)

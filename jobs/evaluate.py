@@ -161,6 +161,11 @@ def readable(references: Iterable[Any], max_pixels: int) -> tuple[list[TestPhoto
         except ImageRejected as exc:
             gone.append(f"{Path(ref.path).name}: {exc}")
             continue
+        if photo.sha256 != ref.sha256:
+            # Replaced since it was indexed (another photo saved under its name): the curator's scores are not
+            # this picture's, and its split was drawn from the old bytes: it may be one the candidate learned from.
+            gone.append(f"{Path(ref.path).name}: the file changed since it was indexed")
+            continue
         kept.append(TestPhoto(ref.sha256, dict(ref.scores), str(ref.path), photo.image))
     return kept, gone
 

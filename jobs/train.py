@@ -507,13 +507,15 @@ def _ctrl_c_after(doing: str) -> Iterator[None]:
         yield
         return
     came: list[int] = []
-    before = signal.signal(signal.SIGINT, lambda signum, _frame: came.append(signum))
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = {signum: signal.signal(signum, lambda signum, _frame: came.append(signum)) for signum in stops}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, before)
+        for signum, handler in before.items():
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
         if came:
-            print(f"Ctrl-C came while {doing}: that was finished first, so the outcome below stands "
+            print(f"{'Ctrl-C' if came[0] == signal.SIGINT else signal.Signals(came[0]).name} came while {doing}: that was finished first, so the outcome below stands "
                   f"(`{mondrian()} adapters rollback` undoes a promotion).", file=sys.stderr)
 
 

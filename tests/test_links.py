@@ -282,6 +282,16 @@ def test_an_adapter_lock_that_is_a_link_is_not_written_through(tmp_path, smoke_m
     assert "symbolic link" in out.stderr and "rm " in out.stderr, out.stderr
 
 
+def test_an_adapter_lock_that_is_a_folder_is_named_not_the_folder_above(tmp_path, smoke_model_path):
+    """Attack: a folder at adapters/ansel/.lock: "cannot write in the adapters folder …/ansel (Is a directory):
+    check that it exists and is writable", which it was. The message names `.lock` and what to do."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    (home / "adapters" / "ansel" / ".lock").mkdir(parents=True)
+    out = mondrian(home, smoke_model_path, "adapters", "rollback", "--advisor", "ansel")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr
+    assert f"{home / 'adapters' / 'ansel' / '.lock'} is a folder" in out.stderr and "Move it" in out.stderr, out.stderr
+
+
 @pytest.mark.parametrize("folder", ["var", "var/logs", "var/models", "var/cache", "var/datasets", "adapters",
                                     "adapters/ansel", "advisors"])
 def test_a_folder_of_mondrians_in_var_or_adapters_that_is_a_link_stops_the_start(tmp_path, smoke_model_path,

@@ -1069,3 +1069,30 @@ def test_a_rollback_is_not_stopped_by_a_newest_version_that_is_damaged(tmp_path,
     out = mondrian(cfg.home, smoke_model_path, "adapters", "rollback", "--advisor", "ansel")
     assert out.returncode == 0 and "now v0001 (was v0002)" in out.stdout, out.stdout + out.stderr
     assert AdapterStore(cfg.adapters_dir).current_name("ansel") == "v0001"
+
+
+def test_a_killed_promotion_that_cannot_be_finished_on_a_read_only_folder_is_said_so(tmp_path,
+                                                                                   smoke_model_path) -> None:
+    """Attack: `status` says a promotion cut short is finished by `adapters`; on a read-only adapters folder
+    `adapters` finished nothing and said nothing, so following the advice changed nothing. It says why now."""
+    import shutil
+
+    from daemon.model.adapter_store import AdapterStore
+
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to bind-mount a folder read-only")
+    cfg = _home(tmp_path)
+    install_version(cfg, "ansel", promoted=True, fingerprint="f1")
+    _promotion_killed_before_the_switch(cfg, smoke_model_path, "f2")
+    target = str(cfg.adapters_dir)
+    if subprocess.run(["mount", "--bind", target, target]).returncode != 0:
+        pytest.skip("bind mounts are not allowed here")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", target], check=True)
+        out = mondrian(cfg.home, smoke_model_path, "adapters", "--advisor", "ansel")
+    finally:
+        subprocess.run(["umount", target], check=True)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr
+    said = out.stdout + out.stderr
+    assert "the promotion of v0002 cannot be finished" in said and "read-only file system" in said, said
+    assert AdapterStore(cfg.adapters_dir).current_name("ansel") == "v0001"

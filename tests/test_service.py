@@ -239,7 +239,8 @@ def _entry_points() -> list[list[str]]:
 @pytest.mark.parametrize("platform", ["macos", "linux"])
 def test_dry_run_install_prints_everything_and_writes_nothing(dirs, platform):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MONDRIAN_", "XDG_"))}
-    env.update(HOME=str(dirs["user"]), MONDRIAN_HOME=str(dirs["home"]), MONDRIAN_MODEL="smoke")
+    env.update(HOME=str(dirs["user"]), MONDRIAN_HOME=str(dirs["home"]), MONDRIAN_MODEL="smoke",
+               ANALYSIS_MODE="baseline")
     real_home = Path.home()
     real_paths = [real_home / "Library" / "LaunchAgents" / "com.mondrian.daemon.plist",
                   real_home / ".config" / "systemd" / "user" / "mondrian.service"]
@@ -266,6 +267,9 @@ def test_dry_run_install_prints_everything_and_writes_nothing(dirs, platform):
             for cmd in ("systemctl --user daemon-reload", "systemctl --user enable mondrian.service",
                         "systemctl --user restart mondrian.service"):
                 assert cmd in out
+        # What the service would be pinned to by this shell is said before anything is installed.
+        assert "Model: smoke, pinned by MONDRIAN_MODEL, set in this shell" in out, out[-2000:]
+        assert "Settings from this shell, written into the service: ANALYSIS_MODE (default_mode)" in out, out[-2000:]
     assert tree(dirs["tmp"]) == before, "dry run wrote files"
     assert [p.exists() for p in real_paths] == before_real
 

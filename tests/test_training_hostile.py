@@ -521,3 +521,66 @@ def test_too_few_references_because_of_copies_or_skipped_ones_is_said_so_not_ind
         assert "3 are copies of photos already counted" in out.stderr, out.stderr[-2000:]
         assert "1 were skipped" in out.stderr and "references list --advisor synth" in out.stderr, out.stderr[-2000:]
         assert f"to {refs}, then train again" in out.stderr, out.stderr[-2000:]
+
+
+def test_a_curator_sidecar_broken_after_indexing_is_named_when_training_leaves_its_photo_out(tmp_path,
+                                                                                           smoke_model_path) -> None:
+    """Attack: sidecars edited into something unreadable after indexing: training left those photos out without a
+    word (its own summary still counted them among the references). The training log names them and the command
+    that says why."""
+    cfg = _synth_home(tmp_path, smoke_model_path)
+    refs = cfg.home / "advisors" / "synth" / "references"
+    (refs / "r002.json").write_text('{"scores": {"lighting": 5}}')
+    out = mondrian(cfg.home, smoke_model_path, "train", "--advisor", "synth", "--iters", "2", "--no-promote",
+                   timeout=300)
+    assert out.returncode in (0, 3) and "Traceback" not in out.stderr, out.stderr[-2000:]
+    log = (cfg.logs_dir / "train-synth.log").read_text()
+    assert "1 reference(s) are left out because their sidecar" in log and "r002.png" in log, log[-3000:]
+    assert "references list --advisor synth" in log, log[-3000:]
+
+
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_kill_or_a_closed_terminal_on_train_is_a_stop_said_and_cleaned_up_like_ctrl_c(signame, tmp_path,
+                                                                                    smoke_model_path) -> None:
+    """Attack: `kill` (SIGTERM) or a closed terminal (SIGHUP) on `mondrian train` ended it with no word (exit 143)
+    and left a `.staging-*` folder in the adapters; Ctrl-C said what happened and cleaned up. Now each does."""
+    import signal
+
+    from tests.harness import wait_for
+
+    def stop(run) -> None:
+        os.kill(run.pid, getattr(signal, signame))
+        wait_for(lambda: run.poll() is not None, timeout=90, what=f"`mondrian train` to end on {signame}")
+
+    cfg = _synth_home(tmp_path, smoke_model_path)
+    rc, out, err, held = _train_held_at(cfg, smoke_model_path, "evaluating", stop)
+    assert rc == 128 + getattr(signal, signame) and "Traceback" not in err, (rc, err[-3000:])
+    assert f"Training stopped by {signame} before it finished; nothing was kept" in err, err[-3000:]
+    adapters = cfg.adapters_dir / "synth"
+    assert not adapters.exists() or not [p.name for p in adapters.iterdir() if p.name.startswith(("v0", ".staging"))]
+    line = next(x for x in mondrian(cfg.home, smoke_model_path, "status").stdout.splitlines()
+                if x.startswith("Training:"))
+    assert line.startswith("Training: synth stopped") and f"stopped by {signame}" in line, line
+
+
+@pytest.mark.parametrize("point", ["dataset", "evaluating"])
+def test_a_reference_replaced_while_training_is_left_out_not_learned_or_judged(point, tmp_path,
+                                                                              smoke_model_path) -> None:
+    """Attack: a test photo overwritten while the advisor trained (a training photo saved under its name): the gate
+    judged the candidate on it, a picture it may have learned from, under the curator's scores of the old one;
+    `evaluate` later left it out. The gate leaves it out too, and says why; so does the dataset, whose rows would
+    have paired the new picture with the old one's scores."""
+    cfg = _synth_home(tmp_path, smoke_model_path)
+    refs = sorted((cfg.home / "advisors" / "synth" / "references").glob("*.png"))
+
+    def overwrite(_run) -> None:
+        for ref in refs[1:]:
+            ref.write_bytes(refs[0].read_bytes())
+
+    rc, out, err, _ = _train_held_at(cfg, smoke_model_path, point, overwrite, "--no-promote")
+    assert "Traceback" not in err, err[-3000:]
+    said = (err + (cfg.logs_dir / "train-synth.log").read_text()).splitlines()
+    # Left out of the dataset (here all but one: "none of the … could be read"), or of the gate's evaluation.
+    where = ("left out of training", "could be read") if point == "dataset" else ("left out of the evaluation",)
+    changed = [line for line in said if "the file changed since it was indexed" in line]
+    assert [line for line in changed if any(w in line for w in where)], (rc, out, err[-3000:])

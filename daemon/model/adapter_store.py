@@ -506,6 +506,18 @@ class AdapterStore:
         contradicted each other, and photos used the older version, until the next training. Finish it (hold the
         lock): switch, then record. (Killed after the switch, only its history line is missing: nothing to do.)
         Returns the version so finished, if any."""
+        newest = self.unfinished_promotion(advisor)
+        if newest is None:
+            return None
+        self.switch(advisor, newest.name)
+        self._log(advisor, {"event": "promoted", "version": newest.name, "reason": newest.decision.get("reason"),
+                            "finished": "after an interruption"})
+        log.info("adapters: finished promoting %s/%s, interrupted before `current` was switched", advisor,
+                 newest.name)
+        return newest.name
+
+    def unfinished_promotion(self, advisor: str) -> Version | None:
+        """The version a promotion was killed on before `current` was switched to it (`finish_promotion`), if any."""
         versions = self.versions(advisor)
         if not versions:
             return None
@@ -519,18 +531,25 @@ class AdapterStore:
             return None
         if not newest.usable():  # damaged or cut short since: switching to it would fail photos (and `rollback`)
             return None
-        self.switch(advisor, newest.name)
-        self._log(advisor, {"event": "promoted", "version": newest.name, "reason": newest.decision.get("reason"),
-                            "finished": "after an interruption"})
-        log.info("adapters: finished promoting %s/%s, interrupted before `current` was switched", advisor,
-                 newest.name)
-        return newest.name
+        return newest
 
-    def settle(self, advisor: str) -> None:
-        """`recover`, where no training or promotion holds the advisor's adapters now (never waits)."""
-        with contextlib.suppress(Busy, AdapterStoreError, OSError):
+    def settle(self, advisor: str) -> str | None:
+        """`recover`, where no training or promotion holds the advisor's adapters now (never waits). Returns why a
+        promotion cut short could not be finished (a read-only adapters folder), else None: `status` sends the
+        person here to finish it, and silence would leave them with nothing changed."""
+        try:
             with self.lock(advisor):
                 self.recover(advisor)
+        except Busy:
+            return None
+        except (AdapterStoreError, OSError) as exc:
+            with contextlib.suppress(AdapterStoreError, OSError):
+                pending = self.unfinished_promotion(advisor)
+                if pending is not None:
+                    why = str(exc) if isinstance(exc, AdapterStoreError) else unwritable(self.advisor_dir(advisor),
+                                                                                         exc)
+                    return f"the promotion of {pending.name} cannot be finished: {why}"
+        return None
 
     def switch(self, advisor: str, name: str) -> None:
         """Point `current` at version `name` with one atomic rename of a fresh symlink."""

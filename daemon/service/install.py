@@ -582,6 +582,7 @@ class Launchd:
         if rc == 0 and not sh.dry_run:
             sh.say(f"Mondrian is installed as {spec.label}; it starts now and at every login.")
             sh.say(f"Logs: {spec.stdout_path} and {spec.stderr_path}")
+        if rc == 0:  # a dry run too: where the model and settings come from is what one checks before installing
             sh.say(spec.model_line)
             if spec.settings_line:
                 sh.say(spec.settings_line)
@@ -689,9 +690,11 @@ class Systemd:
         if rc == 0 and not sh.dry_run:
             sh.say(f"Mondrian is installed as {self.unit}; it starts now and at every login.")
             sh.say(f"Logs: journalctl --user -u {self.unit} -f")
+        if rc == 0:  # a dry run too (as for launchd)
             sh.say(spec.model_line)
             if spec.settings_line:
                 sh.say(spec.settings_line)
+        if rc == 0 and not sh.dry_run:
             sh.say("To keep it running while you are logged out (a server): loginctl enable-linger $USER")
         return rc
 
