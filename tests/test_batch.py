@@ -189,3 +189,22 @@ def test_batches_on_the_fused_rope_write_what_mlx_vlm_writes_for_each_photo(plai
     for i, (g, text) in enumerate(zip(got, theirs)):
         assert not isinstance(g, Exception), f"photo {i}: {g!r}"
         assert g.text == text, f"photo {i} in a batch differs from mlx-vlm's generate"
+
+
+def test_a_batchs_time_is_charged_to_the_photos_in_it_and_none_is_lost(runtime: ModelRuntime, prompt: str) -> None:
+    """Each photo's own time limit in a batch (`limits.TimeShare`): every second the batch takes is charged to the
+    photos being worked on (a pass split between the rows in it, a photo's vision tower to that photo), so the
+    charges add up to the batch's time. Rows that finish leave the share: were they kept in it, the last row would
+    be charged a fraction of its passes and run past its own limit (issue 11 item 7). Here three rows stop early
+    (a max_tokens of 40) and the fourth goes on alone for most of the batch."""
+    from daemon.limits import TimeShare
+
+    photos = _photos()[:4]  # one size: one group
+    shares = [TimeShare(3600.0, among=len(photos)) for _ in photos]
+    started = time.monotonic()
+    out = runtime.generate_json_batch([BatchRequest(p, prompt, SCHEMA, 1400 if i == 0 else 40, system=SYSTEM,
+                                                    deadline=s) for i, (p, s) in enumerate(zip(photos, shares))])
+    took = time.monotonic() - started
+    assert not isinstance(out[0], Exception) and all(isinstance(o, GenerationError) for o in out[1:]), out
+    charged = sum(s.spent() for s in shares)
+    assert 0.9 * took <= charged <= took * 1.01 + 0.01, (charged, took, [round(s.spent(), 3) for s in shares])

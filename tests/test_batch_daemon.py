@@ -235,3 +235,4 @@ def test_a_photo_that_times_out_alone_times_out_in_a_batch_too(tmp_path: Path, p
     assert {r: j.state for r, j in together.items()} == {f"p{i}.png": "failed" for i in range(4)}, \
         (limit, {r: (j.state, j.error) for r, j in together.items()})
     assert all("job_timeout_seconds" in j.error for j in together.values()), {r: j.error for r, j in together.items()}
+

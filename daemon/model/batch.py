@@ -275,3 +275,4 @@ def _decode_group(model: Any, constraint: Any, rows: list[_Row], results: list, 
                 for c in kv:
                     c.keys, c.values = c.keys[index], c.values[index]
                 active = [active[j] for j in keep]
+                share_time([r.request.deadline for r in active], len(active))  # the rows that finished leave it
