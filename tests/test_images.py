@@ -190,6 +190,14 @@ def test_a_tiff_turned_by_its_orientation_reports_the_size_it_was_analysed_at() 
         photo = decode_photo(buf.getvalue(), MAX_PIXELS)
         assert (photo.width, photo.height) == (120, 80), (fmt, orientation, photo.width, photo.height)
         assert photo.image.width > photo.image.height, (fmt, orientation, photo.image.size)  # analysed upright
+    for size, orientation in (((1599, 1600), None), ((1600, 1599), 6)):  # a draft rounds these to a square
+        buf = io.BytesIO()
+        exif = Image.Exif()
+        if orientation:
+            exif[0x0112] = orientation
+        Image.new("RGB", size, (20, 90, 200)).save(buf, "JPEG", exif=exif.tobytes())
+        photo = decode_photo(buf.getvalue(), MAX_PIXELS)
+        assert (photo.width, photo.height) == (size[::-1] if orientation else size), (size, orientation, photo.width)
     text = Image.new("RGB", (80, 120), (20, 90, 200))
     buf = io.BytesIO()
     text.save(buf, "JPEG", exif=_ascii_orientation(text, "6"))
@@ -205,7 +213,8 @@ def _ascii_orientation(img: Image.Image, value: str) -> bytes:
     return b"Exif\0\0" + b"II*\0" + struct.pack("<I", 8) + struct.pack("<H", 1) + entry + struct.pack("<I", 0)
 
 
-def _rgb_profile(primaries: tuple[tuple[float, float, float], ...], gamma: float = 2.2) -> bytes:
+def _rgb_profile(primaries: tuple[tuple[float, float, float], ...], gamma: float = 2.2,
+                 title: str = "Wide gamut (test)") -> bytes:
     """A minimal ICC v2 RGB display profile: three primaries (D50 XYZ), a white point and one gamma."""
     import struct
 
@@ -216,7 +225,7 @@ def _rgb_profile(primaries: tuple[tuple[float, float, float], ...], gamma: float
         return b"XYZ " + b"\0" * 4 + s15(x) + s15(y) + s15(z)
 
     curve = b"curv" + b"\0" * 4 + struct.pack(">IH", 1, round(gamma * 256)) + b"\0\0"
-    name = b"Wide gamut (test)\0"
+    name = title.encode() + b"\0"
     desc = b"desc" + b"\0" * 4 + struct.pack(">I", len(name)) + name + b"\0" * 8 + b"\0" * 70
     tags = [(b"desc", desc), (b"wtpt", xyz(0.9642, 1.0, 0.8249)), (b"rXYZ", xyz(*primaries[0])),
             (b"gXYZ", xyz(*primaries[1])), (b"bXYZ", xyz(*primaries[2])),
@@ -249,3 +258,25 @@ def test_a_photo_in_a_wide_gamut_profile_is_analysed_in_srgb(fmt) -> None:
     converted = analysed(icc_profile=p3)
     assert converted[0] < 15 and converted[1] > 170, converted  # P3's green is more saturated than sRGB's can be
     assert analysed(icc_profile=b"not a profile at all") == plain
+    # Linear values under a name that says sRGB are converted all the same: the name is not the encoding.
+    linear = _rgb_profile(((0.4361, 0.2225, 0.0139), (0.3851, 0.7169, 0.0971), (0.1431, 0.0606, 0.7141)), gamma=1.0,
+                          title="sRGB linear (test)")
+    assert analysed(icc_profile=linear)[0] > 90, analysed(icc_profile=linear)
+
+
+def test_a_reference_thumbnail_shows_the_colours_the_reference_is_analysed_in(tmp_path) -> None:
+    """A rag report shows its references as thumbnails: made from the numbers as stored, a Display P3 reference
+    looked washed out beside the photo, which is now converted."""
+    from daemon.config import load_config
+    from daemon.references.thumbnails import thumbnail
+    from tests.harness import make_home
+
+    cfg = load_config(make_home(tmp_path / "home"), env={})
+    p3 = _rgb_profile(((0.5151, 0.2412, -0.0011), (0.2920, 0.6922, 0.0419), (0.1571, 0.0666, 0.7841)))
+    ref = tmp_path / "ref.jpg"
+    Image.new("RGB", (160, 120), (40, 170, 60)).save(ref, "JPEG", quality=98, icc_profile=p3)
+    made = thumbnail(cfg, "0" * 64, ref)
+    assert made is not None
+    analysed = decode_photo(ref.read_bytes(), MAX_PIXELS).image.getpixel((10, 10))
+    shown = Image.open(made).convert("RGB").getpixel((10, 10))
+    assert shown[0] < 20 and all(abs(a - b) <= 6 for a, b in zip(shown, analysed)), (shown, analysed)

@@ -98,7 +98,11 @@ def context_key(sha256: str, advisor: Advisor, effective_mode: str, inputs: str 
     """What a report depends on: the bytes, the advisor (its definition: a prompt rewritten is another voice), the
     mode used after fallbacks, that mode's inputs (the reference set, the adapter version), the model and the
     settings that shape a critique. Same key, same critique: the photo is a duplicate."""
+    from ..intake.images import DECODING
+
     shaping = [cfg.max_pixels, cfg.max_tokens, cfg.comment_max_chars]
+    if DECODING != 1:  # (1, the first, is left out: keys made before it existed stay the same)
+        shaping.append(DECODING)
     if effective_mode == "rag":
         shaping += [cfg.rag_k, cfg.rag_reference_weight, cfg.embeddings_enabled]
     doc = json.dumps([sha256, advisor.id, effective_mode, inputs, cfg.model,

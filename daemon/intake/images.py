@@ -92,7 +92,7 @@ def fit_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
     return w, h
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         canvas = Image.new("RGB", rgba.size, (255, 255, 255))
@@ -134,6 +134,10 @@ def load_photo(path: Path, max_pixels: int, timeout_s: float | None = None,
                             "size, or lower max_file_mb so such files are refused before they are read") from exc
     return decode_photo(data, max_pixels)
 
+
+# Bumped when decoding changes the pixels a photo is analysed in (2: colour profiles converted to sRGB, 16-bit
+# greyscale keeping its tones), so a report made from the old pixels is not reused for the photo dropped again.
+DECODING = 2
 
 # How a complete file of these formats ends, before any zero padding: JPEG's end-of-image marker, PNG's IEND chunk.
 END_MARKERS = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND\xaeB`\x82"}
@@ -190,7 +194,7 @@ def decode_photo(data: bytes, max_pixels: int) -> LoadedImage:
         # draft, leaving LANCZOS at least RESIZE_GAP times the final size (Pillow's default for thumbnails).
         rgb = rgb.resize((fw, fh), Image.Resampling.LANCZOS, reducing_gap=RESIZE_GAP)
     if raw is None:
-        rgb = _in_srgb(rgb, icc)  # at the analysed size: a fraction of the time at the full one
+        rgb = in_srgb(rgb, icc)  # at the analysed size: a fraction of the time at the full one
     return LoadedImage(image=rgb, width=width, height=height, format=fmt, sha256=digest, frames=frames)
 
 
@@ -308,14 +312,17 @@ def _pillow_photo(data: bytes, max_pixels: int) -> tuple[Image.Image, int, int, 
                 img.draft("RGB", (math.ceil(tw * DRAFT_GAP), math.ceil(th * DRAFT_GAP)))
             img.load()
             icc = img.info.get("icc_profile")
+            # The size on disk, turned as the photo analysed is: by exif_transpose where it makes a quarter turn,
+            # which is where the tag, read after loading, says 5-8 as a number. Pillow's TIFF reader turns the photo
+            # itself (its size is upright and the tag gone once loaded), and a tag written as text ("6") turns
+            # nothing. (Not from the shapes: a draft rounds a near-square photo to a square.)
             try:
+                quarter = img.getexif().get(0x0112) in (5, 6, 7, 8)
                 img = ImageOps.exif_transpose(img) or img
             except Exception:  # a malformed EXIF block must not sink an otherwise good photo
-                pass
-            # The size on disk, turned as the photo analysed was: Pillow's TIFF reader turns the photo itself, and
-            # an orientation Pillow cannot read (ASCII "6") turns nothing, so the tag alone is not the answer.
-            width, height = (w0, h0) if (w0 >= h0) == (img.width >= img.height) else (h0, w0)
-            rgb = _to_rgb(img)
+                quarter = False
+            width, height = (h0, w0) if quarter else (w0, h0)
+            rgb = to_rgb(img)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageRejected(
             f"the image is too large to open safely (more than {MAX_PIXELS_ON_DISK // 1_000_000} megapixels "
@@ -337,7 +344,7 @@ def _pillow_photo(data: bytes, max_pixels: int) -> tuple[Image.Image, int, int, 
     return rgb, width, height, fmt, frames, icc
 
 
-def _in_srgb(rgb: Image.Image, icc: bytes | None) -> Image.Image:
+def in_srgb(rgb: Image.Image, icc: bytes | None) -> Image.Image:
     """The photo's colours in sRGB, as the model, the preview and the thumbnail take them: an iPhone's Display P3
     (or Adobe RGB) numbers read as sRGB look washed out. A profile that is not RGB, or cannot be read, is left
     alone."""
@@ -347,8 +354,10 @@ def _in_srgb(rgb: Image.Image, icc: bytes | None) -> Image.Image:
         from PIL import ImageCms
 
         theirs = ImageCms.ImageCmsProfile(io.BytesIO(icc))
-        if theirs.profile.xcolor_space.strip() != "RGB" or "srgb" in (theirs.profile.profile_description or "").lower():
+        if theirs.profile.xcolor_space.strip() != "RGB":
             return rgb
+        # Every RGB profile is converted, sRGB's own too (a few milliseconds at the analysed size): a profile's
+        # name says little ("sRGB linear" is not sRGB's encoding).
         return ImageCms.profileToProfile(rgb, theirs, ImageCms.createProfile("sRGB"), outputMode="RGB") or rgb
     except Exception:  # noqa: BLE001 - a damaged profile: the numbers as they are, as before
         return rgb
