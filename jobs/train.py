@@ -365,23 +365,32 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
 
 def _refuse_unindexed(cfg: Config, advisor_id: str, refs: list[Any], usable: int) -> None:
     """Too few references to train on: say why in terms that lead somewhere. Photos the index has not seen yet
-    (copied in while no daemon ran) are indexed by a command; copies of one photo count once and references skipped
-    for a bad sidecar stay skipped however often they are indexed again (that advice went round in a circle), so
-    those are named as what they are; an empty folder is named as the place references go."""
+    (copied in while no daemon ran), or changed since it read them, are indexed by a command; copies of one photo
+    count once and references skipped for a bad sidecar stay skipped however often they are indexed again (that
+    advice went round in a circle), so those are named as what they are; an empty folder is named as the place
+    references go."""
     from daemon.analysis.advisors import references_dir
     from daemon.intake.images import PHOTO_SUFFIXES
     from daemon.ledger import Ledger
+    from daemon.references.indexer import shown_name
 
-    from .dataset import MIN_REFERENCES, DatasetError
+    from .dataset import MIN_REFERENCES, DatasetError, _changed_since_indexed, _row_value, reference_from_row
 
     folder = references_dir(cfg, advisor_id)
+    counted = set()
+    for r in refs:
+        with contextlib.suppress(OSError):
+            counted.add(os.path.realpath(r.path))
     ledger = Ledger.for_config(cfg)
-    indexed = set()
-    for row in ledger.references(advisor_id):
-        with contextlib.suppress(OSError, TypeError):
-            indexed.add(os.path.realpath(row["path"] if isinstance(row, dict) else row.path))
-    skipped = {str(e.get("file")) for e in (ledger.events().get("reference_errors", ([], None))[0] or [])
-               if e.get("advisor") == advisor_id}
+    try:
+        rows = {}
+        for row in ledger.references(advisor_id):
+            with contextlib.suppress(OSError, TypeError):
+                rows[os.path.realpath(str(_row_value(row, "path")))] = row
+        skipped = {str(e.get("file")) for e in (ledger.events().get("reference_errors", ([], None))[0] or [])
+                   if e.get("advisor") == advisor_id}
+    finally:
+        ledger.close()
     waiting = copies = passed_over = 0
     for root, dirs, files in os.walk(folder):
         dirs[:] = [d for d in dirs if not d.startswith(".")]
@@ -389,18 +398,23 @@ def _refuse_unindexed(cfg: Config, advisor_id: str, refs: list[Any], usable: int
             if f.startswith(".") or not f.lower().endswith(PHOTO_SUFFIXES):
                 continue
             path = os.path.join(root, f)
-            if os.path.realpath(path) in indexed:
-                copies += 1
-            elif os.path.relpath(path, folder) in skipped:
-                passed_over += 1
+            real = os.path.realpath(path)
+            row = rows.get(real)
+            if real in counted:
+                continue
+            if row is not None and reference_from_row(row) is not None and not _changed_since_indexed(
+                    Path(real), _row_value(row, "indexed_at"), str(_row_value(row, "sha256"))):
+                copies += 1  # indexed as it is, and left out as a copy of a photo counted
+            elif row is None and shown_name(os.path.relpath(path, folder)) in skipped or (
+                    row is not None and reference_from_row(row) is None):
+                passed_over += 1  # its sidecar cannot be used: indexing again changes nothing
             else:
-                waiting += 1
-    copies = max(0, copies - len(refs))
+                waiting += 1  # not indexed, or changed since it was
     have = f"{usable} usable reference photo(s) are indexed; training needs at least {MIN_REFERENCES}"
     if waiting:
-        raise DatasetError(f"{have}, and {waiting} photo(s) in {folder} are not indexed yet: index them "
-                           f"with `{mondrian()} references index --advisor {advisor_id}` (the running daemon does "
-                           f"it by itself), then train again")
+        raise DatasetError(f"{have}, and {waiting} photo(s) in {folder} are not indexed as they are now: index "
+                           f"them with `{mondrian()} references index --advisor {advisor_id}` (the running daemon "
+                           f"does it by itself), then train again")
     why = []
     if copies:
         why.append(f"{copies} are copies of photos already counted (the same photo counts once)")

@@ -8,12 +8,13 @@ import json
 import os
 import re
 import shlex
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.harness import mondrian
-from tests.lora_helpers import adapter_home, install_version, random_adapter, synthetic_advisor
+from tests.lora_helpers import adapter_home, install_version, random_adapter, synthetic_advisor, synthetic_photo
 
 _home = adapter_home
 
@@ -521,6 +522,11 @@ def test_too_few_references_because_of_copies_or_skipped_ones_is_said_so_not_ind
         assert "3 are copies of photos already counted" in out.stderr, out.stderr[-2000:]
         assert "1 were skipped" in out.stderr and "references list --advisor synth" in out.stderr, out.stderr[-2000:]
         assert f"to {refs}, then train again" in out.stderr, out.stderr[-2000:]
+    # A reference exported again since it was indexed is not a copy: indexing reads it as it is now.
+    time.sleep(1.1)  # its file time after the indexing's
+    synthetic_photo(refs / "r001.png", 0.3, 0.7, 99)
+    out = mondrian(cfg.home, smoke_model_path, "train", "--advisor", "synth", "--iters", "2", "--no-promote")
+    assert "1 photo(s) in" in out.stderr and "not indexed as they are now" in out.stderr, out.stderr[-2000:]
 
 
 def test_a_curator_sidecar_broken_after_indexing_is_named_when_training_leaves_its_photo_out(tmp_path,
