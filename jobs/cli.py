@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import os
@@ -124,6 +125,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"Training {advisor.name}'s adapter on model {cfg.model}…", file=sys.stderr)
     for signum in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, _stop_on)
+    store = AdapterStore(cfg.adapters_dir)
+    kept_before: set[str] = set()
+    with contextlib.suppress(OSError):  # unreadable: training says so itself
+        kept_before = {v.name for v in store.versions(advisor.id)}
     try:
         with TrainingProgress() as bar:
             def progress(event: dict[str, Any]) -> None:
@@ -135,6 +140,19 @@ def cmd_train(args: argparse.Namespace) -> int:
                                    wait_for_lock=False)
     except KeyboardInterrupt as exc:  # run_training has stopped the child and removed its half-made version by now
         how = f"by {exc.args[0]}" if isinstance(exc, _Signalled) and exc.args else "with Ctrl-C"
+        made = []
+        with contextlib.suppress(OSError):
+            made = [v for v in store.versions(advisor.id) if v.name not in kept_before]
+        if made:  # stopped after its version was recorded: kept, and said so (never "nothing was kept")
+            v = made[-1]
+            what = "promoted and current" if store.current_name(advisor.id) == v.name else \
+                "promoted" if v.promoted else "kept, not promoted"
+            reason = (f"stopped {how} after {v.label} was recorded ({what}); `{mondrian()} adapters` shows it"
+                      + (f", and `{mondrian()} adapters rollback --advisor {advisor.id}` undoes the promotion"
+                         if v.promoted else ""))
+            recorder.finish(TrainOutcome(advisor.id, True, version=v.name, promoted=v.promoted, reason=reason))
+            print(f"Training {reason}.", file=sys.stderr)
+            return 128 + (signal.Signals[exc.args[0]] if isinstance(exc, _Signalled) and exc.args else signal.SIGINT)
         why = f"stopped {how} before it finished; nothing was kept"
         model = f" --model {shlex.quote(args.model)}" if getattr(args, "model", None) else ""  # as it was started
         again = f"`{mondrian()} train --advisor {advisor.id}{model}` starts it again"

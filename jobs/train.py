@@ -497,6 +497,7 @@ def run_training(cfg: Config, advisor_id: str, *, on_progress: Callable[[dict[st
                       "reason": decision["reason"]})
                 with _ctrl_c_after(f"{advisor_id}'s new version was being recorded"):
                     version = store.commit(advisor_id, staging, decision)
+                testhooks.crashpoint("recorded")
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise

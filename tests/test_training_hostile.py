@@ -590,3 +590,19 @@ def test_a_reference_replaced_while_training_is_left_out_not_learned_or_judged(p
     where = ("left out of training", "could be read") if point == "dataset" else ("left out of the evaluation",)
     changed = [line for line in said if "the file changed since it was indexed" in line]
     assert [line for line in changed if any(w in line for w in where)], (rc, out, err[-3000:])
+
+
+def test_ctrl_c_just_after_the_new_version_is_recorded_says_it_was_kept(tmp_path, smoke_model_path) -> None:
+    """Attack: Ctrl-C after the version was recorded and promoted, before `train` returned: it said "nothing was
+    kept; adapters are as they were" about a version photos now use. It names the version and how to undo it."""
+    import signal
+
+    cfg = _synth_home(tmp_path, smoke_model_path)
+    rc, out, err, held = _train_held_at(cfg, smoke_model_path, "recorded",
+                                        lambda run: os.kill(run.pid, signal.SIGINT), "--promote-anyway")
+    assert rc == 130 and "Traceback" not in err, (rc, err[-3000:])
+    assert "stopped with Ctrl-C after synth/v0001 was recorded (promoted and current)" in err, err[-3000:]
+    assert "adapters rollback --advisor synth" in err and "nothing was kept" not in err, err[-3000:]
+    line = next(x for x in mondrian(cfg.home, smoke_model_path, "status").stdout.splitlines()
+                if x.startswith("Training:"))
+    assert "nothing was kept" not in line and "v0001" in line, line
