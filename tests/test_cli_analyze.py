@@ -236,3 +236,27 @@ def test_analyze_of_an_inbox_photo_the_daemon_filed_first_names_the_daemons_repo
 def _states(home: Path) -> list[str]:
     with contextlib.closing(sqlite3.connect(home / "var" / "ledger.db")) as db:
         return sorted(state for (state,) in db.execute("SELECT state FROM job"))
+
+
+def test_analyze_of_a_photo_removed_meanwhile_never_names_an_earlier_photos_report(tmp_path, smoke_model_path):
+    """The daemon's report is named only for a job that had the file in hand while `analyze` ran: IMG_0001.JPG of an
+    earlier card, critiqued last week, is another photo, and a photo deleted meanwhile is said to be removed."""
+    from tests.harness import env_for, wait_for
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    photo(home / "inbox" / "p.jpg", seed=1, size=(64, 48))
+    assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0  # last week's card
+    shot = photo(home / "inbox" / "p.jpg", seed=2, size=(64, 48))  # this week's, same name
+    proc = subprocess.Popen([sys.executable, "-m", "daemon", "analyze", str(shot)], cwd=Path(__file__).parents[1],
+                            env=env_for(home, smoke_model_path, MONDRIAN_TEST_STOP_AT="preparing"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert wait_for(lambda: proc.poll() is not None or
+                        Path(f"/proc/{proc.pid}/stat").read_text().split(")")[1].split()[0] == "T", 120)
+        shot.unlink()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1, (out, err)
+    assert "removed from the inbox" in err and "the daemon" not in err, err

@@ -24,7 +24,7 @@ from ..intake.images import PHOTO_SUFFIXES
 from ..config import Config
 from ..errors import EX_CONFIG, EX_USAGE, Transient, is_permanent
 from ..intake.inbox import is_report_file, is_temporary_name
-from ..ledger import DONE, GONE, RUNNING, Ledger, job_dict
+from ..ledger import DONE, FAILED, GONE, RUNNING, Ledger, job_dict
 from ..pipeline.supervisor import default_runtime_factory
 from ..pipeline.worker import Worker
 from ..references.indexer import not_utf8
@@ -214,8 +214,14 @@ def _taken_by_the_daemon(cfg: Config, ledger: Ledger, path: Path, job_id: int) -
     except OSError:
         return None
     theirs = ledger.other_job_at({str(path), str(path.resolve())}, job_id)
-    if theirs is None:
+    mine = ledger.get(job_id)
+    # Only a job that had the file in hand while this one ran: one that ended before (IMG_0001.JPG of an earlier
+    # card) is another photo's.
+    if theirs is None or not (theirs.state == RUNNING or (theirs.finished_at or 0) >= (mine.enqueued_at or 0)):
         return None
+    if theirs.state == FAILED:
+        return (f"the daemon took it from the inbox first (job {theirs.id}) and could not analyse it: "
+                f"`{mondrian()} status` says why")
     if theirs.state == DONE and theirs.report_html:
         return f"the daemon analysed it first (job {theirs.id}): its report is {theirs.report_html}"
     if theirs.state == DONE and theirs.duplicate_of:
