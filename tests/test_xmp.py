@@ -362,3 +362,15 @@ def test_a_photo_whose_own_xmp_exiv2_cannot_parse_is_left_as_it_is(tmp_path, des
     report = report_for(9, photo={"file": "family.jpg", "format": "JPEG"})
     assert embed(jpg, report) is None
     assert jpg.read_bytes() == before
+
+
+def test_an_empty_packet_with_an_odd_namespace_or_a_byte_order_mark_is_not_taken_for_an_unparsable_one(tmp_path):
+    """The unparsable-packet rule must not refuse an empty one: a namespace URI holding `=` (`?a=b`) or a byte-order
+    mark before the packet is still nothing of the photographer's, so the rating may be embedded."""
+    from daemon.pipeline.xmp import _holds_something
+
+    packet = ('<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>\n<x:xmpmeta xmlns:x="adobe:ns:meta/">'
+              '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">\n<rdf:Description rdf:about="" '
+              'xmlns:foo="http://example.com/ns?a=b"/>\n</rdf:RDF></x:xmpmeta>\n<?xpacket end="w"?>')
+    assert not _holds_something(packet) and not _holds_something("\ufeff" + packet)
+    assert _holds_something(packet.replace('rdf:about=""', 'rdf:about="" xmp:Rating="5"'))

@@ -19,6 +19,7 @@ from ..config import Config
 from ..intake.images import LoadedImage
 
 if TYPE_CHECKING:
+    from ..limits import Deadline
     from ..model.protocol import Runtime
 
 
@@ -29,7 +30,7 @@ class AnalysisContext:
     advisor: Advisor
     photo: LoadedImage
     cancel: threading.Event | None = None  # set when the daemon stops: the photo goes back to the queue
-    deadline: float | None = None  # time.monotonic() value: past it the photo fails (job_timeout_seconds)
+    deadline: Deadline | None = None  # past it the photo fails (job_timeout_seconds); limits.py
 
     def limits(self) -> dict[str, Any]:
         """Keyword arguments for every `runtime.generate_json` call, so a stop or a stuck photo ends it."""

@@ -72,8 +72,8 @@ def next_step(j: Job, advisors: Iterable[str] = (), cfg: Config | None = None) -
     if cause.key in PHOTO_IS_FINE | SETTING_OR_MODEL:  # re-exporting the photo would not help: the record's own
         return advice(cause, from_inbox=bool(j.owns_file), advisors=advisors, cfg=cfg, **analyzed_as(j))
     if cause.key == "link":  # `retry --failed --all` would only bring the link back, to fail again
-        return ("copy the photo itself (not a link or an alias) into the inbox; its failure is cleared once the copy "
-                "is taken in")
+        return ("copy the photo itself (not a link or an alias) into the inbox under the same name; its failure is "
+                "cleared once the copy is taken in")
     if is_folder(Path(j.source_path)):  # an inbox folder Mondrian could not look into: no photo, no record
         return f"make the folder readable (`chmod u+rwx`: its photos are moved out of it too); its photos are queued then, and `{mondrian()} retry " \
                f"--failed` clears this entry"

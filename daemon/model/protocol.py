@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from PIL import Image
 
+    from ..limits import Deadline
     from .reuse import EncodedPhoto
     from .runtime import Generation
 
@@ -29,7 +30,7 @@ class BatchRequest:
     max_tokens: int
     system: str | None = None
     cancel: threading.Event | None = None
-    deadline: float | None = None  # a time.monotonic() value
+    deadline: Deadline | None = None  # a time.monotonic() value, or its share of a batch's time (limits.py)
     encoded: "EncodedPhoto | None" = None  # from `encode(image)`: the vision tower is not run again
 
 
@@ -43,7 +44,7 @@ class Runtime(Protocol):
     def generate_json(self, image: "Image.Image", prompt: str, schema: dict, *, max_tokens: int,
                       system: str | None = None, adapter: str | Path | None = None,
                       encoded: "EncodedPhoto | None" = None, cancel: threading.Event | None = None,
-                      deadline: float | None = None) -> "Generation": ...
+                      deadline: Deadline | None = None) -> "Generation": ...
 
     def generate_json_batch(self, requests: list[BatchRequest], *,
                             adapter: str | Path | None = None) -> "list[Generation | Exception]": ...

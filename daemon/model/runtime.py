@@ -28,7 +28,7 @@ import jsonschema
 from ..config import is_true
 from ..errors import Permanent
 from ..hints import shell_word
-from ..limits import check as check_limits, share_time
+from ..limits import Deadline, check as check_limits, share_time
 from .smoke import SMOKE_ALIAS, SmokeModelUnwritable, ensure_smoke_model, read_marker
 
 if TYPE_CHECKING:
@@ -333,7 +333,7 @@ class ModelRuntime:
     def generate_json(self, image: "Image.Image", prompt: str, schema: dict, *, max_tokens: int,
                       system: str | None = None, adapter: str | Path | None = None,
                       encoded: "EncodedPhoto | None" = None, cancel: threading.Event | None = None,
-                      deadline: float | None = None) -> Generation:
+                      deadline: Deadline | None = None) -> Generation:
         """Greedy, schema-constrained generation: same inputs give the same text; the result always validates.
 
         `cancel` (set: stop) and `deadline` (a `time.monotonic()` value) are checked before every decoded
@@ -420,7 +420,7 @@ class ModelRuntime:
 
     def _generate_encoded(self, encoded: "EncodedPhoto", prompt: str, schema: dict, *, max_tokens: int,
                           system: str | None, adapter: str | Path | None,
-                          cancel: threading.Event | None = None, deadline: float | None = None) -> Generation:
+                          cancel: threading.Event | None = None, deadline: Deadline | None = None) -> Generation:
         from . import reuse
 
         text_prompt = self.format_prompt(prompt, system=system)

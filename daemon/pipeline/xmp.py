@@ -38,16 +38,18 @@ _MARKUP = re.compile(r"<\?.*?\?>|<!--.*?-->", re.S)
 _TAG = re.compile(r"<\s*/?\s*([^\s/>]+)([^>]*)>")
 _WRAPPERS = {"x:xmpmeta", "x:xapmeta", "rdf:rdf", "rdf:description"}
 _ATTRIBUTE = re.compile(r"([^\s=/]+)\s*=")
+_QUOTED = re.compile(r"\"[^\"]*\"|'[^']*'")
 _SCAFFOLD_ATTRIBUTES = re.compile(r"xmlns(:.*)?|rdf:about|about|x:xmptk", re.I)
 
 
 def _holds_something(packet: str) -> bool:
     """Whether `packet` holds more than the scaffolding of an empty one."""
-    rest = _MARKUP.sub("", packet)
+    rest = _MARKUP.sub("", packet).replace("\ufeff", "")  # (a byte-order mark outside the packet's header)
     for tag in _TAG.finditer(rest):
         if tag.group(1).lower() not in _WRAPPERS:
             return True
-        if any(not _SCAFFOLD_ATTRIBUTES.fullmatch(a) for a in _ATTRIBUTE.findall(tag.group(2))):
+        attributes = _QUOTED.sub('""', tag.group(2))  # a namespace URI may hold `=` (`?a=b`)
+        if any(not _SCAFFOLD_ATTRIBUTES.fullmatch(a) for a in _ATTRIBUTE.findall(attributes)):
             return True
     return bool(_TAG.sub("", rest).strip())
 # XML 1.0 cannot carry these at all (not even escaped): a model's summary may hold them.
