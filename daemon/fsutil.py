@@ -43,6 +43,8 @@ def kind_of(mode: int) -> str:
         return "a device file"
     if stat.S_ISLNK(mode):
         return "a symbolic link"
+    if stat.S_ISREG(mode):
+        return "a file"  # (where a folder was expected)
     return "not a regular file"
 
 

@@ -43,7 +43,7 @@ from daemon.analysis.advisors import advisor_arg
 from daemon.config import CONFIG_NAME, Config, ConfigError, coerce_setting, load_config
 from daemon import testhooks
 from daemon.hints import child_env, mondrian, serve
-from daemon.fsutil import open_own_file
+from daemon.fsutil import check_own_folder, open_own_file
 
 if TYPE_CHECKING:
     from daemon.model.fitting import FitSettings
@@ -261,6 +261,8 @@ def train_candidate(cfg: Config, advisor_id: str, staging: Path, settings: Train
     if len(usable) < ds.MIN_REFERENCES:
         _refuse_unindexed(cfg, advisor_id, refs, len(usable))
     data_dir = cfg.var_dir / "datasets" / advisor_id / staging.name.lstrip(".")
+    if os.path.lexists(data_dir.parent):  # a file (or a link) in its place: named, not "Not a directory"
+        check_own_folder(data_dir.parent)
     testhooks.crashpoint("dataset")
     built = ds.build_dataset(cfg, advisor, usable, data_dir,
                              ds.DatasetSettings(variants=settings.variants, holdout_fraction=settings.holdout_fraction,

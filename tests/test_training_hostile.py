@@ -606,3 +606,16 @@ def test_ctrl_c_just_after_the_new_version_is_recorded_says_it_was_kept(tmp_path
     line = next(x for x in mondrian(cfg.home, smoke_model_path, "status").stdout.splitlines()
                 if x.startswith("Training:"))
     assert "nothing was kept" not in line and "v0001" in line, line
+
+
+def test_a_file_where_the_advisors_datasets_go_is_named_with_what_to_do(tmp_path, smoke_model_path) -> None:
+    """Attack: a file at var/datasets/<advisor>: `train` failed with "NotADirectoryError: [Errno 20] Not a
+    directory: '…/.staging-….writing'", naming neither the culprit nor a way out."""
+    cfg = _synth_home(tmp_path, smoke_model_path)
+    (cfg.var_dir / "datasets").mkdir(parents=True, exist_ok=True)
+    (cfg.var_dir / "datasets" / "synth").write_text("not a folder")
+    out = mondrian(cfg.home, smoke_model_path, "train", "--advisor", "synth", "--iters", "2", "--no-promote")
+    assert out.returncode == 1 and "Traceback" not in out.stderr, out.stderr[-2000:]
+    assert f"{cfg.var_dir / 'datasets' / 'synth'} is a file, where Mondrian keeps its own folder" in out.stderr, \
+        out.stderr[-2000:]
+    assert "Move it elsewhere" in out.stderr and "NotADirectoryError" not in out.stderr, out.stderr[-2000:]
