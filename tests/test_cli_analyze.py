@@ -260,3 +260,18 @@ def test_analyze_of_a_photo_removed_meanwhile_never_names_an_earlier_photos_repo
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1, (out, err)
     assert "removed from the inbox" in err and "the daemon" not in err, err
+
+
+def test_analyze_of_a_folder_takes_the_photos_the_daemon_takes(tmp_path, smoke_model_path):
+    """Attack: a folder holding `trail.jpg ` (a trailing space a Mac allows) and `web.jfif` (a browser's JPEG): the
+    daemon critiqued both, `analyze FOLDER` said the folder "holds no photos". Both are analysed now, and the report
+    page links the .jfif original as it links a .jpg."""
+    home = make_home(tmp_path / "home", smoke_model_path)
+    shoot = tmp_path / "shoot"
+    photo(shoot / "trail.jpg ", seed=1, size=(64, 48), fmt="JPEG")
+    photo(shoot / "web.jfif", seed=2, size=(64, 48), fmt="JPEG")
+    out = mondrian(home, smoke_model_path, "analyze", str(shoot), timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "2 of 2 photo(s) analysed" in out.stderr, out.stderr[-2000:]
+    page = (home / "outbox" / "web" / "report.html").read_text()
+    assert 'href="web.jfif"' in page, page[:3000]

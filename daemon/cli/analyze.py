@@ -66,7 +66,8 @@ def photos_in(cfg: Config, folder: Path) -> list[Path]:
                              and os.path.realpath(os.path.join(dirpath, d)) not in own)
         for name in sorted(filenames):
             path = Path(dirpath) / name
-            if (not is_temporary_name(name) and name.lower().endswith(PHOTO_SUFFIXES) and path.is_file()
+            # (`trail.jpg ` with a space a Mac allows is a photo too: the daemon takes it, and so does this)
+            if (not is_temporary_name(name) and name.lower().rstrip(" ").endswith(PHOTO_SUFFIXES) and path.is_file()
                     and not is_report_file(path)):
                 found.append(path)
     return found

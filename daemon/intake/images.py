@@ -23,7 +23,7 @@ from .raw import RAW_SUFFIXES, RawCutShort, RawPhoto, RawRejected, decode_raw
 # link an original only under one of them (a photo renamed `x.html` or `x.svg` opens as an active page).
 # Every format the inbox and the API take in (_PHOTO_FORMATS below) by its usual names: a report's link to its
 # original and `analyze FOLDER` go by these.
-PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".webp", ".heic", ".heif", ".avif", ".gif", ".bmp",
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".jfif", ".jpe", ".jif", ".png", ".tif", ".tiff", ".webp", ".heic", ".heif", ".avif", ".gif", ".bmp",
                   ".jp2", ".j2k", ".jpf", ".psd") + RAW_SUFFIXES
 
 # What Pillow may open: photo formats only. Pillow also opens EPS (through Ghostscript, which runs the file's
