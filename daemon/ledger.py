@@ -1924,6 +1924,9 @@ class Ledger:
                     for model, col in columns:  # substr, not LIKE: a path may hold % or _
                         moved += model.update({col: Value(home_s + "/").concat(fn.substr(col, len(prefix) + 1))}) \
                             .where(fn.substr(col, 1, len(prefix)) == prefix).execute()
+                    # Reasons name commands for the home (`mondrian --home /old analyze …`): pasted, they would
+                    # find no home there any more.
+                    job.update({job.error: fn.replace(job.error, old, home_s)}).where(job.error.is_null(False)).execute()
                 self._put_event(HOME_EVENT, home_s)
             return moved
 

@@ -149,6 +149,9 @@ def test_a_moved_home_keeps_its_failures_reports_and_retry(tmp_path, smoke_model
     if ledger != "recorded":
         with sqlite3.connect(home / "var" / "ledger.db") as db:
             assert db.execute("DELETE FROM event WHERE key = 'home'").rowcount == 1
+    with sqlite3.connect(home / "var" / "ledger.db") as db:  # a reason naming a command for this home
+        db.execute("UPDATE job SET error = error || ? WHERE rel_path = 'corrupt.jpg'",
+                   (f" (or run `mondrian --home {home} retry --failed`)",))
     moved = tmp_path / "new disk 100%_x" / "Mondrian"  # odd characters a shell and SQL must both take
     moved.parent.mkdir()
     shutil.move(home, moved)
@@ -168,6 +171,8 @@ def test_a_moved_home_keeps_its_failures_reports_and_retry(tmp_path, smoke_model
     assert _references(moved) == [(str(moved / indexed[0][len(str(home)) + 1:]), indexed[1])]  # not indexed again
     assert {f["file"]: f["note"] for f in failures} == {"bad.jpg": None, "corrupt.jpg": None}, failures
     assert {Path(f["record"]).parent for f in failures} == {moved / "outbox" / "failed"}, failures
+    reason = next(f["reason"] for f in failures if f["file"] == "corrupt.jpg")
+    assert f"--home {moved} retry" in reason and f"--home {home} " not in reason, reason
 
     (moved / "outbox" / "failed" / "bad.mode").write_text("baseline\n")
     retried = mondrian(moved, smoke_model_path, "retry", "--failed")
