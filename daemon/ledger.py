@@ -1436,15 +1436,35 @@ class Ledger:
         return lost
 
     @writes
-    def requeue_expired(self, now: float | None = None) -> list[Job]:
+    def requeue_expired(self, now: float | None = None, max_attempts: int | None = None) -> list[Job]:
         """Running jobs whose lease ended (their worker died, or stalled past it) back to the queue, first in line;
-        never this process's own. Returns them."""
+        never this process's own. Returns them.
+
+        `max_attempts`: a job whose worker died that many times with it in hand is not queued again, where it would
+        be taken by the next worker and maybe crash it too, for ever: the crash check of start-up recovery
+        (`Worker.recover`) must see it. On one Mac the daemon's next start does (a restart slower than the lease
+        used to find it queued already, and the check never ran); on a shared ledger, where the other Macs do not
+        restart, it is set aside as failed with its reason."""
         now = self.clock() if now is None else now
         with self._held_lock:
             mine = list(self._held)
         cond = (self.Job.state == RUNNING) & self.Job.lease_until.is_null(False) & (self.Job.lease_until < now)
         if mine:
             cond &= self.Job.id.not_in(mine)
+        if max_attempts is not None:
+            exhausted = cond & (self.Job.attempts >= max_attempts)
+            cond &= self.Job.attempts < max_attempts
+            if self.shared:
+                from .hints import mondrian
+
+                for job in self.Job.update(
+                        state=FAILED, error_kind="transient", finished_at=now, lease_until=None,
+                        error=f"the Mondrian analysing it stopped {max_attempts} time(s) with this photo in hand "
+                              f"(crashed, killed or cut off), on one Mac or several: it is set aside so it cannot "
+                              f"stop another; `{mondrian()} retry --failed` tries it again").where(
+                        exhausted).returning(self.Job).execute():
+                    log.warning("lease ended %d time(s): %s (job %d) is set aside", max_attempts, job.rel_path,
+                                job.id)
         rows = list(self.Job.update(state=QUEUED, worker=None, lease_until=None,
                                     error="its worker stopped renewing its lease (stopped, killed or cut off); "
                                           "queued again").where(cond).returning(self.Job).execute())

@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -171,6 +172,26 @@ def test_a_photo_that_crashes_its_analysis_alone_is_set_aside_and_the_others_are
     assert _report_of(home, "fine.jpg")["photo"]["sha256"] == _sha(fine)
     assert _report_of(home, "later.jpg")["photo"]["sha256"] == _sha(later)
     print(f"poison.jpg set aside after {len(exits) - 1} crashes and a crash alone: {job.error}")
+
+
+def test_a_crashing_photo_is_still_checked_when_the_restart_is_slower_than_its_lease(tmp_path, smoke_model_path):
+    """Attack: the daemon restarted more slowly than a lease lasts (a Mac rebooting after the crash): at the start
+    the heartbeat found the crashed job's lease over and queued it again before the crash check could see it, so
+    the photo was taken and crashed the daemon at every start, for ever. The check sees it now."""
+    home = make_home(tmp_path / "home", smoke_model_path, **FAST, max_attempts=2, lease_seconds=1)
+    photo(home / "inbox" / "poison.jpg", seed=1, size=(64, 48))
+    exits: list[int] = []
+    log = ""
+    for _ in range(5):
+        with Daemon(home, smoke_model_path, "--once", MONDRIAN_TEST_POISON="poison.jpg") as d:
+            exits.append(d.wait(180))
+            log += d.output()
+        if exits[-1] == 0:
+            break
+        time.sleep(2.5)  # longer than the lease: it has ended when the daemon starts again
+    assert exits == [-signal.SIGABRT, -signal.SIGABRT, 0], (exits, log[-4000:])
+    job = ledger_jobs(home)["poison.jpg"]
+    assert job.state == "failed" and "alone" in job.error, (job.state, job.error)
 
 
 def test_a_photo_whose_analysis_hangs_even_alone_is_set_aside(tmp_path, smoke_model_path):

@@ -378,3 +378,20 @@ def test_a_lost_worker_promises_its_photo_back_only_while_it_still_holds_it(tmp_
     b.finish(job_id, effective_mode="baseline", fallbacks=[], report_json=tmp_path / "r.json",
              report_html=tmp_path / "r.html", grade=7, adapter=None, analysis_s=1.0, output_dir=tmp_path / "o")
     assert "its last photo (a.jpg) was finished or taken over since" in a_line()
+
+
+def test_a_job_whose_worker_died_max_attempts_times_is_not_queued_again(tmp_path: Path,
+                                                                        ledger_url: str | None) -> None:
+    """A photo that kills the process analysing it, claimed again each time its lease ends, went round every worker
+    for ever. Past max_attempts it is left for the crash check of the next start (one Mac), or set aside as failed
+    with its reason where no start comes (a shared ledger: the other Macs keep running)."""
+    a, b = two(tmp_path, ledger_url, lease=1.0)
+    job_id = queue(a, tmp_path)
+    assert a.claim() is not None  # attempt 1; a dies with it in hand
+    assert b.requeue_expired(now=time.time() + 2, max_attempts=1) == []
+    job = b.get(job_id)
+    if b.shared:
+        assert job.state == "failed" and "retry --failed" in job.error and "stopped 1 time(s)" in job.error, job.error
+    else:
+        assert job.state == RUNNING  # the next start's recovery judges it
+    assert b.claim() is None

@@ -18,8 +18,10 @@ log = logging.getLogger("mondrian.daemon")
 
 
 class Heartbeat:
-    def __init__(self, ledger: Ledger, stop: threading.Event, on_requeued: Callable[[], None]):
+    def __init__(self, ledger: Ledger, stop: threading.Event, on_requeued: Callable[[], None],
+                 max_attempts: int | None = None):
         self.ledger = ledger
+        self.max_attempts = max_attempts
         self.stop = stop
         self.on_requeued = on_requeued
         self.interval = ledger.lease_seconds / 3
@@ -32,7 +34,7 @@ class Heartbeat:
     def beat(self) -> None:
         self.ledger.renew_leases()
         self.ledger.beat()
-        if self.ledger.requeue_expired():
+        if self.ledger.requeue_expired(max_attempts=self.max_attempts):
             self.on_requeued()
 
     def _run(self) -> None:

@@ -170,7 +170,7 @@ class Daemon:
         self.ledger_lost: str | None = None
         self.reload = False  # SIGHUP: exit 75 so the service manager starts a process that reads the settings anew
         self.ledger = Ledger.for_config(cfg, stop=self.stop, note=cfg.var_dir / FAULT_NOTE)
-        self.heartbeat = Heartbeat(self.ledger, self.stop, self.wake.set)
+        self.heartbeat = Heartbeat(self.ledger, self.stop, self.wake.set, max_attempts=self.cfg.max_attempts)
         self.worker = Worker(cfg, self.ledger, runtime_factory or default_runtime_factory(cfg), self.stop)
         self._advisors_seen: tuple[float, dict[str, str]] = (float("-inf"), {})
         from ..intake.watcher import InboxWatcher
