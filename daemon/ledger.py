@@ -37,9 +37,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
-from peewee import (SQL, AutoField, BlobField, BooleanField, Case, CharField, Database, DatabaseError, FloatField,
-                    IntegrityError,
-                    IntegerField, Model, OperationalError, PostgresqlDatabase, SqliteDatabase, TextField, Value, fn)
+from peewee import (SQL, AutoField, BigIntegerField, BlobField, BooleanField, Case, CharField, Database, DatabaseError,
+                    FloatField, IntegrityError, IntegerField, Model, OperationalError, PostgresqlDatabase, SqliteDatabase, TextField, Value, fn)
 
 from .errors import EX_TEMPFAIL
 from .fsutil import NotOwn, check_own_folder, fsync_dir, lock_holder, open_own_file, pid_alive, read_own_file
@@ -77,7 +76,7 @@ class Job(_Base):
     state = CharField(default=QUEUED, index=True)
     attempts = IntegerField(default=0)
     not_before = FloatField(default=0.0)  # exponential backoff for transient faults
-    size = IntegerField(null=True)
+    size = BigIntegerField(null=True)  # bytes: PostgreSQL's INTEGER stops at 2 GiB (a panorama TIFF passes it)
     mtime = FloatField(null=True)
     sha256 = CharField(null=True, index=True)
     duplicate_of = IntegerField(null=True)
@@ -264,6 +263,13 @@ def _add_job_embedded_sha256(db: Database) -> None:
     _ddl(db, 'CREATE INDEX IF NOT EXISTS "job_embedded_sha256" ON "job" ("embedded_sha256")')
 
 
+def _widen_job_size(db: Database) -> None:
+    # PostgreSQL's INTEGER is 32-bit: a photo over 2 GiB could not be queued on a shared ledger, and every rescan
+    # tried again. SQLite's INTEGER holds 64 bits already; a fresh ledger has BIGINT (the first migration).
+    if isinstance(db, PostgresqlDatabase):
+        db.execute_sql('ALTER TABLE "job" ALTER COLUMN "size" TYPE BIGINT')
+
+
 MODELS: list[type[Model]] = [SchemaVersion, Job, Event, Reference, WorkerRow]
 _M = TypeVar("_M", bound=Model)
 
@@ -285,6 +291,7 @@ MIGRATIONS: list[Callable[[Database], None]] = [
     _index_jobs,
     _add_leases_and_workers,
     _add_job_embedded_sha256,
+    _widen_job_size,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 

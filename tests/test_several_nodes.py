@@ -562,3 +562,21 @@ def test_photos_dropped_while_the_ledger_server_is_down_are_queued_once_it_is_ba
     log = node.output()
     assert "Traceback" not in log, log[log.find("Traceback") - 1500:log.find("Traceback") + 2500]
     assert sorted(p.parent.name for p in reports(outbox)) == sorted(Path(n).stem for n in names)
+
+
+def test_a_photo_over_2_gib_is_queued_on_a_shared_ledger_and_fails_saying_why(tmp_path: Path, smoke_model_path: Path,
+                                                                                pg_server) -> None:
+    """Attack: PostgreSQL's INTEGER stops at 2 GiB, so a 3 GiB panorama could not be queued on a shared ledger: no
+    report, no failure, and every rescan tried again. It is queued, and fails for its size like on one Mac."""
+    url = pg_server.new_database()
+    home = make_home(tmp_path / "mac", smoke_model_path, ledger_url=url, **FAST)
+    with open(home / "inbox" / "pano.tif", "wb") as f:
+        f.truncate(3 << 30)  # sparse: no disk spent
+    photo(home / "inbox" / "small.jpg", seed=1, size=(64, 48))
+    with Daemon(home, smoke_model_path, "--once") as node:
+        assert node.wait(180) == 0, node.output()
+    assert [p.parent.name for p in reports(home / "outbox")] == ["small"]
+    failure = json.loads((home / "outbox" / "failed" / "pano.tif.error.json").read_text())
+    assert failure["cause"] == "too_large" and "max_file_mb" in failure["reason"], failure
+    [job] = [j for j in Ledger(home / "var" / "ledger.db", url=url).jobs() if j.rel_path == "pano.tif"]
+    assert job.size == 3 << 30

@@ -395,3 +395,23 @@ def test_a_job_whose_worker_died_max_attempts_times_is_not_queued_again(tmp_path
     else:
         assert job.state == RUNNING  # the next start's recovery judges it
     assert b.claim() is None
+
+
+def test_a_shared_ledger_made_before_sizes_were_64_bit_takes_a_3_gib_file_once_opened(tmp_path: Path,
+                                                                                    pg_server) -> None:
+    """A PostgreSQL ledger made by an earlier Mondrian has a 32-bit size column: opening it widens the column."""
+    from daemon.ledger import SCHEMA_VERSION
+
+    url = pg_server.new_database()
+    old = Ledger(tmp_path / "unused.db", url=url)
+    old.db.execute_sql('ALTER TABLE "job" ALTER COLUMN "size" TYPE INTEGER')
+    old.SchemaVersion.delete().where(old.SchemaVersion.version == SCHEMA_VERSION).execute()
+    with pytest.raises(Exception, match="out of range"):
+        with old.db.atomic():
+            old.enqueue(tmp_path / "inbox" / "pano.tif", "pano.tif", "ansel", "default", 3 << 30, 1.0)
+    old.close()
+    ledger = Ledger(tmp_path / "unused.db", url=url)
+    assert ledger.schema_version() == SCHEMA_VERSION
+    job = ledger.enqueue(tmp_path / "inbox" / "pano.tif", "pano.tif", "ansel", "default", 3 << 30, 1.0)
+    assert job is not None and ledger.jobs()[0].size == 3 << 30
+    ledger.close()
