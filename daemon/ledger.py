@@ -342,7 +342,8 @@ def _check_postgres_driver() -> None:
 
 
 class LedgerUnavailable(RuntimeError):
-    """A write could not be made (disk full, locked, read-only, deleted) and the daemon is stopping."""
+    """A write could not be made (disk full, locked, read-only, deleted) and the daemon is stopping, or the caller
+    could not wait longer (`Ledger.bounded`)."""
 
 
 class _BadLayout(Exception):
@@ -718,6 +719,7 @@ class Ledger:
         self._fault_lock = threading.Lock()
         self.damaged: str | None = None  # why the daemon stopped: the SQLite file was found damaged while it ran
         self._note: FaultNote | None = None
+        self._patience = threading.local()  # `bounded`: how long a write on this thread may wait out a fault
         self._swept = False  # dead workers' rows are forgotten at this process's first heartbeat
         # The daemon waits locks out itself, a few seconds at a time, so a stop request is never held up by
         # a lock another process keeps.
@@ -833,6 +835,17 @@ class Ledger:
             self._write("start-up", record)
 
     # -- faults outside the data ----------------------------------------------------------------
+    @contextlib.contextmanager
+    def bounded(self, seconds: float) -> Iterator[None]:
+        """Writes on this thread inside the block wait out a fault (a full disk, a lock another program holds)
+        for `seconds` at most, then raise LedgerUnavailable: a client waiting for an answer gets one instead of a
+        request that hangs until the fault ends. The daemon's own writes wait as long as it takes."""
+        self._patience.until = time.monotonic() + seconds
+        try:
+            yield
+        finally:
+            self._patience.until = None
+
     def _write(self, what: str, do: Callable[[], Any]) -> Any:
         delay = 0.25
         failed = False
@@ -856,7 +869,11 @@ class Ledger:
                 failed = True
                 if self._stop.is_set():
                     raise LedgerUnavailable(f"the ledger {self.path} cannot be written ({reason})") from exc
-                self._stop.wait(delay)
+                until = getattr(self._patience, "until", None)
+                if until is not None and time.monotonic() >= until:
+                    raise LedgerUnavailable(f"the ledger {self.where} cannot be written ({reason}). "
+                                            f"{_advice(reason)}") from exc
+                self._stop.wait(delay if until is None else min(delay, until - time.monotonic()))
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
                 continue
             except DatabaseError as exc:

@@ -506,6 +506,37 @@ def test_new_requests_while_stopping_get_503(tmp_path) -> None:
         ledger.close()
 
 
+def test_an_upload_the_ledger_cannot_take_is_answered_503_with_why_not_left_hanging(tmp_path,
+                                                                                   smoke_model_path) -> None:
+    """Attack: with the ledger locked by another program (an open `sqlite3` shell), an upload waited for the lock as
+    long as it was held: the client hung without a word. It is answered 503 with the reason and the fix after a few
+    seconds, nothing is kept of it, and once the lock is gone the same upload is critiqued."""
+    import sqlite3
+
+    port = free_port()
+    home = api_home(tmp_path, port)
+    shot = photo(tmp_path / "p.jpg", seed=3)
+    with Daemon(home, smoke_model_path) as d:
+        wait_until_serving(d, port)
+        holder = sqlite3.connect(home / "var" / "ledger.db", isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            began = time.monotonic()
+            code, headers, body = curl(f"http://127.0.0.1:{port}/analyze", "-F", f"image=@{shot}", timeout=120)
+            waited = time.monotonic() - began
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        said = json.loads(body)["error"]
+        assert code == 503 and headers["retry-after"], (code, body)
+        assert waited < 40, waited
+        assert "cannot be written (database is locked)" in said and "close it" in said, said
+        assert ledger_jobs(home) == {} and list((home / "var" / "spool").iterdir()) == []
+        code, _, body = curl(f"http://127.0.0.1:{port}/analyze", "-F", f"image=@{shot}")
+        assert code == 200, body
+        assert d.proc.poll() is None and d.stop() == 0
+
+
 def test_a_taken_port_stops_the_start_with_what_to_do(tmp_path, smoke_model_path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

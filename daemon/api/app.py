@@ -39,6 +39,9 @@ POLL_SECONDS = 0.1
 UPLOAD_GRACE_SECONDS = 6.0  # an upload under way when Mondrian stops: inside the server's grace (STOP_SECONDS)
 ROUTES = "POST /analyze, GET /jobs/<id> and GET /health"
 MAX_UPLOADS = 16  # uploads streaming at once; beyond it 503: stalled clients must not use up the open files
+# How long an upload waits for a ledger it cannot write (a full disk, a lock another program holds) before the
+# client is answered 503 with the reason: the daemon's own writes wait as long as it takes, a client should not.
+LEDGER_PATIENCE_SECONDS = 10.0
 
 
 @dataclass
@@ -139,9 +142,12 @@ def build_app(door: Door) -> LocalOnly:
         except ClientDisconnect:
             door.spool.discard(slot)
             return error(400, "the client went away before the upload was complete")
-        except LedgerUnavailable:
+        except LedgerUnavailable as exc:
             door.spool.discard(slot)
-            return _stopping()
+            if door.stopping.is_set():
+                return _stopping()
+            log.error("an upload could not be queued: %s", exc)
+            return _busy(str(exc).rstrip("."), "then send it again (or drop it into the inbox)")
         except OSError as exc:  # out of open files or disk space, or the spool gone: say so in JSON, and the fix
             if slot is not None:
                 door.spool.discard(slot)
@@ -275,9 +281,10 @@ def _enqueue(door: Door, slot: Path, got: upload.Received, base_url: str,
     final = door.spool.commit(slot, spool_name(got.filename, fmt))
     testhooks.crashpoint("upload_committed")  # a crash here leaves a file with no job: swept at the next start
     st = os.lstat(final)
-    return door.ledger.enqueue_upload(final, f"api/{final.name}", advisor.id,
-                                      "command" if got.fields.get("advisor") else "default", mode,
-                                      st.st_size, st.st_mtime)
+    with door.ledger.bounded(LEDGER_PATIENCE_SECONDS):
+        return door.ledger.enqueue_upload(final, f"api/{final.name}", advisor.id,
+                                          "command" if got.fields.get("advisor") else "default", mode,
+                                          st.st_size, st.st_mtime)
 
 
 def _job_or_none(ledger: Ledger, job_id: int):  # -> Job | None
