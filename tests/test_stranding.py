@@ -125,23 +125,22 @@ def test_a_failed_photo_put_back_by_the_user_is_analysed(tmp_path, smoke_model_p
 def test_a_failed_photo_that_cannot_leave_the_inbox_is_skipped_with_a_log_line(tmp_path, smoke_model_path):
     home = make_home(tmp_path / "home", smoke_model_path, rescan_seconds=1)
     inbox = home / "inbox"
-    for sub in ("failed", ".staging", "duplicates"):
-        (home / "outbox" / sub).mkdir(parents=True)
-    # The outbox turns read-only while the daemon runs (at start-up that is refused with exit 78): the failure of
-    # notes.jpg cannot be moved out, so it stays, failed, in the inbox, where every rescan finds it again.
-    with Daemon(home, smoke_model_path) as d:
-        wait_for(lambda: "model ready" in d.output(), 60, what="model ready")
-        with read_only(home / "outbox"):
-            (inbox / "notes.jpg").write_text("not a photo")
+    (inbox / "notes").mkdir()
+    (inbox / "notes" / "notes.jpg").write_text("not a photo")
+    # Its folder is read-only (a card reader's mount, a share Mondrian may read only): the failure cannot move it out,
+    # so it stays, failed, in the inbox, where every rescan finds it again.
+    with read_only(inbox / "notes"):
+        with Daemon(home, smoke_model_path) as d:
             wait_for(lambda: [j.state for j in ledger_jobs(home).values()] == ["failed"], 60, what="notes.jpg failed")
-            wait_for(lambda: "left in the inbox: notes.jpg failed" in d.output(), 30,
+            wait_for(lambda: "left in the inbox: notes/notes.jpg failed" in d.output(), 30,
                      what="a log line saying why notes.jpg is not queued again")
             time.sleep(3)  # several more rescans: still one job, and the line is not repeated on every rescan
             log = d.output()
-        assert d.stop() == 0, d.output()
+            assert d.stop() == 0, d.output()
     assert [j.state for j in ledger_jobs(home).values()] == ["failed"]
-    assert _left_in(inbox) == ["notes.jpg"]
-    assert named(home, "retry --failed") in log and log.count("left in the inbox: notes.jpg failed") == 1, log[-2000:]
+    assert _left_in(inbox) == ["notes/notes.jpg"], _left_in(inbox)
+    assert named(home, "retry --failed") in log and log.count("left in the inbox: notes/notes.jpg failed") == 1, \
+        log[-2000:]
 
 
 # -- 3. pipes, sockets and links to them ----------------------------------------------------------------------

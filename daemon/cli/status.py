@@ -23,6 +23,7 @@ from ..ledger import DONE, FAULT_NOTE, FaultNote, Job, Ledger
 from ..hints import mondrian, program, shell_word
 from ..intake.inbox import LIVE_PHOTO_VIDEO, STRAY_SIDECAR_SECONDS, inbox_files, stray_sidecars
 from ..pipeline.failures import advice, analyze_command, analyzed_as, cause_of
+from ..pipeline.publish import OutboxBlocked, outbox_room
 from .terminal import shown
 
 # Causes where the photo itself is fine (its sidecar, the advisor asked for): a different next step than a photo's.
@@ -278,6 +279,7 @@ def collect(cfg: Config) -> dict[str, Any]:
         "stray_sidecars": stray_sidecars(cfg.inbox, testhooks.stray_sidecar_seconds(STRAY_SIDECAR_SECONDS))
         if cfg.inbox.is_dir() else [],
         "outbox_missing": not cfg.outbox.is_dir(),
+        "outbox_blocked": _outbox_blocked(cfg.outbox),  # full, read-only or not ours to write: photos wait
         "last_event_at": events.get("last_event", (None, None))[0],
         "last_rescan_at": events.get("last_rescan", (None, None))[0],
         "heartbeat": events.get("heartbeat", ({}, None))[0],
@@ -289,6 +291,17 @@ def collect(cfg: Config) -> dict[str, Any]:
 
 
 INBOX_LOOK_LIMIT = 10_000  # files looked at in the inbox per `status`: enough to say "10,000 or more"
+
+
+def _outbox_blocked(outbox: Path) -> str | None:
+    """Why the outbox cannot take reports now (the daemon's own check before each photo), or None."""
+    try:
+        outbox_room(outbox)
+    except OutboxBlocked as exc:
+        return str(exc)
+    except OSError:  # not there: `outbox_missing` says so
+        return None
+    return None
 
 
 def _inbox_waiting(cfg: Config, ledger: Ledger, now: float) -> dict[str, Any]:
@@ -606,6 +619,8 @@ def render(info: dict[str, Any]) -> str:
         if info.get(key):
             lines.append(f"{name.capitalize() + ':':<8} {info[name]} is not there (a drive or network share that is "
                          f"not connected?): {meanwhile}")
+    if info.get("outbox_blocked"):
+        lines.append(f"Outbox:  {info['outbox_blocked']} (photos wait in the inbox meanwhile)")
     for name in info.get("stray_sidecars") or []:
         if name.lower().endswith(LIVE_PHOTO_VIDEO):
             lines.append(f"Video:   inbox/{name} has no photo beside it: Mondrian critiques photos, and a video rides "

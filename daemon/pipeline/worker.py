@@ -79,7 +79,7 @@ class Worker:
         index = OutboxIndex(cfg, ledger)
         self.out = Publisher(cfg, ledger, index)
         self.costs = JobCosts()  # off unless a benchmark asks (MONDRIAN_COSTS_FILE)
-        self._outbox_gone = False  # said once, until it is back
+        self._outbox_gone = ""  # why the outbox cannot take reports, said once, until it can
         self._truncated: dict[int, tuple[tuple[int, float], float]] = {}  # job -> (size, mtime), first seen ending early
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -472,21 +472,23 @@ class Worker:
 
     def _outbox_ready(self, job: Job) -> bool:
         """A report that cannot be written would only be analysed again: while the outbox's drive or share is away,
-        the photo waits where it is, looked at again at each rescan without an attempt counted against it."""
+        or its disk is full or read-only, the photo waits where it is, looked at again at each rescan without an
+        attempt counted against it."""
         try:
             self.out.outbox_here()
+            self.out.room_for(Path(job.source_path))
         except OutboxGone as exc:
             if not job.owns_file:  # `mondrian analyze` waits for nobody: its photo fails now, with the reason
                 self.out.fail(job, str(exc), keep_original=True)
                 return False
             self.ledger.requeue(job.id, str(exc), delay_s=self.cfg.rescan_seconds, undo_attempt=True)
-            if not self._outbox_gone:
+            if not self._outbox_gone:  # said once, until it can take reports again
                 log.warning("%s; photos wait meanwhile", exc)
-                self._outbox_gone = True
+                self._outbox_gone = str(exc)
             return False
         if self._outbox_gone:
-            log.info("the outbox %s is back; carrying on", self.cfg.outbox)
-            self._outbox_gone = False
+            log.info("the outbox %s can take reports again; carrying on", self.cfg.outbox)
+            self._outbox_gone = ""
         return True
 
     def _settled(self, job: Job, src: Path) -> bool:
