@@ -265,13 +265,17 @@ def test_analyze_of_a_photo_removed_meanwhile_never_names_an_earlier_photos_repo
 def test_analyze_of_a_folder_takes_the_photos_the_daemon_takes(tmp_path, smoke_model_path):
     """Attack: a folder holding `trail.jpg ` (a trailing space a Mac allows) and `web.jfif` (a browser's JPEG): the
     daemon critiqued both, `analyze FOLDER` said the folder "holds no photos". Both are analysed now, and the report
-    page links the .jfif original as it links a .jpg."""
+    page links the .jfif original as it links a .jpg. A JPEG named `x.jpg_large` is known by its first bytes."""
     home = make_home(tmp_path / "home", smoke_model_path)
     shoot = tmp_path / "shoot"
     photo(shoot / "trail.jpg ", seed=1, size=(64, 48), fmt="JPEG")
     photo(shoot / "web.jfif", seed=2, size=(64, 48), fmt="JPEG")
+    photo(shoot / "tweet.jpg_large", seed=3, size=(64, 48), fmt="JPEG")  # as Twitter saves it: known by its bytes
+    (shoot / "notes.txt").write_text("shot at dawn")  # no photo: left out, as are sidecars
+    (shoot / "trail.mode").write_text("baseline")
     out = mondrian(home, smoke_model_path, "analyze", str(shoot), timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert "2 of 2 photo(s) analysed" in out.stderr, out.stderr[-2000:]
+    assert "3 of 3 photo(s) analysed" in out.stderr, out.stderr[-2000:]
+    assert (home / "outbox" / "tweet" / "report.json").exists(), sorted(p.name for p in (home / "outbox").iterdir())
     page = (home / "outbox" / "web" / "report.html").read_text()
     assert 'href="web.jfif"' in page, page[:3000]

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Callable
 
 from fastapi import FastAPI, Request
-from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import QueryParams
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -24,8 +23,7 @@ from .. import testhooks
 from ..analysis.advisors import UnknownAdvisor, get_advisor, load_advisors
 from ..config import MODES, Config
 from ..fsutil import NotOwn
-from ..intake.images import PILLOW_FORMATS  # importing it registers the HEIC opener: iPhone photos are recognised
-from ..intake.raw import looks_raw
+from ..intake.images import image_format  # importing it registers the HEIC opener: iPhone photos are recognised
 from ..ledger import ACTIVE, Ledger, LedgerUnavailable
 from . import upload
 from .answers import answer, error, job_url
@@ -82,17 +80,6 @@ def _unwritable(exc: OSError, spool: Path) -> JSONResponse:
     if exc.errno == errno.EROFS:
         return _busy(f"{spool} is on a disk mounted read-only", "mount it read-write, then send it again")
     return _busy(f"the upload could not be written ({exc.strerror or exc})")
-
-
-def _what_image(path: Path) -> str | None:
-    """The image format Pillow recognises in `path` (its header only), or None if it is no image at all."""
-    try:
-        with Image.open(path, formats=PILLOW_FORMATS) as im:
-            return im.format or "image"
-    except UnidentifiedImageError:
-        return "RAW" if looks_raw(str(path)) else None  # CR3, RAF, ORF: raw formats Pillow does not know
-    except Exception:  # an image Pillow recognises but finds faulty: the worker fails it with the reason
-        return "image"
 
 
 def build_app(door: Door) -> LocalOnly:
@@ -273,7 +260,7 @@ def _enqueue(door: Door, slot: Path, got: upload.Received, base_url: str,
         raise upload.Refused(400, str(exc.args[0] if exc.args else exc),
                              valid_advisors=sorted(load_advisors(cfg))) from None
     partial = door.spool.partial(slot)
-    fmt = _what_image(partial) if got.size else None
+    fmt = image_format(partial) if got.size else None
     if fmt is None:
         sent = (got.filename or "").replace("\\", "/").rsplit("/", 1)[-1][:120] or "the upload"  # as the client named it
         raise upload.Refused(415, f"{sent!r} is not an image Mondrian can read (JPEG, PNG, TIFF, "

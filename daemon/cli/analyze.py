@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..analysis.advisors import get_advisor
-from ..intake.images import PHOTO_SUFFIXES
+from ..intake.images import PHOTO_SUFFIXES, image_format
 from ..config import Config
 from ..errors import EX_CONFIG, EX_USAGE, Transient, is_permanent
 from ..intake.inbox import is_report_file, is_temporary_name
@@ -67,8 +67,11 @@ def photos_in(cfg: Config, folder: Path) -> list[Path]:
         for name in sorted(filenames):
             path = Path(dirpath) / name
             # (`trail.jpg ` with a space a Mac allows is a photo too: the daemon takes it, and so does this)
-            if (not is_temporary_name(name) and name.lower().rstrip(" ").endswith(PHOTO_SUFFIXES) and path.is_file()
-                    and not is_report_file(path)):
+            if is_temporary_name(name) or not path.is_file() or is_report_file(path):
+                continue
+            # By name, or by its first bytes where the name says nothing (`x.jpg_large` as Twitter saves it): the
+            # daemon takes any file dropped into the inbox (and fails what is no photo; here it is left out).
+            if name.lower().rstrip(" ").endswith(PHOTO_SUFFIXES) or image_format(path) is not None:
                 found.append(path)
     return found
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from ..fsutil import NotReadable, read_regular_file, too_large
-from .raw import RAW_SUFFIXES, RawCutShort, RawPhoto, RawRejected, decode_raw
+from .raw import RAW_SUFFIXES, RawCutShort, RawPhoto, RawRejected, decode_raw, looks_raw
 
 # The names a photo file goes by. A browser opens these as pictures, never as a page that runs script: the reports
 # link an original only under one of them (a photo renamed `x.html` or `x.svg` opens as an active page).
@@ -70,6 +70,18 @@ class LoadedImage:
     format: str | None
     sha256: str
     frames: int
+
+
+def image_format(path: Path) -> str | None:
+    """The image format Pillow recognises in the regular file `path` (its header only), "RAW" for a camera raw file,
+    or None if it is no image at all: what a name does not say (an upload, `x.jpg_large` as Twitter saves it)."""
+    try:
+        with Image.open(path, formats=PILLOW_FORMATS) as im:
+            return im.format or "image"
+    except UnidentifiedImageError:
+        return "RAW" if looks_raw(str(path)) else None  # CR3, RAF, ORF: raw formats Pillow does not know
+    except Exception:  # an image Pillow recognises but finds faulty, or unreadable: the worker fails it with the reason
+        return "image"
 
 
 def fit_size(width: int, height: int, max_pixels: int) -> tuple[int, int]:
