@@ -38,7 +38,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 from peewee import (SQL, AutoField, BigIntegerField, BlobField, BooleanField, Case, CharField, Database, DatabaseError,
-                    FloatField, IntegrityError, IntegerField, Model, OperationalError, PostgresqlDatabase, SqliteDatabase, TextField, Value, fn)
+                    FloatField, IntegrityError, IntegerField, Model, OperationalError, PostgresqlDatabase,
+                    SqliteDatabase, TextField, Value, fn)
 
 from .errors import EX_TEMPFAIL
 from .fsutil import NotOwn, check_own_folder, fsync_dir, lock_holder, open_own_file, pid_alive, read_own_file
@@ -640,9 +641,14 @@ class Ledger:
         ledger = cls(cfg.db_path, url=cfg.ledger_url or None, lease_seconds=cfg.lease_seconds, **kwargs)
         if ledger.shared:
             # Only photos this Mac can reach: another Mac may mount the share elsewhere (`/Volumes/Studio-1`), and an
-            # API upload waits in its own machine's spool. Claimed here, such a photo failed as "no longer the inbox"
-            # (or gone) for good.
-            ledger._claim_under = tuple(os.path.join(str(p), "") for p in (cfg.inbox, cfg.spool_dir))
+            # API upload waits in its own machine's spool (named by its var/'s tag: homes of two Macs may have one
+            # path). Claimed here, such a photo failed as "no longer the inbox" (or gone) for good.
+            from .api.spool import spool_tag, untagged_slots
+
+            tag = spool_tag(Path(cfg.var_dir))
+            # (and this Mac's uploads queued before their folders were tagged, each by its own folder)
+            ledger._claim_under = (os.path.join(str(cfg.inbox), ""), os.path.join(str(cfg.spool_dir), tag),
+                                   *(os.path.join(str(p), "") for p in untagged_slots(Path(cfg.spool_dir), tag)))
         try:
             ledger.follow_home(cfg.home, cfg.inbox, cfg.outbox)
         except BaseException:
@@ -871,8 +877,9 @@ class Ledger:
                     raise LedgerUnavailable(f"the ledger {self.path} cannot be written ({reason})") from exc
                 until = getattr(self._patience, "until", None)
                 if until is not None and time.monotonic() >= until:
-                    raise LedgerUnavailable(f"the ledger {self.where} cannot be written ({reason}). "
-                                            f"{_advice(reason)}") from exc
+                    advice = "Check that the PostgreSQL server is running and reachable." if self.shared else \
+                        _advice(reason)
+                    raise LedgerUnavailable(f"the ledger {self.where} cannot be written ({reason}). {advice}") from exc
                 self._stop.wait(delay if until is None else min(delay, until - time.monotonic()))
                 delay = min(delay * 2, RETRY_MAX_SECONDS)
                 continue

@@ -537,6 +537,33 @@ def test_an_upload_the_ledger_cannot_take_is_answered_503_with_why_not_left_hang
         assert d.proc.poll() is None and d.stop() == 0
 
 
+def test_an_upload_while_the_outbox_cannot_take_reports_is_answered_503_with_why(tmp_path, smoke_model_path) -> None:
+    """Attack: with the outbox read-only (or its disk full), an upload was queued to wait and its client held for
+    api_wait_seconds, then told "still running" with no reason, while /health said all was well."""
+    from tests.test_faults import read_only
+
+    port = free_port()
+    home = api_home(tmp_path, port)
+    shot = photo(tmp_path / "p.jpg", seed=3)
+    with Daemon(home, smoke_model_path) as d:
+        wait_until_serving(d, port)
+        with read_only(home / "outbox"):
+            began = time.monotonic()
+            code, headers, body = curl(f"http://127.0.0.1:{port}/analyze", "-F", f"image=@{shot}", timeout=120)
+            assert time.monotonic() - began < 20
+            said = json.loads(body)["error"]
+            assert code == 503 and headers["retry-after"], (code, body)
+            assert "is on a disk mounted read-only" in said and "mount it read-write, then send the photo again" \
+                in said, said
+            health = json.loads(curl(f"http://127.0.0.1:{port}/health")[2])
+            assert "read-only" in (health["outbox_problem"] or ""), health
+        assert ledger_jobs(home) == {} and list((home / "var" / "spool").iterdir()) == []
+        assert json.loads(curl(f"http://127.0.0.1:{port}/health")[2])["outbox_problem"] is None
+        code, _, body = curl(f"http://127.0.0.1:{port}/analyze", "-F", f"image=@{shot}")
+        assert code == 200, body
+        assert d.stop() == 0
+
+
 def test_a_taken_port_stops_the_start_with_what_to_do(tmp_path, smoke_model_path) -> None:
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))

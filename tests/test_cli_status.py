@@ -276,3 +276,27 @@ def test_a_link_out_of_the_inbox_gets_advice_that_works_when_followed(tmp_path, 
     assert mondrian(home, smoke_model_path, "run", "--once", timeout=180).returncode == 0
     after = status(home, smoke_model_path)
     assert not after["recent_failures"] and after["counts"]["done"] == 1, after["recent_failures"]
+
+
+def test_status_names_a_download_left_unfinished_in_the_inbox(tmp_path: Path, smoke_model_path: Path) -> None:
+    """Attack: a browser download that failed (`x.jpg.crdownload`) or a copy cut off (`x.jpg.part`) sits in the inbox
+    for good: Mondrian rightly waits for its real name, and nothing ever said so. After an hour unchanged, `status`
+    names it and what to do; one still being written, or a hidden file, is not named."""
+    import os
+
+    home = make_home(tmp_path / "home", smoke_model_path)
+    inbox = home / "inbox"
+    (inbox / "trip").mkdir()
+    old = time.time() - 3 * 3600
+    for name in ("beach.jpg.crdownload", "trip/dunes.JPG.part"):
+        (inbox / name).write_bytes(b"\xff\xd8\xff half a photo")
+        os.utime(inbox / name, (old, old))
+    (inbox / "arriving.jpg.part").write_bytes(b"\xff\xd8")  # still being written
+    (inbox / ".hidden.jpg.part").write_bytes(b"\xff\xd8")
+    os.utime(inbox / ".hidden.jpg.part", (old, old))
+    info = status(home, smoke_model_path)
+    assert [d["file"] for d in info["stale_downloads"]] == ["beach.jpg.crdownload", "trip/dunes.JPG.part"], info
+    text = mondrian(home, smoke_model_path, "status").stdout
+    assert "Inbox:   beach.jpg.crdownload has not changed for 3 h 00 min: an unfinished download" in text, text
+    assert "trip/dunes.JPG.part" in text and "arriving.jpg.part" not in text and ".hidden" not in text, text
+    assert "download or copy the photo again, then delete this leftover" in text

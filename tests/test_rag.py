@@ -525,3 +525,24 @@ def test_bench_registers_its_benchmarks() -> None:
     from bench.__main__ import available
 
     assert {"rag", "lora", "baseline"} <= set(available())
+
+
+def test_rag_with_every_reference_skipped_says_so_instead_of_asking_for_photos(tmp_path: Path,
+                                                                                smoke_model_path: Path) -> None:
+    """Attack: an advisor whose reference photos were all skipped (damaged copies from a card) fell back to baseline
+    "add photos to advisors/cartier/references and run references index": the photos were there, and indexing
+    skipped them again. The reason now says they are there and not indexed, and where to read why."""
+    home = make_home(tmp_path / "home", smoke_model_path, default_mode="rag", default_advisor="cartier")
+    refs = home / "advisors" / "cartier" / "references"
+    refs.mkdir(parents=True)
+    (refs / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 a card that failed")
+    (refs / "corrupt.json").write_text("{}")  # a sidecar is not a photo
+    _age(*refs.rglob("*"))
+    photo(home / "inbox" / "street.jpg", seed=3)
+    out = mondrian(home, smoke_model_path, "run", "--once", timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    [fb] = _report(home / "outbox" / "street")["mode"]["fallbacks"]
+    assert fb["from"] == "rag" and "the 1 photo(s) in advisors/cartier/references are not indexed yet or were " \
+        "skipped" in fb["reason"] and "add photos" not in fb["reason"], fb
+    listed = mondrian(home, smoke_model_path, "references", "list", "--advisor", "cartier", "--json")
+    assert [e["file"] for e in json.loads(listed.stdout)["skipped"]] == ["corrupt.jpg"], listed.stdout

@@ -580,3 +580,90 @@ def test_a_photo_over_2_gib_is_queued_on_a_shared_ledger_and_fails_saying_why(tm
     assert failure["cause"] == "too_large" and "max_file_mb" in failure["reason"], failure
     [job] = [j for j in Ledger(home / "var" / "ledger.db", url=url).jobs() if j.rel_path == "pano.tif"]
     assert job.size == 3 << 30
+
+
+def test_an_upload_is_claimed_only_by_the_mac_whose_spool_holds_it_even_where_homes_share_a_path(
+        tmp_path: Path, smoke_model_path: Path, pg_server) -> None:
+    """Attack: two Macs whose homes have the same path (one studio account, `~/Pictures/Mondrian` on each) share a
+    ledger. An upload to one Mac waits in that Mac's spool, yet the other claimed it by its path, found nothing
+    there, and the photo was recorded as gone while it still lay on the first Mac. Each Mac's uploads are named
+    after its own var/ now, and only it claims them. (The second Mac: a mount namespace of its own where var/ is
+    another folder at the same path.)"""
+    if os.geteuid() != 0 or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode:
+        pytest.skip("needs root and unshare(1) for a mount namespace")
+    from tests.test_api import curl, free_port
+
+    url = pg_server.new_database()
+    port = free_port()
+    home = make_home(tmp_path / "home", smoke_model_path, ledger_url=url, api_port=port, **FAST)
+    other_var = tmp_path / "other-mac-var"
+    other_var.mkdir()
+    own_var = ["unshare", "-m", "--propagation", "private", "sh", "-c",
+               'mount --bind "$0" "$1" && shift && exec "$@"', str(other_var), str(home / "var")]
+    ledger = Ledger(home / "var" / "ledger.db", url=url)
+    photo(home / "inbox" / "slow.jpg", seed=1, size=(64, 48))
+    with Daemon(home, smoke_model_path, MONDRIAN_TEST_TOKEN_SECONDS="0.1") as first:
+        wait_for(lambda: any(j.state == "running" for j in ledger.jobs()), 120, what="the first Mac busy")
+        second = Daemon(home, smoke_model_path, wrap=own_var, MONDRIAN_API_PORT="0")
+        with second:
+            wait_for(lambda: len(ledger.workers()) == 2 or second.proc.poll() is not None, 120,
+                     what="the second Mac's heartbeat")
+            assert second.proc.poll() is None, second.output()
+            code, _, body = curl(f"http://127.0.0.1:{port}/analyze", "-F",
+                                 f"image=@{photo(tmp_path / 'sent.jpg', seed=2, size=(64, 48))}")
+            assert code in (200, 202), body
+            job_id = json.loads(body)["job_id"]
+            wait_for(lambda: ledger.get(job_id).state in ("done", "failed", "gone"), 300, what="the upload finished")
+            job = ledger.get(job_id)
+            assert job.state == "done", (job.state, job.error, second.output()[-2000:])
+            assert _signed_by(job, first) and not _signed_by(job, second), job.worker
+            second.stop()
+        first.stop()
+    assert (home / "outbox" / "sent" / "report.json").exists()
+
+
+def test_health_tells_this_macs_model_not_the_last_one_another_mac_loaded(tmp_path: Path, smoke_model_path: Path,
+                                                                         pg_server) -> None:
+    """Attack: /health read the model from the shared ledger, where the last Mac to load one writes it: a Mac whose
+    model was ready answered `loaded: false` with another Mac's load error (and the other way round)."""
+    from tests.test_api import curl, free_port, wait_until_serving
+
+    url = pg_server.new_database()
+    port = free_port()
+    serving = make_home(tmp_path / "mac0", smoke_model_path, ledger_url=url, api_port=port, **FAST)
+    broken = make_home(tmp_path / "mac1", smoke_model_path, ledger_url=url, api_port=0, **FAST)
+    damaged = tmp_path / "damaged-model"
+    shutil.copytree(smoke_model_path, damaged)
+    weights = damaged / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with Daemon(serving, smoke_model_path) as first:
+        wait_until_serving(first, port)
+        with Daemon(broken, damaged) as second:
+            wait_for(lambda: "could not load the model" in second.output(), 120, what="the other Mac's failed load")
+            # the shared ledger's last word on the model is now the other Mac's failure
+            shared = Ledger(serving / "var" / "ledger.db", url=url)
+            wait_for(lambda: shared.events()["model"][0].get("loaded") is False, 30, what="the other Mac's model event")
+            shared.close()
+            code, _, body = curl(f"http://127.0.0.1:{port}/health")
+            model = json.loads(body)["model"]
+            assert code == 200 and model["loaded"] is True and "error" not in model, model
+            assert model["id"] == str(smoke_model_path) or model["configured"] == str(smoke_model_path), model
+            second.stop()
+        first.stop()
+
+
+def test_an_upload_queued_before_spool_folders_were_tagged_is_still_taken(tmp_path: Path, smoke_model_path: Path,
+                                                                          pg_server) -> None:
+    """An upload queued on a shared ledger by an earlier Mondrian waits in a folder named without this Mac's tag:
+    after the upgrade no Mac matched it, and it stayed queued for ever. This Mac takes its own such folders."""
+    url = pg_server.new_database()
+    home = make_home(tmp_path / "home", smoke_model_path, ledger_url=url, **FAST)
+    slot = home / "var" / "spool" / "0123456789abcdef"
+    shot = photo(slot / "sent.jpg", seed=4, size=(64, 48))
+    ledger = Ledger(home / "var" / "ledger.db", url=url)
+    st = shot.stat()
+    ledger.enqueue_upload(shot, "api/sent.jpg", "ansel", "default", "baseline", st.st_size, st.st_mtime)
+    with Daemon(home, smoke_model_path, "--once") as node:
+        assert node.wait(180) == 0, node.output()
+    assert [j.state for j in ledger.jobs()] == [DONE], [(j.state, j.error) for j in ledger.jobs()]
+    assert (home / "var" / "spool-tag").read_text().strip() != "01234567"

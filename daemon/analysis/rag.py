@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,8 @@ from .advisors import references_dir
 from .critique import DIMENSIONS, critique_schema
 from .prompts import critique_prompt, portfolio_context
 from ..model.protocol import BatchRequest
-from ..references.indexer import (counted_references, folder_problem, profile_of, profile_request, reference_comment,
-                                  reference_present, reference_profile, shown_name)
+from ..references.indexer import (IMAGE_SUFFIXES, counted_references, folder_problem, profile_of, profile_request,
+                                  reference_comment, reference_present, reference_profile, shown_name)
 from ..references.thumbnails import thumbnail
 from .retrieval import anchored, distribution, nearest, reference_prior
 from . import AnalysisContext, AnalysisResult, Availability, Strategy
@@ -62,6 +63,12 @@ class RagStrategy(Strategy):
         if broken:  # "add photos to it" cannot be followed: say what is wrong with it instead
             return Availability(False, f"no indexed reference photos for {advisor.name}: "
                                        + broken.replace(str(folder), str(shown)))
+        there = _photo_count(folder)
+        if there:  # "add photos" when photos are there: they were skipped (unreadable, damaged) or wait for indexing
+            return Availability(False, f"no indexed reference photos for {advisor.name}: the {there} photo(s) in "
+                                       f"{shown} are not indexed yet or were skipped (`mondrian references list "
+                                       f"--advisor {advisor.id}` says why any was skipped; `mondrian references "
+                                       f"index --advisor {advisor.id}` indexes the others now)")
         return Availability(False, f"no indexed reference photos for {advisor.name} yet (add photos to "
                                    f"{shown} and run `mondrian references index --advisor {advisor.id}`)")
 
@@ -219,3 +226,11 @@ class RagStrategy(Strategy):
             extras["reference_prior"] = {"scores": prior, "weight": cfg.rag_reference_weight, "model_scores": own}
         return AnalysisResult(critique=critique, extras=extras,
                               files=files, timings=timings, inputs=reference_fingerprint(rows))
+
+
+def _photo_count(folder: Path) -> int:
+    """Files named like photos under a references folder (sidecars and hidden files are not)."""
+    count = 0
+    for _dirpath, _dirnames, names in os.walk(folder):  # links to folders not followed: no loop
+        count += sum(1 for n in names if not n.startswith(".") and Path(n).suffix.lower() in IMAGE_SUFFIXES)
+    return count

@@ -25,6 +25,7 @@ from ..config import MODES, Config
 from ..fsutil import NotOwn
 from ..intake.images import image_format  # importing it registers the HEIC opener: iPhone photos are recognised
 from ..ledger import ACTIVE, Ledger, LedgerUnavailable
+from ..outbox_room import OutboxBlocked, outbox_room
 from . import upload
 from .answers import answer, error, job_url
 from .guard import LocalOnly
@@ -52,6 +53,7 @@ class Door:
     stopping: threading.Event
     wake: Callable[[], None]
     spool: Spool
+    model_state: Callable[[], dict | None] = lambda: None  # this daemon's model: None until it is loaded
 
 
 def _stopping() -> JSONResponse:
@@ -113,6 +115,11 @@ def build_app(door: Door) -> LocalOnly:
             return error(exc.status, exc.message, **exc.extra)
         if uploading[0] >= MAX_UPLOADS:
             return _busy(f"{MAX_UPLOADS} uploads are arriving already")
+        # An outbox that cannot take a report (full, read-only, unplugged) would hold the photo queued and the client
+        # waiting for api_wait_seconds, to be told "still running": say why now instead.
+        blocked = await run_in_threadpool(_outbox_problem, cfg)
+        if blocked is not None:
+            return _busy(*blocked)
         uploading[0] += 1
         slot = None
         try:
@@ -274,6 +281,22 @@ def _enqueue(door: Door, slot: Path, got: upload.Received, base_url: str,
                                           st.st_size, st.st_mtime)
 
 
+def _outbox_problem(cfg: Config) -> tuple[str, str] | None:
+    """Why the outbox cannot take a report now, and what to do before sending the photo again; None if it can."""
+    if not cfg.outbox.is_dir():
+        if cfg.outbox.parent.is_dir():
+            return None  # deleted: the worker makes it again (where its drive is, a missing parent says it is not)
+        return (f"its outbox {cfg.outbox} is not there, nor {cfg.outbox.parent} (a drive or network share that is "
+                f"not connected?)", "connect it, then send the photo again")
+    try:
+        outbox_room(cfg.outbox)
+    except OutboxBlocked as exc:
+        return exc.reason, f"{exc.fix}, then send the photo again"
+    except OSError:
+        return None  # not known to be blocked: the worker says what it finds
+    return None
+
+
 def _job_or_none(ledger: Ledger, job_id: int):  # -> Job | None
     try:
         return ledger.get(job_id)
@@ -283,13 +306,9 @@ def _job_or_none(ledger: Ledger, job_id: int):  # -> Job | None
 
 def _health(door: Door) -> dict:
     ledger = door.ledger
-    events = ledger.events()
-    # The model event of this run only (an earlier run's stays in the ledger until this one has loaded it).
-    started = (events.get("daemon", ({}, 0))[0] or {}).get("started_at") or 0
-    value, at = events.get("model", (None, 0))
-    model = {"id": door.cfg.model, "loaded": False}
-    if isinstance(value, dict) and at >= started:
-        model = {**value, "loaded": value.get("loaded", True)}
+    # This daemon's own model, not the ledger's last word on it: on a shared ledger that is another Mac's.
+    value = door.model_state()
+    model = {"id": door.cfg.model, "loaded": False} if value is None else {**value, "loaded": value.get("loaded", True)}
     counts = ledger.counts().by_state
     running = ledger.running()
     return {"status": "stopping" if door.stopping.is_set() else "ok",
@@ -297,4 +316,5 @@ def _health(door: Door) -> dict:
             "modes": list(MODES), "advisors": sorted(load_advisors(door.cfg)),
             "queue": {"queued": counts["queued"], "running": counts["running"],
                       "in_progress": [{"job_id": j.id, "file": Path(j.rel_path).name} for j in running]},
-            "max_file_mb": door.cfg.max_file_mb}
+            "max_file_mb": door.cfg.max_file_mb,
+            "outbox_problem": None if (problem := _outbox_problem(door.cfg)) is None else "; ".join(problem)}

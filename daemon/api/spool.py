@@ -1,5 +1,6 @@
-"""Mondrian's spool (`var/spool/`): each upload gets a folder of its own, `<token>/`, so two photos with the same
-name never meet, and keeps the name the client gave it (the report folder is named after it).
+"""Mondrian's spool (`var/spool/`): each upload gets a folder of its own, `<token>/` (16 hex digits, the first 8 this
+home's `spool_tag`), so two photos with the same name never meet, and keeps the name the client gave it (the report
+folder is named after it).
 
 A file is written under a hidden partial name and renamed to its real name only once it is complete and synced;
 it becomes work only when its ledger job exists. So after a crash, a file in the spool with no job is an upload
@@ -9,6 +10,7 @@ removed then (`reap`, each second on the API's loop), or at the next start."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -19,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from ..fsutil import NotOwn, check_own_folder, fsync_dir
+from ..fsutil import NotOwn, check_own_folder, fsync_dir, read_text_file
 from ..intake.images import PHOTO_SUFFIXES
 from ..intake.inbox import safe_stem
 from ..intake.raw import RAW_SUFFIXES
@@ -58,9 +60,61 @@ def spool_name(client_name: str | None, fmt: str | None = None) -> str:
     return safe_stem(bare or "upload") + suffix
 
 
+TAG_FILE = "spool-tag"  # in var/
+_TAG = re.compile(r"^[0-9a-f]{8}$")
+
+
+def spool_tag(var_dir: Path) -> str:
+    """Eight hex digits, made once per var/ folder, that begin the name of every upload folder of this home's spool.
+    On a shared ledger a Mac claims only uploads whose path begins with its own tag: two Macs whose homes have the
+    same path (one studio account, `~/Pictures/Mondrian` on each) would otherwise each claim the other's uploads by
+    path, find nothing in their own spool, and record the photo as gone. A home on a share, whose var/ every Mac
+    uses, has one tag: any of them reaches its spool."""
+    path = Path(var_dir) / TAG_FILE
+    for _ in range(3):
+        try:
+            text = read_text_file(path, max_bytes=64).strip()
+        except FileNotFoundError:
+            text = None
+        except OSError:  # a folder, a pipe, a huge file there: not a tag, made anew
+            text = ""
+        if text is not None and _TAG.match(text):
+            return text
+        tag = secrets.token_hex(4)
+        tmp = path.with_name(f".{TAG_FILE}.{os.getpid()}.{tag}")
+        try:
+            tmp.write_text(tag + "\n")
+            if text is None:
+                os.link(tmp, path)  # never replaces: two processes making it at once agree on the first one
+            else:
+                os.replace(tmp, path)  # not a tag (edited, damaged): made anew
+                return tag
+        except FileExistsError:
+            continue  # another process made it first: read that one
+        except OSError:
+            return ""  # a var/ that cannot be written (`status` on a read-only home): no daemon spools there
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+    return ""
+
+
+def untagged_slots(folder: Path, tag: str) -> list[Path]:
+    """Upload folders in this spool that do not begin with its tag: made before folders were tagged (an upgrade
+    with uploads queued), or under a tag since lost. They are this Mac's all the same."""
+    if not tag:
+        return []
+    try:
+        return [Path(e.path) for e in os.scandir(folder) if _TOKEN.match(e.name) and not e.name.startswith(tag)
+                and e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
 class Spool:
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, tag: str = ""):
         self.folder = Path(folder)
+        self.tag = tag  # `spool_tag`: begins every upload folder's name
         self._real: str | None = None  # where the spool really is, links resolved, as `prepare` found it
         # Folders whose upload is a job: only the worker empties them, and nothing writes into them again, so
         # each goes as soon as it is empty. Touched on the API's event loop only (and by the sweep, before it).
@@ -103,7 +157,7 @@ class Spool:
         self.usable()
         self._drop_empty()
         while True:
-            slot = self.folder / secrets.token_hex(8)
+            slot = self.folder / (self.tag + secrets.token_hex(8 - len(self.tag) // 2))
             try:
                 slot.mkdir()
                 return slot

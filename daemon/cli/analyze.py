@@ -71,7 +71,8 @@ def photos_in(cfg: Config, folder: Path) -> list[Path]:
                 continue
             # By name, or by its first bytes where the name says nothing (`x.jpg_large` as Twitter saves it): the
             # daemon takes any file dropped into the inbox (and fails what is no photo; here it is left out).
-            if name.lower().rstrip(" ").endswith(PHOTO_SUFFIXES) or image_format(path) is not None:
+            if name.lower().rstrip(" ").endswith(PHOTO_SUFFIXES) or (
+                    os.access(path, os.R_OK) and image_format(path) is not None):
                 found.append(path)
     return found
 

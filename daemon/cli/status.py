@@ -21,9 +21,9 @@ from ..config import CONFIG_NAME, Config, ConfigError, refuse_file_as_home
 from ..fsutil import is_folder, lock_holder, pid_alive
 from ..ledger import DONE, FAULT_NOTE, FaultNote, Job, Ledger
 from ..hints import mondrian, program, shell_word
-from ..intake.inbox import LIVE_PHOTO_VIDEO, STRAY_SIDECAR_SECONDS, inbox_files, stray_sidecars
+from ..intake.inbox import LIVE_PHOTO_VIDEO, STRAY_SIDECAR_SECONDS, inbox_files, stale_downloads, stray_sidecars
 from ..pipeline.failures import advice, analyze_command, analyzed_as, cause_of
-from ..pipeline.publish import OutboxBlocked, outbox_room
+from ..outbox_room import OutboxBlocked, outbox_room
 from .terminal import shown
 
 # Causes where the photo itself is fine (its sidecar, the advisor asked for): a different next step than a photo's.
@@ -276,6 +276,8 @@ def collect(cfg: Config) -> dict[str, Any]:
         "recent_failures": failures,
         "inbox_waiting": waiting,  # photos in the inbox the ledger does not know yet
         "inbox_missing": not cfg.inbox.is_dir(),  # an unplugged drive, a share not mounted
+        "stale_downloads": [{"file": name, "unchanged_s": round(age)} for name, age in
+                            stale_downloads(cfg.inbox, STALE_DOWNLOAD_SECONDS)] if cfg.inbox.is_dir() else [],
         "stray_sidecars": stray_sidecars(cfg.inbox, testhooks.stray_sidecar_seconds(STRAY_SIDECAR_SECONDS))
         if cfg.inbox.is_dir() else [],
         "outbox_missing": not cfg.outbox.is_dir(),
@@ -302,6 +304,9 @@ def _outbox_blocked(outbox: Path) -> str | None:
     except OSError:  # not there: `outbox_missing` says so
         return None
     return None
+
+
+STALE_DOWNLOAD_SECONDS = 3600.0  # a download or copy still unfinished after an hour has failed
 
 
 def _inbox_waiting(cfg: Config, ledger: Ledger, now: float) -> dict[str, Any]:
@@ -621,6 +626,10 @@ def render(info: dict[str, Any]) -> str:
                          f"not connected?): {meanwhile}")
     if info.get("outbox_blocked"):
         lines.append(f"Outbox:  {info['outbox_blocked']} (photos wait in the inbox meanwhile)")
+    for left in info.get("stale_downloads") or []:
+        lines.append(f"Inbox:   {left['file']} has not changed for {_span(left['unchanged_s'])}: an unfinished "
+                     f"download or copy, which Mondrian takes only once it is renamed to the photo's own name; "
+                     f"download or copy the photo again, then delete this leftover")
     for name in info.get("stray_sidecars") or []:
         if name.lower().endswith(LIVE_PHOTO_VIDEO):
             lines.append(f"Video:   inbox/{name} has no photo beside it: Mondrian critiques photos, and a video rides "

@@ -193,6 +193,29 @@ def inbox_files(inbox: Path, limit: int) -> tuple[list[tuple[Path, os.stat_resul
     return found, False
 
 
+def stale_downloads(inbox: Path, older_than_s: float, limit: int = 5) -> list[tuple[str, float]]:
+    """Unfinished downloads and copies (`x.jpg.crdownload`, `x.jpg.part`) left unchanged in the inbox for over
+    `older_than_s`: Mondrian waits for them to be renamed to their real names, which a failed download never is, so
+    without a word in `status` they would sit there unseen for good. (name relative to the inbox, age in seconds)"""
+    found: list[tuple[str, float]] = []
+    now = time.time()
+    for dirpath, dirnames, filenames in os.walk(inbox):
+        folder = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(HIDDEN_PREFIXES))
+        for name in sorted(filenames):
+            if name.startswith(HIDDEN_PREFIXES) or not name.lower().endswith(TEMP_SUFFIXES):
+                continue
+            try:
+                age = now - os.lstat(folder / name).st_mtime
+            except OSError:
+                continue
+            if age > older_than_s:
+                found.append(((folder / name).relative_to(inbox).as_posix(), age))
+                if len(found) >= limit:
+                    return found
+    return found
+
+
 @dataclass(frozen=True)
 class Intake:
     advisor: str

@@ -38,6 +38,7 @@ def run_batch(worker: "Worker", first: "Job") -> bool:
         jobs.append(job)
     worker.batch = jobs
     worker.current = first
+    worker._room_reserved = 0  # the batch's photos reserve outbox room for one another as each is prepared
     worker.busy.set()
     try:
         prepared: list[Prepared] = []

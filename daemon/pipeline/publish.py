@@ -22,6 +22,7 @@ from typing import Any, Callable
 from .. import testhooks
 from ..analysis.advisors import load_advisors
 from ..config import Config
+from ..outbox_room import OutboxGone
 from ..errors import Permanent, Transient
 from ..fsutil import (ATOMIC_TMP, NotOwn, atomic_write_text, content_is, folder_inside, fsync_files, holds, identity,
                       move, own_folder_inside, pid_alive, read_regular_file, same_content)
@@ -50,20 +51,6 @@ class OutsideInbox(Permanent):
 OUTSIDE_INBOX = ("its folder is no longer inside the inbox (a folder on its path was replaced by a link to "
                  "somewhere else); Mondrian never moves, renames or deletes anything outside its inbox, so the "
                  "file was left where it is. Copy the photos themselves into the inbox")
-
-
-class OutboxGone(OSError):
-    """The outbox and the folder it lives in are both gone (an unplugged drive, a share not mounted)."""
-
-
-class OutboxBlocked(OutboxGone):
-    """The outbox is there but cannot take a report now: its disk is full or read-only, or Mondrian may not write in
-    it. Photos wait, as for an outbox that is gone: analysed now, each would be analysed again at every retry and
-    then failed, and a bulk inbox would need `retry` once the disk had room again."""
-
-
-# A report folder: its JSON, page, preview and thumbnail (a photo copied from another disk needs its own size too).
-REPORT_ROOM_BYTES = 1 << 20
 
 
 class LinkedOutbox(Transient):
@@ -748,10 +735,6 @@ class Publisher:
             raise OutboxGone(f"the outbox {outbox} is not there, nor {outbox.parent} (a drive or network share that "
                              f"is not connected?); connect it, and the photo goes on by itself") from None
 
-    def room_for(self, src: Path) -> None:
-        """OutboxBlocked unless the outbox can take the report of `src` now (`outbox_room`)."""
-        outbox_room(self.cfg.outbox, src)
-
     def own(self, folder: Path) -> None:
         """Raise LinkedOutbox unless `folder` is a real folder inside the outbox (see `fsutil.own_folder_inside`)."""
         try:
@@ -769,35 +752,3 @@ class Publisher:
     def inside_inbox(self, src: Path) -> bool:
         """Whether `src` is a file Mondrian was given to move: in the inbox, or uploaded into its API spool."""
         return folder_inside(src, self.cfg.inbox) or folder_inside(src, self.cfg.spool_dir)
-
-
-def outbox_room(outbox: Path, src: Path | None = None) -> None:
-    """OutboxBlocked unless `outbox` can take a report now: its folders writable, and room on its disk for the
-    report (and for the photo `src` itself where it must be copied from another disk)."""
-    # failed/ is not asked: a report does not need it, and a failure that cannot be written there is said in status.
-    for folder in (outbox, outbox / ".staging"):
-        try:
-            read_only = bool(os.statvfs(folder).f_flag & os.ST_RDONLY)
-        except OSError:
-            continue  # not made yet: made in the outbox when needed
-        if read_only:
-            raise OutboxBlocked(f"the outbox {outbox} is on a disk mounted read-only; mount it read-write, and the "
-                                f"photos go on by themselves")
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise OutboxBlocked(f"Mondrian may not write in {folder} (`chmod u+rwx {folder}` as the user that runs "
-                                f"Mondrian makes it writable), and the photos go on by themselves")
-    disk = os.statvfs(outbox)
-    need = REPORT_ROOM_BYTES
-    if src is not None:
-        with contextlib.suppress(OSError):
-            st = os.stat(src)
-            if st.st_dev != os.stat(outbox).st_dev:
-                need += st.st_size
-    free = disk.f_bavail * disk.f_frsize
-    if free < need:
-        raise OutboxBlocked(f"the disk that holds the outbox {outbox} is full ({_room_words(free)} free, a report "
-                            f"needs {_room_words(need)}); free some space, and the photos go on by themselves")
-
-
-def _room_words(n: int) -> str:
-    return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n // 1024} kB"

@@ -166,6 +166,9 @@ class Daemon:
         self.recheck = threading.Event()  # asks the worker thread to look for jobs of processes killed meanwhile
         self.ready = threading.Event()
         self.fatal: str | None = None
+        # This daemon's model, as /health tells it: the ledger's "model" event is the last node's on a shared ledger.
+        self.model_state: dict[str, Any] | None = None
+        self.waiting_for_outbox = 0  # photos a --once run left queued: the outbox could not take their reports
         self.conflict: str | None = None  # another home's daemon took this one's inbox or outbox (FolderLocks)
         self.ledger_lost: str | None = None
         self.reload = False  # SIGHUP: exit 75 so the service manager starts a process that reads the settings anew
@@ -327,7 +330,8 @@ class Daemon:
             loading = False
             log.info("model ready: %s (%.1f s)%s", rt.model_id, time.perf_counter() - t0,
                      " — smoke model: scores are NOT meaningful" if rt.is_smoke else "")
-            self.ledger.set_event("model", {"id": rt.model_id, "smoke": bool(rt.is_smoke), "configured": self.cfg.model})
+            self.model_state = {"id": rt.model_id, "smoke": bool(rt.is_smoke), "configured": self.cfg.model}
+            self.ledger.set_event("model", self.model_state)
         except LedgerUnavailable:
             return  # stopping while the ledger cannot be written: nothing was lost, the next start goes on
         except Exception as exc:
@@ -341,8 +345,8 @@ class Daemon:
             # load the model again, retried with backoff and failed after max_attempts with this reason.
             log.error("could not load the model (%s: %s); photos will be retried with backoff",
                       type(exc).__name__, exc)
-            self.ledger.set_event("model", {"id": self.cfg.model, "loaded": False,
-                                            "error": f"{type(exc).__name__}: {exc}"})
+            self.model_state = {"id": self.cfg.model, "loaded": False, "error": f"{type(exc).__name__}: {exc}"}
+            self.ledger.set_event("model", self.model_state)
         finally:
             self.ready.set()
         while not self.stop.is_set():
@@ -355,7 +359,8 @@ class Daemon:
                 if self.worker.runtime is not None:  # references need the model; never index without it
                     more = self.references.step(self.worker.runtime, stop=self.stop)  # between jobs, this thread
                 if not self.worker.run_once() and not more:
-                    due = self.ledger.next_due_in()
+                    # Photos due now wait while the outbox cannot take reports: sleep until it is looked at again.
+                    due = self.worker.outbox_wait_s() if self.worker.outbox_blocked else self.ledger.next_due_in()
                     self.wake.wait(timeout=min(IDLE_POLL_SECONDS, due) if due is not None else IDLE_POLL_SECONDS)
                     self.wake.clear()
             except LedgerUnavailable:
@@ -389,8 +394,12 @@ class Daemon:
         if counts["running"] and not all(self.ledger.job_is_live(j) for j in self.ledger.running()):
             self._ask_recheck()  # a killed `mondrian analyze` would keep a --once run waiting forever
             return False
-        return self.watcher.pending() == 0 and counts["queued"] == 0 and counts["running"] == 0 \
-            and not self.worker.busy.is_set() and not self.references.busy.is_set()
+        # Photos waiting for an outbox that cannot take reports (full, read-only, unplugged) end a --once run too:
+        # they stay queued, and the run says so and exits 75 (try again later).
+        waiting = bool(self.worker.outbox_blocked) or (self.ledger.next_due_in() or 0.0) > 0 and \
+            self.worker.waiting_for_room_now() > 0  # (nothing else due now: only those that do not fit are left)
+        return self.watcher.pending() == 0 and (counts["queued"] == 0 or waiting) \
+            and counts["running"] == 0 and not self.worker.busy.is_set() and not self.references.busy.is_set()
 
     def _ask_recheck(self) -> None:
         self.recheck.set()
@@ -462,7 +471,17 @@ class Daemon:
                         rotator.maybe_rotate()
                     next_beat = now + 5.0
                 if self.once and self.ready.is_set() and self._idle():
-                    log.info("inbox is empty and every photo is finished")
+                    if self.worker.outbox_blocked:
+                        self.waiting_for_outbox = self.ledger.counts().by_state["queued"]
+                        why = self.worker.outbox_blocked
+                    else:
+                        self.waiting_for_outbox = self.worker.waiting_for_room_now()
+                        why = "each needs more room than the outbox's disk has free now (the log names them)"
+                    if self.waiting_for_outbox:
+                        log.warning("%d queued photo(s) wait: %s; run Mondrian again then", self.waiting_for_outbox,
+                                    why)
+                    else:
+                        log.info("inbox is empty and every photo is finished")
                     break
                 # Files settling are looked at every 0.2 s; with none, once a second: a new file's quiet time runs from
                 # its event, so with the default 2 s it is queued no later (with quiet_seconds under 1, <= 1 s later).
@@ -492,7 +511,7 @@ class Daemon:
         if self.conflict:
             log.error("%s", self.conflict)
             return EX_CONFIG
-        if self.ledger_lost or self.reload:
+        if self.ledger_lost or self.reload or self.waiting_for_outbox:
             return EX_TEMPFAIL
         return 0
 
@@ -513,6 +532,13 @@ class Daemon:
             log.error("%s: everything it held was written back to it%s. Mondrian stops so that it restarts on "
                       "that file (launchd and systemd restart it; otherwise run it again)", self.ledger_lost, aside)
 
+    def _model_now(self) -> dict[str, Any] | None:
+        """This daemon's model for /health: loaded (also when a later photo loaded it), or why not."""
+        rt = self.worker.runtime
+        if rt is not None:
+            return {"id": rt.model_id, "smoke": bool(rt.is_smoke), "configured": self.cfg.model}
+        return self.model_state
+
     def _start_api(self) -> Any:
         """The HTTP API (daemon/api/), bound now so that a taken port stops the start-up; not in --once runs, which
         end when the inbox is empty and could not promise a caller its answer."""
@@ -520,9 +546,10 @@ class Daemon:
             return None
         from ..api.app import Door
         from ..api.server import ApiServer
-        from ..api.spool import Spool
+        from ..api.spool import Spool, spool_tag
 
-        server = ApiServer(Door(self.cfg, self.ledger, self.stop, self.wake.set, Spool(self.cfg.spool_dir)))
+        server = ApiServer(Door(self.cfg, self.ledger, self.stop, self.wake.set,
+                                Spool(self.cfg.spool_dir, spool_tag(self.cfg.var_dir)), self._model_now))
         server.start()
         return server
 

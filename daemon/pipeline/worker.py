@@ -31,7 +31,8 @@ from ..intake.inbox import SidecarError, read_sidecar, sidecar_for
 from ..ledger import DONE, FAILED, Job, LeaseLost, Ledger, LedgerUnavailable, outside_fault
 from .costs import JobCosts
 from .isolation import check_alone
-from .publish import OUTSIDE_INBOX, OutboxGone, Publisher
+from ..outbox_room import OutboxBlocked, OutboxGone, outbox_room
+from .publish import OUTSIDE_INBOX, Publisher
 from .outbox_index import OutboxIndex, published_report
 from .report import SMOKE_NOTICE, assemble, earlier_report_links
 from ..hints import mondrian
@@ -79,7 +80,10 @@ class Worker:
         index = OutboxIndex(cfg, ledger)
         self.out = Publisher(cfg, ledger, index)
         self.costs = JobCosts()  # off unless a benchmark asks (MONDRIAN_COSTS_FILE)
-        self._outbox_gone = ""  # why the outbox cannot take reports, said once, until it can
+        self.outbox_blocked = ""  # why the outbox cannot take reports (said once, until it can), or ""
+        self._look_at_outbox_at = 0.0  # while it cannot, no photo is claimed before this time.monotonic()
+        self._room_reserved = 0  # bytes of outbox room the photos of this claim take (`_outbox_ready`)
+        self.waiting_for_room: set[int] = set()  # jobs whose own copy does not fit the outbox's disk now
         self._truncated: dict[int, tuple[tuple[int, float], float]] = {}  # job -> (size, mtime), first seen ending early
 
     # -- lifecycle ----------------------------------------------------------------------------
@@ -174,6 +178,8 @@ class Worker:
     def run_once(self) -> bool:
         """Claim and process one job (several, in one batch, when the queue is deep: batching.py). Returns False
         when nothing was due."""
+        if self.outbox_blocked and not self._outbox_back():
+            return False  # claiming each photo only to put it back would write the ledger twice a photo, for nothing
         self.costs.starting()
         job = self.ledger.claim()
         if job is None:
@@ -257,6 +263,7 @@ class Worker:
 
     # -- one job ------------------------------------------------------------------------------
     def process(self, job: Job, *, keep_original: bool = False, mode_override: str | None = None) -> None:
+        self._room_reserved = 0  # one photo alone: only a batch's photos reserve room for one another (run_batch)
         prep = self.prepare(job, keep_original=keep_original, mode_override=mode_override)
         if prep is None:
             return
@@ -273,9 +280,11 @@ class Worker:
         model. None when that already settled the job (resumed, gone, failed, a duplicate, changed meanwhile)."""
         testhooks.crashpoint("preparing")
         keep_original = keep_original or not job.owns_file
-        if not self._outbox_ready(job):
+        if not self._outbox_ready(job, room=False):
             return None
         if job.output_dir and self.out.resume(job, keep_original):
+            return None  # (a report published before a stop: only its photo's move was left, which takes no room)
+        if not self._outbox_ready(job):
             return None
         src = Path(job.source_path)
         if not keep_original and job.owns_file and job.mode_source != "command" and \
@@ -470,26 +479,78 @@ class Worker:
         log.info("ends early, looking again shortly (still being copied?): %s", job.rel_path)
         return True
 
-    def _outbox_ready(self, job: Job) -> bool:
+    def _outbox_ready(self, job: Job, *, room: bool = True) -> bool:
         """A report that cannot be written would only be analysed again: while the outbox's drive or share is away,
-        or its disk is full or read-only, the photo waits where it is, looked at again at each rescan without an
-        attempt counted against it."""
+        or (`room`) its disk is full or read-only, the photo waits where it is, looked at again after rescan_seconds
+        without an attempt counted against it, and no other photo is claimed meanwhile (`run_once`)."""
         try:
             self.out.outbox_here()
-            self.out.room_for(Path(job.source_path))
+            if room:
+                # Photos of one batch are checked one by one: each reserves its room for the next one's check.
+                self._room_reserved = outbox_room(self.cfg.outbox, self._room_reserved + self._copied_bytes(job))
         except OutboxGone as exc:
             if not job.owns_file:  # `mondrian analyze` waits for nobody: its photo fails now, with the reason
-                self.out.fail(job, str(exc), keep_original=True)
+                self.out.fail(job, exc.for_command() if isinstance(exc, OutboxBlocked) else str(exc),
+                              keep_original=True)
                 return False
             self.ledger.requeue(job.id, str(exc), delay_s=self.cfg.rescan_seconds, undo_attempt=True)
-            if not self._outbox_gone:  # said once, until it can take reports again
+            if isinstance(exc, OutboxBlocked) and not exc.whole:  # smaller photos may still go
+                if job.id not in self.waiting_for_room:
+                    log.warning("%s waits: %s", job.rel_path, exc)
+                self.waiting_for_room.add(job.id)
+                return False
+            if not self.outbox_blocked:  # said once, until it can take reports again
                 log.warning("%s; photos wait meanwhile", exc)
-                self._outbox_gone = str(exc)
+            self.outbox_blocked = str(exc)
+            self._look_at_outbox_at = time.monotonic() + self.cfg.rescan_seconds
             return False
-        if self._outbox_gone:
-            log.info("the outbox %s can take reports again; carrying on", self.cfg.outbox)
-            self._outbox_gone = ""
+        if room:
+            self.waiting_for_room.discard(job.id)
+            if self.outbox_blocked:
+                log.info("the outbox %s can take reports again; carrying on", self.cfg.outbox)
+                self.outbox_blocked = ""
         return True
+
+    def _outbox_back(self) -> bool:
+        """Whether the outbox that could not take reports can now (a look at the disk, no claim: cheap enough for
+        every wake-up, so a photo uploaded once it is back does not wait for the next look)."""
+        try:
+            self.out.outbox_here()
+            outbox_room(self.cfg.outbox)
+        except OutboxGone:
+            self._look_at_outbox_at = time.monotonic() + self.cfg.rescan_seconds
+            return False
+        log.info("the outbox %s can take reports again; carrying on", self.cfg.outbox)
+        self.outbox_blocked = ""
+        return True
+
+    def outbox_wait_s(self) -> float:
+        """Seconds until the outbox that could not take reports is looked at again."""
+        return max(0.0, self._look_at_outbox_at - time.monotonic())
+
+    def waiting_for_room_now(self) -> int:
+        """How many photos still wait because their own copy does not fit the outbox's disk (jobs since taken by
+        another Mac, or gone, forgotten)."""
+        for job_id in list(self.waiting_for_room):
+            try:
+                if self.ledger.get(job_id).state != "queued":
+                    self.waiting_for_room.discard(job_id)
+            except Exception:  # deleted from the ledger (`forget`): not waiting any more
+                self.waiting_for_room.discard(job_id)
+        return len(self.waiting_for_room)
+
+    def _copied_bytes(self, job: Job) -> int:
+        """The photo's own bytes its report folder will take: a copy from another disk, or the copy that xmp_embed
+        rewrites when the original stays in the inbox. A move within one disk, or a hard link, takes none; an
+        `analyze` photo stays where it is."""
+        if not job.owns_file:
+            return 0
+        try:
+            st = os.stat(job.source_path)
+            across = st.st_dev != os.stat(self.cfg.outbox).st_dev
+        except OSError:
+            return 0  # gone, or the outbox: said by the checks that follow
+        return st.st_size if across or (job.kept and self.cfg.xmp_embed) else 0
 
     def _settled(self, job: Job, src: Path) -> bool:
         """Unchanged since it was queued (the watcher had already seen it still for the quiet time): go on.
