@@ -71,6 +71,8 @@ def spool_tag(var_dir: Path) -> str:
     path, find nothing in their own spool, and record the photo as gone. A home on a share, whose var/ every Mac
     uses, has one tag: any of them reaches its spool."""
     path = Path(var_dir) / TAG_FILE
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)  # a first start: var/ is made here, as the SQLite ledger makes it
     for _ in range(3):
         try:
             text = read_text_file(path, max_bytes=64).strip()

@@ -169,6 +169,7 @@ class Daemon:
         # This daemon's model, as /health tells it: the ledger's "model" event is the last node's on a shared ledger.
         self.model_state: dict[str, Any] | None = None
         self.waiting_for_outbox = 0  # photos a --once run left queued: the outbox could not take their reports
+        self._left_waiting: tuple[int, str] = (0, "")  # what `_idle` found waiting, and why
         self.conflict: str | None = None  # another home's daemon took this one's inbox or outbox (FolderLocks)
         self.ledger_lost: str | None = None
         self.reload = False  # SIGHUP: exit 75 so the service manager starts a process that reads the settings anew
@@ -394,12 +395,20 @@ class Daemon:
         if counts["running"] and not all(self.ledger.job_is_live(j) for j in self.ledger.running()):
             self._ask_recheck()  # a killed `mondrian analyze` would keep a --once run waiting forever
             return False
+        if self.watcher.pending() or counts["running"] or self.worker.busy.is_set() or self.references.busy.is_set():
+            return False
         # Photos waiting for an outbox that cannot take reports (full, read-only, unplugged) end a --once run too:
-        # they stay queued, and the run says so and exits 75 (try again later).
-        waiting = bool(self.worker.outbox_blocked) or (self.ledger.next_due_in() or 0.0) > 0 and \
-            self.worker.waiting_for_room_now() > 0  # (nothing else due now: only those that do not fit are left)
-        return self.watcher.pending() == 0 and (counts["queued"] == 0 or waiting) \
-            and counts["running"] == 0 and not self.worker.busy.is_set() and not self.references.busy.is_set()
+        # they stay queued, and the run says so and exits 75 (try again later). One look, kept for that message.
+        blocked = self.worker.outbox_blocked
+        self._left_waiting = (0, "")
+        if counts["queued"] and blocked:
+            self._left_waiting = (counts["queued"], blocked)
+        elif counts["queued"] and counts["queued"] == self.worker.waiting_for_room_now():  # only those that do not fit
+            self._left_waiting = (counts["queued"], "each needs more room than the outbox's disk has free now "
+                                                    "(the log names them)")
+        elif counts["queued"]:
+            return False
+        return True
 
     def _ask_recheck(self) -> None:
         self.recheck.set()
@@ -471,12 +480,7 @@ class Daemon:
                         rotator.maybe_rotate()
                     next_beat = now + 5.0
                 if self.once and self.ready.is_set() and self._idle():
-                    if self.worker.outbox_blocked:
-                        self.waiting_for_outbox = self.ledger.counts().by_state["queued"]
-                        why = self.worker.outbox_blocked
-                    else:
-                        self.waiting_for_outbox = self.worker.waiting_for_room_now()
-                        why = "each needs more room than the outbox's disk has free now (the log names them)"
+                    self.waiting_for_outbox, why = self._left_waiting
                     if self.waiting_for_outbox:
                         log.warning("%d queued photo(s) wait: %s; run Mondrian again then", self.waiting_for_outbox,
                                     why)

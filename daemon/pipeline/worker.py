@@ -483,12 +483,18 @@ class Worker:
         """A report that cannot be written would only be analysed again: while the outbox's drive or share is away,
         or (`room`) its disk is full or read-only, the photo waits where it is, looked at again after rescan_seconds
         without an attempt counted against it, and no other photo is claimed meanwhile (`run_once`)."""
+        copied = self._copied_bytes(job) if room else 0
         try:
             self.out.outbox_here()
             if room:
                 # Photos of one batch are checked one by one: each reserves its room for the next one's check.
-                self._room_reserved = outbox_room(self.cfg.outbox, self._room_reserved + self._copied_bytes(job))
+                self._room_reserved = outbox_room(self.cfg.outbox, self._room_reserved + copied)
         except OutboxGone as exc:
+            if isinstance(exc, OutboxBlocked) and self._room_reserved and self._fits_alone(copied):
+                # Turned away only by the room the photos before it in this batch took: first in line for the next
+                # claim, when theirs is in use or given back.
+                self.ledger.requeue(job.id, undo_attempt=True, keep_place=True)
+                return False
             if not job.owns_file:  # `mondrian analyze` waits for nobody: its photo fails now, with the reason
                 self.out.fail(job, exc.for_command() if isinstance(exc, OutboxBlocked) else str(exc),
                               keep_original=True)
@@ -501,7 +507,7 @@ class Worker:
                 return False
             if not self.outbox_blocked:  # said once, until it can take reports again
                 log.warning("%s; photos wait meanwhile", exc)
-            self.outbox_blocked = str(exc)
+            self.outbox_blocked = f"{exc.reason}; {exc.fix}" if isinstance(exc, OutboxBlocked) else str(exc)
             self._look_at_outbox_at = time.monotonic() + self.cfg.rescan_seconds
             return False
         if room:
@@ -511,13 +517,20 @@ class Worker:
                 self.outbox_blocked = ""
         return True
 
+    def _fits_alone(self, copied: int) -> bool:
+        try:
+            outbox_room(self.cfg.outbox, copied)
+        except OSError:
+            return False
+        return True
+
     def _outbox_back(self) -> bool:
         """Whether the outbox that could not take reports can now (a look at the disk, no claim: cheap enough for
         every wake-up, so a photo uploaded once it is back does not wait for the next look)."""
         try:
             self.out.outbox_here()
             outbox_room(self.cfg.outbox)
-        except OutboxGone:
+        except OSError:  # still blocked, or a share that stopped answering (ESTALE, EIO): looked at again later
             self._look_at_outbox_at = time.monotonic() + self.cfg.rescan_seconds
             return False
         log.info("the outbox %s can take reports again; carrying on", self.cfg.outbox)
